@@ -1,0 +1,162 @@
+"""Audio decoding, resampling and the log-mel front-end.
+
+Decoding uses soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3), resampling uses soxr, and the
+mel front-end is plain torch so that it runs wherever torch runs (CPU, CUDA, autocast) without
+torchaudio.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+from torch import nn
+
+__all__ = ["AudioError", "load_audio", "resample", "hz_to_mel", "mel_to_hz", "mel_filterbank", "LogMel"]
+
+
+class AudioError(RuntimeError):
+    """A file could not be decoded into usable audio; the message names the file and the reason."""
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample a mono float signal with soxr (high quality); a no-op when the rates agree."""
+    if orig_sr == target_sr:
+        return np.asarray(audio, dtype=np.float32)
+    return soxr.resample(np.asarray(audio, dtype=np.float32), orig_sr, target_sr, quality="HQ").astype(
+        np.float32, copy=False
+    )
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Decode ``path`` to a float32 mono signal at ``sample_rate``.
+
+    Channels are averaged. Raises :class:`AudioError` naming the file when it is missing, unreadable,
+    empty or not audio, so callers can skip it and report why.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    try:
+        data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # libsndfile raises several types; all mean "not decodable"
+        raise AudioError(f"{path}: cannot decode audio ({error})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: decoded to zero samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{path}: decoded samples contain NaN or inf")
+    return resample(mono, int(orig_sr), sample_rate)
+
+
+def hz_to_mel(frequency: np.ndarray | float) -> np.ndarray:
+    """Slaney's mel scale (as in librosa with ``htk=False``): linear below 1 kHz, log above."""
+    frequency = np.asarray(frequency, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    log_step = math.log(6.4) / 27.0
+    linear = frequency / f_sp
+    logarithmic = min_log_mel + np.log(np.maximum(frequency, 1e-10) / min_log_hz) / log_step
+    return np.where(frequency >= min_log_hz, logarithmic, linear)
+
+
+def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
+    """Inverse of :func:`hz_to_mel`."""
+    mel = np.asarray(mel, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    log_step = math.log(6.4) / 27.0
+    return np.where(mel >= min_log_mel, min_log_hz * np.exp(log_step * (mel - min_log_mel)), f_sp * mel)
+
+
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None, norm: str | None = "slaney"
+) -> np.ndarray:
+    """Triangular Slaney-scale mel filters, shape ``(n_mels, n_fft // 2 + 1)``.
+
+    ``norm="slaney"`` scales each filter to unit area (librosa's default); ``None`` leaves peaks at 1.
+    """
+    f_max = sample_rate / 2.0 if f_max is None else float(f_max)
+    if not 0.0 <= f_min < f_max <= sample_rate / 2.0:
+        raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min}, f_max={f_max}")
+    fft_freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    mel_points = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
+    widths = np.diff(mel_points)
+    ramps = mel_points[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    if norm == "slaney":
+        weights *= (2.0 / (mel_points[2:] - mel_points[:-2]))[:, None]
+    elif norm is not None:
+        raise ValueError(f"norm must be 'slaney' or None, got {norm!r}")
+    return weights
+
+
+class LogMel(nn.Module):
+    """Waveform ``(..., T)`` -> log-mel spectrogram in dB ``(..., n_mels, frames)``.
+
+    The study's front-end: centred Hann STFT normalised by the window's energy, power 2, Slaney mel
+    filters, ``10 log10`` with a floor of ``top_db`` below each example's maximum. The study used
+    ``f_max=11025`` at 16 kHz, which leaves 11 of 128 filters empty; the default here is Nyquist.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 1024,
+        hop_length: int = 512,
+        n_mels: int = 128,
+        f_min: float = 0.0,
+        f_max: float | None = None,
+        top_db: float | None = 100.0,
+        norm: str | None = "slaney",
+    ) -> None:
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.n_mels = n_mels
+        self.top_db = top_db
+        filters = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max, norm)
+        self.register_buffer("filters", torch.from_numpy(filters).float(), persistent=False)
+        window = torch.hann_window(n_fft, periodic=True)
+        self.register_buffer("window", window, persistent=False)
+        self.window_energy = float(window.pow(2).sum())
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for ``num_samples`` input samples (centred STFT)."""
+        return num_samples // self.hop_length + 1
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        batch_shape = waveform.shape[:-1]
+        flat = waveform.reshape(-1, waveform.shape[-1])
+        # The STFT and the log are done in float32 whatever the autocast dtype: half-precision power
+        # spectra overflow and lose the quiet bins that the dB scale is meant to show.
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            flat = flat.float()
+            spectrum = torch.stft(
+                flat,
+                self.n_fft,
+                hop_length=self.hop_length,
+                window=self.window,
+                center=True,
+                pad_mode="reflect",
+                return_complex=True,
+            )
+            power = spectrum.real.square() + spectrum.imag.square()
+            power = power / self.window_energy
+            mel = torch.matmul(self.filters, power)
+            decibels = 10.0 * torch.log10(mel.clamp_min(1e-10))
+            if self.top_db is not None:
+                peak = decibels.amax(dim=(-2, -1), keepdim=True)
+                decibels = torch.maximum(decibels, peak - self.top_db)
+        return decibels.reshape(*batch_shape, self.n_mels, decibels.shape[-1])

@@ -1,0 +1,156 @@
+"""The track index: the one table every dataset loader produces and every consumer reads.
+
+A :class:`TrackIndex` is a list of tracks (id, absolute audio path, split, tags) plus the tag
+vocabulary. Tags may carry a group prefix in the MTG-Jamendo style (``instrument---piano``); the
+groups are used to report metrics per tag group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["TrackIndex", "TrackIndexError", "SPLITS", "TAG_SEPARATOR", "GROUP_SEPARATOR", "tag_group"]
+
+SPLITS = ("train", "valid", "test")
+TAG_SEPARATOR = ";"
+GROUP_SEPARATOR = "---"
+REQUIRED_COLUMNS = ("track_id", "path", "split", "tags")
+
+
+class TrackIndexError(ValueError):
+    """A track index or tags file is malformed; the message says what and how to fix it."""
+
+
+def tag_group(tag: str) -> str:
+    """The group of a tag: the part before ``---`` (``instrument---piano`` -> ``instrument``), else ``all``."""
+    return tag.split(GROUP_SEPARATOR, 1)[0] if GROUP_SEPARATOR in tag else "all"
+
+
+@dataclass
+class TrackIndex:
+    """Tracks with their audio paths, splits and tags.
+
+    ``tracks`` has at least the columns ``track_id`` (str), ``path`` (str, absolute), ``split`` (one of
+    ``train``/``valid``/``test``) and ``tags`` (tuple of str); other columns (duration, generator
+    factors) are kept as they are. ``tag_names`` fixes the order of the label columns.
+    """
+
+    tracks: pd.DataFrame
+    tag_names: list[str]
+    name: str = "custom"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [column for column in REQUIRED_COLUMNS if column not in self.tracks.columns]
+        if missing:
+            raise TrackIndexError(f"track index {self.name!r} lacks column(s) {missing}; needs {list(REQUIRED_COLUMNS)}")
+        bad_splits = sorted(set(self.tracks["split"]) - set(SPLITS))
+        if bad_splits:
+            raise TrackIndexError(f"track index {self.name!r} has unknown split(s) {bad_splits}; use {list(SPLITS)}")
+        duplicated = self.tracks["track_id"][self.tracks["track_id"].duplicated()].tolist()
+        if duplicated:
+            raise TrackIndexError(f"track index {self.name!r} repeats track_id(s) {duplicated[:5]}")
+        self.tracks = self.tracks.reset_index(drop=True)
+        self.tag_names = list(self.tag_names)
+        unknown = sorted({tag for tags in self.tracks["tags"] for tag in tags} - set(self.tag_names))
+        if unknown:
+            raise TrackIndexError(f"track index {self.name!r} uses tags missing from its vocabulary: {unknown[:10]}")
+
+    @classmethod
+    def from_records(
+        cls, records: Iterable[dict], tag_names: Sequence[str] | None = None, name: str = "custom"
+    ) -> "TrackIndex":
+        """Build from dicts with ``track_id, path, split, tags`` (tags: iterable of str)."""
+        frame = pd.DataFrame(list(records))
+        if frame.empty:
+            raise TrackIndexError(f"track index {name!r} is empty: no tracks were found")
+        frame["track_id"] = frame["track_id"].astype(str)
+        frame["path"] = frame["path"].astype(str)
+        frame["tags"] = [tuple(tags) for tags in frame["tags"]]
+        if tag_names is None:
+            tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
+        return cls(frame, list(tag_names), name=name)
+
+    def __len__(self) -> int:
+        return len(self.tracks)
+
+    @property
+    def paths(self) -> list[str]:
+        return self.tracks["path"].tolist()
+
+    @property
+    def track_ids(self) -> list[str]:
+        return self.tracks["track_id"].tolist()
+
+    @property
+    def tag_groups(self) -> dict[str, list[str]]:
+        """Tag names by group (prefix before ``---``), in vocabulary order."""
+        groups: dict[str, list[str]] = {}
+        for tag in self.tag_names:
+            groups.setdefault(tag_group(tag), []).append(tag)
+        return groups
+
+    def labels(self) -> np.ndarray:
+        """Multi-hot labels, shape ``(len(self), len(self.tag_names))``, float32."""
+        column = {tag: position for position, tag in enumerate(self.tag_names)}
+        labels = np.zeros((len(self), len(self.tag_names)), dtype=np.float32)
+        for row, tags in enumerate(self.tracks["tags"]):
+            for tag in tags:
+                labels[row, column[tag]] = 1.0
+        return labels
+
+    def split(self, *names: str) -> "TrackIndex":
+        """The tracks of the given split(s), same vocabulary."""
+        for split_name in names:
+            if split_name not in SPLITS:
+                raise TrackIndexError(f"unknown split {split_name!r}; use one of {list(SPLITS)}")
+        subset = self.tracks[self.tracks["split"].isin(names)]
+        return TrackIndex(subset.copy(), self.tag_names, name=f"{self.name}[{'+'.join(names)}]", extra=self.extra)
+
+    def select(self, positions: Sequence[int] | np.ndarray) -> "TrackIndex":
+        """The tracks at the given row positions, same vocabulary."""
+        return TrackIndex(self.tracks.iloc[list(positions)].copy(), self.tag_names, name=self.name, extra=self.extra)
+
+    def to_csv(self, path: str | Path) -> None:
+        """Write ``tracks.csv``: paths relative to the file's folder where possible, tags joined by ``;``."""
+        path = Path(path)
+        frame = self.tracks.copy()
+        base = path.parent.resolve()
+        relative = []
+        for track_path in frame["path"]:
+            resolved = Path(track_path).resolve()
+            try:
+                relative.append(str(resolved.relative_to(base)))
+            except ValueError:
+                relative.append(str(resolved))
+        frame["path"] = relative
+        frame["tags"] = [TAG_SEPARATOR.join(tags) for tags in frame["tags"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+
+    @classmethod
+    def from_csv(cls, path: str | Path, name: str | None = None) -> "TrackIndex":
+        """Read a ``tracks.csv`` (``track_id, path, split, tags`` with tags joined by ``;``).
+
+        Relative audio paths are resolved against the CSV's folder. The vocabulary is every tag used.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise TrackIndexError(f"{path}: no such track index; build one with `python -m musicssl.corpus --out DIR`")
+        frame = pd.read_csv(path, dtype={"track_id": str, "path": str, "split": str, "tags": str}, keep_default_na=False)
+        missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+        if missing:
+            raise TrackIndexError(
+                f"{path}: missing column(s) {missing}; a track index needs {list(REQUIRED_COLUMNS)} "
+                f"(found {list(frame.columns)})"
+            )
+        base = path.parent.resolve()
+        frame["path"] = [str(p) if Path(p).is_absolute() else str(base / p) for p in frame["path"]]
+        frame["tags"] = [tuple(tag for tag in str(tags).split(TAG_SEPARATOR) if tag) for tags in frame["tags"]]
+        tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
+        return cls(frame, tag_names, name=name or path.parent.name)
