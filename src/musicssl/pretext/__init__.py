@@ -1,0 +1,1 @@
+"""Pretext tasks: pure loss functions, one module per method, and a registry that discovers them."""
