@@ -1,0 +1,992 @@
+"""Dataset loaders: read a dataset's own annotation files and return a :class:`TrackIndex`.
+
+Every loader returns absolute audio paths, the splits ``train``/``valid``/``test`` and tag tuples
+(with a ``group---`` prefix where the dataset has one, as MTG-Jamendo does). None of them decodes
+audio; with ``check_audio=True`` (the default) they drop tracks whose audio file is missing or empty,
+log how many, and list them in ``index.extra["missing"]`` as dicts with ``track_id``, ``path``,
+``split`` and ``reason``. When no track is left they raise :class:`DatasetError` saying where the
+audio was expected.
+
+- :func:`load_folder`: your own folder of audio plus a CSV/TSV of tags.
+- :func:`load_mtat`: MagnaTagATune, top-50 tags, the standard split (Won et al.).
+- :func:`load_jamendo`: MTG-Jamendo autotagging splits (top50, instrument, moodtheme, genre).
+- :func:`load_msd`: Million Song Dataset top-50 (Won et al. split; pickles, loaded restrictively).
+- :func:`open_dataset`: one entry point by name or path.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import logging
+import math
+import os
+import pickle
+import stat
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from musicssl.data.index import TrackIndex, TrackIndexError
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "DATASET_NAMES",
+    "DatasetError",
+    "JAMENDO_SUBSETS",
+    "MSD_AUDIO_PATTERN",
+    "MSD_TRAIN_SIZE",
+    "MTAT_SPLIT_BY_FOLDER",
+    "assign_splits",
+    "load_folder",
+    "load_jamendo",
+    "load_msd",
+    "load_mtat",
+    "open_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff")
+
+# Tag files load_folder looks for when none is named, in this order.
+DEFAULT_TAG_FILES = (
+    "tags.csv", "tags.tsv", "labels.csv", "labels.tsv", "annotations.csv", "annotations.tsv",
+    "metadata.csv", "metadata.tsv",
+)
+# Columns load_folder keeps as per-track metadata rather than reading them as tags.
+METADATA_COLUMNS = ("duration", "artist", "artist_id", "album", "album_id", "title")
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
+    "test": "test", "testing": "test",
+}
+BINARY_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+# MagnaTagATune: the audio folder (first character of mp3_path) decides the split (Won et al. 2020).
+MTAT_SPLIT_BY_FOLDER = {
+    **{folder: "train" for folder in "0123456789ab"},
+    "c": "valid",
+    **{folder: "test" for folder in "def"},
+}
+MTAT_ANNOTATIONS = "annotations_final.csv"
+
+# MTG-Jamendo subset names (ours -> the one in the split file names).
+JAMENDO_SUBSETS = {
+    "top50": "top50tags",
+    "top50tags": "top50tags",
+    "instrument": "instrument",
+    "moodtheme": "moodtheme",
+    "genre": "genre",
+}
+JAMENDO_HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION", "TAGS")
+JAMENDO_SPLIT_FILES = (("train", "train"), ("validation", "valid"), ("test", "test"))
+
+# MSD top-50 (Won et al.): the first 201,680 ids of filtered_list_train.cP are train, the rest valid.
+MSD_TRAIN_SIZE = 201_680
+# MSD's own layout: the 3rd, 4th and 5th characters of the id name the folders
+# (TRBCDEF128F1234567 -> B/C/D/TRBCDEF128F1234567.mp3), as in Won et al.'s loader.
+MSD_AUDIO_PATTERN = "{id[2]}/{id[3]}/{id[4]}/{id}.mp3"
+MSD_FILES = {
+    "train": "filtered_list_train.cP",
+    "test": "filtered_list_test.cP",
+    "tags": "msd_id_to_tag_vector.cP",
+    "tag_names": "50tagList.txt",
+}
+
+DATASET_NAMES = (
+    "corpus", "mtat", "jamendo-top50", "jamendo-instrument", "jamendo-mood", "jamendo-genre", "msd",
+)
+_JAMENDO_NAMES = {
+    "jamendo-top50": "top50",
+    "jamendo-instrument": "instrument",
+    "jamendo-mood": "moodtheme",
+    "jamendo-genre": "genre",
+}
+
+
+class DatasetError(ValueError):
+    """A dataset's files are missing or malformed; the message says what was expected and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _audio_state(path: str) -> str | None:
+    """``None`` when ``path`` is a non-empty regular file, else why not (``missing`` or ``empty``)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(status.st_mode):
+        return "missing"
+    return "empty" if status.st_size == 0 else None
+
+
+def _drop_missing_audio(records: list[dict], dataset: str, hint: str) -> tuple[list[dict], list[dict]]:
+    """Split records into those whose audio file exists (non-empty) and a report of the others."""
+    kept: list[dict] = []
+    missing: list[dict] = []
+    for record in records:
+        reason = record.pop("_unresolved", None) or _audio_state(record["path"])
+        if reason is None:
+            kept.append(record)
+        else:
+            missing.append(
+                {"track_id": record["track_id"], "path": record["path"], "split": record["split"], "reason": reason}
+            )
+    if not kept:
+        first = missing[0]["path"] if missing else "(no tracks listed)"
+        raise DatasetError(
+            f"{dataset}: none of the {len(missing)} listed audio files exists or is non-empty "
+            f"(the first was expected at {first}); {hint}"
+        )
+    if missing:
+        reasons = pd.Series([entry["reason"] for entry in missing]).value_counts().to_dict()
+        logger.warning(
+            "%s: dropped %d of %d tracks whose audio file is unusable (%s), e.g. %s; "
+            "the full list is in index.extra['missing']",
+            dataset, len(missing), len(records), ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
+            missing[0]["path"],
+        )
+    return kept, missing
+
+
+def _build_index(
+    records: list[dict],
+    tag_names: Sequence[str] | None,
+    name: str,
+    extra: dict,
+    check_audio: bool,
+    audio_hint: str,
+) -> TrackIndex:
+    """Apply the audio check, then build the index with the report in ``extra``."""
+    if not records:
+        raise DatasetError(f"{name}: no tracks were listed")
+    missing: list[dict] = []
+    if check_audio:
+        records, missing = _drop_missing_audio(records, name, audio_hint)
+    else:
+        unresolved = [record for record in records if record.get("_unresolved")]
+        if unresolved:
+            raise DatasetError(
+                f"{name}: no audio file found for track(s) {[r['track_id'] for r in unresolved[:5]]}; "
+                "add them or load with check_audio=True to drop them"
+            )
+    try:
+        index = TrackIndex.from_records(records, tag_names=tag_names, name=name)
+    except TrackIndexError as error:  # e.g. a track listed in two splits: report it as a dataset problem
+        raise DatasetError(f"{name}: {error}") from error
+    index.extra = {**extra, "audio_checked": check_audio, "missing": missing}
+    return index
+
+
+def _tags_from_matrix(matrix: np.ndarray, tag_names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The tags of each row of a 0/1 matrix, in vocabulary order (one np.nonzero for all rows)."""
+    per_row: list[list[str]] = [[] for _ in range(matrix.shape[0])]
+    rows, columns = np.nonzero(matrix)
+    for row, column in zip(rows.tolist(), columns.tolist()):
+        per_row[row].append(tag_names[column])
+    return [tuple(tags) for tags in per_row]
+
+
+def _ordered_unique(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def assign_splits(
+    track_ids: Sequence[str], fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0
+) -> dict[str, str]:
+    """Deterministic train/valid/test assignment: ``{track_id: split}``.
+
+    The ids are sorted (so the order of a tags file does not matter), shuffled with
+    ``numpy.random.default_rng(seed).permutation``, and the first ``n_train`` go to train, the next
+    ``n_valid`` to valid and the rest to test, where ``n_valid = floor(n * fractions[1] + 0.5)``,
+    ``n_test = floor(n * fractions[2] + 0.5)`` and ``n_train = n - n_valid - n_test``.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise DatasetError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+    ordered = sorted(track_ids)
+    count = len(ordered)
+    n_valid = math.floor(count * fractions[1] + 0.5)
+    n_test = math.floor(count * fractions[2] + 0.5)
+    n_train = count - n_valid - n_test
+    if n_train < 0:  # only when rounding both up on a tiny set
+        n_test += n_train
+        n_train = 0
+    permutation = np.random.default_rng(seed).permutation(count)
+    splits = ["train"] * n_train + ["valid"] * n_valid + ["test"] * (count - n_train - n_valid)
+    return {ordered[position]: split for position, split in zip(permutation, splits)}
+
+
+# --------------------------------------------------------------------------------------------------
+# A folder of audio plus a tags file
+
+
+def _list_audio_files(root: Path) -> list[Path]:
+    return sorted(
+        path for path in root.rglob("*")
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and not path.name.startswith(".")
+    )
+
+
+def _find_tags_file(root: Path) -> Path | None:
+    named = [root / name for name in DEFAULT_TAG_FILES if (root / name).is_file()]
+    if len(named) > 1:
+        raise DatasetError(
+            f"{root}: several tag files found ({[p.name for p in named]}); pass the one to use as tags_file="
+        )
+    if named:
+        return named[0]
+    tables = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in (".csv", ".tsv"))
+    if len(tables) == 1:
+        return tables[0]
+    if len(tables) > 1:
+        raise DatasetError(
+            f"{root}: several CSV/TSV files found ({[p.name for p in tables]}) and none is named "
+            f"{list(DEFAULT_TAG_FILES)}; pass the tags file as tags_file="
+        )
+    return None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV (comma) or TSV (tab) of strings; the separator follows the extension, else the header."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        separator = "\t"
+    elif suffix == ".csv":
+        separator = ","
+    else:
+        with path.open(encoding="utf-8-sig") as handle:
+            header = handle.readline()
+        separator = "\t" if header.count("\t") > header.count(",") else ","
+    try:
+        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        kind = "TSV" if separator == "\t" else "CSV"
+        raise DatasetError(f"{path}: cannot read as a {kind} table ({error})") from None
+    except pd.errors.EmptyDataError:
+        raise DatasetError(f"{path}: the file is empty; it needs a header row and one row per track") from None
+    frame.columns = [str(column).strip() for column in frame.columns]
+    return frame
+
+
+def _binary_column(values: pd.Series) -> np.ndarray | None:
+    """The column as 0/1 integers, or ``None`` if any value is not 0/1."""
+    mapped = [BINARY_VALUES.get(str(value).strip().lower()) for value in values]
+    if any(value is None for value in mapped):
+        return None
+    return np.asarray(mapped, dtype=np.int8)
+
+
+def _split_tag_cell(cell: str, separator: str) -> tuple[str, ...]:
+    return _ordered_unique(tag.strip() for tag in str(cell).split(separator) if tag.strip())
+
+
+def load_folder(
+    root: str | Path,
+    tags_file: str | Path | None = None,
+    *,
+    unlabeled: bool = False,
+    tag_separator: str | None = None,
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    split_seed: int = 0,
+    keep_columns: Sequence[str] = (),
+    check_audio: bool = True,
+    name: str | None = None,
+) -> TrackIndex:
+    """Index a folder of audio files described by a CSV or TSV of tags.
+
+    The tags file (``tags_file``, else ``tags.csv``/``tags.tsv``/``labels.*``/``annotations.*``/
+    ``metadata.*`` in ``root``, else the only CSV/TSV there) has a header row and one row per track:
+
+    - the audio: a ``path`` or ``filename`` column (relative to ``root``, or absolute), or only a
+      ``track_id`` column, matched to the audio file whose path relative to ``root`` without
+      extension, or else whose file name without extension, equals it;
+    - the tags: a ``tags`` column (tags joined by ``;``, or by ``,`` when no cell contains ``;``;
+      ``tag_separator`` overrides), OR one column of 0/1 per tag (the column name is the tag);
+    - optionally ``split`` (``train``/``valid``/``test``; ``validation``, ``val``, ``dev``,
+      ``training``, ``testing`` accepted), else a deterministic split by :func:`assign_splits` with
+      ``split_fractions`` and ``split_seed``;
+    - optionally metadata kept as columns: ``duration``, ``artist``, ``artist_id``, ``album``,
+      ``album_id``, ``title`` and any named in ``keep_columns``.
+
+    Track ids are the ``track_id`` column, else the audio path relative to ``root`` without its
+    extension. The split is drawn before the audio check, so dropping a missing file does not move
+    other tracks between splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
+    track with no tags (enough for self-supervised pre-training).
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder; pass the folder that holds your audio files")
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root}: is a file, not a folder; pass the folder that holds the audio "
+            f"(and this file as tags_file=)"
+        )
+    root = root.resolve()
+    if not any(root.iterdir()):
+        raise DatasetError(
+            f"{root}: the folder is empty; put audio files ({', '.join(AUDIO_EXTENSIONS)}) and a tags CSV/TSV in it"
+        )
+    audio_files = _list_audio_files(root)
+    if not audio_files:
+        others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        raise DatasetError(
+            f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)} in it and its subfolders; "
+            f"found {len(others)} other file(s) such as {others[:3]}); add audio files or point root at their folder"
+        )
+    name = name or root.name
+    audio_hint = f"check that the paths in the tags file are relative to {root}"
+
+    if unlabeled:
+        if tags_file is not None:
+            raise DatasetError("pass either tags_file= or unlabeled=True, not both")
+        ids = [path.relative_to(root).with_suffix("").as_posix() for path in audio_files]
+        _raise_on_duplicate_ids(ids, root)
+        splits = assign_splits(ids, split_fractions, split_seed)
+        records = [
+            {"track_id": track_id, "path": str(path), "split": splits[track_id], "tags": ()}
+            for track_id, path in zip(ids, audio_files)
+        ]
+        extra = {"source": str(root), "split_rule": "assign_splits", "split_seed": split_seed}
+        return _build_index(records, [], name, extra, check_audio, audio_hint)
+
+    if tags_file is None:
+        tags_path = _find_tags_file(root)
+        if tags_path is None:
+            raise DatasetError(
+                f"{root}: no tags file found (looked for {list(DEFAULT_TAG_FILES)} or a single *.csv/*.tsv); "
+                "pass tags_file=PATH, or unlabeled=True to index the audio without tags"
+            )
+    else:
+        tags_path = Path(tags_file).expanduser()
+        if not tags_path.is_absolute() and not tags_path.exists() and (root / tags_path).exists():
+            tags_path = root / tags_path
+        if not tags_path.is_file():
+            raise DatasetError(f"{tags_path}: no such tags file; pass the CSV/TSV that lists your tracks and tags")
+    table = _read_table(tags_path)
+    if table.empty:
+        raise DatasetError(f"{tags_path}: has a header but no rows; add one row per track")
+    records, tag_names, split_given = _records_from_table(
+        table, tags_path, root, audio_files, tag_separator, keep_columns
+    )
+    _raise_on_duplicate_ids([record["track_id"] for record in records], tags_path)
+    if not split_given:
+        splits = assign_splits([record["track_id"] for record in records], split_fractions, split_seed)
+        for record in records:
+            record["split"] = splits[record["track_id"]]
+    listed = {record["path"] for record in records}
+    unlisted = [str(path) for path in audio_files if str(path) not in listed]
+    if unlisted:
+        logger.info("%s: %d audio file(s) under %s are not in %s and were left out", name, len(unlisted), root,
+                    tags_path.name)
+    extra = {
+        "source": str(tags_path),
+        "split_rule": "split column" if split_given else "assign_splits",
+        "unlisted_audio": len(unlisted),
+    }
+    if not split_given:
+        extra["split_seed"] = split_seed
+    return _build_index(records, tag_names, name, extra, check_audio, audio_hint)
+
+
+def _parse_duration(value: str, where: str) -> float:
+    text = str(value).strip()
+    if not text:
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise DatasetError(f"{where}: duration {text!r} is not a number of seconds") from None
+
+
+def _raise_on_duplicate_ids(ids: Sequence[str], source: Path) -> None:
+    repeated = sorted(track_id for track_id, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise DatasetError(
+            f"{source}: track id(s) {repeated[:5]} occur more than once (ids come from a track_id column, else "
+            "the audio path without extension); make them unique, e.g. with a track_id column"
+        )
+
+
+def _records_from_table(
+    table: pd.DataFrame,
+    tags_path: Path,
+    root: Path,
+    audio_files: list[Path],
+    tag_separator: str | None,
+    keep_columns: Sequence[str],
+) -> tuple[list[dict], list[str], bool]:
+    """Classify the columns of a tags table and turn its rows into records."""
+    found = list(table.columns)
+    by_lower = {}
+    for column in found:
+        by_lower.setdefault(column.lower(), column)
+    expected = (
+        "an audio column (path, filename or track_id), then either a 'tags' column or one 0/1 column per tag, "
+        f"optionally 'split' and metadata {list(METADATA_COLUMNS)}"
+    )
+    path_column = by_lower.get("path")
+    filename_column = by_lower.get("filename")
+    id_column = by_lower.get("track_id")
+    tags_column = by_lower.get("tags")
+    split_column = by_lower.get("split")
+    if path_column and filename_column:
+        raise DatasetError(
+            f"{tags_path}: has both 'path' and 'filename' columns, so the audio is ambiguous; keep one "
+            f"(found columns {found})"
+        )
+    audio_column = path_column or filename_column
+    if audio_column is None and id_column is None:
+        raise DatasetError(f"{tags_path}: no audio column; found columns {found}, expected {expected}")
+    keep = {column.lower() for column in (*METADATA_COLUMNS, *keep_columns)}
+    role_columns = {c for c in (audio_column, id_column, tags_column, split_column) if c}
+    metadata_columns = [c for c in found if c not in role_columns and c.lower() in keep]
+    other_columns = [c for c in found if c not in role_columns and c not in metadata_columns]
+
+    binary_columns: dict[str, np.ndarray] = {}
+    if tags_column is not None:
+        if other_columns:
+            raise DatasetError(
+                f"{tags_path}: unexpected column(s) {other_columns} next to the 'tags' column; found columns "
+                f"{found}, expected {expected}. Pass keep_columns={other_columns} to keep them as metadata"
+            )
+    else:
+        not_binary = []
+        for column in other_columns:
+            values = _binary_column(table[column])
+            if values is None:
+                bad = next(v for v in table[column] if str(v).strip().lower() not in BINARY_VALUES)
+                not_binary.append(f"{column!r} (value {bad!r})")
+            else:
+                binary_columns[column] = values
+        if not_binary:
+            raise DatasetError(
+                f"{tags_path}: column(s) {', '.join(not_binary)} are neither known columns nor 0/1 tag columns; "
+                f"found columns {found}, expected {expected}. Pass keep_columns=[...] to keep such columns as "
+                "metadata, or use a 'tags' column"
+            )
+        if not binary_columns:
+            raise DatasetError(
+                f"{tags_path}: no tags; found columns {found}, expected {expected}. "
+                "For audio without tags use unlabeled=True"
+            )
+
+    if tags_column is not None:
+        cells = table[tags_column].astype(str)
+        separator = tag_separator or (";" if cells.str.contains(";", regex=False).any() else ",")
+        row_tags = [_split_tag_cell(cell, separator) for cell in cells]
+        tag_names = sorted({tag for tags in row_tags for tag in tags})
+    else:
+        tag_names = list(binary_columns)
+        matrix = np.stack([binary_columns[tag] for tag in tag_names], axis=1)
+        row_tags = _tags_from_matrix(matrix, tag_names)
+
+    split_values: list[str] | None = None
+    if split_column is not None:
+        raw = [str(value).strip().lower() for value in table[split_column]]
+        unknown = sorted({value for value in raw if value not in SPLIT_ALIASES})
+        if unknown:
+            raise DatasetError(
+                f"{tags_path}: column {split_column!r} has value(s) {unknown}; use train, valid or test "
+                f"(also accepted: {sorted(set(SPLIT_ALIASES) - {'train', 'valid', 'test'})})"
+            )
+        split_values = [SPLIT_ALIASES[value] for value in raw]
+
+    by_relative = {path.relative_to(root).with_suffix("").as_posix(): path for path in audio_files}
+    by_stem: dict[str, list[Path]] = {}
+    for path in audio_files:
+        by_stem.setdefault(path.stem, []).append(path)
+
+    records: list[dict] = []
+    for row_number, row in enumerate(table.itertuples(index=False), start=2):  # header is line 1
+        values = dict(zip(found, row))
+        record: dict[str, Any] = {}
+        if audio_column is not None:
+            location = str(values[audio_column]).strip()
+            if not location:
+                raise DatasetError(f"{tags_path}, line {row_number}: empty {audio_column!r}; give the audio file")
+            audio_path = Path(location).expanduser()
+            audio_path = audio_path if audio_path.is_absolute() else root / audio_path
+            record["path"] = str(audio_path)
+            if id_column is not None:
+                record["track_id"] = str(values[id_column]).strip()
+            else:
+                try:
+                    record["track_id"] = audio_path.relative_to(root).with_suffix("").as_posix()
+                except ValueError:  # absolute path outside root
+                    record["track_id"] = audio_path.with_suffix("").as_posix()
+        else:
+            track_id = str(values[id_column]).strip()
+            record["track_id"] = track_id
+            match = by_relative.get(track_id)
+            if match is None:
+                candidates = by_stem.get(track_id, [])
+                if len(candidates) > 1:
+                    raise DatasetError(
+                        f"{tags_path}, line {row_number}: track_id {track_id!r} matches several audio files "
+                        f"{[str(p.relative_to(root)) for p in candidates]}; add a 'path' column"
+                    )
+                match = candidates[0] if candidates else None
+            if match is None:
+                record["path"] = str(root / track_id)
+                record["_unresolved"] = "not found"
+            else:
+                record["path"] = str(match)
+        if not record["track_id"]:
+            raise DatasetError(f"{tags_path}, line {row_number}: empty track_id")
+        record["split"] = split_values[row_number - 2] if split_values is not None else "train"
+        record["tags"] = row_tags[row_number - 2]
+        for column in metadata_columns:
+            record[column] = values[column]
+            if column.lower() == "duration":  # seconds, as a number like MTG-Jamendo's DURATION
+                record[column] = _parse_duration(values[column], f"{tags_path}, line {row_number}")
+        records.append(record)
+    return records, tag_names, split_values is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# MagnaTagATune
+
+
+def load_mtat(
+    root: str | Path,
+    *,
+    audio_dir: str | Path | None = None,
+    n_tags: int = 50,
+    check_audio: bool = True,
+) -> TrackIndex:
+    """MagnaTagATune with the standard top-50 tags and split (Won et al. 2020).
+
+    ``root`` is the folder holding ``annotations_final.csv`` (or that file itself): TAB-separated,
+    fields optionally double-quoted, columns ``clip_id``, 188 tag columns of 0/1, ``mp3_path``.
+    Audio is ``audio_dir / mp3_path`` with ``audio_dir`` defaulting to ``root``'s folder.
+
+    The vocabulary is the ``n_tags`` tags with the most clips over the WHOLE file (all splits),
+    ordered by that count, ties broken by column order: the "50 most frequently labeled tags" of the
+    usual top-50 setup (whose list starts ``guitar``, ``classical``, ``slow``, ``techno``). Clips
+    with none of them are dropped (their count is in ``extra["dropped_without_tags"]``). The split
+    follows the audio folder: ``0``-``b`` train, ``c`` valid, ``d``-``f`` test. Track ids are the
+    clip ids. Won et al.'s published lists also leave out clips with under 29.1 s of audio, which
+    only decoding can tell; this loader does not decode.
+    """
+    root = Path(root).expanduser()
+    annotations = root if root.is_file() else root / MTAT_ANNOTATIONS
+    if not annotations.is_file():
+        raise DatasetError(
+            f"{annotations}: not found; pass the MagnaTagATune folder that holds {MTAT_ANNOTATIONS} "
+            "(or the file itself)"
+        )
+    audio_root = Path(audio_dir).expanduser().resolve() if audio_dir is not None else annotations.parent.resolve()
+    try:
+        table = pd.read_csv(annotations, sep="\t", quotechar='"', dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{annotations}: cannot read as a TAB-separated table ({error})") from None
+    table.columns = [str(column).strip() for column in table.columns]
+    found = list(table.columns)
+    if len(found) < 3 or found[0] != "clip_id" or found[-1] != "mp3_path":
+        raise DatasetError(
+            f"{annotations}: expected TAB-separated columns clip_id, <tag columns>, mp3_path; found "
+            f"{found[:4]}{' ...' if len(found) > 4 else ''} ({len(found)} columns)"
+        )
+    tag_columns = found[1:-1]
+    if n_tags < 1 or n_tags > len(tag_columns):
+        raise DatasetError(
+            f"n_tags={n_tags}: {annotations} has {len(tag_columns)} tag columns; pick 1..{len(tag_columns)}"
+        )
+    matrix = np.empty((len(table), len(tag_columns)), dtype=np.int8)
+    for position, column in enumerate(tag_columns):
+        values = table[column].str.strip()
+        bad = ~values.isin(["0", "1"])
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DatasetError(
+                f"{annotations}: tag column {column!r} has value {table[column].iloc[row]!r} at clip "
+                f"{table['clip_id'].iloc[row]!r}; tag columns hold 0 or 1"
+            )
+        matrix[:, position] = (values == "1").to_numpy()
+
+    counts = matrix.sum(axis=0, dtype=np.int64)
+    chosen = np.argsort(-counts, kind="stable")[:n_tags]  # stable: ties keep column order
+    tag_names = [tag_columns[j] for j in chosen]
+    chosen_matrix = matrix[:, chosen]
+
+    clip_ids = table["clip_id"].str.strip().tolist()
+    mp3_paths = table["mp3_path"].str.strip().tolist()
+    records: list[dict] = []
+    dropped = 0
+    clip_tags = _tags_from_matrix(chosen_matrix, tag_names)
+    for clip_id, mp3_path, tags in zip(clip_ids, mp3_paths, clip_tags):
+        folder = mp3_path.split("/", 1)[0] if "/" in mp3_path else ""
+        split = MTAT_SPLIT_BY_FOLDER.get(folder)
+        if split is None:
+            raise DatasetError(
+                f"{annotations}: clip {clip_id!r} has mp3_path {mp3_path!r}; expected '<folder>/<file>.mp3' "
+                f"with folder one of 0-9, a-f"
+            )
+        if not tags:
+            dropped += 1
+            continue
+        records.append({"track_id": clip_id, "path": str(audio_root / mp3_path), "split": split, "tags": tags})
+    extra = {
+        "source": str(annotations),
+        "tag_counts": {tag_columns[j]: int(counts[j]) for j in chosen},
+        "dropped_without_tags": dropped,
+        "split_rule": "audio folder: 0-b train, c valid, d-f test (Won et al. 2020)",
+    }
+    hint = f"pass audio_dir= the folder that holds the MagnaTagATune folders 0..f (now {audio_root})"
+    return _build_index(records, tag_names, "mtat", extra, check_audio, hint)
+
+
+# --------------------------------------------------------------------------------------------------
+# MTG-Jamendo
+
+
+def _read_jamendo_tsv(path: Path) -> list[dict]:
+    """Rows of an MTG-Jamendo split file: 5 fixed fields, then any number of tab-separated tags."""
+    rows: list[dict] = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
+        if tuple(field.strip() for field in header[:6]) != JAMENDO_HEADER:
+            raise DatasetError(f"{path}: header {header} is not the MTG-Jamendo header {list(JAMENDO_HEADER)}")
+        for line_number, line in enumerate(handle, start=2):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 5:
+                raise DatasetError(
+                    f"{path}, line {line_number}: {len(fields)} tab-separated field(s); expected "
+                    f"{list(JAMENDO_HEADER[:5])} then the tags"
+                )
+            track_id, artist_id, album_id, relative_path, duration = (field.strip() for field in fields[:5])
+            try:
+                duration_seconds = float(duration)
+            except ValueError:
+                raise DatasetError(f"{path}, line {line_number}: DURATION {duration!r} is not a number") from None
+            rows.append({
+                "track_id": track_id,
+                "relative_path": relative_path,
+                "artist_id": artist_id,
+                "album_id": album_id,
+                "duration": duration_seconds,
+                "tags": _ordered_unique(tag.strip() for tag in fields[5:] if tag.strip()),
+            })
+    return rows
+
+
+def load_jamendo(
+    root: str | Path,
+    subset: str = "top50",
+    split_id: int = 0,
+    audio_dir: str | Path | None = None,
+    low_quality: bool = False,
+    *,
+    check_audio: bool = True,
+) -> TrackIndex:
+    """MTG-Jamendo autotagging: ``subset`` in ``top50``, ``instrument``, ``moodtheme``, ``genre``.
+
+    Reads ``root/data/splits/split-{split_id}/autotagging_{subset}-{train,validation,test}.tsv``
+    (``top50`` is ``top50tags`` in the file names; ``root`` is a checkout of the mtg-jamendo-dataset
+    repository). ``validation`` becomes the split ``valid``. Tags keep their group prefix
+    (``genre---rock``, ``instrument---piano``, ``mood/theme---happy``); the vocabulary is every tag
+    in the three files, sorted. Audio is ``audio_dir / PATH`` (``audio_dir`` defaults to ``root``);
+    ``low_quality=True`` uses the ``.low.mp3`` copies. ``artist_id``, ``album_id`` and ``duration``
+    (seconds) are kept as columns.
+    """
+    if subset not in JAMENDO_SUBSETS:
+        choices = sorted(set(JAMENDO_SUBSETS) - {"top50tags"})
+        raise DatasetError(f"unknown MTG-Jamendo subset {subset!r}; use one of {choices}")
+    file_subset = JAMENDO_SUBSETS[subset]
+    root = Path(root).expanduser()
+    splits_root = root / "data" / "splits"
+    split_dir = splits_root / f"split-{split_id}"
+    if not split_dir.is_dir():
+        available = sorted(p.name for p in splits_root.iterdir()) if splits_root.is_dir() else []
+        raise DatasetError(
+            f"{split_dir}: no such folder; pass root= the mtg-jamendo-dataset checkout (which has data/splits/) "
+            f"and split_id= one of the split-K folders found there: {available}"
+        )
+    audio_root = Path(audio_dir).expanduser().resolve() if audio_dir is not None else root.resolve()
+    records: list[dict] = []
+    for file_split, split in JAMENDO_SPLIT_FILES:
+        path = split_dir / f"autotagging_{file_subset}-{file_split}.tsv"
+        if not path.is_file():
+            present = sorted(p.name for p in split_dir.glob("*.tsv"))
+            raise DatasetError(f"{path}: not found; {split_dir} holds {present}")
+        for row in _read_jamendo_tsv(path):
+            relative_path = row.pop("relative_path")
+            if low_quality:
+                if not relative_path.endswith(".mp3"):
+                    raise DatasetError(f"{path}: PATH {relative_path!r} does not end in .mp3, so has no .low.mp3 copy")
+                relative_path = relative_path[: -len(".mp3")] + ".low.mp3"
+            records.append({**row, "path": str(audio_root / relative_path), "split": split})
+    tag_names = sorted({tag for record in records for tag in record["tags"]})
+    canonical = "top50" if file_subset == "top50tags" else file_subset
+    extra = {"source": str(split_dir), "subset": file_subset, "split_id": split_id, "low_quality": low_quality}
+    hint = (
+        f"pass audio_dir= the folder that holds the MTG-Jamendo audio folders 00..99 (now {audio_root})"
+        + ("" if low_quality else ", or low_quality=True if you have the .low.mp3 copies")
+    )
+    return _build_index(records, tag_names, f"jamendo-{canonical}-split{split_id}", extra, check_audio, hint)
+
+
+# --------------------------------------------------------------------------------------------------
+# Million Song Dataset (Won et al. top-50 split)
+
+
+def _safe_pickle_globals() -> dict[tuple[str, str], Callable]:
+    """The only globals the MSD pickles may name: containers, and numpy array/scalar reconstruction."""
+    allowed: dict[tuple[str, str], Any] = {}
+    for module in ("builtins", "__builtin__"):  # Python 2 pickles name __builtin__
+        for builtin in (set, frozenset, list, dict, tuple, str, bytes, bytearray, int, float, complex, bool):
+            allowed[(module, builtin.__name__)] = builtin
+    allowed[("__builtin__", "unicode")] = str
+    allowed[("__builtin__", "long")] = int
+    allowed[("collections", "OrderedDict")] = OrderedDict
+    allowed[("_codecs", "encode")] = codecs.encode  # how Python 3 pickles bytes at protocols < 3
+    # Take numpy's reconstructors from numpy itself so the names work across numpy 1.x and 2.x.
+    reconstruct = np.arange(1).__reduce__()[0]
+    frombuffer = np.arange(1).__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = frombuffer
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only whitelisted globals, so a pickle cannot call arbitrary code."""
+
+    def __init__(self, file: Any, allowed: dict[tuple[str, str], Any]) -> None:
+        # latin1 turns Python 2 byte strings into str and is what numpy needs for Python 2 arrays.
+        super().__init__(file, encoding="latin1")
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'") from None
+
+
+def _load_restricted_pickle(path: Path) -> Any:
+    allowed = _safe_pickle_globals()
+    try:
+        with path.open("rb") as handle:
+            return _RestrictedUnpickler(handle, allowed).load()
+    except pickle.UnpicklingError as error:
+        raise DatasetError(
+            f"{path}: {error}; only lists, dicts, strings, numbers and numpy arrays are accepted, so this is not "
+            "one of the MSD split files (unpickling it fully could run code)"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise DatasetError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
+
+
+def _as_id(value: Any, path: Path) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if not isinstance(value, str):
+        raise DatasetError(f"{path}: holds {type(value).__name__} {value!r} where an MSD track id (str) belongs")
+    return value.strip()
+
+
+def _id_list(data: Any, path: Path) -> list[str]:
+    if not isinstance(data, (list, tuple)):
+        raise DatasetError(f"{path}: holds a {type(data).__name__}; expected a list of MSD track ids")
+    return [_as_id(value, path) for value in data]
+
+
+def load_msd(
+    split_dir: str | Path,
+    audio_dir: str | Path,
+    *,
+    train_size: int = MSD_TRAIN_SIZE,
+    path_pattern: str = MSD_AUDIO_PATTERN,
+    check_audio: bool = True,
+) -> TrackIndex:
+    """Million Song Dataset top-50 tags with Won et al.'s split (their ``split/msd`` folder).
+
+    ``split_dir`` holds ``filtered_list_train.cP`` (the first ``train_size`` = 201,680 ids are
+    train, the rest valid), ``filtered_list_test.cP``, ``msd_id_to_tag_vector.cP`` (MSD id ->
+    50-long 0/1 vector) and ``50tagList.txt`` (the tag names, one per line, in vector order).
+
+    Security: the ``.cP`` files are Python pickles, and unpickling can run arbitrary code. This
+    function opens only the three files in the ``split_dir`` you pass, and unpickles them with a
+    restricted unpickler that accepts plain containers, strings, numbers and numpy arrays only;
+    anything else raises :class:`DatasetError` before any of it runs. Use it on files you trust.
+
+    Audio (not distributed with MSD) is ``audio_dir / path_pattern.format(id=msd_id)``; the default
+    ``{id[2]}/{id[3]}/{id[4]}/{id}.mp3`` is MSD's own layout, the 3rd, 4th and 5th characters
+    (``TRBCDEF128F1234567`` -> ``B/C/D/TRBCDEF128F1234567.mp3``). Tag names are kept as written
+    (``Hip-Hop``, ``Mellow``).
+    """
+    split_dir = Path(split_dir).expanduser()
+    if not split_dir.is_dir():
+        raise DatasetError(f"{split_dir}: no such folder; pass the folder holding {sorted(MSD_FILES.values())}")
+    absent = [file for file in MSD_FILES.values() if not (split_dir / file).is_file()]
+    if absent:
+        raise DatasetError(
+            f"{split_dir}: missing {absent}; the MSD top-50 split needs {list(MSD_FILES.values())} "
+            "(from the split/msd folder of minzwon/sota-music-tagging-models)"
+        )
+    try:
+        path_pattern.format(id="TRAAABD128F429CF47")
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise DatasetError(
+            f"path_pattern {path_pattern!r} is not usable ({error!r}); write it with {{id}} and {{id[i]}}, "
+            f"e.g. {MSD_AUDIO_PATTERN!r}"
+        ) from None
+    audio_root = Path(audio_dir).expanduser().resolve()
+
+    tag_list_path = split_dir / MSD_FILES["tag_names"]
+    tag_names = [line.strip() for line in tag_list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(set(tag_names)) != len(tag_names):
+        raise DatasetError(f"{tag_list_path}: repeats tag names; it should list each tag once")
+    train_path = split_dir / MSD_FILES["train"]
+    test_path = split_dir / MSD_FILES["test"]
+    tags_path = split_dir / MSD_FILES["tags"]
+    train_ids = _id_list(_load_restricted_pickle(train_path), train_path)
+    test_ids = _id_list(_load_restricted_pickle(test_path), test_path)
+    if not 0 < train_size <= len(train_ids):
+        raise DatasetError(
+            f"{train_path}: has {len(train_ids)} ids, so train_size={train_size} cannot split it into train and "
+            f"valid; the original file has 213,454 ids with train_size={MSD_TRAIN_SIZE}"
+        )
+    raw_vectors = _load_restricted_pickle(tags_path)
+    if not isinstance(raw_vectors, dict):
+        raise DatasetError(f"{tags_path}: holds a {type(raw_vectors).__name__}; expected a dict MSD id -> tag vector")
+    vectors = {_as_id(key, tags_path): value for key, value in raw_vectors.items()}
+
+    listed = [
+        (msd_id, split)
+        for split, ids in (("train", train_ids[:train_size]), ("valid", train_ids[train_size:]), ("test", test_ids))
+        for msd_id in ids
+    ]
+    unlabeled_ids = [msd_id for msd_id, _ in listed if msd_id not in vectors]
+    if unlabeled_ids:
+        raise DatasetError(
+            f"{tags_path}: has no tag vector for {len(unlabeled_ids)} listed id(s), e.g. {unlabeled_ids[:3]}; "
+            "use the three .cP files from the same split folder"
+        )
+    flat = [np.asarray(vectors[msd_id]).reshape(-1) for msd_id, _ in listed]
+    wrong_length = next((i for i, values in enumerate(flat) if values.shape[0] != len(tag_names)), None)
+    if wrong_length is not None:
+        raise DatasetError(
+            f"{tags_path}: the vector of {listed[wrong_length][0]} has {flat[wrong_length].shape[0]} entries but "
+            f"{tag_list_path.name} lists {len(tag_names)} tags"
+        )
+    matrix = np.stack(flat) if flat else np.zeros((0, len(tag_names)))
+    not_binary = ~((matrix == 0) | (matrix == 1)).all(axis=1)
+    if not_binary.any():
+        row = int(np.flatnonzero(not_binary)[0])
+        raise DatasetError(
+            f"{tags_path}: the vector of {listed[row][0]} holds {matrix[row].tolist()}; expected 0/1 values"
+        )
+    # os.path.join rather than Path: this runs for ~240,000 tracks.
+    base = str(audio_root)
+    records = [
+        {
+            "track_id": msd_id,
+            "path": os.path.join(base, path_pattern.format(id=msd_id)),
+            "split": split,
+            "tags": tags,
+        }
+        for (msd_id, split), tags in zip(listed, _tags_from_matrix(matrix, tag_names))
+    ]
+    extra = {
+        "source": str(split_dir),
+        "train_size": train_size,
+        "split_rule": f"first {train_size} ids of {MSD_FILES['train']} train, the rest valid (Won et al.)",
+    }
+    hint = f"pass audio_dir= the folder with the MSD audio laid out as {path_pattern!r} (now {audio_root})"
+    return _build_index(records, tag_names, "msd", extra, check_audio, hint)
+
+
+# --------------------------------------------------------------------------------------------------
+# One entry point
+
+
+def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> TrackIndex:
+    """Open a dataset by name or path.
+
+    Names (case-insensitive): ``corpus`` (the embedded, generated corpus; built in ``root`` if
+    missing), ``mtat``, ``jamendo-top50``, ``jamendo-instrument``, ``jamendo-mood``,
+    ``jamendo-genre`` (``root`` is the dataset folder, see the loaders) and ``msd`` (``root`` is the
+    split folder; pass ``audio_dir=``). Names win over same-named local folders.
+
+    Otherwise ``spec`` is a path (``root`` unused): a ``tracks.csv``-style file (columns
+    ``track_id, path, split, tags``) is read with :meth:`TrackIndex.from_csv`; any other CSV/TSV is
+    the tags file of :func:`load_folder` on its folder; a folder is read from its ``tracks.csv`` if
+    it has one, else with :func:`load_folder`. ``kwargs`` go to the loader.
+    """
+    key = spec.strip().lower()
+    if key == "corpus":
+        # The embedded corpus, built into the cache (or ``root``) on first use.
+        from musicssl.corpus import ensure_corpus
+
+        return TrackIndex.from_csv(ensure_corpus(root, **kwargs) / "tracks.csv", name="corpus")
+    if key in DATASET_NAMES:
+        if root is None:
+            raise DatasetError(f"dataset {key!r} needs root= the folder that holds its files")
+        if key == "mtat":
+            return load_mtat(root, **kwargs)
+        if key in _JAMENDO_NAMES:
+            return load_jamendo(root, subset=_JAMENDO_NAMES[key], **kwargs)
+        if key == "msd":
+            if "audio_dir" not in kwargs:
+                raise DatasetError(
+                    "dataset 'msd' needs audio_dir= the folder with the MSD audio (root= is the split folder)"
+                )
+            return load_msd(root, **kwargs)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        check_audio = kwargs.pop("check_audio", True)
+        if _is_track_index_file(path):
+            if kwargs:
+                raise DatasetError(f"{path}: is a track index; options {sorted(kwargs)} do not apply to it")
+            return _checked_track_index(TrackIndex.from_csv(path), check_audio)
+        return load_folder(path.parent, tags_file=path, check_audio=check_audio, **kwargs)
+    if path.is_dir():
+        if (path / "tracks.csv").is_file():
+            check_audio = kwargs.pop("check_audio", True)
+            if kwargs:
+                raise DatasetError(
+                    f"{path / 'tracks.csv'}: is a track index; options {sorted(kwargs)} do not apply to it"
+                )
+            return _checked_track_index(TrackIndex.from_csv(path / "tracks.csv"), check_audio)
+        return load_folder(path, **kwargs)
+    raise DatasetError(
+        f"unknown dataset {spec!r}: not one of {list(DATASET_NAMES)}, and no file or folder of that name exists"
+    )
+
+
+def _is_track_index_file(path: Path) -> bool:
+    if path.suffix.lower() != ".csv":
+        return False
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return {"track_id", "path", "split", "tags"} <= {column.strip() for column in header}
+
+
+def _checked_track_index(index: TrackIndex, check_audio: bool) -> TrackIndex:
+    """Apply the missing-audio check to an index read from a ``tracks.csv``."""
+    if not check_audio:
+        extra = {**index.extra, "audio_checked": False, "missing": []}
+        return TrackIndex(index.tracks, index.tag_names, name=index.name, extra=extra)
+    records = index.tracks.to_dict("records")
+    kept, missing = _drop_missing_audio(records, index.name, "check that the paths in tracks.csv are right")
+    frame = pd.DataFrame(kept, columns=index.tracks.columns)
+    return TrackIndex(frame, index.tag_names, name=index.name,
+                      extra={**index.extra, "audio_checked": True, "missing": missing})

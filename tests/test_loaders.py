@@ -1,0 +1,685 @@
+"""Dataset loaders against fixture files written in each dataset's exact on-disk format.
+
+Expected ids, paths, splits, tags and label matrices are written out by hand from the fixtures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from musicssl.audio import load_audio
+from musicssl.data.index import TrackIndex
+from musicssl.data.loaders import (
+    DatasetError,
+    assign_splits,
+    load_folder,
+    load_jamendo,
+    load_msd,
+    load_mtat,
+    open_dataset,
+)
+
+SAMPLE_RATE = 16000
+LOGGER = "musicssl.data.loaders"
+
+
+def write_sine(path: Path, frequency: float = 440.0, seconds: float = 0.1) -> Path:
+    """A short real audio file; the format follows the extension (wav, flac, mp3)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    time = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * frequency * time)).astype(np.float32), SAMPLE_RATE)
+    return path
+
+
+def assert_index(index: TrackIndex, ids, paths, splits, tags, tag_names, labels) -> None:
+    assert index.track_ids == ids
+    assert index.paths == [str(p) for p in paths]
+    assert all(Path(p).is_absolute() for p in index.paths)
+    assert index.tracks["split"].tolist() == splits
+    assert [tuple(t) for t in index.tracks["tags"]] == [tuple(t) for t in tags]
+    assert index.tag_names == tag_names
+    np.testing.assert_array_equal(index.labels(), np.asarray(labels, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# load_folder
+
+
+def test_folder_csv_with_path_tags_and_split(tmp_path):
+    root = tmp_path / "music"
+    for relative in ("audio/a.wav", "audio/b.flac", "c.mp3", "sub/d.wav"):
+        write_sine(root / relative)
+    (root / "tags.csv").write_text(
+        "path,tags,split\n"
+        "audio/a.wav,rock;guitar,train\n"
+        'audio/b.flac,"jazz; piano",valid\n'
+        "c.mp3,,test\n"
+        "sub/d.wav,rock,validation\n"
+    )
+    index = load_folder(root)
+    base = root.resolve()
+    assert_index(
+        index,
+        ids=["audio/a", "audio/b", "c", "sub/d"],
+        paths=[base / "audio/a.wav", base / "audio/b.flac", base / "c.mp3", base / "sub/d.wav"],
+        splits=["train", "valid", "test", "valid"],
+        tags=[("rock", "guitar"), ("jazz", "piano"), (), ("rock",)],
+        tag_names=["guitar", "jazz", "piano", "rock"],
+        labels=[[1, 0, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]],
+    )
+    assert index.name == "music"
+    assert index.extra["missing"] == [] and index.extra["audio_checked"] is True
+    assert index.extra["split_rule"] == "split column"
+
+
+def test_folder_tsv_with_filename_comma_tags_and_seeded_split(tmp_path):
+    root = tmp_path / "clips"
+    names = [f"f{i}.wav" for i in range(10)]
+    lines = ["filename\ttags\tduration"]
+    for i, name in enumerate(names):
+        write_sine(root / name, frequency=200.0 + 50 * i)
+        tags = "genre---rock, instrument---piano" if i % 2 == 0 else "genre---jazz"
+        lines.append(f"{name}\t{tags}\t{10 + i}.5")
+    (root / "labels.tsv").write_text("\n".join(lines) + "\n")
+    index = load_folder(root, split_seed=3)
+
+    ids = [f"f{i}" for i in range(10)]
+    assert index.track_ids == ids
+    assert index.paths == [str(root.resolve() / name) for name in names]
+    assert index.tag_names == ["genre---jazz", "genre---rock", "instrument---piano"]
+    assert index.tag_groups == {"genre": ["genre---jazz", "genre---rock"], "instrument": ["instrument---piano"]}
+    expected_labels = [[0, 1, 1] if i % 2 == 0 else [1, 0, 0] for i in range(10)]
+    np.testing.assert_array_equal(index.labels(), np.asarray(expected_labels, dtype=np.float32))
+    assert index.tracks["duration"].tolist() == [10.5 + i for i in range(10)]
+
+    # The documented recipe: sort ids, permute with default_rng(seed), first 7 train, 1 valid, 2 test.
+    permutation = np.random.default_rng(3).permutation(10)
+    ordered = sorted(ids)
+    expected = {}
+    for rank, position in enumerate(permutation):
+        expected[ordered[position]] = "train" if rank < 7 else ("valid" if rank < 8 else "test")
+    assert dict(zip(index.track_ids, index.tracks["split"])) == expected
+    assert index.tracks["split"].value_counts().to_dict() == {"train": 7, "test": 2, "valid": 1}
+    assert index.extra["split_rule"] == "assign_splits" and index.extra["split_seed"] == 3
+
+
+def test_assign_splits_counts_and_independence_from_order():
+    ids = [f"track{i:03d}" for i in range(200)]
+    forward = assign_splits(ids, seed=7)
+    backward = assign_splits(list(reversed(ids)), seed=7)
+    assert forward == backward
+    counts = {split: list(forward.values()).count(split) for split in ("train", "valid", "test")}
+    assert counts == {"train": 140, "valid": 20, "test": 40}
+    assert assign_splits(ids, seed=8) != forward
+    # floor(n * f + 0.5) for valid and test, the rest train: n=7 -> valid 1 (0.7), test 1 (1.4), train 5
+    small = assign_splits([str(i) for i in range(7)])
+    assert sorted(small.values()) == ["test", "train", "train", "train", "train", "train", "valid"]
+    with pytest.raises(DatasetError, match="summing to 1"):
+        assign_splits(ids, fractions=(0.5, 0.1, 0.1))
+
+
+def test_folder_track_id_with_binary_columns_and_missing_audio(tmp_path, caplog):
+    root = tmp_path / "set"
+    write_sine(root / "t1.wav")
+    write_sine(root / "nested" / "t2.mp3")
+    (root / "t4.wav").write_bytes(b"")  # empty file: reported, not indexed
+    (root / "annotations.csv").write_text(
+        "track_id,guitar,piano,male vocal,split\n"
+        "t1,1,0,1,train\n"
+        "t2,0,1,0,test\n"
+        "t3,1,1,1,train\n"
+        "t4,0,0,1,valid\n"
+    )
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_folder(root)
+    base = root.resolve()
+    assert_index(
+        index,
+        ids=["t1", "t2"],
+        paths=[base / "t1.wav", base / "nested" / "t2.mp3"],
+        splits=["train", "test"],
+        tags=[("guitar", "male vocal"), ("piano",)],
+        tag_names=["guitar", "piano", "male vocal"],  # column order
+        labels=[[1, 0, 1], [0, 1, 0]],
+    )
+    assert index.extra["missing"] == [
+        {"track_id": "t3", "path": str(base / "t3"), "split": "train", "reason": "not found"},
+        {"track_id": "t4", "path": str(base / "t4.wav"), "split": "valid", "reason": "empty"},
+    ]
+    assert "dropped 2 of 4 tracks" in caplog.text
+    with pytest.raises(DatasetError, match=r"no audio file found for track\(s\) \['t3'\]"):
+        load_folder(root, check_audio=False)
+
+
+def test_folder_check_audio_off_keeps_listed_paths(tmp_path):
+    root = tmp_path / "set"
+    write_sine(root / "a.wav")
+    (root / "tags.csv").write_text("path,tags\na.wav,x\ngone.wav,y\n")
+    index = load_folder(root, check_audio=False, split_fractions=(1.0, 0.0, 0.0))
+    assert index.paths == [str(root.resolve() / "a.wav"), str(root.resolve() / "gone.wav")]
+    assert index.tracks["split"].tolist() == ["train", "train"]
+    assert index.extra["audio_checked"] is False and index.extra["missing"] == []
+    kept = load_folder(root, split_fractions=(1.0, 0.0, 0.0))
+    assert kept.track_ids == ["a"]
+    assert [entry["path"] for entry in kept.extra["missing"]] == [str(root.resolve() / "gone.wav")]
+    assert kept.extra["missing"][0]["reason"] == "missing"
+
+
+def test_folder_nothing_left_after_audio_check(tmp_path):
+    root = tmp_path / "set"
+    write_sine(root / "unrelated.wav")
+    (root / "tags.csv").write_text("path,tags\nx.wav,a\ny.wav,b\n")
+    with pytest.raises(DatasetError, match=r"none of the 2 listed audio files .*relative to"):
+        load_folder(root)
+
+
+def test_folder_unlabeled(tmp_path):
+    root = tmp_path / "raw"
+    for name in ("b.wav", "a.flac", "deep/c.mp3"):
+        write_sine(root / name)
+    (root / "notes.txt").write_text("not audio")
+    with pytest.raises(DatasetError, match=r"no tags file found.*tags_file=PATH, or unlabeled=True"):
+        load_folder(root)
+    index = load_folder(root, unlabeled=True)
+    assert index.track_ids == ["a", "b", "deep/c"]
+    assert index.tag_names == [] and index.labels().shape == (3, 0)
+    assert sorted(index.tracks["split"]) == ["test", "train", "train"]  # 3 * 0.1 rounds to 0 valid
+
+
+BAD_TAG_TABLES = [
+    (
+        "file,label\na.wav,rock\n",
+        r"no audio column; found columns \['file', 'label'\], expected an audio column \(path, filename or track_id\)",
+    ),
+    ("path,filename,tags\na.wav,a.wav,rock\n", r"both 'path' and 'filename' columns.*keep one"),
+    ("path,tags,comment\na.wav,rock,nice\n", r"unexpected column\(s\) \['comment'\].*keep_columns=\['comment'\]"),
+    ("track_id,guitar,mood\na,1,happy\n", r"column\(s\) 'mood' \(value 'happy'\) are neither known columns nor 0/1"),
+    ("path\na.wav\n", r"no tags; found columns \['path'\].*unlabeled=True"),
+    ("path,tags,split\na.wav,rock,holdout\n", r"column 'split' has value\(s\) \['holdout'\]; use train, valid or test"),
+    ("path,tags\n", r"has a header but no rows"),
+    ("path,tags,duration\na.wav,rock,long\n", r"line 2: duration 'long' is not a number of seconds"),
+]
+
+
+@pytest.mark.parametrize(("table", "message"), BAD_TAG_TABLES)
+def test_folder_bad_tag_tables(tmp_path, table, message):
+    root = tmp_path / "set"
+    write_sine(root / "a.wav")
+    (root / "tags.csv").write_text(table)
+    with pytest.raises(DatasetError, match=message):
+        load_folder(root)
+
+
+def test_folder_keep_columns_and_explicit_tags_file(tmp_path):
+    root = tmp_path / "set"
+    write_sine(root / "a.wav")
+    elsewhere = tmp_path / "meta" / "my_tags.csv"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("path,tags,comment\na.wav,rock;pop,nice\n")
+    index = load_folder(root, tags_file=elsewhere, keep_columns=["comment"], split_fractions=(0, 0, 1))
+    assert index.tracks["comment"].tolist() == ["nice"]
+    assert index.tracks["tags"].tolist() == [("rock", "pop")]
+    assert index.tracks["split"].tolist() == ["test"]
+    assert index.extra["source"] == str(elsewhere)
+
+
+def test_folder_bad_folders(tmp_path):
+    with pytest.raises(DatasetError, match=r"no such folder; pass the folder that holds your audio files"):
+        load_folder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"the folder is empty; put audio files"):
+        load_folder(tmp_path / "empty")
+    only_table = tmp_path / "no_audio"
+    only_table.mkdir()
+    (only_table / "tags.csv").write_text("path,tags\na.wav,rock\n")
+    with pytest.raises(DatasetError, match=r"no audio files found .*found 1 other file\(s\) such as \['tags.csv'\]"):
+        load_folder(only_table)
+    write_sine(tmp_path / "two" / "x.wav")
+    (tmp_path / "two" / "one.csv").write_text("path,tags\nx.wav,a\n")
+    (tmp_path / "two" / "other.tsv").write_text("path\ttags\nx.wav\ta\n")
+    with pytest.raises(DatasetError, match=r"several CSV/TSV files found .*tags_file="):
+        load_folder(tmp_path / "two")
+    with pytest.raises(DatasetError, match=r"no such tags file"):
+        load_folder(tmp_path / "two", tags_file="absent.csv")
+
+
+def test_folder_duplicate_ids(tmp_path):
+    root = tmp_path / "set"
+    write_sine(root / "a.wav")
+    write_sine(root / "a.flac")
+    with pytest.raises(DatasetError, match=r"track id\(s\) \['a'\] occur more than once"):
+        load_folder(root, unlabeled=True)
+
+
+def test_index_paths_decode_to_the_written_audio(tmp_path):
+    root = tmp_path / "set"
+    write_sine(root / "tone.flac", frequency=1000.0, seconds=0.5)
+    (root / "tags.csv").write_text("path,tags,split\ntone.flac,x,train\n")
+    audio = load_audio(load_folder(root).paths[0], sample_rate=SAMPLE_RATE)
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert audio.shape == (8000,)
+    assert np.argmax(spectrum) * SAMPLE_RATE / len(audio) == pytest.approx(1000.0, abs=2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# MagnaTagATune
+
+MTAT_TAGS = ["no voice", "singer", "guitar", "classical", "rock"]
+MTAT_ROWS = [  # clip_id, 0/1 per MTAT_TAGS, mp3_path
+    ("2", (1, 0, 1, 0, 0), "0/artist_a-album-01-song-0-29.mp3"),
+    ("6", (0, 0, 1, 1, 0), "9/artist_b-album-02-song-30-59.mp3"),
+    ("10", (0, 1, 0, 0, 0), "a/artist_c-album-03-song-0-29.mp3"),
+    ("11", (0, 0, 1, 0, 1), "b/artist_d-album-04-song-0-29.mp3"),
+    ("20", (1, 0, 0, 1, 0), "c/artist_e-album-05-song-0-29.mp3"),
+    ("30", (0, 0, 0, 0, 1), "d/artist_f-album-06-song-0-29.mp3"),
+    ("40", (0, 0, 1, 0, 0), "f/artist_g-album-07-song-0-29.mp3"),
+    ("41", (0, 0, 0, 0, 0), "e/artist_h-album-08-song-0-29.mp3"),
+]
+
+
+def write_mtat(folder: Path, tags=MTAT_TAGS, rows=MTAT_ROWS) -> Path:
+    """annotations_final.csv as distributed: TAB-separated, every field double-quoted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    quote = lambda values: "\t".join(f'"{value}"' for value in values)  # noqa: E731
+    lines = [quote(["clip_id", *tags, "mp3_path"])]
+    lines += [quote([clip_id, *flags, mp3_path]) for clip_id, flags, mp3_path in rows]
+    path = folder / "annotations_final.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_mtat_top_tags_split_and_dropped_clips(tmp_path):
+    root = tmp_path / "mtat"
+    write_mtat(root)
+    for _, _, mp3_path in MTAT_ROWS:
+        write_sine(root / mp3_path)
+    index = load_mtat(root, n_tags=3)
+    # Counts: guitar 4; no voice, classical, rock 2 each (column order breaks the tie); singer 1.
+    # Clips 10 (singer only), 30 (rock only) and 41 (no tag) have none of the top 3 and are dropped.
+    base = root.resolve()
+    assert_index(
+        index,
+        ids=["2", "6", "11", "20", "40"],
+        paths=[base / MTAT_ROWS[i][2] for i in (0, 1, 3, 4, 6)],
+        splits=["train", "train", "train", "valid", "test"],
+        tags=[("guitar", "no voice"), ("guitar", "classical"), ("guitar",), ("no voice", "classical"), ("guitar",)],
+        tag_names=["guitar", "no voice", "classical"],
+        labels=[[1, 1, 0], [1, 0, 1], [1, 0, 0], [0, 1, 1], [1, 0, 0]],
+    )
+    assert index.extra["tag_counts"] == {"guitar": 4, "no voice": 2, "classical": 2}
+    assert index.extra["dropped_without_tags"] == 3
+    assert index.name == "mtat"
+
+
+def test_mtat_audio_dir_override_and_missing_report(tmp_path, caplog):
+    root = tmp_path / "annotations"
+    csv_path = write_mtat(root)
+    audio = tmp_path / "mp3"
+    for _, _, mp3_path in MTAT_ROWS[:4]:  # clips 20 and 40 have no audio
+        write_sine(audio / mp3_path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_mtat(csv_path, audio_dir=audio, n_tags=3)
+    assert index.track_ids == ["2", "6", "11"]
+    assert index.paths == [str(audio.resolve() / MTAT_ROWS[i][2]) for i in (0, 1, 3)]
+    assert [(m["track_id"], m["split"], m["reason"]) for m in index.extra["missing"]] == [
+        ("20", "valid", "missing"), ("40", "test", "missing"),
+    ]
+    assert index.extra["missing"][0]["path"] == str(audio.resolve() / MTAT_ROWS[4][2])
+    assert "dropped 2 of 5 tracks" in caplog.text
+    with pytest.raises(DatasetError, match=r"none of the 5 listed audio files.*audio_dir="):
+        load_mtat(root, n_tags=3)
+    unchecked = load_mtat(root, n_tags=3, check_audio=False)
+    assert len(unchecked) == 5 and unchecked.extra["missing"] == []
+
+
+def test_mtat_default_keeps_the_50_most_frequent_of_52(tmp_path):
+    # Tag j is on clips 0 .. counts[j]-1, with counts a permutation of 1..52 (17 is prime to 52).
+    counts = [(17 * j) % 52 + 1 for j in range(52)]
+    tags = [f"tag{j:02d}" for j in range(52)]
+    rows = [(str(i), tuple(int(i < c) for c in counts), f"0/clip{i}.mp3") for i in range(52)]
+    write_mtat(tmp_path, tags=tags, rows=rows)
+    index = load_mtat(tmp_path, check_audio=False)
+    assert len(index.tag_names) == 50
+    assert set(tags) - set(index.tag_names) == {"tag00", "tag49"}  # counts 1 and 2 (17 * 49 = 833 = 16 * 52 + 1)
+    assert index.tag_names[:3] == ["tag03", "tag06", "tag09"]  # counts 52, 51, 50 (17*3=51, 17*6=102=52+50, ...)
+    assert index.labels().sum(axis=0).tolist()[:3] == [52.0, 51.0, 50.0]
+    assert len(index) == 52 and set(index.tracks["split"]) == {"train"}
+
+
+def test_mtat_bad_files(tmp_path):
+    with pytest.raises(DatasetError, match=r"annotations_final.csv: not found"):
+        load_mtat(tmp_path)
+    (tmp_path / "annotations_final.csv").write_text("clip_id,guitar,mp3_path\n2,1,0/a.mp3\n")
+    with pytest.raises(DatasetError, match=r"expected TAB-separated columns clip_id, <tag columns>, mp3_path"):
+        load_mtat(tmp_path)
+    write_mtat(tmp_path, tags=["guitar"], rows=[("2", (2,), "0/a.mp3")])
+    with pytest.raises(DatasetError, match=r"tag column 'guitar' has value '2' at clip '2'"):
+        load_mtat(tmp_path, n_tags=1)
+    write_mtat(tmp_path, tags=["guitar"], rows=[("2", (1,), "g/a.mp3")])
+    with pytest.raises(DatasetError, match=r"mp3_path 'g/a.mp3'"):
+        load_mtat(tmp_path, n_tags=1)
+    with pytest.raises(DatasetError, match=r"n_tags=50: .* has 1 tag columns"):
+        load_mtat(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# MTG-Jamendo
+
+JAMENDO_HEADER = "TRACK_ID\tARTIST_ID\tALBUM_ID\tPATH\tDURATION\tTAGS"
+JAMENDO_TOP50 = {
+    "train": [
+        "track_0000214\tartist_000014\talbum_000031\t14/214.mp3\t124.6\tgenre---punkrock",
+        "track_0000215\tartist_000014\talbum_000031\t15/215.mp3\t211.1\tgenre---rock\tinstrument---guitar"
+        "\tmood/theme---energetic",
+    ],
+    "validation": [
+        "track_0000773\tartist_000104\talbum_000126\t73/773.mp3\t275.3\tgenre---electronic\tinstrument---synthesizer",
+    ],
+    "test": [
+        "track_0001729\tartist_000264\talbum_000252\t29/1729.mp3\t270.2\tgenre---pop\tgenre---rock",
+        "track_0002245\tartist_000332\talbum_000362\t45/2245.mp3\t60.1\tmood/theme---relaxing",
+    ],
+}
+JAMENDO_MOOD = {
+    "train": ["track_0000948\tartist_000087\talbum_000149\t48/948.mp3\t212.7\tmood/theme---background"],
+    "validation": [
+        "track_0000950\tartist_000087\talbum_000149\t50/950.mp3\t248.0\tmood/theme---film\tmood/theme---sad",
+    ],
+    "test": ["track_0001032\tartist_000147\talbum_000171\t32/1032.mp3\t199.9\tmood/theme---happy"],
+}
+
+
+def write_jamendo(root: Path, subset: str, files: dict[str, list[str]], split_id: int = 0) -> None:
+    folder = root / "data" / "splits" / f"split-{split_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, lines in files.items():
+        # As distributed: CRLF line endings, a variable number of tag columns.
+        with (folder / f"autotagging_{subset}-{split}.tsv").open("w", newline="") as handle:
+            handle.write("\r\n".join([JAMENDO_HEADER, *lines]) + "\r\n")
+
+
+def test_jamendo_top50(tmp_path):
+    root = tmp_path / "mtg-jamendo-dataset"
+    write_jamendo(root, "top50tags", JAMENDO_TOP50)
+    audio = tmp_path / "jamendo_audio"
+    relative = ["14/214.mp3", "15/215.mp3", "73/773.mp3", "29/1729.mp3", "45/2245.mp3"]
+    for path in relative:
+        write_sine(audio / path)
+    raw = (root / "data/splits/split-0/autotagging_top50tags-test.tsv").read_bytes()
+    assert raw.count(b"\r\n") == 3 and b"\tgenre---pop\tgenre---rock\r\n" in raw
+
+    index = load_jamendo(root, "top50", audio_dir=audio)
+    names = [
+        "genre---electronic", "genre---pop", "genre---punkrock", "genre---rock",
+        "instrument---guitar", "instrument---synthesizer", "mood/theme---energetic", "mood/theme---relaxing",
+    ]
+    assert_index(
+        index,
+        ids=["track_0000214", "track_0000215", "track_0000773", "track_0001729", "track_0002245"],
+        paths=[audio.resolve() / path for path in relative],
+        splits=["train", "train", "valid", "test", "test"],
+        tags=[
+            ("genre---punkrock",),
+            ("genre---rock", "instrument---guitar", "mood/theme---energetic"),
+            ("genre---electronic", "instrument---synthesizer"),
+            ("genre---pop", "genre---rock"),
+            ("mood/theme---relaxing",),
+        ],
+        tag_names=names,
+        labels=[
+            [0, 0, 1, 0, 0, 0, 0, 0],
+            [0, 0, 0, 1, 1, 0, 1, 0],
+            [1, 0, 0, 0, 0, 1, 0, 0],
+            [0, 1, 0, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 1],
+        ],
+    )
+    assert index.tracks["duration"].tolist() == [124.6, 211.1, 275.3, 270.2, 60.1]
+    assert index.tracks["artist_id"].tolist()[2] == "artist_000104"
+    assert index.tracks["album_id"].tolist()[4] == "album_000362"
+    assert index.tag_groups == {
+        "genre": names[:4], "instrument": names[4:6], "mood/theme": names[6:],
+    }
+    assert index.name == "jamendo-top50-split0"
+
+
+def test_jamendo_low_quality_missing_and_default_audio_dir(tmp_path, caplog):
+    root = tmp_path / "jamendo"
+    write_jamendo(root, "moodtheme", JAMENDO_MOOD, split_id=2)
+    write_sine(root / "48/948.low.mp3")
+    write_sine(root / "32/1032.low.mp3")
+    write_sine(root / "50/950.mp3")  # only the full-quality copy: missing when low_quality=True
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_jamendo(root, "moodtheme", split_id=2, low_quality=True)
+    assert index.track_ids == ["track_0000948", "track_0001032"]
+    assert index.paths == [str(root.resolve() / "48/948.low.mp3"), str(root.resolve() / "32/1032.low.mp3")]
+    assert index.tracks["split"].tolist() == ["train", "test"]
+    assert index.tag_names == ["mood/theme---background", "mood/theme---film", "mood/theme---happy", "mood/theme---sad"]
+    assert index.extra["missing"] == [{
+        "track_id": "track_0000950",
+        "path": str(root.resolve() / "50/950.low.mp3"),
+        "split": "valid",
+        "reason": "missing",
+    }]
+    assert "dropped 1 of 3 tracks" in caplog.text
+    with pytest.raises(DatasetError, match=r"none of the 3 listed audio files.*audio_dir=.*low_quality=True"):
+        load_jamendo(root, "moodtheme", split_id=2, audio_dir=tmp_path)
+
+
+def test_jamendo_bad_inputs(tmp_path):
+    root = tmp_path / "jamendo"
+    write_jamendo(root, "top50tags", JAMENDO_TOP50)
+    subsets = r"\['genre', 'instrument', 'moodtheme', 'top50'\]"
+    with pytest.raises(DatasetError, match=r"unknown MTG-Jamendo subset 'mood'; use one of " + subsets):
+        load_jamendo(root, "mood")
+    with pytest.raises(DatasetError, match=r"split-3: no such folder.*found there: \['split-0'\]"):
+        load_jamendo(root, split_id=3)
+    with pytest.raises(DatasetError, match=r"autotagging_genre-train.tsv: not found.*autotagging_top50tags-test.tsv"):
+        load_jamendo(root, "genre")
+    bad = root / "data/splits/split-0/autotagging_top50tags-train.tsv"
+    bad.write_text("TRACK_ID,ARTIST_ID,ALBUM_ID,PATH,DURATION,TAGS\r\n")
+    with pytest.raises(DatasetError, match=r"is not the MTG-Jamendo header"):
+        load_jamendo(root, check_audio=False)
+    bad.write_text(JAMENDO_HEADER + "\r\ntrack_1\tartist_1\talbum_1\t01/1.mp3\tlong\tgenre---pop\r\n")
+    with pytest.raises(DatasetError, match=r"line 2: DURATION 'long' is not a number"):
+        load_jamendo(root, check_audio=False)
+    # A track in two splits (train and test) is an error, not a silent duplicate.
+    bad.write_text(JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["test"][0] + "\r\n")
+    with pytest.raises(DatasetError, match=r"repeats track_id\(s\) \['track_0001729'\]"):
+        load_jamendo(root, check_audio=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Million Song Dataset
+
+MSD_TAGS = ["rock", "Hip-Hop", "female vocalists", "Mellow"]
+MSD_TRAIN = ["TRAAAAV128F421A322", "TRAAABD128F429CF47", "TRBCDEF128F1234567", "TRZZYXW12903CD1234"]
+MSD_TEST = ["TRQWERT128F9876543"]
+MSD_VECTORS = {
+    "TRAAAAV128F421A322": [1, 0, 0, 1],
+    "TRAAABD128F429CF47": [0, 1, 0, 0],
+    "TRBCDEF128F1234567": [1, 0, 1, 0],
+    "TRZZYXW12903CD1234": [0, 0, 0, 1],
+    "TRQWERT128F9876543": [1, 1, 1, 0],
+}
+
+
+def python2_id_list_pickle(ids: list[str]) -> bytes:
+    """What Python 2's cPickle.dump(list_of_str, f) wrote (protocol 0), as in filtered_list_test.cP."""
+    items = "".join(f"S'{msd_id}'\np{n + 2}\na" for n, msd_id in enumerate(ids))
+    return ("(lp1\n" + items + ".").encode("ascii")
+
+
+def python2_vector_dict_pickle(vectors: dict[str, list[int]]) -> bytes:
+    """Python 2 protocol-0 pickle of {str: numpy int64 array of shape (n, 1)} (numpy.core names, S'' strings)."""
+    parts = ["(dp0\n"]
+    for msd_id, values in vectors.items():
+        data = "".join(f"\\x{byte:02x}" for byte in np.asarray(values, dtype="<i8").tobytes())
+        parts.append(
+            f"S'{msd_id}'\ncnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I0\ntS'b'\ntR"
+            f"(I1\n(I{len(values)}\nI1\ntcnumpy\ndtype\n(S'i8'\nI0\nI1\ntR(I3\nS'<'\nNNNI-1\nI-1\nI0\ntb"
+            f"I00\nS'{data}'\ntbs"
+        )
+    return ("".join(parts) + ".").encode("ascii")
+
+
+def write_msd(folder: Path, python2: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "50tagList.txt").write_text("\n".join(MSD_TAGS) + "\n")
+    (folder / "filtered_list_train.cP").write_bytes(pickle.dumps(list(MSD_TRAIN), protocol=2))
+    if python2:
+        (folder / "filtered_list_test.cP").write_bytes(python2_id_list_pickle(MSD_TEST))
+        (folder / "msd_id_to_tag_vector.cP").write_bytes(python2_vector_dict_pickle(MSD_VECTORS))
+    else:
+        (folder / "filtered_list_test.cP").write_bytes(pickle.dumps(list(MSD_TEST)))
+        vectors = {key: np.asarray(value, dtype=np.int64).reshape(-1, 1) for key, value in MSD_VECTORS.items()}
+        (folder / "msd_id_to_tag_vector.cP").write_bytes(pickle.dumps(vectors, protocol=5))
+
+
+MSD_EXPECTED_PATHS = [
+    "A/A/A/TRAAAAV128F421A322.mp3", "A/A/A/TRAAABD128F429CF47.mp3", "B/C/D/TRBCDEF128F1234567.mp3",
+    "Z/Z/Y/TRZZYXW12903CD1234.mp3", "Q/W/E/TRQWERT128F9876543.mp3",
+]
+
+
+@pytest.mark.parametrize("python2", [False, True], ids=["python3-pickles", "python2-pickles"])
+def test_msd(tmp_path, python2):
+    split_dir = tmp_path / "split" / "msd"
+    write_msd(split_dir, python2=python2)
+    if python2:
+        assert (split_dir / "filtered_list_test.cP").read_bytes().startswith(b"(lp1\nS'TRQWERT128F9876543'\np2\na")
+    audio = tmp_path / "msd_audio"
+    for relative in MSD_EXPECTED_PATHS:
+        write_sine(audio / relative)
+    index = load_msd(split_dir, audio, train_size=3)
+    assert_index(
+        index,
+        ids=MSD_TRAIN + MSD_TEST,
+        paths=[audio.resolve() / relative for relative in MSD_EXPECTED_PATHS],
+        splits=["train", "train", "train", "valid", "test"],
+        tags=[("rock", "Mellow"), ("Hip-Hop",), ("rock", "female vocalists"), ("Mellow",),
+              ("rock", "Hip-Hop", "female vocalists")],
+        tag_names=MSD_TAGS,
+        labels=[[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 0]],
+    )
+    assert index.name == "msd" and index.extra["train_size"] == 3
+
+
+def test_msd_path_pattern_missing_audio_and_train_size(tmp_path):
+    split_dir = tmp_path / "msd"
+    write_msd(split_dir)
+    audio = tmp_path / "flat"
+    for msd_id in MSD_TRAIN[:2]:
+        write_sine(audio / f"{msd_id}.clip.mp3")
+    index = load_msd(split_dir, audio, train_size=3, path_pattern="{id}.clip.mp3")
+    assert index.track_ids == MSD_TRAIN[:2]
+    assert index.paths == [str(audio.resolve() / f"{msd_id}.clip.mp3") for msd_id in MSD_TRAIN[:2]]
+    assert [entry["track_id"] for entry in index.extra["missing"]] == MSD_TRAIN[2:] + MSD_TEST
+    with pytest.raises(DatasetError, match=r"has 4 ids, so train_size=201680 cannot split"):
+        load_msd(split_dir, audio)
+    with pytest.raises(DatasetError, match=r"path_pattern '\{msd_id\}.mp3' is not usable"):
+        load_msd(split_dir, audio, train_size=3, path_pattern="{msd_id}.mp3")
+    with pytest.raises(DatasetError, match=r"none of the 5 listed audio files.*laid out as"):
+        load_msd(split_dir, tmp_path / "nothing_here", train_size=3)
+
+
+class _Hostile:
+    """Unpickling this would delete the canary file."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = str(canary)
+
+    def __reduce__(self):
+        return (os.remove, (self.canary,))
+
+
+def test_msd_refuses_pickles_that_would_run_code(tmp_path):
+    split_dir = tmp_path / "msd"
+    write_msd(split_dir)
+    canary = tmp_path / "canary"
+    canary.write_text("still here")
+    (split_dir / "filtered_list_train.cP").write_bytes(pickle.dumps([_Hostile(canary)]))
+    with pytest.raises(DatasetError, match=r"refusing to load global '(posix|nt).remove'.*could run code"):
+        load_msd(split_dir, tmp_path, train_size=1)
+    assert canary.read_text() == "still here"
+
+
+def test_msd_bad_files(tmp_path):
+    split_dir = tmp_path / "msd"
+    write_msd(split_dir)
+    (split_dir / "msd_id_to_tag_vector.cP").unlink()
+    with pytest.raises(DatasetError, match=r"missing \['msd_id_to_tag_vector.cP'\]"):
+        load_msd(split_dir, tmp_path)
+    vectors = {key: np.asarray(value[:3]) for key, value in MSD_VECTORS.items()}
+    (split_dir / "msd_id_to_tag_vector.cP").write_bytes(pickle.dumps(vectors))
+    with pytest.raises(DatasetError, match=r"has 3 entries but 50tagList.txt lists 4 tags"):
+        load_msd(split_dir, tmp_path, train_size=3)
+    partial = {key: np.asarray(value) for key, value in list(MSD_VECTORS.items())[:-1]}
+    (split_dir / "msd_id_to_tag_vector.cP").write_bytes(pickle.dumps(partial))
+    with pytest.raises(DatasetError, match=r"no tag vector for 1 listed id\(s\), e.g. \['TRQWERT128F9876543'\]"):
+        load_msd(split_dir, tmp_path, train_size=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# open_dataset
+
+
+def test_open_dataset_by_name(tmp_path):
+    mtat_root = tmp_path / "mtat"
+    write_mtat(mtat_root)
+    assert open_dataset("MTAT", mtat_root, n_tags=3, check_audio=False).track_ids == ["2", "6", "11", "20", "40"]
+
+    jamendo_root = tmp_path / "jamendo"
+    write_jamendo(jamendo_root, "moodtheme", JAMENDO_MOOD)
+    mood = open_dataset("jamendo-mood", jamendo_root, check_audio=False)
+    assert mood.track_ids == ["track_0000948", "track_0000950", "track_0001032"]
+    assert mood.extra["subset"] == "moodtheme"
+
+    msd_dir = tmp_path / "msd"
+    write_msd(msd_dir)
+    msd = open_dataset("msd", msd_dir, audio_dir=tmp_path / "audio", train_size=3, check_audio=False)
+    assert msd.paths[0] == str((tmp_path / "audio").resolve() / MSD_EXPECTED_PATHS[0])
+    with pytest.raises(DatasetError, match=r"'msd' needs audio_dir="):
+        open_dataset("msd", msd_dir)
+    with pytest.raises(DatasetError, match=r"'jamendo-genre' needs root="):
+        open_dataset("jamendo-genre")
+
+
+def test_open_dataset_by_path(tmp_path):
+    root = tmp_path / "set"
+    write_sine(root / "a.wav")
+    write_sine(root / "b.wav")
+    (root / "tags.csv").write_text("path,tags,split\na.wav,rock,train\nb.wav,pop;rock,test\n")
+    from_folder = open_dataset(str(root))
+    assert from_folder.track_ids == ["a", "b"]
+    from_tags_file = open_dataset(str(root / "tags.csv"))
+    assert from_tags_file.track_ids == ["a", "b"]
+
+    # A folder with a tracks.csv is read from it; relative paths resolve against the file's folder.
+    from_folder.to_csv(root / "tracks.csv")
+    (root / "a.wav").unlink()
+    reread = open_dataset(str(root))
+    assert reread.track_ids == ["b"]
+    assert reread.paths == [str(root.resolve() / "b.wav")]
+    assert reread.tracks["tags"].tolist() == [("pop", "rock")]
+    assert [entry["track_id"] for entry in reread.extra["missing"]] == ["a"]
+    unchecked = open_dataset(str(root / "tracks.csv"), check_audio=False)
+    assert unchecked.track_ids == ["a", "b"]
+    assert unchecked.tracks["split"].tolist() == ["train", "test"]
+
+
+def test_open_dataset_unknown_name(tmp_path):
+    with pytest.raises(DatasetError) as caught:
+        open_dataset("magnatagatune", tmp_path)
+    message = str(caught.value)
+    for name in ("corpus", "mtat", "jamendo-top50", "jamendo-instrument", "jamendo-mood", "jamendo-genre", "msd"):
+        assert f"'{name}'" in message
+    assert "no file or folder of that name exists" in message
+
