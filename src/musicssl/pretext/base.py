@@ -8,14 +8,26 @@ package with a :func:`musicssl.pretext.registry.register`-decorated subclass; no
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Progress", "PretextMethod", "cosine_ema_rate", "linear_warmup"]
+__all__ = [
+    "Progress",
+    "PretextMethod",
+    "cosine_ema_rate",
+    "linear_warmup",
+    "concatenate_views",
+    "ema_update_",
+    "mean_over_pairs",
+    "evaluation_mode",
+    "check_backbone",
+    "check_projections",
+]
 
 
 @dataclass(frozen=True)
@@ -91,3 +103,91 @@ class PretextMethod(nn.Module):
     def student_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates (the teacher, if any, is excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers the methods share
+
+
+def concatenate_views(views: Sequence[Tensor]) -> tuple[Tensor, int]:
+    """Check a batch of V >= 2 views and stack them into one ``(V * B, ...)`` batch.
+
+    One backbone pass over all views is faster than V passes; ``tensor.chunk(V)`` undoes it.
+    Returns the stacked batch and V.
+    """
+    if isinstance(views, Tensor):
+        raise TypeError(
+            "views must be a sequence of V tensors of shape (B, n_mels, frames), got a single tensor; "
+            "pass list(views) if the views are stacked along the first dimension"
+        )
+    views = list(views)
+    if len(views) < 2:
+        raise ValueError(f"multi-view methods need at least 2 views per example, got {len(views)}")
+    shapes = [tuple(view.shape) for view in views]
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(f"all views must have the same shape (B, n_mels, frames), got {shapes}")
+    if len(shapes[0]) < 2 or shapes[0][0] < 2:
+        raise ValueError(
+            f"views must be batches (B, n_mels, frames) with B >= 2 (batch statistics need two examples), "
+            f"got shape {shapes[0]}"
+        )
+    return torch.cat(views, dim=0), len(views)
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
+    """In place: ``teacher_param = rate * teacher_param + (1 - rate) * student_param`` for every parameter.
+
+    Buffers (BatchNorm running statistics) are left alone: the teacher runs in the same mode as the
+    student and keeps its own statistics, as in BYOL's and DINO's code.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"EMA rate must be in [0, 1], got {rate}")
+    teacher_params = list(teacher.parameters())
+    student_params = list(student.parameters())
+    if len(teacher_params) != len(student_params):
+        raise ValueError("teacher and student have different architectures; the teacher must be a copy of the student")
+    for teacher_param, student_param in zip(teacher_params, student_params):
+        # lerp_(end, w) = self + w * (end - self) = (1 - w) * self + w * end
+        teacher_param.lerp_(student_param.detach(), 1.0 - rate)
+
+
+def mean_over_pairs(pairs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Average each entry of the per-pair loss dicts; every entry but ``"loss"`` is detached (for logging)."""
+    means = {key: torch.stack([pair[key] for pair in pairs]).mean() for key in pairs[0]}
+    return {key: value if key == "loss" else value.detach() for key, value in means.items()}
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
+    """Run a block in eval mode and restore the previous mode, so that collapse probes use running
+    BatchNorm statistics and never update them."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def check_backbone(backbone: nn.Module) -> int:
+    """The backbone's ``embedding_dim``, or a clear error if it does not declare one."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    embedding_dim = getattr(backbone, "embedding_dim", None)
+    if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise ValueError(
+            f"the backbone must have a positive integer attribute embedding_dim (the size of its output), "
+            f"got {embedding_dim!r}"
+        )
+    return embedding_dim
+
+
+def check_projections(name: str, a: Tensor, b: Tensor, min_batch: int = 1) -> None:
+    """Both inputs must be ``(B, D)`` batches of the same shape with at least ``min_batch`` rows."""
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{name} expects two (batch, dim) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[0] < min_batch:
+        raise ValueError(f"{name} needs a batch of at least {min_batch} rows, got {a.shape[0]}")

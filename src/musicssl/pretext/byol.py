@@ -1,0 +1,139 @@
+"""BYOL: an online network with a predictor regresses an EMA target network's projection.
+
+Loss (Grill et al. 2020), per ordered pair of views: ``2 - 2 cos(p_online(view_i), stopgrad(z_target(view_j)))``.
+The target (teacher) is a deep copy of backbone + projector whose weights follow the online ones with
+``tau_k = 1 - (1 - tau_base) (1 + cos(pi k / K)) / 2`` (:func:`~musicssl.pretext.base.cosine_ema_rate`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import permutations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from musicssl.models.heads import byol_predictor, projector
+from musicssl.pretext.base import (
+    PretextMethod,
+    Progress,
+    check_backbone,
+    check_projections,
+    concatenate_views,
+    cosine_ema_rate,
+    ema_update_,
+    evaluation_mode,
+    mean_over_pairs,
+)
+from musicssl.pretext.registry import register
+
+__all__ = [
+    "byol",
+    "BYOL",
+    "BYOLConfig",
+]
+
+
+def byol(p_a: Tensor, z_b: Tensor) -> dict[str, Tensor]:
+    """BYOL's loss in one direction: ``mean_i (2 - 2 cos(p_a[i], z_b[i]))`` with no gradient into ``z_b``.
+
+    ``p_a`` is the online prediction of one view, ``z_b`` the target projection of another. The
+    symmetric BYOL loss is the sum (original) or mean (here, in :class:`BYOL`) of both directions.
+    Returns ``{"loss", "cosine_similarity"}`` (the mean cosine, 1 when aligned).
+    """
+    check_projections("byol", p_a, z_b)
+    with torch.autocast(device_type=p_a.device.type, enabled=False):
+        prediction = F.normalize(p_a.float(), dim=1)
+        target = F.normalize(z_b.detach().float(), dim=1)
+        cosine = (prediction * target).sum(dim=1).mean()
+        return {"loss": 2.0 - 2.0 * cosine, "cosine_similarity": cosine}
+
+
+# --------------------------------------------------------------------------------------------------
+# Method
+
+
+@dataclass
+class BYOLConfig:
+    """BYOL's hyperparameters; heads default to the study's sizes (1024 -> 1024 -> 1024 -> 2048 -> 256 -> 2048).
+
+    For a small backbone scale the heads with it (e.g. ``hidden_dim=512, projection_dim=1024`` for a
+    256-d embedding).
+    """
+
+    base_ema_rate: float = 0.996  # tau_base; the teacher rate follows a cosine from here to 1
+    hidden_dim: int = 1024  # projector hidden width
+    projection_dim: int = 2048  # projector output size
+    predictor_hidden_dim: int = 256
+    use_predictor: bool = True  # False gives the predictor-free variant, which collapses
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.base_ema_rate <= 1.0:
+            raise ValueError(f"base_ema_rate must be in [0, 1], got {self.base_ema_rate}")
+        for name in ("hidden_dim", "projection_dim", "predictor_hidden_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+
+@register
+class BYOL(PretextMethod):
+    """Online backbone -> projector -> predictor; target (teacher) backbone -> projector by EMA.
+
+    With V views the loss is the mean over the V (V - 1) ordered pairs (i, j), i != j, of
+    ``byol(predictor(z_i), z_target_j)``; for two views that is the mean of the two directions (half of
+    the original symmetric sum, so values lie in [0, 4]).
+    """
+
+    name = "byol"
+    Config = BYOLConfig
+
+    def __init__(self, backbone: nn.Module, config: BYOLConfig | None = None) -> None:
+        config = BYOLConfig() if config is None else config
+        if not isinstance(config, BYOLConfig):
+            raise TypeError(f"BYOL needs a BYOLConfig, got {type(config).__name__}")
+        super().__init__(backbone, config)
+        embedding_dim = check_backbone(backbone)
+        self.projector = projector(embedding_dim, config.hidden_dim, config.projection_dim)
+        self.predictor: nn.Module = nn.Identity()
+        if config.use_predictor:
+            self.predictor = byol_predictor(config.projection_dim, config.predictor_hidden_dim)
+        self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside the teacher (explicit, so unfreezing the module cannot leak it in)."""
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher_")]
+
+    def ema_rate(self, progress: Progress) -> float:
+        """The teacher's EMA rate at ``progress``: cosine from ``base_ema_rate`` to 1."""
+        return cosine_ema_rate(self.config.base_ema_rate, progress)
+
+    def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
+        batch, n_views = concatenate_views(views)
+        predictions = self.predictor(self.projector(self.backbone(batch))).chunk(n_views)
+        with torch.no_grad():
+            targets = self.teacher_projector(self.teacher_backbone(batch)).chunk(n_views)
+        result = mean_over_pairs([byol(predictions[i], targets[j]) for i, j in permutations(range(n_views), 2)])
+        result["ema_rate"] = torch.tensor(self.ema_rate(progress), device=result["loss"].device)
+        return result
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: Progress) -> None:
+        """Move the teacher towards the student with the scheduled rate at ``progress``."""
+        rate = self.ema_rate(progress)
+        ema_update_(self.teacher_backbone, self.backbone, rate)
+        ema_update_(self.teacher_projector, self.projector, rate)
+
+    @torch.no_grad()
+    def collapse_outputs(self, mels: Tensor) -> dict[str, Tensor]:
+        """``embedding``, ``projection`` (online projector), ``teacher_embedding``; computed in eval mode."""
+        with evaluation_mode(self):
+            embedding = self.backbone(mels)
+            return {
+                "embedding": embedding,
+                "projection": self.projector(embedding),
+                "teacher_embedding": self.teacher_backbone(mels),
+            }
