@@ -38,7 +38,11 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     Channels are averaged. Raises :class:`AudioError` naming the file when it is missing, unreadable,
     empty or not audio, so callers can skip it and report why.
     """
+    if int(sample_rate) != sample_rate or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -46,7 +50,10 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     try:
         data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile raises several types; all mean "not decodable"
-        raise AudioError(f"{path}: cannot decode audio ({error})") from None
+        # libsndfile's own wording can mislead ("does not exist" for a corrupt MP3), so say what we know.
+        raise AudioError(
+            f"{path}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt (soundfile: {error})"
+        ) from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: decoded to zero samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -83,10 +90,12 @@ def mel_filterbank(
     """Triangular Slaney-scale mel filters, shape ``(n_mels, n_fft // 2 + 1)``.
 
     ``norm="slaney"`` scales each filter to unit area (librosa's default); ``None`` leaves peaks at 1.
+    ``f_max`` defaults to Nyquist. A larger ``f_max`` is allowed because the study used 11025 Hz at
+    16 kHz (as librosa and torchaudio allow): the filters above Nyquist then come out all zero.
     """
     f_max = sample_rate / 2.0 if f_max is None else float(f_max)
-    if not 0.0 <= f_min < f_max <= sample_rate / 2.0:
-        raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min}, f_max={f_max}")
+    if not 0.0 <= f_min < f_max:
+        raise ValueError(f"need 0 <= f_min < f_max, got f_min={f_min}, f_max={f_max}")
     fft_freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
     mel_points = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
     widths = np.diff(mel_points)
@@ -105,7 +114,8 @@ class LogMel(nn.Module):
     """Waveform ``(..., T)`` -> log-mel spectrogram in dB ``(..., n_mels, frames)``.
 
     The study's front-end: centred Hann STFT normalised by the window's energy, power 2, Slaney mel
-    filters, ``10 log10`` with a floor of ``top_db`` below each example's maximum. The study used
+    filters, ``10 log10`` with a floor of ``top_db`` below each example's maximum (each waveform row:
+    for ``(B, C, T)`` input every channel is floored on its own). The study used
     ``f_max=11025`` at 16 kHz, which leaves 11 of 128 filters empty; the default here is Nyquist.
     """
 
@@ -137,24 +147,35 @@ class LogMel(nn.Module):
         return num_samples // self.hop_length + 1
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.dim() == 0 or waveform.shape[-1] <= self.n_fft // 2:
+            # Centred framing reflect-pads n_fft // 2 samples on each side, which needs more input.
+            raise ValueError(
+                f"LogMel needs waveforms of shape (..., T) with T > n_fft // 2 = {self.n_fft // 2} samples, "
+                f"got shape {tuple(waveform.shape)}; pad or lengthen the input"
+            )
         batch_shape = waveform.shape[:-1]
         flat = waveform.reshape(-1, waveform.shape[-1])
         # The STFT and the log are done in float32 whatever the autocast dtype: half-precision power
-        # spectra overflow and lose the quiet bins that the dB scale is meant to show.
+        # spectra overflow and lose the quiet bins that the dB scale is meant to show. The buffers are
+        # cast too, so a module moved to bfloat16/float16 (e.g. "bf16-true" precision) still works.
         with torch.autocast(device_type=flat.device.type, enabled=False):
             flat = flat.float()
+            window = self.window.float()
+            if self.window.dtype in (torch.float16, torch.bfloat16):
+                # A half-precision Hann window raises the side lobes by tenths of a dB: rebuild it.
+                window = torch.hann_window(self.n_fft, periodic=True, device=flat.device)
             spectrum = torch.stft(
                 flat,
                 self.n_fft,
                 hop_length=self.hop_length,
-                window=self.window,
+                window=window,
                 center=True,
                 pad_mode="reflect",
                 return_complex=True,
             )
             power = spectrum.real.square() + spectrum.imag.square()
             power = power / self.window_energy
-            mel = torch.matmul(self.filters, power)
+            mel = torch.matmul(self.filters.float(), power)
             decibels = 10.0 * torch.log10(mel.clamp_min(1e-10))
             if self.top_db is not None:
                 peak = decibels.amax(dim=(-2, -1), keepdim=True)
