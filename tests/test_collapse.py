@@ -1,0 +1,472 @@
+"""Collapse metrics against their published definitions written out here in numpy/scipy, on
+synthetic embeddings whose collapse is known by construction; the verdict on each kind of collapse;
+closed forms for alignment and uniformity; low-precision inputs and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.spatial.distance import pdist
+from scipy.special import i0
+from scipy.stats import entropy as scipy_entropy
+
+from musicssl.collapse import (
+    CollapseThresholds,
+    CollapseType,
+    alignment,
+    assignment_entropy,
+    cluster_occupancy,
+    collapse_diagnosis,
+    collapse_metrics,
+    collapse_verdict,
+    effective_rank,
+    l2_normalized_std,
+    mean_cosine_similarity,
+    mean_sample_entropy,
+    spectrum,
+    teacher_student_cosine_gap,
+    uniformity,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Independent definitions (REFERENCE.md section 3), in float64 numpy
+
+
+def rankme_reference(z: np.ndarray, eps: float = 1e-7) -> float:
+    """Garrido et al. 2023: p_k = s_k / sum(s) + eps, rank = exp(-sum p_k log p_k)."""
+    s = np.linalg.svd(np.asarray(z, dtype=np.float64), compute_uv=False)
+    p = s / s.sum() + eps
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def unit_rows(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def l2_std_reference(z: np.ndarray) -> float:
+    """SimSiam: mean over dimensions of the (unbiased) std over samples of z / |z|."""
+    return float(unit_rows(z).std(axis=0, ddof=1).mean())
+
+
+def alignment_reference(a: np.ndarray, b: np.ndarray, alpha: float = 2.0) -> float:
+    """Wang & Isola 2020: E |f(x) - f(y)|^alpha over positive pairs."""
+    return float(np.mean(np.linalg.norm(unit_rows(a) - unit_rows(b), axis=1) ** alpha))
+
+
+def uniformity_reference(z: np.ndarray, t: float = 2.0) -> float:
+    """Wang & Isola 2020: log E exp(-t |f(x) - f(y)|^2) over distinct pairs (their pdist form)."""
+    return float(np.log(np.mean(np.exp(-t * pdist(unit_rows(z), "sqeuclidean")))))
+
+
+def mean_cosine_reference(z: np.ndarray, groups: np.ndarray | None = None) -> float:
+    u = unit_rows(z)
+    cosines = u @ u.T
+    different = ~np.eye(len(u), dtype=bool) if groups is None else groups[:, None] != groups[None, :]
+    return float(cosines[different].mean())
+
+
+def occupancy_reference(p: np.ndarray) -> float:
+    return len(np.unique(np.argmax(p, axis=1))) / p.shape[1]
+
+
+def mean_assignment_entropy_reference(p: np.ndarray) -> float:
+    return float(scipy_entropy(p.mean(axis=0)) / np.log(p.shape[1]))
+
+
+def sample_entropy_reference(p: np.ndarray) -> float:
+    return float(np.mean([scipy_entropy(row) for row in p]) / np.log(p.shape[1]))
+
+
+def covariance_eigenvalues_reference(z: np.ndarray) -> np.ndarray:
+    """Jing et al. 2022: eigenvalues of the embedding covariance, sorted descending."""
+    return np.sort(np.linalg.eigvalsh(np.cov(np.asarray(z, dtype=np.float64), rowvar=False)))[::-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic embeddings
+
+
+def gaussian(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def low_rank(n: int, d: int, rank: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=generator) @ torch.randn(rank, d, generator=generator)
+
+
+def softmax_assignments(n: int, k: int, scale: float, seed: int = 0) -> torch.Tensor:
+    logits = scale * torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return torch.softmax(logits, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Effective rank and spectrum
+
+
+def test_effective_rank_matches_the_definition_on_random_matrices() -> None:
+    for n, d, seed in [(300, 40, 1), (50, 120, 2), (256, 256, 3)]:
+        z = gaussian(n, d, seed) * torch.linspace(0.01, 3.0, d)  # uneven spectrum
+        assert effective_rank(z) == pytest.approx(rankme_reference(z.numpy()), rel=1e-5)
+        expected = rankme_reference(z.numpy())
+        assert effective_rank(z, normalize=True) == pytest.approx(expected / min(n, d), rel=1e-5)
+
+
+def test_effective_rank_of_isotropic_data_is_close_to_the_dimension() -> None:
+    z = gaussian(2048, 64)
+    rank = effective_rank(z)
+    assert 0.97 * 64 < rank <= 64
+    assert effective_rank(z, normalize=True) == pytest.approx(rank / 64)
+
+
+def test_effective_rank_of_rank_four_and_rank_one_data() -> None:
+    rank_four = low_rank(2048, 64, 4)
+    assert effective_rank(rank_four) == pytest.approx(4.0, rel=0.1)
+    assert effective_rank(rank_four) == pytest.approx(rankme_reference(rank_four.numpy()), rel=1e-3)
+    assert effective_rank(low_rank(2048, 64, 1)) == pytest.approx(1.0, abs=1e-3)
+    constant = torch.ones(100, 32) * torch.arange(32.0)
+    assert effective_rank(constant) == pytest.approx(1.0, abs=1e-3)
+    assert effective_rank(torch.zeros(10, 8)) == 0.0
+
+
+def test_spectrum_matches_covariance_eigenvalues() -> None:
+    z = low_rank(500, 48, 6, seed=4) + 1e-3 * gaussian(500, 48, seed=5)
+    values = spectrum(z).numpy()
+    expected = covariance_eigenvalues_reference(z.numpy())
+    assert values.shape == (48,)
+    assert np.all(np.diff(values) <= 0)
+    np.testing.assert_allclose(values[:6], expected[:6], rtol=1e-4)
+    # The collapsed tail: 1e-6 (the noise variance) rather than float32 round-off, within 20%.
+    np.testing.assert_allclose(values[6:], expected[6:], rtol=0.2)
+    assert values[6:].max() < 1e-5 * values[0]
+    # Fewer samples than dimensions: the covariance has rank N - 1, the rest is exactly zero.
+    few = spectrum(gaussian(10, 30))
+    assert few.shape == (30,) and torch.all(few[10:] == 0) and few[8] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Spread, alignment and uniformity
+
+
+def test_l2_normalized_std_matches_the_definition_and_scales_to_one() -> None:
+    z = gaussian(2048, 64) + 0.3
+    assert l2_normalized_std(z) == pytest.approx(l2_std_reference(z.numpy()), rel=1e-5)
+    isotropic = gaussian(2048, 64)
+    assert l2_normalized_std(isotropic) == pytest.approx(1 / math.sqrt(64), rel=0.03)
+    assert l2_normalized_std(isotropic, scale_by_sqrt_dim=True) == pytest.approx(1.0, abs=0.03)
+    assert l2_normalized_std(torch.ones(50, 16) * 3.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alignment_matches_the_definition_and_known_values() -> None:
+    a, b = gaussian(400, 32, 1), gaussian(400, 32, 2)
+    assert alignment(a, a) == pytest.approx(0.0, abs=1e-10)
+    assert alignment(a, 5.0 * a) == pytest.approx(0.0, abs=1e-10)  # scale does not matter
+    assert alignment(a, -a) == pytest.approx(4.0, rel=1e-6)  # antipodal: |u - (-u)|^2 = 4
+    assert alignment(a, b) == pytest.approx(alignment_reference(a.numpy(), b.numpy()), rel=1e-5)
+    assert alignment(a, b, alpha=1.0) == pytest.approx(
+        alignment_reference(a.numpy(), b.numpy(), alpha=1.0), rel=1e-5
+    )
+    # Every pair rotated by theta on the circle: |u_a - u_b|^2 = 2 - 2 cos(theta).
+    angles = torch.rand(300, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 * math.pi
+    theta = 0.7
+    on_circle = torch.stack([angles.cos(), angles.sin()], dim=1)
+    rotated = torch.stack([(angles + theta).cos(), (angles + theta).sin()], dim=1)
+    assert alignment(on_circle, rotated) == pytest.approx(2 - 2 * math.cos(theta), rel=1e-5)
+
+
+def test_uniformity_matches_the_definition_and_closed_forms() -> None:
+    z = gaussian(300, 16) + 0.5
+    assert uniformity(z) == pytest.approx(uniformity_reference(z.numpy()), abs=1e-5)
+    assert uniformity(z, t=0.5) == pytest.approx(uniformity_reference(z.numpy(), t=0.5), abs=1e-5)
+    # Uniform on the circle: E exp(-2 |x - y|^2) = E exp(-4 + 4 cos(phi)) = exp(-4) I_0(4).
+    n = 2000
+    angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+    circle = torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert uniformity(circle) == pytest.approx(math.log(i0(4.0)) - 4.0, abs=5e-3)
+    # Uniform on a high-dimensional sphere: cos ~ N(0, 1/d), so uniformity ~ -4 + 8/d.
+    assert uniformity(gaussian(1024, 512)) == pytest.approx(-4.0 + 8.0 / 512, abs=0.02)
+    # Complete collapse: every distance 0.
+    assert uniformity(torch.ones(64, 8)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_uniformity_in_blocks_matches_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import musicssl.collapse as collapse
+
+    z = gaussian(257, 12, seed=9)
+    whole = uniformity(z)
+    monkeypatch.setattr(collapse, "_PAIRWISE_BLOCK_ENTRIES", 257 * 10)  # blocks of 10 rows, last one 7
+    assert uniformity(z) == pytest.approx(whole, abs=1e-6)
+    assert whole == pytest.approx(uniformity_reference(z.numpy()), abs=1e-5)
+
+
+def test_mean_cosine_similarity_over_samples_and_over_groups() -> None:
+    z = gaussian(120, 24, 3) + 0.4
+    assert mean_cosine_similarity(z) == pytest.approx(mean_cosine_reference(z.numpy()), abs=1e-6)
+    groups = torch.arange(120) // 4  # 30 tracks of 4 segments each
+    assert mean_cosine_similarity(z, groups) == pytest.approx(
+        mean_cosine_reference(z.numpy(), groups.numpy()), abs=1e-6
+    )
+    # Segments identical within a track, orthogonal across tracks: 1 overall-ish, 0 across tracks.
+    tracks = torch.eye(30).repeat_interleave(4, dim=0)
+    assert mean_cosine_similarity(tracks, groups) == pytest.approx(0.0, abs=1e-9)
+    assert mean_cosine_similarity(tracks) == pytest.approx(30 * 4 * 3 / (120 * 119))
+    assert mean_cosine_similarity(torch.ones(10, 3)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one group"):
+        mean_cosine_similarity(z, torch.zeros(120, dtype=torch.long))
+
+
+def test_teacher_student_gap() -> None:
+    s, t = gaussian(200, 16, 1), gaussian(200, 16, 2)
+    expected = 1 - np.mean(np.sum(unit_rows(s.numpy()) * unit_rows(t.numpy()), axis=1))
+    assert teacher_student_cosine_gap(s, t) == pytest.approx(expected, abs=1e-6)
+    assert teacher_student_cosine_gap(s, 2 * s) == pytest.approx(0.0, abs=1e-6)
+    assert teacher_student_cosine_gap(s, -s) == pytest.approx(2.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clustering metrics
+
+
+def test_clustering_metrics_match_the_definitions() -> None:
+    p = softmax_assignments(300, 50, scale=2.0)
+    assert cluster_occupancy(p) == pytest.approx(occupancy_reference(p.numpy()))
+    assert assignment_entropy(p) == pytest.approx(mean_assignment_entropy_reference(p.numpy()), rel=1e-5)
+    assert mean_sample_entropy(p) == pytest.approx(sample_entropy_reference(p.numpy()), rel=1e-5)
+    assert mean_sample_entropy(p, normalize=False) == pytest.approx(
+        sample_entropy_reference(p.numpy()) * math.log(50), rel=1e-5
+    )
+    assert assignment_entropy(p, normalize=False) == pytest.approx(
+        mean_assignment_entropy_reference(p.numpy()) * math.log(50), rel=1e-5
+    )
+
+
+def test_uniform_assignments_have_entropy_log_k() -> None:
+    uniform = torch.full((512, 4096), 1 / 4096)
+    assert mean_sample_entropy(uniform, normalize=False) == pytest.approx(8.318, abs=1e-3)  # ln 4096
+    assert mean_sample_entropy(uniform) == pytest.approx(1.0, abs=1e-5)
+    assert assignment_entropy(uniform) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_occupancy_relative_to_what_the_probe_can_reach() -> None:
+    # 512 samples on 4096 prototypes, each sample its own prototype: 1/8 of K, all of min(N, K).
+    p = F.one_hot(torch.arange(512) * 8, 4096).float()
+    assert cluster_occupancy(p) == pytest.approx(512 / 4096)
+    assert cluster_occupancy(p, relative_to_attainable=True) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# collapse_metrics and the verdict on each kind of collapse
+
+
+def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
+    embedding, projection = gaussian(256, 32, 1), gaussian(256, 48, 2)
+    probs, teacher, other = softmax_assignments(256, 64, 3.0), gaussian(256, 32, 3), gaussian(256, 32, 4)
+    metrics = collapse_metrics(
+        {
+            "embedding": embedding,
+            "projection": projection,
+            "assignment_probs": probs,
+            "teacher_embedding": teacher,
+            "embedding_other_view": other,
+        }
+    )
+    assert set(metrics) == {
+        "rankme_embedding", "rankme_embedding_norm", "rankme_projection", "rankme_projection_norm",
+        "l2_std_embedding", "l2_std_projection", "uniformity", "alignment", "mean_cosine",
+        "cluster_occupancy", "cluster_occupancy_attainable", "assignment_entropy", "sample_entropy",
+        "teacher_student_gap", "nonfinite",
+    }  # fmt: skip
+    assert all(isinstance(value, float) for value in metrics.values())
+    e, pr = embedding.numpy(), projection.numpy()
+    assert metrics["rankme_embedding"] == pytest.approx(rankme_reference(e), rel=1e-5)
+    assert metrics["rankme_embedding_norm"] == pytest.approx(rankme_reference(e) / 32, rel=1e-5)
+    assert metrics["rankme_projection_norm"] == pytest.approx(rankme_reference(pr) / 48, rel=1e-5)
+    assert metrics["l2_std_embedding"] == pytest.approx(l2_std_reference(e) * math.sqrt(32), rel=1e-5)
+    assert metrics["l2_std_projection"] == pytest.approx(l2_std_reference(pr) * math.sqrt(48), rel=1e-5)
+    assert metrics["uniformity"] == pytest.approx(uniformity_reference(e), abs=1e-5)
+    assert metrics["alignment"] == pytest.approx(alignment_reference(e, other.numpy()), rel=1e-5)
+    assert metrics["mean_cosine"] == pytest.approx(mean_cosine_reference(e), abs=1e-6)
+    assert metrics["cluster_occupancy"] == pytest.approx(occupancy_reference(probs.numpy()))
+    assert metrics["cluster_occupancy_attainable"] == pytest.approx(occupancy_reference(probs.numpy()))
+    assert metrics["sample_entropy"] == pytest.approx(sample_entropy_reference(probs.numpy()), rel=1e-5)
+    assert metrics["nonfinite"] == 0.0
+    # views= overrides the dict's other view
+    with_views = collapse_metrics({"embedding": embedding}, views=(embedding, embedding))
+    assert with_views["alignment"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_collapse_metrics_uses_groups_for_mean_cosine() -> None:
+    z = torch.eye(16).repeat_interleave(4, dim=0)
+    groups = torch.arange(64) // 4
+    assert collapse_metrics({"embedding": z}, groups=groups)["mean_cosine"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_healthy_isotropic_embeddings_are_not_collapsed() -> None:
+    metrics = collapse_metrics({"embedding": gaussian(2048, 64, 1), "projection": gaussian(2048, 128, 2)})
+    assert metrics["rankme_embedding"] > 0.97 * 64
+    assert metrics["l2_std_embedding"] == pytest.approx(1.0, abs=0.03)
+    assert abs(metrics["mean_cosine"]) < 0.01
+    assert collapse_diagnosis(metrics) == ("none", [])
+
+
+def test_rank_four_embedding_is_dimensional_collapse() -> None:
+    metrics = collapse_metrics({"embedding": low_rank(2048, 64, 4), "projection": gaussian(2048, 128)})
+    assert metrics["rankme_embedding"] == pytest.approx(4.0, rel=0.1)
+    verdict, reasons = collapse_diagnosis(metrics)
+    assert verdict == "dimensional" == CollapseType.DIMENSIONAL
+    assert reasons == [f"rankme_embedding_norm {metrics['rankme_embedding_norm']:.4g} < 0.1"]
+
+
+def test_rank_one_and_constant_embeddings_are_complete_collapse() -> None:
+    rank_one = collapse_metrics({"embedding": low_rank(2048, 64, 1)})
+    assert rank_one["rankme_embedding"] == pytest.approx(1.0, abs=1e-3)
+    verdict, reasons = collapse_diagnosis(rank_one)
+    assert verdict == "complete"
+    # Signs flip along the line, so only the rank sees it.
+    assert reasons == [f"rankme_embedding {rank_one['rankme_embedding']:.4g} < 1.5"]
+
+    constant = collapse_metrics({"embedding": torch.full((512, 64), 0.3)})
+    assert constant["l2_std_embedding"] == pytest.approx(0.0, abs=1e-6)
+    assert constant["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert collapse_verdict(constant) == "complete"
+    # Near-constant with small noise: RankMe stays large (it weighs the noise's singular values),
+    # the spread of directions does not.
+    noisy = collapse_metrics({"embedding": torch.full((512, 64), 1.0) + 0.01 * gaussian(512, 64)})
+    assert noisy["rankme_embedding"] > 1.5
+    assert collapse_verdict(noisy) == "complete"
+    assert collapse_verdict(collapse_metrics({"embedding": torch.zeros(64, 8)})) == "complete"
+
+
+def test_constant_projection_is_complete_collapse_unless_disabled() -> None:
+    metrics = collapse_metrics({"embedding": gaussian(512, 64), "projection": torch.ones(512, 128)})
+    assert collapse_verdict(metrics) == "complete"
+    assert collapse_verdict(metrics, CollapseThresholds(check_projection=False)) == "none"
+
+
+def test_nonfinite_inputs_and_loss_are_divergence() -> None:
+    z = gaussian(256, 32)
+    z[3, 5] = math.nan
+    metrics = collapse_metrics({"embedding": z, "projection": gaussian(256, 16)})
+    assert metrics["nonfinite"] == 1.0
+    assert math.isnan(metrics["rankme_embedding"])
+    assert math.isfinite(metrics["rankme_projection"])
+    assert collapse_verdict(metrics) == "diverged"
+    inf_probs = softmax_assignments(256, 8, 1.0)
+    inf_probs[0, 0] = math.inf
+    with_inf = collapse_metrics({"embedding": gaussian(256, 32), "assignment_probs": inf_probs})
+    assert collapse_verdict(with_inf) == "diverged"
+    healthy = collapse_metrics({"embedding": gaussian(256, 32)})
+    assert collapse_verdict({**healthy, "loss": math.nan}) == "diverged"
+    assert collapse_verdict({**healthy, "loss": torch.tensor(math.inf)}) == "diverged"
+    assert collapse_verdict({**healthy, "loss": 1.25}) == "none"
+    assert math.isnan(effective_rank(z)) and math.isnan(l2_normalized_std(z)) and math.isnan(uniformity(z))
+
+
+@pytest.mark.parametrize(
+    ("name", "probs", "expected"),
+    [
+        ("uniform", torch.full((512, 64), 1 / 64), "cluster"),
+        ("one-hot to one prototype", F.one_hot(torch.full((512,), 7), 64).float(), "cluster"),
+        ("healthy spread", softmax_assignments(512, 64, scale=4.0), "none"),
+        ("healthy spread, K = 4096 > N", softmax_assignments(512, 4096, scale=6.0), "none"),
+    ],
+)
+def test_cluster_verdicts(name: str, probs: torch.Tensor, expected: str) -> None:
+    metrics = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": probs})
+    assert collapse_verdict(metrics) == expected, (name, metrics)
+
+
+def test_three_of_sixty_four_prototypes_is_partial_cluster_collapse() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 64, generator=generator)
+    logits[:, [5, 20, 41]] += 8.0  # three prototypes win every sample, in a spread of ways
+    probs = torch.softmax(logits, dim=1)
+    metrics = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": probs})
+    assert metrics["cluster_occupancy"] == pytest.approx(3 / 64)
+    assert metrics["assignment_entropy"] > 0.1  # not one-hot: only occupancy sees it
+    verdict, reasons = collapse_diagnosis(metrics)
+    assert verdict == "cluster"
+    assert reasons == [f"cluster_occupancy_attainable {3 / 64:.4g} < 0.1"]
+
+
+def test_thresholds_move_the_verdict() -> None:
+    metrics = collapse_metrics({"embedding": low_rank(2048, 64, 4)})
+    assert collapse_verdict(metrics) == "dimensional"
+    assert collapse_verdict(metrics, CollapseThresholds(dimensional_max_rank_fraction=0.05)) == "none"
+    with pytest.raises(AttributeError):
+        CollapseThresholds().complete_max_l2_std = 0.5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="cluster_min_occupancy must be in"):
+        CollapseThresholds(cluster_min_occupancy=5.0)
+
+
+def test_verdict_order_complete_before_cluster() -> None:
+    uniform = torch.full((512, 64), 1 / 64)
+    metrics = collapse_metrics({"embedding": torch.ones(512, 64), "assignment_probs": uniform})
+    assert collapse_verdict(metrics) == "complete"
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision, devices and bad input
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
+    # Magnitudes around 300: squared norms (~6e6) overflow float16 if computed in it.
+    z = (300.0 * gaussian(512, 64)).to(dtype)
+    exact = z.double().numpy()
+    metrics = collapse_metrics({"embedding": z, "projection": z})
+    assert metrics["nonfinite"] == 0.0
+    assert metrics["rankme_embedding"] == pytest.approx(rankme_reference(exact), rel=1e-4)
+    assert metrics["l2_std_embedding"] == pytest.approx(l2_std_reference(exact) * 8, rel=1e-4)
+    assert metrics["uniformity"] == pytest.approx(uniformity_reference(exact), abs=1e-4)
+    assert metrics["mean_cosine"] == pytest.approx(mean_cosine_reference(exact), abs=1e-5)
+    assert collapse_verdict(metrics) == "none"
+    probs = softmax_assignments(512, 256, 3.0).to(dtype)  # row sums off by rounding
+    exact_probs = probs.double().numpy()
+    exact_probs /= exact_probs.sum(axis=1, keepdims=True)
+    assert mean_sample_entropy(probs) == pytest.approx(sample_entropy_reference(exact_probs), rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metrics_on_gpu_match_cpu() -> None:
+    outputs = {
+        "embedding": gaussian(512, 64),
+        "projection": low_rank(512, 256, 8),
+        "assignment_probs": softmax_assignments(512, 128, 3.0),
+    }
+    on_cpu = collapse_metrics(outputs)
+    on_gpu = collapse_metrics({key: value.cuda() for key, value in outputs.items()})
+    for key, value in on_cpu.items():
+        assert on_gpu[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_bad_input_gets_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        effective_rank(torch.randn(10))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        l2_normalized_std(torch.randn(1, 8))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        effective_rank(np.zeros((4, 4)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="softmax"):
+        cluster_occupancy(torch.randn(16, 8))  # logits, not probabilities
+    with pytest.raises(ValueError, match="sum to 1"):
+        mean_sample_entropy(torch.rand(16, 8) + 0.1)
+    with pytest.raises(ValueError, match="K >= 2"):
+        assignment_entropy(torch.ones(16, 1))
+    with pytest.raises(ValueError, match="same shape"):
+        alignment(torch.randn(8, 4), torch.randn(9, 4))
+    with pytest.raises(ValueError, match="unknown collapse output"):
+        collapse_metrics({"embeddings": torch.randn(8, 4)})
+    with pytest.raises(ValueError, match="same number of samples"):
+        collapse_metrics({"embedding": torch.randn(8, 4), "projection": torch.randn(9, 4)})
+    with pytest.raises(ValueError, match="include it"):
+        collapse_metrics({"teacher_embedding": torch.randn(8, 4)})
+    with pytest.raises(ValueError, match="no collapse metrics"):
+        collapse_verdict({"loss": 1.0})
+    with pytest.raises(ValueError, match="one id per sample"):
+        mean_cosine_similarity(torch.randn(8, 4), torch.arange(7))
