@@ -1,0 +1,842 @@
+"""The mel cache: decode every track once, store its log-mel, read random crops fast.
+
+Layout of one cache (one folder per front-end setting, so a change of settings never reuses stale
+mels)::
+
+    <cache_dir>/mel-16000hz-1024fft-512hop-128mels-<hash>/
+        settings.json           the front-end settings and the store format (what the hash covers)
+        shard-000001.bin        float16 log-mels of a batch of tracks, time-major (frames, n_mels)
+        shard-000001.json       that batch's manifest: track_id -> offset, frames; skipped files
+        ...
+        skipped.csv             every skipped file with its reason (rewritten after each build)
+
+Why this design:
+
+* **Crash safety.** A build appends batches of finished tracks as new, immutable shards. The data
+  file is written under a temporary name, fsynced and renamed; only then is the manifest written
+  the same way. A manifest is the commit: a shard without one (crash between the two renames) is
+  never read and is deleted by the next build, and temporary files are always ignored. A
+  ``Ctrl-C`` commits the tracks already finished before it re-raises. So an interrupted build
+  reopens with complete entries only and the next build finishes the rest.
+* **Incremental.** A track is processed again only when it is missing from the cache, when its
+  audio file changed size, or (for a skipped track) when the file or the skipping rules changed.
+* **Fast reads.** Each shard is memory-mapped once per process; a crop of ``num_frames`` frames is
+  one contiguous slice (time-major storage), so a 4 s view costs one 32 KB read and a transpose.
+  Nothing is loaded beyond the requested frames.
+
+Each track is decoded with :func:`musicssl.audio.load_audio`, peak-normalised (``x / max|x|``, as
+the study did) and passed whole through :class:`musicssl.audio.LogMel`. So the ``top_db`` floor is
+relative to the *track's* loudest bin, and a crop's edge frames see the neighbouring audio rather
+than reflect padding: a crop of the cached mel equals ``LogMel`` of the matching waveform crop except
+for those two details.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import signal
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from musicssl.audio import AudioError, LogMel, load_audio, mel_filterbank
+from musicssl.data.index import TrackIndex
+
+__all__ = [
+    "SKIP_REASONS",
+    "BuildReport",
+    "LogMelConfig",
+    "MelCache",
+    "MelCacheError",
+    "SkippedTrack",
+]
+
+FORMAT_VERSION = 1
+STORE_DTYPE = np.dtype("<f2")  # float16: rounding error <= 0.03 dB below 128 dB; half the disk of float32
+SETTINGS_FILE = "settings.json"
+SKIP_REPORT_FILE = "skipped.csv"
+LOCK_FILE = ".build.lock"
+_SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.(bin|json)(\.tmp)?$")
+_OPEN_SHARDS_PER_PROCESS = 256  # bound on memory maps (each holds a file descriptor)
+
+# Why a file was skipped. The reason is a short code (stable, for filtering); the detail is prose.
+SKIP_REASONS = {
+    "missing": "the audio file does not exist",
+    "empty": "the audio file has 0 bytes",
+    "undecodable": "libsndfile cannot decode the file (corrupt, truncated or not audio)",
+    "zero_length": "the file decodes to zero samples",
+    "non_finite": "the decoded samples contain NaN or inf",
+    "too_short": "the track is shorter than the minimum length",
+    "silent": "the track's peak amplitude is below the silence threshold",
+    "failed": "an unexpected error while processing the track",
+}
+
+
+class MelCacheError(RuntimeError):
+    """The cache cannot be built or opened; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LogMelConfig:
+    """Front-end settings of a mel cache (the arguments of :class:`musicssl.audio.LogMel`).
+
+    ``f_max=None`` means Nyquist (``sample_rate / 2``); it and an explicit Nyquist give the same cache.
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    hop_length: int = 512
+    n_mels: int = 128
+    f_min: float = 0.0
+    f_max: float | None = None
+    top_db: float | None = 100.0
+    norm: str | None = "slaney"
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"LogMelConfig.{name} must be a positive integer, got {value!r}")
+        if self.top_db is not None and self.top_db <= 0:
+            raise ValueError(f"LogMelConfig.top_db must be positive or None, got {self.top_db!r}")
+        mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.f_min, self.f_max, self.norm)  # validates range
+
+    @property
+    def resolved_f_max(self) -> float:
+        return self.sample_rate / 2.0 if self.f_max is None else float(self.f_max)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def module(self) -> LogMel:
+        """The :class:`LogMel` front-end with these settings."""
+        return LogMel(
+            sample_rate=self.sample_rate,
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            n_mels=self.n_mels,
+            f_min=self.f_min,
+            f_max=self.f_max,
+            top_db=self.top_db,
+            norm=self.norm,
+        )
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of a centred STFT of ``num_samples`` samples: ``num_samples // hop_length + 1``."""
+        return int(num_samples) // self.hop_length + 1
+
+    def segment_frames(self, seconds: float) -> int:
+        """Frames of a ``seconds``-long crop: ``round(seconds * sample_rate) // hop_length + 1``.
+
+        The same count :class:`LogMel` gives for a waveform of that length (126 for 4 s at 16 kHz,
+        hop 512), so a model trained on cache crops sees the shape it would see on raw 4 s clips.
+        """
+        if seconds <= 0:
+            raise ValueError(f"a segment must be longer than 0 s, got {seconds}")
+        return self.num_frames(round(seconds * self.sample_rate))
+
+    def canonical(self) -> dict:
+        """The settings as they define the stored mels (``f_max`` resolved, numbers as floats)."""
+        return {
+            "sample_rate": int(self.sample_rate),
+            "n_fft": int(self.n_fft),
+            "hop_length": int(self.hop_length),
+            "n_mels": int(self.n_mels),
+            "f_min": float(self.f_min),
+            "f_max": self.resolved_f_max,
+            "top_db": None if self.top_db is None else float(self.top_db),
+            "norm": self.norm,
+            "peak_normalise": True,
+            "store_dtype": STORE_DTYPE.str,
+            "format_version": FORMAT_VERSION,
+        }
+
+    def cache_key(self) -> str:
+        """Folder name of the cache for these settings: readable prefix plus a hash of all settings."""
+        digest = hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()[:12]
+        return f"mel-{self.sample_rate}hz-{self.n_fft}fft-{self.hop_length}hop-{self.n_mels}mels-{digest}"
+
+    @classmethod
+    def from_canonical(cls, values: dict) -> LogMelConfig:
+        fields = {item.name for item in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in fields})
+
+
+@dataclass(frozen=True)
+class SkippedTrack:
+    """A track the cache could not use: ``reason`` is a key of :data:`SKIP_REASONS`, ``detail`` is prose."""
+
+    track_id: str
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class BuildReport:
+    """What one :meth:`MelCache.build` call did."""
+
+    cache_path: Path
+    requested: int  # tracks in the index
+    already_cached: int  # cached before this build and unchanged
+    already_skipped: int  # skipped by an earlier build and not retried (file and rules unchanged)
+    processed: int  # tracks decoded by this build
+    added: int  # of those, now cached
+    skipped: int  # of those, skipped
+    skip_reasons: dict[str, int]  # this build's skips by reason
+    usable: int  # tracks of the index now in the cache
+    seconds: float
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skip_reasons.items()))
+        text = (
+            f"mel cache {self.cache_path}: {self.usable} of {self.requested} tracks usable; this build "
+            f"processed {self.processed} ({self.added} added, {self.skipped} skipped"
+            f"{': ' + reasons if reasons else ''}) in {self.seconds:.1f} s"
+        )
+        if self.already_skipped:
+            text += f"; {self.already_skipped} skipped earlier (unchanged, not retried)"
+        return text
+
+
+@dataclass(frozen=True)
+class _Task:
+    track_id: str
+    path: str
+    settings: LogMelConfig
+    min_samples: int
+    silence_peak: float
+
+
+@dataclass
+class _Result:
+    track_id: str
+    path: str
+    size: int | None
+    mel: np.ndarray | None = None  # (frames, n_mels) float16 when the track is usable
+    samples: int = 0
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shard: str
+    offset: int
+    frames: int
+    samples: int
+    path: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class _SkipRecord:
+    track: SkippedTrack
+    size: int | None
+    rules: tuple[float, float]  # (min_seconds, silence_threshold_db) in force when it was skipped
+
+
+@dataclass
+class _State:
+    """Committed contents of a cache folder, newest manifest winning for each track."""
+
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    skipped: dict[str, _SkipRecord] = field(default_factory=dict)
+    shard_frames: dict[str, int] = field(default_factory=dict)
+    last_number: int = 0
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def _decode_reason(message: str) -> str:
+    # load_audio raises one AudioError type; these two messages are the cases worth their own code.
+    if "zero samples" in message:
+        return "zero_length"
+    if "NaN or inf" in message:
+        return "non_finite"
+    return "undecodable"
+
+
+def _compute_track(task: _Task) -> _Result:
+    """Decode, check and transform one track. Never raises for a bad file: the result says why."""
+    path = Path(task.path)
+    size = _file_size(path)
+    result = _Result(track_id=task.track_id, path=task.path, size=size)
+    if not path.exists():
+        result.reason, result.detail = "missing", f"{path}: no such file"
+        return result
+    if size == 0:
+        result.reason, result.detail = "empty", f"{path}: empty file (0 bytes)"
+        return result
+    sample_rate = task.settings.sample_rate
+    try:
+        audio = load_audio(path, sample_rate)
+    except AudioError as error:
+        result.reason, result.detail = _decode_reason(str(error)), str(error)
+        return result
+    except Exception as error:  # noqa: BLE001 - one bad file must never stop a build
+        result.reason, result.detail = "failed", f"{path}: {type(error).__name__}: {error}"
+        return result
+    result.samples = int(audio.shape[0])
+    if audio.shape[0] < task.min_samples:
+        result.reason = "too_short"
+        result.detail = (
+            f"{path}: {audio.shape[0] / sample_rate:.2f} s of audio, "
+            f"need at least {task.min_samples / sample_rate:.2f} s"
+        )
+        return result
+    peak = float(np.max(np.abs(audio)))
+    if peak < task.silence_peak:
+        level = 20.0 * math.log10(peak) if peak > 0 else -math.inf
+        result.reason = "silent"
+        result.detail = (
+            f"{path}: peak {level:.1f} dBFS, below the silence threshold {20 * math.log10(task.silence_peak):.1f} dBFS"
+        )
+        return result
+    try:
+        with torch.no_grad():
+            mel = task.settings.module()(torch.from_numpy(audio / np.float32(peak)))
+        stored = np.ascontiguousarray(mel.numpy().T, dtype=STORE_DTYPE)
+    except Exception as error:  # noqa: BLE001
+        result.reason, result.detail = "failed", f"{path}: log-mel failed: {type(error).__name__}: {error}"
+        return result
+    if not np.isfinite(stored).all():
+        result.reason, result.detail = "failed", f"{path}: log-mel has non-finite values after float16 conversion"
+        return result
+    result.mel = stored
+    return result
+
+
+def _init_worker() -> None:
+    # One torch thread per worker: the pool already uses every core, more threads would oversubscribe.
+    torch.set_num_threads(1)
+    # Ctrl-C is handled by the parent, which commits what is finished and then stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _iterate_results(tasks: Sequence[_Task], workers: int) -> Iterator[_Result]:
+    """Results of ``tasks`` in completion order; in-process when ``workers == 0``."""
+    if workers == 0:
+        for task in tasks:
+            yield _compute_track(task)
+        return
+    # spawn, not fork: the caller may hold threads (torch, Ray) that a forked child would inherit half-dead.
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
+    in_flight: set[Future] = set()
+    queue = iter(tasks)
+    exhausted = False
+    try:
+        while True:
+            # A bounded window keeps memory flat however many tracks there are.
+            while not exhausted and len(in_flight) < 2 * workers:
+                task = next(queue, None)
+                if task is None:
+                    exhausted = True
+                else:
+                    in_flight.add(pool.submit(_compute_track, task))
+            if not in_flight:
+                return
+            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as stream:
+        stream.write(payload)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _shard_number(name: str) -> int | None:
+    match = _SHARD_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _read_state(folder: Path, n_mels: int) -> _State:
+    """Committed entries of ``folder``: every manifest in shard order, later ones overriding earlier."""
+    state = _State()
+    manifests = sorted(
+        (number, path) for path in folder.glob("shard-*.json") if (number := _shard_number(path.name)) is not None
+    )
+    for number, manifest_path in manifests:
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as error:
+            raise MelCacheError(
+                f"{manifest_path}: unreadable manifest ({error}); delete it and rebuild to recompute its tracks"
+            ) from None
+        shard = manifest.get("data")
+        if shard is not None:
+            expected = int(manifest["total_frames"]) * n_mels * STORE_DTYPE.itemsize
+            found = _file_size(folder / shard)
+            if found != expected:
+                raise MelCacheError(
+                    f"{folder / shard}: expected {expected} bytes, found {found}; the shard is damaged. "
+                    f"Delete {manifest_path.name} and rebuild to recompute its tracks"
+                )
+            state.shard_frames[shard] = int(manifest["total_frames"])
+        rules = (float(manifest["min_seconds"]), float(manifest["silence_threshold_db"]))
+        for track in manifest["tracks"]:
+            track_id = track["track_id"]
+            state.entries[track_id] = _Entry(
+                shard, int(track["offset"]), int(track["frames"]), int(track["samples"]), track["path"], track["size"]
+            )
+            state.skipped.pop(track_id, None)
+        for skip in manifest["skipped"]:
+            track_id = skip["track_id"]
+            record = SkippedTrack(track_id, skip["path"], skip["reason"], skip["detail"])
+            state.skipped[track_id] = _SkipRecord(record, skip["size"], rules)
+            state.entries.pop(track_id, None)
+        state.last_number = number
+    return state
+
+
+class _ShardWriter:
+    """Appends batches of results to a cache folder as committed shards (data first, manifest last)."""
+
+    def __init__(self, folder: Path, n_mels: int, first_number: int, rules: tuple[float, float]) -> None:
+        self.folder = folder
+        self.n_mels = n_mels
+        self.next_number = first_number
+        self.rules = rules
+
+    def commit(self, results: list[_Result]) -> None:
+        if not results:
+            return
+        number = self.next_number
+        self.next_number += 1
+        usable = [result for result in results if result.mel is not None]
+        data_name = f"shard-{number:06d}.bin" if usable else None
+        tracks, offset = [], 0
+        if data_name is not None:
+            temporary = self.folder / f"{data_name}.tmp"
+            with open(temporary, "wb") as stream:
+                for result in usable:
+                    stream.write(result.mel.tobytes())
+                    tracks.append(
+                        {
+                            "track_id": result.track_id,
+                            "path": result.path,
+                            "size": result.size,
+                            "offset": offset,
+                            "frames": int(result.mel.shape[0]),
+                            "samples": result.samples,
+                        }
+                    )
+                    offset += int(result.mel.shape[0])
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.folder / data_name)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "data": data_name,
+            "total_frames": offset,
+            "n_mels": self.n_mels,
+            "min_seconds": self.rules[0],
+            "silence_threshold_db": self.rules[1],
+            "tracks": tracks,
+            "skipped": [
+                {"track_id": r.track_id, "path": r.path, "size": r.size, "reason": r.reason, "detail": r.detail}
+                for r in results
+                if r.mel is None
+            ],
+        }
+        # The manifest's rename is the commit point: before it, nothing of this batch is visible.
+        _atomic_write_bytes(self.folder / f"shard-{number:06d}.json", json.dumps(manifest).encode())
+        _fsync_directory(self.folder)
+
+
+class MelCache:
+    """Read access to a built mel cache. Build with :meth:`build`, open with :meth:`open`.
+
+    ``get(track_id, start_frame, num_frames)`` returns ``(n_mels, num_frames)`` float32 dB values
+    read straight from a memory map. Safe to pickle (DataLoader workers reopen the maps lazily).
+    """
+
+    def __init__(self, path: Path, settings: LogMelConfig, state: _State) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self._entries = state.entries
+        self._skipped = {track_id: record.track for track_id, record in state.skipped.items()}
+        self._shard_frames = state.shard_frames
+        self._track_ids = sorted(self._entries)
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.build_report: BuildReport | None = None
+
+    # ----------------------------------------------------------------------------------- locating
+    @staticmethod
+    def location(cache_dir: str | Path, front_end: LogMelConfig | None = None) -> Path:
+        """The folder that holds the cache for ``front_end`` under ``cache_dir``."""
+        return Path(cache_dir) / (front_end or LogMelConfig()).cache_key()
+
+    @classmethod
+    def open(cls, source: str | Path | MelCache, front_end: LogMelConfig | None = None) -> MelCache:
+        """Open a built cache.
+
+        ``source`` is a cache folder (holding ``settings.json``), a root passed to :meth:`build` (then
+        ``front_end`` picks the folder; without it the root must hold exactly one cache), or a
+        :class:`MelCache` (reopened, seeing any shards committed since).
+        """
+        if isinstance(source, MelCache):
+            source = source.path
+        root = Path(source)
+        if (root / SETTINGS_FILE).is_file():
+            folder = root
+        elif front_end is not None:
+            folder = cls.location(root, front_end)
+        else:
+            candidates = sorted(path.parent for path in root.glob(f"*/{SETTINGS_FILE}"))
+            if len(candidates) != 1:
+                found = ", ".join(path.name for path in candidates) or "none"
+                raise MelCacheError(
+                    f"{root}: expected one mel cache folder, found {found}; pass front_end=LogMelConfig(...) "
+                    f"or the cache folder itself, or build one with MelCache.build(index, {str(root)!r})"
+                )
+            folder = candidates[0]
+        if not (folder / SETTINGS_FILE).is_file():
+            raise MelCacheError(
+                f"{folder}: no mel cache here; build it with MelCache.build(index, cache_dir, front_end)"
+            )
+        stored = json.loads((folder / SETTINGS_FILE).read_text())
+        if stored.get("format_version") != FORMAT_VERSION:
+            raise MelCacheError(
+                f"{folder}: cache format {stored.get('format_version')} but this code reads format {FORMAT_VERSION}; "
+                "delete the folder and rebuild"
+            )
+        settings = LogMelConfig.from_canonical(stored)
+        if front_end is not None and settings.canonical() != front_end.canonical():
+            raise MelCacheError(f"{folder}: built with {settings}, not the requested {front_end}")
+        return cls(folder, settings, _read_state(folder, settings.n_mels))
+
+    # ------------------------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        index: TrackIndex,
+        cache_dir: str | Path,
+        front_end: LogMelConfig | Mapping[str, Any] | None = None,
+        *,
+        workers: int | None = None,
+        min_seconds: float = 4.0,
+        silence_threshold_db: float = -80.0,
+        retry_skipped: bool = False,
+        commit_every_seconds: float = 20.0,
+        commit_every_bytes: int = 128 * 2**20,
+        progress: bool = True,
+        verbose: bool = True,
+    ) -> MelCache:
+        """Cache the log-mel of every track of ``index`` under ``cache_dir`` and open the cache.
+
+        Only tracks not cached yet (or whose audio file changed size) are decoded. Unusable files
+        (missing, empty, undecodable, zero-length, non-finite, shorter than ``min_seconds``, peak below
+        ``silence_threshold_db`` dBFS) are skipped, listed in ``skipped.csv`` with their reason and
+        counted on the console; they are retried only when their file or these rules change, or with
+        ``retry_skipped=True``. Finished tracks are committed at least every ``commit_every_seconds``,
+        so an interrupted build loses little and resumes where it stopped.
+
+        ``front_end``: a :class:`LogMelConfig` or a dict of its fields (default: the study's front-end
+        with ``f_max`` at Nyquist). ``workers``: decoding processes (default: CPU count), started with
+        ``spawn``, so a script calling this must do so under ``if __name__ == "__main__":``; 0 decodes
+        in this process. Raises :class:`MelCacheError` when none of the index's tracks is usable.
+        """
+        started = time.monotonic()
+        if isinstance(front_end, Mapping):
+            front_end = LogMelConfig(**front_end)
+        settings = front_end or LogMelConfig()
+        if not isinstance(index, TrackIndex):
+            raise TypeError(f"index must be a TrackIndex, got {type(index).__name__}")
+        if len(index) == 0:
+            raise MelCacheError(f"track index {index.name!r} has no tracks; nothing to cache")
+        if min_seconds < 0:
+            raise ValueError(f"min_seconds must be >= 0, got {min_seconds}")
+        workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        folder = cls.location(cache_dir, settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        rules = (float(min_seconds), float(silence_threshold_db))
+        with open(folder / LOCK_FILE, "a") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MelCacheError(
+                    f"{folder}: another process is building this cache; wait for it to finish"
+                ) from None
+            # The lock is released when the file closes, also when this process dies.
+            report = cls._build_locked(
+                index,
+                folder,
+                settings,
+                workers,
+                rules,
+                retry_skipped,
+                commit_every_seconds,
+                commit_every_bytes,
+                progress,
+            )
+        report.seconds = time.monotonic() - started
+        cache = cls.open(folder)
+        cache.build_report = report
+        if verbose:
+            print(report.summary())
+            if cache._skipped:
+                counts = Counter(track.reason for track in cache._skipped.values())
+                listed = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+                print(
+                    f"mel cache: {len(cache._skipped)} file(s) skipped in all ({listed}); see {folder / SKIP_REPORT_FILE}"
+                )
+        if report.usable == 0:
+            reasons = Counter(cache._skipped[t].reason for t in index.track_ids if t in cache._skipped)
+            raise MelCacheError(
+                f"none of the {len(index)} tracks of index {index.name!r} is usable ({dict(reasons)}); "
+                f"see {folder / SKIP_REPORT_FILE} for each file and reason"
+            )
+        return cache
+
+    @classmethod
+    def _build_locked(
+        cls,
+        index: TrackIndex,
+        folder: Path,
+        settings: LogMelConfig,
+        workers: int,
+        rules: tuple[float, float],
+        retry_skipped: bool,
+        commit_every_seconds: float,
+        commit_every_bytes: int,
+        progress: bool,
+    ) -> BuildReport:
+        settings_path = folder / SETTINGS_FILE
+        if settings_path.is_file():
+            stored = json.loads(settings_path.read_text())
+            if stored != settings.canonical():
+                raise MelCacheError(
+                    f"{settings_path}: settings {stored} do not match the folder's key; delete the folder"
+                )
+        else:
+            _atomic_write_bytes(settings_path, json.dumps(settings.canonical(), indent=2, sort_keys=True).encode())
+        # Leftovers of an interrupted build: temporary files and data files whose manifest never landed.
+        committed = {path.name for path in folder.glob("shard-*.json")}
+        highest = 0
+        for path in folder.iterdir():
+            number = _shard_number(path.name)
+            if number is None:
+                continue
+            highest = max(highest, number)
+            orphan = path.name.endswith(".bin") and f"shard-{number:06d}.json" not in committed
+            if path.name.endswith(".tmp") or orphan:
+                path.unlink()
+        state = _read_state(folder, settings.n_mels)
+
+        tasks: list[_Task] = []
+        already_cached = already_skipped = 0
+        min_samples = round(rules[0] * settings.sample_rate)
+        silence_peak = 10.0 ** (rules[1] / 20.0)
+        for track_id, path in zip(index.track_ids, index.paths):
+            size_now = _file_size(Path(path))
+            entry = state.entries.get(track_id)
+            # A missing file keeps its cached mel (the point of a cache); a different size means new audio.
+            if entry is not None and (size_now is None or size_now == entry.size):
+                already_cached += 1
+                continue
+            record = state.skipped.get(track_id)
+            if record is not None and not retry_skipped and record.size == size_now and record.rules == rules:
+                already_skipped += 1
+                continue
+            tasks.append(_Task(track_id, path, settings, min_samples, silence_peak))
+
+        writer = _ShardWriter(folder, settings.n_mels, max(highest, state.last_number) + 1, rules)
+        reasons: Counter[str] = Counter()
+        added = 0
+        pending: list[_Result] = []
+        pending_bytes = 0
+        last_commit = time.monotonic()
+        bar = tqdm(total=len(tasks), desc="mel cache", unit="track", disable=not progress or not tasks, mininterval=0.5)
+        results = _iterate_results(tasks, min(workers, len(tasks)))
+        try:
+            for result in results:
+                pending.append(result)
+                if result.mel is None:
+                    reasons[result.reason] += 1
+                else:
+                    added += 1
+                    pending_bytes += result.mel.nbytes
+                bar.update(1)
+                bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
+                if pending_bytes >= commit_every_bytes or time.monotonic() - last_commit >= commit_every_seconds:
+                    writer.commit(pending)
+                    pending, pending_bytes, last_commit = [], 0, time.monotonic()
+        except KeyboardInterrupt:
+            # Keep the finished work; an interrupt during this commit leaves only temp files or an orphan.
+            writer.commit(pending)
+            pending = []
+            raise
+        except BrokenProcessPool:
+            writer.commit(pending)
+            pending = []
+            raise MelCacheError(
+                f"a decoding process died (out of memory on a very long file?); {added} tracks were saved. "
+                f"Rebuild to resume, with fewer workers if memory is short"
+            ) from None
+        finally:
+            results.close()  # stops the pool now, not when the traceback is collected
+            bar.close()
+        writer.commit(pending)
+
+        final = _read_state(folder, settings.n_mels)
+        _write_skip_report(folder / SKIP_REPORT_FILE, [record.track for record in final.skipped.values()])
+        return BuildReport(
+            cache_path=folder,
+            requested=len(index),
+            already_cached=already_cached,
+            already_skipped=already_skipped,
+            processed=len(tasks),
+            added=added,
+            skipped=sum(reasons.values()),
+            skip_reasons=dict(reasons),
+            usable=sum(track_id in final.entries for track_id in index.track_ids),
+            seconds=0.0,
+        )
+
+    # ------------------------------------------------------------------------------------- reading
+    @property
+    def track_ids(self) -> list[str]:
+        """Cached track ids, sorted (independent of the order tracks finished decoding)."""
+        return list(self._track_ids)
+
+    @property
+    def n_mels(self) -> int:
+        return self.settings.n_mels
+
+    @property
+    def skipped(self) -> list[SkippedTrack]:
+        """Every skipped file with its reason, sorted by track id."""
+        return [self._skipped[track_id] for track_id in sorted(self._skipped)]
+
+    def skip_report(self) -> pd.DataFrame:
+        """The skipped files as a table: ``track_id, path, reason, detail``."""
+        return pd.DataFrame(
+            [dataclasses.asdict(track) for track in self.skipped], columns=["track_id", "path", "reason", "detail"]
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, track_id: object) -> bool:
+        return track_id in self._entries
+
+    def __repr__(self) -> str:
+        return f"MelCache({str(self.path)!r}, tracks={len(self)}, skipped={len(self._skipped)})"
+
+    def _entry(self, track_id: str) -> _Entry:
+        try:
+            return self._entries[track_id]
+        except KeyError:
+            reason = self._skipped.get(track_id)
+            why = f"it was skipped: {reason.reason} ({reason.detail})" if reason else "it was never cached"
+            raise KeyError(f"track {track_id!r} is not in the mel cache {self.path}: {why}") from None
+
+    def frames(self, track_id: str) -> int:
+        """Number of mel frames of the track (``samples // hop_length + 1``)."""
+        return self._entry(track_id).frames
+
+    def duration(self, track_id: str) -> float:
+        """Decoded length of the track in seconds."""
+        return self._entry(track_id).samples / self.settings.sample_rate
+
+    def _shard_array(self, shard: str) -> np.ndarray:
+        array = self._maps.get(shard)
+        if array is None:
+            # Copy-on-write mapping: reads share the page cache like a read-only map, and the arrays are
+            # writeable in numpy's eyes, so torch.from_numpy takes them without a warning. Nothing writes.
+            mapped = np.memmap(
+                self.path / shard, dtype=STORE_DTYPE, mode="c", shape=(self._shard_frames[shard], self.n_mels)
+            )
+            array = mapped.view(np.ndarray)  # plain-array slicing is cheaper; the view keeps the map alive
+            self._maps[shard] = array
+            if len(self._maps) > _OPEN_SHARDS_PER_PROCESS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(shard)
+        return array
+
+    def get(self, track_id: str, start_frame: int, num_frames: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames ``start_frame .. start_frame + num_frames - 1`` of a track, ``(n_mels, num_frames)`` float32.
+
+        Reads only those frames. ``out`` (float32, that shape) receives them instead of a new array.
+        """
+        entry = self._entry(track_id)
+        start_frame, num_frames = int(start_frame), int(num_frames)
+        if num_frames <= 0 or start_frame < 0 or start_frame + num_frames > entry.frames:
+            raise IndexError(
+                f"frames [{start_frame}, {start_frame + num_frames}) are outside track {track_id!r} "
+                f"(0 to {entry.frames})"
+            )
+        first = entry.offset + start_frame
+        block = self._shard_array(entry.shard)[first : first + num_frames]
+        if out is None:
+            out = np.empty((self.n_mels, num_frames), dtype=np.float32)
+        elif out.shape != (self.n_mels, num_frames) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {(self.n_mels, num_frames)}, got {out.dtype} {out.shape}")
+        # torch converts float16 -> float32 and transposes in one pass, about twice as fast as numpy.
+        torch.from_numpy(out).copy_(torch.from_numpy(block).T)
+        return out
+
+    def get_track(self, track_id: str) -> np.ndarray:
+        """The whole track's log-mel, ``(n_mels, frames)`` float32."""
+        return self.get(track_id, 0, self.frames(track_id))
+
+    def __getstate__(self) -> dict:
+        # Memory maps do not pickle usefully; each process maps the shards it reads.
+        state = self.__dict__.copy()
+        state["_maps"] = OrderedDict()
+        return state
+
+
+def _write_skip_report(path: Path, skipped: list[SkippedTrack]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["track_id", "path", "reason", "detail"])
+    for track in sorted(skipped, key=lambda item: item.track_id):
+        writer.writerow([track.track_id, track.path, track.reason, track.detail])
+    _atomic_write_bytes(path, buffer.getvalue().encode())

@@ -1,0 +1,55 @@
+"""From a dataset name or path to a built mel cache: the one entry point the trainer, the search and
+the downstream evaluation share."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from musicssl.data.cache import LogMelConfig, MelCache
+from musicssl.data.index import TrackIndex
+from musicssl.paths import cache_root
+
+__all__ = ["PreparedData", "prepare_data", "default_mel_cache_dir"]
+
+
+@dataclass
+class PreparedData:
+    """A track index and the mel cache of its usable tracks, with the split's usable track ids."""
+
+    index: TrackIndex
+    cache: MelCache
+
+    def track_ids(self, *splits: str) -> list[str]:
+        """Ids of the tracks of ``splits`` that made it into the cache (in index order)."""
+        return [track_id for track_id in self.index.split(*splits).track_ids if track_id in self.cache]
+
+
+def default_mel_cache_dir(index: TrackIndex) -> Path:
+    """``$MUSICSSL_CACHE/mels/<name>-<hash of the audio paths>``: one cache per distinct dataset."""
+    digest = hashlib.sha1("\n".join(sorted(index.paths)).encode()).hexdigest()[:10]
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in index.name) or "dataset"
+    return cache_root() / "mels" / f"{safe_name}-{digest}"
+
+
+def prepare_data(
+    data: str | Path | TrackIndex = "corpus",
+    front_end: LogMelConfig | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    verbose: bool = True,
+) -> PreparedData:
+    """Open the dataset (``corpus`` builds the embedded corpus if missing) and build its mel cache.
+
+    ``data`` is a name understood by :func:`musicssl.data.loaders.open_dataset`, a path to a
+    ``tracks.csv`` or a folder, or a ready :class:`TrackIndex`. The cache build is incremental, so
+    calling this again costs only the check.
+    """
+    from musicssl.data.loaders import open_dataset
+
+    index = data if isinstance(data, TrackIndex) else open_dataset(str(data))
+    front_end = front_end or LogMelConfig()
+    directory = Path(cache_dir) if cache_dir is not None else default_mel_cache_dir(index)
+    cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose)
+    return PreparedData(index=index, cache=cache)

@@ -1,0 +1,601 @@
+"""The shared trainer: one LightningModule for every pretext method, and a CLI for one run.
+
+``python -m musicssl.train vicreg --max-epochs 5 --set var_weight=1 --set cov_weight=0.1``
+
+The method supplies its heads, loss and teacher (see :mod:`musicssl.pretext.base`); this module
+supplies the optimiser (AdamW, linear warm-up then cosine decay), the schedules' progress, logging
+of every loss term, NaN detection, label-free collapse metrics on a fixed probe set of validation
+segments, and the label-based probe score at the end of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TrainConfig",
+    "SSLModule",
+    "RunResult",
+    "build_method",
+    "train",
+    "main",
+    "ConfigError",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has the wrong type; the message lists what is accepted."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything about one run that is not the method's own hyperparameters."""
+
+    method: str = "vicreg"
+    preset: str = "cpu"
+    data: str = "corpus"
+    max_epochs: int = 10
+    # An "epoch" is a fixed number of optimiser steps (views are random crops, so a pass over the
+    # tracks has no special meaning); None makes it one pass over the training tracks.
+    steps_per_epoch: int | None = 100
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    n_views: int = 2
+    segment_seconds: float = 4.0
+    min_gap_seconds: float = 4.0
+    max_gap_seconds: float = 16.0
+    seed: int = 0
+    num_workers: int = 0
+    num_threads: int | None = None
+    accelerator: str = "auto"
+    precision: str = "auto"
+    gradient_clip: float | None = 3.0
+    # Collapse metrics run at every epoch end and, if set, every N steps in between (0: epoch ends only).
+    collapse_every_n_steps: int = 0
+    probe_segments: int = 512
+    probe_every_epoch: bool = False
+    final_probe: bool = True
+    probe_segments_per_track: int = 4
+    out_dir: str | None = None
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: str, annotation: Any, name: str) -> Any:
+    """Convert a ``--set`` string to the field's declared type."""
+    text = str(annotation)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("none", "null") and ("None" in text or "Optional" in text):
+            return None
+        if "bool" in text and lowered in ("true", "false", "1", "0", "yes", "no"):
+            return lowered in ("true", "1", "yes")
+        if "bool" in text:
+            raise ConfigError(f"{name} expects true/false, got {value!r}")
+        try:
+            if "int" in text and "float" not in text:
+                return int(value)
+            if "float" in text:
+                return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} expects a number ({text}), got {value!r}") from None
+        if "tuple" in text:
+            return tuple(int(part) for part in value.split(","))
+    return value
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of the dataclass ``config`` with ``overrides`` applied (strings converted)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changes = {}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ConfigError(f"unknown setting {name!r}; valid: {', '.join(sorted(fields))}")
+        changes[name] = _convert(value, fields[name].type, name) if isinstance(value, str) else value
+    return dataclasses.replace(config, **changes)
+
+
+# Head sizes that go with each backbone preset (the study's heads are sized for its 1024-d embedding;
+# on the 256-d CPU backbone they would dominate the step time). Applied to the fields a method has,
+# unless the run sets them itself.
+PRESET_HEAD_SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {
+        "hidden_dim": 512,
+        "projection_dim": 1024,
+        "predictor_hidden_dim": 128,
+        "bottleneck_dim": 128,
+        "num_prototypes": 1024,
+    },
+}
+
+
+def method_settings(config: TrainConfig) -> Any:
+    """The method's config: its defaults, then the preset's head sizes, then ``config.method_params``."""
+    from musicssl.pretext.registry import get_method
+
+    method_cls = get_method(config.method)
+    defaults = method_cls.Config()
+    names = {f.name for f in dataclasses.fields(defaults)}
+    preset_values = {k: v for k, v in PRESET_HEAD_SETTINGS.get(config.preset, {}).items() if k in names}
+    return apply_overrides(apply_overrides(defaults, preset_values), config.method_params)
+
+
+def build_method(config: TrainConfig):
+    """The backbone of ``config.preset`` wrapped by the method ``config.method`` with its parameters."""
+    from musicssl.models import Backbone
+    from musicssl.pretext.registry import get_method
+
+    method_cls = get_method(config.method)
+    method_config = method_settings(config)
+    backbone = Backbone(preset=config.preset)
+    return method_cls(backbone, method_config)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up from 0 to 1 over ``warmup_steps``, cosine decay to 0 at the end."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / remaining)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _lightning():
+    import lightning.pytorch as pl
+
+    return pl
+
+
+class SSLModule(_lightning().LightningModule):
+    """The shared training loop for every pretext method.
+
+    Batches are ``(B, V, n_mels, frames)`` tensors of V views per track. Every
+    ``collapse_every_n_steps`` optimiser steps (and at the end of every epoch) the collapse metrics
+    are computed on ``probe_mels``, a fixed set of validation segments; the latest values and the
+    verdict are kept in :attr:`latest_collapse` and appended to :attr:`history`.
+    """
+
+    def __init__(
+        self,
+        method,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        probe_mels: Tensor | None = None,
+        epoch_end_hooks: Sequence[Callable[["SSLModule", dict], None]] = (),
+        probe_groups: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.config = config
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.total_steps = self.steps_per_epoch * max(1, config.max_epochs)
+        self.register_buffer("probe_mels", probe_mels if probe_mels is not None else torch.empty(0), persistent=False)
+        self.epoch_end_hooks = list(epoch_end_hooks)
+        # Track number of each probe segment, so "mean cosine" compares different tracks only.
+        self.probe_groups = probe_groups
+        self.history: list[dict[str, Any]] = []
+        self.epochs: list[dict[str, Any]] = []
+        self.latest_collapse: dict[str, float] = {}
+        self.verdict = "none"
+        self.diverged_step: int | None = None
+        self.collapse_seconds = 0.0
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_count = 0
+        self._epoch_started = time.perf_counter()
+
+    def progress(self, step: int | None = None):
+        from musicssl.pretext.base import Progress
+
+        return Progress(
+            step=self.global_step if step is None else step,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.method.student_parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
+        warmup_steps = int(round(self.config.warmup_epochs * self.steps_per_epoch))
+        total_steps = self.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int):
+        views = list(batch[0].unbind(dim=1))  # batch: (views (B, V, n_mels, frames), track positions)
+        outputs = self.method.training_loss(views, self.progress())
+        loss = outputs["loss"]
+        if not torch.isfinite(loss):
+            # Stop at once: a NaN step would poison the weights and every metric after it. Returning
+            # None skips the optimiser step; the run ends as "diverged" at this step.
+            self.diverged_step = int(self.global_step)
+            self.verdict = "diverged"
+            self._record(kind="step", metrics={"loss": float("nan")}, verdict="diverged")
+            self.trainer.should_stop = True
+            return None
+        for name, value in outputs.items():
+            value = float(value.detach()) if isinstance(value, Tensor) else float(value)
+            self._epoch_sums[name] = self._epoch_sums.get(name, 0.0) + value
+        self._epoch_count += 1
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.diverged_step is not None:
+            return
+        self.method.after_optimizer_step(self.progress())
+        every = self.config.collapse_every_n_steps
+        end_of_epoch = (batch_idx + 1) == self.steps_per_epoch
+        if every and self.global_step % every == 0 and self.probe_mels.numel() and not end_of_epoch:
+            self.evaluate_collapse(kind="step")
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums = {}
+        self._epoch_count = 0
+        self._epoch_started = time.perf_counter()
+
+    @torch.no_grad()
+    def evaluate_collapse(self, kind: str) -> dict[str, float]:
+        """Collapse metrics on the probe set; updates :attr:`verdict` and the history."""
+        from musicssl.collapse import collapse_metrics, collapse_verdict
+
+        if not self.probe_mels.numel():
+            return {}
+        started = time.perf_counter()
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            outputs = self.method.collapse_outputs(self.probe_mels)
+        finally:
+            self.method.train(was_training)
+        groups = self.probe_groups.to(self.probe_mels.device) if self.probe_groups is not None else None
+        metrics = collapse_metrics({name: value.float() for name, value in outputs.items()}, groups=groups)
+        if self._epoch_count:
+            metrics["loss"] = self._epoch_sums.get("loss", 0.0) / self._epoch_count
+        self.verdict = str(collapse_verdict(metrics))
+        self.latest_collapse = metrics
+        self.collapse_seconds += time.perf_counter() - started
+        self._record(kind=kind, metrics=metrics, verdict=self.verdict)
+        return metrics
+
+    def _record(self, kind: str, metrics: dict[str, float], verdict: str) -> dict[str, Any]:
+        row = {"kind": kind, "epoch": int(self.current_epoch), "step": int(self.global_step), "verdict": verdict}
+        row.update({name: float(value) for name, value in metrics.items()})
+        self.history.append(row)
+        return row
+
+    def on_train_epoch_end(self) -> None:
+        if self.diverged_step is not None:
+            return
+        means = {f"train_{name}": total / max(1, self._epoch_count) for name, total in self._epoch_sums.items()}
+        collapse = self.evaluate_collapse(kind="epoch") if self.probe_mels.numel() else {}
+        metrics: dict[str, float] = {**means, **{f"collapse_{k}": v for k, v in collapse.items() if k != "loss"}}
+        metrics["epoch_seconds"] = time.perf_counter() - self._epoch_started
+        metrics["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self.trainer.optimizers else 0.0
+        record = {"epoch": int(self.current_epoch) + 1, "step": int(self.global_step), "verdict": self.verdict, **metrics}
+        for hook in self.epoch_end_hooks:
+            hook(self, record)
+        self.epochs.append(record)
+
+
+@dataclass
+class RunResult:
+    """What one training run produced; also written to ``out_dir`` (see :func:`train`)."""
+
+    config: TrainConfig
+    epochs: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    verdict: str
+    diverged_step: int | None
+    final: dict[str, Any]
+    seconds: float
+    out_dir: Path | None
+    backbone: Any = field(repr=False, default=None)
+
+
+def resolve_precision(config: TrainConfig, accelerator: str) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bf16-mixed" if accelerator == "gpu" else "32-true"
+
+
+def resolve_accelerator(config: TrainConfig) -> str:
+    if config.accelerator != "auto":
+        return config.accelerator
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, float]:
+    """Linear probe on frozen track embeddings: train split -> valid split (macro ROC-AUC and mAP)."""
+    from musicssl.embeddings import embed_tracks
+    from musicssl.probe import fit_linear_probe
+
+    train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
+    if not train_ids or not valid_ids:
+        raise ValueError("the probe needs usable tracks in both the train and the valid split")
+    labels = data.index.labels()
+    row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
+    train_x = embed_tracks(backbone, data.cache, train_ids, max_segments=max_segments)
+    valid_x = embed_tracks(backbone, data.cache, valid_ids, max_segments=max_segments)
+    result = fit_linear_probe(
+        train_x, labels[[row[t] for t in train_ids]], valid_x, labels[[row[t] for t in valid_ids]], seed=seed
+    )
+    return {"probe_auc": float(result.roc_auc), "probe_map": float(result.average_precision)}
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up chatter (accelerator lines, tips) and a known deprecation warning
+    from its internals, so the console shows our progress and results."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # A diverged step returns None on purpose (the optimiser step is skipped and the run stops).
+    warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def train(
+    config: TrainConfig,
+    data=None,
+    epoch_end_hooks: Sequence[Callable[[SSLModule, dict], None]] = (),
+    progress_bar: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> RunResult:
+    """Train one run of ``config`` and return its metrics.
+
+    ``data`` is a :class:`musicssl.data.pipeline.PreparedData` (built from ``config.data`` when not
+    given). ``epoch_end_hooks`` are called with ``(module, record)`` after every epoch; a hook may
+    add entries to ``record`` (the search reports it) or set ``module.trainer.should_stop``.
+    With ``config.out_dir`` set, writes there: ``config.json``, ``metrics.csv`` (one row per epoch),
+    ``collapse.csv`` (collapse metrics every ``collapse_every_n_steps``), ``summary.json`` and
+    ``backbone.pt`` (a plain ``state_dict``, loadable with ``torch.load(weights_only=True)``).
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.pipeline import prepare_data
+    from musicssl.data.views import EpochSampler, ViewConfig, ViewDataset, fixed_segments, probe_positions
+
+    started = time.perf_counter()
+    quiet_lightning()
+    if config.max_epochs < 1:
+        raise ConfigError(f"max_epochs must be >= 1, got {config.max_epochs}")
+    if config.batch_size < 2:
+        raise ConfigError(f"batch_size must be >= 2 (batch statistics), got {config.batch_size}")
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    method = build_method(config)
+    backbone_config = method.backbone.config
+    front_end = LogMelConfig(n_mels=backbone_config.n_mels)
+    if data is None:
+        data = prepare_data(config.data, front_end, verbose=progress_bar)
+    if data.cache.n_mels != backbone_config.n_mels:
+        raise ConfigError(
+            f"the mel cache has {data.cache.n_mels} mels but preset {config.preset!r} expects {backbone_config.n_mels}"
+        )
+    view_config = ViewConfig(
+        n_views=config.n_views,
+        segment_seconds=config.segment_seconds,
+        min_gap_seconds=config.min_gap_seconds,
+        max_gap_seconds=config.max_gap_seconds,
+    )
+    dataset = ViewDataset(data.cache, data.track_ids("train"), view_config, seed=config.seed, verbose=progress_bar)
+    if len(dataset) < config.batch_size:
+        raise ConfigError(
+            f"only {len(dataset)} usable training tracks for batch_size {config.batch_size}; lower --batch-size"
+        )
+    steps_per_epoch = config.steps_per_epoch or len(dataset) // config.batch_size
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=config.seed, num_samples=steps_per_epoch * config.batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        drop_last=True,
+        persistent_workers=config.num_workers > 0,
+    )
+    probe_mels = groups = None
+    valid_ids = data.track_ids("valid") or data.track_ids("train")
+    if config.probe_segments:
+        probe_mels = fixed_segments(data.cache, valid_ids, config.probe_segments, seed=config.seed)
+        positions = probe_positions(data.cache, valid_ids, config.probe_segments, seed=config.seed)
+        track_number = {track_id: n for n, track_id in enumerate(dict.fromkeys(t for t, _ in positions))}
+        groups = torch.tensor([track_number[t] for t, _ in positions])
+
+    hooks = list(epoch_end_hooks)
+    if config.probe_every_epoch:
+        hooks.insert(0, lambda module, record: record.update(
+            probe_score(module.method.backbone, data, config.probe_segments_per_track, config.seed)))
+    module = SSLModule(method, config, steps_per_epoch, probe_mels=probe_mels, epoch_end_hooks=hooks, probe_groups=groups)
+    accelerator = resolve_accelerator(config)
+    trainer = pl.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        precision=resolve_precision(config, accelerator),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=config.gradient_clip,
+        callbacks=list(callbacks),
+        deterministic=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+
+    backbone = method.backbone.cpu().float()
+    final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
+    if module.epochs:
+        final.update({k: v for k, v in module.epochs[-1].items() if k not in ("epoch", "step", "verdict")})
+    if module.diverged_step is None and config.final_probe:
+        if not config.probe_every_epoch or not module.epochs:
+            final.update(probe_score(backbone, data, config.probe_segments_per_track, config.seed))
+    final["epochs_run"] = len(module.epochs)
+    # Lightning counts the skipped step of a diverged run; the steps that trained are those before it.
+    final["steps"] = int(trainer.global_step) if module.diverged_step is None else module.diverged_step
+    final["collapse_seconds"] = module.collapse_seconds
+    seconds = time.perf_counter() - started
+    final["seconds"] = seconds
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+        _write_csv(out_dir / "metrics.csv", module.epochs)
+        _write_csv(out_dir / "collapse.csv", module.history)
+        (out_dir / "summary.json").write_text(json.dumps(final, indent=2, default=_json_default))
+        torch.save(backbone.state_dict(), out_dir / "backbone.pt")
+    return RunResult(
+        config=config,
+        epochs=module.epochs,
+        history=module.history,
+        verdict=module.verdict,
+        diverged_step=module.diverged_step,
+        final=final,
+        seconds=seconds,
+        out_dir=out_dir,
+        backbone=backbone,
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _parse_set(pairs: Sequence[str]) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set takes name=value, got {pair!r}")
+        name, value = pair.split("=", 1)
+        values[name.strip()] = value.strip()
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from musicssl.pretext.registry import available_methods
+
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m musicssl.train",
+        description="Train one self-supervised run on the embedded corpus (built if missing) or a dataset.",
+    )
+    parser.add_argument("method", help=f"pretext method: {', '.join(available_methods())}")
+    parser.add_argument("--preset", default=defaults.preset, help="backbone preset: cpu (small, fast) or paper (default: %(default)s)")
+    parser.add_argument("--data", default=defaults.data, help="'corpus' (default), mtat, jamendo-*, msd, a tracks.csv or a folder")
+    parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=defaults.steps_per_epoch,
+        help="optimiser steps per epoch (default: %(default)s; 0: one pass over the training tracks)",
+    )
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/train/<method>-<time>)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="set a method hyperparameter (e.g. var_weight=1) or any other training setting; repeatable",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from musicssl.pretext.registry import get_method
+
+    method_cls = get_method(args.method)
+    config = TrainConfig(
+        method=args.method,
+        preset=args.preset,
+        data=args.data,
+        max_epochs=args.max_epochs,
+        steps_per_epoch=args.steps_per_epoch or None,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        num_workers=args.workers,
+        num_threads=args.threads,
+        out_dir=args.out or str(Path("runs") / "train" / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"),
+    )
+    method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_params", "method"}
+    method_params, train_overrides = {}, {}
+    for name, value in _parse_set(args.set).items():
+        if name in method_fields:
+            method_params[name] = value
+        elif name in train_fields:
+            train_overrides[name] = value
+        else:
+            raise ConfigError(
+                f"unknown setting {name!r} for {args.method}; method settings: {', '.join(sorted(method_fields))}; "
+                f"training settings: {', '.join(sorted(train_fields))}"
+            )
+    config = apply_overrides(config, train_overrides)
+    config.method_params = method_params
+    method_settings(config)  # validate names, types and values now, not mid-run
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from musicssl.pretext.registry import UnknownMethodError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    try:
+        result = train(config)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    final = result.final
+    shown = ", ".join(
+        f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")
+        if isinstance(final.get(key), float)
+    )
+    print(f"{config.method}: {final['epochs_run']} epochs, {final['steps']} steps in {result.seconds:.1f} s; "
+          f"verdict {result.verdict}; {shown}")
+    print(f"wrote {result.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The mel cache: stored mels equal the front-end, incremental and crash-safe builds, bad-file handling."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from musicssl.audio import LogMel, load_audio
+from musicssl.data.cache import LOCK_FILE, LogMelConfig, MelCache, MelCacheError
+from musicssl.data.index import TrackIndex
+
+# float16 keeps 11 significant bits: rounding moves a value by at most half an ulp, 2**-11 relative.
+FLOAT16_RTOL = 2.0**-11
+
+
+def tone_and_noise(
+    seconds: float, sample_rate: int, seed: int, channels: int = 1, amplitude: float = 0.5
+) -> np.ndarray:
+    """A sine (frequency depends on the seed) plus white noise; ``(samples,)`` or ``(samples, channels)``."""
+    rng = np.random.default_rng(seed)
+    time = np.arange(round(seconds * sample_rate)) / sample_rate
+    columns = [
+        amplitude * np.sin(2 * np.pi * (220.0 + 110.0 * seed + 37.0 * channel) * time)
+        + 0.1 * amplitude * rng.standard_normal(time.shape)
+        for channel in range(channels)
+    ]
+    audio = np.stack(columns, axis=1) if channels > 1 else columns[0]
+    return audio.astype(np.float32)
+
+
+def write(path: Path, audio: np.ndarray, sample_rate: int, **kwargs) -> str:
+    soundfile.write(str(path), audio, sample_rate, **kwargs)
+    return str(path)
+
+
+def make_index(paths: dict[str, str]) -> TrackIndex:
+    return TrackIndex.from_records(
+        {"track_id": tid, "path": path, "split": "train", "tags": ()} for tid, path in paths.items()
+    )
+
+
+def reference_mel(path: str) -> np.ndarray:
+    """What the cache must hold: LogMel of the decoded, peak-normalised audio."""
+    audio = load_audio(path, 16000)
+    with torch.no_grad():
+        return LogMel()(torch.from_numpy(audio / np.abs(audio).max())).numpy()
+
+
+@pytest.fixture()
+def audio_files(tmp_path: Path) -> dict[str, str]:
+    """Real files in four formats: 16 kHz mono WAV and FLAC, 44.1 kHz stereo WAV and FLAC."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    return {
+        "wav16": write(folder / "wav16.wav", tone_and_noise(9.0, 16000, 0), 16000),
+        "flac16": write(folder / "flac16.flac", tone_and_noise(7.3, 16000, 1), 16000),
+        "wav44": write(folder / "wav44.wav", tone_and_noise(6.0, 44100, 2, channels=2), 44100),
+        "flac44": write(folder / "flac44.flac", tone_and_noise(5.5, 44100, 3, channels=2), 44100, subtype="PCM_24"),
+    }
+
+
+def test_stored_mels_equal_logmel_of_decoded_audio(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    cache = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert cache.track_ids == sorted(audio_files)
+    for track_id, path in audio_files.items():
+        stored = cache.get_track(track_id)
+        reference = reference_mel(path)
+        assert stored.dtype == np.float32 and stored.shape == reference.shape
+        np.testing.assert_allclose(stored, reference, rtol=FLOAT16_RTOL, atol=1e-6)
+    # Frame count of a centred STFT, written out: samples // hop + 1 (16 kHz files: no resampling).
+    assert cache.frames("wav16") == round(9.0 * 16000) // 512 + 1 == 282
+    assert cache.frames("flac16") == round(7.3 * 16000) // 512 + 1
+    assert cache.duration("wav16") == pytest.approx(9.0)
+    assert cache.duration("wav44") == pytest.approx(6.0, abs=1e-3)
+    # A slice read without the rest of the track is the same slice of the whole.
+    np.testing.assert_array_equal(cache.get("flac44", 17, 40), cache.get_track("flac44")[:, 17:57])
+
+
+def test_peak_normalisation_and_channel_mixing(tmp_path: Path) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    mono = tone_and_noise(5.0, 16000, 4)
+    paths = {
+        "loud": write(folder / "loud.wav", mono, 16000, subtype="FLOAT"),
+        # 26 dB quieter: peak normalisation must make it the same track.
+        "quiet": write(folder / "quiet.wav", mono * 0.05, 16000, subtype="FLOAT"),
+        # Two identical channels average to the mono signal.
+        "stereo": write(folder / "stereo.wav", np.stack([mono, mono], axis=1), 16000, subtype="FLOAT"),
+    }
+    cache = MelCache.build(make_index(paths), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    loud = cache.get_track("loud")
+    np.testing.assert_allclose(cache.get_track("quiet"), loud, rtol=2 * FLOAT16_RTOL, atol=1e-5)
+    np.testing.assert_allclose(cache.get_track("stereo"), loud, rtol=2 * FLOAT16_RTOL, atol=1e-5)
+
+
+def test_crop_of_cached_mel_equals_logmel_of_waveform_crop(tmp_path: Path) -> None:
+    """A 4 s crop of the whole-track mel equals LogMel of the 4 s waveform except its two edge frames
+    (reflect padding) - true here because noise keeps every bin far above the top_db floor."""
+    audio = tone_and_noise(12.0, 16000, 5)
+    path = write(tmp_path / "track.wav", audio, 16000, subtype="FLOAT")
+    cache = MelCache.build(make_index({"t": path}), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    normalised = audio / np.abs(audio).max()
+    start_frame = 50
+    waveform_crop = normalised[start_frame * 512 : start_frame * 512 + 64000]
+    with torch.no_grad():
+        crop_mel = LogMel()(torch.from_numpy(waveform_crop)).numpy()
+    assert crop_mel.shape == (128, 126)
+    cached = cache.get("t", start_frame, 126)
+    np.testing.assert_allclose(cached[:, 1:-1], crop_mel[:, 1:-1], rtol=FLOAT16_RTOL, atol=1e-4)
+
+
+def test_front_end_settings_select_the_cache_folder(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    index = make_index({"wav16": audio_files["wav16"]})
+    default = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    # f_max=None means Nyquist: spelling it out is the same front-end, hence the same cache.
+    explicit = MelCache.build(
+        index, tmp_path / "cache", LogMelConfig(f_max=8000.0), workers=0, progress=False, verbose=False
+    )
+    assert explicit.path == default.path and explicit.build_report.processed == 0
+    small = MelCache.build(
+        index, tmp_path / "cache", LogMelConfig(n_mels=64, top_db=80.0), workers=0, progress=False, verbose=False
+    )
+    assert small.path != default.path and small.build_report.processed == 1
+    assert small.get_track("wav16").shape == (64, 282)
+    other_hop = LogMelConfig(hop_length=256)
+    assert MelCache.location(tmp_path / "cache", other_hop) not in (default.path, small.path)
+    # Opening a root with two caches needs the settings; with them it finds the right one.
+    with pytest.raises(MelCacheError, match="expected one mel cache folder"):
+        MelCache.open(tmp_path / "cache")
+    assert MelCache.open(tmp_path / "cache", LogMelConfig(n_mels=64, top_db=80.0)).path == small.path
+    assert MelCache.open(default).path == default.path
+
+
+def test_rebuild_processes_only_new_or_changed_tracks(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    first_two = {key: audio_files[key] for key in ("wav16", "flac16")}
+    first = MelCache.build(make_index(first_two), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (first.build_report.processed, first.build_report.added) == (2, 2)
+
+    second = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    report = second.build_report
+    assert (report.processed, report.added, report.already_cached) == (2, 2, 2)
+    assert second.track_ids == sorted(audio_files)
+
+    third = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (third.build_report.processed, third.build_report.already_cached) == (0, 4)
+
+    # New audio under the same id (different size) is recomputed; the old mel is never served.
+    write(Path(audio_files["wav16"]), tone_and_noise(11.0, 16000, 9), 16000)
+    fourth = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert fourth.build_report.processed == 1
+    assert fourth.frames("wav16") == 11 * 16000 // 512 + 1
+    np.testing.assert_allclose(
+        fourth.get_track("wav16"), reference_mel(audio_files["wav16"]), rtol=FLOAT16_RTOL, atol=1e-6
+    )
+
+
+def test_process_pool_build_matches_in_process_build(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    index = make_index(audio_files)
+    pooled = MelCache.build(index, tmp_path / "pooled", workers=2, progress=False, verbose=False)
+    for track_id, path in audio_files.items():
+        np.testing.assert_allclose(pooled.get_track(track_id), reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import musicssl.data.cache as cache_module
+    from musicssl.data.index import TrackIndex
+
+    original = cache_module._atomic_write_bytes
+    manifests = []
+
+    def dying_write(path, payload):
+        # Die the hard way while committing the third shard: its data file is in place, its manifest
+        # is half written to the temporary name. Nothing gets a chance to clean up.
+        if path.name.startswith("shard-"):
+            manifests.append(path.name)
+            if len(manifests) == 3:
+                path.with_name(path.name + ".tmp").write_bytes(payload[: len(payload) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        original(path, payload)
+
+    cache_module._atomic_write_bytes = dying_write
+    index = TrackIndex.from_csv(sys.argv[1])
+    cache_module.MelCache.build(index, sys.argv[2], workers=0, commit_every_seconds=0.0, progress=False)
+    """
+)
+
+
+def test_killed_build_keeps_complete_entries_and_resumes(tmp_path: Path) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {f"t{k}": write(folder / f"t{k}.wav", tone_and_noise(4.5, 16000, k), 16000) for k in range(6)}
+    index = make_index(paths)
+    index.to_csv(tmp_path / "tracks.csv")
+    completed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "tracks.csv"), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == -9, completed.stderr  # killed by SIGKILL, as planned
+
+    location = MelCache.location(tmp_path / "cache")
+    leftovers = sorted(path.name for path in location.iterdir() if path.name.startswith("shard-"))
+    assert leftovers == [
+        "shard-000001.bin",
+        "shard-000001.json",
+        "shard-000002.bin",
+        "shard-000002.json",
+        "shard-000003.bin",
+        "shard-000003.json.tmp",
+    ]
+    interrupted = MelCache.open(tmp_path / "cache")
+    # One track per commit, in index order: exactly the two committed tracks, both intact.
+    assert interrupted.track_ids == ["t0", "t1"]
+    for track_id in interrupted.track_ids:
+        np.testing.assert_allclose(
+            interrupted.get_track(track_id), reference_mel(paths[track_id]), rtol=FLOAT16_RTOL, atol=1e-6
+        )
+
+    resumed = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (resumed.build_report.processed, resumed.build_report.already_cached) == (4, 2)
+    assert resumed.track_ids == sorted(paths)
+    assert not list(location.glob("*.tmp"))
+    for track_id, path in paths.items():
+        np.testing.assert_allclose(resumed.get_track(track_id), reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
+
+
+def test_ctrl_c_commits_finished_tracks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import musicssl.data.cache as cache_module
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {f"t{k}": write(folder / f"t{k}.wav", tone_and_noise(4.5, 16000, k), 16000) for k in range(5)}
+    original = cache_module._compute_track
+    calls = []
+
+    def interrupted_on_fourth(task):
+        calls.append(task.track_id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(task)
+
+    monkeypatch.setattr(cache_module, "_compute_track", interrupted_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        # No time-based commit would happen before the end: only the interrupt handler saves work.
+        MelCache.build(make_index(paths), tmp_path / "cache", workers=0, commit_every_seconds=1e9, progress=False)
+    monkeypatch.setattr(cache_module, "_compute_track", original)
+    assert MelCache.open(tmp_path / "cache").track_ids == ["t0", "t1", "t2"]
+    resumed = MelCache.build(make_index(paths), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert resumed.build_report.processed == 2 and resumed.track_ids == sorted(paths)
+
+
+def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    good = {
+        "good1": write(folder / "good1.wav", tone_and_noise(5.0, 16000, 1), 16000),
+        "good2": write(folder / "good2.flac", tone_and_noise(5.0, 44100, 2, channels=2), 44100),
+    }
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "random.wav").write_bytes(np.random.default_rng(0).bytes(4096))
+    flac_bytes = Path(good["good2"]).read_bytes()
+    (folder / "truncated.flac").write_bytes(flac_bytes[:20])
+    (folder / "notes.txt").write_text("these are not the samples you are looking for\n" * 50)
+    write(folder / "zero_length.wav", np.zeros(0, dtype=np.float32), 16000)
+    with_nan = tone_and_noise(5.0, 16000, 3)
+    with_nan[1000] = np.nan
+    write(folder / "nan.wav", with_nan, 16000, subtype="FLOAT")
+    write(folder / "silent.wav", np.zeros(5 * 16000, dtype=np.float32), 16000)
+    write(folder / "whisper.wav", np.full(5 * 16000, 1e-5, dtype=np.float32), 16000, subtype="FLOAT")  # -100 dBFS
+    write(folder / "short.wav", tone_and_noise(1.0, 16000, 4), 16000)
+    expected = {
+        "empty": "empty",
+        "random": "undecodable",
+        "truncated": "undecodable",
+        "notes": "undecodable",
+        "zero_length": "zero_length",
+        "nan": "non_finite",
+        "silent": "silent",
+        "whisper": "silent",
+        "short": "too_short",
+        "missing": "missing",
+    }
+    files = {name: str(next(folder.glob(f"{name}.*"), folder / f"{name}.wav")) for name in expected}
+    cache = MelCache.build(make_index({**good, **files}), tmp_path / "cache", workers=0, progress=False)
+
+    assert cache.track_ids == ["good1", "good2"]
+    assert {track.track_id: track.reason for track in cache.skipped} == expected
+    for track in cache.skipped:
+        assert track.path == files[track.track_id] and track.path in track.detail
+    report = cache.build_report
+    assert report.skipped == 10 and report.added == 2 and report.usable == 2
+    assert report.skip_reasons == {
+        "empty": 1,
+        "undecodable": 3,
+        "zero_length": 1,
+        "non_finite": 1,
+        "silent": 2,
+        "too_short": 1,
+        "missing": 1,
+    }
+    printed = capsys.readouterr().out
+    assert "10 file(s) skipped" in printed and "skipped.csv" in printed
+    with open(cache.path / "skipped.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert {row["track_id"]: row["reason"] for row in rows} == expected
+    # Skipped tracks have no data: asking for one says why.
+    with pytest.raises(KeyError, match="too_short"):
+        cache.frames("short")
+    # Unchanged bad files are not decoded again; a repaired one is.
+    write(folder / "short.wav", tone_and_noise(6.0, 16000, 4), 16000)
+    again = MelCache.build(make_index({**good, **files}), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (again.build_report.processed, again.build_report.already_skipped) == (1, 9)
+    assert "short" in again.track_ids and len(again.skipped) == 9
+    # Other skipping rules (a shorter minimum length) retry every skipped file, not the cached ones.
+    relaxed = MelCache.build(
+        make_index(files), tmp_path / "cache", workers=0, min_seconds=0.5, progress=False, verbose=False
+    ).build_report
+    assert (relaxed.processed, relaxed.already_cached, relaxed.skipped) == (9, 1, 9)
+
+
+def test_index_without_usable_tracks_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    index = make_index({"a": str(tmp_path / "a.wav"), "b": str(tmp_path / "b.wav")})
+    with pytest.raises(MelCacheError, match=r"none of the 2 tracks.*undecodable.*missing"):
+        MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+
+
+def test_concurrent_build_is_refused(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    location = MelCache.location(tmp_path / "cache")
+    location.mkdir(parents=True)
+    with open(location / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(MelCacheError, match="another process is building"):
+            MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+
+
+def test_reads_check_bounds_and_survive_pickling(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    cache = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    frames = cache.frames("wav16")
+    assert cache.get("wav16", frames - 126, 126).shape == (128, 126)
+    with pytest.raises(IndexError, match="outside track"):
+        cache.get("wav16", frames - 125, 126)
+    with pytest.raises(IndexError):
+        cache.get("wav16", -1, 10)
+    with pytest.raises(KeyError, match="never cached"):
+        cache.get("nope", 0, 10)
+    copy = pickle.loads(pickle.dumps(cache))
+    np.testing.assert_array_equal(copy.get("flac16", 3, 100), cache.get("flac16", 3, 100))
+
+
+def test_open_without_cache_explains_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(MelCacheError, match="MelCache.build"):
+        MelCache.open(tmp_path / "nothing")

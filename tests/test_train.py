@@ -1,0 +1,130 @@
+"""The shared trainer: every method trains, runs are reproducible, NaN is caught, the CLI is strict."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+from musicssl.models import Backbone
+from musicssl.pretext.registry import available_methods
+from musicssl.train import ConfigError, TrainConfig, method_settings, train, warmup_cosine
+
+
+def tiny_config(method: str, tmp_path, **changes) -> TrainConfig:
+    config = TrainConfig(
+        method=method, preset="cpu", max_epochs=2, steps_per_epoch=3, batch_size=8, probe_segments=64,
+        probe_segments_per_track=2, num_threads=1, out_dir=str(tmp_path / method), seed=3,
+    )
+    return replace(config, **changes)
+
+
+@pytest.mark.parametrize("method", ["contrastive", "byol", "clustering", "barlow_twins", "vicreg"])
+def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
+    result = train(tiny_config(method, tmp_path), data=tonal_data, progress_bar=False)
+    assert result.diverged_step is None
+    assert [row["epoch"] for row in result.epochs] == [1, 2]
+    assert result.final["steps"] == 6
+    assert math.isfinite(result.final["train_loss"])
+    # Every loss term is logged, and the collapse metrics of the last epoch are in the summary.
+    assert result.final["collapse_rankme_embedding"] > 1.0
+    assert 0.0 <= result.final["probe_auc"] <= 1.0 and 0.0 <= result.final["probe_map"] <= 1.0
+    out = tmp_path / method
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 2 and "train_loss" in metrics and "collapse_l2_std_embedding" in metrics
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 2
+    # The checkpoint is a plain state_dict of the backbone, loadable without pickled code.
+    state = torch.load(out / "backbone.pt", weights_only=True)
+    backbone = Backbone(preset="cpu")
+    backbone.load_state_dict(state)
+    assert torch.equal(backbone.state_dict()["attention_pool.positional_embedding"],
+                       result.backbone.state_dict()["attention_pool.positional_embedding"])
+
+
+def test_vicreg_logs_its_three_terms_and_they_add_up(tmp_path, tonal_data):
+    result = train(tiny_config("vicreg", tmp_path, max_epochs=1), data=tonal_data, progress_bar=False)
+    row = result.epochs[-1]
+    weights = method_settings(result.config)
+    # Epoch means of a weighted sum equal the weighted sum of the epoch means.
+    expected = (weights.inv_weight * row["train_invariance"] + weights.var_weight * row["train_variance"]
+                + weights.cov_weight * row["train_covariance"])
+    assert row["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_same_seed_gives_the_same_metrics(tmp_path, tonal_data):
+    first = train(tiny_config("contrastive", tmp_path / "a", final_probe=False), data=tonal_data, progress_bar=False)
+    second = train(tiny_config("contrastive", tmp_path / "b", final_probe=False), data=tonal_data, progress_bar=False)
+    drop = {"epoch_seconds"}
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in drop} for row in rows]  # noqa: E731
+    assert strip(first.epochs) == strip(second.epochs)
+    other = train(tiny_config("contrastive", tmp_path / "c", seed=4, final_probe=False), data=tonal_data, progress_bar=False)
+    assert other.epochs[0]["train_loss"] != first.epochs[0]["train_loss"]
+
+
+def test_a_nan_loss_stops_the_run_at_once_as_diverged(tmp_path, tonal_data):
+    config = tiny_config("vicreg", tmp_path, max_epochs=3, method_params={"inv_weight": float("nan")})
+    result = train(config, data=tonal_data, progress_bar=False)
+    assert result.verdict == "diverged"
+    assert result.diverged_step == 0
+    assert result.final["steps"] == 0
+    assert "probe_map" not in result.final  # no probe on a diverged run
+
+
+def test_warmup_cosine_schedule_matches_its_formula():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+
+
+def test_cpu_preset_scales_the_heads_and_settings_override_them():
+    config = TrainConfig(method="vicreg", preset="cpu", method_params={"hidden_dim": "256", "var_weight": "2.5"})
+    settings = method_settings(config)
+    assert settings.hidden_dim == 256 and settings.projection_dim == 1024 and settings.var_weight == 2.5
+    assert method_settings(TrainConfig(method="vicreg", preset="paper")).projection_dim == 2048
+    with pytest.raises(ConfigError, match="unknown setting 'var_wieght'"):
+        method_settings(TrainConfig(method="vicreg", method_params={"var_wieght": "1"}))
+    with pytest.raises(ConfigError, match="expects a number"):
+        method_settings(TrainConfig(method="vicreg", method_params={"var_weight": "lots"}))
+
+
+def test_registry_has_the_five_methods():
+    assert available_methods() == ["barlow_twins", "byol", "clustering", "contrastive", "vicreg"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["simclr"], "unknown pretext method 'simclr'"),
+        (["vicreg", "--set", "var_wieght=1"], "unknown setting 'var_wieght'"),
+        (["vicreg", "--set", "var_weight"], "--set takes name=value"),
+        (["vicreg", "--set", "max_epochs=many"], "expects a number"),
+    ],
+)
+def test_cli_misuse_exits_2_without_traceback(arguments, message):
+    completed = subprocess.run(
+        [sys.executable, "-m", "musicssl.train", *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 2
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
+    out = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, "-m", "musicssl.train", "barlow_twins", "--data", str(tonal_dataset / "tracks.csv"),
+         "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1",
+         "--set", "probe_segments=32", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "MUSICSSL_CACHE": str(tmp_path / "cache")},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "barlow_twins: 1 epochs, 2 steps" in completed.stdout
+    assert (out / "backbone.pt").is_file() and (out / "metrics.csv").is_file()
