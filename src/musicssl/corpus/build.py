@@ -1,0 +1,298 @@
+"""Build the embedded corpus: compose, synthesise and master N songs, split them, write ``tracks.csv``.
+
+The output folder holds ``audio/<track_id>.flac`` (16 kHz mono, 16-bit), ``midi/<track_id>.mid``
+(the score each track was synthesised from), ``tracks.csv`` (a :class:`TrackIndex` with the
+generator factors as extra columns) and ``corpus.json`` (how it was built). The folder appears only
+when it is complete: it is built in a hidden sibling folder and renamed at the end.
+
+Each track's content depends only on the corpus seed and the track's number (its random streams are
+derived from both), so the corpus is the same whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from musicssl.corpus.compose import STYLES, compose_song, draw_factors
+from musicssl.corpus.render import (
+    SAMPLE_RATE,
+    NoteBank,
+    default_workers,
+    draw_mix,
+    ensure_note_bank,
+    master,
+    process_context,
+    synthesize,
+    write_flac,
+)
+from musicssl.corpus.tags import TAG_NAMES
+
+# As in musicssl.data.index, which is imported only where tracks.csv is written: importing
+# musicssl.data loads torch, and the build's worker processes are better forked without it.
+SPLITS = ("train", "valid", "test")
+
+__all__ = [
+    "CorpusConfig",
+    "CorpusError",
+    "BuildReport",
+    "SPLIT_FRACTIONS",
+    "GENERATOR_VERSION",
+    "cache_dir",
+    "default_corpus_dir",
+    "split_assignment",
+    "build_track",
+    "build_corpus",
+    "ensure_corpus",
+]
+
+GENERATOR_VERSION = 1
+SPLIT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.2}
+MIN_TRACKS = 10  # fewer leaves the validation split empty
+MIN_SECONDS = 4.0  # one 4 s view
+MAX_SECONDS = 600.0
+REVERB_MARGIN_SECONDS = 1.0  # synthesised past the end so that the cut is not a reverb onset
+_SPLIT_STREAM = 0x53504C4954  # "SPLIT": keeps the split's random stream apart from the tracks'
+
+
+class CorpusError(ValueError):
+    """Bad corpus settings or output folder; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """What to build: ``tracks`` songs of ``seconds`` each, all drawn from ``seed``."""
+
+    tracks: int = 600
+    seconds: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tracks, int) or self.tracks < MIN_TRACKS:
+            raise CorpusError(f"tracks must be an integer >= {MIN_TRACKS} (so that every split has a track), got {self.tracks!r}")
+        if not (MIN_SECONDS <= float(self.seconds) <= MAX_SECONDS) or not math.isfinite(float(self.seconds)):
+            raise CorpusError(f"seconds must be between {MIN_SECONDS:g} and {MAX_SECONDS:g}, got {self.seconds!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise CorpusError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a build produced and how long it took."""
+
+    out_dir: Path
+    tracks: int
+    seconds: float
+    split_counts: dict[str, int]
+    tags_used: int
+    build_seconds: float
+    bank_seconds: float
+    bank_dir: Path
+
+    def summary(self) -> str:
+        hours = self.tracks * self.seconds / 3600.0
+        splits = "/".join(str(self.split_counts[name]) for name in SPLITS)
+        return (
+            f"built {self.tracks} tracks x {self.seconds:g} s ({hours:.2f} h of audio, {splits} train/valid/test, "
+            f"{self.tags_used} tags) in {self.out_dir} in {self.build_seconds:.1f} s"
+        )
+
+
+def cache_dir() -> Path:
+    """``$MUSICSSL_CACHE``, else ``~/.cache/musicssl``."""
+    return Path(os.environ.get("MUSICSSL_CACHE") or Path.home() / ".cache" / "musicssl").expanduser()
+
+
+def default_corpus_dir(tracks: int = 600, seconds: float = 30.0, seed: int = 0) -> Path:
+    """Where :func:`ensure_corpus` keeps a corpus by default."""
+    return cache_dir() / f"corpus-{tracks}x{seconds:g}s-seed{seed}"
+
+
+def split_assignment(tracks: int, seed: int) -> list[str]:
+    """The split of each track number: a seeded shuffle cut 70/10/20 (rounded counts)."""
+    counts = {name: int(math.floor(tracks * SPLIT_FRACTIONS[name] + 0.5)) for name in ("train", "valid")}
+    counts["test"] = tracks - counts["train"] - counts["valid"]
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(tracks)
+    splits = [""] * tracks
+    position = 0
+    for name in SPLITS:
+        for number in order[position : position + counts[name]]:
+            splits[int(number)] = name
+        position += counts[name]
+    return splits
+
+
+def track_id(number: int) -> str:
+    return f"track{number:05d}"
+
+
+def build_track(number: int, config: CorpusConfig, bank: NoteBank, out_dir: Path, split: str) -> dict:
+    """Compose, synthesise, master and write track ``number``; returns its ``tracks.csv`` record.
+
+    The song's factors and notes come from the random stream ``(seed, number, 0)`` and its mix from
+    ``(seed, number, 1)``, so a track does not depend on which worker builds it or in what order.
+    """
+    song_rng = np.random.default_rng([config.seed, number, 0])
+    mix_rng = np.random.default_rng([config.seed, number, 1])
+    factors = draw_factors(song_rng)
+    song = compose_song(factors, config.seconds, song_rng)
+    mix = draw_mix(mix_rng)
+    audio = synthesize(song, bank, mix.part_gains_db, extra_seconds=REVERB_MARGIN_SECONDS)
+    audio, level = master(audio, mix, mix_rng, bank.sample_rate, length=int(round(config.seconds * bank.sample_rate)))
+    name = track_id(number)
+    audio_path = out_dir / "audio" / f"{name}.flac"
+    write_flac(audio_path, audio, bank.sample_rate)
+    (out_dir / "midi" / f"{name}.mid").write_bytes(song.midi_bytes())
+    return {
+        "track_id": name,
+        "path": str(audio_path),
+        "split": split,
+        "tags": factors.tags,
+        "duration": len(audio) / bank.sample_rate,
+        "style": factors.style,
+        "key": factors.key_name,
+        "mode": factors.mode,
+        "energy": factors.energy,
+        "tempo_bpm": factors.tempo_bpm,
+        "time_signature": f"{STYLES[factors.style].beats_per_bar}/4",
+        "instruments": ";".join(factors.instruments),
+        "bass": factors.bass,
+        "chords": factors.chords,
+        "melody": factors.melody,
+        "pad": factors.pad or "",
+        "drum_kit": factors.drum_kit,
+        "sections": ";".join(song.sections),
+        "gain_db": level,
+        "eq_low_shelf_db": mix.low_shelf_db,
+        "eq_high_shelf_db": mix.high_shelf_db,
+        "lowpass_hz": mix.lowpass_hz if mix.lowpass_hz is not None else "",
+        "reverb": mix.reverb_wet,
+        "reverb_seconds": mix.reverb_seconds,
+        "midi": f"midi/{name}.mid",
+    }
+
+
+def _build_track_job(job: tuple[int, CorpusConfig, str, str, str]) -> dict:
+    number, config, bank_dir, out_dir, split = job
+    return build_track(number, config, NoteBank(Path(bank_dir)), Path(out_dir), split)
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CorpusError(f"{out_dir} exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / "tracks.csv").is_file():
+            raise CorpusError(f"{out_dir} is not empty and holds no corpus; choose an empty or new folder for --out")
+        if not force:
+            raise CorpusError(f"{out_dir} already holds a corpus; rebuild it with --force (force=True in Python) or choose another folder")
+
+
+def _publish(staging: Path, out_dir: Path, force: bool) -> bool:
+    """Move the finished build into place. Returns False if another build finished there first."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if force and (out_dir / "tracks.csv").is_file():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.rename(retired / out_dir.name)
+        staging.rename(out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+        return True
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        if (out_dir / "tracks.csv").is_file():
+            return False  # a concurrent build of the same corpus won the race; its result is as good
+        raise
+    return True
+
+
+def build_corpus(
+    out_dir: str | Path,
+    config: CorpusConfig = CorpusConfig(),
+    workers: int | None = None,
+    bank_cache_dir: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> BuildReport:
+    """Build the corpus described by ``config`` into ``out_dir``.
+
+    ``workers`` processes build tracks in parallel (default: one per CPU); the result does not
+    depend on it. The note bank is rendered into ``bank_cache_dir`` (default :func:`cache_dir`) on
+    first use and reused afterwards. ``out_dir`` must be new or empty unless ``force`` replaces a
+    corpus already there. Raises :class:`CorpusError` for bad settings or folders.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser().absolute()
+    workers = default_workers() if workers is None else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise CorpusError(f"workers must be a positive integer, got {workers!r}")
+    _check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    bank = ensure_note_bank(Path(bank_cache_dir) if bank_cache_dir is not None else cache_dir(), workers=workers, progress=progress)
+    bank_seconds = time.perf_counter() - started
+
+    splits = split_assignment(config.tracks, config.seed)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        (staging / "audio").mkdir()
+        (staging / "midi").mkdir()
+        jobs = [(number, config, str(bank.directory), str(staging), splits[number]) for number in range(config.tracks)]
+        records: list[dict] = [{}] * config.tracks
+        with tqdm(total=config.tracks, desc="corpus", unit="track", disable=not progress, dynamic_ncols=True) as bar:
+            if workers == 1:
+                for job in jobs:
+                    records[job[0]] = _build_track_job(job)
+                    bar.update()
+            else:
+                with process_context().Pool(min(workers, config.tracks)) as pool:
+                    for record in pool.imap_unordered(_build_track_job, jobs, chunksize=2):
+                        records[int(record["track_id"][len("track") :])] = record
+                        bar.update()
+        from musicssl.data.index import TrackIndex
+
+        index = TrackIndex.from_records(records, tag_names=[tag for tag in TAG_NAMES if any(tag in r["tags"] for r in records)], name=out_dir.name)
+        index.to_csv(staging / "tracks.csv")
+        split_counts = {name: splits.count(name) for name in SPLITS}
+        build_seconds = time.perf_counter() - started
+        info = {
+            "generator_version": GENERATOR_VERSION,
+            "config": asdict(config),
+            "sample_rate": SAMPLE_RATE,
+            "split_counts": split_counts,
+            "tag_vocabulary": list(TAG_NAMES),
+            "tags_used": len(index.tag_names),
+            "note_bank": str(bank.directory),
+            "workers": workers,
+            "build_seconds": round(build_seconds, 2),
+        }
+        (staging / "corpus.json").write_text(json.dumps(info, indent=2) + "\n")
+        _publish(staging, out_dir, force)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildReport(out_dir, config.tracks, float(config.seconds), split_counts, len(index.tag_names), build_seconds, bank_seconds, bank.directory)
+
+
+def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0, seconds: float = 30.0) -> Path:
+    """The folder holding the corpus's ``tracks.csv``, building the corpus first if it is missing.
+
+    Default folder: ``$MUSICSSL_CACHE/corpus-{tracks}x{seconds}s-seed{seed}`` (``MUSICSSL_CACHE``
+    defaults to ``~/.cache/musicssl``). A folder with a ``tracks.csv`` is returned as it is.
+    """
+    config = CorpusConfig(tracks=tracks, seconds=seconds, seed=seed)
+    out_dir = Path(out_dir).expanduser().absolute() if out_dir is not None else default_corpus_dir(tracks, seconds, seed)
+    if (out_dir / "tracks.csv").is_file():
+        return out_dir
+    build_corpus(out_dir, config)
+    return out_dir

@@ -1,0 +1,393 @@
+"""The embedded corpus: CLI, files, tags against the scores they came from, splits, determinism,
+segment variety, and note-bank synthesis against the SoundFont renderer itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pretty_midi
+import pytest
+import soundfile
+import torch
+from scipy import signal, stats
+
+from musicssl.audio import LogMel
+from musicssl.corpus import (
+    CorpusConfig,
+    CorpusError,
+    build_corpus,
+    ensure_corpus,
+    split_assignment,
+)
+from musicssl.corpus.__main__ import main as cli_main
+from musicssl.corpus.compose import STYLES, Note, Part, Song, compose_song, draw_factors
+from musicssl.corpus.render import (
+    _shelf,
+    draw_mix,
+    ensure_note_bank,
+    master,
+    render_song_directly,
+    synthesize,
+)
+from musicssl.corpus.tags import INSTRUMENTS, TAG_NAMES
+from musicssl.data.index import TrackIndex
+
+TRACKS, SECONDS, SEED = 12, 6.0, 3
+
+# From the General MIDI Level 1 sound set (0-based program numbers), written out independently of
+# the corpus's catalogue: program -> the instrument tag it must produce.
+GM_PROGRAM_TAGS = {
+    0: "piano",  # Acoustic Grand Piano
+    4: "electric_piano",  # Electric Piano 1
+    11: "vibraphone",  # Vibraphone
+    16: "organ",  # Drawbar Organ
+    25: "acoustic_guitar",  # Acoustic Guitar (steel)
+    27: "electric_guitar",  # Electric Guitar (clean)
+    30: "distorted_guitar",  # Distortion Guitar
+    32: "acoustic_bass",  # Acoustic Bass
+    33: "electric_bass",  # Electric Bass (finger)
+    38: "synth_bass",  # Synth Bass 1
+    40: "violin",  # Violin
+    48: "strings",  # String Ensemble 1
+    56: "trumpet",  # Trumpet
+    65: "saxophone",  # Alto Sax
+    73: "flute",  # Flute
+    81: "synth_lead",  # Lead 2 (sawtooth)
+    89: "synth_pad",  # Pad 2 (warm)
+    104: "sitar",  # Sitar
+}
+# GS/GM2 drum kit program numbers.
+GM_DRUM_KIT_TAGS = {0: "standard_kit", 16: "rock_kit", 24: "electronic_kit", 25: "808_kit", 40: "brush_kit"}
+PITCH_CLASS = {"C": 0, "C#": 1, "Db": 1, "D": 2, "D#": 3, "Eb": 3, "E": 4, "F": 5, "F#": 6, "Gb": 6, "G": 7, "G#": 8, "Ab": 8,
+               "A": 9, "A#": 10, "Bb": 10, "B": 11}
+MOOD_OF = {("major", "high"): "happy", ("major", "low"): "relaxed", ("minor", "low"): "sad", ("minor", "high"): "tense"}
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private cache folder; the note bank is rendered into it once per test session."""
+    return tmp_path_factory.mktemp("musicssl-cache")
+
+
+@pytest.fixture(scope="session")
+def bank(cache: Path):
+    return ensure_note_bank(cache, workers=2)
+
+
+@pytest.fixture(scope="session")
+def cli_corpus(tmp_path_factory: pytest.TempPathFactory, cache: Path, bank) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("corpora") / "cli"
+    env = {**os.environ, "MUSICSSL_CACHE": str(cache)}
+    command = [sys.executable, "-m", "musicssl.corpus", "--tracks", str(TRACKS), "--seconds", str(SECONDS)]
+    command += ["--seed", str(SEED), "--workers", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    return out, result
+
+
+def read_tracks(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "tracks.csv", keep_default_na=False)
+
+
+def test_cli_builds_a_corpus_and_says_what_it_built(cli_corpus):
+    out, result = cli_corpus
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(f"built {TRACKS} tracks x 6 s")
+    assert str(out) in last_line and last_line.endswith(" s")
+    assert "corpus" in result.stderr and "100%" in result.stderr  # the tqdm bar
+    assert (out / "tracks.csv").is_file() and (out / "corpus.json").is_file()
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name], "a staging folder was left behind"
+
+
+def test_tracks_csv_has_the_columns_and_reads_back_as_a_track_index(cli_corpus):
+    out, _ = cli_corpus
+    frame = read_tracks(out)
+    for column in ("track_id", "path", "split", "tags", "duration", "style", "key", "mode", "tempo_bpm", "energy",
+                   "instruments", "drum_kit", "gain_db", "reverb"):
+        assert column in frame.columns, column
+    index = TrackIndex.from_csv(out / "tracks.csv")
+    assert len(index) == TRACKS
+    assert set(index.tag_groups) <= {"style", "instrument", "drums", "mood", "tempo"}
+    assert {"style", "instrument", "drums", "mood"} <= set(index.tag_groups)
+    for path in index.paths:
+        assert Path(path).is_file()
+    for tags in index.tracks["tags"]:
+        groups = [tag.split("---")[0] for tag in tags]
+        assert groups.count("style") == 1 and groups.count("drums") == 1 and groups.count("mood") == 1
+        assert groups.count("tempo") <= 1 and 3 <= groups.count("instrument") <= 4
+
+
+def test_audio_is_16khz_mono_flac_of_the_stated_length_and_never_silent(cli_corpus):
+    out, _ = cli_corpus
+    frame = read_tracks(out)
+    for _, row in frame.iterrows():
+        info = soundfile.info(str(out / row["path"]))
+        assert (info.samplerate, info.channels, info.format, info.subtype) == (16000, 1, "FLAC", "PCM_16")
+        assert info.frames == int(SECONDS * 16000) and float(row["duration"]) == SECONDS
+        audio, _ = soundfile.read(str(out / row["path"]), dtype="float64")
+        assert np.abs(audio).max() <= 1.0
+        windows = audio.reshape(-1, 16000)  # every second of every track has music in it
+        assert (20 * np.log10(np.sqrt((windows**2).mean(axis=1))) > -50.0).all(), row["track_id"]
+        # The level written in tracks.csv is the RMS level of the file.
+        assert 20 * np.log10(np.sqrt((audio**2).mean())) == pytest.approx(float(row["gain_db"]), abs=0.05)
+
+
+def test_tags_agree_with_the_midi_score_and_the_generator_factors(cli_corpus):
+    out, _ = cli_corpus
+    for _, row in read_tracks(out).iterrows():
+        tags = set(row["tags"].split(";"))
+        midi = pretty_midi.PrettyMIDI(str(out / row["midi"]))
+        pitched = [track for track in midi.instruments if not track.is_drum]
+        drums = [track for track in midi.instruments if track.is_drum]
+        assert all(track.notes for track in midi.instruments)
+        assert {tag for tag in tags if tag.startswith("instrument---")} == {f"instrument---{GM_PROGRAM_TAGS[t.program]}" for t in pitched}
+        assert set(row["instruments"].split(";")) == {GM_PROGRAM_TAGS[track.program] for track in pitched}
+        assert len(drums) == 1 and f"drums---{GM_DRUM_KIT_TAGS[drums[0].program]}" in tags
+        assert row["drum_kit"] == GM_DRUM_KIT_TAGS[drums[0].program]
+        assert f"style---{row['style']}" in tags
+        assert f"mood---{MOOD_OF[(row['mode'], row['energy'])]}" in tags
+        tempo = midi.get_tempo_changes()[1][0]
+        assert tempo == pytest.approx(float(row["tempo_bpm"]), abs=0.01)
+        assert ("tempo---fast" in tags) == (tempo >= 120.0) and ("tempo---slow" in tags) == (tempo <= 90.0)
+        key = midi.key_signature_changes[0].key_number  # pretty_midi: 0-11 major tonics, 12-23 minor
+        assert ("minor" if key >= 12 else "major") == row["mode"]
+        assert key % 12 == PITCH_CLASS[row["key"]]
+        assert midi.time_signature_changes[0].numerator == (3 if row["style"] == "waltz" else 4)
+
+
+def test_splits_are_70_10_20_by_track_and_deterministic(cli_corpus):
+    out, _ = cli_corpus
+    frame = read_tracks(out)
+    counts = frame["split"].value_counts().to_dict()
+    assert counts == {"train": round(0.7 * TRACKS), "valid": round(0.1 * TRACKS), "test": TRACKS - round(0.7 * TRACKS) - round(0.1 * TRACKS)}
+    assert frame["split"].tolist() == split_assignment(TRACKS, SEED)
+    assert split_assignment(600, 0) == split_assignment(600, 0)
+    assert {name: split_assignment(600, 0).count(name) for name in ("train", "valid", "test")} == {"train": 420, "valid": 60, "test": 120}
+    assert split_assignment(600, 0) != split_assignment(600, 1)
+
+
+def _load_all(folder: Path) -> tuple[pd.DataFrame, list[np.ndarray], list[bytes]]:
+    frame = read_tracks(folder)
+    audio = [soundfile.read(str(folder / path), dtype="int16")[0] for path in frame["path"]]
+    midi = [(folder / path).read_bytes() for path in frame["midi"]]
+    return frame, audio, midi
+
+
+def test_one_worker_builds_exactly_what_two_workers_built(cli_corpus, cache, tmp_path):
+    out, _ = cli_corpus
+    build_corpus(tmp_path / "one", CorpusConfig(TRACKS, SECONDS, SEED), workers=1, bank_cache_dir=cache, progress=False)
+    frame_two, audio_two, midi_two = _load_all(out)
+    frame_one, audio_one, midi_one = _load_all(tmp_path / "one")
+    pd.testing.assert_frame_equal(frame_one, frame_two)
+    assert all(np.array_equal(a, b) for a, b in zip(audio_one, audio_two))
+    assert midi_one == midi_two
+
+
+def test_another_seed_gives_other_songs(cli_corpus, cache, tmp_path):
+    out, _ = cli_corpus
+    build_corpus(tmp_path / "other", CorpusConfig(TRACKS, SECONDS, SEED + 1), workers=2, bank_cache_dir=cache, progress=False)
+    frame_a, audio_a, _ = _load_all(out)
+    frame_b, audio_b, _ = _load_all(tmp_path / "other")
+    factors = ["style", "key", "mode", "energy", "tempo_bpm", "instruments", "drum_kit"]
+    same_factors = sum(frame_a.loc[i, factors].tolist() == frame_b.loc[i, factors].tolist() for i in range(TRACKS))
+    assert same_factors == 0
+    assert not any(np.array_equal(a, b) for a, b in zip(audio_a, audio_b))
+
+
+def _max_normalised_cross_correlation(a: np.ndarray, b: np.ndarray, max_lag: int) -> float:
+    best = 0.0
+    for lag in range(-max_lag, max_lag + 1, 4):
+        x, y = (a[lag:], b[: len(b) - lag]) if lag >= 0 else (a[:lag], b[-lag:])
+        best = max(best, float(np.dot(x, y) / math.sqrt(np.dot(x, x) * np.dot(y, y))))
+    return best
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_segments_8s_apart_share_the_instruments_but_not_the_content(style, bank):
+    rng = np.random.default_rng(100 + list(STYLES).index(style))
+    factors = draw_factors(rng)
+    # The slowest tempo of the style: fewest bars between the segments, the likeliest to repeat.
+    factors = dataclasses.replace(factors, style=style, tempo_bpm=STYLES[style].tempo_range[0])
+    song = compose_song(factors, 16.0, rng)
+    audio, _ = master(synthesize(song, bank, extra_seconds=1.0), draw_mix(rng), rng)
+    first, second = audio[2 * 16000 : 6 * 16000], audio[10 * 16000 : 14 * 16000]
+    # Not a loop: even at the best alignment within +-50 ms the two segments are far from equal.
+    assert _max_normalised_cross_correlation(first, second, 800) < 0.8
+    # Every part (hence every tag's instrument) sounds in both segments.
+    for part in song.parts:
+        for start in (2.0, 10.0):
+            assert any(note.start < start + 4.0 and note.end > start for note in part.notes), (part.role, start)
+
+
+def test_instruments_and_drum_kits_are_drawn_independently_of_style():
+    draws = [draw_factors(np.random.default_rng([7, n])) for n in range(4000)]
+    for attribute in ("chords", "melody", "drum_kit"):
+        table = pd.crosstab(pd.Series([d.style for d in draws]), pd.Series([getattr(d, attribute) for d in draws]))
+        assert stats.chi2_contingency(table.to_numpy()).pvalue > 0.001, attribute
+
+
+def test_corpus_constants_agree_with_the_track_index():
+    from musicssl.corpus import build, tags
+    from musicssl.data import index
+
+    assert tags.GROUP_SEPARATOR == index.GROUP_SEPARATOR and build.SPLITS == index.SPLITS
+
+
+def test_vocabulary_spans_the_required_groups_and_gm_families():
+    assert 30 <= len(TAG_NAMES) <= 40
+    groups = {tag.split("---")[0] for tag in TAG_NAMES}
+    assert groups == {"style", "instrument", "drums", "mood", "tempo"}
+    assert sum(tag.startswith("style---") for tag in TAG_NAMES) >= 6
+    assert len({spec.program // 8 for spec in INSTRUMENTS}) >= 12  # GM families are blocks of 8 programs
+    assert {GM_PROGRAM_TAGS[spec.program] for spec in INSTRUMENTS} == {spec.name for spec in INSTRUMENTS}
+
+
+def test_note_bank_synthesis_matches_rendering_the_song_with_midirenderer(bank):
+    front_end = LogMel()
+    for seed in (0, 1, 2):
+        rng = np.random.default_rng(seed)
+        song = compose_song(draw_factors(rng), 6.0, rng)
+        direct = render_song_directly(song)
+        from_bank = synthesize(song, bank)[: len(direct)]
+        assert 20 * math.log10(np.sqrt(np.mean(from_bank**2) / np.mean(direct**2))) == pytest.approx(0.0, abs=0.5)
+        mel_direct = front_end(torch.from_numpy(direct)).numpy()
+        mel_bank = front_end(torch.from_numpy(from_bank)).numpy()
+        audible = mel_direct > mel_direct.max() - 60.0
+        assert np.abs(mel_bank - mel_direct)[audible].mean() < 3.0  # dB
+        assert np.corrcoef(mel_bank.ravel(), mel_direct.ravel())[0, 1] > 0.95
+
+
+def test_velocity_and_release_follow_the_soundfont(bank):
+    """A soft, short note from the bank has the level of the same note rendered by midirenderer."""
+    rng = np.random.default_rng(0)
+    template = compose_song(draw_factors(rng), 3.0, rng)
+    # Instruments with a steady tone (the string ensemble's layers beat, so windows of it vary). The
+    # electric bass's release is over in ~30 ms, too short to compare at the renderer's timing
+    # resolution, so only its held part is compared.
+    for program, name, pitch, windows in (
+        (0, "piano", 60, ((0.5, 1.1), (1.1, 1.6))),
+        (89, "synth_pad", 67, ((0.5, 1.1), (1.1, 1.6))),
+        (11, "vibraphone", 72, ((0.5, 1.1), (1.1, 1.6))),
+        (33, "electric_bass", 40, ((0.5, 1.1),)),
+    ):
+        song = Song(template.factors, [Part("melody", name, program, False, [Note(0.5, 1.1, pitch, 45)])], 3.0, ["verse"])
+        direct, from_bank = render_song_directly(song), synthesize(song, bank)[: 3 * 16000]
+        for start, stop in windows:  # while held, then during the release
+            window = slice(int(start * 16000), int(stop * 16000))
+            ratio_db = 10 * math.log10(np.mean(from_bank[window] ** 2) / np.mean(direct[window] ** 2))
+            assert ratio_db == pytest.approx(0.0, abs=1.5), (name, start)
+
+
+def test_shelving_filters_have_the_requested_gain():
+    for high, frequency in ((False, 200.0), (True, 3000.0)):
+        _, response = signal.sosfreqz(_shelf(frequency, 6.0, 16000, high)[None], worN=[1.0, frequency, 7999.0], fs=16000)
+        gains = 20 * np.log10(np.abs(response))
+        far, corner, near = (gains[2], gains[1], gains[0]) if not high else (gains[0], gains[1], gains[2])
+        assert near == pytest.approx(6.0, abs=0.05) and far == pytest.approx(0.0, abs=0.05)
+        assert corner == pytest.approx(3.0, abs=0.05)  # RBJ shelves are half-way (in dB) at the corner
+
+
+def test_midi_written_directly_reads_back_like_pretty_midis_own():
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        song = compose_song(draw_factors(rng), 10.0, rng)
+        mine = pretty_midi.PrettyMIDI(io.BytesIO(song.midi_bytes()))
+        reference = song.to_midi()
+        assert [(t.program, t.is_drum, t.name) for t in mine.instruments] == [(t.program, t.is_drum, t.name) for t in reference.instruments]
+        for a, b in zip(mine.instruments, reference.instruments):
+            # By pitch, then time: notes of one pitch are far more than a tick apart, so the order is
+            # the same in both files whatever the rounding to ticks.
+            a_notes = sorted((n.pitch, n.start, n.velocity, n.end) for n in a.notes)
+            b_notes = sorted((n.pitch, n.start, n.velocity, n.end) for n in b.notes)
+            assert len(a_notes) == len(b_notes)
+            tick = 60.0 / song.factors.tempo_bpm / 480
+            for x, y in zip(a_notes, b_notes):
+                assert x[0] == y[0] and x[2] == y[2] and abs(x[1] - y[1]) <= tick and abs(x[3] - y[3]) <= tick, (x, y)
+        assert mine.key_signature_changes[0].key_number == reference.key_signature_changes[0].key_number
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--tracks", "3"], "tracks must be an integer >= 10"),
+        (["--seconds", "1"], "seconds must be between 4 and 600"),
+        (["--seconds", "nan"], "seconds must be between 4 and 600"),
+        (["--seed", "-1"], "seed must be a non-negative integer"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--tracks", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_bad_cli_arguments_exit_2_with_a_message(arguments, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli_main([*arguments, "--out", str(tmp_path / "corpus")])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli_corpus, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tracks", "10", "--out", str(tmp_path)])
+    assert exited.value.code == 2 and "is not empty and holds no corpus" in capsys.readouterr().err
+    out, _ = cli_corpus
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tracks", "10", "--out", str(out)])
+    assert exited.value.code == 2 and "already holds a corpus" in capsys.readouterr().err
+
+
+def test_bad_arguments_on_the_real_command_line_print_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "musicssl.corpus", "--tracks", "2", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "tracks must be an integer >= 10" in result.stderr
+
+
+def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSICSSL_CACHE", str(cache))
+    folder = ensure_corpus(tracks=10, seconds=4.0, seed=5)
+    assert folder == cache / "corpus-10x4s-seed5" and (folder / "tracks.csv").is_file()
+    written = (folder / "tracks.csv").stat().st_mtime_ns
+    assert ensure_corpus(tracks=10, seconds=4.0, seed=5) == folder
+    assert (folder / "tracks.csv").stat().st_mtime_ns == written  # found, not rebuilt
+
+    # A build that fails half-way leaves neither the corpus folder nor its staging folder.
+    import musicssl.corpus.build as build_module
+
+    original = build_module.build_track
+
+    def fail_on_track_4(number, *args, **kwargs):
+        if number == 4:
+            raise KeyboardInterrupt
+        return original(number, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "build_track", fail_on_track_4)
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(tmp_path / "half", CorpusConfig(10, 4.0, 0), workers=1, bank_cache_dir=cache, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_rejects_bad_values_with_the_fix_in_the_message():
+    with pytest.raises(CorpusError, match="tracks must be an integer >= 10"):
+        CorpusConfig(tracks=5)
+    with pytest.raises(CorpusError, match="seconds must be between"):
+        CorpusConfig(seconds=1000.0)
+
+
+@pytest.mark.slow
+def test_default_corpus_builds_within_a_minute_including_the_note_bank(tmp_path):
+    started = time.perf_counter()
+    report = build_corpus(tmp_path / "default", CorpusConfig(), bank_cache_dir=tmp_path / "cache", progress=False)
+    elapsed = time.perf_counter() - started
+    print(f"\n{report.summary()} (note bank {report.bank_seconds:.1f} s)")
+    assert len(TrackIndex.from_csv(tmp_path / "default" / "tracks.csv")) == 600
+    assert elapsed <= 60.0
