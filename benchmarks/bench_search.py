@@ -1,0 +1,251 @@
+"""Benchmarks of the search (``python -m hpsearch.run``), printed as numbers and ratios.
+
+``python benchmarks/bench_search.py timing``
+    The default 64-trial VICReg search (corpus cached) as a user runs it; wall time against the
+    15-minute target, with the machine's load average (the machine may be shared).
+``python benchmarks/bench_search.py savings --method vicreg --trials 64``
+    The same search (same seed) with and without collapse stopping: trial-epochs run by each,
+    the fraction saved (target >= 30%), and whether any of the 5 best trials of the search without
+    stopping would have been stopped (target: none). Reuses finished runs of the same name.
+``python benchmarks/bench_search.py replay --method vicreg --trials 64``
+    Replay other grace/patience settings of the stopping rule on the run without stopping (from
+    its logged collapse metrics): what each would save and whether it would stop a best-5 trial.
+``python benchmarks/bench_search.py overhead --trials 6``
+    Ray's per-trial overhead: the same default trials run one at a time through Ray and directly
+    (``train()`` + probe in this process, one thread); target <= 10% of a trial.
+``python benchmarks/bench_search.py report RUN_DIR [RUN_DIR ...]``
+    Print the numbers of finished searches without running anything.
+
+Long runs go to ``--storage-dir`` (default /tmp/hpsearch-bench); run one benchmark at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_cli(args: list[str], log: Path | None = None) -> tuple[int, float]:
+    """Run ``python -m hpsearch.run ARGS``; returns (exit code, wall seconds). Output goes to ``log``."""
+    command = [sys.executable, "-m", "hpsearch.run", *args]
+    started = time.perf_counter()
+    with open(log, "w") if log else open(os.devnull, "w") as out:
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    return code, time.perf_counter() - started
+
+
+def read_run(folder: Path) -> tuple[pd.DataFrame, dict, dict]:
+    trials = pd.read_csv(folder / "trials.csv")
+    summary = json.loads((folder / "summary.json").read_text())
+    settings = json.loads((folder / "search.json").read_text())
+    return trials, summary, settings
+
+
+def describe(folder: Path) -> None:
+    trials, summary, settings = read_run(folder)
+    seconds = pd.to_numeric(trials["seconds"], errors="coerce")
+    print(f"{folder.name}: {settings['method']}, {summary['trials_finished']}/{summary['trials_requested']} trials, "
+          f"counts {summary['counts']}")
+    print(f"  trial-epochs run {summary['trial_epochs_run']:.1f} of {summary['trial_epochs_requested']} "
+          f"({100 * summary['saved_fraction']:.1f}% saved: {summary['epochs_saved']})")
+    print(f"  best #{summary['best_trial']} {summary['objective']} {summary['best_value']}")
+    if summary.get("seconds"):
+        print(f"  search wall time {summary['seconds']:.0f} s ({summary['seconds'] / 60:.1f} min); trial seconds: "
+              f"median {seconds.median():.1f}, mean {seconds.mean():.1f}, sum {seconds.sum():.0f}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_timing(args) -> None:
+    # The same run as the "with stopping" half of `savings --method vicreg --trials 64`.
+    name = args.name or f"vicreg-{args.trials}-stop"
+    folder = Path(args.storage_dir) / name
+    if (folder / "summary.json").is_file() and not args.rerun:
+        print(f"(reusing the finished run {folder})")
+        wall = json.loads((folder / "summary.json").read_text())["seconds"]
+    else:
+        print(f"load average before: {load_average()}")
+        code, wall = run_cli(["vicreg", "--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir],
+                             log=Path(args.storage_dir) / f"{name}.log")
+        print(f"exit code {code}; load average after: {load_average()}")
+    describe(folder)
+    print(f"RESULT timing: {args.trials}-trial default vicreg search took {wall / 60:.1f} min "
+          f"(target <= 15 min: {'met' if wall <= 900 else 'NOT met'})")
+
+
+def bench_savings(args) -> None:
+    runs = {}
+    for stop in (True, False):
+        name = f"{args.method}-{args.trials}-{'stop' if stop else 'nostop'}"
+        folder = Path(args.storage_dir) / name
+        if not (folder / "summary.json").is_file() or args.rerun:
+            flags = ["--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir, "--seed", str(args.seed)]
+            if not stop:
+                flags.append("--no-collapse-stop")
+            print(f"running {name} (load average {load_average()})", flush=True)
+            code, wall = run_cli([args.method, *flags], log=Path(args.storage_dir) / f"{name}.log")
+            print(f"  exit code {code}, {wall / 60:.1f} min", flush=True)
+        runs[stop] = folder
+        describe(folder)
+    with_stop, _, _ = read_run(runs[True])
+    without, summary_without, _ = read_run(runs[False])
+    epochs_with = float(pd.to_numeric(with_stop["epochs_run"], errors="coerce").sum())
+    epochs_without = float(pd.to_numeric(without["epochs_run"], errors="coerce").sum())
+    saved = 1.0 - epochs_with / epochs_without
+    complete = without[without["state"] == "COMPLETE"].sort_values("objective", ascending=False)
+    top = complete.head(5)
+    would_stop = top[top["would_stop_epoch"].notna()]
+    print(f"trial-epochs: with collapse stop {epochs_with:.1f}, without {epochs_without:.1f}: "
+          f"{100 * saved:.1f}% saved (target >= 30%)")
+    flagged = int(without["would_stop_epoch"].notna().sum())
+    print(f"without stopping, the rule would have stopped {flagged} of {len(without)} trials")
+    print("5 best trials without stopping (trial, objective, would_stop_epoch, collapse_type):")
+    for row in top.itertuples():
+        print(f"  #{row.trial}  {row.objective:.4f}  {row.would_stop_epoch}  {row.collapse_type}")
+    print(f"RESULT savings {args.method}: {100 * saved:.1f}% of trial-epochs saved "
+          f"({'met' if saved >= 0.3 else 'NOT met'}); {len(would_stop)} of the 5 best trials without stopping "
+          f"would have been stopped ({'met' if len(would_stop) == 0 else 'NOT met'})")
+
+
+def epoch_records(folder: Path) -> dict[int, list[dict]]:
+    """Per Optuna trial number, the epoch reports of a search (from Ray's progress.csv files)."""
+    records = {}
+    for params_file in folder.glob("*/params.json"):
+        number = json.loads(params_file.read_text()).get("optuna_trial")
+        progress = params_file.parent / "progress.csv"
+        if number is None or not progress.is_file():
+            continue
+        frame = pd.read_csv(progress)
+        if "final" in frame:
+            frame = frame[frame["final"] != True]  # noqa: E712 (the column mixes NaN and booleans)
+        records[int(number)] = frame.to_dict("records")
+    return records
+
+
+def replay_rules(args) -> None:
+    """Replay stopping rules on a search run without stopping: what each would have saved, and
+    whether it would have stopped any of the 5 best trials (no retraining, TPE's feedback aside)."""
+    from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+
+    folder = Path(args.storage_dir) / (args.name or f"{args.method}-{args.trials}-nostop")
+    trials, _, settings = read_run(folder)
+    records = epoch_records(folder)
+    max_epochs = settings["max_epochs"]
+    complete = trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
+    best = set(complete["trial"].head(5))
+    print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
+    print("  grace patience  saved   stopped  best-5 stopped")
+    for grace, patience in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (1, 3)):
+        run = requested = 0.0
+        stopped, best_stopped = 0, 0
+        for number, rows in records.items():
+            monitor = CollapseMonitor(CollapseStopRule(grace_epochs=grace, patience_epochs=patience))
+            epochs = float(trials.loc[trials["trial"] == number, "epochs_run"].iloc[0])
+            for row in rows:
+                monitor.update(int(row["epoch"]), int(row["step"]), row)
+                if monitor.fired:
+                    break
+            requested += epochs
+            if monitor.fired and monitor.collapse_type != "diverged":
+                stopped += 1
+                best_stopped += number in best
+                run += min(epochs, monitor.stop_epoch)
+            else:
+                run += epochs
+        print(f"  {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  {stopped:>7}  {best_stopped:>14}")
+
+
+def bench_overhead(args) -> None:
+    """Same trials, one at a time: through Ray (reused actor) and directly in this process."""
+    import torch
+
+    from hpsearch.run import prepare_search_data, run_search
+    from hpsearch.settings import SearchSettings
+    from hpsearch.trainable import build_train_config
+    from musicssl.train import probe_score, train
+
+    points = [{"inv_weight": 25.0, "var_weight": 25.0, "cov_weight": 1.0, "learning_rate": 1e-3,
+               "weight_decay": 1e-4 * (k + 1)} for k in range(args.trials)]
+    name = f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = SearchSettings(method="vicreg", trials=args.trials, name=name, storage_dir=args.storage_dir,
+                              concurrency=1, collapse_stop=False, points_to_evaluate=points)
+    data = prepare_search_data(settings, verbose=False)
+    trial_settings = settings.trial_settings()
+
+    def direct() -> list[float]:
+        torch.set_num_threads(1)
+        times = []
+        for point in points:
+            started = time.perf_counter()
+            result = train(build_train_config(trial_settings, point), data=data, progress_bar=False)
+            probe_score(result.backbone, data, trial_settings.probe_segments_per_track, trial_settings.seed)
+            times.append(time.perf_counter() - started)
+        return times
+
+    print(f"load average {load_average()}", flush=True)
+    direct_before = direct()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    result = run_search(settings, data=data, stream=open(os.devnull, "w"))
+    direct_after = direct()
+    frame = result.trials.sort_values("trial")
+    completes = pd.to_datetime(frame["datetime_complete"])
+    gaps = completes.diff().dt.total_seconds().iloc[1:]  # trial k completion - trial k-1 completion
+    direct_mean = (sum(direct_before) + sum(direct_after)) / (2 * len(points))
+    inside = pd.to_numeric(frame["seconds"]).iloc[1:].mean()
+    print(f"direct trial (train + probe, 1 thread): {direct_mean:.2f} s  (before {sum(direct_before) / len(points):.2f}, "
+          f"after {sum(direct_after) / len(points):.2f})")
+    print(f"through Ray, completion to completion (trials 2..{len(points)}): {gaps.mean():.2f} s; "
+          f"inside the trainable: {inside:.2f} s; first trial (new actor, imports): {frame['seconds'].iloc[0]:.2f} s")
+    overhead = gaps.mean() - direct_mean
+    print(f"RESULT overhead: {overhead:.2f} s per trial = {100 * overhead / direct_mean:.1f}% of a default trial "
+          f"({'met' if overhead <= 0.1 * direct_mean else 'NOT met'}; target <= 10%); load average {load_average()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=["timing", "savings", "replay", "overhead", "report"])
+    parser.add_argument("folders", nargs="*", help="for report: finished search folders")
+    parser.add_argument("--method", default="vicreg")
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
+    parser.add_argument("--rerun", action="store_true", help="run again even if a finished run exists")
+    args = parser.parse_args()
+    Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
+    if args.benchmark == "timing":
+        args.trials = args.trials or 64
+        bench_timing(args)
+    elif args.benchmark == "savings":
+        args.trials = args.trials or 64
+        bench_savings(args)
+    elif args.benchmark == "replay":
+        args.trials = args.trials or 64
+        replay_rules(args)
+    elif args.benchmark == "overhead":
+        args.trials = args.trials or 6
+        bench_overhead(args)
+    else:
+        for folder in args.folders:
+            describe(Path(folder))
+
+
+if __name__ == "__main__":
+    main()

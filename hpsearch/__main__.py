@@ -1,0 +1,7 @@
+"""``python -m hpsearch METHOD ...`` is ``python -m hpsearch.run METHOD ...``."""
+
+import sys
+
+from hpsearch.run import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Live progress: one compact line per finished trial, instead of Ray Tune's status tables."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+__all__ = ["ProgressPrinter", "format_params", "trial_line"]
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e3 else f"{value:.4g}"
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``name=value`` pairs with short numbers, in name order."""
+    return " ".join(f"{name}={_number(value)}" for name, value in sorted(params.items()))
+
+
+def trial_line(record: dict[str, Any], objective: str, max_epochs: int) -> str:
+    """The outcome of one trial in a few words: score, or collapse type and where it began."""
+    outcome = record.get("outcome") or "stopped"
+    epochs = record.get("epochs_run")
+    if not isinstance(epochs, (int, float)):
+        epochs = record.get("epoch", 0) or 0
+    parts = [f"{outcome:<9}"]
+    if outcome == "complete":
+        parts.append(f"{objective} {_number(record.get('objective'))}")
+    elif outcome in ("collapsed", "diverged"):
+        where = f"epoch {record.get('collapse_epoch')}" if record.get("collapse_epoch") is not None else ""
+        step = record.get("collapse_step", record.get("diverged_step"))
+        where += f" (step {step})" if step is not None else ""
+        parts.append(f"{record.get('collapse_type') or outcome} from {where.strip()}".strip())
+    elif outcome == "failed":
+        parts.append(str(record.get("error") or "error")[:120])
+    if outcome == "complete" and record.get("would_stop_epoch") is not None:
+        parts.append(f"(collapse rule: {record.get('collapse_type')} from epoch {record.get('collapse_epoch')})")
+    parts.append(f"{epochs:.3g}/{max_epochs} ep")
+    if isinstance(record.get("seconds"), (int, float)):
+        parts.append(f"{record['seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+class ProgressPrinter(Callback):
+    """Prints ``[done/total] #number outcome score ... | params`` when a trial finishes.
+
+    ``journal`` is the search's Optuna journal: on setup (also after a resume) the count and the
+    best score so far are read from it, so the numbering continues where the search stopped.
+    """
+
+    def __init__(self, total: int, objective: str, max_epochs: int, journal: str, study_name: str,
+                 stream: TextIO | None = None, config_key: str = "optuna_trial") -> None:
+        self.total = total
+        self.objective = objective
+        self.max_epochs = max_epochs
+        self.journal = journal
+        self.study_name = study_name
+        self.config_key = config_key
+        self._stream = stream
+        self.done = 0
+        self.best: tuple[float, int] | None = None
+        self.started = time.monotonic()
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_stream"] = None  # streams do not pickle; Tune pickles callbacks with the experiment
+        return state
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        from hpsearch.results import load_study
+
+        self.started = time.monotonic()
+        study = load_study(self.journal, self.study_name)
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        self.done = len(finished)
+        complete = [t for t in finished if t.value is not None and t.state.name == "COMPLETE"]
+        if complete:
+            best = max(complete, key=lambda t: t.value)
+            self.best = (best.value, best.number)
+        if self.done:
+            print(f"resuming: {self.done}/{self.total} trials already finished", file=self.stream, flush=True)
+
+    def _print(self, trial, record: dict[str, Any]) -> None:
+        if record.get("replayed"):
+            return  # finished (and counted) before the search was interrupted
+        self.done += 1
+        number = trial.config.get(self.config_key, "?")
+        value = record.get("objective")
+        if record.get("outcome") == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
+            if self.best is None or value > self.best[0]:
+                self.best = (float(value), number)
+        best = f"best {_number(self.best[0])} (#{self.best[1]})" if self.best else "best -"
+        params = {k: v for k, v in trial.config.items() if k != self.config_key}
+        elapsed = time.monotonic() - self.started
+        width = len(str(self.total))
+        line = (f"[{self.done:>{width}}/{self.total}] #{number:<3} {trial_line(record, self.objective, self.max_epochs)}"
+                f"  | {best} | {elapsed / 60:.1f} min | {format_params(params)}")
+        print(line, file=self.stream, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        record = dict(trial.last_result or {})
+        if not record.get("final"):
+            record["outcome"] = "stopped"
+        self._print(trial, record)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        record = dict(trial.last_result or {})
+        record["outcome"] = "failed"
+        record.setdefault("error", "exception in the trial (see error.txt in its Ray trial folder)")
+        self._print(trial, record)

@@ -1,0 +1,255 @@
+"""A search's results on disk: ``trials.csv``, the best checkpoint, and the summary.
+
+Everything here reads the Optuna journal (the study is the record of what each trial did) and the
+Ray trial folders (where checkpoints live); nothing needs Ray running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "JOURNAL_FILE",
+    "STUDY_NAME",
+    "TRIALS_FILE",
+    "BEST_BACKBONE_FILE",
+    "BEST_CONFIG_FILE",
+    "SearchSummary",
+    "load_study",
+    "trials_frame",
+    "write_trials_csv",
+    "summarize",
+    "format_summary",
+    "finished_records",
+    "export_best_checkpoint",
+]
+
+JOURNAL_FILE = "optuna.journal"
+STUDY_NAME = "search"
+TRIALS_FILE = "trials.csv"
+BEST_BACKBONE_FILE = "best_backbone.pt"
+BEST_CONFIG_FILE = "best_config.json"
+SUMMARY_FILE = "summary.json"
+CONFIG_KEY = "optuna_trial"
+OUTCOME_ORDER = ("complete", "collapsed", "diverged", "failed", "stopped", "running")
+
+_COLUMNS_FIRST = (
+    "trial", "state", "outcome", "objective", "best_objective", "best_epoch", "probe_map", "probe_auc",
+    "rankme", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
+    "epochs_run", "epochs_completed", "steps", "seconds", "cpu_seconds", "collapse_reasons", "diverged_step", "error",
+)  # fmt: skip
+
+
+def load_study(journal: str | Path, study_name: str = STUDY_NAME):
+    """The search's Optuna study, read from its journal file."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = Path(journal)
+    if not journal.is_file():
+        raise FileNotFoundError(f"{journal}: no Optuna journal here (not a search folder?)")
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def trials_frame(study) -> pd.DataFrame:
+    """One row per Optuna trial: number, state, outcome, scores, collapse, epochs, seconds, params.
+
+    Parameters appear as ``param_<name>``: the sampled ones (as Optuna records them) and the
+    derived ones the trainer received (e.g. ``param_base_ema_rate`` next to
+    ``param_one_minus_ema_rate``). The last epoch's metrics appear as ``last_<metric>``.
+    """
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
+        row.update({key: attrs.get(key) for key in _COLUMNS_FIRST[2:]})
+        if trial.state.name == "RUNNING":
+            row["outcome"] = "running"
+        elif trial.state.name == "WAITING":
+            row["outcome"] = "waiting"
+        if trial.state.name == "COMPLETE":
+            row["objective"] = trial.value
+        params = dict(attrs.get("config") or {})
+        params.update(trial.params)
+        row.update({f"param_{name}": value for name, value in sorted(params.items())})
+        row.update({f"last_{name}": value for name, value in sorted((attrs.get("last_metrics") or {}).items())})
+        row["datetime_start"] = trial.datetime_start
+        row["datetime_complete"] = trial.datetime_complete
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=None if rows else list(_COLUMNS_FIRST))
+    return frame.sort_values("trial").reset_index(drop=True) if rows else frame
+
+
+def write_trials_csv(study, folder: Path) -> pd.DataFrame:
+    """Write ``trials.csv`` (see :func:`trials_frame`) into ``folder`` and return the frame."""
+    frame = trials_frame(study)
+    frame.to_csv(Path(folder) / TRIALS_FILE, index=False)
+    return frame
+
+
+@dataclass
+class SearchSummary:
+    """What a search produced, in numbers."""
+
+    method: str
+    objective: str
+    trials_requested: int
+    trials_finished: int
+    counts: dict[str, int]
+    best_trial: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    trial_epochs_run: float
+    trial_epochs_requested: int
+    epochs_saved: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+    best_backbone: str | None = None
+    # The probe objective of an untrained backbone (the bar training has to clear), when measured.
+    untrained_value: float | None = None
+
+    @property
+    def saved_fraction(self) -> float:
+        if not self.trial_epochs_requested:
+            return 0.0
+        return 1.0 - self.trial_epochs_run / self.trial_epochs_requested
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["saved_fraction"] = self.saved_fraction
+        return values
+
+
+def _float(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max_epochs: int) -> SearchSummary:
+    """Counts by outcome, the best complete trial, and trial-epochs run against those requested.
+
+    Epochs are counted as optimiser steps / steps per epoch, so a trial that diverged mid-epoch
+    counts its fraction. Trials not finished count their epochs so far; the requested total is
+    ``trials * max_epochs``.
+    """
+    counts = {name: 0 for name in OUTCOME_ORDER}
+    for outcome in frame.get("outcome", pd.Series(dtype=object)).fillna("stopped"):
+        counts[outcome] = counts.get(outcome, 0) + 1
+    finished = int(sum(count for name, count in counts.items() if name not in ("running", "waiting")))
+    complete = frame[(frame.get("state") == "COMPLETE")] if len(frame) else frame
+    best_trial = best_value = None
+    best_params: dict[str, Any] = {}
+    if len(complete):
+        best = complete.loc[complete["objective"].astype(float).idxmax()]
+        best_trial, best_value = int(best["trial"]), float(best["objective"])
+        best_params = {
+            name[len("param_"):]: (value.item() if hasattr(value, "item") else value)
+            for name, value in best.items()
+            if name.startswith("param_") and not (isinstance(value, float) and math.isnan(value))
+        }
+    epochs = pd.to_numeric(frame.get("epochs_run", pd.Series(dtype=float)), errors="coerce").fillna(0.0)
+    saved: dict[str, float] = {}
+    for outcome in ("collapsed", "diverged", "stopped"):
+        mask = frame.get("outcome", pd.Series(dtype=object)) == outcome
+        saved[outcome] = float((max_epochs - epochs[mask]).clip(lower=0).sum()) if len(frame) else 0.0
+    return SearchSummary(
+        method=method,
+        objective=objective,
+        trials_requested=trials,
+        trials_finished=finished,
+        counts={name: count for name, count in counts.items() if count or name in OUTCOME_ORDER[:4]},
+        best_trial=best_trial,
+        best_value=best_value,
+        best_params=best_params,
+        trial_epochs_run=float(epochs.sum()),
+        trial_epochs_requested=trials * max_epochs,
+        epochs_saved=saved,
+    )
+
+
+def format_summary(summary: SearchSummary) -> str:
+    """A few lines for the console."""
+    counts = ", ".join(f"{count} {name}" for name, count in summary.counts.items())
+    lines = [f"{summary.method}: {summary.trials_finished}/{summary.trials_requested} trials finished ({counts})"]
+    if summary.best_trial is not None:
+        lines.append(f"best: trial #{summary.best_trial}, {summary.objective} {summary.best_value:.4f}")
+        params = ", ".join(
+            f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+            for name, value in sorted(summary.best_params.items())
+        )
+        lines.append(f"  params: {params}")
+    else:
+        lines.append("best: no trial completed")
+    if summary.untrained_value is not None:
+        lines.append(f"reference: an untrained backbone scores {summary.objective} {summary.untrained_value:.4f}")
+    saved = ", ".join(f"{value:.1f} by {name}" for name, value in summary.epochs_saved.items() if value)
+    lines.append(
+        f"compute: {summary.trial_epochs_run:.1f} of {summary.trial_epochs_requested} trial-epochs run "
+        f"({100 * summary.saved_fraction:.0f}% saved{': ' + saved if saved else ''})"
+    )
+    if summary.seconds is not None:
+        lines.append(f"time: {summary.seconds / 60:.1f} min")
+    if summary.best_backbone:
+        lines.append(f"best backbone: {summary.best_backbone}")
+    return "\n".join(lines)
+
+
+def finished_records(study) -> dict[int, dict[str, Any]]:
+    """Final records of the study's finished trials, keyed by trial number (what a resumed Tune
+    trial reports instead of training again, see :func:`hpsearch.trainable.run_trial`)."""
+    records = {}
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.state.is_finished():
+            continue
+        attrs = dict(trial.user_attrs)
+        record = {k: v for k, v in attrs.items() if k not in ("config", "last_metrics", "tune_trial_id")}
+        record.update(attrs.get("last_metrics") or {})
+        record["objective"] = trial.value if trial.value is not None else math.nan
+        record["epoch"] = attrs.get("epochs_completed", 0)
+        record["step"] = attrs.get("steps", 0)
+        records[trial.number] = {k: (math.nan if v is None else v) for k, v in record.items()}
+    return records
+
+
+def _trial_folders(experiment: Path, number: int) -> list[Path]:
+    folders = []
+    for params_file in experiment.glob("*/params.json"):
+        try:
+            params = json.loads(params_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if params.get(CONFIG_KEY) == number:
+            folders.append(params_file.parent)
+    return folders
+
+
+def export_best_checkpoint(experiment: Path, trial_number: int) -> Path | None:
+    """Copy the backbone of Optuna trial ``trial_number`` to ``best_backbone.pt`` (a plain
+    ``state_dict``) and its config to ``best_config.json`` in ``experiment``; None if the trial
+    left no checkpoint."""
+    experiment = Path(experiment)
+    candidates = []
+    for folder in _trial_folders(experiment, trial_number):
+        candidates.extend(sorted(folder.glob("checkpoint_*/backbone.pt")))
+    if not candidates:
+        return None
+    source = max(candidates, key=lambda path: path.stat().st_mtime)
+    target = experiment / BEST_BACKBONE_FILE
+    shutil.copyfile(source, target)
+    config = source.parent / "config.json"
+    if config.is_file():
+        values = json.loads(config.read_text())
+        values["trial"] = trial_number
+        (experiment / BEST_CONFIG_FILE).write_text(json.dumps(values, indent=2, default=str) + "\n")
+    return target

@@ -1,0 +1,517 @@
+"""Hyperparameter search of one pretext method: ``python -m hpsearch.run METHOD --trials N``.
+
+Ray Tune runs the trials (local Ray by default, or an existing cluster with ``--address``); an
+Optuna TPE sampler, seeded, proposes them from ``study_spaces/<METHOD>.py`` and records them in
+``<storage-dir>/<name>/optuna.journal`` (open it with ``optuna-dashboard``). Every trial runs the
+shared trainer and reports its objective and collapse metrics each epoch; a trial whose collapse
+verdict persists is stopped early and recorded as PRUNED and infeasible, so the sampler learns to
+avoid its region.
+
+The folder ``<storage-dir>/<name>/`` then holds Ray Tune's results (a folder per trial),
+``optuna.journal``, ``search.json`` (the settings), ``trials.csv`` (one row per trial),
+``best_backbone.pt`` (the best trial's backbone ``state_dict``) with ``best_config.json``, and
+``summary.json``. Re-running with the same ``--name`` (or ``--resume``) continues an interrupted
+search up to ``--trials`` in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from hpsearch.settings import OBJECTIVES, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError
+
+__all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
+
+PROG = "python -m hpsearch.run"
+
+
+class SearchError(RuntimeError):
+    """The search cannot start: bad method, data, folder or cluster; the message says how to fix it."""
+
+
+@dataclass
+class SearchResult:
+    """What :func:`run_search` leaves behind."""
+
+    folder: Path
+    settings: SearchSettings
+    trials: Any  # pandas DataFrame of trials.csv
+    summary: Any  # hpsearch.results.SearchSummary
+    interrupted: bool
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that fail fast, before Ray starts
+
+
+def check_method(method: str) -> None:
+    """The method must be a registered pretext method with a search space module."""
+    from musicssl.pretext.registry import UnknownMethodError, get_method
+    from study_spaces import UnknownSpaceError, get_space
+
+    try:
+        get_method(method)
+        get_space(method)
+    except (UnknownMethodError, UnknownSpaceError) as error:
+        raise SearchError(str(error)) from None
+
+
+def check_space(settings: SearchSettings) -> int:
+    """Sample the space once (in memory) and build the trainer settings from it, so that a space
+    whose names or values the trainer rejects fails now rather than in every trial. Returns the
+    largest batch size a trial can get (the space may sample it)."""
+    import optuna
+
+    from hpsearch.trainable import build_train_config
+    from musicssl.train import ConfigError
+    from study_spaces import SpaceError, get_space
+
+    space = get_space(settings.method)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    try:
+        params = space.sample(trial)
+        config = build_train_config(settings.trial_settings(), params)
+    except (SpaceError, ConfigError, ValueError, TypeError) as error:
+        raise SearchError(f"the search space {space.module} does not fit the trainer: {error}") from None
+    distribution = trial.distributions.get("batch_size")
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return max(int(choice) for choice in distribution.choices)
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return int(distribution.high)
+    return int(config.batch_size)
+
+
+def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batch_size: int | None = None):
+    """Prepare the data once, in the driver: open the dataset (building the embedded corpus if it
+    is missing) and build its mel cache for the preset's front-end. Trials reuse it as is."""
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.pipeline import prepare_data
+    from musicssl.models import PRESETS
+
+    if settings.preset not in PRESETS:
+        raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
+    spec = settings.data
+    if spec.strip().lower() not in _DATASET_NAMES and not Path(spec).expanduser().exists():
+        raise SearchError(
+            f"--data {spec!r}: no such file or folder, and not a dataset name "
+            f"({', '.join(sorted(_DATASET_NAMES))}); give a tracks.csv, a folder of audio with a tags file, or 'corpus'"
+        )
+    front_end = LogMelConfig(n_mels=PRESETS[settings.preset].n_mels)
+    try:
+        data = prepare_data(spec, front_end, verbose=verbose)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SearchError(f"--data {spec!r}: {error}") from None
+    train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
+    batch_size = max_batch_size or settings.batch_size
+    if len(train_ids) < batch_size:
+        raise SearchError(
+            f"--data {spec!r} has {len(train_ids)} usable training tracks, fewer than the batch size "
+            f"{batch_size}; lower --batch-size or use more data"
+        )
+    if settings.objective.startswith("probe_"):
+        labels = data.index.labels()
+        if not valid_ids or labels.shape[1] == 0 or not labels.any():
+            raise SearchError(
+                f"--objective {settings.objective} needs tagged tracks in a train and a valid split, and "
+                f"--data {spec!r} has {len(valid_ids)} valid tracks and {labels.shape[1]} tags; "
+                "use --objective rankme for unlabelled data"
+            )
+    return data
+
+
+_DATASET_NAMES = {"corpus", "mtat", "jamendo-top50", "jamendo-instrument", "jamendo-mood", "jamendo-genre", "msd"}
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """A ``HOST:PORT`` address must accept connections (Ray's own timeout is long and its error
+    obscure); ``auto`` is left to Ray."""
+    if address == "auto" or address.startswith(("ray://", "anyscale://")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SearchError(f"--address {address!r}: expected 'auto' or HOST:PORT (the head node's GCS, e.g. 10.0.0.1:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        raise SearchError(
+            f"--address {address}: cannot reach a Ray cluster there ({error}); start one with "
+            "'ray start --head' on that machine, or leave --address out to run locally"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The search
+
+
+def _experiment_folder(settings: SearchSettings) -> Path:
+    return (Path(settings.storage_dir).expanduser() / settings.name).absolute()
+
+
+def default_name(method: str, storage_dir: str | Path) -> str:
+    """``<method>-<YYYYmmdd-HHMMSS>``, with a suffix if that folder exists (never reuse one)."""
+    base = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, number = base, 2
+    while (Path(storage_dir).expanduser() / name).exists():
+        name, number = f"{base}-{number}", number + 1
+    return name
+
+
+def latest_search(method: str, storage_dir: str | Path) -> str | None:
+    """The most recently started search of ``method`` in ``storage_dir`` (for ``--resume`` without ``--name``)."""
+    folders = [p.parent for p in Path(storage_dir).expanduser().glob(f"{method}-*/{SEARCH_FILE}")]
+    return max(folders, key=lambda p: (p / SEARCH_FILE).stat().st_mtime).name if folders else None
+
+
+def _ray_environment(local: bool, verbose: bool) -> None:
+    # Ray 2.60 turns on token authentication for local clusters; a local search needs none.
+    if local:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not verbose:
+        # Tune's newer console output prints its configuration table even at verbose=0; the
+        # classic one is silent there, and ProgressPrinter reports instead.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def trial_folder_name(trial) -> str:
+    """``trial-<Optuna number>-<Tune id>``: Tune's default spells out every parameter."""
+    number = trial.config.get("optuna_trial")
+    return f"trial-{number:04d}-{trial.trial_id}" if isinstance(number, int) else f"trial-{trial.trial_id}"
+
+
+def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> bool:
+    """Start (or join) Ray; returns whether this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    level = logging.INFO if verbose else logging.WARNING
+    if address:
+        try:
+            ray.init(address=address, logging_level=level, log_to_driver=verbose)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
+        return True
+    cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
+    available = os.cpu_count() or cpus
+    if cpus > available:
+        print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine has {available}",
+              file=sys.stderr)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
+    return True
+
+
+def _scheduler(settings: SearchSettings):
+    if settings.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and the last epoch's
+        # report is followed by the trial's final one (its outcome and score), which must arrive.
+        time_attr="epoch", metric="objective", mode="max", max_t=settings.max_epochs + 1,
+        grace_period=min(settings.asha_grace_epochs, settings.max_epochs),
+        reduction_factor=settings.asha_reduction_factor,
+    )
+
+
+def run_search(
+    settings: SearchSettings,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    verbose: bool = False,
+    stream: TextIO | None = None,
+    data=None,
+) -> SearchResult:
+    """Run (or continue) the search described by ``settings``; see the module docstring.
+
+    ``settings.name`` empty means a new folder ``<method>-<time>``. ``data`` (a PreparedData) skips
+    the data preparation (tests). Ray is started locally unless it is running already or
+    ``address`` names a cluster; a Ray started here is shut down at the end.
+    """
+    from ray import tune
+
+    from hpsearch.progress import ProgressPrinter
+    from hpsearch.results import (
+        JOURNAL_FILE, STUDY_NAME, export_best_checkpoint, finished_records, format_summary, load_study,
+        summarize, write_trials_csv,
+    )  # fmt: skip
+    from hpsearch.searcher import CollapseAwareOptunaSearch
+    from hpsearch.trainable import run_trial
+    from study_spaces import get_space
+
+    stream = stream or sys.stdout
+    started = time.perf_counter()
+    check_method(settings.method)
+    if address:
+        check_address(address)  # before the data: an unreachable cluster should fail in seconds
+    if not settings.name:
+        settings = dataclasses.replace(settings, name=default_name(settings.method, settings.storage_dir))
+    folder = _experiment_folder(settings)
+    journal = folder / JOURNAL_FILE
+    existing = (folder / SEARCH_FILE).is_file()
+    if existing and not resume:
+        raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
+    if resume and not existing:
+        raise SearchError(f"{folder}: no search to resume here (no {SEARCH_FILE}); start one without --resume")
+    max_batch_size = check_space(settings)
+    if data is None:
+        data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings.save(folder)
+
+    _ray_environment(local=address is None, verbose=verbose)
+    started_ray = _init_ray(settings, address, verbose)
+    try:
+        study_exists = journal.is_file() and journal.stat().st_size > 0
+        finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, data=data, settings=settings.trial_settings(), finished=finished),
+            {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+        )
+        if resume and tune.Tuner.can_restore(str(folder)):
+            print(f"resuming {folder}", file=stream, flush=True)
+            tuner = tune.Tuner.restore(
+                str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            )
+        else:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            searcher = CollapseAwareOptunaSearch(
+                get_space(settings.method).space,
+                metric="objective",
+                mode="max",
+                study_name=STUDY_NAME,
+                storage=JournalStorage(JournalFileBackend(str(journal))),
+                seed=settings.seed,
+                # Points are enqueued once, into a new study; a resumed study already holds them.
+                points_to_evaluate=None if study_exists else (list(settings.points_to_evaluate) or None),
+                max_trials=settings.trials,
+            )
+            progress = ProgressPrinter(
+                settings.trials, settings.objective, settings.max_epochs, str(journal), STUDY_NAME, stream=stream
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=_scheduler(settings),
+                    num_samples=settings.trials,
+                    max_concurrent_trials=settings.concurrency,
+                    reuse_actors=settings.reuse_actors,
+                    trial_dirname_creator=trial_folder_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=settings.name,
+                    storage_path=str(folder.parent),
+                    verbose=0,
+                    callbacks=[progress],
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                ),
+            )
+            _print_start(settings, folder, stream)
+        tuner.fit()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    study = load_study(journal, STUDY_NAME)
+    frame = write_trials_csv(study, folder)
+    summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
+    if settings.objective.startswith("probe_"):
+        summary.untrained_value = untrained_probe(settings, data)
+    summary.seconds = time.perf_counter() - started
+    if summary.best_trial is not None:
+        target = export_best_checkpoint(folder, summary.best_trial)
+        summary.best_backbone = str(target) if target else None
+    (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+    interrupted = summary.trials_finished < settings.trials
+    print(format_summary(summary), file=stream, flush=True)
+    print(f"results: {folder}", file=stream, flush=True)
+    if interrupted:
+        print(f"interrupted: continue with {PROG} {settings.method} --name {settings.name} "
+              f"--storage-dir {settings.storage_dir} --resume", file=stream, flush=True)
+    return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
+
+
+def untrained_probe(settings: SearchSettings, data) -> float:
+    """The probe objective of a freshly initialised backbone (seeded like the trials): the score a
+    trial must beat for its training to have helped the probe at all."""
+    import torch
+
+    from musicssl.models import Backbone
+    from musicssl.train import probe_score
+
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        backbone = Backbone(preset=settings.preset)
+    return float(probe_score(backbone, data, settings.probe_segments_per_track, settings.seed)[settings.objective])
+
+
+def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None:
+    stopping = (f"collapse stop after {settings.patience_epochs} collapsed epoch(s) past a grace of "
+                f"{settings.grace_epochs}" if settings.collapse_stop else "no collapse stop")
+    print(
+        f"searching {settings.method}: {settings.trials} trials, {settings.concurrency} at a time "
+        f"({settings.cpus_per_trial:g} CPU{', %g GPU' % settings.gpus_per_trial if settings.gpus_per_trial else ''} each), "
+        f"up to {settings.max_epochs} epochs x {settings.steps_per_epoch} steps, objective {settings.objective}, "
+        f"scheduler {settings.scheduler}, {stopping}\nfolder: {folder}",
+        file=stream, flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SearchSettings(method="vicreg")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Search a pretext method's hyperparameters with Ray Tune and Optuna (TPE), stopping collapsed "
+            "trials early. Results go to STORAGE_DIR/NAME: Ray's trial folders, optuna.journal "
+            "(optuna-dashboard reads it), trials.csv, best_backbone.pt + best_config.json, summary.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # Flags default to None so that a resume can tell a flag given on the command line (which must
+    # agree with the stored search) from a default; the documented defaults are SearchSettings'.
+    add = parser.add_argument
+    add("method", help="pretext method, one with a study_spaces/<method>.py space: "
+        "barlow_twins, byol, clustering, contrastive, vicreg")
+    add("--trials", type=int, help=f"number of trials in total, counting those of a resumed run (default {defaults.trials})")
+    add("--name", help="experiment folder name under --storage-dir (default: <method>-<YYYYmmdd-HHMMSS>, "
+        "never an existing one); an existing NAME is resumed")
+    add("--storage-dir", help=f"where experiment folders go (default {defaults.storage_dir})")
+    add("--resume", action="store_true", help="continue an interrupted search: --name, or the latest search "
+        "of METHOD in --storage-dir; its stored settings are used")
+    add("--objective", choices=OBJECTIVES, help=f"what to maximise: probe_map / probe_auc (linear probe on the "
+        f"valid split after the last epoch; needs tags) or rankme (final effective rank of the embedding, "
+        f"label-free) (default {defaults.objective})")
+    add("--scheduler", choices=SCHEDULERS, help=f"early stopping on the objective besides collapse stopping: "
+        f"asha, or none (default {defaults.scheduler}); with asha a probe objective is measured every epoch")
+    add("--max-epochs", type=int, help=f"epochs per trial (default {defaults.max_epochs})")
+    add("--steps-per-epoch", type=int, help=f"optimiser steps per epoch (default {defaults.steps_per_epoch})")
+    add("--batch-size", type=int, help=f"batch size, unless the space samples it (default {defaults.batch_size})")
+    add("--probe-segments", type=int, help=f"validation segments the collapse metrics are computed on "
+        f"(default {defaults.probe_segments})")
+    add("--probe-segments-per-track", type=int, help=f"segments per track in the final linear probe "
+        f"(default {defaults.probe_segments_per_track})")
+    add("--data", help="'corpus' (the embedded corpus, built if missing), mtat, jamendo-*, msd, a tracks.csv or a "
+        f"folder of audio with a tags file (default {defaults.data})")
+    add("--preset", help=f"backbone preset: cpu or paper (default {defaults.preset})")
+    add("--seed", type=int, help=f"seed of the sampler and of every trial's training (default {defaults.seed})")
+    add("--concurrency", type=int, help=f"trials running at once (default {defaults.concurrency})")
+    add("--cpus-per-trial", type=float, help=f"CPUs per trial; torch uses as many threads "
+        f"(default {defaults.cpus_per_trial:g})")
+    add("--gpus-per-trial", type=float, help=f"GPUs per trial (fractions share a GPU) (default {defaults.gpus_per_trial:g})")
+    add("--address", help="run on an existing Ray cluster: 'auto' (the one this machine belongs to) or HOST:PORT "
+        "(default: a local Ray for this search)")
+    add("--no-collapse-stop", dest="collapse_stop", action="store_false", default=None,
+        help="do not stop collapsed trials (the rule still records when it would have stopped them)")
+    add("--grace-epochs", type=int, help=f"epochs whose collapse verdict is not acted on: a fresh backbone can "
+        f"read 'complete' at the start (default {defaults.grace_epochs})")
+    add("--patience-epochs", type=int, help=f"consecutive collapsed epochs, after the grace period, that stop a "
+        f"trial (default {defaults.patience_epochs})")
+    add("--threshold", action="append", default=[], metavar="NAME=VALUE",
+        help="override a collapse threshold (musicssl.collapse.CollapseThresholds), e.g. "
+        "dimensional_max_rank_fraction=0.05; repeatable")
+    add("--no-reuse-actors", dest="reuse_actors", action="store_false", default=None,
+        help="start a fresh Ray actor per trial (slower; reuse is the default)")
+    add("--verbose", action="store_true", help="show Ray's logs and the trials' output")
+    return parser
+
+
+# Flags that may differ on a resume: where the search runs, not what it is.
+_RUNTIME_FLAGS = {"name", "storage_dir"}
+
+
+def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise SettingsError(f"--threshold takes NAME=VALUE, got {pair!r}")
+        text = text.strip()
+        values[name.strip()] = text.lower() in ("true", "1", "yes") if text.lower() in (
+            "true", "false", "1", "0", "yes", "no") and name.strip() == "check_projection" else float(text)
+    return values
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
+    """The search's settings and whether it resumes one (stored settings win; a flag given
+    explicitly must agree with them)."""
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(SearchSettings)
+        if field.name not in ("method", "thresholds", "points_to_evaluate") and getattr(args, field.name, None) is not None
+    }
+    if args.threshold:
+        given["thresholds"] = _threshold_values(args.threshold)
+    storage_dir = given.get("storage_dir", "runs")
+    name = given.get("name")
+    resume = bool(args.resume)
+    if resume and not name:
+        name = latest_search(args.method, storage_dir)
+        if name is None:
+            raise SearchError(f"--resume: no search of {args.method} in {storage_dir}; start one without --resume")
+    if name and (Path(storage_dir).expanduser() / name / SEARCH_FILE).is_file():
+        stored = SearchSettings.load(Path(storage_dir).expanduser() / name)
+        if stored.method != args.method:
+            raise SearchError(f"{storage_dir}/{name} is a search of {stored.method}, not {args.method}")
+        conflicts = [
+            f"--{key.replace('_', '-')} {value} (stored: {getattr(stored, key)})"
+            for key, value in given.items()
+            if key not in _RUNTIME_FLAGS and value != getattr(stored, key)
+        ]
+        if conflicts:
+            raise SearchError(
+                f"{storage_dir}/{name} was started with other settings: {', '.join(conflicts)}; "
+                "drop those flags to continue it, or start a new search with another --name"
+            )
+        return dataclasses.replace(stored, name=name, storage_dir=storage_dir), True
+    if resume:
+        raise SearchError(f"--resume: no search named {name!r} in {storage_dir}")
+    return SearchSettings(method=args.method, **{**given, "name": name or ""}), False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import optuna
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
+    try:
+        check_method(args.method)
+        settings, resume = settings_from_args(args)
+        result = run_search(settings, resume=resume, address=args.address, verbose=args.verbose)
+    except (SearchError, SettingsError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

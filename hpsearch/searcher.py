@@ -1,0 +1,304 @@
+"""OptunaSearch that tells Optuna what really happened to each trial.
+
+Ray Tune's :class:`~ray.tune.search.optuna.OptunaSearch` tells every trial that ends without an
+error as COMPLETE with its last reported value (a collapsed run with a flattering score included),
+and a NaN value makes the tell fail, leaving the Optuna trial RUNNING forever. This subclass reads
+the trial's own verdict (the ``outcome`` of its final report, see :mod:`hpsearch.trainable`):
+
+============  =========  ==========  ==================================================
+outcome       state      constraint  value
+============  =========  ==========  ==================================================
+complete      COMPLETE   0           the final objective
+collapsed     PRUNED     1           none (Optuna keeps the last intermediate value)
+diverged      PRUNED     1           none
+stopped       PRUNED     0           none (ended by a scheduler, e.g. ASHA, or a Stopper)
+failed        FAIL       -           none (an exception; Optuna's samplers ignore FAIL)
+============  =========  ==========  ==================================================
+
+A positive constraint (``Trial.set_constraint("collapse", 1.0)``, Optuna >= 5) makes the trial
+infeasible: TPE ranks infeasible trials below every feasible one, so it learns to leave collapsing
+and diverging regions. Every trial gets user attributes: the outcome, the collapse type, the epoch
+and step where the collapse began, the last metrics, epochs run, seconds, the error of a failed
+trial, and the trial's full parameter set (``config``, with derived values such as
+``base_ema_rate``).
+
+Intermediate values: each epoch's objective is reported to Optuna at step = epoch, when finite
+(the probe objectives are NaN between probes).
+
+Resume: the searcher state (this object, pickled) is saved with Tune's experiment state. A trial
+asked from Optuna after the last save is unknown to the restored searcher but RUNNING in the
+study; :meth:`restore` collects those and :meth:`suggest` hands them out again first, so no
+Optuna trial is orphaned and the study's trial count stays equal to Tune's.
+
+This touches OptunaSearch's private attributes (``_ot_trials``, ``_ot_study``,
+``_completed_trials``, ``_metric``); it is written against ray 2.60.0 and optuna 5.0.0 (both pinned
+in constraints.txt) and tested in tests/test_hpsearch.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from hpsearch.trainable import FINAL_KEYS
+
+__all__ = [
+    "CollapseAwareOptunaSearch",
+    "CONSTRAINT_NAME",
+    "TESTED_VERSIONS",
+    "json_safe",
+    "user_attrs_from_record",
+]
+
+logger = logging.getLogger(__name__)
+
+CONSTRAINT_NAME = "collapse"
+TESTED_VERSIONS = {"ray": "2.60.0", "optuna": "5.0.0"}
+_INFEASIBLE_OUTCOMES = ("collapsed", "diverged")
+# Final-record keys stored as user attributes.
+_ATTR_KEYS = FINAL_KEYS
+_LAST_METRIC_PREFIXES = ("train_", "collapse_")
+_NOT_METRICS = ("collapse_stop", "collapse_verdict")
+
+
+def _check_versions() -> None:
+    found = {"ray": ray.__version__, "optuna": optuna.__version__}
+    if found != TESTED_VERSIONS:
+        warnings.warn(
+            f"hpsearch's searcher relies on private attributes of OptunaSearch and was tested with "
+            f"{TESTED_VERSIONS}; found {found}. Install with: pip install -c constraints.txt -e .",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf as None and numpy scalars as Python ones (the journal is JSON, and
+    optuna-dashboard's JSON parser rejects NaN)."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def user_attrs_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The user attributes of a trial from its final record (outcome, collapse, last metrics...)."""
+    attrs = {key: json_safe(record.get(key)) for key in _ATTR_KEYS}
+    attrs = {key: value for key, value in attrs.items() if value is not None}
+    attrs["last_metrics"] = json_safe({
+        k: v for k, v in record.items()
+        if k.startswith(_LAST_METRIC_PREFIXES) and k not in _ATTR_KEYS and k not in _NOT_METRICS
+        and isinstance(v, (int, float)) and not isinstance(v, bool)
+    })
+    return attrs
+
+
+class CollapseAwareOptunaSearch(OptunaSearch):
+    """:class:`OptunaSearch` that records collapsed and diverged trials as PRUNED and infeasible,
+    failures as FAIL, and never leaves an Optuna trial RUNNING (see the module docstring).
+
+    ``config_key`` names the entry added to every suggested config with the Optuna trial number
+    (the trainable drops it; results and ``trials.csv`` use it to join Tune and Optuna).
+    """
+
+    def __init__(
+        self,
+        space,
+        metric: str = "objective",
+        mode: str = "max",
+        *,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        study_name: str = "search",
+        storage: optuna.storages.BaseStorage | None = None,
+        seed: int | None = None,
+        points_to_evaluate: list[dict] | None = None,
+        config_key: str = "optuna_trial",
+        max_trials: int | None = None,
+    ) -> None:
+        _check_versions()
+        if not callable(space):
+            raise TypeError("space must be a define-by-run function space(trial) -> dict | None")
+        # The seed of our own TPE sampler, to reseed it on a resume (None: a sampler was given).
+        self.sampler_seed = seed if sampler is None else None
+        if sampler is None:
+            sampler = optuna.samplers.TPESampler(seed=seed)
+        super().__init__(
+            space=space, metric=metric, mode=mode, points_to_evaluate=points_to_evaluate,
+            sampler=sampler, study_name=study_name, storage=storage,
+        )
+        self.config_key = config_key
+        self.max_trials = max_trials
+        # Per Tune trial: the last epoch metrics seen, and the final record once it arrives.
+        self._trial_records: dict[str, dict[str, Any]] = {}
+        # Optuna trial numbers RUNNING in the study that no (restored) Tune trial owns.
+        self._orphans: list[int] = []
+        self.adopt_running_trials()
+        if any(t.state != TrialState.WAITING for t in self._ot_study.get_trials(deepcopy=False)):
+            self._reseed_sampler()  # continuing a study this searcher did not save (see restore)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    # ------------------------------------------------------------------ suggestions
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if trial_id not in self._ot_trials:
+            if self._orphans:
+                number = self._orphans.pop(0)
+                storage = self._ot_study._storage
+                internal_id = storage.get_trial_id_from_study_id_trial_number(self._ot_study._study_id, number)
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, internal_id)
+            elif self.max_trials is not None and self._asked_trials() >= self.max_trials:
+                # The study holds every trial asked for, some perhaps from a run that stopped
+                # before Tune saved its state: Tune's own count would overshoot.
+                return Searcher.FINISHED
+        config = super().suggest(trial_id)
+        if config is None:
+            return None
+        ot_trial = self._ot_trials[trial_id]
+        config[self.config_key] = ot_trial.number
+        if "config" not in ot_trial._cached_frozen_trial.user_attrs:
+            # Every value the trial trains with, derived ones (e.g. base_ema_rate) included.
+            ot_trial.set_user_attr("config", json_safe({k: v for k, v in config.items() if k != self.config_key}))
+        return config
+
+    def _asked_trials(self) -> int:
+        # Enqueued (WAITING) trials become the next asks, so they are not extra trials.
+        return sum(t.state != TrialState.WAITING for t in self._ot_study.get_trials(deepcopy=False))
+
+    # ------------------------------------------------------------------ results
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        record = self._trial_records.setdefault(trial_id, {})
+        if result.get("final"):
+            record["final"] = dict(result)
+            return
+        record["last"] = dict(result)
+        self._report_intermediate(trial_id, result)
+
+    def _report_intermediate(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        value, epoch = result.get(self._metric), result.get("epoch")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or epoch is None:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if int(epoch) in ot_trial._cached_frozen_trial.intermediate_values:
+            return  # a resumed trial repeats the epochs it had reported before the interruption
+        ot_trial.report(float(value), step=int(epoch))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            logger.warning("trial %s completed twice; the second completion is ignored", trial_id)
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        self._completed_trials.add(trial_id)
+        record = self._trial_records.pop(trial_id, {})
+        if result and not result.get("final"):
+            # A result that made a scheduler stop the trial is not passed to on_trial_result.
+            record["last"] = dict(result)
+            if not error:
+                self._report_intermediate(trial_id, result)
+        final = record.get("final") or (dict(result) if result and result.get("final") else None)
+        storage = self._ot_study._storage
+        if storage.get_trial(ot_trial._trial_id).state.is_finished():
+            return  # told before an interruption; this run only replayed its record
+        state, value, attrs = self._decide(final, record.get("last"), error, trial_id)
+        try:
+            for key, attr in attrs.items():
+                ot_trial.set_user_attr(key, attr)
+            if state != TrialState.FAIL:
+                ot_trial.set_constraint(
+                    CONSTRAINT_NAME, 1.0 if attrs.get("outcome") in _INFEASIBLE_OUTCOMES else 0.0
+                )
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception:
+            logger.exception("could not record trial %s (Optuna trial %s)", trial_id, ot_trial.number)
+            if not storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+
+    def _decide(
+        self, final: Mapping[str, Any] | None, last: Mapping[str, Any] | None, error: bool, trial_id: str
+    ) -> tuple[TrialState, float | None, dict[str, Any]]:
+        """The Optuna state, value and user attributes of a finished trial."""
+        source = {**(last or {}), **(final or {})}
+        attrs = user_attrs_from_record(source)
+        attrs["tune_trial_id"] = trial_id
+        if not final:
+            # Ended without a final report (a scheduler stopped it, or it raised): epochs so far.
+            attrs["epochs_completed"] = int(source.get("epoch", 0) or 0)
+            attrs["epochs_run"] = float(attrs["epochs_completed"])
+            attrs["steps"] = int(source.get("step", 0) or 0)
+        outcome = (final or {}).get("outcome")
+        value = (final or {}).get(self._metric)
+        if error or outcome == "failed":
+            attrs["outcome"] = "failed"
+            attrs.setdefault("error", "the trial raised an exception (see error.txt in its Ray trial folder)")
+            return TrialState.FAIL, None, attrs
+        if final is None:
+            attrs["outcome"] = "stopped"
+            return TrialState.PRUNED, None, attrs
+        if outcome == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
+            return TrialState.COMPLETE, float(value), attrs
+        if outcome in _INFEASIBLE_OUTCOMES:
+            return TrialState.PRUNED, None, attrs
+        attrs["outcome"] = "failed"
+        attrs["error"] = f"final report has outcome {outcome!r} and objective {value!r}"
+        return TrialState.FAIL, None, attrs
+
+    # ------------------------------------------------------------------ resume
+    def adopt_running_trials(self) -> list[int]:
+        """Collect the study's RUNNING trials that no Tune trial owns, to be handed out again."""
+        owned = {trial.number for trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self._orphans = sorted(trial.number for trial in running if trial.number not in owned)
+        return list(self._orphans)
+
+    def _reseed_sampler(self) -> None:
+        """A new TPE sampler seeded from the search's seed and the study's size.
+
+        The pickled sampler's random state is the one at the last save: trials asked after it
+        would be drawn again with the same values (the random start-up trials exactly so). A seed
+        derived from the number of trials in the study keeps a resumed search reproducible for a
+        given interruption point without repeating a draw.
+        """
+        if self.__dict__.get("sampler_seed") is None:
+            return
+        size = len(self._ot_study.get_trials(deepcopy=False))
+        seed = (int(self.sampler_seed) * 1_000_003 + size) % (2**32)
+        self._sampler = optuna.samplers.TPESampler(seed=seed)
+        self._ot_study.sampler = self._sampler
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_trial_records", {})
+        storage = self._ot_study._storage
+        for ot_trial in self._ot_trials.values():
+            # The pickled trials cache the study as it was at the save; later reports are in the journal.
+            ot_trial._cached_frozen_trial = storage.get_trial(ot_trial._trial_id)
+        self.adopt_running_trials()
+        self._reseed_sampler()
+        # A Tune trial completed before the save whose tell did not reach the study.
+        for trial_id in self._completed_trials:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and not storage.get_trial(ot_trial._trial_id).state.is_finished():
+                ot_trial.set_user_attr("outcome", "failed")
+                ot_trial.set_user_attr("error", "the search stopped before this trial's result was recorded")
+                self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)

@@ -1,0 +1,173 @@
+"""The settings of one search, saved as ``search.json`` in its folder so that a resume repeats them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "OBJECTIVES",
+    "SCHEDULERS",
+    "SEARCH_FILE",
+    "SearchSettings",
+    "SettingsError",
+    "TrialSettings",
+]
+
+SEARCH_FILE = "search.json"
+# What a trial can be scored by; every one is maximised.
+OBJECTIVES = ("probe_map", "probe_auc", "rankme")
+SCHEDULERS = ("asha", "none")
+
+
+class SettingsError(ValueError):
+    """A search setting is out of range or contradicts the stored search; the message says which."""
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a search shares: the trainer settings the space does not sample, and the
+    collapse-stopping rule. Handed to the trainable with the prepared data."""
+
+    method: str
+    preset: str = "cpu"
+    data: str = "corpus"
+    objective: str = "probe_map"
+    max_epochs: int = 6
+    steps_per_epoch: int = 15
+    batch_size: int = 32
+    probe_segments: int = 256
+    probe_segments_per_track: int = 2
+    probe_every_epoch: bool = False
+    seed: int = 0
+    num_threads: int = 1
+    accelerator: str = "cpu"
+    collapse_stop: bool = True
+    grace_epochs: int = 1
+    patience_epochs: int = 2
+    thresholds: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchSettings:
+    """One search: what to search, how long each trial trains, how trials run, where results go.
+
+    The defaults are sized for the 15-minute budget of a 64-trial VICReg search on two CPU cores
+    with the embedded corpus (see benchmarks/bench_search.py): batch 32, 6 epochs of 15 steps,
+    two trials at a time on one core each, the collapse metrics on 256 validation segments and a
+    final linear probe on 2 segments per track.
+    """
+
+    method: str
+    trials: int = 64
+    name: str = ""
+    storage_dir: str = "runs"
+    objective: str = "probe_map"
+    scheduler: str = "none"
+    max_epochs: int = 6
+    steps_per_epoch: int = 15
+    batch_size: int = 32
+    probe_segments: int = 256
+    probe_segments_per_track: int = 2
+    preset: str = "cpu"
+    data: str = "corpus"
+    seed: int = 0
+    concurrency: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    collapse_stop: bool = True
+    grace_epochs: int = 1
+    patience_epochs: int = 2
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    asha_grace_epochs: int = 2
+    asha_reduction_factor: float = 2.0
+    reuse_actors: bool = True
+    # Enqueued first (Optuna's enqueue_trial): dicts of parameter values, e.g. the method's defaults.
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.trials < 1:
+            problems.append(f"--trials must be at least 1, got {self.trials}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        for name in ("max_epochs", "steps_per_epoch", "concurrency", "patience_epochs", "asha_grace_epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            problems.append(f"--batch-size must be at least 2 (batch statistics), got {self.batch_size}")
+        if self.grace_epochs < 0:
+            problems.append(f"--grace-epochs must be >= 0, got {self.grace_epochs}")
+        if self.probe_segments < 2:
+            problems.append(f"--probe-segments must be at least 2 (the collapse metrics need a batch), got {self.probe_segments}")
+        if self.probe_segments_per_track < 1:
+            problems.append(f"--probe-segments-per-track must be at least 1, got {self.probe_segments_per_track}")
+        if self.cpus_per_trial <= 0:
+            problems.append(f"--cpus-per-trial must be positive, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0:
+            problems.append(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
+        if self.asha_reduction_factor <= 1:
+            problems.append(f"the ASHA reduction factor must be > 1, got {self.asha_reduction_factor}")
+        if self.name and (Path(self.name).name != self.name or self.name in (".", "..")):
+            problems.append(f"--name must be a plain folder name (no '/'), got {self.name!r}")
+        try:
+            self.collapse_thresholds()
+        except (TypeError, ValueError) as error:
+            problems.append(str(error))
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    def collapse_thresholds(self):
+        """The :class:`musicssl.collapse.CollapseThresholds` of the stopping rule (defaults + overrides)."""
+        from musicssl.collapse import CollapseThresholds
+
+        known = {f.name for f in dataclasses.fields(CollapseThresholds)}
+        unknown = sorted(set(self.thresholds) - known)
+        if unknown:
+            raise SettingsError(f"unknown collapse threshold(s) {unknown}; known: {', '.join(sorted(known))}")
+        return CollapseThresholds(**self.thresholds)
+
+    @property
+    def trial_epochs_requested(self) -> int:
+        return self.trials * self.max_epochs
+
+    def trial_settings(self) -> TrialSettings:
+        """The part every trial needs."""
+        return TrialSettings(
+            method=self.method,
+            preset=self.preset,
+            data=self.data,
+            objective=self.objective,
+            max_epochs=self.max_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.batch_size,
+            probe_segments=self.probe_segments,
+            probe_segments_per_track=self.probe_segments_per_track,
+            # ASHA compares trials at its rungs on the objective, so a probe objective is then
+            # measured every epoch (its cost, ~1.5 s on the CPU corpus, is paid per epoch).
+            probe_every_epoch=self.scheduler == "asha" and self.objective.startswith("probe_"),
+            seed=self.seed,
+            num_threads=max(1, int(round(self.cpus_per_trial))),
+            accelerator="gpu" if self.gpus_per_trial > 0 else "cpu",
+            collapse_stop=self.collapse_stop,
+            grace_epochs=self.grace_epochs,
+            patience_epochs=self.patience_epochs,
+            thresholds=dict(self.thresholds),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / SEARCH_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> SearchSettings:
+        values = json.loads((Path(folder) / SEARCH_FILE).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,263 @@
+"""One search trial: the shared trainer on the trial's parameters, reporting every epoch to Ray Tune.
+
+Reports (each a ``ray.tune.report`` call):
+
+- after every epoch (an epoch-end hook of :func:`musicssl.train.train`): ``epoch``, ``step``, the
+  epoch's mean loss terms (``train_*``), the collapse metrics (``collapse_*``), the rule's
+  ``collapse_verdict``, and ``objective``: the epoch's RankMe for ``--objective rankme``; for the
+  probe objectives NaN, unless the probe runs every epoch (only under ASHA, which compares trials
+  at its rungs);
+- once more after ``train()`` returns, with ``final=True``: the ``outcome`` (complete, collapsed,
+  diverged, failed), the final ``objective`` and what the searcher records (see
+  :data:`FINAL_KEYS`). The probe runs here, after the last epoch, only for a complete trial: a
+  collapsed or diverged one is not worth its cost. A complete trial attaches its backbone as a
+  Tune checkpoint (``backbone.pt``, a plain ``state_dict``, and ``config.json``).
+
+An exception in a trial is reported as ``outcome="failed"`` with the error, then re-raised, so
+Tune marks the trial errored (and the search goes on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hpsearch.settings import TrialSettings
+from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+
+__all__ = [
+    "TRIAL_NUMBER_KEY",
+    "FINAL_KEYS",
+    "OUTCOMES",
+    "build_train_config",
+    "run_trial",
+    "objective_key",
+]
+
+# The Optuna trial number, added to each trial's config by the searcher.
+TRIAL_NUMBER_KEY = "optuna_trial"
+OUTCOMES = ("complete", "collapsed", "diverged", "failed", "stopped")
+# What the final report carries for the searcher to record (besides the last epoch's metrics).
+FINAL_KEYS = (
+    "outcome", "objective", "probe_map", "probe_auc", "rankme", "epochs_run", "epochs_completed", "steps",
+    "seconds", "cpu_seconds", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
+    "collapse_reasons", "diverged_step", "error", "best_objective", "best_epoch",
+)  # fmt: skip
+
+
+def objective_key(objective: str) -> str:
+    """The per-epoch metric an objective reads: RankMe of the embedding, or the probe score itself."""
+    return "collapse_rankme_embedding" if objective == "rankme" else objective
+
+
+def build_train_config(settings: TrialSettings, params: Mapping[str, Any]):
+    """The :class:`musicssl.train.TrainConfig` of a trial: the search's settings, the space's
+    ``FIXED`` values, then the trial's sampled parameters."""
+    from musicssl.train import TrainConfig, apply_overrides, method_settings
+    from study_spaces import get_space
+
+    training, method_params = get_space(settings.method).split(params)
+    config = TrainConfig(
+        method=settings.method,
+        preset=settings.preset,
+        data=settings.data,
+        max_epochs=settings.max_epochs,
+        steps_per_epoch=settings.steps_per_epoch,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        num_threads=settings.num_threads,
+        accelerator=settings.accelerator,
+        probe_segments=settings.probe_segments,
+        probe_segments_per_track=settings.probe_segments_per_track,
+        # The probe is run here (after the last epoch, complete trials only), never by train().
+        probe_every_epoch=False,
+        final_probe=False,
+        out_dir=None,
+    )
+    config = apply_overrides(config, training)
+    config.method_params = dict(method_params)
+    method_settings(config)  # names, types and ranges checked now, not after the first epoch
+    return config
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars for Tune's result files (numpy and torch scalars have .item())."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class _EpochReporter:
+    """The epoch-end hook: judges collapse, measures the objective, reports, and stops the run."""
+
+    def __init__(self, settings: TrialSettings, data, monitor: CollapseMonitor, report) -> None:
+        self.settings = settings
+        self.data = data
+        self.monitor = monitor
+        self.report = report
+        self.key = objective_key(settings.objective)
+        self.best_objective = math.nan
+        self.best_epoch: int | None = None
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, module, record: dict) -> None:
+        settings = self.settings
+        metrics = {name: _plain(value) for name, value in record.items()}
+        if settings.probe_every_epoch:
+            from musicssl.train import probe_score
+
+            metrics.update(probe_score(module.method.backbone, self.data, settings.probe_segments_per_track, settings.seed))
+        verdict = self.monitor.update(metrics["epoch"], metrics["step"], metrics)
+        metrics["collapse_verdict"] = verdict
+        objective = metrics.get(self.key, math.nan)
+        metrics["objective"] = float(objective) if _finite(objective) else math.nan
+        if _finite(objective) and not (objective <= self.best_objective):
+            self.best_objective, self.best_epoch = float(objective), int(metrics["epoch"])
+        stop = self.monitor.fired and (settings.collapse_stop or self.monitor.collapse_type == "diverged")
+        metrics["collapse_stop"] = bool(stop)
+        if self.monitor.fired:
+            # Also in the epoch reports: a trial a scheduler stops later sends no final report.
+            metrics.update(_rule_record(self.monitor, settings.collapse_stop))
+        self.last = metrics
+        if stop:
+            module.trainer.should_stop = True
+        self.report(metrics)
+
+
+def _rule_record(monitor: CollapseMonitor, stopping: bool) -> dict[str, Any]:
+    """What the stopping rule found: with stopping on, why the trial ended; off, when it would have."""
+    return {
+        "collapse_type": monitor.collapse_type,
+        "collapse_epoch": monitor.collapse_epoch,
+        "collapse_step": monitor.collapse_step,
+        "collapse_reasons": "; ".join(monitor.stop_reasons),
+        ("stop_epoch" if stopping or monitor.collapse_type == "diverged" else "would_stop_epoch"): monitor.stop_epoch,
+    }
+
+
+def _final_record(settings: TrialSettings, monitor: CollapseMonitor, reporter: _EpochReporter) -> dict[str, Any]:
+    last = reporter.last
+    epochs_completed = len(monitor.verdicts)
+    steps = int(last.get("step", 0))
+    return {
+        "final": True,
+        "epoch": epochs_completed,
+        "step": steps,
+        "epochs_completed": epochs_completed,
+        "steps": steps,
+        "epochs_run": steps / settings.steps_per_epoch,
+        "best_objective": reporter.best_objective,
+        "best_epoch": reporter.best_epoch,
+        **{k: v for k, v in last.items() if k.startswith(("train_", "collapse_"))},
+    }
+
+
+def run_trial(
+    config: dict[str, Any],
+    data=None,
+    settings: TrialSettings | None = None,
+    finished: Mapping[int, Mapping[str, Any]] | None = None,
+) -> None:
+    """Ray Tune function trainable: train one trial of ``settings.method`` with ``config``'s parameters.
+
+    ``data`` is the :class:`musicssl.data.pipeline.PreparedData` the driver prepared (handed over
+    with ``tune.with_parameters``; trials never build data). ``finished`` maps Optuna trial
+    numbers already finished in the study to their final records: a trial restored by a resume
+    whose result the study already holds (the driver stopped after telling Optuna but before
+    saving Tune's state) reports that record again instead of training twice.
+    """
+    from ray import tune
+
+    if settings is None or data is None:
+        raise ValueError("run_trial needs settings= and data= (bind them with tune.with_parameters)")
+    number = config.get(TRIAL_NUMBER_KEY)
+    if finished and number in finished:
+        tune.report({**finished[number], "final": True, "replayed": True})
+        return
+    started, cpu_started = time.perf_counter(), time.process_time()
+    params = {name: value for name, value in config.items() if name != TRIAL_NUMBER_KEY}
+    monitor = CollapseMonitor(
+        CollapseStopRule(settings.grace_epochs, settings.patience_epochs, _thresholds(settings))
+    )
+    reporter = _EpochReporter(settings, data, monitor, tune.report)
+    try:
+        record, checkpoint = _train_and_score(settings, params, data, monitor, reporter)
+    except Exception as error:
+        record = _final_record(settings, monitor, reporter)
+        record.update(outcome="failed", objective=math.nan, error=f"{type(error).__name__}: {error}")
+        record["seconds"] = time.perf_counter() - started
+        tune.report(record)
+        raise
+    record["seconds"] = time.perf_counter() - started
+    # CPU time of the trial's process: what the trial costs whatever else shares the machine.
+    record["cpu_seconds"] = time.process_time() - cpu_started
+    if checkpoint is None:
+        tune.report(record)
+        return
+    import torch
+
+    state, trial_config = checkpoint
+    with tempfile.TemporaryDirectory(prefix="hpsearch-checkpoint-") as folder:
+        torch.save(state, Path(folder) / "backbone.pt")
+        (Path(folder) / "config.json").write_text(json.dumps(trial_config, indent=2, default=str))
+        tune.report(record, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _thresholds(settings: TrialSettings):
+    from musicssl.collapse import CollapseThresholds
+
+    return CollapseThresholds(**settings.thresholds)
+
+
+def _train_and_score(
+    settings: TrialSettings, params: dict[str, Any], data, monitor: CollapseMonitor, reporter: _EpochReporter
+) -> tuple[dict[str, Any], tuple[dict, dict] | None]:
+    """Train, then decide the outcome; returns the final record and, for a complete trial, the
+    checkpoint to attach (backbone state_dict, trial config)."""
+    from musicssl.train import probe_score, train
+
+    train_config = build_train_config(settings, params)
+    result = train(train_config, data=data, epoch_end_hooks=[reporter], progress_bar=False)
+    record = _final_record(settings, monitor, reporter)
+    record["steps"] = record["step"] = int(result.final.get("steps", record["steps"]))
+    record["epochs_run"] = record["steps"] / settings.steps_per_epoch
+    last = reporter.last
+    record["rankme"] = last.get("collapse_rankme_embedding", math.nan)
+    if monitor.fired:
+        record.update(_rule_record(monitor, settings.collapse_stop))
+    if result.diverged_step is not None or result.verdict == "diverged" or monitor.collapse_type == "diverged":
+        step = result.diverged_step if result.diverged_step is not None else monitor.collapse_step
+        record.update(outcome="diverged", objective=math.nan, collapse_type="diverged", diverged_step=step)
+        if monitor.collapse_type != "diverged":
+            record.update(collapse_epoch=step // settings.steps_per_epoch + 1, collapse_step=step,
+                          collapse_reasons="non-finite training loss")
+        return record, None
+    if monitor.fired and settings.collapse_stop:
+        record.update(outcome="collapsed", objective=math.nan)
+        return record, None
+    if settings.objective == "rankme":
+        objective = last.get("collapse_rankme_embedding", math.nan)
+    else:
+        scores = {k: last[k] for k in ("probe_map", "probe_auc") if k in last}
+        if not scores:
+            scores = probe_score(result.backbone, data, settings.probe_segments_per_track, settings.seed)
+        record.update(scores)
+        objective = scores[settings.objective]
+    if not _finite(objective):
+        record.update(outcome="diverged", objective=math.nan, collapse_type="diverged",
+                      collapse_reasons=f"objective {settings.objective} is {objective}")
+        return record, None
+    record.update(outcome="complete", objective=float(objective))
+    if not (record["objective"] <= reporter.best_objective):
+        record["best_objective"], record["best_epoch"] = record["objective"], record["epoch"]
+    state = {name: tensor.detach().cpu() for name, tensor in result.backbone.state_dict().items()}
+    trial_config = {"params": params, "objective": settings.objective, "value": record["objective"],
+                    "train_config": train_config.to_dict()}
+    return record, (state, trial_config)

@@ -1,0 +1,498 @@
+"""The search: collapse stopping rule, the Optuna searcher's bookkeeping, real end-to-end searches
+(local Ray), resume after a kill, and the command line's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from hpsearch.run import build_parser, run_search
+from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
+from hpsearch.settings import SearchSettings, SettingsError
+from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+from musicssl.collapse import CollapseThresholds
+from musicssl.models import Backbone
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+REPO = Path(__file__).resolve().parents[1]
+
+# Epoch records as the trainer logs them. With the default thresholds (musicssl.collapse):
+# HEALTHY spreads over 40% of its dimensions; DIMENSIONAL uses 4% (RankMe 10 of 256 < 10%).
+HEALTHY = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
+           "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
+DIMENSIONAL = {**HEALTHY, "collapse_rankme_embedding": 10.0, "collapse_rankme_embedding_norm": 0.04}
+COMPLETE = {**HEALTHY, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999}
+NAN_LOSS = {**HEALTHY, "train_loss": math.nan}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stopping rule
+
+
+def monitor_after(records, grace=1, patience=2, steps_per_epoch=10) -> CollapseMonitor:
+    monitor = CollapseMonitor(CollapseStopRule(grace_epochs=grace, patience_epochs=patience))
+    for epoch, record in enumerate(records, start=1):
+        monitor.update(epoch, epoch * steps_per_epoch, record)
+        if monitor.fired:
+            break
+    return monitor
+
+
+def test_collapse_held_for_patience_after_grace_stops_and_dates_its_start():
+    monitor = monitor_after([COMPLETE, DIMENSIONAL, DIMENSIONAL, HEALTHY])
+    # Epoch 1 is in the grace period; epochs 2 and 3 make the patience of 2.
+    assert monitor.stop_epoch == 3
+    assert monitor.collapse_type == "dimensional"
+    # The uninterrupted collapsed run began at epoch 1 (seen at its end, step 10).
+    assert (monitor.collapse_epoch, monitor.collapse_step) == (1, 10)
+    assert monitor.verdicts == ["complete", "dimensional", "dimensional"]
+
+
+def test_a_recovered_collapse_restarts_the_count():
+    monitor = monitor_after([COMPLETE, HEALTHY, DIMENSIONAL, HEALTHY, DIMENSIONAL, DIMENSIONAL])
+    assert monitor.stop_epoch == 6 and monitor.collapse_epoch == 5 and monitor.collapse_step == 50
+
+
+def test_the_fresh_backbone_verdict_in_the_grace_period_is_not_acted_on():
+    assert not monitor_after([COMPLETE, COMPLETE, HEALTHY], grace=2, patience=1).fired
+    assert monitor_after([COMPLETE, COMPLETE, COMPLETE], grace=2, patience=1).stop_epoch == 3
+
+
+def test_divergence_stops_at_once_even_in_the_grace_period():
+    monitor = monitor_after([NAN_LOSS], grace=3, patience=5)
+    assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_step) == (1, "diverged", 10)
+
+
+def test_the_rule_uses_its_own_thresholds():
+    lenient = CollapseStopRule(grace_epochs=0, patience_epochs=1,
+                               thresholds=CollapseThresholds(dimensional_max_rank_fraction=0.01))
+    monitor = CollapseMonitor(lenient)
+    assert monitor.update(1, 10, DIMENSIONAL) == "none" and not monitor.fired
+
+
+# ----------------------------------------------------------------------------------------------
+# The searcher, driven directly (Ray Tune calls these methods; no Ray needed)
+
+
+def line_space(trial) -> None:
+    """A 1-D space for searcher tests (module-level so that it pickles)."""
+    trial.suggest_float("x", 0.0, 1.0)
+
+
+def journal_searcher(path: Path, **kwargs) -> CollapseAwareOptunaSearch:
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    return CollapseAwareOptunaSearch(line_space, storage=storage, study_name="search", seed=0, **kwargs)
+
+
+def epoch_result(epoch: int, objective: float) -> dict:
+    return {**HEALTHY, "epoch": epoch, "objective": objective, "collapse_verdict": "none"}
+
+
+def final_result(outcome: str, objective: float = math.nan, **extra) -> dict:
+    return {"final": True, "outcome": outcome, "objective": objective, "epoch": 2, "epochs_run": 2.0, **extra}
+
+
+def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_path):
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    outcomes = {
+        "a": final_result("complete", 0.7, probe_map=0.7),
+        "b": final_result("collapsed", collapse_type="dimensional", collapse_epoch=1, collapse_step=15, stop_epoch=3),
+        "c": final_result("diverged", collapse_type="diverged", diverged_step=7),
+    }
+    for trial_id in ("a", "b", "c", "d", "e"):
+        config = searcher.suggest(trial_id)
+        assert set(config) == {"x", "optuna_trial"}
+        searcher.on_trial_result(trial_id, epoch_result(1, 0.5))
+    for trial_id, result in outcomes.items():
+        searcher.on_trial_result(trial_id, result)
+        searcher.on_trial_complete(trial_id, result=result)
+    searcher.on_trial_complete("d", error=True)  # an exception in the trial
+    searcher.on_trial_complete("e", result=epoch_result(2, 0.4))  # stopped by a scheduler at epoch 2
+
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    trials = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert {k: t.state for k, t in trials.items()} == {
+        "a": TrialState.COMPLETE, "b": TrialState.PRUNED, "c": TrialState.PRUNED, "d": TrialState.FAIL,
+        "e": TrialState.PRUNED,
+    }
+    assert trials["a"].value == 0.7 and trials["a"].constraints == {CONSTRAINT_NAME: 0.0}
+    assert trials["b"].constraints == {CONSTRAINT_NAME: 1.0} and trials["c"].constraints == {CONSTRAINT_NAME: 1.0}
+    assert trials["e"].constraints == {CONSTRAINT_NAME: 0.0}
+    attrs = trials["b"].user_attrs
+    assert (attrs["outcome"], attrs["collapse_type"], attrs["collapse_epoch"], attrs["collapse_step"]) == (
+        "collapsed", "dimensional", 1, 15)
+    assert attrs["last_metrics"]["collapse_rankme_embedding"] == 100.0
+    assert trials["c"].user_attrs["outcome"] == "diverged" and trials["c"].user_attrs["diverged_step"] == 7
+    assert "objective" not in trials["c"].user_attrs  # NaN is not stored (dashboards reject it)
+    assert trials["d"].user_attrs["outcome"] == "failed"
+    assert trials["e"].user_attrs["outcome"] == "stopped" and trials["e"].intermediate_values == {1: 0.5, 2: 0.4}
+    assert trials["a"].user_attrs["config"] == {"x": trials["a"].params["x"]}
+
+
+def test_plain_optuna_search_leaves_a_nan_trial_running_and_ours_does_not():
+    """The pitfall the subclass exists for, shown on Ray's own OptunaSearch."""
+    plain = OptunaSearch(line_space, metric="objective", mode="max", seed=0)
+    plain.suggest("t")
+    plain.on_trial_complete("t", result=final_result("diverged"))
+    assert plain._ot_study.trials[0].state == TrialState.RUNNING
+
+    ours = CollapseAwareOptunaSearch(line_space, seed=0)
+    ours.suggest("t")
+    ours.on_trial_complete("t", result=final_result("diverged"))
+    assert ours.study.trials[0].state == TrialState.PRUNED
+
+
+def run_line_search(searcher, trials: int, flattering: bool) -> list[float]:
+    """x < 0.5 collapses. The others score x. A collapsed trial's last value is a flattering 2.0."""
+    xs = []
+    for number in range(trials):
+        trial_id = f"t{number}"
+        x = searcher.suggest(trial_id)["x"]
+        xs.append(x)
+        if x < 0.5:
+            result = final_result("collapsed", 2.0 if flattering else math.nan, collapse_type="complete")
+        else:
+            result = final_result("complete", x)
+        searcher.on_trial_complete(trial_id, result=result)
+    return xs
+
+
+def test_tpe_learns_to_avoid_the_collapsing_region_only_when_told_pruned_and_infeasible():
+    ours = run_line_search(CollapseAwareOptunaSearch(line_space, seed=1), 40, flattering=True)
+    plain = run_line_search(OptunaSearch(line_space, metric="objective", mode="max", seed=1), 40, flattering=True)
+    collapsing = lambda xs: sum(x < 0.5 for x in xs[20:]) / 20  # noqa: E731
+    # After TPE's 10 random start-up trials: ours stays out, plain OptunaSearch is drawn in by the
+    # collapsed trials' flattering values (it tells them COMPLETE).
+    assert collapsing(ours) <= 0.2
+    assert collapsing(plain) >= 0.6
+
+
+def test_restored_searcher_adopts_orphans_does_not_repeat_draws_and_stops_at_max_trials(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    first = journal_searcher(journal, max_trials=4)
+    first.suggest("t0")
+    first.suggest("t1")
+    first.on_trial_complete("t0", result=final_result("complete", 0.3))
+    first.save(str(tmp_path / "searcher.pkl"))
+    # After the save (so unknown to the saved state): trial 2 asked, trial 1 told.
+    first.suggest("t2")
+    first.on_trial_complete("t1", result=final_result("complete", 0.6))
+
+    second = journal_searcher(journal, max_trials=4)
+    second.restore(str(tmp_path / "searcher.pkl"))
+    study = second.study
+    params_of_2 = study.trials[2].params
+    # Tune resumes t1 (RUNNING in its saved state): its repeated completion does not tell twice.
+    second.on_trial_complete("t1", result=final_result("complete", 0.1))
+    assert study.trials[1].value == 0.6
+    # The orphan (trial 2) is handed out again, with its own parameters.
+    config = second.suggest("t3")
+    assert config["optuna_trial"] == 2 and config["x"] == params_of_2["x"]
+    # A fresh draw differs from every earlier one (the restored sampler is reseeded).
+    config = second.suggest("t4")
+    assert config["optuna_trial"] == 3
+    assert config["x"] not in [t.params["x"] for t in study.trials[:3]]
+    # The study holds --trials trials: no more suggestions.
+    assert second.suggest("t5") == Searcher.FINISHED
+    assert len(study.trials) == 4
+    assert pickle.loads(pickle.dumps(second)).max_trials == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end searches on local Ray
+
+TINY = dict(max_epochs=2, steps_per_epoch=3, batch_size=8, probe_segments=32, probe_segments_per_track=1, concurrency=2)
+# Only the uniform-assignment rule: a tiny run's other collapse metrics read "collapsed" for every
+# trial (a fresh backbone in eval mode), which would tell nothing apart here.
+UNIFORM_ONLY = dict(
+    complete_max_l2_std=0.0, complete_max_effective_rank=0.0, complete_min_mean_cosine=1.0, check_projection=False,
+    dimensional_max_rank_fraction=0.0, cluster_min_occupancy=0.0, cluster_max_assignment_entropy=0.0,
+)
+
+
+@pytest.fixture
+def ray_guard(monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard, capsys):
+    points = [
+        # healthy: sharp teacher assignments
+        {"num_prototypes": 64, "teacher_temperature": 0.04, "learning_rate": 1e-3, "teacher_warmup_epochs": 0.0},
+        # uniform collapse: a teacher at temperature 100 spreads every sample evenly over the prototypes
+        {"num_prototypes": 64, "teacher_temperature": 100.0, "learning_rate": 1e-3, "teacher_warmup_epochs": 0.0},
+        # divergence: the first steps at this learning rate overflow
+        {"num_prototypes": 64, "learning_rate": 1e6},
+        # failure: the method refuses a single prototype
+        {"num_prototypes": 1},
+    ]
+    settings = SearchSettings(
+        method="clustering", trials=4, name="e2e", storage_dir=str(tmp_path), data="tonal", grace_epochs=0,
+        patience_epochs=1, thresholds=UNIFORM_ONLY, points_to_evaluate=points, **TINY,
+    )
+    with pytest.warns(UserWarning):  # Optuna: the enqueued values outside the space's ranges
+        result = run_search(settings, data=tonal_data)
+    folder = tmp_path / "e2e"
+
+    csv = pd.read_csv(folder / "trials.csv")
+    assert list(csv["trial"]) == [0, 1, 2, 3]
+    assert list(csv["outcome"]) == ["complete", "collapsed", "diverged", "failed"]
+    assert csv.loc[1, "collapse_type"] == "cluster" and csv.loc[1, "collapse_epoch"] == 1
+    assert csv.loc[1, "collapse_step"] == 3 and csv.loc[1, "epochs_run"] == 1.0
+    assert csv.loc[2, "collapse_type"] == "diverged" and csv.loc[2, "epochs_run"] < 1.0
+    assert "num_prototypes must be at least 2" in csv.loc[3, "error"]
+    assert csv.loc[0, "epochs_run"] == 2.0 and 0.0 <= csv.loc[0, "objective"] <= 1.0
+    assert csv.loc[0, "param_center_momentum"] == pytest.approx(1 - csv.loc[0, "param_one_minus_center_momentum"])
+
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED, TrialState.FAIL]
+    assert study.trials[0].value == csv.loc[0, "objective"]
+    assert study.trials[1].constraints == {CONSTRAINT_NAME: 1.0} and study.trials[2].constraints == {CONSTRAINT_NAME: 1.0}
+    assert study.trials[1].user_attrs["collapse_type"] == "cluster"
+    # The collapsed trial's last metrics show why: per-sample entropy near log K.
+    assert study.trials[1].user_attrs["last_metrics"]["collapse_sample_entropy"] > 0.97
+
+    # The best (only complete) trial's backbone: a plain state_dict that loads into the preset.
+    state = torch.load(folder / "best_backbone.pt", weights_only=True)
+    Backbone(preset="cpu").load_state_dict(state)
+    best_config = json.loads((folder / "best_config.json").read_text())
+    assert best_config["trial"] == 0 and best_config["params"]["num_prototypes"] == 64
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["counts"] == {"complete": 1, "collapsed": 1, "diverged": 1, "failed": 1}
+    assert summary["trial_epochs_requested"] == 8
+    assert summary["trial_epochs_run"] == pytest.approx(csv["epochs_run"].sum())
+    assert 0.0 <= summary["untrained_value"] <= 1.0  # the bar: the probe of an untrained backbone
+    assert not result.interrupted
+    out = capsys.readouterr().out
+    assert out.count("] #") == 4 and "collapsed  cluster from epoch 1 (step 3)" in out
+
+
+@pytest.mark.slow
+def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_guard):
+    settings = SearchSettings(
+        method="vicreg", trials=6, name="asha", storage_dir=str(tmp_path), objective="rankme", scheduler="asha",
+        asha_grace_epochs=1, collapse_stop=False, **{**TINY, "max_epochs": 4},
+    )
+    result = run_search(settings, data=tonal_data)
+    csv = result.trials
+    assert len(csv) == 6 and set(csv["outcome"]) <= {"complete", "stopped", "diverged"}
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(result.folder / "optuna.journal"))))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    for trial, row in zip(study.trials, csv.itertuples()):
+        # RankMe per epoch is the intermediate value; a complete trial's value is its last epoch's.
+        assert len(trial.intermediate_values) == int(row.epochs_completed)
+        if trial.state == TrialState.COMPLETE:
+            assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
+    # Without collapse stopping, the tiny runs' eval-mode "collapse" is only recorded.
+    assert csv["would_stop_epoch"].notna().any() and "collapsed" not in set(csv["outcome"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (subprocesses)
+
+
+@pytest.fixture(scope="module")
+def cli_env(tonal_dataset, tonal_data, tmp_path_factory):
+    """Environment for CLI runs: a private cache root where the tonal dataset's mel cache (built by
+    the tonal_data fixture) sits at the path the CLI looks for it, so runs do not rebuild it."""
+    from musicssl.data.loaders import open_dataset
+    from musicssl.data.pipeline import default_mel_cache_dir
+
+    root = tmp_path_factory.mktemp("cache-root")
+    previous = os.environ.get("MUSICSSL_CACHE")
+    os.environ["MUSICSSL_CACHE"] = str(root)
+    try:
+        target = default_mel_cache_dir(open_dataset(str(tonal_dataset / "tracks.csv")))
+    finally:
+        if previous is None:
+            del os.environ["MUSICSSL_CACHE"]
+        else:
+            os.environ["MUSICSSL_CACHE"] = previous
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(tonal_data.cache.path.parent, target_is_directory=True)
+    return {**os.environ, "MUSICSSL_CACHE": str(root), "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hpsearch.run", *args]
+
+
+def tiny_flags(dataset: Path) -> list[str]:
+    return ["--data", str(dataset / "tracks.csv"), "--max-epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8",
+            "--probe-segments", "32", "--probe-segments-per-track", "1"]
+
+
+def _session_processes(session: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(leader: int, timeout: float = 30.0) -> None:
+    """SIGKILL every process of the session the search started (Ray's workers leave its process
+    group but not its session), and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = _session_processes(leader)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"processes of session {leader} survived: {_session_processes(leader)}")
+
+
+def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env):
+    command = cli("vicreg", "--trials", "6", "--name", "resumable", "--storage-dir", str(tmp_path), *tiny_flags(tonal_dataset))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
+                               cwd=REPO, start_new_session=True)
+    watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("[2/6]"):
+                break
+    finally:
+        watchdog.cancel()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        kill_session(process.pid)
+    assert any(line.startswith("[2/6]") for line in lines), "".join(lines)
+    journal = tmp_path / "resumable" / "optuna.journal"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    before = {t.number: (t.state, t.value, t.params) for t in optuna.load_study(study_name="search", storage=storage).trials
+              if t.state.is_finished()}
+    assert 2 <= len(before) < 6
+
+    # Re-running the same command (same --name) continues the search.
+    resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.number for t in study.trials] == list(range(6))
+    assert all(t.state.is_finished() for t in study.trials)
+    # No finished trial lost or changed, and no parameter set drawn twice.
+    assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in before} == before
+    draws = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(draws)) == 6
+    csv = pd.read_csv(tmp_path / "resumable" / "trials.csv")
+    assert list(csv["trial"]) == list(range(6))
+    assert "6/6 trials finished" in resumed.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simsiam"], "unknown pretext method 'simsiam'"),
+        (["vicreg", "--trials", "0"], "--trials must be at least 1"),
+        (["vicreg", "--data", "/no/such/tracks.csv"], "no such file or folder"),
+        (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
+        (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
+    ],
+)
+def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, message, tmp_path, cli_env):
+    done = subprocess.run(cli(*args, "--storage-dir", str(tmp_path)), capture_output=True, text=True, env=cli_env,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing written for a search that never started
+
+
+def test_help_documents_every_flag():
+    text = build_parser().format_help()
+    for flag in ("--trials", "--name", "--storage-dir", "--resume", "--max-epochs", "--objective", "--data", "--preset",
+                 "--seed", "--no-collapse-stop", "--scheduler", "--concurrency", "--cpus-per-trial", "--gpus-per-trial",
+                 "--address", "--grace-epochs", "--patience-epochs", "probe_map", "rankme"):
+        assert flag in text
+
+
+def test_settings_reject_bad_values_with_the_flag_name():
+    with pytest.raises(SettingsError, match="--max-epochs must be at least 1"):
+        SearchSettings(method="vicreg", max_epochs=0)
+    with pytest.raises(SettingsError, match="unknown collapse threshold"):
+        SearchSettings(method="vicreg", thresholds={"rank": 1.0})
+
+
+def test_a_new_search_never_reuses_a_folder(tmp_path):
+    from hpsearch.run import default_name
+
+    first = default_name("vicreg", tmp_path)
+    (tmp_path / first).mkdir()
+    second = default_name("vicreg", tmp_path)
+    assert second != first and second.startswith(first)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cli_env):
+    port = _free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not start"
+                time.sleep(1)
+        done = subprocess.run(
+            cli("vicreg", "--trials", "2", "--name", "on-cluster", "--storage-dir", str(tmp_path),
+                "--address", f"127.0.0.1:{port}", *tiny_flags(tonal_dataset)),
+            capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert len(pd.read_csv(tmp_path / "on-cluster" / "trials.csv")) == 2
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        kill_session(head.pid)

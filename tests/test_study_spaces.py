@@ -1,0 +1,169 @@
+"""Search spaces: one per method, picklable, mapping 1:1 onto the trainer's settings, ranges as specified."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+import sys
+import textwrap
+
+import optuna
+import pytest
+
+import study_spaces
+from musicssl.pretext.registry import available_methods, get_method
+from musicssl.train import TrainConfig, method_settings
+from study_spaces import SpaceError, UnknownSpaceError, available_spaces, get_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# The ranges the search is specified with (the project's issue), written out independently of the
+# modules: (low, high, log scale).
+SPECIFIED_RANGES = {
+    "vicreg": {"inv_weight": (0.1, 100, True), "var_weight": (0.1, 100, True), "cov_weight": (0.1, 100, True)},
+    "clustering": {"num_prototypes": (16, 8192, True)},
+    "contrastive": {"temperature": (0.01, 1.0, True)},
+    "byol": {"one_minus_ema_rate": (1e-4, 0.1, True)},
+    "barlow_twins": {"lambd": (1e-4, 1.0, True)},
+}
+# Each space must also sample these (the issue's list for every method).
+SHARED = {"learning_rate", "weight_decay"}
+
+
+def sampled_trials(method: str, count: int = 25, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+    space = get_space(method)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(count):
+        trial = study.ask()
+        space.sample(trial)
+        study.tell(trial, 0.0)
+    return study.trials
+
+
+def test_every_pretext_method_has_a_space_and_every_space_a_method():
+    assert available_spaces() == available_methods()
+
+
+@pytest.mark.parametrize("method", available_spaces())
+def test_space_module_is_well_formed_and_its_space_pickles(method):
+    module = sys.modules[get_space(method).module]
+    assert module.METHOD == method
+    assert isinstance(module.FIXED, dict)
+    # The searcher is pickled with the experiment state: the space must pickle by reference.
+    assert pickle.loads(pickle.dumps(module.space)) is module.space
+    assert module.space.__name__ == "space"
+
+
+@pytest.mark.parametrize("method", available_spaces())
+def test_parameters_map_one_to_one_onto_trainer_settings(method):
+    space = get_space(method)
+    method_fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for trial in sampled_trials(method, count=10):
+        params = {**trial.params, **(space.space(optuna.trial.FixedTrial(trial.params)) or {})}
+        training, method_params = space.split(params)
+        # Every name the trainer gets is one of its own fields, and nothing else slipped through.
+        assert set(method_params) <= method_fields
+        assert set(training) <= train_fields
+        assert set(params) - set(training) - set(method_params) == set(space.helper_params)
+        config = TrainConfig(method=method, **training)
+        config.method_params = method_params
+        resolved = method_settings(config)
+        for name, value in method_params.items():
+            assert getattr(resolved, name) == value
+
+
+@pytest.mark.parametrize("method", available_spaces())
+def test_ranges_are_the_specified_ones(method):
+    trials = sampled_trials(method, count=3)
+    distributions = trials[0].distributions
+    assert SHARED <= set(distributions)
+    for name, (low, high, log) in SPECIFIED_RANGES[method].items():
+        distribution = distributions[name]
+        assert (distribution.low, distribution.high, distribution.log) == (low, high, log), name
+
+
+def test_byol_samples_one_minus_rate_and_passes_the_rate():
+    for trial in sampled_trials("byol"):
+        x = trial.params["one_minus_ema_rate"]
+        training, method_params = get_space("byol").split(
+            {**trial.params, **get_space("byol").space(optuna.trial.FixedTrial(trial.params))}
+        )
+        assert method_params["base_ema_rate"] == 1.0 - x
+        assert "one_minus_ema_rate" not in method_params
+        assert 0.9 <= method_params["base_ema_rate"] <= 0.9999
+        assert 16 <= method_params["predictor_hidden_dim"] <= 1024
+
+
+def test_clustering_derived_values():
+    space = get_space("clustering")
+    for trial in sampled_trials("clustering"):
+        derived = space.space(optuna.trial.FixedTrial(trial.params))
+        assert derived["center_momentum"] == 1.0 - trial.params["one_minus_center_momentum"]
+        assert derived["base_ema_rate"] == 1.0 - trial.params["one_minus_ema_rate"]
+        # The warm-up never starts above the temperature it warms up to.
+        assert derived["teacher_temperature_start"] == min(0.02, trial.params["teacher_temperature"])
+
+
+@pytest.mark.parametrize(
+    ("method", "healthy", "collapsing"),
+    [
+        # VICReg's published weights, and a variance weight 1000x below the invariance weight.
+        ("vicreg", {"inv_weight": 25.0, "var_weight": 25.0, "cov_weight": 1.0},
+         {"inv_weight": 100.0, "var_weight": 0.1, "cov_weight": 0.1}),
+        # DINO's defaults, and a teacher softer than its student (uniform collapse).
+        ("clustering", {"teacher_temperature": 0.04, "student_temperature": 0.1, "num_prototypes": 4096},
+         {"teacher_temperature": 0.2, "student_temperature": 0.05}),
+        ("contrastive", {"temperature": 0.1}, {"temperature": 0.01}),
+        ("barlow_twins", {"lambd": 0.0051}, {"lambd": 1.0}),
+        ("byol", {"one_minus_ema_rate": 0.004}, {"one_minus_ema_rate": 0.1, "predictor_hidden_dim": 16}),
+    ],
+)
+def test_ranges_hold_healthy_and_collapsing_settings(method, healthy, collapsing):
+    distributions = sampled_trials(method, count=1)[0].distributions
+    for point in (healthy, collapsing):
+        for name, value in point.items():
+            assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (name, value)
+
+
+def test_split_rejects_names_the_trainer_does_not_know():
+    with pytest.raises(SpaceError, match="var_wieght"):
+        get_space("vicreg").split({"var_wieght": 1.0})
+
+
+def test_unknown_space_names_the_available_ones():
+    with pytest.raises(UnknownSpaceError) as error:
+        get_space("simsiam")
+    assert "vicreg" in str(error.value) and "study_spaces/simsiam.py" in str(error.value)
+
+
+def test_a_new_module_is_discovered_and_a_malformed_one_is_refused(tmp_path, monkeypatch):
+    # A space for a method name that has a pretext method, but a lambda for its space.
+    (tmp_path / "barlow_extra.py").write_text("METHOD = 'barlow_extra'\nFIXED = {}\nspace = lambda trial: None\n")
+    (tmp_path / "vicreg_copy.py").write_text(textwrap.dedent("""
+        METHOD = 'vicreg'
+        FIXED = {}
+        def space(trial):
+            return None
+    """))
+    monkeypatch.setattr(study_spaces, "__path__", [*study_spaces.__path__, str(tmp_path)])
+    assert {"barlow_extra", "vicreg_copy"} <= set(available_spaces())
+    with pytest.raises(SpaceError, match="named module-level function"):
+        get_space("barlow_extra")
+    with pytest.raises(SpaceError, match="METHOD must be 'vicreg_copy'"):
+        get_space("vicreg_copy")
+    for name in ("study_spaces.barlow_extra", "study_spaces.vicreg_copy"):
+        sys.modules.pop(name, None)
+
+
+def test_defaults_of_the_methods_lie_inside_the_ranges():
+    """The methods' own defaults (their authors' settings) are points of the searched ranges."""
+    for method in ("vicreg", "contrastive", "barlow_twins"):
+        defaults = get_method(method).Config()
+        distributions = sampled_trials(method, count=1)[0].distributions
+        for name, distribution in distributions.items():
+            if hasattr(defaults, name):
+                value = getattr(defaults, name)
+                assert distribution._contains(distribution.to_internal_repr(value)), (method, name, value)
+    assert math.isclose(1 - get_method("byol").Config().base_ema_rate, 0.004)
