@@ -1,0 +1,1491 @@
+"""The study's downstream protocol on frozen embeddings: probes, bootstrap, limited data, baselines.
+
+    python -m analysis.downstream runs/vicreg-a runs/contrastive-b --dataset corpus
+    python -m analysis.downstream runs/search/ --dataset mtat --root ~/data/mtat
+    python -m analysis.downstream backbone.pt --preset paper --dataset jamendo-mood --root ~/mtg-jamendo-dataset \\
+        --audio-dir ~/jamendo-audio
+
+Each positional argument is a method to evaluate: a training run folder (``config.json`` +
+``backbone.pt``), a search folder (``best_config.json`` + ``best_backbone.pt``), a ``.pt`` state_dict
+(``--preset`` names its architecture), or a baseline: ``random`` (a randomly initialised backbone of
+the preset, seeded) or ``melstats`` (per-band mean and standard deviation of the log-mel). Both
+baselines are added unless ``--no-baselines``. ``LABEL=PATH`` names a method in the tables.
+
+Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *):
+
+* Embeddings. The backbone is frozen (eval mode). Audio is cut into non-overlapping 4 s segments of
+  the cached log-mel. A training track contributes up to 25 segments, evenly spread* over its
+  non-silent ones; a segment is silent* when its loudest mel bin is more than ``silence_db`` (40) dB
+  below the track's loudest (the study's rule was segment RMS against track RMS, which also drops
+  quiet passages). A validation or test track is the mean of the embeddings of ALL its segments
+  (the whole track, as in the study's test loop).
+* Classifiers*. ``linear`` (one linear layer with bias) and ``mlp`` (one hidden ReLU layer of 512
+  units, dropout 0.25), both trained in torch with sigmoid + binary cross-entropy, Adam (lr 1e-3),
+  mini-batches of 256, on inputs standardised by the training segments' mean and std. They train on
+  SEGMENTS (each labelled with its track's tags) and are scored on TRACKS (mean embedding): the
+  study's setting. Early stopping: every ``max(1 epoch, 25 steps)`` the valid tracks (mean
+  embeddings, as test) are scored by macro mAP; training stops after 10 checks without improvement
+  and the best check's weights are kept (valid BCE is used when no valid tag has both classes).
+  Seeded: the same inputs and seed give the same result.
+* Metrics. Macro ROC-AUC and macro mAP over the tags with both classes among the test tracks
+  (musicssl.probe); the others are skipped and reported. Also per tag and per tag group.
+* Bootstrap. 50 resamples of 50 % of the test tracks, drawn without replacement
+  (musicssl.probe.bootstrap), the same resamples for every method (a paired comparison): mean and
+  95 % percentile interval.
+* Limited data. 1, 5, 10, 20, 25 and 100 % of the training tracks, each drawn 4 times. Within a
+  draw the subsets are nested prefixes of one ordering*: first, rarest tag first, a seeded random
+  track for every tag that no earlier pick carries (so every subset at least that large has a
+  positive for every tag that has one in the training split, and smaller subsets have the rarest
+  tags), then the remaining tracks in a seeded random order. Subset size: ``round(f * N)``, at least
+  one track. The valid and test sets are always complete. The headline table is the 100 % fit of
+  draw 0; the other draws of 100 % differ only by the classifier's seed.
+
+What is cached: per method (hash of the backbone's weights, or the baseline's definition), dataset
+(its usable tracks, paths and splits), front-end (mel settings) and segment protocol, one ``.npz``
+under ``$MUSICSSL_CACHE/embeddings/`` holding every track's mean embedding and the training
+tracks' segment embeddings. Next to it, per probe, the limited-data scores and the headline fit's
+test predictions, keyed on everything the fits depend on (labels, splits, probe settings, fractions,
+draws, seed, device, torch version). A second run skips the backbone, and the probes of unchanged
+methods (the baselines, typically): re-evaluating costs seconds. ``--no-cache`` recomputes both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BASELINES",
+    "CLASSIFIERS",
+    "ClassifierConfig",
+    "DownstreamConfig",
+    "DownstreamError",
+    "DownstreamResult",
+    "Embeddings",
+    "FittedClassifier",
+    "MethodSpec",
+    "TagScores",
+    "build_backbone",
+    "compute_embeddings",
+    "fit_classifier",
+    "limited_data_subsets",
+    "load_embeddings",
+    "load_state_dict",
+    "main",
+    "melstats_features",
+    "resolve_method",
+    "run_downstream",
+    "score_tags",
+    "subset_size",
+    "write_outputs",
+]
+
+BASELINES = ("random", "melstats")
+CLASSIFIERS = ("linear", "mlp")
+DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
+CACHE_FORMAT = 1
+PROBE_FORMAT = 1  # raise when the probes' training changes, so cached probe results are not reused
+# Weight files looked for in a folder, in this order: a search's best trial, then a single run.
+RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
+_SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
+
+
+class DownstreamError(ValueError):
+    """Bad input for the evaluation (checkpoint, dataset, options); the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """How the probes are trained (the same for every method, so only the embedding differs)."""
+
+    hidden_dim: int = 512
+    dropout: float = 0.25
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    # Early stopping: the valid score is checked every max(one epoch, check_every_steps) steps; training
+    # stops after `patience` checks without improvement or after `max_checks` checks.
+    check_every_steps: int = 25
+    patience: int = 10
+    max_checks: int = 200
+    # Torch threads while a probe trains on the CPU. One: its matrices are small, and on a busy machine
+    # extra threads wait for each other (fits of 0.1 s took 5-20 s with 2 threads on the shared 2-core
+    # development machine). Embedding extraction keeps all cores.
+    cpu_threads: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden_dim < 1:
+            problems.append(f"hidden_dim must be >= 1, got {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            problems.append(f"need learning_rate > 0 and weight_decay >= 0, got {self.learning_rate}, {self.weight_decay}")
+        for name in ("batch_size", "check_every_steps", "patience", "max_checks", "cpu_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise DownstreamError("invalid ClassifierConfig: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """One evaluation: the dataset, the protocol's sizes and seeds, and where to compute and cache."""
+
+    dataset: str = "corpus"
+    root: str | None = None
+    audio_dir: str | None = None
+    classifiers: tuple[str, ...] = CLASSIFIERS
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    draws: int = 4
+    bootstrap_resamples: int = 50
+    bootstrap_fraction: float = 0.5
+    segment_seconds: float = 4.0
+    max_train_segments: int = 25
+    silence_db: float | None = 40.0
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    workers: int | None = None
+    cache_dir: str | None = None
+    use_cache: bool = True
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        unknown = [name for name in self.classifiers if name not in CLASSIFIERS]
+        if unknown or not self.classifiers:
+            problems.append(f"classifiers must be some of {list(CLASSIFIERS)}, got {list(self.classifiers)}")
+        if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
+            problems.append(f"training fractions must be in (0, 1] (percent in (0, 100]), got {list(self.fractions)}")
+        if self.draws < 1:
+            problems.append(f"draws must be >= 1, got {self.draws}")
+        if self.bootstrap_resamples < 2:
+            problems.append(f"bootstrap resamples must be >= 2, got {self.bootstrap_resamples}")
+        if not 0.0 < self.bootstrap_fraction <= 1.0:
+            problems.append(f"bootstrap fraction must be in (0, 1], got {self.bootstrap_fraction}")
+        if self.max_train_segments < 1:
+            problems.append(f"max_train_segments must be >= 1, got {self.max_train_segments}")
+        if self.silence_db is not None and self.silence_db <= 0:
+            problems.append(f"silence_db must be > 0 dB (or None to keep silent segments), got {self.silence_db}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if problems:
+            raise DownstreamError("; ".join(problems))
+        # The headline table is the 100 % fit, so 100 % is always evaluated.
+        fractions = tuple(sorted(set(float(f) for f in self.fractions) | {1.0}))
+        object.__setattr__(self, "fractions", fractions)
+        object.__setattr__(self, "classifiers", tuple(dict.fromkeys(self.classifiers)))
+
+    def protocol(self) -> dict[str, Any]:
+        """The settings that decide the embeddings (what the embedding cache is keyed on)."""
+        return {
+            "format": CACHE_FORMAT,
+            "segment_seconds": float(self.segment_seconds),
+            "max_train_segments": int(self.max_train_segments),
+            "silence_db": None if self.silence_db is None else float(self.silence_db),
+            "eval_segments": "all",
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DownstreamError(f"device {name!r} requested but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods: checkpoints and baselines
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One column of the comparison: a checkpoint or a baseline, with the architecture to load it into.
+
+    ``kind`` is ``checkpoint``, ``random`` or ``melstats``. ``preset`` is the backbone preset
+    (``None`` for ``melstats``, which uses the mel bands of ``n_mels``). ``path`` is the weights file
+    and ``config_path`` the run's configuration, when there is one.
+    """
+
+    label: str
+    kind: Literal["checkpoint", "random", "melstats"]
+    preset: str | None
+    n_mels: int
+    path: Path | None = None
+    config_path: Path | None = None
+    method: str | None = None
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "checkpoint":
+            return f"{self.label}: {self.path} (preset {self.preset})"
+        if self.kind == "random":
+            return f"{self.label}: randomly initialised {self.preset} backbone (seed {self.seed})"
+        return f"{self.label}: mean and std of each of the {self.n_mels} log-mel bands"
+
+
+def _preset_mels(preset: str) -> int:
+    from musicssl.models import PRESETS
+
+    if preset not in PRESETS:
+        raise DownstreamError(f"unknown backbone preset {preset!r}; available presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[preset].n_mels
+
+
+def _find_key(document: Any, key: str) -> Any:
+    """``document[key]``, else the first ``key`` found in nested dicts (breadth first), else None."""
+    queue = [document]
+    while queue:
+        current = queue.pop(0)
+        if isinstance(current, dict):
+            if key in current and not isinstance(current[key], dict):
+                return current[key]
+            queue.extend(value for value in current.values() if isinstance(value, dict))
+    return None
+
+
+def _read_run_config(path: Path) -> dict:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DownstreamError(f"{path}: cannot read the run's configuration as JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise DownstreamError(f"{path}: expected a JSON object with the run's settings (preset, method)")
+    return document
+
+
+def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = False, seed: int = 0) -> MethodSpec:
+    """Turn a command-line argument into a :class:`MethodSpec` (see the module docstring for the forms).
+
+    ``preset`` is the architecture for ``random`` and for a bare ``.pt`` file; ``preset_given`` says the
+    user chose it, which then wins over a ``config.json`` lying next to a bare ``.pt`` file. A run or
+    search folder always uses the preset of its own configuration.
+    """
+    label = None
+    target = argument
+    if "=" in argument and not Path(argument).exists():
+        label, target = (part.strip() for part in argument.split("=", 1))
+        if not label or not target:
+            raise DownstreamError(f"{argument!r}: write LABEL=PATH with both parts non-empty")
+    if target in BASELINES:
+        if target == "random":
+            return MethodSpec(label or "random", "random", preset, _preset_mels(preset), seed=seed)
+        return MethodSpec(label or "melstats", "melstats", None, _preset_mels(preset), seed=seed)
+
+    path = Path(target).expanduser()
+    if path.is_dir():
+        for weights_name, config_name in RUN_FOLDER_FILES:
+            weights, config_path = path / weights_name, path / config_name
+            if weights.is_file():
+                if not config_path.is_file():
+                    raise DownstreamError(
+                        f"{path}: has {weights_name} but no {config_name} to say its architecture; add it, or pass "
+                        f"{weights} itself with --preset"
+                    )
+                document = _read_run_config(config_path)
+                run_preset = _find_key(document, "preset")
+                if run_preset is None:
+                    raise DownstreamError(f"{config_path}: has no 'preset' entry; pass {weights} itself with --preset")
+                method = _find_key(document, "method")
+                default_label = str(method) if method else path.name
+                return MethodSpec(
+                    label or default_label, "checkpoint", str(run_preset), _preset_mels(str(run_preset)),
+                    path=weights.resolve(), config_path=config_path.resolve(),
+                    method=str(method) if method else None, seed=seed,
+                )
+        raise DownstreamError(
+            f"{path}: no backbone weights here; expected a training run folder (config.json + backbone.pt) or a "
+            "search folder (best_config.json + best_backbone.pt), or pass a .pt state_dict"
+        )
+    if path.is_file():
+        chosen = preset
+        method = None
+        config_path = None
+        sibling = path.parent / "config.json"
+        if not preset_given and sibling.is_file():
+            document = _read_run_config(sibling)
+            if _find_key(document, "preset"):
+                chosen = str(_find_key(document, "preset"))
+                config_path = sibling.resolve()
+            method = _find_key(document, "method")
+        generic = path.stem in ("backbone", "best_backbone", "model", "checkpoint")
+        default_label = str(method) if method else (path.parent.name if generic else path.stem)
+        return MethodSpec(
+            label or default_label, "checkpoint", chosen, _preset_mels(chosen),
+            path=path.resolve(), config_path=config_path, method=str(method) if method else None, seed=seed,
+        )
+    raise DownstreamError(
+        f"{target!r}: no such checkpoint file or run folder, and not a baseline ({', '.join(BASELINES)})"
+    )
+
+
+_BACKBONE_ROOTS = ("trunk.", "attention_pool.")
+_TEACHER_WORDS = ("teacher", "target", "momentum", "ema")
+
+
+def load_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
+    """The backbone's tensors from ``path`` and the key prefix that was stripped (``""`` for a plain one).
+
+    Accepts a plain ``Backbone.state_dict()`` (what the trainer writes), a dict with a ``state_dict``
+    entry (a Lightning checkpoint) and whole-model state dicts whose backbone keys carry a prefix
+    (``method.backbone.trunk...``): the student's backbone is taken, never a teacher/EMA copy. Loaded with
+    ``weights_only=True``, so a checkpoint cannot run code.
+    """
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        raise DownstreamError(
+            f"{path}: cannot be read as a PyTorch state_dict ({type(error).__name__}: {str(error)[:200]}); "
+            "pass the backbone.pt a training run wrote"
+        ) from None
+    if isinstance(document, dict) and isinstance(document.get("state_dict"), dict):
+        document = document["state_dict"]
+    if not isinstance(document, dict) or not document or not all(isinstance(v, Tensor) for v in document.values()):
+        raise DownstreamError(f"{path}: holds a {type(document).__name__}, not a state_dict of tensors")
+    prefixes = sorted(
+        {key[: key.index(root)] for key in document for root in _BACKBONE_ROOTS if root in key
+         and (key.index(root) == 0 or key[key.index(root) - 1] == ".")},
+        key=lambda prefix: (any(word in prefix.lower() for word in _TEACHER_WORDS), len(prefix)),
+    )
+    if not prefixes:
+        raise DownstreamError(
+            f"{path}: no backbone weights in it (no keys with 'trunk.' or 'attention_pool.'); "
+            f"its first keys are {list(document)[:4]}"
+        )
+    prefix = prefixes[0]
+    state = {key[len(prefix):]: value for key, value in document.items() if key.startswith(prefix)
+             and key[len(prefix):].startswith(_BACKBONE_ROOTS)}
+    return state, prefix
+
+
+def _shape_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor]) -> str:
+    """'' when ``state`` fits ``expected`` exactly, else a short description of the first differences."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [key for key in expected if key in state and tuple(expected[key].shape) != tuple(state[key].shape)]
+    parts = []
+    if wrong:
+        key = wrong[0]
+        parts.append(
+            f"{len(wrong)} tensor(s) of another shape, e.g. {key}: checkpoint {tuple(state[key].shape)} vs "
+            f"{tuple(expected[key].shape)}"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
+def build_backbone(spec: MethodSpec) -> nn.Module:
+    """The frozen backbone of a ``checkpoint`` or ``random`` spec, in eval mode, on the CPU.
+
+    A checkpoint whose tensors do not fit the preset raises :class:`DownstreamError` naming the
+    preset and, when one fits, the preset to use instead.
+    """
+    from musicssl.models import PRESETS, Backbone
+
+    if spec.kind == "random":
+        # A private RNG stream: the baseline is the same whatever ran before, and global state is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            backbone = Backbone(preset=spec.preset)
+        return backbone.eval().requires_grad_(False)
+    if spec.kind != "checkpoint" or spec.path is None:
+        raise DownstreamError(f"{spec.label}: {spec.kind} has no backbone")
+    state, _ = load_state_dict(spec.path)
+    backbone = Backbone(preset=spec.preset)
+    mismatch = _shape_mismatch(backbone.state_dict(), state)
+    if mismatch:
+        fitting = [name for name in PRESETS if name != spec.preset
+                   and not _shape_mismatch(Backbone(preset=name).state_dict(), state)]
+        source = f"the preset in {spec.config_path}" if spec.config_path else "--preset"
+        hint = (f"it fits preset {fitting[0]!r}: pass --preset {fitting[0]}" if fitting
+                else f"it fits none of the presets {sorted(PRESETS)}")
+        raise DownstreamError(
+            f"{spec.path}: the checkpoint does not match backbone preset {spec.preset!r} ({source}): {mismatch}; {hint}"
+        )
+    backbone.load_state_dict(state)
+    return backbone.eval().requires_grad_(False)
+
+
+def weights_digest(backbone: nn.Module) -> str:
+    """SHA-256 of the backbone's tensors (names, dtypes, shapes and bytes): identifies the weights
+    whatever file they came from, and also identifies the seeded random baseline."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def melstats_features(segments: Tensor) -> Tensor:
+    """The ``melstats`` baseline: per mel band, the mean and the (population) standard deviation over
+    the frames of each segment, ``(B, n_mels, frames)`` -> ``(B, 2 * n_mels)`` [means, stds]."""
+    return torch.cat([segments.mean(dim=-1), segments.std(dim=-1, unbiased=False)], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+@dataclass
+class Embeddings:
+    """Frozen embeddings of one method on one dataset.
+
+    ``track_means[i]``: the mean embedding of track ``track_ids[i]`` (over all its segments for
+    valid/test tracks, over its training segments for train tracks). ``segments`` holds the training
+    segments' embeddings, track after track, ``segment_counts[i]`` of them for track ``i`` (0 for
+    valid/test tracks).
+    """
+
+    track_ids: list[str]
+    splits: np.ndarray
+    track_means: np.ndarray
+    segment_counts: np.ndarray
+    segments: np.ndarray
+    seconds: float = 0.0
+    from_cache: bool = False
+    path: Path | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.track_means.shape[1])
+
+    def training_segments(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Segment embeddings of the tracks at ``positions`` and, per segment, its track's position."""
+        starts = np.concatenate([[0], np.cumsum(self.segment_counts)])
+        rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in positions]) if len(positions) else []
+        owners = np.repeat(np.asarray(positions, dtype=np.int64), self.segment_counts[positions])
+        return self.segments[np.asarray(rows, dtype=np.int64)], owners
+
+
+def _segment_stream(
+    cache, track_ids: Sequence[str], is_train: np.ndarray, config: DownstreamConfig
+) -> Iterator[tuple[int, Tensor]]:
+    from musicssl.data.views import track_segments
+
+    for position, track_id in enumerate(track_ids):
+        if is_train[position]:
+            segments = track_segments(
+                cache, track_id, hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
+                max_segments=config.max_train_segments, silence_db=config.silence_db,
+            )
+        else:
+            segments = track_segments(
+                cache, track_id, hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
+            )
+        yield position, segments
+
+
+def compute_embeddings(
+    embed: Callable[[Tensor], Tensor],
+    cache,
+    track_ids: Sequence[str],
+    splits: Sequence[str],
+    config: DownstreamConfig,
+    progress: bool = False,
+    label: str = "",
+) -> Embeddings:
+    """Embed every track's segments with ``embed`` (a batch ``(B, n_mels, frames)`` -> ``(B, D)``).
+
+    Segments of consecutive tracks are packed into batches of exactly ``config.batch_size`` (the last
+    may be smaller), so the cost does not depend on track lengths; valid/test tracks are reduced to
+    their mean as soon as their segments are embedded, so memory holds only the training segments.
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    if not len(track_ids) or len(track_ids) != len(splits):
+        raise DownstreamError(f"need one split per track and at least one track, got {len(track_ids)} and {len(splits)}")
+    is_train = np.asarray([split == "train" for split in splits])
+    n_tracks = len(track_ids)
+    sums: np.ndarray | None = None
+    counts = np.zeros(n_tracks, dtype=np.int64)
+    train_parts: list[np.ndarray] = []
+    queue: list[Tensor] = []
+    queue_owners: list[np.ndarray] = []
+    queued = 0
+
+    def run(batch: Tensor, owners: np.ndarray) -> None:
+        nonlocal sums
+        outputs = embed(batch).detach().float().cpu().numpy()
+        if sums is None:
+            sums = np.zeros((n_tracks, outputs.shape[1]), dtype=np.float64)
+        np.add.at(sums, owners, outputs)
+        np.add.at(counts, owners, 1)
+        train_rows = is_train[owners]
+        if train_rows.any():
+            train_parts.append(outputs[train_rows].astype(np.float32, copy=False))
+
+    bar = tqdm(total=n_tracks, desc=f"embed {label}".strip(), unit="track", disable=not progress, mininterval=0.5)
+    segment_counts = np.zeros(n_tracks, dtype=np.int64)
+    try:
+        for position, segments in _segment_stream(cache, track_ids, is_train, config):
+            if len(segments) == 0:
+                raise DownstreamError(
+                    f"track {track_ids[position]!r} is shorter than one {config.segment_seconds:g} s segment"
+                )
+            if is_train[position]:
+                segment_counts[position] = len(segments)
+            queue.append(segments)
+            queue_owners.append(np.full(len(segments), position, dtype=np.int64))
+            queued += len(segments)
+            if queued >= config.batch_size:
+                batch, owners = torch.cat(queue), np.concatenate(queue_owners)
+                full = (queued // config.batch_size) * config.batch_size
+                for start in range(0, full, config.batch_size):
+                    run(batch[start : start + config.batch_size], owners[start : start + config.batch_size])
+                queue, queue_owners, queued = [batch[full:]], [owners[full:]], queued - full
+            bar.update(1)
+        if queued:
+            run(torch.cat(queue), np.concatenate(queue_owners))
+    finally:
+        bar.close()
+    assert sums is not None and np.array_equal(counts[is_train], segment_counts[is_train])
+    means = (sums / counts[:, None]).astype(np.float32)
+    segments_array = np.concatenate(train_parts) if train_parts else np.zeros((0, means.shape[1]), np.float32)
+    return Embeddings(
+        track_ids=list(track_ids),
+        splits=np.asarray(splits),
+        track_means=means,
+        segment_counts=segment_counts,
+        segments=segments_array,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def dataset_digest(track_ids: Sequence[str], splits: Sequence[str], paths: Sequence[str]) -> str:
+    """Identifies the usable tracks of a dataset: ids, splits and audio paths, in order."""
+    digest = hashlib.sha256()
+    for track_id, split, path in zip(track_ids, splits, paths):
+        digest.update(f"{track_id}\t{split}\t{path}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "dataset"
+
+
+def embeddings_path(cache_dir: Path, dataset_name: str, dataset_key: str, method_key: str, front_end_key: str,
+                    protocol: dict) -> Path:
+    protocol_key = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir / f"{_safe_name(dataset_name)}-{dataset_key}" / f"{method_key}-{front_end_key}-{protocol_key}.npz"
+
+
+def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
+    """Write atomically (temporary file, then rename), so a crash never leaves a half cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as stream:
+        np.savez(
+            stream,
+            track_ids=np.asarray(embeddings.track_ids, dtype=str),
+            splits=np.asarray(embeddings.splits, dtype=str),
+            track_means=embeddings.track_means,
+            segment_counts=embeddings.segment_counts,
+            segments=embeddings.segments,
+            meta=np.asarray(json.dumps(meta, sort_keys=True)),
+        )
+    os.replace(temporary, path)
+
+
+def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embeddings | None:
+    """The cached embeddings at ``path``, or None when absent, unreadable or for other tracks."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            embeddings = Embeddings(
+                track_ids=stored["track_ids"].tolist(),
+                splits=stored["splits"],
+                track_means=stored["track_means"],
+                segment_counts=stored["segment_counts"],
+                segments=stored["segments"],
+                from_cache=True,
+                path=path,
+            )
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged file is recomputed and overwritten
+    if track_ids is not None and embeddings.track_ids != list(track_ids):
+        return None
+    return embeddings
+
+
+# --------------------------------------------------------------------------------------------------
+# Limited-data subsets
+
+
+def subset_size(fraction: float, num_tracks: int) -> int:
+    """``round(fraction * num_tracks)`` (halves up), at least 1 and at most ``num_tracks``."""
+    return int(min(num_tracks, max(1, math.floor(fraction * num_tracks + 0.5))))
+
+
+def subset_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An ordering of the training tracks whose prefixes are the limited-data subsets.
+
+    First, for each tag from the rarest (fewest positives; ties by column) to the most common that no
+    track picked so far carries, the first track of a seeded permutation that has it; then every other
+    track in that permutation's order.
+    """
+    labels = np.asarray(labels).astype(bool)
+    permutation = rng.permutation(len(labels))
+    positives = labels.sum(axis=0)
+    covered = np.zeros(labels.shape[1], dtype=bool)
+    chosen: list[int] = []
+    permuted_labels = labels[permutation]
+    for tag in np.argsort(positives, kind="stable"):
+        if positives[tag] == 0 or covered[tag]:
+            continue
+        track = int(permutation[np.flatnonzero(permuted_labels[:, tag])[0]])
+        chosen.append(track)
+        covered |= labels[track]
+    picked = set(chosen)
+    return np.asarray(chosen + [int(t) for t in permutation if int(t) not in picked], dtype=np.int64)
+
+
+def limited_data_subsets(
+    labels: np.ndarray, fractions: Sequence[float], draws: int, seed: int = 0
+) -> dict[tuple[float, int], np.ndarray]:
+    """``{(fraction, draw): sorted positions of the training tracks used}``.
+
+    Subsets of one draw are nested (prefixes of :func:`subset_order`); draw ``d`` uses the random
+    stream ``(seed, d)``, so the result depends only on the labels, the seed and the draw.
+    """
+    subsets = {}
+    for draw in range(draws):
+        order = subset_order(labels, np.random.default_rng([seed, draw, _SUBSET_STREAM]))
+        for fraction in fractions:
+            subsets[(float(fraction), draw)] = np.sort(order[: subset_size(fraction, len(order))])
+    return subsets
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifiers
+
+
+@dataclass
+class FittedClassifier:
+    """A trained probe with its input standardisation and what early stopping saw."""
+
+    kind: str
+    model: nn.Module = field(repr=False)
+    mean: Tensor = field(repr=False)
+    scale: Tensor = field(repr=False)
+    device: torch.device
+    criterion: str  # "valid_map" or "valid_bce"
+    best_valid: float
+    best_step: int
+    steps: int
+    seconds: float
+
+    @torch.no_grad()
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Tag probabilities ``(N, tags)`` for features ``(N, D)``."""
+        self.model.eval()
+        inputs = (torch.as_tensor(features, dtype=torch.float32, device=self.device) - self.mean) / self.scale
+        return torch.sigmoid(self.model(inputs)).double().cpu().numpy()
+
+
+def _build_probe(kind: str, in_dim: int, n_tags: int, config: ClassifierConfig) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, n_tags)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_dim, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout),
+            nn.Linear(config.hidden_dim, n_tags),
+        )
+    raise DownstreamError(f"unknown classifier {kind!r}; use one of {list(CLASSIFIERS)}")
+
+
+def fit_classifier(
+    kind: str,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    valid_x: np.ndarray,
+    valid_y: np.ndarray,
+    config: ClassifierConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> FittedClassifier:
+    """Train a ``linear`` or ``mlp`` probe with sigmoid + BCE and early stopping on the valid set.
+
+    ``train_x`` rows are examples (segments), ``valid_x`` rows are what the probe is selected on
+    (track means). Inputs are standardised by the training rows' mean and std (a constant feature
+    keeps scale 1). Every ``max(one epoch, check_every_steps)`` optimiser steps the valid macro mAP
+    over the tags with both classes in ``valid_y`` is computed (valid BCE when there is no such tag);
+    the best check's weights are kept. Deterministic for a given ``seed`` on a given device.
+    """
+    config = config or ClassifierConfig()
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config, seed, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: ClassifierConfig, seed: int,
+                    device: torch.device) -> FittedClassifier:
+    from musicssl.probe import macro_average_precision, scorable_tags
+
+    started = time.perf_counter()
+    train_x = np.asarray(train_x, dtype=np.float32)
+    valid_x = np.asarray(valid_x, dtype=np.float32)
+    train_y = np.asarray(train_y, dtype=np.float32)
+    valid_y = np.asarray(valid_y, dtype=np.float32)
+    if train_x.ndim != 2 or len(train_x) != len(train_y) or len(train_x) == 0:
+        raise DownstreamError(f"training features {train_x.shape} and labels {train_y.shape} do not match")
+    if valid_x.ndim != 2 or len(valid_x) != len(valid_y) or len(valid_x) == 0:
+        raise DownstreamError(f"valid features {valid_x.shape} and labels {valid_y.shape} do not match")
+    for name, values in (("training", train_x), ("valid", valid_x)):
+        if not np.isfinite(values).all():
+            raise DownstreamError(f"the {name} embeddings contain NaN or inf (a diverged checkpoint?)")
+
+    x = torch.from_numpy(train_x).to(device)
+    y = torch.from_numpy(train_y).to(device)
+    mean = x.mean(dim=0)
+    scale = x.std(dim=0, unbiased=False)
+    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+    x = (x - mean) / scale
+    valid = (torch.from_numpy(valid_x).to(device) - mean) / scale
+    valid_targets = torch.from_numpy(valid_y).to(device)
+    valid_tags = np.flatnonzero(scorable_tags(valid_y))
+    criterion = "valid_map" if len(valid_tags) else "valid_bce"
+
+    n_rows = len(x)
+    steps_per_epoch = math.ceil(n_rows / config.batch_size)
+    check_every = max(steps_per_epoch, config.check_every_steps)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = _build_probe(kind, x.shape[1], y.shape[1], config).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        loss_function = nn.BCEWithLogitsLoss()
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n_rows, generator=generator)
+        cursor = 0
+        best_score, best_state, best_step, stale, step = -math.inf, None, 0, 0, 0
+        for _ in range(config.max_checks):
+            model.train()
+            for _ in range(check_every):
+                if cursor >= n_rows:
+                    order, cursor = torch.randperm(n_rows, generator=generator), 0
+                rows = order[cursor : cursor + config.batch_size].to(device)
+                cursor += config.batch_size
+                loss = loss_function(model(x[rows]), y[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+            model.eval()
+            with torch.no_grad():
+                logits = model(valid)
+            if criterion == "valid_map":
+                probabilities = torch.sigmoid(logits).double().cpu().numpy()
+                score = macro_average_precision(valid_y[:, valid_tags], probabilities[:, valid_tags]).value
+            else:
+                score = -float(loss_function(logits, valid_targets))
+            if not math.isfinite(score):
+                raise DownstreamError(f"the {kind} probe diverged (valid score {score}); lower the learning rate")
+            if score > best_score:
+                best_score, best_step, stale = score, step, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    return FittedClassifier(
+        kind=kind, model=model, mean=mean, scale=scale, device=device, criterion=criterion,
+        best_valid=float(best_score if criterion == "valid_map" else -best_score), best_step=best_step, steps=step,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass(frozen=True)
+class TagScores:
+    """Macro, per-tag and per-group ROC-AUC and average precision on one test set.
+
+    ``per_tag_*`` are NaN for the ``skipped`` tags (one class only among the test tracks); group
+    values are the means over the group's scored tags (NaN for a group with none).
+    """
+
+    roc_auc: float
+    average_precision: float
+    per_tag_roc_auc: np.ndarray
+    per_tag_average_precision: np.ndarray
+    per_group: dict[str, dict[str, float]]
+    skipped: list[str]
+
+
+def score_tags(y_true: np.ndarray, y_score: np.ndarray, tag_names: Sequence[str]) -> TagScores:
+    """Scores of ``y_score`` against ``y_true`` (tracks x tags) with musicssl.probe's metrics."""
+    from musicssl.data.index import tag_group
+    from musicssl.probe import macro_average_precision, macro_roc_auc
+
+    roc_auc = macro_roc_auc(y_true, y_score)
+    average_precision = macro_average_precision(y_true, y_score)
+    groups: dict[str, list[int]] = {}
+    for position, tag in enumerate(tag_names):
+        groups.setdefault(tag_group(tag), []).append(position)
+    per_group = {}
+    for group, positions in groups.items():
+        scored = [p for p in positions if not np.isnan(roc_auc.per_tag[p])]
+        per_group[group] = {
+            "tags": len(positions),
+            "scored_tags": len(scored),
+            "roc_auc": float(np.mean(roc_auc.per_tag[scored])) if scored else math.nan,
+            "average_precision": float(np.mean(average_precision.per_tag[scored])) if scored else math.nan,
+        }
+    return TagScores(
+        roc_auc=roc_auc.value,
+        average_precision=average_precision.value,
+        per_tag_roc_auc=roc_auc.per_tag,
+        per_tag_average_precision=average_precision.per_tag,
+        per_group=per_group,
+        skipped=[tag_names[p] for p in roc_auc.skipped],
+    )
+
+
+def _bootstrap(y_true: np.ndarray, y_score: np.ndarray, metric: str, config: DownstreamConfig, log):
+    """The study's bootstrap; falls back to per-draw tag skipping when rare tags make redraws hopeless."""
+    from musicssl.probe import bootstrap
+
+    arguments = dict(n_resamples=config.bootstrap_resamples, fraction=config.bootstrap_fraction, seed=config.seed)
+    try:
+        return bootstrap(y_true, y_score, metric, **arguments), "redraw"
+    except ValueError as error:
+        # The arguments are valid and some tag is scorable, so the one failure left is too many
+        # redraws: a tag so rare that most half-size subsets lose all its positives.
+        log(f"  bootstrap ({metric}): {str(error).split(';')[0]}; each resample is scored on its own scorable tags")
+        return bootstrap(y_true, y_score, metric, on_missing_class="skip_tag", **arguments), "skip_tag"
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+@dataclass
+class DownstreamResult:
+    """Everything one evaluation produced, as tables (one row per method x classifier x ...)."""
+
+    results: pd.DataFrame
+    per_tag: pd.DataFrame
+    per_group: pd.DataFrame
+    limited: pd.DataFrame
+    bootstrap: pd.DataFrame
+    summary: dict[str, Any]
+
+
+class _Console:
+    """Progress lines with the time since the start, to stdout."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", flush=True)
+
+
+def open_index(config: DownstreamConfig):
+    """The dataset's :class:`TrackIndex` (``corpus`` is built on first use)."""
+    from musicssl.data.loaders import DATASET_NAMES, open_dataset
+
+    options: dict[str, Any] = {}
+    name = config.dataset.strip().lower()
+    if config.audio_dir is not None:
+        if name not in ("mtat", "msd") and not name.startswith("jamendo-"):
+            raise DownstreamError(f"--audio-dir applies to mtat, jamendo-* and msd, not to {config.dataset!r}")
+        options["audio_dir"] = config.audio_dir
+    if name in DATASET_NAMES and name != "corpus" and config.root is None:
+        raise DownstreamError(f"dataset {name!r} needs --root, the folder that holds its files")
+    if name not in DATASET_NAMES and config.root is not None:
+        raise DownstreamError(f"--root applies to named datasets; {config.dataset!r} is a path already")
+    return open_dataset(config.dataset, config.root, **options)
+
+
+def _embedder(spec: MethodSpec, device: torch.device) -> tuple[Callable[[Tensor], Tensor], str]:
+    """The batch -> embedding function of a method and the key its cache files are named by."""
+    if spec.kind == "melstats":
+        return melstats_features, "melstats"
+    backbone = build_backbone(spec)
+    key = f"{spec.kind}-{spec.preset}-{weights_digest(backbone)[:16]}"
+    backbone = backbone.to(device)
+
+    @torch.inference_mode()
+    def embed(batch: Tensor) -> Tensor:
+        return backbone(batch.to(device, non_blocking=True))
+
+    return embed, key
+
+
+def run_downstream(
+    methods: Sequence[MethodSpec],
+    config: DownstreamConfig,
+    progress: bool = True,
+    index=None,
+) -> DownstreamResult:
+    """Evaluate ``methods`` on ``config.dataset`` with the full protocol (see the module docstring).
+
+    ``index`` overrides the dataset (a ready :class:`TrackIndex`). A method whose embeddings cannot be
+    used (NaN from a diverged checkpoint) is skipped and reported, the others go on.
+    """
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.pipeline import prepare_data
+    from musicssl.paths import cache_root
+
+    log = _Console(progress)
+    started = time.perf_counter()
+    if not methods:
+        raise DownstreamError("nothing to evaluate: give a checkpoint or keep the baselines")
+    labels_seen = [spec.label for spec in methods]
+    repeated = sorted({label for label in labels_seen if labels_seen.count(label) > 1})
+    if repeated:
+        raise DownstreamError(f"methods {repeated} appear twice; name them apart with LABEL=PATH")
+    device = resolve_device(config.device)
+    # Load every checkpoint first: a wrong architecture fails now, not after the dataset is prepared.
+    embedders = {spec.label: _embedder(spec, device) for spec in methods}
+
+    index = index if index is not None else open_index(config)
+    dataset_name = config.dataset if config.dataset.lower() in _named_datasets() else index.name
+    missing = index.extra.get("missing", [])
+    log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
+    if missing:
+        log(f"  skipped {len(missing)} track(s) whose audio file is missing or empty, e.g. {missing[0]['path']}")
+
+    # One mel cache per front-end (presets differ in mel bands); compare on the tracks usable in all.
+    prepared = {}
+    for n_mels in dict.fromkeys(spec.n_mels for spec in methods):
+        prepared[n_mels] = prepare_data(index, LogMelConfig(n_mels=n_mels), workers=config.workers, verbose=progress)
+    usable = [t for t in index.track_ids if all(t in data.cache for data in prepared.values())]
+    undecodable = len(index) - len(usable)
+    if undecodable:
+        log(f"  skipped {undecodable} track(s) the mel cache could not use (see skipped.csv in the cache folder)")
+    position = {track_id: row for row, track_id in enumerate(index.track_ids)}
+    rows = np.asarray([position[t] for t in usable], dtype=np.int64)
+    splits = index.tracks["split"].to_numpy()[rows]
+    paths = np.asarray(index.paths)[rows]
+    labels = index.labels()[rows]
+    tag_names = list(index.tag_names)
+    if not tag_names:
+        raise DownstreamError(f"dataset {dataset_name!r} has no tags; the probes need tagged tracks")
+    split_positions = {name: np.flatnonzero(splits == name) for name in ("train", "valid", "test")}
+    for name, positions in split_positions.items():
+        if len(positions) == 0:
+            raise DownstreamError(
+                f"the {name} split of {dataset_name!r} has no usable track; the protocol needs train, valid and test"
+            )
+    train_pos, valid_pos, test_pos = (split_positions[n] for n in ("train", "valid", "test"))
+    test_labels = labels[test_pos]
+    test_positive = test_labels.sum(axis=0)
+    unscorable = [tag for tag, count in zip(tag_names, test_positive) if count == 0 or count == len(test_pos)]
+    if len(unscorable) == len(tag_names):
+        raise DownstreamError(
+            f"no tag has both positive and negative tracks among the {len(test_pos)} test tracks; nothing to score"
+        )
+    if unscorable:
+        log(f"  skipped {len(unscorable)} tag(s) with no positive (or no negative) test track: {unscorable[:8]}"
+            f"{' ...' if len(unscorable) > 8 else ''}")
+    log(f"  usable tracks: {len(train_pos)} train / {len(valid_pos)} valid / {len(test_pos)} test")
+
+    subsets = limited_data_subsets(labels[train_pos], config.fractions, config.draws, config.seed)
+
+    def probe_key(classifier: str) -> str:
+        """What a probe's results depend on besides the embeddings (which name the file)."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps({
+            "format": PROBE_FORMAT, "classifier": classifier, "settings": dataclasses.asdict(config.classifier),
+            "fractions": list(config.fractions), "draws": config.draws, "seed": config.seed,
+            "device": device.type, "torch": torch.__version__, "tags": tag_names,
+        }, sort_keys=True).encode())
+        digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+        for name in ("train", "valid", "test"):
+            digest.update(split_positions[name].astype(np.int64).tobytes())
+        return digest.hexdigest()[:12]
+    dataset_key = dataset_digest(usable, splits.tolist(), paths.tolist())
+    embedding_root = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
+
+    result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
+    method_summaries = []
+    for spec in methods:
+        method_started = time.perf_counter()
+        data = prepared[spec.n_mels]
+        log(f"method {spec.describe()}")
+        embed, method_key = embedders[spec.label]
+        path = embeddings_path(
+            embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(), config.protocol()
+        )
+        embeddings = load_embeddings(path, usable) if config.use_cache else None
+        if embeddings is None:
+            embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress, spec.label)
+            if config.use_cache:
+                save_embeddings(path, embeddings, {"method": spec.describe(), "dataset": dataset_name,
+                                                   "protocol": config.protocol()})
+            n_segments = int(embeddings.segment_counts.sum())
+            log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
+                f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")
+        else:
+            log(f"  embeddings from cache {path}")
+        if not (np.isfinite(embeddings.track_means).all() and np.isfinite(embeddings.segments).all()):
+            log(f"  SKIPPED {spec.label}: its embeddings contain NaN or inf (a diverged checkpoint?)")
+            method_summaries.append({**_spec_summary(spec), "skipped": "embeddings contain NaN or inf"})
+            continue
+
+        fit_seconds = 0.0
+        probes_cached = []
+        for classifier in config.classifiers:
+            probe_path = path.with_name(f"{path.stem}-probe-{classifier}-{probe_key(classifier)}.npz")
+            cached = _load_probe_results(probe_path) if config.use_cache else None
+            if cached is None:
+                fit_rows, main_scores = _fit_probes(
+                    classifier, embeddings, labels, split_positions, subsets, config, device)
+                if config.use_cache:
+                    _save_probe_results(probe_path, fit_rows, main_scores)
+            else:
+                fit_rows, main_scores = cached
+                probes_cached.append(classifier)
+            fit_seconds += sum(row["fit_seconds"] for row in fit_rows)
+            limited_rows.extend({"dataset": dataset_name, "method": spec.label, "classifier": classifier, **row}
+                                for row in fit_rows)
+            main_fit = next(row for row in fit_rows if row["fraction"] == 1.0 and row["draw"] == 0)
+            tag_scores = score_tags(test_labels, main_scores, tag_names)
+            full = _main_results(spec, classifier, dataset_name, tag_scores, test_labels, main_scores, config, log,
+                                 bootstrap_rows, main_fit)
+            result_rows.append(full)
+            for p, tag in enumerate(tag_names):
+                tag_rows.append({
+                    "dataset": dataset_name, "method": spec.label, "classifier": classifier, "tag": tag,
+                    "group": _group(tag), "test_positives": int(test_positive[p]),
+                    "train_positives": int(labels[train_pos, p].sum()),
+                    "roc_auc": tag_scores.per_tag_roc_auc[p],
+                    "average_precision": tag_scores.per_tag_average_precision[p],
+                })
+            for group, values in tag_scores.per_group.items():
+                group_rows.append({"dataset": dataset_name, "method": spec.label, "classifier": classifier,
+                                   "group": group, **values})
+            how = "results from cache" if cached is not None else f"{sum(r['fit_seconds'] for r in fit_rows):.1f} s"
+            log(f"  {classifier:6s}: ROC-AUC {full['roc_auc']:.4f} [{full['roc_auc_low']:.4f}, "
+                f"{full['roc_auc_high']:.4f}], mAP {full['average_precision']:.4f} "
+                f"[{full['average_precision_low']:.4f}, {full['average_precision_high']:.4f}] "
+                f"({len(fit_rows)} fits, {how})")
+        method_summaries.append({
+            **_spec_summary(spec), "embedding_key": method_key, "embedding_cache": str(path),
+            "embeddings_from_cache": embeddings.from_cache, "embedding_seconds": embeddings.seconds,
+            "tracks_per_second": (len(usable) / embeddings.seconds) if embeddings.seconds else None,
+            "embedding_dim": embeddings.dim, "training_segments": int(embeddings.segment_counts.sum()),
+            "fit_seconds": fit_seconds, "probes_from_cache": probes_cached,
+            "seconds": time.perf_counter() - method_started,
+        })
+
+    if not result_rows:
+        raise DownstreamError("every method was skipped; see the messages above")
+    summary = {
+        "dataset": dataset_name,
+        "dataset_index_name": index.name,
+        "tracks": {"train": len(train_pos), "valid": len(valid_pos), "test": len(test_pos)},
+        "tags": len(tag_names),
+        "tag_groups": sorted({_group(tag) for tag in tag_names}),
+        "skipped_tags": unscorable,
+        "missing_audio": len(missing),
+        "missing_audio_examples": [entry["path"] for entry in missing[:20]],
+        "undecodable_tracks": undecodable,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "config": _jsonable(dataclasses.asdict(config)),
+        "methods": method_summaries,
+        "seconds": time.perf_counter() - started,
+    }
+    return DownstreamResult(
+        results=pd.DataFrame(result_rows),
+        per_tag=pd.DataFrame(tag_rows),
+        per_group=pd.DataFrame(group_rows),
+        limited=pd.DataFrame(limited_rows),
+        bootstrap=pd.DataFrame(bootstrap_rows),
+        summary=summary,
+    )
+
+
+def _named_datasets() -> tuple[str, ...]:
+    from musicssl.data.loaders import DATASET_NAMES
+
+    return DATASET_NAMES
+
+
+def _group(tag: str) -> str:
+    from musicssl.data.index import tag_group
+
+    return tag_group(tag)
+
+
+def _spec_summary(spec: MethodSpec) -> dict[str, Any]:
+    return {
+        "label": spec.label, "kind": spec.kind, "preset": spec.preset, "n_mels": spec.n_mels,
+        "path": str(spec.path) if spec.path else None,
+        "config_path": str(spec.config_path) if spec.config_path else None,
+        "method": spec.method, "seed": spec.seed,
+    }
+
+
+def _fit_probes(
+    classifier: str,
+    embeddings: Embeddings,
+    labels: np.ndarray,
+    split_positions: dict[str, np.ndarray],
+    subsets: dict[tuple[float, int], np.ndarray],
+    config: DownstreamConfig,
+    device: torch.device,
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Every limited-data fit of one probe: a row per (fraction, draw), and the test predictions of
+    the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores)."""
+    train_pos, valid_pos, test_pos = (split_positions[n] for n in ("train", "valid", "test"))
+    valid_x, valid_y = embeddings.track_means[valid_pos], labels[valid_pos]
+    test_x, test_labels = embeddings.track_means[test_pos], labels[test_pos]
+    has_positive = labels[train_pos].sum(axis=0) > 0
+    rows, main_scores = [], None
+    for (fraction, draw), subset in subsets.items():
+        chosen = train_pos[subset]
+        train_x, owners = embeddings.training_segments(chosen)
+        seed = config.seed + 1000 * draw + CLASSIFIERS.index(classifier)
+        fitted = fit_classifier(classifier, train_x, labels[owners], valid_x, valid_y, config.classifier, seed, device)
+        scores = fitted.predict(test_x)
+        tag_scores = score_tags(test_labels, scores, [str(i) for i in range(labels.shape[1])])
+        rows.append({
+            "fraction": fraction, "draw": draw, "train_tracks": len(chosen), "train_segments": len(train_x),
+            "tags_without_train_positive": int(((labels[chosen].sum(axis=0) == 0) & has_positive).sum()),
+            "roc_auc": tag_scores.roc_auc, "average_precision": tag_scores.average_precision,
+            "valid_score": fitted.best_valid, "criterion": fitted.criterion, "steps": fitted.steps,
+            "best_step": fitted.best_step, "fit_seconds": fitted.seconds,
+        })
+        if fraction == 1.0 and draw == 0:
+            main_scores = scores
+    assert main_scores is not None  # DownstreamConfig always includes the 100 % fraction
+    return rows, main_scores
+
+
+def _save_probe_results(path: Path, rows: list[dict[str, Any]], main_scores: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as stream:
+        np.savez(stream, rows=np.asarray(json.dumps(_jsonable(rows))), main_scores=main_scores)
+    os.replace(temporary, path)
+
+
+def _load_probe_results(path: Path) -> tuple[list[dict[str, Any]], np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return json.loads(str(stored["rows"])), stored["main_scores"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _main_results(spec, classifier, dataset_name, tag_scores, test_labels, scores, config, log,
+                  bootstrap_rows, fit: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"dataset": dataset_name, "method": spec.label, "classifier": classifier}
+    for metric in ("roc_auc", "average_precision"):
+        result, rule = _bootstrap(test_labels, scores, metric, config, log)
+        row[metric] = result.mean
+        row[f"{metric}_low"] = result.low
+        row[f"{metric}_high"] = result.high
+        row[f"{metric}_std"] = result.std
+        row[f"{metric}_full_test"] = getattr(tag_scores, metric)
+        row[f"{metric}_bootstrap_rule"] = rule
+        bootstrap_rows.extend(
+            {"dataset": dataset_name, "method": spec.label, "classifier": classifier, "metric": metric,
+             "resample": number, "value": float(value)}
+            for number, value in enumerate(result.values)
+        )
+    row.update({
+        "scored_tags": int(len(tag_scores.per_tag_roc_auc) - len(tag_scores.skipped)),
+        "train_tracks": fit["train_tracks"], "train_segments": fit["train_segments"], "test_tracks": len(test_labels),
+        "valid_score": fit["valid_score"], "criterion": fit["criterion"], "steps": fit["steps"],
+    })
+    return row
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+CLASSIFIER_NAMES = {"linear": "linear", "mlp": "MLP"}
+
+
+def results_markdown(results: pd.DataFrame) -> str:
+    """The headline table: bootstrap mean [95 % interval] of macro ROC-AUC and mAP per method."""
+    lines = [
+        "| method | probe | ROC-AUC | mAP | train tracks | test tracks |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for row in results.itertuples(index=False):
+        lines.append(
+            f"| {row.method} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | "
+            f"{row.roc_auc:.4f} [{row.roc_auc_low:.4f}, {row.roc_auc_high:.4f}] | "
+            f"{row.average_precision:.4f} [{row.average_precision_low:.4f}, {row.average_precision_high:.4f}] | "
+            f"{row.train_tracks} | {row.test_tracks} |"
+        )
+    return "\n".join(lines)
+
+
+def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -> str:
+    """Limited-data table: mean +- std over the draws of ``metric`` per training fraction."""
+    fractions = sorted(limited["fraction"].unique())
+    name = {"average_precision": "mAP", "roc_auc": "ROC-AUC"}[metric]
+    header = "| method | probe | " + " | ".join(f"{100 * f:g} %" for f in fractions) + " |"
+    lines = [f"{name} by fraction of training tracks (mean ± std over draws)", "", header,
+             "|---|---|" + "---:|" * len(fractions)]
+    grouped = limited.groupby(["method", "classifier"], sort=False)
+    for (method, classifier), frame in grouped:
+        cells = []
+        for fraction in fractions:
+            values = frame.loc[frame["fraction"] == fraction, metric]
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            cells.append(f"{values.mean():.4f} ± {std:.4f}")
+        lines.append(f"| {method} | {CLASSIFIER_NAMES.get(classifier, classifier)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
+    """Write the tables (CSV + markdown), the HTML figures and ``summary.json`` into ``out_dir``."""
+    from analysis.figures import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "results_csv": out_dir / "results.csv",
+        "results_md": out_dir / "results.md",
+        "per_tag": out_dir / "per_tag.csv",
+        "per_group": out_dir / "per_group.csv",
+        "limited_data": out_dir / "limited_data.csv",
+        "bootstrap": out_dir / "bootstrap.csv",
+        "report": out_dir / "report.html",
+        "summary": out_dir / "summary.json",
+    }
+    result.results.to_csv(files["results_csv"], index=False)
+    result.per_tag.to_csv(files["per_tag"], index=False)
+    result.per_group.to_csv(files["per_group"], index=False)
+    result.limited.to_csv(files["limited_data"], index=False)
+    result.bootstrap.to_csv(files["bootstrap"], index=False)
+    markdown = results_markdown(result.results)
+    limited = limited_markdown(result.limited)
+    files["results_md"].write_text(
+        f"# Downstream evaluation on {result.summary['dataset']}\n\n{markdown}\n\n"
+        "Bootstrap mean [95 % interval] over resamples of half the test tracks; probes trained on all training "
+        f"tracks.\n\n{limited}\n"
+    )
+    write_report(files["report"], result.results, result.bootstrap, result.limited, result.per_group,
+                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=[markdown, limited])
+    files["summary"].write_text(json.dumps(_jsonable(result.summary), indent=2, default=str))
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _percentages(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages like 1,5,10,100, got {text!r}") from None
+    if not values or any(not 0 < value <= 100 for value in values):
+        raise argparse.ArgumentTypeError(f"percentages must be in (0, 100], got {text!r}")
+    return tuple(value / 100.0 for value in values)
+
+
+def _classifier_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not names or any(name not in CLASSIFIERS for name in names):
+        raise argparse.ArgumentTypeError(f"classifiers are {','.join(CLASSIFIERS)} (comma-separated), got {text!r}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = DownstreamConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.downstream",
+        description="Evaluate frozen backbones with the study's downstream protocol: linear and MLP probes on "
+        "segment embeddings, bootstrap intervals, limited-data curves and the random / mel-statistics baselines.",
+    )
+    parser.add_argument(
+        "methods", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
+        help="training run folder (config.json + backbone.pt), search folder (best_config.json + best_backbone.pt), "
+        ".pt state_dict, or random / melstats; LABEL=PATH names it",
+    )
+    parser.add_argument("--dataset", default=defaults.dataset,
+                        help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, msd, or a "
+                        "folder with a tags file / tracks.csv")
+    parser.add_argument("--root", default=None, help="the dataset's folder (mtat, jamendo-*, msd; corpus: where it is)")
+    parser.add_argument("--audio-dir", default=None, help="audio folder when it is not under --root (mtat, jamendo, msd)")
+    parser.add_argument("--preset", default=None,
+                        help="backbone preset of bare .pt checkpoints and of the baselines (default: cpu; the "
+                        "baselines follow the first checkpoint); run folders always use the preset in their config")
+    parser.add_argument("--no-baselines", action="store_true", help="do not add the random and melstats baselines")
+    parser.add_argument("--classifiers", type=_classifier_list, default=defaults.classifiers,
+                        help="probes, comma-separated (default: linear,mlp)")
+    parser.add_argument("--fractions", type=_percentages, default=defaults.fractions,
+                        help="percent of training tracks for the limited-data curves (default: 1,5,10,20,25,100; "
+                        "100 is always added)")
+    parser.add_argument("--draws", type=_positive_int, default=defaults.draws,
+                        help="random draws per fraction (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=_positive_int, default=defaults.bootstrap_resamples,
+                        help="bootstrap resamples of the test tracks (default: %(default)s)")
+    parser.add_argument("--bootstrap-fraction", type=float, default=defaults.bootstrap_fraction,
+                        help="share of the test tracks per resample (default: %(default)s)")
+    parser.add_argument("--max-train-segments", type=_positive_int, default=defaults.max_train_segments,
+                        help="4 s segments per training track (default: %(default)s)")
+    parser.add_argument("--silence-db", type=float, default=defaults.silence_db,
+                        help="a training segment is silent when its loudest bin is this many dB below the track's "
+                        "(default: %(default)s; 0 keeps every segment)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of subsets, probes, bootstrap, random baseline")
+    parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                        help="segments per embedding batch (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="mel-cache decoding processes (default: all cores; "
+                        "0: in this process)")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $MUSICSSL_CACHE/embeddings)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the embeddings and do not store them")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/downstream/<dataset>-<time>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; exits 2 with a one-line error on bad input (no traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if not args.methods and args.no_baselines:
+        parser.error("nothing to evaluate: give a checkpoint or run folder, or drop --no-baselines")
+    try:
+        config = DownstreamConfig(
+            dataset=args.dataset, root=args.root, audio_dir=args.audio_dir, classifiers=args.classifiers,
+            fractions=args.fractions, draws=args.draws, bootstrap_resamples=args.bootstrap,
+            bootstrap_fraction=args.bootstrap_fraction, max_train_segments=args.max_train_segments,
+            silence_db=args.silence_db if args.silence_db and args.silence_db > 0 else None, seed=args.seed,
+            device=args.device, batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+        )
+        methods = _methods_from_args(args)
+    except DownstreamError as error:
+        parser.error(str(error))
+    # All cores by default: embedding extraction is the heavy part and it is one big batched forward.
+    torch.set_num_threads(args.threads or _available_cores())
+    out_dir = Path(args.out) if args.out else (
+        Path("runs") / "downstream" / f"{_safe_name(Path(args.dataset).name or args.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    try:
+        result = run_downstream(methods, config, progress=not args.quiet)
+    except _input_errors() as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    files = write_outputs(result, out_dir)
+    print()
+    print(results_markdown(result.results))
+    print()
+    print(limited_markdown(result.limited))
+    print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")
+    return 0
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (reported in one line, exit 2); anything else is a bug and keeps its traceback."""
+    from musicssl.corpus import CorpusError
+    from musicssl.data.cache import MelCacheError
+    from musicssl.data.index import TrackIndexError
+    from musicssl.data.loaders import DatasetError
+
+    return (DownstreamError, DatasetError, TrackIndexError, CorpusError, MelCacheError)
+
+
+def _is_baseline(argument: str) -> bool:
+    return argument.split("=", 1)[-1].strip() in BASELINES and not Path(argument).exists()
+
+
+def _methods_from_args(args: argparse.Namespace) -> list[MethodSpec]:
+    preset_given = args.preset is not None
+    checkpoints = {argument: resolve_method(argument, args.preset or "cpu", preset_given, args.seed)
+                   for argument in args.methods if not _is_baseline(argument)}
+    # Baselines use the architecture and front-end of the compared checkpoints (the first one's),
+    # unless --preset says otherwise.
+    baseline_preset = args.preset or next((m.preset for m in checkpoints.values()), None) or "cpu"
+    methods = [checkpoints[argument] if argument in checkpoints
+               else resolve_method(argument, baseline_preset, True, args.seed) for argument in args.methods]
+    if not args.no_baselines:
+        present = {m.kind for m in methods}
+        if "random" not in present:
+            methods.append(resolve_method("random", baseline_preset, True, args.seed))
+        if "melstats" not in present:
+            methods.append(resolve_method("melstats", baseline_preset, True, args.seed))
+    return methods
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,869 @@
+"""Sensitivity report of hyperparameter searches: ``python -m analysis.sensitivity [RUN_DIR ...]``.
+
+A search (``python -m hpsearch.run``) leaves ``<storage-dir>/<name>/`` with its settings
+(``search.json``), the Optuna journal (the record of every trial: parameters, state, outcome and
+collapse attributes) and Ray Tune's trial folders (one ``result.json`` line per epoch report). This
+module reads those, and only those, and writes
+
+- one self-contained HTML report (plotly.js inlined once, opens offline), see
+  :mod:`analysis.sensitivity_figures` for its sections;
+- ``<stem>.json``: the numbers behind it (counts, best trial, compute, importances, correlations,
+  the comparison across methods);
+- ``<stem>-trials.csv``: one row per trial of every experiment.
+
+Unlike Optuna's own plots and importances, which see COMPLETE trials only, everything here keeps
+the collapsed, diverged and failed trials: they are where a search spends its compute and where a
+researcher learns which settings to avoid. Importance for collapse is computed on an in-memory copy
+of the study in which every finished trial is COMPLETE with the value 1 (collapsed or diverged) or
+0 (healthy).
+
+With no RUN_DIR the latest search of each method under ``--storage-dir`` (default ``runs``) is read,
+and the report goes to ``<storage-dir>/report/sensitivity.html``. A search still running is read as
+far as it has gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "COLLAPSE_OUTCOMES",
+    "Experiment",
+    "ExperimentAnalysis",
+    "ReportError",
+    "analyse",
+    "bootstrap_best_interval",
+    "collapse_importances",
+    "default_experiments",
+    "load_experiment",
+    "main",
+    "objective_importances",
+    "spearman_with_interval",
+    "wilson_interval",
+    "write_report",
+]
+
+PROG = "python -m analysis.sensitivity"
+SEARCH_FILE = "search.json"
+JOURNAL_FILE = "optuna.journal"
+STUDY_NAME = "search"
+CONFIG_KEY = "optuna_trial"
+DEFAULT_REPORT = Path("report") / "sensitivity.html"
+
+# Outcomes that count as "collapse" for the collapse target, the collapse rate and the maps: the
+# searcher treats both as infeasible (hpsearch.searcher), and both end training early.
+COLLAPSE_OUTCOMES = ("collapsed", "diverged")
+# Outcomes that say something about the parameters (a failed trial raised an exception; a running
+# one has not ended).
+FINISHED_OUTCOMES = ("complete", "collapsed", "diverged", "stopped")
+EVALUATORS = ("PED-ANOVA", "fANOVA")
+# Fewer trials than this in a target and importances are noise: the report says so instead.
+MIN_TRIALS_FOR_IMPORTANCE = 5
+# PED-ANOVA's authors advise at least this many trials above its quantile.
+PED_ANOVA_MIN_TOP_TRIALS = 5
+BOOTSTRAP_RESAMPLES = 2000
+# A trial is "near the best" within this fraction of the best score.
+NEAR_BEST_FRACTION = 0.05
+RANK_METRIC = "collapse_rankme_embedding"
+OCCUPANCY_METRIC = "collapse_cluster_occupancy"
+
+OBJECTIVE_LABELS = {
+    "probe_map": "probe mAP (macro, valid split; 0-1)",
+    "probe_auc": "probe ROC-AUC (macro, valid split; 0-1)",
+    "rankme": "final effective rank (RankMe, dimensions)",
+}
+# What each searched method's report should show as its first two-parameter map, whatever the
+# importances say: the pairs the study found decisive for collapse.
+PREFERRED_PAIRS = {
+    "vicreg": ("var_weight", "cov_weight"),
+    "clustering": ("num_prototypes", "teacher_temperature"),
+    "barlow_twins": ("lambd", "learning_rate"),
+    "byol": ("base_ema_rate", "learning_rate"),
+    "contrastive": ("temperature", "learning_rate"),
+}
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made from what was given; the message says what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading an experiment
+
+
+@dataclass
+class Experiment:
+    """One search folder, read from disk."""
+
+    folder: Path
+    settings: dict[str, Any]
+    study: Any  # optuna.Study
+    trials: pd.DataFrame  # hpsearch.results.trials_frame plus a "group" column
+    distributions: dict[str, Any]  # sampled parameter name -> optuna distribution
+    trajectories: dict[int, pd.DataFrame]  # Optuna trial number -> its epoch reports
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def method(self) -> str:
+        return str(self.settings["method"])
+
+    @property
+    def objective(self) -> str:
+        return str(self.settings.get("objective", "probe_map"))
+
+    @property
+    def objective_label(self) -> str:
+        return OBJECTIVE_LABELS.get(self.objective, self.objective)
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.settings.get("max_epochs", 1))
+
+    @property
+    def trials_requested(self) -> int:
+        return int(self.settings.get("trials", len(self.trials)))
+
+    @property
+    def running(self) -> bool:
+        """Still going (or interrupted): trials running, or fewer trials than requested."""
+        return bool((self.trials["outcome"] == "running").any()) or len(self.trials) < self.trials_requested
+
+
+def _search_folders(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in folder.glob(f"*/{SEARCH_FILE}"))
+
+
+def load_experiment(folder: str | Path) -> Experiment:
+    """Read a search folder; :class:`ReportError` with a plain message if it is not one (yet)."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ReportError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: not a folder; give an experiment folder such as runs/vicreg-<time>/")
+    settings_file = folder / SEARCH_FILE
+    if not settings_file.is_file():
+        inside = _search_folders(folder)
+        if inside:
+            names = ", ".join(p.name for p in inside[:5]) + (", ..." if len(inside) > 5 else "")
+            raise ReportError(
+                f"{folder} holds {len(inside)} experiment folder(s) ({names}), not one experiment; "
+                f"give those folders, or run {PROG} --storage-dir {folder} for the latest of each method"
+            )
+        raise ReportError(
+            f"{folder}: not a search folder (no {SEARCH_FILE}); expected a folder written by "
+            "python -m hpsearch.run, such as runs/vicreg-<time>/"
+        )
+    try:
+        settings = json.loads(settings_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ReportError(f"{settings_file}: unreadable search settings ({error})") from None
+    if not isinstance(settings, dict) or "method" not in settings:
+        raise ReportError(f"{settings_file}: not the settings of a hpsearch search (no 'method')")
+    journal = folder / JOURNAL_FILE
+    if not journal.is_file() or journal.stat().st_size == 0:
+        raise ReportError(
+            f"{folder}: the search has not recorded any trial yet (no {JOURNAL_FILE} or an empty one); "
+            "wait for its first trial, or resume it with python -m hpsearch.run "
+            f"{settings['method']} --name {folder.name} --resume"
+        )
+    study = _load_study(journal)
+    from hpsearch.results import trials_frame
+
+    frame = trials_frame(study)
+    if frame.empty:
+        raise ReportError(f"{folder}: the search has started but holds no trial yet; try again once one has run")
+    frame = _normalise_frame(frame)
+    distributions: dict[str, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, distribution in trial.distributions.items():
+            distributions.setdefault(name, distribution)
+    return Experiment(
+        folder=folder.absolute(),
+        settings=settings,
+        study=study,
+        trials=frame,
+        distributions=distributions,
+        trajectories=read_trajectories(folder),
+    )
+
+
+def _load_study(journal: Path):
+    import optuna
+
+    from hpsearch.results import load_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return load_study(journal, STUDY_NAME)
+    except KeyError:
+        raise ReportError(f"{journal}: holds no study named {STUDY_NAME!r} (not written by hpsearch?)") from None
+    except Exception as error:  # a corrupt journal raises whatever its parser meets
+        raise ReportError(f"{journal}: cannot read the Optuna journal ({type(error).__name__}: {error})") from None
+
+
+def _normalise_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns the analysis relies on, with types, and the trial's display ``group``."""
+    frame = frame.copy()
+    for column in ("objective", "probe_map", "probe_auc", "rankme", "collapse_epoch", "collapse_step", "stop_epoch",
+                   "would_stop_epoch", "epochs_run", "seconds"):
+        if column not in frame:
+            frame[column] = np.nan
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    for column in ("outcome", "collapse_type", "error"):
+        if column not in frame:
+            frame[column] = None
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    # A finished trial without an outcome (not written by hpsearch's searcher) is taken by its state.
+    by_state = {"COMPLETE": "complete", "PRUNED": "stopped", "FAIL": "failed", "RUNNING": "running",
+                "WAITING": "running"}
+    missing = frame["outcome"].isna()
+    frame.loc[missing, "outcome"] = frame.loc[missing, "state"].map(by_state).fillna("failed")
+    frame["group"] = [trial_group(o, c) for o, c in zip(frame["outcome"], frame["collapse_type"])]
+    frame["collapsed"] = frame["outcome"].isin(COLLAPSE_OUTCOMES)
+    return frame
+
+
+def trial_group(outcome: str, collapse_type: str | None) -> str:
+    """How a trial is coloured and counted: its outcome, with the collapse type for collapsed ones."""
+    if outcome == "collapsed":
+        return f"collapsed: {collapse_type or 'unknown'}"
+    return str(outcome)
+
+
+def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
+    """Per Optuna trial number, its epoch reports (Ray Tune's ``result.json`` lines without the
+    final one), in epoch order. A trial run twice (a resumed search) keeps the later report of
+    each epoch. Trial folders are joined to Optuna trials through the ``optuna_trial`` config key."""
+    pieces: dict[int, list[pd.DataFrame]] = {}
+    for params_file in sorted(Path(folder).glob("*/params.json")):
+        try:
+            number = json.loads(params_file.read_text()).get(CONFIG_KEY)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        result_file = params_file.parent / "result.json"
+        if not isinstance(number, int) or not result_file.is_file():
+            continue
+        records = []
+        for line in result_file.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written by a running trial
+                continue
+            if isinstance(record, dict) and not record.get("final") and "epoch" in record:
+                records.append({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
+        if records:
+            pieces.setdefault(number, []).append(pd.DataFrame.from_records(records))
+    trajectories = {}
+    for number, frames in pieces.items():
+        frame = pd.concat(frames, ignore_index=True)
+        frame["epoch"] = pd.to_numeric(frame["epoch"], errors="coerce")
+        frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+        trajectories[number] = frame.reset_index(drop=True)
+    return trajectories
+
+
+def default_experiments(storage_dir: str | Path) -> list[Path]:
+    """The latest search (by the time of its ``search.json``) of each method under ``storage_dir``."""
+    storage = Path(storage_dir).expanduser()
+    if not storage.is_dir():
+        raise ReportError(
+            f"{storage}: no such folder; run a search first (python -m hpsearch.run vicreg --trials 64) or give "
+            "--storage-dir / experiment folders"
+        )
+    latest: dict[str, Path] = {}
+    for folder in _search_folders(storage):
+        try:
+            method = json.loads((folder / SEARCH_FILE).read_text()).get("method")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+        if not isinstance(method, str):
+            continue
+        mtime = (folder / SEARCH_FILE).stat().st_mtime
+        if method not in latest or mtime > (latest[method] / SEARCH_FILE).stat().st_mtime:
+            latest[method] = folder
+    if not latest:
+        raise ReportError(
+            f"{storage}: no search folders here (none holds {SEARCH_FILE}); run one with "
+            "python -m hpsearch.run METHOD, or give experiment folders"
+        )
+    return [latest[method] for method in sorted(latest)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (well-behaved at 0 and 1 and for small counts)."""
+    if total <= 0:
+        return (math.nan, math.nan)
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class Correlation:
+    """Spearman's rank correlation with a 95 % interval."""
+
+    n: int
+    rho: float
+    low: float
+    high: float
+    p_value: float
+    method: str = "Fisher z-transform, Bonett-Wright standard error sqrt((1 + rho^2/2)/(n - 3))"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "spearman": _json_float(self.rho), "low": _json_float(self.low),
+                "high": _json_float(self.high), "p_value": _json_float(self.p_value), "interval": self.method}
+
+
+def spearman_with_interval(x: Sequence[float], y: Sequence[float], z: float = 1.959964) -> Correlation:
+    """Spearman's rho (scipy) and its 95 % interval by the Fisher z-transform with Bonett & Wright's
+    (2000) standard error, which is accurate for rank correlations where Pearson's 1/sqrt(n-3) is too
+    narrow. Needs n >= 4 for an interval; a constant variable gives NaN."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = int(len(x))
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return Correlation(n, math.nan, math.nan, math.nan, math.nan)
+    result = spearmanr(x, y)
+    rho, p_value = float(result.statistic), float(result.pvalue)
+    if n < 4:
+        return Correlation(n, rho, math.nan, math.nan, p_value)
+    clipped = min(max(rho, -0.999999), 0.999999)
+    standard_error = math.sqrt((1 + clipped * clipped / 2) / (n - 3))
+    centre = math.atanh(clipped)
+    return Correlation(n, rho, math.tanh(centre - z * standard_error), math.tanh(centre + z * standard_error), p_value)
+
+
+def bootstrap_best_interval(
+    objective: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile interval of the best score over the search's trials resampled with
+    replacement (a trial without a score, e.g. collapsed, is drawn too and scores nothing): how much
+    the best depends on which trials the search happened to draw. NaN where no resample has a score."""
+    values = np.asarray(objective, dtype=float)
+    if len(values) == 0 or not np.isfinite(values).any():
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples
+        best = np.nanmax(np.where(np.isfinite(draws), draws, -np.inf), axis=1)
+    best = best[np.isfinite(best)]
+    if len(best) == 0:
+        return (math.nan, math.nan)
+    low, high = np.percentile(best, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+# ----------------------------------------------------------------------------------------------
+# Importances
+
+
+@dataclass
+class Importance:
+    """One evaluator's importances for one target, or why there are none."""
+
+    target: str  # "objective" or "collapse"
+    evaluator: str  # "PED-ANOVA" or "fANOVA"
+    values: dict[str, float] | None  # normalised to sum to 1, most important first
+    trials: int
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "evaluator": self.evaluator, "trials": self.trials, "note": self.note,
+                "importances": None if self.values is None else {k: float(v) for k, v in self.values.items()}}
+
+
+def _copy_study(trials: list[tuple[dict, dict, float]]):
+    """An in-memory study holding ``(params, distributions, value)`` as COMPLETE trials."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    study.add_trials([
+        optuna.trial.create_trial(params=params, distributions=distributions, value=float(value))
+        for params, distributions, value in trials
+    ])
+    return study
+
+
+def _evaluator(name: str, values: Sequence[float], binary: bool):
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    if name == "fANOVA":
+        return FanovaImportanceEvaluator(seed=0), ""
+    n = len(values)
+    if binary:
+        # For a 0/1 target the "top" trials must be exactly the positive ones: a quantile just under
+        # their share keeps the ties at 1 and nothing else.
+        positives = int(np.sum(values))
+        quantile = (positives - 0.5) / n
+        return PedAnovaImportanceEvaluator(target_quantile=quantile), (
+            f"top set: the {positives} collapsed or diverged trials, against all {n}")
+    quantile = min(0.5, max(0.1, PED_ANOVA_MIN_TOP_TRIALS / n))
+    top = int(math.ceil(quantile * n))
+    return PedAnovaImportanceEvaluator(target_quantile=quantile), (
+        f"top {100 * quantile:.0f} % ({top} trials) against all {n}")
+
+
+def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[str], binary: bool) -> list[Importance]:
+    import optuna
+
+    values = [value for _, _, value in rows]
+    results = []
+    for evaluator_name in EVALUATORS:
+        if len(rows) < MIN_TRIALS_FOR_IMPORTANCE:
+            results.append(Importance(target, evaluator_name, None, len(rows),
+                                      f"not enough trials: {len(rows)}, at least {MIN_TRIALS_FOR_IMPORTANCE} needed"))
+            continue
+        if np.ptp(values) == 0:
+            what = ("every trial collapsed" if values[0] else "no trial collapsed") if binary else "every trial scored the same"
+            results.append(Importance(target, evaluator_name, None, len(rows), f"no variation to explain: {what}"))
+            continue
+        varied = [name for name in names if len({_hashable(p.get(name)) for p, _, _ in rows}) > 1]
+        if not varied:
+            results.append(Importance(target, evaluator_name, None, len(rows), "no parameter varied across these trials"))
+            continue
+        evaluator, note = _evaluator(evaluator_name, values, binary)
+        study = _copy_study(rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PED-ANOVA warns about small regimes; the note says the count
+            raw = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied, normalize=False)
+        total = float(sum(raw.values()))
+        if not math.isfinite(total) or total <= 0:
+            results.append(Importance(target, evaluator_name, None, len(rows),
+                                      "the evaluator found no difference between the parameters' effects"))
+            continue
+        normalised = {name: float(value) / total for name, value in raw.items()}
+        for name in names:  # a parameter that never varied explains nothing
+            normalised.setdefault(name, 0.0)
+        ordered = dict(sorted(normalised.items(), key=lambda item: -item[1]))
+        results.append(Importance(target, evaluator_name, ordered, len(rows), note))
+    return results
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+def _trial_rows(experiment: Experiment, outcomes: Sequence[str]) -> list[tuple[Any, dict, dict]]:
+    """(row, params, distributions) of the trials with one of ``outcomes``, sampled parameters only."""
+    by_number = {trial.number: trial for trial in experiment.study.get_trials(deepcopy=False)}
+    rows = []
+    for row in experiment.trials.itertuples():
+        trial = by_number.get(int(row.trial))
+        if trial is None or row.outcome not in outcomes or not trial.distributions:
+            continue
+        rows.append((row, dict(trial.params), dict(trial.distributions)))
+    return rows
+
+
+def objective_importances(experiment: Experiment) -> list[Importance]:
+    """PED-ANOVA and fANOVA importances of the sampled parameters for the objective, over the
+    complete trials (the only ones with a score)."""
+    rows = [(params, distributions, float(row.objective))
+            for row, params, distributions in _trial_rows(experiment, ("complete",)) if math.isfinite(row.objective)]
+    return _importances("objective", rows, list(experiment.distributions), binary=False)
+
+
+def collapse_importances(experiment: Experiment) -> list[Importance]:
+    """PED-ANOVA and fANOVA importances for collapsing: every finished trial (complete, collapsed,
+    diverged, stopped) counts, valued 1 if it collapsed or diverged and 0 otherwise."""
+    rows = [(params, distributions, float(row.outcome in COLLAPSE_OUTCOMES))
+            for row, params, distributions in _trial_rows(experiment, FINISHED_OUTCOMES)]
+    return _importances("collapse", rows, list(experiment.distributions), binary=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The analysis of one experiment
+
+
+@dataclass
+class ExperimentAnalysis:
+    """Everything the report shows about one experiment, in numbers."""
+
+    experiment: Experiment
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+    compute: dict[str, Any]
+    importances: list[Importance]
+    label_free: Correlation | None
+    label_free_metric: str | None
+    collapse_rate: dict[str, Any]
+    sensitivity: dict[str, Any]
+    time_to_collapse: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def importance(self, target: str, evaluator: str) -> Importance | None:
+        return next((i for i in self.importances if i.target == target and i.evaluator == evaluator), None)
+
+    def ranked_parameters(self) -> list[str]:
+        """Sampled parameters, most important first (objective and collapse importances averaged
+        over the evaluators that produced any); by name where there are none."""
+        names = list(self.experiment.distributions)
+        score = {name: 0.0 for name in names}
+        for importance in self.importances:
+            for name, value in (importance.values or {}).items():
+                if name in score:
+                    score[name] += value
+        return sorted(names, key=lambda name: (-score[name], name))
+
+    def to_dict(self) -> dict[str, Any]:
+        experiment = self.experiment
+        return {
+            "name": experiment.name,
+            "folder": str(experiment.folder),
+            "method": experiment.method,
+            "objective": experiment.objective,
+            "objective_label": experiment.objective_label,
+            "running": experiment.running,
+            "trials": int(len(experiment.trials)),
+            "trials_requested": experiment.trials_requested,
+            "counts": self.counts,
+            "best": self.best,
+            "compute": self.compute,
+            "sampled_parameters": {name: _describe_distribution(d) for name, d in experiment.distributions.items()},
+            "importances": [importance.to_dict() for importance in self.importances],
+            "label_free_vs_labelled": None if self.label_free is None else {
+                "label_free": "final effective rank (RankMe of the embedding)", "labelled": self.label_free_metric,
+                **self.label_free.to_dict()},
+            "collapse_rate": self.collapse_rate,
+            "sensitivity": self.sensitivity,
+            "time_to_collapse": self.time_to_collapse,
+            "notes": self.notes,
+        }
+
+
+def _describe_distribution(distribution) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": type(distribution).__name__}
+    for key in ("low", "high", "log", "step", "choices"):
+        if hasattr(distribution, key):
+            value = getattr(distribution, key)
+            info[key] = list(value) if isinstance(value, tuple) else value
+    return info
+
+
+def _json_float(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def outcome_counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Trials per outcome, collapsed ones split by type: ``complete``, ``collapsed: <type>``...,
+    ``diverged``, ``failed``, then ``stopped`` and ``running`` when there are any."""
+    order = ["complete"] + sorted(g for g in set(frame["group"]) if g.startswith("collapsed: ")) + [
+        "diverged", "failed", "stopped", "running"]
+    counts = {group: int((frame["group"] == group).sum()) for group in order}
+    return {group: count for group, count in counts.items() if count or group in ("complete", "diverged", "failed")}
+
+
+def final_metric(experiment: Experiment, metric: str) -> pd.Series:
+    """Per trial (indexed like ``experiment.trials``), the last finite value of an epoch metric:
+    from the journal's last metrics, else from the trial's trajectory."""
+    frame = experiment.trials
+    column = f"last_{metric}"
+    values = pd.to_numeric(frame[column], errors="coerce") if column in frame else pd.Series(np.nan, index=frame.index)
+    for index, number in frame["trial"].items():
+        if pd.notna(values.loc[index]) and math.isfinite(values.loc[index]):
+            continue
+        trajectory = experiment.trajectories.get(int(number))
+        if trajectory is not None and metric in trajectory:
+            finite = pd.to_numeric(trajectory[metric], errors="coerce").dropna()
+            if len(finite):
+                values.loc[index] = float(finite.iloc[-1])
+    return values
+
+
+def analyse(experiment: Experiment) -> ExperimentAnalysis:
+    """The numbers of the report for one experiment."""
+    frame = experiment.trials
+    counts = outcome_counts(frame)
+    notes = []
+    if experiment.running:
+        notes.append(f"the search is still running or was interrupted: {len(frame)} of {experiment.trials_requested} "
+                     f"trials started, {int((frame['outcome'] == 'running').sum())} running")
+
+    complete = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
+    best = None
+    if len(complete):
+        row = complete.loc[complete["objective"].idxmax()]
+        trial = experiment.study.trials[int(row["trial"])] if int(row["trial"]) < len(experiment.study.trials) else None
+        sampled = dict(trial.params) if trial is not None else {}
+        derived = {name[len("param_"):]: _plain(value) for name, value in row.items()
+                   if name.startswith("param_") and name[len("param_"):] not in sampled and pd.notna(value)}
+        best = {"trial": int(row["trial"]), "value": float(row["objective"]),
+                "params": {k: _plain(v) for k, v in sampled.items()}, "derived_params": derived}
+
+    epochs = frame["epochs_run"].fillna(0.0)
+    max_epochs = experiment.max_epochs
+    saved = {outcome: float((max_epochs - epochs[frame["outcome"] == outcome]).clip(lower=0).sum())
+             for outcome in ("collapsed", "diverged", "stopped")}
+    seconds = frame["seconds"]
+    full = frame[(frame["outcome"] == "complete") & (frame["epochs_run"] > 0) & seconds.notna()]
+    per_epoch = float((full["seconds"] / full["epochs_run"]).median()) if len(full) else math.nan
+    compute = {
+        "trial_epochs_run": float(epochs.sum()),
+        "trial_epochs_requested": int(experiment.trials_requested * max_epochs),
+        "trial_epochs_of_started_trials": int(len(frame) * max_epochs),
+        "epochs_saved": saved,
+        "epochs_saved_total": float(sum(saved.values())),
+        "saved_fraction": float(sum(saved.values()) / (len(frame) * max_epochs)) if len(frame) else 0.0,
+        "trial_seconds": float(seconds.fillna(0).sum()),
+        "seconds_per_epoch": _json_float(per_epoch),
+        "seconds_saved_estimate": _json_float(sum(saved.values()) * per_epoch),
+    }
+
+    importances = objective_importances(experiment) + collapse_importances(experiment)
+
+    label_free = label_free_metric = None
+    # The trial's own final RankMe (the trainer's last epoch), else its last reported one.
+    rank = frame["rankme"].where(frame["rankme"].notna(), final_metric(experiment, RANK_METRIC))
+    for labelled in ("probe_map", "probe_auc"):
+        if labelled in frame and frame[labelled].notna().any():
+            label_free_metric = labelled
+            scored = frame["outcome"] == "complete"
+            label_free = spearman_with_interval(rank[scored], frame.loc[scored, labelled])
+            break
+
+    finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
+    collapsed_count = int(finished["outcome"].isin(COLLAPSE_OUTCOMES).sum())
+    low, high = wilson_interval(collapsed_count, len(finished))
+    collapse_rate = {"collapsed_or_diverged": collapsed_count, "finished": int(len(finished)),
+                     "rate": _json_float(collapsed_count / len(finished)) if len(finished) else None,
+                     "low": _json_float(low), "high": _json_float(high), "interval": "Wilson score, 95 %"}
+
+    scores = finished["objective"].where(finished["outcome"] == "complete")
+    best_low, best_high = bootstrap_best_interval(scores.to_numpy())
+    complete_scores = complete["objective"].to_numpy(dtype=float)
+    sensitivity: dict[str, Any] = {
+        "best": best["value"] if best else None, "best_low": _json_float(best_low), "best_high": _json_float(best_high),
+        "best_interval": f"95 % percentile bootstrap over the finished trials ({BOOTSTRAP_RESAMPLES} resamples)",
+        "complete_trials": int(len(complete_scores)),
+    }
+    if len(complete_scores):
+        q25, median, q75 = np.percentile(complete_scores, [25, 50, 75])
+        threshold = best["value"] - NEAR_BEST_FRACTION * abs(best["value"])
+        near = int((scores >= threshold).sum())
+        sensitivity.update(
+            median=float(median), iqr=float(q75 - q25),
+            near_best=near, near_best_fraction=near / len(finished) if len(finished) else None,
+            near_best_definition=f"finished trials scoring within {100 * NEAR_BEST_FRACTION:.0f} % of the best",
+        )
+    for target in ("objective", "collapse"):
+        for evaluator in EVALUATORS:
+            found = next((i for i in importances if i.target == target and i.evaluator == evaluator and i.values), None)
+            if found:
+                sensitivity[f"most_important_for_{target}"] = next(iter(found.values))
+                sensitivity[f"most_important_for_{target}_by"] = evaluator
+                break
+
+    collapsed = frame[frame["outcome"].isin(COLLAPSE_OUTCOMES)]
+    time_to_collapse = {
+        "trials": int(len(collapsed)),
+        "median_collapse_epoch": _json_float(collapsed["collapse_epoch"].median()) if len(collapsed) else None,
+        "median_collapse_step": _json_float(collapsed["collapse_step"].median()) if len(collapsed) else None,
+        "median_stop_epoch": _json_float(collapsed["stop_epoch"].median()) if len(collapsed) else None,
+        "by_type": {str(kind): int(count) for kind, count in collapsed["collapse_type"].fillna("unknown").value_counts().items()},
+    }
+    if not experiment.trajectories:
+        notes.append("no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
+    return ExperimentAnalysis(
+        experiment=experiment, counts=counts, best=best, compute=compute, importances=importances,
+        label_free=label_free, label_free_metric=label_free_metric, collapse_rate=collapse_rate,
+        sensitivity=sensitivity, time_to_collapse=time_to_collapse, notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
+    """One row per trial of every experiment: outcome, scores, collapse timing, final label-free
+    metrics and every parameter (sampled and derived)."""
+    tables = []
+    for analysis in analyses:
+        experiment = analysis.experiment
+        frame = experiment.trials
+        table = pd.DataFrame({
+            "experiment": experiment.name, "method": experiment.method, "trial": frame["trial"],
+            "outcome": frame["outcome"], "collapse_type": frame["collapse_type"],
+            "objective_name": experiment.objective, "objective": frame["objective"],
+        })
+        for column in ("probe_map", "probe_auc", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
+                       "epochs_run", "seconds", "error"):
+            table[column] = frame[column] if column in frame else np.nan
+        table["final_rankme"] = final_metric(experiment, RANK_METRIC)
+        table["final_occupancy"] = final_metric(experiment, OCCUPANCY_METRIC)
+        for column in sorted(c for c in frame.columns if c.startswith("param_")):
+            table[column] = frame[column]
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, Any]]:
+    """The across-methods comparison, one row per experiment."""
+    rows = []
+    for analysis in analyses:
+        experiment = analysis.experiment
+        rows.append({
+            "experiment": experiment.name, "method": experiment.method, "objective": experiment.objective,
+            "trials": int(len(experiment.trials)),
+            **{key: analysis.sensitivity.get(key) for key in ("best", "best_low", "best_high", "median", "iqr",
+                                                               "near_best_fraction", "most_important_for_objective",
+                                                               "most_important_for_collapse")},
+            "collapse_rate": analysis.collapse_rate["rate"], "collapse_low": analysis.collapse_rate["low"],
+            "collapse_high": analysis.collapse_rate["high"],
+        })
+    return rows
+
+
+def output_paths(report: Path) -> dict[str, Path]:
+    """Where the report's companions go: ``<stem>.json``, ``<stem>-trials.csv``, ``<stem>-figures/``."""
+    return {"html": report, "json": report.with_suffix(".json"),
+            "csv": report.with_name(f"{report.stem}-trials.csv"), "png": report.with_name(f"{report.stem}-figures")}
+
+
+def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: Sequence[str] = ("html",),
+                 stream=None) -> dict[str, Any]:
+    """Write the HTML report, its JSON summary and trials CSV (and PNGs if asked); returns the
+    summary dict. A PNG export that cannot run is reported in ``summary['png']`` with the fix."""
+    from analysis.sensitivity_figures import build_page, export_pngs
+
+    report = Path(report)
+    paths = output_paths(report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    page, figures = build_page(analyses)
+    paths["html"].write_text(page, encoding="utf-8")
+    trials_table(analyses).to_csv(paths["csv"], index=False)
+    summary = {
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "report": str(paths["html"]),
+        "trials_csv": str(paths["csv"]),
+        "figures": [{"id": figure.key, "title": figure.title, "experiment": figure.experiment} for figure in figures],
+        "experiments": [analysis.to_dict() for analysis in analyses],
+        "comparison": comparison_rows(analyses) if len(analyses) > 1 else [],
+    }
+    if "png" in formats:
+        summary["png"] = export_pngs(figures, paths["png"])
+    paths["json"].write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return _plain(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Sensitivity report of hyperparameter searches: one self-contained HTML file (opens offline) with "
+            "outcome counts, parameter importances for the objective and for collapse, per-parameter effects, "
+            "two-parameter maps, collapse dynamics, label-free vs labelled scores, parallel coordinates, "
+            "optimisation history and, for several searches, a comparison across methods; plus a JSON summary "
+            "and a CSV of every trial next to it. Collapsed and diverged trials are included throughout."
+        ),
+    )
+    parser.add_argument("experiments", nargs="*", metavar="RUN_DIR",
+                        help="experiment folders written by python -m hpsearch.run (default: the latest search of "
+                        "each method under --storage-dir)")
+    parser.add_argument("--storage-dir", default="runs", help="where searches live, for the default RUN_DIRs and the "
+                        "default --out (default: runs)")
+    parser.add_argument("--out", help=f"the HTML report to write (default: <storage-dir>/{DEFAULT_REPORT.as_posix()}); "
+                        "<stem>.json and <stem>-trials.csv go next to it")
+    parser.add_argument("--format", choices=("html", "png"), action="append", dest="formats",
+                        help="html (always written), png: also every figure as an image in <stem>-figures/ (needs "
+                        "kaleido and Chrome/Chromium); repeatable")
+    return parser
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for experiment in summary["experiments"]:
+        counts = ", ".join(f"{count} {name}" for name, count in experiment["counts"].items())
+        best = experiment["best"]
+        best_text = (f"best #{best['trial']} {experiment['objective']} {best['value']:.4f}" if best
+                     else "no trial complete")
+        lines.append(f"{experiment['name']} ({experiment['method']}): {experiment['trials']} trials ({counts}); {best_text}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    formats = args.formats or ["html"]
+    try:
+        folders = [Path(p) for p in args.experiments] or default_experiments(args.storage_dir)
+        experiments = [load_experiment(folder) for folder in folders]
+        names = [e.folder for e in experiments]
+        if len(set(names)) < len(names):
+            raise ReportError("the same experiment folder was given twice")
+        out = Path(args.out).expanduser() if args.out else Path(args.storage_dir).expanduser() / DEFAULT_REPORT
+        if out.exists() and out.is_dir():
+            raise ReportError(f"--out {out}: is a folder; give the HTML file to write, e.g. {out / 'sensitivity.html'}")
+        analyses = [analyse(experiment) for experiment in experiments]
+        summary = write_report(analyses, out, formats)
+    except ReportError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"{PROG}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    for line in _summary_lines(summary):
+        print(line)
+    paths = output_paths(out)
+    print(f"report: {paths['html']}\nsummary: {paths['json']}\ntrials: {paths['csv']}")
+    png = summary.get("png")
+    if png is not None:
+        if png.get("written"):
+            print(f"figures: {len(png['written'])} PNG files in {paths['png']}")
+        else:
+            print(f"{PROG}: PNG export skipped: {png['reason']}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
