@@ -391,13 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
             "trials early. Results go to STORAGE_DIR/NAME: Ray's trial folders, optuna.journal "
             "(optuna-dashboard reads it), trials.csv, best_backbone.pt + best_config.json, summary.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # Flags default to None so that a resume can tell a flag given on the command line (which must
     # agree with the stored search) from a default; the documented defaults are SearchSettings'.
     add = parser.add_argument
-    add("method", help="pretext method, one with a study_spaces/<method>.py space: "
-        "barlow_twins, byol, clustering, contrastive, vicreg")
+    from study_spaces import available_spaces
+
+    add("method", help="pretext method, one with a study_spaces/<method>.py space: " + ", ".join(available_spaces()))
     add("--trials", type=int, help=f"number of trials in total, counting those of a resumed run (default {defaults.trials})")
     add("--name", help="experiment folder name under --storage-dir (default: <method>-<YYYYmmdd-HHMMSS>, "
         "never an existing one); an existing NAME is resumed")

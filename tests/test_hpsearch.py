@@ -147,6 +147,41 @@ def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_
     assert trials["a"].user_attrs["config"] == {"x": trials["a"].params["x"]}
 
 
+def test_the_journal_opens_in_optuna_dashboard(tmp_path):
+    """optuna-dashboard's own WSGI app serves the study: every trial with its state and attributes."""
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    for trial_id, result in (("a", final_result("complete", 0.7)),
+                             ("b", final_result("collapsed", collapse_type="complete", collapse_epoch=2))):
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, epoch_result(1, 0.5))
+        searcher.on_trial_result(trial_id, result)
+        searcher.on_trial_complete(trial_id, result=result)
+    app = wsgi(JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+
+    def get(path: str) -> dict:
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = path
+        status = []
+        body = b"".join(app(environ, lambda code, headers, exc_info=None: status.append(code)))
+        assert status == ["200 OK"], (path, status, body[:500])
+        return json.loads(body)
+
+    summaries = get("/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in summaries] == ["search"]
+    study = get(f"/api/studies/{summaries[0]['study_id']}")
+    states = {t["number"]: t["state"] for t in study["trials"]}
+    assert states == {0: "Complete", 1: "Pruned"}
+    pruned = next(t for t in study["trials"] if t["state"] == "Pruned")
+    attrs = {a["key"]: a["value"] for a in pruned["user_attrs"]}
+    assert attrs["outcome"] == "collapsed" and attrs["collapse_type"] == "complete"
+    assert [v["value"] for v in pruned["intermediate_values"]] == [0.5]
+
+
 def test_plain_optuna_search_leaves_a_nan_trial_running_and_ours_does_not():
     """The pitfall the subclass exists for, shown on Ray's own OptunaSearch."""
     plain = OptunaSearch(line_space, metric="objective", mode="max", seed=0)
