@@ -18,8 +18,8 @@ of the study in which every finished trial is COMPLETE with the value 1 (collaps
 0 (healthy).
 
 With no RUN_DIR the latest search of each method under ``--storage-dir`` (default ``runs``) is read,
-and the report goes to ``<storage-dir>/report/sensitivity.html``. A search still running is read as
-far as it has gone.
+and the report goes to ``<storage-dir>/report/sensitivity.html`` (with RUN_DIRs, to ``report/`` in the
+folder holding the first of them). A search still running is read as far as it has gone.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = [
     "bootstrap_best_interval",
     "collapse_importances",
     "default_experiments",
+    "experiment_from_study",
     "load_experiment",
     "main",
     "objective_importances",
@@ -111,8 +112,17 @@ class Experiment:
     settings: dict[str, Any]
     study: Any  # optuna.Study
     trials: pd.DataFrame  # hpsearch.results.trials_frame plus a "group" column
-    distributions: dict[str, Any]  # sampled parameter name -> optuna distribution
+    distributions: dict[str, Any]  # sampled parameter name -> its distribution in the search space
     trajectories: dict[int, pd.DataFrame]  # Optuna trial number -> its epoch reports
+    # Parameters with values outside the search space (enqueued points), with the range they span.
+    outside: dict[str, Any] = field(default_factory=dict)
+    # The search's summary.json (written when it ends), e.g. the untrained backbone's score.
+    search_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def untrained_value(self) -> float | None:
+        """The objective of an untrained backbone: the bar training has to clear (probe objectives)."""
+        return _json_float(self.search_summary.get("untrained_value"))
 
     @property
     def name(self) -> str:
@@ -182,24 +192,76 @@ def load_experiment(folder: str | Path) -> Experiment:
             f"{settings['method']} --name {folder.name} --resume"
         )
     study = _load_study(journal)
+    if not study.get_trials(deepcopy=False):
+        raise ReportError(f"{folder}: the search has started but holds no trial yet; try again once one has run")
+    experiment = experiment_from_study(study, settings, folder, read_trajectories(folder))
+    try:
+        experiment.search_summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass  # a search still running has none yet
+    if not isinstance(experiment.search_summary, dict):
+        experiment.search_summary = {}
+    return experiment
+
+
+def experiment_from_study(study, settings: dict[str, Any], folder: str | Path = ".",
+                          trajectories: dict[int, pd.DataFrame] | None = None) -> Experiment:
+    """An :class:`Experiment` from an Optuna study whose trials carry hpsearch's user attributes
+    (``outcome``, ``collapse_type``...; a trial without them is taken by its state)."""
     from hpsearch.results import trials_frame
 
-    frame = trials_frame(study)
-    if frame.empty:
-        raise ReportError(f"{folder}: the search has started but holds no trial yet; try again once one has run")
-    frame = _normalise_frame(frame)
-    distributions: dict[str, Any] = {}
-    for trial in study.get_trials(deepcopy=False):
+    frame = _normalise_frame(trials_frame(study))
+    trials = study.get_trials(deepcopy=False)
+    recorded: dict[str, Any] = {}
+    for trial in trials:
         for name, distribution in trial.distributions.items():
-            distributions.setdefault(name, distribution)
+            recorded.setdefault(name, distribution)
+    widened = sampled_distributions(trials)
     return Experiment(
-        folder=folder.absolute(),
-        settings=settings,
+        folder=Path(folder).expanduser().absolute(),
+        settings=dict(settings),
         study=study,
         trials=frame,
-        distributions=distributions,
-        trajectories=read_trajectories(folder),
+        distributions=recorded,
+        trajectories=dict(trajectories or {}),
+        outside={name: widened[name] for name in recorded if widened[name] != recorded[name]},
     )
+
+
+def sampled_distributions(trials) -> dict[str, Any]:
+    """Each sampled parameter's distribution, widened to hold every recorded value: a point
+    enqueued with ``points_to_evaluate`` may lie outside the space (Optuna records it with a warning),
+    and the importance evaluators refuse values outside their distribution."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    found: dict[str, Any] = {}
+    values: dict[str, list[Any]] = {}
+    for trial in trials:
+        for name, distribution in trial.distributions.items():
+            found.setdefault(name, distribution)
+            if name in trial.params:
+                values.setdefault(name, []).append(trial.params[name])
+    widened = {}
+    for name, distribution in found.items():
+        seen = values.get(name, [])
+        if isinstance(distribution, CategoricalDistribution):
+            extra = [v for v in dict.fromkeys(seen) if v not in distribution.choices]
+            widened[name] = CategoricalDistribution(list(distribution.choices) + extra) if extra else distribution
+            continue
+        numbers = [float(v) for v in seen if isinstance(v, (int, float))]
+        low = min([distribution.low, *numbers])
+        high = max([distribution.high, *numbers])
+        log = distribution.log and low > 0
+        if (low, high) == (distribution.low, distribution.high):
+            widened[name] = distribution
+        elif isinstance(distribution, IntDistribution):
+            step = 1 if distribution.log else distribution.step
+            low = int(distribution.low - step * math.ceil((distribution.low - low) / step))
+            log = distribution.log and low >= 1
+            widened[name] = IntDistribution(low, int(math.ceil(high)), log=log, step=1 if log else step)
+        else:
+            widened[name] = FloatDistribution(low, high, log=log, step=None)
+    return widened
 
 
 def _load_study(journal: Path):
@@ -447,10 +509,16 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
             results.append(Importance(target, evaluator_name, None, len(rows), "no parameter varied across these trials"))
             continue
         evaluator, note = _evaluator(evaluator_name, values, binary)
-        study = _copy_study(rows)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PED-ANOVA warns about small regimes; the note says the count
-            raw = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied, normalize=False)
+        try:
+            study = _copy_study(rows)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PED-ANOVA warns about small regimes; the note says the count
+                raw = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied, normalize=False)
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            # E.g. conditional parameters that not every trial has: say so rather than lose the report.
+            results.append(Importance(target, evaluator_name, None, len(rows),
+                                      f"the evaluator could not run on these trials ({type(error).__name__}: {error})"))
+            continue
         total = float(sum(raw.values()))
         if not math.isfinite(total) or total <= 0:
             results.append(Importance(target, evaluator_name, None, len(rows),
@@ -469,15 +537,18 @@ def _hashable(value: Any) -> Any:
 
 
 def _trial_rows(experiment: Experiment, outcomes: Sequence[str]) -> list[tuple[Any, dict, dict]]:
-    """(row, params, distributions) of the trials with one of ``outcomes``, sampled parameters only."""
+    """(row, params, distributions) of the trials with one of ``outcomes``, sampled parameters only.
+
+    The distributions are the search space's, widened where one of these trials lies outside it
+    (and only then), so that every trial of the target shares one space the evaluators accept."""
     by_number = {trial.number: trial for trial in experiment.study.get_trials(deepcopy=False)}
-    rows = []
+    chosen = []
     for row in experiment.trials.itertuples():
         trial = by_number.get(int(row.trial))
-        if trial is None or row.outcome not in outcomes or not trial.distributions:
-            continue
-        rows.append((row, dict(trial.params), dict(trial.distributions)))
-    return rows
+        if trial is not None and row.outcome in outcomes and trial.distributions:
+            chosen.append((row, trial))
+    space = sampled_distributions([trial for _, trial in chosen])
+    return [(row, dict(trial.params), {name: space[name] for name in trial.params}) for row, trial in chosen]
 
 
 def objective_importances(experiment: Experiment) -> list[Importance]:
@@ -543,6 +614,7 @@ class ExperimentAnalysis:
             "trials_requested": experiment.trials_requested,
             "counts": self.counts,
             "best": self.best,
+            "untrained_value": experiment.untrained_value,
             "compute": self.compute,
             "sampled_parameters": {name: _describe_distribution(d) for name, d in experiment.distributions.items()},
             "importances": [importance.to_dict() for importance in self.importances],
@@ -563,6 +635,12 @@ def _describe_distribution(distribution) -> dict[str, Any]:
             value = getattr(distribution, key)
             info[key] = list(value) if isinstance(value, tuple) else value
     return info
+
+
+def _describe_range(distribution) -> str:
+    if hasattr(distribution, "choices"):
+        return "{" + ", ".join(map(str, distribution.choices)) + "}"
+    return f"{distribution.low:g}-{distribution.high:g}"
 
 
 def _json_float(value: Any) -> float | None:
@@ -607,6 +685,13 @@ def final_metric(experiment: Experiment, metric: str) -> pd.Series:
     return values
 
 
+def final_rank(experiment: Experiment) -> pd.Series:
+    """Per trial, the final effective rank: the trial's own record of it (the last epoch's RankMe),
+    else the last one it reported."""
+    frame = experiment.trials
+    return frame["rankme"].where(frame["rankme"].notna(), final_metric(experiment, RANK_METRIC))
+
+
 def analyse(experiment: Experiment) -> ExperimentAnalysis:
     """The numbers of the report for one experiment."""
     frame = experiment.trials
@@ -649,8 +734,7 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
     importances = objective_importances(experiment) + collapse_importances(experiment)
 
     label_free = label_free_metric = None
-    # The trial's own final RankMe (the trainer's last epoch), else its last reported one.
-    rank = frame["rankme"].where(frame["rankme"].notna(), final_metric(experiment, RANK_METRIC))
+    rank = final_rank(experiment)
     for labelled in ("probe_map", "probe_auc"):
         if labelled in frame and frame[labelled].notna().any():
             label_free_metric = labelled
@@ -696,8 +780,14 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
         "median_collapse_epoch": _json_float(collapsed["collapse_epoch"].median()) if len(collapsed) else None,
         "median_collapse_step": _json_float(collapsed["collapse_step"].median()) if len(collapsed) else None,
         "median_stop_epoch": _json_float(collapsed["stop_epoch"].median()) if len(collapsed) else None,
-        "by_type": {str(kind): int(count) for kind, count in collapsed["collapse_type"].fillna("unknown").value_counts().items()},
+        "by_type": {str(kind): int(count)
+                    for kind, count in collapsed["collapse_type"].fillna("unknown").value_counts().items()},
     }
+    if experiment.outside:
+        ranges = ", ".join(f"{name} spans {_describe_range(d)} (space {_describe_range(experiment.distributions[name])})"
+                           for name, d in experiment.outside.items())
+        notes.append(f"enqueued points lie outside the search space: {ranges}; importances use a range widened to the "
+                     "trials they are computed on")
     if not experiment.trajectories:
         notes.append("no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
     return ExperimentAnalysis(
@@ -726,7 +816,7 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
         for column in ("probe_map", "probe_auc", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
                        "epochs_run", "seconds", "error"):
             table[column] = frame[column] if column in frame else np.nan
-        table["final_rankme"] = final_metric(experiment, RANK_METRIC)
+        table["final_rankme"] = final_rank(experiment)
         table["final_occupancy"] = final_metric(experiment, OCCUPANCY_METRIC)
         for column in sorted(c for c in frame.columns if c.startswith("param_")):
             table[column] = frame[column]
@@ -811,8 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each method under --storage-dir)")
     parser.add_argument("--storage-dir", default="runs", help="where searches live, for the default RUN_DIRs and the "
                         "default --out (default: runs)")
-    parser.add_argument("--out", help=f"the HTML report to write (default: <storage-dir>/{DEFAULT_REPORT.as_posix()}); "
-                        "<stem>.json and <stem>-trials.csv go next to it")
+    parser.add_argument("--out", help=f"the HTML report to write (default: {DEFAULT_REPORT.as_posix()} in the folder "
+                        "holding the first RUN_DIR, or in --storage-dir); <stem>.json and <stem>-trials.csv go next to it")
     parser.add_argument("--format", choices=("html", "png"), action="append", dest="formats",
                         help="html (always written), png: also every figure as an image in <stem>-figures/ (needs "
                         "kaleido and Chrome/Chromium); repeatable")
@@ -840,7 +930,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [e.folder for e in experiments]
         if len(set(names)) < len(names):
             raise ReportError("the same experiment folder was given twice")
-        out = Path(args.out).expanduser() if args.out else Path(args.storage_dir).expanduser() / DEFAULT_REPORT
+        if args.out:
+            out = Path(args.out).expanduser()
+        elif args.experiments:  # next to the experiments given, as it would be next to runs/'s
+            out = experiments[0].folder.parent / DEFAULT_REPORT
+        else:
+            out = Path(args.storage_dir).expanduser() / DEFAULT_REPORT
         if out.exists() and out.is_dir():
             raise ReportError(f"--out {out}: is a folder; give the HTML file to write, e.g. {out / 'sensitivity.html'}")
         analyses = [analyse(experiment) for experiment in experiments]

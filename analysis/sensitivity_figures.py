@@ -1,0 +1,1057 @@
+"""The figures and the HTML page of the sensitivity report (:mod:`analysis.sensitivity`).
+
+Sections, per experiment (ids ``<experiment>-<section>``):
+
+- ``summary``: trials by outcome (collapsed ones by type), the best trial, compute spent and saved;
+- ``importance``: PED-ANOVA and fANOVA importances for the objective and for collapse;
+- ``parameters``: per sampled parameter, the objective against its value, the trials without a
+  score, and the collapse rate across its range;
+- ``maps``: two-parameter maps of the most important pairs, with the estimated collapse boundary;
+- ``dynamics``: effective-rank (and cluster-occupancy) trajectories per trial, time to collapse;
+- ``label-free``: final effective rank against the probe score, Spearman's rho with its interval;
+- ``parallel``: parallel coordinates of every trial;
+- ``history``: the optimisation history;
+- ``trials``: a table of every trial;
+
+and, with several experiments, ``comparison`` first. Every figure has a title, axis titles with
+units and a one-line reading aid under it. Only SVG-rendered trace types are used, except the
+parallel coordinates (WebGL, as plotly draws them).
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from analysis.sensitivity import Experiment, ExperimentAnalysis
+
+__all__ = ["ReportFigure", "build_page", "export_pngs", "group_colour", "parameter_label"]
+
+TEMPLATE = "plotly_white"
+# Outcome colours: complete in blue; the collapse types in warm colours; the rest in neutrals.
+_GROUP_COLOURS = {
+    "complete": "#1f77b4",
+    "collapsed: complete": "#d62728",
+    "collapsed: dimensional": "#ff7f0e",
+    "collapsed: cluster": "#9467bd",
+    "collapsed: unknown": "#e377c2",
+    "diverged": "#3b3b3b",
+    "failed": "#9e9e9e",
+    "stopped": "#17becf",
+    "running": "#bcbd22",
+}
+_GROUP_SYMBOLS = {"complete": "circle", "diverged": "diamond", "failed": "square-open", "stopped": "triangle-up",
+                  "running": "circle-open"}
+_PARAMETER_LABELS = {
+    "inv_weight": "invariance weight (loss coefficient)",
+    "var_weight": "variance weight (loss coefficient)",
+    "cov_weight": "covariance weight (loss coefficient)",
+    "learning_rate": "learning rate (AdamW, per step)",
+    "weight_decay": "weight decay (AdamW coefficient)",
+    "num_prototypes": "cluster count K (prototypes)",
+    "student_temperature": "student temperature (softmax)",
+    "teacher_temperature": "teacher temperature (softmax)",
+    "teacher_warmup_epochs": "teacher temperature warm-up (epochs)",
+    "one_minus_center_momentum": "1 - centre momentum (per step)",
+    "one_minus_ema_rate": "1 - teacher EMA rate (per step)",
+    "temperature": "temperature (softmax)",
+    "lambd": "off-diagonal weight lambda (loss coefficient)",
+    "base_ema_rate": "teacher EMA rate (per step)",
+    "batch_size": "batch size (segments)",
+}
+_KERNEL_BANDWIDTH = 0.15  # of the normalised (log) range, for the collapse-probability map
+_MAP_GRID = 48
+# Embedded in the page before plotly: errors and console errors land in <pre id="js-errors">, so a
+# headless browser's DOM dump (and a reader) can see them.
+_ERROR_HOOK = """<script>
+(function () {
+  function record(text) {
+    var box = document.getElementById("js-errors");
+    if (box) { box.textContent += text + "\\n"; box.style.display = "block"; }
+    else { (window.__pendingErrors = window.__pendingErrors || []).push(text); }
+  }
+  window.addEventListener("error", function (event) { record("error: " + event.message); });
+  window.addEventListener("unhandledrejection", function (event) { record("unhandled rejection: " + event.reason); });
+  var original = console.error;
+  console.error = function () {
+    record("console.error: " + Array.prototype.join.call(arguments, " "));
+    original.apply(console, arguments);
+  };
+  document.addEventListener("DOMContentLoaded", function () { (window.__pendingErrors || []).forEach(record); });
+})();
+</script>"""
+_STYLE = """<style>
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em} h3{margin-top:1.2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}
+th{background:#f6f6f6} td.text,th.text{text-align:left}
+figure{margin:1em 0 2em 0} figcaption{font-size:.9em;color:#444;margin-top:.3em}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.6em 0}
+.muted{color:#666} nav ul{columns:2} #js-errors{display:none;color:#b00020;background:#fde;padding:.5em}
+details>summary{cursor:pointer;font-weight:600}
+</style>"""
+
+
+@dataclass
+class ReportFigure:
+    """A figure of the report with its reading aid."""
+
+    key: str
+    experiment: str | None
+    title: str
+    caption: str
+    figure: go.Figure
+
+
+def group_colour(group: str) -> str:
+    return _GROUP_COLOURS.get(group, _GROUP_COLOURS["collapsed: unknown"] if group.startswith("collapsed") else "#8c564b")
+
+
+def _group_symbol(group: str) -> str:
+    return "x" if group.startswith("collapsed") else _GROUP_SYMBOLS.get(group, "circle")
+
+
+def _is_log(distribution) -> bool:
+    return bool(getattr(distribution, "log", False))
+
+
+def _is_categorical(distribution) -> bool:
+    return hasattr(distribution, "choices")
+
+
+def parameter_label(name: str, distribution=None) -> str:
+    """Axis title of a parameter: what it is, its unit, and its scale."""
+    label = _PARAMETER_LABELS.get(name, f"{name} (unitless)")
+    if distribution is not None and _is_log(distribution):
+        label += ", log scale"
+    return label
+
+
+def _layout(figure: go.Figure, title: str, height: int = 420, **extra: Any) -> go.Figure:
+    extra.setdefault("margin", {"l": 70, "r": 30, "t": 60, "b": 60})
+    figure.update_layout(title={"text": title, "x": 0.01, "xanchor": "left"}, template=TEMPLATE, height=height, **extra)
+    return figure
+
+
+def _hover(frame: pd.DataFrame, experiment: Experiment) -> list[str]:
+    """Hover text of each trial: number, outcome, score and sampled parameters."""
+    texts = []
+    for _, row in frame.iterrows():
+        parts = [f"trial #{int(row['trial'])}: {row['group']}"]
+        if pd.notna(row.get("objective")):
+            parts.append(f"{experiment.objective} {row['objective']:.4f}")
+        if row["outcome"] in ("collapsed", "diverged") and pd.notna(row.get("collapse_epoch")):
+            parts.append(f"collapse from epoch {int(row['collapse_epoch'])}")
+        for name in experiment.distributions:
+            value = row.get(f"param_{name}")
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                parts.append(f"{name} = {value:.4g}" if isinstance(value, (int, float)) else f"{name} = {value}")
+        texts.append("<br>".join(parts))
+    return texts
+
+
+def _groups_present(frame: pd.DataFrame) -> list[str]:
+    order = list(_GROUP_COLOURS)
+    return sorted(set(frame["group"]), key=lambda g: (order.index(g) if g in order else len(order), g))
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def outcome_figure(analysis: ExperimentAnalysis) -> ReportFigure:
+    experiment = analysis.experiment
+    counts = analysis.counts
+    compute = analysis.compute
+    figure = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.18,
+                           subplot_titles=("trials by outcome", "compute: trial-epochs run and saved"))
+    groups = list(counts)
+    figure.add_trace(go.Bar(
+        y=groups, x=[counts[g] for g in groups], orientation="h", marker_color=[group_colour(g) for g in groups],
+        text=[str(counts[g]) for g in groups], textposition="auto", showlegend=False,
+        hovertemplate="%{y}: %{x} trials<extra></extra>",
+    ), row=1, col=1)
+    frame = experiment.trials
+    outcomes = [o for o in ("complete", "collapsed", "diverged", "stopped", "failed", "running")
+                if (frame["outcome"] == o).any()]
+    run = [float(frame.loc[frame["outcome"] == o, "epochs_run"].fillna(0).sum()) for o in outcomes]
+    saved = [float(compute["epochs_saved"].get(o, 0.0)) for o in outcomes]
+    figure.add_trace(go.Bar(y=outcomes, x=run, orientation="h", name="run", marker_color="#1f77b4",
+                            hovertemplate="%{y}: %{x:.1f} trial-epochs run<extra></extra>"), row=1, col=2)
+    figure.add_trace(go.Bar(y=outcomes, x=saved, orientation="h", name="saved by early stopping",
+                            marker_color="#2ca02c", hovertemplate="%{y}: %{x:.1f} trial-epochs saved<extra></extra>"),
+                     row=1, col=2)
+    figure.update_layout(barmode="stack")
+    figure.update_xaxes(title_text="trials (count)", row=1, col=1)
+    figure.update_xaxes(title_text=f"trial-epochs (epochs of {experiment.settings.get('steps_per_epoch', '?')} steps)",
+                        row=1, col=2)
+    figure.update_yaxes(title_text="outcome", autorange="reversed", row=1, col=1)
+    figure.update_yaxes(title_text="outcome", autorange="reversed", row=1, col=2)
+    title = f"{experiment.name}: outcomes of {len(frame)} trials and the compute they used"
+    _layout(figure, title, height=max(300, 60 + 36 * max(len(groups), len(outcomes))),
+            legend={"orientation": "h", "y": -0.25})
+    saved_total = compute["epochs_saved_total"]
+    caption = (f"Left: how the trials ended (collapsed ones by type). Right: the trial-epochs each outcome ran, and "
+               f"in green the {saved_total:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %) that stopping "
+               "collapsed and diverged trials early did not spend.")
+    return ReportFigure(f"{experiment.name}-outcomes", experiment.name, title, caption, figure)
+
+
+def summary_html(analysis: ExperimentAnalysis) -> str:
+    experiment = analysis.experiment
+    settings = experiment.settings
+    rows = [
+        ("method", experiment.method),
+        ("folder", str(experiment.folder)),
+        ("objective (maximised)", experiment.objective_label),
+        ("trials", f"{len(experiment.trials)} of {experiment.trials_requested} requested"
+         + (" (still running or interrupted)" if experiment.running else "")),
+        ("per trial", f"up to {experiment.max_epochs} epochs x {settings.get('steps_per_epoch', '?')} steps, batch "
+         f"{settings.get('batch_size', '?')}, preset {settings.get('preset', '?')}, data {settings.get('data', '?')}"),
+        ("collapse stopping", (f"after {settings.get('patience_epochs')} collapsed epoch(s) past a grace of "
+                               f"{settings.get('grace_epochs')}") if settings.get("collapse_stop", True) else "off"),
+    ]
+    counts = ", ".join(f"{count} {name}" for name, count in analysis.counts.items())
+    rows.append(("outcomes", counts))
+    rate = analysis.collapse_rate
+    if rate["rate"] is not None:
+        rows.append(("collapse rate", f"{100 * rate['rate']:.0f} % of {rate['finished']} finished trials collapsed or "
+                                      f"diverged (95 % Wilson interval {100 * rate['low']:.0f}-{100 * rate['high']:.0f} %)"))
+    best = analysis.best
+    if best:
+        params = ", ".join(f"{k} = {_format_value(v)}" for k, v in best["params"].items())
+        rows.append(("best trial", f"#{best['trial']}: {experiment.objective} {best['value']:.4f}"))
+        rows.append(("best parameters", params))
+        if best["derived_params"]:
+            rows.append(("derived (as trained)", ", ".join(f"{k} = {_format_value(v)}"
+                                                           for k, v in best["derived_params"].items())))
+        sensitivity = analysis.sensitivity
+        if sensitivity.get("best_low") is not None:
+            rows.append(("best score, interval", f"{sensitivity['best_low']:.4f}-{sensitivity['best_high']:.4f} "
+                                                 f"({sensitivity['best_interval']})"))
+    else:
+        rows.append(("best trial", "no trial completed: there is no score to report"))
+    untrained = experiment.untrained_value
+    if untrained is not None:
+        verdict = ""
+        if best:
+            verdict = (" (the best trial clears it by {:.4f})".format(best["value"] - untrained) if best["value"] > untrained
+                       else " - no trial beat it: the runs are too short or the settings do not help the probe yet")
+        rows.append(("untrained backbone", f"{experiment.objective} {untrained:.4f}{verdict}"))
+    compute = analysis.compute
+    saved = ", ".join(f"{v:.1f} by {k}" for k, v in compute["epochs_saved"].items() if v) or "none"
+    spent = (f"{compute['trial_epochs_run']:.1f} trial-epochs of {compute['trial_epochs_of_started_trials']} "
+             "for the trials started")
+    if compute["trial_seconds"]:
+        spent += f", {compute['trial_seconds'] / 60:.1f} trial-minutes"
+    rows.append(("compute spent", spent))
+    saved_text = f"{compute['epochs_saved_total']:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %): {saved}"
+    if compute["seconds_saved_estimate"]:
+        saved_text += f"; about {compute['seconds_saved_estimate'] / 60:.1f} trial-minutes at the complete trials' median pace"
+    rows.append(("saved by early stopping", saved_text))
+    table = "".join(f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(str(v))}</td></tr>"
+                    for k, v in rows)
+    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in analysis.notes)
+    return f"{notes}<table>{table}</table>"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Importances
+
+
+def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
+    from analysis.sensitivity import EVALUATORS
+
+    experiment = analysis.experiment
+    targets = ("objective", "collapse")
+    if not any(i.values for i in analysis.importances):
+        return None
+    names = analysis.ranked_parameters()
+    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=(
+        f"for the objective ({experiment.objective})", "for collapse (collapsed or diverged vs not)"))
+    colours = {"PED-ANOVA": "#1f77b4", "fANOVA": "#ff7f0e"}
+    shown: set[str] = set()
+    for column, target in enumerate(targets, start=1):
+        for evaluator in EVALUATORS:
+            importance = analysis.importance(target, evaluator)
+            if importance is None or importance.values is None:
+                continue
+            figure.add_trace(go.Bar(
+                y=names, x=[importance.values.get(n, 0.0) for n in names], orientation="h", name=evaluator,
+                legendgroup=evaluator, showlegend=evaluator not in shown,
+                marker_color=colours[evaluator],
+                hovertemplate=f"{evaluator}, {target}<br>%{{y}}: %{{x:.3f}}<extra></extra>",
+            ), row=1, col=column)
+            shown.add(evaluator)
+        figure.update_xaxes(title_text="importance (share of the total, 0-1)", range=[0, 1], row=1, col=column)
+    figure.update_yaxes(autorange="reversed", title_text="sampled parameter", row=1, col=1)
+    figure.update_yaxes(autorange="reversed", title_text="sampled parameter", row=1, col=2)
+    title = f"{experiment.name}: which parameters decide the score, and which decide collapse"
+    _layout(figure, title, height=max(320, 120 + 40 * len(names)), barmode="group",
+            legend={"orientation": "h", "y": -0.2})
+    caption = ("Longer bar = the parameter explains more of the target (each method's bars sum to 1). Left: the score "
+               "among complete trials. Right: collapsed-or-not over all finished trials, so collapsed trials count.")
+    return ReportFigure(f"{experiment.name}-importance", experiment.name, title, caption, figure)
+
+
+def importance_html(analysis: ExperimentAnalysis) -> str:
+    """The importances as a table and the notes on methods (or why there are none)."""
+    from analysis.sensitivity import EVALUATORS
+
+    lines = []
+    for target in ("objective", "collapse"):
+        for evaluator in EVALUATORS:
+            importance = analysis.importance(target, evaluator)
+            if importance is None:
+                continue
+            if importance.values is None:
+                lines.append(f"<li>{target}, {evaluator}: <b>not computed</b>: {html.escape(importance.note)}</li>")
+            else:
+                ranked = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in importance.values.items())
+                detail = f" ({html.escape(importance.note)})" if importance.note else ""
+                lines.append(f"<li>{target}, {evaluator} on {importance.trials} trials{detail}: {ranked}</li>")
+    methods = ("<p class='muted'>Methods: PED-ANOVA (Optuna's PedAnovaImportanceEvaluator: how differently the best "
+               "trials are distributed from all trials, per parameter) and fANOVA (FanovaImportanceEvaluator, seed 0: "
+               "the share of the target's variance a random forest attributes to each parameter). Importances are "
+               "computed on the sampled parameters, on the scale they were sampled (log for log-scale parameters), and "
+               "normalised to sum to 1. For collapse, an in-memory copy of the study holds every finished trial as "
+               "complete with value 1 (collapsed or diverged) or 0.</p>")
+    return f"<ul>{''.join(lines)}</ul>{methods}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per parameter
+
+
+def _bin_edges(values: np.ndarray, distribution, bins: int) -> np.ndarray:
+    """Equal-width bins over the search range on its sampling scale, plus one bin on each side for
+    values outside it (enqueued points)."""
+    low, high = float(distribution.low), float(distribution.high)
+    if _is_log(distribution) and low > 0:
+        edges = np.logspace(math.log10(low), math.log10(high), bins + 1)
+    else:
+        edges = np.linspace(low, high, bins + 1)
+    if np.nanmin(values) < low:
+        edges = np.concatenate([[np.nanmin(values)], edges])
+    if np.nanmax(values) > high:
+        edges = np.concatenate([edges, [np.nanmax(values)]])
+    return edges
+
+
+def collapse_rate_bins(values: Sequence[Any], collapsed: Sequence[bool], distribution) -> pd.DataFrame:
+    """Collapse rate per bin of a parameter's range (equal width on its sampling scale; one bin per
+    choice for a categorical one), with counts and a 95 % Wilson interval."""
+    from analysis.sensitivity import wilson_interval
+
+    collapsed = np.asarray(collapsed, dtype=bool)
+    rows = []
+    if _is_categorical(distribution):
+        values = np.asarray(values, dtype=object)
+        for choice in distribution.choices:
+            mask = values == choice
+            rows.append({"centre": choice, "low": choice, "high": choice, "n": int(mask.sum()),
+                         "collapsed": int(collapsed[mask].sum())})
+    else:
+        values = np.asarray(values, dtype=float)
+        count = len(values)
+        edges = _bin_edges(values, distribution, int(min(8, max(2, count // 6))))
+        bins = len(edges) - 1
+        index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+        for number in range(bins):
+            mask = index == number
+            low, high = edges[number], edges[number + 1]
+            centre = math.sqrt(low * high) if _is_log(distribution) and low > 0 else (low + high) / 2
+            rows.append({"centre": centre, "low": low, "high": high, "n": int(mask.sum()),
+                         "collapsed": int(collapsed[mask].sum())})
+    frame = pd.DataFrame(rows)
+    frame["rate"] = np.where(frame["n"] > 0, frame["collapsed"] / frame["n"].clip(lower=1), np.nan)
+    intervals = [wilson_interval(c, n) for c, n in zip(frame["collapsed"], frame["n"])]
+    frame["rate_low"] = [i[0] for i in intervals]
+    frame["rate_high"] = [i[1] for i in intervals]
+    return frame
+
+
+def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
+    from analysis.sensitivity import COLLAPSE_OUTCOMES, FINISHED_OUTCOMES
+
+    experiment = analysis.experiment
+    distribution = experiment.distributions[name]
+    frame = experiment.trials
+    column = f"param_{name}"
+    frame = frame[frame[column].notna()] if column in frame else frame.iloc[0:0]
+    figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.55, 0.2, 0.25])
+    scored = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
+    if len(scored):
+        figure.add_trace(go.Scatter(
+            x=scored[column], y=scored["objective"], mode="markers", name="complete",
+            marker={"color": group_colour("complete"), "size": 9, "line": {"width": 0.5, "color": "white"}},
+            text=_hover(scored, experiment), hoverinfo="text", legendgroup="complete",
+        ), row=1, col=1)
+    if analysis.best:
+        best = frame[frame["trial"] == analysis.best["trial"]]
+        figure.add_trace(go.Scatter(x=best[column], y=best["objective"], mode="markers", name="best trial",
+                                    marker={"symbol": "star", "size": 16, "color": "gold",
+                                            "line": {"width": 1, "color": "black"}},
+                                    hoverinfo="skip"), row=1, col=1)
+    unscored = frame[~frame.index.isin(scored.index)]
+    for group in _groups_present(unscored):
+        rows = unscored[unscored["group"] == group]
+        figure.add_trace(go.Scatter(
+            x=rows[column], y=[group] * len(rows), mode="markers", name=group, legendgroup=group,
+            marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 10,
+                    "line": {"width": 2, "color": group_colour(group)}},
+            text=_hover(rows, experiment), hoverinfo="text",
+        ), row=2, col=1)
+    finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
+    if len(finished):
+        bins = collapse_rate_bins(finished[column].to_numpy(), finished["outcome"].isin(COLLAPSE_OUTCOMES).to_numpy(),
+                                  distribution)
+        bins = bins[bins["n"] > 0]
+        categorical = _is_categorical(distribution)
+        figure.add_trace(go.Scatter(
+            x=bins["centre"], y=bins["rate"], mode="markers+lines", name="collapse rate per bin",
+            line={"color": "#d62728", "dash": "dot"}, marker={"color": "#d62728", "size": 9},
+            error_y={"type": "data", "symmetric": False, "array": bins["rate_high"] - bins["rate"],
+                     "arrayminus": bins["rate"] - bins["rate_low"], "color": "#d62728", "thickness": 1},
+            error_x=None if categorical else {"type": "data", "symmetric": False, "array": bins["high"] - bins["centre"],
+                                              "arrayminus": bins["centre"] - bins["low"], "color": "#e8a0a0",
+                                              "thickness": 1, "width": 0},
+            customdata=np.stack([bins["collapsed"], bins["n"]], axis=1),
+            hovertemplate="%{customdata[0]} of %{customdata[1]} finished trials collapsed or diverged<extra></extra>",
+        ), row=3, col=1)
+    axis_type = "log" if _is_log(distribution) else ("category" if _is_categorical(distribution) else "linear")
+    for row in (1, 2, 3):
+        figure.update_xaxes(type=axis_type, row=row, col=1)
+    if not _is_categorical(distribution) and len(frame):
+        # The whole searched range, so that where the trials fell within it shows.
+        values = pd.to_numeric(frame[column], errors="coerce")
+        low, high = min(float(distribution.low), values.min()), max(float(distribution.high), values.max())
+        if axis_type == "log" and low > 0:
+            pad = 0.03 * (math.log10(high) - math.log10(low))
+            figure.update_xaxes(range=[math.log10(low) - pad, math.log10(high) + pad])
+        else:
+            pad = 0.03 * (high - low)
+            figure.update_xaxes(range=[low - pad, high + pad])
+    figure.update_xaxes(title_text=parameter_label(name, distribution), row=3, col=1)
+    figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
+    figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
+    figure.update_yaxes(title_text="collapse rate (0-1)", range=[-0.05, 1.05], row=3, col=1)
+    title = f"{experiment.name}: {name} against the score and against collapse"
+    _layout(figure, title, height=620, legend={"orientation": "h", "y": -0.15})
+    caption = (f"Top: the score of each complete trial at its {name} (star: the best). Middle: trials without a score "
+               f"(collapsed by type, diverged, failed). Bottom: share of finished trials that collapsed or diverged per "
+               f"bin of {name}, with 95 % Wilson intervals; a rising red line marks the side of the range to avoid.")
+    return ReportFigure(f"{experiment.name}-param-{name}", experiment.name, title, caption, figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-parameter maps
+
+
+def map_pairs(analysis: ExperimentAnalysis, limit: int = 3) -> list[tuple[str, str]]:
+    """The method's preferred pair (e.g. VICReg variance vs covariance weight) first, then the
+    pairs of the most important numerical parameters."""
+    from analysis.sensitivity import PREFERRED_PAIRS
+
+    experiment = analysis.experiment
+    numeric = [n for n in analysis.ranked_parameters() if not _is_categorical(experiment.distributions[n])]
+    pairs: list[tuple[str, str]] = []
+    preferred = PREFERRED_PAIRS.get(experiment.method)
+    if preferred and all(n in numeric for n in preferred):
+        pairs.append(preferred)
+    top = numeric[:3]
+    for i, first in enumerate(top):
+        for second in top[i + 1:]:
+            if (first, second) not in pairs and (second, first) not in pairs:
+                pairs.append((first, second))
+    return pairs[:limit]
+
+
+def _normalised(values: np.ndarray, distribution) -> np.ndarray:
+    low, high = float(distribution.low), float(distribution.high)
+    values = np.asarray(values, dtype=float)
+    if _is_log(distribution) and low > 0:
+        values, low, high = np.log10(np.clip(values, 1e-300, None)), math.log10(low), math.log10(high)
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def _denormalised(grid: np.ndarray, distribution) -> np.ndarray:
+    low, high = float(distribution.low), float(distribution.high)
+    if _is_log(distribution) and low > 0:
+        return 10 ** (math.log10(low) + grid * (math.log10(high) - math.log10(low)))
+    return low + grid * (high - low)
+
+
+def collapse_probability_grid(x: np.ndarray, y: np.ndarray, collapsed: np.ndarray, x_distribution, y_distribution,
+                              bandwidth: float = _KERNEL_BANDWIDTH, size: int = _MAP_GRID):
+    """Kernel-smoothed (Nadaraya-Watson, Gaussian) collapse probability over a grid of two
+    parameters on their sampling scales; NaN where less than half a trial's weight is near, so the
+    map does not extrapolate into unexplored corners. Returns (grid x, grid y, probability[y, x])."""
+    u, v = _normalised(x, x_distribution), _normalised(y, y_distribution)
+    grid = np.linspace(0.0, 1.0, size)
+    gu, gv = np.meshgrid(grid, grid)
+    distance = (gu[..., None] - u) ** 2 + (gv[..., None] - v) ** 2
+    weights = np.exp(-distance / (2 * bandwidth**2))
+    total = weights.sum(axis=-1)
+    probability = (weights * np.asarray(collapsed, dtype=float)).sum(axis=-1) / np.where(total > 0, total, 1)
+    probability[total < 0.5] = np.nan
+    return _denormalised(grid, x_distribution), _denormalised(grid, y_distribution), probability
+
+
+def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFigure:
+    from analysis.sensitivity import COLLAPSE_OUTCOMES, FINISHED_OUTCOMES
+
+    experiment = analysis.experiment
+    x_name, y_name = pair
+    x_distribution, y_distribution = experiment.distributions[x_name], experiment.distributions[y_name]
+    frame = experiment.trials
+    frame = frame[frame[f"param_{x_name}"].notna() & frame[f"param_{y_name}"].notna()]
+    finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
+    collapsed = finished["outcome"].isin(COLLAPSE_OUTCOMES).to_numpy()
+    figure = go.Figure()
+    boundary = "no finished trial collapsed, so there is no collapse boundary to draw"
+    if len(finished) >= 3 and 0 < collapsed.sum():
+        gx, gy, probability = collapse_probability_grid(
+            finished[f"param_{x_name}"].to_numpy(float), finished[f"param_{y_name}"].to_numpy(float), collapsed,
+            x_distribution, y_distribution)
+        figure.add_trace(go.Contour(
+            x=gx, y=gy, z=probability, zmin=0, zmax=1, name="collapse probability", opacity=0.45,
+            colorscale=[[0, "#e8f5e9"], [0.5, "#fff3cd"], [1, "#f8b4b4"]], contours={"start": 0, "end": 1, "size": 0.1},
+            line={"width": 0}, connectgaps=False, hovertemplate="estimated collapse probability %{z:.2f}<extra></extra>",
+            colorbar={"title": {"text": "collapse<br>probability (0-1)"}, "x": 1.02, "len": 0.45, "y": 0.25},
+        ))
+        if np.nanmax(probability) >= 0.5 and np.nanmin(probability) <= 0.5:
+            figure.add_trace(go.Contour(
+                x=gx, y=gy, z=probability, name="collapse boundary (p = 0.5)", showscale=False, showlegend=True,
+                contours={"start": 0.5, "end": 0.5, "size": 1, "coloring": "lines", "showlabels": False},
+                colorscale=[[0, "#b00020"], [1, "#b00020"]], line={"width": 3, "dash": "dash"}, hoverinfo="skip",
+            ))
+            boundary = "the dashed red line is where the estimated collapse probability crosses one half"
+        else:
+            boundary = "the estimated collapse probability never crosses one half here, so no boundary line is drawn"
+    scored = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
+    if len(scored):
+        figure.add_trace(go.Scatter(
+            x=scored[f"param_{x_name}"], y=scored[f"param_{y_name}"], mode="markers", name="complete (colour: score)",
+            marker={"color": scored["objective"], "colorscale": "Viridis", "size": 11, "line": {"width": 1, "color": "black"},
+                    "colorbar": {"title": {"text": experiment.objective.replace("_", " ") + "<br>(score)"},
+                                 "x": 1.02, "len": 0.45, "y": 0.78}},
+            text=_hover(scored, experiment), hoverinfo="text",
+        ))
+    others = frame[~frame.index.isin(scored.index)]
+    for group in _groups_present(others):
+        rows = others[others["group"] == group]
+        figure.add_trace(go.Scatter(
+            x=rows[f"param_{x_name}"], y=rows[f"param_{y_name}"], mode="markers", name=group,
+            marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 11,
+                    "line": {"width": 2, "color": group_colour(group)}},
+            text=_hover(rows, experiment), hoverinfo="text",
+        ))
+    figure.update_xaxes(title_text=parameter_label(x_name, x_distribution), type="log" if _is_log(x_distribution) else "linear")
+    figure.update_yaxes(title_text=parameter_label(y_name, y_distribution), type="log" if _is_log(y_distribution) else "linear")
+    title = f"{experiment.name}: {y_name} against {x_name}, score and collapse"
+    _layout(figure, title, height=560, legend={"orientation": "h", "y": -0.18})
+    caption = (f"Each trial at its ({x_name}, {y_name}): circles coloured by score, crosses collapsed, diamonds diverged; "
+               f"the shading is the kernel-smoothed collapse probability and {boundary}. Pick settings inside the "
+               "green region near the brightest circles.")
+    return ReportFigure(f"{experiment.name}-map-{x_name}-{y_name}", experiment.name, title, caption, figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collapse dynamics
+
+
+def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
+    from analysis.sensitivity import OCCUPANCY_METRIC, RANK_METRIC
+
+    experiment = analysis.experiment
+    trajectories = experiment.trajectories
+    if not trajectories:
+        return None
+    metrics = [(RANK_METRIC, "effective rank<br>(RankMe, dimensions, log)")]
+    if any(OCCUPANCY_METRIC in t and t[OCCUPANCY_METRIC].notna().any() for t in trajectories.values()):
+        metrics.append((OCCUPANCY_METRIC, "cluster occupancy<br>(share of prototypes used, 0-1)"))
+    figure = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    frame = experiment.trials.set_index("trial")
+    shown: set[str] = set()
+    for number in sorted(trajectories):
+        trajectory = trajectories[number]
+        group = frame.loc[number, "group"] if number in frame.index else "running"
+        row_info = frame.loc[number] if number in frame.index else None
+        for row, (metric, _) in enumerate(metrics, start=1):
+            if metric not in trajectory:
+                continue
+            values = pd.to_numeric(trajectory[metric], errors="coerce")
+            figure.add_trace(go.Scatter(
+                x=trajectory["epoch"], y=values, mode="lines+markers", name=group, legendgroup=group,
+                showlegend=group not in shown and row == 1, line={"color": group_colour(group), "width": 1.5},
+                marker={"size": 5}, opacity=0.85,
+                hovertemplate=f"trial #{number} ({group})<br>epoch %{{x}}: %{{y:.3g}}<extra></extra>",
+            ), row=row, col=1)
+            if row == 1:
+                shown.add(group)
+            collapsing = row_info is not None and row_info["outcome"] in ("collapsed", "diverged")
+            if collapsing and pd.notna(row_info["collapse_epoch"]):
+                at = trajectory[trajectory["epoch"] == row_info["collapse_epoch"]]
+                if len(at):
+                    figure.add_trace(go.Scatter(
+                        x=at["epoch"], y=pd.to_numeric(at[metric], errors="coerce"), mode="markers", showlegend=False,
+                        marker={"symbol": "x", "size": 11, "color": group_colour(group)}, legendgroup=group,
+                        hovertemplate=f"trial #{number}: collapse begins, epoch %{{x}}<extra></extra>",
+                    ), row=row, col=1)
+    figure.update_yaxes(type="log", title_text=metrics[0][1], row=1, col=1)
+    if len(metrics) > 1:
+        figure.update_yaxes(title_text=metrics[1][1], range=[0, 1.05], row=2, col=1)
+    figure.update_xaxes(title_text=f"epoch (of {experiment.settings.get('steps_per_epoch', '?')} steps)",
+                        row=len(metrics), col=1, dtick=1)
+    title = f"{experiment.name}: collapse dynamics, one line per trial"
+    _layout(figure, title, height=420 + 320 * (len(metrics) - 1), legend={"orientation": "h", "y": -0.12})
+    what = "effective rank" + (" and prototype occupancy" if len(metrics) > 1 else "")
+    caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended; an x "
+               "marks the epoch where a collapse began. Lines that sink early and stay low are collapses.")
+    return ReportFigure(f"{experiment.name}-dynamics", experiment.name, title, caption, figure)
+
+
+def time_to_collapse_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
+    experiment = analysis.experiment
+    frame = experiment.trials
+    collapsed = frame[frame["outcome"].isin(("collapsed", "diverged")) & frame["collapse_epoch"].notna()]
+    if collapsed.empty:
+        return None
+    figure = go.Figure()
+    epochs = list(range(1, experiment.max_epochs + 1))
+    for group in _groups_present(collapsed):
+        rows = collapsed[collapsed["group"] == group]
+        counts = rows["collapse_epoch"].astype(int).value_counts()
+        figure.add_trace(go.Bar(x=epochs, y=[int(counts.get(e, 0)) for e in epochs], name=group,
+                                marker_color=group_colour(group),
+                                hovertemplate=f"{group}: %{{y}} trials from epoch %{{x}}<extra></extra>"))
+    figure.update_layout(barmode="stack")
+    steps = experiment.settings.get("steps_per_epoch", "?")
+    figure.update_xaxes(title_text=f"epoch where the collapse began (of {steps} steps)", dtick=1)
+    figure.update_yaxes(title_text="trials (count)")
+    median = analysis.time_to_collapse.get("median_collapse_epoch")
+    title = f"{experiment.name}: time to collapse ({len(collapsed)} trials)"
+    _layout(figure, title, height=360, legend={"orientation": "h", "y": -0.25})
+    caption = (f"When each collapsed or diverged trial began to collapse (median epoch {median:g}); collapses that begin "
+               "early cost little compute once stopped, late ones spend most of a run before they are caught."
+               if median is not None else "When each collapsed or diverged trial began to collapse.")
+    return ReportFigure(f"{experiment.name}-time-to-collapse", experiment.name, title, caption, figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Label-free vs labelled
+
+
+def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
+    from analysis.sensitivity import final_rank
+
+    experiment = analysis.experiment
+    if analysis.label_free is None:
+        return None
+    labelled = analysis.label_free_metric
+    frame = experiment.trials.copy()
+    frame["final_rank"] = final_rank(experiment)
+    scored = frame[(frame["outcome"] == "complete") & frame[labelled].notna() & frame["final_rank"].notna()]
+    others = frame[~frame.index.isin(scored.index) & frame["final_rank"].notna()]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22], vertical_spacing=0.05)
+    figure.add_trace(go.Scatter(
+        x=scored["final_rank"], y=scored[labelled], mode="markers", name="complete",
+        marker={"color": group_colour("complete"), "size": 10}, text=_hover(scored, experiment), hoverinfo="text",
+    ), row=1, col=1)
+    for group in _groups_present(others):
+        rows = others[others["group"] == group]
+        figure.add_trace(go.Scatter(
+            x=rows["final_rank"], y=[group] * len(rows), mode="markers", name=group,
+            marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 10,
+                    "line": {"width": 2, "color": group_colour(group)}},
+            text=_hover(rows, experiment), hoverinfo="text",
+        ), row=2, col=1)
+    correlation = analysis.label_free
+    if math.isfinite(correlation.rho):
+        interval = (f", 95 % interval {correlation.low:.2f} to {correlation.high:.2f}" if math.isfinite(correlation.low)
+                    else ", too few trials for an interval")
+        stat = f"Spearman rho = {correlation.rho:.2f}{interval} (n = {correlation.n})"
+    else:
+        stat = f"Spearman rho undefined (n = {correlation.n}: too few trials or a constant variable)"
+    labelled_name = {"probe_map": "probe mAP (macro, valid split; 0-1)",
+                     "probe_auc": "probe ROC-AUC (macro, valid split; 0-1)"}[labelled]
+    figure.update_xaxes(title_text="final effective rank (RankMe of the embedding, dimensions, log scale)", type="log",
+                        row=2, col=1)
+    figure.update_xaxes(type="log", row=1, col=1)
+    figure.update_yaxes(title_text=labelled_name, row=1, col=1)
+    figure.update_yaxes(title_text="no probe", type="category", row=2, col=1)
+    title = f"{experiment.name}: does the label-free rank predict the probe? {stat}"
+    _layout(figure, title, height=520, legend={"orientation": "h", "y": -0.2})
+    caption = ("Each complete trial's final effective rank against its probe score (top); collapsed and diverged trials "
+               "get no probe and sit below. A rho near 1 means the label-free rank can rank settings without labels. "
+               "Interval: Fisher z with the Bonett-Wright standard error.")
+    return ReportFigure(f"{experiment.name}-label-free", experiment.name, title, caption, figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel coordinates and history
+
+
+def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
+    experiment = analysis.experiment
+    frame = experiment.trials
+    names = analysis.ranked_parameters()
+    if not names:
+        return None
+    groups = _groups_present(frame)
+    codes = {group: index for index, group in enumerate(groups)}
+    dimensions = []
+    for name in names:
+        distribution = experiment.distributions[name]
+        column = f"param_{name}"
+        values = frame[column] if column in frame else pd.Series(np.nan, index=frame.index)
+        if _is_categorical(distribution):
+            choices = list(distribution.choices)
+            dimensions.append({"label": name, "values": [choices.index(v) if v in choices else -1 for v in values],
+                               "tickvals": list(range(len(choices))), "ticktext": [str(c) for c in choices]})
+        elif _is_log(distribution):
+            logs = np.log10(pd.to_numeric(values, errors="coerce").clip(lower=1e-300))
+            # The axis spans the searched range (and any enqueued point outside it).
+            low, high = math.log10(distribution.low), math.log10(distribution.high)
+            if logs.notna().any():
+                low, high = min(low, float(logs.min())), max(high, float(logs.max()))
+            ticks = np.arange(math.ceil(low), math.floor(high) + 1)
+            dimensions.append({"label": f"{name} (log)", "values": logs.fillna(low), "range": [low, high],
+                               "tickvals": list(ticks), "ticktext": [f"{10.0 ** t:g}" for t in ticks]})
+        else:
+            numbers = pd.to_numeric(values, errors="coerce")
+            low = min(float(distribution.low), float(numbers.min())) if numbers.notna().any() else float(distribution.low)
+            high = max(float(distribution.high), float(numbers.max())) if numbers.notna().any() else float(distribution.high)
+            dimensions.append({"label": name, "values": numbers.fillna(low), "range": [low, high]})
+    objective = frame["objective"].where(frame["outcome"] == "complete")
+    if objective.notna().any():
+        low, high = float(objective.min()), float(objective.max())
+        floor = low - 0.15 * (high - low if high > low else max(abs(low), 1.0))
+        ticks = list(np.linspace(low, high, 4))
+        dimensions.append({"label": f"{experiment.objective} (score)", "values": objective.fillna(floor),
+                           "tickvals": [floor] + ticks, "ticktext": ["no score"] + [f"{t:.3g}" for t in ticks],
+                           "range": [floor, high]})
+    dimensions.append({"label": "outcome", "values": frame["group"].map(codes), "tickvals": list(codes.values()),
+                       "ticktext": list(codes)})
+    count = max(len(groups), 1)
+    colorscale = []
+    for group, index in codes.items():
+        colorscale += [[index / count, group_colour(group)], [(index + 1) / count, group_colour(group)]]
+    figure = go.Figure(go.Parcoords(
+        dimensions=dimensions,
+        line={"color": frame["group"].map(codes), "colorscale": colorscale, "cmin": 0, "cmax": count,
+              "showscale": False},
+        labelangle=-15, labelside="top",
+    ))
+    title = f"{experiment.name}: parallel coordinates of all {len(frame)} trials"
+    _layout(figure, title, height=520, margin={"l": 90, "r": 110, "t": 150, "b": 40})
+    figure.update_layout(title={"y": 0.97, "yanchor": "top"})
+    caption = ("One line per trial through its parameter values (each axis is labelled with the parameter and its scale), "
+               "its score and its outcome, coloured by outcome. Drag along an axis to keep only the lines in that range.")
+    return ReportFigure(f"{experiment.name}-parallel", experiment.name, title, caption, figure)
+
+
+def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
+    experiment = analysis.experiment
+    frame = experiment.trials
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.05)
+    scored = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
+    if len(scored):
+        figure.add_trace(go.Scatter(x=scored["trial"], y=scored["objective"], mode="markers", name="complete",
+                                    marker={"color": group_colour("complete"), "size": 9},
+                                    text=_hover(scored, experiment), hoverinfo="text"), row=1, col=1)
+        ordered = frame.sort_values("trial")
+        best_so_far = ordered["objective"].where(ordered["outcome"] == "complete").cummax().ffill()
+        figure.add_trace(go.Scatter(x=ordered["trial"], y=best_so_far, mode="lines", name="best so far",
+                                    line={"shape": "hv", "color": "#2ca02c", "width": 2}, connectgaps=False,
+                                    hovertemplate="best after trial #%{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
+    untrained = experiment.untrained_value
+    if untrained is not None and len(frame):
+        figure.add_trace(go.Scatter(
+            x=[frame["trial"].min(), frame["trial"].max()], y=[untrained, untrained], mode="lines",
+            name="untrained backbone", line={"color": "#7f7f7f", "dash": "dash"},
+            hovertemplate=f"untrained backbone: {untrained:.4f}<extra></extra>"), row=1, col=1)
+    others = frame[~frame.index.isin(scored.index)]
+    for group in _groups_present(others):
+        rows = others[others["group"] == group]
+        figure.add_trace(go.Scatter(
+            x=rows["trial"], y=[group] * len(rows), mode="markers", name=group,
+            marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 10,
+                    "line": {"width": 2, "color": group_colour(group)}},
+            text=_hover(rows, experiment), hoverinfo="text"), row=2, col=1)
+    figure.update_xaxes(title_text="trial number (order the sampler proposed them)", row=2, col=1)
+    figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
+    figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
+    title = f"{experiment.name}: optimisation history"
+    _layout(figure, title, height=480, legend={"orientation": "h", "y": -0.2})
+    caption = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an untrained "
+               "backbone, when measured); trials without a score sit below. Collapses that thin out over time mean the "
+               "sampler learned to avoid the collapsing region.")
+    return ReportFigure(f"{experiment.name}-history", experiment.name, title, caption, figure)
+
+
+def trials_html(analysis: ExperimentAnalysis) -> str:
+    """Every trial in a table (rows carry ``data-trial``), collapsed and failed ones included."""
+    from analysis.sensitivity import final_rank
+
+    experiment = analysis.experiment
+    frame = experiment.trials
+    rank = final_rank(experiment)
+    names = list(experiment.distributions)
+    header = ["trial", "outcome", "collapse from epoch", "epochs run", f"{experiment.objective}", "final rank"] + names
+    rows = []
+    for index, row in frame.iterrows():
+        cells = [str(int(row["trial"])), html.escape(str(row["group"])),
+                 "" if pd.isna(row["collapse_epoch"]) else str(int(row["collapse_epoch"])),
+                 "" if pd.isna(row["epochs_run"]) else f"{row['epochs_run']:.2f}",
+                 "" if pd.isna(row["objective"]) else f"{row['objective']:.4f}",
+                 "" if pd.isna(rank.loc[index]) else f"{rank.loc[index]:.2f}"]
+        for name in names:
+            value = row.get(f"param_{name}")
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            cells.append("" if missing else html.escape(_format_value(value)))
+        colour = group_colour(str(row["group"]))
+        cells_html = "".join(f"<td class='text' style='color:{colour}'>{c}</td>" if i == 1 else f"<td>{c}</td>"
+                             for i, c in enumerate(cells))
+        rows.append(f"<tr data-trial='{int(row['trial'])}'>{cells_html}</tr>")
+        if row.get("error"):
+            rows.append(f"<tr><td></td><td class='text muted' colspan='{len(header) - 1}'>"
+                        f"{html.escape(str(row['error']))}</td></tr>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return (f"<details><summary>All {len(frame)} trials</summary><table class='trials'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></details>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison across experiments
+
+
+def _gap(upper: float | None, lower: float | None) -> float:
+    """Length of an error bar arm; 0 where either end is unknown."""
+    return upper - lower if upper is not None and lower is not None else 0.0
+
+
+def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
+    from analysis.sensitivity import comparison_rows
+
+    rows = comparison_rows(analyses)
+    labels = [f"{r['method']}<br>({r['experiment']})" for r in rows]
+    objectives = sorted({r["objective"] for r in rows})
+    figure = make_subplots(rows=1, cols=3, horizontal_spacing=0.09, subplot_titles=(
+        "best score, 95 % bootstrap interval", "collapse rate, 95 % Wilson interval", "scores of complete trials"))
+    best = [r["best"] if r["best"] is not None else np.nan for r in rows]
+    figure.add_trace(go.Scatter(
+        x=labels, y=best, mode="markers", name="best", marker={"size": 12, "color": "#1f77b4", "symbol": "diamond"},
+        error_y={"type": "data", "symmetric": False, "array": [_gap(r["best_high"], r["best"]) for r in rows],
+                 "arrayminus": [_gap(r["best"], r["best_low"]) for r in rows]},
+        hovertemplate="%{x}: best %{y:.4f}<extra></extra>", showlegend=False), row=1, col=1)
+    rate = [r["collapse_rate"] if r["collapse_rate"] is not None else np.nan for r in rows]
+    figure.add_trace(go.Bar(
+        x=labels, y=rate, marker_color="#d62728", showlegend=False,
+        error_y={"type": "data", "symmetric": False,
+                 "array": [_gap(r["collapse_high"], r["collapse_rate"]) for r in rows],
+                 "arrayminus": [_gap(r["collapse_rate"], r["collapse_low"]) for r in rows]},
+        hovertemplate="%{x}: %{y:.0%} collapsed or diverged<extra></extra>"), row=1, col=2)
+    for label, analysis in zip(labels, analyses):
+        frame = analysis.experiment.trials
+        scores = frame.loc[(frame["outcome"] == "complete"), "objective"].dropna()
+        figure.add_trace(go.Box(y=scores, x=[label] * len(scores), name=label, boxpoints="all", jitter=0.4, pointpos=0,
+                                marker={"size": 5}, line={"width": 1}, showlegend=False,
+                                hovertemplate="%{y:.4f}<extra></extra>"), row=1, col=3)
+    objective_title = (OBJECTIVE_TITLE.get(objectives[0], objectives[0]) if len(objectives) == 1
+                       else "score (objectives differ: " + ", ".join(objectives) + ")")
+    figure.update_yaxes(title_text=objective_title, row=1, col=1)
+    figure.update_yaxes(title_text="collapsed or diverged (share of finished trials, 0-1)", range=[0, 1], row=1, col=2)
+    figure.update_yaxes(title_text=objective_title, row=1, col=3)
+    for column in (1, 2, 3):
+        figure.update_xaxes(title_text="method (experiment)", row=1, col=column)
+    title = "Comparison across methods: best score, collapse rate and how much the score depends on the settings"
+    _layout(figure, title, height=480)
+    caption = ("Left: the best score of each search with the range a search of that size would plausibly find. Middle: how "
+               "often its settings collapse. Right: the spread of scores over its complete trials; a tall box means the "
+               "method is sensitive to its hyperparameters and needs tuning.")
+    return ReportFigure("comparison", None, title, caption, figure)
+
+
+OBJECTIVE_TITLE = {"probe_map": "probe mAP (macro, 0-1)", "probe_auc": "probe ROC-AUC (macro, 0-1)",
+                   "rankme": "final effective rank (dimensions)"}
+
+
+def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
+    from analysis.sensitivity import comparison_rows
+
+    rows = comparison_rows(analyses)
+    header = ["method", "experiment", "objective", "trials", "best", "best 95 % interval", "median (complete)", "IQR",
+              "near best", "collapse rate", "decides the score", "decides collapse"]
+
+    def number(value, pattern="{:.4f}"):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
+
+    body = []
+    for r in rows:
+        cells = [r["method"], r["experiment"], r["objective"], str(r["trials"]), number(r["best"]),
+                 f"{number(r['best_low'])}-{number(r['best_high'])}" if r["best_low"] is not None else "",
+                 number(r["median"]), number(r["iqr"]), number(r["near_best_fraction"], "{:.0%}"),
+                 (f"{number(r['collapse_rate'], '{:.0%}')} ({number(r['collapse_low'], '{:.0%}')}-"
+                  f"{number(r['collapse_high'], '{:.0%}')})") if r["collapse_rate"] is not None else "",
+                 r.get("most_important_for_objective") or "", r.get("most_important_for_collapse") or ""]
+        body.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th class='text'>{html.escape(h)}</th>" for h in header)
+    objectives = {r["objective"] for r in rows}
+    warning = ("<p class='note'>These searches optimised different objectives; compare their scores with care.</p>"
+               if len(objectives) > 1 else "")
+    return (f"{warning}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            "<p class='muted'>Best interval: 95 % percentile bootstrap over each search's finished trials (a collapsed "
+            "trial drawn scores nothing). Near best: share of finished trials within 5 % of the best score, high for a "
+            "method that needs little tuning. IQR: interquartile range of the complete trials' scores. The last two "
+            "columns name the parameter with the largest importance (PED-ANOVA, else fANOVA).</p>")
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+
+
+def _figure_html(figure: ReportFigure, include_plotlyjs: bool) -> str:
+    div = pio.to_html(figure.figure, full_html=False, include_plotlyjs=include_plotlyjs, div_id=f"figure-{figure.key}",
+                      config={"displaylogo": False, "responsive": True})
+    return (f"<figure class='plot' data-figure='{html.escape(figure.key)}'>{div}"
+            f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+def experiment_sections(analysis: ExperimentAnalysis) -> list[tuple[str, str, list[ReportFigure | str]]]:
+    """The sections of one experiment: (section id, heading, parts) where a part is a figure or HTML."""
+    experiment = analysis.experiment
+    importance = importance_figure(analysis)
+    parameters = [parameter_figure(analysis, name) for name in analysis.ranked_parameters()]
+    pairs = map_pairs(analysis)
+    maps: list[ReportFigure | str] = [map_figure(analysis, pair) for pair in pairs]
+    if not pairs:
+        maps = ["<p class='note'>Fewer than two numerical sampled parameters: no two-parameter map.</p>"]
+    dynamics = [f for f in (dynamics_figure(analysis), time_to_collapse_figure(analysis)) if f is not None]
+    if not experiment.trajectories:
+        dynamics.insert(0, "<p class='note'>No per-epoch reports were found (Ray Tune's result.json in the trial "
+                           "folders), so there are no trajectories to show.</p>")
+    if time_to_collapse_figure(analysis) is None:
+        dynamics.append("<p class='note'>No trial collapsed or diverged, so there is no time to collapse to show.</p>")
+    label_free = label_free_figure(analysis)
+    if label_free is None:
+        label_free_parts: list[ReportFigure | str] = [
+            "<p class='note'>No probe score in this search (its objective is "
+            f"{html.escape(experiment.objective)}, and probes run only for a probe objective): there is no labelled "
+            "score to compare the label-free rank with.</p>"]
+    else:
+        label_free_parts = [label_free]
+    parallel = parallel_figure(analysis)
+    return [
+        ("summary", "Summary", [summary_html(analysis), outcome_figure(analysis)]),
+        ("importance", "Parameter importance",
+         ([importance] if importance else []) + [importance_html(analysis)]),
+        ("parameters", "Each parameter: score and collapse rate", parameters or
+         ["<p class='note'>No sampled parameters recorded.</p>"]),
+        ("maps", "Two-parameter maps", maps),
+        ("dynamics", "Collapse dynamics", dynamics),
+        ("label-free", "Does the label-free metric predict the labelled one?", label_free_parts),
+        ("parallel", "Parallel coordinates", [parallel] if parallel else ["<p class='note'>No parameters.</p>"]),
+        ("history", "Optimisation history", [history_figure(analysis)]),
+        ("trials", "Every trial", [trials_html(analysis)]),
+    ]
+
+
+def build_page(analyses: Sequence[ExperimentAnalysis]) -> tuple[str, list[ReportFigure]]:
+    """The whole report as one HTML string (plotly.js inlined once) and its figures in page order."""
+    blocks: list[tuple[str, str, str | None, list[ReportFigure | str]]] = []
+    if len(analyses) > 1:
+        blocks.append(("comparison", "Comparison across methods", None,
+                       [comparison_html(analyses), comparison_figure(analyses)]))
+    for analysis in analyses:
+        name = analysis.experiment.name
+        for section, heading, parts in experiment_sections(analysis):
+            blocks.append((f"{_slug(name)}-{section}", heading, name, parts))
+    figures: list[ReportFigure] = []
+    body = []
+    toc = []
+    current = None
+    for section_id, heading, experiment, parts in blocks:
+        if experiment != current and experiment is not None:
+            analysis = next(a for a in analyses if a.experiment.name == experiment)
+            body.append(f"<h2 id='{_slug(experiment)}'>{html.escape(experiment)}: {html.escape(analysis.experiment.method)}, "
+                        f"{len(analysis.experiment.trials)} trials</h2>")
+            toc.append(f"<li><a href='#{_slug(experiment)}'>{html.escape(experiment)} "
+                       f"({html.escape(analysis.experiment.method)})</a></li>")
+            current = experiment
+        elif experiment is None:
+            toc.append(f"<li><a href='#{section_id}'>{html.escape(heading)}</a></li>")
+        level = "h3" if experiment else "h2"
+        section_name = section_id[len(_slug(experiment)) + 1:] if experiment else section_id
+        rendered = []
+        for part in parts:
+            if isinstance(part, ReportFigure):
+                rendered.append(_figure_html(part, include_plotlyjs=not figures))
+                figures.append(part)
+            else:
+                rendered.append(part)
+        owner = "" if experiment is None else f" data-experiment='{html.escape(experiment)}'"
+        body.append(f"<section id='{section_id}' class='report-section' data-section='{section_name}'{owner}>"
+                    f"<{level}>{html.escape(heading)}</{level}>{''.join(rendered)}</section>")
+    names = ", ".join(f"{a.experiment.name} ({a.experiment.method})" for a in analyses)
+    from analysis.sensitivity import PROG
+
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Sensitivity report: {html.escape(names)}</title>
+{_STYLE}
+{_ERROR_HOOK}
+</head><body>
+<h1>Hyperparameter sensitivity and collapse</h1>
+<p class="muted">Written by {PROG} on {html.escape(pd.Timestamp.now().strftime('%Y-%m-%d %H:%M'))} from {html.escape(names)}.
+Every trial is included, collapsed, diverged and failed ones too (Optuna's own plots show only complete trials).</p>
+<pre id="js-errors"></pre>
+<nav><ul>{''.join(toc)}</ul></nav>
+{''.join(body)}
+</body></html>
+"""
+    return page, figures
+
+
+def export_pngs(figures: Sequence[ReportFigure], folder: Path) -> dict[str, Any]:
+    """Write each figure as ``<folder>/<NN>-<key>.png`` with kaleido; without kaleido or a Chrome it
+    writes nothing and says how to get them."""
+    how = ("install kaleido (pip install -c constraints.txt -e '.[png]') and a Chrome or Chromium "
+           "(Debian/Ubuntu: apt install chromium; or run plotly_get_chrome), or open the HTML report and use each "
+           "figure's camera button")
+    if importlib.util.find_spec("kaleido") is None:
+        return {"written": [], "reason": f"kaleido is not installed; {how}"}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{number:02d}-{_slug(figure.key)}.png" for number, figure in enumerate(figures, start=1)]
+    try:
+        # One browser session for all figures (write_image would start one per figure).
+        pio.write_images([f.figure for f in figures], paths, format="png", width=1100,
+                         height=[f.figure.layout.height or 500 for f in figures])
+    except Exception as error:  # kaleido raises its own errors, e.g. when no Chrome is found
+        return {"written": [str(p) for p in paths if p.is_file()],
+                "reason": f"kaleido could not export ({type(error).__name__}: {error}); {how}"}
+    return {"written": [str(p) for p in paths], "folder": str(folder)}
