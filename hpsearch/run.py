@@ -429,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-collapse-stop", dest="collapse_stop", action="store_false", default=None,
         help="do not stop collapsed trials (the rule still records when it would have stopped them)")
     add("--grace-epochs", type=int, help=f"epochs whose collapse verdict is not acted on: a fresh backbone can "
-        f"read 'complete' at the start (default {defaults.grace_epochs})")
+        f"read 'complete' at the start (default {defaults.grace_epochs}; at the default schedule, 0 stops healthy "
+        "clustering runs, which can read collapsed for their first two epochs)")
     add("--patience-epochs", type=int, help=f"consecutive collapsed epochs, after the grace period, that stop a "
-        f"trial (default {defaults.patience_epochs})")
+        f"trial (default {defaults.patience_epochs}; 1 stops healthy clustering runs at epoch 2)")
     add("--threshold", action="append", default=[], metavar="NAME=VALUE",
         help="override a collapse threshold (musicssl.collapse.CollapseThresholds), e.g. "
         "dimensional_max_rank_fraction=0.05; repeatable")

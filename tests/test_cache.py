@@ -8,6 +8,8 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -340,13 +342,25 @@ def test_index_without_usable_tracks_is_a_clear_error(tmp_path: Path) -> None:
         MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
 
 
-def test_concurrent_build_is_refused(tmp_path: Path, audio_files: dict[str, str]) -> None:
+def test_concurrent_build_waits_for_the_other_builder_then_times_out(
+    tmp_path: Path, audio_files: dict[str, str], capsys
+) -> None:
     location = MelCache.location(tmp_path / "cache")
     location.mkdir(parents=True)
+    index = make_index(audio_files)
     with open(location / LOCK_FILE, "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(MelCacheError, match="another process is building"):
-            MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+        started = time.monotonic()
+        with pytest.raises(MelCacheError, match="another process has been building this cache for over 1 s"):
+            MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=True, lock_timeout=1.0)
+        assert 1.0 <= time.monotonic() - started < 5.0
+        assert "waiting for it" in capsys.readouterr().out
+        # The other builder finishes while this one waits: the build then goes ahead.
+        releaser = threading.Timer(0.7, lambda: fcntl.flock(lock.fileno(), fcntl.LOCK_UN))
+        releaser.start()
+        cache = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False, lock_timeout=30.0)
+        releaser.join()
+    assert cache.build_report.processed > 0
 
 
 def test_reads_check_bounds_and_survive_pickling(tmp_path: Path, audio_files: dict[str, str]) -> None:

@@ -564,6 +564,7 @@ class MelCache:
         commit_every_bytes: int = 128 * 2**20,
         progress: bool = True,
         verbose: bool = True,
+        lock_timeout: float = 3600.0,
     ) -> MelCache:
         """Cache the log-mel of every track of ``index`` under ``cache_dir`` and open the cache.
 
@@ -596,12 +597,7 @@ class MelCache:
         folder.mkdir(parents=True, exist_ok=True)
         rules = (float(min_seconds), float(silence_threshold_db))
         with open(folder / LOCK_FILE, "a") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise MelCacheError(
-                    f"{folder}: another process is building this cache; wait for it to finish"
-                ) from None
+            _wait_for_lock(lock, folder, lock_timeout, verbose)
             # The lock is released when the file closes, also when this process dies.
             report = cls._build_locked(
                 index,
@@ -831,6 +827,27 @@ class MelCache:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
         return state
+
+
+def _wait_for_lock(lock, folder: Path, timeout: float, verbose: bool) -> None:
+    """Take the build lock, waiting up to ``timeout`` seconds for another process's build: that
+    build does the same work, so this one then finds the tracks cached and only opens them."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise MelCacheError(
+                    f"{folder}: another process has been building this cache for over {timeout:.0f} s; "
+                    "wait for it to finish (or stop it) and run again"
+                ) from None
+            if verbose and not announced:
+                print(f"{folder}: another process is building this cache; waiting for it", flush=True)
+                announced = True
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _write_skip_report(path: Path, skipped: list[SkippedTrack]) -> None:

@@ -1,0 +1,329 @@
+"""The collapse verdict on real training runs: configurations known to collapse are flagged within the
+first epochs, by the trainer's verdict and by the search's stopping rule, and each method's tuned
+defaults are not.
+
+The slow cases train exactly as a search trial does (``hpsearch.trainable.build_train_config`` with
+the search's default trial settings, pinned here: the embedded corpus, batch 32, 6 epochs of 15
+steps, 256 probe segments, seed 0, one thread) and feed the search's :class:`CollapseMonitor` the
+epoch records, as the trial's epoch-end hook does. With a grace of 1 epoch and a patience of 2, the
+earliest the rule can fire is the end of epoch 3; every collapsing case must be stopped there.
+
+After the last epoch a hook takes the method's collapse outputs on the probe set, and the test
+recomputes the metrics from them with numpy, from their definitions (REFERENCE.md section 3), so the
+logged numbers and the collapse signatures are checked against an independent computation.
+
+Two collapsing cases also make the teacher follow the student quickly, because the collapse they
+show needs a teacher that tracks the student. With the default EMA rate (0.996, cosine to 1) the
+teacher moves only a sixth of the way towards the student in 90 steps (1 - prod(tau_k) = 0.167)
+and stays close to its random initialisation, and regressing a near-random target does not
+collapse in so short a run (measured: BYOL without predictor keeps projection RankMe ~19,
+clustering without centring keeps ~40% of the prototypes in use). BYOL without predictor uses
+``base_ema_rate=0`` (the target is the online network: SimSiam without predictor, which collapses
+at once, Chen & He 2021); clustering without centring uses ``base_ema_rate=0.9``, the fast end of
+the clustering search space.
+
+The fast smoke test pairs clustering with and without centring on the small tonal fixture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hpsearch.settings import TrialSettings
+from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+from hpsearch.trainable import build_train_config
+from musicssl.train import TrainConfig, train
+
+# The search's stopping rule, as the search applies it by default.
+STOP_RULE = CollapseStopRule()
+EARLIEST_STOP_EPOCH = STOP_RULE.grace_epochs + STOP_RULE.patience_epochs
+# The search's default trial settings (hpsearch.settings.TrialSettings), pinned so that the cases keep
+# their meaning and their cost if the search's defaults move.
+SEARCH_TRIAL = dict(max_epochs=6, steps_per_epoch=15, batch_size=32, probe_segments=256, seed=0, num_threads=1)
+
+# The documented verdict thresholds (musicssl.collapse.CollapseThresholds), written out.
+COMPLETE_MAX_L2_STD = 0.1
+COMPLETE_MAX_RANKME = 1.5
+COMPLETE_MIN_MEAN_COSINE = 0.98
+DIMENSIONAL_MAX_RANK_FRACTION = 0.1
+CLUSTER_MIN_OCCUPANCY = 0.1
+CLUSTER_MAX_ASSIGNMENT_ENTROPY = 0.1
+CLUSTER_MIN_SAMPLE_ENTROPY = 0.97
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics from their definitions, in numpy (float64)
+
+
+def rankme(z: np.ndarray) -> float:
+    """exp of the entropy of the normalised singular values (+1e-7), z not centred (Garrido et al. 2023)."""
+    singular_values = np.linalg.svd(z, compute_uv=False)
+    p = singular_values / singular_values.sum() + 1e-7
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def unit_rows(z: np.ndarray) -> np.ndarray:
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def l2_std_scaled(z: np.ndarray) -> float:
+    """SimSiam's mean per-dimension (unbiased) std of z / |z|, times sqrt(D)."""
+    return float(unit_rows(z).std(axis=0, ddof=1).mean() * math.sqrt(z.shape[1]))
+
+
+def mean_cosine_between_groups(z: np.ndarray, groups: np.ndarray) -> float:
+    """Mean cosine over pairs of samples from different groups (probe tracks)."""
+    u = unit_rows(z)
+    cosines = u @ u.T
+    different = groups[:, None] != groups[None, :]
+    return float(cosines[different].mean())
+
+
+def entropy(p: np.ndarray, axis: int) -> np.ndarray:
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=axis)
+
+
+def independent_metrics(outputs: dict[str, np.ndarray], groups: np.ndarray) -> dict[str, float]:
+    """The collapse metrics the trainer logs, recomputed from the method's outputs with numpy."""
+    z = outputs["embedding"]
+    metrics = {
+        "rankme_embedding": rankme(z),
+        "rankme_embedding_norm": rankme(z) / min(z.shape),
+        "l2_std_embedding": l2_std_scaled(z),
+        "mean_cosine": mean_cosine_between_groups(z, groups),
+    }
+    if "projection" in outputs:
+        metrics["rankme_projection"] = rankme(outputs["projection"])
+        metrics["l2_std_projection"] = l2_std_scaled(outputs["projection"])
+    if "assignment_probs" in outputs:
+        p = outputs["assignment_probs"]
+        p = p / p.sum(axis=1, keepdims=True)
+        n, k = p.shape
+        metrics["cluster_occupancy_attainable"] = len(np.unique(p.argmax(axis=1))) / min(n, k)
+        metrics["assignment_entropy"] = float(entropy(p.mean(axis=0), axis=0) / math.log(k))
+        metrics["sample_entropy"] = float(entropy(p, axis=1).mean() / math.log(k))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# One real run
+
+
+SHOWN = ("rankme_embedding_norm", "l2_std_embedding", "mean_cosine", "rankme_projection", "l2_std_projection",
+         "cluster_occupancy_attainable", "assignment_entropy", "sample_entropy")
+
+
+@dataclass
+class Run:
+    """A finished run, the search's monitor fed its epoch records, and its last collapse outputs."""
+
+    result: Any
+    monitor: CollapseMonitor
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: np.ndarray | None = None
+
+    @property
+    def verdicts(self) -> list[str]:
+        """The trainer's verdict at the end of each epoch (epoch 1 first)."""
+        return [record["verdict"] for record in self.result.epochs]
+
+    def independent(self) -> dict[str, float]:
+        return independent_metrics(self.outputs, self.groups)
+
+    def logged(self, name: str) -> float:
+        return float(self.result.final[f"collapse_{name}"])
+
+    def describe(self) -> str:
+        """The verdict and the main metrics of every epoch, for assertion messages."""
+        return "\n".join(
+            f"epoch {record['epoch']}: {record['verdict']}, "
+            + ", ".join(f"{name} {record['collapse_' + name]:.4g}" for name in SHOWN if "collapse_" + name in record)
+            for record in self.result.epochs
+        )
+
+
+def run(config: TrainConfig, data) -> Run:
+    """Train ``config`` with the search's monitor and an output capture as epoch-end hooks; the
+    monitor ends the run when its rule fires, as in a search trial."""
+    monitor = CollapseMonitor(STOP_RULE)
+    finished = Run(result=None, monitor=monitor)
+
+    def judge(module, record: dict) -> None:
+        monitor.update(record["epoch"], record["step"], record)
+        if monitor.fired:
+            module.trainer.should_stop = True
+
+    def capture_last_outputs(module, record: dict) -> None:
+        if record["epoch"] == config.max_epochs or module.trainer.should_stop:
+            outputs = module.method.collapse_outputs(module.probe_mels)
+            finished.outputs = {name: value.detach().double().cpu().numpy() for name, value in outputs.items()}
+            finished.groups = module.probe_groups.cpu().numpy()
+
+    finished.result = train(config, data=data, epoch_end_hooks=[judge, capture_last_outputs], progress_bar=False)
+    return finished
+
+
+def search_trial_config(method: str, params: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a search trial of ``method`` with sampled ``params`` would train."""
+    return build_train_config(TrialSettings(method=method, **SEARCH_TRIAL), params)
+
+
+def assert_logged_metrics_match_definitions(finished: Run) -> dict[str, float]:
+    """The final logged metrics equal the numpy recomputation from the last outputs; returns the latter."""
+    independent = finished.independent()
+    for name, value in independent.items():
+        assert finished.logged(name) == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    return independent
+
+
+def is_healthy(metrics: dict[str, float]) -> bool:
+    """No rule of the documented verdict fires on ``metrics`` (numbers from independent_metrics)."""
+    complete = (
+        metrics["l2_std_embedding"] < COMPLETE_MAX_L2_STD
+        or metrics["rankme_embedding"] < COMPLETE_MAX_RANKME
+        or metrics["mean_cosine"] > COMPLETE_MIN_MEAN_COSINE
+        or metrics.get("l2_std_projection", 1.0) < COMPLETE_MAX_L2_STD
+        or metrics.get("rankme_projection", 2.0) < COMPLETE_MAX_RANKME
+    )
+    cluster = (
+        metrics.get("cluster_occupancy_attainable", 1.0) < CLUSTER_MIN_OCCUPANCY
+        or metrics.get("assignment_entropy", 1.0) < CLUSTER_MAX_ASSIGNMENT_ENTROPY
+        or metrics.get("sample_entropy", 0.0) > CLUSTER_MIN_SAMPLE_ENTROPY
+    )
+    dimensional = metrics["rankme_embedding_norm"] < DIMENSIONAL_MAX_RANK_FRACTION
+    return not (complete or cluster or dimensional)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast smoke test: the tonal fixture, clustering with and without centring
+
+
+def smoke_config(**method_params) -> TrainConfig:
+    return TrainConfig(
+        method="clustering", preset="cpu", max_epochs=2, steps_per_epoch=20, batch_size=32, probe_segments=128,
+        num_threads=1, seed=0, final_probe=False, method_params=method_params,
+    )
+
+
+def test_clustering_defaults_read_healthy_and_clustering_without_centring_collapsed(tonal_data):
+    """Two 40-step runs: the defaults read "none" at the end, and without the centre (and with a
+    teacher that follows the student within a few steps, EMA 0.5) one prototype takes most samples:
+    "cluster"."""
+    healthy = run(smoke_config(), tonal_data)
+    collapsed = run(smoke_config(base_ema_rate=0.5, use_centering=False), tonal_data)
+
+    assert healthy.result.verdict == "none", healthy.describe()
+    healthy_metrics = assert_logged_metrics_match_definitions(healthy)
+    assert is_healthy(healthy_metrics)
+
+    assert collapsed.result.verdict == "cluster", collapsed.describe()
+    collapsed_metrics = assert_logged_metrics_match_definitions(collapsed)
+    # One-hot collapse: the argmax lands on a handful of prototypes, the mean assignment is peaked.
+    assert collapsed_metrics["cluster_occupancy_attainable"] < CLUSTER_MIN_OCCUPANCY
+    assert collapsed_metrics["cluster_occupancy_attainable"] < healthy_metrics["cluster_occupancy_attainable"] / 3
+    # The backbone itself is not collapsed: only the prototype assignments are.
+    assert collapsed_metrics["rankme_embedding_norm"] > DIMENSIONAL_MAX_RANK_FRACTION
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow: real search trials on the embedded corpus
+
+
+@pytest.fixture(scope="module")
+def corpus_data():
+    """The embedded corpus with the CPU preset's mel cache (built on first use if missing)."""
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.pipeline import prepare_data
+    from musicssl.models import Backbone
+
+    return prepare_data("corpus", LogMelConfig(n_mels=Backbone(preset="cpu").config.n_mels), verbose=False)
+
+
+METHODS = ("vicreg", "contrastive", "barlow_twins", "byol", "clustering")
+HEALTHY_CASES = {
+    **{f"{method}_defaults": (method, {}) for method in METHODS},
+    # The partner of byol_without_predictor below: the same instant target, but with the predictor
+    # (SimSiam's setting) it does not collapse, so the predictor is what the collapse case removes.
+    "byol_target_is_online_network": ("byol", {"base_ema_rate": 0.0}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_name", list(HEALTHY_CASES))
+def test_healthy_configuration_is_never_stopped_as_collapsed(case_name, corpus_data):
+    """Each method's defaults (and the BYOL control) train as a search trial without the stopping rule
+    firing, and read "none" from the earliest epoch the rule could act on (epoch 3) to the end."""
+    method, params = HEALTHY_CASES[case_name]
+    finished = run(search_trial_config(method, params), corpus_data)
+    assert not finished.monitor.fired, (finished.monitor.stop_reasons, finished.describe())
+    epochs_after = SEARCH_TRIAL["max_epochs"] - EARLIEST_STOP_EPOCH + 1
+    assert finished.verdicts[EARLIEST_STOP_EPOCH - 1:] == ["none"] * epochs_after, finished.describe()
+    # The search recomputes the verdict from the logged record; it agrees with the trainer's.
+    assert finished.monitor.verdicts == finished.verdicts
+    assert is_healthy(assert_logged_metrics_match_definitions(finished))
+
+
+@dataclass(frozen=True)
+class CollapseCase:
+    method: str
+    params: dict[str, Any]
+    verdicts: frozenset[str]  # the verdicts the collapse may read as, from epoch 2 on
+
+
+COLLAPSE_CASES = {
+    # Invariance alone is minimised by a low-rank embedding: dimensional collapse.
+    "vicreg_variance_and_covariance_near_zero": CollapseCase(
+        "vicreg", {"var_weight": 0.01, "cov_weight": 0.01}, frozenset({"dimensional"})),
+    # A teacher far softer than its student (no sharpening) gives near-uniform targets: uniform
+    # collapse, seen as near-uniform teacher assignments ("cluster") and, once the student has
+    # matched them, as constant student logits (the projection rule: "complete").
+    "clustering_teacher_far_hotter_than_student": CollapseCase(
+        "clustering",
+        {"teacher_temperature": 0.5, "teacher_temperature_start": 0.5, "teacher_warmup_epochs": 0.0,
+         "student_temperature": 0.05},
+        frozenset({"cluster", "complete"})),
+    # Sharpening without centring: one prototype wins every sample (one-hot collapse).
+    "clustering_without_centring": CollapseCase(
+        "clustering", {"use_centering": False, "base_ema_rate": 0.9}, frozenset({"cluster"})),
+    # No predictor, target = online network: the projector maps everything to one direction.
+    "byol_without_predictor": CollapseCase(
+        "byol", {"use_predictor": False, "base_ema_rate": 0.0}, frozenset({"complete"})),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_name", list(COLLAPSE_CASES))
+def test_collapsing_configuration_is_flagged_and_stopped_at_the_earliest_epoch(case_name, corpus_data):
+    """Each collapsing configuration reads collapsed from epoch 2 on and the search's rule stops it
+    at epoch 3, the first epoch it may; the final metrics show the collapse's own signature."""
+    case = COLLAPSE_CASES[case_name]
+    finished = run(search_trial_config(case.method, case.params), corpus_data)
+    monitor = finished.monitor
+    # The search's rule stops the trial at the first epoch it may act on, with the expected type.
+    assert monitor.stop_epoch == EARLIEST_STOP_EPOCH, (monitor.verdicts, finished.describe())
+    assert monitor.collapse_type in case.verdicts
+    assert monitor.collapse_epoch <= STOP_RULE.grace_epochs + 1
+    # The trainer's verdict: collapsed from epoch 2 on, and the search's recomputation agrees.
+    assert set(finished.verdicts[1:]) <= case.verdicts, finished.describe()
+    assert monitor.verdicts == finished.verdicts
+    metrics = assert_logged_metrics_match_definitions(finished)
+    assert not is_healthy(metrics)
+    # The collapse signature of each case, from the independently computed metrics.
+    signatures = {
+        "vicreg_variance_and_covariance_near_zero":
+            lambda m: m["rankme_embedding_norm"] < DIMENSIONAL_MAX_RANK_FRACTION,
+        "clustering_teacher_far_hotter_than_student":
+            lambda m: m["sample_entropy"] > CLUSTER_MIN_SAMPLE_ENTROPY
+            or m["rankme_projection"] < COMPLETE_MAX_RANKME
+            or m["l2_std_projection"] < COMPLETE_MAX_L2_STD,
+        "clustering_without_centring":
+            lambda m: m["cluster_occupancy_attainable"] < CLUSTER_MIN_OCCUPANCY,
+        "byol_without_predictor":
+            lambda m: m["l2_std_projection"] < COMPLETE_MAX_L2_STD and m["l2_std_embedding"] > COMPLETE_MAX_L2_STD,
+    }
+    assert signatures[case_name](metrics), metrics
