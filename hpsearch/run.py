@@ -210,7 +210,9 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> b
     if cpus > available:
         print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine has {available}",
               file=sys.stderr)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
+    # address="local": a Ray of this search's own, even when another Ray (a cluster started with
+    # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
     return True
 
 

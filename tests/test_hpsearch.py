@@ -527,6 +527,14 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert len(pd.read_csv(tmp_path / "on-cluster" / "trials.csv")) == 2
+        # Without --address, a search starts a Ray of its own beside the running cluster.
+        local = subprocess.run(
+            cli("vicreg", "--trials", "1", "--name", "beside-cluster", "--storage-dir", str(tmp_path),
+                *tiny_flags(tonal_dataset)),
+            capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300,
+        )
+        assert local.returncode == 0, local.stdout + local.stderr
+        assert len(pd.read_csv(tmp_path / "beside-cluster" / "trials.csv")) == 1
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
