@@ -51,6 +51,9 @@ class TrialSettings:
     thresholds: dict[str, Any] = field(default_factory=dict)
 
 
+_TRIAL = TrialSettings(method="")
+
+
 @dataclass
 class SearchSettings:
     """One search: what to search, how long each trial trains, how trials run, where results go.
@@ -65,22 +68,23 @@ class SearchSettings:
     trials: int = 64
     name: str = ""
     storage_dir: str = "runs"
-    objective: str = "probe_map"
+    # What a trial trains with: the defaults are TrialSettings' (one place to change them).
+    objective: str = _TRIAL.objective
     scheduler: str = "none"
-    max_epochs: int = 6
-    steps_per_epoch: int = 15
-    batch_size: int = 32
-    probe_segments: int = 256
-    probe_segments_per_track: int = 2
-    preset: str = "cpu"
-    data: str = "corpus"
-    seed: int = 0
+    max_epochs: int = _TRIAL.max_epochs
+    steps_per_epoch: int = _TRIAL.steps_per_epoch
+    batch_size: int = _TRIAL.batch_size
+    probe_segments: int = _TRIAL.probe_segments
+    probe_segments_per_track: int = _TRIAL.probe_segments_per_track
+    preset: str = _TRIAL.preset
+    data: str = _TRIAL.data
+    seed: int = _TRIAL.seed
     concurrency: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    collapse_stop: bool = True
-    grace_epochs: int = 1
-    patience_epochs: int = 2
+    collapse_stop: bool = _TRIAL.collapse_stop
+    grace_epochs: int = _TRIAL.grace_epochs
+    patience_epochs: int = _TRIAL.patience_epochs
     thresholds: dict[str, Any] = field(default_factory=dict)
     asha_grace_epochs: int = 2
     asha_reduction_factor: float = 2.0
