@@ -109,16 +109,22 @@ def bench_savings(args) -> None:
     epochs_with = float(pd.to_numeric(with_stop["epochs_run"], errors="coerce").sum())
     epochs_without = float(pd.to_numeric(without["epochs_run"], errors="coerce").sum())
     saved = 1.0 - epochs_with / epochs_without
+    # The rule of the search with stopping, replayed on the search without it (its trials.csv's
+    # would_stop_epoch holds the rule of the day that search ran, which may since have changed).
+    rule = stored_rule(runs[True])
+    monitors = replay(epoch_records(runs[False]), rule)
     complete = without[without["state"] == "COMPLETE"].sort_values("objective", ascending=False)
     top = complete.head(5)
-    would_stop = top[top["would_stop_epoch"].notna()]
+    would_stop = [number for number in top["trial"] if monitors[number].fired]
     print(f"trial-epochs: with collapse stop {epochs_with:.1f}, without {epochs_without:.1f}: "
           f"{100 * saved:.1f}% saved (target >= 30%)")
-    flagged = int(without["would_stop_epoch"].notna().sum())
-    print(f"without stopping, the rule would have stopped {flagged} of {len(without)} trials")
-    print("5 best trials without stopping (trial, objective, would_stop_epoch, collapse_type):")
+    flagged = sum(monitor.fired for monitor in monitors.values())
+    print(f"without stopping, the rule (stop on {', '.join(rule.stop_on)}, grace {rule.grace_epochs}, patience "
+          f"{rule.patience_epochs}) would have stopped {flagged} of {len(without)} trials")
+    print("5 best trials without stopping (trial, objective, would stop at epoch, as):")
     for row in top.itertuples():
-        print(f"  #{row.trial}  {row.objective:.4f}  {row.would_stop_epoch}  {row.collapse_type}")
+        monitor = monitors[row.trial]
+        print(f"  #{row.trial}  {row.objective:.4f}  {monitor.stop_epoch}  {monitor.collapse_type}")
     print(f"RESULT savings {args.method}: {100 * saved:.1f}% of trial-epochs saved "
           f"({'met' if saved >= 0.3 else 'NOT met'}); {len(would_stop)} of the 5 best trials without stopping "
           f"would have been stopped ({'met' if len(would_stop) == 0 else 'NOT met'})")
@@ -139,10 +145,35 @@ def epoch_records(folder: Path) -> dict[int, list[dict]]:
     return records
 
 
+def stored_rule(folder: Path):
+    """The collapse stopping rule a search ran with (from its search.json)."""
+    from hpsearch.settings import SearchSettings
+    from hpsearch.stopping import CollapseStopRule
+
+    settings = SearchSettings.load(folder)
+    return CollapseStopRule(settings.grace_epochs, settings.patience_epochs, settings.collapse_thresholds(),
+                            tuple(settings.stop_on))
+
+
+def replay(records: dict[int, list[dict]], rule):
+    """Per trial number, a CollapseMonitor of ``rule`` fed the trial's epoch records (up to where it fires)."""
+    from hpsearch.stopping import CollapseMonitor
+
+    monitors = {}
+    for number, rows in records.items():
+        monitor = monitors[number] = CollapseMonitor(rule)
+        for row in rows:
+            monitor.update(int(row["epoch"]), int(row["step"]), row)
+            if monitor.fired:
+                break
+    return monitors
+
+
 def replay_rules(args) -> None:
     """Replay stopping rules on a search run without stopping: what each would have saved, and
     whether it would have stopped any of the 5 best trials (no retraining, TPE's feedback aside)."""
-    from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+    from hpsearch.settings import DEFAULT_STOP_ON
+    from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
 
     folder = Path(args.storage_dir) / (args.name or f"{args.method}-{args.trials}-nostop")
     trials, _, settings = read_run(folder)
@@ -151,25 +182,23 @@ def replay_rules(args) -> None:
     complete = trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
     best = set(complete["trial"].head(5))
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
-    print("  grace patience  saved   stopped  best-5 stopped")
-    for grace, patience in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (1, 3)):
-        run = requested = 0.0
-        stopped, best_stopped = 0, 0
-        for number, rows in records.items():
-            monitor = CollapseMonitor(CollapseStopRule(grace_epochs=grace, patience_epochs=patience))
-            epochs = float(trials.loc[trials["trial"] == number, "epochs_run"].iloc[0])
-            for row in rows:
-                monitor.update(int(row["epoch"]), int(row["step"]), row)
-                if monitor.fired:
-                    break
-            requested += epochs
-            if monitor.fired and monitor.collapse_type != "diverged":
-                stopped += 1
-                best_stopped += number in best
-                run += min(epochs, monitor.stop_epoch)
-            else:
-                run += epochs
-        print(f"  {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  {stopped:>7}  {best_stopped:>14}")
+    print("  stop on                       grace patience  saved   stopped  best-5 stopped")
+    for stop_on in (DEFAULT_STOP_ON, COLLAPSE_TYPES):
+        for grace, patience in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (1, 3)):
+            rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on)
+            run = requested = 0.0
+            stopped, best_stopped = 0, 0
+            for number, monitor in replay(records, rule).items():
+                epochs = float(trials.loc[trials["trial"] == number, "epochs_run"].iloc[0])
+                requested += epochs
+                if monitor.fired and monitor.collapse_type != "diverged":
+                    stopped += 1
+                    best_stopped += number in best
+                    run += min(epochs, monitor.stop_epoch)
+                else:
+                    run += epochs
+            print(f"  {','.join(stop_on):<29} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
+                  f"{stopped:>7}  {best_stopped:>14}")
 
 
 def bench_overhead(args) -> None:

@@ -42,7 +42,7 @@ OUTCOME_ORDER = ("complete", "collapsed", "diverged", "failed", "stopped", "runn
 
 _COLUMNS_FIRST = (
     "trial", "state", "outcome", "objective", "best_objective", "best_epoch", "probe_map", "probe_auc",
-    "rankme", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
+    "rankme", "verdict", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
     "epochs_run", "epochs_completed", "steps", "seconds", "cpu_seconds", "collapse_reasons", "diverged_step", "error",
 )  # fmt: skip
 
@@ -115,6 +115,8 @@ class SearchSummary:
     best_backbone: str | None = None
     # The probe objective of an untrained backbone (the bar training has to clear), when measured.
     untrained_value: float | None = None
+    # Complete trials whose last verdict was a collapse the rule did not stop on (e.g. dimensional).
+    flagged: dict[str, int] = field(default_factory=dict)
 
     @property
     def saved_fraction(self) -> float:
@@ -163,6 +165,10 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
     for outcome in ("collapsed", "diverged", "stopped"):
         mask = frame.get("outcome", pd.Series(dtype=object)) == outcome
         saved[outcome] = float((max_epochs - epochs[mask]).clip(lower=0).sum()) if len(frame) else 0.0
+    flagged: dict[str, int] = {}
+    if len(frame) and "verdict" in frame:
+        ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(("complete", "dimensional", "cluster"))]
+        flagged = {str(name): int(count) for name, count in ended["verdict"].value_counts().sort_index().items()}
     return SearchSummary(
         method=method,
         objective=objective,
@@ -175,6 +181,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         trial_epochs_run=float(epochs.sum()),
         trial_epochs_requested=trials * max_epochs,
         epochs_saved=saved,
+        flagged=flagged,
     )
 
 
@@ -193,11 +200,20 @@ def format_summary(summary: SearchSummary) -> str:
         lines.append("best: no trial completed")
     if summary.untrained_value is not None:
         lines.append(f"reference: an untrained backbone scores {summary.objective} {summary.untrained_value:.4f}")
+        if summary.best_value is not None and summary.best_value <= summary.untrained_value:
+            lines.append(
+                "  no trial scored above it: at this training length the search ranks settings by how they start "
+                "to learn; give trials more steps (--max-epochs, --steps-per-epoch) for finished representations"
+            )
     saved = ", ".join(f"{value:.1f} by {name}" for name, value in summary.epochs_saved.items() if value)
     lines.append(
         f"compute: {summary.trial_epochs_run:.1f} of {summary.trial_epochs_requested} trial-epochs run "
         f"({100 * summary.saved_fraction:.0f}% saved{': ' + saved if saved else ''})"
     )
+    if summary.flagged:
+        flagged = ", ".join(f"{count} {name}" for name, count in summary.flagged.items())
+        lines.append(f"flagged, not stopped: {flagged} (complete trials whose last collapse verdict "
+                     "--stop-on does not act on; see trials.csv's verdict column)")
     if summary.seconds is not None:
         lines.append(f"time: {summary.seconds / 60:.1f} min")
     if summary.best_backbone:

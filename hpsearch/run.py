@@ -369,8 +369,8 @@ def untrained_probe(settings: SearchSettings, data) -> float:
 
 
 def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None:
-    stopping = (f"collapse stop after {settings.patience_epochs} collapsed epoch(s) past a grace of "
-                f"{settings.grace_epochs}" if settings.collapse_stop else "no collapse stop")
+    stopping = (f"collapse stop ({', '.join(settings.stop_on)}) after {settings.patience_epochs} collapsed "
+                f"epoch(s) past a grace of {settings.grace_epochs}" if settings.collapse_stop else "no collapse stop")
     print(
         f"searching {settings.method}: {settings.trials} trials, {settings.concurrency} at a time "
         f"({settings.cpus_per_trial:g} CPU{', %g GPU' % settings.gpus_per_trial if settings.gpus_per_trial else ''} each), "
@@ -435,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
         "clustering runs, which can read collapsed for their first two epochs)")
     add("--patience-epochs", type=int, help=f"consecutive collapsed epochs, after the grace period, that stop a "
         f"trial (default {defaults.patience_epochs}; 1 stops healthy clustering runs at epoch 2)")
+    add("--stop-on", type=_collapse_types, help="collapse types that stop a trial, comma-separated, from "
+        f"complete, cluster, dimensional (default {','.join(defaults.stop_on)}; 'dimensional' is always recorded, "
+        "but in the default VICReg search it flagged the best trials: see benchmarks/README.md); "
+        "a diverged trial always stops")
     add("--threshold", action="append", default=[], metavar="NAME=VALUE",
         help="override a collapse threshold (musicssl.collapse.CollapseThresholds), e.g. "
         "dimensional_max_rank_fraction=0.05; repeatable")
@@ -446,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Flags that may differ on a resume: where the search runs, not what it is.
 _RUNTIME_FLAGS = {"name", "storage_dir"}
+
+
+def _collapse_types(text: str) -> list[str]:
+    """``--stop-on``'s comma-separated list (checked by SearchSettings)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:

@@ -11,8 +11,10 @@ from typing import Any
 __all__ = [
     "OBJECTIVES",
     "SCHEDULERS",
+    "DEFAULT_STOP_ON",
     "SEARCH_FILE",
     "SearchSettings",
+    "STOP_ON_BEFORE_SETTING",
     "SettingsError",
     "TrialSettings",
 ]
@@ -21,6 +23,9 @@ SEARCH_FILE = "search.json"
 # What a trial can be scored by; every one is maximised.
 OBJECTIVES = ("probe_map", "probe_auc", "rankme")
 SCHEDULERS = ("asha", "none")
+# The collapse types that stop a trial by default: "dimensional" is recorded, not acted on (see
+# hpsearch.stopping).
+DEFAULT_STOP_ON = ("complete", "cluster")
 
 
 class SettingsError(ValueError):
@@ -49,7 +54,12 @@ class TrialSettings:
     grace_epochs: int = 1
     patience_epochs: int = 2
     thresholds: dict[str, Any] = field(default_factory=dict)
+    # The collapse types that stop a trial; "diverged" always does.
+    stop_on: tuple[str, ...] = DEFAULT_STOP_ON
 
+
+# What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
+STOP_ON_BEFORE_SETTING = ("complete", "dimensional", "cluster")
 
 _TRIAL = TrialSettings(method="")
 
@@ -86,6 +96,7 @@ class SearchSettings:
     grace_epochs: int = _TRIAL.grace_epochs
     patience_epochs: int = _TRIAL.patience_epochs
     thresholds: dict[str, Any] = field(default_factory=dict)
+    stop_on: list[str] = field(default_factory=lambda: list(_TRIAL.stop_on))
     asha_grace_epochs: int = 2
     asha_reduction_factor: float = 2.0
     reuse_actors: bool = True
@@ -123,6 +134,15 @@ class SearchSettings:
             self.collapse_thresholds()
         except (TypeError, ValueError) as error:
             problems.append(str(error))
+        from hpsearch.stopping import COLLAPSE_TYPES
+
+        self.stop_on = list(self.stop_on)
+        unknown = [kind for kind in self.stop_on if kind not in COLLAPSE_TYPES]
+        if unknown or not self.stop_on:
+            problems.append(
+                f"--stop-on takes one or more of {', '.join(COLLAPSE_TYPES)} separated by commas, got "
+                f"{','.join(self.stop_on) or 'nothing'} (to stop no collapsed trial, use --no-collapse-stop)"
+            )
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -162,6 +182,7 @@ class SearchSettings:
             grace_epochs=self.grace_epochs,
             patience_epochs=self.patience_epochs,
             thresholds=dict(self.thresholds),
+            stop_on=tuple(self.stop_on),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,4 +195,5 @@ class SearchSettings:
     def load(cls, folder: Path) -> SearchSettings:
         values = json.loads((Path(folder) / SEARCH_FILE).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
+        values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
         return cls(**{k: v for k, v in values.items() if k in known})

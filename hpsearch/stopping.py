@@ -8,8 +8,15 @@ The rule, evaluated on the collapse metrics the trainer logs at every epoch end:
   eval mode (BatchNorm running statistics still near their initial values) maps every input to
   nearly the same vector, so the verdict can read "complete" or "dimensional" during the first
   steps of a run that is perfectly healthy;
-- after the grace period, a trial whose verdict has been a collapse ("complete", "dimensional" or
-  "cluster") for ``patience_epochs`` consecutive epochs is stopped as collapsed.
+- after the grace period, a trial whose verdict has been one of the collapse types the rule stops on
+  (``stop_on``: by default "complete" and "cluster") for ``patience_epochs`` consecutive epochs is
+  stopped as collapsed.
+
+"dimensional" is diagnosed and recorded (the trial's ``verdict`` in ``trials.csv``) but does not stop
+a trial by default: in the default 64-trial VICReg search without stopping, the trials whose
+embedding used under a tenth of its dimensions had the same median probe score as the others, and
+the rule would have stopped the best of the 64 (benchmarks/README.md, "Search"). ``stop_on`` with
+"dimensional" (``--stop-on complete,cluster,dimensional``) restores it.
 
 The collapse "began" at the first epoch of the uninterrupted run of collapsed verdicts that led to
 the stop (which may lie inside the grace period); ``collapse_step`` is the optimiser step at the
@@ -29,9 +36,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from hpsearch.settings import DEFAULT_STOP_ON
 from musicssl.collapse import CollapseThresholds, collapse_diagnosis
 
-__all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "verdict_from_record"]
+__all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "DEFAULT_STOP_ON", "verdict_from_record"]
 
 COLLAPSE_TYPES = ("complete", "dimensional", "cluster")
 _COLLAPSE_PREFIX = "collapse_"
@@ -39,13 +47,21 @@ _COLLAPSE_PREFIX = "collapse_"
 
 @dataclass(frozen=True)
 class CollapseStopRule:
-    """When to stop: ``patience_epochs`` collapsed verdicts in a row after ``grace_epochs`` epochs."""
+    """When to stop: ``patience_epochs`` verdicts in a row of a type in ``stop_on`` after
+    ``grace_epochs`` epochs (a "diverged" verdict always stops at once)."""
 
     grace_epochs: int = 1
     patience_epochs: int = 2
     thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
+    stop_on: tuple[str, ...] = DEFAULT_STOP_ON
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_on", tuple(self.stop_on))
+        unknown = [kind for kind in self.stop_on if kind not in COLLAPSE_TYPES]
+        if unknown or not self.stop_on:
+            raise ValueError(
+                f"stop_on must name one or more of {', '.join(COLLAPSE_TYPES)}, got {', '.join(self.stop_on) or 'none'}"
+            )
         if self.grace_epochs < 0:
             raise ValueError(f"grace_epochs must be >= 0, got {self.grace_epochs}")
         if self.patience_epochs < 1:
@@ -103,11 +119,12 @@ class CollapseMonitor:
         if verdict == "diverged":
             self._fire(epoch, verdict, reasons, first_index=len(self.verdicts) - 1)
             return verdict
-        if verdict not in COLLAPSE_TYPES:
+        stop_on = self.rule.stop_on
+        if verdict not in stop_on:
             return verdict
-        # The uninterrupted run of collapsed verdicts that ends at this epoch.
+        # The uninterrupted run of stopping verdicts that ends at this epoch.
         first_index = len(self.verdicts) - 1
-        while first_index > 0 and self.verdicts[first_index - 1] in COLLAPSE_TYPES:
+        while first_index > 0 and self.verdicts[first_index - 1] in stop_on:
             first_index -= 1
         first_epoch = epoch - (len(self.verdicts) - 1 - first_index)
         counted = epoch - max(first_epoch, self.rule.grace_epochs + 1) + 1

@@ -45,7 +45,7 @@ OUTCOMES = ("complete", "collapsed", "diverged", "failed", "stopped")
 # What the final report carries for the searcher to record (besides the last epoch's metrics).
 FINAL_KEYS = (
     "outcome", "objective", "probe_map", "probe_auc", "rankme", "epochs_run", "epochs_completed", "steps",
-    "seconds", "cpu_seconds", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
+    "seconds", "cpu_seconds", "verdict", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
     "collapse_reasons", "diverged_step", "error", "best_objective", "best_epoch",
 )  # fmt: skip
 
@@ -153,6 +153,8 @@ def _final_record(settings: TrialSettings, monitor: CollapseMonitor, reporter: _
         "epochs_completed": epochs_completed,
         "steps": steps,
         "epochs_run": steps / settings.steps_per_epoch,
+        # The last epoch's collapse verdict, whether or not the rule stops on it (e.g. "dimensional").
+        "verdict": monitor.verdicts[-1] if monitor.verdicts else None,
         "best_objective": reporter.best_objective,
         "best_epoch": reporter.best_epoch,
         **{k: v for k, v in last.items() if k.startswith(("train_", "collapse_"))},
@@ -184,7 +186,7 @@ def run_trial(
     started, cpu_started = time.perf_counter(), time.process_time()
     params = {name: value for name, value in config.items() if name != TRIAL_NUMBER_KEY}
     monitor = CollapseMonitor(
-        CollapseStopRule(settings.grace_epochs, settings.patience_epochs, _thresholds(settings))
+        CollapseStopRule(settings.grace_epochs, settings.patience_epochs, _thresholds(settings), settings.stop_on)
     )
     reporter = _EpochReporter(settings, data, monitor, tune.report)
     try:
@@ -234,7 +236,8 @@ def _train_and_score(
         record.update(_rule_record(monitor, settings.collapse_stop))
     if result.diverged_step is not None or result.verdict == "diverged" or monitor.collapse_type == "diverged":
         step = result.diverged_step if result.diverged_step is not None else monitor.collapse_step
-        record.update(outcome="diverged", objective=math.nan, collapse_type="diverged", diverged_step=step)
+        record.update(outcome="diverged", objective=math.nan, verdict="diverged", collapse_type="diverged",
+                      diverged_step=step)
         if monitor.collapse_type != "diverged":
             record.update(collapse_epoch=step // settings.steps_per_epoch + 1, collapse_step=step,
                           collapse_reasons="non-finite training loss")
@@ -251,7 +254,7 @@ def _train_and_score(
         record.update(scores)
         objective = scores[settings.objective]
     if not _finite(objective):
-        record.update(outcome="diverged", objective=math.nan, collapse_type="diverged",
+        record.update(outcome="diverged", objective=math.nan, verdict="diverged", collapse_type="diverged",
                       collapse_reasons=f"objective {settings.objective} is {objective}")
         return record, None
     record.update(outcome="complete", objective=float(objective))

@@ -410,6 +410,24 @@ def test_verdict_order_complete_before_cluster() -> None:
     assert collapse_verdict(metrics) == "complete"
 
 
+def test_uniform_prototype_collapse_with_constant_scores_reads_cluster_not_complete() -> None:
+    # Clustering's uniform collapse: the embedding still varies, the prototype scores (the method's
+    # "projection") no longer do, and every sample is spread evenly over the prototypes.
+    uniform = torch.full((512, 64), 1 / 64)
+    metrics = collapse_metrics(
+        {"embedding": gaussian(512, 64), "projection": torch.ones(512, 64), "assignment_probs": uniform}
+    )
+    verdict, reasons = collapse_diagnosis(metrics)
+    assert verdict == "cluster"
+    assert "sample_entropy 1 > 0.97" in reasons  # (ties: argmax puts everyone on one prototype too)
+    # Without assignments the same constant scores are complete collapse of the projection.
+    del metrics["sample_entropy"], metrics["assignment_entropy"]
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_")}
+    verdict, reasons = collapse_diagnosis(metrics)
+    assert verdict == "complete"
+    assert reasons[0].startswith("l2_std_projection 0 < 0.1")
+
+
 # --------------------------------------------------------------------------------------------------
 # Precision, devices and bad input
 

@@ -35,12 +35,14 @@ import numpy as np
 import pytest
 
 from hpsearch.settings import TrialSettings
-from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+from hpsearch.stopping import COLLAPSE_TYPES, CollapseMonitor, CollapseStopRule
 from hpsearch.trainable import build_train_config
 from musicssl.train import TrainConfig, train
 
-# The search's stopping rule, as the search applies it by default.
+# The search's stopping rule, as the search applies it by default (stops on complete and cluster
+# collapse), and the same rule told to stop on dimensional collapse too (--stop-on ...,dimensional).
 STOP_RULE = CollapseStopRule()
+STOP_RULE_WITH_DIMENSIONAL = CollapseStopRule(stop_on=COLLAPSE_TYPES)
 EARLIEST_STOP_EPOCH = STOP_RULE.grace_epochs + STOP_RULE.patience_epochs
 # The search's default trial settings (hpsearch.settings.TrialSettings), pinned so that the cases keep
 # their meaning and their cost if the search's defaults move.
@@ -147,10 +149,10 @@ class Run:
         )
 
 
-def run(config: TrainConfig, data) -> Run:
+def run(config: TrainConfig, data, rule: CollapseStopRule = STOP_RULE) -> Run:
     """Train ``config`` with the search's monitor and an output capture as epoch-end hooks; the
     monitor ends the run when its rule fires, as in a search trial."""
-    monitor = CollapseMonitor(STOP_RULE)
+    monitor = CollapseMonitor(rule)
     finished = Run(result=None, monitor=monitor)
 
     def judge(module, record: dict) -> None:
@@ -259,7 +261,8 @@ def test_healthy_configuration_is_never_stopped_as_collapsed(case_name, corpus_d
     """Each method's defaults (and the BYOL control) train as a search trial without the stopping rule
     firing, and read "none" from the earliest epoch the rule could act on (epoch 3) to the end."""
     method, params = HEALTHY_CASES[case_name]
-    finished = run(search_trial_config(method, params), corpus_data)
+    # The strictest rule: the defaults are not even flagged as dimensionally collapsed.
+    finished = run(search_trial_config(method, params), corpus_data, STOP_RULE_WITH_DIMENSIONAL)
     assert not finished.monitor.fired, (finished.monitor.stop_reasons, finished.describe())
     epochs_after = SEARCH_TRIAL["max_epochs"] - EARLIEST_STOP_EPOCH + 1
     assert finished.verdicts[EARLIEST_STOP_EPOCH - 1:] == ["none"] * epochs_after, finished.describe()
@@ -273,20 +276,22 @@ class CollapseCase:
     method: str
     params: dict[str, Any]
     verdicts: frozenset[str]  # the verdicts the collapse may read as, from epoch 2 on
+    rule: CollapseStopRule = STOP_RULE  # the rule that stops it (the search's default unless dimensional)
 
 
 COLLAPSE_CASES = {
     # Invariance alone is minimised by a low-rank embedding: dimensional collapse.
+    # The search's default rule records it and goes on; --stop-on ...,dimensional stops it.
     "vicreg_variance_and_covariance_near_zero": CollapseCase(
-        "vicreg", {"var_weight": 0.01, "cov_weight": 0.01}, frozenset({"dimensional"})),
+        "vicreg", {"var_weight": 0.01, "cov_weight": 0.01}, frozenset({"dimensional"}), STOP_RULE_WITH_DIMENSIONAL),
     # A teacher far softer than its student (no sharpening) gives near-uniform targets: uniform
-    # collapse, seen as near-uniform teacher assignments ("cluster") and, once the student has
-    # matched them, as constant student logits (the projection rule: "complete").
+    # collapse, seen as near-uniform assignments ("cluster"; the student's logits also become
+    # constant, which the projection rule would call "complete", but the cluster rules come first).
     "clustering_teacher_far_hotter_than_student": CollapseCase(
         "clustering",
         {"teacher_temperature": 0.5, "teacher_temperature_start": 0.5, "teacher_warmup_epochs": 0.0,
          "student_temperature": 0.05},
-        frozenset({"cluster", "complete"})),
+        frozenset({"cluster"})),
     # Sharpening without centring: one prototype wins every sample (one-hot collapse).
     "clustering_without_centring": CollapseCase(
         "clustering", {"use_centering": False, "base_ema_rate": 0.9}, frozenset({"cluster"})),
@@ -302,8 +307,14 @@ def test_collapsing_configuration_is_flagged_and_stopped_at_the_earliest_epoch(c
     """Each collapsing configuration reads collapsed from epoch 2 on and the search's rule stops it
     at epoch 3, the first epoch it may; the final metrics show the collapse's own signature."""
     case = COLLAPSE_CASES[case_name]
-    finished = run(search_trial_config(case.method, case.params), corpus_data)
+    finished = run(search_trial_config(case.method, case.params), corpus_data, case.rule)
     monitor = finished.monitor
+    if "dimensional" in case.verdicts:
+        # The search's default rule sees the same verdicts and does not stop on them.
+        default = CollapseMonitor(STOP_RULE)
+        for record in finished.result.epochs:
+            default.update(record["epoch"], record["step"], record)
+        assert default.verdicts == monitor.verdicts and not default.fired
     # The search's rule stops the trial at the first epoch it may act on, with the expected type.
     assert monitor.stop_epoch == EARLIEST_STOP_EPOCH, (monitor.verdicts, finished.describe())
     assert monitor.collapse_type in case.verdicts

@@ -574,3 +574,25 @@ def test_a_short_ssl_run_beats_the_random_backbone(tmp_path):
     assert scores.loc["contrastive", "average_precision_full_test"] > scores.loc["random", "average_precision_full_test"]
     # The gap is beyond the bootstrap spread: the checkpoint's interval lies above the random mean.
     assert scores.loc["contrastive", "roc_auc_low"] > scores.loc["random", "roc_auc"]
+
+
+@pytest.mark.slow
+def test_a_short_ssl_run_beats_the_random_backbone_on_the_embedded_corpus(tmp_path):
+    """The README's short run (contrastive, 3 epochs of 100 steps of 64 pairs, CPU preset, seed 0) on
+    the embedded corpus (built if missing), evaluated with the protocol's linear probe on the test
+    split against the randomly initialised backbone. About 4-8 minutes on one core. Measured on the
+    development machine (bootstrap mean over 50 resamples): mAP 0.455 against 0.428, ROC-AUC 0.731
+    against 0.706."""
+    from musicssl.train import TrainConfig, train
+
+    run = tmp_path / "contrastive"
+    train(TrainConfig(method="contrastive", preset="cpu", data="corpus", max_epochs=3, steps_per_epoch=100,
+                      batch_size=64, num_threads=1, final_probe=False, out_dir=str(run), seed=0),
+          progress_bar=False)
+    config = DownstreamConfig(classifiers=("linear",), fractions=(1.0,), draws=1, bootstrap_resamples=20, workers=0,
+                              cache_dir=str(tmp_path / "cache"))
+    result = run_downstream([resolve_method(str(run)), resolve_method("random", "cpu", True)], config, progress=False)
+    scores = result.results.set_index("method")
+    trained, random = scores.loc["contrastive"], scores.loc["random"]
+    assert trained["average_precision_full_test"] > random["average_precision_full_test"] + 0.01, scores
+    assert trained["roc_auc_full_test"] > random["roc_auc_full_test"], scores

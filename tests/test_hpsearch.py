@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from hpsearch.run import build_parser, run_search
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import SearchSettings, SettingsError
-from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+from hpsearch.stopping import COLLAPSE_TYPES, CollapseMonitor, CollapseStopRule
 from musicssl.collapse import CollapseThresholds
 from musicssl.models import Backbone
 
@@ -47,8 +47,8 @@ NAN_LOSS = {**HEALTHY, "train_loss": math.nan}
 # The stopping rule
 
 
-def monitor_after(records, grace=1, patience=2, steps_per_epoch=10) -> CollapseMonitor:
-    monitor = CollapseMonitor(CollapseStopRule(grace_epochs=grace, patience_epochs=patience))
+def monitor_after(records, grace=1, patience=2, steps_per_epoch=10, stop_on=COLLAPSE_TYPES) -> CollapseMonitor:
+    monitor = CollapseMonitor(CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on))
     for epoch, record in enumerate(records, start=1):
         monitor.update(epoch, epoch * steps_per_epoch, record)
         if monitor.fired:
@@ -79,6 +79,22 @@ def test_the_fresh_backbone_verdict_in_the_grace_period_is_not_acted_on():
 def test_divergence_stops_at_once_even_in_the_grace_period():
     monitor = monitor_after([NAN_LOSS], grace=3, patience=5)
     assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_step) == (1, "diverged", 10)
+
+
+def test_the_default_rule_records_dimensional_collapse_but_stops_only_complete_and_cluster():
+    assert CollapseStopRule().stop_on == ("complete", "cluster")
+    default = CollapseMonitor(CollapseStopRule())
+    for epoch in range(1, 6):
+        assert default.update(epoch, 10 * epoch, DIMENSIONAL) == "dimensional"
+    assert not default.fired and default.verdicts == ["dimensional"] * 5
+    # A run of dimensional verdicts does not count towards a later complete collapse's patience.
+    mixed = monitor_after([DIMENSIONAL, DIMENSIONAL, COMPLETE, COMPLETE], stop_on=("complete", "cluster"))
+    assert (mixed.stop_epoch, mixed.collapse_type, mixed.collapse_epoch) == (4, "complete", 3)
+    assert monitor_after([HEALTHY, DIMENSIONAL, DIMENSIONAL], stop_on=("dimensional",)).stop_epoch == 3
+    with pytest.raises(ValueError, match="stop_on must name one or more of complete, dimensional, cluster"):
+        CollapseStopRule(stop_on=("partial",))
+    with pytest.raises(ValueError, match="stop_on"):
+        CollapseStopRule(stop_on=())
 
 
 def test_the_rule_uses_its_own_thresholds():
@@ -297,6 +313,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert list(csv["trial"]) == [0, 1, 2, 3]
     assert list(csv["outcome"]) == ["complete", "collapsed", "diverged", "failed"]
     assert csv.loc[1, "collapse_type"] == "cluster" and csv.loc[1, "collapse_epoch"] == 1
+    assert csv.loc[1, "verdict"] == "cluster" and csv.loc[2, "verdict"] == "diverged"
     assert csv.loc[1, "collapse_step"] == 3 and csv.loc[1, "epochs_run"] == 1.0
     assert csv.loc[2, "collapse_type"] == "diverged" and csv.loc[2, "epochs_run"] < 1.0
     assert "num_prototypes must be at least 2" in csv.loc[3, "error"]
@@ -458,6 +475,7 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
         (["vicreg", "--data", "/no/such/tracks.csv"], "no such file or folder"),
         (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
+        (["vicreg", "--stop-on", "complete,partial"], "--stop-on takes one or more of complete, dimensional, cluster"),
     ],
 )
 def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, message, tmp_path, cli_env):
@@ -473,7 +491,7 @@ def test_help_documents_every_flag():
     text = build_parser().format_help()
     for flag in ("--trials", "--name", "--storage-dir", "--resume", "--max-epochs", "--objective", "--data", "--preset",
                  "--seed", "--no-collapse-stop", "--scheduler", "--concurrency", "--cpus-per-trial", "--gpus-per-trial",
-                 "--address", "--grace-epochs", "--patience-epochs", "probe_map", "rankme"):
+                 "--address", "--grace-epochs", "--patience-epochs", "--stop-on", "probe_map", "rankme"):
         assert flag in text
 
 
@@ -482,6 +500,22 @@ def test_settings_reject_bad_values_with_the_flag_name():
         SearchSettings(method="vicreg", max_epochs=0)
     with pytest.raises(SettingsError, match="unknown collapse threshold"):
         SearchSettings(method="vicreg", thresholds={"rank": 1.0})
+    with pytest.raises(SettingsError, match="to stop no collapsed trial, use --no-collapse-stop"):
+        SearchSettings(method="vicreg", stop_on=[])
+
+
+def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tmp_path):
+    settings = SearchSettings(method="vicreg", stop_on=["complete", "dimensional"])
+    assert settings.trial_settings().stop_on == ("complete", "dimensional")
+    settings.save(tmp_path)
+    assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional"]
+    # A search.json written before --stop-on existed stopped on every collapse type: resuming it
+    # must not change its rule half-way.
+    stored = json.loads((tmp_path / "search.json").read_text())
+    del stored["stop_on"]
+    (tmp_path / "search.json").write_text(json.dumps(stored))
+    assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster"]
+    assert SearchSettings(method="vicreg").stop_on == ["complete", "cluster"]
 
 
 def test_a_new_search_never_reuses_a_folder(tmp_path):
@@ -539,3 +573,33 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         kill_session(head.pid)
+
+
+def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
+    from dataclasses import replace
+
+    from hpsearch.results import format_summary, summarize
+
+    frame = pd.DataFrame({
+        "trial": [0, 1, 2, 3, 4],
+        "state": ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED", "COMPLETE"],
+        "outcome": ["complete", "complete", "collapsed", "diverged", "complete"],
+        "objective": [0.30, 0.40, math.nan, math.nan, 0.35],
+        "epochs_run": [6.0, 6.0, 3.0, 0.5, 6.0],
+        "verdict": ["none", "dimensional", "complete", "diverged", "dimensional"],
+        "param_x": [0.1, 0.2, 0.3, 0.4, 0.5],
+    })
+    summary = summarize(frame, "vicreg", "probe_map", trials=5, max_epochs=6)
+    assert summary.counts == {"complete": 3, "collapsed": 1, "diverged": 1, "failed": 0}
+    assert (summary.best_trial, summary.best_value, summary.best_params) == (1, 0.40, {"x": 0.2})
+    # 30 trial-epochs requested; 21.5 run; 3 saved by the collapse stop and 5.5 by the divergence.
+    assert summary.trial_epochs_run == 21.5 and summary.saved_fraction == pytest.approx(1 - 21.5 / 30)
+    assert summary.epochs_saved == {"collapsed": 3.0, "diverged": 5.5, "stopped": 0.0}
+    # Two complete trials ended dimensionally collapsed: reported, not stopped.
+    assert summary.flagged == {"dimensional": 2}
+    assert "flagged, not stopped: 2 dimensional" in format_summary(summary)
+    # Read against an untrained backbone: a search whose best trial does not beat it says so.
+    assert "no trial scored above it" not in format_summary(replace(summary, untrained_value=0.39))
+    assert "no trial scored above it" in format_summary(replace(summary, untrained_value=0.41))
+    # A search stored before trials had a verdict column summarises without it.
+    assert summarize(frame.drop(columns="verdict"), "vicreg", "probe_map", 5, 6).flagged == {}

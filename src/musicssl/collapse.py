@@ -610,7 +610,8 @@ def collapse_diagnosis(
     """The verdict of :func:`collapse_verdict` and the reasons for it (the rules that fired).
 
     Rules are tried in order, and the first kind with a rule that fires is the verdict: diverged,
-    complete, cluster, dimensional, else none. Reasons read like
+    complete (of the embedding), cluster, complete (of the projection, if ``check_projection``),
+    dimensional, else none. Reasons read like
     ``"l2_std_embedding 0.031 < 0.1"``; they are empty for "none".
     """
     values = {key: _number(metrics, key) for key in _VERDICT_KEYS}
@@ -641,9 +642,6 @@ def collapse_diagnosis(
         + below("rankme_embedding", t.complete_max_effective_rank)
         + above("mean_cosine", t.complete_min_mean_cosine)
     )
-    if t.check_projection:
-        complete += below("l2_std_projection", t.complete_max_l2_std)
-        complete += below("rankme_projection", t.complete_max_effective_rank)
     if complete:
         return CollapseType.COMPLETE.value, complete
 
@@ -658,6 +656,16 @@ def collapse_diagnosis(
     )
     if cluster:
         return CollapseType.CLUSTER.value, cluster
+
+    # The projection's rules come after the prototype rules: for clustering the "projection" is the
+    # prototype scores, and scores that no longer depend on the input are what uniform (or one-hot)
+    # prototype collapse looks like there, which "cluster" names more precisely when its rules see it.
+    if t.check_projection:
+        projection = below("l2_std_projection", t.complete_max_l2_std) + below(
+            "rankme_projection", t.complete_max_effective_rank
+        )
+        if projection:
+            return CollapseType.COMPLETE.value, projection
 
     dimensional = below("rankme_embedding_norm", t.dimensional_max_rank_fraction)
     if dimensional:
