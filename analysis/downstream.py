@@ -167,6 +167,9 @@ class DownstreamConfig:
     device: str = "auto"
     batch_size: int = 256
     workers: int | None = None
+    # Processes fitting the limited-data probes side by side on the CPU (each fit is one thread and
+    # independent of the others; results do not depend on this). None: one per core, 0: in this process.
+    probe_workers: int | None = None
     cache_dir: str | None = None
     use_cache: bool = True
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -190,6 +193,8 @@ class DownstreamConfig:
             problems.append(f"silence_db must be > 0 dB (or None to keep silent segments), got {self.silence_db}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.probe_workers is not None and self.probe_workers < 0:
+            problems.append(f"probe_workers must be >= 0, got {self.probe_workers}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if problems:
@@ -1174,30 +1179,76 @@ def _fit_probes(
     device: torch.device,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Every limited-data fit of one probe: a row per (fraction, draw), and the test predictions of
-    the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores)."""
+    the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores).
+
+    On the CPU the fits run in ``config.probe_workers`` processes (default one per core); each is
+    seeded on its own, so the results are those of fitting them one after the other here."""
     train_pos, valid_pos, test_pos = (split_positions[n] for n in ("train", "valid", "test"))
     valid_x, valid_y = embeddings.track_means[valid_pos], labels[valid_pos]
     test_x, test_labels = embeddings.track_means[test_pos], labels[test_pos]
     has_positive = labels[train_pos].sum(axis=0) > 0
-    rows, main_scores = [], None
-    for (fraction, draw), subset in subsets.items():
+
+    def job(fraction: float, draw: int, subset: np.ndarray) -> tuple:
         chosen = train_pos[subset]
         train_x, owners = embeddings.training_segments(chosen)
         seed = config.seed + 1000 * draw + CLASSIFIERS.index(classifier)
-        fitted = fit_classifier(classifier, train_x, labels[owners], valid_x, valid_y, config.classifier, seed, device)
-        scores = fitted.predict(test_x)
+        return (classifier, train_x, labels[owners], valid_x, valid_y, test_x, config.classifier, seed, device)
+
+    keys = list(subsets)
+    workers = config.probe_workers if config.probe_workers is not None else (os.cpu_count() or 1)
+    workers = min(workers, len(keys)) if device.type == "cpu" else 0
+    if workers <= 1:
+        outcomes = [_fit_and_predict(*job(fraction, draw, subsets[fraction, draw])) for fraction, draw in keys]
+    else:
+        outcomes = _fit_in_processes([lambda key=key: job(*key, subsets[key]) for key in keys], workers)
+
+    rows, main_scores = [], None
+    for (fraction, draw), (scores, fitted) in zip(keys, outcomes):
+        chosen = train_pos[subsets[fraction, draw]]
         tag_scores = score_tags(test_labels, scores, [str(i) for i in range(labels.shape[1])])
         rows.append({
-            "fraction": fraction, "draw": draw, "train_tracks": len(chosen), "train_segments": len(train_x),
+            "fraction": fraction, "draw": draw, "train_tracks": len(chosen), "train_segments": fitted["segments"],
             "tags_without_train_positive": int(((labels[chosen].sum(axis=0) == 0) & has_positive).sum()),
             "roc_auc": tag_scores.roc_auc, "average_precision": tag_scores.average_precision,
-            "valid_score": fitted.best_valid, "criterion": fitted.criterion, "steps": fitted.steps,
-            "best_step": fitted.best_step, "fit_seconds": fitted.seconds,
+            "valid_score": fitted["best_valid"], "criterion": fitted["criterion"], "steps": fitted["steps"],
+            "best_step": fitted["best_step"], "fit_seconds": fitted["seconds"],
         })
         if fraction == 1.0 and draw == 0:
             main_scores = scores
     assert main_scores is not None  # DownstreamConfig always includes the 100 % fraction
     return rows, main_scores
+
+
+def _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, classifier_config, seed, device):
+    """One probe fit and its test predictions, as plain values (what a worker process sends back)."""
+    fitted = fit_classifier(kind, train_x, train_y, valid_x, valid_y, classifier_config, seed, device)
+    return fitted.predict(test_x), {
+        "segments": len(train_x), "best_valid": fitted.best_valid, "criterion": fitted.criterion,
+        "steps": fitted.steps, "best_step": fitted.best_step, "seconds": fitted.seconds,
+    }
+
+
+def _fit_in_processes(jobs: list, workers: int) -> list:
+    """Run ``_fit_and_predict(*job())`` for each job in ``workers`` spawned processes, in order.
+
+    At most two jobs per worker are in flight, so only a few training sets are held in memory (or
+    in the pipes) at a time however many fits there are."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    results: list = [None] * len(jobs)
+    pending: dict = {}
+    next_job = 0
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        while next_job < len(jobs) or pending:
+            while next_job < len(jobs) and len(pending) < 2 * workers:
+                pending[pool.submit(_fit_and_predict, *jobs[next_job]())] = next_job
+                next_job += 1
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[pending.pop(future)] = future.result()
+    return results
 
 
 def _save_probe_results(path: Path, rows: list[dict[str, Any]], main_scores: np.ndarray) -> None:
@@ -1405,6 +1456,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="segments per embedding batch (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="mel-cache decoding processes (default: all cores; "
                         "0: in this process)")
+    parser.add_argument("--probe-workers", type=int, default=None, help="processes fitting the probes side by side "
+                        "on the CPU (default: all cores; 0: in this process); results do not depend on it")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $MUSICSSL_CACHE/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the embeddings and do not store them")
     parser.add_argument("--out", default=None, help="output folder (default: runs/downstream/<dataset>-<time>)")
@@ -1416,8 +1469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; exits 2 with a one-line error on bad input (no traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
+    for flag in ("workers", "probe_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not args.methods and args.no_baselines:
         parser.error("nothing to evaluate: give a checkpoint or run folder, or drop --no-baselines")
     try:
@@ -1426,7 +1480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fractions=args.fractions, draws=args.draws, bootstrap_resamples=args.bootstrap,
             bootstrap_fraction=args.bootstrap_fraction, max_train_segments=args.max_train_segments,
             silence_db=args.silence_db if args.silence_db and args.silence_db > 0 else None, seed=args.seed,
-            device=args.device, batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+            device=args.device, batch_size=args.batch_size, workers=args.workers,
+            probe_workers=args.probe_workers, cache_dir=args.cache_dir,
             use_cache=not args.no_cache,
         )
         methods = _methods_from_args(args)

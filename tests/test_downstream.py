@@ -465,6 +465,25 @@ def test_jamendo_end_to_end_reports_tag_groups(tmp_path):
     assert "Per tag group" in outputs["html"]
 
 
+def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
+    root, audio = tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio"
+    write_jamendo_fixture(root, audio)
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out-{workers}"
+        assert main(["--dataset", "jamendo-top50", "--root", str(root), "--audio-dir", str(audio), "--workers", "0",
+                     "--classifiers", "linear,mlp", "--fractions", "50,100", "--draws", "2", "--bootstrap", "10",
+                     "--probe-workers", workers, "--no-cache", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+        outputs[workers] = read_outputs(out)
+    timing = ["fit_seconds"]
+    in_process, in_workers = outputs["0"], outputs["2"]
+    # 2 classifiers x (50 % x 2 draws + 100 % x 2 draws) x 2 methods, fitted in the same order.
+    assert len(in_process["limited"]) == 16
+    pd.testing.assert_frame_equal(in_process["limited"].drop(columns=timing), in_workers["limited"].drop(columns=timing))
+    pd.testing.assert_frame_equal(in_process["results"], in_workers["results"])
+    pd.testing.assert_frame_equal(in_process["bootstrap"], in_workers["bootstrap"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Command-line misuse
 
