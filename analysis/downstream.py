@@ -169,6 +169,8 @@ class DownstreamConfig:
     workers: int | None = None
     # Processes fitting the limited-data probes side by side on the CPU (each fit is one thread and
     # independent of the others; results do not depend on this). None: one per core, 0: in this process.
+    # They are spawned, so a script that calls run_downstream needs the usual
+    # ``if __name__ == "__main__":`` guard (or probe_workers=0).
     probe_workers: int | None = None
     cache_dir: str | None = None
     use_cache: bool = True
