@@ -148,11 +148,8 @@ def epoch_records(folder: Path) -> dict[int, list[dict]]:
 def stored_rule(folder: Path):
     """The collapse stopping rule a search ran with (from its search.json)."""
     from hpsearch.settings import SearchSettings
-    from hpsearch.stopping import CollapseStopRule
 
-    settings = SearchSettings.load(folder)
-    return CollapseStopRule(settings.grace_epochs, settings.patience_epochs, settings.collapse_thresholds(),
-                            tuple(settings.stop_on))
+    return SearchSettings.load(folder).trial_settings().collapse_rule()
 
 
 def replay(records: dict[int, list[dict]], rule):

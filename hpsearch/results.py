@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from hpsearch.settings import COLLAPSE_TYPES
+
 __all__ = [
     "JOURNAL_FILE",
     "STUDY_NAME",
@@ -167,7 +169,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         saved[outcome] = float((max_epochs - epochs[mask]).clip(lower=0).sum()) if len(frame) else 0.0
     flagged: dict[str, int] = {}
     if len(frame) and "verdict" in frame:
-        ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(("complete", "dimensional", "cluster"))]
+        ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(COLLAPSE_TYPES)]
         flagged = {str(name): int(count) for name, count in ended["verdict"].value_counts().sort_index().items()}
     return SearchSummary(
         method=method,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "COLLAPSE_TYPES",
     "OBJECTIVES",
     "SCHEDULERS",
     "DEFAULT_STOP_ON",
@@ -23,8 +24,9 @@ SEARCH_FILE = "search.json"
 # What a trial can be scored by; every one is maximised.
 OBJECTIVES = ("probe_map", "probe_auc", "rankme")
 SCHEDULERS = ("asha", "none")
-# The collapse types that stop a trial by default: "dimensional" is recorded, not acted on (see
-# hpsearch.stopping).
+# The collapse verdicts a stopping rule can act on ("diverged" always stops), and those it acts on
+# by default: "dimensional" is recorded, not acted on (see hpsearch.stopping).
+COLLAPSE_TYPES = ("complete", "dimensional", "cluster")
 DEFAULT_STOP_ON = ("complete", "cluster")
 
 
@@ -56,6 +58,14 @@ class TrialSettings:
     thresholds: dict[str, Any] = field(default_factory=dict)
     # The collapse types that stop a trial; "diverged" always does.
     stop_on: tuple[str, ...] = DEFAULT_STOP_ON
+
+    def collapse_rule(self):
+        """The :class:`hpsearch.stopping.CollapseStopRule` every trial of the search applies."""
+        from hpsearch.stopping import CollapseStopRule
+        from musicssl.collapse import CollapseThresholds
+
+        return CollapseStopRule(self.grace_epochs, self.patience_epochs, CollapseThresholds(**self.thresholds),
+                                self.stop_on)
 
 
 # What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
@@ -134,8 +144,6 @@ class SearchSettings:
             self.collapse_thresholds()
         except (TypeError, ValueError) as error:
             problems.append(str(error))
-        from hpsearch.stopping import COLLAPSE_TYPES
-
         self.stop_on = list(self.stop_on)
         unknown = [kind for kind in self.stop_on if kind not in COLLAPSE_TYPES]
         if unknown or not self.stop_on:

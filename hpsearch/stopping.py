@@ -36,12 +36,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from hpsearch.settings import DEFAULT_STOP_ON
+from hpsearch.settings import COLLAPSE_TYPES, DEFAULT_STOP_ON
 from musicssl.collapse import CollapseThresholds, collapse_diagnosis
 
 __all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "DEFAULT_STOP_ON", "verdict_from_record"]
 
-COLLAPSE_TYPES = ("complete", "dimensional", "cluster")
 _COLLAPSE_PREFIX = "collapse_"
 
 

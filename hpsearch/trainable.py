@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hpsearch.settings import TrialSettings
-from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+from hpsearch.stopping import CollapseMonitor
 
 __all__ = [
     "TRIAL_NUMBER_KEY",
@@ -185,9 +185,7 @@ def run_trial(
         return
     started, cpu_started = time.perf_counter(), time.process_time()
     params = {name: value for name, value in config.items() if name != TRIAL_NUMBER_KEY}
-    monitor = CollapseMonitor(
-        CollapseStopRule(settings.grace_epochs, settings.patience_epochs, _thresholds(settings), settings.stop_on)
-    )
+    monitor = CollapseMonitor(settings.collapse_rule())
     reporter = _EpochReporter(settings, data, monitor, tune.report)
     try:
         record, checkpoint = _train_and_score(settings, params, data, monitor, reporter)
@@ -210,12 +208,6 @@ def run_trial(
         torch.save(state, Path(folder) / "backbone.pt")
         (Path(folder) / "config.json").write_text(json.dumps(trial_config, indent=2, default=str))
         tune.report(record, checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-def _thresholds(settings: TrialSettings):
-    from musicssl.collapse import CollapseThresholds
-
-    return CollapseThresholds(**settings.thresholds)
 
 
 def _train_and_score(
