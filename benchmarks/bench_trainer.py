@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from musicssl.pretext.base import Progress
-from musicssl.train import SSLModule, TrainConfig, build_method, quiet_lightning, warmup_cosine
+from musicssl.train import SSLModule, TrainConfig, build_method, optimizer_groups, quiet_lightning, warmup_cosine
 
 
 class RepeatedBatches(Dataset):
@@ -42,7 +42,9 @@ class RepeatedBatches(Dataset):
 
 
 def plain_loop(method, config: TrainConfig, batches: list[torch.Tensor]) -> float:
-    optimizer = torch.optim.AdamW(method.student_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(method, config.learning_rate), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     total = len(batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, 5, total))
     method.train()

@@ -89,10 +89,49 @@ def test_cpu_preset_scales_the_heads_and_settings_override_them():
     settings = method_settings(config)
     assert settings.hidden_dim == 256 and settings.projection_dim == 1024 and settings.var_weight == 2.5
     assert method_settings(TrainConfig(method="vicreg", preset="paper")).projection_dim == 2048
+    # A method-specific preset setting: BYOL's predictor learning rate on the CPU preset only.
+    assert method_settings(TrainConfig(method="byol", preset="cpu")).predictor_lr_scale == 10.0
+    assert method_settings(TrainConfig(method="byol", preset="paper")).predictor_lr_scale == 1.0
+    own = TrainConfig(method="byol", preset="cpu", method_params={"predictor_lr_scale": "1"})
+    assert method_settings(own).predictor_lr_scale == 1.0
     with pytest.raises(ConfigError, match="unknown setting 'var_wieght'"):
         method_settings(TrainConfig(method="vicreg", method_params={"var_wieght": "1"}))
     with pytest.raises(ConfigError, match="expects a number"):
         method_settings(TrainConfig(method="vicreg", method_params={"var_weight": "lots"}))
+
+
+def test_byol_predictor_learning_rate_scale_reaches_the_optimiser_step():
+    from musicssl.train import SSLModule, build_method
+
+    torch.manual_seed(0)
+    config = TrainConfig(method="byol", preset="cpu", learning_rate=1e-3, method_params={"predictor_lr_scale": "10"})
+    method = build_method(config)
+    optimiser = SSLModule(method, config, steps_per_epoch=10).configure_optimizers()["optimizer"]
+    predictor = {id(p) for p in method.predictor.parameters()}
+    assert [group["initial_lr"] for group in optimiser.param_groups] == pytest.approx([1e-3, 1e-2])
+    # The schedule scales both alike: step 0 of a 10-step warm-up is at 1/10.
+    assert [group["lr"] for group in optimiser.param_groups] == pytest.approx([1e-4, 1e-3])
+    assert {id(p) for p in optimiser.param_groups[1]["params"]} == predictor
+    grouped = [id(p) for group in optimiser.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in method.student_parameters())  # each once, no teacher
+    # Adam's first step moves every weight with a gradient by about the learning rate (m / sqrt(v) = sign(g)).
+    before = {id(p): p.detach().clone() for p in method.student_parameters()}
+    views = [torch.randn(8, 64, 126) for _ in range(2)]
+    from musicssl.pretext.base import Progress
+
+    method.training_loss(views, Progress(0, 10, 10))["loss"].backward()
+    optimiser.step()
+    steps = {"predictor": [], "projector": []}
+    for name, part in (("predictor", method.predictor), ("projector", method.projector)):
+        for p in part.parameters():
+            if p.dim() == 2:  # weight matrices: decay is lr * 1e-4 per step, negligible next to lr
+                steps[name].append((p.detach() - before[id(p)]).abs().median())
+    assert torch.stack(steps["predictor"]).median() == pytest.approx(1e-3, rel=0.05)
+    assert torch.stack(steps["projector"]).median() == pytest.approx(1e-4, rel=0.05)
+    with pytest.raises(ValueError, match="predictor_lr_scale must be > 0"):
+        method_settings(TrainConfig(method="byol", method_params={"predictor_lr_scale": "0"}))
+    without = build_method(TrainConfig(method="byol", method_params={"use_predictor": "false"}))
+    assert [scale for _, scale in without.parameter_groups()] == [1.0]
 
 
 def test_registry_has_the_five_methods():

@@ -104,6 +104,14 @@ class PretextMethod(nn.Module):
         """Parameters the optimiser updates (the teacher, if any, is excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The :meth:`student_parameters` split into ``(parameters, learning-rate scale)`` groups.
+
+        The optimiser gives each group the run's learning rate times its scale (the schedule applies
+        to all alike). Default: one group at scale 1.
+        """
+        return [(self.student_parameters(), 1.0)]
+
 
 # --------------------------------------------------------------------------------------------------
 # Helpers the methods share

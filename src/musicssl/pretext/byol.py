@@ -69,10 +69,15 @@ class BYOLConfig:
     projection_dim: int = 2048  # projector output size
     predictor_hidden_dim: int = 256
     use_predictor: bool = True  # False gives the predictor-free variant, which collapses
+    # The predictor's learning rate relative to the run's (SimSiam's and DirectPred's remedy for a
+    # predictor that lags behind the encoder: 10).
+    predictor_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.base_ema_rate <= 1.0:
             raise ValueError(f"base_ema_rate must be in [0, 1], got {self.base_ema_rate}")
+        if not self.predictor_lr_scale > 0:
+            raise ValueError(f"predictor_lr_scale must be > 0, got {self.predictor_lr_scale}")
         for name in ("hidden_dim", "projection_dim", "predictor_hidden_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -106,6 +111,14 @@ class BYOL(PretextMethod):
     def student_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters outside the teacher (explicit, so unfreezing the module cannot leak it in)."""
         return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher_")]
+
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The predictor at ``predictor_lr_scale`` times the learning rate, the rest of the student at 1."""
+        predictor = {id(p) for p in self.predictor.parameters()}
+        student = self.student_parameters()
+        rest = [p for p in student if id(p) not in predictor]
+        own = [p for p in student if id(p) in predictor]
+        return [(rest, 1.0), (own, float(self.config.predictor_lr_scale))] if own else [(rest, 1.0)]
 
     def ema_rate(self, progress: Progress) -> float:
         """The teacher's EMA rate at ``progress``: cosine from ``base_ema_rate`` to 1."""
