@@ -95,6 +95,7 @@ STUDY_DEFAULTS = {
         "projection_dim": 2048,
         "predictor_hidden_dim": 256,
         "use_predictor": True,
+        "predictor_lr_scale": 1.0,  # the study trains the predictor at the encoder's learning rate
     },
     "clustering": {
         "num_prototypes": 4096,
