@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from musicssl.models import Backbone
+from musicssl.pretext.base import Progress
 from musicssl.pretext.registry import available_methods
-from musicssl.train import ConfigError, TrainConfig, method_settings, train, warmup_cosine
+from musicssl.train import ConfigError, SSLModule, TrainConfig, build_method, method_settings, train, warmup_cosine
 
 
 def tiny_config(method: str, tmp_path, **changes) -> TrainConfig:
@@ -101,8 +102,6 @@ def test_cpu_preset_scales_the_heads_and_settings_override_them():
 
 
 def test_byol_predictor_learning_rate_scale_reaches_the_optimiser_step():
-    from musicssl.train import SSLModule, build_method
-
     torch.manual_seed(0)
     config = TrainConfig(method="byol", preset="cpu", learning_rate=1e-3, method_params={"predictor_lr_scale": "10"})
     method = build_method(config)
@@ -117,8 +116,6 @@ def test_byol_predictor_learning_rate_scale_reaches_the_optimiser_step():
     # Adam's first step moves every weight with a gradient by about the learning rate (m / sqrt(v) = sign(g)).
     before = {id(p): p.detach().clone() for p in method.student_parameters()}
     views = [torch.randn(8, 64, 126) for _ in range(2)]
-    from musicssl.pretext.base import Progress
-
     method.training_loss(views, Progress(0, 10, 10))["loss"].backward()
     optimiser.step()
     steps = {"predictor": [], "projector": []}

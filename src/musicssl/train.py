@@ -116,9 +116,8 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
 # What each backbone preset changes in the methods' defaults (the run's own ``--set`` values still win).
 # "*" applies to every method that has the field: head sizes (the study's heads are sized for its
 # 1024-d embedding; on the 256-d CPU backbone they would dominate the step time). A method's name
-# applies to that method only: settings chosen on the preset's own short runs (README, "Results on the
-# embedded corpus"): BYOL's predictor learns 10x faster (SimSiam's and DirectPred's remedy; after
-# 1,000 steps, test mAP 0.428 -> 0.447 with seed 0 and 0.369 -> 0.410 with seed 1).
+# applies to that method only: settings chosen on the preset's own short runs, with their measurements
+# in the README ("Results on the embedded corpus"): BYOL's predictor learns 10x faster.
 PRESET_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "cpu": {
