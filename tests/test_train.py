@@ -53,6 +53,9 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     assert len(metrics) == 2 and "train_loss" in metrics and "collapse_l2_std_embedding" in metrics
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 2
+    # Where it ran and in which precision: the defaults pick the GPU (bf16) when there is one.
+    on_gpu = torch.cuda.is_available()
+    assert (summary["accelerator"], summary["precision"]) == (("gpu", "bf16-mixed") if on_gpu else ("cpu", "32-true"))
     # The checkpoint is a plain state_dict of the backbone, loadable without pickled code.
     state = torch.load(out / "backbone.pt", weights_only=True)
     backbone = Backbone(preset="cpu")
@@ -158,7 +161,7 @@ def test_batch_size_defaults_to_the_presets_value_for_the_method_and_an_explicit
     assert config_from_args(parser.parse_args(["barlow_twins"])).batch_size is None
     assert config_from_args(parser.parse_args(["barlow_twins", "--batch-size", "16"])).batch_size == 16
     assert config_from_args(parser.parse_args(["barlow_twins", "--set", "batch_size=24"])).batch_size == 24
-    # train() runs with the resolved value: the tonal set's 33 training tracks are too few for 128.
+    # train() runs with the resolved value: the tonal set's 34 training tracks are too few for 128.
     with pytest.raises(ConfigError, match="for batch_size 128"):
         train(tiny_config("barlow_twins", tmp_path, batch_size=None), data=tonal_data, progress_bar=False)
 

@@ -137,9 +137,9 @@ PRESET_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# Run settings a preset changes for one method, where the run leaves them unset (None); measured the
-# same way, README "Results on the embedded corpus": with 64 samples Barlow Twins' 1,024 x 1,024
-# cross-correlation is mostly sampling noise, and at 128 its short default run beats the random backbone.
+# Run settings a preset changes for one method where the run leaves them unset (None), chosen like the
+# method settings above on the preset's own short runs (README, "Results on the embedded corpus"):
+# Barlow Twins' cross-correlation of 1,024 features needs more than 64 samples per step.
 PRESET_RUN_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "cpu": {"barlow_twins": {"batch_size": 128}},
