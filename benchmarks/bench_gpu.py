@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="dry run of the script on the CPU (tiny --steps)")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
+    if args.steps < 2 or args.batch_size < 2:
+        print("bench_gpu: --steps and --batch-size must be at least 2 (a rate needs two step ends; batch "
+              "statistics need two samples)", file=sys.stderr)
+        return 2
     if device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible to torch; run it on a machine with a GPU (or --cpu for a dry run)",
               file=sys.stderr)
