@@ -35,7 +35,7 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from musicssl.pretext.base import Progress
+from bench_trainer import plain_step  # the same bare step as the CPU trainer benchmark's plain loop
 from musicssl.train import TrainConfig, build_method, optimizer_groups, quiet_lightning, train
 
 METHODS = ("contrastive", "byol", "clustering", "barlow_twins", "vicreg")
@@ -56,14 +56,8 @@ def model_step_seconds(method_name: str, batch_size: int, bf16: bool, benchmark:
     total = warmup + 3 * steps
 
     def step(number: int) -> None:
-        views = list(batch.unbind(dim=1))
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            loss = method.training_loss(views, Progress(number, total, total))["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(method.student_parameters(), config.gradient_clip)
-        optimizer.step()
-        method.after_optimizer_step(Progress(number + 1, total, total))
+        plain_step(method, optimizer, batch, number, total, config.gradient_clip,
+                   autocast=lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16))
 
     for number in range(warmup):
         step(number)

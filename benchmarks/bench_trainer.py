@@ -17,6 +17,7 @@ training seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -41,6 +42,19 @@ class RepeatedBatches(Dataset):
         return self.batches[index], torch.zeros(len(self.batches[index]), dtype=torch.long)
 
 
+def plain_step(method, optimizer, batch: torch.Tensor, step: int, total: int, gradient_clip: float,
+               autocast=contextlib.nullcontext) -> None:
+    """One training step without Lightning: loss (inside ``autocast()``), backward, clipping, AdamW, EMA."""
+    views = list(batch.unbind(dim=1))
+    with autocast():
+        loss = method.training_loss(views, Progress(step, total, total))["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(method.student_parameters(), gradient_clip)
+    optimizer.step()
+    method.after_optimizer_step(Progress(step + 1, total, total))
+
+
 def plain_loop(method, config: TrainConfig, batches: list[torch.Tensor]) -> float:
     optimizer = torch.optim.AdamW(
         optimizer_groups(method, config.learning_rate), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -50,14 +64,8 @@ def plain_loop(method, config: TrainConfig, batches: list[torch.Tensor]) -> floa
     method.train()
     started = time.perf_counter()
     for step, batch in enumerate(batches):
-        views = list(batch.unbind(dim=1))
-        loss = method.training_loss(views, Progress(step, total, total))["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(method.student_parameters(), config.gradient_clip)
-        optimizer.step()
+        plain_step(method, optimizer, batch, step, total, config.gradient_clip)
         scheduler.step()
-        method.after_optimizer_step(Progress(step + 1, total, total))
     return (time.perf_counter() - started) / total
 
 
