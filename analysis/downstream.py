@@ -8,8 +8,17 @@
 Each positional argument is a method to evaluate: a training run folder (``config.json`` +
 ``backbone.pt``), a search folder (``best_config.json`` + ``best_backbone.pt``), a ``.pt`` state_dict
 (``--preset`` names its architecture), or a baseline: ``random`` (a randomly initialised backbone of
-the preset, seeded) or ``melstats`` (per-band mean and standard deviation of the log-mel). Both
-baselines are added unless ``--no-baselines``. ``LABEL=PATH`` names a method in the tables.
+the preset, seeded), ``random-bn`` (the same weights, with BatchNorm statistics measured on the
+training data, see below) or ``melstats`` (per-band mean and standard deviation of the log-mel). All
+three are added unless ``--no-baselines``. ``LABEL=PATH`` names a method in the tables.
+
+Why two random baselines*: an untrained backbone's BatchNorm layers hold their initial running
+statistics (mean 0, variance 1), so in eval mode they pass activations through unnormalised, while
+any trained checkpoint carries statistics of real data. ``random-bn`` keeps the random weights and
+sets every BatchNorm's running mean and variance to the average of its batch statistics over a
+seeded sample of ``bn_calibration_segments`` (2048) training segments, in shuffled batches of about
+``batch_size`` (torch.optim.swa_utils.update_bn). It is the random backbone in the state training
+leaves BatchNorm in, which can read lower than ``random`` (on the embedded corpus it does).
 
 Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *):
 
@@ -82,6 +91,8 @@ __all__ = [
     "MethodSpec",
     "TagScores",
     "build_backbone",
+    "calibrate_batchnorm",
+    "calibration_segments",
     "compute_embeddings",
     "fit_classifier",
     "limited_data_subsets",
@@ -96,7 +107,7 @@ __all__ = [
     "write_outputs",
 ]
 
-BASELINES = ("random", "melstats")
+BASELINES = ("random", "random-bn", "melstats")
 CLASSIFIERS = ("linear", "mlp")
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
 CACHE_FORMAT = 1
@@ -104,6 +115,7 @@ PROBE_FORMAT = 1  # raise when the probes' training changes, so cached probe res
 # Weight files looked for in a folder, in this order: a search's best trial, then a single run.
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
+_CALIBRATION_STREAM = 0x424E43414C  # "BNCAL": the random-bn baseline's sample of training segments
 
 
 class DownstreamError(ValueError):
@@ -172,6 +184,8 @@ class DownstreamConfig:
     # They are spawned, so a script that calls run_downstream needs the usual
     # ``if __name__ == "__main__":`` guard (or probe_workers=0).
     probe_workers: int | None = None
+    # The random-bn baseline: training segments its BatchNorm statistics are measured on.
+    bn_calibration_segments: int = 2048
     cache_dir: str | None = None
     use_cache: bool = True
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -195,6 +209,8 @@ class DownstreamConfig:
             problems.append(f"silence_db must be > 0 dB (or None to keep silent segments), got {self.silence_db}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.bn_calibration_segments < 2:
+            problems.append(f"bn_calibration_segments must be >= 2, got {self.bn_calibration_segments}")
         if self.probe_workers is not None and self.probe_workers < 0:
             problems.append(f"probe_workers must be >= 0, got {self.probe_workers}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -235,13 +251,13 @@ def resolve_device(name: str) -> torch.device:
 class MethodSpec:
     """One column of the comparison: a checkpoint or a baseline, with the architecture to load it into.
 
-    ``kind`` is ``checkpoint``, ``random`` or ``melstats``. ``preset`` is the backbone preset
+    ``kind`` is ``checkpoint``, ``random``, ``random-bn`` or ``melstats``. ``preset`` is the backbone preset
     (``None`` for ``melstats``, which uses the mel bands of ``n_mels``). ``path`` is the weights file
     and ``config_path`` the run's configuration, when there is one.
     """
 
     label: str
-    kind: Literal["checkpoint", "random", "melstats"]
+    kind: Literal["checkpoint", "random", "random-bn", "melstats"]
     preset: str | None
     n_mels: int
     path: Path | None = None
@@ -254,6 +270,9 @@ class MethodSpec:
             return f"{self.label}: {self.path} (preset {self.preset})"
         if self.kind == "random":
             return f"{self.label}: randomly initialised {self.preset} backbone (seed {self.seed})"
+        if self.kind == "random-bn":
+            return (f"{self.label}: randomly initialised {self.preset} backbone (seed {self.seed}), BatchNorm "
+                    "statistics from training segments")
         return f"{self.label}: mean and std of each of the {self.n_mels} log-mel bands"
 
 
@@ -301,8 +320,8 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
         if not label or not target:
             raise DownstreamError(f"{argument!r}: write LABEL=PATH with both parts non-empty")
     if target in BASELINES:
-        if target == "random":
-            return MethodSpec(label or "random", "random", preset, _preset_mels(preset), seed=seed)
+        if target in ("random", "random-bn"):
+            return MethodSpec(label or target, target, preset, _preset_mels(preset), seed=seed)
         return MethodSpec(label or "melstats", "melstats", None, _preset_mels(preset), seed=seed)
 
     path = Path(target).expanduser()
@@ -411,14 +430,17 @@ def _shape_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor]) -> st
 
 
 def build_backbone(spec: MethodSpec) -> nn.Module:
-    """The frozen backbone of a ``checkpoint`` or ``random`` spec, in eval mode, on the CPU.
+    """The frozen backbone of a ``checkpoint``, ``random`` or ``random-bn`` spec, in eval mode, on the CPU.
+
+    ``random-bn`` gives the same initial weights as ``random``; :func:`calibrate_batchnorm` then sets
+    its BatchNorm statistics (which needs the dataset, so it happens later, in :func:`run_downstream`).
 
     A checkpoint whose tensors do not fit the preset raises :class:`DownstreamError` naming the
     preset and, when one fits, the preset to use instead.
     """
     from musicssl.models import PRESETS, Backbone
 
-    if spec.kind == "random":
+    if spec.kind in ("random", "random-bn"):
         # A private RNG stream: the baseline is the same whatever ran before, and global state is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
@@ -457,6 +479,60 @@ def melstats_features(segments: Tensor) -> Tensor:
     """The ``melstats`` baseline: per mel band, the mean and the (population) standard deviation over
     the frames of each segment, ``(B, n_mels, frames)`` -> ``(B, 2 * n_mels)`` [means, stds]."""
     return torch.cat([segments.mean(dim=-1), segments.std(dim=-1, unbiased=False)], dim=1)
+
+
+def calibration_segments(cache, track_ids: Sequence[str], config: DownstreamConfig, seed: int) -> Tensor:
+    """The random-bn baseline's data: a seeded sample of ``config.bn_calibration_segments`` training segments.
+
+    ``track_ids`` are the training tracks. Segments are the protocol's (``max_train_segments`` per track,
+    silent ones dropped). Tracks are visited in a seeded random order and each gives the same number
+    of randomly chosen segments (as many as needed to reach the count, or all it has), so the sample
+    spreads over many tracks; it is returned shuffled. Fewer segments than asked when the training
+    split has fewer.
+    """
+    from musicssl.data.views import track_segments
+
+    if not len(track_ids):
+        raise DownstreamError("the random-bn baseline needs training tracks to measure BatchNorm statistics on")
+    wanted = config.bn_calibration_segments
+    rng = np.random.default_rng([seed, _CALIBRATION_STREAM])
+    per_track = max(1, math.ceil(wanted / len(track_ids)))
+    parts: list[Tensor] = []
+    gathered = 0
+    for position in rng.permutation(len(track_ids)):
+        segments = track_segments(
+            cache, track_ids[position], hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
+            max_segments=config.max_train_segments, silence_db=config.silence_db,
+        )
+        if len(segments) == 0:
+            continue
+        chosen = rng.choice(len(segments), size=min(per_track, len(segments), wanted - gathered), replace=False)
+        parts.append(segments[torch.from_numpy(np.sort(chosen))])
+        gathered += len(chosen)
+        if gathered >= wanted:
+            break
+    if not parts:
+        raise DownstreamError("the training tracks have no 4 s segment to measure BatchNorm statistics on")
+    sample = torch.cat(parts)
+    return sample[torch.from_numpy(rng.permutation(len(sample)))]
+
+
+def calibrate_batchnorm(backbone: nn.Module, segments: Tensor, batch_size: int, device: torch.device | None = None) -> int:
+    """Set every BatchNorm's running mean and variance from ``segments``, leaving all weights as they are.
+
+    One pass in train mode with cumulative averaging (:func:`torch.optim.swa_utils.update_bn`): each
+    running statistic becomes the average of its per-batch statistics. The segments are cut into
+    ``ceil(len / batch_size)`` batches of near-equal size (no batch of one). Returns the number of
+    batches; the backbone is left in eval mode.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if len(segments) < 2:
+        raise DownstreamError(f"need at least 2 segments to measure BatchNorm statistics, got {len(segments)}")
+    batches = torch.tensor_split(segments, math.ceil(len(segments) / batch_size))
+    update_bn(batches, backbone, device=device)
+    backbone.eval()
+    return len(batches)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -949,19 +1025,32 @@ def open_index(config: DownstreamConfig):
     return open_dataset(config.dataset, config.root, **options)
 
 
-def _embedder(spec: MethodSpec, device: torch.device) -> tuple[Callable[[Tensor], Tensor], str]:
-    """The batch -> embedding function of a method and the key its cache files are named by."""
+def _embedder(
+    spec: MethodSpec, device: torch.device, config: DownstreamConfig
+) -> tuple[Callable[[Tensor], Tensor], str, Callable[..., int] | None]:
+    """The batch -> embedding function of a method, the key its cache files are named by, and (for
+    ``random-bn``) the step that must run before it: ``calibrate(cache, train_ids)`` -> segments used."""
     if spec.kind == "melstats":
-        return melstats_features, "melstats"
+        return melstats_features, "melstats", None
     backbone = build_backbone(spec)
     key = f"{spec.kind}-{spec.preset}-{weights_digest(backbone)[:16]}"
     backbone = backbone.to(device)
+    calibrate = None
+    if spec.kind == "random-bn":
+        # The initial weights' digest, plus what the statistics are measured on (the dataset and the
+        # segment protocol are in the cache file's name already).
+        key += f"-bn{config.bn_calibration_segments}x{config.batch_size}s{spec.seed}"
+
+        def calibrate(cache, train_ids: Sequence[str]) -> int:
+            segments = calibration_segments(cache, train_ids, config, spec.seed)
+            calibrate_batchnorm(backbone, segments, config.batch_size, device)
+            return len(segments)
 
     @torch.inference_mode()
     def embed(batch: Tensor) -> Tensor:
         return backbone(batch.to(device, non_blocking=True))
 
-    return embed, key
+    return embed, key, calibrate
 
 
 def run_downstream(
@@ -989,7 +1078,7 @@ def run_downstream(
         raise DownstreamError(f"methods {repeated} appear twice; name them apart with LABEL=PATH")
     device = resolve_device(config.device)
     # Load every checkpoint first: a wrong architecture fails now, not after the dataset is prepared.
-    embedders = {spec.label: _embedder(spec, device) for spec in methods}
+    embedders = {spec.label: _embedder(spec, device, config) for spec in methods}
 
     index = index if index is not None else open_index(config)
     dataset_name = config.dataset if config.dataset.lower() in _named_datasets() else index.name
@@ -1056,12 +1145,17 @@ def run_downstream(
         method_started = time.perf_counter()
         data = prepared[spec.n_mels]
         log(f"method {spec.describe()}")
-        embed, method_key = embedders[spec.label]
+        embed, method_key, calibrate = embedders[spec.label]
         path = embeddings_path(
             embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(), config.protocol()
         )
         embeddings = load_embeddings(path, usable) if config.use_cache else None
         if embeddings is None:
+            if calibrate is not None:
+                calibrate_started = time.perf_counter()
+                used = calibrate(data.cache, [usable[p] for p in train_pos])
+                log(f"  BatchNorm statistics from {used} training segments in "
+                    f"{time.perf_counter() - calibrate_started:.1f} s")
             embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress, spec.label)
             if config.use_cache:
                 save_embeddings(path, embeddings, {"method": spec.describe(), "dataset": dataset_name,
@@ -1419,12 +1513,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.downstream",
         description="Evaluate frozen backbones with the study's downstream protocol: linear and MLP probes on "
-        "segment embeddings, bootstrap intervals, limited-data curves and the random / mel-statistics baselines.",
+        "segment embeddings, bootstrap intervals, limited-data curves and the random-backbone / mel-statistics "
+        "baselines.",
     )
     parser.add_argument(
         "methods", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
         help="training run folder (config.json + backbone.pt), search folder (best_config.json + best_backbone.pt), "
-        ".pt state_dict, or random / melstats; LABEL=PATH names it",
+        ".pt state_dict, or a baseline: random, random-bn (random weights, BatchNorm statistics from the "
+        "training data), melstats; LABEL=PATH names it",
     )
     parser.add_argument("--dataset", default=defaults.dataset,
                         help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, msd, or a "
@@ -1434,7 +1530,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None,
                         help="backbone preset of bare .pt checkpoints and of the baselines (default: cpu; the "
                         "baselines follow the first checkpoint); run folders always use the preset in their config")
-    parser.add_argument("--no-baselines", action="store_true", help="do not add the random and melstats baselines")
+    parser.add_argument("--no-baselines", action="store_true", help="do not add the random, random-bn and melstats baselines")
     parser.add_argument("--classifiers", type=_classifier_list, default=defaults.classifiers,
                         help="probes, comma-separated (default: linear,mlp)")
     parser.add_argument("--fractions", type=_percentages, default=defaults.fractions,
@@ -1451,11 +1547,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--silence-db", type=float, default=defaults.silence_db,
                         help="a training segment is silent when its loudest bin is this many dB below the track's "
                         "(default: %(default)s; 0 keeps every segment)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of subsets, probes, bootstrap, random baseline")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of subsets, probes, bootstrap, random baselines")
     parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                         help="segments per embedding batch (default: %(default)s)")
+    parser.add_argument("--bn-segments", type=_positive_int, default=defaults.bn_calibration_segments,
+                        help="training segments the random-bn baseline measures its BatchNorm statistics on "
+                        "(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="mel-cache decoding processes (default: all cores; "
                         "0: in this process)")
     parser.add_argument("--probe-workers", type=int, default=None, help="processes fitting the probes side by side "
@@ -1483,7 +1582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap_fraction=args.bootstrap_fraction, max_train_segments=args.max_train_segments,
             silence_db=args.silence_db if args.silence_db and args.silence_db > 0 else None, seed=args.seed,
             device=args.device, batch_size=args.batch_size, workers=args.workers,
-            probe_workers=args.probe_workers, cache_dir=args.cache_dir,
+            probe_workers=args.probe_workers, bn_calibration_segments=args.bn_segments, cache_dir=args.cache_dir,
             use_cache=not args.no_cache,
         )
         methods = _methods_from_args(args)
@@ -1537,10 +1636,10 @@ def _methods_from_args(args: argparse.Namespace) -> list[MethodSpec]:
                else resolve_method(argument, baseline_preset, True, args.seed) for argument in args.methods]
     if not args.no_baselines:
         present = {m.kind for m in methods}
-        if "random" not in present:
-            methods.append(resolve_method("random", baseline_preset, True, args.seed))
-        if "melstats" not in present:
-            methods.append(resolve_method("melstats", baseline_preset, True, args.seed))
+        labels = {m.label for m in methods}
+        for baseline in BASELINES:
+            if baseline not in present and baseline not in labels:
+                methods.append(resolve_method(baseline, baseline_preset, True, args.seed))
     return methods
 
 

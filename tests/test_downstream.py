@@ -25,6 +25,8 @@ from analysis.downstream import (
     DownstreamConfig,
     DownstreamError,
     build_backbone,
+    calibrate_batchnorm,
+    calibration_segments,
     compute_embeddings,
     fit_classifier,
     limited_data_subsets,
@@ -293,7 +295,8 @@ def test_baselines_follow_the_checkpoints_architecture(tmp_path):
     run = save_run(tmp_path / "paper-run", Backbone(preset="paper").state_dict(), {"method": "byol", "preset": "paper"})
     methods = _methods_from_args(build_parser().parse_args([str(run), "random"]))
     assert [(m.label, m.kind, m.preset, m.n_mels) for m in methods] == [
-        ("byol", "checkpoint", "paper", 128), ("random", "random", "paper", 128), ("melstats", "melstats", None, 128)]
+        ("byol", "checkpoint", "paper", 128), ("random", "random", "paper", 128),
+        ("random-bn", "random-bn", "paper", 128), ("melstats", "melstats", None, 128)]
     methods = _methods_from_args(build_parser().parse_args(["--no-baselines", "melstats", "--preset", "cpu"]))
     assert [(m.kind, m.n_mels) for m in methods] == [("melstats", 64)]
 
@@ -309,6 +312,85 @@ def test_random_baseline_is_seeded_and_leaves_the_global_rng_alone():
     key = "attention_pool.positional_embedding"
     assert torch.equal(first.state_dict()[key], second.state_dict()[key])
     assert not torch.equal(first.state_dict()[key], third.state_dict()[key])
+    # random-bn starts from the very same network as random with the same seed.
+    calibrated = build_backbone(resolve_method("random-bn", "cpu", True, seed=5))
+    assert all(torch.equal(value, calibrated.state_dict()[name]) for name, value in first.state_dict().items())
+
+
+def test_batchnorm_calibration_sets_running_statistics_and_nothing_else():
+    """Every BatchNorm's running mean / variance become the average of its per-batch mean / unbiased
+    variance (written out here for the first one); every weight keeps its initial value."""
+    backbone = build_backbone(resolve_method("random-bn", "cpu", True, seed=3))
+    initial = {name: value.clone() for name, value in backbone.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    segments = -4.0 + 3.0 * torch.randn(10, 64, 126, generator=generator)  # log-mel-like: far from mean 0 / var 1
+    assert calibrate_batchnorm(backbone, segments, batch_size=4) == 3  # ceil(10 / 4) batches: 4, 3, 3
+    assert not backbone.training
+
+    norms = [(name, module) for name, module in backbone.named_modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert len(norms) > 10
+    for name, module in norms:
+        assert int(module.num_batches_tracked) == 3, name
+        assert not torch.allclose(module.running_var, torch.ones_like(module.running_var)), name
+        assert module.momentum == 0.1, name  # restored after the cumulative pass
+    state = backbone.state_dict()
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    unchanged = [name for name in initial if not name.endswith(statistics)]
+    assert unchanged and all(torch.equal(initial[name], state[name]) for name in unchanged)
+
+    stem_conv, stem_norm = backbone.trunk.stem[0], backbone.trunk.stem[1]
+    means, variances = [], []
+    with torch.no_grad():
+        for batch in (segments[:4], segments[4:7], segments[7:]):
+            output = stem_conv(batch.unsqueeze(1)).double()
+            means.append(output.mean(dim=(0, 2, 3)))
+            count = output.shape[0] * output.shape[2] * output.shape[3]
+            variances.append(((output - means[-1][None, :, None, None]) ** 2).sum(dim=(0, 2, 3)) / (count - 1))
+    torch.testing.assert_close(stem_norm.running_mean.double(), torch.stack(means).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stem_norm.running_var.double(), torch.stack(variances).mean(0), rtol=1e-4, atol=1e-5)
+
+    # No batch of one (BatchNorm cannot take it): 5 segments in batches of 4 are cut 3 + 2.
+    assert calibrate_batchnorm(backbone, segments[:5], batch_size=4) == 2
+    with pytest.raises(DownstreamError, match="at least 2 segments"):
+        calibrate_batchnorm(backbone, segments[:1], batch_size=4)
+
+
+def test_calibration_segments_are_a_seeded_sample_of_training_segments(tmp_path):
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.index import TrackIndex
+    from musicssl.data.pipeline import prepare_data
+
+    records = []
+    for number in range(4):
+        path = tmp_path / "audio" / f"clip{number}.flac"
+        write_clip(path, number, seconds=14.0, seed=number)
+        records.append({"track_id": f"c{number}", "path": str(path), "split": "train", "tags": ["x"]})
+    data = prepare_data(TrackIndex.from_records(records), LogMelConfig(n_mels=64), cache_dir=tmp_path / "mels",
+                        workers=0, verbose=False)
+    train_ids = [record["track_id"] for record in records[:3]]  # c3 stands for a test track: never sampled
+    protocol = {t: track_segments(data.cache, t, max_segments=2, silence_db=40.0) for t in ("c0", "c1", "c2", "c3")}
+
+    def owners(sample: torch.Tensor) -> list[str]:
+        found = []
+        for row in sample:
+            matches = [t for t, segments in protocol.items() if any(torch.equal(row, s) for s in segments)]
+            assert len(matches) == 1
+            found.append(matches[0])
+        return found
+
+    config = DownstreamConfig(max_train_segments=2, bn_calibration_segments=4)
+    sample = calibration_segments(data.cache, train_ids, config, seed=1)
+    assert sample.shape == (4, 64, 126)
+    # ceil(4 / 3) = 2 segments from each track visited, until 4 are gathered: two of the three train tracks.
+    taken = owners(sample)
+    assert set(taken) <= set(train_ids) and len(set(taken)) == 2 and sorted(taken.count(t) for t in set(taken)) == [2, 2]
+    assert torch.equal(sample, calibration_segments(data.cache, train_ids, config, seed=1))
+    assert not torch.equal(sample, calibration_segments(data.cache, train_ids, config, seed=2))
+    # Asking for more than there are gives all of them, each once.
+    everything = calibration_segments(data.cache, train_ids, DownstreamConfig(max_train_segments=2), seed=1)
+    assert len(everything) == 6 and sorted(owners(everything)) == sorted(train_ids * 2)
+    with pytest.raises(DownstreamError, match="needs training tracks"):
+        calibration_segments(data.cache, [], config, seed=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,7 +467,10 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
     assert summary["tracks"] == {"train": 35, "valid": 3, "test": 9}
 
     assert results[["method", "classifier"]].values.tolist() == [
-        ["random", "linear"], ["random", "mlp"], ["melstats", "linear"], ["melstats", "mlp"]]
+        ["random", "linear"], ["random", "mlp"], ["random-bn", "linear"], ["random-bn", "mlp"],
+        ["melstats", "linear"], ["melstats", "mlp"]]
+    # random-bn measured its BatchNorm statistics on all 70 segments of the 35 training clips (< 2048).
+    assert "BatchNorm statistics from 70 training segments" in console
     assert (results["scored_tags"] == 3).all() and (results["test_tracks"] == 9).all()
     for metric in ("roc_auc", "average_precision"):
         # The bootstrap interval holds the full-test value, and the mean is that of the resamples.
@@ -402,7 +487,7 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
 
     limited = outputs["limited"]
     assert sorted(limited["fraction"].unique()) == [0.5, 1.0]
-    assert len(limited) == 2 * 2 * 2 * 2  # methods x probes x fractions x draws
+    assert len(limited) == 3 * 2 * 2 * 2  # methods x probes x fractions x draws
     half = limited[limited["fraction"] == 0.5]
     assert (half["train_tracks"] == 18).all()  # round(0.5 * 35) = 17.5 -> 18
     # Per tag: NaN for the skipped tags, values for the three scored ones.
@@ -419,8 +504,8 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
     # A second run takes the embeddings from the cache and gives the same numbers.
     assert main(arguments[:-4] + ["--out", str(tmp_path / "again"), "--threads", "1"]) == 0
     console = capsys.readouterr().out
-    assert console.count("embeddings from cache") == 2
-    assert console.count("results from cache") == 4  # the probes too: nothing is refitted
+    assert console.count("embeddings from cache") == 3 and "BatchNorm statistics from 70" not in console
+    assert console.count("results from cache") == 6  # the probes too: nothing is refitted
     again = read_outputs(tmp_path / "again")
     pd.testing.assert_frame_equal(again["limited"].drop(columns="fit_seconds"),
                                   limited.drop(columns="fit_seconds"))
@@ -461,7 +546,8 @@ def test_jamendo_end_to_end_reports_tag_groups(tmp_path):
     groups = outputs["per_group"].query("method == 'random'").set_index("group")
     assert set(groups.index) == {"genre", "instrument", "mood/theme"}
     assert groups.loc["instrument", "tags"] == 2
-    assert outputs["results"]["classifier"].tolist() == ["linear", "linear"]
+    assert outputs["results"]["method"].tolist() == ["random", "random-bn", "melstats"]
+    assert outputs["results"]["classifier"].tolist() == ["linear"] * 3
     assert "Per tag group" in outputs["html"]
 
 
@@ -477,8 +563,8 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
         outputs[workers] = read_outputs(out)
     timing = ["fit_seconds"]
     in_process, in_workers = outputs["0"], outputs["2"]
-    # 2 classifiers x (50 % x 2 draws + 100 % x 2 draws) x 2 methods, fitted in the same order.
-    assert len(in_process["limited"]) == 16
+    # 2 classifiers x (50 % x 2 draws + 100 % x 2 draws) x 3 methods, fitted in the same order.
+    assert len(in_process["limited"]) == 24
     pd.testing.assert_frame_equal(in_process["limited"].drop(columns=timing), in_workers["limited"].drop(columns=timing))
     pd.testing.assert_frame_equal(in_process["results"], in_workers["results"])
     pd.testing.assert_frame_equal(in_process["bootstrap"], in_workers["bootstrap"])
