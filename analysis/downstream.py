@@ -486,9 +486,10 @@ def calibration_segments(cache, track_ids: Sequence[str], config: DownstreamConf
 
     ``track_ids`` are the training tracks. Segments are the protocol's (``max_train_segments`` per track,
     silent ones dropped). Tracks are visited in a seeded random order and each gives the same number
-    of randomly chosen segments (as many as needed to reach the count, or all it has), so the sample
-    spreads over many tracks; it is returned shuffled. Fewer segments than asked when the training
-    split has fewer.
+    of randomly chosen segments (its share, ``ceil(count / tracks)``, or all it has), so the sample
+    spreads over many tracks; it is returned shuffled. Fewer segments than asked when tracks hold
+    fewer than their share (a short track's shortfall is not made up by the others); the caller
+    logs the number used.
     """
     from musicssl.data.views import track_segments
 
