@@ -214,8 +214,9 @@ def format_summary(summary: SearchSummary) -> str:
     )
     if summary.flagged:
         flagged = ", ".join(f"{count} {name}" for name, count in summary.flagged.items())
-        lines.append(f"flagged, not stopped: {flagged} (complete trials whose last collapse verdict "
-                     "--stop-on does not act on; see trials.csv's verdict column)")
+        lines.append(f"flagged, not stopped: {flagged} (trials that ran to the end with a collapse verdict on "
+                     "their last epoch: a type --stop-on ignores, or one still within the grace period or shorter than "
+                     "the patience; see trials.csv's verdict column)")
     if summary.seconds is not None:
         lines.append(f"time: {summary.seconds / 60:.1f} min")
     if summary.best_backbone:
