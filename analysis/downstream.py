@@ -491,8 +491,6 @@ def calibration_segments(cache, track_ids: Sequence[str], config: DownstreamConf
     fewer than their share (a short track's shortfall is not made up by the others); the caller
     logs the number used.
     """
-    from musicssl.data.views import track_segments
-
     if not len(track_ids):
         raise DownstreamError("the random-bn baseline needs training tracks to measure BatchNorm statistics on")
     wanted = config.bn_calibration_segments
@@ -501,10 +499,7 @@ def calibration_segments(cache, track_ids: Sequence[str], config: DownstreamConf
     parts: list[Tensor] = []
     gathered = 0
     for position in rng.permutation(len(track_ids)):
-        segments = track_segments(
-            cache, track_ids[position], hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
-            max_segments=config.max_train_segments, silence_db=config.silence_db,
-        )
+        segments = _protocol_segments(cache, track_ids[position], config, train=True)
         if len(segments) == 0:
             continue
         chosen = rng.choice(len(segments), size=min(per_track, len(segments), wanted - gathered), replace=False)
@@ -571,22 +566,24 @@ class Embeddings:
         return self.segments[np.asarray(rows, dtype=np.int64)], owners
 
 
+def _protocol_segments(cache, track_id: str, config: DownstreamConfig, train: bool) -> Tensor:
+    """A track's segments under the protocol: up to ``max_train_segments`` non-silent ones, evenly spread,
+    for a training track; every segment of a valid or test track."""
+    from musicssl.data.views import track_segments
+
+    if train:
+        return track_segments(
+            cache, track_id, hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
+            max_segments=config.max_train_segments, silence_db=config.silence_db,
+        )
+    return track_segments(cache, track_id, hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds)
+
+
 def _segment_stream(
     cache, track_ids: Sequence[str], is_train: np.ndarray, config: DownstreamConfig
 ) -> Iterator[tuple[int, Tensor]]:
-    from musicssl.data.views import track_segments
-
     for position, track_id in enumerate(track_ids):
-        if is_train[position]:
-            segments = track_segments(
-                cache, track_id, hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
-                max_segments=config.max_train_segments, silence_db=config.silence_db,
-            )
-        else:
-            segments = track_segments(
-                cache, track_id, hop_seconds=config.segment_seconds, segment_seconds=config.segment_seconds,
-            )
-        yield position, segments
+        yield position, _protocol_segments(cache, track_id, config, bool(is_train[position]))
 
 
 def compute_embeddings(
