@@ -380,3 +380,42 @@ def test_reads_check_bounds_and_survive_pickling(tmp_path: Path, audio_files: di
 def test_open_without_cache_explains_how_to_build(tmp_path: Path) -> None:
     with pytest.raises(MelCacheError, match="MelCache.build"):
         MelCache.open(tmp_path / "nothing")
+
+
+def test_build_at_import_time_fails_at_once_instead_of_hanging(tmp_path: Path) -> None:
+    """A script that builds at module level, without a main guard: each spawned decoding worker imports
+    it and reaches the build while its parent holds the cache lock. That must be a clear error that
+    names the fix, not a wait for a lock that is never released (the default lock timeout is an hour)."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {f"t{k}": write(folder / f"t{k}.wav", tone_and_noise(4.5, 16000, k), 16000) for k in range(3)}
+    make_index(paths).to_csv(tmp_path / "tracks.csv")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from musicssl.data.cache import MelCache
+            from musicssl.data.index import TrackIndex
+
+            MelCache.build(TrackIndex.from_csv({str(tmp_path / "tracks.csv")!r}), {str(tmp_path / "cache")!r},
+                           workers=2, progress=False, verbose=False)
+            print("built")
+            """
+        )
+    )
+    completed = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path
+    )
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "built" not in completed.stdout
+    assert 'put it under `if __name__ == "__main__":`' in completed.stderr  # from the worker
+    assert "a decoding process died" in completed.stderr  # the parent's own error
+
+    # The same script with the guard builds.
+    guarded = script.read_text().replace("\nMelCache.build", '\nif __name__ == "__main__":\n    MelCache.build')
+    script.write_text(guarded.replace("\nprint(", "\n    print("))
+    completed = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "built" in completed.stdout

@@ -332,6 +332,22 @@ def _compute_track(task: _Task) -> _Result:
     return result
 
 
+def _refuse_while_importing_main() -> None:
+    """Fail at once when a decoding worker, while importing the caller's main module, reaches a build.
+
+    Workers start with ``spawn``: each imports the parent's ``__main__``, so a script that builds at
+    module level builds again inside every worker. Such a worker would wait for the cache lock that
+    its parent holds while the parent waits for the worker: a silent hang. (The flag is the one
+    :mod:`multiprocessing` itself checks before it lets a half-started process start others.)
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise MelCacheError(
+            "a mel cache build was started while a decoding process was importing your script: the code that "
+            "builds it (e.g. prepare_data or MelCache.build) runs at import; put it under "
+            "`if __name__ == \"__main__\":`, or pass workers=0"
+        )
+
+
 def _init_worker() -> None:
     # One torch thread per worker: the pool already uses every core, more threads would oversubscribe.
     torch.set_num_threads(1)
@@ -581,6 +597,7 @@ class MelCache:
         in this process. Raises :class:`MelCacheError` when none of the index's tracks is usable.
         """
         started = time.monotonic()
+        _refuse_while_importing_main()
         if isinstance(front_end, Mapping):
             front_end = LogMelConfig(**front_end)
         settings = front_end or LogMelConfig()
@@ -711,8 +728,9 @@ class MelCache:
             writer.commit(pending)
             pending = []
             raise MelCacheError(
-                f"a decoding process died (out of memory on a very long file?); {added} tracks were saved. "
-                f"Rebuild to resume, with fewer workers if memory is short"
+                f"a decoding process died (out of memory on a very long file? or, if it printed an error while "
+                f"importing your script, the build is not under `if __name__ == \"__main__\":`); {added} tracks "
+                f"were saved. Rebuild to resume, with fewer workers if memory is short"
             ) from None
         finally:
             results.close()  # stops the pool now, not when the traceback is collected
