@@ -514,21 +514,14 @@ def calibration_segments(cache, track_ids: Sequence[str], config: DownstreamConf
 
 
 def calibrate_batchnorm(backbone: nn.Module, segments: Tensor, batch_size: int, device: torch.device | None = None) -> int:
-    """Set every BatchNorm's running mean and variance from ``segments``, leaving all weights as they are.
+    """:func:`musicssl.embeddings.calibrate_batchnorm` (running statistics from ``segments``, weights
+    untouched; returns the number of batches), with a :class:`DownstreamError` for too few segments."""
+    from musicssl.embeddings import calibrate_batchnorm as calibrate
 
-    One pass in train mode with cumulative averaging (:func:`torch.optim.swa_utils.update_bn`): each
-    running statistic becomes the average of its per-batch statistics. The segments are cut into
-    ``ceil(len / batch_size)`` batches of near-equal size (no batch of one). Returns the number of
-    batches; the backbone is left in eval mode.
-    """
-    from torch.optim.swa_utils import update_bn
-
-    if len(segments) < 2:
-        raise DownstreamError(f"need at least 2 segments to measure BatchNorm statistics, got {len(segments)}")
-    batches = torch.tensor_split(segments, math.ceil(len(segments) / batch_size))
-    update_bn(batches, backbone, device=device)
-    backbone.eval()
-    return len(batches)
+    try:
+        return calibrate(backbone, segments, batch_size, device)
+    except ValueError as error:
+        raise DownstreamError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------------

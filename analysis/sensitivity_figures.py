@@ -250,7 +250,11 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
         if best:
             verdict = (" (the best trial clears it by {:.4f})".format(best["value"] - untrained) if best["value"] > untrained
                        else " - no trial beat it: the runs are too short or the settings do not help the probe yet")
-        rows.append(("untrained backbone", f"{experiment.objective} {untrained:.4f}{verdict}"))
+        initial = experiment.search_summary.get("untrained_value_initial_bn")
+        # Searches before the calibrated reference stored only the initial-statistics score.
+        how = ("BatchNorm statistics from the training tracks; {:.4f} with its initial ones".format(initial)
+               if initial is not None else "initial BatchNorm statistics")
+        rows.append(("untrained backbone", f"{experiment.objective} {untrained:.4f} ({how}){verdict}"))
     compute = analysis.compute
     saved = ", ".join(f"{v:.1f} by {k}" for k, v in compute["epochs_saved"].items() if v) or "none"
     spent = (f"{compute['trial_epochs_run']:.1f} trial-epochs of {compute['trial_epochs_of_started_trials']} "

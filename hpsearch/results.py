@@ -115,8 +115,11 @@ class SearchSummary:
     epochs_saved: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None
     best_backbone: str | None = None
-    # The probe objective of an untrained backbone (the bar training has to clear), when measured.
+    # The probe objective of an untrained backbone (the bar training has to clear), when measured:
+    # its BatchNorm statistics measured on the training tracks, the state training leaves them in.
     untrained_value: float | None = None
+    # The same backbone with its initial BatchNorm statistics (mean 0, variance 1), for comparison.
+    untrained_value_initial_bn: float | None = None
     # Complete trials whose last verdict was a collapse the rule did not stop on (e.g. dimensional).
     flagged: dict[str, int] = field(default_factory=dict)
 
@@ -201,7 +204,10 @@ def format_summary(summary: SearchSummary) -> str:
     else:
         lines.append("best: no trial completed")
     if summary.untrained_value is not None:
-        lines.append(f"reference: an untrained backbone scores {summary.objective} {summary.untrained_value:.4f}")
+        initial = ("" if summary.untrained_value_initial_bn is None
+                   else f"; {summary.untrained_value_initial_bn:.4f} with its initial statistics")
+        lines.append(f"reference: an untrained backbone scores {summary.objective} {summary.untrained_value:.4f} "
+                     f"(BatchNorm statistics from the training tracks, as training leaves them{initial})")
         if summary.best_value is not None and summary.best_value <= summary.untrained_value:
             lines.append(
                 "  no trial scored above it: at this training length the search ranks settings by how they start "

@@ -339,7 +339,7 @@ def run_search(
     frame = write_trials_csv(study, folder)
     summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
     if settings.objective.startswith("probe_"):
-        summary.untrained_value = untrained_probe(settings, data)
+        summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
     summary.seconds = time.perf_counter() - started
     if summary.best_trial is not None:
         target = export_best_checkpoint(folder, summary.best_trial)
@@ -354,18 +354,33 @@ def run_search(
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
 
 
-def untrained_probe(settings: SearchSettings, data) -> float:
+def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
     """The probe objective of a freshly initialised backbone (seeded like the trials): the score a
-    trial must beat for its training to have helped the probe at all."""
+    trial must beat for its training to have helped the probe at all.
+
+    Returns ``(calibrated, initial)``. ``calibrated`` is the bar: the backbone's BatchNorm running
+    statistics measured on the training tracks' probe segments (weights untouched), as every trained
+    backbone carries statistics of real data. ``initial`` keeps the initial statistics (mean 0,
+    variance 1), with which BatchNorm does not normalise in eval mode: a different network, often
+    scoring higher on the corpus (README, "Downstream evaluation").
+    """
     import torch
 
+    from musicssl.data.views import track_segments
+    from musicssl.embeddings import calibrate_batchnorm
     from musicssl.models import Backbone
     from musicssl.train import probe_score
 
     with torch.random.fork_rng():
         torch.manual_seed(settings.seed)
         backbone = Backbone(preset=settings.preset)
-    return float(probe_score(backbone, data, settings.probe_segments_per_track, settings.seed)[settings.objective])
+    per_track = settings.probe_segments_per_track
+    initial = float(probe_score(backbone, data, per_track, settings.seed)[settings.objective])
+    segments = torch.cat([track_segments(data.cache, track_id, max_segments=per_track)
+                          for track_id in data.track_ids("train")])
+    calibrate_batchnorm(backbone, segments, settings.batch_size)
+    calibrated = float(probe_score(backbone, data, per_track, settings.seed)[settings.objective])
+    return calibrated, initial
 
 
 def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None:

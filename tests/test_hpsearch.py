@@ -344,6 +344,33 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert out.count("] #") == 4 and "collapsed  cluster from epoch 1 (step 3)" in out
 
 
+def test_the_untrained_reference_is_the_random_backbone_with_batchnorm_statistics_of_the_training_tracks(tonal_data):
+    """The bar a search's trials must clear: the seeded initial weights, with every BatchNorm's running
+    mean and variance the average over batches (of the search's batch size) of the training tracks'
+    probe segments, here by plain momentum-free accumulation; and next to it the initial statistics."""
+    from hpsearch.run import untrained_probe
+    from musicssl.data.views import track_segments
+    from musicssl.train import probe_score
+
+    settings = SearchSettings(method="vicreg", trials=1, data="tonal", **TINY)
+    calibrated, initial = untrained_probe(settings, tonal_data)
+
+    torch.manual_seed(settings.seed)
+    backbone = Backbone(preset="cpu")
+    assert initial == probe_score(backbone, tonal_data, 1, settings.seed)["probe_map"]
+    segments = torch.cat([track_segments(tonal_data.cache, t, max_segments=1) for t in tonal_data.track_ids("train")])
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+    backbone.train()
+    with torch.no_grad():
+        for batch in torch.tensor_split(segments, math.ceil(len(segments) / settings.batch_size)):
+            backbone(batch)
+    assert calibrated == pytest.approx(probe_score(backbone, tonal_data, 1, settings.seed)["probe_map"], abs=1e-6)
+    assert calibrated != initial
+
+
 @pytest.mark.slow
 def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_guard):
     settings = SearchSettings(
@@ -601,5 +628,8 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # Read against an untrained backbone: a search whose best trial does not beat it says so.
     assert "no trial scored above it" not in format_summary(replace(summary, untrained_value=0.39))
     assert "no trial scored above it" in format_summary(replace(summary, untrained_value=0.41))
+    both = format_summary(replace(summary, untrained_value=0.3414, untrained_value_initial_bn=0.4364))
+    assert "probe_map 0.3414 (BatchNorm statistics from the training tracks" in both
+    assert "0.4364 with its initial statistics" in both
     # A search stored before trials had a verdict column summarises without it.
     assert summarize(frame.drop(columns="verdict"), "vicreg", "probe_map", 5, 6).flagged == {}

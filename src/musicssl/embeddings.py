@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 from musicssl.data.cache import MelCache
 from musicssl.data.views import track_segments
 
-__all__ = ["embed_segments", "embed_tracks"]
+__all__ = ["calibrate_batchnorm", "embed_segments", "embed_tracks"]
 
 
 @torch.no_grad()
@@ -45,3 +46,25 @@ def embed_tracks(
     embeddings = embed_segments(backbone, torch.cat(per_track), batch_size)
     means = [chunk.mean(dim=0) for chunk in torch.split(embeddings, counts)]
     return torch.stack(means).numpy().astype(np.float32)
+
+
+def calibrate_batchnorm(backbone: nn.Module, segments: torch.Tensor, batch_size: int, device: torch.device | None = None) -> int:
+    """Set every BatchNorm's running mean and variance from ``segments``, leaving all weights as they are.
+
+    An untrained backbone's BatchNorm layers hold mean 0 and variance 1, so in eval mode they do not
+    normalise; a trained one holds statistics of real data, whatever it learned. Calibrated, the
+    random initialisation is in the state training leaves it in (the fair untrained baseline).
+
+    One pass in train mode with cumulative averaging (:func:`torch.optim.swa_utils.update_bn`): each
+    running statistic becomes the average of its per-batch statistics. The segments are cut into
+    ``ceil(len / batch_size)`` batches of near-equal size (no batch of one). Returns the number of
+    batches; the backbone is left in eval mode.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if len(segments) < 2:
+        raise ValueError(f"need at least 2 segments to measure BatchNorm statistics, got {len(segments)}")
+    batches = torch.tensor_split(segments, math.ceil(len(segments) / batch_size))
+    update_bn(batches, backbone, device=device)
+    backbone.eval()
+    return len(batches)
