@@ -10,6 +10,8 @@
 ``python benchmarks/bench_search.py replay --method vicreg --trials 64``
     Replay other grace/patience settings of the stopping rule on the run without stopping (from
     its logged collapse metrics): what each would save and whether it would stop a best-5 trial.
+    ``--max-epochs N`` (savings, replay): trials of N epochs instead of the search's default; the
+    runs are named ``METHOD-TRIALS-Nep-stop`` / ``-nostop``.
 ``python benchmarks/bench_search.py overhead --trials 6``
     Ray's per-trial overhead: the same default trials run one at a time through Ray and directly
     (``train()`` + probe in this process, one thread); target <= 10% of a trial.
@@ -90,13 +92,21 @@ def bench_timing(args) -> None:
           f"(target <= 15 min: {'met' if wall <= 900 else 'NOT met'})")
 
 
+def run_stem(args) -> str:
+    """The stem of a savings run's name: method and trials, and the trial length when not the default."""
+    stem = f"{args.method}-{args.trials}"
+    return stem if args.max_epochs is None else f"{stem}-{args.max_epochs}ep"
+
+
 def bench_savings(args) -> None:
     runs = {}
     for stop in (True, False):
-        name = f"{args.method}-{args.trials}-{'stop' if stop else 'nostop'}"
+        name = f"{run_stem(args)}-{'stop' if stop else 'nostop'}"
         folder = Path(args.storage_dir) / name
         if not (folder / "summary.json").is_file() or args.rerun:
             flags = ["--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir, "--seed", str(args.seed)]
+            if args.max_epochs is not None:
+                flags += ["--max-epochs", str(args.max_epochs)]
             if not stop:
                 flags.append("--no-collapse-stop")
             print(f"running {name} (load average {load_average()})", flush=True)
@@ -141,6 +151,9 @@ def epoch_records(folder: Path) -> dict[int, list[dict]]:
         frame = pd.read_csv(progress)
         if "final" in frame:
             frame = frame[frame["final"] != True]  # noqa: E712 (the column mixes NaN and booleans)
+        # Ray's CSV keeps the columns of the first report, so the final report (which repeats the
+        # last epoch's metrics) may have lost its "final" column: one row per epoch, the first.
+        frame = frame.drop_duplicates(subset="epoch", keep="first")
         records[int(number)] = frame.to_dict("records")
     return records
 
@@ -172,7 +185,7 @@ def replay_rules(args) -> None:
     from hpsearch.settings import DEFAULT_STOP_ON
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
 
-    folder = Path(args.storage_dir) / (args.name or f"{args.method}-{args.trials}-nostop")
+    folder = Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
     trials, _, settings = read_run(folder)
     records = epoch_records(folder)
     max_epochs = settings["max_epochs"]
@@ -181,7 +194,7 @@ def replay_rules(args) -> None:
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
     print("  stop on                       grace patience  saved   stopped  best-5 stopped")
     for stop_on in (DEFAULT_STOP_ON, COLLAPSE_TYPES):
-        for grace, patience in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (1, 3)):
+        for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
             rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on)
             run = requested = 0.0
             stopped, best_stopped = 0, 0
@@ -251,6 +264,8 @@ def main() -> None:
     parser.add_argument("--method", default="vicreg")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="for savings and replay: epochs per trial (default: the search's own default)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
     parser.add_argument("--rerun", action="store_true", help="run again even if a finished run exists")
