@@ -362,7 +362,7 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
     statistics measured on the training tracks' probe segments (weights untouched), as every trained
     backbone carries statistics of real data. ``initial`` keeps the initial statistics (mean 0,
     variance 1), with which BatchNorm does not normalise in eval mode: a different network, often
-    scoring higher on the corpus (README, "Downstream evaluation").
+    scoring higher on the corpus (README, "Evaluating embeddings the way the study did").
     """
     import torch
 
