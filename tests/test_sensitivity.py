@@ -162,6 +162,23 @@ def test_summary_numbers_match_the_journal(report, experiment_folder):
     assert experiment["collapse_rate"]["rate"] == pytest.approx(collapsed / finished.sum())
 
 
+def test_the_untrained_reference_is_shown_in_both_batchnorm_states(report, experiment_folder, tmp_path):
+    """The summary names the search's calibrated reference and shows the initial-statistics score
+    beside it, as the search's summary.json holds them; an older search (one value) says which it is."""
+    search = json.loads((experiment_folder / "summary.json").read_text())
+    calibrated, initial = search["untrained_value"], search["untrained_value_initial_bn"]
+    assert 0.0 <= calibrated <= 1.0 and 0.0 <= initial <= 1.0 and calibrated != initial
+    assert (f"probe_map {calibrated:.4f} (BatchNorm statistics from the training tracks; {initial:.4f} with its "
+            "initial ones)") in report["page"]
+
+    older = tmp_path / "older"
+    shutil.copytree(experiment_folder, older)
+    (older / "summary.json").write_text(json.dumps({**search, "untrained_value": initial, "untrained_value_initial_bn": None}))
+    out = tmp_path / "older.html"
+    assert main([str(older), "--out", str(out)]) == 0
+    assert f"probe_map {initial:.4f} (initial BatchNorm statistics)" in out.read_text(encoding="utf-8")
+
+
 def test_importances_sum_to_one_for_both_targets_and_both_methods(report):
     (experiment,) = report["summary"]["experiments"]
     found = {(i["target"], i["evaluator"]): i for i in experiment["importances"]}
