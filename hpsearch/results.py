@@ -124,10 +124,16 @@ class SearchSummary:
     flagged: dict[str, int] = field(default_factory=dict)
 
     @property
+    def trial_epochs_without_stopping(self) -> float:
+        """What the trials run so far would have cost had none been stopped early."""
+        return self.trial_epochs_run + sum(self.epochs_saved.values())
+
+    @property
     def saved_fraction(self) -> float:
-        if not self.trial_epochs_requested:
-            return 0.0
-        return 1.0 - self.trial_epochs_run / self.trial_epochs_requested
+        """Saved trial-epochs over what the finished trials would have run without early stopping (an
+        interrupted search's trials not yet run are not savings, nor a failed trial's unrun epochs)."""
+        total = self.trial_epochs_without_stopping
+        return sum(self.epochs_saved.values()) / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -215,7 +221,7 @@ def format_summary(summary: SearchSummary) -> str:
             )
     saved = ", ".join(f"{value:.1f} by {name}" for name, value in summary.epochs_saved.items() if value)
     lines.append(
-        f"compute: {summary.trial_epochs_run:.1f} of {summary.trial_epochs_requested} trial-epochs run "
+        f"compute: {summary.trial_epochs_run:.1f} of {summary.trial_epochs_without_stopping:.1f} trial-epochs run "
         f"({100 * summary.saved_fraction:.0f}% saved{': ' + saved if saved else ''})"
     )
     if summary.flagged:

@@ -17,6 +17,7 @@ search up to ``--trials`` in total.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -162,18 +163,51 @@ def _experiment_folder(settings: SearchSettings) -> Path:
 
 
 def default_name(method: str, storage_dir: str | Path) -> str:
-    """``<method>-<YYYYmmdd-HHMMSS>``, with a suffix if that folder exists (never reuse one)."""
+    """``<method>-<YYYYmmdd-HHMMSS>``, with a suffix if that folder exists (never reuse one).
+
+    The folder is created here, atomically, so that two searches started in the same second cannot
+    both pick it; :func:`run_search` removes it again if the search fails before it starts.
+    """
     base = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = Path(storage_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
     name, number = base, 2
-    while (Path(storage_dir).expanduser() / name).exists():
-        name, number = f"{base}-{number}", number + 1
-    return name
+    while True:
+        try:
+            (root / name).mkdir()
+            return name
+        except FileExistsError:
+            name, number = f"{base}-{number}", number + 1
 
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
     """The most recently started search of ``method`` in ``storage_dir`` (for ``--resume`` without ``--name``)."""
     folders = [p.parent for p in Path(storage_dir).expanduser().glob(f"{method}-*/{SEARCH_FILE}")]
     return max(folders, key=lambda p: (p / SEARCH_FILE).stat().st_mtime).name if folders else None
+
+
+def check_local_gpus(settings: SearchSettings) -> None:
+    """A local search with ``--gpus-per-trial`` needs that many CUDA devices on this machine: Ray would
+    otherwise wait for them forever, warning only in its logs."""
+    if settings.gpus_per_trial <= 0:
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < math.ceil(settings.gpus_per_trial):
+        raise SearchError(
+            f"--gpus-per-trial {settings.gpus_per_trial:g}: this machine has {found} CUDA device(s) that torch can "
+            "use; drop the flag to train on the CPU, or run on a cluster with GPUs (--address)"
+        )
+
+
+def _warn_missing_cluster_gpus(settings: SearchSettings) -> None:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if settings.gpus_per_trial > gpus:
+        print(f"warning: --gpus-per-trial {settings.gpus_per_trial:g} but the cluster has {gpus:g} GPU(s) now; "
+              "trials wait until GPU nodes join", file=sys.stderr)
 
 
 def _ray_environment(local: bool, verbose: bool) -> None:
@@ -221,10 +255,13 @@ def _scheduler(settings: SearchSettings):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
+    from hpsearch.trainable import SCHEDULER_TIME_KEY
+
     return ASHAScheduler(
-        # max_t one past the last epoch: ASHA stops a trial that reaches max_t, and the last epoch's
-        # report is followed by the trial's final one (its outcome and score), which must arrive.
-        time_attr="epoch", metric="objective", mode="max", max_t=settings.max_epochs + 1,
+        # The trial's epoch, left out of its last epoch's report (and of a report on which the
+        # collapse rule stops it): a stop there would save nothing and lose the final report (outcome,
+        # score, checkpoint), whether max_t or a rung falls on the last epoch.
+        time_attr=SCHEDULER_TIME_KEY, metric="objective", mode="max", max_t=settings.max_epochs,
         grace_period=min(settings.asha_grace_epochs, settings.max_epochs),
         reduction_factor=settings.asha_reduction_factor,
     )
@@ -261,24 +298,35 @@ def run_search(
     check_method(settings.method)
     if address:
         check_address(address)  # before the data: an unreachable cluster should fail in seconds
-    if not settings.name:
+    reserved = not settings.name
+    if reserved:
         settings = dataclasses.replace(settings, name=default_name(settings.method, settings.storage_dir))
     folder = _experiment_folder(settings)
     journal = folder / JOURNAL_FILE
-    existing = (folder / SEARCH_FILE).is_file()
-    if existing and not resume:
-        raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
-    if resume and not existing:
-        raise SearchError(f"{folder}: no search to resume here (no {SEARCH_FILE}); start one without --resume")
-    max_batch_size = check_space(settings)
-    if data is None:
-        data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    settings.save(folder)
+    try:
+        existing = (folder / SEARCH_FILE).is_file()
+        if existing and not resume:
+            raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
+        if resume and not existing:
+            raise SearchError(f"{folder}: no search to resume here (no {SEARCH_FILE}); start one without --resume")
+        if address is None:
+            check_local_gpus(settings)
+        max_batch_size = check_space(settings)
+        if data is None:
+            data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings.save(folder)
+    except BaseException:
+        if reserved:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # the empty folder default_name reserved
+        raise
 
     _ray_environment(local=address is None, verbose=verbose)
     started_ray = _init_ray(settings, address, verbose)
     try:
+        if address:
+            _warn_missing_cluster_gpus(settings)
         study_exists = journal.is_file() and journal.stat().st_size > 0
         finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
         trainable = tune.with_resources(
@@ -420,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         "never an existing one); an existing NAME is resumed")
     add("--storage-dir", help=f"where experiment folders go (default {defaults.storage_dir})")
     add("--resume", action="store_true", help="continue an interrupted search: --name, or the latest search "
-        "of METHOD in --storage-dir; its stored settings are used")
+        "of METHOD named by default (METHOD-<time>) in --storage-dir; its stored settings are used (the resource "
+        "flags and --no-reuse-actors may change)")
     add("--objective", choices=OBJECTIVES, help=f"what to maximise: probe_map / probe_auc (linear probe on the "
         f"valid split after the last epoch; needs tags) or rankme (final effective rank of the embedding, "
         f"label-free) (default {defaults.objective})")
@@ -463,8 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Flags that may differ on a resume: where the search runs, not what it is.
-_RUNTIME_FLAGS = {"name", "storage_dir"}
+# Flags that may differ on a resume: where and how the search runs, not what it is. Given on a
+# resume, the resources and actor reuse replace the stored ones (e.g. a search continued on a cluster).
+_RUNTIME_FLAGS = {"name", "storage_dir", "concurrency", "cpus_per_trial", "gpus_per_trial", "reuse_actors"}
+# Boolean settings whose flag turns them off.
+_OFF_FLAGS = {"collapse_stop": "--no-collapse-stop", "reuse_actors": "--no-reuse-actors"}
+
+
+def _flag_text(key: str, value: Any) -> str:
+    """How the command line spells setting ``key`` set to ``value``."""
+    if key in _OFF_FLAGS:
+        return _OFF_FLAGS[key]
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _stored_text(key: str, value: Any) -> str:
+    if key in _OFF_FLAGS:
+        return "on" if value else "off"
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _collapse_types(text: str) -> list[str]:
@@ -478,9 +545,16 @@ def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
         name, sep, text = pair.partition("=")
         if not sep:
             raise SettingsError(f"--threshold takes NAME=VALUE, got {pair!r}")
-        text = text.strip()
-        values[name.strip()] = text.lower() in ("true", "1", "yes") if text.lower() in (
-            "true", "false", "1", "0", "yes", "no") and name.strip() == "check_projection" else float(text)
+        name, text = name.strip(), text.strip()
+        if name == "check_projection":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise SettingsError(f"--threshold {pair}: check_projection takes true or false")
+            values[name] = text.lower() in ("true", "1", "yes")
+            continue
+        try:
+            values[name] = float(text)
+        except ValueError:
+            raise SettingsError(f"--threshold {pair}: {text!r} is not a number (e.g. {name}=0.05)") from None
     return values
 
 
@@ -506,7 +580,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         if stored.method != args.method:
             raise SearchError(f"{storage_dir}/{name} is a search of {stored.method}, not {args.method}")
         conflicts = [
-            f"--{key.replace('_', '-')} {value} (stored: {getattr(stored, key)})"
+            f"{_flag_text(key, value)} (stored: {_stored_text(key, getattr(stored, key))})"
             for key, value in given.items()
             if key not in _RUNTIME_FLAGS and value != getattr(stored, key)
         ]
@@ -515,7 +589,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
                 f"{storage_dir}/{name} was started with other settings: {', '.join(conflicts)}; "
                 "drop those flags to continue it, or start a new search with another --name"
             )
-        return dataclasses.replace(stored, name=name, storage_dir=storage_dir), True
+        runtime = {key: value for key, value in given.items() if key in _RUNTIME_FLAGS}
+        return dataclasses.replace(stored, **{**runtime, "name": name, "storage_dir": storage_dir}), True
     if resume:
         raise SearchError(f"--resume: no search named {name!r} in {storage_dir}")
     return SearchSettings(method=args.method, **{**given, "name": name or ""}), False

@@ -253,7 +253,12 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             attrs.setdefault("error", "the trial raised an exception (see error.txt in its Ray trial folder)")
             return TrialState.FAIL, None, attrs
         if final is None:
-            attrs["outcome"] = "stopped"
+            # A scheduler stopped it; if the collapse rule had fired on the same report, the trial
+            # ended for its collapse (a trial that ASHA would drop is often a collapsing one).
+            if source.get("collapse_stop"):
+                attrs["outcome"] = "diverged" if source.get("collapse_type") == "diverged" else "collapsed"
+            else:
+                attrs["outcome"] = "stopped"
             return TrialState.PRUNED, None, attrs
         if outcome == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
             return TrialState.COMPLETE, float(value), attrs

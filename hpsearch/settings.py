@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,10 @@ class SearchSettings:
             problems.append(f"--probe-segments must be at least 2 (the collapse metrics need a batch), got {self.probe_segments}")
         if self.probe_segments_per_track < 1:
             problems.append(f"--probe-segments-per-track must be at least 1, got {self.probe_segments_per_track}")
-        if self.cpus_per_trial <= 0:
-            problems.append(f"--cpus-per-trial must be positive, got {self.cpus_per_trial}")
-        if self.gpus_per_trial < 0:
-            problems.append(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
+        if not (0 < self.cpus_per_trial < math.inf):
+            problems.append(f"--cpus-per-trial must be a positive number, got {self.cpus_per_trial}")
+        if not (0 <= self.gpus_per_trial < math.inf):
+            problems.append(f"--gpus-per-trial must be a number >= 0, got {self.gpus_per_trial}")
         if self.asha_reduction_factor <= 1:
             problems.append(f"the ASHA reduction factor must be > 1, got {self.asha_reduction_factor}")
         if self.name and (Path(self.name).name != self.name or self.name in (".", "..")):
@@ -201,7 +202,16 @@ class SearchSettings:
 
     @classmethod
     def load(cls, folder: Path) -> SearchSettings:
-        values = json.loads((Path(folder) / SEARCH_FILE).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
-        return cls(**{k: v for k, v in values.items() if k in known})
+        path = Path(folder) / SEARCH_FILE
+        try:
+            values = json.loads(path.read_text())
+            if not isinstance(values, dict):
+                raise ValueError("not a JSON object")
+            known = {f.name for f in dataclasses.fields(cls)}
+            values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise SettingsError(
+                f"{path} cannot be read as a search's settings ({error}); it is written when a search starts: "
+                "restore it, or start a new search with another --name"
+            ) from None

@@ -32,6 +32,7 @@ from hpsearch.stopping import CollapseMonitor
 
 __all__ = [
     "TRIAL_NUMBER_KEY",
+    "SCHEDULER_TIME_KEY",
     "FINAL_KEYS",
     "OUTCOMES",
     "build_train_config",
@@ -41,6 +42,10 @@ __all__ = [
 
 # The Optuna trial number, added to each trial's config by the searcher.
 TRIAL_NUMBER_KEY = "optuna_trial"
+# The time ASHA reads: the epoch, in every epoch report but the last one. A scheduler that stops a
+# trial on its last epoch saves nothing and would lose the trial's final report (its outcome, its
+# score and its checkpoint); without this key in a report, ASHA leaves the trial alone.
+SCHEDULER_TIME_KEY = "scheduler_epoch"
 OUTCOMES = ("complete", "collapsed", "diverged", "failed", "stopped")
 # What the final report carries for the searcher to record (besides the last epoch's metrics).
 FINAL_KEYS = (
@@ -122,6 +127,8 @@ class _EpochReporter:
             self.best_objective, self.best_epoch = float(objective), int(metrics["epoch"])
         stop = self.monitor.fired and (settings.collapse_stop or self.monitor.collapse_type == "diverged")
         metrics["collapse_stop"] = bool(stop)
+        if not stop and int(metrics["epoch"]) < settings.max_epochs:
+            metrics[SCHEDULER_TIME_KEY] = int(metrics["epoch"])
         if self.monitor.fired:
             # Also in the epoch reports: a trial a scheduler stops later sends no final report.
             metrics.update(_rule_record(self.monitor, settings.collapse_stop))

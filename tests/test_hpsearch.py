@@ -389,6 +389,71 @@ def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_gu
             assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
     # Without collapse stopping, the tiny runs' eval-mode "collapse" is only recorded.
     assert csv["would_stop_epoch"].notna().any() and "collapsed" not in set(csv["outcome"])
+    # A trial that trained to the last epoch was not stopped there (ASHA decides only before it).
+    assert set(csv.loc[csv["epochs_completed"] == 4, "outcome"]) <= {"complete", "diverged"}
+
+
+def _epoch_reports(settings: SearchSettings, records: list[dict]) -> list[dict]:
+    """The epoch reports a trial sends for ``records`` (the trainable's real epoch-end hook)."""
+    from types import SimpleNamespace
+
+    from hpsearch.trainable import _EpochReporter
+
+    trial = settings.trial_settings()
+    reports: list[dict] = []
+    reporter = _EpochReporter(trial, None, CollapseMonitor(trial.collapse_rule()), reports.append)
+    module = SimpleNamespace(trainer=SimpleNamespace(should_stop=False))
+    for epoch, record in enumerate(records, start=1):
+        reporter(module, {**record, "epoch": epoch, "step": epoch * trial.steps_per_epoch})
+        if module.trainer.should_stop:
+            break
+    return reports
+
+
+def test_asha_never_stops_a_trial_on_its_last_epoch_nor_on_the_report_its_collapse_stops_it():
+    """Ray's ASHA, fed the trainable's reports: a stop on the last epoch would save nothing and lose
+    the final report (outcome, score, checkpoint), so the last epoch is not a decision point."""
+    from hpsearch.run import _scheduler
+    from ray.tune.schedulers import TrialScheduler
+
+    settings = SearchSettings(method="vicreg", trials=2, scheduler="asha", objective="rankme", asha_grace_epochs=1,
+                              max_epochs=4)
+    asha = _scheduler(settings)
+    good = _epoch_reports(settings, [{**HEALTHY, "collapse_rankme_embedding": 50.0}] * 4)
+    # Best at the rungs of epochs 1 and 2, worst at the last epoch (the old top rung, 4).
+    late = _epoch_reports(settings, [{**HEALTHY, "collapse_rankme_embedding": v} for v in (60.0, 60.0, 60.0, 10.0)])
+    trials = {name: type("Trial", (), {"trial_id": name})() for name in ("good", "late")}
+    for trial in trials.values():
+        asha.on_trial_add(None, trial)
+    actions = {name: [] for name in trials}
+    for good_report, late_report in zip(good, late):
+        actions["good"].append(asha.on_trial_result(None, trials["good"], good_report))
+        actions["late"].append(asha.on_trial_result(None, trials["late"], late_report))
+    assert actions["late"] == [TrialScheduler.CONTINUE] * 4
+    # ASHA still decides at its rungs: worse than the other trial at epoch 2, a trial is stopped.
+    early = _epoch_reports(settings, [{**HEALTHY, "collapse_rankme_embedding": 5.0}] * 4)
+    trials["early"] = type("Trial", (), {"trial_id": "early"})()
+    asha.on_trial_add(None, trials["early"])
+    assert [asha.on_trial_result(None, trials["early"], r) for r in early[:2]][-1] == TrialScheduler.STOP
+    # The report on which the collapse rule stops a trial carries no scheduler time either: the
+    # trial's final report (collapsed, infeasible) must arrive.
+    collapsing = _epoch_reports(settings, [HEALTHY] + [COMPLETE] * 3)
+    assert collapsing[-1]["collapse_stop"] and "scheduler_epoch" not in collapsing[-1]
+    assert [r.get("scheduler_epoch") for r in good] == [1, 2, 3, None]
+
+
+def test_a_trial_a_scheduler_stops_on_its_collapse_is_recorded_collapsed_and_infeasible(tmp_path):
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    searcher.suggest("a")
+    searcher.on_trial_result("a", epoch_result(1, 0.5))
+    stopped = {**epoch_result(3, 0.2), **COMPLETE, "collapse_verdict": "complete", "collapse_stop": True,
+               "collapse_type": "complete", "collapse_epoch": 2, "collapse_step": 20, "stop_epoch": 3}
+    searcher.on_trial_complete("a", result=stopped)  # no final report after it
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED and trial.constraints == {CONSTRAINT_NAME: 1.0}
+    assert (trial.user_attrs["outcome"], trial.user_attrs["collapse_type"], trial.user_attrs["collapse_epoch"]) == (
+        "collapsed", "complete", 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +568,11 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
         (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
         (["vicreg", "--stop-on", "complete,partial"], "--stop-on takes one or more of complete, dimensional, cluster"),
+        (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
+        (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a positive number, got inf"),
+        # This machine has no GPU: Ray would wait for one forever.
+        pytest.param(["vicreg", "--gpus-per-trial", "1"], "CUDA device(s)",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, message, tmp_path, cli_env):
@@ -546,12 +616,43 @@ def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tm
 
 
 def test_a_new_search_never_reuses_a_folder(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     from hpsearch.run import default_name
 
     first = default_name("vicreg", tmp_path)
-    (tmp_path / first).mkdir()
+    assert (tmp_path / first).is_dir()  # reserved at once
     second = default_name("vicreg", tmp_path)
     assert second != first and second.startswith(first)
+    # Searches started in the same second each get a folder of their own.
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(lambda _: default_name("vicreg", tmp_path / "together"), range(16)))
+    assert len(set(names)) == 16
+
+
+def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
+    from hpsearch.run import SearchError, main, settings_from_args
+
+    SearchSettings(method="vicreg", name="mine", storage_dir=str(tmp_path), trials=8).save(
+        (tmp_path / "mine").mkdir() or tmp_path / "mine")
+    parse = build_parser().parse_args
+    common = ["vicreg", "--name", "mine", "--storage-dir", str(tmp_path)]
+    with pytest.raises(SearchError, match=r"--trials 9 \(stored: 8\), --no-collapse-stop \(stored: on\)"):
+        settings_from_args(parse([*common, "--no-collapse-stop", "--trials", "9"]))
+    # Resources and actor reuse say how the search runs: a resume (e.g. on a cluster) may change them.
+    settings, resume = settings_from_args(parse([*common, "--concurrency", "4", "--cpus-per-trial", "2",
+                                                 "--no-reuse-actors"]))
+    assert resume and (settings.concurrency, settings.cpus_per_trial, settings.reuse_actors) == (4, 2.0, False)
+    assert settings.trials == 8 and settings.trial_settings().num_threads == 2
+    # --resume without --name picks the latest search named by default (METHOD-<time>).
+    with pytest.raises(SearchError, match="--resume: no search of vicreg"):
+        settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))
+    # A damaged search.json is an error that names the file, not a traceback.
+    (tmp_path / "mine" / "search.json").write_text('{"method": "vicreg", "trials": "64"')
+    with pytest.raises(SettingsError, match="search.json cannot be read as a search's settings"):
+        settings_from_args(parse(common))
+    (tmp_path / "mine" / "search.json").write_text('{"method": "vicreg", "trials": "64"}')
+    assert main([*common, "--resume"]) == 2
 
 
 def _free_port() -> int:
@@ -622,6 +723,13 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # 30 trial-epochs requested; 21.5 run; 3 saved by the collapse stop and 5.5 by the divergence.
     assert summary.trial_epochs_run == 21.5 and summary.saved_fraction == pytest.approx(1 - 21.5 / 30)
     assert summary.epochs_saved == {"collapsed": 3.0, "diverged": 5.5, "stopped": 0.0}
+    assert "compute: 21.5 of 30.0 trial-epochs run (28% saved: 3.0 by collapsed, 5.5 by diverged)" in format_summary(summary)
+    # Interrupted after these 5 of 64 trials, or with a trial that failed after 2 epochs: neither the
+    # trials not run nor the failed trial's unrun epochs are savings.
+    assert summarize(frame, "vicreg", "probe_map", trials=64, max_epochs=6).saved_fraction == pytest.approx(8.5 / 30)
+    failed = pd.concat([frame, pd.DataFrame({"trial": [5], "state": ["FAIL"], "outcome": ["failed"],
+                                             "objective": [math.nan], "epochs_run": [2.0]})])
+    assert summarize(failed, "vicreg", "probe_map", trials=6, max_epochs=6).saved_fraction == pytest.approx(8.5 / 32)
     # Two complete trials ended dimensionally collapsed: reported, not stopped.
     assert summary.flagged == {"dimensional": 2}
     assert "flagged, not stopped: 2 dimensional" in format_summary(summary)
