@@ -37,7 +37,8 @@ def embed_tracks(
     batch_size: int = 256,
 ) -> np.ndarray:
     """One embedding per track, float32 ``(len(track_ids), D)``: the mean over up to ``max_segments``
-    non-overlapping 4 s segments spread evenly over the track."""
+    4 s segments spread evenly over the track (consecutive candidates start 125 frames apart and are
+    126 long, so neighbours share one frame)."""
     per_track = [track_segments(cache, track_id, max_segments=max_segments) for track_id in track_ids]
     counts = [len(segments) for segments in per_track]
     if min(counts, default=1) == 0:
@@ -56,15 +57,17 @@ def calibrate_batchnorm(backbone: nn.Module, segments: torch.Tensor, batch_size:
     random initialisation is in the state training leaves it in (the fair untrained baseline).
 
     One pass in train mode with cumulative averaging (:func:`torch.optim.swa_utils.update_bn`): each
-    running statistic becomes the average of its per-batch statistics. The segments are cut into
-    ``ceil(len / batch_size)`` batches of near-equal size (no batch of one). Returns the number of
-    batches; the backbone is left in eval mode.
+    running statistic becomes the average of its per-batch statistics, so the batch sizes matter.
+    The segments are cut into ``min(ceil(len / batch_size), len // 2)`` batches of near-equal size:
+    ``ceil(len / batch_size)`` as long as that leaves no batch of one (always, for ``batch_size >= 3``),
+    else fewer and larger (up to ``batch_size + 1``), so that every batch has at least two segments.
+    Returns the number of batches; the backbone is left in eval mode.
     """
     from torch.optim.swa_utils import update_bn
 
     if len(segments) < 2:
         raise ValueError(f"need at least 2 segments to measure BatchNorm statistics, got {len(segments)}")
-    batches = torch.tensor_split(segments, math.ceil(len(segments) / batch_size))
+    batches = torch.tensor_split(segments, min(math.ceil(len(segments) / batch_size), len(segments) // 2))
     update_bn(batches, backbone, device=device)
     backbone.eval()
     return len(batches)

@@ -307,8 +307,9 @@ def bootstrap(
 
     This is the study's protocol (50 resamples of 50 % of the test set): rows are drawn WITHOUT
     replacement within a resample, independently across resamples. With ``fraction = 0.5`` the
-    variance of a mean over the subset equals that of a mean over a classical with-replacement
-    bootstrap of the full set, so ``std`` is comparable with a usual bootstrap standard error.
+    variance of a mean over the subset approximately equals that of a mean over a classical
+    with-replacement bootstrap of the full set (it is ``N / (N - 1)`` times that for N test rows), so
+    ``std`` is comparable with a usual bootstrap standard error.
 
     Skipping rule: the tags scored are fixed up front as those with both classes in the full
     ``y_true`` (the rest cannot be scored by any subset; they are left out of ``tags``). With

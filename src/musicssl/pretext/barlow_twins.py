@@ -2,7 +2,11 @@
 
 The loss follows facebookresearch/barlowtwins (``main.py``, current version): ``c = bn(z1)^T bn(z2) / B``
 with a BatchNorm without affine parameters (batch mean, biased batch variance, eps 1e-5), then
-``sum_i (c_ii - 1)^2 + lambd * sum_{i != j} c_ij^2``, with no further scaling.
+``sum_i (c_ii - 1)^2 + lambd * sum_{i != j} c_ij^2``, with no further scaling. The forward pass does
+not follow it exactly: :class:`BarlowTwins` runs all views through the backbone and projector as one
+concatenated batch, so their BatchNorm layers (in training mode) normalise with statistics pooled
+across the views, where the original runs each view through the network separately (per-view
+statistics). The loss's own standardisation above is per view, as in the original.
 """
 
 from __future__ import annotations

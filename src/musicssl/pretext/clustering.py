@@ -40,6 +40,16 @@ def _entropy(probs: Tensor, log_probs: Tensor) -> Tensor:
     return -(probs * log_probs).sum(dim=-1).mean()
 
 
+def _float32_head(head: nn.Module, embedding: Tensor) -> Tensor:
+    """``head(embedding)`` in float32 with autocast disabled, the input cast to float32.
+
+    Under bf16 autocast only the backbone should round: the K logits are divided by a teacher
+    temperature of 0.02-0.04, which would magnify bf16's rounding of the logits 25-50 times.
+    """
+    with torch.autocast(device_type=embedding.device.type, enabled=False):
+        return head(embedding.float())
+
+
 def dino(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -128,8 +138,14 @@ class Clustering(PretextMethod):
     The centre update: ``training_loss`` in training mode records the batch mean of the teacher's
     logits (over all views), and :meth:`after_optimizer_step` applies
     ``center = m * center + (1 - m) * recorded_mean``. The next step therefore sees the updated centre,
-    as in DINO, while loss evaluations outside training (eval mode) never move it. With gradient
-    accumulation the recorded means of all micro-batches since the last step are averaged.
+    as in DINO, while loss evaluations outside training (eval mode) never move it. The trainer does
+    not accumulate gradients and calls :meth:`after_optimizer_step` after every batch, so each update
+    uses that one batch's mean; were ``training_loss`` called several times in training mode before
+    it, the recorded means would be averaged.
+
+    Under bf16 autocast (the GPU default) the heads, student and teacher, run in float32 with
+    autocast disabled: their logits are divided by a teacher temperature of 0.02-0.04, which would
+    magnify bf16's rounding 25-50 times. Only the backbones run in bf16 (their own rounding remains).
     """
 
     name = "clustering"
@@ -178,9 +194,9 @@ class Clustering(PretextMethod):
         batch, n_views = concatenate_views(views)
         teacher_temperature = self.teacher_temperature(progress)
         self.current_teacher_temperature.fill_(teacher_temperature)
-        student_logits = self.head(self.backbone(batch)).chunk(n_views)
+        student_logits = _float32_head(self.head, self.backbone(batch)).chunk(n_views)
         with torch.no_grad():
-            teacher_logits_all = self.teacher_head(self.teacher_backbone(batch))
+            teacher_logits_all = _float32_head(self.teacher_head, self.teacher_backbone(batch))
         teacher_logits = teacher_logits_all.chunk(n_views)
         center = self._effective_center()
         pairs = [
@@ -220,11 +236,11 @@ class Clustering(PretextMethod):
         with evaluation_mode(self):
             embedding = self.backbone(mels)
             teacher_embedding = self.teacher_backbone(mels)
-            teacher_logits = self.teacher_head(teacher_embedding).float()
+            teacher_logits = _float32_head(self.teacher_head, teacher_embedding)
             centred = teacher_logits - self._effective_center().reshape(1, -1)
             return {
                 "embedding": embedding,
-                "projection": self.head(embedding),
+                "projection": _float32_head(self.head, embedding),
                 "teacher_embedding": teacher_embedding,
                 "assignment_probs": F.softmax(centred / self.current_teacher_temperature, dim=-1),
             }

@@ -1,7 +1,11 @@
 """VICReg: invariance (MSE between views), variance (hinge on per-dimension std) and covariance terms.
 
-The loss follows facebookresearch/vicreg (``main_vicreg.py``, ``VICReg.forward``) exactly, including
-the 1/2 on the variance term (solo-learn omits it) and ``std = sqrt(var + 1e-4)``.
+The loss formula follows facebookresearch/vicreg (``main_vicreg.py``, ``VICReg.forward``) exactly,
+including the 1/2 on the variance term (solo-learn omits it) and ``std = sqrt(var + 1e-4)``. The
+forward pass does not: :class:`VICReg` runs all views through the backbone and projector as one
+concatenated batch, so their BatchNorm layers (in training mode) normalise with statistics pooled
+across the views, where the original runs each view through the network separately (per-view
+statistics).
 """
 
 from __future__ import annotations
