@@ -118,9 +118,11 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
     batch_size = max_batch_size or settings.batch_size
     if len(train_ids) < batch_size:
+        fix = ("the space samples batch sizes up to this one (study_spaces/" + settings.method + ".py): use more data"
+               if max_batch_size and max_batch_size != settings.batch_size else "lower --batch-size or use more data")
         raise SearchError(
             f"--data {spec!r} has {len(train_ids)} usable training tracks, fewer than the batch size "
-            f"{batch_size}; lower --batch-size or use more data"
+            f"{batch_size}; {fix}"
         )
     if settings.objective.startswith("probe_"):
         labels = data.index.labels()
