@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -409,7 +411,9 @@ def test_build_at_import_time_fails_at_once_instead_of_hanging(tmp_path: Path) -
     assert completed.returncode == 1, completed.stdout + completed.stderr
     assert "built" not in completed.stdout
     assert 'put it under `if __name__ == "__main__":`' in completed.stderr  # from the worker
-    assert "a decoding process died" in completed.stderr  # the parent's own error
+    assert "a decoding process died as it started" in completed.stderr  # the parent's own error
+    # Processes that die before they get a file say nothing about the files: none is blamed.
+    assert MelCache.open(tmp_path / "cache").skipped == []
 
     # The same script with the guard builds.
     guarded = script.read_text().replace("\nMelCache.build", '\nif __name__ == "__main__":\n    MelCache.build')
@@ -419,3 +423,189 @@ def test_build_at_import_time_fails_at_once_instead_of_hanging(tmp_path: Path) -
     )
     assert completed.returncode == 0, completed.stderr
     assert "built" in completed.stdout
+
+
+def test_same_size_rewrite_is_recomputed(tmp_path: Path) -> None:
+    """Different audio of the same length and format has the same file size: the modification time
+    must tell the cache that the file changed, or it would keep serving the old mels."""
+    path = write(tmp_path / "song.wav", tone_and_noise(6.0, 16000, 0), 16000)
+    index = make_index({"song": path})
+    first = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    old_mel = first.get_track("song")
+    size, mtime_ns = os.stat(path).st_size, os.stat(path).st_mtime_ns
+    write(Path(path), tone_and_noise(6.0, 16000, 5), 16000)
+    assert os.stat(path).st_size == size and os.stat(path).st_mtime_ns != mtime_ns
+
+    second = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (second.build_report.processed, second.build_report.already_cached) == (1, 0)
+    new_mel = second.get_track("song")
+    assert not np.allclose(new_mel, old_mel, atol=1.0)
+    np.testing.assert_allclose(new_mel, reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
+    third = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (third.build_report.processed, third.build_report.already_cached) == (0, 1)
+
+
+def _make_legacy(folder: Path) -> None:
+    """Rewrite every manifest as the code before mtimes and peaks were stored wrote it, keeping the
+    manifest's own modification time (the commit time that older entries are judged by)."""
+    for manifest_path in folder.glob("shard-*.json"):
+        stamp = manifest_path.stat()
+        manifest = json.loads(manifest_path.read_text())
+        for track in manifest["tracks"]:
+            track.pop("mtime_ns", None), track.pop("peak", None)
+        for skip in manifest["skipped"]:
+            skip.pop("mtime_ns", None)
+        manifest_path.write_text(json.dumps(manifest))
+        os.utime(manifest_path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+def test_cache_from_before_mtimes_still_opens_and_catches_later_rewrites(tmp_path: Path) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {
+        "loud": write(folder / "loud.wav", tone_and_noise(6.0, 16000, 0), 16000),
+        "quiet": write(folder / "quiet.wav", tone_and_noise(6.0, 16000, 1, amplitude=0.01), 16000),  # about -35 dBFS
+    }
+    index = make_index(paths)
+    built = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    expected = {track_id: built.get_track(track_id) for track_id in paths}
+    _make_legacy(built.path)
+
+    reopened = MelCache.open(tmp_path / "cache")
+    for track_id in paths:
+        np.testing.assert_array_equal(reopened.get_track(track_id), expected[track_id])
+    # Files untouched since the entries were committed: trusted, nothing decoded.
+    again = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (again.build_report.processed, again.build_report.already_cached) == (0, 2)
+    # A stricter silence threshold needs the peak, which an old entry lacks: only then is it decoded.
+    stricter = MelCache.build(
+        index, tmp_path / "cache", workers=0, silence_threshold_db=-30.0, progress=False, verbose=False
+    )
+    assert stricter.build_report.processed == 2 and stricter.track_ids == ["loud"]
+    assert {track.track_id: track.reason for track in stricter.skipped} == {"quiet": "silent"}
+
+    # An old entry whose file was rewritten (same size) after that build is decoded again.
+    rebuilt = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    _make_legacy(rebuilt.path)
+    write(Path(paths["loud"]), tone_and_noise(6.0, 16000, 7), 16000)
+    fresh = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (fresh.build_report.processed, fresh.build_report.already_cached) == (1, 1)
+    np.testing.assert_allclose(fresh.get_track("loud"), reference_mel(paths["loud"]), rtol=FLOAT16_RTOL, atol=1e-6)
+
+
+def test_current_rules_apply_to_cached_tracks_without_decoding(tmp_path: Path) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {
+        "long": write(folder / "long.wav", tone_and_noise(12.0, 16000, 0), 16000),
+        "short": write(folder / "short.wav", tone_and_noise(5.0, 16000, 1), 16000),
+        "quiet": write(folder / "quiet.wav", tone_and_noise(12.0, 16000, 2, amplitude=0.01), 16000),
+    }
+    index = make_index(paths)
+    first = MelCache.build(index, tmp_path / "cache", workers=0, min_seconds=4.0, progress=False, verbose=False)
+    assert first.track_ids == ["long", "quiet", "short"]
+
+    longer = MelCache.build(
+        index, tmp_path / "cache", workers=0, min_seconds=10.0, progress=False, verbose=False
+    )
+    report = longer.build_report
+    assert longer.track_ids == ["long", "quiet"]
+    assert (report.processed, report.excluded, report.already_cached) == (0, 1, 2)
+    assert {track.track_id: track.reason for track in longer.skipped} == {"short": "too_short"}
+    assert "5.00 s of audio, need at least 10.00 s" in longer.skipped[0].detail
+    assert "1 cached track(s) no longer meet" in report.summary()
+
+    louder = MelCache.build(
+        index, tmp_path / "cache", workers=0, min_seconds=10.0, silence_threshold_db=-30.0, progress=False,
+        verbose=False,
+    )
+    assert (louder.build_report.processed, louder.build_report.excluded) == (1, 1)  # "short": rules changed
+    assert louder.track_ids == ["long"]
+    assert {track.track_id: track.reason for track in louder.skipped} == {"short": "too_short", "quiet": "silent"}
+
+    # Back to the first rules: the skipped tracks are retried (decoded) and usable again.
+    relaxed = MelCache.build(index, tmp_path / "cache", workers=0, min_seconds=4.0, progress=False, verbose=False)
+    assert (relaxed.build_report.processed, relaxed.build_report.excluded) == (2, 0)
+    assert relaxed.track_ids == ["long", "quiet", "short"]
+    np.testing.assert_allclose(relaxed.get_track("short"), reference_mel(paths["short"]), rtol=FLOAT16_RTOL, atol=1e-6)
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    import musicssl.data.cache as cache_module
+    from musicssl.data.index import TrackIndex
+
+    decode = cache_module._compute_track
+    here = Path(__file__).parent
+
+    def decode_or_die(task):
+        name = Path(task.path).stem
+        with open(here / "decoded.log", "a") as log:
+            log.write(name + "\\n")
+        if name == "poison":
+            # Die while the other process is in the middle of a good file, so that the pool's breakage
+            # hits that file too. Then die as a decoder crash or the kernel's out-of-memory killer
+            # would have it: at once, with no exception and no cleanup.
+            deadline = time.monotonic() + 20
+            while not list(here.glob("running-*")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+        marker = here / f"running-{name}-{os.getpid()}"
+        marker.touch()
+        time.sleep(0.5)
+        try:
+            return decode(task)
+        finally:
+            marker.unlink()
+
+    # At module level, so that it runs in every decoding process too: spawn imports this script there.
+    cache_module._compute_track = decode_or_die
+
+    if __name__ == "__main__":
+        index = TrackIndex.from_csv(sys.argv[1])
+        cache_module.MelCache.build(index, sys.argv[2], workers=2, progress=False)
+        print("built")
+    """
+)
+
+
+def test_a_file_that_kills_its_decoding_process_is_skipped_and_the_build_goes_on(tmp_path: Path) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    names = ["t0", "t1", "t2", "poison", "t3", "t4", "t5"]
+    paths = {name: write(folder / f"{name}.wav", tone_and_noise(4.5, 16000, k), 16000) for k, name in enumerate(names)}
+    index = make_index(paths)
+    index.to_csv(tmp_path / "tracks.csv")
+    script = tmp_path / "crashing_decoder.py"
+    script.write_text(CRASH_SCRIPT)
+    completed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "tracks.csv"), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "built" in completed.stdout
+    assert f"the decoder crashed on {paths['poison']}" in completed.stdout  # the summary names the file
+
+    cache = MelCache.open(tmp_path / "cache")
+    # The tracks decoded beside the poison file when its process died are retried, not blamed.
+    assert cache.track_ids == sorted(set(names) - {"poison"})
+    for track_id in cache.track_ids:
+        np.testing.assert_allclose(
+            cache.get_track(track_id), reference_mel(paths[track_id]), rtol=FLOAT16_RTOL, atol=1e-6
+        )
+    assert [(track.track_id, track.reason) for track in cache.skipped] == [("poison", "crashed")]
+    decoded = (tmp_path / "decoded.log").read_text().split()
+    assert decoded.count("poison") == 2  # in the pool, then alone
+    assert any(decoded.count(name) == 2 for name in names if name != "poison"), decoded  # a neighbour, retried
+    assert paths["poison"] in cache.skipped[0].detail and "decoding process died" in cache.skipped[0].detail
+    with open(cache.path / "skipped.csv", newline="") as stream:
+        assert [(row["track_id"], row["reason"]) for row in csv.DictReader(stream)] == [("poison", "crashed")]
+
+    # The next build does not decode it again (the file is unchanged) ...
+    again = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (again.build_report.processed, again.build_report.already_skipped) == (0, 1)
+    # ... unless asked to: here, without the crashing decoder, it is a good file.
+    retried = MelCache.build(index, tmp_path / "cache", workers=0, retry_skipped=True, progress=False, verbose=False)
+    assert retried.build_report.processed == 1 and "poison" in retried.track_ids

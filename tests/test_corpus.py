@@ -29,8 +29,10 @@ from musicssl.corpus import (
     split_assignment,
 )
 from musicssl.corpus.__main__ import main as cli_main
+from musicssl.corpus.build import MIN_SECONDS
 from musicssl.corpus.compose import STYLES, Note, Part, Song, compose_song, draw_factors
 from musicssl.corpus.render import (
+    SAMPLE_RATE,
     _shelf,
     draw_mix,
     ensure_note_bank,
@@ -41,7 +43,7 @@ from musicssl.corpus.render import (
 from musicssl.corpus.tags import INSTRUMENTS, TAG_NAMES
 from musicssl.data.index import TrackIndex
 
-TRACKS, SECONDS, SEED = 12, 6.0, 3
+TRACKS, SECONDS, SEED = 12, 8.0, 3  # 8 s: the shortest a corpus may be (two 4 s views)
 
 # From the General MIDI Level 1 sound set (0-based program numbers), written out independently of
 # the corpus's catalogue: program -> the instrument tag it must produce.
@@ -101,7 +103,7 @@ def test_cli_builds_a_corpus_and_says_what_it_built(cli_corpus):
     out, result = cli_corpus
     assert result.returncode == 0, result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line.startswith(f"built {TRACKS} tracks x 6 s")
+    assert last_line.startswith(f"built {TRACKS} tracks x 8 s")
     assert str(out) in last_line and last_line.endswith(" s")
     assert "corpus" in result.stderr and "100%" in result.stderr  # the tqdm bar
     assert (out / "tracks.csv").is_file() and (out / "corpus.json").is_file()
@@ -319,8 +321,8 @@ def test_midi_written_directly_reads_back_like_pretty_midis_own():
     "arguments, message",
     [
         (["--tracks", "3"], "tracks must be an integer >= 10"),
-        (["--seconds", "1"], "seconds must be between 4 and 600"),
-        (["--seconds", "nan"], "seconds must be between 4 and 600"),
+        (["--seconds", "1"], "seconds must be between 8 and 600"),
+        (["--seconds", "nan"], "seconds must be between 8 and 600"),
         (["--seed", "-1"], "seed must be a non-negative integer"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--tracks", "many"], "invalid int value: 'many'"),
@@ -354,10 +356,10 @@ def test_bad_arguments_on_the_real_command_line_print_no_traceback(tmp_path):
 
 def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICSSL_CACHE", str(cache))
-    folder = ensure_corpus(tracks=10, seconds=4.0, seed=5)
-    assert folder == cache / "corpus-10x4s-seed5" and (folder / "tracks.csv").is_file()
+    folder = ensure_corpus(tracks=10, seconds=8.0, seed=5)
+    assert folder == cache / "corpus-10x8s-seed5" and (folder / "tracks.csv").is_file()
     written = (folder / "tracks.csv").stat().st_mtime_ns
-    assert ensure_corpus(tracks=10, seconds=4.0, seed=5) == folder
+    assert ensure_corpus(tracks=10, seconds=8.0, seed=5) == folder
     assert (folder / "tracks.csv").stat().st_mtime_ns == written  # found, not rebuilt
 
     # A build that fails half-way leaves neither the corpus folder nor its staging folder.
@@ -372,7 +374,7 @@ def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tm
 
     monkeypatch.setattr(build_module, "build_track", fail_on_track_4)
     with pytest.raises(KeyboardInterrupt):
-        build_corpus(tmp_path / "half", CorpusConfig(10, 4.0, 0), workers=1, bank_cache_dir=cache, progress=False)
+        build_corpus(tmp_path / "half", CorpusConfig(10, 8.0, 0), workers=1, bank_cache_dir=cache, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -381,6 +383,26 @@ def test_config_rejects_bad_values_with_the_fix_in_the_message():
         CorpusConfig(tracks=5)
     with pytest.raises(CorpusError, match="seconds must be between"):
         CorpusConfig(seconds=1000.0)
+    with pytest.raises(CorpusError, match=r"between 8 and 600, got 7\.9 \(training cuts two 4 s views"):
+        CorpusConfig(seconds=7.9)
+
+
+def test_the_shortest_corpus_gives_every_track_its_training_views(cli_corpus, tmp_path):
+    """MIN_SECONDS is what the view sampler needs, no less: a corpus that builds can be trained on."""
+    from musicssl.data.cache import LogMelConfig, MelCache
+    from musicssl.data.views import ViewConfig, ViewDataset
+
+    settings = LogMelConfig()
+    needed = ViewConfig().in_frames(settings).min_track_frames
+    samples = round(MIN_SECONDS * SAMPLE_RATE)
+    assert settings.num_frames(samples) >= needed > settings.num_frames(samples - settings.hop_length)
+    out, _ = cli_corpus
+    assert SECONDS == MIN_SECONDS
+    cache = MelCache.build(TrackIndex.from_csv(out / "tracks.csv"), tmp_path / "mels", workers=0, progress=False,
+                           verbose=False)
+    views = ViewDataset(cache, verbose=False)
+    assert views.skipped_short == [] and len(views) == TRACKS
+    assert views[0][0].shape == (2, 128, 126)
 
 
 @pytest.mark.slow

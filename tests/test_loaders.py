@@ -5,9 +5,13 @@ Expected ids, paths, splits, tags and label matrices are written out by hand fro
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +83,32 @@ def test_folder_csv_with_path_tags_and_split(tmp_path):
     assert index.extra["split_rule"] == "split column"
 
 
+def test_folder_tab_separated_file_named_csv(tmp_path):
+    """MagnaTagATune's annotations_final.csv is tab-separated and double-quoted despite its name."""
+    root = tmp_path / "tabbed"
+    write_sine(root / "f" / "clip-1.mp3")
+    write_sine(root / "0" / "clip-2.mp3")
+    (root / "annotations.csv").write_text(
+        '"track_id"\t"guitar"\t"no voice"\t"path"\t"split"\n'
+        '"2"\t"1"\t"0"\t"f/clip-1.mp3"\t"test"\n'
+        '"6"\t"0"\t"1"\t"0/clip-2.mp3"\t"train"\n'
+    )
+    index = load_folder(root)
+    base = root.resolve()
+    assert_index(
+        index,
+        ids=["2", "6"],
+        paths=[base / "f/clip-1.mp3", base / "0/clip-2.mp3"],
+        splits=["test", "train"],
+        tags=[("guitar",), ("no voice",)],
+        tag_names=["guitar", "no voice"],
+        labels=[[1, 0], [0, 1]],
+    )
+    # A comma-separated .csv whose cells hold tabs is still read with commas.
+    (root / "annotations.csv").write_text('path,tags,split\nf/clip-1.mp3,"a\tb",test\n0/clip-2.mp3,b,train\n')
+    assert [tuple(tags) for tags in load_folder(root).tracks["tags"]] == [("a\tb",), ("b",)]
+
+
 def test_folder_tsv_with_filename_comma_tags_and_seeded_split(tmp_path):
     root = tmp_path / "clips"
     names = [f"f{i}.wav" for i in range(10)]
@@ -99,30 +129,74 @@ def test_folder_tsv_with_filename_comma_tags_and_seeded_split(tmp_path):
     np.testing.assert_array_equal(index.labels(), np.asarray(expected_labels, dtype=np.float32))
     assert index.tracks["duration"].tolist() == [10.5 + i for i in range(10)]
 
-    # The documented recipe: sort ids, permute with default_rng(seed), first 7 train, 1 valid, 2 test.
-    permutation = np.random.default_rng(3).permutation(10)
-    ordered = sorted(ids)
-    expected = {}
-    for rank, position in enumerate(permutation):
-        expected[ordered[position]] = "train" if rank < 7 else ("valid" if rank < 8 else "test")
+    # The documented recipe, per track: u from SHA-256 of "seed:id"; train below 0.7, valid below 0.8.
+    expected = {track_id: recipe_split(track_id, 3) for track_id in ids}
     assert dict(zip(index.track_ids, index.tracks["split"])) == expected
-    assert index.tracks["split"].value_counts().to_dict() == {"train": 7, "test": 2, "valid": 1}
     assert index.extra["split_rule"] == "assign_splits" and index.extra["split_seed"] == 3
 
 
-def test_assign_splits_counts_and_independence_from_order():
-    ids = [f"track{i:03d}" for i in range(200)]
+def recipe_split(track_id: str, seed: int, fractions=(0.7, 0.1, 0.2)) -> str:
+    """assign_splits's rule written out: the top 53 of the first 64 bits of SHA-256("seed:id") / 2**53."""
+    position = (int(hashlib.sha256(f"{seed}:{track_id}".encode()).hexdigest()[:16], 16) >> 11) / 2**53
+    return "train" if position < fractions[0] else ("valid" if position < fractions[0] + fractions[1] else "test")
+
+
+def test_assign_splits_follows_the_recipe_in_any_order():
+    ids = [f"track{i:03d}" for i in range(200)] + ["ünïcode/path id"]
     forward = assign_splits(ids, seed=7)
-    backward = assign_splits(list(reversed(ids)), seed=7)
-    assert forward == backward
-    counts = {split: list(forward.values()).count(split) for split in ("train", "valid", "test")}
-    assert counts == {"train": 140, "valid": 20, "test": 40}
+    assert forward == {track_id: recipe_split(track_id, 7) for track_id in ids}
+    assert assign_splits(list(reversed(ids)), seed=7) == forward
     assert assign_splits(ids, seed=8) != forward
-    # floor(n * f + 0.5) for valid and test, the rest train: n=7 -> valid 1 (0.7), test 1 (1.4), train 5
-    small = assign_splits([str(i) for i in range(7)])
-    assert sorted(small.values()) == ["test", "train", "train", "train", "train", "train", "valid"]
+    assert assign_splits(ids, (0.5, 0.3, 0.2), seed=7) == {t: recipe_split(t, 7, (0.5, 0.3, 0.2)) for t in ids}
+    assert set(assign_splits(ids, (1.0, 0.0, 0.0)).values()) == {"train"}
+    assert set(assign_splits(ids, (0.0, 0.0, 1.0)).values()) == {"test"}
     with pytest.raises(DatasetError, match="summing to 1"):
         assign_splits(ids, fractions=(0.5, 0.1, 0.1))
+
+
+def test_adding_or_removing_tracks_moves_no_other_track():
+    ids = [f"clip-{i}" for i in range(2000)]
+    before = assign_splits(ids, seed=1)
+    changed = ids[300:] + [f"new-{i}" for i in range(700)]  # 300 removed, 700 added
+    after = assign_splits(changed, seed=1)
+    kept = ids[300:]
+    assert {track_id: after[track_id] for track_id in kept} == {track_id: before[track_id] for track_id in kept}
+    assert assign_splits(ids[:1], seed=1) == {ids[0]: before[ids[0]]}
+
+
+def test_assign_splits_meets_the_fractions_on_many_tracks():
+    ids = [f"{i:06d}" for i in range(40000)]
+    for fractions, seed in [((0.7, 0.1, 0.2), 0), ((0.8, 0.05, 0.15), 11)]:
+        splits = list(assign_splits(ids, fractions, seed).values())
+        for name, fraction in zip(("train", "valid", "test"), fractions):
+            # Binomial counts: 5 standard deviations is at most 0.0125 here.
+            assert splits.count(name) / len(ids) == pytest.approx(fraction, abs=5 * (0.25 / len(ids)) ** 0.5)
+
+
+def test_assign_splits_is_the_same_in_another_process():
+    """Python's own hash() is salted per process; the split must not be."""
+    ids = [f"song {i}" for i in range(300)]
+    code = (
+        "import json, sys; from musicssl.data.loaders import assign_splits; "
+        "print(json.dumps(assign_splits(json.loads(sys.argv[1]), seed=5)))"
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        completed = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(ids)], capture_output=True, text=True, check=True, timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        outputs.append(json.loads(completed.stdout))
+    assert outputs[0] == outputs[1] == assign_splits(ids, seed=5)
+
+
+def test_a_split_left_empty_on_a_tiny_set_is_a_warning(caplog):
+    ids = [str(i) for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        splits = assign_splits(ids, seed=0)
+    empty = [name for name in ("train", "valid", "test") if name not in splits.values()]
+    assert empty  # 4 tracks rarely fill a 10 % split; with this seed they do not
+    assert f"none of the 4 tracks fell in split(s) {empty}" in caplog.text
 
 
 def test_folder_track_id_with_binary_columns_and_missing_audio(tmp_path, caplog):

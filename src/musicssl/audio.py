@@ -114,9 +114,17 @@ class LogMel(nn.Module):
     """Waveform ``(..., T)`` -> log-mel spectrogram in dB ``(..., n_mels, frames)``.
 
     The study's front-end: centred Hann STFT normalised by the window's energy, power 2, Slaney mel
-    filters, ``10 log10`` with a floor of ``top_db`` below each example's maximum (each waveform row:
-    for ``(B, C, T)`` input every channel is floored on its own). The study used
-    ``f_max=11025`` at 16 kHz, which leaves 11 of 128 filters empty; the default here is Nyquist.
+    filters, ``10 log10`` with a floor of ``top_db`` below a maximum. The study used ``f_max=11025``
+    at 16 kHz, which leaves 11 of 128 filters empty; the default here is Nyquist.
+
+    The ``top_db`` floor is taken per waveform row, i.e. per channel: every ``(n_mels, frames)``
+    output is floored ``top_db`` below its own maximum, whatever the leading dimensions. That is not
+    what torchaudio's ``AmplitudeToDB`` does: it treats dimension -3 as channels and floors each
+    example ``top_db`` below the maximum over all of its channels (for a ``(B, C, n_mels, frames)``
+    input one floor per example; for a 3-D ``(B, n_mels, frames)`` input one floor for the whole
+    batch). The two agree on a single mono waveform, which is how this project calls it (the mel
+    cache passes one peak-normalised mono track at a time), and differ when channels of different
+    loudness are transformed together.
     """
 
     def __init__(
@@ -178,6 +186,8 @@ class LogMel(nn.Module):
             mel = torch.matmul(self.filters.float(), power)
             decibels = 10.0 * torch.log10(mel.clamp_min(1e-10))
             if self.top_db is not None:
+                # One floor per row of `flat` (per channel), not per example across channels as
+                # torchaudio's AmplitudeToDB: see the class docstring.
                 peak = decibels.amax(dim=(-2, -1), keepdim=True)
                 decibels = torch.maximum(decibels, peak - self.top_db)
         return decibels.reshape(*batch_shape, self.n_mels, decibels.shape[-1])

@@ -57,7 +57,10 @@ __all__ = [
 GENERATOR_VERSION = 1
 SPLIT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.2}
 MIN_TRACKS = 10  # fewer leaves the validation split empty
-MIN_SECONDS = 4.0  # one 4 s view
+# Training cuts two 4 s views whose starts are at least 4 s apart (musicssl.data.views.ViewConfig), so
+# a track needs 8 s: 128,000 samples, 251 frames at 16 kHz and hop 512, exactly ViewFrames.min_track_frames.
+# A shorter corpus would build and then have every track left out by ViewDataset; it fails here instead.
+MIN_SECONDS = 8.0
 MAX_SECONDS = 600.0
 REVERB_MARGIN_SECONDS = 1.0  # synthesised past the end so that the cut is not a reverb onset
 _SPLIT_STREAM = 0x53504C4954  # "SPLIT": keeps the split's random stream apart from the tracks'
@@ -79,7 +82,10 @@ class CorpusConfig:
         if not isinstance(self.tracks, int) or self.tracks < MIN_TRACKS:
             raise CorpusError(f"tracks must be an integer >= {MIN_TRACKS} (so that every split has a track), got {self.tracks!r}")
         if not (MIN_SECONDS <= float(self.seconds) <= MAX_SECONDS) or not math.isfinite(float(self.seconds)):
-            raise CorpusError(f"seconds must be between {MIN_SECONDS:g} and {MAX_SECONDS:g}, got {self.seconds!r}")
+            raise CorpusError(
+                f"seconds must be between {MIN_SECONDS:g} and {MAX_SECONDS:g}, got {self.seconds!r} (training cuts two "
+                f"4 s views starting at least 4 s apart from each track, so a track needs {MIN_SECONDS:g} s)"
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise CorpusError(f"seed must be a non-negative integer, got {self.seed!r}")
 

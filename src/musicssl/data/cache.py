@@ -18,8 +18,14 @@ Why this design:
   never read and is deleted by the next build, and temporary files are always ignored. A
   ``Ctrl-C`` commits the tracks already finished before it re-raises. So an interrupted build
   reopens with complete entries only and the next build finishes the rest.
-* **Incremental.** A track is processed again only when it is missing from the cache, when its
-  audio file changed size, or (for a skipped track) when the file or the skipping rules changed.
+* **Incremental.** A track is decoded again only when it is missing from the cache, when its audio
+  file changed (size or modification time), or (for a skipped track) when the file or the skipping
+  rules changed. A cached track is re-judged against the current skipping rules on every build from
+  its stored length and peak, without decoding: raising ``min_seconds`` drops the tracks it excludes.
+* **A crashing decoder stops nothing.** When a decoding process dies (a decoder crash, the kernel's
+  out-of-memory killer), the tracks it might have been working on are retried one at a time in a
+  fresh process; a file that kills that process too is recorded as skipped (``crashed``), so the
+  build goes on and later builds do not trip over it again.
 * **Fast reads.** Each shard is memory-mapped once per process; a crop of ``num_frames`` frames is
   one contiguous slice (time-major storage), so a 4 s view costs one 32 KB read and a transpose.
   Nothing is loaded beyond the requested frames.
@@ -44,6 +50,7 @@ import multiprocessing
 import os
 import re
 import signal
+import stat
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -87,6 +94,7 @@ SKIP_REASONS = {
     "non_finite": "the decoded samples contain NaN or inf",
     "too_short": "the track is shorter than the minimum length",
     "silent": "the track's peak amplitude is below the silence threshold",
+    "crashed": "the decoding process died on the file (a decoder crash or out of memory), also when retried alone",
     "failed": "an unexpected error while processing the track",
 }
 
@@ -206,6 +214,8 @@ class BuildReport:
     skip_reasons: dict[str, int]  # this build's skips by reason
     usable: int  # tracks of the index now in the cache
     seconds: float
+    excluded: int = 0  # cached tracks that the current min_seconds/silence rules now skip (not decoded)
+    crashed: list[str] = field(default_factory=list)  # files whose decoding process died (reason "crashed")
 
     def summary(self) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skip_reasons.items()))
@@ -214,8 +224,14 @@ class BuildReport:
             f"processed {self.processed} ({self.added} added, {self.skipped} skipped"
             f"{': ' + reasons if reasons else ''}) in {self.seconds:.1f} s"
         )
+        if self.excluded:
+            text += f"; {self.excluded} cached track(s) no longer meet min_seconds/silence_threshold_db, now skipped"
         if self.already_skipped:
             text += f"; {self.already_skipped} skipped earlier (unchanged, not retried)"
+        if self.crashed:
+            more = len(self.crashed) - 5
+            listed = ", ".join(self.crashed[:5]) + (f" and {more} more" if more > 0 else "")
+            text += f"; the decoder crashed on {listed} (skipped; fix or remove, then rebuild with retry_skipped=True)"
         return text
 
 
@@ -233,8 +249,10 @@ class _Result:
     track_id: str
     path: str
     size: int | None
+    mtime_ns: int | None
     mel: np.ndarray | None = None  # (frames, n_mels) float16 when the track is usable
     samples: int = 0
+    peak: float | None = None  # peak amplitude of the decoded audio, before normalisation
     reason: str = ""
     detail: str = ""
 
@@ -247,13 +265,19 @@ class _Entry:
     samples: int
     path: str
     size: int | None
+    mtime_ns: int | None  # None in manifests written before modification times were recorded
+    peak: float | None  # None likewise
+    rules: tuple[float, float]  # (min_seconds, silence_threshold_db) it was cached under
+    committed_ns: int  # modification time of its manifest: when the entry was committed
 
 
 @dataclass(frozen=True)
 class _SkipRecord:
     track: SkippedTrack
     size: int | None
+    mtime_ns: int | None
     rules: tuple[float, float]  # (min_seconds, silence_threshold_db) in force when it was skipped
+    committed_ns: int
 
 
 @dataclass
@@ -273,6 +297,46 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
+def _file_stamp(path: Path) -> tuple[int | None, int | None]:
+    """``(size, st_mtime_ns)`` of a regular file, ``(None, None)`` when there is none."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None, None
+    if not stat.S_ISREG(status.st_mode):
+        return None, None
+    return status.st_size, status.st_mtime_ns
+
+
+def _same_file(
+    size: int | None, mtime_ns: int | None, committed_ns: int, now: tuple[int | None, int | None]
+) -> bool:
+    """Whether a file whose stamp is ``now`` is still the one recorded as ``(size, mtime_ns)``.
+
+    Size and modification time must both match: audio rewritten with the same length (same size)
+    gets a new mtime. Entries of older manifests carry no mtime; for them the file must not have
+    been modified after the manifest was committed (``committed_ns``), which catches any rewrite
+    since that build without decoding every old entry again.
+    """
+    size_now, mtime_now = now
+    if size is None or size_now is None:
+        return size == size_now
+    if size != size_now:
+        return False
+    if mtime_ns is not None:
+        return mtime_now == mtime_ns
+    return mtime_now is not None and mtime_now <= committed_ns
+
+
+def _too_short_detail(path: str | Path, samples: int, min_samples: int, sample_rate: int) -> str:
+    return f"{path}: {samples / sample_rate:.2f} s of audio, need at least {min_samples / sample_rate:.2f} s"
+
+
+def _silent_detail(path: str | Path, peak: float, silence_peak: float) -> str:
+    level = 20.0 * math.log10(peak) if peak > 0 else -math.inf
+    return f"{path}: peak {level:.1f} dBFS, below the silence threshold {20 * math.log10(silence_peak):.1f} dBFS"
+
+
 def _decode_reason(message: str) -> str:
     # load_audio raises one AudioError type; these two messages are the cases worth their own code.
     if "zero samples" in message:
@@ -285,8 +349,9 @@ def _decode_reason(message: str) -> str:
 def _compute_track(task: _Task) -> _Result:
     """Decode, check and transform one track. Never raises for a bad file: the result says why."""
     path = Path(task.path)
-    size = _file_size(path)
-    result = _Result(track_id=task.track_id, path=task.path, size=size)
+    # Stamped before decoding: a file rewritten while it is decoded then looks changed next time.
+    size, mtime_ns = _file_stamp(path)
+    result = _Result(track_id=task.track_id, path=task.path, size=size, mtime_ns=mtime_ns)
     if not path.exists():
         result.reason, result.detail = "missing", f"{path}: no such file"
         return result
@@ -305,18 +370,12 @@ def _compute_track(task: _Task) -> _Result:
     result.samples = int(audio.shape[0])
     if audio.shape[0] < task.min_samples:
         result.reason = "too_short"
-        result.detail = (
-            f"{path}: {audio.shape[0] / sample_rate:.2f} s of audio, "
-            f"need at least {task.min_samples / sample_rate:.2f} s"
-        )
+        result.detail = _too_short_detail(path, audio.shape[0], task.min_samples, sample_rate)
         return result
     peak = float(np.max(np.abs(audio)))
+    result.peak = peak
     if peak < task.silence_peak:
-        level = 20.0 * math.log10(peak) if peak > 0 else -math.inf
-        result.reason = "silent"
-        result.detail = (
-            f"{path}: peak {level:.1f} dBFS, below the silence threshold {20 * math.log10(task.silence_peak):.1f} dBFS"
-        )
+        result.reason, result.detail = "silent", _silent_detail(path, peak, task.silence_peak)
         return result
     try:
         with torch.no_grad():
@@ -330,6 +389,24 @@ def _compute_track(task: _Task) -> _Result:
         return result
     result.mel = stored
     return result
+
+
+def _rejudge(
+    entry: _Entry, rules: tuple[float, float], min_samples: int, silence_peak: float, sample_rate: int
+) -> tuple[str, str] | str | None:
+    """A cached track against the current skipping rules, from its stored length and peak.
+
+    ``None``: still usable; ``(reason, detail)``: skip it now; ``"decode"``: an entry of an older
+    manifest has no stored peak and the silence threshold is stricter than the one it passed, so only
+    decoding can tell.
+    """
+    if entry.samples < min_samples:
+        return "too_short", _too_short_detail(entry.path, entry.samples, min_samples, sample_rate)
+    if entry.peak is not None:
+        if entry.peak < silence_peak:
+            return "silent", _silent_detail(entry.path, entry.peak, silence_peak)
+        return None
+    return "decode" if rules[1] > entry.rules[1] else None
 
 
 def _refuse_while_importing_main() -> None:
@@ -355,35 +432,103 @@ def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _worker_ready() -> int:
+    """A task that needs no file: it tells a process that cannot start from one that a file kills."""
+    return os.getpid()
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the caller may hold threads (torch, Ray) that a forked child would inherit half-dead.
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
+
+
+def _crashed(task: _Task) -> _Result:
+    size, mtime_ns = _file_stamp(Path(task.path))
+    return _Result(
+        track_id=task.track_id,
+        path=task.path,
+        size=size,
+        mtime_ns=mtime_ns,
+        reason="crashed",
+        detail=(
+            f"{task.path}: the decoding process died while processing this file, also when it was retried alone "
+            "(a crash in the decoder, or out of memory); fix or remove the file, then rebuild with retry_skipped=True"
+        ),
+    )
+
+
+def _isolate(suspects: Sequence[_Task]) -> Iterator[_Result]:
+    """Results of the tasks that were in flight when a pool broke, each run alone in a one-process pool.
+
+    A task that kills its process again is the culprit: its result says ``crashed``. The others (the
+    innocent neighbours of a crash, or files that ran out of memory only beside others) come out as
+    usual. Raises :class:`BrokenProcessPool` if a fresh process dies before it is given any file
+    (e.g. while importing the caller's script): then no file is to blame.
+    """
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for task in suspects:
+            if pool is None:
+                pool = _new_pool(1)
+                pool.submit(_worker_ready).result()
+            try:
+                result = pool.submit(_compute_track, task).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True)
+                pool = None
+                result = _crashed(task)
+            yield result
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _iterate_results(tasks: Sequence[_Task], workers: int) -> Iterator[_Result]:
-    """Results of ``tasks`` in completion order; in-process when ``workers == 0``."""
+    """Results of ``tasks`` in completion order; in-process when ``workers == 0``.
+
+    When a decoding process dies, the pool is broken and every task it held fails with it; those
+    tasks go through :func:`_isolate` and the rest continue in a new pool.
+    """
     if workers == 0:
         for task in tasks:
             yield _compute_track(task)
         return
-    # spawn, not fork: the caller may hold threads (torch, Ray) that a forked child would inherit half-dead.
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
-    )
-    in_flight: set[Future] = set()
     queue = iter(tasks)
     exhausted = False
-    try:
-        while True:
-            # A bounded window keeps memory flat however many tracks there are.
-            while not exhausted and len(in_flight) < 2 * workers:
-                task = next(queue, None)
-                if task is None:
-                    exhausted = True
-                else:
-                    in_flight.add(pool.submit(_compute_track, task))
-            if not in_flight:
-                return
-            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
+    while True:
+        pool = _new_pool(workers)
+        in_flight: dict[Future, _Task] = {}
+        broken = False
+        try:
+            while not broken:
+                # A bounded window keeps memory flat however many tracks there are.
+                while not exhausted and len(in_flight) < 2 * workers:
+                    task = next(queue, None)
+                    if task is None:
+                        exhausted = True
+                    else:
+                        in_flight[pool.submit(_compute_track, task)] = task
+                if not in_flight:
+                    return
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        broken = True  # kept in flight: it is one of the suspects
+                        continue
+                    del in_flight[future]
+                    yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        # Tasks that finished before the pool broke keep their results; the others are suspects.
+        suspects = []
+        for future, task in in_flight.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
                 yield future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                suspects.append(task)
+        yield from _isolate(suspects)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -432,16 +577,28 @@ def _read_state(folder: Path, n_mels: int) -> _State:
                 )
             state.shard_frames[shard] = int(manifest["total_frames"])
         rules = (float(manifest["min_seconds"]), float(manifest["silence_threshold_db"]))
+        committed_ns = manifest_path.stat().st_mtime_ns
+        # "mtime_ns" and "peak" are absent from manifests written before they were recorded.
         for track in manifest["tracks"]:
             track_id = track["track_id"]
+            peak = track.get("peak")
             state.entries[track_id] = _Entry(
-                shard, int(track["offset"]), int(track["frames"]), int(track["samples"]), track["path"], track["size"]
+                shard,
+                int(track["offset"]),
+                int(track["frames"]),
+                int(track["samples"]),
+                track["path"],
+                track["size"],
+                track.get("mtime_ns"),
+                None if peak is None else float(peak),
+                rules,
+                committed_ns,
             )
             state.skipped.pop(track_id, None)
         for skip in manifest["skipped"]:
             track_id = skip["track_id"]
             record = SkippedTrack(track_id, skip["path"], skip["reason"], skip["detail"])
-            state.skipped[track_id] = _SkipRecord(record, skip["size"], rules)
+            state.skipped[track_id] = _SkipRecord(record, skip["size"], skip.get("mtime_ns"), rules, committed_ns)
             state.entries.pop(track_id, None)
         state.last_number = number
     return state
@@ -474,9 +631,11 @@ class _ShardWriter:
                             "track_id": result.track_id,
                             "path": result.path,
                             "size": result.size,
+                            "mtime_ns": result.mtime_ns,
                             "offset": offset,
                             "frames": int(result.mel.shape[0]),
                             "samples": result.samples,
+                            "peak": result.peak,
                         }
                     )
                     offset += int(result.mel.shape[0])
@@ -492,7 +651,14 @@ class _ShardWriter:
             "silence_threshold_db": self.rules[1],
             "tracks": tracks,
             "skipped": [
-                {"track_id": r.track_id, "path": r.path, "size": r.size, "reason": r.reason, "detail": r.detail}
+                {
+                    "track_id": r.track_id,
+                    "path": r.path,
+                    "size": r.size,
+                    "mtime_ns": r.mtime_ns,
+                    "reason": r.reason,
+                    "detail": r.detail,
+                }
                 for r in results
                 if r.mel is None
             ],
@@ -584,12 +750,20 @@ class MelCache:
     ) -> MelCache:
         """Cache the log-mel of every track of ``index`` under ``cache_dir`` and open the cache.
 
-        Only tracks not cached yet (or whose audio file changed size) are decoded. Unusable files
-        (missing, empty, undecodable, zero-length, non-finite, shorter than ``min_seconds``, peak below
-        ``silence_threshold_db`` dBFS) are skipped, listed in ``skipped.csv`` with their reason and
-        counted on the console; they are retried only when their file or these rules change, or with
-        ``retry_skipped=True``. Finished tracks are committed at least every ``commit_every_seconds``,
+        Only tracks not cached yet, or whose audio file changed (size or modification time), are
+        decoded; a cached track whose file has gone keeps its mel. Unusable files (missing, empty,
+        undecodable, zero-length, non-finite, shorter than ``min_seconds``, peak below
+        ``silence_threshold_db`` dBFS, or crashing the decoding process) are skipped, listed in
+        ``skipped.csv`` with their reason and counted on the console; they are retried only when their
+        file or these rules change, or with ``retry_skipped=True``. The rules apply to cached tracks
+        too, judged from their stored length and peak without decoding: a cached track that they now
+        exclude becomes skipped. Finished tracks are committed at least every ``commit_every_seconds``,
         so an interrupted build loses little and resumes where it stopped.
+
+        Caches written before modification times and peaks were stored still open and build: such an
+        entry is trusted while its file's size is unchanged and the file was not modified after the
+        entry was committed, and it is decoded again only if ``silence_threshold_db`` is now stricter
+        than the threshold it was cached under.
 
         ``front_end``: a :class:`LogMelConfig` or a dict of its fields (default: the study's front-end
         with ``f_max`` at Nyquist). ``workers``: decoding processes (default: CPU count), started with
@@ -682,24 +856,44 @@ class MelCache:
         state = _read_state(folder, settings.n_mels)
 
         tasks: list[_Task] = []
+        excluded: list[_Result] = []  # cached tracks that the current rules skip, judged without decoding
         already_cached = already_skipped = 0
         min_samples = round(rules[0] * settings.sample_rate)
         silence_peak = 10.0 ** (rules[1] / 20.0)
         for track_id, path in zip(index.track_ids, index.paths):
-            size_now = _file_size(Path(path))
+            now = _file_stamp(Path(path))
             entry = state.entries.get(track_id)
-            # A missing file keeps its cached mel (the point of a cache); a different size means new audio.
-            if entry is not None and (size_now is None or size_now == entry.size):
-                already_cached += 1
+            # A missing file keeps its cached mel (the point of a cache); a changed one means new audio.
+            unchanged = entry is not None and _same_file(entry.size, entry.mtime_ns, entry.committed_ns, now)
+            if entry is not None and (now[0] is None or unchanged):
+                verdict = _rejudge(entry, rules, min_samples, silence_peak, settings.sample_rate)
+                if verdict is None:
+                    already_cached += 1
+                elif verdict == "decode":
+                    if now[0] is None:  # nothing to decode: keep the mel, as for any missing file
+                        already_cached += 1
+                    else:
+                        tasks.append(_Task(track_id, path, settings, min_samples, silence_peak))
+                else:
+                    size, mtime_ns = now if now[0] is not None else (entry.size, entry.mtime_ns)
+                    reason, detail = verdict
+                    excluded.append(_Result(track_id, path, size, mtime_ns, reason=reason, detail=detail))
                 continue
             record = state.skipped.get(track_id)
-            if record is not None and not retry_skipped and record.size == size_now and record.rules == rules:
+            if (
+                record is not None
+                and not retry_skipped
+                and record.rules == rules
+                and _same_file(record.size, record.mtime_ns, record.committed_ns, now)
+            ):
                 already_skipped += 1
                 continue
             tasks.append(_Task(track_id, path, settings, min_samples, silence_peak))
 
         writer = _ShardWriter(folder, settings.n_mels, max(highest, state.last_number) + 1, rules)
+        writer.commit(excluded)
         reasons: Counter[str] = Counter()
+        crashed: list[str] = []
         added = 0
         pending: list[_Result] = []
         pending_bytes = 0
@@ -711,6 +905,8 @@ class MelCache:
                 pending.append(result)
                 if result.mel is None:
                     reasons[result.reason] += 1
+                    if result.reason == "crashed":
+                        crashed.append(result.path)
                 else:
                     added += 1
                     pending_bytes += result.mel.nbytes
@@ -725,12 +921,14 @@ class MelCache:
             pending = []
             raise
         except BrokenProcessPool:
+            # Raised only when a fresh decoding process dies before it is given a file (see _isolate);
+            # a process that dies on a file instead records that file as skipped ("crashed").
             writer.commit(pending)
             pending = []
             raise MelCacheError(
-                f"a decoding process died (out of memory on a very long file? or, if it printed an error while "
-                f"importing your script, the build is not under `if __name__ == \"__main__\":`); {added} tracks "
-                f"were saved. Rebuild to resume, with fewer workers if memory is short"
+                f"a decoding process died as it started, before it was given any file (if it printed an error "
+                f"while importing your script, the build is not under `if __name__ == \"__main__\":`; else out of "
+                f"memory?); {added} tracks were saved. Rebuild to resume, with fewer workers if memory is short"
             ) from None
         finally:
             results.close()  # stops the pool now, not when the traceback is collected
@@ -750,6 +948,8 @@ class MelCache:
             skip_reasons=dict(reasons),
             usable=sum(track_id in final.entries for track_id in index.track_ids),
             seconds=0.0,
+            excluded=len(excluded),
+            crashed=crashed,
         )
 
     # ------------------------------------------------------------------------------------- reading

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "load_msd",
     "load_mtat",
     "open_dataset",
+    "split_position",
 ]
 
 logger = logging.getLogger(__name__)
@@ -199,29 +201,46 @@ def _ordered_unique(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def split_position(track_id: str, seed: int = 0) -> float:
+    """Where a track falls in [0, 1) for :func:`assign_splits`: a function of ``(track_id, seed)`` only.
+
+    The first 8 bytes of SHA-256 of ``f"{seed}:{track_id}"`` (UTF-8), big-endian, top 53 bits over
+    ``2**53``. The same in every process and Python version (unlike ``hash``, which is salted).
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{track_id}".encode("utf-8")).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) * 2.0**-53
+
+
 def assign_splits(
     track_ids: Sequence[str], fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0
 ) -> dict[str, str]:
     """Deterministic train/valid/test assignment: ``{track_id: split}``.
 
-    The ids are sorted (so the order of a tags file does not matter), shuffled with
-    ``numpy.random.default_rng(seed).permutation``, and the first ``n_train`` go to train, the next
-    ``n_valid`` to valid and the rest to test, where ``n_valid = floor(n * fractions[1] + 0.5)``,
-    ``n_test = floor(n * fractions[2] + 0.5)`` and ``n_train = n - n_valid - n_test``.
+    Each track's split is a function of its own id, ``seed`` and ``fractions`` only: with
+    ``u = split_position(track_id, seed)``, it is ``train`` if ``u < fractions[0]``, ``valid`` if
+    ``u < fractions[0] + fractions[1]``, else ``test``. So adding or removing tracks (or dropping one
+    whose audio is missing) never moves another track between splits, and the order of the ids does
+    not matter. The fractions hold in expectation, not exactly: each split's count is binomial (of
+    1,000 tracks, valid gets 100 +- 9.5 at one standard deviation), and a handful of tracks can leave
+    a split empty, which is logged as a warning.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise DatasetError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
-    ordered = sorted(track_ids)
-    count = len(ordered)
-    n_valid = math.floor(count * fractions[1] + 0.5)
-    n_test = math.floor(count * fractions[2] + 0.5)
-    n_train = count - n_valid - n_test
-    if n_train < 0:  # only when rounding both up on a tiny set
-        n_test += n_train
-        n_train = 0
-    permutation = np.random.default_rng(seed).permutation(count)
-    splits = ["train"] * n_train + ["valid"] * n_valid + ["test"] * (count - n_train - n_valid)
-    return {ordered[position]: split for position, split in zip(permutation, splits)}
+    train_end = fractions[0]
+    valid_end = fractions[0] + fractions[1]
+    splits = {}
+    for track_id in track_ids:
+        position = split_position(track_id, seed)
+        splits[track_id] = "train" if position < train_end else ("valid" if position < valid_end else "test")
+    counts = Counter(splits.values())
+    empty = [name for name, fraction in zip(("train", "valid", "test"), fractions) if fraction > 0 and not counts[name]]
+    if splits and empty:
+        logger.warning(
+            "assign_splits: none of the %d tracks fell in split(s) %s (fractions %s, seed %d); a split per "
+            "track keeps splits stable as tracks come and go, at the price of exact counts on small sets",
+            len(splits), empty, tuple(fractions), seed,
+        )
+    return splits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,15 +274,20 @@ def _find_tags_file(root: Path) -> Path | None:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV (comma) or TSV (tab) of strings; the separator follows the extension, else the header."""
-    suffix = path.suffix.lower()
-    if suffix in (".tsv", ".tab"):
+    """Read a CSV (comma) or TSV (tab) of strings.
+
+    ``.tsv``/``.tab`` files are read with tabs; any other file, ``.csv`` included, with tabs when its
+    header row has more tabs than commas (MagnaTagATune's ``annotations_final.csv`` is tab-separated),
+    else with commas.
+    """
+    if path.suffix.lower() in (".tsv", ".tab"):
         separator = "\t"
-    elif suffix == ".csv":
-        separator = ","
     else:
-        with path.open(encoding="utf-8-sig") as handle:
-            header = handle.readline()
+        try:
+            with path.open(encoding="utf-8-sig") as handle:
+                header = handle.readline()
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{path}: cannot read as a CSV/TSV table ({error})") from None
         separator = "\t" if header.count("\t") > header.count(",") else ","
     try:
         frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig")
@@ -317,8 +341,9 @@ def load_folder(
       ``album_id``, ``title`` and any named in ``keep_columns``.
 
     Track ids are the ``track_id`` column, else the audio path relative to ``root`` without its
-    extension. The split is drawn before the audio check, so dropping a missing file does not move
-    other tracks between splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
+    extension. A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
+    or removed from the folder, or dropped for missing audio, never move other tracks between
+    splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
     track with no tags (enough for self-supervised pre-training).
     """
     root = Path(root).expanduser()

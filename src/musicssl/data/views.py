@@ -357,9 +357,15 @@ def track_segments(
 
     With the defaults: every non-overlapping 4 s segment (starts 125 frames apart at 16 kHz, hop 512;
     a track shorter than one segment gives ``S = 0``). ``max_segments`` keeps that many, evenly
-    spread. ``silence_db`` drops segments whose loudest bin is more than that many dB below the
-    track's loudest (the study trained its probes on non-silent segments); if that would drop all of
-    them, the loudest segment is kept.
+    spread (after the silence filter).
+
+    ``silence_db`` drops a segment when its loudest mel bin (in the cached dB values) is more than
+    ``silence_db`` dB below the loudest bin of the whole track; if that would drop all of them, the
+    loudest segment is kept. This is our own peak-based rule, NOT the study's silence filter, and it
+    keeps far more: the study compared each segment's RMS with the whole track's RMS,
+    ``10 * ln(segment RMS / track RMS)`` (natural log, not dB), and dropped segments below -7.5, which
+    also removes quiet passages that are not silent. Here a segment goes only when even its loudest
+    bin is far below the track's peak: near-silence.
     """
     if max_segments is not None and max_segments <= 0:
         raise ValueError(f"max_segments must be > 0 or None, got {max_segments}")
