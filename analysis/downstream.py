@@ -40,7 +40,8 @@ Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *)
   (musicssl.probe); the others are skipped and reported. Also per tag and per tag group.
 * Bootstrap. 50 resamples of 50 % of the test tracks, drawn without replacement
   (musicssl.probe.bootstrap), the same resamples for every method (a paired comparison): mean and
-  95 % percentile interval.
+  95 % percentile interval. That the fraction can resample the test labels (at least 2 tracks, a tag
+  with both classes) is checked before anything is embedded (:func:`check_bootstrap`).
 * Limited data. 1, 5, 10, 20, 25 and 100 % of the training tracks, each drawn 4 times. Within a
   draw the subsets are nested prefixes of one ordering*: first, rarest tag first, a seeded random
   track for every tag that no earlier pick carries (so every subset at least that large has a
@@ -93,6 +94,7 @@ __all__ = [
     "build_backbone",
     "calibrate_batchnorm",
     "calibration_segments",
+    "check_bootstrap",
     "compute_embeddings",
     "fit_classifier",
     "limited_data_subsets",
@@ -116,6 +118,10 @@ PROBE_FORMAT = 1  # raise when the probes' training changes, so cached probe res
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
 _CALIBRATION_STREAM = 0x424E43414C  # "BNCAL": the random-bn baseline's sample of training segments
+# Seeds are in numpy's and torch's common range; the probes add up to 1000 per draw to the seed.
+MAX_SEED = 2**32 - 1
+# Bootstrap fractions suggested, smallest first, when the one given cannot resample the test tracks.
+_BOOTSTRAP_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 class DownstreamError(ValueError):
@@ -205,15 +211,18 @@ class DownstreamConfig:
             problems.append(f"bootstrap fraction must be in (0, 1], got {self.bootstrap_fraction}")
         if self.max_train_segments < 1:
             problems.append(f"max_train_segments must be >= 1, got {self.max_train_segments}")
-        if self.silence_db is not None and self.silence_db <= 0:
-            problems.append(f"silence_db must be > 0 dB (or None to keep silent segments), got {self.silence_db}")
+        if self.silence_db is not None and not (math.isfinite(self.silence_db) and self.silence_db > 0):
+            problems.append(f"silence_db must be a finite number of dB > 0 (or None to keep silent segments), "
+                            f"got {self.silence_db}")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be in 0-{MAX_SEED}, got {self.seed}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.bn_calibration_segments < 2:
             problems.append(f"bn_calibration_segments must be >= 2, got {self.bn_calibration_segments}")
         if self.probe_workers is not None and self.probe_workers < 0:
             problems.append(f"probe_workers must be >= 0, got {self.probe_workers}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if self.device != "auto" and _device_type(self.device) not in ("cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if problems:
             raise DownstreamError("; ".join(problems))
@@ -231,6 +240,14 @@ class DownstreamConfig:
             "silence_db": None if self.silence_db is None else float(self.silence_db),
             "eval_segments": "all",
         }
+
+
+def _device_type(name: str) -> str | None:
+    """The type of torch device ``name`` names (``cuda`` for ``cuda:1``), None if torch refuses it."""
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError, TypeError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -957,6 +974,77 @@ def score_tags(y_true: np.ndarray, y_score: np.ndarray, tag_names: Sequence[str]
     )
 
 
+def _bootstrap_size_problem(fraction: float, test_tracks: int) -> str | None:
+    """Why ``fraction`` of ``test_tracks`` cannot be bootstrapped (a resample needs 2 tracks), or None."""
+    size = int(round(fraction * test_tracks))
+    if size >= 2:
+        return None
+    return (f"resamples of round({fraction:g} x {test_tracks} test tracks) = {size} track(s); musicssl.probe.bootstrap "
+            "needs at least 2")
+
+
+def check_bootstrap(test_labels: np.ndarray, config: DownstreamConfig) -> str:
+    """Check, before any probe is fitted, that the bootstrap can resample these test labels; returns
+    how it will run (``"redraw"``, or ``"skip_tag"`` when rare tags make redraws hopeless, see
+    :func:`_bootstrap`). Raises :class:`DownstreamError` naming ``--bootstrap-fraction`` and a value
+    that works.
+
+    Whether a resample can be scored depends on the labels only (a draw is rejected, or a tag
+    skipped, when it lacks a class), and the draws on the seed and the sizes, so running
+    musicssl.probe.bootstrap here on the labels with a metric that only checks them meets every
+    failure the real one would, at no cost."""
+    fraction, tracks = config.bootstrap_fraction, len(test_labels)
+    problem = _bootstrap_size_problem(fraction, tracks)
+    if problem is None:
+        mode = _bootstrap_mode(test_labels, fraction, config)
+        if mode is not None:
+            return mode
+        problem = (f"a resample of {int(round(fraction * tracks))} of the {tracks} test tracks can leave no tag with "
+                   f"both positive and negative tracks (the rarest scorable tag has {_rarest_positives(test_labels)} "
+                   "positive test tracks), so it cannot be scored")
+    raise DownstreamError(f"--bootstrap-fraction {fraction:g}: {problem}; {_usable_fraction_hint(test_labels, config)}")
+
+
+def _usable_fraction_hint(test_labels: np.ndarray, config: DownstreamConfig) -> str:
+    """The smallest of a few bootstrap fractions above the given one that can resample these labels."""
+    tracks = len(test_labels)
+    smallest = next((f / 100 for f in range(1, 101) if _bootstrap_size_problem(f / 100, tracks) is None), None)
+    candidates = sorted({f for f in (smallest, *_BOOTSTRAP_FRACTIONS) if f is not None and f > config.bootstrap_fraction
+                         and _bootstrap_size_problem(f, tracks) is None})
+    usable = next((f for f in candidates if _bootstrap_mode(test_labels, f, config) is not None), None)
+    if usable is None:
+        return "no fraction can: the bootstrap needs at least 2 test tracks and a tag with both classes among them"
+    return f"--bootstrap-fraction {usable:g} works here (the study's is 0.5)"
+
+
+def _rarest_positives(labels: np.ndarray) -> int:
+    positives = np.asarray(labels).sum(axis=0)
+    scorable = (positives > 0) & (positives < len(labels))
+    return int(positives[scorable].min()) if scorable.any() else 0
+
+
+def _bootstrap_mode(test_labels: np.ndarray, fraction: float, config: DownstreamConfig) -> str | None:
+    """How musicssl.probe.bootstrap will run on these labels at ``fraction``, or None if it cannot."""
+    from musicssl.probe import bootstrap, scorable_tags
+
+    def labels_only(y_true: np.ndarray, y_score: np.ndarray) -> float:
+        # What the built-in metrics refuse: a resample in which no tag has both classes.
+        if not scorable_tags(y_true).any():
+            raise ValueError("no tag has both classes in this resample")
+        return 0.0
+
+    labels = np.asarray(test_labels)
+    scores = np.zeros(labels.shape, dtype=np.float64)
+    arguments = dict(n_resamples=config.bootstrap_resamples, fraction=fraction, seed=config.seed)
+    for mode in ("redraw", "skip_tag"):
+        try:
+            bootstrap(labels, scores, labels_only, on_missing_class=mode, **arguments)
+            return mode
+        except ValueError:
+            continue
+    return None
+
+
 def _bootstrap(y_true: np.ndarray, y_score: np.ndarray, metric: str, config: DownstreamConfig, log):
     """The study's bootstrap; falls back to per-draw tag skipping when rare tags make redraws hopeless."""
     from musicssl.probe import bootstrap
@@ -1072,6 +1160,12 @@ def run_downstream(
     embedders = {spec.label: _embedder(spec, device, config) for spec in methods}
 
     index = index if index is not None else open_index(config)
+    # Before the mel cache is built: the bootstrap cannot resample more test tracks than are listed.
+    listed = np.flatnonzero(index.tracks["split"].to_numpy() == "test")
+    problem = _bootstrap_size_problem(config.bootstrap_fraction, len(listed)) if len(listed) >= 2 else None
+    if problem:
+        hint = _usable_fraction_hint(index.labels()[listed], config)
+        raise DownstreamError(f"--bootstrap-fraction {config.bootstrap_fraction:g}: {problem}; {hint}")
     dataset_name = config.dataset if config.dataset.lower() in _named_datasets() else index.name
     missing = index.extra.get("missing", [])
     log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
@@ -1112,6 +1206,7 @@ def run_downstream(
         log(f"  skipped {len(unscorable)} tag(s) with no positive (or no negative) test track: {unscorable[:8]}"
             f"{' ...' if len(unscorable) > 8 else ''}")
     log(f"  usable tracks: {len(train_pos)} train / {len(valid_pos)} valid / {len(test_pos)} test")
+    check_bootstrap(test_labels, config)  # before the embeddings and the probe fits, not after them
 
     subsets = limited_data_subsets(labels[train_pos], config.fractions, config.draws, config.seed)
 
@@ -1532,13 +1627,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=_positive_int, default=defaults.bootstrap_resamples,
                         help="bootstrap resamples of the test tracks (default: %(default)s)")
     parser.add_argument("--bootstrap-fraction", type=float, default=defaults.bootstrap_fraction,
-                        help="share of the test tracks per resample (default: %(default)s)")
+                        help="share of the test tracks per resample, in (0, 1]; a resample needs at least 2 tracks "
+                        "(default: %(default)s)")
     parser.add_argument("--max-train-segments", type=_positive_int, default=defaults.max_train_segments,
                         help="4 s segments per training track (default: %(default)s)")
     parser.add_argument("--silence-db", type=float, default=defaults.silence_db,
-                        help="a training segment is silent when its loudest bin is this many dB below the track's "
-                        "(default: %(default)s; 0 keeps every segment)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of subsets, probes, bootstrap, random baselines")
+                        help="a training segment is silent, and left out, when its loudest bin is this many dB below "
+                        "the track's (default: %(default)s; 0 keeps every segment; must be >= 0)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"seed of subsets, probes, bootstrap, random baselines (0-{MAX_SEED}; default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
@@ -1552,7 +1649,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the CPU (default: all cores; 0: in this process); results do not depend on it")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $MUSICSSL_CACHE/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the embeddings and do not store them")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/downstream/<dataset>-<time>)")
+    parser.add_argument("--out", default=None, help="output folder, made if missing (default: "
+                        "runs/downstream/<dataset>-<time>)")
     parser.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     return parser
 
@@ -1566,12 +1664,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not args.methods and args.no_baselines:
         parser.error("nothing to evaluate: give a checkpoint or run folder, or drop --no-baselines")
+    if not (math.isfinite(args.silence_db) and args.silence_db >= 0):
+        parser.error(f"--silence-db must be a number of dB >= 0 (0 keeps every segment), got {args.silence_db}")
     try:
         config = DownstreamConfig(
             dataset=args.dataset, root=args.root, audio_dir=args.audio_dir, classifiers=args.classifiers,
             fractions=args.fractions, draws=args.draws, bootstrap_resamples=args.bootstrap,
             bootstrap_fraction=args.bootstrap_fraction, max_train_segments=args.max_train_segments,
-            silence_db=args.silence_db if args.silence_db and args.silence_db > 0 else None, seed=args.seed,
+            silence_db=args.silence_db if args.silence_db > 0 else None, seed=args.seed,
             device=args.device, batch_size=args.batch_size, workers=args.workers,
             probe_workers=args.probe_workers, bn_calibration_segments=args.bn_segments, cache_dir=args.cache_dir,
             use_cache=not args.no_cache,
@@ -1584,6 +1684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else (
         Path("runs") / "downstream" / f"{_safe_name(Path(args.dataset).name or args.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    problem = _out_dir_problem(out_dir)
+    if problem:  # now, not after the whole evaluation
+        parser.error(f"--out {out_dir}: {problem}")
     try:
         result = run_downstream(methods, config, progress=not args.quiet)
     except _input_errors() as error:
@@ -1596,6 +1699,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(limited_markdown(result.limited))
     print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")
     return 0
+
+
+def _out_dir_problem(out_dir: Path) -> str | None:
+    """Why the results cannot go to folder ``out_dir`` (a file there or above it), or None."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                return ("is a file; give a folder for the results" if path == out_dir
+                        else f"{path} is a file, so the folder cannot be made there")
+            if not os.access(path, os.W_OK | os.X_OK):
+                return f"{path} is not writable"
+            return None
+    return None
 
 
 def _available_cores() -> int:

@@ -17,6 +17,12 @@ researcher learns which settings to avoid. Importance for collapse is computed o
 of the study in which every finished trial is COMPLETE with the value 1 (collapsed or diverged) or
 0 (healthy).
 
+What counts as collapsed: a trial the collapse rule stopped (outcome ``collapsed``), one that diverged,
+and, in a search run with ``--no-collapse-stop``, a trial the rule would have stopped: it ran on to
+the end (outcome ``complete``, with a score) and recorded the rule's ``collapse_type``,
+``collapse_epoch`` and ``would_stop_epoch``. A search with stopping on has no such trials, so its
+numbers are those of its stopped trials. The report says which of the two it counts.
+
 With no RUN_DIR the latest search of each method under ``--storage-dir`` (default ``runs``) is read,
 and the report goes to ``<storage-dir>/report/sensitivity.html`` (with RUN_DIRs, to ``report/`` in the
 folder holding the first of them). A search still running is read as far as it has gone.
@@ -45,6 +51,7 @@ __all__ = [
     "ReportError",
     "analyse",
     "bootstrap_best_interval",
+    "check_report_path",
     "collapse_importances",
     "default_experiments",
     "experiment_from_study",
@@ -64,7 +71,8 @@ CONFIG_KEY = "optuna_trial"
 DEFAULT_REPORT = Path("report") / "sensitivity.html"
 
 # Outcomes that count as "collapse" for the collapse target, the collapse rate and the maps: the
-# searcher treats both as infeasible (hpsearch.searcher), and both end training early.
+# searcher treats both as infeasible (hpsearch.searcher), and both end training early. With collapse
+# stopping off, trials the rule would have stopped count too (see ``would_stop`` in _normalise_frame).
 COLLAPSE_OUTCOMES = ("collapsed", "diverged")
 # Outcomes that say something about the parameters (a failed trial raised an exception; a running
 # one has not ended).
@@ -75,6 +83,9 @@ MIN_TRIALS_FOR_IMPORTANCE = 5
 # PED-ANOVA's authors advise at least this many trials above its quantile.
 PED_ANOVA_MIN_TOP_TRIALS = 5
 BOOTSTRAP_RESAMPLES = 2000
+# What bootstrap_best_interval's two numbers are, for the report and its JSON.
+BEST_RANGE_TEXT = (f"range of the best score of a search this size, 95 % bootstrap ({BOOTSTRAP_RESAMPLES} resamples "
+                   "of the finished trials with replacement; its upper end is the observed best)")
 # A trial is "near the best" within this fraction of the best score.
 NEAR_BEST_FRACTION = 0.05
 RANK_METRIC = "collapse_rankme_embedding"
@@ -87,13 +98,18 @@ OBJECTIVE_LABELS = {
 }
 # What each searched method's report should show as its first two-parameter map, whatever the
 # importances say: the pairs the study found decisive for collapse.
+# Both names are parameters the method's space samples (study_spaces/<method>.py), not derived ones:
+# BYOL samples one_minus_ema_rate and derives base_ema_rate from it.
 PREFERRED_PAIRS = {
     "vicreg": ("var_weight", "cov_weight"),
     "clustering": ("num_prototypes", "teacher_temperature"),
     "barlow_twins": ("lambd", "learning_rate"),
-    "byol": ("base_ema_rate", "learning_rate"),
+    "byol": ("one_minus_ema_rate", "learning_rate"),
     "contrastive": ("temperature", "learning_rate"),
 }
+# How the report words what it counts as collapsed, with collapse stopping on and off.
+COLLAPSED_STOPPED = "collapsed or diverged"
+COLLAPSED_STOPPED_OR_WOULD_BE = "collapsed or diverged (stopped, or would have been stopped by the collapse rule)"
 
 
 class ReportError(RuntimeError):
@@ -147,6 +163,19 @@ class Experiment:
     @property
     def trials_requested(self) -> int:
         return int(self.settings.get("trials", len(self.trials)))
+
+    @property
+    def collapse_stop(self) -> bool:
+        """Whether the search stopped collapsed trials (``--no-collapse-stop`` turns it off)."""
+        return bool(self.settings.get("collapse_stop", True))
+
+    @property
+    def collapsed_wording(self) -> str:
+        """What the report counts as collapsed, in words: the stopped trials, or, with stopping off (or
+        any trial the rule would have stopped), those and the trials the rule would have stopped."""
+        if self.collapse_stop and not bool(self.trials["would_stop"].any()):
+            return COLLAPSED_STOPPED
+        return COLLAPSED_STOPPED_OR_WOULD_BE
 
     @property
     def running(self) -> bool:
@@ -296,7 +325,13 @@ def _normalise_frame(frame: pd.DataFrame) -> pd.DataFrame:
     missing = frame["outcome"].isna()
     frame.loc[missing, "outcome"] = frame.loc[missing, "state"].map(by_state).fillna("failed")
     frame["group"] = [trial_group(o, c) for o, c in zip(frame["outcome"], frame["collapse_type"])]
-    frame["collapsed"] = frame["outcome"].isin(COLLAPSE_OUTCOMES)
+    # Stopped by the collapse rule (or diverged), or, with stopping off, a trial the rule would have
+    # stopped: it ran on and recorded would_stop_epoch with the rule's collapse_type and collapse_epoch
+    # (hpsearch.trainable). A trial only flagged (e.g. a last "dimensional" verdict) records neither.
+    frame["stopped_for_collapse"] = frame["outcome"].isin(COLLAPSE_OUTCOMES)
+    would = frame["would_stop_epoch"].notna() | (frame["collapse_type"].notna() & (frame["outcome"] == "complete"))
+    frame["would_stop"] = would & ~frame["stopped_for_collapse"] & frame["outcome"].isin(FINISHED_OUTCOMES)
+    frame["collapsed"] = frame["stopped_for_collapse"] | frame["would_stop"]
     return frame
 
 
@@ -422,9 +457,12 @@ def spearman_with_interval(x: Sequence[float], y: Sequence[float], z: float = 1.
 def bootstrap_best_interval(
     objective: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
 ) -> tuple[float, float]:
-    """95 % percentile interval of the best score over the search's trials resampled with
-    replacement (a trial without a score, e.g. collapsed, is drawn too and scores nothing): how much
-    the best depends on which trials the search happened to draw. NaN where no resample has a score."""
+    """The range of the best score of a search this size (95 % percentile bootstrap): the best of the
+    search's trials resampled with replacement (a trial without a score, e.g. collapsed, is drawn too
+    and scores nothing), 2.5th and 97.5th percentiles. It says how much the best depends on which
+    trials the search happened to draw; it is not a confidence interval of the best: a resample
+    holds the best trial in about 63 % of draws, so the upper end is the observed best. NaN where no
+    resample has a score."""
     values = np.asarray(objective, dtype=float)
     if len(values) == 0 or not np.isfinite(values).any():
         return (math.nan, math.nan)
@@ -471,7 +509,7 @@ def _copy_study(trials: list[tuple[dict, dict, float]]):
     return study
 
 
-def _evaluator(name: str, values: Sequence[float], binary: bool):
+def _evaluator(name: str, values: Sequence[float], binary: bool, collapsed: str = COLLAPSED_STOPPED):
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
     if name == "fANOVA":
@@ -483,14 +521,16 @@ def _evaluator(name: str, values: Sequence[float], binary: bool):
         positives = int(np.sum(values))
         quantile = (positives - 0.5) / n
         return PedAnovaImportanceEvaluator(target_quantile=quantile), (
-            f"top set: the {positives} collapsed or diverged trials, against all {n}")
+            f"top set: the {positives} trial(s) {collapsed}, against all {n}")
     quantile = min(0.5, max(0.1, PED_ANOVA_MIN_TOP_TRIALS / n))
     top = int(math.ceil(quantile * n))
     return PedAnovaImportanceEvaluator(target_quantile=quantile), (
         f"top {100 * quantile:.0f} % ({top} trials) against all {n}")
 
 
-def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[str], binary: bool) -> list[Importance]:
+def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[str], binary: bool,
+                 collapsed: str = COLLAPSED_STOPPED) -> list[Importance]:
+    """Both evaluators' importances for one target; ``collapsed`` words what a 1 of a binary target is."""
     import optuna
 
     values = [value for _, _, value in rows]
@@ -501,14 +541,15 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
                                       f"not enough trials: {len(rows)}, at least {MIN_TRIALS_FOR_IMPORTANCE} needed"))
             continue
         if np.ptp(values) == 0:
-            what = ("every trial collapsed" if values[0] else "no trial collapsed") if binary else "every trial scored the same"
+            what = (f"every trial {collapsed}" if values[0] else f"no trial {collapsed}") if binary \
+                else "every trial scored the same"
             results.append(Importance(target, evaluator_name, None, len(rows), f"no variation to explain: {what}"))
             continue
         varied = [name for name in names if len({_hashable(p.get(name)) for p, _, _ in rows}) > 1]
         if not varied:
             results.append(Importance(target, evaluator_name, None, len(rows), "no parameter varied across these trials"))
             continue
-        evaluator, note = _evaluator(evaluator_name, values, binary)
+        evaluator, note = _evaluator(evaluator_name, values, binary, collapsed)
         try:
             study = _copy_study(rows)
             with warnings.catch_warnings():
@@ -561,10 +602,12 @@ def objective_importances(experiment: Experiment) -> list[Importance]:
 
 def collapse_importances(experiment: Experiment) -> list[Importance]:
     """PED-ANOVA and fANOVA importances for collapsing: every finished trial (complete, collapsed,
-    diverged, stopped) counts, valued 1 if it collapsed or diverged and 0 otherwise."""
-    rows = [(params, distributions, float(row.outcome in COLLAPSE_OUTCOMES))
+    diverged, stopped) counts, valued 1 if it collapsed or diverged (with stopping off: or the
+    collapse rule would have stopped it) and 0 otherwise."""
+    rows = [(params, distributions, float(row.collapsed))
             for row, params, distributions in _trial_rows(experiment, FINISHED_OUTCOMES)]
-    return _importances("collapse", rows, list(experiment.distributions), binary=True)
+    return _importances("collapse", rows, list(experiment.distributions), binary=True,
+                        collapsed=experiment.collapsed_wording)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,6 +629,11 @@ class ExperimentAnalysis:
     sensitivity: dict[str, Any]
     time_to_collapse: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # Set for the page (analysis.sensitivity_figures.build_page): the prefix of the experiment's DOM ids
+    # and figure keys, unique within the report whatever the folders' names, and the name it is shown
+    # by (the folder's, with its parent's where two experiments share a name).
+    key: str = ""
+    label: str = ""
 
     def importance(self, target: str, evaluator: str) -> Importance | None:
         return next((i for i in self.importances if i.target == target and i.evaluator == evaluator), None)
@@ -723,9 +771,16 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
         "trial_epochs_run": float(epochs.sum()),
         "trial_epochs_requested": int(experiment.trials_requested * max_epochs),
         "trial_epochs_of_started_trials": int(len(frame) * max_epochs),
+        # Epochs not run because a trial ended early, by outcome: "collapsed" and "diverged" by the
+        # collapse rule (and a divergence), "stopped" by the scheduler (ASHA) or an interruption.
         "epochs_saved": saved,
+        "epochs_saved_by_collapse_stopping": saved["collapsed"] + saved["diverged"],
+        "epochs_saved_by_scheduler": saved["stopped"],
         "epochs_saved_total": float(sum(saved.values())),
-        "saved_fraction": float(sum(saved.values()) / (len(frame) * max_epochs)) if len(frame) else 0.0,
+        # Over what the trials would have run without early stopping (as hpsearch's summary): a failed
+        # trial's unrun epochs are not savings.
+        "saved_fraction": float(sum(saved.values()) / (epochs.sum() + sum(saved.values())))
+        if epochs.sum() + sum(saved.values()) else 0.0,
         "trial_seconds": float(seconds.fillna(0).sum()),
         "seconds_per_epoch": _json_float(per_epoch),
         "seconds_saved_estimate": _json_float(sum(saved.values()) * per_epoch),
@@ -743,9 +798,12 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
             break
 
     finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
-    collapsed_count = int(finished["outcome"].isin(COLLAPSE_OUTCOMES).sum())
+    collapsed_count = int(finished["collapsed"].sum())
     low, high = wilson_interval(collapsed_count, len(finished))
     collapse_rate = {"collapsed_or_diverged": collapsed_count, "finished": int(len(finished)),
+                     "stopped": int(finished["stopped_for_collapse"].sum()),
+                     "would_have_been_stopped": int(finished["would_stop"].sum()),
+                     "counted": experiment.collapsed_wording,
                      "rate": _json_float(collapsed_count / len(finished)) if len(finished) else None,
                      "low": _json_float(low), "high": _json_float(high), "interval": "Wilson score, 95 %"}
 
@@ -754,7 +812,7 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
     complete_scores = complete["objective"].to_numpy(dtype=float)
     sensitivity: dict[str, Any] = {
         "best": best["value"] if best else None, "best_low": _json_float(best_low), "best_high": _json_float(best_high),
-        "best_interval": f"95 % percentile bootstrap over the finished trials ({BOOTSTRAP_RESAMPLES} resamples)",
+        "best_interval": BEST_RANGE_TEXT,
         "complete_trials": int(len(complete_scores)),
     }
     if len(complete_scores):
@@ -774,9 +832,13 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                 sensitivity[f"most_important_for_{target}_by"] = evaluator
                 break
 
-    collapsed = frame[frame["outcome"].isin(COLLAPSE_OUTCOMES)]
+    collapsed = frame[frame["collapsed"]]
+    would = collapsed[collapsed["would_stop"]]
     time_to_collapse = {
         "trials": int(len(collapsed)),
+        "counted": experiment.collapsed_wording,
+        "would_have_been_stopped": int(len(would)),
+        "median_would_stop_epoch": _json_float(would["would_stop_epoch"].median()) if len(would) else None,
         "median_collapse_epoch": _json_float(collapsed["collapse_epoch"].median()) if len(collapsed) else None,
         "median_collapse_step": _json_float(collapsed["collapse_step"].median()) if len(collapsed) else None,
         "median_stop_epoch": _json_float(collapsed["stop_epoch"].median()) if len(collapsed) else None,
@@ -790,6 +852,18 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                      "trials they are computed on")
     if not experiment.trajectories:
         notes.append("no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
+    if not experiment.collapse_stop:
+        notes.append(f"collapse stopping was off in this search (--no-collapse-stop): the "
+                     f"{int(finished['would_stop'].sum())} trial(s) the collapse rule would have stopped ran to the "
+                     "end and kept their score, and count as collapsed here (collapse rate, importance for collapse, "
+                     "collapse rate per parameter, maps, time to collapse)")
+    if "verdict" in frame:
+        flagged = finished[(finished["outcome"] == "complete") & ~finished["collapsed"]
+                           & finished["verdict"].isin(("complete", "dimensional", "cluster"))]
+        if len(flagged):
+            kinds = ", ".join(f"{count} {kind}" for kind, count in flagged["verdict"].value_counts().sort_index().items())
+            notes.append(f"{len(flagged)} complete trial(s) ended with a collapse verdict the rule does not stop on "
+                         f"({kinds}): flagged, not counted as collapsed")
     return ExperimentAnalysis(
         experiment=experiment, counts=counts, best=best, compute=compute, importances=importances,
         label_free=label_free, label_free_metric=label_free_metric, collapse_rate=collapse_rate,
@@ -841,10 +915,35 @@ def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, An
     return rows
 
 
+REPORT_SUFFIXES = (".html", ".htm")
+
+
 def output_paths(report: Path) -> dict[str, Path]:
     """Where the report's companions go: ``<stem>.json``, ``<stem>-trials.csv``, ``<stem>-figures/``."""
     return {"html": report, "json": report.with_suffix(".json"),
             "csv": report.with_name(f"{report.stem}-trials.csv"), "png": report.with_name(f"{report.stem}-figures")}
+
+
+def check_report_path(report: Path) -> dict[str, Path]:
+    """The report's output paths; :class:`ReportError` unless ``report`` names an HTML file (``.html``
+    or ``.htm``, not a folder), so that the report, its JSON, its CSV and its figure folder are four
+    different paths (``--out r.json`` would write the HTML and then the JSON over it)."""
+    report = Path(report)
+    if report.is_dir():
+        raise ReportError(f"--out {report}: is a folder; give the HTML file to write, e.g. {report / 'sensitivity.html'}")
+    if report.suffix.lower() not in REPORT_SUFFIXES:
+        suggestion = report.with_name(f"{report.stem if report.suffix else report.name}.html")
+        raise ReportError(
+            f"--out {report}: name the HTML report, ending in .html (e.g. --out {suggestion}); its summary and "
+            "trials table are written next to it as <stem>.json and <stem>-trials.csv"
+        )
+    paths = output_paths(report)
+    if len(set(paths.values())) < len(paths):  # cannot happen with an .html suffix; a guard
+        raise ReportError(f"--out {report}: the report and its companions would share a path")
+    for kind in ("json", "csv"):
+        if paths[kind].is_dir():
+            raise ReportError(f"--out {report}: {paths[kind]}, where the report's {kind.upper()} goes, is a folder")
+    return paths
 
 
 def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: Sequence[str] = ("html",),
@@ -854,7 +953,7 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
     from analysis.sensitivity_figures import build_page, export_pngs
 
     report = Path(report)
-    paths = output_paths(report)
+    paths = check_report_path(report)
     report.parent.mkdir(parents=True, exist_ok=True)
     page, figures = build_page(analyses)
     paths["html"].write_text(page, encoding="utf-8")
@@ -901,8 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each method under --storage-dir)")
     parser.add_argument("--storage-dir", default="runs", help="where searches live, for the default RUN_DIRs and the "
                         "default --out (default: runs)")
-    parser.add_argument("--out", help=f"the HTML report to write (default: {DEFAULT_REPORT.as_posix()} in the folder "
-                        "holding the first RUN_DIR, or in --storage-dir); <stem>.json and <stem>-trials.csv go next to it")
+    parser.add_argument("--out", help=f"the HTML report to write, ending in .html (default: {DEFAULT_REPORT.as_posix()} "
+                        "in the folder holding the first RUN_DIR, or in --storage-dir); <stem>.json and <stem>-trials.csv "
+                        "go next to it")
     parser.add_argument("--format", choices=("html", "png"), action="append", dest="formats",
                         help="html (always written), png: also every figure as an image in <stem>-figures/ (needs "
                         "kaleido and Chrome/Chromium); repeatable")
@@ -911,7 +1011,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
+    names = [experiment["name"] for experiment in summary["experiments"]]
     for experiment in summary["experiments"]:
+        if names.count(experiment["name"]) > 1:  # told apart by their parent folders, as in the report
+            experiment = {**experiment, "name": f"{Path(experiment['folder']).parent.name}/{experiment['name']}"}
         counts = ", ".join(f"{count} {name}" for name, count in experiment["counts"].items())
         best = experiment["best"]
         best_text = (f"best #{best['trial']} {experiment['objective']} {best['value']:.4f}" if best
@@ -936,8 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = experiments[0].folder.parent / DEFAULT_REPORT
         else:
             out = Path(args.storage_dir).expanduser() / DEFAULT_REPORT
-        if out.exists() and out.is_dir():
-            raise ReportError(f"--out {out}: is a folder; give the HTML file to write, e.g. {out / 'sensitivity.html'}")
+        check_report_path(out)  # before the analysis, which can take a while
         analyses = [analyse(experiment) for experiment in experiments]
         summary = write_report(analyses, out, formats)
     except ReportError as error:

@@ -1,6 +1,7 @@
 """The figures and the HTML page of the sensitivity report (:mod:`analysis.sensitivity`).
 
-Sections, per experiment (ids ``<experiment>-<section>``):
+Sections, per experiment (ids ``e<N>-<experiment>-<section>``, N its position in the report, so that
+two experiments whose folders share a name get ids of their own):
 
 - ``summary``: trials by outcome (collapsed ones by type), the best trial, compute spent and saved;
 - ``importance``: PED-ANOVA and fANOVA importances for the objective and for collapse;
@@ -70,6 +71,7 @@ _PARAMETER_LABELS = {
     "lambd": "off-diagonal weight lambda (loss coefficient)",
     "base_ema_rate": "teacher EMA rate (per step)",
     "batch_size": "batch size (segments)",
+    "predictor_hidden_dim": "predictor hidden width (units)",
 }
 _KERNEL_BANDWIDTH = 0.15  # of the normalised (log) range, for the collapse-probability map
 _MAP_GRID = 48
@@ -155,12 +157,25 @@ def _hover(frame: pd.DataFrame, experiment: Experiment) -> list[str]:
             parts.append(f"{experiment.objective} {row['objective']:.4f}")
         if row["outcome"] in ("collapsed", "diverged") and pd.notna(row.get("collapse_epoch")):
             parts.append(f"collapse from epoch {int(row['collapse_epoch'])}")
+        elif row.get("would_stop"):
+            parts.append(_would_stop_text(row))
         for name in experiment.distributions:
             value = row.get(f"param_{name}")
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 parts.append(f"{name} = {value:.4g}" if isinstance(value, (int, float)) else f"{name} = {value}")
         texts.append("<br>".join(parts))
     return texts
+
+
+def _would_stop_text(row) -> str:
+    """A trial the collapse rule would have stopped (collapse stopping off), in words."""
+    text = "the collapse rule would have stopped it"
+    if pd.notna(row.get("would_stop_epoch")):
+        text += f" at epoch {int(row['would_stop_epoch'])}"
+    kind = row.get("collapse_type") or "unknown"
+    if pd.notna(row.get("collapse_epoch")):
+        return f"{text} ({kind} collapse from epoch {int(row['collapse_epoch'])})"
+    return f"{text} ({kind} collapse)"
 
 
 def _groups_present(frame: pd.DataFrame) -> list[str]:
@@ -191,7 +206,7 @@ def outcome_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     saved = [float(compute["epochs_saved"].get(o, 0.0)) for o in outcomes]
     figure.add_trace(go.Bar(y=outcomes, x=run, orientation="h", name="run", marker_color="#1f77b4",
                             hovertemplate="%{y}: %{x:.1f} trial-epochs run<extra></extra>"), row=1, col=2)
-    figure.add_trace(go.Bar(y=outcomes, x=saved, orientation="h", name="saved by early stopping",
+    figure.add_trace(go.Bar(y=outcomes, x=saved, orientation="h", name="not run: the trial ended early",
                             marker_color="#2ca02c", hovertemplate="%{y}: %{x:.1f} trial-epochs saved<extra></extra>"),
                      row=1, col=2)
     figure.update_layout(barmode="stack")
@@ -200,14 +215,20 @@ def outcome_figure(analysis: ExperimentAnalysis) -> ReportFigure:
                         row=1, col=2)
     figure.update_yaxes(title_text="outcome", autorange="reversed", row=1, col=1)
     figure.update_yaxes(title_text="outcome", autorange="reversed", row=1, col=2)
-    title = f"{experiment.name}: outcomes of {len(frame)} trials and the compute they used"
+    title = f"{_label(analysis)}: outcomes of {len(frame)} trials and the compute they used"
     _layout(figure, title, height=max(300, 60 + 36 * max(len(groups), len(outcomes))),
             legend={"orientation": "h", "y": -0.25})
     saved_total = compute["epochs_saved_total"]
     caption = (f"Left: how the trials ended (collapsed ones by type). Right: the trial-epochs each outcome ran, and "
-               f"in green the {saved_total:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %) that stopping "
-               "collapsed and diverged trials early did not spend.")
-    return ReportFigure(f"{experiment.name}-outcomes", experiment.name, title, caption, figure)
+               f"in green the {saved_total:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %) not run because "
+               f"a trial ended early: {_saved_split(compute)}.")
+    return ReportFigure(f"{_key(analysis)}-outcomes", _label(analysis), title, caption, figure)
+
+
+def _saved_split(compute: dict[str, Any]) -> str:
+    """The saved trial-epochs by what ended the trials: the collapse rule or the scheduler."""
+    return (f"{compute['epochs_saved_by_collapse_stopping']:.1f} by collapse stopping (collapsed and diverged trials), "
+            f"{compute['epochs_saved_by_scheduler']:.1f} by the scheduler (ASHA's stopped trials)")
 
 
 def summary_html(analysis: ExperimentAnalysis) -> str:
@@ -228,8 +249,12 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
     rows.append(("outcomes", counts))
     rate = analysis.collapse_rate
     if rate["rate"] is not None:
-        rows.append(("collapse rate", f"{100 * rate['rate']:.0f} % of {rate['finished']} finished trials collapsed or "
-                                      f"diverged (95 % Wilson interval {100 * rate['low']:.0f}-{100 * rate['high']:.0f} %)"))
+        text = (f"{100 * rate['rate']:.0f} % of {rate['finished']} finished trials {rate['counted']} "
+                f"(95 % Wilson interval {100 * rate['low']:.0f}-{100 * rate['high']:.0f} %)")
+        if rate["would_have_been_stopped"] or not experiment.collapse_stop:
+            text += (f": {rate['stopped']} stopped by the rule or diverged, {rate['would_have_been_stopped']} that the "
+                     "rule would have stopped (they ran to the end)")
+        rows.append(("collapse rate", text))
     best = analysis.best
     if best:
         params = ", ".join(f"{k} = {_format_value(v)}" for k, v in best["params"].items())
@@ -240,8 +265,8 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
                                                            for k, v in best["derived_params"].items())))
         sensitivity = analysis.sensitivity
         if sensitivity.get("best_low") is not None:
-            rows.append(("best score, interval", f"{sensitivity['best_low']:.4f}-{sensitivity['best_high']:.4f} "
-                                                 f"({sensitivity['best_interval']})"))
+            rows.append(("best score, range", f"{sensitivity['best_low']:.4f}-{sensitivity['best_high']:.4f} "
+                                              f"({sensitivity['best_interval']})"))
     else:
         rows.append(("best trial", "no trial completed: there is no score to report"))
     untrained = experiment.untrained_value
@@ -256,16 +281,16 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
                if initial is not None else "initial BatchNorm statistics")
         rows.append(("untrained backbone", f"{experiment.objective} {untrained:.4f} ({how}){verdict}"))
     compute = analysis.compute
-    saved = ", ".join(f"{v:.1f} by {k}" for k, v in compute["epochs_saved"].items() if v) or "none"
     spent = (f"{compute['trial_epochs_run']:.1f} trial-epochs of {compute['trial_epochs_of_started_trials']} "
              "for the trials started")
     if compute["trial_seconds"]:
         spent += f", {compute['trial_seconds'] / 60:.1f} trial-minutes"
     rows.append(("compute spent", spent))
-    saved_text = f"{compute['epochs_saved_total']:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %): {saved}"
+    saved_text = (f"{compute['epochs_saved_total']:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %): "
+                  f"{_saved_split(compute)}")
     if compute["seconds_saved_estimate"]:
         saved_text += f"; about {compute['seconds_saved_estimate'] / 60:.1f} trial-minutes at the complete trials' median pace"
-    rows.append(("saved by early stopping", saved_text))
+    rows.append(("not run: trials ended early", saved_text))
     table = "".join(f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(str(v))}</td></tr>"
                     for k, v in rows)
     notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in analysis.notes)
@@ -291,7 +316,7 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         return None
     names = analysis.ranked_parameters()
     figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=(
-        f"for the objective ({experiment.objective})", "for collapse (collapsed or diverged vs not)"))
+        f"for the objective ({experiment.objective})", "for collapse (collapsed vs not)"))
     colours = {"PED-ANOVA": "#1f77b4", "fANOVA": "#ff7f0e"}
     shown: set[str] = set()
     for column, target in enumerate(targets, start=1):
@@ -309,12 +334,13 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         figure.update_xaxes(title_text="importance (share of the total, 0-1)", range=[0, 1], row=1, col=column)
     figure.update_yaxes(autorange="reversed", title_text="sampled parameter", row=1, col=1)
     figure.update_yaxes(autorange="reversed", title_text="sampled parameter", row=1, col=2)
-    title = f"{experiment.name}: which parameters decide the score, and which decide collapse"
+    title = f"{_label(analysis)}: which parameters decide the score, and which decide collapse"
     _layout(figure, title, height=max(320, 120 + 40 * len(names)), barmode="group",
             legend={"orientation": "h", "y": -0.2})
     caption = ("Longer bar = the parameter explains more of the target (each method's bars sum to 1). Left: the score "
-               "among complete trials. Right: collapsed-or-not over all finished trials, so collapsed trials count.")
-    return ReportFigure(f"{experiment.name}-importance", experiment.name, title, caption, figure)
+               f"among complete trials. Right: {experiment.collapsed_wording} or not, over all finished trials, so "
+               "collapsed trials count.")
+    return ReportFigure(f"{_key(analysis)}-importance", _label(analysis), title, caption, figure)
 
 
 def importance_html(analysis: ExperimentAnalysis) -> str:
@@ -338,7 +364,7 @@ def importance_html(analysis: ExperimentAnalysis) -> str:
                "the share of the target's variance a random forest attributes to each parameter). Importances are "
                "computed on the sampled parameters, on the scale they were sampled (log for log-scale parameters), and "
                "normalised to sum to 1. For collapse, an in-memory copy of the study holds every finished trial as "
-               "complete with value 1 (collapsed or diverged) or 0.</p>")
+               f"complete with value 1 ({html.escape(analysis.experiment.collapsed_wording)}) or 0.</p>")
     return f"<ul>{''.join(lines)}</ul>{methods}"
 
 
@@ -395,7 +421,7 @@ def collapse_rate_bins(values: Sequence[Any], collapsed: Sequence[bool], distrib
 
 
 def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
-    from analysis.sensitivity import COLLAPSE_OUTCOMES, FINISHED_OUTCOMES
+    from analysis.sensitivity import FINISHED_OUTCOMES
 
     experiment = analysis.experiment
     distribution = experiment.distributions[name]
@@ -409,6 +435,13 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
             x=scored[column], y=scored["objective"], mode="markers", name="complete",
             marker={"color": group_colour("complete"), "size": 9, "line": {"width": 0.5, "color": "white"}},
             text=_hover(scored, experiment), hoverinfo="text", legendgroup="complete",
+        ), row=1, col=1)
+    would = scored[scored["would_stop"]]
+    if len(would):
+        figure.add_trace(go.Scatter(
+            x=would[column], y=would["objective"], mode="markers", name="the collapse rule would have stopped it",
+            marker={"symbol": "circle-open", "size": 17, "color": "#b00020", "line": {"width": 2}},
+            text=_hover(would, experiment), hoverinfo="text",
         ), row=1, col=1)
     if analysis.best:
         best = frame[frame["trial"] == analysis.best["trial"]]
@@ -427,8 +460,7 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
         ), row=2, col=1)
     finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
     if len(finished):
-        bins = collapse_rate_bins(finished[column].to_numpy(), finished["outcome"].isin(COLLAPSE_OUTCOMES).to_numpy(),
-                                  distribution)
+        bins = collapse_rate_bins(finished[column].to_numpy(), finished["collapsed"].to_numpy(), distribution)
         bins = bins[bins["n"] > 0]
         categorical = _is_categorical(distribution)
         figure.add_trace(go.Scatter(
@@ -440,7 +472,8 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
                                               "arrayminus": bins["centre"] - bins["low"], "color": "#e8a0a0",
                                               "thickness": 1, "width": 0},
             customdata=np.stack([bins["collapsed"], bins["n"]], axis=1),
-            hovertemplate="%{customdata[0]} of %{customdata[1]} finished trials collapsed or diverged<extra></extra>",
+            hovertemplate=(f"%{{customdata[0]}} of %{{customdata[1]}} finished trials {experiment.collapsed_wording}"
+                           "<extra></extra>"),
         ), row=3, col=1)
     axis_type = "log" if _is_log(distribution) else ("category" if _is_categorical(distribution) else "linear")
     for row in (1, 2, 3):
@@ -459,12 +492,13 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
     figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
     figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
     figure.update_yaxes(title_text="collapse rate (0-1)", range=[-0.05, 1.05], row=3, col=1)
-    title = f"{experiment.name}: {name} against the score and against collapse"
+    title = f"{_label(analysis)}: {name} against the score and against collapse"
     _layout(figure, title, height=620, legend={"orientation": "h", "y": -0.15})
-    caption = (f"Top: the score of each complete trial at its {name} (star: the best). Middle: trials without a score "
-               f"(collapsed by type, diverged, failed). Bottom: share of finished trials that collapsed or diverged per "
-               f"bin of {name}, with 95 % Wilson intervals; a rising red line marks the side of the range to avoid.")
-    return ReportFigure(f"{experiment.name}-param-{name}", experiment.name, title, caption, figure)
+    ringed = "; red rings: trials the collapse rule would have stopped" if len(would) else ""
+    caption = (f"Top: the score of each complete trial at its {name} (star: the best{ringed}). Middle: trials without a score "
+               f"(collapsed by type, diverged, failed). Bottom: share of finished trials {experiment.collapsed_wording} "
+               f"per bin of {name}, with 95 % Wilson intervals; a rising red line marks the side of the range to avoid.")
+    return ReportFigure(f"{_key(analysis)}-param-{name}", _label(analysis), title, caption, figure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,7 +556,7 @@ def collapse_probability_grid(x: np.ndarray, y: np.ndarray, collapsed: np.ndarra
 
 
 def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFigure:
-    from analysis.sensitivity import COLLAPSE_OUTCOMES, FINISHED_OUTCOMES
+    from analysis.sensitivity import FINISHED_OUTCOMES
 
     experiment = analysis.experiment
     x_name, y_name = pair
@@ -530,9 +564,9 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
     frame = experiment.trials
     frame = frame[frame[f"param_{x_name}"].notna() & frame[f"param_{y_name}"].notna()]
     finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
-    collapsed = finished["outcome"].isin(COLLAPSE_OUTCOMES).to_numpy()
+    collapsed = finished["collapsed"].to_numpy()
     figure = go.Figure()
-    boundary = "no finished trial collapsed, so there is no collapse boundary to draw"
+    boundary = f"no finished trial {experiment.collapsed_wording}, so there is no collapse boundary to draw"
     if len(finished) >= 3 and 0 < collapsed.sum():
         gx, gy, probability = collapse_probability_grid(
             finished[f"param_{x_name}"].to_numpy(float), finished[f"param_{y_name}"].to_numpy(float), collapsed,
@@ -561,6 +595,14 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
                                  "x": 1.02, "len": 0.45, "y": 0.78}},
             text=_hover(scored, experiment), hoverinfo="text",
         ))
+    would = scored[scored["would_stop"]]
+    if len(would):
+        figure.add_trace(go.Scatter(
+            x=would[f"param_{x_name}"], y=would[f"param_{y_name}"], mode="markers",
+            name="the collapse rule would have stopped it", marker={"symbol": "circle-open", "size": 19,
+                                                                   "color": "#b00020", "line": {"width": 2}},
+            text=_hover(would, experiment), hoverinfo="text",
+        ))
     others = frame[~frame.index.isin(scored.index)]
     for group in _groups_present(others):
         rows = others[others["group"] == group]
@@ -572,12 +614,13 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
         ))
     figure.update_xaxes(title_text=parameter_label(x_name, x_distribution), type="log" if _is_log(x_distribution) else "linear")
     figure.update_yaxes(title_text=parameter_label(y_name, y_distribution), type="log" if _is_log(y_distribution) else "linear")
-    title = f"{experiment.name}: {y_name} against {x_name}, score and collapse"
+    title = f"{_label(analysis)}: {y_name} against {x_name}, score and collapse"
     _layout(figure, title, height=560, legend={"orientation": "h", "y": -0.18})
-    caption = (f"Each trial at its ({x_name}, {y_name}): circles coloured by score, crosses collapsed, diamonds diverged; "
-               f"the shading is the kernel-smoothed collapse probability and {boundary}. Pick settings inside the "
-               "green region near the brightest circles.")
-    return ReportFigure(f"{experiment.name}-map-{x_name}-{y_name}", experiment.name, title, caption, figure)
+    ringed = ", red rings the trials the collapse rule would have stopped" if len(would) else ""
+    caption = (f"Each trial at its ({x_name}, {y_name}): circles coloured by score, crosses collapsed, diamonds diverged"
+               f"{ringed}; the shading is the kernel-smoothed probability that a trial {experiment.collapsed_wording} "
+               f"and {boundary}. Pick settings inside the green region near the brightest circles.")
+    return ReportFigure(f"{_key(analysis)}-map-{x_name}-{y_name}", _label(analysis), title, caption, figure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,7 +628,7 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
 
 
 def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
-    from analysis.sensitivity import OCCUPANCY_METRIC, RANK_METRIC
+    from analysis.sensitivity import COLLAPSED_STOPPED, OCCUPANCY_METRIC, RANK_METRIC
 
     experiment = analysis.experiment
     trajectories = experiment.trajectories
@@ -613,53 +656,63 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
             ), row=row, col=1)
             if row == 1:
                 shown.add(group)
-            collapsing = row_info is not None and row_info["outcome"] in ("collapsed", "diverged")
+            collapsing = row_info is not None and bool(row_info["collapsed"])
             if collapsing and pd.notna(row_info["collapse_epoch"]):
                 at = trajectory[trajectory["epoch"] == row_info["collapse_epoch"]]
+                would = f"; {_would_stop_text(row_info)}" if row_info["would_stop"] else ""
                 if len(at):
                     figure.add_trace(go.Scatter(
                         x=at["epoch"], y=pd.to_numeric(at[metric], errors="coerce"), mode="markers", showlegend=False,
                         marker={"symbol": "x", "size": 11, "color": group_colour(group)}, legendgroup=group,
-                        hovertemplate=f"trial #{number}: collapse begins, epoch %{{x}}<extra></extra>",
+                        hovertemplate=f"trial #{number}: collapse begins, epoch %{{x}}{would}<extra></extra>",
                     ), row=row, col=1)
     figure.update_yaxes(type="log", title_text=metrics[0][1], row=1, col=1)
     if len(metrics) > 1:
         figure.update_yaxes(title_text=metrics[1][1], range=[0, 1.05], row=2, col=1)
     figure.update_xaxes(title_text=f"epoch (of {experiment.settings.get('steps_per_epoch', '?')} steps)",
                         row=len(metrics), col=1, dtick=1)
-    title = f"{experiment.name}: collapse dynamics, one line per trial"
+    title = f"{_label(analysis)}: collapse dynamics, one line per trial"
     _layout(figure, title, height=420 + 320 * (len(metrics) - 1), legend={"orientation": "h", "y": -0.12})
     what = "effective rank" + (" and prototype occupancy" if len(metrics) > 1 else "")
+    marked = (" (in a trial that was stopped for it, or that the collapse rule would have stopped)"
+              if experiment.collapsed_wording != COLLAPSED_STOPPED else "")
     caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended; an x "
-               "marks the epoch where a collapse began. Lines that sink early and stay low are collapses.")
-    return ReportFigure(f"{experiment.name}-dynamics", experiment.name, title, caption, figure)
+               f"marks the epoch where a collapse began{marked}. Lines that sink early and stay low are collapses.")
+    return ReportFigure(f"{_key(analysis)}-dynamics", _label(analysis), title, caption, figure)
 
 
 def time_to_collapse_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     experiment = analysis.experiment
     frame = experiment.trials
-    collapsed = frame[frame["outcome"].isin(("collapsed", "diverged")) & frame["collapse_epoch"].notna()]
+    collapsed = frame[frame["collapsed"] & frame["collapse_epoch"].notna()].copy()
     if collapsed.empty:
         return None
+    # A trial the rule would have stopped is "complete" by outcome; here it counts by its collapse type.
+    kinds = collapsed["collapse_type"].fillna("unknown")
+    collapsed["bar"] = collapsed["group"].where(~collapsed["would_stop"], "would have been stopped: " + kinds)
+    collapsed["colour"] = collapsed["group"].where(~collapsed["would_stop"], "collapsed: " + kinds)
     figure = go.Figure()
     epochs = list(range(1, experiment.max_epochs + 1))
-    for group in _groups_present(collapsed):
-        rows = collapsed[collapsed["group"] == group]
+    order = list(_GROUP_COLOURS)
+    for bar in sorted(set(collapsed["bar"]), key=lambda b: (b.startswith("would"), order.index(b) if b in order else 0, b)):
+        rows = collapsed[collapsed["bar"] == bar]
         counts = rows["collapse_epoch"].astype(int).value_counts()
-        figure.add_trace(go.Bar(x=epochs, y=[int(counts.get(e, 0)) for e in epochs], name=group,
-                                marker_color=group_colour(group),
-                                hovertemplate=f"{group}: %{{y}} trials from epoch %{{x}}<extra></extra>"))
+        pattern = {"shape": "/"} if bar.startswith("would") else None
+        figure.add_trace(go.Bar(x=epochs, y=[int(counts.get(e, 0)) for e in epochs], name=bar,
+                                marker={"color": group_colour(rows["colour"].iloc[0]), "pattern": pattern},
+                                hovertemplate=f"{bar}: %{{y}} trials from epoch %{{x}}<extra></extra>"))
     figure.update_layout(barmode="stack")
     steps = experiment.settings.get("steps_per_epoch", "?")
     figure.update_xaxes(title_text=f"epoch where the collapse began (of {steps} steps)", dtick=1)
     figure.update_yaxes(title_text="trials (count)")
     median = analysis.time_to_collapse.get("median_collapse_epoch")
-    title = f"{experiment.name}: time to collapse ({len(collapsed)} trials)"
+    title = f"{_label(analysis)}: time to collapse ({len(collapsed)} trials)"
     _layout(figure, title, height=360, legend={"orientation": "h", "y": -0.25})
-    caption = (f"When each collapsed or diverged trial began to collapse (median epoch {median:g}); collapses that begin "
+    wording = experiment.collapsed_wording
+    caption = (f"When each trial {wording} began to collapse (median epoch {median:g}); collapses that begin "
                "early cost little compute once stopped, late ones spend most of a run before they are caught."
-               if median is not None else "When each collapsed or diverged trial began to collapse.")
-    return ReportFigure(f"{experiment.name}-time-to-collapse", experiment.name, title, caption, figure)
+               if median is not None else f"When each trial {wording} began to collapse.")
+    return ReportFigure(f"{_key(analysis)}-time-to-collapse", _label(analysis), title, caption, figure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -704,12 +757,12 @@ def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     figure.update_xaxes(type="log", row=1, col=1)
     figure.update_yaxes(title_text=labelled_name, row=1, col=1)
     figure.update_yaxes(title_text="no probe", type="category", row=2, col=1)
-    title = f"{experiment.name}: does the label-free rank predict the probe? {stat}"
+    title = f"{_label(analysis)}: does the label-free rank predict the probe? {stat}"
     _layout(figure, title, height=520, legend={"orientation": "h", "y": -0.2})
     caption = ("Each complete trial's final effective rank against its probe score (top); collapsed and diverged trials "
                "get no probe and sit below. A rho near 1 means the label-free rank can rank settings without labels. "
                "Interval: Fisher z with the Bonett-Wright standard error.")
-    return ReportFigure(f"{experiment.name}-label-free", experiment.name, title, caption, figure)
+    return ReportFigure(f"{_key(analysis)}-label-free", _label(analysis), title, caption, figure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,12 +820,12 @@ def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
               "showscale": False},
         labelangle=-15, labelside="top",
     ))
-    title = f"{experiment.name}: parallel coordinates of all {len(frame)} trials"
+    title = f"{_label(analysis)}: parallel coordinates of all {len(frame)} trials"
     _layout(figure, title, height=520, margin={"l": 90, "r": 110, "t": 150, "b": 40})
     figure.update_layout(title={"y": 0.97, "yanchor": "top"})
     caption = ("One line per trial through its parameter values (each axis is labelled with the parameter and its scale), "
                "its score and its outcome, coloured by outcome. Drag along an axis to keep only the lines in that range.")
-    return ReportFigure(f"{experiment.name}-parallel", experiment.name, title, caption, figure)
+    return ReportFigure(f"{_key(analysis)}-parallel", _label(analysis), title, caption, figure)
 
 
 def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
@@ -806,12 +859,12 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     figure.update_xaxes(title_text="trial number (order the sampler proposed them)", row=2, col=1)
     figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
     figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
-    title = f"{experiment.name}: optimisation history"
+    title = f"{_label(analysis)}: optimisation history"
     _layout(figure, title, height=480, legend={"orientation": "h", "y": -0.2})
     caption = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an untrained "
                "backbone, when measured); trials without a score sit below. Collapses that thin out over time mean the "
                "sampler learned to avoid the collapsing region.")
-    return ReportFigure(f"{experiment.name}-history", experiment.name, title, caption, figure)
+    return ReportFigure(f"{_key(analysis)}-history", _label(analysis), title, caption, figure)
 
 
 def trials_html(analysis: ExperimentAnalysis) -> str:
@@ -825,7 +878,8 @@ def trials_html(analysis: ExperimentAnalysis) -> str:
     header = ["trial", "outcome", "collapse from epoch", "epochs run", f"{experiment.objective}", "final rank"] + names
     rows = []
     for index, row in frame.iterrows():
-        cells = [str(int(row["trial"])), html.escape(str(row["group"])),
+        outcome = str(row["group"]) + (f"; {_would_stop_text(row)}" if row["would_stop"] else "")
+        cells = [str(int(row["trial"])), html.escape(outcome),
                  "" if pd.isna(row["collapse_epoch"]) else str(int(row["collapse_epoch"])),
                  "" if pd.isna(row["epochs_run"]) else f"{row['epochs_run']:.2f}",
                  "" if pd.isna(row["objective"]) else f"{row['objective']:.4f}",
@@ -856,13 +910,14 @@ def _gap(upper: float | None, lower: float | None) -> float:
 
 
 def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
-    from analysis.sensitivity import comparison_rows
+    from analysis.sensitivity import COLLAPSED_STOPPED, comparison_rows
 
     rows = comparison_rows(analyses)
-    labels = [f"{r['method']}<br>({r['experiment']})" for r in rows]
+    labels = [f"{r['method']}<br>({_label(a)})" for r, a in zip(rows, analyses)]
     objectives = sorted({r["objective"] for r in rows})
     figure = make_subplots(rows=1, cols=3, horizontal_spacing=0.09, subplot_titles=(
-        "best score, 95 % bootstrap interval", "collapse rate, 95 % Wilson interval", "scores of complete trials"))
+        "best score, range for a search this size (95 % bootstrap)", "collapse rate, 95 % Wilson interval",
+        "scores of complete trials"))
     best = [r["best"] if r["best"] is not None else np.nan for r in rows]
     figure.add_trace(go.Scatter(
         x=labels, y=best, mode="markers", name="best", marker={"size": 12, "color": "#1f77b4", "symbol": "diamond"},
@@ -875,7 +930,8 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
         error_y={"type": "data", "symmetric": False,
                  "array": [_gap(r["collapse_high"], r["collapse_rate"]) for r in rows],
                  "arrayminus": [_gap(r["collapse_rate"], r["collapse_low"]) for r in rows]},
-        hovertemplate="%{x}: %{y:.0%} collapsed or diverged<extra></extra>"), row=1, col=2)
+        customdata=[a.experiment.collapsed_wording for a in analyses],
+        hovertemplate="%{x}: %{y:.0%} %{customdata}<extra></extra>"), row=1, col=2)
     for label, analysis in zip(labels, analyses):
         frame = analysis.experiment.trials
         scores = frame.loc[(frame["outcome"] == "complete"), "objective"].dropna()
@@ -891,9 +947,13 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
         figure.update_xaxes(title_text="method (experiment)", row=1, col=column)
     title = "Comparison across methods: best score, collapse rate and how much the score depends on the settings"
     _layout(figure, title, height=480)
-    caption = ("Left: the best score of each search with the range a search of that size would plausibly find. Middle: how "
-               "often its settings collapse. Right: the spread of scores over its complete trials; a tall box means the "
-               "method is sensitive to its hyperparameters and needs tuning.")
+    unstopped = [_label(a) for a in analyses if a.experiment.collapsed_wording != COLLAPSED_STOPPED]
+    counted = (f" (for {', '.join(unstopped)}, run without collapse stopping: trials the collapse rule would have stopped "
+               "count too)" if unstopped else "")
+    caption = ("Left: the best score of each search with the range of the best a search of that size finds (95 % "
+               "bootstrap over its trials; the upper end is the observed best). Middle: how often its settings collapse"
+               f"{counted}. Right: the spread of scores over its complete trials; a tall box means the method is "
+               "sensitive to its hyperparameters and needs tuning.")
     return ReportFigure("comparison", None, title, caption, figure)
 
 
@@ -905,15 +965,15 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
     from analysis.sensitivity import comparison_rows
 
     rows = comparison_rows(analyses)
-    header = ["method", "experiment", "objective", "trials", "best", "best 95 % interval", "median (complete)", "IQR",
+    header = ["method", "experiment", "objective", "trials", "best", "best: range (95 % bootstrap)", "median (complete)", "IQR",
               "near best", "collapse rate", "decides the score", "decides collapse"]
 
     def number(value, pattern="{:.4f}"):
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
 
     body = []
-    for r in rows:
-        cells = [r["method"], r["experiment"], r["objective"], str(r["trials"]), number(r["best"]),
+    for r, analysis in zip(rows, analyses):
+        cells = [r["method"], _label(analysis), r["objective"], str(r["trials"]), number(r["best"]),
                  f"{number(r['best_low'])}-{number(r['best_high'])}" if r["best_low"] is not None else "",
                  number(r["median"]), number(r["iqr"]), number(r["near_best_fraction"], "{:.0%}"),
                  (f"{number(r['collapse_rate'], '{:.0%}')} ({number(r['collapse_low'], '{:.0%}')}-"
@@ -925,9 +985,12 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
     warning = ("<p class='note'>These searches optimised different objectives; compare their scores with care.</p>"
                if len(objectives) > 1 else "")
     return (f"{warning}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-            "<p class='muted'>Best interval: 95 % percentile bootstrap over each search's finished trials (a collapsed "
-            "trial drawn scores nothing). Near best: share of finished trials within 5 % of the best score, high for a "
-            "method that needs little tuning. IQR: interquartile range of the complete trials' scores. The last two "
+            "<p class='muted'>Best range: the range of the best score of a search this size, 95 % percentile bootstrap "
+            "over each search's finished trials resampled with replacement (a collapsed trial drawn scores nothing); "
+            "its upper end is the observed best, its lower end what a search of this size could have ended with. "
+            "Collapse rate: share of finished trials collapsed or diverged (for a search run without collapse "
+            "stopping, also those the collapse rule would have stopped). Near best: share of finished trials within "
+            "5 % of the best score, high for a method that needs little tuning. IQR: interquartile range of the complete trials' scores. The last two "
             "columns name the parameter with the largest importance (PED-ANOVA, else fANOVA).</p>")
 
 
@@ -946,6 +1009,31 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
 
 
+def _key(analysis: ExperimentAnalysis) -> str:
+    """The experiment's prefix of DOM ids and figure keys (set by :func:`build_page`, unique in the page)."""
+    return analysis.key or _slug(analysis.experiment.name)
+
+
+def _label(analysis: ExperimentAnalysis) -> str:
+    """The name the experiment is shown by (set by :func:`build_page`)."""
+    return analysis.label or analysis.experiment.name
+
+
+def keyed(analyses: Sequence[ExperimentAnalysis]) -> list[ExperimentAnalysis]:
+    """The analyses with their page ``key`` (``e<N>-<folder name>``: the position makes it unique, since
+    two searches in different folders can share a name) and ``label`` (the folder's name, with its
+    parent's where two experiments share one, and the position where that is not enough)."""
+    from dataclasses import replace
+
+    names = [a.experiment.name for a in analyses]
+    labels = [name if names.count(name) == 1 else f"{a.experiment.folder.parent.name}/{name}"
+              for a, name in zip(analyses, names)]
+    labels = [label if labels.count(label) == 1 else f"{label} ({number})"
+              for number, label in enumerate(labels, start=1)]
+    return [replace(a, key=f"e{number}-{_slug(a.experiment.name)}", label=label)
+            for number, (a, label) in enumerate(zip(analyses, labels), start=1)]
+
+
 def experiment_sections(analysis: ExperimentAnalysis) -> list[tuple[str, str, list[ReportFigure | str]]]:
     """The sections of one experiment: (section id, heading, parts) where a part is a figure or HTML."""
     experiment = analysis.experiment
@@ -960,7 +1048,8 @@ def experiment_sections(analysis: ExperimentAnalysis) -> list[tuple[str, str, li
         dynamics.insert(0, "<p class='note'>No per-epoch reports were found (Ray Tune's result.json in the trial "
                            "folders), so there are no trajectories to show.</p>")
     if time_to_collapse_figure(analysis) is None:
-        dynamics.append("<p class='note'>No trial collapsed or diverged, so there is no time to collapse to show.</p>")
+        dynamics.append(f"<p class='note'>No trial {html.escape(experiment.collapsed_wording)}, so there is no time to "
+                        "collapse to show.</p>")
     label_free = label_free_figure(analysis)
     if label_free is None:
         label_free_parts: list[ReportFigure | str] = [
@@ -986,31 +1075,31 @@ def experiment_sections(analysis: ExperimentAnalysis) -> list[tuple[str, str, li
 
 
 def build_page(analyses: Sequence[ExperimentAnalysis]) -> tuple[str, list[ReportFigure]]:
-    """The whole report as one HTML string (plotly.js inlined once) and its figures in page order."""
-    blocks: list[tuple[str, str, str | None, list[ReportFigure | str]]] = []
+    """The whole report as one HTML string (plotly.js inlined once) and its figures in page order.
+
+    Every id in the page (sections, headings, figures) starts with the experiment's page key
+    (:func:`keyed`), so two experiments whose folders share a name get their own sections and plots."""
+    analyses = keyed(analyses)
+    blocks: list[tuple[str, str, str, ExperimentAnalysis | None, list[ReportFigure | str]]] = []
     if len(analyses) > 1:
-        blocks.append(("comparison", "Comparison across methods", None,
+        blocks.append(("comparison", "comparison", "Comparison across methods", None,
                        [comparison_html(analyses), comparison_figure(analyses)]))
     for analysis in analyses:
-        name = analysis.experiment.name
         for section, heading, parts in experiment_sections(analysis):
-            blocks.append((f"{_slug(name)}-{section}", heading, name, parts))
+            blocks.append((f"{_key(analysis)}-{section}", section, heading, analysis, parts))
     figures: list[ReportFigure] = []
     body = []
     toc = []
     current = None
-    for section_id, heading, experiment, parts in blocks:
-        if experiment != current and experiment is not None:
-            analysis = next(a for a in analyses if a.experiment.name == experiment)
-            body.append(f"<h2 id='{_slug(experiment)}'>{html.escape(experiment)}: {html.escape(analysis.experiment.method)}, "
-                        f"{len(analysis.experiment.trials)} trials</h2>")
-            toc.append(f"<li><a href='#{_slug(experiment)}'>{html.escape(experiment)} "
-                       f"({html.escape(analysis.experiment.method)})</a></li>")
-            current = experiment
-        elif experiment is None:
+    for section_id, section_name, heading, owner, parts in blocks:
+        if owner is not None and owner is not current:
+            label, method = html.escape(_label(owner)), html.escape(owner.experiment.method)
+            body.append(f"<h2 id='{_key(owner)}'>{label}: {method}, {len(owner.experiment.trials)} trials</h2>")
+            toc.append(f"<li><a href='#{_key(owner)}'>{label} ({method})</a></li>")
+            current = owner
+        elif owner is None:
             toc.append(f"<li><a href='#{section_id}'>{html.escape(heading)}</a></li>")
-        level = "h3" if experiment else "h2"
-        section_name = section_id[len(_slug(experiment)) + 1:] if experiment else section_id
+        level = "h3" if owner is not None else "h2"
         rendered = []
         for part in parts:
             if isinstance(part, ReportFigure):
@@ -1018,10 +1107,10 @@ def build_page(analyses: Sequence[ExperimentAnalysis]) -> tuple[str, list[Report
                 figures.append(part)
             else:
                 rendered.append(part)
-        owner = "" if experiment is None else f" data-experiment='{html.escape(experiment)}'"
-        body.append(f"<section id='{section_id}' class='report-section' data-section='{section_name}'{owner}>"
+        data = "" if owner is None else f" data-experiment='{html.escape(_label(owner))}'"
+        body.append(f"<section id='{section_id}' class='report-section' data-section='{section_name}'{data}>"
                     f"<{level}>{html.escape(heading)}</{level}>{''.join(rendered)}</section>")
-    names = ", ".join(f"{a.experiment.name} ({a.experiment.method})" for a in analyses)
+    names = ", ".join(f"{_label(a)} ({a.experiment.method})" for a in analyses)
     from analysis.sensitivity import PROG
 
     page = f"""<!DOCTYPE html>

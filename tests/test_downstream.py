@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from analysis.downstream import (
     build_backbone,
     calibrate_batchnorm,
     calibration_segments,
+    check_bootstrap,
     compute_embeddings,
     fit_classifier,
     limited_data_subsets,
@@ -351,6 +353,8 @@ def test_batchnorm_calibration_sets_running_statistics_and_nothing_else():
 
     # No batch of one (BatchNorm cannot take it): 5 segments in batches of 4 are cut 3 + 2.
     assert calibrate_batchnorm(backbone, segments[:5], batch_size=4) == 2
+    # Nor for tiny batch sizes: 7 segments in batches of 2 are cut 3 + 2 + 2 (not 2 + 2 + 2 + 1).
+    assert calibrate_batchnorm(backbone, segments[:7], batch_size=2) == 3
     with pytest.raises(DownstreamError, match="at least 2 segments"):
         calibrate_batchnorm(backbone, segments[:1], batch_size=4)
 
@@ -570,6 +574,93 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
     pd.testing.assert_frame_equal(in_process["bootstrap"], in_workers["bootstrap"])
 
 
+def test_a_bootstrap_fraction_too_small_for_the_test_tracks_stops_before_anything_is_computed(tmp_path, capsys):
+    """9 test tracks: 0.1 of them is round(0.9) = 1 track per resample, which musicssl.probe.bootstrap
+    refuses. The command says so at once (no mel cache, embedding or probe fit), with a value that
+    works; that value runs. (0.17, the smallest giving 2 tracks, is not one: two tracks of this
+    dataset often share all their tags, leaving nothing to score.)"""
+    root, audio, out = tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio", tmp_path / "out"
+    write_jamendo_fixture(root, audio)
+    arguments = ["--dataset", "jamendo-top50", "--root", str(root), "--audio-dir", str(audio), "--workers", "0",
+                 "--classifiers", "linear", "--fractions", "100", "--draws", "1", "--bootstrap", "10",
+                 "--out", str(out), "--threads", "1"]
+    assert main(arguments + ["--bootstrap-fraction", "0.1"]) == 2
+    captured = capsys.readouterr()
+    assert ("--bootstrap-fraction 0.1: resamples of round(0.1 x 9 test tracks) = 1 track(s); musicssl.probe.bootstrap "
+            "needs at least 2; --bootstrap-fraction ") in captured.err
+    assert "Traceback" not in captured.err and "embedded" not in captured.out and not out.exists()
+    assert not (tmp_path / "cache").exists()  # not even the mel cache was built
+    usable = captured.err.rsplit("--bootstrap-fraction ", 1)[1].split()[0]
+    assert float(usable) > 0.17
+    assert main(arguments[:-4] + ["--out", str(out), "--threads", "1", "--bootstrap-fraction", "0.17", "--quiet"]) == 2
+    assert "can leave no tag with both positive and negative tracks" in capsys.readouterr().err and not out.exists()
+    assert main(arguments + ["--bootstrap-fraction", usable, "--quiet"]) == 0
+    assert len(pd.read_csv(out / "bootstrap.csv").query("method == 'random' and metric == 'roc_auc'")) == 10
+
+
+def test_check_bootstrap_fails_exactly_where_the_bootstrap_would():
+    """Against musicssl.probe.bootstrap itself on random scores: the check refuses a fraction iff the
+    real bootstrap (redraw, then skip_tag, as the evaluation runs it) fails for either metric, and
+    otherwise names the mode the evaluation will run in; a refusal names a fraction that passes."""
+    from musicssl.probe import bootstrap
+
+    rng = np.random.default_rng(4)
+    one_positive = np.zeros((1000, 1), dtype=np.float32)
+    one_positive[7] = 1
+    # Tag 0 too rare for redraws at 1 %, tag 1 common: only skipping tags per resample works.
+    rare_and_common = np.stack([one_positive[:, 0], (rng.random(1000) < 0.5)], axis=1).astype(np.float32)
+    few = np.zeros((60, 3), dtype=np.float32)
+    few[3, 0] = few[5, 2] = 1
+    few[:30, 1] = 1
+    cases = [(one_positive, 0.002), (one_positive, 0.05), (rare_and_common, 0.01), (few, 0.05), (few, 0.25),
+             ((rng.random((120, 5)) < 0.3).astype(np.float32), 0.01), ((rng.random((120, 5)) < 0.3).astype(np.float32), 0.5)]
+    modes = set()
+    for labels, fraction in cases:
+        config = DownstreamConfig(bootstrap_fraction=fraction, bootstrap_resamples=50, seed=0)
+        scores = rng.random(labels.shape)
+        real = None
+        for mode in ("redraw", "skip_tag"):
+            try:
+                for metric in ("roc_auc", "average_precision"):
+                    bootstrap(labels, scores, metric, n_resamples=50, fraction=fraction, seed=0, on_missing_class=mode)
+            except ValueError:
+                continue
+            real = mode
+            break
+        if real is None:
+            with pytest.raises(DownstreamError, match=r"^--bootstrap-fraction .*; --bootstrap-fraction \S+ works here") \
+                    as error:
+                check_bootstrap(labels, config)
+            usable = float(str(error.value).rsplit("--bootstrap-fraction ", 1)[1].split()[0])
+            assert usable > fraction
+            check_bootstrap(labels, DownstreamConfig(bootstrap_fraction=usable, bootstrap_resamples=50, seed=0))
+        else:
+            assert check_bootstrap(labels, config) == real, (labels.shape, fraction)
+        modes.add(real)
+    assert modes == {None, "redraw", "skip_tag"}  # every case met
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": -1}, "seed must be in 0-4294967295, got -1"),
+    ({"seed": 2**32}, "seed must be in 0-4294967295"),
+    ({"device": "cudaX"}, "device must be auto, cpu or cuda[:N], got 'cudaX'"),
+    ({"device": "cuda:x"}, "device must be auto, cpu or cuda[:N]"),
+    ({"device": "meta"}, "device must be auto, cpu or cuda[:N]"),
+    ({"silence_db": float("nan")}, "silence_db must be a finite number of dB > 0"),
+    ({"silence_db": -3.0}, "silence_db must be a finite number of dB > 0"),
+    ({"silence_db": float("inf")}, "silence_db must be a finite number of dB > 0"),
+])
+def test_config_refuses_what_would_fail_later(settings, message):
+    with pytest.raises(DownstreamError, match=re.escape(message)):
+        DownstreamConfig(**settings)
+
+
+def test_config_accepts_the_devices_and_seeds_torch_does():
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert DownstreamConfig(device=device).device == device
+    assert DownstreamConfig(seed=2**32 - 1, silence_db=None).seed == 2**32 - 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Command-line misuse
 
@@ -584,6 +675,12 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
     (["a=random", "a=melstats", "--dataset", "mtat"], "appear twice"),
     (["--dataset", "mtat"], "dataset 'mtat' needs --root"),
     (["--dataset", "no/such/folder"], "unknown dataset"),
+    # Checked before anything is loaded (the dataset here would fail with another message).
+    (["--seed", "-1", "--dataset", "no/such/folder"], "seed must be in 0-4294967295, got -1"),
+    (["--device", "cudaX", "--dataset", "no/such/folder"], "device must be auto, cpu or cuda[:N], got 'cudaX'"),
+    (["--silence-db", "-5", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0 (0 keeps every "
+                                                             "segment), got -5.0"),
+    (["--silence-db", "nan", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0"),
 ])
 def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
     try:
@@ -592,6 +689,20 @@ def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
         code = stop.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_evaluation(tmp_path, capsys):
+    taken = tmp_path / "results.txt"
+    taken.write_text("kept\n")
+    for out, message in [(taken, f"--out {taken}: is a file; give a folder for the results"),
+                         (taken / "run", f"--out {taken / 'run'}: {taken} is a file, so the folder cannot be made there")]:
+        try:  # the dataset would fail with another message: the --out check comes first
+            code = main(["--dataset", "no/such/folder", "--out", str(out), "--workers", "0", "--quiet"])
+        except SystemExit as stop:
+            code = stop.code
+        assert code == 2
+        assert message in capsys.readouterr().err
+    assert taken.read_text() == "kept\n"
 
 
 def test_cli_errors_have_no_traceback(tmp_path):

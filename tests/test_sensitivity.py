@@ -157,6 +157,9 @@ def test_summary_numbers_match_the_journal(report, experiment_folder):
     assert compute["trial_epochs_run"] == pytest.approx(trials["epochs_run"].sum())
     saved = sum((2 - trials.loc[trials["outcome"] == o, "epochs_run"]).clip(lower=0).sum() for o in ("collapsed", "diverged"))
     assert compute["epochs_saved_total"] == pytest.approx(saved)
+    # The fraction is of what the trials would have run unstopped; this search has a failed trial,
+    # whose unrun epochs are not savings.
+    assert compute["saved_fraction"] == pytest.approx(saved / (trials["epochs_run"].sum() + saved))
     finished = trials["outcome"].isin(["complete", "collapsed", "diverged"])
     collapsed = trials["outcome"].isin(["collapsed", "diverged"]).sum()
     assert experiment["collapse_rate"]["rate"] == pytest.approx(collapsed / finished.sum())
@@ -236,10 +239,11 @@ def test_every_figure_has_a_title_axis_titles_and_a_reading_aid(report):
     page, figures = build_page([analysis])
     keys = [f.key for f in figures]
     assert keys == [f["id"] for f in report["summary"]["figures"]]
-    # Per-parameter figures for every sampled parameter, maps, dynamics with occupancy.
+    # Per-parameter figures for every sampled parameter, maps, dynamics with occupancy; ids carry the
+    # experiment's position in the report.
     for name in analysis.experiment.distributions:
-        assert f"clustering-small-param-{name}" in keys
-    assert any(key.startswith("clustering-small-map-num_prototypes-teacher_temperature") for key in keys)
+        assert f"e1-clustering-small-param-{name}" in keys
+    assert any(key.startswith("e1-clustering-small-map-num_prototypes-teacher_temperature") for key in keys)
     for figure in figures:
         layout = figure.figure.layout
         assert layout.title.text and figure.caption, figure.key
@@ -351,20 +355,51 @@ def test_the_report_renders_in_headless_chromium_without_javascript_errors(repor
 # Numbers on synthetic studies (no Ray)
 
 
-def synthetic_study(rows: list[tuple[float, float, str]]) -> optuna.Study:
-    """Trials of x, y in [0, 1] with hpsearch's attributes: (x, y, outcome); a complete trial scores x."""
-    study = optuna.create_study(direction="maximize")
+def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True, storage=None) -> optuna.Study:
+    """Trials of x, y in [0, 1] with hpsearch's attributes: (x, y, outcome); a complete trial scores x.
+
+    Attributes as hpsearch records them (hpsearch.trainable, hpsearch.searcher; as in the searches of
+    benchmarks/README.md): a trial the collapse rule fires on at epoch 1 is, with stopping on,
+    ``collapsed`` (PRUNED, one epoch run, ``stop_epoch``); with stopping off (``--no-collapse-stop``)
+    it runs to the end and is ``complete`` with its score, the rule's ``collapse_type`` and
+    ``collapse_epoch``, and ``would_stop_epoch``. A ``diverged`` trial stops in its first epoch either way;
+    ``stopped`` is a trial the scheduler ended after one epoch; ``flagged`` a complete one whose last
+    verdict was dimensional (recorded, never stopped)."""
+    study = optuna.create_study(direction="maximize", storage=storage, study_name="search" if storage else None)
     distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
                      "y": optuna.distributions.FloatDistribution(0.0, 1.0)}
     for x, y, outcome in rows:
-        state = optuna.trial.TrialState.COMPLETE if outcome == "complete" else optuna.trial.TrialState.PRUNED
-        attrs = {"outcome": outcome, "epochs_run": 2.0}
+        attrs: dict = {"outcome": outcome, "epochs_run": 2.0, "verdict": "none"}
         if outcome == "collapsed":
-            attrs.update(collapse_type="complete", collapse_epoch=1)
+            attrs.update(collapse_type="complete", collapse_epoch=1, collapse_step=3, verdict="complete")
+            if stopping:
+                attrs.update(stop_epoch=1, epochs_run=1.0)
+            else:
+                attrs.update(outcome="complete", would_stop_epoch=1)
+        elif outcome == "diverged":  # stopped whatever the setting
+            attrs.update(collapse_type="diverged", collapse_epoch=1, collapse_step=2, stop_epoch=1, epochs_run=0.5,
+                         verdict="diverged")
+        elif outcome == "stopped":
+            attrs.update(epochs_run=1.0)
+        elif outcome == "flagged":
+            attrs.update(outcome="complete", verdict="dimensional")
+        complete = attrs["outcome"] == "complete"
         study.add_trial(optuna.trial.create_trial(
-            params={"x": x, "y": y}, distributions=distributions, state=state,
-            value=x if outcome == "complete" else None, user_attrs=attrs))
+            params={"x": x, "y": y}, distributions=distributions,
+            state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED,
+            value=x if complete else None, user_attrs=attrs))
     return study
+
+
+def write_search(folder: Path, rows: list[tuple[float, float, str]], settings: dict | None = None,
+                 stopping: bool = True) -> Path:
+    """A search folder as hpsearch leaves it (search.json and the Optuna journal), holding
+    :func:`synthetic_study`'s trials."""
+    folder.mkdir(parents=True)
+    settings = {**SETTINGS, "trials": len(rows), "collapse_stop": stopping, **(settings or {})}
+    (folder / "search.json").write_text(json.dumps(settings))
+    synthetic_study(rows, stopping, JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    return folder
 
 
 SETTINGS = {"method": "vicreg", "objective": "probe_map", "max_epochs": 2, "trials": 40, "steps_per_epoch": 3}
@@ -441,6 +476,204 @@ def test_enqueued_points_outside_the_space_are_noted_and_widened_for_importances
         assert importance.values == {"t": 1.0}, importance
 
 
+def collapse_rows(seed: int = 0, count: int = 40) -> list[tuple[float, float, str]]:
+    """Trials that collapse where x > 0.6, one diverged and one stopped by the scheduler; the rest
+    complete, a few of them flagged dimensional."""
+    rng = np.random.default_rng(seed)
+    rows = [(x, y, "collapsed" if x > 0.6 else ("flagged" if y > 0.9 else "complete"))
+            for x, y in rng.uniform(size=(count, 2))]
+    rows[0] = (0.95, 0.5, "diverged")
+    rows[1] = (0.3, 0.5, "stopped")
+    return rows
+
+
+def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_as_collapsed():
+    """A search run with --no-collapse-stop records, for a trial the rule did not stop, what the
+    rule found (collapse_type, collapse_epoch, would_stop_epoch) and the trial's score. The collapse
+    side of its report counts those trials, says so, and gives the numbers the same search gives
+    with stopping on."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page
+
+    rows = collapse_rows()
+    # Independent count: the rule fires where x > 0.6, and the diverged trial; not the flagged ones.
+    expected = sum(outcome in ("collapsed", "diverged") for _, _, outcome in rows)
+    finished = len(rows)
+    assert 10 < expected < 30 and any(outcome == "flagged" for _, _, outcome in rows)
+    trajectories = {number: pd.DataFrame({"epoch": [1, 2], "collapse_rankme_embedding": [2.0, 1.5]})
+                    for number in range(len(rows))}
+    stopped = analyse(experiment_from_study(synthetic_study(rows, stopping=True), SETTINGS, ".", trajectories))
+    unstopped = analyse(experiment_from_study(synthetic_study(rows, stopping=False), {**SETTINGS, "collapse_stop": False},
+                                              ".", trajectories))
+    frame = unstopped.experiment.trials
+    would_stop = frame["would_stop_epoch"].notna()
+    # The trials the rule would have stopped ran to the end: complete, with a score.
+    assert would_stop.sum() == expected - 1 and (frame.loc[would_stop, "outcome"] == "complete").all()
+    assert frame["objective"].notna().sum() > stopped.experiment.trials["objective"].notna().sum()
+
+    for analysis in (stopped, unstopped):
+        rate = analysis.collapse_rate
+        assert rate["collapsed_or_diverged"] == expected and rate["finished"] == finished
+        assert rate["rate"] == pytest.approx(expected / finished)
+        assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(expected, finished))
+        assert analysis.time_to_collapse["trials"] == expected
+        assert analysis.time_to_collapse["median_collapse_epoch"] == 1.0
+    assert (stopped.collapse_rate["stopped"], stopped.collapse_rate["would_have_been_stopped"]) == (expected, 0)
+    assert (unstopped.collapse_rate["stopped"], unstopped.collapse_rate["would_have_been_stopped"]) == (1, expected - 1)
+    assert stopped.collapse_rate["counted"] == "collapsed or diverged"
+    assert unstopped.collapse_rate["counted"] == ("collapsed or diverged (stopped, or would have been stopped by the "
+                                                  "collapse rule)")
+    # The importances for collapse see the same 0/1 target on the same parameters.
+    for ours, theirs in zip(collapse_importances(unstopped.experiment), collapse_importances(stopped.experiment)):
+        assert ours.values is not None and ours.trials == finished
+        assert ours.values == pytest.approx(theirs.values)
+    assert unstopped.importance("collapse", "fANOVA").values["x"] > 0.8
+
+    page, figures = build_page([unstopped])
+    assert "no trial collapsed" not in page and "0 % of" not in page
+    assert (f"{100 * expected / finished:.0f} % of {finished} finished trials collapsed or diverged (stopped, or would "
+            f"have been stopped by the collapse rule)") in page
+    assert "collapse stopping was off in this search" in page
+    assert "complete trial(s) ended with a collapse verdict the rule does not stop on" in page
+    by_key = {figure.key.split("-", 2)[-1]: figure.figure for figure in figures}
+    # The map estimates a collapse probability and draws its boundary; the would-be-stopped trials are ringed.
+    contours = [trace for trace in by_key["map-x-y"].data if trace.type == "contour"]
+    assert len(contours) == 2
+    rings = next(trace for trace in by_key["map-x-y"].data if trace.name == "the collapse rule would have stopped it")
+    assert len(rings.x) == expected - 1
+    # Time to collapse: every one of them, at epoch 1.
+    bars = by_key["time-to-collapse"].data
+    assert sum(trace.y[0] for trace in bars) == expected and sum(sum(trace.y[1:]) for trace in bars) == 0
+    assert any(trace.name == "would have been stopped: complete" for trace in bars)
+    # Dynamics: an x where each collapse began, in the trials the rule would have stopped too.
+    markers = [trace for trace in by_key["dynamics"].data if trace.mode == "markers"]
+    assert len(markers) == expected
+    # The trials table says what the rule would have done.
+    number = int(frame.loc[would_stop, "trial"].iloc[0])
+    row = page.split(f"<tr data-trial='{number}'>", 1)[1].split("</tr>", 1)[0]
+    assert "complete; the collapse rule would have stopped it at epoch 1 (complete collapse from epoch 1)" in row
+
+    # With stopping on, the report's words are those it always had.
+    page, _ = build_page([stopped])
+    assert "would have been stopped" not in page and "collapse stopping was off" not in page
+    assert f"{finished} finished trials collapsed or diverged (95 % Wilson interval" in page
+
+
+def test_a_search_without_collapse_stopping_where_nothing_collapsed_says_so_in_its_terms():
+    rows = [(x, y, "complete") for x, y in np.random.default_rng(2).uniform(size=(8, 2))]
+    experiment = experiment_from_study(synthetic_study(rows, stopping=False), {**SETTINGS, "collapse_stop": False})
+    for importance in collapse_importances(experiment):
+        assert importance.values is None
+        assert "no trial collapsed or diverged (stopped, or would have been stopped by the collapse rule)" in importance.note
+
+
+def test_two_experiments_with_the_same_folder_name_get_their_own_ids_and_headings(tmp_path):
+    """a/vicreg and b/vicreg: every id in the page is unique, each experiment has its heading, its
+    sections and its figures, and the figures land in their own divs."""
+    import re
+
+    rows = collapse_rows(count=12)
+    first = write_search(tmp_path / "a" / "vicreg", rows)
+    second = write_search(tmp_path / "b" / "vicreg", collapse_rows(seed=1, count=12))
+    out = tmp_path / "two.html"
+    assert main([str(first), str(second), "--out", str(out)]) == 0
+    page = out.read_text()
+    summary = json.loads(out.with_suffix(".json").read_text())
+    ids = re.findall(r"""\bid=['"]([^'"]+)['"]""", page)
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    figure_ids = [figure["id"] for figure in summary["figures"]]
+    assert len(figure_ids) == len(set(figure_ids))
+    for figure_id in figure_ids:
+        assert page.count(f"id='figure-{figure_id}'") + page.count(f'id="figure-{figure_id}"') == 1
+    # Both headings, told apart by their parent folders, each followed by its own sections.
+    headings = re.findall(r"<h2 id='([^']+)'>([^<]+)</h2>", page)
+    assert [text for _, text in headings] == ["a/vicreg: vicreg, 12 trials", "b/vicreg: vicreg, 12 trials"]
+    assert [key for key, _ in headings] == ["e1-vicreg", "e2-vicreg"]
+    for key, _ in headings:
+        for section in SECTIONS:
+            assert f"<section id='{key}-{section}'" in page
+    # Each experiment's figures are its own: the second one's outcome figure counts its own trials.
+    counts = {e["folder"]: e["counts"] for e in summary["experiments"]}
+    assert counts[str(first)] != counts[str(second)]
+    assert [row["experiment"] for row in summary["comparison"]] == ["vicreg", "vicreg"]
+    assert "<td class='text'>a/vicreg</td>" in page and "<td class='text'>b/vicreg</td>" in page
+    for parent in ("a", "b"):  # the comparison figure's categories (plotly escapes < > / in its JSON)
+        assert f'"vicreg\\u003cbr\\u003e({parent}\\u002fvicreg)"' in page
+
+
+def test_every_preferred_map_pair_names_parameters_its_method_samples():
+    """Checked against the search spaces themselves (study_spaces/<method>.py, run on an Optuna
+    trial): each method's pair is two numerical sampled parameters, and every sampled parameter has
+    an axis title with its unit."""
+    from analysis.sensitivity import PREFERRED_PAIRS
+    from analysis.sensitivity_figures import parameter_label
+    from study_spaces import available_spaces, get_space
+
+    assert set(PREFERRED_PAIRS) == set(available_spaces())
+    for method in available_spaces():
+        trial = optuna.create_study().ask()
+        get_space(method).sample(trial)
+        sampled = trial.distributions
+        for name in PREFERRED_PAIRS[method]:
+            assert name in sampled, (method, name, sorted(sampled))
+            assert not hasattr(sampled[name], "choices"), (method, name)
+        for name in sampled:
+            assert not parameter_label(name).endswith("(unitless)"), (method, name)
+    assert parameter_label("predictor_hidden_dim") == "predictor hidden width (units)"
+
+
+def test_the_byol_map_of_its_ema_rate_and_learning_rate_is_drawn():
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page, map_pairs
+    from study_spaces import get_space
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for number in range(4):  # under the importances' minimum: the preferred pair comes first by itself
+        trial = study.ask()
+        get_space("byol").sample(trial)
+        study.tell(trial, 0.1 * number)
+    analysis = analyse(experiment_from_study(study, {**SETTINGS, "method": "byol"}))
+    assert map_pairs(analysis)[0] == ("one_minus_ema_rate", "learning_rate")
+    _, figures = build_page([analysis])
+    assert any(f.key.endswith("-map-one_minus_ema_rate-learning_rate") for f in figures)
+
+
+def test_saved_compute_is_split_by_what_stopped_the_trials():
+    """Trial-epochs not run are counted per cause: the collapse rule (collapsed, diverged) and the
+    scheduler (stopped); the caption says both."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page
+
+    rows = collapse_rows(count=20)
+    analysis = analyse(experiment_from_study(synthetic_study(rows), SETTINGS))
+    compute = analysis.compute
+    # Of 2 epochs, collapsed and stopped trials ran 1, the diverged one half of one.
+    collapsed = sum(outcome == "collapsed" for _, _, outcome in rows)
+    assert compute["epochs_saved_by_collapse_stopping"] == pytest.approx(collapsed * 1.0 + 1.5)
+    assert compute["epochs_saved_by_scheduler"] == pytest.approx(1.0)
+    assert compute["epochs_saved_total"] == pytest.approx(collapsed + 2.5)
+    page, figures = build_page([analysis])
+    caption = next(f.caption for f in figures if f.key.endswith("-outcomes"))
+    assert (f"{collapsed + 1.5:.1f} by collapse stopping (collapsed and diverged trials), 1.0 by the scheduler (ASHA's "
+            "stopped trials)") in caption
+    assert "stopping collapsed and diverged trials early did not spend" not in page
+
+
+def test_the_best_range_ends_at_the_observed_best_and_is_described_as_a_range():
+    from analysis.sensitivity import analyse
+
+    rng = np.random.default_rng(3)
+    for size in (3, 10, 64):
+        values = rng.uniform(size=size)
+        values[rng.uniform(size=size) < 0.3] = np.nan  # unscored trials
+        if np.isfinite(values).any():
+            low, high = bootstrap_best_interval(values)
+            assert high == np.nanmax(values) and low <= high
+    analysis = analyse(experiment_from_study(synthetic_study(collapse_rows(count=12)), SETTINGS))
+    assert analysis.sensitivity["best_high"] == analysis.best["value"]
+    assert analysis.sensitivity["best_interval"].startswith("range of the best score of a search this size, 95 % bootstrap")
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -494,6 +727,34 @@ def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("out", ["r.json", "x-trials.csv", "r", "r.csv"])
+def test_an_out_that_is_not_an_html_file_is_refused_before_anything_is_written(out, tmp_path, capsys):
+    """--out names the HTML report; r.json would have the JSON written over the HTML, x-trials.csv is
+    another report's trials table."""
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    (tmp_path / "x-trials.csv").write_text("kept\n")
+    assert main([str(folder), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / out}: name the HTML report, ending in .html" in err and "Traceback" not in err
+    assert f"--out {tmp_path / Path(out).stem}.html" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vicreg", "x-trials.csv"]
+    assert (tmp_path / "x-trials.csv").read_text() == "kept\n"
+
+
+def test_the_report_and_its_companions_are_four_paths(tmp_path):
+    from analysis.sensitivity import ReportError, analyse, check_report_path, write_report
+
+    for name in ("r.html", "r.HTM", "x-trials.html"):
+        paths = check_report_path(tmp_path / name)
+        assert len(set(paths.values())) == 4
+    analysis = analyse(experiment_from_study(synthetic_study(collapse_rows(count=8)), SETTINGS))
+    with pytest.raises(ReportError, match="ending in .html"):
+        write_report([analysis], tmp_path / "r.json")
+    (tmp_path / "r.json").mkdir()
+    with pytest.raises(ReportError, match="where the report's JSON goes, is a folder"):
+        check_report_path(tmp_path / "r.html")
 
 
 def test_a_storage_folder_given_as_an_experiment_is_explained(storage, tmp_path, capsys):
