@@ -118,8 +118,8 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
     batch_size = max_batch_size or settings.batch_size
     if len(train_ids) < batch_size:
-        fix = ("the space samples batch sizes up to this one (study_spaces/" + settings.method + ".py): use more data"
-               if max_batch_size and max_batch_size != settings.batch_size else "lower --batch-size or use more data")
+        fix = (f"lower --batch-size (unless study_spaces/{settings.method}.py samples the batch size: this is "
+               "its largest) or use more data")
         raise SearchError(
             f"--data {spec!r} has {len(train_ids)} usable training tracks, fewer than the batch size "
             f"{batch_size}; {fix}"
@@ -199,7 +199,8 @@ def check_local_gpus(settings: SearchSettings) -> None:
     if found < math.ceil(settings.gpus_per_trial):
         raise SearchError(
             f"--gpus-per-trial {settings.gpus_per_trial:g}: this machine has {found} CUDA device(s) that torch can "
-            "use; drop the flag to train on the CPU, or run on a cluster with GPUs (--address)"
+            "use; train on the CPU with --gpus-per-trial 0 (also when resuming a search started with GPUs), or run on a "
+            "cluster with GPUs (--address)"
         )
 
 

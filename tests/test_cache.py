@@ -571,6 +571,38 @@ CRASH_SCRIPT = textwrap.dedent(
 )
 
 
+RACE_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, os, signal, sys, time
+    from musicssl.data import cache
+
+    if __name__ == "__main__":
+        paths = sys.argv[1:]
+        tasks = [cache._Task(os.path.basename(p), p, cache.LogMelConfig(), 64000, 1e-4) for p in paths]
+        results = cache._iterate_results(tasks, 1)
+        first = next(results)
+        # The decoding process dies while the build is not waiting on it (as during a shard commit).
+        (worker,) = multiprocessing.active_children()
+        os.kill(worker.pid, signal.SIGKILL)
+        time.sleep(1.5)
+        rest = list(results)
+        print(sorted((r.track_id, r.reason or "ok") for r in [first, *rest]))
+    """
+)
+
+
+def test_a_decoding_process_that_dies_while_the_build_is_busy_elsewhere_loses_no_track(tmp_path: Path) -> None:
+    """The pool breaks between two waits: the next submission fails at once. That track never ran
+    (it goes to the next pool) and those in flight are retried alone; none is lost or blamed."""
+    paths = [write(tmp_path / f"t{k}.wav", tone_and_noise(4.5, 16000, k), 16000) for k in range(6)]
+    script = tmp_path / "race.py"
+    script.write_text(RACE_SCRIPT)
+    completed = subprocess.run([sys.executable, str(script), *paths], capture_output=True, text=True, timeout=300,
+                               check=False, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert completed.stdout.strip() == str(sorted((f"t{k}.wav", "ok") for k in range(6)))
+
+
 def test_a_file_that_kills_its_decoding_process_is_skipped_and_the_build_goes_on(tmp_path: Path) -> None:
     folder = tmp_path / "audio"
     folder.mkdir()

@@ -455,6 +455,12 @@ def test_clustering_head_runs_in_float32_under_bf16_autocast() -> None:
     assert loss_16 == pytest.approx(loss_32, rel=1e-4)
     assert (probs_16 - probs_32).abs().max().item() < 1e-4
 
+    # A model held in bf16 itself (precision="bf16-true") still runs, its heads in bf16.
+    bf16 = build("clustering").to(torch.bfloat16)
+    loss = bf16.training_loss([view.to(torch.bfloat16) for view in views], PROGRESS)["loss"]
+    assert math.isfinite(loss.item())
+    assert bf16.collapse_outputs(views[0].to(torch.bfloat16))["projection"].dtype == torch.bfloat16
+
 
 def test_clustering_state_round_trips_through_state_dict() -> None:
     method = build("clustering")

@@ -535,7 +535,9 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
             f"have been stopped by the collapse rule)") in page
     assert "collapse stopping was off in this search" in page
     assert "complete trial(s) ended with a collapse verdict the rule does not stop on" in page
-    by_key = {figure.key.split("-", 2)[-1]: figure.figure for figure in figures}
+    # Keys are "e<N>-<experiment name>-<figure>"; the name (here the working directory's) may hold dashes.
+    prefix = "e1-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in unstopped.experiment.name) + "-"
+    by_key = {figure.key.removeprefix(prefix): figure.figure for figure in figures}
     # The map estimates a collapse probability and draws its boundary; the would-be-stopped trials are ringed.
     contours = [trace for trace in by_key["map-x-y"].data if trace.type == "contour"]
     assert len(contours) == 2

@@ -60,7 +60,7 @@ def calibrate_batchnorm(backbone: nn.Module, segments: torch.Tensor, batch_size:
     running statistic becomes the average of its per-batch statistics, so the batch sizes matter.
     The segments are cut into ``min(ceil(len / batch_size), len // 2)`` batches of near-equal size:
     ``ceil(len / batch_size)`` as long as that leaves no batch of one (always, for ``batch_size >= 3``),
-    else fewer and larger (up to ``batch_size + 1``), so that every batch has at least two segments.
+    else fewer and larger ones, so that every batch has at least two segments.
     Returns the number of batches; the backbone is left in eval mode.
     """
     from torch.optim.swa_utils import update_bn

@@ -44,6 +44,7 @@ import dataclasses
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -508,8 +509,17 @@ def _iterate_results(tasks: Sequence[_Task], workers: int) -> Iterator[_Result]:
                     task = next(queue, None)
                     if task is None:
                         exhausted = True
-                    else:
+                        break
+                    try:
                         in_flight[pool.submit(_compute_track, task)] = task
+                    except BrokenProcessPool:
+                        # A process died while no one was waiting (e.g. during a shard commit): this
+                        # task never ran, so it goes to the next pool; those in flight are the suspects.
+                        queue = itertools.chain([task], queue)
+                        broken = True
+                        break
+                if broken:
+                    break
                 if not in_flight:
                     return
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)

@@ -41,13 +41,15 @@ def _entropy(probs: Tensor, log_probs: Tensor) -> Tensor:
 
 
 def _float32_head(head: nn.Module, embedding: Tensor) -> Tensor:
-    """``head(embedding)`` in float32 with autocast disabled, the input cast to float32.
+    """``head(embedding)`` with autocast disabled, the input cast to the head's own dtype.
 
-    Under bf16 autocast only the backbone should round: the K logits are divided by a teacher
-    temperature of 0.02-0.04, which would magnify bf16's rounding of the logits 25-50 times.
+    Under bf16 autocast (float32 weights) only the backbone should round: the K logits are divided by
+    a teacher temperature of 0.02-0.04, which would magnify bf16's rounding of the logits 25-50 times.
+    A head whose weights are bf16 themselves (``precision="bf16-true"``) runs in bf16, as before.
     """
+    dtype = next(head.parameters()).dtype
     with torch.autocast(device_type=embedding.device.type, enabled=False):
-        return head(embedding.float())
+        return head(embedding.to(dtype))
 
 
 def dino(
