@@ -584,7 +584,13 @@ RACE_SCRIPT = textwrap.dedent(
         # The decoding process dies while the build is not waiting on it (as during a shard commit).
         (worker,) = multiprocessing.active_children()
         os.kill(worker.pid, signal.SIGKILL)
-        time.sleep(1.5)
+        # Wait until the pool knows (its management thread marks it broken): the next submission
+        # then fails at once, the case under test.
+        pool = results.gi_frame.f_locals["pool"]
+        deadline = time.monotonic() + 60
+        while not pool._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool._broken, "the pool never noticed its dead process"
         rest = list(results)
         print(sorted((r.track_id, r.reason or "ok") for r in [first, *rest]))
     """

@@ -329,9 +329,15 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     # The collapsed trial's last metrics show why: per-sample entropy near log K.
     assert study.trials[1].user_attrs["last_metrics"]["collapse_sample_entropy"] > 0.97
 
-    # The best (only complete) trial's backbone: a plain state_dict that loads into the preset.
+    # The best (only complete) trial's backbone: a plain state_dict that loads into the preset, and
+    # the trained one: probed again, it scores the trial's objective.
+    from musicssl.train import probe_score
+
     state = torch.load(folder / "best_backbone.pt", weights_only=True)
-    Backbone(preset="cpu").load_state_dict(state)
+    exported = Backbone(preset="cpu")
+    exported.load_state_dict(state)
+    rescored = probe_score(exported, tonal_data, settings.probe_segments_per_track, settings.seed)
+    assert rescored["probe_map"] == pytest.approx(csv.loc[0, "objective"], abs=1e-6)
     best_config = json.loads((folder / "best_config.json").read_text())
     assert best_config["trial"] == 0 and best_config["params"]["num_prototypes"] == 64
     summary = json.loads((folder / "summary.json").read_text())

@@ -221,7 +221,7 @@ def test_probe_input_errors():
     bad[3, 3] = np.inf
     with pytest.raises(ValueError, match="NaN or inf"):
         fit_linear_probe(bad[:50], y[:50], x[50:], y[50:])
-    with pytest.raises(ValueError, match="c"):
+    with pytest.raises(ValueError, match=r"c \(inverse regularisation strength\) must be positive, got 0.0"):
         fit_linear_probe(x[:50], y[:50], x[50:], y[50:], c=0.0)
 
 

@@ -40,8 +40,23 @@ def tiny_config(method: str, tmp_path, **changes) -> TrainConfig:
 
 @pytest.mark.parametrize("method", ["contrastive", "byol", "clustering", "barlow_twins", "vicreg"])
 def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
-    result = train(tiny_config(method, tmp_path), data=tonal_data, progress_bar=False)
+    import lightning.pytorch as pl
+
+    config = tiny_config(method, tmp_path)
+    pl.seed_everything(config.seed, verbose=False)
+    initial = build_method(resolve_run_settings(config)).backbone.state_dict()  # train() starts from these
+    result = train(config, data=tonal_data, progress_bar=False)
     assert result.diverged_step is None
+    # The loss's gradients moved the weights. AdamW's decoupled weight decay alone (a zero gradient)
+    # would only scale each tensor, leaving nothing orthogonal to its initial value.
+    moved = []
+    for name, before in initial.items():
+        if before.dtype.is_floating_point and before.dim() > 1:
+            after = result.backbone.state_dict()[name].double()
+            before = before.double()
+            orthogonal = after - (after * before).sum() / (before * before).sum() * before
+            moved.append(float(orthogonal.norm() / after.norm()))
+    assert max(moved) > 1e-3 and sorted(moved)[len(moved) // 2] > 1e-4, moved
     assert [row["epoch"] for row in result.epochs] == [1, 2]
     assert result.final["steps"] == 6
     assert math.isfinite(result.final["train_loss"])
@@ -207,6 +222,15 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "var_wieght=1"], "unknown setting 'var_wieght'"),
         (["vicreg", "--set", "var_weight"], "--set takes name=value"),
         (["vicreg", "--set", "max_epochs=many"], "expects a number"),
+        # Refused before any data is prepared (before: tracebacks, or late errors naming internals).
+        (["vicreg", "--threads", "-1"], "num_threads must be >= 1, got -1"),
+        (["vicreg", "--threads", "0"], "num_threads must be >= 1, got 0"),
+        (["vicreg", "--steps-per-epoch", "-5"], "steps_per_epoch must be >= 1, got -5"),
+        (["vicreg", "--lr", "-1"], "learning_rate must be > 0, got -1.0"),
+        (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
+        (["vicreg", "--set", "gradient_clip=0"], "gradient_clip must be > 0"),
+        pytest.param(["vicreg", "--set", "accelerator=gpu"], "torch sees no CUDA device",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_cli_misuse_exits_2_without_traceback(arguments, message):
@@ -216,6 +240,22 @@ def test_cli_misuse_exits_2_without_traceback(arguments, message):
     assert completed.returncode == 2
     assert message in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_an_unwritable_run_folder_is_refused_before_training(tmp_path, tonal_data):
+    (tmp_path / "a-file").write_text("")
+    config = tiny_config("vicreg", tmp_path, out_dir=str(tmp_path / "a-file" / "run"))
+    started = __import__("time").perf_counter()
+    with pytest.raises(ConfigError, match="cannot create the run folder"):
+        train(config, data=tonal_data, progress_bar=False)
+    assert __import__("time").perf_counter() - started < 5  # before the run, not after it
+
+
+def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():
+    from musicssl.train import resolve_precision
+
+    assert resolve_precision(TrainConfig(), "cuda") == resolve_precision(TrainConfig(), "gpu") == "bf16-mixed"
+    assert resolve_precision(TrainConfig(), "cpu") == "32-true"
 
 
 def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
@@ -229,3 +269,51 @@ def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "barlow_twins: 1 epochs, 2 steps" in completed.stdout
     assert (out / "backbone.pt").is_file() and (out / "metrics.csv").is_file()
+
+
+def test_the_search_objective_is_a_linear_probe_of_mean_segment_embeddings_from_train_to_valid(tonal_data):
+    """``probe_score`` (what every search trial maximises) against the protocol written out here with
+    sklearn: each track's embedding is the mean over its 4 s segments (starts 125 frames apart, at most
+    ``max_segments`` spread evenly, first and last kept), a standardised logistic regression per tag
+    is fitted on the train split and scored on the valid split, macro ROC-AUC and mAP over the tags
+    with both classes there."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    from musicssl.train import probe_score
+
+    torch.manual_seed(0)
+    backbone = Backbone(preset="cpu").eval()
+    cache, max_segments = tonal_data.cache, 2
+    labels = tonal_data.index.labels()
+    row = {track_id: position for position, track_id in enumerate(tonal_data.index.track_ids)}
+
+    def embedding(track_id: str) -> np.ndarray:
+        starts = list(range(0, cache.frames(track_id) - 126 + 1, 125))
+        if len(starts) > max_segments:
+            starts = [starts[round(k * (len(starts) - 1) / (max_segments - 1))] for k in range(max_segments)]
+        segments = torch.from_numpy(np.stack([cache.get(track_id, start, 126) for start in starts])).float()
+        with torch.no_grad():
+            return backbone(segments).mean(0).numpy()
+
+    def split(name: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = tonal_data.track_ids(name)
+        return np.stack([embedding(t) for t in ids]), labels[[row[t] for t in ids]]
+
+    (train_x, train_y), (valid_x, valid_y) = split("train"), split("valid")
+    scaler = StandardScaler().fit(train_x)
+    aucs, aps = [], []
+    for tag in range(labels.shape[1]):
+        if train_y[:, tag].min() == train_y[:, tag].max() or valid_y[:, tag].min() == valid_y[:, tag].max():
+            continue
+        model = LogisticRegression(C=1.0, max_iter=500).fit(scaler.transform(train_x), train_y[:, tag])
+        scores = model.predict_proba(scaler.transform(valid_x))[:, 1]
+        aucs.append(roc_auc_score(valid_y[:, tag], scores))
+        aps.append(average_precision_score(valid_y[:, tag], scores))
+    assert len(aucs) >= 3  # the tonal dataset has tags to score
+
+    result = probe_score(backbone, tonal_data, max_segments=max_segments, seed=0)
+    assert result["probe_auc"] == pytest.approx(np.mean(aucs), abs=1e-4)
+    assert result["probe_map"] == pytest.approx(np.mean(aps), abs=1e-4)

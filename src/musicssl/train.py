@@ -360,7 +360,40 @@ class RunResult:
 def resolve_precision(config: TrainConfig, accelerator: str) -> str:
     if config.precision != "auto":
         return config.precision
-    return "bf16-mixed" if accelerator == "gpu" else "32-true"
+    return "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse run settings that would fail (or silently misbehave) later, naming the setting.
+
+    Run before any data is prepared, so that a typo costs seconds, not a corpus build and a run.
+    """
+    problems = []
+
+    def number(name: str, low: float, *, inclusive: bool = True, optional: bool = False) -> None:
+        value = getattr(config, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                value < low if inclusive else value <= low):
+            problems.append(f"{name} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+
+    number("max_epochs", 1)
+    number("batch_size", 2, optional=True)
+    number("steps_per_epoch", 1, optional=True)
+    number("learning_rate", 0, inclusive=False)
+    number("weight_decay", 0)
+    number("warmup_epochs", 0)
+    number("num_workers", 0)
+    number("num_threads", 1, optional=True)
+    number("gradient_clip", 0, inclusive=False, optional=True)
+    number("collapse_every_n_steps", 0)
+    number("probe_segments", 2)
+    number("probe_segments_per_track", 1)
+    if config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(f"accelerator={config.accelerator} but torch sees no CUDA device; use accelerator=auto or cpu")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def resolve_accelerator(config: TrainConfig) -> str:
@@ -432,10 +465,14 @@ def train(
     started = time.perf_counter()
     quiet_lightning()
     config = resolve_run_settings(config)
-    if config.max_epochs < 1:
-        raise ConfigError(f"max_epochs must be >= 1, got {config.max_epochs}")
-    if config.batch_size < 2:
-        raise ConfigError(f"batch_size must be >= 2 (batch statistics), got {config.batch_size}")
+    check_config(config)
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    if out_dir is not None:
+        # Made now: a folder that cannot be written should fail before the run, not after it.
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the run folder {out_dir} ({error}); give another --out") from None
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -515,9 +552,7 @@ def train(
     final["accelerator"], final["precision"] = accelerator, precision
     seconds = time.perf_counter() - started
     final["seconds"] = seconds
-    out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
         _write_csv(out_dir / "metrics.csv", module.epochs)
         _write_csv(out_dir / "collapse.csv", module.history)
@@ -584,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/train/<method>-<time>)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",
@@ -627,6 +662,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = apply_overrides(config, train_overrides)
     config.method_params = method_params
     method_settings(config)  # validate names, types and values now, not mid-run
+    check_config(config)
     return config
 
 
