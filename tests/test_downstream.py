@@ -291,6 +291,26 @@ def test_run_folders_search_folders_and_bare_checkpoints(tmp_path):
         build_backbone(resolve_method(str(tmp_path / "junk.pt")))
 
 
+def test_a_checkpoint_retrained_at_the_same_path_is_not_read_from_the_cache(tmp_path):
+    """The embedding cache is named by the weights (and the dataset, front-end and protocol), not by
+    the checkpoint's path: new weights at the same path miss it, the same weights anywhere hit it."""
+    from analysis.downstream import DownstreamConfig, _embedder
+
+    torch.manual_seed(0)
+    state = Backbone(preset="cpu").state_dict()
+    run = save_run(tmp_path / "run", state, {"method": "vicreg", "preset": "cpu"})
+    config, device = DownstreamConfig(), torch.device("cpu")
+    first = _embedder(resolve_method(str(run)), device, config)[1]
+    copy = save_run(tmp_path / "copy", state, {"method": "vicreg", "preset": "cpu"})
+    assert _embedder(resolve_method(str(copy)), device, config)[1] == first
+    retrained = dict(state)
+    name = next(k for k, v in state.items() if v.dtype.is_floating_point and v.numel() > 1)
+    retrained[name] = state[name].clone()
+    retrained[name].view(-1)[0] += 1e-3  # one weight of one tensor
+    save_run(tmp_path / "run", retrained, {"method": "vicreg", "preset": "cpu"})
+    assert _embedder(resolve_method(str(run)), device, config)[1] != first
+
+
 def test_baselines_follow_the_checkpoints_architecture(tmp_path):
     from analysis.downstream import _methods_from_args, build_parser
 
