@@ -1,8 +1,9 @@
 """The audio front-end against independent references.
 
 References: the Slaney mel scale and filterbank written out here from their definition, a direct
-numpy log-mel computation, librosa and torchaudio when installed (neither is a project dependency,
-so those tests skip without them), and analytic signals (sines) written with soundfile.
+numpy log-mel computation, librosa (a test dependency: `pip install -e ".[test]"`) and torchaudio
+when installed (its CPU build is not installable here, so those tests skip), and analytic signals
+(sines) written with soundfile.
 """
 
 from __future__ import annotations
