@@ -237,13 +237,16 @@ def test_clustering_defaults_read_healthy_and_clustering_without_centring_collap
 
 
 @pytest.fixture(scope="module")
-def corpus_data():
-    """The embedded corpus with the CPU preset's mel cache (built on first use if missing)."""
+def corpus_data(tmp_path_factory):
+    """The embedded corpus with the CPU preset's mel cache, built for these tests in a cache of their
+    own (about a minute): what the machine's ~/.cache holds plays no part."""
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.pipeline import prepare_data
     from musicssl.models import Backbone
 
-    return prepare_data("corpus", LogMelConfig(n_mels=Backbone(preset="cpu").config.n_mels), verbose=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MUSICSSL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return prepare_data("corpus", LogMelConfig(n_mels=Backbone(preset="cpu").config.n_mels), verbose=False)
 
 
 METHODS = ("vicreg", "contrastive", "barlow_twins", "byol", "clustering")
