@@ -236,6 +236,16 @@ def test_tpe_learns_to_avoid_the_collapsing_region_only_when_told_pruned_and_inf
     assert collapsing(plain) >= 0.6
 
 
+def test_the_same_seed_draws_the_same_trials_and_another_seed_others():
+    """Seeded TPE: with the same feedback, the same --seed proposes the same parameters, start-up
+    trials and model-based ones alike (run_line_search's feedback depends only on x)."""
+    first = run_line_search(CollapseAwareOptunaSearch(line_space, seed=7), 16, flattering=False)
+    again = run_line_search(CollapseAwareOptunaSearch(line_space, seed=7), 16, flattering=False)
+    other = run_line_search(CollapseAwareOptunaSearch(line_space, seed=8), 16, flattering=False)
+    assert first == again
+    assert all(a != b for a, b in zip(first[:10], other[:10]))
+
+
 def test_restored_searcher_adopts_orphans_does_not_repeat_draws_and_stops_at_max_trials(tmp_path):
     journal = tmp_path / "optuna.journal"
     first = journal_searcher(journal, max_trials=4)
@@ -446,6 +456,31 @@ def test_asha_never_stops_a_trial_on_its_last_epoch_nor_on_the_report_its_collap
     collapsing = _epoch_reports(settings, [HEALTHY] + [COMPLETE] * 3)
     assert collapsing[-1]["collapse_stop"] and "scheduler_epoch" not in collapsing[-1]
     assert [r.get("scheduler_epoch") for r in good] == [1, 2, 3, None]
+
+
+@pytest.mark.parametrize("objective", ["probe_map", "probe_auc"])
+def test_under_asha_a_probe_objective_is_measured_every_epoch(objective, tonal_data):
+    """ASHA compares trials at its rungs on the objective, so with a probe objective every epoch
+    report carries the probe of the backbone as it is then, and its objective is the chosen score."""
+    from types import SimpleNamespace
+
+    from hpsearch.trainable import _EpochReporter
+    from musicssl.train import probe_score
+
+    settings = SearchSettings(method="vicreg", scheduler="asha", objective=objective, **TINY).trial_settings()
+    assert settings.probe_every_epoch
+    torch.manual_seed(0)
+    backbone = Backbone(preset="cpu")
+    reports: list[dict] = []
+    reporter = _EpochReporter(settings, tonal_data, CollapseMonitor(settings.collapse_rule()), reports.append)
+    module = SimpleNamespace(method=SimpleNamespace(backbone=backbone), trainer=SimpleNamespace(should_stop=False))
+    reporter(module, {**HEALTHY, "epoch": 1, "step": 3})
+    expected = probe_score(backbone, tonal_data, settings.probe_segments_per_track, settings.seed)
+    (report,) = reports
+    assert (report["probe_map"], report["probe_auc"]) == (expected["probe_map"], expected["probe_auc"])
+    assert report["objective"] == expected[objective] and report["scheduler_epoch"] == 1
+    # Without ASHA the probe runs once, after the last epoch: the epoch reports carry no objective.
+    assert not SearchSettings(method="vicreg", objective=objective).trial_settings().probe_every_epoch
 
 
 def test_a_trial_a_scheduler_stops_on_its_collapse_is_recorded_collapsed_and_infeasible(tmp_path):
