@@ -63,7 +63,7 @@ def objective_key(objective: str) -> str:
 def build_train_config(settings: TrialSettings, params: Mapping[str, Any]):
     """The :class:`musicssl.train.TrainConfig` of a trial: the search's settings, the space's
     ``FIXED`` values, then the trial's sampled parameters."""
-    from musicssl.train import TrainConfig, apply_overrides, method_settings
+    from musicssl.train import TrainConfig, apply_overrides, check_config, method_settings
     from study_spaces import get_space
 
     training, method_params = get_space(settings.method).split(params)
@@ -87,6 +87,7 @@ def build_train_config(settings: TrialSettings, params: Mapping[str, Any]):
     config = apply_overrides(config, training)
     config.method_params = dict(method_params)
     method_settings(config)  # names, types and ranges checked now, not after the first epoch
+    check_config(config, devices=False)  # the trainer's own rules too (the trials may run where the GPUs are)
     return config
 
 

@@ -483,6 +483,22 @@ def test_under_asha_a_probe_objective_is_measured_every_epoch(objective, tonal_d
     assert not SearchSettings(method="vicreg", objective=objective).trial_settings().probe_every_epoch
 
 
+def test_a_trial_config_the_trainer_would_refuse_is_refused_when_it_is_built():
+    """A space (or its FIXED values) giving the trainer a value it refuses fails when the search
+    checks its space, not in every trial; a GPU the driver lacks is not checked there."""
+    from hpsearch.trainable import build_train_config
+    from musicssl.train import ConfigError
+
+    trial = SearchSettings(method="vicreg").trial_settings()
+    params = {"learning_rate": 1e-3, "weight_decay": 1e-4}
+    with pytest.raises(ConfigError, match="gradient_clip must be > 0"):
+        build_train_config(trial, {**params, "gradient_clip": 0.0})
+    with pytest.raises(ConfigError, match="warmup_epochs must be >= 0"):
+        build_train_config(trial, {**params, "warmup_epochs": -1.0})
+    gpu_trial = SearchSettings(method="vicreg", gpus_per_trial=1).trial_settings()
+    assert build_train_config(gpu_trial, params).accelerator == "gpu"
+
+
 def test_a_trial_a_scheduler_stops_on_its_collapse_is_recorded_collapsed_and_infeasible(tmp_path):
     searcher = journal_searcher(tmp_path / "optuna.journal")
     searcher.suggest("a")

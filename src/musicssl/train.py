@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -363,34 +364,41 @@ def resolve_precision(config: TrainConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
 
 
-def check_config(config: TrainConfig) -> None:
+def check_config(config: TrainConfig, devices: bool = True) -> None:
     """Refuse run settings that would fail (or silently misbehave) later, naming the setting.
 
     Run before any data is prepared, so that a typo costs seconds, not a corpus build and a run.
+    ``devices=False`` skips the check that a requested GPU exists (a search's driver may have none
+    while its trials run where there are).
     """
     problems = []
 
-    def number(name: str, low: float, *, inclusive: bool = True, optional: bool = False) -> None:
+    def number(name: str, low: float, *, inclusive: bool = True, optional: bool = False, whole: bool = False,
+               hint: str = "") -> None:
         value = getattr(config, name)
         if value is None and optional:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                value < low if inclusive else value <= low):
-            problems.append(f"{name} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        bad = bad or (value < low if inclusive else value <= low) or (whole and value != int(value))
+        if bad:
+            kind = "a whole number " if whole else ""
+            problems.append(f"{name} must be {kind}{'>=' if inclusive else '>'} {low:g}{hint}, got {value!r}")
 
-    number("max_epochs", 1)
-    number("batch_size", 2, optional=True)
-    number("steps_per_epoch", 1, optional=True)
+    number("max_epochs", 1, whole=True)
+    number("batch_size", 2, optional=True, whole=True)
+    number("steps_per_epoch", 1, optional=True, whole=True, hint=" (for one pass over the training tracks: --steps-per-epoch 0, or steps_per_epoch=none)")
     number("learning_rate", 0, inclusive=False)
     number("weight_decay", 0)
     number("warmup_epochs", 0)
-    number("num_workers", 0)
-    number("num_threads", 1, optional=True)
-    number("gradient_clip", 0, inclusive=False, optional=True)
-    number("collapse_every_n_steps", 0)
-    number("probe_segments", 2)
-    number("probe_segments_per_track", 1)
-    if config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    number("num_workers", 0, whole=True)
+    number("num_threads", 1, optional=True, whole=True, hint=" (none: torch's choice)")
+    number("gradient_clip", 0, inclusive=False, optional=True, hint=" (none: no clipping)")
+    number("collapse_every_n_steps", 0, whole=True)
+    # 0 turns the collapse metrics off; 1 segment has no spread to measure.
+    if config.probe_segments != 0:
+        number("probe_segments", 2, whole=True, hint=" (0: no collapse metrics)")
+    number("probe_segments_per_track", 1, whole=True)
+    if devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"accelerator={config.accelerator} but torch sees no CUDA device; use accelerator=auto or cpu")
     if problems:
         raise ConfigError("; ".join(problems))
@@ -469,10 +477,13 @@ def train(
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None:
         # Made now: a folder that cannot be written should fail before the run, not after it.
+        probe = out_dir / f".write-test-{os.getpid()}"
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
         except OSError as error:
-            raise ConfigError(f"cannot create the run folder {out_dir} ({error}); give another --out") from None
+            raise ConfigError(f"cannot write the run folder {out_dir} ({error}); give another --out") from None
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     pl.seed_everything(config.seed, workers=True, verbose=False)
