@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -1002,7 +1002,13 @@ def check_bootstrap(test_labels: np.ndarray, config: DownstreamConfig) -> str:
         problem = (f"a resample of {int(round(fraction * tracks))} of the {tracks} test tracks can leave no tag with "
                    f"both positive and negative tracks (the rarest scorable tag has {_rarest_positives(test_labels)} "
                    "positive test tracks), so it cannot be scored")
-    raise DownstreamError(f"--bootstrap-fraction {fraction:g}: {problem}; {_usable_fraction_hint(test_labels, config)}")
+    _refuse_bootstrap_fraction(problem, test_labels, config)
+
+
+def _refuse_bootstrap_fraction(problem: str, test_labels: np.ndarray, config: DownstreamConfig) -> NoReturn:
+    """Raise the error for a ``--bootstrap-fraction`` these test labels cannot be resampled with."""
+    raise DownstreamError(f"--bootstrap-fraction {config.bootstrap_fraction:g}: {problem}; "
+                          f"{_usable_fraction_hint(test_labels, config)}")
 
 
 def _usable_fraction_hint(test_labels: np.ndarray, config: DownstreamConfig) -> str:
@@ -1164,8 +1170,7 @@ def run_downstream(
     listed = np.flatnonzero(index.tracks["split"].to_numpy() == "test")
     problem = _bootstrap_size_problem(config.bootstrap_fraction, len(listed)) if len(listed) >= 2 else None
     if problem:
-        hint = _usable_fraction_hint(index.labels()[listed], config)
-        raise DownstreamError(f"--bootstrap-fraction {config.bootstrap_fraction:g}: {problem}; {hint}")
+        _refuse_bootstrap_fraction(problem, index.labels()[listed], config)
     dataset_name = config.dataset if config.dataset.lower() in _named_datasets() else index.name
     missing = index.extra.get("missing", [])
     log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")

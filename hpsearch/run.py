@@ -522,19 +522,18 @@ _RUNTIME_FLAGS = {"name", "storage_dir", "concurrency", "cpus_per_trial", "gpus_
 _OFF_FLAGS = {"collapse_stop": "--no-collapse-stop", "reuse_actors": "--no-reuse-actors"}
 
 
+def _value_text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _flag_text(key: str, value: Any) -> str:
     """How the command line spells setting ``key`` set to ``value``."""
-    if key in _OFF_FLAGS:
-        return _OFF_FLAGS[key]
-    if isinstance(value, (list, tuple)):
-        value = ",".join(map(str, value))
-    return f"--{key.replace('_', '-')} {value}"
+    return _OFF_FLAGS[key] if key in _OFF_FLAGS else f"--{key.replace('_', '-')} {_value_text(value)}"
 
 
 def _stored_text(key: str, value: Any) -> str:
-    if key in _OFF_FLAGS:
-        return "on" if value else "off"
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    """How a conflict message shows the stored value of setting ``key``."""
+    return ("on" if value else "off") if key in _OFF_FLAGS else _value_text(value)
 
 
 def _collapse_types(text: str) -> list[str]:

@@ -40,7 +40,7 @@ def _entropy(probs: Tensor, log_probs: Tensor) -> Tensor:
     return -(probs * log_probs).sum(dim=-1).mean()
 
 
-def _float32_head(head: nn.Module, embedding: Tensor) -> Tensor:
+def _head_outside_autocast(head: nn.Module, embedding: Tensor) -> Tensor:
     """``head(embedding)`` with autocast disabled, the input cast to the head's own dtype.
 
     Under bf16 autocast (float32 weights) only the backbone should round: the K logits are divided by
@@ -196,9 +196,9 @@ class Clustering(PretextMethod):
         batch, n_views = concatenate_views(views)
         teacher_temperature = self.teacher_temperature(progress)
         self.current_teacher_temperature.fill_(teacher_temperature)
-        student_logits = _float32_head(self.head, self.backbone(batch)).chunk(n_views)
+        student_logits = _head_outside_autocast(self.head, self.backbone(batch)).chunk(n_views)
         with torch.no_grad():
-            teacher_logits_all = _float32_head(self.teacher_head, self.teacher_backbone(batch))
+            teacher_logits_all = _head_outside_autocast(self.teacher_head, self.teacher_backbone(batch))
         teacher_logits = teacher_logits_all.chunk(n_views)
         center = self._effective_center()
         pairs = [
@@ -238,11 +238,11 @@ class Clustering(PretextMethod):
         with evaluation_mode(self):
             embedding = self.backbone(mels)
             teacher_embedding = self.teacher_backbone(mels)
-            teacher_logits = _float32_head(self.teacher_head, teacher_embedding)
+            teacher_logits = _head_outside_autocast(self.teacher_head, teacher_embedding)
             centred = teacher_logits - self._effective_center().reshape(1, -1)
             return {
                 "embedding": embedding,
-                "projection": _float32_head(self.head, embedding),
+                "projection": _head_outside_autocast(self.head, embedding),
                 "teacher_embedding": teacher_embedding,
                 "assignment_probs": F.softmax(centred / self.current_teacher_temperature, dim=-1),
             }
