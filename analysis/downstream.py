@@ -1095,19 +1095,9 @@ class _Console:
 
 def open_index(config: DownstreamConfig):
     """The dataset's :class:`TrackIndex` (``corpus`` is built on first use)."""
-    from musicssl.data.loaders import DATASET_NAMES, open_dataset
+    from musicssl.data.loaders import open_dataset_option
 
-    options: dict[str, Any] = {}
-    name = config.dataset.strip().lower()
-    if config.audio_dir is not None:
-        if name not in ("mtat", "msd") and not name.startswith("jamendo-"):
-            raise DownstreamError(f"--audio-dir applies to mtat, jamendo-* and msd, not to {config.dataset!r}")
-        options["audio_dir"] = config.audio_dir
-    if name in DATASET_NAMES and name != "corpus" and config.root is None:
-        raise DownstreamError(f"dataset {name!r} needs --root, the folder that holds its files")
-    if name not in DATASET_NAMES and config.root is not None:
-        raise DownstreamError(f"--root applies to named datasets; {config.dataset!r} is a path already")
-    return open_dataset(config.dataset, config.root, **options)
+    return open_dataset_option(config.dataset, config.root, config.audio_dir)
 
 
 def _embedder(

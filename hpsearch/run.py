@@ -99,6 +99,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     """Prepare the data once, in the driver: open the dataset (building the embedded corpus if it
     is missing) and build its mel cache for the preset's front-end. Trials reuse it as is."""
     from musicssl.data.cache import LogMelConfig
+    from musicssl.data.loaders import DatasetError, check_dataset_option
     from musicssl.data.pipeline import prepare_data
     from musicssl.models import PRESETS
 
@@ -112,7 +113,11 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         )
     front_end = LogMelConfig(n_mels=PRESETS[settings.preset].n_mels)
     try:
-        data = prepare_data(spec, front_end, verbose=verbose)
+        check_dataset_option(spec, settings.root, settings.audio_dir)
+    except DatasetError as error:
+        raise SearchError(str(error)) from None
+    try:
+        data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise SearchError(f"--data {spec!r}: {error}") from None
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
@@ -485,8 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {defaults.probe_segments})")
     add("--probe-segments-per-track", type=int, help=f"segments per track in the final linear probe "
         f"(default {defaults.probe_segments_per_track})")
-    add("--data", help="'corpus' (the embedded corpus, built if missing), mtat, jamendo-*, msd, a tracks.csv or a "
+    add("--data", help="'corpus' (the embedded corpus, built if missing), mtat, jamendo-*, msd (with --root), a tracks.csv or a "
         f"folder of audio with a tags file (default {defaults.data})")
+    add("--root", help="a named dataset's folder (mtat, jamendo-*; msd: the split folder; corpus: where it is or "
+        "is built); may change on --resume")
+    add("--audio-dir", help="the audio folder of mtat, jamendo-* or msd when it is not under --root (msd: "
+        "required); may change on --resume")
     add("--preset", help=f"backbone preset: cpu or paper (default {defaults.preset})")
     add("--seed", type=int, help=f"seed of the sampler and of every trial's training (default {defaults.seed})")
     add("--concurrency", type=int, help=f"trials running at once (default {defaults.concurrency})")
@@ -517,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Flags that may differ on a resume: where and how the search runs, not what it is. Given on a
 # resume, the resources and actor reuse replace the stored ones (e.g. a search continued on a cluster).
-_RUNTIME_FLAGS = {"name", "storage_dir", "concurrency", "cpus_per_trial", "gpus_per_trial", "reuse_actors"}
+_RUNTIME_FLAGS = {
+    "name", "storage_dir", "concurrency", "cpus_per_trial", "gpus_per_trial", "reuse_actors", "root", "audio_dir",
+}
 # Boolean settings whose flag turns them off.
 _OFF_FLAGS = {"collapse_stop": "--no-collapse-stop", "reuse_actors": "--no-reuse-actors"}
 

@@ -99,6 +99,10 @@ class SearchSettings:
     probe_segments_per_track: int = _TRIAL.probe_segments_per_track
     preset: str = _TRIAL.preset
     data: str = _TRIAL.data
+    # A named dataset's folder and audio folder (--root, --audio-dir); where the data lies, so a
+    # resumed search may give other ones.
+    root: str | None = None
+    audio_dir: str | None = None
     seed: int = _TRIAL.seed
     concurrency: int = 2
     cpus_per_trial: float = 1.0

@@ -622,6 +622,9 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
         (["simsiam"], "unknown pretext method 'simsiam'"),
         (["vicreg", "--trials", "0"], "--trials must be at least 1"),
         (["vicreg", "--data", "/no/such/tracks.csv"], "no such file or folder"),
+        (["vicreg", "--data", "mtat"], "dataset 'mtat' needs --root, the folder that holds its files"),
+        (["vicreg", "--data", "jamendo-mood", "--root", "/no/such/jamendo"], "/no/such/jamendo"),
+        (["vicreg", "--audio-dir", "/tmp"], "--audio-dir applies to mtat, jamendo-* and msd, not to 'corpus'"),
         (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
         (["vicreg", "--stop-on", "complete,partial"], "--stop-on takes one or more of complete, dimensional, cluster"),
@@ -645,7 +648,8 @@ def test_help_documents_every_flag():
     text = build_parser().format_help()
     for flag in ("--trials", "--name", "--storage-dir", "--resume", "--max-epochs", "--objective", "--data", "--preset",
                  "--seed", "--no-collapse-stop", "--scheduler", "--concurrency", "--cpus-per-trial", "--gpus-per-trial",
-                 "--address", "--grace-epochs", "--patience-epochs", "--stop-on", "probe_map", "rankme"):
+                 "--address", "--grace-epochs", "--patience-epochs", "--stop-on", "probe_map", "rankme", "--root",
+                 "--audio-dir"):
         assert flag in text
 
 
@@ -698,8 +702,9 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
         settings_from_args(parse([*common, "--no-collapse-stop", "--trials", "9"]))
     # Resources and actor reuse say how the search runs: a resume (e.g. on a cluster) may change them.
     settings, resume = settings_from_args(parse([*common, "--concurrency", "4", "--cpus-per-trial", "2",
-                                                 "--no-reuse-actors"]))
+                                                 "--no-reuse-actors", "--root", "/mnt/data"]))
     assert resume and (settings.concurrency, settings.cpus_per_trial, settings.reuse_actors) == (4, 2.0, False)
+    assert settings.root == "/mnt/data"  # where a named dataset lies, e.g. on the cluster's nodes
     assert settings.trials == 8 and settings.trial_settings().num_threads == 2
     # --resume without --name picks the latest search named by default (METHOD-<time>).
     with pytest.raises(SearchError, match="--resume: no search of vicreg"):

@@ -211,6 +211,28 @@ def test_byol_predictor_learning_rate_scale_reaches_the_optimiser_step():
     assert [scale for _, scale in without.parameter_groups()] == [1.0]
 
 
+def test_the_teacher_update_after_step_k_uses_byols_rate_tau_k(tmp_path, tonal_data, monkeypatch):
+    """BYOL: tau_k = 1 - (1 - tau_base) (1 + cos(pi k / K)) / 2 for the update after step k = 0..K-1."""
+    import musicssl.pretext.byol as byol
+
+    rates = []
+    real_update = byol.ema_update_
+
+    def recording_update(teacher, student, rate):
+        rates.append(rate)
+        real_update(teacher, student, rate)
+
+    monkeypatch.setattr(byol, "ema_update_", recording_update)
+    config = tiny_config("byol", tmp_path, method_params={"base_ema_rate": "0.9"})  # 2 epochs x 3 steps
+    train(config, data=tonal_data, progress_bar=False)
+    total = 6
+    expected = [1 - (1 - 0.9) * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)]
+    # Two updates per step (backbone, projector), each with the same rate.
+    assert rates[::2] == pytest.approx(expected, abs=1e-12)
+    assert rates[1::2] == pytest.approx(expected, abs=1e-12)
+    assert rates[0] == pytest.approx(0.9) and rates[-1] < 1.0
+
+
 def test_registry_has_the_five_methods():
     assert available_methods() == ["barlow_twins", "byol", "clustering", "contrastive", "vicreg"]
 
@@ -240,6 +262,57 @@ def test_cli_misuse_exits_2_without_traceback(arguments, message):
     assert completed.returncode == 2
     assert message in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path):
+    from musicssl.train import schedule_notes
+
+    # The study's warm-up is 10 epochs; the trainer's default run is 10 epochs: all warm-up.
+    notes = schedule_notes(TrainConfig(method="clustering"))
+    assert len(notes) == 1 and "never reaches teacher_temperature 0.04" in notes[0]
+    assert schedule_notes(TrainConfig(method="clustering", max_epochs=11)) == []
+    assert schedule_notes(TrainConfig(method="clustering", method_params={"teacher_warmup_epochs": "2"})) == []
+    assert schedule_notes(TrainConfig(method="clustering", method_params={"teacher_warmup_epochs": "0"})) == []
+    assert schedule_notes(TrainConfig(method="vicreg", max_epochs=1)) == []
+    # The CLI prints it before training (here the run then fails on its data: exit 2, both said).
+    completed = subprocess.run(
+        [sys.executable, "-m", "musicssl.train", "clustering", "--data", str(tmp_path / "missing.csv")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert "note: the teacher temperature warm-up (10 epochs)" in completed.stderr
+    assert "missing.csv" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
+    """``--data mtat --root DIR``: MagnaTagATune as distributed (annotations_final.csv, mp3 folders)."""
+    import os
+
+    from test_downstream import write_mtat_fixture
+
+    root = tmp_path / "my mtat"
+    write_mtat_fixture(root)
+    out = tmp_path / "run"
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", "mtat", "--root", str(root),
+               "--max-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8", "--threads", "1",
+               "--workers", "0", "--set", "probe_segments=16", "--set", "probe_segments_per_track=1", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["data_root"] == str(root)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and 0 <= summary["probe_map"] <= 1
+    # Without --root, or with --root for a path, the CLI says which flag is wrong (exit 2, no traceback).
+    for arguments, message in (
+        (["--data", "mtat"], "dataset 'mtat' needs --root, the folder that holds its files"),
+        (["--data", "msd", "--root", str(root)], "dataset 'msd' needs --audio-dir"),
+        (["--data", str(root / "annotations_final.csv"), "--root", str(root)], "--root applies to named datasets"),
+        (["--data", "corpus", "--audio-dir", str(root)], "--audio-dir applies to mtat, jamendo-* and msd"),
+    ):
+        completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", *arguments],
+                                   capture_output=True, text=True, timeout=120, env=env)
+        assert completed.returncode == 2 and message in completed.stderr, completed.stderr
+        assert "Traceback" not in completed.stderr
 
 
 def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):

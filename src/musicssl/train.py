@@ -52,6 +52,10 @@ class TrainConfig:
     method: str = "vicreg"
     preset: str = "cpu"
     data: str = "corpus"
+    # A named dataset's folder (mtat, jamendo-*, msd: its split folder) and, where the audio lies
+    # elsewhere, the audio folder (see musicssl.data.loaders.open_dataset_option).
+    data_root: str | None = None
+    audio_dir: str | None = None
     max_epochs: int = 10
     # An "epoch" is a fixed number of optimiser steps (views are random crops, so a pass over the
     # tracks has no special meaning); None makes it one pass over the training tracks.
@@ -288,7 +292,9 @@ class SSLModule(_lightning().LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.diverged_step is not None:
             return
-        self.method.after_optimizer_step(self.progress())
+        # Lightning has counted this step already (global_step is k + 1 after optimiser step k); the
+        # update that follows step k uses the schedules at k, as the loss of step k did (BYOL's tau_k).
+        self.method.after_optimizer_step(self.progress(int(self.global_step) - 1))
         every = self.config.collapse_every_n_steps
         end_of_epoch = (batch_idx + 1) == self.steps_per_epoch
         if every and self.global_step % every == 0 and self.probe_mels.numel() and not end_of_epoch:
@@ -474,6 +480,10 @@ def train(
     quiet_lightning()
     config = resolve_run_settings(config)
     check_config(config)
+    if data is None:
+        from musicssl.data.loaders import check_dataset_option
+
+        check_dataset_option(config.data, config.data_root, config.audio_dir)  # before any work
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None:
         # Made now: a folder that cannot be written should fail before the run, not after it.
@@ -491,7 +501,8 @@ def train(
     backbone_config = method.backbone.config
     front_end = LogMelConfig(n_mels=backbone_config.n_mels)
     if data is None:
-        data = prepare_data(config.data, front_end, verbose=progress_bar)
+        data = prepare_data(config.data, front_end, verbose=progress_bar, root=config.data_root,
+                            audio_dir=config.audio_dir)
     if data.cache.n_mels != backbone_config.n_mels:
         raise ConfigError(
             f"the mel cache has {data.cache.n_mels} mels but preset {config.preset!r} expects {backbone_config.n_mels}"
@@ -616,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("method", help=f"pretext method: {', '.join(available_methods())}")
     parser.add_argument("--preset", default=defaults.preset, help="backbone preset: cpu (small, fast) or paper (default: %(default)s)")
-    parser.add_argument("--data", default=defaults.data, help="'corpus' (default), mtat, jamendo-*, msd, a tracks.csv or a folder")
+    parser.add_argument("--data", default=defaults.data, help="'corpus' (default), mtat, jamendo-*, msd (with --root), a tracks.csv or a folder")
     parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
     parser.add_argument(
         "--steps-per-epoch", type=int, default=defaults.steps_per_epoch,
@@ -631,6 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
+    parser.add_argument("--root", default=None, help="a named dataset's folder (mtat, jamendo-*; msd: the split "
+                        "folder; corpus: where it is or is built)")
+    parser.add_argument("--audio-dir", default=None, help="the audio folder of mtat, jamendo-* or msd when it is "
+                        "not under --root (msd: required)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/train/<method>-<time>)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",
@@ -647,6 +662,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         method=args.method,
         preset=args.preset,
         data=args.data,
+        data_root=args.root,
+        audio_dir=args.audio_dir,
         max_epochs=args.max_epochs,
         steps_per_epoch=args.steps_per_epoch or None,
         batch_size=args.batch_size,
@@ -677,6 +694,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def schedule_notes(config: TrainConfig) -> list[str]:
+    """Warnings about schedules the run is too short to finish (the run itself is still valid)."""
+    notes = []
+    warmup = getattr(method_settings(config), "teacher_warmup_epochs", 0.0)
+    if warmup > 0 and warmup >= config.max_epochs:
+        final = method_settings(config).teacher_temperature
+        notes.append(
+            f"the teacher temperature warm-up ({warmup:g} epochs) is not shorter than the run "
+            f"({config.max_epochs} epochs): the teacher never reaches teacher_temperature {final:g}; "
+            f"raise --max-epochs or lower it with --set teacher_warmup_epochs=N"
+        )
+    return notes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from musicssl.pretext.registry import UnknownMethodError
 
@@ -686,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    for note in schedule_notes(config):
+        print(f"{parser.prog}: note: {note}", file=sys.stderr)
     try:
         result = train(config)
     except (ConfigError, ValueError, FileNotFoundError) as error:

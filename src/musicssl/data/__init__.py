@@ -2,7 +2,10 @@
 
 from musicssl.data.cache import LogMelConfig, MelCache, MelCacheError
 from musicssl.data.index import TrackIndex, TrackIndexError
-from musicssl.data.loaders import DatasetError, load_folder, load_jamendo, load_msd, load_mtat, open_dataset
+from musicssl.data.loaders import (
+    DatasetError, load_folder, load_jamendo, load_msd, load_mtat, open_dataset,
+    open_dataset_option,
+)
 from musicssl.data.views import EpochSampler, ViewConfig, ViewDataset, fixed_segments, track_segments
 
 __all__ = [
@@ -14,6 +17,7 @@ __all__ = [
     "load_msd",
     "load_mtat",
     "open_dataset",
+    "open_dataset_option",
     "LogMelConfig",
     "MelCache",
     "MelCacheError",

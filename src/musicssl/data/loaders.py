@@ -48,6 +48,8 @@ __all__ = [
     "load_msd",
     "load_mtat",
     "open_dataset",
+    "open_dataset_option",
+    "check_dataset_option",
     "split_position",
 ]
 
@@ -995,6 +997,32 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
     raise DatasetError(
         f"unknown dataset {spec!r}: not one of {list(DATASET_NAMES)}, and no file or folder of that name exists"
     )
+
+
+def open_dataset_option(
+    spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None
+) -> TrackIndex:
+    """:func:`open_dataset` as the command lines take it: ``--data``/``--dataset`` ``spec``, with
+    ``--root`` (the folder of a named dataset; for ``corpus``, where it is or is built) and
+    ``--audio-dir`` (mtat, jamendo-*, msd: the audio when it is not under ``--root``). Misuse is a
+    :class:`DatasetError` naming those flags."""
+    check_dataset_option(spec, root, audio_dir)
+    options = {} if audio_dir is None else {"audio_dir": audio_dir}
+    return open_dataset(str(spec), root, **options)
+
+
+def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None) -> None:
+    """Raise :class:`DatasetError` when ``--root``/``--audio-dir`` do not fit ``spec`` (no file is read)."""
+    name = str(spec).strip().lower()
+    if audio_dir is not None and name not in ("mtat", "msd") and name not in _JAMENDO_NAMES:
+        raise DatasetError(f"--audio-dir applies to mtat, jamendo-* and msd, not to {spec!r}")
+    if name in DATASET_NAMES and name != "corpus" and root is None:
+        where = "the split folder (filtered_list_train.cP ...)" if name == "msd" else "the folder that holds its files"
+        raise DatasetError(f"dataset {name!r} needs --root, {where}")
+    if name == "msd" and audio_dir is None:
+        raise DatasetError("dataset 'msd' needs --audio-dir, the folder with the MSD audio (--root is the split folder)")
+    if name not in DATASET_NAMES and root is not None:
+        raise DatasetError(f"--root applies to named datasets; {spec!r} is a path already")
 
 
 def _is_track_index_file(path: Path) -> bool:

@@ -39,16 +39,25 @@ def prepare_data(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     verbose: bool = True,
+    root: str | Path | None = None,
+    audio_dir: str | Path | None = None,
 ) -> PreparedData:
     """Open the dataset (``corpus`` builds the embedded corpus if missing) and build its mel cache.
 
     ``data`` is a name understood by :func:`musicssl.data.loaders.open_dataset`, a path to a
-    ``tracks.csv`` or a folder, or a ready :class:`TrackIndex`. The cache build is incremental, so
-    calling this again costs only the check.
+    ``tracks.csv`` or a folder, or a ready :class:`TrackIndex`; ``root`` and ``audio_dir`` are the
+    named datasets' folders (:func:`~musicssl.data.loaders.open_dataset_option`, the ``--root`` and
+    ``--audio-dir`` of the command lines). The cache build is incremental, so calling this again
+    costs only the check.
     """
-    from musicssl.data.loaders import open_dataset
+    from musicssl.data.loaders import open_dataset_option
 
-    index = data if isinstance(data, TrackIndex) else open_dataset(str(data))
+    if isinstance(data, TrackIndex):
+        if root is not None or audio_dir is not None:
+            raise ValueError("root and audio_dir apply to a dataset name, not to a ready TrackIndex")
+        index = data
+    else:
+        index = open_dataset_option(str(data), root, audio_dir)
     front_end = front_end or LogMelConfig()
     directory = Path(cache_dir) if cache_dir is not None else default_mel_cache_dir(index)
     cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose)
