@@ -102,6 +102,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     from musicssl.data.loaders import DatasetError, check_dataset_option
     from musicssl.data.pipeline import prepare_data
     from musicssl.models import PRESETS
+    from musicssl.train import probe_problem
 
     if settings.preset not in PRESETS:
         raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
@@ -130,12 +131,11 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
             f"{batch_size}; {fix}"
         )
     if settings.objective.startswith("probe_"):
-        labels = data.index.labels()
-        if not valid_ids or labels.shape[1] == 0 or not labels.any():
+        problem = probe_problem(data)
+        if problem:
             raise SearchError(
-                f"--objective {settings.objective} needs tagged tracks in a train and a valid split, and "
-                f"--data {spec!r} has {len(valid_ids)} valid tracks and {labels.shape[1]} tags; "
-                "use --objective rankme for unlabelled data"
+                f"--objective {settings.objective}: --data {spec!r} has {len(valid_ids)} usable valid tracks and "
+                f"{len(data.index.tag_names)} tags: {problem}; use --objective rankme for unlabelled data"
             )
     return data
 

@@ -647,3 +647,63 @@ def test_a_file_that_kills_its_decoding_process_is_skipped_and_the_build_goes_on
     # ... unless asked to: here, without the crashing decoder, it is a good file.
     retried = MelCache.build(index, tmp_path / "cache", workers=0, retry_skipped=True, progress=False, verbose=False)
     assert retried.build_report.processed == 1 and "poison" in retried.track_ids
+
+
+def test_a_datasets_missing_and_empty_files_are_in_skipped_csv_and_keep_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The loader drops a listed track whose audio is missing or empty; prepare_data still lists it in
+    skipped.csv, and the cache folder stays the same when such a file comes back or a track is added."""
+    from musicssl.data.pipeline import default_mel_cache_dir, prepare_data
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "music"
+    (root / "audio").mkdir(parents=True)
+    for seed, name in enumerate(("a", "b", "c")):
+        write(root / "audio" / f"{name}.wav", tone_and_noise(6.0, 16000, seed), 16000)
+    (root / "audio" / "empty.wav").write_bytes(b"")
+    rows = ["path,tags,split", "audio/a.wav,x,train", "audio/b.wav,y,train", "audio/c.wav,x,valid",
+            "audio/empty.wav,y,train", "audio/gone.wav,x,train"]
+    (root / "tags.csv").write_text("\n".join(rows) + "\n")
+
+    first = prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=True)
+    console = capsys.readouterr().out
+    assert first.track_ids("train", "valid") == ["audio/a", "audio/b", "audio/c"]
+    with open(first.cache.path / "skipped.csv", newline="") as handle:
+        skipped = {row["track_id"]: row for row in csv.DictReader(handle)}
+    assert {track: row["reason"] for track, row in skipped.items()} == {"audio/empty": "empty", "audio/gone": "missing"}
+    assert skipped["audio/gone"]["path"].endswith("gone.wav") and "no such file" in skipped["audio/gone"]["detail"]
+    assert "2 more listed track(s) have no usable audio file" in console
+    assert "2 file(s) skipped in all (1 empty, 1 missing)" in console
+    folder = first.cache.path
+    manifests = sorted(folder.glob("shard-*.json"))
+
+    # Nothing changed: nothing decoded, nothing committed again.
+    again = prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=False)
+    assert again.cache.path == folder and sorted(folder.glob("shard-*.json")) == manifests
+    assert again.cache.build_report.processed == 0
+
+    # The missing file arrives and a new track is added: same folder, only those two decoded.
+    write(root / "audio" / "gone.wav", tone_and_noise(6.0, 16000, 7), 16000)
+    write(root / "audio" / "new.wav", tone_and_noise(6.0, 16000, 8), 16000)
+    (root / "tags.csv").write_text("\n".join([*rows, "audio/new.wav,y,test"]) + "\n")
+    grown = prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=False)
+    assert grown.cache.path == folder
+    assert grown.cache.build_report.processed == 2 and grown.cache.build_report.added == 2
+    assert [track.track_id for track in grown.cache.skipped] == ["audio/empty"]
+    # A file that goes missing after it was cached keeps its mel in the cache (the index drops it).
+    os.remove(root / "audio" / "a.wav")
+    shrunk = prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=False)
+    assert shrunk.cache.path == folder and "audio/a" in shrunk.cache and "audio/a" not in shrunk.track_ids("train")
+    assert shrunk.cache.build_report.processed == 0
+
+    # A cache named the earlier way (a hash of every path) is kept while it is the only one.
+    import hashlib
+
+    index, dataset_folder = shrunk.index, folder.parent  # the cache's path is the front-end's folder in it
+    digest = hashlib.sha1("\n".join(sorted(index.paths)).encode()).hexdigest()[:10]
+    legacy = dataset_folder.parent / f"music-{digest}"
+    legacy.mkdir()
+    assert default_mel_cache_dir(index) == dataset_folder  # the current one exists: it wins
+    dataset_folder.rename(tmp_path / "moved")
+    assert default_mel_cache_dir(index) == legacy

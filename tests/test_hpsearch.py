@@ -644,6 +644,22 @@ def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, messag
     assert not list(tmp_path.iterdir())  # nothing written for a search that never started
 
 
+def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_dataset, monkeypatch):
+    from hpsearch.run import SearchError, prepare_search_data
+    from musicssl.data.index import TrackIndex
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    index = TrackIndex.from_csv(tonal_dataset / "tracks.csv")
+    index.tracks["split"] = ["valid" if n == 40 else "train" for n in range(len(index))]  # one valid track
+    index.to_csv(tmp_path / "tracks.csv")
+    settings = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8)
+    with pytest.raises(SearchError, match=r"has 1 usable valid tracks and 6 tags: the linear probe cannot be "
+                                          r"scored: .* use --objective rankme"):
+        prepare_search_data(settings, verbose=False)
+    rankme = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8, objective="rankme")
+    assert prepare_search_data(rankme, verbose=False).track_ids("valid") == ["t040"]
+
+
 def test_help_documents_every_flag():
     text = build_parser().format_help()
     for flag in ("--trials", "--name", "--storage-dir", "--resume", "--max-epochs", "--objective", "--data", "--preset",

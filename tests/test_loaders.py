@@ -664,6 +664,42 @@ def test_msd_path_pattern_missing_audio_and_train_size(tmp_path):
         load_msd(split_dir, tmp_path / "nothing_here", train_size=3)
 
 
+def test_msd_7digital_clips_are_found_through_the_split_folders_dictionaries(tmp_path):
+    """Won et al.'s split folder maps MSD id -> 7digital id -> clip path (e.g. 8/9/8947470.clip.mp3);
+    Python 2 pickles, as distributed: ids as str, 7digital ids as int."""
+    split_dir = tmp_path / "msd"
+    write_msd(split_dir)
+    ids = MSD_TRAIN + MSD_TEST
+    seven = {msd_id: 8947470 + 11 * n for n, msd_id in enumerate(ids[:-1])}  # the last id has no clip
+    relative = {number: f"{str(number)[0]}/{str(number)[1]}/{number}.clip.mp3" for number in seven.values()}
+    (split_dir / "MSD_id_to_7D_id.pkl").write_bytes(pickle.dumps(seven, protocol=0))
+    (split_dir / "7D_id_to_path.pkl").write_bytes(pickle.dumps(relative, protocol=0))
+    audio = tmp_path / "7digital"
+    for msd_id in ids[:3]:
+        write_sine(audio / relative[seven[msd_id]])
+    index = load_msd(split_dir, audio, train_size=3)  # the default finds the layout
+    assert index.extra["audio_layout"] == "7digital"
+    assert index.track_ids == ids[:3]
+    assert index.paths[0] == str(audio.resolve() / "8" / "9" / "8947470.clip.mp3")
+    missing = {entry["track_id"]: entry for entry in index.extra["missing"]}
+    assert set(missing) == set(ids[3:]) and missing[ids[-1]]["reason"] == "missing"
+    assert missing[ids[-1]]["path"].endswith(f"(no 7digital clip for {ids[-1]})")
+    # MSD's own layout wins where it finds more files; the 7digital one is asked for by name.
+    own = tmp_path / "own"
+    for path in MSD_EXPECTED_PATHS[:4]:
+        write_sine(own / path)
+    assert load_msd(split_dir, own, train_size=3).extra["audio_layout"] == "{id[2]}/{id[3]}/{id[4]}/{id}.mp3"
+    with pytest.raises(DatasetError, match="none of the 5 listed audio files"):
+        load_msd(split_dir, own, train_size=3, path_pattern="7digital")
+    # Without the two dictionaries: a clear error when asked for, and the hint names them.
+    for name in ("MSD_id_to_7D_id.pkl", "7D_id_to_path.pkl"):
+        (split_dir / name).unlink()
+    with pytest.raises(DatasetError, match=r"the 7digital layout needs \['MSD_id_to_7D_id.pkl', '7D_id_to_path.pkl'\]"):
+        load_msd(split_dir, audio, train_size=3, path_pattern="7digital")
+    with pytest.raises(DatasetError, match=r"laid out as .*the 7digital layout \(8/9/8947470.clip.mp3\) needs"):
+        load_msd(split_dir, audio, train_size=3)
+
+
 class _Hostile:
     """Unpickling this would delete the canary file."""
 

@@ -315,6 +315,43 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
         assert "Traceback" not in completed.stderr
 
 
+def test_one_valid_track_moves_the_collapse_metrics_to_train_and_leaves_out_the_final_probe(tmp_path, capsys):
+    """Before: the run trained, then died in the collapse metrics (all segments from one track) and
+    wrote nothing; with two, the probe failed after training (no tag both present and absent)."""
+    from conftest import write_tonal_dataset
+
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.index import TrackIndex
+    from musicssl.data.pipeline import prepare_data
+    from musicssl.train import probe_problem
+
+    index = write_tonal_dataset(tmp_path / "data", num_tracks=12, seconds=10.0)
+    tracks = index.tracks.copy()
+    tracks["split"] = ["train"] * 10 + ["valid", "test"]
+    data = prepare_data(TrackIndex(tracks, index.tag_names, name="one-valid"), LogMelConfig(n_mels=64),
+                        cache_dir=tmp_path / "mels", workers=0, verbose=False)
+    assert probe_problem(data) == ("the linear probe cannot be scored: no tag has both a positive and a negative "
+                                   "among the 1 usable valid track(s)")
+    config = tiny_config("vicreg", tmp_path, max_epochs=1, steps_per_epoch=1, batch_size=4, probe_segments=16)
+    result = train(config, data=data, progress_bar=False)
+    assert "note: no final probe score" in capsys.readouterr().err
+    assert result.final["probe_skipped"] == probe_problem(data) and "probe_map" not in result.final
+    assert math.isfinite(result.final["collapse_mean_cosine"])  # measured across the training tracks
+    assert (tmp_path / "vicreg" / "summary.json").is_file()
+    with pytest.raises(ConfigError, match="probe_every_epoch: the linear probe cannot be scored"):
+        train(replace(config, probe_every_epoch=True), data=data, progress_bar=False)
+    # Two valid tracks of different pitch classes (10 and 11) can be scored, on the tags that tell them apart.
+    tracks["split"] = ["train"] * 10 + ["valid", "valid"]
+    two = prepare_data(TrackIndex(tracks, index.tag_names, name="two-valid"), LogMelConfig(n_mels=64),
+                       cache_dir=tmp_path / "mels", workers=0, verbose=False)
+    assert probe_problem(two) is None
+    # No valid track at all: named as such.
+    tracks["split"] = ["train"] * 11 + ["test"]
+    none = prepare_data(TrackIndex(tracks, index.tag_names, name="no-valid"), LogMelConfig(n_mels=64),
+                        cache_dir=tmp_path / "mels", workers=0, verbose=False)
+    assert probe_problem(none).endswith("both the train and the valid split, and there are 11 and 0")
+
+
 def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):
     (tmp_path / "a-file").write_text("")
     config = tiny_config("vicreg", tmp_path, out_dir=str(tmp_path / "a-file" / "run"))

@@ -416,14 +416,31 @@ def resolve_accelerator(config: TrainConfig) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def probe_problem(data) -> str | None:
+    """Why :func:`probe_score` cannot score ``data`` (``None`` when it can): it needs usable tracks in
+    the train and the valid split, and a tag with a positive and a negative among the valid tracks."""
+    train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
+    if not train_ids or not valid_ids:
+        return (f"the linear probe needs usable tracks in both the train and the valid split, and there are "
+                f"{len(train_ids)} and {len(valid_ids)}")
+    labels = data.index.labels()
+    row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
+    valid = labels[[row[t] for t in valid_ids]]
+    if labels.shape[1] == 0 or not (valid.any(axis=0) & ~valid.all(axis=0)).any():
+        return (f"the linear probe cannot be scored: no tag has both a positive and a negative among the "
+                f"{len(valid_ids)} usable valid track(s)")
+    return None
+
+
 def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, float]:
     """Linear probe on frozen track embeddings: train split -> valid split (macro ROC-AUC and mAP)."""
     from musicssl.embeddings import embed_tracks
     from musicssl.probe import fit_linear_probe
 
+    problem = probe_problem(data)
+    if problem:
+        raise ValueError(problem)
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
-    if not train_ids or not valid_ids:
-        raise ValueError("the probe needs usable tracks in both the train and the valid split")
     labels = data.index.labels()
     row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
     train_x = embed_tracks(backbone, data.cache, train_ids, max_segments=max_segments)
@@ -528,8 +545,17 @@ def train(
         drop_last=True,
         persistent_workers=config.num_workers > 0,
     )
+    # Found now, not after the run: asked for every epoch, the probe is refused; the final one (on by
+    # default, also for unlabelled data) is left out with a note.
+    unprobed = probe_problem(data) if config.final_probe or config.probe_every_epoch else None
+    if unprobed and config.probe_every_epoch:
+        raise ConfigError(f"probe_every_epoch: {unprobed}; give the dataset valid tracks with tags, or leave it off")
+    if unprobed:
+        print(f"note: no final probe score: {unprobed}", file=sys.stderr)
     probe_mels = groups = None
-    valid_ids = data.track_ids("valid") or data.track_ids("train")
+    # The collapse metrics compare segments of different tracks: one valid track has no such pair.
+    valid_ids = data.track_ids("valid")
+    valid_ids = valid_ids if len(valid_ids) >= 2 else data.track_ids("train")
     if config.probe_segments:
         probe_mels = fixed_segments(data.cache, valid_ids, config.probe_segments, seed=config.seed)
         positions = probe_positions(data.cache, valid_ids, config.probe_segments, seed=config.seed)
@@ -564,9 +590,11 @@ def train(
     final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
     if module.epochs:
         final.update({k: v for k, v in module.epochs[-1].items() if k not in ("epoch", "step", "verdict")})
-    if module.diverged_step is None and config.final_probe:
+    if module.diverged_step is None and config.final_probe and not unprobed:
         if not config.probe_every_epoch or not module.epochs:
             final.update(probe_score(backbone, data, config.probe_segments_per_track, config.seed))
+    if unprobed:
+        final["probe_skipped"] = unprobed
     final["epochs_run"] = len(module.epochs)
     # Lightning counts the skipped step of a diverged run; the steps that trained are those before it.
     final["steps"] = int(trainer.global_step) if module.diverged_step is None else module.diverged_step

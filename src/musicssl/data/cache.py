@@ -217,6 +217,7 @@ class BuildReport:
     seconds: float
     excluded: int = 0  # cached tracks that the current min_seconds/silence rules now skip (not decoded)
     crashed: list[str] = field(default_factory=list)  # files whose decoding process died (reason "crashed")
+    dropped: int = 0  # listed tracks the loader left out of the index: audio file missing or empty
 
     def summary(self) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skip_reasons.items()))
@@ -229,6 +230,9 @@ class BuildReport:
             text += f"; {self.excluded} cached track(s) no longer meet min_seconds/silence_threshold_db, now skipped"
         if self.already_skipped:
             text += f"; {self.already_skipped} skipped earlier (unchanged, not retried)"
+        if self.dropped:
+            text += (f"; {self.dropped} more listed track(s) have no usable audio file (missing or empty; "
+                     f"in {SKIP_REPORT_FILE} unless cached before)")
         if self.crashed:
             more = len(self.crashed) - 5
             listed = ", ".join(self.crashed[:5]) + (f" and {more} more" if more > 0 else "")
@@ -757,6 +761,7 @@ class MelCache:
         progress: bool = True,
         verbose: bool = True,
         lock_timeout: float = 3600.0,
+        dropped: Sequence[Mapping[str, Any]] = (),
     ) -> MelCache:
         """Cache the log-mel of every track of ``index`` under ``cache_dir`` and open the cache.
 
@@ -769,6 +774,11 @@ class MelCache:
         too, judged from their stored length and peak without decoding: a cached track that they now
         exclude becomes skipped. Finished tracks are committed at least every ``commit_every_seconds``,
         so an interrupted build loses little and resumes where it stopped.
+
+        ``dropped``: tracks the dataset lists but its loader left out of ``index`` because their audio
+        file is missing or empty (the loaders' ``index.extra["missing"]``: dicts with ``track_id``,
+        ``path`` and ``reason``). They are recorded as skipped, so that ``skipped.csv`` lists every
+        unusable file of the dataset; one cached before keeps its mel.
 
         Caches written before modification times and peaks were stored still open and build: such an
         entry is trusted while its file's size is unchanged and the file was not modified after the
@@ -810,6 +820,7 @@ class MelCache:
                 commit_every_seconds,
                 commit_every_bytes,
                 progress,
+                dropped,
             )
         report.seconds = time.monotonic() - started
         cache = cls.open(folder)
@@ -842,6 +853,7 @@ class MelCache:
         commit_every_seconds: float,
         commit_every_bytes: int,
         progress: bool,
+        dropped: Sequence[Mapping[str, Any]] = (),
     ) -> BuildReport:
         settings_path = folder / SETTINGS_FILE
         if settings_path.is_file():
@@ -899,6 +911,19 @@ class MelCache:
                 already_skipped += 1
                 continue
             tasks.append(_Task(track_id, path, settings, min_samples, silence_peak))
+        listed = set(index.track_ids)
+        for track in dropped:
+            track_id, path = str(track["track_id"]), str(track["path"])
+            if track_id in listed or track_id in state.entries:
+                continue  # a cached mel outlives its file (as above); the index does not use it
+            now = _file_stamp(Path(path))
+            reason = "empty" if track.get("reason") == "empty" and now[0] == 0 else "missing"
+            record = state.skipped.get(track_id)
+            if (record is not None and record.track.reason == reason and record.rules == rules
+                    and _same_file(record.size, record.mtime_ns, record.committed_ns, now)):
+                continue  # recorded by an earlier build
+            detail = f"{path}: empty file (0 bytes)" if reason == "empty" else f"{path}: no such file"
+            excluded.append(_Result(track_id, path, *now, reason=reason, detail=detail))
 
         writer = _ShardWriter(folder, settings.n_mels, max(highest, state.last_number) + 1, rules)
         writer.commit(excluded)
@@ -958,8 +983,9 @@ class MelCache:
             skip_reasons=dict(reasons),
             usable=sum(track_id in final.entries for track_id in index.track_ids),
             seconds=0.0,
-            excluded=len(excluded),
+            excluded=sum(result.track_id in listed for result in excluded),
             crashed=crashed,
+            dropped=len(dropped),
         )
 
     # ------------------------------------------------------------------------------------- reading

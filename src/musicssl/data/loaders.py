@@ -101,6 +101,10 @@ MSD_FILES = {
     "tags": "msd_id_to_tag_vector.cP",
     "tag_names": "50tagList.txt",
 }
+# The 7digital preview clips, the audio most MSD users have ("8/9/8947470.clip.mp3"), and the two
+# dictionaries of the same split folder that find a track's clip: MSD id -> 7digital id -> path.
+MSD_7DIGITAL = "7digital"
+MSD_7DIGITAL_FILES = ("MSD_id_to_7D_id.pkl", "7D_id_to_path.pkl")
 
 DATASET_NAMES = (
     "corpus", "mtat", "jamendo-top50", "jamendo-instrument", "jamendo-mood", "jamendo-genre", "msd",
@@ -154,7 +158,7 @@ def _drop_missing_audio(records: list[dict], dataset: str, hint: str) -> tuple[l
         reasons = pd.Series([entry["reason"] for entry in missing]).value_counts().to_dict()
         logger.warning(
             "%s: dropped %d of %d tracks whose audio file is unusable (%s), e.g. %s; "
-            "the full list is in index.extra['missing']",
+            "the full list is in index.extra['missing'] and the mel cache's skipped.csv",
             dataset, len(missing), len(records), ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
             missing[0]["path"],
         )
@@ -661,6 +665,9 @@ def load_mtat(
             dropped += 1
             continue
         records.append({"track_id": clip_id, "path": str(audio_root / mp3_path), "split": split, "tags": tags})
+    if dropped:
+        logger.info("mtat: left out %d of %d clips without any of the top %d tags (the standard protocol)",
+                    dropped, dropped + len(records), len(chosen))
     extra = {
         "source": str(annotations),
         "tag_counts": {tag_columns[j]: int(counts[j]) for j in chosen},
@@ -835,12 +842,30 @@ def _id_list(data: Any, path: Path) -> list[str]:
     return [_as_id(value, path) for value in data]
 
 
+def _seven_digital_paths(split_dir: Path, base: str):
+    """MSD id -> path of its 7digital clip under ``base`` ("" when the dictionaries list none)."""
+    to_7d_path, paths_path = (split_dir / name for name in MSD_7DIGITAL_FILES)
+    to_7d, paths = _load_restricted_pickle(to_7d_path), _load_restricted_pickle(paths_path)
+    for data, path in ((to_7d, to_7d_path), (paths, paths_path)):
+        if not isinstance(data, dict):
+            raise DatasetError(f"{path}: holds a {type(data).__name__}; expected a dict")
+    key = lambda value: value.decode("ascii", "replace").strip() if isinstance(value, bytes) else str(value).strip()
+    to_7d = {key(msd): key(seven) for msd, seven in to_7d.items()}
+    paths = {key(seven): key(relative) for seven, relative in paths.items()}
+
+    def path_of(msd_id: str) -> str:
+        relative = paths.get(to_7d.get(msd_id, ""), "")
+        return os.path.join(base, relative) if relative else ""
+
+    return path_of
+
+
 def load_msd(
     split_dir: str | Path,
     audio_dir: str | Path,
     *,
     train_size: int = MSD_TRAIN_SIZE,
-    path_pattern: str = MSD_AUDIO_PATTERN,
+    path_pattern: str | None = None,
     check_audio: bool = True,
 ) -> TrackIndex:
     """Million Song Dataset top-50 tags with Won et al.'s split (their ``split/msd`` folder).
@@ -854,10 +879,16 @@ def load_msd(
     restricted unpickler that accepts plain containers, strings, numbers and numpy arrays only;
     anything else raises :class:`DatasetError` before any of it runs. Use it on files you trust.
 
-    Audio (not distributed with MSD) is ``audio_dir / path_pattern.format(id=msd_id)``; the default
-    ``{id[2]}/{id[3]}/{id[4]}/{id}.mp3`` is MSD's own layout, the 3rd, 4th and 5th characters
-    (``TRBCDEF128F1234567`` -> ``B/C/D/TRBCDEF128F1234567.mp3``). Tag names are kept as written
-    (``Hip-Hop``, ``Mellow``).
+    Audio (not distributed with MSD) is found one of two ways. ``path_pattern="7digital"``: the
+    7digital preview clips, ``audio_dir / id7d_to_path[msd_to_7d[msd_id]]`` (e.g.
+    ``8/9/8947470.clip.mp3``), through ``MSD_id_to_7D_id.pkl`` and ``7D_id_to_path.pkl`` of the same
+    split folder (unpickled the same restricted way). Any other ``path_pattern``:
+    ``audio_dir / path_pattern.format(id=msd_id)``, e.g. ``{id[2]}/{id[3]}/{id[4]}/{id}.mp3``
+    (:data:`MSD_AUDIO_PATTERN`: the 3rd, 4th and 5th characters of the MSD id name the folders, as
+    in the dataset's own files: ``TRBCDEF128F1234567`` -> ``B/C/D/TRBCDEF128F1234567.mp3``). The
+    default (``None``) takes the layout under which more of the first 100 listed tracks exist (the
+    7digital one only when its two files are there); ``extra["audio_layout"]`` says which. Tag
+    names are kept as written (``Hip-Hop``, ``Mellow``).
     """
     split_dir = Path(split_dir).expanduser()
     if not split_dir.is_dir():
@@ -868,13 +899,20 @@ def load_msd(
             f"{split_dir}: missing {absent}; the MSD top-50 split needs {list(MSD_FILES.values())} "
             "(from the split/msd folder of minzwon/sota-music-tagging-models)"
         )
-    try:
-        path_pattern.format(id="TRAAABD128F429CF47")
-    except (KeyError, IndexError, ValueError, AttributeError) as error:
+    if path_pattern not in (None, MSD_7DIGITAL):
+        try:
+            path_pattern.format(id="TRAAABD128F429CF47")
+        except (KeyError, IndexError, ValueError, AttributeError) as error:
+            raise DatasetError(
+                f"path_pattern {path_pattern!r} is not usable ({error!r}); write it with {{id}} and {{id[i]}}, "
+                f"e.g. {MSD_AUDIO_PATTERN!r}, or give {MSD_7DIGITAL!r}"
+            ) from None
+    has_7digital = all((split_dir / name).is_file() for name in MSD_7DIGITAL_FILES)
+    if path_pattern == MSD_7DIGITAL and not has_7digital:
         raise DatasetError(
-            f"path_pattern {path_pattern!r} is not usable ({error!r}); write it with {{id}} and {{id[i]}}, "
-            f"e.g. {MSD_AUDIO_PATTERN!r}"
-        ) from None
+            f"{split_dir}: the 7digital layout needs {list(MSD_7DIGITAL_FILES)} there (from the split/msd folder "
+            "of minzwon/sota-music-tagging-models)"
+        )
     audio_root = Path(audio_dir).expanduser().resolve()
 
     tag_list_path = split_dir / MSD_FILES["tag_names"]
@@ -923,21 +961,36 @@ def load_msd(
         )
     # os.path.join rather than Path: this runs for ~240,000 tracks.
     base = str(audio_root)
+    layouts: dict[str, Any] = {}
+    if path_pattern != MSD_7DIGITAL:
+        pattern = path_pattern or MSD_AUDIO_PATTERN
+        layouts[pattern] = lambda msd_id: os.path.join(base, pattern.format(id=msd_id))
+    if path_pattern in (None, MSD_7DIGITAL) and has_7digital:
+        layouts[MSD_7DIGITAL] = _seven_digital_paths(split_dir, base)
+    if len(layouts) > 1:  # the default: whichever finds more of the first tracks
+        sample = [msd_id for msd_id, _ in listed[:100]]
+        found = {name: sum(os.path.isfile(path_of(msd_id)) for msd_id in sample) for name, path_of in layouts.items()}
+        chosen = max(found, key=lambda name: found[name])  # a tie keeps MSD's own layout (first)
+        layouts = {chosen: layouts[chosen]}
+    layout, path_of = next(iter(layouts.items()))
     records = [
-        {
-            "track_id": msd_id,
-            "path": os.path.join(base, path_pattern.format(id=msd_id)),
-            "split": split,
-            "tags": tags,
-        }
+        {"track_id": msd_id, "path": path_of(msd_id), "split": split, "tags": tags}
         for (msd_id, split), tags in zip(listed, _tags_from_matrix(matrix, tag_names))
     ]
+    for record in records:
+        if not record["path"]:
+            record["_unresolved"] = "missing"  # no 7digital clip is listed for this MSD id
+            record["path"] = os.path.join(base, f"(no 7digital clip for {record['track_id']})")
     extra = {
         "source": str(split_dir),
         "train_size": train_size,
         "split_rule": f"first {train_size} ids of {MSD_FILES['train']} train, the rest valid (Won et al.)",
+        "audio_layout": layout,
     }
-    hint = f"pass audio_dir= the folder with the MSD audio laid out as {path_pattern!r} (now {audio_root})"
+    other = ("" if path_pattern is not None else
+             f"; the 7digital layout (8/9/8947470.clip.mp3) needs {list(MSD_7DIGITAL_FILES)} in {split_dir}"
+             if not has_7digital else f"; neither {MSD_AUDIO_PATTERN!r} nor the 7digital layout found the files")
+    hint = f"pass audio_dir= the folder with the MSD audio laid out as {layout!r} (now {audio_root}){other}"
     return _build_index(records, tag_names, "msd", extra, check_audio, hint)
 
 

@@ -4,6 +4,7 @@ the downstream evaluation share."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,22 @@ class PreparedData:
 
 
 def default_mel_cache_dir(index: TrackIndex) -> Path:
-    """``$MUSICSSL_CACHE/mels/<name>-<hash of the audio paths>``: one cache per distinct dataset."""
-    digest = hashlib.sha1("\n".join(sorted(index.paths)).encode()).hexdigest()[:10]
+    """``$MUSICSSL_CACHE/mels/<name>-<hash of the audio folder>``: one cache per dataset and place.
+
+    The hash is of the folder that holds all of the dataset's audio (the deepest one common to every
+    listed path, the tracks dropped for missing or empty audio included), so a file that goes
+    missing, comes back or is added there keeps the cache, and the next build decodes only what
+    changed. A cache named by the hash of all the paths (what earlier versions did, which moved
+    whenever one file came or went) is used while it exists and no cache of the new name does.
+    """
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in index.name) or "dataset"
-    return cache_root() / "mels" / f"{safe_name}-{digest}"
+    mels = cache_root() / "mels"
+    listed = [os.path.abspath(path) for path in index.paths]
+    listed += [os.path.abspath(str(track["path"])) for track in index.extra.get("missing", ())]
+    folder = os.path.commonpath([os.path.dirname(path) for path in listed]) if listed else ""
+    current = mels / f"{safe_name}-{hashlib.sha1(folder.encode()).hexdigest()[:10]}"
+    legacy = mels / f"{safe_name}-{hashlib.sha1(chr(10).join(sorted(index.paths)).encode()).hexdigest()[:10]}"
+    return legacy if legacy.is_dir() and not current.is_dir() else current
 
 
 def prepare_data(
@@ -60,5 +73,6 @@ def prepare_data(
         index = open_dataset_option(str(data), root, audio_dir)
     front_end = front_end or LogMelConfig()
     directory = Path(cache_dir) if cache_dir is not None else default_mel_cache_dir(index)
-    cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose)
+    cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose,
+                           dropped=index.extra.get("missing", ()))
     return PreparedData(index=index, cache=cache)
