@@ -336,6 +336,9 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
         label, target = (part.strip() for part in argument.split("=", 1))
         if not label or not target:
             raise DownstreamError(f"{argument!r}: write LABEL=PATH with both parts non-empty")
+        if label in BASELINES and target not in BASELINES:
+            raise DownstreamError(f"{argument!r}: {label!r} is the name of a baseline, whose row it would take; "
+                                  "give the checkpoint another label")
     if target in BASELINES:
         if target in ("random", "random-bn"):
             return MethodSpec(label or target, target, preset, _preset_mels(preset), seed=seed)
@@ -1604,7 +1607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training data), melstats; LABEL=PATH names it",
     )
     parser.add_argument("--dataset", default=defaults.dataset,
-                        help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, msd, or a "
+                        help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre, msd, or a "
                         "folder with a tags file / tracks.csv")
     parser.add_argument("--root", default=None, help="the dataset's folder (mtat, jamendo-*, msd; corpus: where it is)")
     parser.add_argument("--audio-dir", default=None, help="audio folder when it is not under --root (mtat, jamendo, msd)")
@@ -1682,9 +1685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _out_dir_problem(out_dir)
     if problem:  # now, not after the whole evaluation
         parser.error(f"--out {out_dir}: {problem}")
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you can write in")
     try:
         result = run_downstream(methods, config, progress=not args.quiet)
-    except _input_errors() as error:
+    except (*_input_errors(), OSError) as error:
+        for folder in made:  # the results folder made above, left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     files = write_outputs(result, out_dir)
@@ -1697,7 +1711,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _out_dir_problem(out_dir: Path) -> str | None:
-    """Why the results cannot go to folder ``out_dir`` (a file there or above it), or None."""
+    """Why the results cannot go to folder ``out_dir`` (a file there or above it, or the folder of a
+    training run or a search, whose files the results would replace), or None."""
+    if (out_dir / "backbone.pt").is_file() or (out_dir / "search.json").is_file():
+        kind = "a search" if (out_dir / "search.json").is_file() else "a training run"
+        return f"is the folder of {kind}, whose summary.json the results would replace; give another folder"
     for path in (out_dir, *out_dir.parents):
         if path.exists():
             if not path.is_dir():

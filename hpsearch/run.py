@@ -187,6 +187,19 @@ def default_name(method: str, storage_dir: str | Path) -> str:
             name, number = f"{base}-{number}", number + 1
 
 
+def check_storage(settings: SearchSettings) -> None:
+    """Refuse a ``--storage-dir`` that is not a folder this process can create and write in."""
+    root = Path(settings.storage_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SearchError(f"--storage-dir {settings.storage_dir}: cannot write there ({error.strerror or error}); "
+                          "give a folder you can write in") from None
+
+
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
     """The most recently started search of ``method`` in ``storage_dir`` (for ``--resume`` without ``--name``)."""
     folders = [p.parent for p in Path(storage_dir).expanduser().glob(f"{method}-*/{SEARCH_FILE}")]
@@ -306,6 +319,7 @@ def run_search(
     check_method(settings.method)
     if address:
         check_address(address)  # before the data: an unreachable cluster should fail in seconds
+    check_storage(settings)  # before the data too: a folder that cannot be written fails at once
     reserved = not settings.name
     if reserved:
         settings = dataclasses.replace(settings, name=default_name(settings.method, settings.storage_dir))
@@ -315,6 +329,9 @@ def run_search(
         existing = (folder / SEARCH_FILE).is_file()
         if existing and not resume:
             raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
+        if not existing and folder.exists() and not reserved and (not folder.is_dir() or any(folder.iterdir())):
+            raise SearchError(f"{folder} exists and is not a search (no {SEARCH_FILE}); a new search never writes "
+                              "into another folder: pick another --name or --storage-dir")
         if resume and not existing:
             raise SearchError(f"{folder}: no search to resume here (no {SEARCH_FILE}); start one without --resume")
         if address is None:

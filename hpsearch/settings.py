@@ -122,6 +122,8 @@ class SearchSettings:
         problems = []
         if self.trials < 1:
             problems.append(f"--trials must be at least 1, got {self.trials}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be a whole number from 0 to 2**32 - 1 (Optuna's and numpy's range), got {self.seed}")
         if self.objective not in OBJECTIVES:
             problems.append(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.scheduler not in SCHEDULERS:

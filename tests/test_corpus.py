@@ -336,6 +336,16 @@ def test_bad_cli_arguments_exit_2_with_a_message(arguments, message, tmp_path, c
     assert not (tmp_path / "corpus").exists()
 
 
+def test_a_cache_dir_that_is_a_file_exits_2_naming_it(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tracks", "10", "--out", str(tmp_path / "corpus"), "--cache-dir", str(taken)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{taken}: File exists; give --out and --cache-dir folders you can write in" in err and "Traceback" not in err
+
+
 def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli_corpus, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exited:

@@ -693,6 +693,8 @@ def test_config_accepts_the_devices_and_seeds_torch_does():
     (["no/such/run"], "no such checkpoint file or run folder"),
     (["random", "--preset", "huge"], "unknown backbone preset 'huge'"),
     (["a=random", "a=melstats", "--dataset", "mtat"], "appear twice"),
+    # Before: the checkpoint took the baseline's row and the baseline was never evaluated.
+    ([f"random={__file__}"], "'random' is the name of a baseline, whose row it would take"),
     (["--dataset", "mtat"], "dataset 'mtat' needs --root"),
     (["--dataset", "no/such/folder"], "unknown dataset"),
     # Checked before anything is loaded (the dataset here would fail with another message).
@@ -709,6 +711,23 @@ def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
         code = stop.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_out_that_holds_a_run_or_cannot_be_written_is_refused_before_the_evaluation(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "backbone.pt").write_bytes(b"")
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text("{}")
+    for out, message in [(run, "is the folder of a training run, whose summary.json the results would replace"),
+                         (tmp_path / "search", "is the folder of a search")]:
+        with pytest.raises(SystemExit) as exited:
+            main(["--dataset", "no/such/folder", "--out", str(out), "--workers", "0", "--quiet"])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    # A failed evaluation removes the results folder it made.
+    assert main(["--dataset", "no/such/folder", "--out", str(tmp_path / "new" / "out"), "--workers", "0",
+                 "--quiet"]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_out_that_is_a_file_is_refused_before_the_evaluation(tmp_path, capsys):

@@ -630,6 +630,8 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
         (["vicreg", "--stop-on", "complete,partial"], "--stop-on takes one or more of complete, dimensional, cluster"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
         (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a positive number, got inf"),
+        # Before: Optuna's traceback after Ray had started, and a search.json no --resume could read.
+        (["vicreg", "--seed", "-1"], "--seed must be a whole number from 0 to 2**32 - 1"),
         # This machine has no GPU: Ray would wait for one forever.
         pytest.param(["vicreg", "--gpus-per-trial", "1"], "CUDA device(s)",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
@@ -658,6 +660,23 @@ def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_data
         prepare_search_data(settings, verbose=False)
     rankme = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8, objective="rankme")
     assert prepare_search_data(rankme, verbose=False).track_ids("valid") == ["t040"]
+
+
+def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_refused(tmp_path, cli_env):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    for args, message in (
+        (["--storage-dir", str(taken)], f"--storage-dir {taken}: cannot write there (File exists)"),
+        (["--storage-dir", str(taken / "sub")], f"--storage-dir {taken / 'sub'}: cannot write there"),
+        (["--storage-dir", str(tmp_path), "--name", "mine"], "mine exists and is not a search (no search.json)"),
+        (["--storage-dir", str(tmp_path), "--name", "a-file"], "a-file exists and is not a search"),
+    ):
+        done = subprocess.run(cli("vicreg", *args), capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"]
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_help_documents_every_flag():

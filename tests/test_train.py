@@ -247,6 +247,10 @@ def test_registry_has_the_five_methods():
         # Refused before any data is prepared (before: tracebacks, or late errors naming internals).
         (["vicreg", "--threads", "-1"], "num_threads must be a whole number >= 1 (none: torch's choice), got -1"),
         (["vicreg", "--threads", "0"], "num_threads must be a whole number >= 1"),
+        (["vicreg", "--seed", "-1"], "seed must be a whole number >= 0 and < 2**32"),
+        (["vicreg", "--seed", "4294967296"], "seed must be a whole number >= 0 and < 2**32"),
+        (["vicreg", "--set", "n_views=1"], "n_views must be an integer >= 2"),
+        (["vicreg", "--set", "min_gap_seconds=5", "--set", "max_gap_seconds=1"], "need 0 <= min_gap_seconds <= max_gap_seconds"),
         (["vicreg", "--steps-per-epoch", "-5"], "steps_per_epoch must be a whole number >= 1 (for one pass"),
         (["vicreg", "--lr", "-1"], "learning_rate must be > 0, got -1.0"),
         (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
@@ -350,6 +354,20 @@ def test_one_valid_track_moves_the_collapse_metrics_to_train_and_leaves_out_the_
     none = prepare_data(TrackIndex(tracks, index.tag_names, name="no-valid"), LogMelConfig(n_mels=64),
                         cache_dir=tmp_path / "mels", workers=0, verbose=False)
     assert probe_problem(none).endswith("both the train and the valid split, and there are 11 and 0")
+
+
+def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_fails(tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "summary.json").write_text("{}")
+    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(taken)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "exists and is not empty; a run never overwrites another" in completed.stderr
+    assert (taken / "summary.json").read_text() == "{}"
+    # A run that fails (here on its data) removes the run folder it made for itself, parents included.
+    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tmp_path / "none")],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert completed.returncode == 2 and not (tmp_path / "runs").exists()
 
 
 def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):

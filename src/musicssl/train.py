@@ -404,6 +404,16 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
     if config.probe_segments != 0:
         number("probe_segments", 2, whole=True, hint=" (0: no collapse metrics)")
     number("probe_segments_per_track", 1, whole=True)
+    number("seed", 0, whole=True, hint=" and < 2**32 (numpy's and Optuna's range)")
+    if isinstance(config.seed, int) and config.seed >= 2**32:
+        problems.append(f"seed must be a whole number >= 0 and < 2**32 (numpy's and Optuna's range), got {config.seed}")
+    try:  # the views' own rules (two views or more, gaps that fit), now rather than after the data
+        from musicssl.data.views import ViewConfig
+
+        ViewConfig(n_views=config.n_views, segment_seconds=config.segment_seconds,
+                   min_gap_seconds=config.min_gap_seconds, max_gap_seconds=config.max_gap_seconds)
+    except (TypeError, ValueError) as error:
+        problems.append(str(error))
     if devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"accelerator={config.accelerator} but torch sees no CUDA device; use accelerator=auto or cpu")
     if problems:
@@ -656,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("method", help=f"pretext method: {', '.join(available_methods())}")
     parser.add_argument("--preset", default=defaults.preset, help="backbone preset: cpu (small, fast) or paper (default: %(default)s)")
     parser.add_argument("--data", default=defaults.data, help="'corpus' (default), mtat, jamendo-*, msd (with --root), a tracks.csv or a folder")
-    parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs)
+    parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs, help="epochs to train (default: %(default)s)")
     parser.add_argument(
         "--steps-per-epoch", type=int, default=defaults.steps_per_epoch,
         help="optimiser steps per epoch (default: %(default)s; 0: one pass over the training tracks)",
@@ -665,10 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None,
         help=f"tracks per step (default: {DEFAULT_BATCH_SIZE}{_preset_batch_sizes()})",
     )
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="AdamW weight decay, on every parameter (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the weights, the views and the probe, 0 to 2**32 - 1 (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=defaults.num_workers,
+                        help="DataLoader worker processes (default: %(default)s: in this process)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     parser.add_argument("--root", default=None, help="a named dataset's folder (mtat, jamendo-*; msd: the split "
                         "folder; corpus: where it is or is built)")
@@ -745,11 +758,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    out = Path(config.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if args.out:
+            parser.exit(2, f"{parser.prog}: error: --out {out} exists and is not empty; a run never overwrites "
+                           "another: give another --out\n")
+        out = out.with_name(f"{out.name}-{os.getpid()}")  # the default name, taken in the same second
+        config.out_dir = str(out)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     for note in schedule_notes(config):
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     try:
         result = train(config)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, OSError) as error:
+        for folder in made:  # the run folder train() made (and its new parents), left empty by the failure
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     final = result.final

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         report = build_corpus(args.out, config, workers=args.workers, bank_cache_dir=args.cache_dir, progress=not args.quiet, force=args.force)
     except CorpusError as error:
         parser.error(str(error))
+    except OSError as error:  # a folder that cannot be made or written (--out, --cache-dir)
+        parser.error(f"{error.filename or ''}: {error.strerror or error}; give --out and --cache-dir folders you can "
+                     "write in")
     except KeyboardInterrupt:
         print("interrupted; nothing was left in --out", file=sys.stderr)
         return 130
