@@ -80,6 +80,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from musicssl.paths import make_writable_folder, remove_if_empty
+
 __all__ = [
     "BASELINES",
     "CLASSIFIERS",
@@ -1685,20 +1687,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _out_dir_problem(out_dir)
     if problem:  # now, not after the whole evaluation
         parser.error(f"--out {out_dir}: {problem}")
-    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        made = make_writable_folder(out_dir)
     except OSError as error:
         parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you can write in")
     try:
         result = run_downstream(methods, config, progress=not args.quiet)
     except (*_input_errors(), OSError) as error:
-        for folder in made:  # the results folder made above, left empty
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_if_empty(made)  # the results folder made above
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     files = write_outputs(result, out_dir)

@@ -189,12 +189,10 @@ def default_name(method: str, storage_dir: str | Path) -> str:
 
 def check_storage(settings: SearchSettings) -> None:
     """Refuse a ``--storage-dir`` that is not a folder this process can create and write in."""
-    root = Path(settings.storage_dir).expanduser()
+    from musicssl.paths import make_writable_folder
+
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(Path(settings.storage_dir).expanduser())
     except OSError as error:
         raise SearchError(f"--storage-dir {settings.storage_dir}: cannot write there ({error.strerror or error}); "
                           "give a folder you can write in") from None

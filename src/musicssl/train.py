@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from musicssl.paths import make_writable_folder, remove_if_empty
+
 __all__ = [
     "TrainConfig",
     "SSLModule",
@@ -514,11 +516,8 @@ def train(
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None:
         # Made now: a folder that cannot be written should fail before the run, not after it.
-        probe = out_dir / f".write-test-{os.getpid()}"
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            make_writable_folder(out_dir)
         except OSError as error:
             raise ConfigError(f"cannot write the run folder {out_dir} ({error}); give another --out") from None
     if config.num_threads:
@@ -765,15 +764,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "another: give another --out\n")
         out = out.with_name(f"{out.name}-{os.getpid()}")  # the default name, taken in the same second
         config.out_dir = str(out)
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first; train() makes them
     for note in schedule_notes(config):
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     try:
         result = train(config)
     except (ConfigError, ValueError, OSError) as error:
-        for folder in made:  # the run folder train() made (and its new parents), left empty by the failure
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_if_empty(made)  # the run folder train() made (and its new parents), left empty by the failure
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     final = result.final
