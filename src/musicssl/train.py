@@ -428,20 +428,26 @@ def resolve_accelerator(config: TrainConfig) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _probe_inputs(data) -> tuple[list[str], list[str], Any, Any, str | None]:
+    """Train and valid ids, their label rows, and why the probe cannot score them (``None`` when it can)."""
+    train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
+    labels = data.index.labels()
+    row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
+    train_y, valid_y = labels[[row[t] for t in train_ids]], labels[[row[t] for t in valid_ids]]
+    problem = None
+    if not train_ids or not valid_ids:
+        problem = (f"the linear probe needs usable tracks in both the train and the valid split, and there are "
+                   f"{len(train_ids)} and {len(valid_ids)}")
+    elif labels.shape[1] == 0 or not (valid_y.any(axis=0) & ~valid_y.all(axis=0)).any():
+        problem = (f"the linear probe cannot be scored: no tag has both a positive and a negative among the "
+                   f"{len(valid_ids)} usable valid track(s)")
+    return train_ids, valid_ids, train_y, valid_y, problem
+
+
 def probe_problem(data) -> str | None:
     """Why :func:`probe_score` cannot score ``data`` (``None`` when it can): it needs usable tracks in
     the train and the valid split, and a tag with a positive and a negative among the valid tracks."""
-    train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
-    if not train_ids or not valid_ids:
-        return (f"the linear probe needs usable tracks in both the train and the valid split, and there are "
-                f"{len(train_ids)} and {len(valid_ids)}")
-    labels = data.index.labels()
-    row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
-    valid = labels[[row[t] for t in valid_ids]]
-    if labels.shape[1] == 0 or not (valid.any(axis=0) & ~valid.all(axis=0)).any():
-        return (f"the linear probe cannot be scored: no tag has both a positive and a negative among the "
-                f"{len(valid_ids)} usable valid track(s)")
-    return None
+    return _probe_inputs(data)[-1]
 
 
 def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, float]:
@@ -449,17 +455,12 @@ def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, f
     from musicssl.embeddings import embed_tracks
     from musicssl.probe import fit_linear_probe
 
-    problem = probe_problem(data)
+    train_ids, valid_ids, train_y, valid_y, problem = _probe_inputs(data)
     if problem:
         raise ValueError(problem)
-    train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
-    labels = data.index.labels()
-    row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
     train_x = embed_tracks(backbone, data.cache, train_ids, max_segments=max_segments)
     valid_x = embed_tracks(backbone, data.cache, valid_ids, max_segments=max_segments)
-    result = fit_linear_probe(
-        train_x, labels[[row[t] for t in train_ids]], valid_x, labels[[row[t] for t in valid_ids]], seed=seed
-    )
+    result = fit_linear_probe(train_x, train_y, valid_x, valid_y, seed=seed)
     return {"probe_auc": float(result.roc_auc), "probe_map": float(result.average_precision)}
 
 
@@ -737,9 +738,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def schedule_notes(config: TrainConfig) -> list[str]:
     """Warnings about schedules the run is too short to finish (the run itself is still valid)."""
     notes = []
-    warmup = getattr(method_settings(config), "teacher_warmup_epochs", 0.0)
+    settings = method_settings(config)
+    warmup = getattr(settings, "teacher_warmup_epochs", 0.0)
     if warmup > 0 and warmup >= config.max_epochs:
-        final = method_settings(config).teacher_temperature
+        final = settings.teacher_temperature
         notes.append(
             f"the teacher temperature warm-up ({warmup:g} epochs) is not shorter than the run "
             f"({config.max_epochs} epochs): the teacher never reaches teacher_temperature {final:g}; "
