@@ -1664,6 +1664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not args.methods and args.no_baselines:
         parser.error("nothing to evaluate: give a checkpoint or run folder, or drop --no-baselines")
+    if args.no_cache and args.cache_dir:
+        parser.error("--no-cache and --cache-dir contradict each other (--no-cache neither reads nor writes a "
+                     "cache): give one of them")
     if not (math.isfinite(args.silence_db) and args.silence_db >= 0):
         parser.error(f"--silence-db must be a number of dB >= 0 (0 keeps every segment), got {args.silence_db}")
     try:

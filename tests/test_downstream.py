@@ -703,6 +703,9 @@ def test_config_accepts_the_devices_and_seeds_torch_does():
     (["--silence-db", "-5", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0 (0 keeps every "
                                                              "segment), got -5.0"),
     (["--silence-db", "nan", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0"),
+    # Before: accepted, and the --cache-dir silently unused.
+    (["--no-cache", "--cache-dir", "somewhere", "--dataset", "no/such/folder"],
+     "--no-cache and --cache-dir contradict each other"),
 ])
 def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
     try:

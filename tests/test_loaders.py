@@ -267,6 +267,26 @@ def test_folder_unlabeled(tmp_path):
     assert sorted(index.tracks["split"]) == ["test", "train", "train"]  # 3 * 0.1 rounds to 0 valid
 
 
+def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with_tags(tmp_path):
+    from musicssl.data.loaders import open_dataset_option
+
+    root = tmp_path / "raw"
+    for name in ("b.wav", "a.flac", "deep/c.mp3"):
+        write_sine(root / name)
+    # Training (self-supervised): every audio file, no tags, marked as such. Before: an error naming
+    # Python arguments (tags_file=, unlabeled=True) that no command line has.
+    index = open_dataset_option(str(root), allow_unlabeled=True)
+    assert index.track_ids == ["a", "b", "deep/c"] and index.tag_names == []
+    assert index.extra["unlabeled"] is True
+    # An evaluation needs tags: the error says what to add, in command-line terms.
+    with pytest.raises(DatasetError, match=r"no tags file found .*the evaluation needs tags: put a tags CSV/TSV"):
+        open_dataset_option(str(root))
+    # With a tags file the folder is labelled either way.
+    (root / "tags.csv").write_text("path,tags\na.flac,rock\nb.wav,jazz\ndeep/c.mp3,rock\n")
+    labelled = open_dataset_option(str(root), allow_unlabeled=True)
+    assert labelled.tag_names == ["jazz", "rock"] and "unlabeled" not in labelled.extra
+
+
 BAD_TAG_TABLES = [
     (
         "file,label\na.wav,rock\n",

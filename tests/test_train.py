@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pandas as pd
 import pytest
@@ -171,11 +172,10 @@ def test_batch_size_defaults_to_the_presets_value_for_the_method_and_an_explicit
     assert resolve_run_settings(TrainConfig(method="barlow_twins", preset="paper")).batch_size == 64
     assert resolve_run_settings(TrainConfig(method="vicreg", preset="cpu")).batch_size == 64
     assert resolve_run_settings(TrainConfig(method="barlow_twins", preset="cpu", batch_size=32)).batch_size == 32
-    # The CLI leaves it unset unless --batch-size or --set batch_size= gives it.
+    # The CLI leaves it unset unless --batch-size gives it.
     parser = build_parser()
     assert config_from_args(parser.parse_args(["barlow_twins"])).batch_size is None
     assert config_from_args(parser.parse_args(["barlow_twins", "--batch-size", "16"])).batch_size == 16
-    assert config_from_args(parser.parse_args(["barlow_twins", "--set", "batch_size=24"])).batch_size == 24
     # train() runs with the resolved value: the tonal set's 34 training tracks are too few for 128.
     with pytest.raises(ConfigError, match="for batch_size 128"):
         train(tiny_config("barlow_twins", tmp_path, batch_size=None), data=tonal_data, progress_bar=False)
@@ -243,7 +243,11 @@ def test_registry_has_the_five_methods():
         (["simclr"], "unknown pretext method 'simclr'"),
         (["vicreg", "--set", "var_wieght=1"], "unknown setting 'var_wieght'"),
         (["vicreg", "--set", "var_weight"], "--set takes name=value"),
-        (["vicreg", "--set", "max_epochs=many"], "expects a number"),
+        (["vicreg", "--set", "probe_segments=many"], "expects a number"),
+        # A setting with a flag of its own is not taken from --set (it silently won over the flag).
+        (["vicreg", "--lr", "1e-3", "--set", "learning_rate=0.01"], "--set learning_rate= is given by its own flag: use --lr 0.01"),
+        (["vicreg", "--set", "batch_size=24"], "use --batch-size 24"),
+        (["vicreg", "--set", "var_weight=1", "--set", "var_weight=2"], "--set gives var_weight twice ('1' and '2')"),
         # Refused before any data is prepared (before: tracebacks, or late errors naming internals).
         (["vicreg", "--threads", "-1"], "num_threads must be a whole number >= 1 (none: torch's choice), got -1"),
         (["vicreg", "--threads", "0"], "num_threads must be a whole number >= 1"),
@@ -268,6 +272,25 @@ def test_cli_misuse_exits_2_without_traceback(arguments, message):
     assert "Traceback" not in completed.stderr
 
 
+def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
+    from musicssl.train import FLAG_OF_SETTING
+
+    parser = build_parser()
+    destinations = {action.option_strings[0]: action.dest for action in parser._actions if action.option_strings}
+    names = {f.name for f in fields(TrainConfig)}
+    for setting, flag in FLAG_OF_SETTING.items():
+        assert setting in names and flag in destinations
+    # Each flag really sets its field: a distinctive value given through it lands there.
+    out = str(tmp_path / "somewhere")
+    args = parser.parse_args(["vicreg", "--max-epochs", "7", "--steps-per-epoch", "9", "--batch-size", "5",
+                              "--lr", "0.002", "--weight-decay", "0.003", "--seed", "11", "--workers", "1",
+                              "--threads", "2", "--out", out, "--preset", "paper"])
+    config = config_from_args(args)
+    assert (config.max_epochs, config.steps_per_epoch, config.batch_size, config.learning_rate, config.weight_decay,
+            config.seed, config.num_workers, config.num_threads, config.out_dir, config.preset) == (
+        7, 9, 5, 0.002, 0.003, 11, 1, 2, out, "paper")
+
+
 def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path):
     from musicssl.train import schedule_notes
 
@@ -290,7 +313,6 @@ def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path):
 
 def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
     """``--data mtat --root DIR``: MagnaTagATune as distributed (annotations_final.csv, mp3 folders)."""
-    import os
 
     from test_downstream import write_mtat_fixture
 
@@ -312,11 +334,30 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
         (["--data", "msd", "--root", str(root)], "dataset 'msd' needs --audio-dir"),
         (["--data", str(root / "annotations_final.csv"), "--root", str(root)], "--root applies to named datasets"),
         (["--data", "corpus", "--audio-dir", str(root)], "--audio-dir applies to mtat, jamendo-* and msd"),
+        # Before: the corpus builder's message, which named --out.
+        (["--data", "corpus", "--root", str(root / "annotations_final.csv")],
+         f"--root {root / 'annotations_final.csv'} is a file; give a folder (where the corpus is or is built)"),
+        (["--data", "mtat", "--root", str(root / "annotations_final.csv")], "is a file; give a folder (the dataset's folder)"),
     ):
         completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", *arguments],
                                    capture_output=True, text=True, timeout=120, env=env)
         assert completed.returncode == 2 and message in completed.stderr, completed.stderr
         assert "Traceback" not in completed.stderr
+
+
+def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_dataset):
+    # Self-supervised training needs no tags; before, such a folder was refused with a message
+    # naming Python arguments (tags_file=, unlabeled=True) that the command line does not have.
+    out = tmp_path / "run"
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tonal_dataset / "audio"),
+               "--max-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8", "--threads", "1",
+               "--set", "probe_segments=16", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "the data has no tags (a folder of audio without a tags file is used without tags)" in completed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and "probe_map" not in summary and summary["probe_skipped"]
 
 
 def test_one_valid_track_moves_the_collapse_metrics_to_train_and_leaves_out_the_final_probe(tmp_path, capsys):

@@ -438,7 +438,10 @@ def _probe_inputs(data) -> tuple[list[str], list[str], Any, Any, str | None]:
     if not train_ids or not valid_ids:
         problem = (f"the linear probe needs usable tracks in both the train and the valid split, and there are "
                    f"{len(train_ids)} and {len(valid_ids)}")
-    elif labels.shape[1] == 0 or not (valid_y.any(axis=0) & ~valid_y.all(axis=0)).any():
+    elif labels.shape[1] == 0:
+        unlabeled = " (a folder of audio without a tags file is used without tags)" if data.index.extra.get("unlabeled") else ""
+        problem = f"the linear probe cannot be scored: the data has no tags{unlabeled}"
+    elif not (valid_y.any(axis=0) & ~valid_y.all(axis=0)).any():
         problem = (f"the linear probe cannot be scored: no tag has both a positive and a negative among the "
                    f"{len(valid_ids)} usable valid track(s)")
     return train_ids, valid_ids, train_y, valid_y, problem
@@ -637,13 +640,27 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# The training settings that have a flag of their own: --set refuses them, so that a command line
+# cannot give one setting two values (before, --set silently won over the flag).
+FLAG_OF_SETTING = {
+    "preset": "--preset", "data": "--data", "data_root": "--root", "audio_dir": "--audio-dir",
+    "max_epochs": "--max-epochs", "steps_per_epoch": "--steps-per-epoch", "batch_size": "--batch-size",
+    "learning_rate": "--lr", "weight_decay": "--weight-decay", "seed": "--seed", "num_workers": "--workers",
+    "num_threads": "--threads", "out_dir": "--out",
+}
+
+
 def _parse_set(pairs: Sequence[str]) -> dict[str, str]:
     values = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set takes name=value, got {pair!r}")
-        name, value = pair.split("=", 1)
-        values[name.strip()] = value.strip()
+        name, value = (part.strip() for part in pair.split("=", 1))
+        if name in FLAG_OF_SETTING:
+            raise ConfigError(f"--set {name}= is given by its own flag: use {FLAG_OF_SETTING[name]} {value or 'VALUE'}")
+        if name in values and values[name] != value:
+            raise ConfigError(f"--set gives {name} twice ({values[name]!r} and {value!r}): give it once")
+        values[name] = value
     return values
 
 
@@ -716,7 +733,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out_dir=args.out or str(Path("runs") / "train" / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
     method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_params", "method"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_params", "method", *FLAG_OF_SETTING}
     method_params, train_overrides = {}, {}
     for name, value in _parse_set(args.set).items():
         if name in method_fields:

@@ -506,7 +506,7 @@ def _records_from_table(
         if not binary_columns:
             raise DatasetError(
                 f"{tags_path}: no tags; found columns {found}, expected {expected}. "
-                "For audio without tags use unlabeled=True"
+                "For audio without tags use unlabeled=True (on the command lines: a folder without a tags file)"
             )
 
     if tags_column is not None:
@@ -1053,13 +1053,28 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
 
 
 def open_dataset_option(
-    spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None
+    spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None, *, allow_unlabeled: bool = False
 ) -> TrackIndex:
     """:func:`open_dataset` as the command lines take it: ``--data``/``--dataset`` ``spec``, with
     ``--root`` (the folder of a named dataset; for ``corpus``, where it is or is built) and
     ``--audio-dir`` (mtat, jamendo-*, msd: the audio when it is not under ``--root``). Misuse is a
-    :class:`DatasetError` naming those flags."""
+    :class:`DatasetError` naming those flags.
+
+    A folder of audio with neither a ``tracks.csv`` nor a tags file is, with ``allow_unlabeled``
+    (self-supervised training), indexed without tags (``extra["unlabeled"]`` is True); without it
+    (an evaluation, which needs tags), it is an error that says what to add.
+    """
     check_dataset_option(spec, root, audio_dir)
+    path = Path(str(spec)).expanduser()
+    if (str(spec).strip().lower() not in DATASET_NAMES and path.is_dir() and any(path.iterdir())
+            and not (path / "tracks.csv").is_file() and _find_tags_file(path) is None):
+        if not allow_unlabeled:
+            raise DatasetError(
+                f"{path}: no tags file found (looked for {', '.join(DEFAULT_TAG_FILES)} or a single *.csv/*.tsv); "
+                "the evaluation needs tags: put a tags CSV/TSV in the folder, or give its path as the dataset"
+            )
+        index = open_dataset(str(spec), unlabeled=True)
+        return TrackIndex(index.tracks, index.tag_names, name=index.name, extra={**index.extra, "unlabeled": True})
     options = {} if audio_dir is None else {"audio_dir": audio_dir}
     return open_dataset(str(spec), root, **options)
 
@@ -1076,6 +1091,9 @@ def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: s
         raise DatasetError("dataset 'msd' needs --audio-dir, the folder with the MSD audio (--root is the split folder)")
     if name not in DATASET_NAMES and root is not None:
         raise DatasetError(f"--root applies to named datasets; {spec!r} is a path already")
+    if root is not None and Path(root).exists() and not Path(root).is_dir():
+        what = {"corpus": "where the corpus is or is built", "msd": "the split folder"}.get(name, "the dataset's folder")
+        raise DatasetError(f"--root {root} is a file; give a folder ({what})")
 
 
 def _is_track_index_file(path: Path) -> bool:

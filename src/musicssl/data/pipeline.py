@@ -70,7 +70,8 @@ def prepare_data(
             raise ValueError("root and audio_dir apply to a dataset name, not to a ready TrackIndex")
         index = data
     else:
-        index = open_dataset_option(str(data), root, audio_dir)
+        # Training is self-supervised: a folder of audio without a tags file is used without tags.
+        index = open_dataset_option(str(data), root, audio_dir, allow_unlabeled=True)
     front_end = front_end or LogMelConfig()
     directory = Path(cache_dir) if cache_dir is not None else default_mel_cache_dir(index)
     cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose,
