@@ -19,7 +19,7 @@ import pytest
 import soundfile
 
 from musicssl.audio import load_audio
-from musicssl.data.index import TrackIndex
+from musicssl.data.index import TrackIndex, TrackIndexError
 from musicssl.data.loaders import (
     DatasetError,
     assign_splits,
@@ -285,6 +285,25 @@ def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with
     (root / "tags.csv").write_text("path,tags\na.flac,rock\nb.wav,jazz\ndeep/c.mp3,rock\n")
     labelled = open_dataset_option(str(root), allow_unlabeled=True)
     assert labelled.tag_names == ["jazz", "rock"] and "unlabeled" not in labelled.extra
+
+
+@pytest.mark.parametrize(("content", "message", "has_header"), [
+    (b"track_id,path,split,tags\n", "lists no tracks (a header and no rows); add one row per track", True),
+    (b"", "the file is empty; a track index needs a header (track_id,path,split,tags)", False),
+    (b'track_id,path,split,tags\n"a,b\n', "not a readable CSV track index (Error tokenizing data", True),
+    (b"track_id,path,split,tags\n\xff\xfe\x86,x,train,\n", "not a readable CSV track index ('utf-8' codec", True),
+    (b"id,file\na,a.wav\n", "missing column(s) ['track_id', 'path', 'split', 'tags']", False),
+])
+def test_a_broken_track_index_names_the_file_and_the_problem(content, message, has_header, tmp_path):
+    # Before: a header-only file said "none of the 0 listed audio files exists (the first was expected
+    # at (no tracks listed))", and an empty one pandas' "No columns to parse from file", without its path.
+    # A folder's tracks.csv is its index whatever it holds; a CSV given by path is an index when its
+    # header says so (else it is the folder's tags file, for load_folder).
+    (tmp_path / "tracks.csv").write_bytes(content)
+    for spec in (tmp_path, tmp_path / "tracks.csv") if has_header else (tmp_path,):
+        with pytest.raises((DatasetError, TrackIndexError)) as raised:
+            open_dataset(str(spec))
+        assert message in str(raised.value) and str(tmp_path / "tracks.csv") in str(raised.value)
 
 
 BAD_TAG_TABLES = [

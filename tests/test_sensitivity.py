@@ -727,7 +727,9 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
         (lambda p: p / "missing", "no such folder"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "not a search folder"),
         (lambda p: write_foreign(p / "foreign"), "not a search folder"),
-        (lambda p: write_files(p / "partial", {"search.json": '{"method": "vicreg"}'}), "has not recorded any trial yet"),
+        (lambda p: write_files(p / "partial", {"search.json": '{"method": "vicreg"}'}),
+         "has not recorded any trial yet (no optuna.journal or an empty one); wait for its first trial, or resume it "
+         "with python -m hpsearch.run vicreg --name partial --storage-dir "),
         (lambda p: write_files(p / "broken", {"search.json": "{not json"}), "unreadable search settings"),
         (lambda p: write_files(p / "other", {"search.json": '{"model": "x"}'}), "not the settings of a hpsearch search"),
         (lambda p: write_files(p / "corrupt", {"search.json": '{"method": "vicreg"}', "optuna.journal": "garbage\n"}),
@@ -741,6 +743,8 @@ def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r.html").exists()
+    if folder.name == "partial":  # the resume command works from anywhere: it names the search's folder
+        assert f"--storage-dir {tmp_path} --resume" in err
 
 
 @pytest.mark.parametrize("out", ["r.json", "x-trials.csv", "r", "r.csv"])

@@ -142,7 +142,14 @@ class TrackIndex:
         path = Path(path)
         if not path.is_file():
             raise TrackIndexError(f"{path}: no such track index; build one with `python -m musicssl.corpus --out DIR`")
-        frame = pd.read_csv(path, dtype={"track_id": str, "path": str, "split": str, "tags": str}, keep_default_na=False)
+        try:
+            frame = pd.read_csv(path, dtype={"track_id": str, "path": str, "split": str, "tags": str},
+                                keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise TrackIndexError(f"{path}: the file is empty; a track index needs a header "
+                                  f"({','.join(REQUIRED_COLUMNS)}) and one row per track") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise TrackIndexError(f"{path}: not a readable CSV track index ({str(error).strip()})") from None
         missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
         if missing:
             raise TrackIndexError(

@@ -1036,7 +1036,7 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
         if _is_track_index_file(path):
             if kwargs:
                 raise DatasetError(f"{path}: is a track index; options {sorted(kwargs)} do not apply to it")
-            return _checked_track_index(TrackIndex.from_csv(path), check_audio)
+            return _checked_track_index(TrackIndex.from_csv(path), check_audio, path)
         return load_folder(path.parent, tags_file=path, check_audio=check_audio, **kwargs)
     if path.is_dir():
         if (path / "tracks.csv").is_file():
@@ -1045,7 +1045,7 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
                 raise DatasetError(
                     f"{path / 'tracks.csv'}: is a track index; options {sorted(kwargs)} do not apply to it"
                 )
-            return _checked_track_index(TrackIndex.from_csv(path / "tracks.csv"), check_audio)
+            return _checked_track_index(TrackIndex.from_csv(path / "tracks.csv"), check_audio, path / "tracks.csv")
         return load_folder(path, **kwargs)
     raise DatasetError(
         f"unknown dataset {spec!r}: not one of {list(DATASET_NAMES)}, and no file or folder of that name exists"
@@ -1099,13 +1099,16 @@ def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: s
 def _is_track_index_file(path: Path) -> bool:
     if path.suffix.lower() != ".csv":
         return False
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:  # a bad byte: from_csv says so
         header = next(csv.reader(handle), [])
     return {"track_id", "path", "split", "tags"} <= {column.strip() for column in header}
 
 
-def _checked_track_index(index: TrackIndex, check_audio: bool) -> TrackIndex:
-    """Apply the missing-audio check to an index read from a ``tracks.csv``."""
+def _checked_track_index(index: TrackIndex, check_audio: bool, source: Path) -> TrackIndex:
+    """Apply the missing-audio check to an index read from the ``tracks.csv`` ``source``."""
+    if len(index.tracks) == 0:
+        raise DatasetError(f"{source}: lists no tracks (a header and no rows); add one row per track "
+                           "(track_id,path,split,tags)")
     if not check_audio:
         extra = {**index.extra, "audio_checked": False, "missing": []}
         return TrackIndex(index.tracks, index.tag_names, name=index.name, extra=extra)
