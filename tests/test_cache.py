@@ -337,6 +337,41 @@ def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path: Path, capsys: 
     assert (relaxed.processed, relaxed.already_cached, relaxed.skipped) == (9, 1, 9)
 
 
+def test_a_file_that_decodes_to_under_half_its_listed_duration_is_skipped_as_truncated(tmp_path: Path) -> None:
+    """An interrupted MP3 download still decodes, to its first part only: with the duration its dataset
+    lists (MTG-Jamendo's DURATION), it is skipped as truncated; before, it was cached as a whole track."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    full = write(folder / "full.mp3", tone_and_noise(20.0, 16000, 1), 16000, format="MP3")
+    payload = Path(full).read_bytes()
+    (folder / "cut.mp3").write_bytes(payload[: int(0.4 * len(payload))])  # about 8 s of the 20
+    cut = str(folder / "cut.mp3")
+    decoded = load_audio(cut, 16000).shape[0] / 16000
+    assert 4.0 < decoded < 10.0  # usable length, well under half of 20 s
+
+    def index(rows: list[tuple[str, str, float | None]]) -> TrackIndex:
+        return TrackIndex.from_records({"track_id": tid, "path": path, "split": "train", "tags": (), "duration": seconds}
+                                       for tid, path, seconds in rows)
+
+    cache = MelCache.build(index([("full", full, 20.0), ("cut", cut, 20.0), ("unlisted", cut, None),
+                                  ("close", cut, 1.9 * decoded)]),
+                           tmp_path / "cache", workers=0, progress=False, verbose=False)
+    # Listed 20 s, decodes to under 10: skipped. Without a listed duration there is nothing to compare;
+    # just under twice the decoded length is still over half.
+    assert cache.track_ids == ["close", "full", "unlisted"]
+    [skipped] = cache.skipped
+    assert (skipped.track_id, skipped.reason) == ("cut", "truncated")
+    assert f"{cut}: {decoded:.2f} s of audio, but the dataset lists 20.00 s (a truncated download?" in skipped.detail
+    assert cache.build_report.skip_reasons == {"truncated": 1}
+    # A track cached before its duration was listed is judged from its stored length, without decoding.
+    relisted = MelCache.build(index([("full", full, 20.0), ("cut", cut, 20.0), ("unlisted", cut, 20.0),
+                                     ("close", cut, 1.9 * decoded)]),
+                              tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (relisted.build_report.processed, relisted.build_report.excluded) == (0, 1)
+    assert relisted.track_ids == ["close", "full"]
+    assert {track.track_id: track.reason for track in relisted.skipped} == {"cut": "truncated", "unlisted": "truncated"}
+
+
 def test_index_without_usable_tracks_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
     index = make_index({"a": str(tmp_path / "a.wav"), "b": str(tmp_path / "b.wav")})

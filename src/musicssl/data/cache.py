@@ -94,6 +94,7 @@ SKIP_REASONS = {
     "zero_length": "the file decodes to zero samples",
     "non_finite": "the decoded samples contain NaN or inf",
     "too_short": "the track is shorter than the minimum length",
+    "truncated": "the file decodes to under half the duration its dataset lists (a truncated download?)",
     "silent": "the track's peak amplitude is below the silence threshold",
     "crashed": "the decoding process died on the file (a decoder crash or out of memory), also when retried alone",
     "failed": "an unexpected error while processing the track",
@@ -240,6 +241,12 @@ class BuildReport:
         return text
 
 
+# A track whose audio decodes to less than this fraction of the duration its dataset lists (MTG-Jamendo's
+# DURATION, a tags file's duration column) is skipped as "truncated": an interrupted download of an MP3
+# still decodes, to its first part only.
+TRUNCATED_FRACTION = 0.5
+
+
 @dataclass(frozen=True)
 class _Task:
     track_id: str
@@ -247,6 +254,7 @@ class _Task:
     settings: LogMelConfig
     min_samples: int
     silence_peak: float
+    listed_samples: int | None = None  # the duration the dataset lists, in samples (None: not listed)
 
 
 @dataclass
@@ -337,6 +345,28 @@ def _too_short_detail(path: str | Path, samples: int, min_samples: int, sample_r
     return f"{path}: {samples / sample_rate:.2f} s of audio, need at least {min_samples / sample_rate:.2f} s"
 
 
+def _truncated(path: str | Path, samples: int, listed_samples: int | None, sample_rate: int) -> tuple[str, str] | None:
+    """``("truncated", detail)`` when ``samples`` fall short of :data:`TRUNCATED_FRACTION` of the listed length."""
+    if listed_samples is None or samples >= TRUNCATED_FRACTION * listed_samples:
+        return None
+    return "truncated", (f"{path}: {samples / sample_rate:.2f} s of audio, but the dataset lists "
+                         f"{listed_samples / sample_rate:.2f} s (a truncated download? fetch the file again)")
+
+
+def _listed_samples(index: TrackIndex, sample_rate: int) -> list[int | None]:
+    """Per track of ``index``, the duration its ``duration`` column lists in samples (None where it lists none)."""
+    if "duration" not in index.tracks.columns:
+        return [None] * len(index)
+    listed = []
+    for value in index.tracks["duration"]:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        listed.append(round(seconds * sample_rate) if math.isfinite(seconds) and seconds > 0 else None)
+    return listed
+
+
 def _silent_detail(path: str | Path, peak: float, silence_peak: float) -> str:
     level = 20.0 * math.log10(peak) if peak > 0 else -math.inf
     return f"{path}: peak {level:.1f} dBFS, below the silence threshold {20 * math.log10(silence_peak):.1f} dBFS"
@@ -377,6 +407,10 @@ def _compute_track(task: _Task) -> _Result:
         result.reason = "too_short"
         result.detail = _too_short_detail(path, audio.shape[0], task.min_samples, sample_rate)
         return result
+    truncated = _truncated(path, result.samples, task.listed_samples, sample_rate)
+    if truncated:
+        result.reason, result.detail = truncated
+        return result
     peak = float(np.max(np.abs(audio)))
     result.peak = peak
     if peak < task.silence_peak:
@@ -397,9 +431,11 @@ def _compute_track(task: _Task) -> _Result:
 
 
 def _rejudge(
-    entry: _Entry, rules: tuple[float, float], min_samples: int, silence_peak: float, sample_rate: int
+    entry: _Entry, rules: tuple[float, float], min_samples: int, silence_peak: float, sample_rate: int,
+    listed_samples: int | None = None,
 ) -> tuple[str, str] | str | None:
-    """A cached track against the current skipping rules, from its stored length and peak.
+    """A cached track against the current skipping rules and its listed duration, from its stored
+    length and peak.
 
     ``None``: still usable; ``(reason, detail)``: skip it now; ``"decode"``: an entry of an older
     manifest has no stored peak and the silence threshold is stricter than the one it passed, so only
@@ -407,6 +443,9 @@ def _rejudge(
     """
     if entry.samples < min_samples:
         return "too_short", _too_short_detail(entry.path, entry.samples, min_samples, sample_rate)
+    truncated = _truncated(entry.path, entry.samples, listed_samples, sample_rate)
+    if truncated:
+        return truncated
     if entry.peak is not None:
         if entry.peak < silence_peak:
             return "silent", _silent_detail(entry.path, entry.peak, silence_peak)
@@ -768,7 +807,8 @@ class MelCache:
         Only tracks not cached yet, or whose audio file changed (size or modification time), are
         decoded; a cached track whose file has gone keeps its mel. Unusable files (missing, empty,
         undecodable, zero-length, non-finite, shorter than ``min_seconds``, peak below
-        ``silence_threshold_db`` dBFS, or crashing the decoding process) are skipped, listed in
+        ``silence_threshold_db`` dBFS, decoding to under :data:`TRUNCATED_FRACTION` of the duration
+        the index's ``duration`` column lists, or crashing the decoding process) are skipped, listed in
         ``skipped.csv`` with their reason and counted on the console; they are retried only when their
         file or these rules change, or with ``retry_skipped=True``. The rules apply to cached tracks
         too, judged from their stored length and peak without decoding: a cached track that they now
@@ -882,20 +922,21 @@ class MelCache:
         already_cached = already_skipped = 0
         min_samples = round(rules[0] * settings.sample_rate)
         silence_peak = 10.0 ** (rules[1] / 20.0)
-        for track_id, path in zip(index.track_ids, index.paths):
+        for track_id, path, listed_samples in zip(index.track_ids, index.paths,
+                                                  _listed_samples(index, settings.sample_rate)):
             now = _file_stamp(Path(path))
             entry = state.entries.get(track_id)
             # A missing file keeps its cached mel (the point of a cache); a changed one means new audio.
             unchanged = entry is not None and _same_file(entry.size, entry.mtime_ns, entry.committed_ns, now)
             if entry is not None and (now[0] is None or unchanged):
-                verdict = _rejudge(entry, rules, min_samples, silence_peak, settings.sample_rate)
+                verdict = _rejudge(entry, rules, min_samples, silence_peak, settings.sample_rate, listed_samples)
                 if verdict is None:
                     already_cached += 1
                 elif verdict == "decode":
                     if now[0] is None:  # nothing to decode: keep the mel, as for any missing file
                         already_cached += 1
                     else:
-                        tasks.append(_Task(track_id, path, settings, min_samples, silence_peak))
+                        tasks.append(_Task(track_id, path, settings, min_samples, silence_peak, listed_samples))
                 else:
                     size, mtime_ns = now if now[0] is not None else (entry.size, entry.mtime_ns)
                     reason, detail = verdict
@@ -910,7 +951,7 @@ class MelCache:
             ):
                 already_skipped += 1
                 continue
-            tasks.append(_Task(track_id, path, settings, min_samples, silence_peak))
+            tasks.append(_Task(track_id, path, settings, min_samples, silence_peak, listed_samples))
         listed = set(index.track_ids)
         for track in dropped:
             track_id, path = str(track["track_id"]), str(track["path"])
