@@ -1166,7 +1166,7 @@ def run_downstream(
     problem = _bootstrap_size_problem(config.bootstrap_fraction, len(listed)) if len(listed) >= 2 else None
     if problem:
         _refuse_bootstrap_fraction(problem, index.labels()[listed], config)
-    dataset_name = config.dataset if config.dataset.lower() in _named_datasets() else index.name
+    dataset_name = config.dataset.strip().lower() if _dataset_name(config.dataset) else index.name
     missing = index.extra.get("missing", [])
     log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
     if missing:
@@ -1330,10 +1330,10 @@ def run_downstream(
     )
 
 
-def _named_datasets() -> tuple[str, ...]:
-    from musicssl.data.loaders import DATASET_NAMES
+def _dataset_name(spec: str) -> str | None:
+    from musicssl.data.loaders import dataset_name
 
-    return DATASET_NAMES
+    return dataset_name(spec)
 
 
 def _group(tag: str) -> str:

@@ -99,7 +99,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     """Prepare the data once, in the driver: open the dataset (building the embedded corpus if it
     is missing) and build its mel cache for the preset's front-end. Trials reuse it as is."""
     from musicssl.data.cache import LogMelConfig
-    from musicssl.data.loaders import DatasetError, check_dataset_option
+    from musicssl.data.loaders import DATASET_NAMES, DatasetError, check_dataset_option, dataset_name
     from musicssl.data.pipeline import prepare_data
     from musicssl.models import PRESETS
     from musicssl.train import probe_problem
@@ -107,10 +107,11 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     if settings.preset not in PRESETS:
         raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
     spec = settings.data
-    if spec.strip().lower() not in _DATASET_NAMES and not Path(spec).expanduser().exists():
+    if dataset_name(spec) is None and not Path(spec).expanduser().exists():
         raise SearchError(
             f"--data {spec!r}: no such file or folder, and not a dataset name "
-            f"({', '.join(sorted(_DATASET_NAMES))}); give a tracks.csv, a folder of audio with a tags file, or 'corpus'"
+            f"({', '.join(sorted(DATASET_NAMES))}, jamendo-*-splitK); give a tracks.csv, a folder of audio "
+            "with a tags file, or 'corpus'"
         )
     front_end = LogMelConfig(n_mels=PRESETS[settings.preset].n_mels)
     try:
@@ -138,9 +139,6 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
                 f"{len(data.index.tag_names)} tags: {problem}; use --objective rankme for unlabelled data"
             )
     return data
-
-
-_DATASET_NAMES = {"corpus", "mtat", "jamendo-top50", "jamendo-instrument", "jamendo-mood", "jamendo-genre", "msd"}
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:

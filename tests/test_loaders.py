@@ -28,6 +28,7 @@ from musicssl.data.loaders import (
     load_msd,
     load_mtat,
     open_dataset,
+    open_dataset_option,
 )
 
 SAMPLE_RATE = 16000
@@ -586,13 +587,59 @@ def test_jamendo_low_quality_missing_and_default_audio_dir(tmp_path, caplog):
         load_jamendo(root, "moodtheme", split_id=2, audio_dir=tmp_path)
 
 
+def test_jamendo_splits_by_name_share_one_mel_cache(tmp_path, monkeypatch):
+    """``jamendo-mood`` is split 0, ``jamendo-mood-split2`` split 2 (before: no name or flag reached
+    the other four splits); every subset and split of the same audio shares one mel cache (before:
+    each decoded the whole audio collection again into its own)."""
+    from musicssl.data.loaders import check_dataset_option, dataset_name
+    from musicssl.data.pipeline import default_mel_cache_dir
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    root, audio = tmp_path / "jamendo", tmp_path / "audio"
+    write_jamendo(root, "moodtheme", JAMENDO_MOOD, split_id=2)
+    # Split 0 lists the same tracks with the train and test splits swapped.
+    swapped = {"train": JAMENDO_MOOD["test"], "validation": JAMENDO_MOOD["validation"], "test": JAMENDO_MOOD["train"]}
+    write_jamendo(root, "moodtheme", swapped, split_id=0)
+    write_jamendo(root, "top50tags", JAMENDO_TOP50, split_id=0)
+    for path in ("48/948.mp3", "32/1032.mp3", "50/950.mp3", "14/214.mp3", "15/215.mp3", "73/773.mp3", "29/1729.mp3",
+                 "45/2245.mp3"):
+        write_sine(audio / path)
+    assert [dataset_name(spec) for spec in ("jamendo-mood", "Jamendo-Mood-Split2", "jamendo-mood-split", "mtat-split1")] \
+        == ["jamendo-mood", "jamendo-mood", None, None]
+    split2 = open_dataset_option("jamendo-mood-split2", root, audio)
+    split0 = open_dataset_option("jamendo-mood", root, audio)
+    assert split2.name == "jamendo-moodtheme-split2" and split2.extra["split_id"] == 2
+    assert dict(zip(split2.track_ids, split2.tracks["split"])) == {
+        "track_0000948": "train", "track_0000950": "valid", "track_0001032": "test"}
+    assert dict(zip(split0.track_ids, split0.tracks["split"])) == {
+        "track_0001032": "train", "track_0000950": "valid", "track_0000948": "test"}
+    with pytest.raises(DatasetError, match=r"split-4: no such folder; pass root= \(--root\).*jamendo-<subset>-splitK"):
+        open_dataset_option("jamendo-mood-split4", root, audio)
+    with pytest.raises(DatasetError, match=r"dataset 'jamendo-mood' needs --root"):
+        check_dataset_option("jamendo-mood-split2")
+    with pytest.raises(DatasetError, match=r"names split 2, and split_id=1"):
+        open_dataset("jamendo-mood-split2", root, audio_dir=audio, split_id=1)
+    top50 = open_dataset_option("jamendo-top50", root, audio)
+    assert default_mel_cache_dir(split2) == default_mel_cache_dir(split0) == default_mel_cache_dir(top50)
+    assert default_mel_cache_dir(split2).name.startswith("jamendo-")
+    # The .low.mp3 copies are other files under the same track ids: a cache of their own.
+    for path in ("48/948.low.mp3", "32/1032.low.mp3", "50/950.low.mp3"):
+        write_sine(audio / path)
+    low = load_jamendo(root, "moodtheme", split_id=2, audio_dir=audio, low_quality=True)
+    assert default_mel_cache_dir(low) != default_mel_cache_dir(split2)
+    # A cache made under the index's own name before (one per subset and split) is still used.
+    earlier = default_mel_cache_dir(split2).with_name(f"jamendo-moodtheme-split2-{default_mel_cache_dir(split2).name[8:]}")
+    earlier.mkdir(parents=True)
+    assert default_mel_cache_dir(split2) == earlier
+
+
 def test_jamendo_bad_inputs(tmp_path):
     root = tmp_path / "jamendo"
     write_jamendo(root, "top50tags", JAMENDO_TOP50)
     subsets = r"\['genre', 'instrument', 'moodtheme', 'top50'\]"
     with pytest.raises(DatasetError, match=r"unknown MTG-Jamendo subset 'mood'; use one of " + subsets):
         load_jamendo(root, "mood")
-    with pytest.raises(DatasetError, match=r"split-3: no such folder.*found there: \['split-0'\]"):
+    with pytest.raises(DatasetError, match=r"split-3: no such folder.*found there \(the dataset name jamendo-<subset>-splitK\): \['split-0'\]"):
         load_jamendo(root, split_id=3)
     with pytest.raises(DatasetError, match=r"autotagging_genre-train.tsv: not found.*autotagging_top50tags-test.tsv"):
         load_jamendo(root, "genre")

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import stat
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "open_dataset",
     "open_dataset_option",
     "check_dataset_option",
+    "dataset_name",
     "split_position",
 ]
 
@@ -115,6 +117,18 @@ _JAMENDO_NAMES = {
     "jamendo-mood": "moodtheme",
     "jamendo-genre": "genre",
 }
+# ``jamendo-top50`` is split 0 of MTG-Jamendo's five; ``jamendo-top50-split3`` names split 3.
+_JAMENDO_SPLIT = re.compile(r"^(jamendo-(?:top50|instrument|mood|genre))-split(\d+)$")
+
+
+def dataset_name(spec: str | Path) -> str | None:
+    """The named dataset that ``spec`` names (case-insensitive; ``jamendo-top50-split3`` names
+    ``jamendo-top50``), or None when ``spec`` is a path."""
+    key = str(spec).strip().lower()
+    if key in DATASET_NAMES:
+        return key
+    match = _JAMENDO_SPLIT.match(key)
+    return match.group(1) if match else None
 
 
 class DatasetError(ValueError):
@@ -744,8 +758,9 @@ def load_jamendo(
     if not split_dir.is_dir():
         available = sorted(p.name for p in splits_root.iterdir()) if splits_root.is_dir() else []
         raise DatasetError(
-            f"{split_dir}: no such folder; pass root= the mtg-jamendo-dataset checkout (which has data/splits/) "
-            f"and split_id= one of the split-K folders found there: {available}"
+            f"{split_dir}: no such folder; pass root= (--root) the mtg-jamendo-dataset checkout (which has "
+            f"data/splits/) and split_id= one of the split-K folders found there (the dataset name "
+            f"jamendo-<subset>-splitK): {available}"
         )
     audio_root = Path(audio_dir).expanduser().resolve() if audio_dir is not None else root.resolve()
     records: list[dict] = []
@@ -763,7 +778,9 @@ def load_jamendo(
             records.append({**row, "path": str(audio_root / relative_path), "split": split})
     tag_names = sorted({tag for record in records for tag in record["tags"]})
     canonical = "top50" if file_subset == "top50tags" else file_subset
-    extra = {"source": str(split_dir), "subset": file_subset, "split_id": split_id, "low_quality": low_quality}
+    # Every subset and split lists the same audio under the same track ids: they share one mel cache.
+    extra = {"source": str(split_dir), "subset": file_subset, "split_id": split_id, "low_quality": low_quality,
+             "mel_cache_name": "jamendo-low" if low_quality else "jamendo"}
     hint = (
         f"pass audio_dir= the folder that holds the MTG-Jamendo audio folders 00..99 (now {audio_root})"
         + ("" if low_quality else ", or low_quality=True if you have the .low.mp3 copies")
@@ -1003,26 +1020,32 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
 
     Names (case-insensitive): ``corpus`` (the embedded, generated corpus; built in ``root`` if
     missing), ``mtat``, ``jamendo-top50``, ``jamendo-instrument``, ``jamendo-mood``,
-    ``jamendo-genre`` (``root`` is the dataset folder, see the loaders) and ``msd`` (``root`` is the
-    split folder; pass ``audio_dir=``). Names win over same-named local folders.
+    ``jamendo-genre`` (``root`` is the dataset folder, see the loaders; these are MTG-Jamendo's split
+    0, and ``jamendo-top50-split3`` and the like name its others) and ``msd`` (``root`` is the split
+    folder; pass ``audio_dir=``). Names win over same-named local folders.
 
     Otherwise ``spec`` is a path (``root`` unused): a ``tracks.csv``-style file (columns
     ``track_id, path, split, tags``) is read with :meth:`TrackIndex.from_csv`; any other CSV/TSV is
     the tags file of :func:`load_folder` on its folder; a folder is read from its ``tracks.csv`` if
     it has one, else with :func:`load_folder`. ``kwargs`` go to the loader.
     """
-    key = spec.strip().lower()
+    key = dataset_name(spec)
     if key == "corpus":
         # The embedded corpus, built into the cache (or ``root``) on first use.
         from musicssl.corpus import ensure_corpus
 
         return TrackIndex.from_csv(ensure_corpus(root, **kwargs) / "tracks.csv", name="corpus")
-    if key in DATASET_NAMES:
+    if key is not None:
         if root is None:
             raise DatasetError(f"dataset {key!r} needs root= the folder that holds its files")
         if key == "mtat":
             return load_mtat(root, **kwargs)
         if key in _JAMENDO_NAMES:
+            match = _JAMENDO_SPLIT.match(spec.strip().lower())
+            if match:
+                if int(kwargs.get("split_id", match.group(2))) != int(match.group(2)):
+                    raise DatasetError(f"{spec!r} names split {match.group(2)}, and split_id={kwargs['split_id']}")
+                kwargs["split_id"] = int(match.group(2))
             return load_jamendo(root, subset=_JAMENDO_NAMES[key], **kwargs)
         if key == "msd":
             if "audio_dir" not in kwargs:
@@ -1048,7 +1071,8 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
             return _checked_track_index(TrackIndex.from_csv(path / "tracks.csv"), check_audio, path / "tracks.csv")
         return load_folder(path, **kwargs)
     raise DatasetError(
-        f"unknown dataset {spec!r}: not one of {list(DATASET_NAMES)}, and no file or folder of that name exists"
+        f"unknown dataset {spec!r}: not one of {list(DATASET_NAMES)} (jamendo-*-splitK: MTG-Jamendo's split K), "
+        "and no file or folder of that name exists"
     )
 
 
@@ -1066,7 +1090,7 @@ def open_dataset_option(
     """
     check_dataset_option(spec, root, audio_dir)
     path = Path(str(spec)).expanduser()
-    if (str(spec).strip().lower() not in DATASET_NAMES and path.is_dir() and any(path.iterdir())
+    if (dataset_name(spec) is None and path.is_dir() and any(path.iterdir())
             and not (path / "tracks.csv").is_file() and _find_tags_file(path) is None):
         if not allow_unlabeled:
             raise DatasetError(
@@ -1081,15 +1105,15 @@ def open_dataset_option(
 
 def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None) -> None:
     """Raise :class:`DatasetError` when ``--root``/``--audio-dir`` do not fit ``spec`` (no file is read)."""
-    name = str(spec).strip().lower()
+    name = dataset_name(spec)
     if audio_dir is not None and name not in ("mtat", "msd") and name not in _JAMENDO_NAMES:
         raise DatasetError(f"--audio-dir applies to mtat, jamendo-* and msd, not to {spec!r}")
-    if name in DATASET_NAMES and name != "corpus" and root is None:
+    if name is not None and name != "corpus" and root is None:
         where = "the split folder (filtered_list_train.cP ...)" if name == "msd" else "the folder that holds its files"
         raise DatasetError(f"dataset {name!r} needs --root, {where}")
     if name == "msd" and audio_dir is None:
         raise DatasetError("dataset 'msd' needs --audio-dir, the folder with the MSD audio (--root is the split folder)")
-    if name not in DATASET_NAMES and root is not None:
+    if name is None and root is not None:
         raise DatasetError(f"--root applies to named datasets; {spec!r} is a path already")
     if root is not None and Path(root).exists() and not Path(root).is_dir():
         what = {"corpus": "where the corpus is or is built", "msd": "the split folder"}.get(name, "the dataset's folder")

@@ -33,17 +33,28 @@ def default_mel_cache_dir(index: TrackIndex) -> Path:
     The hash is of the folder that holds all of the dataset's audio (the deepest one common to every
     listed path, the tracks dropped for missing or empty audio included), so a file that goes
     missing, comes back or is added there keeps the cache, and the next build decodes only what
-    changed. A cache named by the hash of all the paths (what earlier versions did, which moved
-    whenever one file came or went) is used while it exists and no cache of the new name does.
+    changed. The name is the index's ``extra["mel_cache_name"]`` where its loader sets one (datasets
+    whose subsets or splits list the same audio under the same track ids: MTG-Jamendo's share one
+    cache), else the index's name. A cache named the earlier ways (the index's name with that hash,
+    or with the hash of all the paths, which moved whenever one file came or went) is used while it
+    exists and no cache of the current name does.
     """
-    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in index.name) or "dataset"
+    def safe(name: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "dataset"
+
     mels = cache_root() / "mels"
     listed = [os.path.abspath(path) for path in index.paths]
     listed += [os.path.abspath(str(track["path"])) for track in index.extra.get("missing", ())]
     folder = os.path.commonpath([os.path.dirname(path) for path in listed]) if listed else ""
-    current = mels / f"{safe_name}-{hashlib.sha1(folder.encode()).hexdigest()[:10]}"
-    legacy = mels / f"{safe_name}-{hashlib.sha1(chr(10).join(sorted(index.paths)).encode()).hexdigest()[:10]}"
-    return legacy if legacy.is_dir() and not current.is_dir() else current
+    folder_key = hashlib.sha1(folder.encode()).hexdigest()[:10]
+    current = mels / f"{safe(str(index.extra.get('mel_cache_name') or index.name))}-{folder_key}"
+    earlier = [mels / f"{safe(index.name)}-{folder_key}",
+               mels / f"{safe(index.name)}-{hashlib.sha1(chr(10).join(sorted(index.paths)).encode()).hexdigest()[:10]}"]
+    if not current.is_dir():
+        for candidate in earlier:
+            if candidate.is_dir():
+                return candidate
+    return current
 
 
 def prepare_data(
