@@ -1145,6 +1145,8 @@ def run_downstream(
     used (NaN from a diverged checkpoint) is skipped and reported, the others go on.
     """
     from musicssl.data.cache import LogMelConfig
+    from musicssl.data.loaders import canonical_dataset_spec
+    from musicssl.data.loaders import dataset_name as dataset_name_of
     from musicssl.data.pipeline import prepare_data
     from musicssl.paths import cache_root
 
@@ -1166,7 +1168,7 @@ def run_downstream(
     problem = _bootstrap_size_problem(config.bootstrap_fraction, len(listed)) if len(listed) >= 2 else None
     if problem:
         _refuse_bootstrap_fraction(problem, index.labels()[listed], config)
-    dataset_name = config.dataset.strip().lower() if _dataset_name(config.dataset) else index.name
+    dataset_name = canonical_dataset_spec(config.dataset) if dataset_name_of(config.dataset) else index.name
     missing = index.extra.get("missing", [])
     log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
     if missing:
@@ -1328,12 +1330,6 @@ def run_downstream(
         bootstrap=pd.DataFrame(bootstrap_rows),
         summary=summary,
     )
-
-
-def _dataset_name(spec: str) -> str | None:
-    from musicssl.data.loaders import dataset_name
-
-    return dataset_name(spec)
 
 
 def _group(tag: str) -> str:
@@ -1609,7 +1605,8 @@ def build_parser() -> argparse.ArgumentParser:
         "training data), melstats; LABEL=PATH names it",
     )
     parser.add_argument("--dataset", default=defaults.dataset,
-                        help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre, msd, or a "
+                        help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre "
+                        "(MTG-Jamendo's split 0; jamendo-top50-split3 and the like: its others), msd, or a "
                         "folder with a tags file / tracks.csv")
     parser.add_argument("--root", default=None, help="the dataset's folder (mtat, jamendo-*, msd; corpus: where it is)")
     parser.add_argument("--audio-dir", default=None, help="audio folder when it is not under --root (mtat, jamendo, msd)")

@@ -218,7 +218,7 @@ def load_experiment(folder: str | Path) -> Experiment:
         raise ReportError(
             f"{folder}: the search has not recorded any trial yet (no {JOURNAL_FILE} or an empty one); "
             "wait for its first trial, or resume it with python -m hpsearch.run "
-            f"{settings['method']} --name {folder.name} --storage-dir {folder.parent} --resume"
+            f"{settings['method']} --name {folder.resolve().name} --storage-dir {folder.resolve().parent} --resume"
         )
     study = _load_study(journal)
     if not study.get_trials(deepcopy=False):

@@ -584,6 +584,16 @@ def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def _comparable(key: str, stored: Any) -> Any:
+    """A stored setting as a flag's value is compared with it (a search stored before data specs were
+    made canonical may spell its dataset otherwise)."""
+    if key == "data":
+        from musicssl.data.loaders import canonical_dataset_spec
+
+        return canonical_dataset_spec(stored)
+    return stored
+
+
 def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
     """The search's settings and whether it resumes one (stored settings win; a flag given
     explicitly must agree with them)."""
@@ -594,6 +604,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
     }
     if args.threshold:
         given["thresholds"] = _threshold_values(args.threshold)
+    if "data" in given:  # one spelling per dataset, so that a resume recognises it (jamendo-top50-split0)
+        from musicssl.data.loaders import canonical_dataset_spec
+
+        given["data"] = canonical_dataset_spec(given["data"])
     storage_dir = given.get("storage_dir", "runs")
     name = given.get("name")
     resume = bool(args.resume)
@@ -608,7 +622,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         conflicts = [
             f"{_flag_text(key, value)} (stored: {_stored_text(key, getattr(stored, key))})"
             for key, value in given.items()
-            if key not in _RUNTIME_FLAGS and value != getattr(stored, key)
+            if key not in _RUNTIME_FLAGS and value != _comparable(key, getattr(stored, key))
         ]
         if conflicts:
             raise SearchError(

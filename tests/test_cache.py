@@ -370,6 +370,17 @@ def test_a_file_that_decodes_to_under_half_its_listed_duration_is_skipped_as_tru
     assert (relisted.build_report.processed, relisted.build_report.excluded) == (0, 1)
     assert relisted.track_ids == ["close", "full"]
     assert {track.track_id: track.reason for track in relisted.skipped} == {"cut": "truncated", "unlisted": "truncated"}
+    # Unchanged, the verdicts stand without decoding; when the listed duration is corrected (or no
+    # longer listed) the file is judged again (metadata can be wrong, the file fine).
+    again = MelCache.build(index([("full", full, 20.0), ("cut", cut, 20.0), ("unlisted", cut, 20.0),
+                                  ("close", cut, 1.9 * decoded)]),
+                           tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert (again.build_report.processed, again.build_report.already_skipped) == (0, 2)
+    corrected = MelCache.build(index([("full", full, 20.0), ("cut", cut, decoded), ("unlisted", cut, None),
+                                      ("close", cut, 1.9 * decoded)]),
+                               tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert corrected.build_report.processed == 2
+    assert corrected.track_ids == ["close", "cut", "full", "unlisted"] and corrected.skipped == []
 
 
 def test_index_without_usable_tracks_is_a_clear_error(tmp_path: Path) -> None:

@@ -741,6 +741,16 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     assert resume and (settings.concurrency, settings.cpus_per_trial, settings.reuse_actors) == (4, 2.0, False)
     assert settings.root == "/mnt/data"  # where a named dataset lies, e.g. on the cluster's nodes
     assert settings.trials == 8 and settings.trial_settings().num_threads == 2
+    # A dataset is recognised however it is spelled (split 0 of MTG-Jamendo by its bare name too).
+    SearchSettings(method="vicreg", name="jam", storage_dir=str(tmp_path), data="Jamendo-Top50").save(
+        (tmp_path / "jam").mkdir() or tmp_path / "jam")
+    for spelling in ("jamendo-top50", "JAMENDO-TOP50-SPLIT0"):
+        settings, resume = settings_from_args(parse(["vicreg", "--name", "jam", "--storage-dir", str(tmp_path),
+                                                     "--data", spelling]))
+        assert resume and settings.data == "Jamendo-Top50"
+    with pytest.raises(SearchError, match=r"--data jamendo-top50-split1 \(stored: Jamendo-Top50\)"):
+        settings_from_args(parse(["vicreg", "--name", "jam", "--storage-dir", str(tmp_path), "--data",
+                                  "jamendo-top50-split1"]))
     # --resume without --name picks the latest search named by default (METHOD-<time>).
     with pytest.raises(SearchError, match="--resume: no search of vicreg"):
         settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))

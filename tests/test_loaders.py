@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -621,16 +622,36 @@ def test_jamendo_splits_by_name_share_one_mel_cache(tmp_path, monkeypatch):
         open_dataset("jamendo-mood-split2", root, audio_dir=audio, split_id=1)
     top50 = open_dataset_option("jamendo-top50", root, audio)
     assert default_mel_cache_dir(split2) == default_mel_cache_dir(split0) == default_mel_cache_dir(top50)
-    assert default_mel_cache_dir(split2).name.startswith("jamendo-")
+    assert re.fullmatch(r"jamendo-[0-9a-f]{10}", default_mel_cache_dir(split2).name)
     # The .low.mp3 copies are other files under the same track ids: a cache of their own.
     for path in ("48/948.low.mp3", "32/1032.low.mp3", "50/950.low.mp3"):
         write_sine(audio / path)
     low = load_jamendo(root, "moodtheme", split_id=2, audio_dir=audio, low_quality=True)
-    assert default_mel_cache_dir(low) != default_mel_cache_dir(split2)
-    # A cache made under the index's own name before (one per subset and split) is still used.
-    earlier = default_mel_cache_dir(split2).with_name(f"jamendo-moodtheme-split2-{default_mel_cache_dir(split2).name[8:]}")
+    assert re.fullmatch(r"jamendo-low-[0-9a-f]{10}", default_mel_cache_dir(low).name)
+    # A cache made under the index's own name before (one per subset and split) is still used, but
+    # not by the low-quality copies, whose earlier cache had that same name.
+    shared = default_mel_cache_dir(split2)
+    earlier = shared.with_name(f"jamendo-moodtheme-split2-{shared.name[len('jamendo-'):]}")
     earlier.mkdir(parents=True)
     assert default_mel_cache_dir(split2) == earlier
+    assert re.fullmatch(r"jamendo-low-[0-9a-f]{10}", default_mel_cache_dir(low).name)
+    # One spelling per dataset (a search resumed with jamendo-mood-split0 is the one started with jamendo-mood).
+    from musicssl.data.loaders import canonical_dataset_spec
+
+    assert [canonical_dataset_spec(spec) for spec in ("Jamendo-Mood-Split0", "jamendo-mood-split2", " MTAT", "./x")] \
+        == ["jamendo-mood", "jamendo-mood-split2", "mtat", "./x"]
+
+
+def test_a_root_that_is_a_file_is_refused_also_under_the_home_folder(tmp_path, monkeypatch):
+    from musicssl.data.loaders import check_dataset_option
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "afile").write_text("x")
+    for spec, what in (("corpus", "where the corpus is or is built"), ("mtat", "the dataset's folder"),
+                       ("jamendo-mood-split1", "the dataset's folder")):
+        with pytest.raises(DatasetError, match=rf"--root ~/afile is a file; give a folder \({what}\)"):
+            check_dataset_option(spec, "~/afile")
+    check_dataset_option("mtat", "~/")  # a folder: fine
 
 
 def test_jamendo_bad_inputs(tmp_path):

@@ -747,6 +747,13 @@ def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, cap
         assert f"--storage-dir {tmp_path} --resume" in err
 
 
+def test_the_resume_hint_names_the_search_also_when_given_as_dot(tmp_path, monkeypatch, capsys):
+    folder = write_files(tmp_path / "partial", {"search.json": '{"method": "vicreg"}'})
+    monkeypatch.chdir(folder)
+    assert main([".", "--out", str(tmp_path / "r.html")]) == 2
+    assert f"--name partial --storage-dir {tmp_path} --resume" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("out", ["r.json", "x-trials.csv", "r", "r.csv"])
 def test_an_out_that_is_not_an_html_file_is_refused_before_anything_is_written(out, tmp_path, capsys):
     """--out names the HTML report; r.json would have the JSON written over the HTML, x-trials.csv is

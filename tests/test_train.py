@@ -280,6 +280,8 @@ def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
     names = {f.name for f in fields(TrainConfig)}
     for setting, flag in FLAG_OF_SETTING.items():
         assert setting in names and flag in destinations
+    # and every flag of a setting is there (a new flag without its entry would let --set contradict it)
+    assert set(destinations) - {"-h", "--set"} == set(FLAG_OF_SETTING.values())
     # Each flag really sets its field: a distinctive value given through it lands there.
     out = str(tmp_path / "somewhere")
     args = parser.parse_args(["vicreg", "--max-epochs", "7", "--steps-per-epoch", "9", "--batch-size", "5",

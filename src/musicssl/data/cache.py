@@ -268,6 +268,7 @@ class _Result:
     peak: float | None = None  # peak amplitude of the decoded audio, before normalisation
     reason: str = ""
     detail: str = ""
+    listed_samples: int | None = None  # the listed length a "truncated" verdict was judged against
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ class _SkipRecord:
     mtime_ns: int | None
     rules: tuple[float, float]  # (min_seconds, silence_threshold_db) in force when it was skipped
     committed_ns: int
+    listed_samples: int | None = None  # "truncated": the listed length it fell short of
 
 
 @dataclass
@@ -410,6 +412,7 @@ def _compute_track(task: _Task) -> _Result:
     truncated = _truncated(path, result.samples, task.listed_samples, sample_rate)
     if truncated:
         result.reason, result.detail = truncated
+        result.listed_samples = task.listed_samples
         return result
     peak = float(np.max(np.abs(audio)))
     result.peak = peak
@@ -651,7 +654,8 @@ def _read_state(folder: Path, n_mels: int) -> _State:
         for skip in manifest["skipped"]:
             track_id = skip["track_id"]
             record = SkippedTrack(track_id, skip["path"], skip["reason"], skip["detail"])
-            state.skipped[track_id] = _SkipRecord(record, skip["size"], skip.get("mtime_ns"), rules, committed_ns)
+            state.skipped[track_id] = _SkipRecord(record, skip["size"], skip.get("mtime_ns"), rules, committed_ns,
+                                                  skip.get("listed_samples"))
             state.entries.pop(track_id, None)
         state.last_number = number
     return state
@@ -711,6 +715,7 @@ class _ShardWriter:
                     "mtime_ns": r.mtime_ns,
                     "reason": r.reason,
                     "detail": r.detail,
+                    **({"listed_samples": r.listed_samples} if r.reason == "truncated" else {}),
                 }
                 for r in results
                 if r.mel is None
@@ -940,13 +945,16 @@ class MelCache:
                 else:
                     size, mtime_ns = now if now[0] is not None else (entry.size, entry.mtime_ns)
                     reason, detail = verdict
-                    excluded.append(_Result(track_id, path, size, mtime_ns, reason=reason, detail=detail))
+                    excluded.append(_Result(track_id, path, size, mtime_ns, reason=reason, detail=detail,
+                                            listed_samples=listed_samples))
                 continue
             record = state.skipped.get(track_id)
             if (
                 record is not None
                 and not retry_skipped
                 and record.rules == rules
+                # A file skipped as truncated is judged again when the duration its dataset lists changes.
+                and (record.track.reason != "truncated" or record.listed_samples == listed_samples)
                 and _same_file(record.size, record.mtime_ns, record.committed_ns, now)
             ):
                 already_skipped += 1

@@ -50,6 +50,7 @@ __all__ = [
     "load_mtat",
     "open_dataset",
     "open_dataset_option",
+    "canonical_dataset_spec",
     "check_dataset_option",
     "dataset_name",
     "split_position",
@@ -129,6 +130,16 @@ def dataset_name(spec: str | Path) -> str | None:
         return key
     match = _JAMENDO_SPLIT.match(key)
     return match.group(1) if match else None
+
+
+def canonical_dataset_spec(spec: str | Path) -> str:
+    """One spelling per dataset: a named dataset lower-cased, its split 0 by the bare name
+    (``Jamendo-Top50-Split0`` is ``jamendo-top50``); a path as given."""
+    name = dataset_name(spec)
+    if name is None:
+        return str(spec)
+    key = str(spec).strip().lower()
+    return name if key == f"{name}-split0" else key
 
 
 class DatasetError(ValueError):
@@ -288,7 +299,8 @@ def _find_tags_file(root: Path) -> Path | None:
     if len(tables) > 1:
         raise DatasetError(
             f"{root}: several CSV/TSV files found ({[p.name for p in tables]}) and none is named "
-            f"{list(DEFAULT_TAG_FILES)}; pass the tags file as tags_file="
+            f"{list(DEFAULT_TAG_FILES)}; pass the tags file as tags_file= (on the command lines: give its path "
+            "as the dataset)"
         )
     return None
 
@@ -1115,7 +1127,7 @@ def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: s
         raise DatasetError("dataset 'msd' needs --audio-dir, the folder with the MSD audio (--root is the split folder)")
     if name is None and root is not None:
         raise DatasetError(f"--root applies to named datasets; {spec!r} is a path already")
-    if root is not None and Path(root).exists() and not Path(root).is_dir():
+    if root is not None and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
         what = {"corpus": "where the corpus is or is built", "msd": "the split folder"}.get(name, "the dataset's folder")
         raise DatasetError(f"--root {root} is a file; give a folder ({what})")
 

@@ -48,8 +48,10 @@ def default_mel_cache_dir(index: TrackIndex) -> Path:
     folder = os.path.commonpath([os.path.dirname(path) for path in listed]) if listed else ""
     folder_key = hashlib.sha1(folder.encode()).hexdigest()[:10]
     current = mels / f"{safe(str(index.extra.get('mel_cache_name') or index.name))}-{folder_key}"
-    earlier = [mels / f"{safe(index.name)}-{folder_key}",
-               mels / f"{safe(index.name)}-{hashlib.sha1(chr(10).join(sorted(index.paths)).encode()).hexdigest()[:10]}"]
+    # (The low-quality MTG-Jamendo copies had the same earlier name as the full ones, with the same
+    # track ids: a cache of that name may hold either, so they do not fall back to it.)
+    earlier = [] if index.extra.get("low_quality") else [mels / f"{safe(index.name)}-{folder_key}"]
+    earlier.append(mels / f"{safe(index.name)}-{hashlib.sha1(chr(10).join(sorted(index.paths)).encode()).hexdigest()[:10]}")
     if not current.is_dir():
         for candidate in earlier:
             if candidate.is_dir():
