@@ -399,10 +399,27 @@ def test_concurrent_build_waits_for_the_other_builder_then_times_out(
     with open(location / LOCK_FILE, "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         started = time.monotonic()
-        with pytest.raises(MelCacheError, match="another process has been building this cache for over 1 s"):
+        with pytest.raises(MelCacheError, match="another process holds this cache's build lock and has committed "
+                                                "nothing for over 1 s"):
             MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=True, lock_timeout=1.0)
         assert 1.0 <= time.monotonic() - started < 5.0
         assert "waiting for it" in capsys.readouterr().out
+        # While the other builder commits shards, the wait goes on past the timeout (a build of a large
+        # collection takes hours; before, the waiting run failed after lock_timeout however busy it was).
+        def commit_shards() -> None:
+            for number in range(6):
+                time.sleep(0.4)
+                (location / f"shard-{900 + number:06d}.json.tmp").write_text("{}")
+
+        committer = threading.Thread(target=commit_shards)
+        committer.start()
+        started = time.monotonic()
+        with pytest.raises(MelCacheError, match="committed nothing for over 1 s"):
+            MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False, lock_timeout=1.0)
+        committer.join()
+        assert time.monotonic() - started >= 2.4 + 1.0  # the last commit at 2.4 s, then the full timeout
+        for leftover in location.glob("shard-0009*.json.tmp"):
+            leftover.unlink()
         # The other builder finishes while this one waits: the build then goes ahead.
         releaser = threading.Timer(0.7, lambda: fcntl.flock(lock.fileno(), fcntl.LOCK_UN))
         releaser.start()

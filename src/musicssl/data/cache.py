@@ -804,7 +804,7 @@ class MelCache:
         commit_every_bytes: int = 128 * 2**20,
         progress: bool = True,
         verbose: bool = True,
-        lock_timeout: float = 3600.0,
+        lock_timeout: float = 900.0,
         dropped: Sequence[Mapping[str, Any]] = (),
     ) -> MelCache:
         """Cache the log-mel of every track of ``index`` under ``cache_dir`` and open the cache.
@@ -818,7 +818,9 @@ class MelCache:
         file or these rules change, or with ``retry_skipped=True``. The rules apply to cached tracks
         too, judged from their stored length and peak without decoding: a cached track that they now
         exclude becomes skipped. Finished tracks are committed at least every ``commit_every_seconds``,
-        so an interrupted build loses little and resumes where it stopped.
+        so an interrupted build loses little and resumes where it stopped. A build of the same folder
+        by another process is waited for while it commits work (it decodes what this one would);
+        ``lock_timeout`` seconds without a commit from it are an error.
 
         ``dropped``: tracks the dataset lists but its loader left out of ``index`` because their audio
         file is missing or empty (the loaders' ``index.extra["missing"]``: dicts with ``track_id``,
@@ -1132,20 +1134,42 @@ class MelCache:
         return state
 
 
+def _last_commit_ns(folder: Path) -> int:
+    """When the folder's newest shard file was written (0 if none): a build writes one at least every
+    ``commit_every_seconds`` while it makes progress."""
+    latest = 0
+    try:
+        for path in folder.iterdir():
+            if path.name.startswith("shard-"):
+                try:
+                    latest = max(latest, path.stat().st_mtime_ns)
+                except OSError:
+                    pass  # renamed or removed meanwhile
+    except OSError:
+        pass
+    return latest
+
+
 def _wait_for_lock(lock, folder: Path, timeout: float, verbose: bool) -> None:
-    """Take the build lock, waiting up to ``timeout`` seconds for another process's build: that
-    build does the same work, so this one then finds the tracks cached and only opens them."""
+    """Take the build lock, waiting for another process's build while it makes progress: it decodes
+    tracks this build wants too (a cache can serve several indexes, e.g. MTG-Jamendo's subsets), so
+    this one then finds them cached. Gives up after ``timeout`` seconds in which the other build
+    committed nothing (a hung or stopped builder), however long it has been running."""
     deadline = time.monotonic() + timeout
+    seen = _last_commit_ns(folder)
     announced = False
     while True:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
+            latest = _last_commit_ns(folder)
+            if latest != seen:
+                seen, deadline = latest, time.monotonic() + timeout
             if time.monotonic() >= deadline:
                 raise MelCacheError(
-                    f"{folder}: another process has been building this cache for over {timeout:.0f} s; "
-                    "wait for it to finish (or stop it) and run again"
+                    f"{folder}: another process holds this cache's build lock and has committed nothing for "
+                    f"over {timeout:.0f} s; if it is stuck, stop it, then run again"
                 ) from None
             if verbose and not announced:
                 print(f"{folder}: another process is building this cache; waiting for it", flush=True)
