@@ -420,6 +420,14 @@ def test_uniform_prototype_collapse_with_constant_scores_reads_cluster_not_compl
     verdict, reasons = collapse_diagnosis(metrics)
     assert verdict == "cluster"
     assert "sample_entropy 1 > 0.97" in reasons  # (ties: argmax puts everyone on one prototype too)
+    # Healthy assignments with scores of rank about 1 (a shared offset; the argmax still spreads over
+    # the prototypes): not collapse. Before, the projection rule called it "complete" and the search
+    # stopped 4 of the 5 best trials of its clustering benchmark so.
+    offset = torch.ones(512, 64) * 10 + 0.05 * gaussian(512, 64)
+    spread = torch.softmax(gaussian(512, 64) * 3, dim=1)
+    healthy = collapse_metrics({"embedding": gaussian(512, 64), "projection": offset, "assignment_probs": spread})
+    assert healthy["rankme_projection"] < 1.5 and healthy["cluster_occupancy_attainable"] > 0.5
+    assert collapse_diagnosis(healthy) == ("none", [])
     # Without assignments the same constant scores are complete collapse of the projection.
     del metrics["sample_entropy"], metrics["assignment_entropy"]
     metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_")}
