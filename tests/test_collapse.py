@@ -420,14 +420,21 @@ def test_uniform_prototype_collapse_with_constant_scores_reads_cluster_not_compl
     verdict, reasons = collapse_diagnosis(metrics)
     assert verdict == "cluster"
     assert "sample_entropy 1 > 0.97" in reasons  # (ties: argmax puts everyone on one prototype too)
-    # Healthy assignments with scores of rank about 1 (a shared offset; the argmax still spreads over
-    # the prototypes): not collapse. Before, the projection rule called it "complete" and the search
-    # stopped 4 of the 5 best trials of its clustering benchmark so.
-    offset = torch.ones(512, 64) * 10 + 0.05 * gaussian(512, 64)
+    # Spread (teacher) assignments and student scores on one line through the origin (RankMe 1, but
+    # not constant: L2 std far above 0.1): the rank rule is not applied to prototype scores. Before,
+    # it called such trials "complete" and would have stopped 4 of the 5 best trials of the
+    # clustering search benchmark (benchmarks/README.md, "Search").
+    direction = torch.nn.functional.normalize(gaussian(1, 64)[0], dim=0)
+    on_a_line = gaussian(512, 1) * direction
     spread = torch.softmax(gaussian(512, 64) * 3, dim=1)
-    healthy = collapse_metrics({"embedding": gaussian(512, 64), "projection": offset, "assignment_probs": spread})
-    assert healthy["rankme_projection"] < 1.5 and healthy["cluster_occupancy_attainable"] > 0.5
+    healthy = collapse_metrics({"embedding": gaussian(512, 64), "projection": on_a_line, "assignment_probs": spread})
+    assert healthy["rankme_projection"] < 1.5 and healthy["l2_std_projection"] > 0.5
+    assert healthy["cluster_occupancy_attainable"] > 0.5
     assert collapse_diagnosis(healthy) == ("none", [])
+    # Without prototypes the same scores are complete collapse (every sample on one line).
+    assert collapse_diagnosis({k: v for k, v in healthy.items()
+                               if k not in ("assignment_entropy", "sample_entropy") and not k.startswith("cluster_")}
+                              ) == ("complete", [f"rankme_projection {healthy['rankme_projection']:.4g} < 1.5"])
     # Without assignments the same constant scores are complete collapse of the projection.
     del metrics["sample_entropy"], metrics["assignment_entropy"]
     metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_")}

@@ -185,13 +185,13 @@ def assert_logged_metrics_match_definitions(finished: Run) -> dict[str, float]:
 
 def is_healthy(metrics: dict[str, float]) -> bool:
     """No rule of the documented verdict fires on ``metrics`` (numbers from independent_metrics)."""
-    # The projection's rules apply to methods without prototypes only.
+    # The projection's rank rule applies to methods without prototypes only.
     prototypes = "assignment_entropy" in metrics
     complete = (
         metrics["l2_std_embedding"] < COMPLETE_MAX_L2_STD
         or metrics["rankme_embedding"] < COMPLETE_MAX_RANKME
         or metrics["mean_cosine"] > COMPLETE_MIN_MEAN_COSINE
-        or (not prototypes and metrics.get("l2_std_projection", 1.0) < COMPLETE_MAX_L2_STD)
+        or metrics.get("l2_std_projection", 1.0) < COMPLETE_MAX_L2_STD
         or (not prototypes and metrics.get("rankme_projection", 2.0) < COMPLETE_MAX_RANKME)
     )
     cluster = (
