@@ -1053,7 +1053,7 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
         if key == "mtat":
             return load_mtat(root, **kwargs)
         if key in _JAMENDO_NAMES:
-            match = _JAMENDO_SPLIT.match(spec.strip().lower())
+            match = _JAMENDO_SPLIT.match(str(spec).strip().lower())
             if match:
                 if int(kwargs.get("split_id", match.group(2))) != int(match.group(2)):
                     raise DatasetError(f"{spec!r} names split {match.group(2)}, and split_id={kwargs['split_id']}")
