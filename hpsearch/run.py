@@ -584,14 +584,14 @@ def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def _comparable(key: str, stored: Any) -> Any:
-    """A stored setting as a flag's value is compared with it (a search stored before data specs were
-    made canonical may spell its dataset otherwise)."""
+def _comparable(key: str, value: Any) -> Any:
+    """A setting as a resume compares it with the stored one: a dataset in one spelling
+    (``Jamendo-Top50-Split0`` is ``jamendo-top50``)."""
     if key == "data":
         from musicssl.data.loaders import canonical_dataset_spec
 
-        return canonical_dataset_spec(stored)
-    return stored
+        return canonical_dataset_spec(value)
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
@@ -604,10 +604,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
     }
     if args.threshold:
         given["thresholds"] = _threshold_values(args.threshold)
-    if "data" in given:  # one spelling per dataset, so that a resume recognises it (jamendo-top50-split0)
-        from musicssl.data.loaders import canonical_dataset_spec
-
-        given["data"] = canonical_dataset_spec(given["data"])
     storage_dir = given.get("storage_dir", "runs")
     name = given.get("name")
     resume = bool(args.resume)
@@ -622,7 +618,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         conflicts = [
             f"{_flag_text(key, value)} (stored: {_stored_text(key, getattr(stored, key))})"
             for key, value in given.items()
-            if key not in _RUNTIME_FLAGS and value != _comparable(key, getattr(stored, key))
+            if key not in _RUNTIME_FLAGS and _comparable(key, value) != _comparable(key, getattr(stored, key))
         ]
         if conflicts:
             raise SearchError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_root", "make_writable_folder", "remove_if_empty"]
+__all__ = ["cache_root", "make_writable_folder", "missing_folders", "remove_if_empty"]
 
 
 def cache_root() -> Path:
@@ -14,11 +14,17 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "musicssl"
 
 
+def missing_folders(folder: str | Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what making it creates."""
+    folder = Path(folder)
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
 def make_writable_folder(folder: str | Path) -> list[Path]:
     """Make ``folder`` (and its parents) and check that a file can be written in it; raise ``OSError``
     when not. Returns the folders that did not exist before, deepest first (see :func:`remove_if_empty`)."""
     folder = Path(folder)
-    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    made = missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".write-test-{os.getpid()}"
     probe.write_bytes(b"")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from musicssl.paths import make_writable_folder, remove_if_empty
+from musicssl.paths import make_writable_folder, missing_folders, remove_if_empty
 
 __all__ = [
     "TrainConfig",
@@ -382,12 +382,12 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
     problems = []
 
     def number(name: str, low: float, *, inclusive: bool = True, optional: bool = False, whole: bool = False,
-               hint: str = "") -> None:
+               below: float = math.inf, hint: str = "") -> None:
         value = getattr(config, name)
         if value is None and optional:
             return
         bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-        bad = bad or (value < low if inclusive else value <= low) or (whole and value != int(value))
+        bad = bad or (value < low if inclusive else value <= low) or value >= below or (whole and value != int(value))
         if bad:
             kind = "a whole number " if whole else ""
             problems.append(f"{name} must be {kind}{'>=' if inclusive else '>'} {low:g}{hint}, got {value!r}")
@@ -406,9 +406,7 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
     if config.probe_segments != 0:
         number("probe_segments", 2, whole=True, hint=" (0: no collapse metrics)")
     number("probe_segments_per_track", 1, whole=True)
-    number("seed", 0, whole=True, hint=" and < 2**32 (numpy's and Optuna's range)")
-    if isinstance(config.seed, int) and config.seed >= 2**32:
-        problems.append(f"seed must be a whole number >= 0 and < 2**32 (numpy's and Optuna's range), got {config.seed}")
+    number("seed", 0, whole=True, below=2**32, hint=" and < 2**32 (numpy's and Optuna's range)")
     try:  # the views' own rules (two views or more, gaps that fit), now rather than after the data
         from musicssl.data.views import ViewConfig
 
@@ -783,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "another: give another --out\n")
         out = out.with_name(f"{out.name}-{os.getpid()}")  # the default name, taken in the same second
         config.out_dir = str(out)
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first; train() makes them
+    made = missing_folders(out)  # train() makes them
     for note in schedule_notes(config):
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     try:

@@ -951,14 +951,9 @@ class MelCache:
                                             listed_samples=listed_samples))
                 continue
             record = state.skipped.get(track_id)
-            if (
-                record is not None
-                and not retry_skipped
-                and record.rules == rules
-                # A file skipped as truncated is judged again when the duration its dataset lists changes.
-                and (record.track.reason != "truncated" or record.listed_samples == listed_samples)
-                and _same_file(record.size, record.mtime_ns, record.committed_ns, now)
-            ):
+            # A file skipped as truncated is judged again when the duration its dataset lists changes.
+            if (not retry_skipped and _record_stands(record, rules, now)
+                    and (record.track.reason != "truncated" or record.listed_samples == listed_samples)):
                 already_skipped += 1
                 continue
             tasks.append(_Task(track_id, path, settings, min_samples, silence_peak, listed_samples))
@@ -970,8 +965,7 @@ class MelCache:
             now = _file_stamp(Path(path))
             reason = "empty" if track.get("reason") == "empty" and now[0] == 0 else "missing"
             record = state.skipped.get(track_id)
-            if (record is not None and record.track.reason == reason and record.rules == rules
-                    and _same_file(record.size, record.mtime_ns, record.committed_ns, now)):
+            if _record_stands(record, rules, now) and record.track.reason == reason:
                 continue  # recorded by an earlier build
             detail = f"{path}: empty file (0 bytes)" if reason == "empty" else f"{path}: no such file"
             excluded.append(_Result(track_id, path, *now, reason=reason, detail=detail))
@@ -1132,6 +1126,12 @@ class MelCache:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
         return state
+
+
+def _record_stands(record: _SkipRecord | None, rules: tuple[float, float], now: tuple[int | None, int | None]) -> bool:
+    """Whether an earlier skip of a file still holds: made under the same rules, the file unchanged."""
+    return (record is not None and record.rules == rules
+            and _same_file(record.size, record.mtime_ns, record.committed_ns, now))
 
 
 def _last_commit_ns(folder: Path) -> int:
