@@ -294,7 +294,15 @@ def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
     assert metrics["cluster_occupancy"] == pytest.approx(occupancy_reference(probs.numpy()))
     assert metrics["cluster_occupancy_attainable"] == pytest.approx(occupancy_reference(probs.numpy()))
     assert metrics["sample_entropy"] == pytest.approx(sample_entropy_reference(probs.numpy()), rel=1e-5)
+    assert metrics["rankme_projection"] == pytest.approx(rankme_reference(pr), rel=1e-5)
+    assert metrics["assignment_entropy"] == pytest.approx(mean_assignment_entropy_reference(probs.numpy()), rel=1e-5)
+    t = teacher.numpy().astype(np.float64)
+    cosines = (e * t).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(t, axis=1))
+    assert metrics["teacher_student_gap"] == pytest.approx(1.0 - cosines.mean(), abs=1e-6)
     assert metrics["nonfinite"] == 0.0
+    # Fewer samples than dimensions: the normalised rank is of min(N, D), the largest rank attainable.
+    few = collapse_metrics({"embedding": embedding[:20]})
+    assert few["rankme_embedding_norm"] == pytest.approx(rankme_reference(e[:20]) / 20, rel=1e-5)
     # views= overrides the dict's other view
     with_views = collapse_metrics({"embedding": embedding}, views=(embedding, embedding))
     assert with_views["alignment"] == pytest.approx(0.0, abs=1e-10)

@@ -207,10 +207,10 @@ def is_healthy(metrics: dict[str, float]) -> bool:
 # Fast smoke test: the tonal fixture, clustering with and without centring
 
 
-def smoke_config(**method_params) -> TrainConfig:
+def smoke_config(method: str = "clustering", learning_rate: float = 1e-3, **method_params) -> TrainConfig:
     return TrainConfig(
-        method="clustering", preset="cpu", max_epochs=2, steps_per_epoch=20, batch_size=32, probe_segments=128,
-        num_threads=1, seed=0, final_probe=False, method_params=method_params,
+        method=method, preset="cpu", max_epochs=2, steps_per_epoch=20, batch_size=32, probe_segments=128,
+        num_threads=1, seed=0, learning_rate=learning_rate, final_probe=False, method_params=method_params,
     )
 
 
@@ -232,6 +232,25 @@ def test_clustering_defaults_read_healthy_and_clustering_without_centring_collap
     assert collapsed_metrics["cluster_occupancy_attainable"] < healthy_metrics["cluster_occupancy_attainable"] / 3
     # The backbone itself is not collapsed: only the prototype assignments are.
     assert collapsed_metrics["rankme_embedding_norm"] > DIMENSIONAL_MAX_RANK_FRACTION
+
+
+def test_vicreg_without_its_regularisers_reads_dimensional_and_byol_without_predictor_complete(tonal_data):
+    """The two other kinds of collapse in 40-step runs (learning rate 3e-3; measured on seeds 0-2: both
+    read collapsed at both epochs, embedding RankMe / 128 at 0.03-0.05, BYOL's projection L2 std at
+    0.03-0.08). VICReg with variance and covariance weights 0.001 keeps its embedding spread but on a
+    few dimensions; BYOL with no predictor and its target the online network maps every input to one
+    direction after the projector, while the backbone's embedding stays spread."""
+    dimensional = run(smoke_config("vicreg", 3e-3, var_weight=0.001, cov_weight=0.001), tonal_data)
+    assert dimensional.result.verdict == "dimensional", dimensional.describe()
+    metrics = assert_logged_metrics_match_definitions(dimensional)
+    assert metrics["rankme_embedding_norm"] < DIMENSIONAL_MAX_RANK_FRACTION
+    assert metrics["l2_std_embedding"] > COMPLETE_MAX_L2_STD and metrics["rankme_embedding"] > COMPLETE_MAX_RANKME
+
+    complete = run(smoke_config("byol", 3e-3, use_predictor=False, base_ema_rate=0.0), tonal_data)
+    assert complete.result.verdict == "complete", complete.describe()
+    metrics = assert_logged_metrics_match_definitions(complete)
+    assert metrics["l2_std_projection"] < COMPLETE_MAX_L2_STD
+    assert metrics["l2_std_embedding"] > COMPLETE_MAX_L2_STD
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from analysis.downstream import (
     DownstreamConfig,
     DownstreamError,
     build_backbone,
+    build_parser,
     calibrate_batchnorm,
     calibration_segments,
     check_bootstrap,
@@ -506,6 +507,7 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
             assert len(values) == 20
             assert getattr(row, metric) == pytest.approx(values.mean())
             assert getattr(row, f"{metric}_low") == pytest.approx(np.percentile(values, 2.5))
+            assert getattr(row, f"{metric}_high") == pytest.approx(np.percentile(values, 97.5))
     # Pitch is easy for both baselines.
     assert (results["roc_auc_full_test"] > 0.8).all()
 
@@ -658,6 +660,28 @@ def test_check_bootstrap_fails_exactly_where_the_bootstrap_would():
             assert check_bootstrap(labels, config) == real, (labels.shape, fraction)
         modes.add(real)
     assert modes == {None, "redraw", "skip_tag"}  # every case met
+
+
+def test_defaults_are_the_studys_protocol():
+    """REFERENCE.md section 1, "Downstream protocol": 4 s segments, up to 25 per training track, 50
+    bootstrap resamples of half the test set, training fractions 1/5/10/20/100 % (and the seed
+    summary's 25 %) drawn 4 times each; the command line without options gives the same."""
+    protocol = {
+        "segment_seconds": 4.0,
+        "max_train_segments": 25,
+        "bootstrap_resamples": 50,
+        "bootstrap_fraction": 0.5,
+        "fractions": (0.01, 0.05, 0.10, 0.20, 0.25, 1.0),
+        "draws": 4,
+        "classifiers": ("linear", "mlp"),
+    }
+    config = DownstreamConfig()
+    assert {name: getattr(config, name) for name in protocol} == protocol
+    args = build_parser().parse_args([])
+    from_cli = {"max_train_segments": args.max_train_segments, "bootstrap_resamples": args.bootstrap,
+                "bootstrap_fraction": args.bootstrap_fraction, "fractions": tuple(args.fractions),
+                "draws": args.draws, "classifiers": tuple(args.classifiers)}
+    assert from_cli == {name: value for name, value in protocol.items() if name in from_cli}
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -405,7 +405,10 @@ def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_gu
             assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
     # Without collapse stopping, the tiny runs' eval-mode "collapse" is only recorded.
     assert csv["would_stop_epoch"].notna().any() and "collapsed" not in set(csv["outcome"])
-    # A trial that trained to the last epoch was not stopped there (ASHA decides only before it).
+    # ASHA stopped some trials at a rung and let others train to the end, which it never stops
+    # on their last epoch (it decides only before it).
+    assert "stopped" in set(csv["outcome"])
+    assert (csv["epochs_completed"] < 4).any() and (csv["epochs_completed"] == 4).any()
     assert set(csv.loc[csv["epochs_completed"] == 4, "outcome"]) <= {"complete", "diverged"}
 
 
@@ -424,6 +427,46 @@ def _epoch_reports(settings: SearchSettings, records: list[dict]) -> list[dict]:
         if module.trainer.should_stop:
             break
     return reports
+
+
+def test_without_collapse_stop_a_collapsed_trial_runs_on_and_records_when_it_would_have_stopped():
+    """--no-collapse-stop: the rule only records (would_stop_epoch); a NaN still stops the trial."""
+    settings = SearchSettings(method="vicreg", trials=2, collapse_stop=False, max_epochs=4)
+    reports = _epoch_reports(settings, [HEALTHY] + [COMPLETE] * 3)
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
+    assert not any(r["collapse_stop"] for r in reports)
+    assert all("stop_epoch" not in r for r in reports)
+    # Grace 1, patience 2: collapsed from epoch 2, the rule would have stopped the trial at epoch 3.
+    assert [r.get("would_stop_epoch") for r in reports] == [None, None, 3, 3]
+    assert (reports[2]["collapse_type"], reports[2]["collapse_epoch"]) == ("complete", 2)
+    assert [r["collapse_verdict"] for r in reports] == ["none", "complete", "complete", "complete"]
+
+    diverging = _epoch_reports(settings, [HEALTHY, NAN_LOSS, HEALTHY, HEALTHY])
+    assert len(diverging) == 2 and diverging[-1]["collapse_stop"]
+    assert (diverging[-1]["collapse_type"], diverging[-1]["stop_epoch"]) == ("diverged", 2)
+    assert "would_stop_epoch" not in diverging[-1]
+
+    # With stopping on, the same records end the trial at epoch 3.
+    stopped = _epoch_reports(SearchSettings(method="vicreg", trials=2, max_epochs=4), [HEALTHY] + [COMPLETE] * 3)
+    assert len(stopped) == 3 and stopped[-1]["collapse_stop"] and stopped[-1]["stop_epoch"] == 3
+
+
+def test_the_tested_versions_are_the_pinned_ones_and_others_are_warned_about(monkeypatch):
+    """The searcher relies on private attributes of OptunaSearch: the versions it was tested with are
+    constraints.txt's pins, installed here; another version warns when a searcher is made."""
+    from hpsearch.searcher import TESTED_VERSIONS
+
+    pins = dict(line.strip().split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line.strip().startswith(("ray==", "optuna==")))
+    assert TESTED_VERSIONS == pins
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        CollapseAwareOptunaSearch(line_space, seed=0)
+    monkeypatch.setattr(optuna, "__version__", "4.9.0")
+    with pytest.warns(RuntimeWarning, match=r"tested with .*'optuna': '4\.9\.0'.*pip install -c constraints.txt"):
+        CollapseAwareOptunaSearch(line_space, seed=0)
 
 
 def test_asha_never_stops_a_trial_on_its_last_epoch_nor_on_the_report_its_collapse_stops_it():

@@ -208,6 +208,12 @@ def test_nt_xent_matches_reference(temperature: float) -> None:
     na = as_numpy(a) / np.linalg.norm(as_numpy(a), axis=1, keepdims=True)
     nb = as_numpy(b) / np.linalg.norm(as_numpy(b), axis=1, keepdims=True)
     assert relative_close(result["positive_similarity"], float((na * nb).sum(axis=1).mean()))
+    # Negatives: every ordered pair of the 2N rows except a row with itself and with its positive.
+    rows = np.concatenate([na, nb])
+    n = len(na)
+    negatives = [float(rows[i] @ rows[j]) for i in range(2 * n) for j in range(2 * n) if j not in (i, (i + n) % (2 * n))]
+    assert len(negatives) == 2 * n * (2 * n - 2)
+    assert relative_close(result["negative_similarity"], float(np.mean(negatives)))
 
 
 def test_nt_xent_default_temperature_is_0_1() -> None:
@@ -343,6 +349,21 @@ def test_losses_compute_in_float32_under_bfloat16_autocast() -> None:
     assert relative_close(result["loss"], expected["loss"])
     expected_barlow = reference_barlow_twins(as_numpy(a16.float()), as_numpy(b16.float()), 0.0051)
     assert relative_close(barlow["loss"], expected_barlow["loss"])
+
+
+def test_nt_xent_byol_and_dino_compute_in_float32_under_bfloat16_autocast() -> None:
+    a, b = random_pair(batch=16, dim=6, seed=19)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    center = torch.linspace(-0.2, 0.2, 6).bfloat16()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        contrastive = nt_xent(a16, b16, 0.1)
+        bootstrap = byol(a16, b16)
+        clustering = dino(a16, b16, center, 0.1, 0.04)
+    x, y, c = as_numpy(a16.float()), as_numpy(b16.float()), as_numpy(center.float())
+    for result, expected in ((contrastive, reference_nt_xent(x, y, 0.1)), (bootstrap, reference_byol(x, y)),
+                             (clustering, reference_dino(x, y, c, 0.1, 0.04))):
+        assert result["loss"].dtype == torch.float32
+        assert relative_close(result["loss"], expected)
 
 
 @pytest.mark.parametrize("loss_fn", [vicreg, barlow_twins, nt_xent, byol])

@@ -247,6 +247,15 @@ def test_bootstrap_is_reproducible_and_brackets_the_full_test_value():
     assert abs(result.mean - full) < 2 * result.std
     assert result.mean == pytest.approx(result.values.mean())
     assert result.std == pytest.approx(np.std(result.values, ddof=1))
+    # The interval is the central 95 % of the resamples: 2.5th and 97.5th percentiles, linear
+    # interpolation between order statistics (rank p/100 * (n - 1), numpy's default).
+    ordered = np.sort(result.values)
+    for value, p in ((result.low, 2.5), (result.high, 97.5)):
+        rank = p / 100 * (len(ordered) - 1)
+        below = int(np.floor(rank))
+        expected = ordered[below] + (rank - below) * (ordered[below + 1] - ordered[below])
+        assert value == pytest.approx(expected, rel=1e-12)
+    assert result.low < result.high
     assert result.rejected == 0
     again = bootstrap(labels, scores, "roc_auc", n_resamples=50, fraction=0.5, seed=0)
     np.testing.assert_array_equal(again.values, result.values)

@@ -32,6 +32,7 @@ from analysis.sensitivity import (
     spearman_with_interval,
     wilson_interval,
 )
+from hpsearch.searcher import user_attrs_from_record
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 REPO = Path(__file__).resolve().parents[1]
@@ -369,26 +370,44 @@ def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True,
     distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
                      "y": optuna.distributions.FloatDistribution(0.0, 1.0)}
     for x, y, outcome in rows:
-        attrs: dict = {"outcome": outcome, "epochs_run": 2.0, "verdict": "none"}
+        record: dict = {"outcome": outcome, "epochs_run": 2.0, "verdict": "none"}
         if outcome == "collapsed":
-            attrs.update(collapse_type="complete", collapse_epoch=1, collapse_step=3, verdict="complete")
+            record.update(_rule_fired_at_epoch_1("complete", stopping), verdict="complete")
             if stopping:
-                attrs.update(stop_epoch=1, epochs_run=1.0)
+                record.update(epochs_run=1.0)
             else:
-                attrs.update(outcome="complete", would_stop_epoch=1)
+                record.update(outcome="complete")
         elif outcome == "diverged":  # stopped whatever the setting
-            attrs.update(collapse_type="diverged", collapse_epoch=1, collapse_step=2, stop_epoch=1, epochs_run=0.5,
-                         verdict="diverged")
+            record.update(_rule_fired_at_epoch_1("diverged", stopping), epochs_run=0.5, verdict="diverged")
         elif outcome == "stopped":
-            attrs.update(epochs_run=1.0)
+            record.update(epochs_run=1.0)
         elif outcome == "flagged":
-            attrs.update(outcome="complete", verdict="dimensional")
+            record.update(outcome="complete", verdict="dimensional")
+        attrs = user_attrs_from_record(record)  # the searcher's filter: the attributes a search stores
         complete = attrs["outcome"] == "complete"
         study.add_trial(optuna.trial.create_trial(
             params={"x": x, "y": y}, distributions=distributions,
             state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED,
             value=x if complete else None, user_attrs=attrs))
     return study
+
+
+def _rule_fired_at_epoch_1(collapse: str, stopping: bool) -> dict:
+    """hpsearch's record of a stopping rule (grace 0, patience 1) that fired on epoch 1 (step 3, or 2
+    for a NaN loss within it): collapse type, epoch, step, reasons, and stop_epoch (with stopping
+    on, or for a divergence) or would_stop_epoch."""
+    from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+    from hpsearch.trainable import _rule_record
+
+    monitor = CollapseMonitor(CollapseStopRule(grace_epochs=0, patience_epochs=1))
+    healthy = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
+               "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
+    if collapse == "complete":
+        monitor.update(1, 3, {**healthy, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999})
+    else:
+        monitor.update(1, 2, {**healthy, "train_loss": math.nan})
+    assert monitor.fired and monitor.collapse_type == collapse
+    return _rule_record(monitor, stopping)
 
 
 def write_search(folder: Path, rows: list[tuple[float, float, str]], settings: dict | None = None,

@@ -18,17 +18,24 @@ from study_spaces import SpaceError, UnknownSpaceError, available_spaces, get_sp
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# The ranges the search is specified with (the project's issue), written out independently of the
-# modules: (low, high, log scale).
+# The ranges the search is specified with (the project's issue and the README's table), written out
+# independently of the modules: (low, high, log scale) for numbers, a tuple of choices for categories.
+OPTIMIZER = {"learning_rate": (1e-4, 1e-2, True), "weight_decay": (1e-6, 0.1, True)}
+BATCH_SIZES = (32, 64, 128)
 SPECIFIED_RANGES = {
     "vicreg": {"inv_weight": (0.1, 100, True), "var_weight": (0.1, 100, True), "cov_weight": (0.1, 100, True)},
-    "clustering": {"num_prototypes": (16, 8192, True)},
-    "contrastive": {"temperature": (0.01, 1.0, True)},
-    "byol": {"one_minus_ema_rate": (1e-4, 0.1, True)},
-    "barlow_twins": {"lambd": (1e-4, 1.0, True)},
+    "clustering": {
+        "num_prototypes": (16, 8192, True),
+        "student_temperature": (0.03, 0.5, True),
+        "teacher_temperature": (0.01, 0.2, True),
+        "teacher_warmup_epochs": (0.0, 3.0, False),
+        "one_minus_center_momentum": (1e-3, 0.5, True),
+        "one_minus_ema_rate": (1e-4, 0.1, True),
+    },
+    "contrastive": {"temperature": (0.01, 1.0, True), "batch_size": BATCH_SIZES},
+    "byol": {"one_minus_ema_rate": (1e-4, 0.1, True), "predictor_hidden_dim": (16, 1024, True)},
+    "barlow_twins": {"lambd": (1e-4, 1.0, True), "batch_size": BATCH_SIZES},
 }
-# Each space must also sample these (the issue's list for every method).
-SHARED = {"learning_rate", "weight_decay"}
 
 
 def sampled_trials(method: str, count: int = 25, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
@@ -76,12 +83,17 @@ def test_parameters_map_one_to_one_onto_trainer_settings(method):
 
 @pytest.mark.parametrize("method", available_spaces())
 def test_ranges_are_the_specified_ones(method):
+    """Every sampled parameter, and nothing else, with the specified range, scale or choices."""
     trials = sampled_trials(method, count=3)
     distributions = trials[0].distributions
-    assert SHARED <= set(distributions)
-    for name, (low, high, log) in SPECIFIED_RANGES[method].items():
+    specified = {**SPECIFIED_RANGES[method], **OPTIMIZER}
+    assert set(distributions) == set(specified)
+    for name, expected in specified.items():
         distribution = distributions[name]
-        assert (distribution.low, distribution.high, distribution.log) == (low, high, log), name
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            assert tuple(distribution.choices) == expected, name
+        else:
+            assert (distribution.low, distribution.high, distribution.log) == expected, name
 
 
 def test_byol_samples_one_minus_rate_and_passes_the_rate():

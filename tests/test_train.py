@@ -150,6 +150,53 @@ def test_warmup_cosine_schedule_matches_its_formula():
     assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
 
 
+def test_a_run_follows_the_warmup_cosine_schedule_with_weight_decay_and_clipping(tmp_path, tonal_data):
+    """In a real run: 3 epochs x 4 steps, warm-up 1.5 epochs (6 steps). The learning rate after k
+    optimiser steps is peak * (k + 1) / 6 while k < 6, then peak * (1 + cos(pi * (k - 6) / 6)) / 2;
+    metrics.csv logs it after each epoch's last step (k = 4, 8, 12)."""
+    peak = 2e-3
+    seen: list[dict] = []
+
+    def inspect(module, record):
+        trainer = module.trainer
+        seen.append({"clip": trainer.gradient_clip_val,
+                     "decay": {group["weight_decay"] for group in trainer.optimizers[0].param_groups},
+                     "params": sum(p.numel() for group in trainer.optimizers[0].param_groups for p in group["params"]),
+                     "trainable": sum(p.numel() for p in module.method.parameters() if p.requires_grad)})
+
+    config = tiny_config("vicreg", tmp_path, max_epochs=3, steps_per_epoch=4, learning_rate=peak, warmup_epochs=1.5,
+                         weight_decay=0.03, final_probe=False)
+    result = train(config, data=tonal_data, progress_bar=False, epoch_end_hooks=[inspect])
+    expected = [peak * 5 / 6, peak * (1 + math.cos(math.pi * 2 / 6)) / 2, 0.0]
+    assert pd.read_csv(tmp_path / "vicreg" / "metrics.csv")["lr"].tolist() == pytest.approx(expected, abs=1e-12)
+    assert [row["lr"] for row in result.epochs] == pytest.approx(expected, abs=1e-12)
+    # Weight decay on every parameter (BatchNorm and biases included), the gradient norm clipped at 3.
+    assert all(s["clip"] == 3.0 and s["decay"] == {0.03} and s["params"] == s["trainable"] for s in seen)
+    assert len(seen) == 3
+    unclipped = []
+    train(replace(config, gradient_clip=None, max_epochs=1, out_dir=str(tmp_path / "unclipped")), data=tonal_data,
+          progress_bar=False, epoch_end_hooks=[lambda module, record: unclipped.append(module.trainer.gradient_clip_val)])
+    assert unclipped == [None]
+
+
+def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(tmp_path, tonal_data):
+    """collapse_every_n_steps=2 over 2 epochs x 4 steps: rows after steps 2 and 6, and the epoch-end
+    rows after steps 4 and 8 (no second row at an epoch's last step), whose values are metrics.csv's."""
+    config = tiny_config("vicreg", tmp_path, steps_per_epoch=4, collapse_every_n_steps=2, final_probe=False)
+    train(config, data=tonal_data, progress_bar=False)
+    collapse = pd.read_csv(tmp_path / "vicreg" / "collapse.csv")
+    assert collapse[["kind", "epoch", "step"]].values.tolist() == [
+        ["step", 0, 2], ["epoch", 0, 4], ["step", 1, 6], ["epoch", 1, 8]]
+    assert collapse["rankme_embedding"].between(1.0, 256.0).all()
+    # The steps' metrics are measured then, not copies of the epoch's.
+    assert collapse["rankme_embedding"].nunique() == 4
+    metrics = pd.read_csv(tmp_path / "vicreg" / "metrics.csv")
+    epochs = collapse[collapse["kind"] == "epoch"]
+    for name in ("rankme_embedding", "l2_std_embedding", "uniformity", "mean_cosine"):
+        assert epochs[name].tolist() == pytest.approx(metrics[f"collapse_{name}"].tolist(), rel=1e-9)
+    assert epochs["verdict"].tolist() == metrics["verdict"].tolist()
+
+
 def test_cpu_preset_scales_the_heads_and_settings_override_them():
     config = TrainConfig(method="vicreg", preset="cpu", method_params={"hidden_dim": "256", "var_weight": "2.5"})
     settings = method_settings(config)
