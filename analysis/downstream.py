@@ -80,6 +80,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from musicssl.cli import ArgumentParser
 from musicssl.paths import make_writable_folder, remove_if_empty
 
 __all__ = [
@@ -1493,19 +1494,46 @@ CLASSIFIER_NAMES = {"linear": "linear", "mlp": "MLP"}
 
 
 def results_markdown(results: pd.DataFrame) -> str:
-    """The headline table: bootstrap mean [95 % interval] of macro ROC-AUC and mAP per method."""
+    """The headline table: bootstrap mean [95 % interval] of macro ROC-AUC and mAP per method, and
+    each on the whole test set. A ``*`` marks a bootstrap that scored each resample on its own
+    scorable tags (``skip_tag``; see :func:`results_notes`)."""
     lines = [
-        "| method | probe | ROC-AUC | mAP | train tracks | test tracks |",
-        "|---|---|---|---|---:|---:|",
+        "| method | probe | ROC-AUC | mAP | ROC-AUC, full test | mAP, full test | train tracks | test tracks |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for row in results.itertuples(index=False):
+        cells = []
+        for metric in ("roc_auc", "average_precision"):
+            mark = "*" if getattr(row, f"{metric}_bootstrap_rule", "redraw") == "skip_tag" else ""
+            cells.append(f"{getattr(row, metric):.4f}{mark} [{getattr(row, f'{metric}_low'):.4f}, "
+                         f"{getattr(row, f'{metric}_high'):.4f}]")
         lines.append(
-            f"| {row.method} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | "
-            f"{row.roc_auc:.4f} [{row.roc_auc_low:.4f}, {row.roc_auc_high:.4f}] | "
-            f"{row.average_precision:.4f} [{row.average_precision_low:.4f}, {row.average_precision_high:.4f}] | "
+            f"| {row.method} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | {cells[0]} | {cells[1]} | "
+            f"{row.roc_auc_full_test:.4f} | {row.average_precision_full_test:.4f} | "
             f"{row.train_tracks} | {row.test_tracks} |"
         )
     return "\n".join(lines)
+
+
+def results_notes(results: pd.DataFrame) -> str:
+    """How to read :func:`results_markdown`'s table."""
+    notes = [
+        "Bootstrap mean [95 % interval] over resamples of half the test tracks (the study's protocol), and the "
+        "score on the whole test set; probes trained on all training tracks. Average precision measured on a "
+        "subset reads higher than on the whole set (fewer negatives can outrank each positive), so the mAP "
+        "bootstrap mean sits above the full-test mAP, most on small test sets; compare methods within a column."
+    ]
+    skipped = [f"{row.method} ({CLASSIFIER_NAMES.get(row.classifier, row.classifier)})"
+               for row in results.itertuples(index=False)
+               if "skip_tag" in (getattr(row, "roc_auc_bootstrap_rule", "redraw"),
+                                 getattr(row, "average_precision_bootstrap_rule", "redraw"))]
+    if skipped:
+        notes.append(
+            "* Some tags have so few positive test tracks that most resamples lose them all: each resample was "
+            "scored on the tags it could score, so its mean averages different, easier subsets of tags and can "
+            f"read far above the full-test value ({', '.join(skipped)}). Read the full-test columns, or evaluate "
+            "on a larger test set.")
+    return "\n\n".join(notes)
 
 
 def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -> str:
@@ -1526,21 +1554,24 @@ def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -
     return "\n".join(lines)
 
 
+OUTPUT_FILES = {
+    "results_csv": "results.csv",
+    "results_md": "results.md",
+    "per_tag": "per_tag.csv",
+    "per_group": "per_group.csv",
+    "limited_data": "limited_data.csv",
+    "bootstrap": "bootstrap.csv",
+    "report": "report.html",
+    "summary": "summary.json",
+}
+
+
 def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
     """Write the tables (CSV + markdown), the HTML figures and ``summary.json`` into ``out_dir``."""
     from analysis.figures import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "results_csv": out_dir / "results.csv",
-        "results_md": out_dir / "results.md",
-        "per_tag": out_dir / "per_tag.csv",
-        "per_group": out_dir / "per_group.csv",
-        "limited_data": out_dir / "limited_data.csv",
-        "bootstrap": out_dir / "bootstrap.csv",
-        "report": out_dir / "report.html",
-        "summary": out_dir / "summary.json",
-    }
+    files = {key: out_dir / name for key, name in OUTPUT_FILES.items()}
     result.results.to_csv(files["results_csv"], index=False)
     result.per_tag.to_csv(files["per_tag"], index=False)
     result.per_group.to_csv(files["per_group"], index=False)
@@ -1550,11 +1581,10 @@ def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
     limited = limited_markdown(result.limited)
     files["results_md"].write_text(
         f"# Downstream evaluation on {result.summary['dataset']}\n\n{markdown}\n\n"
-        "Bootstrap mean [95 % interval] over resamples of half the test tracks; probes trained on all training "
-        f"tracks.\n\n{limited}\n"
+        f"{results_notes(result.results)}\n\n{limited}\n"
     )
     write_report(files["report"], result.results, result.bootstrap, result.limited, result.per_group,
-                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=[markdown, limited])
+                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=[markdown, results_notes(result.results), limited])
     files["summary"].write_text(json.dumps(_jsonable(result.summary), indent=2, default=str))
     return files
 
@@ -1592,7 +1622,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = DownstreamConfig()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.downstream",
         description="Evaluate frozen backbones with the study's downstream protocol: linear and MLP probes on "
         "segment embeddings, bootstrap intervals, limited-data curves and the random-backbone / mel-statistics "
@@ -1679,6 +1709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = _methods_from_args(args)
     except DownstreamError as error:
         parser.error(str(error))
+    note = mixed_front_end_note(methods)
+    if note:
+        print(f"{parser.prog}: note: {note}", file=sys.stderr)
     # All cores by default: embedding extraction is the heavy part and it is one big batched forward.
     torch.set_num_threads(args.threads or _available_cores())
     out_dir = Path(args.out) if args.out else (
@@ -1701,6 +1734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(results_markdown(result.results))
     print()
+    print(results_notes(result.results))
+    print()
     print(limited_markdown(result.limited))
     print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")
     return 0
@@ -1712,6 +1747,10 @@ def _out_dir_problem(out_dir: Path) -> str | None:
     if (out_dir / "backbone.pt").is_file() or (out_dir / "search.json").is_file():
         kind = "a search" if (out_dir / "search.json").is_file() else "a training run"
         return f"is the folder of {kind}, whose summary.json the results would replace; give another folder"
+    earlier = [name for name in OUTPUT_FILES.values() if (out_dir / name).exists()]
+    if earlier:
+        return (f"holds an earlier evaluation ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}), "
+                "which the results would replace; give another folder")
     for path in (out_dir, *out_dir.parents):
         if path.exists():
             if not path.is_dir():
@@ -1757,6 +1796,18 @@ def _methods_from_args(args: argparse.Namespace) -> list[MethodSpec]:
             if baseline not in present and baseline not in labels:
                 methods.append(resolve_method(baseline, baseline_preset, True, args.seed))
     return methods
+
+
+def mixed_front_end_note(methods: Sequence[MethodSpec]) -> str | None:
+    """A note when the evaluated methods differ in backbone preset or mel bands (e.g. ``--preset paper``
+    with a run folder of the CPU preset: the folder keeps its own, the baselines take the flag's)."""
+    presets = {m.preset for m in methods if m.kind != "melstats"}
+    if len(presets) <= 1 and len({m.n_mels for m in methods}) <= 1:
+        return None
+    listed = ", ".join(f"{m.label}: {m.preset + ', ' if m.kind != 'melstats' else ''}{m.n_mels} mels" for m in methods)
+    return (f"the methods differ in backbone preset or mel bands ({listed}), so their scores also compare "
+            "architectures and front-ends; run folders keep the preset of their config, --preset sets that of "
+            "bare checkpoints and of the baselines")
 
 
 if __name__ == "__main__":

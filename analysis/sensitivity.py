@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from musicssl.cli import ArgumentParser
+
 __all__ = [
     "COLLAPSE_OUTCOMES",
     "Experiment",
@@ -985,7 +987,7 @@ def _json_default(value: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description=(
             "Sensitivity report of hyperparameter searches: one self-contained HTML file (opens offline) with "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hpsearch.settings import OBJECTIVES, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError
+from musicssl.cli import ArgumentParser
 
 __all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
 
@@ -470,7 +471,7 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SearchSettings(method="vicreg")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description=(
             "Search a pretext method's hyperparameters with Ray Tune and Optuna (TPE), stopping collapsed "

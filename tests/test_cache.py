@@ -318,7 +318,7 @@ def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path: Path, capsys: 
         "missing": 1,
     }
     printed = capsys.readouterr().out
-    assert "10 file(s) skipped" in printed and "skipped.csv" in printed
+    assert "10 of this dataset's file(s) skipped in all" in printed and "skipped.csv" in printed
     with open(cache.path / "skipped.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert {row["track_id"]: row["reason"] for row in rows} == expected
@@ -737,7 +737,7 @@ def test_a_datasets_missing_and_empty_files_are_in_skipped_csv_and_keep_its_cach
     assert {track: row["reason"] for track, row in skipped.items()} == {"audio/empty": "empty", "audio/gone": "missing"}
     assert skipped["audio/gone"]["path"].endswith("gone.wav") and "no such file" in skipped["audio/gone"]["detail"]
     assert "2 more listed track(s) have no usable audio file" in console
-    assert "2 file(s) skipped in all (1 empty, 1 missing)" in console
+    assert "2 of this dataset's file(s) skipped in all (1 empty, 1 missing)" in console
     folder = first.cache.path
     manifests = sorted(folder.glob("shard-*.json"))
 
@@ -754,6 +754,14 @@ def test_a_datasets_missing_and_empty_files_are_in_skipped_csv_and_keep_its_cach
     assert grown.cache.path == folder
     assert grown.cache.build_report.processed == 2 and grown.cache.build_report.added == 2
     assert [track.track_id for track in grown.cache.skipped] == ["audio/empty"]
+    # A skipped track no longer listed is not counted as this dataset's (the cache still remembers it).
+    (root / "tags.csv").write_text("\n".join([row for row in rows if "empty" not in row] + ["audio/new.wav,y,test"]) + "\n")
+    capsys.readouterr()
+    prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=True)
+    assert "skipped in all" not in capsys.readouterr().out
+    (root / "tags.csv").write_text("\n".join([*rows, "audio/new.wav,y,test"]) + "\n")
+    prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=True)
+    assert "1 of this dataset's file(s) skipped in all (1 empty)" in capsys.readouterr().out
     # A file that goes missing after it was cached keeps its mel in the cache (the index drops it).
     os.remove(root / "audio" / "a.wav")
     shrunk = prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=False)

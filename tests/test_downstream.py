@@ -324,6 +324,28 @@ def test_baselines_follow_the_checkpoints_architecture(tmp_path):
     assert [(m.kind, m.n_mels) for m in methods] == [("melstats", 64)]
 
 
+def test_a_preset_that_splits_the_methods_front_ends_is_noted(tmp_path, capsys):
+    """--preset paper beside a CPU-preset run folder: the folder keeps its preset, the baselines take
+    the flag's, and the evaluation says that it compares unlike front-ends."""
+    from analysis.downstream import _methods_from_args, mixed_front_end_note
+
+    run = save_run(tmp_path / "cpu-run", Backbone(preset="cpu").state_dict(), {"method": "vicreg", "preset": "cpu"})
+    alike = _methods_from_args(build_parser().parse_args([str(run)]))
+    assert mixed_front_end_note(alike) is None
+    mixed = _methods_from_args(build_parser().parse_args([str(run), "--preset", "paper"]))
+    assert [(m.label, m.preset, m.n_mels) for m in mixed] == [
+        ("vicreg", "cpu", 64), ("random", "paper", 128), ("random-bn", "paper", 128), ("melstats", None, 128)]
+    assert mixed_front_end_note(mixed) == (
+        "the methods differ in backbone preset or mel bands (vicreg: cpu, 64 mels, random: paper, 128 mels, "
+        "random-bn: paper, 128 mels, melstats: 128 mels), so their scores also compare architectures and "
+        "front-ends; run folders keep the preset of their config, --preset sets that of bare checkpoints and "
+        "of the baselines")
+    # The command line prints it before the evaluation (which then stops here on the missing dataset).
+    assert main([str(run), "--preset", "paper", "--dataset", "no/such/folder", "--out", str(tmp_path / "out"),
+                 "--workers", "0", "--quiet"]) == 2
+    assert "note: the methods differ in backbone preset" in capsys.readouterr().err
+
+
 def test_random_baseline_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -471,6 +493,24 @@ def read_outputs(out: Path) -> dict:
     }
 
 
+def test_the_headline_table_marks_a_bootstrap_that_scored_each_resample_on_its_own_tags():
+    from analysis.downstream import results_markdown, results_notes
+
+    def row(method, rule):
+        return {"method": method, "classifier": "linear", "roc_auc": 0.7, "roc_auc_low": 0.6, "roc_auc_high": 0.8,
+                "roc_auc_full_test": 0.71, "roc_auc_bootstrap_rule": "redraw", "average_precision": 0.63,
+                "average_precision_low": 0.55, "average_precision_high": 0.7, "average_precision_full_test": 0.42,
+                "average_precision_bootstrap_rule": rule, "train_tracks": 35, "test_tracks": 9}
+
+    results = pd.DataFrame([row("a", "redraw"), row("b", "skip_tag")])
+    table = results_markdown(results).splitlines()
+    assert table[2] == "| a | linear | 0.7000 [0.6000, 0.8000] | 0.6300 [0.5500, 0.7000] | 0.7100 | 0.4200 | 35 | 9 |"
+    assert table[3] == "| b | linear | 0.7000 [0.6000, 0.8000] | 0.6300* [0.5500, 0.7000] | 0.7100 | 0.4200 | 35 | 9 |"
+    notes = results_notes(results)
+    assert "read far above the full-test value (b (linear))" in notes
+    assert "scored on the tags it could score" not in results_notes(results.iloc[:1])
+
+
 def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys):
     root = tmp_path / "mtat"
     write_mtat_fixture(root)
@@ -526,6 +566,17 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
     assert '"name":"random"' in html and '"name":"melstats"' in html
     assert "figure-1" in html and "figure-2" in html and "bootstrap resample" in html
     assert "| random | linear |" in outputs["markdown"] and "| random | linear |" in console
+    # The headline table gives each score on the whole test set beside the bootstrap's, and marks a
+    # bootstrap that scored each resample on its own tags.
+    headline = next(block for block in outputs["markdown"].split("\n\n") if "mAP, full test" in block)
+    lines = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in headline.splitlines()}
+    for row in results.itertuples():
+        line = lines[(row.method, {"linear": "linear", "mlp": "MLP"}[row.classifier])]
+        assert f"| {row.roc_auc_full_test:.4f} | {row.average_precision_full_test:.4f} |" in line
+        assert (f"{row.average_precision:.4f}* [" in line) == (row.average_precision_bootstrap_rule == "skip_tag")
+    skip_tag = (results["average_precision_bootstrap_rule"] == "skip_tag").any()
+    assert ("scored on the tags it could score" in outputs["markdown"]) == skip_tag
+    assert "the mAP bootstrap mean sits above the full-test mAP" in outputs["markdown"]
 
     # A second run takes the embeddings from the cache and gives the same numbers.
     assert main(arguments[:-4] + ["--out", str(tmp_path / "again"), "--threads", "1"]) == 0
@@ -746,8 +797,12 @@ def test_an_out_that_holds_a_run_or_cannot_be_written_is_refused_before_the_eval
     (run / "backbone.pt").write_bytes(b"")
     (tmp_path / "search").mkdir()
     (tmp_path / "search" / "search.json").write_text("{}")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "results.csv").write_text("method\nvicreg\n")
     for out, message in [(run, "is the folder of a training run, whose summary.json the results would replace"),
-                         (tmp_path / "search", "is the folder of a search")]:
+                         (tmp_path / "search", "is the folder of a search"),
+                         (tmp_path / "earlier", "holds an earlier evaluation (results.csv), which the results would "
+                                                "replace; give another folder")]:
         with pytest.raises(SystemExit) as exited:
             main(["--dataset", "no/such/folder", "--out", str(out), "--workers", "0", "--quiet"])
         assert exited.value.code == 2 and message in capsys.readouterr().err

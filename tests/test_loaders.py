@@ -365,12 +365,32 @@ def test_folder_bad_folders(tmp_path):
         load_folder(tmp_path / "two", tags_file="absent.csv")
 
 
-def test_folder_duplicate_ids(tmp_path):
+def test_folder_files_that_differ_only_in_extension_are_two_tracks_and_repeats_are_refused(tmp_path, caplog):
+    """Ids from paths drop the extension, except where two files differ only in it (before: the whole
+    folder was refused, and without a tags file there was nowhere to add a track_id column)."""
     root = tmp_path / "set"
     write_sine(root / "a.wav")
     write_sine(root / "a.flac")
-    with pytest.raises(DatasetError, match=r"track id\(s\) \['a'\] occur more than once"):
-        load_folder(root, unlabeled=True)
+    write_sine(root / "sub" / "b.wav")
+    unlabeled = load_folder(root, unlabeled=True)
+    assert dict(zip(unlabeled.track_ids, unlabeled.paths)) == {
+        "a.flac": str(root.resolve() / "a.flac"), "a.wav": str(root.resolve() / "a.wav"),
+        "sub/b": str(root.resolve() / "sub" / "b.wav")}
+    (root / "tags.csv").write_text("path,tags\na.wav,x\na.flac,y\nsub/b.wav,x\n")
+    tagged = load_folder(root)
+    assert tagged.track_ids == ["a.wav", "a.flac", "sub/b"]
+    (root / "tags.csv").write_text("path,tags\na.wav,x\nsub/b.wav,y\n")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert load_folder(root).track_ids == ["a", "sub/b"]
+    assert "set: 1 audio file(s) under" in caplog.text and "are not in tags.csv and were left out, e.g. ['a.flac']" \
+        in caplog.text
+    (root / "tags.csv").write_text("path,tags\na.wav,x\nsub/b.wav,y\na.wav,x\n")
+    with pytest.raises(DatasetError, match=r"tags.csv: lists the audio file\(s\) \['a.wav'\] more than once; keep one "
+                                           r"row per file"):
+        load_folder(root)
+    (root / "tags.csv").write_text("track_id,path,tags\nt1,a.wav,x\nt1,a.flac,y\n")
+    with pytest.raises(DatasetError, match=r"track id\(s\) \['t1'\] occur more than once"):
+        load_folder(root)
 
 
 def test_index_paths_decode_to_the_written_audio(tmp_path):
@@ -584,7 +604,8 @@ def test_jamendo_low_quality_missing_and_default_audio_dir(tmp_path, caplog):
         "reason": "missing",
     }]
     assert "dropped 1 of 3 tracks" in caplog.text
-    with pytest.raises(DatasetError, match=r"none of the 3 listed audio files.*audio_dir=.*low_quality=True"):
+    with pytest.raises(DatasetError, match=r"none of the 3 listed audio files.*audio_dir= \(--audio-dir\).*"
+                                           r"low_quality=True \(the dataset name with -low, e.g. jamendo-top50-low\)"):
         load_jamendo(root, "moodtheme", split_id=2, audio_dir=tmp_path)
 
 
@@ -628,6 +649,14 @@ def test_jamendo_splits_by_name_share_one_mel_cache(tmp_path, monkeypatch):
         write_sine(audio / path)
     low = load_jamendo(root, "moodtheme", split_id=2, audio_dir=audio, low_quality=True)
     assert re.fullmatch(r"jamendo-low-[0-9a-f]{10}", default_mel_cache_dir(low).name)
+    # The command lines name them with -low: the same index as low_quality=True.
+    named_low = open_dataset_option("jamendo-mood-split2-low", root, audio)
+    assert named_low.paths == low.paths and all(path.endswith(".low.mp3") for path in named_low.paths)
+    assert default_mel_cache_dir(named_low) == default_mel_cache_dir(low)
+    assert open_dataset_option("Jamendo-Mood-Low", root, audio).extra["low_quality"] is True
+    assert dataset_name("jamendo-mood-split2-low") == "jamendo-mood" and dataset_name("jamendo-mood-lo") is None
+    with pytest.raises(DatasetError, match=r"names the .low.mp3 copies, and low_quality=False"):
+        open_dataset("jamendo-mood-low", root, audio_dir=audio, low_quality=False)
     # A cache made under the index's own name before (one per subset and split) is still used, but
     # not by the low-quality copies, whose earlier cache had that same name.
     shared = default_mel_cache_dir(split2)
@@ -640,6 +669,8 @@ def test_jamendo_splits_by_name_share_one_mel_cache(tmp_path, monkeypatch):
 
     assert [canonical_dataset_spec(spec) for spec in ("Jamendo-Mood-Split0", "jamendo-mood-split2", " MTAT", "./x")] \
         == ["jamendo-mood", "jamendo-mood-split2", "mtat", "./x"]
+    assert [canonical_dataset_spec(spec) for spec in ("jamendo-mood-split0-low", "Jamendo-Mood-Split02-LOW")] \
+        == ["jamendo-mood-low", "jamendo-mood-split2-low"]
 
 
 def test_a_root_that_is_a_file_is_refused_also_under_the_home_folder(tmp_path, monkeypatch):
@@ -671,6 +702,9 @@ def test_jamendo_bad_inputs(tmp_path):
     bad.write_text(JAMENDO_HEADER + "\r\ntrack_1\tartist_1\talbum_1\t01/1.mp3\tlong\tgenre---pop\r\n")
     with pytest.raises(DatasetError, match=r"line 2: DURATION 'long' is not a number"):
         load_jamendo(root, check_audio=False)
+    # A byte-order mark (as some editors save) is not part of the header.
+    bad.write_text("\ufeff" + JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["train"][0] + "\r\n", encoding="utf-8")
+    assert len(load_jamendo(root, check_audio=False)) > 1
     # A track in two splits (train and test) is an error, not a silent duplicate.
     bad.write_text(JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["test"][0] + "\r\n")
     with pytest.raises(DatasetError, match=r"repeats track_id\(s\) \['track_0001729'\]"):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from dataclasses import fields, replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -306,6 +307,8 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--lr", "-1"], "learning_rate must be > 0, got -1.0"),
         (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
         (["vicreg", "--set", "gradient_clip=0"], "gradient_clip must be > 0"),
+        (["vicreg", "--set", "precision=bogus"], "precision must be one of auto, 32-true, bf16-mixed"),
+        (["vicreg", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
         pytest.param(["vicreg", "--set", "accelerator=gpu"], "torch sees no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
@@ -317,6 +320,7 @@ def test_cli_misuse_exits_2_without_traceback(arguments, message):
     assert completed.returncode == 2
     assert message in completed.stderr
     assert "Traceback" not in completed.stderr
+    assert "mel cache" not in completed.stderr and "corpus" not in completed.stderr  # before any data
 
 
 def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
@@ -358,6 +362,18 @@ def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path):
     assert completed.returncode == 2, completed.stderr
     assert "note: the teacher temperature warm-up (10 epochs)" in completed.stderr
     assert "missing.csv" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_the_run_config_names_the_data_by_absolute_paths(tmp_path, monkeypatch):
+    """config.json is read from anywhere: paths given relative to the working folder are stored whole;
+    dataset names stay names."""
+    monkeypatch.chdir(tmp_path)
+    config = config_from_args(build_parser().parse_args(["vicreg", "--data", "music/tags.csv"]))
+    assert config.data == str(tmp_path / "music" / "tags.csv")
+    config = config_from_args(build_parser().parse_args(["vicreg", "--data", "MTAT", "--root", "mtat",
+                                                         "--audio-dir", "~/audio"]))
+    assert (config.data, config.data_root, config.audio_dir) == (
+        "MTAT", str(tmp_path / "mtat"), str(Path("~/audio").expanduser()))
 
 
 def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
@@ -409,6 +425,27 @@ def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_datase
     assert summary["epochs_run"] == 1 and "probe_map" not in summary and summary["probe_skipped"]
 
 
+def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_folder(tmp_path):
+    """Every file skipped (undecodable, empty): exit 2 with the cache's count of reasons, no traceback."""
+    import numpy as np
+    import soundfile
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "noise.wav").write_bytes(np.random.default_rng(0).bytes(4000))
+    soundfile.write(folder / "empty.wav", np.zeros(0, dtype="float32"), 16000)
+    (folder / "tags.csv").write_text("path,tags\nnoise.wav,rock\nempty.wav,jazz\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(folder), "--max-epochs", "1",
+               "--steps-per-epoch", "1", "--batch-size", "4", "--threads", "1", "--workers", "0", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    assert "error: none of the 2 tracks of index 'broken' is usable ({'undecodable': 1, 'zero_length': 1})" in completed.stderr
+    assert not out.exists()
+
+
 def test_one_valid_track_moves_the_collapse_metrics_to_train_and_leaves_out_the_final_probe(tmp_path, capsys):
     """Before: the run trained, then died in the collapse metrics (all segments from one track) and
     wrote nothing; with two, the probe failed after training (no tag both present and absent)."""
@@ -454,6 +491,9 @@ def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and "exists and is not empty; a run never overwrites another" in completed.stderr
     assert (taken / "summary.json").read_text() == "{}"
+    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(taken / "summary.json")],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and f"--out {taken / 'summary.json'} is a file; give a folder" in completed.stderr
     # A run that fails (here on its data) removes the run folder it made for itself, parents included.
     completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tmp_path / "none")],
                                capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from musicssl.cli import ArgumentParser
 from musicssl.paths import make_writable_folder, missing_folders, remove_if_empty
 
 __all__ = [
@@ -366,6 +367,11 @@ class RunResult:
     backbone: Any = field(repr=False, default=None)
 
 
+# What the trainer passes to Lightning (auto: see resolve_precision / resolve_accelerator).
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
 def resolve_precision(config: TrainConfig, accelerator: str) -> str:
     if config.precision != "auto":
         return config.precision
@@ -414,7 +420,11 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
                    min_gap_seconds=config.min_gap_seconds, max_gap_seconds=config.max_gap_seconds)
     except (TypeError, ValueError) as error:
         problems.append(str(error))
-    if devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if config.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.accelerator not in ACCELERATORS:
+        problems.append(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {config.accelerator!r}")
+    elif devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"accelerator={config.accelerator} but torch sees no CUDA device; use accelerator=auto or cpu")
     if problems:
         raise ConfigError("; ".join(problems))
@@ -674,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     from musicssl.pretext.registry import available_methods
 
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m musicssl.train",
         description="Train one self-supervised run on the embedded corpus (built if missing) or a dataset.",
     )
@@ -713,13 +723,19 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from musicssl.pretext.registry import get_method
 
+    from musicssl.data.loaders import dataset_name
+
+    def absolute(path: str | None) -> str | None:
+        # config.json names the data wherever it is read from (a path as given is relative to the cwd).
+        return None if path is None else str(Path(path).expanduser().absolute())
+
     method_cls = get_method(args.method)
     config = TrainConfig(
         method=args.method,
         preset=args.preset,
-        data=args.data,
-        data_root=args.root,
-        audio_dir=args.audio_dir,
+        data=args.data if dataset_name(args.data) is not None else absolute(args.data),
+        data_root=absolute(args.root),
+        audio_dir=absolute(args.audio_dir),
         max_epochs=args.max_epochs,
         steps_per_epoch=args.steps_per_epoch or None,
         batch_size=args.batch_size,
@@ -776,6 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     out = Path(config.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if args.out and not out.is_dir():
+            parser.exit(2, f"{parser.prog}: error: --out {out} is a file; give a folder for the run\n")
         if args.out:
             parser.exit(2, f"{parser.prog}: error: --out {out} exists and is not empty; a run never overwrites "
                            "another: give another --out\n")
@@ -784,9 +802,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     made = missing_folders(out)  # train() makes them
     for note in schedule_notes(config):
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
+    from musicssl.data.cache import MelCacheError
+
     try:
         result = train(config)
-    except (ConfigError, ValueError, OSError) as error:
+    except (ConfigError, ValueError, OSError, MelCacheError) as error:
         remove_if_empty(made)  # the run folder train() made (and its new parents), left empty by the failure
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

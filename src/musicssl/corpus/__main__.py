@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from musicssl.cli import ArgumentParser
 from musicssl.corpus.build import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -18,7 +19,7 @@ from musicssl.corpus.render import default_workers
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m musicssl.corpus",
         description="Build the embedded tagged-music corpus: composed multi-track songs rendered from a General MIDI "
         "SoundFont, with exact style/instrument/drums/mood/tempo tags, split 70/10/20 by track.",

@@ -193,10 +193,11 @@ def _build_track_job(job: tuple[int, CorpusConfig, str, str, str]) -> dict:
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise CorpusError(f"{out_dir} exists and is not a folder; choose another --out")
+        raise CorpusError(f"{out_dir} exists and is not a folder; choose another folder for the corpus")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not (out_dir / "tracks.csv").is_file():
-            raise CorpusError(f"{out_dir} is not empty and holds no corpus; choose an empty or new folder for --out")
+            raise CorpusError(f"{out_dir} is not empty and holds no corpus (no tracks.csv); choose an empty or new "
+                              "folder for the corpus")
         if not force:
             raise CorpusError(f"{out_dir} already holds a corpus; rebuild it with --force (force=True in Python) or choose another folder")
 

@@ -118,13 +118,14 @@ _JAMENDO_NAMES = {
     "jamendo-mood": "moodtheme",
     "jamendo-genre": "genre",
 }
-# ``jamendo-top50`` is split 0 of MTG-Jamendo's five; ``jamendo-top50-split3`` names split 3.
-_JAMENDO_SPLIT = re.compile(r"^(jamendo-(?:top50|instrument|mood|genre))-split(\d+)$")
+# ``jamendo-top50`` is split 0 of MTG-Jamendo's five; ``jamendo-top50-split3`` names split 3, and a
+# ``-low`` suffix (``jamendo-top50-low``, ``jamendo-top50-split3-low``) the ``.low.mp3`` copies.
+_JAMENDO_SPLIT = re.compile(r"^(jamendo-(?:top50|instrument|mood|genre))(?:-split(\d+))?(-low)?$")
 
 
 def dataset_name(spec: str | Path) -> str | None:
-    """The named dataset that ``spec`` names (case-insensitive; ``jamendo-top50-split3`` names
-    ``jamendo-top50``), or None when ``spec`` is a path."""
+    """The named dataset that ``spec`` names (case-insensitive; ``jamendo-top50-split3`` and
+    ``jamendo-top50-low`` name ``jamendo-top50``), or None when ``spec`` is a path."""
     key = str(spec).strip().lower()
     if key in DATASET_NAMES:
         return key
@@ -134,12 +135,16 @@ def dataset_name(spec: str | Path) -> str | None:
 
 def canonical_dataset_spec(spec: str | Path) -> str:
     """One spelling per dataset: a named dataset lower-cased, its split 0 by the bare name
-    (``Jamendo-Top50-Split0`` is ``jamendo-top50``); a path as given."""
+    (``Jamendo-Top50-Split0`` is ``jamendo-top50``, ``jamendo-top50-split0-low`` is
+    ``jamendo-top50-low``); a path as given."""
     name = dataset_name(spec)
     if name is None:
         return str(spec)
-    key = str(spec).strip().lower()
-    return name if key == f"{name}-split0" else key
+    match = _JAMENDO_SPLIT.match(str(spec).strip().lower())
+    if match is None:
+        return name
+    split = match.group(2)
+    return name + (f"-split{int(split)}" if split and int(split) != 0 else "") + (match.group(3) or "")
 
 
 class DatasetError(ValueError):
@@ -289,7 +294,8 @@ def _find_tags_file(root: Path) -> Path | None:
     named = [root / name for name in DEFAULT_TAG_FILES if (root / name).is_file()]
     if len(named) > 1:
         raise DatasetError(
-            f"{root}: several tag files found ({[p.name for p in named]}); pass the one to use as tags_file="
+            f"{root}: several tag files found ({[p.name for p in named]}); pass the one to use as tags_file= "
+            "(on the command lines: give its path as the dataset)"
         )
     if named:
         return named[0]
@@ -373,7 +379,7 @@ def load_folder(
       ``album_id``, ``title`` and any named in ``keep_columns``.
 
     Track ids are the ``track_id`` column, else the audio path relative to ``root`` without its
-    extension. A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
+    extension (with it for files that differ only in their extension). A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
     or removed from the folder, or dropped for missing audio, never move other tracks between
     splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
     track with no tags (enough for self-supervised pre-training).
@@ -404,13 +410,13 @@ def load_folder(
     if unlabeled:
         if tags_file is not None:
             raise DatasetError("pass either tags_file= or unlabeled=True, not both")
-        ids = [path.relative_to(root).with_suffix("").as_posix() for path in audio_files]
-        _raise_on_duplicate_ids(ids, root)
-        splits = assign_splits(ids, split_fractions, split_seed)
-        records = [
-            {"track_id": track_id, "path": str(path), "split": splits[track_id], "tags": ()}
-            for track_id, path in zip(ids, audio_files)
-        ]
+        records = [{"track_id": path.relative_to(root).with_suffix("").as_posix(), "path": str(path), "tags": ()}
+                   for path in audio_files]
+        _keep_extensions_that_tell_files_apart(records)
+        _raise_on_duplicate_ids([record["track_id"] for record in records], root)
+        splits = assign_splits([record["track_id"] for record in records], split_fractions, split_seed)
+        records = [{"track_id": record["track_id"], "path": record["path"], "split": splits[record["track_id"]],
+                    "tags": ()} for record in records]
         extra = {"source": str(root), "split_rule": "assign_splits", "split_seed": split_seed}
         return _build_index(records, [], name, extra, check_audio, audio_hint)
 
@@ -433,6 +439,11 @@ def load_folder(
     records, tag_names, split_given = _records_from_table(
         table, tags_path, root, audio_files, tag_separator, keep_columns
     )
+    repeated = sorted(path for path, count in Counter(record["path"] for record in records).items() if count > 1)
+    if repeated:
+        shown = [Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
+                 for path in repeated[:5]]
+        raise DatasetError(f"{tags_path}: lists the audio file(s) {shown} more than once; keep one row per file")
     _raise_on_duplicate_ids([record["track_id"] for record in records], tags_path)
     if not split_given:
         splits = assign_splits([record["track_id"] for record in records], split_fractions, split_seed)
@@ -441,8 +452,9 @@ def load_folder(
     listed = {record["path"] for record in records}
     unlisted = [str(path) for path in audio_files if str(path) not in listed]
     if unlisted:
-        logger.info("%s: %d audio file(s) under %s are not in %s and were left out", name, len(unlisted), root,
-                    tags_path.name)
+        examples = [Path(path).relative_to(root).as_posix() for path in unlisted[:3]]
+        logger.warning("%s: %d audio file(s) under %s are not in %s and were left out, e.g. %s", name, len(unlisted),
+                       root, tags_path.name, examples)
     extra = {
         "source": str(tags_path),
         "split_rule": "split column" if split_given else "assign_splits",
@@ -461,6 +473,17 @@ def _parse_duration(value: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise DatasetError(f"{where}: duration {text!r} is not a number of seconds") from None
+
+
+def _keep_extensions_that_tell_files_apart(records: list[dict]) -> None:
+    """Ids taken from paths drop the extension; files that differ only in it (``song.wav`` and
+    ``song.mp3``) keep theirs (``song.wav``, ``song.mp3``), so that both are tracks."""
+    paths_of: dict[str, set[str]] = {}
+    for record in records:
+        paths_of.setdefault(record["track_id"], set()).add(record["path"])
+    for record in records:
+        if len(paths_of[record["track_id"]]) > 1:
+            record["track_id"] += Path(record["path"]).suffix
 
 
 def _raise_on_duplicate_ids(ids: Sequence[str], source: Path) -> None:
@@ -512,7 +535,8 @@ def _records_from_table(
         if other_columns:
             raise DatasetError(
                 f"{tags_path}: unexpected column(s) {other_columns} next to the 'tags' column; found columns "
-                f"{found}, expected {expected}. Pass keep_columns={other_columns} to keep them as metadata"
+                f"{found}, expected {expected}. Pass keep_columns={other_columns} to keep them as metadata "
+                "(on the command lines: remove them from the file)"
             )
     else:
         not_binary = []
@@ -527,7 +551,7 @@ def _records_from_table(
             raise DatasetError(
                 f"{tags_path}: column(s) {', '.join(not_binary)} are neither known columns nor 0/1 tag columns; "
                 f"found columns {found}, expected {expected}. Pass keep_columns=[...] to keep such columns as "
-                "metadata, or use a 'tags' column"
+                "metadata (on the command lines: remove them from the file), or use a 'tags' column"
             )
         if not binary_columns:
             raise DatasetError(
@@ -605,6 +629,8 @@ def _records_from_table(
             if column.lower() == "duration":  # seconds, as a number like MTG-Jamendo's DURATION
                 record[column] = _parse_duration(values[column], f"{tags_path}, line {row_number}")
         records.append(record)
+    if id_column is None:
+        _keep_extensions_that_tell_files_apart(records)
     return records, tag_names, split_values is not None
 
 
@@ -637,8 +663,7 @@ def load_mtat(
     annotations = root if root.is_file() else root / MTAT_ANNOTATIONS
     if not annotations.is_file():
         raise DatasetError(
-            f"{annotations}: not found; pass the MagnaTagATune folder that holds {MTAT_ANNOTATIONS} "
-            "(or the file itself)"
+            f"{annotations}: not found; pass the MagnaTagATune folder that holds {MTAT_ANNOTATIONS} (--root)"
         )
     audio_root = Path(audio_dir).expanduser().resolve() if audio_dir is not None else annotations.parent.resolve()
     try:
@@ -700,7 +725,7 @@ def load_mtat(
         "dropped_without_tags": dropped,
         "split_rule": "audio folder: 0-b train, c valid, d-f test (Won et al. 2020)",
     }
-    hint = f"pass audio_dir= the folder that holds the MagnaTagATune folders 0..f (now {audio_root})"
+    hint = f"pass audio_dir= (--audio-dir) the folder that holds the MagnaTagATune folders 0..f (now {audio_root})"
     return _build_index(records, tag_names, "mtat", extra, check_audio, hint)
 
 
@@ -711,7 +736,7 @@ def load_mtat(
 def _read_jamendo_tsv(path: Path) -> list[dict]:
     """Rows of an MTG-Jamendo split file: 5 fixed fields, then any number of tab-separated tags."""
     rows: list[dict] = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         header = handle.readline().rstrip("\r\n").split("\t")
         if tuple(field.strip() for field in header[:6]) != JAMENDO_HEADER:
             raise DatasetError(f"{path}: header {header} is not the MTG-Jamendo header {list(JAMENDO_HEADER)}")
@@ -794,8 +819,9 @@ def load_jamendo(
     extra = {"source": str(split_dir), "subset": file_subset, "split_id": split_id, "low_quality": low_quality,
              "mel_cache_name": "jamendo-low" if low_quality else "jamendo"}
     hint = (
-        f"pass audio_dir= the folder that holds the MTG-Jamendo audio folders 00..99 (now {audio_root})"
-        + ("" if low_quality else ", or low_quality=True if you have the .low.mp3 copies")
+        f"pass audio_dir= (--audio-dir) the folder that holds the MTG-Jamendo audio folders 00..99 (now {audio_root})"
+        + ("" if low_quality else ", or low_quality=True (the dataset name with -low, e.g. jamendo-top50-low) if you "
+           "have the .low.mp3 copies")
     )
     return _build_index(records, tag_names, f"jamendo-{canonical}-split{split_id}", extra, check_audio, hint)
 
@@ -1019,7 +1045,7 @@ def load_msd(
     other = ("" if path_pattern is not None else
              f"; the 7digital layout (8/9/8947470.clip.mp3) needs {list(MSD_7DIGITAL_FILES)} in {split_dir}"
              if not has_7digital else f"; neither {MSD_AUDIO_PATTERN!r} nor the 7digital layout found the files")
-    hint = f"pass audio_dir= the folder with the MSD audio laid out as {layout!r} (now {audio_root}){other}"
+    hint = f"pass audio_dir= (--audio-dir) the folder with the MSD audio laid out as {layout!r} (now {audio_root}){other}"
     return _build_index(records, tag_names, "msd", extra, check_audio, hint)
 
 
@@ -1054,10 +1080,14 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
             return load_mtat(root, **kwargs)
         if key in _JAMENDO_NAMES:
             match = _JAMENDO_SPLIT.match(str(spec).strip().lower())
-            if match:
+            if match and match.group(2) is not None:
                 if int(kwargs.get("split_id", match.group(2))) != int(match.group(2)):
                     raise DatasetError(f"{spec!r} names split {match.group(2)}, and split_id={kwargs['split_id']}")
                 kwargs["split_id"] = int(match.group(2))
+            if match and match.group(3):
+                if not kwargs.get("low_quality", True):
+                    raise DatasetError(f"{spec!r} names the .low.mp3 copies, and low_quality=False")
+                kwargs["low_quality"] = True
             return load_jamendo(root, subset=_JAMENDO_NAMES[key], **kwargs)
         if key == "msd":
             if "audio_dir" not in kwargs:
