@@ -57,6 +57,7 @@ __all__ = [
     "collapse_importances",
     "default_experiments",
     "experiment_from_study",
+    "experiment_labels",
     "load_experiment",
     "main",
     "objective_importances",
@@ -183,6 +184,17 @@ class Experiment:
     def running(self) -> bool:
         """Still going (or interrupted): trials running, or fewer trials than requested."""
         return bool((self.trials["outcome"] == "running").any()) or len(self.trials) < self.trials_requested
+
+
+def experiment_labels(experiments: Sequence[Experiment]) -> list[str]:
+    """The name each experiment is shown by, in the page, its JSON, its CSV and on the console: the
+    folder's name, with its parent's where two experiments share one (``a/vicreg``, ``b/vicreg``), and
+    the position where that is not enough (``a/x/vicreg``, ``b/x/vicreg``: ``x/vicreg (1)``, ``x/vicreg (2)``)."""
+    names = [experiment.name for experiment in experiments]
+    labels = [name if names.count(name) == 1 else f"{experiment.folder.parent.name}/{name}"
+              for experiment, name in zip(experiments, names)]
+    return [label if labels.count(label) == 1 else f"{label} ({number})"
+            for number, label in enumerate(labels, start=1)]
 
 
 def _search_folders(folder: Path) -> list[Path]:
@@ -654,11 +666,14 @@ class ExperimentAnalysis:
     def to_dict(self) -> dict[str, Any]:
         experiment = self.experiment
         return {
-            "name": experiment.name,
+            # As the page shows it (set by analysis.sensitivity_figures.keyed): told apart by the parent
+            # folder where two experiments share a folder name.
+            "name": self.label or experiment.name,
             "folder": str(experiment.folder),
             "method": experiment.method,
             "objective": experiment.objective,
             "objective_label": experiment.objective_label,
+            "collapse_stop": experiment.collapse_stop,
             "running": experiment.running,
             "trials": int(len(experiment.trials)),
             "trials_requested": experiment.trials_requested,
@@ -881,11 +896,12 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
     """One row per trial of every experiment: outcome, scores, collapse timing, final label-free
     metrics and every parameter (sampled and derived)."""
     tables = []
-    for analysis in analyses:
+    labels = experiment_labels([analysis.experiment for analysis in analyses])
+    for analysis, label in zip(analyses, labels):
         experiment = analysis.experiment
         frame = experiment.trials
         table = pd.DataFrame({
-            "experiment": experiment.name, "method": experiment.method, "trial": frame["trial"],
+            "experiment": label, "method": experiment.method, "trial": frame["trial"],
             "outcome": frame["outcome"], "collapse_type": frame["collapse_type"],
             "objective_name": experiment.objective, "objective": frame["objective"],
         })
@@ -903,10 +919,11 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
 def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, Any]]:
     """The across-methods comparison, one row per experiment."""
     rows = []
-    for analysis in analyses:
+    labels = experiment_labels([analysis.experiment for analysis in analyses])
+    for analysis, label in zip(analyses, labels):
         experiment = analysis.experiment
         rows.append({
-            "experiment": experiment.name, "method": experiment.method, "objective": experiment.objective,
+            "experiment": label, "method": experiment.method, "objective": experiment.objective,
             "trials": int(len(experiment.trials)),
             **{key: analysis.sensitivity.get(key) for key in ("best", "best_low", "best_high", "median", "iqr",
                                                                "near_best_fraction", "most_important_for_objective",
@@ -942,6 +959,13 @@ def check_report_path(report: Path) -> dict[str, Path]:
     paths = output_paths(report)
     if len(set(paths.values())) < len(paths):  # cannot happen with an .html suffix; a guard
         raise ReportError(f"--out {report}: the report and its companions would share a path")
+    for folder in (report.parent, *report.parent.parents):  # the nearest that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                kind = "a file" if folder.is_file() else "not a folder"
+                raise ReportError(f"--out {report}: {folder} is {kind}, so the folder cannot be made there; "
+                                  f"give --out a path in a folder, e.g. --out {report.name}")
+            break
     for kind in ("json", "csv"):
         if paths[kind].is_dir():
             raise ReportError(f"--out {report}: {paths[kind]}, where the report's {kind.upper()} goes, is a folder")
@@ -952,10 +976,11 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
                  stream=None) -> dict[str, Any]:
     """Write the HTML report, its JSON summary and trials CSV (and PNGs if asked); returns the
     summary dict. A PNG export that cannot run is reported in ``summary['png']`` with the fix."""
-    from analysis.sensitivity_figures import build_page, export_pngs
+    from analysis.sensitivity_figures import build_page, export_pngs, keyed
 
     report = Path(report)
     paths = check_report_path(report)
+    analyses = keyed(analyses)  # the names the page shows, for the JSON too
     report.parent.mkdir(parents=True, exist_ok=True)
     page, figures = build_page(analyses)
     paths["html"].write_text(page, encoding="utf-8")
@@ -1012,17 +1037,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per experiment, named as in the report (told apart by the parent folder where two
+    share a name). Trials the collapse rule would have stopped (a --no-collapse-stop search) count as
+    collapsed in the report, and the line says how many there are."""
     lines = []
-    names = [experiment["name"] for experiment in summary["experiments"]]
     for experiment in summary["experiments"]:
-        if names.count(experiment["name"]) > 1:  # told apart by their parent folders, as in the report
-            experiment = {**experiment, "name": f"{Path(experiment['folder']).parent.name}/{experiment['name']}"}
         counts = ", ".join(f"{count} {name}" for name, count in experiment["counts"].items())
+        rate = experiment["collapse_rate"]
+        would = rate["would_have_been_stopped"]
+        if would or not experiment.get("collapse_stop", True):
+            counts += f"; the collapse rule would have stopped {would} of them"
+            if not experiment.get("collapse_stop", True):
+                counts += ", but stopping was off"
+            counts += f": {rate['collapsed_or_diverged']} of {rate['finished']} finished count as collapsed"
         best = experiment["best"]
         best_text = (f"best #{best['trial']} {experiment['objective']} {best['value']:.4f}" if best
                      else "no trial complete")
         lines.append(f"{experiment['name']} ({experiment['method']}): {experiment['trials']} trials ({counts}); {best_text}")
     return lines
+
+
+def _refuse_repeats(folders: Sequence[str | Path]) -> None:
+    """:class:`ReportError` if a folder is given twice, under the same spelling or another one
+    (``runs/a``, ``./runs/../runs/a``, a link to it): it would be reported twice."""
+    seen: dict[Path, str | Path] = {}
+    for folder in folders:
+        try:
+            resolved = Path(folder).expanduser().resolve()
+        except (OSError, RuntimeError):  # e.g. a symlink loop; load_experiment says what is wrong
+            resolved = Path(folder).expanduser().absolute()
+        if resolved in seen:
+            first = seen[resolved]
+            same = (f"{folder}: the same experiment folder was given twice" if str(first) == str(folder) else
+                    f"{first} and {folder}: the same experiment folder was given twice ({resolved})")
+            raise ReportError(f"{same}; give each folder once")
+        seen[resolved] = folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1031,10 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     formats = args.formats or ["html"]
     try:
         folders = [Path(p) for p in args.experiments] or default_experiments(args.storage_dir)
+        _refuse_repeats(args.experiments or folders)
         experiments = [load_experiment(folder) for folder in folders]
-        names = [e.folder for e in experiments]
-        if len(set(names)) < len(names):
-            raise ReportError("the same experiment folder was given twice")
         if args.out:
             out = Path(args.out).expanduser()
         elif args.experiments:  # next to the experiments given, as it would be next to runs/'s

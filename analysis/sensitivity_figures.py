@@ -231,6 +231,24 @@ def _saved_split(compute: dict[str, Any]) -> str:
             f"{compute['epochs_saved_by_scheduler']:.1f} by the scheduler (ASHA's stopped trials)")
 
 
+def batch_text(experiment: Experiment) -> str:
+    """The trials' batch size: the search's setting, or, where the space samples it (contrastive,
+    Barlow Twins), the values it samples from and those the trials used (the setting is not used then)."""
+    from analysis.sensitivity import _describe_range
+
+    distribution = experiment.distributions.get("batch_size")
+    if distribution is None:
+        return f"batch {experiment.settings.get('batch_size', '?')}"
+    used = {trial.params["batch_size"] for trial in experiment.study.get_trials(deepcopy=False)
+            if "batch_size" in trial.params}
+    text = f"batch sampled from {_describe_range(distribution)}"
+    if used:
+        order = list(getattr(distribution, "choices", ()))
+        used_in_order = sorted(used, key=lambda v: (order.index(v), 0) if v in order else (len(order), v))
+        text += f" (used: {', '.join(_format_value(v) for v in used_in_order)})"
+    return text
+
+
 def summary_html(analysis: ExperimentAnalysis) -> str:
     experiment = analysis.experiment
     settings = experiment.settings
@@ -240,8 +258,8 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
         ("objective (maximised)", experiment.objective_label),
         ("trials", f"{len(experiment.trials)} of {experiment.trials_requested} requested"
          + (" (still running or interrupted)" if experiment.running else "")),
-        ("per trial", f"up to {experiment.max_epochs} epochs x {settings.get('steps_per_epoch', '?')} steps, batch "
-         f"{settings.get('batch_size', '?')}, preset {settings.get('preset', '?')}, data {settings.get('data', '?')}"),
+        ("per trial", f"up to {experiment.max_epochs} epochs x {settings.get('steps_per_epoch', '?')} steps, "
+         f"{batch_text(experiment)}, preset {settings.get('preset', '?')}, data {settings.get('data', '?')}"),
         ("collapse stopping", (f"after {settings.get('patience_epochs')} collapsed epoch(s) past a grace of "
                                f"{settings.get('grace_epochs')}") if settings.get("collapse_stop", True) else "off"),
     ]
@@ -1025,11 +1043,9 @@ def keyed(analyses: Sequence[ExperimentAnalysis]) -> list[ExperimentAnalysis]:
     parent's where two experiments share one, and the position where that is not enough)."""
     from dataclasses import replace
 
-    names = [a.experiment.name for a in analyses]
-    labels = [name if names.count(name) == 1 else f"{a.experiment.folder.parent.name}/{name}"
-              for a, name in zip(analyses, names)]
-    labels = [label if labels.count(label) == 1 else f"{label} ({number})"
-              for number, label in enumerate(labels, start=1)]
+    from analysis.sensitivity import experiment_labels
+
+    labels = experiment_labels([a.experiment for a in analyses])  # as in the JSON, the CSV and on the console
     return [replace(a, key=f"e{number}-{_slug(a.experiment.name)}", label=label)
             for number, (a, label) in enumerate(zip(analyses, labels), start=1)]
 

@@ -122,6 +122,10 @@ class SearchSummary:
     untrained_value_initial_bn: float | None = None
     # Complete trials whose last verdict was a collapse the rule did not stop on (e.g. dimensional).
     flagged: dict[str, int] = field(default_factory=dict)
+    # With collapse stopping off (--no-collapse-stop): trials the rule would have stopped, and the
+    # trial-epochs that would have saved.
+    would_stop: int = 0
+    would_save_epochs: float = 0.0
 
     @property
     def trial_epochs_without_stopping(self) -> float:
@@ -180,6 +184,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
     if len(frame) and "verdict" in frame:
         ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(COLLAPSE_TYPES)]
         flagged = {str(name): int(count) for name, count in ended["verdict"].value_counts().sort_index().items()}
+    would = pd.to_numeric(frame.get("would_stop_epoch", pd.Series(dtype=float)), errors="coerce").dropna()
     return SearchSummary(
         method=method,
         objective=objective,
@@ -193,6 +198,8 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         trial_epochs_requested=trials * max_epochs,
         epochs_saved=saved,
         flagged=flagged,
+        would_stop=int(len(would)),
+        would_save_epochs=float((max_epochs - would).clip(lower=0).sum()),
     )
 
 
@@ -220,15 +227,20 @@ def format_summary(summary: SearchSummary) -> str:
                 "to learn; give trials more steps (--max-epochs, --steps-per-epoch) for finished representations"
             )
     saved = ", ".join(f"{value:.1f} by {name}" for name, value in summary.epochs_saved.items() if value)
-    lines.append(
-        f"compute: {summary.trial_epochs_run:.1f} of {summary.trial_epochs_without_stopping:.1f} trial-epochs run "
-        f"({100 * summary.saved_fraction:.0f}% saved{': ' + saved if saved else ''})"
-    )
+    if summary.trial_epochs_without_stopping > 0:  # nothing to say before a trial has finished
+        lines.append(
+            f"compute: {summary.trial_epochs_run:.1f} of {summary.trial_epochs_without_stopping:.1f} trial-epochs "
+            f"run by the finished trials ({100 * summary.saved_fraction:.0f}% saved{': ' + saved if saved else ''})"
+        )
+    if summary.would_stop:
+        lines.append(f"collapse stop off: the rule would have stopped {summary.would_stop} trial(s), saving "
+                     f"{summary.would_save_epochs:.1f} trial-epochs (trials.csv's would_stop_epoch)")
     if summary.flagged:
         flagged = ", ".join(f"{count} {name}" for name, count in summary.flagged.items())
+        reasons = "collapse stopping off, " if summary.would_stop else ""
         lines.append(f"flagged, not stopped: {flagged} (trials that ran to the end with a collapse verdict on "
-                     "their last epoch: a type --stop-on ignores, or one still within the grace period or shorter than "
-                     "the patience; see trials.csv's verdict column)")
+                     f"their last epoch: {reasons}a type --stop-on ignores, or one still within the grace period or "
+                     "shorter than the patience; see trials.csv's verdict column)")
     if summary.seconds is not None:
         lines.append(f"time: {summary.seconds / 60:.1f} min")
     if summary.best_backbone:

@@ -23,15 +23,19 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from hpsearch.settings import OBJECTIVES, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError
+from hpsearch.settings import OBJECTIVES, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem
 from musicssl.cli import ArgumentParser
 
 __all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
@@ -143,21 +147,47 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
-    """A ``HOST:PORT`` address must accept connections (Ray's own timeout is long and its error
-    obscure); ``auto`` is left to Ray."""
-    if address == "auto" or address.startswith(("ray://", "anyscale://")):
+    """The cluster an address names must answer as a Ray head does, within seconds (Ray's own
+    timeout is minutes, and its error obscure): ``HOST:PORT`` (or ``auto``, resolved as Ray does:
+    ``RAY_ADDRESS``, else the cluster ``ray start`` last recorded on this machine) must accept a
+    connection and speak HTTP/2, as the head's GCS (a gRPC server) does; a dashboard or other
+    server on that port does not. ``ray://`` client addresses are left to Ray."""
+    if address.startswith(("ray://", "anyscale://")):
         return
+    given = address
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            address = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise SearchError("--address auto: no Ray cluster found on this machine; start one with 'ray start "
+                              "--head', or leave --address out to run locally") from None
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise SearchError(f"--address {address!r}: expected 'auto' or HOST:PORT (the head node's GCS, e.g. 10.0.0.1:6379)")
+        raise SearchError(f"--address {given!r}: expected 'auto' or HOST:PORT (the head node's GCS, e.g. 10.0.0.1:6379)")
+    where = f"--address {given}" + (f" (found: {address})" if given == "auto" else "")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+            connection.settimeout(timeout)
+            # HTTP/2's client preface and an empty SETTINGS frame; a gRPC server answers with a SETTINGS frame.
+            connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            reply = b""
+            while len(reply) < 9:
+                chunk = connection.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
     except OSError as error:
         raise SearchError(
-            f"--address {address}: cannot reach a Ray cluster there ({error}); start one with "
-            "'ray start --head' on that machine, or leave --address out to run locally"
+            f"{where}: cannot reach a Ray cluster there ({error}); start one with 'ray start --head' on that "
+            "machine, or leave --address out to run locally"
         ) from None
+    if len(reply) < 9 or reply[3] != 0x04:
+        raise SearchError(
+            f"{where}: something answers there, but not a Ray head node's GCS; give the address 'ray start "
+            "--head' printed (HOST:6379 by default; not the dashboard's port)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +229,9 @@ def check_storage(settings: SearchSettings) -> None:
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
     """The most recently started search of ``method`` in ``storage_dir`` (for ``--resume`` without ``--name``)."""
-    folders = [p.parent for p in Path(storage_dir).expanduser().glob(f"{method}-*/{SEARCH_FILE}")]
+    default = re.compile(rf"{re.escape(method)}-\d{{8}}-\d{{6}}(-\d+)?")  # default_name's, not a --name's
+    folders = [p.parent for p in Path(storage_dir).expanduser().glob(f"{method}-*/{SEARCH_FILE}")
+               if default.fullmatch(p.parent.name)]
     return max(folders, key=lambda p: (p / SEARCH_FILE).stat().st_mtime).name if folders else None
 
 
@@ -266,6 +298,64 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> b
     # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
     return True
+
+
+@contextlib.contextmanager
+def _concurrency_as_now_asked(concurrency: int):
+    """A resumed search runs ``concurrency`` trials at a time, as ``--concurrency`` now says.
+
+    Ray Tune restores the ConcurrencyLimiter it wraps the searcher in from the experiment state,
+    with the limit the search started with, and offers no way to change it; so, while the search
+    resumes, the limiter's restored state takes this limit (its set_state, scoped to this call)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    original = ConcurrencyLimiter.set_state
+
+    def set_state(self, state):
+        original(self, state)
+        self.max_concurrent = concurrency
+
+    ConcurrencyLimiter.set_state = set_state
+    try:
+        yield
+    finally:
+        ConcurrencyLimiter.set_state = original
+
+
+def _sigterm_as_ctrl_c():
+    """Handle SIGTERM (``kill``, ``timeout``, batch schedulers) as Ctrl-C: Ray Tune then stops the
+    trials, saves the experiment and the summary says how to continue. Without this, Ray's handler
+    aborts the driver with a stack dump. Returns the handler to restore afterwards (None off the
+    main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
+
+
+def _fail_trials_killed_for_memory() -> None:
+    """Make a trial whose worker Ray's memory monitor kills fail alone, as other worker deaths do.
+
+    Ray Tune's actor manager handles a dead actor (RayActorError) by failing its trial, but the
+    OutOfMemoryError that Ray raises for a task killed for memory is "unexpected" to it and ends
+    the whole search with a traceback. Passed on as an ActorDiedError-like RayActorError, the trial is
+    recorded as failed (FAIL in the study) and the search goes on. Installed once per process; the
+    method is private (hpsearch/searcher.py's version check covers Ray's version).
+    """
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    original = RayActorManager._actor_task_failed
+    if getattr(original, "_fails_memory_kills", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, OutOfMemoryError):
+            exception = RayActorError(error_msg=f"the trial's worker was killed for memory: {exception}")
+        return original(self, tracked_actor_task, exception)
+
+    _actor_task_failed._fails_memory_kills = True
+    RayActorManager._actor_task_failed = _actor_task_failed
 
 
 def _scheduler(settings: SearchSettings):
@@ -336,17 +426,19 @@ def run_search(
         max_batch_size = check_space(settings)
         if data is None:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
-        folder.mkdir(parents=True, exist_ok=True)
-        settings.save(folder)
+        # Ray before the folder: a cluster that cannot be joined leaves nothing behind.
+        _ray_environment(local=address is None, verbose=verbose)
+        started_ray = _init_ray(settings, address, verbose)
     except BaseException:
         if reserved:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # the empty folder default_name reserved
         raise
-
-    _ray_environment(local=address is None, verbose=verbose)
-    started_ray = _init_ray(settings, address, verbose)
+    previous_sigterm = _sigterm_as_ctrl_c()
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        settings.save(folder)
+        _fail_trials_killed_for_memory()
         if address:
             _warn_missing_cluster_gpus(settings)
         study_exists = journal.is_file() and journal.stat().st_size > 0
@@ -398,8 +490,11 @@ def run_search(
                 ),
             )
             _print_start(settings, folder, stream)
-        tuner.fit()
+        with _concurrency_as_now_asked(settings.concurrency):
+            tuner.fit()
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if started_ray:
             import ray
 
@@ -419,8 +514,8 @@ def run_search(
     print(format_summary(summary), file=stream, flush=True)
     print(f"results: {folder}", file=stream, flush=True)
     if interrupted:
-        print(f"interrupted: continue with {PROG} {settings.method} --name {settings.name} "
-              f"--storage-dir {settings.storage_dir} --resume", file=stream, flush=True)
+        print(f"interrupted: continue with {PROG} {settings.method} --name {shlex.quote(settings.name)} "
+              f"--storage-dir {shlex.quote(str(settings.storage_dir))} --resume", file=stream, flush=True)
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
 
 
@@ -539,10 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that may differ on a resume: where and how the search runs, not what it is. Given on a
-# resume, the resources and actor reuse replace the stored ones (e.g. a search continued on a cluster).
-_RUNTIME_FLAGS = {
-    "name", "storage_dir", "concurrency", "cpus_per_trial", "gpus_per_trial", "reuse_actors", "root", "audio_dir",
-}
+# resume, the resources and the concurrency replace the stored ones (e.g. a search continued on a cluster);
+# actor reuse is restored with Ray's experiment state, so --no-reuse-actors must agree.
+_RUNTIME_FLAGS = {"name", "storage_dir", "concurrency", "cpus_per_trial", "gpus_per_trial", "root", "audio_dir"}
 # Boolean settings whose flag turns them off.
 _OFF_FLAGS = {"collapse_stop": "--no-collapse-stop", "reuse_actors": "--no-reuse-actors"}
 
@@ -553,11 +647,19 @@ def _value_text(value: Any) -> str:
 
 def _flag_text(key: str, value: Any) -> str:
     """How the command line spells setting ``key`` set to ``value``."""
-    return _OFF_FLAGS[key] if key in _OFF_FLAGS else f"--{key.replace('_', '-')} {_value_text(value)}"
+    if key in _OFF_FLAGS:
+        return _OFF_FLAGS[key]
+    if key == "thresholds":
+        return " ".join(f"--threshold {name}={number:g}" if isinstance(number, float) else f"--threshold {name}={number}"
+                        for name, number in value.items()) or "no --threshold"
+    return f"--{key.replace('_', '-')} {_value_text(value)}"
 
 
 def _stored_text(key: str, value: Any) -> str:
     """How a conflict message shows the stored value of setting ``key``."""
+    if key == "thresholds":
+        return ", ".join(f"{name}={number:g}" if isinstance(number, float) else f"{name}={number}"
+                         for name, number in value.items()) or "none"
     return ("on" if value else "off") if key in _OFF_FLAGS else _value_text(value)
 
 
@@ -587,11 +689,13 @@ def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _comparable(key: str, value: Any) -> Any:
     """A setting as a resume compares it with the stored one: a dataset in one spelling
-    (``Jamendo-Top50-Split0`` is ``jamendo-top50``)."""
+    (``Jamendo-Top50-Split0`` is ``jamendo-top50``), the collapse types to stop on as a set."""
     if key == "data":
         from musicssl.data.loaders import canonical_dataset_spec
 
         return canonical_dataset_spec(value)
+    if key == "stop_on":
+        return frozenset(value)
     return value
 
 
@@ -612,6 +716,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         name = latest_search(args.method, storage_dir)
         if name is None:
             raise SearchError(f"--resume: no search of {args.method} in {storage_dir}; start one without --resume")
+    if name and name_problem(name):
+        raise SettingsError(name_problem(name))
     if name and (Path(storage_dir).expanduser() / name / SEARCH_FILE).is_file():
         stored = SearchSettings.load(Path(storage_dir).expanduser() / name)
         if stored.method != args.method:

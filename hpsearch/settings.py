@@ -22,6 +22,17 @@ __all__ = [
 ]
 
 SEARCH_FILE = "search.json"
+# A search folder's name: file systems allow 255 bytes, and Ray Tune derives longer names from it.
+MAX_NAME_BYTES = 150
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a search's folder (``--name``), or None."""
+    if Path(name).name != name or name in (".", ".."):
+        return f"--name must be a plain folder name (no '/'), got {name!r}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"--name must be at most {MAX_NAME_BYTES} bytes (a folder name; Ray adds to it), got {len(name.encode())}"
+    return None
 # What a trial can be scored by; every one is maximised.
 OBJECTIVES = ("probe_map", "probe_auc", "rankme")
 SCHEDULERS = ("asha", "none")
@@ -145,8 +156,8 @@ class SearchSettings:
             problems.append(f"--gpus-per-trial must be a number >= 0, got {self.gpus_per_trial}")
         if self.asha_reduction_factor <= 1:
             problems.append(f"the ASHA reduction factor must be > 1, got {self.asha_reduction_factor}")
-        if self.name and (Path(self.name).name != self.name or self.name in (".", "..")):
-            problems.append(f"--name must be a plain folder name (no '/'), got {self.name!r}")
+        if self.name and name_problem(self.name):
+            problems.append(name_problem(self.name))
         try:
             self.collapse_thresholds()
         except (TypeError, ValueError) as error:

@@ -769,6 +769,73 @@ def test_a_new_search_never_reuses_a_folder(tmp_path):
     assert len(set(names)) == 16
 
 
+def test_an_address_that_is_not_a_ray_head_fails_in_seconds(monkeypatch):
+    """Before: a server that is not Ray's GCS on that port (a dashboard, any web server), or a stale
+    cluster recorded on this machine for 'auto', made ray.init retry for minutes."""
+    import http.server
+
+    from hpsearch.run import SearchError, check_address
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(SearchError, match=r"something answers there, but not a Ray head node's GCS"):
+            check_address(f"127.0.0.1:{server.server_address[1]}")
+        assert time.monotonic() - started < 10
+    finally:
+        server.shutdown()
+        server.server_close()
+    port = _free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what 'auto' resolves first, as Ray does
+    with pytest.raises(SearchError, match=rf"--address auto \(found: 127.0.0.1:{port}\): cannot reach a Ray cluster"):
+        check_address("auto")
+
+
+def test_a_cluster_that_cannot_be_joined_leaves_no_search_folder(tmp_path, tonal_data, monkeypatch):
+    """Ray is joined before the folder is made: before, a failed join left a folder with only
+    search.json, which --resume then picked and a --name could no longer use."""
+    import hpsearch.run
+    from hpsearch.run import SearchError
+
+    def refuse(settings, address, verbose):
+        raise SearchError(f"--address {address}: could not join the Ray cluster: refused")
+
+    monkeypatch.setattr(hpsearch.run, "check_address", lambda address: None)
+    monkeypatch.setattr(hpsearch.run, "_init_ray", refuse)
+    for name in ("", "named"):
+        settings = SearchSettings(method="vicreg", trials=1, name=name, storage_dir=str(tmp_path / "runs"), **TINY)
+        with pytest.raises(SearchError, match="could not join"):
+            run_search(settings, address="10.0.0.1:6379", data=tonal_data)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
+    """Ray raises OutOfMemoryError for a task its memory monitor kills; Ray Tune's actor manager
+    treats it as unexpected and ended the whole search (measured: RAY_memory_usage_threshold=0.2 and
+    100,000 probe segments). With the search's handling the trial's actor is failed like a dead one,
+    so Tune fails the trial (FAIL in the study) and goes on (measured: both trials failed, exit 0)."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.air.execution._internal.tracked_actor import TrackedActor
+    from ray.air.execution._internal.tracked_actor_task import TrackedActorTask
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    from hpsearch.run import _fail_trials_killed_for_memory
+
+    _fail_trials_killed_for_memory()
+    _fail_trials_killed_for_memory()  # installed once
+    errors: list = []
+    actor = TrackedActor(7, on_error=lambda tracked, error: errors.append(("actor", error)))
+    task = TrackedActorTask(actor, on_error=lambda tracked, error: errors.append(("task", error)))
+    manager = RayActorManager.__new__(RayActorManager)  # only the failure path, no Ray needed
+    manager._failed_actor_ids, cleaned = set(), []
+    manager._cleanup_actor = lambda tracked_actor: cleaned.append(tracked_actor)
+    manager._actor_task_failed(task, OutOfMemoryError("1 worker(s) were killed due to the node running low on memory"))
+    assert [kind for kind, _ in errors] == ["actor", "task"]
+    assert all(isinstance(error, RayActorError) and "killed for memory" in str(error) for _, error in errors)
+    assert manager._failed_actor_ids == {7} and cleaned == [actor]
+
+
 def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     from hpsearch.run import SearchError, main, settings_from_args
 
@@ -778,10 +845,19 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     common = ["vicreg", "--name", "mine", "--storage-dir", str(tmp_path)]
     with pytest.raises(SearchError, match=r"--trials 9 \(stored: 8\), --no-collapse-stop \(stored: on\)"):
         settings_from_args(parse([*common, "--no-collapse-stop", "--trials", "9"]))
-    # Resources and actor reuse say how the search runs: a resume (e.g. on a cluster) may change them.
+    # Resources and concurrency say how the search runs: a resume (e.g. on a cluster) may change them.
     settings, resume = settings_from_args(parse([*common, "--concurrency", "4", "--cpus-per-trial", "2",
-                                                 "--no-reuse-actors", "--root", "/mnt/data"]))
-    assert resume and (settings.concurrency, settings.cpus_per_trial, settings.reuse_actors) == (4, 2.0, False)
+                                                 "--root", "/mnt/data"]))
+    assert resume and (settings.concurrency, settings.cpus_per_trial, settings.reuse_actors) == (4, 2.0, True)
+    # Actor reuse is restored with Ray's experiment state: it must agree. The collapse types are a
+    # set (any order), and thresholds are spelled as the flag is.
+    with pytest.raises(SearchError, match=r"--no-reuse-actors \(stored: on\)"):
+        settings_from_args(parse([*common, "--no-reuse-actors"]))
+    assert settings_from_args(parse([*common, "--stop-on", "cluster,complete"]))[1]
+    with pytest.raises(SearchError, match=r"--threshold dimensional_max_rank_fraction=0.05 \(stored: none\)"):
+        settings_from_args(parse([*common, "--threshold", "dimensional_max_rank_fraction=0.05"]))
+    with pytest.raises(SettingsError, match=r"--name must be at most 150 bytes .*got 300"):
+        settings_from_args(parse(["vicreg", "--name", "x" * 300, "--storage-dir", str(tmp_path)]))
     assert settings.root == "/mnt/data"  # where a named dataset lies, e.g. on the cluster's nodes
     assert settings.trials == 8 and settings.trial_settings().num_threads == 2
     # A dataset is recognised however it is spelled (split 0 of MTG-Jamendo by its bare name too).
@@ -794,9 +870,16 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     with pytest.raises(SearchError, match=r"--data jamendo-top50-split1 \(stored: Jamendo-Top50\)"):
         settings_from_args(parse(["vicreg", "--name", "jam", "--storage-dir", str(tmp_path), "--data",
                                   "jamendo-top50-split1"]))
-    # --resume without --name picks the latest search named by default (METHOD-<time>).
+    # --resume without --name picks the latest search named by default (METHOD-<time>), not one
+    # named with --name (here "mine", "jam" and a later "vicreg-custom").
     with pytest.raises(SearchError, match="--resume: no search of vicreg"):
         settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))
+    for name in ("vicreg-20261201-100000", "vicreg-20261201-100000-2", "vicreg-custom"):
+        SearchSettings(method="vicreg", name=name, storage_dir=str(tmp_path)).save(
+            (tmp_path / name).mkdir() or tmp_path / name)
+        time.sleep(0.01)
+    settings, resume = settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))
+    assert resume and settings.name == "vicreg-20261201-100000-2"
     # A damaged search.json is an error that names the file, not a traceback.
     (tmp_path / "mine" / "search.json").write_text('{"method": "vicreg", "trials": "64"')
     with pytest.raises(SettingsError, match="search.json cannot be read as a search's settings"):
@@ -873,7 +956,7 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # 30 trial-epochs requested; 21.5 run; 3 saved by the collapse stop and 5.5 by the divergence.
     assert summary.trial_epochs_run == 21.5 and summary.saved_fraction == pytest.approx(1 - 21.5 / 30)
     assert summary.epochs_saved == {"collapsed": 3.0, "diverged": 5.5, "stopped": 0.0}
-    assert "compute: 21.5 of 30.0 trial-epochs run (28% saved: 3.0 by collapsed, 5.5 by diverged)" in format_summary(summary)
+    assert "compute: 21.5 of 30.0 trial-epochs run by the finished trials (28% saved: 3.0 by collapsed, 5.5 by diverged)" in format_summary(summary)
     # Interrupted after these 5 of 64 trials, or with a trial that failed after 2 epochs: neither the
     # trials not run nor the failed trial's unrun epochs are savings.
     assert summarize(frame, "vicreg", "probe_map", trials=64, max_epochs=6).saved_fraction == pytest.approx(8.5 / 30)
@@ -891,3 +974,16 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     assert "0.4364 with its initial statistics" in both
     # A search stored before trials had a verdict column summarises without it.
     assert summarize(frame.drop(columns="verdict"), "vicreg", "probe_map", 5, 6).flagged == {}
+    assert summary.would_stop == 0 and "collapse stop off" not in format_summary(summary)
+    # --no-collapse-stop: every trial ran to the end; the summary says what the rule would have done
+    # (the trials with a would_stop_epoch: at epochs 3 and 4 of 6, saving 3 + 2).
+    unstopped = pd.DataFrame({
+        "trial": [0, 1, 2], "state": ["COMPLETE"] * 3, "outcome": ["complete"] * 3, "objective": [0.3, 0.4, 0.35],
+        "epochs_run": [6.0] * 3, "verdict": ["complete", "none", "complete"], "would_stop_epoch": [3, math.nan, 4],
+    })
+    off = summarize(unstopped, "vicreg", "probe_map", trials=3, max_epochs=6)
+    assert (off.would_stop, off.would_save_epochs, off.saved_fraction) == (2, 5.0, 0.0)
+    text = format_summary(off)
+    assert "collapse stop off: the rule would have stopped 2 trial(s), saving 5.0 trial-epochs" in text
+    assert "flagged, not stopped: 2 complete (trials that ran to the end with a collapse verdict on their last " \
+           "epoch: collapse stopping off, a type --stop-on ignores" in text

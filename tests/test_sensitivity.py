@@ -628,10 +628,127 @@ def test_two_experiments_with_the_same_folder_name_get_their_own_ids_and_heading
     # Each experiment's figures are its own: the second one's outcome figure counts its own trials.
     counts = {e["folder"]: e["counts"] for e in summary["experiments"]}
     assert counts[str(first)] != counts[str(second)]
-    assert [row["experiment"] for row in summary["comparison"]] == ["vicreg", "vicreg"]
+    assert [row["experiment"] for row in summary["comparison"]] == ["a/vicreg", "b/vicreg"]
     assert "<td class='text'>a/vicreg</td>" in page and "<td class='text'>b/vicreg</td>" in page
     for parent in ("a", "b"):  # the comparison figure's categories (plotly escapes < > / in its JSON)
         assert f'"vicreg\\u003cbr\\u003e({parent}\\u002fvicreg)"' in page
+
+
+def test_same_named_searches_have_one_label_in_the_page_the_json_the_csv_and_the_console(tmp_path, capsys):
+    """runs/base1 and other/base1 are told apart by their parent folder everywhere the report names an
+    experiment: the page's headings, the JSON's experiments and comparison, the figures, the trials CSV
+    and the console; a/x/vicreg and b/x/vicreg, whose parents share a name too, by their position."""
+    import re
+
+    searches = [write_search(tmp_path / "runs" / "base1", collapse_rows(count=8)),
+                write_search(tmp_path / "other" / "base1", collapse_rows(seed=1, count=9)),
+                write_search(tmp_path / "a" / "x" / "vicreg", collapse_rows(seed=2, count=10)),
+                write_search(tmp_path / "b" / "x" / "vicreg", collapse_rows(seed=3, count=11))]
+    expected = ["runs/base1", "other/base1", "x/vicreg (3)", "x/vicreg (4)"]
+    out = tmp_path / "dup.html"
+    assert main([*map(str, searches), "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert [e["name"] for e in summary["experiments"]] == expected
+    assert [e["folder"] for e in summary["experiments"]] == [str(folder) for folder in searches]
+    assert [row["experiment"] for row in summary["comparison"]] == expected
+    assert {figure["experiment"] for figure in summary["figures"]} == set(expected) | {None}
+    csv = pd.read_csv(out.with_name("dup-trials.csv"))
+    assert list(dict.fromkeys(csv["experiment"])) == expected
+    assert csv.groupby("experiment", sort=False).size().tolist() == [8, 9, 10, 11]
+    headings = re.findall(r"<h2 id='[^']+'>([^<:]+):", out.read_text())
+    assert headings == expected
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (vicreg)")[0] for line in lines[:4]] == expected
+
+
+def test_the_same_folder_under_another_spelling_is_refused_like_the_same_string(tmp_path, monkeypatch, capsys):
+    folder = write_search(tmp_path / "runs" / "intA", collapse_rows(count=8))
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.html"
+    assert main(["runs/intA", "runs/intA", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "runs/intA: the same experiment folder was given twice; give each folder once" in err
+    for other in ("./runs/../runs/intA", "runs/intA/", str(folder), "link/intA"):
+        assert main(["runs/intA", other, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert (f"error: runs/intA and {other}: the same experiment folder was given twice ({folder}); give each "
+                "folder once") in err
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "runs"]
+    # A different folder of the same name is not the same folder.
+    copy = write_search(tmp_path / "other" / "intA", collapse_rows(count=8))
+    assert main(["runs/intA", str(copy), "--out", str(out)]) == 0
+
+
+def test_an_out_inside_a_file_says_the_folder_cannot_be_made_there(tmp_path, capsys):
+    from analysis.sensitivity import ReportError, check_report_path
+
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    (tmp_path / "afile").write_text("kept\n")
+    for out in (tmp_path / "afile" / "r.html", tmp_path / "afile" / "deeper" / "r.html"):
+        assert main([str(folder), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert (f"error: --out {out}: {tmp_path / 'afile'} is a file, so the folder cannot be made there; give --out "
+                "a path in a folder, e.g. --out r.html") in err
+        assert "File exists" not in err and "Not a directory" not in err and "Traceback" not in err
+        with pytest.raises(ReportError, match="is a file, so the folder cannot be made there"):
+            check_report_path(out)
+    assert (tmp_path / "afile").read_text() == "kept\n"
+    # A folder still to be made under existing folders is fine.
+    assert set(check_report_path(tmp_path / "new" / "r.html")) == {"html", "json", "csv", "png"}
+
+
+def test_a_sampled_batch_size_is_shown_as_sampled_with_the_values_used():
+    """Barlow Twins and contrastive sample batch_size: the summary says so and which values the
+    trials used, not the search's batch_size setting (unused there); other methods show the setting."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page
+    from study_spaces import get_space
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for number in range(8):
+        trial = study.ask()
+        get_space("barlow_twins").sample(trial)
+        study.tell(trial, 0.1 * number)
+    used = {trial.params["batch_size"] for trial in study.trials}
+    assert len(used) > 1 and used != {32}, used
+    settings = {**SETTINGS, "method": "barlow_twins", "batch_size": 32, "preset": "cpu", "data": "corpus"}
+    page, _ = build_page([analyse(experiment_from_study(study, settings))])
+    listed = ", ".join(str(size) for size in (32, 64, 128) if size in used)
+    assert (f"up to 2 epochs x 3 steps, batch sampled from {{32, 64, 128}} (used: {listed}), preset cpu, data corpus"
+            in page)
+    assert "batch 32," not in page
+
+    page, _ = build_page([analyse(experiment_from_study(synthetic_study(collapse_rows(count=8)),
+                                                        {**SETTINGS, "batch_size": 16}))])
+    assert "up to 2 epochs x 3 steps, batch 16, preset" in page and "batch sampled" not in page
+
+
+def test_the_console_line_counts_the_trials_the_rule_would_have_stopped(tmp_path, capsys):
+    """A --no-collapse-stop search whose three trials the rule would all have stopped: they are
+    complete, the JSON's collapse rate is 3 of 3, and the console line says both."""
+    folder = write_search(tmp_path / "ncs", [(0.7, 0.2, "collapsed"), (0.8, 0.5, "collapsed"), (0.9, 0.1, "collapsed")],
+                          stopping=False)
+    out = tmp_path / "r.html"
+    assert main([str(folder), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("ncs (vicreg): 3 trials (3 complete, 0 diverged, 0 failed; the collapse rule would have "
+                           "stopped 3 of them, but stopping was off: 3 of 3 finished count as collapsed); best #")
+    rate = json.loads(out.with_suffix(".json").read_text())["experiments"][0]["collapse_rate"]
+    assert (rate["collapsed_or_diverged"], rate["finished"], rate["would_have_been_stopped"]) == (3, 3, 3)
+
+    # A larger one: the diverged trial is stopped either way, the flagged ones are not counted.
+    rows = collapse_rows(count=20)
+    would = sum(outcome == "collapsed" for _, _, outcome in rows)
+    collapsed = would + sum(outcome == "diverged" for _, _, outcome in rows)
+    assert 0 < would < collapsed < len(rows)
+    folders = [write_search(tmp_path / "off", rows, stopping=False), write_search(tmp_path / "on", rows)]
+    assert main([*map(str, folders), "--out", str(out)]) == 0
+    off, on = capsys.readouterr().out.splitlines()[:2]
+    assert (f"; the collapse rule would have stopped {would} of them, but stopping was off: {collapsed} of {len(rows)} "
+            "finished count as collapsed)") in off
+    assert on.startswith("on (vicreg): ") and "would have stopped" not in on
 
 
 def test_every_preferred_map_pair_names_parameters_its_method_samples():
