@@ -558,6 +558,10 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
         f"scheduler {settings.scheduler}, {stopping}\nfolder: {folder}",
         file=stream, flush=True,
     )
+    if settings.collapse_stop and settings.grace_epochs + settings.patience_epochs > settings.max_epochs:
+        print(f"note: a grace of {settings.grace_epochs} and a patience of {settings.patience_epochs} epochs exceed the "
+              f"trials' {settings.max_epochs} epochs: collapse never stops a trial (only a divergence does)",
+              file=stream, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------

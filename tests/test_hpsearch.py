@@ -659,6 +659,35 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert "6/6 trials finished" in resumed.stdout
 
 
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env):
+    """kill, timeout and batch schedulers send SIGTERM: the search stops, prints its summary and the
+    command that continues it (before: Ray's handler aborted the driver with a stack dump, exit 134)."""
+    command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
+                  *tiny_flags(tonal_dataset))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
+                               cwd=REPO, start_new_session=True)
+    watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("[1/4]"):
+                process.send_signal(signal.SIGTERM)
+                break
+        lines.extend(process.stdout)
+        code = process.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        kill_session(process.pid)
+    output = "".join(lines)
+    assert code == 130, output
+    assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} --resume" \
+        in output
+    assert "SIGTERM received" not in output and "Traceback" not in output
+    assert (tmp_path / "termed" / "summary.json").is_file()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -752,6 +781,22 @@ def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tm
     (tmp_path / "search.json").write_text(json.dumps(stored))
     assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster"]
     assert SearchSettings(method="vicreg").stop_on == ["complete", "cluster"]
+
+
+def test_a_stopping_rule_longer_than_the_trials_is_noted(tmp_path):
+    import io
+
+    from hpsearch.run import _print_start
+
+    def start_text(**changes) -> str:
+        stream = io.StringIO()
+        _print_start(SearchSettings(method="vicreg", **changes), tmp_path, stream)
+        return stream.getvalue()
+
+    assert "collapse never stops a trial" not in start_text(max_epochs=3)  # grace 1 + patience 2: stops at 3
+    assert ("note: a grace of 1 and a patience of 2 epochs exceed the trials' 2 epochs: collapse never stops a "
+            "trial (only a divergence does)") in start_text(max_epochs=2)
+    assert "collapse never stops" not in start_text(max_epochs=2, collapse_stop=False)
 
 
 def test_a_new_search_never_reuses_a_folder(tmp_path):
