@@ -620,23 +620,35 @@ def kill_session(leader: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"processes of session {leader} survived: {_session_processes(leader)}")
 
 
-def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env):
-    command = cli("vicreg", "--trials", "6", "--name", "resumable", "--storage-dir", str(tmp_path), *tiny_flags(tonal_dataset))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
+def signal_search_after(command: list[str], env: dict, prefix: str, signum: int) -> tuple[list[str], int]:
+    """Run a search command, send ``signum`` to it once a line starts with ``prefix`` (SIGKILL: to its
+    whole process group, as a crash would), and return its output lines and exit code; every process
+    of its session is gone afterwards."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=REPO, start_new_session=True)
     watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
     watchdog.start()
-    lines = []
+    lines: list[str] = []
     try:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith("[2/6]"):
+            if line.startswith(prefix):
+                if signum == signal.SIGKILL:
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.send_signal(signum)
                 break
+        lines.extend(process.stdout)
+        code = process.wait(timeout=120)
     finally:
         watchdog.cancel()
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
         kill_session(process.pid)
+    return lines, code
+
+
+def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env):
+    command = cli("vicreg", "--trials", "6", "--name", "resumable", "--storage-dir", str(tmp_path), *tiny_flags(tonal_dataset))
+    lines, _ = signal_search_after(command, cli_env, "[2/6]", signal.SIGKILL)
     assert any(line.startswith("[2/6]") for line in lines), "".join(lines)
     journal = tmp_path / "resumable" / "optuna.journal"
     storage = JournalStorage(JournalFileBackend(str(journal)))
@@ -664,22 +676,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env)
     command that continues it (before: Ray's handler aborted the driver with a stack dump, exit 134)."""
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
                   *tiny_flags(tonal_dataset))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
-                               cwd=REPO, start_new_session=True)
-    watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
-    watchdog.start()
-    lines = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("[1/4]"):
-                process.send_signal(signal.SIGTERM)
-                break
-        lines.extend(process.stdout)
-        code = process.wait(timeout=120)
-    finally:
-        watchdog.cancel()
-        kill_session(process.pid)
+    lines, code = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM)
     output = "".join(lines)
     assert code == 130, output
     assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} --resume" \
