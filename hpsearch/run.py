@@ -322,6 +322,20 @@ def _concurrency_as_now_asked(concurrency: int):
         ConcurrencyLimiter.set_state = original
 
 
+class _NoRayResumeHint(logging.Filter):
+    """Drops Ray Tune's "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)":
+    the search's summary gives the command that continues it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Experiment has been interrupted")
+
+
+def _leave_the_resume_hint_to_the_summary() -> None:
+    logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(existing, _NoRayResumeHint) for existing in logger.filters):
+        logger.addFilter(_NoRayResumeHint())
+
+
 def _sigterm_as_ctrl_c():
     """Handle SIGTERM (``kill``, ``timeout``, batch schedulers) as Ctrl-C: Ray Tune then stops the
     trials, saves the experiment and the summary says how to continue. Without this, Ray's handler
@@ -435,6 +449,7 @@ def run_search(
                 folder.rmdir()  # the empty folder default_name reserved
         raise
     previous_sigterm = _sigterm_as_ctrl_c()
+    _leave_the_resume_hint_to_the_summary()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         settings.save(folder)

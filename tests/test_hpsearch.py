@@ -682,6 +682,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env)
     assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} --resume" \
         in output
     assert "SIGTERM received" not in output and "Traceback" not in output
+    assert "Tuner.restore" not in output  # Ray's hint for Python users; the summary gives the command
     assert (tmp_path / "termed" / "summary.json").is_file()
 
 
