@@ -184,7 +184,10 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
     if len(frame) and "verdict" in frame:
         ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(COLLAPSE_TYPES)]
         flagged = {str(name): int(count) for name, count in ended["verdict"].value_counts().sort_index().items()}
-    would = pd.to_numeric(frame.get("would_stop_epoch", pd.Series(dtype=float)), errors="coerce").dropna()
+    # Only trials that ran to the end: one a scheduler stopped, or that failed or still runs, would not
+    # have cost its remaining epochs anyway.
+    would = pd.to_numeric(frame.get("would_stop_epoch", pd.Series(dtype=float)), errors="coerce")
+    would = would[frame.get("outcome", pd.Series(dtype=object)) == "complete"].dropna() if len(frame) else would
     return SearchSummary(
         method=method,
         objective=objective,
@@ -199,7 +202,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         epochs_saved=saved,
         flagged=flagged,
         would_stop=int(len(would)),
-        would_save_epochs=float((max_epochs - would).clip(lower=0).sum()),
+        would_save_epochs=float((epochs[would.index] - would).clip(lower=0).sum()),
     )
 
 

@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,8 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     if dataset_name(spec) is None and not Path(spec).expanduser().exists():
         raise SearchError(
             f"--data {spec!r}: no such file or folder, and not a dataset name "
-            f"({', '.join(sorted(DATASET_NAMES))}, jamendo-*-splitK); give a tracks.csv, a folder of audio "
-            "with a tags file, or 'corpus'"
+            f"({', '.join(sorted(DATASET_NAMES))}, jamendo-*-splitK, jamendo-*-low); give a tracks.csv, a folder of "
+            "audio with a tags file, or 'corpus'"
         )
     front_end = LogMelConfig(n_mels=PRESETS[settings.preset].n_mels)
     try:
@@ -163,12 +164,17 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         except ConnectionError:
             raise SearchError("--address auto: no Ray cluster found on this machine; start one with 'ray start "
                               "--head', or leave --address out to run locally") from None
+        if address.startswith(("ray://", "anyscale://")):  # RAY_ADDRESS may name a client address
+            return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SearchError(f"--address {given!r}: expected 'auto' or HOST:PORT (the head node's GCS, e.g. 10.0.0.1:6379)")
     where = f"--address {given}" + (f" (found: {address})" if given == "auto" else "")
+    tls = os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true")  # a TLS GCS: no plain HTTP/2
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+            if tls:
+                return
             connection.settimeout(timeout)
             # HTTP/2's client preface and an empty SETTINGS frame; a gRPC server answers with a SETTINGS frame.
             connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
@@ -183,6 +189,11 @@ def check_address(address: str, timeout: float = 5.0) -> None:
             f"{where}: cannot reach a Ray cluster there ({error}); start one with 'ray start --head' on that "
             "machine, or leave --address out to run locally"
         ) from None
+    if not reply:
+        raise SearchError(
+            f"{where}: the connection opens but nothing answers (a tunnel or port forward with no Ray head "
+            "behind it?); check that 'ray start --head' runs there"
+        )
     if len(reply) < 9 or reply[3] != 0x04:
         raise SearchError(
             f"{where}: something answers there, but not a Ray head node's GCS; give the address 'ray start "
@@ -286,7 +297,8 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> b
     if address:
         try:
             ray.init(address=address, logging_level=level, log_to_driver=verbose)
-        except (ConnectionError, RuntimeError, ValueError) as error:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
+            # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
             raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
         return True
     cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
@@ -343,7 +355,15 @@ def _sigterm_as_ctrl_c():
     main thread, where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+    def stop(signum, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):  # Ray Tune's while it runs (a graceful stop), else Python's default
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a background job of a script): stop all the same
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
 
 
@@ -356,10 +376,15 @@ def _fail_trials_killed_for_memory() -> None:
     recorded as failed (FAIL in the study) and the search goes on. Installed once per process; the
     method is private (hpsearch/searcher.py's version check covers Ray's version).
     """
-    from ray.air.execution._internal.actor_manager import RayActorManager
-    from ray.exceptions import OutOfMemoryError, RayActorError
+    try:
+        from ray.air.execution._internal.actor_manager import RayActorManager
+        from ray.exceptions import OutOfMemoryError, RayActorError
 
-    original = RayActorManager._actor_task_failed
+        original = RayActorManager._actor_task_failed
+    except (ImportError, AttributeError):  # another Ray: the search runs, without this protection
+        warnings.warn("this Ray version has no RayActorManager._actor_task_failed: a trial killed for memory may "
+                      "end the search (pip install -c constraints.txt -e .)", RuntimeWarning, stacklevel=2)
+        return
     if getattr(original, "_fails_memory_kills", False):
         return
 

@@ -639,7 +639,7 @@ def signal_search_after(command: list[str], env: dict, prefix: str, signum: int)
                     process.send_signal(signum)
                 break
         lines.extend(process.stdout)
-        code = process.wait(timeout=120)
+        code = process.wait(timeout=240)
     finally:
         watchdog.cancel()
         kill_session(process.pid)
@@ -879,6 +879,30 @@ def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
     assert manager._failed_actor_ids == {7} and cleaned == [actor]
 
 
+def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given(tmp_path):
+    """Ray Tune restores the concurrency limit a search started with (its ConcurrencyLimiter's saved
+    state); while a search resumes, the limit is the one --concurrency now gives, and only then."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from hpsearch.run import _concurrency_as_now_asked
+
+    def generator(limit: int) -> SearchGenerator:
+        return SearchGenerator(ConcurrencyLimiter(CollapseAwareOptunaSearch(line_space, seed=0), max_concurrent=limit))
+
+    generator(1).save_to_dir(str(tmp_path), session_str="started")
+    restored = generator(4)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.searcher.max_concurrent == 1  # Tune on its own: the stored limit wins
+    resumed = generator(1)
+    with _concurrency_as_now_asked(4):
+        resumed.restore_from_dir(str(tmp_path))
+    assert resumed.searcher.max_concurrent == 4
+    after = generator(4)
+    after.restore_from_dir(str(tmp_path))
+    assert after.searcher.max_concurrent == 1  # the patch is undone
+
+
 def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     from hpsearch.run import SearchError, main, settings_from_args
 
@@ -917,10 +941,11 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     # named with --name (here "mine", "jam" and a later "vicreg-custom").
     with pytest.raises(SearchError, match="--resume: no search of vicreg"):
         settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))
-    for name in ("vicreg-20261201-100000", "vicreg-20261201-100000-2", "vicreg-custom"):
+    for age, name in enumerate(("vicreg-custom", "vicreg-20261201-100000-2", "vicreg-20261201-100000")):
         SearchSettings(method="vicreg", name=name, storage_dir=str(tmp_path)).save(
             (tmp_path / name).mkdir() or tmp_path / name)
-        time.sleep(0.01)
+        stamp = time.time() - 60 * age  # started 0, 1 and 2 minutes ago: the custom-named one is the latest
+        os.utime(tmp_path / name / "search.json", (stamp, stamp))
     settings, resume = settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))
     assert resume and settings.name == "vicreg-20261201-100000-2"
     # A damaged search.json is an error that names the file, not a traceback.
@@ -1021,11 +1046,13 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # --no-collapse-stop: every trial ran to the end; the summary says what the rule would have done
     # (the trials with a would_stop_epoch: at epochs 3 and 4 of 6, saving 3 + 2).
     unstopped = pd.DataFrame({
-        "trial": [0, 1, 2], "state": ["COMPLETE"] * 3, "outcome": ["complete"] * 3, "objective": [0.3, 0.4, 0.35],
-        "epochs_run": [6.0] * 3, "verdict": ["complete", "none", "complete"], "would_stop_epoch": [3, math.nan, 4],
+        "trial": [0, 1, 2, 3], "state": ["COMPLETE"] * 3 + ["PRUNED"],
+        "outcome": ["complete"] * 3 + ["stopped"], "objective": [0.3, 0.4, 0.35, math.nan],
+        "epochs_run": [6.0] * 3 + [2.0], "verdict": ["complete", "none", "complete", "complete"],
+        "would_stop_epoch": [3, math.nan, 4, 1],  # the last one ASHA stopped at epoch 2: nothing to save
     })
-    off = summarize(unstopped, "vicreg", "probe_map", trials=3, max_epochs=6)
-    assert (off.would_stop, off.would_save_epochs, off.saved_fraction) == (2, 5.0, 0.0)
+    off = summarize(unstopped, "vicreg", "probe_map", trials=4, max_epochs=6)
+    assert (off.would_stop, off.would_save_epochs) == (2, 5.0)
     text = format_summary(off)
     assert "collapse stop off: the rule would have stopped 2 trial(s), saving 5.0 trial-epochs" in text
     assert "flagged, not stopped: 2 complete (trials that ran to the end with a collapse verdict on their last " \

@@ -379,6 +379,17 @@ def test_folder_files_that_differ_only_in_extension_are_two_tracks_and_repeats_a
     (root / "tags.csv").write_text("path,tags\na.wav,x\na.flac,y\nsub/b.wav,x\n")
     tagged = load_folder(root)
     assert tagged.track_ids == ["a.wav", "a.flac", "sub/b"]
+    # The twins share the split drawn for "a": a track keeps its split when its twin comes or goes.
+    from musicssl.data.loaders import assign_splits
+
+    for seed in range(20):
+        drawn = assign_splits(["a", "sub/b"], (0.7, 0.1, 0.2), seed)
+        twins = load_folder(root, split_seed=seed)
+        assert dict(zip(twins.track_ids, twins.tracks["split"])) == {
+            "a.wav": drawn["a"], "a.flac": drawn["a"], "sub/b": drawn["sub/b"]}
+        alone = load_folder(root, unlabeled=True, split_seed=seed)
+        assert dict(zip(alone.track_ids, alone.tracks["split"]))["a.flac"] == drawn["a"]
+    assert "split_key" not in tagged.tracks
     (root / "tags.csv").write_text("path,tags\na.wav,x\nsub/b.wav,y\n")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert load_folder(root).track_ids == ["a", "sub/b"]

@@ -379,7 +379,8 @@ def load_folder(
       ``album_id``, ``title`` and any named in ``keep_columns``.
 
     Track ids are the ``track_id`` column, else the audio path relative to ``root`` without its
-    extension (with it for files that differ only in their extension). A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
+    extension (with it for files that differ only in their extension, which then share the split
+    drawn for the id without it). A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
     or removed from the folder, or dropped for missing audio, never move other tracks between
     splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
     track with no tags (enough for self-supervised pre-training).
@@ -414,8 +415,8 @@ def load_folder(
                    for path in audio_files]
         _keep_extensions_that_tell_files_apart(records)
         _raise_on_duplicate_ids([record["track_id"] for record in records], root)
-        splits = assign_splits([record["track_id"] for record in records], split_fractions, split_seed)
-        records = [{"track_id": record["track_id"], "path": record["path"], "split": splits[record["track_id"]],
+        splits = assign_splits([_split_key(record) for record in records], split_fractions, split_seed)
+        records = [{"track_id": record["track_id"], "path": record["path"], "split": splits[_split_key(record)],
                     "tags": ()} for record in records]
         extra = {"source": str(root), "split_rule": "assign_splits", "split_seed": split_seed}
         return _build_index(records, [], name, extra, check_audio, audio_hint)
@@ -446,9 +447,11 @@ def load_folder(
         raise DatasetError(f"{tags_path}: lists the audio file(s) {shown} more than once; keep one row per file")
     _raise_on_duplicate_ids([record["track_id"] for record in records], tags_path)
     if not split_given:
-        splits = assign_splits([record["track_id"] for record in records], split_fractions, split_seed)
+        splits = assign_splits([_split_key(record) for record in records], split_fractions, split_seed)
         for record in records:
-            record["split"] = splits[record["track_id"]]
+            record["split"] = splits[_split_key(record)]
+    for record in records:
+        record.pop("split_key", None)
     listed = {record["path"] for record in records}
     unlisted = [str(path) for path in audio_files if str(path) not in listed]
     if unlisted:
@@ -477,13 +480,21 @@ def _parse_duration(value: str, where: str) -> float:
 
 def _keep_extensions_that_tell_files_apart(records: list[dict]) -> None:
     """Ids taken from paths drop the extension; files that differ only in it (``song.wav`` and
-    ``song.mp3``) keep theirs (``song.wav``, ``song.mp3``), so that both are tracks."""
+    ``song.mp3``) keep theirs (``song.wav``, ``song.mp3``), so that both are tracks. Their split is
+    drawn from the id without extension (``split_key``): the two (often two encodings of one
+    recording) share a split, and a track keeps its split when such a twin comes or goes."""
     paths_of: dict[str, set[str]] = {}
     for record in records:
         paths_of.setdefault(record["track_id"], set()).add(record["path"])
     for record in records:
         if len(paths_of[record["track_id"]]) > 1:
+            record["split_key"] = record["track_id"]
             record["track_id"] += Path(record["path"]).suffix
+
+
+def _split_key(record: dict) -> str:
+    """What a track's drawn split depends on (see :func:`_keep_extensions_that_tell_files_apart`)."""
+    return record.get("split_key", record["track_id"])
 
 
 def _raise_on_duplicate_ids(ids: Sequence[str], source: Path) -> None:
