@@ -246,6 +246,28 @@ def latest_search(method: str, storage_dir: str | Path) -> str | None:
     return max(folders, key=lambda p: (p / SEARCH_FILE).stat().st_mtime).name if folders else None
 
 
+def probe_memory_note(settings: SearchSettings, memory_bytes: int | None = None) -> str | None:
+    """A note when the trials' probe sets alone (``--probe-segments`` log-mel crops each, held for the
+    whole trial) would take over a quarter of this machine's memory: Ray then kills trials for memory
+    (each is recorded as failed), so the whole search may fail one trial at a time."""
+    from musicssl.models import PRESETS
+
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not on this system
+            return None
+    preset = PRESETS[settings.preset]
+    per_trial = settings.probe_segments * preset.n_mels * preset.n_frames * 4  # float32
+    total = per_trial * settings.concurrency
+    if total <= memory_bytes / 4:
+        return None
+    return (f"each trial's probe set of {settings.probe_segments} segments takes {per_trial / 2**30:.1f} GiB, "
+            f"{total / 2**30:.1f} GiB for {settings.concurrency} trials at a time, of this machine's "
+            f"{memory_bytes / 2**30:.0f} GiB; Ray kills trials that run it out of memory (lower --probe-segments; "
+            "256, the default, is plenty for the collapse metrics)")
+
+
 def check_local_gpus(settings: SearchSettings) -> None:
     """A local search with ``--gpus-per-trial`` needs that many CUDA devices on this machine: Ray would
     otherwise wait for them forever, warning only in its logs."""
@@ -462,6 +484,9 @@ def run_search(
             raise SearchError(f"{folder}: no search to resume here (no {SEARCH_FILE}); start one without --resume")
         if address is None:
             check_local_gpus(settings)
+            note = probe_memory_note(settings)
+            if note:
+                print(f"note: {note}", file=sys.stderr, flush=True)
         max_batch_size = check_space(settings)
         if data is None:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)

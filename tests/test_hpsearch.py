@@ -797,6 +797,16 @@ def test_a_stopping_rule_longer_than_the_trials_is_noted(tmp_path):
     assert "collapse never stops" not in start_text(max_epochs=2, collapse_stop=False)
 
 
+def test_a_probe_set_too_large_for_the_machine_is_noted():
+    from hpsearch.run import probe_memory_note
+
+    # CPU preset: 64 mels x 126 frames x 4 bytes = 32,256 bytes a segment.
+    assert probe_memory_note(SearchSettings(method="vicreg"), memory_bytes=8 * 2**30) is None  # 256: 8 MiB
+    note = probe_memory_note(SearchSettings(method="vicreg", probe_segments=100_000, concurrency=2), 16 * 2**30)
+    assert note.startswith(f"each trial's probe set of 100000 segments takes {100_000 * 32_256 / 2**30:.1f} GiB, "
+                           f"{2 * 100_000 * 32_256 / 2**30:.1f} GiB for 2 trials at a time, of this machine's 16 GiB")
+
+
 def test_a_new_search_never_reuses_a_folder(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
