@@ -394,13 +394,15 @@ def _fail_trials_killed_for_memory() -> None:
 
     Ray Tune's actor manager handles a dead actor (RayActorError) by failing its trial, but the
     OutOfMemoryError that Ray raises for a task killed for memory is "unexpected" to it and ends
-    the whole search with a traceback. Passed on as an ActorDiedError-like RayActorError, the trial is
-    recorded as failed (FAIL in the study) and the search goes on. Installed once per process; the
-    method is private (hpsearch/searcher.py's version check covers Ray's version).
+    the whole search with a traceback; so are Ray's other system errors for one task (a worker that
+    crashed, a node that died, a lost result object). Passed on as an ActorDiedError-like
+    RayActorError, the trial is recorded as failed (FAIL in the study) and the search goes on.
+    Installed once per process; the method is private (hpsearch/searcher.py's version check covers
+    Ray's version).
     """
     try:
         from ray.air.execution._internal.actor_manager import RayActorManager
-        from ray.exceptions import OutOfMemoryError, RayActorError
+        from ray.exceptions import OutOfMemoryError, RayActorError, RayError, RayTaskError
 
         original = RayActorManager._actor_task_failed
     except (ImportError, AttributeError):  # another Ray: the search runs, without this protection
@@ -413,6 +415,8 @@ def _fail_trials_killed_for_memory() -> None:
     def _actor_task_failed(self, tracked_actor_task, exception):
         if isinstance(exception, OutOfMemoryError):
             exception = RayActorError(error_msg=f"the trial's worker was killed for memory: {exception}")
+        elif isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
+            exception = RayActorError(error_msg=f"the trial's worker was lost ({type(exception).__name__}): {exception}")
         return original(self, tracked_actor_task, exception)
 
     _actor_task_failed._fails_memory_kills = True

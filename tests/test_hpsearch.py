@@ -887,6 +887,13 @@ def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
     assert [kind for kind, _ in errors] == ["actor", "task"]
     assert all(isinstance(error, RayActorError) and "killed for memory" in str(error) for _, error in errors)
     assert manager._failed_actor_ids == {7} and cleaned == [actor]
+    # Ray's other system errors for one task fail the trial the same way (a node that died here).
+    from ray.exceptions import NodeDiedError
+
+    errors.clear()
+    manager._actor_task_failed(task, NodeDiedError("node 10.0.0.2 died"))
+    assert [kind for kind, _ in errors] == ["actor", "task"]
+    assert all(isinstance(error, RayActorError) and "lost (NodeDiedError)" in str(error) for _, error in errors)
 
 
 def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given(tmp_path):
