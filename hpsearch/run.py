@@ -416,7 +416,8 @@ def _fail_trials_killed_for_memory() -> None:
         if isinstance(exception, OutOfMemoryError):
             exception = RayActorError(error_msg=f"the trial's worker was killed for memory: {exception}")
         elif isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
-            exception = RayActorError(error_msg=f"the trial's worker was lost ({type(exception).__name__}): {exception}")
+            exception = RayActorError(
+                error_msg=f"the trial's worker was lost ({type(exception).__name__}): {exception}")
         return original(self, tracked_actor_task, exception)
 
     _actor_task_failed._fails_memory_kills = True
