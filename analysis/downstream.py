@@ -1578,13 +1578,14 @@ def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
     result.limited.to_csv(files["limited_data"], index=False)
     result.bootstrap.to_csv(files["bootstrap"], index=False)
     markdown = results_markdown(result.results)
+    notes = results_notes(result.results)
     limited = limited_markdown(result.limited)
     files["results_md"].write_text(
         f"# Downstream evaluation on {result.summary['dataset']}\n\n{markdown}\n\n"
-        f"{results_notes(result.results)}\n\n{limited}\n"
+        f"{notes}\n\n{limited}\n"
     )
     write_report(files["report"], result.results, result.bootstrap, result.limited, result.per_group,
-                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=[markdown, results_notes(result.results), limited])
+                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=[markdown, notes, limited])
     files["summary"].write_text(json.dumps(_jsonable(result.summary), indent=2, default=str))
     return files
 

@@ -1045,9 +1045,10 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
         counts = ", ".join(f"{count} {name}" for name, count in experiment["counts"].items())
         rate = experiment["collapse_rate"]
         would = rate["would_have_been_stopped"]
-        if would or not experiment.get("collapse_stop", True):
+        stopping = experiment.get("collapse_stop", True)
+        if would or not stopping:
             counts += f"; the collapse rule would have stopped {would} of them"
-            if not experiment.get("collapse_stop", True):
+            if not stopping:
                 counts += ", but stopping was off"
             counts += f": {rate['collapsed_or_diverged']} of {rate['finished']} finished count as collapsed"
         best = experiment["best"]

@@ -153,8 +153,6 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     ``RAY_ADDRESS``, else the cluster ``ray start`` last recorded on this machine) must accept a
     connection and speak HTTP/2, as the head's GCS (a gRPC server) does; a dashboard or other
     server on that port does not. ``ray://`` client addresses are left to Ray."""
-    if address.startswith(("ray://", "anyscale://")):
-        return
     given = address
     if address == "auto":
         from ray._private.services import get_ray_address_from_environment
@@ -164,8 +162,8 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         except ConnectionError:
             raise SearchError("--address auto: no Ray cluster found on this machine; start one with 'ray start "
                               "--head', or leave --address out to run locally") from None
-        if address.startswith(("ray://", "anyscale://")):  # RAY_ADDRESS may name a client address
-            return
+    if address.startswith(("ray://", "anyscale://")):  # given, or what RAY_ADDRESS names for auto
+        return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SearchError(f"--address {given!r}: expected 'auto' or HOST:PORT (the head node's GCS, e.g. 10.0.0.1:6379)")
@@ -389,8 +387,9 @@ def _sigterm_as_ctrl_c():
     return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
 
 
-def _fail_trials_killed_for_memory() -> None:
-    """Make a trial whose worker Ray's memory monitor kills fail alone, as other worker deaths do.
+def _fail_trials_whose_worker_is_lost() -> None:
+    """Make a trial whose worker Ray's memory monitor kills (or Ray loses otherwise) fail alone, as a
+    dead actor's trial does.
 
     Ray Tune's actor manager handles a dead actor (RayActorError) by failing its trial, but the
     OutOfMemoryError that Ray raises for a task killed for memory is "unexpected" to it and ends
@@ -409,7 +408,7 @@ def _fail_trials_killed_for_memory() -> None:
         warnings.warn("this Ray version has no RayActorManager._actor_task_failed: a trial killed for memory may "
                       "end the search (pip install -c constraints.txt -e .)", RuntimeWarning, stacklevel=2)
         return
-    if getattr(original, "_fails_memory_kills", False):
+    if getattr(original, "_fails_lost_workers", False):
         return
 
     def _actor_task_failed(self, tracked_actor_task, exception):
@@ -420,7 +419,7 @@ def _fail_trials_killed_for_memory() -> None:
                 error_msg=f"the trial's worker was lost ({type(exception).__name__}): {exception}")
         return original(self, tracked_actor_task, exception)
 
-    _actor_task_failed._fails_memory_kills = True
+    _actor_task_failed._fails_lost_workers = True
     RayActorManager._actor_task_failed = _actor_task_failed
 
 
@@ -508,7 +507,7 @@ def run_search(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         settings.save(folder)
-        _fail_trials_killed_for_memory()
+        _fail_trials_whose_worker_is_lost()
         if address:
             _warn_missing_cluster_gpus(settings)
         study_exists = journal.is_file() and journal.stat().st_size > 0
@@ -724,16 +723,20 @@ def _flag_text(key: str, value: Any) -> str:
     if key in _OFF_FLAGS:
         return _OFF_FLAGS[key]
     if key == "thresholds":
-        return " ".join(f"--threshold {name}={number:g}" if isinstance(number, float) else f"--threshold {name}={number}"
-                        for name, number in value.items()) or "no --threshold"
+        return " ".join(f"--threshold {part}" for part in _threshold_parts(value)) or "no --threshold"
     return f"--{key.replace('_', '-')} {_value_text(value)}"
+
+
+def _threshold_parts(thresholds: dict[str, Any]) -> list[str]:
+    """``NAME=VALUE`` for each threshold, as --threshold takes them."""
+    return [f"{name}={number:g}" if isinstance(number, float) else f"{name}={number}"
+            for name, number in thresholds.items()]
 
 
 def _stored_text(key: str, value: Any) -> str:
     """How a conflict message shows the stored value of setting ``key``."""
     if key == "thresholds":
-        return ", ".join(f"{name}={number:g}" if isinstance(number, float) else f"{name}={number}"
-                         for name, number in value.items()) or "none"
+        return ", ".join(_threshold_parts(value)) or "none"
     return ("on" if value else "off") if key in _OFF_FLAGS else _value_text(value)
 
 

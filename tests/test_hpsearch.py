@@ -873,10 +873,10 @@ def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
     from ray.air.execution._internal.tracked_actor_task import TrackedActorTask
     from ray.exceptions import OutOfMemoryError, RayActorError
 
-    from hpsearch.run import _fail_trials_killed_for_memory
+    from hpsearch.run import _fail_trials_whose_worker_is_lost
 
-    _fail_trials_killed_for_memory()
-    _fail_trials_killed_for_memory()  # installed once
+    _fail_trials_whose_worker_is_lost()
+    _fail_trials_whose_worker_is_lost()  # installed once
     errors: list = []
     actor = TrackedActor(7, on_error=lambda tracked, error: errors.append(("actor", error)))
     task = TrackedActorTask(actor, on_error=lambda tracked, error: errors.append(("task", error)))

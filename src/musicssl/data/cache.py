@@ -875,12 +875,12 @@ class MelCache:
         if verbose:
             print(report.summary())
             # This index's skipped tracks (the cache may also remember files of tracks no longer listed).
-            listed = [*index.track_ids, *(str(track["track_id"]) for track in dropped)]
-            skipped = [cache._skipped[track_id] for track_id in dict.fromkeys(listed) if track_id in cache._skipped]
+            listed_ids = [*index.track_ids, *(str(track["track_id"]) for track in dropped)]
+            skipped = [cache._skipped[t] for t in dict.fromkeys(listed_ids) if t in cache._skipped]
             if skipped:
                 counts = Counter(track.reason for track in skipped)
-                listed = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
-                print(f"mel cache: {len(skipped)} of this dataset's file(s) skipped in all ({listed}); see "
+                reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+                print(f"mel cache: {len(skipped)} of this dataset's file(s) skipped in all ({reasons}); see "
                       f"{folder / SKIP_REPORT_FILE}")
         if report.usable == 0:
             reasons = Counter(cache._skipped[t].reason for t in index.track_ids if t in cache._skipped)
