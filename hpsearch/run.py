@@ -124,15 +124,26 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         check_dataset_option(spec, settings.root, settings.audio_dir)
     except DatasetError as error:
         raise SearchError(str(error)) from None
+    batch_size = max_batch_size or settings.batch_size
+    fix = (f"lower --batch-size (unless study_spaces/{settings.method}.py samples the batch size: this is "
+           "its largest) or use more data")
+
+    def check_train_tracks(index) -> None:  # before the cache is built: listed tracks bound usable ones
+        listed = len(index.split("train"))
+        if listed < batch_size:
+            raise SearchError(
+                f"--data {spec!r} lists {listed} training tracks, fewer than the batch size {batch_size}; {fix}"
+            )
+
     try:
-        data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir)
+        data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir,
+                            check_index=check_train_tracks)
+    except SearchError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise SearchError(f"--data {spec!r}: {error}") from None
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
-    batch_size = max_batch_size or settings.batch_size
     if len(train_ids) < batch_size:
-        fix = (f"lower --batch-size (unless study_spaces/{settings.method}.py samples the batch size: this is "
-               "its largest) or use more data")
         raise SearchError(
             f"--data {spec!r} has {len(train_ids)} usable training tracks, fewer than the batch size "
             f"{batch_size}; {fix}"
@@ -788,13 +799,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         given["thresholds"] = _threshold_values(args.threshold)
     storage_dir = given.get("storage_dir", "runs")
     name = given.get("name")
+    if name is not None and name_problem(name):
+        raise SettingsError(name_problem(name))
     resume = bool(args.resume)
     if resume and not name:
         name = latest_search(args.method, storage_dir)
         if name is None:
             raise SearchError(f"--resume: no search of {args.method} in {storage_dir}; start one without --resume")
-    if name and name_problem(name):
-        raise SettingsError(name_problem(name))
     if name and (Path(storage_dir).expanduser() / name / SEARCH_FILE).is_file():
         stored = SearchSettings.load(Path(storage_dir).expanduser() / name)
         if stored.method != args.method:

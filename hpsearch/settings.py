@@ -28,6 +28,8 @@ MAX_NAME_BYTES = 150
 
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a search's folder (``--name``), or None."""
+    if not name.strip():
+        return f"--name must not be empty or blank, got {name!r} (leave --name out for <method>-<time>)"
     if Path(name).name != name or name in (".", ".."):
         return f"--name must be a plain folder name (no '/'), got {name!r}"
     if len(name.encode()) > MAX_NAME_BYTES:

@@ -337,6 +337,38 @@ def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path: Path, capsys: 
     assert (relaxed.processed, relaxed.already_cached, relaxed.skipped) == (9, 1, 9)
 
 
+def test_what_the_mp3_decoder_prints_goes_with_its_file_not_to_the_console(tmp_path: Path, capfd) -> None:
+    """libmpg123 prints "Note: Illegal Audio-MPEG-Header ..." straight to file descriptor 2; before, those
+    lines from the decoding processes broke into the progress bar, with no file named."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    clean = write(folder / "clean.mp3", tone_and_noise(12.0, 16000, 1), 16000, format="MP3")
+    payload = bytearray(Path(clean).read_bytes())
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2: len(damaged) // 2 + 40] = bytes(40)  # a few frames' worth of zeros: resynced past
+    (folder / "damaged.mp3").write_bytes(damaged)
+    broken = payload[:4 * 1024] + np.random.default_rng(0).bytes(2000) + payload[6 * 1024:]
+    (folder / "broken.mp3").write_bytes(broken)
+    index = make_index({name: str(folder / f"{name}.mp3") for name in ("clean", "damaged", "broken")})
+
+    # In-process (workers=0) the decoder's lines reach the console: the files do make it print.
+    MelCache.build(index, tmp_path / "in-process", workers=0, progress=False, verbose=False)
+    assert "Illegal Audio-MPEG-Header" in capfd.readouterr().err
+
+    cache = MelCache.build(index, tmp_path / "pooled", workers=2, progress=False)
+    captured = capfd.readouterr()
+    assert "Illegal Audio-MPEG-Header" not in captured.err + captured.out.split("the decoder printed warnings")[0]
+    assert cache.track_ids == ["clean", "damaged"]
+    (skip,) = cache.skipped
+    assert skip.track_id == "broken" and skip.reason == "undecodable"
+    assert "; the decoder printed: Note: Illegal Audio-MPEG-Header" in skip.detail
+    report = cache.build_report
+    assert len(report.decoder_warnings) == 1
+    assert report.decoder_warnings[0].startswith(f"{folder / 'damaged.mp3'}: Note: Illegal Audio-MPEG-Header")
+    assert f"the decoder printed warnings for 1 file(s) it decoded, which are kept (e.g. {folder / 'damaged.mp3'}: " \
+        in captured.out
+
+
 def test_a_file_that_decodes_to_under_half_its_listed_duration_is_skipped_as_truncated(tmp_path: Path) -> None:
     """An interrupted MP3 download still decodes, to its first part only: with the duration its dataset
     lists (MTG-Jamendo's DURATION), it is skipped as truncated; before, it was cached as a whole track."""

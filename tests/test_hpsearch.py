@@ -700,6 +700,12 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env)
         (["vicreg", "--stop-on", "complete,partial"], "--stop-on takes one or more of complete, dimensional, cluster"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
         (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a positive number, got inf"),
+        # Before: every trial read "complete" at its first evaluation and was stopped.
+        (["vicreg", "--threshold", "complete_max_effective_rank=inf"],
+         "complete_max_effective_rank must be a finite number >= 0, got inf"),
+        # Before: an empty --name (an unset shell variable) silently took the default name.
+        (["vicreg", "--name", ""], "--name must not be empty or blank, got ''"),
+        (["vicreg", "--name", " ", "--resume"], "--name must not be empty or blank, got ' '"),
         # Before: Optuna's traceback after Ray had started, and a search.json no --resume could read.
         (["vicreg", "--seed", "-1"], "--seed must be a whole number from 0 to 2**32 - 1"),
         # This machine has no GPU: Ray would wait for one forever.
@@ -730,6 +736,23 @@ def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_data
         prepare_search_data(settings, verbose=False)
     rankme = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8, objective="rankme")
     assert prepare_search_data(rankme, verbose=False).track_ids("valid") == ["t040"]
+
+
+def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_mel_cache_is_built(
+        tmp_path, tonal_dataset, monkeypatch):
+    """Before: the cache of every track was built (minutes on a real dataset), then the batch refused."""
+    from hpsearch.run import SearchError, prepare_search_data
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    listed = int((pd.read_csv(tonal_dataset / "tracks.csv")["split"] == "train").sum())
+    settings = SearchSettings(method="vicreg", data=str(tonal_dataset / "tracks.csv"), batch_size=listed + 1)
+    with pytest.raises(SearchError, match=rf"lists {listed} training tracks, fewer than the batch size {listed + 1}; "
+                                          r"lower --batch-size"):
+        prepare_search_data(settings, verbose=False)
+    assert not (tmp_path / "cache").exists()
+    # At the batch size the listed tracks allow, the cache is built and the search's data is ready.
+    ready = prepare_search_data(SearchSettings(method="vicreg", data=settings.data, batch_size=listed), verbose=False)
+    assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
 
 
 def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_refused(tmp_path, cli_env):

@@ -410,6 +410,19 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
         assert "Traceback" not in completed.stderr
 
 
+def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_mel_cache_is_built(
+        tmp_path, tonal_dataset, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    listed = int((pd.read_csv(tonal_dataset / "tracks.csv")["split"] == "train").sum())
+    config = tiny_config("vicreg", tmp_path, data=str(tonal_dataset / "tracks.csv"), batch_size=listed + 1)
+    with pytest.raises(ConfigError, match=rf"the data lists {listed} training tracks, fewer than batch_size "
+                                          rf"{listed + 1}; lower --batch-size"):
+        train(config, progress_bar=False)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_dataset):
     # Self-supervised training needs no tags; before, such a folder was refused with a message
     # naming Python arguments (tags_file=, unlabeled=True) that the command line does not have.
@@ -438,7 +451,7 @@ def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_fol
     out = tmp_path / "run"
     env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(folder), "--max-epochs", "1",
-               "--steps-per-epoch", "1", "--batch-size", "4", "--threads", "1", "--workers", "0", "--out", str(out)]
+               "--steps-per-epoch", "1", "--batch-size", "2", "--threads", "1", "--workers", "0", "--out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert "Traceback" not in completed.stderr

@@ -579,8 +579,8 @@ class CollapseThresholds:
         cosine, rank = self.complete_min_mean_cosine, self.complete_max_effective_rank
         if not -1 <= cosine <= 1:
             problems.append(f"complete_min_mean_cosine must be in [-1, 1], got {cosine}")
-        if rank < 0:
-            problems.append(f"complete_max_effective_rank must be >= 0, got {rank}")
+        if not 0 <= rank < math.inf:
+            problems.append(f"complete_max_effective_rank must be a finite number >= 0, got {rank}")
         if problems:
             raise ValueError("invalid CollapseThresholds: " + "; ".join(problems))
 

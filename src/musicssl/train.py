@@ -540,7 +540,7 @@ def train(
     front_end = LogMelConfig(n_mels=backbone_config.n_mels)
     if data is None:
         data = prepare_data(config.data, front_end, verbose=progress_bar, root=config.data_root,
-                            audio_dir=config.audio_dir)
+                            audio_dir=config.audio_dir, check_index=lambda index: check_train_tracks(index, config))
     if data.cache.n_mels != backbone_config.n_mels:
         raise ConfigError(
             f"the mel cache has {data.cache.n_mels} mels but preset {config.preset!r} expects {backbone_config.n_mels}"
@@ -779,6 +779,16 @@ def schedule_notes(config: TrainConfig) -> list[str]:
             f"raise --max-epochs or lower it with --set teacher_warmup_epochs=N"
         )
     return notes
+
+
+def check_train_tracks(index, config: TrainConfig) -> None:
+    """Refuse, before the mel cache is built, a dataset that lists fewer training tracks than a batch
+    (the usable ones, counted after decoding, can only be fewer)."""
+    listed = len(index.split("train"))
+    if listed < config.batch_size:
+        raise ConfigError(
+            f"the data lists {listed} training tracks, fewer than batch_size {config.batch_size}; lower --batch-size"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,9 +52,12 @@ import os
 import re
 import signal
 import stat
+import sys
+import tempfile
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -219,6 +222,9 @@ class BuildReport:
     excluded: int = 0  # cached tracks that the current min_seconds/silence rules now skip (not decoded)
     crashed: list[str] = field(default_factory=list)  # files whose decoding process died (reason "crashed")
     dropped: int = 0  # listed tracks the loader left out of the index: audio file missing or empty
+    # "path: what the decoder printed" for files that decoded, and are kept, although the decoder library
+    # printed warnings (mpg123 resyncing past damaged MP3 frames)
+    decoder_warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skip_reasons.items()))
@@ -238,6 +244,9 @@ class BuildReport:
             more = len(self.crashed) - 5
             listed = ", ".join(self.crashed[:5]) + (f" and {more} more" if more > 0 else "")
             text += f"; the decoder crashed on {listed} (skipped; fix or remove, then rebuild with retry_skipped=True)"
+        if self.decoder_warnings:
+            text += (f"; the decoder printed warnings for {len(self.decoder_warnings)} file(s) it decoded, which are "
+                     f"kept (e.g. {self.decoder_warnings[0]})")
         return text
 
 
@@ -269,6 +278,7 @@ class _Result:
     reason: str = ""
     detail: str = ""
     listed_samples: int | None = None  # the listed length a "truncated" verdict was judged against
+    decoder_output: str = ""  # what the decoder library printed while decoding (decoding processes only)
 
 
 @dataclass(frozen=True)
@@ -383,6 +393,48 @@ def _decode_reason(message: str) -> str:
     return "undecodable"
 
 
+# Set in decoding processes (_init_worker): there nothing else writes to stderr while a file decodes,
+# so what the decoder library prints there (mpg123's "Note: Illegal Audio-MPEG-Header ...", which goes
+# straight to file descriptor 2) can be caught and reported with the file instead of on the console.
+_CAPTURE_DECODER_OUTPUT = False
+_DECODER_OUTPUT_LIMIT = 65536  # bytes read back per file; a damaged file can print a line per frame
+_decoder_sink = None
+
+
+@contextmanager
+def _decoder_output() -> Iterator[list[str]]:
+    """Catch what C libraries write to stderr (file descriptor 2) in the block, in decoding processes;
+    the list yielded holds the text once the block has ended (nothing elsewhere)."""
+    caught: list[str] = []
+    if not _CAPTURE_DECODER_OUTPUT:
+        yield caught
+        return
+    global _decoder_sink
+    if _decoder_sink is None:
+        _decoder_sink = tempfile.TemporaryFile()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(_decoder_sink.fileno(), 2)
+    try:
+        yield caught
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        _decoder_sink.seek(0)
+        caught.append(_decoder_sink.read(_DECODER_OUTPUT_LIMIT).decode(errors="replace"))
+        _decoder_sink.seek(0)
+        _decoder_sink.truncate()
+
+
+def _decoder_said(text: str, lines: int = 2) -> str:
+    """The first ``lines`` distinct lines of the decoder's output, on one line ("" for none)."""
+    said = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not said:
+        return ""
+    shown = " / ".join(line[:160] for line in said[:lines])
+    return shown + (f" (+{len(said) - lines} more lines)" if len(said) > lines else "")
+
+
 def _compute_track(task: _Task) -> _Result:
     """Decode, check and transform one track. Never raises for a bad file: the result says why."""
     path = Path(task.path)
@@ -396,14 +448,19 @@ def _compute_track(task: _Task) -> _Result:
         result.reason, result.detail = "empty", f"{path}: empty file (0 bytes)"
         return result
     sample_rate = task.settings.sample_rate
+    output: list[str] = []
     try:
-        audio = load_audio(path, sample_rate)
+        with _decoder_output() as output:
+            audio = load_audio(path, sample_rate)
     except AudioError as error:
-        result.reason, result.detail = _decode_reason(str(error)), str(error)
+        said = _decoder_said("".join(output))
+        result.reason = _decode_reason(str(error))
+        result.detail = str(error) + (f"; the decoder printed: {said}" if said else "")
         return result
     except Exception as error:  # noqa: BLE001 - one bad file must never stop a build
         result.reason, result.detail = "failed", f"{path}: {type(error).__name__}: {error}"
         return result
+    result.decoder_output = _decoder_said("".join(output))
     result.samples = int(audio.shape[0])
     if audio.shape[0] < task.min_samples:
         result.reason = "too_short"
@@ -477,6 +534,8 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
     # Ctrl-C is handled by the parent, which commits what is finished and then stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _CAPTURE_DECODER_OUTPUT
+    _CAPTURE_DECODER_OUTPUT = True
 
 
 def _worker_ready() -> int:
@@ -976,6 +1035,7 @@ class MelCache:
         writer.commit(excluded)
         reasons: Counter[str] = Counter()
         crashed: list[str] = []
+        decoder_warnings: list[str] = []
         added = 0
         pending: list[_Result] = []
         pending_bytes = 0
@@ -992,6 +1052,8 @@ class MelCache:
                 else:
                     added += 1
                     pending_bytes += result.mel.nbytes
+                    if result.decoder_output:
+                        decoder_warnings.append(f"{result.path}: {result.decoder_output}")
                 bar.update(1)
                 bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
                 if pending_bytes >= commit_every_bytes or time.monotonic() - last_commit >= commit_every_seconds:
@@ -1033,6 +1095,7 @@ class MelCache:
             excluded=sum(result.track_id in listed for result in excluded),
             crashed=crashed,
             dropped=len(dropped),
+            decoder_warnings=decoder_warnings,
         )
 
     # ------------------------------------------------------------------------------------- reading

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def prepare_data(
     verbose: bool = True,
     root: str | Path | None = None,
     audio_dir: str | Path | None = None,
+    check_index: Callable[[TrackIndex], None] | None = None,
 ) -> PreparedData:
     """Open the dataset (``corpus`` builds the embedded corpus if missing) and build its mel cache.
 
@@ -74,7 +76,8 @@ def prepare_data(
     ``tracks.csv`` or a folder, or a ready :class:`TrackIndex`; ``root`` and ``audio_dir`` are the
     named datasets' folders (:func:`~musicssl.data.loaders.open_dataset_option`, the ``--root`` and
     ``--audio-dir`` of the command lines). The cache build is incremental, so calling this again
-    costs only the check.
+    costs only the check. ``check_index`` is called with the index before the cache is built, so a
+    caller can refuse data that cannot do (too few tracks for its batch) before minutes of decoding.
     """
     from musicssl.data.loaders import open_dataset_option
 
@@ -85,6 +88,8 @@ def prepare_data(
     else:
         # Training is self-supervised: a folder of audio without a tags file is used without tags.
         index = open_dataset_option(str(data), root, audio_dir, allow_unlabeled=True)
+    if check_index is not None:
+        check_index(index)
     front_end = front_end or LogMelConfig()
     directory = Path(cache_dir) if cache_dir is not None else default_mel_cache_dir(index)
     cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose,
