@@ -339,8 +339,45 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> b
               file=sys.stderr)
     # address="local": a Ray of this search's own, even when another Ray (a cluster started with
     # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
+    with _ray_processes_in_a_group_of_their_own():
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
     return True
+
+
+@contextlib.contextmanager
+def _ray_processes_in_a_group_of_their_own():
+    """Start the local Ray's processes (its GCS, raylet and helpers) in a process group of their own.
+
+    A signal to the search's process group (GNU ``timeout``, ``kill -TERM -PGID``, a terminal's Ctrl-C)
+    then reaches the search alone, which stops its trials through Ray and prints its summary. In the
+    search's group, Ray's GCS and raylet died with it: the search hung for a minute and ended with a
+    GCS error, without a summary. They still end with the search: ``ray.shutdown`` stops them, and on
+    Linux they share its fate (Ray has the kernel end them when it dies). Ray starts them through
+    ``ray._private.services.ConsolePopen``; on a Ray without it they stay in the search's group.
+    """
+    try:
+        from ray._private import services
+
+        original = services.ConsolePopen
+    except (ImportError, AttributeError):
+        warnings.warn("this Ray version has no ray._private.services.ConsolePopen: a signal to the search's process "
+                      "group also stops its Ray (pip install -c constraints.txt -e .)", RuntimeWarning, stacklevel=3)
+        yield
+        return
+    if os.name != "posix":
+        yield
+        return
+
+    class InAGroupOfItsOwn(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = InAGroupOfItsOwn
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 @contextlib.contextmanager
@@ -516,80 +553,87 @@ def run_search(
     previous_sigterm = _sigterm_as_ctrl_c()
     _leave_the_resume_hint_to_the_summary()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        settings.save(folder)
-        _fail_trials_whose_worker_is_lost()
-        if address:
-            _warn_missing_cluster_gpus(settings)
-        study_exists = journal.is_file() and journal.stat().st_size > 0
-        finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, data=data, settings=settings.trial_settings(), finished=finished),
-            {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-        )
-        if resume and tune.Tuner.can_restore(str(folder)):
-            print(f"resuming {folder}", file=stream, flush=True)
-            tuner = tune.Tuner.restore(
-                str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            settings.save(folder)
+            _fail_trials_whose_worker_is_lost()
+            if address:
+                _warn_missing_cluster_gpus(settings)
+            study_exists = journal.is_file() and journal.stat().st_size > 0
+            finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
+            trainable = tune.with_resources(
+                tune.with_parameters(run_trial, data=data, settings=settings.trial_settings(), finished=finished),
+                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
-        else:
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
+            if resume and tune.Tuner.can_restore(str(folder)):
+                print(f"resuming {folder}", file=stream, flush=True)
+                tuner = tune.Tuner.restore(
+                    str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+                )
+            else:
+                from optuna.storages import JournalStorage
+                from optuna.storages.journal import JournalFileBackend
 
-            searcher = CollapseAwareOptunaSearch(
-                get_space(settings.method).space,
-                metric="objective",
-                mode="max",
-                study_name=STUDY_NAME,
-                storage=JournalStorage(JournalFileBackend(str(journal))),
-                seed=settings.seed,
-                # Points are enqueued once, into a new study; a resumed study already holds them.
-                points_to_evaluate=None if study_exists else (list(settings.points_to_evaluate) or None),
-                max_trials=settings.trials,
-            )
-            progress = ProgressPrinter(
-                settings.trials, settings.objective, settings.max_epochs, str(journal), STUDY_NAME, stream=stream
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=_scheduler(settings),
-                    num_samples=settings.trials,
-                    max_concurrent_trials=settings.concurrency,
-                    reuse_actors=settings.reuse_actors,
-                    trial_dirname_creator=trial_folder_name,
-                ),
-                run_config=tune.RunConfig(
-                    name=settings.name,
-                    storage_path=str(folder.parent),
-                    verbose=0,
-                    callbacks=[progress],
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                ),
-            )
-            _print_start(settings, folder, stream)
-        with _concurrency_as_now_asked(settings.concurrency):
-            tuner.fit()
+                searcher = CollapseAwareOptunaSearch(
+                    get_space(settings.method).space,
+                    metric="objective",
+                    mode="max",
+                    study_name=STUDY_NAME,
+                    storage=JournalStorage(JournalFileBackend(str(journal))),
+                    seed=settings.seed,
+                    # Points are enqueued once, into a new study; a resumed study already holds them.
+                    points_to_evaluate=None if study_exists else (list(settings.points_to_evaluate) or None),
+                    max_trials=settings.trials,
+                )
+                progress = ProgressPrinter(
+                    settings.trials, settings.objective, settings.max_epochs, str(journal), STUDY_NAME, stream=stream
+                )
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        search_alg=searcher,
+                        scheduler=_scheduler(settings),
+                        num_samples=settings.trials,
+                        max_concurrent_trials=settings.concurrency,
+                        reuse_actors=settings.reuse_actors,
+                        trial_dirname_creator=trial_folder_name,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=settings.name,
+                        storage_path=str(folder.parent),
+                        verbose=0,
+                        callbacks=[progress],
+                        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                    ),
+                )
+                _print_start(settings, folder, stream)
+            with _concurrency_as_now_asked(settings.concurrency):
+                tuner.fit()
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+        study = load_study(journal, STUDY_NAME)
+        frame = write_trials_csv(study, folder)
+        summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
+        if settings.objective.startswith("probe_"):
+            # ~20 s on the corpus: a stop here (Ctrl-C, SIGTERM) leaves out the reference, not the summary.
+            try:
+                summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
+            except KeyboardInterrupt:
+                print("interrupted: the untrained backbone's reference score is left out of the summary",
+                      file=stream, flush=True)
+        summary.seconds = time.perf_counter() - started
+        if summary.best_trial is not None:
+            target = export_best_checkpoint(folder, summary.best_trial)
+            summary.best_backbone = str(target) if target else None
+        (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-
-    study = load_study(journal, STUDY_NAME)
-    frame = write_trials_csv(study, folder)
-    summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
-    if settings.objective.startswith("probe_"):
-        summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
-    summary.seconds = time.perf_counter() - started
-    if summary.best_trial is not None:
-        target = export_best_checkpoint(folder, summary.best_trial)
-        summary.best_backbone = str(target) if target else None
-    (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
     interrupted = summary.trials_finished < settings.trials
     print(format_summary(summary), file=stream, flush=True)
     print(f"results: {folder}", file=stream, flush=True)
@@ -670,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--storage-dir", help=f"where experiment folders go (default {defaults.storage_dir})")
     add("--resume", action="store_true", help="continue an interrupted search: --name, or the latest search "
         "of METHOD named by default (METHOD-<time>) in --storage-dir; its stored settings are used (the resource "
-        "flags and --no-reuse-actors may change)")
+        "flags may change; --no-reuse-actors must agree)")
     add("--objective", choices=OBJECTIVES, help=f"what to maximise: probe_map / probe_auc (linear probe on the "
         f"valid split after the last epoch; needs tags) or rankme (final effective rank of the embedding, "
         f"label-free) (default {defaults.objective})")

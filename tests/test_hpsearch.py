@@ -387,6 +387,27 @@ def test_the_untrained_reference_is_the_random_backbone_with_batchnorm_statistic
     assert calibrated != initial
 
 
+def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
+        tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM after the trials, while the untrained backbone is probed (~20 s on the corpus):
+    before, the search ended there without summary.json, the best backbone or the printed summary."""
+    import hpsearch.run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hpsearch.run, "untrained_probe", stopped)
+    settings = SearchSettings(method="vicreg", trials=1, name="late-stop", storage_dir=str(tmp_path), **TINY)
+    result = run_search(settings, data=tonal_data)
+    printed = capsys.readouterr().out
+    assert "interrupted: the untrained backbone's reference score is left out of the summary" in printed
+    assert "vicreg: 1/1 trials finished" in printed and "reference:" not in printed
+    assert not result.interrupted  # every trial finished
+    summary = json.loads((tmp_path / "late-stop" / "summary.json").read_text())
+    assert summary["untrained_value"] is None and summary["trials_finished"] == 1
+    assert (tmp_path / "late-stop" / "best_backbone.pt").is_file()
+
+
 @pytest.mark.slow
 def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_guard):
     settings = SearchSettings(
@@ -620,10 +641,11 @@ def kill_session(leader: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"processes of session {leader} survived: {_session_processes(leader)}")
 
 
-def signal_search_after(command: list[str], env: dict, prefix: str, signum: int) -> tuple[list[str], int]:
-    """Run a search command, send ``signum`` to it once a line starts with ``prefix`` (SIGKILL: to its
-    whole process group, as a crash would), and return its output lines and exit code; every process
-    of its session is gone afterwards."""
+def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
+                        to_group: bool = False) -> tuple[list[str], int]:
+    """Run a search command, send ``signum`` to it once a line starts with ``prefix`` (to its whole
+    process group with ``to_group`` or SIGKILL, as a crash would), and return its output lines and
+    exit code; every process of its session is gone afterwards."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=REPO, start_new_session=True)
     watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
@@ -633,8 +655,8 @@ def signal_search_after(command: list[str], env: dict, prefix: str, signum: int)
         for line in process.stdout:
             lines.append(line)
             if line.startswith(prefix):
-                if signum == signal.SIGKILL:
-                    os.killpg(process.pid, signal.SIGKILL)
+                if signum == signal.SIGKILL or to_group:
+                    os.killpg(process.pid, signum)
                 else:
                     process.send_signal(signum)
                 break
@@ -671,12 +693,15 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert "6/6 trials finished" in resumed.stdout
 
 
-def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env):
-    """kill, timeout and batch schedulers send SIGTERM: the search stops, prints its summary and the
-    command that continues it (before: Ray's handler aborted the driver with a stack dump, exit 134)."""
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-search", "to-its-process-group"])
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to_group):
+    """kill and timeout send SIGTERM: the search stops, prints its summary and the command that
+    continues it (before: Ray's handler aborted the driver with a stack dump, exit 134). timeout and
+    kill -TERM -PGID signal the whole process group; before, that killed the local Ray's GCS and raylet
+    with the search, which hung for a minute and ended with a GCS error and no summary."""
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
                   *tiny_flags(tonal_dataset))
-    lines, code = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM)
+    lines, code = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM, to_group=to_group)
     output = "".join(lines)
     assert code == 130, output
     assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} --resume" \

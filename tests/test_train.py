@@ -187,7 +187,7 @@ def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(t
     train(config, data=tonal_data, progress_bar=False)
     collapse = pd.read_csv(tmp_path / "vicreg" / "collapse.csv")
     assert collapse[["kind", "epoch", "step"]].values.tolist() == [
-        ["step", 0, 2], ["epoch", 0, 4], ["step", 1, 6], ["epoch", 1, 8]]
+        ["step", 1, 2], ["epoch", 1, 4], ["step", 2, 6], ["epoch", 2, 8]]
     assert collapse["rankme_embedding"].between(1.0, 256.0).all()
     # The steps' metrics are measured then, not copies of the epoch's.
     assert collapse["rankme_embedding"].nunique() == 4
@@ -196,6 +196,7 @@ def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(t
     for name in ("rankme_embedding", "l2_std_embedding", "uniformity", "mean_cosine"):
         assert epochs[name].tolist() == pytest.approx(metrics[f"collapse_{name}"].tolist(), rel=1e-9)
     assert epochs["verdict"].tolist() == metrics["verdict"].tolist()
+    assert epochs["epoch"].tolist() == metrics["epoch"].tolist() == [1, 2]  # both count epochs from 1
 
 
 def test_cpu_preset_scales_the_heads_and_settings_override_them():

@@ -333,7 +333,8 @@ class SSLModule(_lightning().LightningModule):
         return metrics
 
     def _record(self, kind: str, metrics: dict[str, float], verdict: str) -> dict[str, Any]:
-        row = {"kind": kind, "epoch": int(self.current_epoch), "step": int(self.global_step), "verdict": verdict}
+        # The epoch under way, counted from 1 as metrics.csv counts the epochs it closes.
+        row = {"kind": kind, "epoch": int(self.current_epoch) + 1, "step": int(self.global_step), "verdict": verdict}
         row.update({name: float(value) for name, value in metrics.items()})
         self.history.append(row)
         return row
