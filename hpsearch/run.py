@@ -106,7 +106,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     is missing) and build its mel cache for the preset's front-end. Trials reuse it as is."""
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.loaders import DATASET_NAMES, DatasetError, check_dataset_option, dataset_name
-    from musicssl.data.pipeline import prepare_data
+    from musicssl.data.pipeline import batch_problem, prepare_data
     from musicssl.models import PRESETS
     from musicssl.train import probe_problem
 
@@ -128,16 +128,14 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     fix = (f"lower --batch-size (unless study_spaces/{settings.method}.py samples the batch size: this is "
            "its largest) or use more data")
 
-    def check_train_tracks(index) -> None:  # before the cache is built: listed tracks bound usable ones
-        listed = len(index.split("train"))
-        if listed < batch_size:
-            raise SearchError(
-                f"--data {spec!r} lists {listed} training tracks, fewer than the batch size {batch_size}; {fix}"
-            )
+    def check_batch(index) -> None:  # before the cache is built
+        problem = batch_problem(index, batch_size)
+        if problem:
+            raise SearchError(f"--data {spec!r} {problem}; {fix}")
 
     try:
         data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir,
-                            check_index=check_train_tracks)
+                            check_index=check_batch)
     except SearchError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
@@ -248,7 +246,8 @@ def check_storage(settings: SearchSettings) -> None:
 
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
-    """The most recently started search of ``method`` in ``storage_dir`` (for ``--resume`` without ``--name``)."""
+    """The search of ``method`` in ``storage_dir`` last started or resumed (its ``search.json`` is the
+    newest), among those named by default (for ``--resume`` without ``--name``)."""
     default = re.compile(rf"{re.escape(method)}-\d{{8}}-\d{{6}}(-\d+)?")  # default_name's, not a --name's
     folders = [p.parent for p in Path(storage_dir).expanduser().glob(f"{method}-*/{SEARCH_FILE}")
                if default.fullmatch(p.parent.name)]
@@ -346,31 +345,43 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> b
 
 @contextlib.contextmanager
 def _ray_processes_in_a_group_of_their_own():
-    """Start the local Ray's processes (its GCS, raylet and helpers) in a process group of their own.
+    """Start the local Ray's processes (its GCS, raylet and helpers) each in a process group of its own.
 
-    A signal to the search's process group (GNU ``timeout``, ``kill -TERM -PGID``, a terminal's Ctrl-C)
-    then reaches the search alone, which stops its trials through Ray and prints its summary. In the
-    search's group, Ray's GCS and raylet died with it: the search hung for a minute and ended with a
-    GCS error, without a summary. They still end with the search: ``ray.shutdown`` stops them, and on
-    Linux they share its fate (Ray has the kernel end them when it dies). Ray starts them through
-    ``ray._private.services.ConsolePopen``; on a Ray without it they stay in the search's group.
+    A signal to the search's process group (GNU ``timeout``, ``kill -TERM -PGID``) then reaches the
+    search alone, which stops its trials through Ray and prints its summary. In the search's group,
+    Ray's GCS and raylet died with it: the search hung for a minute and ended with a GCS error,
+    without a summary. They still end with the search: ``ray.shutdown`` stops them, and the kernel
+    ends them when it dies (Ray's fate sharing, Linux only). Elsewhere (macOS) Ray instead starts a
+    reaper that ends the search's process group when the search dies, so there they stay in it.
+    Ray starts them through ``ray._private.services.ConsolePopen``, with a ``preexec_fn`` of its
+    own; the new group is made there (``Popen(process_group=...)`` needs Python 3.11).
     """
     try:
         from ray._private import services
+        from ray._private.utils import detect_fate_sharing_support
 
         original = services.ConsolePopen
     except (ImportError, AttributeError):
-        warnings.warn("this Ray version has no ray._private.services.ConsolePopen: a signal to the search's process "
-                      "group also stops its Ray (pip install -c constraints.txt -e .)", RuntimeWarning, stacklevel=3)
+        if sys.platform.startswith("linux"):
+            warnings.warn("this Ray version has no ray._private.services.ConsolePopen: a signal to the search's "
+                          "process group also stops its Ray (pip install -c constraints.txt -e .)",
+                          RuntimeWarning, stacklevel=3)
         yield
         return
-    if os.name != "posix":
+    if not sys.platform.startswith("linux") or not detect_fate_sharing_support():
         yield
         return
 
     class InAGroupOfItsOwn(original):
         def __init__(self, *args, **kwargs):
-            kwargs.setdefault("process_group", 0)
+            ray_preexec = kwargs.get("preexec_fn")
+
+            def preexec():
+                os.setpgid(0, 0)
+                if ray_preexec is not None:
+                    ray_preexec()
+
+            kwargs["preexec_fn"] = preexec
             super().__init__(*args, **kwargs)
 
     services.ConsolePopen = InAGroupOfItsOwn
@@ -551,6 +562,7 @@ def run_search(
                 folder.rmdir()  # the empty folder default_name reserved
         raise
     previous_sigterm = _sigterm_as_ctrl_c()
+    previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary()
     try:
         try:
@@ -615,6 +627,13 @@ def run_search(
                 import ray
 
                 ray.shutdown()
+            # What follows stops as Ctrl-C too. Ray Tune leaves its SIGINT handler after a run that was
+            # not interrupted (it would swallow the first Ctrl-C), and ray.shutdown() sets SIGTERM's
+            # action back to the default in the kernel (Python's record still shows the handler).
+            if previous_sigterm is not None:  # None: off the main thread, where no handler can be set
+                if previous_sigint is not None:
+                    signal.signal(signal.SIGINT, previous_sigint)
+                _sigterm_as_ctrl_c()
 
         study = load_study(journal, STUDY_NAME)
         frame = write_trials_csv(study, folder)

@@ -363,10 +363,43 @@ def test_what_the_mp3_decoder_prints_goes_with_its_file_not_to_the_console(tmp_p
     assert skip.track_id == "broken" and skip.reason == "undecodable"
     assert "; the decoder printed: Note: Illegal Audio-MPEG-Header" in skip.detail
     report = cache.build_report
-    assert len(report.decoder_warnings) == 1
-    assert report.decoder_warnings[0].startswith(f"{folder / 'damaged.mp3'}: Note: Illegal Audio-MPEG-Header")
-    assert f"the decoder printed warnings for 1 file(s) it decoded, which are kept (e.g. {folder / 'damaged.mp3'}: " \
-        in captured.out
+    ((path, said),) = report.decoder_warnings
+    assert path == str(folder / "damaged.mp3") and said.startswith("Note: Illegal Audio-MPEG-Header")
+    assert (f"the decoder printed warnings for 1 file(s) it decoded, which are kept: {path} ({path}: Note: Illegal "
+            "Audio-MPEG-Header") in captured.out
+
+    # One decoding process, the damaged file first: the next file's report starts empty.
+    ordered = make_index({name: str(folder / f"{name}.mp3") for name in ("damaged", "clean")})
+    again = MelCache.build(ordered, tmp_path / "one-process", workers=1, progress=False, verbose=False)
+    assert [path for path, _ in again.build_report.decoder_warnings] == [str(folder / "damaged.mp3")]
+    # A file decoded past damage and then skipped (here too short) keeps what the decoder printed.
+    long = write(folder / "long.mp3", tone_and_noise(25.0, 16000, 2), 16000, format="MP3")
+    with_long = make_index({**{name: str(folder / f"{name}.mp3") for name in ("damaged", "clean")}, "long": long})
+    short = MelCache.build(with_long, tmp_path / "too-short", workers=1, min_seconds=20.0, progress=False,
+                           verbose=False)
+    assert short.track_ids == ["long"]
+    details = {track.track_id: (track.reason, track.detail) for track in short.skipped}
+    assert details["damaged"][0] == "too_short"
+    assert "; the decoder printed: Note: Illegal Audio-MPEG-Header" in details["damaged"][1]
+    assert details["clean"][0] == "too_short" and "the decoder printed" not in details["clean"][1]
+    assert short.build_report.decoder_warnings == []  # only kept files are listed there
+    assert "Illegal Audio-MPEG-Header" not in capfd.readouterr().err
+
+
+def test_a_decoder_output_capture_that_cannot_be_set_up_skips_no_file(tmp_path: Path, monkeypatch) -> None:
+    """No usable temporary folder (a full /tmp): the file decodes without the capture. Before, every
+    file was recorded as failed, and stayed skipped in later builds."""
+    import musicssl.data.cache as cache_module
+
+    def no_temporary_folder(*args, **kwargs):
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(cache_module, "_CAPTURE_DECODER_OUTPUT", True)  # as in a decoding process
+    monkeypatch.setattr(cache_module, "_decoder_sink", None)
+    monkeypatch.setattr(cache_module.tempfile, "TemporaryFile", no_temporary_folder)
+    path = write(tmp_path / "tone.mp3", tone_and_noise(6.0, 16000, 1), 16000, format="MP3")
+    cache = MelCache.build(make_index({"tone": path}), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert cache.track_ids == ["tone"] and not cache.skipped
 
 
 def test_a_file_that_decodes_to_under_half_its_listed_duration_is_skipped_as_truncated(tmp_path: Path) -> None:

@@ -418,7 +418,7 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
     listed = int((pd.read_csv(tonal_dataset / "tracks.csv")["split"] == "train").sum())
     config = tiny_config("vicreg", tmp_path, data=str(tonal_dataset / "tracks.csv"), batch_size=listed + 1)
-    with pytest.raises(ConfigError, match=rf"the data lists {listed} training tracks, fewer than batch_size "
+    with pytest.raises(ConfigError, match=rf"the data lists {listed} training tracks, fewer than the batch size "
                                           rf"{listed + 1}; lower --batch-size"):
         train(config, progress_bar=False)
     assert not (tmp_path / "cache").exists()

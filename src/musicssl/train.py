@@ -495,6 +495,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
+def _check_batch(index, config: TrainConfig) -> None:
+    """Refuse data that cannot fill a batch before its mel cache is built."""
+    from musicssl.data.pipeline import batch_problem
+
+    problem = batch_problem(index, config.batch_size)
+    if problem:
+        raise ConfigError(f"the data {problem}; lower --batch-size")
+
+
 def train(
     config: TrainConfig,
     data=None,
@@ -541,7 +550,7 @@ def train(
     front_end = LogMelConfig(n_mels=backbone_config.n_mels)
     if data is None:
         data = prepare_data(config.data, front_end, verbose=progress_bar, root=config.data_root,
-                            audio_dir=config.audio_dir, check_index=lambda index: check_train_tracks(index, config))
+                            audio_dir=config.audio_dir, check_index=lambda index: _check_batch(index, config))
     if data.cache.n_mels != backbone_config.n_mels:
         raise ConfigError(
             f"the mel cache has {data.cache.n_mels} mels but preset {config.preset!r} expects {backbone_config.n_mels}"
@@ -780,16 +789,6 @@ def schedule_notes(config: TrainConfig) -> list[str]:
             f"raise --max-epochs or lower it with --set teacher_warmup_epochs=N"
         )
     return notes
-
-
-def check_train_tracks(index, config: TrainConfig) -> None:
-    """Refuse, before the mel cache is built, a dataset that lists fewer training tracks than a batch
-    (the usable ones, counted after decoding, can only be fewer)."""
-    listed = len(index.split("train"))
-    if listed < config.batch_size:
-        raise ConfigError(
-            f"the data lists {listed} training tracks, fewer than batch_size {config.batch_size}; lower --batch-size"
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

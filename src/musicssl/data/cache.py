@@ -222,9 +222,9 @@ class BuildReport:
     excluded: int = 0  # cached tracks that the current min_seconds/silence rules now skip (not decoded)
     crashed: list[str] = field(default_factory=list)  # files whose decoding process died (reason "crashed")
     dropped: int = 0  # listed tracks the loader left out of the index: audio file missing or empty
-    # "path: what the decoder printed" for files that decoded, and are kept, although the decoder library
-    # printed warnings (mpg123 resyncing past damaged MP3 frames)
-    decoder_warnings: list[str] = field(default_factory=list)
+    # (path, what the decoder printed) for files that decoded, and are kept, although the decoder
+    # library printed warnings (mpg123 resyncing past damaged MP3 frames)
+    decoder_warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skip_reasons.items()))
@@ -245,8 +245,12 @@ class BuildReport:
             listed = ", ".join(self.crashed[:5]) + (f" and {more} more" if more > 0 else "")
             text += f"; the decoder crashed on {listed} (skipped; fix or remove, then rebuild with retry_skipped=True)"
         if self.decoder_warnings:
-            text += (f"; the decoder printed warnings for {len(self.decoder_warnings)} file(s) it decoded, which are "
-                     f"kept (e.g. {self.decoder_warnings[0]})")
+            paths = [path for path, _ in self.decoder_warnings]
+            more = len(paths) - 5
+            listed = ", ".join(paths[:5]) + (f" and {more} more" if more > 0 else "")
+            first_path, first_said = self.decoder_warnings[0]
+            text += (f"; the decoder printed warnings for {len(paths)} file(s) it decoded, which are kept: {listed} "
+                     f"({first_path}: {first_said})")
         return text
 
 
@@ -393,9 +397,10 @@ def _decode_reason(message: str) -> str:
     return "undecodable"
 
 
-# Set in decoding processes (_init_worker): there nothing else writes to stderr while a file decodes,
-# so what the decoder library prints there (mpg123's "Note: Illegal Audio-MPEG-Header ...", which goes
-# straight to file descriptor 2) can be caught and reported with the file instead of on the console.
+# Set in decoding processes (_init_worker): there a file decodes on the one thread that works, so what
+# is written to stderr meanwhile comes from decoding it (mpg123's "Note: Illegal Audio-MPEG-Header ...",
+# written straight to file descriptor 2; a Python warning the decoding raises would be caught too) and
+# is reported with the file instead of on the console.
 _CAPTURE_DECODER_OUTPUT = False
 _DECODER_OUTPUT_LIMIT = 65536  # bytes read back per file; a damaged file can print a line per frame
 _decoder_sink = None
@@ -405,25 +410,36 @@ _decoder_sink = None
 def _decoder_output() -> Iterator[list[str]]:
     """Catch what C libraries write to stderr (file descriptor 2) in the block, in decoding processes;
     the list yielded holds the text once the block has ended (nothing elsewhere)."""
-    caught: list[str] = []
-    if not _CAPTURE_DECODER_OUTPUT:
-        yield caught
-        return
     global _decoder_sink
-    if _decoder_sink is None:
-        _decoder_sink = tempfile.TemporaryFile()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(_decoder_sink.fileno(), 2)
+    caught: list[str] = []
+    saved = None
+    if _CAPTURE_DECODER_OUTPUT:
+        # A capture that cannot be set up (no usable temporary folder, no stderr) decodes without one:
+        # the file must not be skipped for it.
+        try:
+            if _decoder_sink is None:
+                _decoder_sink = tempfile.TemporaryFile()
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(_decoder_sink.fileno(), 2)
+        except (OSError, ValueError):
+            if saved is not None:
+                os.close(saved)
+                saved = None
     try:
         yield caught
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        _decoder_sink.seek(0)
-        caught.append(_decoder_sink.read(_DECODER_OUTPUT_LIMIT).decode(errors="replace"))
-        _decoder_sink.seek(0)
-        _decoder_sink.truncate()
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+            try:
+                _decoder_sink.seek(0)
+                caught.append(_decoder_sink.read(_DECODER_OUTPUT_LIMIT).decode(errors="replace"))
+                _decoder_sink.seek(0)
+                _decoder_sink.truncate()
+            except OSError:
+                pass
 
 
 def _decoder_said(text: str, lines: int = 2) -> str:
@@ -461,33 +477,41 @@ def _compute_track(task: _Task) -> _Result:
         result.reason, result.detail = "failed", f"{path}: {type(error).__name__}: {error}"
         return result
     result.decoder_output = _decoder_said("".join(output))
+    _judge_decoded(task, path, audio, result)
+    if result.reason and result.decoder_output:  # e.g. a damaged download, decoded in part: "truncated"
+        result.detail += f"; the decoder printed: {result.decoder_output}"
+    return result
+
+
+def _judge_decoded(task: _Task, path: Path, audio: np.ndarray, result: _Result) -> None:
+    """Skip the decoded track (set ``result.reason`` and ``detail``) or store its log-mel."""
+    sample_rate = task.settings.sample_rate
     result.samples = int(audio.shape[0])
     if audio.shape[0] < task.min_samples:
         result.reason = "too_short"
         result.detail = _too_short_detail(path, audio.shape[0], task.min_samples, sample_rate)
-        return result
+        return
     truncated = _truncated(path, result.samples, task.listed_samples, sample_rate)
     if truncated:
         result.reason, result.detail = truncated
         result.listed_samples = task.listed_samples
-        return result
+        return
     peak = float(np.max(np.abs(audio)))
     result.peak = peak
     if peak < task.silence_peak:
         result.reason, result.detail = "silent", _silent_detail(path, peak, task.silence_peak)
-        return result
+        return
     try:
         with torch.no_grad():
             mel = task.settings.module()(torch.from_numpy(audio / np.float32(peak)))
         stored = np.ascontiguousarray(mel.numpy().T, dtype=STORE_DTYPE)
     except Exception as error:  # noqa: BLE001
         result.reason, result.detail = "failed", f"{path}: log-mel failed: {type(error).__name__}: {error}"
-        return result
+        return
     if not np.isfinite(stored).all():
         result.reason, result.detail = "failed", f"{path}: log-mel has non-finite values after float16 conversion"
-        return result
+        return
     result.mel = stored
-    return result
 
 
 def _rejudge(
@@ -1035,7 +1059,7 @@ class MelCache:
         writer.commit(excluded)
         reasons: Counter[str] = Counter()
         crashed: list[str] = []
-        decoder_warnings: list[str] = []
+        decoder_warnings: list[tuple[str, str]] = []
         added = 0
         pending: list[_Result] = []
         pending_bytes = 0
@@ -1053,7 +1077,7 @@ class MelCache:
                     added += 1
                     pending_bytes += result.mel.nbytes
                     if result.decoder_output:
-                        decoder_warnings.append(f"{result.path}: {result.decoder_output}")
+                        decoder_warnings.append((result.path, result.decoder_output))
                 bar.update(1)
                 bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
                 if pending_bytes >= commit_every_bytes or time.monotonic() - last_commit >= commit_every_seconds:

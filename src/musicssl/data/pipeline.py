@@ -13,7 +13,7 @@ from musicssl.data.cache import LogMelConfig, MelCache
 from musicssl.data.index import TrackIndex
 from musicssl.paths import cache_root
 
-__all__ = ["PreparedData", "prepare_data", "default_mel_cache_dir"]
+__all__ = ["PreparedData", "prepare_data", "default_mel_cache_dir", "batch_problem"]
 
 
 @dataclass
@@ -58,6 +58,15 @@ def default_mel_cache_dir(index: TrackIndex) -> Path:
             if candidate.is_dir():
                 return candidate
     return current
+
+
+def batch_problem(index: TrackIndex, batch_size: int) -> str | None:
+    """Why ``index`` cannot fill a training batch of ``batch_size`` (its listed training tracks; the
+    usable ones, known once the cache is built, can only be fewer), or None."""
+    listed = len(index.split("train"))
+    if listed < batch_size:
+        return f"lists {listed} training tracks, fewer than the batch size {batch_size}"
+    return None
 
 
 def prepare_data(
