@@ -755,13 +755,29 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
-def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, message, tmp_path, cli_env):
-    done = subprocess.run(cli(*args, "--storage-dir", str(tmp_path)), capture_output=True, text=True, env=cli_env,
-                          cwd=REPO, timeout=120)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, message, tmp_path, cli_env, monkeypatch,
+                                                                    capsys):
+    """In this process (a traceback would be an exception here, failing the test); the next test runs
+    one such command as a user does."""
+    from hpsearch.run import main
+
+    monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
+    try:
+        code = main([*args, "--storage-dir", str(tmp_path)])
+    except SystemExit as stop:  # argparse's errors
+        code = stop.code
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert message in captured.err
     assert not list(tmp_path.iterdir())  # nothing written for a search that never started
+
+
+def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, cli_env):
+    done = subprocess.run(cli("vicreg", "--trials", "0", "--storage-dir", str(tmp_path)), capture_output=True,
+                          text=True, env=cli_env, cwd=REPO, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == "python -m hpsearch.run: error: --trials must be at least 1, got 0\n"
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_dataset, monkeypatch):
