@@ -241,17 +241,19 @@ class BuildReport:
             text += (f"; {self.dropped} more listed track(s) have no usable audio file (missing or empty; "
                      f"in {SKIP_REPORT_FILE} unless cached before)")
         if self.crashed:
-            more = len(self.crashed) - 5
-            listed = ", ".join(self.crashed[:5]) + (f" and {more} more" if more > 0 else "")
-            text += f"; the decoder crashed on {listed} (skipped; fix or remove, then rebuild with retry_skipped=True)"
+            text += f"; the decoder crashed on {_first_five(self.crashed)} (skipped; fix or remove, then rebuild with retry_skipped=True)"
         if self.decoder_warnings:
             paths = [path for path, _ in self.decoder_warnings]
-            more = len(paths) - 5
-            listed = ", ".join(paths[:5]) + (f" and {more} more" if more > 0 else "")
             first_path, first_said = self.decoder_warnings[0]
-            text += (f"; the decoder printed warnings for {len(paths)} file(s) it decoded, which are kept: {listed} "
-                     f"({first_path}: {first_said})")
+            text += (f"; the decoder printed warnings for {len(paths)} file(s) it decoded, which are kept: "
+                     f"{_first_five(paths)} ({first_path}: {first_said})")
         return text
+
+
+def _first_five(paths: Sequence[str]) -> str:
+    """``a, b, c, d, e and 3 more``."""
+    more = len(paths) - 5
+    return ", ".join(paths[:5]) + (f" and {more} more" if more > 0 else "")
 
 
 # A track whose audio decodes to less than this fraction of the duration its dataset lists (MTG-Jamendo's
@@ -469,16 +471,15 @@ def _compute_track(task: _Task) -> _Result:
         with _decoder_output() as output:
             audio = load_audio(path, sample_rate)
     except AudioError as error:
-        said = _decoder_said("".join(output))
-        result.reason = _decode_reason(str(error))
-        result.detail = str(error) + (f"; the decoder printed: {said}" if said else "")
-        return result
+        result.reason, result.detail = _decode_reason(str(error)), str(error)
     except Exception as error:  # noqa: BLE001 - one bad file must never stop a build
         result.reason, result.detail = "failed", f"{path}: {type(error).__name__}: {error}"
         return result
+    else:
+        _judge_decoded(task, path, audio, result)
     result.decoder_output = _decoder_said("".join(output))
-    _judge_decoded(task, path, audio, result)
-    if result.reason and result.decoder_output:  # e.g. a damaged download, decoded in part: "truncated"
+    # Undecodable, or decoded and then skipped (a damaged download decoded in part: "truncated").
+    if result.reason and result.decoder_output:
         result.detail += f"; the decoder printed: {result.decoder_output}"
     return result
 
