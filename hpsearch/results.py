@@ -269,14 +269,23 @@ def finished_records(study) -> dict[int, dict[str, Any]]:
 
 
 def _trial_folders(experiment: Path, number: int) -> list[Path]:
+    """The folders of Optuna trial ``number``: by its ``params.json``, else by the folder's name
+    (``trial-<number>-<Tune id>``, hpsearch.run.trial_folder_name). Ray Tune copies ``params.json``
+    into the experiment when it saves the experiment; a search that ended without that (killed, or
+    stopped together with its Ray) may lack it for its last trials."""
     folders = []
-    for params_file in experiment.glob("*/params.json"):
+    prefix = f"trial-{number:04d}-"
+    for folder in sorted(path for path in experiment.iterdir() if path.is_dir()):
         try:
-            params = json.loads(params_file.read_text())
+            params = json.loads((folder / "params.json").read_text())
+        except FileNotFoundError:
+            if folder.name.startswith(prefix):
+                folders.append(folder)
+            continue
         except (OSError, json.JSONDecodeError):
             continue
-        if params.get(CONFIG_KEY) == number:
-            folders.append(params_file.parent)
+        if isinstance(params, dict) and params.get(CONFIG_KEY) == number:
+            folders.append(folder)
     return folders
 
 

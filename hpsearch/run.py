@@ -427,15 +427,21 @@ def _leave_the_resume_hint_to_the_summary() -> None:
         logger.addFilter(_NoRayResumeHint())
 
 
-def _sigterm_as_ctrl_c():
+def _sigterm_as_ctrl_c(when_ray_is_lost=None):
     """Handle SIGTERM (``kill``, ``timeout``, batch schedulers) as Ctrl-C: Ray Tune then stops the
     trials, saves the experiment and the summary says how to continue. Without this, Ray's handler
     aborts the driver with a stack dump. Returns the handler to restore afterwards (None off the
-    main thread, where signals cannot be handled)."""
+    main thread, where signals cannot be handled).
+
+    ``when_ray_is_lost`` (given while a local Ray started by the search runs) is called instead,
+    and must not return, when the same signal has stopped that Ray (:func:`_local_ray_lost`).
+    """
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
+        if when_ray_is_lost is not None and _local_ray_lost():
+            when_ray_is_lost()
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):  # Ray Tune's while it runs (a graceful stop), else Python's default
             handler(signal.SIGINT, frame)
@@ -444,6 +450,43 @@ def _sigterm_as_ctrl_c():
 
     previous = signal.signal(signal.SIGTERM, stop)
     return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
+
+
+def _local_ray_lost(wait: float = 2.0) -> bool:
+    """Whether the local Ray that this process started has lost its GCS or raylet, or loses it
+    within ``wait`` seconds.
+
+    A signal sent to every process of a job (a batch scheduler at a time limit, ``pkill -s``)
+    reaches them too. The GCS then stops serving at once, while its process lingers until the search
+    exits; the raylet exits. Ray Tune, asked to stop, would then wait a minute for the GCS and the
+    search would end with Ray's "Failed to connect to GCS" and no summary. A Ray that is not this
+    process's own, or a Ray version without these internals, counts as there.
+    """
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        kinds = (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET)
+        processes = [info.process for kind in kinds for info in node.all_processes.get(kind, ())]
+        host, port = node.gcs_address.rsplit(":", 1)
+        address = (host.strip("[]"), int(port))
+    except Exception:  # noqa: BLE001 - no Ray node of this process's own, or other internals
+        return False
+    if not processes:  # a Ray this process joined (its node started nothing)
+        return False
+    deadline = time.monotonic() + wait
+    while True:
+        if any(process.poll() is not None for process in processes):
+            return True
+        try:
+            socket.create_connection(address, timeout=1.0).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # a slow answer is not a stopped GCS
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _fail_trials_whose_worker_is_lost() -> None:
@@ -517,10 +560,7 @@ def run_search(
     from ray import tune
 
     from hpsearch.progress import ProgressPrinter
-    from hpsearch.results import (
-        JOURNAL_FILE, STUDY_NAME, export_best_checkpoint, finished_records, format_summary, load_study,
-        summarize, write_trials_csv,
-    )  # fmt: skip
+    from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
     from hpsearch.searcher import CollapseAwareOptunaSearch
     from hpsearch.trainable import run_trial
     from study_spaces import get_space
@@ -561,7 +601,35 @@ def run_search(
             with contextlib.suppress(OSError):
                 folder.rmdir()  # the empty folder default_name reserved
         raise
-    previous_sigterm = _sigterm_as_ctrl_c()
+
+    def finish_without_ray() -> None:
+        # The signal that stops the search stopped its local Ray too (sent to every process of the
+        # job): Ray Tune can neither stop the trials nor save through Ray. The summary comes from the
+        # study, as after the trials; the experiment is left as a kill leaves it, which a resume
+        # continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)  # let it finish: it takes about a second
+        try:
+            print("stopping: the signal stopped this search's Ray as well (it was sent to every process of the "
+                  "job); the trials that were running stopped with it and run again when the search is continued",
+                  file=stream, flush=True)
+            if not journal.is_file() or journal.stat().st_size == 0:
+                print("stopped before the first trial began", file=stream, flush=True)
+                if (folder / SEARCH_FILE).is_file():
+                    print(f"interrupted: continue with {_continue_command(settings)}", file=stream, flush=True)
+            else:
+                _, summary = _summarize(settings, folder, journal, started)
+                _print_end(settings, folder, summary, stream)
+        except BaseException as error:  # noqa: BLE001 - exit all the same, never wait for Ray
+            print(f"{PROG}: error: the summary could not be written: {error!r}; {_continue_command(settings)} "
+                  "continues the search", file=sys.stderr, flush=True)
+        finally:
+            for output in (stream, sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    output.flush()
+            os._exit(130)
+
+    previous_sigterm = _sigterm_as_ctrl_c(finish_without_ray if started_ray and address is None else None)
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary()
     try:
@@ -635,31 +703,57 @@ def run_search(
                     signal.signal(signal.SIGINT, previous_sigint)
                 _sigterm_as_ctrl_c()
 
-        study = load_study(journal, STUDY_NAME)
-        frame = write_trials_csv(study, folder)
-        summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
-        if settings.objective.startswith("probe_"):
+        def reference(summary) -> None:
             # ~20 s on the corpus: a stop here (Ctrl-C, SIGTERM) leaves out the reference, not the summary.
             try:
                 summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
             except KeyboardInterrupt:
                 print("interrupted: the untrained backbone's reference score is left out of the summary",
                       file=stream, flush=True)
-        summary.seconds = time.perf_counter() - started
-        if summary.best_trial is not None:
-            target = export_best_checkpoint(folder, summary.best_trial)
-            summary.best_backbone = str(target) if target else None
-        (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+
+        frame, summary = _summarize(settings, folder, journal, started,
+                                    reference if settings.objective.startswith("probe_") else None)
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+    interrupted = _print_end(settings, folder, summary, stream)
+    return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
+
+
+def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: float, reference=None):
+    """Write ``trials.csv``, the best backbone and ``summary.json`` from the study's journal (Ray is not
+    needed); returns the trials (as in ``trials.csv``) and the summary. ``reference(summary)`` adds the
+    untrained backbone's scores."""
+    from hpsearch.results import STUDY_NAME, export_best_checkpoint, load_study, summarize, write_trials_csv
+
+    frame = write_trials_csv(load_study(journal, STUDY_NAME), folder)
+    summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
+    if reference is not None:
+        reference(summary)
+    summary.seconds = time.perf_counter() - started
+    if summary.best_trial is not None:
+        target = export_best_checkpoint(folder, summary.best_trial)
+        summary.best_backbone = str(target) if target else None
+    (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+    return frame, summary
+
+
+def _continue_command(settings: SearchSettings) -> str:
+    return (f"{PROG} {settings.method} --name {shlex.quote(settings.name)} "
+            f"--storage-dir {shlex.quote(str(settings.storage_dir))} --resume")
+
+
+def _print_end(settings: SearchSettings, folder: Path, summary, stream: TextIO) -> bool:
+    """Print the summary, the folder and, for a search that is not finished, the command that continues
+    it; returns whether it is unfinished."""
+    from hpsearch.results import format_summary
+
     interrupted = summary.trials_finished < settings.trials
     print(format_summary(summary), file=stream, flush=True)
     print(f"results: {folder}", file=stream, flush=True)
     if interrupted:
-        print(f"interrupted: continue with {PROG} {settings.method} --name {shlex.quote(settings.name)} "
-              f"--storage-dir {shlex.quote(str(settings.storage_dir))} --resume", file=stream, flush=True)
-    return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
+        print(f"interrupted: continue with {_continue_command(settings)}", file=stream, flush=True)
+    return interrupted
 
 
 def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:

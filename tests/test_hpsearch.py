@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -659,35 +660,43 @@ def kill_session(leader: int, timeout: float = 30.0) -> None:
 
 
 def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
-                        to_group: bool = False) -> tuple[list[str], int]:
-    """Run a search command, send ``signum`` to it once a line starts with ``prefix`` (to its whole
-    process group with ``to_group`` or SIGKILL, as a crash would), and return its output lines and
-    exit code; every process of its session is gone afterwards."""
+                        to: str = "search") -> tuple[list[str], int, float]:
+    """Run a search command, send ``signum`` once a line starts with ``prefix`` to ``to``: the search,
+    its process "group" (always for SIGKILL, as a crash would) or every process of its "session"
+    (as a batch scheduler signals a job), and return its output lines, exit code and the seconds from
+    the signal to its exit; every process of its session is gone afterwards."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=REPO, start_new_session=True)
     watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
     watchdog.start()
     lines: list[str] = []
+    sent = math.nan
     try:
         for line in process.stdout:
             lines.append(line)
             if line.startswith(prefix):
-                if signum == signal.SIGKILL or to_group:
+                sent = time.monotonic()
+                if to == "session":
+                    for pid in _session_processes(process.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signum)
+                elif signum == signal.SIGKILL or to == "group":
                     os.killpg(process.pid, signum)
                 else:
                     process.send_signal(signum)
                 break
         lines.extend(process.stdout)
         code = process.wait(timeout=240)
+        seconds = time.monotonic() - sent
     finally:
         watchdog.cancel()
         kill_session(process.pid)
-    return lines, code
+    return lines, code, seconds
 
 
 def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env):
     command = cli("vicreg", "--trials", "6", "--name", "resumable", "--storage-dir", str(tmp_path), *tiny_flags(tonal_dataset))
-    lines, _ = signal_search_after(command, cli_env, "[2/6]", signal.SIGKILL)
+    lines, _, _ = signal_search_after(command, cli_env, "[2/6]", signal.SIGKILL)
     assert any(line.startswith("[2/6]") for line in lines), "".join(lines)
     journal = tmp_path / "resumable" / "optuna.journal"
     storage = JournalStorage(JournalFileBackend(str(journal)))
@@ -710,22 +719,47 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert "6/6 trials finished" in resumed.stdout
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-search", "to-its-process-group"])
-def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to_group):
+@pytest.mark.parametrize("to", ["search", "group", "session"],
+                         ids=["to-the-search", "to-its-process-group", "to-every-process-of-its-session"])
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to):
     """kill and timeout send SIGTERM: the search stops, prints its summary and the command that
     continues it (before: Ray's handler aborted the driver with a stack dump, exit 134). timeout and
     kill -TERM -PGID signal the whole process group; before, that killed the local Ray's GCS and raylet
-    with the search, which hung for a minute and ended with a GCS error and no summary."""
+    with the search, which hung for a minute and ended with a GCS error and no summary. A batch
+    scheduler (SLURM at a time limit) signals every process of the job, Ray's included: before, the
+    same minute and no summary; now the summary comes from the study within seconds."""
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
                   *tiny_flags(tonal_dataset))
-    lines, code = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM, to_group=to_group)
+    lines, code, seconds = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM, to=to)
     output = "".join(lines)
     assert code == 130, output
+    assert seconds < 30, f"{seconds:.0f} s from the signal to the exit\n{output}"  # SLURM kills 30 s after it
     assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} --resume" \
         in output
     assert "SIGTERM received" not in output and "Traceback" not in output
     assert "Tuner.restore" not in output  # Ray's hint for Python users; the summary gives the command
-    assert (tmp_path / "termed" / "summary.json").is_file()
+    assert "Failed to connect to GCS" not in output
+    summary = json.loads((tmp_path / "termed" / "summary.json").read_text())
+    finished = summary["trials_finished"]
+    assert 1 <= finished < 4 and f"vicreg: {finished}/4 trials finished" in output
+    assert (tmp_path / "termed" / "best_backbone.pt").is_file()
+    if to != "session":
+        return
+    assert "the signal stopped this search's Ray as well" in output
+    # Left as a kill leaves it (Ray could not save the experiment): re-running continues it, keeping
+    # the finished trials and running the interrupted one again.
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / "termed" / "optuna.journal")))
+    before = {t.number: (t.state, t.value, t.params)
+              for t in optuna.load_study(study_name="search", storage=journal).trials if t.state.is_finished()}
+    assert len(before) == finished
+    resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = optuna.load_study(study_name="search",
+                              storage=JournalStorage(JournalFileBackend(str(tmp_path / "termed" / "optuna.journal"))))
+    assert [t.number for t in study.trials] == list(range(4))
+    assert all(t.state.is_finished() for t in study.trials)
+    assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in before} == before
+    assert "4/4 trials finished" in resumed.stdout
 
 
 @pytest.mark.parametrize(
@@ -1100,6 +1134,39 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         kill_session(head.pid)
+
+
+def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_name(tmp_path):
+    """Ray Tune copies a trial's params.json into the experiment when it saves the experiment; a
+    search stopped together with its Ray (or killed) can lack it for its last trials, whose
+    checkpoints are there all the same (trial folders are named trial-<Optuna number>-<Tune id>)."""
+    from hpsearch.results import export_best_checkpoint
+
+    def trial(folder: str, backbone: bytes, params: dict | None = None) -> None:
+        checkpoint = tmp_path / folder / "checkpoint_000000"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "backbone.pt").write_bytes(backbone)
+        (checkpoint / "config.json").write_text(json.dumps({"params": {"x": 1}}))
+        if params is not None:
+            (tmp_path / folder / "params.json").write_text(json.dumps(params))
+
+    trial("trial-0003-aaaa", b"three, no params.json")
+    trial("trial-0030-bbbb", b"thirty, no params.json")
+    trial("trial-0004-cccc", b"four by params.json", {"optuna_trial": 4})
+    trial("renamed-folder", b"five by params.json", {"optuna_trial": 5})
+    trial("trial-0006-dddd", b"params.json says seven", {"optuna_trial": 7})
+
+    def exported(number: int) -> bytes | None:
+        target = export_best_checkpoint(tmp_path, number)
+        return None if target is None else target.read_bytes()
+
+    assert exported(3) == b"three, no params.json"
+    assert json.loads((tmp_path / "best_config.json").read_text())["trial"] == 3
+    assert exported(30) == b"thirty, no params.json"
+    assert exported(4) == b"four by params.json"
+    assert exported(5) == b"five by params.json"
+    assert exported(7) == b"params.json says seven"  # params.json, when there, decides
+    assert exported(6) is None and exported(8) is None
 
 
 def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
