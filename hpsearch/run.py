@@ -542,6 +542,38 @@ def _scheduler(settings: SearchSettings):
     )
 
 
+@contextlib.contextmanager
+def _search_lock(folder: Path):
+    """Hold an exclusive lock on a search's folder while this process runs the search in it.
+
+    A second process on the same search (a ``--resume`` while it still runs, in another terminal or
+    a requeued job) is refused: two drivers would each run trials and save Ray's experiment over the
+    other's, repeating trials and passing ``--trials``. The kernel releases the lock when the process
+    ends, however it ends. Where the file system has no locks, the search runs without one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SearchError(f"{folder}: another process is running this search; wait for it to end or stop it "
+                              "(Ctrl-C, or kill its PID), then continue it with --resume") from None
+        except OSError:
+            pass  # no locks on this file system
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def run_search(
     settings: SearchSettings,
     *,
@@ -555,8 +587,15 @@ def run_search(
 
     ``settings.name`` empty means a new folder ``<method>-<time>``. ``data`` (a PreparedData) skips
     the data preparation (tests). Ray is started locally unless it is running already or
-    ``address`` names a cluster; a Ray started here is shut down at the end.
+    ``address`` names a cluster; a Ray started here is shut down at the end. One process at a time
+    runs a search (:func:`_search_lock`).
     """
+    with contextlib.ExitStack() as held:
+        return _run_search(settings, held, resume=resume, address=address, verbose=verbose, stream=stream, data=data)
+
+
+def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume: bool, address: str | None,
+                verbose: bool, stream: TextIO | None, data) -> SearchResult:
     from ray import tune
 
     from hpsearch.progress import ProgressPrinter
@@ -577,6 +616,9 @@ def run_search(
     folder = _experiment_folder(settings)
     journal = folder / JOURNAL_FILE
     try:
+        locked = folder.is_dir()
+        if locked:  # first: a search that is running says so, whatever else is asked of it
+            held.enter_context(_search_lock(folder))
         existing = (folder / SEARCH_FILE).is_file()
         if existing and not resume:
             raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
@@ -635,6 +677,8 @@ def run_search(
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            if not locked:
+                held.enter_context(_search_lock(folder))
             settings.save(folder)
             _fail_trials_whose_worker_is_lost()
             if address:

@@ -660,11 +660,12 @@ def kill_session(leader: int, timeout: float = 30.0) -> None:
 
 
 def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
-                        to: str = "search") -> tuple[list[str], int, float]:
+                        to: str = "search", meanwhile=None) -> tuple[list[str], int, float]:
     """Run a search command, send ``signum`` once a line starts with ``prefix`` to ``to``: the search,
     its process "group" (always for SIGKILL, as a crash would) or every process of its "session"
     (as a batch scheduler signals a job), and return its output lines, exit code and the seconds from
-    the signal to its exit; every process of its session is gone afterwards."""
+    the signal to its exit; every process of its session is gone afterwards. ``meanwhile()`` is
+    called just before the signal."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=REPO, start_new_session=True)
     watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
@@ -675,6 +676,8 @@ def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
         for line in process.stdout:
             lines.append(line)
             if line.startswith(prefix):
+                if meanwhile is not None:
+                    meanwhile()
                 sent = time.monotonic()
                 if to == "session":
                     for pid in _session_processes(process.pid):
@@ -721,7 +724,7 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
 
 @pytest.mark.parametrize("to", ["search", "group", "session"],
                          ids=["to-the-search", "to-its-process-group", "to-every-process-of-its-session"])
-def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to):
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to, monkeypatch, capsys):
     """kill and timeout send SIGTERM: the search stops, prints its summary and the command that
     continues it (before: Ray's handler aborted the driver with a stack dump, exit 134). timeout and
     kill -TERM -PGID signal the whole process group; before, that killed the local Ray's GCS and raylet
@@ -730,9 +733,25 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     same minute and no summary; now the summary comes from the study within seconds."""
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
                   *tiny_flags(tonal_dataset))
-    lines, code, seconds = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM, to=to)
+    refusals = []
+
+    def run_it_again() -> None:  # while it runs: refused, before anything is read or started
+        from hpsearch.run import main
+
+        monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
+        for again in (["--resume"], []):
+            code = main([*command[3:], *again])
+            refusals.append((code, capsys.readouterr().err))
+
+    lines, code, seconds = signal_search_after(command, cli_env, "[1/4]", signal.SIGTERM, to=to,
+                                               meanwhile=run_it_again if to == "search" else None)
     output = "".join(lines)
     assert code == 130, output
+    assert len(refusals) == (2 if to == "search" else 0)
+    for refused, message in refusals:  # one process at a time runs a search
+        assert refused == 2 and message == (f"python -m hpsearch.run: error: {tmp_path / 'termed'}: another process is "
+                                            "running this search; wait for it to end or stop it (Ctrl-C, or kill its "
+                                            "PID), then continue it with --resume\n"), message
     assert seconds < 30, f"{seconds:.0f} s from the signal to the exit\n{output}"  # SLURM kills 30 s after it
     assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} --resume" \
         in output
