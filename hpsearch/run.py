@@ -434,14 +434,18 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
     main thread, where signals cannot be handled).
 
     ``when_ray_is_lost`` (given while a local Ray started by the search runs) is called instead,
-    and must not return, when the same signal has stopped that Ray (:func:`_local_ray_lost`).
+    and must not return, when the same signal has stopped that Ray (:func:`_local_ray_lost`); if the
+    signal came while the searcher was writing to the study, once that write is done.
     """
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
         if when_ray_is_lost is not None and _local_ray_lost():
-            when_ray_is_lost()
+            from hpsearch.searcher import after_study_writes
+
+            after_study_writes(when_ray_is_lost)
+            return  # deferred: the interrupted write goes on, and ends the search when it is done
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):  # Ray Tune's while it runs (a graceful stop), else Python's default
             handler(signal.SIGINT, frame)
@@ -542,14 +546,19 @@ def _scheduler(settings: SearchSettings):
     )
 
 
+LOCK_FILE = ".lock"
+
+
 @contextlib.contextmanager
 def _search_lock(folder: Path):
-    """Hold an exclusive lock on a search's folder while this process runs the search in it.
+    """Hold an exclusive lock on a search's folder (on its file ``.lock``) while this process runs it.
 
     A second process on the same search (a ``--resume`` while it still runs, in another terminal or
     a requeued job) is refused: two drivers would each run trials and save Ray's experiment over the
     other's, repeating trials and passing ``--trials``. The kernel releases the lock when the process
-    ends, however it ends. Where the file system has no locks, the search runs without one.
+    ends, however it ends; the file stays (removing it would let two processes lock two files). A
+    file, opened for writing, because NFS locks only such files. Where the file system cannot lock,
+    the search runs without and says so.
     """
     try:
         import fcntl
@@ -557,8 +566,10 @@ def _search_lock(folder: Path):
         yield
         return
     try:
-        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
+        descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        print(f"note: {folder}: cannot create its lock file ({error.strerror or error}); do not run this search "
+              "from two processes at once", file=sys.stderr, flush=True)
         yield
         return
     try:
@@ -567,8 +578,9 @@ def _search_lock(folder: Path):
         except BlockingIOError:
             raise SearchError(f"{folder}: another process is running this search; wait for it to end or stop it "
                               "(Ctrl-C, or kill its PID), then continue it with --resume") from None
-        except OSError:
-            pass  # no locks on this file system
+        except OSError as error:
+            print(f"note: {folder}: this file system cannot lock files ({error.strerror or error}); do not run "
+                  "this search from two processes at once", file=sys.stderr, flush=True)
         yield
     finally:
         os.close(descriptor)
@@ -616,13 +628,14 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     folder = _experiment_folder(settings)
     journal = folder / JOURNAL_FILE
     try:
-        locked = folder.is_dir()
+        existing = locked = (folder / SEARCH_FILE).is_file()
         if locked:  # first: a search that is running says so, whatever else is asked of it
             held.enter_context(_search_lock(folder))
-        existing = (folder / SEARCH_FILE).is_file()
         if existing and not resume:
             raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
-        if not existing and folder.exists() and not reserved and (not folder.is_dir() or any(folder.iterdir())):
+        if not existing and folder.exists() and not reserved and (
+            not folder.is_dir() or any(path.name != LOCK_FILE for path in folder.iterdir())
+        ):
             raise SearchError(f"{folder} exists and is not a search (no {SEARCH_FILE}); a new search never writes "
                               "into another folder: pick another --name or --storage-dir")
         if resume and not existing:
@@ -641,7 +654,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     except BaseException:
         if reserved:
             with contextlib.suppress(OSError):
-                folder.rmdir()  # the empty folder default_name reserved
+                folder.rmdir()  # the empty folder default_name reserved (a new search locks it later)
         raise
 
     def finish_without_ray() -> None:
@@ -651,24 +664,33 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         # continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # let it finish: it takes about a second
-        try:
-            print("stopping: the signal stopped this search's Ray as well (it was sent to every process of the "
-                  "job); the trials that were running stopped with it and run again when the search is continued",
-                  file=stream, flush=True)
-            if not journal.is_file() or journal.stat().st_size == 0:
-                print("stopped before the first trial began", file=stream, flush=True)
-                if (folder / SEARCH_FILE).is_file():
-                    print(f"interrupted: continue with {_continue_command(settings)}", file=stream, flush=True)
-            else:
-                _, summary = _summarize(settings, folder, journal, started)
-                _print_end(settings, folder, summary, stream)
-        except BaseException as error:  # noqa: BLE001 - exit all the same, never wait for Ray
-            print(f"{PROG}: error: the summary could not be written: {error!r}; {_continue_command(settings)} "
-                  "continues the search", file=sys.stderr, flush=True)
-        finally:
-            for output in (stream, sys.stdout, sys.stderr):
+
+        def say(text: str, to: TextIO = stream) -> None:
+            # The output may be gone (`| tee log`, whose tee the same signal stopped) or in the middle of
+            # a write this handler interrupted: the files come first, and saying so must not fail.
+            try:
+                print(text, file=to, flush=True)
+            except Exception:  # noqa: BLE001
                 with contextlib.suppress(Exception):
-                    output.flush()
+                    os.write(to.fileno(), (text + "\n").encode())
+
+        try:
+            summary = None
+            if journal.is_file() and journal.stat().st_size > 0:
+                _, summary = _summarize(settings, folder, journal, started)
+            say("stopping: the signal stopped this search's Ray as well (it was sent to every process of the "
+                "job); the trials that were running stopped with it and run again when the search is continued")
+            if summary is not None:
+                for line in _end_lines(settings, folder, summary):
+                    say(line)
+            else:
+                say("stopped before the first trial began")
+                if (folder / SEARCH_FILE).is_file():
+                    say(f"interrupted: continue with {_continue_command(settings)}")
+        except BaseException as error:  # noqa: BLE001 - exit all the same, never wait for Ray
+            say(f"{PROG}: error: the summary could not be written: {error!r}; {_continue_command(settings)} "
+                "continues the search", to=sys.stderr)
+        finally:
             os._exit(130)
 
     previous_sigterm = _sigterm_as_ctrl_c(finish_without_ray if started_ray and address is None else None)
@@ -679,6 +701,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             folder.mkdir(parents=True, exist_ok=True)
             if not locked:
                 held.enter_context(_search_lock(folder))
+                if (folder / SEARCH_FILE).is_file():  # another process started a search of this name meanwhile
+                    raise SearchError(f"{folder} already holds a search, started while this one prepared; continue "
+                                      "it with --resume, or pick another --name")
             settings.save(folder)
             _fail_trials_whose_worker_is_lost()
             if address:
@@ -689,7 +714,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 tune.with_parameters(run_trial, data=data, settings=settings.trial_settings(), finished=finished),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
-            if resume and tune.Tuner.can_restore(str(folder)):
+            # Ray restores an experiment from its saved state; a search stopped before Ray first saved it
+            # (tuner.pkl is written before) has none, and Tuner.restore would then run one trial and end.
+            # It continues as a new Tune run on the same study, which knows the finished trials.
+            if resume and tune.Tuner.can_restore(str(folder)) and any(folder.glob("experiment_state-*.json")):
                 print(f"resuming {folder}", file=stream, flush=True)
                 tuner = tune.Tuner.restore(
                     str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
@@ -734,6 +762,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 _print_start(settings, folder, stream)
             with _concurrency_as_now_asked(settings.concurrency):
                 tuner.fit()
+            # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
+            # SIGTERM then would end the search before anything is written.
+            frame, summary = _summarize(settings, folder, journal, started)
         finally:
             if started_ray:
                 import ray
@@ -747,39 +778,41 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     signal.signal(signal.SIGINT, previous_sigint)
                 _sigterm_as_ctrl_c()
 
-        def reference(summary) -> None:
+        if settings.objective.startswith("probe_"):
             # ~20 s on the corpus: a stop here (Ctrl-C, SIGTERM) leaves out the reference, not the summary.
             try:
                 summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
             except KeyboardInterrupt:
                 print("interrupted: the untrained backbone's reference score is left out of the summary",
                       file=stream, flush=True)
-
-        frame, summary = _summarize(settings, folder, journal, started,
-                                    reference if settings.objective.startswith("probe_") else None)
+            summary.seconds = time.perf_counter() - started
+            _write_summary(folder, summary)
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-    interrupted = _print_end(settings, folder, summary, stream)
+    for line in _end_lines(settings, folder, summary):
+        print(line, file=stream, flush=True)
+    interrupted = summary.trials_finished < settings.trials
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
 
 
-def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: float, reference=None):
+def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: float):
     """Write ``trials.csv``, the best backbone and ``summary.json`` from the study's journal (Ray is not
-    needed); returns the trials (as in ``trials.csv``) and the summary. ``reference(summary)`` adds the
-    untrained backbone's scores."""
+    needed); returns the trials (as in ``trials.csv``) and the summary."""
     from hpsearch.results import STUDY_NAME, export_best_checkpoint, load_study, summarize, write_trials_csv
 
     frame = write_trials_csv(load_study(journal, STUDY_NAME), folder)
     summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
-    if reference is not None:
-        reference(summary)
     summary.seconds = time.perf_counter() - started
     if summary.best_trial is not None:
         target = export_best_checkpoint(folder, summary.best_trial)
         summary.best_backbone = str(target) if target else None
-    (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+    _write_summary(folder, summary)
     return frame, summary
+
+
+def _write_summary(folder: Path, summary) -> None:
+    (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
 
 
 def _continue_command(settings: SearchSettings) -> str:
@@ -787,17 +820,14 @@ def _continue_command(settings: SearchSettings) -> str:
             f"--storage-dir {shlex.quote(str(settings.storage_dir))} --resume")
 
 
-def _print_end(settings: SearchSettings, folder: Path, summary, stream: TextIO) -> bool:
-    """Print the summary, the folder and, for a search that is not finished, the command that continues
-    it; returns whether it is unfinished."""
+def _end_lines(settings: SearchSettings, folder: Path, summary) -> list[str]:
+    """The summary, the folder and, for a search that is not finished, the command that continues it."""
     from hpsearch.results import format_summary
 
-    interrupted = summary.trials_finished < settings.trials
-    print(format_summary(summary), file=stream, flush=True)
-    print(f"results: {folder}", file=stream, flush=True)
-    if interrupted:
-        print(f"interrupted: continue with {_continue_command(settings)}", file=stream, flush=True)
-    return interrupted
+    lines = [format_summary(summary), f"results: {folder}"]
+    if summary.trials_finished < settings.trials:
+        lines.append(f"interrupted: continue with {_continue_command(settings)}")
+    return lines
 
 
 def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:

@@ -37,10 +37,11 @@ in constraints.txt) and tested in tests/test_hpsearch.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -68,6 +69,40 @@ _INFEASIBLE_OUTCOMES = ("collapsed", "diverged")
 _ATTR_KEYS = FINAL_KEYS
 _LAST_METRIC_PREFIXES = ("train_", "collapse_")
 _NOT_METRICS = ("collapse_stop", "collapse_verdict")
+
+# A stop that ends the process at once (hpsearch.run, when a signal has stopped Ray too) waits until
+# no method of the searcher is writing to the study: a trial is written in several journal entries
+# (its attributes, then its state), each under Optuna's journal lock, and an exit between them would
+# leave the trial half recorded and the lock behind.
+_writing = 0
+_after_writing: Callable[[], None] | None = None
+
+
+def after_study_writes(callback: Callable[[], None]) -> bool:
+    """Call ``callback`` now, or as soon as the searcher's method that is writing to the study (the
+    one a signal handler interrupted) returns; returns whether it was deferred."""
+    global _after_writing
+    if _writing:
+        _after_writing = callback
+        return True
+    callback()
+    return False
+
+
+def _writes_the_study(method):
+    @functools.wraps(method)
+    def writing(*args, **kwargs):
+        global _writing, _after_writing
+        _writing += 1
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _writing -= 1
+            if not _writing and _after_writing is not None:
+                callback, _after_writing = _after_writing, None
+                callback()
+
+    return writing
 
 
 def _check_versions() -> None:
@@ -117,6 +152,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     (the trainable drops it; results and ``trials.csv`` use it to join Tune and Optuna).
     """
 
+    @_writes_the_study
     def __init__(
         self,
         space,
@@ -157,6 +193,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
     # ------------------------------------------------------------------ suggestions
+    @_writes_the_study
     def suggest(self, trial_id: str) -> dict | str | None:
         if trial_id not in self._ot_trials:
             if self._orphans:
@@ -183,6 +220,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         return sum(t.state != TrialState.WAITING for t in self._ot_study.get_trials(deepcopy=False))
 
     # ------------------------------------------------------------------ results
+    @_writes_the_study
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
@@ -202,6 +240,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             return  # a resumed trial repeats the epochs it had reported before the interruption
         ot_trial.report(float(value), step=int(epoch))
 
+    @_writes_the_study
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             logger.warning("trial %s completed twice; the second completion is ignored", trial_id)
@@ -291,6 +330,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         self._sampler = optuna.samplers.TPESampler(seed=seed)
         self._ot_study.sampler = self._sampler
 
+    @_writes_the_study
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_trial_records", {})

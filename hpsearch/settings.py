@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,11 @@ class SearchSettings:
         return dataclasses.asdict(self)
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / SEARCH_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``search.json`` whole or not at all (a search stopped meanwhile must stay resumable)."""
+        target = Path(folder) / SEARCH_FILE
+        partial = target.with_name(f".{SEARCH_FILE}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(partial, target)
 
     @classmethod
     def load(cls, folder: Path) -> SearchSettings:
