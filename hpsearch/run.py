@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from hpsearch.settings import OBJECTIVES, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem
+from hpsearch.settings import (
+    OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem, write_whole,
+)  # fmt: skip
 from musicssl.cli import ArgumentParser
 
 __all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
@@ -444,6 +446,8 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
         if when_ray_is_lost is not None and _local_ray_lost():
             from hpsearch.searcher import after_study_writes
 
+            for signum in (signal.SIGTERM, signal.SIGINT):  # nothing may cut the write or the end short
+                signal.signal(signum, signal.SIG_IGN)
             after_study_writes(when_ray_is_lost)
             return  # deferred: the interrupted write goes on, and ends the search when it is done
         handler = signal.getsignal(signal.SIGINT)
@@ -586,6 +590,24 @@ def _search_lock(folder: Path):
         os.close(descriptor)
 
 
+def _not_ours_alone(path: Path) -> bool:
+    """Whether a file in a search's folder is more than this package's lock or a write cut short."""
+    return path.name != LOCK_FILE and not (path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX))
+
+
+def _saved_state_readable(folder: Path) -> bool:
+    """Whether Ray Tune's newest saved experiment state in ``folder`` is there and whole (Tune copies it
+    into the folder in the background; a kill meanwhile can cut it short)."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    if not states:
+        return False
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def run_search(
     settings: SearchSettings,
     *,
@@ -634,7 +656,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         if existing and not resume:
             raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
         if not existing and folder.exists() and not reserved and (
-            not folder.is_dir() or any(path.name != LOCK_FILE for path in folder.iterdir())
+            not folder.is_dir() or any(_not_ours_alone(path) for path in folder.iterdir())
         ):
             raise SearchError(f"{folder} exists and is not a search (no {SEARCH_FILE}); a new search never writes "
                               "into another folder: pick another --name or --storage-dir")
@@ -662,9 +684,6 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         # job): Ray Tune can neither stop the trials nor save through Ray. The summary comes from the
         # study, as after the trials; the experiment is left as a kill leaves it, which a resume
         # continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)  # let it finish: it takes about a second
-
         def say(text: str, to: TextIO = stream) -> None:
             # The output may be gone (`| tee log`, whose tee the same signal stopped) or in the middle of
             # a write this handler interrupted: the files come first, and saying so must not fail.
@@ -715,9 +734,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
             # Ray restores an experiment from its saved state; a search stopped before Ray first saved it
-            # (tuner.pkl is written before) has none, and Tuner.restore would then run one trial and end.
-            # It continues as a new Tune run on the same study, which knows the finished trials.
-            if resume and tune.Tuner.can_restore(str(folder)) and any(folder.glob("experiment_state-*.json")):
+            # (tuner.pkl is written before) has none, and Tuner.restore would then run one trial and end
+            # (or fail, on a state cut short). It continues as a new Tune run on the same study, which
+            # knows the finished trials.
+            if resume and tune.Tuner.can_restore(str(folder)) and _saved_state_readable(folder):
                 print(f"resuming {folder}", file=stream, flush=True)
                 tuner = tune.Tuner.restore(
                     str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
@@ -812,7 +832,7 @@ def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: f
 
 
 def _write_summary(folder: Path, summary) -> None:
-    (folder / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+    write_whole(folder / "summary.json", json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
 
 
 def _continue_command(settings: SearchSettings) -> str:

@@ -112,7 +112,7 @@ def _check_versions() -> None:
             f"hpsearch's searcher relies on private attributes of OptunaSearch and was tested with "
             f"{TESTED_VERSIONS}; found {found}. Install with: pip install -c constraints.txt -e .",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of CollapseAwareOptunaSearch(...), past __init__'s study-write wrapper
         )
 
 

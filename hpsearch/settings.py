@@ -49,6 +49,21 @@ class SettingsError(ValueError):
     """A search setting is out of range or contradicts the stored search; the message says which."""
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def write_whole(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` whole or not at all: through a hidden file beside it, renamed over it
+    (removed again if the write fails)."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        partial.write_text(text)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True)
 class TrialSettings:
     """What every trial of a search shares: the trainer settings the space does not sample, and the
@@ -219,10 +234,7 @@ class SearchSettings:
 
     def save(self, folder: Path) -> None:
         """Write ``search.json`` whole or not at all (a search stopped meanwhile must stay resumable)."""
-        target = Path(folder) / SEARCH_FILE
-        partial = target.with_name(f".{SEARCH_FILE}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(partial, target)
+        write_whole(Path(folder) / SEARCH_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> SearchSettings:

@@ -194,17 +194,21 @@ def test_a_stop_that_ends_the_process_waits_until_the_searcher_has_written_the_t
         return real_set_user_attr(self, key, value)
 
     monkeypatch.setattr(optuna_trial.Trial, "set_user_attr", set_user_attr)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     run._sigterm_as_ctrl_c(when_ray_is_lost=end_the_search)
     try:
         result = final_result("complete", 0.7, probe_map=0.7)
         searcher.on_trial_result("a", result)
         searcher.on_trial_complete("a", result=result)
         assert seen == [(TrialState.COMPLETE, "complete")]  # once, right after the write
+        # From the stop on, neither another SIGTERM nor a Ctrl-C cuts the write or the end short.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        run._sigterm_as_ctrl_c(when_ray_is_lost=end_the_search)
         os.kill(os.getpid(), signal.SIGTERM)  # outside a write: at once
         assert seen == [(TrialState.COMPLETE, "complete")] * 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     assert not list(tmp_path.glob("*.lock"))
 
 
@@ -1053,6 +1057,40 @@ def test_a_search_of_the_same_name_started_meanwhile_is_neither_joined_nor_overw
         run_search(settings, data=tonal_data)
     assert SearchSettings.load(tmp_path / "same").seed == 7
     assert sorted(path.name for path in (tmp_path / "same").iterdir()) == [".lock", "search.json"]
+
+
+def test_files_are_written_whole_and_a_cut_short_state_is_not_restored_from(tmp_path, monkeypatch):
+    """search.json and summary.json are replaced whole (a stop meanwhile keeps the old one, and a failed
+    write leaves no partial file that would make the folder look foreign); Ray Tune's saved experiment
+    state is restored from only when its newest file is there and whole."""
+    from hpsearch.run import _not_ours_alone, _saved_state_readable
+    from hpsearch.settings import write_whole
+
+    target = tmp_path / "search.json"
+    write_whole(target, '{"old": 1}\n')
+    real_replace = os.replace
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_whole(target, '{"new": 2}\n')
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["search.json"]
+    # What a kill during a write or the lock leaves is not "another folder's" file; anything else is.
+    assert not _not_ours_alone(tmp_path / ".lock")
+    assert not _not_ours_alone(tmp_path / ".search.json.4242.partial")
+    assert _not_ours_alone(tmp_path / "notes.txt") and _not_ours_alone(tmp_path / ".search.json")
+
+    state = tmp_path / "experiment"
+    state.mkdir()
+    assert not _saved_state_readable(state)  # killed before Ray first saved it
+    (state / "experiment_state-2026-12-01_10-00-00.json").write_text('{"trial_data": []}')
+    assert _saved_state_readable(state)
+    (state / "experiment_state-2026-12-01_10-05-00.json").write_text('{"trial_data": [')  # cut short
+    assert not _saved_state_readable(state)
 
 
 def test_an_address_that_is_not_a_ray_head_fails_in_seconds(monkeypatch):
