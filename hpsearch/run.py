@@ -446,8 +446,8 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
         if when_ray_is_lost is not None and _local_ray_lost():
             from hpsearch.searcher import after_study_writes
 
-            for signum in (signal.SIGTERM, signal.SIGINT):  # nothing may cut the write or the end short
-                signal.signal(signum, signal.SIG_IGN)
+            for ignored in (signal.SIGTERM, signal.SIGINT):  # nothing may cut the write or the end short
+                signal.signal(ignored, signal.SIG_IGN)
             after_study_writes(when_ray_is_lost)
             return  # deferred: the interrupted write goes on, and ends the search when it is done
         handler = signal.getsignal(signal.SIGINT)
