@@ -755,7 +755,8 @@ def _command_line(pid: int) -> bytes:
         return b""
 
 
-@pytest.mark.parametrize("state_saved", [True, False], ids=["after-ray-saved-its-state", "before-ray-saved-its-state"])
+@pytest.mark.parametrize("state_saved", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["after-ray-saved-its-state", "before-ray-saved-its-state"])
 def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env, state_saved):
     """Also when killed before Ray first saved its experiment state (tuner.pkl is written earlier):
     Tuner.restore then ran one trial and ended, on every later resume."""
