@@ -272,17 +272,15 @@ def _trial_folders(experiment: Path, number: int) -> list[Path]:
     """The folders of Optuna trial ``number``: by its ``params.json``, else by the folder's name
     (``trial-<number>-<Tune id>``, hpsearch.run.trial_folder_name). Ray Tune copies ``params.json``
     into the experiment when it saves the experiment; a search that ended without that (killed, or
-    stopped together with its Ray) may lack it for its last trials."""
+    stopped together with its Ray) may lack it, or hold it cut short, for its last trials."""
     folders = []
     prefix = f"trial-{number:04d}-"
     for folder in sorted(path for path in experiment.iterdir() if path.is_dir()):
         try:
             params = json.loads((folder / "params.json").read_text())
-        except FileNotFoundError:
+        except (OSError, ValueError):  # missing, or cut short by a kill: the name says
             if folder.name.startswith(prefix):
                 folders.append(folder)
-            continue
-        except (OSError, json.JSONDecodeError):
             continue
         if isinstance(params, dict) and params.get(CONFIG_KEY) == number:
             folders.append(folder)

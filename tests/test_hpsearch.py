@@ -1312,6 +1312,8 @@ def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_n
     trial("trial-0004-cccc", b"four by params.json", {"optuna_trial": 4})
     trial("renamed-folder", b"five by params.json", {"optuna_trial": 5})
     trial("trial-0006-dddd", b"params.json says seven", {"optuna_trial": 7})
+    trial("trial-0008-eeee", b"eight, params.json cut short")
+    (tmp_path / "trial-0008-eeee" / "params.json").write_text('{"optuna_tri')
 
     def exported(number: int) -> bytes | None:
         target = export_best_checkpoint(tmp_path, number)
@@ -1323,7 +1325,8 @@ def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_n
     assert exported(4) == b"four by params.json"
     assert exported(5) == b"five by params.json"
     assert exported(7) == b"params.json says seven"  # params.json, when there, decides
-    assert exported(6) is None and exported(8) is None
+    assert exported(8) == b"eight, params.json cut short"
+    assert exported(6) is None and exported(9) is None
 
 
 def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
