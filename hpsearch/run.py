@@ -705,7 +705,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             else:
                 say("stopped before the first trial began")
                 if (folder / SEARCH_FILE).is_file():
-                    say(f"interrupted: continue with {_continue_command(settings)}")
+                    say(_continue_line(settings))
         except BaseException as error:  # noqa: BLE001 - exit all the same, never wait for Ray
             say(f"{PROG}: error: the summary could not be written: {error!r}; {_continue_command(settings)} "
                 "continues the search", to=sys.stderr)
@@ -840,13 +840,17 @@ def _continue_command(settings: SearchSettings) -> str:
             f"--storage-dir {shlex.quote(str(settings.storage_dir))} --resume")
 
 
+def _continue_line(settings: SearchSettings) -> str:
+    return f"interrupted: continue with {_continue_command(settings)}"
+
+
 def _end_lines(settings: SearchSettings, folder: Path, summary) -> list[str]:
     """The summary, the folder and, for a search that is not finished, the command that continues it."""
     from hpsearch.results import format_summary
 
     lines = [format_summary(summary), f"results: {folder}"]
     if summary.trials_finished < settings.trials:
-        lines.append(f"interrupted: continue with {_continue_command(settings)}")
+        lines.append(_continue_line(settings))
     return lines
 
 
