@@ -1,15 +1,17 @@
-"""Live progress: one compact line per finished trial, instead of Ray Tune's status tables."""
+"""Live progress: one compact line per finished trial, instead of Ray Tune's status tables, and the
+search's result files kept current after each trial."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from ray.tune import Callback
 
-__all__ = ["ProgressPrinter", "format_params", "trial_line"]
+__all__ = ["ProgressPrinter", "ResultsWriter", "format_params", "results_written_by", "trial_line"]
 
 
 def _number(value: Any) -> str:
@@ -122,3 +124,56 @@ class ProgressPrinter(Callback):
         record["outcome"] = "failed"
         record.setdefault("error", "exception in the trial (see error.txt in its Ray trial folder)")
         self._print(trial, record)
+
+
+_write_results: Callable[[], None] | None = None  # the running search's, while its Tune run goes
+
+
+@contextlib.contextmanager
+def results_written_by(write: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, :class:`ResultsWriter` calls ``write()`` after each finished trial."""
+    global _write_results
+    before, _write_results = _write_results, write
+    try:
+        yield
+    finally:
+        _write_results = before
+
+
+class ResultsWriter(Callback):
+    """Rewrites ``trials.csv``, the best backbone and ``summary.json`` after each finished trial, before
+    its progress line is printed (list it before :class:`ProgressPrinter`): a search that ends without
+    its summary (killed, out of memory, or ended by its own Ray after a signal to every process of a
+    job) leaves them as of its last finished trial, and a running search can be looked at.
+
+    It holds nothing: Tune pickles callbacks with the experiment, and a restored experiment writes
+    what the search that continues it says (:func:`results_written_by`), where its folder is now.
+    A failed write is reported, and never fails the trial or the search.
+    """
+
+    def __init__(self) -> None:
+        self._failed_before = False
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._failed_before = False
+
+    def _write(self, trial) -> None:
+        if _write_results is None or (trial.last_result or {}).get("replayed"):
+            return  # another search's run, or a trial that finished before the search was interrupted
+        try:
+            _write_results()
+        except Exception as error:  # noqa: BLE001 - Tune would fail the trial; the end writes them again
+            if not self._failed_before:
+                print(f"note: trials.csv and summary.json could not be updated ({type(error).__name__}: {error}); "
+                      "the search goes on and writes them again after each trial and at its end",
+                      file=sys.stderr, flush=True)
+            self._failed_before = True
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._write(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._write(trial)

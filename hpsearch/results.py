@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from hpsearch.settings import COLLAPSE_TYPES
+from hpsearch.settings import COLLAPSE_TYPES, whole, write_whole
 
 __all__ = [
     "JOURNAL_FILE",
@@ -94,7 +94,8 @@ def trials_frame(study) -> pd.DataFrame:
 def write_trials_csv(study, folder: Path) -> pd.DataFrame:
     """Write ``trials.csv`` (see :func:`trials_frame`) into ``folder`` and return the frame."""
     frame = trials_frame(study)
-    frame.to_csv(Path(folder) / TRIALS_FILE, index=False)
+    with whole(Path(folder) / TRIALS_FILE) as partial:  # rewritten after each trial: never left cut short
+        frame.to_csv(partial, index=False)
     return frame
 
 
@@ -299,10 +300,11 @@ def export_best_checkpoint(experiment: Path, trial_number: int) -> Path | None:
         return None
     source = max(candidates, key=lambda path: path.stat().st_mtime)
     target = experiment / BEST_BACKBONE_FILE
-    shutil.copyfile(source, target)
+    with whole(target) as partial:
+        shutil.copyfile(source, partial)
     config = source.parent / "config.json"
     if config.is_file():
         values = json.loads(config.read_text())
         values["trial"] = trial_number
-        (experiment / BEST_CONFIG_FILE).write_text(json.dumps(values, indent=2, default=str) + "\n")
+        write_whole(experiment / BEST_CONFIG_FILE, json.dumps(values, indent=2, default=str) + "\n")
     return target

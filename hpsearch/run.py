@@ -10,7 +10,7 @@ avoid its region.
 The folder ``<storage-dir>/<name>/`` then holds Ray Tune's results (a folder per trial),
 ``optuna.journal``, ``search.json`` (the settings), ``trials.csv`` (one row per trial),
 ``best_backbone.pt`` (the best trial's backbone ``state_dict``) with ``best_config.json``, and
-``summary.json``. Re-running with the same ``--name`` (or ``--resume``) continues an interrupted
+``summary.json``, the last four rewritten after each finished trial. Re-running with the same ``--name`` (or ``--resume``) continues an interrupted
 search up to ``--trials`` in total.
 """
 
@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from hpsearch.settings import (
     OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem, write_whole,
@@ -444,11 +444,7 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
 
     def stop(signum, frame):
         if when_ray_is_lost is not None and _local_ray_lost():
-            from hpsearch.searcher import after_study_writes
-
-            for ignored in (signal.SIGTERM, signal.SIGINT):  # nothing may cut the write or the end short
-                signal.signal(ignored, signal.SIG_IGN)
-            after_study_writes(when_ray_is_lost)
+            _end_without_ray(when_ray_is_lost)
             return  # deferred: the interrupted write goes on, and ends the search when it is done
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):  # Ray Tune's while it runs (a graceful stop), else Python's default
@@ -458,6 +454,32 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
 
     previous = signal.signal(signal.SIGTERM, stop)
     return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
+
+
+def _end_without_ray(end: Callable[[], None]) -> None:
+    """Call ``end`` (which must not return) once the searcher is not writing to the study, with
+    SIGTERM and SIGINT ignored from now on: nothing may cut the write or the end short."""
+    from hpsearch.searcher import after_study_writes
+
+    for ignored in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(ignored, signal.SIG_IGN)
+    after_study_writes(end)
+
+
+# While a search runs on a local Ray it started: how it ends when that Ray is lost (see _run_search).
+_when_local_ray_is_lost: Callable[[], None] | None = None
+
+
+@contextlib.contextmanager
+def _ending_when_local_ray_is_lost(end: Callable[[], None] | None) -> Iterator[None]:
+    """While the block runs, a trial whose worker fails because the search's own Ray is gone calls
+    ``end`` (see :func:`_fail_trials_whose_worker_is_lost`)."""
+    global _when_local_ray_is_lost
+    before, _when_local_ray_is_lost = _when_local_ray_is_lost, end
+    try:
+        yield
+    finally:
+        _when_local_ray_is_lost = before
 
 
 def _local_ray_lost(wait: float = 2.0) -> bool:
@@ -506,7 +528,8 @@ def _fail_trials_whose_worker_is_lost() -> None:
     the whole search with a traceback; so are Ray's other system errors for one task (a worker that
     crashed, a node that died, a lost result object). Passed on as an ActorDiedError-like
     RayActorError, the trial is recorded as failed (FAIL in the study) and the search goes on.
-    Installed once per process; the method is private (hpsearch/searcher.py's version check covers
+    A worker lost because the search's own Ray is gone fails nothing: the search ends instead
+    (:func:`_ending_when_local_ray_is_lost`). Installed once per process; the method is private (hpsearch/searcher.py's version check covers
     Ray's version).
     """
     try:
@@ -522,6 +545,13 @@ def _fail_trials_whose_worker_is_lost() -> None:
         return
 
     def _actor_task_failed(self, tracked_actor_task, exception):
+        end = _when_local_ray_is_lost
+        if end is not None and not isinstance(exception, RayTaskError) and _local_ray_lost(wait=1.0):
+            # The search's own Ray is gone (a signal to every process of the job reached its raylet
+            # first): the trial did not fail, it was interrupted with the search, which ends now. Its
+            # Optuna trial stays RUNNING, as after a kill, and runs again when the search is continued.
+            _end_without_ray(end)
+            return
         if isinstance(exception, OutOfMemoryError):
             exception = RayActorError(error_msg=f"the trial's worker was killed for memory: {exception}")
         elif isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
@@ -632,7 +662,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 verbose: bool, stream: TextIO | None, data) -> SearchResult:
     from ray import tune
 
-    from hpsearch.progress import ProgressPrinter
+    from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
     from hpsearch.searcher import CollapseAwareOptunaSearch
     from hpsearch.trainable import run_trial
@@ -712,7 +742,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         finally:
             os._exit(130)
 
-    previous_sigterm = _sigterm_as_ctrl_c(finish_without_ray if started_ray and address is None else None)
+    end_without_ray = finish_without_ray if started_ray and address is None else None
+    held.enter_context(_ending_when_local_ray_is_lost(end_without_ray))
+    previous_sigterm = _sigterm_as_ctrl_c(end_without_ray)
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary()
     try:
@@ -774,13 +806,14 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                         name=settings.name,
                         storage_path=str(folder.parent),
                         verbose=0,
-                        callbacks=[progress],
+                        callbacks=[ResultsWriter(), progress],  # files first, then the line
                         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                     ),
                 )
                 _print_start(settings, folder, stream)
-            with _concurrency_as_now_asked(settings.concurrency):
+            with _concurrency_as_now_asked(settings.concurrency), \
+                    results_written_by(lambda: _summarize(settings, folder, journal, started)):
                 tuner.fit()
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
             # SIGTERM then would end the search before anything is written.
@@ -910,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Search a pretext method's hyperparameters with Ray Tune and Optuna (TPE), stopping collapsed "
             "trials early. Results go to STORAGE_DIR/NAME: Ray's trial folders, optuna.journal "
-            "(optuna-dashboard reads it), trials.csv, best_backbone.pt + best_config.json, summary.json."
+            "(optuna-dashboard reads it), trials.csv, best_backbone.pt + best_config.json, summary.json (these four "
+            "rewritten after each finished trial)."
         ),
     )
     # Flags default to None so that a resume can tell a flag given on the command line (which must

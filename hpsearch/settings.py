@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "COLLAPSE_TYPES",
@@ -52,16 +53,23 @@ class SettingsError(ValueError):
 PARTIAL_SUFFIX = ".partial"
 
 
-def write_whole(target: Path, text: str) -> None:
-    """Write ``text`` to ``target`` whole or not at all: through a hidden file beside it, renamed over it
-    (removed again if the write fails)."""
+@contextlib.contextmanager
+def whole(target: Path) -> Iterator[Path]:
+    """A hidden path beside ``target`` to write, renamed over ``target`` when the block ends, removed
+    if it fails: ``target`` is there whole or not at all, and a kill mid-write leaves the one before."""
     partial = target.with_name(f".{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
-        partial.write_text(text)
+        yield partial
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_whole(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` whole or not at all (:func:`whole`)."""
+    with whole(target) as partial:
+        partial.write_text(text)
 
 
 @dataclass(frozen=True)
