@@ -135,7 +135,7 @@ class Experiment:
     trajectories: dict[int, pd.DataFrame]  # Optuna trial number -> its epoch reports
     # Parameters with values outside the search space (enqueued points), with the range they span.
     outside: dict[str, Any] = field(default_factory=dict)
-    # The search's summary.json (written when it ends), e.g. the untrained backbone's score.
+    # The search's summary.json (rewritten after each trial), e.g. the untrained backbone's score.
     search_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -241,7 +241,7 @@ def load_experiment(folder: str | Path) -> Experiment:
     try:
         experiment.search_summary = json.loads((folder / "summary.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass  # a search still running has none yet
+        pass  # none before the search's first trial has finished
     if not isinstance(experiment.search_summary, dict):
         experiment.search_summary = {}
     return experiment

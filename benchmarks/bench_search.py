@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,26 @@ def run_cli(args: list[str], log: Path | None = None) -> tuple[int, float]:
     with open(log, "w") if log else open(os.devnull, "w") as out:
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     return code, time.perf_counter() - started
+
+
+def needs_run(folder: Path, rerun: bool) -> bool:
+    """Whether the search in ``folder`` must be run: no run there, or ``rerun`` (the earlier one is
+    removed). A search's summary.json is rewritten after each trial, so only one that says all its
+    trials finished counts as done; an unfinished one stops the benchmark rather than be measured."""
+    if folder.exists() and rerun:
+        shutil.rmtree(folder)
+    if not folder.exists():
+        return True
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        done = summary["trials_finished"] == summary["trials_requested"]
+    except (OSError, ValueError, KeyError, TypeError):
+        done = False
+    if not done:
+        raise SystemExit(f"{folder} holds a search that did not finish: continue it (python -m hpsearch.run ... "
+                         f"--name {folder.name} --storage-dir {folder.parent} --resume; its wall time then is not "
+                         "a timing), remove it, or pass --rerun")
+    return False
 
 
 def read_run(folder: Path) -> tuple[pd.DataFrame, dict, dict]:
@@ -79,7 +100,7 @@ def bench_timing(args) -> None:
     # The same run as the "with stopping" half of `savings --method vicreg --trials 64`.
     name = args.name or f"vicreg-{args.trials}-stop"
     folder = Path(args.storage_dir) / name
-    if (folder / "summary.json").is_file() and not args.rerun:
+    if not needs_run(folder, args.rerun):
         print(f"(reusing the finished run {folder})")
         wall = json.loads((folder / "summary.json").read_text())["seconds"]
     else:
@@ -103,7 +124,7 @@ def bench_savings(args) -> None:
     for stop in (True, False):
         name = f"{run_stem(args)}-{'stop' if stop else 'nostop'}"
         folder = Path(args.storage_dir) / name
-        if not (folder / "summary.json").is_file() or args.rerun:
+        if needs_run(folder, args.rerun):
             flags = ["--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir, "--seed", str(args.seed)]
             if args.max_epochs is not None:
                 flags += ["--max-epochs", str(args.max_epochs)]
@@ -268,7 +289,7 @@ def main() -> None:
                         help="for savings and replay: epochs per trial (default: the search's own default)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
-    parser.add_argument("--rerun", action="store_true", help="run again even if a finished run exists")
+    parser.add_argument("--rerun", action="store_true", help="run again, removing the earlier run's folder")
     args = parser.parse_args()
     Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
     if args.benchmark == "timing":

@@ -166,11 +166,13 @@ class ResultsWriter(Callback):
         try:
             _write_results()
         except Exception as error:  # noqa: BLE001 - Tune would fail the trial; the end writes them again
-            if not self._failed_before:
-                print(f"note: trials.csv and summary.json could not be updated ({type(error).__name__}: {error}); "
-                      "the search goes on and writes them again after each trial and at its end",
-                      file=sys.stderr, flush=True)
+            if not self._failed_before:  # once, until a write succeeds again
+                print(f"note: trials.csv, the best backbone and summary.json could not be updated "
+                      f"({type(error).__name__}: {error}); the search goes on and writes them again after each "
+                      "trial and at its end", file=sys.stderr, flush=True)
             self._failed_before = True
+        else:
+            self._failed_before = False
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._write(trial)

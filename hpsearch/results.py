@@ -291,15 +291,21 @@ def _trial_folders(experiment: Path, number: int) -> list[Path]:
 def export_best_checkpoint(experiment: Path, trial_number: int) -> Path | None:
     """Copy the backbone of Optuna trial ``trial_number`` to ``best_backbone.pt`` (a plain
     ``state_dict``) and its config to ``best_config.json`` in ``experiment``; None if the trial
-    left no checkpoint."""
+    left no checkpoint. Nothing is copied when ``best_config.json`` names that trial already: it is
+    written after the backbone, so a kill between the two leaves it naming the trial before."""
     experiment = Path(experiment)
+    target = experiment / BEST_BACKBONE_FILE
+    try:  # exported already (the files are rewritten after each trial; the best often stays)
+        if target.is_file() and json.loads((experiment / BEST_CONFIG_FILE).read_text())["trial"] == trial_number:
+            return target
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     candidates = []
     for folder in _trial_folders(experiment, trial_number):
         candidates.extend(sorted(folder.glob("checkpoint_*/backbone.pt")))
     if not candidates:
         return None
     source = max(candidates, key=lambda path: path.stat().st_mtime)
-    target = experiment / BEST_BACKBONE_FILE
     with whole(target) as partial:
         shutil.copyfile(source, partial)
     config = source.parent / "config.json"

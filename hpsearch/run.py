@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -435,15 +436,15 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
     aborts the driver with a stack dump. Returns the handler to restore afterwards (None off the
     main thread, where signals cannot be handled).
 
-    ``when_ray_is_lost`` (given while a local Ray started by the search runs) is called instead,
-    and must not return, when the same signal has stopped that Ray (:func:`_local_ray_lost`); if the
+    ``when_ray_is_lost`` (given while the search runs on a Ray it started or joined) is called
+    instead, and must not return, when the same signal has stopped that Ray (:func:`_ray_lost`); if the
     signal came while the searcher was writing to the study, once that write is done.
     """
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def stop(signum, frame):
-        if when_ray_is_lost is not None and _local_ray_lost():
+        if when_ray_is_lost is not None and _ray_lost():
             _end_without_ray(when_ray_is_lost)
             return  # deferred: the interrupted write goes on, and ends the search when it is done
         handler = signal.getsignal(signal.SIGINT)
@@ -466,31 +467,31 @@ def _end_without_ray(end: Callable[[], None]) -> None:
     after_study_writes(end)
 
 
-# While a search runs on a local Ray it started: how it ends when that Ray is lost (see _run_search).
-_when_local_ray_is_lost: Callable[[], None] | None = None
+# While a search runs on a Ray it started or joined: how it ends when that Ray is lost (_run_search).
+_when_ray_is_lost: Callable[[], None] | None = None
 
 
 @contextlib.contextmanager
-def _ending_when_local_ray_is_lost(end: Callable[[], None] | None) -> Iterator[None]:
+def _ending_when_ray_is_lost(end: Callable[[], None] | None) -> Iterator[None]:
     """While the block runs, a trial whose worker fails because the search's own Ray is gone calls
     ``end`` (see :func:`_fail_trials_whose_worker_is_lost`)."""
-    global _when_local_ray_is_lost
-    before, _when_local_ray_is_lost = _when_local_ray_is_lost, end
+    global _when_ray_is_lost
+    before, _when_ray_is_lost = _when_ray_is_lost, end
     try:
         yield
     finally:
-        _when_local_ray_is_lost = before
+        _when_ray_is_lost = before
 
 
-def _local_ray_lost(wait: float = 2.0) -> bool:
-    """Whether the local Ray that this process started has lost its GCS or raylet, or loses it
-    within ``wait`` seconds.
+def _ray_lost(wait: float = 2.0) -> bool:
+    """Whether the Ray this search runs on has lost its GCS, or the raylet of a Ray this process
+    started, or loses it within ``wait`` seconds.
 
     A signal sent to every process of a job (a batch scheduler at a time limit, ``pkill -s``)
-    reaches them too. The GCS then stops serving at once, while its process lingers until the search
-    exits; the raylet exits. Ray Tune, asked to stop, would then wait a minute for the GCS and the
-    search would end with Ray's "Failed to connect to GCS" and no summary. A Ray that is not this
-    process's own, or a Ray version without these internals, counts as there.
+    reaches them too, and a cluster started in the same job (``ray start --head``). The GCS then
+    stops serving at once (a local one's process lingers until the search exits); the raylet exits.
+    Ray Tune, asked to stop, would then wait a minute for the GCS and the search would end with Ray's
+    "Failed to connect to GCS" and no summary. A Ray version without these internals counts as there.
     """
     try:
         from ray._private import ray_constants, worker
@@ -500,9 +501,7 @@ def _local_ray_lost(wait: float = 2.0) -> bool:
         processes = [info.process for kind in kinds for info in node.all_processes.get(kind, ())]
         host, port = node.gcs_address.rsplit(":", 1)
         address = (host.strip("[]"), int(port))
-    except Exception:  # noqa: BLE001 - no Ray node of this process's own, or other internals
-        return False
-    if not processes:  # a Ray this process joined (its node started nothing)
+    except Exception:  # noqa: BLE001 - no Ray node in this process, or other internals
         return False
     deadline = time.monotonic() + wait
     while True:
@@ -528,9 +527,9 @@ def _fail_trials_whose_worker_is_lost() -> None:
     the whole search with a traceback; so are Ray's other system errors for one task (a worker that
     crashed, a node that died, a lost result object). Passed on as an ActorDiedError-like
     RayActorError, the trial is recorded as failed (FAIL in the study) and the search goes on.
-    A worker lost because the search's own Ray is gone fails nothing: the search ends instead
-    (:func:`_ending_when_local_ray_is_lost`). Installed once per process; the method is private (hpsearch/searcher.py's version check covers
-    Ray's version).
+    A worker lost because the search's Ray is gone (:func:`_ray_lost`) fails nothing: the search ends
+    instead (:func:`_ending_when_ray_is_lost`). Installed once per process; the method is private
+    (hpsearch/searcher.py's version check covers Ray's version).
     """
     try:
         from ray.air.execution._internal.actor_manager import RayActorManager
@@ -545,11 +544,11 @@ def _fail_trials_whose_worker_is_lost() -> None:
         return
 
     def _actor_task_failed(self, tracked_actor_task, exception):
-        end = _when_local_ray_is_lost
-        if end is not None and not isinstance(exception, RayTaskError) and _local_ray_lost(wait=1.0):
-            # The search's own Ray is gone (a signal to every process of the job reached its raylet
-            # first): the trial did not fail, it was interrupted with the search, which ends now. Its
-            # Optuna trial stays RUNNING, as after a kill, and runs again when the search is continued.
+        end = _when_ray_is_lost
+        if end is not None and not isinstance(exception, RayTaskError) and _ray_lost(wait=1.0):
+            # The search's Ray is gone (a signal to every process of the job reached its raylet first,
+            # or a crash): the trial did not fail, it was interrupted with the search, which ends now.
+            # Its Optuna trial stays RUNNING, as after a kill, and runs again when the search is continued.
             _end_without_ray(end)
             return
         if isinstance(exception, OutOfMemoryError):
@@ -709,9 +708,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 folder.rmdir()  # the empty folder default_name reserved (a new search locks it later)
         raise
 
-    def finish_without_ray() -> None:
-        # The signal that stops the search stopped its local Ray too (sent to every process of the
-        # job): Ray Tune can neither stop the trials nor save through Ray. The summary comes from the
+    def finish_without_ray(cause: str) -> None:
+        # The signal that stops the search stopped its Ray too (sent to every process of the job, a
+        # cluster started in the job included): Ray Tune can neither stop the trials nor save through Ray. The summary comes from the
         # study, as after the trials; the experiment is left as a kill leaves it, which a resume
         # continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
         def say(text: str, to: TextIO = stream) -> None:
@@ -727,8 +726,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             summary = None
             if journal.is_file() and journal.stat().st_size > 0:
                 _, summary = _summarize(settings, folder, journal, started)
-            say("stopping: the signal stopped this search's Ray as well (it was sent to every process of the "
-                "job); the trials that were running stopped with it and run again when the search is continued")
+            say(f"stopping: {cause}; the trials that were running stopped with it and run again when the search "
+                "is continued")
             if summary is not None:
                 for line in _end_lines(settings, folder, summary):
                     say(line)
@@ -742,9 +741,13 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         finally:
             os._exit(130)
 
-    end_without_ray = finish_without_ray if started_ray and address is None else None
-    held.enter_context(_ending_when_local_ray_is_lost(end_without_ray))
-    previous_sigterm = _sigterm_as_ctrl_c(end_without_ray)
+    if started_ray:  # else Ray ran in this process before the search: not the search's to end
+        held.enter_context(_ending_when_ray_is_lost(functools.partial(
+            finish_without_ray, "this search's Ray stopped (its raylet or GCS is gone: a signal to every process of the "
+                                "job, or a crash)")))
+    previous_sigterm = _sigterm_as_ctrl_c(functools.partial(
+        finish_without_ray, "the signal stopped this search's Ray as well (it was sent to every process of the job)")
+        if started_ray else None)
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary()
     try:
@@ -836,7 +839,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             try:
                 summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
             except KeyboardInterrupt:
-                print("interrupted: the untrained backbone's reference score is left out of the summary",
+                print("interrupted: the untrained backbone's reference score "
+                      + ("was not measured again; the summary keeps the one measured before"
+                         if summary.untrained_value is not None else "is left out of the summary"),
                       file=stream, flush=True)
             summary.seconds = time.perf_counter() - started
             _write_summary(folder, summary)
@@ -852,11 +857,20 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
 def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: float):
     """Write ``trials.csv``, the best backbone and ``summary.json`` from the study's journal (Ray is not
     needed); returns the trials (as in ``trials.csv``) and the summary."""
-    from hpsearch.results import STUDY_NAME, export_best_checkpoint, load_study, summarize, write_trials_csv
+    from hpsearch.results import (
+        STUDY_NAME, SUMMARY_FILE, export_best_checkpoint, load_study, summarize, write_trials_csv,
+    )
 
     frame = write_trials_csv(load_study(journal, STUDY_NAME), folder)
     summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
     summary.seconds = time.perf_counter() - started
+    # The untrained backbone's scores, measured at the end of an earlier run of this search (same
+    # settings, same seed): kept until they are measured again.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        before = json.loads((folder / SUMMARY_FILE).read_text())
+        for key in ("untrained_value", "untrained_value_initial_bn"):
+            if isinstance(before.get(key), (int, float)) and not isinstance(before.get(key), bool):
+                setattr(summary, key, float(before[key]))
     if summary.best_trial is not None:
         target = export_best_checkpoint(folder, summary.best_trial)
         summary.best_backbone = str(target) if target else None
@@ -865,7 +879,9 @@ def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: f
 
 
 def _write_summary(folder: Path, summary) -> None:
-    write_whole(folder / "summary.json", json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+    from hpsearch.results import SUMMARY_FILE
+
+    write_whole(folder / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
 
 
 def _continue_command(settings: SearchSettings) -> str:

@@ -184,7 +184,7 @@ def test_a_stop_that_ends_the_process_waits_until_the_searcher_has_written_the_t
         trial = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(journal)))).trials[0]
         seen.append((trial.state, trial.user_attrs.get("outcome")))
 
-    monkeypatch.setattr(run, "_local_ray_lost", lambda wait=2.0: True)
+    monkeypatch.setattr(run, "_ray_lost", lambda wait=2.0: True)
     real_set_user_attr = optuna_trial.Trial.set_user_attr
 
     def set_user_attr(self, key, value):  # the signal comes between two of the trial's journal entries
@@ -806,9 +806,11 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
 # The job-wide cases (45 s with the resume): slow tests, run when this code changes.
 @pytest.mark.parametrize("to", ["search", "group", pytest.param("session", marks=pytest.mark.slow),
                                 pytest.param("session-raylet-first", marks=pytest.mark.slow),
+                                pytest.param("session-on-its-cluster", marks=pytest.mark.slow),
                                 pytest.param("session-through-tee", marks=pytest.mark.slow)],
                          ids=["to-the-search", "to-its-process-group", "to-every-process-of-its-session",
                               "to-every-process-of-its-session-raylet-first",
+                              "to-every-process-of-its-session-on-a-cluster-it-started",
                               "to-every-process-of-its-session-through-tee"])
 def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to, monkeypatch, capsys):
     """kill and timeout send SIGTERM: the search stops, prints its summary and the command that
@@ -816,7 +818,8 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     kill -TERM -PGID signal the whole process group; before, that killed the local Ray's GCS and raylet
     with the search, which hung for a minute and ended with a GCS error and no summary. A batch
     scheduler (SLURM at a time limit) signals every process of the job, Ray's included: before, the
-    same minute and no summary; now the summary comes from the study within seconds. Its files are
+    same minute and no summary (also with a Ray cluster started in the job and joined with
+    --address); now the summary comes from the study within seconds. Its files are
     written first: behind `| tee log`, tee dies of the same signal and nothing can be printed. In
     whatever order the job's processes get the signal, the trial it interrupts runs again on resume."""
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
@@ -833,6 +836,11 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
             refusals.append((code, capsys.readouterr().err))
 
     run = ["sh", "-c", f"{shlex.join(command)} | tee {shlex.quote(str(tmp_path / 'log'))}"] if through_tee else command
+    if to == "session-on-its-cluster":  # a job that starts a Ray cluster and runs the search on it
+        port = _free_port()
+        ray_cli = Path(sys.executable).with_name("ray")
+        run = ["sh", "-c", f"{shlex.quote(str(ray_cli))} start --head --port={port} --num-cpus=2 "
+               f"--include-dashboard=false >/dev/null && exec {shlex.join([*command, '--address', f'127.0.0.1:{port}'])}"]
     lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGTERM, to=to,
                                                meanwhile=run_it_again if to == "search" else None)
     output = "".join(lines)
@@ -850,7 +858,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     # store and ends the process (exit code 1, after its "Attempting to recover" line; seen once in four
     # CI runs). The files above are current all the same (written after each trial); only the printed
     # summary is missing. Any other end must be the search's own.
-    ended_by_ray = to.startswith("session") and "the signal stopped this search's Ray as well" not in output
+    ended_by_ray = to.startswith("session") and not any(line.startswith("stopping: ") for line in lines)
     if ended_by_ray:
         assert code == 1 and "Attempting to recover" in output and "Traceback" not in output, output
     else:
@@ -1352,8 +1360,36 @@ def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_
         restored.on_trial_complete(0, [], finished)
         restored.on_trial_error(0, [], finished)
     err = capsys.readouterr().err
-    assert err.count("note: trials.csv and summary.json could not be updated") == 1
+    assert err.count("note: trials.csv, the best backbone and summary.json could not be updated") == 1
     assert "No space left on device" in err
+    with results_written_by(lambda: None):  # written again: a later failure is reported again
+        restored.on_trial_complete(0, [], finished)
+    with results_written_by(full):
+        restored.on_trial_complete(0, [], finished)
+    assert capsys.readouterr().err.count("could not be updated") == 1
+
+
+def test_the_untrained_reference_of_an_earlier_run_is_kept_when_the_files_are_rewritten(tmp_path):
+    """The untrained backbone is scored at the end of a search; the summary rewritten after each trial
+    of a resumed run (and by a search ended with its Ray) keeps that score until it is measured again."""
+    from hpsearch import run
+    from hpsearch.settings import SearchSettings
+
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", result=final_result("complete", 0.7, probe_map=0.7))
+    settings = SearchSettings(method="vicreg", trials=3, name=tmp_path.name, storage_dir=str(tmp_path.parent))
+    _, first = run._summarize(settings, tmp_path, tmp_path / "optuna.journal", time.perf_counter())
+    assert first.untrained_value is None and first.trials_finished == 1
+    written = json.loads((tmp_path / "summary.json").read_text())
+    written.update(untrained_value=0.341, untrained_value_initial_bn=0.436)  # as the end of a run writes them
+    (tmp_path / "summary.json").write_text(json.dumps(written))
+    searcher.suggest("b")
+    searcher.on_trial_complete("b", result=final_result("complete", 0.8, probe_map=0.8))
+    _, again = run._summarize(settings, tmp_path, tmp_path / "optuna.journal", time.perf_counter())
+    assert (again.untrained_value, again.untrained_value_initial_bn, again.trials_finished) == (0.341, 0.436, 2)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert (written["untrained_value"], written["untrained_value_initial_bn"], written["best_value"]) == (0.341, 0.436, 0.8)
 
 
 def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_name(tmp_path):
@@ -1389,6 +1425,11 @@ def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_n
     assert exported(5) == b"five by params.json"
     assert exported(7) == b"params.json says seven"  # params.json, when there, decides
     assert exported(8) == b"eight, params.json cut short"
+    # The files are rewritten after each trial: a best exported already (best_config.json, written
+    # after the backbone, names it) is not copied again; another one is.
+    (tmp_path / "trial-0008-eeee" / "checkpoint_000000" / "backbone.pt").write_bytes(b"eight, rewritten")
+    assert exported(8) == b"eight, params.json cut short"
+    assert exported(5) == b"five by params.json"
     assert exported(6) is None and exported(9) is None
 
 
