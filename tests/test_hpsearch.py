@@ -457,7 +457,8 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
 
     def probe_signalled(*args, **kwargs):
         # Never let a default action kill the test process: fail instead.
-        assert _signal_is_caught(signum), f"{signal.Signals(signum).name} would kill the search here"
+        assert _signal_is_caught(signum), (f"{signal.Signals(signum).name} would kill the search here (Python's "
+                                           f"record of its handler: {signal.getsignal(signum)!r})")
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler runs at the next bytecode; a lost signal lets the probe finish
         return 0.25, 0.5
