@@ -465,7 +465,13 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
 
     monkeypatch.setattr(hpsearch.run, "untrained_probe", probe_signalled)
     settings = SearchSettings(method="vicreg", trials=1, name="late-stop", storage_dir=str(tmp_path), **TINY)
-    result = run_search(settings, data=tonal_data)
+    # Ctrl-C as in a foreground process: a background job of a script (this test run, say) starts with
+    # SIGINT ignored, and a search run there keeps ignoring it.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = run_search(settings, data=tonal_data)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     printed = capsys.readouterr().out
     assert "interrupted: the untrained backbone's reference score is left out of the summary" in printed
     assert "vicreg: 1/1 trials finished" in printed and "reference:" not in printed
