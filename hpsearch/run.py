@@ -10,8 +10,8 @@ avoid its region.
 The folder ``<storage-dir>/<name>/`` then holds Ray Tune's results (a folder per trial),
 ``optuna.journal``, ``search.json`` (the settings), ``trials.csv`` (one row per trial),
 ``best_backbone.pt`` (the best trial's backbone ``state_dict``) with ``best_config.json``, and
-``summary.json``, the last four rewritten after each finished trial. Re-running with the same ``--name`` (or ``--resume``) continues an interrupted
-search up to ``--trials`` in total.
+``summary.json``, the last four rewritten after each finished trial. Re-running with the same
+``--name`` (or ``--resume``) continues an interrupted search up to ``--trials`` in total.
 """
 
 from __future__ import annotations
@@ -709,10 +709,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         raise
 
     def finish_without_ray(cause: str) -> None:
-        # The signal that stops the search stopped its Ray too (sent to every process of the job, a
-        # cluster started in the job included): Ray Tune can neither stop the trials nor save through Ray. The summary comes from the
-        # study, as after the trials; the experiment is left as a kill leaves it, which a resume
-        # continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
+        # The search's Ray is gone (a signal to every process of the job, a cluster started in the job
+        # included, or a crash): Ray Tune can neither stop the trials nor save through Ray. The summary
+        # comes from the study, as after the trials; the experiment is left as a kill leaves it, which a
+        # resume continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
         def say(text: str, to: TextIO = stream) -> None:
             # The output may be gone (`| tee log`, whose tee the same signal stopped) or in the middle of
             # a write this handler interrupted: the files come first, and saying so must not fail.
@@ -743,8 +743,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
 
     if started_ray:  # else Ray ran in this process before the search: not the search's to end
         held.enter_context(_ending_when_ray_is_lost(functools.partial(
-            finish_without_ray, "this search's Ray stopped (its raylet or GCS is gone: a signal to every process of the "
-                                "job, or a crash)")))
+            finish_without_ray,
+            "this search's Ray stopped (its raylet or GCS is gone: a signal to every process of the job, or a crash)")))
     previous_sigterm = _sigterm_as_ctrl_c(functools.partial(
         finish_without_ray, "the signal stopped this search's Ray as well (it was sent to every process of the job)")
         if started_ray else None)

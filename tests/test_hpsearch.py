@@ -846,8 +846,9 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     if to == "session-on-its-cluster":  # a job that starts a Ray cluster and runs the search on it
         port = _free_port()
         ray_cli = Path(sys.executable).with_name("ray")
+        search = shlex.join([*command, "--address", f"127.0.0.1:{port}"])
         run = ["sh", "-c", f"{shlex.quote(str(ray_cli))} start --head --port={port} --num-cpus=2 "
-               f"--include-dashboard=false >/dev/null && exec {shlex.join([*command, '--address', f'127.0.0.1:{port}'])}"]
+               f"--include-dashboard=false >/dev/null && exec {search}"]
     lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGTERM, to=to,
                                                meanwhile=run_it_again if to == "search" else None)
     output = "".join(lines)
@@ -1396,7 +1397,8 @@ def test_the_untrained_reference_of_an_earlier_run_is_kept_when_the_files_are_re
     _, again = run._summarize(settings, tmp_path, tmp_path / "optuna.journal", time.perf_counter())
     assert (again.untrained_value, again.untrained_value_initial_bn, again.trials_finished) == (0.341, 0.436, 2)
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert (written["untrained_value"], written["untrained_value_initial_bn"], written["best_value"]) == (0.341, 0.436, 0.8)
+    assert (written["untrained_value"], written["untrained_value_initial_bn"]) == (0.341, 0.436)
+    assert written["best_value"] == 0.8
 
 
 def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_name(tmp_path):
