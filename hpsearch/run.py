@@ -327,23 +327,68 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> b
     if ray.is_initialized():
         return False
     level = logging.INFO if verbose else logging.WARNING
-    if address:
-        try:
-            ray.init(address=address, logging_level=level, log_to_driver=verbose)
-        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
-            # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
-            raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
-        return True
-    cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
-    available = os.cpu_count() or cpus
-    if cpus > available:
-        print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine has {available}",
-              file=sys.stderr)
-    # address="local": a Ray of this search's own, even when another Ray (a cluster started with
-    # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
-    with _ray_processes_in_a_group_of_their_own():
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level, log_to_driver=verbose)
+    with _stops_held_while_ray_starts() as held:
+        if address:
+            try:
+                ray.init(address=address, logging_level=level, log_to_driver=verbose)
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
+                # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
+                raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
+        else:
+            cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
+            available = os.cpu_count() or cpus
+            if cpus > available:
+                print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine has "
+                      f"{available}", file=sys.stderr)
+            # address="local": a Ray of this search's own, even when another Ray (a cluster started with
+            # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
+            with _ray_processes_in_a_group_of_their_own():
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level,
+                         log_to_driver=verbose)
+    if held:  # a Ctrl-C or SIGTERM came while Ray started: stop as Ctrl-C does before the search begins
+        ray.shutdown()
+        raise KeyboardInterrupt
     return True
+
+
+@contextlib.contextmanager
+def _stops_held_while_ray_starts() -> Iterator[list[int]]:
+    """Hold a Ctrl-C or SIGTERM that comes while ``ray.init`` runs (about 3 s locally); the caller
+    stops once Ray has started (the signals held are listed in the list yielded).
+
+    ``ray.init`` sets SIGTERM handlers of its own: one exits at once with code 15 and no word, its
+    node's stops Ray's processes and exits with code 1. And it starts Ray's processes through fork
+    hooks in which Python ignores an exception: a SIGTERM (or Ctrl-C) that came there was lost, and the
+    search ran on to its end. A second signal while Ray starts interrupts it at once. A SIGINT that
+    is ignored (a background job of a script) stays ignored.
+    """
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    try:
+        from ray._private import utils
+
+        set_sigterm_handler = utils.set_sigterm_handler
+    except (ImportError, AttributeError):  # another Ray: its handler may replace the one set here
+        set_sigterm_handler = None
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM}
+    if set_sigterm_handler is not None:
+        utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield held
+    finally:
+        if set_sigterm_handler is not None:
+            utils.set_sigterm_handler = set_sigterm_handler
+        for signum, handler in previous.items():  # None: a handler set outside Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 @contextlib.contextmanager

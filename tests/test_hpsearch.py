@@ -715,15 +715,17 @@ def kill_session(leader: int, timeout: float = 30.0) -> None:
 
 
 def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
-                        to: str = "search", meanwhile=None) -> tuple[list[str], int, float]:
+                        to: str = "search", meanwhile=None, foreground: bool = False) -> tuple[list[str], int, float]:
     """Run a search command, send ``signum`` once a line starts with ``prefix`` to ``to``: the search,
     its process "group" (always for SIGKILL, as a crash would) or every process of its "session"
     (as a batch scheduler signals a job; "session-raylet-first": Ray's raylet 0.3 s before the others),
     and return its output lines, exit code and the seconds from
     the signal to its exit; every process of its session is gone afterwards. ``meanwhile()`` is
-    called just before the signal."""
+    called just before the signal. ``foreground``: Ctrl-C's default action, as in a terminal, even
+    where the tests run as a background job of a script (whose processes start with SIGINT ignored)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               cwd=REPO, start_new_session=True)
+                               cwd=REPO, start_new_session=True,
+                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if foreground else None)
     watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
     watchdog.start()
     lines: list[str] = []
@@ -814,11 +816,13 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
 @pytest.mark.parametrize("to", ["search", "group", pytest.param("session", marks=pytest.mark.slow),
                                 pytest.param("session-raylet-first", marks=pytest.mark.slow),
                                 pytest.param("session-on-its-cluster", marks=pytest.mark.slow),
-                                pytest.param("session-through-tee", marks=pytest.mark.slow)],
+                                pytest.param("session-through-tee", marks=pytest.mark.slow),
+                                pytest.param("session-sigint", marks=pytest.mark.slow)],
                          ids=["to-the-search", "to-its-process-group", "to-every-process-of-its-session",
                               "to-every-process-of-its-session-raylet-first",
                               "to-every-process-of-its-session-on-a-cluster-it-started",
-                              "to-every-process-of-its-session-through-tee"])
+                              "to-every-process-of-its-session-through-tee",
+                              "as-ctrl-c-to-every-process-of-its-session"])
 def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to, monkeypatch, capsys):
     """kill and timeout send SIGTERM: the search stops, prints its summary and the command that
     continues it (before: Ray's handler aborted the driver with a stack dump, exit 134). timeout and
@@ -828,7 +832,9 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     same minute and no summary (also with a Ray cluster started in the job and joined with
     --address); now the summary comes from the study within seconds. Its files are
     written first: behind `| tee log`, tee dies of the same signal and nothing can be printed. In
-    whatever order the job's processes get the signal, the trial it interrupts runs again on resume."""
+    whatever order the job's processes get the signal, the trial it interrupts runs again on resume.
+    A job-wide SIGINT (srun forwards a double Ctrl-C to every process of the job) leaves Ray's GCS and
+    raylet running (they ignore it): the search stops as on Ctrl-C, through Ray."""
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "termed", "--storage-dir", str(tmp_path),
                   *tiny_flags(tonal_dataset))
     through_tee = to.endswith("through-tee")
@@ -849,8 +855,10 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
         search = shlex.join([*command, "--address", f"127.0.0.1:{port}"])
         run = ["sh", "-c", f"{shlex.quote(str(ray_cli))} start --head --port={port} --num-cpus=2 "
                f"--include-dashboard=false >/dev/null && exec {search}"]
-    lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGTERM, to=to,
-                                               meanwhile=run_it_again if to == "search" else None)
+    sigint = to == "session-sigint"
+    lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGINT if sigint else signal.SIGTERM,
+                                               to=to, meanwhile=run_it_again if to == "search" else None,
+                                               foreground=sigint)
     output = "".join(lines)
     assert seconds < 30, f"{seconds:.0f} s from the signal to the exit\n{output}"  # SLURM kills 30 s after it
     assert (tmp_path / "termed" / "summary.json").is_file(), output
@@ -866,7 +874,9 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     # store and ends the process (exit code 1, after its "Attempting to recover" line; seen once in four
     # CI runs). The files above are current all the same (written after each trial); only the printed
     # summary is missing. Any other end must be the search's own.
-    ended_by_ray = to.startswith("session") and not any(line.startswith("stopping: ") for line in lines)
+    lost_ray = any(line.startswith("stopping: ") for line in lines)  # the search's end when its Ray is gone
+    assert not (sigint and lost_ray), output  # Ray's processes ignore SIGINT: Ray stops the trials
+    ended_by_ray = to.startswith("session") and not sigint and not lost_ray
     if ended_by_ray:
         assert code == 1 and "Attempting to recover" in output and "Traceback" not in output, output
     else:
@@ -906,6 +916,80 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     # The trial the signal interrupted ran again: not recorded as failed (with the raylet signalled
     # first, Ray Tune saw its worker die before the search saw the signal, and failed it).
     assert [t.number for t in study.trials if t.state == TrialState.FAIL] == []
+
+
+def test_sigterm_while_ray_starts_stops_the_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env):
+    """ray.init (about 3 s) sets SIGTERM handlers of its own. Before: a SIGTERM then ended the search
+    with code 15 and no word, or, raised in the fork hooks of a process Ray started (where Python
+    ignores exceptions), was lost: "Exception ignored in: <function _releaseLock ...> SystemExit: 15",
+    and the search ran all its trials. Now it stops as Ctrl-C does, once Ray has started."""
+    storage = tmp_path / "runs"
+    command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--storage-dir", str(storage),
+                  *tiny_flags(tonal_dataset))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
+                               cwd=REPO, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(b"gcs_server" in _command_line(pid) for pid in _session_processes(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.02)
+        # Ray's GCS runs: ray.init is under way (the search prints its first "searching" line after it).
+        assert not any(line.startswith("searching") for line in lines), "".join(lines)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        kill_session(process.pid)
+    output = "".join(lines)
+    assert code == 130, output
+    assert output.endswith("python -m hpsearch.run: interrupted\n"), output
+    assert "Traceback" not in output and "Exception ignored" not in output, output
+    assert not any(line.startswith(("searching", "[1/4]")) for line in output.splitlines()), output
+    # Nothing left behind: the folder the default name reserved is removed, no search was started.
+    assert not storage.exists() or list(storage.iterdir()) == [], list(storage.iterdir())
+
+
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_signal_while_ray_starts_is_held_and_a_second_one_interrupts(sigint):
+    """The hold around ray.init: Ray may not replace it, the first Ctrl-C or SIGTERM is held, a
+    second one interrupts at once, and the handlers of before come back (an ignored SIGINT, as a
+    background job of a script has it, stays ignored)."""
+    from ray._private import utils
+
+    from hpsearch.run import _stops_held_while_ray_starts
+
+    def sent(signum: int) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # the handler runs at the next bytecode
+
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler if sigint == "handled" else signal.SIG_IGN)
+    before_term = signal.getsignal(signal.SIGTERM)
+    set_sigterm_handler = utils.set_sigterm_handler
+    try:
+        with _stops_held_while_ray_starts() as held:
+            utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))  # as ray.init does
+            sent(signal.SIGTERM)
+            assert held == [signal.SIGTERM]
+            with pytest.raises(KeyboardInterrupt):
+                sent(signal.SIGTERM if sigint == "ignored" else signal.SIGINT)
+            if sigint == "ignored":
+                sent(signal.SIGINT)  # nothing happens
+                assert held == [signal.SIGTERM]
+        assert held == [signal.SIGTERM]
+        assert utils.set_sigterm_handler is set_sigterm_handler
+        assert signal.getsignal(signal.SIGTERM) == before_term
+        assert signal.getsignal(signal.SIGINT) == (signal.default_int_handler if sigint == "handled"
+                                                   else signal.SIG_IGN)
+        with _stops_held_while_ray_starts() as held:
+            sent(signal.SIGINT if sigint == "handled" else signal.SIGTERM)
+        assert len(held) == 1  # a new hold starts empty
+    finally:
+        utils.set_sigterm_handler = set_sigterm_handler
+        signal.signal(signal.SIGTERM, before_term)
+        signal.signal(signal.SIGINT, before_int)
 
 
 @pytest.mark.parametrize(
