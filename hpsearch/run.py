@@ -699,6 +699,11 @@ def run_search(
     runs a search (:func:`_search_lock`).
     """
     with contextlib.ExitStack() as held:
+        # SIGTERM stops as Ctrl-C from the start: while the data are prepared (a mel cache built from a real
+        # dataset can take hours), the build then keeps the tracks it finished since its last commit.
+        previous_sigterm = _sigterm_as_ctrl_c()
+        if previous_sigterm is not None:
+            held.callback(signal.signal, signal.SIGTERM, previous_sigterm)
         return _run_search(settings, held, resume=resume, address=address, verbose=verbose, stream=stream, data=data)
 
 

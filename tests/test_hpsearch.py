@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -468,8 +469,12 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     # Ctrl-C as in a foreground process: a background job of a script (this test run, say) starts with
     # SIGINT ignored, and a search run there keeps ignoring it.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     try:
         result = run_search(settings, data=tonal_data)
+        # The search's handlers are gone with it.
+        assert signal.getsignal(signal.SIGTERM) == sigterm_before
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)
     printed = capsys.readouterr().out
@@ -950,6 +955,58 @@ def test_sigterm_while_ray_starts_stops_the_search_as_ctrl_c_does(tmp_path, tona
     assert not any(line.startswith(("searching", "[1/4]")) for line in output.splitlines()), output
     # Nothing left behind: the folder the default name reserved is removed, no search was started.
     assert not storage.exists() or list(storage.iterdir()) == [], list(storage.iterdir())
+
+
+def test_sigterm_while_the_mel_cache_is_built_keeps_the_tracks_decoded(tmp_path, tonal_dataset, monkeypatch):
+    """A search on a dataset without a mel cache builds it first (hours on a real dataset). Before, a
+    SIGTERM there (SLURM at a time limit, `timeout`) killed the search, and the tracks decoded since the
+    build's last commit (up to 20 s of work) were lost; now it stops as Ctrl-C does, which commits them."""
+    from musicssl.data.cache import MelCache
+    from musicssl.data.loaders import open_dataset
+    from musicssl.data.pipeline import default_mel_cache_dir
+
+    rows = (tonal_dataset / "tracks.csv").read_text().splitlines()
+    (tmp_path / "audio").mkdir()
+    listed = [rows[0]]
+    copies = 8  # 384 tracks: about 5 s of decoding here, after 1-2 s to start the decoding processes
+    for copy in range(copies):
+        for row in rows[1:]:
+            track_id, path, rest = row.split(",", 2)
+            link = tmp_path / "audio" / f"{copy}-{Path(path).name}"
+            link.symlink_to(tonal_dataset / path)
+            listed.append(f"{track_id}-{copy},audio/{link.name},{rest}")
+    (tmp_path / "tracks.csv").write_text("\n".join(listed) + "\n")
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache-root"), "RAY_AUTH_MODE": "disabled",
+           "PYTHONWARNINGS": "ignore"}
+    command = cli("vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "runs"), *tiny_flags(tmp_path))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                               start_new_session=True)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(process.stdout.fileno(), 4096), b"")),
+                              daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        total = copies * (len(rows) - 1)
+        while True:  # the build's progress bar: signal once 20 of its tracks are decoded
+            done = [int(n) for n in re.findall(rb"\| *(\d+)/%d \[" % total, b"".join(chunks))]
+            if done and max(done) >= 20:
+                break
+            assert process.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        kill_session(process.pid)
+    output = b"".join(chunks).decode(errors="replace")
+    assert code == 130 and output.endswith("python -m hpsearch.run: interrupted\n"), output
+    assert "Traceback" not in output and "searching vicreg" not in output, output
+    monkeypatch.setenv("MUSICSSL_CACHE", env["MUSICSSL_CACHE"])
+    folder = default_mel_cache_dir(open_dataset(str(tmp_path / "tracks.csv")))
+    kept = [cache for cache in folder.iterdir() if cache.is_dir()]
+    assert len(kept) == 1, kept
+    assert 20 <= len(MelCache.open(kept[0]).track_ids) < total
 
 
 @pytest.mark.parametrize("sigint", ["handled", "ignored"])
