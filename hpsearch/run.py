@@ -320,57 +320,132 @@ def trial_folder_name(trial) -> str:
     return f"trial-{number:04d}-{trial.trial_id}" if isinstance(number, int) else f"trial-{trial.trial_id}"
 
 
-def _init_ray(settings: SearchSettings, address: str | None, verbose: bool) -> bool:
-    """Start (or join) Ray; returns whether this call started it (and so must shut it down)."""
+def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, reserved: Path | None = None) -> bool:
+    """Start (or join) Ray; returns whether this call started it (and so must shut it down).
+
+    ``reserved``: the empty folder reserved for the search's default name, removed when a signal ends
+    the process while Ray starts (:func:`_stops_held_while_ray_starts`)."""
     import ray
 
     if ray.is_initialized():
         return False
     level = logging.INFO if verbose else logging.WARNING
-    with _stops_held_while_ray_starts() as held:
-        if address:
-            try:
-                ray.init(address=address, logging_level=level, log_to_driver=verbose)
-            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
-                # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
-                raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
-        else:
-            cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
-            available = os.cpu_count() or cpus
-            if cpus > available:
-                print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine has "
-                      f"{available}", file=sys.stderr)
-            # address="local": a Ray of this search's own, even when another Ray (a cluster started with
-            # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
-            with _ray_processes_in_a_group_of_their_own():
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level,
-                         log_to_driver=verbose)
-    if held:  # a Ctrl-C or SIGTERM came while Ray started: stop as Ctrl-C does before the search begins
-        ray.shutdown()
+    held: list[int] = []
+    end_now = functools.partial(_end_a_stuck_start, reserved)
+    try:
+        with _stops_held_while_ray_starts(held, abandon=end_now):
+            if address:
+                try:
+                    ray.init(address=address, logging_level=level, log_to_driver=verbose)
+                except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
+                    # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
+                    raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
+            else:
+                cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
+                available = os.cpu_count() or cpus
+                if cpus > available:
+                    print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine "
+                          f"has {available}", file=sys.stderr)
+                # address="local": a Ray of this search's own, even when another Ray (a cluster started with
+                # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
+                with _ray_processes_in_a_group_of_their_own():
+                    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level,
+                             log_to_driver=verbose)
+    except BaseException:
+        if not held:
+            raise
+        # The stop asked for comes first: the same signal, sent to every process of a job, may have
+        # stopped Ray's own processes and failed its start; or a second one interrupted it.
+    if held:  # a Ctrl-C or SIGTERM came while Ray started: stop as Ctrl-C does, before the search begins
+        # A Ray whose start failed (its GCS stopped by the same signal) can hold ray.shutdown() for 25 s.
+        with _or_end_after(5.0, end_now), contextlib.suppress(Exception):
+            ray.shutdown()
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGTERM)  # ray.shutdown() set the kernel's action back to the default
+            if handler is not None:
+                signal.signal(signal.SIGTERM, handler)
         raise KeyboardInterrupt
     return True
 
 
+def _end_a_stuck_start(reserved: Path | None) -> None:
+    """End the process from a thread while ``ray.init`` is stuck in Ray's own code (its GCS stopped by
+    a signal sent to every process of the job: Ray waits 30-60 s for it). Nothing of the search has
+    begun; the folder reserved for its default name is removed. Ray's processes end with this one."""
+    if reserved is not None:
+        with contextlib.suppress(OSError):
+            reserved.rmdir()
+    with contextlib.suppress(OSError):
+        os.write(2, f"{PROG}: interrupted (while Ray was starting)\n".encode())
+    os._exit(130)
+
+
 @contextlib.contextmanager
-def _stops_held_while_ray_starts() -> Iterator[list[int]]:
-    """Hold a Ctrl-C or SIGTERM that comes while ``ray.init`` runs (about 3 s locally); the caller
-    stops once Ray has started (the signals held are listed in the list yielded).
+def _or_end_after(seconds: float, end: Callable[[], None]) -> Iterator[None]:
+    """Call ``end`` (which must end the process) from a thread of its own if the block is still running
+    after ``seconds``: for Ray's code that waits for processes a signal stopped, where no handler runs."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            end()
+
+    threading.Thread(target=watch, name="hpsearch-stop-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+@contextlib.contextmanager
+def _stops_held_while_ray_starts(held: list[int], at_most: float = 5.0, stuck: float = 3.0,
+                                 abandon: Callable[[], None] = functools.partial(_end_a_stuck_start, None)
+                                 ) -> Iterator[None]:
+    """Hold a Ctrl-C or SIGTERM that comes while ``ray.init`` runs (about 3-5 s locally): it is added
+    to ``held``, and the caller stops once Ray has started. A second signal, or ``at_most`` seconds
+    after the first with Ray still starting, interrupts the start (KeyboardInterrupt); if Ray's own
+    code holds the start ``stuck`` seconds more, ``abandon()`` is called from a thread of its own, and
+    must end the process.
 
     ``ray.init`` sets SIGTERM handlers of its own: one exits at once with code 15 and no word, its
     node's stops Ray's processes and exits with code 1. And it starts Ray's processes through fork
-    hooks in which Python ignores an exception: a SIGTERM (or Ctrl-C) that came there was lost, and the
-    search ran on to its end. A second signal while Ray starts interrupts it at once. A SIGINT that
-    is ignored (a background job of a script) stays ignored.
+    hooks in which Python ignores an exception: a SIGTERM (or Ctrl-C) that came there was lost, and
+    the search ran on to its end. A signal sent to every process of a job stops Ray's GCS or raylet
+    too, and ``ray.init`` then waits 30-60 s in Ray's C++ code, where no Python handler runs: a thread
+    learns of the signal through Python's wakeup file descriptor and ends the wait. A SIGINT that is
+    ignored (a background job of a script) stays ignored. (Ray's core worker, made in the last half
+    second of ``ray.init``, also prints a stack dump for a SIGTERM before it passes it on to the
+    handler here.)
     """
-    held: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield held
+        yield
         return
+    closing = threading.Event()
+    main = threading.main_thread().ident
 
     def hold(signum, frame):
-        if held:
+        if held and not closing.is_set():
             raise KeyboardInterrupt
         held.append(signum)
+
+    def watch(signals: socket.socket) -> None:
+        import select
+
+        first: tuple[float, int] | None = None
+        interrupted_at = None
+        while not closing.is_set():
+            if select.select([signals], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):
+                    for signum in signals.recv(64):
+                        if first is None and signum in (signal.SIGTERM, signal.SIGINT):
+                            first = (time.monotonic(), signum)
+            now = time.monotonic()
+            if first is not None and interrupted_at is None and now - first[0] >= at_most:
+                signal.pthread_kill(main, first[1])  # a start in Python code is interrupted there: hold() raises
+                interrupted_at = now
+            if interrupted_at is not None and now - interrupted_at >= stuck and not closing.is_set():
+                abandon()
+                return
 
     try:
         from ray._private import utils
@@ -378,17 +453,27 @@ def _stops_held_while_ray_starts() -> Iterator[list[int]]:
         set_sigterm_handler = utils.set_sigterm_handler
     except (ImportError, AttributeError):  # another Ray: its handler may replace the one set here
         set_sigterm_handler = None
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
     previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGTERM, signal.SIGINT)
                 if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM}
+    previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, args=(reader,), name="hpsearch-held-stop", daemon=True)
+    watcher.start()
     if set_sigterm_handler is not None:
         utils.set_sigterm_handler = lambda handler: None
     try:
-        yield held
+        yield
     finally:
-        if set_sigterm_handler is not None:
-            utils.set_sigterm_handler = set_sigterm_handler
+        closing.set()  # from here a signal is only held: nothing may cut the restoring short
+        watcher.join()  # a signal it sent meanwhile reaches hold(), not the handlers restored below
         for signum, handler in previous.items():  # None: a handler set outside Python
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        reader.close()
+        writer.close()
+        if set_sigterm_handler is not None:
+            utils.set_sigterm_handler = set_sigterm_handler
 
 
 @contextlib.contextmanager
@@ -751,7 +836,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
         # Ray before the folder: a cluster that cannot be joined leaves nothing behind.
         _ray_environment(local=address is None, verbose=verbose)
-        started_ray = _init_ray(settings, address, verbose)
+        started_ray = _init_ray(settings, address, verbose, reserved=folder if reserved else None)
     except BaseException:
         if reserved:
             with contextlib.suppress(OSError):
