@@ -357,13 +357,19 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
         # The stop asked for comes first: the same signal, sent to every process of a job, may have
         # stopped Ray's own processes and failed its start; or a second one interrupted it.
     if held:  # a Ctrl-C or SIGTERM came while Ray started: stop as Ctrl-C does, before the search begins
-        # A Ray whose start failed (its GCS stopped by the same signal) can hold ray.shutdown() for 25 s.
-        with _or_end_after(5.0, end_now), contextlib.suppress(Exception):
-            ray.shutdown()
-        if threading.current_thread() is threading.main_thread():
-            handler = signal.getsignal(signal.SIGTERM)  # ray.shutdown() set the kernel's action back to the default
-            if handler is not None:
-                signal.signal(signal.SIGTERM, handler)
+        # A Ray whose start failed (its GCS stopped by the same SIGTERM, sent to every process of a job) can
+        # hold ray.shutdown() for 25 s: after a SIGTERM, the process ends if it takes over 5 s. Signals are
+        # ignored meanwhile (one more must not cut the shutdown or that limit short), and their handlers
+        # come back set in the kernel too (ray.shutdown() sets SIGTERM's action back to the default there).
+        with contextlib.ExitStack() as stopping:
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    handler = signal.signal(signum, signal.SIG_IGN)
+                    stopping.callback(signal.signal, signum, signal.SIG_DFL if handler is None else handler)
+            if signal.SIGTERM in held:
+                stopping.enter_context(_or_end_after(5.0, end_now))
+            with contextlib.suppress(Exception):
+                ray.shutdown()
         raise KeyboardInterrupt
     return True
 
@@ -403,16 +409,19 @@ def _stops_held_while_ray_starts(held: list[int], at_most: float = 5.0, stuck: f
                                  ) -> Iterator[None]:
     """Hold a Ctrl-C or SIGTERM that comes while ``ray.init`` runs (about 3-5 s locally): it is added
     to ``held``, and the caller stops once Ray has started. A second signal, or ``at_most`` seconds
-    after the first with Ray still starting, interrupts the start (KeyboardInterrupt); if Ray's own
-    code holds the start ``stuck`` seconds more, ``abandon()`` is called from a thread of its own, and
-    must end the process.
+    after the first with Ray still starting, interrupts the start (KeyboardInterrupt). After a SIGTERM,
+    if Ray's own code holds the start ``stuck`` seconds more, ``abandon()`` is called from a thread of
+    its own, and must end the process (a Ctrl-C never ends it so: in a notebook, the kernel).
 
     ``ray.init`` sets SIGTERM handlers of its own: one exits at once with code 15 and no word, its
     node's stops Ray's processes and exits with code 1. And it starts Ray's processes through fork
     hooks in which Python ignores an exception: a SIGTERM (or Ctrl-C) that came there was lost, and
-    the search ran on to its end. A signal sent to every process of a job stops Ray's GCS or raylet
+    the search ran on to its end. A SIGTERM sent to every process of a job stops Ray's GCS or raylet
     too, and ``ray.init`` then waits 30-60 s in Ray's C++ code, where no Python handler runs: a thread
-    learns of the signal through Python's wakeup file descriptor and ends the wait. A SIGINT that is
+    learns of the signal through Python's wakeup file descriptor and ends the wait. (Not in the first
+    half second of Ray's GCS, before it says its port: Ray then waits up to 30 s for it holding the GIL,
+    so no thread of this process runs Python.) Other signals that
+    reach that descriptor go on to the one set before (an asyncio loop's, say). A SIGINT that is
     ignored (a background job of a script) stays ignored. (Ray's core worker, made in the last half
     second of ``ray.init``, also prints a stack dump for a SIGTERM before it passes it on to the
     handler here.)
@@ -428,22 +437,29 @@ def _stops_held_while_ray_starts(held: list[int], at_most: float = 5.0, stuck: f
             raise KeyboardInterrupt
         held.append(signum)
 
-    def watch(signals: socket.socket) -> None:
-        import select
-
+    def watch(signals: socket.socket, passed_on: int) -> None:
         first: tuple[float, int] | None = None
         interrupted_at = None
         while not closing.is_set():
-            if select.select([signals], [], [], 0.05)[0]:
-                with contextlib.suppress(OSError):
-                    for signum in signals.recv(64):
-                        if first is None and signum in (signal.SIGTERM, signal.SIGINT):
-                            first = (time.monotonic(), signum)
+            try:
+                for signum in signals.recv(64):
+                    if signum in stops:
+                        first = first or (time.monotonic(), signum)
+                    elif passed_on >= 0:
+                        with contextlib.suppress(OSError):
+                            os.write(passed_on, bytes([signum]))
+            except (TimeoutError, OSError):  # TimeoutError: no signal within the socket's timeout
+                pass
             now = time.monotonic()
+            if first is None and held:  # a signal held whose byte the thread did not read
+                first = (now, held[0])
             if first is not None and interrupted_at is None and now - first[0] >= at_most:
-                signal.pthread_kill(main, first[1])  # a start in Python code is interrupted there: hold() raises
+                # A start in Python code is interrupted there: hold() raises. A SIGINT where it is handled
+                # (for a SIGTERM, Ray's core worker would print a stack dump first).
+                signal.pthread_kill(main, signal.SIGINT if signal.SIGINT in stops else first[1])
                 interrupted_at = now
-            if interrupted_at is not None and now - interrupted_at >= stuck and not closing.is_set():
+            if (interrupted_at is not None and now - interrupted_at >= stuck and first[1] == signal.SIGTERM
+                    and not closing.is_set()):
                 abandon()
                 return
 
@@ -453,27 +469,28 @@ def _stops_held_while_ray_starts(held: list[int], at_most: float = 5.0, stuck: f
         set_sigterm_handler = utils.set_sigterm_handler
     except (ImportError, AttributeError):  # another Ray: its handler may replace the one set here
         set_sigterm_handler = None
-    reader, writer = socket.socketpair()
-    writer.setblocking(False)
-    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGTERM, signal.SIGINT)
-                if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM}
-    previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    watcher = threading.Thread(target=watch, args=(reader,), name="hpsearch-held-stop", daemon=True)
-    watcher.start()
-    if set_sigterm_handler is not None:
-        utils.set_sigterm_handler = lambda handler: None
-    try:
-        yield
-    finally:
-        closing.set()  # from here a signal is only held: nothing may cut the restoring short
-        watcher.join()  # a signal it sent meanwhile reaches hold(), not the handlers restored below
-        for signum, handler in previous.items():  # None: a handler set outside Python
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        signal.set_wakeup_fd(previous_wakeup)
-        reader.close()
-        writer.close()
+    with contextlib.ExitStack() as restore:  # undone in the reverse order, each step even if one fails
+        reader, writer = socket.socketpair()
+        restore.callback(writer.close)
+        restore.callback(reader.close)
+        writer.setblocking(False)
+        reader.settimeout(0.05)
         if set_sigterm_handler is not None:
-            utils.set_sigterm_handler = set_sigterm_handler
+            utils.set_sigterm_handler = lambda handler: None
+            restore.callback(setattr, utils, "set_sigterm_handler", set_sigterm_handler)
+        stops = [signum for signum in (signal.SIGTERM, signal.SIGINT)
+                 if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM]
+        # The descriptor first: a signal that comes from here on reaches the thread.
+        passed_on = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        restore.callback(signal.set_wakeup_fd, passed_on)
+        for signum in stops:
+            previous = signal.signal(signum, hold)  # None: a handler set outside Python
+            restore.callback(signal.signal, signum, signal.SIG_DFL if previous is None else previous)
+        watcher = threading.Thread(target=watch, args=(reader, passed_on), name="hpsearch-held-stop", daemon=True)
+        watcher.start()
+        restore.callback(watcher.join)  # a signal it sent meanwhile reaches hold(), not the handlers restored
+        restore.callback(closing.set)  # from here a signal is only held: nothing may cut the restoring short
+        yield
 
 
 @contextlib.contextmanager
