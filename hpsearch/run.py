@@ -418,13 +418,12 @@ def _stops_held_while_ray_starts(held: list[int], at_most: float = 5.0, stuck: f
     hooks in which Python ignores an exception: a SIGTERM (or Ctrl-C) that came there was lost, and
     the search ran on to its end. A SIGTERM sent to every process of a job stops Ray's GCS or raylet
     too, and ``ray.init`` then waits 30-60 s in Ray's C++ code, where no Python handler runs: a thread
-    learns of the signal through Python's wakeup file descriptor and ends the wait. (Not in the first
-    half second of Ray's GCS, before it says its port: Ray then waits up to 30 s for it holding the GIL,
-    so no thread of this process runs Python.) Other signals that
-    reach that descriptor go on to the one set before (an asyncio loop's, say). A SIGINT that is
-    ignored (a background job of a script) stays ignored. (Ray's core worker, made in the last half
-    second of ``ray.init``, also prints a stack dump for a SIGTERM before it passes it on to the
-    handler here.)
+    learns of the signal through Python's wakeup file descriptor and ends the wait (not in the first
+    half second of Ray's GCS, before it says its port: Ray then waits up to 30 s for it holding the
+    GIL, and no thread of this process runs Python). Other signals that reach that descriptor go on to
+    the one set before (an asyncio loop's, say). A SIGINT that is ignored (a background job of a
+    script) stays ignored. (Ray's core worker, made in the last half second of ``ray.init``, also
+    prints a stack dump for a SIGTERM before it passes it on to the handler here.)
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -973,6 +972,12 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
             # SIGTERM then would end the search before anything is written.
             frame, summary = _summarize(settings, folder, journal, started)
+        except KeyboardInterrupt:
+            # A stop that Ray Tune did not take (before it ran, or a second Ctrl-C): the search saved its
+            # settings, so it is continued as after any other stop.
+            if (folder / SEARCH_FILE).is_file():
+                print(_continue_line(settings), file=stream, flush=True)
+            raise
         finally:
             if started_ray:
                 import ray

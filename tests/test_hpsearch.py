@@ -487,6 +487,27 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     assert (tmp_path / "late-stop" / "best_backbone.pt").is_file()
 
 
+def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
+    """A Ctrl-C or SIGTERM after Ray started and the settings were saved, before Ray Tune took the
+    signals over. Before: only "interrupted", and the same command then refused the folder ("already
+    holds a search")."""
+    import hpsearch.run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hpsearch.run, "_print_start", stopped)  # just before Ray Tune runs
+    settings = SearchSettings(method="vicreg", trials=2, name="early", storage_dir=str(tmp_path), **TINY)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings, data=tonal_data)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == (f"interrupted: continue with python -m hpsearch.run vicreg --name early "
+                                        f"--storage-dir {tmp_path} --resume")
+    monkeypatch.undo()
+    result = run_search(settings, resume=True, data=tonal_data)
+    assert not result.interrupted and len(result.trials) == 2
+
+
 @pytest.mark.slow
 def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_guard):
     settings = SearchSettings(
