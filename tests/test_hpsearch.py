@@ -799,6 +799,38 @@ def _command_line(pid: int) -> bytes:
         return b""
 
 
+def signal_search_when(command: list[str], env: dict, ready, to: str = "search") -> tuple[str, int, float]:
+    """Run a search command and send SIGTERM to it (``to="search"``) or to every process of its session
+    (``"session"``) once ``ready(output so far, the session's processes)`` holds; return its output,
+    exit code and the seconds from the signal to its exit. Every process of its session is gone afterwards.
+    The output is read as it comes, progress bars ("\\r", no newline) included."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                               start_new_session=True)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(process.stdout.fileno(), 4096), b"")),
+                              daemon=True)
+    reader.start()
+
+    def output() -> str:
+        return b"".join(chunks).decode(errors="replace")
+
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(output(), _session_processes(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, output()
+            time.sleep(0.02)
+        sent = time.monotonic()
+        for pid in _session_processes(process.pid) if to == "session" else [process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        code = process.wait(timeout=60)
+        seconds = time.monotonic() - sent
+        reader.join(timeout=10)
+    finally:
+        kill_session(process.pid)
+    return output(), code, seconds
+
+
 @pytest.mark.parametrize("state_saved", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["after-ray-saved-its-state", "before-ray-saved-its-state"])
 def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env, state_saved):
@@ -960,31 +992,12 @@ def test_sigterm_while_ray_starts_stops_the_search_as_ctrl_c_does(tmp_path, tona
     storage = tmp_path / "runs"
     command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--storage-dir", str(storage),
                   *tiny_flags(tonal_dataset))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
-                               cwd=REPO, start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        # The job-wide signal once the raylet runs: a GCS stopped in its first half second, before it says
-        # its port, holds Ray's start for 30 s in code that keeps Python from running (README).
-        process_name = b"gcs_server" if to == "search" else b"raylet/raylet"
-        while not any(process_name in _command_line(pid) for pid in _session_processes(process.pid)):
-            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.02)
-        # Ray's GCS runs: ray.init is under way (the search prints its first "searching" line after it).
-        assert not any(line.startswith("searching") for line in lines), "".join(lines)
-        sent = time.monotonic()
-        for pid in _session_processes(process.pid) if to == "session" else [process.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        code = process.wait(timeout=60)
-        seconds = time.monotonic() - sent
-        reader.join(timeout=10)
-    finally:
-        kill_session(process.pid)
-    output = "".join(lines)
+    # Once Ray's GCS runs, ray.init is under way (the search prints its first "searching" line after it). The
+    # job-wide signal once the raylet runs: a GCS stopped in its first half second, before it says its port,
+    # holds Ray's start for 30 s in code that keeps Python from running (README).
+    process_name = b"gcs_server" if to == "search" else b"raylet/raylet"
+    output, code, seconds = signal_search_when(
+        command, cli_env, lambda output, pids: any(process_name in _command_line(pid) for pid in pids), to=to)
     assert code == 130, output
     assert seconds < 15, f"{seconds:.1f} s from the signal to the exit\n{output}"
     # Across the job, Ray's start may end in Python code (interrupted there) or hang in its C++ code (ended).
@@ -1019,27 +1032,12 @@ def test_sigterm_while_the_mel_cache_is_built_keeps_the_tracks_decoded(tmp_path,
     env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache-root"), "RAY_AUTH_MODE": "disabled",
            "PYTHONWARNINGS": "ignore"}
     command = cli("vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "runs"), *tiny_flags(tmp_path))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                               start_new_session=True)
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(process.stdout.fileno(), 4096), b"")),
-                              daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        total = copies * (len(rows) - 1)
-        while True:  # the build's progress bar: signal once 20 of its tracks are decoded
-            done = [int(n) for n in re.findall(rb"\| *(\d+)/%d \[" % total, b"".join(chunks))]
-            if done and max(done) >= 20:
-                break
-            assert process.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-        reader.join(timeout=10)
-    finally:
-        kill_session(process.pid)
-    output = b"".join(chunks).decode(errors="replace")
+    total = copies * (len(rows) - 1)
+
+    def decoded_20(output: str, pids: list[int]) -> bool:  # the build's progress bar: 20 of its tracks decoded
+        return max((int(n) for n in re.findall(r"\| *(\d+)/%d \[" % total, output)), default=0) >= 20
+
+    output, code, _ = signal_search_when(command, env, decoded_20)
     assert code == 130 and output.endswith("python -m hpsearch.run: interrupted\n"), output
     assert "Traceback" not in output and "searching vicreg" not in output, output
     monkeypatch.setenv("MUSICSSL_CACHE", env["MUSICSSL_CACHE"])
