@@ -10,8 +10,15 @@
 ``python benchmarks/bench_search.py replay --method vicreg --trials 64``
     Replay other grace/patience settings of the stopping rule on the run without stopping (from
     its logged collapse metrics): what each would save and whether it would stop a best-5 trial.
-    ``--max-epochs N`` (savings, replay): trials of N epochs instead of the search's default; the
+    ``--max-epochs N`` (savings, replay, noise): trials of N epochs instead of the search's default; the
     runs are named ``METHOD-TRIALS-Nep-stop`` / ``-nostop``.
+``python benchmarks/bench_search.py noise --method vicreg --trials 64 [--seeds 0,1,2] [RUN_DIR]``
+    How much of a search's ranking is its seed: trials of a finished search (default: the run
+    without stopping; ranks 1-5, 10, 20, the median and the last of its complete trials, ``--ranks``)
+    trained again outside Ray with other seeds, without collapse stopping, as its trials train (train
+    + collapse metrics + probe, the search's threads). Prints each one's objective per seed, whether
+    the search's own seed reproduces the search's number, the seed-to-seed spread, and how the 5 best
+    score on the other seeds against the other trials retrained.
 ``python benchmarks/bench_search.py overhead --trials 6``
     Ray's per-trial overhead: the same default trials run one at a time through Ray and directly
     (``train()`` + probe in this process, one thread); target <= 10% of a trial.
@@ -232,6 +239,105 @@ def replay_rules(args) -> None:
                   f"{stopped:>7}  {best_stopped:>14}")
 
 
+def ranked_trials(trials: pd.DataFrame, ranks: list[str]) -> list[tuple[int, int]]:
+    """``(rank, trial number)`` of a search's complete trials at ``ranks`` (1-based numbers, "median",
+    "last"), best first, each trial once."""
+    complete = trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
+    numbers = [int(number) for number in complete["trial"]]
+    if not numbers:
+        raise SystemExit("the search has no complete trial to train again")
+    chosen: dict[int, int] = {}
+    for rank in ranks:
+        position = {"median": (len(numbers) + 1) // 2, "last": len(numbers)}.get(rank)
+        if position is None:
+            try:
+                position = int(rank)
+            except ValueError:
+                raise SystemExit(f"--ranks: {rank!r} is neither a rank (1, 2, ...) nor median or last") from None
+            if position < 1:
+                raise SystemExit(f"--ranks: ranks start at 1, got {rank}")
+        if position <= len(numbers):
+            chosen.setdefault(position, numbers[position - 1])
+    return sorted(chosen.items())
+
+
+def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print) -> pd.DataFrame:
+    """Train the search's trials ``numbers`` again with each of ``seeds``: its settings and the trial's
+    parameters (from the study), collapse stopping off, in this process. One row per run: trial, seed,
+    objective, outcome, seconds."""
+    import dataclasses
+
+    import optuna
+
+    from hpsearch.results import load_study
+    from hpsearch.run import prepare_search_data
+    from hpsearch.settings import SearchSettings
+    from hpsearch.stopping import CollapseMonitor
+    from hpsearch.trainable import _EpochReporter, _train_and_score
+    from study_spaces import get_space
+
+    settings = SearchSettings.load(folder)
+    study = load_study(folder / "optuna.journal")
+    space = get_space(settings.method)
+    data = prepare_search_data(settings, verbose=False)
+    rows = []
+    for number in numbers:
+        params = space.sample(optuna.trial.FixedTrial(study.trials[number].params))
+        for seed in seeds:
+            trial_settings = dataclasses.replace(settings.trial_settings(), seed=seed, collapse_stop=False)
+            monitor = CollapseMonitor(trial_settings.collapse_rule())
+            reporter = _EpochReporter(trial_settings, data, monitor, report=lambda metrics: None)
+            started = time.perf_counter()
+            record, _ = _train_and_score(trial_settings, params, data, monitor, reporter)
+            rows.append({"trial": number, "seed": seed, "objective": record["objective"], "outcome": record["outcome"],
+                         "seconds": time.perf_counter() - started})
+            show(f"  #{number} seed {seed}: {record['objective']:.4f} ({record['outcome']}, "
+                 f"{rows[-1]['seconds']:.0f} s)", flush=True)
+    return pd.DataFrame(rows)
+
+
+def bench_noise(args) -> None:
+    folder = Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
+    trials, _, settings = read_run(folder)
+    search_seed = int(settings["seed"])
+    seeds = ([int(seed) for seed in args.seeds.split(",")] if args.seeds
+             else [search_seed, search_seed + 1, search_seed + 2])
+    chosen = ranked_trials(trials, args.ranks.split(","))
+    print(f"noise: {folder.name} ({settings['method']}, {settings['max_epochs']} epochs of {settings['steps_per_epoch']} "
+          f"steps), {len(chosen)} trials x seeds {', '.join(map(str, seeds))} (the search's: {search_seed}); "
+          f"load average {load_average()}", flush=True)
+    runs = retrain(folder, [number for _, number in chosen], seeds)
+    table = runs.pivot(index="trial", columns="seed", values="objective")
+    searched = trials.set_index("trial")["objective"]
+    others = [seed for seed in seeds if seed != search_seed]
+    print(f"  rank  trial  search   {''.join(f'seed {seed:<4}' for seed in seeds)}mean    std")
+    for rank, number in chosen:
+        values = table.loc[number]
+        print(f"  {rank:>4}  #{number:<4}  {searched[number]:.4f}   {'  '.join(f'{values[seed]:.4f}  ' for seed in seeds)}"
+              f"{values.mean():.4f}  {values.std():.4f}")
+    if search_seed in seeds:
+        difference = (table[search_seed] - searched[table.index]).abs()
+        print(f"the search's seed reproduces the search's objective for {int((difference <= 1e-6).sum())} of "
+              f"{len(difference)} trials (largest difference {difference.max():.2g})")
+    pooled = float((table.std(axis=1) ** 2).mean() ** 0.5)
+    complete = pd.to_numeric(trials.loc[trials["state"] == "COMPLETE", "objective"])
+    print(f"seed-to-seed std of one trial's objective (pooled over {len(table)} trials): {pooled:.4f}; across the "
+          f"search's {len(complete)} complete trials: std {complete.std():.4f}, best - median "
+          f"{complete.max() - complete.median():.4f}")
+    if others:
+        other_mean = table[others].mean(axis=1)
+        groups = {"the 5 best": [number for rank, number in chosen if rank <= 5],
+                  "the others retrained but the last": [number for rank, number in chosen if 5 < rank < len(complete)],
+                  "the last": [number for rank, number in chosen if rank == len(complete) > 5]}
+        averages = [f"{group} {other_mean[numbers].mean():.4f} ({len(numbers)} trials)"
+                    for group, numbers in groups.items() if numbers]
+        rank_corr = searched[table.index].rank().corr(other_mean.rank())
+        print(f"on the other seeds ({', '.join(map(str, others))}), average objective: {'; '.join(averages)}; rank "
+              f"correlation of the trials' mean there with the search's values {rank_corr:.2f}")
+    print(f"RESULT noise {settings['method']}: seed-to-seed std {pooled:.4f} against a best - median spread of "
+          f"{complete.max() - complete.median():.4f} in the search; load average {load_average()}")
+
+
 def bench_overhead(args) -> None:
     """Same trials, one at a time: through Ray (reused actor) and directly in this process."""
     import torch
@@ -280,16 +386,21 @@ def bench_overhead(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["timing", "savings", "replay", "overhead", "report"])
-    parser.add_argument("folders", nargs="*", help="for report: finished search folders")
+    parser.add_argument("benchmark", choices=["timing", "savings", "replay", "noise", "overhead", "report"])
+    parser.add_argument("folders", nargs="*", help="for report: finished search folders; for noise: one (default: "
+                        "the savings run without stopping)")
     parser.add_argument("--method", default="vicreg")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=int, default=None,
-                        help="for savings and replay: epochs per trial (default: the search's own default)")
+                        help="for savings, replay and noise: epochs per trial (default: the search's own default)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
     parser.add_argument("--rerun", action="store_true", help="run again, removing the earlier run's folder")
+    parser.add_argument("--seeds", default=None, help="for noise: comma-separated seeds (default: the search's and "
+                        "the next two)")
+    parser.add_argument("--ranks", default="1,2,3,4,5,10,20,median,last",
+                        help="for noise: which complete trials, by rank (1 = best; median, last)")
     args = parser.parse_args()
     Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
     if args.benchmark == "timing":
@@ -301,6 +412,9 @@ def main() -> None:
     elif args.benchmark == "replay":
         args.trials = args.trials or 64
         replay_rules(args)
+    elif args.benchmark == "noise":
+        args.trials = args.trials or 64
+        bench_noise(args)
     elif args.benchmark == "overhead":
         args.trials = args.trials or 6
         bench_overhead(args)

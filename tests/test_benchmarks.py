@@ -50,3 +50,37 @@ def test_benchmark_script_documents_its_options(script):
                                capture_output=True, text=True, timeout=120, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.startswith("usage:")
+
+
+@pytest.mark.slow
+def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduces_them(tonal_dataset, tmp_path):
+    """``bench_search.py noise`` on a finished tiny search: the search's own seed, in a process of its
+    own outside Ray, gives each trial's recorded objective exactly (the search is reproducible trial by
+    trial), and another seed gives other numbers."""
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled",
+           "PYTHONWARNINGS": "ignore"}
+    search = [sys.executable, "-m", "hpsearch.run", "vicreg", "--trials", "2", "--concurrency", "1", "--name", "n",
+              "--storage-dir", str(tmp_path), "--no-collapse-stop", "--data", str(tonal_dataset / "tracks.csv"),
+              "--max-epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8", "--probe-segments", "32",
+              "--probe-segments-per-track", "1"]
+    ran = subprocess.run(search, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "noise", str(tmp_path / "n"), "--seeds", "0,1",
+         "--ranks", "1,2"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "the search's seed reproduces the search's objective for 2 of 2 trials" in completed.stdout
+    import pandas as pd
+
+    trials = pd.read_csv(tmp_path / "n" / "trials.csv").set_index("trial")
+    retrained = {}
+    for line in completed.stdout.splitlines():  # "  #N seed S: VALUE (outcome, T s)"
+        if line.startswith("  #") and " seed " in line:
+            number, rest = line.strip()[1:].split(" seed ")
+            seed, value = rest.split(":")
+            retrained[int(number), int(seed)] = float(value.split()[0])
+    assert sorted(retrained) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for number in (0, 1):
+        assert retrained[number, 0] == pytest.approx(trials.loc[number, "objective"], abs=1e-4)
+        assert retrained[number, 1] != pytest.approx(retrained[number, 0], abs=1e-4)
