@@ -10,6 +10,7 @@
 ``python benchmarks/bench_search.py replay --method vicreg --trials 64``
     Replay other grace/patience settings of the stopping rule on the run without stopping (from
     its logged collapse metrics): what each would save and whether it would stop a best-5 trial.
+    ``--seed-runs CSV ...`` (files written by ``noise --csv``): also judged by the trials' mean over seeds.
     ``--max-epochs N`` (savings, replay, noise): trials of N epochs instead of the search's default; the
     runs are named ``METHOD-TRIALS-Nep-stop`` / ``-nostop``.
 ``python benchmarks/bench_search.py noise --method vicreg --trials 64 [--seeds 0,1,2] [RUN_DIR]``
@@ -207,9 +208,27 @@ def replay(records: dict[int, list[dict]], rule):
     return monitors
 
 
+def seed_means(trials: pd.DataFrame, settings: dict, files: list[str], seeds: list[int] | None = None
+               ) -> tuple[pd.Series, list[int]]:
+    """Per trial, the mean objective over seeds: the search's own value (its seed) and the runs of
+    ``noise --csv`` files, on ``seeds`` (default: all found). Only trials that have every one of those
+    seeds count; returns (means, seeds)."""
+    runs = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
+    own = trials.loc[trials["state"] == "COMPLETE", ["trial", "objective"]].assign(seed=int(settings["seed"]))
+    runs = pd.concat([runs[runs["seed"] != int(settings["seed"])], own], ignore_index=True)
+    if seeds is not None:
+        runs = runs[runs["seed"].isin(seeds)]
+    table = runs.pivot_table(index="trial", columns="seed", values="objective", aggfunc="mean")
+    if table.dropna().empty:
+        raise SystemExit("no trial has a run on every one of the seeds asked for: pass --seeds with fewer of them")
+    return table.dropna().mean(axis=1), sorted(int(seed) for seed in table.columns)
+
+
 def replay_rules(args) -> None:
     """Replay stopping rules on a search run without stopping: what each would have saved, and
-    whether it would have stopped any of the 5 best trials (no retraining, TPE's feedback aside)."""
+    whether it would have stopped any of the 5 best trials (no retraining, TPE's feedback aside).
+    With ``--seed-runs`` (``noise --csv`` files), also the 5 best by the mean over seeds, and the mean
+    objective of the trials each rule stops against those it lets run."""
     from hpsearch.settings import DEFAULT_STOP_ON
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
 
@@ -219,24 +238,39 @@ def replay_rules(args) -> None:
     max_epochs = settings["max_epochs"]
     complete = trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
     best = set(complete["trial"].head(5))
+    means = None
+    if args.seed_runs:
+        asked = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
+        means, seeds = seed_means(trials, settings, args.seed_runs, asked)
+        best_by_mean = list(means.sort_values(ascending=False).index[:5])
+        ranks = {number: rank for rank, number in enumerate(complete["trial"], start=1)}
+        print(f"the mean over seeds {', '.join(map(str, seeds))} of {len(means)} trials; its 5 best: "
+              + ", ".join(f"#{number} ({means[number]:.4f}, rank {ranks[number]} in the search)" for number in best_by_mean))
+        searched = complete.set_index("trial")["objective"][means.index]
+        print(f"rank correlation of the search's values with these means: {searched.rank().corr(means.rank()):.2f}")
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
-    print("  stop on                       grace patience  saved   stopped  best-5 stopped")
+    print("  stop on                       grace patience  saved   stopped  best-5 stopped"
+          + ("  by the mean  mean: stopped / run" if means is not None else ""))
     for stop_on in (DEFAULT_STOP_ON, COLLAPSE_TYPES):
         for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
             rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on)
             run = requested = 0.0
-            stopped, best_stopped = 0, 0
+            stopped = []
             for number, monitor in replay(records, rule).items():
                 epochs = float(trials.loc[trials["trial"] == number, "epochs_run"].iloc[0])
                 requested += epochs
                 if monitor.fired and monitor.collapse_type != "diverged":
-                    stopped += 1
-                    best_stopped += number in best
+                    stopped.append(number)
                     run += min(epochs, monitor.stop_epoch)
                 else:
                     run += epochs
-            print(f"  {','.join(stop_on):<29} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
-                  f"{stopped:>7}  {best_stopped:>14}")
+            line = (f"  {','.join(stop_on):<29} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
+                    f"{len(stopped):>7}  {len(best.intersection(stopped)):>14}")
+            if means is not None:
+                held = means.index.isin(stopped)
+                line += (f"  {len(set(best_by_mean).intersection(stopped)):>11}  {means[held].mean():.4f} / "
+                         f"{means[~held].mean():.4f}")
+            print(line)
 
 
 def ranked_trials(trials: pd.DataFrame, ranks: list[str]) -> list[tuple[int, int]]:
@@ -307,6 +341,9 @@ def bench_noise(args) -> None:
           f"steps), {len(chosen)} trials x seeds {', '.join(map(str, seeds))} (the search's: {search_seed}); "
           f"load average {load_average()}", flush=True)
     runs = retrain(folder, [number for _, number in chosen], seeds)
+    if args.csv:
+        runs.to_csv(args.csv, index=False)
+        print(f"runs written to {args.csv}")
     table = runs.pivot(index="trial", columns="seed", values="objective")
     searched = trials.set_index("trial")["objective"]
     others = [seed for seed in seeds if seed != search_seed]
@@ -398,9 +435,12 @@ def main() -> None:
     parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
     parser.add_argument("--rerun", action="store_true", help="run again, removing the earlier run's folder")
     parser.add_argument("--seeds", default=None, help="for noise: comma-separated seeds (default: the search's and "
-                        "the next two)")
+                        "the next two); for replay with --seed-runs: the seeds to average (default: all found)")
     parser.add_argument("--ranks", default="1,2,3,4,5,10,20,median,last",
                         help="for noise: which complete trials, by rank (1 = best; median, last)")
+    parser.add_argument("--csv", default=None, help="for noise: also write its runs (trial, seed, objective, ...) here")
+    parser.add_argument("--seed-runs", nargs="+", default=None, metavar="CSV",
+                        help="for replay: noise --csv files; judge the rules by the trials' mean over seeds too")
     args = parser.parse_args()
     Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
     if args.benchmark == "timing":

@@ -67,7 +67,8 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "noise", str(tmp_path / "n"), "--seeds", "0,1",
-         "--ranks", "1,2"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+         "--ranks", "1,2", "--csv", str(tmp_path / "seeds.csv")], capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=env,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert "the search's seed reproduces the search's objective for 2 of 2 trials" in completed.stdout
@@ -84,3 +85,18 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
     for number in (0, 1):
         assert retrained[number, 0] == pytest.approx(trials.loc[number, "objective"], abs=1e-4)
         assert retrained[number, 1] != pytest.approx(retrained[number, 0], abs=1e-4)
+
+    # The runs it wrote judge replayed stopping rules by the trials' mean over the seeds.
+    runs = pd.read_csv(tmp_path / "seeds.csv")
+    assert sorted(zip(runs["trial"], runs["seed"])) == sorted(retrained)
+    replayed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "replay", "--name", "n", "--storage-dir",
+         str(tmp_path), "--seed-runs", str(tmp_path / "seeds.csv")], capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env,
+    )
+    assert replayed.returncode == 0, replayed.stdout[-2000:] + replayed.stderr[-2000:]
+    # The search's own values for its seed (which the retrained seed-0 runs reproduce), the runs' for seed 1.
+    means = {number: (trials.loc[number, "objective"] + runs.set_index(["trial", "seed"]).loc[(number, 1), "objective"])
+             / 2 for number in (0, 1)}
+    best = max(means, key=means.get)
+    assert f"the mean over seeds 0, 1 of 2 trials; its 5 best: #{best} ({means[best]:.4f}" in replayed.stdout
