@@ -208,11 +208,10 @@ def replay(records: dict[int, list[dict]], rule):
     return monitors
 
 
-def seed_means(trials: pd.DataFrame, settings: dict, files: list[str], seeds: list[int] | None = None
-               ) -> tuple[pd.Series, list[int]]:
-    """Per trial, the mean objective over seeds: the search's own value (its seed) and the runs of
-    ``noise --csv`` files, on ``seeds`` (default: all found). Only trials that have every one of those
-    seeds count; returns (means, seeds)."""
+def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: list[int] | None = None) -> pd.DataFrame:
+    """Per trial (rows), the objective on each seed (columns): the search's own value for its seed and
+    the runs of ``noise --csv`` files, on ``seeds`` (default: all found). Only trials that have every
+    one of those seeds are kept."""
     runs = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
     own = trials.loc[trials["state"] == "COMPLETE", ["trial", "objective"]].assign(seed=int(settings["seed"]))
     runs = pd.concat([runs[runs["seed"] != int(settings["seed"])], own], ignore_index=True)
@@ -221,7 +220,7 @@ def seed_means(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
     table = runs.pivot_table(index="trial", columns="seed", values="objective", aggfunc="mean")
     if table.dropna().empty:
         raise SystemExit("no trial has a run on every one of the seeds asked for: pass --seeds with fewer of them")
-    return table.dropna().mean(axis=1), sorted(int(seed) for seed in table.columns)
+    return table.dropna()
 
 
 def replay_rules(args) -> None:
@@ -240,14 +239,17 @@ def replay_rules(args) -> None:
     best = set(complete["trial"].head(5))
     means = None
     if args.seed_runs:
-        asked = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
-        means, seeds = seed_means(trials, settings, args.seed_runs, asked)
+        table = seed_table(trials, settings, args.seed_runs, args.seeds)
+        means = table.mean(axis=1)
         best_by_mean = list(means.sort_values(ascending=False).index[:5])
         ranks = {number: rank for rank, number in enumerate(complete["trial"], start=1)}
-        print(f"the mean over seeds {', '.join(map(str, seeds))} of {len(means)} trials; its 5 best: "
+        print(f"the mean over seeds {', '.join(str(seed) for seed in table.columns)} of {len(means)} trials; its 5 best: "
               + ", ".join(f"#{number} ({means[number]:.4f}, rank {ranks[number]} in the search)" for number in best_by_mean))
-        searched = complete.set_index("trial")["objective"][means.index]
-        print(f"rank correlation of the search's values with these means: {searched.rank().corr(means.rank()):.2f}")
+        others = [seed for seed in table.columns if seed != int(settings["seed"])]
+        if others:
+            searched = complete.set_index("trial")["objective"][table.index]
+            print(f"rank correlation of the search's values with the mean over the other seeds "
+                  f"({', '.join(map(str, others))}): {searched.rank().corr(table[others].mean(axis=1).rank()):.2f}")
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
     print("  stop on                       grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
@@ -331,11 +333,15 @@ def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print) -> p
 
 
 def bench_noise(args) -> None:
+    if len(args.folders) > 1:
+        raise SystemExit(f"noise takes one search folder, got {len(args.folders)}")
     folder = Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
+    if not (folder / "trials.csv").is_file() or not (folder / "optuna.journal").is_file():
+        raise SystemExit(f"{folder} is not a search's folder (no trials.csv and optuna.journal): pass the folder of "
+                         "a finished search, e.g. runs/NAME")
     trials, _, settings = read_run(folder)
     search_seed = int(settings["seed"])
-    seeds = ([int(seed) for seed in args.seeds.split(",")] if args.seeds
-             else [search_seed, search_seed + 1, search_seed + 2])
+    seeds = args.seeds or [search_seed, search_seed + 1, search_seed + 2]
     chosen = ranked_trials(trials, args.ranks.split(","))
     print(f"noise: {folder.name} ({settings['method']}, {settings['max_epochs']} epochs of {settings['steps_per_epoch']} "
           f"steps), {len(chosen)} trials x seeds {', '.join(map(str, seeds))} (the search's: {search_seed}); "
@@ -421,6 +427,17 @@ def bench_overhead(args) -> None:
           f"({'met' if overhead <= 0.1 * direct_mean else 'NOT met'}; target <= 10%); load average {load_average()}")
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated whole numbers from 0 to 2**32 - 1, each once."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if any(not 0 <= seed < 2**32 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be different numbers from 0 to 2**32 - 1, got {text!r}")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=["timing", "savings", "replay", "noise", "overhead", "report"])
@@ -434,7 +451,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
     parser.add_argument("--rerun", action="store_true", help="run again, removing the earlier run's folder")
-    parser.add_argument("--seeds", default=None, help="for noise: comma-separated seeds (default: the search's and "
+    parser.add_argument("--seeds", type=seed_list, default=None, help="for noise: comma-separated seeds (default: the search's and "
                         "the next two); for replay with --seed-runs: the seeds to average (default: all found)")
     parser.add_argument("--ranks", default="1,2,3,4,5,10,20,median,last",
                         help="for noise: which complete trials, by rank (1 = best; median, last)")
