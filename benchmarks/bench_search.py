@@ -82,6 +82,10 @@ def needs_run(folder: Path, rerun: bool) -> bool:
 
 
 def read_run(folder: Path) -> tuple[pd.DataFrame, dict, dict]:
+    missing = [name for name in ("trials.csv", "summary.json", "search.json") if not (folder / name).is_file()]
+    if missing:
+        raise SystemExit(f"{folder} is not a search's folder (no {', '.join(missing)}): pass the folder of a search, "
+                         "e.g. runs/NAME")
     trials = pd.read_csv(folder / "trials.csv")
     summary = json.loads((folder / "summary.json").read_text())
     settings = json.loads((folder / "search.json").read_text())
@@ -213,14 +217,23 @@ def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
     the runs of ``noise --csv`` files, on ``seeds`` (default: all found). Only trials that have every
     one of those seeds are kept."""
     runs = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
-    own = trials.loc[trials["state"] == "COMPLETE", ["trial", "objective"]].assign(seed=int(settings["seed"]))
-    runs = pd.concat([runs[runs["seed"] != int(settings["seed"])], own], ignore_index=True)
+    if "search" in runs and set(runs["search"].dropna()) - {settings["name"]}:
+        raise SystemExit(f"--seed-runs: runs of {sorted(set(runs['search'].dropna()))}, not of {settings['name']}")
+    complete = trials.loc[trials["state"] == "COMPLETE", ["trial", "objective"]]
+    own = complete.assign(seed=int(settings["seed"]))
+    runs = runs[runs["trial"].isin(complete["trial"]) & (runs["seed"] != int(settings["seed"]))]
+    runs = pd.concat([runs[["trial", "seed", "objective"]], own], ignore_index=True)
     if seeds is not None:
         runs = runs[runs["seed"].isin(seeds)]
-    table = runs.pivot_table(index="trial", columns="seed", values="objective", aggfunc="mean")
-    if table.dropna().empty:
+    table = runs.pivot_table(index="trial", columns="seed", values="objective", aggfunc="mean", dropna=False)
+    kept = table.dropna()
+    if len(kept) < len(table):  # a seed not run for a trial, or a retrain that diverged or failed (NaN)
+        print(f"left out of the means: {len(table) - len(kept)} trials without a finite objective on every seed "
+              f"({', '.join(f'#{number}' for number in table.index.difference(kept.index)[:10])}"
+              f"{', ...' if len(table) - len(kept) > 10 else ''})")
+    if kept.empty:
         raise SystemExit("no trial has a run on every one of the seeds asked for: pass --seeds with fewer of them")
-    return table.dropna()
+    return kept
 
 
 def replay_rules(args) -> None:
@@ -231,7 +244,9 @@ def replay_rules(args) -> None:
     from hpsearch.settings import DEFAULT_STOP_ON
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
 
-    folder = Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
+    if len(args.folders) > 1:
+        raise SystemExit(f"replay takes one search folder, got {len(args.folders)}")
+    folder = Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
     trials, _, settings = read_run(folder)
     records = epoch_records(folder)
     max_epochs = settings["max_epochs"]
@@ -270,8 +285,8 @@ def replay_rules(args) -> None:
                     f"{len(stopped):>7}  {len(best.intersection(stopped)):>14}")
             if means is not None:
                 held = means.index.isin(stopped)
-                line += (f"  {len(set(best_by_mean).intersection(stopped)):>11}  {means[held].mean():.4f} / "
-                         f"{means[~held].mean():.4f}")
+                line += f"  {len(set(best_by_mean).intersection(stopped)):>11}  " + " / ".join(
+                    f"{part.mean():.4f}" if len(part) else "-" for part in (means[held], means[~held]))
             print(line)
 
 
@@ -297,10 +312,11 @@ def ranked_trials(trials: pd.DataFrame, ranks: list[str]) -> list[tuple[int, int
     return sorted(chosen.items())
 
 
-def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print) -> pd.DataFrame:
+def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print, csv: str | None = None) -> pd.DataFrame:
     """Train the search's trials ``numbers`` again with each of ``seeds``: its settings and the trial's
-    parameters (from the study), collapse stopping off, in this process. One row per run: trial, seed,
-    objective, outcome, seconds."""
+    parameters (the config the study recorded it was given, else its sampled values through today's
+    space), collapse stopping off, in this process. One row per run: search, trial, seed, objective,
+    outcome, seconds; written to ``csv`` after each run. A run that raises is recorded as failed."""
     import dataclasses
 
     import optuna
@@ -316,19 +332,26 @@ def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print) -> p
     study = load_study(folder / "optuna.journal")
     space = get_space(settings.method)
     data = prepare_search_data(settings, verbose=False)
+    by_number = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
     rows = []
     for number in numbers:
-        params = space.sample(optuna.trial.FixedTrial(study.trials[number].params))
+        trial = by_number[number]
+        params = trial.user_attrs.get("config") or space.sample(optuna.trial.FixedTrial(trial.params))
         for seed in seeds:
             trial_settings = dataclasses.replace(settings.trial_settings(), seed=seed, collapse_stop=False)
             monitor = CollapseMonitor(trial_settings.collapse_rule())
             reporter = _EpochReporter(trial_settings, data, monitor, report=lambda metrics: None)
             started = time.perf_counter()
-            record, _ = _train_and_score(trial_settings, params, data, monitor, reporter)
-            rows.append({"trial": number, "seed": seed, "objective": record["objective"], "outcome": record["outcome"],
-                         "seconds": time.perf_counter() - started})
-            show(f"  #{number} seed {seed}: {record['objective']:.4f} ({record['outcome']}, "
-                 f"{rows[-1]['seconds']:.0f} s)", flush=True)
+            try:
+                record, _ = _train_and_score(trial_settings, params, data, monitor, reporter)
+                objective, outcome, note = record["objective"], record["outcome"], ""
+            except Exception as error:  # noqa: BLE001 - one run's failure is recorded, as a search's trial is
+                objective, outcome, note = float("nan"), "failed", f": {type(error).__name__}: {error}"
+            rows.append({"search": settings.name, "trial": number, "seed": seed, "objective": objective,
+                         "outcome": outcome, "seconds": time.perf_counter() - started})
+            show(f"  #{number} seed {seed}: {objective:.4f} ({outcome}, {rows[-1]['seconds']:.0f} s){note}", flush=True)
+            if csv:
+                pd.DataFrame(rows).to_csv(csv, index=False)
     return pd.DataFrame(rows)
 
 
@@ -336,19 +359,20 @@ def bench_noise(args) -> None:
     if len(args.folders) > 1:
         raise SystemExit(f"noise takes one search folder, got {len(args.folders)}")
     folder = Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
-    if not (folder / "trials.csv").is_file() or not (folder / "optuna.journal").is_file():
-        raise SystemExit(f"{folder} is not a search's folder (no trials.csv and optuna.journal): pass the folder of "
-                         "a finished search, e.g. runs/NAME")
+    if not (folder / "optuna.journal").is_file():
+        raise SystemExit(f"{folder} is not a search's folder (no optuna.journal): pass the folder of a search, "
+                         "e.g. runs/NAME")
     trials, _, settings = read_run(folder)
+    if args.csv:
+        Path(args.csv).write_text("")  # an unwritable path fails now, not after the runs
     search_seed = int(settings["seed"])
     seeds = args.seeds or [search_seed, search_seed + 1, search_seed + 2]
     chosen = ranked_trials(trials, args.ranks.split(","))
     print(f"noise: {folder.name} ({settings['method']}, {settings['max_epochs']} epochs of {settings['steps_per_epoch']} "
           f"steps), {len(chosen)} trials x seeds {', '.join(map(str, seeds))} (the search's: {search_seed}); "
           f"load average {load_average()}", flush=True)
-    runs = retrain(folder, [number for _, number in chosen], seeds)
+    runs = retrain(folder, [number for _, number in chosen], seeds, csv=args.csv)
     if args.csv:
-        runs.to_csv(args.csv, index=False)
         print(f"runs written to {args.csv}")
     table = runs.pivot(index="trial", columns="seed", values="objective")
     searched = trials.set_index("trial")["objective"]

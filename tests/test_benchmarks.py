@@ -53,13 +53,15 @@ def test_benchmark_script_documents_its_options(script):
 
 
 @pytest.mark.slow
-def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduces_them(tonal_dataset, tmp_path):
+@pytest.mark.parametrize("method", ["vicreg", "clustering"])
+def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduces_them(method, tonal_dataset, tmp_path):
     """``bench_search.py noise`` on a finished tiny search: the search's own seed, in a process of its
     own outside Ray, gives each trial's recorded objective exactly (the search is reproducible trial by
-    trial), and another seed gives other numbers."""
+    trial), and another seed gives other numbers. Clustering's space has fixed settings and values it
+    derives from helper parameters, which the retrain must give as the search did."""
     env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled",
            "PYTHONWARNINGS": "ignore"}
-    search = [sys.executable, "-m", "hpsearch.run", "vicreg", "--trials", "2", "--concurrency", "1", "--name", "n",
+    search = [sys.executable, "-m", "hpsearch.run", method, "--trials", "2", "--concurrency", "1", "--name", "n",
               "--storage-dir", str(tmp_path), "--no-collapse-stop", "--data", str(tonal_dataset / "tracks.csv"),
               "--max-epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8", "--probe-segments", "32",
               "--probe-segments-per-track", "1"]
@@ -100,3 +102,11 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
              / 2 for number in (0, 1)}
     best = max(means, key=means.get)
     assert f"the mean over seeds 0, 1 of 2 trials; its 5 best: #{best} ({means[best]:.4f}" in replayed.stdout
+
+    # Runs of another search are refused, not averaged with this one's trial numbers.
+    runs.assign(search="another").to_csv(tmp_path / "other.csv", index=False)
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "replay", str(tmp_path / "n"), "--seed-runs",
+         str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )
+    assert refused.returncode != 0 and "--seed-runs: runs of ['another'], not of n" in refused.stderr
