@@ -92,6 +92,23 @@ def read_run(folder: Path) -> tuple[pd.DataFrame, dict, dict]:
     return trials, summary, settings
 
 
+def ranked_complete(trials: pd.DataFrame) -> pd.DataFrame:
+    """A search's complete trials, best objective first."""
+    return trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
+
+
+def rank_correlation(first: pd.Series, second: pd.Series) -> float:
+    """Spearman's rank correlation of two series over their shared index."""
+    return float(first.rank().corr(second.rank()))
+
+
+def one_search_folder(args) -> Path:
+    """The search folder a benchmark reads: the one given, else the savings run without stopping."""
+    if len(args.folders) > 1:
+        raise SystemExit(f"{args.benchmark} takes one search folder, got {len(args.folders)}")
+    return Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
+
+
 def describe(folder: Path) -> None:
     trials, summary, settings = read_run(folder)
     seconds = pd.to_numeric(trials["seconds"], errors="coerce")
@@ -156,7 +173,7 @@ def bench_savings(args) -> None:
     # would_stop_epoch holds the rule of the day that search ran, which may since have changed).
     rule = stored_rule(runs[True])
     monitors = replay(epoch_records(runs[False]), rule)
-    complete = without[without["state"] == "COMPLETE"].sort_values("objective", ascending=False)
+    complete = ranked_complete(without)
     top = complete.head(5)
     would_stop = [number for number in top["trial"] if monitors[number].fired]
     print(f"trial-epochs: with collapse stop {epochs_with:.1f}, without {epochs_without:.1f}: "
@@ -219,7 +236,7 @@ def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
     runs = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
     if "search" in runs and set(runs["search"].dropna()) - {settings["name"]}:
         raise SystemExit(f"--seed-runs: runs of {sorted(set(runs['search'].dropna()))}, not of {settings['name']}")
-    complete = trials.loc[trials["state"] == "COMPLETE", ["trial", "objective"]]
+    complete = ranked_complete(trials)[["trial", "objective"]]
     own = complete.assign(seed=int(settings["seed"]))
     runs = runs[runs["trial"].isin(complete["trial"]) & (runs["seed"] != int(settings["seed"]))]
     runs = pd.concat([runs[["trial", "seed", "objective"]], own], ignore_index=True)
@@ -244,13 +261,11 @@ def replay_rules(args) -> None:
     from hpsearch.settings import DEFAULT_STOP_ON
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
 
-    if len(args.folders) > 1:
-        raise SystemExit(f"replay takes one search folder, got {len(args.folders)}")
-    folder = Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
+    folder = one_search_folder(args)
     trials, _, settings = read_run(folder)
     records = epoch_records(folder)
     max_epochs = settings["max_epochs"]
-    complete = trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
+    complete = ranked_complete(trials)
     best = set(complete["trial"].head(5))
     means = None
     if args.seed_runs:
@@ -264,7 +279,7 @@ def replay_rules(args) -> None:
         if others:
             searched = complete.set_index("trial")["objective"][table.index]
             print(f"rank correlation of the search's values with the mean over the other seeds "
-                  f"({', '.join(map(str, others))}): {searched.rank().corr(table[others].mean(axis=1).rank()):.2f}")
+                  f"({', '.join(map(str, others))}): {rank_correlation(searched, table[others].mean(axis=1)):.2f}")
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
     print("  stop on                       grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
@@ -293,8 +308,7 @@ def replay_rules(args) -> None:
 def ranked_trials(trials: pd.DataFrame, ranks: list[str]) -> list[tuple[int, int]]:
     """``(rank, trial number)`` of a search's complete trials at ``ranks`` (1-based numbers, "median",
     "last"), best first, each trial once."""
-    complete = trials[trials["state"] == "COMPLETE"].sort_values("objective", ascending=False)
-    numbers = [int(number) for number in complete["trial"]]
+    numbers = [int(number) for number in ranked_complete(trials)["trial"]]
     if not numbers:
         raise SystemExit("the search has no complete trial to train again")
     chosen: dict[int, int] = {}
@@ -356,9 +370,7 @@ def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print, csv:
 
 
 def bench_noise(args) -> None:
-    if len(args.folders) > 1:
-        raise SystemExit(f"noise takes one search folder, got {len(args.folders)}")
-    folder = Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
+    folder = one_search_folder(args)
     if not (folder / "optuna.journal").is_file():
         raise SystemExit(f"{folder} is not a search's folder (no optuna.journal): pass the folder of a search, "
                          "e.g. runs/NAME")
@@ -387,7 +399,7 @@ def bench_noise(args) -> None:
         print(f"the search's seed reproduces the search's objective for {int((difference <= 1e-6).sum())} of "
               f"{len(difference)} trials (largest difference {difference.max():.2g})")
     pooled = float((table.std(axis=1) ** 2).mean() ** 0.5)
-    complete = pd.to_numeric(trials.loc[trials["state"] == "COMPLETE", "objective"])
+    complete = pd.to_numeric(ranked_complete(trials)["objective"])
     print(f"seed-to-seed std of one trial's objective (pooled over {len(table)} trials): {pooled:.4f}; across the "
           f"search's {len(complete)} complete trials: std {complete.std():.4f}, best - median "
           f"{complete.max() - complete.median():.4f}")
@@ -398,7 +410,7 @@ def bench_noise(args) -> None:
                   "the last": [number for rank, number in chosen if rank == len(complete) > 5]}
         averages = [f"{group} {other_mean[numbers].mean():.4f} ({len(numbers)} trials)"
                     for group, numbers in groups.items() if numbers]
-        rank_corr = searched[table.index].rank().corr(other_mean.rank())
+        rank_corr = rank_correlation(searched[table.index], other_mean)
         print(f"on the other seeds ({', '.join(map(str, others))}), average objective: {'; '.join(averages)}; rank "
               f"correlation of the trials' mean there with the search's values {rank_corr:.2f}")
     print(f"RESULT noise {settings['method']}: seed-to-seed std {pooled:.4f} against a best - median spread of "
