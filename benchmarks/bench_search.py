@@ -264,6 +264,13 @@ def replay_rules(args) -> None:
     folder = one_search_folder(args)
     trials, _, settings = read_run(folder)
     records = epoch_records(folder)
+    # A search still running (or killed) has trials with epoch reports that have not finished: a row
+    # without epochs_run in trials.csv ("running"), or none yet.
+    finished = trials.loc[pd.to_numeric(trials["epochs_run"], errors="coerce").notna(), "trial"].astype(int)
+    unfinished = sorted(set(records) - set(finished))
+    if unfinished:
+        print(f"left out (not finished): {', '.join(f'#{number}' for number in unfinished)}")
+        records = {number: rows for number, rows in records.items() if number not in unfinished}
     max_epochs = settings["max_epochs"]
     complete = ranked_complete(trials)
     best = set(complete["trial"].head(5))

@@ -110,3 +110,15 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
          str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
     )
     assert refused.returncode != 0 and "--seed-runs: runs of ['another'], not of n" in refused.stderr
+
+    # A search still running: a trial without epochs_run in trials.csv ("running") is left out of the
+    # replay, and named, instead of failing it.
+    trials.loc[1, ["outcome", "state", "epochs_run"]] = ["running", "RUNNING", None]
+    trials.reset_index().to_csv(tmp_path / "n" / "trials.csv", index=False)
+    running = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "replay", str(tmp_path / "n")],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )
+    assert running.returncode == 0, running.stdout[-2000:] + running.stderr[-2000:]
+    assert "left out (not finished): #1\n" in running.stdout
+    assert "replaying stopping rules on n (1 trials, 2 epochs each)" in running.stdout
