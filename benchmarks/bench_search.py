@@ -290,7 +290,7 @@ def replay_rules(args) -> None:
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
     print("  stop on                       grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
-    for stop_on in (DEFAULT_STOP_ON, COLLAPSE_TYPES):
+    for stop_on in (DEFAULT_STOP_ON, ("complete",), COLLAPSE_TYPES):
         for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
             rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on)
             run = requested = 0.0
