@@ -266,7 +266,9 @@ def replay_rules(args) -> None:
     records = epoch_records(folder)
     # A search still running (or killed) has trials with epoch reports that have not finished: a row
     # without epochs_run in trials.csv ("running"), or none yet.
-    finished = trials.loc[pd.to_numeric(trials["epochs_run"], errors="coerce").notna(), "trial"].astype(int)
+    finished = {int(number): float(epochs)  # trial number -> epochs run
+                for number, epochs in zip(trials["trial"], pd.to_numeric(trials["epochs_run"], errors="coerce"))
+                if pd.notna(epochs)}
     unfinished = sorted(set(records) - set(finished))
     if unfinished:
         print(f"left out (not finished): {', '.join(f'#{number}' for number in unfinished)}")
@@ -296,7 +298,7 @@ def replay_rules(args) -> None:
             run = requested = 0.0
             stopped = []
             for number, monitor in replay(records, rule).items():
-                epochs = float(trials.loc[trials["trial"] == number, "epochs_run"].iloc[0])
+                epochs = finished[number]
                 requested += epochs
                 if monitor.fired and monitor.collapse_type != "diverged":
                     stopped.append(number)
