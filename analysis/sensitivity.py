@@ -875,8 +875,10 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                      "end and kept their score, and count as collapsed here (collapse rate, importance for collapse, "
                      "collapse rate per parameter, maps, time to collapse)")
     if "verdict" in frame:
+        from hpsearch.settings import COLLAPSE_TYPES
+
         flagged = finished[(finished["outcome"] == "complete") & ~finished["collapsed"]
-                           & finished["verdict"].isin(("complete", "dimensional", "cluster"))]
+                           & finished["verdict"].isin(COLLAPSE_TYPES)]
         if len(flagged):
             kinds = ", ".join(f"{count} {kind}" for kind, count in flagged["verdict"].value_counts().sort_index().items())
             notes.append(f"{len(flagged)} complete trial(s) ended with a collapse verdict the rule does not stop on "

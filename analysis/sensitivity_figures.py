@@ -47,6 +47,7 @@ _GROUP_COLOURS = {
     "collapsed: complete": "#d62728",
     "collapsed: dimensional": "#ff7f0e",
     "collapsed: cluster": "#9467bd",
+    "collapsed: partial": "#c5b0d5",
     "collapsed: unknown": "#e377c2",
     "diverged": "#3b3b3b",
     "failed": "#9e9e9e",

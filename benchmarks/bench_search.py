@@ -194,7 +194,8 @@ def epoch_records(folder: Path) -> dict[int, list[dict]]:
     """Per Optuna trial number, the epoch reports of a search (from Ray's progress.csv files)."""
     records = {}
     for params_file in folder.glob("*/params.json"):
-        number = json.loads(params_file.read_text()).get("optuna_trial")
+        params = json.loads(params_file.read_text())
+        number = params.get("optuna_trial")
         progress = params_file.parent / "progress.csv"
         if number is None or not progress.is_file():
             continue
@@ -204,6 +205,11 @@ def epoch_records(folder: Path) -> dict[int, list[dict]]:
         # Ray's CSV keeps the columns of the first report, so the final report (which repeats the
         # last epoch's metrics) may have lost its "final" column: one row per epoch, the first.
         frame = frame.drop_duplicates(subset="epoch", keep="first")
+        # Searches run before 2026-12-02 did not log the mean assignment's effective prototypes:
+        # K ** (its entropy over log K) is the same number.
+        prototypes = params.get("num_prototypes")
+        if "collapse_assignment_entropy" in frame and "collapse_effective_prototypes" not in frame and prototypes:
+            frame["collapse_effective_prototypes"] = float(prototypes) ** frame["collapse_assignment_entropy"]
         records[int(number)] = frame.to_dict("records")
     return records
 
@@ -290,9 +296,10 @@ def replay_rules(args) -> None:
             print(f"rank correlation of the search's values with the mean over the other seeds "
                   f"({', '.join(map(str, others))}): {rank_correlation(searched, table[others].mean(axis=1)):.2f}")
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
-    print("  stop on                       grace patience  saved   stopped  best-5 stopped"
+    print("  stop on                              grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
-    for stop_on in (DEFAULT_STOP_ON, ("complete",), COLLAPSE_TYPES):
+    # The default, the default before "partial" was split from "cluster" (2026-12-02), complete only, all.
+    for stop_on in (DEFAULT_STOP_ON, (*DEFAULT_STOP_ON, "partial"), ("complete",), COLLAPSE_TYPES):
         for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
             rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on)
             run = requested = 0.0
@@ -305,7 +312,7 @@ def replay_rules(args) -> None:
                     run += min(epochs, monitor.stop_epoch)
                 else:
                     run += epochs
-            line = (f"  {','.join(stop_on):<29} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
+            line = (f"  {','.join(stop_on):<36} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
                     f"{len(stopped):>7}  {len(best.intersection(stopped)):>14}")
             if means is not None:
                 held = means.index.isin(stopped)

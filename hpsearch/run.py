@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from hpsearch.settings import (
-    OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem, write_whole,
+    COLLAPSE_TYPES, OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem,
+    write_whole,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
 
@@ -1167,9 +1168,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patience-epochs", type=int, help=f"consecutive collapsed epochs, after the grace period, that stop a "
         f"trial (default {defaults.patience_epochs}; 1 stops healthy clustering runs at epoch 2)")
     add("--stop-on", type=_collapse_types, help="collapse types that stop a trial, comma-separated, from "
-        f"complete, cluster, dimensional (default {','.join(defaults.stop_on)}; 'dimensional' is always recorded, "
-        "but in the default VICReg search it flagged the best trials: see benchmarks/README.md); "
-        "a diverged trial always stops")
+        f"{', '.join(COLLAPSE_TYPES)} (default {','.join(defaults.stop_on)}; 'dimensional' and 'partial' (few "
+        "prototypes used) are always recorded, but they flagged some of the best trials: in the default VICReg "
+        "search and in 36-epoch clustering trials, see benchmarks/README.md); a diverged trial always stops")
     add("--threshold", action="append", default=[], metavar="NAME=VALUE",
         help="override a collapse threshold (musicssl.collapse.CollapseThresholds), e.g. "
         "dimensional_max_rank_fraction=0.05; repeatable")

@@ -41,8 +41,8 @@ def name_problem(name: str) -> str | None:
 OBJECTIVES = ("probe_map", "probe_auc", "rankme")
 SCHEDULERS = ("asha", "none")
 # The collapse verdicts a stopping rule can act on ("diverged" always stops), and those it acts on
-# by default: "dimensional" is recorded, not acted on (see hpsearch.stopping).
-COLLAPSE_TYPES = ("complete", "dimensional", "cluster")
+# by default: "dimensional" and "partial" are recorded, not acted on (see hpsearch.stopping).
+COLLAPSE_TYPES = ("complete", "dimensional", "cluster", "partial")
 DEFAULT_STOP_ON = ("complete", "cluster")
 
 
@@ -107,7 +107,11 @@ class TrialSettings:
 
 
 # What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
-STOP_ON_BEFORE_SETTING = ("complete", "dimensional", "cluster")
+STOP_ON_BEFORE_SETTING = ("complete", "dimensional", "cluster", "partial")
+# The collapse types a stored ``stop_on`` is written in: 1 until "partial" (few prototypes used) was
+# split from "cluster" (2026-12-02), 2 since. A version-1 "cluster" also stopped on "partial", and
+# had no rule on the count of effective prototypes (musicssl.collapse.CollapseThresholds).
+COLLAPSE_TYPES_VERSION = 2
 
 _TRIAL = TrialSettings(method="")
 
@@ -149,6 +153,8 @@ class SearchSettings:
     patience_epochs: int = _TRIAL.patience_epochs
     thresholds: dict[str, Any] = field(default_factory=dict)
     stop_on: list[str] = field(default_factory=lambda: list(_TRIAL.stop_on))
+    # The collapse types ``stop_on`` is written in (COLLAPSE_TYPES_VERSION; older ones are read in).
+    collapse_types_version: int = COLLAPSE_TYPES_VERSION
     asha_grace_epochs: int = 2
     asha_reduction_factor: float = 2.0
     reuse_actors: bool = True
@@ -188,6 +194,9 @@ class SearchSettings:
             self.collapse_thresholds()
         except (TypeError, ValueError) as error:
             problems.append(str(error))
+        if self.collapse_types_version != COLLAPSE_TYPES_VERSION:
+            problems.append(f"collapse_types_version {self.collapse_types_version} is not one this version of the "
+                            f"search knows ({COLLAPSE_TYPES_VERSION}; a search.json without it is read as 1)")
         self.stop_on = list(self.stop_on)
         unknown = [kind for kind in self.stop_on if kind not in COLLAPSE_TYPES]
         if unknown or not self.stop_on:
@@ -253,6 +262,14 @@ class SearchSettings:
                 raise ValueError("not a JSON object")
             known = {f.name for f in dataclasses.fields(cls)}
             values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
+            if values.get("collapse_types_version", 1) == 1:
+                # Written when "cluster" also named partial prototype collapse and had no count rule:
+                # the resumed search keeps stopping where it did.
+                stop_on = list(values["stop_on"])
+                if "cluster" in stop_on and "partial" not in stop_on:
+                    stop_on.append("partial")
+                thresholds = {"cluster_min_effective_prototypes": 0.0, **dict(values.get("thresholds") or {})}
+                values.update(stop_on=stop_on, thresholds=thresholds, collapse_types_version=COLLAPSE_TYPES_VERSION)
             return cls(**{k: v for k, v in values.items() if k in known})
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             raise SettingsError(

@@ -8,15 +8,21 @@ The rule, evaluated on the collapse metrics the trainer logs at every epoch end:
   eval mode (BatchNorm running statistics still near their initial values) maps every input to
   nearly the same vector, so the verdict can read "complete" or "dimensional" during the first
   steps of a run that is perfectly healthy;
-- after the grace period, a trial whose verdict has been one of the collapse types the rule stops on
+- after the grace period, a trial that has shown one of the collapse types the rule stops on
   (``stop_on``: by default "complete" and "cluster") for ``patience_epochs`` consecutive epochs is
-  stopped as collapsed.
+  stopped as collapsed. "Shown" means that the type's rules fire
+  (:func:`musicssl.collapse.collapse_findings`), whether or not it is the epoch's verdict, which
+  names only the first kind in order of precedence: ``stop_on=("dimensional",)`` stops a trial whose
+  embedding is dimensionally collapsed also while its prototypes read "partial".
 
-"dimensional" is diagnosed and recorded (the trial's ``verdict`` in ``trials.csv``) but does not stop
-a trial by default: in the default 64-trial VICReg search without stopping, the trials whose
-embedding used under a tenth of its dimensions had the same median probe score as the others, and
-the rule would have stopped the best of the 64 (benchmarks/README.md, "Search"). ``stop_on`` with
-"dimensional" (``--stop-on complete,cluster,dimensional``) restores it.
+"dimensional" and "partial" are diagnosed and recorded (the trial's ``verdict`` in ``trials.csv``)
+but do not stop a trial by default. In the default 64-trial VICReg search without stopping, the
+trials whose embedding used under a tenth of its dimensions had the same median probe score as the
+others, and the rule would have stopped the best of the 64 (benchmarks/README.md, "Search"). On
+36-epoch clustering trials, the trials whose probe batch used under a tenth of the attainable
+prototypes ("partial") scored like the others, and the rule stopped the best of the 64
+(benchmarks/README.md, "Longer trials"). ``stop_on`` with them
+(``--stop-on complete,cluster,partial,dimensional``) restores them.
 
 The collapse "began" at the first epoch of the uninterrupted run of collapsed verdicts that led to
 the stop (which may lie inside the grace period); ``collapse_step`` is the optimiser step at the
@@ -37,16 +43,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hpsearch.settings import COLLAPSE_TYPES, DEFAULT_STOP_ON
-from musicssl.collapse import CollapseThresholds, collapse_diagnosis
+from musicssl.collapse import CollapseThresholds, collapse_findings
 
-__all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "DEFAULT_STOP_ON", "verdict_from_record"]
+__all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "DEFAULT_STOP_ON", "findings_from_record",
+           "verdict_from_record"]
 
 _COLLAPSE_PREFIX = "collapse_"
 
 
 @dataclass(frozen=True)
 class CollapseStopRule:
-    """When to stop: ``patience_epochs`` verdicts in a row of a type in ``stop_on`` after
+    """When to stop: ``patience_epochs`` epochs in a row showing a type in ``stop_on`` after
     ``grace_epochs`` epochs (a "diverged" verdict always stops at once)."""
 
     grace_epochs: int = 1
@@ -67,11 +74,12 @@ class CollapseStopRule:
             raise ValueError(f"patience_epochs must be >= 1, got {self.patience_epochs}")
 
 
-def verdict_from_record(record: Mapping[str, object], thresholds: CollapseThresholds) -> tuple[str, list[str]]:
-    """The collapse verdict and its reasons for one epoch record of the trainer.
+def findings_from_record(record: Mapping[str, object], thresholds: CollapseThresholds) -> dict[str, list[str]]:
+    """Every kind of collapse whose rules fire on one epoch record of the trainer, with the reasons,
+    in order of precedence (the first is the verdict); empty for none.
 
     The record holds the collapse metrics as ``collapse_<name>`` and the epoch's mean loss as
-    ``train_loss``; the verdict is :func:`musicssl.collapse.collapse_diagnosis` of those.
+    ``train_loss``; the findings are :func:`musicssl.collapse.collapse_findings` of those.
     """
     metrics = {
         key[len(_COLLAPSE_PREFIX):]: value
@@ -83,8 +91,17 @@ def verdict_from_record(record: Mapping[str, object], thresholds: CollapseThresh
         metrics["loss"] = float(loss)
     if not set(metrics) - {"loss", "nonfinite"}:
         # No collapse metrics (no probe set): only a non-finite loss says anything.
-        return ("diverged", [f"train_loss is {loss}"]) if isinstance(loss, float) and not math.isfinite(loss) else ("none", [])
-    return collapse_diagnosis(metrics, thresholds)
+        return {"diverged": [f"train_loss is {loss}"]} if isinstance(loss, float) and not math.isfinite(loss) else {}
+    return collapse_findings(metrics, thresholds)
+
+
+def verdict_from_record(record: Mapping[str, object], thresholds: CollapseThresholds) -> tuple[str, list[str]]:
+    """The collapse verdict (the first of :func:`findings_from_record`, or "none") and its reasons."""
+    return _verdict(findings_from_record(record, thresholds))
+
+
+def _verdict(findings: dict[str, list[str]]) -> tuple[str, list[str]]:
+    return next(iter(findings.items())) if findings else ("none", [])
 
 
 @dataclass
@@ -94,6 +111,8 @@ class CollapseMonitor:
     rule: CollapseStopRule = field(default_factory=CollapseStopRule)
     verdicts: list[str] = field(default_factory=list)
     reasons: list[list[str]] = field(default_factory=list)
+    # Per epoch, whether it showed a type the rule stops on (collapse_findings, not only the verdict).
+    stopping: list[bool] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     # Set when the rule fires (and kept: later epochs of an unstopped trial do not move it).
     stop_epoch: int | None = None
@@ -109,26 +128,29 @@ class CollapseMonitor:
 
     def update(self, epoch: int, step: int, record: Mapping[str, object]) -> str:
         """Judge epoch ``epoch`` (1-based; ``step`` optimiser steps done) and return its verdict."""
-        verdict, reasons = verdict_from_record(record, self.rule.thresholds)
+        findings = findings_from_record(record, self.rule.thresholds)
+        verdict, reasons = _verdict(findings)
+        # The first kind the rule stops on, in order of precedence.
+        kind = next((kind for kind in findings if kind in self.rule.stop_on), None)
         self.verdicts.append(verdict)
         self.reasons.append(reasons)
+        self.stopping.append(kind is not None)
         self.steps.append(int(step))
         if self.fired:
             return verdict
         if verdict == "diverged":
             self._fire(epoch, verdict, reasons, first_index=len(self.verdicts) - 1)
             return verdict
-        stop_on = self.rule.stop_on
-        if verdict not in stop_on:
+        if kind is None:
             return verdict
-        # The uninterrupted run of stopping verdicts that ends at this epoch.
+        # The uninterrupted run of epochs showing a type the rule stops on, ending at this epoch.
         first_index = len(self.verdicts) - 1
-        while first_index > 0 and self.verdicts[first_index - 1] in stop_on:
+        while first_index > 0 and self.stopping[first_index - 1]:
             first_index -= 1
         first_epoch = epoch - (len(self.verdicts) - 1 - first_index)
         counted = epoch - max(first_epoch, self.rule.grace_epochs + 1) + 1
         if counted >= self.rule.patience_epochs:
-            self._fire(epoch, verdict, reasons, first_index)
+            self._fire(epoch, kind, findings[kind], first_index)
         return verdict
 
     def _fire(self, epoch: int, verdict: str, reasons: list[str], first_index: int) -> None:

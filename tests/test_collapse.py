@@ -21,6 +21,7 @@ from musicssl.collapse import (
     assignment_entropy,
     cluster_occupancy,
     collapse_diagnosis,
+    collapse_findings,
     collapse_metrics,
     collapse_verdict,
     effective_rank,
@@ -278,8 +279,8 @@ def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
     assert set(metrics) == {
         "rankme_embedding", "rankme_embedding_norm", "rankme_projection", "rankme_projection_norm",
         "l2_std_embedding", "l2_std_projection", "uniformity", "alignment", "mean_cosine",
-        "cluster_occupancy", "cluster_occupancy_attainable", "assignment_entropy", "sample_entropy",
-        "teacher_student_gap", "nonfinite",
+        "cluster_occupancy", "cluster_occupancy_attainable", "assignment_entropy", "effective_prototypes",
+        "sample_entropy", "teacher_student_gap", "nonfinite",
     }  # fmt: skip
     assert all(isinstance(value, float) for value in metrics.values())
     e, pr = embedding.numpy(), projection.numpy()
@@ -296,6 +297,8 @@ def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
     assert metrics["sample_entropy"] == pytest.approx(sample_entropy_reference(probs.numpy()), rel=1e-5)
     assert metrics["rankme_projection"] == pytest.approx(rankme_reference(pr), rel=1e-5)
     assert metrics["assignment_entropy"] == pytest.approx(mean_assignment_entropy_reference(probs.numpy()), rel=1e-5)
+    # The mean assignment's perplexity, exp of its entropy in nats (scipy's entropy of the mean row).
+    assert metrics["effective_prototypes"] == pytest.approx(math.exp(scipy_entropy(probs.numpy().mean(axis=0))), rel=1e-5)
     t = teacher.numpy().astype(np.float64)
     cosines = (e * t).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(t, axis=1))
     assert metrics["teacher_student_gap"] == pytest.approx(1.0 - cosines.mean(), abs=1e-6)
@@ -389,17 +392,72 @@ def test_cluster_verdicts(name: str, probs: torch.Tensor, expected: str) -> None
     assert collapse_verdict(metrics) == expected, (name, metrics)
 
 
-def test_three_of_sixty_four_prototypes_is_partial_cluster_collapse() -> None:
+def test_five_of_sixty_four_prototypes_is_partial_prototype_collapse() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(512, 64, generator=generator)
-    logits[:, [5, 20, 41]] += 8.0  # three prototypes win every sample, in a spread of ways
+    logits[:, [5, 20, 41, 50, 60]] += 8.0  # five prototypes win every sample, in a spread of ways
     probs = torch.softmax(logits, dim=1)
     metrics = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": probs})
-    assert metrics["cluster_occupancy"] == pytest.approx(3 / 64)
-    assert metrics["assignment_entropy"] > 0.1  # not one-hot: only occupancy sees it
+    assert metrics["cluster_occupancy"] == pytest.approx(5 / 64)
+    # Not one-hot: the mean assignment rests on about five prototypes; only occupancy sees it.
+    assert metrics["assignment_entropy"] > 0.1 and metrics["effective_prototypes"] > 4.5
     verdict, reasons = collapse_diagnosis(metrics)
-    assert verdict == "cluster"
-    assert reasons == [f"cluster_occupancy_attainable {3 / 64:.4g} < 0.1"]
+    assert verdict == "partial" == CollapseType.PARTIAL
+    assert reasons == [f"cluster_occupancy_attainable {5 / 64:.4g} < 0.1"]
+    assert collapse_findings(metrics) == {"partial": reasons}
+    # Its line moves with cluster_min_occupancy: 5 of 64 is above 0.07.
+    assert collapse_verdict(metrics, CollapseThresholds(cluster_min_occupancy=0.07)) == "none"
+
+
+def test_a_mean_assignment_on_two_prototypes_is_one_hot_collapse_whatever_k() -> None:
+    # 512 samples split between two of 256 prototypes, each sample sharp on its own: the mean
+    # assignment's entropy is log 2, 0.125 of log 256, above the fraction line (0.1), but it
+    # effectively rests on 2 prototypes, under the count line (3).
+    logits = torch.full((512, 256), -10.0)
+    logits[:256, 3] = logits[256:, 9] = 10.0
+    metrics = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": torch.softmax(logits, dim=1)})
+    assert metrics["effective_prototypes"] == pytest.approx(2.0, rel=1e-3)
+    assert metrics["assignment_entropy"] == pytest.approx(math.log(2) / math.log(256), rel=1e-3)
+    findings = collapse_findings(metrics)
+    assert findings["cluster"] == [f"effective_prototypes {metrics['effective_prototypes']:.4g} < 3"]
+    assert list(findings) == ["cluster", "partial"]  # and 2 of 256 used is partial collapse too
+    # Without the count rule, only the partial collapse is left.
+    assert collapse_verdict(metrics, CollapseThresholds(cluster_min_effective_prototypes=0.0)) == "partial"
+    with pytest.raises(ValueError, match="cluster_min_effective_prototypes must be a finite number >= 0"):
+        CollapseThresholds(cluster_min_effective_prototypes=math.inf)
+
+
+def test_findings_list_every_kind_that_fires_in_order_of_precedence() -> None:
+    # A rank-4 embedding (dimensional) whose 512 samples pick 3 of 64 prototypes (partial) and whose
+    # prototype scores are constant (complete, of the projection): the verdict is the first.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 64, generator=generator)
+    logits[:, [5, 20, 41]] += 8.0
+    outputs = {"embedding": low_rank(2048, 64, 4)[:512], "projection": torch.ones(512, 64),
+               "assignment_probs": torch.softmax(logits, dim=1)}
+    metrics = collapse_metrics(outputs)
+    findings = collapse_findings(metrics)
+    assert list(findings) == ["complete", "partial", "dimensional"]
+    assert findings["complete"] == ["l2_std_projection 0 < 0.1"]
+    assert findings["partial"] == [f"cluster_occupancy_attainable {3 / 64:.4g} < 0.1"]
+    assert findings["dimensional"] == [f"rankme_embedding_norm {metrics['rankme_embedding_norm']:.4g} < 0.1"]
+    assert collapse_diagnosis(metrics) == ("complete", findings["complete"])
+    # Without the projection: partial comes before dimensional.
+    del outputs["projection"]
+    assert list(collapse_findings(collapse_metrics(outputs))) == ["partial", "dimensional"]
+    assert collapse_verdict(collapse_metrics(outputs)) == "partial"
+    # A collapsed embedding lists the projection's reasons with its own; one-hot assignments are
+    # "cluster" (and, with every sample on one prototype, "partial" too).
+    one_hot = F.one_hot(torch.full((512,), 7), 64).float()
+    both = collapse_metrics({"embedding": torch.ones(512, 64), "projection": torch.ones(512, 64),
+                             "assignment_probs": one_hot})
+    findings = collapse_findings(both)
+    assert list(findings) == ["complete", "cluster", "partial", "dimensional"]
+    assert "l2_std_embedding 0 < 0.1" in findings["complete"] and "l2_std_projection 0 < 0.1" in findings["complete"]
+    assert findings["cluster"] == ["assignment_entropy 0 < 0.1", "effective_prototypes 1 < 3"]
+    # NaN anywhere: diverged alone.
+    assert collapse_findings({**both, "loss": math.nan}) == {"diverged": ["loss is nan"]}
+    assert collapse_findings(collapse_metrics({"embedding": gaussian(512, 64)})) == {}
 
 
 def test_thresholds_move_the_verdict() -> None:
@@ -441,10 +499,11 @@ def test_uniform_prototype_collapse_with_constant_scores_reads_cluster_not_compl
     assert collapse_diagnosis(healthy) == ("none", [])
     # Without prototypes the same scores are complete collapse (every sample on one line).
     assert collapse_diagnosis({k: v for k, v in healthy.items()
-                               if k not in ("assignment_entropy", "sample_entropy") and not k.startswith("cluster_")}
+                               if k not in ("assignment_entropy", "effective_prototypes", "sample_entropy")
+                               and not k.startswith("cluster_")}
                               ) == ("complete", [f"rankme_projection {healthy['rankme_projection']:.4g} < 1.5"])
     # Without assignments the same constant scores are complete collapse of the projection.
-    del metrics["sample_entropy"], metrics["assignment_entropy"]
+    del metrics["sample_entropy"], metrics["assignment_entropy"], metrics["effective_prototypes"]
     metrics = {k: v for k, v in metrics.items() if not k.startswith("cluster_")}
     verdict, reasons = collapse_diagnosis(metrics)
     assert verdict == "complete"

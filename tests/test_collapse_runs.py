@@ -40,9 +40,10 @@ from hpsearch.trainable import build_train_config
 from musicssl.train import TrainConfig, train
 
 # The search's stopping rule, as the search applies it by default (stops on complete and cluster
-# collapse), and the same rule told to stop on dimensional collapse too (--stop-on ...,dimensional).
+# collapse), and the same rule told to stop on every type, dimensional and partial too
+# (--stop-on complete,dimensional,cluster,partial).
 STOP_RULE = CollapseStopRule()
-STOP_RULE_WITH_DIMENSIONAL = CollapseStopRule(stop_on=COLLAPSE_TYPES)
+STOP_RULE_EVERY_TYPE = CollapseStopRule(stop_on=COLLAPSE_TYPES)
 EARLIEST_STOP_EPOCH = STOP_RULE.grace_epochs + STOP_RULE.patience_epochs
 # The search's default trial settings (hpsearch.settings.TrialSettings), pinned so that the cases keep
 # their meaning and their cost if the search's defaults move.
@@ -55,6 +56,7 @@ COMPLETE_MIN_MEAN_COSINE = 0.98
 DIMENSIONAL_MAX_RANK_FRACTION = 0.1
 CLUSTER_MIN_OCCUPANCY = 0.1
 CLUSTER_MAX_ASSIGNMENT_ENTROPY = 0.1
+CLUSTER_MIN_EFFECTIVE_PROTOTYPES = 3.0
 CLUSTER_MIN_SAMPLE_ENTROPY = 0.97
 
 
@@ -108,6 +110,7 @@ def independent_metrics(outputs: dict[str, np.ndarray], groups: np.ndarray) -> d
         n, k = p.shape
         metrics["cluster_occupancy_attainable"] = len(np.unique(p.argmax(axis=1))) / min(n, k)
         metrics["assignment_entropy"] = float(entropy(p.mean(axis=0), axis=0) / math.log(k))
+        metrics["effective_prototypes"] = float(np.exp(entropy(p.mean(axis=0), axis=0)))
         metrics["sample_entropy"] = float(entropy(p, axis=1).mean() / math.log(k))
     return metrics
 
@@ -117,7 +120,7 @@ def independent_metrics(outputs: dict[str, np.ndarray], groups: np.ndarray) -> d
 
 
 SHOWN = ("rankme_embedding_norm", "l2_std_embedding", "mean_cosine", "rankme_projection", "l2_std_projection",
-         "cluster_occupancy_attainable", "assignment_entropy", "sample_entropy")
+         "cluster_occupancy_attainable", "assignment_entropy", "effective_prototypes", "sample_entropy")
 
 
 @dataclass
@@ -195,12 +198,13 @@ def is_healthy(metrics: dict[str, float]) -> bool:
         or (not prototypes and metrics.get("rankme_projection", 2.0) < COMPLETE_MAX_RANKME)
     )
     cluster = (
-        metrics.get("cluster_occupancy_attainable", 1.0) < CLUSTER_MIN_OCCUPANCY
-        or metrics.get("assignment_entropy", 1.0) < CLUSTER_MAX_ASSIGNMENT_ENTROPY
+        metrics.get("assignment_entropy", 1.0) < CLUSTER_MAX_ASSIGNMENT_ENTROPY
+        or metrics.get("effective_prototypes", math.inf) < CLUSTER_MIN_EFFECTIVE_PROTOTYPES
         or metrics.get("sample_entropy", 0.0) > CLUSTER_MIN_SAMPLE_ENTROPY
     )
+    partial = metrics.get("cluster_occupancy_attainable", 1.0) < CLUSTER_MIN_OCCUPANCY
     dimensional = metrics["rankme_embedding_norm"] < DIMENSIONAL_MAX_RANK_FRACTION
-    return not (complete or cluster or dimensional)
+    return not (complete or cluster or partial or dimensional)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +231,9 @@ def test_clustering_defaults_read_healthy_and_clustering_without_centring_collap
 
     assert collapsed.result.verdict == "cluster", collapsed.describe()
     collapsed_metrics = assert_logged_metrics_match_definitions(collapsed)
-    # One-hot collapse: the argmax lands on a handful of prototypes, the mean assignment is peaked.
+    # One-hot collapse: the mean assignment rests on one or two prototypes (the "cluster" rule), and
+    # the argmax lands on a handful of them (which alone would read "partial").
+    assert collapsed_metrics["effective_prototypes"] < CLUSTER_MIN_EFFECTIVE_PROTOTYPES
     assert collapsed_metrics["cluster_occupancy_attainable"] < CLUSTER_MIN_OCCUPANCY
     assert collapsed_metrics["cluster_occupancy_attainable"] < healthy_metrics["cluster_occupancy_attainable"] / 3
     # The backbone itself is not collapsed: only the prototype assignments are.
@@ -286,7 +292,7 @@ def test_healthy_configuration_is_never_stopped_as_collapsed(case_name, corpus_d
     firing, and read "none" from the earliest epoch the rule could act on (epoch 3) to the end."""
     method, params = HEALTHY_CASES[case_name]
     # The strictest rule: the defaults are not even flagged as dimensionally collapsed.
-    finished = run(search_trial_config(method, params), corpus_data, STOP_RULE_WITH_DIMENSIONAL)
+    finished = run(search_trial_config(method, params), corpus_data, STOP_RULE_EVERY_TYPE)
     assert not finished.monitor.fired, (finished.monitor.stop_reasons, finished.describe())
     epochs_after = SEARCH_TRIAL["max_epochs"] - EARLIEST_STOP_EPOCH + 1
     assert finished.verdicts[EARLIEST_STOP_EPOCH - 1:] == ["none"] * epochs_after, finished.describe()
@@ -307,7 +313,7 @@ COLLAPSE_CASES = {
     # Invariance alone is minimised by a low-rank embedding: dimensional collapse.
     # The search's default rule records it and goes on; --stop-on ...,dimensional stops it.
     "vicreg_variance_and_covariance_near_zero": CollapseCase(
-        "vicreg", {"var_weight": 0.01, "cov_weight": 0.01}, frozenset({"dimensional"}), STOP_RULE_WITH_DIMENSIONAL),
+        "vicreg", {"var_weight": 0.01, "cov_weight": 0.01}, frozenset({"dimensional"}), STOP_RULE_EVERY_TYPE),
     # A teacher far softer than its student (no sharpening) gives near-uniform targets: uniform
     # collapse, seen as near-uniform assignments ("cluster"; the student's logits also become
     # constant, which the projection rule would call "complete", but the cluster rules come first).
@@ -357,7 +363,8 @@ def test_collapsing_configuration_is_flagged_and_stopped_at_the_earliest_epoch(c
             or m["rankme_projection"] < COMPLETE_MAX_RANKME
             or m["l2_std_projection"] < COMPLETE_MAX_L2_STD,
         "clustering_without_centring":
-            lambda m: m["cluster_occupancy_attainable"] < CLUSTER_MIN_OCCUPANCY,
+            lambda m: m["effective_prototypes"] < CLUSTER_MIN_EFFECTIVE_PROTOTYPES
+            and m["cluster_occupancy_attainable"] < CLUSTER_MIN_OCCUPANCY,
         "byol_without_predictor":
             lambda m: m["l2_std_projection"] < COMPLETE_MAX_L2_STD and m["l2_std_embedding"] > COMPLETE_MAX_L2_STD,
     }

@@ -45,6 +45,12 @@ HEALTHY = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_ran
 DIMENSIONAL = {**HEALTHY, "collapse_rankme_embedding": 10.0, "collapse_rankme_embedding_norm": 0.04}
 COMPLETE = {**HEALTHY, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999}
 NAN_LOSS = {**HEALTHY, "train_loss": math.nan}
+# Prototypes: 3% of the attainable ones are anyone's first choice (under a tenth: "partial"), while
+# the mean assignment stays spread (entropy 0.5 of log K) and each sample sharp (0.3).
+PARTIAL = {**HEALTHY, "collapse_cluster_occupancy_attainable": 0.03, "collapse_assignment_entropy": 0.5,
+           "collapse_sample_entropy": 0.3}
+PARTIAL_AND_DIMENSIONAL = {**PARTIAL, "collapse_rankme_embedding": 10.0, "collapse_rankme_embedding_norm": 0.04}
+ONE_HOT = {**PARTIAL, "collapse_assignment_entropy": 0.02}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,10 +101,34 @@ def test_the_default_rule_records_dimensional_collapse_but_stops_only_complete_a
     mixed = monitor_after([DIMENSIONAL, DIMENSIONAL, COMPLETE, COMPLETE], stop_on=("complete", "cluster"))
     assert (mixed.stop_epoch, mixed.collapse_type, mixed.collapse_epoch) == (4, "complete", 3)
     assert monitor_after([HEALTHY, DIMENSIONAL, DIMENSIONAL], stop_on=("dimensional",)).stop_epoch == 3
-    with pytest.raises(ValueError, match="stop_on must name one or more of complete, dimensional, cluster"):
-        CollapseStopRule(stop_on=("partial",))
+    with pytest.raises(ValueError, match="stop_on must name one or more of complete, dimensional, cluster, partial"):
+        CollapseStopRule(stop_on=("one-hot",))
     with pytest.raises(ValueError, match="stop_on"):
         CollapseStopRule(stop_on=())
+
+
+def test_the_default_rule_records_partial_prototype_collapse_and_stops_one_hot():
+    default = monitor_after([PARTIAL] * 5, stop_on=CollapseStopRule().stop_on)
+    assert not default.fired and default.verdicts == ["partial"] * 5
+    assert monitor_after([PARTIAL] * 5, stop_on=("complete", "cluster", "partial")).collapse_type == "partial"
+    # One prototype taking the mean assignment is "cluster" (with "partial" behind it): stopped.
+    one_hot = monitor_after([ONE_HOT] * 3, stop_on=CollapseStopRule().stop_on)
+    assert (one_hot.stop_epoch, one_hot.collapse_type) == (3, "cluster")
+    assert one_hot.stop_reasons == ["assignment_entropy 0.02 < 0.1"]
+
+
+def test_a_type_stops_when_its_rules_fire_also_behind_another_verdict():
+    # Partial prototypes on a dimensionally collapsed embedding read "partial" (first in precedence);
+    # a rule that stops on dimensional collapse sees it all the same, and names it.
+    monitor = monitor_after([HEALTHY, PARTIAL_AND_DIMENSIONAL, DIMENSIONAL], stop_on=("dimensional",))
+    assert monitor.verdicts == ["none", "partial", "dimensional"]
+    assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_epoch) == (3, "dimensional", 2)
+    assert monitor.stop_reasons == ["rankme_embedding_norm 0.04 < 0.1"]
+    # Both kinds stopped on: the type is the first in precedence at the stopping epoch.
+    both = monitor_after([HEALTHY, DIMENSIONAL, PARTIAL_AND_DIMENSIONAL], stop_on=("partial", "dimensional"))
+    assert (both.stop_epoch, both.collapse_type, both.collapse_epoch) == (3, "partial", 2)
+    # Neither stopped on: no epoch counts.
+    assert not monitor_after([PARTIAL_AND_DIMENSIONAL] * 4, stop_on=("complete", "cluster")).fired
 
 
 def test_the_rule_uses_its_own_thresholds():
@@ -1211,7 +1241,8 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--audio-dir", "/tmp"], "--audio-dir applies to mtat, jamendo-* and msd, not to 'corpus'"),
         (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
-        (["vicreg", "--stop-on", "complete,partial"], "--stop-on takes one or more of complete, dimensional, cluster"),
+        (["vicreg", "--stop-on", "complete,one-hot"],
+         "--stop-on takes one or more of complete, dimensional, cluster, partial"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
         (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a positive number, got inf"),
         # Before: every trial read "complete" at its first evaluation and was stopped.
@@ -1328,10 +1359,53 @@ def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tm
     # A search.json written before --stop-on existed stopped on every collapse type: resuming it
     # must not change its rule half-way.
     stored = json.loads((tmp_path / "search.json").read_text())
-    del stored["stop_on"]
+    assert stored["collapse_types_version"] == 2
+    del stored["stop_on"], stored["collapse_types_version"]
     (tmp_path / "search.json").write_text(json.dumps(stored))
-    assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster"]
+    assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster", "partial"]
     assert SearchSettings(method="vicreg").stop_on == ["complete", "cluster"]
+
+
+def test_a_search_stored_before_partial_was_split_from_cluster_keeps_stopping_on_it(tmp_path):
+    """Until 2026-12-02, "cluster" also named partial prototype collapse (few prototypes used): a
+    search.json of then (no collapse_types_version) that stops on "cluster" resumes stopping on
+    "partial" too; today's default does not."""
+    SearchSettings(method="clustering").save(tmp_path)
+    assert SearchSettings.load(tmp_path).stop_on == ["complete", "cluster"]
+    stored = json.loads((tmp_path / "search.json").read_text())
+    del stored["collapse_types_version"]
+    (tmp_path / "search.json").write_text(json.dumps(stored))
+    old = SearchSettings.load(tmp_path)
+    assert (old.stop_on, old.collapse_types_version) == (["complete", "cluster", "partial"], 2)
+    # ... and without the rule on the count of effective prototypes, which it did not have.
+    assert old.thresholds == {"cluster_min_effective_prototypes": 0.0}
+
+    def stops(settings: SearchSettings, records: list[dict]) -> int | None:
+        monitor = CollapseMonitor(settings.trial_settings().collapse_rule())
+        for epoch, record in enumerate(records, start=1):
+            monitor.update(epoch, 10 * epoch, record)
+        return monitor.stop_epoch
+
+    today = SearchSettings(method="clustering")
+    assert stops(old, [PARTIAL] * 4) == 3 and stops(today, [PARTIAL] * 4) is None
+    # A mean assignment on two prototypes (0.2 of log K, above the fraction line): only today's stops it.
+    two = {**PARTIAL, "collapse_effective_prototypes": 2.0, "collapse_assignment_entropy": 0.2,
+           "collapse_cluster_occupancy_attainable": 0.5}
+    assert stops(old, [two] * 4) is None and stops(today, [two] * 4) == 3
+    # Saved again (a resume writes it back), it reads the same.
+    old.save(tmp_path)
+    again = SearchSettings.load(tmp_path)
+    assert (again.stop_on, again.thresholds) == (["complete", "cluster", "partial"], old.thresholds)
+    # Without "cluster" in it there is nothing to add; thresholds it set are kept.
+    (tmp_path / "search.json").write_text(json.dumps({**stored, "stop_on": ["complete", "dimensional"],
+                                                      "thresholds": {"cluster_min_occupancy": 0.05}}))
+    kept = SearchSettings.load(tmp_path)
+    assert kept.stop_on == ["complete", "dimensional"]
+    assert kept.thresholds == {"cluster_min_effective_prototypes": 0.0, "cluster_min_occupancy": 0.05}
+    # A version this code does not know is refused with the reason.
+    (tmp_path / "search.json").write_text(json.dumps({**stored, "collapse_types_version": 3}))
+    with pytest.raises(SettingsError, match="collapse_types_version 3 is not one this version of the search knows"):
+        SearchSettings.load(tmp_path)
 
 
 def test_a_stopping_rule_longer_than_the_trials_is_noted(tmp_path):

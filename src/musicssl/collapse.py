@@ -20,7 +20,8 @@ The metrics (definitions in REFERENCE.md section 3):
 
 :func:`collapse_metrics` computes the whole set from a method's ``collapse_outputs`` dict, and
 :func:`collapse_verdict` turns the set into one of :class:`CollapseType`'s values using the
-documented :class:`CollapseThresholds`. :func:`collapse_diagnosis` also says which rule fired.
+documented :class:`CollapseThresholds`. :func:`collapse_diagnosis` also says which rule fired, and
+:func:`collapse_findings` gives every kind of collapse whose rules fire, not only the first.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "assignment_entropy",
     "cluster_occupancy",
     "collapse_diagnosis",
+    "collapse_findings",
     "collapse_metrics",
     "collapse_verdict",
     "effective_rank",
@@ -61,7 +63,8 @@ _EMBEDDING_METRICS = (
 )  # fmt: skip
 _PROJECTION_METRICS = ("rankme_projection", "rankme_projection_norm", "l2_std_projection")
 _CLUSTER_METRICS = (
-    "cluster_occupancy", "cluster_occupancy_attainable", "assignment_entropy", "sample_entropy"
+    "cluster_occupancy", "cluster_occupancy_attainable", "assignment_entropy", "effective_prototypes",
+    "sample_entropy",
 )  # fmt: skip
 
 # Pairwise blocks of uniformity hold at most this many entries, so memory stays ~16 MB for any N.
@@ -416,7 +419,8 @@ def collapse_metrics(
       ``l2_std_projection`` (sqrt(P)-scaled)
     - ``"assignment_probs"`` (N, K), rows softmax over prototypes -> ``cluster_occupancy`` (of K),
       ``cluster_occupancy_attainable`` (of min(N, K)), ``assignment_entropy`` and
-      ``sample_entropy`` (both / log K)
+      ``sample_entropy`` (both / log K), ``effective_prototypes`` (exp of the mean assignment's
+      entropy in nats: how many prototypes it effectively rests on, 1 to K)
     - ``"teacher_embedding"`` (N, D) with ``"embedding"`` -> ``teacher_student_gap``
     - ``"embedding_other_view"`` (N, D) with ``"embedding"``, or ``views=(z_a, z_b)`` ->
       ``alignment`` (alpha = 2); ``views`` wins when both are given
@@ -482,7 +486,9 @@ def collapse_metrics(
                 used = _used_prototypes(p)
                 metrics["cluster_occupancy"] = used / p.shape[1]
                 metrics["cluster_occupancy_attainable"] = used / min(p.shape)
-                metrics["assignment_entropy"] = _assignment_entropy(p, normalize=True)
+                entropy = _assignment_entropy(p, normalize=False)
+                metrics["assignment_entropy"] = entropy / math.log(p.shape[1])
+                metrics["effective_prototypes"] = math.exp(entropy)
                 metrics["sample_entropy"] = _sample_entropy(p, normalize=True)
     nonfinite = nonfinite or any(not math.isfinite(value) for value in metrics.values())
     metrics["nonfinite"] = 1.0 if nonfinite else 0.0
@@ -499,7 +505,8 @@ class CollapseType(str, Enum):
     NONE = "none"
     COMPLETE = "complete"  # every sample maps to (nearly) the same direction, or onto one line
     DIMENSIONAL = "dimensional"  # the embedding uses only a small fraction of its dimensions
-    CLUSTER = "cluster"  # prototype assignments collapsed: one-hot, uniform, or few prototypes used
+    CLUSTER = "cluster"  # prototype assignments collapsed: one-hot (one takes all) or uniform
+    PARTIAL = "partial"  # few prototypes are anyone's first choice, while the mean assignment is spread
     DIVERGED = "diverged"  # NaN/inf in the loss, the outputs or the metrics
 
 
@@ -550,15 +557,26 @@ class CollapseThresholds:
     is far from healthy values while still catching a rank-4 embedding in 64 dimensions."""
 
     cluster_min_occupancy: float = 0.1
-    """Cluster if fewer than this fraction of min(N, K) prototypes are anyone's argmax (partial
-    prototype collapse: a handful of prototypes take all samples). Relative to min(N, K) because
-    with a probe of N < K samples at most N prototypes can be used: 0.1 is 52 of 4096 with N = 512,
-    and 6.4 of 64 with N >= 64."""
+    """Partial if fewer than this fraction of min(N, K) prototypes are anyone's argmax (partial
+    prototype collapse: a handful of prototypes take all samples' first choice, while the one-hot
+    rule does not fire). Relative to min(N, K) because with a probe of N < K samples at most N
+    prototypes can be used: 0.1 is 52 of 4096 with N = 512, and 6.4 of 64 with N >= 64. A kind of
+    its own, not "cluster": on 36-epoch clustering trials it fired on trials that scored like the
+    rest, the best among them (benchmarks/README.md, "Longer trials"), so the search records it by
+    default and does not stop on it."""
 
     cluster_max_assignment_entropy: float = 0.1
     """Cluster if the entropy of the mean assignment over log K is below this (one-hot collapse:
     one prototype takes everything). 0.1 is ~1.5 effectively used prototypes at K = 64 and ~2.3 at
-    K = 4096."""
+    K = 4096; ``cluster_min_effective_prototypes`` (3) is the stricter line for any K below 3**10."""
+
+    cluster_min_effective_prototypes: float = 3.0
+    """Cluster if the mean assignment effectively rests on fewer than this many prototypes
+    (``effective_prototypes``, exp of its entropy: one-hot collapse onto one or two prototypes,
+    whatever K). A count, not a fraction of log K: clustering without centring (K = 1024) rests on
+    1.1-2.8 effective prototypes at epochs 2-3 on seeds 0-2, 0.02-0.15 of log K, where the fraction
+    rule alone misses seeds 1 and 2 at epoch 3; the 10 best trials of a 36-epoch clustering search
+    rested on 7.9 or more at every epoch after the first (benchmarks/README.md, "Longer trials")."""
 
     cluster_min_sample_entropy: float = 0.97
     """Cluster if the mean per-sample entropy over log K exceeds this (uniform collapse: every
@@ -576,6 +594,9 @@ class CollapseThresholds:
         problems = [
             f"{name} must be in [0, 1], got {value}" for name, value in fractions.items() if not 0 <= value <= 1
         ]
+        prototypes = self.cluster_min_effective_prototypes
+        if not 0 <= prototypes < math.inf:
+            problems.append(f"cluster_min_effective_prototypes must be a finite number >= 0, got {prototypes}")
         cosine, rank = self.complete_min_mean_cosine, self.complete_max_effective_rank
         if not -1 <= cosine <= 1:
             problems.append(f"complete_min_mean_cosine must be in [-1, 1], got {cosine}")
@@ -608,15 +629,19 @@ def _number(metrics: Mapping[str, object], key: str) -> float | None:
         raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}") from None
 
 
-def collapse_diagnosis(
+def collapse_findings(
     metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds()
-) -> tuple[str, list[str]]:
-    """The verdict of :func:`collapse_verdict` and the reasons for it (the rules that fired).
+) -> dict[str, list[str]]:
+    """Every kind of collapse whose rules fire on ``metrics``, with the reasons (the rules that fired),
+    in the order of precedence of :func:`collapse_diagnosis`; empty if none fires.
 
-    Rules are tried in order, and the first kind with a rule that fires is the verdict: diverged,
-    complete (of the embedding), cluster, complete (of the projection, if ``check_projection``; its
-    rank rule only for methods without prototypes), dimensional, else none. Reasons read like
-    ``"l2_std_embedding 0.031 < 0.1"``; they are empty for "none".
+    The kinds, in that order: "diverged" (any NaN/inf; then the only one, since other numbers mean
+    nothing), "complete" (of the embedding), "cluster" (one-hot or uniform assignments), "complete"
+    (of the projection, if ``check_projection``; its rank rule only for methods without prototypes;
+    listed with the embedding's reasons when both fire), "partial" (few prototypes used), and
+    "dimensional". A trial can show several at once: a rank-one embedding is also dimensionally
+    collapsed, and prototypes can be partially collapsed on a low-rank embedding. Reasons read like
+    ``"l2_std_embedding 0.031 < 0.1"``.
     """
     values = {key: _number(metrics, key) for key in _VERDICT_KEYS}
     present = {key: value for key, value in values.items() if value is not None}
@@ -630,15 +655,16 @@ def collapse_diagnosis(
     if present.get("nonfinite", 0.0) > 0.0:
         diverged.append("an input or output has NaN/inf (nonfinite = 1)")
     if diverged:
-        return CollapseType.DIVERGED.value, diverged
+        return {CollapseType.DIVERGED.value: diverged}
 
+    # (value + 0.0: a -0.0 reads "0")
     def below(key: str, limit: float) -> list[str]:
         value = present.get(key)
-        return [f"{key} {value:.4g} < {limit:.4g}"] if value is not None and value < limit else []
+        return [f"{key} {value + 0.0:.4g} < {limit:.4g}"] if value is not None and value < limit else []
 
     def above(key: str, limit: float) -> list[str]:
         value = present.get(key)
-        return [f"{key} {value:.4g} > {limit:.4g}"] if value is not None and value > limit else []
+        return [f"{key} {value + 0.0:.4g} > {limit:.4g}"] if value is not None and value > limit else []
 
     t = thresholds
     complete = (
@@ -646,45 +672,68 @@ def collapse_diagnosis(
         + below("rankme_embedding", t.complete_max_effective_rank)
         + above("mean_cosine", t.complete_min_mean_cosine)
     )
-    if complete:
-        return CollapseType.COMPLETE.value, complete
-
+    # One-hot (the mean assignment rests on one or two prototypes) and uniform (every sample spread
+    # evenly over all of them).
+    cluster = (
+        below("assignment_entropy", t.cluster_max_assignment_entropy)
+        + below("effective_prototypes", t.cluster_min_effective_prototypes)
+        + above("sample_entropy", t.cluster_min_sample_entropy)
+    )
     # A hand-made dict may carry only the occupancy of K.
     occupancy_key = "cluster_occupancy_attainable"
     if occupancy_key not in present:
         occupancy_key = "cluster_occupancy"
-    cluster = (
-        below(occupancy_key, t.cluster_min_occupancy)
-        + below("assignment_entropy", t.cluster_max_assignment_entropy)
-        + above("sample_entropy", t.cluster_min_sample_entropy)
-    )
-    if cluster:
-        return CollapseType.CLUSTER.value, cluster
+    partial = below(occupancy_key, t.cluster_min_occupancy)
 
-    # The projection's rules come after the prototype rules: for clustering the "projection" is the
-    # student's prototype scores, and scores that no longer depend on the input are what uniform (or
-    # one-hot) prototype collapse looks like there, which "cluster" names more precisely when its
-    # rules see it. Its rank rule does not apply there: prototype scores share a large common
-    # component, which puts their (uncentred) RankMe near 1 while they still vary with the input
-    # (CollapseThresholds.check_projection); the L2-std rule still catches constant scores.
-    has_prototypes = any(key in present for key in (occupancy_key, "assignment_entropy", "sample_entropy"))
+    # The projection's rules come after the one-hot and uniform rules: for clustering the
+    # "projection" is the student's prototype scores, and scores that no longer depend on the input
+    # are what uniform (or one-hot) prototype collapse looks like there, which "cluster" names more
+    # precisely when its rules see it. Its rank rule does not apply there: prototype scores share a
+    # large common component, which puts their (uncentred) RankMe near 1 while they still vary with
+    # the input (CollapseThresholds.check_projection); the L2-std rule still catches constant scores.
+    has_prototypes = any(key in present for key in (occupancy_key, *_CLUSTER_METRICS))
+    projection = []
     if t.check_projection:
         projection = below("l2_std_projection", t.complete_max_l2_std)
         if not has_prototypes:
             projection += below("rankme_projection", t.complete_max_effective_rank)
-        if projection:
-            return CollapseType.COMPLETE.value, projection
 
+    findings: dict[str, list[str]] = {}
+    if complete:
+        findings[CollapseType.COMPLETE.value] = complete + projection
+    if cluster:
+        findings[CollapseType.CLUSTER.value] = cluster
+    if projection and not complete:
+        findings[CollapseType.COMPLETE.value] = projection
+    if partial:
+        findings[CollapseType.PARTIAL.value] = partial
     dimensional = below("rankme_embedding_norm", t.dimensional_max_rank_fraction)
     if dimensional:
-        return CollapseType.DIMENSIONAL.value, dimensional
-    return CollapseType.NONE.value, []
+        findings[CollapseType.DIMENSIONAL.value] = dimensional
+    return findings
+
+
+def collapse_diagnosis(
+    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds()
+) -> tuple[str, list[str]]:
+    """The verdict of :func:`collapse_verdict` and the reasons for it (the rules that fired).
+
+    The verdict is the first kind of :func:`collapse_findings`: diverged, complete (of the
+    embedding), cluster (one-hot or uniform assignments), complete (of the projection), partial (few
+    prototypes used), dimensional, else none. Reasons read like ``"l2_std_embedding 0.031 < 0.1"``;
+    they are empty for "none".
+    """
+    findings = collapse_findings(metrics, thresholds)
+    if not findings:
+        return CollapseType.NONE.value, []
+    verdict, reasons = next(iter(findings.items()))
+    return verdict, reasons
 
 
 def collapse_verdict(
     metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds()
 ) -> str:
-    """One of "none", "complete", "dimensional", "cluster", "diverged" (:class:`CollapseType` values).
+    """One of "none", "complete", "dimensional", "cluster", "partial", "diverged" (:class:`CollapseType` values).
 
     ``metrics`` is the dict from :func:`collapse_metrics`, optionally with the training ``"loss"``
     added (a NaN/inf loss means "diverged"); keys it does not know are ignored and missing ones
