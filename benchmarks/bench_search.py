@@ -298,10 +298,14 @@ def replay_rules(args) -> None:
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
     print("  stop on                              grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
-    # The default, the default before "partial" was split from "cluster" (2026-12-02), complete only, all.
-    for stop_on in (DEFAULT_STOP_ON, (*DEFAULT_STOP_ON, "partial"), ("complete",), COLLAPSE_TYPES):
+    # The default; the default with the verdict of before 2026-12-02 (version 1: "partial" was part of
+    # "cluster", and no count rule); complete only; every type.
+    rules = ((DEFAULT_STOP_ON, 2), (DEFAULT_STOP_ON, 1), (("complete",), 2), (COLLAPSE_TYPES, 2))
+    for stop_on, version in rules:
+        label = ",".join(stop_on) + (" (verdict v1)" if version == 1 else "")
         for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
-            rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on)
+            rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on,
+                                    collapse_types_version=version)
             run = requested = 0.0
             stopped = []
             for number, monitor in replay(records, rule).items():
@@ -312,7 +316,7 @@ def replay_rules(args) -> None:
                     run += min(epochs, monitor.stop_epoch)
                 else:
                     run += epochs
-            line = (f"  {','.join(stop_on):<36} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
+            line = (f"  {label:<36} {grace:>5} {patience:>8}  {100 * (1 - run / requested):5.1f}%  "
                     f"{len(stopped):>7}  {len(best.intersection(stopped)):>14}")
             if means is not None:
                 held = means.index.isin(stopped)

@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 __all__ = [
     "COLLAPSE_TYPES",
+    "COLLAPSE_TYPES_VERSION",
+    "collapse_types",
     "OBJECTIVES",
     "SCHEDULERS",
     "DEFAULT_STOP_ON",
@@ -44,6 +46,18 @@ SCHEDULERS = ("asha", "none")
 # by default: "dimensional" and "partial" are recorded, not acted on (see hpsearch.stopping).
 COLLAPSE_TYPES = ("complete", "dimensional", "cluster", "partial")
 DEFAULT_STOP_ON = ("complete", "cluster")
+# The verdict a search's rule judges by (musicssl.collapse.VERDICT_VERSIONS): 1 until "partial" (few
+# prototypes used) was split from "cluster" and one-hot collapse got its count rule (2026-12-02),
+# 2 since. A search stored with version 1 (no collapse_types_version in its search.json) keeps it.
+COLLAPSE_TYPES_VERSION = 2
+COLLAPSE_TYPES_BEFORE_PARTIAL = ("complete", "dimensional", "cluster")
+# What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
+STOP_ON_BEFORE_SETTING = COLLAPSE_TYPES_BEFORE_PARTIAL
+
+
+def collapse_types(version: int = COLLAPSE_TYPES_VERSION) -> tuple[str, ...]:
+    """The collapse types a stopping rule judging by the verdict's ``version`` can act on."""
+    return COLLAPSE_TYPES_BEFORE_PARTIAL if version == 1 else COLLAPSE_TYPES
 
 
 class SettingsError(ValueError):
@@ -96,6 +110,8 @@ class TrialSettings:
     thresholds: dict[str, Any] = field(default_factory=dict)
     # The collapse types that stop a trial; "diverged" always does.
     stop_on: tuple[str, ...] = DEFAULT_STOP_ON
+    # The verdict the rule judges by (1: a search started before 2026-12-02).
+    collapse_types_version: int = COLLAPSE_TYPES_VERSION
 
     def collapse_rule(self):
         """The :class:`hpsearch.stopping.CollapseStopRule` every trial of the search applies."""
@@ -103,15 +119,8 @@ class TrialSettings:
         from musicssl.collapse import CollapseThresholds
 
         return CollapseStopRule(self.grace_epochs, self.patience_epochs, CollapseThresholds(**self.thresholds),
-                                self.stop_on)
+                                self.stop_on, self.collapse_types_version)
 
-
-# What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
-STOP_ON_BEFORE_SETTING = ("complete", "dimensional", "cluster", "partial")
-# The collapse types a stored ``stop_on`` is written in: 1 until "partial" (few prototypes used) was
-# split from "cluster" (2026-12-02), 2 since. A version-1 "cluster" also stopped on "partial", and
-# had no rule on the count of effective prototypes (musicssl.collapse.CollapseThresholds).
-COLLAPSE_TYPES_VERSION = 2
 
 _TRIAL = TrialSettings(method="")
 
@@ -153,7 +162,7 @@ class SearchSettings:
     patience_epochs: int = _TRIAL.patience_epochs
     thresholds: dict[str, Any] = field(default_factory=dict)
     stop_on: list[str] = field(default_factory=lambda: list(_TRIAL.stop_on))
-    # The collapse types ``stop_on`` is written in (COLLAPSE_TYPES_VERSION; older ones are read in).
+    # The verdict the rule judges by (COLLAPSE_TYPES_VERSION; 1 for a search stored before it).
     collapse_types_version: int = COLLAPSE_TYPES_VERSION
     asha_grace_epochs: int = 2
     asha_reduction_factor: float = 2.0
@@ -194,14 +203,18 @@ class SearchSettings:
             self.collapse_thresholds()
         except (TypeError, ValueError) as error:
             problems.append(str(error))
-        if self.collapse_types_version != COLLAPSE_TYPES_VERSION:
+        types = COLLAPSE_TYPES
+        if self.collapse_types_version not in (1, COLLAPSE_TYPES_VERSION):
             problems.append(f"collapse_types_version {self.collapse_types_version} is not one this version of the "
-                            f"search knows ({COLLAPSE_TYPES_VERSION}; a search.json without it is read as 1)")
+                            f"search knows (1 or {COLLAPSE_TYPES_VERSION}; a search.json without it is read as 1)")
+        else:
+            types = collapse_types(self.collapse_types_version)
         self.stop_on = list(self.stop_on)
-        unknown = [kind for kind in self.stop_on if kind not in COLLAPSE_TYPES]
+        unknown = [kind for kind in self.stop_on if kind not in types]
         if unknown or not self.stop_on:
+            old = " (a search started before 2026-12-02 keeps the verdict of then)" if types != COLLAPSE_TYPES else ""
             problems.append(
-                f"--stop-on takes one or more of {', '.join(COLLAPSE_TYPES)} separated by commas, got "
+                f"--stop-on takes one or more of {', '.join(types)}{old} separated by commas, got "
                 f"{','.join(self.stop_on) or 'nothing'} (to stop no collapsed trial, use --no-collapse-stop)"
             )
         if problems:
@@ -244,6 +257,7 @@ class SearchSettings:
             patience_epochs=self.patience_epochs,
             thresholds=dict(self.thresholds),
             stop_on=tuple(self.stop_on),
+            collapse_types_version=self.collapse_types_version,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,14 +276,8 @@ class SearchSettings:
                 raise ValueError("not a JSON object")
             known = {f.name for f in dataclasses.fields(cls)}
             values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
-            if values.get("collapse_types_version", 1) == 1:
-                # Written when "cluster" also named partial prototype collapse and had no count rule:
-                # the resumed search keeps stopping where it did.
-                stop_on = list(values["stop_on"])
-                if "cluster" in stop_on and "partial" not in stop_on:
-                    stop_on.append("partial")
-                thresholds = {"cluster_min_effective_prototypes": 0.0, **dict(values.get("thresholds") or {})}
-                values.update(stop_on=stop_on, thresholds=thresholds, collapse_types_version=COLLAPSE_TYPES_VERSION)
+            # Written before the verdict of 2026-12-02: the resumed search keeps judging by the old one.
+            values.setdefault("collapse_types_version", 1)
             return cls(**{k: v for k, v in values.items() if k in known})
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             raise SettingsError(

@@ -20,11 +20,13 @@ but do not stop a trial by default. In the default 64-trial VICReg search withou
 trials whose embedding used under a tenth of its dimensions had the same median probe score as the
 others, and the rule would have stopped the best of the 64 (benchmarks/README.md, "Search"). On
 36-epoch clustering trials, the trials whose probe batch used under a tenth of the attainable
-prototypes ("partial") scored like the others, and the rule stopped the best of the 64
+prototypes ("partial") scored like the others, and the rule of before 2026-12-02, which counted them
+as "cluster", stopped the best of the 64
 (benchmarks/README.md, "Longer trials"). ``stop_on`` with them
 (``--stop-on complete,cluster,partial,dimensional``) restores them.
 
-The collapse "began" at the first epoch of the uninterrupted run of collapsed verdicts that led to
+The collapse "began" at the first epoch of the uninterrupted run of epochs showing a type in
+``stop_on`` (not necessarily the same type every epoch; the stop is named by the last) that led to
 the stop (which may lie inside the grace period); ``collapse_step`` is the optimiser step at the
 end of that epoch, where it was first seen. The verdict is recomputed here from the logged
 metrics with the rule's own :class:`~musicssl.collapse.CollapseThresholds`, so a search can move
@@ -42,8 +44,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from hpsearch.settings import COLLAPSE_TYPES, DEFAULT_STOP_ON
-from musicssl.collapse import CollapseThresholds, collapse_findings
+from hpsearch.settings import COLLAPSE_TYPES, COLLAPSE_TYPES_VERSION, DEFAULT_STOP_ON, collapse_types
+from musicssl.collapse import VERDICT_VERSIONS, CollapseThresholds, collapse_findings
 
 __all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "DEFAULT_STOP_ON", "findings_from_record",
            "verdict_from_record"]
@@ -60,13 +62,20 @@ class CollapseStopRule:
     patience_epochs: int = 2
     thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
     stop_on: tuple[str, ...] = DEFAULT_STOP_ON
+    # The verdict's version (musicssl.collapse.VERDICT_VERSIONS): 1 is the rule of a search started
+    # before 2026-12-02, kept when it resumes: its verdict (no "partial", no count rule), acted on
+    # only when it names a type in stop_on.
+    collapse_types_version: int = COLLAPSE_TYPES_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_on", tuple(self.stop_on))
-        unknown = [kind for kind in self.stop_on if kind not in COLLAPSE_TYPES]
+        if self.collapse_types_version not in VERDICT_VERSIONS:
+            raise ValueError(f"collapse_types_version must be one of {VERDICT_VERSIONS}, got {self.collapse_types_version!r}")
+        types = collapse_types(self.collapse_types_version)
+        unknown = [kind for kind in self.stop_on if kind not in types]
         if unknown or not self.stop_on:
             raise ValueError(
-                f"stop_on must name one or more of {', '.join(COLLAPSE_TYPES)}, got {', '.join(self.stop_on) or 'none'}"
+                f"stop_on must name one or more of {', '.join(types)}, got {', '.join(self.stop_on) or 'none'}"
             )
         if self.grace_epochs < 0:
             raise ValueError(f"grace_epochs must be >= 0, got {self.grace_epochs}")
@@ -74,12 +83,15 @@ class CollapseStopRule:
             raise ValueError(f"patience_epochs must be >= 1, got {self.patience_epochs}")
 
 
-def findings_from_record(record: Mapping[str, object], thresholds: CollapseThresholds) -> dict[str, list[str]]:
+def findings_from_record(
+    record: Mapping[str, object], thresholds: CollapseThresholds, version: int = COLLAPSE_TYPES_VERSION
+) -> dict[str, list[str]]:
     """Every kind of collapse whose rules fire on one epoch record of the trainer, with the reasons,
     in order of precedence (the first is the verdict); empty for none.
 
     The record holds the collapse metrics as ``collapse_<name>`` and the epoch's mean loss as
-    ``train_loss``; the findings are :func:`musicssl.collapse.collapse_findings` of those.
+    ``train_loss``; the findings are :func:`musicssl.collapse.collapse_findings` of those (of the
+    verdict's ``version``).
     """
     metrics = {
         key[len(_COLLAPSE_PREFIX):]: value
@@ -92,12 +104,14 @@ def findings_from_record(record: Mapping[str, object], thresholds: CollapseThres
     if not set(metrics) - {"loss", "nonfinite"}:
         # No collapse metrics (no probe set): only a non-finite loss says anything.
         return {"diverged": [f"train_loss is {loss}"]} if isinstance(loss, float) and not math.isfinite(loss) else {}
-    return collapse_findings(metrics, thresholds)
+    return collapse_findings(metrics, thresholds, version)
 
 
-def verdict_from_record(record: Mapping[str, object], thresholds: CollapseThresholds) -> tuple[str, list[str]]:
+def verdict_from_record(
+    record: Mapping[str, object], thresholds: CollapseThresholds, version: int = COLLAPSE_TYPES_VERSION
+) -> tuple[str, list[str]]:
     """The collapse verdict (the first of :func:`findings_from_record`, or "none") and its reasons."""
-    return _verdict(findings_from_record(record, thresholds))
+    return _verdict(findings_from_record(record, thresholds, version))
 
 
 def _verdict(findings: dict[str, list[str]]) -> tuple[str, list[str]]:
@@ -128,10 +142,12 @@ class CollapseMonitor:
 
     def update(self, epoch: int, step: int, record: Mapping[str, object]) -> str:
         """Judge epoch ``epoch`` (1-based; ``step`` optimiser steps done) and return its verdict."""
-        findings = findings_from_record(record, self.rule.thresholds)
+        version = self.rule.collapse_types_version
+        findings = findings_from_record(record, self.rule.thresholds, version)
         verdict, reasons = _verdict(findings)
-        # The first kind the rule stops on, in order of precedence.
-        kind = next((kind for kind in findings if kind in self.rule.stop_on), None)
+        # The first kind the rule stops on, in order of precedence (version 1: the verdict only).
+        kinds = list(findings)[:1] if version == 1 else findings
+        kind = next((kind for kind in kinds if kind in self.rule.stop_on), None)
         self.verdicts.append(verdict)
         self.reasons.append(reasons)
         self.stopping.append(kind is not None)

@@ -427,6 +427,40 @@ def test_a_mean_assignment_on_two_prototypes_is_one_hot_collapse_whatever_k() ->
         CollapseThresholds(cluster_min_effective_prototypes=math.inf)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_few_prototypes_in_even_use_are_not_one_hot_collapse(k: int) -> None:
+    # With K = 2 or 3 the mean assignment cannot rest on 3 prototypes; used evenly it is healthy
+    # (the count rule also asks for fewer than sqrt(K)), while one prototype taking all is not.
+    even = torch.softmax(torch.randn(512, k, generator=torch.Generator().manual_seed(1)) * 4, dim=1)
+    metrics = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": even})
+    assert metrics["effective_prototypes"] < 3 and metrics["assignment_entropy"] > 0.9
+    assert collapse_verdict(metrics) == "none"
+    all_on_one = F.one_hot(torch.zeros(512, dtype=torch.long), k).float()
+    one_hot = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": all_on_one})
+    assert collapse_verdict(one_hot) == "cluster"
+
+
+def test_version_1_is_the_verdict_before_partial_and_the_count_rule() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 64, generator=generator)
+    logits[:, [5, 20, 41, 50, 60]] += 8.0
+    five = collapse_metrics({"embedding": gaussian(512, 64), "projection": torch.ones(512, 64),
+                             "assignment_probs": torch.softmax(logits, dim=1)})
+    # Today: the constant prototype scores (complete) come before the partial collapse; then, the
+    # occupancy rule was one of "cluster"'s, checked before the projection's.
+    assert list(collapse_findings(five)) == ["complete", "partial"]
+    occupancy = f"cluster_occupancy_attainable {5 / 64:.4g} < 0.1"
+    assert collapse_findings(five, version=1) == {"cluster": [occupancy], "complete": ["l2_std_projection 0 < 0.1"]}
+    assert collapse_diagnosis(five, version=1) == ("cluster", [occupancy])
+    # Two prototypes (0.125 of log 256): only today's count rule calls it one-hot.
+    logits = torch.full((512, 256), -10.0)
+    logits[:256, 3] = logits[256:, 9] = 10.0
+    two = collapse_metrics({"embedding": gaussian(512, 64), "assignment_probs": torch.softmax(logits, dim=1)})
+    assert collapse_findings(two, version=1) == {"cluster": [f"cluster_occupancy_attainable {2 / 256:.4g} < 0.1"]}
+    with pytest.raises(ValueError, match="version must be one of"):
+        collapse_findings(two, version=3)
+
+
 def test_findings_list_every_kind_that_fires_in_order_of_precedence() -> None:
     # A rank-4 embedding (dimensional) whose 512 samples pick 3 of 64 prototypes (partial) and whose
     # prototype scores are constant (complete, of the projection): the verdict is the first.

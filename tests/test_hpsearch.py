@@ -1362,47 +1362,49 @@ def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tm
     assert stored["collapse_types_version"] == 2
     del stored["stop_on"], stored["collapse_types_version"]
     (tmp_path / "search.json").write_text(json.dumps(stored))
-    assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster", "partial"]
+    assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster"]
     assert SearchSettings(method="vicreg").stop_on == ["complete", "cluster"]
 
 
-def test_a_search_stored_before_partial_was_split_from_cluster_keeps_stopping_on_it(tmp_path):
-    """Until 2026-12-02, "cluster" also named partial prototype collapse (few prototypes used): a
-    search.json of then (no collapse_types_version) that stops on "cluster" resumes stopping on
-    "partial" too; today's default does not."""
+def test_a_search_stored_before_partial_was_split_from_cluster_keeps_its_verdict(tmp_path):
+    """Until 2026-12-02, "cluster" also named partial prototype collapse (few prototypes used), there
+    was no count rule, and a rule acted only on the verdict: a search.json of then (no
+    collapse_types_version) resumes judging by that verdict; today's settings do not."""
     SearchSettings(method="clustering").save(tmp_path)
-    assert SearchSettings.load(tmp_path).stop_on == ["complete", "cluster"]
     stored = json.loads((tmp_path / "search.json").read_text())
+    assert stored["collapse_types_version"] == 2
     del stored["collapse_types_version"]
     (tmp_path / "search.json").write_text(json.dumps(stored))
-    old = SearchSettings.load(tmp_path)
-    assert (old.stop_on, old.collapse_types_version) == (["complete", "cluster", "partial"], 2)
-    # ... and without the rule on the count of effective prototypes, which it did not have.
-    assert old.thresholds == {"cluster_min_effective_prototypes": 0.0}
+    old, today = SearchSettings.load(tmp_path), SearchSettings(method="clustering")
+    # Read as written: the same stop_on and thresholds, so a resume's flags compare with them.
+    assert (old.stop_on, old.thresholds, old.collapse_types_version) == (["complete", "cluster"], {}, 1)
 
-    def stops(settings: SearchSettings, records: list[dict]) -> int | None:
+    def run_rule(settings: SearchSettings, records: list[dict]) -> CollapseMonitor:
         monitor = CollapseMonitor(settings.trial_settings().collapse_rule())
         for epoch, record in enumerate(records, start=1):
             monitor.update(epoch, 10 * epoch, record)
-        return monitor.stop_epoch
+        return monitor
 
-    today = SearchSettings(method="clustering")
-    assert stops(old, [PARTIAL] * 4) == 3 and stops(today, [PARTIAL] * 4) is None
-    # A mean assignment on two prototypes (0.2 of log K, above the fraction line): only today's stops it.
+    partial = run_rule(old, [PARTIAL] * 4)
+    assert (partial.verdicts, partial.stop_epoch, partial.collapse_type) == (["cluster"] * 4, 3, "cluster")
+    assert not run_rule(today, [PARTIAL] * 4).fired
+    # A mean assignment on two prototypes (0.2 of log K, above the fraction line, and the occupancy
+    # above its own): only today's count rule stops it.
     two = {**PARTIAL, "collapse_effective_prototypes": 2.0, "collapse_assignment_entropy": 0.2,
            "collapse_cluster_occupancy_attainable": 0.5}
-    assert stops(old, [two] * 4) is None and stops(today, [two] * 4) == 3
-    # Saved again (a resume writes it back), it reads the same.
+    assert not run_rule(old, [two] * 4).fired and run_rule(today, [two] * 4).stop_epoch == 3
+    # Version 1 acts on the verdict only: dimensional collapse behind a complete projection is not
+    # stopped by a rule on dimensional collapse, as it was not then.
+    behind = {**DIMENSIONAL, "collapse_l2_std_projection": 0.05}
+    (tmp_path / "search.json").write_text(json.dumps({**stored, "stop_on": ["dimensional"]}))
+    assert not run_rule(SearchSettings.load(tmp_path), [behind] * 4).fired
+    assert run_rule(SearchSettings(method="clustering", stop_on=["dimensional"]), [behind] * 4).stop_epoch == 3
+    # Saved again (a resume writes it back), it stays version 1.
     old.save(tmp_path)
-    again = SearchSettings.load(tmp_path)
-    assert (again.stop_on, again.thresholds) == (["complete", "cluster", "partial"], old.thresholds)
-    # Without "cluster" in it there is nothing to add; thresholds it set are kept.
-    (tmp_path / "search.json").write_text(json.dumps({**stored, "stop_on": ["complete", "dimensional"],
-                                                      "thresholds": {"cluster_min_occupancy": 0.05}}))
-    kept = SearchSettings.load(tmp_path)
-    assert kept.stop_on == ["complete", "dimensional"]
-    assert kept.thresholds == {"cluster_min_effective_prototypes": 0.0, "cluster_min_occupancy": 0.05}
-    # A version this code does not know is refused with the reason.
+    assert SearchSettings.load(tmp_path).collapse_types_version == 1
+    # "partial" is not a type of version 1; an unknown version is refused with the reason.
+    with pytest.raises(SettingsError, match=r"one or more of complete, dimensional, cluster \(a search started before"):
+        SearchSettings(method="clustering", stop_on=["partial"], collapse_types_version=1)
     (tmp_path / "search.json").write_text(json.dumps({**stored, "collapse_types_version": 3}))
     with pytest.raises(SettingsError, match="collapse_types_version 3 is not one this version of the search knows"):
         SearchSettings.load(tmp_path)

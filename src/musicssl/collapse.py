@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "CollapseThresholds",
     "CollapseType",
+    "VERDICT_VERSIONS",
     "alignment",
     "assignment_entropy",
     "cluster_occupancy",
@@ -573,10 +574,11 @@ class CollapseThresholds:
     cluster_min_effective_prototypes: float = 3.0
     """Cluster if the mean assignment effectively rests on fewer than this many prototypes
     (``effective_prototypes``, exp of its entropy: one-hot collapse onto one or two prototypes,
-    whatever K). A count, not a fraction of log K: clustering without centring (K = 1024) rests on
+    whatever K), and on fewer than sqrt(K) (its entropy under half of log K: with K < 9 an even use
+    of the prototypes is no collapse, e.g. 2 of K = 2). A count, not a fraction of log K: clustering without centring (K = 1024) rests on
     1.1-2.8 effective prototypes at epochs 2-3 on seeds 0-2, 0.02-0.15 of log K, where the fraction
     rule alone misses seeds 1 and 2 at epoch 3; the 10 best trials of a 36-epoch clustering search
-    rested on 7.9 or more at every epoch after the first (benchmarks/README.md, "Longer trials")."""
+    rested on 7.89 or more at every epoch after the first (benchmarks/README.md, "Longer trials")."""
 
     cluster_min_sample_entropy: float = 0.97
     """Cluster if the mean per-sample entropy over log K exceeds this (uniform collapse: every
@@ -629,8 +631,13 @@ def _number(metrics: Mapping[str, object], key: str) -> float | None:
         raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}") from None
 
 
+# The verdict's versions: 1 until 2026-12-02 ("cluster" also named partial prototype collapse, and
+# one-hot collapse had no count rule), 2 since. A search started under version 1 keeps it.
+VERDICT_VERSIONS = (1, 2)
+
+
 def collapse_findings(
-    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds()
+    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds(), version: int = 2
 ) -> dict[str, list[str]]:
     """Every kind of collapse whose rules fire on ``metrics``, with the reasons (the rules that fired),
     in the order of precedence of :func:`collapse_diagnosis`; empty if none fires.
@@ -642,7 +649,13 @@ def collapse_findings(
     "dimensional". A trial can show several at once: a rank-one embedding is also dimensionally
     collapsed, and prototypes can be partially collapsed on a low-rank embedding. Reasons read like
     ``"l2_std_embedding 0.031 < 0.1"``.
+
+    ``version=1`` gives the verdict of before 2026-12-02, for searches started then: no "partial"
+    (its rule is one of "cluster"'s, ranked with them) and no rule on the count of effective
+    prototypes.
     """
+    if version not in VERDICT_VERSIONS:
+        raise ValueError(f"version must be one of {VERDICT_VERSIONS}, got {version!r}")
     values = {key: _number(metrics, key) for key in _VERDICT_KEYS}
     present = {key: value for key, value in values.items() if value is not None}
     if not set(present) - {"loss", "nonfinite"}:
@@ -674,9 +687,13 @@ def collapse_findings(
     )
     # One-hot (the mean assignment rests on one or two prototypes) and uniform (every sample spread
     # evenly over all of them).
+    # The count rule applies below sqrt(K) too (an entropy under half of log K): with K = 2 or 3
+    # prototypes in even use the mean assignment rests on fewer than 3, and that is no collapse.
+    few = below("effective_prototypes", t.cluster_min_effective_prototypes) if version > 1 else []
+    few = few if few and present.get("assignment_entropy", 0.0) < 0.5 else []
     cluster = (
         below("assignment_entropy", t.cluster_max_assignment_entropy)
-        + below("effective_prototypes", t.cluster_min_effective_prototypes)
+        + few
         + above("sample_entropy", t.cluster_min_sample_entropy)
     )
     # A hand-made dict may carry only the occupancy of K.
@@ -684,6 +701,8 @@ def collapse_findings(
     if occupancy_key not in present:
         occupancy_key = "cluster_occupancy"
     partial = below(occupancy_key, t.cluster_min_occupancy)
+    if version == 1:
+        cluster, partial = partial + cluster, []
 
     # The projection's rules come after the one-hot and uniform rules: for clustering the
     # "projection" is the student's prototype scores, and scores that no longer depend on the input
@@ -714,16 +733,16 @@ def collapse_findings(
 
 
 def collapse_diagnosis(
-    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds()
+    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds(), version: int = 2
 ) -> tuple[str, list[str]]:
     """The verdict of :func:`collapse_verdict` and the reasons for it (the rules that fired).
 
     The verdict is the first kind of :func:`collapse_findings`: diverged, complete (of the
     embedding), cluster (one-hot or uniform assignments), complete (of the projection), partial (few
     prototypes used), dimensional, else none. Reasons read like ``"l2_std_embedding 0.031 < 0.1"``;
-    they are empty for "none".
+    they are empty for "none". ``version=1``: the verdict of before 2026-12-02 (:func:`collapse_findings`).
     """
-    findings = collapse_findings(metrics, thresholds)
+    findings = collapse_findings(metrics, thresholds, version)
     if not findings:
         return CollapseType.NONE.value, []
     verdict, reasons = next(iter(findings.items()))
