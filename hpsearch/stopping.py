@@ -70,7 +70,9 @@ class CollapseStopRule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_on", tuple(self.stop_on))
         if self.collapse_types_version not in VERDICT_VERSIONS:
-            raise ValueError(f"collapse_types_version must be one of {VERDICT_VERSIONS}, got {self.collapse_types_version!r}")
+            raise ValueError(
+                f"collapse_types_version must be one of {VERDICT_VERSIONS}, got {self.collapse_types_version!r}"
+            )
         types = collapse_types(self.collapse_types_version)
         unknown = [kind for kind in self.stop_on if kind not in types]
         if unknown or not self.stop_on:
