@@ -199,7 +199,9 @@ def is_healthy(metrics: dict[str, float]) -> bool:
     )
     cluster = (
         metrics.get("assignment_entropy", 1.0) < CLUSTER_MAX_ASSIGNMENT_ENTROPY
-        or metrics.get("effective_prototypes", math.inf) < CLUSTER_MIN_EFFECTIVE_PROTOTYPES
+        # The count rule, also below sqrt(K): the mean assignment's entropy under half of log K.
+        or (metrics.get("effective_prototypes", math.inf) < CLUSTER_MIN_EFFECTIVE_PROTOTYPES
+            and metrics.get("assignment_entropy", 0.0) < 0.5)
         or metrics.get("sample_entropy", 0.0) > CLUSTER_MIN_SAMPLE_ENTROPY
     )
     partial = metrics.get("cluster_occupancy_attainable", 1.0) < CLUSTER_MIN_OCCUPANCY

@@ -577,8 +577,9 @@ class CollapseThresholds:
     whatever K), and on fewer than sqrt(K) (its entropy under half of log K: with K < 9 an even use
     of the prototypes is no collapse, e.g. 2 of K = 2). A count, not a fraction of log K: clustering
     without centring (K = 1024) rests on 1.1-2.8 effective prototypes at epochs 2-3 on seeds 0-2,
-    0.02-0.15 of log K, where the fraction rule alone misses seeds 1 and 2 at epoch 3; the 10 best trials of a 36-epoch clustering search
-    rested on 7.89 or more at every epoch after the first (benchmarks/README.md, "Longer trials")."""
+    0.02-0.15 of log K, where the fraction rule alone misses seeds 1 and 2 at epoch 3; the 10 best
+    trials of a 36-epoch clustering search rested on 7.89 or more at every epoch after the first
+    (benchmarks/README.md, "Longer trials")."""
 
     cluster_min_sample_entropy: float = 0.97
     """Cluster if the mean per-sample entropy over log K exceeds this (uniform collapse: every
