@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hpsearch.settings import COLLAPSE_TYPES, COLLAPSE_TYPES_VERSION, DEFAULT_STOP_ON, collapse_types
-from musicssl.collapse import VERDICT_VERSIONS, CollapseThresholds, collapse_findings
+from musicssl.collapse import VERDICT_VERSIONS, CollapseThresholds, collapse_findings, first_finding
 
 __all__ = ["CollapseStopRule", "CollapseMonitor", "COLLAPSE_TYPES", "DEFAULT_STOP_ON", "findings_from_record",
            "verdict_from_record"]
@@ -113,11 +113,7 @@ def verdict_from_record(
     record: Mapping[str, object], thresholds: CollapseThresholds, version: int = COLLAPSE_TYPES_VERSION
 ) -> tuple[str, list[str]]:
     """The collapse verdict (the first of :func:`findings_from_record`, or "none") and its reasons."""
-    return _verdict(findings_from_record(record, thresholds, version))
-
-
-def _verdict(findings: dict[str, list[str]]) -> tuple[str, list[str]]:
-    return next(iter(findings.items())) if findings else ("none", [])
+    return first_finding(findings_from_record(record, thresholds, version))
 
 
 @dataclass
@@ -146,7 +142,7 @@ class CollapseMonitor:
         """Judge epoch ``epoch`` (1-based; ``step`` optimiser steps done) and return its verdict."""
         version = self.rule.collapse_types_version
         findings = findings_from_record(record, self.rule.thresholds, version)
-        verdict, reasons = _verdict(findings)
+        verdict, reasons = first_finding(findings)
         # The first kind the rule stops on, in order of precedence (version 1: the verdict only).
         kinds = list(findings)[:1] if version == 1 else findings
         kind = next((kind for kind in kinds if kind in self.rule.stop_on), None)

@@ -44,6 +44,7 @@ __all__ = [
     "cluster_occupancy",
     "collapse_diagnosis",
     "collapse_findings",
+    "first_finding",
     "collapse_metrics",
     "collapse_verdict",
     "effective_rank",
@@ -690,8 +691,9 @@ def collapse_findings(
     # evenly over all of them).
     # The count rule applies below sqrt(K) too (an entropy under half of log K): with K = 2 or 3
     # prototypes in even use the mean assignment rests on fewer than 3, and that is no collapse.
-    few = below("effective_prototypes", t.cluster_min_effective_prototypes) if version > 1 else []
-    few = few if few and present.get("assignment_entropy", 0.0) < 0.5 else []
+    few = []
+    if version > 1 and present.get("assignment_entropy", 0.0) < 0.5:
+        few = below("effective_prototypes", t.cluster_min_effective_prototypes)
     cluster = (
         below("assignment_entropy", t.cluster_max_assignment_entropy)
         + few
@@ -743,11 +745,12 @@ def collapse_diagnosis(
     prototypes used), dimensional, else none. Reasons read like ``"l2_std_embedding 0.031 < 0.1"``;
     they are empty for "none". ``version=1``: the verdict of before 2026-12-02 (:func:`collapse_findings`).
     """
-    findings = collapse_findings(metrics, thresholds, version)
-    if not findings:
-        return CollapseType.NONE.value, []
-    verdict, reasons = next(iter(findings.items()))
-    return verdict, reasons
+    return first_finding(collapse_findings(metrics, thresholds, version))
+
+
+def first_finding(findings: Mapping[str, list[str]]) -> tuple[str, list[str]]:
+    """The verdict and its reasons from :func:`collapse_findings`' result: its first kind, or "none"."""
+    return next(iter(findings.items())) if findings else (CollapseType.NONE.value, [])
 
 
 def collapse_verdict(
