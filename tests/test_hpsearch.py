@@ -1410,6 +1410,36 @@ def test_a_search_stored_before_partial_was_split_from_cluster_keeps_its_verdict
         SearchSettings.load(tmp_path)
 
 
+def test_a_search_of_before_partial_resumed_from_the_command_line_judges_its_trials_as_then(tmp_path):
+    """The path a resume takes: the command line's settings (search.json read as written, the
+    original flags accepted) reach the trials' epoch hook with the verdict of version 1."""
+    from hpsearch.run import SearchError, settings_from_args
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    SearchSettings(method="clustering", name="old", storage_dir=str(tmp_path), trials=3, max_epochs=4).save(folder)
+    stored = json.loads((folder / "search.json").read_text())
+    del stored["collapse_types_version"]
+    (folder / "search.json").write_text(json.dumps(stored))
+    parse = build_parser().parse_args
+    common = ["clustering", "--name", "old", "--storage-dir", str(tmp_path), "--trials", "3", "--max-epochs", "4"]
+    settings, resume = settings_from_args(parse([*common, "--resume", "--stop-on", "complete,cluster"]))
+    assert resume and settings.collapse_types_version == 1
+    # Its trials read partial prototype collapse as "cluster" and stop on it, as they did then.
+    reports = _epoch_reports(settings, [HEALTHY] + [PARTIAL] * 3)
+    assert [r["collapse_verdict"] for r in reports] == ["none", "cluster", "cluster"]
+    assert reports[-1]["collapse_stop"] and (reports[-1]["collapse_type"], reports[-1]["stop_epoch"]) == ("cluster", 3)
+    # A new search with the same flags records it as partial and lets the trial run.
+    today, resume = settings_from_args(parse([*common[:2], "new", *common[3:], "--stop-on", "complete,cluster"]))
+    assert not resume and today.collapse_types_version == 2
+    reports = _epoch_reports(today, [HEALTHY] + [PARTIAL] * 3)
+    assert [r["collapse_verdict"] for r in reports] == ["none", "partial", "partial", "partial"]
+    assert not any(r["collapse_stop"] for r in reports)
+    # "partial" is no type of the old search: asking for it on resume names the stored rule.
+    with pytest.raises(SearchError, match=r"--stop-on complete,cluster,partial \(stored: complete,cluster\)"):
+        settings_from_args(parse([*common, "--resume", "--stop-on", "complete,cluster,partial"]))
+
+
 def test_a_stopping_rule_longer_than_the_trials_is_noted(tmp_path):
     import io
 
