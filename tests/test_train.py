@@ -392,8 +392,9 @@ def test_the_run_config_names_the_data_by_absolute_paths(tmp_path, monkeypatch):
         "MTAT", str(tmp_path / "mtat"), str(Path("~/audio").expanduser()))
 
 
-def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
+def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path, monkeypatch, capsys):
     """``--data mtat --root DIR``: MagnaTagATune as distributed (annotations_final.csv, mp3 folders)."""
+    from musicssl.train import main
 
     from test_downstream import write_mtat_fixture
 
@@ -409,7 +410,9 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
     assert json.loads((out / "config.json").read_text())["data_root"] == str(root)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and 0 <= summary["probe_map"] <= 1
-    # Without --root, or with --root for a path, the CLI says which flag is wrong (exit 2, no traceback).
+    # Without --root, or with --root for a path, the CLI says which flag is wrong (exit 2, no traceback;
+    # run in this process, as test_cli_misuse_in_a_real_process_exits_2_with_one_line runs one in its own).
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
     for arguments, message in (
         (["--data", "mtat"], "dataset 'mtat' needs --root, the folder that holds its files"),
         (["--data", "msd", "--root", str(root)], "dataset 'msd' needs --audio-dir"),
@@ -420,10 +423,13 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path):
          f"--root {root / 'annotations_final.csv'} is a file; give a folder (where the corpus is or is built)"),
         (["--data", "mtat", "--root", str(root / "annotations_final.csv")], "is a file; give a folder (the dataset's folder)"),
     ):
-        completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", *arguments],
-                                   capture_output=True, text=True, timeout=120, env=env)
-        assert completed.returncode == 2 and message in completed.stderr, completed.stderr
-        assert "Traceback" not in completed.stderr
+        try:
+            code = main(["vicreg", *arguments])
+        except SystemExit as exit_:
+            code = exit_.code
+        stderr = capsys.readouterr().err
+        assert code == 2 and message in stderr, stderr
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
 def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_mel_cache_is_built(
