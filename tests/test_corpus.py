@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import signal as signal_module
 import subprocess
 import sys
 import time
@@ -386,6 +387,41 @@ def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tm
     with pytest.raises(KeyboardInterrupt):
         build_corpus(tmp_path / "half", CorpusConfig(10, 8.0, 0), workers=1, bank_cache_dir=cache, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_the_build_workers_end_quietly_under_a_parent_that_turns_sigterm_into_ctrl_c():
+    """The search handles SIGTERM as Ctrl-C while it builds the corpus. Forked workers inherited that
+    handler, and the pool's end (a SIGTERM to each worker) raised KeyboardInterrupt in them: a
+    worker's traceback under the progress bar (seen on a fresh machine's first search), and now
+    and then a pool that never ended. The workers now ignore Ctrl-C, which the parent handles, and
+    end on SIGTERM without a word."""
+    script = """
+import signal
+from musicssl.corpus.render import worker_pool
+
+def as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, as_ctrl_c)
+with worker_pool(2) as pool:
+    handlers = pool.starmap(signal.getsignal, [(signal.SIGINT,), (signal.SIGTERM,)] * 2)
+# Ctrl-C ignored and SIGTERM the default (pickled back as their numbers), not the parent's handler.
+assert handlers == [signal.SIG_IGN, signal.SIG_DFL] * 2, handlers
+for _ in range(20):  # with the parent's handler: 22 worker tracebacks in 20 pools, and a pool that hung
+    with worker_pool(2) as pool:
+        assert sorted(pool.imap_unordered(abs, range(-11, 12))) == sorted(abs(n) for n in range(-11, 12))
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal_module.SIGKILL)  # the script and the workers of a pool that hung
+        process.communicate()
+        pytest.fail("a pool of workers did not end")
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
 
 def test_config_rejects_bad_values_with_the_fix_in_the_message():

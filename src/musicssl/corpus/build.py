@@ -30,8 +30,8 @@ from musicssl.corpus.render import (
     draw_mix,
     ensure_note_bank,
     master,
-    process_context,
     synthesize,
+    worker_pool,
     write_flac,
 )
 from musicssl.corpus.tags import TAG_NAMES
@@ -262,7 +262,7 @@ def build_corpus(
                     records[job[0]] = _build_track_job(job)
                     bar.update()
             else:
-                with process_context().Pool(min(workers, config.tracks)) as pool:
+                with worker_pool(min(workers, config.tracks)) as pool:
                     for record in pool.imap_unordered(_build_track_job, jobs, chunksize=2):
                         records[int(record["track_id"][len("track") :])] = record
                         bar.update()

@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal as posix_signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ __all__ = [
     "master",
     "write_flac",
     "default_workers",
-    "process_context",
+    "worker_pool",
 ]
 
 SAMPLE_RATE = 16000
@@ -310,7 +311,7 @@ def ensure_note_bank(cache_dir: Path, workers: int = 1, spec: BankSpec = BankSpe
     with tqdm(total=len(jobs), desc="note bank (once)", unit="instrument", disable=not progress, dynamic_ncols=True) as bar:
         finished = []
         if workers > 1:
-            with process_context().Pool(min(workers, len(jobs))) as pool:
+            with worker_pool(min(workers, len(jobs))) as pool:
                 for result in pool.imap_unordered(_render_bank_chunk, ordered):
                     finished.append(result)
                     bar.update()
@@ -512,11 +513,20 @@ def write_flac(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) ->
     soundfile.write(str(path), audio, sample_rate, subtype="PCM_16", format="FLAC")
 
 
-def process_context() -> multiprocessing.context.BaseContext:
-    """Fork where the platform has it: workers then start at once and need not re-import the caller's
-    ``__main__`` (spawn fails for scripts fed on stdin). Workers use numpy/scipy/soundfile only."""
+def worker_pool(processes: int) -> multiprocessing.pool.Pool:
+    """A pool of ``processes`` workers, forked where the platform has it: they then start at once and
+    need not re-import the caller's ``__main__`` (spawn fails for scripts fed on stdin). Workers use
+    numpy/scipy/soundfile only. Each worker ignores Ctrl-C (the caller gets it and ends the pool) and
+    ends on SIGTERM without a word: a forked worker starts with its parent's handlers (the search's,
+    which turns SIGTERM into Ctrl-C), and the pool's end, which sends each worker a SIGTERM, printed a
+    KeyboardInterrupt traceback of a worker under the corpus's progress bar."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+    return multiprocessing.get_context(method).Pool(processes, initializer=_quiet_worker)
+
+
+def _quiet_worker() -> None:
+    posix_signal.signal(posix_signal.SIGINT, posix_signal.SIG_IGN)
+    posix_signal.signal(posix_signal.SIGTERM, posix_signal.SIG_DFL)
 
 
 def default_workers() -> int:
