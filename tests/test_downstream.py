@@ -647,6 +647,50 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
     pd.testing.assert_frame_equal(in_process["bootstrap"], in_workers["bootstrap"])
 
 
+
+def test_ctrl_c_writes_no_results_keeps_what_was_finished_and_says_so(tmp_path, monkeypatch, capsys):
+    """Before: a traceback, and an empty --out folder left behind. Interrupted during the second
+    baseline's probe fits, the command ends with one line (exit 130, as a shell reports Ctrl-C);
+    running it again takes the first baseline's embeddings and probe results and the second's
+    embeddings from the cache."""
+    import analysis.downstream as downstream
+
+    root, audio, out, cache = (tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio", tmp_path / "out",
+                               tmp_path / "embeddings")
+    write_jamendo_fixture(root, audio)
+    arguments = ["--dataset", "jamendo-top50", "--root", str(root), "--audio-dir", str(audio), "--workers", "0",
+                 "--classifiers", "linear", "--fractions", "100", "--draws", "1", "--bootstrap", "10",
+                 "--probe-workers", "0", "--cache-dir", str(cache), "--out", str(out), "--threads", "1", "--quiet"]
+    fit_probes, calls = downstream._fit_probes, []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit_probes(*args, **kwargs)
+
+    monkeypatch.setattr(downstream, "_fit_probes", interrupted_at_the_second)
+    assert main(arguments) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == ("python -m analysis.downstream: interrupted, no results written; each method's embeddings "
+                           "and each probe's fits, once complete, are cached, so running the command again continues "
+                           "from what was finished")
+    assert not out.exists()
+    assert len(list(cache.rglob("*-probe-linear-*.npz"))) == 1 and len(list(cache.rglob("*.npz"))) == 3
+
+    monkeypatch.setattr(downstream, "_fit_probes", fit_probes)
+    assert main(arguments) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(m["label"], m["embeddings_from_cache"], m["probes_from_cache"]) for m in summary["methods"]] == [
+        ("random", True, ["linear"]), ("random-bn", True, []), ("melstats", False, [])]
+    # Without a cache, nothing is said to be kept.
+    monkeypatch.setattr(downstream, "_fit_probes", interrupted_at_the_second)
+    calls.clear()
+    assert main([*arguments[:-7], "--no-cache", "--out", str(tmp_path / "out2"), "--threads", "1", "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == "python -m analysis.downstream: interrupted, no results written"
+    assert not (tmp_path / "out2").exists()
+
+
 def test_a_bootstrap_fraction_too_small_for_the_test_tracks_stops_before_anything_is_computed(tmp_path, capsys):
     """9 test tracks: 0.1 of them is round(0.9) = 1 track per resample, which musicssl.probe.bootstrap
     refuses. The command says so at once (no mel cache, embedding or probe fit), with a value that

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -337,6 +338,38 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.returncode == 2
     assert completed.stderr.startswith("python -m musicssl.train: error: unknown setting 'var_wieght'")
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+
+def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folder(tmp_path, tonal_dataset,
+                                                                                    monkeypatch, capsys):
+    """Before: Lightning's sys.exit(1) after its shutdown, no word, an empty run folder left, and
+    Ctrl-C left ignored in the process; train() now raises the KeyboardInterrupt it was."""
+    from musicssl import train as train_module
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    step = train_module.SSLModule.training_step
+
+    def interrupted_at_the_second_step(self, batch, batch_idx):
+        if self.global_step == 1:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(train_module.SSLModule, "training_step", interrupted_at_the_second_step)
+    out = tmp_path / "runs" / "run"
+    before = signal.getsignal(signal.SIGINT)
+    assert train_module.main(["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1",
+                              "--steps-per-epoch", "3", "--batch-size", "8", "--threads", "1", "--workers", "0",
+                              "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("python -m musicssl.train: interrupted; no run written (a run writes its "
+                                            "files when it ends)")
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    assert signal.getsignal(signal.SIGINT) is before
+    # Called from Python, train() raises KeyboardInterrupt, not Lightning's SystemExit.
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("vicreg", tmp_path, data=str(tonal_dataset / "tracks.csv"), steps_per_epoch=3), progress_bar=False)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):

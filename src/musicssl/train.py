@@ -15,7 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -615,7 +617,17 @@ def train(
         callbacks=list(callbacks),
         deterministic=False,
     )
-    trainer.fit(module, train_dataloaders=loader)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except SystemExit:
+        # Lightning ends a Ctrl-C with sys.exit(1), after its shutdown, and leaves Ctrl-C ignored: raise it as
+        # the KeyboardInterrupt it was, with Ctrl-C handled as before.
+        if not trainer.interrupted:
+            raise
+        if ctrl_c is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ctrl_c)
+        raise KeyboardInterrupt from None
 
     backbone = method.backbone.cpu().float()
     final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
@@ -820,6 +832,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_if_empty(made)  # the run folder train() made (and its new parents), left empty by the failure
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (exit 130, as a shell reports it); a run writes its files at the end
+        remove_if_empty(made)
+        print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)", file=sys.stderr)
+        return 130
     final = result.final
     shown = ", ".join(
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")
