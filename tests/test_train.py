@@ -344,7 +344,8 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
 def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folder(tmp_path, tonal_dataset,
                                                                                     monkeypatch, capsys):
     """Before: Lightning's sys.exit(1) after its shutdown, no word, an empty run folder left, and
-    Ctrl-C left ignored in the process; train() now raises the KeyboardInterrupt it was."""
+    Ctrl-C left ignored in the process; train() now raises the KeyboardInterrupt it was. The same for
+    a SIGTERM during training."""
     from musicssl import train as train_module
 
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
@@ -366,6 +367,21 @@ def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folde
                                             "files when it ends)")
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
     assert signal.getsignal(signal.SIGINT) is before
+    # A SIGTERM (a batch scheduler's stop): Lightning's loop raises SIGTERMException, a SystemExit with no
+    # code, so the command used to exit 0, as if the run had finished, with an empty run folder.
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def sigterm_at_the_second_step(self, batch, batch_idx):
+        if self.global_step == 1:
+            raise SIGTERMException
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(train_module.SSLModule, "training_step", sigterm_at_the_second_step)
+    assert train_module.main(["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1",
+                              "--steps-per-epoch", "3", "--batch-size", "8", "--threads", "1", "--workers", "0",
+                              "--out", str(out)]) == 130
+    assert "interrupted; no run written" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(train_module.SSLModule, "training_step", interrupted_at_the_second_step)
     # Called from Python, train() raises KeyboardInterrupt, not Lightning's SystemExit.
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config("vicreg", tmp_path, data=str(tonal_dataset / "tracks.csv"), steps_per_epoch=3), progress_bar=False)
