@@ -1733,7 +1733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what is finished stays in the cache
         remove_if_empty(made)
-        kept = ("; each method's embeddings and each probe's fits, once complete, are cached, so running the "
+        kept = ("; each method's embeddings and each probe's fits once all are done are cached, so running the "
                 "command again continues from what was finished" if config.use_cache else "")
         print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
         return 130

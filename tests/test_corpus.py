@@ -389,7 +389,6 @@ def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tm
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_the_build_workers_end_quietly_under_a_parent_that_turns_sigterm_into_ctrl_c():
     """The search handles SIGTERM as Ctrl-C while it builds the corpus. Forked workers inherited that
     handler, and the pool's end (a SIGTERM to each worker) raised KeyboardInterrupt in them: a
@@ -411,6 +410,9 @@ assert handlers == [signal.SIG_IGN, signal.SIG_DFL] * 2, handlers
 for _ in range(20):  # with the parent's handler: 22 worker tracebacks in 20 pools, and a pool that hung
     with worker_pool(2) as pool:
         assert sorted(pool.imap_unordered(abs, range(-11, 12))) == sorted(abs(n) for n in range(-11, 12))
+for _ in range(100):  # ended as soon as made: the SIGTERM can come before a worker has set its handlers
+    with worker_pool(2):
+        pass
 """
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)

@@ -340,7 +340,6 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
-
 def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folder(tmp_path, tonal_dataset,
                                                                                     monkeypatch, capsys):
     """Before: Lightning's sys.exit(1) after its shutdown, no word, an empty run folder left, and
@@ -359,14 +358,25 @@ def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folde
     monkeypatch.setattr(train_module.SSLModule, "training_step", interrupted_at_the_second_step)
     out = tmp_path / "runs" / "run"
     before = signal.getsignal(signal.SIGINT)
-    assert train_module.main(["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1",
-                              "--steps-per-epoch", "3", "--batch-size", "8", "--threads", "1", "--workers", "0",
-                              "--out", str(out)]) == 130
+    arguments = ["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1", "--steps-per-epoch", "3",
+                 "--batch-size", "8", "--threads", "1", "--workers", "0", "--out", str(out)]
+
+    def main_code() -> int:
+        try:
+            return train_module.main(arguments)
+        except KeyboardInterrupt:  # uncaught, it would end the whole test session
+            pytest.fail("the interrupt escaped main()")
+        finally:
+            if signal.getsignal(signal.SIGINT) is not before:  # left ignored: restore for the other tests
+                restored = signal.getsignal(signal.SIGINT)
+                signal.signal(signal.SIGINT, before)
+                pytest.fail(f"Ctrl-C left at {restored}")
+
+    assert main_code() == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == ("python -m musicssl.train: interrupted; no run written (a run writes its "
                                             "files when it ends)")
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
-    assert signal.getsignal(signal.SIGINT) is before
     # A SIGTERM (a batch scheduler's stop): Lightning's loop raises SIGTERMException, a SystemExit with no
     # code, so the command used to exit 0, as if the run had finished, with an empty run folder.
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -377,15 +387,24 @@ def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folde
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(train_module.SSLModule, "training_step", sigterm_at_the_second_step)
-    assert train_module.main(["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1",
-                              "--steps-per-epoch", "3", "--batch-size", "8", "--threads", "1", "--workers", "0",
-                              "--out", str(out)]) == 130
+    assert main_code() == 143  # 128 + SIGTERM, as a shell reports a process a SIGTERM ended
     assert "interrupted; no run written" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     monkeypatch.setattr(train_module.SSLModule, "training_step", interrupted_at_the_second_step)
     # Called from Python, train() raises KeyboardInterrupt, not Lightning's SystemExit.
+    config = tiny_config("vicreg", tmp_path, data=str(tonal_dataset / "tracks.csv"), steps_per_epoch=3)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config("vicreg", tmp_path, data=str(tonal_dataset / "tracks.csv"), steps_per_epoch=3), progress_bar=False)
+        train(config, progress_bar=False)
     assert signal.getsignal(signal.SIGINT) is before
+    # Another SystemExit, e.g. Ray Tune's sys.exit(0) in a report when it stops a trial, goes on as it is.
+    monkeypatch.setattr(train_module.SSLModule, "training_step", step)
+
+    def stopped_by_the_caller(module, record):
+        sys.exit(0)
+
+    with pytest.raises(SystemExit) as stopped:
+        train(replace(config, out_dir=str(tmp_path / "other")), epoch_end_hooks=[stopped_by_the_caller],
+              progress_bar=False)
+    assert stopped.value.code == 0 and type(stopped.value) is SystemExit
 
 
 def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):

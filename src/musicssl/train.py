@@ -506,6 +506,14 @@ def _check_batch(index, config: TrainConfig) -> None:
         raise ConfigError(f"the data {problem}; lower --batch-size")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (``signum`` SIGINT) or by a SIGTERM while it trained."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
 def train(
     config: TrainConfig,
     data=None,
@@ -620,14 +628,19 @@ def train(
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(module, train_dataloaders=loader)
-    except SystemExit:
-        # Lightning ends a Ctrl-C with sys.exit(1), after its shutdown, and leaves Ctrl-C ignored: raise it as
-        # the KeyboardInterrupt it was, with Ctrl-C handled as before.
-        if not trainer.interrupted:
+    except SystemExit as stop:
+        # Lightning ends a Ctrl-C with sys.exit(1), after its shutdown, and leaves Ctrl-C ignored; a SIGTERM
+        # with its SIGTERMException (a SystemExit without a code): raise them as the stop they were, with
+        # Ctrl-C handled as before. Any other SystemExit (e.g. Ray Tune's sys.exit(0) when it stops a trial
+        # in a report) goes on as it is.
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        sigterm = isinstance(stop, SIGTERMException)
+        if not (sigterm or isinstance(stop.__context__, KeyboardInterrupt)):
             raise
-        if ctrl_c is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, ctrl_c)
-        raise KeyboardInterrupt from None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler if ctrl_c is None else ctrl_c)
+        raise Interrupted(signal.SIGTERM if sigterm else signal.SIGINT) from None
 
     backbone = method.backbone.cpu().float()
     final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
@@ -832,10 +845,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_if_empty(made)  # the run folder train() made (and its new parents), left empty by the failure
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line (exit 130, as a shell reports it); a run writes its files at the end
+    except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
         remove_if_empty(made)
         print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(stop, "signum", signal.SIGINT))
     final = result.final
     shown = ", ".join(
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")

@@ -521,12 +521,26 @@ def worker_pool(processes: int) -> multiprocessing.pool.Pool:
     which turns SIGTERM into Ctrl-C), and the pool's end, which sends each worker a SIGTERM, printed a
     KeyboardInterrupt traceback of a worker under the corpus's progress bar."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(processes, initializer=_quiet_worker)
+    # Blocked while the workers start: a signal that comes before a worker has set its handlers waits
+    # in the kernel and then meets them (caught by the parent's handler, it raised there; caught and
+    # dropped as the handler was reset, it left a worker that the pool's end waited for forever).
+    blocking = hasattr(posix_signal, "pthread_sigmask")
+    previous = posix_signal.pthread_sigmask(posix_signal.SIG_BLOCK, _WORKER_SIGNALS) if blocking else None
+    try:
+        return multiprocessing.get_context(method).Pool(processes, initializer=_quiet_worker)
+    finally:
+        if blocking:
+            posix_signal.pthread_sigmask(posix_signal.SIG_SETMASK, previous)
+
+
+_WORKER_SIGNALS = {posix_signal.SIGINT, posix_signal.SIGTERM}
 
 
 def _quiet_worker() -> None:
     posix_signal.signal(posix_signal.SIGINT, posix_signal.SIG_IGN)
     posix_signal.signal(posix_signal.SIGTERM, posix_signal.SIG_DFL)
+    if hasattr(posix_signal, "pthread_sigmask"):
+        posix_signal.pthread_sigmask(posix_signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
 def default_workers() -> int:
