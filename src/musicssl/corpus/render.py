@@ -524,22 +524,22 @@ def worker_pool(processes: int) -> multiprocessing.pool.Pool:
     # Blocked while the workers start: a signal that comes before a worker has set its handlers waits
     # in the kernel and then meets them (caught by the parent's handler, it raised there; caught and
     # dropped as the handler was reset, it left a worker that the pool's end waited for forever).
-    blocking = hasattr(posix_signal, "pthread_sigmask")
-    previous = posix_signal.pthread_sigmask(posix_signal.SIG_BLOCK, _WORKER_SIGNALS) if blocking else None
+    previous = posix_signal.pthread_sigmask(posix_signal.SIG_BLOCK, _WORKER_SIGNALS) if _CAN_BLOCK else None
     try:
         return multiprocessing.get_context(method).Pool(processes, initializer=_quiet_worker)
     finally:
-        if blocking:
+        if _CAN_BLOCK:
             posix_signal.pthread_sigmask(posix_signal.SIG_SETMASK, previous)
 
 
 _WORKER_SIGNALS = {posix_signal.SIGINT, posix_signal.SIGTERM}
+_CAN_BLOCK = hasattr(posix_signal, "pthread_sigmask")  # not on Windows
 
 
 def _quiet_worker() -> None:
     posix_signal.signal(posix_signal.SIGINT, posix_signal.SIG_IGN)
     posix_signal.signal(posix_signal.SIGTERM, posix_signal.SIG_DFL)
-    if hasattr(posix_signal, "pthread_sigmask"):
+    if _CAN_BLOCK:
         posix_signal.pthread_sigmask(posix_signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
