@@ -81,6 +81,7 @@ import torch
 from torch import Tensor, nn
 
 from musicssl.cli import ArgumentParser
+from musicssl.interrupts import SpawnPool, exit_code, sigterm_interrupts
 from musicssl.paths import make_writable_folder, remove_if_empty
 
 __all__ = [
@@ -1411,15 +1412,15 @@ def _fit_in_processes(jobs: list, workers: int) -> list:
     """Run ``_fit_and_predict(*job())`` for each job in ``workers`` spawned processes, in order.
 
     At most two jobs per worker are in flight, so only a few training sets are held in memory (or
-    in the pipes) at a time however many fits there are."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    in the pipes) at a time however many fits there are. The processes ignore Ctrl-C; on it (or on
+    any error) they are ended at once, with the fits they were running."""
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     results: list = [None] * len(jobs)
     pending: dict = {}
     next_job = 0
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = SpawnPool(workers)  # spawn, not fork: fork would copy torch's thread pools
+    try:
         while next_job < len(jobs) or pending:
             while next_job < len(jobs) and len(pending) < 2 * workers:
                 pending[pool.submit(_fit_and_predict, *jobs[next_job]())] = next_job
@@ -1427,6 +1428,10 @@ def _fit_in_processes(jobs: list, workers: int) -> list:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 results[pending.pop(future)] = future.result()
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.shutdown()
     return results
 
 
@@ -1726,17 +1731,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you can write in")
     try:
-        result = run_downstream(methods, config, progress=not args.quiet)
+        with sigterm_interrupts():
+            result = run_downstream(methods, config, progress=not args.quiet)
     except (*_input_errors(), OSError) as error:
         remove_if_empty(made)  # the results folder made above
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what is finished stays in the cache
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, no traceback; what is finished stays cached
         remove_if_empty(made)
         kept = ("; each method's embeddings and each probe's fits once all are done are cached, so running the "
                 "command again continues from what was finished" if config.use_cache else "")
         print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
-        return 130
+        return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     files = write_outputs(result, out_dir)
     print()
     print(results_markdown(result.results))

@@ -10,8 +10,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -694,6 +696,24 @@ def test_ctrl_c_writes_no_results_keeps_what_was_finished_and_says_so(tmp_path, 
     assert main_code([*arguments[:-7], "--no-cache", "--out", str(tmp_path / "out2"), "--threads", "1", "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == "python -m analysis.downstream: interrupted, no results written"
     assert not (tmp_path / "out2").exists()
+    # A real SIGTERM (a batch scheduler's stop) ends it the same way, with exit 143. Before, Python's default
+    # ended the process without a word and left the empty folder.
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm_at_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # it would end the test session
+                pytest.fail("SIGTERM is at its default here: it ends the process without a word")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted long before
+        return fit_probes(*args, **kwargs)
+
+    monkeypatch.setattr(downstream, "_fit_probes", sigterm_at_the_second)
+    calls.clear()
+    assert main_code([*arguments[:-7], "--no-cache", "--out", str(tmp_path / "out3"), "--threads", "1", "--quiet"]) == 143
+    assert capsys.readouterr().err.strip() == "python -m analysis.downstream: interrupted, no results written"
+    assert not (tmp_path / "out3").exists() and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_bootstrap_fraction_too_small_for_the_test_tracks_stops_before_anything_is_computed(tmp_path, capsys):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -405,6 +406,70 @@ def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folde
         train(replace(config, out_dir=str(tmp_path / "other")), epoch_end_hooks=[stopped_by_the_caller],
               progress_bar=False)
     assert stopped.value.code == 0 and type(stopped.value) is SystemExit
+
+
+def test_a_real_sigterm_ends_the_cli_in_one_line_before_during_and_as_the_run_is_written(tmp_path, tonal_dataset,
+                                                                                         monkeypatch, capsys):
+    """Before: a SIGTERM while the data were prepared (or during the final probe) ended the process at
+    Python's default, without a word and with an empty run folder left; one as the run was written
+    left part of it. Now exit 143 with one line; a SIGTERM during the write takes effect once the run
+    is whole, and says so."""
+    from musicssl import train as train_module
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    arguments = ["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1", "--steps-per-epoch", "3",
+                 "--batch-size", "8", "--threads", "1", "--workers", "0"]
+
+    def sigterm(*_):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # it would end the test session
+            pytest.fail("SIGTERM is at its default here: it ends the process without a word")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # Python runs the handler at its next check, which the sleep gives it
+
+    def main_code(out) -> int:
+        try:
+            return train_module.main([*arguments, "--out", str(out)])
+        except KeyboardInterrupt:  # uncaught, it would end the whole test session
+            pytest.fail("the interrupt escaped main()")
+        finally:
+            now = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+            for signum, handler in zip((signal.SIGTERM, signal.SIGINT), before):
+                signal.signal(signum, handler)
+            assert now == before, "main() left its signal handlers set"
+
+    check_batch = train_module._check_batch
+    monkeypatch.setattr(train_module, "_check_batch", lambda *args: (sigterm(), check_batch(*args)))
+    assert main_code(tmp_path / "runs" / "a") == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("python -m musicssl.train: interrupted; no run written (a run writes its "
+                                            "files when it ends)")
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(train_module, "_check_batch", check_batch)
+
+    # During training: Lightning's handler runs first, then the command's, which stops the step at once.
+    step = train_module.SSLModule.training_step
+
+    def sigterm_at_the_second_step(self, batch, batch_idx):
+        if self.global_step == 1:
+            sigterm()
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(train_module.SSLModule, "training_step", sigterm_at_the_second_step)
+    assert main_code(tmp_path / "runs" / "b") == 143
+    assert "interrupted; no run written" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(train_module.SSLModule, "training_step", step)
+
+    # As the run is written: held until it is whole.
+    write_csv = train_module._write_csv
+    monkeypatch.setattr(train_module, "_write_csv", lambda *args: (sigterm(), write_csv(*args)))
+    out = tmp_path / "runs" / "c"
+    assert main_code(out) == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"python -m musicssl.train: interrupted as the run ended; it was written to {out}"
+    assert sorted(path.name for path in out.iterdir()) == [
+        "backbone.pt", "collapse.csv", "config.json", "metrics.csv", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
 def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):

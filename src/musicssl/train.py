@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from musicssl.cli import ArgumentParser
+from musicssl.interrupts import Interrupted, exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import make_writable_folder, missing_folders, remove_if_empty
 
 __all__ = [
@@ -506,14 +507,6 @@ def _check_batch(index, config: TrainConfig) -> None:
         raise ConfigError(f"the data {problem}; lower --batch-size")
 
 
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C (``signum`` SIGINT) or by a SIGTERM while it trained."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
-
-
 def train(
     config: TrainConfig,
     data=None,
@@ -640,7 +633,9 @@ def train(
             raise
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler if ctrl_c is None else ctrl_c)
-        raise Interrupted(signal.SIGTERM if sigterm else signal.SIGINT) from None
+        # A KeyboardInterrupt raised for a SIGTERM (the CLI's handler, which Lightning calls after its own) keeps its signal.
+        signum = signal.SIGTERM if sigterm else getattr(stop.__context__, "signum", signal.SIGINT)
+        raise Interrupted(signum) from None
 
     backbone = method.backbone.cpu().float()
     final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
@@ -659,11 +654,13 @@ def train(
     seconds = time.perf_counter() - started
     final["seconds"] = seconds
     if out_dir is not None:
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-        _write_csv(out_dir / "metrics.csv", module.epochs)
-        _write_csv(out_dir / "collapse.csv", module.history)
-        (out_dir / "summary.json").write_text(json.dumps(final, indent=2, default=_json_default))
-        torch.save(backbone.state_dict(), out_dir / "backbone.pt")
+        # All of the run or none of it: a Ctrl-C or SIGTERM that comes here takes effect once it is written.
+        with held_signals():
+            (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+            _write_csv(out_dir / "metrics.csv", module.epochs)
+            _write_csv(out_dir / "collapse.csv", module.history)
+            (out_dir / "summary.json").write_text(json.dumps(final, indent=2, default=_json_default))
+            torch.save(backbone.state_dict(), out_dir / "backbone.pt")
     return RunResult(
         config=config,
         epochs=module.epochs,
@@ -840,15 +837,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from musicssl.data.cache import MelCacheError
 
     try:
-        result = train(config)
+        with sigterm_interrupts():  # also while the data are prepared and the final probe runs
+            result = train(config)
     except (ConfigError, ValueError, OSError, MelCacheError) as error:
         remove_if_empty(made)  # the run folder train() made (and its new parents), left empty by the failure
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
         remove_if_empty(made)
-        print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)", file=sys.stderr)
-        return 128 + int(getattr(stop, "signum", signal.SIGINT))
+        if (out / "backbone.pt").is_file():  # the signal came as the run was written: it is whole
+            print(f"\n{parser.prog}: interrupted as the run ended; it was written to {out}", file=sys.stderr)
+        else:
+            print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)",
+                  file=sys.stderr)
+        return exit_code(stop)
     final = result.final
     shown = ", ".join(
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")

@@ -29,7 +29,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal as posix_signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from musicssl.corpus.compose import (
     Song,
 )
 from musicssl.corpus.tags import DRUM_KITS, INSTRUMENTS, ROLE_PITCH_RANGES
+from musicssl.interrupts import held_signals, quiet_worker
 
 __all__ = [
     "SAMPLE_RATE",
@@ -517,30 +517,15 @@ def worker_pool(processes: int) -> multiprocessing.pool.Pool:
     """A pool of ``processes`` workers, forked where the platform has it: they then start at once and
     need not re-import the caller's ``__main__`` (spawn fails for scripts fed on stdin). Workers use
     numpy/scipy/soundfile only. Each worker ignores Ctrl-C (the caller gets it and ends the pool) and
-    ends on SIGTERM without a word: a forked worker starts with its parent's handlers (the search's,
-    which turns SIGTERM into Ctrl-C), and the pool's end, which sends each worker a SIGTERM, printed a
-    KeyboardInterrupt traceback of a worker under the corpus's progress bar."""
+    ends on SIGTERM without a word (:func:`musicssl.interrupts.quiet_worker`): a forked worker starts
+    with its parent's handlers (the search's, which turns SIGTERM into Ctrl-C), and the pool's end,
+    which sends each worker a SIGTERM, printed a KeyboardInterrupt traceback of a worker under the
+    corpus's progress bar. The workers start under :func:`musicssl.interrupts.held_signals`: a
+    signal that came before a worker had set its handlers met the parent's (and raised there) or was
+    dropped as the handler was reset, and left a worker that the pool's end waited for forever."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # Blocked while the workers start: a signal that comes before a worker has set its handlers waits
-    # in the kernel and then meets them (caught by the parent's handler, it raised there; caught and
-    # dropped as the handler was reset, it left a worker that the pool's end waited for forever).
-    previous = posix_signal.pthread_sigmask(posix_signal.SIG_BLOCK, _WORKER_SIGNALS) if _CAN_BLOCK else None
-    try:
-        return multiprocessing.get_context(method).Pool(processes, initializer=_quiet_worker)
-    finally:
-        if _CAN_BLOCK:
-            posix_signal.pthread_sigmask(posix_signal.SIG_SETMASK, previous)
-
-
-_WORKER_SIGNALS = {posix_signal.SIGINT, posix_signal.SIGTERM}
-_CAN_BLOCK = hasattr(posix_signal, "pthread_sigmask")  # not on Windows
-
-
-def _quiet_worker() -> None:
-    posix_signal.signal(posix_signal.SIGINT, posix_signal.SIG_IGN)
-    posix_signal.signal(posix_signal.SIGTERM, posix_signal.SIG_DFL)
-    if _CAN_BLOCK:
-        posix_signal.pthread_sigmask(posix_signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+    with held_signals():
+        return multiprocessing.get_context(method).Pool(processes, initializer=quiet_worker)
 
 
 def default_workers() -> int:

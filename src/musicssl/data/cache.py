@@ -50,7 +50,6 @@ import math
 import multiprocessing
 import os
 import re
-import signal
 import stat
 import sys
 import tempfile
@@ -71,6 +70,7 @@ from tqdm import tqdm
 
 from musicssl.audio import AudioError, LogMel, load_audio, mel_filterbank
 from musicssl.data.index import TrackIndex
+from musicssl.interrupts import SpawnPool
 
 __all__ = [
     "SKIP_REASONS",
@@ -557,8 +557,6 @@ def _refuse_while_importing_main() -> None:
 def _init_worker() -> None:
     # One torch thread per worker: the pool already uses every core, more threads would oversubscribe.
     torch.set_num_threads(1)
-    # Ctrl-C is handled by the parent, which commits what is finished and then stops the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _CAPTURE_DECODER_OUTPUT
     _CAPTURE_DECODER_OUTPUT = True
 
@@ -569,10 +567,9 @@ def _worker_ready() -> int:
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the caller may hold threads (torch, Ray) that a forked child would inherit half-dead.
-    return ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
-    )
+    # Spawned; its processes ignore Ctrl-C, which the parent handles: it commits what is finished and
+    # then stops the pool (its shutdown waits for the tracks in flight).
+    return SpawnPool(workers, _init_worker)
 
 
 def _crashed(task: _Task) -> _Result:
