@@ -81,8 +81,8 @@ import torch
 from torch import Tensor, nn
 
 from musicssl.cli import ArgumentParser
-from musicssl.interrupts import SpawnPool, exit_code, sigterm_interrupts
-from musicssl.paths import make_writable_folder, remove_if_empty
+from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
+from musicssl.paths import make_writable_folder, missing_folders, remove_if_empty
 
 __all__ = [
     "BASELINES",
@@ -1726,24 +1726,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _out_dir_problem(out_dir)
     if problem:  # now, not after the whole evaluation
         parser.error(f"--out {out_dir}: {problem}")
-    try:
-        made = make_writable_folder(out_dir)
-    except OSError as error:
-        parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you can write in")
+    made = missing_folders(out_dir)  # what the command makes, removed again if it ends without results
+    written = False
     try:
         with sigterm_interrupts():
+            try:
+                make_writable_folder(out_dir)
+            except OSError as error:
+                parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you "
+                             "can write in")
             result = run_downstream(methods, config, progress=not args.quiet)
+            with held_signals():  # all of the results or none: a Ctrl-C or SIGTERM here takes effect once written
+                files = write_outputs(result, out_dir)
+                written = True
     except (*_input_errors(), OSError) as error:
         remove_if_empty(made)  # the results folder made above
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, no traceback; what is finished stays cached
         remove_if_empty(made)
-        kept = ("; each method's embeddings and each probe's fits once all are done are cached, so running the "
-                "command again continues from what was finished" if config.use_cache else "")
-        print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
+        if written:
+            print(f"\n{parser.prog}: interrupted as the results were written; they are complete in {out_dir}",
+                  file=sys.stderr)
+        else:
+            kept = ("; each method's embeddings and each probe's fits once all are done are cached, so running the "
+                    "command again continues from what was finished" if config.use_cache else "")
+            print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
         return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-    files = write_outputs(result, out_dir)
     print()
     print(results_markdown(result.results))
     print()

@@ -268,6 +268,42 @@ def test_ctrl_c_commits_finished_tracks(tmp_path: Path, monkeypatch: pytest.Monk
     assert resumed.build_report.processed == 2 and resumed.track_ids == sorted(paths)
 
 
+def test_ctrl_c_with_decoding_processes_commits_finished_tracks_and_ends_them(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes ignore Ctrl-C (a terminal sends it to each); the build commits what it has, then
+    ends them at once instead of letting them decode the tracks in flight, which it drops."""
+    import multiprocessing
+
+    import musicssl.data.cache as cache_module
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {f"t{k:02d}": write(folder / f"t{k:02d}.wav", tone_and_noise(4.5, 16000, k), 16000) for k in range(12)}
+    iterate = cache_module._iterate_results
+
+    def interrupted_after_three(tasks, workers):
+        results = iterate(tasks, workers)
+        try:
+            for count, result in enumerate(results, 1):
+                yield result
+                if count == 3:
+                    raise KeyboardInterrupt
+        finally:
+            results.close()
+
+    monkeypatch.setattr(cache_module, "_iterate_results", interrupted_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        MelCache.build(make_index(paths), tmp_path / "cache", workers=2, commit_every_seconds=1e9, progress=False)
+    assert multiprocessing.active_children() == []
+    assert len(MelCache.open(tmp_path / "cache").track_ids) == 3
+    monkeypatch.setattr(cache_module, "_iterate_results", iterate)
+    resumed = MelCache.build(make_index(paths), tmp_path / "cache", workers=2, progress=False, verbose=False)
+    assert resumed.build_report.processed == 9 and resumed.track_ids == sorted(paths)
+    for track_id, path in paths.items():
+        np.testing.assert_allclose(resumed.get_track(track_id), reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
+    assert multiprocessing.active_children() == []
+
+
 def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = tmp_path / "audio"
     folder.mkdir()

@@ -9,7 +9,8 @@ build's forked workers import this module.
 - :class:`Interrupted`: the ``KeyboardInterrupt`` a command raises for either signal, with its number.
 - :func:`sigterm_interrupts`: while the block runs, SIGTERM raises :class:`Interrupted` as Ctrl-C
   raises ``KeyboardInterrupt``.
-- :func:`held_signals`: both signals wait while processes start, and take effect when it ends.
+- :func:`held_signals`: both signals wait while a block runs (processes start, results are written)
+  and take effect when it ends.
 - :func:`quiet_worker`: what a worker process does first.
 - :class:`SpawnPool`: a spawned ``ProcessPoolExecutor`` built on the three above, which the parent
   can end at once (:meth:`SpawnPool.terminate`).
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
-__all__ = ["Interrupted", "SpawnPool", "held_signals", "quiet_worker", "sigterm_interrupts"]
+__all__ = ["Interrupted", "SpawnPool", "exit_code", "held_signals", "quiet_worker", "sigterm_interrupts"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _CAN_BLOCK = hasattr(signal, "pthread_sigmask")  # not on Windows
@@ -38,6 +40,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
 
+    def __reduce__(self):  # pickled or copied by its signal, not by its message
+        return type(self), (self.signum,)
+
 
 def exit_code(stop: KeyboardInterrupt) -> int:
     """The exit status a shell reports for the signal that raised ``stop``: 130 (Ctrl-C) or 143 (SIGTERM)."""
@@ -46,6 +51,22 @@ def exit_code(stop: KeyboardInterrupt) -> int:
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
+
+
+def _restore_handlers(handlers: dict[int, Any]) -> BaseException | None:
+    """Set each signal's handler back, whatever comes meanwhile: a handler set back runs at once for
+    a signal that is pending (``signal.signal`` itself runs pending handlers before it sets
+    anything), and one that raises would leave the others unset. Returns the first exception so
+    raised, for the caller to raise once all are set, or None."""
+    raised: BaseException | None = None
+    while True:
+        try:
+            for signum, handler in handlers.items():
+                if signal.getsignal(signum) is not handler:
+                    signal.signal(signum, handler)
+            return raised
+        except BaseException as error:  # noqa: BLE001 - e.g. the KeyboardInterrupt of a pending Ctrl-C
+            raised = raised or error
 
 
 @contextlib.contextmanager
@@ -58,16 +79,19 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        raised = _restore_handlers({signal.SIGTERM: signal.SIG_DFL if previous is None else previous})
+        if raised is not None:
+            raise raised
 
 
 @contextlib.contextmanager
 def held_signals() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait while the block runs (it starts processes) and take effect as it ends.
+    """Ctrl-C and SIGTERM wait while the block runs and take effect as it ends.
 
     They are blocked in the kernel for the calling thread, so a process started in the block starts
     with them blocked and a signal meant for it waits until :func:`quiet_worker` has set its
@@ -75,27 +99,37 @@ def held_signals() -> Iterator[None]:
     ``KeyboardInterrupt`` traceback. Their Python handlers (which run in the main thread whichever
     thread the kernel delivers a signal to) are deferred too: a Ctrl-C that interrupted
     ``ProcessPoolExecutor.submit`` half-way left a pool whose shutdown failed with ``RuntimeError:
-    cannot join thread before it is started`` (exit 1). A deferred signal is passed to its handler
-    when the block ends, with the handler's usual effect there (``KeyboardInterrupt`` for Ctrl-C).
+    cannot join thread before it is started`` (exit 1). When the block ends, each signal that came
+    is passed to its handler once, SIGTERM first, with the handler's usual effect there
+    (``KeyboardInterrupt`` for Ctrl-C); if more than one raises, the first is raised.
+
+    multiprocessing's resource tracker unblocks both signals when it starts a tracker process, so a
+    block that starts spawned processes should make sure the tracker runs before it (as
+    :class:`SpawnPool` does).
     """
-    deferred: list[tuple[int, Any]] = []
+    deferred: dict[int, Any] = {}
     handlers: dict[int, Callable[..., Any]] = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in STOP_SIGNALS:
-            handler = signal.getsignal(signum)
-            if callable(handler):
-                handlers[signum] = handler
-                signal.signal(signum, lambda number, frame: deferred.append((number, frame)))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if _CAN_BLOCK else None
     try:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    handlers[signum] = handler  # before the swap, so that it is set back whatever happens
+                    signal.signal(signum, lambda number, frame: deferred.setdefault(number, frame))
         yield
     finally:
         if _CAN_BLOCK:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what waited in the kernel reaches `deferred` here
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        for signum, frame in deferred:
-            handlers[signum](signum, frame)
+        restoring = _restore_handlers(handlers)
+        replayed: list[BaseException] = []
+        for signum in sorted(deferred, key=lambda number: number != signal.SIGTERM):
+            try:
+                handlers[signum](signum, deferred[signum])
+            except BaseException as error:  # noqa: BLE001 - raised below, once every handler has run
+                replayed.append(error)
+        if replayed or restoring is not None:
+            raise replayed[0] if replayed else restoring
 
 
 def quiet_worker() -> None:
@@ -116,6 +150,13 @@ def _start_spawned_worker(initializer: Callable[..., Any] | None, initargs: tupl
         initializer(*initargs)
 
 
+def _ensure_resource_tracker() -> None:
+    if os.name == "posix":  # it unblocks Ctrl-C and SIGTERM when it starts its process: not inside a held block
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+
+
 class SpawnPool(ProcessPoolExecutor):
     """A ``ProcessPoolExecutor`` of ``workers`` spawned processes (spawn, not fork: the caller may hold
     threads, torch's or Ray's, that a forked child would inherit half-dead) that stay quiet on Ctrl-C.
@@ -123,8 +164,14 @@ class SpawnPool(ProcessPoolExecutor):
     Each worker runs :func:`quiet_worker`, then ``initializer(*initargs)``. Processes start in
     :meth:`submit` (Python 3.11 spawns them as work comes), under :func:`held_signals`. A worker
     ignores Ctrl-C, so a parent that stops on it must end the workers: :meth:`terminate` does so at
-    once; a plain ``shutdown()`` waits for the work in flight. Spawned workers import the caller's
+    once; ``shutdown()`` waits for the work in flight. Spawned workers import the caller's
     ``__main__``, so a script that uses a pool needs ``if __name__ == "__main__":``.
+
+    ``shutdown(wait=True)`` and :meth:`terminate` also end where ``ProcessPoolExecutor`` would wait
+    forever: when a worker dies (killed, or out of memory) while it sends back a result, the pool's
+    thread waits for the rest of that message on a pipe that this process still holds open for
+    writing; once every worker has ended, that end is closed, the thread reads the end of the pipe,
+    and the work in flight fails with ``BrokenProcessPool``.
     """
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None = None, initargs: tuple = ()) -> None:
@@ -136,16 +183,54 @@ class SpawnPool(ProcessPoolExecutor):
         )
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        _ensure_resource_tracker()
         with held_signals():
             return super().submit(fn, *args, **kwargs)
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        state = self._state()
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
+        if wait:
+            self._settle(*state)
+
     def terminate(self) -> None:
-        """End the pool now: work not started is cancelled, the workers get a SIGTERM and are waited for."""
-        processes = list((getattr(self, "_processes", None) or {}).values())
+        """End the pool now: work not started is cancelled and the workers are killed (SIGKILL: a
+        worker still starting holds SIGTERM blocked). When this returns, the workers have ended and
+        every future is done (the work in flight with ``BrokenProcessPool``)."""
+        state = self._state()
         with held_signals():
-            self.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
+            super().shutdown(wait=False, cancel_futures=True)
+            for process in state[1]:
+                process.kill()
+        self._settle(*state)
+
+    def _state(self) -> tuple:
+        """What ``shutdown()`` forgets: the pool's thread, its processes and its result queue."""
+        return (getattr(self, "_executor_manager_thread", None), list((getattr(self, "_processes", None) or {}).values()),
+                getattr(self, "_result_queue", None))
+
+    @staticmethod
+    def _settle(manager: threading.Thread | None, processes: list, results: Any) -> None:
+        """Wait for the pool's thread, which reaps the workers (reaping them here beside it could
+        report one as still alive), closing this process's end of the result pipe once every worker
+        has ended (see the class docstring)."""
+        while manager is not None and manager.is_alive():
+            manager.join(0.2)
+            writer = getattr(results, "_writer", None)
+            if manager.is_alive() and writer is not None and not writer.closed and _all_ended(processes):
+                writer.close()  # the thread was left waiting for the rest of a result that will not come
         for process in processes:
-            process.join(10)
+            process.join(10)  # reaped by the pool's thread already: at once
+            if process.is_alive():  # a pool whose thread never started (or died) has no one to end its workers
+                process.kill()
+                process.join()
+        if results is not None:
+            results.close()
+
+
+def _all_ended(processes: list) -> bool:
+    """Whether every process has ended, seen on its sentinel (which does not reap it)."""
+    from multiprocessing.connection import wait as wait_for
+
+    sentinels = [process.sentinel for process in processes]
+    return len(wait_for(sentinels, timeout=0)) == len(sentinels)

@@ -568,7 +568,7 @@ def _worker_ready() -> int:
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
     # Spawned; its processes ignore Ctrl-C, which the parent handles: it commits what is finished and
-    # then stops the pool (its shutdown waits for the tracks in flight).
+    # then ends the pool (terminate(): the tracks in flight are dropped, decoded again next time).
     return SpawnPool(workers, _init_worker)
 
 
@@ -608,6 +608,10 @@ def _isolate(suspects: Sequence[_Task]) -> Iterator[_Result]:
                 pool = None
                 result = _crashed(task)
             yield result
+    except BaseException:  # the caller stopped (Ctrl-C, an error): what is in flight would be dropped anyway
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -656,8 +660,11 @@ def _iterate_results(tasks: Sequence[_Task], workers: int) -> Iterator[_Result]:
                         continue
                     del in_flight[future]
                     yield future.result()
+        except BaseException:  # the caller stopped (Ctrl-C, an error): what is in flight would be dropped anyway
+            pool.terminate()
+            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # after terminate(): nothing left to do
         # Tasks that finished before the pool broke keep their results; the others are suspects.
         suspects = []
         for future, task in in_flight.items():
