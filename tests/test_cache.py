@@ -275,6 +275,7 @@ def test_ctrl_c_with_decoding_processes_commits_finished_tracks_and_ends_them(tm
     import multiprocessing
 
     import musicssl.data.cache as cache_module
+    from musicssl.interrupts import SpawnPool
 
     folder = tmp_path / "audio"
     folder.mkdir()
@@ -291,10 +292,18 @@ def test_ctrl_c_with_decoding_processes_commits_finished_tracks_and_ends_them(tm
         finally:
             results.close()
 
+    ended = []
+
+    class Pool(SpawnPool):  # the cache's pool, which says when it is ended
+        def terminate(self):
+            ended.append(len(self._processes))
+            super().terminate()
+
     monkeypatch.setattr(cache_module, "_iterate_results", interrupted_after_three)
+    monkeypatch.setattr(cache_module, "_new_pool", lambda workers: Pool(workers, cache_module._init_worker))
     with pytest.raises(KeyboardInterrupt):
         MelCache.build(make_index(paths), tmp_path / "cache", workers=2, commit_every_seconds=1e9, progress=False)
-    assert multiprocessing.active_children() == []
+    assert ended == [2] and multiprocessing.active_children() == []  # ended, not waited for
     assert len(MelCache.open(tmp_path / "cache").track_ids) == 3
     monkeypatch.setattr(cache_module, "_iterate_results", iterate)
     resumed = MelCache.build(make_index(paths), tmp_path / "cache", workers=2, progress=False, verbose=False)

@@ -25,6 +25,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = ["Interrupted", "SpawnPool", "exit_code", "held_signals", "quiet_worker", "sigterm_interrupts"]
@@ -109,8 +110,12 @@ def held_signals() -> Iterator[None]:
     """
     deferred: dict[int, Any] = {}
     handlers: dict[int, Callable[..., Any]] = {}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if _CAN_BLOCK else None
+    # Read first, blocked inside the try: a pending handler that runs (and raises) as the mask call
+    # returns must not leave both signals blocked with no one to unblock them.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, []) if _CAN_BLOCK else None
     try:
+        if _CAN_BLOCK:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 handler = signal.getsignal(signum)
@@ -170,8 +175,11 @@ class SpawnPool(ProcessPoolExecutor):
     ``shutdown(wait=True)`` and :meth:`terminate` also end where ``ProcessPoolExecutor`` would wait
     forever: when a worker dies (killed, or out of memory) while it sends back a result, the pool's
     thread waits for the rest of that message on a pipe that this process still holds open for
-    writing; once every worker has ended, that end is closed, the thread reads the end of the pipe,
-    and the work in flight fails with ``BrokenProcessPool``.
+    writing (and so do the other workers, which wait for work that thread no longer sends). The
+    other workers are then ended, as that thread would have done, this process's end of the pipe is
+    closed, the thread reads the end of the pipe, and the work in flight fails with
+    ``BrokenProcessPool``. (A caller waiting on a future of such a pool, outside these two, still
+    waits: that is ``ProcessPoolExecutor``'s own.)
     """
 
     def __init__(self, workers: int, initializer: Callable[..., Any] | None = None, initargs: tuple = ()) -> None:
@@ -195,42 +203,70 @@ class SpawnPool(ProcessPoolExecutor):
 
     def terminate(self) -> None:
         """End the pool now: work not started is cancelled and the workers are killed (SIGKILL: a
-        worker still starting holds SIGTERM blocked). When this returns, the workers have ended and
-        every future is done (the work in flight with ``BrokenProcessPool``)."""
+        worker still starting holds SIGTERM blocked). When this returns (also when a Ctrl-C comes
+        meanwhile), the workers have ended and every future is done (the work in flight with
+        ``BrokenProcessPool``)."""
         state = self._state()
-        with held_signals():
-            super().shutdown(wait=False, cancel_futures=True)
-            for process in state[1]:
-                process.kill()
-        self._settle(*state)
+        try:
+            with held_signals():
+                super().shutdown(wait=False, cancel_futures=True)
+                for process in state[1]:
+                    process.kill()
+        finally:
+            self._settle(*state)
 
     def _state(self) -> tuple:
-        """What ``shutdown()`` forgets: the pool's thread, its processes and its result queue."""
+        """What ``shutdown()`` forgets: the pool's thread, its processes, its result queue and its work."""
         return (getattr(self, "_executor_manager_thread", None), list((getattr(self, "_processes", None) or {}).values()),
-                getattr(self, "_result_queue", None))
+                getattr(self, "_result_queue", None), getattr(self, "_pending_work_items", None) or {})
 
     @staticmethod
-    def _settle(manager: threading.Thread | None, processes: list, results: Any) -> None:
+    def _settle(manager: threading.Thread | None, processes: list, results: Any, pending: dict) -> None:
         """Wait for the pool's thread, which reaps the workers (reaping them here beside it could
-        report one as still alive), closing this process's end of the result pipe once every worker
-        has ended (see the class docstring)."""
+        report one as still alive) and settles the futures. When a worker has died with work in
+        flight and the thread has not seen it (it waits for the rest of that worker's result), end
+        the other workers as the thread would, then close this process's end of the result pipe
+        (see the class docstring)."""
         while manager is not None and manager.is_alive():
             manager.join(0.2)
+            if not manager.is_alive():
+                break
+            ended = _ended(processes)
+            if 0 < ended < len(processes) and getattr(manager, "pending_work_items", None):
+                for process in processes:
+                    process.kill()
+                _wait_ended(processes)
+                ended = _ended(processes)
             writer = getattr(results, "_writer", None)
-            if manager.is_alive() and writer is not None and not writer.closed and _all_ended(processes):
+            if ended == len(processes) and writer is not None and not writer.closed:
                 writer.close()  # the thread was left waiting for the rest of a result that will not come
         for process in processes:
-            process.join(10)  # reaped by the pool's thread already: at once
-            if process.is_alive():  # a pool whose thread never started (or died) has no one to end its workers
+            if process.is_alive():  # the pool's thread has reaped them all, unless it never ran
                 process.kill()
-                process.join()
+            process.join()
+        if manager is None or manager.ident is None:  # no thread ran to settle the futures
+            for item in list(pending.values()):
+                future = item.future
+                if not future.done() and not future.cancel():
+                    future.set_exception(BrokenProcessPool("the pool ended before this work was done"))
         if results is not None:
             results.close()
 
 
-def _all_ended(processes: list) -> bool:
-    """Whether every process has ended, seen on its sentinel (which does not reap it)."""
+def _ended(processes: list) -> int:
+    """How many of the processes have ended, seen on their sentinels (which does not reap them)."""
     from multiprocessing.connection import wait as wait_for
 
-    sentinels = [process.sentinel for process in processes]
-    return len(wait_for(sentinels, timeout=0)) == len(sentinels)
+    return len(wait_for([process.sentinel for process in processes], timeout=0))
+
+
+def _wait_ended(processes: list, timeout: float = 5.0) -> bool:
+    """Wait until every process has ended (killed just before); whether they all did."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _ended(processes) < len(processes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

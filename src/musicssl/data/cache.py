@@ -567,8 +567,9 @@ def _worker_ready() -> int:
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
-    # Spawned; its processes ignore Ctrl-C, which the parent handles: it commits what is finished and
-    # then ends the pool (terminate(): the tracks in flight are dropped, decoded again next time).
+    # Spawned; its processes ignore Ctrl-C, which the parent handles: the pool is ended at once
+    # (terminate(): the tracks in flight are dropped, decoded again next time) and what is finished is
+    # committed.
     return SpawnPool(workers, _init_worker)
 
 
@@ -1104,8 +1105,10 @@ class MelCache:
                 f"memory?); {added} tracks were saved. Rebuild to resume, with fewer workers if memory is short"
             ) from None
         finally:
-            results.close()  # stops the pool now, not when the traceback is collected
-            bar.close()
+            try:
+                results.close()  # stops the pool now, not when the traceback is collected
+            finally:
+                bar.close()
         writer.commit(pending)
 
         final = _read_state(folder, settings.n_mels)
