@@ -83,6 +83,19 @@ def test_sigterm_interrupts_raises_an_interrupt_that_exits_143_and_restores_the_
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def _run_in_its_own_group(command: list[str]) -> tuple[int, str, str]:
+    """Run a script that signals its own process group (so not pytest's); kill the group if it hangs."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the pool did not end")
+    return process.returncode, out, err
+
+
 SPAWNED = """
 import os, signal, sys, time
 from musicssl.interrupts import SpawnPool
@@ -141,15 +154,8 @@ def test_spawned_workers_stay_quiet_on_a_ctrl_c_that_comes_as_they_start_and_ter
     it printed a KeyboardInterrupt traceback (1-4 per Ctrl-C within 50 ms of the pool's first
     submit, with the mel cache's workers, which ignored Ctrl-C only once started), and a Ctrl-C in
     the middle of ``submit`` left a pool whose shutdown raised RuntimeError."""
-    process = subprocess.Popen([sys.executable, "-c", SPAWNED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the pool did not end")
-    assert process.returncode == 0 and out.strip() == "ok", err
+    returncode, out, err = _run_in_its_own_group([sys.executable, "-c", SPAWNED])
+    assert returncode == 0 and out.strip() == "ok", err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
@@ -232,15 +238,8 @@ def test_a_pool_ends_when_a_worker_dies_while_it_sends_a_result(tmp_path):
     interpreter hung."""
     script = tmp_path / "dies_sending.py"  # a file: the spawned workers import die_while_sending from it
     script.write_text(DIES_SENDING)
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the pool did not end")
-    assert process.returncode == 0 and out.strip() == "ok" and "Traceback" not in err, err
+    returncode, out, err = _run_in_its_own_group([sys.executable, str(script)])
+    assert returncode == 0 and out.strip() == "ok" and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
