@@ -30,14 +30,18 @@ Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *)
   (the whole track, as in the study's test loop).
 * Classifiers*. ``linear`` (one linear layer with bias) and ``mlp`` (one hidden ReLU layer of 512
   units, dropout 0.25), both trained in torch with sigmoid + binary cross-entropy, Adam (lr 1e-3),
-  mini-batches of 256, on inputs standardised by the training segments' mean and std. They train on
-  SEGMENTS (each labelled with its track's tags) and are scored on TRACKS (mean embedding): the
-  study's setting. Early stopping: every ``max(1 epoch, 25 steps)`` the valid tracks (mean
+  mini-batches of 256, on inputs standardised by the training segments' mean and std (no feature's
+  scale below a hundredth* of the median one). They train on SEGMENTS (each labelled with its track's
+  tags) and are scored on TRACKS (mean embedding): the study's setting. The metrics rank the probes'
+  logits*, which order the tracks as the probabilities do but never tie in a saturated sigmoid.
+  Early stopping: every ``max(1 epoch, 25 steps)`` the valid tracks (mean
   embeddings, as test) are scored by macro mAP; training stops after 10 checks without improvement
   and the best check's weights are kept (valid BCE is used when no valid tag has both classes).
   Seeded: the same inputs and seed give the same result.
 * Metrics. Macro ROC-AUC and macro mAP over the tags with both classes among the test tracks
-  (musicssl.probe); the others are skipped and reported. Also per tag and per tag group.
+  (musicssl.probe); the others are skipped and reported. Also per tag and per tag group. A tag with
+  positive test tracks but no positive training track is scored too, though no probe can learn it: a
+  warning and ``summary.json`` name it, and ``tags_without_train_positive`` counts such tags per fit.
 * Bootstrap. 50 resamples of 50 % of the test tracks, drawn without replacement
   (musicssl.probe.bootstrap), the same resamples for every method (a paired comparison): mean and
   95 % percentile interval. That the fraction can resample the test labels (at least 2 tracks, a tag
@@ -51,7 +55,8 @@ Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *)
   draw 0; the other draws of 100 % differ only by the classifier's seed.
 
 What is cached: per method (hash of the backbone's weights, or the baseline's definition), dataset
-(its usable tracks, paths and splits), front-end (mel settings) and segment protocol, one ``.npz``
+(its usable tracks, paths and splits), audio (each track's entry in the mel cache, which changes when
+its file does: :func:`audio_digest`), front-end (mel settings) and segment protocol, one ``.npz``
 under ``$MUSICSSL_CACHE/embeddings/`` holding every track's mean embedding and the training
 tracks' segment embeddings. Next to it, per probe, the limited-data scores and the headline fit's
 test predictions, keyed on everything the fits depend on (labels, splits, probe settings, fractions,
@@ -117,7 +122,9 @@ BASELINES = ("random", "random-bn", "melstats")
 CLASSIFIERS = ("linear", "mlp")
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
 CACHE_FORMAT = 1
-PROBE_FORMAT = 1  # raise when the probes' training changes, so cached probe results are not reused
+PROBE_FORMAT = 2  # raise when the probes' training changes, so cached probe results are not reused
+# No feature's standardisation scale is below this share of the median feature's (see fit_classifier).
+SCALE_FLOOR = 0.01
 # Weight files looked for in a folder, in this order: a search's best trial, then a single run.
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
@@ -688,14 +695,31 @@ def dataset_digest(track_ids: Sequence[str], splits: Sequence[str], paths: Seque
     return digest.hexdigest()[:16]
 
 
+def audio_digest(cache, track_ids: Sequence[str]) -> str:
+    """Identifies the audio of ``track_ids`` as the mel cache ``cache`` holds it: per track, where its
+    log-mel lies (shard, offset, frames, samples) and the size and modification time of the file it was
+    decoded from. The mel cache decodes a changed file (size or modification time) again into a new
+    shard, so audio replaced under the same name changes the digest; an unchanged cache keeps it."""
+    digest = hashlib.sha256()
+    for track_id in track_ids:
+        entry = cache._entry(track_id)  # the cache's record of the track, read only
+        fields = (track_id, entry.shard, entry.offset, entry.frames, entry.samples, entry.size, entry.mtime_ns)
+        digest.update(("\t".join(str(value) for value in fields) + "\n").encode())
+    return digest.hexdigest()[:12]
+
+
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "dataset"
 
 
 def embeddings_path(cache_dir: Path, dataset_name: str, dataset_key: str, method_key: str, front_end_key: str,
-                    protocol: dict) -> Path:
+                    protocol: dict, audio_key: str) -> Path:
+    """The embedding cache file of a method (``method_key``) on a dataset's tracks (``dataset_key``) with
+    their audio as the mel cache holds it (``audio_key``, :func:`audio_digest`), a front-end and a
+    segment protocol; the probes' files are named after it."""
     protocol_key = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir / f"{_safe_name(dataset_name)}-{dataset_key}" / f"{method_key}-{front_end_key}-{protocol_key}.npz"
+    return (cache_dir / f"{_safe_name(dataset_name)}-{dataset_key}"
+            / f"{method_key}-{front_end_key}-{protocol_key}-audio{audio_key}.npz")
 
 
 def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
@@ -805,11 +829,19 @@ class FittedClassifier:
     seconds: float
 
     @torch.no_grad()
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Tag probabilities ``(N, tags)`` for features ``(N, D)``."""
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Tag logits ``(N, tags)`` for features ``(N, D)``: the scores the metrics rank. They order the
+        examples as the probabilities do, without the ties of a saturated sigmoid (exactly 1 above a logit
+        of about 17 in float32, 37 in float64)."""
         self.model.eval()
         inputs = (torch.as_tensor(features, dtype=torch.float32, device=self.device) - self.mean) / self.scale
-        return torch.sigmoid(self.model(inputs)).double().cpu().numpy()
+        return self.model(inputs).double().cpu().numpy()
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Tag probabilities ``(N, tags)`` for features ``(N, D)`` (the sigmoid of :meth:`logits`, in float64)."""
+        from scipy.special import expit
+
+        return expit(self.logits(features))
 
 
 def _build_probe(kind: str, in_dim: int, n_tags: int, config: ClassifierConfig) -> nn.Module:
@@ -836,10 +868,13 @@ def fit_classifier(
     """Train a ``linear`` or ``mlp`` probe with sigmoid + BCE and early stopping on the valid set.
 
     ``train_x`` rows are examples (segments), ``valid_x`` rows are what the probe is selected on
-    (track means). Inputs are standardised by the training rows' mean and std (a constant feature
-    keeps scale 1). Every ``max(one epoch, check_every_steps)`` optimiser steps the valid macro mAP
-    over the tags with both classes in ``valid_y`` is computed (valid BCE when there is no such tag);
-    the best check's weights are kept. Deterministic for a given ``seed`` on a given device.
+    (track means). Inputs are standardised by the training rows' mean and std, no feature's scale
+    below ``SCALE_FLOOR`` (a hundredth) of the median scale of the features that vary (1 when none
+    does): a feature that barely varies in the training rows (every feature does when they are the
+    few segments of one track) cannot blow the valid and test inputs up to thousands of standard
+    deviations. Every ``max(one epoch, check_every_steps)`` optimiser steps the valid macro mAP
+    over the tags with both classes in ``valid_y`` is computed on the logits (valid BCE when there is
+    no such tag); the best check's weights are kept. Deterministic for a given ``seed`` on a given device.
     """
     config = config or ClassifierConfig()
     device = torch.device(device)
@@ -873,7 +908,8 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
     y = torch.from_numpy(train_y).to(device)
     mean = x.mean(dim=0)
     scale = x.std(dim=0, unbiased=False)
-    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+    varying = scale[scale > 0]
+    scale = torch.clamp(scale, min=float(SCALE_FLOOR * varying.median()) if len(varying) else 1.0)
     x = (x - mean) / scale
     valid = (torch.from_numpy(valid_x).to(device) - mean) / scale
     valid_targets = torch.from_numpy(valid_y).to(device)
@@ -908,9 +944,9 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
             model.eval()
             with torch.no_grad():
                 logits = model(valid)
-            if criterion == "valid_map":
-                probabilities = torch.sigmoid(logits).double().cpu().numpy()
-                score = macro_average_precision(valid_y[:, valid_tags], probabilities[:, valid_tags]).value
+            if criterion == "valid_map":  # on the logits: a saturated sigmoid would tie the valid tracks
+                ranked = logits.double().cpu().numpy()
+                score = macro_average_precision(valid_y[:, valid_tags], ranked[:, valid_tags]).value
             else:
                 score = -float(loss_function(logits, valid_targets))
             if not math.isfinite(score):
@@ -1151,6 +1187,7 @@ def run_downstream(
     from musicssl.data.loaders import dataset_name as dataset_name_of
     from musicssl.data.pipeline import prepare_data
     from musicssl.paths import cache_root
+    from musicssl.probe import scorable_tags
 
     log = _Console(progress)
     started = time.perf_counter()
@@ -1209,6 +1246,15 @@ def run_downstream(
     if unscorable:
         log(f"  skipped {len(unscorable)} tag(s) with no positive (or no negative) test track: {unscorable[:8]}"
             f"{' ...' if len(unscorable) > 8 else ''}")
+    # Scored like the others (the protocol scores every tag with both classes among the test tracks), but
+    # no probe can learn them: they read about chance whatever the embedding.
+    train_positive = labels[train_pos].sum(axis=0)
+    unlearnable = [tag for tag, count, scored in zip(tag_names, train_positive, scorable_tags(test_labels))
+                   if count == 0 and scored]
+    if unlearnable:
+        log(f"  warning: {len(unlearnable)} scored tag(s) have no positive training track, so no probe can learn "
+            f"them: {unlearnable[:8]}{' ...' if len(unlearnable) > 8 else ''}; they count in the macro averages "
+            "at about chance")
     log(f"  usable tracks: {len(train_pos)} train / {len(valid_pos)} valid / {len(test_pos)} test")
     check_bootstrap(test_labels, config)  # before the embeddings and the probe fits, not after them
 
@@ -1236,8 +1282,10 @@ def run_downstream(
         data = prepared[spec.n_mels]
         log(f"method {spec.describe()}")
         embed, method_key, calibrate = embedders[spec.label]
+        audio_key = audio_digest(data.cache, usable)
         path = embeddings_path(
-            embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(), config.protocol()
+            embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(), config.protocol(),
+            audio_key,
         )
         embeddings = load_embeddings(path, usable) if config.use_cache else None
         if embeddings is None:
@@ -1249,7 +1297,7 @@ def run_downstream(
             embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress, spec.label)
             if config.use_cache:
                 save_embeddings(path, embeddings, {"method": spec.describe(), "dataset": dataset_name,
-                                                   "protocol": config.protocol()})
+                                                   "protocol": config.protocol(), "audio": audio_key})
             n_segments = int(embeddings.segment_counts.sum())
             log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
                 f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")
@@ -1315,6 +1363,7 @@ def run_downstream(
         "tags": len(tag_names),
         "tag_groups": sorted({_group(tag) for tag in tag_names}),
         "skipped_tags": unscorable,
+        "tags_without_train_positive": unlearnable,
         "missing_audio": len(missing),
         "missing_audio_examples": [entry["path"] for entry in missing[:20]],
         "undecodable_tracks": undecodable,
@@ -1358,15 +1407,17 @@ def _fit_probes(
     config: DownstreamConfig,
     device: torch.device,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Every limited-data fit of one probe: a row per (fraction, draw), and the test predictions of
+    """Every limited-data fit of one probe: a row per (fraction, draw), and the test scores (logits) of
     the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores).
 
     On the CPU the fits run in ``config.probe_workers`` processes (default one per core); each is
     seeded on its own, so the results are those of fitting them one after the other here."""
+    from musicssl.probe import scorable_tags
+
     train_pos, valid_pos, test_pos = (split_positions[n] for n in ("train", "valid", "test"))
     valid_x, valid_y = embeddings.track_means[valid_pos], labels[valid_pos]
     test_x, test_labels = embeddings.track_means[test_pos], labels[test_pos]
-    has_positive = labels[train_pos].sum(axis=0) > 0
+    scored = scorable_tags(test_labels)
 
     def job(fraction: float, draw: int, subset: np.ndarray) -> tuple:
         chosen = train_pos[subset]
@@ -1388,7 +1439,8 @@ def _fit_probes(
         tag_scores = score_tags(test_labels, scores, [str(i) for i in range(labels.shape[1])])
         rows.append({
             "fraction": fraction, "draw": draw, "train_tracks": len(chosen), "train_segments": fitted["segments"],
-            "tags_without_train_positive": int(((labels[chosen].sum(axis=0) == 0) & has_positive).sum()),
+            # scored tags that no training track of this fit carries (the probe cannot learn them)
+            "tags_without_train_positive": int(((labels[chosen].sum(axis=0) == 0) & scored).sum()),
             "roc_auc": tag_scores.roc_auc, "average_precision": tag_scores.average_precision,
             "valid_score": fitted["best_valid"], "criterion": fitted["criterion"], "steps": fitted["steps"],
             "best_step": fitted["best_step"], "fit_seconds": fitted["seconds"],
@@ -1400,9 +1452,9 @@ def _fit_probes(
 
 
 def _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, classifier_config, seed, device):
-    """One probe fit and its test predictions, as plain values (what a worker process sends back)."""
+    """One probe fit and its test scores (logits), as plain values (what a worker process sends back)."""
     fitted = fit_classifier(kind, train_x, train_y, valid_x, valid_y, classifier_config, seed, device)
-    return fitted.predict(test_x), {
+    return fitted.logits(test_x), {
         "segments": len(train_x), "best_valid": fitted.best_valid, "criterion": fitted.criterion,
         "steps": fitted.steps, "best_step": fitted.best_step, "seconds": fitted.seconds,
     }
@@ -1471,6 +1523,7 @@ def _main_results(spec, classifier, dataset_name, tag_scores, test_labels, score
         )
     row.update({
         "scored_tags": int(len(tag_scores.per_tag_roc_auc) - len(tag_scores.skipped)),
+        "tags_without_train_positive": fit["tags_without_train_positive"],
         "train_tracks": fit["train_tracks"], "train_segments": fit["train_segments"], "test_tracks": len(test_labels),
         "valid_score": fit["valid_score"], "criterion": fit["criterion"], "steps": fit["steps"],
     })
@@ -1538,6 +1591,12 @@ def results_notes(results: pd.DataFrame) -> str:
             "scored on the tags it could score, so its mean averages different, easier subsets of tags and can "
             f"read far above the full-test value ({', '.join(skipped)}). Read the full-test columns, or evaluate "
             "on a larger test set.")
+    unlearnable = max((getattr(row, "tags_without_train_positive", 0) for row in results.itertuples(index=False)),
+                      default=0)
+    if unlearnable:
+        notes.append(
+            f"{unlearnable} of the scored tags have no positive training track: no probe can learn them, and they "
+            "count in every macro average at about chance (per_tag.csv: train_positives 0).")
     return "\n\n".join(notes)
 
 

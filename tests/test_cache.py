@@ -888,3 +888,28 @@ def test_a_datasets_missing_and_empty_files_are_in_skipped_csv_and_keep_its_cach
     assert default_mel_cache_dir(index) == dataset_folder  # the current one exists: it wins
     dataset_folder.rename(tmp_path / "moved")
     assert default_mel_cache_dir(index) == legacy
+
+
+def test_a_track_repointed_to_another_file_of_the_same_size_and_mtime_is_recomputed(tmp_path: Path) -> None:
+    """Files extracted from one archive share a modification time, and same-length audio has the same
+    size: a track id re-pointed to such a file (a tags file's path fixed) must be decoded again."""
+    old = write(tmp_path / "old.wav", tone_and_noise(6.0, 16000, 0), 16000)
+    new = write(tmp_path / "new.wav", tone_and_noise(6.0, 16000, 5), 16000)
+    short = write(tmp_path / "short.wav", tone_and_noise(1.0, 16000, 1), 16000)
+    other_short = write(tmp_path / "other_short.wav", tone_and_noise(1.0, 16000, 2), 16000)
+    for path in (old, new, short, other_short):
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    first = MelCache.build(make_index({"song": old, "clip": short}), tmp_path / "cache", workers=0,
+                           progress=False, verbose=False)
+    assert first.track_ids == ["song"] and [track.reason for track in first.skipped] == ["too_short"]
+    old_mel = first.get_track("song")
+
+    second = MelCache.build(make_index({"song": new, "clip": other_short}), tmp_path / "cache", workers=0,
+                            progress=False, verbose=False)
+    assert (second.build_report.processed, second.build_report.already_cached) == (2, 0)
+    assert not np.allclose(second.get_track("song"), old_mel, atol=1.0)
+    np.testing.assert_allclose(second.get_track("song"), reference_mel(new), rtol=FLOAT16_RTOL, atol=1e-6)
+    assert [track.path for track in second.skipped] == [other_short]  # the skip names the file now listed
+    third = MelCache.build(make_index({"song": new, "clip": other_short}), tmp_path / "cache", workers=0,
+                           progress=False, verbose=False)
+    assert (third.build_report.processed, third.build_report.already_cached) == (0, 1)

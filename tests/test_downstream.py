@@ -6,6 +6,7 @@ Every dataset here is written by the test itself as real audio in the dataset's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.special
 import soundfile
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -199,6 +201,39 @@ def test_probe_falls_back_to_valid_loss_and_rejects_nan():
         fit_classifier("linear", broken, train_y, valid_x, no_positive)
 
 
+def test_a_probe_fitted_on_one_track_ranks_the_test_tracks_without_ties():
+    """Before: fitted on one track's two segments (per-feature std ~1e-5, the tracks ~0.05 apart), the
+    standardised test inputs reached |z| ~ 1e4 and the logits hundreds, and the float32 sigmoid gave
+    exactly 0 or 1: every test track tied, and every 1 % and 5 % fit read ROC-AUC exactly 0.5. The
+    scores are now the probe's logits (ranked as its probabilities would be, but never saturated) and
+    no feature's scale is below a hundredth of the typical one."""
+    from analysis.downstream import _fit_and_predict
+
+    rng = np.random.default_rng(0)
+    centre = rng.standard_normal(64).astype(np.float32)
+    train_x = centre + 1e-5 * rng.standard_normal((2, 64)).astype(np.float32)
+    train_x[:, 0] = centre[0]  # a constant feature
+    train_y = np.array([[1, 0, 1], [1, 0, 1]], dtype=np.float32)
+    valid_x = centre + 0.05 * rng.standard_normal((6, 64)).astype(np.float32)
+    valid_y = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=np.float32)
+    test_x = centre + 0.05 * rng.standard_normal((40, 64)).astype(np.float32)
+    test_y = (test_x[:, 1:4] > centre[1:4]).astype(int)
+    config = ClassifierConfig(check_every_steps=5, patience=3)
+    for kind in ("linear", "mlp"):
+        scores, fitted = _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, config, 0, "cpu")
+        assert [len(np.unique(scores[:, tag])) for tag in range(3)] == [40, 40, 40], kind
+        for tag in range(3):
+            assert roc_auc_score(test_y[:, tag], scores[:, tag]) != 0.5
+        # The scores rank the test tracks as the probabilities do wherever those are not saturated.
+        model = fit_classifier(kind, train_x, train_y, valid_x, valid_y, config, seed=0)
+        np.testing.assert_array_equal(model.logits(test_x), scores)
+        probabilities = model.predict(test_x)
+        assert ((probabilities >= 0) & (probabilities <= 1)).all()
+        np.testing.assert_allclose(probabilities, scipy.special.expit(scores), rtol=1e-12)
+        scale = model.scale.numpy()
+        assert scale.min() >= 0.01 * np.median(scale) * (1 - 1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # Embeddings
 
@@ -312,6 +347,90 @@ def test_a_checkpoint_retrained_at_the_same_path_is_not_read_from_the_cache(tmp_
     retrained[name].view(-1)[0] += 1e-3  # one weight of one tensor
     save_run(tmp_path / "run", retrained, {"method": "vicreg", "preset": "cpu"})
     assert _embedder(resolve_method(str(run)), device, config)[1] != first
+
+
+def write_pitch_dataset(folder: Path, test_only_tag: bool = False) -> list[dict]:
+    """9 train, 3 valid and 4 test clips tagged ``low``, ``mid`` or ``high`` by their pitch; with
+    ``test_only_tag`` two test clips also carry ``flute``, which no training clip has."""
+    records = []
+    for number in range(16):
+        split = "train" if number < 9 else ("valid" if number < 12 else "test")
+        path = folder / f"clip{number:02d}.flac"
+        write_clip(path, number % 3, seed=number)
+        tags = [("low", "mid", "high")[number % 3]] + (["flute"] if test_only_tag and number >= 14 else [])
+        records.append({"track_id": f"c{number:02d}", "path": str(path), "split": split, "tags": tags})
+    return records
+
+
+SMALL_EVALUATION = dict(classifiers=("linear",), fractions=(1.0,), draws=1, bootstrap_resamples=5,
+                        bootstrap_fraction=1.0, workers=0, probe_workers=0, device="cpu")
+
+
+def test_embeddings_of_audio_changed_under_the_same_names_are_not_read_from_the_cache(tmp_path):
+    """Before: the embedding cache (and the probes' beside it) was keyed on track ids, splits and paths,
+    so when the test tracks' audio was replaced under the same names the mel cache re-decoded them but
+    the evaluation read the old embeddings and printed the old scores. The key now includes each
+    track's audio as the mel cache holds it."""
+    from analysis.downstream import load_embeddings
+    from musicssl.data.index import TrackIndex
+
+    records = write_pitch_dataset(tmp_path / "audio")
+    config = DownstreamConfig(**SMALL_EVALUATION)
+    spec = resolve_method("melstats", "cpu", True)
+
+    def evaluate(use_cache: bool = True):
+        result = run_downstream([spec], dataclasses.replace(config, use_cache=use_cache), progress=False,
+                                index=TrackIndex.from_records(records))
+        return result, result.summary["methods"][0]
+
+    first, first_method = evaluate()
+    assert not first_method["embeddings_from_cache"]
+    again, method = evaluate()  # nothing changed: both caches hit
+    assert method["embeddings_from_cache"] and method["probes_from_cache"] == ["linear"]
+    pd.testing.assert_frame_equal(again.per_tag, first.per_tag)
+
+    test_rows = [number for number, record in enumerate(records) if record["split"] == "test"]
+    for number in test_rows:  # other sounds, same names, same length
+        write_clip(Path(records[number]["path"]), number % 3 + 1, seed=100 + number)
+    changed, method = evaluate()
+    assert not method["embeddings_from_cache"] and method["probes_from_cache"] == []
+    old = load_embeddings(Path(first_method["embedding_cache"]))
+    new = load_embeddings(Path(method["embedding_cache"]))
+    unchanged = [number for number in range(len(records)) if number not in test_rows]
+    np.testing.assert_array_equal(new.track_means[unchanged], old.track_means[unchanged])
+    assert not np.isclose(new.track_means[test_rows], old.track_means[test_rows]).all(axis=1).any()
+    # The scores are those of the new audio: the same as computed without any cache.
+    fresh, _ = evaluate(use_cache=False)
+    pd.testing.assert_frame_equal(changed.per_tag, fresh.per_tag)
+    pd.testing.assert_frame_equal(changed.limited.drop(columns="fit_seconds"), fresh.limited.drop(columns="fit_seconds"))
+    assert not changed.per_tag["roc_auc"].equals(first.per_tag["roc_auc"])
+    # And the new entries are hit in turn.
+    assert evaluate()[1]["embeddings_from_cache"]
+
+
+def test_tags_with_test_positives_but_no_training_positive_are_named_and_counted(tmp_path, capsys):
+    """Before: such a tag (no probe can learn it) was scored in the macro average without a word, and
+    the ``tags_without_train_positive`` column counted only tags that have a positive in the training
+    split, so it read 0. They are scored, as the protocol says (every tag with both classes among the
+    test tracks), and now named in a warning and in the summary, and counted in the column."""
+    from analysis.downstream import results_notes
+    from musicssl.data.index import TrackIndex
+
+    records = write_pitch_dataset(tmp_path / "audio", test_only_tag=True)
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.1, 1.0)})
+    result = run_downstream([resolve_method("melstats", "cpu", True)], config, index=TrackIndex.from_records(records))
+    console = capsys.readouterr().out
+    assert "1 scored tag(s) have no positive training track, so no probe can learn them: ['flute']" in console
+    assert result.summary["tags_without_train_positive"] == ["flute"]
+    assert result.summary["skipped_tags"] == []
+    flute = result.per_tag.set_index("tag").loc["flute"]
+    assert (flute["train_positives"], flute["test_positives"]) == (0, 2) and not math.isnan(flute["roc_auc"])
+    limited = result.limited.set_index("fraction")
+    # 100 %: flute alone; 10 % (one track, of one pitch): flute and the two other pitches.
+    assert limited.loc[1.0, "tags_without_train_positive"] == 1
+    assert limited.loc[0.1, "tags_without_train_positive"] == 3
+    assert result.results["tags_without_train_positive"].tolist() == [1]
+    assert "1 of the scored tags have no positive training track" in results_notes(result.results)
 
 
 def test_baselines_follow_the_checkpoints_architecture(tmp_path):

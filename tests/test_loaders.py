@@ -365,6 +365,65 @@ def test_folder_bad_folders(tmp_path):
         load_folder(tmp_path / "two", tags_file="absent.csv")
 
 
+def test_folder_tags_file_with_absolute_paths_to_audio_kept_elsewhere(tmp_path):
+    """The tags file's folder need not hold the audio when its paths are absolute (before: refused as
+    "no audio files found" in the tags file's folder)."""
+    audio = [write_sine(tmp_path / "audio" / name) for name in ("x.wav", "y.flac")]
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "tags.csv").write_text("path,tags\n" + "".join(f"{path.resolve()},rock\n" for path in audio))
+    for index in (load_folder(meta), open_dataset(str(meta / "tags.csv")), open_dataset(str(meta))):
+        assert index.paths == [str(path.resolve()) for path in audio]
+        assert index.tracks["tags"].tolist() == [("rock",), ("rock",)]
+    # Relative paths may leave the folder too; a file listed elsewhere that is missing is named.
+    (meta / "tags.csv").write_text(f"path,tags\n../audio/x.wav,pop\n{tmp_path / 'audio' / 'gone.wav'},rock\n")
+    index = load_folder(meta)
+    assert index.paths == [str(meta.resolve() / ".." / "audio" / "x.wav")] and len(index.extra["missing"]) == 1
+    (meta / "tags.csv").write_text(f"path,tags\n{tmp_path / 'audio' / 'gone.wav'},rock\n")
+    with pytest.raises(DatasetError, match=r"none of the 1 listed audio files exists .*expected at .*gone.wav"):
+        load_folder(meta)
+
+
+def test_folder_file_names_match_whatever_their_unicode_normalisation(tmp_path):
+    """Names copied from macOS are decomposed (NFD), a tags file typed elsewhere composed (NFC): they
+    match, and ids taken from names are NFC, so the drawn split does not depend on where the files
+    were copied (an NFC name keeps its id and split)."""
+    import unicodedata
+
+    from musicssl.data.loaders import assign_splits
+
+    root = tmp_path / "set"
+    names = ["café", "crème brûlée"]
+    disk = [write_sine(root / unicodedata.normalize("NFD", f"{name}.wav")) for name in names]
+    assert all(unicodedata.normalize("NFD", name) in {p.stem for p in root.iterdir()} for name in names)
+    resolved = [str(path.resolve()) for path in disk]
+    (root / "tags.csv").write_text("path,tags\n" + "".join(f"{name}.wav,piano\n" for name in names))
+    index = load_folder(root, split_fractions=(0.5, 0.0, 0.5))
+    assert index.track_ids == names and index.paths == resolved and index.extra["unlisted_audio"] == 0
+    drawn = assign_splits(names, (0.5, 0.0, 0.5))
+    assert index.tracks["split"].tolist() == [drawn[name] for name in names]
+    (root / "tags.csv").write_text("track_id,tags\n" + "".join(f"{name},piano\n" for name in names))
+    assert load_folder(root).paths == resolved
+    unlabeled = load_folder(root, unlabeled=True, split_fractions=(0.5, 0.0, 0.5))
+    assert unlabeled.track_ids == names and unlabeled.tracks["split"].tolist() == index.tracks["split"].tolist()
+
+
+def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
+    """A spreadsheet saved as CSV in many locales separates by ';' (before: "no audio column; found
+    columns ['path;tags;split']"); Windows paths with '\\' are named as such when no file is found."""
+    root = tmp_path / "set"
+    write_sine(root / "audio" / "a.wav")
+    write_sine(root / "audio" / "b.wav")
+    (root / "tags.csv").write_text("path;tags;split\naudio/a.wav;rock,pop;train\naudio/b.wav;jazz;test\n")
+    index = load_folder(root)
+    assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
+    assert index.tracks["tags"].tolist() == [("rock", "pop"), ("jazz",)]
+    (root / "tags.csv").write_text("path,tags\naudio\\a.wav,rock\naudio\\b.wav,jazz\n")
+    with pytest.raises(DatasetError, match=r"expected at .*audio\\a.wav\); .*paths must separate folders "
+                                           r"with '/', not '\\'"):
+        load_folder(root)
+
+
 def test_folder_files_that_differ_only_in_extension_are_two_tracks_and_repeats_are_refused(tmp_path, caplog):
     """Ids from paths drop the extension, except where two files differ only in it (before: the whole
     folder was refused, and without a tags file there was nowhere to add a track_id column)."""
@@ -511,7 +570,10 @@ def test_mtat_bad_files(tmp_path):
     write_mtat(tmp_path, tags=["guitar"], rows=[("2", (1,), "g/a.mp3")])
     with pytest.raises(DatasetError, match=r"mp3_path 'g/a.mp3'"):
         load_mtat(tmp_path, n_tags=1)
-    with pytest.raises(DatasetError, match=r"n_tags=50: .* has 1 tag columns"):
+    # The command lines cannot set n_tags: the message says what the file lacks, not which argument to change.
+    with pytest.raises(DatasetError, match=r"has 1 tag column\(s\), fewer than the 50 most frequent tags that the "
+                                           r"standard top-50 setup uses; .*188 tag columns: use it \(in Python, "
+                                           r"n_tags= 1..1 takes fewer\)"):
         load_mtat(tmp_path)
 
 
@@ -808,7 +870,8 @@ def test_msd_path_pattern_missing_audio_and_train_size(tmp_path):
     assert index.track_ids == MSD_TRAIN[:2]
     assert index.paths == [str(audio.resolve() / f"{msd_id}.clip.mp3") for msd_id in MSD_TRAIN[:2]]
     assert [entry["track_id"] for entry in index.extra["missing"]] == MSD_TRAIN[2:] + MSD_TEST
-    with pytest.raises(DatasetError, match=r"has 4 ids, so train_size=201680 cannot split"):
+    with pytest.raises(DatasetError, match=r"has 4 ids, too few for the 201,680 training ids of Won et al.'s split.*"
+                                           r"213,454 ids: use it \(in Python, train_size= 1..4 takes fewer\)"):
         load_msd(split_dir, audio)
     with pytest.raises(DatasetError, match=r"path_pattern '\{msd_id\}.mp3' is not usable"):
         load_msd(split_dir, audio, train_size=3, path_pattern="{msd_id}.mp3")
@@ -850,6 +913,33 @@ def test_msd_7digital_clips_are_found_through_the_split_folders_dictionaries(tmp
         load_msd(split_dir, audio, train_size=3, path_pattern="7digital")
     with pytest.raises(DatasetError, match=r"laid out as .*the 7digital layout \(8/9/8947470.clip.mp3\) needs"):
         load_msd(split_dir, audio, train_size=3)
+
+
+def test_msd_layout_is_decided_by_files_anywhere_in_the_lists_not_only_the_first(tmp_path):
+    """Audio for a few tracks spread over the lists (none of the first 100): the layout that finds them
+    wins, and when neither finds any file the error says so over every listed track."""
+    split_dir = tmp_path / "msd"
+    ids = [f"TR{n:016d}" for n in range(3000)]
+    split_dir.mkdir()
+    (split_dir / "50tagList.txt").write_text("\n".join(MSD_TAGS) + "\n")
+    (split_dir / "filtered_list_train.cP").write_bytes(pickle.dumps(ids[:2500]))
+    (split_dir / "filtered_list_test.cP").write_bytes(pickle.dumps(ids[2500:]))
+    vectors = {msd_id: np.asarray([1, 0, 0, 0]) for msd_id in ids}
+    (split_dir / "msd_id_to_tag_vector.cP").write_bytes(pickle.dumps(vectors))
+    seven = {msd_id: 8000000 + n for n, msd_id in enumerate(ids)}
+    (split_dir / "MSD_id_to_7D_id.pkl").write_bytes(pickle.dumps(seven))
+    (split_dir / "7D_id_to_path.pkl").write_bytes(
+        pickle.dumps({number: f"8/{number % 10}/{number}.clip.mp3" for number in seven.values()}))
+    audio = tmp_path / "7digital"
+    present = [ids[1234], ids[2777]]
+    for msd_id in present:
+        number = seven[msd_id]
+        write_sine(audio / "8" / str(number % 10) / f"{number}.clip.mp3")
+    index = load_msd(split_dir, audio, train_size=2000)
+    assert index.extra["audio_layout"] == "7digital" and index.track_ids == present
+    with pytest.raises(DatasetError) as raised:
+        load_msd(split_dir, tmp_path / "nothing_here", train_size=2000)
+    assert "the 7digital layout found any of the 3000 listed tracks' files" in str(raised.value)
 
 
 class _Hostile:

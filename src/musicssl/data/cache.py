@@ -19,9 +19,10 @@ Why this design:
   ``Ctrl-C`` commits the tracks already finished before it re-raises. So an interrupted build
   reopens with complete entries only and the next build finishes the rest.
 * **Incremental.** A track is decoded again only when it is missing from the cache, when its audio
-  file changed (size or modification time), or (for a skipped track) when the file or the skipping
-  rules changed. A cached track is re-judged against the current skipping rules on every build from
-  its stored length and peak, without decoding: raising ``min_seconds`` drops the tracks it excludes.
+  file changed (size or modification time) or its id now lists another path, or (for a skipped track)
+  when the file, its path or the skipping rules changed. A cached track is re-judged against the
+  current skipping rules on every build from its stored length and peak, without decoding: raising
+  ``min_seconds`` drops the tracks it excludes.
 * **A crashing decoder stops nothing.** When a decoding process dies (a decoder crash, the kernel's
   out-of-memory killer), the tracks it might have been working on are retried one at a time in a
   fresh process; a file that kills that process too is recorded as skipped (``crashed``), so the
@@ -898,18 +899,18 @@ class MelCache:
     ) -> MelCache:
         """Cache the log-mel of every track of ``index`` under ``cache_dir`` and open the cache.
 
-        Only tracks not cached yet, or whose audio file changed (size or modification time), are
-        decoded; a cached track whose file has gone keeps its mel. Unusable files (missing, empty,
-        undecodable, zero-length, non-finite, shorter than ``min_seconds``, peak below
-        ``silence_threshold_db`` dBFS, decoding to under :data:`TRUNCATED_FRACTION` of the duration
+        Only tracks not cached yet, or whose audio file changed (size or modification time) or is another
+        path than the one cached, are decoded; a cached track whose file has gone keeps its mel. Unusable
+        files (missing, empty, undecodable, zero-length, non-finite, shorter than ``min_seconds``, peak
+        below ``silence_threshold_db`` dBFS, decoding to under :data:`TRUNCATED_FRACTION` of the duration
         the index's ``duration`` column lists, or crashing the decoding process) are skipped, listed in
-        ``skipped.csv`` with their reason and counted on the console; they are retried only when their
-        file or these rules change, or with ``retry_skipped=True``. The rules apply to cached tracks
-        too, judged from their stored length and peak without decoding: a cached track that they now
-        exclude becomes skipped. Finished tracks are committed at least every ``commit_every_seconds``,
-        so an interrupted build loses little and resumes where it stopped. A build of the same folder
-        by another process is waited for while it commits work (it decodes what this one would);
-        ``lock_timeout`` seconds without a commit from it are an error.
+        ``skipped.csv`` with their reason and counted on the console; they are retried only when their file,
+        its path or these rules change, or with ``retry_skipped=True``. The rules apply to cached tracks
+        too, judged from their stored length and peak without decoding: a cached track that they now exclude
+        becomes skipped. Finished tracks are committed at least every ``commit_every_seconds``, so an
+        interrupted build loses little and resumes where it stopped. A build of the same folder by another
+        process is waited for while it commits work (it decodes what this one would); ``lock_timeout``
+        seconds without a commit from it are an error.
 
         ``dropped``: tracks the dataset lists but its loader left out of ``index`` because their audio
         file is missing or empty (the loaders' ``index.extra["missing"]``: dicts with ``track_id``,
@@ -1024,7 +1025,10 @@ class MelCache:
                                                   _listed_samples(index, settings.sample_rate)):
             now = _file_stamp(Path(path))
             entry = state.entries.get(track_id)
-            # A missing file keeps its cached mel (the point of a cache); a changed one means new audio.
+            # A missing file keeps its cached mel (the point of a cache); a changed one means new audio, and
+            # so does another path (the id re-pointed to another file, which may share size and mtime).
+            if entry is not None and entry.path != path:
+                entry = None
             unchanged = entry is not None and _same_file(entry.size, entry.mtime_ns, entry.committed_ns, now)
             if entry is not None and (now[0] is None or unchanged):
                 verdict = _rejudge(entry, rules, min_samples, silence_peak, settings.sample_rate, listed_samples)
@@ -1043,7 +1047,7 @@ class MelCache:
                 continue
             record = state.skipped.get(track_id)
             # A file skipped as truncated is judged again when the duration its dataset lists changes.
-            if (not retry_skipped and _record_stands(record, rules, now)
+            if (not retry_skipped and _record_stands(record, rules, path, now)
                     and (record.track.reason != "truncated" or record.listed_samples == listed_samples)):
                 already_skipped += 1
                 continue
@@ -1056,7 +1060,7 @@ class MelCache:
             now = _file_stamp(Path(path))
             reason = "empty" if track.get("reason") == "empty" and now[0] == 0 else "missing"
             record = state.skipped.get(track_id)
-            if _record_stands(record, rules, now) and record.track.reason == reason:
+            if _record_stands(record, rules, path, now) and record.track.reason == reason:
                 continue  # recorded by an earlier build
             detail = f"{path}: empty file (0 bytes)" if reason == "empty" else f"{path}: no such file"
             excluded.append(_Result(track_id, path, *now, reason=reason, detail=detail))
@@ -1225,9 +1229,11 @@ class MelCache:
         return state
 
 
-def _record_stands(record: _SkipRecord | None, rules: tuple[float, float], now: tuple[int | None, int | None]) -> bool:
-    """Whether an earlier skip of a file still holds: made under the same rules, the file unchanged."""
-    return (record is not None and record.rules == rules
+def _record_stands(
+    record: _SkipRecord | None, rules: tuple[float, float], path: str, now: tuple[int | None, int | None]
+) -> bool:
+    """Whether an earlier skip still holds: made under the same rules, for the same path, the file unchanged."""
+    return (record is not None and record.rules == rules and record.track.path == path
             and _same_file(record.size, record.mtime_ns, record.committed_ns, now))
 
 

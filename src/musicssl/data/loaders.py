@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import stat
+import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -316,7 +317,8 @@ def _read_table(path: Path) -> pd.DataFrame:
 
     ``.tsv``/``.tab`` files are read with tabs; any other file, ``.csv`` included, with tabs when its
     header row has more tabs than commas (MagnaTagATune's ``annotations_final.csv`` is tab-separated),
-    else with commas.
+    with semicolons when it has semicolons and neither tabs nor commas (a spreadsheet's CSV in locales
+    whose decimal mark is a comma), else with commas.
     """
     if path.suffix.lower() in (".tsv", ".tab"):
         separator = "\t"
@@ -327,10 +329,12 @@ def _read_table(path: Path) -> pd.DataFrame:
         except UnicodeDecodeError as error:
             raise DatasetError(f"{path}: cannot read as a CSV/TSV table ({error})") from None
         separator = "\t" if header.count("\t") > header.count(",") else ","
+        if ";" in header and "\t" not in header and "," not in header:
+            separator = ";"
     try:
         frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        kind = "TSV" if separator == "\t" else "CSV"
+        kind = {"\t": "TSV", ",": "CSV", ";": "semicolon-separated"}[separator]
         raise DatasetError(f"{path}: cannot read as a {kind} table ({error})") from None
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: the file is empty; it needs a header row and one row per track") from None
@@ -365,11 +369,13 @@ def load_folder(
     """Index a folder of audio files described by a CSV or TSV of tags.
 
     The tags file (``tags_file``, else ``tags.csv``/``tags.tsv``/``labels.*``/``annotations.*``/
-    ``metadata.*`` in ``root``, else the only CSV/TSV there) has a header row and one row per track:
+    ``metadata.*`` in ``root``, else the only CSV/TSV there; commas, tabs or semicolons, see
+    :func:`_read_table`) has a header row and one row per track:
 
-    - the audio: a ``path`` or ``filename`` column (relative to ``root``, or absolute), or only a
-      ``track_id`` column, matched to the audio file whose path relative to ``root`` without
-      extension, or else whose file name without extension, equals it;
+    - the audio: a ``path`` or ``filename`` column (relative to ``root``, or absolute, also outside
+      ``root``), or only a ``track_id`` column, matched to the audio file whose path relative to
+      ``root`` without extension, or else whose file name without extension, equals it (names match
+      whatever their Unicode normalisation: macOS writes them decomposed, NFD);
     - the tags: a ``tags`` column (tags joined by ``;``, or by ``,`` when no cell contains ``;``;
       ``tag_separator`` overrides), OR one column of 0/1 per tag (the column name is the tag);
     - optionally ``split`` (``train``/``valid``/``test``; ``validation``, ``val``, ``dev``,
@@ -379,7 +385,7 @@ def load_folder(
       ``album_id``, ``title`` and any named in ``keep_columns``.
 
     Track ids are the ``track_id`` column, else the audio path relative to ``root`` without its
-    extension (with it for files that differ only in their extension, which then share the split
+    extension, in Unicode NFC (with it for files that differ only in their extension, which then share the split
     drawn for the id without it). A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
     or removed from the folder, or dropped for missing audio, never move other tracks between
     splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
@@ -399,19 +405,24 @@ def load_folder(
             f"{root}: the folder is empty; put audio files ({', '.join(AUDIO_EXTENSIONS)}) and a tags CSV/TSV in it"
         )
     audio_files = _list_audio_files(root)
-    if not audio_files:
+
+    def no_audio() -> DatasetError:
         others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        raise DatasetError(
+        return DatasetError(
             f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)} in it and its subfolders; "
             f"found {len(others)} other file(s) such as {others[:3]}); add audio files or point root at their folder"
         )
+
+    # A tags file may list audio elsewhere by absolute paths: without audio here, its paths decide (below).
+    if not audio_files and (unlabeled or (tags_file is None and _find_tags_file(root) is None)):
+        raise no_audio()
     name = name or root.name
     audio_hint = f"check that the paths in the tags file are relative to {root}"
 
     if unlabeled:
         if tags_file is not None:
             raise DatasetError("pass either tags_file= or unlabeled=True, not both")
-        records = [{"track_id": path.relative_to(root).with_suffix("").as_posix(), "path": str(path), "tags": ()}
+        records = [{"track_id": _nfc(path.relative_to(root).with_suffix("").as_posix()), "path": str(path), "tags": ()}
                    for path in audio_files]
         _keep_extensions_that_tell_files_apart(records)
         _raise_on_duplicate_ids([record["track_id"] for record in records], root)
@@ -440,12 +451,21 @@ def load_folder(
     records, tag_names, split_given = _records_from_table(
         table, tags_path, root, audio_files, tag_separator, keep_columns
     )
+    if not audio_files and all(
+        record.get("_unresolved")
+        or (_audio_state(record["path"]) == "missing" and Path(os.path.normpath(record["path"])).is_relative_to(root))
+        for record in records
+    ):
+        raise no_audio()  # (a listed file elsewhere that is missing is reported with its path, below)
     repeated = sorted(path for path, count in Counter(record["path"] for record in records).items() if count > 1)
     if repeated:
         shown = [Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
                  for path in repeated[:5]]
         raise DatasetError(f"{tags_path}: lists the audio file(s) {shown} more than once; keep one row per file")
     _raise_on_duplicate_ids([record["track_id"] for record in records], tags_path)
+    if os.sep == "/" and any("\\" in record["path"] and _audio_state(record["path"]) == "missing"
+                             for record in records):
+        audio_hint += "; paths must separate folders with '/', not '\\' (as Windows writes them)"
     if not split_given:
         splits = assign_splits([_split_key(record) for record in records], split_fractions, split_seed)
         for record in records:
@@ -490,6 +510,11 @@ def _keep_extensions_that_tell_files_apart(records: list[dict]) -> None:
         if len(paths_of[record["track_id"]]) > 1:
             record["split_key"] = record["track_id"]
             record["track_id"] += Path(record["path"]).suffix
+
+
+def _nfc(text: str) -> str:
+    """``text`` in Unicode normal form C: names copied from macOS are decomposed (NFD), typed ones composed."""
+    return unicodedata.normalize("NFC", text)
 
 
 def _split_key(record: dict) -> str:
@@ -591,10 +616,16 @@ def _records_from_table(
             )
         split_values = [SPLIT_ALIASES[value] for value in raw]
 
+    # Listed names match files on disk whatever their Unicode normalisation (an exact match first).
+    on_disk = {str(path): path for path in audio_files}
+    for path in audio_files:
+        on_disk.setdefault(_nfc(str(path)), path)
     by_relative = {path.relative_to(root).with_suffix("").as_posix(): path for path in audio_files}
+    for path in audio_files:
+        by_relative.setdefault(_nfc(path.relative_to(root).with_suffix("").as_posix()), path)
     by_stem: dict[str, list[Path]] = {}
     for path in audio_files:
-        by_stem.setdefault(path.stem, []).append(path)
+        by_stem.setdefault(_nfc(path.stem), []).append(path)
 
     records: list[dict] = []
     for row_number, row in enumerate(table.itertuples(index=False), start=2):  # header is line 1
@@ -606,20 +637,20 @@ def _records_from_table(
                 raise DatasetError(f"{tags_path}, line {row_number}: empty {audio_column!r}; give the audio file")
             audio_path = Path(location).expanduser()
             audio_path = audio_path if audio_path.is_absolute() else root / audio_path
-            record["path"] = str(audio_path)
+            record["path"] = str(on_disk.get(str(audio_path)) or on_disk.get(_nfc(str(audio_path)), audio_path))
             if id_column is not None:
                 record["track_id"] = str(values[id_column]).strip()
-            else:
+            else:  # an id from a name is NFC, so that its split does not depend on where the files were copied
                 try:
-                    record["track_id"] = audio_path.relative_to(root).with_suffix("").as_posix()
+                    record["track_id"] = _nfc(audio_path.relative_to(root).with_suffix("").as_posix())
                 except ValueError:  # absolute path outside root
-                    record["track_id"] = audio_path.with_suffix("").as_posix()
+                    record["track_id"] = _nfc(audio_path.with_suffix("").as_posix())
         else:
             track_id = str(values[id_column]).strip()
             record["track_id"] = track_id
-            match = by_relative.get(track_id)
+            match = by_relative.get(track_id) or by_relative.get(_nfc(track_id))
             if match is None:
-                candidates = by_stem.get(track_id, [])
+                candidates = by_stem.get(_nfc(track_id), [])
                 if len(candidates) > 1:
                     raise DatasetError(
                         f"{tags_path}, line {row_number}: track_id {track_id!r} matches several audio files "
@@ -690,7 +721,12 @@ def load_mtat(
         )
     tag_columns = found[1:-1]
     if n_tags < 1 or n_tags > len(tag_columns):
+        # The command lines always ask for the standard 50: say what the file lacks, not only the argument.
         raise DatasetError(
+            f"{annotations}: has {len(tag_columns)} tag column(s), fewer than the 50 most frequent tags that the "
+            f"standard top-50 setup uses; the original file has 188 tag columns: use it (in Python, n_tags= "
+            f"1..{len(tag_columns)} takes fewer)"
+            if n_tags == 50 else
             f"n_tags={n_tags}: {annotations} has {len(tag_columns)} tag columns; pick 1..{len(tag_columns)}"
         )
     matrix = np.empty((len(table), len(tag_columns)), dtype=np.int8)
@@ -926,6 +962,11 @@ def _seven_digital_paths(split_dir: Path, base: str):
     return path_of
 
 
+def _files_found(layouts: dict[str, Callable[[str], str]], ids: Sequence[str]) -> dict[str, int]:
+    """How many of ``ids`` have a file under each layout (name -> MSD id -> path)."""
+    return {name: sum(os.path.isfile(path_of(msd_id)) for msd_id in ids) for name, path_of in layouts.items()}
+
+
 def load_msd(
     split_dir: str | Path,
     audio_dir: str | Path,
@@ -952,8 +993,9 @@ def load_msd(
     ``audio_dir / path_pattern.format(id=msd_id)``, e.g. ``{id[2]}/{id[3]}/{id[4]}/{id}.mp3``
     (:data:`MSD_AUDIO_PATTERN`: the 3rd, 4th and 5th characters of the MSD id name the folders, as
     in the dataset's own files: ``TRBCDEF128F1234567`` -> ``B/C/D/TRBCDEF128F1234567.mp3``). The
-    default (``None``) takes the layout under which more of the first 100 listed tracks exist (the
-    7digital one only when its two files are there); ``extra["audio_layout"]`` says which. Tag
+    default (``None``) takes the layout under which more listed tracks have a file (the 7digital one
+    only when its two files are there), judged on 1,000 ids spread over the lists, or on all of them
+    when those tie (as when only a few tracks have audio); ``extra["audio_layout"]`` says which. Tag
     names are kept as written (``Hip-Hop``, ``Mellow``).
     """
     split_dir = Path(split_dir).expanduser()
@@ -991,7 +1033,12 @@ def load_msd(
     train_ids = _id_list(_load_restricted_pickle(train_path), train_path)
     test_ids = _id_list(_load_restricted_pickle(test_path), test_path)
     if not 0 < train_size <= len(train_ids):
+        # The command lines always use Won et al.'s split: say what the file lacks, not only the argument.
         raise DatasetError(
+            f"{train_path}: has {len(train_ids):,} ids, too few for the {MSD_TRAIN_SIZE:,} training ids of Won et "
+            f"al.'s split (the rest are valid); the original file has 213,454 ids: use it (in Python, train_size= "
+            f"1..{len(train_ids)} takes fewer)"
+            if train_size == MSD_TRAIN_SIZE else
             f"{train_path}: has {len(train_ids)} ids, so train_size={train_size} cannot split it into train and "
             f"valid; the original file has 213,454 ids with train_size={MSD_TRAIN_SIZE}"
         )
@@ -1033,9 +1080,14 @@ def load_msd(
         layouts[pattern] = lambda msd_id: os.path.join(base, pattern.format(id=msd_id))
     if path_pattern in (None, MSD_7DIGITAL) and has_7digital:
         layouts[MSD_7DIGITAL] = _seven_digital_paths(split_dir, base)
-    if len(layouts) > 1:  # the default: whichever finds more of the first tracks
-        sample = [msd_id for msd_id, _ in listed[:100]]
-        found = {name: sum(os.path.isfile(path_of(msd_id)) for msd_id in sample) for name, path_of in layouts.items()}
+    found: dict[str, int] = {}
+    if len(layouts) > 1:  # the default: whichever finds more files
+        ids = [msd_id for msd_id, _ in listed]
+        # 1,000 ids spread over the lists first; when they cannot tell (a tie, 0-0 where only some tracks
+        # have audio), every listed id (0.9 s for 200,000 ids and both layouts on a local disk).
+        found = _files_found(layouts, ids[:: max(1, len(ids) // 1000)])
+        if len(set(found.values())) == 1:
+            found = _files_found(layouts, ids)
         chosen = max(found, key=lambda name: found[name])  # a tie keeps MSD's own layout (first)
         layouts = {chosen: layouts[chosen]}
     layout, path_of = next(iter(layouts.items()))
@@ -1055,7 +1107,9 @@ def load_msd(
     }
     other = ("" if path_pattern is not None else
              f"; the 7digital layout (8/9/8947470.clip.mp3) needs {list(MSD_7DIGITAL_FILES)} in {split_dir}"
-             if not has_7digital else f"; neither {MSD_AUDIO_PATTERN!r} nor the 7digital layout found the files")
+             if not has_7digital else
+             f"; neither {MSD_AUDIO_PATTERN!r} nor the 7digital layout found any of the {len(listed)} listed "
+             "tracks' files" if found and not any(found.values()) else "")
     hint = f"pass audio_dir= (--audio-dir) the folder with the MSD audio laid out as {layout!r} (now {audio_root}){other}"
     return _build_index(records, tag_names, "msd", extra, check_audio, hint)
 
