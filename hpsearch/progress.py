@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Iterator, TextIO
@@ -141,7 +142,8 @@ def results_written_by(write: Callable[[], None]) -> Iterator[None]:
 
 
 class ResultsWriter(Callback):
-    """Rewrites ``trials.csv``, the best backbone and ``summary.json`` after each finished trial, before
+    """Copies each finished trial's folder (its ``result.json``: every epoch's report) from Ray's staging
+    folder to the search's, and rewrites ``trials.csv``, the best backbone and ``summary.json``, before
     its progress line is printed (list it before :class:`ProgressPrinter`): a search that ends without
     its summary (killed, out of memory, or ended by its own Ray after a signal to every process of a
     job) leaves them as of its last finished trial, and a running search can be looked at.
@@ -152,13 +154,13 @@ class ResultsWriter(Callback):
     """
 
     def __init__(self) -> None:
-        self._failed_before = False
+        self._failed_before = self._failed_copy_before = False
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._failed_before = False
+        self._failed_before = self._failed_copy_before = False
 
     def _write(self, trial) -> None:
         if _write_results is None or (trial.last_result or {}).get("replayed"):
@@ -174,8 +176,38 @@ class ResultsWriter(Callback):
         else:
             self._failed_before = False
 
+    def _keep_folder(self, trial) -> None:
+        # Ray Tune writes a trial's result.json (its epoch reports) to a staging folder under Ray's
+        # session folder and copies that folder to the search's folder every few minutes and at the end:
+        # a search killed before then (kill -9, out of memory, a crashed machine) lost finished trials'
+        # folders. Copied as each trial ends, the epoch reports of every finished trial are kept. A trial
+        # a resume replays (it finished before the kill) has a staging folder with its final line alone,
+        # which Ray's copy at the end would put over the one kept: the kept folder is copied back first.
+        staging, kept = getattr(trial, "local_path", None), getattr(trial, "path", None)
+        if not staging or not kept or staging == kept:
+            return
+        try:
+            import pyarrow.fs
+
+            filesystem = trial.storage.storage_filesystem
+            if (trial.last_result or {}).get("replayed"):
+                for name in ("result.json", "progress.csv"):  # the epoch reports (its checkpoint is kept there)
+                    if filesystem.get_file_info(f"{kept}/{name}").type == pyarrow.fs.FileType.File:
+                        pyarrow.fs.copy_files(f"{kept}/{name}", os.path.join(staging, name),
+                                              source_filesystem=filesystem)
+            elif os.path.isdir(staging):
+                pyarrow.fs.copy_files(staging, kept, destination_filesystem=filesystem)
+        except Exception as error:  # noqa: BLE001 - Ray copies it at the end anyway
+            if not self._failed_copy_before:
+                print(f"note: trial {trial} folder could not be copied to the search's folder "
+                      f"({type(error).__name__}: {error}); Ray copies it at the end of the search", file=sys.stderr,
+                      flush=True)
+            self._failed_copy_before = True
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._keep_folder(trial)
         self._write(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._keep_folder(trial)
         self._write(trial)

@@ -195,6 +195,10 @@ class SearchSettings:
             problems.append(f"--cpus-per-trial must be a positive number, got {self.cpus_per_trial}")
         if not (0 <= self.gpus_per_trial < math.inf):
             problems.append(f"--gpus-per-trial must be a number >= 0, got {self.gpus_per_trial}")
+        from musicssl.models import PRESETS
+
+        if self.preset not in PRESETS:
+            problems.append(f"unknown --preset {self.preset!r}; available: {', '.join(sorted(PRESETS))}")
         if self.asha_reduction_factor <= 1:
             problems.append(f"the ASHA reduction factor must be > 1, got {self.asha_reduction_factor}")
         if self.name and name_problem(self.name):

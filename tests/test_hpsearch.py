@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.sensitivity import read_trajectories
 from hpsearch.run import build_parser, run_search
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import SearchSettings, SettingsError
@@ -887,6 +888,18 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert (csv["state"] != "RUNNING").sum() == written["trials_finished"]
     assert written["best_trial"] in before and (folder / "best_backbone.pt").is_file()
     assert json.loads((folder / "best_config.json").read_text())["trial"] == written["best_trial"]
+    # The folder of each trial with a progress line (its folder is kept before the line is printed),
+    # with one result.json line per epoch the trial completed, is in the search's folder. Before, Ray
+    # copied the folders there every few minutes: the kill lost them, and a resume replayed the trials
+    # with their final line alone.
+    def epoch_lines() -> dict[int, int]:
+        return {number: len(frame) for number, frame in read_trajectories(folder).items()}
+
+    printed = [int(re.match(r"\[\s*\d+/6\] #(\d+)", line).group(1)) for line in lines if re.match(r"\[\s*\d+/6\]", line)]
+    completed = dict(zip(csv["trial"], csv["epochs_completed"]))
+    assert len(printed) >= 2 and set(printed) <= set(before), lines
+    assert {n: epoch_lines().get(n, 0) for n in printed} == {n: int(completed[n]) for n in printed}
+    assert all(completed[n] >= 1 for n in printed)
 
     # Re-running the same command (same --name) continues the search.
     resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
@@ -901,6 +914,9 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     csv = pd.read_csv(tmp_path / "resumable" / "trials.csv")
     assert list(csv["trial"]) == list(range(6))
     assert "6/6 trials finished" in resumed.stdout
+    # and after the resume, every trial's (the ones run before the kill kept theirs).
+    assert epoch_lines() == {n: int(c) for n, c in zip(csv["trial"], csv["epochs_completed"])}
+    assert "Failed to fetch metrics" not in resumed.stderr
 
 
 # The job-wide cases (45 s with the resume): slow tests, run when this code changes.
@@ -1253,6 +1269,8 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--name", " ", "--resume"], "--name must not be empty or blank, got ' '"),
         # Before: Optuna's traceback after Ray had started, and a search.json no --resume could read.
         (["vicreg", "--seed", "-1"], "--seed must be a whole number from 0 to 2**32 - 1"),
+        # Before: a KeyError traceback (the memory note read the preset before it was checked).
+        (["vicreg", "--preset", "gpu"], "unknown --preset 'gpu'; available: cpu, paper"),
         # This machine has no GPU: Ray would wait for one forever.
         pytest.param(["vicreg", "--gpus-per-trial", "1"], "CUDA device(s)",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
