@@ -86,6 +86,8 @@ MIN_TRIALS_FOR_IMPORTANCE = 5
 # PED-ANOVA's authors advise at least this many trials above its quantile.
 PED_ANOVA_MIN_TOP_TRIALS = 5
 BOOTSTRAP_RESAMPLES = 2000
+# Up to this many points, Spearman's p-value is exact (all n! orderings); above, scipy's approximation.
+EXACT_P_MAX_N = 8
 # What bootstrap_best_interval's two numbers are, for the report and its JSON.
 BEST_RANGE_TEXT = (f"range of the best score of a search this size, 95 % bootstrap ({BOOTSTRAP_RESAMPLES} resamples "
                    "of the finished trials with replacement; its upper end is the observed best)")
@@ -460,12 +462,29 @@ def spearman_with_interval(x: Sequence[float], y: Sequence[float], z: float = 1.
         return Correlation(n, math.nan, math.nan, math.nan, math.nan)
     result = spearmanr(x, y)
     rho, p_value = float(result.statistic), float(result.pvalue)
+    if n <= EXACT_P_MAX_N:  # scipy's t approximation is far off for a few points (p 0 for rho 1 at n = 3)
+        p_value = _exact_spearman_p(x, y, rho)
     if n < 4:
         return Correlation(n, rho, math.nan, math.nan, p_value)
     clipped = min(max(rho, -0.999999), 0.999999)
     standard_error = math.sqrt((1 + clipped * clipped / 2) / (n - 3))
     centre = math.atanh(clipped)
     return Correlation(n, rho, math.tanh(centre - z * standard_error), math.tanh(centre + z * standard_error), p_value)
+
+
+def _exact_spearman_p(x: np.ndarray, y: np.ndarray, rho: float) -> float:
+    """Two-sided permutation p-value of Spearman's rho: the share of the n! orderings of ``y``'s ranks
+    against ``x``'s whose |rho| reaches the observed one."""
+    import itertools
+
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x), rankdata(y)
+    rx = (rx - rx.mean()) / np.sqrt(((rx - rx.mean()) ** 2).sum())
+    ry = (ry - ry.mean()) / np.sqrt(((ry - ry.mean()) ** 2).sum())
+    orders = np.array(list(itertools.permutations(range(len(ry)))))
+    permuted = np.abs(ry[orders] @ rx)
+    return float((permuted >= abs(rho) - 1e-12).mean())
 
 
 def bootstrap_best_interval(
@@ -827,9 +846,13 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
     scores = finished["objective"].where(finished["outcome"] == "complete")
     best_low, best_high = bootstrap_best_interval(scores.to_numpy())
     complete_scores = complete["objective"].to_numpy(dtype=float)
+    unscored = int((~np.isfinite(scores.to_numpy(dtype=float))).sum())
     sensitivity: dict[str, Any] = {
         "best": best["value"] if best else None, "best_low": _json_float(best_low), "best_high": _json_float(best_high),
         "best_interval": BEST_RANGE_TEXT,
+        # The share of such resamples in which no trial has a score (the range is of the others): a search
+        # this size ends without a score that often, (unscored / finished) ** finished.
+        "best_none_share": _json_float((unscored / len(scores)) ** len(scores)) if len(scores) else None,
         "complete_trials": int(len(complete_scores)),
     }
     if len(complete_scores):
@@ -868,7 +891,19 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
         notes.append(f"enqueued points lie outside the search space: {ranges}; importances use a range widened to the "
                      "trials they are computed on")
     if not experiment.trajectories:
-        notes.append("no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
+        has_results = experiment.folder is not None and any(Path(experiment.folder).glob("*/result.json"))
+        notes.append("no trial folder's result.json holds a completed epoch: the collapse dynamics are missing"
+                     if has_results else
+                     "no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
+    else:
+        epochs_done = pd.to_numeric(frame.get("epochs_completed", pd.Series(dtype=float)), errors="coerce")
+        unseen = sorted(int(n) for n, done in zip(frame["trial"], epochs_done)
+                        if done >= 1 and int(n) not in experiment.trajectories)
+        if unseen:
+            shown = ", ".join(f"#{n}" for n in unseen[:10]) + (" ..." if len(unseen) > 10 else "")
+            notes.append(f"{len(unseen)} trial(s) that completed epochs have no epoch reports in their folder ({shown}): "
+                         "the collapse dynamics leave them out (a search killed before Ray copied their folders, "
+                         "with code from before 2026-12-03)")
     if not experiment.collapse_stop:
         notes.append(f"collapse stopping was off in this search (--no-collapse-stop): the "
                      f"{int(finished['would_stop'].sum())} trial(s) the collapse rule would have stopped ran to the "

@@ -284,8 +284,11 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
                                                            for k, v in best["derived_params"].items())))
         sensitivity = analysis.sensitivity
         if sensitivity.get("best_low") is not None:
+            none_share = sensitivity.get("best_none_share") or 0.0
+            unscored = (f"; in {100 * none_share:.0f} % of the resamples no trial has a score, and the range is of "
+                        "the others" if none_share >= 0.025 else "")
             rows.append(("best score, range", f"{sensitivity['best_low']:.4f}-{sensitivity['best_high']:.4f} "
-                                              f"({sensitivity['best_interval']})"))
+                                              f"({sensitivity['best_interval']}{unscored})"))
     else:
         rows.append(("best trial", "no trial completed: there is no score to report"))
     untrained = experiment.untrained_value
@@ -305,8 +308,10 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
     if compute["trial_seconds"]:
         spent += f", {compute['trial_seconds'] / 60:.1f} trial-minutes"
     rows.append(("compute spent", spent))
-    saved_text = (f"{compute['epochs_saved_total']:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %): "
-                  f"{_saved_split(compute)}")
+    would_run = compute["trial_epochs_run"] + compute["epochs_saved_total"]
+    saved_text = (f"{compute['epochs_saved_total']:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} % of the "
+                  f"{would_run:.1f} the trials would have run without early stopping; a failed trial's unrun epochs "
+                  f"are not counted): {_saved_split(compute)}")
     if compute["seconds_saved_estimate"]:
         saved_text += f"; about {compute['seconds_saved_estimate'] / 60:.1f} trial-minutes at the complete trials' median pace"
     rows.append(("not run: trials ended early", saved_text))

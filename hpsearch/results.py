@@ -143,6 +143,7 @@ class SearchSummary:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["saved_fraction"] = self.saved_fraction
+        values["trial_epochs_without_stopping"] = self.trial_epochs_without_stopping  # the fraction's base
         return values
 
 

@@ -843,6 +843,17 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                               "into another folder: pick another --name or --storage-dir")
         if resume and not existing:
             raise SearchError(f"{folder}: no search to resume here (no {SEARCH_FILE}); start one without --resume")
+        if existing:
+            # The search's time counts its earlier runs too (as of their last write).
+            started -= _seconds_so_far(folder)
+            finished = _finished_trials(journal)
+            if finished >= settings.trials:  # nothing to run: no Ray, no data, the stored summary
+                print(f"{settings.name}: all {settings.trials} trials are finished; nothing to run", file=stream,
+                      flush=True)
+                frame, summary = _summarize(settings, folder, journal, started)
+                for line in _end_lines(settings, folder, summary):
+                    print(line, file=stream, flush=True)
+                return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=False)
         if address is None:
             check_local_gpus(settings)
             note = probe_memory_note(settings)
@@ -1010,6 +1021,28 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         print(line, file=stream, flush=True)
     interrupted = summary.trials_finished < settings.trials
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
+
+
+def _seconds_so_far(folder: Path) -> float:
+    """The time earlier runs of a search spent (its ``summary.json``, written after each finished trial)."""
+    from hpsearch.results import SUMMARY_FILE
+
+    try:
+        seconds = json.loads((folder / SUMMARY_FILE).read_text()).get("seconds")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def _finished_trials(journal: Path) -> int:
+    """How many trials of the search's study are finished (0 without a readable journal)."""
+    from hpsearch.results import STUDY_NAME, load_study
+
+    try:
+        study = load_study(journal, STUDY_NAME)
+    except Exception:  # noqa: BLE001 - no study yet, or one the search itself will report on
+        return 0
+    return sum(trial.state.is_finished() for trial in study.get_trials(deepcopy=False))
 
 
 def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: float):

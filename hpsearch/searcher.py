@@ -285,6 +285,9 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             attrs["epochs_completed"] = int(source.get("epoch", 0) or 0)
             attrs["epochs_run"] = float(attrs["epochs_completed"])
             attrs["steps"] = int(source.get("step", 0) or 0)
+            rankme = json_safe(source.get("collapse_rankme_embedding"))  # as a final report gives it
+            if rankme is not None:
+                attrs["rankme"] = rankme
         outcome = (final or {}).get("outcome")
         value = (final or {}).get(self._metric)
         if error or outcome == "failed":

@@ -112,6 +112,7 @@ class _EpochReporter:
         self.best_objective = math.nan
         self.best_epoch: int | None = None
         self.last: dict[str, Any] = {}
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def __call__(self, module, record: dict) -> None:
         settings = self.settings
@@ -133,6 +134,10 @@ class _EpochReporter:
         if self.monitor.fired:
             # Also in the epoch reports: a trial a scheduler stops later sends no final report.
             metrics.update(_rule_record(self.monitor, settings.collapse_stop))
+        # The trial's time so far: a trial a scheduler stops sends no final report, and trials.csv then
+        # gives its last epoch's.
+        metrics["seconds"] = time.perf_counter() - self.started
+        metrics["cpu_seconds"] = time.process_time() - self.cpu_started
         self.last = metrics
         if stop:
             module.trainer.should_stop = True
@@ -201,6 +206,7 @@ def run_trial(
         record = _final_record(settings, monitor, reporter)
         record.update(outcome="failed", objective=math.nan, error=f"{type(error).__name__}: {error}")
         record["seconds"] = time.perf_counter() - started
+        record["cpu_seconds"] = time.process_time() - cpu_started
         tune.report(record)
         raise
     record["seconds"] = time.perf_counter() - started

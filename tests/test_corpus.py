@@ -435,6 +435,22 @@ def test_config_rejects_bad_values_with_the_fix_in_the_message():
         CorpusConfig(seconds=7.9)
 
 
+def test_a_folder_that_cannot_be_written_fails_before_the_note_bank_is_rendered(tmp_path):
+    """Before: the note bank was rendered first (10 s on a fresh machine), then the build failed with
+    a raw error naming a temporary folder (`[Errno 2] No such file or directory: '/proc/.xx.partial-...'`)."""
+    from musicssl.corpus.build import build_corpus
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    started = time.perf_counter()
+    with pytest.raises(CorpusError, match=r"a-file/corpus: cannot create the corpus there \(.*\); give a folder you "
+                                          r"can write"):
+        build_corpus(blocker / "corpus", CorpusConfig(tracks=10, seconds=8.0), workers=1,
+                     bank_cache_dir=tmp_path / "bank", progress=False)
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "bank").exists()
+
+
 def test_the_shortest_corpus_gives_every_track_its_training_views(cli_corpus, tmp_path):
     """MIN_SECONDS is what the view sampler needs, no less: a corpus that builds can be trained on."""
     from musicssl.data.cache import LogMelConfig, MelCache

@@ -538,6 +538,26 @@ def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, 
     result = run_search(settings, resume=True, data=tonal_data)
     assert not result.interrupted and len(result.trials) == 2
 
+    # Run again, the search is finished: its summary at once, no Ray, nothing written but the summary's
+    # files; its time stays the search's (before: Ray started, the untrained reference was measured
+    # again, and the time became this run's).
+    import ray
+
+    folder = tmp_path / "early"
+    seconds = json.loads((folder / "summary.json").read_text())["seconds"]
+    saved_states = sorted(path.name for path in folder.glob("experiment_state-*"))
+    capsys.readouterr()
+    began = time.perf_counter()
+    again = run_search(settings, resume=True, data=tonal_data)
+    took = time.perf_counter() - began
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "early: all 2 trials are finished; nothing to run", printed
+    assert "vicreg: 2/2 trials finished" in printed and "interrupted" not in printed
+    assert took < 10 and not ray.is_initialized()
+    assert not again.interrupted and again.trials.equals(result.trials)
+    assert sorted(path.name for path in folder.glob("experiment_state-*")) == saved_states
+    assert seconds <= json.loads((folder / "summary.json").read_text())["seconds"] <= seconds + took
+
 
 @pytest.mark.slow
 def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_guard):
@@ -562,6 +582,11 @@ def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_gu
     assert "stopped" in set(csv["outcome"])
     assert (csv["epochs_completed"] < 4).any() and (csv["epochs_completed"] == 4).any()
     assert set(csv.loc[csv["epochs_completed"] == 4, "outcome"]) <= {"complete", "diverged"}
+    # A trial ASHA stopped sends no final report: its time and RankMe are its last epoch report's (before:
+    # blank, and the report's compute left its time out).
+    stopped = csv[csv["outcome"] == "stopped"]
+    assert (stopped["seconds"] > 0).all() and (stopped["cpu_seconds"] > 0).all(), stopped
+    assert (stopped["rankme"] == stopped["last_collapse_rankme_embedding"]).all(), stopped
 
 
 def _epoch_reports(settings: SearchSettings, records: list[dict]) -> list[dict]:
@@ -1884,7 +1909,11 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     assert summarize(frame, "vicreg", "probe_map", trials=64, max_epochs=6).saved_fraction == pytest.approx(8.5 / 30)
     failed = pd.concat([frame, pd.DataFrame({"trial": [5], "state": ["FAIL"], "outcome": ["failed"],
                                              "objective": [math.nan], "epochs_run": [2.0]})])
-    assert summarize(failed, "vicreg", "probe_map", trials=6, max_epochs=6).saved_fraction == pytest.approx(8.5 / 32)
+    with_failed = summarize(failed, "vicreg", "probe_map", trials=6, max_epochs=6)
+    assert with_failed.saved_fraction == pytest.approx(8.5 / 32)
+    # summary.json gives the fraction's base beside what was asked for (36): 23.5 run + 8.5 saved.
+    written = with_failed.to_dict()
+    assert (written["trial_epochs_requested"], written["trial_epochs_without_stopping"]) == (36, 32.0)
     # Two complete trials ended dimensionally collapsed: reported, not stopped.
     assert summary.flagged == {"dimensional": 2}
     assert "flagged, not stopped: 2 dimensional" in format_summary(summary)

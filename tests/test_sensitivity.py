@@ -161,6 +161,9 @@ def test_summary_numbers_match_the_journal(report, experiment_folder):
     # The fraction is of what the trials would have run unstopped; this search has a failed trial,
     # whose unrun epochs are not savings.
     assert compute["saved_fraction"] == pytest.approx(saved / (trials["epochs_run"].sum() + saved))
+    # and the page says of what (before: "of 8 for the trials started" beside a percentage of 6).
+    assert (f"({100 * compute['saved_fraction']:.0f} % of the {trials['epochs_run'].sum() + saved:.1f} the trials "
+            "would have run without early stopping; a failed trial&#x27;s unrun epochs are not counted)") in report["page"]
     finished = trials["outcome"].isin(["complete", "collapsed", "diverged"])
     collapsed = trials["outcome"].isin(["collapsed", "diverged"]).sum()
     assert experiment["collapse_rate"]["rate"] == pytest.approx(collapsed / finished.sum())
@@ -383,6 +386,7 @@ def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True,
             record.update(epochs_run=1.0)
         elif outcome == "flagged":
             record.update(outcome="complete", verdict="dimensional")
+        record["epochs_completed"] = int(record["epochs_run"])  # epochs whose report was sent
         attrs = user_attrs_from_record(record)  # the searcher's filter: the attributes a search stores
         complete = attrs["outcome"] == "complete"
         study.add_trial(optuna.trial.create_trial(
@@ -487,6 +491,51 @@ def test_best_interval_resamples_trials_and_counts_unscored_ones():
     exact_low = next(j for j, p in enumerate(cdf, start=1) if p >= 0.025)
     assert exact_low == 5
     assert bootstrap_best_interval([*range(1, k + 1), *[np.nan] * m]) == (exact_low, k)
+
+
+def test_spearman_p_value_is_exact_for_a_few_trials():
+    """Before: scipy's t approximation, p = 0 for rho = 1 at n = 3. Exact two-sided values: of the n!
+    orderings, the identity and the reversal reach |rho| = 1, so p = 2 / n!."""
+    assert spearman_with_interval([1, 2, 3], [0.1, 0.2, 0.3]).p_value == pytest.approx(2 / 6)
+    assert spearman_with_interval([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]).p_value == pytest.approx(2 / 120)
+    # n = 4, y = (1, 3, 2, 4): the orderings counted from the definition rho = 1 - 6 sum d^2 / (n (n^2 - 1)).
+    import itertools
+
+    x, y = [1, 2, 3, 4], [1, 3, 2, 4]
+    rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(x, y)) / (4 * 15)
+    count = sum(abs(1 - 6 * sum((a - b) ** 2 for a, b in zip(x, order)) / 60) >= abs(rho) - 1e-12
+                for order in itertools.permutations(y))
+    assert spearman_with_interval(x, y).p_value == pytest.approx(count / 24)
+    # Above 8 points, scipy's value.
+    x9, y9 = list(range(9)), [0, 2, 1, 3, 5, 4, 6, 8, 7]
+    assert spearman_with_interval(x9, y9).p_value == pytest.approx(spearmanr(x9, y9).pvalue)
+
+
+def test_trials_without_epoch_reports_are_named_and_the_best_range_says_how_often_nothing_scores(tmp_path):
+    """Before: the collapse dynamics left out trials whose folder had no epoch reports (a search killed
+    before Ray copied them) without a word, and the best score's range left out the resamples in which
+    no trial scores (a quarter of them here) without saying so."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page
+
+    rows = [(0.5, 0.5, "complete"), (0.7, 0.5, "collapsed"), (0.8, 0.5, "collapsed"), (0.9, 0.5, "diverged")]
+    trajectories = {number: pd.DataFrame({"epoch": [1, 2], "collapse_rankme_embedding": [2.0, 1.5]})
+                    for number in (0, 3)}
+    analysis = analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path, trajectories))
+    # #1 and #2 ran an epoch (stopped at epoch 1); #3 diverged within its first (no epoch report expected).
+    assert [note for note in analysis.notes if "no epoch reports" in note] == [
+        "2 trial(s) that completed epochs have no epoch reports in their folder (#1, #2): the collapse dynamics "
+        "leave them out (a search killed before Ray copied their folders, with code from before 2026-12-03)"]
+    # 1 scored trial of 4: a resample of 4 with replacement draws none of it with probability (3/4)^4.
+    assert analysis.sensitivity["best_none_share"] == pytest.approx(0.75**4)
+    page, _ = build_page([analysis])
+    assert f"in {100 * 0.75**4:.0f} % of the resamples no trial has a score" in page
+
+    # A folder with result.json files but no completed epoch says so (before: "no ... folders were found").
+    (tmp_path / "trial-0000").mkdir()
+    (tmp_path / "trial-0000" / "result.json").write_text('{"final": true}\n')
+    empty = analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path, {}))
+    assert "no trial folder's result.json holds a completed epoch: the collapse dynamics are missing" in empty.notes
 
 
 def test_enqueued_points_outside_the_space_are_noted_and_widened_for_importances():

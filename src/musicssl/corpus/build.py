@@ -244,7 +244,12 @@ def build_corpus(
     if not isinstance(workers, int) or workers < 1:
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
     _check_out_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:  # before the note bank: a folder that cannot be written fails at once
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as error:
+        raise CorpusError(f"{out_dir}: cannot create the corpus there ({error.strerror or error}); give a folder "
+                          "you can write") from None
 
     bank = ensure_note_bank(Path(bank_cache_dir) if bank_cache_dir is not None else cache_dir(), workers=workers, progress=progress)
     bank_seconds = time.perf_counter() - started
