@@ -30,9 +30,9 @@ Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *)
   (the whole track, as in the study's test loop).
 * Classifiers*. ``linear`` (one linear layer with bias) and ``mlp`` (one hidden ReLU layer of 512
   units, dropout 0.25), both trained in torch with sigmoid + binary cross-entropy, Adam (lr 1e-3),
-  mini-batches of 256, on inputs standardised by the training segments' mean and std (no feature's
-  scale below a hundredth* of the median one). They train on SEGMENTS (each labelled with its track's
-  tags) and are scored on TRACKS (mean embedding): the study's setting. The metrics rank the probes'
+  mini-batches of 256, on inputs standardised by the training segments' mean and std. They train on
+  SEGMENTS (each labelled with its track's tags) and are scored on TRACKS (mean embedding): the
+  study's setting. The metrics rank the probes'
   logits*, which order the tracks as the probabilities do but never tie in a saturated sigmoid.
   Early stopping: every ``max(1 epoch, 25 steps)`` the valid tracks (mean
   embeddings, as test) are scored by macro mAP; training stops after 10 checks without improvement
@@ -122,9 +122,7 @@ BASELINES = ("random", "random-bn", "melstats")
 CLASSIFIERS = ("linear", "mlp")
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
 CACHE_FORMAT = 1
-PROBE_FORMAT = 2  # raise when the probes' training changes, so cached probe results are not reused
-# No feature's standardisation scale is below this share of the median feature's (see fit_classifier).
-SCALE_FLOOR = 0.01
+PROBE_FORMAT = 2  # raise when the probes' training or scoring changes, so cached probe results are not reused
 # Weight files looked for in a folder, in this order: a search's best trial, then a single run.
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
@@ -868,11 +866,8 @@ def fit_classifier(
     """Train a ``linear`` or ``mlp`` probe with sigmoid + BCE and early stopping on the valid set.
 
     ``train_x`` rows are examples (segments), ``valid_x`` rows are what the probe is selected on
-    (track means). Inputs are standardised by the training rows' mean and std, no feature's scale
-    below ``SCALE_FLOOR`` (a hundredth) of the median scale of the features that vary (1 when none
-    does): a feature that barely varies in the training rows (every feature does when they are the
-    few segments of one track) cannot blow the valid and test inputs up to thousands of standard
-    deviations. Every ``max(one epoch, check_every_steps)`` optimiser steps the valid macro mAP
+    (track means). Inputs are standardised by the training rows' mean and std (a constant feature
+    keeps scale 1). Every ``max(one epoch, check_every_steps)`` optimiser steps the valid macro mAP
     over the tags with both classes in ``valid_y`` is computed on the logits (valid BCE when there is
     no such tag); the best check's weights are kept. Deterministic for a given ``seed`` on a given device.
     """
@@ -908,8 +903,7 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
     y = torch.from_numpy(train_y).to(device)
     mean = x.mean(dim=0)
     scale = x.std(dim=0, unbiased=False)
-    varying = scale[scale > 0]
-    scale = torch.clamp(scale, min=float(SCALE_FLOOR * varying.median()) if len(varying) else 1.0)
+    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
     x = (x - mean) / scale
     valid = (torch.from_numpy(valid_x).to(device) - mean) / scale
     valid_targets = torch.from_numpy(valid_y).to(device)

@@ -176,38 +176,47 @@ class ResultsWriter(Callback):
         else:
             self._failed_before = False
 
-    def _keep_folder(self, trial) -> None:
+    def _copy(self, trial, to_search: bool) -> None:
         # Ray Tune writes a trial's result.json (its epoch reports) to a staging folder under Ray's
-        # session folder and copies that folder to the search's folder every few minutes and at the end:
-        # a search killed before then (kill -9, out of memory, a crashed machine) lost finished trials'
-        # folders. Copied as each trial ends, the epoch reports of every finished trial are kept. A trial
-        # a resume replays (it finished before the kill) has a staging folder with its final line alone,
-        # which Ray's copy at the end would put over the one kept: the kept folder is copied back first.
+        # session folder and copies that whole folder to the search's folder when it saves the
+        # experiment's state (every 10 s or more) and at the end: a search killed before then (kill -9,
+        # out of memory, a crashed machine) lost finished trials' epoch reports. So each trial's folder is
+        # copied to the search's as the trial ends (``to_search``). And as a trial starts, the result.json
+        # the search's folder already holds for it (a trial the resume replays, or one run again after an
+        # interruption) is copied into its new staging folder, where Ray's logger appends to it: otherwise
+        # Ray's next copy would put the new, nearly empty one over it. (progress.csv is left to Ray: its
+        # rows would not line up with another run's columns.)
         staging, kept = getattr(trial, "local_path", None), getattr(trial, "path", None)
-        if not staging or not kept or staging == kept:
+        if not staging or not kept or os.path.realpath(staging) == os.path.realpath(kept):
             return
         try:
             import pyarrow.fs
 
             filesystem = trial.storage.storage_filesystem
-            if (trial.last_result or {}).get("replayed"):
-                for name in ("result.json", "progress.csv"):  # the epoch reports (its checkpoint is kept there)
-                    if filesystem.get_file_info(f"{kept}/{name}").type == pyarrow.fs.FileType.File:
-                        pyarrow.fs.copy_files(f"{kept}/{name}", os.path.join(staging, name),
-                                              source_filesystem=filesystem)
-            elif os.path.isdir(staging):
-                pyarrow.fs.copy_files(staging, kept, destination_filesystem=filesystem)
-        except Exception as error:  # noqa: BLE001 - Ray copies it at the end anyway
+            if to_search:
+                if os.path.isdir(staging):
+                    filesystem.create_dir(kept, recursive=True)
+                    pyarrow.fs.copy_files(staging, kept, destination_filesystem=filesystem)
+            else:
+                result = os.path.join(staging, "result.json")
+                if ((not os.path.exists(result) or os.path.getsize(result) == 0) and
+                        filesystem.get_file_info(f"{kept}/result.json").type == pyarrow.fs.FileType.File):
+                    os.makedirs(staging, exist_ok=True)
+                    pyarrow.fs.copy_files(f"{kept}/result.json", result, source_filesystem=filesystem)
+        except Exception as error:  # noqa: BLE001 - Ray copies the folder itself at the end
             if not self._failed_copy_before:
-                print(f"note: trial {trial} folder could not be copied to the search's folder "
-                      f"({type(error).__name__}: {error}); Ray copies it at the end of the search", file=sys.stderr,
-                      flush=True)
+                print(f"note: trial {trial}'s folder could not be copied {'to' if to_search else 'from'} the "
+                      f"search's folder ({type(error).__name__}: {error}); Ray copies it at the end of the search",
+                      file=sys.stderr, flush=True)
             self._failed_copy_before = True
 
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._copy(trial, to_search=False)
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._keep_folder(trial)
+        self._copy(trial, to_search=True)
         self._write(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._keep_folder(trial)
+        self._copy(trial, to_search=True)
         self._write(trial)

@@ -847,7 +847,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             # The search's time counts its earlier runs too (as of their last write).
             started -= _seconds_so_far(folder)
             finished = _finished_trials(journal)
-            if finished >= settings.trials:  # nothing to run: no Ray, no data, the stored summary
+            # Nothing to run: no Ray, no data, the stored summary (unless it lacks the untrained reference,
+            # which a stop while it was measured leaves out: this run measures it).
+            if finished >= settings.trials and not (settings.objective.startswith("probe_")
+                                                    and _untrained_missing(folder)):
                 print(f"{settings.name}: all {settings.trials} trials are finished; nothing to run", file=stream,
                       flush=True)
                 frame, summary = _summarize(settings, folder, journal, started)
@@ -1032,6 +1035,17 @@ def _seconds_so_far(folder: Path) -> float:
     except (OSError, ValueError, AttributeError):
         return 0.0
     return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def _untrained_missing(folder: Path) -> bool:
+    """Whether the search's ``summary.json`` lacks the untrained backbone's reference score."""
+    from hpsearch.results import SUMMARY_FILE
+
+    try:
+        value = json.loads((folder / SUMMARY_FILE).read_text()).get("untrained_value")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not isinstance(value, (int, float)) or isinstance(value, bool)
 
 
 def _finished_trials(journal: Path) -> int:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.special
 import soundfile
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -205,8 +204,7 @@ def test_a_probe_fitted_on_one_track_ranks_the_test_tracks_without_ties():
     """Before: fitted on one track's two segments (per-feature std ~1e-5, the tracks ~0.05 apart), the
     standardised test inputs reached |z| ~ 1e4 and the logits hundreds, and the float32 sigmoid gave
     exactly 0 or 1: every test track tied, and every 1 % and 5 % fit read ROC-AUC exactly 0.5. The
-    scores are now the probe's logits (ranked as its probabilities would be, but never saturated) and
-    no feature's scale is below a hundredth of the typical one."""
+    scores are now the probe's logits, which rank the tracks as its probabilities would, never tied."""
     from analysis.downstream import _fit_and_predict
 
     rng = np.random.default_rng(0)
@@ -217,21 +215,18 @@ def test_a_probe_fitted_on_one_track_ranks_the_test_tracks_without_ties():
     valid_x = centre + 0.05 * rng.standard_normal((6, 64)).astype(np.float32)
     valid_y = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=np.float32)
     test_x = centre + 0.05 * rng.standard_normal((40, 64)).astype(np.float32)
-    test_y = (test_x[:, 1:4] > centre[1:4]).astype(int)
     config = ClassifierConfig(check_every_steps=5, patience=3)
     for kind in ("linear", "mlp"):
         scores, fitted = _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, config, 0, "cpu")
         assert [len(np.unique(scores[:, tag])) for tag in range(3)] == [40, 40, 40], kind
-        for tag in range(3):
-            assert roc_auc_score(test_y[:, tag], scores[:, tag]) != 0.5
-        # The scores rank the test tracks as the probabilities do wherever those are not saturated.
+        # The float32 sigmoid of the same scores, what was ranked before, ties the test tracks.
+        probabilities = torch.sigmoid(torch.from_numpy(scores).float()).numpy()
+        assert min(len(np.unique(probabilities[:, tag])) for tag in range(3)) < 10, kind
+        # The same fit's logits (a plain refit: seeded), and its probabilities.
         model = fit_classifier(kind, train_x, train_y, valid_x, valid_y, config, seed=0)
         np.testing.assert_array_equal(model.logits(test_x), scores)
-        probabilities = model.predict(test_x)
-        assert ((probabilities >= 0) & (probabilities <= 1)).all()
-        np.testing.assert_allclose(probabilities, scipy.special.expit(scores), rtol=1e-12)
-        scale = model.scale.numpy()
-        assert scale.min() >= 0.01 * np.median(scale) * (1 - 1e-6)
+        predicted = model.predict(test_x)
+        assert ((predicted >= 0) & (predicted <= 1)).all()
 
 
 # --------------------------------------------------------------------------------------------------

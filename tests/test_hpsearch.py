@@ -516,6 +516,14 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     summary = json.loads((tmp_path / "late-stop" / "summary.json").read_text())
     assert summary["untrained_value"] is None and summary["trials_finished"] == 1
     assert (tmp_path / "late-stop" / "best_backbone.pt").is_file()
+    # Run again, with every trial finished: the reference left out is measured (a finished search whose
+    # summary has it only prints it, see test_a_stop_before_ray_tune_runs_says_how_to_continue).
+    monkeypatch.setattr(hpsearch.run, "untrained_probe", lambda *args, **kwargs: (0.25, 0.5))
+    run_search(settings, resume=True, data=tonal_data)
+    printed = capsys.readouterr().out
+    assert "nothing to run" not in printed and "reference: an untrained backbone scores probe_map 0.2500" in printed
+    summary = json.loads((tmp_path / "late-stop" / "summary.json").read_text())
+    assert (summary["untrained_value"], summary["trials_finished"]) == (0.25, 1)
 
 
 def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
@@ -1816,6 +1824,52 @@ def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_
     with results_written_by(full):
         restored.on_trial_complete(0, [], finished)
     assert capsys.readouterr().err.count("could not be updated") == 1
+
+
+def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_rerun_appends_to_it(tmp_path):
+    """Ray's staging folder is copied over the search's when Ray saves its state (every 10 s or more):
+    a trial that a resume replays (or runs again) started with an empty result.json there, and a copy
+    during its run put that over the epoch reports kept. Its kept result.json is now its staging
+    one's start, and each trial's folder reaches the search's folder as the trial ends."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from hpsearch.progress import ResultsWriter
+
+    def trial(name: str) -> SimpleNamespace:
+        return SimpleNamespace(local_path=str(tmp_path / "staging" / name), path=str(tmp_path / "search" / name),
+                               storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem()),
+                               last_result={"final": True})
+
+    epochs = '{"epoch": 1}\n{"epoch": 2}\n{"final": true}\n'
+    kept = tmp_path / "search" / "trial-0000"
+    kept.mkdir(parents=True)
+    (kept / "result.json").write_text(epochs)
+    writer = ResultsWriter()
+    replayed = trial("trial-0000")
+    writer.on_trial_start(0, [], replayed)
+    staging = Path(replayed.local_path) / "result.json"
+    assert staging.read_text() == epochs  # where Ray's logger appends: a copy of staging keeps the epochs
+    with staging.open("a") as log:
+        log.write('{"final": true, "replayed": true}\n')
+    writer.on_trial_complete(0, [], replayed)
+    assert (kept / "result.json").read_text() == epochs + '{"final": true, "replayed": true}\n'
+
+    # A new trial: nothing to copy in; its folder reaches the search's as it ends (also when it failed),
+    # and a staging result.json Ray has begun is never replaced.
+    new = trial("trial-0001")
+    writer.on_trial_start(0, [], new)
+    assert not Path(new.local_path).exists()
+    Path(new.local_path).mkdir(parents=True)
+    (Path(new.local_path) / "result.json").write_text('{"epoch": 1}\n')
+    (Path(new.local_path) / "params.json").write_text("{}")
+    writer.on_trial_error(0, [], new)
+    assert (tmp_path / "search" / "trial-0001" / "result.json").read_text() == '{"epoch": 1}\n'
+    assert (tmp_path / "search" / "trial-0001" / "params.json").is_file()
+    (tmp_path / "search" / "trial-0001" / "result.json").write_text("kept\n")
+    writer.on_trial_start(0, [], new)
+    assert (Path(new.local_path) / "result.json").read_text() == '{"epoch": 1}\n'
 
 
 def test_the_untrained_reference_of_an_earlier_run_is_kept_when_the_files_are_rewritten(tmp_path):

@@ -418,6 +418,9 @@ def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     index = load_folder(root)
     assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
     assert index.tracks["tags"].tolist() == [("rock", "pop"), ("jazz",)]
+    # Such locales write a decimal comma (before: "duration '1,5' is not a number of seconds").
+    (root / "tags.csv").write_text("path;tags;duration\naudio/a.wav;rock;1,5\naudio/b.wav;jazz;2\n")
+    assert load_folder(root).tracks["duration"].tolist() == [1.5, 2.0]
     (root / "tags.csv").write_text("path,tags\naudio\\a.wav,rock\naudio\\b.wav,jazz\n")
     with pytest.raises(DatasetError, match=r"expected at .*audio\\a.wav\); .*paths must separate folders "
                                            r"with '/', not '\\'"):

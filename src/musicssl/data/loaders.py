@@ -492,8 +492,8 @@ def _parse_duration(value: str, where: str) -> float:
     text = str(value).strip()
     if not text:
         return math.nan
-    try:
-        return float(text)
+    try:  # a decimal comma too (a semicolon-separated file from a locale that writes 1,5)
+        return float(text.replace(",", ".") if text.count(",") == 1 and "." not in text else text)
     except ValueError:
         raise DatasetError(f"{where}: duration {text!r} is not a number of seconds") from None
 
@@ -994,7 +994,7 @@ def load_msd(
     (:data:`MSD_AUDIO_PATTERN`: the 3rd, 4th and 5th characters of the MSD id name the folders, as
     in the dataset's own files: ``TRBCDEF128F1234567`` -> ``B/C/D/TRBCDEF128F1234567.mp3``). The
     default (``None``) takes the layout under which more listed tracks have a file (the 7digital one
-    only when its two files are there), judged on 1,000 ids spread over the lists, or on all of them
+    only when its two files are there), judged on 1,000-2,000 ids spread over the lists, or on all of them
     when those tie (as when only a few tracks have audio); ``extra["audio_layout"]`` says which. Tag
     names are kept as written (``Hip-Hop``, ``Mellow``).
     """
@@ -1083,7 +1083,7 @@ def load_msd(
     found: dict[str, int] = {}
     if len(layouts) > 1:  # the default: whichever finds more files
         ids = [msd_id for msd_id, _ in listed]
-        # 1,000 ids spread over the lists first; when they cannot tell (a tie, 0-0 where only some tracks
+        # 1,000-2,000 ids spread over the lists first; when they cannot tell (a tie, 0-0 where only some tracks
         # have audio), every listed id (0.9 s for 200,000 ids and both layouts on a local disk).
         found = _files_found(layouts, ids[:: max(1, len(ids) // 1000)])
         if len(set(found.values())) == 1:
