@@ -571,10 +571,21 @@ class _NoRayResumeHint(logging.Filter):
         return not record.getMessage().startswith("Experiment has been interrupted")
 
 
-def _leave_the_resume_hint_to_the_summary() -> None:
-    logger = logging.getLogger("ray.tune.tune")
-    if not any(isinstance(existing, _NoRayResumeHint) for existing in logger.filters):
-        logger.addFilter(_NoRayResumeHint())
+class _NoMissingTrialFolders(logging.Filter):
+    """Drops Ray Tune's "Failed to fetch metrics for N trial(s) ... result.json and progress.csv were not
+    found" as a search resumes: it names the trials a stop interrupted before Ray first copied their
+    folders, which run again from their start (finished trials' folders are copied as they end)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics")
+
+
+def _leave_the_resume_hint_to_the_summary(verbose: bool = False) -> None:
+    for name, kind in (("ray.tune.tune", _NoRayResumeHint),
+                       ("ray.tune.analysis.experiment_analysis", None if verbose else _NoMissingTrialFolders)):
+        logger = logging.getLogger(name)
+        if kind is not None and not any(isinstance(existing, kind) for existing in logger.filters):
+            logger.addFilter(kind())
 
 
 def _sigterm_as_ctrl_c(when_ray_is_lost=None):
@@ -915,7 +926,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         finish_without_ray, "the signal stopped this search's Ray as well (it was sent to every process of the job)")
         if started_ray else None)
     previous_sigint = signal.getsignal(signal.SIGINT)
-    _leave_the_resume_hint_to_the_summary()
+    _leave_the_resume_hint_to_the_summary(verbose)
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -1826,6 +1826,28 @@ def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_
     assert capsys.readouterr().err.count("could not be updated") == 1
 
 
+def test_ray_tunes_warning_of_interrupted_trials_without_folders_is_left_out_unless_verbose(caplog):
+    """On resume, Ray Tune warned "Failed to fetch metrics ... FileNotFoundError" for each trial a stop
+    interrupted before Ray first copied its folder (seen in 1 CI run of the kill-and-resume test): those
+    trials run again from their start, and the warning only alarmed. --verbose keeps it."""
+    import logging
+
+    from hpsearch import run
+
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    before = list(logger.filters)
+    try:
+        for verbose, shown in ((True, 1), (False, 0)):
+            caplog.clear()
+            run._leave_the_resume_hint_to_the_summary(verbose)
+            with caplog.at_level(logging.WARNING, logger=logger.name):
+                logger.warning("Failed to fetch metrics for 1 trial(s):\n- run_trial_1: FileNotFoundError(...)")
+                logger.warning("another warning")
+            assert [r.getMessage().startswith("Failed") for r in caplog.records] == [True] * shown + [False]
+    finally:
+        logger.filters[:] = before
+
+
 def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_rerun_appends_to_it(tmp_path):
     """Ray's staging folder is copied over the search's when Ray saves its state (every 10 s or more):
     a trial that a resume replays (or runs again) started with an empty result.json there, and a copy
