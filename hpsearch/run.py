@@ -576,15 +576,18 @@ class _NoMissingTrialFolders(logging.Filter):
     found" as a search resumes: it names the trials a stop interrupted before Ray first copied their
     folders, which run again from their start (finished trials' folders are copied as they end)."""
 
+    shown = False  # --verbose shows it (set for the search running in this process)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to fetch metrics")
+        return type(self).shown or not record.getMessage().startswith("Failed to fetch metrics")
 
 
 def _leave_the_resume_hint_to_the_summary(verbose: bool = False) -> None:
+    _NoMissingTrialFolders.shown = verbose
     for name, kind in (("ray.tune.tune", _NoRayResumeHint),
-                       ("ray.tune.analysis.experiment_analysis", None if verbose else _NoMissingTrialFolders)):
+                       ("ray.tune.analysis.experiment_analysis", _NoMissingTrialFolders)):
         logger = logging.getLogger(name)
-        if kind is not None and not any(isinstance(existing, kind) for existing in logger.filters):
+        if not any(isinstance(existing, kind) for existing in logger.filters):
             logger.addFilter(kind())
 
 
