@@ -34,8 +34,9 @@ Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *)
   SEGMENTS (each labelled with its track's tags) and are scored on TRACKS (mean embedding): the
   study's setting. The metrics rank the probes' logits*, which order the tracks as the
   probabilities do but never tie in a saturated sigmoid. Early stopping: every
-  ``max(1 epoch, 25 steps)`` the valid tracks (mean embeddings, as test) are scored by macro mAP; training stops after 10 checks without improvement
-  and the best check's weights are kept (valid BCE is used when no valid tag has both classes).
+  ``max(1 epoch, 25 steps)`` the valid tracks (mean embeddings, as test) are scored by macro mAP;
+  training stops after 10 checks without improvement and the best check's weights are kept (valid
+  BCE is used when no valid tag has both classes).
   Seeded: the same inputs and seed give the same result.
 * Metrics. Macro ROC-AUC and macro mAP over the tags with both classes among the test tracks
   (musicssl.probe); the others are skipped and reported. Also per tag and per tag group. A tag with

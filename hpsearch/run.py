@@ -1040,26 +1040,31 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
 
 
-def _seconds_so_far(folder: Path) -> float:
-    """The time earlier runs of a search spent (its ``summary.json``, written after each finished trial)."""
+def _stored_summary(folder: Path) -> dict[str, Any]:
+    """The search's ``summary.json`` as its last write left it (empty when there is none, or it is unreadable)."""
     from hpsearch.results import SUMMARY_FILE
 
     try:
-        seconds = json.loads((folder / SUMMARY_FILE).read_text()).get("seconds")
-    except (OSError, ValueError, AttributeError):
-        return 0.0
-    return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0 else 0.0
+        stored = json.loads((folder / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    """A stored number as a float (None for anything else, booleans included)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _seconds_so_far(folder: Path) -> float:
+    """The time earlier runs of a search spent (its ``summary.json``, written after each finished trial)."""
+    seconds = _number(_stored_summary(folder).get("seconds"))
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 def _untrained_missing(folder: Path) -> bool:
     """Whether the search's ``summary.json`` lacks the untrained backbone's reference score."""
-    from hpsearch.results import SUMMARY_FILE
-
-    try:
-        value = json.loads((folder / SUMMARY_FILE).read_text()).get("untrained_value")
-    except (OSError, ValueError, AttributeError):
-        return True
-    return not isinstance(value, (int, float)) or isinstance(value, bool)
+    return _number(_stored_summary(folder).get("untrained_value")) is None
 
 
 def _finished_trials(journal: Path) -> int:
@@ -1077,7 +1082,7 @@ def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: f
     """Write ``trials.csv``, the best backbone and ``summary.json`` from the study's journal (Ray is not
     needed); returns the trials (as in ``trials.csv``) and the summary."""
     from hpsearch.results import (
-        STUDY_NAME, SUMMARY_FILE, export_best_checkpoint, load_study, summarize, write_trials_csv,
+        STUDY_NAME, export_best_checkpoint, load_study, summarize, write_trials_csv,
     )
 
     frame = write_trials_csv(load_study(journal, STUDY_NAME), folder)
@@ -1085,11 +1090,10 @@ def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: f
     summary.seconds = time.perf_counter() - started
     # The untrained backbone's scores, measured at the end of an earlier run of this search (same
     # settings, same seed): kept until they are measured again.
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        before = json.loads((folder / SUMMARY_FILE).read_text())
-        for key in ("untrained_value", "untrained_value_initial_bn"):
-            if isinstance(before.get(key), (int, float)) and not isinstance(before.get(key), bool):
-                setattr(summary, key, float(before[key]))
+    before = _stored_summary(folder)
+    for key in ("untrained_value", "untrained_value_initial_bn"):
+        if (value := _number(before.get(key))) is not None:
+            setattr(summary, key, value)
     if summary.best_trial is not None:
         target = export_best_checkpoint(folder, summary.best_trial)
         summary.best_backbone = str(target) if target else None
