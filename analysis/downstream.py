@@ -700,8 +700,7 @@ def audio_digest(cache, track_ids: Sequence[str]) -> str:
     shard, so audio replaced under the same name changes the digest; an unchanged cache keeps it."""
     digest = hashlib.sha256()
     for track_id in track_ids:
-        entry = cache._entry(track_id)  # the cache's record of the track, read only
-        fields = (track_id, entry.shard, entry.offset, entry.frames, entry.samples, entry.size, entry.mtime_ns)
+        fields = (track_id, *cache.audio_record(track_id))
         digest.update(("\t".join(str(value) for value in fields) + "\n").encode())
     return digest.hexdigest()[:12]
 

@@ -157,11 +157,20 @@ def test_rebuild_processes_only_new_or_changed_tracks(tmp_path: Path, audio_file
 
     third = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
     assert (third.build_report.processed, third.build_report.already_cached) == (0, 4)
+    records = {track_id: third.audio_record(track_id) for track_id in audio_files}
+    assert records == {track_id: second.audio_record(track_id) for track_id in audio_files}
 
     # New audio under the same id (different size) is recomputed; the old mel is never served.
     write(Path(audio_files["wav16"]), tone_and_noise(11.0, 16000, 9), 16000)
     fourth = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
     assert fourth.build_report.processed == 1
+    # Its record (what keys results derived from the mels) changes with it; the others' stay.
+    new_record = fourth.audio_record("wav16")
+    assert new_record != records["wav16"]
+    assert new_record[2:5] == (11 * 16000 // 512 + 1, 11 * 16000, Path(audio_files["wav16"]).stat().st_size)
+    assert {k: fourth.audio_record(k) for k in audio_files if k != "wav16"} == {
+        k: v for k, v in records.items() if k != "wav16"
+    }
     assert fourth.frames("wav16") == 11 * 16000 // 512 + 1
     np.testing.assert_allclose(
         fourth.get_track("wav16"), reference_mel(audio_files["wav16"]), rtol=FLOAT16_RTOL, atol=1e-6

@@ -406,6 +406,12 @@ def test_folder_file_names_match_whatever_their_unicode_normalisation(tmp_path):
     assert load_folder(root).paths == resolved
     unlabeled = load_folder(root, unlabeled=True, split_fractions=(0.5, 0.0, 0.5))
     assert unlabeled.track_ids == names and unlabeled.tracks["split"].tolist() == index.tracks["split"].tolist()
+    # Absolute paths to audio outside the tags file's folder (not scanned) match the same way.
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "tags.csv").write_text("path,tags\n" + "".join(f"{root / name}.wav,piano\n" for name in names))
+    outside = load_folder(meta)
+    assert outside.paths == resolved and not outside.extra["missing"]
 
 
 def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):

@@ -1172,6 +1172,15 @@ class MelCache:
             why = f"it was skipped: {reason.reason} ({reason.detail})" if reason else "it was never cached"
             raise KeyError(f"track {track_id!r} is not in the mel cache {self.path}: {why}") from None
 
+    def audio_record(self, track_id: str) -> tuple:
+        """What identifies a track's audio as this cache holds it: ``(shard, offset, frames, samples,
+        size, mtime_ns)``, where its log-mel lies and the size and modification time of the file it was
+        decoded from (``None`` for the last two in manifests older than those records). A file changed
+        since (size or modification time) is decoded again into a new shard, so its record changes; an
+        unchanged cache keeps it. For keys of results derived from the mels (``analysis.downstream``)."""
+        entry = self._entry(track_id)
+        return (entry.shard, entry.offset, entry.frames, entry.samples, entry.size, entry.mtime_ns)
+
     def frames(self, track_id: str) -> int:
         """Number of mel frames of the track (``samples // hop_length + 1``)."""
         return self._entry(track_id).frames

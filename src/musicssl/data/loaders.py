@@ -517,6 +517,17 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def _existing_spelling(path: Path) -> Path:
+    """``path``, or its NFC or NFD spelling where only that one exists (a listed path outside the dataset's
+    folder, whose files are not scanned)."""
+    if not path.exists():
+        for form in ("NFC", "NFD"):
+            other = Path(unicodedata.normalize(form, str(path)))
+            if other.exists():
+                return other
+    return path
+
+
 def _split_key(record: dict) -> str:
     """What a track's drawn split depends on (see :func:`_keep_extensions_that_tell_files_apart`)."""
     return record.get("split_key", record["track_id"])
@@ -637,7 +648,8 @@ def _records_from_table(
                 raise DatasetError(f"{tags_path}, line {row_number}: empty {audio_column!r}; give the audio file")
             audio_path = Path(location).expanduser()
             audio_path = audio_path if audio_path.is_absolute() else root / audio_path
-            record["path"] = str(on_disk.get(str(audio_path)) or on_disk.get(_nfc(str(audio_path)), audio_path))
+            found_path = on_disk.get(str(audio_path)) or on_disk.get(_nfc(str(audio_path)))
+            record["path"] = str(found_path or _existing_spelling(audio_path))
             if id_column is not None:
                 record["track_id"] = str(values[id_column]).strip()
             else:  # an id from a name is NFC, so that its split does not depend on where the files were copied
