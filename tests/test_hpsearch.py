@@ -1773,7 +1773,13 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
             capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        assert len(pd.read_csv(tmp_path / "on-cluster" / "trials.csv")) == 2
+        csv = pd.read_csv(tmp_path / "on-cluster" / "trials.csv")
+        assert len(csv) == 2 and (csv["state"] == "COMPLETE").all()
+        # Each trial's epoch reports reach the search's folder from the cluster's trials too.
+        assert {n: len(frame) for n, frame in read_trajectories(tmp_path / "on-cluster").items()} == {0: 2, 1: 2}
+        study = optuna.load_study(study_name="search", storage=JournalStorage(
+            JournalFileBackend(str(tmp_path / "on-cluster" / "optuna.journal"))))
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
         # Without --address, a search starts a Ray of its own beside the running cluster.
         local = subprocess.run(
             cli("vicreg", "--trials", "1", "--name", "beside-cluster", "--storage-dir", str(tmp_path),
