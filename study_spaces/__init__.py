@@ -80,12 +80,19 @@ class StudySpace:
         return {f.name for f in dataclasses.fields(get_method(self.method).Config)}
 
     def split(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(training settings, method settings)`` of a trial: ``FIXED`` first, then ``params``.
+        """``(training settings, method settings)`` of a trial: ``FIXED`` and ``params`` together.
 
         ``params`` is what the searcher hands the trial (every sampled value plus the space's
-        returned dict). Helper parameters are dropped; any other name that is neither a
-        training setting nor a method Config field raises :class:`SpaceError`.
+        returned dict). Helper parameters are dropped; a name in both ``params`` and ``FIXED``, and
+        any other name that is neither a training setting nor a method Config field, raise
+        :class:`SpaceError`.
         """
+        both = sorted(set(params) & set(self.fixed))
+        if both:
+            raise SpaceError(
+                f"{self.module}: {both} are sampled (or returned by space) and also in FIXED, whose value the "
+                "sample would silently replace; a setting is either searched or held fixed: remove it from one"
+            )
         method_fields = self.method_fields()
         training: dict[str, Any] = {}
         method: dict[str, Any] = {}

@@ -306,6 +306,12 @@ def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
     # Fewer samples than dimensions: the normalised rank is of min(N, D), the largest rank attainable.
     few = collapse_metrics({"embedding": embedding[:20]})
     assert few["rankme_embedding_norm"] == pytest.approx(rankme_reference(e[:20]) / 20, rel=1e-5)
+    # Likewise the attainable occupancy: 512 samples can use at most 512 of 4096 prototypes, so each on
+    # its own prototype is full occupancy (1.0), although only 1/8 of all prototypes are used.
+    spread = torch.nn.functional.one_hot(torch.arange(512) * 8, 4096).float()
+    spread_metrics = collapse_metrics({"assignment_probs": spread})
+    assert spread_metrics["cluster_occupancy_attainable"] == pytest.approx(1.0)
+    assert spread_metrics["cluster_occupancy"] == pytest.approx(512 / 4096)
     # views= overrides the dict's other view
     with_views = collapse_metrics({"embedding": embedding}, views=(embedding, embedding))
     assert with_views["alignment"] == pytest.approx(0.0, abs=1e-10)

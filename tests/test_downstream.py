@@ -744,6 +744,37 @@ def test_jamendo_end_to_end_reports_tag_groups(tmp_path):
     assert "Per tag group" in outputs["html"]
 
 
+def test_the_reported_spreads_are_sample_standard_deviations():
+    """results.csv's ``*_std`` is the sample std (n - 1) of the resamples that bootstrap.csv lists, and
+    results.md's limited-data table gives mean +- sample std over the draws (0 for a single draw).
+    Scores that vary, unlike the end-to-end fixtures, whose pitch tags every probe scores perfectly."""
+    from types import SimpleNamespace
+
+    from analysis.downstream import _main_results, limited_markdown, score_tags
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 3)) < 0.4).astype(float)
+    labels[0], labels[1] = 1.0, 0.0  # each tag has both classes
+    scores = labels + rng.normal(0.0, 1.0, labels.shape)
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "bootstrap_resamples": 30, "bootstrap_fraction": 0.5})
+    fit = {"tags_without_train_positive": 0, "train_tracks": 10, "train_segments": 20, "valid_score": 0.5,
+           "criterion": "loss", "steps": 1}
+    resamples: list[dict] = []
+    row = _main_results(SimpleNamespace(label="m"), "linear", "d", score_tags(labels, scores, ["a", "b", "c"]),
+                        labels, scores, config, lambda *_: None, resamples, fit)
+    for metric in ("roc_auc", "average_precision"):
+        values = np.array([r["value"] for r in resamples if r["metric"] == metric])
+        assert len(values) == 30 and row[metric] == pytest.approx(values.mean())
+        assert row[f"{metric}_std"] == pytest.approx(math.sqrt(((values - values.mean()) ** 2).sum() / 29))
+        assert row[f"{metric}_std"] > 0.01
+
+    limited = pd.DataFrame({"method": "m", "classifier": ["linear"] * 5, "fraction": [0.5, 0.5, 0.5, 1.0, 1.0],
+                            "average_precision": [0.4, 0.6, 0.8, 0.7, 0.7]})
+    assert limited_markdown(limited).splitlines()[-1] == "| m | linear | 0.6000 ± 0.2000 | 0.7000 ± 0.0000 |"
+    single = limited.iloc[[0, 3]]
+    assert limited_markdown(single).splitlines()[-1] == "| m | linear | 0.4000 ± 0.0000 | 0.7000 ± 0.0000 |"
+
+
 def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
     root, audio = tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio"
     write_jamendo_fixture(root, audio)

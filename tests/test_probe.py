@@ -188,6 +188,24 @@ def test_probe_with_standardisation_ignores_feature_scale():
     np.testing.assert_allclose(first.scores, second.scores, atol=1e-4)
 
 
+def test_probe_standardises_by_the_training_rows_alone():
+    """Scores of an evaluation row depend on the training rows and that row only (no statistics of the
+    evaluation set leak in), and equal one logistic regression per tag on features standardised by the
+    training rows' mean and population std, written out here."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = latent_tag_data(rows=400, features=12, tags=3, noise=0.5, seed=5)
+    x = x * np.linspace(0.1, 10.0, 12) + 3.0
+    full = fit_linear_probe(x[:250], y[:250], x[250:], y[250:])
+    part = fit_linear_probe(x[:250], y[:250], x[250:300], y[250:300])
+    np.testing.assert_allclose(part.scores, full.scores[:50], rtol=0, atol=1e-12)
+    mean, std = x[:250].mean(axis=0), x[:250].std(axis=0)
+    train, valid = (x[:250] - mean) / std, (x[250:] - mean) / std
+    for tag in range(3):
+        model = LogisticRegression(C=1.0, max_iter=500).fit(train, y[:250, tag])
+        np.testing.assert_allclose(full.scores[:, tag], model.predict_proba(valid)[:, 1], atol=1e-6)
+
+
 def test_probe_reports_constant_training_tags_and_skipped_evaluation_tags():
     x, y = latent_tag_data(rows=400, features=16, tags=5, noise=0.3, seed=4)
     train_y, valid_y = y[:250].copy(), y[250:].copy()

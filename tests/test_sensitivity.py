@@ -538,6 +538,27 @@ def test_trials_without_epoch_reports_are_named_and_the_best_range_says_how_ofte
     assert "no trial folder's result.json holds a completed epoch: the collapse dynamics are missing" in empty.notes
 
 
+def test_the_spread_of_scores_and_the_trials_near_the_best_follow_their_definitions(tmp_path):
+    """The comparison table's sensitivity numbers: median and interquartile range of the complete
+    trials' scores (quartiles interpolated linearly between order statistics), and the finished trials
+    scoring within 5 % of the best, as a count and as a share of all finished trials."""
+    from analysis.sensitivity import analyse, comparison_rows
+
+    complete = [0.2, 0.5, 0.95, 1.0]  # 0.95 lies exactly 5 % below the best: it counts
+    rows = [(x, 0.5, "complete") for x in complete] + [(0.3, 0.5, "collapsed"), (0.4, 0.5, "collapsed")]
+    analysis = analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path))
+    numbers = analysis.sensitivity
+    # Sorted scores s0..s3: quartile q at position q * 3, between its neighbours.
+    q25 = 0.2 + 0.75 * (0.5 - 0.2)
+    q75 = 0.95 + 0.25 * (1.0 - 0.95)
+    assert numbers["median"] == pytest.approx((0.5 + 0.95) / 2)
+    assert numbers["iqr"] == pytest.approx(q75 - q25)
+    assert numbers["near_best"] == 2 and numbers["near_best_fraction"] == pytest.approx(2 / 6)
+    assert numbers["complete_trials"] == 4
+    row = comparison_rows([analysis])[0]
+    assert row["near_best_fraction"] == pytest.approx(2 / 6) and row["iqr"] == pytest.approx(q75 - q25)
+
+
 def test_enqueued_points_outside_the_space_are_noted_and_widened_for_importances():
     study = optuna.create_study(direction="maximize")
     with warnings.catch_warnings():

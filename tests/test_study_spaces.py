@@ -169,6 +169,33 @@ def test_a_new_module_is_discovered_and_a_malformed_one_is_refused(tmp_path, mon
         sys.modules.pop(name, None)
 
 
+def test_a_setting_both_sampled_and_fixed_is_refused(tmp_path, monkeypatch):
+    """study_spaces' contract: a sampled name may not also be fixed (the sample would replace the
+    fixed value without a word)."""
+    (tmp_path / "clustering_fixed_k.py").write_text(textwrap.dedent("""
+        METHOD = 'clustering_fixed_k'
+        FIXED = {'num_prototypes': 64, 'use_centering': True}
+        def space(trial):
+            trial.suggest_int('num_prototypes', 16, 8192, log=True)
+    """))
+    monkeypatch.setattr(study_spaces, "__path__", [*study_spaces.__path__, str(tmp_path)])
+    space = dataclasses.replace(get_space("clustering_fixed_k"), method="clustering")
+    with pytest.raises(SpaceError, match=r"\['num_prototypes'\] are sampled .* also in FIXED"):
+        space.split({"num_prototypes": 512})
+    assert space.split({}) == ({}, {"num_prototypes": 64, "use_centering": True})
+    sys.modules.pop("study_spaces.clustering_fixed_k", None)
+
+
+@pytest.mark.parametrize("method, fixed", [("clustering", {"use_centering": True}), ("byol", {"use_predictor": True})])
+def test_the_settings_without_which_a_method_collapses_at_once_are_held_on(method, fixed):
+    """Clustering without centring and BYOL without its predictor collapse by design (README's collapse
+    table: stopped at epoch 3): the search holds both on, whatever a trial samples."""
+    space = get_space(method)
+    for trial in sampled_trials(method, count=5):
+        params = {**trial.params, **(space.space(optuna.trial.FixedTrial(trial.params)) or {})}
+        assert space.split(params)[1].items() >= fixed.items()
+
+
 @pytest.mark.parametrize("method", ["contrastive", "barlow_twins"])
 def test_the_batch_size_is_searched_where_the_loss_reads_the_batch(method):
     """Contrastive takes its negatives from the batch; Barlow Twins estimates a D x D cross-correlation
