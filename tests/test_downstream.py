@@ -418,8 +418,15 @@ def test_tags_with_test_positives_but_no_training_positive_are_named_and_counted
     assert "1 scored tag(s) have no positive training track, so no probe can learn them: ['flute']" in console
     assert result.summary["tags_without_train_positive"] == ["flute"]
     assert result.summary["skipped_tags"] == []
-    flute = result.per_tag.set_index("tag").loc["flute"]
+    per_tag = result.per_tag.set_index("tag")
+    flute = per_tag.loc["flute"]
     assert (flute["train_positives"], flute["test_positives"]) == (0, 2) and not math.isnan(flute["roc_auc"])
+    # Each tag's row holds its own counts (clip number mod 3 gives the pitch: train clips 0-8, test clips
+    # 12-15 low, mid, high, low), and the headline's full-test scores are the macro means of the rows.
+    assert per_tag.loc[["low", "mid", "high"], "train_positives"].tolist() == [3, 3, 3]
+    assert per_tag.loc[["low", "mid", "high"], "test_positives"].tolist() == [2, 1, 1]
+    for metric in ("roc_auc", "average_precision"):
+        assert result.results[f"{metric}_full_test"].item() == pytest.approx(per_tag[metric].mean())
     limited = result.limited.set_index("fraction")
     # 100 %: flute alone; 10 % (one track, of one pitch): flute and the two other pitches.
     assert limited.loc[1.0, "tags_without_train_positive"] == 1
