@@ -81,6 +81,10 @@ def test_stored_mels_equal_logmel_of_decoded_audio(tmp_path: Path, audio_files: 
         reference = reference_mel(path)
         assert stored.dtype == np.float32 and stored.shape == reference.shape
         np.testing.assert_allclose(stored, reference, rtol=FLOAT16_RTOL, atol=1e-6)
+        # Stored as float16: every value is one, and the shards hold 2 bytes per value.
+        np.testing.assert_array_equal(stored, stored.astype(np.float16).astype(np.float32))
+    shard_bytes = sum(path.stat().st_size for path in cache.path.glob("shard-*.bin"))
+    assert shard_bytes == sum(cache.frames(track_id) for track_id in audio_files) * cache.n_mels * 2
     # Frame count of a centred STFT, written out: samples // hop + 1 (16 kHz files: no resampling).
     assert cache.frames("wav16") == round(9.0 * 16000) // 512 + 1 == 282
     assert cache.frames("flac16") == round(7.3 * 16000) // 512 + 1

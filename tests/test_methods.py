@@ -347,6 +347,17 @@ def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
     torch.testing.assert_close(method.center, previous)  # applied only after the optimiser step
     method.after_optimizer_step(PROGRESS)
     torch.testing.assert_close(method.center, 0.9 * previous + 0.1 * mean_logits, rtol=0, atol=1e-6)
+    # Two losses before one step (gradient accumulation): the centre moves towards their mean.
+    other = make_views(3, seed=9)
+    with torch.no_grad():
+        other_logits = method.teacher_head(method.teacher_backbone(torch.cat(other))).mean(dim=0)
+        mean_logits = method.teacher_head(method.teacher_backbone(torch.cat(views))).mean(dim=0)
+    previous = method.center.clone()
+    method.training_loss(views, PROGRESS)
+    method.training_loss(other, PROGRESS)
+    method.after_optimizer_step(PROGRESS)
+    torch.testing.assert_close(method.center, 0.9 * previous + 0.1 * (mean_logits + other_logits) / 2, rtol=0,
+                               atol=1e-6)
     # Outside training (eval mode) a loss evaluation never moves the centre.
     method.eval()
     previous = method.center.clone()
@@ -415,6 +426,8 @@ def test_assignment_probs_use_the_centre_and_current_teacher_temperature() -> No
     expected /= expected.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(as_numpy(probs), expected, atol=1e-6)
     assert float(method.current_teacher_temperature) == pytest.approx(0.028)
+    # Before any step it is the warm-up's start (the collapse metrics of an untrained model read it).
+    assert float(build("clustering").current_teacher_temperature) == pytest.approx(0.02)
 
 
 class Float32Backbone(TinyBackbone):

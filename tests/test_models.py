@@ -108,6 +108,9 @@ def test_cpu_preset_parameter_count_matches_the_formula():
     assert count(backbone.trunk) == trunk_params(CPU.width, CPU.layers)
     assert count(backbone.attention_pool) == attention_pool_params(cells, CPU.width * 32, CPU.embedding_dim)
     assert count(backbone) < count(Backbone(preset="paper")) / 4  # the point of the preset
+    # The preset README documents: its settings and parameter count.
+    assert CPU == BackboneConfig(width=8, layers=(2, 2, 2, 2), heads=4, embedding_dim=256, n_mels=64, n_frames=126)
+    assert count(backbone) == 486_580
 
 
 def test_paper_grid_is_4_by_3_cells_plus_the_mean_token():
@@ -221,9 +224,36 @@ def test_initialisation_scales():
     # He (fan-out) initialisation: std = sqrt(2 / (out_channels * k * k)).
     conv = backbone.trunk.stages[3][0].conv2  # 128 -> 128, 3x3: 147,456 weights
     assert abs(conv.weight.std().item() - math.sqrt(2 / (128 * 9))) < 0.02 * math.sqrt(2 / (128 * 9))
+    conv = backbone.trunk.stages[3][0].conv3  # 128 -> 512, 1x1: fan-out 512, fan-in 128
+    assert abs(conv.weight.std().item() - math.sqrt(2 / 512)) < 0.02 * math.sqrt(2 / 512)
     for module in backbone.modules():
         if isinstance(module, nn.BatchNorm2d):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+
+
+def test_the_stem_is_three_convolutions_then_average_pooling():
+    """The CLIP ResNet stem (REFERENCE.md): 3x3 convolutions (stride 2, then 1, 1), each with BatchNorm and
+    ReLU, then a 2x2 average pool; written out with functional operations on the stem's own weights."""
+    torch.manual_seed(0)
+    backbone = Backbone(preset="cpu").eval()
+    stem = backbone.trunk.stem
+    for module in stem.modules():  # statistics other than 0 and 1, so that BatchNorm's use of them shows
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 1, 64, 126)
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    norms = [m for m in stem if isinstance(m, nn.BatchNorm2d)]
+    expected = x
+    for conv, norm, stride in zip(convs, norms, (2, 1, 1)):
+        expected = F.conv2d(expected, conv.weight, stride=stride, padding=1)
+        expected = (expected - norm.running_mean[:, None, None]) / torch.sqrt(norm.running_var[:, None, None] + norm.eps)
+        expected = F.relu(expected * norm.weight[:, None, None] + norm.bias[:, None, None])
+    expected = F.avg_pool2d(expected, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(stem(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_round_trip_and_deepcopy_give_identical_outputs():

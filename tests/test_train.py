@@ -150,8 +150,32 @@ def test_a_nan_loss_stops_the_run_at_once_as_diverged(tmp_path, tonal_data):
 def test_warmup_cosine_schedule_matches_its_formula():
     assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    # The cosine starts at the peak on the first step after the warm-up, and never exceeds it.
+    assert warmup_cosine(10, 10, 110) == 1.0
+    assert warmup_cosine(11, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi * 1 / 100)))
     assert warmup_cosine(60, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    assert warmup_cosine(120, 10, 110) == pytest.approx(0.0)  # past the end: stays at 0
+    assert max(warmup_cosine(step, 10, 110) for step in range(130)) == 1.0
+    assert warmup_cosine(0, 0, 100) == 1.0 and warmup_cosine(50, 0, 100) == pytest.approx(0.5)
+
+
+def test_clustering_schedules_in_a_run_follow_their_formulas_step_by_step(tmp_path, tonal_data):
+    """The teacher temperature (linear warm-up, DINO) and the teacher's EMA rate (cosine to 1, BYOL) that
+    a run logs per epoch are the means over its steps k = 0, 1, ... of the formulas at k: the loss of
+    step k sees the schedules at k, not one step on."""
+    config = tiny_config("clustering", tmp_path, final_probe=False,
+                         method_params={"teacher_warmup_epochs": 4, "base_ema_rate": 0.9})
+    result = train(config, data=tonal_data, progress_bar=False)
+    settings = method_settings(result.config)
+    steps_per_epoch, total = 3, 6
+    for epoch, row in enumerate(result.epochs):
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        temperature = [settings.teacher_temperature_start + (settings.teacher_temperature
+                       - settings.teacher_temperature_start) * min(1.0, k / steps_per_epoch / 4) for k in steps]
+        rate = [1 - (1 - 0.9) * (1 + math.cos(math.pi * k / total)) / 2 for k in steps]
+        assert row["train_teacher_temperature"] == pytest.approx(sum(temperature) / 3, rel=1e-6)
+        assert row["train_ema_rate"] == pytest.approx(sum(rate) / 3, rel=1e-6)
 
 
 def test_a_run_follows_the_warmup_cosine_schedule_with_weight_decay_and_clipping(tmp_path, tonal_data):

@@ -20,6 +20,7 @@ from musicssl.data.views import (
     keyed_uniforms,
     probe_positions,
     sample_view_starts,
+    track_segment_starts,
     track_segments,
 )
 
@@ -102,6 +103,40 @@ def test_gaps_are_uniform_and_first_start_uniform() -> None:
     room = num_frames - SEGMENT - gaps + 1
     assert (draws[:, 0] < room).all() and (draws[:, 1] + SEGMENT <= num_frames).all()
     assert stats.kstest((draws[:, 0] + 0.5) / room, "uniform").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_view_starts_fit_every_track_length_and_reach_both_ends(n_views: int) -> None:
+    """Over every track length around the shortest that fits, and uniforms at both ends of [0, 1):
+    ``None`` exactly below the minimum length; otherwise every gap within its limits and the last view
+    inside the track; all-lowest uniforms give the first start and minimum gaps, all-highest ones the
+    largest gaps the track allows with the last view ending on the track's last frame."""
+    frames = ViewFrames(n_views, SEGMENT, int(MIN_GAP), int(MAX_GAP))
+    shortest = SEGMENT + (n_views - 1) * int(MIN_GAP)
+    assert frames.min_track_frames == shortest
+    top = 1.0 - 1e-12
+    grid = [0.0, 0.5, top]
+    for num_frames in range(shortest - 3, shortest + 2 * int(MAX_GAP) + 3):
+        draws = [sample_view_starts(num_frames, frames, [a, b, c][: n_views]) for a in grid for b in grid for c in grid]
+        if num_frames < shortest:
+            assert all(draw is None for draw in draws), num_frames
+            continue
+        for starts in draws:
+            gaps = np.diff(starts)
+            assert starts[0] >= 0 and starts[-1] + SEGMENT <= num_frames, (num_frames, starts)
+            assert (gaps >= MIN_GAP).all() and (gaps <= MAX_GAP).all(), (num_frames, starts)
+        lowest = sample_view_starts(num_frames, frames, [0.0] * n_views)
+        assert lowest == [k * int(MIN_GAP) for k in range(n_views)]
+        highest = sample_view_starts(num_frames, frames, [top] * n_views)
+        room = num_frames - SEGMENT  # the frames the starts can spread over
+        if n_views == 2:
+            assert np.diff(highest).tolist() == [min(int(MAX_GAP), room)]
+        assert highest[-1] == room, (num_frames, highest)
+    # The track of exactly the shortest length has one placement; two views in 376 frames put the first
+    # at 125 at the latest once the gap is the minimum (the last position where both fit).
+    assert sample_view_starts(shortest, frames, [0.5] * n_views) == [k * int(MIN_GAP) for k in range(n_views)]
+    if n_views == 2:
+        assert sample_view_starts(376, frames, [0.0, top]) == [125, 250]
 
 
 def test_keyed_uniforms_are_uniform_independent_and_key_dependent() -> None:
@@ -245,3 +280,39 @@ def test_track_segments_are_the_non_overlapping_slices(cache: MelCache) -> None:
     assert len(track_segments(cache, "half_silent")) == 7
     assert len(track_segments(cache, "half_silent", silence_db=60.0)) == 4
     assert len(track_segments(cache, "short", hop_seconds=1.0)) == (frames_of(6.0) - SEGMENT) // 31 + 1
+    # Evenly spread picks are the nearest of the whole segments: 3 of 8 (indices 0, 3.5, 7) are 0, 4 and 7.
+    assert track_segment_starts(SEGMENT + 7 * 125, SEGMENT, 125).tolist() == [125 * k for k in range(8)]
+    assert track_segment_starts(SEGMENT + 7 * 125, SEGMENT, 125, max_segments=3).tolist() == [0, 500, 875]
+    assert track_segment_starts(SEGMENT + 7 * 125, SEGMENT, 125, max_segments=5).tolist() == [0, 250, 500, 625, 875]
+
+
+def test_the_silence_rule_reads_each_segments_loudest_bin_and_keeps_the_loudest_when_all_would_go(tmp_path) -> None:
+    """A segment stays when its loudest bin is within ``silence_db`` of the track's loudest: one short
+    burst in otherwise digital silence keeps its segment (its mean would not). When the track's peak
+    lies after its last whole segment, every segment would go: the one with the loudest bin stays."""
+    rng = np.random.default_rng(1)
+    burst = 0.3 * rng.standard_normal(30 * SR).astype(np.float32)
+    burst[7 * SR // 2 :] = 0.0  # loud 0-3.5 s, then silence but for 20 ms at 10 s (segment 8-12 s)
+    burst[10 * SR : 10 * SR + SR // 50] = 0.3 * rng.standard_normal(SR // 50)
+    tail = 1e-4 * rng.standard_normal(30 * SR).astype(np.float32)
+    tail[29 * SR :] = 0.5 * rng.standard_normal(SR)  # loud only after the last whole segment (24-28 s)
+    records = []
+    for track_id, audio in (("burst", burst), ("tail", tail)):
+        path = tmp_path / f"{track_id}.wav"
+        soundfile.write(str(path), audio, SR, subtype="FLOAT")
+        records.append({"track_id": track_id, "path": str(path), "split": "train", "tags": ()})
+    cache = MelCache.build(TrackIndex.from_records(records), tmp_path / "cache", workers=0, progress=False,
+                           verbose=False)
+    starts = list(range(0, 938 - SEGMENT + 1, 125))
+    whole = cache.get_track("burst")
+    kept = track_segments(cache, "burst", silence_db=60.0).numpy()
+    assert len(kept) == 2
+    np.testing.assert_array_equal(kept[0], whole[:, 0:SEGMENT])
+    np.testing.assert_array_equal(kept[1], whole[:, 250 : 250 + SEGMENT])
+    whole = cache.get_track("tail")
+    peaks = [whole[:, start : start + SEGMENT].max() for start in starts]
+    assert max(peaks) < whole.max() - 60.0  # every whole segment is below the threshold
+    loudest = starts[int(np.argmax(peaks))]
+    kept = track_segments(cache, "tail", silence_db=60.0).numpy()
+    assert len(kept) == 1
+    np.testing.assert_array_equal(kept[0], whole[:, loudest : loudest + SEGMENT])
