@@ -1,4 +1,4 @@
-"""The benchmark scripts still run against today's code (their smallest settings; slow).
+"""The benchmark scripts still run against today's code (their smallest settings; most are slow).
 
 The numbers in benchmarks/README.md come from these scripts: one that no longer runs cannot be used
 to check them. Each runs in a subprocess, as a user runs it, with its cache in this test's folder.
@@ -44,8 +44,9 @@ def test_benchmark_script_runs(script, tmp_path):
 def test_benchmark_script_documents_its_options(script):
     """Every benchmark script starts and answers --help (fast); those that import the project at the
     top are thereby checked against today's code. The slow cases above run six of them; bench_search
-    (it needs a finished search), bench_gpu (a GPU), bench_corpus (minutes) and corpus_baseline (the
-    built corpus) are checked only here."""
+    needs finished searches (its savings on stored ones below; noise and replay on a real tiny search,
+    slow), and bench_gpu (a GPU), bench_corpus (minutes) and corpus_baseline (the built corpus) are
+    checked only here."""
     completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"],
                                capture_output=True, text=True, timeout=120, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-2000:]
@@ -122,3 +123,60 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
     assert running.returncode == 0, running.stdout[-2000:] + running.stderr[-2000:]
     assert "left out (not finished): #1\n" in running.stdout
     assert "replaying stopping rules on n (1 trials, 2 epochs each)" in running.stdout
+
+
+def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float], progress: dict[int, list[dict]],
+                   collapse_stop: bool) -> None:
+    """A finished search's folder as hpsearch leaves it: search.json, trials.csv, summary.json, and per
+    trial a folder with params.json and Ray's progress.csv (its epoch reports)."""
+    import json
+
+    import pandas as pd
+
+    from hpsearch.results import summarize
+    from hpsearch.settings import SearchSettings
+
+    settings = SearchSettings(method="vicreg", trials=len(epochs_run), max_epochs=4, collapse_stop=collapse_stop)
+    folder.mkdir(parents=True)
+    settings.save(folder)
+    stopped = [epochs < 4 for epochs in epochs_run]
+    frame = pd.DataFrame({
+        "trial": range(len(epochs_run)),
+        "state": ["PRUNED" if stop else "COMPLETE" for stop in stopped],
+        "outcome": ["collapsed" if stop else "complete" for stop in stopped],
+        "objective": [float("nan") if stop else value for stop, value in zip(stopped, objectives)],
+        "epochs_run": epochs_run, "seconds": 10.0,
+    })
+    frame.to_csv(folder / "trials.csv", index=False)
+    summary = summarize(frame, "vicreg", "probe_map", len(epochs_run), 4).to_dict()
+    (folder / "summary.json").write_text(json.dumps({**summary, "seconds": 60.0}))
+    for number, rows in progress.items():
+        trial = folder / f"trial-{number:04d}-abcd"
+        trial.mkdir()
+        (trial / "params.json").write_text(json.dumps({"optuna_trial": number}))
+        pd.DataFrame(rows).to_csv(trial / "progress.csv", index=False)
+
+
+def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_the_best(tmp_path):
+    """``bench_search.py savings`` on two finished searches (it reuses them): the saved share is
+    1 - trial-epochs with stopping / without, and each of the 5 best trials without stopping is judged by
+    the stopping rule replayed on its epoch reports (grace 1, patience 2: collapsed from epoch 1, stopped
+    at epoch 3)."""
+    healthy = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
+               "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
+    complete = {**healthy, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999}
+    objectives = [0.5, 0.6, 0.7, 0.4, 0.3, 0.2]  # the 5 best: #2, #1, #0, #3, #4
+    progress = {number: [{**(complete if number == 3 else healthy), "epoch": epoch, "step": 15 * epoch}
+                         for epoch in range(1, 5)] for number in range(6)}
+    _stored_search(tmp_path / "vicreg-6-4ep-nostop", [4.0] * 6, objectives, progress, collapse_stop=False)
+    _stored_search(tmp_path / "vicreg-6-4ep-stop", [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], objectives, {}, collapse_stop=True)
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "savings", "--method", "vicreg", "--trials", "6",
+         "--max-epochs", "4", "--storage-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    out = completed.stdout
+    assert "trial-epochs: with collapse stop 23.0, without 24.0: 4.2% saved (target >= 30%)" in out
+    assert "would have stopped 1 of 6 trials" in out
+    assert "  #3  0.4000  3  complete" in out and "  #2  0.7000  None  None" in out
+    assert ("RESULT savings vicreg: 4.2% of trial-epochs saved (NOT met); 1 of the 5 best trials without stopping "
+            "would have been stopped (NOT met)") in out

@@ -90,6 +90,13 @@ def test_the_fresh_backbone_verdict_in_the_grace_period_is_not_acted_on():
 def test_divergence_stops_at_once_even_in_the_grace_period():
     monitor = monitor_after([NAN_LOSS], grace=3, patience=5)
     assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_step) == (1, "diverged", 10)
+    # An infinite loss too, with or without collapse metrics in the record (a run without a probe set).
+    assert monitor_after([{**HEALTHY, "train_loss": math.inf}], grace=3, patience=5).collapse_type == "diverged"
+    from hpsearch.stopping import findings_from_record
+
+    for loss in (math.inf, -math.inf, math.nan):
+        assert list(findings_from_record({"train_loss": loss}, CollapseThresholds())) == ["diverged"]
+    assert findings_from_record({"train_loss": 3.0}, CollapseThresholds()) == {}
 
 
 def test_the_default_rule_records_dimensional_collapse_but_stops_only_complete_and_cluster():
@@ -106,6 +113,10 @@ def test_the_default_rule_records_dimensional_collapse_but_stops_only_complete_a
         CollapseStopRule(stop_on=("one-hot",))
     with pytest.raises(ValueError, match="stop_on"):
         CollapseStopRule(stop_on=())
+    with pytest.raises(ValueError, match="grace_epochs must be >= 0, got -1"):
+        CollapseStopRule(grace_epochs=-1)
+    with pytest.raises(ValueError, match="patience_epochs must be >= 1, got 0"):
+        CollapseStopRule(patience_epochs=0)
 
 
 def test_the_default_rule_records_partial_prototype_collapse_and_stops_one_hot():
@@ -125,6 +136,10 @@ def test_a_type_stops_when_its_rules_fire_also_behind_another_verdict():
     assert monitor.verdicts == ["none", "partial", "dimensional"]
     assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_epoch) == (3, "dimensional", 2)
     assert monitor.stop_reasons == ["rankme_embedding_norm 0.04 < 0.1"]
+    # Stopped at an epoch whose verdict is another kind: the stop is named by the kind it stopped on.
+    behind = monitor_after([HEALTHY, PARTIAL_AND_DIMENSIONAL, PARTIAL_AND_DIMENSIONAL], stop_on=("dimensional",))
+    assert behind.verdicts[-1] == "partial"
+    assert (behind.stop_epoch, behind.collapse_type, behind.collapse_epoch) == (3, "dimensional", 2)
     # Both kinds stopped on: the type is the first in precedence at the stopping epoch.
     both = monitor_after([HEALTHY, DIMENSIONAL, PARTIAL_AND_DIMENSIONAL], stop_on=("partial", "dimensional"))
     assert (both.stop_epoch, both.collapse_type, both.collapse_epoch) == (3, "partial", 2)
@@ -195,7 +210,22 @@ def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_
     assert "objective" not in trials["c"].user_attrs  # NaN is not stored (dashboards reject it)
     assert trials["d"].user_attrs["outcome"] == "failed"
     assert trials["e"].user_attrs["outcome"] == "stopped" and trials["e"].intermediate_values == {1: 0.5, 2: 0.4}
+    # A stopped trial's epochs and RankMe are those of its last report (it sends no final one).
+    assert (trials["e"].user_attrs["epochs_run"], trials["e"].user_attrs["epochs_completed"]) == (2.0, 2)
+    assert trials["e"].user_attrs["rankme"] == 100.0
     assert trials["a"].user_attrs["config"] == {"x": trials["a"].params["x"]}
+
+    # A non-finite epoch objective is not stored as an intermediate value (dashboards reject NaN); a
+    # "complete" final report without a finite objective is a failure, not a complete trial.
+    searcher.suggest("f")
+    searcher.on_trial_result("f", epoch_result(1, math.nan))
+    searcher.on_trial_result("f", epoch_result(2, 0.5))
+    searcher.on_trial_complete("f", result=final_result("complete", math.nan))
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    (failed,) = [t for t in study.trials if t.user_attrs.get("tune_trial_id") == "f"]
+    assert failed.intermediate_values == {2: 0.5}
+    assert failed.state == TrialState.FAIL and failed.user_attrs["outcome"] == "failed"
+    assert "final report has outcome 'complete' and objective nan" in failed.user_attrs["error"]
 
 
 def test_a_stop_that_ends_the_process_waits_until_the_searcher_has_written_the_trial(tmp_path, monkeypatch):
@@ -408,6 +438,13 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert csv.loc[1, "verdict"] == "cluster" and csv.loc[2, "verdict"] == "diverged"
     assert csv.loc[1, "collapse_step"] == 3 and csv.loc[1, "epochs_run"] == 1.0
     assert csv.loc[2, "collapse_type"] == "diverged" and csv.loc[2, "epochs_run"] < 1.0
+    # It diverged within its first epoch: the steps it ran count as that fraction of an epoch.
+    diverged = csv.loc[2]
+    assert 0 < diverged["steps"] < 3 and diverged["epochs_run"] == diverged["steps"] / 3
+    assert diverged["collapse_step"] == diverged["diverged_step"] and diverged["collapse_epoch"] == 1
+    assert (csv.loc[0, "best_objective"], csv.loc[0, "best_epoch"]) == (csv.loc[0, "objective"], 2)
+    assert csv.loc[0, "rankme"] == csv.loc[0, "last_collapse_rankme_embedding"]
+    assert (csv.loc[:2, "seconds"] > 0).all() and (csv.loc[:2, "cpu_seconds"] > 0).all()
     assert "num_prototypes must be at least 2" in csv.loc[3, "error"]
     assert csv.loc[0, "epochs_run"] == 2.0 and 0.0 <= csv.loc[0, "objective"] <= 1.0
     assert csv.loc[0, "param_center_momentum"] == pytest.approx(1 - csv.loc[0, "param_one_minus_center_momentum"])
@@ -711,6 +748,43 @@ def test_under_asha_a_probe_objective_is_measured_every_epoch(objective, tonal_d
     assert not SearchSettings(method="vicreg", objective=objective).trial_settings().probe_every_epoch
 
 
+def test_a_trials_final_record_reads_the_chosen_objective_and_records_what_the_rule_only_would_do(
+        tonal_data, monkeypatch):
+    """The trainable's final record, from real tiny trainings (outside Ray): the objective is the score
+    the search optimises, the best score so far is the final one when only the final one is measured,
+    a rule that fires with stopping off only records, and a probe that returns NaN makes the trial
+    diverged (infeasible), not complete or failed."""
+    from hpsearch.trainable import _EpochReporter, _train_and_score
+
+    params = {"learning_rate": 1e-3, "weight_decay": 1e-4}
+
+    def run(**changes):
+        settings = SearchSettings(method="vicreg", **{**TINY, **changes}).trial_settings()
+        monitor = CollapseMonitor(settings.collapse_rule())
+        reports: list[dict] = []
+        reporter = _EpochReporter(settings, tonal_data, monitor, reports.append)
+        record, checkpoint = _train_and_score(settings, params, tonal_data, monitor, reporter)
+        return record, checkpoint, reports
+
+    # probe_auc, with a rule that fires at epoch 1 (a tiny run reads "complete") but stopping off.
+    record, checkpoint, reports = run(objective="probe_auc", collapse_stop=False, grace_epochs=0, patience_epochs=1)
+    assert len(reports) == 2 and record["outcome"] == "complete" and checkpoint is not None
+    assert record["objective"] == record["probe_auc"] and record["probe_auc"] != record["probe_map"]
+    assert record["would_stop_epoch"] == 1 and "stop_epoch" not in record
+    assert (record["best_objective"], record["best_epoch"], record["epochs_run"]) == (record["objective"], 2, 2.0)
+    assert record["rankme"] == reports[-1]["collapse_rankme_embedding"]
+
+    record, _, reports = run(objective="rankme")
+    assert record["objective"] == reports[-1]["collapse_rankme_embedding"] > 1.0
+
+    import musicssl.train
+
+    monkeypatch.setattr(musicssl.train, "probe_score", lambda *args, **kwargs: {"probe_map": math.nan, "probe_auc": 0.5})
+    record, checkpoint, _ = run()
+    assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
+    assert record["collapse_reasons"] == "objective probe_map is nan" and math.isnan(record["objective"])
+
+
 def test_a_trial_config_the_trainer_would_refuse_is_refused_when_it_is_built():
     """A space (or its FIXED values) giving the trainer a value it refuses fails when the search
     checks its space, not in every trial; a GPU the driver lacks is not checked there."""
@@ -739,6 +813,16 @@ def test_a_trial_a_scheduler_stops_on_its_collapse_is_recorded_collapsed_and_inf
     assert trial.state == TrialState.PRUNED and trial.constraints == {CONSTRAINT_NAME: 1.0}
     assert (trial.user_attrs["outcome"], trial.user_attrs["collapse_type"], trial.user_attrs["collapse_epoch"]) == (
         "collapsed", "complete", 2)
+    # Stopped on the report whose NaN loss ended it: diverged, infeasible too.
+    searcher.suggest("b")
+    searcher.on_trial_result("b", epoch_result(1, 0.5))
+    diverging = {**epoch_result(2, math.nan), **NAN_LOSS, "collapse_verdict": "diverged", "collapse_stop": True,
+                 "collapse_type": "diverged", "collapse_epoch": 2, "collapse_step": 20, "stop_epoch": 2}
+    searcher.on_trial_complete("b", result=diverging)
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    diverged = study.trials[1]
+    assert diverged.state == TrialState.PRUNED and diverged.constraints == {CONSTRAINT_NAME: 1.0}
+    assert (diverged.user_attrs["outcome"], diverged.user_attrs["collapse_type"]) == ("diverged", "diverged")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2008,6 +2092,15 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # A search stored before trials had a verdict column summarises without it.
     assert summarize(frame.drop(columns="verdict"), "vicreg", "probe_map", 5, 6).flagged == {}
     assert summary.would_stop == 0 and "collapse stop off" not in format_summary(summary)
+    # A trial a scheduler stopped keeps its last epoch's objective in trials.csv (here above the best),
+    # but is not a candidate for the best; its unrun epochs count as saved. A tie goes to the earlier trial.
+    stopped = pd.concat([frame, pd.DataFrame({"trial": [5, 6], "state": ["PRUNED", "COMPLETE"],
+                                              "outcome": ["stopped", "complete"], "objective": [0.95, 0.40],
+                                              "epochs_run": [2.0, 6.0], "param_x": [0.6, 0.7]})], ignore_index=True)
+    with_stopped = summarize(stopped, "vicreg", "probe_map", trials=7, max_epochs=6)
+    assert (with_stopped.best_trial, with_stopped.best_value) == (1, 0.40)
+    assert with_stopped.epochs_saved == {"collapsed": 3.0, "diverged": 5.5, "stopped": 4.0}
+    assert with_stopped.saved_fraction == pytest.approx((3.0 + 5.5 + 4.0) / (6 * 7))
     # --no-collapse-stop: every trial ran to the end; the summary says what the rule would have done
     # (the trials with a would_stop_epoch: at epochs 3 and 4 of 6, saving 3 + 2).
     unstopped = pd.DataFrame({
