@@ -673,6 +673,21 @@ def test_without_collapse_stop_a_collapsed_trial_runs_on_and_records_when_it_wou
     assert len(stopped) == 3 and stopped[-1]["collapse_stop"] and stopped[-1]["stop_epoch"] == 3
 
 
+def test_the_best_epoch_is_the_one_with_the_highest_objective_reported():
+    """With an objective measured every epoch (here RankMe), the best so far starts from the first one
+    and moves only to a higher one."""
+    from types import SimpleNamespace
+
+    from hpsearch.trainable import _EpochReporter
+
+    trial = SearchSettings(method="vicreg", trials=2, objective="rankme", max_epochs=4).trial_settings()
+    reporter = _EpochReporter(trial, None, CollapseMonitor(trial.collapse_rule()), lambda report: None)
+    module = SimpleNamespace(trainer=SimpleNamespace(should_stop=False))
+    for epoch, value in enumerate([50.0, 70.0, 10.0, 60.0], start=1):
+        reporter(module, {**HEALTHY, "collapse_rankme_embedding": value, "epoch": epoch, "step": 15 * epoch})
+    assert (reporter.best_objective, reporter.best_epoch) == (70.0, 2)
+
+
 def test_the_tested_versions_are_the_pinned_ones_and_others_are_warned_about(monkeypatch):
     """The searcher relies on private attributes of OptunaSearch: the versions it was tested with are
     constraints.txt's pins, installed here; another version warns when a searcher is made."""
