@@ -610,3 +610,42 @@ def test_bad_input_gets_a_clear_error() -> None:
         collapse_verdict({"loss": 1.0})
     with pytest.raises(ValueError, match="one id per sample"):
         mean_cosine_similarity(torch.randn(8, 4), torch.arange(7))
+
+
+# Healthy embedding metrics for hand-made verdict inputs: spread, full rank, no shared direction.
+_HEALTHY_EMBEDDING = {"l2_std_embedding": 0.7, "mean_cosine": 0.3, "rankme_embedding": 30.0,
+                      "rankme_embedding_norm": 0.5}
+
+
+def test_the_complete_rules_are_strict_and_the_mean_cosine_rule_stands_alone():
+    # A threshold at the end of its range switches its rule off: a constant embedding (std 0, cosine 1)
+    # is not below a std limit of 0 nor above a cosine limit of 1.
+    constant = {**_HEALTHY_EMBEDDING, "l2_std_embedding": 0.0, "mean_cosine": 1.0}
+    assert collapse_findings(constant, CollapseThresholds(complete_max_l2_std=0.0, complete_min_mean_cosine=1.0)) == {}
+    # L2 std is at most sqrt(1 - mean cosine): a cone with mean cosine 0.986 can keep std 0.118 and
+    # RankMe 14.9, which only the mean-cosine rule (default 0.98) calls complete.
+    cone = {**_HEALTHY_EMBEDDING, "l2_std_embedding": 0.118, "mean_cosine": 0.986, "rankme_embedding": 14.9}
+    assert collapse_diagnosis(cone) == ("complete", ["mean_cosine 0.986 > 0.98"])
+    assert collapse_findings({**cone, "mean_cosine": 0.975}) == {}
+
+
+def test_the_count_rule_asks_for_fewer_than_3_effective_prototypes_and_fewer_than_sqrt_k():
+    """One-hot collapse by count: the mean assignment rests on fewer than min(3, sqrt(K)) prototypes
+    (entropy under half of log K). 2.98 effective prototypes: collapse of K = 9 (sqrt 3), not of K = 8
+    (sqrt 2.83: even use of 3 of 8 prototypes is no collapse)."""
+    def assignments(effective: float, k: int) -> dict:
+        return {**_HEALTHY_EMBEDDING, "assignment_entropy": math.log(effective) / math.log(k),
+                "effective_prototypes": effective, "sample_entropy": 0.3, "cluster_occupancy_attainable": 0.5}
+
+    assert collapse_findings(assignments(2.98, 9)) == {"cluster": ["effective_prototypes 2.98 < 3"]}
+    assert collapse_findings(assignments(2.98, 8)) == {}
+    assert collapse_findings(assignments(3.01, 100)) == {}
+
+
+def test_a_nonfinite_flag_alone_is_divergence_and_thresholds_outside_their_ranges_are_refused():
+    assert collapse_diagnosis({**_HEALTHY_EMBEDDING, "nonfinite": 1.0})[0] == "diverged"
+    assert collapse_diagnosis({**_HEALTHY_EMBEDDING, "alignment": math.nan})[0] == "diverged"
+    with pytest.raises(ValueError, match=r"complete_min_mean_cosine must be in \[-1, 1\], got 2"):
+        CollapseThresholds(complete_min_mean_cosine=2)
+    with pytest.raises(ValueError, match="complete_max_effective_rank must be a finite number >= 0, got -1"):
+        CollapseThresholds(complete_max_effective_rank=-1)
