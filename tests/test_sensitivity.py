@@ -435,8 +435,76 @@ def test_collapse_importance_finds_the_parameter_that_causes_collapse():
     for importance in collapse_importances(experiment):
         assert importance.values["x"] > 0.8, importance
         assert importance.trials == 40
+        assert list(importance.values) == ["x", "y"]  # most important first
+    collapsed = sum(outcome == "collapsed" for _, _, outcome in rows)
+    assert collapse_importances(experiment)[0].note == f"top set: the {collapsed} trial(s) collapsed or diverged, against all 40"
+    from analysis.sensitivity import analyse, comparison_rows
+
+    analysis = analyse(experiment)
+    assert (analysis.sensitivity["most_important_for_collapse"], analysis.sensitivity["most_important_for_collapse_by"]) \
+        == ("x", "PED-ANOVA")
+    row = comparison_rows([analysis])[0]
+    assert row["most_important_for_collapse"] == "x"
+    assert (row["collapse_rate"], row["collapse_low"], row["collapse_high"]) == (
+        analysis.collapse_rate["rate"], analysis.collapse_rate["low"], analysis.collapse_rate["high"])
+    assert row["collapse_low"] < row["collapse_rate"] < row["collapse_high"]
     # Optuna alone would not see the collapsed trials: they are PRUNED.
     assert len(experiment.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < 40
+
+
+@pytest.mark.parametrize("count, collapsed", [(25, 7), (5, 2)])
+def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, collapsed):
+    """A 0/1 target's top set is the collapsed trials and nothing else, whatever their share (a quantile
+    of k/n can round up past them: 7 of 25 then read "no difference"); 5 trials are enough to judge."""
+    rng = np.random.default_rng(count)
+    xs = rng.uniform(size=count)
+    cut = np.sort(xs)[-collapsed]
+    rows = [(x, y, "collapsed" if x >= cut else "complete") for x, y in zip(xs, rng.uniform(size=count))]
+    importances = {i.evaluator: i for i in collapse_importances(experiment_from_study(synthetic_study(rows), SETTINGS))}
+    ped = importances["PED-ANOVA"]
+    assert ped.values is not None, ped
+    if count == 25:
+        assert ped.values["x"] > 0.8, ped  # 5 trials are too few to tell the parameters apart
+    assert ped.note == f"top set: the {collapsed} trial(s) collapsed or diverged, against all {count}"
+    fewer = experiment_from_study(synthetic_study(rows[:4]), SETTINGS)
+    assert all("not enough trials: 4, at least 5 needed" in i.note for i in collapse_importances(fewer))
+
+
+def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_they_were_stopped():
+    """Collapses beginning at epochs 1, 2, 2 and 5 under patience 2: stopped at epochs 2, 3, 3 and 6,
+    after 15 steps an epoch. The medians and counts are those of the trials' own records."""
+    import statistics
+
+    from analysis.sensitivity import analyse
+    from hpsearch.stopping import CollapseMonitor, CollapseStopRule
+    from hpsearch.trainable import _rule_record
+
+    healthy = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
+               "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
+    complete = {**healthy, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999}
+    starts = [1, 2, 2, 5]
+    study = optuna.create_study(direction="maximize")
+    distribution = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for number, start in enumerate(starts + [None] * 4):
+        record = {"outcome": "complete", "epochs_run": 6.0, "epochs_completed": 6, "verdict": "none"}
+        if start is not None:
+            monitor = CollapseMonitor(CollapseStopRule(grace_epochs=0, patience_epochs=2))
+            epoch = 0
+            while not monitor.fired:
+                epoch += 1
+                monitor.update(epoch, 15 * epoch, complete if epoch >= start else healthy)
+            record.update(_rule_record(monitor, True), outcome="collapsed", epochs_run=float(epoch),
+                          epochs_completed=epoch, verdict="complete")
+        attrs = user_attrs_from_record(record)
+        done = attrs["outcome"] == "complete"
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": number / 10}, distributions=distribution, value=0.5 if done else None, user_attrs=attrs,
+            state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.PRUNED))
+    timing = analyse(experiment_from_study(study, {**SETTINGS, "max_epochs": 6})).time_to_collapse
+    assert timing["trials"] == 4 and timing["by_type"] == {"complete": 4}
+    assert timing["median_collapse_epoch"] == statistics.median(starts) == 2
+    assert timing["median_stop_epoch"] == statistics.median([s + 1 for s in starts]) == 3
+    assert timing["median_collapse_step"] == statistics.median([15 * s for s in starts]) == 30
 
 
 def test_too_few_trials_say_so_and_the_report_still_builds(tmp_path):
