@@ -535,6 +535,19 @@ def test_wilson_interval_matches_its_formula():
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
 
 
+def test_the_collapse_rate_is_of_the_finished_trials_and_a_failed_one_is_not_among_them():
+    from analysis.sensitivity import analyse
+
+    rows = [(0.1 * k, 0.5, "complete") for k in range(6)] + [(0.8, 0.5, "collapsed"), (0.9, 0.5, "collapsed")]
+    study = synthetic_study(rows)
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.95, "y": 0.5}, distributions=study.trials[0].distributions, state=optuna.trial.TrialState.FAIL,
+        user_attrs=user_attrs_from_record({"outcome": "failed", "error": "RuntimeError: boom"})))
+    rate = analyse(experiment_from_study(study, SETTINGS)).collapse_rate
+    assert (rate["collapsed_or_diverged"], rate["finished"], rate["rate"]) == (2, 8, 0.25)
+    assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(2, 8))
+
+
 def test_spearman_interval_is_nan_below_four_trials_and_rho_is_scipys():
     x, y = [1.0, 2.0, 3.0], [2.0, 1.0, 3.0]
     result = spearman_with_interval(x, y)
