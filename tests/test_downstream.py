@@ -242,6 +242,10 @@ def test_embeddings_are_backbone_outputs_of_the_protocols_segments(tmp_path):
     for number in range(5):
         path = tmp_path / "audio" / f"clip{number}.flac"
         write_clip(path, number, seconds=14.0, seed=number)
+        if number in (0, 4):  # sound for 3.5 s, then digital silence: 1 of its 3 segments is not silent
+            audio, rate = soundfile.read(str(path), dtype="float32")
+            audio[int(3.5 * rate):] = 0.0
+            soundfile.write(str(path), audio, rate)
         records.append({"track_id": f"c{number}", "path": str(path), "split": "train" if number < 3 else "test",
                         "tags": ["x"]})
     data = prepare_data(TrackIndex.from_records(records), LogMelConfig(n_mels=64), cache_dir=tmp_path / "mels",
@@ -259,14 +263,16 @@ def test_embeddings_are_backbone_outputs_of_the_protocols_segments(tmp_path):
                 assert (owners == position).all()
                 np.testing.assert_allclose(rows, expected.numpy(), rtol=1e-4, atol=1e-4)
             else:
-                # A test track: the mean over every segment of the whole track (14 s: 3 segments).
+                # A test track: the mean over every segment of the whole track (14 s: 3 segments), silent
+                # ones included.
                 segments = track_segments(data.cache, track_id)
                 assert len(segments) == 3
                 expected = backbone(segments).mean(dim=0)
                 assert embeddings.segment_counts[position] == 0
             np.testing.assert_allclose(embeddings.track_means[position], expected.reshape(-1, 256).mean(0).numpy(),
                                        rtol=1e-4, atol=1e-4)
-    assert embeddings.segment_counts.tolist() == [2, 2, 2, 0, 0]
+    # A training track keeps its non-silent segments only (c0: 1 of 3; the others: 2 of 3, the cap).
+    assert embeddings.segment_counts.tolist() == [1, 2, 2, 0, 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,6 +757,66 @@ def test_jamendo_end_to_end_reports_tag_groups(tmp_path):
     assert "Per tag group" in outputs["html"]
 
 
+def test_each_probe_fit_trains_on_its_subsets_segments_and_is_selected_on_the_valid_track_means(monkeypatch):
+    """What every limited-data fit is given: the training segments of the subset's tracks (labelled by
+    their track), the valid tracks' means to stop early on, and the test tracks' means to score; a seed
+    per draw and probe; the headline scores are those of the 100 % fit of draw 0."""
+    import analysis.downstream as downstream
+
+    rng = np.random.default_rng(0)
+    splits = np.array(["valid"] * 3 + ["train"] * 6 + ["test"] * 3)  # subsets index the training tracks
+    counts = np.array([0] * 3 + [3, 1, 2, 3, 2, 1] + [0] * 3)
+    embeddings = downstream.Embeddings(
+        track_ids=[f"t{i}" for i in range(12)], splits=splits, track_means=rng.normal(size=(12, 4)),
+        segment_counts=counts, segments=rng.normal(size=(int(counts.sum()), 4)))
+    labels = np.tile([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], (4, 1))
+    positions = {name: np.flatnonzero(splits == name) for name in ("train", "valid", "test")}
+    subsets = {(1.0, 0): np.arange(6), (1.0, 1): np.arange(6), (0.5, 0): np.array([4, 1, 0])}
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.5, 1.0), "draws": 2})
+    calls, fit = [], downstream._fit_and_predict
+
+    def spy(*args):
+        calls.append(args)
+        return fit(*args)
+
+    monkeypatch.setattr(downstream, "_fit_and_predict", spy)
+    rows, main_scores = downstream._fit_probes("mlp", embeddings, labels, positions, subsets, config, torch.device("cpu"))
+    assert len(calls) == 3 and [(row["fraction"], row["draw"]) for row in rows] == list(subsets)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for (fraction, draw), call, row in zip(subsets, calls, rows):
+        kind, train_x, train_y, valid_x, valid_y, test_x, _, seed, _ = call
+        tracks = 3 + subsets[fraction, draw]  # the training tracks are at positions 3-8
+        expected = np.concatenate([embeddings.segments[starts[t]:starts[t + 1]] for t in tracks])
+        np.testing.assert_array_equal(train_x, expected)
+        np.testing.assert_array_equal(train_y, np.repeat(labels[tracks], counts[tracks], axis=0))
+        np.testing.assert_array_equal(valid_x, embeddings.track_means[:3])
+        np.testing.assert_array_equal(valid_y, labels[:3])
+        np.testing.assert_array_equal(test_x, embeddings.track_means[9:])
+        assert kind == "mlp" and seed == config.seed + 1000 * draw + 1  # mlp is the second probe
+        assert (row["train_tracks"], row["train_segments"]) == (len(tracks), counts[tracks].sum())
+    # The headline scores: a fit of the 100 % subset with draw 0's seed, whatever order the fits ran in.
+    refit = fit(*calls[0])[0]
+    np.testing.assert_array_equal(main_scores, refit)
+    assert not np.array_equal(main_scores, fit(*calls[1])[0])
+
+
+def test_a_probe_stops_after_patience_checks_without_improvement():
+    """Early stopping, counted independently: a check every max(one epoch, check_every_steps) steps;
+    after ``patience`` checks without a better valid score the fit ends, the best check's step kept."""
+    from analysis.downstream import ClassifierConfig, fit_classifier
+
+    rng = np.random.default_rng(1)
+    train_x, valid_x = rng.normal(size=(400, 8)), rng.normal(size=(60, 8))
+    train_y = (rng.random((400, 3)) < 0.5).astype(float)  # labels unrelated to the features
+    valid_y = (rng.random((60, 3)) < 0.5).astype(float)
+    config = ClassifierConfig(batch_size=64, check_every_steps=5, patience=3, max_checks=100, hidden_dim=16)
+    check = max(math.ceil(400 / 64), 5)  # 7 steps
+    fitted = fit_classifier("mlp", train_x, train_y, valid_x, valid_y, config, seed=0)
+    assert fitted.steps % check == 0 and fitted.best_step % check == 0
+    assert fitted.steps - fitted.best_step == config.patience * check
+    assert fitted.steps < config.max_checks * check
+
+
 def test_the_reported_spreads_are_sample_standard_deviations():
     """results.csv's ``*_std`` is the sample std (n - 1) of the resamples that bootstrap.csv lists, and
     results.md's limited-data table gives mean +- sample std over the draws (0 for a single draw).
@@ -977,6 +1043,12 @@ def test_check_bootstrap_fails_exactly_where_the_bootstrap_would():
     assert modes == {None, "redraw", "skip_tag"}  # every case met
 
 
+def test_subset_sizes_round_halves_up_and_keep_at_least_one_track():
+    # round() in Python rounds halves to even (16.5 -> 16, 2.5 -> 2): the subsets round them up.
+    assert [subset_size(0.5, 33), subset_size(0.01, 250), subset_size(0.05, 50)] == [17, 3, 3]
+    assert subset_size(0.001, 100) == 1 and subset_size(1.0, 7) == 7
+
+
 def test_defaults_are_the_studys_protocol():
     """REFERENCE.md section 1, "Downstream protocol": 4 s segments, up to 25 per training track, 50
     bootstrap resamples of half the test set, training fractions 1/5/10/20/100 % (and the seed
@@ -989,13 +1061,15 @@ def test_defaults_are_the_studys_protocol():
         "fractions": (0.01, 0.05, 0.10, 0.20, 0.25, 1.0),
         "draws": 4,
         "classifiers": ("linear", "mlp"),
+        "bn_calibration_segments": 2048,
     }
     config = DownstreamConfig()
     assert {name: getattr(config, name) for name in protocol} == protocol
     args = build_parser().parse_args([])
     from_cli = {"max_train_segments": args.max_train_segments, "bootstrap_resamples": args.bootstrap,
                 "bootstrap_fraction": args.bootstrap_fraction, "fractions": tuple(args.fractions),
-                "draws": args.draws, "classifiers": tuple(args.classifiers)}
+                "draws": args.draws, "classifiers": tuple(args.classifiers),
+                "bn_calibration_segments": args.bn_segments}
     assert from_cli == {name: value for name, value in protocol.items() if name in from_cli}
 
 

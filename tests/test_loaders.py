@@ -83,6 +83,10 @@ def test_folder_csv_with_path_tags_and_split(tmp_path):
     assert index.name == "music"
     assert index.extra["missing"] == [] and index.extra["audio_checked"] is True
     assert index.extra["split_rule"] == "split column"
+    # The other common names of the three splits, in any case.
+    (root / "tags.csv").write_text("path,tags,split\naudio/a.wav,rock,Training\naudio/b.flac,jazz,val\n"
+                                   "c.mp3,,Testing\nsub/d.wav,rock,DEV\n")
+    assert load_folder(root).tracks["split"].tolist() == ["train", "valid", "test", "valid"]
 
 
 def test_folder_tab_separated_file_named_csv(tmp_path):
@@ -530,6 +534,18 @@ def test_mtat_top_tags_split_and_dropped_clips(tmp_path):
     assert index.extra["tag_counts"] == {"guitar": 4, "no voice": 2, "classical": 2}
     assert index.extra["dropped_without_tags"] == 3
     assert index.name == "mtat"
+
+
+def test_mtat_splits_by_the_audio_folders_first_character(tmp_path):
+    """Won et al.'s split: folders 0-b train, c valid, d-f test; one kept clip in each of the 16."""
+    root = tmp_path / "mtat"
+    rows = [(str(number), [1, 0, 0, 0, 0], f"{folder}/clip-{number}.mp3") for number, folder in enumerate("0123456789abcdef")]
+    write_mtat(root, rows=rows)
+    for _, _, mp3_path in rows:
+        write_sine(root / mp3_path)
+    index = load_mtat(root, n_tags=1)
+    assert index.track_ids == [str(number) for number in range(16)]
+    assert index.tracks["split"].tolist() == ["train"] * 12 + ["valid"] + ["test"] * 3
 
 
 def test_mtat_audio_dir_override_and_missing_report(tmp_path, caplog):
