@@ -535,6 +535,35 @@ def test_wilson_interval_matches_its_formula():
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
 
 
+def test_the_rank_correlation_is_of_complete_trials_and_a_failed_trial_is_no_would_stop(tmp_path):
+    """A trial a scheduler stopped keeps its last epoch's probe score (ASHA with a probe objective), and a
+    trial that failed can carry the would-stop epoch of its last report: neither is what the report
+    counts (the correlation is of complete trials; would-stop trials are finished ones)."""
+    from analysis.sensitivity import analyse
+
+    study = optuna.create_study(direction="maximize")
+    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
+                     "y": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for k in range(8):  # complete, the last two with the rule's would-stop record; probe score rises with RankMe
+        record = {"outcome": "complete", "epochs_run": 2.0, "epochs_completed": 2, "verdict": "none",
+                  "probe_map": 0.1 + 0.05 * k, "rankme": 10.0 + k, "objective": 0.1 + 0.05 * k}
+        if k >= 6:
+            record.update(_rule_fired_at_epoch_1("complete", False))
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": 0.1 * k, "y": 0.5}, distributions=distributions, state=optuna.trial.TrialState.COMPLETE,
+            value=0.1 + 0.05 * k, user_attrs=user_attrs_from_record(record)))
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.95, "y": 0.5}, distributions=distributions, state=optuna.trial.TrialState.PRUNED,
+        user_attrs=user_attrs_from_record({"outcome": "stopped", "epochs_run": 1.0, "probe_map": 0.9, "rankme": 5.0})))
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.97, "y": 0.5}, distributions=distributions, state=optuna.trial.TrialState.FAIL,
+        user_attrs=user_attrs_from_record({"outcome": "failed", "would_stop_epoch": 2, "collapse_type": "complete",
+                                           "collapse_epoch": 1, "error": "RuntimeError: boom"})))
+    analysis = analyse(experiment_from_study(study, {**SETTINGS, "collapse_stop": False}, tmp_path))
+    assert analysis.label_free.n == 8 and analysis.label_free.rho == pytest.approx(1.0)
+    assert analysis.time_to_collapse["trials"] == 2 and analysis.collapse_rate["would_have_been_stopped"] == 2
+
+
 def test_the_collapse_rate_is_of_the_finished_trials_and_a_failed_one_is_not_among_them():
     from analysis.sensitivity import analyse
 
