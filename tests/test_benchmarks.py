@@ -162,11 +162,10 @@ def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_
     1 - trial-epochs with stopping / without, and each of the 5 best trials without stopping is judged by
     the stopping rule replayed on its epoch reports (grace 1, patience 2: collapsed from epoch 1, stopped
     at epoch 3)."""
-    healthy = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
-               "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
-    complete = {**healthy, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999}
+    from test_hpsearch import COMPLETE, HEALTHY  # epoch records, written out once
+
     objectives = [0.5, 0.6, 0.7, 0.4, 0.3, 0.2]  # the 5 best: #2, #1, #0, #3, #4
-    progress = {number: [{**(complete if number == 3 else healthy), "epoch": epoch, "step": 15 * epoch}
+    progress = {number: [{**(COMPLETE if number == 3 else HEALTHY), "epoch": epoch, "step": 15 * epoch}
                          for epoch in range(1, 5)] for number in range(6)}
     _stored_search(tmp_path / "vicreg-6-4ep-nostop", [4.0] * 6, objectives, progress, collapse_stop=False)
     _stored_search(tmp_path / "vicreg-6-4ep-stop", [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], objectives, {}, collapse_stop=True)

@@ -29,6 +29,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.sensitivity import read_trajectories
+from hpsearch.results import load_study
 from hpsearch.run import build_parser, run_search
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import SearchSettings, SettingsError
@@ -221,7 +222,7 @@ def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_
     searcher.on_trial_result("f", epoch_result(1, math.nan))
     searcher.on_trial_result("f", epoch_result(2, 0.5))
     searcher.on_trial_complete("f", result=final_result("complete", math.nan))
-    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    study = load_study(tmp_path / "optuna.journal")
     (failed,) = [t for t in study.trials if t.user_attrs.get("tune_trial_id") == "f"]
     assert failed.intermediate_values == {2: 0.5}
     assert failed.state == TrialState.FAIL and failed.user_attrs["outcome"] == "failed"
@@ -834,7 +835,7 @@ def test_a_trial_a_scheduler_stops_on_its_collapse_is_recorded_collapsed_and_inf
     diverging = {**epoch_result(2, math.nan), **NAN_LOSS, "collapse_verdict": "diverged", "collapse_stop": True,
                  "collapse_type": "diverged", "collapse_epoch": 2, "collapse_step": 20, "stop_epoch": 2}
     searcher.on_trial_complete("b", result=diverging)
-    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    study = load_study(tmp_path / "optuna.journal")
     diverged = study.trials[1]
     assert diverged.state == TrialState.PRUNED and diverged.constraints == {CONSTRAINT_NAME: 1.0}
     assert (diverged.user_attrs["outcome"], diverged.user_attrs["collapse_type"]) == ("diverged", "diverged")
@@ -1876,8 +1877,7 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         assert len(csv) == 2 and (csv["state"] == "COMPLETE").all()
         # Each trial's epoch reports reach the search's folder from the cluster's trials too.
         assert {n: len(frame) for n, frame in read_trajectories(tmp_path / "on-cluster").items()} == {0: 2, 1: 2}
-        study = optuna.load_study(study_name="search", storage=JournalStorage(
-            JournalFileBackend(str(tmp_path / "on-cluster" / "optuna.journal"))))
+        study = load_study(tmp_path / "on-cluster" / "optuna.journal")
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
         # Without --address, a search starts a Ray of its own beside the running cluster.
         local = subprocess.run(

@@ -33,6 +33,7 @@ from analysis.sensitivity import (
     wilson_interval,
 )
 from hpsearch.searcher import user_attrs_from_record
+from test_hpsearch import COMPLETE, HEALTHY, NAN_LOSS  # epoch records, written out once
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 REPO = Path(__file__).resolve().parents[1]
@@ -404,12 +405,10 @@ def _rule_fired_at_epoch_1(collapse: str, stopping: bool) -> dict:
     from hpsearch.trainable import _rule_record
 
     monitor = CollapseMonitor(CollapseStopRule(grace_epochs=0, patience_epochs=1))
-    healthy = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
-               "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
     if collapse == "complete":
-        monitor.update(1, 3, {**healthy, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999})
+        monitor.update(1, 3, COMPLETE)
     else:
-        monitor.update(1, 2, {**healthy, "train_loss": math.nan})
+        monitor.update(1, 2, NAN_LOSS)
     assert monitor.fired and monitor.collapse_type == collapse
     return _rule_record(monitor, stopping)
 
@@ -479,9 +478,6 @@ def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_the
     from hpsearch.stopping import CollapseMonitor, CollapseStopRule
     from hpsearch.trainable import _rule_record
 
-    healthy = {"train_loss": 20.0, "collapse_rankme_embedding": 100.0, "collapse_rankme_embedding_norm": 0.4,
-               "collapse_l2_std_embedding": 0.7, "collapse_mean_cosine": 0.3}
-    complete = {**healthy, "collapse_l2_std_embedding": 0.01, "collapse_mean_cosine": 0.999}
     starts = [1, 2, 2, 5]
     study = optuna.create_study(direction="maximize")
     distribution = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
@@ -492,7 +488,7 @@ def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_the
             epoch = 0
             while not monitor.fired:
                 epoch += 1
-                monitor.update(epoch, 15 * epoch, complete if epoch >= start else healthy)
+                monitor.update(epoch, 15 * epoch, COMPLETE if epoch >= start else HEALTHY)
             record.update(_rule_record(monitor, True), outcome="collapsed", epochs_run=float(epoch),
                           epochs_completed=epoch, verdict="complete")
         attrs = user_attrs_from_record(record)
