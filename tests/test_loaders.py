@@ -303,8 +303,8 @@ def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with
 def test_a_broken_track_index_names_the_file_and_the_problem(content, message, has_header, tmp_path):
     # Before: a header-only file said "none of the 0 listed audio files exists (the first was expected
     # at (no tracks listed))", and an empty one pandas' "No columns to parse from file", without its path.
-    # A folder's tracks.csv is its index whatever it holds; a CSV given by path is an index when its
-    # header says so (else it is the folder's tags file, for load_folder).
+    # A folder's tracks.csv is its index unless it has a tags file's columns (below); a CSV given by path
+    # is an index when its header says so (else it is the folder's tags file, for load_folder).
     (tmp_path / "tracks.csv").write_bytes(content)
     for spec in (tmp_path, tmp_path / "tracks.csv") if has_header else (tmp_path,):
         with pytest.raises((DatasetError, TrackIndexError)) as raised:
@@ -382,7 +382,9 @@ def test_folder_tags_file_with_absolute_paths_to_audio_kept_elsewhere(tmp_path):
     # Relative paths may leave the folder too; a file listed elsewhere that is missing is named.
     (meta / "tags.csv").write_text(f"path,tags\n../audio/x.wav,pop\n{tmp_path / 'audio' / 'gone.wav'},rock\n")
     index = load_folder(meta)
-    assert index.paths == [str(meta.resolve() / ".." / "audio" / "x.wav")] and len(index.extra["missing"]) == 1
+    # The path without its ".." (a file listed twice that way is one file, refused); the id as listed.
+    assert index.paths == [str(audio[0].resolve())] and len(index.extra["missing"]) == 1
+    assert index.track_ids == ["../audio/x"]
     (meta / "tags.csv").write_text(f"path,tags\n{tmp_path / 'audio' / 'gone.wav'},rock\n")
     with pytest.raises(DatasetError, match=r"none of the 1 listed audio files exists .*expected at .*gone.wav"):
         load_folder(meta)
@@ -1060,3 +1062,83 @@ def test_open_dataset_unknown_name(tmp_path):
         assert f"'{name}'" in message
     assert "no file or folder of that name exists" in message
 
+
+
+def test_folder_audio_behind_a_symbolic_link_is_found(tmp_path):
+    """Audio linked into a dataset's folder (common on shared machines) is found (before: ``rglob`` did not
+    follow the link, and the folder had "no audio files"); a link back up the tree is walked once."""
+    source = tmp_path / "store"
+    audio = [write_sine(source / name) for name in ("a.wav", "b.flac")]
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "audio").symlink_to(source, target_is_directory=True)
+    (source / "loop").symlink_to(root, target_is_directory=True)  # set/audio/loop -> set: a cycle
+    unlabeled = open_dataset_option(str(root), allow_unlabeled=True)
+    assert unlabeled.track_ids == ["audio/a", "audio/b"]
+    assert unlabeled.paths == [str(root.resolve() / "audio" / name) for name in ("a.wav", "b.flac")]
+    (root / "tags.csv").write_text("track_id,tags\na,rock\nb,jazz\n")
+    labelled = load_folder(root)
+    assert labelled.track_ids == ["a", "b"] and [Path(p).resolve() for p in labelled.paths] == audio
+
+
+def test_folder_tags_file_cells_as_a_user_writes_them(tmp_path):
+    """Paths through "..", names with surrounding spaces, a NUL byte, and a track_id that names two files."""
+    root = tmp_path / "set"
+    for name in ("audio/a.wav", "audio/b.wav", "  spaced.wav", "twin.wav", "twin.flac"):
+        write_sine(root / name)
+    # One file listed twice, once through "..": refused, as a file listed twice is (before: two tracks,
+    # one in train and one in test).
+    (root / "tags.csv").write_text("path,tags,split\naudio/a.wav,x,train\naudio/../audio/a.wav,x,test\n")
+    with pytest.raises(DatasetError, match=r"lists the audio file\(s\) \['audio/a.wav'\] more than once"):
+        load_folder(root)
+    (root / "tags.csv").write_text("path,tags\naudio/../audio/b.wav,x\n")
+    assert load_folder(root).track_ids == ["audio/b"]
+    # Spaces around a cell are dropped, unless the file's own name has them (before: "no such file").
+    (root / "tags.csv").write_text('path,tags\n"  spaced.wav",x\n audio/a.wav ,y\n')
+    index = load_folder(root)
+    assert index.track_ids == ["  spaced", "audio/a"]
+    assert index.paths == [str(root.resolve() / "  spaced.wav"), str(root.resolve() / "audio" / "a.wav")]
+    # A NUL byte names its line (before: "embedded null byte", no file, no line).
+    (root / "tags.csv").write_bytes(b"path,tags\naudio/a.wav,x\naudio/b\x00.wav,y\n")
+    with pytest.raises(DatasetError, match=r"tags.csv, line 3: the 'path' cell contains a NUL byte"):
+        load_folder(root)
+    # A track_id that names two files (other extensions) is refused like one that names two files by name
+    # (before: twin.flac was taken without a word).
+    (root / "tags.csv").write_text("track_id,tags\ntwin,x\naudio/a,y\n")
+    with pytest.raises(DatasetError, match=r"line 2: track_id 'twin' matches several audio files"):
+        load_folder(root)
+
+
+def test_a_folders_tracks_csv_with_a_tags_files_columns_is_its_tags_file(tmp_path):
+    """The README: a folder's only CSV is its tags file, also when it is named tracks.csv (before: refused for
+    lacking track_id); one with the four columns of an index stays an index."""
+    root = tmp_path / "set"
+    for name in ("a.wav", "b.wav"):
+        write_sine(root / name)
+    (root / "tracks.csv").write_text("path,tags,split\na.wav,rock,train\nb.wav,jazz,test\n")
+    index = open_dataset(str(root))
+    assert index.track_ids == ["a", "b"] and index.tracks["split"].tolist() == ["train", "test"]
+    assert index.extra["source"] == str(root.resolve() / "tracks.csv")
+    assert open_dataset_option(str(root)).track_ids == ["a", "b"]
+    # An index: tags stripped and deduplicated (before: " guitar" and "guitar" were two tags), split names
+    # as a tags file takes them (before: refused).
+    (root / "tracks.csv").write_text(
+        "track_id,path,split,tags\nx,a.wav,Validation,rock; guitar;rock\ny,b.wav,TEST, guitar\n"
+    )
+    index = open_dataset(str(root))
+    assert index.tag_names == ["guitar", "rock"] and index.tracks["tags"].tolist() == [("rock", "guitar"), ("guitar",)]
+    assert index.tracks["split"].tolist() == ["valid", "test"]
+
+
+def test_a_tags_file_in_another_format_is_named_not_ignored(tmp_path):
+    """A folder whose tags are in labels.txt was used without tags, and its splits ignored (its test tracks
+    trained on); now it is refused with the file's name and the fix."""
+    root = tmp_path / "set"
+    write_sine(root / "a.wav")
+    (root / "labels.txt").write_text("path,tags,split\na.wav,rock,test\n")
+    for allow_unlabeled in (True, False):
+        with pytest.raises(DatasetError, match=r"labels.txt looks like a tags file, but only .csv and .tsv .*"
+                                               r"rename it \(e.g. to labels.csv"):
+            open_dataset_option(str(root), allow_unlabeled=allow_unlabeled)
+    (root / "labels.txt").rename(root / "labels.csv")
+    assert open_dataset_option(str(root)).tracks["split"].tolist() == ["test"]

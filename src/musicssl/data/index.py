@@ -14,9 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["TrackIndex", "TrackIndexError", "SPLITS", "TAG_SEPARATOR", "GROUP_SEPARATOR", "tag_group"]
+__all__ = [
+    "TrackIndex", "TrackIndexError", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR", "tag_group",
+]
 
 SPLITS = ("train", "valid", "test")
+# Other names of the splits that tags files and track indexes use (matched case-insensitively).
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
+    "test": "test", "testing": "test",
+}
 TAG_SEPARATOR = ";"
 GROUP_SEPARATOR = "---"
 REQUIRED_COLUMNS = ("track_id", "path", "split", "tags")
@@ -137,7 +145,9 @@ class TrackIndex:
     def from_csv(cls, path: str | Path, name: str | None = None) -> "TrackIndex":
         """Read a ``tracks.csv`` (``track_id, path, split, tags`` with tags joined by ``;``).
 
-        Relative audio paths are resolved against the CSV's folder. The vocabulary is every tag used.
+        Relative audio paths are resolved against the CSV's folder. Tags are stripped of surrounding
+        spaces (``rock; guitar`` is ``rock`` and ``guitar``), splits may use the other names of
+        :data:`SPLIT_ALIASES` (``validation``, ``TEST``, ...). The vocabulary is every tag used.
         """
         path = Path(path)
         if not path.is_file():
@@ -158,6 +168,8 @@ class TrackIndex:
             )
         base = path.parent.resolve()
         frame["path"] = [str(p) if Path(p).is_absolute() else str(base / p) for p in frame["path"]]
-        frame["tags"] = [tuple(tag for tag in str(tags).split(TAG_SEPARATOR) if tag) for tags in frame["tags"]]
+        frame["tags"] = [tuple(dict.fromkeys(tag.strip() for tag in str(tags).split(TAG_SEPARATOR) if tag.strip()))
+                         for tags in frame["tags"]]
+        frame["split"] = [SPLIT_ALIASES.get(str(split).strip().lower(), split) for split in frame["split"]]
         tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
         return cls(frame, tag_names, name=name or path.parent.name)

@@ -27,14 +27,14 @@ import re
 import stat
 import unicodedata
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from musicssl.data.index import TrackIndex, TrackIndexError
+from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -68,11 +68,6 @@ DEFAULT_TAG_FILES = (
 )
 # Columns load_folder keeps as per-track metadata rather than reading them as tags.
 METADATA_COLUMNS = ("duration", "artist", "artist_id", "album", "album_id", "title")
-SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
-    "test": "test", "testing": "test",
-}
 BINARY_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
 
 # MagnaTagATune: the audio folder (first character of mp3_path) decides the split (Won et al. 2020).
@@ -284,9 +279,28 @@ def assign_splits(
 # A folder of audio plus a tags file
 
 
+def _files_under(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, following symbolic links to folders (audio linked into a dataset's
+    folder is common on shared machines; ``Path.rglob`` does not follow them), each folder once."""
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        try:
+            status = os.stat(folder)
+        except OSError:
+            subfolders[:] = []
+            continue
+        if (status.st_dev, status.st_ino) in seen:  # a link back up the tree, or a second link to one folder
+            subfolders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders.sort()
+        for name in files:
+            yield Path(folder) / name
+
+
 def _list_audio_files(root: Path) -> list[Path]:
     return sorted(
-        path for path in root.rglob("*")
+        path for path in _files_under(root)
         if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and not path.name.startswith(".")
     )
 
@@ -407,7 +421,7 @@ def load_folder(
     audio_files = _list_audio_files(root)
 
     def no_audio() -> DatasetError:
-        others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        others = sorted(p.relative_to(root).as_posix() for p in _files_under(root) if p.is_file())
         return DatasetError(
             f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)} in it and its subfolders; "
             f"found {len(others)} other file(s) such as {others[:3]}); add audio files or point root at their folder"
@@ -528,6 +542,15 @@ def _existing_spelling(path: Path) -> Path:
     return path
 
 
+def _listed_audio(location: str, root: Path, on_disk: dict[str, Path]) -> tuple[Path, Path | None]:
+    """A tags file's audio cell as a path (relative ones under ``root``; ``a/../a/x.wav`` is ``a/x.wav``,
+    so that a file listed twice that way is one file and one id), and the file on disk it names, if
+    found among ``on_disk`` (the files under ``root``, by path and by its NFC spelling)."""
+    path = Path(location).expanduser()
+    path = Path(os.path.normpath(path if path.is_absolute() else root / path))
+    return path, on_disk.get(str(path)) or on_disk.get(_nfc(str(path)))
+
+
 def _split_key(record: dict) -> str:
     """What a track's drawn split depends on (see :func:`_keep_extensions_that_tell_files_apart`)."""
     return record.get("split_key", record["track_id"])
@@ -631,9 +654,13 @@ def _records_from_table(
     on_disk = {str(path): path for path in audio_files}
     for path in audio_files:
         on_disk.setdefault(_nfc(str(path)), path)
-    by_relative = {path.relative_to(root).with_suffix("").as_posix(): path for path in audio_files}
+    by_relative: dict[str, list[Path]] = {}  # a track_id names the file(s) at that path, whatever the extension
     for path in audio_files:
-        by_relative.setdefault(_nfc(path.relative_to(root).with_suffix("").as_posix()), path)
+        by_relative.setdefault(path.relative_to(root).with_suffix("").as_posix(), []).append(path)
+    for path in audio_files:
+        spelling = _nfc(path.relative_to(root).with_suffix("").as_posix())
+        if spelling not in by_relative:
+            by_relative[spelling] = [path]
     by_stem: dict[str, list[Path]] = {}
     for path in audio_files:
         by_stem.setdefault(_nfc(path.stem), []).append(path)
@@ -642,33 +669,44 @@ def _records_from_table(
     for row_number, row in enumerate(table.itertuples(index=False), start=2):  # header is line 1
         values = dict(zip(found, row))
         record: dict[str, Any] = {}
+        for column in (audio_column, id_column):
+            if column is not None and "\0" in str(values[column]):
+                raise DatasetError(f"{tags_path}, line {row_number}: the {column!r} cell contains a NUL byte "
+                                   "(a damaged file, or not text); correct or remove that row")
         if audio_column is not None:
-            location = str(values[audio_column]).strip()
+            cell = str(values[audio_column])
+            location = cell.strip()
             if not location:
                 raise DatasetError(f"{tags_path}, line {row_number}: empty {audio_column!r}; give the audio file")
-            audio_path = Path(location).expanduser()
-            audio_path = audio_path if audio_path.is_absolute() else root / audio_path
-            found_path = on_disk.get(str(audio_path)) or on_disk.get(_nfc(str(audio_path)))
+            # Spaces around a cell are dropped, unless the file's name has them (then only that file exists).
+            spelling = location
+            audio_path, found_path = _listed_audio(location, root, on_disk)
+            if cell != location and found_path is None and not os.path.exists(audio_path):
+                unstripped, found_unstripped = _listed_audio(cell, root, on_disk)
+                if found_unstripped is not None or os.path.exists(unstripped):
+                    spelling, audio_path, found_path = cell, unstripped, found_unstripped
             record["path"] = str(found_path or _existing_spelling(audio_path))
             if id_column is not None:
                 record["track_id"] = str(values[id_column]).strip()
             else:  # an id from a name is NFC, so that its split does not depend on where the files were copied
                 try:
                     record["track_id"] = _nfc(audio_path.relative_to(root).with_suffix("").as_posix())
-                except ValueError:  # absolute path outside root
-                    record["track_id"] = _nfc(audio_path.with_suffix("").as_posix())
+                except ValueError:  # outside root: the path as listed (absolute, or through "..", as ids always were)
+                    listed = Path(spelling).expanduser()
+                    listed = listed if listed.is_absolute() else root / listed
+                    record["track_id"] = _nfc(
+                        (listed.relative_to(root) if listed.is_relative_to(root) else listed).with_suffix("").as_posix()
+                    )
         else:
             track_id = str(values[id_column]).strip()
             record["track_id"] = track_id
-            match = by_relative.get(track_id) or by_relative.get(_nfc(track_id))
-            if match is None:
-                candidates = by_stem.get(_nfc(track_id), [])
-                if len(candidates) > 1:
-                    raise DatasetError(
-                        f"{tags_path}, line {row_number}: track_id {track_id!r} matches several audio files "
-                        f"{[str(p.relative_to(root)) for p in candidates]}; add a 'path' column"
-                    )
-                match = candidates[0] if candidates else None
+            candidates = by_relative.get(track_id) or by_relative.get(_nfc(track_id)) or by_stem.get(_nfc(track_id), [])
+            if len(candidates) > 1:
+                raise DatasetError(
+                    f"{tags_path}, line {row_number}: track_id {track_id!r} matches several audio files "
+                    f"{[str(p.relative_to(root)) for p in candidates]}; add a 'path' column"
+                )
+            match = candidates[0] if candidates else None
             if match is None:
                 record["path"] = str(root / track_id)
                 record["_unresolved"] = "not found"
@@ -1142,7 +1180,8 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
     Otherwise ``spec`` is a path (``root`` unused): a ``tracks.csv``-style file (columns
     ``track_id, path, split, tags``) is read with :meth:`TrackIndex.from_csv`; any other CSV/TSV is
     the tags file of :func:`load_folder` on its folder; a folder is read from its ``tracks.csv`` if
-    it has one, else with :func:`load_folder`. ``kwargs`` go to the loader.
+    it has one (unless that has the columns of a tags file instead, see :func:`_is_folder_track_index`),
+    else with :func:`load_folder`. ``kwargs`` go to the loader.
     """
     key = dataset_name(spec)
     if key == "corpus":
@@ -1181,7 +1220,7 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
             return _checked_track_index(TrackIndex.from_csv(path), check_audio, path)
         return load_folder(path.parent, tags_file=path, check_audio=check_audio, **kwargs)
     if path.is_dir():
-        if (path / "tracks.csv").is_file():
+        if _is_folder_track_index(path):
             check_audio = kwargs.pop("check_audio", True)
             if kwargs:
                 raise DatasetError(
@@ -1210,7 +1249,17 @@ def open_dataset_option(
     check_dataset_option(spec, root, audio_dir)
     path = Path(str(spec)).expanduser()
     if (dataset_name(spec) is None and path.is_dir() and any(path.iterdir())
-            and not (path / "tracks.csv").is_file() and _find_tags_file(path) is None):
+            and not _is_folder_track_index(path) and _find_tags_file(path) is None):
+        # A tags file in another format would be ignored, and with it the splits it gives (its test tracks trained on).
+        unread = sorted(child.name for child in path.iterdir() if child.is_file()
+                        and child.stem.lower() in {Path(name).stem for name in DEFAULT_TAG_FILES}
+                        and child.suffix.lower() not in (".csv", ".tsv"))
+        if unread:
+            raise DatasetError(
+                f"{path}: {unread[0]} looks like a tags file, but only .csv and .tsv tags files are read; "
+                f"rename it (e.g. to {Path(unread[0]).stem}.csv; commas, tabs or semicolons) to use its tags and "
+                "splits, or move it out of the folder to use the audio without tags"
+            )
         if not allow_unlabeled:
             raise DatasetError(
                 f"{path}: no tags file found (looked for {', '.join(DEFAULT_TAG_FILES)} or a single *.csv/*.tsv); "
@@ -1245,6 +1294,20 @@ def _is_track_index_file(path: Path) -> bool:
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:  # a bad byte: from_csv says so
         header = next(csv.reader(handle), [])
     return {"track_id", "path", "split", "tags"} <= {column.strip() for column in header}
+
+
+def _is_folder_track_index(folder: Path) -> bool:
+    """Whether ``folder/tracks.csv`` is read as the folder's track index: it is, unless its header names an
+    audio column (``path``, ``filename`` or ``track_id``) without all four of an index, the columns of a
+    tags file (which :func:`load_folder` then reads, a folder's only CSV being its tags file). A broken
+    or empty one is an index, whose reader says what is wrong with it."""
+    path = folder / "tracks.csv"
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
+        header = {column.strip() for column in next(csv.reader(handle), [])}
+    return {"track_id", "path", "split", "tags"} <= header or not {c.lower() for c in header} & {
+        "path", "filename", "track_id"}
 
 
 def _checked_track_index(index: TrackIndex, check_audio: bool, source: Path) -> TrackIndex:
