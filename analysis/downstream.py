@@ -42,6 +42,9 @@ Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *)
   (musicssl.probe); the others are skipped and reported. Also per tag and per tag group. A tag with
   positive test tracks but no positive training track is scored too, though no probe can learn it: a
   warning and ``summary.json`` name it, and ``tags_without_train_positive`` counts such tags per fit.
+  Such a tag's scores are set to a constant (in each fit, also the limited-data ones), so it scores
+  exactly chance (ROC-AUC 0.5, AP its test prevalence) rather than however a probe trained on its
+  negatives alone happens to rank the tracks.
 * Bootstrap. 50 resamples of 50 % of the test tracks, drawn without replacement
   (musicssl.probe.bootstrap), the same resamples for every method (a paired comparison): mean and
   95 % percentile interval. That the fraction can resample the test labels (at least 2 tracks, a tag
@@ -87,7 +90,7 @@ from torch import Tensor, nn
 
 from musicssl.cli import ArgumentParser
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import make_writable_folder, missing_folders, remove_if_empty
+from musicssl.paths import FolderTaken, claim_folder
 
 __all__ = [
     "BASELINES",
@@ -122,7 +125,7 @@ BASELINES = ("random", "random-bn", "melstats")
 CLASSIFIERS = ("linear", "mlp")
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
 CACHE_FORMAT = 1
-PROBE_FORMAT = 2  # raise when the probes' training or scoring changes, so cached probe results are not reused
+PROBE_FORMAT = 3  # raise when the probes' training or scoring changes, so cached probe results are not reused
 # Weight files looked for in a folder, in this order: a search's best trial, then a single run.
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
@@ -1240,14 +1243,14 @@ def run_downstream(
         log(f"  skipped {len(unscorable)} tag(s) with no positive (or no negative) test track: {unscorable[:8]}"
             f"{' ...' if len(unscorable) > 8 else ''}")
     # Scored like the others (the protocol scores every tag with both classes among the test tracks), but
-    # no probe can learn them: they read about chance whatever the embedding.
+    # no probe can learn them: they score chance whatever the embedding (_fit_probes).
     train_positive = labels[train_pos].sum(axis=0)
     unlearnable = [tag for tag, count, scored in zip(tag_names, train_positive, scorable_tags(test_labels))
                    if count == 0 and scored]
     if unlearnable:
         log(f"  warning: {len(unlearnable)} scored tag(s) have no positive training track, so no probe can learn "
             f"them: {unlearnable[:8]}{' ...' if len(unlearnable) > 8 else ''}; they count in the macro averages "
-            "at about chance")
+            "at chance (ROC-AUC 0.5, AP the tag's test prevalence)")
     log(f"  usable tracks: {len(train_pos)} train / {len(valid_pos)} valid / {len(test_pos)} test")
     check_bootstrap(test_labels, config)  # before the embeddings and the probe fits, not after them
 
@@ -1429,6 +1432,13 @@ def _fit_probes(
     rows, main_scores = [], None
     for (fraction, draw), (scores, fitted) in zip(keys, outcomes):
         chosen = train_pos[subsets[fraction, draw]]
+        # A tag that no training track of this fit carries: the probe, trained on negatives only, ranks the test
+        # tracks arbitrarily (ROC-AUC anywhere from 0 to 1 on a small test set, by seed). It knows nothing of the
+        # tag, so it says nothing: a constant, which scores exactly chance (ROC-AUC 0.5, AP the tag's prevalence).
+        unseen = labels[chosen].sum(axis=0) == 0
+        if unseen.any():
+            scores = np.array(scores, copy=True)
+            scores[:, unseen] = 0.0
         tag_scores = score_tags(test_labels, scores, [str(i) for i in range(labels.shape[1])])
         rows.append({
             "fraction": fraction, "draw": draw, "train_tracks": len(chosen), "train_segments": fitted["segments"],
@@ -1559,21 +1569,31 @@ def results_markdown(results: pd.DataFrame) -> str:
             cells.append(f"{getattr(row, metric):.4f}{mark} [{getattr(row, f'{metric}_low'):.4f}, "
                          f"{getattr(row, f'{metric}_high'):.4f}]")
         lines.append(
-            f"| {row.method} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | {cells[0]} | {cells[1]} | "
+            f"| {_markdown_cell(row.method)} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | {cells[0]} | "
+            f"{cells[1]} | "
             f"{row.roc_auc_full_test:.4f} | {row.average_precision_full_test:.4f} | "
             f"{row.train_tracks} | {row.test_tracks} |"
         )
     return "\n".join(lines)
 
 
-def results_notes(results: pd.DataFrame) -> str:
-    """How to read :func:`results_markdown`'s table."""
-    notes = [
-        "Bootstrap mean [95 % interval] over resamples of half the test tracks (the study's protocol), and the "
-        "score on the whole test set; probes trained on all training tracks. Average precision measured on a "
-        "subset reads higher than on the whole set (fewer negatives can outrank each positive), so the mAP "
-        "bootstrap mean sits above the full-test mAP, most on small test sets; compare methods within a column."
-    ]
+def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str:
+    """How to read :func:`results_markdown`'s table (its bootstrap drew ``bootstrap_fraction`` of the test tracks)."""
+    if bootstrap_fraction >= 1.0:  # every resample is the whole test set: no interval, no subset effect
+        notes = [
+            "Bootstrap mean [95 % interval] over resamples of all the test tracks (--bootstrap-fraction 1, drawn "
+            "without replacement: each is the whole test set, so the interval has no width; the study's protocol "
+            "resamples half), and the score on the whole test set; probes trained on all training tracks."
+        ]
+    else:
+        share = "half" if bootstrap_fraction == 0.5 else f"{100 * bootstrap_fraction:g} % of"
+        protocol = " (the study's protocol)" if bootstrap_fraction == 0.5 else " (the study's protocol resamples half)"
+        notes = [
+            f"Bootstrap mean [95 % interval] over resamples of {share} the test tracks{protocol}, and the "
+            "score on the whole test set; probes trained on all training tracks. Average precision measured on a "
+            "subset reads higher than on the whole set (fewer negatives can outrank each positive), so the mAP "
+            "bootstrap mean sits above the full-test mAP, most on small test sets; compare methods within a column."
+        ]
     skipped = [f"{row.method} ({CLASSIFIER_NAMES.get(row.classifier, row.classifier)})"
                for row in results.itertuples(index=False)
                if "skip_tag" in (getattr(row, "roc_auc_bootstrap_rule", "redraw"),
@@ -1589,7 +1609,8 @@ def results_notes(results: pd.DataFrame) -> str:
     if unlearnable:
         notes.append(
             f"{unlearnable} of the scored tags have no positive training track: no probe can learn them, and they "
-            "count in every macro average at about chance (per_tag.csv: train_positives 0).")
+            "count in every macro average at chance, ROC-AUC 0.5 and AP their test prevalence (per_tag.csv: "
+            "train_positives 0).")
     return "\n\n".join(notes)
 
 
@@ -1605,10 +1626,16 @@ def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -
         cells = []
         for fraction in fractions:
             values = frame.loc[frame["fraction"] == fraction, metric]
-            std = values.std(ddof=1) if len(values) > 1 else 0.0
-            cells.append(f"{values.mean():.4f} ± {std:.4f}")
-        lines.append(f"| {method} | {CLASSIFIER_NAMES.get(classifier, classifier)} | " + " | ".join(cells) + " |")
+            # one draw has no spread to show (a "± 0.0000" would claim one)
+            cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values.mean():.4f}")
+        lines.append(f"| {_markdown_cell(method)} | {CLASSIFIER_NAMES.get(classifier, classifier)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _markdown_cell(text: str) -> str:
+    """``text`` as a Markdown table cell: a ``|`` in a method's label would end the cell."""
+    return str(text).replace("|", "\\|")
 
 
 OUTPUT_FILES = {
@@ -1635,7 +1662,7 @@ def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
     result.limited.to_csv(files["limited_data"], index=False)
     result.bootstrap.to_csv(files["bootstrap"], index=False)
     markdown = results_markdown(result.results)
-    notes = results_notes(result.results)
+    notes = results_notes(result.results, result.summary["config"]["bootstrap_fraction"])
     limited = limited_markdown(result.limited)
     files["results_md"].write_text(
         f"# Downstream evaluation on {result.summary['dataset']}\n\n{markdown}\n\n"
@@ -1775,28 +1802,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else (
         Path("runs") / "downstream" / f"{_safe_name(Path(args.dataset).name or args.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    problem = _out_dir_problem(out_dir)
-    if problem:  # now, not after the whole evaluation
-        parser.error(f"--out {out_dir}: {problem}")
-    made = missing_folders(out_dir)  # what the command makes, removed again if it ends without results
+    try:  # now, not after the whole evaluation; locked until the results are written: two never share a folder
+        claim = claim_folder(out_dir, _out_dir_problem, numbered=not args.out)
+    except FolderTaken as taken:
+        parser.error(f"--out {out_dir}: {taken}")
+    except OSError as error:
+        parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you can write in")
+    out_dir = claim.path  # the default name with a suffix, if an evaluation started in the same second holds it
     written = False
     try:
         with sigterm_interrupts():
-            try:
-                make_writable_folder(out_dir)
-            except OSError as error:
-                parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you "
-                             "can write in")
             result = run_downstream(methods, config, progress=not args.quiet)
             with held_signals():  # all of the results or none: a Ctrl-C or SIGTERM here takes effect once written
                 files = write_outputs(result, out_dir)
                 written = True
     except (*_input_errors(), OSError) as error:
-        remove_if_empty(made)  # the results folder made above
+        claim.release(remove_if_unused=True)  # the results folder made above
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, no traceback; what is finished stays cached
-        remove_if_empty(made)
+        claim.release(remove_if_unused=True)
         if written:
             print(f"\n{parser.prog}: interrupted as the results were written; they are complete in {out_dir}",
                   file=sys.stderr)
@@ -1808,9 +1833,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(results_markdown(result.results))
     print()
-    print(results_notes(result.results))
+    print(results_notes(result.results, config.bootstrap_fraction))
     print()
     print(limited_markdown(result.limited))
+    claim.release()
     print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")
     return 0
 

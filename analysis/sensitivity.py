@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -229,6 +230,11 @@ def load_experiment(folder: str | Path) -> Experiment:
         raise ReportError(f"{settings_file}: unreadable search settings ({error})") from None
     if not isinstance(settings, dict) or "method" not in settings:
         raise ReportError(f"{settings_file}: not the settings of a hpsearch search (no 'method')")
+    for key in ("trials", "max_epochs", "steps_per_epoch"):  # counts the report computes with
+        value = settings.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+            raise ReportError(f"{settings_file}: {key!r} is {value!r}, not a count; python -m hpsearch.run writes this "
+                              "file: restore it (e.g. from a copy of the search)")
     journal = folder / JOURNAL_FILE
     if not journal.is_file() or journal.stat().st_size == 0:
         raise ReportError(
@@ -915,9 +921,18 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
         flagged = finished[(finished["outcome"] == "complete") & ~finished["collapsed"]
                            & finished["verdict"].isin(COLLAPSE_TYPES)]
         if len(flagged):
+            from hpsearch.settings import STOP_ON_BEFORE_SETTING
+
             kinds = ", ".join(f"{count} {kind}" for kind, count in flagged["verdict"].value_counts().sort_index().items())
-            notes.append(f"{len(flagged)} complete trial(s) ended with a collapse verdict the rule does not stop on "
-                         f"({kinds}): flagged, not counted as collapsed")
+            stopped_kinds = flagged["verdict"].isin(experiment.settings.get("stop_on", STOP_ON_BEFORE_SETTING))
+            why = []
+            if (~stopped_kinds).any():
+                why.append(f"{int((~stopped_kinds).sum())} with a kind the rule does not stop on (--stop-on)")
+            if stopped_kinds.any():
+                why.append(f"{int(stopped_kinds.sum())} with a kind it stops on, read within the grace period or for "
+                           "fewer epochs in a row than the patience")
+            notes.append(f"{len(flagged)} complete trial(s) ended with a collapse verdict ({kinds}) and were not "
+                         f"stopped: {'; '.join(why)}; flagged, not counted as collapsed")
     return ExperimentAnalysis(
         experiment=experiment, counts=counts, best=best, compute=compute, importances=importances,
         label_free=label_free, label_free_metric=label_free_metric, collapse_rate=collapse_rate,
@@ -1002,6 +1017,12 @@ def check_report_path(report: Path) -> dict[str, Path]:
                 kind = "a file" if folder.is_file() else "not a folder"
                 raise ReportError(f"--out {report}: {folder} is {kind}, so the folder cannot be made there; "
                                   f"give --out a path in a folder, e.g. --out {report.name}")
+            try:  # now, not after the analysis (a file made and removed at once: nothing stays)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as error:
+                raise ReportError(f"--out {report}: cannot write in {folder} ({error.strerror or error}); give --out "
+                                  "a path in a folder you can write in") from None
             break
     for kind in ("json", "csv"):
         if paths[kind].is_dir():

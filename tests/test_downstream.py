@@ -427,6 +427,10 @@ def test_tags_with_test_positives_but_no_training_positive_are_named_and_counted
     per_tag = result.per_tag.set_index("tag")
     flute = per_tag.loc["flute"]
     assert (flute["train_positives"], flute["test_positives"]) == (0, 2) and not math.isnan(flute["roc_auc"])
+    # Scored at exactly chance: a constant ranks no track above another (ROC-AUC 0.5) and its precision is
+    # the tag's prevalence among the 4 test tracks (2 of 4). Before, the probe trained on flute's negatives
+    # alone ranked the tracks as it happened to: 0.0 with one seed, 1.0 with another, on a small test set.
+    assert (flute["roc_auc"], flute["average_precision"]) == (0.5, 2 / 4)
     # Each tag's row holds its own counts (clip number mod 3 gives the pitch: train clips 0-8, test clips
     # 12-15 low, mid, high, low), and the headline's full-test scores are the macro means of the rows.
     assert per_tag.loc[["low", "mid", "high"], "train_positives"].tolist() == [3, 3, 3]
@@ -638,6 +642,15 @@ def test_the_headline_table_marks_a_bootstrap_that_scored_each_resample_on_its_o
     notes = results_notes(results)
     assert "read far above the full-test value (b (linear))" in notes
     assert "scored on the tags it could score" not in results_notes(results.iloc[:1])
+    assert results_markdown(results.assign(method="a|b")).splitlines()[2].startswith("| a\\|b | linear | 0.7000 ")
+    # The note says what --bootstrap-fraction drew (it said "half" whatever it was).
+    assert notes.startswith("Bootstrap mean [95 % interval] over resamples of half the test tracks (the study's "
+                            "protocol)")
+    assert results_notes(results, 0.25).startswith("Bootstrap mean [95 % interval] over resamples of 25 % of the "
+                                                   "test tracks (the study's protocol resamples half)")
+    whole = results_notes(results, 1.0)
+    assert "resamples of all the test tracks" in whole and "the interval has no width" in whole
+    assert "sits above the full-test mAP" not in whole
 
 
 def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys):
@@ -819,7 +832,8 @@ def test_a_probe_stops_after_patience_checks_without_improvement():
 
 def test_the_reported_spreads_are_sample_standard_deviations():
     """results.csv's ``*_std`` is the sample std (n - 1) of the resamples that bootstrap.csv lists, and
-    results.md's limited-data table gives mean +- sample std over the draws (0 for a single draw).
+    results.md's limited-data table gives mean +- sample std over the draws (the mean alone for a single
+    draw, whose spread is undefined: it printed "± 0.0000").
     Scores that vary, unlike the end-to-end fixtures, whose pitch tags every probe scores perfectly."""
     from types import SimpleNamespace
 
@@ -845,7 +859,9 @@ def test_the_reported_spreads_are_sample_standard_deviations():
                             "average_precision": [0.4, 0.6, 0.8, 0.7, 0.7]})
     assert limited_markdown(limited).splitlines()[-1] == "| m | linear | 0.6000 ± 0.2000 | 0.7000 ± 0.0000 |"
     single = limited.iloc[[0, 3]]
-    assert limited_markdown(single).splitlines()[-1] == "| m | linear | 0.4000 ± 0.0000 | 0.7000 ± 0.0000 |"
+    assert limited_markdown(single).splitlines()[-1] == "| m | linear | 0.4000 | 0.7000 |"
+    # A "|" in a label is escaped (it ended the cell and shifted the row).
+    assert limited_markdown(single.assign(method="a|b")).splitlines()[-1] == "| a\\|b | linear | 0.4000 | 0.7000 |"
 
 
 def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
@@ -1148,6 +1164,23 @@ def test_an_out_that_holds_a_run_or_cannot_be_written_is_refused_before_the_eval
     assert main(["--dataset", "no/such/folder", "--out", str(tmp_path / "new" / "out"), "--workers", "0",
                  "--quiet"]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_an_out_that_another_evaluation_is_writing_into_is_refused(tmp_path, capsys):
+    """Two evaluations started together passed the "no earlier results" check both and wrote into one
+    folder: the later's files replaced the earlier's, and both said they had written them."""
+    from musicssl.paths import claim_folder
+
+    from analysis.downstream import _out_dir_problem
+
+    claim = claim_folder(tmp_path / "out", _out_dir_problem)  # as an evaluation in another process holds it
+    with pytest.raises(SystemExit) as exited:
+        main(["--dataset", "no/such/folder", "--out", str(claim.path), "--workers", "0", "--quiet"])
+    assert exited.value.code == 2
+    assert f"--out {claim.path}: another run is writing its results there now" in capsys.readouterr().err
+    claim.release()
+    assert main(["--dataset", "no/such/folder", "--out", str(claim.path), "--workers", "0", "--quiet"]) == 2
+    assert "no/such/folder" in capsys.readouterr().err  # free again: on to the (failing) evaluation
 
 
 def test_an_out_that_is_a_file_is_refused_before_the_evaluation(tmp_path, capsys):

@@ -424,7 +424,8 @@ def write_search(folder: Path, rows: list[tuple[float, float, str]], settings: d
     return folder
 
 
-SETTINGS = {"method": "vicreg", "objective": "probe_map", "max_epochs": 2, "trials": 40, "steps_per_epoch": 3}
+SETTINGS = {"method": "vicreg", "objective": "probe_map", "max_epochs": 2, "trials": 40, "steps_per_epoch": 3,
+            "stop_on": ["complete", "cluster"]}
 
 
 def test_collapse_importance_finds_the_parameter_that_causes_collapse():
@@ -741,7 +742,16 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
     assert (f"{100 * expected / finished:.0f} % of {finished} finished trials collapsed or diverged (stopped, or would "
             f"have been stopped by the collapse rule)") in page
     assert "collapse stopping was off in this search" in page
-    assert "complete trial(s) ended with a collapse verdict the rule does not stop on" in page
+    flagged = sum(outcome == "flagged" for _, _, outcome in rows)  # their verdict is dimensional
+    assert (f"{flagged} complete trial(s) ended with a collapse verdict ({flagged} dimensional) and were not stopped: "
+            f"{flagged} with a kind the rule does not stop on (--stop-on); flagged, not counted as collapsed") in page
+    # A kind the rule stops on that did not stop the trial: it was read too early or too briefly (the note
+    # said "a verdict the rule does not stop on" of them too).
+    strict = analyse(experiment_from_study(synthetic_study(rows, stopping=True),
+                                           {**SETTINGS, "stop_on": ["complete", "cluster", "dimensional"]}, ".",
+                                           trajectories))
+    assert (f"were not stopped: {flagged} with a kind it stops on, read within the grace period or for fewer epochs in "
+            "a row than the patience; flagged") in " ".join(strict.notes)
     # Keys are "e<N>-<experiment name>-<figure>"; the name (here the working directory's) may hold dashes.
     prefix = "e1-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in unstopped.experiment.name) + "-"
     by_key = {figure.key.removeprefix(prefix): figure.figure for figure in figures}
@@ -1044,10 +1054,12 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
          "with python -m hpsearch.run vicreg --name partial --storage-dir "),
         (lambda p: write_files(p / "broken", {"search.json": "{not json"}), "unreadable search settings"),
         (lambda p: write_files(p / "other", {"search.json": '{"model": "x"}'}), "not the settings of a hpsearch search"),
+        (lambda p: write_files(p / "edited", {"search.json": '{"method": "vicreg", "trials": "many"}'}),
+         "search.json: 'trials' is 'many', not a count; python -m hpsearch.run writes this file"),  # was a traceback
         (lambda p: write_files(p / "corrupt", {"search.json": '{"method": "vicreg"}', "optuna.journal": "garbage\n"}),
          "holds no study named 'search'"),
     ],
-    ids=["missing", "empty", "foreign", "partial", "broken", "other", "corrupt"],
+    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt"],
 )
 def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, capsys):
     folder = make(tmp_path)
@@ -1064,6 +1076,15 @@ def test_the_resume_hint_names_the_search_also_when_given_as_dot(tmp_path, monke
     monkeypatch.chdir(folder)
     assert main([".", "--out", str(tmp_path / "r.html")]) == 2
     assert f"--name partial --storage-dir {tmp_path} --resume" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_analysis(tmp_path, capsys):
+    """Before: found only once the whole analysis had run, in OSError's words ("/proc/r.html: No such file")."""
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    assert main([str(folder), "--out", "/proc/r.html"]) == 2
+    err = capsys.readouterr().err
+    assert "--out /proc/r.html: cannot write in /proc (" in err and "give --out a path in a folder you can" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("out", ["r.json", "x-trials.csv", "r", "r.csv"])

@@ -675,6 +675,47 @@ def test_one_valid_track_moves_the_collapse_metrics_to_train_and_leaves_out_the_
     assert probe_problem(none).endswith("both the train and the valid split, and there are 11 and 0")
 
 
+def test_claim_folder_keeps_two_runs_out_of_one_folder(tmp_path):
+    """Two runs started together used to pass the "empty folder" check both and write into one folder, the
+    later's files replacing the earlier's (both reported success)."""
+    from musicssl.paths import CLAIM_FILE, FolderTaken, claim_folder
+
+    def taken(path):
+        return "holds results" if (path / "results.csv").exists() else None
+
+    first = claim_folder(tmp_path / "new" / "out", taken)
+    assert first.path == tmp_path / "new" / "out" and first.made == [tmp_path / "new" / "out", tmp_path / "new"]
+    assert (first.path / CLAIM_FILE).is_file()
+    with pytest.raises(FolderTaken, match="another run is writing its results there now; give another folder"):
+        claim_folder(first.path, taken)
+    second = claim_folder(first.path, taken, numbered=True)  # a default name: the next number
+    third = claim_folder(first.path, taken, numbered=True)
+    assert (second.path.name, third.path.name) == ("out-2", "out-3") and second.made == [second.path]
+    (first.path / "results.csv").write_text("x\n")
+    first.release()
+    assert not (first.path / CLAIM_FILE).exists()  # nothing of the lock stays with the results
+    with pytest.raises(FolderTaken, match="holds results"):  # free, but its results are kept
+        claim_folder(first.path, taken)
+    assert claim_folder(first.path, taken, numbered=True).path.name == "out-4"
+    # A run that failed before writing removes what its claim made; a folder it found stays.
+    second.release(remove_if_unused=True)
+    assert not second.path.exists() and third.path.exists()
+    with pytest.raises(FolderTaken, match="cannot be made"):  # a problem no number avoids: raised, not looped on
+        claim_folder(tmp_path / "file" / "out", lambda path: None if path.parent.is_dir() else "cannot be made",
+                     numbered=True)
+
+
+def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path):
+    from musicssl.paths import claim_folder
+
+    claim = claim_folder(tmp_path / "out", lambda path: None)  # as a run in another process holds it
+    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(claim.path)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert f"--out {claim.path} another run is writing its results there now" in completed.stderr
+    claim.release()
+
+
 def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_fails(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-__all__ = ["cache_root", "make_writable_folder", "missing_folders", "remove_if_empty"]
+__all__ = [
+    "ClaimedFolder", "FolderTaken", "cache_root", "claim_folder", "make_writable_folder", "missing_folders",
+    "remove_if_empty",
+]
+
+CLAIM_FILE = ".writing.lock"
 
 
 def cache_root() -> Path:
@@ -37,3 +46,59 @@ def remove_if_empty(folders: list[Path]) -> None:
     for folder in folders:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+class FolderTaken(Exception):
+    """The output folder holds earlier results or another run is writing there; the message says which."""
+
+
+@dataclass
+class ClaimedFolder:
+    """An output folder this process writes into, locked against other runs until :meth:`release`."""
+
+    path: Path
+    made: list[Path] = field(default_factory=list)  # the folders claiming it created, deepest first
+    _handle: IO | None = None
+
+    def release(self, remove_if_unused: bool = False) -> None:
+        """Unlock (the lock goes with the process too, if it dies); with ``remove_if_unused``, remove the
+        folders the claim made if they are still empty (a run that failed before it wrote anything)."""
+        if self._handle is not None:
+            (self.path / CLAIM_FILE).unlink(missing_ok=True)
+            self._handle.close()
+            self._handle = None
+        if remove_if_unused:
+            remove_if_empty(self.made)
+
+
+def claim_folder(folder: str | Path, taken: Callable[[Path], str | None], numbered: bool = False) -> ClaimedFolder:
+    """Make ``folder`` and lock it for this process's results, so that two runs never write into one folder.
+
+    ``taken(path)`` says why ``path`` cannot take the results (earlier results there), or None; it is
+    asked again once the lock is held (a run may have finished there in between). With ``numbered``
+    (a default name, e.g. one with the time, that another run started in the same second may hold),
+    ``folder-2``, ``folder-3``, ... are tried instead; else a taken folder raises :class:`FolderTaken`.
+    ``OSError`` when the folder cannot be made or written.
+    """
+    folder = Path(folder)
+    number = 1
+    while True:
+        candidate = folder if number == 1 else folder.with_name(f"{folder.name}-{number}")
+        number += 1
+        problem = taken(candidate)
+        if problem is None:
+            made = make_writable_folder(candidate)
+            handle = open(candidate / CLAIM_FILE, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                problem = "another run is writing its results there now; give another folder"
+            else:
+                problem = taken(candidate)
+                if problem is None:
+                    return ClaimedFolder(candidate, made, handle)
+                (candidate / CLAIM_FILE).unlink(missing_ok=True)
+                handle.close()
+        if not numbered or not candidate.exists():  # (a folder that cannot be made is no better numbered)
+            raise FolderTaken(problem)

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from musicssl.cli import ArgumentParser
 from musicssl.interrupts import Interrupted, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import make_writable_folder, missing_folders, remove_if_empty
+from musicssl.paths import CLAIM_FILE, FolderTaken, claim_folder, make_writable_folder
 
 __all__ = [
     "TrainConfig",
@@ -813,6 +812,15 @@ def schedule_notes(config: TrainConfig) -> list[str]:
     return notes
 
 
+def _run_folder_taken(folder: Path) -> str | None:
+    """Why ``folder`` cannot take a run (a file, or a folder with files: a run never overwrites another)."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file; give a folder for the run"
+    if folder.is_dir() and any(child.name != CLAIM_FILE for child in folder.iterdir()):
+        return "exists and is not empty; a run never overwrites another: give another --out"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from musicssl.pretext.registry import UnknownMethodError
 
@@ -823,15 +831,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     out = Path(config.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if args.out and not out.is_dir():
-            parser.exit(2, f"{parser.prog}: error: --out {out} is a file; give a folder for the run\n")
-        if args.out:
-            parser.exit(2, f"{parser.prog}: error: --out {out} exists and is not empty; a run never overwrites "
-                           "another: give another --out\n")
-        out = out.with_name(f"{out.name}-{os.getpid()}")  # the default name, taken in the same second
-        config.out_dir = str(out)
-    made = missing_folders(out)  # train() makes them
+    try:  # locked until the run is written, so that two runs never write into one folder
+        claim = claim_folder(out, _run_folder_taken, numbered=not args.out)  # the default name: -2 if taken
+    except FolderTaken as taken:
+        parser.exit(2, f"{parser.prog}: error: --out {out} {taken}\n")
+    except OSError as error:
+        parser.exit(2, f"{parser.prog}: error: cannot write the run folder {out} ({error.strerror or error}); "
+                       "give another --out\n")
+    out = claim.path
+    config.out_dir = str(out)
     for note in schedule_notes(config):
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     from musicssl.data.cache import MelCacheError
@@ -840,17 +848,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_interrupts():  # also while the data are prepared and the final probe runs
             result = train(config)
     except (ConfigError, ValueError, OSError, MelCacheError) as error:
-        remove_if_empty(made)  # the run folder train() made (and its new parents), left empty by the failure
+        claim.release(remove_if_unused=True)  # the run folder (and its new parents), left empty by the failure
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-        remove_if_empty(made)
+        claim.release(remove_if_unused=True)
         if (out / "backbone.pt").is_file():  # the signal came as the run was written: it is whole
             print(f"\n{parser.prog}: interrupted as the run ended; it was written to {out}", file=sys.stderr)
         else:
             print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)",
                   file=sys.stderr)
         return exit_code(stop)
+    claim.release()
     final = result.final
     shown = ", ".join(
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")
