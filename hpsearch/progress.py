@@ -86,7 +86,10 @@ class ProgressPrinter(Callback):
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         from hpsearch.results import load_study
 
+        from hpsearch.searcher import search_journal
+
         self.started = time.monotonic()
+        self.journal = search_journal(self.journal)  # restored with the path of a folder since moved or copied?
         study = load_study(self.journal, self.study_name)
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         self.done = len(finished)

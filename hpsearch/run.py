@@ -829,7 +829,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
 
     from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
-    from hpsearch.searcher import CollapseAwareOptunaSearch
+    from hpsearch.searcher import CollapseAwareOptunaSearch, journal_of_this_search
     from hpsearch.trainable import run_trial
     from study_spaces import get_space
 
@@ -995,7 +995,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     ),
                 )
                 _print_start(settings, folder, stream)
-            with _concurrency_as_now_asked(settings.concurrency), \
+            with _concurrency_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
                     results_written_by(lambda: _summarize(settings, folder, journal, started)):
                 tuner.fit()
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a

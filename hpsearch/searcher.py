@@ -37,11 +37,13 @@ in constraints.txt) and tested in tests/test_hpsearch.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -56,7 +58,9 @@ __all__ = [
     "CollapseAwareOptunaSearch",
     "CONSTRAINT_NAME",
     "TESTED_VERSIONS",
+    "journal_of_this_search",
     "json_safe",
+    "search_journal",
     "user_attrs_from_record",
 ]
 
@@ -114,6 +118,26 @@ def _check_versions() -> None:
             RuntimeWarning,
             stacklevel=4,  # the caller of CollapseAwareOptunaSearch(...), past __init__'s study-write wrapper
         )
+
+
+_SEARCH_JOURNAL: str | None = None
+
+
+@contextlib.contextmanager
+def journal_of_this_search(journal: str | Path):
+    """Within the block, a restored searcher (and the progress printer) use ``journal``, the journal of the
+    search folder being resumed, whatever path they were pickled with (hpsearch.run wraps ``Tuner.fit``)."""
+    global _SEARCH_JOURNAL
+    previous, _SEARCH_JOURNAL = _SEARCH_JOURNAL, str(journal)
+    try:
+        yield
+    finally:
+        _SEARCH_JOURNAL = previous
+
+
+def search_journal(pickled: str | None) -> str | None:
+    """The journal of the search running in this process (see :func:`journal_of_this_search`), else ``pickled``."""
+    return _SEARCH_JOURNAL or pickled
 
 
 def json_safe(value: Any) -> Any:
@@ -318,6 +342,23 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         self._orphans = sorted(trial.number for trial in running if trial.number not in owned)
         return list(self._orphans)
 
+    def _open_journal(self, journal: str | None) -> None:
+        """Read and write the study in ``journal`` (the resumed search's own), if it is not the journal the
+        pickled study names: that is the absolute path the search had when it was saved, and a search folder
+        moved or copied since would write its trials into the old folder's journal (and loop on resume)."""
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        backend = getattr(self._ot_study._storage, "_backend", None)
+        if journal is None or getattr(backend, "_file_path", None) == journal:
+            return
+        self._storage = JournalStorage(JournalFileBackend(journal))
+        self._ot_study = optuna.load_study(study_name=self._ot_study.study_name, storage=self._storage,
+                                           sampler=self._sampler)
+        # Trial ids are the journal's own numbering, the same in a copy of it.
+        self._ot_trials = {trial_id: optuna.Trial(self._ot_study, ot_trial._trial_id)
+                           for trial_id, ot_trial in self._ot_trials.items()}
+
     def _reseed_sampler(self) -> None:
         """A new TPE sampler seeded from the search's seed and the study's size.
 
@@ -337,6 +378,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_trial_records", {})
+        self._open_journal(search_journal(None))
         storage = self._ot_study._storage
         for ot_trial in self._ot_trials.values():
             # The pickled trials cache the study as it was at the save; later reports are in the journal.

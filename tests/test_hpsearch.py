@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -1034,9 +1035,17 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert {n: epoch_lines().get(n, 0) for n in printed} == {n: int(completed[n]) for n in printed}
     assert all(completed[n] >= 1 for n in printed)
 
-    # Re-running the same command (same --name) continues the search.
+    # Re-running the same command (same --name) continues the search; here of a copy of the folder (moved to
+    # shared storage, say). Before, a resumed searcher wrote its trials into the journal of the folder it was
+    # saved in (the pickled study named it by its absolute path): the copy's journal never grew, the original
+    # got the trials, and the copy ended "interrupted" (exit 130) on every resume.
+    original = journal.read_bytes()
+    shutil.copytree(folder, tmp_path / "elsewhere" / "resumable", symlinks=True)
+    folder, journal = tmp_path / "elsewhere" / "resumable", tmp_path / "elsewhere" / "resumable" / "optuna.journal"
+    command[command.index("--storage-dir") + 1] = str(tmp_path / "elsewhere")
     resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (tmp_path / "resumable" / "optuna.journal").read_bytes() == original
     study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(journal))))
     assert [t.number for t in study.trials] == list(range(6))
     assert all(t.state.is_finished() for t in study.trials)
@@ -1044,7 +1053,7 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in before} == before
     draws = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(draws)) == 6
-    csv = pd.read_csv(tmp_path / "resumable" / "trials.csv")
+    csv = pd.read_csv(folder / "trials.csv")
     assert list(csv["trial"]) == list(range(6))
     assert "6/6 trials finished" in resumed.stdout
     # and after the resume, every trial's (the ones run before the kill kept theirs).
