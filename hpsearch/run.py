@@ -1305,16 +1305,47 @@ def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def _data_location(value: str) -> str:
+    """``--data``/``--root``/``--audio-dir`` as stored: a path absolute and normalised (so that the search
+    resumes from any folder, and ``dir/`` is ``dir``), a dataset name as it is."""
+    from musicssl.data.loaders import dataset_name
+
+    if dataset_name(value) is not None:
+        return value
+    return os.path.normpath(Path(value).expanduser().absolute())
+
+
 def _comparable(key: str, value: Any) -> Any:
     """A setting as a resume compares it with the stored one: a dataset in one spelling
-    (``Jamendo-Top50-Split0`` is ``jamendo-top50``), the collapse types to stop on as a set."""
+    (``Jamendo-Top50-Split0`` is ``jamendo-top50``; a path as an absolute one), the collapse types to stop
+    on as a set."""
     if key == "data":
         from musicssl.data.loaders import canonical_dataset_spec
 
-        return canonical_dataset_spec(value)
+        return canonical_dataset_spec(_data_location(value))
     if key == "stop_on":
         return frozenset(value)
     return value
+
+
+def _with_data_found(stored: SearchSettings, given: str | None, search: str) -> SearchSettings:
+    """``stored`` with its data path made absolute. Searches started before 2026-12-03 stored a relative
+    ``--data`` as given, relative to the folder they were started from: a ``--data`` path that ends with it
+    says where it is now; without one, it is looked for from here, and an error says what to give."""
+    from musicssl.data.loaders import dataset_name
+
+    if dataset_name(stored.data) is not None or Path(stored.data).expanduser().is_absolute():
+        return stored
+    relative = os.path.normpath(stored.data)
+    if given is not None and (given == relative or given.endswith(os.sep + relative)):
+        return dataclasses.replace(stored, data=given)
+    if given is None and not Path(relative).exists():
+        raise SearchError(
+            f"{search} was started with --data {stored.data}, a path relative to the folder it was started from, "
+            f"and there is no {relative} here; continue it from that folder, or give --data with the full path "
+            "of that data"
+        )
+    return dataclasses.replace(stored, data=_data_location(relative))
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
@@ -1327,6 +1358,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
     }
     if args.threshold:
         given["thresholds"] = _threshold_values(args.threshold)
+    for key in ("data", "root", "audio_dir"):
+        if key in given:
+            given[key] = _data_location(given[key])
     storage_dir = given.get("storage_dir", "runs")
     name = given.get("name")
     if name is not None and name_problem(name):
@@ -1340,6 +1374,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         stored = SearchSettings.load(Path(storage_dir).expanduser() / name)
         if stored.method != args.method:
             raise SearchError(f"{storage_dir}/{name} is a search of {stored.method}, not {args.method}")
+        stored = _with_data_found(stored, given.get("data"), f"{storage_dir}/{name}")
         conflicts = [
             f"{_flag_text(key, value)} (stored: {_stored_text(key, getattr(stored, key))})"
             for key, value in given.items()

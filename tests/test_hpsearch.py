@@ -1849,6 +1849,40 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     assert main([*common, "--resume"]) == 2
 
 
+def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp_path, monkeypatch):
+    """Before: --data (and --root, --audio-dir) were stored as given, so a search started with --data untagged
+    could be resumed only from the folder it was started in, and --data with the folder's full path (or
+    untagged/) was refused as "other settings"."""
+    from hpsearch.run import SearchError, settings_from_args
+
+    (tmp_path / "work" / "untagged").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    parse = build_parser().parse_args
+    common = ["vicreg", "--name", "rel", "--storage-dir", str(tmp_path / "runs")]
+    monkeypatch.chdir(tmp_path / "work")
+    started, resume = settings_from_args(parse([*common, "--data", "untagged/", "--root", "."]))
+    assert not resume and started.data == str(tmp_path / "work" / "untagged") and started.root == str(tmp_path / "work")
+    started.save((tmp_path / "runs" / "rel").mkdir(parents=True) or tmp_path / "runs" / "rel")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for given in ([], ["--data", str(tmp_path / "work" / "untagged")], ["--data", f"{tmp_path}/work/./untagged/"]):
+        settings, resume = settings_from_args(parse([*common, *given]))
+        assert resume and settings.data == str(tmp_path / "work" / "untagged")
+    with pytest.raises(SearchError, match=r"--data .*elsewhere/untagged \(stored: .*work/untagged\)"):
+        settings_from_args(parse([*common, "--data", "untagged"]))  # another folder of that name
+    # A search stored before paths were made absolute: found from its folder, or by a --data path that ends
+    # with the stored one; from elsewhere without one, an error that says what to give.
+    SearchSettings(method="vicreg", name="old", storage_dir=str(tmp_path / "runs"), data="untagged").save(
+        (tmp_path / "runs" / "old").mkdir() or tmp_path / "runs" / "old")
+    old = ["vicreg", "--name", "old", "--storage-dir", str(tmp_path / "runs")]
+    with pytest.raises(SearchError, match=r"was started with --data untagged, a path relative to the folder it was "
+                                          r"started from, and there is no untagged here; .*give --data with the full"):
+        settings_from_args(parse(old))
+    settings, _ = settings_from_args(parse([*old, "--data", str(tmp_path / "work" / "untagged")]))
+    assert settings.data == str(tmp_path / "work" / "untagged")
+    monkeypatch.chdir(tmp_path / "work")
+    assert settings_from_args(parse(old))[0].data == str(tmp_path / "work" / "untagged")
+
+
 def _free_port() -> int:
     import socket
 
