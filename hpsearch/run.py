@@ -726,11 +726,10 @@ def _fail_trials_whose_worker_is_lost() -> None:
 def _scheduler(settings: SearchSettings):
     if settings.scheduler == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
+    from hpsearch.scheduler import ResumableASHA
     from hpsearch.trainable import SCHEDULER_TIME_KEY
 
-    return ASHAScheduler(
+    return ResumableASHA(  # ASHA, whose rungs a resumed search fills from its finished trials
         # The trial's epoch, left out of its last epoch's report (and of a report on which the
         # collapse rule stops it): a stop there would save nothing and lose the final report (outcome,
         # score, checkpoint), whether max_t or a rung falls on the last epoch.

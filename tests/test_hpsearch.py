@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -738,6 +739,50 @@ def test_asha_never_stops_a_trial_on_its_last_epoch_nor_on_the_report_its_collap
     collapsing = _epoch_reports(settings, [HEALTHY] + [COMPLETE] * 3)
     assert collapsing[-1]["collapse_stop"] and "scheduler_epoch" not in collapsing[-1]
     assert [r.get("scheduler_epoch") for r in good] == [1, 2, 3, None]
+
+
+def test_a_resumed_asha_judges_against_the_trials_finished_before_the_resume(tmp_path):
+    """Ray saves no scheduler state: a resumed search's ASHA started with empty rungs and judged its first
+    trials against each other alone (a trial the whole search's rung would stop ran on). Its rungs now
+    start with what ASHA recorded of the finished trials: their objective at each rung's epoch, not the
+    report a collapse stop came on (no scheduler time) nor the epochs of a trial interrupted mid-way."""
+    from hpsearch.results import STUDY_NAME
+    from hpsearch.run import _scheduler
+    from hpsearch.searcher import journal_of_this_search
+    from ray.tune.schedulers import TrialScheduler
+
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name=STUDY_NAME, direction="maximize",
+                                storage=JournalStorage(JournalFileBackend(str(journal))))
+    for values, outcome, final in [({1: 0.40, 2: 0.42, 3: 0.44}, "complete", 0.45),
+                                   ({1: 0.41, 2: 0.43}, "stopped", None),  # stopped by ASHA at epoch 2
+                                   ({1: 0.30, 2: 0.10}, "collapsed", None),  # stopped by the rule at epoch 2
+                                   ({1: 0.90}, None, None)]:  # RUNNING when the search was interrupted
+        trial = study.ask()
+        for epoch, value in values.items():
+            trial.report(value, step=epoch)
+        if outcome is not None:
+            trial.set_user_attr("outcome", outcome)
+            if outcome == "collapsed":
+                trial.set_user_attr("stop_epoch", 2)
+            study.tell(trial, final, state=TrialState.COMPLETE if final is not None else TrialState.PRUNED)
+    settings = SearchSettings(method="vicreg", trials=8, scheduler="asha", asha_grace_epochs=1, max_epochs=6)
+    reports = [{"scheduler_epoch": 1, "objective": 0.402}, {"scheduler_epoch": 2, "objective": 0.424}]
+
+    def actions(asha) -> list[str]:
+        trial = type("Trial", (), {"trial_id": "new"})()
+        asha.on_trial_add(None, trial)
+        return [asha.on_trial_result(None, trial, report) for report in reports]
+
+    # Rungs at epochs 1, 2 and 4 (grace 1, reduction factor 2, 6 epochs); a trial is stopped below the
+    # median of the rung (its 50th percentile): epoch 1 of 0.40, 0.41, 0.30 (not 0.90: that trial runs
+    # again) is 0.40, so 0.402 goes on; epoch 2 of 0.42, 0.43 (not the collapsed trial's 0.10) is 0.425,
+    # so 0.424 is stopped.
+    assert statistics.median([0.40, 0.41, 0.30]) == pytest.approx(0.40)
+    assert statistics.median([0.42, 0.43]) == pytest.approx(0.425)
+    with journal_of_this_search(journal):
+        assert actions(_scheduler(settings)) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert actions(_scheduler(settings)) == [TrialScheduler.CONTINUE] * 2  # empty rungs: ASHA as Ray restores it
 
 
 @pytest.mark.parametrize("objective", ["probe_map", "probe_auc"])
