@@ -226,6 +226,26 @@ def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(t
     assert epochs["epoch"].tolist() == metrics["epoch"].tolist() == [1, 2]  # both count epochs from 1
 
 
+@pytest.mark.parametrize("method", ["vicreg", "clustering"])
+def test_the_collapse_metrics_read_the_probe_set_in_chunks_with_the_same_numbers(method, tmp_path, tonal_data,
+                                                                               monkeypatch):
+    """One forward pass over a large probe set (--probe-segments 100000) took over 16 GB of activations; the
+    pass goes in chunks of COLLAPSE_CHUNK segments now, which in eval mode give each segment the outputs it
+    gets in one pass (here chunks of 5 against one pass over the whole probe set)."""
+    import musicssl.train as training
+
+    runs = {}
+    for chunk in (5, 10**6):
+        monkeypatch.setattr(training, "COLLAPSE_CHUNK", chunk)
+        config = tiny_config(method, tmp_path / str(chunk), final_probe=False)
+        train(config, data=tonal_data, progress_bar=False)
+        runs[chunk] = pd.read_csv(tmp_path / str(chunk) / method / "collapse.csv")
+    assert config.probe_segments == 64 and len(runs[5]) == 2  # several chunks at each of the two epochs' ends
+    numbers = runs[5].select_dtypes("number").columns
+    pd.testing.assert_frame_equal(runs[5][numbers], runs[10**6][numbers], rtol=1e-5, atol=1e-6)
+    assert runs[5]["verdict"].tolist() == runs[10**6]["verdict"].tolist()
+
+
 def test_cpu_preset_scales_the_heads_and_settings_override_them():
     config = TrainConfig(method="vicreg", preset="cpu", method_params={"hidden_dim": "256", "var_weight": "2.5"})
     settings = method_settings(config)

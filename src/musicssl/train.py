@@ -155,6 +155,8 @@ PRESET_RUN_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {"barlow_twins": {"batch_size": 128}},
 }
 DEFAULT_BATCH_SIZE = 64
+# Probe segments per forward pass of the collapse metrics (the default probe set, 512, is one pass).
+COLLAPSE_CHUNK = 512
 
 
 def resolve_run_settings(config: TrainConfig) -> TrainConfig:
@@ -321,7 +323,10 @@ class SSLModule(_lightning().LightningModule):
         was_training = self.method.training
         self.method.eval()
         try:
-            outputs = self.method.collapse_outputs(self.probe_mels)
+            # In chunks: the activations of one pass over a large probe set (--probe-segments 100000) took
+            # over 16 GB; in eval mode each segment's outputs are its own, so chunks give the same outputs.
+            chunks = [self.method.collapse_outputs(chunk) for chunk in self.probe_mels.split(COLLAPSE_CHUNK)]
+            outputs = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
         finally:
             self.method.train(was_training)
         groups = self.probe_groups.to(self.probe_mels.device) if self.probe_groups is not None else None
