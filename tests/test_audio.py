@@ -401,6 +401,25 @@ def test_load_audio_errors_name_the_file_and_the_reason(tmp_path, make_path, rea
     assert reason in str(raised.value)
 
 
+def test_load_audio_refuses_a_header_sample_rate_no_audio_has(tmp_path):
+    """A WAV whose header says 1 Hz: resampling it to 16 kHz asked soxr for 16,000 times its samples and
+    killed the process (a segfault, or std::bad_alloc), which decoding in the calling process (workers=0)
+    does not survive. It is an undecodable file now, named with the reason."""
+    import struct
+
+    path = tmp_path / "damaged.wav"
+    soundfile.write(path, stereo_sine(16000, 10.0, 440.0)[:, 0], 16000)
+    content = bytearray(path.read_bytes())
+    assert struct.unpack("<I", content[24:28]) == (16000,)  # the fmt chunk's sample rate
+    content[24:28] = struct.pack("<I", 1)
+    path.write_bytes(bytes(content))
+    with pytest.raises(AudioError, match=r"damaged.wav: its header gives a sample rate of 1 Hz, below any audio's "
+                                         r"\(1000 Hz\): a damaged header, or not audio"):
+        load_audio(path)
+    soundfile.write(path, stereo_sine(8000, 0.5, 440.0), 8000)  # telephone audio is fine
+    assert load_audio(path).shape == (8000,)
+
+
 def test_load_audio_rejects_a_bad_sample_rate(tmp_path):
     path = tmp_path / "tone.wav"
     soundfile.write(path, stereo_sine(16000, 0.1, 440.0), 16000)

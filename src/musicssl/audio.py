@@ -32,6 +32,10 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     )
 
 
+# Below this a file's sample rate is a damaged header, not audio (telephone audio is 8 kHz).
+MIN_SAMPLE_RATE = 1000
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Decode ``path`` to a float32 mono signal at ``sample_rate``.
 
@@ -56,6 +60,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         ) from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: decoded to zero samples")
+    if orig_sr < MIN_SAMPLE_RATE:  # resampling 1 Hz to 16 kHz asks for 16,000 times the samples: a crash
+        raise AudioError(f"{path}: its header gives a sample rate of {orig_sr} Hz, below any audio's "
+                         f"({MIN_SAMPLE_RATE} Hz): a damaged header, or not audio")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(mono).all():
         raise AudioError(f"{path}: decoded samples contain NaN or inf")
