@@ -237,10 +237,13 @@ def load_experiment(folder: str | Path) -> Experiment:
                               "file: restore it (e.g. from a copy of the search)")
     journal = folder / JOURNAL_FILE
     if not journal.is_file() or journal.stat().st_size == 0:
+        from hpsearch.settings import flag_text
+
         raise ReportError(
             f"{folder}: the search has not recorded any trial yet (no {JOURNAL_FILE} or an empty one); "
             "wait for its first trial, or resume it with python -m hpsearch.run "
-            f"{settings['method']} --name {folder.resolve().name} --storage-dir {folder.resolve().parent} --resume"
+            f"{settings['method']} {flag_text('--name', folder.resolve().name)} "
+            f"{flag_text('--storage-dir', str(folder.resolve().parent))} --resume"
         )
     study = _load_study(journal)
     if not study.get_trials(deepcopy=False):

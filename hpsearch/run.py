@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from hpsearch.settings import (
-    COLLAPSE_TYPES, OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, name_problem,
-    write_whole,
+    COLLAPSE_TYPES, OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, flag_text,
+    name_problem, write_whole,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
 
@@ -1107,8 +1107,8 @@ def _write_summary(folder: Path, summary) -> None:
 
 
 def _continue_command(settings: SearchSettings) -> str:
-    return (f"{PROG} {settings.method} --name {shlex.quote(settings.name)} "
-            f"--storage-dir {shlex.quote(str(settings.storage_dir))} --resume")
+    return (f"{PROG} {settings.method} {flag_text('--name', settings.name)} "
+            f"{flag_text('--storage-dir', str(settings.storage_dir))} --resume")
 
 
 def _continue_line(settings: SearchSettings) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,12 @@ __all__ = [
 SEARCH_FILE = "search.json"
 # A search folder's name: file systems allow 255 bytes, and Ray Tune derives longer names from it.
 MAX_NAME_BYTES = 150
+
+
+def flag_text(flag: str, value: str) -> str:
+    """``--flag value`` as a shell takes it; ``--flag=value`` for a value that starts with ``-`` (which
+    argparse would read as a flag: ``--name -x`` fails, ``--name=-x`` works)."""
+    return f"{flag}={shlex.quote(value)}" if value.startswith("-") else f"{flag} {shlex.quote(value)}"
 
 
 def name_problem(name: str) -> str | None:

@@ -1894,6 +1894,17 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     assert main([*common, "--resume"]) == 2
 
 
+def test_the_continue_command_parses_back_to_the_search_also_for_names_that_start_with_a_dash():
+    """A search named with --name=-x printed "--name -x", which argparse refuses ("expected one argument")."""
+    from hpsearch.run import _continue_command
+
+    for name, storage in [("-x", "runs"), ("plain name", "-runs dir"), ("vicreg-20261203-100000", "/tmp/r")]:
+        words = shlex.split(_continue_command(SearchSettings(method="vicreg", name=name, storage_dir=storage)))
+        assert words[:3] == ["python", "-m", "hpsearch.run"]
+        args = build_parser().parse_args(words[3:])
+        assert (args.method, args.name, args.storage_dir, args.resume) == ("vicreg", name, storage, True)
+
+
 def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp_path, monkeypatch):
     """Before: --data (and --root, --audio-dir) were stored as given, so a search started with --data untagged
     could be resumed only from the folder it was started in, and --data with the folder's full path (or
