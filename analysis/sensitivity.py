@@ -500,8 +500,9 @@ def bootstrap_best_interval(
     objective: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
 ) -> tuple[float, float]:
     """The range of the best score of a search this size (95 % percentile bootstrap): the best of the
-    search's trials resampled with replacement (a trial without a score, e.g. collapsed, is drawn too
-    and scores nothing), 2.5th and 97.5th percentiles. It says how much the best depends on which
+    search's trials resampled with replacement (a trial without a score, e.g. one stopped for collapse, is
+    drawn too and scores nothing; one the rule would have stopped, in a search without stopping, kept its
+    score), 2.5th and 97.5th percentiles. It says how much the best depends on which
     trials the search happened to draw; it is not a confidence interval of the best: a resample
     holds the best trial in about 63 % of draws, so the upper end is the observed best. NaN where no
     resample has a score."""
@@ -804,6 +805,9 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                    if name.startswith("param_") and name[len("param_"):] not in sampled and pd.notna(value)}
         best = {"trial": int(row["trial"]), "value": float(row["objective"]),
                 "params": {k: _plain(v) for k, v in sampled.items()}, "derived_params": derived}
+        if bool(row.get("would_stop")):  # a search without stopping: it kept its score, yet counts as collapsed
+            epoch = row.get("would_stop_epoch")
+            best["would_stop_epoch"] = int(epoch) if pd.notna(epoch) else None
 
     epochs = frame["epochs_run"].fillna(0.0)
     max_epochs = experiment.max_epochs
@@ -1113,10 +1117,20 @@ def _summary_lines(summary: dict[str, Any]) -> list[str]:
                 counts += ", but stopping was off"
             counts += f": {rate['collapsed_or_diverged']} of {rate['finished']} finished count as collapsed"
         best = experiment["best"]
-        best_text = (f"best #{best['trial']} {experiment['objective']} {best['value']:.4f}" if best
-                     else "no trial complete")
+        best_text = (f"best #{best['trial']} {experiment['objective']} {best['value']:.4f}{_would_stop_text(best)}"
+                     if best else "no trial complete")
         lines.append(f"{experiment['name']} ({experiment['method']}): {experiment['trials']} trials ({counts}); {best_text}")
     return lines
+
+
+def _would_stop_text(best: dict[str, Any]) -> str:
+    """`` (one the collapse rule would have stopped ...)`` for a best trial of a search without stopping that
+    counts as collapsed (it ran to the end and kept its score), else ``""``."""
+    if "would_stop_epoch" not in best:
+        return ""
+    epoch = best["would_stop_epoch"]
+    return (f" (the collapse rule would have stopped it{f' at epoch {epoch}' if epoch is not None else ''}; with "
+            "stopping off it ran to the end: it counts as collapsed, and scored)")
 
 
 def _refuse_repeats(folders: Sequence[str | Path]) -> None:

@@ -251,6 +251,8 @@ def batch_text(experiment: Experiment) -> str:
 
 
 def summary_html(analysis: ExperimentAnalysis) -> str:
+    from analysis.sensitivity import _would_stop_text
+
     experiment = analysis.experiment
     settings = experiment.settings
     rows = [
@@ -277,7 +279,8 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
     best = analysis.best
     if best:
         params = ", ".join(f"{k} = {_format_value(v)}" for k, v in best["params"].items())
-        rows.append(("best trial", f"#{best['trial']}: {experiment.objective} {best['value']:.4f}"))
+        rows.append(("best trial", f"#{best['trial']}: {experiment.objective} {best['value']:.4f}"
+                                   f"{_would_stop_text(best)}"))
         rows.append(("best parameters", params))
         if best["derived_params"]:
             rows.append(("derived (as trained)", ", ".join(f"{k} = {_format_value(v)}"
@@ -1010,7 +1013,8 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
                if len(objectives) > 1 else "")
     return (f"{warning}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             "<p class='muted'>Best range: the range of the best score of a search this size, 95 % percentile bootstrap "
-            "over each search's finished trials resampled with replacement (a collapsed trial drawn scores nothing); "
+            "over each search's finished trials resampled with replacement (a trial stopped for collapse drawn scores "
+            "nothing; one the rule would have stopped, in a search run without stopping, keeps its score); "
             "its upper end is the observed best, its lower end what a search of this size could have ended with. "
             "Collapse rate: share of finished trials collapsed or diverged (for a search run without collapse "
             "stopping, also those the collapse rule would have stopped). Near best: share of finished trials within "

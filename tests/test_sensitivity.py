@@ -739,6 +739,14 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
 
     page, figures = build_page([unstopped])
     assert "no trial collapsed" not in page and "0 % of" not in page
+    # The best trial (the score is x) lies where the rule fires: it kept its score, and the report says it
+    # counts as collapsed (before, nothing said so, and the best range's note said a collapsed trial scores
+    # nothing).
+    best_x = max(x for x, _, outcome in rows if outcome in ("collapsed", "complete", "flagged"))
+    assert unstopped.best["value"] == pytest.approx(best_x) and best_x > 0.6
+    assert unstopped.best["would_stop_epoch"] == 1 and "would_stop_epoch" not in (stopped.best or {})
+    assert (f"{unstopped.best['value']:.4f} (the collapse rule would have stopped it at epoch 1; with stopping off "
+            "it ran to the end: it counts as collapsed, and scored)") in page
     assert (f"{100 * expected / finished:.0f} % of {finished} finished trials collapsed or diverged (stopped, or would "
             f"have been stopped by the collapse rule)") in page
     assert "collapse stopping was off in this search" in page
