@@ -181,6 +181,73 @@ def test_rebuild_processes_only_new_or_changed_tracks(tmp_path: Path, audio_file
     )
 
 
+def test_superseded_mels_are_deleted_when_no_process_reads_the_cache(tmp_path: Path, audio_files: dict[str, str]) -> None:
+    """Shards are never rewritten: a re-decoded track's new mel goes to a new shard. The old ones stayed for
+    good, so a dataset copied again without its modification times (cp without -p) grew the cache by its
+    whole size each time. A build now deletes a shard none of whose mels is current, unless a process has
+    the cache open; a shard that still holds current mels is kept, its superseded bytes counted."""
+    import gc
+
+    from musicssl.data.cache import READERS_LOCK_FILE
+
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio\n" * 100)  # its skip record shares the first manifest with the mels
+
+    def build():
+        return MelCache.build(make_index({**audio_files, "broken": str(broken)}), tmp_path / "cache", workers=0,
+                              progress=False, verbose=False)
+
+    def data_bytes(cache):
+        return sum(path.stat().st_size for path in cache.path.glob("shard-*.bin"))
+
+    first = build()
+    n_mels = first.n_mels
+    full = data_bytes(first)
+    assert full == sum(first.frames(t) for t in audio_files) * n_mels * 2  # float16 rows of n_mels
+    del first
+    gc.collect()
+    stamp = time.time() + 100
+    for path in audio_files.values():  # a copy without modification times: every track is decoded again
+        os.utime(path, (stamp, stamp))
+    second = build()
+    report = second.build_report
+    assert report.processed == 4 and report.reclaimed_bytes == full and report.superseded_bytes == 0
+    assert data_bytes(second) == full and len(list(second.path.glob("shard-*.json"))) == 2
+    first_manifest = json.loads((second.path / "shard-000001.json").read_text())  # now the skip record alone
+    assert (first_manifest["data"], first_manifest["tracks"]) == (None, [])
+    assert [skip["track_id"] for skip in first_manifest["skipped"]] == ["broken"]
+    assert "deleted " in report.summary() and "MB of superseded mels" in report.summary()
+    # The skipped file's record outlives its manifest's mels: not retried, still listed.
+    assert report.already_skipped == 1 and [t.track_id for t in second.skipped] == ["broken"]
+    for track_id, path in audio_files.items():  # what stays is the current mel
+        np.testing.assert_allclose(second.get_track(track_id), reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
+
+    # While a process has the cache open (here `second`; a search's trials, say), nothing is deleted: its
+    # state names those shards. The next build deletes them.
+    for path in audio_files.values():
+        os.utime(path, (stamp + 100, stamp + 100))
+    third = build()
+    assert third.build_report.reclaimed_bytes == 0 and third.build_report.superseded_bytes == full
+    assert data_bytes(third) == 2 * full
+    np.testing.assert_allclose(second.get_track("wav16"), third.get_track("wav16"))  # the reader still reads
+    del second, third
+    gc.collect()
+    fourth = build()
+    assert fourth.build_report.processed == 0 and fourth.build_report.reclaimed_bytes == full
+    assert data_bytes(fourth) == full
+    # One track of a shard re-decoded: the shard stays (three current mels), its superseded mel is counted.
+    frames = fourth.frames("wav16")
+    del fourth
+    gc.collect()
+    os.utime(audio_files["wav16"], (stamp + 200, stamp + 200))
+    fifth = build()
+    assert fifth.build_report.reclaimed_bytes == 0 and fifth.build_report.superseded_bytes == frames * n_mels * 2
+    assert data_bytes(fifth) == full + frames * n_mels * 2
+    assert (fifth.path / READERS_LOCK_FILE).is_file()
+    assert fifth.build_report.already_skipped == 1 and [t.track_id for t in fifth.skipped] == ["broken"]
+    assert "broken" in (fifth.path / "skipped.csv").read_text()
+
+
 def test_process_pool_build_matches_in_process_build(tmp_path: Path, audio_files: dict[str, str]) -> None:
     index = make_index(audio_files)
     pooled = MelCache.build(index, tmp_path / "pooled", workers=2, progress=False, verbose=False)

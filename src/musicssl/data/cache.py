@@ -23,6 +23,11 @@ Why this design:
   when the file, its path or the skipping rules changed. A cached track is re-judged against the
   current skipping rules on every build from its stored length and peak, without decoding: raising
   ``min_seconds`` drops the tracks it excludes.
+* **Superseded mels are deleted.** A re-decoded track's old mel stays in its shard (shards are never
+  rewritten); a build deletes each shard none of whose mels is current any more (its manifest goes first,
+  or is rewritten to the skip records that are), unless a process has the cache open: every open cache
+  holds a shared lock on ``.readers.lock``, and the build deletes only when it gets that lock exclusively
+  (else the next build does). A shard that still holds current mels is kept whole.
 * **A crashing decoder stops nothing.** When a decoding process dies (a decoder crash, the kernel's
   out-of-memory killer), the tracks it might have been working on are retried one at a time in a
   fresh process; a file that kills that process too is recorded as skipped (``crashed``), so the
@@ -87,6 +92,9 @@ STORE_DTYPE = np.dtype("<f2")  # float16: rounding error <= 0.03 dB below 128 dB
 SETTINGS_FILE = "settings.json"
 SKIP_REPORT_FILE = "skipped.csv"
 LOCK_FILE = ".build.lock"
+# Held shared by every open cache (MelCache.open, and each process it is pickled to) and exclusively by a
+# build that deletes superseded shards: none are deleted while a reader may still read them.
+READERS_LOCK_FILE = ".readers.lock"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.(bin|json)(\.tmp)?$")
 _OPEN_SHARDS_PER_PROCESS = 256  # bound on memory maps (each holds a file descriptor)
 
@@ -226,6 +234,11 @@ class BuildReport:
     # (path, what the decoder printed) for files that decoded, and are kept, although the decoder
     # library printed warnings (mpg123 resyncing past damaged MP3 frames)
     decoder_warnings: list[tuple[str, str]] = field(default_factory=list)
+    # Bytes of mels superseded by re-decoded tracks (a file changed, or copied without its modification
+    # time) that this build deleted, and those it kept: in shards that also hold current mels, or while
+    # another process had the cache open (the next build deletes those).
+    reclaimed_bytes: int = 0
+    superseded_bytes: int = 0
 
     def summary(self) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skip_reasons.items()))
@@ -241,6 +254,11 @@ class BuildReport:
         if self.dropped:
             text += (f"; {self.dropped} more listed track(s) have no usable audio file (missing or empty; "
                      f"in {SKIP_REPORT_FILE} unless cached before)")
+        if self.reclaimed_bytes:
+            text += f"; deleted {self.reclaimed_bytes / 2**20:.1f} MB of superseded mels"
+        if self.superseded_bytes:
+            text += (f"; {self.superseded_bytes / 2**20:.1f} MB of superseded mels kept (in shards that also hold "
+                     "current ones, or while the cache was open elsewhere)")
         if self.crashed:
             text += f"; the decoder crashed on {_first_five(self.crashed)} (skipped; fix or remove, then rebuild with retry_skipped=True)"
         if self.decoder_warnings:
@@ -320,6 +338,7 @@ class _State:
     skipped: dict[str, _SkipRecord] = field(default_factory=dict)
     shard_frames: dict[str, int] = field(default_factory=dict)
     last_number: int = 0
+    skip_manifest: dict[str, str] = field(default_factory=dict)  # track id -> the manifest its skip record is in
 
 
 def _file_size(path: Path) -> int | None:
@@ -728,6 +747,7 @@ def _read_state(folder: Path, n_mels: int) -> _State:
         for track in manifest["tracks"]:
             track_id = track["track_id"]
             peak = track.get("peak")
+            state.skip_manifest.pop(track_id, None)
             state.entries[track_id] = _Entry(
                 shard,
                 int(track["offset"]),
@@ -746,6 +766,7 @@ def _read_state(folder: Path, n_mels: int) -> _State:
             record = SkippedTrack(track_id, skip["path"], skip["reason"], skip["detail"])
             state.skipped[track_id] = _SkipRecord(record, skip["size"], skip.get("mtime_ns"), rules, committed_ns,
                                                   skip.get("listed_samples"))
+            state.skip_manifest[track_id] = manifest_path.name
             state.entries.pop(track_id, None)
         state.last_number = number
     return state
@@ -832,6 +853,7 @@ class MelCache:
         self._track_ids = sorted(self._entries)
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self.build_report: BuildReport | None = None
+        self._reader_lock: Any = None  # see READERS_LOCK_FILE; set by open()
 
     # ----------------------------------------------------------------------------------- locating
     @staticmethod
@@ -876,7 +898,10 @@ class MelCache:
         settings = LogMelConfig.from_canonical(stored)
         if front_end is not None and settings.canonical() != front_end.canonical():
             raise MelCacheError(f"{folder}: built with {settings}, not the requested {front_end}")
-        return cls(folder, settings, _read_state(folder, settings.n_mels))
+        reader_lock = _hold_as_reader(folder)  # before the state is read: its shards stay while this reads
+        cache = cls(folder, settings, _read_state(folder, settings.n_mels))
+        cache._reader_lock = reader_lock
+        return cache
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
@@ -1015,6 +1040,9 @@ class MelCache:
             if path.name.endswith(".tmp") or orphan:
                 path.unlink()
         state = _read_state(folder, settings.n_mels)
+        for path in folder.glob("shard-*.bin"):  # a data file no manifest names: its deletion was cut short
+            if path.name not in state.shard_frames:
+                path.unlink()
 
         tasks: list[_Task] = []
         excluded: list[_Result] = []  # cached tracks that the current rules skip, judged without decoding
@@ -1117,6 +1145,7 @@ class MelCache:
 
         final = _read_state(folder, settings.n_mels)
         _write_skip_report(folder / SKIP_REPORT_FILE, [record.track for record in final.skipped.values()])
+        reclaimed, superseded = _reclaim_superseded(folder, final, settings.n_mels)
         return BuildReport(
             cache_path=folder,
             requested=len(index),
@@ -1132,6 +1161,8 @@ class MelCache:
             crashed=crashed,
             dropped=len(dropped),
             decoder_warnings=decoder_warnings,
+            reclaimed_bytes=reclaimed,
+            superseded_bytes=superseded,
         )
 
     # ------------------------------------------------------------------------------------- reading
@@ -1232,10 +1263,91 @@ class MelCache:
         return self.get(track_id, 0, self.frames(track_id))
 
     def __getstate__(self) -> dict:
-        # Memory maps do not pickle usefully; each process maps the shards it reads.
+        # Memory maps do not pickle usefully; each process maps the shards it reads (and holds its own
+        # readers' lock: the shards this state names stay while any process reads them).
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
+        state["_reader_lock"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reader_lock = _hold_as_reader(self.path)
+
+
+def _hold_as_reader(folder: Path) -> Any:
+    """Open and share-lock the cache's readers' lock (None where that cannot be done, e.g. a read-only
+    cache: no build deletes shards there either). The lock lasts as long as the returned file is open."""
+    try:
+        handle = open(folder / READERS_LOCK_FILE, "a")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _reclaim_superseded(folder: Path, state: _State, n_mels: int) -> tuple[int, int]:
+    """Delete the shards no current entry reads: ``(bytes deleted, superseded bytes kept)``.
+
+    A re-decoded track's new mel goes to a new shard (shards are never rewritten); its old mel stays where
+    it was. A data file none of whose mels is current is deleted, and its manifest with it, or rewritten
+    to the skip records in it that are current (keeping its modification time, which older entries'
+    checks read). Only when no process has the cache open (see :data:`READERS_LOCK_FILE`): a reader's state
+    may name those shards. Called under the build lock, with ``state`` read after the build's commits.
+    """
+    manifests = sorted((number, path) for path in folder.glob("shard-*.json")
+                       if (number := _shard_number(path.name)) is not None)
+    current_data = {entry.shard for entry in state.entries.values()}
+    current_frames: Counter[str] = Counter()
+    for entry in state.entries.values():
+        current_frames[entry.shard] += entry.frames
+    with_current_skips = set(state.skip_manifest.values())
+    row_bytes = n_mels * STORE_DTYPE.itemsize
+    stale: list[tuple[Path, dict]] = []
+    superseded = 0
+    for number, path in manifests:
+        manifest = json.loads(path.read_text())
+        data = manifest.get("data")
+        if data in current_data:  # kept whole: its superseded mels are counted, not deleted
+            superseded += (int(manifest["total_frames"]) - current_frames[data]) * row_bytes
+        elif data is not None or (path.name not in with_current_skips and number != state.last_number):
+            stale.append((path, manifest))
+    if not stale:
+        return 0, superseded
+    try:
+        lock = open(folder / READERS_LOCK_FILE, "a")
+    except OSError:
+        return 0, superseded + sum(_file_size(folder / m["data"]) or 0 for _, m in stale if m.get("data"))
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # open elsewhere (a search's trials, say): kept for a later build
+            return 0, superseded + sum(_file_size(folder / m["data"]) or 0 for _, m in stale if m.get("data"))
+        reclaimed = 0
+        current_skips = {name: [] for name in state.skip_manifest.values()}
+        for track_id, name in state.skip_manifest.items():
+            current_skips[name].append(track_id)
+        for path, manifest in stale:
+            data = manifest.get("data")
+            keep = set(current_skips.get(path.name, ()))
+            number = _shard_number(path.name)
+            if keep or number == state.last_number:  # the newest manifest stays: shard numbers only grow
+                status = path.stat()
+                manifest = {**manifest, "data": None, "total_frames": 0, "tracks": [],
+                            "skipped": [skip for skip in manifest["skipped"] if skip["track_id"] in keep]}
+                _atomic_write_bytes(path, json.dumps(manifest).encode())
+                os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+            else:
+                path.unlink()  # first the manifest (the commit), then its data: an orphan is deleted later
+            if data is not None:
+                reclaimed += _file_size(folder / data) or 0
+                (folder / data).unlink(missing_ok=True)
+        _fsync_directory(folder)
+    return reclaimed, superseded
 
 
 def _record_stands(
