@@ -929,6 +929,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         if started_ray else None)
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary(verbose)
+    told = False  # the line that says how to continue the search is printed
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -1005,12 +1006,18 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             # settings, so it is continued as after any other stop.
             if (folder / SEARCH_FILE).is_file():
                 print(_continue_line(settings), file=stream, flush=True)
+                told = True
             raise
         finally:
             if started_ray:
                 import ray
 
-                ray.shutdown()
+                try:
+                    ray.shutdown()
+                except KeyboardInterrupt:  # a (second) Ctrl-C while Ray shuts down: stop, and say how to continue
+                    if not told and (folder / SEARCH_FILE).is_file():
+                        print(_continue_line(settings), file=stream, flush=True)
+                    raise
             # What follows stops as Ctrl-C too. Ray Tune leaves its SIGINT handler after a run that was
             # not interrupted (it would swallow the first Ctrl-C), and ray.shutdown() sets SIGTERM's
             # action back to the default in the kernel (Python's record still shows the handler).

@@ -575,13 +575,30 @@ def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
+    import ray
+
+    real_shutdown = ray.shutdown
+
+    def shutdown_then_ctrl_c(*args, **kwargs):  # a (second) Ctrl-C while Ray shuts down
+        real_shutdown(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    continue_line = (f"interrupted: continue with python -m hpsearch.run vicreg --name early --storage-dir {tmp_path} "
+                     "--resume")
     monkeypatch.setattr(hpsearch.run, "_print_start", stopped)  # just before Ray Tune runs
+    monkeypatch.setattr(ray, "shutdown", shutdown_then_ctrl_c)
     settings = SearchSettings(method="vicreg", trials=2, name="early", storage_dir=str(tmp_path), **TINY)
     with pytest.raises(KeyboardInterrupt):
         run_search(settings, data=tonal_data)
     printed = capsys.readouterr().out
-    assert printed.splitlines()[-1] == (f"interrupted: continue with python -m hpsearch.run vicreg --name early "
-                                        f"--storage-dir {tmp_path} --resume")
+    assert printed.splitlines()[-1] == continue_line and printed.count("continue with") == 1  # once, not twice
+    # After Ray Tune's run (the trials ran), a Ctrl-C during Ray's shutdown: the line that says how to continue
+    # (before: only "interrupted", no command).
+    monkeypatch.setattr(hpsearch.run, "_print_start", lambda *args, **kwargs: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings, resume=True, data=tonal_data)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == continue_line and printed.count("continue with") == 1
     monkeypatch.undo()
     result = run_search(settings, resume=True, data=tonal_data)
     assert not result.interrupted and len(result.trials) == 2
@@ -589,8 +606,6 @@ def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, 
     # Run again, the search is finished: its summary at once, no Ray, nothing written but the summary's
     # files; its time stays the search's (before: Ray started, the untrained reference was measured
     # again, and the time became this run's).
-    import ray
-
     folder = tmp_path / "early"
     seconds = json.loads((folder / "summary.json").read_text())["seconds"]
     saved_states = sorted(path.name for path in folder.glob("experiment_state-*"))
