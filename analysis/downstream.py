@@ -1255,6 +1255,13 @@ def run_downstream(
     check_bootstrap(test_labels, config)  # before the embeddings and the probe fits, not after them
 
     subsets = limited_data_subsets(labels[train_pos], config.fractions, config.draws, config.seed)
+    by_size: dict[int, list[float]] = {}
+    for fraction in config.fractions:
+        by_size.setdefault(subset_size(fraction, len(train_pos)), []).append(fraction)
+    for size, fractions in by_size.items():
+        if len(fractions) > 1:  # the same subsets: their columns repeat one another
+            log(f"  note: the fractions {', '.join(f'{100 * f:g} %' for f in fractions)} all train on {size} of the "
+                f"{len(train_pos)} training track(s) here, the same subsets; their limited-data columns are the same")
 
     def probe_key(classifier: str) -> str:
         """What a probe's results depend on besides the embeddings (which name the file)."""

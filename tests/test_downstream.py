@@ -445,6 +445,21 @@ def test_tags_with_test_positives_but_no_training_positive_are_named_and_counted
     assert "1 of the scored tags have no positive training track" in results_notes(result.results)
 
 
+def test_fractions_that_give_the_same_subsets_are_named(tmp_path, capsys):
+    """On a small training split 1 % and 5 % are both one track (round(f * N), at least one): their columns
+    repeat one another, which only limited_data.csv's train_tracks showed."""
+    from musicssl.data.index import TrackIndex
+
+    records = write_pitch_dataset(tmp_path / "audio")
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.01, 0.05, 1.0)})
+    result = run_downstream([resolve_method("melstats", "cpu", True)], config, index=TrackIndex.from_records(records))
+    train_tracks = sum(record["split"] == "train" for record in records)
+    assert "note: the fractions 1 %, 5 % all train on 1 of the " + f"{train_tracks} training track(s) here" in \
+        capsys.readouterr().out
+    sizes = result.limited.groupby("fraction")["train_tracks"].first()
+    assert (sizes[0.01], sizes[0.05], sizes[1.0]) == (1, 1, train_tracks)
+
+
 def test_baselines_follow_the_checkpoints_architecture(tmp_path):
     from analysis.downstream import _methods_from_args, build_parser
 
