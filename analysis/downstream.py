@@ -1816,34 +1816,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         parser.error(f"--out {out_dir}: cannot write there ({error.strerror or error}); give a folder you can write in")
     out_dir = claim.path  # the default name with a suffix, if an evaluation started in the same second holds it
-    written = False
-    try:
-        with sigterm_interrupts():
-            result = run_downstream(methods, config, progress=not args.quiet)
-            with held_signals():  # all of the results or none: a Ctrl-C or SIGTERM here takes effect once written
-                files = write_outputs(result, out_dir)
-                written = True
-    except (*_input_errors(), OSError) as error:
-        claim.release(remove_if_unused=True)  # the results folder made above
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, no traceback; what is finished stays cached
-        claim.release(remove_if_unused=True)
-        if written:
-            print(f"\n{parser.prog}: interrupted as the results were written; they are complete in {out_dir}",
-                  file=sys.stderr)
-        else:
-            kept = ("; each method's embeddings and each probe's fits once all are done are cached, so running the "
-                    "command again continues from what was finished" if config.use_cache else "")
-            print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
-        return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-    print()
-    print(results_markdown(result.results))
-    print()
-    print(results_notes(result.results, config.bootstrap_fraction))
-    print()
-    print(limited_markdown(result.limited))
-    claim.release()
+    try:  # the claim's lock goes with any ending, an unexpected error's too
+        written = False
+        try:
+            with sigterm_interrupts():
+                result = run_downstream(methods, config, progress=not args.quiet)
+                with held_signals():  # all of the results or none: a Ctrl-C or SIGTERM here takes effect once written
+                    files = write_outputs(result, out_dir)
+                    written = True
+        except (*_input_errors(), OSError) as error:
+            claim.release(remove_if_unused=True)  # the results folder made above
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, no traceback; what is finished stays cached
+            claim.release(remove_if_unused=True)
+            if written:
+                print(f"\n{parser.prog}: interrupted as the results were written; they are complete in {out_dir}",
+                      file=sys.stderr)
+            else:
+                kept = ("; each method's embeddings and each probe's fits once all are done are cached, so running the "
+                        "command again continues from what was finished" if config.use_cache else "")
+                print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
+            return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+        print()
+        print(results_markdown(result.results))
+        print()
+        print(results_notes(result.results, config.bootstrap_fraction))
+        print()
+        print(limited_markdown(result.limited))
+    finally:
+        claim.release()
     print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")
     return 0
 

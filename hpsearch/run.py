@@ -930,6 +930,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary(verbose)
     told = False  # the line that says how to continue the search is printed
+    failure: Exception | None = None  # an error ending the search
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -1008,6 +1009,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 print(_continue_line(settings), file=stream, flush=True)
                 told = True
             raise
+        except Exception as error:
+            failure = error
+            raise
         finally:
             if started_ray:
                 import ray
@@ -1015,6 +1019,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 try:
                     ray.shutdown()
                 except KeyboardInterrupt:  # a (second) Ctrl-C while Ray shuts down: stop, and say how to continue
+                    if failure is not None:
+                        raise failure from None  # the error that was ending the search says more than the Ctrl-C
                     if not told and (folder / SEARCH_FILE).is_file():
                         print(_continue_line(settings), file=stream, flush=True)
                     raise
@@ -1343,9 +1349,20 @@ def _with_data_found(stored: SearchSettings, given: str | None, search: str) -> 
     if dataset_name(stored.data) is not None or Path(stored.data).expanduser().is_absolute():
         return stored
     relative = os.path.normpath(stored.data)
-    if given is not None and (given == relative or given.endswith(os.sep + relative)):
-        return dataclasses.replace(stored, data=given)
-    if given is None and not Path(relative).exists():
+    # What a full path to that data ends with: the stored path without its leading ".." (../other/data).
+    parts = Path(relative).parts
+    while parts and parts[0] == "..":
+        parts = parts[1:]
+    tail = os.path.join(*parts) if parts else ""
+    if given is not None:
+        if tail and given.endswith(os.sep + tail):
+            return dataclasses.replace(stored, data=given)
+        raise SearchError(
+            f"{search} was started with --data {stored.data}, a path relative to the folder it was started from, "
+            f"and --data {given} is not that path; give the full path of that data (it ends with {tail or relative}), "
+            "or continue it from that folder without --data"
+        )
+    if not Path(relative).exists():
         raise SearchError(
             f"{search} was started with --data {stored.data}, a path relative to the folder it was started from, "
             f"and there is no {relative} here; continue it from that folder, or give --data with the full path "

@@ -203,6 +203,7 @@ def test_superseded_mels_are_deleted_when_no_process_reads_the_cache(tmp_path: P
     first = build()
     n_mels = first.n_mels
     full = data_bytes(first)
+    committed_ns = (first.path / "shard-000001.json").stat().st_mtime_ns  # older entries' checks read it
     assert full == sum(first.frames(t) for t in audio_files) * n_mels * 2  # float16 rows of n_mels
     del first
     gc.collect()
@@ -216,6 +217,7 @@ def test_superseded_mels_are_deleted_when_no_process_reads_the_cache(tmp_path: P
     first_manifest = json.loads((second.path / "shard-000001.json").read_text())  # now the skip record alone
     assert (first_manifest["data"], first_manifest["tracks"]) == (None, [])
     assert [skip["track_id"] for skip in first_manifest["skipped"]] == ["broken"]
+    assert (second.path / "shard-000001.json").stat().st_mtime_ns == committed_ns
     assert "deleted " in report.summary() and "MB of superseded mels" in report.summary()
     # The skipped file's record outlives its manifest's mels: not retried, still listed.
     assert report.already_skipped == 1 and [t.track_id for t in second.skipped] == ["broken"]
@@ -246,6 +248,37 @@ def test_superseded_mels_are_deleted_when_no_process_reads_the_cache(tmp_path: P
     assert (fifth.path / READERS_LOCK_FILE).is_file()
     assert fifth.build_report.already_skipped == 1 and [t.track_id for t in fifth.skipped] == ["broken"]
     assert "broken" in (fifth.path / "skipped.csv").read_text()
+
+
+def test_a_shard_that_cannot_be_deleted_does_not_fail_the_build(tmp_path: Path, audio_files: dict[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Deleting superseded mels comes after the build's work is committed: a shard this user may not delete
+    (another user's, in a shared cache) leaves the build as it is, with a warning."""
+    import gc
+    import logging
+
+    def build():
+        return MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+
+    build()
+    gc.collect()
+    stamp = time.time() + 100
+    for path in audio_files.values():
+        os.utime(path, (stamp, stamp))
+    real_unlink = Path.unlink
+
+    def refused(self, *args, **kwargs):
+        if self.name.startswith("shard-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with caplog.at_level(logging.WARNING, logger="musicssl.data.cache"):
+        cache = build()
+    assert cache.build_report.processed == 4 and cache.build_report.reclaimed_bytes == 0
+    assert "superseded mels not deleted" in caplog.text and "Permission denied" in caplog.text
+    for track_id, path in audio_files.items():
+        np.testing.assert_allclose(cache.get_track(track_id), reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
 
 
 def test_process_pool_build_matches_in_process_build(tmp_path: Path, audio_files: dict[str, str]) -> None:

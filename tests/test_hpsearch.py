@@ -585,8 +585,18 @@ def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, 
 
     continue_line = (f"interrupted: continue with python -m hpsearch.run vicreg --name early --storage-dir {tmp_path} "
                      "--resume")
-    monkeypatch.setattr(hpsearch.run, "_print_start", stopped)  # just before Ray Tune runs
     monkeypatch.setattr(ray, "shutdown", shutdown_then_ctrl_c)
+    # An error that ends the search, then a Ctrl-C while Ray shuts down: the error is what is raised (the
+    # Ctrl-C had replaced it, and said how to continue a search that had failed).
+    def failed(*args, **kwargs):
+        raise RuntimeError("the search failed")
+
+    monkeypatch.setattr(hpsearch.run, "_print_start", failed)
+    failing = SearchSettings(method="vicreg", trials=2, name="failing", storage_dir=str(tmp_path), **TINY)
+    with pytest.raises(RuntimeError, match="the search failed"):
+        run_search(failing, data=tonal_data)
+    assert "continue with" not in capsys.readouterr().out
+    monkeypatch.setattr(hpsearch.run, "_print_start", stopped)  # just before Ray Tune runs
     settings = SearchSettings(method="vicreg", trials=2, name="early", storage_dir=str(tmp_path), **TINY)
     with pytest.raises(KeyboardInterrupt):
         run_search(settings, data=tonal_data)
@@ -1950,6 +1960,15 @@ def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp
         settings_from_args(parse(old))
     settings, _ = settings_from_args(parse([*old, "--data", str(tmp_path / "work" / "untagged")]))
     assert settings.data == str(tmp_path / "work" / "untagged")
+    with pytest.raises(SearchError, match=r"was started with --data untagged, .* and --data .*/elsewhere/other is not "
+                                          r"that path; give the full path of that data \(it ends with untagged\)"):
+        settings_from_args(parse([*old, "--data", "other"]))  # the stored path is named as stored, not made up
+    # One through "..": a full path that ends with what follows the ".." names it.
+    SearchSettings(method="vicreg", name="up", storage_dir=str(tmp_path / "runs"), data="../work/untagged").save(
+        (tmp_path / "runs" / "up").mkdir() or tmp_path / "runs" / "up")
+    up = ["vicreg", "--name", "up", "--storage-dir", str(tmp_path / "runs")]
+    assert settings_from_args(parse([*up, "--data", str(tmp_path / "work" / "untagged")]))[0].data == str(
+        tmp_path / "work" / "untagged")
     monkeypatch.chdir(tmp_path / "work")
     assert settings_from_args(parse(old))[0].data == str(tmp_path / "work" / "untagged")
 

@@ -1142,3 +1142,8 @@ def test_a_tags_file_in_another_format_is_named_not_ignored(tmp_path):
             open_dataset_option(str(root), allow_unlabeled=allow_unlabeled)
     (root / "labels.txt").rename(root / "labels.csv")
     assert open_dataset_option(str(root)).tracks["split"].tolist() == ["test"]
+    # Files so named that are no tables of tags do not stop a folder of audio without tags.
+    (root / "labels.csv").unlink()
+    write_sine(root / "metadata.wav")
+    (root / "metadata.json").write_text("{}")
+    assert open_dataset_option(str(root), allow_unlabeled=True).track_ids == ["a", "metadata"]

@@ -725,6 +725,31 @@ def test_claim_folder_keeps_two_runs_out_of_one_folder(tmp_path):
                      numbered=True)
 
 
+def test_a_claim_taken_on_a_lock_file_deleted_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """A run releasing its claim deletes the lock file, then closes it. Another that had opened the file just
+    before locked it once closed: a lock on a file no longer in the folder, which a third run, making the file
+    anew, locked too; two runs held one folder. The lock is taken again on the file now in the folder."""
+    import musicssl.paths as paths
+
+    first = paths.claim_folder(tmp_path / "out", lambda path: None)
+    real_flock = paths.fcntl.flock
+    calls = []
+
+    def release_first_then_flock(handle, operation):  # the first run releases between the open and the lock
+        calls.append(operation)
+        if len(calls) == 1:
+            first.release()
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(paths.fcntl, "flock", release_first_then_flock)
+    second = paths.claim_folder(tmp_path / "out", lambda path: None)
+    monkeypatch.undo()
+    assert len(calls) == 2  # the lock on the deleted file, then the lock on the folder's file
+    with pytest.raises(paths.FolderTaken, match="another run is writing its results there now"):
+        paths.claim_folder(tmp_path / "out", lambda path: None)  # the third run: refused
+    second.release()
+
+
 def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path):
     from musicssl.paths import claim_folder
 
@@ -732,7 +757,7 @@ def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(claim.path)],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
-    assert f"--out {claim.path} another run is writing its results there now" in completed.stderr
+    assert f"--out {claim.path}: another run is writing its results there now" in completed.stderr
     claim.release()
 
 
@@ -746,7 +771,7 @@ def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_
     assert (taken / "summary.json").read_text() == "{}"
     completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(taken / "summary.json")],
                                capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 2 and f"--out {taken / 'summary.json'} is a file; give a folder" in completed.stderr
+    assert completed.returncode == 2 and f"--out {taken / 'summary.json'}: is a file; give a folder" in completed.stderr
     # A run that fails (here on its data) removes the run folder it made for itself, parents included.
     completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tmp_path / "none")],
                                capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -88,11 +88,8 @@ def claim_folder(folder: str | Path, taken: Callable[[Path], str | None], number
         problem = taken(candidate)
         if problem is None:
             made = make_writable_folder(candidate)
-            handle = open(candidate / CLAIM_FILE, "a")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+            handle = _lock_claim_file(candidate / CLAIM_FILE)
+            if handle is None:
                 problem = "another run is writing its results there now; give another folder"
             else:
                 problem = taken(candidate)
@@ -102,3 +99,24 @@ def claim_folder(folder: str | Path, taken: Callable[[Path], str | None], number
                 handle.close()
         if not numbered or not candidate.exists():  # (a folder that cannot be made is no better numbered)
             raise FolderTaken(problem)
+
+
+def _lock_claim_file(path: Path) -> IO | None:
+    """``path`` opened and locked exclusively, or None while another process holds it. A holder deletes
+    the file as it releases it, so a lock taken on a file since deleted (opened before the deletion,
+    locked after) is no claim: it is taken again on the file now at ``path``."""
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(handle.fileno())
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            return handle
+        handle.close()

@@ -839,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # locked until the run is written, so that two runs never write into one folder
         claim = claim_folder(out, _run_folder_taken, numbered=not args.out)  # the default name: -2 if taken
     except FolderTaken as taken:
-        parser.exit(2, f"{parser.prog}: error: --out {out} {taken}\n")
+        parser.exit(2, f"{parser.prog}: error: --out {out}: {taken}\n")
     except OSError as error:
         parser.exit(2, f"{parser.prog}: error: cannot write the run folder {out} ({error.strerror or error}); "
                        "give another --out\n")
@@ -849,22 +849,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     from musicssl.data.cache import MelCacheError
 
-    try:
-        with sigterm_interrupts():  # also while the data are prepared and the final probe runs
-            result = train(config)
-    except (ConfigError, ValueError, OSError, MelCacheError) as error:
-        claim.release(remove_if_unused=True)  # the run folder (and its new parents), left empty by the failure
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-        claim.release(remove_if_unused=True)
-        if (out / "backbone.pt").is_file():  # the signal came as the run was written: it is whole
-            print(f"\n{parser.prog}: interrupted as the run ended; it was written to {out}", file=sys.stderr)
-        else:
-            print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)",
-                  file=sys.stderr)
-        return exit_code(stop)
-    claim.release()
+    try:  # the claim's lock goes with any ending, an unexpected error's too
+        try:
+            with sigterm_interrupts():  # also while the data are prepared and the final probe runs
+                result = train(config)
+        except (ConfigError, ValueError, OSError, MelCacheError) as error:
+            claim.release(remove_if_unused=True)  # the run folder (and its new parents), left empty by the failure
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+            claim.release(remove_if_unused=True)
+            if (out / "backbone.pt").is_file():  # the signal came as the run was written: it is whole
+                print(f"\n{parser.prog}: interrupted as the run ended; it was written to {out}", file=sys.stderr)
+            else:
+                print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)",
+                      file=sys.stderr)
+            return exit_code(stop)
+    finally:
+        claim.release()
     final = result.final
     shown = ", ".join(
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")

@@ -52,6 +52,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -95,6 +96,7 @@ LOCK_FILE = ".build.lock"
 # Held shared by every open cache (MelCache.open, and each process it is pickled to) and exclusively by a
 # build that deletes superseded shards: none are deleted while a reader may still read them.
 READERS_LOCK_FILE = ".readers.lock"
+logger = logging.getLogger(__name__)
 _SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.(bin|json)(\.tmp)?$")
 _OPEN_SHARDS_PER_PROCESS = 256  # bound on memory maps (each holds a file descriptor)
 
@@ -258,7 +260,7 @@ class BuildReport:
             text += f"; deleted {self.reclaimed_bytes / 2**20:.1f} MB of superseded mels"
         if self.superseded_bytes:
             text += (f"; {self.superseded_bytes / 2**20:.1f} MB of superseded mels kept (in shards that also hold "
-                     "current ones, or while the cache was open elsewhere)")
+                     "current ones, or while the cache was open, in this process or another)")
         if self.crashed:
             text += f"; the decoder crashed on {_first_five(self.crashed)} (skipped; fix or remove, then rebuild with retry_skipped=True)"
         if self.decoder_warnings:
@@ -704,12 +706,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(handle)
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def _atomic_write_bytes(path: Path, payload: bytes, mtime_ns: int | None = None) -> None:
+    """Write ``path`` whole or not at all (a temporary file, renamed); with ``mtime_ns``, the file has that
+    modification time from the moment it appears."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as stream:
         stream.write(payload)
         stream.flush()
         os.fsync(stream.fileno())
+    if mtime_ns is not None:
+        os.utime(temporary, ns=(mtime_ns, mtime_ns))
     os.replace(temporary, path)
 
 
@@ -1281,7 +1287,10 @@ def _hold_as_reader(folder: Path) -> Any:
     try:
         handle = open(folder / READERS_LOCK_FILE, "a")
     except OSError:
-        return None
+        try:  # a cache this user may read but not write: a shared lock needs no write access
+            handle = open(folder / READERS_LOCK_FILE)
+        except OSError:
+            return None
     try:
         fcntl.flock(handle, fcntl.LOCK_SH)
     except OSError:
@@ -1291,6 +1300,16 @@ def _hold_as_reader(folder: Path) -> Any:
 
 
 def _reclaim_superseded(folder: Path, state: _State, n_mels: int) -> tuple[int, int]:
+    """:func:`_delete_superseded`, best effort: the build's work is committed, and a shard this user may
+    not delete (a shared cache) is left as it is."""
+    try:
+        return _delete_superseded(folder, state, n_mels)
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("mel cache %s: superseded mels not deleted (%s); the next build tries again", folder, error)
+        return 0, 0
+
+
+def _delete_superseded(folder: Path, state: _State, n_mels: int) -> tuple[int, int]:
     """Delete the shards no current entry reads: ``(bytes deleted, superseded bytes kept)``.
 
     A re-decoded track's new mel goes to a new shard (shards are never rewritten); its old mel stays where
@@ -1339,8 +1358,8 @@ def _reclaim_superseded(folder: Path, state: _State, n_mels: int) -> tuple[int, 
                 status = path.stat()
                 manifest = {**manifest, "data": None, "total_frames": 0, "tracks": [],
                             "skipped": [skip for skip in manifest["skipped"] if skip["track_id"] in keep]}
-                _atomic_write_bytes(path, json.dumps(manifest).encode())
-                os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+                # Its modification time set before the rename: no crash leaves it with a new one
+                _atomic_write_bytes(path, json.dumps(manifest).encode(), mtime_ns=status.st_mtime_ns)
             else:
                 path.unlink()  # first the manifest (the commit), then its data: an orphan is deleted later
             if data is not None:

@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff")
 
 # Tag files load_folder looks for when none is named, in this order.
+# A table in these formats named like a tags file (labels.txt, tags.xlsx) is refused rather than ignored;
+# other files so named (metadata.json from a downloader, a track named tags.wav) are not tables of tags.
+UNREAD_TABLE_SUFFIXES = (".txt", ".tab", ".dat", ".xls", ".xlsx", ".ods")
 DEFAULT_TAG_FILES = (
     "tags.csv", "tags.tsv", "labels.csv", "labels.tsv", "annotations.csv", "annotations.tsv",
     "metadata.csv", "metadata.tsv",
@@ -1253,7 +1256,7 @@ def open_dataset_option(
         # A tags file in another format would be ignored, and with it the splits it gives (its test tracks trained on).
         unread = sorted(child.name for child in path.iterdir() if child.is_file()
                         and child.stem.lower() in {Path(name).stem for name in DEFAULT_TAG_FILES}
-                        and child.suffix.lower() not in (".csv", ".tsv"))
+                        and child.suffix.lower() in UNREAD_TABLE_SUFFIXES)
         if unread:
             raise DatasetError(
                 f"{path}: {unread[0]} looks like a tags file, but only .csv and .tsv tags files are read; "
