@@ -61,10 +61,10 @@ logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff")
 
-# Tag files load_folder looks for when none is named, in this order.
 # A table in these formats named like a tags file (labels.txt, tags.xlsx) is refused rather than ignored;
 # other files so named (metadata.json from a downloader, a track named tags.wav) are not tables of tags.
 UNREAD_TABLE_SUFFIXES = (".txt", ".tab", ".dat", ".xls", ".xlsx", ".ods")
+# Tag files load_folder looks for when none is named, in this order.
 DEFAULT_TAG_FILES = (
     "tags.csv", "tags.tsv", "labels.csv", "labels.tsv", "annotations.csv", "annotations.tsv",
     "metadata.csv", "metadata.tsv",
