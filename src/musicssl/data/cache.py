@@ -1320,42 +1320,40 @@ def _delete_superseded(folder: Path, state: _State, n_mels: int) -> tuple[int, i
     """
     manifests = sorted((number, path) for path in folder.glob("shard-*.json")
                        if (number := _shard_number(path.name)) is not None)
-    current_data = {entry.shard for entry in state.entries.values()}
     current_frames: Counter[str] = Counter()
     for entry in state.entries.values():
         current_frames[entry.shard] += entry.frames
     with_current_skips = set(state.skip_manifest.values())
     row_bytes = n_mels * STORE_DTYPE.itemsize
-    stale: list[tuple[Path, dict]] = []
+    stale: list[tuple[Path, str | None]] = []  # (manifest, its data file); ``state`` read them all already
     superseded = 0
     for number, path in manifests:
-        manifest = json.loads(path.read_text())
-        data = manifest.get("data")
-        if data in current_data:  # kept whole: its superseded mels are counted, not deleted
-            superseded += (int(manifest["total_frames"]) - current_frames[data]) * row_bytes
+        data = f"shard-{number:06d}.bin" if f"shard-{number:06d}.bin" in state.shard_frames else None
+        if data in current_frames:  # kept whole: its superseded mels are counted, not deleted
+            superseded += (state.shard_frames[data] - current_frames[data]) * row_bytes
         elif data is not None or (path.name not in with_current_skips and number != state.last_number):
-            stale.append((path, manifest))
+            stale.append((path, data))
     if not stale:
         return 0, superseded
+    kept = superseded + sum(_file_size(folder / data) or 0 for _, data in stale if data is not None)
     try:
         lock = open(folder / READERS_LOCK_FILE, "a")
     except OSError:
-        return 0, superseded + sum(_file_size(folder / m["data"]) or 0 for _, m in stale if m.get("data"))
+        return 0, kept
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # open elsewhere (a search's trials, say): kept for a later build
-            return 0, superseded + sum(_file_size(folder / m["data"]) or 0 for _, m in stale if m.get("data"))
+            return 0, kept
         reclaimed = 0
         current_skips = {name: [] for name in state.skip_manifest.values()}
         for track_id, name in state.skip_manifest.items():
             current_skips[name].append(track_id)
-        for path, manifest in stale:
-            data = manifest.get("data")
+        for path, data in stale:
             keep = set(current_skips.get(path.name, ()))
-            number = _shard_number(path.name)
-            if keep or number == state.last_number:  # the newest manifest stays: shard numbers only grow
+            if keep or _shard_number(path.name) == state.last_number:  # the newest stays: shard numbers only grow
                 status = path.stat()
+                manifest = json.loads(path.read_text())
                 manifest = {**manifest, "data": None, "total_frames": 0, "tracks": [],
                             "skipped": [skip for skip in manifest["skipped"] if skip["track_id"] in keep]}
                 # Its modification time set before the rename: no crash leaves it with a new one
