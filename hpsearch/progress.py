@@ -8,9 +8,11 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from ray.tune import Callback
+
+from hpsearch.trainable import TRIAL_NUMBER_KEY
 
 __all__ = ["ProgressPrinter", "ResultsWriter", "format_params", "results_written_by", "trial_line"]
 
@@ -62,7 +64,7 @@ class ProgressPrinter(Callback):
     """
 
     def __init__(self, total: int, objective: str, max_epochs: int, journal: str, study_name: str,
-                 stream: TextIO | None = None, config_key: str = "optuna_trial") -> None:
+                 stream: TextIO | None = None, config_key: str = TRIAL_NUMBER_KEY) -> None:
         self.total = total
         self.objective = objective
         self.max_epochs = max_epochs
@@ -131,17 +133,21 @@ class ProgressPrinter(Callback):
 
 
 _write_results: Callable[[], None] | None = None  # the running search's, while its Tune run goes
+_replayed: frozenset[int] = frozenset()  # its study's trials finished before this run: replayed, not rerun
 
 
 @contextlib.contextmanager
-def results_written_by(write: Callable[[], None]) -> Iterator[None]:
-    """While the block runs, :class:`ResultsWriter` calls ``write()`` after each finished trial."""
-    global _write_results
-    before, _write_results = _write_results, write
+def results_written_by(write: Callable[[], None], replayed: Iterable[int] = ()) -> Iterator[None]:
+    """While the block runs, :class:`ResultsWriter` calls ``write()`` after each finished trial.
+    ``replayed``: the Optuna numbers of the trials the study holds finished (a restored trial among
+    them reports its record again; any other restored trial is trained again from its start)."""
+    global _write_results, _replayed
+    before = _write_results, _replayed
+    _write_results, _replayed = write, frozenset(replayed)
     try:
         yield
     finally:
-        _write_results = before
+        _write_results, _replayed = before
 
 
 class ResultsWriter(Callback):
@@ -184,11 +190,13 @@ class ResultsWriter(Callback):
         # session folder and copies that whole folder to the search's folder when it saves the
         # experiment's state (every 10 s or more) and at the end: a search killed before then (kill -9,
         # out of memory, a crashed machine) lost finished trials' epoch reports. So each trial's folder is
-        # copied to the search's as the trial ends (``to_search``). And as a trial starts, the result.json
-        # the search's folder already holds for it (a trial the resume replays, or one run again after an
-        # interruption) is copied into its new staging folder, where Ray's logger appends to it: otherwise
-        # Ray's next copy would put the new, nearly empty one over it. (progress.csv is left to Ray: its
-        # rows would not line up with another run's columns.)
+        # copied to the search's as the trial ends (``to_search``). And as a trial the resume replays
+        # starts, the result.json the search's folder already holds for it is copied into its new staging
+        # folder, where Ray's logger appends the replayed final record: otherwise Ray's next copy would put
+        # the new one, that record alone, over the epoch reports. A trial run again after an interruption
+        # trains from its start: its new reports replace the interrupted run's, which were appended to
+        # before (each epoch twice). (progress.csv is left to Ray: its rows would not line up with another
+        # run's columns.)
         staging, kept = getattr(trial, "local_path", None), getattr(trial, "path", None)
         if not staging or not kept or os.path.realpath(staging) == os.path.realpath(kept):
             return
@@ -200,7 +208,7 @@ class ResultsWriter(Callback):
                 if os.path.isdir(staging):
                     filesystem.create_dir(kept, recursive=True)
                     pyarrow.fs.copy_files(staging, kept, destination_filesystem=filesystem)
-            else:
+            elif (getattr(trial, "config", None) or {}).get(TRIAL_NUMBER_KEY) in _replayed:
                 result = os.path.join(staging, "result.json")
                 if ((not os.path.exists(result) or os.path.getsize(result) == 0) and
                         filesystem.get_file_info(f"{kept}/result.json").type == pyarrow.fs.FileType.File):

@@ -997,7 +997,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 )
                 _print_start(settings, folder, stream)
             with _concurrency_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
-                    results_written_by(lambda: _summarize(settings, folder, journal, started)):
+                    results_written_by(lambda: _summarize(settings, folder, journal, started), replayed=finished):
                 tuner.fit()
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
             # SIGTERM then would end the search before anything is written.

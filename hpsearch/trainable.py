@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -53,6 +55,44 @@ FINAL_KEYS = (
     "seconds", "cpu_seconds", "verdict", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
     "collapse_reasons", "diverged_step", "error", "best_objective", "best_epoch",
 )  # fmt: skip
+
+
+# A complete trial's checkpoint is written to a temporary folder for Tune to copy. The folder lives
+# while ``tune.report`` waits for the driver to take the report: a search killed then (SIGKILL, out of
+# memory) ends the trial's process without removing it. Its name carries the process's id, and each
+# trial removes those of ended processes once they are old enough that no other process can be
+# writing them (a machine whose /tmp is shared by containers, each with its own process ids).
+CHECKPOINT_FOLDER_PREFIX = "hpsearch-checkpoint-"
+STALE_CHECKPOINT_SECONDS = 3600.0
+
+
+def _remove_stale_checkpoint_folders(temporary: str | None = None, now: float | None = None) -> list[str]:
+    """Remove this module's temporary checkpoint folders whose process has ended and which are at
+    least :data:`STALE_CHECKPOINT_SECONDS` old; return their paths. Best effort: anything that cannot
+    be read or removed is left."""
+    temporary = temporary or tempfile.gettempdir()
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(temporary))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text, _, rest = entry.name.removeprefix(CHECKPOINT_FOLDER_PREFIX).partition("-")
+        if not entry.name.startswith(CHECKPOINT_FOLDER_PREFIX) or not rest or not pid_text.isdigit():
+            continue  # not one of ours, or one named before the process id was in the name
+        try:
+            if not entry.is_dir(follow_symlinks=False) or now - entry.stat(follow_symlinks=False).st_mtime < (
+                    STALE_CHECKPOINT_SECONDS):
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.lexists(entry.path):
+                removed.append(entry.path)
+        except (OSError, OverflowError, ValueError):
+            continue  # a process of another user (it runs), or a folder that went meanwhile
+    return removed
 
 
 def objective_key(objective: str) -> str:
@@ -197,6 +237,7 @@ def run_trial(
         tune.report({**finished[number], "final": True, "replayed": True})
         return
     started, cpu_started = time.perf_counter(), time.process_time()
+    _remove_stale_checkpoint_folders()
     params = {name: value for name, value in config.items() if name != TRIAL_NUMBER_KEY}
     monitor = CollapseMonitor(settings.collapse_rule())
     reporter = _EpochReporter(settings, data, monitor, tune.report)
@@ -218,7 +259,7 @@ def run_trial(
     import torch
 
     state, trial_config = checkpoint
-    with tempfile.TemporaryDirectory(prefix="hpsearch-checkpoint-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_FOLDER_PREFIX}{os.getpid()}-") as folder:
         torch.save(state, Path(folder) / "backbone.pt")
         (Path(folder) / "config.json").write_text(json.dumps(trial_config, indent=2, default=str))
         tune.report(record, checkpoint=tune.Checkpoint.from_directory(folder))

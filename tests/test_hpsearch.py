@@ -872,6 +872,40 @@ def test_a_trials_final_record_reads_the_chosen_objective_and_records_what_the_r
     assert record["collapse_reasons"] == "objective probe_map is nan" and math.isnan(record["objective"])
 
 
+def test_a_trial_removes_the_checkpoint_folders_a_killed_search_left(tmp_path):
+    """A complete trial's checkpoint folder lives while Tune's report waits for the driver: a search
+    killed then left it in /tmp for good (2 MB each with the cpu preset). A trial now removes the
+    folders of ended processes that are an hour old, and nothing else."""
+    from hpsearch.trainable import STALE_CHECKPOINT_SECONDS, _remove_stale_checkpoint_folders
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    now = time.time()
+    old = now - STALE_CHECKPOINT_SECONDS - 60
+
+    def folder(name: str, mtime: float, directory: bool = True) -> Path:
+        path = tmp_path / name
+        if directory:
+            path.mkdir()
+            (path / "backbone.pt").write_bytes(b"x" * 10)
+        else:
+            path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+        return path
+
+    stale = folder(f"hpsearch-checkpoint-{ended.pid}-abc123", old)
+    kept = [
+        folder(f"hpsearch-checkpoint-{os.getpid()}-abc123", old),  # its process runs
+        folder(f"hpsearch-checkpoint-{ended.pid}-def456", now - 60),  # recent: another container's, maybe
+        folder("hpsearch-checkpoint-abc123xy", old),  # named before the process id was in the name
+        folder(f"other-{ended.pid}-abc123", old),
+        folder(f"hpsearch-checkpoint-{ended.pid}-file", old, directory=False),
+    ]
+    assert _remove_stale_checkpoint_folders(str(tmp_path), now=now) == [str(stale)]
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert _remove_stale_checkpoint_folders(str(tmp_path / "missing"), now=now) == []
+
+
 def test_a_trial_config_the_trainer_would_refuse_is_refused_when_it_is_built():
     """A space (or its FIXED values) giving the trainer a value it refuses fails when the search
     checks its space, not in every trial; a GPU the driver lacks is not checked there."""
@@ -1128,6 +1162,11 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert "6/6 trials finished" in resumed.stdout
     # and after the resume, every trial's (the ones run before the kill kept theirs).
     assert epoch_lines() == {n: int(c) for n, c in zip(csv["trial"], csv["epochs_completed"])}
+    # One line per epoch (README), also for a trial the kill interrupted and the resume ran again.
+    for result in folder.glob("*/result.json"):
+        reports = [json.loads(line) for line in result.read_text().splitlines()]
+        epochs = [report["epoch"] for report in reports if not report.get("final")]
+        assert epochs == list(range(1, len(epochs) + 1)), result
     assert "Failed to fetch metrics" not in resumed.stderr
 
 
@@ -2086,50 +2125,72 @@ def test_ray_tunes_warning_of_interrupted_trials_without_folders_is_left_out_unl
         logger.filters[:] = before
 
 
-def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_rerun_appends_to_it(tmp_path):
+def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_replay_appends_to_it(tmp_path):
     """Ray's staging folder is copied over the search's when Ray saves its state (every 10 s or more):
-    a trial that a resume replays (or runs again) started with an empty result.json there, and a copy
-    during its run put that over the epoch reports kept. Its kept result.json is now its staging
-    one's start, and each trial's folder reaches the search's folder as the trial ends."""
+    a trial that a resume replays started with an empty result.json there, and a copy during its run
+    put that over the epoch reports kept. Its kept result.json is now its staging one's start, and each
+    trial's folder reaches the search's folder as the trial ends. A trial run again from its start
+    after an interruption starts afresh: before, its new epoch reports were appended to the
+    interrupted run's, and its result.json held each of those epochs twice."""
     from types import SimpleNamespace
 
     import pyarrow.fs
 
-    from hpsearch.progress import ResultsWriter
+    from hpsearch.progress import ResultsWriter, results_written_by
 
-    def trial(name: str) -> SimpleNamespace:
+    def trial(name: str, number: int) -> SimpleNamespace:
         return SimpleNamespace(local_path=str(tmp_path / "staging" / name), path=str(tmp_path / "search" / name),
                                storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem()),
-                               last_result={"final": True})
+                               last_result={"final": True}, config={"optuna_trial": number, "lr": 0.1})
 
     epochs = '{"epoch": 1}\n{"epoch": 2}\n{"final": true}\n'
     kept = tmp_path / "search" / "trial-0000"
     kept.mkdir(parents=True)
     (kept / "result.json").write_text(epochs)
+    interrupted = tmp_path / "search" / "trial-0002"
+    interrupted.mkdir(parents=True)
+    (interrupted / "result.json").write_text('{"epoch": 1}\n')
     writer = ResultsWriter()
-    replayed = trial("trial-0000")
-    writer.on_trial_start(0, [], replayed)
-    staging = Path(replayed.local_path) / "result.json"
-    assert staging.read_text() == epochs  # where Ray's logger appends: a copy of staging keeps the epochs
-    with staging.open("a") as log:
-        log.write('{"final": true, "replayed": true}\n')
-    writer.on_trial_complete(0, [], replayed)
-    assert (kept / "result.json").read_text() == epochs + '{"final": true, "replayed": true}\n'
+    with results_written_by(lambda: None, replayed={0, 1}):
+        replayed = trial("trial-0000", 0)
+        writer.on_trial_start(0, [], replayed)
+        staging = Path(replayed.local_path) / "result.json"
+        assert staging.read_text() == epochs  # where Ray's logger appends: a copy of staging keeps the epochs
+        with staging.open("a") as log:
+            log.write('{"final": true, "replayed": true}\n')
+        writer.on_trial_complete(0, [], replayed)
+        assert (kept / "result.json").read_text() == epochs + '{"final": true, "replayed": true}\n'
 
-    # A new trial: nothing to copy in; its folder reaches the search's as it ends (also when it failed),
-    # and a staging result.json Ray has begun is never replaced.
-    new = trial("trial-0001")
-    writer.on_trial_start(0, [], new)
-    assert not Path(new.local_path).exists()
-    Path(new.local_path).mkdir(parents=True)
-    (Path(new.local_path) / "result.json").write_text('{"epoch": 1}\n')
-    (Path(new.local_path) / "params.json").write_text("{}")
-    writer.on_trial_error(0, [], new)
-    assert (tmp_path / "search" / "trial-0001" / "result.json").read_text() == '{"epoch": 1}\n'
-    assert (tmp_path / "search" / "trial-0001" / "params.json").is_file()
-    (tmp_path / "search" / "trial-0001" / "result.json").write_text("kept\n")
-    writer.on_trial_start(0, [], new)
-    assert (Path(new.local_path) / "result.json").read_text() == '{"epoch": 1}\n'
+        # A new trial: nothing to copy in; its folder reaches the search's as it ends (also when it failed),
+        # and a staging result.json Ray has begun is never replaced.
+        new = trial("trial-0001", 1)
+        writer.on_trial_start(0, [], new)
+        assert not Path(new.local_path).exists()
+        Path(new.local_path).mkdir(parents=True)
+        (Path(new.local_path) / "result.json").write_text('{"epoch": 1}\n')
+        (Path(new.local_path) / "params.json").write_text("{}")
+        writer.on_trial_error(0, [], new)
+        assert (tmp_path / "search" / "trial-0001" / "result.json").read_text() == '{"epoch": 1}\n'
+        assert (tmp_path / "search" / "trial-0001" / "params.json").is_file()
+        (tmp_path / "search" / "trial-0001" / "result.json").write_text("kept\n")
+        writer.on_trial_start(0, [], new)
+        assert (Path(new.local_path) / "result.json").read_text() == '{"epoch": 1}\n'
+
+        # A trial the study does not hold finished runs again from its start: the interrupted run's
+        # epoch reports are not carried into its staging folder, and its own replace them as it ends.
+        rerun = trial("trial-0002", 2)
+        writer.on_trial_start(0, [], rerun)
+        assert not (Path(rerun.local_path) / "result.json").exists()
+        Path(rerun.local_path).mkdir(parents=True)
+        (Path(rerun.local_path) / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n{"final": true}\n')
+        writer.on_trial_complete(0, [], rerun)
+        assert (interrupted / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n{"final": true}\n'
+    # Outside a search's run, no trial is replayed.
+    other = trial("trial-0000-again", 0)
+    Path(other.path).mkdir(parents=True)
+    (Path(other.path) / "result.json").write_text(epochs)
+    writer.on_trial_start(0, [], other)
+    assert not Path(other.local_path).exists()
 
 
 def test_the_untrained_reference_of_an_earlier_run_is_kept_when_the_files_are_rewritten(tmp_path):
