@@ -1208,6 +1208,15 @@ def run_downstream(
     log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
     if missing:
         log(f"  skipped {len(missing)} track(s) whose audio file is missing or empty, e.g. {missing[0]['path']}")
+    # Before the mel cache is built (hours on a large dataset): what no decoded track can change.
+    if not index.tag_names:
+        raise DownstreamError(f"dataset {dataset_name!r} has no tags; the probes need tagged tracks")
+    listed_splits = set(index.tracks["split"])
+    for name in ("train", "valid", "test"):
+        if name not in listed_splits:
+            raise DownstreamError(
+                f"the {name} split of {dataset_name!r} has no track; the protocol needs train, valid and test"
+            )
 
     # One mel cache per front-end (presets differ in mel bands); compare on the tracks usable in all.
     prepared = {}
@@ -1223,8 +1232,6 @@ def run_downstream(
     paths = np.asarray(index.paths)[rows]
     labels = index.labels()[rows]
     tag_names = list(index.tag_names)
-    if not tag_names:
-        raise DownstreamError(f"dataset {dataset_name!r} has no tags; the probes need tagged tracks")
     split_positions = {name: np.flatnonzero(splits == name) for name in ("train", "valid", "test")}
     for name, positions in split_positions.items():
         if len(positions) == 0:

@@ -1032,6 +1032,31 @@ def test_a_bootstrap_fraction_too_small_for_the_test_tracks_stops_before_anythin
     assert len(pd.read_csv(out / "bootstrap.csv").query("method == 'random' and metric == 'roc_auc'")) == 10
 
 
+def test_a_dataset_without_tags_or_a_split_is_refused_before_the_mel_cache_is_built(tmp_path, capsys):
+    """Both were found only after the mel cache was built (hours on a large dataset), though the track
+    list alone decides them."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    tone = (0.1 * np.sin(2 * np.pi * 440 * np.arange(4 * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
+    for number in range(12):
+        soundfile.write(folder / f"t{number}.wav", tone, SAMPLE_RATE)
+    common = ["--workers", "0", "--classifiers", "linear", "--fractions", "100", "--draws", "1",
+              "--out", str(tmp_path / "out"), "--threads", "1", "--quiet"]
+    rows = [f"t{n},t{n}.wav,{('train', 'valid', 'test')[n % 3]}," for n in range(12)]
+    (folder / "tracks.csv").write_text("track_id,path,split,tags\n" + "\n".join(rows) + "\n")
+    assert main(["--dataset", str(folder / "tracks.csv"), *common]) == 2
+    error = capsys.readouterr().err
+    assert "has no tags; the probes need tagged tracks" in error and "Traceback" not in error
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+    rows = [f"t{n},t{n}.wav,{'train' if n < 6 else 'test'},{'rock' if n % 2 else 'jazz'}" for n in range(12)]
+    (folder / "tracks.csv").write_text("track_id,path,split,tags\n" + "\n".join(rows) + "\n")
+    assert main(["--dataset", str(folder / "tracks.csv"), *common]) == 2
+    error = capsys.readouterr().err
+    assert "the valid split of" in error and "has no track; the protocol needs train, valid and test" in error
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_check_bootstrap_fails_exactly_where_the_bootstrap_would():
     """Against musicssl.probe.bootstrap itself on random scores: the check refuses a fraction iff the
     real bootstrap (redraw, then skip_tag, as the evaluation runs it) fails for either metric, and
