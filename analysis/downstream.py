@@ -20,7 +20,7 @@ seeded sample of ``bn_calibration_segments`` (2048) training segments, in shuffl
 ``batch_size`` (torch.optim.swa_utils.update_bn). It is the random backbone in the state training
 leaves BatchNorm in, which can read lower than ``random`` (on the embedded corpus it does).
 
-Protocol (the study's, see REFERENCE.md section 1; choices of ours are marked *):
+Protocol (the study's, as its paper and public code describe it; choices of ours are marked *):
 
 * Embeddings. The backbone is frozen (eval mode). Audio is cut into non-overlapping 4 s segments of
   the cached log-mel. A training track contributes up to 25 segments, evenly spread* over its

@@ -497,8 +497,8 @@ def seed_list(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=["timing", "savings", "replay", "noise", "overhead", "report"])
-    parser.add_argument("folders", nargs="*", help="for report: finished search folders; for noise: one (default: "
-                        "the savings run without stopping)")
+    parser.add_argument("folders", nargs="*", help="for report: finished search folders; for replay and noise: one "
+                        "(default: the savings run without stopping)")
     parser.add_argument("--method", default="vicreg")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,8 @@
 """Contrastive (SimCLR / NT-Xent) search space: the temperature and the batch size.
 
-The batch size matters here (it is the number of negatives), so it is searched; the other methods
-keep the search's batch size. Very low temperatures make the loss spiky and training unstable;
+The batch size matters here (it is the number of negatives), so it is searched (as for Barlow
+Twins, whose cross-correlation is estimated from the batch); the other methods keep the search's
+batch size. Very low temperatures make the loss spiky and training unstable;
 high ones wash out the negatives and the embedding spreads less.
 """
 

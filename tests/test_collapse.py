@@ -34,7 +34,7 @@ from musicssl.collapse import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Independent definitions (REFERENCE.md section 3), in float64 numpy
+# Independent definitions (from the papers each metric's docstring cites), in float64 numpy
 
 
 def rankme_reference(z: np.ndarray, eps: float = 1e-7) -> float:

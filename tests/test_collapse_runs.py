@@ -9,7 +9,7 @@ epoch records, as the trial's epoch-end hook does. With a grace of 1 epoch and a
 earliest the rule can fire is the end of epoch 3; every collapsing case must be stopped there.
 
 After the last epoch a hook takes the method's collapse outputs on the probe set, and the test
-recomputes the metrics from them with numpy, from their definitions (REFERENCE.md section 3), so the
+recomputes the metrics from them with numpy, from their published definitions (tests/test_collapse.py), so the
 logged numbers and the collapse signatures are checked against an independent computation.
 
 Two collapsing cases also make the teacher follow the student quickly, because the collapse they

@@ -1106,7 +1106,7 @@ def test_subset_sizes_round_halves_up_and_keep_at_least_one_track():
 
 
 def test_defaults_are_the_studys_protocol():
-    """REFERENCE.md section 1, "Downstream protocol": 4 s segments, up to 25 per training track, 50
+    """The study's downstream protocol: 4 s segments, up to 25 per training track, 50
     bootstrap resamples of half the test set, training fractions 1/5/10/20/100 % (and the seed
     summary's 25 %) drawn 4 times each; the command line without options gives the same."""
     protocol = {

@@ -295,11 +295,11 @@ def test_dino_student_equal_to_teacher_gives_the_entropy() -> None:
 
 
 def test_dino_uniform_collapse_is_log_k() -> None:
-    # REFERENCE.md: a run stuck at uniform assignments has loss ln K (8.318 for K = 4096).
+    # A run stuck at uniform assignments has loss ln K (8.318 for K = 4096, the study's default).
     logits = torch.full((4, 4096), 0.7)
     result = dino(logits, logits.clone(), torch.zeros(4096))
     assert relative_close(result["loss"], math.log(4096))
-    assert float(result["loss"]) == pytest.approx(8.318, abs=5e-4)  # the value REFERENCE.md gives
+    assert float(result["loss"]) == pytest.approx(8.318, abs=5e-4)  # ln 4096, to the digits quoted
 
 
 def test_dino_centering_is_subtracted() -> None:

@@ -88,7 +88,7 @@ def test_registry_lists_exactly_the_five_methods() -> None:
         assert dataclasses.is_dataclass(method_class.Config)
 
 
-# The defaults, from REFERENCE.md section 1 ("Their loss settings", "Heads"): the study's heads,
+# The defaults, from the study's public code (its loss settings and heads): the study's heads,
 # temperatures and EMA rates; for Barlow Twins and VICReg the original papers' weights (lambda 0.0051;
 # 25/25/1), not the study's "feature_stats" variants (means of the diagonal and off-diagonal terms;
 # 1/1/1 with covariance on batch-normalised features), which the trainer does not implement.

@@ -28,7 +28,7 @@ from musicssl.models import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Independent size formulas (from the architecture description in REFERENCE.md section 1)
+# Independent size formulas (from the study's architecture: its public code, deezer/multi-view-ssl-benchmark)
 
 
 def conv_params(in_channels: int, out_channels: int, kernel: int) -> int:
@@ -232,7 +232,7 @@ def test_initialisation_scales():
 
 
 def test_the_stem_is_three_convolutions_then_average_pooling():
-    """The CLIP ResNet stem (REFERENCE.md): 3x3 convolutions (stride 2, then 1, 1), each with BatchNorm and
+    """The CLIP ResNet stem (the study's code): 3x3 convolutions (stride 2, then 1, 1), each with BatchNorm and
     ReLU, then a 2x2 average pool; written out with functional operations on the stem's own weights."""
     torch.manual_seed(0)
     backbone = Backbone(preset="cpu").eval()

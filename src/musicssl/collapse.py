@@ -5,7 +5,7 @@ floating dtype (bf16 and fp16 are computed in float32; eigenvalue problems in fl
 small singular values that RankMe and the spectrum weigh are lost in float32 Gram matrices), and
 returns a Python float. Inputs are detached; nothing here builds a graph.
 
-The metrics (definitions in REFERENCE.md section 3):
+The metrics (each function's docstring gives its definition and source):
 
 - :func:`effective_rank`: RankMe (Garrido et al. 2023), exp of the entropy of the normalised
   singular values; D for isotropic data, 1 for rank-one data. Needs N well above D to reach D.
