@@ -3,8 +3,10 @@ segment variety, and note-bank synthesis against the SoundFont renderer itself."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import signal as signal_module
@@ -424,6 +426,102 @@ for _ in range(100):  # ended as soon as made: the SIGTERM can come before a wor
         pytest.fail("a pool of workers did not end")
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+def _interrupt_the_build(out: Path, cache: Path, signals: list[int]) -> subprocess.CompletedProcess:
+    """Run the corpus command (2 workers, the session's note bank) and send ``signals`` to it, 1 ms
+    apart, once its staging folder holds two tracks."""
+    command = [sys.executable, "-m", "musicssl.corpus", "--tracks", "40", "--seconds", "30", "--workers", "2",
+               "--quiet", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MUSICSSL_CACHE": str(cache)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(len(list(staging.glob("audio/*.flac"))) >= 2 for staging in out.parent.glob(f".{out.name}.partial-*")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.01)
+        for signum in signals:
+            process.send_signal(signum)
+            time.sleep(0.001)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal_module.SIGKILL)  # the command and its workers, if anything is left
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signals, code", [
+    ([signal_module.SIGTERM], 143),
+    ([signal_module.SIGINT, signal_module.SIGINT], 130),
+], ids=["sigterm", "ctrl-c-twice"])
+def test_an_interrupted_build_leaves_nothing_behind(signals, code, cache, bank, tmp_path):
+    """A SIGTERM (kill, timeout, a batch scheduler) ended the command at once, without a word, and left
+    its hidden staging folder (`.NAME.partial-*`, hundreds of MB for the default corpus). A second
+    Ctrl-C right after the first (a double press, or `timeout -s INT`, which signals the process and
+    then its group) cut the pool's end short: workers went on writing into the staging folder as it
+    was removed, and it stayed (2 builds in 3)."""
+    for attempt in range(2 if len(signals) > 1 else 1):
+        out = tmp_path / f"corpus{attempt}"
+        result = _interrupt_the_build(out, cache, signals)
+        assert result.returncode == code, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == "python -m musicssl.corpus: interrupted; nothing was left in --out"
+        assert "Traceback" not in result.stderr
+        time.sleep(0.2)  # a worker left running would write meanwhile
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_build_that_another_build_of_another_corpus_beat_to_the_folder_fails(cache, bank, tmp_path, monkeypatch):
+    """Two builds into one --out at once: the later one's folder could not be moved into place, and it
+    reported success ("built 12 tracks ... in race") over the other one's corpus of 10. A build beaten
+    by the same corpus (same settings, same files) still succeeds."""
+    import shutil
+
+    import musicssl.corpus.build as build_module
+
+    other = tmp_path / "other"
+    build_corpus(other, CorpusConfig(10, 8.0, 1), workers=1, bank_cache_dir=cache, progress=False)
+    original = build_module.build_track
+
+    def meanwhile_the_other_build_finishes(number, config, bank, out_dir, split):
+        if number == 0 and not (tmp_path / "race").exists():
+            shutil.copytree(other, tmp_path / "race")
+        return original(number, config, bank, out_dir, split)
+
+    monkeypatch.setattr(build_module, "build_track", meanwhile_the_other_build_finishes)
+    with pytest.raises(CorpusError, match=r"race: another build finished a different corpus there while this one ran "
+                                          r"\(tracks 10, seconds 8.0, seed 1\); this build \(12 tracks, 8 s, seed 2\) "
+                                          r"was not kept: give another folder, or --force"):
+        build_corpus(tmp_path / "race", CorpusConfig(12, 8.0, 2), workers=1, bank_cache_dir=cache, progress=False)
+    assert json.loads((tmp_path / "race" / "corpus.json").read_text())["config"]["seed"] == 1
+    shutil.rmtree(tmp_path / "race")
+    report = build_corpus(tmp_path / "race", CorpusConfig(10, 8.0, 1), workers=1, bank_cache_dir=cache, progress=False)
+    assert report.tracks == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["other", "race"]
+
+
+def test_a_note_bank_folder_that_cannot_be_written_fails_before_the_rendering_and_names_the_folder(tmp_path,
+                                                                                                   monkeypatch):
+    """A read-only cache folder: the note bank was rendered (10 s or more), then the build failed naming
+    a temporary folder in it. (Simulated: this test may run as root, whom file modes do not stop.)"""
+    import errno
+    import tempfile
+
+    import musicssl.corpus.render as render_module
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*arguments, dir=None, **options):
+        if dir is not None and Path(dir) == tmp_path / "cache":
+            raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".bank.partial-x1y2z3"))
+        return real_mkdtemp(*arguments, dir=dir, **options)
+
+    def never(*arguments):
+        raise AssertionError("rendered")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(render_module, "_render_bank_chunk", never)
+    with pytest.raises(OSError) as raised:
+        ensure_note_bank(tmp_path / "cache", workers=1)
+    assert (raised.value.errno, raised.value.filename) == (errno.EROFS, str(tmp_path / "cache"))
 
 
 def test_config_rejects_bad_values_with_the_fix_in_the_message():

@@ -16,6 +16,7 @@ from musicssl.corpus.build import (
     build_corpus,
 )
 from musicssl.corpus.render import default_workers
+from musicssl.interrupts import exit_code, sigterm_interrupts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,15 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
         config = CorpusConfig(tracks=args.tracks, seconds=args.seconds, seed=args.seed)
-        report = build_corpus(args.out, config, workers=args.workers, bank_cache_dir=args.cache_dir, progress=not args.quiet, force=args.force)
+        with sigterm_interrupts():  # a SIGTERM (kill, timeout, a batch scheduler) cleans up as Ctrl-C does
+            report = build_corpus(args.out, config, workers=args.workers, bank_cache_dir=args.cache_dir,
+                                  progress=not args.quiet, force=args.force)
     except CorpusError as error:
         parser.error(str(error))
     except OSError as error:  # a folder that cannot be made or written (--out, --cache-dir)
         parser.error(f"{error.filename or ''}: {error.strerror or error}; give --out and --cache-dir folders you can "
                      "write in")
-    except KeyboardInterrupt:
-        print("interrupted; nothing was left in --out", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+        print(f"\n{parser.prog}: interrupted; nothing was left in --out", file=sys.stderr)
+        return exit_code(stop)
     print(report.summary())
     return 0
 

@@ -35,6 +35,7 @@ from musicssl.corpus.render import (
     write_flac,
 )
 from musicssl.corpus.tags import TAG_NAMES
+from musicssl.interrupts import held_signals
 
 # As in musicssl.data.index, which is imported only where tracks.csv is written: importing
 # musicssl.data loads torch, and the build's worker processes are better forked without it.
@@ -221,6 +222,25 @@ def _publish(staging: Path, out_dir: Path, force: bool) -> bool:
     return True
 
 
+def _check_same_corpus(out_dir: Path, config: CorpusConfig) -> None:
+    """After another build published into ``out_dir`` first: fine if it is this corpus (same
+    generator and settings: the same files), else a :class:`CorpusError` (this build is lost)."""
+    try:
+        theirs = json.loads((out_dir / "corpus.json").read_text())
+    except (OSError, ValueError):
+        theirs = {}
+    if (isinstance(theirs, dict) and theirs.get("generator_version") == GENERATOR_VERSION
+            and theirs.get("config") == asdict(config)):
+        return
+    settings = theirs.get("config") if isinstance(theirs, dict) and isinstance(theirs.get("config"), dict) else {}
+    described = ", ".join(f"{key} {settings[key]}" for key in ("tracks", "seconds", "seed") if key in settings)
+    raise CorpusError(
+        f"{out_dir}: another build finished a different corpus there while this one ran"
+        f"{f' ({described})' if described else ''}; this build ({config.tracks} tracks, {config.seconds:g} s, seed "
+        f"{config.seed}) was not kept: give another folder, or --force to replace that corpus"
+    )
+
+
 def build_corpus(
     out_dir: str | Path,
     config: CorpusConfig = CorpusConfig(),
@@ -267,10 +287,19 @@ def build_corpus(
                     records[job[0]] = _build_track_job(job)
                     bar.update()
             else:
-                with worker_pool(min(workers, config.tracks)) as pool:
+                pool = worker_pool(min(workers, config.tracks))
+                try:
                     for record in pool.imap_unordered(_build_track_job, jobs, chunksize=2):
                         records[int(record["track_id"][len("track") :])] = record
                         bar.update()
+                finally:
+                    # Every worker ended before the staging folder is removed, whatever signal comes
+                    # meanwhile: a second Ctrl-C (a double press, or `timeout -s INT`, which signals the
+                    # process and then its group) cut the pool's end short, and workers went on writing
+                    # tracks into a folder removed under them, which then stayed.
+                    with held_signals():
+                        pool.terminate()
+                        pool.join()
         from musicssl.data.index import TrackIndex
 
         index = TrackIndex.from_records(records, tag_names=[tag for tag in TAG_NAMES if any(tag in r["tags"] for r in records)], name=out_dir.name)
@@ -289,10 +318,12 @@ def build_corpus(
             "build_seconds": round(build_seconds, 2),
         }
         (staging / "corpus.json").write_text(json.dumps(info, indent=2) + "\n")
-        _publish(staging, out_dir, force)
+        if not _publish(staging, out_dir, force):
+            _check_same_corpus(out_dir, config)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with held_signals():  # a second Ctrl-C must not leave the folder half removed
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return BuildReport(out_dir, config.tracks, float(config.seconds), split_counts, len(index.tag_names), build_seconds, bank_seconds, bank.directory)
 
 

@@ -300,6 +300,10 @@ def ensure_note_bank(cache_dir: Path, workers: int = 1, spec: BankSpec = BankSpe
     if (directory / "index.json").is_file():
         return NoteBank(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    try:  # before the rendering (10 s or more): a folder that cannot be written fails at once, by its name
+        os.rmdir(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror or str(error), str(directory.parent)) from None
     soundfont = soundfont_path().read_bytes()
     by_instrument: dict[tuple[bool, int], list[int]] = {}
     for is_drum, program, pitch in bank_notes():
