@@ -69,6 +69,11 @@ methods (the baselines, typically): re-evaluating costs seconds. ``--no-cache`` 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanwhile is one line
+    from musicssl.cli import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting("python -m analysis.downstream")
+
 import argparse
 import copy
 import dataclasses
@@ -1852,7 +1857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(limited_markdown(result.limited))
     finally:
-        claim.release()
+        claim.release(remove_if_unused=True)  # also an unexpected error's empty folder
     print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")
     return 0
 

@@ -30,6 +30,11 @@ folder holding the first of them). A search still running is read as far as it h
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanwhile is one line
+    from musicssl.cli import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting("python -m analysis.sensitivity")
+
 import argparse
 import json
 import math

@@ -1185,6 +1185,19 @@ def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_unexpected_error_leaves_no_empty_results_folder(tmp_path, monkeypatch):
+    """A bug's traceback is shown as it is, but the results folder it made no longer stays behind empty."""
+    import analysis.downstream as downstream
+
+    def failing(*arguments, **options):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(downstream, "run_downstream", failing)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["--workers", "0", "--quiet", "--out", str(tmp_path / "results" / "new")])
+    assert not (tmp_path / "results").exists()
+
+
 def test_an_out_that_holds_a_run_or_cannot_be_written_is_refused_before_the_evaluation(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

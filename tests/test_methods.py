@@ -137,6 +137,17 @@ def test_config_defaults_are_the_documented_settings_and_plain_typed(name: str) 
         ("clustering", {"center_momentum": 2.0}, "center_momentum must be in"),
         ("barlow_twins", {"lambd": -1.0}, "lambd must be >= 0"),
         ("vicreg", {"hidden_dim": 0}, "hidden_dim must be a positive integer"),
+        # NaN passed "x < 0" and "x <= 0" tests (a run that diverged at its first step); inf ended in
+        # int(inf)'s OverflowError; 2.5 dims were truncated to 2.
+        ("vicreg", {"var_weight": math.nan}, "var_weight must be >= 0, got nan"),
+        ("barlow_twins", {"lambd": math.inf}, "lambd must be >= 0, got inf"),
+        ("contrastive", {"temperature": math.nan}, "temperature must be > 0, got nan"),
+        ("clustering", {"teacher_warmup_epochs": math.nan}, "teacher_warmup_epochs must be >= 0, got nan"),
+        ("clustering", {"center_momentum": math.nan}, r"center_momentum must be in \[0, 1\], got nan"),
+        ("clustering", {"num_prototypes": math.inf}, r"num_prototypes must be at least 2 \(a whole number\), got inf"),
+        ("byol", {"predictor_lr_scale": math.inf}, "predictor_lr_scale must be > 0, got inf"),
+        ("byol", {"hidden_dim": 2.5}, "hidden_dim must be a positive integer, got 2.5"),
+        ("vicreg", {"projection_dim": True}, "projection_dim must be a positive integer, got True"),
     ],
 )
 def test_bad_config_values_are_rejected(name: str, bad: dict, message: str) -> None:

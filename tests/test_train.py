@@ -138,13 +138,28 @@ def test_same_seed_gives_the_same_metrics(tmp_path, tonal_data):
     assert other.epochs[0]["train_loss"] != first.epochs[0]["train_loss"]
 
 
-def test_a_nan_loss_stops_the_run_at_once_as_diverged(tmp_path, tonal_data):
-    config = tiny_config("vicreg", tmp_path, max_epochs=3, method_params={"inv_weight": float("nan")})
+def test_a_non_finite_loss_stops_the_run_at_once_as_diverged(tmp_path, tonal_data):
+    # A weight of 1e300 overflows float32: the first loss is inf (a NaN weight is refused by the config).
+    config = tiny_config("vicreg", tmp_path, max_epochs=3, method_params={"inv_weight": 1e300})
     result = train(config, data=tonal_data, progress_bar=False)
     assert result.verdict == "diverged"
     assert result.diverged_step == 0
     assert result.final["steps"] == 0
     assert "probe_map" not in result.final  # no probe on a diverged run
+    # Its files are readable: no epoch closed, and the CSVs have their header (before: one empty line,
+    # which pandas refuses).
+    import pandas as pd
+
+    assert list(pd.read_csv(tmp_path / "vicreg" / "metrics.csv").columns) == ["epoch", "step", "verdict"]
+    assert len(pd.read_csv(tmp_path / "vicreg" / "metrics.csv")) == 0
+    collapse = pd.read_csv(tmp_path / "vicreg" / "collapse.csv")
+    assert collapse[["kind", "epoch", "step", "verdict"]].values.tolist() == [["step", 1, 0, "diverged"]]
+    # Without collapse metrics (probe_segments=0), collapse.csv has its header alone.
+    quiet = train(tiny_config("vicreg", tmp_path / "unmeasured", max_epochs=1, probe_segments=0), data=tonal_data,
+                  progress_bar=False)
+    assert quiet.verdict != "diverged"
+    collapse = pd.read_csv(tmp_path / "unmeasured" / "vicreg" / "collapse.csv")
+    assert list(collapse.columns) == ["kind", "epoch", "step", "verdict"] and len(collapse) == 0
 
 
 def test_warmup_cosine_schedule_matches_its_formula():
@@ -345,12 +360,27 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "batch_size=24"], "use --batch-size 24"),
         (["vicreg", "--set", "var_weight=1", "--set", "var_weight=2"], "--set gives var_weight twice ('1' and '2')"),
         # Refused before any data is prepared (before: tracebacks, or late errors naming internals).
-        (["vicreg", "--threads", "-1"], "num_threads must be a whole number >= 1 (none: torch's choice), got -1"),
+        (["vicreg", "--threads", "-1"],
+         "num_threads must be a whole number >= 1 (for torch's choice: leave out --threads, or None in a TrainConfig), got -1"),
+        # The command a hint gives works (before: "use --steps-per-epoch none", which argparse refuses).
+        (["vicreg", "--set", "steps_per_epoch=none"], "for one pass over the training tracks, use --steps-per-epoch 0"),
+        (["vicreg", "--set", "num_threads=None"], "for torch's choice of threads, leave out --threads"),
+        (["vicreg", "--set", "batch_size=none"], "for the default batch size, leave out --batch-size"),
+        # NaN and inf are refused, naming the setting (before: runs that diverged at step 0, a traceback
+        # from int(inf) in the view sampler, a message naming no setting, or NaN read as no warm-up).
+        (["vicreg", "--set", "var_weight=nan"], "var_weight must be >= 0, got nan"),
+        (["contrastive", "--set", "temperature=nan"], "temperature must be > 0, got nan"),
+        (["barlow_twins", "--set", "lambd=inf"], "lambd must be >= 0, got inf"),
+        (["clustering", "--set", "teacher_temperature=inf"], "teacher_temperature must be > 0, got inf"),
+        (["clustering", "--set", "teacher_warmup_epochs=nan"], "teacher_warmup_epochs must be >= 0, got nan"),
+        (["byol", "--set", "base_ema_rate=nan"], "base_ema_rate must be in [0, 1], got nan"),
+        (["vicreg", "--set", "max_gap_seconds=inf"], "need finite 0 <= min_gap_seconds <= max_gap_seconds, got 4.0 and inf"),
+        (["vicreg", "--set", "segment_seconds=nan"], "segment_seconds must be a finite number > 0, got nan"),
         (["vicreg", "--threads", "0"], "num_threads must be a whole number >= 1"),
         (["vicreg", "--seed", "-1"], "seed must be a whole number >= 0 and < 2**32"),
         (["vicreg", "--seed", "4294967296"], "seed must be a whole number >= 0 and < 2**32"),
         (["vicreg", "--set", "n_views=1"], "n_views must be an integer >= 2"),
-        (["vicreg", "--set", "min_gap_seconds=5", "--set", "max_gap_seconds=1"], "need 0 <= min_gap_seconds <= max_gap_seconds"),
+        (["vicreg", "--set", "min_gap_seconds=5", "--set", "max_gap_seconds=1"], "need finite 0 <= min_gap_seconds <= max_gap_seconds"),
         (["vicreg", "--steps-per-epoch", "-5"], "steps_per_epoch must be a whole number >= 1 (for one pass"),
         (["vicreg", "--lr", "-1"], "learning_rate must be > 0, got -1.0"),
         (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
@@ -383,6 +413,68 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.returncode == 2
     assert completed.stderr.startswith("python -m musicssl.train: error: unknown setting 'var_wieght'")
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("module", ["musicssl.train", "analysis.downstream"])
+def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
+    """torch and Lightning take seconds to load (8 s on a loaded 2-core machine): a Ctrl-C then printed
+    the traceback of the import under way. Signalled as soon as numpy is loaded (the handler is set
+    before any import of weight)."""
+    process = subprocess.Popen([sys.executable, "-m", module, "--out", str(tmp_path / "never")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def numpy_loaded() -> bool:
+        try:
+            return "numpy" in Path(f"/proc/{process.pid}/maps").read_text()
+        except OSError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not numpy_loaded():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert (process.returncode, stderr) == (130, f"\npython -m {module}: interrupted\n")
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path, tonal_dataset, monkeypatch, capsys):
+    """Before: "error: [Errno 20] Not a directory: '.../mels'", with no word of MUSICSSL_CACHE."""
+    from musicssl import train as train_module
+
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    arguments = ["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1", "--steps-per-epoch", "3",
+                 "--batch-size", "8", "--threads", "1", "--workers", "0", "--out", str(tmp_path / "run")]
+    assert train_module.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m musicssl.train: error: ") and error.count("\n") == 1
+    assert error.rstrip().endswith(f"(in the cache folder {tmp_path / 'cache'}, where corpora and mel caches are "
+                                   "kept: set MUSICSSL_CACHE to a folder you can write)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unexpected_error_in_a_run_leaves_no_empty_run_folder(tmp_path, tonal_dataset, monkeypatch):
+    """A bug's traceback is shown as it is, but its run folder (and the parents the run made) no longer
+    stays behind empty."""
+    from musicssl import train as train_module
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+
+    def failing_train(config, **options):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train_module, "train", failing_train)
+    arguments = ["vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1", "--steps-per-epoch", "3",
+                 "--batch-size", "8", "--threads", "1", "--workers", "0", "--out", str(tmp_path / "runs" / "a" / "b")]
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_module.main(arguments)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ctrl_c_during_training_ends_the_cli_in_one_line_and_leaves_no_run_folder(tmp_path, tonal_dataset,

@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser"]
+__all__ = ["ArgumentParser", "quiet_ctrl_c_while_starting"]
+
+_starting_prog: str | None = None
+
+
+def _interrupted_while_starting(signum: int, frame: Any) -> None:
+    os.write(2, f"\n{_starting_prog}: interrupted\n".encode())
+    os._exit(130)  # nothing is made before the arguments are read: nothing to clean up
+
+
+def quiet_ctrl_c_while_starting(prog: str) -> None:
+    """For a command's module run as ``__main__``, called before its heavy imports (torch and
+    Lightning take seconds): a Ctrl-C until its :class:`ArgumentParser` reads the arguments ends the
+    process with one line, ``PROG: interrupted``, and exit 130, not a traceback of the import under
+    way. Reading the arguments puts Python's own handler back, and the command's handling with it."""
+    global _starting_prog
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        _starting_prog = prog
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _started() -> None:
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose misuse errors are one line, ``PROG: error: MESSAGE``, exit code 2,
     without the usage block argparse prints first (``--help`` shows it). Errors that need the list of
     options (a missing or unknown argument) point to ``--help``."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        _started()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith(("the following arguments are required", "unrecognized arguments")):

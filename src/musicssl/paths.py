@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
-    "ClaimedFolder", "FolderTaken", "cache_root", "claim_folder", "make_writable_folder", "missing_folders",
+    "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "make_writable_folder", "missing_folders",
     "remove_if_empty",
 ]
 
@@ -21,6 +21,18 @@ def cache_root() -> Path:
     """The root of built corpora and mel caches; set ``MUSICSSL_CACHE`` to move it."""
     configured = os.environ.get("MUSICSSL_CACHE")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "musicssl"
+
+
+def cache_hint(error: OSError) -> str:
+    """For an error writing under :func:`cache_root`: what to do about it (else an empty string)."""
+    root = cache_root().absolute()
+    if error.filename is None:
+        return ""
+    path = Path(os.fsdecode(error.filename)).absolute()
+    if path != root and root not in path.parents:
+        return ""
+    return (f" (in the cache folder {root}, where corpora and mel caches are kept: set MUSICSSL_CACHE to a folder "
+            "you can write)")
 
 
 def missing_folders(folder: str | Path) -> list[Path]:

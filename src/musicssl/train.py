@@ -10,6 +10,11 @@ segments, and the label-based probe score at the end of a run.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanwhile is one line
+    from musicssl.cli import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting("python -m musicssl.train")
+
 import argparse
 import dataclasses
 import json
@@ -29,7 +34,7 @@ from torch import Tensor
 
 from musicssl.cli import ArgumentParser
 from musicssl.interrupts import Interrupted, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import CLAIM_FILE, FolderTaken, claim_folder, make_writable_folder
+from musicssl.paths import CLAIM_FILE, FolderTaken, cache_hint, claim_folder, make_writable_folder
 
 __all__ = [
     "TrainConfig",
@@ -408,12 +413,14 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
 
     number("max_epochs", 1, whole=True)
     number("batch_size", 2, optional=True, whole=True)
-    number("steps_per_epoch", 1, optional=True, whole=True, hint=" (for one pass over the training tracks: --steps-per-epoch 0, or steps_per_epoch=none)")
+    number("steps_per_epoch", 1, optional=True, whole=True,
+           hint=" (for one pass over the training tracks: --steps-per-epoch 0, or None in a TrainConfig)")
     number("learning_rate", 0, inclusive=False)
     number("weight_decay", 0)
     number("warmup_epochs", 0)
     number("num_workers", 0, whole=True)
-    number("num_threads", 1, optional=True, whole=True, hint=" (none: torch's choice)")
+    number("num_threads", 1, optional=True, whole=True,
+           hint=" (for torch's choice: leave out --threads, or None in a TrainConfig)")
     number("gradient_clip", 0, inclusive=False, optional=True, hint=" (none: no clipping)")
     number("collapse_every_n_steps", 0, whole=True)
     # 0 turns the collapse metrics off; 1 segment has no spread to measure.
@@ -496,10 +503,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    """``rows`` as CSV; with no row, a header of ``columns`` (a file of one empty line, which pandas
+    cannot read, was written for a run that diverged in its first epoch or measured no collapse)."""
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(path, index=False)
+    pd.DataFrame(rows, columns=None if rows else list(columns)).to_csv(path, index=False)
 
 
 def _check_batch(index, config: TrainConfig) -> None:
@@ -661,8 +670,8 @@ def train(
         # All of the run or none of it: a Ctrl-C or SIGTERM that comes here takes effect once it is written.
         with held_signals():
             (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-            _write_csv(out_dir / "metrics.csv", module.epochs)
-            _write_csv(out_dir / "collapse.csv", module.history)
+            _write_csv(out_dir / "metrics.csv", module.epochs, ("epoch", "step", "verdict"))
+            _write_csv(out_dir / "collapse.csv", module.history, ("kind", "epoch", "step", "verdict"))
             (out_dir / "summary.json").write_text(json.dumps(final, indent=2, default=_json_default))
             torch.save(backbone.state_dict(), out_dir / "backbone.pt")
     return RunResult(
@@ -694,6 +703,17 @@ FLAG_OF_SETTING = {
 }
 
 
+# What a setting's None is on the command line, for the settings with a flag that can be None.
+_NONE_BY_FLAG = {
+    "steps_per_epoch": "for one pass over the training tracks, use --steps-per-epoch 0",
+    "batch_size": "for the default batch size, leave out --batch-size",
+    "num_threads": "for torch's choice of threads, leave out --threads",
+    "data_root": "leave out --root",
+    "audio_dir": "leave out --audio-dir",
+    "out_dir": "for the default run folder, leave out --out",
+}
+
+
 def _parse_set(pairs: Sequence[str]) -> dict[str, str]:
     values = {}
     for pair in pairs:
@@ -701,7 +721,10 @@ def _parse_set(pairs: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--set takes name=value, got {pair!r}")
         name, value = (part.strip() for part in pair.split("=", 1))
         if name in FLAG_OF_SETTING:
-            raise ConfigError(f"--set {name}= is given by its own flag: use {FLAG_OF_SETTING[name]} {value or 'VALUE'}")
+            instead = f"use {FLAG_OF_SETTING[name]} {value or 'VALUE'}"
+            if value.lower() in ("none", "null"):  # the flags take no "none": say what gives it
+                instead = _NONE_BY_FLAG.get(name, f"use {FLAG_OF_SETTING[name]} VALUE")
+            raise ConfigError(f"--set {name}= is given by its own flag: {instead}")
         if name in values and values[name] != value:
             raise ConfigError(f"--set gives {name} twice ({values[name]!r} and {value!r}): give it once")
         values[name] = value
@@ -855,7 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = train(config)
         except (ConfigError, ValueError, OSError, MelCacheError) as error:
             claim.release(remove_if_unused=True)  # the run folder (and its new parents), left empty by the failure
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            hint = cache_hint(error) if isinstance(error, OSError) else ""
+            print(f"{parser.prog}: error: {error}{hint}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
             claim.release(remove_if_unused=True)
@@ -866,14 +890,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       file=sys.stderr)
             return exit_code(stop)
     finally:
-        claim.release()
+        claim.release(remove_if_unused=True)  # also an unexpected error's empty folder
     final = result.final
     shown = ", ".join(
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")
         if isinstance(final.get(key), float)
     )
     print(f"{config.method}: {final['epochs_run']} epochs, {final['steps']} steps in {result.seconds:.1f} s; "
-          f"verdict {result.verdict}; {shown}")
+          f"verdict {result.verdict}{'; ' + shown if shown else ''}")
     print(f"wrote {result.out_dir}")
     return 0
 

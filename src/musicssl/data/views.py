@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -60,13 +61,18 @@ class ViewConfig:
     max_gap_seconds: float = 16.0
 
     def __post_init__(self) -> None:
-        if int(self.n_views) != self.n_views or self.n_views < 2:
+        def finite(value) -> bool:  # NaN passes a "< 0" test, and inf ends in int(inf) far from here
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not finite(self.n_views) or int(self.n_views) != self.n_views or self.n_views < 2:
             raise ValueError(f"n_views must be an integer >= 2 (multi-view learning), got {self.n_views!r}")
-        if self.segment_seconds <= 0:
-            raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds}")
-        if self.min_gap_seconds < 0 or self.max_gap_seconds < self.min_gap_seconds:
+        if not finite(self.segment_seconds) or self.segment_seconds <= 0:
+            raise ValueError(f"segment_seconds must be a finite number > 0, got {self.segment_seconds!r}")
+        if not (finite(self.min_gap_seconds) and finite(self.max_gap_seconds)) or (
+                self.min_gap_seconds < 0 or self.max_gap_seconds < self.min_gap_seconds):
             raise ValueError(
-                f"need 0 <= min_gap_seconds <= max_gap_seconds, got {self.min_gap_seconds} and {self.max_gap_seconds}"
+                f"need finite 0 <= min_gap_seconds <= max_gap_seconds, got {self.min_gap_seconds!r} and "
+                f"{self.max_gap_seconds!r}"
             )
 
     def in_frames(self, settings: LogMelConfig) -> ViewFrames:

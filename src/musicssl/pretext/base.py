@@ -8,6 +8,7 @@ package with a :func:`musicssl.pretext.registry.register`-decorated subclass; no
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,31 @@ __all__ = [
     "evaluation_mode",
     "check_backbone",
     "check_projections",
+    "check_number",
+    "check_whole",
 ]
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(name: str, value: Any, low: float, *, inclusive: bool = True, high: float | None = None) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a finite number >= ``low`` (> ``low`` when
+    not ``inclusive``) and, given ``high``, <= ``high``. NaN fails (a ``value < low`` test lets it
+    through, and a NaN weight or temperature makes the first loss NaN)."""
+    if _real(value) and (value >= low if inclusive else value > low) and (high is None or value <= high):
+        return
+    bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>=' if inclusive else '>'} {low:g}"
+    raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_whole(name: str, value: Any, low: int = 1) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a whole number >= ``low``."""
+    if _real(value) and value == int(value) and value >= low:
+        return
+    kind = "a positive integer" if low == 1 else f"at least {low} (a whole number)"
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)

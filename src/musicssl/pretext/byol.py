@@ -21,7 +21,9 @@ from musicssl.pretext.base import (
     PretextMethod,
     Progress,
     check_backbone,
+    check_number,
     check_projections,
+    check_whole,
     concatenate_views,
     cosine_ema_rate,
     ema_update_,
@@ -74,13 +76,10 @@ class BYOLConfig:
     predictor_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.base_ema_rate <= 1.0:
-            raise ValueError(f"base_ema_rate must be in [0, 1], got {self.base_ema_rate}")
-        if not self.predictor_lr_scale > 0:
-            raise ValueError(f"predictor_lr_scale must be > 0, got {self.predictor_lr_scale}")
+        check_number("base_ema_rate", self.base_ema_rate, 0, high=1)
+        check_number("predictor_lr_scale", self.predictor_lr_scale, 0, inclusive=False)
         for name in ("hidden_dim", "projection_dim", "predictor_hidden_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            check_whole(name, getattr(self, name))
 
 
 @register

@@ -24,6 +24,8 @@ from musicssl.pretext.base import (
     PretextMethod,
     Progress,
     check_backbone,
+    check_number,
+    check_whole,
     concatenate_views,
     cosine_ema_rate,
     ema_update_,
@@ -115,19 +117,14 @@ class ClusteringConfig:
     use_centering: bool = True  # False removes the centre: the collapsing (one-hot) variant
 
     def __post_init__(self) -> None:
-        for name in ("num_prototypes", "hidden_dim", "bottleneck_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.num_prototypes < 2:
-            raise ValueError(f"num_prototypes must be at least 2, got {self.num_prototypes}")
+        for name in ("hidden_dim", "bottleneck_dim"):
+            check_whole(name, getattr(self, name))
+        check_whole("num_prototypes", self.num_prototypes, low=2)
         for name in ("student_temperature", "teacher_temperature", "teacher_temperature_start"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.teacher_warmup_epochs < 0:
-            raise ValueError(f"teacher_warmup_epochs must be >= 0, got {self.teacher_warmup_epochs}")
+            check_number(name, getattr(self, name), 0, inclusive=False)
+        check_number("teacher_warmup_epochs", self.teacher_warmup_epochs, 0)
         for name in ("center_momentum", "base_ema_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+            check_number(name, getattr(self, name), 0, high=1)
 
 
 @register

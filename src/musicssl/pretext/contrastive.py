@@ -21,7 +21,9 @@ from musicssl.pretext.base import (
     PretextMethod,
     Progress,
     check_backbone,
+    check_number,
     check_projections,
+    check_whole,
     concatenate_views,
     evaluation_mode,
     mean_over_pairs,
@@ -70,11 +72,9 @@ class ContrastiveConfig:
     projection_dim: int = 2048
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_number("temperature", self.temperature, 0, inclusive=False)
         for name in ("hidden_dim", "projection_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            check_whole(name, getattr(self, name))
 
 
 @register

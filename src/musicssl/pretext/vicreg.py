@@ -23,7 +23,9 @@ from musicssl.pretext.base import (
     PretextMethod,
     Progress,
     check_backbone,
+    check_number,
     check_projections,
+    check_whole,
     concatenate_views,
     evaluation_mode,
     mean_over_pairs,
@@ -84,11 +86,9 @@ class VICRegConfig:
 
     def __post_init__(self) -> None:
         for name in ("inv_weight", "var_weight", "cov_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_number(name, getattr(self, name), 0)
         for name in ("hidden_dim", "projection_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            check_whole(name, getattr(self, name))
 
 
 @register
