@@ -1203,19 +1203,19 @@ def run_downstream(
     embedders = {spec.label: _embedder(spec, device, config) for spec in methods}
 
     index = index if index is not None else open_index(config)
-    # Before the mel cache is built: the bootstrap cannot resample more test tracks than are listed.
+    dataset_name = canonical_dataset_spec(config.dataset) if dataset_name_of(config.dataset) else index.name
+    # Before the mel cache is built (hours on a large dataset): what no decoded track can change.
+    if not index.tag_names:
+        raise DownstreamError(f"dataset {dataset_name!r} has no tags; the probes need tagged tracks")
+    # The bootstrap cannot resample more test tracks than are listed.
     listed = np.flatnonzero(index.tracks["split"].to_numpy() == "test")
     problem = _bootstrap_size_problem(config.bootstrap_fraction, len(listed)) if len(listed) >= 2 else None
     if problem:
         _refuse_bootstrap_fraction(problem, index.labels()[listed], config)
-    dataset_name = canonical_dataset_spec(config.dataset) if dataset_name_of(config.dataset) else index.name
     missing = index.extra.get("missing", [])
     log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
     if missing:
         log(f"  skipped {len(missing)} track(s) whose audio file is missing or empty, e.g. {missing[0]['path']}")
-    # Before the mel cache is built (hours on a large dataset): what no decoded track can change.
-    if not index.tag_names:
-        raise DownstreamError(f"dataset {dataset_name!r} has no tags; the probes need tagged tracks")
     listed_splits = set(index.tracks["split"])
     for name in ("train", "valid", "test"):
         if name not in listed_splits:

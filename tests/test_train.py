@@ -457,6 +457,11 @@ def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path, t
     assert error.rstrip().endswith(f"(in the cache folder {tmp_path / 'cache'}, where corpora and mel caches are "
                                    "kept: set MUSICSSL_CACHE to a folder you can write)")
     assert not (tmp_path / "run").exists()
+    # An error with a file descriptor for its file name (os.stat(999)) gets no hint, and no TypeError.
+    from musicssl.paths import cache_hint
+
+    assert cache_hint(OSError(9, "Bad file descriptor", 999)) == ""
+    assert cache_hint(OSError(9, "Bad file descriptor")) == ""
 
 
 def test_an_unexpected_error_in_a_run_leaves_no_empty_run_folder(tmp_path, tonal_dataset, monkeypatch):

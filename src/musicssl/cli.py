@@ -31,7 +31,7 @@ def quiet_ctrl_c_while_starting(prog: str) -> None:
 
 
 def _started() -> None:
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

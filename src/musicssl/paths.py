@@ -26,7 +26,7 @@ def cache_root() -> Path:
 def cache_hint(error: OSError) -> str:
     """For an error writing under :func:`cache_root`: what to do about it (else an empty string)."""
     root = cache_root().absolute()
-    if error.filename is None:
+    if not isinstance(error.filename, (str, bytes, os.PathLike)):  # None, or a file descriptor
         return ""
     path = Path(os.fsdecode(error.filename)).absolute()
     if path != root and root not in path.parents:

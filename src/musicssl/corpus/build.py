@@ -36,6 +36,7 @@ from musicssl.corpus.render import (
 )
 from musicssl.corpus.tags import TAG_NAMES
 from musicssl.interrupts import held_signals
+from musicssl.paths import cache_hint
 
 # As in musicssl.data.index, which is imported only where tracks.csv is written: importing
 # musicssl.data loads torch, and the build's worker processes are better forked without it.
@@ -268,7 +269,8 @@ def build_corpus(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     except OSError as error:
-        raise CorpusError(f"{out_dir}: cannot create the corpus there ({error.strerror or error}); give a folder "
+        hint = cache_hint(OSError(error.errno, error.strerror, str(out_dir)))  # the default corpus's place
+        raise CorpusError(f"{out_dir}: cannot create the corpus there ({error.strerror or error}){hint}; give a folder "
                           "you can write") from None
 
     bank = ensure_note_bank(Path(bank_cache_dir) if bank_cache_dir is not None else cache_dir(), workers=workers, progress=progress)
@@ -318,8 +320,12 @@ def build_corpus(
             "build_seconds": round(build_seconds, 2),
         }
         (staging / "corpus.json").write_text(json.dumps(info, indent=2) + "\n")
-        if not _publish(staging, out_dir, force):
-            _check_same_corpus(out_dir, config)
+        # Moving it into place (with --force: the old corpus out, the new one in, the old one removed)
+        # is not cut short: a signal there could leave --out missing, or say "nothing was left" of a
+        # corpus that is in place.
+        with held_signals():
+            if not _publish(staging, out_dir, force):
+                _check_same_corpus(out_dir, config)
     finally:
         with held_signals():  # a second Ctrl-C must not leave the folder half removed
             if staging.exists():
