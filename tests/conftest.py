@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,21 @@ import pytest
 import soundfile
 
 from musicssl.data.index import TrackIndex
+
+# A background job of a script (a CI run, say) starts with SIGINT ignored, and so does every command it
+# runs: a command line after this prefix gets Ctrl-C's default action, as in a terminal.
+WITH_CTRL_C = [sys.executable, "-c",
+               "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
+@pytest.fixture
+def ctrl_c_handled():
+    """Python's own Ctrl-C handler in this process during the test (see WITH_CTRL_C), then the one before."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def write_tonal_dataset(folder: Path, num_tracks: int = 48, seconds: float = 14.0, seed: int = 0) -> TrackIndex:

@@ -433,7 +433,9 @@ def _interrupt_the_build(out: Path, cache: Path, signals: list[int]) -> subproce
     apart, once its staging folder holds two tracks."""
     command = [sys.executable, "-m", "musicssl.corpus", "--tracks", "40", "--seconds", "30", "--workers", "2",
                "--quiet", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    from conftest import WITH_CTRL_C
+
+    process = subprocess.Popen([*WITH_CTRL_C, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "MUSICSSL_CACHE": str(cache)}, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -500,7 +502,7 @@ def test_a_build_that_another_build_of_another_corpus_beat_to_the_folder_fails(c
 
 
 def test_a_ctrl_c_while_a_rebuild_replaces_the_corpus_takes_effect_once_it_is_replaced(cache, bank, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, ctrl_c_handled):
     """With --force the old corpus is moved aside, the new one moved in and the old one removed (seconds
     for the default corpus). A Ctrl-C there left the old one half removed beside the new one, and the
     command said that nothing was left."""
@@ -522,6 +524,23 @@ def test_a_ctrl_c_while_a_rebuild_replaces_the_corpus_takes_effect_once_it_is_re
         build_corpus(out, CorpusConfig(10, 8.0, 2), workers=1, bank_cache_dir=cache, progress=False, force=True)
     assert [path.name for path in tmp_path.iterdir()] == ["corpus"]
     assert json.loads((out / "corpus.json").read_text())["config"]["seed"] == 2
+
+
+def test_the_corpus_and_the_note_bank_have_the_mode_mkdir_gives(cache, bank, tmp_path):
+    """They were built in tempfile.mkdtemp folders (mode 0700) and renamed into place: the others of a
+    group sharing the cache could not read them."""
+    import stat
+
+    mask = os.umask(0o027)
+    try:
+        build_corpus(tmp_path / "corpus", CorpusConfig(10, 8.0, 1), workers=1, bank_cache_dir=cache, progress=False)
+        os.mkdir(tmp_path / "plain")
+    finally:
+        os.umask(mask)
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("corpus", "plain")}
+    assert modes == {"corpus": 0o750, "plain": 0o750}
+    # The session's note bank, rendered under this process's umask.
+    assert stat.S_IMODE(bank.directory.stat().st_mode) == 0o777 & ~mask
 
 
 def test_a_note_bank_folder_that_cannot_be_written_fails_before_the_rendering_and_names_the_folder(tmp_path,

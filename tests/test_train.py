@@ -420,8 +420,12 @@ def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
     """torch and Lightning take seconds to load (8 s on a loaded 2-core machine): a Ctrl-C then printed
     the traceback of the import under way. Signalled as soon as numpy is loaded (the handler is set
     before any import of weight)."""
-    process = subprocess.Popen([sys.executable, "-m", module, "--out", str(tmp_path / "never")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from conftest import WITH_CTRL_C
+
+    # Its own cache: were the signal missed, the command would build the default corpus there.
+    process = subprocess.Popen([*WITH_CTRL_C, sys.executable, "-m", module, "--out", str(tmp_path / "never")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")})
 
     def numpy_loaded() -> bool:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import IO
 
 __all__ = [
     "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "make_writable_folder", "missing_folders",
-    "remove_if_empty",
+    "remove_if_empty", "staging_folder",
 ]
 
 CLAIM_FILE = ".writing.lock"
@@ -33,6 +34,28 @@ def cache_hint(error: OSError) -> str:
         return ""
     return (f" (in the cache folder {root}, where corpora and mel caches are kept: set MUSICSSL_CACHE to a folder "
             "you can write)")
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_folder(parent: str | Path, prefix: str) -> Path:
+    """A new hidden folder in ``parent`` to build something in and rename into place when it is whole,
+    with the mode ``mkdir`` would give it (``tempfile.mkdtemp`` makes it 0700, and a corpus or note bank
+    renamed from it could not be read by the others of a group sharing the cache)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
 
 
 def missing_folders(folder: str | Path) -> list[Path]:

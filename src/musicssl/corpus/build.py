@@ -36,7 +36,7 @@ from musicssl.corpus.render import (
 )
 from musicssl.corpus.tags import TAG_NAMES
 from musicssl.interrupts import held_signals
-from musicssl.paths import cache_hint
+from musicssl.paths import cache_hint, staging_folder
 
 # As in musicssl.data.index, which is imported only where tracks.csv is written: importing
 # musicssl.data loads torch, and the build's worker processes are better forked without it.
@@ -277,7 +277,7 @@ def build_corpus(
     bank_seconds = time.perf_counter() - started
 
     splits = split_assignment(config.tracks, config.seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = staging_folder(out_dir.parent, f".{out_dir.name}.partial-")
     try:
         (staging / "audio").mkdir()
         (staging / "midi").mkdir()
