@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -425,7 +426,7 @@ def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
     # Its own cache: were the signal missed, the command would build the default corpus there.
     process = subprocess.Popen([*WITH_CTRL_C, sys.executable, "-m", module, "--out", str(tmp_path / "never")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")})
+                               env={**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}, start_new_session=True)
 
     def numpy_loaded() -> bool:
         try:
@@ -440,8 +441,9 @@ def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
             time.sleep(0.005)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
+    finally:  # the command and any worker it started, were the signal missed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert (process.returncode, stderr) == (130, f"\npython -m {module}: interrupted\n")
     assert not (tmp_path / "never").exists()
