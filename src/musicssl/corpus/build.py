@@ -36,7 +36,7 @@ from musicssl.corpus.render import (
 )
 from musicssl.corpus.tags import TAG_NAMES
 from musicssl.interrupts import held_signals
-from musicssl.paths import cache_hint, staging_folder
+from musicssl.paths import cache_hint, make_writable_folder, staging_folder
 
 # As in musicssl.data.index, which is imported only where tracks.csv is written: importing
 # musicssl.data loads torch, and the build's worker processes are better forked without it.
@@ -266,8 +266,7 @@ def build_corpus(
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
     _check_out_dir(out_dir, force)
     try:  # before the note bank: a folder that cannot be written fails at once
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        make_writable_folder(out_dir.parent)
     except OSError as error:
         hint = cache_hint(OSError(error.errno, error.strerror, str(out_dir)))  # the default corpus's place
         raise CorpusError(f"{out_dir}: cannot create the corpus there ({error.strerror or error}){hint}; give a folder "
