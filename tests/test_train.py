@@ -361,8 +361,8 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "batch_size=24"], "use --batch-size 24"),
         (["vicreg", "--set", "var_weight=1", "--set", "var_weight=2"], "--set gives var_weight twice ('1' and '2')"),
         # Refused before any data is prepared (before: tracebacks, or late errors naming internals).
-        (["vicreg", "--threads", "-1"],
-         "num_threads must be a whole number >= 1 (for torch's choice: leave out --threads, or None in a TrainConfig), got -1"),
+        # A flag's value is named by its flag (before: by its field in TrainConfig, "num_threads must be ...").
+        (["vicreg", "--threads", "-1"], "error: --threads must be a whole number >= 1 (for torch's choice: leave out --threads), got -1\n"),
         # The command a hint gives works (before: "use --steps-per-epoch none", which argparse refuses).
         (["vicreg", "--set", "steps_per_epoch=none"], "for one pass over the training tracks, use --steps-per-epoch 0"),
         (["vicreg", "--set", "num_threads=None"], "for torch's choice of threads, leave out --threads"),
@@ -377,13 +377,17 @@ def test_registry_has_the_five_methods():
         (["byol", "--set", "base_ema_rate=nan"], "base_ema_rate must be in [0, 1], got nan"),
         (["vicreg", "--set", "max_gap_seconds=inf"], "need finite 0 <= min_gap_seconds <= max_gap_seconds, got 4.0 and inf"),
         (["vicreg", "--set", "segment_seconds=nan"], "segment_seconds must be a finite number > 0, got nan"),
-        (["vicreg", "--threads", "0"], "num_threads must be a whole number >= 1"),
-        (["vicreg", "--seed", "-1"], "seed must be a whole number >= 0 and < 2**32"),
-        (["vicreg", "--seed", "4294967296"], "seed must be a whole number >= 0 and < 2**32"),
+        (["vicreg", "--threads", "0"], "--threads must be a whole number >= 1"),
+        (["vicreg", "--seed", "-1"], "error: --seed must be a whole number >= 0 and < 2**32"),
+        (["vicreg", "--seed", "4294967296"], "error: --seed must be a whole number >= 0 and < 2**32"),
         (["vicreg", "--set", "n_views=1"], "n_views must be an integer >= 2"),
         (["vicreg", "--set", "min_gap_seconds=5", "--set", "max_gap_seconds=1"], "need finite 0 <= min_gap_seconds <= max_gap_seconds"),
-        (["vicreg", "--steps-per-epoch", "-5"], "steps_per_epoch must be a whole number >= 1 (for one pass"),
-        (["vicreg", "--lr", "-1"], "learning_rate must be > 0, got -1.0"),
+        (["vicreg", "--steps-per-epoch", "-5"], "--steps-per-epoch must be a whole number >= 0 (0: one pass over the training tracks), got -5"),
+        (["vicreg", "--max-epochs", "0"], "error: --max-epochs must be a whole number >= 1, got 0\n"),
+        (["vicreg", "--batch-size", "1"], "error: --batch-size must be a whole number >= 2, got 1\n"),
+        (["vicreg", "--weight-decay", "nan"], "error: --weight-decay must be >= 0, got nan\n"),
+        (["vicreg", "--workers", "-1"], "error: --workers must be a whole number >= 0, got -1\n"),
+        (["vicreg", "--lr", "-1"], "error: --lr must be > 0, got -1.0"),
         (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
         (["vicreg", "--set", "gradient_clip=0"], "gradient_clip must be > 0"),
         (["vicreg", "--set", "precision=bogus"], "precision must be one of auto, 32-true, bf16-mixed"),
@@ -416,11 +420,12 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
-@pytest.mark.parametrize("module", ["musicssl.train", "analysis.downstream"])
+@pytest.mark.parametrize("module", ["musicssl.train", "analysis.downstream", "musicssl.corpus"])
 def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
-    """torch and Lightning take seconds to load (8 s on a loaded 2-core machine): a Ctrl-C then printed
-    the traceback of the import under way. Signalled as soon as numpy is loaded (the handler is set
-    before any import of weight)."""
+    """torch and Lightning take seconds to load (8 s on a loaded 2-core machine), the corpus builder's
+    numpy, scipy and pretty_midi about 2 s: a Ctrl-C then printed the traceback of the import under way.
+    Signalled as soon as numpy is loaded (the handler is set before any import of weight; the corpus
+    package loads its modules on first use, so that its command can set it first)."""
     from conftest import WITH_CTRL_C
 
     # Its own cache: were the signal missed, the command would build the default corpus there.

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,14 +391,16 @@ def resolve_precision(config: TrainConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
 
 
-def check_config(config: TrainConfig, devices: bool = True) -> None:
+def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, str] | None = None) -> None:
     """Refuse run settings that would fail (or silently misbehave) later, naming the setting.
 
     Run before any data is prepared, so that a typo costs seconds, not a corpus build and a run.
     ``devices=False`` skips the check that a requested GPU exists (a search's driver may have none
-    while its trials run where there are).
+    while its trials run where there are). ``names`` gives settings the names their user gave them
+    (the command line's flags, :data:`FLAG_OF_SETTING`); the others go by their field's name.
     """
     problems = []
+    names = names or {}
 
     def number(name: str, low: float, *, inclusive: bool = True, optional: bool = False, whole: bool = False,
                below: float = math.inf, hint: str = "") -> None:
@@ -409,7 +411,8 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
         bad = bad or (value < low if inclusive else value <= low) or value >= below or (whole and value != int(value))
         if bad:
             kind = "a whole number " if whole else ""
-            problems.append(f"{name} must be {kind}{'>=' if inclusive else '>'} {low:g}{hint}, got {value!r}")
+            problems.append(f"{names.get(name, name)} must be {kind}{'>=' if inclusive else '>'} {low:g}{hint}, "
+                            f"got {value!r}")
 
     number("max_epochs", 1, whole=True)
     number("batch_size", 2, optional=True, whole=True)
@@ -420,7 +423,8 @@ def check_config(config: TrainConfig, devices: bool = True) -> None:
     number("warmup_epochs", 0)
     number("num_workers", 0, whole=True)
     number("num_threads", 1, optional=True, whole=True,
-           hint=" (for torch's choice: leave out --threads, or None in a TrainConfig)")
+           hint=" (for torch's choice: leave out --threads)" if "num_threads" in names else
+           " (for torch's choice: leave out --threads, or None in a TrainConfig)")
     number("gradient_clip", 0, inclusive=False, optional=True, hint=" (none: no clipping)")
     number("collapse_every_n_steps", 0, whole=True)
     # 0 turns the collapse metrics off; 1 segment has no spread to measure.
@@ -789,6 +793,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return None if path is None else str(Path(path).expanduser().absolute())
 
     method_cls = get_method(args.method)
+    if args.steps_per_epoch < 0:  # 0 is the flag's "one pass" (None in a TrainConfig)
+        raise ConfigError(f"--steps-per-epoch must be a whole number >= 0 (0: one pass over the training tracks), "
+                          f"got {args.steps_per_epoch}")
     config = TrainConfig(
         method=args.method,
         preset=args.preset,
@@ -821,7 +828,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = apply_overrides(config, train_overrides)
     config.method_params = method_params
     method_settings(config)  # validate names, types and values now, not mid-run
-    check_config(config)
+    check_config(config, names=FLAG_OF_SETTING)
     return config
 
 

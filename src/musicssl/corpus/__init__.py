@@ -5,18 +5,46 @@ SoundFont, tagged exactly from the factors that generated them.
 folder of one, building it on first use. See :mod:`musicssl.corpus.tags` for the tag vocabulary.
 """
 
-from musicssl.corpus.build import (
-    BuildReport,
-    CorpusConfig,
-    CorpusError,
-    build_corpus,
-    cache_dir,
-    default_corpus_dir,
-    ensure_corpus,
-    split_assignment,
-)
-from musicssl.corpus.compose import Song, SongFactors, compose_song, draw_factors
-from musicssl.corpus.tags import TAG_NAMES
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from musicssl.corpus.build import (
+        BuildReport,
+        CorpusConfig,
+        CorpusError,
+        build_corpus,
+        cache_dir,
+        default_corpus_dir,
+        ensure_corpus,
+        split_assignment,
+    )
+    from musicssl.corpus.compose import Song, SongFactors, compose_song, draw_factors
+    from musicssl.corpus.tags import TAG_NAMES
+
+# Imported on first use (PEP 562): the package itself loads nothing heavy, so that
+# ``python -m musicssl.corpus`` can take over Ctrl-C before numpy, scipy and pretty_midi load.
+_HOME = {
+    **dict.fromkeys(("BuildReport", "CorpusConfig", "CorpusError", "build_corpus", "cache_dir",
+                     "default_corpus_dir", "ensure_corpus", "split_assignment"), "musicssl.corpus.build"),
+    **dict.fromkeys(("Song", "SongFactors", "compose_song", "draw_factors"), "musicssl.corpus.compose"),
+    "TAG_NAMES": "musicssl.corpus.tags",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
 
 __all__ = [
     "BuildReport",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (numpy, scipy, pretty_midi): a Ctrl-C meanwhile is one line
+    from musicssl.cli import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting("python -m musicssl.corpus")
+
 import argparse
 import sys
 from pathlib import Path
