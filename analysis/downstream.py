@@ -1292,82 +1292,92 @@ def run_downstream(
 
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
     method_summaries = []
-    for spec in methods:
-        method_started = time.perf_counter()
-        data = prepared[spec.n_mels]
-        log(f"method {spec.describe()}")
-        embed, method_key, calibrate = embedders[spec.label]
-        audio_key = audio_digest(data.cache, usable)
-        path = embeddings_path(
-            embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(), config.protocol(),
-            audio_key,
-        )
-        embeddings = load_embeddings(path, usable) if config.use_cache else None
-        if embeddings is None:
-            if calibrate is not None:
-                calibrate_started = time.perf_counter()
-                used = calibrate(data.cache, [usable[p] for p in train_pos])
-                log(f"  BatchNorm statistics from {used} training segments in "
-                    f"{time.perf_counter() - calibrate_started:.1f} s")
-            embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress, spec.label)
-            if config.use_cache:
-                save_embeddings(path, embeddings, {"method": spec.describe(), "dataset": dataset_name,
-                                                   "protocol": config.protocol(), "audio": audio_key})
-            n_segments = int(embeddings.segment_counts.sum())
-            log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
-                f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")
-        else:
-            log(f"  embeddings from cache {path}")
-        if not (np.isfinite(embeddings.track_means).all() and np.isfinite(embeddings.segments).all()):
-            log(f"  SKIPPED {spec.label}: its embeddings contain NaN or inf (a diverged checkpoint?)")
-            method_summaries.append({**_spec_summary(spec), "skipped": "embeddings contain NaN or inf"})
-            continue
-
-        fit_seconds = 0.0
-        probes_cached = []
-        for classifier in config.classifiers:
-            probe_path = path.with_name(f"{path.stem}-probe-{classifier}-{probe_key(classifier)}.npz")
-            cached = _load_probe_results(probe_path) if config.use_cache else None
-            if cached is None:
-                fit_rows, main_scores = _fit_probes(
-                    classifier, embeddings, labels, split_positions, subsets, config, device)
+    # The probe fits' processes: started by the first fit that needs them, shared by the others.
+    processes = _probe_processes(config, device, len(subsets))
+    try:
+        for spec in methods:
+            method_started = time.perf_counter()
+            data = prepared[spec.n_mels]
+            log(f"method {spec.describe()}")
+            embed, method_key, calibrate = embedders[spec.label]
+            audio_key = audio_digest(data.cache, usable)
+            path = embeddings_path(
+                embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(),
+                config.protocol(), audio_key,
+            )
+            embeddings = load_embeddings(path, usable) if config.use_cache else None
+            if embeddings is None:
+                if calibrate is not None:
+                    calibrate_started = time.perf_counter()
+                    used = calibrate(data.cache, [usable[p] for p in train_pos])
+                    log(f"  BatchNorm statistics from {used} training segments in "
+                        f"{time.perf_counter() - calibrate_started:.1f} s")
+                embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress,
+                                                spec.label)
                 if config.use_cache:
-                    _save_probe_results(probe_path, fit_rows, main_scores)
+                    save_embeddings(path, embeddings, {"method": spec.describe(), "dataset": dataset_name,
+                                                       "protocol": config.protocol(), "audio": audio_key})
+                n_segments = int(embeddings.segment_counts.sum())
+                log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
+                    f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")
             else:
-                fit_rows, main_scores = cached
-                probes_cached.append(classifier)
-            fit_seconds += sum(row["fit_seconds"] for row in fit_rows)
-            limited_rows.extend({"dataset": dataset_name, "method": spec.label, "classifier": classifier, **row}
-                                for row in fit_rows)
-            main_fit = next(row for row in fit_rows if row["fraction"] == 1.0 and row["draw"] == 0)
-            tag_scores = score_tags(test_labels, main_scores, tag_names)
-            full = _main_results(spec, classifier, dataset_name, tag_scores, test_labels, main_scores, config, log,
-                                 bootstrap_rows, main_fit)
-            result_rows.append(full)
-            for p, tag in enumerate(tag_names):
-                tag_rows.append({
-                    "dataset": dataset_name, "method": spec.label, "classifier": classifier, "tag": tag,
-                    "group": _group(tag), "test_positives": int(test_positive[p]),
-                    "train_positives": int(labels[train_pos, p].sum()),
-                    "roc_auc": tag_scores.per_tag_roc_auc[p],
-                    "average_precision": tag_scores.per_tag_average_precision[p],
-                })
-            for group, values in tag_scores.per_group.items():
-                group_rows.append({"dataset": dataset_name, "method": spec.label, "classifier": classifier,
-                                   "group": group, **values})
-            how = "results from cache" if cached is not None else f"{sum(r['fit_seconds'] for r in fit_rows):.1f} s"
-            log(f"  {classifier:6s}: ROC-AUC {full['roc_auc']:.4f} [{full['roc_auc_low']:.4f}, "
-                f"{full['roc_auc_high']:.4f}], mAP {full['average_precision']:.4f} "
-                f"[{full['average_precision_low']:.4f}, {full['average_precision_high']:.4f}] "
-                f"({len(fit_rows)} fits, {how})")
-        method_summaries.append({
-            **_spec_summary(spec), "embedding_key": method_key, "embedding_cache": str(path),
-            "embeddings_from_cache": embeddings.from_cache, "embedding_seconds": embeddings.seconds,
-            "tracks_per_second": (len(usable) / embeddings.seconds) if embeddings.seconds else None,
-            "embedding_dim": embeddings.dim, "training_segments": int(embeddings.segment_counts.sum()),
-            "fit_seconds": fit_seconds, "probes_from_cache": probes_cached,
-            "seconds": time.perf_counter() - method_started,
-        })
+                log(f"  embeddings from cache {path}")
+            if not (np.isfinite(embeddings.track_means).all() and np.isfinite(embeddings.segments).all()):
+                log(f"  SKIPPED {spec.label}: its embeddings contain NaN or inf (a diverged checkpoint?)")
+                method_summaries.append({**_spec_summary(spec), "skipped": "embeddings contain NaN or inf"})
+                continue
+
+            fit_seconds = 0.0
+            probes_cached = []
+            for classifier in config.classifiers:
+                probe_path = path.with_name(f"{path.stem}-probe-{classifier}-{probe_key(classifier)}.npz")
+                cached = _load_probe_results(probe_path) if config.use_cache else None
+                if cached is None:
+                    fit_rows, main_scores = _fit_probes(
+                        classifier, embeddings, labels, split_positions, subsets, config, device, processes)
+                    if config.use_cache:
+                        _save_probe_results(probe_path, fit_rows, main_scores)
+                else:
+                    fit_rows, main_scores = cached
+                    probes_cached.append(classifier)
+                fit_seconds += sum(row["fit_seconds"] for row in fit_rows)
+                limited_rows.extend({"dataset": dataset_name, "method": spec.label, "classifier": classifier, **row}
+                                    for row in fit_rows)
+                main_fit = next(row for row in fit_rows if row["fraction"] == 1.0 and row["draw"] == 0)
+                tag_scores = score_tags(test_labels, main_scores, tag_names)
+                full = _main_results(spec, classifier, dataset_name, tag_scores, test_labels, main_scores, config, log,
+                                     bootstrap_rows, main_fit)
+                result_rows.append(full)
+                for p, tag in enumerate(tag_names):
+                    tag_rows.append({
+                        "dataset": dataset_name, "method": spec.label, "classifier": classifier, "tag": tag,
+                        "group": _group(tag), "test_positives": int(test_positive[p]),
+                        "train_positives": int(labels[train_pos, p].sum()),
+                        "roc_auc": tag_scores.per_tag_roc_auc[p],
+                        "average_precision": tag_scores.per_tag_average_precision[p],
+                    })
+                for group, values in tag_scores.per_group.items():
+                    group_rows.append({"dataset": dataset_name, "method": spec.label, "classifier": classifier,
+                                       "group": group, **values})
+                how = "results from cache" if cached is not None else f"{sum(r['fit_seconds'] for r in fit_rows):.1f} s"
+                log(f"  {classifier:6s}: ROC-AUC {full['roc_auc']:.4f} [{full['roc_auc_low']:.4f}, "
+                    f"{full['roc_auc_high']:.4f}], mAP {full['average_precision']:.4f} "
+                    f"[{full['average_precision_low']:.4f}, {full['average_precision_high']:.4f}] "
+                    f"({len(fit_rows)} fits, {how})")
+            method_summaries.append({
+                **_spec_summary(spec), "embedding_key": method_key, "embedding_cache": str(path),
+                "embeddings_from_cache": embeddings.from_cache, "embedding_seconds": embeddings.seconds,
+                "tracks_per_second": (len(usable) / embeddings.seconds) if embeddings.seconds else None,
+                "embedding_dim": embeddings.dim, "training_segments": int(embeddings.segment_counts.sum()),
+                "fit_seconds": fit_seconds, "probes_from_cache": probes_cached,
+                "seconds": time.perf_counter() - method_started,
+            })
+    except BaseException:
+        if processes is not None:
+            processes.end(now=True)
+        raise
+    if processes is not None:
+        processes.end()
 
     if not result_rows:
         raise DownstreamError("every method was skipped; see the messages above")
@@ -1421,12 +1431,14 @@ def _fit_probes(
     subsets: dict[tuple[float, int], np.ndarray],
     config: DownstreamConfig,
     device: torch.device,
+    processes: _ProbeProcesses | None = None,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Every limited-data fit of one probe: a row per (fraction, draw), and the test scores (logits) of
     the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores).
 
-    On the CPU the fits run in ``config.probe_workers`` processes (default one per core); each is
-    seeded on its own, so the results are those of fitting them one after the other here."""
+    With ``processes`` (on the CPU: ``config.probe_workers`` of them, default one per core) the fits
+    run there; each is seeded on its own, so the results are those of fitting them one after the
+    other here, which is what happens without."""
     from musicssl.probe import scorable_tags
 
     train_pos, valid_pos, test_pos = (split_positions[n] for n in ("train", "valid", "test"))
@@ -1441,12 +1453,10 @@ def _fit_probes(
         return (classifier, train_x, labels[owners], valid_x, valid_y, test_x, config.classifier, seed, device)
 
     keys = list(subsets)
-    workers = config.probe_workers if config.probe_workers is not None else (os.cpu_count() or 1)
-    workers = min(workers, len(keys)) if device.type == "cpu" else 0
-    if workers <= 1:
+    if processes is None:
         outcomes = [_fit_and_predict(*job(fraction, draw, subsets[fraction, draw])) for fraction, draw in keys]
     else:
-        outcomes = _fit_in_processes([lambda key=key: job(*key, subsets[key]) for key in keys], workers)
+        outcomes = _fit_in_processes([lambda key=key: job(*key, subsets[key]) for key in keys], processes)
 
     rows, main_scores = [], None
     for (fraction, draw), (scores, fitted) in zip(keys, outcomes):
@@ -1482,30 +1492,58 @@ def _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, classifie
     }
 
 
-def _fit_in_processes(jobs: list, workers: int) -> list:
-    """Run ``_fit_and_predict(*job())`` for each job in ``workers`` spawned processes, in order.
+class _ProbeProcesses:
+    """The processes that fit one evaluation's probes: spawned for its first fit and kept for the
+    others, ended with it. (Each process imports torch, which takes seconds: with a pool per method
+    and probe, a small evaluation spent most of its time starting them.) The processes ignore Ctrl-C;
+    :meth:`end` with ``now=True`` ends them at once, with the fits they run."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: SpawnPool | None = None
+
+    def pool(self) -> SpawnPool:
+        if self._pool is None:
+            self._pool = SpawnPool(self.workers)  # spawn, not fork: fork would copy torch's thread pools
+        return self._pool
+
+    def end(self, now: bool = False) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate() if now else pool.shutdown()
+
+
+def _probe_processes(config: DownstreamConfig, device: torch.device, fits: int) -> _ProbeProcesses | None:
+    """Processes for ``fits`` probe fits at a time, or None to fit them in this process (one worker
+    would only add its start; a GPU's fits share the one device)."""
+    workers = config.probe_workers if config.probe_workers is not None else (os.cpu_count() or 1)
+    workers = min(workers, fits) if device.type == "cpu" else 0
+    return _ProbeProcesses(workers) if workers > 1 else None
+
+
+def _fit_in_processes(jobs: list, processes: _ProbeProcesses) -> list:
+    """Run ``_fit_and_predict(*job())`` for each job in ``processes``, in order.
 
     At most two jobs per worker are in flight, so only a few training sets are held in memory (or
-    in the pipes) at a time however many fits there are. The processes ignore Ctrl-C; on it (or on
-    any error) they are ended at once, with the fits they were running."""
+    in the pipes) at a time however many fits there are. On an error or an interrupt (Ctrl-C, which
+    the processes ignore) the processes are ended at once, with the fits they were running."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     results: list = [None] * len(jobs)
     pending: dict = {}
     next_job = 0
-    pool = SpawnPool(workers)  # spawn, not fork: fork would copy torch's thread pools
     try:
+        pool = processes.pool()
         while next_job < len(jobs) or pending:
-            while next_job < len(jobs) and len(pending) < 2 * workers:
+            while next_job < len(jobs) and len(pending) < 2 * processes.workers:
                 pending[pool.submit(_fit_and_predict, *jobs[next_job]())] = next_job
                 next_job += 1
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 results[pending.pop(future)] = future.result()
     except BaseException:
-        pool.terminate()
+        processes.end(now=True)
         raise
-    pool.shutdown()
     return results
 
 

@@ -879,7 +879,22 @@ def test_the_reported_spreads_are_sample_standard_deviations():
     assert limited_markdown(single.assign(method="a|b")).splitlines()[-1] == "| a\\|b | linear | 0.4000 | 0.7000 |"
 
 
-def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
+def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monkeypatch):
+    """One pool of processes for the whole evaluation, ended with it, on success or interrupt (before:
+    a pool per method and probe, 6 here; each process's start, torch's import, took seconds: 31 s
+    for an evaluation that took 9 s in one process)."""
+    import multiprocessing
+
+    import analysis.downstream as downstream
+
+    pools = []
+
+    class CountedPool(downstream.SpawnPool):
+        def __init__(self, workers: int) -> None:
+            super().__init__(workers)
+            pools.append(workers)
+
+    monkeypatch.setattr(downstream, "SpawnPool", CountedPool)
     root, audio = tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio"
     write_jamendo_fixture(root, audio)
     outputs = {}
@@ -889,6 +904,8 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
                      "--classifiers", "linear,mlp", "--fractions", "50,100", "--draws", "2", "--bootstrap", "10",
                      "--probe-workers", workers, "--no-cache", "--out", str(out), "--quiet", "--threads", "1"]) == 0
         outputs[workers] = read_outputs(out)
+        assert pools == ([] if workers == "0" else [2])
+        assert multiprocessing.active_children() == []
     timing = ["fit_seconds"]
     in_process, in_workers = outputs["0"], outputs["2"]
     # 2 classifiers x (50 % x 2 draws + 100 % x 2 draws) x 3 methods, fitted in the same order.
@@ -896,6 +913,25 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path):
     pd.testing.assert_frame_equal(in_process["limited"].drop(columns=timing), in_workers["limited"].drop(columns=timing))
     pd.testing.assert_frame_equal(in_process["results"], in_workers["results"])
     pd.testing.assert_frame_equal(in_process["bootstrap"], in_workers["bootstrap"])
+
+    # An interrupt while the second method's embeddings are computed, with the processes started for
+    # the first's probes and idle, ends them too.
+    compute_embeddings, methods = downstream.compute_embeddings, []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        methods.append(args[-1])
+        if len(methods) == 2:
+            assert len(multiprocessing.active_children()) == 2  # the first method's probes started them
+            raise KeyboardInterrupt
+        return compute_embeddings(*args, **kwargs)
+
+    monkeypatch.setattr(downstream, "compute_embeddings", interrupted_at_the_second)
+    assert main(["--dataset", "jamendo-top50", "--root", str(root), "--audio-dir", str(audio), "--workers", "0",
+                 "--classifiers", "linear", "--fractions", "100", "--draws", "2", "--bootstrap", "10",
+                 "--probe-workers", "2", "--no-cache", "--out", str(tmp_path / "out-stopped"), "--quiet",
+                 "--threads", "1"]) == 130
+    assert methods == ["random", "random-bn"] and pools == [2, 2]
+    assert multiprocessing.active_children() == []
 
 
 def test_ctrl_c_writes_no_results_keeps_what_was_finished_and_says_so(tmp_path, monkeypatch, capsys):
@@ -987,7 +1023,7 @@ def test_the_probe_processes_are_ended_at_once_on_an_interrupt():
     (5000 steps of an MLP on 4096 segments each here: waiting for them took 38 s)."""
     import multiprocessing
 
-    from analysis.downstream import ClassifierConfig, _fit_in_processes
+    from analysis.downstream import ClassifierConfig, _fit_in_processes, _ProbeProcesses
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4096, 256)).astype(np.float32)
@@ -1002,10 +1038,12 @@ def test_the_probe_processes_are_ended_at_once_on_an_interrupt():
             raise KeyboardInterrupt
         return "mlp", x, y, x[:512], y[:512], x[:512], config, 0, "cpu"
 
+    processes = _ProbeProcesses(2)
     with pytest.raises(KeyboardInterrupt):
-        _fit_in_processes([job] * 4, workers=2)
+        _fit_in_processes([job] * 4, processes)
     assert time.monotonic() - built[2] < 3 + 10
     assert multiprocessing.active_children() == []
+    assert processes._pool is None  # ended, and a later fit would start new ones
 
 
 def test_a_bootstrap_fraction_too_small_for_the_test_tracks_stops_before_anything_is_computed(tmp_path, capsys):
