@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hpsearch.results import BEST_BACKBONE_FILE, BEST_CONFIG_FILE, JOURNAL_FILE, SUMMARY_FILE, TRIALS_FILE
+from hpsearch.settings import SEARCH_FILE
 from musicssl.cli import ArgumentParser
 
 __all__ = [
@@ -73,8 +75,8 @@ __all__ = [
 ]
 
 PROG = "python -m analysis.sensitivity"
-SEARCH_FILE = "search.json"
-JOURNAL_FILE = "optuna.journal"
+# What a search writes in its folder, which a report written there must not replace.
+SEARCH_OWN_FILES = (SEARCH_FILE, JOURNAL_FILE, TRIALS_FILE, SUMMARY_FILE, BEST_CONFIG_FILE, BEST_BACKBONE_FILE)
 STUDY_NAME = "search"
 CONFIG_KEY = "optuna_trial"
 DEFAULT_REPORT = Path("report") / "sensitivity.html"
@@ -241,6 +243,11 @@ def load_experiment(folder: str | Path) -> Experiment:
             raise ReportError(f"{settings_file}: {key!r} is {value!r}, not a count; python -m hpsearch.run writes this "
                               "file: restore it (e.g. from a copy of the search)")
     journal = folder / JOURNAL_FILE
+    if not journal.is_file() and (folder / TRIALS_FILE).is_file():
+        raise ReportError(
+            f"{folder}: {JOURNAL_FILE} is missing, though the search has written its {TRIALS_FILE}: the report reads "
+            f"the trials from the Optuna journal; restore {JOURNAL_FILE} (e.g. from a copy of the search)"
+        )
     if not journal.is_file() or journal.stat().st_size == 0:
         from hpsearch.settings import flag_text
 
@@ -407,10 +414,18 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
 def default_experiments(storage_dir: str | Path) -> list[Path]:
     """The latest search (by the time of its ``search.json``) of each method under ``storage_dir``."""
     storage = Path(storage_dir).expanduser()
+    if storage.exists() and not storage.is_dir():
+        raise ReportError(f"--storage-dir {storage}: is a file, not a folder; give the folder that holds the searches "
+                          "(default: runs)")
     if not storage.is_dir():
         raise ReportError(
             f"{storage}: no such folder; run a search first (python -m hpsearch.run vicreg --trials 64) or give "
             "--storage-dir / experiment folders"
+        )
+    if (storage / SEARCH_FILE).is_file():
+        raise ReportError(
+            f"--storage-dir {storage}: is a search folder, not a folder of searches; give it as RUN_DIR "
+            f"({PROG} {storage}), or --storage-dir {storage.parent} for the latest search of each method there"
         )
     latest: dict[str, Path] = {}
     for folder in _search_folders(storage):
@@ -1007,10 +1022,12 @@ def output_paths(report: Path) -> dict[str, Path]:
             "csv": report.with_name(f"{report.stem}-trials.csv"), "png": report.with_name(f"{report.stem}-figures")}
 
 
-def check_report_path(report: Path) -> dict[str, Path]:
+def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[str, Path]:
     """The report's output paths; :class:`ReportError` unless ``report`` names an HTML file (``.html``
     or ``.htm``, not a folder), so that the report, its JSON, its CSV and its figure folder are four
-    different paths (``--out r.json`` would write the HTML and then the JSON over it)."""
+    different paths (``--out r.json`` would write the HTML and then the JSON over it), and unless
+    they can all be written: none replaces a file of a search (``--out runs/x/search.html`` would
+    write its JSON over the search's ``search.json``) or a file where a folder goes."""
     report = Path(report)
     if report.is_dir():
         raise ReportError(f"--out {report}: is a folder; give the HTML file to write, e.g. {report / 'sensitivity.html'}")
@@ -1039,6 +1056,14 @@ def check_report_path(report: Path) -> dict[str, Path]:
     for kind in ("json", "csv"):
         if paths[kind].is_dir():
             raise ReportError(f"--out {report}: {paths[kind]}, where the report's {kind.upper()} goes, is a folder")
+        if paths[kind].name in SEARCH_OWN_FILES and (paths[kind].parent / SEARCH_FILE).is_file():
+            raise ReportError(
+                f"--out {report}: the report's {kind.upper()} would replace the search's own {paths[kind].name} in "
+                f"{paths[kind].parent}; give the report another name, e.g. --out {report.with_name('sensitivity.html')}"
+            )
+    if "png" in formats and paths["png"].exists() and not paths["png"].is_dir():
+        raise ReportError(f"--out {report}: {paths['png']}, the folder the figures go in with --format png, is a file; "
+                          "move it away or give another --out")
     return paths
 
 
@@ -1049,7 +1074,7 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
     from analysis.sensitivity_figures import build_page, export_pngs, keyed
 
     report = Path(report)
-    paths = check_report_path(report)
+    paths = check_report_path(report, formats)
     analyses = keyed(analyses)  # the names the page shows, for the JSON too
     report.parent.mkdir(parents=True, exist_ok=True)
     page, figures = build_page(analyses)
@@ -1095,9 +1120,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("experiments", nargs="*", metavar="RUN_DIR",
                         help="experiment folders written by python -m hpsearch.run (default: the latest search of "
                         "each method under --storage-dir)")
-    parser.add_argument("--storage-dir", default="runs", help="where searches live, for the default RUN_DIRs and the "
-                        "default --out (default: runs)")
-    parser.add_argument("--out", help=f"the HTML report to write, ending in .html (default: {DEFAULT_REPORT.as_posix()} "
+    parser.add_argument("--storage-dir", help="where searches live, for the default RUN_DIRs and the default --out, "
+                        "when no RUN_DIR is given (default: runs)")
+    parser.add_argument("--out", help=f"the HTML report to write, ending in .html or .htm (default: {DEFAULT_REPORT.as_posix()} "
                         "in the folder holding the first RUN_DIR, or in --storage-dir); <stem>.json and <stem>-trials.csv "
                         "go next to it")
     parser.add_argument("--format", choices=("html", "png"), action="append", dest="formats",
@@ -1157,19 +1182,27 @@ def _refuse_repeats(folders: Sequence[str | Path]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # RUN_DIRs before, between or after the options
     formats = args.formats or ["html"]
+    if args.storage_dir is not None and not args.storage_dir.strip():
+        parser.error("--storage-dir is empty; give the folder that holds the searches (default: runs)")
+    if args.out is not None and not args.out.strip():
+        parser.error(f"--out is empty; give the HTML file to write, e.g. --out {DEFAULT_REPORT.as_posix()}")
+    if args.storage_dir is not None and args.experiments:
+        print(f"{PROG}: note: --storage-dir is not used when RUN_DIRs are given (the report goes next to the first "
+              "of them, or to --out)", file=sys.stderr)
+    storage_dir = args.storage_dir if args.storage_dir is not None else "runs"
     try:
-        folders = [Path(p) for p in args.experiments] or default_experiments(args.storage_dir)
+        folders = [Path(p) for p in args.experiments] or default_experiments(storage_dir)
         _refuse_repeats(args.experiments or folders)
         experiments = [load_experiment(folder) for folder in folders]
-        if args.out:
+        if args.out is not None:
             out = Path(args.out).expanduser()
         elif args.experiments:  # next to the experiments given, as it would be next to runs/'s
             out = experiments[0].folder.parent / DEFAULT_REPORT
         else:
-            out = Path(args.storage_dir).expanduser() / DEFAULT_REPORT
-        check_report_path(out)  # before the analysis, which can take a while
+            out = Path(storage_dir).expanduser() / DEFAULT_REPORT
+        check_report_path(out, formats)  # before the analysis, which can take a while
         analyses = [analyse(experiment) for experiment in experiments]
         summary = write_report(analyses, out, formats)
     except ReportError as error:
@@ -1180,12 +1213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for line in _summary_lines(summary):
         print(line)
+    for experiment in summary["experiments"]:  # what the report says it could not show, or shows with care
+        for note in experiment.get("notes", []):
+            print(f"{experiment['name']}: note: {note}")
     paths = output_paths(out)
     print(f"report: {paths['html']}\nsummary: {paths['json']}\ntrials: {paths['csv']}")
     png = summary.get("png")
     if png is not None:
         if png.get("written"):
-            print(f"figures: {len(png['written'])} PNG files in {paths['png']}")
+            removed = f" (removed {len(png['removed'])} of an earlier report)" if png.get("removed") else ""
+            print(f"figures: {len(png['written'])} PNG files in {paths['png']}{removed}")
         else:
             print(f"{PROG}: PNG export skipped: {png['reason']}", file=sys.stderr)
             return 1

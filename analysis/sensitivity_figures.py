@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,7 +347,18 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         f"for the objective ({experiment.objective})", "for collapse (collapsed vs not)"))
     colours = {"PED-ANOVA": "#1f77b4", "fANOVA": "#ff7f0e"}
     shown: set[str] = set()
+    blank: list[str] = []
     for column, target in enumerate(targets, start=1):
+        computed = [i for i in (analysis.importance(target, e) for e in EVALUATORS) if i is not None and i.values]
+        if not computed:  # said in the panel too, so that a PNG of the figure is not a blank half
+            notes = [i.note for i in (analysis.importance(target, e) for e in EVALUATORS) if i is not None and i.note]
+            reason = notes[0] if notes else "no trials to compute it on"
+            suffix = "" if column == 1 else str(column)
+            figure.add_annotation(
+                text="<br>".join(textwrap.wrap(f"not computed: {reason}", 45)), showarrow=False,
+                xref=f"x{suffix} domain", yref=f"y{suffix} domain", x=0.5, y=0.5, font={"color": "#555555"},
+            )
+            blank.append("left" if column == 1 else "right")
         for evaluator in EVALUATORS:
             importance = analysis.importance(target, evaluator)
             if importance is None or importance.values is None:
@@ -367,6 +379,8 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     caption = ("Longer bar = the parameter explains more of the target (each method's bars sum to 1). Left: the score "
                f"among complete trials. Right: {experiment.collapsed_wording} or not, over all finished trials, so "
                "collapsed trials count.")
+    if blank:
+        caption += f" The {' and '.join(blank)} panel says why it has no bars."
     return ReportFigure(f"{_key(analysis)}-importance", _label(analysis), title, caption, figure)
 
 
@@ -593,8 +607,12 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
     finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
     collapsed = finished["collapsed"].to_numpy()
     figure = go.Figure()
-    boundary = f"no finished trial {experiment.collapsed_wording}, so there is no collapse boundary to draw"
-    if len(finished) >= 3 and 0 < collapsed.sum():
+    shaded = len(finished) >= 3 and 0 < collapsed.sum()
+    if not collapsed.sum():
+        boundary = f"no finished trial {experiment.collapsed_wording}, so there is no collapse probability to shade"
+    else:
+        boundary = f"{len(finished)} finished trial(s) are too few to estimate a collapse probability from"
+    if shaded:
         gx, gy, probability = collapse_probability_grid(
             finished[f"param_{x_name}"].to_numpy(float), finished[f"param_{y_name}"].to_numpy(float), collapsed,
             x_distribution, y_distribution)
@@ -644,9 +662,11 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
     title = f"{_label(analysis)}: {y_name} against {x_name}, score and collapse"
     _layout(figure, title, height=560, legend={"orientation": "h", "y": -0.18})
     ringed = ", red rings the trials the collapse rule would have stopped" if len(would) else ""
+    shading = (f"the shading is the kernel-smoothed probability that a trial {experiment.collapsed_wording} and "
+               f"{boundary}. Pick settings inside the green region near the brightest circles." if shaded else
+               f"nothing is shaded: {boundary}. Pick settings near the brightest circles.")
     caption = (f"Each trial at its ({x_name}, {y_name}): circles coloured by score, crosses collapsed, diamonds diverged"
-               f"{ringed}; the shading is the kernel-smoothed probability that a trial {experiment.collapsed_wording} "
-               f"and {boundary}. Pick settings inside the green region near the brightest circles.")
+               f"{ringed}; {shading}")
     return ReportFigure(f"{_key(analysis)}-map-{x_name}-{y_name}", _label(analysis), title, caption, figure)
 
 
@@ -1157,7 +1177,9 @@ Every trial is included, collapsed, diverged and failed ones too (Optuna's own p
 
 def export_pngs(figures: Sequence[ReportFigure], folder: Path) -> dict[str, Any]:
     """Write each figure as ``<folder>/<NN>-<key>.png`` with kaleido; without kaleido or a Chrome it
-    writes nothing and says how to get them."""
+    writes nothing and says how to get them. Figures of an earlier report in the folder (``NN-*.png``
+    files this export did not write) are removed once the export has succeeded, so that the folder
+    holds this report's figures only."""
     how = ("install kaleido (pip install -c constraints.txt -e '.[png]') and a Chrome or Chromium "
            "(Debian/Ubuntu: apt install chromium; or run plotly_get_chrome), or open the HTML report and use each "
            "figure's camera button")
@@ -1173,4 +1195,7 @@ def export_pngs(figures: Sequence[ReportFigure], folder: Path) -> dict[str, Any]
     except Exception as error:  # kaleido raises its own errors, e.g. when no Chrome is found
         return {"written": [str(p) for p in paths if p.is_file()],
                 "reason": f"kaleido could not export ({type(error).__name__}: {error}); {how}"}
-    return {"written": [str(p) for p in paths], "folder": str(folder)}
+    stale = sorted(set(folder.glob("[0-9][0-9]-*.png")) - set(paths))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return {"written": [str(p) for p in paths], "folder": str(folder), "removed": [str(p) for p in stale]}

@@ -517,10 +517,37 @@ def test_too_few_trials_say_so_and_the_report_still_builds(tmp_path):
 
 
 def test_no_collapse_at_all_says_there_is_nothing_to_explain():
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import importance_figure
+
     rng = np.random.default_rng(1)
     experiment = experiment_from_study(synthetic_study([(x, y, "complete") for x, y in rng.uniform(size=(8, 2))]), SETTINGS)
     for importance in collapse_importances(experiment):
         assert importance.values is None and "no trial collapsed" in importance.note
+    # The figure's empty collapse panel says why in the panel (before: only the page's text did, and a
+    # PNG of the figure had a blank half).
+    figure = importance_figure(analyse(experiment))
+    notes = [note for note in figure.figure.layout.annotations if note.xref == "x2 domain"]
+    assert len(notes) == 1 and notes[0].text.replace("<br>", " ") == "not computed: no variation to explain: no trial collapsed or diverged"
+    assert figure.caption.endswith("The right panel says why it has no bars.")
+
+
+def test_a_map_shades_and_tells_of_a_green_region_only_where_trials_collapsed():
+    """Before: every map's caption spoke of its shading and green region, also with nothing shaded."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import map_figure
+
+    rng = np.random.default_rng(1)
+    healthy = analyse(experiment_from_study(
+        synthetic_study([(x, y, "complete") for x, y in rng.uniform(size=(8, 2))]), SETTINGS))
+    figure = map_figure(healthy, ("x", "y"))
+    assert not [trace for trace in figure.figure.data if trace.type == "contour"]
+    assert "green" not in figure.caption and "the shading is" not in figure.caption
+    assert "nothing is shaded: no finished trial collapsed or diverged, so there is no collapse probability to shade" in figure.caption
+    collapsing = analyse(experiment_from_study(synthetic_study(collapse_rows(count=12)), SETTINGS))
+    figure = map_figure(collapsing, ("x", "y"))
+    assert [trace.type for trace in figure.figure.data].count("contour") >= 1
+    assert "the shading is the kernel-smoothed probability" in figure.caption and "green region" in figure.caption
 
 
 def test_wilson_interval_matches_its_formula():
@@ -1028,6 +1055,9 @@ def test_png_export_writes_images_or_says_how_to_get_them(tmp_path):
     from analysis.sensitivity_figures import ReportFigure, export_pngs
 
     figure = ReportFigure("one", None, "t", "c", go.Figure(go.Scatter(x=[1, 2], y=[2, 1]), layout={"height": 300}))
+    (tmp_path / "figures").mkdir()
+    for name in ("07-of-an-earlier-report.png", "notes.txt"):
+        (tmp_path / "figures" / name).write_text("x")
     result = export_pngs([figure], tmp_path / "figures")
     if importlib.util.find_spec("kaleido") is None:
         assert result["written"] == []
@@ -1038,6 +1068,9 @@ def test_png_export_writes_images_or_says_how_to_get_them(tmp_path):
         # With Debian's chromium (CI installs it), the PNG is written.
         assert result["written"] == [str(tmp_path / "figures" / "01-one.png")], result
         assert (tmp_path / "figures" / "01-one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # An earlier report's figure is removed (before: the folder mixed two reports' figures), other files stay.
+        assert result["removed"] == [str(tmp_path / "figures" / "07-of-an-earlier-report.png")]
+        assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["01-one.png", "notes.txt"]
     else:  # kaleido without a browser
         assert "Chrome" in result["reason"] or "chrom" in result["reason"].lower()
 
@@ -1068,8 +1101,12 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
          "search.json: 'trials' is 'many', not a count; python -m hpsearch.run writes this file"),  # was a traceback
         (lambda p: write_files(p / "corrupt", {"search.json": '{"method": "vicreg"}', "optuna.journal": "garbage\n"}),
          "holds no study named 'search'"),
+        # Before: "has not recorded any trial yet", beside a trials.csv of finished trials.
+        (lambda p: write_files(p / "nojournal", {"search.json": '{"method": "vicreg"}', "trials.csv": "trial\n0\n"}),
+         "optuna.journal is missing, though the search has written its trials.csv: the report reads the trials from "
+         "the Optuna journal; restore optuna.journal"),
     ],
-    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt"],
+    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt", "nojournal"],
 )
 def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, capsys):
     folder = make(tmp_path)
@@ -1134,6 +1171,75 @@ def test_a_storage_folder_given_as_an_experiment_is_explained(storage, tmp_path,
 def test_no_searches_under_the_storage_dir_exit_2(tmp_path, capsys):
     assert main(["--storage-dir", str(tmp_path)]) == 2
     assert "no search folders here" in capsys.readouterr().err
+
+
+def test_a_storage_dir_that_is_a_search_or_a_file_or_empty_is_named_as_such(tmp_path, capsys):
+    """Before: "no search folders here (none holds search.json)" for a folder holding search.json, and
+    "no such folder" for a file; an empty --storage-dir was read as the current folder."""
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    assert main(["--storage-dir", str(folder)]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m analysis.sensitivity: error: --storage-dir {folder}: is a search folder, not a folder of "
+        f"searches; give it as RUN_DIR (python -m analysis.sensitivity {folder}), or --storage-dir {tmp_path} for the "
+        "latest search of each method there\n")
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["--storage-dir", str(tmp_path / "notes.txt")]) == 2
+    assert f"--storage-dir {tmp_path / 'notes.txt'}: is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--storage-dir", ""])
+    assert stop.value.code == 2 and "--storage-dir is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([str(folder), "--out", ""])
+    assert stop.value.code == 2 and "error: --out is empty; give the HTML file to write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "vicreg"]
+
+
+def test_an_out_whose_json_would_replace_a_searchs_own_file_is_refused(tmp_path, capsys):
+    """Before: --out runs/x/search.html wrote the report's JSON over the search's search.json (the
+    folder was no longer a search, and could not be resumed); summary.html over its summary.json."""
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    (folder / "summary.json").write_text('{"trials": 8}')
+    (folder / "best_config.json").write_text('{"trial": 3}')
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    for name in ("search", "summary", "best_config"):
+        assert main([str(folder), "--out", str(folder / f"{name}.html")]) == 2
+        assert capsys.readouterr().err == (
+            f"python -m analysis.sensitivity: error: --out {folder / name}.html: the report's JSON would replace the "
+            f"search's own {name}.json in {folder}; give the report another name, e.g. --out "
+            f"{folder / 'sensitivity.html'}\n")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # A report inside the search's folder under a name of its own is written, and leaves the search's files.
+    assert main([str(folder), "--out", str(folder / "sensitivity.html")]) == 0
+    assert all((folder / name).read_bytes() == text for name, text in before.items())
+    assert json.loads((folder / "sensitivity.json").read_text())["experiments"][0]["trials"] == 8
+
+
+def test_run_dirs_may_come_after_options_and_an_unused_storage_dir_is_noted(tmp_path, capsys):
+    """Before: "unrecognized arguments: B" for A --out R B."""
+    first = write_search(tmp_path / "a" / "vicreg", collapse_rows(count=8))
+    second = write_search(tmp_path / "b" / "clustering", collapse_rows(seed=1, count=8), {"method": "clustering"})
+    out = tmp_path / "r.html"
+    assert main([str(first), "--out", str(out), "--storage-dir", str(tmp_path), str(second)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("python -m analysis.sensitivity: note: --storage-dir is not used when RUN_DIRs are given "
+                            "(the report goes next to the first of them, or to --out)\n")
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert [experiment["method"] for experiment in summary["experiments"]] == ["vicreg", "clustering"]
+    # The report's notes are on the console too (before: only in the page): these searches have no trial folders.
+    assert ("vicreg: note: no Ray Tune trial folders with result.json were found: the collapse dynamics are missing"
+            in captured.out.splitlines())
+    assert [experiment["trials"] for experiment in summary["experiments"]] == [8, 8]
+
+
+def test_a_file_where_the_figures_folder_goes_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Before: "r-figures: File exists", after the HTML and the CSV were written, and no JSON."""
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    (tmp_path / "r-figures").write_text("notes")
+    assert main([str(folder), "--out", str(tmp_path / "r.html"), "--format", "png"]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m analysis.sensitivity: error: --out {tmp_path / 'r.html'}: {tmp_path / 'r-figures'}, the folder "
+        "the figures go in with --format png, is a file; move it away or give another --out\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-figures", "vicreg"]
 
 
 def test_the_module_runs_as_a_script_with_errors_and_no_traceback(tmp_path):
