@@ -519,7 +519,10 @@ def _signal_is_caught(signum: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGINT's case is slow (19 s; run when this code changes): Ctrl-C's path through the search is the
+# fast suite's in other tests, and SIGTERM's case here is the one that killed the search.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
         tmp_path, tonal_data, ray_guard, monkeypatch, capsys, signum):
     """A signal after the trials, while the untrained backbone is probed (~20 s on the corpus). Before:
@@ -1170,8 +1173,10 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     assert "Failed to fetch metrics" not in resumed.stderr
 
 
-# The job-wide cases (45 s with the resume): slow tests, run when this code changes.
-@pytest.mark.parametrize("to", ["search", "group", pytest.param("session", marks=pytest.mark.slow),
+# The job-wide cases (45 s with the resume) and the search alone (22 s; the process group's case
+# signals it too): slow tests, run when this code changes.
+@pytest.mark.parametrize("to", [pytest.param("search", marks=pytest.mark.slow), "group",
+                                pytest.param("session", marks=pytest.mark.slow),
                                 pytest.param("session-raylet-first", marks=pytest.mark.slow),
                                 pytest.param("session-on-its-cluster", marks=pytest.mark.slow),
                                 pytest.param("session-through-tee", marks=pytest.mark.slow),
