@@ -1292,7 +1292,8 @@ def run_downstream(
 
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
     method_summaries = []
-    # The probe fits' processes: started by the first fit that needs them, shared by the others.
+    # The probe fits' processes: started by the first fit that needs them, shared by the others until
+    # a method is embedded.
     processes = _probe_processes(config, device, len(subsets))
     try:
         for spec in methods:
@@ -1307,6 +1308,8 @@ def run_downstream(
             )
             embeddings = load_embeddings(path, usable) if config.use_cache else None
             if embeddings is None:
+                if processes is not None:  # idle through the embedding, the processes would only hold memory
+                    processes.end()
                 if calibrate is not None:
                     calibrate_started = time.perf_counter()
                     used = calibrate(data.cache, [usable[p] for p in train_pos])
@@ -1493,8 +1496,10 @@ def _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, classifie
 
 
 class _ProbeProcesses:
-    """The processes that fit one evaluation's probes: spawned for its first fit and kept for the
-    others, ended with it. (Each process imports torch, which takes seconds: with a pool per method
+    """The processes that fit an evaluation's probes: spawned for the first fit that needs them and
+    kept for the next ones, until the evaluation ends or :meth:`end` is called (before a method is
+    embedded, so that idle processes, a few hundred MB each, do not hold memory meanwhile); a later
+    fit starts them again. (Each process imports torch, which takes seconds: with a pool per method
     and probe, a small evaluation spent most of its time starting them.) The processes ignore Ctrl-C;
     :meth:`end` with ``now=True`` ends them at once, with the fits they run."""
 

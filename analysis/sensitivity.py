@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hpsearch.results import BEST_BACKBONE_FILE, BEST_CONFIG_FILE, JOURNAL_FILE, SUMMARY_FILE, TRIALS_FILE
+from hpsearch.results import JOURNAL_FILE, TRIALS_FILE
 from hpsearch.settings import SEARCH_FILE
 from musicssl.cli import ArgumentParser
 
@@ -75,8 +75,8 @@ __all__ = [
 ]
 
 PROG = "python -m analysis.sensitivity"
-# What a search writes in its folder, which a report written there must not replace.
-SEARCH_OWN_FILES = (SEARCH_FILE, JOURNAL_FILE, TRIALS_FILE, SUMMARY_FILE, BEST_CONFIG_FILE, BEST_BACKBONE_FILE)
+# The first line of a report's trials CSV (trials_table's first columns), by which an earlier report's is known.
+REPORT_CSV_START = "experiment,method,trial,outcome,"
 STUDY_NAME = "search"
 CONFIG_KEY = "optuna_trial"
 DEFAULT_REPORT = Path("report") / "sensitivity.html"
@@ -243,9 +243,10 @@ def load_experiment(folder: str | Path) -> Experiment:
             raise ReportError(f"{settings_file}: {key!r} is {value!r}, not a count; python -m hpsearch.run writes this "
                               "file: restore it (e.g. from a copy of the search)")
     journal = folder / JOURNAL_FILE
-    if not journal.is_file() and (folder / TRIALS_FILE).is_file():
+    if (not journal.is_file() or journal.stat().st_size == 0) and (folder / TRIALS_FILE).is_file():
+        state = "is missing" if not journal.is_file() else "is empty"
         raise ReportError(
-            f"{folder}: {JOURNAL_FILE} is missing, though the search has written its {TRIALS_FILE}: the report reads "
+            f"{folder}: {JOURNAL_FILE} {state}, though the search has written its {TRIALS_FILE}: the report reads "
             f"the trials from the Optuna journal; restore {JOURNAL_FILE} (e.g. from a copy of the search)"
         )
     if not journal.is_file() or journal.stat().st_size == 0:
@@ -415,7 +416,7 @@ def default_experiments(storage_dir: str | Path) -> list[Path]:
     """The latest search (by the time of its ``search.json``) of each method under ``storage_dir``."""
     storage = Path(storage_dir).expanduser()
     if storage.exists() and not storage.is_dir():
-        raise ReportError(f"--storage-dir {storage}: is a file, not a folder; give the folder that holds the searches "
+        raise ReportError(f"{storage}: is a file, not a folder; give --storage-dir the folder that holds the searches "
                           "(default: runs)")
     if not storage.is_dir():
         raise ReportError(
@@ -424,7 +425,7 @@ def default_experiments(storage_dir: str | Path) -> list[Path]:
         )
     if (storage / SEARCH_FILE).is_file():
         raise ReportError(
-            f"--storage-dir {storage}: is a search folder, not a folder of searches; give it as RUN_DIR "
+            f"{storage}: is a search folder, not a folder of searches; give it as RUN_DIR "
             f"({PROG} {storage}), or --storage-dir {storage.parent} for the latest search of each method there"
         )
     latest: dict[str, Path] = {}
@@ -1026,8 +1027,9 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
     """The report's output paths; :class:`ReportError` unless ``report`` names an HTML file (``.html``
     or ``.htm``, not a folder), so that the report, its JSON, its CSV and its figure folder are four
     different paths (``--out r.json`` would write the HTML and then the JSON over it), and unless
-    they can all be written: none replaces a file of a search (``--out runs/x/search.html`` would
-    write its JSON over the search's ``search.json``) or a file where a folder goes."""
+    they can all be written: the JSON and the CSV replace only an earlier report's (``--out
+    runs/x/search.html`` would write its JSON over the search's ``search.json``), and no file stands
+    where a folder goes."""
     report = Path(report)
     if report.is_dir():
         raise ReportError(f"--out {report}: is a folder; give the HTML file to write, e.g. {report / 'sensitivity.html'}")
@@ -1056,15 +1058,30 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
     for kind in ("json", "csv"):
         if paths[kind].is_dir():
             raise ReportError(f"--out {report}: {paths[kind]}, where the report's {kind.upper()} goes, is a folder")
-        if paths[kind].name in SEARCH_OWN_FILES and (paths[kind].parent / SEARCH_FILE).is_file():
+        if paths[kind].exists() and not _an_earlier_report(paths[kind], kind):
+            whose = ("the search's own" if (paths[kind].parent / SEARCH_FILE).is_file() else "the file")
             raise ReportError(
-                f"--out {report}: the report's {kind.upper()} would replace the search's own {paths[kind].name} in "
-                f"{paths[kind].parent}; give the report another name, e.g. --out {report.with_name('sensitivity.html')}"
+                f"--out {report}: the report's {kind.upper()} would replace {whose} {paths[kind].name} in "
+                f"{paths[kind].parent}, which is not a report's; give the report another name, e.g. --out "
+                f"{report.with_name('sensitivity.html')}"
             )
     if "png" in formats and paths["png"].exists() and not paths["png"].is_dir():
         raise ReportError(f"--out {report}: {paths['png']}, the folder the figures go in with --format png, is a file; "
                           "move it away or give another --out")
     return paths
+
+
+def _an_earlier_report(path: Path, kind: str) -> bool:
+    """Whether ``path`` is the JSON summary or the trials CSV of a report (which a new report may
+    replace), by its content: any other file there is someone's, and is kept."""
+    try:
+        if kind == "csv":
+            with open(path, encoding="utf-8") as stream:
+                return stream.readline().startswith(REPORT_CSV_START)
+        written = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(written, dict) and {"generated", "report", "experiments"} <= written.keys()
 
 
 def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: Sequence[str] = ("html",),
@@ -1182,7 +1199,9 @@ def _refuse_repeats(folders: Sequence[str | Path]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)  # RUN_DIRs before, between or after the options
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # RUN_DIRs before, between or after the options; after "--" (a folder named like an option), as they come
+    args = parser.parse_args(arguments) if "--" in arguments else parser.parse_intermixed_args(arguments)
     formats = args.formats or ["html"]
     if args.storage_dir is not None and not args.storage_dir.strip():
         parser.error("--storage-dir is empty; give the folder that holds the searches (default: runs)")

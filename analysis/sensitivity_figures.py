@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -1195,7 +1196,7 @@ def export_pngs(figures: Sequence[ReportFigure], folder: Path) -> dict[str, Any]
     except Exception as error:  # kaleido raises its own errors, e.g. when no Chrome is found
         return {"written": [str(p) for p in paths if p.is_file()],
                 "reason": f"kaleido could not export ({type(error).__name__}: {error}); {how}"}
-    stale = sorted(set(folder.glob("[0-9][0-9]-*.png")) - set(paths))
+    stale = sorted(set(p for p in folder.glob("*.png") if re.fullmatch(r"\d{2,}-.+\.png", p.name)) - set(paths))
     for path in stale:
         path.unlink(missing_ok=True)
     return {"written": [str(p) for p in paths], "folder": str(folder), "removed": [str(p) for p in stale]}

@@ -25,7 +25,7 @@ corpus, default arguments, 2026-11-30):
 
 The probe times are summed over the fits, which run in one process per core (``probe_workers``):
 with the fits one after the other in one process the same cold evaluation took 148.6 s (linear
-29.5 s, mlp 115.4 s), with identical scores. With one pool of processes for the whole evaluation
+29.5 s, mlp 115.4 s), with identical scores. With one pool of processes for both probes of a method
 (2026-12-03, load average 0.0-1.3): cold 76.3 s (embeddings 335 tracks/s; linear 26.0 s, mlp 97.9 s).
 """
 

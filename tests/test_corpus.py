@@ -626,3 +626,16 @@ def test_default_corpus_builds_within_a_minute_including_the_note_bank(tmp_path)
     print(f"\n{report.summary()} (note bank {report.bank_seconds:.1f} s)")
     assert len(TrackIndex.from_csv(tmp_path / "default" / "tracks.csv")) == 600
     assert elapsed <= 60.0
+
+
+def test_the_package_loads_its_modules_on_first_use_and_gives_what_an_eager_import_gave():
+    """``python -m musicssl.corpus`` sets its Ctrl-C handler before numpy loads, so the package imports
+    nothing heavy itself; its names and submodules come on first use."""
+    code = ("import sys, musicssl.corpus as c; assert 'numpy' not in sys.modules, 'numpy loaded'; "
+            "import musicssl.corpus.build as b; assert c.build is b and c.ensure_corpus is b.ensure_corpus; "
+            "assert c.tags.TAG_NAMES is c.TAG_NAMES; assert sorted(dir(c)).count('ensure_corpus') == 1; "
+            "from musicssl.corpus import *; assert callable(draw_factors)\n"
+            "try:\n    c.ensure_corpous\nexcept AttributeError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "module 'musicssl.corpus' has no attribute 'ensure_corpous'\n"

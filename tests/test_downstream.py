@@ -880,7 +880,8 @@ def test_the_reported_spreads_are_sample_standard_deviations():
 
 
 def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monkeypatch):
-    """One pool of processes for the whole evaluation, ended with it, on success or interrupt (before:
+    """One pool of processes per method for both probes, ended before the next method is embedded
+    (idle, its processes would hold memory) and with the evaluation, on success or interrupt (before:
     a pool per method and probe, 6 here; each process's start, torch's import, took seconds: 31 s
     for an evaluation that took 9 s in one process)."""
     import multiprocessing
@@ -904,7 +905,7 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monke
                      "--classifiers", "linear,mlp", "--fractions", "100", "--draws", "3", "--bootstrap", "10",
                      "--probe-workers", workers, "--no-cache", "--out", str(out), "--quiet", "--threads", "1"]) == 0
         outputs[workers] = read_outputs(out)
-        assert pools == ([] if workers == "0" else [2])
+        assert pools == ([] if workers == "0" else [2, 2, 2])  # random, random-bn, melstats
         assert multiprocessing.active_children() == []
     timing = ["fit_seconds"]
     in_process, in_workers = outputs["0"], outputs["2"]
@@ -914,23 +915,28 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monke
     pd.testing.assert_frame_equal(in_process["results"], in_workers["results"])
     pd.testing.assert_frame_equal(in_process["bootstrap"], in_workers["bootstrap"])
 
-    # An interrupt while the second method's embeddings are computed, with the processes started for
-    # the first's probes and idle, ends them too.
-    compute_embeddings, methods = downstream.compute_embeddings, []
+    # An interrupt between the first method's two probes, with the processes idle, ends them too; and
+    # the second method is embedded with none running.
+    main_results, compute_embeddings, scored, embedded = downstream._main_results, downstream.compute_embeddings, [], []
 
-    def interrupted_at_the_second(*args, **kwargs):
-        methods.append(args[-1])
-        if len(methods) == 2:
-            assert len(multiprocessing.active_children()) == 2  # the first method's probes started them
+    def interrupted_at_the_second_probe(*args, **kwargs):
+        scored.append(args[1])
+        if len(scored) == 3:
+            assert len(multiprocessing.active_children()) == 2  # the second method's linear fits started them
             raise KeyboardInterrupt
+        return main_results(*args, **kwargs)
+
+    def embedded_alone(*args, **kwargs):
+        embedded.append(len(multiprocessing.active_children()))
         return compute_embeddings(*args, **kwargs)
 
-    monkeypatch.setattr(downstream, "compute_embeddings", interrupted_at_the_second)
+    monkeypatch.setattr(downstream, "_main_results", interrupted_at_the_second_probe)
+    monkeypatch.setattr(downstream, "compute_embeddings", embedded_alone)
     assert main(["--dataset", "jamendo-top50", "--root", str(root), "--audio-dir", str(audio), "--workers", "0",
-                 "--classifiers", "linear", "--fractions", "100", "--draws", "2", "--bootstrap", "10",
+                 "--classifiers", "linear,mlp", "--fractions", "100", "--draws", "2", "--bootstrap", "10",
                  "--probe-workers", "2", "--no-cache", "--out", str(tmp_path / "out-stopped"), "--quiet",
                  "--threads", "1"]) == 130
-    assert methods == ["random", "random-bn"] and pools == [2, 2]
+    assert scored == ["linear", "mlp", "linear"] and embedded == [0, 0] and pools == [2, 2, 2, 2, 2]
     assert multiprocessing.active_children() == []
 
 

@@ -1056,7 +1056,7 @@ def test_png_export_writes_images_or_says_how_to_get_them(tmp_path):
 
     figure = ReportFigure("one", None, "t", "c", go.Figure(go.Scatter(x=[1, 2], y=[2, 1]), layout={"height": 300}))
     (tmp_path / "figures").mkdir()
-    for name in ("07-of-an-earlier-report.png", "notes.txt"):
+    for name in ("07-of-an-earlier-report.png", "100-of-a-long-one.png", "notes.txt"):
         (tmp_path / "figures" / name).write_text("x")
     result = export_pngs([figure], tmp_path / "figures")
     if importlib.util.find_spec("kaleido") is None:
@@ -1069,7 +1069,8 @@ def test_png_export_writes_images_or_says_how_to_get_them(tmp_path):
         assert result["written"] == [str(tmp_path / "figures" / "01-one.png")], result
         assert (tmp_path / "figures" / "01-one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # An earlier report's figure is removed (before: the folder mixed two reports' figures), other files stay.
-        assert result["removed"] == [str(tmp_path / "figures" / "07-of-an-earlier-report.png")]
+        assert result["removed"] == [str(tmp_path / "figures" / name)
+                                     for name in ("07-of-an-earlier-report.png", "100-of-a-long-one.png")]
         assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["01-one.png", "notes.txt"]
     else:  # kaleido without a browser
         assert "Chrome" in result["reason"] or "chrom" in result["reason"].lower()
@@ -1105,8 +1106,11 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
         (lambda p: write_files(p / "nojournal", {"search.json": '{"method": "vicreg"}', "trials.csv": "trial\n0\n"}),
          "optuna.journal is missing, though the search has written its trials.csv: the report reads the trials from "
          "the Optuna journal; restore optuna.journal"),
+        (lambda p: write_files(p / "emptyjournal", {"search.json": '{"method": "vicreg"}', "trials.csv": "trial\n0\n",
+                                                    "optuna.journal": ""}),
+         "optuna.journal is empty, though the search has written its trials.csv"),
     ],
-    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt", "nojournal"],
+    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt", "nojournal", "emptyjournal"],
 )
 def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, capsys):
     folder = make(tmp_path)
@@ -1179,12 +1183,12 @@ def test_a_storage_dir_that_is_a_search_or_a_file_or_empty_is_named_as_such(tmp_
     folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
     assert main(["--storage-dir", str(folder)]) == 2
     assert capsys.readouterr().err == (
-        f"python -m analysis.sensitivity: error: --storage-dir {folder}: is a search folder, not a folder of "
+        f"python -m analysis.sensitivity: error: {folder}: is a search folder, not a folder of "
         f"searches; give it as RUN_DIR (python -m analysis.sensitivity {folder}), or --storage-dir {tmp_path} for the "
         "latest search of each method there\n")
     (tmp_path / "notes.txt").write_text("x")
     assert main(["--storage-dir", str(tmp_path / "notes.txt")]) == 2
-    assert f"--storage-dir {tmp_path / 'notes.txt'}: is a file, not a folder" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'notes.txt'}: is a file, not a folder; give --storage-dir the folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["--storage-dir", ""])
     assert stop.value.code == 2 and "--storage-dir is empty" in capsys.readouterr().err
@@ -1196,7 +1200,8 @@ def test_a_storage_dir_that_is_a_search_or_a_file_or_empty_is_named_as_such(tmp_
 
 def test_an_out_whose_json_would_replace_a_searchs_own_file_is_refused(tmp_path, capsys):
     """Before: --out runs/x/search.html wrote the report's JSON over the search's search.json (the
-    folder was no longer a search, and could not be resumed); summary.html over its summary.json."""
+    folder was no longer a search, and could not be resumed); summary.html over its summary.json. Only
+    an earlier report's JSON and CSV are replaced; anyone else's file is kept."""
     folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
     (folder / "summary.json").write_text('{"trials": 8}')
     (folder / "best_config.json").write_text('{"trial": 3}')
@@ -1205,13 +1210,32 @@ def test_an_out_whose_json_would_replace_a_searchs_own_file_is_refused(tmp_path,
         assert main([str(folder), "--out", str(folder / f"{name}.html")]) == 2
         assert capsys.readouterr().err == (
             f"python -m analysis.sensitivity: error: --out {folder / name}.html: the report's JSON would replace the "
-            f"search's own {name}.json in {folder}; give the report another name, e.g. --out "
+            f"search's own {name}.json in {folder}, which is not a report's; give the report another name, e.g. --out "
             f"{folder / 'sensitivity.html'}\n")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # Nor a file of someone else's, outside a search: a JSON, or a CSV named like a report's.
+    (tmp_path / "model.json").write_text('{"layers": 4}')
+    (tmp_path / "table-trials.csv").write_text("a,b\n1,2\n")
+    for name, kind in (("model", "JSON"), ("table", "CSV")):
+        assert main([str(folder), "--out", str(tmp_path / f"{name}.html")]) == 2
+        assert f"the report's {kind} would replace the file " in capsys.readouterr().err
+    assert (tmp_path / "model.json").read_text() == '{"layers": 4}' and not (tmp_path / "model.html").exists()
     # A report inside the search's folder under a name of its own is written, and leaves the search's files.
     assert main([str(folder), "--out", str(folder / "sensitivity.html")]) == 0
     assert all((folder / name).read_bytes() == text for name, text in before.items())
     assert json.loads((folder / "sensitivity.json").read_text())["experiments"][0]["trials"] == 8
+    # An earlier report's JSON and CSV are replaced: the same command again.
+    (folder / "sensitivity.json").write_text(json.dumps({**json.loads((folder / "sensitivity.json").read_text()),
+                                                         "generated": "earlier"}))
+    assert main([str(folder), "--out", str(folder / "sensitivity.html")]) == 0
+    assert json.loads((folder / "sensitivity.json").read_text())["generated"] != "earlier"
+
+
+def test_a_folder_named_like_an_option_is_given_after_a_double_dash(tmp_path, monkeypatch, capsys):
+    write_search(tmp_path / "-odd", collapse_rows(count=8))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "r.html", "--", "-odd"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["experiments"][0]["name"] == "-odd"
 
 
 def test_run_dirs_may_come_after_options_and_an_unused_storage_dir_is_noted(tmp_path, capsys):

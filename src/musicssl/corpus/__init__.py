@@ -7,8 +7,8 @@ folder of one, building it on first use. See :mod:`musicssl.corpus.tags` for the
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from musicssl.corpus.build import (
@@ -32,18 +32,21 @@ _HOME = {
     **dict.fromkeys(("Song", "SongFactors", "compose_song", "draw_factors"), "musicssl.corpus.compose"),
     "TAG_NAMES": "musicssl.corpus.tags",
 }
+_SUBMODULES = ("build", "compose", "render", "tags")
 
+if not TYPE_CHECKING:  # to a type checker the names are the imports above, and a typo stays an error
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOME[name]), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str):
+        if name in _SUBMODULES:  # musicssl.corpus.build and the like, as after an eager import
+            return _importlib.import_module(f"{__name__}.{name}")
+        if name not in _HOME:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
 
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOME])
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_HOME, *_SUBMODULES})
 
 
 __all__ = [
