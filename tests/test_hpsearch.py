@@ -569,6 +569,7 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     assert (summary["untrained_value"], summary["trials_finished"]) == (0.25, 1)
 
 
+@pytest.mark.slow  # 32 s; run when the search's start, stop or resume changes
 def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
     """A Ctrl-C or SIGTERM after Ray started and the settings were saved, before Ray Tune took the
     signals over. Before: only "interrupted", and the same command then refused the folder ("already
@@ -1281,7 +1282,10 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     assert [t.number for t in study.trials if t.state == TrialState.FAIL] == []
 
 
-@pytest.mark.parametrize("to", ["search", pytest.param("session", marks=pytest.mark.slow)],
+# Both slow (13 s and more; run when this code changes): the signal held while Ray starts is the fast
+# suite's in test_a_signal_while_ray_starts_is_held_and_a_second_one_interrupts and the tests after it.
+@pytest.mark.parametrize("to", [pytest.param("search", marks=pytest.mark.slow),
+                                pytest.param("session", marks=pytest.mark.slow)],
                          ids=["to-the-search", "to-every-process-of-its-session"])
 def test_sigterm_while_ray_starts_stops_the_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env, to):
     """ray.init (about 3 s) sets SIGTERM handlers of its own. Before: a SIGTERM then ended the search
