@@ -350,9 +350,10 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     shown: set[str] = set()
     blank: list[str] = []
     for column, target in enumerate(targets, start=1):
-        computed = [i for i in (analysis.importance(target, e) for e in EVALUATORS) if i is not None and i.values]
-        if not computed:  # said in the panel too, so that a PNG of the figure is not a blank half
-            notes = [i.note for i in (analysis.importance(target, e) for e in EVALUATORS) if i is not None and i.note]
+        importances = {evaluator: analysis.importance(target, evaluator) for evaluator in EVALUATORS}
+        drawn = {evaluator: i for evaluator, i in importances.items() if i is not None and i.values}
+        if not drawn:  # said in the panel too, so that a PNG of the figure is not a blank half
+            notes = [i.note for i in importances.values() if i is not None and i.note]
             reason = notes[0] if notes else "no trials to compute it on"
             suffix = "" if column == 1 else str(column)
             figure.add_annotation(
@@ -360,10 +361,7 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                 xref=f"x{suffix} domain", yref=f"y{suffix} domain", x=0.5, y=0.5, font={"color": "#555555"},
             )
             blank.append("left" if column == 1 else "right")
-        for evaluator in EVALUATORS:
-            importance = analysis.importance(target, evaluator)
-            if importance is None or importance.values is None:
-                continue
+        for evaluator, importance in drawn.items():
             figure.add_trace(go.Bar(
                 y=names, x=[importance.values.get(n, 0.0) for n in names], orientation="h", name=evaluator,
                 legendgroup=evaluator, showlegend=evaluator not in shown,
