@@ -1540,17 +1540,25 @@ def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, messag
                                                                     capsys):
     """In this process (a traceback would be an exception here, failing the test); the next test runs
     one such command as a user does."""
+    monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
+    code, out, err = run_cli_here([*args, "--storage-dir", str(tmp_path)], capsys)
+    assert code == 2, out + err
+    assert message in err
+    assert not list(tmp_path.iterdir())  # nothing written for a search that never started
+
+
+def run_cli_here(arguments, capsys) -> tuple[int, str, str]:
+    """``python -m hpsearch.run ARGUMENTS`` in this process, for the errors found before Ray starts
+    (a real process imports torch, Lightning and Ray first: 3 s or more each): its exit code, stdout and
+    stderr. An exception the command would show as a traceback fails the test."""
     from hpsearch.run import main
 
-    monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
     try:
-        code = main([*args, "--storage-dir", str(tmp_path)])
+        code = main(arguments)
     except SystemExit as stop:  # argparse's errors
         code = stop.code
     captured = capsys.readouterr()
-    assert code == 2, captured.out + captured.err
-    assert message in captured.err
-    assert not list(tmp_path.iterdir())  # nothing written for a search that never started
+    return code, captured.out, captured.err
 
 
 def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, cli_env):
@@ -1594,19 +1602,21 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
 
 
-def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_refused(tmp_path, cli_env):
+def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_refused(tmp_path, cli_env,
+                                                                                        monkeypatch, capsys):
     taken = tmp_path / "a-file"
     taken.write_text("")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")
+    monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
     for args, message in (
         (["--storage-dir", str(taken)], f"--storage-dir {taken}: cannot write there (File exists)"),
         (["--storage-dir", str(taken / "sub")], f"--storage-dir {taken / 'sub'}: cannot write there"),
         (["--storage-dir", str(tmp_path), "--name", "mine"], "mine exists and is not a search (no search.json)"),
         (["--storage-dir", str(tmp_path), "--name", "a-file"], "a-file exists and is not a search"),
     ):
-        done = subprocess.run(cli("vicreg", *args), capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=120)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        code, _, err = run_cli_here(["vicreg", *args], capsys)
+        assert code == 2 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"]
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 

@@ -44,6 +44,19 @@ def tiny_config(method: str, tmp_path, **changes) -> TrainConfig:
     return replace(config, **changes)
 
 
+def run_cli(arguments, capsys) -> tuple[int, str, str]:
+    """``python -m musicssl.train ARGUMENTS`` in this process (torch and Lightning load once per test
+    session, not once per command: 8-10 s each): its exit code, stdout and stderr. An exception that
+    the command would show as a traceback fails the test. test_cli_misuse_in_a_real_process_exits_2_with_one_line
+    and the real-signal tests run the command as its own process."""
+    try:
+        code = main(arguments)
+    except SystemExit as stop:  # argparse's errors and parser.exit
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.mark.parametrize("method", ["contrastive", "byol", "clustering", "barlow_twins", "vicreg"])
 def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     import lightning.pytorch as pl
@@ -399,14 +412,10 @@ def test_registry_has_the_five_methods():
 def test_cli_misuse_exits_2_without_traceback(arguments, message, capsys):
     """In this process (a traceback would be an exception here, failing the test); the next test runs
     one such command as a user does."""
-    try:
-        code = main(arguments)
-    except SystemExit as stop:  # argparse's errors and parser.exit
-        code = stop.code
-    captured = capsys.readouterr()
-    assert code == 2, captured.out + captured.err
-    assert message in captured.err
-    printed = captured.out + captured.err
+    code, out, err = run_cli(arguments, capsys)
+    assert code == 2, out + err
+    assert message in err
+    printed = out + err
     assert "mel cache" not in printed and "corpus" not in printed  # before any data
 
 
@@ -645,7 +654,7 @@ def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
         7, 9, 5, 0.002, 0.003, 11, 1, 2, out, "paper")
 
 
-def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path):
+def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path, capsys):
     from musicssl.train import schedule_notes
 
     # The study's warm-up is 10 epochs; the trainer's default run is 10 epochs: all warm-up.
@@ -656,13 +665,10 @@ def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path):
     assert schedule_notes(TrainConfig(method="clustering", method_params={"teacher_warmup_epochs": "0"})) == []
     assert schedule_notes(TrainConfig(method="vicreg", max_epochs=1)) == []
     # The CLI prints it before training (here the run then fails on its data: exit 2, both said).
-    completed = subprocess.run(
-        [sys.executable, "-m", "musicssl.train", "clustering", "--data", str(tmp_path / "missing.csv")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert completed.returncode == 2, completed.stderr
-    assert "note: the teacher temperature warm-up (10 epochs)" in completed.stderr
-    assert "missing.csv" in completed.stderr and "Traceback" not in completed.stderr
+    code, _, err = run_cli(["clustering", "--data", str(tmp_path / "missing.csv")], capsys)
+    assert code == 2, err
+    assert "note: the teacher temperature warm-up (10 epochs)" in err
+    assert "missing.csv" in err
 
 
 def test_the_run_config_names_the_data_by_absolute_paths(tmp_path, monkeypatch):
@@ -679,25 +685,20 @@ def test_the_run_config_names_the_data_by_absolute_paths(tmp_path, monkeypatch):
 
 def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path, monkeypatch, capsys):
     """``--data mtat --root DIR``: MagnaTagATune as distributed (annotations_final.csv, mp3 folders)."""
-    from musicssl.train import main
-
     from test_downstream import write_mtat_fixture
 
     root = tmp_path / "my mtat"
     write_mtat_fixture(root)
     out = tmp_path / "run"
-    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", "mtat", "--root", str(root),
-               "--max-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8", "--threads", "1",
-               "--workers", "0", "--set", "probe_segments=16", "--set", "probe_segments_per_track=1", "--out", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-2000:]
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(["vicreg", "--data", "mtat", "--root", str(root), "--max-epochs", "1", "--steps-per-epoch",
+                            "1", "--batch-size", "8", "--threads", "1", "--workers", "0", "--set", "probe_segments=16",
+                            "--set", "probe_segments_per_track=1", "--out", str(out)], capsys)
+    assert code == 0, err[-2000:]
     assert json.loads((out / "config.json").read_text())["data_root"] == str(root)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and 0 <= summary["probe_map"] <= 1
-    # Without --root, or with --root for a path, the CLI says which flag is wrong (exit 2, no traceback;
-    # run in this process, as test_cli_misuse_in_a_real_process_exits_2_with_one_line runs one in its own).
-    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    # Without --root, or with --root for a path, the CLI says which flag is wrong (exit 2, one line).
     for arguments, message in (
         (["--data", "mtat"], "dataset 'mtat' needs --root, the folder that holds its files"),
         (["--data", "msd", "--root", str(root)], "dataset 'msd' needs --audio-dir"),
@@ -708,13 +709,9 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path, monkeypatch,
          f"--root {root / 'annotations_final.csv'} is a file; give a folder (where the corpus is or is built)"),
         (["--data", "mtat", "--root", str(root / "annotations_final.csv")], "is a file; give a folder (the dataset's folder)"),
     ):
-        try:
-            code = main(["vicreg", *arguments])
-        except SystemExit as exit_:
-            code = exit_.code
-        stderr = capsys.readouterr().err
+        code, _, stderr = run_cli(["vicreg", *arguments], capsys)
         assert code == 2 and message in stderr, stderr
-        assert stderr.count("\n") == 1 and "Traceback" not in stderr
+        assert stderr.count("\n") == 1
 
 
 def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_mel_cache_is_built(
@@ -730,22 +727,21 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     assert not (tmp_path / "cache").exists()
 
 
-def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_dataset):
+def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_dataset, monkeypatch, capsys):
     # Self-supervised training needs no tags; before, such a folder was refused with a message
     # naming Python arguments (tags_file=, unlabeled=True) that the command line does not have.
     out = tmp_path / "run"
-    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tonal_dataset / "audio"),
-               "--max-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8", "--threads", "1",
-               "--set", "probe_segments=16", "--out", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "the data has no tags (a folder of audio without a tags file is used without tags)" in completed.stderr
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(["vicreg", "--data", str(tonal_dataset / "audio"), "--max-epochs", "1", "--steps-per-epoch",
+                            "1", "--batch-size", "8", "--threads", "1", "--set", "probe_segments=16", "--out", str(out)],
+                           capsys)
+    assert code == 0, err[-2000:]
+    assert "the data has no tags (a folder of audio without a tags file is used without tags)" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and "probe_map" not in summary and summary["probe_skipped"]
 
 
-def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_folder(tmp_path):
+def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     """Every file skipped (undecodable, empty): exit 2 with the cache's count of reasons, no traceback."""
     import numpy as np
     import soundfile
@@ -756,13 +752,11 @@ def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_fol
     soundfile.write(folder / "empty.wav", np.zeros(0, dtype="float32"), 16000)
     (folder / "tags.csv").write_text("path,tags\nnoise.wav,rock\nempty.wav,jazz\n")
     out = tmp_path / "run"
-    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(folder), "--max-epochs", "1",
-               "--steps-per-epoch", "1", "--batch-size", "2", "--threads", "1", "--workers", "0", "--out", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 2, completed.stderr[-2000:]
-    assert "Traceback" not in completed.stderr
-    assert "error: none of the 2 tracks of index 'broken' is usable ({'undecodable': 1, 'zero_length': 1})" in completed.stderr
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(["vicreg", "--data", str(folder), "--max-epochs", "1", "--steps-per-epoch", "1",
+                            "--batch-size", "2", "--threads", "1", "--workers", "0", "--out", str(out)], capsys)
+    assert code == 2, err[-2000:]
+    assert "error: none of the 2 tracks of index 'broken' is usable ({'undecodable': 1, 'zero_length': 1})" in err
     assert not out.exists()
 
 
@@ -858,32 +852,31 @@ def test_a_claim_taken_on_a_lock_file_deleted_meanwhile_is_taken_again(tmp_path,
     second.release()
 
 
-def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path):
+def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path, capsys):
     from musicssl.paths import claim_folder
 
-    claim = claim_folder(tmp_path / "out", lambda path: None)  # as a run in another process holds it
-    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(claim.path)],
-                               capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 2 and "Traceback" not in completed.stderr
-    assert f"--out {claim.path}: another run is writing its results there now" in completed.stderr
+    # As a run in another process holds it (an flock is held by its open file, so this process's own
+    # claim stands for another run's).
+    claim = claim_folder(tmp_path / "out", lambda path: None)
+    code, _, err = run_cli(["vicreg", "--out", str(claim.path)], capsys)
+    assert code == 2 and f"--out {claim.path}: another run is writing its results there now" in err
     claim.release()
 
 
-def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_fails(tmp_path):
+def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_fails(tmp_path, monkeypatch,
+                                                                                         capsys):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "summary.json").write_text("{}")
-    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(taken)],
-                               capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 2 and "exists and is not empty; a run never overwrites another" in completed.stderr
+    code, _, err = run_cli(["vicreg", "--out", str(taken)], capsys)
+    assert code == 2 and "exists and is not empty; a run never overwrites another" in err
     assert (taken / "summary.json").read_text() == "{}"
-    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--out", str(taken / "summary.json")],
-                               capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 2 and f"--out {taken / 'summary.json'}: is a file; give a folder" in completed.stderr
+    code, _, err = run_cli(["vicreg", "--out", str(taken / "summary.json")], capsys)
+    assert code == 2 and f"--out {taken / 'summary.json'}: is a file; give a folder" in err
     # A run that fails (here on its data) removes the run folder it made for itself, parents included.
-    completed = subprocess.run([sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tmp_path / "none")],
-                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert completed.returncode == 2 and not (tmp_path / "runs").exists()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["vicreg", "--data", str(tmp_path / "none")], capsys)
+    assert code == 2 and "none" in err and not (tmp_path / "runs").exists()
 
 
 def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):
@@ -916,16 +909,14 @@ def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():
     assert resolve_precision(TrainConfig(), "cpu") == "32-true"
 
 
-def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
+def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset, monkeypatch, capsys):
     out = tmp_path / "run"
-    completed = subprocess.run(
-        [sys.executable, "-m", "musicssl.train", "barlow_twins", "--data", str(tonal_dataset / "tracks.csv"),
-         "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1",
-         "--set", "probe_segments=32", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "MUSICSSL_CACHE": str(tmp_path / "cache")},
-    )
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "barlow_twins: 1 epochs, 2 steps" in completed.stdout
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    code, stdout, err = run_cli(["barlow_twins", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1",
+                                 "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1", "--set",
+                                 "probe_segments=32", "--out", str(out)], capsys)
+    assert code == 0, err[-2000:]
+    assert "barlow_twins: 1 epochs, 2 steps" in stdout
     assert (out / "backbone.pt").is_file() and (out / "metrics.csv").is_file()
 
 
