@@ -396,6 +396,9 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "n_views=1"], "n_views must be an integer >= 2"),
         (["vicreg", "--set", "min_gap_seconds=5", "--set", "max_gap_seconds=1"], "need finite 0 <= min_gap_seconds <= max_gap_seconds"),
         (["vicreg", "--steps-per-epoch", "-5"], "--steps-per-epoch must be a whole number >= 0 (0: one pass over the training tracks), got -5"),
+        # Said with the command's other problems, not alone.
+        (["vicreg", "--steps-per-epoch", "-5", "--max-epochs", "0"],
+         "error: --max-epochs must be a whole number >= 1, got 0; --steps-per-epoch must be a whole number >= 0"),
         (["vicreg", "--max-epochs", "0"], "error: --max-epochs must be a whole number >= 1, got 0\n"),
         (["vicreg", "--batch-size", "1"], "error: --batch-size must be a whole number >= 2, got 1\n"),
         (["vicreg", "--weight-decay", "nan"], "error: --weight-decay must be >= 0, got nan\n"),

@@ -416,8 +416,11 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
 
     number("max_epochs", 1, whole=True)
     number("batch_size", 2, optional=True, whole=True)
-    number("steps_per_epoch", 1, optional=True, whole=True,
-           hint=" (for one pass over the training tracks: --steps-per-epoch 0, or None in a TrainConfig)")
+    if "steps_per_epoch" in names:  # the command line's 0 (one pass) is None here
+        number("steps_per_epoch", 0, optional=True, whole=True, hint=" (0: one pass over the training tracks)")
+    else:
+        number("steps_per_epoch", 1, optional=True, whole=True,
+               hint=" (for one pass over the training tracks: --steps-per-epoch 0, or None in a TrainConfig)")
     number("learning_rate", 0, inclusive=False)
     number("weight_decay", 0)
     number("warmup_epochs", 0)
@@ -793,9 +796,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return None if path is None else str(Path(path).expanduser().absolute())
 
     method_cls = get_method(args.method)
-    if args.steps_per_epoch < 0:  # 0 is the flag's "one pass" (None in a TrainConfig)
-        raise ConfigError(f"--steps-per-epoch must be a whole number >= 0 (0: one pass over the training tracks), "
-                          f"got {args.steps_per_epoch}")
     config = TrainConfig(
         method=args.method,
         preset=args.preset,
@@ -803,7 +803,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_root=absolute(args.root),
         audio_dir=absolute(args.audio_dir),
         max_epochs=args.max_epochs,
-        steps_per_epoch=args.steps_per_epoch or None,
+        steps_per_epoch=args.steps_per_epoch or None,  # 0 is the flag's "one pass"; below 0, check_config says so
         batch_size=args.batch_size,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
