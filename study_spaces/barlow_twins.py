@@ -6,7 +6,7 @@ below the 1/D of the CPU preset's 1024-d projections (about 1e-3) to three above
 decorrelation to a term that swamps the invariance one. The batch size is searched because it
 matters here: the loss estimates a 1,024 x 1,024 cross-correlation from the batch, and on the
 corpus Barlow Twins at batch 64 was level with a random backbone whatever its lambda, at batch 128
-clearly above it (README, "Training one run"); the CPU preset trains it at 128.
+clearly above it (README, "Results on the embedded corpus"); the CPU preset trains it at 128.
 """
 
 from __future__ import annotations

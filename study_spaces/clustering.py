@@ -5,7 +5,8 @@
 - ``student_temperature``: log scale, 0.03-0.5.
 - ``teacher_temperature``: log scale, 0.01-0.2; DINO's authors found values above ~0.07 unstable,
   and a teacher softer than its student drives uniform collapse. The warm-up starts at
-  ``min(0.02, teacher_temperature)`` (FIXED's start, never above the target).
+  ``min(0.02, teacher_temperature)`` (the constant ``TEACHER_TEMPERATURE_START``, which ``space()``
+  returns as ``teacher_temperature_start``; never above the target).
 - ``teacher_warmup_epochs``: 0-3 trainer epochs (the search's default run is 6 epochs).
 - ``center_momentum``: sampled as ``one_minus_center_momentum`` on a log scale (1e-3-0.5, i.e.
   momentum 0.5-0.999); a centre that barely moves cannot stop one prototype from winning.
