@@ -210,7 +210,8 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
 
 def format_summary(summary: SearchSummary) -> str:
     """A few lines for the console."""
-    counts = ", ".join(f"{count} {name}" for name, count in summary.counts.items())
+    # Printed when the search has ended: a trial the study still lists as running stopped with it.
+    counts = ", ".join(f"{count} {'unfinished' if name == 'running' else name}" for name, count in summary.counts.items())
     lines = [f"{summary.method}: {summary.trials_finished}/{summary.trials_requested} trials finished ({counts})"]
     if summary.best_trial is not None:
         lines.append(f"best: trial #{summary.best_trial}, {summary.objective} {summary.best_value:.4f}")

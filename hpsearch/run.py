@@ -296,13 +296,20 @@ def check_local_gpus(settings: SearchSettings) -> None:
         )
 
 
-def _warn_missing_cluster_gpus(settings: SearchSettings) -> None:
+def warn_cluster_too_small(settings: SearchSettings) -> None:
+    """A trial's CPUs and GPUs must fit on one node of the cluster (Ray places them together). Where no
+    node has them now, trials wait, and Ray says so only after a minute, in terms of its own API: said
+    here at once, with the flag to change (a warning: a node that joins later may still run them)."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if settings.gpus_per_trial > gpus:
-        print(f"warning: --gpus-per-trial {settings.gpus_per_trial:g} but the cluster has {gpus:g} GPU(s) now; "
-              "trials wait until GPU nodes join", file=sys.stderr)
+    nodes = [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
+    for resource, flag, wanted in (("CPU", "--cpus-per-trial", settings.cpus_per_trial),
+                                   ("GPU", "--gpus-per-trial", settings.gpus_per_trial)):
+        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        if wanted > largest:
+            print(f"warning: {flag} {wanted:g} but no node of the cluster has {wanted:g} {resource}(s) now (the "
+                  f"most on one node: {largest:g}); trials wait until such a node joins, or lower {flag}",
+                  file=sys.stderr, flush=True)
 
 
 def _ray_environment(local: bool, verbose: bool) -> None:
@@ -867,7 +874,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 print(f"{settings.name}: all {settings.trials} trials are finished; nothing to run", file=stream,
                       flush=True)
                 frame, summary = _summarize(settings, folder, journal, started)
-                for line in _end_lines(settings, folder, summary):
+                for line in _end_lines(settings, folder, summary, address):
                     print(line, file=stream, flush=True)
                 return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=False)
         if address is None:
@@ -908,14 +915,14 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             say(f"stopping: {cause}; the trials that were running stopped with it and run again when the search "
                 "is continued")
             if summary is not None:
-                for line in _end_lines(settings, folder, summary):
+                for line in _end_lines(settings, folder, summary, address):
                     say(line)
             else:
                 say("stopped before the first trial began")
                 if (folder / SEARCH_FILE).is_file():
-                    say(_continue_line(settings))
+                    say(_continue_line(settings, address))
         except BaseException as error:  # noqa: BLE001 - exit all the same, never wait for Ray
-            say(f"{PROG}: error: the summary could not be written: {error!r}; {_continue_command(settings)} "
+            say(f"{PROG}: error: the summary could not be written: {error!r}; {_continue_command(settings, address)} "
                 "continues the search", to=sys.stderr)
         finally:
             os._exit(130)
@@ -942,7 +949,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             settings.save(folder)
             _fail_trials_whose_worker_is_lost()
             if address:
-                _warn_missing_cluster_gpus(settings)
+                warn_cluster_too_small(settings)
             study_exists = journal.is_file() and journal.stat().st_size > 0
             finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
             trainable = tune.with_resources(
@@ -1006,7 +1013,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             # A stop that Ray Tune did not take (before it ran, or a second Ctrl-C): the search saved its
             # settings, so it is continued as after any other stop.
             if (folder / SEARCH_FILE).is_file():
-                print(_continue_line(settings), file=stream, flush=True)
+                print(_continue_line(settings, address), file=stream, flush=True)
                 told = True
             raise
         except Exception as error:
@@ -1022,7 +1029,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     if failure is not None:
                         raise failure from None  # the error that was ending the search says more than the Ctrl-C
                     if not told and (folder / SEARCH_FILE).is_file():
-                        print(_continue_line(settings), file=stream, flush=True)
+                        print(_continue_line(settings, address), file=stream, flush=True)
                     raise
             # What follows stops as Ctrl-C too. Ray Tune leaves its SIGINT handler after a run that was
             # not interrupted (it would swallow the first Ctrl-C), and ray.shutdown() sets SIGTERM's
@@ -1046,7 +1053,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-    for line in _end_lines(settings, folder, summary):
+    for line in _end_lines(settings, folder, summary, address):
         print(line, file=stream, flush=True)
     interrupted = summary.trials_finished < settings.trials
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
@@ -1119,22 +1126,25 @@ def _write_summary(folder: Path, summary) -> None:
     write_whole(folder / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
 
 
-def _continue_command(settings: SearchSettings) -> str:
+def _continue_command(settings: SearchSettings, address: str | None = None) -> str:
+    """The command that continues the search, on the cluster it ran on (``--address`` is not stored
+    with the search: without it, the search would continue on a Ray of its own)."""
+    on_cluster = f" {flag_text('--address', address)}" if address else ""
     return (f"{PROG} {settings.method} {flag_text('--name', settings.name)} "
-            f"{flag_text('--storage-dir', str(settings.storage_dir))} --resume")
+            f"{flag_text('--storage-dir', str(settings.storage_dir))} --resume{on_cluster}")
 
 
-def _continue_line(settings: SearchSettings) -> str:
-    return f"interrupted: continue with {_continue_command(settings)}"
+def _continue_line(settings: SearchSettings, address: str | None = None) -> str:
+    return f"interrupted: continue with {_continue_command(settings, address)}"
 
 
-def _end_lines(settings: SearchSettings, folder: Path, summary) -> list[str]:
+def _end_lines(settings: SearchSettings, folder: Path, summary, address: str | None = None) -> list[str]:
     """The summary, the folder and, for a search that is not finished, the command that continues it."""
     from hpsearch.results import format_summary
 
     lines = [format_summary(summary), f"results: {folder}"]
     if summary.trials_finished < settings.trials:
-        lines.append(_continue_line(settings))
+        lines.append(_continue_line(settings, address))
     return lines
 
 
@@ -1392,7 +1402,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
     if resume and not name:
         name = latest_search(args.method, storage_dir)
         if name is None:
-            raise SearchError(f"--resume: no search of {args.method} in {storage_dir}; start one without --resume")
+            raise SearchError(f"--resume: no search of {args.method} named by default ({args.method}-<time>) in "
+                              f"{storage_dir}; give a search's --name, or start one without --resume")
     if name and (Path(storage_dir).expanduser() / name / SEARCH_FILE).is_file():
         stored = SearchSettings.load(Path(storage_dir).expanduser() / name)
         if stored.method != args.method:

@@ -1960,7 +1960,9 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
                                   "jamendo-top50-split1"]))
     # --resume without --name picks the latest search named by default (METHOD-<time>), not one
     # named with --name (here "mine", "jam" and a later "vicreg-custom").
-    with pytest.raises(SearchError, match="--resume: no search of vicreg"):
+    # Before, "no search of vicreg in DIR" beside folders holding searches of vicreg.
+    with pytest.raises(SearchError, match=r"--resume: no search of vicreg named by default \(vicreg-<time>\) in .*; "
+                                          "give a search's --name, or start one without --resume"):
         settings_from_args(parse(["vicreg", "--resume", "--storage-dir", str(tmp_path)]))
     for age, name in enumerate(("vicreg-custom", "vicreg-20261201-100000-2", "vicreg-20261201-100000")):
         SearchSettings(method="vicreg", name=name, storage_dir=str(tmp_path)).save(
@@ -1978,14 +1980,37 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
 
 
 def test_the_continue_command_parses_back_to_the_search_also_for_names_that_start_with_a_dash():
-    """A search named with --name=-x printed "--name -x", which argparse refuses ("expected one argument")."""
+    """A search named with --name=-x printed "--name -x", which argparse refuses ("expected one argument").
+    A search on a cluster continues there: before, the command left out --address (which the search
+    does not store), and run as printed it continued on a Ray of its own."""
     from hpsearch.run import _continue_command
 
-    for name, storage in [("-x", "runs"), ("plain name", "-runs dir"), ("vicreg-20261203-100000", "/tmp/r")]:
-        words = shlex.split(_continue_command(SearchSettings(method="vicreg", name=name, storage_dir=storage)))
+    for name, storage, address in [("-x", "runs", None), ("plain name", "-runs dir", "auto"),
+                                   ("vicreg-20261203-100000", "/tmp/r", "10.0.0.1:6379")]:
+        words = shlex.split(_continue_command(SearchSettings(method="vicreg", name=name, storage_dir=storage), address))
         assert words[:3] == ["python", "-m", "hpsearch.run"]
         args = build_parser().parse_args(words[3:])
-        assert (args.method, args.name, args.storage_dir, args.resume) == ("vicreg", name, storage, True)
+        assert (args.method, args.name, args.storage_dir, args.resume, args.address) == (
+            "vicreg", name, storage, True, address)
+
+
+def test_a_trial_that_needs_more_than_any_node_has_is_warned_of_at_once(ray_guard, capsys):
+    """Before: nothing for a minute, then Ray's message naming its ScalingConfig; on a real Ray of one
+    CPU and no GPU."""
+    import ray
+
+    from hpsearch.run import warn_cluster_too_small
+
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=1))
+    assert capsys.readouterr().err == ""
+    warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=2, gpus_per_trial=0.5))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --cpus-per-trial 2 but no node of the cluster has 2 CPU(s) now (the most on one node: 1); trials "
+        "wait until such a node joins, or lower --cpus-per-trial",
+        "warning: --gpus-per-trial 0.5 but no node of the cluster has 0.5 GPU(s) now (the most on one node: 0); "
+        "trials wait until such a node joins, or lower --gpus-per-trial",
+    ]
 
 
 def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp_path, monkeypatch):
@@ -2317,6 +2342,12 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     both = format_summary(replace(summary, untrained_value=0.3414, untrained_value_initial_bn=0.4364))
     assert "probe_map 0.3414 (BatchNorm statistics from the training tracks" in both
     assert "0.4364 with its initial statistics" in both
+    # A trial the study still lists as running when the search has ended (stopped with it) is unfinished.
+    left = pd.concat([frame, pd.DataFrame({"trial": [5], "state": ["RUNNING"], "outcome": ["running"]})])
+    left_summary = summarize(left, "vicreg", "probe_map", trials=7, max_epochs=6)
+    assert (left_summary.trials_finished, left_summary.counts["running"]) == (5, 1)
+    assert format_summary(left_summary).splitlines()[0] == (
+        "vicreg: 5/7 trials finished (3 complete, 1 collapsed, 1 diverged, 0 failed, 1 unfinished)")
     # A search stored before trials had a verdict column summarises without it.
     assert summarize(frame.drop(columns="verdict"), "vicreg", "probe_map", 5, 6).flagged == {}
     assert summary.would_stop == 0 and "collapse stop off" not in format_summary(summary)
