@@ -296,20 +296,35 @@ def check_local_gpus(settings: SearchSettings) -> None:
         )
 
 
+def cluster_shortfalls(nodes: list[dict[str, float]], cpus: float, gpus: float) -> list[str]:
+    """What keeps a trial of ``cpus`` CPUs and ``gpus`` GPUs off every node (``nodes``: each alive
+    node's total resources, as ``ray.nodes()`` gives them): Ray places a trial's resources together,
+    on one node. Empty when some node can hold it."""
+    if any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        return []
+    short = []
+    for resource, flag, wanted in (("CPU", "--cpus-per-trial", cpus), ("GPU", "--gpus-per-trial", gpus)):
+        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        if wanted > largest:
+            short.append(f"{flag} {wanted:g} but no node of the cluster has {wanted:g} {resource}(s) now (the most "
+                         f"on one node: {largest:g})")
+    if not short:  # each fits on some node, never both on one
+        most_cpus = max((node.get("CPU", 0) for node in nodes if node.get("GPU", 0) >= gpus), default=0)
+        short.append(f"--cpus-per-trial {cpus:g} with --gpus-per-trial {gpus:g}, but no node of the cluster has both "
+                     f"now (the most CPUs on a node with {gpus:g} GPU(s): {most_cpus:g})")
+    return short
+
+
 def warn_cluster_too_small(settings: SearchSettings) -> None:
-    """A trial's CPUs and GPUs must fit on one node of the cluster (Ray places them together). Where no
-    node has them now, trials wait, and Ray says so only after a minute, in terms of its own API: said
-    here at once, with the flag to change (a warning: a node that joins later may still run them)."""
+    """Where no node of the cluster can hold a trial now, trials wait, and Ray says so only after a
+    minute, in terms of its own API: said here at once, with the flags to change (a warning: a node
+    that joins later may still run them)."""
     import ray
 
     nodes = [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
-    for resource, flag, wanted in (("CPU", "--cpus-per-trial", settings.cpus_per_trial),
-                                   ("GPU", "--gpus-per-trial", settings.gpus_per_trial)):
-        largest = max((node.get(resource, 0) for node in nodes), default=0)
-        if wanted > largest:
-            print(f"warning: {flag} {wanted:g} but no node of the cluster has {wanted:g} {resource}(s) now (the "
-                  f"most on one node: {largest:g}); trials wait until such a node joins, or lower {flag}",
-                  file=sys.stderr, flush=True)
+    for shortfall in cluster_shortfalls(nodes, settings.cpus_per_trial, settings.gpus_per_trial):
+        print(f"warning: {shortfall}; trials wait until such a node joins, or ask for less", file=sys.stderr,
+              flush=True)
 
 
 def _ray_environment(local: bool, verbose: bool) -> None:

@@ -1,7 +1,8 @@
 """The benchmark scripts still run against today's code (their smallest settings; most are slow).
 
 The numbers in benchmarks/README.md come from these scripts: one that no longer runs cannot be used
-to check them. Each runs in a subprocess, as a user runs it, with its cache in this test's folder.
+to check them. Each runs in a subprocess, as a user runs it, with its cache in this test's folder;
+their --help, in one subprocess for all (one script after the other, as __main__).
 """
 
 from __future__ import annotations

@@ -2001,16 +2001,36 @@ def test_a_trial_that_needs_more_than_any_node_has_is_warned_of_at_once(ray_guar
 
     from hpsearch.run import warn_cluster_too_small
 
-    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=1))
     assert capsys.readouterr().err == ""
     warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=2, gpus_per_trial=0.5))
     assert capsys.readouterr().err.splitlines() == [
         "warning: --cpus-per-trial 2 but no node of the cluster has 2 CPU(s) now (the most on one node: 1); trials "
-        "wait until such a node joins, or lower --cpus-per-trial",
+        "wait until such a node joins, or ask for less",
         "warning: --gpus-per-trial 0.5 but no node of the cluster has 0.5 GPU(s) now (the most on one node: 0); "
-        "trials wait until such a node joins, or lower --gpus-per-trial",
+        "trials wait until such a node joins, or ask for less",
     ]
+
+
+def test_a_trial_must_fit_on_one_node_with_its_cpus_and_gpus_together():
+    """Ray places a trial's CPUs and GPUs on one node: a CPU-only head of 16 CPUs beside a GPU node of 4
+    CPUs cannot hold a trial of 8 CPUs and 1 GPU, though each resource alone is on some node."""
+    from hpsearch.run import cluster_shortfalls
+
+    head, gpu_node = {"CPU": 16.0, "memory": 6e10}, {"CPU": 4.0, "GPU": 1.0}
+    assert cluster_shortfalls([head, gpu_node], 8, 1) == [
+        "--cpus-per-trial 8 with --gpus-per-trial 1, but no node of the cluster has both now (the most CPUs on a "
+        "node with 1 GPU(s): 4)"]
+    assert cluster_shortfalls([head, gpu_node], 4, 1) == cluster_shortfalls([head, gpu_node], 16, 0) == []
+    assert cluster_shortfalls([head, gpu_node], 2, 0.5) == []  # a fraction of a GPU fits on a whole one
+    assert cluster_shortfalls([head, gpu_node], 17, 2) == [
+        "--cpus-per-trial 17 but no node of the cluster has 17 CPU(s) now (the most on one node: 16)",
+        "--gpus-per-trial 2 but no node of the cluster has 2 GPU(s) now (the most on one node: 1)"]
+    assert cluster_shortfalls([{"GPU": 1.0}], 1, 0) == [  # a node without a CPU key has none
+        "--cpus-per-trial 1 but no node of the cluster has 1 CPU(s) now (the most on one node: 0)"]
+    assert cluster_shortfalls([], 1, 0) == [
+        "--cpus-per-trial 1 but no node of the cluster has 1 CPU(s) now (the most on one node: 0)"]
 
 
 def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp_path, monkeypatch):

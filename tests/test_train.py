@@ -47,8 +47,8 @@ def tiny_config(method: str, tmp_path, **changes) -> TrainConfig:
 def run_cli(arguments, capsys) -> tuple[int, str, str]:
     """``python -m musicssl.train ARGUMENTS`` in this process (torch and Lightning load once per test
     session, not once per command: 8-10 s each): its exit code, stdout and stderr. An exception that
-    the command would show as a traceback fails the test. test_cli_misuse_in_a_real_process_exits_2_with_one_line
-    and the real-signal tests run the command as its own process."""
+    the command would show as a traceback fails the test. test_cli_misuse_in_a_real_process_exits_2_with_one_line,
+    test_cli_trains_on_a_track_index and the real-signal tests run the command as its own process."""
     try:
         code = main(arguments)
     except SystemExit as stop:  # argparse's errors and parser.exit
@@ -912,14 +912,19 @@ def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():
     assert resolve_precision(TrainConfig(), "cpu") == "32-true"
 
 
-def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset, monkeypatch, capsys):
+def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
+    """As a user runs it, in a process of its own: the one run to its end that way (the other commands
+    that train run in the test process), so that a traceback or a hang at the process's exit shows."""
     out = tmp_path / "run"
-    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
-    code, stdout, err = run_cli(["barlow_twins", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "1",
-                                 "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1", "--set",
-                                 "probe_segments=32", "--out", str(out)], capsys)
-    assert code == 0, err[-2000:]
-    assert "barlow_twins: 1 epochs, 2 steps" in stdout
+    completed = subprocess.run(
+        [sys.executable, "-m", "musicssl.train", "barlow_twins", "--data", str(tonal_dataset / "tracks.csv"),
+         "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1",
+         "--set", "probe_segments=32", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    assert "barlow_twins: 1 epochs, 2 steps" in completed.stdout
     assert (out / "backbone.pt").is_file() and (out / "metrics.csv").is_file()
 
 
