@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import shlex
 import signal
 import socket
 import sys
