@@ -1253,6 +1253,8 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     if not ended_by_ray:
         assert f"interrupted: continue with python -m hpsearch.run vicreg --name termed --storage-dir {tmp_path} " \
                "--resume" in output
+        if to == "session-on-its-cluster":  # continued on the cluster it ran on, not on a Ray of its own
+            assert f"--resume --address 127.0.0.1:{port}\n" in output, output
         assert f"vicreg: {finished}/4 trials finished" in output
     # Ray Tune can log one traceback of its own when it stops: its final save races its background copy
     # of the experiment (pyarrow lists a temporary file that is renamed before it is copied). The study
