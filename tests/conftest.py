@@ -18,6 +18,19 @@ WITH_CTRL_C = [sys.executable, "-c",
                "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
+def run_main(main, arguments, capsys) -> tuple[int, str, str]:
+    """A command's ``main(arguments)`` in the test process (torch, Lightning and Ray load once per test
+    session, not once per command: several seconds each): its exit code (argparse's errors and
+    ``parser.exit`` included), stdout and stderr. An exception that the command would show as a
+    traceback fails the test. Each command also has tests that run it as its own process."""
+    try:
+        code = main(arguments)
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture
 def ctrl_c_handled():
     """Python's own Ctrl-C handler in this process during the test (see WITH_CTRL_C), then the one before."""

@@ -44,6 +44,7 @@ from analysis.downstream import (
     score_tags,
     subset_size,
 )
+from conftest import run_main
 from musicssl.data.views import track_segments
 from musicssl.models import Backbone
 
@@ -1221,12 +1222,9 @@ def test_config_accepts_the_devices_and_seeds_torch_does():
      "--no-cache and --cache-dir contradict each other"),
 ])
 def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
-    try:
-        code = main(arguments + ["--workers", "0", "--quiet"])
-    except SystemExit as stop:
-        code = stop.code
+    code, _, err = run_main(main, arguments + ["--workers", "0", "--quiet"], capsys)
     assert code == 2
-    assert message in capsys.readouterr().err
+    assert message in err
 
 
 def test_an_unexpected_error_leaves_no_empty_results_folder(tmp_path, monkeypatch):
@@ -1285,12 +1283,11 @@ def test_an_out_that_is_a_file_is_refused_before_the_evaluation(tmp_path, capsys
     taken.write_text("kept\n")
     for out, message in [(taken, f"--out {taken}: is a file; give a folder for the results"),
                          (taken / "run", f"--out {taken / 'run'}: {taken} is a file, so the folder cannot be made there")]:
-        try:  # the dataset would fail with another message: the --out check comes first
-            code = main(["--dataset", "no/such/folder", "--out", str(out), "--workers", "0", "--quiet"])
-        except SystemExit as stop:
-            code = stop.code
+        # The dataset would fail with another message: the --out check comes first.
+        code, _, err = run_main(main, ["--dataset", "no/such/folder", "--out", str(out), "--workers", "0", "--quiet"],
+                                capsys)
         assert code == 2
-        assert message in capsys.readouterr().err
+        assert message in err
     assert taken.read_text() == "kept\n"
 
 

@@ -31,8 +31,10 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.sensitivity import read_trajectories
+from conftest import run_main
 from hpsearch.results import load_study
 from hpsearch.run import build_parser, run_search
+from hpsearch.run import main as search_main
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import SearchSettings, SettingsError
 from hpsearch.stopping import COLLAPSE_TYPES, CollapseMonitor, CollapseStopRule
@@ -1543,24 +1545,10 @@ def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, messag
     """In this process (a traceback would be an exception here, failing the test); the next test runs
     one such command as a user does."""
     monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
-    code, out, err = run_cli_here([*args, "--storage-dir", str(tmp_path)], capsys)
+    code, out, err = run_main(search_main, [*args, "--storage-dir", str(tmp_path)], capsys)
     assert code == 2, out + err
     assert message in err
     assert not list(tmp_path.iterdir())  # nothing written for a search that never started
-
-
-def run_cli_here(arguments, capsys) -> tuple[int, str, str]:
-    """``python -m hpsearch.run ARGUMENTS`` in this process, for the errors found before Ray starts
-    (a real process imports torch, Lightning and Ray first: 3 s or more each): its exit code, stdout and
-    stderr. An exception the command would show as a traceback fails the test."""
-    from hpsearch.run import main
-
-    try:
-        code = main(arguments)
-    except SystemExit as stop:  # argparse's errors
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, cli_env):
@@ -1617,7 +1605,7 @@ def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_
         (["--storage-dir", str(tmp_path), "--name", "mine"], "mine exists and is not a search (no search.json)"),
         (["--storage-dir", str(tmp_path), "--name", "a-file"], "a-file exists and is not a search"),
     ):
-        code, _, err = run_cli_here(["vicreg", *args], capsys)
+        code, _, err = run_main(search_main, ["vicreg", *args], capsys)
         assert code == 2 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"]
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

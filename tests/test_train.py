@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import run_main
 from musicssl.models import Backbone
 from musicssl.pretext.base import Progress
 from musicssl.pretext.registry import available_methods
@@ -42,19 +43,6 @@ def tiny_config(method: str, tmp_path, **changes) -> TrainConfig:
         probe_segments_per_track=2, num_threads=1, out_dir=str(tmp_path / method), seed=3,
     )
     return replace(config, **changes)
-
-
-def run_cli(arguments, capsys) -> tuple[int, str, str]:
-    """``python -m musicssl.train ARGUMENTS`` in this process (torch and Lightning load once per test
-    session, not once per command: 8-10 s each): its exit code, stdout and stderr. An exception that
-    the command would show as a traceback fails the test. test_cli_misuse_in_a_real_process_exits_2_with_one_line,
-    test_cli_trains_on_a_track_index and the real-signal tests run the command as its own process."""
-    try:
-        code = main(arguments)
-    except SystemExit as stop:  # argparse's errors and parser.exit
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("method", ["contrastive", "byol", "clustering", "barlow_twins", "vicreg"])
@@ -415,7 +403,7 @@ def test_registry_has_the_five_methods():
 def test_cli_misuse_exits_2_without_traceback(arguments, message, capsys):
     """In this process (a traceback would be an exception here, failing the test); the next test runs
     one such command as a user does."""
-    code, out, err = run_cli(arguments, capsys)
+    code, out, err = run_main(main, arguments, capsys)
     assert code == 2, out + err
     assert message in err
     printed = out + err
@@ -668,7 +656,7 @@ def test_a_run_shorter_than_the_teacher_warm_up_is_noted(tmp_path, capsys):
     assert schedule_notes(TrainConfig(method="clustering", method_params={"teacher_warmup_epochs": "0"})) == []
     assert schedule_notes(TrainConfig(method="vicreg", max_epochs=1)) == []
     # The CLI prints it before training (here the run then fails on its data: exit 2, both said).
-    code, _, err = run_cli(["clustering", "--data", str(tmp_path / "missing.csv")], capsys)
+    code, _, err = run_main(main, ["clustering", "--data", str(tmp_path / "missing.csv")], capsys)
     assert code == 2, err
     assert "note: the teacher temperature warm-up (10 epochs)" in err
     assert "missing.csv" in err
@@ -694,9 +682,10 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path, monkeypatch,
     write_mtat_fixture(root)
     out = tmp_path / "run"
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
-    code, _, err = run_cli(["vicreg", "--data", "mtat", "--root", str(root), "--max-epochs", "1", "--steps-per-epoch",
-                            "1", "--batch-size", "8", "--threads", "1", "--workers", "0", "--set", "probe_segments=16",
-                            "--set", "probe_segments_per_track=1", "--out", str(out)], capsys)
+    command = ["vicreg", "--data", "mtat", "--root", str(root), "--max-epochs", "1", "--steps-per-epoch", "1",
+               "--batch-size", "8", "--threads", "1", "--workers", "0", "--set", "probe_segments=16", "--set",
+               "probe_segments_per_track=1", "--out", str(out)]
+    code, _, err = run_main(main, command, capsys)
     assert code == 0, err[-2000:]
     assert json.loads((out / "config.json").read_text())["data_root"] == str(root)
     summary = json.loads((out / "summary.json").read_text())
@@ -712,7 +701,7 @@ def test_the_cli_trains_on_a_named_dataset_given_its_root(tmp_path, monkeypatch,
          f"--root {root / 'annotations_final.csv'} is a file; give a folder (where the corpus is or is built)"),
         (["--data", "mtat", "--root", str(root / "annotations_final.csv")], "is a file; give a folder (the dataset's folder)"),
     ):
-        code, _, stderr = run_cli(["vicreg", *arguments], capsys)
+        code, _, stderr = run_main(main, ["vicreg", *arguments], capsys)
         assert code == 2 and message in stderr, stderr
         assert stderr.count("\n") == 1
 
@@ -735,9 +724,9 @@ def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_datase
     # naming Python arguments (tags_file=, unlabeled=True) that the command line does not have.
     out = tmp_path / "run"
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
-    code, _, err = run_cli(["vicreg", "--data", str(tonal_dataset / "audio"), "--max-epochs", "1", "--steps-per-epoch",
-                            "1", "--batch-size", "8", "--threads", "1", "--set", "probe_segments=16", "--out", str(out)],
-                           capsys)
+    command = ["vicreg", "--data", str(tonal_dataset / "audio"), "--max-epochs", "1", "--steps-per-epoch", "1",
+               "--batch-size", "8", "--threads", "1", "--set", "probe_segments=16", "--out", str(out)]
+    code, _, err = run_main(main, command, capsys)
     assert code == 0, err[-2000:]
     assert "the data has no tags (a folder of audio without a tags file is used without tags)" in err
     summary = json.loads((out / "summary.json").read_text())
@@ -756,7 +745,7 @@ def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_fol
     (folder / "tags.csv").write_text("path,tags\nnoise.wav,rock\nempty.wav,jazz\n")
     out = tmp_path / "run"
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
-    code, _, err = run_cli(["vicreg", "--data", str(folder), "--max-epochs", "1", "--steps-per-epoch", "1",
+    code, _, err = run_main(main, ["vicreg", "--data", str(folder), "--max-epochs", "1", "--steps-per-epoch", "1",
                             "--batch-size", "2", "--threads", "1", "--workers", "0", "--out", str(out)], capsys)
     assert code == 2, err[-2000:]
     assert "error: none of the 2 tracks of index 'broken' is usable ({'undecodable': 1, 'zero_length': 1})" in err
@@ -861,7 +850,7 @@ def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path, capsys):
     # As a run in another process holds it (an flock is held by its open file, so this process's own
     # claim stands for another run's).
     claim = claim_folder(tmp_path / "out", lambda path: None)
-    code, _, err = run_cli(["vicreg", "--out", str(claim.path)], capsys)
+    code, _, err = run_main(main, ["vicreg", "--out", str(claim.path)], capsys)
     assert code == 2 and f"--out {claim.path}: another run is writing its results there now" in err
     claim.release()
 
@@ -871,14 +860,14 @@ def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "summary.json").write_text("{}")
-    code, _, err = run_cli(["vicreg", "--out", str(taken)], capsys)
+    code, _, err = run_main(main, ["vicreg", "--out", str(taken)], capsys)
     assert code == 2 and "exists and is not empty; a run never overwrites another" in err
     assert (taken / "summary.json").read_text() == "{}"
-    code, _, err = run_cli(["vicreg", "--out", str(taken / "summary.json")], capsys)
+    code, _, err = run_main(main, ["vicreg", "--out", str(taken / "summary.json")], capsys)
     assert code == 2 and f"--out {taken / 'summary.json'}: is a file; give a folder" in err
     # A run that fails (here on its data) removes the run folder it made for itself, parents included.
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(["vicreg", "--data", str(tmp_path / "none")], capsys)
+    code, _, err = run_main(main, ["vicreg", "--data", str(tmp_path / "none")], capsys)
     assert code == 2 and "none" in err and not (tmp_path / "runs").exists()
 
 
