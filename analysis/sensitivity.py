@@ -382,9 +382,13 @@ def trial_group(outcome: str, collapse_type: str | None) -> str:
 
 def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
     """Per Optuna trial number, its epoch reports (Ray Tune's ``result.json`` lines without the
-    final one), in epoch order. A trial run twice (a resumed search) keeps the later report of
-    each epoch. Trial folders are joined to Optuna trials through the ``optuna_trial`` config key."""
-    pieces: dict[int, list[pd.DataFrame]] = {}
+    final one), in epoch order. Trial folders are joined to Optuna trials through the
+    ``optuna_trial`` config key. A trial runs more than once when a search is continued after a
+    kill: in the same folder (Tune knew the trial) or in a new one (it did not; the folders' names,
+    ``trial-<number>-<random Tune id>``, do not say which came first). Every run starts at epoch 1,
+    and the trial's reports are those of its last run, the one whose outcome the study holds:
+    runs are ordered by the time of their first report."""
+    runs: dict[int, list[tuple[float, int, list[dict]]]] = {}
     for params_file in sorted(Path(folder).glob("*/params.json")):
         try:
             number = json.loads(params_file.read_text()).get(CONFIG_KEY)
@@ -401,15 +405,34 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
                 continue
             if isinstance(record, dict) and not record.get("final") and "epoch" in record:
                 records.append({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
-        if records:
-            pieces.setdefault(number, []).append(pd.DataFrame.from_records(records))
+        for run in _runs_of(records):
+            started = run[0].get("timestamp")
+            if not isinstance(started, (int, float)):  # Ray writes it; else the file's last change
+                started = result_file.stat().st_mtime
+            found = runs.setdefault(number, [])
+            found.append((float(started), len(found), run))
     trajectories = {}
-    for number, frames in pieces.items():
-        frame = pd.concat(frames, ignore_index=True)
+    for number, found in runs.items():
+        frame = pd.DataFrame.from_records(max(found, key=lambda item: item[:2])[2])
         frame["epoch"] = pd.to_numeric(frame["epoch"], errors="coerce")
         frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
         trajectories[number] = frame.reset_index(drop=True)
     return trajectories
+
+
+def _runs_of(records: list[dict]) -> list[list[dict]]:
+    """One folder's epoch reports cut into runs: a report whose epoch is not above the one before
+    starts a new run (a trial run again in its folder starts over at epoch 1)."""
+    runs: list[list[dict]] = []
+    previous = None
+    for record in records:
+        epoch = pd.to_numeric(record.get("epoch"), errors="coerce")
+        if not runs or (previous is not None and not pd.isna(epoch) and epoch <= previous):
+            runs.append([])
+        runs[-1].append(record)
+        if not pd.isna(epoch):
+            previous = epoch
+    return runs
 
 
 def default_experiments(storage_dir: str | Path) -> list[Path]:

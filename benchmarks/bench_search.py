@@ -191,26 +191,22 @@ def bench_savings(args) -> None:
 
 
 def epoch_records(folder: Path) -> dict[int, list[dict]]:
-    """Per Optuna trial number, the epoch reports of a search (from Ray's progress.csv files)."""
-    records = {}
+    """Per Optuna trial number, the epoch reports of a search: those the sensitivity report reads
+    (Ray's result.json; of a trial run again after a kill, its last run)."""
+    from analysis.sensitivity import read_trajectories
+
+    prototypes = {}
     for params_file in folder.glob("*/params.json"):
         params = json.loads(params_file.read_text())
-        number = params.get("optuna_trial")
-        progress = params_file.parent / "progress.csv"
-        if number is None or not progress.is_file():
-            continue
-        frame = pd.read_csv(progress)
-        if "final" in frame:
-            frame = frame[frame["final"] != True]  # noqa: E712 (the column mixes NaN and booleans)
-        # Ray's CSV keeps the columns of the first report, so the final report (which repeats the
-        # last epoch's metrics) may have lost its "final" column: one row per epoch, the first.
-        frame = frame.drop_duplicates(subset="epoch", keep="first")
+        if params.get("num_prototypes"):
+            prototypes[params.get("optuna_trial")] = float(params["num_prototypes"])
+    records = {}
+    for number, frame in read_trajectories(folder).items():
         # Searches run before 2026-12-02 did not log the mean assignment's effective prototypes:
         # K ** (its entropy over log K) is the same number.
-        prototypes = params.get("num_prototypes")
-        if "collapse_assignment_entropy" in frame and "collapse_effective_prototypes" not in frame and prototypes:
-            frame["collapse_effective_prototypes"] = float(prototypes) ** frame["collapse_assignment_entropy"]
-        records[int(number)] = frame.to_dict("records")
+        if "collapse_assignment_entropy" in frame and "collapse_effective_prototypes" not in frame and number in prototypes:
+            frame["collapse_effective_prototypes"] = prototypes[number] ** frame["collapse_assignment_entropy"]
+        records[number] = frame.to_dict("records")
     return records
 
 

@@ -161,7 +161,7 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
 def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float], progress: dict[int, list[dict]],
                    collapse_stop: bool) -> None:
     """A finished search's folder as hpsearch leaves it: search.json, trials.csv, summary.json, and per
-    trial a folder with params.json and Ray's progress.csv (its epoch reports)."""
+    trial a folder with params.json and Ray's result.json (its epoch reports, one JSON line each)."""
     import json
 
     import pandas as pd
@@ -187,7 +187,7 @@ def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float
         trial = folder / f"trial-{number:04d}-abcd"
         trial.mkdir()
         (trial / "params.json").write_text(json.dumps({"optuna_trial": number}))
-        pd.DataFrame(rows).to_csv(trial / "progress.csv", index=False)
+        (trial / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_the_best(tmp_path):

@@ -278,6 +278,36 @@ def test_trajectories_are_joined_to_optuna_trials(experiment_folder):
             assert "collapse_cluster_occupancy" in trajectories[row.trial]
 
 
+def test_a_trial_run_again_after_a_kill_keeps_the_reports_of_its_last_run(tmp_path):
+    """A search continued after a kill runs a trial again from epoch 1: in a new folder when Tune did
+    not know the trial (its random id may sort either way), in the same folder when it did. Before,
+    the folders were read in name order and each epoch kept the last report read: trial 3 got the
+    killed run's epochs 1-4 (that folder sorts last) instead of the last run's 1-2."""
+    from analysis.sensitivity import read_trajectories
+
+    def trial_folder(name: str, number: int, runs: list[list[tuple[int, float, int]]]) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"optuna_trial": number, "learning_rate": 1e-3}))
+        lines = [{"epoch": epoch, "train_loss": loss, "timestamp": stamp} for run in runs for epoch, loss, stamp in run]
+        lines.append({"final": True, "epoch": runs[-1][-1][0], "train_loss": -1.0, "timestamp": runs[-1][-1][2] + 1})
+        (folder / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    # Trial 3: the killed run (started at t=1000) in the folder that sorts last, the last run (t=2000) first.
+    trial_folder("trial-0003-ffffffff", 3, [[(1, 9.1, 1000), (2, 9.2, 1010), (3, 9.3, 1020), (4, 9.4, 1030)]])
+    trial_folder("trial-0003-00000000", 3, [[(1, 1.1, 2000), (2, 1.2, 2010)]])
+    # Trial 5: run twice in its folder (epochs 1-3, then 1-2).
+    trial_folder("trial-0005-12345678", 5, [[(1, 7.1, 1000), (2, 7.2, 1010), (3, 7.3, 1020)],
+                                            [(1, 2.1, 2000), (2, 2.2, 2010)]])
+    # Trial 6: once.
+    trial_folder("trial-0006-abcdef01", 6, [[(1, 4.1, 1500), (2, 4.2, 1510), (3, 4.3, 1520)]])
+
+    trajectories = read_trajectories(tmp_path)
+    assert sorted(trajectories) == [3, 5, 6]
+    got = {number: list(zip(frame["epoch"].astype(int), frame["train_loss"])) for number, frame in trajectories.items()}
+    assert got == {3: [(1, 1.1), (2, 1.2)], 5: [(1, 2.1), (2, 2.2)], 6: [(1, 4.1), (2, 4.2), (3, 4.3)]}
+
+
 def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
     copy = tmp_path / "clustering-copy"
     shutil.copytree(experiment_folder, copy)
