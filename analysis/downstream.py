@@ -1767,6 +1767,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high``); argparse names the flag."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer in {low}-{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share of the test tracks, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # NaN included
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], e.g. 0.5, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = DownstreamConfig()
     parser = ArgumentParser(
@@ -1798,9 +1825,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "100 is always added)")
     parser.add_argument("--draws", type=_positive_int, default=defaults.draws,
                         help="random draws per fraction (default: %(default)s)")
-    parser.add_argument("--bootstrap", type=_positive_int, default=defaults.bootstrap_resamples,
-                        help="bootstrap resamples of the test tracks (default: %(default)s)")
-    parser.add_argument("--bootstrap-fraction", type=float, default=defaults.bootstrap_fraction,
+    parser.add_argument("--bootstrap", type=_int_in(2), default=defaults.bootstrap_resamples,
+                        help="bootstrap resamples of the test tracks (at least 2; default: %(default)s)")
+    parser.add_argument("--bootstrap-fraction", type=_share, default=defaults.bootstrap_fraction,
                         help="share of the test tracks per resample, in (0, 1]; a resample needs at least 2 tracks "
                         "(default: %(default)s)")
     parser.add_argument("--max-train-segments", type=_positive_int, default=defaults.max_train_segments,
@@ -1808,18 +1835,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--silence-db", type=float, default=defaults.silence_db,
                         help="a training segment is silent, and left out, when its loudest bin is this many dB below "
                         "the track's (default: %(default)s; 0 keeps every segment; must be >= 0)")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
+    parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=defaults.seed,
                         help=f"seed of subsets, probes, bootstrap, random baselines (0-{MAX_SEED}; default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                         help="segments per embedding batch (default: %(default)s)")
-    parser.add_argument("--bn-segments", type=_positive_int, default=defaults.bn_calibration_segments,
+    parser.add_argument("--bn-segments", type=_int_in(2), default=defaults.bn_calibration_segments,
                         help="training segments the random-bn baseline measures its BatchNorm statistics on "
-                        "(default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None, help="mel-cache decoding processes (default: all cores; "
+                        "(at least 2; default: %(default)s)")
+    parser.add_argument("--workers", type=_int_in(0), default=None, help="mel-cache decoding processes (default: all cores; "
                         "0: in this process)")
-    parser.add_argument("--probe-workers", type=int, default=None, help="processes fitting the probes side by side "
+    parser.add_argument("--probe-workers", type=_int_in(0), default=None, help="processes fitting the probes side by side "
                         "on the CPU (default: all cores; 0: in this process); results do not depend on it")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $MUSICSSL_CACHE/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the embeddings and do not store them")
@@ -1833,9 +1860,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; exits 2 with a one-line error on bad input (no traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("workers", "probe_workers"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not args.methods and args.no_baselines:
         parser.error("nothing to evaluate: give a checkpoint or run folder, or drop --no-baselines")
     if args.no_cache and args.cache_dir:

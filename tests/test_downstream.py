@@ -1212,7 +1212,17 @@ def test_config_accepts_the_devices_and_seeds_torch_does():
     (["--dataset", "mtat"], "dataset 'mtat' needs --root"),
     (["--dataset", "no/such/folder"], "unknown dataset"),
     # Checked before anything is loaded (the dataset here would fail with another message).
-    (["--seed", "-1", "--dataset", "no/such/folder"], "seed must be in 0-4294967295, got -1"),
+    (["--seed", "-1", "--dataset", "no/such/folder"], "argument --seed: expected an integer in 0-4294967295, got '-1'"),
+    (["--seed", str(2**32)], "argument --seed: expected an integer in 0-4294967295"),
+    # Before, these named the config's fields ("bootstrap fraction must be in (0, 1]",
+    # "bn_calibration_segments must be >= 2"), not the flags.
+    (["--bootstrap", "1"], "argument --bootstrap: expected an integer >= 2, got '1'"),
+    (["--bootstrap-fraction", "2"], "argument --bootstrap-fraction: expected a share in (0, 1], e.g. 0.5, got '2'"),
+    (["--bootstrap-fraction", "nan"], "argument --bootstrap-fraction: expected a share in (0, 1]"),
+    (["--bootstrap-fraction", "0"], "argument --bootstrap-fraction: expected a share in (0, 1]"),
+    (["--bn-segments", "1"], "argument --bn-segments: expected an integer >= 2, got '1'"),
+    (["--probe-workers", "-1"], "argument --probe-workers: expected an integer >= 0, got '-1'"),
+    (["--workers", "x"], "argument --workers: expected an integer >= 0, got 'x'"),
     (["--device", "cudaX", "--dataset", "no/such/folder"], "device must be auto, cpu or cuda[:N], got 'cudaX'"),
     (["--silence-db", "-5", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0 (0 keeps every "
                                                              "segment), got -5.0"),
