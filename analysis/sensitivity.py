@@ -385,32 +385,31 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
     final one), in epoch order. Trial folders are joined to Optuna trials through the
     ``optuna_trial`` config key. A trial runs more than once when a search is continued after a
     kill: in the same folder (Tune knew the trial) or in a new one (it did not; the folders' names,
-    ``trial-<number>-<random Tune id>``, do not say which came first). Every run starts at epoch 1,
-    and the trial's reports are those of its last run, the one whose outcome the study holds:
-    runs are ordered by the time of their first report."""
-    runs: dict[int, list[tuple[float, int, list[dict]]]] = {}
+    ``trial-<number>-<random Tune id>``, do not say which came first). The trial's reports are
+    those of its last run, the one whose outcome the study holds: in one file the run written last,
+    across folders the one that started last (by Ray's ``timestamp`` of its reports, else the
+    file's last change), then the one that ended last."""
+    runs: dict[int, list[tuple[float, float, list[dict]]]] = {}
     for params_file in sorted(Path(folder).glob("*/params.json")):
         try:
             number = json.loads(params_file.read_text()).get(CONFIG_KEY)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue
         result_file = params_file.parent / "result.json"
         if not isinstance(number, int) or not result_file.is_file():
             continue
         records = []
         for line in result_file.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line being written by a running trial
-                continue
-            if isinstance(record, dict) and not record.get("final") and "epoch" in record:
+            record = _report(line)
+            if record is not None and not record.get("final") and _number(record.get("epoch")) is not None:
                 records.append({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
-        for run in _runs_of(records):
-            started = run[0].get("timestamp")
-            if not isinstance(started, (int, float)):  # Ray writes it; else the file's last change
-                started = result_file.stat().st_mtime
-            found = runs.setdefault(number, [])
-            found.append((float(started), len(found), run))
+        if not records:
+            continue
+        last = _runs_of(records)[-1]  # a file's earlier runs were run again after them
+        stamps = [stamp for stamp in (_number(record.get("timestamp")) for record in last) if stamp is not None]
+        if not stamps:  # Ray writes one on every line; else the file's last change
+            stamps = [result_file.stat().st_mtime]
+        runs.setdefault(number, []).append((stamps[0], stamps[-1], last))
     trajectories = {}
     for number, found in runs.items():
         frame = pd.DataFrame.from_records(max(found, key=lambda item: item[:2])[2])
@@ -420,18 +419,41 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
     return trajectories
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (booleans, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _report(line: str) -> dict | None:
+    """One ``result.json`` line as a dict, or None. A report cut short by a kill has the next run's
+    first report appended to it on the same line: that report is read from where it starts."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # cut short (or being written by a running trial)
+        record, decoder = None, json.JSONDecoder()
+        start = line.find("{", 1)
+        while record is None and start != -1:
+            try:
+                value, end = decoder.raw_decode(line, start)
+            except json.JSONDecodeError:
+                value, end = None, -1
+            if isinstance(value, dict) and not line[end:].strip():
+                record = value
+            start = line.find("{", start + 1)
+    return record if isinstance(record, dict) else None
+
+
 def _runs_of(records: list[dict]) -> list[list[dict]]:
-    """One folder's epoch reports cut into runs: a report whose epoch is not above the one before
-    starts a new run (a trial run again in its folder starts over at epoch 1)."""
+    """One file's epoch reports cut into runs: a trial run again in its folder starts over at epoch
+    1 (a trial never continues from a checkpoint), so a report whose epoch is not above the one
+    before starts a run."""
     runs: list[list[dict]] = []
-    previous = None
     for record in records:
-        epoch = pd.to_numeric(record.get("epoch"), errors="coerce")
-        if not runs or (previous is not None and not pd.isna(epoch) and epoch <= previous):
+        if not runs or _number(record["epoch"]) <= _number(runs[-1][-1]["epoch"]):
             runs.append([])
         runs[-1].append(record)
-        if not pd.isna(epoch):
-            previous = epoch
     return runs
 
 

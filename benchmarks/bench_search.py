@@ -197,8 +197,11 @@ def epoch_records(folder: Path) -> dict[int, list[dict]]:
 
     prototypes = {}
     for params_file in folder.glob("*/params.json"):
-        params = json.loads(params_file.read_text())
-        if params.get("num_prototypes"):
+        try:
+            params = json.loads(params_file.read_text())
+        except (OSError, ValueError):  # cut short by a kill: read_trajectories leaves that folder out too
+            continue
+        if isinstance(params, dict) and params.get("num_prototypes"):
             prototypes[params.get("optuna_trial")] = float(params["num_prototypes"])
     records = {}
     for number, frame in read_trajectories(folder).items():

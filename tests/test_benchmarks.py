@@ -202,6 +202,9 @@ def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_
                          for epoch in range(1, 5)] for number in range(6)}
     _stored_search(tmp_path / "vicreg-6-4ep-nostop", [4.0] * 6, objectives, progress, collapse_stop=False)
     _stored_search(tmp_path / "vicreg-6-4ep-stop", [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], objectives, {}, collapse_stop=True)
+    # A trial folder whose params.json a kill cut short (before: a JSONDecodeError ended the benchmark).
+    (tmp_path / "vicreg-6-4ep-nostop" / "trial-0006-abcd").mkdir()
+    (tmp_path / "vicreg-6-4ep-nostop" / "trial-0006-abcd" / "params.json").write_text('{"optuna_tr')
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "savings", "--method", "vicreg", "--trials", "6",
          "--max-epochs", "4", "--storage-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -285,27 +285,52 @@ def test_a_trial_run_again_after_a_kill_keeps_the_reports_of_its_last_run(tmp_pa
     killed run's epochs 1-4 (that folder sorts last) instead of the last run's 1-2."""
     from analysis.sensitivity import read_trajectories
 
-    def trial_folder(name: str, number: int, runs: list[list[tuple[int, float, int]]]) -> None:
+    def trial_folder(name: str, number: int, lines: list, changed: float | None = None) -> None:
+        """``lines``: (epoch, train_loss, timestamp or None) reports, or raw text."""
         folder = tmp_path / name
         folder.mkdir()
         (folder / "params.json").write_text(json.dumps({"optuna_trial": number, "learning_rate": 1e-3}))
-        lines = [{"epoch": epoch, "train_loss": loss, "timestamp": stamp} for run in runs for epoch, loss, stamp in run]
-        lines.append({"final": True, "epoch": runs[-1][-1][0], "train_loss": -1.0, "timestamp": runs[-1][-1][2] + 1})
-        (folder / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        text = []
+        for line in lines:
+            if isinstance(line, str):
+                text.append(line)
+                continue
+            epoch, loss, stamp = line
+            report = {"epoch": epoch, "train_loss": loss, "config": {"learning_rate": 1e-3}}
+            text.append(json.dumps(report if stamp is None else {**report, "timestamp": stamp}) + "\n")
+        text.append(json.dumps({"final": True, "epoch": 9, "train_loss": -1.0}) + "\n")
+        (folder / "result.json").write_text("".join(text))
+        if changed is not None:
+            os.utime(folder / "result.json", (changed, changed))
 
-    # Trial 3: the killed run (started at t=1000) in the folder that sorts last, the last run (t=2000) first.
-    trial_folder("trial-0003-ffffffff", 3, [[(1, 9.1, 1000), (2, 9.2, 1010), (3, 9.3, 1020), (4, 9.4, 1030)]])
-    trial_folder("trial-0003-00000000", 3, [[(1, 1.1, 2000), (2, 1.2, 2010)]])
-    # Trial 5: run twice in its folder (epochs 1-3, then 1-2).
-    trial_folder("trial-0005-12345678", 5, [[(1, 7.1, 1000), (2, 7.2, 1010), (3, 7.3, 1020)],
-                                            [(1, 2.1, 2000), (2, 2.2, 2010)]])
-    # Trial 6: once.
-    trial_folder("trial-0006-abcdef01", 6, [[(1, 4.1, 1500), (2, 4.2, 1510), (3, 4.3, 1520)]])
+    killed = [(1, 9.1, 1000), (2, 9.2, 1010), (3, 9.3, 1020), (4, 9.4, 1030)]
+    # The killed run (started at t=1000) in the folder that sorts last, the last run (t=2000) first, and
+    # the other way round.
+    trial_folder("trial-0003-ffffffff", 3, killed)
+    trial_folder("trial-0003-00000000", 3, [(1, 1.1, 2000), (2, 1.2, 2010)])
+    trial_folder("trial-0004-00000000", 4, killed)
+    trial_folder("trial-0004-ffffffff", 4, [(1, 3.1, 2000), (2, 3.2, 2010)])
+    # Run twice in its folder (epochs 1-3, then 1-2).
+    trial_folder("trial-0005-12345678", 5, [(1, 7.1, 1000), (2, 7.2, 1010), (3, 7.3, 1020), (1, 2.1, 2000), (2, 2.2, 2010)])
+    # Once.
+    trial_folder("trial-0006-abcdef01", 6, [(1, 4.1, 1500), (2, 4.2, 1510), (3, 4.3, 1520)])
+    # The kill cut a report short, and the run again in the folder appended its first report to it.
+    trial_folder("trial-0007-12345678", 7, [(1, 7.1, 1000), (2, 7.2, 1010), '{"epoch": 3, "train_lo',
+                                            (1, 5.1, 2000), (2, 5.2, 2010)])
+    # Reports without Ray's timestamp: the run is as late as its file's last change (t=5000 and 1).
+    trial_folder("trial-0008-00000000", 8, [(1, 6.1, None)], changed=5000)
+    trial_folder("trial-0008-ffffffff", 8, [(1, 8.1, 3000)])
+    trial_folder("trial-0009-00000000", 9, [(1, 6.1, 3000)])
+    trial_folder("trial-0009-ffffffff", 9, [(1, 8.1, None)], changed=1)
+    # A folder whose reports hold no epoch (cut short, say) is no run of the trial.
+    trial_folder("trial-0010-00000000", 10, [(1, 6.1, 1000)])
+    trial_folder("trial-0010-ffffffff", 10, [(None, 8.1, 3000), '{"epoch": 2, "tr'])
 
     trajectories = read_trajectories(tmp_path)
-    assert sorted(trajectories) == [3, 5, 6]
     got = {number: list(zip(frame["epoch"].astype(int), frame["train_loss"])) for number, frame in trajectories.items()}
-    assert got == {3: [(1, 1.1), (2, 1.2)], 5: [(1, 2.1), (2, 2.2)], 6: [(1, 4.1), (2, 4.2), (3, 4.3)]}
+    assert got == {3: [(1, 1.1), (2, 1.2)], 4: [(1, 3.1), (2, 3.2)], 5: [(1, 2.1), (2, 2.2)],
+                   6: [(1, 4.1), (2, 4.2), (3, 4.3)], 7: [(1, 5.1), (2, 5.2)], 8: [(1, 6.1)], 9: [(1, 6.1)],
+                   10: [(1, 6.1)]}
 
 
 def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
