@@ -323,10 +323,10 @@ def test_midi_written_directly_reads_back_like_pretty_midis_own():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--tracks", "3"], "tracks must be an integer >= 10"),
-        (["--seconds", "1"], "seconds must be between 8 and 600"),
-        (["--seconds", "nan"], "seconds must be between 8 and 600"),
-        (["--seed", "-1"], "seed must be a non-negative integer"),
+        (["--tracks", "3"], ": error: --tracks must be an integer >= 10"),
+        (["--seconds", "1"], ": error: --seconds must be between 8 and 600"),
+        (["--seconds", "nan"], ": error: --seconds must be between 8 and 600"),
+        (["--seed", "-1"], ": error: --seed must be a non-negative integer"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--tracks", "many"], "invalid int value: 'many'"),
     ],

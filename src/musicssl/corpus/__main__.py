@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
         config = CorpusConfig(tracks=args.tracks, seconds=args.seconds, seed=args.seed)
+    except CorpusError as error:  # it names the setting, which is the flag: "tracks must be ..."
+        parser.error(f"--{error}")
+    try:
         with sigterm_interrupts():  # a SIGTERM (kill, timeout, a batch scheduler) cleans up as Ctrl-C does
             report = build_corpus(args.out, config, workers=args.workers, bank_cache_dir=args.cache_dir,
                                   progress=not args.quiet, force=args.force)
