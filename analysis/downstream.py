@@ -1757,19 +1757,11 @@ def _classifier_list(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (and <= ``high``); argparse names the flag."""
     wanted = f"an integer >= {low}" if high is None else f"an integer in {low}-{high}"
+    if (low, high) == (1, None):
+        wanted = "a positive integer"
 
     def parse(text: str) -> int:
         try:
@@ -1781,6 +1773,9 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+_positive_int = _int_in(1)
 
 
 def _share(text: str) -> float:

@@ -401,12 +401,12 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
         records = []
         for line in result_file.read_text(errors="replace").splitlines():
             record = _report(line)
-            if record is not None and not record.get("final") and _number(record.get("epoch")) is not None:
+            if record is not None and not record.get("final") and _json_float(record.get("epoch")) is not None:
                 records.append({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
         if not records:
             continue
         last = _runs_of(records)[-1]  # a file's earlier runs were run again after them
-        stamps = [stamp for stamp in (_number(record.get("timestamp")) for record in last) if stamp is not None]
+        stamps = [stamp for stamp in (_json_float(record.get("timestamp")) for record in last) if stamp is not None]
         if not stamps:  # Ray writes one on every line; else the file's last change
             stamps = [result_file.stat().st_mtime]
         runs.setdefault(number, []).append((stamps[0], stamps[-1], last))
@@ -417,13 +417,6 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
         frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
         trajectories[number] = frame.reset_index(drop=True)
     return trajectories
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, or None (booleans, text, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _report(line: str) -> dict | None:
@@ -451,7 +444,7 @@ def _runs_of(records: list[dict]) -> list[list[dict]]:
     before starts a run."""
     runs: list[list[dict]] = []
     for record in records:
-        if not runs or _number(record["epoch"]) <= _number(runs[-1][-1]["epoch"]):
+        if not runs or _json_float(record["epoch"]) <= _json_float(runs[-1][-1]["epoch"]):
             runs.append([])
         runs[-1].append(record)
     return runs
