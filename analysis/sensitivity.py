@@ -412,10 +412,10 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
         runs.setdefault(number, []).append((stamps[0], stamps[-1], last))
     trajectories = {}
     for number, found in runs.items():
+        # One run: its epochs are numbers and rise (_runs_of), so it is in epoch order already.
         frame = pd.DataFrame.from_records(max(found, key=lambda item: item[:2])[2])
-        frame["epoch"] = pd.to_numeric(frame["epoch"], errors="coerce")
-        frame = frame.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
-        trajectories[number] = frame.reset_index(drop=True)
+        frame["epoch"] = pd.to_numeric(frame["epoch"])
+        trajectories[number] = frame
     return trajectories
 
 
