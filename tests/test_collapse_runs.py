@@ -37,7 +37,8 @@ import pytest
 from hpsearch.settings import TrialSettings
 from hpsearch.stopping import COLLAPSE_TYPES, CollapseMonitor, CollapseStopRule
 from hpsearch.trainable import build_train_config
-from musicssl.train import TrainConfig, train
+from musicssl.train import TrainConfig, method_settings, train
+from study_spaces import get_space
 
 # The search's stopping rule, as the search applies it by default (stops on complete and cluster
 # collapse), and the same rule told to stop on every type, dimensional and partial too
@@ -174,8 +175,15 @@ def run(config: TrainConfig, data, rule: CollapseStopRule = STOP_RULE) -> Run:
 
 
 def search_trial_config(method: str, params: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig a search trial of ``method`` with sampled ``params`` would train."""
-    return build_train_config(TrialSettings(method=method, **SEARCH_TRIAL), params)
+    """The TrainConfig a search trial of ``method`` with sampled ``params`` would train; a setting that
+    the space holds fixed (clustering's centring, BYOL's predictor), which a search refuses to sample,
+    replaces the held value afterwards."""
+    held = {name: value for name, value in params.items() if name in get_space(method).fixed}
+    sampled = {name: value for name, value in params.items() if name not in held}
+    config = build_train_config(TrialSettings(method=method, **SEARCH_TRIAL), sampled)
+    config.method_params.update(held)
+    method_settings(config)  # checked as build_train_config checks the sampled ones
+    return config
 
 
 def assert_logged_metrics_match_definitions(finished: Run) -> dict[str, float]:
