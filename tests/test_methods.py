@@ -219,14 +219,24 @@ def test_training_loss_is_finite_and_backpropagates(name: str, n_views: int) -> 
 
 
 def projections_of(method: PretextMethod, views: list[Tensor]) -> list[np.ndarray]:
-    """The student's head outputs per view, as the method computes them (one pass on all views)."""
+    """The student's head outputs per view, one pass per view as in the study's code: in training mode
+    BatchNorm normalises each view with its own batch statistics."""
+    outputs = []
     with torch.no_grad():
-        batch = torch.cat(views)
-        head = method.head if hasattr(method, "head") else method.projector
-        outputs = head(method.backbone(batch))
-        if hasattr(method, "predictor"):
-            outputs = method.predictor(outputs)
-    return [as_numpy(chunk) for chunk in outputs.chunk(len(views))]
+        for view in views:
+            head = method.head if hasattr(method, "head") else method.projector
+            output = head(method.backbone(view))
+            if hasattr(method, "predictor"):
+                output = method.predictor(output)
+            outputs.append(as_numpy(output))
+    return outputs
+
+
+def teacher_outputs(method: PretextMethod, views: list[Tensor]) -> list[Tensor]:
+    """The EMA teacher's head outputs, one pass per view."""
+    head = method.teacher_head if hasattr(method, "teacher_head") else method.teacher_projector
+    with torch.no_grad():
+        return [head(method.teacher_backbone(view)) for view in views]
 
 
 @pytest.mark.parametrize("n_views", [2, 3])
@@ -254,8 +264,7 @@ def test_byol_averages_ordered_pairs_against_the_teacher(n_views: int, use_predi
         assert isinstance(method.predictor, nn.Identity)
     views = make_views(n_views)
     predictions = projections_of(method, views)
-    with torch.no_grad():
-        targets = method.teacher_projector(method.teacher_backbone(torch.cat(views))).chunk(n_views)
+    targets = teacher_outputs(method, views)
     expected = np.mean(
         [reference_byol(predictions[i], as_numpy(targets[j])) for i, j in permutations(range(n_views), 2)]
     )
@@ -270,8 +279,7 @@ def test_clustering_follows_dinos_loss_over_different_views(n_views: int) -> Non
     method.center.copy_(torch.linspace(-0.2, 0.3, 20))
     views = make_views(n_views)
     student = projections_of(method, views)
-    with torch.no_grad():
-        teacher = method.teacher_head(method.teacher_backbone(torch.cat(views))).chunk(n_views)
+    teacher = teacher_outputs(method, views)
     progress = Progress(step=25, total_steps=1000, steps_per_epoch=10)  # epoch 2.5 of a 10-epoch warm-up
     teacher_temperature = 0.02 + (0.04 - 0.02) * 2.5 / 10
     center = as_numpy(method.center)
@@ -351,8 +359,7 @@ def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
     method = build("clustering")
     method.center.copy_(torch.linspace(0.0, 1.0, 20))
     views = make_views(3)
-    with torch.no_grad():
-        mean_logits = method.teacher_head(method.teacher_backbone(torch.cat(views))).mean(dim=0)
+    mean_logits = torch.cat(teacher_outputs(method, views)).mean(dim=0)
     previous = method.center.clone()
     method.training_loss(views, PROGRESS)
     torch.testing.assert_close(method.center, previous)  # applied only after the optimiser step
@@ -360,9 +367,8 @@ def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
     torch.testing.assert_close(method.center, 0.9 * previous + 0.1 * mean_logits, rtol=0, atol=1e-6)
     # Two losses before one step (gradient accumulation): the centre moves towards their mean.
     other = make_views(3, seed=9)
-    with torch.no_grad():
-        other_logits = method.teacher_head(method.teacher_backbone(torch.cat(other))).mean(dim=0)
-        mean_logits = method.teacher_head(method.teacher_backbone(torch.cat(views))).mean(dim=0)
+    other_logits = torch.cat(teacher_outputs(method, other)).mean(dim=0)
+    mean_logits = torch.cat(teacher_outputs(method, views)).mean(dim=0)
     previous = method.center.clone()
     method.training_loss(views, PROGRESS)
     method.training_loss(other, PROGRESS)
@@ -380,8 +386,7 @@ def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
 def test_clustering_without_centering_keeps_no_centre() -> None:
     method = build("clustering", use_centering=False)
     views = make_views(2)
-    with torch.no_grad():
-        teacher = method.teacher_head(method.teacher_backbone(torch.cat(views))).chunk(2)
+    teacher = teacher_outputs(method, views)
     student = projections_of(method, views)
     method.center.fill_(5.0)  # must be ignored
     progress = Progress(step=0, total_steps=100, steps_per_epoch=10)
@@ -461,7 +466,8 @@ def test_clustering_head_runs_in_float32_under_bf16_autocast() -> None:
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         method.training_loss(views, PROGRESS)
         outputs = method.collapse_outputs(views[0])
-    assert dtypes == [torch.float32] * 4  # student and teacher, in training_loss and collapse_outputs
+    # student and teacher: once per view in training_loss, once each in collapse_outputs
+    assert dtypes == [torch.float32] * 6
     assert outputs["projection"].dtype == outputs["assignment_probs"].dtype == torch.float32
 
     # With a backbone that stays in float32, autocast must then change nothing. Measured (this seed,

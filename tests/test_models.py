@@ -455,8 +455,8 @@ def test_one_optimiser_step_changes_the_output():
 # Heads (heads.py)
 
 
-def mlp_params(dims: list[int], last_bias: bool = True) -> int:
-    """Hidden layers: Linear without bias + BatchNorm1d (weight, bias); last layer Linear (+ bias)."""
+def mlp_params(dims: list[int], last_bias: bool = False) -> int:
+    """Hidden layers: Linear without bias + BatchNorm1d (weight, bias); last layer Linear (+ bias if asked)."""
     total = sum(d_in * d_out + 2 * d_out for d_in, d_out in zip(dims[:-2], dims[1:-1]))
     return total + dims[-2] * dims[-1] + (dims[-1] if last_bias else 0)
 
@@ -471,9 +471,10 @@ def test_projector_structure_and_size():
     assert layer_kinds(head) == [L, B, R, L, B, R, L]
     linears = [m for m in head.layers if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(1024, 1024), (1024, 1024), (1024, 2048)]
-    assert [m.bias is not None for m in linears] == [False, False, True]
-    # 2 * (1024*1024 + 2*1024) + 1024*2048 + 2048
-    assert count(head) == 2 * (1024 * 1024 + 2048) + 1024 * 2048 + 2048 == 4_200_448
+    # The study's Head (ssl_framework/models/__init__.py): every Linear without bias, the last one too.
+    assert [m.bias is not None for m in linears] == [False, False, False]
+    # 2 * (1024*1024 + 2*1024) + 1024*2048
+    assert count(head) == 2 * (1024 * 1024 + 2048) + 1024 * 2048 == 4_198_400
     assert count(head) == mlp_params([1024, 1024, 1024, 2048])
     assert head.out_dim == 2048
 
@@ -481,7 +482,7 @@ def test_projector_structure_and_size():
 def test_byol_predictor_structure_and_size():
     head = byol_predictor()
     assert layer_kinds(head) == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    assert count(head) == 2048 * 256 + 2 * 256 + 256 * 2048 + 2048 == 1_051_136
+    assert count(head) == 2048 * 256 + 2 * 256 + 256 * 2048 == 1_049_088
 
 
 def test_clustering_head_structure_and_size():
@@ -489,7 +490,8 @@ def test_clustering_head_structure_and_size():
     linears = [m for m in head.layers if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(1024, 1024), (1024, 1024), (1024, 256), (256, 4096)]
     assert count(head) == mlp_params([1024, 1024, 1024, 256, 4096])
-    assert count(head) == 2 * (1024 * 1024 + 2048) + (1024 * 256 + 512) + (256 * 4096 + 4096) == 3_416_576
+    assert all(m.bias is None for m in linears)
+    assert count(head) == 2 * (1024 * 1024 + 2048) + (1024 * 256 + 512) + 256 * 4096 == 3_412_480
     assert clustering_head(num_prototypes=100).out_dim == 100
 
 
@@ -500,9 +502,10 @@ def test_heads_on_a_cpu_backbone_embedding():
     assert z.shape == (4, 512)
 
 
-def test_mlp_head_without_last_bias_and_bad_dims():
-    head = MLPHead((16, 8, 4), last_bias=False)
-    assert head.layers[-1].bias is None
-    assert count(head) == mlp_params([16, 8, 4], last_bias=False) == 16 * 8 + 16 + 8 * 4
+def test_mlp_head_with_last_bias_and_bad_dims():
+    assert MLPHead((16, 8, 4)).layers[-1].bias is None
+    head = MLPHead((16, 8, 4), last_bias=True)
+    assert head.layers[-1].bias is not None
+    assert count(head) == mlp_params([16, 8, 4], last_bias=True) == 16 * 8 + 16 + 8 * 4 + 4
     with pytest.raises(ValueError, match="at least input and output"):
         MLPHead((16,))

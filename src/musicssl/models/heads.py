@@ -1,4 +1,4 @@
-"""The study's heads: stacks of (Linear without bias -> BatchNorm1d -> ReLU), the last layer a plain Linear."""
+"""The study's heads: stacks of (Linear without bias -> BatchNorm1d -> ReLU), the last layer a Linear without bias too."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ __all__ = ["MLPHead", "projector", "byol_predictor", "clustering_head"]
 class MLPHead(nn.Module):
     """``dims = (in, hidden..., out)``: every layer but the last is Linear(bias=False) -> BN -> ReLU.
 
-    The last layer is a Linear with bias, as in the study's code.
+    The last layer is a Linear without bias too, as in the study's code (``ssl_framework/models``, ``Head``);
+    ``last_bias=True`` gives it one.
     """
 
-    def __init__(self, dims: Sequence[int], last_bias: bool = True) -> None:
+    def __init__(self, dims: Sequence[int], last_bias: bool = False) -> None:
         super().__init__()
         if len(dims) < 2:
             raise ValueError(f"an MLP head needs at least input and output sizes, got {list(dims)}")

@@ -2,11 +2,9 @@
 
 The loss follows facebookresearch/barlowtwins (``main.py``, current version): ``c = bn(z1)^T bn(z2) / B``
 with a BatchNorm without affine parameters (batch mean, biased batch variance, eps 1e-5), then
-``sum_i (c_ii - 1)^2 + lambd * sum_{i != j} c_ij^2``, with no further scaling. The forward pass does
-not follow it exactly: :class:`BarlowTwins` runs all views through the backbone and projector as one
-concatenated batch, so their BatchNorm layers (in training mode) normalise with statistics pooled
-across the views, where the original runs each view through the network separately (per-view
-statistics). The loss's own standardisation above is per view, as in the original.
+``sum_i (c_ii - 1)^2 + lambd * sum_{i != j} c_ij^2``, with no further scaling. As in the original
+and the study's code, each view goes through the backbone and projector on its own, so their
+BatchNorm layers (in training mode) normalise each view with its own batch statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from musicssl.pretext.base import (
     check_number,
     check_projections,
     check_whole,
-    concatenate_views,
+    forward_views,
     evaluation_mode,
     mean_over_pairs,
 )
@@ -93,11 +91,10 @@ class BarlowTwins(PretextMethod):
         self.projector = projector(check_backbone(backbone), config.hidden_dim, config.projection_dim)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
-        batch, n_views = concatenate_views(views)
-        projections = self.projector(self.backbone(batch)).chunk(n_views)
+        projections = forward_views(lambda view: self.projector(self.backbone(view)), views)
         pairs = [
             barlow_twins(projections[i], projections[j], self.config.lambd)
-            for i, j in combinations(range(n_views), 2)
+            for i, j in combinations(range(len(projections)), 2)
         ]
         return mean_over_pairs(pairs)
 

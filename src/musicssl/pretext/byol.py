@@ -24,7 +24,7 @@ from musicssl.pretext.base import (
     check_number,
     check_projections,
     check_whole,
-    concatenate_views,
+    forward_views,
     cosine_ema_rate,
     ema_update_,
     evaluation_mode,
@@ -124,11 +124,11 @@ class BYOL(PretextMethod):
         return cosine_ema_rate(self.config.base_ema_rate, progress)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
-        batch, n_views = concatenate_views(views)
-        predictions = self.predictor(self.projector(self.backbone(batch))).chunk(n_views)
+        predictions = forward_views(lambda view: self.predictor(self.projector(self.backbone(view))), views)
         with torch.no_grad():
-            targets = self.teacher_projector(self.teacher_backbone(batch)).chunk(n_views)
-        result = mean_over_pairs([byol(predictions[i], targets[j]) for i, j in permutations(range(n_views), 2)])
+            targets = forward_views(lambda view: self.teacher_projector(self.teacher_backbone(view)), views)
+        pairs = permutations(range(len(views)), 2)
+        result = mean_over_pairs([byol(predictions[i], targets[j]) for i, j in pairs])
         result["ema_rate"] = torch.tensor(self.ema_rate(progress), device=result["loss"].device)
         return result
 

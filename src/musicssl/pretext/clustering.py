@@ -26,7 +26,7 @@ from musicssl.pretext.base import (
     check_backbone,
     check_number,
     check_whole,
-    concatenate_views,
+    forward_views,
     cosine_ema_rate,
     ema_update_,
     evaluation_mode,
@@ -190,20 +190,21 @@ class Clustering(PretextMethod):
         return self.center if self.config.use_centering else torch.zeros_like(self.center)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
-        batch, n_views = concatenate_views(views)
         teacher_temperature = self.teacher_temperature(progress)
         self.current_teacher_temperature.fill_(teacher_temperature)
-        student_logits = _head_outside_autocast(self.head, self.backbone(batch)).chunk(n_views)
+        student_logits = forward_views(lambda view: _head_outside_autocast(self.head, self.backbone(view)), views)
         with torch.no_grad():
-            teacher_logits_all = _head_outside_autocast(self.teacher_head, self.teacher_backbone(batch))
-        teacher_logits = teacher_logits_all.chunk(n_views)
+            teacher_logits = forward_views(
+                lambda view: _head_outside_autocast(self.teacher_head, self.teacher_backbone(view)), views
+            )
+        n_views = len(teacher_logits)
         center = self._effective_center()
         pairs = [
             dino(student_logits[j], teacher_logits[i], center, self.config.student_temperature, teacher_temperature)
             for i, j in permutations(range(n_views), 2)
         ]
         if self.training and self.config.use_centering:
-            batch_mean = teacher_logits_all.float().mean(dim=0)
+            batch_mean = torch.cat(teacher_logits).float().mean(dim=0)
             if self._pending_center_sum is not None:
                 batch_mean = batch_mean + self._pending_center_sum
             self._pending_center_sum = batch_mean

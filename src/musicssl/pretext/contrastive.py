@@ -24,7 +24,7 @@ from musicssl.pretext.base import (
     check_number,
     check_projections,
     check_whole,
-    concatenate_views,
+    forward_views,
     evaluation_mode,
     mean_over_pairs,
 )
@@ -94,11 +94,10 @@ class Contrastive(PretextMethod):
         self.projector = projector(check_backbone(backbone), config.hidden_dim, config.projection_dim)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
-        batch, n_views = concatenate_views(views)
-        projections = self.projector(self.backbone(batch)).chunk(n_views)
+        projections = forward_views(lambda view: self.projector(self.backbone(view)), views)
         pairs = [
             nt_xent(projections[i], projections[j], self.config.temperature)
-            for i, j in combinations(range(n_views), 2)
+            for i, j in combinations(range(len(projections)), 2)
         ]
         return mean_over_pairs(pairs)
 

@@ -1,11 +1,9 @@
 """VICReg: invariance (MSE between views), variance (hinge on per-dimension std) and covariance terms.
 
 The loss formula follows facebookresearch/vicreg (``main_vicreg.py``, ``VICReg.forward``) exactly,
-including the 1/2 on the variance term (solo-learn omits it) and ``std = sqrt(var + 1e-4)``. The
-forward pass does not: :class:`VICReg` runs all views through the backbone and projector as one
-concatenated batch, so their BatchNorm layers (in training mode) normalise with statistics pooled
-across the views, where the original runs each view through the network separately (per-view
-statistics).
+including the 1/2 on the variance term (solo-learn omits it) and ``std = sqrt(var + 1e-4)``. As in
+the original and the study's code, each view goes through the backbone and projector on its own, so
+their BatchNorm layers (in training mode) normalise each view with its own batch statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from musicssl.pretext.base import (
     check_number,
     check_projections,
     check_whole,
-    concatenate_views,
+    forward_views,
     evaluation_mode,
     mean_over_pairs,
 )
@@ -107,12 +105,11 @@ class VICReg(PretextMethod):
         self.projector = projector(check_backbone(backbone), config.hidden_dim, config.projection_dim)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
-        batch, n_views = concatenate_views(views)
-        projections = self.projector(self.backbone(batch)).chunk(n_views)
+        projections = forward_views(lambda view: self.projector(self.backbone(view)), views)
         config = self.config
         pairs = [
             vicreg(projections[i], projections[j], config.inv_weight, config.var_weight, config.cov_weight)
-            for i, j in combinations(range(n_views), 2)
+            for i, j in combinations(range(len(projections)), 2)
         ]
         return mean_over_pairs(pairs)
 
