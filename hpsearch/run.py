@@ -111,7 +111,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     from musicssl.data.loaders import DATASET_NAMES, DatasetError, check_dataset_option, dataset_name
     from musicssl.data.pipeline import batch_problem, prepare_data
     from musicssl.models import PRESETS
-    from musicssl.train import probe_problem
+    from musicssl.train import listed_probe_problem, probe_problem
 
     if settings.preset not in PRESETS:
         raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
@@ -131,14 +131,23 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     fix = (f"lower --batch-size (unless study_spaces/{settings.method}.py samples the batch size: this is "
            "its largest) or use more data")
 
-    def check_batch(index) -> None:  # before the cache is built
+    def unscorable(valid_tracks: str, tags: int, problem: str) -> SearchError:
+        return SearchError(
+            f"--objective {settings.objective}: --data {spec!r} has {valid_tracks} valid tracks and {tags} tags: "
+            f"{problem}; use --objective rankme for unlabelled data"
+        )
+
+    def check_index(index) -> None:  # before the cache is built, which decodes every track
         problem = batch_problem(index, batch_size)
         if problem:
             raise SearchError(f"--data {spec!r} {problem}; {fix}")
+        problem = listed_probe_problem(index) if settings.objective.startswith("probe_") else None
+        if problem:
+            raise unscorable(f"{len(index.split('valid'))} listed", len(index.tag_names), problem)
 
     try:
         data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir,
-                            check_index=check_batch)
+                            check_index=check_index)
     except SearchError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
@@ -152,10 +161,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     if settings.objective.startswith("probe_"):
         problem = probe_problem(data)
         if problem:
-            raise SearchError(
-                f"--objective {settings.objective}: --data {spec!r} has {len(valid_ids)} usable valid tracks and "
-                f"{len(data.index.tag_names)} tags: {problem}; use --objective rankme for unlabelled data"
-            )
+            raise unscorable(f"{len(valid_ids)} usable", len(data.index.tag_names), problem)
     return data
 
 

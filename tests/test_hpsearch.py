@@ -1560,6 +1560,8 @@ def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, 
 
 
 def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_dataset, monkeypatch):
+    """Refused before the mel cache is built (which decodes every track) when the listed tracks cannot
+    be scored; after it, when the usable ones cannot (an undecodable valid track)."""
     from hpsearch.run import SearchError, prepare_search_data
     from musicssl.data.index import TrackIndex
 
@@ -1568,11 +1570,30 @@ def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_data
     index.tracks["split"] = ["valid" if n == 40 else "train" for n in range(len(index))]  # one valid track
     index.to_csv(tmp_path / "tracks.csv")
     settings = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8)
-    with pytest.raises(SearchError, match=r"has 1 usable valid tracks and 6 tags: the linear probe cannot be "
-                                          r"scored: .* use --objective rankme"):
+    with pytest.raises(SearchError, match=r"has 1 listed valid tracks and 6 tags: the linear probe cannot be "
+                                          r"scored: no tag has both a positive and a negative .* use --objective rankme"):
         prepare_search_data(settings, verbose=False)
+    assert not (tmp_path / "cache").exists()
+    untagged = pd.read_csv(tmp_path / "tracks.csv")
+    untagged["tags"] = ""
+    untagged.to_csv(tmp_path / "untagged.csv", index=False)
+    with pytest.raises(SearchError, match=r"has 1 listed valid tracks and 0 tags: .*the data has no tags"):
+        prepare_search_data(SearchSettings(method="vicreg", data=str(tmp_path / "untagged.csv"), batch_size=8),
+                            verbose=False)
+    assert not (tmp_path / "cache").exists()
     rankme = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8, objective="rankme")
     assert prepare_search_data(rankme, verbose=False).track_ids("valid") == ["t040"]
+
+    # Two valid tracks whose tags differ (pitch 220 and 277), one of them undecodable: refused once the
+    # cache shows that one usable valid track is left.
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio" * 100)
+    index.tracks["split"] = ["valid" if n in (40, 41) else "train" for n in range(len(index))]
+    index.tracks.loc[41, "path"] = str(broken)
+    index.to_csv(tmp_path / "one-broken.csv")
+    with pytest.raises(SearchError, match=r"has 1 usable valid tracks and 6 tags: the linear probe cannot be scored"):
+        prepare_search_data(SearchSettings(method="vicreg", data=str(tmp_path / "one-broken.csv"), batch_size=8),
+                            verbose=False)
 
 
 def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_mel_cache_is_built(

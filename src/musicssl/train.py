@@ -483,6 +483,15 @@ def probe_problem(data) -> str | None:
     return _probe_inputs(data)[-1]
 
 
+def listed_probe_problem(index) -> str | None:
+    """:func:`probe_problem` on the tracks a :class:`~musicssl.data.index.TrackIndex` lists, before its
+    mel cache is built: the usable tracks can only be fewer, so a problem found here stays."""
+    from types import SimpleNamespace
+
+    listed = SimpleNamespace(index=index, track_ids=lambda split: index.split(split).track_ids)
+    return _probe_inputs(listed)[-1]
+
+
 def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, float]:
     """Linear probe on frozen track embeddings: train split -> valid split (macro ROC-AUC and mAP)."""
     from musicssl.embeddings import embed_tracks
