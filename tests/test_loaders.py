@@ -805,9 +805,16 @@ def test_jamendo_bad_inputs(tmp_path):
     # A byte-order mark (as some editors save) is not part of the header.
     bad.write_text("\ufeff" + JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["train"][0] + "\r\n", encoding="utf-8")
     assert len(load_jamendo(root, check_audio=False)) > 1
-    # A track in two splits (train and test) is an error, not a silent duplicate.
+    # A track in two splits (train and test) is an error, not a silent duplicate; it names both places.
     bad.write_text(JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["test"][0] + "\r\n")
-    with pytest.raises(DatasetError, match=r"repeats track_id\(s\) \['track_0001729'\]"):
+    with pytest.raises(DatasetError, match=r"autotagging_top50tags-test.tsv, line 2: TRACK_ID 'track_0001729' is "
+                                           r"listed already at autotagging_top50tags-train.tsv, line 2, in split "
+                                           r"'train' there and 'test' here, which would put one track in two splits"):
+        load_jamendo(root, check_audio=False)
+    # Twice in one file: where, and nothing about splits.
+    bad.write_text(JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["train"][0] + "\r\n" + JAMENDO_TOP50["train"][0] + "\r\n")
+    with pytest.raises(DatasetError, match=r"autotagging_top50tags-train.tsv, line 3: TRACK_ID '.*' is listed already "
+                                           r"at autotagging_top50tags-train.tsv, line 2; the dataset's split files"):
         load_jamendo(root, check_audio=False)
 
 
@@ -1147,3 +1154,43 @@ def test_a_tags_file_in_another_format_is_named_not_ignored(tmp_path):
     write_sine(root / "metadata.wav")
     (root / "metadata.json").write_text("{}")
     assert open_dataset_option(str(root), allow_unlabeled=True).track_ids == ["a", "metadata"]
+
+
+def test_a_named_datasets_folder_or_file_given_as_a_path_says_to_open_it_by_name(tmp_path):
+    """Before: MTG-Jamendo's checkout trained as a folder without tags (a song's .mp3 and .low.mp3 two
+    tracks, in different splits), MagnaTagATune's folder failed on its tags file's columns (all 190
+    listed), MSD's split folder said it found no audio, and a wav or pickle file was read as a CSV."""
+    from musicssl.data.loaders import open_dataset_option
+
+    jamendo = tmp_path / "mtg-jamendo-dataset"
+    write_jamendo(jamendo, "top50tags", JAMENDO_TOP50)
+    for name in ("14/214.mp3", "14/214.low.mp3", "15/215.mp3"):
+        write_sine(jamendo / name)
+    mtat = tmp_path / "mtat"
+    write_mtat(mtat)
+    write_sine(mtat / "0" / "clip.mp3")
+    msd = tmp_path / "msd"
+    write_msd(msd)
+    cases = [
+        (jamendo, rf"{jamendo} looks like a checkout of the mtg-jamendo-dataset repository \(data/splits/\): open "
+                  rf"it by name, jamendo-top50 .* with --root {jamendo}$"),
+        (mtat, rf"{mtat} holds MagnaTagATune \(annotations_final.csv\): open it by name, mtat, with --root {mtat}$"),
+        (mtat / "annotations_final.csv", rf"is MagnaTagATune's tags file: open the dataset by name, mtat, with --root "
+                                         rf"{mtat}$"),
+        (msd, rf"{msd} holds the Million Song Dataset's split files \(filtered_list_train.cP ...\): open it by name, "
+              rf"msd, with --root {msd} and --audio-dir"),
+        (msd / "filtered_list_train.cP", r"is one of the Million Song Dataset's split files: open the dataset by name"),
+        (jamendo / "14" / "214.mp3", r"214.mp3 is an audio file; give the folder of audio that holds it, a tracks.csv"),
+        (msd / "50tagList.txt", r"is one of the Million Song Dataset's split files"),
+    ]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"a": 1}\n')
+    cases.append((notes, r"notes.json: only .csv and .tsv files are read as a dataset"))
+    for spec, message in cases:
+        for unlabeled in (True, False):
+            with pytest.raises(DatasetError, match=message):
+                open_dataset_option(str(spec), allow_unlabeled=unlabeled)
+    # A tags file or a track index of the user's own in such a folder: the folder is read as they made it.
+    (jamendo / "tags.csv").write_text("path,tags,split\n14/214.mp3,rock,train\n15/215.mp3,pop,test\n")
+    index = open_dataset_option(str(jamendo))
+    assert index.track_ids == ["14/214", "15/215"] and index.tag_names == ["pop", "rock"]

@@ -856,6 +856,7 @@ def _read_jamendo_tsv(path: Path) -> list[dict]:
             except ValueError:
                 raise DatasetError(f"{path}, line {line_number}: DURATION {duration!r} is not a number") from None
             rows.append({
+                "line": line_number,
                 "track_id": track_id,
                 "relative_path": relative_path,
                 "artist_id": artist_id,
@@ -901,12 +902,24 @@ def load_jamendo(
         )
     audio_root = Path(audio_dir).expanduser().resolve() if audio_dir is not None else root.resolve()
     records: list[dict] = []
+    first_seen: dict[str, tuple[Path, int, str]] = {}
     for file_split, split in JAMENDO_SPLIT_FILES:
         path = split_dir / f"autotagging_{file_subset}-{file_split}.tsv"
         if not path.is_file():
             present = sorted(p.name for p in split_dir.glob("*.tsv"))
             raise DatasetError(f"{path}: not found; {split_dir} holds {present}")
         for row in _read_jamendo_tsv(path):
+            line = row.pop("line")
+            if row["track_id"] in first_seen:
+                first_path, first_line, first_split = first_seen[row["track_id"]]
+                across = (f", in split {first_split!r} there and {split!r} here, which would put one track in two "
+                          "splits" if first_split != split else "")
+                raise DatasetError(
+                    f"{path}, line {line}: TRACK_ID {row['track_id']!r} is listed already at {first_path.name}, line "
+                    f"{first_line}{across}; the dataset's split files list each track once: restore them from the "
+                    "mtg-jamendo-dataset repository"
+                )
+            first_seen[row["track_id"]] = (path, line, split)
             relative_path = row.pop("relative_path")
             if low_quality:
                 if not relative_path.endswith(".mp3"):
@@ -1251,6 +1264,8 @@ def open_dataset_option(
     """
     check_dataset_option(spec, root, audio_dir)
     path = Path(str(spec)).expanduser()
+    if dataset_name(spec) is None:
+        _refuse_a_named_datasets_files(path)
     if (dataset_name(spec) is None and path.is_dir() and any(path.iterdir())
             and not _is_folder_track_index(path) and _find_tags_file(path) is None):
         # A tags file in another format would be ignored, and with it the splits it gives (its test tracks trained on).
@@ -1272,6 +1287,39 @@ def open_dataset_option(
         return TrackIndex(index.tracks, index.tag_names, name=index.name, extra={**index.extra, "unlabeled": True})
     options = {} if audio_dir is None else {"audio_dir": audio_dir}
     return open_dataset(str(spec), root, **options)
+
+
+def _refuse_a_named_datasets_files(path: Path) -> None:
+    """Raise :class:`DatasetError` when the path given as a dataset holds a named dataset's own files
+    (read as a folder, they would lose its tags and official splits: MTG-Jamendo's ``.low.mp3`` copies
+    of a song even landed in different splits) or is a file that is no table of tracks or tags."""
+    names = ", ".join(DATASET_NAMES)
+    if path.is_file():
+        if path.name == MTAT_ANNOTATIONS:
+            raise DatasetError(f"{path} is MagnaTagATune's tags file: open the dataset by name, mtat, with --root "
+                               f"{path.parent}")
+        if path.name in MSD_FILES.values():
+            raise DatasetError(f"{path} is one of the Million Song Dataset's split files: open the dataset by name, "
+                               f"msd, with --root {path.parent} and --audio-dir the folder of its audio")
+        if path.suffix.lower() in AUDIO_EXTENSIONS:
+            raise DatasetError(f"{path} is an audio file; give the folder of audio that holds it, a tracks.csv, "
+                               f"a tags CSV/TSV or a dataset name ({names})")
+        if path.suffix.lower() not in (".csv", ".tsv"):
+            raise DatasetError(f"{path}: only .csv and .tsv files are read as a dataset (a tracks.csv or a tags "
+                               f"file); give one of those, a folder of audio or a dataset name ({names})")
+        return
+    if not path.is_dir() or _is_folder_track_index(path) or any((path / name).is_file() for name in DEFAULT_TAG_FILES):
+        return  # a track index or a tags file of the user's own: the folder is read as they made it
+    if (path / MTAT_ANNOTATIONS).is_file():
+        raise DatasetError(f"{path} holds MagnaTagATune ({MTAT_ANNOTATIONS}): open it by name, mtat, with --root "
+                           f"{path}")
+    if (path / MSD_FILES["train"]).is_file():
+        raise DatasetError(f"{path} holds the Million Song Dataset's split files ({MSD_FILES['train']} ...): open "
+                           f"it by name, msd, with --root {path} and --audio-dir the folder of its audio")
+    if (path / "data" / "splits").is_dir():
+        raise DatasetError(f"{path} looks like a checkout of the mtg-jamendo-dataset repository (data/splits/): open "
+                           f"it by name, jamendo-top50 (or jamendo-instrument, jamendo-mood, jamendo-genre), with "
+                           f"--root {path}")
 
 
 def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None) -> None:
