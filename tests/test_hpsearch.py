@@ -403,6 +403,7 @@ TINY = dict(max_epochs=2, steps_per_epoch=3, batch_size=8, probe_segments=32, pr
 UNIFORM_ONLY = dict(
     complete_max_l2_std=0.0, complete_max_effective_rank=0.0, complete_min_mean_cosine=1.0, check_projection=False,
     dimensional_max_rank_fraction=0.0, cluster_min_occupancy=0.0, cluster_max_assignment_entropy=0.0,
+    cluster_min_effective_prototypes=0.0,
 )
 
 
@@ -849,7 +850,8 @@ def test_a_trials_final_record_reads_the_chosen_objective_and_records_what_the_r
     diverged (infeasible), not complete or failed."""
     from hpsearch.trainable import _EpochReporter, _train_and_score
 
-    params = {"learning_rate": 1e-3, "weight_decay": 1e-4}
+    # 3e-3: at 1e-3 this tiny probe scores 1.0 on both metrics, which would not tell them apart.
+    params = {"learning_rate": 3e-3, "weight_decay": 1e-4}
 
     def run(**changes):
         settings = SearchSettings(method="vicreg", **{**TINY, **changes}).trial_settings()

@@ -33,7 +33,9 @@ from analysis.sensitivity import (
     wilson_interval,
 )
 from hpsearch.searcher import user_attrs_from_record
-from test_hpsearch import COMPLETE, HEALTHY, NAN_LOSS  # epoch records, written out once
+# Epoch records, written out once, and the thresholds that leave only the uniform-assignment rule (the other
+# rules read every tiny run collapsed).
+from test_hpsearch import COMPLETE, HEALTHY, NAN_LOSS, UNIFORM_ONLY
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +58,6 @@ POINTS = [
 ]
 TRIALS = len(POINTS)
 TINY = dict(max_epochs=2, steps_per_epoch=3, batch_size=8, probe_segments=32, probe_segments_per_track=1, concurrency=2)
-# Only the uniform-assignment rule: a tiny run's other collapse metrics read "collapsed" for every
-# trial (a fresh backbone in eval mode).
-UNIFORM_ONLY = dict(
-    complete_max_l2_std=0.0, complete_max_effective_rank=0.0, complete_min_mean_cosine=1.0, check_projection=False,
-    dimensional_max_rank_fraction=0.0, cluster_min_occupancy=0.0, cluster_max_assignment_entropy=0.0,
-)
 
 
 @pytest.fixture(scope="module")
