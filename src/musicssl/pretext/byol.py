@@ -24,10 +24,10 @@ from musicssl.pretext.base import (
     check_number,
     check_projections,
     check_whole,
-    forward_views,
     cosine_ema_rate,
     ema_update_,
     evaluation_mode,
+    forward_views,
     mean_over_pairs,
 )
 from musicssl.pretext.registry import register

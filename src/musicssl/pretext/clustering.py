@@ -26,10 +26,10 @@ from musicssl.pretext.base import (
     check_backbone,
     check_number,
     check_whole,
-    forward_views,
     cosine_ema_rate,
     ema_update_,
     evaluation_mode,
+    forward_views,
     linear_warmup,
     mean_over_pairs,
 )

@@ -24,8 +24,8 @@ from musicssl.pretext.base import (
     check_number,
     check_projections,
     check_whole,
-    forward_views,
     evaluation_mode,
+    forward_views,
     mean_over_pairs,
 )
 from musicssl.pretext.registry import register
