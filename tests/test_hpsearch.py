@@ -643,7 +643,7 @@ def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, 
 def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_guard):
     settings = SearchSettings(
         method="vicreg", trials=6, name="asha", storage_dir=str(tmp_path), objective="rankme", scheduler="asha",
-        asha_grace_epochs=1, collapse_stop=False, **{**TINY, "max_epochs": 4},
+        asha_grace_epochs=1, collapse_stop=False, grace_epochs=0, patience_epochs=1, **{**TINY, "max_epochs": 4},
     )
     result = run_search(settings, data=tonal_data)
     csv = result.trials
@@ -655,7 +655,8 @@ def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_gu
         assert len(trial.intermediate_values) == int(row.epochs_completed)
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
-    # Without collapse stopping, the tiny runs' eval-mode "collapse" is only recorded.
+    # Without collapse stopping, the tiny runs' eval-mode "collapse" (a verdict at epoch 1, which the rule,
+    # without grace or patience here, acts on) is only recorded.
     assert csv["would_stop_epoch"].notna().any() and "collapsed" not in set(csv["outcome"])
     # ASHA stopped some trials at a rung and let others train to the end, which it never stops
     # on their last epoch (it decides only before it).
