@@ -1574,7 +1574,8 @@ def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_data
     index.to_csv(tmp_path / "tracks.csv")
     settings = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8)
     with pytest.raises(SearchError, match=r"has 1 listed valid tracks and 6 tags: the linear probe cannot be "
-                                          r"scored: no tag has both a positive and a negative .* use --objective rankme"):
+                                          r"scored: no tag has both a positive and a negative among the 1 listed "
+                                          r"valid track\(s\); use --objective rankme"):
         prepare_search_data(settings, verbose=False)
     assert not (tmp_path / "cache").exists()
     untagged = pd.read_csv(tmp_path / "tracks.csv")

@@ -1182,15 +1182,27 @@ def test_a_named_datasets_folder_or_file_given_as_a_path_says_to_open_it_by_name
         (msd / "filtered_list_train.cP", r"is one of the Million Song Dataset's split files: open the dataset by name"),
         (jamendo / "14" / "214.mp3", r"214.mp3 is an audio file; give the folder of audio that holds it, a tracks.csv"),
         (msd / "50tagList.txt", r"is one of the Million Song Dataset's split files"),
+        (jamendo / "data/splits/split-0/autotagging_top50tags-train.tsv",
+         rf"is one of MTG-Jamendo's split files: open it by name, jamendo-top50 .* with --root {jamendo}$"),
+        (jamendo / "data/splits/split-0", rf"split-0 holds MTG-Jamendo's split files: .* with --root {jamendo}$"),
     ]
     notes = tmp_path / "notes.json"
     notes.write_text('{"a": 1}\n')
-    cases.append((notes, r"notes.json: only .csv and .tsv files are read as a dataset"))
+    cases.append((notes, r"notes.json: not a table of tracks or tags \(read from .csv, .tsv, .tab, .txt files\)"))
     for spec, message in cases:
         for unlabeled in (True, False):
             with pytest.raises(DatasetError, match=message):
                 open_dataset_option(str(spec), allow_unlabeled=unlabeled)
-    # A tags file or a track index of the user's own in such a folder: the folder is read as they made it.
-    (jamendo / "tags.csv").write_text("path,tags,split\n14/214.mp3,rock,train\n15/215.mp3,pop,test\n")
+    # A tags file or a track index of the user's own in such a folder: the folder is read as they made it,
+    # whatever the tags file's name (a folder's only CSV/TSV is its tags file).
+    (jamendo / "mytags.csv").write_text("path,tags,split\n14/214.mp3,rock,train\n15/215.mp3,pop,test\n")
     index = open_dataset_option(str(jamendo))
     assert index.track_ids == ["14/214", "15/215"] and index.tag_names == ["pop", "rock"]
+    # A folder of the user's own with a data/splits folder that is not MTG-Jamendo's, and tags given as a .tab.
+    project = tmp_path / "project"
+    for name in ("a.wav", "b.wav"):
+        write_sine(project / name)
+    (project / "data" / "splits").mkdir(parents=True)
+    assert open_dataset_option(str(project), allow_unlabeled=True).track_ids == ["a", "b"]
+    (project / "my.tab").write_text("path\ttags\tsplit\na.wav\trock\ttrain\nb.wav\tpop\ttest\n")
+    assert open_dataset_option(str(project / "my.tab")).tag_names == ["pop", "rock"]

@@ -458,22 +458,23 @@ def resolve_accelerator(config: TrainConfig) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def _probe_inputs(data) -> tuple[list[str], list[str], Any, Any, str | None]:
-    """Train and valid ids, their label rows, and why the probe cannot score them (``None`` when it can)."""
+def _probe_inputs(data, tracks: str = "usable") -> tuple[list[str], list[str], Any, Any, str | None]:
+    """Train and valid ids, their label rows, and why the probe cannot score them (``None`` when it can);
+    ``tracks`` names the tracks in the messages (``usable``, or ``listed`` before the cache is built)."""
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
     labels = data.index.labels()
     row = {track_id: position for position, track_id in enumerate(data.index.track_ids)}
     train_y, valid_y = labels[[row[t] for t in train_ids]], labels[[row[t] for t in valid_ids]]
     problem = None
     if not train_ids or not valid_ids:
-        problem = (f"the linear probe needs usable tracks in both the train and the valid split, and there are "
+        problem = (f"the linear probe needs {tracks} tracks in both the train and the valid split, and there are "
                    f"{len(train_ids)} and {len(valid_ids)}")
     elif labels.shape[1] == 0:
         unlabeled = " (a folder of audio without a tags file is used without tags)" if data.index.extra.get("unlabeled") else ""
         problem = f"the linear probe cannot be scored: the data has no tags{unlabeled}"
     elif not (valid_y.any(axis=0) & ~valid_y.all(axis=0)).any():
         problem = (f"the linear probe cannot be scored: no tag has both a positive and a negative among the "
-                   f"{len(valid_ids)} usable valid track(s)")
+                   f"{len(valid_ids)} {tracks} valid track(s)")
     return train_ids, valid_ids, train_y, valid_y, problem
 
 
@@ -489,7 +490,7 @@ def listed_probe_problem(index) -> str | None:
     from types import SimpleNamespace
 
     listed = SimpleNamespace(index=index, track_ids=lambda split: index.split(split).track_ids)
-    return _probe_inputs(listed)[-1]
+    return _probe_inputs(listed, "listed")[-1]
 
 
 def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, float]:

@@ -120,6 +120,11 @@ _JAMENDO_NAMES = {
 # ``jamendo-top50`` is split 0 of MTG-Jamendo's five; ``jamendo-top50-split3`` names split 3, and a
 # ``-low`` suffix (``jamendo-top50-low``, ``jamendo-top50-split3-low``) the ``.low.mp3`` copies.
 _JAMENDO_SPLIT = re.compile(r"^(jamendo-(?:top50|instrument|mood|genre))(?:-split(\d+))?(-low)?$")
+# MTG-Jamendo's own split files and folders (data/splits/split-0/autotagging_top50tags-train.tsv).
+_JAMENDO_SPLIT_FILE = re.compile(r"^autotagging_\w+-(train|validation|test)\.tsv$")
+_JAMENDO_SPLIT_DIR = re.compile(r"^split-\d+$")
+# What a dataset given as a file may be: a table, read by _read_table (.tab as TSV, the others by their header).
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".txt")
 
 
 def dataset_name(spec: str | Path) -> str | None:
@@ -1294,6 +1299,8 @@ def _refuse_a_named_datasets_files(path: Path) -> None:
     (read as a folder, they would lose its tags and official splits: MTG-Jamendo's ``.low.mp3`` copies
     of a song even landed in different splits) or is a file that is no table of tracks or tags."""
     names = ", ".join(DATASET_NAMES)
+    jamendo = ("open it by name, jamendo-top50 (or jamendo-instrument, jamendo-mood, jamendo-genre; "
+               "jamendo-top50-splitK for its split K), with --root {root}")
     if path.is_file():
         if path.name == MTAT_ANNOTATIONS:
             raise DatasetError(f"{path} is MagnaTagATune's tags file: open the dataset by name, mtat, with --root "
@@ -1301,25 +1308,44 @@ def _refuse_a_named_datasets_files(path: Path) -> None:
         if path.name in MSD_FILES.values():
             raise DatasetError(f"{path} is one of the Million Song Dataset's split files: open the dataset by name, "
                                f"msd, with --root {path.parent} and --audio-dir the folder of its audio")
+        if _JAMENDO_SPLIT_FILE.match(path.name) and _JAMENDO_SPLIT_DIR.match(path.parent.name):
+            raise DatasetError(f"{path} is one of MTG-Jamendo's split files: "
+                               + jamendo.format(root=_ancestor(path, 4)))
         if path.suffix.lower() in AUDIO_EXTENSIONS:
             raise DatasetError(f"{path} is an audio file; give the folder of audio that holds it, a tracks.csv, "
-                               f"a tags CSV/TSV or a dataset name ({names})")
-        if path.suffix.lower() not in (".csv", ".tsv"):
-            raise DatasetError(f"{path}: only .csv and .tsv files are read as a dataset (a tracks.csv or a tags "
-                               f"file); give one of those, a folder of audio or a dataset name ({names})")
+                               f"a tags table or a dataset name ({names})")
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise DatasetError(f"{path}: not a table of tracks or tags (read from {', '.join(TABLE_SUFFIXES)} files); "
+                               f"give a tracks.csv, a tags table, a folder of audio or a dataset name ({names})")
         return
-    if not path.is_dir() or _is_folder_track_index(path) or any((path / name).is_file() for name in DEFAULT_TAG_FILES):
-        return  # a track index or a tags file of the user's own: the folder is read as they made it
-    if (path / MTAT_ANNOTATIONS).is_file():
+    if not path.is_dir():
+        return
+    if _JAMENDO_SPLIT_DIR.match(path.name) and any(_JAMENDO_SPLIT_FILE.match(p.name) for p in path.glob("*.tsv")):
+        raise DatasetError(f"{path} holds MTG-Jamendo's split files: " + jamendo.format(root=_ancestor(path, 3)))
+    if _is_folder_track_index(path):
+        return  # a track index of the user's own: the folder is read as they made it
+    try:
+        tags_file = _find_tags_file(path)
+    except DatasetError:
+        return  # several tables: the folder's reader asks which one is the tags file
+    if tags_file is not None and tags_file.name != MTAT_ANNOTATIONS:
+        return  # a tags file of the user's own
+    if tags_file is not None:
         raise DatasetError(f"{path} holds MagnaTagATune ({MTAT_ANNOTATIONS}): open it by name, mtat, with --root "
                            f"{path}")
     if (path / MSD_FILES["train"]).is_file():
         raise DatasetError(f"{path} holds the Million Song Dataset's split files ({MSD_FILES['train']} ...): open "
                            f"it by name, msd, with --root {path} and --audio-dir the folder of its audio")
-    if (path / "data" / "splits").is_dir():
-        raise DatasetError(f"{path} looks like a checkout of the mtg-jamendo-dataset repository (data/splits/): open "
-                           f"it by name, jamendo-top50 (or jamendo-instrument, jamendo-mood, jamendo-genre), with "
-                           f"--root {path}")
+    splits = path / "data" / "splits"
+    if splits.is_dir() and any(_JAMENDO_SPLIT_FILE.match(p.name) for p in splits.glob("split-*/*.tsv")):
+        raise DatasetError(f"{path} looks like a checkout of the mtg-jamendo-dataset repository (data/splits/): "
+                           + jamendo.format(root=path))
+
+
+def _ancestor(path: Path, levels: int) -> Path:
+    """The folder ``levels`` above ``path`` (the checkout that holds ``data/splits/split-K/``), or the top one."""
+    parents = path.absolute().parents
+    return parents[min(levels, len(parents)) - 1]
 
 
 def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None) -> None:

@@ -145,10 +145,9 @@ class PretextMethod(nn.Module):
 def forward_views(network: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> list[Tensor]:
     """Check a batch of V >= 2 views and run ``network`` on each view separately.
 
-    One pass per view, as in the study's code (and the original BYOL, DINO, Barlow Twins and VICReg):
-    in training mode the BatchNorm layers normalise each view with its own batch statistics. (One pass
-    over the views stacked into one batch would pool those statistics across the views, and on the CPU
-    preset it saves about 1 % of a training step.)
+    One pass per view, as in the study's code (and the original BYOL, Barlow Twins and VICReg): in
+    training mode the BatchNorm layers normalise each view with its own batch statistics, where one pass
+    over the views stacked into one batch would pool them across the views.
     """
     if isinstance(views, Tensor):
         raise TypeError(

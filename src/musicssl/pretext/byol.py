@@ -124,6 +124,7 @@ class BYOL(PretextMethod):
         return cosine_ema_rate(self.config.base_ema_rate, progress)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
+        views = views if isinstance(views, Tensor) else list(views)  # read twice (student, teacher)
         predictions = forward_views(lambda view: self.predictor(self.projector(self.backbone(view))), views)
         with torch.no_grad():
             targets = forward_views(lambda view: self.teacher_projector(self.teacher_backbone(view)), views)

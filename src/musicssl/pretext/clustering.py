@@ -190,6 +190,7 @@ class Clustering(PretextMethod):
         return self.center if self.config.use_centering else torch.zeros_like(self.center)
 
     def training_loss(self, views: Sequence[Tensor], progress: Progress) -> dict[str, Tensor]:
+        views = views if isinstance(views, Tensor) else list(views)  # read twice (student, teacher)
         teacher_temperature = self.teacher_temperature(progress)
         self.current_teacher_temperature.fill_(teacher_temperature)
         student_logits = forward_views(lambda view: _head_outside_autocast(self.head, self.backbone(view)), views)
