@@ -401,6 +401,22 @@ def test_load_audio_errors_name_the_file_and_the_reason(tmp_path, make_path, rea
     assert reason in str(raised.value)
 
 
+def test_an_undecodable_files_reason_keeps_libsndfiles_detail_only_where_it_is_true(tmp_path):
+    """libsndfile says that an MP3 it cannot decode "does not exist"; the file is there, so that is
+    dropped. Its reason for a WAV that is not one is kept, without the path it repeats."""
+    mp3 = write_bytes(tmp_path / "noise.mp3", np.random.default_rng(1).bytes(4096))
+    with pytest.raises(AudioError) as raised:
+        load_audio(mp3)
+    assert str(raised.value) == f"{mp3}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt"
+    truncated = write_bytes(tmp_path / "truncated.wav", b"RIFF\x24\x00\x00\x00WAVEfmt ")
+    with pytest.raises(AudioError) as raised:
+        load_audio(truncated)
+    message = str(raised.value)
+    assert message.startswith(f"{truncated}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt "
+                              "(libsndfile: ")
+    assert message.count(str(truncated)) == 1 and "does not exist" not in message
+
+
 def test_load_audio_refuses_a_header_sample_rate_no_audio_has(tmp_path):
     """A WAV whose header says 1 Hz: resampling it to 16 kHz asked soxr for 16,000 times its samples and
     killed the process (a segfault, or std::bad_alloc), which decoding in the calling process (workers=0)

@@ -319,9 +319,9 @@ BAD_TAG_TABLES = [
     ),
     ("path,filename,tags\na.wav,a.wav,rock\n", r"both 'path' and 'filename' columns.*keep one"),
     ("path,tags,comment\na.wav,rock,nice\n", r"unexpected column\(s\) \['comment'\].*keep_columns=\['comment'\]"),
-    ("track_id,guitar,mood\na,1,happy\n", r"column\(s\) 'mood' \(value 'happy'\) are neither known columns nor 0/1"),
+    ("track_id,guitar,mood\na,1,happy\n", r"column\(s\) 'mood' \(value 'happy' on line 2\) are neither known columns nor 0/1"),
     ("path\na.wav\n", r"no tags; found columns \['path'\].*unlabeled=True"),
-    ("path,tags,split\na.wav,rock,holdout\n", r"column 'split' has value\(s\) \['holdout'\]; use train, valid or test"),
+    ("path,tags,split\na.wav,rock,holdout\n", r"column 'split' has value\(s\) \['holdout'\] \(the first on line 2\); use train, valid or test"),
     ("path,tags\n", r"has a header but no rows"),
     ("path,tags,duration\na.wav,rock,long\n", r"line 2: duration 'long' is not a number of seconds"),
 ]
@@ -334,6 +334,38 @@ def test_folder_bad_tag_tables(tmp_path, table, message):
     (root / "tags.csv").write_text(table)
     with pytest.raises(DatasetError, match=message):
         load_folder(root)
+
+
+# Blank and whitespace-only lines (which the table skips) and a quoted cell over two lines all count:
+# the error names the line a text editor shows. Before, rows were numbered as if every line held one.
+LINE_TABLES = [
+    ("path,rock,jazz\na.wav,1,0\n\nb.wav,0,1\n   \nc.wav,1,2\n", r"'jazz' \(value '2' on line 6\)"),
+    ("path,rock,split\na.wav,1,train\n\nb.wav,0,test\nc.wav,1,tset\nd.wav,0,tset\n",
+     r"has value\(s\) \['tset'\] \(the first on line 5\)"),
+    ('path,tags,title\na.wav,rock,"two\nlines"\n\n ,jazz,x\n', r"tags.csv, line 5: empty 'path'"),
+    ('path,tags,duration\n"a.wav",rock,"3\n"\n\t\nb.wav,jazz,long\n', r"tags.csv, line 5: duration 'long'"),
+]
+
+
+@pytest.mark.parametrize(("table", "message"), LINE_TABLES)
+def test_a_tags_files_errors_name_the_line_as_an_editor_counts_it(tmp_path, table, message):
+    root = tmp_path / "set"
+    for name in "abcd":
+        write_sine(root / f"{name}.wav")
+    (root / "tags.csv").write_text(table)
+    with pytest.raises(DatasetError, match=message):
+        load_folder(root)
+
+
+def test_blank_lines_in_a_tags_file_leave_its_rows_as_they_were(tmp_path):
+    root = tmp_path / "set"
+    for name in "abc":
+        write_sine(root / f"{name}.wav")
+    (root / "tags.csv").write_text("path,tags,split\n\na.wav,rock,train\n  \nb.wav,jazz;pop,test\n\nc.wav,,valid\n\n")
+    tracks = load_folder(root).tracks
+    assert tracks["track_id"].tolist() == ["a", "b", "c"]
+    assert tracks["tags"].tolist() == [("rock",), ("jazz", "pop"), ()]
+    assert tracks["split"].tolist() == ["train", "test", "valid"]
 
 
 def test_folder_keep_columns_and_explicit_tags_file(tmp_path):

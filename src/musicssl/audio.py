@@ -36,6 +36,22 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 MIN_SAMPLE_RATE = 1000
 
 
+def _libsndfile_detail(error: Exception, path: Path) -> str:
+    """libsndfile's reason, without the path it repeats, or nothing where it misleads.
+
+    For an MP3 it cannot decode, libsndfile says "File does not exist or is not a regular file", of a
+    file that exists (checked before decoding); that reason is dropped.
+    """
+    detail = str(error).strip()
+    for prefix in (f"Error opening {str(path)!r}:", "Error opening"):
+        if detail.startswith(prefix):
+            detail = detail[len(prefix):].strip()
+            break
+    if not detail or "does not exist" in detail:
+        return ""
+    return f" (libsndfile: {detail})"
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Decode ``path`` to a float32 mono signal at ``sample_rate``.
 
@@ -54,9 +70,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     try:
         data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile raises several types; all mean "not decodable"
-        # libsndfile's own wording can mislead ("does not exist" for a corrupt MP3), so say what we know.
         raise AudioError(
-            f"{path}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt (soundfile: {error})"
+            f"{path}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt{_libsndfile_detail(error, path)}"
         ) from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: decoded to zero samples")

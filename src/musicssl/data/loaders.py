@@ -361,7 +361,31 @@ def _read_table(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: the file is empty; it needs a header row and one row per track") from None
     frame.columns = [str(column).strip() for column in frame.columns]
+    frame.index = pd.Index(_record_lines(path, separator, len(frame)), name="line")
     return frame
+
+
+def _record_lines(path: Path, separator: str, rows: int) -> list[int]:
+    """The line of the file on which each data row of ``_read_table``'s frame begins.
+
+    Blank and whitespace-only lines, which the table skips, are counted, and so are the lines of a
+    quoted cell that spans several. Should Python's CSV reader find another number of rows than the
+    table (a file that the two parse differently), the rows are numbered as if every line held one.
+    """
+    fallback = list(range(2, rows + 2))
+    starts = []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter=separator)
+            previous_end = 0
+            for record in reader:
+                if record and not (len(record) == 1 and not record[0].strip()):
+                    starts.append(previous_end + 1)
+                previous_end = reader.line_num
+    except (csv.Error, UnicodeDecodeError):
+        return fallback
+    starts = starts[1:]  # the header
+    return starts if len(starts) == rows else fallback
 
 
 def _binary_column(values: pd.Series) -> np.ndarray | None:
@@ -621,8 +645,9 @@ def _records_from_table(
         for column in other_columns:
             values = _binary_column(table[column])
             if values is None:
-                bad = next(v for v in table[column] if str(v).strip().lower() not in BINARY_VALUES)
-                not_binary.append(f"{column!r} (value {bad!r})")
+                line, bad = next((line, v) for line, v in table[column].items()
+                                 if str(v).strip().lower() not in BINARY_VALUES)
+                not_binary.append(f"{column!r} (value {bad!r} on line {line})")
             else:
                 binary_columns[column] = values
         if not_binary:
@@ -652,8 +677,10 @@ def _records_from_table(
         raw = [str(value).strip().lower() for value in table[split_column]]
         unknown = sorted({value for value in raw if value not in SPLIT_ALIASES})
         if unknown:
+            first = next(line for line, value in zip(table.index, raw) if value not in SPLIT_ALIASES)
             raise DatasetError(
-                f"{tags_path}: column {split_column!r} has value(s) {unknown}; use train, valid or test "
+                f"{tags_path}: column {split_column!r} has value(s) {unknown} (the first on line {first}); "
+                "use train, valid or test "
                 f"(also accepted: {sorted(set(SPLIT_ALIASES) - {'train', 'valid', 'test'})})"
             )
         split_values = [SPLIT_ALIASES[value] for value in raw]
@@ -674,7 +701,7 @@ def _records_from_table(
         by_stem.setdefault(_nfc(path.stem), []).append(path)
 
     records: list[dict] = []
-    for row_number, row in enumerate(table.itertuples(index=False), start=2):  # header is line 1
+    for position, (row_number, row) in enumerate(zip(table.index, table.itertuples(index=False))):
         values = dict(zip(found, row))
         record: dict[str, Any] = {}
         for column in (audio_column, id_column):
@@ -722,8 +749,8 @@ def _records_from_table(
                 record["path"] = str(match)
         if not record["track_id"]:
             raise DatasetError(f"{tags_path}, line {row_number}: empty track_id")
-        record["split"] = split_values[row_number - 2] if split_values is not None else "train"
-        record["tags"] = row_tags[row_number - 2]
+        record["split"] = split_values[position] if split_values is not None else "train"
+        record["tags"] = row_tags[position]
         for column in metadata_columns:
             record[column] = values[column]
             if column.lower() == "duration":  # seconds, as a number like MTG-Jamendo's DURATION
