@@ -22,6 +22,10 @@ clustering without centring keeps ~40% of the prototypes in use). BYOL without p
 at once, Chen & He 2021); clustering without centring uses ``base_ema_rate=0.9``, the fast end of
 the clustering search space, and a learning rate of 3e-3.
 
+Most collapsing cases lie outside the search spaces (a setting the space holds fixed, or a value past
+a range's end). The last slow test trains a point inside each space, every sampled parameter given
+(tests/test_study_spaces.py, ``COLLAPSING_POINTS``), so that each space is known to reach into collapse.
+
 The fast smoke test pairs clustering with and without centring on the small tonal fixture.
 """
 
@@ -39,6 +43,7 @@ from hpsearch.stopping import COLLAPSE_TYPES, CollapseMonitor, CollapseStopRule
 from hpsearch.trainable import build_train_config
 from musicssl.train import TrainConfig, method_settings, train
 from study_spaces import get_space
+from test_study_spaces import COLLAPSING_POINTS, collapsing_trial_params  # the points, written out once
 
 # The search's stopping rule, as the search applies it by default (stops on complete and cluster
 # collapse), and the same rule told to stop on every type, dimensional and partial too
@@ -384,3 +389,22 @@ def test_collapsing_configuration_is_flagged_and_stopped_at_the_earliest_epoch(c
             lambda m: m["l2_std_projection"] < COMPLETE_MAX_L2_STD and m["l2_std_embedding"] > COMPLETE_MAX_L2_STD,
     }
     assert signatures[case_name](metrics), metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(COLLAPSING_POINTS))
+def test_every_search_space_holds_a_setting_that_collapses_within_a_trial(method, corpus_data):
+    """The spaces reach into collapse: each one's collapsing point (test_study_spaces.py), trained as the
+    search would train it, reads collapsed from epoch 2 on and a rule stopping every type stops it at epoch
+    3; the default rule (complete and cluster only) stops those that read complete or cluster collapse."""
+    _, verdicts = COLLAPSING_POINTS[method]
+    config = search_trial_config(method, collapsing_trial_params(method))
+    finished = run(config, corpus_data, STOP_RULE_EVERY_TYPE)
+    assert set(finished.verdicts[1:]) <= verdicts, finished.describe()
+    assert finished.monitor.stop_epoch == EARLIEST_STOP_EPOCH, (finished.monitor.verdicts, finished.describe())
+    assert finished.monitor.collapse_type in verdicts
+    default = CollapseMonitor(STOP_RULE)
+    for record in finished.result.epochs:
+        default.update(record["epoch"], record["step"], record)
+    assert default.fired == (set(finished.verdicts[1:EARLIEST_STOP_EPOCH]) <= set(STOP_RULE.stop_on))
+    assert not is_healthy(assert_logged_metrics_match_definitions(finished))
