@@ -251,4 +251,21 @@ def test_defaults_of_the_methods_lie_inside_the_ranges():
             if hasattr(defaults, name):
                 value = getattr(defaults, name)
                 assert distribution._contains(distribution.to_internal_repr(value)), (method, name, value)
-    assert math.isclose(1 - get_method("byol").Config().base_ema_rate, 0.004)
+    byol = get_method("byol").Config()
+    distributions = sampled_trials("byol", count=1)[0].distributions
+    assert math.isclose(1 - byol.base_ema_rate, 0.004)
+    for name, value in {"one_minus_ema_rate": 1 - byol.base_ema_rate, "predictor_hidden_dim": byol.predictor_hidden_dim}.items():
+        assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (name, value)
+    # DINO's (the study's) clustering settings, but for the teacher's warm-up: 10 epochs, longer than a
+    # default trial of 6, where the space samples 0-3.
+    clustering = get_method("clustering").Config()
+    distributions = sampled_trials("clustering", count=1)[0].distributions
+    point = {
+        "num_prototypes": clustering.num_prototypes, "student_temperature": clustering.student_temperature,
+        "teacher_temperature": clustering.teacher_temperature,
+        "one_minus_center_momentum": 1 - clustering.center_momentum, "one_minus_ema_rate": 1 - clustering.base_ema_rate,
+    }
+    assert point == pytest.approx({"num_prototypes": 4096, "student_temperature": 0.1, "teacher_temperature": 0.04,
+                                   "one_minus_center_momentum": 0.1, "one_minus_ema_rate": 0.004})
+    for name, value in point.items():
+        assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (name, value)
