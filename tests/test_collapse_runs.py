@@ -179,6 +179,14 @@ def run(config: TrainConfig, data, rule: CollapseStopRule = STOP_RULE) -> Run:
     return finished
 
 
+def replayed_monitor(finished: Run, rule: CollapseStopRule) -> CollapseMonitor:
+    """A monitor with ``rule`` fed a finished run's epoch records, as the search would have fed it."""
+    monitor = CollapseMonitor(rule)
+    for record in finished.result.epochs:
+        monitor.update(record["epoch"], record["step"], record)
+    return monitor
+
+
 def search_trial_config(method: str, params: dict[str, Any]) -> TrainConfig:
     """The TrainConfig a search trial of ``method`` with sampled ``params`` would train; a setting that
     the space holds fixed (clustering's centring, BYOL's predictor), which a search refuses to sample,
@@ -361,9 +369,7 @@ def test_collapsing_configuration_is_flagged_and_stopped_at_the_earliest_epoch(c
     monitor = finished.monitor
     if "dimensional" in case.verdicts:
         # The search's default rule sees the same verdicts and does not stop on them.
-        default = CollapseMonitor(STOP_RULE)
-        for record in finished.result.epochs:
-            default.update(record["epoch"], record["step"], record)
+        default = replayed_monitor(finished, STOP_RULE)
         assert default.verdicts == monitor.verdicts and not default.fired
     # The search's rule stops the trial at the first epoch it may act on, with the expected type.
     assert monitor.stop_epoch == EARLIEST_STOP_EPOCH, (monitor.verdicts, finished.describe())
@@ -403,8 +409,6 @@ def test_every_search_space_holds_a_setting_that_collapses_within_a_trial(method
     assert set(finished.verdicts[1:]) <= verdicts, finished.describe()
     assert finished.monitor.stop_epoch == EARLIEST_STOP_EPOCH, (finished.monitor.verdicts, finished.describe())
     assert finished.monitor.collapse_type in verdicts
-    default = CollapseMonitor(STOP_RULE)
-    for record in finished.result.epochs:
-        default.update(record["epoch"], record["step"], record)
+    default = replayed_monitor(finished, STOP_RULE)
     assert default.fired == (set(finished.verdicts[1:EARLIEST_STOP_EPOCH]) <= set(STOP_RULE.stop_on))
     assert not is_healthy(assert_logged_metrics_match_definitions(finished))

@@ -48,6 +48,13 @@ def sampled_trials(method: str, count: int = 25, seed: int = 0) -> list[optuna.t
     return study.trials
 
 
+def assert_inside(method: str, point: dict) -> None:
+    """Every value of ``point`` (named as the space samples it) lies inside its distribution in ``method``'s space."""
+    distributions = sampled_trials(method, count=1)[0].distributions
+    for name, value in point.items():
+        assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (method, name, value)
+
+
 def test_every_pretext_method_has_a_space_and_every_space_a_method():
     assert available_spaces() == available_methods()
 
@@ -126,11 +133,10 @@ def test_clustering_derived_values():
 # 1.99); BYOL's projection lies along one direction (RankMe 1.2-1.4, under 1.5), and its embedding's
 # rank is under 1.4 %, so it may read either.) The healthy side of each space is the methods' own defaults
 # (test_defaults_of_the_methods_lie_inside_the_ranges; trained in test_collapse_runs.py's healthy cases).
-OPTIMIZER_POINT = {"learning_rate": 1e-3, "weight_decay": 1e-4}
 COLLAPSING_POINTS = {
     # Variance and covariance weights 1000 times below the invariance weight: invariance alone is
     # minimised by a low-rank embedding.
-    "vicreg": ({"inv_weight": 100.0, "var_weight": 0.1, "cov_weight": 0.1, **OPTIMIZER_POINT}, {"dimensional"}),
+    "vicreg": ({"inv_weight": 100.0, "var_weight": 0.1, "cov_weight": 0.1, "learning_rate": 1e-3, "weight_decay": 1e-4}, {"dimensional"}),
     # A centre that barely moves (momentum 0.999) cannot stop a sharp teacher's (0.01, no warm-up) favourite
     # prototype from winning, with a fast teacher (EMA 0.9) and a large learning rate: one-hot collapse.
     "clustering": (
@@ -161,10 +167,8 @@ def collapsing_trial_params(method: str) -> dict:
 def test_the_collapsing_settings_are_points_of_the_spaces(method):
     """Each space's collapsing setting names every parameter the space samples, each inside its range."""
     point, _ = COLLAPSING_POINTS[method]
-    distributions = sampled_trials(method, count=1)[0].distributions
-    assert set(point) == set(distributions)
-    for name, value in point.items():
-        assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (name, value)
+    assert set(point) == set(sampled_trials(method, count=1)[0].distributions)
+    assert_inside(method, point)
     params = collapsing_trial_params(method)
     assert {name: params[name] for name in point} == point
     if method == "clustering":
@@ -246,20 +250,14 @@ def test_defaults_of_the_methods_lie_inside_the_ranges():
     """The methods' own defaults (their authors' settings) are points of the searched ranges."""
     for method in ("vicreg", "contrastive", "barlow_twins"):
         defaults = get_method(method).Config()
-        distributions = sampled_trials(method, count=1)[0].distributions
-        for name, distribution in distributions.items():
-            if hasattr(defaults, name):
-                value = getattr(defaults, name)
-                assert distribution._contains(distribution.to_internal_repr(value)), (method, name, value)
+        sampled = sampled_trials(method, count=1)[0].distributions
+        assert_inside(method, {name: getattr(defaults, name) for name in sampled if hasattr(defaults, name)})
     byol = get_method("byol").Config()
-    distributions = sampled_trials("byol", count=1)[0].distributions
     assert math.isclose(1 - byol.base_ema_rate, 0.004)
-    for name, value in {"one_minus_ema_rate": 1 - byol.base_ema_rate, "predictor_hidden_dim": byol.predictor_hidden_dim}.items():
-        assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (name, value)
+    assert_inside("byol", {"one_minus_ema_rate": 1 - byol.base_ema_rate, "predictor_hidden_dim": byol.predictor_hidden_dim})
     # DINO's (the study's) clustering settings, but for the teacher's warm-up: 10 epochs, longer than a
     # default trial of 6, where the space samples 0-3.
     clustering = get_method("clustering").Config()
-    distributions = sampled_trials("clustering", count=1)[0].distributions
     point = {
         "num_prototypes": clustering.num_prototypes, "student_temperature": clustering.student_temperature,
         "teacher_temperature": clustering.teacher_temperature,
@@ -267,5 +265,4 @@ def test_defaults_of_the_methods_lie_inside_the_ranges():
     }
     assert point == pytest.approx({"num_prototypes": 4096, "student_temperature": 0.1, "teacher_temperature": 0.04,
                                    "one_minus_center_momentum": 0.1, "one_minus_ema_rate": 0.004})
-    for name, value in point.items():
-        assert distributions[name]._contains(distributions[name].to_internal_repr(value)), (name, value)
+    assert_inside("clustering", point)
