@@ -263,7 +263,7 @@ def replay_rules(args) -> None:
     whether it would have stopped any of the 5 best trials (no retraining, TPE's feedback aside).
     With ``--seed-runs`` (``noise --csv`` files), also the 5 best by the mean over seeds, and the mean
     objective of the trials each rule stops against those it lets run."""
-    from hpsearch.settings import DEFAULT_STOP_ON
+    from hpsearch.settings import COLLAPSE_TYPES_VERSION, DEFAULT_STOP_ON
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
 
     folder = one_search_folder(args)
@@ -297,11 +297,13 @@ def replay_rules(args) -> None:
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
     print("  stop on                              grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
-    # The default; the default with the verdict of before 2026-12-02 (version 1: "partial" was part of
+    # The default; the default with the earlier verdicts (version 2, until 2026-12-04: the projection's
+    # L2-std rule also judged prototype scores; version 1, until 2026-12-02: also "partial" was part of
     # "cluster", and no count rule); complete only; every type.
-    rules = ((DEFAULT_STOP_ON, 2), (DEFAULT_STOP_ON, 1), (("complete",), 2), (COLLAPSE_TYPES, 2))
+    rules = ((DEFAULT_STOP_ON, COLLAPSE_TYPES_VERSION), (DEFAULT_STOP_ON, 2), (DEFAULT_STOP_ON, 1),
+             (("complete",), COLLAPSE_TYPES_VERSION), (COLLAPSE_TYPES, COLLAPSE_TYPES_VERSION))
     for stop_on, version in rules:
-        label = ",".join(stop_on) + (" (verdict v1)" if version == 1 else "")
+        label = ",".join(stop_on) + (f" (verdict v{version})" if version != COLLAPSE_TYPES_VERSION else "")
         for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
             rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on,
                                     collapse_types_version=version)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 __all__ = [
     "COLLAPSE_TYPES",
     "COLLAPSE_TYPES_VERSION",
+    "COLLAPSE_TYPES_VERSIONS",
     "collapse_types",
     "OBJECTIVES",
     "SCHEDULERS",
@@ -55,8 +56,11 @@ COLLAPSE_TYPES = ("complete", "dimensional", "cluster", "partial")
 DEFAULT_STOP_ON = ("complete", "cluster")
 # The verdict a search's rule judges by (musicssl.collapse.VERDICT_VERSIONS): 1 until "partial" (few
 # prototypes used) was split from "cluster" and one-hot collapse got its count rule (2026-12-02),
-# 2 since. A search stored with version 1 (no collapse_types_version in its search.json) keeps it.
-COLLAPSE_TYPES_VERSION = 2
+# 2 until the projection's rules stopped judging prototype scores (2026-12-04), 3 since. A search
+# keeps the version it was stored with (1 where its search.json has no collapse_types_version).
+# (Written out, not imported, so that this module does not import torch; tests check it is the newest.)
+COLLAPSE_TYPES_VERSION = 3
+COLLAPSE_TYPES_VERSIONS = (1, 2, 3)
 COLLAPSE_TYPES_BEFORE_PARTIAL = ("complete", "dimensional", "cluster")
 # What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
 STOP_ON_BEFORE_SETTING = COLLAPSE_TYPES_BEFORE_PARTIAL
@@ -117,7 +121,7 @@ class TrialSettings:
     thresholds: dict[str, Any] = field(default_factory=dict)
     # The collapse types that stop a trial; "diverged" always does.
     stop_on: tuple[str, ...] = DEFAULT_STOP_ON
-    # The verdict the rule judges by (1: a search started before 2026-12-02).
+    # The verdict the rule judges by (an earlier one for a search started before it).
     collapse_types_version: int = COLLAPSE_TYPES_VERSION
 
     def collapse_rule(self):
@@ -169,7 +173,7 @@ class SearchSettings:
     patience_epochs: int = _TRIAL.patience_epochs
     thresholds: dict[str, Any] = field(default_factory=dict)
     stop_on: list[str] = field(default_factory=lambda: list(_TRIAL.stop_on))
-    # The verdict the rule judges by (COLLAPSE_TYPES_VERSION; 1 for a search stored before it).
+    # The verdict the rule judges by (COLLAPSE_TYPES_VERSION; the stored one for a search started before it).
     collapse_types_version: int = COLLAPSE_TYPES_VERSION
     asha_grace_epochs: int = 2
     asha_reduction_factor: float = 2.0
@@ -215,9 +219,10 @@ class SearchSettings:
         except (TypeError, ValueError) as error:
             problems.append(str(error))
         types = COLLAPSE_TYPES
-        if self.collapse_types_version not in (1, COLLAPSE_TYPES_VERSION):
-            problems.append(f"collapse_types_version {self.collapse_types_version} is not one this version of the "
-                            f"search knows (1 or {COLLAPSE_TYPES_VERSION}; a search.json without it is read as 1)")
+        if self.collapse_types_version not in COLLAPSE_TYPES_VERSIONS:
+            problems.append(f"collapse_types_version {self.collapse_types_version!r} is not one this version of the "
+                            f"search knows ({', '.join(map(str, COLLAPSE_TYPES_VERSIONS))}; a search.json without "
+                            "it is read as 1)")
         else:
             types = collapse_types(self.collapse_types_version)
         self.stop_on = list(self.stop_on)

@@ -209,13 +209,13 @@ def assert_logged_metrics_match_definitions(finished: Run) -> dict[str, float]:
 
 def is_healthy(metrics: dict[str, float]) -> bool:
     """No rule of the documented verdict fires on ``metrics`` (numbers from independent_metrics)."""
-    # The projection's rank rule applies to methods without prototypes only.
+    # The projection's rules apply to methods without prototypes only.
     prototypes = "assignment_entropy" in metrics
     complete = (
         metrics["l2_std_embedding"] < COMPLETE_MAX_L2_STD
         or metrics["rankme_embedding"] < COMPLETE_MAX_RANKME
         or metrics["mean_cosine"] > COMPLETE_MIN_MEAN_COSINE
-        or metrics.get("l2_std_projection", 1.0) < COMPLETE_MAX_L2_STD
+        or (not prototypes and metrics.get("l2_std_projection", 1.0) < COMPLETE_MAX_L2_STD)
         or (not prototypes and metrics.get("rankme_projection", 2.0) < COMPLETE_MAX_RANKME)
     )
     cluster = (
@@ -243,12 +243,12 @@ def smoke_config(method: str = "clustering", learning_rate: float = 1e-3, **meth
 
 def test_clustering_defaults_read_healthy_and_clustering_without_centring_collapsed(tonal_data):
     """Two 40-step runs at learning rate 3e-3: the defaults read "none" at the end, and without the
-    centre (and with a teacher that follows the student within a few steps, EMA 0.5) one prototype
-    takes most samples: "cluster". (Measured, seed 0: the same run with the centre reads "none", 13.6
-    effective prototypes at epoch 2 against 2.6 without it; at learning rate 1e-3 the run without the
-    centre is still on its way there, 7.6 at epoch 2.)"""
+    centre (and with the teacher the student itself, EMA rate 0) one prototype takes most samples:
+    "cluster". (Measured, seeds 0-2: the mean assignment rests on 1.0-2.0 effective prototypes at
+    epochs 1 and 2; with the centre, 61 and 164 on seed 0. A teacher at EMA 0.5 is slower to get
+    there: 3.4 at epoch 2 on seed 0 on one machine, above the rule's 3, and 2.6 on another.)"""
     healthy = run(smoke_config(learning_rate=3e-3), tonal_data)
-    collapsed = run(smoke_config(learning_rate=3e-3, base_ema_rate=0.5, use_centering=False), tonal_data)
+    collapsed = run(smoke_config(learning_rate=3e-3, base_ema_rate=0.0, use_centering=False), tonal_data)
 
     assert healthy.result.verdict == "none", healthy.describe()
     healthy_metrics = assert_logged_metrics_match_definitions(healthy)
@@ -341,7 +341,7 @@ COLLAPSE_CASES = {
         "vicreg", {"var_weight": 0.01, "cov_weight": 0.01}, frozenset({"dimensional"}), STOP_RULE_EVERY_TYPE),
     # A teacher far softer than its student (no sharpening) gives near-uniform targets: uniform
     # collapse, seen as near-uniform assignments ("cluster"; the student's logits also become
-    # constant, which the projection rule would call "complete", but the cluster rules come first).
+    # constant, which the projection's L2-std rule called "complete" until 2026-12-04, after "cluster").
     # (With a teacher at 0.5, 10 times the student, the sample entropy hovered around its threshold,
     # 0.97, from epoch 2 on once each view passed the network on its own; at 1.0 it reads 0.98-0.998.)
     "clustering_teacher_far_hotter_than_student": CollapseCase(
@@ -384,10 +384,7 @@ def test_collapsing_configuration_is_flagged_and_stopped_at_the_earliest_epoch(c
     signatures = {
         "vicreg_variance_and_covariance_near_zero":
             lambda m: m["rankme_embedding_norm"] < DIMENSIONAL_MAX_RANK_FRACTION,
-        "clustering_teacher_far_hotter_than_student":
-            lambda m: m["sample_entropy"] > CLUSTER_MIN_SAMPLE_ENTROPY
-            or m["rankme_projection"] < COMPLETE_MAX_RANKME
-            or m["l2_std_projection"] < COMPLETE_MAX_L2_STD,
+        "clustering_teacher_far_hotter_than_student": lambda m: m["sample_entropy"] > CLUSTER_MIN_SAMPLE_ENTROPY,
         "clustering_without_centring":
             lambda m: m["effective_prototypes"] < CLUSTER_MIN_EFFECTIVE_PROTOTYPES
             and m["cluster_occupancy_attainable"] < CLUSTER_MIN_OCCUPANCY,

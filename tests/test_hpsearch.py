@@ -36,7 +36,7 @@ from hpsearch.results import load_study
 from hpsearch.run import build_parser, run_search
 from hpsearch.run import main as search_main
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
-from hpsearch.settings import SearchSettings, SettingsError
+from hpsearch.settings import COLLAPSE_TYPES_VERSION, COLLAPSE_TYPES_VERSIONS, SearchSettings, SettingsError
 from hpsearch.stopping import COLLAPSE_TYPES, CollapseMonitor, CollapseStopRule
 from musicssl.collapse import CollapseThresholds
 from musicssl.models import Backbone
@@ -1662,11 +1662,19 @@ def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tm
     # A search.json written before --stop-on existed stopped on every collapse type: resuming it
     # must not change its rule half-way.
     stored = json.loads((tmp_path / "search.json").read_text())
-    assert stored["collapse_types_version"] == 2
+    assert stored["collapse_types_version"] == 3
     del stored["stop_on"], stored["collapse_types_version"]
     (tmp_path / "search.json").write_text(json.dumps(stored))
     assert SearchSettings.load(tmp_path).stop_on == ["complete", "dimensional", "cluster"]
     assert SearchSettings(method="vicreg").stop_on == ["complete", "cluster"]
+
+
+def run_rule(settings: SearchSettings, records: list[dict]) -> CollapseMonitor:
+    """A monitor of the search's rule fed ``records``, one per epoch (10 steps each)."""
+    monitor = CollapseMonitor(settings.trial_settings().collapse_rule())
+    for epoch, record in enumerate(records, start=1):
+        monitor.update(epoch, 10 * epoch, record)
+    return monitor
 
 
 def test_a_search_stored_before_partial_was_split_from_cluster_keeps_its_verdict(tmp_path):
@@ -1675,18 +1683,12 @@ def test_a_search_stored_before_partial_was_split_from_cluster_keeps_its_verdict
     collapse_types_version) resumes judging by that verdict; today's settings do not."""
     SearchSettings(method="clustering").save(tmp_path)
     stored = json.loads((tmp_path / "search.json").read_text())
-    assert stored["collapse_types_version"] == 2
+    assert stored["collapse_types_version"] == 3
     del stored["collapse_types_version"]
     (tmp_path / "search.json").write_text(json.dumps(stored))
     old, today = SearchSettings.load(tmp_path), SearchSettings(method="clustering")
     # Read as written: the same stop_on and thresholds, so a resume's flags compare with them.
     assert (old.stop_on, old.thresholds, old.collapse_types_version) == (["complete", "cluster"], {}, 1)
-
-    def run_rule(settings: SearchSettings, records: list[dict]) -> CollapseMonitor:
-        monitor = CollapseMonitor(settings.trial_settings().collapse_rule())
-        for epoch, record in enumerate(records, start=1):
-            monitor.update(epoch, 10 * epoch, record)
-        return monitor
 
     partial = run_rule(old, [PARTIAL] * 4)
     assert (partial.verdicts, partial.stop_epoch, partial.collapse_type) == (["cluster"] * 4, 3, "cluster")
@@ -1708,9 +1710,40 @@ def test_a_search_stored_before_partial_was_split_from_cluster_keeps_its_verdict
     # "partial" is not a type of version 1; an unknown version is refused with the reason.
     with pytest.raises(SettingsError, match=r"one or more of complete, dimensional, cluster \(a search started before"):
         SearchSettings(method="clustering", stop_on=["partial"], collapse_types_version=1)
-    (tmp_path / "search.json").write_text(json.dumps({**stored, "collapse_types_version": 3}))
-    with pytest.raises(SettingsError, match="collapse_types_version 3 is not one this version of the search knows"):
+    (tmp_path / "search.json").write_text(json.dumps({**stored, "collapse_types_version": 4}))
+    with pytest.raises(SettingsError, match=r"collapse_types_version 4 is not one this version of the search knows "
+                                            r"\(1, 2, 3; "):
         SearchSettings.load(tmp_path)
+
+
+def test_a_search_stored_before_prototype_scores_left_the_projection_rule_keeps_its_verdict(tmp_path):
+    """Until 2026-12-04 the projection's L2-std rule also judged clustering's prototype scores (and
+    stopped the best trial of an 18-epoch clustering search, benchmarks/README.md): a search stored
+    with version 2 resumes judging by it, a new one does not; without prototypes both apply it."""
+    from musicssl.collapse import VERDICT_VERSION, VERDICT_VERSIONS
+
+    # hpsearch.settings writes the versions out (it does not import torch): they must be the verdict's.
+    assert (COLLAPSE_TYPES_VERSION, COLLAPSE_TYPES_VERSIONS) == (VERDICT_VERSION, VERDICT_VERSIONS) == (3, (1, 2, 3))
+    SearchSettings(method="clustering").save(tmp_path)
+    stored = json.loads((tmp_path / "search.json").read_text())
+    (tmp_path / "search.json").write_text(json.dumps({**stored, "collapse_types_version": 2}))
+    old, today = SearchSettings.load(tmp_path), SearchSettings(method="clustering")
+    assert old.collapse_types_version == 2
+
+    # Spread assignments (every rule on them quiet) and prototype scores of L2 std 0.06, as in that trial.
+    spread = {**HEALTHY, "collapse_cluster_occupancy_attainable": 0.4, "collapse_assignment_entropy": 0.8,
+              "collapse_effective_prototypes": 60.0, "collapse_sample_entropy": 0.4}
+    scores = {**spread, "collapse_l2_std_projection": 0.06, "collapse_rankme_projection": 1.1}
+    stopped = run_rule(old, [HEALTHY] + [scores] * 3)
+    assert (stopped.stop_epoch, stopped.collapse_type) == (3, "complete")
+    assert stopped.stop_reasons == ["l2_std_projection 0.06 < 0.1"]
+    assert run_rule(today, [HEALTHY] + [scores] * 3).verdicts == ["none"] * 4
+    # Without cluster metrics (a method without prototypes) the projection's rules stop it either way.
+    plain = {**HEALTHY, "collapse_l2_std_projection": 0.06, "collapse_rankme_projection": 1.1}
+    for settings in (old, today):
+        monitor = run_rule(settings, [HEALTHY] + [plain] * 3)
+        assert (monitor.stop_epoch, monitor.collapse_type) == (3, "complete")
+        assert monitor.stop_reasons == ["l2_std_projection 0.06 < 0.1", "rankme_projection 1.1 < 1.5"]
 
 
 def test_a_search_of_before_partial_resumed_from_the_command_line_judges_its_trials_as_then(tmp_path):
@@ -1734,7 +1767,7 @@ def test_a_search_of_before_partial_resumed_from_the_command_line_judges_its_tri
     assert reports[-1]["collapse_stop"] and (reports[-1]["collapse_type"], reports[-1]["stop_epoch"]) == ("cluster", 3)
     # A new search with the same flags records it as partial and lets the trial run.
     today, resume = settings_from_args(parse([*common[:2], "new", *common[3:], "--stop-on", "complete,cluster"]))
-    assert not resume and today.collapse_types_version == 2
+    assert not resume and today.collapse_types_version == 3
     reports = _epoch_reports(today, [HEALTHY] + [PARTIAL] * 3)
     assert [r["collapse_verdict"] for r in reports] == ["none", "partial", "partial", "partial"]
     assert not any(r["collapse_stop"] for r in reports)

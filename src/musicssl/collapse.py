@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "CollapseThresholds",
     "CollapseType",
+    "VERDICT_VERSION",
     "VERDICT_VERSIONS",
     "alignment",
     "assignment_entropy",
@@ -545,11 +546,15 @@ class CollapseThresholds:
     """Also call it complete when the projection (head output) meets the L2-std or rank rule: a
     constant projection means the loss has found the trivial solution even if the backbone has not
     caught up yet. Only complete collapse is checked there: the projection is often dimensionally
-    collapsed in healthy training (Jing et al. 2022), so its rank says little. For a method with
-    prototypes (the cluster metrics present) only the L2-std rule: its head output is the student's
-    prototype scores, which share a large common component, so their (uncentred) RankMe sits near 1
-    while they still vary with the input (L2 std 0.23-0.40 in the clustering search's trials that
-    the rank rule flagged, some of its best; benchmarks/README.md, "Search")."""
+    collapsed in healthy training (Jing et al. 2022), so its rank says little. Not for a method with
+    prototypes (the cluster metrics present): its head output is the student's prototype scores,
+    which share a large common component (the teacher's are centred before their softmax), so both
+    rules read them as collapsed while they still vary with the input. Their (uncentred) RankMe sits
+    near 1 (L2 std 0.23-0.40 in the 6-epoch clustering search's trials that the rank rule flagged,
+    some of its best), and in 18-epoch trials their L2 std falls under 0.1 (0.058-0.097 in the best
+    trial, whose teacher used 53-73 effective prototypes; benchmarks/README.md, "Search"). Constant
+    scores show in the teacher's assignments, which the cluster rules judge. (Verdict version 2
+    kept the L2-std rule there.)"""
 
     dimensional_max_rank_fraction: float = 0.1
     """Dimensional if RankMe / min(N, D) of the embedding is below this (and it is not complete):
@@ -634,25 +639,30 @@ def _number(metrics: Mapping[str, object], key: str) -> float | None:
 
 
 # The verdict's versions: 1 until 2026-12-02 ("cluster" also named partial prototype collapse, and
-# one-hot collapse had no count rule), 2 since. A search started under version 1 keeps it.
-VERDICT_VERSIONS = (1, 2)
+# one-hot collapse had no count rule), 2 until 2026-12-04 (the projection's L2-std rule also judged
+# prototype scores), 3 since. A search started under an earlier version keeps it.
+VERDICT_VERSIONS = (1, 2, 3)
+VERDICT_VERSION = VERDICT_VERSIONS[-1]
 
 
 def collapse_findings(
-    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds(), version: int = 2
+    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds(),
+    version: int = VERDICT_VERSION,
 ) -> dict[str, list[str]]:
     """Every kind of collapse whose rules fire on ``metrics``, with the reasons (the rules that fired),
     in the order of precedence of :func:`collapse_diagnosis`; empty if none fires.
 
     The kinds, in that order: "diverged" (any NaN/inf; then the only one, since other numbers mean
     nothing), "complete" (of the embedding), "cluster" (one-hot or uniform assignments), "complete"
-    (of the projection, if ``check_projection``; its rank rule only for methods without prototypes;
-    listed with the embedding's reasons when both fire), "partial" (few prototypes used), and
+    (of the projection, if ``check_projection``, for methods without prototypes; listed with the
+    embedding's reasons when both fire), "partial" (few prototypes used), and
     "dimensional". A trial can show several at once: a rank-one embedding is also dimensionally
     collapsed, and prototypes can be partially collapsed on a low-rank embedding. Reasons read like
     ``"l2_std_embedding 0.031 < 0.1"``.
 
-    ``version=1`` gives the verdict of before 2026-12-02, for searches started then: no "partial"
+    Earlier versions, for searches started under them (:data:`VERDICT_VERSIONS`): ``version=2``, the
+    verdict of 2026-12-02 to 2026-12-04, also applies the projection's L2-std rule to methods with
+    prototypes; ``version=1``, the verdict of before 2026-12-02, does that too, has no "partial"
     (its rule is one of "cluster"'s, ranked with them) and no rule on the count of effective
     prototypes.
     """
@@ -707,15 +717,15 @@ def collapse_findings(
     if version == 1:
         cluster, partial = partial + cluster, []
 
-    # The projection's rules come after the one-hot and uniform rules: for clustering the
-    # "projection" is the student's prototype scores, and scores that no longer depend on the input
-    # are what uniform (or one-hot) prototype collapse looks like there, which "cluster" names more
-    # precisely when its rules see it. Its rank rule does not apply there: prototype scores share a
-    # large common component, which puts their (uncentred) RankMe near 1 while they still vary with
-    # the input (CollapseThresholds.check_projection); the L2-std rule still catches constant scores.
+    # The projection's rules do not apply to a method with prototypes: its "projection" is the
+    # student's prototype scores, which share a large common component, so that their (uncentred)
+    # RankMe sits near 1 and their L2 std under 0.1 while they still vary with the input
+    # (CollapseThresholds.check_projection). Scores that no longer depend on the input are uniform or
+    # one-hot prototype collapse, which "cluster" names. Versions 1 and 2 kept the L2-std rule there,
+    # ranked after the one-hot and uniform rules.
     has_prototypes = any(key in present for key in (occupancy_key, *_CLUSTER_METRICS))
     projection = []
-    if t.check_projection:
+    if t.check_projection and (not has_prototypes or version < 3):
         projection = below("l2_std_projection", t.complete_max_l2_std)
         if not has_prototypes:
             projection += below("rankme_projection", t.complete_max_effective_rank)
@@ -736,14 +746,16 @@ def collapse_findings(
 
 
 def collapse_diagnosis(
-    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds(), version: int = 2
+    metrics: Mapping[str, object], thresholds: CollapseThresholds = CollapseThresholds(),
+    version: int = VERDICT_VERSION,
 ) -> tuple[str, list[str]]:
     """The verdict of :func:`collapse_verdict` and the reasons for it (the rules that fired).
 
     The verdict is the first kind of :func:`collapse_findings`: diverged, complete (of the
     embedding), cluster (one-hot or uniform assignments), complete (of the projection), partial (few
     prototypes used), dimensional, else none. Reasons read like ``"l2_std_embedding 0.031 < 0.1"``;
-    they are empty for "none". ``version=1``: the verdict of before 2026-12-02 (:func:`collapse_findings`).
+    they are empty for "none". ``version``: an earlier verdict, for searches started under it
+    (:func:`collapse_findings`).
     """
     return first_finding(collapse_findings(metrics, thresholds, version))
 
