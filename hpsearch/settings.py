@@ -54,13 +54,12 @@ SCHEDULERS = ("asha", "none")
 # by default: "dimensional" and "partial" are recorded, not acted on (see hpsearch.stopping).
 COLLAPSE_TYPES = ("complete", "dimensional", "cluster", "partial")
 DEFAULT_STOP_ON = ("complete", "cluster")
-# The verdict a search's rule judges by (musicssl.collapse.VERDICT_VERSIONS): 1 until "partial" (few
-# prototypes used) was split from "cluster" and one-hot collapse got its count rule (2026-12-02),
-# 2 until the projection's rules stopped judging prototype scores (2026-12-04), 3 since. A search
-# keeps the version it was stored with (1 where its search.json has no collapse_types_version).
-# (Written out, not imported, so that this module does not import torch; tests check it is the newest.)
-COLLAPSE_TYPES_VERSION = 3
+# The verdicts a search's rule can judge by, and the newest (musicssl.collapse.VERDICT_VERSIONS, which
+# says what each changed; written out, not imported, so that this module does not import torch; a test
+# checks they agree). A search keeps the version it was stored with (1 where its search.json has no
+# collapse_types_version).
 COLLAPSE_TYPES_VERSIONS = (1, 2, 3)
+COLLAPSE_TYPES_VERSION = COLLAPSE_TYPES_VERSIONS[-1]
 COLLAPSE_TYPES_BEFORE_PARTIAL = ("complete", "dimensional", "cluster")
 # What a search stored before it had ``stop_on`` stopped on: a resumed old search keeps its rule.
 STOP_ON_BEFORE_SETTING = COLLAPSE_TYPES_BEFORE_PARTIAL

@@ -62,10 +62,8 @@ class CollapseStopRule:
     patience_epochs: int = 2
     thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
     stop_on: tuple[str, ...] = DEFAULT_STOP_ON
-    # The verdict's version (musicssl.collapse.VERDICT_VERSIONS), kept when a search resumes: 1 for a
-    # search started before 2026-12-02 (no "partial", no count rule), 2 for one started before the
-    # projection's rules stopped judging prototype scores (2026-12-04). Acted on only when the
-    # verdict names a type in stop_on.
+    # The verdict's version (musicssl.collapse.VERDICT_VERSIONS), kept when a search resumes. Version
+    # 1 is acted on only when the verdict names a type in stop_on.
     collapse_types_version: int = COLLAPSE_TYPES_VERSION
 
     def __post_init__(self) -> None:

@@ -725,10 +725,11 @@ def collapse_findings(
     # ranked after the one-hot and uniform rules.
     has_prototypes = any(key in present for key in (occupancy_key, *_CLUSTER_METRICS))
     projection = []
-    if t.check_projection and (not has_prototypes or version < 3):
+    if t.check_projection and not has_prototypes:
+        projection = below("l2_std_projection", t.complete_max_l2_std) + below(
+            "rankme_projection", t.complete_max_effective_rank)
+    elif t.check_projection and version < 3:
         projection = below("l2_std_projection", t.complete_max_l2_std)
-        if not has_prototypes:
-            projection += below("rankme_projection", t.complete_max_effective_rank)
 
     findings: dict[str, list[str]] = {}
     if complete:
