@@ -382,6 +382,11 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
                     path=weights.resolve(), config_path=config_path.resolve(),
                     method=str(method) if method else None, seed=seed,
                 )
+        if (path / "search.json").is_file():  # a search writes its best backbone once a trial completes with a score
+            raise DownstreamError(
+                f"{path}: a search with no best_backbone.pt yet: none of its trials has completed with a score "
+                "(collapsed, diverged and failed trials leave none); wait for one to complete, or evaluate another run"
+            )
         raise DownstreamError(
             f"{path}: no backbone weights here; expected a training run folder (config.json + backbone.pt) or a "
             "search folder (best_config.json + best_backbone.pt), or pass a .pt state_dict"
@@ -1778,6 +1783,24 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 _positive_int = _int_in(1)
 
 
+def _cache_dir_problem(text: str) -> str | None:
+    """Why ``--cache-dir`` cannot hold the embedding cache, or None (then it exists: it is made if missing)."""
+    if not text.strip():
+        return "empty; give a folder, or leave the flag out for $MUSICSSL_CACHE/embeddings"
+    path = Path(text).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        return f"not a folder{where}; give a folder (it is made if missing)"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot make it ({error.strerror or error}); give a folder you can write in"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "cannot write in it; give a folder you can write in"
+    return None
+
+
 def _share(text: str) -> float:
     """An argparse type: a share of the test tracks, in (0, 1]."""
     try:
@@ -1862,6 +1885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "cache): give one of them")
     if not (math.isfinite(args.silence_db) and args.silence_db >= 0):
         parser.error(f"--silence-db must be a number of dB >= 0 (0 keeps every segment), got {args.silence_db}")
+    if args.cache_dir is not None and (problem := _cache_dir_problem(args.cache_dir)):
+        parser.error(f"--cache-dir {args.cache_dir!r}: {problem}")  # now, not after the embeddings are computed
     try:
         config = DownstreamConfig(
             dataset=args.dataset, root=args.root, audio_dir=args.audio_dir, classifiers=args.classifiers,

@@ -611,6 +611,23 @@ def _copy_study(trials: list[tuple[dict, dict, float]]):
     return study
 
 
+def _log_scaled(rows: list[tuple[dict, dict, float]]) -> list[tuple[dict, dict, float]]:
+    """``rows`` with each log-scale parameter as its log10, on a linear distribution: Optuna's fANOVA reads
+    every parameter on a linear scale (its forest's marginals average over the range as if drawn uniformly),
+    PED-ANOVA on the scale it was sampled."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    scaled = []
+    for params, distributions, value in rows:
+        params, distributions = dict(params), dict(distributions)
+        for name, distribution in distributions.items():
+            if isinstance(distribution, (FloatDistribution, IntDistribution)) and distribution.log and name in params:
+                params[name] = math.log10(params[name])
+                distributions[name] = FloatDistribution(math.log10(distribution.low), math.log10(distribution.high))
+        scaled.append((params, distributions, value))
+    return scaled
+
+
 def _evaluator(name: str, values: Sequence[float], binary: bool, collapsed: str = COLLAPSED_STOPPED):
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
@@ -653,7 +670,7 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
             continue
         evaluator, note = _evaluator(evaluator_name, values, binary, collapsed)
         try:
-            study = _copy_study(rows)
+            study = _copy_study(_log_scaled(rows) if evaluator_name == "fANOVA" else rows)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PED-ANOVA warns about small regimes; the note says the count
                 raw = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied, normalize=False)
@@ -1277,12 +1294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report: {paths['html']}\nsummary: {paths['json']}\ntrials: {paths['csv']}")
     png = summary.get("png")
     if png is not None:
-        if png.get("written"):
-            removed = f" (removed {len(png['removed'])} of an earlier report)" if png.get("removed") else ""
-            print(f"figures: {len(png['written'])} PNG files in {paths['png']}{removed}")
-        else:
-            print(f"{PROG}: PNG export skipped: {png['reason']}", file=sys.stderr)
+        if png.get("reason"):  # not exported, or only in part: the figures' folder is not this report's
+            done = f" after {len(png['written'])} of {len(summary['figures'])} figures" if png.get("written") else ""
+            print(f"{PROG}: PNG export {'failed' + done if done else 'skipped'}: {png['reason']}", file=sys.stderr)
             return 1
+        removed = f" (removed {len(png['removed'])} of an earlier report)" if png.get("removed") else ""
+        print(f"figures: {len(png['written'])} PNG files in {paths['png']}{removed}")
     return 0
 
 

@@ -1187,12 +1187,15 @@ def export_pngs(figures: Sequence[ReportFigure], folder: Path) -> dict[str, Any]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{number:02d}-{_slug(figure.key)}.png" for number, figure in enumerate(figures, start=1)]
+    before = {path: path.stat().st_mtime_ns for path in paths if path.is_file()}  # an earlier report's
     try:
         # One browser session for all figures (write_image would start one per figure).
         pio.write_images([f.figure for f in figures], paths, format="png", width=1100,
                          height=[f.figure.layout.height or 500 for f in figures])
     except Exception as error:  # kaleido raises its own errors, e.g. when no Chrome is found
-        return {"written": [str(p) for p in paths if p.is_file()],
+        # What this export wrote before it failed; an earlier report's figures of the same names are not.
+        written = [str(p) for p in paths if p.is_file() and p.stat().st_mtime_ns != before.get(p)]
+        return {"written": written, "folder": str(folder),
                 "reason": f"kaleido could not export ({type(error).__name__}: {error}); {how}"}
     stale = sorted(set(p for p in folder.glob("*.png") if re.fullmatch(r"\d{2,}-.+\.png", p.name)) - set(paths))
     for path in stale:

@@ -1352,7 +1352,7 @@ def _data_location(value: str) -> str:
     resumes from any folder, and ``dir/`` is ``dir``), a dataset name as it is."""
     from musicssl.data.loaders import dataset_name
 
-    if dataset_name(value) is not None:
+    if dataset_name(value) is not None or not value.strip():  # an empty one is refused, not read as the cwd
         return value
     return os.path.normpath(Path(value).expanduser().absolute())
 

@@ -324,6 +324,11 @@ def test_run_folders_search_folders_and_bare_checkpoints(tmp_path):
 
     with pytest.raises(DownstreamError, match=r"no backbone weights here"):
         resolve_method(str(tmp_path))
+    # A search whose trials have not completed yet says so (before: the message above, as for any folder).
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "search.json").write_text('{"method": "vicreg"}')
+    with pytest.raises(DownstreamError, match=r"a search with no best_backbone.pt yet: none of its trials has completed"):
+        resolve_method(str(tmp_path / "unfinished"))
     with pytest.raises(DownstreamError, match=r"no such checkpoint file or run folder"):
         resolve_method(str(tmp_path / "nothing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -1235,6 +1240,23 @@ def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
     code, _, err = run_main(main, arguments + ["--workers", "0", "--quiet"], capsys)
     assert code == 2
     assert message in err
+
+
+def test_a_cache_dir_that_cannot_be_one_is_refused_before_the_dataset_is_read(tmp_path, capsys):
+    # Before: the whole dataset was embedded first, then "error: [Errno 20] Not a directory: 'afile/corpus-…'".
+    (tmp_path / "afile").write_text("x")
+    cases = [(tmp_path / "afile", "not a folder; give a folder (it is made if missing)"),
+             (tmp_path / "afile" / "sub", f"not a folder ({tmp_path / 'afile'} is a file)"),
+             ("", "empty; give a folder, or leave the flag out for $MUSICSSL_CACHE/embeddings")]
+    for cache_dir, message in cases:
+        code, out, err = run_main(main, ["melstats", "--no-baselines", "--dataset", "no/such/folder", "--cache-dir",
+                                         str(cache_dir), "--out", str(tmp_path / "out"), "--quiet"], capsys)
+        assert code == 2 and f"error: --cache-dir {str(cache_dir)!r}: {message}" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # no results folder
+    # A missing folder is made, then the run goes on (here to the dataset's error).
+    code, _, err = run_main(main, ["melstats", "--no-baselines", "--dataset", "no/such/folder", "--cache-dir",
+                                   str(tmp_path / "new" / "cache"), "--out", str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 2 and "unknown dataset" in err and (tmp_path / "new" / "cache").is_dir()
 
 
 def test_an_unexpected_error_leaves_no_empty_results_folder(tmp_path, monkeypatch):

@@ -1520,6 +1520,9 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--trials", "0"], "--trials must be at least 1"),
         (["vicreg", "--data", "/no/such/tracks.csv"], "no such file or folder"),
         (["vicreg", "--data", "mtat"], "dataset 'mtat' needs --root, the folder that holds its files"),
+        # Before: an empty --data (an unset shell variable) was the current folder, its audio indexed.
+        (["vicreg", "--data", ""], "the dataset given is empty (''); give 'corpus', a dataset name"),
+        (["vicreg", "--data", "mtat", "--root", " "], "--root is empty; give a folder, or leave the flag out"),
         (["vicreg", "--data", "jamendo-mood", "--root", "/no/such/jamendo"], "/no/such/jamendo"),
         (["vicreg", "--audio-dir", "/tmp"], "--audio-dir applies to mtat, jamendo-* and msd, not to 'corpus'"),
         (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),

@@ -299,6 +299,11 @@ def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with
     (b'track_id,path,split,tags\n"a,b\n', "not a readable CSV track index (Error tokenizing data", True),
     (b"track_id,path,split,tags\n\xff\xfe\x86,x,train,\n", "not a readable CSV track index ('utf-8' codec", True),
     (b"id,file\na,a.wav\n", "missing column(s) ['track_id', 'path', 'split', 'tags']", False),
+    (b"track_id,path,split,tags\na,a.wav,train,rock\nb,,test,jazz\nc, ,test,jazz\n",
+     "line 3: empty 'path' (and 1 more); give each track's audio file", True),
+    # The same file twice, once by another spelling, in train and in test: test audio would be trained on.
+    (b"track_id,path,split,tags\na,audio/x.wav,train,rock\nb,y.wav,train,jazz\nc,audio/../audio/x.wav,test,rock\n",
+     "lists the same audio file more than once: ", True),
 ])
 def test_a_broken_track_index_names_the_file_and_the_problem(content, message, has_header, tmp_path):
     # Before: a header-only file said "none of the 0 listed audio files exists (the first was expected
@@ -310,6 +315,42 @@ def test_a_broken_track_index_names_the_file_and_the_problem(content, message, h
         with pytest.raises((DatasetError, TrackIndexError)) as raised:
             open_dataset(str(spec))
         assert message in str(raised.value) and str(tmp_path / "tracks.csv") in str(raised.value)
+
+
+def test_a_track_index_repeating_a_file_names_it_and_its_lines(tmp_path):
+    (tmp_path / "tracks.csv").write_text(
+        "track_id,path,split,tags\na,audio/x.wav,train,rock\nb,y.wav,train,jazz\nc,audio/../audio/x.wav,test,rock\n"
+    )
+    with pytest.raises(TrackIndexError) as raised:
+        TrackIndex.from_csv(tmp_path / "tracks.csv")
+    assert f"{tmp_path / 'audio' / 'x.wav'} on lines 2, 4; keep one row per file" in str(raised.value)
+
+
+def test_a_track_index_header_with_spaces_and_a_listed_folder(tmp_path):
+    # Before: a header "track_id, path, split, tags" was taken for an index (its names stripped) and then
+    # refused by the reader (names not stripped): "missing column(s) ['path', ...] (found [' path', ...])".
+    for name in ("a.wav", "b.wav"):
+        write_sine(tmp_path / name)
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "tracks.csv").write_text(
+        "track_id, path, split, tags\na,a.wav,train,rock\nb,b.wav,test,jazz\nc,folder.wav,train,rock\n"
+    )
+    index = open_dataset(str(tmp_path))
+    assert index.track_ids == ["a", "b"] and index.tag_names == ["jazz", "rock"]
+    # A listed folder is reported as one, not as a missing file.
+    assert [(entry["track_id"], entry["reason"]) for entry in index.extra["missing"]] == [("c", "a folder")]
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_dataset_is_refused_not_read_as_the_current_folder(spec, tmp_path, monkeypatch):
+    from musicssl.data.loaders import open_dataset_option
+
+    # Before: "" was the path ".", and every audio file under the current folder was indexed.
+    write_sine(tmp_path / "a.wav")
+    monkeypatch.chdir(tmp_path)
+    for opener in (open_dataset, lambda text: open_dataset_option(text, allow_unlabeled=True)):
+        with pytest.raises(DatasetError, match=r"the dataset given is empty .*give 'corpus', a dataset name"):
+            opener(spec)
 
 
 BAD_TAG_TABLES = [

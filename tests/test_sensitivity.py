@@ -203,17 +203,30 @@ def test_importances_sum_to_one_for_both_targets_and_both_methods(report):
     assert "PED-ANOVA" in page and "fANOVA" in page
 
 
-def test_objective_importance_equals_optunas_on_the_study_itself(experiment_folder, report):
-    """The in-memory copy changes nothing for the objective: Optuna's fANOVA on the search's own
-    study (COMPLETE trials) gives the same numbers."""
+def test_objective_importance_equals_optunas_on_the_study_with_log_parameters_as_their_log(experiment_folder, report):
+    """For the objective the report's fANOVA is Optuna's on the search's own COMPLETE trials, each
+    log-scale parameter given as its log10 (Optuna's fANOVA reads every parameter on a linear scale;
+    the report says log for the log-scale ones)."""
     study = study_of(experiment_folder)
     (experiment,) = report["summary"]["experiments"]
     ours = next(i for i in experiment["importances"] if i["target"] == "objective" and i["evaluator"] == "fANOVA")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     varied = [name for name in complete[0].params if len({t.params[name] for t in complete}) > 1]
-    theirs = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=varied)
+    logged = {name for name, d in complete[0].distributions.items() if getattr(d, "log", False)}
+    assert logged & set(varied)  # the check below covers the transform
+    copy = optuna.create_study(direction="maximize")
+    for t in complete:
+        copy.add_trial(optuna.trial.create_trial(
+            params={k: math.log10(v) if k in logged else v for k, v in t.params.items()},
+            distributions={k: optuna.distributions.FloatDistribution(math.log10(d.low), math.log10(d.high))
+                           if k in logged else d for k, d in t.distributions.items()},
+            value=t.value))
+    theirs = optuna.importance.get_param_importances(copy, evaluator=FanovaImportanceEvaluator(seed=0), params=varied)
     for name, value in theirs.items():
         assert ours["importances"][name] == pytest.approx(value, abs=1e-9)
+    # The linear scale gives other numbers: the test tells the two apart.
+    linear = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=varied)
+    assert max(abs(linear[name] - ours["importances"][name]) for name in varied) > 1e-6
 
 
 def test_spearman_equals_scipys_on_the_same_numbers(report):
@@ -1125,6 +1138,42 @@ def test_png_export_writes_images_or_says_how_to_get_them(tmp_path):
         assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["01-one.png", "notes.txt"]
     else:  # kaleido without a browser
         assert "Chrome" in result["reason"] or "chrom" in result["reason"].lower()
+
+
+def test_a_failed_png_export_exits_1_and_does_not_count_an_earlier_reports_figures(tmp_path, monkeypatch, capsys):
+    """Before: kaleido failing after an earlier export into the same folder printed "figures: N PNG files"
+    (the old ones) and exited 0. The failure is kaleido's, so it is made to fail here; the rest is real."""
+    import analysis.sensitivity_figures as figures_module
+
+    folder = write_search(tmp_path / "s", [(0.7, 0.2, "collapsed"), (0.3, 0.5, "complete"), (0.1, 0.9, "complete")])
+    out = tmp_path / "r.html"
+    figures = tmp_path / "r-figures"
+    figures.mkdir()
+    old = [figures / f"{number:02d}-{name}.png" for number, name in ((1, "old"), (2, "older"))]
+    if importlib.util.find_spec("kaleido") is None:
+        pytest.skip("kaleido (in the test extras) is not installed")
+
+    def fail_after_the_first(images, paths, **options):
+        Path(paths[0]).write_bytes(b"\x89PNG\r\n\x1a\n")
+        raise RuntimeError("the browser closed")
+
+    monkeypatch.setattr(figures_module.pio, "write_images", fail_after_the_first)
+    for path in old:
+        path.write_bytes(b"earlier")
+    code = main([str(folder), "--out", str(out), "--format", "png"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    summary = json.loads(out.with_suffix(".json").read_text())
+    count = len(summary["figures"])
+    assert count > 1 and f"PNG export failed after 1 of {count} figures: kaleido could not export " \
+        "(RuntimeError: the browser closed)" in err
+    (written,) = summary["png"]["written"]
+    assert Path(written).name.startswith("01-") and Path(written).read_bytes().startswith(b"\x89PNG")
+    assert old[1].read_bytes() == b"earlier"  # not removed, and not counted as written
+    # Failing before any figure: "skipped", exit 1.
+    monkeypatch.setattr(figures_module.pio, "write_images", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    assert main([str(folder), "--out", str(out), "--format", "png"]) == 1
+    assert "PNG export skipped: kaleido could not export (RuntimeError: x)" in capsys.readouterr().err
 
 
 def write_foreign(folder: Path) -> Path:

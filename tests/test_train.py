@@ -410,6 +410,21 @@ def test_cli_misuse_exits_2_without_traceback(arguments, message, capsys):
     assert "mel cache" not in printed and "corpus" not in printed  # before any data
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--data", ""], "error: the dataset given is empty (''); give 'corpus', a dataset name"),
+    (["--data", "mtat", "--root", ""], "error: --root is empty; give a folder, or leave the flag out"),
+])
+def test_an_empty_data_flag_is_refused_not_read_as_the_current_folder(arguments, message, tmp_path, monkeypatch,
+                                                                     capsys):
+    # Before: "" became the current folder, and every audio file under it was indexed and cached.
+    (tmp_path / "a.wav").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(main, ["vicreg", *arguments], capsys)
+    assert code == 2, out + err
+    assert message in err and "mel cache" not in out + err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.wav"]  # no run folder
+
+
 def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     completed = subprocess.run(
         [sys.executable, "-m", "musicssl.train", "vicreg", "--set", "var_wieght=1"], capture_output=True, text=True,

@@ -803,7 +803,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     def absolute(path: str | None) -> str | None:
         # config.json names the data wherever it is read from (a path as given is relative to the cwd).
-        return None if path is None else str(Path(path).expanduser().absolute())
+        # An empty one stays empty (not the cwd), for check_dataset_option to refuse.
+        return None if path is None else str(Path(path).expanduser().absolute()) if path.strip() else path
 
     method_cls = get_method(args.method)
     config = TrainConfig(

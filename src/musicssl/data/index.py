@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,14 +161,29 @@ class TrackIndex:
                                   f"({','.join(REQUIRED_COLUMNS)}) and one row per track") from None
         except (pd.errors.ParserError, UnicodeDecodeError) as error:
             raise TrackIndexError(f"{path}: not a readable CSV track index ({str(error).strip()})") from None
+        frame.columns = [str(column).strip() for column in frame.columns]  # ``track_id, path, ...``
         missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
         if missing:
             raise TrackIndexError(
                 f"{path}: missing column(s) {missing}; a track index needs {list(REQUIRED_COLUMNS)} "
                 f"(found {list(frame.columns)})"
             )
+        blank = [line for line, cell in zip(range(2, len(frame) + 2), frame["path"]) if not str(cell).strip()]
+        if blank:
+            more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
+            raise TrackIndexError(f"{path}, line {blank[0]}: empty 'path'{more}; give each track's audio file")
         base = path.parent.resolve()
         frame["path"] = [str(p) if Path(p).is_absolute() else str(base / p) for p in frame["path"]]
+        # One file in two rows (also as ``a/../a/x.wav``) would be two tracks, perhaps one in train and one in test.
+        rows_of: dict[str, list[int]] = {}
+        for line, track_path in zip(range(2, len(frame) + 2), frame["path"]):
+            rows_of.setdefault(os.path.normpath(track_path), []).append(line)
+        repeated = [(track_path, lines) for track_path, lines in rows_of.items() if len(lines) > 1]
+        if repeated:
+            shown = "; ".join(f"{track_path} on lines {', '.join(map(str, lines))}" for track_path, lines in repeated[:3])
+            more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+            raise TrackIndexError(f"{path}: lists the same audio file more than once: {shown}{more}; "
+                                  "keep one row per file")
         frame["tags"] = [tuple(dict.fromkeys(tag.strip() for tag in str(tags).split(TAG_SEPARATOR) if tag.strip()))
                          for tags in frame["tags"]]
         frame["split"] = [SPLIT_ALIASES.get(str(split).strip().lower(), split) for split in frame["split"]]

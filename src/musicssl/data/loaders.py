@@ -160,11 +160,13 @@ class DatasetError(ValueError):
 
 
 def _audio_state(path: str) -> str | None:
-    """``None`` when ``path`` is a non-empty regular file, else why not (``missing`` or ``empty``)."""
+    """``None`` when ``path`` is a non-empty regular file, else why not (``missing``, ``a folder`` or ``empty``)."""
     try:
         status = os.stat(path)
     except OSError:
         return "missing"
+    if stat.S_ISDIR(status.st_mode):
+        return "a folder"
     if not stat.S_ISREG(status.st_mode):
         return "missing"
     return "empty" if status.st_size == 0 else None
@@ -1231,6 +1233,7 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
     it has one (unless that has the columns of a tags file instead, see :func:`_is_folder_track_index`),
     else with :func:`load_folder`. ``kwargs`` go to the loader.
     """
+    _refuse_an_empty_spec(spec)
     key = dataset_name(spec)
     if key == "corpus":
         # The embedded corpus, built into the cache (or ``root``) on first use.
@@ -1376,7 +1379,12 @@ def _ancestor(path: Path, levels: int) -> Path:
 
 
 def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None) -> None:
-    """Raise :class:`DatasetError` when ``--root``/``--audio-dir`` do not fit ``spec`` (no file is read)."""
+    """Raise :class:`DatasetError` when ``spec`` is empty or ``--root``/``--audio-dir`` do not fit it (no
+    file is read)."""
+    _refuse_an_empty_spec(spec)
+    for flag, value in (("--root", root), ("--audio-dir", audio_dir)):
+        if value is not None and not str(value).strip():
+            raise DatasetError(f"{flag} is empty; give a folder, or leave the flag out")
     name = dataset_name(spec)
     if audio_dir is not None and name not in ("mtat", "msd") and name not in _JAMENDO_NAMES:
         raise DatasetError(f"--audio-dir applies to mtat, jamendo-* and msd, not to {spec!r}")
@@ -1390,6 +1398,15 @@ def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: s
     if root is not None and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
         what = {"corpus": "where the corpus is or is built", "msd": "the split folder"}.get(name, "the dataset's folder")
         raise DatasetError(f"--root {root} is a file; give a folder ({what})")
+
+
+def _refuse_an_empty_spec(spec: str | Path) -> None:
+    """An empty ``spec`` would be the path ``.``, the current folder: every audio file under it indexed."""
+    if not str(spec).strip():
+        raise DatasetError(
+            f"the dataset given is empty ({str(spec)!r}); give 'corpus', a dataset name ({', '.join(DATASET_NAMES)}), "
+            "a tracks.csv, a tags file or a folder of audio"
+        )
 
 
 def _is_track_index_file(path: Path) -> bool:
