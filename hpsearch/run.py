@@ -183,8 +183,15 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     if address.startswith(("ray://", "anyscale://")):  # given, or what RAY_ADDRESS names for auto
         return
     host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address as Ray writes it: [::1]:6379
+        host = host[1:-1]
+    elif ":" in host:  # ::1:6379 (Ray cannot read it either)
+        raise SearchError(f"--address {given!r}: write an IPv6 host in brackets, e.g. [{host}]:{port}")
     if not host or not port.isdigit():
         raise SearchError(f"--address {given!r}: expected 'auto' or HOST:PORT (the head node's GCS, e.g. 10.0.0.1:6379)")
+    if not 0 < int(port) < 65536:
+        raise SearchError(f"--address {given!r}: port {port} is not a port number (1-65535); give the one 'ray start "
+                          "--head' printed (6379 by default)")
     where = f"--address {given}" + (f" (found: {address})" if given == "auto" else "")
     tls = os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true")  # a TLS GCS: no plain HTTP/2
     try:
@@ -1414,6 +1421,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
     for key in ("data", "root", "audio_dir"):
         if key in given:
             given[key] = _data_location(given[key])
+    # An empty one (an unset shell variable) would be the current folder, or a local search for --address.
+    for flag, value, instead in (("--storage-dir", args.storage_dir, "runs"),
+                                 ("--address", args.address, "a search on this machine")):
+        if value is not None and not value.strip():
+            raise SettingsError(f"{flag} is empty; give a value, or leave {flag} out for {instead}")
     storage_dir = given.get("storage_dir", "runs")
     name = given.get("name")
     if name is not None and name_problem(name):

@@ -312,6 +312,8 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             rankme = json_safe(source.get("collapse_rankme_embedding"))  # as a final report gives it
             if rankme is not None:
                 attrs["rankme"] = rankme
+            if source.get("collapse_verdict") is not None:  # the last epoch's verdict, as a final report's "verdict"
+                attrs["verdict"] = str(source["collapse_verdict"])
         outcome = (final or {}).get("outcome")
         value = (final or {}).get(self._metric)
         if error or outcome == "failed":

@@ -196,7 +196,8 @@ def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_
         searcher.on_trial_result(trial_id, result)
         searcher.on_trial_complete(trial_id, result=result)
     searcher.on_trial_complete("d", error=True)  # an exception in the trial
-    searcher.on_trial_complete("e", result=epoch_result(2, 0.4))  # stopped by a scheduler at epoch 2
+    # Stopped by a scheduler at epoch 2, its last verdict dimensional (not stopped on).
+    searcher.on_trial_complete("e", result={**epoch_result(2, 0.4), "collapse_verdict": "dimensional"})
 
     study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
     trials = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
@@ -218,6 +219,8 @@ def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_
     # A stopped trial's epochs and RankMe are those of its last report (it sends no final one).
     assert (trials["e"].user_attrs["epochs_run"], trials["e"].user_attrs["epochs_completed"]) == (2.0, 2)
     assert trials["e"].user_attrs["rankme"] == 100.0
+    # ... and its verdict too (before: none, so trials.csv's verdict column was empty for ASHA's stops).
+    assert trials["e"].user_attrs["verdict"] == "dimensional" and trials["a"].user_attrs.get("verdict") is None
     assert trials["a"].user_attrs["config"] == {"x": trials["a"].params["x"]}
 
     # A non-finite epoch objective is not stored as an intermediate value (dashboards reject NaN); a
@@ -1526,6 +1529,7 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--data", "jamendo-mood", "--root", "/no/such/jamendo"], "/no/such/jamendo"),
         (["vicreg", "--audio-dir", "/tmp"], "--audio-dir applies to mtat, jamendo-* and msd, not to 'corpus'"),
         (["vicreg", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster"),
+        (["vicreg", "--address", ""], "--address is empty; give a value, or leave --address out for a search on this"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
         (["vicreg", "--stop-on", "complete,one-hot"],
          "--stop-on takes one or more of complete, dimensional, cluster, partial"),
@@ -1555,6 +1559,13 @@ def test_command_line_errors_exit_2_with_a_message_and_no_traceback(args, messag
     assert code == 2, out + err
     assert message in err
     assert not list(tmp_path.iterdir())  # nothing written for a search that never started
+
+
+def test_an_empty_storage_dir_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(search_main, ["vicreg", "--storage-dir", ""], capsys)
+    assert code == 2 and "--storage-dir is empty; give a value, or leave --storage-dir out for runs" in err, out + err
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, cli_env):
@@ -1898,6 +1909,41 @@ def test_an_address_that_is_not_a_ray_head_fails_in_seconds(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what 'auto' resolves first, as Ray does
     with pytest.raises(SearchError, match=rf"--address auto \(found: 127.0.0.1:{port}\): cannot reach a Ray cluster"):
         check_address("auto")
+
+
+def test_an_ipv6_address_is_read_as_ray_writes_it():
+    """Before: '[::1]:PORT' (how Ray writes an IPv6 head's address) was refused as unreachable, with the
+    brackets kept in the host name, and '::1:PORT' (which Ray cannot read) was let through."""
+    from hpsearch.run import SearchError, check_address
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    server = socket.socket(socket.AF_INET6)
+    try:
+        server.bind(("::1", 0))
+    except OSError:
+        server.close()
+        pytest.skip("no IPv6 loopback on this machine")
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer_as_a_grpc_server():  # an HTTP/2 SETTINGS frame, as Ray's GCS answers the preface
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(64)
+            connection.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+    answering = threading.Thread(target=answer_as_a_grpc_server, daemon=True)
+    answering.start()
+    try:
+        check_address(f"[::1]:{port}")
+        answering.join(timeout=10)
+    finally:
+        server.close()
+    with pytest.raises(SearchError, match=rf"--address '::1:{port}': write an IPv6 host in brackets, e.g. \[::1\]:{port}"):
+        check_address(f"::1:{port}")
+    with pytest.raises(SearchError, match=r"port 99999 is not a port number \(1-65535\)"):
+        check_address("localhost:99999")
 
 
 def test_a_cluster_that_cannot_be_joined_leaves_no_search_folder(tmp_path, tonal_data, monkeypatch):
