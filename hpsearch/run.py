@@ -1075,6 +1075,11 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                       + ("was not measured again; the summary keeps the one measured before"
                          if summary.untrained_value is not None else "is left out of the summary"),
                       file=stream, flush=True)
+            except Exception as error:  # a reference only: the search's results are written, and the summary follows
+                print(f"warning: the untrained backbone's reference score could not be measured "
+                      f"({type(error).__name__}: {error}); "
+                      + ("the summary keeps the one measured before" if summary.untrained_value is not None
+                         else "it is left out of the summary"), file=stream, flush=True)
             summary.seconds = time.perf_counter() - started
             _write_summary(folder, summary)
     finally:
@@ -1110,7 +1115,8 @@ def _seconds_so_far(folder: Path) -> float:
 
 def _untrained_missing(folder: Path) -> bool:
     """Whether the search's ``summary.json`` lacks the untrained backbone's reference score."""
-    return _number(_stored_summary(folder).get("untrained_value")) is None
+    value = _number(_stored_summary(folder).get("untrained_value"))
+    return value is None or not math.isfinite(value)
 
 
 def _finished_trials(journal: Path) -> int:
@@ -1218,6 +1224,11 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
         print(f"note: a grace of {settings.grace_epochs} and a patience of {settings.patience_epochs} epochs exceed the "
               f"trials' {settings.max_epochs} epochs: collapse never stops a trial (only a divergence does)",
               file=stream, flush=True)
+    if settings.scheduler == "asha" and settings.asha_grace_epochs >= settings.max_epochs:
+        # ASHA's first rung would be the last epoch, on which no trial is stopped (see _scheduler).
+        print(f"note: ASHA's grace of {settings.asha_grace_epochs} epochs reaches the trials' last epoch "
+              f"({settings.max_epochs}): ASHA never stops a trial; use --max-epochs {settings.asha_grace_epochs + 1} "
+              "or more, or --scheduler none", file=stream, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1269,7 +1280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", help=f"backbone preset: cpu or paper (default {defaults.preset})")
     add("--seed", type=int, help=f"seed of the sampler and of every trial's training (default {defaults.seed})")
     add("--concurrency", type=int, help=f"trials running at once (default {defaults.concurrency})")
-    add("--cpus-per-trial", type=float, help=f"CPUs per trial; torch uses as many threads "
+    add("--cpus-per-trial", type=float, help=f"CPUs per trial; torch uses as many threads (the whole part, at least 1) "
         f"(default {defaults.cpus_per_trial:g})")
     add("--gpus-per-trial", type=float, help=f"GPUs per trial (fractions share a GPU) (default {defaults.gpus_per_trial:g})")
     add("--address", help="run on an existing Ray cluster: 'auto' (the one this machine belongs to) or HOST:PORT "

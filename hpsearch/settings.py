@@ -265,7 +265,7 @@ class SearchSettings:
             # measured every epoch (its cost, ~1.5 s on the CPU corpus, is paid per epoch).
             probe_every_epoch=self.scheduler == "asha" and self.objective.startswith("probe_"),
             seed=self.seed,
-            num_threads=max(1, int(round(self.cpus_per_trial))),
+            num_threads=max(1, math.floor(self.cpus_per_trial)),  # never more threads than CPUs (1.5: 1, 2.5: 2)
             accelerator="gpu" if self.gpus_per_trial > 0 else "cpu",
             collapse_stop=self.collapse_stop,
             grace_epochs=self.grace_epochs,

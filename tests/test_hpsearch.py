@@ -565,6 +565,17 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     summary = json.loads((tmp_path / "late-stop" / "summary.json").read_text())
     assert summary["untrained_value"] is None and summary["trials_finished"] == 1
     assert (tmp_path / "late-stop" / "best_backbone.pt").is_file()
+    # An error in the reference probe (before: a traceback after the trials, and no printed summary) is a
+    # warning; the summary follows, without the reference.
+    def probe_fails(*args, **kwargs):
+        raise ValueError("a probe that cannot be fitted")
+
+    monkeypatch.setattr(hpsearch.run, "untrained_probe", probe_fails)
+    run_search(settings, resume=True, data=tonal_data)
+    printed = capsys.readouterr().out
+    assert ("warning: the untrained backbone's reference score could not be measured (ValueError: a probe that "
+            "cannot be fitted); it is left out of the summary") in printed
+    assert "vicreg: 1/1 trials finished" in printed and "reference:" not in printed
     # Run again, with every trial finished: the reference left out is measured (a finished search whose
     # summary has it only prints it, see test_a_stop_before_ray_tune_runs_says_how_to_continue).
     monkeypatch.setattr(hpsearch.run, "untrained_probe", lambda *args, **kwargs: (0.25, 0.5))
@@ -1804,6 +1815,11 @@ def test_a_stopping_rule_longer_than_the_trials_is_noted(tmp_path):
     assert ("note: a grace of 1 and a patience of 2 epochs exceed the trials' 2 epochs: collapse never stops a "
             "trial (only a divergence does)") in start_text(max_epochs=2)
     assert "collapse never stops" not in start_text(max_epochs=2, collapse_stop=False)
+    # ASHA's first rung (epoch 2) on the last epoch: it would stop nothing (and a probe runs every epoch).
+    assert ("note: ASHA's grace of 2 epochs reaches the trials' last epoch (2): ASHA never stops a trial; use "
+            "--max-epochs 3 or more, or --scheduler none") in start_text(max_epochs=2, scheduler="asha")
+    assert "ASHA never stops" not in start_text(max_epochs=3, scheduler="asha")
+    assert "ASHA never stops" not in start_text(max_epochs=2)
 
 
 def test_a_probe_set_too_large_for_the_machine_is_noted():
@@ -2045,6 +2061,9 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
         settings_from_args(parse(["vicreg", "--name", "x" * 300, "--storage-dir", str(tmp_path)]))
     assert settings.root == "/mnt/data"  # where a named dataset lies, e.g. on the cluster's nodes
     assert settings.trials == 8 and settings.trial_settings().num_threads == 2
+    # Never more torch threads than the trial's CPUs (before: round(), so 1.5 CPUs ran 2 threads).
+    assert [SearchSettings(method="vicreg", cpus_per_trial=cpus).trial_settings().num_threads
+            for cpus in (0.5, 1.0, 1.5, 2.5, 3.0)] == [1, 1, 1, 2, 3]
     # A dataset is recognised however it is spelled (split 0 of MTG-Jamendo by its bare name too).
     SearchSettings(method="vicreg", name="jam", storage_dir=str(tmp_path), data="Jamendo-Top50").save(
         (tmp_path / "jam").mkdir() or tmp_path / "jam")
