@@ -190,7 +190,8 @@ def test_uniformity_matches_the_definition_and_closed_forms() -> None:
     circle = torch.stack([angles.cos(), angles.sin()], dim=1)
     assert uniformity(circle) == pytest.approx(math.log(i0(4.0)) - 4.0, abs=5e-3)
     # Uniform on a high-dimensional sphere: cos ~ N(0, 1/d), so uniformity ~ -4 + 8/d.
-    assert uniformity(gaussian(1024, 512)) == pytest.approx(-4.0 + 8.0 / 512, abs=0.02)
+    # Seeds 0-4 give -3.98401 to -3.98461; the 8/d term (0.0156) is far outside that tolerance.
+    assert uniformity(gaussian(1024, 512)) == pytest.approx(-4.0 + 8.0 / 512, abs=0.002)
     # Complete collapse: every distance 0.
     assert uniformity(torch.ones(64, 8)) == pytest.approx(0.0, abs=1e-6)
 
@@ -312,9 +313,11 @@ def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
     spread_metrics = collapse_metrics({"assignment_probs": spread})
     assert spread_metrics["cluster_occupancy_attainable"] == pytest.approx(1.0)
     assert spread_metrics["cluster_occupancy"] == pytest.approx(512 / 4096)
-    # views= overrides the dict's other view
-    with_views = collapse_metrics({"embedding": embedding}, views=(embedding, embedding))
+    # views= overrides the dict's other view: the same view twice aligns perfectly (0), the dict's other
+    # view does not (its alignment is the one measured above).
+    with_views = collapse_metrics({"embedding": embedding, "embedding_other_view": other}, views=(embedding, embedding))
     assert with_views["alignment"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["alignment"] > 0.1
 
 
 def test_collapse_metrics_uses_groups_for_mean_cosine() -> None:

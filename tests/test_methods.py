@@ -239,6 +239,21 @@ def teacher_outputs(method: PretextMethod, views: list[Tensor]) -> list[Tensor]:
         return [head(method.teacher_backbone(view)) for view in views]
 
 
+def make_the_teacher_unlike_the_student(method: PretextMethod, seed: int = 7) -> None:
+    """``build`` makes the EMA teacher an exact copy of the student: a test that compares a loss or an
+    output with the teacher's could not tell which network the code read. Perturbed, it can."""
+    generator = torch.Generator().manual_seed(seed)
+    head = method.teacher_head if hasattr(method, "teacher_head") else method.teacher_projector
+    with torch.no_grad():
+        for module in (method.teacher_backbone, head):
+            for parameter in module.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    student_head = method.head if hasattr(method, "head") else method.projector
+    mels = make_views(1, seed=11)[0]
+    with torch.no_grad():
+        assert not torch.allclose(head(method.teacher_backbone(mels)), student_head(method.backbone(mels)), atol=1e-3)
+
+
 @pytest.mark.parametrize("n_views", [2, 3])
 @pytest.mark.parametrize("name", ["contrastive", "barlow_twins", "vicreg"])
 def test_symmetric_methods_average_the_reference_loss_over_unordered_pairs(name: str, n_views: int) -> None:
@@ -260,6 +275,7 @@ def test_symmetric_methods_average_the_reference_loss_over_unordered_pairs(name:
 @pytest.mark.parametrize("use_predictor", [True, False])
 def test_byol_averages_ordered_pairs_against_the_teacher(n_views: int, use_predictor: bool) -> None:
     method = build("byol", use_predictor=use_predictor)
+    make_the_teacher_unlike_the_student(method)
     if not use_predictor:
         assert isinstance(method.predictor, nn.Identity)
     views = make_views(n_views)
@@ -276,6 +292,7 @@ def test_byol_averages_ordered_pairs_against_the_teacher(n_views: int, use_predi
 @pytest.mark.parametrize("n_views", [2, 3])
 def test_clustering_follows_dinos_loss_over_different_views(n_views: int) -> None:
     method = build("clustering")
+    make_the_teacher_unlike_the_student(method)
     method.center.copy_(torch.linspace(-0.2, 0.3, 20))
     views = make_views(n_views)
     student = projections_of(method, views)
@@ -357,6 +374,7 @@ def test_teacher_starts_as_a_copy_and_is_excluded_from_the_optimiser(name: str) 
 
 def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
     method = build("clustering")
+    make_the_teacher_unlike_the_student(method)
     method.center.copy_(torch.linspace(0.0, 1.0, 20))
     views = make_views(3)
     mean_logits = torch.cat(teacher_outputs(method, views)).mean(dim=0)
@@ -406,6 +424,8 @@ def test_clustering_without_centering_keeps_no_centre() -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_collapse_outputs_keys_shapes_and_no_side_effects(name: str) -> None:
     method = build(name)
+    if name in EMA_METHODS:
+        make_the_teacher_unlike_the_student(method)
     method.training_loss(make_views(2), PROGRESS)  # leaves non-trivial BatchNorm running statistics
     mels = make_views(1, seed=5, batch=6)[0]
     buffers_before = {key: value.clone() for key, value in method.state_dict().items()}
@@ -421,10 +441,15 @@ def test_collapse_outputs_keys_shapes_and_no_side_effects(name: str) -> None:
     assert method.training  # mode restored
     for key, value in method.state_dict().items():  # running statistics untouched
         assert torch.equal(value, buffers_before[key]), key
-    # Eval-mode outputs: the same embedding as the backbone in eval mode.
+    # Eval-mode outputs: the student's embedding and head output (BYOL's without its predictor), and the
+    # teacher's embedding (unlike the student's here), each as its network gives it in eval mode.
     method.eval()
     with torch.no_grad():
         torch.testing.assert_close(outputs["embedding"], method.backbone(mels))
+        head = method.head if name == "clustering" else method.projector
+        torch.testing.assert_close(outputs["projection"], head(method.backbone(mels)))
+        if name in EMA_METHODS:
+            torch.testing.assert_close(outputs["teacher_embedding"], method.teacher_backbone(mels))
 
 
 def test_assignment_probs_use_the_centre_and_current_teacher_temperature() -> None:

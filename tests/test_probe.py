@@ -204,6 +204,16 @@ def test_probe_standardises_by_the_training_rows_alone():
     for tag in range(3):
         model = LogisticRegression(C=1.0, max_iter=500).fit(train, y[:250, tag])
         np.testing.assert_allclose(full.scores[:, tag], model.predict_proba(valid)[:, 1], atol=1e-6)
+    # c is sklearn's C, and standardize=False fits the raw features: each against sklearn, and each
+    # different from the defaults' scores (so a probe that ignored either would fail here).
+    strong = fit_linear_probe(x[:250], y[:250], x[250:], y[250:], c=0.01)
+    raw = fit_linear_probe(x[:250], y[:250], x[250:], y[250:], standardize=False, max_iter=5000)
+    for tag in range(3):
+        model = LogisticRegression(C=0.01, max_iter=500).fit(train, y[:250, tag])
+        np.testing.assert_allclose(strong.scores[:, tag], model.predict_proba(valid)[:, 1], atol=1e-6)
+        model = LogisticRegression(C=1.0, max_iter=5000).fit(x[:250], y[:250, tag])
+        np.testing.assert_allclose(raw.scores[:, tag], model.predict_proba(x[250:])[:, 1], atol=1e-5)
+    assert np.abs(strong.scores - full.scores).max() > 0.05 and np.abs(raw.scores - full.scores).max() > 1e-3
 
 
 def test_probe_reports_constant_training_tags_and_skipped_evaluation_tags():

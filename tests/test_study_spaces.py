@@ -198,13 +198,15 @@ def test_a_new_module_is_discovered_and_a_malformed_one_is_refused(tmp_path, mon
             return None
     """))
     monkeypatch.setattr(study_spaces, "__path__", [*study_spaces.__path__, str(tmp_path)])
-    assert {"barlow_extra", "vicreg_copy"} <= set(available_spaces())
-    with pytest.raises(SpaceError, match="named module-level function"):
-        get_space("barlow_extra")
-    with pytest.raises(SpaceError, match="METHOD must be 'vicreg_copy'"):
-        get_space("vicreg_copy")
-    for name in ("study_spaces.barlow_extra", "study_spaces.vicreg_copy"):
-        sys.modules.pop(name, None)
+    try:
+        assert {"barlow_extra", "vicreg_copy"} <= set(available_spaces())
+        with pytest.raises(SpaceError, match="named module-level function"):
+            get_space("barlow_extra")
+        with pytest.raises(SpaceError, match="METHOD must be 'vicreg_copy'"):
+            get_space("vicreg_copy")
+    finally:  # whatever the outcome, no later test sees these modules
+        for name in ("study_spaces.barlow_extra", "study_spaces.vicreg_copy"):
+            sys.modules.pop(name, None)
 
 
 def test_a_setting_both_sampled_and_fixed_is_refused(tmp_path, monkeypatch):
@@ -217,11 +219,13 @@ def test_a_setting_both_sampled_and_fixed_is_refused(tmp_path, monkeypatch):
             trial.suggest_int('num_prototypes', 16, 8192, log=True)
     """))
     monkeypatch.setattr(study_spaces, "__path__", [*study_spaces.__path__, str(tmp_path)])
-    space = dataclasses.replace(get_space("clustering_fixed_k"), method="clustering")
-    with pytest.raises(SpaceError, match=r"\['num_prototypes'\] are sampled .* also in FIXED"):
-        space.split({"num_prototypes": 512})
-    assert space.split({}) == ({}, {"num_prototypes": 64, "use_centering": True})
-    sys.modules.pop("study_spaces.clustering_fixed_k", None)
+    try:
+        space = dataclasses.replace(get_space("clustering_fixed_k"), method="clustering")
+        with pytest.raises(SpaceError, match=r"\['num_prototypes'\] are sampled .* also in FIXED"):
+            space.split({"num_prototypes": 512})
+        assert space.split({}) == ({}, {"num_prototypes": 64, "use_centering": True})
+    finally:
+        sys.modules.pop("study_spaces.clustering_fixed_k", None)
 
 
 @pytest.mark.parametrize("method, fixed", [("clustering", {"use_centering": True}), ("byol", {"use_predictor": True})])

@@ -68,6 +68,12 @@ def test_view_config_in_frames_follows_the_stft_arithmetic() -> None:
     # Gaps honour the limits in seconds: the minimum rounds up, the maximum down (3.3 s = 103.125 frames).
     frames = ViewConfig(segment_seconds=2.0, min_gap_seconds=3.3, max_gap_seconds=5.5).in_frames(LogMelConfig())
     assert frames == ViewFrames(2, 2 * SR // HOP + 1, 104, 171)
+    # No whole frame between the limits (103.125-103.44 frames; a fixed 4.01 s is 125.3): the frame nearest
+    # the minimum, the one exception the module's docstring states.
+    narrow = ViewConfig(min_gap_seconds=3.3, max_gap_seconds=3.31).in_frames(LogMelConfig())
+    assert (narrow.min_gap, narrow.max_gap) == (round(3.3 * SR / HOP), round(3.3 * SR / HOP)) == (103, 103)
+    fixed = ViewConfig(min_gap_seconds=4.01, max_gap_seconds=4.01).in_frames(LogMelConfig())
+    assert (fixed.min_gap, fixed.max_gap) == (125, 125)
     with pytest.raises(ValueError, match="n_views"):
         ViewConfig(n_views=1)
     with pytest.raises(ValueError, match="min_gap_seconds <= max_gap_seconds"):

@@ -6,7 +6,8 @@ Frame arithmetic (one convention everywhere, the one :class:`musicssl.audio.LogM
   16 kHz, hop 512), the frame count of a centred STFT of that many samples;
 * a start offset or gap of ``g`` seconds is ``g * sample_rate / hop_length`` frames (125 for 4 s):
   frame ``k`` is centred on sample ``k * hop_length``. The minimum gap is rounded up and the maximum
-  rounded down, so every gap honours the limits in seconds;
+  rounded down, so every gap honours the limits in seconds, unless no whole frame lies between them
+  (3.3-3.31 s, or a fixed 4.01 s, at 32 ms a frame): the gap is then the frame nearest the minimum;
 * "non-overlapping" 4 s segments start 125 frames apart: their waveforms do not overlap and the
   frame on the boundary sample is the last of one segment and the first of the next.
 
