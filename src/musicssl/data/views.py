@@ -87,6 +87,12 @@ class ViewConfig:
         return ViewFrames(self.n_views, settings.segment_frames(self.segment_seconds), min_gap, max_gap)
 
 
+def _examples(track_ids: Sequence[str], shown: int = 3) -> str:
+    """``e.g. a, b, c`` (the first few ids of a list the message counts), or ``a`` alone."""
+    named = ", ".join(map(str, track_ids[:shown]))
+    return named if len(track_ids) == 1 else f"e.g. {named}"
+
+
 @dataclass(frozen=True)
 class ViewFrames:
     """A :class:`ViewConfig` in frames: segment length and the allowed start gaps (inclusive)."""
@@ -182,10 +188,12 @@ class ViewDataset(Dataset):
             if self.skipped_short:
                 parts.append(
                     f"{len(self.skipped_short)} shorter than {needed:.2f} s ({self.config.n_views} views of "
-                    f"{self.config.segment_seconds:g} s starting >= {self.config.min_gap_seconds:g} s apart)"
+                    f"{self.config.segment_seconds:g} s starting >= {self.config.min_gap_seconds:g} s apart; "
+                    f"{_examples(self.skipped_short)})"
                 )
             if self.skipped_uncached:
-                parts.append(f"{len(self.skipped_uncached)} not in the mel cache (see {cache.path}/skipped.csv)")
+                parts.append(f"{len(self.skipped_uncached)} not in the mel cache ({_examples(self.skipped_uncached)}; "
+                             f"see {cache.path}/skipped.csv)")
             print(
                 f"views: left out {' and '.join(parts)}; {len(self.track_ids)} of {len(requested)} tracks used",
                 file=sys.stderr,
