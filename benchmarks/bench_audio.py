@@ -88,14 +88,18 @@ def main() -> None:
     libsndfile = soundfile.__libsndfile_version__
     print(f"torch {torch.__version__}, soundfile {soundfile.__version__} (libsndfile {libsndfile})")
     print(f"{'what':<34} {'threads':>7} {'ms per item':>12} {'x real time':>12}")
+    ratios = []  # each against a baseline timed in the same run
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)
+            per_clip = {}
             for batch_size in (1, 32):
                 clips = batch[:batch_size]
                 seconds = median_seconds(lambda clips=clips: front_end(clips), args.repeats) / batch_size
+                per_clip[batch_size] = seconds
                 label = f"LogMel 10 s clip, batch {batch_size}"
                 print(f"{label:<34} {threads:>7} {1e3 * seconds:>12.2f} {clip_seconds / seconds:>12.0f}")
+            ratios.append(f"LogMel per clip, batch 32 / batch 1 ({threads} thread(s)): {per_clip[32] / per_clip[1]:.2f}")
 
     file_seconds = 30
     with tempfile.TemporaryDirectory() as folder:
@@ -112,6 +116,9 @@ def main() -> None:
             print(f"{label:<34} {1:>7} {1e3 * seconds:>12.2f} {file_seconds / seconds:>12.0f}")
             label = f"  of which decoding ({name})"
             print(f"{label:<34} {1:>7} {1e3 * decode_only:>12.2f} {file_seconds / decode_only:>12.0f}")
+            ratios.append(f"load_audio / decoding alone ({name}): {seconds / decode_only:.2f}")
+    for line in ratios:
+        print(f"RESULT {line}")
 
 
 if __name__ == "__main__":

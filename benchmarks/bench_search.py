@@ -479,9 +479,14 @@ def bench_overhead(args) -> None:
           f"after {sum(direct_after) / len(points):.2f})")
     print(f"through Ray, completion to completion (trials 2..{len(points)}): {gaps.mean():.2f} s; "
           f"inside the trainable: {inside:.2f} s; first trial (new actor, imports): {frame['seconds'].iloc[0]:.2f} s")
-    overhead = gaps.mean() - direct_mean
-    print(f"RESULT overhead: {overhead:.2f} s per trial = {100 * overhead / direct_mean:.1f}% of a default trial "
-          f"({'met' if overhead <= 0.1 * direct_mean else 'NOT met'}; target <= 10%); load average {load_average()}")
+    # Ray's share: the time between two trials' completions spent outside the trainable, against the time
+    # inside it, both measured in the Ray run. The direct trials are a side figure: they drift with the
+    # process (warming, aging) by more than Ray adds, so their difference from the gaps can even be negative.
+    overhead = gaps.mean() - inside
+    print(f"direct minus through Ray: {direct_mean - gaps.mean():+.2f} s per trial (a side figure, see above)")
+    print(f"RESULT overhead: {overhead:.2f} s per trial outside the trainable = {100 * overhead / inside:.1f}% of a "
+          f"default trial ({'met' if overhead <= 0.1 * inside else 'NOT met'}; target <= 10%); "
+          f"load average {load_average()}")
 
 
 def seed_list(text: str) -> list[int]:
@@ -518,6 +523,10 @@ def main() -> None:
     args = parser.parse_args()
     Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
     if args.benchmark == "timing":
+        if args.method != "vicreg" or args.seed != 0 or args.max_epochs is not None:
+            # Its target is the README's default command; savings times any method (both its runs).
+            parser.error("timing is of the default search, `python -m hpsearch.run vicreg --trials N`: --method, "
+                         "--seed and --max-epochs do not apply (use savings for another method or setting)")
         args.trials = args.trials or 64
         bench_timing(args)
     elif args.benchmark == "savings":
