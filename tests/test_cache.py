@@ -1026,3 +1026,27 @@ def test_a_track_repointed_to_another_file_of_the_same_size_and_mtime_is_recompu
     third = MelCache.build(make_index({"song": new, "clip": other_short}), tmp_path / "cache", workers=0,
                            progress=False, verbose=False)
     assert (third.build_report.processed, third.build_report.already_cached) == (0, 1)
+
+
+def test_a_relative_cache_setting_is_read_against_the_folder_it_was_set_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: MUSICSSL_CACHE=relcache gave a cache whose shard paths were relative, so a cache handed
+    to another process in another folder (a search's trial, which Ray Tune runs in its own folder)
+    failed with FileNotFoundError on its first read."""
+    from musicssl.data.pipeline import prepare_data
+
+    root = tmp_path / "music"
+    root.mkdir()
+    for seed, name in enumerate(("a", "b")):
+        write(root / f"{name}.wav", tone_and_noise(6.0, 16000, seed), 16000)
+    (root / "tags.csv").write_text("path,tags,split\na.wav,x,train\nb.wav,y,valid\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MUSICSSL_CACHE", "relcache")
+    data = prepare_data(str(root), LogMelConfig(n_mels=64), workers=0, verbose=False)
+    assert data.cache.path.is_absolute() and (tmp_path / "relcache") in data.cache.path.parents
+    moved = pickle.loads(pickle.dumps(data.cache))
+    elsewhere = tmp_path / "trial"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    np.testing.assert_array_equal(moved.get("a", 0, 10), data.cache.get("a", 0, 10))

@@ -349,6 +349,32 @@ def test_a_cache_dir_that_is_a_file_exits_2_naming_it(tmp_path, capsys):
     assert f"{taken}: File exists; give --out and --cache-dir folders you can write in" in err and "Traceback" not in err
 
 
+def test_a_note_bank_inside_the_corpus_folder_and_an_empty_out_are_refused_before_building(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """Before: the whole build ran, then failed to move the corpus into place ("[Errno 39] Directory not
+    empty" naming the staging folder, already gone), and the bank left in --out made a rerun refuse it;
+    --out "" was the current folder."""
+    (tmp_path / "o1").mkdir()
+    cases = [
+        (["--out", str(tmp_path / "o1"), "--cache-dir", str(tmp_path / "o1" / "bank")],
+         f"--cache-dir {tmp_path / 'o1' / 'bank'} is inside {tmp_path / 'o1'}, which the finished corpus replaces"),
+        (["--out", ""], "argument --out: empty; give the folder the corpus goes in (new or empty)"),
+    ]
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    for arguments, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["--tracks", "10", *arguments])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    # The default bank's folder (MUSICSSL_CACHE) inside --out: the same, in its words.
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "o1" / "cache"))
+    with pytest.raises(SystemExit):
+        cli_main(["--tracks", "10", "--out", str(tmp_path / "o1")])
+    assert "the note bank's folder (MUSICSSL_CACHE)" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["o1"] and not any((tmp_path / "o1").iterdir())
+
+
 def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli_corpus, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exited:
@@ -473,6 +499,73 @@ def test_an_interrupted_build_leaves_nothing_behind(signals, code, cache, bank, 
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
+def test_a_ctrl_c_as_the_corpus_is_put_in_place_says_it_is_complete(cache, bank, tmp_path, monkeypatch, capsys):
+    """The move into place holds a Ctrl-C until it is done, so the corpus is whole; before, the command
+    then said "nothing was left in --out" of it, and running it again was refused ("already holds a
+    corpus")."""
+    import musicssl.corpus.build as build_module
+    from musicssl.corpus.__main__ import main as corpus_main
+
+    real_publish = build_module._publish
+
+    def publish_then_ctrl_c(*arguments, **options):
+        published = real_publish(*arguments, **options)
+        os.kill(os.getpid(), signal_module.SIGINT)  # held until the move is done, then taken
+        time.sleep(0.5)
+        return published
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(cache))
+    monkeypatch.setattr(build_module, "_publish", publish_then_ctrl_c)
+    previous = signal_module.signal(signal_module.SIGINT, signal_module.default_int_handler)
+    try:
+        arguments = ["--tracks", "10", "--seconds", "8", "--workers", "1", "--quiet", "--out", str(tmp_path / "c")]
+        assert corpus_main(arguments) == 130
+        err = capsys.readouterr().err
+        assert err.strip() == f"python -m musicssl.corpus: interrupted as the corpus was put in place; it is " \
+                              f"complete in {tmp_path / 'c'}"
+        assert (tmp_path / "c" / "tracks.csv").is_file()
+        # With --force, a Ctrl-C before the move leaves the corpus that was there, and says so.
+        monkeypatch.setattr(build_module, "_publish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert corpus_main([*arguments, "--force"]) == 130
+        assert capsys.readouterr().err.strip() == "python -m musicssl.corpus: interrupted; the corpus in --out is as it was"
+    finally:
+        signal_module.signal(signal_module.SIGINT, previous)
+
+
+def test_a_build_killed_outright_leaves_its_staging_folder_to_the_next_build_only(cache, bank, tmp_path):
+    """SIGKILL (out of memory, kill -9) gives the build no chance to clean up: its hidden staging folder
+    (61 MB two seconds into the default corpus) stayed for good. The next build here removes it, and
+    never the staging folder of a build that is running (two builds of one corpus at once are fine)."""
+    from musicssl.paths import remove_abandoned_staging, staging_folder
+
+    out = tmp_path / "corpus"
+    _interrupt_the_build(out, cache, [signal_module.SIGKILL])
+    (left,) = tmp_path.glob(".corpus.partial-*")
+    assert any(left.glob("audio/*.flac"))
+    result = subprocess.run([sys.executable, "-m", "musicssl.corpus", "--tracks", "10", "--seconds", "8", "--workers", "1",
+                             "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MUSICSSL_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus"]
+    # Which are removed: this host's of ended processes only.
+    ours = staging_folder(tmp_path, ".x.partial-")  # this process runs
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".x.partial-{ours.name.split('~')[0][len('.x.partial-'):]}~{sleeper.pid}~abc"
+        running.mkdir()
+        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        gone = tmp_path / f".x.partial-{ours.name.split('~')[0][len('.x.partial-'):]}~{int(ended.stdout)}~abc"
+        other_host = tmp_path / f".x.partial-another-host~{int(ended.stdout)}~abc"
+        older_name = tmp_path / ".x.partial-k2j4h5"
+        for folder in (gone, other_host, older_name):
+            folder.mkdir()
+        assert remove_abandoned_staging(tmp_path, ".x.partial-") == [gone]
+        assert all(folder.is_dir() for folder in (ours, running, other_host, older_name)) and not gone.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_build_that_another_build_of_another_corpus_beat_to_the_folder_fails(cache, bank, tmp_path, monkeypatch):
     """Two builds into one --out at once: the later one's folder could not be moved into place, and it
     reported success ("built 12 tracks ... in race") over the other one's corpus of 10. A build beaten
@@ -595,7 +688,7 @@ def test_a_folder_that_cannot_be_written_fails_before_the_note_bank_is_rendered(
     # The default corpus's place is the cache folder: the message says how to move it.
     monkeypatch.setenv("MUSICSSL_CACHE", str(blocker))
     with pytest.raises(CorpusError, match=r"\(in the cache folder .*a-file, where corpora and mel caches are kept: set "
-                                          r"MUSICSSL_CACHE to a folder you can write\); give a folder you can write"):
+                                          r"MUSICSSL_CACHE to a folder you can write, with room for them\); give a folder you can write"):
         build_corpus(blocker / "corpus", CorpusConfig(tracks=10, seconds=8.0), workers=1,
                      bank_cache_dir=tmp_path / "bank", progress=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -469,6 +470,30 @@ def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_a_cache_write_that_fails_for_room_names_the_cache_and_the_fix(tmp_path, tonal_dataset):
+    """A mel shard that cannot be written for want of room (disk full; here the file size limit, the same
+    failure: a write that names no file). Before: "error: [Errno 27] File too large", with no path, so no
+    word of where or of MUSICSSL_CACHE."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tonal_dataset / "tracks.csv"),
+               "--max-epochs", "1", "--batch-size", "8", "--threads", "1", "--out", str(tmp_path / "run")]
+    process = subprocess.run(command, preexec_fn=small_files, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "MUSICSSL_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"})
+    last = process.stderr.strip().splitlines()[-1]
+    assert process.returncode == 2, process.stderr
+    assert last.startswith(f"python -m musicssl.train: error: [Errno {errno.EFBIG}] File too large: '{cache / 'mels'}"), last
+    assert last.endswith(f"(in the cache folder {cache}, where corpora and mel caches are kept: set MUSICSSL_CACHE "
+                         "to a folder you can write, with room for them)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path, tonal_dataset, monkeypatch, capsys):
     """Before: "error: [Errno 20] Not a directory: '.../mels'", with no word of MUSICSSL_CACHE."""
     from musicssl import train as train_module
@@ -481,7 +506,7 @@ def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path, t
     error = capsys.readouterr().err
     assert error.startswith("python -m musicssl.train: error: ") and error.count("\n") == 1
     assert error.rstrip().endswith(f"(in the cache folder {tmp_path / 'cache'}, where corpora and mel caches are "
-                                   "kept: set MUSICSSL_CACHE to a folder you can write)")
+                                   "kept: set MUSICSSL_CACHE to a folder you can write, with room for them)")
     assert not (tmp_path / "run").exists()
     # An error with a file descriptor for its file name (os.stat(999)) gets no hint, and no TypeError.
     from musicssl.paths import cache_hint

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,16 +14,19 @@ from typing import IO
 
 __all__ = [
     "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "make_writable_folder", "missing_folders",
-    "remove_if_empty", "staging_folder",
+    "remove_abandoned_staging", "remove_if_empty", "staging_folder",
 ]
 
 CLAIM_FILE = ".writing.lock"
 
 
 def cache_root() -> Path:
-    """The root of built corpora and mel caches; set ``MUSICSSL_CACHE`` to move it."""
+    """The root of built corpora and mel caches, absolute; set ``MUSICSSL_CACHE`` to move it.
+
+    A relative ``MUSICSSL_CACHE`` is read against the working folder now: the paths built from it
+    travel to other processes (a search's trials, which Ray Tune runs in their own folders)."""
     configured = os.environ.get("MUSICSSL_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "musicssl"
+    return Path(configured).expanduser().absolute() if configured else Path.home() / ".cache" / "musicssl"
 
 
 def cache_hint(error: OSError) -> str:
@@ -33,7 +38,7 @@ def cache_hint(error: OSError) -> str:
     if path != root and root not in path.parents:
         return ""
     return (f" (in the cache folder {root}, where corpora and mel caches are kept: set MUSICSSL_CACHE to a folder "
-            "you can write)")
+            "you can write, with room for them)")
 
 
 def _umask() -> int:
@@ -49,13 +54,52 @@ def _umask() -> int:
     return mask
 
 
+def _owner_tag() -> str:
+    """``HOST~PID~``: which process a staging folder is of (a cache may be shared by machines)."""
+    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname()) or "host"
+    return f"{host}~{os.getpid()}~"
+
+
 def staging_folder(parent: str | Path, prefix: str) -> Path:
     """A new hidden folder in ``parent`` to build something in and rename into place when it is whole,
     with the mode ``mkdir`` would give it (``tempfile.mkdtemp`` makes it 0700, and a corpus or note bank
-    renamed from it could not be read by the others of a group sharing the cache)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    renamed from it could not be read by the others of a group sharing the cache). Its name is
+    ``prefix``, the host and process that build in it, and a random part; a build killed before it
+    could remove it (SIGKILL, out of memory) leaves it, and :func:`remove_abandoned_staging` removes
+    such folders once their process is gone."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix + _owner_tag(), dir=parent))
     os.chmod(folder, 0o777 & ~_umask())
     return folder
+
+
+def remove_abandoned_staging(parent: str | Path, prefix: str) -> list[Path]:
+    """Remove the staging folders ``parent/prefix*`` that a process of this host made and that is no
+    longer running (see :func:`staging_folder`); returns them. Those of other hosts, or of running
+    processes (a build of the same thing at the same time), are left alone."""
+    host_tag = _owner_tag().split("~")[0]
+    removed = []
+    try:
+        candidates = [path for path in Path(parent).iterdir() if path.name.startswith(prefix) and path.is_dir()]
+    except OSError:
+        return removed
+    for path in candidates:
+        host, _, rest = path.name[len(prefix):].partition("~")
+        pid, _, _ = rest.partition("~")
+        if host != host_tag or not pid.isdigit() or int(pid) == os.getpid() or _process_runs(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def missing_folders(folder: str | Path) -> list[Path]:

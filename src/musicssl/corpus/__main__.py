@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         "SoundFont, with exact style/instrument/drums/mood/tempo tags, split 70/10/20 by track.",
     )
     parser.add_argument("--tracks", type=int, default=600, help=f"number of songs (>= {MIN_TRACKS}; default 600)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty); gets audio/, midi/, tracks.csv")
+    parser.add_argument("--out", type=_folder, required=True, help="output folder (new or empty); gets audio/, midi/, tracks.csv")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same corpus (default 0)")
     parser.add_argument("--seconds", type=float, default=30.0, help=f"length of each song, {MIN_SECONDS:g}-{MAX_SECONDS:g} s (default 30)")
     parser.add_argument("--workers", type=int, default=None, help=f"parallel processes (default: one per CPU, here {default_workers()})")
@@ -39,6 +39,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace a corpus already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _folder(text: str) -> Path:
+    """``--out``: not empty (an unset shell variable would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give the folder the corpus goes in (new or empty)")
+    return Path(text)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is (device, inode, change time), or None when there is none."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_ctime_ns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         config = CorpusConfig(tracks=args.tracks, seconds=args.seconds, seed=args.seed)
     except CorpusError as error:  # it names the setting, which is the flag: "tracks must be ..."
         parser.error(f"--{error}")
+    index_file = Path(args.out).expanduser() / "tracks.csv"
+    before = _identity(index_file)
     try:
         with sigterm_interrupts():  # a SIGTERM (kill, timeout, a batch scheduler) cleans up as Ctrl-C does
             report = build_corpus(args.out, config, workers=args.workers, bank_cache_dir=args.cache_dir,
@@ -60,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{error.filename or ''}: {error.strerror or error}; give --out and --cache-dir folders you can "
                      "write in")
     except KeyboardInterrupt as stop:  # exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-        print(f"\n{parser.prog}: interrupted; nothing was left in --out", file=sys.stderr)
+        after = _identity(index_file)
+        if after is not None and after != before:  # it came as the corpus was moved into place, and took effect after
+            said = f"interrupted as the corpus was put in place; it is complete in {index_file.parent}"
+        elif after is not None:
+            said = "interrupted; the corpus in --out is as it was"
+        else:
+            said = "interrupted; nothing was left in --out"
+        print(f"\n{parser.prog}: {said}", file=sys.stderr)
         return exit_code(stop)
     print(report.summary())
     return 0

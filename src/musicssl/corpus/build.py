@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -36,7 +35,7 @@ from musicssl.corpus.render import (
 )
 from musicssl.corpus.tags import TAG_NAMES
 from musicssl.interrupts import held_signals
-from musicssl.paths import cache_hint, make_writable_folder, staging_folder
+from musicssl.paths import cache_hint, cache_root, make_writable_folder, remove_abandoned_staging, staging_folder
 
 # As in musicssl.data.index, which is imported only where tracks.csv is written: importing
 # musicssl.data loads torch, and the build's worker processes are better forked without it.
@@ -115,8 +114,8 @@ class BuildReport:
 
 
 def cache_dir() -> Path:
-    """``$MUSICSSL_CACHE``, else ``~/.cache/musicssl``."""
-    return Path(os.environ.get("MUSICSSL_CACHE") or Path.home() / ".cache" / "musicssl").expanduser()
+    """``$MUSICSSL_CACHE``, else ``~/.cache/musicssl`` (absolute: see :func:`musicssl.paths.cache_root`)."""
+    return cache_root()
 
 
 def default_corpus_dir(tracks: int = 600, seconds: float = 30.0, seed: int = 0) -> Path:
@@ -265,6 +264,11 @@ def build_corpus(
     if not isinstance(workers, int) or workers < 1:
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
     _check_out_dir(out_dir, force)
+    bank_folder = (Path(bank_cache_dir).expanduser() if bank_cache_dir is not None else cache_dir()).absolute()
+    if bank_folder == out_dir or out_dir in bank_folder.parents:  # the corpus takes --out's place when it is done
+        where = "--cache-dir" if bank_cache_dir is not None else "the note bank's folder (MUSICSSL_CACHE)"
+        raise CorpusError(f"{where} {bank_folder} is inside {out_dir}, which the finished corpus replaces; keep the note "
+                          "bank outside the corpus's folder")
     try:  # before the note bank: a folder that cannot be written fails at once
         make_writable_folder(out_dir.parent)
     except OSError as error:
@@ -276,6 +280,7 @@ def build_corpus(
     bank_seconds = time.perf_counter() - started
 
     splits = split_assignment(config.tracks, config.seed)
+    remove_abandoned_staging(out_dir.parent, f".{out_dir.name}.partial-")  # of builds killed here before
     staging = staging_folder(out_dir.parent, f".{out_dir.name}.partial-")
     try:
         (staging / "audio").mkdir()

@@ -47,7 +47,7 @@ from musicssl.corpus.compose import (
 )
 from musicssl.corpus.tags import DRUM_KITS, INSTRUMENTS, ROLE_PITCH_RANGES
 from musicssl.interrupts import held_signals, quiet_worker
-from musicssl.paths import staging_folder
+from musicssl.paths import remove_abandoned_staging, staging_folder
 
 __all__ = [
     "SAMPLE_RATE",
@@ -345,6 +345,7 @@ def ensure_note_bank(cache_dir: Path, workers: int = 1, spec: BankSpec = BankSpe
         "release_db_per_second": {str(program): release for (is_drum, program), (_, release) in results.items() if not is_drum},
         "soundfont": str(soundfont_path()),
     }
+    remove_abandoned_staging(directory.parent, f".{directory.name}.partial-")  # of renders killed here before
     staging = staging_folder(directory.parent, f".{directory.name}.partial-")
     try:
         np.save(staging / "samples.npy", np.concatenate(chunks))

@@ -788,6 +788,14 @@ class _ShardWriter:
         self.rules = rules
 
     def commit(self, results: list[_Result]) -> None:
+        try:
+            self._commit(results)
+        except OSError as error:
+            if error.filename is None:  # a failed write names no file (disk full, file too large): name the cache
+                raise OSError(error.errno, error.strerror, str(self.folder)) from error
+            raise
+
+    def _commit(self, results: list[_Result]) -> None:
         if not results:
             return
         number = self.next_number
