@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal as signal_module
 import subprocess
 import sys
@@ -499,6 +500,38 @@ def test_an_interrupted_build_leaves_nothing_behind(signals, code, cache, bank, 
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
+def test_a_corpus_of_another_generator_version_is_built_again_or_refused(cache, bank, tmp_path, monkeypatch, capsys):
+    """Before: any folder with a tracks.csv was the corpus, whatever version of the generator built it,
+    so an upgrade that changes the audio kept training on the old corpus without a word."""
+    from musicssl.corpus.build import GENERATOR_VERSION, ensure_corpus
+    from musicssl.data.loaders import DatasetError, open_dataset
+
+    def stamp(folder: Path, version) -> None:
+        info = json.loads((folder / "corpus.json").read_text())
+        (folder / "corpus.json").write_text(json.dumps({**info, "generator_version": version}))
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(cache))
+    given = ensure_corpus(tmp_path / "given", tracks=10, seconds=8.0)
+    stamp(given, GENERATOR_VERSION - 1)
+    message = rf"a corpus of generator version {GENERATOR_VERSION - 1}; this version builds version {GENERATOR_VERSION}"
+    with pytest.raises(CorpusError, match=message + r".*python -m musicssl.corpus --out .* --force"):
+        ensure_corpus(given, tracks=10, seconds=8.0)
+    with pytest.raises(DatasetError, match=message):  # as the command lines see it (--data corpus --root DIR)
+        open_dataset("corpus", root=given, tracks=10, seconds=8.0)
+    # The default folder is the toolkit's own: built again.
+    default = ensure_corpus(tracks=10, seconds=8.0)
+    stamp(default, GENERATOR_VERSION - 1)
+    capsys.readouterr()
+    assert ensure_corpus(tracks=10, seconds=8.0) == default
+    assert f"built by generator version {GENERATOR_VERSION - 1}, this is {GENERATOR_VERSION}; building it again" in \
+        capsys.readouterr().err
+    assert json.loads((default / "corpus.json").read_text())["generator_version"] == GENERATOR_VERSION
+    shutil.rmtree(default)  # the session's cache (its note bank) is shared; its default corpus is not this test's
+    # Without a corpus.json (a corpus written by hand), a folder is taken as it is.
+    (given / "corpus.json").unlink()
+    assert ensure_corpus(given, tracks=10, seconds=8.0) == given
+
+
 def test_a_ctrl_c_as_the_corpus_is_put_in_place_says_it_is_complete(cache, bank, tmp_path, monkeypatch, capsys):
     """The move into place holds a Ctrl-C until it is done, so the corpus is whole; before, the command
     then said "nothing was left in --out" of it, and running it again was refused ("already holds a
@@ -570,7 +603,6 @@ def test_a_build_that_another_build_of_another_corpus_beat_to_the_folder_fails(c
     """Two builds into one --out at once: the later one's folder could not be moved into place, and it
     reported success ("built 12 tracks ... in race") over the other one's corpus of 10. A build beaten
     by the same corpus (same settings, same files) still succeeds."""
-    import shutil
 
     import musicssl.corpus.build as build_module
 
@@ -599,7 +631,6 @@ def test_a_ctrl_c_while_a_rebuild_replaces_the_corpus_takes_effect_once_it_is_re
     """With --force the old corpus is moved aside, the new one moved in and the old one removed (seconds
     for the default corpus). A Ctrl-C there left the old one half removed beside the new one, and the
     command said that nothing was left."""
-    import shutil
 
     import musicssl.corpus.build as build_module
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -341,11 +342,34 @@ def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0,
     """The folder holding the corpus's ``tracks.csv``, building the corpus first if it is missing.
 
     Default folder: ``$MUSICSSL_CACHE/corpus-{tracks}x{seconds}s-seed{seed}`` (``MUSICSSL_CACHE``
-    defaults to ``~/.cache/musicssl``). A folder with a ``tracks.csv`` is returned as it is.
+    defaults to ``~/.cache/musicssl``). A folder with a ``tracks.csv`` is returned as it is, unless its
+    ``corpus.json`` names another generator version than this one (its audio would differ from what
+    this version builds): the default folder is then built again, and a folder given raises
+    :class:`CorpusError` saying how to rebuild it.
     """
     config = CorpusConfig(tracks=tracks, seconds=seconds, seed=seed)
-    out_dir = Path(out_dir).expanduser().absolute() if out_dir is not None else default_corpus_dir(tracks, seconds, seed)
-    if (out_dir / "tracks.csv").is_file():
+    given = out_dir is not None
+    out_dir = Path(out_dir).expanduser().absolute() if given else default_corpus_dir(tracks, seconds, seed)
+    if not (out_dir / "tracks.csv").is_file():
+        build_corpus(out_dir, config)
         return out_dir
-    build_corpus(out_dir, config)
+    version = _generator_version(out_dir)
+    if version in (None, GENERATOR_VERSION):  # None: no corpus.json to say (a corpus written by hand)
+        return out_dir
+    if given:
+        raise CorpusError(f"{out_dir}: a corpus of generator version {version}; this version builds version "
+                          f"{GENERATOR_VERSION}, other audio: rebuild it with python -m musicssl.corpus --out {out_dir} "
+                          "--force (with its settings), or use another folder")
+    print(f"corpus {out_dir}: built by generator version {version}, this is {GENERATOR_VERSION}; building it again",
+          file=sys.stderr, flush=True)
+    build_corpus(out_dir, config, force=True)
     return out_dir
+
+
+def _generator_version(folder: Path) -> object:
+    """The ``generator_version`` a corpus folder's ``corpus.json`` records (None without one)."""
+    try:
+        info = json.loads((folder / "corpus.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("generator_version") if isinstance(info, dict) else None

@@ -1237,9 +1237,13 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
     key = dataset_name(spec)
     if key == "corpus":
         # The embedded corpus, built into the cache (or ``root``) on first use.
-        from musicssl.corpus import ensure_corpus
+        from musicssl.corpus import CorpusError, ensure_corpus
 
-        return TrackIndex.from_csv(ensure_corpus(root, **kwargs) / "tracks.csv", name="corpus")
+        try:
+            folder = ensure_corpus(root, **kwargs)
+        except CorpusError as error:  # e.g. a corpus --root of another generator version: said as a dataset's problem
+            raise DatasetError(str(error)) from None
+        return TrackIndex.from_csv(folder / "tracks.csv", name="corpus")
     if key is not None:
         if root is None:
             raise DatasetError(f"dataset {key!r} needs root= the folder that holds its files")
