@@ -129,6 +129,10 @@ class ReportError(RuntimeError):
     """The report cannot be made from what was given; the message says what is wrong and what to do."""
 
 
+class NoTrialYet(ReportError):
+    """A search that has started but recorded no trial: nothing to report of it yet."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading an experiment
 
@@ -252,7 +256,7 @@ def load_experiment(folder: str | Path) -> Experiment:
     if not journal.is_file() or journal.stat().st_size == 0:
         from hpsearch.settings import flag_text
 
-        raise ReportError(
+        raise NoTrialYet(
             f"{folder}: the search has not recorded any trial yet (no {JOURNAL_FILE} or an empty one); "
             "wait for its first trial, or resume it with python -m hpsearch.run "
             f"{settings['method']} {flag_text('--name', folder.resolve().name)} "
@@ -260,7 +264,7 @@ def load_experiment(folder: str | Path) -> Experiment:
         )
     study = _load_study(journal)
     if not study.get_trials(deepcopy=False):
-        raise ReportError(f"{folder}: the search has started but holds no trial yet; try again once one has run")
+        raise NoTrialYet(f"{folder}: the search has started but holds no trial yet; try again once one has run")
     experiment = experiment_from_study(study, settings, folder, read_trajectories(folder))
     try:
         experiment.search_summary = json.loads((folder / "summary.json").read_text())
@@ -1269,7 +1273,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folders = [Path(p) for p in args.experiments] or default_experiments(storage_dir)
         _refuse_repeats(args.experiments or folders)
-        experiments = [load_experiment(folder) for folder in folders]
+        if args.experiments:
+            experiments = [load_experiment(folder) for folder in folders]
+        else:  # the latest search of each method: one that has no trial yet (it just started) is left out, said so
+            experiments, waiting = [], []
+            for folder in folders:
+                try:
+                    experiments.append(load_experiment(folder))
+                except NoTrialYet as error:
+                    waiting.append(error)
+            if not experiments:
+                raise waiting[0]
+            for error in waiting:
+                print(f"{PROG}: note: left out: {error}", file=sys.stderr)
         if args.out is not None:
             out = Path(args.out).expanduser()
         elif args.experiments:  # next to the experiments given, as it would be next to runs/'s

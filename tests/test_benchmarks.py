@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 CASES = {
-    "bench_audio": (["--repeats", "1", "--threads", "1"], "load_audio"),
+    "bench_audio": (["--repeats", "1", "--threads", "1"], "RESULT load_audio / decoding alone (FLAC): "),
     "bench_collapse": (["--repeats", "1", "--samples", "64"], "of training time"),
     "bench_models": (["--repeats", "1", "--pairs", "2", "--presets", "cpu", "--threads", "1"], "ratios of step times"),
     "bench_sampler": (["--tracks", "4", "--batches", "2", "--repeats", "1"], "segments/s"),

@@ -1277,6 +1277,26 @@ def test_no_searches_under_the_storage_dir_exit_2(tmp_path, capsys):
     assert "no search folders here" in capsys.readouterr().err
 
 
+def test_the_default_report_leaves_out_a_search_that_has_no_trial_yet(tmp_path, capsys):
+    """Before: a search just started (no trial yet) as the latest of one method stopped the report of
+    every method (exit 2). Named explicitly, or alone, it still is an error."""
+    rows = [(0.7, 0.2, "collapsed"), (0.3, 0.5, "complete"), (0.1, 0.9, "complete")]
+    write_search(tmp_path / "vicreg-done", rows)
+    started = write_files(tmp_path / "clustering-new", {"search.json": '{"method": "clustering"}'})
+    out = tmp_path / "r.html"
+    assert main(["--storage-dir", str(tmp_path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"note: left out: {started}: the search has not recorded any trial yet" in captured.err
+    assert [e["name"] for e in json.loads(out.with_suffix(".json").read_text())["experiments"]] == ["vicreg-done"]
+    assert main([str(started), "--out", str(out)]) == 2
+    assert "has not recorded any trial yet" in capsys.readouterr().err
+    only = tmp_path / "only"
+    only.mkdir()
+    (tmp_path / "clustering-new").rename(only / "clustering-new")
+    assert main(["--storage-dir", str(only), "--out", str(out)]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
 def test_a_storage_dir_that_is_a_search_or_a_file_or_empty_is_named_as_such(tmp_path, capsys):
     """Before: "no search folders here (none holds search.json)" for a folder holding search.json, and
     "no such folder" for a file; an empty --storage-dir was read as the current folder."""
