@@ -371,7 +371,10 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
         with _stops_held_while_ray_starts(held, abandon=end_now):
             if address:
                 try:
-                    ray.init(address=address, logging_level=level, log_to_driver=verbose)
+                    # Something that answers as a gRPC server but is no Ray head (Ray Client's port, another
+                    # service) holds ray.init for minutes: the search ends, as an error, after JOIN_TIMEOUT_S.
+                    with _or_end_after(_join_timeout(), functools.partial(_end_a_join_that_hangs, address, reserved)):
+                        ray.init(address=address, logging_level=level, log_to_driver=verbose)
                 except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
                     # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
                     raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
@@ -419,6 +422,32 @@ def _end_a_stuck_start(reserved: Path | None) -> None:
     with contextlib.suppress(OSError):
         os.write(2, f"{PROG}: interrupted (while Ray was starting)\n".encode())
     os._exit(130)
+
+
+JOIN_TIMEOUT_S = 60.0  # joining a Ray cluster takes seconds; HPSEARCH_JOIN_TIMEOUT_S changes the limit
+
+
+def _join_timeout() -> float:
+    text = os.environ.get("HPSEARCH_JOIN_TIMEOUT_S", "")
+    try:
+        value = float(text) if text.strip() else JOIN_TIMEOUT_S
+    except ValueError:
+        value = JOIN_TIMEOUT_S
+    return value if math.isfinite(value) and value > 0 else JOIN_TIMEOUT_S
+
+
+def _end_a_join_that_hangs(address: str, reserved: Path | None) -> None:
+    """End the process, as a command-line error, when ``ray.init`` has not joined the cluster at
+    ``address`` in time (Ray's own wait is minutes). Nothing of the search has begun."""
+    if reserved is not None:
+        with contextlib.suppress(OSError):
+            reserved.rmdir()
+    with contextlib.suppress(OSError):
+        os.write(2, (f"{PROG}: error: --address {address}: no Ray cluster joined within {_join_timeout():g} s "
+                     "(something answers there, but not as a Ray head's GCS does); give the address 'ray start "
+                     "--head' printed (HOST:6379 by default; ray://HOST:10001 for Ray Client), or set "
+                     "HPSEARCH_JOIN_TIMEOUT_S for a cluster slower to answer\n").encode())
+    os._exit(2)
 
 
 @contextlib.contextmanager

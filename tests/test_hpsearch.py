@@ -1587,6 +1587,45 @@ def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # 20 s; run when the join to a cluster changes
+def test_a_server_that_answers_but_is_no_ray_head_ends_the_search_as_an_error_in_time(tmp_path, tonal_dataset,
+                                                                                      cli_env):
+    """An HTTP/2 server that answers the address check (as Ray Client's port, or any gRPC service, does)
+    but is no Ray head: before, ray.init waited over two minutes, printing Ray's C++ warnings."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def answer_every_connection():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                connection.recv(1024)
+                connection.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # a SETTINGS frame, then silence
+
+    threading.Thread(target=answer_every_connection, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cli("vicreg", "--trials", "1", *tiny_flags(tonal_dataset), "--address", address,
+                                  "--storage-dir", str(tmp_path)),
+                              capture_output=True, text=True, env={**cli_env, "HPSEARCH_JOIN_TIMEOUT_S": "5"}, cwd=REPO,
+                              timeout=120)
+    finally:
+        stop.set()
+        server.close()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert (f"python -m hpsearch.run: error: --address {address}: no Ray cluster joined within 5 s (something answers "
+            "there, but not as a Ray head's GCS does)") in done.stderr
+    assert time.monotonic() - started < 90
+    assert not list(tmp_path.iterdir())  # no search folder
+
+
 def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_dataset, monkeypatch):
     """Refused before the mel cache is built (which decodes every track) when the listed tracks cannot
     be scored; after it, when the usable ones cannot (an undecodable valid track)."""
