@@ -567,18 +567,29 @@ def test_a_ctrl_c_as_the_corpus_is_put_in_place_says_it_is_complete(cache, bank,
 
 def test_a_build_killed_outright_leaves_its_staging_folder_to_the_next_build_only(cache, bank, tmp_path):
     """SIGKILL (out of memory, kill -9) gives the build no chance to clean up: its hidden staging folder
-    (61 MB two seconds into the default corpus) stayed for good. The next build here removes it, and
-    never the staging folder of a build that is running (two builds of one corpus at once are fine)."""
+    (61 MB two seconds into the default corpus) stayed for good. A build here an hour later removes it,
+    and never the staging folder of a build that is running (two builds of one corpus at once are fine)."""
     from musicssl.paths import remove_abandoned_staging, staging_folder
 
     out = tmp_path / "corpus"
     _interrupt_the_build(out, cache, [signal_module.SIGKILL])
     (left,) = tmp_path.glob(".corpus.partial-*")
     assert any(left.glob("audio/*.flac"))
-    result = subprocess.run([sys.executable, "-m", "musicssl.corpus", "--tracks", "10", "--seconds", "8", "--workers", "1",
-                             "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "MUSICSSL_CACHE": str(cache)})
-    assert result.returncode == 0, result.stderr
+
+    def build() -> None:
+        result = subprocess.run([sys.executable, "-m", "musicssl.corpus", "--tracks", "10", "--seconds", "8",
+                                 "--workers", "1", "--quiet", "--out", str(out), "--force"], capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "MUSICSSL_CACHE": str(cache)})
+        assert result.returncode == 0, result.stderr
+
+    # Minutes later it is kept: in containers sharing the host name and the cache, each with its own
+    # process ids, a running build's process is not seen.
+    build()
+    assert left.is_dir()
+    an_hour_ago = time.time() - 3700
+    for folder in (left, *[path for path in left.iterdir() if path.is_dir()]):
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+    build()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus"]
     # Which are removed: this host's of ended processes only.
     ours = staging_folder(tmp_path, ".x.partial-")  # this process runs
@@ -592,7 +603,8 @@ def test_a_build_killed_outright_leaves_its_staging_folder_to_the_next_build_onl
         older_name = tmp_path / ".x.partial-k2j4h5"
         for folder in (gone, other_host, older_name):
             folder.mkdir()
-        assert remove_abandoned_staging(tmp_path, ".x.partial-") == [gone]
+        assert remove_abandoned_staging(tmp_path, ".x.partial-") == []  # all recent
+        assert remove_abandoned_staging(tmp_path, ".x.partial-", min_age=0) == [gone]
         assert all(folder.is_dir() for folder in (ours, running, other_host, older_name)) and not gone.exists()
     finally:
         sleeper.kill()

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,20 +73,32 @@ def staging_folder(parent: str | Path, prefix: str) -> Path:
     return folder
 
 
-def remove_abandoned_staging(parent: str | Path, prefix: str) -> list[Path]:
-    """Remove the staging folders ``parent/prefix*`` that a process of this host made and that is no
-    longer running (see :func:`staging_folder`); returns them. Those of other hosts, or of running
-    processes (a build of the same thing at the same time), are left alone."""
+STALE_STAGING_SECONDS = 3600.0
+
+
+def remove_abandoned_staging(parent: str | Path, prefix: str, min_age: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Remove the staging folders ``parent/prefix*`` that a process of this host made, that is no longer
+    running (see :func:`staging_folder`), and in which nothing has changed for ``min_age`` seconds;
+    returns them. Those of other hosts, of running processes (a build of the same thing at the same
+    time) and recent ones are left alone: containers that share a host name and a cache, each with
+    its own process ids, see no process of the others."""
     host_tag = _owner_tag().split("~")[0]
     removed = []
     try:
         candidates = [path for path in Path(parent).iterdir() if path.name.startswith(prefix) and path.is_dir()]
     except OSError:
         return removed
+    now = time.time()
     for path in candidates:
         host, _, rest = path.name[len(prefix):].partition("~")
         pid, _, _ = rest.partition("~")
         if host != host_tag or not pid.isdigit() or int(pid) == os.getpid() or _process_runs(int(pid)):
+            continue
+        try:  # a build adds files to the folder and to its subfolders (audio/, midi/)
+            changed = max(entry.stat().st_mtime for entry in (path, *path.iterdir()) if entry.is_dir())
+        except OSError:
+            continue
+        if now - changed < min_age:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
