@@ -293,6 +293,26 @@ def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with
     assert labelled.tag_names == ["jazz", "rock"] and "unlabeled" not in labelled.extra
 
 
+def test_training_reads_a_table_of_tracks_and_splits_without_tags(tmp_path):
+    """Before: refused ("no tags ... use a folder without a tags file"), whose tracks then got drawn
+    splits instead of the table's."""
+    from musicssl.data.loaders import open_dataset_option
+
+    for name in ("a.wav", "b.wav", "c.flac"):
+        write_sine(tmp_path / "audio" / name)
+    write_sine(tmp_path / "audio" / "not-listed.wav")
+    (tmp_path / "tracks.csv").write_text("track_id,path,split\nx1,audio/a.wav,train\nx2,audio/b.wav,test\n"
+                                         "x3,audio/c.flac,valid\n")
+    for spec in (tmp_path, tmp_path / "tracks.csv"):
+        index = open_dataset_option(str(spec), allow_unlabeled=True)
+        assert index.track_ids == ["x1", "x2", "x3"] and index.tag_names == []
+        assert list(index.tracks["split"]) == ["train", "test", "valid"] and index.extra["unlabeled"] is True
+        assert index.labels().shape == (3, 0)
+        # An evaluation needs tags, and says so.
+        with pytest.raises(DatasetError, match=r"no tags; .*an evaluation needs tags"):
+            open_dataset_option(str(spec))
+
+
 @pytest.mark.parametrize(("content", "message", "has_header"), [
     (b"track_id,path,split,tags\n", "lists no tracks (a header and no rows); add one row per track", True),
     (b"", "the file is empty; a track index needs a header (track_id,path,split,tags)", False),
@@ -361,7 +381,8 @@ BAD_TAG_TABLES = [
     ("path,filename,tags\na.wav,a.wav,rock\n", r"both 'path' and 'filename' columns.*keep one"),
     ("path,tags,comment\na.wav,rock,nice\n", r"unexpected column\(s\) \['comment'\].*keep_columns=\['comment'\]"),
     ("track_id,guitar,mood\na,1,happy\n", r"column\(s\) 'mood' \(value 'happy' on line 2\) are neither known columns nor 0/1"),
-    ("path\na.wav\n", r"no tags; found columns \['path'\].*unlabeled=True"),
+    ("path\na.wav\n", r"no tags; found columns \['path'\].*tags_optional=True \(on the command lines: training reads "
+                      r"such a table, its splits kept; an evaluation needs tags\)"),
     ("path,tags,split\na.wav,rock,holdout\n", r"column 'split' has value\(s\) \['holdout'\] \(the first on line 2\); use train, valid or test"),
     ("path,tags\n", r"has a header but no rows"),
     ("path,tags,duration\na.wav,rock,long\n", r"line 2: duration 'long' is not a number of seconds"),

@@ -768,7 +768,7 @@ def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_datase
                "--batch-size", "8", "--threads", "1", "--set", "probe_segments=16", "--out", str(out)]
     code, _, err = run_main(main, command, capsys)
     assert code == 0, err[-2000:]
-    assert "the data has no tags (a folder of audio without a tags file is used without tags)" in err
+    assert "the data has no tags (a folder of audio without a tags file, or a table of tracks without tags, is used without tags)" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and "probe_map" not in summary and summary["probe_skipped"]
 

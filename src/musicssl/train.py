@@ -470,7 +470,8 @@ def _probe_inputs(data, tracks: str = "usable") -> tuple[list[str], list[str], A
         problem = (f"the linear probe needs {tracks} tracks in both the train and the valid split, and there are "
                    f"{len(train_ids)} and {len(valid_ids)}")
     elif labels.shape[1] == 0:
-        unlabeled = " (a folder of audio without a tags file is used without tags)" if data.index.extra.get("unlabeled") else ""
+        unlabeled = (" (a folder of audio without a tags file, or a table of tracks without tags, is used without tags)"
+                     if data.index.extra.get("unlabeled") else "")
         problem = f"the linear probe cannot be scored: the data has no tags{unlabeled}"
     elif not (valid_y.any(axis=0) & ~valid_y.all(axis=0)).any():
         problem = (f"the linear probe cannot be scored: no tag has both a positive and a negative among the "

@@ -407,6 +407,7 @@ def load_folder(
     tags_file: str | Path | None = None,
     *,
     unlabeled: bool = False,
+    tags_optional: bool = False,
     tag_separator: str | None = None,
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
     split_seed: int = 0,
@@ -437,7 +438,9 @@ def load_folder(
     drawn for the id without it). A drawn split depends on the track's id and ``split_seed`` only, so tracks added to
     or removed from the folder, or dropped for missing audio, never move other tracks between
     splits. With ``unlabeled=True`` no tags file is read: every audio file under ``root`` is a
-    track with no tags (enough for self-supervised pre-training).
+    track with no tags (enough for self-supervised pre-training). With ``tags_optional=True`` a tags
+    file may have no tag columns: its tracks, ids and splits are indexed with no tags (the index's
+    ``extra["unlabeled"]`` is then True).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -497,7 +500,7 @@ def load_folder(
     if table.empty:
         raise DatasetError(f"{tags_path}: has a header but no rows; add one row per track")
     records, tag_names, split_given = _records_from_table(
-        table, tags_path, root, audio_files, tag_separator, keep_columns
+        table, tags_path, root, audio_files, tag_separator, keep_columns, tags_optional
     )
     if not audio_files and all(
         record.get("_unresolved")
@@ -533,6 +536,8 @@ def load_folder(
     }
     if not split_given:
         extra["split_seed"] = split_seed
+    if not tag_names:  # tags_optional, and a table without tags
+        extra["unlabeled"] = True
     return _build_index(records, tag_names, name, extra, check_audio, audio_hint)
 
 
@@ -606,8 +611,10 @@ def _records_from_table(
     audio_files: list[Path],
     tag_separator: str | None,
     keep_columns: Sequence[str],
+    tags_optional: bool = False,
 ) -> tuple[list[dict], list[str], bool]:
-    """Classify the columns of a tags table and turn its rows into records."""
+    """Classify the columns of a tags table and turn its rows into records (with ``tags_optional``, a
+    table without tag columns gives records without tags)."""
     found = list(table.columns)
     by_lower = {}
     for column in found:
@@ -658,10 +665,11 @@ def _records_from_table(
                 f"found columns {found}, expected {expected}. Pass keep_columns=[...] to keep such columns as "
                 "metadata (on the command lines: remove them from the file), or use a 'tags' column"
             )
-        if not binary_columns:
+        if not binary_columns and not tags_optional:
             raise DatasetError(
-                f"{tags_path}: no tags; found columns {found}, expected {expected}. "
-                "For audio without tags use unlabeled=True (on the command lines: a folder without a tags file)"
+                f"{tags_path}: no tags; found columns {found}, expected {expected}. For audio without tags use "
+                "tags_optional=True (on the command lines: training reads such a table, its splits kept; an "
+                "evaluation needs tags)"
             )
 
     if tags_column is not None:
@@ -669,10 +677,12 @@ def _records_from_table(
         separator = tag_separator or (";" if cells.str.contains(";", regex=False).any() else ",")
         row_tags = [_split_tag_cell(cell, separator) for cell in cells]
         tag_names = sorted({tag for tags in row_tags for tag in tags})
-    else:
+    elif binary_columns:
         tag_names = list(binary_columns)
         matrix = np.stack([binary_columns[tag] for tag in tag_names], axis=1)
         row_tags = _tags_from_matrix(matrix, tag_names)
+    else:  # tags_optional: the tracks without tags
+        tag_names, row_tags = [], [() for _ in range(len(table))]
 
     split_values: list[str] | None = None
     if split_column is not None:
@@ -1324,7 +1334,10 @@ def open_dataset_option(
             )
         index = open_dataset(str(spec), unlabeled=True)
         return TrackIndex(index.tracks, index.tag_names, name=index.name, extra={**index.extra, "unlabeled": True})
-    options = {} if audio_dir is None else {"audio_dir": audio_dir}
+    options: dict[str, Any] = {} if audio_dir is None else {"audio_dir": audio_dir}
+    if allow_unlabeled and dataset_name(spec) is None and (
+            (path.is_file() and not _is_track_index_file(path)) or (path.is_dir() and not _is_folder_track_index(path))):
+        options["tags_optional"] = True  # training: a table of tracks (and splits) without tags is enough
     return open_dataset(str(spec), root, **options)
 
 

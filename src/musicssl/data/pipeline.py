@@ -95,7 +95,8 @@ def prepare_data(
             raise ValueError("root and audio_dir apply to a dataset name, not to a ready TrackIndex")
         index = data
     else:
-        # Training is self-supervised: a folder of audio without a tags file is used without tags.
+        # Training is self-supervised: a folder of audio without a tags file, or a table without tags, is used
+        # without tags.
         index = open_dataset_option(str(data), root, audio_dir, allow_unlabeled=True)
     if check_index is not None:
         check_index(index)
