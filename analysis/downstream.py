@@ -1788,7 +1788,10 @@ def _cache_dir_problem(text: str) -> str | None:
     if not text.strip():
         return "empty; give a folder, or leave the flag out for $MUSICSSL_CACHE/embeddings"
     path = Path(text).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as error:  # e.g. a folder above it that cannot be read
+        return f"cannot look there ({error.strerror or error}); give a folder you can write in"
     if not existing.is_dir():
         where = "" if existing == path else f" ({existing} is a file)"
         return f"not a folder{where}; give a folder (it is made if missing)"

@@ -111,8 +111,9 @@ def main() -> None:
                 print(f"{preset:6s}  {threads:7d}  {len(track_ids):6d}  {segments:8d}  {best:7.2f}  "
                       f"{len(track_ids) / best:8.1f}  {segments / best:10.1f}")
                 rates[threads] = len(track_ids) / best
-            for threads in sorted(rates)[1:]:  # against one thread, timed in the same run
-                print(f"RESULT {preset} embedding, {threads} threads / 1 thread: {rates[threads] / rates[min(rates)]:.2f}x "
+            fewest = min(rates)
+            for threads in sorted(rates)[1:]:  # against the fewest threads, timed in the same run
+                print(f"RESULT {preset} embedding, {threads} threads / {fewest}: {rates[threads] / rates[fewest]:.2f}x "
                       "the tracks per second")
 
         if args.skip_full:

@@ -373,7 +373,9 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                 try:
                     # Something that answers as a gRPC server but is no Ray head (Ray Client's port, another
                     # service) holds ray.init for minutes: the search ends, as an error, after JOIN_TIMEOUT_S.
-                    with _or_end_after(_join_timeout(), functools.partial(_end_a_join_that_hangs, address, reserved)):
+                    client = address.startswith(("ray://", "anyscale://"))  # Ray Client: no check before, its own wait
+                    with (contextlib.nullcontext() if client else
+                          _or_end_after(_join_timeout(), functools.partial(_end_a_join_that_hangs, address, reserved))):
                         ray.init(address=address, logging_level=level, log_to_driver=verbose)
                 except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
                     # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
@@ -442,11 +444,13 @@ def _end_a_join_that_hangs(address: str, reserved: Path | None) -> None:
     if reserved is not None:
         with contextlib.suppress(OSError):
             reserved.rmdir()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
     with contextlib.suppress(OSError):
         os.write(2, (f"{PROG}: error: --address {address}: no Ray cluster joined within {_join_timeout():g} s "
-                     "(something answers there, but not as a Ray head's GCS does); give the address 'ray start "
-                     "--head' printed (HOST:6379 by default; ray://HOST:10001 for Ray Client), or set "
-                     "HPSEARCH_JOIN_TIMEOUT_S for a cluster slower to answer\n").encode())
+                     "(something answers there, but not as a Ray head's GCS does, or the head is slow to answer); "
+                     "give the address 'ray start --head' printed (HOST:6379 by default; ray://HOST:10001 for Ray "
+                     "Client), or set HPSEARCH_JOIN_TIMEOUT_S for a cluster slower to answer\n").encode())
     os._exit(2)
 
 

@@ -360,6 +360,8 @@ def test_a_note_bank_inside_the_corpus_folder_and_an_empty_out_are_refused_befor
         (["--out", str(tmp_path / "o1"), "--cache-dir", str(tmp_path / "o1" / "bank")],
          f"--cache-dir {tmp_path / 'o1' / 'bank'} is inside {tmp_path / 'o1'}, which the finished corpus replaces"),
         (["--out", ""], "argument --out: empty; give the folder the corpus goes in (new or empty)"),
+        (["--out", str(tmp_path / "o1"), "--cache-dir", str(tmp_path / "o1" / ".." / "o1" / "bank")],
+         f"is inside {tmp_path / 'o1'}, which the finished corpus replaces"),
     ]
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
     for arguments, message in cases:
@@ -520,13 +522,15 @@ def test_a_corpus_of_another_generator_version_is_built_again_or_refused(cache, 
         open_dataset("corpus", root=given, tracks=10, seconds=8.0)
     # The default folder is the toolkit's own: built again.
     default = ensure_corpus(tracks=10, seconds=8.0)
-    stamp(default, GENERATOR_VERSION - 1)
-    capsys.readouterr()
-    assert ensure_corpus(tracks=10, seconds=8.0) == default
-    assert f"built by generator version {GENERATOR_VERSION - 1}, this is {GENERATOR_VERSION}; building it again" in \
-        capsys.readouterr().err
-    assert json.loads((default / "corpus.json").read_text())["generator_version"] == GENERATOR_VERSION
-    shutil.rmtree(default)  # the session's cache (its note bank) is shared; its default corpus is not this test's
+    try:
+        stamp(default, GENERATOR_VERSION - 1)
+        capsys.readouterr()
+        assert ensure_corpus(tracks=10, seconds=8.0) == default
+        assert f"built by generator version {GENERATOR_VERSION - 1}, this is {GENERATOR_VERSION}; building it again" \
+            in capsys.readouterr().err
+        assert json.loads((default / "corpus.json").read_text())["generator_version"] == GENERATOR_VERSION
+    finally:  # the session's cache (its note bank) is shared; its default corpus is not this test's
+        shutil.rmtree(default, ignore_errors=True)
     # Without a corpus.json (a corpus written by hand), a folder is taken as it is.
     (given / "corpus.json").unlink()
     assert ensure_corpus(given, tracks=10, seconds=8.0) == given

@@ -1621,7 +1621,7 @@ def test_a_server_that_answers_but_is_no_ray_head_ends_the_search_as_an_error_in
         server.close()
     assert done.returncode == 2, done.stdout + done.stderr
     assert (f"python -m hpsearch.run: error: --address {address}: no Ray cluster joined within 5 s (something answers "
-            "there, but not as a Ray head's GCS does)") in done.stderr
+            "there, but not as a Ray head's GCS does, or the head is slow to answer)") in done.stderr
     assert time.monotonic() - started < 90
     assert not list(tmp_path.iterdir())  # no search folder
 
@@ -1980,10 +1980,14 @@ def test_an_ipv6_address_is_read_as_ray_writes_it():
         server.close()
         pytest.skip("no IPv6 loopback on this machine")
     server.listen()
+    server.settimeout(10)  # accept() ends, should the check fail before it connects
     port = server.getsockname()[1]
 
     def answer_as_a_grpc_server():  # an HTTP/2 SETTINGS frame, as Ray's GCS answers the preface
-        connection, _ = server.accept()
+        try:
+            connection, _ = server.accept()
+        except OSError:
+            return
         with connection:
             connection.recv(64)
             connection.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")

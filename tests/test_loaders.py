@@ -352,13 +352,15 @@ def test_a_track_index_header_with_spaces_and_a_listed_folder(tmp_path):
     for name in ("a.wav", "b.wav"):
         write_sine(tmp_path / name)
     (tmp_path / "folder.wav").mkdir()
+    # With the spaces after the commas in the cells too, and ids that look like numbers (kept as written).
     (tmp_path / "tracks.csv").write_text(
-        "track_id, path, split, tags\na,a.wav,train,rock\nb,b.wav,test,jazz\nc,folder.wav,train,rock\n"
+        "track_id, path, split, tags\n001, a.wav, train, rock\n002, b.wav, test, jazz\n003, folder.wav, train, rock\n"
     )
     index = open_dataset(str(tmp_path))
-    assert index.track_ids == ["a", "b"] and index.tag_names == ["jazz", "rock"]
+    assert index.track_ids == ["001", "002"] and index.tag_names == ["jazz", "rock"]
+    assert list(index.tracks["split"]) == ["train", "test"]
     # A listed folder is reported as one, not as a missing file.
-    assert [(entry["track_id"], entry["reason"]) for entry in index.extra["missing"]] == [("c", "a folder")]
+    assert [(entry["track_id"], entry["reason"]) for entry in index.extra["missing"]] == [("003", "a folder")]
 
 
 @pytest.mark.parametrize("spec", ["", "  "])

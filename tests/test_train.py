@@ -475,16 +475,15 @@ def test_a_cache_write_that_fails_for_room_names_the_cache_and_the_fix(tmp_path,
     """A mel shard that cannot be written for want of room (disk full; here the file size limit, the same
     failure: a write that names no file). Before: "error: [Errno 27] File too large", with no path, so no
     word of where or of MUSICSSL_CACHE."""
-    import resource
-
-    def small_files():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
+    # The limit is set by a small Python that then becomes the command (exec), not in a preexec_fn of this
+    # threaded process; SIGXFSZ is ignored, so the write fails with EFBIG instead of killing.
+    small_files = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000)); os.execv(sys.executable, sys.argv[1:])")
     cache = tmp_path / "cache"
-    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tonal_dataset / "tracks.csv"),
-               "--max-epochs", "1", "--batch-size", "8", "--threads", "1", "--out", str(tmp_path / "run")]
-    process = subprocess.run(command, preexec_fn=small_files, capture_output=True, text=True, timeout=300,
+    command = [sys.executable, "-c", small_files, sys.executable, "-m", "musicssl.train", "vicreg", "--data",
+               str(tonal_dataset / "tracks.csv"), "--max-epochs", "1", "--batch-size", "8", "--threads", "1",
+               "--out", str(tmp_path / "run")]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "MUSICSSL_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"})
     last = process.stderr.strip().splitlines()[-1]
     assert process.returncode == 2, process.stderr

@@ -57,7 +57,7 @@ def _umask() -> int:
 
 def _owner_tag() -> str:
     """``HOST~PID~``: which process a staging folder is of (a cache may be shared by machines)."""
-    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname()) or "host"
+    host = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())[:32] or "host"
     return f"{host}~{os.getpid()}~"
 
 

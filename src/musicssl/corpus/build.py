@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,8 +120,10 @@ def cache_dir() -> Path:
 
 
 def default_corpus_dir(tracks: int = 600, seconds: float = 30.0, seed: int = 0) -> Path:
-    """Where :func:`ensure_corpus` keeps a corpus by default."""
-    return cache_dir() / f"corpus-{tracks}x{seconds:g}s-seed{seed}"
+    """Where :func:`ensure_corpus` keeps a corpus by default (each generator version after the first in a
+    folder of its own, so that versions sharing a cache do not rebuild each other's)."""
+    version = "" if GENERATOR_VERSION == 1 else f"-v{GENERATOR_VERSION}"
+    return cache_dir() / f"corpus-{tracks}x{seconds:g}s-seed{seed}{version}"
 
 
 def split_assignment(tracks: int, seed: int) -> list[str]:
@@ -209,7 +211,7 @@ def _publish(staging: Path, out_dir: Path, force: bool) -> bool:
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
     if force and (out_dir / "tracks.csv").is_file():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        retired = staging_folder(out_dir.parent, f".{out_dir.name}.old-")  # removed next, or by a later build
         out_dir.rename(retired / out_dir.name)
         staging.rename(out_dir)
         shutil.rmtree(retired, ignore_errors=True)
@@ -265,8 +267,10 @@ def build_corpus(
     if not isinstance(workers, int) or workers < 1:
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
     _check_out_dir(out_dir, force)
-    bank_folder = (Path(bank_cache_dir).expanduser() if bank_cache_dir is not None else cache_dir()).absolute()
-    if bank_folder == out_dir or out_dir in bank_folder.parents:  # the corpus takes --out's place when it is done
+    bank_folder = Path(os.path.normpath((Path(bank_cache_dir).expanduser() if bank_cache_dir is not None
+                                         else cache_dir()).absolute()))  # corp/../corp/bank is corp/bank
+    out_folder = Path(os.path.normpath(out_dir))
+    if bank_folder == out_folder or out_folder in bank_folder.parents:  # the corpus takes --out's place when done
         where = "--cache-dir" if bank_cache_dir is not None else "the note bank's folder (MUSICSSL_CACHE)"
         raise CorpusError(f"{where} {bank_folder} is inside {out_dir}, which the finished corpus replaces; keep the note "
                           "bank outside the corpus's folder")
@@ -281,7 +285,8 @@ def build_corpus(
     bank_seconds = time.perf_counter() - started
 
     splits = split_assignment(config.tracks, config.seed)
-    remove_abandoned_staging(out_dir.parent, f".{out_dir.name}.partial-")  # of builds killed here before
+    for kind in ("partial", "old"):  # of builds killed here before: one under way, or one replacing a corpus
+        remove_abandoned_staging(out_dir.parent, f".{out_dir.name}.{kind}-")
     staging = staging_folder(out_dir.parent, f".{out_dir.name}.partial-")
     try:
         (staging / "audio").mkdir()

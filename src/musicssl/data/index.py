@@ -7,6 +7,7 @@ groups are used to report metrics per tag group.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 import os
@@ -153,9 +154,13 @@ class TrackIndex:
         path = Path(path)
         if not path.is_file():
             raise TrackIndexError(f"{path}: no such track index; build one with `python -m musicssl.corpus --out DIR`")
+        # Spaces after the commas (``track_id, path, ...`` and ``001, a.wav, ...``) are dropped, and the four
+        # columns are read as text under their names as written (``001`` stays ``001``, not 1).
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
+            header = next(csv.reader(handle, skipinitialspace=True), [])
+        text = {name: str for name in header if name.strip() in REQUIRED_COLUMNS}
         try:
-            frame = pd.read_csv(path, dtype={"track_id": str, "path": str, "split": str, "tags": str},
-                                keep_default_na=False)
+            frame = pd.read_csv(path, dtype=text, keep_default_na=False, skipinitialspace=True)
         except pd.errors.EmptyDataError:
             raise TrackIndexError(f"{path}: the file is empty; a track index needs a header "
                                   f"({','.join(REQUIRED_COLUMNS)}) and one row per track") from None
