@@ -67,7 +67,7 @@ def staging_folder(parent: str | Path, prefix: str) -> Path:
     renamed from it could not be read by the others of a group sharing the cache). Its name is
     ``prefix``, the host and process that build in it, and a random part; a build killed before it
     could remove it (SIGKILL, out of memory) leaves it, and :func:`remove_abandoned_staging` removes
-    such folders once their process is gone."""
+    such folders once their process is gone and an hour has passed without a change in them."""
     folder = Path(tempfile.mkdtemp(prefix=prefix + _owner_tag(), dir=parent))
     os.chmod(folder, 0o777 & ~_umask())
     return folder
