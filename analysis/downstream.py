@@ -95,7 +95,7 @@ from torch import Tensor, nn
 
 from musicssl.cli import ArgumentParser
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import FolderTaken, claim_folder
+from musicssl.paths import FolderTaken, claim_folder, make_writable_folder
 
 __all__ = [
     "BASELINES",
@@ -1796,11 +1796,9 @@ def _cache_dir_problem(text: str) -> str | None:
         where = "" if existing == path else f" ({existing} is a file)"
         return f"not a folder{where}; give a folder (it is made if missing)"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_writable_folder(path)
     except OSError as error:
-        return f"cannot make it ({error.strerror or error}); give a folder you can write in"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return "cannot write in it; give a folder you can write in"
+        return f"cannot make it or write in it ({error.strerror or error}); give a folder you can write in"
     return None
 
 

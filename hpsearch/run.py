@@ -165,6 +165,9 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     return data
 
 
+RAY_CLIENT_SCHEMES = ("ray://", "anyscale://")  # Ray Client addresses: left to Ray
+
+
 def check_address(address: str, timeout: float = 5.0) -> None:
     """The cluster an address names must answer as a Ray head does, within seconds (Ray's own
     timeout is minutes, and its error obscure): ``HOST:PORT`` (or ``auto``, resolved as Ray does:
@@ -180,7 +183,7 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         except ConnectionError:
             raise SearchError("--address auto: no Ray cluster found on this machine; start one with 'ray start "
                               "--head', or leave --address out to run locally") from None
-    if address.startswith(("ray://", "anyscale://")):  # given, or what RAY_ADDRESS names for auto
+    if address.startswith(RAY_CLIENT_SCHEMES):  # given, or what RAY_ADDRESS names for auto
         return
     host, _, port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):  # an IPv6 address as Ray writes it: [::1]:6379
@@ -373,8 +376,7 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                 try:
                     # Something that answers as a gRPC server but is no Ray head (Ray Client's port, another
                     # service) holds ray.init for minutes: the search ends, as an error, after JOIN_TIMEOUT_S.
-                    client = address.startswith(("ray://", "anyscale://"))  # Ray Client: no check before, its own wait
-                    with (contextlib.nullcontext() if client else
+                    with (contextlib.nullcontext() if address.startswith(RAY_CLIENT_SCHEMES) else  # Ray Client waits
                           _or_end_after(_join_timeout(), functools.partial(_end_a_join_that_hangs, address, reserved))):
                         ray.init(address=address, logging_level=level, log_to_driver=verbose)
                 except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
@@ -418,12 +420,18 @@ def _end_a_stuck_start(reserved: Path | None) -> None:
     """End the process from a thread while ``ray.init`` is stuck in Ray's own code (its GCS stopped by
     a signal sent to every process of the job: Ray waits 30-60 s for it). Nothing of the search has
     begun; the folder reserved for its default name is removed. Ray's processes end with this one."""
+    _end_before_the_search(reserved, "interrupted (while Ray was starting)", 130)
+
+
+def _end_before_the_search(reserved: Path | None, line: str, code: int) -> None:
+    """End the process at once from any thread, before anything of the search began: remove the folder
+    reserved for its default name, say ``line`` and exit with ``code``."""
     if reserved is not None:
         with contextlib.suppress(OSError):
             reserved.rmdir()
-    with contextlib.suppress(OSError):
-        os.write(2, f"{PROG}: interrupted (while Ray was starting)\n".encode())
-    os._exit(130)
+    with contextlib.suppress(OSError):  # os.write: the main thread may hold sys.stderr's lock
+        os.write(2, f"{PROG}: {line}\n".encode())
+    os._exit(code)
 
 
 JOIN_TIMEOUT_S = 60.0  # joining a Ray cluster takes seconds; HPSEARCH_JOIN_TIMEOUT_S changes the limit
@@ -441,17 +449,11 @@ def _join_timeout() -> float:
 def _end_a_join_that_hangs(address: str, reserved: Path | None) -> None:
     """End the process, as a command-line error, when ``ray.init`` has not joined the cluster at
     ``address`` in time (Ray's own wait is minutes). Nothing of the search has begun."""
-    if reserved is not None:
-        with contextlib.suppress(OSError):
-            reserved.rmdir()
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    with contextlib.suppress(OSError):
-        os.write(2, (f"{PROG}: error: --address {address}: no Ray cluster joined within {_join_timeout():g} s "
-                     "(something answers there, but not as a Ray head's GCS does, or the head is slow to answer); "
-                     "give the address 'ray start --head' printed (HOST:6379 by default; ray://HOST:10001 for Ray "
-                     "Client), or set HPSEARCH_JOIN_TIMEOUT_S for a cluster slower to answer\n").encode())
-    os._exit(2)
+    _end_before_the_search(
+        reserved, f"error: --address {address}: no Ray cluster joined within {_join_timeout():g} s (something "
+        "answers there, but not as a Ray head's GCS does, or the head is slow to answer); give the address 'ray "
+        "start --head' printed (HOST:6379 by default; ray://HOST:10001 for Ray Client), or set "
+        "HPSEARCH_JOIN_TIMEOUT_S for a cluster slower to answer", 2)
 
 
 @contextlib.contextmanager

@@ -267,8 +267,8 @@ def build_corpus(
     if not isinstance(workers, int) or workers < 1:
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
     _check_out_dir(out_dir, force)
-    bank_folder = Path(os.path.normpath((Path(bank_cache_dir).expanduser() if bank_cache_dir is not None
-                                         else cache_dir()).absolute()))  # corp/../corp/bank is corp/bank
+    bank_dir = Path(bank_cache_dir) if bank_cache_dir is not None else cache_dir()
+    bank_folder = Path(os.path.normpath(bank_dir.expanduser().absolute()))  # corp/../corp/bank is corp/bank
     out_folder = Path(os.path.normpath(out_dir))
     if bank_folder == out_folder or out_folder in bank_folder.parents:  # the corpus takes --out's place when done
         where = "--cache-dir" if bank_cache_dir is not None else "the note bank's folder (MUSICSSL_CACHE)"
@@ -281,7 +281,7 @@ def build_corpus(
         raise CorpusError(f"{out_dir}: cannot create the corpus there ({error.strerror or error}){hint}; give a folder "
                           "you can write") from None
 
-    bank = ensure_note_bank(Path(bank_cache_dir) if bank_cache_dir is not None else cache_dir(), workers=workers, progress=progress)
+    bank = ensure_note_bank(bank_dir, workers=workers, progress=progress)
     bank_seconds = time.perf_counter() - started
 
     splits = split_assignment(config.tracks, config.seed)
