@@ -45,7 +45,8 @@ OUTCOME_ORDER = ("complete", "collapsed", "diverged", "failed", "stopped", "runn
 _COLUMNS_FIRST = (
     "trial", "state", "outcome", "objective", "best_objective", "best_epoch", "probe_map", "probe_auc",
     "rankme", "verdict", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
-    "epochs_run", "epochs_completed", "steps", "seconds", "cpu_seconds", "collapse_reasons", "diverged_step", "error",
+    "epochs_run", "epochs_completed", "steps", "seconds", "cpu_seconds", "device", "precision", "collapse_reasons",
+    "diverged_step", "error",
 )  # fmt: skip
 
 

@@ -295,14 +295,18 @@ def probe_memory_note(settings: SearchSettings, memory_bytes: int | None = None)
             "256, the default, is plenty for the collapse metrics)")
 
 
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def check_local_gpus(settings: SearchSettings) -> None:
     """A local search with ``--gpus-per-trial`` needs that many CUDA devices on this machine: Ray would
     otherwise wait for them forever, warning only in its logs."""
     if settings.gpus_per_trial <= 0:
         return
-    import torch
-
-    found = torch.cuda.device_count()
+    found = _local_gpus()
     if found < math.ceil(settings.gpus_per_trial):
         raise SearchError(
             f"--gpus-per-trial {settings.gpus_per_trial:g}: this machine has {found} CUDA device(s) that torch can "
@@ -390,9 +394,12 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                           f"has {available}", file=sys.stderr)
                 # address="local": a Ray of this search's own, even when another Ray (a cluster started with
                 # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
+                # The GPUs are those torch sees (check_local_gpus counted them), not Ray's own count, which can
+                # miss a GPU that torch uses (no NVML library) and leave GPU trials waiting for good.
+                gpus = _local_gpus() if settings.gpus_per_trial > 0 else None
                 with _ray_processes_in_a_group_of_their_own():
-                    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=level,
-                             log_to_driver=verbose)
+                    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                             logging_level=level, log_to_driver=verbose)
     except BaseException:
         if not held:
             raise

@@ -53,7 +53,7 @@ OUTCOMES = ("complete", "collapsed", "diverged", "failed", "stopped")
 FINAL_KEYS = (
     "outcome", "objective", "probe_map", "probe_auc", "rankme", "epochs_run", "epochs_completed", "steps",
     "seconds", "cpu_seconds", "verdict", "collapse_type", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
-    "collapse_reasons", "diverged_step", "error", "best_objective", "best_epoch",
+    "collapse_reasons", "diverged_step", "error", "best_objective", "best_epoch", "device", "precision",
 )  # fmt: skip
 
 
@@ -277,6 +277,8 @@ def _train_and_score(
     record = _final_record(settings, monitor, reporter)
     record["steps"] = record["step"] = int(result.final.get("steps", record["steps"]))
     record["epochs_run"] = record["steps"] / settings.steps_per_epoch
+    # Where it trained: with --gpus-per-trial, the GPU Ray gave it and bf16; on the CPU, float32.
+    record["device"], record["precision"] = result.final.get("device"), result.final.get("precision")
     last = reporter.last
     record["rankme"] = last.get("collapse_rankme_embedding", math.nan)
     if monitor.fired:

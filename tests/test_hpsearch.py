@@ -456,6 +456,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert (csv.loc[:2, "seconds"] > 0).all() and (csv.loc[:2, "cpu_seconds"] > 0).all()
     assert "num_prototypes must be at least 2" in csv.loc[3, "error"]
     assert csv.loc[0, "epochs_run"] == 2.0 and 0.0 <= csv.loc[0, "objective"] <= 1.0
+    assert (csv.loc[0, "device"], csv.loc[0, "precision"]) == ("cpu", "32-true")  # no --gpus-per-trial
     assert csv.loc[0, "param_center_momentum"] == pytest.approx(1 - csv.loc[0, "param_one_minus_center_momentum"])
 
     study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
@@ -486,6 +487,22 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert not result.interrupted
     out = capsys.readouterr().out
     assert out.count("] #") == 4 and "collapsed  cluster from epoch 1 (step 3)" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_search_with_gpus_per_trial_trains_its_trials_on_the_gpu_two_at_a_time(tmp_path, tonal_data, ray_guard):
+    # Half a GPU each: Ray runs both trials at once on the one GPU, each in bf16.
+    settings = SearchSettings(
+        method="vicreg", trials=2, name="gpu", storage_dir=str(tmp_path), data="tonal", gpus_per_trial=0.5,
+        **{**TINY, "max_epochs": 3, "steps_per_epoch": 20},
+    )
+    run_search(settings, data=tonal_data)
+    csv = pd.read_csv(tmp_path / "gpu" / "trials.csv")
+    assert list(csv["outcome"].isin(["complete", "collapsed"])) == [True, True], csv["error"].tolist()
+    assert csv["device"].str.fullmatch(r"cuda:0 \(.+\)").all(), csv["device"].tolist()
+    assert (csv["precision"] == "bf16-mixed").all() and (csv["epochs_run"] > 0).all()
+    starts, ends = pd.to_datetime(csv["datetime_start"]), pd.to_datetime(csv["datetime_complete"])
+    assert max(starts) < min(ends), "the two half-GPU trials did not run at the same time"
 
 
 def test_the_untrained_reference_is_the_random_backbone_with_batchnorm_statistics_of_the_training_tracks(tonal_data):

@@ -79,6 +79,8 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     # Where it ran and in which precision: the defaults pick the GPU (bf16) when there is one.
     on_gpu = torch.cuda.is_available()
     assert (summary["accelerator"], summary["precision"]) == (("gpu", "bf16-mixed") if on_gpu else ("cpu", "32-true"))
+    expected_device = f"cuda:0 ({torch.cuda.get_device_name(0)})" if on_gpu else "cpu"
+    assert summary["device"] == expected_device
     # The checkpoint is a plain state_dict of the backbone, loadable without pickled code.
     state = torch.load(out / "backbone.pt", weights_only=True)
     backbone = Backbone(preset="cpu")
@@ -103,9 +105,14 @@ def test_every_method_trains_on_the_gpu_in_bf16_and_matches_the_cpu(method, tmp_
     # float32 on the GPU is the CPU's loss up to TF32 convolutions (10-bit mantissa; measured on an
     # H200: at most 0.7 %, clustering).
     assert fp32.final["train_loss"] == pytest.approx(on_cpu.final["train_loss"], rel=2e-2)
-    # bf16 autocast moves it further (8-bit mantissa; measured 0.02 % for Barlow Twins to 13 % for clustering,
-    # whose teacher temperature of 0.04 multiplies the logits' rounding by 25), and does change it.
-    assert default.final["train_loss"] == pytest.approx(on_cpu.final["train_loss"], rel=0.2)
+    # bf16 autocast moves it further (8-bit mantissa), and does change it. The losses are computed in float32,
+    # but the backbone's and projector's outputs are rounded, and at initialisation the tracks' embeddings are
+    # nearly one point (mean cosine 0.998), so the losses read differences that rounding blurs. Measured on an
+    # H200 (2026-12-04, torch 2.11): byol -0.4 %, vicreg -2.2 %, barlow_twins +4.1 %, clustering +15.1 % (its
+    # teacher temperature of 0.04 multiplies the logits' rounding by 25) and contrastive +22.9 % (its
+    # temperature of 0.1 by 10, on cosines that differ in their third decimal).
+    tolerance = {"contrastive": 0.35, "clustering": 0.25}.get(method, 0.1)
+    assert default.final["train_loss"] == pytest.approx(on_cpu.final["train_loss"], rel=tolerance)
     assert default.final["train_loss"] != fp32.final["train_loss"]
     assert default.diverged_step is None and math.isfinite(default.final["probe_map"])
     # The checkpoint comes back to the CPU in float32, loadable without pickled code.

@@ -682,6 +682,7 @@ def train(
     final["steps"] = int(trainer.global_step) if module.diverged_step is None else module.diverged_step
     final["collapse_seconds"] = module.collapse_seconds
     final["accelerator"], final["precision"] = accelerator, precision
+    final["device"] = device_name(trainer.strategy.root_device)
     seconds = time.perf_counter() - started
     final["seconds"] = seconds
     if out_dir is not None:
@@ -703,6 +704,15 @@ def train(
         out_dir=out_dir,
         backbone=backbone,
     )
+
+
+def device_name(device: torch.device) -> str:
+    """Where a run trained, for its records: ``cpu``, or ``cuda:N (the GPU's name)``, N as this
+    process sees it (Ray and ``CUDA_VISIBLE_DEVICES`` renumber the GPUs a process is given)."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _json_default(value: Any) -> Any:
