@@ -254,6 +254,19 @@ def test_uniform_assignments_have_entropy_log_k() -> None:
     assert assignment_entropy(uniform) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_tied_assignments_count_one_prototype_not_one_per_sample() -> None:
+    # Every sample spread evenly: each row's argmax is a tie, which always goes to the same (lowest)
+    # prototype, so one of K is used, not a random one per sample.
+    uniform = torch.full((100, 64), 1 / 64)
+    assert cluster_occupancy(uniform) == 1 / 64
+    assert cluster_occupancy(uniform, relative_to_attainable=True) == 1 / 64  # min(N, K) = 64
+    assert cluster_occupancy(torch.full((16, 64), 1 / 64), relative_to_attainable=True) == 1 / 16
+    # A tie between prototypes 5 and 9 in every row: the same one for all of them.
+    tied = torch.zeros(10, 64)
+    tied[:, [9, 5]] = 0.5
+    assert cluster_occupancy(tied) == 1 / 64
+
+
 def test_occupancy_relative_to_what_the_probe_can_reach() -> None:
     # 512 samples on 4096 prototypes, each sample its own prototype: 1/8 of K, all of min(N, K).
     p = F.one_hot(torch.arange(512) * 8, 4096).float()

@@ -189,6 +189,25 @@ def test_probes_learn_separable_tags_and_are_seeded(kind):
     assert not np.array_equal(other.predict(test_x), scores)
 
 
+def test_a_linear_probe_standardises_by_the_training_rows_and_scores_with_its_weights():
+    # Written out: the training rows' mean and population std (a constant feature keeps scale 1, not 0),
+    # then logits = ((x - mean) / scale) W^T + b. Validation rows never enter the standardisation.
+    train_x, train_y = separable_problem(0, 200)
+    valid_x, valid_y = separable_problem(1, 40)
+    train_x[:, 3] = 7.0  # a constant feature
+    valid_x = valid_x * 10.0 - 3.0  # other statistics than the training rows'
+    fitted = fit_classifier("linear", train_x, train_y, valid_x, valid_y, ClassifierConfig(patience=2), seed=0)
+    expected_scale = train_x.astype(np.float64).std(axis=0)
+    expected_scale[3] = 1.0
+    np.testing.assert_allclose(fitted.mean.cpu().numpy(), train_x.astype(np.float64).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(fitted.scale.cpu().numpy(), expected_scale, rtol=1e-5)
+    weight = fitted.model.weight.detach().double().numpy()
+    bias = fitted.model.bias.detach().double().numpy()
+    test_x, _ = separable_problem(2, 30)
+    expected = (test_x - train_x.astype(np.float64).mean(axis=0)) / expected_scale @ weight.T + bias
+    np.testing.assert_allclose(fitted.logits(test_x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_probe_falls_back_to_valid_loss_and_rejects_nan():
     train_x, train_y = separable_problem(0, 100)
     valid_x, _ = separable_problem(1, 5)

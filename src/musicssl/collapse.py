@@ -1,8 +1,9 @@
 """Label-free collapse metrics and the collapse verdict.
 
 Every metric takes embeddings as torch tensors ``(N samples, D dims)`` on any device, in any
-floating dtype (bf16 and fp16 are computed in float32; eigenvalue problems in float64, because the
-small singular values that RankMe and the spectrum weigh are lost in float32 Gram matrices), and
+floating dtype (computed in float32, also for float64 input: bf16 and fp16 are raised, float64 is
+lowered; eigenvalue problems in float64, because the small singular values that RankMe and the
+spectrum weigh are lost in float32 Gram matrices), and
 returns a Python float. Inputs are detached; nothing here builds a graph.
 
 The metrics (each function's docstring gives its definition and source):
