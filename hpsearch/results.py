@@ -164,7 +164,9 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
     ``trials * max_epochs``.
     """
     counts = {name: 0 for name in OUTCOME_ORDER}
-    for outcome in frame.get("outcome", pd.Series(dtype=object)).fillna("stopped"):
+    # A trial without an outcome (not one this searcher wrote) counts as stopped, here and in the savings.
+    outcomes = frame.get("outcome", pd.Series(dtype=object)).fillna("stopped")
+    for outcome in outcomes:
         counts[outcome] = counts.get(outcome, 0) + 1
     finished = int(sum(count for name, count in counts.items() if name not in ("running", "waiting")))
     complete = frame[(frame.get("state") == "COMPLETE")] if len(frame) else frame
@@ -181,7 +183,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
     epochs = pd.to_numeric(frame.get("epochs_run", pd.Series(dtype=float)), errors="coerce").fillna(0.0)
     saved: dict[str, float] = {}
     for outcome in ("collapsed", "diverged", "stopped"):
-        mask = frame.get("outcome", pd.Series(dtype=object)) == outcome
+        mask = outcomes == outcome
         saved[outcome] = float((max_epochs - epochs[mask]).clip(lower=0).sum()) if len(frame) else 0.0
     flagged: dict[str, int] = {}
     if len(frame) and "verdict" in frame:

@@ -393,6 +393,10 @@ def test_nonfinite_inputs_and_loss_are_divergence() -> None:
     inf_probs[0, 0] = math.inf
     with_inf = collapse_metrics({"embedding": gaussian(256, 32), "assignment_probs": inf_probs})
     assert collapse_verdict(with_inf) == "diverged"
+    # A non-finite teacher (a finite student): its gap is NaN, and the flag says so.
+    student = gaussian(64, 16)
+    with_nan_teacher = collapse_metrics({"embedding": student, "teacher_embedding": torch.full_like(student, math.nan)})
+    assert math.isnan(with_nan_teacher["teacher_student_gap"]) and with_nan_teacher["nonfinite"] == 1.0
     healthy = collapse_metrics({"embedding": gaussian(256, 32)})
     assert collapse_verdict({**healthy, "loss": math.nan}) == "diverged"
     assert collapse_verdict({**healthy, "loss": torch.tensor(math.inf)}) == "diverged"

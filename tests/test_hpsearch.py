@@ -95,6 +95,9 @@ def test_the_fresh_backbone_verdict_in_the_grace_period_is_not_acted_on():
 def test_divergence_stops_at_once_even_in_the_grace_period():
     monitor = monitor_after([NAN_LOSS], grace=3, patience=5)
     assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_step) == (1, "diverged", 10)
+    # A divergence after healthy epochs is dated at its own epoch and step, not at the first epoch.
+    later = monitor_after([HEALTHY, NAN_LOSS], grace=3, patience=5)
+    assert (later.stop_epoch, later.collapse_epoch, later.collapse_step) == (2, 2, 20)
     # An infinite loss too, with or without collapse metrics in the record (a run without a probe set).
     assert monitor_after([{**HEALTHY, "train_loss": math.inf}], grace=3, patience=5).collapse_type == "diverged"
     from hpsearch.stopping import findings_from_record
@@ -145,11 +148,18 @@ def test_a_type_stops_when_its_rules_fire_also_behind_another_verdict():
     behind = monitor_after([HEALTHY, PARTIAL_AND_DIMENSIONAL, PARTIAL_AND_DIMENSIONAL], stop_on=("dimensional",))
     assert behind.verdicts[-1] == "partial"
     assert (behind.stop_epoch, behind.collapse_type, behind.collapse_epoch) == (3, "dimensional", 2)
+    assert behind.stop_reasons == ["rankme_embedding_norm 0.04 < 0.1"]  # the dimensional rule's, not partial's
     # Both kinds stopped on: the type is the first in precedence at the stopping epoch.
     both = monitor_after([HEALTHY, DIMENSIONAL, PARTIAL_AND_DIMENSIONAL], stop_on=("partial", "dimensional"))
     assert (both.stop_epoch, both.collapse_type, both.collapse_epoch) == (3, "partial", 2)
     # Neither stopped on: no epoch counts.
     assert not monitor_after([PARTIAL_AND_DIMENSIONAL] * 4, stop_on=("complete", "cluster")).fired
+
+
+def test_the_rules_own_defaults_are_the_searchs():
+    # CollapseStopRule() (used directly, e.g. by the benchmarks' replay) stops as a default search does.
+    assert CollapseStopRule() == SearchSettings(method="vicreg").trial_settings().collapse_rule()
+    assert (CollapseStopRule().grace_epochs, CollapseStopRule().patience_epochs) == (1, 2)
 
 
 def test_the_rule_uses_its_own_thresholds():
@@ -910,6 +920,47 @@ def test_a_trials_final_record_reads_the_chosen_objective_and_records_what_the_r
     record, checkpoint, _ = run()
     assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
     assert record["collapse_reasons"] == "objective probe_map is nan" and math.isnan(record["objective"])
+
+
+def test_a_trials_record_keeps_the_last_verdict_the_first_best_epoch_and_dates_a_divergence_by_its_step(
+        tonal_data):
+    """Real tiny trainings (outside Ray), their epoch records read through a hook that sets the collapse
+    metrics: the final verdict is the last epoch's, a best objective reached again stays at the epoch
+    that first reached it, and a divergence on the first step of an epoch is dated in that epoch."""
+    from hpsearch.trainable import _EpochReporter, _train_and_score
+
+    params = {"learning_rate": 1e-3, "weight_decay": 1e-4}
+
+    class Rewritten(_EpochReporter):
+        # What the trainer measured, replaced by the epoch's record below (the trainer's own is kept).
+        records: list[dict] = []
+        poison_after: int | None = None
+
+        def __call__(self, module, record):
+            super().__call__(module, {**record, **self.records[record["epoch"] - 1]})
+            if record["epoch"] == self.poison_after:  # every weight inf: the next step's loss is not finite
+                with torch.no_grad():
+                    for parameter in module.method.backbone.parameters():
+                        parameter.fill_(math.inf)
+
+    def run(records, poison_after=None):
+        settings = SearchSettings(method="vicreg", objective="rankme", **{**TINY, "max_epochs": 3}).trial_settings()
+        monitor = CollapseMonitor(settings.collapse_rule())
+        reporter = Rewritten(settings, tonal_data, monitor, lambda report: None)
+        reporter.records, reporter.poison_after = records, poison_after
+        return _train_and_score(settings, params, tonal_data, monitor, reporter)
+
+    # Verdicts complete (within the grace period), none, dimensional (not stopped on); RankMe 50, 70, 70.
+    epochs = [{**COMPLETE, "collapse_rankme_embedding": 50.0}, {**HEALTHY, "collapse_rankme_embedding": 70.0},
+              {**DIMENSIONAL, "collapse_rankme_embedding": 70.0}]
+    record, checkpoint = run(epochs)
+    assert (record["outcome"], record["verdict"], record["objective"]) == ("complete", "dimensional", 70.0)
+    assert (record["best_objective"], record["best_epoch"]) == (70.0, 2) and checkpoint is not None
+    # Poisoned at the end of epoch 1: the loss of step 3, the first of epoch 2 (3 steps per epoch), is not finite.
+    record, checkpoint = run([HEALTHY] * 3, poison_after=1)
+    assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
+    assert (record["diverged_step"], record["collapse_step"], record["collapse_epoch"]) == (3, 3, 2)
+    assert record["epochs_run"] == 1.0
 
 
 def test_a_trial_removes_the_checkpoint_folders_a_killed_search_left(tmp_path):
@@ -2509,6 +2560,7 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
         "outcome": ["complete", "complete", "collapsed", "diverged", "complete"],
         "objective": [0.30, 0.40, math.nan, math.nan, 0.35],
         "epochs_run": [6.0, 6.0, 3.0, 0.5, 6.0],
+        "epochs_completed": [6, 6, 3, 0, 6],  # savings count steps: the diverged trial ran half an epoch
         "verdict": ["none", "dimensional", "complete", "diverged", "dimensional"],
         "param_x": [0.1, 0.2, 0.3, 0.4, 0.5],
     })
@@ -2542,6 +2594,16 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     left = pd.concat([frame, pd.DataFrame({"trial": [5], "state": ["RUNNING"], "outcome": ["running"]})])
     left_summary = summarize(left, "vicreg", "probe_map", trials=7, max_epochs=6)
     assert (left_summary.trials_finished, left_summary.counts["running"]) == (5, 1)
+    # Its epochs so far count as run (here 2), though not as finished work that was saved.
+    running = pd.concat([frame, pd.DataFrame({"trial": [5], "state": ["RUNNING"], "outcome": ["running"],
+                                              "epochs_run": [2.0]})])
+    assert summarize(running, "vicreg", "probe_map", trials=6, max_epochs=6).trial_epochs_run == 21.5 + 2.0
+    # A trial without an outcome (a study written by other code) is counted as stopped, and so are its
+    # unrun epochs.
+    unknown = pd.concat([frame, pd.DataFrame({"trial": [5], "state": ["PRUNED"], "outcome": [None],
+                                              "epochs_run": [2.0]})])
+    unknown_summary = summarize(unknown, "vicreg", "probe_map", trials=6, max_epochs=6)
+    assert unknown_summary.counts["stopped"] == 1 and unknown_summary.epochs_saved["stopped"] == 4.0
     assert format_summary(left_summary).splitlines()[0] == (
         "vicreg: 5/7 trials finished (3 complete, 1 collapsed, 1 diverged, 0 failed, 1 unfinished)")
     # A search stored before trials had a verdict column summarises without it.
