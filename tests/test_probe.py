@@ -291,6 +291,21 @@ def test_bootstrap_is_reproducible_and_brackets_the_full_test_value():
     assert not np.array_equal(other_seed.values, result.values)
 
 
+def test_a_bootstrap_resample_has_round_fraction_times_n_distinct_rows():
+    # 33 rows at 0.5: round(16.5) = 16 (halves to even), each row at most once (without replacement).
+    labels, scores = multilabel_data(rows=33, tags=3, seed=4, ties=False)
+    scores = scores + np.arange(33)[:, None] * 1000.0  # each row's scores identify it
+    sizes, distinct = [], []
+
+    def rows_seen(y, s):
+        sizes.append(len(y))
+        distinct.append(len(np.unique(np.round(s[:, 0] / 1000.0))))
+        return 0.5
+
+    bootstrap(labels, scores, rows_seen, n_resamples=5, fraction=0.5, seed=0)
+    assert sizes == [16] * 5 and distinct == [16] * 5
+
+
 def test_bootstrap_named_metrics_equal_sklearn_callables():
     labels, scores = multilabel_data(rows=200, tags=6, seed=9, ties=True)
     for name, function in (("roc_auc", roc_auc_score), ("average_precision", average_precision_score)):

@@ -305,6 +305,9 @@ def bootstrap(
 ) -> BootstrapResult:
     """Evaluate ``metric`` on ``n_resamples`` random subsets of ``fraction`` of the test rows.
 
+    A subset has ``round(fraction * N)`` rows, Python's rounding (halves to even: 0.5 x 33 rows gives
+    16); the limited-data subsets of ``analysis.downstream`` round halves up instead.
+
     This is the study's protocol (50 resamples of 50 % of the test set): rows are drawn WITHOUT
     replacement within a resample, independently across resamples. With ``fraction = 0.5`` the
     variance of a mean over the subset approximately equals that of a mean over a classical
