@@ -128,6 +128,13 @@ class SearchSummary:
     # trial-epochs that would have saved.
     would_stop: int = 0
     would_save_epochs: float = 0.0
+    # The best trial's last collapse verdict, when it is one (e.g. "dimensional"), and, with collapse
+    # stopping off, what the rule found in it if it would have stopped it (collapse_type,
+    # collapse_epoch, would_stop_epoch) and the best complete trial it would have let run.
+    best_verdict: str | None = None
+    best_would_stop: dict[str, Any] | None = None
+    best_let_run_trial: int | None = None
+    best_let_run_value: float | None = None
 
     @property
     def trial_epochs_without_stopping(self) -> float:
@@ -170,7 +177,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         counts[outcome] = counts.get(outcome, 0) + 1
     finished = int(sum(count for name, count in counts.items() if name not in ("running", "waiting")))
     complete = frame[(frame.get("state") == "COMPLETE")] if len(frame) else frame
-    best_trial = best_value = None
+    best_trial = best_value = best_verdict = best_would_stop = let_run_trial = let_run_value = None
     best_params: dict[str, Any] = {}
     if len(complete):
         best = complete.loc[complete["objective"].astype(float).idxmax()]
@@ -180,6 +187,21 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
             for name, value in best.items()
             if name.startswith("param_") and not (isinstance(value, float) and math.isnan(value))
         }
+        if best.get("verdict") in COLLAPSE_TYPES:
+            best_verdict = str(best["verdict"])
+        # With stopping off, a collapsed trial can be the best: a probe can still score a backbone whose
+        # head found the trivial solution (benchmarks/README.md, "Collapse stopping on the paper preset").
+        if _float(best.get("would_stop_epoch")) is not None:
+            epoch = _float(best.get("collapse_epoch"))
+            best_would_stop = {
+                "collapse_type": best.get("collapse_type"),
+                "collapse_epoch": None if epoch is None else int(epoch),
+                "would_stop_epoch": int(_float(best["would_stop_epoch"])),
+            }
+            let_run = complete[pd.to_numeric(complete["would_stop_epoch"], errors="coerce").isna()]
+            if len(let_run):
+                other = let_run.loc[let_run["objective"].astype(float).idxmax()]
+                let_run_trial, let_run_value = int(other["trial"]), float(other["objective"])
     epochs = pd.to_numeric(frame.get("epochs_run", pd.Series(dtype=float)), errors="coerce").fillna(0.0)
     saved: dict[str, float] = {}
     for outcome in ("collapsed", "diverged", "stopped"):
@@ -208,6 +230,10 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         flagged=flagged,
         would_stop=int(len(would)),
         would_save_epochs=float((epochs[would.index] - would).clip(lower=0).sum()),
+        best_verdict=best_verdict,
+        best_would_stop=best_would_stop,
+        best_let_run_trial=let_run_trial,
+        best_let_run_value=let_run_value,
     )
 
 
@@ -223,6 +249,17 @@ def format_summary(summary: SearchSummary) -> str:
             for name, value in sorted(summary.best_params.items())
         )
         lines.append(f"  params: {params}")
+        if summary.best_would_stop:
+            found = summary.best_would_stop
+            lines.append(
+                f"  collapsed: the rule reads {found['collapse_type']} collapse in it from epoch {found['collapse_epoch']} "
+                f"and would have stopped it at epoch {found['would_stop_epoch']} (a probe can still score a collapsed "
+                "backbone well)"
+                + ("" if summary.best_let_run_trial is None else
+                   f"; the best trial it lets run: #{summary.best_let_run_trial}, "
+                   f"{summary.objective} {summary.best_let_run_value:.4f}"))
+        elif summary.best_verdict:
+            lines.append(f"  its last epoch's collapse verdict: {summary.best_verdict} (trials.csv's verdict column)")
     else:
         lines.append("best: no trial completed")
     if summary.untrained_value is not None:

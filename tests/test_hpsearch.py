@@ -2549,6 +2549,56 @@ def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_n
     assert exported(6) is None and exported(9) is None
 
 
+def test_summary_says_when_the_best_trial_collapsed_and_names_the_best_one_the_rule_lets_run():
+    """With stopping off a collapsed trial can be the best: a probe can still score a backbone whose
+    head found the trivial solution (the paper preset's VICReg search: #14, complete from epoch 2,
+    scored best). The summary says so and names the best trial the rule would have let run."""
+    from hpsearch.results import format_summary, summarize
+
+    frame = pd.DataFrame({
+        "trial": [0, 1, 2, 3],
+        "state": ["COMPLETE"] * 4,
+        "outcome": ["complete"] * 4,
+        "objective": [0.3508, 0.3913, 0.3555, 0.30],
+        "epochs_run": [8.0] * 4,
+        "verdict": ["dimensional", "complete", "complete", "none"],
+        "collapse_type": [math.nan, "complete", "complete", math.nan],
+        "collapse_epoch": [math.nan, 2.0, 1.0, math.nan],
+        "would_stop_epoch": [math.nan, 3.0, 3.0, math.nan],
+    })
+    summary = summarize(frame, "vicreg", "probe_map", trials=4, max_epochs=8)
+    assert summary.best_trial == 1 and summary.best_verdict == "complete"
+    assert summary.best_would_stop == {"collapse_type": "complete", "collapse_epoch": 2, "would_stop_epoch": 3}
+    # #2 (0.3555) would have been stopped too: the best the rule lets run is #0, not #2.
+    assert (summary.best_let_run_trial, summary.best_let_run_value) == (0, 0.3508)
+    lines = format_summary(summary).splitlines()
+    assert lines[1] == "best: trial #1, probe_map 0.3913"
+    assert lines[3] == ("  collapsed: the rule reads complete collapse in it from epoch 2 and would have stopped it at "
+                        "epoch 3 (a probe can still score a collapsed backbone well); the best trial it lets run: #0, "
+                        "probe_map 0.3508")
+    # summary.json carries the same.
+    written = json.loads(json.dumps(summary.to_dict()))
+    assert written["best_would_stop"]["would_stop_epoch"] == 3 and written["best_let_run_trial"] == 0
+    # Every complete trial would have been stopped: nothing to name.
+    every = frame.assign(would_stop_epoch=[4.0, 3.0, 3.0, 5.0], collapse_type="complete", collapse_epoch=1.0)
+    every_summary = summarize(every, "vicreg", "probe_map", trials=4, max_epochs=8)
+    assert every_summary.best_let_run_trial is None
+    assert format_summary(every_summary).splitlines()[3].endswith("(a probe can still score a collapsed backbone well)")
+    # A best trial the rule lets run: its last verdict when that is a collapse kind, else nothing.
+    healthy = frame.assign(objective=[0.42, 0.3913, 0.3555, 0.30])
+    healthy_summary = summarize(healthy, "vicreg", "probe_map", trials=4, max_epochs=8)
+    assert healthy_summary.best_would_stop is None and healthy_summary.best_let_run_trial is None
+    assert format_summary(healthy_summary).splitlines()[3] == (
+        "  its last epoch's collapse verdict: dimensional (trials.csv's verdict column)")
+    none_best = summarize(frame.assign(objective=[0.1, 0.2, 0.3, 0.5]), "vicreg", "probe_map", 4, 8)
+    assert none_best.best_verdict is None
+    assert not any("collapse" in line for line in format_summary(none_best).splitlines()[1:3])
+    assert format_summary(none_best).splitlines()[3].startswith("compute:")
+    # A search stored before these columns existed summarises without them.
+    bare = summarize(frame[["trial", "state", "outcome", "objective", "epochs_run"]], "vicreg", "probe_map", 4, 8)
+    assert (bare.best_trial, bare.best_verdict, bare.best_would_stop) == (1, None, None)
+
+
 def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     from dataclasses import replace
 
