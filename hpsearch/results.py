@@ -253,8 +253,10 @@ def format_summary(summary: SearchSummary) -> str:
             found = summary.best_would_stop
             lines.append(
                 f"  collapsed: the rule reads {found['collapse_type']} collapse in it from epoch {found['collapse_epoch']} "
-                f"and would have stopped it at epoch {found['would_stop_epoch']} (a probe can still score a collapsed "
-                "backbone well)"
+                f"and would have stopped it at epoch {found['would_stop_epoch']}"
+                + ("" if summary.best_verdict == found["collapse_type"] else
+                   f", and its last epoch's verdict is {summary.best_verdict or 'none'}")
+                + " (a probe can still score a collapsed backbone well)"
                 + ("" if summary.best_let_run_trial is None else
                    f"; the best trial it lets run: #{summary.best_let_run_trial}, "
                    f"{summary.objective} {summary.best_let_run_value:.4f}"))

@@ -2579,6 +2579,13 @@ def test_summary_says_when_the_best_trial_collapsed_and_names_the_best_one_the_r
     # summary.json carries the same.
     written = json.loads(json.dumps(summary.to_dict()))
     assert written["best_would_stop"]["would_stop_epoch"] == 3 and written["best_let_run_trial"] == 0
+    # A trial the rule read as complete collapse can end on another verdict (a VICReg trial of the paper
+    # preset's search ended "dimensional"): the line gives both.
+    other_verdict = summarize(frame.assign(verdict=["dimensional", "dimensional", "complete", "none"]),
+                              "vicreg", "probe_map", trials=4, max_epochs=8)
+    assert format_summary(other_verdict).splitlines()[3].startswith(
+        "  collapsed: the rule reads complete collapse in it from epoch 2 and would have stopped it at epoch 3"
+        ", and its last epoch's verdict is dimensional (a probe can still score")
     # Every complete trial would have been stopped: nothing to name.
     every = frame.assign(would_stop_epoch=[4.0, 3.0, 3.0, 5.0], collapse_type="complete", collapse_epoch=1.0)
     every_summary = summarize(every, "vicreg", "probe_map", trials=4, max_epochs=8)
