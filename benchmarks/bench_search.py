@@ -13,6 +13,15 @@
     ``--seed-runs CSV ...`` (files written by ``noise --csv``): also judged by the trials' mean over seeds.
     ``--max-epochs N`` (savings, replay, noise): trials of N epochs instead of the search's default; the
     runs are named ``METHOD-TRIALS-Nep-stop`` / ``-nostop``.
+    ``--search-flags="..." --tag TAG`` (savings): more ``hpsearch.run`` flags for both searches (preset,
+    steps, batch size, resources), e.g. the paper preset on a GPU::
+
+        python benchmarks/bench_search.py savings --method vicreg --trials 32 --max-epochs 8 --tag paper \\
+            --search-flags="--preset paper --steps-per-epoch 20 --batch-size 64 --concurrency 8 \\
+            --cpus-per-trial 2 --gpus-per-trial 0.125"
+
+    (with ``=``: a value that starts with ``--`` is otherwise taken for a flag). The runs are then named
+    ``METHOD-TRIALS[-Nep]-TAG-stop`` / ``-nostop``; pass the same ``--tag`` to replay and noise.
 ``python benchmarks/bench_search.py noise --method vicreg --trials 64 [--seeds 0,1,2] [RUN_DIR]``
     How much of a search's ranking is its seed: trials of a finished search (default: the run
     without stopping; ranks 1-5, 10, 20, the median and the last of its complete trials, ``--ranks``)
@@ -34,6 +43,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -143,9 +154,26 @@ def bench_timing(args) -> None:
 
 
 def run_stem(args) -> str:
-    """The stem of a savings run's name: method and trials, and the trial length when not the default."""
+    """The stem of a savings run's name: method and trials, the trial length when not the default, and
+    the ``--tag`` of runs with other ``--search-flags``."""
     stem = f"{args.method}-{args.trials}"
-    return stem if args.max_epochs is None else f"{stem}-{args.max_epochs}ep"
+    if args.max_epochs is not None:
+        stem += f"-{args.max_epochs}ep"
+    return stem if not getattr(args, "tag", None) else f"{stem}-{args.tag}"
+
+
+# Flags a savings run sets itself, so not accepted in --search-flags.
+SAVINGS_OWN_FLAGS = ("--trials", "--name", "--storage-dir", "--seed", "--max-epochs", "--no-collapse-stop", "--resume")
+
+
+def savings_flags(args, name: str, stop: bool) -> list[str]:
+    """The ``hpsearch.run`` flags (after the method) of one of a savings benchmark's two searches."""
+    flags = ["--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir, "--seed", str(args.seed)]
+    if args.max_epochs is not None:
+        flags += ["--max-epochs", str(args.max_epochs)]
+    if not stop:
+        flags.append("--no-collapse-stop")
+    return flags + shlex.split(args.search_flags or "")
 
 
 def bench_savings(args) -> None:
@@ -154,13 +182,8 @@ def bench_savings(args) -> None:
         name = f"{run_stem(args)}-{'stop' if stop else 'nostop'}"
         folder = Path(args.storage_dir) / name
         if needs_run(folder, args.rerun):
-            flags = ["--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir, "--seed", str(args.seed)]
-            if args.max_epochs is not None:
-                flags += ["--max-epochs", str(args.max_epochs)]
-            if not stop:
-                flags.append("--no-collapse-stop")
             print(f"running {name} (load average {load_average()})", flush=True)
-            code, wall = run_cli([args.method, *flags], log=Path(args.storage_dir) / f"{name}.log")
+            code, wall = run_cli([args.method, *savings_flags(args, name, stop)], log=Path(args.storage_dir) / f"{name}.log")
             print(f"  exit code {code}, {wall / 60:.1f} min", flush=True)
         runs[stop] = folder
         describe(folder)
@@ -511,6 +534,12 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="for savings, replay and noise: epochs per trial (default: the search's own default)")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--search-flags", default="", metavar="FLAGS",
+                        help="for savings: more python -m hpsearch.run flags for both searches, in one quoted string "
+                        "given with = (--search-flags=\"--preset paper --gpus-per-trial 0.125\"); needs --tag")
+    parser.add_argument("--tag", default=None,
+                        help="for savings, replay and noise: a word in the runs' names (METHOD-TRIALS[-Nep]-TAG-stop), "
+                        "for runs with --search-flags")
     parser.add_argument("--storage-dir", default="/tmp/hpsearch-bench")
     parser.add_argument("--rerun", action="store_true", help="run again, removing the earlier run's folder")
     parser.add_argument("--seeds", type=seed_list, default=None, help="for noise: comma-separated seeds (default: the search's and "
@@ -521,6 +550,22 @@ def main() -> None:
     parser.add_argument("--seed-runs", nargs="+", default=None, metavar="CSV",
                         help="for replay: noise --csv files; judge the rules by the trials' mean over seeds too")
     args = parser.parse_args()
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        parser.error(f"--tag: letters, digits, '_', '.' and '-' only (it is part of a folder name), got {args.tag!r}")
+    if args.search_flags:
+        if args.benchmark != "savings":
+            parser.error("--search-flags is for savings (replay and noise read the finished runs: pass --tag)")
+        try:
+            extra = shlex.split(args.search_flags)
+        except ValueError as error:
+            parser.error(f"--search-flags: {error}")
+        own = sorted({flag.split("=")[0] for flag in extra} & set(SAVINGS_OWN_FLAGS))
+        if own:
+            parser.error(f"--search-flags: {', '.join(own)} is set by the benchmark itself (use its own --trials, "
+                         "--seed, --max-epochs, --storage-dir)")
+        if not args.tag:
+            parser.error("--search-flags changes the searches: name their runs with --tag (e.g. --tag paper), so "
+                         "that they are not taken for the default runs")
     Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
     if args.benchmark == "timing":
         if args.method != "vicreg" or args.seed != 0 or args.max_epochs is not None:

@@ -215,3 +215,85 @@ def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_
     assert "  #3  0.4000  3  complete" in out and "  #2  0.7000  None  None" in out
     assert ("RESULT savings vicreg: 4.2% of trial-epochs saved (NOT met); 1 of the 5 best trials without stopping "
             "would have been stopped (NOT met)") in out
+
+
+def _bench_search_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_search", REPO / "benchmarks" / "bench_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_search(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_search.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_bench_search_savings_gives_both_searches_the_search_flags_and_names_them_by_tag(tmp_path):
+    """``savings --search-flags=... --tag paper``: both searches get the extra hpsearch.run flags after the
+    benchmark's own, and their runs are named METHOD-TRIALS[-Nep]-TAG-stop/-nostop; replay --tag reads
+    the run without stopping. Flags the benchmark sets itself, a missing tag and a tag that is no folder
+    name are refused (exit 2)."""
+    from argparse import Namespace
+
+    bench = _bench_search_module()
+    args = Namespace(method="vicreg", trials=32, max_epochs=8, tag="paper", seed=0, storage_dir="/runs",
+                     search_flags="--preset paper --gpus-per-trial 0.125")
+    assert bench.run_stem(args) == "vicreg-32-8ep-paper"
+    assert bench.run_stem(Namespace(method="vicreg", trials=64, max_epochs=None, tag=None)) == "vicreg-64"
+    assert bench.savings_flags(args, "vicreg-32-8ep-paper-nostop", stop=False) == [
+        "--trials", "32", "--name", "vicreg-32-8ep-paper-nostop", "--storage-dir", "/runs", "--seed", "0",
+        "--max-epochs", "8", "--no-collapse-stop", "--preset", "paper", "--gpus-per-trial", "0.125"]
+    assert bench.savings_flags(args, "vicreg-32-8ep-paper-stop", stop=True)[-5:] == [
+        "8", "--preset", "paper", "--gpus-per-trial", "0.125"]
+
+    # Finished tagged runs are reused, as untagged ones are; an untagged pair beside them is not read.
+    from test_hpsearch import COMPLETE, HEALTHY
+
+    objectives = [0.5, 0.6, 0.7, 0.4, 0.3, 0.2]
+    progress = {number: [{**(COMPLETE if number == 3 else HEALTHY), "epoch": epoch, "step": 15 * epoch}
+                         for epoch in range(1, 5)] for number in range(6)}
+    _stored_search(tmp_path / "vicreg-6-4ep-paper-nostop", [4.0] * 6, objectives, progress, collapse_stop=False)
+    _stored_search(tmp_path / "vicreg-6-4ep-paper-stop", [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], objectives, {},
+                   collapse_stop=True)
+    (tmp_path / "vicreg-6-4ep-stop").write_text("not a search folder: never read")
+    common = ["--method", "vicreg", "--trials", "6", "--max-epochs", "4", "--storage-dir", str(tmp_path), "--tag", "paper"]
+    completed = _bench_search("savings", *common, "--search-flags=--preset paper")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "trial-epochs: with collapse stop 23.0, without 24.0: 4.2% saved (target >= 30%)" in completed.stdout
+    replayed = _bench_search("replay", *common)
+    assert replayed.returncode == 0, replayed.stdout[-2000:] + replayed.stderr[-2000:]
+    assert "replaying stopping rules on vicreg-6-4ep-paper-nostop (6 trials, 4 epochs each)" in replayed.stdout
+
+    for extra, message in (
+            (["--search-flags=--preset paper"], "--search-flags changes the searches: name their runs with --tag"),
+            (["--tag", "paper", "--search-flags=--seed=3 --preset paper"], "--search-flags: --seed is set by the benchmark"),
+            (["--tag", "paper", "--search-flags=--trials 4"], "--search-flags: --trials is set by the benchmark"),
+            (["--tag", "paper", "--search-flags=--preset 'paper"], "--search-flags: No closing quotation"),
+            (["--tag", "a/b"], "--tag: letters, digits"),
+    ):
+        refused = _bench_search("savings", "--storage-dir", str(tmp_path), *extra)
+        assert refused.returncode == 2 and message in refused.stderr, (extra, refused.stderr[-500:])
+        assert "Traceback" not in refused.stderr
+    refused = _bench_search("replay", "--storage-dir", str(tmp_path), "--tag", "paper", "--search-flags=--preset paper")
+    assert refused.returncode == 2 and "--search-flags is for savings" in refused.stderr
+
+
+@pytest.mark.slow
+def test_bench_search_savings_runs_both_searches_with_the_search_flags(tmp_path):
+    """A real savings benchmark of two one-trial searches with --search-flags: both searches store the
+    flags' settings (2 steps of batch 8 per epoch) and the benchmark reports on them."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "savings", "--method", "byol", "--trials", "1",
+         "--max-epochs", "1", "--tag", "tiny", "--storage-dir", str(tmp_path),
+         "--search-flags=--steps-per-epoch 2 --batch-size 8 --probe-segments 64 --concurrency 1 --cpus-per-trial 1"],
+        capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    for name in ("byol-1-1ep-tiny-stop", "byol-1-1ep-tiny-nostop"):
+        settings = json.loads((tmp_path / name / "search.json").read_text())
+        assert (settings["steps_per_epoch"], settings["batch_size"], settings["probe_segments"]) == (2, 8, 64)
+        assert (settings["trials"], settings["max_epochs"], settings["seed"]) == (1, 1, 0)
+        assert settings["collapse_stop"] == name.endswith("-stop")
+    assert "RESULT savings byol: 0.0% of trial-epochs saved" in completed.stdout
