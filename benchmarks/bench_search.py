@@ -183,8 +183,13 @@ def bench_savings(args) -> None:
         folder = Path(args.storage_dir) / name
         if needs_run(folder, args.rerun):
             print(f"running {name} (load average {load_average()})", flush=True)
-            code, wall = run_cli([args.method, *savings_flags(args, name, stop)], log=Path(args.storage_dir) / f"{name}.log")
+            log = Path(args.storage_dir) / f"{name}.log"
+            code, wall = run_cli([args.method, *savings_flags(args, name, stop)], log=log)
             print(f"  exit code {code}, {wall / 60:.1f} min", flush=True)
+            if code != 0 and not (folder / "summary.json").exists():  # refused, or ended before a trial finished
+                lines = log.read_text(errors="replace").strip().splitlines()
+                raise SystemExit(f"{name}: python -m hpsearch.run exited with {code} before a trial finished "
+                                 f"(log: {log}){': ' + lines[-1] if lines else ''}")
         runs[stop] = folder
         describe(folder)
     with_stop, _, _ = read_run(runs[True])
@@ -559,7 +564,9 @@ def main() -> None:
             extra = shlex.split(args.search_flags)
         except ValueError as error:
             parser.error(f"--search-flags: {error}")
-        own = sorted({flag.split("=")[0] for flag in extra} & set(SAVINGS_OWN_FLAGS))
+        # hpsearch.run takes unambiguous prefixes too (--trial for --trials).
+        given = {token.split("=")[0] for token in extra if token.startswith("--") and len(token.split("=")[0]) > 2}
+        own = sorted({flag for flag in SAVINGS_OWN_FLAGS if any(flag.startswith(name) for name in given)})
         if own:
             parser.error(f"--search-flags: {', '.join(own)} is set by the benchmark itself (use its own --trials, "
                          "--seed, --max-epochs, --storage-dir)")

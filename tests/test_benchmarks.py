@@ -271,6 +271,7 @@ def test_bench_search_savings_gives_both_searches_the_search_flags_and_names_the
             (["--search-flags=--preset paper"], "--search-flags changes the searches: name their runs with --tag"),
             (["--tag", "paper", "--search-flags=--seed=3 --preset paper"], "--search-flags: --seed is set by the benchmark"),
             (["--tag", "paper", "--search-flags=--trials 4"], "--search-flags: --trials is set by the benchmark"),
+            (["--tag", "paper", "--search-flags=--trial 4"], "--search-flags: --trials is set by the benchmark"),
             (["--tag", "paper", "--search-flags=--preset 'paper"], "--search-flags: No closing quotation"),
             (["--tag", "a/b"], "--tag: letters, digits"),
     ):
@@ -279,6 +280,13 @@ def test_bench_search_savings_gives_both_searches_the_search_flags_and_names_the
         assert "Traceback" not in refused.stderr
     refused = _bench_search("replay", "--storage-dir", str(tmp_path), "--tag", "paper", "--search-flags=--preset paper")
     assert refused.returncode == 2 and "--search-flags is for savings" in refused.stderr
+    # A flag hpsearch.run refuses ends the benchmark with hpsearch.run's own message, before the second search.
+    failed = _bench_search("savings", "--method", "vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "bad"),
+                           "--tag", "bad", "--search-flags=--preset nosuch")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert "vicreg-2-bad-stop: python -m hpsearch.run exited with 2 before a trial finished" in failed.stderr
+    assert "nosuch" in failed.stderr.splitlines()[-1]
+    assert not (tmp_path / "bad" / "vicreg-2-bad-nostop.log").exists()
 
 
 @pytest.mark.slow
