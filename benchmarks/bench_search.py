@@ -159,7 +159,7 @@ def run_stem(args) -> str:
     stem = f"{args.method}-{args.trials}"
     if args.max_epochs is not None:
         stem += f"-{args.max_epochs}ep"
-    return stem if not getattr(args, "tag", None) else f"{stem}-{args.tag}"
+    return f"{stem}-{args.tag}" if args.tag else stem
 
 
 # Flags a savings run sets itself, so not accepted in --search-flags.

@@ -191,12 +191,13 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
             best_verdict = str(best["verdict"])
         # With stopping off, a collapsed trial can be the best: a probe can still score a backbone whose
         # head found the trivial solution (benchmarks/README.md, "Collapse stopping on the paper preset").
-        if _float(best.get("would_stop_epoch")) is not None:
+        stop_epoch = _float(best.get("would_stop_epoch"))
+        if stop_epoch is not None:
             epoch = _float(best.get("collapse_epoch"))
             best_would_stop = {
                 "collapse_type": best.get("collapse_type"),
                 "collapse_epoch": None if epoch is None else int(epoch),
-                "would_stop_epoch": int(_float(best["would_stop_epoch"])),
+                "would_stop_epoch": int(stop_epoch),
             }
             let_run = complete[pd.to_numeric(complete["would_stop_epoch"], errors="coerce").isna()]
             if len(let_run):
