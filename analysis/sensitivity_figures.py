@@ -908,8 +908,10 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     title = f"{_label(analysis)}: optimisation history"
     _layout(figure, title, height=480, legend={"orientation": "h", "y": -0.2})
     caption = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an untrained "
-               "backbone, when measured); trials without a score sit below. Collapses that thin out over time mean the "
-               "sampler learned to avoid the collapsing region.")
+               "backbone, when measured); trials without a score sit below. "
+               + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
+                  if experiment.settings.get("sampler") == "random" else
+                  "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region."))
     return ReportFigure(f"{_key(analysis)}-history", _label(analysis), title, caption, figure)
 
 

@@ -1,11 +1,11 @@
 """Hyperparameter search of one pretext method: ``python -m hpsearch.run METHOD --trials N``.
 
 Ray Tune runs the trials (local Ray by default, or an existing cluster with ``--address``); an
-Optuna TPE sampler, seeded, proposes them from ``study_spaces/<METHOD>.py`` and records them in
-``<storage-dir>/<name>/optuna.journal`` (open it with ``optuna-dashboard``). Every trial runs the
-shared trainer and reports its objective and collapse metrics each epoch; a trial whose collapse
-verdict persists is stopped early and recorded as PRUNED and infeasible, so the sampler learns to
-avoid its region.
+Optuna sampler, seeded (TPE, or random with ``--sampler random``), proposes them from
+``study_spaces/<METHOD>.py`` and records them in ``<storage-dir>/<name>/optuna.journal`` (open it with
+``optuna-dashboard``). Every trial runs the shared trainer and reports its objective and collapse
+metrics each epoch; a trial whose collapse verdict persists is stopped early and recorded as PRUNED
+and infeasible, so TPE learns to avoid its region.
 
 The folder ``<storage-dir>/<name>/`` then holds Ray Tune's results (a folder per trial),
 ``optuna.journal``, ``search.json`` (the settings), ``trials.csv`` (one row per trial),
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from hpsearch.settings import (
-    COLLAPSE_TYPES, OBJECTIVES, PARTIAL_SUFFIX, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, flag_text,
+    COLLAPSE_TYPES, OBJECTIVES, PARTIAL_SUFFIX, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, flag_text,
     name_problem, write_whole,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
@@ -1045,6 +1045,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     study_name=STUDY_NAME,
                     storage=JournalStorage(JournalFileBackend(str(journal))),
                     seed=settings.seed,
+                    sampler_kind=settings.sampler,
                     # Points are enqueued once, into a new study; a resumed study already holds them.
                     points_to_evaluate=None if study_exists else (list(settings.points_to_evaluate) or None),
                     max_trials=settings.trials,
@@ -1282,7 +1283,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
         description=(
-            "Search a pretext method's hyperparameters with Ray Tune and Optuna (TPE), stopping collapsed "
+            "Search a pretext method's hyperparameters with Ray Tune and Optuna (TPE by default), stopping collapsed "
             "trials early. Results go to STORAGE_DIR/NAME: Ray's trial folders, optuna.journal "
             "(optuna-dashboard reads it), trials.csv, best_backbone.pt + best_config.json, summary.json (these four "
             "rewritten after each finished trial)."
@@ -1321,6 +1322,10 @@ def build_parser() -> argparse.ArgumentParser:
         "required); may change on --resume")
     add("--preset", help=f"backbone preset: cpu or paper (default {defaults.preset})")
     add("--seed", type=int, help=f"seed of the sampler and of every trial's training (default {defaults.seed})")
+    add("--sampler", choices=SAMPLERS, help="how Optuna draws each trial's settings: tpe (learns from the finished "
+        "trials and leaves regions that collapse) or random (each trial drawn independently: an unbiased sample "
+        "of the space for the sensitivity report, and the same settings, trial for trial, in two searches with "
+        f"the same seed, e.g. with and without --no-collapse-stop) (default {defaults.sampler})")
     add("--concurrency", type=int, help=f"trials running at once (default {defaults.concurrency})")
     add("--cpus-per-trial", type=float, help=f"CPUs per trial; torch uses as many threads (the whole part, at least 1) "
         f"(default {defaults.cpus_per_trial:g})")

@@ -17,7 +17,7 @@ failed        FAIL       -           none (an exception; Optuna's samplers ignor
 
 A positive constraint (``Trial.set_constraint("collapse", 1.0)``, Optuna >= 5) makes the trial
 infeasible: TPE ranks infeasible trials below every feasible one, so it learns to leave collapsing
-and diverging regions. Every trial gets user attributes: the outcome, the collapse type, the epoch
+and diverging regions (a random sampler, ``sampler_kind="random"``, learns nothing and ignores it). Every trial gets user attributes: the outcome, the collapse type, the epoch
 and step where the collapse began, the last metrics, epochs run, seconds, the error of a failed
 trial, and the trial's full parameter set (``config``, with derived values such as
 ``base_ema_rate``).
@@ -60,6 +60,7 @@ __all__ = [
     "TESTED_VERSIONS",
     "journal_of_this_search",
     "json_safe",
+    "make_sampler",
     "search_journal",
     "user_attrs_from_record",
 ]
@@ -140,6 +141,15 @@ def search_journal(pickled: str | None) -> str | None:
     return _SEARCH_JOURNAL or pickled
 
 
+def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The search's Optuna sampler: ``tpe`` (Optuna's defaults) or ``random`` (hpsearch.settings.SAMPLERS)."""
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {kind!r}; known: tpe, random")
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with NaN/inf as None and numpy scalars as Python ones (the journal is JSON, and
     optuna-dashboard's JSON parser rejects NaN)."""
@@ -187,6 +197,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         study_name: str = "search",
         storage: optuna.storages.BaseStorage | None = None,
         seed: int | None = None,
+        sampler_kind: str = "tpe",
         points_to_evaluate: list[dict] | None = None,
         config_key: str = "optuna_trial",
         max_trials: int | None = None,
@@ -194,10 +205,11 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         _check_versions()
         if not callable(space):
             raise TypeError("space must be a define-by-run function space(trial) -> dict | None")
-        # The seed of our own TPE sampler, to reseed it on a resume (None: a sampler was given).
+        # The kind and seed of our own sampler, to reseed it on a resume (seed None: a sampler was given).
+        self.sampler_kind = sampler_kind
         self.sampler_seed = seed if sampler is None else None
         if sampler is None:
-            sampler = optuna.samplers.TPESampler(seed=seed)
+            sampler = make_sampler(sampler_kind, seed)
         super().__init__(
             space=space, metric=metric, mode=mode, points_to_evaluate=points_to_evaluate,
             sampler=sampler, study_name=study_name, storage=storage,
@@ -362,7 +374,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
                            for trial_id, ot_trial in self._ot_trials.items()}
 
     def _reseed_sampler(self) -> None:
-        """A new TPE sampler seeded from the search's seed and the study's size.
+        """A new sampler of the search's kind, seeded from the search's seed and the study's size.
 
         The pickled sampler's random state is the one at the last save: trials asked after it
         would be drawn again with the same values (the random start-up trials exactly so). A seed
@@ -373,7 +385,8 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             return
         size = len(self._ot_study.get_trials(deepcopy=False))
         seed = (int(self.sampler_seed) * 1_000_003 + size) % (2**32)
-        self._sampler = optuna.samplers.TPESampler(seed=seed)
+        # A searcher pickled before samplers had a kind used TPE.
+        self._sampler = make_sampler(self.__dict__.get("sampler_kind", "tpe"), seed)
         self._ot_study.sampler = self._sampler
 
     @_writes_the_study

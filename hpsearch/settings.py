@@ -18,6 +18,7 @@ __all__ = [
     "COLLAPSE_TYPES_VERSIONS",
     "collapse_types",
     "OBJECTIVES",
+    "SAMPLERS",
     "SCHEDULERS",
     "DEFAULT_STOP_ON",
     "SEARCH_FILE",
@@ -50,6 +51,10 @@ def name_problem(name: str) -> str | None:
 # What a trial can be scored by; every one is maximised.
 OBJECTIVES = ("probe_map", "probe_auc", "rankme")
 SCHEDULERS = ("asha", "none")
+# Optuna samplers a search can draw its trials with (hpsearch.searcher.make_sampler): TPE learns from
+# the finished trials (and from collapse, an infeasible outcome); random draws every trial
+# independently, so two searches with the same seed draw the same settings whatever happens to them.
+SAMPLERS = ("tpe", "random")
 # The collapse verdicts a stopping rule can act on ("diverged" always stops), and those it acts on
 # by default: "dimensional" and "partial" are recorded, not acted on (see hpsearch.stopping).
 COLLAPSE_TYPES = ("complete", "dimensional", "cluster", "partial")
@@ -164,6 +169,7 @@ class SearchSettings:
     root: str | None = None
     audio_dir: str | None = None
     seed: int = _TRIAL.seed
+    sampler: str = "tpe"
     concurrency: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -188,6 +194,8 @@ class SearchSettings:
             problems.append(f"--seed must be a whole number from 0 to 2**32 - 1 (Optuna's and numpy's range), got {self.seed}")
         if self.objective not in OBJECTIVES:
             problems.append(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         for name in ("max_epochs", "steps_per_epoch", "concurrency", "patience_epochs", "asha_grace_epochs"):

@@ -376,6 +376,67 @@ def test_the_same_seed_draws_the_same_trials_and_another_seed_others():
     assert all(a != b for a, b in zip(first[:10], other[:10]))
 
 
+def drawn_configs(searcher, trials: int, outcome, prefix: str = "t") -> list[dict]:
+    """The configs ``searcher`` proposes for ``trials`` Tune trials (ids ``prefix0``...), each told
+    ``outcome(number)``'s result."""
+    configs = []
+    for number in range(trials):
+        config = searcher.suggest(f"{prefix}{number}")
+        configs.append({key: value for key, value in config.items() if key != "optuna_trial"})
+        searcher.on_trial_complete(f"{prefix}{number}", result=outcome(number))
+    return configs
+
+
+def all_collapse(number: int) -> dict:
+    return final_result("collapsed", collapse_type="complete", collapse_epoch=1)
+
+
+def half_complete(number: int) -> dict:
+    return final_result("complete", 0.05 * number) if number % 2 else all_collapse(number)
+
+
+def test_a_random_search_draws_the_same_trials_whatever_happens_to_them():
+    """--sampler random: the draws are Optuna's RandomSampler's with the search's seed, trial for trial,
+    whatever the outcomes (so a search with collapse stopping and one without try the same settings);
+    TPE's, after its random start-up trials, depend on the outcomes."""
+    from study_spaces import get_space
+
+    space = get_space("vicreg").space
+    reference = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    expected = []
+    for _ in range(16):
+        trial = reference.ask()
+        space(trial)
+        expected.append(trial.params)
+        reference.tell(trial, 0.0)
+    random_draws = [drawn_configs(CollapseAwareOptunaSearch(space, seed=3, sampler_kind="random"), 16, outcome)
+                    for outcome in (all_collapse, half_complete)]
+    assert random_draws[0] == random_draws[1] == expected
+    tpe_draws = [drawn_configs(CollapseAwareOptunaSearch(space, seed=3), 16, outcome)
+                 for outcome in (all_collapse, half_complete)]
+    assert tpe_draws[0][:10] == tpe_draws[1][:10]
+    assert tpe_draws[0][10:] != tpe_draws[1][10:]
+
+
+def test_a_resumed_random_search_stays_random(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    first = journal_searcher(journal, sampler_kind="random")
+    drawn_configs(first, 3, half_complete)
+    first.save(str(tmp_path / "searcher.pkl"))
+    after = []
+    for outcome in (all_collapse, half_complete):
+        shutil.copy(journal, tmp_path / "copy.journal")
+        resumed = journal_searcher(tmp_path / "copy.journal", sampler_kind="tpe")  # as Tune rebuilds it
+        resumed.restore(str(tmp_path / "searcher.pkl"))
+        resumed._open_journal(str(tmp_path / "copy.journal"))
+        after.append(drawn_configs(resumed, 14, outcome, prefix="r"))
+        (tmp_path / "copy.journal").unlink()
+    # The restored sampler is random, reseeded (no draw of before repeated), and blind to the outcomes.
+    assert after[0] == after[1]
+    xs = [config["x"] for config in after[0]]
+    assert len(set(xs)) == 14
+
+
 def test_restored_searcher_adopts_orphans_does_not_repeat_draws_and_stops_at_max_trials(tmp_path):
     journal = tmp_path / "optuna.journal"
     first = journal_searcher(journal, max_trials=4)
@@ -2165,6 +2226,17 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
     # set (any order), and thresholds are spelled as the flag is.
     with pytest.raises(SearchError, match=r"--no-reuse-actors \(stored: on\)"):
         settings_from_args(parse([*common, "--no-reuse-actors"]))
+    # The sampler is what the search is; a search.json written before --sampler existed is a TPE search.
+    with pytest.raises(SearchError, match=r"--sampler random \(stored: tpe\)"):
+        settings_from_args(parse([*common, "--sampler", "random"]))
+    stored = json.loads((tmp_path / "mine" / "search.json").read_text())
+    assert stored["sampler"] == "tpe"
+    del stored["sampler"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "search.json").write_text(json.dumps(stored))
+    assert SearchSettings.load(tmp_path / "old").sampler == "tpe"
+    with pytest.raises(SettingsError, match=r"--sampler must be one of tpe, random, got 'grid'"):
+        SearchSettings(method="vicreg", sampler="grid")
     assert settings_from_args(parse([*common, "--stop-on", "cluster,complete"]))[1]
     with pytest.raises(SearchError, match=r"--threshold dimensional_max_rank_fraction=0.05 \(stored: none\)"):
         settings_from_args(parse([*common, "--threshold", "dimensional_max_rank_fraction=0.05"]))
