@@ -267,6 +267,9 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
          f"{batch_text(experiment)}, preset {settings.get('preset', '?')}, data {settings.get('data', '?')}"),
         ("collapse stopping", (f"after {settings.get('patience_epochs')} collapsed epoch(s) past a grace of "
                                f"{settings.get('grace_epochs')}") if settings.get("collapse_stop", True) else "off"),
+        ("sampler", f"random, seed {settings.get('seed', '?')}: the trials sample the whole space evenly"
+         if settings.get("sampler") == "random" else
+         f"TPE, seed {settings.get('seed', '?')}: the trials gather where it found good scores"),
     ]
     counts = ", ".join(f"{count} {name}" for name, count in analysis.counts.items())
     rows.append(("outcomes", counts))

@@ -22,6 +22,8 @@
 
     (with ``=``: a value that starts with ``--`` is otherwise taken for a flag). The runs are then named
     ``METHOD-TRIALS[-Nep]-TAG-stop`` / ``-nostop``; pass the same ``--tag`` to replay and noise.
+    With ``--search-flags="--sampler random" --tag random`` both searches draw the same settings, trial
+    for trial (TPE's later draws follow the trials' outcomes), so they differ only by the stops.
 ``python benchmarks/bench_search.py noise --method vicreg --trials 64 [--seeds 0,1,2] [RUN_DIR]``
     How much of a search's ranking is its seed: trials of a finished search (default: the run
     without stopping; ranks 1-5, 10, 20, the median and the last of its complete trials, ``--ranks``)
@@ -288,7 +290,8 @@ def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
 
 def replay_rules(args) -> None:
     """Replay stopping rules on a search run without stopping: what each would have saved, and
-    whether it would have stopped any of the 5 best trials (no retraining, TPE's feedback aside).
+    whether it would have stopped any of the 5 best trials (no retraining; TPE's feedback aside, which a
+    ``--sampler random`` search has none of).
     With ``--seed-runs`` (``noise --csv`` files), also the 5 best by the mean over seeds, and the mean
     objective of the trials each rule stops against those it lets run."""
     from hpsearch.settings import COLLAPSE_TYPES_VERSION, DEFAULT_STOP_ON

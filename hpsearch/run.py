@@ -904,9 +904,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
 
     from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
-    from hpsearch.searcher import CollapseAwareOptunaSearch, journal_of_this_search
+    from hpsearch.searcher import journal_of_this_search
     from hpsearch.trainable import run_trial
-    from study_spaces import get_space
 
     stream = stream or sys.stdout
     started = time.perf_counter()
@@ -1035,21 +1034,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
                 )
             else:
-                from optuna.storages import JournalStorage
-                from optuna.storages.journal import JournalFileBackend
-
-                searcher = CollapseAwareOptunaSearch(
-                    get_space(settings.method).space,
-                    metric="objective",
-                    mode="max",
-                    study_name=STUDY_NAME,
-                    storage=JournalStorage(JournalFileBackend(str(journal))),
-                    seed=settings.seed,
-                    sampler_kind=settings.sampler,
-                    # Points are enqueued once, into a new study; a resumed study already holds them.
-                    points_to_evaluate=None if study_exists else (list(settings.points_to_evaluate) or None),
-                    max_trials=settings.trials,
-                )
+                searcher = make_searcher(settings, journal, study_exists)
                 progress = ProgressPrinter(
                     settings.trials, settings.objective, settings.max_epochs, str(journal), STUDY_NAME, stream=stream
                 )
@@ -1272,6 +1257,30 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
         print(f"note: ASHA's grace of {settings.asha_grace_epochs} epochs reaches the trials' last epoch "
               f"({settings.max_epochs}): ASHA never stops a trial; use --max-epochs {settings.asha_grace_epochs + 1} "
               "or more, or --scheduler none", file=stream, flush=True)
+
+
+def make_searcher(settings: SearchSettings, journal: Path, study_exists: bool):
+    """The search's :class:`hpsearch.searcher.CollapseAwareOptunaSearch`, its study in ``journal`` (for a new
+    Tune run; a restored one unpickles its own)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from hpsearch.results import STUDY_NAME
+    from hpsearch.searcher import CollapseAwareOptunaSearch
+    from study_spaces import get_space
+
+    return CollapseAwareOptunaSearch(
+        get_space(settings.method).space,
+        metric="objective",
+        mode="max",
+        study_name=STUDY_NAME,
+        storage=JournalStorage(JournalFileBackend(str(journal))),
+        seed=settings.seed,
+        sampler_kind=settings.sampler,
+        # Points are enqueued once, into a new study; a resumed study already holds them.
+        points_to_evaluate=None if study_exists else (list(settings.points_to_evaluate) or None),
+        max_trials=settings.trials,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ failed        FAIL       -           none (an exception; Optuna's samplers ignor
 
 A positive constraint (``Trial.set_constraint("collapse", 1.0)``, Optuna >= 5) makes the trial
 infeasible: TPE ranks infeasible trials below every feasible one, so it learns to leave collapsing
-and diverging regions (a random sampler, ``sampler_kind="random"``, learns nothing and ignores it). Every trial gets user attributes: the outcome, the collapse type, the epoch
-and step where the collapse began, the last metrics, epochs run, seconds, the error of a failed
-trial, and the trial's full parameter set (``config``, with derived values such as
-``base_ema_rate``).
+and diverging regions (a random sampler, ``sampler_kind="random"``, learns nothing and ignores it).
+Every trial gets user attributes: the outcome, the collapse type, the epoch and step where the
+collapse began, the last metrics, epochs run, seconds, the error of a failed trial, and the trial's
+full parameter set (``config``, with derived values such as ``base_ema_rate``).
 
 Intermediate values: each epoch's objective is reported to Optuna at step = epoch, when finite
 (the probe objectives are NaN between probes).

@@ -418,6 +418,15 @@ def test_a_random_search_draws_the_same_trials_whatever_happens_to_them():
     assert tpe_draws[0][10:] != tpe_draws[1][10:]
 
 
+def test_a_search_draws_with_the_sampler_its_settings_name(tmp_path):
+    from hpsearch.run import make_searcher
+
+    for kind, sampler in (("tpe", optuna.samplers.TPESampler), ("random", optuna.samplers.RandomSampler)):
+        searcher = make_searcher(SearchSettings(method="vicreg", sampler=kind, seed=5), tmp_path / f"{kind}.journal",
+                                 study_exists=False)
+        assert type(searcher.study.sampler) is sampler and searcher.sampler_kind == kind
+
+
 def test_a_resumed_random_search_stays_random(tmp_path):
     journal = tmp_path / "optuna.journal"
     first = journal_searcher(journal, sampler_kind="random")

@@ -874,6 +874,13 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
     # With stopping on, the report's words are those it always had.
     page, _ = build_page([stopped])
     assert "would have been stopped" not in page and "collapse stopping was off" not in page
+    # The summary names the sampler: settings without one are a TPE search's (search.json before --sampler).
+    assert "TPE, seed" in page and "drew its trials at random" not in page
+    drawn_at_random = analyse(experiment_from_study(synthetic_study(rows, stopping=True),
+                                                    {**SETTINGS, "sampler": "random"}, ".", trajectories))
+    page, _ = build_page([drawn_at_random])
+    assert "random, seed" in page and "TPE, seed" not in page
+    assert "This search drew its trials at random (--sampler random)" in page
     assert f"{finished} finished trials collapsed or diverged (95 % Wilson interval" in page
 
 
