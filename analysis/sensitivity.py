@@ -174,6 +174,11 @@ class Experiment:
         return OBJECTIVE_LABELS.get(self.objective, self.objective)
 
     @property
+    def sampler(self) -> str:
+        """The search's --sampler (a search.json written before the flag: TPE's)."""
+        return str(self.settings.get("sampler", "tpe"))
+
+    @property
     def max_epochs(self) -> int:
         return int(self.settings.get("max_epochs", 1))
 
@@ -783,6 +788,7 @@ class ExperimentAnalysis:
             "objective": experiment.objective,
             "objective_label": experiment.objective_label,
             "collapse_stop": experiment.collapse_stop,
+            "sampler": experiment.sampler,
             "running": experiment.running,
             "trials": int(len(experiment.trials)),
             "trials_requested": experiment.trials_requested,

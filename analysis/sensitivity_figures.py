@@ -267,9 +267,10 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
          f"{batch_text(experiment)}, preset {settings.get('preset', '?')}, data {settings.get('data', '?')}"),
         ("collapse stopping", (f"after {settings.get('patience_epochs')} collapsed epoch(s) past a grace of "
                                f"{settings.get('grace_epochs')}") if settings.get("collapse_stop", True) else "off"),
-        ("sampler", f"random, seed {settings.get('seed', '?')}: the trials sample the whole space evenly"
-         if settings.get("sampler") == "random" else
-         f"TPE, seed {settings.get('seed', '?')}: the trials gather where it found good scores"),
+        ("sampler", f"random, seed {settings.get('seed', '?')}: each trial drawn on its own, every parameter "
+         "uniformly on its sampling scale" if experiment.sampler == "random" else
+         f"TPE, seed {settings.get('seed', '?')}: after its random start-up trials, the trials gather where it "
+         "found good scores"),
     ]
     counts = ", ".join(f"{count} {name}" for name, count in analysis.counts.items())
     rows.append(("outcomes", counts))
@@ -913,7 +914,7 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     caption = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an untrained "
                "backbone, when measured); trials without a score sit below. "
                + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
-                  if experiment.settings.get("sampler") == "random" else
+                  if experiment.sampler == "random" else
                   "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region."))
     return ReportFigure(f"{_key(analysis)}-history", _label(analysis), title, caption, figure)
 

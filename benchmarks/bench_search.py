@@ -23,7 +23,8 @@
     (with ``=``: a value that starts with ``--`` is otherwise taken for a flag). The runs are then named
     ``METHOD-TRIALS[-Nep]-TAG-stop`` / ``-nostop``; pass the same ``--tag`` to replay and noise.
     With ``--search-flags="--sampler random" --tag random`` both searches draw the same settings, trial
-    for trial (TPE's later draws follow the trials' outcomes), so they differ only by the stops.
+    for trial (TPE's later draws follow the trials' outcomes), so they differ only by the stops (on the
+    CPU; not when one of them was resumed, which reseeds its sampler). The benchmark says whether they did.
 ``python benchmarks/bench_search.py noise --method vicreg --trials 64 [--seeds 0,1,2] [RUN_DIR]``
     How much of a search's ranking is its seed: trials of a finished search (default: the run
     without stopping; ranks 1-5, 10, 20, the median and the last of its complete trials, ``--ranks``)
@@ -215,9 +216,30 @@ def bench_savings(args) -> None:
     for row in top.itertuples():
         monitor = monitors[row.trial]
         print(f"  #{row.trial}  {row.objective:.4f}  {monitor.stop_epoch}  {monitor.collapse_type}")
+    same, shared, gap = same_draws(with_stop, without)
+    print(f"settings drawn: the same in {same} of {shared} trial numbers"
+          + (f"; the {gap[0]} trials that ran to the end in both score within {gap[1]:.2g} of each other" if gap[0] else ""))
+    if json.loads((runs[True] / "search.json").read_text()).get("sampler") == "random" and same < shared:
+        print("warning: a random pair should draw the same settings in every trial: was one of them resumed (which "
+              "reseeds its sampler) or run with other flags? Then the saving is not the stops' alone")
     print(f"RESULT savings {args.method}: {100 * saved:.1f}% of trial-epochs saved "
           f"({'met' if saved >= 0.3 else 'NOT met'}); {len(would_stop)} of the 5 best trials without stopping "
           f"would have been stopped ({'met' if len(would_stop) == 0 else 'NOT met'})")
+
+
+def same_draws(first: pd.DataFrame, second: pd.DataFrame) -> tuple[int, int, tuple[int, float]]:
+    """How two searches' trials.csv compare trial number by trial number: in how many of the numbers both
+    hold the settings are the same, of how many, and of those with the same settings that completed in both,
+    how many and the largest difference of their objectives."""
+    columns = sorted(c for c in set(first.columns) & set(second.columns) if c.startswith("param_"))
+    left, right = first.set_index("trial"), second.set_index("trial")
+    numbers = left.index.intersection(right.index)
+    same = [number for number in numbers
+            if all(left.at[number, c] == right.at[number, c] or (pd.isna(left.at[number, c]) and pd.isna(right.at[number, c]))
+                   for c in columns)]
+    both = [number for number in same if left.at[number, "outcome"] == right.at[number, "outcome"] == "complete"]
+    gap = max((abs(float(left.at[n, "objective"]) - float(right.at[n, "objective"])) for n in both), default=0.0)
+    return len(same), len(numbers), (len(both), gap)
 
 
 def epoch_records(folder: Path) -> dict[int, list[dict]]:

@@ -1245,7 +1245,7 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
         f"searching {settings.method}: {settings.trials} trials, {settings.concurrency} at a time "
         f"({settings.cpus_per_trial:g} CPU{', %g GPU' % settings.gpus_per_trial if settings.gpus_per_trial else ''} each), "
         f"up to {settings.max_epochs} epochs x {settings.steps_per_epoch} steps, objective {settings.objective}, "
-        f"scheduler {settings.scheduler}, {stopping}\nfolder: {folder}",
+        f"sampler {settings.sampler}, scheduler {settings.scheduler}, {stopping}\nfolder: {folder}",
         file=stream, flush=True,
     )
     if settings.collapse_stop and settings.grace_epochs + settings.patience_epochs > settings.max_epochs:
@@ -1332,9 +1332,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", help=f"backbone preset: cpu or paper (default {defaults.preset})")
     add("--seed", type=int, help=f"seed of the sampler and of every trial's training (default {defaults.seed})")
     add("--sampler", choices=SAMPLERS, help="how Optuna draws each trial's settings: tpe (learns from the finished "
-        "trials and leaves regions that collapse) or random (each trial drawn independently: an unbiased sample "
-        "of the space for the sensitivity report, and the same settings, trial for trial, in two searches with "
-        f"the same seed, e.g. with and without --no-collapse-stop) (default {defaults.sampler})")
+        "trials; with collapse stopping, also to leave regions that collapse) or random (each trial drawn on its "
+        "own: an unbiased sample of the space for the sensitivity report, and the same settings, trial for trial, "
+        "in two uninterrupted searches with the same seed, e.g. with and without --no-collapse-stop) "
+        f"(default {defaults.sampler})")
     add("--concurrency", type=int, help=f"trials running at once (default {defaults.concurrency})")
     add("--cpus-per-trial", type=float, help=f"CPUs per trial; torch uses as many threads (the whole part, at least 1) "
         f"(default {defaults.cpus_per_trial:g})")

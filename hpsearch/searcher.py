@@ -52,6 +52,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from hpsearch.settings import SAMPLERS
 from hpsearch.trainable import FINAL_KEYS
 
 __all__ = [
@@ -147,7 +148,7 @@ def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {kind!r}; known: tpe, random")
+    raise ValueError(f"unknown sampler {kind!r}; known: {', '.join(SAMPLERS)}")
 
 
 def json_safe(value: Any) -> Any:
@@ -385,14 +386,14 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             return
         size = len(self._ot_study.get_trials(deepcopy=False))
         seed = (int(self.sampler_seed) * 1_000_003 + size) % (2**32)
-        # A searcher pickled before samplers had a kind used TPE.
-        self._sampler = make_sampler(self.__dict__.get("sampler_kind", "tpe"), seed)
+        self._sampler = make_sampler(self.sampler_kind, seed)
         self._ot_study.sampler = self._sampler
 
     @_writes_the_study
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_trial_records", {})
+        self.__dict__.setdefault("sampler_kind", "tpe")  # saved before samplers had a kind
         self._open_journal(search_journal(None))
         storage = self._ot_study._storage
         for ot_trial in self._ot_trials.values():

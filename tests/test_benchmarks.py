@@ -159,7 +159,7 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
 
 
 def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float], progress: dict[int, list[dict]],
-                   collapse_stop: bool) -> None:
+                   collapse_stop: bool, xs: list[float] | None = None, sampler: str = "tpe") -> None:
     """A finished search's folder as hpsearch leaves it: search.json, trials.csv, summary.json, and per
     trial a folder with params.json and Ray's result.json (its epoch reports, one JSON line each)."""
     import json
@@ -169,7 +169,8 @@ def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float
     from hpsearch.results import summarize
     from hpsearch.settings import SearchSettings
 
-    settings = SearchSettings(method="vicreg", trials=len(epochs_run), max_epochs=4, collapse_stop=collapse_stop)
+    settings = SearchSettings(method="vicreg", trials=len(epochs_run), max_epochs=4, collapse_stop=collapse_stop,
+                              sampler=sampler)
     folder.mkdir(parents=True)
     settings.save(folder)
     stopped = [epochs < 4 for epochs in epochs_run]
@@ -178,7 +179,7 @@ def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float
         "state": ["PRUNED" if stop else "COMPLETE" for stop in stopped],
         "outcome": ["collapsed" if stop else "complete" for stop in stopped],
         "objective": [float("nan") if stop else value for stop, value in zip(stopped, objectives)],
-        "epochs_run": epochs_run, "seconds": 10.0,
+        "epochs_run": epochs_run, "seconds": 10.0, "param_x": xs or [0.5] * len(epochs_run),
     })
     frame.to_csv(folder / "trials.csv", index=False)
     summary = summarize(frame, "vicreg", "probe_map", len(epochs_run), 4).to_dict()
@@ -200,8 +201,11 @@ def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_
     objectives = [0.5, 0.6, 0.7, 0.4, 0.3, 0.2]  # the 5 best: #2, #1, #0, #3, #4
     progress = {number: [{**(COMPLETE if number == 3 else HEALTHY), "epoch": epoch, "step": 15 * epoch}
                          for epoch in range(1, 5)] for number in range(6)}
-    _stored_search(tmp_path / "vicreg-6-4ep-nostop", [4.0] * 6, objectives, progress, collapse_stop=False)
-    _stored_search(tmp_path / "vicreg-6-4ep-stop", [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], objectives, {}, collapse_stop=True)
+    xs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    _stored_search(tmp_path / "vicreg-6-4ep-nostop", [4.0] * 6, objectives, progress, collapse_stop=False, xs=xs)
+    # TPE's sixth draw followed the outcomes, which differ: another x.
+    _stored_search(tmp_path / "vicreg-6-4ep-stop", [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], objectives, {}, collapse_stop=True,
+                   xs=xs[:5] + [0.9])
     # A trial folder whose params.json a kill cut short (before: a JSONDecodeError ended the benchmark).
     (tmp_path / "vicreg-6-4ep-nostop" / "trial-0006-abcd").mkdir()
     (tmp_path / "vicreg-6-4ep-nostop" / "trial-0006-abcd" / "params.json").write_text('{"optuna_tr')
@@ -215,6 +219,16 @@ def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_
     assert "  #3  0.4000  3  complete" in out and "  #2  0.7000  None  None" in out
     assert ("RESULT savings vicreg: 4.2% of trial-epochs saved (NOT met); 1 of the 5 best trials without stopping "
             "would have been stopped (NOT met)") in out
+    # #0, #1, #2 and #4 drew the same x and completed in both, with the same objectives.
+    assert "settings drawn: the same in 5 of 6 trial numbers; the 4 trials that ran to the end in both score within 0" in out
+    assert "warning" not in out
+    # A random pair that drew other settings is not the comparison it should be.
+    settings = json.loads((tmp_path / "vicreg-6-4ep-stop" / "search.json").read_text())
+    (tmp_path / "vicreg-6-4ep-stop" / "search.json").write_text(json.dumps({**settings, "sampler": "random"}))
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "savings", "--method", "vicreg", "--trials", "6",
+         "--max-epochs", "4", "--storage-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "warning: a random pair should draw the same settings in every trial" in completed.stdout
 
 
 def _bench_search_module():

@@ -427,11 +427,12 @@ def test_a_search_draws_with_the_sampler_its_settings_name(tmp_path):
         assert type(searcher.study.sampler) is sampler and searcher.sampler_kind == kind
 
 
-def test_a_resumed_random_search_stays_random(tmp_path):
+def test_a_resumed_random_search_stays_random_and_draws_nothing_again(tmp_path):
     journal = tmp_path / "optuna.journal"
     first = journal_searcher(journal, sampler_kind="random")
-    drawn_configs(first, 3, half_complete)
+    before = drawn_configs(first, 3, half_complete)
     first.save(str(tmp_path / "searcher.pkl"))
+    before += drawn_configs(first, 1, half_complete, prefix="late")  # asked and finished after the last save
     after = []
     for outcome in (all_collapse, half_complete):
         shutil.copy(journal, tmp_path / "copy.journal")
@@ -440,10 +441,24 @@ def test_a_resumed_random_search_stays_random(tmp_path):
         resumed._open_journal(str(tmp_path / "copy.journal"))
         after.append(drawn_configs(resumed, 14, outcome, prefix="r"))
         (tmp_path / "copy.journal").unlink()
-    # The restored sampler is random, reseeded (no draw of before repeated), and blind to the outcomes.
+    # The restored sampler is random (blind to the outcomes) and reseeded: the sampler as saved would draw
+    # the late trial's x again.
     assert after[0] == after[1]
-    xs = [config["x"] for config in after[0]]
-    assert len(set(xs)) == 14
+    xs = [config["x"] for config in before + after[0]]
+    assert len(set(xs)) == len(xs) == 18
+
+
+def test_a_searcher_saved_before_samplers_had_a_kind_resumes_with_tpe(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    first = journal_searcher(journal)
+    del first.sampler_kind  # as made before --sampler
+    as_tune_stored_it = pickle.dumps(first)  # Ray Tune keeps the searcher as it started in tuner.pkl
+    drawn_configs(first, 3, half_complete)
+    first.save(str(tmp_path / "searcher.pkl"))
+    resumed = pickle.loads(as_tune_stored_it)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert resumed.sampler_kind == "tpe" and type(resumed.study.sampler) is optuna.samplers.TPESampler
+    drawn_configs(resumed, 2, half_complete, prefix="r")
 
 
 def test_restored_searcher_adopts_orphans_does_not_repeat_draws_and_stops_at_max_trials(tmp_path):
