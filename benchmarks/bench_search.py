@@ -195,7 +195,7 @@ def bench_savings(args) -> None:
                                  f"(log: {log}){': ' + lines[-1] if lines else ''}")
         runs[stop] = folder
         describe(folder)
-    with_stop, _, _ = read_run(runs[True])
+    with_stop, _, stop_settings = read_run(runs[True])
     without, summary_without, _ = read_run(runs[False])
     epochs_with = float(pd.to_numeric(with_stop["epochs_run"], errors="coerce").sum())
     epochs_without = float(pd.to_numeric(without["epochs_run"], errors="coerce").sum())
@@ -219,7 +219,7 @@ def bench_savings(args) -> None:
     same, shared, gap = same_draws(with_stop, without)
     print(f"settings drawn: the same in {same} of {shared} trial numbers"
           + (f"; the {gap[0]} trials that ran to the end in both score within {gap[1]:.2g} of each other" if gap[0] else ""))
-    if json.loads((runs[True] / "search.json").read_text()).get("sampler") == "random" and same < shared:
+    if stop_settings.get("sampler") == "random" and same < shared:
         print("warning: a random pair should draw the same settings in every trial: was one of them resumed (which "
               "reseeds its sampler) or run with other flags? Then the saving is not the stops' alone")
     print(f"RESULT savings {args.method}: {100 * saved:.1f}% of trial-epochs saved "
@@ -234,9 +234,8 @@ def same_draws(first: pd.DataFrame, second: pd.DataFrame) -> tuple[int, int, tup
     columns = sorted(c for c in set(first.columns) & set(second.columns) if c.startswith("param_"))
     left, right = first.set_index("trial"), second.set_index("trial")
     numbers = left.index.intersection(right.index)
-    same = [number for number in numbers
-            if all(left.at[number, c] == right.at[number, c] or (pd.isna(left.at[number, c]) and pd.isna(right.at[number, c]))
-                   for c in columns)]
+    mine, theirs = left.loc[numbers, columns], right.loc[numbers, columns]
+    same = list(numbers[((mine == theirs) | (mine.isna() & theirs.isna())).all(axis=1)])
     both = [number for number in same if left.at[number, "outcome"] == right.at[number, "outcome"] == "complete"]
     gap = max((abs(float(left.at[n, "objective"]) - float(right.at[n, "objective"])) for n in both), default=0.0)
     return len(same), len(numbers), (len(both), gap)
