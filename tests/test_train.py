@@ -403,6 +403,7 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
         (["vicreg", "--set", "gradient_clip=0"], "gradient_clip must be > 0"),
         (["vicreg", "--set", "precision=bogus"], "precision must be one of auto, 32-true, bf16-mixed"),
+        (["byol", "--set", "precision=bf16-true"], "precision=bf16-true holds byol's EMA teacher in half precision"),
         (["vicreg", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
         pytest.param(["vicreg", "--set", "accelerator=gpu"], "torch sees no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
@@ -938,6 +939,32 @@ def test_settings_that_only_some_callers_use_keep_working_and_others_are_refused
         check_config(TrainConfig(probe_segments=1))
     # A search's driver may have no GPU while its trials do: it checks the rest only.
     check_config(TrainConfig(accelerator="gpu"), devices=False)
+
+
+def test_half_precision_weights_are_refused_for_methods_with_an_ema_teacher():
+    """Before: precision=bf16-true was accepted for BYOL and clustering, whose EMA teacher then mostly stayed
+    where it started (its per-step move rounds away in bf16)."""
+    from musicssl.pretext.base import ema_update_
+    from musicssl.train import check_config
+
+    # Why: one EMA step at BYOL's base rate, written out, with teacher and student held in bf16.
+    teacher, student = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        student.weight.copy_(teacher.weight + 1e-3)
+    teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
+    before = teacher.weight.detach().clone()
+    ema_update_(teacher, student, 0.996)
+    unchanged = (teacher.weight == before).float().mean().item()
+    assert unchanged > 0.9, unchanged  # a float32 teacher moves every weight, by 4e-6
+
+    for method in ("byol", "clustering"):
+        for precision in ("bf16-true", "16-true"):
+            with pytest.raises(ConfigError, match=rf"precision={precision} holds {method}'s EMA teacher in half "
+                                                  r"precision.*use bf16-mixed"):
+                check_config(TrainConfig(method=method, precision=precision))
+        check_config(TrainConfig(method=method, precision="bf16-mixed"))
+    for method in ("vicreg", "contrastive", "barlow_twins"):  # no teacher: their weights may be bf16
+        check_config(TrainConfig(method=method, precision="bf16-true"))
 
 
 def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():

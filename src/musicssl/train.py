@@ -383,6 +383,9 @@ class RunResult:
 # What the trainer passes to Lightning (auto: see resolve_precision / resolve_accelerator).
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Precisions that hold the weights themselves in half precision, and the methods they would break.
+HALF_WEIGHT_PRECISIONS = ("bf16-true", "16-true")
+EMA_TEACHER_METHODS = ("byol", "clustering")
 
 
 def resolve_precision(config: TrainConfig, accelerator: str) -> str:
@@ -444,6 +447,12 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
         problems.append(str(error))
     if config.precision not in PRECISIONS:
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    elif config.precision in HALF_WEIGHT_PRECISIONS and config.method in EMA_TEACHER_METHODS:
+        # The teacher's weights would be half precision too, and its EMA step, (1 - rate) * (student -
+        # teacher) with rate 0.996 to 1, is mostly below half a bf16 rounding step: the teacher stays put.
+        problems.append(f"precision={config.precision} holds {config.method}'s EMA teacher in half precision, where "
+                        f"most of its updates round away; use bf16-mixed (or 16-mixed), which keeps the weights "
+                        f"in float32, or 32-true")
     if config.accelerator not in ACCELERATORS:
         problems.append(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {config.accelerator!r}")
     elif devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
