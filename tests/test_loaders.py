@@ -535,6 +535,35 @@ def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
         load_folder(root)
 
 
+def test_a_low_quality_copy_shares_its_twins_split(tmp_path):
+    """Before: MTG-Jamendo's 41/241.mp3 and 41/241.low.mp3 in one folder drew a split each, so one song
+    could be in train and in test."""
+    from musicssl.data.loaders import assign_splits
+
+    root = tmp_path / "jam"
+    names = ["41/241", "41/241.low", "07/7", "07/7.low", "12/solo.low", "a.b.c", "a.b", "a"]
+    for name in names:
+        write_sine(root / f"{name}.mp3" if "." in name else root / f"{name}.wav", seconds=0.5)
+    (root / "tags.csv").write_text("path,tags\n" + "".join(
+        f"{name}.mp3,x\n" if "." in name else f"{name}.wav,x\n" for name in names))
+    # Which split each id gets: its twin's (the id less its last dotted part) where that file is there.
+    shared = {"41/241": "41/241", "41/241.low": "41/241", "07/7": "07/7", "07/7.low": "07/7",
+              "12/solo.low": "12/solo.low", "a.b.c": "a", "a.b": "a", "a": "a"}
+    keys = sorted(set(shared.values()))
+    for seed in range(12):
+        drawn = assign_splits(keys, (0.5, 0.2, 0.3), seed)
+        for index in (load_folder(root, unlabeled=True, split_seed=seed, split_fractions=(0.5, 0.2, 0.3)),
+                      load_folder(root, split_seed=seed, split_fractions=(0.5, 0.2, 0.3))):
+            splits = dict(zip(index.track_ids, index.tracks["split"]))
+            assert splits == {name: drawn[shared[name]] for name in names}, seed
+    # Without its twin, a dotted name keeps the split drawn for its own id.
+    (root / "07" / "7.wav").unlink()
+    for seed in range(12):
+        alone = load_folder(root, unlabeled=True, split_seed=seed, split_fractions=(0.5, 0.2, 0.3))
+        assert dict(zip(alone.track_ids, alone.tracks["split"]))["07/7.low"] == assign_splits(
+            ["07/7.low"], (0.5, 0.2, 0.3), seed)["07/7.low"]
+
+
 def test_folder_files_that_differ_only_in_extension_are_two_tracks_and_repeats_are_refused(tmp_path, caplog):
     """Ids from paths drop the extension, except where two files differ only in it (before: the whole
     folder was refused, and without a tags file there was nowhere to add a track_id column)."""
@@ -912,6 +941,12 @@ def test_jamendo_bad_inputs(tmp_path):
     with pytest.raises(DatasetError, match=r"autotagging_top50tags-train.tsv, line 3: TRACK_ID '.*' is listed already "
                                            r"at autotagging_top50tags-train.tsv, line 2; the dataset's split files"):
         load_jamendo(root, check_audio=False)
+    # Not UTF-8 (before: a bare UnicodeDecodeError, which downstream printed as a traceback): the file is named.
+    bad.write_bytes((JAMENDO_HEADER + "\r\n" + JAMENDO_TOP50["train"][0] + "\r\n").encode()
+                    + b"track_9\tartist_9\talbum_9\t09/9.mp3\t8.0\tgenre---caf\xe9\r\n")
+    with pytest.raises(DatasetError, match=r"autotagging_top50tags-train.tsv: not UTF-8 text \(.*can't decode byte "
+                                           r"0xe9.*\); MTG-Jamendo's split files are UTF-8"):
+        load_jamendo(root, check_audio=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1107,6 +1142,9 @@ def test_msd_bad_files(tmp_path):
     (split_dir / "msd_id_to_tag_vector.cP").write_bytes(pickle.dumps(partial))
     with pytest.raises(DatasetError, match=r"no tag vector for 1 listed id\(s\), e.g. \['TRQWERT128F9876543'\]"):
         load_msd(split_dir, tmp_path, train_size=3)
+    (split_dir / "50tagList.txt").write_bytes(b"rock\n\xe9lectro\n")
+    with pytest.raises(DatasetError, match=r"50tagList.txt: not UTF-8 text \(.*0xe9.*\); it should list one tag name"):
+        load_msd(split_dir, tmp_path, train_size=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1134,7 +1172,7 @@ def test_open_dataset_by_name(tmp_path):
         open_dataset("jamendo-genre")
 
 
-def test_open_dataset_by_path(tmp_path):
+def test_open_dataset_by_path(tmp_path, monkeypatch):
     root = tmp_path / "set"
     write_sine(root / "a.wav")
     write_sine(root / "b.wav")
@@ -1155,6 +1193,14 @@ def test_open_dataset_by_path(tmp_path):
     unchecked = open_dataset(str(root / "tracks.csv"), check_audio=False)
     assert unchecked.track_ids == ["a", "b"]
     assert unchecked.tracks["split"].tolist() == ["train", "test"]
+
+    # A path from the home folder, "~/...", is the user's (before: a folder named "~" next to tracks.csv).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write_sine(tmp_path / "home" / "music" / "c.wav")
+    (root / "tracks.csv").write_text("track_id,path,split,tags\nb,b.wav,train,rock\nc,~/music/c.wav,test,pop\n")
+    home = open_dataset(str(root / "tracks.csv"))
+    assert home.paths == [str(root.resolve() / "b.wav"), str(tmp_path / "home" / "music" / "c.wav")]
+    assert home.track_ids == ["b", "c"]
 
 
 def test_open_dataset_unknown_name(tmp_path):

@@ -178,7 +178,9 @@ class TrackIndex:
             more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
             raise TrackIndexError(f"{path}, line {blank[0]}: empty 'path'{more}; give each track's audio file")
         base = path.parent.resolve()
-        frame["path"] = [str(p) if Path(p).is_absolute() else str(base / p) for p in frame["path"]]
+        # ``~/music/x.wav`` is the user's, as in a tags file (before: read as a folder named ``~`` here).
+        listed = [Path(p).expanduser() if str(p).startswith("~") else Path(p) for p in frame["path"]]
+        frame["path"] = [str(p) if p.is_absolute() else str(base / p) for p in listed]
         # One file in two rows (also as ``a/../a/x.wav``) would be two tracks, perhaps one in train and one in test.
         rows_of: dict[str, list[int]] = {}
         for line, track_path in zip(range(2, len(frame) + 2), frame["path"]):

@@ -563,6 +563,28 @@ def _keep_extensions_that_tell_files_apart(records: list[dict]) -> None:
         if len(paths_of[record["track_id"]]) > 1:
             record["split_key"] = record["track_id"]
             record["track_id"] += Path(record["path"]).suffix
+    _share_splits_with_dotted_twins(records)
+
+
+def _share_splits_with_dotted_twins(records: list[dict]) -> None:
+    """A file named like another with one more dotted part (MTG-Jamendo's low-quality ``41/241.low.mp3``
+    next to ``41/241.mp3``, ids ``41/241.low`` and ``41/241``) is another copy of the same recording: it
+    takes the other's split (``split_key``), so that one song is never in train and test at once (before:
+    each copy drew its own split). Only where the twin is there: other dotted names keep their splits."""
+    def twin(key: str) -> str | None:
+        folder, _, name = key.rpartition("/")
+        if "." not in name.strip("."):
+            return None
+        stem = name.rsplit(".", 1)[0]
+        return f"{folder}/{stem}" if folder else stem
+
+    keys = {_split_key(record) for record in records}
+    for record in records:
+        key = _split_key(record)
+        while twin(key) in keys:  # a.low.v2 -> a.low -> a, where all three are there
+            key = twin(key)
+        if key != _split_key(record):
+            record["split_key"] = key
 
 
 def _nfc(text: str) -> str:
@@ -879,6 +901,14 @@ def load_mtat(
 
 def _read_jamendo_tsv(path: Path) -> list[dict]:
     """Rows of an MTG-Jamendo split file: 5 fixed fields, then any number of tab-separated tags."""
+    try:
+        return _read_jamendo_rows(path)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error}); MTG-Jamendo's split files are UTF-8, so this one "
+                           "is damaged or another file: download it again") from None
+
+
+def _read_jamendo_rows(path: Path) -> list[dict]:
     rows: list[dict] = []
     with path.open(encoding="utf-8-sig", newline="") as handle:
         header = handle.readline().rstrip("\r\n").split("\t")
@@ -1134,7 +1164,11 @@ def load_msd(
     audio_root = Path(audio_dir).expanduser().resolve()
 
     tag_list_path = split_dir / MSD_FILES["tag_names"]
-    tag_names = [line.strip() for line in tag_list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        tag_text = tag_list_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{tag_list_path}: not UTF-8 text ({error}); it should list one tag name per line") from None
+    tag_names = [line.strip() for line in tag_text.splitlines() if line.strip()]
     if len(set(tag_names)) != len(tag_names):
         raise DatasetError(f"{tag_list_path}: repeats tag names; it should list each tag once")
     train_path = split_dir / MSD_FILES["train"]
