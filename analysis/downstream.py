@@ -22,8 +22,9 @@ leaves BatchNorm in, which can read lower than ``random`` (on the embedded corpu
 
 Protocol (the study's, as its paper and public code describe it; choices of ours are marked *):
 
-* Embeddings. The backbone is frozen (eval mode). Audio is cut into non-overlapping 4 s segments of
-  the cached log-mel. A training track contributes up to 25 segments, evenly spread* over its
+* Embeddings. The backbone is frozen (eval mode). Audio is cut into back-to-back 4 s segments of
+  the cached log-mel (starts 4 s apart; a segment's 126 frames end with the frame centred on its end,
+  which is also the next segment's first). A training track contributes up to 25 segments, evenly spread* over its
   non-silent ones; a segment is silent* when its loudest mel bin is more than ``silence_db`` (40) dB
   below the track's loudest (the study's rule was segment RMS against track RMS, which also drops
   quiet passages). A validation or test track is the mean of the embeddings of ALL its segments
@@ -41,10 +42,11 @@ Protocol (the study's, as its paper and public code describe it; choices of ours
 * Metrics. Macro ROC-AUC and macro mAP over the tags with both classes among the test tracks
   (musicssl.probe); the others are skipped and reported. Also per tag and per tag group. A tag with
   positive test tracks but no positive training track is scored too, though no probe can learn it: a
-  warning and ``summary.json`` name it, and ``tags_without_train_positive`` counts such tags per fit.
+  warning and ``summary.json`` name it, and ``tags_without_train_positive`` counts such tags per fit;
+  so for a tag that every training track carries, in ``tags_without_train_negative``.
   Such a tag's scores are set to a constant (in each fit, also the limited-data ones), so it scores
-  exactly chance (ROC-AUC 0.5, AP its test prevalence) rather than however a probe trained on its
-  negatives alone happens to rank the tracks.
+  exactly chance (ROC-AUC 0.5, AP its test prevalence) rather than however a probe trained on one
+  class alone happens to rank the tracks.
 * Bootstrap. 50 resamples of 50 % of the test tracks, drawn without replacement
   (musicssl.probe.bootstrap), the same resamples for every method (a paired comparison): mean and
   95 % percentile interval. That the fraction can resample the test labels (at least 2 tracks, a tag
@@ -130,7 +132,7 @@ BASELINES = ("random", "random-bn", "melstats")
 CLASSIFIERS = ("linear", "mlp")
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
 CACHE_FORMAT = 1
-PROBE_FORMAT = 3  # raise when the probes' training or scoring changes, so cached probe results are not reused
+PROBE_FORMAT = 4  # raise when the probes' training or scoring changes, so cached probe results are not reused
 # Weight files looked for in a folder, in this order: a search's best trial, then a single run.
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
@@ -1268,6 +1270,12 @@ def run_downstream(
         log(f"  warning: {len(unlearnable)} scored tag(s) have no positive training track, so no probe can learn "
             f"them: {unlearnable[:8]}{' ...' if len(unlearnable) > 8 else ''}; they count in the macro averages "
             "at chance (ROC-AUC 0.5, AP the tag's test prevalence)")
+    universal = [tag for tag, count, scored in zip(tag_names, train_positive, scorable_tags(test_labels))
+                 if count == len(train_pos) and scored]
+    if universal:
+        log(f"  warning: {len(universal)} scored tag(s) are on every training track, so no probe can learn them: "
+            f"{universal[:8]}{' ...' if len(universal) > 8 else ''}; they count in the macro averages at chance "
+            "(ROC-AUC 0.5, AP the tag's test prevalence)")
     log(f"  usable tracks: {len(train_pos)} train / {len(valid_pos)} valid / {len(test_pos)} test")
     check_bootstrap(test_labels, config)  # before the embeddings and the probe fits, not after them
 
@@ -1397,6 +1405,7 @@ def run_downstream(
         "tag_groups": sorted({_group(tag) for tag in tag_names}),
         "skipped_tags": unscorable,
         "tags_without_train_positive": unlearnable,
+        "tags_without_train_negative": universal,
         "missing_audio": len(missing),
         "missing_audio_examples": [entry["path"] for entry in missing[:20]],
         "undecodable_tracks": undecodable,
@@ -1469,10 +1478,12 @@ def _fit_probes(
     rows, main_scores = [], None
     for (fraction, draw), (scores, fitted) in zip(keys, outcomes):
         chosen = train_pos[subsets[fraction, draw]]
-        # A tag that no training track of this fit carries: the probe, trained on negatives only, ranks the test
-        # tracks arbitrarily (ROC-AUC anywhere from 0 to 1 on a small test set, by seed). It knows nothing of the
-        # tag, so it says nothing: a constant, which scores exactly chance (ROC-AUC 0.5, AP the tag's prevalence).
-        unseen = labels[chosen].sum(axis=0) == 0
+        # A tag that no training track of this fit carries, or that all of them carry: the probe, trained on one
+        # class only, ranks the test tracks arbitrarily (ROC-AUC anywhere from 0 to 1 on a small test set, by
+        # seed). It knows nothing of the tag, so it says nothing: a constant, which scores exactly chance (ROC-AUC
+        # 0.5, AP the tag's prevalence). Before, a tag that every training track carried kept the probe's ranking.
+        positives = labels[chosen].sum(axis=0)
+        unseen = (positives == 0) | (positives == len(chosen))
         if unseen.any():
             scores = np.array(scores, copy=True)
             scores[:, unseen] = 0.0
@@ -1480,7 +1491,9 @@ def _fit_probes(
         rows.append({
             "fraction": fraction, "draw": draw, "train_tracks": len(chosen), "train_segments": fitted["segments"],
             # scored tags that no training track of this fit carries (the probe cannot learn them)
-            "tags_without_train_positive": int(((labels[chosen].sum(axis=0) == 0) & scored).sum()),
+            "tags_without_train_positive": int(((positives == 0) & scored).sum()),
+            # and scored tags that every training track of this fit carries (no negative to learn from)
+            "tags_without_train_negative": int(((positives == len(chosen)) & scored).sum()),
             "roc_auc": tag_scores.roc_auc, "average_precision": tag_scores.average_precision,
             "valid_score": fitted["best_valid"], "criterion": fitted["criterion"], "steps": fitted["steps"],
             "best_step": fitted["best_step"], "fit_seconds": fitted["seconds"],
@@ -1594,6 +1607,7 @@ def _main_results(spec, classifier, dataset_name, tag_scores, test_labels, score
     row.update({
         "scored_tags": int(len(tag_scores.per_tag_roc_auc) - len(tag_scores.skipped)),
         "tags_without_train_positive": fit["tags_without_train_positive"],
+        "tags_without_train_negative": fit["tags_without_train_negative"],
         "train_tracks": fit["train_tracks"], "train_segments": fit["train_segments"], "test_tracks": len(test_labels),
         "valid_score": fit["valid_score"], "criterion": fit["criterion"], "steps": fit["steps"],
     })
@@ -1659,7 +1673,8 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
             f"Bootstrap mean [95 % interval] over resamples of {share} the test tracks{protocol}, and the "
             "score on the whole test set; probes trained on all training tracks. Average precision measured on a "
             "subset reads higher than on the whole set (fewer negatives can outrank each positive), so the mAP "
-            "bootstrap mean sits above the full-test mAP, most on small test sets; compare methods within a column."
+            "bootstrap mean tends to sit above the full-test mAP, most on small test sets; compare methods within a "
+            "column."
         ]
     skipped = [f"{row.method} ({CLASSIFIER_NAMES.get(row.classifier, row.classifier)})"
                for row in results.itertuples(index=False)
@@ -1678,6 +1693,12 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
             f"{unlearnable} of the scored tags have no positive training track: no probe can learn them, and they "
             "count in every macro average at chance, ROC-AUC 0.5 and AP their test prevalence (per_tag.csv: "
             "train_positives 0).")
+    universal = max((getattr(row, "tags_without_train_negative", 0) for row in results.itertuples(index=False)),
+                    default=0)
+    if universal:
+        notes.append(
+            f"{universal} of the scored tags are on every training track: no probe can learn them either, and they "
+            "count at chance too (per_tag.csv: train_positives equal to the training tracks).")
     return "\n\n".join(notes)
 
 

@@ -370,7 +370,8 @@ def track_segments(
 ) -> Tensor:
     """Segments of one track for downstream embedding, float32 ``(S, n_mels, frames)``.
 
-    With the defaults: every non-overlapping 4 s segment (starts 125 frames apart at 16 kHz, hop 512;
+    With the defaults: every back-to-back 4 s segment (starts 125 frames apart at 16 kHz, hop 512, of
+    126 frames each: the frame centred on a segment's end is the next one's first;
     a track shorter than one segment gives ``S = 0``). ``max_segments`` keeps that many, evenly
     spread (after the silence filter).
 
