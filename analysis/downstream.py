@@ -276,6 +276,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DownstreamError(f"device {name!r} requested but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DownstreamError(f"device {name!r} requested but torch sees {count} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}; use one of those, or --device cpu")
     return device
 
 
@@ -952,6 +956,8 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
             model.eval()
             with torch.no_grad():
                 logits = model(valid)
+            if not bool(torch.isfinite(logits).all()):  # before scoring: the metric refuses non-finite scores
+                raise DownstreamError(f"the {kind} probe diverged (non-finite valid logits); lower the learning rate")
             if criterion == "valid_map":  # on the logits: a saturated sigmoid would tie the valid tracks
                 ranked = logits.double().cpu().numpy()
                 score = macro_average_precision(valid_y[:, valid_tags], ranked[:, valid_tags]).value

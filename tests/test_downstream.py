@@ -1220,6 +1220,33 @@ def test_config_refuses_what_would_fail_later(settings, message):
         DownstreamConfig(**settings)
 
 
+def test_a_gpu_index_past_the_last_is_refused_by_name(monkeypatch):
+    """Before: --device cuda:2 on a machine with two GPUs passed, and moving the backbone raised torch's
+    "invalid device ordinal" as a traceback. (This machine may have no GPU: torch's count is set here.)"""
+    from analysis.downstream import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(DownstreamError, match=r"device 'cuda:2' requested but torch sees 2 CUDA GPU\(s\), cuda:0 to "
+                                              r"cuda:1; use one of those, or --device cpu"):
+        resolve_device("cuda:2")
+
+
+def test_a_probe_whose_valid_logits_overflow_is_reported_as_diverged():
+    """Before: non-finite valid logits reached the valid mAP first, which raised a bare ValueError."""
+    from analysis.downstream import ClassifierConfig, fit_classifier
+
+    generator = np.random.default_rng(0)
+    train_x, valid_x = generator.normal(size=(40, 8)), generator.normal(size=(10, 8))
+    train_y, valid_y = (generator.random((40, 3)) < 0.5) * 1.0, (generator.random((10, 3)) < 0.5) * 1.0
+    with pytest.raises(DownstreamError, match=r"the mlp probe diverged \(non-finite valid logits\); lower the "
+                                              r"learning rate"):
+        fit_classifier("mlp", train_x, train_y, valid_x, valid_y, ClassifierConfig(learning_rate=1e30))
+    assert math.isfinite(fit_classifier("mlp", train_x, train_y, valid_x, valid_y).best_valid)
+
+
 def test_config_accepts_the_devices_and_seeds_torch_does():
     for device in ("auto", "cpu", "cuda", "cuda:1"):
         assert DownstreamConfig(device=device).device == device
