@@ -93,6 +93,9 @@ EVALUATORS = ("PED-ANOVA", "fANOVA")
 MIN_TRIALS_FOR_IMPORTANCE = 5
 # PED-ANOVA's authors advise at least this many trials above its quantile.
 PED_ANOVA_MIN_TOP_TRIALS = 5
+# A 0/1 target (collapse) needs this many trials on each side: one collapsed trial "explains" collapse by
+# whichever of its parameters is most unusual.
+MIN_TRIALS_PER_CLASS = 3
 BOOTSTRAP_RESAMPLES = 2000
 # Up to this many points, Spearman's p-value is exact (all n! orderings); above, scipy's approximation.
 EXACT_P_MAX_N = 8
@@ -102,7 +105,11 @@ BEST_RANGE_TEXT = (f"range of the best score of a search this size, 95 % bootstr
 # A trial is "near the best" within this fraction of the best score.
 NEAR_BEST_FRACTION = 0.05
 RANK_METRIC = "collapse_rankme_embedding"
-OCCUPANCY_METRIC = "collapse_cluster_occupancy"
+# The occupancy the collapse rule reads: prototypes used of min(probe segments, K). Of K alone (what
+# searches before it was logged have, OCCUPANCY_FALLBACK) it cannot exceed N / K: 0.03 for a healthy
+# trial at K = 8192, level with real collapses.
+OCCUPANCY_METRIC = "collapse_cluster_occupancy_attainable"
+OCCUPANCY_FALLBACK = "collapse_cluster_occupancy"
 
 OBJECTIVE_LABELS = {
     "probe_map": "probe mAP (macro, valid split; 0-1)",
@@ -371,6 +378,9 @@ def _normalise_frame(frame: pd.DataFrame) -> pd.DataFrame:
                 "WAITING": "running"}
     missing = frame["outcome"].isna()
     frame.loc[missing, "outcome"] = frame.loc[missing, "state"].map(by_state).fillna("failed")
+    # An enqueued trial (a start point Ray's OptunaSearch puts in the study) not yet started: not finished, so
+    # counted with the running ones (before: in no count, and a search with such trials read as finished).
+    frame.loc[frame["outcome"] == "waiting", "outcome"] = "running"
     frame["group"] = [trial_group(o, c) for o, c in zip(frame["outcome"], frame["collapse_type"])]
     # Stopped by the collapse rule (or diverged), or, with stopping off, a trial the rule would have
     # stopped: it ran on and recorded would_stop_epoch with the rule's collapse_type and collapse_epoch
@@ -673,6 +683,14 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
                 else "every trial scored the same"
             results.append(Importance(target, evaluator_name, None, len(rows), f"no variation to explain: {what}"))
             continue
+        fewer = min(int(np.sum(values)), len(values) - int(np.sum(values))) if binary else None
+        if binary and fewer < MIN_TRIALS_PER_CLASS:
+            side = f"only {int(np.sum(values))} trial(s) {collapsed}" if fewer == int(np.sum(values)) \
+                else f"only {fewer} trial(s) did not"
+            results.append(Importance(target, evaluator_name, None, len(rows),
+                                      f"too few to attribute: {side}, at least {MIN_TRIALS_PER_CLASS} needed on "
+                                      "each side"))
+            continue
         varied = [name for name in names if len({_hashable(p.get(name)) for p, _, _ in rows}) > 1]
         if not varied:
             results.append(Importance(target, evaluator_name, None, len(rows), "no parameter varied across these trials"))
@@ -865,6 +883,16 @@ def final_metric(experiment: Experiment, metric: str) -> pd.Series:
     return values
 
 
+def occupancy_metric(experiment: Experiment) -> str | None:
+    """The occupancy this search logged (:data:`OCCUPANCY_METRIC`, else the fallback), None without one."""
+    for metric in (OCCUPANCY_METRIC, OCCUPANCY_FALLBACK):
+        if any(metric in t and pd.to_numeric(t[metric], errors="coerce").notna().any()
+               for t in experiment.trajectories.values()) or (
+                f"last_{metric}" in experiment.trials and experiment.trials[f"last_{metric}"].notna().any()):
+            return metric
+    return None
+
+
 def final_rank(experiment: Experiment) -> pd.Series:
     """Per trial, the final effective rank: the trial's own record of it (the last epoch's RankMe),
     else the last one it reported."""
@@ -1054,7 +1082,7 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
                        "epochs_run", "seconds", "error"):
             table[column] = frame[column] if column in frame else np.nan
         table["final_rankme"] = final_rank(experiment)
-        table["final_occupancy"] = final_metric(experiment, OCCUPANCY_METRIC)
+        table["final_occupancy"] = final_metric(experiment, occupancy_metric(experiment) or OCCUPANCY_METRIC)
         for column in sorted(c for c in frame.columns if c.startswith("param_")):
             table[column] = frame[column]
         tables.append(table)

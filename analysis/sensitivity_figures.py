@@ -678,15 +678,18 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
 
 
 def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
-    from analysis.sensitivity import COLLAPSED_STOPPED, OCCUPANCY_METRIC, RANK_METRIC
+    from analysis.sensitivity import COLLAPSED_STOPPED, OCCUPANCY_METRIC, RANK_METRIC, occupancy_metric
 
     experiment = analysis.experiment
     trajectories = experiment.trajectories
     if not trajectories:
         return None
     metrics = [(RANK_METRIC, "effective rank<br>(RankMe, dimensions, log)")]
-    if any(OCCUPANCY_METRIC in t and t[OCCUPANCY_METRIC].notna().any() for t in trajectories.values()):
-        metrics.append((OCCUPANCY_METRIC, "cluster occupancy<br>(share of prototypes used, 0-1)"))
+    occupancy = occupancy_metric(experiment)
+    if occupancy == OCCUPANCY_METRIC:  # what the collapse rule reads
+        metrics.append((occupancy, "cluster occupancy<br>(used of min(probe segments, K), 0-1)"))
+    elif occupancy is not None:  # a search from before it was logged
+        metrics.append((occupancy, "cluster occupancy<br>(used of all K prototypes, 0-1)"))
     figure = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, vertical_spacing=0.08)
     frame = experiment.trials.set_index("trial")
     shown: set[str] = set()
@@ -723,7 +726,9 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                         row=len(metrics), col=1, dtick=1)
     title = f"{_label(analysis)}: collapse dynamics, one line per trial"
     _layout(figure, title, height=420 + 320 * (len(metrics) - 1), legend={"orientation": "h", "y": -0.12})
-    what = "effective rank" + (" and prototype occupancy" if len(metrics) > 1 else "")
+    what = "effective rank" + ((" and prototype occupancy (of min(probe segments, K), as the collapse rule reads it)"
+                                if metrics[1][0] == OCCUPANCY_METRIC else " and prototype occupancy (of all K)")
+                               if len(metrics) > 1 else "")
     marked = (" (in a trial that was stopped for it, or that the collapse rule would have stopped)"
               if experiment.collapsed_wording != COLLAPSED_STOPPED else "")
     caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended; an x "

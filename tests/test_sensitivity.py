@@ -275,6 +275,38 @@ def test_every_figure_has_a_title_axis_titles_and_a_reading_aid(report):
     assert "occupancy" in dynamics.layout.yaxis2.title.text
 
 
+def test_occupancy_is_the_one_the_collapse_rule_reads(experiment_folder, report):
+    """Before: the dynamics panel and the CSV's final_occupancy gave prototypes used of all K, which cannot
+    exceed N / K (0.03 for a healthy trial at K = 8192), level with real collapses; the rule reads the share
+    of min(N, K)."""
+    import dataclasses
+
+    from analysis.sensitivity import analyse, load_experiment, occupancy_metric, read_trajectories
+    from analysis.sensitivity_figures import dynamics_figure
+
+    trajectories = read_trajectories(experiment_folder)
+    csv = report["csv"].set_index("trial")
+    checked = 0
+    for number, trajectory in trajectories.items():
+        attainable = pd.to_numeric(trajectory["collapse_cluster_occupancy_attainable"], errors="coerce").dropna()
+        of_k = pd.to_numeric(trajectory["collapse_cluster_occupancy"], errors="coerce").dropna()
+        if len(attainable) and number in csv.index:
+            assert csv.loc[number, "final_occupancy"] == pytest.approx(attainable.iloc[-1])
+            checked += attainable.iloc[-1] != pytest.approx(of_k.iloc[-1])  # K above the probe segments
+    assert checked  # the two differ in this search, so the test tells them apart
+    experiment = load_experiment(experiment_folder)
+    assert occupancy_metric(experiment) == "collapse_cluster_occupancy_attainable"
+    panel = dynamics_figure(analyse(experiment)).figure
+    assert panel.layout.yaxis2.title.text == "cluster occupancy<br>(used of min(probe segments, K), 0-1)"
+    # A search from before the attainable share was logged: the share of K, labelled as such.
+    old = {number: t.drop(columns="collapse_cluster_occupancy_attainable") for number, t in trajectories.items()}
+    trials = experiment.trials.drop(columns=[c for c in experiment.trials if c.endswith("occupancy_attainable")])
+    older = dataclasses.replace(experiment, trajectories=old, trials=trials)
+    assert occupancy_metric(older) == "collapse_cluster_occupancy"
+    assert dynamics_figure(analyse(older)).figure.layout.yaxis2.title.text == (
+        "cluster occupancy<br>(used of all K prototypes, 0-1)")
+
+
 def test_trajectories_are_joined_to_optuna_trials(experiment_folder):
     from analysis.sensitivity import read_trajectories
 
@@ -369,6 +401,15 @@ def test_a_running_search_is_read_as_far_as_it_has_gone(experiment_folder, tmp_p
     assert experiment["running"] and experiment["counts"]["running"] == 1
     assert "still running" in out.read_text()
     assert "running" in capsys.readouterr().out
+
+    # Start points Ray's OptunaSearch enqueued (WAITING) and not yet started count as running too (before:
+    # in no count, and the search read as finished).
+    for _ in range(2):
+        study.enqueue_trial(study.trials[0].params)
+    assert main([str(copy), "--out", str(out)]) == 0
+    (experiment,) = json.loads(out.with_suffix(".json").read_text())["experiments"]
+    assert experiment["running"] and experiment["counts"]["running"] == 3
+    assert sum(experiment["counts"].values()) == len(study.trials)
 
 
 def test_the_default_is_the_latest_search_of_each_method(storage, experiment_folder, tmp_path):
@@ -516,10 +557,11 @@ def test_collapse_importance_finds_the_parameter_that_causes_collapse():
     assert len(experiment.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < 40
 
 
-@pytest.mark.parametrize("count, collapsed", [(25, 7), (5, 2)])
+@pytest.mark.parametrize("count, collapsed", [(25, 7), (6, 3)])
 def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, collapsed):
     """A 0/1 target's top set is the collapsed trials and nothing else, whatever their share (a quantile
-    of k/n can round up past them: 7 of 25 then read "no difference"); 5 trials are enough to judge."""
+    of k/n can round up past them: 7 of 25 then read "no difference"); 6 trials, 3 on each side, are
+    enough to judge."""
     rng = np.random.default_rng(count)
     xs = rng.uniform(size=count)
     cut = np.sort(xs)[-collapsed]
@@ -532,6 +574,24 @@ def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, coll
     assert ped.note == f"top set: the {collapsed} trial(s) collapsed or diverged, against all {count}"
     fewer = experiment_from_study(synthetic_study(rows[:4]), SETTINGS)
     assert all("not enough trials: 4, at least 5 needed" in i.note for i in collapse_importances(fewer))
+
+
+def test_collapse_importances_need_three_trials_on_each_side():
+    """Before: one collapsed trial of 64 gave importances (fANOVA 0.92 for whichever of its parameters was
+    most unusual) and named the parameter that "decides collapse"."""
+    from analysis.sensitivity import analyse
+
+    rng = np.random.default_rng(3)
+    for collapsed, message in ((1, "only 1 trial(s) collapsed or diverged"), (2, "only 2 trial(s) collapsed or diverged"),
+                               (18, "only 2 trial(s) did not")):
+        rows = [(x, y, "collapsed" if i < collapsed else "complete") for i, (x, y) in enumerate(rng.uniform(size=(20, 2)))]
+        experiment = experiment_from_study(synthetic_study(rows), SETTINGS)
+        for importance in collapse_importances(experiment):
+            assert importance.values is None and importance.note == (
+                f"too few to attribute: {message}, at least 3 needed on each side"), importance
+        assert analyse(experiment).sensitivity.get("most_important_for_collapse") is None
+    rows = [(x, y, "collapsed" if i < 3 else "complete") for i, (x, y) in enumerate(rng.uniform(size=(20, 2)))]
+    assert all(i.values is not None for i in collapse_importances(experiment_from_study(synthetic_study(rows), SETTINGS)))
 
 
 def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_they_were_stopped():
