@@ -55,6 +55,8 @@ SCHEDULERS = ("asha", "none")
 # the finished trials (and from collapse, an infeasible outcome); random draws every trial
 # independently, so two searches with the same seed draw the same settings whatever happens to them.
 SAMPLERS = ("tpe", "random")
+# Ray's smallest fractional share of a resource (its resource quantities have 4 decimal places).
+RAY_SMALLEST_SHARE = 1e-4
 # The collapse verdicts a stopping rule can act on ("diverged" always stops), and those it acts on
 # by default: "dimensional" and "partial" are recorded, not acted on (see hpsearch.stopping).
 COLLAPSE_TYPES = ("complete", "dimensional", "cluster", "partial")
@@ -209,10 +211,14 @@ class SearchSettings:
             problems.append(f"--probe-segments must be at least 2 (the collapse metrics need a batch), got {self.probe_segments}")
         if self.probe_segments_per_track < 1:
             problems.append(f"--probe-segments-per-track must be at least 1, got {self.probe_segments_per_track}")
-        if not (0 < self.cpus_per_trial < math.inf):
-            problems.append(f"--cpus-per-trial must be a positive number, got {self.cpus_per_trial}")
-        if not (0 <= self.gpus_per_trial < math.inf):
-            problems.append(f"--gpus-per-trial must be a number >= 0, got {self.gpus_per_trial}")
+        # Ray refuses a share under 1/10000 of a CPU or GPU, but only as it starts the first trial (a traceback,
+        # and a trial left RUNNING in the journal): refused here instead.
+        if not (RAY_SMALLEST_SHARE <= self.cpus_per_trial < math.inf):
+            problems.append(f"--cpus-per-trial must be a number >= {RAY_SMALLEST_SHARE:g} (Ray's smallest share of a "
+                            f"CPU), got {self.cpus_per_trial}")
+        if not (self.gpus_per_trial == 0 or RAY_SMALLEST_SHARE <= self.gpus_per_trial < math.inf):
+            problems.append(f"--gpus-per-trial must be 0 or a number >= {RAY_SMALLEST_SHARE:g} (Ray's smallest share "
+                            f"of a GPU), got {self.gpus_per_trial}")
         from musicssl.models import PRESETS
 
         if self.preset not in PRESETS:

@@ -167,6 +167,8 @@ class _EpochReporter:
         metrics["objective"] = float(objective) if _finite(objective) else math.nan
         if _finite(objective) and not (objective <= self.best_objective):
             self.best_objective, self.best_epoch = float(objective), int(metrics["epoch"])
+        # In every report: a trial a scheduler stops sends no final report (before: its best was lost).
+        metrics["best_objective"], metrics["best_epoch"] = self.best_objective, self.best_epoch
         stop = self.monitor.fired and (settings.collapse_stop or self.monitor.collapse_type == "diverged")
         metrics["collapse_stop"] = bool(stop)
         if not stop and int(metrics["epoch"]) < settings.max_epochs:

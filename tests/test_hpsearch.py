@@ -794,6 +794,12 @@ def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_gu
     stopped = csv[csv["outcome"] == "stopped"]
     assert (stopped["seconds"] > 0).all() and (stopped["cpu_seconds"] > 0).all(), stopped
     assert (stopped["rankme"] == stopped["last_collapse_rankme_embedding"]).all(), stopped
+    # Every trial's best is the best of its epochs' objectives, the ASHA-stopped ones' too (before: blank for
+    # them, as for no other outcome).
+    for trial, row in zip(study.trials, csv.itertuples()):
+        values = trial.intermediate_values
+        assert row.best_objective == pytest.approx(max(values.values())), row
+        assert 1 <= row.best_epoch <= row.epochs_completed, row
 
 
 def _epoch_reports(settings: SearchSettings, records: list[dict]) -> list[dict]:
@@ -1698,7 +1704,11 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--stop-on", "complete,one-hot"],
          "--stop-on takes one or more of complete, dimensional, cluster, partial"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
-        (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a positive number, got inf"),
+        (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a number >= 0.0001 (Ray's smallest share "
+                                                "of a CPU), got inf"),
+        # Before: Ray's traceback as the first trial started, and that trial left RUNNING in the journal.
+        (["vicreg", "--cpus-per-trial", "0.00001"], "--cpus-per-trial must be a number >= 0.0001"),
+        (["vicreg", "--gpus-per-trial", "0.00005"], "--gpus-per-trial must be 0 or a number >= 0.0001"),
         # Before: every trial read "complete" at its first evaluation and was stopped.
         (["vicreg", "--threshold", "complete_max_effective_rank=inf"],
          "complete_max_effective_rank must be a finite number >= 0, got inf"),

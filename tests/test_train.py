@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,16 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     backbone.load_state_dict(state)
     assert torch.equal(backbone.state_dict()["attention_pool.positional_embedding"],
                        result.backbone.state_dict()["attention_pool.positional_embedding"])
+    # config.json holds the method's settings as the run used them, the cpu preset's changes included (before:
+    # only the --set strings, so that a reader assumed the method's defaults, e.g. 4096 prototypes, not 1024).
+    method_config = json.loads((out / "config.json").read_text())["method_config"]
+    cpu_preset = {"hidden_dim": 512, "projection_dim": 1024, "predictor_hidden_dim": 128, "bottleneck_dim": 128,
+                  "num_prototypes": 1024}  # the cpu preset's table, written out
+    for name, value in cpu_preset.items():
+        if name in method_config:
+            assert method_config[name] == value, name
+    if method == "clustering":
+        assert method_config["num_prototypes"] == 1024 and method_config["bottleneck_dim"] == 128
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -407,6 +418,8 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
         pytest.param(["vicreg", "--set", "accelerator=gpu"], "torch sees no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param(["vicreg", "--set", "accelerator=mps"], "accelerator=mps but torch sees no MPS device",
+                     marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
     ],
 )
 def test_cli_misuse_exits_2_without_traceback(arguments, message, capsys):
@@ -669,6 +682,40 @@ def test_a_real_sigterm_ends_the_cli_in_one_line_before_during_and_as_the_run_is
     assert sorted(path.name for path in out.iterdir()) == [
         "backbone.pt", "collapse.csv", "config.json", "metrics.csv", "summary.json"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_sigterm_to_the_process_group_with_loader_workers_ends_in_one_line(tmp_path, tonal_dataset):
+    """A SIGTERM to the whole process group (timeout, scancel, kill -TERM -PGID) reaches the DataLoader workers
+    too. Before: they died of it, and torch's check of them raised "DataLoader worker (pid N) is killed by
+    signal: Terminated" over the stop: a traceback and exit 1. Now they leave it to the training process."""
+    log = tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "musicssl.train", "vicreg", "--data", str(tonal_dataset / "tracks.csv"),
+               "--max-epochs", "3", "--steps-per-epoch", "2000", "--batch-size", "8", "--threads", "1",
+               "--workers", "2", "--set", "probe_segments=16", "--out", str(tmp_path / "run")]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                   env={**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")})
+        try:
+            deadline = time.monotonic() + 240
+            workers: list[str] = []
+            while len(workers) < 2:  # the loader's workers run once the mel cache is built and training has begun
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+                if "48/48" in log.read_text(errors="replace"):
+                    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                             text=True).stdout.split()
+            time.sleep(1.0)
+            os.killpg(process.pid, signal.SIGTERM)
+            assert process.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    err = log.read_text()
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("python -m musicssl.train: interrupted; no run written (a run writes its "
+                                            "files when it ends)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
@@ -941,6 +988,26 @@ def test_settings_that_only_some_callers_use_keep_working_and_others_are_refused
     check_config(TrainConfig(accelerator="gpu"), devices=False)
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_the_per_epoch_probe_runs_on_a_backbone_held_in_another_dtype(precision, tmp_path, tonal_data):
+    """Before: with the weights themselves in float64 or bf16, the per-epoch probe (what a search with ASHA on a
+    probe objective turns on) fed the backbone float32 segments and failed at the end of the first epoch."""
+    config = tiny_config("vicreg", tmp_path, precision=precision, probe_every_epoch=True, max_epochs=1,
+                         steps_per_epoch=2, out_dir=None)
+    result = train(config, data=tonal_data, progress_bar=False)
+    assert result.final["precision"] == precision
+    assert 0.0 < result.epochs[0]["probe_map"] <= 1.0 and 0.0 < result.epochs[0]["probe_auc"] <= 1.0
+
+
+def test_the_summary_records_the_precision_lightning_trained_in(tmp_path, tonal_data):
+    """Before: the one asked for. Lightning trains 16-mixed as bf16-mixed on the CPU (it warns)."""
+    config = tiny_config("vicreg", tmp_path, precision="16-mixed", max_epochs=1, steps_per_epoch=1, probe_segments=0)
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        result = train(config, data=tonal_data, progress_bar=False)
+    assert result.final["precision"] == ("16-mixed" if torch.cuda.is_available() else "bf16-mixed")
+    assert json.loads((tmp_path / "vicreg" / "summary.json").read_text())["precision"] == result.final["precision"]
+
+
 def test_half_precision_weights_are_refused_for_methods_with_an_ema_teacher():
     """Before: precision=bf16-true was accepted for BYOL and clustering, whose EMA teacher then mostly stayed
     where it started (its per-step move rounds away in bf16)."""
@@ -977,17 +1044,29 @@ def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():
 def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
     """As a user runs it, in a process of its own: the one run to its end that way (the other commands
     that train run in the test process), so that a traceback or a hang at the process's exit shows."""
+    import resource
+
     out = tmp_path / "run"
-    completed = subprocess.run(
-        [sys.executable, "-m", "musicssl.train", "barlow_twins", "--data", str(tonal_dataset / "tracks.csv"),
-         "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1",
-         "--set", "probe_segments=32", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")},
-    )
+    command = [sys.executable, "-m", "musicssl.train", "barlow_twins", "--data", str(tonal_dataset / "tracks.csv"),
+               "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1",
+               "--set", "probe_segments=32", "--out"]
+    environment = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
+    completed = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=environment)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Traceback" not in completed.stderr
     assert "barlow_twins: 1 epochs, 2 steps" in completed.stdout
     assert (out / "backbone.pt").is_file() and (out / "metrics.csv").is_file()
+    # Again (the mel cache is built now) with files limited to 1 MB, as a full disk would stop it: the
+    # backbone (2 MB) cannot be written. Before: a summary.json that said "complete" next to a truncated
+    # backbone.pt, a traceback, and a folder that refused the next run into it. Now one line says why, and
+    # nothing is left.
+    limited = subprocess.run([*command, str(tmp_path / "limited")], capture_output=True, text=True, timeout=300,
+                             env=environment,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (10**6, 10**6)))
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    assert re.search(r"error: could not write .*limited/backbone.pt \(.*\); no run written there", limited.stderr)
+    assert not (tmp_path / "limited").exists()
 
 
 def test_the_search_objective_is_a_linear_probe_of_mean_segment_embeddings_from_train_to_valid(tonal_data):

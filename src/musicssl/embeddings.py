@@ -17,12 +17,16 @@ __all__ = ["calibrate_batchnorm", "embed_segments", "embed_tracks"]
 
 @torch.no_grad()
 def embed_segments(backbone: nn.Module, segments: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Embeddings ``(N, D)`` of mel segments ``(N, n_mels, frames)``, in eval mode, in batches."""
+    """Embeddings ``(N, D)`` float32 of mel segments ``(N, n_mels, frames)``, in eval mode, in batches.
+
+    The segments go in on the backbone's device and in its dtype: a backbone held in float64 or bf16
+    (``precision="64-true"`` or ``"bf16-true"``, a search's per-epoch probe) refused float32 input."""
     was_training = backbone.training
     backbone.eval()
-    device = next(backbone.parameters()).device
+    weight = next(backbone.parameters())
     try:
-        parts = [backbone(segments[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(segments), batch_size)]
+        parts = [backbone(segments[i : i + batch_size].to(weight.device, weight.dtype)).float().cpu()
+                 for i in range(0, len(segments), batch_size)]
     finally:
         backbone.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, int(backbone.embedding_dim))

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -457,6 +458,8 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
         problems.append(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {config.accelerator!r}")
     elif devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"accelerator={config.accelerator} but torch sees no CUDA device; use accelerator=auto or cpu")
+    elif devices and config.accelerator == "mps" and not torch.backends.mps.is_available():
+        problems.append("accelerator=mps but torch sees no MPS device (Apple silicon); use accelerator=auto or cpu")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -618,6 +621,7 @@ def train(
         num_workers=config.num_workers,
         drop_last=True,
         persistent_workers=config.num_workers > 0,
+        worker_init_fn=_leave_sigterm_to_the_parent if config.num_workers > 0 else None,
     )
     # Found now, not after the run: asked for every epoch, the probe is refused; the final one (on by
     # default, also for unlabelled data) is left out with a note.
@@ -690,18 +694,24 @@ def train(
     # Lightning counts the skipped step of a diverged run; the steps that trained are those before it.
     final["steps"] = int(trainer.global_step) if module.diverged_step is None else module.diverged_step
     final["collapse_seconds"] = module.collapse_seconds
-    final["accelerator"], final["precision"] = accelerator, precision
+    # The precision Lightning trained in: it may differ from the one asked for (16-mixed on the CPU is bf16-mixed).
+    final["accelerator"], final["precision"] = accelerator, str(trainer.precision)
     final["device"] = device_name(trainer.strategy.root_device)
     seconds = time.perf_counter() - started
     final["seconds"] = seconds
     if out_dir is not None:
         # All of the run or none of it: a Ctrl-C or SIGTERM that comes here takes effect once it is written.
         with held_signals():
-            (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-            _write_csv(out_dir / "metrics.csv", module.epochs, ("epoch", "step", "verdict"))
-            _write_csv(out_dir / "collapse.csv", module.history, ("kind", "epoch", "step", "verdict"))
-            (out_dir / "summary.json").write_text(json.dumps(final, indent=2, default=_json_default))
-            torch.save(backbone.state_dict(), out_dir / "backbone.pt")
+            _write_run(out_dir, {
+                # with the method's settings as the run used them (defaults, the preset's changes, --set)
+                "config.json": lambda path: path.write_text(json.dumps(
+                    {**config.to_dict(), "method_config": dataclasses.asdict(method_settings(config))},
+                    indent=2, default=str)),
+                "metrics.csv": lambda path: _write_csv(path, module.epochs, ("epoch", "step", "verdict")),
+                "collapse.csv": lambda path: _write_csv(path, module.history, ("kind", "epoch", "step", "verdict")),
+                "backbone.pt": lambda path: torch.save(backbone.state_dict(), path),
+                "summary.json": lambda path: path.write_text(json.dumps(final, indent=2, default=_json_default)),
+            })
     return RunResult(
         config=config,
         epochs=module.epochs,
@@ -713,6 +723,36 @@ def train(
         out_dir=out_dir,
         backbone=backbone,
     )
+
+
+def _leave_sigterm_to_the_parent(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM, which the training process handles (it stops, and ends its
+    workers). A SIGTERM to the whole process group (``timeout``, ``scancel``, ``kill -TERM -PGID``) killed the
+    workers too, and torch's check of them then raised "DataLoader worker ... is killed by signal:
+    Terminated" over the stop: a traceback and exit 1 instead of "interrupted" and exit 143. A worker whose
+    training process is gone still ends (torch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _write_run(out_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> None:
+    """Each file by its writer, all of them or none: each is written under a temporary name first and
+    renamed into place once every one is whole (``summary.json`` last). Before, a full disk or a size
+    limit left a ``summary.json`` that said the run was complete next to a truncated ``backbone.pt``,
+    and the folder, not empty, refused a new run. A failed write removes what it wrote and raises
+    OSError naming the file (torch.save raises RuntimeError for a full disk)."""
+    partial = {name: out_dir / f".{name}.partial" for name in writers}
+    try:
+        for name, write in writers.items():
+            try:
+                write(partial[name])
+            except (OSError, RuntimeError) as error:
+                raise OSError(f"could not write {out_dir / name} ({error}); no run written there: free some "
+                              "space or choose another --out, and run again") from None
+        for name in writers:
+            os.replace(partial[name], out_dir / name)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
 
 
 def device_name(device: torch.device) -> str:
