@@ -696,11 +696,24 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
             results.append(Importance(target, evaluator_name, None, len(rows), "no parameter varied across these trials"))
             continue
         evaluator, note = _evaluator(evaluator_name, values, binary, collapsed)
+        asked = varied
+        if evaluator_name == "fANOVA":
+            # Optuna's fANOVA keeps only the trials that have every parameter asked for: with a conditional
+            # parameter (one a define-by-run space suggests for some trials) it would judge a subset while
+            # the report counted them all. It is asked for the parameters every trial has.
+            asked = [name for name in varied if all(name in params for params, _, _ in rows)]
+            left_out = [name for name in varied if name not in asked]
+            if left_out:
+                note = (f"{note}; " if note else "") + (f"left out {', '.join(left_out)}, which not every trial "
+                                                        "has (conditional): see PED-ANOVA")
+            if not asked:
+                results.append(Importance(target, evaluator_name, None, len(rows), note))
+                continue
         try:
             study = _copy_study(_log_scaled(rows) if evaluator_name == "fANOVA" else rows)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PED-ANOVA warns about small regimes; the note says the count
-                raw = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied, normalize=False)
+                raw = optuna.importance.get_param_importances(study, evaluator=evaluator, params=asked, normalize=False)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
             # E.g. conditional parameters that not every trial has: say so rather than lose the report.
             results.append(Importance(target, evaluator_name, None, len(rows),
@@ -712,8 +725,9 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
                                       "the evaluator found no difference between the parameters' effects"))
             continue
         normalised = {name: float(value) / total for name, value in raw.items()}
-        for name in names:  # a parameter that never varied explains nothing
-            normalised.setdefault(name, 0.0)
+        for name in names:  # a parameter that never varied explains nothing (one left out is not given a value)
+            if name not in varied:
+                normalised.setdefault(name, 0.0)
         ordered = dict(sorted(normalised.items(), key=lambda item: -item[1]))
         results.append(Importance(target, evaluator_name, ordered, len(rows), note))
     return results

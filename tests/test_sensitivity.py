@@ -576,6 +576,31 @@ def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, coll
     assert all("not enough trials: 4, at least 5 needed" in i.note for i in collapse_importances(fewer))
 
 
+def test_fanova_is_asked_only_for_the_parameters_every_trial_has():
+    """A define-by-run space may suggest a parameter for some trials only. Optuna's fANOVA keeps only the
+    trials that have every parameter it is asked for: before, it judged that subset (or failed with "zero total
+    variance" when the subset held no collapse) while the report counted every trial."""
+    rng = np.random.default_rng(5)
+    study = optuna.create_study(direction="maximize")
+    x_range = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for _ in range(40):
+        x, y = rng.uniform(), rng.uniform()
+        params, distributions = {"x": x}, {"x": x_range}
+        if x > 0.5:  # y exists only where x > 0.5; collapse happens only where x < 0.3
+            params["y"], distributions["y"] = y, optuna.distributions.FloatDistribution(0.0, 1.0)
+        collapsed = x < 0.3
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions,
+            state=optuna.trial.TrialState.PRUNED if collapsed else optuna.trial.TrialState.COMPLETE,
+            value=None if collapsed else x, user_attrs={"outcome": "collapsed" if collapsed else "complete",
+                                                        "collapse_type": "complete" if collapsed else None}))
+    experiment = experiment_from_study(study, SETTINGS)
+    fanova = next(i for i in collapse_importances(experiment) if i.evaluator == "fANOVA")
+    assert fanova.values == {"x": 1.0} and fanova.trials == 40, fanova
+    assert fanova.note == "left out y, which not every trial has (conditional): see PED-ANOVA"
+    assert next(i for i in collapse_importances(experiment) if i.evaluator == "PED-ANOVA").values is not None
+
+
 def test_collapse_importances_need_three_trials_on_each_side():
     """Before: one collapsed trial of 64 gave importances (fANOVA 0.92 for whichever of its parameters was
     most unusual) and named the parameter that "decides collapse"."""
