@@ -139,8 +139,10 @@ def test_audio_is_16khz_mono_flac_of_the_stated_length_and_never_silent(cli_corp
         info = soundfile.info(str(out / row["path"]))
         assert (info.samplerate, info.channels, info.format, info.subtype) == (16000, 1, "FLAC", "PCM_16")
         assert info.frames == int(SECONDS * 16000) and float(row["duration"]) == SECONDS
-        audio, _ = soundfile.read(str(out / row["path"]), dtype="float64")
-        assert np.abs(audio).max() <= 1.0
+        samples, _ = soundfile.read(str(out / row["path"]), dtype="int16")
+        # Mastered to a peak of at most 0.99 (before: a check of |x| <= 1 on decoded 16-bit audio, always true)
+        assert np.abs(samples.astype(np.int32)).max() <= round(0.99 * 32767) + 1
+        audio = samples / 32768.0
         windows = audio.reshape(-1, 16000)  # every second of every track has music in it
         assert (20 * np.log10(np.sqrt((windows**2).mean(axis=1))) > -50.0).all(), row["track_id"]
         # The level written in tracks.csv is the RMS level of the file.
@@ -382,11 +384,27 @@ def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exited:
         cli_main(["--tracks", "10", "--out", str(tmp_path)])
-    assert exited.value.code == 2 and "is not empty and holds no corpus" in capsys.readouterr().err
+    assert exited.value.code == 2 and "is not empty and holds no generated corpus" in capsys.readouterr().err
     out, _ = cli_corpus
     with pytest.raises(SystemExit) as exited:
         cli_main(["--tracks", "10", "--out", str(out)])
     assert exited.value.code == 2 and "already holds a corpus" in capsys.readouterr().err
+    # A user's own dataset (a tracks.csv, the format --data reads) is no corpus, even with --force. Before: the
+    # message suggested --force, which then deleted the whole folder.
+    mine = tmp_path / "mine"
+    (mine / "audio").mkdir(parents=True)
+    (mine / "tracks.csv").write_text("track_id,path,split,tags\na,audio/a.wav,train,rock\n")
+    (mine / "audio" / "a.wav").write_bytes(b"precious")
+    for force in ([], ["--force"]):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["--tracks", "10", "--out", str(mine), *force])
+        assert exited.value.code == 2 and "is not empty and holds no generated corpus" in capsys.readouterr().err
+    assert (mine / "audio" / "a.wav").read_bytes() == b"precious"
+    # An empty --cache-dir (an unset shell variable) is refused; before, the note bank went into the current folder.
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tracks", "10", "--out", str(tmp_path / "new"), "--cache-dir", ""])
+    assert exited.value.code == 2 and "argument --cache-dir: empty" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_arguments_on_the_real_command_line_print_no_traceback(tmp_path):
@@ -640,6 +658,20 @@ def test_a_build_that_another_build_of_another_corpus_beat_to_the_folder_fails(c
     shutil.rmtree(tmp_path / "race")
     report = build_corpus(tmp_path / "race", CorpusConfig(10, 8.0, 1), workers=1, bank_cache_dir=cache, progress=False)
     assert report.tracks == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["other", "race"]
+
+
+def test_an_out_folder_behind_a_symbolic_link_gets_the_corpus(cache, bank, tmp_path):
+    """Before: into a link to an empty folder, the whole build ran and then failed ("Not a directory"); with
+    force, the link itself was replaced by a new folder and the old corpus stayed where it pointed."""
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    build_corpus(link, CorpusConfig(10, 8.0, 1), workers=1, bank_cache_dir=cache, progress=False)
+    assert link.is_symlink() and json.loads((target / "corpus.json").read_text())["config"]["seed"] == 1
+    build_corpus(link, CorpusConfig(10, 8.0, 2), workers=1, bank_cache_dir=cache, progress=False, force=True)
+    assert link.is_symlink() and json.loads((target / "corpus.json").read_text())["config"]["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
 def test_a_ctrl_c_while_a_rebuild_replaces_the_corpus_takes_effect_once_it_is_replaced(cache, bank, tmp_path,

@@ -35,10 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same corpus (default 0)")
     parser.add_argument("--seconds", type=float, default=30.0, help=f"length of each song, {MIN_SECONDS:g}-{MAX_SECONDS:g} s (default 30)")
     parser.add_argument("--workers", type=int, default=None, help=f"parallel processes (default: one per CPU, here {default_workers()})")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where the rendered note bank is kept (default $MUSICSSL_CACHE or ~/.cache/musicssl)")
+    parser.add_argument("--cache-dir", type=_cache_folder, default=None, help="where the rendered note bank is kept (default $MUSICSSL_CACHE or ~/.cache/musicssl)")
     parser.add_argument("--force", action="store_true", help="replace a corpus already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _cache_folder(text: str) -> Path:
+    """``--cache-dir``: not empty (before, an unset shell variable put the note bank in the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give the folder the note bank is kept in, or leave --cache-dir out")
+    return Path(text)
 
 
 def _folder(text: str) -> Path:

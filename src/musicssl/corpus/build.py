@@ -199,9 +199,10 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise CorpusError(f"{out_dir} exists and is not a folder; choose another folder for the corpus")
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not (out_dir / "tracks.csv").is_file():
-            raise CorpusError(f"{out_dir} is not empty and holds no corpus (no tracks.csv); choose an empty or new "
-                              "folder for the corpus")
+        if not _holds_a_corpus(out_dir):
+            # A tracks.csv alone is also a user's own dataset (--data PATH), which --force would delete.
+            raise CorpusError(f"{out_dir} is not empty and holds no generated corpus (no tracks.csv with a corpus.json "
+                              "from this generator); choose an empty or new folder for the corpus")
         if not force:
             raise CorpusError(f"{out_dir} already holds a corpus; rebuild it with --force (force=True in Python) or choose another folder")
 
@@ -210,7 +211,7 @@ def _publish(staging: Path, out_dir: Path, force: bool) -> bool:
     """Move the finished build into place. Returns False if another build finished there first."""
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
-    if force and (out_dir / "tracks.csv").is_file():
+    if force and _holds_a_corpus(out_dir):
         retired = staging_folder(out_dir.parent, f".{out_dir.name}.old-")  # removed next, or by a later build
         out_dir.rename(retired / out_dir.name)
         staging.rename(out_dir)
@@ -262,7 +263,10 @@ def build_corpus(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    out_dir = Path(out_dir).expanduser().absolute()
+    # Through a symbolic link, the folder it names: the build is moved into place by renames, which would
+    # replace the link itself (before: an empty linked folder failed after the whole build, and with force
+    # the link was replaced by a new folder while the old corpus stayed where it pointed).
+    out_dir = Path(os.path.realpath(Path(out_dir).expanduser().absolute()))
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
@@ -369,6 +373,12 @@ def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0,
           file=sys.stderr, flush=True)
     build_corpus(out_dir, config, force=True)
     return out_dir
+
+
+def _holds_a_corpus(folder: Path) -> bool:
+    """Whether ``folder`` holds a corpus this generator built (any version): a ``tracks.csv`` and a
+    ``corpus.json`` that records a generator version. Only such a folder is ever replaced (``force``)."""
+    return (folder / "tracks.csv").is_file() and _generator_version(folder) is not None
 
 
 def _generator_version(folder: Path) -> object:
