@@ -22,8 +22,9 @@ three runs with ``--repeats 30``):
     load_audio 30 s 44.1k stereo MP3          1  58 - 118        255 - 520
       of which decoding                       1  41 - 58         520 - 725
 
-    The front-end costs about 1/100 of a backbone training step (0.4-0.7 s for 64 views of 4 s, see
-    bench_models.py). Per clip, batch 32 is ~3x dearer than batch 1: its 32 x 513 x 313 complex
+    A training step's audio (64 views of 4 s, 25.6 clips' worth) would cost 30-110 ms of LogMel, 1/4
+    to 1/20 of a paper-preset step (0.4-0.7 s, see bench_models.py) and about a cpu-preset step: so
+    tracks become mels once, in the mel cache, and training reads mels. Per clip, batch 32 is ~3x dearer than batch 1: its 32 x 513 x 313 complex
     spectrogram (41 MB) leaves the cache; still negligible. Two threads on a busy 2-core machine
     can be 100x slower (OpenMP workers wait on a descheduled peer): run one thread per process.
     load_audio spends about half its time decoding and half resampling (soxr HQ); at ~0.1 s per 30 s

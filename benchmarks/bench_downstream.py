@@ -85,6 +85,8 @@ def main() -> None:
     thread_counts = args.threads or sorted({1, cores})
     with tempfile.TemporaryDirectory() as scratch:
         scratch_path = Path(scratch)
+        if args.synthetic:  # its mel caches go with it (before: a new one in $MUSICSSL_CACHE each run, never reused)
+            os.environ["MUSICSSL_CACHE"] = str(scratch_path / "cache")
         dataset = str(write_synthetic(scratch_path / "synthetic", args.tracks)) if args.synthetic else "corpus"
         index = open_dataset(dataset)
         print(f"dataset {dataset}: {len(index)} tracks; {cores} cores; torch {torch.__version__}")
@@ -134,7 +136,7 @@ def main() -> None:
             if method["probes_from_cache"]:
                 probes = f"probes from cache ({', '.join(method['probes_from_cache'])})"
             else:
-                probes = "probes " + ", ".join(f"{name} {row['count']} fits {row['sum']:.1f} s"
+                probes = "probes " + ", ".join(f"{name} {int(row['count'])} fits {row['sum']:.1f} s"
                                                for name, row in fits.iterrows())
             embedded = ("from cache" if method["embeddings_from_cache"]
                         else f"{method['embedding_seconds']:.1f} s ({method['tracks_per_second']:.0f} tracks/s)")
