@@ -921,7 +921,7 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
     notes = []
     if experiment.running:
         notes.append(f"the search is still running or was interrupted: {len(frame)} of {experiment.trials_requested} "
-                     f"trials started, {int((frame['outcome'] == 'running').sum())} running")
+                     f"trials in the study, {int((frame['outcome'] == 'running').sum())} running or waiting to start")
 
     complete = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
     best = None

@@ -367,7 +367,7 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
             blank.append("left" if column == 1 else "right")
         for evaluator, importance in drawn.items():
             figure.add_trace(go.Bar(
-                y=names, x=[importance.values.get(n, 0.0) for n in names], orientation="h", name=evaluator,
+                y=names, x=[importance.values.get(n) for n in names], orientation="h", name=evaluator,
                 legendgroup=evaluator, showlegend=evaluator not in shown,
                 marker_color=colours[evaluator],
                 hovertemplate=f"{evaluator}, {target}<br>%{{y}}: %{{x:.3f}}<extra></extra>",

@@ -672,6 +672,11 @@ def test_an_out_folder_behind_a_symbolic_link_gets_the_corpus(cache, bank, tmp_p
     build_corpus(link, CorpusConfig(10, 8.0, 2), workers=1, bank_cache_dir=cache, progress=False, force=True)
     assert link.is_symlink() and json.loads((target / "corpus.json").read_text())["config"]["seed"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    # A note bank inside the corpus, named through the link, is still refused before anything is built.
+    with pytest.raises(CorpusError, match=r"--cache-dir .* is inside .*, which the finished corpus replaces"):
+        build_corpus(link, CorpusConfig(10, 8.0, 3), workers=1, bank_cache_dir=link / "bank", progress=False,
+                     force=True)
+    assert not (target / "bank").exists()
 
 
 def test_a_ctrl_c_while_a_rebuild_replaces_the_corpus_takes_effect_once_it_is_replaced(cache, bank, tmp_path,

@@ -537,31 +537,29 @@ def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
 
 def test_a_low_quality_copy_shares_its_twins_split(tmp_path):
     """Before: MTG-Jamendo's 41/241.mp3 and 41/241.low.mp3 in one folder drew a split each, so one song
-    could be in train and in test."""
+    could be in train and in test. A .low copy draws its split from the id without .low, whether or not the
+    other copy is there (so it keeps its split when that copy comes or goes); other dotted names keep theirs."""
     from musicssl.data.loaders import assign_splits
 
     root = tmp_path / "jam"
-    names = ["41/241", "41/241.low", "07/7", "07/7.low", "12/solo.low", "a.b.c", "a.b", "a"]
+    names = ["41/241", "41/241.low", "07/7", "07/7.low", "12/solo.low", "a.b", "a", "v1.0/song"]
     for name in names:
-        write_sine(root / f"{name}.mp3" if "." in name else root / f"{name}.wav", seconds=0.5)
-    (root / "tags.csv").write_text("path,tags\n" + "".join(
-        f"{name}.mp3,x\n" if "." in name else f"{name}.wav,x\n" for name in names))
-    # Which split each id gets: its twin's (the id less its last dotted part) where that file is there.
-    shared = {"41/241": "41/241", "41/241.low": "41/241", "07/7": "07/7", "07/7.low": "07/7",
-              "12/solo.low": "12/solo.low", "a.b.c": "a", "a.b": "a", "a": "a"}
-    keys = sorted(set(shared.values()))
+        write_sine(root / f"{name}.mp3", seconds=0.5)
+    (root / "tags.csv").write_text("path,tags\n" + "".join(f"{name}.mp3,x\n" for name in names))
+    key = {"41/241": "41/241", "41/241.low": "41/241", "07/7": "07/7", "07/7.low": "07/7", "12/solo.low": "12/solo",
+           "a.b": "a.b", "a": "a", "v1.0/song": "v1.0/song"}
+    fractions = (0.5, 0.2, 0.3)
     for seed in range(12):
-        drawn = assign_splits(keys, (0.5, 0.2, 0.3), seed)
-        for index in (load_folder(root, unlabeled=True, split_seed=seed, split_fractions=(0.5, 0.2, 0.3)),
-                      load_folder(root, split_seed=seed, split_fractions=(0.5, 0.2, 0.3))):
-            splits = dict(zip(index.track_ids, index.tracks["split"]))
-            assert splits == {name: drawn[shared[name]] for name in names}, seed
-    # Without its twin, a dotted name keeps the split drawn for its own id.
-    (root / "07" / "7.wav").unlink()
+        drawn = assign_splits(sorted(set(key.values())), fractions, seed)
+        for index in (load_folder(root, unlabeled=True, split_seed=seed, split_fractions=fractions),
+                      load_folder(root, split_seed=seed, split_fractions=fractions)):
+            assert dict(zip(index.track_ids, index.tracks["split"])) == {name: drawn[key[name]] for name in names}, seed
+    # Without the full-quality copy, the .low one keeps its split.
+    (root / "07" / "7.mp3").unlink()
     for seed in range(12):
-        alone = load_folder(root, unlabeled=True, split_seed=seed, split_fractions=(0.5, 0.2, 0.3))
-        assert dict(zip(alone.track_ids, alone.tracks["split"]))["07/7.low"] == assign_splits(
-            ["07/7.low"], (0.5, 0.2, 0.3), seed)["07/7.low"]
+        alone = load_folder(root, unlabeled=True, split_seed=seed, split_fractions=fractions)
+        assert dict(zip(alone.track_ids, alone.tracks["split"]))["07/7.low"] == assign_splits(["07/7"], fractions,
+                                                                                              seed)["07/7"]
 
 
 def test_folder_files_that_differ_only_in_extension_are_two_tracks_and_repeats_are_refused(tmp_path, caplog):

@@ -716,6 +716,13 @@ def test_a_sigterm_to_the_process_group_with_loader_workers_ends_in_one_line(tmp
     assert err.strip().splitlines()[-1] == ("python -m musicssl.train: interrupted; no run written (a run writes its "
                                             "files when it ends)")
     assert not (tmp_path / "run").exists()
+    # A worker lets only the first SIGTERM pass: the second (torch's or multiprocessing's terminate() of a
+    # worker that does not end) ends it, so that a stuck worker cannot hang the process's exit.
+    worker = ("import os, signal, time; from musicssl.train import _leave_sigterm_to_the_parent as hook; hook(0); "
+              "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1); print('alive', flush=True); "
+              "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('still alive')")
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (-signal.SIGTERM, "alive\n"), done.stderr[-2000:]
 
 
 def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
@@ -1001,10 +1008,11 @@ def test_the_per_epoch_probe_runs_on_a_backbone_held_in_another_dtype(precision,
 
 def test_the_summary_records_the_precision_lightning_trained_in(tmp_path, tonal_data):
     """Before: the one asked for. Lightning trains 16-mixed as bf16-mixed on the CPU (it warns)."""
-    config = tiny_config("vicreg", tmp_path, precision="16-mixed", max_epochs=1, steps_per_epoch=1, probe_segments=0)
+    config = tiny_config("vicreg", tmp_path, precision="16-mixed", max_epochs=1, steps_per_epoch=1, probe_segments=0,
+                         accelerator="cpu")
     with pytest.warns(UserWarning, match="bf16-mixed"):
         result = train(config, data=tonal_data, progress_bar=False)
-    assert result.final["precision"] == ("16-mixed" if torch.cuda.is_available() else "bf16-mixed")
+    assert result.final["precision"] == "bf16-mixed"
     assert json.loads((tmp_path / "vicreg" / "summary.json").read_text())["precision"] == result.final["precision"]
 
 

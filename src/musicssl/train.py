@@ -726,12 +726,16 @@ def train(
 
 
 def _leave_sigterm_to_the_parent(worker_id: int) -> None:
-    """In a DataLoader worker: ignore SIGTERM, which the training process handles (it stops, and ends its
-    workers). A SIGTERM to the whole process group (``timeout``, ``scancel``, ``kill -TERM -PGID``) killed the
-    workers too, and torch's check of them then raised "DataLoader worker ... is killed by signal:
-    Terminated" over the stop: a traceback and exit 1 instead of "interrupted" and exit 143. A worker whose
-    training process is gone still ends (torch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """In a DataLoader worker: let the first SIGTERM pass, which the training process handles (it stops, and
+    ends its workers). A SIGTERM to the whole process group (``timeout``, ``scancel``, ``kill -TERM -PGID``)
+    killed the workers too, and torch's check of them then raised "DataLoader worker ... is killed by
+    signal: Terminated" over the stop: a traceback and exit 1 instead of "interrupted" and exit 143. A second
+    SIGTERM (torch's or multiprocessing's ``terminate()`` of a worker that does not end) ends the worker."""
+    signal.signal(signal.SIGTERM, _sigterm_once)
+
+
+def _sigterm_once(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_run(out_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> None:
@@ -746,8 +750,8 @@ def _write_run(out_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> N
             try:
                 write(partial[name])
             except (OSError, RuntimeError) as error:
-                raise OSError(f"could not write {out_dir / name} ({error}); no run written there: free some "
-                              "space or choose another --out, and run again") from None
+                raise OSError(f"could not write {out_dir / name} ({error}); no run written there: make room (or "
+                              "make the folder writable) or choose another --out, and run again") from None
         for name in writers:
             os.replace(partial[name], out_dir / name)
     finally:

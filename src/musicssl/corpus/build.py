@@ -272,7 +272,7 @@ def build_corpus(
         raise CorpusError(f"workers must be a positive integer, got {workers!r}")
     _check_out_dir(out_dir, force)
     bank_dir = Path(bank_cache_dir) if bank_cache_dir is not None else cache_dir()
-    bank_folder = Path(os.path.normpath(bank_dir.expanduser().absolute()))  # corp/../corp/bank is corp/bank
+    bank_folder = Path(os.path.realpath(bank_dir.expanduser().absolute()))  # corp/../corp/bank is corp/bank; links too
     out_folder = Path(os.path.normpath(out_dir))
     if bank_folder == out_folder or out_folder in bank_folder.parents:  # the corpus takes --out's place when done
         where = "--cache-dir" if bank_cache_dir is not None else "the note bank's folder (MUSICSSL_CACHE)"

@@ -551,6 +551,10 @@ def _parse_duration(value: str, where: str) -> float:
         raise DatasetError(f"{where}: duration {text!r} is not a number of seconds") from None
 
 
+# How MTG-Jamendo names its low-quality copies: 41/241.low.mp3 beside 41/241.mp3.
+LOW_QUALITY_SUFFIX = ".low"
+
+
 def _keep_extensions_that_tell_files_apart(records: list[dict]) -> None:
     """Ids taken from paths drop the extension; files that differ only in it (``song.wav`` and
     ``song.mp3``) keep theirs (``song.wav``, ``song.mp3``), so that both are tracks. Their split is
@@ -563,28 +567,18 @@ def _keep_extensions_that_tell_files_apart(records: list[dict]) -> None:
         if len(paths_of[record["track_id"]]) > 1:
             record["split_key"] = record["track_id"]
             record["track_id"] += Path(record["path"]).suffix
-    _share_splits_with_dotted_twins(records)
+    _share_splits_with_full_quality_copies(records)
 
 
-def _share_splits_with_dotted_twins(records: list[dict]) -> None:
-    """A file named like another with one more dotted part (MTG-Jamendo's low-quality ``41/241.low.mp3``
-    next to ``41/241.mp3``, ids ``41/241.low`` and ``41/241``) is another copy of the same recording: it
-    takes the other's split (``split_key``), so that one song is never in train and test at once (before:
-    each copy drew its own split). Only where the twin is there: other dotted names keep their splits."""
-    def twin(key: str) -> str | None:
-        folder, _, name = key.rpartition("/")
-        if "." not in name.strip("."):
-            return None
-        stem = name.rsplit(".", 1)[0]
-        return f"{folder}/{stem}" if folder else stem
-
-    keys = {_split_key(record) for record in records}
+def _share_splits_with_full_quality_copies(records: list[dict]) -> None:
+    """A low-quality copy named as MTG-Jamendo names them (``41/241.low.mp3``, id ``41/241.low``) draws its
+    split from the id without ``.low`` (``41/241``), whether or not the full-quality file is there: the
+    two copies of one recording share a split, and the copy keeps it when the other comes or goes. Before,
+    each drew its own, so that one song could be in train and in test. (Other dotted names keep theirs.)"""
     for record in records:
         key = _split_key(record)
-        while twin(key) in keys:  # a.low.v2 -> a.low -> a, where all three are there
-            key = twin(key)
-        if key != _split_key(record):
-            record["split_key"] = key
+        if key.endswith(LOW_QUALITY_SUFFIX) and key.rpartition("/")[2] != LOW_QUALITY_SUFFIX:
+            record["split_key"] = key[: -len(LOW_QUALITY_SUFFIX)]
 
 
 def _nfc(text: str) -> str:
