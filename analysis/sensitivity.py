@@ -1096,7 +1096,10 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
                        "epochs_run", "seconds", "error"):
             table[column] = frame[column] if column in frame else np.nan
         table["final_rankme"] = final_rank(experiment)
-        table["final_occupancy"] = final_metric(experiment, occupancy_metric(experiment) or OCCUPANCY_METRIC)
+        occupancy = occupancy_metric(experiment) or OCCUPANCY_METRIC
+        table["final_occupancy"] = final_metric(experiment, occupancy)
+        # of what: a report of several searches may hold one from before the attainable share was logged
+        table["occupancy_of"] = "min(probe segments, K)" if occupancy == OCCUPANCY_METRIC else "K"
         for column in sorted(c for c in frame.columns if c.startswith("param_")):
             table[column] = frame[column]
         tables.append(table)

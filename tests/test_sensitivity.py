@@ -292,6 +292,7 @@ def test_occupancy_is_the_one_the_collapse_rule_reads(experiment_folder, report)
         of_k = pd.to_numeric(trajectory["collapse_cluster_occupancy"], errors="coerce").dropna()
         if len(attainable) and number in csv.index:
             assert csv.loc[number, "final_occupancy"] == pytest.approx(attainable.iloc[-1])
+            assert csv.loc[number, "occupancy_of"] == "min(probe segments, K)"
             checked += attainable.iloc[-1] != pytest.approx(of_k.iloc[-1])  # K above the probe segments
     assert checked  # the two differ in this search, so the test tells them apart
     experiment = load_experiment(experiment_folder)
