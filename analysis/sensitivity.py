@@ -683,10 +683,10 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
                 else "every trial scored the same"
             results.append(Importance(target, evaluator_name, None, len(rows), f"no variation to explain: {what}"))
             continue
-        fewer = min(int(np.sum(values)), len(values) - int(np.sum(values))) if binary else None
-        if binary and fewer < MIN_TRIALS_PER_CLASS:
-            side = f"only {int(np.sum(values))} trial(s) {collapsed}" if fewer == int(np.sum(values)) \
-                else f"only {fewer} trial(s) did not"
+        positives = int(np.sum(values))
+        if binary and min(positives, len(values) - positives) < MIN_TRIALS_PER_CLASS:
+            side = (f"only {positives} trial(s) {collapsed}" if positives < MIN_TRIALS_PER_CLASS
+                    else f"only {len(values) - positives} trial(s) did not")
             results.append(Importance(target, evaluator_name, None, len(rows),
                                       f"too few to attribute: {side}, at least {MIN_TRIALS_PER_CLASS} needed on "
                                       "each side"))

@@ -9,6 +9,7 @@ if __name__ == "__main__":  # before the imports below (numpy, scipy, pretty_mid
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from musicssl.cli import ArgumentParser
@@ -41,18 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cache_folder(text: str) -> Path:
-    """``--cache-dir``: not empty (before, an unset shell variable put the note bank in the current folder)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give the folder the note bank is kept in, or leave --cache-dir out")
-    return Path(text)
+def _non_empty_folder(fix: str) -> Callable[[str], Path]:
+    """A folder argument that may not be empty: an unset shell variable would be the current folder."""
+
+    def folder(text: str) -> Path:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty; {fix}")
+        return Path(text)
+
+    return folder
 
 
-def _folder(text: str) -> Path:
-    """``--out``: not empty (an unset shell variable would be the current folder)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give the folder the corpus goes in (new or empty)")
-    return Path(text)
+_folder = _non_empty_folder("give the folder the corpus goes in (new or empty)")  # --out
+_cache_folder = _non_empty_folder("give the folder the note bank is kept in, or leave --cache-dir out")
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
