@@ -59,6 +59,14 @@ Protocol (the study's, as its paper and public code describe it; choices of ours
   one track. The valid and test sets are always complete. The headline table is the 100 % fit of
   draw 0; the other draws of 100 % differ only by the classifier's seed.
 
+Held out*. A checkpoint trained on a generated corpus records which one (generator version, seed,
+tracks: ``training_corpus`` in its configuration; one written before that record and trained on
+``corpus`` was trained on version 1's default corpus). Evaluated on a generated corpus of the same
+seed, the test tracks that were its training tracks are counted (:func:`seen_test_tracks`): a
+warning, ``test_tracks_trained_on`` in ``results.csv`` and ``summary.json``, and a note under the
+table. Version 1 cut its splits by corpus size, so its corpora of two sizes, and a version-1 and a
+version-2 corpus of one seed, put the same songs in different splits.
+
 What is cached: per method (hash of the backbone's weights, or the baseline's definition), dataset
 (its usable tracks, paths and splits), audio (each track's entry in the mel cache, which changes when
 its file does: :func:`audio_digest`), front-end (mel settings) and segment protocol, one ``.npz``
@@ -96,6 +104,7 @@ import torch
 from torch import Tensor, nn
 
 from musicssl.cli import ArgumentParser
+from musicssl.corpus.splits import corpus_identity, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import FolderTaken, claim_folder, make_writable_folder
 
@@ -334,6 +343,45 @@ def _find_key(document: Any, key: str) -> Any:
                 return current[key]
             queue.extend(value for value in current.values() if isinstance(value, dict))
     return None
+
+
+# What a run trained on ``corpus`` before its configuration recorded ``training_corpus``: generator
+# version 1's default corpus (600 songs of 30 s, seed 0; every version before 2 was version 1).
+VERSION_1_DEFAULT_CORPUS = {"generator_version": 1, "seed": 0, "tracks": 600, "seconds": 30.0}
+
+
+def training_corpus(spec: "MethodSpec") -> dict | None:
+    """The generated corpus checkpoint ``spec`` was trained on (as :func:`musicssl.corpus.splits.corpus_identity`
+    gives it), from its run configuration; None for a baseline, a checkpoint without a configuration, or
+    one trained on other data."""
+    if spec.config_path is None:
+        return None
+    try:
+        document = json.loads(Path(spec.config_path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    if "training_corpus" in document:
+        recorded = document["training_corpus"]
+        return recorded if isinstance(recorded, dict) else None
+    # Written before the record: the data it names, as it was given.
+    data, root = _find_key(document, "data"), _find_key(document, "data_root")
+    if not isinstance(data, str) or not data.strip():
+        return None
+    from musicssl.data.loaders import dataset_name
+
+    if data.strip().lower() == "corpus":
+        return corpus_identity(Path(str(root)).expanduser()) if root else dict(VERSION_1_DEFAULT_CORPUS)
+    if dataset_name(data) is not None:  # mtat, jamendo-*, msd: their own splits
+        return None
+    path = Path(data).expanduser()
+    return corpus_identity(path if path.is_dir() else path.parent)
+
+
+def _describe_corpus(identity: dict) -> str:
+    return (f"generator version {identity['generator_version']}, seed {identity['seed']}, {identity['tracks']} tracks "
+            f"of {identity['seconds']:g} s")
 
 
 def _read_run_config(path: Path) -> dict:
@@ -1197,6 +1245,7 @@ def run_downstream(
     used (NaN from a diverged checkpoint) is skipped and reported, the others go on.
     """
     from musicssl.data.cache import LogMelConfig
+    from musicssl.data.index import GENERATED_CORPUS_KEY
     from musicssl.data.loaders import canonical_dataset_spec
     from musicssl.data.loaders import dataset_name as dataset_name_of
     from musicssl.data.pipeline import prepare_data
@@ -1309,6 +1358,21 @@ def run_downstream(
     dataset_key = dataset_digest(usable, splits.tolist(), paths.tolist())
     embedding_root = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
 
+    # Test tracks a checkpoint trained on: a generated corpus of another generator version or size.
+    trained_on_test: dict[str, int] = {}
+    evaluated_on = index.extra.get(GENERATED_CORPUS_KEY)
+    for spec in methods:
+        trained_on = training_corpus(spec)
+        if evaluated_on is None or trained_on is None:
+            continue
+        seen = seen_test_tracks(trained_on, evaluated_on, [usable[p] for p in test_pos])
+        trained_on_test[spec.label] = len(seen)
+        if seen:
+            log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of "
+                f"the corpus it was trained on ({_describe_corpus(trained_on)}; this one: "
+                f"{_describe_corpus(evaluated_on)}), e.g. {seen[0]}: its test scores are not held out. Evaluate it on "
+                "the corpus it was trained on (--dataset FOLDER), or on one of another seed")
+
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
     method_summaries = []
     # The probe fits' processes: started by the first fit that needs them, shared by the others until
@@ -1369,6 +1433,8 @@ def run_downstream(
                 tag_scores = score_tags(test_labels, main_scores, tag_names)
                 full = _main_results(spec, classifier, dataset_name, tag_scores, test_labels, main_scores, config, log,
                                      bootstrap_rows, main_fit)
+                if spec.label in trained_on_test:
+                    full["test_tracks_trained_on"] = trained_on_test[spec.label]
                 result_rows.append(full)
                 for p, tag in enumerate(tag_names):
                     tag_rows.append({
@@ -1392,6 +1458,7 @@ def run_downstream(
                 "tracks_per_second": (len(usable) / embeddings.seconds) if embeddings.seconds else None,
                 "embedding_dim": embeddings.dim, "training_segments": int(embeddings.segment_counts.sum()),
                 "fit_seconds": fit_seconds, "probes_from_cache": probes_cached,
+                "training_corpus": training_corpus(spec), "test_tracks_trained_on": trained_on_test.get(spec.label),
                 "seconds": time.perf_counter() - method_started,
             })
     except BaseException:
@@ -1705,6 +1772,14 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
         notes.append(
             f"{universal} of the scored tags are on every training track: no probe can learn them either, and they "
             "count at chance too (per_tag.csv: train_positives equal to the training tracks).")
+    trained_on = [f"{row.method} ({int(row.test_tracks_trained_on)})" for row in results.itertuples(index=False)
+                  if getattr(row, "test_tracks_trained_on", 0) > 0]
+    if trained_on:
+        notes.append(
+            f"NOT HELD OUT: some test tracks were training tracks of the corpus these checkpoints were trained on "
+            f"({', '.join(dict.fromkeys(trained_on))} tracks): a generated corpus of another size or generator version "
+            "from the same seed. Their scores are not comparable with the others; evaluate each on the corpus it was "
+            "trained on.")
     return "\n\n".join(notes)
 
 

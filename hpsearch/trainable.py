@@ -272,6 +272,7 @@ def _train_and_score(
 ) -> tuple[dict[str, Any], tuple[dict, dict] | None]:
     """Train, then decide the outcome; returns the final record and, for a complete trial, the
     checkpoint to attach (backbone state_dict, trial config)."""
+    from musicssl.data.index import GENERATED_CORPUS_KEY
     from musicssl.train import probe_score, train
 
     train_config = build_train_config(settings, params)
@@ -313,5 +314,7 @@ def _train_and_score(
         record["best_objective"], record["best_epoch"] = record["objective"], record["epoch"]
     state = {name: tensor.detach().cpu() for name, tensor in result.backbone.state_dict().items()}
     trial_config = {"params": params, "objective": settings.objective, "value": record["objective"],
-                    "train_config": train_config.to_dict()}
+                    "train_config": train_config.to_dict(),
+                    # a generated corpus's version, seed and size: which songs the backbone trained on
+                    "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY)}
     return record, (state, trial_config)

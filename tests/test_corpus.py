@@ -172,15 +172,58 @@ def test_tags_agree_with_the_midi_score_and_the_generator_factors(cli_corpus):
         assert midi.time_signature_changes[0].numerator == (3 if row["style"] == "waltz" else 4)
 
 
-def test_splits_are_70_10_20_by_track_and_deterministic(cli_corpus):
+def test_splits_are_70_10_20_by_block_of_tracks_and_deterministic(cli_corpus):
     out, _ = cli_corpus
     frame = read_tracks(out)
-    counts = frame["split"].value_counts().to_dict()
-    assert counts == {"train": round(0.7 * TRACKS), "valid": round(0.1 * TRACKS), "test": TRACKS - round(0.7 * TRACKS) - round(0.1 * TRACKS)}
+    first_ten = frame["split"].tolist()[:10]  # one whole block of track numbers: exactly 7/1/2
+    assert {name: first_ten.count(name) for name in ("train", "valid", "test")} == {"train": 7, "valid": 1, "test": 2}
     assert frame["split"].tolist() == split_assignment(TRACKS, SEED)
-    assert split_assignment(600, 0) == split_assignment(600, 0)
     assert {name: split_assignment(600, 0).count(name) for name in ("train", "valid", "test")} == {"train": 420, "valid": 60, "test": 120}
     assert split_assignment(600, 0) != split_assignment(600, 1)
+
+
+def test_a_tracks_split_does_not_depend_on_the_corpus_size():
+    """A track's audio is a function of (seed, number); so is its split. Corpora of two sizes from one
+    seed hold their shared tracks in one split each (generator version 1 drew them apart: 51 of the
+    600-track corpus's 120 test tracks were training tracks of the 2000-track corpus)."""
+    for seed in (0, 3):
+        largest = split_assignment(2000, seed)
+        for tracks in (10, 11, 19, 120, 600, 1999):
+            assert split_assignment(tracks, seed) == largest[:tracks], (seed, tracks)
+        for start in range(0, 2000, 10):  # every block of ten numbers holds exactly 7/1/2
+            block = largest[start : start + 10]
+            assert (block.count("train"), block.count("valid"), block.count("test")) == (7, 1, 2)
+    for tracks in range(10, 40):  # the smallest corpora still have every split
+        assert set(split_assignment(tracks, 5)) == {"train", "valid", "test"}
+    # Blocks are shuffled independently: the 60 blocks of the default corpus are not all one pattern.
+    default = split_assignment(600, 0)
+    assert len({tuple(default[start : start + 10]) for start in range(0, 600, 10)}) > 30
+
+
+def test_the_test_tracks_a_corpus_of_another_size_or_version_trained_on_are_found():
+    from musicssl.corpus.splits import seen_test_tracks, split_assignment, split_assignment_version_1
+
+    def identity(version, tracks, seed=0):
+        return {"generator_version": version, "seed": seed, "tracks": tracks, "seconds": 30.0}
+
+    def test_ids(version, tracks, seed=0):
+        rule = split_assignment_version_1 if version == 1 else split_assignment
+        return [f"track{n:05d}" for n, split in enumerate(rule(tracks, seed)) if split == "test"]
+
+    # Version 1: 51 of the default corpus's 120 test tracks were training tracks of the 2000-track corpus of
+    # its seed (counted on the two corpora as built, tracks.csv against tracks.csv, before version 2).
+    assert len(seen_test_tracks(identity(1, 2000), identity(1, 600), test_ids(1, 600))) == 51
+    # Version 2: none, whatever the two sizes; none across seeds either.
+    for trained, evaluated in ((2000, 600), (600, 2000), (17, 600), (600, 600)):
+        assert seen_test_tracks(identity(2, trained), identity(2, evaluated), test_ids(2, evaluated)) == []
+    assert seen_test_tracks(identity(1, 600, seed=1), identity(2, 600), test_ids(2, 600)) == []
+    # A version-1 checkpoint on the version-2 default corpus: the test tracks version 1 put in train.
+    version_1 = split_assignment_version_1(600, 0)
+    seen = seen_test_tracks(identity(1, 600), identity(2, 600), test_ids(2, 600))
+    assert seen == [track for track in test_ids(2, 600) if version_1[int(track[5:])] == "train"]
+    assert 60 < len(seen) < 100  # about 70 % of the 120
+    # Track numbers past the training corpus's last, and ids that are not a corpus's, were never trained on.
+    assert seen_test_tracks(identity(1, 10), identity(2, 600), ["track00500", "clip01", "track"]) == []
 
 
 def _load_all(folder: Path) -> tuple[pd.DataFrame, list[np.ndarray], list[bytes]]:
@@ -234,6 +277,42 @@ def test_segments_8s_apart_share_the_instruments_but_not_the_content(style, bank
     for part in song.parts:
         for start in (2.0, 10.0):
             assert any(note.start < start + 4.0 and note.end > start for note in part.notes), (part.role, start)
+
+
+def _chords_level_db(number: int, bank) -> float:
+    """The chords part's energy against the whole mix's, in dB, for track ``number`` of seed 0 as the
+    corpus builds it (before mastering, whose EQ and reverb move the ratio by about 1 dB)."""
+    from musicssl.corpus.build import REVERB_MARGIN_SECONDS
+
+    song_rng = np.random.default_rng([0, number, 0])
+    factors = draw_factors(song_rng)
+    song = compose_song(factors, 30.0, song_rng)
+    gains = draw_mix(np.random.default_rng([0, number, 1])).part_gains_db
+    mix = synthesize(song, bank, gains, extra_seconds=REVERB_MARGIN_SECONDS)
+    chords = Song(factors, [part for part in song.parts if part.role == "chords"], song.seconds, song.sections)
+    alone = synthesize(chords, bank, gains, extra_seconds=REVERB_MARGIN_SECONDS)
+    return 10 * math.log10(float(np.sum(alone.astype(np.float64) ** 2) / np.sum(mix.astype(np.float64) ** 2)))
+
+
+def test_synth_pad_holds_its_chords_and_is_heard_in_the_mix(bank, monkeypatch):
+    """synth_pad's attack is slow (about 0.5 s to within 10 dB of its peak): playing the styles' short comping
+    stabs (generator version 1) it stayed 17 dB below the mix in the median, so its tag was barely audible.
+    It now holds each bar's chord, as the pad part does, and sits with the other parts."""
+    from musicssl.corpus import compose
+
+    numbers = [n for n in range(120) if draw_factors(np.random.default_rng([0, n, 0])).chords == "synth_pad"][:8]
+    assert len(numbers) == 8
+    for number in numbers:
+        song_rng = np.random.default_rng([0, number, 0])
+        song = compose_song(draw_factors(song_rng), 30.0, song_rng)
+        chord_notes = next(part for part in song.parts if part.role == "chords").notes
+        # Held: every chord note lasts at least 0.9 s (a comping stab lasts a fraction of a beat).
+        assert min(note.end - note.start for note in chord_notes) > 0.9, number
+    held = [_chords_level_db(n, bank) for n in numbers]
+    monkeypatch.setattr(compose, "HELD_CHORD_INSTRUMENTS", frozenset())  # version 1: the style's comping
+    stabs = [_chords_level_db(n, bank) for n in numbers]
+    assert np.median(held) > -11.0 and min(held) > -15.0, held
+    assert np.median(stabs) < -14.0 and np.median(held) - np.median(stabs) > 5.0, stabs
 
 
 def test_instruments_and_drum_kits_are_drawn_independently_of_style():
@@ -417,7 +496,7 @@ def test_bad_arguments_on_the_real_command_line_print_no_traceback(tmp_path):
 def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICSSL_CACHE", str(cache))
     folder = ensure_corpus(tracks=10, seconds=8.0, seed=5)
-    assert folder == cache / "corpus-10x8s-seed5" and (folder / "tracks.csv").is_file()
+    assert folder == cache / "corpus-10x8s-seed5-v2" and (folder / "tracks.csv").is_file()  # version 2
     written = (folder / "tracks.csv").stat().st_mtime_ns
     assert ensure_corpus(tracks=10, seconds=8.0, seed=5) == folder
     assert (folder / "tracks.csv").stat().st_mtime_ns == written  # found, not rebuilt
@@ -534,7 +613,8 @@ def test_a_corpus_of_another_generator_version_is_built_again_or_refused(cache, 
     given = ensure_corpus(tmp_path / "given", tracks=10, seconds=8.0)
     stamp(given, GENERATOR_VERSION - 1)
     message = rf"a corpus of generator version {GENERATOR_VERSION - 1}; this version builds version {GENERATOR_VERSION}"
-    with pytest.raises(CorpusError, match=message + r".*python -m musicssl.corpus --out .* --force"):
+    with pytest.raises(CorpusError, match=message + r", with other splits and some other audio: rebuild it with python "
+                       r"-m musicssl.corpus --out \S+ --tracks 10 --seconds 8 --seed 0 --force"):
         ensure_corpus(given, tracks=10, seconds=8.0)
     with pytest.raises(DatasetError, match=message):  # as the command lines see it (--data corpus --root DIR)
         open_dataset("corpus", root=given, tracks=10, seconds=8.0)

@@ -477,6 +477,86 @@ def test_tags_with_test_positives_but_no_training_positive_are_named_and_counted
     assert "1 of the scored tags have no positive training track" in results_notes(result.results)
 
 
+# Generator version 1's splits of its default corpus (600 songs, seed 0), tracks 0-39, as that corpus's
+# tracks.csv holds them (r train, a valid, e test): the corpus every run on `corpus` trained on before
+# version 2, which cuts splits in blocks of ten numbers.
+VERSION_1_SPLITS = "rrreerrarrerarrrrrerarrerrarrraeraaerrre"
+
+
+def write_generated_corpus(folder: Path, tracks: int = 20, seed: int = 0) -> Path:
+    """A stand-in for a generated corpus of version 2: pitch clips named and split as one."""
+    from musicssl.corpus.splits import split_assignment
+    from musicssl.data.index import TrackIndex
+
+    records = []
+    for number, split in enumerate(split_assignment(tracks, seed)):
+        path = folder / "audio" / f"track{number:05d}.flac"
+        write_clip(path, number % 3, seed=number)
+        records.append({"track_id": f"track{number:05d}", "path": str(path), "split": split,
+                        "tags": [("low", "mid", "high")[number % 3]]})
+    TrackIndex.from_records(records).to_csv(folder / "tracks.csv")
+    (folder / "corpus.json").write_text(json.dumps(
+        {"generator_version": 2, "config": {"tracks": tracks, "seconds": 8.6, "seed": seed}}))
+    return folder / "tracks.csv"
+
+
+def test_test_tracks_a_checkpoint_trained_on_are_counted_and_reported(tmp_path, capsys):
+    """Generator version 1 split a corpus by its size, so a checkpoint trained on its default corpus has
+    trained on most of a version-2 corpus's test tracks (same seed, same songs). Before, nothing said so."""
+    from analysis.downstream import results_notes, training_corpus
+    from musicssl.data.index import TrackIndex
+
+    index = TrackIndex.from_csv(write_generated_corpus(tmp_path / "corpus"))
+    assert index.extra["generated_corpus"] == {"generator_version": 2, "seed": 0, "tracks": 20, "seconds": 8.6}
+    test_ids = index.split("test").track_ids
+    expected = [track for track in test_ids if VERSION_1_SPLITS[int(track[5:])] == "r"]
+    assert 0 < len(expected) < len(test_ids)
+
+    state = Backbone(preset="cpu").state_dict()
+    # Written before the record: trained on `corpus`, version 1's default one.
+    old = resolve_method(f"old={save_run(tmp_path / 'old', state, {'method': 'vicreg', 'preset': 'cpu', 'data': 'corpus'})}")
+    assert training_corpus(old) == {"generator_version": 1, "seed": 0, "tracks": 600, "seconds": 30.0}
+    # Recorded: a version-2 corpus of another size (its tracks keep their splits), and one of another seed.
+    larger = {"generator_version": 2, "seed": 0, "tracks": 2000, "seconds": 30.0}
+    new = resolve_method(f"new={save_run(tmp_path / 'new', state, {'method': 'vicreg', 'preset': 'cpu', 'data': 'corpus', 'training_corpus': larger})}")
+    other_seed = resolve_method(f"seed1={save_run(tmp_path / 'seed1', state, {'method': 'vicreg', 'preset': 'cpu', 'training_corpus': {**larger, 'seed': 1}})}")
+    # And a run on other data records none.
+    mine = resolve_method(f"mine={save_run(tmp_path / 'mine', state, {'method': 'vicreg', 'preset': 'cpu', 'data': 'x.csv', 'training_corpus': None})}")
+    assert training_corpus(mine) is None and training_corpus(resolve_method("melstats", "cpu", True)) is None
+
+    result = run_downstream([old, new, other_seed, mine, resolve_method("melstats", "cpu", True)],
+                            DownstreamConfig(**SMALL_EVALUATION), index=index)
+    console = capsys.readouterr().out
+    assert (f"warning: old: {len(expected)} of the {len(test_ids)} test tracks were training tracks of the corpus it "
+            f"was trained on (generator version 1, seed 0, 600 tracks of 30 s; this one: generator version 2, seed 0, "
+            f"20 tracks of 8.6 s), e.g. {expected[0]}") in console
+    assert console.count("test tracks were training tracks") == 1
+    counts = result.results.set_index("method")["test_tracks_trained_on"]
+    assert counts["old"] == len(expected) and counts["new"] == 0 and counts["seed1"] == 0
+    assert math.isnan(counts["mine"]) and math.isnan(counts["melstats"])  # not trained on a generated corpus
+    summaries = {entry["label"]: entry for entry in result.summary["methods"]}
+    assert summaries["old"]["test_tracks_trained_on"] == len(expected)
+    assert summaries["old"]["training_corpus"]["generator_version"] == 1
+    assert f"NOT HELD OUT: some test tracks were training tracks of the corpus these checkpoints were trained on (old ({len(expected)})" \
+        in results_notes(result.results)
+    assert "NOT HELD OUT" not in results_notes(result.results[result.results["method"] != "old"])
+
+
+def test_the_training_corpus_of_a_run_written_before_the_record_is_read_from_its_data(tmp_path):
+    from analysis.downstream import training_corpus
+
+    write_generated_corpus(tmp_path / "corpus", tracks=10, seed=4)
+    identity = {"generator_version": 2, "seed": 4, "tracks": 10, "seconds": 8.6}
+    for config in ({"data": "corpus", "data_root": str(tmp_path / "corpus")},  # --data corpus --root FOLDER
+                   {"data": str(tmp_path / "corpus")}, {"data": str(tmp_path / "corpus" / "tracks.csv")},
+                   {"train_config": {"data": "CORPUS", "data_root": str(tmp_path / "corpus")}}):  # a search's best_config.json
+        run = save_run(tmp_path / "run", {}, {"method": "vicreg", "preset": "cpu", **config})
+        assert training_corpus(resolve_method(str(run))) == identity, config
+    for config in ({"data": str(tmp_path)}, {"data": "mtat", "data_root": str(tmp_path)}, {}):  # no corpus.json there
+        run = save_run(tmp_path / "run", {}, {"method": "vicreg", "preset": "cpu", **config})
+        assert training_corpus(resolve_method(str(run))) is None, config
+
+
 def test_fractions_that_give_the_same_subsets_are_named(tmp_path, capsys):
     """On a small training split 1 % and 5 % are both one track (round(f * N), at least one): their columns
     repeat one another, which only limited_data.csv's train_tracks showed."""

@@ -574,6 +574,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert rescored["probe_map"] == pytest.approx(csv.loc[0, "objective"], abs=1e-6)
     best_config = json.loads((folder / "best_config.json").read_text())
     assert best_config["trial"] == 0 and best_config["params"]["num_prototypes"] == 64
+    assert best_config["training_corpus"] is None  # what analysis.downstream reads: not a generated corpus
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["counts"] == {"complete": 1, "collapsed": 1, "diverged": 1, "failed": 1}
     assert summary["trial_epochs_requested"] == 8

@@ -98,6 +98,25 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
             assert method_config[name] == value, name
     if method == "clustering":
         assert method_config["num_prototypes"] == 1024 and method_config["bottleneck_dim"] == 128
+    assert json.loads((out / "config.json").read_text())["training_corpus"] is None  # not a generated corpus
+
+
+def test_a_run_on_a_generated_corpus_records_which_one(tmp_path, tonal_dataset):
+    """config.json says which generated corpus (version, seed, size) the backbone trained on, so that an
+    evaluation on another corpus of the seed can find the test tracks it trained on (analysis.downstream)."""
+    from musicssl.data.cache import LogMelConfig
+    from musicssl.data.index import TrackIndex
+    from musicssl.data.pipeline import prepare_data
+
+    folder = tmp_path / "corpus"
+    TrackIndex.from_csv(tonal_dataset / "tracks.csv").to_csv(folder / "tracks.csv")
+    (folder / "corpus.json").write_text(json.dumps({"generator_version": 2, "config": {"tracks": 48, "seconds": 14.0, "seed": 7}}))
+    data = prepare_data(folder / "tracks.csv", LogMelConfig(n_mels=64), cache_dir=tmp_path / "mels", workers=0, verbose=False)
+    config = TrainConfig(method="vicreg", preset="cpu", max_epochs=1, steps_per_epoch=1, batch_size=8, num_threads=1,
+                         final_probe=False, out_dir=str(tmp_path / "run"))
+    train(config, data=data, progress_bar=False)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["training_corpus"]
+    assert recorded == {"generator_version": 2, "seed": 7, "tracks": 48, "seconds": 14.0}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

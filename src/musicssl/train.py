@@ -570,6 +570,7 @@ def train(
     from torch.utils.data import DataLoader
 
     from musicssl.data.cache import LogMelConfig
+    from musicssl.data.index import GENERATED_CORPUS_KEY
     from musicssl.data.pipeline import prepare_data
     from musicssl.data.views import EpochSampler, ViewConfig, ViewDataset, fixed_segments, probe_positions
 
@@ -705,7 +706,9 @@ def train(
             _write_run(out_dir, {
                 # with the method's settings as the run used them (defaults, the preset's changes, --set)
                 "config.json": lambda path: path.write_text(json.dumps(
-                    {**config.to_dict(), "method_config": dataclasses.asdict(method_settings(config))},
+                    {**config.to_dict(), "method_config": dataclasses.asdict(method_settings(config)),
+                     # a generated corpus's version, seed and size: which songs the backbone trained on
+                     "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY)},
                     indent=2, default=str)),
                 "metrics.csv": lambda path: _write_csv(path, module.epochs, ("epoch", "step", "verdict")),
                 "collapse.csv": lambda path: _write_csv(path, module.history, ("kind", "epoch", "step", "verdict")),

@@ -34,13 +34,11 @@ from musicssl.corpus.render import (
     worker_pool,
     write_flac,
 )
+from musicssl.corpus.splits import SPLIT_BLOCK, SPLIT_FRACTIONS, SPLITS, corpus_identity, split_assignment
 from musicssl.corpus.tags import TAG_NAMES
 from musicssl.interrupts import held_signals
 from musicssl.paths import cache_hint, cache_root, make_writable_folder, remove_abandoned_staging, staging_folder
 
-# As in musicssl.data.index, which is imported only where tracks.csv is written: importing
-# musicssl.data loads torch, and the build's worker processes are better forked without it.
-SPLITS = ("train", "valid", "test")
 
 __all__ = [
     "CorpusConfig",
@@ -56,16 +54,16 @@ __all__ = [
     "ensure_corpus",
 ]
 
-GENERATOR_VERSION = 1
-SPLIT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.2}
-MIN_TRACKS = 10  # fewer leaves the validation split empty
+# 2: a track's split depends on (seed, number) alone, no longer on the number of tracks (version 1's
+# corpora of two sizes from one seed held the same songs in different splits).
+GENERATOR_VERSION = 2
+MIN_TRACKS = SPLIT_BLOCK  # one whole block: fewer could leave the validation split empty
 # Training cuts two 4 s views whose starts are at least 4 s apart (musicssl.data.views.ViewConfig), so
 # a track needs 8 s: 128,000 samples, 251 frames at 16 kHz and hop 512, exactly ViewFrames.min_track_frames.
 # A shorter corpus would build and then have every track left out by ViewDataset; it fails here instead.
 MIN_SECONDS = 8.0
 MAX_SECONDS = 600.0
 REVERB_MARGIN_SECONDS = 1.0  # synthesised past the end so that the cut is not a reverb onset
-_SPLIT_STREAM = 0x53504C4954  # "SPLIT": keeps the split's random stream apart from the tracks'
 
 
 class CorpusError(ValueError):
@@ -124,20 +122,6 @@ def default_corpus_dir(tracks: int = 600, seconds: float = 30.0, seed: int = 0) 
     folder of its own, so that versions sharing a cache do not rebuild each other's)."""
     version = "" if GENERATOR_VERSION == 1 else f"-v{GENERATOR_VERSION}"
     return cache_dir() / f"corpus-{tracks}x{seconds:g}s-seed{seed}{version}"
-
-
-def split_assignment(tracks: int, seed: int) -> list[str]:
-    """The split of each track number: a seeded shuffle cut 70/10/20 (rounded counts)."""
-    counts = {name: int(math.floor(tracks * SPLIT_FRACTIONS[name] + 0.5)) for name in ("train", "valid")}
-    counts["test"] = tracks - counts["train"] - counts["valid"]
-    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(tracks)
-    splits = [""] * tracks
-    position = 0
-    for name in SPLITS:
-        for number in order[position : position + counts[name]]:
-            splits[int(number)] = name
-        position += counts[name]
-    return splits
 
 
 def track_id(number: int) -> str:
@@ -350,11 +334,11 @@ def build_corpus(
 def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0, seconds: float = 30.0) -> Path:
     """The folder holding the corpus's ``tracks.csv``, building the corpus first if it is missing.
 
-    Default folder: ``$MUSICSSL_CACHE/corpus-{tracks}x{seconds}s-seed{seed}`` (``MUSICSSL_CACHE``
-    defaults to ``~/.cache/musicssl``). A folder with a ``tracks.csv`` is returned as it is, unless its
-    ``corpus.json`` names another generator version than this one (its audio would differ from what
-    this version builds): the default folder is then built again, and a folder given raises
-    :class:`CorpusError` saying how to rebuild it.
+    Default folder: :func:`default_corpus_dir` (``$MUSICSSL_CACHE/corpus-{tracks}x{seconds}s-seed{seed}``, with
+    ``-v{version}`` after version 1; ``MUSICSSL_CACHE`` defaults to ``~/.cache/musicssl``). A folder with a ``tracks.csv`` is returned as it
+    is, unless its ``corpus.json`` names another generator version than this one (its splits and some of
+    its audio would differ from what this version builds): the default folder is then built again, and a
+    folder given raises :class:`CorpusError` saying how to rebuild it.
     """
     config = CorpusConfig(tracks=tracks, seconds=seconds, seed=seed)
     given = out_dir is not None
@@ -366,9 +350,13 @@ def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0,
     if version in (None, GENERATOR_VERSION):  # None: no corpus.json to say (a corpus written by hand)
         return out_dir
     if given:
+        identity = corpus_identity(out_dir)
+        settings = (f" --tracks {identity['tracks']} --seconds {identity['seconds']:g} --seed {identity['seed']}"
+                    if identity else " (with its settings)")
         raise CorpusError(f"{out_dir}: a corpus of generator version {version}; this version builds version "
-                          f"{GENERATOR_VERSION}, other audio: rebuild it with python -m musicssl.corpus --out {out_dir} "
-                          "--force (with its settings), or use another folder")
+                          f"{GENERATOR_VERSION}, with other splits and some other audio: rebuild it with python -m "
+                          f"musicssl.corpus --out {out_dir}{settings} --force, or use another folder (a backbone "
+                          f"trained on it can still be evaluated on it: give its tracks.csv as the dataset)")
     print(f"corpus {out_dir}: built by generator version {version}, this is {GENERATOR_VERSION}; building it again",
           file=sys.stderr, flush=True)
     build_corpus(out_dir, config, force=True)

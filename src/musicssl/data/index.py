@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from musicssl.corpus.splits import corpus_identity
+
 __all__ = [
     "TrackIndex", "TrackIndexError", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR", "tag_group",
 ]
@@ -30,6 +32,9 @@ SPLIT_ALIASES = {
 TAG_SEPARATOR = ";"
 GROUP_SEPARATOR = "---"
 REQUIRED_COLUMNS = ("track_id", "path", "split", "tags")
+# TrackIndex.extra entry of an index read from a generated corpus's tracks.csv: the corpus's
+# generator version, seed, tracks and seconds (musicssl.corpus.splits.corpus_identity).
+GENERATED_CORPUS_KEY = "generated_corpus"
 
 
 class TrackIndexError(ValueError):
@@ -195,4 +200,8 @@ class TrackIndex:
                          for tags in frame["tags"]]
         frame["split"] = [SPLIT_ALIASES.get(str(split).strip().lower(), split) for split in frame["split"]]
         tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
-        return cls(frame, tag_names, name=name or path.parent.name)
+        index = cls(frame, tag_names, name=name or path.parent.name)
+        identity = corpus_identity(path.parent)  # a generated corpus: what decides its songs and splits
+        if identity is not None:
+            index.extra[GENERATED_CORPUS_KEY] = identity
+        return index
