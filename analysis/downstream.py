@@ -104,7 +104,7 @@ import torch
 from torch import Tensor, nn
 
 from musicssl.cli import ArgumentParser
-from musicssl.corpus.splits import corpus_identity, seen_test_tracks
+from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import FolderTaken, claim_folder, make_writable_folder
 
@@ -345,11 +345,6 @@ def _find_key(document: Any, key: str) -> Any:
     return None
 
 
-# What a run trained on ``corpus`` before its configuration recorded ``training_corpus``: generator
-# version 1's default corpus (600 songs of 30 s, seed 0; every version before 2 was version 1).
-VERSION_1_DEFAULT_CORPUS = {"generator_version": 1, "seed": 0, "tracks": 600, "seconds": 30.0}
-
-
 def training_corpus(spec: "MethodSpec") -> dict | None:
     """The generated corpus checkpoint ``spec`` was trained on (as :func:`musicssl.corpus.splits.corpus_identity`
     gives it), from its run configuration; None for a baseline, a checkpoint without a configuration, or
@@ -377,11 +372,6 @@ def training_corpus(spec: "MethodSpec") -> dict | None:
         return None
     path = Path(data).expanduser()
     return corpus_identity(path if path.is_dir() else path.parent)
-
-
-def _describe_corpus(identity: dict) -> str:
-    return (f"generator version {identity['generator_version']}, seed {identity['seed']}, {identity['tracks']} tracks "
-            f"of {identity['seconds']:g} s")
 
 
 def _read_run_config(path: Path) -> dict:
@@ -1369,8 +1359,8 @@ def run_downstream(
         trained_on_test[spec.label] = len(seen)
         if seen:
             log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of "
-                f"the corpus it was trained on ({_describe_corpus(trained_on)}; this one: "
-                f"{_describe_corpus(evaluated_on)}), e.g. {seen[0]}: its test scores are not held out. Evaluate it on "
+                f"the corpus it was trained on ({describe_corpus(trained_on)}; this one: "
+                f"{describe_corpus(evaluated_on)}), e.g. {seen[0]}: its test scores are not held out. Evaluate it on "
                 "the corpus it was trained on (--dataset FOLDER), or on one of another seed")
 
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
@@ -1772,14 +1762,13 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
         notes.append(
             f"{universal} of the scored tags are on every training track: no probe can learn them either, and they "
             "count at chance too (per_tag.csv: train_positives equal to the training tracks).")
-    trained_on = [f"{row.method} ({int(row.test_tracks_trained_on)})" for row in results.itertuples(index=False)
+    trained_on = [f"{row.method}: {int(row.test_tracks_trained_on)}" for row in results.itertuples(index=False)
                   if getattr(row, "test_tracks_trained_on", 0) > 0]
     if trained_on:
         notes.append(
-            f"NOT HELD OUT: some test tracks were training tracks of the corpus these checkpoints were trained on "
-            f"({', '.join(dict.fromkeys(trained_on))} tracks): a generated corpus of another size or generator version "
-            "from the same seed. Their scores are not comparable with the others; evaluate each on the corpus it was "
-            "trained on.")
+            f"NOT HELD OUT: some test tracks were training tracks of the checkpoint ({', '.join(dict.fromkeys(trained_on))} "
+            "tracks), which was trained on a generated corpus of the same seed but another size or generator version. "
+            "Its scores are not comparable with the others'; evaluate it on the corpus it was trained on.")
     return "\n\n".join(notes)
 
 

@@ -104,10 +104,37 @@ def check_space(settings: SearchSettings) -> int:
     return int(config.batch_size)
 
 
+def _corpus_started_on(settings: SearchSettings) -> str | None:
+    """For a search on ``corpus`` started on the corpus of an earlier generator version (other splits): the
+    ``tracks.csv`` of that corpus, where that version built it, so that the search continues on it; None for
+    any other search. Raises :class:`SearchError` when that corpus is gone."""
+    from musicssl.corpus.build import GENERATOR_VERSION, default_corpus_dir
+    from musicssl.corpus.splits import corpus_identity, describe_corpus
+    from musicssl.data.loaders import dataset_name
+
+    started_on = settings.corpus
+    if (started_on is None or dataset_name(settings.data) != "corpus" or settings.root is not None
+            or started_on.get("generator_version") == GENERATOR_VERSION):
+        return None
+    folder = default_corpus_dir(int(started_on["tracks"]), float(started_on["seconds"]), int(started_on["seed"]),
+                                version=int(started_on["generator_version"]))
+    if corpus_identity(folder) != started_on or not (folder / "tracks.csv").is_file():
+        raise SearchError(
+            f"the search was started on the corpus of {describe_corpus(started_on)}, which is no longer in {folder}; "
+            f"this version builds generator version {GENERATOR_VERSION}, whose splits differ, and the trials so far "
+            "trained and were scored on the old ones: start a new search with another --name"
+        )
+    print(f"note: the search continues on the corpus it was started on ({describe_corpus(started_on)}, {folder}); "
+          f"new searches use generator version {GENERATOR_VERSION}", file=sys.stderr, flush=True)
+    return str(folder / "tracks.csv")
+
+
 def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batch_size: int | None = None):
     """Prepare the data once, in the driver: open the dataset (building the embedded corpus if it
     is missing) and build its mel cache for the preset's front-end. Trials reuse it as is."""
+    from musicssl.corpus.splits import describe_corpus
     from musicssl.data.cache import LogMelConfig
+    from musicssl.data.index import GENERATED_CORPUS_KEY
     from musicssl.data.loaders import DATASET_NAMES, DatasetError, check_dataset_option, dataset_name
     from musicssl.data.pipeline import batch_problem, prepare_data
     from musicssl.models import PRESETS
@@ -115,7 +142,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
 
     if settings.preset not in PRESETS:
         raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
-    spec = settings.data
+    spec = _corpus_started_on(settings) or settings.data
     if dataset_name(spec) is None and not Path(spec).expanduser().exists():
         raise SearchError(
             f"--data {spec!r}: no such file or folder, and not a dataset name "
@@ -152,6 +179,14 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise SearchError(f"--data {spec!r}: {error}") from None
+    found = data.index.extra.get(GENERATED_CORPUS_KEY)
+    if settings.corpus is not None and found != settings.corpus:  # e.g. a corpus folder built again since
+        raise SearchError(
+            f"--data {settings.data!r}: the search was started on a generated corpus of "
+            f"{describe_corpus(settings.corpus)}, and this data is "
+            f"{describe_corpus(found) if found else 'not a generated corpus'}: its trials so far trained and were "
+            "scored on other tracks or splits; start a new search with another --name"
+        )
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
     if len(train_ids) < batch_size:
         raise SearchError(
@@ -906,6 +941,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
     from hpsearch.searcher import journal_of_this_search
     from hpsearch.trainable import run_trial
+    from musicssl.data.index import GENERATED_CORPUS_KEY
 
     stream = stream or sys.stdout
     started = time.perf_counter()
@@ -953,6 +989,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         max_batch_size = check_space(settings)
         if data is None:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
+        if not existing:  # recorded when the search starts: a resume continues on that corpus
+            settings = dataclasses.replace(settings, corpus=data.index.extra.get(GENERATED_CORPUS_KEY))
         # Ray before the folder: a cluster that cannot be joined leaves nothing behind.
         _ray_environment(local=address is None, verbose=verbose)
         started_ray = _init_ray(settings, address, verbose, reserved=folder if reserved else None)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS
+
 __all__ = [
     "COLLAPSE_TYPES",
     "COLLAPSE_TYPES_VERSION",
@@ -187,6 +189,10 @@ class SearchSettings:
     reuse_actors: bool = True
     # Enqueued first (Optuna's enqueue_trial): dicts of parameter values, e.g. the method's defaults.
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    # The generated corpus the search trains on (generator version, seed, tracks, seconds: see
+    # musicssl.corpus.splits.corpus_identity), recorded when it starts; None for other data. A resumed
+    # search continues on it, never on a corpus of another generator version (other splits).
+    corpus: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -307,6 +313,10 @@ class SearchSettings:
             values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
             # Written before the verdict of 2026-12-02: the resumed search keeps judging by the old one.
             values.setdefault("collapse_types_version", 1)
+            # Written before the record (2026-12-05): a search on `corpus` trained on version 1's default one.
+            if (str(values.get("data", "")).strip().lower() == "corpus" and values.get("root") is None
+                    and "corpus" not in values):
+                values["corpus"] = dict(VERSION_1_DEFAULT_CORPUS)
             return cls(**{k: v for k, v in values.items() if k in known})
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             raise SettingsError(

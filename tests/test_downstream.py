@@ -537,7 +537,7 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_and_reported(tmp_path, 
     summaries = {entry["label"]: entry for entry in result.summary["methods"]}
     assert summaries["old"]["test_tracks_trained_on"] == len(expected)
     assert summaries["old"]["training_corpus"]["generator_version"] == 1
-    assert f"NOT HELD OUT: some test tracks were training tracks of the corpus these checkpoints were trained on (old ({len(expected)})" \
+    assert f"NOT HELD OUT: some test tracks were training tracks of the checkpoint (old: {len(expected)} tracks)" \
         in results_notes(result.results)
     assert "NOT HELD OUT" not in results_notes(result.results[result.results["method"] != "old"])
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -575,6 +576,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     best_config = json.loads((folder / "best_config.json").read_text())
     assert best_config["trial"] == 0 and best_config["params"]["num_prototypes"] == 64
     assert best_config["training_corpus"] is None  # what analysis.downstream reads: not a generated corpus
+    assert json.loads((folder / "search.json").read_text())["corpus"] is None  # what a resume continues on
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["counts"] == {"complete": 1, "collapsed": 1, "diverged": 1, "failed": 1}
     assert summary["trial_epochs_requested"] == 8
@@ -1843,6 +1845,58 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     # At the batch size the listed tracks allow, the cache is built and the search's data is ready.
     ready = prepare_search_data(SearchSettings(method="vicreg", data=settings.data, batch_size=listed), verbose=False)
     assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
+
+
+def test_a_search_continues_on_the_corpus_it_was_started_on(tmp_path, tonal_dataset, monkeypatch, capsys):
+    """Generator version 2 (2026-12-05) moved the corpus's splits. A search on `corpus` started before then
+    trained and scored its trials on version 1's; resumed, it would have gone on with version 2's (other
+    training and validation tracks), mixing two corpora in one study. It continues on the one it was
+    started on, and is refused when that corpus is gone."""
+    from hpsearch.run import SearchError, prepare_search_data
+    from musicssl.data.index import TrackIndex
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    version_1 = {"generator_version": 1, "seed": 0, "tracks": 600, "seconds": 30.0}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "other").mkdir()
+    # A search.json written before the record: on `corpus`, so on version 1's default corpus.
+    SearchSettings(method="vicreg", batch_size=8).save(tmp_path / "old")
+    stored = json.loads((tmp_path / "old" / "search.json").read_text())
+    assert stored["data"] == "corpus" and stored["corpus"] is None  # a new search records it once its data is ready
+    del stored["corpus"]
+    (tmp_path / "old" / "search.json").write_text(json.dumps(stored))
+    old = SearchSettings.load(tmp_path / "old")
+    assert old.corpus == version_1
+    with pytest.raises(SearchError, match=r"the search was started on the corpus of generator version 1, seed 0, 600 "
+                                          r"tracks of 30 s, which is no longer in \S+/cache/corpus-600x30s-seed0; this "
+                                          r"version builds generator version 2, whose splits differ"):
+        prepare_search_data(old, verbose=False)
+    assert not (tmp_path / "cache" / "corpus-600x30s-seed0-v2").exists()  # nothing built meanwhile
+
+    # Where version 1 kept it (a stand-in: the tonal tracks under that corpus's name and record).
+    folder = tmp_path / "cache" / "corpus-600x30s-seed0"
+    TrackIndex.from_csv(tonal_dataset / "tracks.csv").to_csv(folder / "tracks.csv")
+    (folder / "corpus.json").write_text(json.dumps({"generator_version": 1, "config": {"tracks": 600, "seconds": 30.0, "seed": 0}}))
+    capsys.readouterr()
+    data = prepare_search_data(old, verbose=False)
+    assert data.index.extra["generated_corpus"] == version_1
+    assert data.index.paths == TrackIndex.from_csv(tonal_dataset / "tracks.csv").paths
+    assert (f"note: the search continues on the corpus it was started on (generator version 1, seed 0, 600 tracks of "
+            f"30 s, {folder}); new searches use generator version 2") in capsys.readouterr().err
+
+    # Other data than the corpus recorded (a folder rebuilt since, or moved): refused, whatever it is.
+    elsewhere = dataclasses.replace(old, data=str(tonal_dataset / "tracks.csv"))
+    with pytest.raises(SearchError, match=r"started on a generated corpus of generator version 1, seed 0, 600 tracks "
+                                          r"of 30 s, and this data is not a generated corpus: its trials so far"):
+        prepare_search_data(elsewhere, verbose=False)
+    # A search on other data records none, and one stored with a path keeps none.
+    assert SearchSettings.load(tmp_path / "old").corpus == version_1
+    other = SearchSettings(method="vicreg", data=str(tonal_dataset / "tracks.csv"), batch_size=8)
+    other.save(tmp_path / "other")
+    stored = json.loads((tmp_path / "other" / "search.json").read_text())
+    del stored["corpus"]
+    (tmp_path / "other" / "search.json").write_text(json.dumps(stored))
+    assert SearchSettings.load(tmp_path / "other").corpus is None
 
 
 def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_refused(tmp_path, cli_env,

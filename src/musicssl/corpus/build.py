@@ -117,11 +117,12 @@ def cache_dir() -> Path:
     return cache_root()
 
 
-def default_corpus_dir(tracks: int = 600, seconds: float = 30.0, seed: int = 0) -> Path:
+def default_corpus_dir(tracks: int = 600, seconds: float = 30.0, seed: int = 0, version: int = GENERATOR_VERSION) -> Path:
     """Where :func:`ensure_corpus` keeps a corpus by default (each generator version after the first in a
-    folder of its own, so that versions sharing a cache do not rebuild each other's)."""
-    version = "" if GENERATOR_VERSION == 1 else f"-v{GENERATOR_VERSION}"
-    return cache_dir() / f"corpus-{tracks}x{seconds:g}s-seed{seed}{version}"
+    folder of its own, so that versions sharing a cache do not rebuild each other's); ``version`` names
+    where an earlier version kept it."""
+    suffix = "" if version == 1 else f"-v{version}"
+    return cache_dir() / f"corpus-{tracks}x{seconds:g}s-seed{seed}{suffix}"
 
 
 def track_id(number: int) -> str:

@@ -6,8 +6,9 @@ version 2 its split is too (:func:`split_assignment`). Version 1 cut one seeded 
 track numbers (:func:`split_assignment_version_1`), so its corpora of two sizes from one seed held the
 same songs in different splits, and so do a version-1 and a version-2 corpus of one seed: a backbone
 trained on one of them, evaluated on the other, has trained on some of the test tracks.
-:func:`seen_test_tracks` counts them. Light on purpose (numpy and json): the track index reads
-:func:`corpus_identity` for every ``tracks.csv``.
+:func:`seen_test_tracks` counts them. Light on purpose (json at import, numpy where a split is drawn):
+the track index reads :func:`corpus_identity` for every ``tracks.csv``, and the search's settings import
+:data:`VERSION_1_DEFAULT_CORPUS`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 __all__ = [
     "SPLITS",
     "SPLIT_BLOCK",
     "SPLIT_BLOCK_COUNTS",
     "SPLIT_FRACTIONS",
+    "VERSION_1_DEFAULT_CORPUS",
+    "describe_corpus",
     "corpus_identity",
     "seen_test_tracks",
     "split_assignment",
@@ -37,6 +38,9 @@ SPLITS = ("train", "valid", "test")
 SPLIT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.2}
 SPLIT_BLOCK = 10  # track numbers per block; each block holds the fractions exactly
 SPLIT_BLOCK_COUNTS = {name: round(fraction * SPLIT_BLOCK) for name, fraction in SPLIT_FRACTIONS.items()}
+# What a run or search on `corpus` trained on before it recorded its corpus (2026-12-05): generator
+# version 1's default corpus, 600 songs of 30 s from seed 0 (every version before 2 was version 1).
+VERSION_1_DEFAULT_CORPUS = {"generator_version": 1, "seed": 0, "tracks": 600, "seconds": 30.0}
 _SPLIT_STREAM = 0x53504C4954  # "SPLIT": keeps the split's random stream apart from the tracks'
 _TRACK_PREFIX = "track"
 
@@ -50,6 +54,8 @@ def split_assignment(tracks: int, seed: int) -> list[str]:
     backbone trained on one never saw a test track of the other. Every block that is whole holds the
     exact fractions; a last partial block holds the first places of its shuffle.
     """
+    import numpy as np
+
     places = [name for name in SPLITS for _ in range(SPLIT_BLOCK_COUNTS[name])]
     splits: list[str] = []
     for block in range(-(-tracks // SPLIT_BLOCK)):
@@ -61,6 +67,8 @@ def split_assignment(tracks: int, seed: int) -> list[str]:
 def split_assignment_version_1(tracks: int, seed: int) -> list[str]:
     """Generator version 1's splits: one seeded shuffle of all ``tracks`` numbers cut 70/10/20 (rounded
     counts), so that a track's split depended on the corpus size. Kept to check old checkpoints."""
+    import numpy as np
+
     counts = {name: int(math.floor(tracks * SPLIT_FRACTIONS[name] + 0.5)) for name in ("train", "valid")}
     counts["test"] = tracks - counts["train"] - counts["valid"]
     order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(tracks)
@@ -97,6 +105,12 @@ def corpus_identity(folder: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return identity
+
+
+def describe_corpus(identity: Mapping[str, Any]) -> str:
+    """``generator version 2, seed 0, 600 tracks of 30 s``."""
+    return (f"generator version {identity['generator_version']}, seed {identity['seed']}, {identity['tracks']} tracks "
+            f"of {float(identity['seconds']):g} s")
 
 
 def seen_test_tracks(trained_on: Mapping[str, Any], evaluated_on: Mapping[str, Any], test_ids: Iterable[str]) -> list[str]:
