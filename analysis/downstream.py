@@ -349,29 +349,46 @@ def training_corpus(spec: "MethodSpec") -> dict | None:
     """The generated corpus checkpoint ``spec`` was trained on (as :func:`musicssl.corpus.splits.corpus_identity`
     gives it), from its run configuration; None for a baseline, a checkpoint without a configuration, or
     one trained on other data."""
-    if spec.config_path is None:
-        return None
-    try:
-        document = json.loads(Path(spec.config_path).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(document, dict):
+    config_path = spec.config_path
+    if config_path is None and spec.path is not None:  # a bare .pt whose preset --preset gave: its run's config
+        config_path = next((spec.path.parent / config for weights, config in RUN_FOLDER_FILES
+                            if spec.path.name == weights), spec.path.parent / "config.json")
+    document = _read_json_object(Path(config_path)) if config_path is not None else None
+    if document is None:
         return None
     if "training_corpus" in document:
         recorded = document["training_corpus"]
         return recorded if isinstance(recorded, dict) else None
-    # Written before the record: the data it names, as it was given.
+    # Written before the record (2026-12-05), so on a corpus of version 1: the data it names, as it was
+    # given; a search's trials name no --root, which its search.json holds.
     data, root = _find_key(document, "data"), _find_key(document, "data_root")
+    search = _read_json_object(Path(config_path).parent / "search.json") if Path(config_path).name == "best_config.json" else None
+    if search is not None:
+        data, root = search.get("data", data), search.get("root")
     if not isinstance(data, str) or not data.strip():
         return None
     from musicssl.data.loaders import dataset_name
 
+    if data.strip().lower() == "corpus" and not root:
+        return dict(VERSION_1_DEFAULT_CORPUS)
     if data.strip().lower() == "corpus":
-        return corpus_identity(Path(str(root)).expanduser()) if root else dict(VERSION_1_DEFAULT_CORPUS)
-    if dataset_name(data) is not None:  # mtat, jamendo-*, msd: their own splits
+        folder = Path(str(root)).expanduser()
+    elif dataset_name(data) is not None:  # mtat, jamendo-*, msd: their own splits
         return None
-    path = Path(data).expanduser()
-    return corpus_identity(path if path.is_dir() else path.parent)
+    else:
+        folder = Path(data).expanduser()
+        folder = folder if folder.is_dir() else folder.parent
+    identity = corpus_identity(folder)
+    # A folder that holds another version's corpus by now was rebuilt since: what it held is not known.
+    return identity if identity is not None and identity["generator_version"] == 1 else None
+
+
+def _read_json_object(path: Path) -> dict | None:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _read_run_config(path: Path) -> dict:

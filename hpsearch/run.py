@@ -104,29 +104,38 @@ def check_space(settings: SearchSettings) -> int:
     return int(config.batch_size)
 
 
-def _corpus_started_on(settings: SearchSettings) -> str | None:
-    """For a search on ``corpus`` started on the corpus of an earlier generator version (other splits): the
-    ``tracks.csv`` of that corpus, where that version built it, so that the search continues on it; None for
-    any other search. Raises :class:`SearchError` when that corpus is gone."""
+def _corpus_started_on(settings: SearchSettings):
+    """For a search on ``corpus`` started on the corpus of an earlier generator version (other splits): that
+    corpus's :class:`TrackIndex`, read where that version built it (or from ``--root``) as the search first
+    read it, so that the search continues on it (and on its mel cache); None for any other search. Raises
+    :class:`SearchError` when that corpus is gone."""
     from musicssl.corpus.build import GENERATOR_VERSION, default_corpus_dir
     from musicssl.corpus.splits import corpus_identity, describe_corpus
+    from musicssl.data.index import TrackIndex
     from musicssl.data.loaders import dataset_name
 
     started_on = settings.corpus
-    if (started_on is None or dataset_name(settings.data) != "corpus" or settings.root is not None
+    if (started_on is None or dataset_name(settings.data) != "corpus"
             or started_on.get("generator_version") == GENERATOR_VERSION):
         return None
-    folder = default_corpus_dir(int(started_on["tracks"]), float(started_on["seconds"]), int(started_on["seed"]),
-                                version=int(started_on["generator_version"]))
-    if corpus_identity(folder) != started_on or not (folder / "tracks.csv").is_file():
+    if settings.root is not None:
+        folder = Path(settings.root).expanduser()
+    elif started_on.get("tracks") is not None:
+        folder = default_corpus_dir(int(started_on["tracks"]), float(started_on["seconds"]), int(started_on["seed"]),
+                                    version=int(started_on["generator_version"]))
+    else:
+        folder = None
+    found = corpus_identity(folder) if folder is not None else None
+    if found != started_on or not (folder / "tracks.csv").is_file():
+        now = f"it holds one of {describe_corpus(found)}" if found else "it holds none"
         raise SearchError(
-            f"the search was started on the corpus of {describe_corpus(started_on)}, which is no longer in {folder}; "
-            f"this version builds generator version {GENERATOR_VERSION}, whose splits differ, and the trials so far "
-            "trained and were scored on the old ones: start a new search with another --name"
+            f"the search was started on the corpus of {describe_corpus(started_on)}, which is no longer in {folder} "
+            f"({now}); this version builds generator version {GENERATOR_VERSION}, whose splits differ, and the "
+            "trials so far trained and were scored on the old ones: start a new search with another --name"
         )
     print(f"note: the search continues on the corpus it was started on ({describe_corpus(started_on)}, {folder}); "
           f"new searches use generator version {GENERATOR_VERSION}", file=sys.stderr, flush=True)
-    return str(folder / "tracks.csv")
+    return TrackIndex.from_csv(folder / "tracks.csv", name="corpus")  # named as `corpus` was: its mel cache
 
 
 def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batch_size: int | None = None):
@@ -142,8 +151,9 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
 
     if settings.preset not in PRESETS:
         raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
-    spec = _corpus_started_on(settings) or settings.data
-    if dataset_name(spec) is None and not Path(spec).expanduser().exists():
+    spec = settings.data
+    started_on = _corpus_started_on(settings)
+    if started_on is None and dataset_name(spec) is None and not Path(spec).expanduser().exists():
         raise SearchError(
             f"--data {spec!r}: no such file or folder, and not a dataset name "
             f"({', '.join(sorted(DATASET_NAMES))}, jamendo-*-splitK, jamendo-*-low); give a tracks.csv, a folder of "
@@ -173,8 +183,11 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
             raise unscorable(f"{len(index.split('valid'))} listed", len(index.tag_names), problem)
 
     try:
-        data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir,
-                            check_index=check_index)
+        if started_on is not None:
+            data = prepare_data(started_on, front_end, verbose=verbose, check_index=check_index)
+        else:
+            data = prepare_data(spec, front_end, verbose=verbose, root=settings.root, audio_dir=settings.audio_dir,
+                                check_index=check_index)
     except SearchError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:

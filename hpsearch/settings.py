@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS
+from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity
 
 __all__ = [
     "COLLAPSE_TYPES",
@@ -103,6 +103,18 @@ def write_whole(target: Path, text: str) -> None:
     """Write ``text`` to ``target`` whole or not at all (:func:`whole`)."""
     with whole(target) as partial:
         partial.write_text(text)
+
+
+def _version_1_corpus_of(root: str | None) -> dict[str, Any]:
+    """The corpus a search on `corpus` started before 2026-12-05 trained on: version 1's default one, or
+    the one in ``root`` (``--root``) while that folder still holds a version-1 corpus; where it holds
+    another by now, only its version is known."""
+    if root is None:
+        return dict(VERSION_1_DEFAULT_CORPUS)
+    identity = corpus_identity(Path(root).expanduser())
+    if identity is not None and identity["generator_version"] == 1:
+        return identity
+    return {"generator_version": 1, "seed": None, "tracks": None, "seconds": None}
 
 
 @dataclass(frozen=True)
@@ -313,10 +325,9 @@ class SearchSettings:
             values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
             # Written before the verdict of 2026-12-02: the resumed search keeps judging by the old one.
             values.setdefault("collapse_types_version", 1)
-            # Written before the record (2026-12-05): a search on `corpus` trained on version 1's default one.
-            if (str(values.get("data", "")).strip().lower() == "corpus" and values.get("root") is None
-                    and "corpus" not in values):
-                values["corpus"] = dict(VERSION_1_DEFAULT_CORPUS)
+            # Written before the record (2026-12-05): a search on `corpus` trained on a corpus of version 1.
+            if str(values.get("data", "")).strip().lower() == "corpus" and "corpus" not in values:
+                values["corpus"] = _version_1_corpus_of(values.get("root"))
             return cls(**{k: v for k, v in values.items() if k in known})
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             raise SettingsError(

@@ -226,6 +226,32 @@ def test_the_test_tracks_a_corpus_of_another_size_or_version_trained_on_are_foun
     assert seen_test_tracks(identity(1, 10), identity(2, 600), ["track00500", "clip01", "track"]) == []
 
 
+def test_a_tracks_csv_edited_by_hand_is_not_taken_for_the_generated_corpus(tmp_path):
+    """The corpus identity (which analysis.downstream uses to find test tracks a checkpoint trained on) is
+    attached only while every listed track is in the split the generator gave it: a tracks.csv whose splits
+    were edited would have its checkpoints judged by splits they did not train on."""
+    from musicssl.corpus.splits import split_assignment
+    from musicssl.data.index import TrackIndex
+
+    splits = split_assignment(30, 2)
+    frame = pd.DataFrame({"track_id": [f"track{n:05d}" for n in range(30)], "path": [f"audio/track{n:05d}.flac" for n in range(30)],
+                          "split": splits, "tags": ["a"] * 30})
+    (tmp_path / "corpus.json").write_text(json.dumps({"generator_version": 2, "config": {"tracks": 30, "seconds": 30.0, "seed": 2}}))
+    frame.to_csv(tmp_path / "tracks.csv", index=False)
+    identity = {"generator_version": 2, "seed": 2, "tracks": 30, "seconds": 30.0}
+    assert TrackIndex.from_csv(tmp_path / "tracks.csv").extra["generated_corpus"] == identity
+    frame.iloc[::3].to_csv(tmp_path / "tracks.csv", index=False)  # fewer tracks, each in its split: still the corpus
+    assert TrackIndex.from_csv(tmp_path / "tracks.csv").extra["generated_corpus"] == identity
+    edited = frame.assign(split=["train" if split == "test" else split for split in splits])  # test moved to train
+    edited.to_csv(tmp_path / "tracks.csv", index=False)
+    assert "generated_corpus" not in TrackIndex.from_csv(tmp_path / "tracks.csv").extra
+    frame.assign(track_id=[f"song{n}" for n in range(30)]).to_csv(tmp_path / "tracks.csv", index=False)  # renamed
+    assert "generated_corpus" not in TrackIndex.from_csv(tmp_path / "tracks.csv").extra
+    (tmp_path / "corpus.json").write_text(json.dumps({"generator_version": 2, "config": {"tracks": 20, "seconds": 30.0, "seed": 2}}))
+    frame.to_csv(tmp_path / "tracks.csv", index=False)  # numbers past the recorded size
+    assert "generated_corpus" not in TrackIndex.from_csv(tmp_path / "tracks.csv").extra
+
+
 def _load_all(folder: Path) -> tuple[pd.DataFrame, list[np.ndarray], list[bytes]]:
     frame = read_tracks(folder)
     audio = [soundfile.read(str(folder / path), dtype="int16")[0] for path in frame["path"]]

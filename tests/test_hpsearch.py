@@ -1868,19 +1868,26 @@ def test_a_search_continues_on_the_corpus_it_was_started_on(tmp_path, tonal_data
     old = SearchSettings.load(tmp_path / "old")
     assert old.corpus == version_1
     with pytest.raises(SearchError, match=r"the search was started on the corpus of generator version 1, seed 0, 600 "
-                                          r"tracks of 30 s, which is no longer in \S+/cache/corpus-600x30s-seed0; this "
+                                          r"tracks of 30 s, which is no longer in \S+/cache/corpus-600x30s-seed0 \(it holds none\); this "
                                           r"version builds generator version 2, whose splits differ"):
         prepare_search_data(old, verbose=False)
     assert not (tmp_path / "cache" / "corpus-600x30s-seed0-v2").exists()  # nothing built meanwhile
 
-    # Where version 1 kept it (a stand-in: the tonal tracks under that corpus's name and record).
+    # Where version 1 kept it (a stand-in: the tonal tracks under that corpus's name, ids, splits and record).
+    from musicssl.corpus.splits import split_assignment_version_1
+
     folder = tmp_path / "cache" / "corpus-600x30s-seed0"
-    TrackIndex.from_csv(tonal_dataset / "tracks.csv").to_csv(folder / "tracks.csv")
+    stand_in = TrackIndex.from_csv(tonal_dataset / "tracks.csv")
+    stand_in.tracks["track_id"] = [f"track{n:05d}" for n in range(len(stand_in))]
+    stand_in.tracks["split"] = split_assignment_version_1(600, 0)[: len(stand_in)]
+    stand_in.to_csv(folder / "tracks.csv")
     (folder / "corpus.json").write_text(json.dumps({"generator_version": 1, "config": {"tracks": 600, "seconds": 30.0, "seed": 0}}))
     capsys.readouterr()
     data = prepare_search_data(old, verbose=False)
     assert data.index.extra["generated_corpus"] == version_1
     assert data.index.paths == TrackIndex.from_csv(tonal_dataset / "tracks.csv").paths
+    # Read as `corpus` was (its name), so the search goes on with the mel cache it built (not a second one).
+    assert data.index.name == "corpus" and Path(data.cache.path).parent.name.startswith("corpus-")
     assert (f"note: the search continues on the corpus it was started on (generator version 1, seed 0, 600 tracks of "
             f"30 s, {folder}); new searches use generator version 2") in capsys.readouterr().err
 
@@ -1889,8 +1896,21 @@ def test_a_search_continues_on_the_corpus_it_was_started_on(tmp_path, tonal_data
     with pytest.raises(SearchError, match=r"started on a generated corpus of generator version 1, seed 0, 600 tracks "
                                           r"of 30 s, and this data is not a generated corpus: its trials so far"):
         prepare_search_data(elsewhere, verbose=False)
+    # --data corpus --root FOLDER: the corpus in that folder, while it is version 1's; once rebuilt with
+    # another version, only "version 1" is known of what the search trained on, and it is refused.
+    stored["root"] = str(folder)
+    stored["data"] = "corpus"
+    (tmp_path / "old" / "search.json").write_text(json.dumps({k: v for k, v in stored.items() if k != "corpus"}))
+    rooted = SearchSettings.load(tmp_path / "old")
+    assert rooted.corpus == version_1
+    assert prepare_search_data(rooted, verbose=False).index.extra["generated_corpus"] == version_1
+    (folder / "corpus.json").write_text(json.dumps({"generator_version": 2, "config": {"tracks": 600, "seconds": 30.0, "seed": 0}}))
+    rebuilt = SearchSettings.load(tmp_path / "old")
+    assert rebuilt.corpus == {"generator_version": 1, "seed": None, "tracks": None, "seconds": None}
+    with pytest.raises(SearchError, match=r"started on the corpus of generator version 1, which is no longer in \S+ "
+                                          r"\(it holds one of generator version 2, seed 0, 600 tracks of 30 s\)"):
+        prepare_search_data(rebuilt, verbose=False)
     # A search on other data records none, and one stored with a path keeps none.
-    assert SearchSettings.load(tmp_path / "old").corpus == version_1
     other = SearchSettings(method="vicreg", data=str(tonal_dataset / "tracks.csv"), batch_size=8)
     other.save(tmp_path / "other")
     stored = json.loads((tmp_path / "other" / "search.json").read_text())

@@ -26,6 +26,7 @@ __all__ = [
     "SPLIT_FRACTIONS",
     "VERSION_1_DEFAULT_CORPUS",
     "describe_corpus",
+    "listed_as_generated",
     "corpus_identity",
     "seen_test_tracks",
     "split_assignment",
@@ -108,9 +109,22 @@ def corpus_identity(folder: str | Path) -> dict[str, Any] | None:
 
 
 def describe_corpus(identity: Mapping[str, Any]) -> str:
-    """``generator version 2, seed 0, 600 tracks of 30 s``."""
+    """``generator version 2, seed 0, 600 tracks of 30 s`` (``generator version 1`` where only that is known)."""
+    if identity.get("tracks") is None:
+        return f"generator version {identity['generator_version']}"
     return (f"generator version {identity['generator_version']}, seed {identity['seed']}, {identity['tracks']} tracks "
             f"of {float(identity['seconds']):g} s")
+
+
+def listed_as_generated(identity: Mapping[str, Any], track_ids: Iterable[str], splits: Iterable[str]) -> bool:
+    """Whether these tracks are the corpus's own, each in the split the generator gave it (a ``tracks.csv``
+    that lists fewer of them still is); False once any was renamed or moved to another split by hand."""
+    generated = splits_of(identity)
+    for track_id, split in zip(track_ids, splits):
+        number = track_number(str(track_id))
+        if number is None or number >= len(generated) or generated[number] != split:
+            return False
+    return True
 
 
 def seen_test_tracks(trained_on: Mapping[str, Any], evaluated_on: Mapping[str, Any], test_ids: Iterable[str]) -> list[str]:

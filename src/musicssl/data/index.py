@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from musicssl.corpus.splits import corpus_identity
+from musicssl.corpus.splits import corpus_identity, listed_as_generated
 
 __all__ = [
     "TrackIndex", "TrackIndexError", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR", "tag_group",
@@ -201,7 +201,9 @@ class TrackIndex:
         frame["split"] = [SPLIT_ALIASES.get(str(split).strip().lower(), split) for split in frame["split"]]
         tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
         index = cls(frame, tag_names, name=name or path.parent.name)
-        identity = corpus_identity(path.parent)  # a generated corpus: what decides its songs and splits
-        if identity is not None:
+        # A generated corpus (what decides its songs and splits), unless its tracks.csv was edited: a track
+        # renamed or moved to another split is no longer in the split the generator's rule says.
+        identity = corpus_identity(path.parent)
+        if identity is not None and listed_as_generated(identity, index.track_ids, index.tracks["split"]):
             index.extra[GENERATED_CORPUS_KEY] = identity
         return index
