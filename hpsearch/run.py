@@ -1556,7 +1556,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
             raise SearchError(f"--resume: no search of {args.method} named by default ({args.method}-<time>) in "
                               f"{storage_dir}; give a search's --name, or start one without --resume")
     if name and (Path(storage_dir).expanduser() / name / SEARCH_FILE).is_file():
-        stored = SearchSettings.load(Path(storage_dir).expanduser() / name)
+        stored = SearchSettings.load(Path(storage_dir).expanduser() / name, root=given.get("root"))
         if stored.method != args.method:
             raise SearchError(f"{storage_dir}/{name} is a search of {stored.method}, not {args.method}")
         stored = _with_data_found(stored, given.get("data"), f"{storage_dir}/{name}")

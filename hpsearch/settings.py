@@ -105,15 +105,19 @@ def write_whole(target: Path, text: str) -> None:
         partial.write_text(text)
 
 
-def _version_1_corpus_of(root: str | None) -> dict[str, Any]:
+def _version_1_corpus_of(root: str | None) -> dict[str, Any] | None:
     """The corpus a search on `corpus` started before 2026-12-05 trained on: version 1's default one, or
     the one in ``root`` (``--root``) while that folder still holds a version-1 corpus; where it holds
-    another by now, only its version is known."""
+    another by now, or nothing, only its version is known. None for a corpus written by hand (a
+    ``tracks.csv`` without ``corpus.json``), which no version built."""
     if root is None:
         return dict(VERSION_1_DEFAULT_CORPUS)
-    identity = corpus_identity(Path(root).expanduser())
+    folder = Path(root).expanduser()
+    identity = corpus_identity(folder)
     if identity is not None and identity["generator_version"] == 1:
         return identity
+    if identity is None and (folder / "tracks.csv").is_file():  # a corpus written by hand: no version to keep
+        return None
     return {"generator_version": 1, "seed": None, "tracks": None, "seconds": None}
 
 
@@ -315,7 +319,9 @@ class SearchSettings:
         write_whole(Path(folder) / SEARCH_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> SearchSettings:
+    def load(cls, folder: Path, root: str | None = None) -> SearchSettings:
+        """The settings in ``folder/search.json``; ``root``: the ``--root`` a resume gives in place of the
+        stored one (where a search from before the corpus record looks for the corpus it trained on)."""
         path = Path(folder) / SEARCH_FILE
         try:
             values = json.loads(path.read_text())
@@ -327,7 +333,7 @@ class SearchSettings:
             values.setdefault("collapse_types_version", 1)
             # Written before the record (2026-12-05): a search on `corpus` trained on a corpus of version 1.
             if str(values.get("data", "")).strip().lower() == "corpus" and "corpus" not in values:
-                values["corpus"] = _version_1_corpus_of(values.get("root"))
+                values["corpus"] = _version_1_corpus_of(root if root is not None else values.get("root"))
             return cls(**{k: v for k, v in values.items() if k in known})
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             raise SettingsError(

@@ -1910,6 +1910,19 @@ def test_a_search_continues_on_the_corpus_it_was_started_on(tmp_path, tonal_data
     with pytest.raises(SearchError, match=r"started on the corpus of generator version 1, which is no longer in \S+ "
                                           r"\(it holds one of generator version 2, seed 0, 600 tracks of 30 s\)"):
         prepare_search_data(rebuilt, verbose=False)
+    # --root may change on a resume (the corpus moved): the corpus is looked for where the resume says.
+    moved = tmp_path / "moved"
+    stand_in.to_csv(moved / "tracks.csv")
+    (moved / "corpus.json").write_text(json.dumps({"generator_version": 1, "config": {"tracks": 600, "seconds": 30.0, "seed": 0}}))
+    from hpsearch.run import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["vicreg", "--storage-dir", str(tmp_path), "--name", "old", "--resume", "--root", str(moved)])
+    resumed, is_resume = settings_from_args(args)
+    assert is_resume and resumed.root == str(moved) and resumed.corpus == version_1
+    assert prepare_search_data(resumed, verbose=False).index.extra["generated_corpus"] == version_1
+    # A --root corpus written by hand (no corpus.json) was never a version's: resumed as it was.
+    (moved / "corpus.json").unlink()
+    assert SearchSettings.load(tmp_path / "old", root=str(moved)).corpus is None
     # A search on other data records none, and one stored with a path keeps none.
     other = SearchSettings(method="vicreg", data=str(tonal_dataset / "tracks.csv"), batch_size=8)
     other.save(tmp_path / "other")
