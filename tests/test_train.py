@@ -108,15 +108,31 @@ def test_a_run_on_a_generated_corpus_records_which_one(tmp_path, tonal_dataset):
     from musicssl.data.index import TrackIndex
     from musicssl.data.pipeline import prepare_data
 
+    from musicssl.corpus.splits import split_assignment
+
+    # The tonal tracks listed as a generated corpus lists them: its ids, each in the split the generator gives
+    # that number (a track's split is a function of (seed, number); see musicssl.corpus.splits).
     folder = tmp_path / "corpus"
-    TrackIndex.from_csv(tonal_dataset / "tracks.csv").to_csv(folder / "tracks.csv")
+    tonal = TrackIndex.from_csv(tonal_dataset / "tracks.csv")
+    tracks = tonal.tracks.copy()
+    tracks["track_id"] = [f"track{number:05d}" for number in range(len(tracks))]
+    tracks["split"] = split_assignment(48, 7)[: len(tracks)]
+    TrackIndex(tracks, tonal.tag_names).to_csv(folder / "tracks.csv")
     (folder / "corpus.json").write_text(json.dumps({"generator_version": 2, "config": {"tracks": 48, "seconds": 14.0, "seed": 7}}))
-    data = prepare_data(folder / "tracks.csv", LogMelConfig(n_mels=64), cache_dir=tmp_path / "mels", workers=0, verbose=False)
-    config = TrainConfig(method="vicreg", preset="cpu", max_epochs=1, steps_per_epoch=1, batch_size=8, num_threads=1,
-                         final_probe=False, out_dir=str(tmp_path / "run"))
-    train(config, data=data, progress_bar=False)
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["training_corpus"]
-    assert recorded == {"generator_version": 2, "seed": 7, "tracks": 48, "seconds": 14.0}
+
+    def recorded_corpus(name: str) -> dict | None:
+        data = prepare_data(folder / "tracks.csv", LogMelConfig(n_mels=64), cache_dir=tmp_path / "mels", workers=0, verbose=False)
+        config = TrainConfig(method="vicreg", preset="cpu", max_epochs=1, steps_per_epoch=1, batch_size=8, num_threads=1,
+                             final_probe=False, out_dir=str(tmp_path / name))
+        train(config, data=data, progress_bar=False)
+        return json.loads((tmp_path / name / "config.json").read_text())["training_corpus"]
+
+    assert recorded_corpus("run") == {"generator_version": 2, "seed": 7, "tracks": 48, "seconds": 14.0}
+    # A test track moved to train by hand: no longer the generated corpus's splits, so no record is claimed.
+    first_test = tracks.index[tracks["split"] == "test"][0]
+    tracks.loc[first_test, "split"] = "train"
+    TrackIndex(tracks, tonal.tag_names).to_csv(folder / "tracks.csv")
+    assert recorded_corpus("edited") is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
