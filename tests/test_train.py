@@ -106,12 +106,11 @@ def test_a_run_on_a_generated_corpus_records_which_one(tmp_path, tonal_dataset):
     evaluation on another corpus of the seed can find the test tracks it trained on (analysis.downstream)."""
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import TrackIndex
+    from musicssl.corpus.splits import split_assignment
     from musicssl.data.pipeline import prepare_data
 
-    from musicssl.corpus.splits import split_assignment
-
-    # The tonal tracks listed as a generated corpus lists them: its ids, each in the split the generator gives
-    # that number (a track's split is a function of (seed, number); see musicssl.corpus.splits).
+    # The tonal tracks listed the way the generator lists its corpus: its ids, each in the split the generator
+    # gives that number (a track's split is a function of (seed, number); see musicssl.corpus.splits).
     folder = tmp_path / "corpus"
     tonal = TrackIndex.from_csv(tonal_dataset / "tracks.csv")
     tracks = tonal.tracks.copy()
