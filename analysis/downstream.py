@@ -59,7 +59,7 @@ Protocol (the study's, as its paper and public code describe it; choices of ours
   one track. The valid and test sets are always complete. The headline table is the 100 % fit of
   draw 0; the other draws of 100 % differ only by the classifier's seed.
 
-Held out*. A checkpoint trained on a generated corpus records which one (generator version, seed,
+Held out. A checkpoint trained on a generated corpus records which one (generator version, seed,
 tracks: ``training_corpus`` in its configuration; one written before that record and trained on
 ``corpus`` was trained on version 1's default corpus). Evaluated on a generated corpus of the same
 seed, the test tracks that were its training tracks are counted (:func:`seen_test_tracks`): a
@@ -1366,10 +1366,11 @@ def run_downstream(
     embedding_root = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
 
     # Test tracks a checkpoint trained on: a generated corpus of another generator version or size.
+    corpus_of = {spec.label: training_corpus(spec) for spec in methods}
     trained_on_test: dict[str, int] = {}
     evaluated_on = index.extra.get(GENERATED_CORPUS_KEY)
     for spec in methods:
-        trained_on = training_corpus(spec)
+        trained_on = corpus_of[spec.label]
         if evaluated_on is None or trained_on is None:
             continue
         seen = seen_test_tracks(trained_on, evaluated_on, [usable[p] for p in test_pos])
@@ -1465,7 +1466,7 @@ def run_downstream(
                 "tracks_per_second": (len(usable) / embeddings.seconds) if embeddings.seconds else None,
                 "embedding_dim": embeddings.dim, "training_segments": int(embeddings.segment_counts.sum()),
                 "fit_seconds": fit_seconds, "probes_from_cache": probes_cached,
-                "training_corpus": training_corpus(spec), "test_tracks_trained_on": trained_on_test.get(spec.label),
+                "training_corpus": corpus_of[spec.label], "test_tracks_trained_on": trained_on_test.get(spec.label),
                 "seconds": time.perf_counter() - method_started,
             })
     except BaseException:
