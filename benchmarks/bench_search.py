@@ -11,6 +11,9 @@
     Replay other grace/patience settings of the stopping rule on the run without stopping (from
     its logged collapse metrics): what each would save and whether it would stop a best-5 trial.
     ``--seed-runs CSV ...`` (files written by ``noise --csv``): also judged by the trials' mean over seeds.
+    The rules judge by the search's own collapse thresholds (its search.json); ``--threshold NAME=VALUE``
+    (repeatable, as ``hpsearch.run`` takes it) replays them with another line, e.g.
+    ``--threshold complete_min_mean_cosine=0.985``.
     ``--max-epochs N`` (savings, replay, noise): trials of N epochs instead of the search's default; the
     runs are named ``METHOD-TRIALS-Nep-stop`` / ``-nostop``.
     ``--search-flags="..." --tag TAG`` (savings): more ``hpsearch.run`` flags for both searches (preset,
@@ -317,9 +320,12 @@ def replay_rules(args) -> None:
     objective of the trials each rule stops against those it lets run."""
     from hpsearch.settings import COLLAPSE_TYPES_VERSION, DEFAULT_STOP_ON
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
+    from musicssl.collapse import CollapseThresholds
 
     folder = one_search_folder(args)
     trials, _, settings = read_run(folder)
+    own = settings.get("thresholds") or {}
+    thresholds = CollapseThresholds(**{**own, **args.threshold})
     records = epoch_records(folder)
     # A search still running (or killed) has trials with epoch reports that have not finished: a row
     # without epochs_run in trials.csv ("running"), or none yet.
@@ -347,6 +353,13 @@ def replay_rules(args) -> None:
             print(f"rank correlation of the search's values with the mean over the other seeds "
                   f"({', '.join(map(str, others))}): {rank_correlation(searched, table[others].mean(axis=1)):.2f}")
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
+    if own or args.threshold:
+        from hpsearch.run import threshold_parts
+
+        given = {**own, **args.threshold}
+        sources = ["--threshold" if name in args.threshold else "the search's" for name in given]
+        print("  collapse thresholds: " + ", ".join(f"{part} ({source})" for part, source in
+                                                    zip(threshold_parts(given), sources)) + "; the others default")
     print("  stop on                              grace patience  saved   stopped  best-5 stopped"
           + ("  by the mean  mean: stopped / run" if means is not None else ""))
     # The default; the default with the earlier verdicts (version 2, until 2026-12-04: the projection's
@@ -357,8 +370,8 @@ def replay_rules(args) -> None:
     for stop_on, version in rules:
         label = ",".join(stop_on) + (f" (verdict v{version})" if version != COLLAPSE_TYPES_VERSION else "")
         for grace, patience in ((0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)):
-            rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, stop_on=stop_on,
-                                    collapse_types_version=version)
+            rule = CollapseStopRule(grace_epochs=grace, patience_epochs=patience, thresholds=thresholds,
+                                    stop_on=stop_on, collapse_types_version=version)
             run = requested = 0.0
             stopped = []
             for number, monitor in replay(records, rule).items():
@@ -552,6 +565,30 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def parsed_thresholds(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
+    """``--threshold NAME=VALUE`` pairs as hpsearch.run reads them, each name and value checked (exit 2
+    with the problem named)."""
+    import dataclasses
+
+    from hpsearch.run import threshold_values
+    from hpsearch.settings import SettingsError
+    from musicssl.collapse import CollapseThresholds
+
+    try:
+        values = threshold_values(pairs)
+    except SettingsError as error:
+        parser.error(str(error))
+    known = {field.name for field in dataclasses.fields(CollapseThresholds)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--threshold: unknown collapse threshold(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        CollapseThresholds(**values)
+    except ValueError as error:
+        parser.error(f"--threshold: {error}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=["timing", "savings", "replay", "noise", "overhead", "report"])
@@ -578,7 +615,17 @@ def main() -> None:
     parser.add_argument("--csv", default=None, help="for noise: also write its runs (trial, seed, objective, ...) here")
     parser.add_argument("--seed-runs", nargs="+", default=None, metavar="CSV",
                         help="for replay: noise --csv files; judge the rules by the trials' mean over seeds too")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help="for replay: a collapse threshold (musicssl.collapse.CollapseThresholds) for the replayed "
+                        "rules in place of the search's own, e.g. complete_min_mean_cosine=0.985; repeatable")
     args = parser.parse_args()
+    if args.threshold:
+        if args.benchmark != "replay":
+            parser.error("--threshold is for replay (a search's thresholds are hpsearch.run flags: for savings, "
+                         "pass them in --search-flags)")
+        args.threshold = parsed_thresholds(args.threshold, parser)
+    else:
+        args.threshold = {}
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         parser.error(f"--tag: letters, digits, '_', '.' and '-' only (it is part of a folder name), got {args.tag!r}")
     if args.search_flags:

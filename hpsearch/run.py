@@ -1432,11 +1432,11 @@ def _flag_text(key: str, value: Any) -> str:
     if key in _OFF_FLAGS:
         return _OFF_FLAGS[key]
     if key == "thresholds":
-        return " ".join(f"--threshold {part}" for part in _threshold_parts(value)) or "no --threshold"
+        return " ".join(f"--threshold {part}" for part in threshold_parts(value)) or "no --threshold"
     return f"--{key.replace('_', '-')} {_value_text(value)}"
 
 
-def _threshold_parts(thresholds: dict[str, Any]) -> list[str]:
+def threshold_parts(thresholds: dict[str, Any]) -> list[str]:
     """``NAME=VALUE`` for each threshold, as --threshold takes them."""
     return [f"{name}={number:g}" if isinstance(number, float) else f"{name}={number}"
             for name, number in thresholds.items()]
@@ -1445,7 +1445,7 @@ def _threshold_parts(thresholds: dict[str, Any]) -> list[str]:
 def _stored_text(key: str, value: Any) -> str:
     """How a conflict message shows the stored value of setting ``key``."""
     if key == "thresholds":
-        return ", ".join(_threshold_parts(value)) or "none"
+        return ", ".join(threshold_parts(value)) or "none"
     return ("on" if value else "off") if key in _OFF_FLAGS else _value_text(value)
 
 
@@ -1454,7 +1454,9 @@ def _collapse_types(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
+def threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--threshold NAME=VALUE`` pairs as a dict (names are checked against CollapseThresholds later);
+    SettingsError names a malformed pair."""
     values: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
@@ -1536,7 +1538,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         if field.name not in ("method", "thresholds", "points_to_evaluate") and getattr(args, field.name, None) is not None
     }
     if args.threshold:
-        given["thresholds"] = _threshold_values(args.threshold)
+        given["thresholds"] = threshold_values(args.threshold)
     for key in ("data", "root", "audio_dir"):
         if key in given:
             given[key] = _data_location(given[key])

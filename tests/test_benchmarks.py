@@ -161,7 +161,8 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
 
 
 def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float], progress: dict[int, list[dict]],
-                   collapse_stop: bool, xs: list[float] | None = None, sampler: str = "tpe") -> None:
+                   collapse_stop: bool, xs: list[float] | None = None, sampler: str = "tpe",
+                   thresholds: dict | None = None) -> None:
     """A finished search's folder as hpsearch leaves it: search.json, trials.csv, summary.json, and per
     trial a folder with params.json and Ray's result.json (its epoch reports, one JSON line each)."""
     import json
@@ -172,7 +173,7 @@ def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float
     from hpsearch.settings import SearchSettings
 
     settings = SearchSettings(method="vicreg", trials=len(epochs_run), max_epochs=4, collapse_stop=collapse_stop,
-                              sampler=sampler)
+                              sampler=sampler, thresholds=thresholds or {})
     folder.mkdir(parents=True)
     settings.save(folder)
     stopped = [epochs < 4 for epochs in epochs_run]
@@ -231,6 +232,65 @@ def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_
         [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "savings", "--method", "vicreg", "--trials", "6",
          "--max-epochs", "4", "--storage-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert "warning: a random pair should draw the same settings in every trial" in completed.stdout
+
+
+def _replayed_rows(out: str) -> dict[tuple[str, int, int], tuple[float, int, int]]:
+    """``replay``'s table: (stop on, grace, patience) -> (% saved, trials stopped, best 5 stopped)."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.rsplit(maxsplit=5)
+        if len(parts) == 6 and parts[3].endswith("%"):
+            label, grace, patience, saved, stopped, best = parts
+            rows[label.strip(), int(grace), int(patience)] = (float(saved[:-1]), int(stopped), int(best))
+    return rows
+
+
+def test_bench_search_replay_judges_by_the_searchs_thresholds_or_those_given(tmp_path):
+    """``replay --threshold NAME=VALUE`` replays the rules with that collapse line in place of the
+    search's own (its search.json, else the defaults). Trial #1, the second best, has embeddings whose
+    mean cosine stays at 0.983 (every other metric healthy): above the default 0.98 line of complete
+    collapse, so the default rule (grace 1, patience 2) stops it at epoch 3 of 4 and saves 1 of 24
+    trial-epochs; grace 0 and patience 1 stop it at epoch 1 (3 of 24). At 0.985 nothing is stopped."""
+    from test_hpsearch import HEALTHY
+
+    objectives = [0.5, 0.6, 0.7, 0.4, 0.3, 0.2]  # the 5 best: #2, #1, #0, #3, #4
+    progress = {number: [{**HEALTHY, "collapse_mean_cosine": 0.983 if number == 1 else 0.3, "epoch": epoch,
+                          "step": 15 * epoch} for epoch in range(1, 5)] for number in range(6)}
+    _stored_search(tmp_path / "default", [4.0] * 6, objectives, progress, collapse_stop=False)
+    rows = _replayed_rows((replayed := _bench_search("replay", str(tmp_path / "default"))).stdout)
+    assert replayed.returncode == 0, replayed.stdout[-2000:] + replayed.stderr[-2000:]
+    assert "collapse thresholds" not in replayed.stdout  # the defaults
+    assert rows["complete,cluster", 1, 2] == (pytest.approx(100 * 1 / 24, abs=0.05), 1, 1)
+    assert rows["complete,cluster", 0, 1] == (pytest.approx(100 * 3 / 24, abs=0.05), 1, 1)
+    assert rows["complete", 1, 2] == rows["complete,cluster", 1, 2]
+
+    moved = _bench_search("replay", str(tmp_path / "default"), "--threshold", "complete_min_mean_cosine=0.985")
+    assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
+    assert ("collapse thresholds: complete_min_mean_cosine=0.985 (--threshold); the others default"
+            in moved.stdout)
+    rows = _replayed_rows(moved.stdout)
+    assert len(rows) == 45 and {value for key, value in rows.items() if "dimensional" not in key[0]} == {(0.0, 0, 0)}
+
+    # A search run with the line at 0.985 is replayed at 0.985; --threshold moves it back.
+    _stored_search(tmp_path / "own", [4.0] * 6, objectives, progress, collapse_stop=False,
+                   thresholds={"complete_min_mean_cosine": 0.985})
+    own = _bench_search("replay", str(tmp_path / "own"))
+    assert "collapse thresholds: complete_min_mean_cosine=0.985 (the search's); the others default" in own.stdout
+    assert _replayed_rows(own.stdout)["complete,cluster", 1, 2] == (0.0, 0, 0)
+    back = _bench_search("replay", str(tmp_path / "own"), "--threshold", "complete_min_mean_cosine=0.98")
+    assert _replayed_rows(back.stdout)["complete,cluster", 1, 2] == (pytest.approx(100 * 1 / 24, abs=0.05), 1, 1)
+
+    for extra, message in (
+            (["--threshold", "complete_min_mean_cosine"], "--threshold takes NAME=VALUE"),
+            (["--threshold", "complete_min_mean_cosine=high"], "'high' is not a number"),
+            (["--threshold", "complete_cosine=0.9"], "unknown collapse threshold(s) complete_cosine; known: "),
+            (["--threshold", "complete_min_mean_cosine=1.5"], "complete_min_mean_cosine must be in [-1, 1], got 1.5"),
+    ):
+        refused = _bench_search("replay", str(tmp_path / "default"), *extra)
+        assert refused.returncode == 2 and message in refused.stderr, (extra, refused.stderr[-500:])
+        assert "Traceback" not in refused.stderr
+    refused = _bench_search("savings", "--storage-dir", str(tmp_path), "--threshold", "complete_min_mean_cosine=0.9")
+    assert refused.returncode == 2 and "--threshold is for replay" in refused.stderr
 
 
 def _bench_search_module():
