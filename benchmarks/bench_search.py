@@ -325,7 +325,10 @@ def replay_rules(args) -> None:
     folder = one_search_folder(args)
     trials, _, settings = read_run(folder)
     own = settings.get("thresholds") or {}
-    thresholds = CollapseThresholds(**{**own, **args.threshold})
+    try:
+        thresholds = CollapseThresholds(**{**own, **args.threshold})
+    except (TypeError, ValueError) as error:  # a search.json edited by hand
+        raise SystemExit(f"{folder / 'search.json'}: its collapse thresholds {own} are not valid ({error})") from None
     records = epoch_records(folder)
     # A search still running (or killed) has trials with epoch reports that have not finished: a row
     # without epochs_run in trials.csv ("running"), or none yet.

@@ -279,6 +279,12 @@ def test_bench_search_replay_judges_by_the_searchs_thresholds_or_those_given(tmp
     assert _replayed_rows(own.stdout)["complete,cluster", 1, 2] == (0.0, 0, 0)
     back = _bench_search("replay", str(tmp_path / "own"), "--threshold", "complete_min_mean_cosine=0.98")
     assert _replayed_rows(back.stdout)["complete,cluster", 1, 2] == (pytest.approx(100 * 1 / 24, abs=0.05), 1, 1)
+    # A search.json whose thresholds were edited by hand into ones that do not exist: named, no traceback.
+    stored = json.loads((tmp_path / "own" / "search.json").read_text())
+    (tmp_path / "own" / "search.json").write_text(json.dumps({**stored, "thresholds": {"complete_cosine": 0.9}}))
+    broken = _bench_search("replay", str(tmp_path / "own"))
+    assert broken.returncode == 1 and "its collapse thresholds {'complete_cosine': 0.9} are not valid" in broken.stderr
+    assert "Traceback" not in broken.stderr
 
     for extra, message in (
             (["--threshold", "complete_min_mean_cosine"], "--threshold takes NAME=VALUE"),
