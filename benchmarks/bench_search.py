@@ -319,15 +319,16 @@ def replay_rules(args) -> None:
     With ``--seed-runs`` (``noise --csv`` files), also the 5 best by the mean over seeds, and the mean
     objective of the trials each rule stops against those it lets run."""
     from hpsearch.settings import COLLAPSE_TYPES_VERSION, DEFAULT_STOP_ON
+    from hpsearch.settings import collapse_thresholds
     from hpsearch.stopping import COLLAPSE_TYPES, CollapseStopRule
-    from musicssl.collapse import CollapseThresholds
 
     folder = one_search_folder(args)
     trials, _, settings = read_run(folder)
     own = settings.get("thresholds") or {}
+    given = {**own, **args.threshold}
     try:
-        thresholds = CollapseThresholds(**{**own, **args.threshold})
-    except (TypeError, ValueError) as error:  # a search.json edited by hand
+        thresholds = collapse_thresholds(given)
+    except (TypeError, ValueError) as error:  # a search.json edited by hand (SettingsError is a ValueError)
         raise SystemExit(f"{folder / 'search.json'}: its collapse thresholds {own} are not valid ({error})") from None
     records = epoch_records(folder)
     # A search still running (or killed) has trials with epoch reports that have not finished: a row
@@ -356,10 +357,9 @@ def replay_rules(args) -> None:
             print(f"rank correlation of the search's values with the mean over the other seeds "
                   f"({', '.join(map(str, others))}): {rank_correlation(searched, table[others].mean(axis=1)):.2f}")
     print(f"replaying stopping rules on {folder.name} ({len(records)} trials, {max_epochs} epochs each):")
-    if own or args.threshold:
+    if given:
         from hpsearch.run import threshold_parts
 
-        given = {**own, **args.threshold}
         sources = ["--threshold" if name in args.threshold else "the search's" for name in given]
         print("  collapse thresholds: " + ", ".join(f"{part} ({source})" for part, source in
                                                     zip(threshold_parts(given), sources)) + "; the others default")
@@ -571,23 +571,16 @@ def seed_list(text: str) -> list[int]:
 def parsed_thresholds(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
     """``--threshold NAME=VALUE`` pairs as hpsearch.run reads them, each name and value checked (exit 2
     with the problem named)."""
-    import dataclasses
-
     from hpsearch.run import threshold_values
-    from hpsearch.settings import SettingsError
-    from musicssl.collapse import CollapseThresholds
+    from hpsearch.settings import SettingsError, collapse_thresholds
 
     try:
         values = threshold_values(pairs)
     except SettingsError as error:
         parser.error(str(error))
-    known = {field.name for field in dataclasses.fields(CollapseThresholds)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        parser.error(f"--threshold: unknown collapse threshold(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     try:
-        CollapseThresholds(**values)
-    except ValueError as error:
+        collapse_thresholds(values)
+    except ValueError as error:  # SettingsError (an unknown name) is one too
         parser.error(f"--threshold: {error}")
     return values
 

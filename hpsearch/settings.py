@@ -18,6 +18,7 @@ __all__ = [
     "COLLAPSE_TYPES",
     "COLLAPSE_TYPES_VERSION",
     "COLLAPSE_TYPES_VERSIONS",
+    "collapse_thresholds",
     "collapse_types",
     "OBJECTIVES",
     "SAMPLERS",
@@ -81,6 +82,18 @@ def collapse_types(version: int = COLLAPSE_TYPES_VERSION) -> tuple[str, ...]:
 
 class SettingsError(ValueError):
     """A search setting is out of range or contradicts the stored search; the message says which."""
+
+
+def collapse_thresholds(overrides: dict[str, Any]):
+    """:class:`musicssl.collapse.CollapseThresholds` with ``overrides`` (``--threshold`` NAME: value) over
+    the defaults. SettingsError names an unknown name; CollapseThresholds' ValueError a value out of range."""
+    from musicssl.collapse import CollapseThresholds
+
+    known = {f.name for f in dataclasses.fields(CollapseThresholds)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SettingsError(f"unknown collapse threshold(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return CollapseThresholds(**overrides)
 
 
 PARTIAL_SUFFIX = ".partial"
@@ -273,13 +286,7 @@ class SearchSettings:
 
     def collapse_thresholds(self):
         """The :class:`musicssl.collapse.CollapseThresholds` of the stopping rule (defaults + overrides)."""
-        from musicssl.collapse import CollapseThresholds
-
-        known = {f.name for f in dataclasses.fields(CollapseThresholds)}
-        unknown = sorted(set(self.thresholds) - known)
-        if unknown:
-            raise SettingsError(f"unknown collapse threshold(s) {unknown}; known: {', '.join(sorted(known))}")
-        return CollapseThresholds(**self.thresholds)
+        return collapse_thresholds(self.thresholds)
 
     @property
     def trial_epochs_requested(self) -> int:
