@@ -392,7 +392,11 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     @_writes_the_study
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        self.__dict__.setdefault("_trial_records", {})
+        # What the trials still running at the save had reported: each of them reports again from its
+        # first epoch (the trainable keeps no checkpoint to go on from) or replays what the study was
+        # told. A final report kept from before the interruption would otherwise be recorded for a rerun
+        # that ends without one (a scheduler stops it, or it fails).
+        self._trial_records = {}
         self.__dict__.setdefault("sampler_kind", "tpe")  # saved before samplers had a kind
         self._open_journal(search_journal(None))
         storage = self._ot_study._storage

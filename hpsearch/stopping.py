@@ -125,7 +125,8 @@ class CollapseMonitor:
     # Per epoch, whether it showed a type the rule stops on (collapse_findings, not only the verdict).
     stopping: list[bool] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
-    # Set when the rule fires (and kept: later epochs of an unstopped trial do not move it).
+    # Set when the rule fires (and kept: later epochs of an unstopped trial do not move it, except a
+    # divergence, which replaces an earlier collapse).
     stop_epoch: int | None = None
     collapse_type: str | None = None
     collapse_epoch: int | None = None
@@ -150,6 +151,10 @@ class CollapseMonitor:
         self.stopping.append(kind is not None)
         self.steps.append(int(step))
         if self.fired:
+            if verdict == "diverged" and self.collapse_type != "diverged":
+                # A trial the rule let run on (stopping off) that diverges later: a divergence ends a
+                # trial whatever the rule's setting, and is dated and explained by its own epoch.
+                self._fire(epoch, verdict, reasons, first_index=len(self.verdicts) - 1)
             return verdict
         if verdict == "diverged":
             self._fire(epoch, verdict, reasons, first_index=len(self.verdicts) - 1)

@@ -108,6 +108,21 @@ def test_divergence_stops_at_once_even_in_the_grace_period():
     assert findings_from_record({"train_loss": 3.0}, CollapseThresholds()) == {}
 
 
+def test_a_divergence_after_a_collapse_the_rule_let_run_on_is_dated_by_its_own_epoch():
+    # With stopping off, a trial goes on after the rule fired: its monitor sees later epochs.
+    monitor = CollapseMonitor(CollapseStopRule(grace_epochs=0, patience_epochs=1))
+    nonfinite = {**HEALTHY, "collapse_rankme_embedding": math.nan, "collapse_nonfinite": 1.0}
+    for epoch, record in enumerate([COMPLETE, HEALTHY, COMPLETE], start=1):
+        monitor.update(epoch, 10 * epoch, record)
+    assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_epoch) == (1, "complete", 1)
+    monitor.update(4, 40, nonfinite)
+    assert (monitor.stop_epoch, monitor.collapse_type, monitor.collapse_epoch, monitor.collapse_step) == (4, "diverged", 4, 40)
+    assert monitor.stop_reasons == ["rankme_embedding is nan", "an input or output has NaN/inf (nonfinite = 1)"]
+    # Once diverged, it stays dated at the first non-finite epoch.
+    monitor.update(5, 50, nonfinite)
+    assert (monitor.stop_epoch, monitor.collapse_step) == (4, 40)
+
+
 def test_the_default_rule_records_dimensional_collapse_but_stops_only_complete_and_cluster():
     assert CollapseStopRule().stop_on == ("complete", "cluster")
     default = CollapseMonitor(CollapseStopRule())
@@ -491,6 +506,30 @@ def test_restored_searcher_adopts_orphans_does_not_repeat_draws_and_stops_at_max
     assert second.suggest("t5") == Searcher.FINISHED
     assert len(study.trials) == 4
     assert pickle.loads(pickle.dumps(second)).max_trials == 4
+
+
+def test_a_final_report_from_before_an_interruption_is_not_recorded_for_the_rerun(tmp_path):
+    """Tune may save its state after a trial's final report arrived and before the trial completed
+    (the study not yet told). Resumed, the trial trains again from its start; when a scheduler stops
+    the rerun (no final report), the study records that, not the lost run's result."""
+    journal = tmp_path / "optuna.journal"
+    first = journal_searcher(journal, max_trials=2)
+    first.suggest("t0")
+    for epoch in (1, 2):
+        first.on_trial_result("t0", epoch_result(epoch, 0.3 + epoch / 100))
+    first.on_trial_result("t0", final_result("complete", 0.41, epoch=3, epochs_run=3.0))
+    first.save(str(tmp_path / "searcher.pkl"))  # then the search is killed
+
+    second = journal_searcher(journal, max_trials=2)
+    second.restore(str(tmp_path / "searcher.pkl"))
+    second.on_trial_result("t0", epoch_result(1, 0.31))
+    # The scheduler stops the rerun on its epoch-2 result, which then comes with the completion.
+    second.on_trial_complete("t0", result=epoch_result(2, 0.32))
+    trial = second.study.trials[0]
+    # (Optuna gives a pruned trial its last intermediate value.)
+    assert trial.state == TrialState.PRUNED and trial.value == 0.32
+    assert trial.user_attrs["outcome"] == "stopped" and trial.user_attrs["epochs_run"] == 2.0
+    assert trial.intermediate_values == {1: 0.31, 2: 0.32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1037,8 +1076,9 @@ def test_a_trials_record_keeps_the_last_verdict_the_first_best_epoch_and_dates_a
                     for parameter in module.method.backbone.parameters():
                         parameter.fill_(math.inf)
 
-    def run(records, poison_after=None):
-        settings = SearchSettings(method="vicreg", objective="rankme", **{**TINY, "max_epochs": 3}).trial_settings()
+    def run(records, poison_after=None, **options):
+        settings = SearchSettings(method="vicreg", objective="rankme",
+                                  **{**TINY, "max_epochs": len(records), **options}).trial_settings()
         monitor = CollapseMonitor(settings.collapse_rule())
         reporter = Rewritten(settings, tonal_data, monitor, lambda report: None)
         reporter.records, reporter.poison_after = records, poison_after
@@ -1055,6 +1095,15 @@ def test_a_trials_record_keeps_the_last_verdict_the_first_best_epoch_and_dates_a
     assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
     assert (record["diverged_step"], record["collapse_step"], record["collapse_epoch"]) == (3, 3, 2)
     assert record["epochs_run"] == 1.0
+    # Stopping off: the rule fires on complete collapse at epoch 3 (grace 1, patience 2) and lets the trial
+    # run on; at epoch 4 its metrics are not finite while its loss is. A divergence ends a trial whatever
+    # the rule's setting, and is dated and explained by its own epoch (before: it trained on to the end,
+    # dated at the collapse's start and explained as a non-finite training loss).
+    nonfinite = {**HEALTHY, "collapse_rankme_embedding": math.nan, "collapse_nonfinite": 1.0}
+    record, checkpoint = run([COMPLETE] * 3 + [nonfinite, HEALTHY], collapse_stop=False)
+    assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
+    assert (record["epochs_run"], record["stop_epoch"], record["collapse_epoch"], record["collapse_step"]) == (4.0, 4, 4, 12)
+    assert "nonfinite = 1" in record["collapse_reasons"] and "training loss" not in record["collapse_reasons"]
 
 
 def test_a_trial_removes_the_checkpoint_folders_a_killed_search_left(tmp_path):
