@@ -91,8 +91,10 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +108,7 @@ from torch import Tensor, nn
 from musicssl.cli import ArgumentParser
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import FolderTaken, claim_folder, make_writable_folder
+from musicssl.paths import FolderTaken, cache_hint, claim_folder, make_writable_folder
 
 __all__ = [
     "BASELINES",
@@ -489,10 +491,13 @@ def load_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     try:
         document = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        raise DownstreamError(
-            f"{path}: cannot be read as a PyTorch state_dict ({type(error).__name__}: {str(error)[:200]}); "
-            "pass the backbone.pt a training run wrote"
-        ) from None
+        if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+            # torch's own message advises weights_only=False, which would let the file run code.
+            cause = ("is not a PyTorch checkpoint (torch.save writes a zip archive)" if not zipfile.is_zipfile(path) else
+                     "holds Python objects other than tensors, which are not loaded (loading them could run code)")
+        else:
+            cause = f"cannot be read as a PyTorch state_dict ({type(error).__name__}: {str(error)[:200]})"
+        raise DownstreamError(f"{path}: {cause}; pass the backbone.pt a training run wrote") from None
     if isinstance(document, dict) and isinstance(document.get("state_dict"), dict):
         document = document["state_dict"]
     if not isinstance(document, dict) or not document or not all(isinstance(v, Tensor) for v in document.values()):
@@ -1934,7 +1939,7 @@ def build_parser() -> argparse.ArgumentParser:
         "methods", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
         help="training run folder (config.json + backbone.pt), search folder (best_config.json + best_backbone.pt), "
         ".pt state_dict, or a baseline: random, random-bn (random weights, BatchNorm statistics from the "
-        "training data), melstats; LABEL=PATH names it",
+        "training data), melstats; LABEL=PATH names it. With none, the baselines alone are evaluated",
     )
     parser.add_argument("--dataset", default=defaults.dataset,
                         help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre "
@@ -2035,7 +2040,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     written = True
         except (*_input_errors(), OSError) as error:
             claim.release(remove_if_unused=True)  # the results folder made above
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            hint = cache_hint(error) if isinstance(error, OSError) else ""  # e.g. a MUSICSSL_CACHE that is a file
+            print(f"{parser.prog}: error: {error}{hint}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line, no traceback; what is finished stays cached
             claim.release(remove_if_unused=True)

@@ -92,16 +92,20 @@ def needs_run(folder: Path, rerun: bool) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         done = False
     if not done:
-        raise SystemExit(f"{folder} holds a search that did not finish: continue it (python -m hpsearch.run ... "
+        raise UsageError(f"{folder} holds a search that did not finish: continue it (python -m hpsearch.run ... "
                          f"--name {folder.name} --storage-dir {folder.parent} --resume; its wall time then is not "
                          "a timing), remove it, or pass --rerun")
     return False
 
 
+class UsageError(Exception):
+    """Bad input to a benchmark (a folder, a flag's value, a file): said in one line, exit code 2."""
+
+
 def read_run(folder: Path) -> tuple[pd.DataFrame, dict, dict]:
     missing = [name for name in ("trials.csv", "summary.json", "search.json") if not (folder / name).is_file()]
     if missing:
-        raise SystemExit(f"{folder} is not a search's folder (no {', '.join(missing)}): pass the folder of a search, "
+        raise UsageError(f"{folder} is not a search's folder (no {', '.join(missing)}): pass the folder of a search, "
                          "e.g. runs/NAME")
     trials = pd.read_csv(folder / "trials.csv")
     summary = json.loads((folder / "summary.json").read_text())
@@ -122,7 +126,7 @@ def rank_correlation(first: pd.Series, second: pd.Series) -> float:
 def one_search_folder(args) -> Path:
     """The search folder a benchmark reads: the one given, else the savings run without stopping."""
     if len(args.folders) > 1:
-        raise SystemExit(f"{args.benchmark} takes one search folder, got {len(args.folders)}")
+        raise UsageError(f"{args.benchmark} takes one search folder, got {len(args.folders)}")
     return Path(args.folders[0]) if args.folders else Path(args.storage_dir) / (args.name or f"{run_stem(args)}-nostop")
 
 
@@ -294,7 +298,7 @@ def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
     one of those seeds are kept."""
     runs = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
     if "search" in runs and set(runs["search"].dropna()) - {settings["name"]}:
-        raise SystemExit(f"--seed-runs: runs of {sorted(set(runs['search'].dropna()))}, not of {settings['name']}")
+        raise UsageError(f"--seed-runs: runs of {sorted(set(runs['search'].dropna()))}, not of {settings['name']}")
     complete = ranked_complete(trials)[["trial", "objective"]]
     own = complete.assign(seed=int(settings["seed"]))
     runs = runs[runs["trial"].isin(complete["trial"]) & (runs["seed"] != int(settings["seed"]))]
@@ -308,7 +312,7 @@ def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
               f"({', '.join(f'#{number}' for number in table.index.difference(kept.index)[:10])}"
               f"{', ...' if len(table) - len(kept) > 10 else ''})")
     if kept.empty:
-        raise SystemExit("no trial has a run on every one of the seeds asked for: pass --seeds with fewer of them")
+        raise UsageError("no trial has a run on every one of the seeds asked for: pass --seeds with fewer of them")
     return kept
 
 
@@ -329,7 +333,7 @@ def replay_rules(args) -> None:
     try:
         thresholds = collapse_thresholds(given)
     except (TypeError, ValueError) as error:  # a search.json edited by hand (SettingsError is a ValueError)
-        raise SystemExit(f"{folder / 'search.json'}: its collapse thresholds {own} are not valid ({error})") from None
+        raise UsageError(f"{folder / 'search.json'}: its collapse thresholds {own} are not valid ({error})") from None
     records = epoch_records(folder)
     # A search still running (or killed) has trials with epoch reports that have not finished: a row
     # without epochs_run in trials.csv ("running"), or none yet.
@@ -399,7 +403,7 @@ def ranked_trials(trials: pd.DataFrame, ranks: list[str]) -> list[tuple[int, int
     "last"), best first, each trial once."""
     numbers = [int(number) for number in ranked_complete(trials)["trial"]]
     if not numbers:
-        raise SystemExit("the search has no complete trial to train again")
+        raise UsageError("the search has no complete trial to train again")
     chosen: dict[int, int] = {}
     for rank in ranks:
         position = {"median": (len(numbers) + 1) // 2, "last": len(numbers)}.get(rank)
@@ -407,9 +411,9 @@ def ranked_trials(trials: pd.DataFrame, ranks: list[str]) -> list[tuple[int, int
             try:
                 position = int(rank)
             except ValueError:
-                raise SystemExit(f"--ranks: {rank!r} is neither a rank (1, 2, ...) nor median or last") from None
+                raise UsageError(f"--ranks: {rank!r} is neither a rank (1, 2, ...) nor median or last") from None
             if position < 1:
-                raise SystemExit(f"--ranks: ranks start at 1, got {rank}")
+                raise UsageError(f"--ranks: ranks start at 1, got {rank}")
         if position <= len(numbers):
             chosen.setdefault(position, numbers[position - 1])
     return sorted(chosen.items())
@@ -461,11 +465,14 @@ def retrain(folder: Path, numbers: list[int], seeds: list[int], show=print, csv:
 def bench_noise(args) -> None:
     folder = one_search_folder(args)
     if not (folder / "optuna.journal").is_file():
-        raise SystemExit(f"{folder} is not a search's folder (no optuna.journal): pass the folder of a search, "
+        raise UsageError(f"{folder} is not a search's folder (no optuna.journal): pass the folder of a search, "
                          "e.g. runs/NAME")
     trials, _, settings = read_run(folder)
     if args.csv:
-        Path(args.csv).write_text("")  # an unwritable path fails now, not after the runs
+        try:
+            Path(args.csv).write_text("")  # an unwritable path fails now, not after the runs
+        except OSError as error:
+            raise UsageError(f"--csv {args.csv}: cannot write there ({error.strerror or error})") from None
     search_seed = int(settings["seed"])
     seeds = args.seeds or [search_seed, search_seed + 1, search_seed + 2]
     chosen = ranked_trials(trials, args.ranks.split(","))
@@ -640,7 +647,17 @@ def main() -> None:
         if not args.tag:
             parser.error("--search-flags changes the searches: name their runs with --tag (e.g. --tag paper), so "
                          "that they are not taken for the default runs")
-    Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        run_benchmark(args, parser)
+    except UsageError as error:
+        parser.error(str(error))
+
+
+def run_benchmark(args, parser) -> None:
+    try:
+        Path(args.storage_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--storage-dir {args.storage_dir}: cannot make that folder ({error.strerror or error})") from None
     if args.benchmark == "timing":
         if args.method != "vicreg" or args.seed != 0 or args.max_epochs is not None:
             # Its target is the README's default command; savings times any method (both its runs).

@@ -191,7 +191,10 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     except SearchError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise SearchError(f"--data {spec!r}: {error}") from None
+        from musicssl.paths import cache_hint
+
+        hint = cache_hint(error) if isinstance(error, OSError) else ""  # e.g. a MUSICSSL_CACHE that is a file
+        raise SearchError(f"--data {spec!r}: {error}{hint}") from None
     found = data.index.extra.get(GENERATED_CORPUS_KEY)
     if settings.corpus is not None and found != settings.corpus:  # e.g. a corpus folder built again since
         raise SearchError(
@@ -305,6 +308,9 @@ def check_storage(settings: SearchSettings) -> None:
     """Refuse a ``--storage-dir`` that is not a folder this process can create and write in."""
     from musicssl.paths import make_writable_folder
 
+    if Path(settings.storage_dir).expanduser().is_file():
+        raise SearchError(f"--storage-dir {settings.storage_dir}: is a file, not a folder; give a folder you can "
+                          "write in")
     try:
         make_writable_folder(Path(settings.storage_dir).expanduser())
     except OSError as error:
@@ -438,8 +444,14 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                 cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
                 available = os.cpu_count() or cpus
                 if cpus > available:
-                    print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent trials, this machine "
-                          f"has {available}", file=sys.stderr)
+                    threads = max(1, math.floor(settings.cpus_per_trial))
+                    print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent "
+                          f"trial{'' if settings.concurrency == 1 else 's'}, this machine "
+                          f"has {available}: they run all the same, "
+                          + (f"each with {threads} torch threads, much slower than with at most {available} "
+                             "(lower --cpus-per-trial or --concurrency)" if threads > available else
+                             "sharing its cores (lower --concurrency or --cpus-per-trial)"),
+                          file=sys.stderr)
                 # address="local": a Ray of this search's own, even when another Ray (a cluster started with
                 # `ray start`, another search) runs on this machine; plain ray.init() would try to join that one.
                 # The GPUs are those torch sees (check_local_gpus counted them), not Ray's own count, which can
@@ -921,6 +933,51 @@ def _saved_state_readable(folder: Path) -> bool:
     return True
 
 
+def _trials_run_before(folder: Path) -> set[int]:
+    """The Optuna trial numbers a search's folder shows were asked: those of its trial folders
+    (``trial-<number>-<id>``) and of the trials in Ray Tune's newest saved experiment state."""
+    from hpsearch.results import CONFIG_KEY
+
+    numbers = {int(match.group(1)) for path in folder.glob("trial-*")
+               if (match := re.fullmatch(r"trial-(\d+)-\w+", path.name))}
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        for entry in json.loads(states[-1].read_text()).get("trial_data", []) if states else []:
+            number = json.loads(entry[0]).get("config", {}).get(CONFIG_KEY)
+            if isinstance(number, int):
+                numbers.add(number)
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        pass  # a state cut short: not restored from (_saved_state_readable)
+    return numbers
+
+
+def check_journal(folder: Path) -> None:
+    """Before a search is continued: its trials are recorded in its journal. One that is missing,
+    unreadable, or cut short or replaced (without trials the folder shows were asked) would lose
+    them, and Ray Tune, failing to restore its state against it, would wait for good:
+    :class:`SearchError` instead."""
+    from hpsearch.results import JOURNAL_FILE, STUDY_NAME, load_study
+
+    journal = folder / JOURNAL_FILE
+    asked = _trials_run_before(folder)
+    fix = f"put back a whole copy of {JOURNAL_FILE}, or start a new search with another --name"
+    if not journal.is_file() or journal.stat().st_size == 0:
+        if asked:
+            raise SearchError(f"{journal} is missing or empty, but this search has run trials, whose results are "
+                              f"recorded there: {fix}")
+        return  # stopped before its first trial was asked: the search starts its study now
+    try:
+        count = len(load_study(journal, STUDY_NAME).get_trials(deepcopy=False))
+    except Exception as error:  # noqa: BLE001 - whatever Optuna makes of a damaged file
+        raise SearchError(f"{journal} cannot be read as this search's study ({type(error).__name__}: {error}): "
+                          f"{fix}") from None
+    beyond = sorted(number for number in asked if number >= count)
+    if beyond:
+        listed = ", ".join(f"#{number}" for number in beyond[:5]) + (", ..." if len(beyond) > 5 else "")
+        raise SearchError(f"{journal} holds {count} trial{'' if count == 1 else 's'}, but this search has also run "
+                          f"{listed}: the journal was cut short or replaced; {fix}")
+
+
 def run_search(
     settings: SearchSettings,
     *,
@@ -983,6 +1040,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         if existing:
             # The search's time counts its earlier runs too (as of their last write).
             started -= _seconds_so_far(folder)
+            check_journal(folder)
             finished = _finished_trials(journal)
             # Nothing to run: no Ray, no data, the stored summary (unless it lacks the untrained reference,
             # which a stop while it was measured leaves out: this run measures it).

@@ -145,7 +145,7 @@ def test_bench_search_noise_trains_a_searchs_trials_again_and_its_seed_reproduce
         [sys.executable, str(REPO / "benchmarks" / "bench_search.py"), "replay", str(tmp_path / "n"), "--seed-runs",
          str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
     )
-    assert refused.returncode != 0 and "--seed-runs: runs of ['another'], not of n" in refused.stderr
+    assert refused.returncode == 2 and "--seed-runs: runs of ['another'], not of n" in refused.stderr
 
     # A search still running: a trial without epochs_run in trials.csv ("running") is left out of the
     # replay, and named, instead of failing it.
@@ -283,8 +283,16 @@ def test_bench_search_replay_judges_by_the_searchs_thresholds_or_those_given(tmp
     stored = json.loads((tmp_path / "own" / "search.json").read_text())
     (tmp_path / "own" / "search.json").write_text(json.dumps({**stored, "thresholds": {"complete_cosine": 0.9}}))
     broken = _bench_search("replay", str(tmp_path / "own"))
-    assert broken.returncode == 1 and "its collapse thresholds {'complete_cosine': 0.9} are not valid" in broken.stderr
+    assert broken.returncode == 2 and "its collapse thresholds {'complete_cosine': 0.9} are not valid" in broken.stderr
     assert "Traceback" not in broken.stderr
+    # Bad input to noise: one line, exit 2 (before: exit 1, and a traceback for a --csv it cannot write).
+    own = str(tmp_path / "own")
+    for extra, message in [((), "is not a search's folder (no optuna.journal)"),
+                           (("--csv", str(tmp_path / "no-such-folder" / "runs.csv")), "cannot write there"),
+                           (("--ranks", "0", "--csv", str(tmp_path / "runs.csv")), "--ranks: ranks start at 1, got 0")]:
+        refused = _bench_search("noise", own, *extra)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        (tmp_path / "own" / "optuna.journal").touch()
 
     for extra, message in (
             (["--threshold", "complete_min_mean_cosine"], "--threshold takes NAME=VALUE"),

@@ -1378,6 +1378,27 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     # saved in (the pickled study named it by its absolute path): the copy's journal never grew, the original
     # got the trials, and the copy ended "interrupted" (exit 130) on every resume.
     original = journal.read_bytes()
+    # A copy whose journal is lost, cut short to its first trial, or garbage: refused at once (exit 2, the journal
+    # named), before Ray starts. Before, Ray Tune failed to restore its state against it, logged a
+    # traceback and then waited for good, deaf to Ctrl-C.
+    first_trial = original.split(b'"op_code":4', 2)
+    cut = first_trial[0] + b'"op_code":4' + first_trial[1]  # up to the second trial's creation
+    for damaged, expected in [(None, "optuna.journal is missing or empty, but this search has run trials"),
+                              (cut, r"optuna.journal holds 1 trial, but this search has also run #1(, #\d+)*: "
+                                    "the journal was cut short or replaced"),
+                              (b"{not a journal\n", "optuna.journal cannot be read as this search's study")]:
+        copy = tmp_path / "damaged" / "resumable"
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        shutil.copytree(folder, copy, symlinks=True)
+        if damaged is None:
+            (copy / "optuna.journal").unlink()
+        else:
+            (copy / "optuna.journal").write_bytes(damaged[:damaged.rindex(b"\n") + 1])
+        refused = subprocess.run([*command[:command.index("--storage-dir") + 1], str(copy.parent),
+                                  *command[command.index("--storage-dir") + 2:]],
+                                 capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=120)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert re.search(expected, refused.stderr) and "put back a whole copy of optuna.journal" in refused.stderr
     shutil.copytree(folder, tmp_path / "elsewhere" / "resumable", symlinks=True)
     folder, journal = tmp_path / "elsewhere" / "resumable", tmp_path / "elsewhere" / "resumable" / "optuna.journal"
     command[command.index("--storage-dir") + 1] = str(tmp_path / "elsewhere")
@@ -1794,6 +1815,18 @@ def test_an_empty_storage_dir_is_refused_not_read_as_the_current_folder(tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_a_cache_folder_that_cannot_be_written_is_named_with_the_variable_that_moves_it(tmp_path, tonal_dataset,
+                                                                                        monkeypatch, capsys):
+    """Before: "[Errno 20] Not a directory: '<file>/mels/...'", nothing said of MUSICSSL_CACHE."""
+    (tmp_path / "cache-file").write_text("")
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache-file"))
+    code, out, err = run_main(search_main, ["vicreg", "--data", str(tonal_dataset / "tracks.csv"),
+                                            "--storage-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "Not a directory" in err, out + err
+    assert f"(in the cache folder {tmp_path / 'cache-file'}, where corpora and mel caches are kept: set MUSICSSL_CACHE " \
+           "to a folder you can write" in err
+
+
 def test_a_command_line_error_in_a_real_process_exits_2_with_one_line(tmp_path, cli_env):
     done = subprocess.run(cli("vicreg", "--trials", "0", "--storage-dir", str(tmp_path)), capture_output=True,
                           text=True, env=cli_env, cwd=REPO, timeout=120)
@@ -1989,7 +2022,7 @@ def test_a_storage_dir_that_cannot_be_written_or_a_name_taken_by_other_files_is_
     (tmp_path / "mine" / "notes.txt").write_text("kept")
     monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
     for args, message in (
-        (["--storage-dir", str(taken)], f"--storage-dir {taken}: cannot write there (File exists)"),
+        (["--storage-dir", str(taken)], f"--storage-dir {taken}: is a file, not a folder"),
         (["--storage-dir", str(taken / "sub")], f"--storage-dir {taken / 'sub'}: cannot write there"),
         (["--storage-dir", str(tmp_path), "--name", "mine"], "mine exists and is not a search (no search.json)"),
         (["--storage-dir", str(tmp_path), "--name", "a-file"], "a-file exists and is not a search"),

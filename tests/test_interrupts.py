@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from musicssl.interrupts import Interrupted, exit_code, held_signals, sigterm_interrupts
+from musicssl.interrupts import Interrupted, exit_code, held_signals, interrupts_kept, sigterm_interrupts
 
 
 def test_held_signals_defer_ctrl_c_and_sigterm_to_the_end_of_the_block():
@@ -260,3 +261,22 @@ def test_a_handler_that_raises_as_the_signals_are_blocked_leaves_them_unblocked(
             pass
     monkeypatch.undo()
     assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_lock_error_met_while_a_stop_unwinds_is_raised_as_that_stop():
+    """A second Ctrl-C inside a pool's result wait, as the first unwound it, left the wait's lock released
+    twice: `RuntimeError: release unlocked lock` ended the corpus build with exit 1 and a traceback
+    (tests/test_corpus.py's double Ctrl-C, now and then)."""
+    for stop, signum in ((KeyboardInterrupt(), signal.SIGINT), (Interrupted(signal.SIGTERM), signal.SIGTERM)):
+        with pytest.raises(Interrupted) as raised:
+            with interrupts_kept():
+                try:
+                    raise stop
+                except KeyboardInterrupt:
+                    threading.Lock().release()
+        assert raised.value.signum == signum and exit_code(raised.value) == 128 + signum
+        assert isinstance(raised.value.__cause__, RuntimeError)
+    # Without a stop behind it, the error stays what it is.
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        with interrupts_kept():
+            threading.Lock().release()

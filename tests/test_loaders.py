@@ -388,6 +388,14 @@ BAD_TAG_TABLES = [
     ("path,tags,split\na.wav,rock,holdout\n", r"column 'split' has value\(s\) \['holdout'\] \(the first on line 2\); use train, valid or test"),
     ("path,tags\n", r"has a header but no rows"),
     ("path,tags,duration\na.wav,rock,long\n", r"line 2: duration 'long' is not a number of seconds"),
+    # Before: "column 'split' has value(s) ['', 'more']" (pandas took the row's first cells for an index).
+    ("path,tags,split\na.wav,rock,train,more,x\n",
+     r"tags.csv, line 2: 5 comma-separated cells, but the header has 3 \('path', 'tags', 'split'\); quote cells that "
+     r"hold a comma \(\"rock,pop\"\), or add the missing column to the header"),
+    # Before: accepted, and 1e308 overflowed to an infinite number of samples in the cache's build.
+    *[(f"path,tags,duration\na.wav,rock,{bad}\n",
+       rf"line 2: duration '{re.escape(bad)}' is not a duration \(seconds, above 0 and at most 1e\+07\); correct it, "
+       r"or leave the cell empty if unknown") for bad in ("-5", "0", "inf", "1e308", "-inf")],
 ]
 
 
@@ -529,6 +537,14 @@ def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     # Such locales write a decimal comma (before: "duration '1,5' is not a number of seconds").
     (root / "tags.csv").write_text("path;tags;duration\naudio/a.wav;rock;1,5\naudio/b.wav;jazz;2\n")
     assert load_folder(root).tracks["duration"].tolist() == [1.5, 2.0]
+    # An unknown duration: an empty cell, or "nan" as some tools write it.
+    (root / "tags.csv").write_text("path;tags;duration\naudio/a.wav;rock;nan\naudio/b.wav;jazz;\n")
+    assert load_folder(root).tracks["duration"].isna().tolist() == [True, True]
+    # A trailing separator on some rows (empty cells past the header's) is dropped; before, pandas took
+    # the first cells of such rows for an index and shifted the others (path 'rock', tags 'train').
+    (root / "tags.csv").write_text("path,tags,split\naudio/a.wav,rock,train,\naudio/b.wav,jazz,test\n")
+    index = load_folder(root)
+    assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
     (root / "tags.csv").write_text("path,tags\naudio\\a.wav,rock\naudio\\b.wav,jazz\n")
     with pytest.raises(DatasetError, match=r"expected at .*audio\\a.wav\); .*paths must separate folders "
                                            r"with '/', not '\\'"):

@@ -28,7 +28,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-__all__ = ["Interrupted", "SpawnPool", "exit_code", "held_signals", "quiet_worker", "sigterm_interrupts"]
+__all__ = ["Interrupted", "SpawnPool", "exit_code", "held_signals", "interrupts_kept", "quiet_worker",
+           "sigterm_interrupts"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _CAN_BLOCK = hasattr(signal, "pthread_sigmask")  # not on Windows
@@ -88,6 +89,25 @@ def sigterm_interrupts() -> Iterator[None]:
         raised = _restore_handlers({signal.SIGTERM: signal.SIG_DFL if previous is None else previous})
         if raised is not None:
             raise raised
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM) raised inside the standard library's lock handling while an earlier
+    one unwinds it can surface as ``RuntimeError: release unlocked lock``: a second Ctrl-C as the first
+    left a pool's result wait (``imap_unordered``) ended the corpus build with exit 1 and a traceback.
+    Such an error, with a stop among the exceptions it was raised in handling, is raised again as
+    that stop (:class:`Interrupted`)."""
+    try:
+        yield
+    except RuntimeError as error:
+        context: BaseException | None = error.__context__
+        seen = 0
+        while context is not None and not isinstance(context, KeyboardInterrupt) and seen < 16:
+            context, seen = context.__context__, seen + 1
+        if not isinstance(context, KeyboardInterrupt):
+            raise
+        raise Interrupted(getattr(context, "signum", signal.SIGINT)) from error
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from musicssl.corpus.render import (
 )
 from musicssl.corpus.splits import SPLIT_BLOCK, SPLIT_FRACTIONS, SPLITS, corpus_identity, split_assignment
 from musicssl.corpus.tags import TAG_NAMES
-from musicssl.interrupts import held_signals
+from musicssl.interrupts import held_signals, interrupts_kept
 from musicssl.paths import cache_hint, cache_root, make_writable_folder, remove_abandoned_staging, staging_folder
 
 
@@ -290,9 +290,10 @@ def build_corpus(
             else:
                 pool = worker_pool(min(workers, config.tracks))
                 try:
-                    for record in pool.imap_unordered(_build_track_job, jobs, chunksize=2):
-                        records[int(record["track_id"][len("track") :])] = record
-                        bar.update()
+                    with interrupts_kept():
+                        for record in pool.imap_unordered(_build_track_job, jobs, chunksize=2):
+                            records[int(record["track_id"][len("track") :])] = record
+                            bar.update()
                 finally:
                     # Every worker ended before the staging folder is removed, whatever signal comes
                     # meanwhile: a second Ctrl-C (a double press, or `timeout -s INT`, which signals the

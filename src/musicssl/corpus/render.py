@@ -46,7 +46,7 @@ from musicssl.corpus.compose import (
     Song,
 )
 from musicssl.corpus.tags import DRUM_KITS, INSTRUMENTS, ROLE_PITCH_RANGES
-from musicssl.interrupts import held_signals, quiet_worker
+from musicssl.interrupts import held_signals, interrupts_kept, quiet_worker
 from musicssl.paths import remove_abandoned_staging, staging_folder
 
 __all__ = [
@@ -316,7 +316,7 @@ def ensure_note_bank(cache_dir: Path, workers: int = 1, spec: BankSpec = BankSpe
     with tqdm(total=len(jobs), desc="note bank (once)", unit="instrument", disable=not progress, dynamic_ncols=True) as bar:
         finished = []
         if workers > 1:
-            with worker_pool(min(workers, len(jobs))) as pool:
+            with worker_pool(min(workers, len(jobs))) as pool, interrupts_kept():
                 for result in pool.imap_unordered(_render_bank_chunk, ordered):
                     finished.append(result)
                     bar.update()

@@ -403,7 +403,8 @@ def _listed_samples(index: TrackIndex, sample_rate: int) -> list[int | None]:
             seconds = float(value)
         except (TypeError, ValueError):
             seconds = math.nan
-        listed.append(round(seconds * sample_rate) if math.isfinite(seconds) and seconds > 0 else None)
+        samples = seconds * sample_rate
+        listed.append(round(samples) if math.isfinite(samples) and samples > 0 else None)
     return listed
 
 

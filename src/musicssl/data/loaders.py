@@ -26,6 +26,7 @@ import pickle
 import re
 import stat
 import unicodedata
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -355,8 +356,14 @@ def _read_table(path: Path) -> pd.DataFrame:
         separator = "\t" if header.count("\t") > header.count(",") else ","
         if ";" in header and "\t" not in header and "," not in header:
             separator = ";"
+    _check_row_lengths(path, separator)
     try:
-        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        with warnings.catch_warnings():
+            # index_col=False: a row with more cells than the header (empty ones: _check_row_lengths) keeps
+            # its columns; pandas would otherwise take its first cells for an index and shift the rest.
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                index_col=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         kind = {"\t": "TSV", ",": "CSV", ";": "semicolon-separated"}[separator]
         raise DatasetError(f"{path}: cannot read as a {kind} table ({error})") from None
@@ -365,6 +372,29 @@ def _read_table(path: Path) -> pd.DataFrame:
     frame.columns = [str(column).strip() for column in frame.columns]
     frame.index = pd.Index(_record_lines(path, separator, len(frame)), name="line")
     return frame
+
+
+def _check_row_lengths(path: Path, separator: str) -> None:
+    """A row with more non-empty cells than the header has columns is an error that names its line
+    (empty cells past the header's, as a trailing separator leaves, are dropped)."""
+    names = {"\t": "tab", ",": "comma", ";": "semicolon"}
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter=separator)
+            header = next(reader, None)
+            if header is None:
+                return
+            previous_end = reader.line_num
+            for record in reader:
+                if len(record) > len(header) and any(cell.strip() for cell in record[len(header):]):
+                    raise DatasetError(
+                        f"{path}, line {previous_end + 1}: {len(record)} {names[separator]}-separated cells, but the "
+                        f"header has {len(header)} ({', '.join(repr(name.strip()) for name in header)}); quote cells "
+                        f"that hold a {names[separator]} (\"rock{separator}pop\"), or add the missing column to the header"
+                    )
+                previous_end = reader.line_num
+    except (csv.Error, UnicodeDecodeError):
+        return  # pandas reports it
 
 
 def _record_lines(path: Path, separator: str, rows: int) -> list[int]:
@@ -541,14 +571,23 @@ def load_folder(
     return _build_index(records, tag_names, name, extra, check_audio, audio_hint)
 
 
-def _parse_duration(value: str, where: str) -> float:
+# The longest duration a track may list: about 116 days (a larger one is a unit or format mistake).
+MAX_LISTED_SECONDS = 1e7
+
+
+def _parse_duration(value: str, where: str, name: str = "duration") -> float:
+    """A listed duration in seconds; NaN where none is listed (an empty cell, or ``nan``)."""
     text = str(value).strip()
-    if not text:
+    if not text or text.lower() == "nan":
         return math.nan
     try:  # a decimal comma too (a semicolon-separated file from a locale that writes 1,5)
-        return float(text.replace(",", ".") if text.count(",") == 1 and "." not in text else text)
+        seconds = float(text.replace(",", ".") if text.count(",") == 1 and "." not in text else text)
     except ValueError:
-        raise DatasetError(f"{where}: duration {text!r} is not a number of seconds") from None
+        raise DatasetError(f"{where}: {name} {text!r} is not a number of seconds") from None
+    if not 0 < seconds <= MAX_LISTED_SECONDS:
+        raise DatasetError(f"{where}: {name} {text!r} is not a duration (seconds, above 0 and at most "
+                           f"{MAX_LISTED_SECONDS:g}); correct it, or leave the cell empty if unknown")
+    return seconds
 
 
 # How MTG-Jamendo names its low-quality copies: 41/241.low.mp3 beside 41/241.mp3.
@@ -919,10 +958,7 @@ def _read_jamendo_rows(path: Path) -> list[dict]:
                     f"{list(JAMENDO_HEADER[:5])} then the tags"
                 )
             track_id, artist_id, album_id, relative_path, duration = (field.strip() for field in fields[:5])
-            try:
-                duration_seconds = float(duration)
-            except ValueError:
-                raise DatasetError(f"{path}, line {line_number}: DURATION {duration!r} is not a number") from None
+            duration_seconds = _parse_duration(duration, f"{path}, line {line_number}", "DURATION")
             rows.append({
                 "line": line_number,
                 "track_id": track_id,
