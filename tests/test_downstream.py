@@ -1413,6 +1413,20 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_before_the_dataset_is_read(tm
     assert code == 2 and "unknown dataset" in err and (tmp_path / "new" / "cache").is_dir()
 
 
+def test_a_cache_root_that_cannot_be_written_is_named_with_the_variable_that_moves_it(tmp_path, tonal_dataset,
+                                                                                      monkeypatch, capsys):
+    """The mel cache under MUSICSSL_CACHE, a file here: before, "[Errno 20] Not a directory: ..." alone."""
+    (tmp_path / "cache-file").write_text("")
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache-file"))
+    code, _, err = run_main(main, ["melstats", "--no-baselines", "--dataset", str(tonal_dataset), "--cache-dir",
+                                   str(tmp_path / "embeddings"), "--out", str(tmp_path / "out"), "--workers", "0",
+                                   "--quiet"], capsys)
+    assert code == 2 and "Not a directory" in err, err
+    assert f"(in the cache folder {tmp_path / 'cache-file'}, where corpora and mel caches are kept: set " \
+           "MUSICSSL_CACHE to a folder you can write" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unexpected_error_leaves_no_empty_results_folder(tmp_path, monkeypatch):
     """A bug's traceback is shown as it is, but the results folder it made no longer stays behind empty."""
     import analysis.downstream as downstream
