@@ -493,8 +493,9 @@ def load_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
             # torch's own message advises weights_only=False, which would let the file run code.
-            cause = ("is not a PyTorch checkpoint (torch.save writes a zip archive)" if not zipfile.is_zipfile(path) else
-                     "holds Python objects other than tensors, which are not loaded (loading them could run code)")
+            objects = "unsupported global" in str(error).lower() or zipfile.is_zipfile(path)
+            cause = ("holds Python objects other than tensors, which are not loaded (loading them could run code)"
+                     if objects else "is not a PyTorch checkpoint")
         else:
             cause = f"cannot be read as a PyTorch state_dict ({type(error).__name__}: {str(error)[:200]})"
         raise DownstreamError(f"{path}: {cause}; pass the backbone.pt a training run wrote") from None

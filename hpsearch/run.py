@@ -449,7 +449,7 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                           f"trial{'' if settings.concurrency == 1 else 's'}, this machine "
                           f"has {available}: they run all the same, "
                           + (f"each with {threads} torch threads, much slower than with at most {available} "
-                             "(lower --cpus-per-trial or --concurrency)" if threads > available else
+                             f"(lower --cpus-per-trial to at most {available})" if threads > available else
                              "sharing its cores (lower --concurrency or --cpus-per-trial)"),
                           file=sys.stderr)
                 # address="local": a Ray of this search's own, even when another Ray (a cluster started with

@@ -353,13 +353,16 @@ def test_run_folders_search_folders_and_bare_checkpoints(tmp_path):
         resolve_method(str(tmp_path / "nothing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     # Named for what they are; before, torch's own message advised weights_only=False (which runs code).
-    with pytest.raises(DownstreamError, match=r"junk.pt: is not a PyTorch checkpoint \(torch.save writes a zip archive\)") as raised:
+    with pytest.raises(DownstreamError, match=r"junk.pt: is not a PyTorch checkpoint; pass the backbone.pt") as raised:
         build_backbone(resolve_method(str(tmp_path / "junk.pt")))
     torch.save({"weight": torch.zeros(2), "hook": collections.OrderedDict, "call": print}, tmp_path / "objects.pt")
-    with pytest.raises(DownstreamError, match=r"objects.pt: holds Python objects other than tensors, which are not "
-                                              r"loaded \(loading them could run code\)") as other:
-        build_backbone(resolve_method(str(tmp_path / "objects.pt")))
-    assert "weights_only" not in str(raised.value) + str(other.value)
+    # The same in torch's format before 1.6 (not a zip archive).
+    torch.save({"weight": torch.zeros(2), "call": print}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("objects.pt", "legacy.pt"):
+        with pytest.raises(DownstreamError, match=rf"{name}: holds Python objects other than tensors, which are not "
+                                                  r"loaded \(loading them could run code\)") as other:
+            build_backbone(resolve_method(str(tmp_path / name)))
+        assert "weights_only" not in str(raised.value) + str(other.value)
 
 
 def test_a_checkpoint_retrained_at_the_same_path_is_not_read_from_the_cache(tmp_path):

@@ -356,14 +356,14 @@ def _read_table(path: Path) -> pd.DataFrame:
         separator = "\t" if header.count("\t") > header.count(",") else ","
         if ";" in header and "\t" not in header and "," not in header:
             separator = ";"
-    _check_row_lengths(path, separator)
+    row_names = _row_names_first(path, separator)
     try:
         with warnings.catch_warnings():
-            # index_col=False: a row with more cells than the header (empty ones: _check_row_lengths) keeps
+            # index_col=False: a row with more cells than the header (empty ones: _row_names_first) keeps
             # its columns; pandas would otherwise take its first cells for an index and shift the rest.
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
             frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                                index_col=False)
+                                index_col=0 if row_names else False)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         kind = {"\t": "TSV", ",": "CSV", ";": "semicolon-separated"}[separator]
         raise DatasetError(f"{path}: cannot read as a {kind} table ({error})") from None
@@ -374,27 +374,44 @@ def _read_table(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _check_row_lengths(path: Path, separator: str) -> None:
-    """A row with more non-empty cells than the header has columns is an error that names its line
-    (empty cells past the header's, as a trailing separator leaves, are dropped)."""
+def _row_names_first(path: Path, separator: str) -> bool:
+    """Whether every row has one cell more than the header, first (row names, as R's ``write.table``
+    writes them: the table is read with that column as its index). Otherwise a row with more non-empty
+    cells than the header has columns is an error that names its line; empty cells past the header's,
+    as a trailing separator leaves, are dropped. Blank lines are skipped, as the table skips them."""
     names = {"\t": "tab", ",": "comma", ";": "semicolon"}
+    header: list[str] | None = None
+    longer: list[tuple[int, list[str]]] = []  # (line, cells) of the rows with cells past the header's
+    rows = 0
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle, delimiter=separator)
-            header = next(reader, None)
-            if header is None:
-                return
-            previous_end = reader.line_num
+            previous_end = 0
             for record in reader:
-                if len(record) > len(header) and any(cell.strip() for cell in record[len(header):]):
-                    raise DatasetError(
-                        f"{path}, line {previous_end + 1}: {len(record)} {names[separator]}-separated cells, but the "
-                        f"header has {len(header)} ({', '.join(repr(name.strip()) for name in header)}); quote cells "
-                        f"that hold a {names[separator]} (\"rock{separator}pop\"), or add the missing column to the header"
-                    )
-                previous_end = reader.line_num
+                line, previous_end = previous_end + 1, reader.line_num
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue
+                if header is None:
+                    header = record
+                    continue
+                rows += 1
+                if len(record) > len(header):
+                    longer.append((line, record))
     except (csv.Error, UnicodeDecodeError):
-        return  # pandas reports it
+        return False  # pandas reports it
+    if header is None:
+        return False
+    if rows and len(longer) == rows and all(len(cells) == len(header) + 1 for _, cells in longer) \
+            and any(cells[-1].strip() for _, cells in longer):
+        return True
+    for line, cells in longer:
+        if any(cell.strip() for cell in cells[len(header):]):
+            raise DatasetError(
+                f"{path}, line {line}: {len(cells)} {names[separator]}-separated cells, but the header has "
+                f"{len(header)} ({', '.join(repr(name.strip()) for name in header)}); quote cells that hold a "
+                f"{names[separator]} (\"rock{separator}pop\"), or add the missing column to the header"
+            )
+    return False
 
 
 def _record_lines(path: Path, separator: str, rows: int) -> list[int]:
