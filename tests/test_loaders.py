@@ -545,13 +545,16 @@ def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     (root / "tags.csv").write_text("path,tags,split\naudio/a.wav,rock,train,\naudio/b.wav,jazz,test\n")
     index = load_folder(root)
     assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
-    # Blank lines before the header, as the table skips them; rows named first (R's write.table), read without
-    # their names, as before that check.
+    # Blank lines before the header, as the table skips them; rows numbered first (R's write.table), read without
+    # their numbers, as before that check. A single row with one cell too many is not taken for a numbered one.
     for table in ("\n\npath,tags,split\naudio/a.wav,rock,train\naudio/b.wav,jazz,test\n",
                   '"path","tags","split"\n"1","audio/a.wav","rock","train"\n"2","audio/b.wav","jazz","test"\n'):
         (root / "tags.csv").write_text(table)
         index = load_folder(root)
         assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
+    (root / "tags.csv").write_text("path,tags\naudio/a.wav,rock,more\n")
+    with pytest.raises(DatasetError, match=r"tags.csv, line 2: 3 comma-separated cells, but the header has 2"):
+        load_folder(root)
     (root / "tags.csv").write_text("path,tags\naudio\\a.wav,rock\naudio\\b.wav,jazz\n")
     with pytest.raises(DatasetError, match=r"expected at .*audio\\a.wav\); .*paths must separate folders "
                                            r"with '/', not '\\'"):

@@ -375,8 +375,8 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _row_names_first(path: Path, separator: str) -> bool:
-    """Whether every row has one cell more than the header, first (row names, as R's ``write.table``
-    writes them: the table is read with that column as its index). Otherwise a row with more non-empty
+    """Whether every row has one cell more than the header, first, numbering the rows 1, 2, ... (as R's
+    ``write.table`` writes them: the table is read with that column as its index). Otherwise a row with more non-empty
     cells than the header has columns is an error that names its line; empty cells past the header's,
     as a trailing separator leaves, are dropped. Blank lines are skipped, as the table skips them."""
     names = {"\t": "tab", ",": "comma", ";": "semicolon"}
@@ -402,7 +402,7 @@ def _row_names_first(path: Path, separator: str) -> bool:
     if header is None:
         return False
     if rows and len(longer) == rows and all(len(cells) == len(header) + 1 for _, cells in longer) \
-            and any(cells[-1].strip() for _, cells in longer):
+            and [cells[0].strip() for _, cells in longer] == [str(number) for number in range(1, rows + 1)]:
         return True
     for line, cells in longer:
         if any(cell.strip() for cell in cells[len(header):]):
