@@ -920,17 +920,22 @@ def _not_ours_alone(path: Path) -> bool:
     return path.name != LOCK_FILE and not (path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX))
 
 
-def _saved_state_readable(folder: Path) -> bool:
-    """Whether Ray Tune's newest saved experiment state in ``folder`` is there and whole (Tune copies it
-    into the folder in the background; a kill meanwhile can cut it short)."""
+def _saved_state(folder: Path) -> dict | None:
+    """Ray Tune's newest saved experiment state in ``folder``, or None when there is none or it is not
+    whole (Tune copies it into the folder in the background; a kill meanwhile can cut it short)."""
     states = sorted(folder.glob("experiment_state-*.json"))
     if not states:
-        return False
+        return None
     try:
-        json.loads(states[-1].read_text())
+        state = json.loads(states[-1].read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _saved_state_readable(folder: Path) -> bool:
+    """Whether Ray Tune's newest saved experiment state in ``folder`` is there and whole."""
+    return _saved_state(folder) is not None
 
 
 def _trials_run_before(folder: Path) -> set[int]:
@@ -940,22 +945,21 @@ def _trials_run_before(folder: Path) -> set[int]:
 
     numbers = {int(match.group(1)) for path in folder.glob("trial-*")
                if (match := re.fullmatch(r"trial-(\d+)-\w+", path.name))}
-    states = sorted(folder.glob("experiment_state-*.json"))
     try:
-        for entry in json.loads(states[-1].read_text()).get("trial_data", []) if states else []:
+        for entry in (_saved_state(folder) or {}).get("trial_data", []):
             number = json.loads(entry[0]).get("config", {}).get(CONFIG_KEY)
             if isinstance(number, int):
                 numbers.add(number)
-    except (OSError, ValueError, TypeError, AttributeError, IndexError):
-        pass  # a state cut short: not restored from (_saved_state_readable)
+    except (ValueError, TypeError, AttributeError, IndexError):
+        pass  # a state of another layout: the trial folders still count
     return numbers
 
 
-def check_journal(folder: Path) -> None:
+def check_journal(folder: Path) -> int:
     """Before a search is continued: its trials are recorded in its journal. One that is missing,
     unreadable, or cut short or replaced (without trials the folder shows were asked) would lose
     them, and Ray Tune, failing to restore its state against it, would wait for good:
-    :class:`SearchError` instead."""
+    :class:`SearchError` instead. Returns how many of the study's trials are finished."""
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, load_study
 
     journal = folder / JOURNAL_FILE
@@ -965,17 +969,18 @@ def check_journal(folder: Path) -> None:
         if asked:
             raise SearchError(f"{journal} is missing or empty, but this search has run trials, whose results are "
                               f"recorded there: {fix}")
-        return  # stopped before its first trial was asked: the search starts its study now
+        return 0  # stopped before its first trial was asked: the search starts its study now
     try:
-        count = len(load_study(journal, STUDY_NAME).get_trials(deepcopy=False))
+        trials = load_study(journal, STUDY_NAME).get_trials(deepcopy=False)
     except Exception as error:  # noqa: BLE001 - whatever Optuna makes of a damaged file
         raise SearchError(f"{journal} cannot be read as this search's study ({type(error).__name__}: {error}): "
                           f"{fix}") from None
-    beyond = sorted(number for number in asked if number >= count)
+    beyond = sorted(number for number in asked if number >= len(trials))
     if beyond:
         listed = ", ".join(f"#{number}" for number in beyond[:5]) + (", ..." if len(beyond) > 5 else "")
-        raise SearchError(f"{journal} holds {count} trial{'' if count == 1 else 's'}, but this search has also run "
-                          f"{listed}: the journal was cut short or replaced; {fix}")
+        raise SearchError(f"{journal} holds {len(trials)} trial{'' if len(trials) == 1 else 's'}, but this search has "
+                          f"also run {listed}: the journal was cut short or replaced; {fix}")
+    return sum(trial.state.is_finished() for trial in trials)
 
 
 def run_search(
@@ -1040,8 +1045,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         if existing:
             # The search's time counts its earlier runs too (as of their last write).
             started -= _seconds_so_far(folder)
-            check_journal(folder)
-            finished = _finished_trials(journal)
+            finished = check_journal(folder)
             # Nothing to run: no Ray, no data, the stored summary (unless it lacks the untrained reference,
             # which a stop while it was measured leaves out: this run measures it).
             if finished >= settings.trials and not (settings.objective.startswith("probe_")
@@ -1254,17 +1258,6 @@ def _untrained_missing(folder: Path) -> bool:
     """Whether the search's ``summary.json`` lacks the untrained backbone's reference score."""
     value = _number(_stored_summary(folder).get("untrained_value"))
     return value is None or not math.isfinite(value)
-
-
-def _finished_trials(journal: Path) -> int:
-    """How many trials of the search's study are finished (0 without a readable journal)."""
-    from hpsearch.results import STUDY_NAME, load_study
-
-    try:
-        study = load_study(journal, STUDY_NAME)
-    except Exception:  # noqa: BLE001 - no study yet, or one the search itself will report on
-        return 0
-    return sum(trial.state.is_finished() for trial in study.get_trials(deepcopy=False))
 
 
 def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: float):

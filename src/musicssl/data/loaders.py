@@ -356,10 +356,10 @@ def _read_table(path: Path) -> pd.DataFrame:
         separator = "\t" if header.count("\t") > header.count(",") else ","
         if ";" in header and "\t" not in header and "," not in header:
             separator = ";"
-    row_names = _row_names_first(path, separator)
+    starts, row_names = _scan_rows(path, separator)
     try:
         with warnings.catch_warnings():
-            # index_col=False: a row with more cells than the header (empty ones: _row_names_first) keeps
+            # index_col=False: a row with more cells than the header (empty ones: _scan_rows) keeps
             # its columns; pandas would otherwise take its first cells for an index and shift the rest.
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
             frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig",
@@ -370,19 +370,28 @@ def _read_table(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: the file is empty; it needs a header row and one row per track") from None
     frame.columns = [str(column).strip() for column in frame.columns]
-    frame.index = pd.Index(_record_lines(path, separator, len(frame)), name="line")
+    # Should the two readers find another number of rows (a file they parse differently), the rows are
+    # numbered as if every line held one.
+    lines = starts if starts is not None and len(starts) == len(frame) else range(2, len(frame) + 2)
+    frame.index = pd.Index(lines, name="line")
     return frame
 
 
-def _row_names_first(path: Path, separator: str) -> bool:
-    """Whether every row has one cell more than the header, first, numbering the rows 1, 2, ... (as R's
-    ``write.table`` writes them: the table is read with that column as its index). Otherwise a row with more non-empty
-    cells than the header has columns is an error that names its line; empty cells past the header's,
-    as a trailing separator leaves, are dropped. Blank lines are skipped, as the table skips them."""
+def _scan_rows(path: Path, separator: str) -> tuple[list[int] | None, bool]:
+    """One pass of Python's CSV reader over the table: the line on which each data row begins, and
+    whether the rows are numbered first.
+
+    Lines: blank and whitespace-only lines, which the table skips, are counted, and so are the lines
+    of a quoted cell that spans several (None when the reader cannot parse the file; pandas then says
+    why). Numbered rows: every row has one cell more than the header, first, numbering the rows
+    1, 2, ... (as R's ``write.table`` writes them: the table is read with that column as its index).
+    Otherwise a row with more non-empty cells than the header has columns is an error that names its
+    line; empty cells past the header's, as a trailing separator leaves, are dropped.
+    """
     names = {"\t": "tab", ",": "comma", ";": "semicolon"}
     header: list[str] | None = None
+    starts: list[int] = []
     longer: list[tuple[int, list[str]]] = []  # (line, cells) of the rows with cells past the header's
-    rows = 0
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle, delimiter=separator)
@@ -394,16 +403,16 @@ def _row_names_first(path: Path, separator: str) -> bool:
                 if header is None:
                     header = record
                     continue
-                rows += 1
+                starts.append(line)
                 if len(record) > len(header):
                     longer.append((line, record))
     except (csv.Error, UnicodeDecodeError):
-        return False  # pandas reports it
+        return None, False
     if header is None:
-        return False
-    if rows and len(longer) == rows and all(len(cells) == len(header) + 1 for _, cells in longer) \
-            and [cells[0].strip() for _, cells in longer] == [str(number) for number in range(1, rows + 1)]:
-        return True
+        return starts, False
+    if starts and len(longer) == len(starts) and all(len(cells) == len(header) + 1 for _, cells in longer) \
+            and [cells[0].strip() for _, cells in longer] == [str(number) for number in range(1, len(starts) + 1)]:
+        return starts, True
     for line, cells in longer:
         if any(cell.strip() for cell in cells[len(header):]):
             raise DatasetError(
@@ -411,30 +420,7 @@ def _row_names_first(path: Path, separator: str) -> bool:
                 f"{len(header)} ({', '.join(repr(name.strip()) for name in header)}); quote cells that hold a "
                 f"{names[separator]} (\"rock{separator}pop\"), or add the missing column to the header"
             )
-    return False
-
-
-def _record_lines(path: Path, separator: str, rows: int) -> list[int]:
-    """The line of the file on which each data row of ``_read_table``'s frame begins.
-
-    Blank and whitespace-only lines, which the table skips, are counted, and so are the lines of a
-    quoted cell that spans several. Should Python's CSV reader find another number of rows than the
-    table (a file that the two parse differently), the rows are numbered as if every line held one.
-    """
-    fallback = list(range(2, rows + 2))
-    starts = []
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle, delimiter=separator)
-            previous_end = 0
-            for record in reader:
-                if record and not (len(record) == 1 and not record[0].strip()):
-                    starts.append(previous_end + 1)
-                previous_end = reader.line_num
-    except (csv.Error, UnicodeDecodeError):
-        return fallback
-    starts = starts[1:]  # the header
-    return starts if len(starts) == rows else fallback
+    return starts, False
 
 
 def _binary_column(values: pd.Series) -> np.ndarray | None:
