@@ -85,6 +85,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
     quiet_ctrl_c_while_starting("python -m analysis.downstream")
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -799,21 +800,43 @@ def embeddings_path(cache_dir: Path, dataset_name: str, dataset_key: str, method
             / f"{method_key}-{front_end_key}-{protocol_key}-audio{audio_key}.npz")
 
 
-def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
-    """Write atomically (temporary file, then rename), so a crash never leaves a half cache file."""
+def _write_whole(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` whole or not at all: ``write(stream)`` into a temporary file renamed into place, so
+    a crash never leaves a half cache file; the temporary file goes when the write fails (on a full disk
+    it would keep the room it took)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as stream:
-        np.savez(
-            stream,
-            track_ids=np.asarray(embeddings.track_ids, dtype=str),
-            splits=np.asarray(embeddings.splits, dtype=str),
-            track_means=embeddings.track_means,
-            segment_counts=embeddings.segment_counts,
-            segments=embeddings.segments,
-            meta=np.asarray(json.dumps(meta, sort_keys=True)),
-        )
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as stream:
+            write(stream)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> None:
+    """Save a cache file; one that cannot be written (a full disk) is said, and the evaluation goes on
+    without it: its results do not depend on the cache."""
+    try:
+        save()
+    except OSError as error:
+        print(f"warning: {what} could not be cached in {folder} ({error.strerror or error}){cache_hint(error)}; the "
+              "evaluation goes on, and a later one computes them again", file=sys.stderr, flush=True)
+
+
+def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
+    """Write atomically (:func:`_write_whole`)."""
+    _write_whole(path, lambda stream: np.savez(
+        stream,
+        track_ids=np.asarray(embeddings.track_ids, dtype=str),
+        splits=np.asarray(embeddings.splits, dtype=str),
+        track_means=embeddings.track_means,
+        segment_counts=embeddings.segment_counts,
+        segments=embeddings.segments,
+        meta=np.asarray(json.dumps(meta, sort_keys=True)),
+    ))
 
 
 def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embeddings | None:
@@ -1415,8 +1438,10 @@ def run_downstream(
                 embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress,
                                                 spec.label)
                 if config.use_cache:
-                    save_embeddings(path, embeddings, {"method": spec.describe(), "dataset": dataset_name,
-                                                       "protocol": config.protocol(), "audio": audio_key})
+                    meta = {"method": spec.describe(), "dataset": dataset_name, "protocol": config.protocol(),
+                            "audio": audio_key}
+                    _cache_or_say(lambda: save_embeddings(path, embeddings, meta), f"{spec.label}'s embeddings",
+                                  path.parent)
                 n_segments = int(embeddings.segment_counts.sum())
                 log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
                     f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")
@@ -1436,7 +1461,8 @@ def run_downstream(
                     fit_rows, main_scores = _fit_probes(
                         classifier, embeddings, labels, split_positions, subsets, config, device, processes)
                     if config.use_cache:
-                        _save_probe_results(probe_path, fit_rows, main_scores)
+                        _cache_or_say(lambda: _save_probe_results(probe_path, fit_rows, main_scores),
+                                      f"{spec.label}'s {classifier} probe fits", probe_path.parent)
                 else:
                     fit_rows, main_scores = cached
                     probes_cached.append(classifier)
@@ -1658,11 +1684,8 @@ def _fit_in_processes(jobs: list, processes: _ProbeProcesses) -> list:
 
 
 def _save_probe_results(path: Path, rows: list[dict[str, Any]], main_scores: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as stream:
-        np.savez(stream, rows=np.asarray(json.dumps(_jsonable(rows))), main_scores=main_scores)
-    os.replace(temporary, path)
+    _write_whole(path, lambda stream: np.savez(stream, rows=np.asarray(json.dumps(_jsonable(rows))),
+                                               main_scores=main_scores))
 
 
 def _load_probe_results(path: Path) -> tuple[list[dict[str, Any]], np.ndarray] | None:

@@ -4,8 +4,10 @@ search's result files kept current after each trial."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO
@@ -150,6 +152,40 @@ def results_written_by(write: Callable[[], None], replayed: Iterable[int] = ()) 
         _write_results, _replayed = before
 
 
+_room_problem: Callable[[], str | None] | None = None  # the running search's watch of its disk room
+ROOM_CHECK_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def room_watched_by(problem: Callable[[], str | None]) -> Iterator[None]:
+    """While the block runs, :class:`ResultsWriter` calls ``problem()`` every
+    :data:`ROOM_CHECK_SECONDS`; once it says why the search cannot go on (the disk is short of room),
+    the Tune run is stopped as Ctrl-C stops it: its state saved, the trials that were running left to
+    train again when the search is continued."""
+    global _room_problem
+    before, _room_problem = _room_problem, problem
+    try:
+        yield
+    finally:
+        _room_problem = before
+
+
+def _stop_tune_run() -> bool:
+    """Stop the Tune run of this process as its Ctrl-C handler does (Tune sets the same handler for
+    SIGUSR1, and every run sets it again). False where no run's handler is set (a run off the main
+    thread)."""
+    handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    if not callable(handler) or getattr(handler, "__name__", "") != "signal_interrupt_tune_run":
+        return False
+    tune_logger = logging.getLogger("ray.tune.tune")  # its warning speaks of Ctrl-C: the caller says why instead
+    was_disabled, tune_logger.disabled = tune_logger.disabled, True
+    try:
+        handler(signal.SIGUSR1, None)
+    finally:
+        tune_logger.disabled = was_disabled
+    return True
+
+
 class ResultsWriter(Callback):
     """Copies each finished trial's folder (its ``result.json``: every epoch's report) from Ray's staging
     folder to the search's, and rewrites ``trials.csv``, the best backbone and ``summary.json``, before
@@ -159,17 +195,34 @@ class ResultsWriter(Callback):
 
     It holds nothing: Tune pickles callbacks with the experiment, and a restored experiment writes
     what the search that continues it says (:func:`results_written_by`), where its folder is now.
-    A failed write is reported, and never fails the trial or the search.
+    A failed write is reported, and never fails the trial or the search. It also watches the disk's
+    room for the search (:func:`room_watched_by`).
     """
 
     def __init__(self) -> None:
-        self._failed_before = self._failed_copy_before = False
+        self.__setstate__({})
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
         self._failed_before = self._failed_copy_before = False
+        self._room_checked = -math.inf  # time.monotonic() of the last look at the disk's room
+        self._stopping = False
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self._look_at_room(at_once=False)
+
+    def _look_at_room(self, at_once: bool) -> None:
+        """Every ROOM_CHECK_SECONDS, and as each trial starts (short trials come and go in between)."""
+        if _room_problem is None or self._stopping or (
+                not at_once and time.monotonic() - self._room_checked < ROOM_CHECK_SECONDS):
+            return
+        self._room_checked = time.monotonic()
+        problem = _room_problem()
+        if problem is not None and _stop_tune_run():
+            self._stopping = True
+            print(f"stopping: {problem}", file=sys.stderr, flush=True)
 
     def _write(self, trial) -> None:
         if _write_results is None or (trial.last_result or {}).get("replayed"):
@@ -222,6 +275,7 @@ class ResultsWriter(Callback):
             self._failed_copy_before = True
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._look_at_room(at_once=True)
         self._copy(trial, to_search=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

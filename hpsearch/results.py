@@ -6,14 +6,17 @@ Ray trial folders (where checkpoints live); nothing needs Ray running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from optuna.storages.journal import JournalFileBackend
 
 from hpsearch.settings import COLLAPSE_TYPES, whole, write_whole
 
@@ -23,7 +26,10 @@ __all__ = [
     "TRIALS_FILE",
     "BEST_BACKBONE_FILE",
     "BEST_CONFIG_FILE",
+    "SearchJournal",
     "SearchSummary",
+    "drop_unfinished_record",
+    "journal_storage",
     "load_study",
     "trials_frame",
     "write_trials_csv",
@@ -50,17 +56,57 @@ _COLUMNS_FIRST = (
 )  # fmt: skip
 
 
+def drop_unfinished_record(journal: str | Path) -> int:
+    """Cut off the record at the end of ``journal`` that a write left unfinished (no line end: a disk
+    that filled, or a kill, in the middle of the write). Optuna never reads such a record, but appends
+    the next one onto it, and the journal can then no longer be read. Returns the bytes cut off."""
+    with open(journal, "rb+") as stream:
+        size = position = stream.seek(0, os.SEEK_END)
+        while position > 0:
+            start = max(position - 65536, 0)
+            stream.seek(start)
+            block = stream.read(position - start)
+            end = block.rfind(b"\n")
+            if end >= 0:
+                position = start + end + 1
+                break
+            position = start
+        if position == size:  # ends with a line end (or is empty): whole
+            return 0
+        stream.truncate(position)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return size - position
+
+
+class SearchJournal(JournalFileBackend):
+    """Optuna's journal file, except that a write that fails (a full disk) or is cut short (Ctrl-C) leaves
+    no unfinished record behind for the next write to be appended onto."""
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        try:
+            super().append_logs(logs)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                drop_unfinished_record(self._file_path)
+            raise
+
+
+def journal_storage(journal: str | Path):
+    """The Optuna storage of the journal file ``journal``, through :class:`SearchJournal`."""
+    from optuna.storages import JournalStorage
+
+    return JournalStorage(SearchJournal(str(journal)))
+
+
 def load_study(journal: str | Path, study_name: str = STUDY_NAME):
     """The search's Optuna study, read from its journal file."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     journal = Path(journal)
     if not journal.is_file():
         raise FileNotFoundError(f"{journal}: no Optuna journal here (not a search folder?)")
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    return optuna.load_study(study_name=study_name, storage=storage)
+    return optuna.load_study(study_name=study_name, storage=journal_storage(journal))
 
 
 def trials_frame(study) -> pd.DataFrame:

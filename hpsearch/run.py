@@ -60,6 +60,7 @@ class SearchResult:
     trials: Any  # pandas DataFrame of trials.csv
     summary: Any  # hpsearch.results.SearchSummary
     interrupted: bool
+    stopped_for: str | None = None  # why the search stopped itself before its trials were all run (disk room)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +317,36 @@ def check_storage(settings: SearchSettings) -> None:
     except OSError as error:
         raise SearchError(f"--storage-dir {settings.storage_dir}: cannot write there ({error.strerror or error}); "
                           "give a folder you can write in") from None
+
+
+def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint: int) -> int:
+    """Refuse to start (or continue) a search without disk room for the trials it runs at once, and
+    say so when the trials left need more than there is (it stops when the room runs short). Returns
+    the room under which the running search stops (:func:`hpsearch.room.room_floor`)."""
+    from hpsearch.room import room_floor, room_problem, search_bytes
+    from musicssl.paths import free_bytes, size_text
+
+    floor = room_floor(settings, checkpoint)
+    problem = room_problem(folder, floor)
+    if problem:
+        raise SearchError(f"{problem}: free some space, or give --storage-dir a folder on a disk with room")
+    left = max(settings.trials - finished, 0)
+    need, free = search_bytes(settings, checkpoint, left), free_bytes(folder)
+    if free is not None and need > free:
+        print(f"note: the {left} trials left take about {size_text(need)} on disk, and the disk of {folder} has "
+              f"{size_text(free)} free: the search stops when the room runs short, and continues with --resume "
+              "once there is more", file=sys.stderr, flush=True)
+    return floor
+
+
+def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
+    """For an error that is a write finding the disk full: what to do, as a :class:`SearchError`."""
+    from musicssl.paths import disk_full
+
+    if not disk_full(error):
+        return None
+    return SearchError(f"the disk of {folder} is full ({error}); free some space, and continue the search with "
+                       f"{_continue_command(settings, address)}")
 
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
@@ -960,7 +991,7 @@ def check_journal(folder: Path) -> int:
     unreadable, or cut short or replaced (without trials the folder shows were asked) would lose
     them, and Ray Tune, failing to restore its state against it, would wait for good:
     :class:`SearchError` instead. Returns how many of the study's trials are finished."""
-    from hpsearch.results import JOURNAL_FILE, STUDY_NAME, load_study
+    from hpsearch.results import JOURNAL_FILE, STUDY_NAME, drop_unfinished_record, load_study
 
     journal = folder / JOURNAL_FILE
     asked = _trials_run_before(folder)
@@ -971,6 +1002,7 @@ def check_journal(folder: Path) -> int:
                               f"recorded there: {fix}")
         return 0  # stopped before its first trial was asked: the search starts its study now
     try:
+        dropped = drop_unfinished_record(journal)
         trials = load_study(journal, STUDY_NAME).get_trials(deepcopy=False)
     except Exception as error:  # noqa: BLE001 - whatever Optuna makes of a damaged file
         raise SearchError(f"{journal} cannot be read as this search's study ({type(error).__name__}: {error}): "
@@ -980,6 +1012,9 @@ def check_journal(folder: Path) -> int:
         listed = ", ".join(f"#{number}" for number in beyond[:5]) + (", ..." if len(beyond) > 5 else "")
         raise SearchError(f"{journal} holds {len(trials)} trial{'' if len(trials) == 1 else 's'}, but this search has "
                           f"also run {listed}: the journal was cut short or replaced; {fix}")
+    if dropped:
+        print(f"note: {journal} ended in a record cut short ({dropped} bytes, written as the search stopped: a full "
+              "disk, or a kill), which Optuna never reads; it is removed", file=sys.stderr, flush=True)
     return sum(trial.state.is_finished() for trial in trials)
 
 
@@ -1012,8 +1047,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 verbose: bool, stream: TextIO | None, data) -> SearchResult:
     from ray import tune
 
-    from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by
+    from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by, room_watched_by
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
+    from hpsearch.room import room_problem
+    from musicssl.models import checkpoint_bytes
     from hpsearch.searcher import journal_of_this_search
     from hpsearch.trainable import run_trial
     from musicssl.data.index import GENERATED_CORPUS_KEY
@@ -1062,6 +1099,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             if note:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         max_batch_size = check_space(settings)
+        room_floor = check_room(settings, folder if existing else Path(settings.storage_dir).expanduser(),
+                                finished if existing else 0, checkpoint_bytes(settings.preset))
         if data is None:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
         if not existing:  # recorded when the search starts: a resume continues on that corpus
@@ -1118,6 +1157,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary(verbose)
     told = False  # the line that says how to continue the search is printed
+    stopped_for: list[str | None] = [None]  # the room watch's last finding (it stops looking once it stops the run)
     failure: Exception | None = None  # an error ending the search
     try:
         try:
@@ -1171,8 +1211,13 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     ),
                 )
                 _print_start(settings, folder, stream)
+            def watch_room() -> str | None:
+                stopped_for[0] = room_problem(folder, room_floor)
+                return stopped_for[0]
+
             with _concurrency_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
-                    results_written_by(lambda: _summarize(settings, folder, journal, started), replayed=finished):
+                    results_written_by(lambda: _summarize(settings, folder, journal, started), replayed=finished), \
+                    room_watched_by(watch_room):
                 tuner.fit()
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
             # SIGTERM then would end the search before anything is written.
@@ -1185,7 +1230,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 told = True
             raise
         except Exception as error:
-            failure = error
+            failure = _disk_full_error(error, folder, settings, address) or error
+            if failure is not error:
+                raise failure from error
             raise
         finally:
             if started_ray:
@@ -1229,7 +1276,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     for line in _end_lines(settings, folder, summary, address):
         print(line, file=stream, flush=True)
     interrupted = summary.trials_finished < settings.trials
-    return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted)
+    return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted,
+                        stopped_for=stopped_for[0] if interrupted else None)
 
 
 def _stored_summary(folder: Path) -> dict[str, Any]:
@@ -1364,10 +1412,7 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
 def make_searcher(settings: SearchSettings, journal: Path, study_exists: bool):
     """The search's :class:`hpsearch.searcher.CollapseAwareOptunaSearch`, its study in ``journal`` (for a new
     Tune run; a restored one unpickles its own)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    from hpsearch.results import STUDY_NAME
+    from hpsearch.results import STUDY_NAME, journal_storage
     from hpsearch.searcher import CollapseAwareOptunaSearch
     from study_spaces import get_space
 
@@ -1376,7 +1421,7 @@ def make_searcher(settings: SearchSettings, journal: Path, study_exists: bool):
         metric="objective",
         mode="max",
         study_name=STUDY_NAME,
-        storage=JournalStorage(JournalFileBackend(str(journal))),
+        storage=journal_storage(journal),
         seed=settings.seed,
         sampler_kind=settings.sampler,
         # Points are enqueued once, into a new study; a resumed study already holds them.
@@ -1646,6 +1691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    if result.stopped_for:
+        print(f"{PROG}: error: stopped: {result.stopped_for}; free some space, and continue the search with the "
+              "command above", file=sys.stderr)
+        return 2
     return 130 if result.interrupted else 0
 
 

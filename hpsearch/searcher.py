@@ -361,13 +361,12 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         """Read and write the study in ``journal`` (the resumed search's own), if it is not the journal the
         pickled study names: that is the absolute path the search had when it was saved, and a search folder
         moved or copied since would write its trials into the old folder's journal (and loop on resume)."""
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from hpsearch.results import SearchJournal, journal_storage
 
         backend = getattr(self._ot_study._storage, "_backend", None)
-        if journal is None or getattr(backend, "_file_path", None) == journal:
-            return
-        self._storage = JournalStorage(JournalFileBackend(journal))
+        if journal is None or (getattr(backend, "_file_path", None) == journal and isinstance(backend, SearchJournal)):
+            return  # (a search saved before SearchJournal: its journal is opened through it from now)
+        self._storage = journal_storage(journal)
         self._ot_study = optuna.load_study(study_name=self._ot_study.study_name, storage=self._storage,
                                            sampler=self._sampler)
         # Trial ids are the journal's own numbering, the same in a copy of it.

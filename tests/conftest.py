@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,42 @@ def ctrl_c_handled():
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+class SmallDisk:
+    """A file system of its own (a tmpfs) at ``path``, ``size`` bytes, that a test can fill for real."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def resize(self, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Callable[[int], SmallDisk]]:
+    """``small_disk(size)``: a tmpfs of ``size`` bytes mounted for the test (unmounted after it). Skipped
+    where this process may not mount one (mounting needs root, or CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> SmallDisk:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small file system needs root")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+        mounted.append(path)
+        return SmallDisk(path)
+
+    try:
+        yield mount
+    finally:
+        for path in mounted:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=60)
 
 
 def write_tonal_dataset(folder: Path, num_tracks: int = 48, seconds: float = 14.0, seed: int = 0) -> TrackIndex:

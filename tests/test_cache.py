@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -611,6 +613,26 @@ def test_index_without_usable_tracks_is_a_clear_error(tmp_path: Path) -> None:
     index = make_index({"a": str(tmp_path / "a.wav"), "b": str(tmp_path / "b.wav")})
     with pytest.raises(MelCacheError, match=r"none of the 2 tracks.*undecodable.*missing"):
         MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+
+
+def test_a_disk_that_fills_fails_the_build_naming_the_cache_and_frees_what_the_failed_write_took(
+    tmp_path: Path, small_disk
+) -> None:
+    """The shard being written when the disk filled is removed at once (before, its temporary file kept
+    the disk full until the next build); a build given room again then makes the whole cache."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    paths = {f"t{n:02d}": write(folder / f"t{n:02d}.flac", tone_and_noise(9.0, 16000, n), 16000) for n in range(12)}
+    disk = small_disk(300_000)  # under the 12 x 72 kB of their mels (282 frames x 128 mels x 2 bytes each)
+    with pytest.raises(OSError) as failed:
+        MelCache.build(make_index(paths), disk.path / "cache", workers=0, progress=False, verbose=False)
+    assert failed.value.errno == errno.ENOSPC and str(disk.path / "cache") in str(failed.value.filename)
+    left = [path.name for path in (disk.path / "cache").rglob("shard-*")]
+    assert left == [] or all(name.endswith(".json") for name in left), left
+    assert shutil.disk_usage(disk.path).used < 100_000
+    disk.resize(4_000_000)
+    cache = MelCache.build(make_index(paths), disk.path / "cache", workers=0, progress=False, verbose=False)
+    assert cache.track_ids == sorted(paths) and cache.frames("t00") == 282
 
 
 def test_concurrent_build_waits_for_the_other_builder_then_times_out(

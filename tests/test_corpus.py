@@ -33,7 +33,7 @@ from musicssl.corpus import (
     split_assignment,
 )
 from musicssl.corpus.__main__ import main as cli_main
-from musicssl.corpus.build import MIN_SECONDS
+from musicssl.corpus.build import MIN_SECONDS, corpus_bytes
 from musicssl.corpus.compose import STYLES, Note, Part, Song, compose_song, draw_factors
 from musicssl.corpus.render import (
     SAMPLE_RATE,
@@ -46,6 +46,7 @@ from musicssl.corpus.render import (
 )
 from musicssl.corpus.tags import INSTRUMENTS, TAG_NAMES
 from musicssl.data.index import TrackIndex
+from conftest import run_main
 
 TRACKS, SECONDS, SEED = 12, 8.0, 3  # 8 s: the shortest a corpus may be (two 4 s views)
 
@@ -445,6 +446,51 @@ def test_bad_cli_arguments_exit_2_with_a_message(arguments, message, tmp_path, c
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "corpus").exists()
+
+
+def test_the_size_of_a_corpus_is_estimated_within_a_tenth(cli_corpus):
+    """The estimate that the check of room uses, against a corpus built: its files' bytes on disk."""
+    out, result = cli_corpus
+    assert result.returncode == 0, result.stderr
+    written = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    estimate = corpus_bytes(CorpusConfig(TRACKS, SECONDS, SEED))
+    assert 0.9 * written <= estimate <= 1.1 * written, (estimate, written)
+
+
+def test_a_corpus_larger_than_the_room_on_its_disk_is_refused_before_anything_is_built(tmp_path, cache, bank, capsys):
+    """A billion tracks of 30 s (21 kB a second of FLAC and 5.5 kB of MIDI and index each) take about
+    636 TB: refused at once with both sizes, not after the split
+    assignment and the build (which filled the disk and ended in a traceback of libsndfile's
+    "System error.")."""
+    started = time.perf_counter()
+    code, _, err = run_main(cli_main, ["--tracks", "1000000000", "--out", str(tmp_path / "corpus"), "--cache-dir",
+                                       str(cache)], capsys)
+    assert code == 2 and "Traceback" not in err
+    free = shutil.disk_usage(tmp_path).free
+    assert "1000000000 tracks of 30 s take about 636 TB, and " in err and f"{tmp_path} has " in err
+    reported = float(err.split(" has ")[1].split(" free")[0].split()[0])
+    unit = err.split(" has ")[1].split(" free")[0].split()[1]
+    assert reported == pytest.approx(free / {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit], rel=0.05)
+    assert "build fewer or shorter tracks, or in a folder on a disk with room" in err
+    assert not (tmp_path / "corpus").exists() and list(tmp_path.iterdir()) == []
+    assert time.perf_counter() - started < 10
+
+
+def test_a_disk_that_fills_during_the_build_ends_it_saying_so_and_leaves_nothing(small_disk, cache, bank,
+                                                                                  monkeypatch):
+    """The estimate passes (here made small on purpose) but the disk fills: one message that says what
+    the corpus needs, and the partial build is removed, which frees the disk again."""
+    import musicssl.corpus.build as build
+
+    disk = small_disk(2_000_000)
+    monkeypatch.setattr(build, "AUDIO_BYTES_PER_SECOND", 1)
+    with pytest.raises(CorpusError) as refused:
+        build_corpus(disk.path / "corpus", CorpusConfig(40, 8.0, 1), workers=2, bank_cache_dir=cache, progress=False)
+    message = str(refused.value)
+    assert f"{disk.path}: its disk filled after " in message and " of 40 tracks" in message
+    assert "the partial build is removed: free some space" in message
+    assert list(disk.path.iterdir()) == []
+    assert shutil.disk_usage(disk.path).used < 100_000
 
 
 def test_a_cache_dir_that_is_a_file_exits_2_naming_it(tmp_path, capsys):

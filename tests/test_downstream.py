@@ -1608,3 +1608,22 @@ def test_a_short_ssl_run_beats_the_random_backbone_on_the_embedded_corpus(tmp_pa
     # bootstrap spread (the checkpoint's interval lies above the baseline's mean).
     assert trained["average_precision_low"] > calibrated["average_precision"], scores
     assert trained["roc_auc_low"] > calibrated["roc_auc"], scores
+
+
+def test_a_cache_whose_disk_is_full_is_said_and_the_evaluation_goes_on(tmp_path, tonal_dataset, monkeypatch,
+                                                                       capsys, small_disk):
+    """The embeddings and probe fits are a cache: on a disk that fills, the evaluation writes its
+    results all the same, says what it could not cache, and leaves no partial file taking the room
+    (before: exit 2 after the embedding, and the temporary file kept)."""
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    disk = small_disk(8192)
+    code, out, err = run_main(main, ["melstats", "--no-baselines", "--dataset", str(tonal_dataset), "--cache-dir",
+                                     str(disk.path / "embeddings"), "--out", str(tmp_path / "out"), "--workers", "0",
+                                     "--classifiers", "linear", "--fractions", "100", "--draws", "1", "--bootstrap",
+                                     "10", "--probe-workers", "0", "--threads", "1", "--quiet"], capsys)
+    assert code == 0, err
+    assert "warning: melstats's embeddings could not be cached in " in err and "No space left on device" in err
+    assert "the evaluation goes on, and a later one computes them again" in err
+    assert (tmp_path / "out" / "results.csv").is_file()
+    left = [path.name for path in disk.path.rglob("*") if path.is_file()]
+    assert all("-probe-linear-" in name and name.endswith(".npz") for name in left), left  # (small: it fit)

@@ -1402,8 +1402,13 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     shutil.copytree(folder, tmp_path / "elsewhere" / "resumable", symlinks=True)
     folder, journal = tmp_path / "elsewhere" / "resumable", tmp_path / "elsewhere" / "resumable" / "optuna.journal"
     command[command.index("--storage-dir") + 1] = str(tmp_path / "elsewhere")
+    # A record the kill cut short, which Optuna does not read: before, the resume appended its next record onto
+    # it, and the journal became unreadable (a JSONDecodeError as the next trial was drawn).
+    with open(journal, "ab") as stream:
+        stream.write(b'{"op_code":5,"worker_id":"w","trial_id":5,"param_na')
     resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "optuna.journal ended in a record cut short (51 bytes" in resumed.stderr
     assert (tmp_path / "resumable" / "optuna.journal").read_bytes() == original
     study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(journal))))
     assert [t.number for t in study.trials] == list(range(6))
@@ -2965,3 +2970,180 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     assert "collapse stop off: the rule would have stopped 2 trial(s), saving 5.0 trial-epochs" in text
     assert "flagged, not stopped: 2 complete (trials that ran to the end with a collapse verdict on their last " \
            "epoch: collapse stopping off, a type --stop-on ignores" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk room: a record cut short in the journal, the check before a search, the watch while it runs
+
+
+def test_a_record_cut_short_at_the_end_of_the_journal_is_dropped_and_the_study_reads_on(tmp_path):
+    """Optuna skips a last line without its line end, then appends the next record onto it: the
+    journal could no longer be read (a JSONDecodeError as a resumed search drew its next trial)."""
+    from hpsearch.results import drop_unfinished_record, journal_storage
+
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="search", storage=journal_storage(journal))
+    study.enqueue_trial({"x": 1.0})
+    whole = journal.read_bytes()
+    assert drop_unfinished_record(journal) == 0 and journal.read_bytes() == whole
+    cut = b'{"op_code":5,"worker_id":"w","trial_id":0,"param_na'
+    with open(journal, "ab") as stream:
+        stream.write(cut)
+    # Optuna's own backend, as the search used it before: the next record joins the one cut short, and is
+    # lost (Optuna does not find the trial it created); a record after it makes the journal unreadable.
+    def plain():
+        return optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(journal))))
+
+    with pytest.raises(AttributeError):
+        plain().enqueue_trial({"x": 2.0})
+    assert len(plain().trials) == 1
+    with open(journal, "ab") as stream:
+        stream.write(whole.splitlines(keepends=True)[-1])
+    with pytest.raises(ValueError):  # json.JSONDecodeError
+        plain()
+    journal.write_bytes(whole + cut)
+    assert drop_unfinished_record(journal) == len(cut) and journal.read_bytes() == whole
+    optuna.load_study(study_name="search", storage=journal_storage(journal)).enqueue_trial({"x": 2.0})
+    assert [t.params for t in load_study(journal).trials] == [{}, {}]
+    assert [t.system_attrs["fixed_params"] for t in load_study(journal).trials] == [{"x": 1.0}, {"x": 2.0}]
+    journal.write_bytes(b'{"op_code":0,"wor')  # a first record cut short: nothing whole is left
+    assert drop_unfinished_record(journal) == 17 and journal.read_bytes() == b""
+
+
+_WRITE_CUT_SHORT = r'''
+import os, resource, signal, sys
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from hpsearch.results import journal_storage
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+path, ours = sys.argv[1], sys.argv[2] == "ours"
+storage = journal_storage(path) if ours else JournalStorage(JournalFileBackend(path))
+study = optuna.create_study(study_name="search", storage=storage)
+study.enqueue_trial({"x": 1.0})
+# The file may grow by 40 bytes more: the next write is cut short there, as on a disk that fills.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 40, resource.RLIM_INFINITY))
+try:
+    study.set_user_attr("note", "y" * 500)
+except OSError as error:
+    print(error.errno)
+'''
+
+
+@pytest.mark.parametrize("backend", ["ours", "optuna"])
+def test_a_journal_write_that_fails_halfway_leaves_no_record_cut_short(tmp_path, backend):
+    """A real write cut short by the file size limit (EFBIG, as ENOSPC on a full disk): the search's
+    journal removes what it wrote of the record; Optuna's own leaves the 40 bytes."""
+    journal = tmp_path / "optuna.journal"
+    done = subprocess.run([sys.executable, "-c", _WRITE_CUT_SHORT, str(journal), backend], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert done.stdout.strip() == "27", done.stdout + done.stderr  # EFBIG
+    content = journal.read_bytes()
+    if backend == "ours":
+        assert content.endswith(b"\n")
+        assert [t.system_attrs["fixed_params"] for t in load_study(journal).trials] == [{"x": 1.0}]
+    else:
+        assert not content.endswith(b"\n") and len(content) - content.rindex(b"\n") - 1 == 40
+
+
+def test_a_search_is_refused_without_room_for_the_trials_it_runs_at_once(tmp_path, cli_env, tonal_dataset,
+                                                                        monkeypatch, capsys):
+    """Before the data are prepared: 10**13 epochs a trial would write about 80 PB of epoch reports."""
+    monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])
+    code, out, err = run_main(search_main, ["vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "runs"),
+                                            *tiny_flags(tonal_dataset)[:2], "--max-epochs", "10000000000000"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"python -m hpsearch.run: error: only " in err and f" free on the disk of {tmp_path / 'runs'}, under the " in err
+    assert "that the trials running at once and the search's results need: free some space, or give --storage-dir" in err
+    assert "mel cache" not in out + err and list((tmp_path / "runs").iterdir()) == []
+
+
+def test_the_trials_left_needing_more_room_than_there_is_are_noted(tmp_path, capsys):
+    from hpsearch.room import room_floor, search_bytes
+    from hpsearch.run import check_room
+
+    settings = SearchSettings(method="vicreg", trials=10**9, storage_dir=str(tmp_path))
+    checkpoint = 2_000_000
+    floor = check_room(settings, tmp_path, finished=10, checkpoint=checkpoint)
+    # The trials at once (2) and one more: their checkpoints and epoch reports; the best backbone's copy; 4 MB.
+    per_trial = checkpoint + 64_000 + 8_000 * settings.max_epochs
+    assert floor == room_floor(settings, checkpoint) == 3 * per_trial + checkpoint + 4_000_000
+    # The whole search's: each trial's, and its part of Ray's experiment state (45 kB) twice.
+    assert search_bytes(settings, checkpoint, 5) == 5 * (per_trial + 90_000) + checkpoint + 4_000_000
+    err = capsys.readouterr().err
+    assert "note: the 999999990 trials left take about " in err
+    assert "the search stops when the room runs short, and continues with --resume once there is more" in err
+
+
+def test_the_room_a_running_search_needs_counts_ray_writing_its_state_again(tmp_path):
+    """Ray writes its experiment state whole next to the old one: twice its size is needed besides the
+    floor (a sparse file stands for a state of 10 TB; it takes no room itself)."""
+    from hpsearch.room import room_problem
+
+    assert room_problem(tmp_path, 0) is None
+    if shutil.disk_usage(tmp_path).free >= 2 * 10**13:
+        pytest.skip("this disk has room for twice 10 TB")
+    with open(tmp_path / "experiment_state-2026-12-05_10-00-00.json", "wb") as stream:
+        stream.truncate(10**13)
+    problem = room_problem(tmp_path, 0)
+    assert problem is not None and problem.startswith("only ")
+    assert problem.endswith(f"free on the disk of {tmp_path}, under the 20.0 TB that the trials running at once and "
+                            "the search's results need")
+
+
+def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, monkeypatch):
+    """Through the handler Tune sets for its run (checked against Tune itself: a Ray upgrade that
+    renames it fails here), once, and without Tune's own warning, which speaks of Ctrl-C."""
+    from types import SimpleNamespace
+
+    from ray.tune.tune import _setup_signal_catching
+
+    import hpsearch.progress as progress
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        interrupted = _setup_signal_catching()
+        answers = iter([None, "only 1 MB free on the disk of X, under the 2 MB ...", "again"])
+        writer = pickle.loads(pickle.dumps(progress.ResultsWriter()))  # as a restored experiment holds it
+        with progress.room_watched_by(lambda: next(answers)):
+            monkeypatch.setattr(progress, "ROOM_CHECK_SECONDS", 3600.0)
+            writer.on_step_end(0, [])  # looked at: room
+            writer.on_step_end(1, [])  # within ROOM_CHECK_SECONDS of the last look: not looked at
+            assert not interrupted.is_set()
+            writer.on_trial_start(2, [], SimpleNamespace())  # as a trial starts: at once
+            assert interrupted.is_set()
+            writer.on_step_end(3, [])  # stopping already: not asked again
+            writer.on_trial_start(4, [], SimpleNamespace())
+        assert next(answers) == "again"
+        assert capsys.readouterr().err == "stopping: only 1 MB free on the disk of X, under the 2 MB ...\n"
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # Tune's handler gave Ctrl-C back
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.slow  # 60 s; run when the room check, the watch or the resume changes
+def test_a_search_whose_disk_runs_short_stops_and_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env,
+                                                                                 small_disk):
+    """On a disk of its own with room for a few trials: the search stops, as after Ctrl-C, before the
+    disk is full (before, the trials failed one after the other, each recorded as failed, and then the
+    search ended in a traceback with a record cut short in its journal); given room, it resumes to the
+    requested count with nothing lost or repeated."""
+    disk = small_disk(22_000_000)
+    command = cli("vicreg", "--trials", "8", "--name", "short", "--storage-dir", str(disk.path), *tiny_flags(tonal_dataset))
+    first = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert first.returncode == 2, first.stdout + first.stderr
+    assert "stopping: only " in first.stderr and "Traceback" not in first.stderr
+    assert first.stderr.rstrip().endswith("free some space, and continue the search with the command above")
+    assert "interrupted: continue with python -m hpsearch.run vicreg --name short" in first.stdout
+    journal = disk.path / "short" / "optuna.journal"
+    finished = {t.number: (t.state, t.value, t.params) for t in load_study(journal).trials if t.state.is_finished()}
+    assert 1 <= len(finished) < 8 and all(state != TrialState.FAIL for state, _, _ in finished.values())
+    disk.resize(200_000_000)
+    resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = load_study(journal)
+    assert [t.number for t in study.trials] == list(range(8)) and all(t.state.is_finished() for t in study.trials)
+    assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in finished} == finished
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8

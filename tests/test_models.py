@@ -20,6 +20,7 @@ from musicssl.models import (
     Backbone,
     BackboneConfig,
     MLPHead,
+    checkpoint_bytes,
     byol_predictor,
     clustering_head,
     parameter_counts,
@@ -509,3 +510,11 @@ def test_mlp_head_with_last_bias_and_bad_dims():
     assert count(head) == mlp_params([16, 8, 4], last_bias=True) == 16 * 8 + 16 + 8 * 4 + 4
     with pytest.raises(ValueError, match="at least input and output"):
         MLPHead((16,))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_checkpoint_size_is_the_saved_state_dicts_within_5_percent(preset, tmp_path):
+    """Counted on the meta device, checked against torch.save of a real backbone's state_dict."""
+    torch.save(Backbone(preset=preset).state_dict(), tmp_path / "backbone.pt")
+    saved = (tmp_path / "backbone.pt").stat().st_size
+    assert 0.95 * saved <= checkpoint_bytes(preset) <= saved

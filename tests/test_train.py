@@ -1006,6 +1006,17 @@ def test_the_cli_never_writes_into_a_full_folder_and_leaves_none_behind_when_it_
     assert code == 2 and "none" in err and not (tmp_path / "runs").exists()
 
 
+def test_a_run_folder_on_a_disk_without_room_for_the_run_is_refused_before_training(small_disk, capsys):
+    """The run is written when it ends: before, a full disk then lost the training ("could not write
+    backbone.pt ... run again")."""
+    disk = small_disk(1_000_000)  # the cpu backbone's checkpoint takes 2 MB
+    code, out, err = run_main(main, ["vicreg", "--out", str(disk.path / "run"), "--data", "no/such/data.csv"], capsys)
+    assert code == 2, err
+    assert f"error: --out {disk.path / 'run'}: only 1.0 MB free on its disk, and the run writes about 3.1 MB when " \
+           "it ends; free some space or give another --out" in err
+    assert list(disk.path.iterdir()) == []
+
+
 def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):
     (tmp_path / "a-file").write_text("")
     config = tiny_config("vicreg", tmp_path, out_dir=str(tmp_path / "a-file" / "run"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
-    "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "make_writable_folder", "missing_folders",
-    "remove_abandoned_staging", "remove_if_empty", "staging_folder",
+    "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes", "make_writable_folder",
+    "missing_folders", "remove_abandoned_staging", "remove_if_empty", "same_file_system", "size_text", "staging_folder",
 ]
 
 CLAIM_FILE = ".writing.lock"
@@ -40,6 +41,72 @@ def cache_hint(error: OSError) -> str:
         return ""
     return (f" (in the cache folder {root}, where corpora and mel caches are kept: set MUSICSSL_CACHE to a folder "
             "you can write, with room for them)")
+
+
+# A write that fails for want of room: the disk is full (ENOSPC) or the user's quota is spent (EDQUOT).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _nearest_existing(path: str | Path) -> Path | None:
+    """``path``, or the nearest folder above it that exists (None where none can be looked at)."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        try:
+            candidate.stat()
+            return candidate
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """The bytes a user can still write on the file system holding ``path`` (or its nearest existing
+    folder above); None where that cannot be read."""
+    existing = _nearest_existing(path)
+    try:
+        return None if existing is None else shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
+def same_file_system(first: str | Path, second: str | Path) -> bool:
+    """Whether two paths (or their nearest existing folders above) are on one file system."""
+    devices = []
+    for path in (first, second):
+        existing = _nearest_existing(path)
+        try:
+            devices.append(None if existing is None else existing.stat().st_dev)
+        except OSError:
+            devices.append(None)
+    return devices[0] is not None and devices[0] == devices[1]
+
+
+def disk_full(error: BaseException, path: str | Path | None = None, room: int = 0) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a write that found no room: an OSError
+    whose errno says so, or, for libraries that lose the errno (libsndfile's "System error."), a
+    file system at ``path`` with at most ``room`` bytes free."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    if path is None:
+        return False
+    free = free_bytes(path)
+    return free is not None and free <= room
+
+
+def size_text(size: float) -> str:
+    """A byte count for people: ``512 B``, ``3.4 MB``, ``61 TB`` (powers of 1000, as disks are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{size:.0f} {unit}" if unit == "B" or abs(size) >= 100 else f"{size:.1f} {unit}"
 
 
 def _umask() -> int:

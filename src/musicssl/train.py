@@ -35,7 +35,15 @@ from torch import Tensor
 
 from musicssl.cli import ArgumentParser
 from musicssl.interrupts import Interrupted, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import CLAIM_FILE, FolderTaken, cache_hint, claim_folder, make_writable_folder
+from musicssl.paths import (
+    CLAIM_FILE,
+    FolderTaken,
+    cache_hint,
+    claim_folder,
+    free_bytes,
+    make_writable_folder,
+    size_text,
+)
 
 __all__ = [
     "TrainConfig",
@@ -741,6 +749,21 @@ def _sigterm_once(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+RUN_FILES_MARGIN = 1_000_000  # a run's files besides its checkpoint (collapse.csv, history, summary): a few kB
+
+
+def _room_problem(config: TrainConfig) -> str | None:
+    """Why the disk of the run's folder cannot take the run (None while it can): it writes its files
+    when it ends, and a full disk then would lose the training."""
+    from musicssl.models import checkpoint_bytes
+
+    free = free_bytes(config.out_dir)
+    need = int(1.05 * checkpoint_bytes(config.preset)) + RUN_FILES_MARGIN
+    if free is None or free >= need:
+        return None
+    return f"only {size_text(free)} free on its disk, and the run writes about {size_text(need)} when it ends"
+
+
 def _write_run(out_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> None:
     """Each file by its writer, all of them or none: each is written under a temporary name first and
     renamed into place once every one is whole (``summary.json`` last). Before, a full disk or a size
@@ -953,6 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "give another --out\n")
     out = claim.path
     config.out_dir = str(out)
+    room = _room_problem(config)
+    if room:  # before the training, not after it (the run is written when it ends)
+        claim.release(remove_if_unused=True)
+        parser.exit(2, f"{parser.prog}: error: --out {out}: {room}; free some space or give another --out\n")
     for note in schedule_notes(config):
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     from musicssl.data.cache import MelCacheError

@@ -45,6 +45,7 @@ for those two details.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -789,11 +790,18 @@ class _ShardWriter:
         self.rules = rules
 
     def commit(self, results: list[_Result]) -> None:
+        number = self.next_number
         try:
             self._commit(results)
-        except OSError as error:
-            if error.filename is None:  # a failed write names no file (disk full, file too large): name the cache
-                raise OSError(error.errno, error.strerror, str(self.folder)) from error
+        except Exception as error:
+            # What the failed commit wrote goes at once (a full disk stays full otherwise, until the next build
+            # would remove it): its temporary files, and its data file when its manifest never landed.
+            if not (self.folder / f"shard-{number:06d}.json").exists():
+                for name in (f"shard-{number:06d}.bin.tmp", f"shard-{number:06d}.bin", f"shard-{number:06d}.json.tmp"):
+                    with contextlib.suppress(OSError):
+                        (self.folder / name).unlink()
+            if isinstance(error, OSError) and error.filename is None:  # a failed write names no file (disk full,
+                raise OSError(error.errno, error.strerror, str(self.folder)) from error  # file too large): the cache
             raise
 
     def _commit(self, results: list[_Result]) -> None:

@@ -7,6 +7,7 @@ from musicssl.models.backbone import (
     PRESETS,
     Backbone,
     BackboneConfig,
+    checkpoint_bytes,
     parameter_counts,
     token_grid_size,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "CPU",
     "PRESETS",
     "MIN_INPUT_BINS",
+    "checkpoint_bytes",
     "parameter_counts",
     "token_grid_size",
     "MLPHead",

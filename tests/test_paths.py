@@ -1,0 +1,46 @@
+"""Disk room helpers of musicssl.paths: sizes for people, free room, and what counts as a full disk."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+
+import pytest
+
+from musicssl.paths import disk_full, free_bytes, same_file_system, size_text
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (21_000, "21.0 kB"),
+                                        (135_000_000, "135 MB"), (2_400_000_000, "2.4 GB"),
+                                        (635_500_000_000_000, "636 TB"), (2 * 10**16, "20000 TB")])
+def test_sizes_are_written_in_powers_of_1000_with_three_figures_at_most_below_100(size, text):
+    assert size_text(size) == text
+
+
+def test_free_room_is_read_on_the_nearest_folder_that_exists(tmp_path):
+    free = free_bytes(tmp_path / "not" / "made" / "yet")
+    assert free == pytest.approx(shutil.disk_usage(tmp_path).free, rel=0.01)
+    assert not (tmp_path / "not").exists()
+
+
+def test_a_full_disk_is_told_by_its_error_also_through_the_errors_it_caused(tmp_path):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_full(full) and disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:
+        try:
+            raise full
+        except OSError as error:
+            raise RuntimeError("System error.") from error
+    except RuntimeError as wrapped:
+        assert disk_full(wrapped)
+    assert not disk_full(OSError(errno.EACCES, "Permission denied")) and not disk_full(ValueError("x"))
+    # An error that lost its errno (libsndfile's "System error."): the room left on the disk tells.
+    assert disk_full(RuntimeError("System error."), tmp_path, room=10**18)
+    assert not disk_full(RuntimeError("System error."), tmp_path, room=0)
+
+
+def test_file_systems_are_told_apart(tmp_path, small_disk):
+    assert same_file_system(tmp_path, tmp_path / "a" / "b")
+    disk = small_disk(65536)
+    assert not same_file_system(tmp_path, disk.path / "inside")
+    assert free_bytes(disk.path) == pytest.approx(65536, abs=4096)
