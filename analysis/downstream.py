@@ -85,7 +85,6 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
     quiet_ctrl_c_while_starting("python -m analysis.downstream")
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -109,7 +108,7 @@ from torch import Tensor, nn
 from musicssl.cli import ArgumentParser
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
-from musicssl.paths import FolderTaken, cache_hint, claim_folder, make_writable_folder
+from musicssl.paths import FolderTaken, cache_hint, claim_folder, make_writable_folder, whole
 
 __all__ = [
     "BASELINES",
@@ -800,22 +799,6 @@ def embeddings_path(cache_dir: Path, dataset_name: str, dataset_key: str, method
             / f"{method_key}-{front_end_key}-{protocol_key}-audio{audio_key}.npz")
 
 
-def _write_whole(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` whole or not at all: ``write(stream)`` into a temporary file renamed into place, so
-    a crash never leaves a half cache file; the temporary file goes when the write fails (on a full disk
-    it would keep the room it took)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-
-
 def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> None:
     """Save a cache file; one that cannot be written (a full disk) is said, and the evaluation goes on
     without it: its results do not depend on the cache."""
@@ -827,16 +810,18 @@ def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> None:
 
 
 def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
-    """Write atomically (:func:`_write_whole`)."""
-    _write_whole(path, lambda stream: np.savez(
-        stream,
-        track_ids=np.asarray(embeddings.track_ids, dtype=str),
-        splits=np.asarray(embeddings.splits, dtype=str),
-        track_means=embeddings.track_means,
-        segment_counts=embeddings.segment_counts,
-        segments=embeddings.segments,
-        meta=np.asarray(json.dumps(meta, sort_keys=True)),
-    ))
+    """Write atomically (:func:`musicssl.paths.whole`), so a crash never leaves a half cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with whole(path) as partial, open(partial, "wb") as stream:
+        np.savez(
+            stream,
+            track_ids=np.asarray(embeddings.track_ids, dtype=str),
+            splits=np.asarray(embeddings.splits, dtype=str),
+            track_means=embeddings.track_means,
+            segment_counts=embeddings.segment_counts,
+            segments=embeddings.segments,
+            meta=np.asarray(json.dumps(meta, sort_keys=True)),
+        )
 
 
 def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embeddings | None:
@@ -1684,8 +1669,9 @@ def _fit_in_processes(jobs: list, processes: _ProbeProcesses) -> list:
 
 
 def _save_probe_results(path: Path, rows: list[dict[str, Any]], main_scores: np.ndarray) -> None:
-    _write_whole(path, lambda stream: np.savez(stream, rows=np.asarray(json.dumps(_jsonable(rows))),
-                                               main_scores=main_scores))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with whole(path) as partial, open(partial, "wb") as stream:
+        np.savez(stream, rows=np.asarray(json.dumps(_jsonable(rows))), main_scores=main_scores)
 
 
 def _load_probe_results(path: Path) -> tuple[list[dict[str, Any]], np.ndarray] | None:

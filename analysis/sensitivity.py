@@ -53,6 +53,7 @@ import pandas as pd
 from hpsearch.results import JOURNAL_FILE, TRIALS_FILE
 from hpsearch.settings import SEARCH_FILE
 from musicssl.cli import ArgumentParser
+from musicssl.paths import whole, write_whole
 
 __all__ = [
     "COLLAPSE_OUTCOMES",
@@ -1205,8 +1206,9 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
     analyses = keyed(analyses)  # the names the page shows, for the JSON too
     report.parent.mkdir(parents=True, exist_ok=True)
     page, figures = build_page(analyses)
-    paths["html"].write_text(page, encoding="utf-8")
-    trials_table(analyses).to_csv(paths["csv"], index=False)
+    write_whole(paths["html"], page)  # whole or not at all: a full disk leaves no cut-short report
+    with whole(paths["csv"]) as partial:
+        trials_table(analyses).to_csv(partial, index=False)
     summary = {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "report": str(paths["html"]),
@@ -1217,7 +1219,7 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
     }
     if "png" in formats:
         summary["png"] = export_pngs(figures, paths["png"])
-    paths["json"].write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    write_whole(paths["json"], json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
 
 
@@ -1321,6 +1323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: note: --storage-dir is not used when RUN_DIRs are given (the report goes next to the first "
               "of them, or to --out)", file=sys.stderr)
     storage_dir = args.storage_dir if args.storage_dir is not None else "runs"
+    out: Path | None = None  # the report, once known
     try:
         folders = [Path(p) for p in args.experiments] or default_experiments(storage_dir)
         _refuse_repeats(args.experiments or folders)
@@ -1349,8 +1352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        print(f"{PROG}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+    except OSError as error:  # a write that fails names no file (a full disk): the report does
+        print(f"{PROG}: error: {error.filename or out or ''}: {error.strerror or error}", file=sys.stderr)
         return 2
     for line in _summary_lines(summary):
         print(line)

@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 from optuna.storages.journal import JournalFileBackend
 
-from hpsearch.settings import COLLAPSE_TYPES, whole, write_whole
+from hpsearch.settings import COLLAPSE_TYPES
+from musicssl.paths import whole, write_whole
 
 __all__ = [
     "JOURNAL_FILE",

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from hpsearch.settings import (
-    COLLAPSE_TYPES, OBJECTIVES, PARTIAL_SUFFIX, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, flag_text,
-    name_problem, write_whole,
+    COLLAPSE_TYPES, OBJECTIVES, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, flag_text,
+    name_problem,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
+from musicssl.paths import PARTIAL_SUFFIX, write_whole
 
 __all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity
+from musicssl.paths import write_whole
 
 __all__ = [
     "COLLAPSE_TYPES",
@@ -94,28 +93,6 @@ def collapse_thresholds(overrides: dict[str, Any]):
     if unknown:
         raise SettingsError(f"unknown collapse threshold(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return CollapseThresholds(**overrides)
-
-
-PARTIAL_SUFFIX = ".partial"
-
-
-@contextlib.contextmanager
-def whole(target: Path) -> Iterator[Path]:
-    """A hidden path beside ``target`` to write, renamed over ``target`` when the block ends, removed
-    if it fails: ``target`` is there whole or not at all, and a kill mid-write leaves the one before."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    try:
-        yield partial
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def write_whole(target: Path, text: str) -> None:
-    """Write ``text`` to ``target`` whole or not at all (:func:`whole`)."""
-    with whole(target) as partial:
-        partial.write_text(text)
 
 
 def _version_1_corpus_of(root: str | None) -> dict[str, Any] | None:

@@ -2252,7 +2252,7 @@ def test_files_are_written_whole_and_a_cut_short_state_is_not_restored_from(tmp_
     write leaves no partial file that would make the folder look foreign); Ray Tune's saved experiment
     state is restored from only when its newest file is there and whole."""
     from hpsearch.run import _not_ours_alone, _saved_state_readable
-    from hpsearch.settings import write_whole
+    from musicssl.paths import write_whole
 
     target = tmp_path / "search.json"
     write_whole(target, '{"old": 1}\n')

@@ -1331,6 +1331,17 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_analysis(tmp_path, 
     assert "Traceback" not in err
 
 
+def test_a_report_whose_disk_fills_names_it_and_leaves_no_file_cut_short(tmp_path, capsys, small_disk):
+    """Before: "error: : No space left on device" (no file named), and a cut-short HTML filling the disk."""
+    folder = write_search(tmp_path / "vicreg", collapse_rows(count=8))
+    disk = small_disk(16384)
+    code = main([str(folder), "--out", str(disk.path / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == f"python -m analysis.sensitivity: error: {disk.path / 'r.html'}: No space left on device"
+    assert list(disk.path.iterdir()) == []
+
+
 @pytest.mark.parametrize("out", ["r.json", "x-trials.csv", "r", "r.csv"])
 def test_an_out_that_is_not_an_html_file_is_refused_before_anything_is_written(out, tmp_path, capsys):
     """--out names the HTML report; r.json would have the JSON written over the HTML, x-trials.csv is

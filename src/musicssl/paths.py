@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -9,7 +10,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -17,9 +18,31 @@ from typing import IO
 __all__ = [
     "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes", "make_writable_folder",
     "missing_folders", "remove_abandoned_staging", "remove_if_empty", "same_file_system", "size_text", "staging_folder",
+    "whole", "write_whole",
 ]
 
 CLAIM_FILE = ".writing.lock"
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def whole(target: Path) -> Iterator[Path]:
+    """A hidden path beside ``target`` to write, renamed over ``target`` when the block ends, removed
+    if it fails: ``target`` is there whole or not at all, a kill mid-write leaves the one before, and a
+    write that fails (a full disk) leaves nothing taking the room."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        yield partial
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_whole(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` whole or not at all (:func:`whole`)."""
+    with whole(target) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def cache_root() -> Path:
