@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
@@ -152,29 +153,31 @@ def results_written_by(write: Callable[[], None], replayed: Iterable[int] = ()) 
         _write_results, _replayed = before
 
 
-_room_problem: Callable[[], str | None] | None = None  # the running search's watch of its disk room
+_room_watch: tuple[Callable[[], str | None], Callable[[str], None]] | None = None  # the running search's
 ROOM_CHECK_SECONDS = 2.0
 
 
 @contextlib.contextmanager
-def room_watched_by(problem: Callable[[], str | None]) -> Iterator[None]:
-    """While the block runs, :class:`ResultsWriter` calls ``problem()`` every
+def room_watched_by(problem: Callable[[], str | None], stopped: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, :class:`ResultsWriter` calls ``problem()`` as each trial starts and every
     :data:`ROOM_CHECK_SECONDS`; once it says why the search cannot go on (the disk is short of room),
-    the Tune run is stopped as Ctrl-C stops it: its state saved, the trials that were running left to
-    train again when the search is continued."""
-    global _room_problem
-    before, _room_problem = _room_problem, problem
+    the Tune run is stopped as Ctrl-C stops it (its state saved, the trials that were running left to
+    train again when the search is continued), and ``stopped(why)`` is called."""
+    global _room_watch
+    before, _room_watch = _room_watch, (problem, stopped)
     try:
         yield
     finally:
-        _room_problem = before
+        _room_watch = before
 
 
 def _stop_tune_run() -> bool:
     """Stop the Tune run of this process as its Ctrl-C handler does (Tune sets the same handler for
     SIGUSR1, and every run sets it again). False where no run's handler is set (a run off the main
     thread)."""
-    handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        return False  # off the main thread, a handler found is an earlier run's, which sets signals (it cannot here)
+    handler = signal.getsignal(signal.SIGUSR1)
     if not callable(handler) or getattr(handler, "__name__", "") != "signal_interrupt_tune_run":
         return False
     tune_logger = logging.getLogger("ray.tune.tune")  # its warning speaks of Ctrl-C: the caller says why instead
@@ -215,14 +218,16 @@ class ResultsWriter(Callback):
 
     def _look_at_room(self, at_once: bool) -> None:
         """Every ROOM_CHECK_SECONDS, and as each trial starts (short trials come and go in between)."""
-        if _room_problem is None or self._stopping or (
+        if _room_watch is None or self._stopping or (
                 not at_once and time.monotonic() - self._room_checked < ROOM_CHECK_SECONDS):
             return
         self._room_checked = time.monotonic()
-        problem = _room_problem()
-        if problem is not None and _stop_tune_run():
+        problem, stopped = _room_watch
+        why = problem()
+        if why is not None and _stop_tune_run():
             self._stopping = True
-            print(f"stopping: {problem}", file=sys.stderr, flush=True)
+            print(f"stopping: {why}", file=sys.stderr, flush=True)
+            stopped(why)
 
     def _write(self, trial) -> None:
         if _write_results is None or (trial.last_result or {}).get("replayed"):

@@ -88,6 +88,7 @@ class SearchJournal(JournalFileBackend):
         try:
             super().append_logs(logs)
         except BaseException:
+            # After Optuna's lock: the search's driver is the journal's only writer (its folder is locked).
             with contextlib.suppress(OSError):
                 drop_unfinished_record(self._file_path)
             raise

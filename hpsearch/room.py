@@ -1,31 +1,37 @@
-"""Disk room for a search: what its folder needs, a check before it starts, and a watch while it runs.
+"""Disk room for a search: what it needs, a check before it starts, and a watch while it runs.
 
 Each trial leaves its backbone checkpoint and its epoch reports in the search's folder, and Ray Tune
-rewrites its experiment state there. A disk that fills under a search failed trials one after the
-other (each recorded as failed, its hyperparameters blamed) and then the search itself, with a
-traceback and a journal record cut short. Instead, a search does not start without room for the
-trials it runs at once, and stops, as after Ctrl-C, when the room left falls below that: the trials
-that were running train again when it is continued.
+rewrites its experiment state there. Each running trial also writes its checkpoint and its reports to
+Ray's temporary folder first (``RAY_TMPDIR``, else ``TMPDIR``, else ``/tmp``), from where they are
+copied. A disk that filled under a search failed trials one after the other (each recorded as failed,
+its hyperparameters blamed) and then the search itself, with a traceback and a journal record cut
+short. Instead, a search does not start without room for the trials it runs at once, and stops, as
+after Ctrl-C, when the room left falls below that: the trials that were running train again when it
+is continued.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from hpsearch.settings import SearchSettings
-from musicssl.paths import free_bytes, size_text
+from musicssl.paths import free_bytes, same_file_system, size_text
 
-__all__ = ["room_floor", "room_problem", "search_bytes", "trial_bytes"]
+__all__ = ["RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "trial_bytes"]
 
 # What a trial writes besides its checkpoint, measured on the 18-epoch VICReg search (64 trials): its
 # result.json, TensorBoard events and progress.csv, about 4 kB an epoch, and its part of the journal
 # and of Ray's experiment state, about 50 kB.
 TRIAL_BYTES_PER_EPOCH = 8_000
 TRIAL_BYTES_FIXED = 64_000
-# Ray's experiment state holds about 45 kB a trial, and is written whole next to the old one.
+# Ray's experiment state holds about 45 kB a trial (rewritten in place: room for it once more is kept).
 STATE_BYTES_PER_TRIAL = 45_000
-# Room kept besides: the end writes trials.csv and summary.json; the journal grows.
+# Room kept besides, on each disk: the end writes trials.csv and summary.json; the journal grows.
 MARGIN_BYTES = 4_000_000
+
+RoomFloors = dict[Path, int]  # a folder -> the room its disk must keep for the search to go on
 
 
 def trial_bytes(settings: SearchSettings, checkpoint: int) -> int:
@@ -34,29 +40,50 @@ def trial_bytes(settings: SearchSettings, checkpoint: int) -> int:
 
 
 def search_bytes(settings: SearchSettings, checkpoint: int, trials: int | None = None) -> int:
-    """About what ``trials`` (default: all) of the search's trials and its results take on disk, Ray's
-    experiment state (and the new copy of it being written) included."""
+    """About what ``trials`` (default: all) of the search's trials and its results take in its folder,
+    Ray's experiment state included."""
     count = settings.trials if trials is None else trials
-    return count * (trial_bytes(settings, checkpoint) + 2 * STATE_BYTES_PER_TRIAL) + checkpoint + MARGIN_BYTES
+    return count * (trial_bytes(settings, checkpoint) + STATE_BYTES_PER_TRIAL) + checkpoint + MARGIN_BYTES
 
 
-def room_floor(settings: SearchSettings, checkpoint: int) -> int:
-    """The room under which a search stops, besides twice its experiment state (:func:`room_problem`):
-    what the trials running at once write, the best backbone's copy and a margin."""
-    return (settings.concurrency + 1) * trial_bytes(settings, checkpoint) + checkpoint + MARGIN_BYTES
+def ray_temp_dir() -> Path:
+    """Where Ray (started by the search on this machine) keeps its session and the trials stage their
+    files: ``RAY_TMPDIR``, else ``TMPDIR`` (Linux), else ``/tmp``, as Ray chooses it."""
+    if os.environ.get("RAY_TMPDIR"):
+        return Path(os.environ["RAY_TMPDIR"])
+    if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        return Path(os.environ["TMPDIR"])
+    return Path("/tmp")
 
 
-def room_problem(folder: Path, floor: int) -> str | None:
-    """Why the search cannot go on in ``folder`` for want of disk room (None while it has room): less
-    free than ``floor`` and room for Ray to write its experiment state again next to the old one."""
-    free = free_bytes(folder)
-    if free is None:
-        return None
-    need = floor + 2 * _state_bytes(folder)
-    if free >= need:
-        return None
-    return (f"only {size_text(free)} free on the disk of {folder}, under the {size_text(need)} that the trials "
-            "running at once and the search's results need")
+def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_left: int) -> RoomFloors:
+    """The room under which the search stops, by disk: in its folder, what the trials running at once
+    write there, the best backbone's copy and a margin; in Ray's temporary folder, their staged
+    checkpoints and reports and a margin (added to the folder's when both are on one disk)."""
+    at_once = max(1, min(settings.concurrency, trials_left))
+    staged = at_once * trial_bytes(settings, checkpoint) + MARGIN_BYTES
+    floors = {folder: at_once * trial_bytes(settings, checkpoint) + checkpoint + MARGIN_BYTES}
+    temp = ray_temp_dir()
+    if same_file_system(temp, folder):
+        floors[folder] += staged
+    else:
+        floors[temp] = staged
+    return floors
+
+
+def room_problem(floors: RoomFloors, search_folder: Path | None = None) -> str | None:
+    """Why the search cannot go on for want of disk room (None while it has room): a disk with less
+    free than its floor, the search's folder's with room for Ray to write its experiment state again."""
+    for folder, floor in floors.items():
+        free = free_bytes(folder)
+        need = floor + (_state_bytes(folder) if folder == search_folder else 0)
+        if free is not None and free < need:
+            if folder != search_folder:  # Ray's temporary folder, on a disk of its own
+                return (f"only {size_text(free)} free on the disk of {folder}, Ray's temporary folder, under the "
+                        f"{size_text(need)} that the trials running at once stage there (RAY_TMPDIR moves it)")
+            return (f"only {size_text(free)} free on the disk of {folder}, under the {size_text(need)} that the "
+                    "trials running at once and the search's results need")
+    return None
 
 
 def _state_bytes(folder: Path) -> int:

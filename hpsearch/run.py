@@ -320,34 +320,45 @@ def check_storage(settings: SearchSettings) -> None:
                           "give a folder you can write in") from None
 
 
-def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint: int) -> int:
+def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint: int, resume: bool):
     """Refuse to start (or continue) a search without disk room for the trials it runs at once, and
     say so when the trials left need more than there is (it stops when the room runs short). Returns
-    the room under which the running search stops (:func:`hpsearch.room.room_floor`)."""
-    from hpsearch.room import room_floor, room_problem, search_bytes
+    the room under which the running search stops (:func:`hpsearch.room.room_floors`)."""
+    from hpsearch.room import room_floors, room_problem, search_bytes
     from musicssl.paths import free_bytes, size_text
 
-    floor = room_floor(settings, checkpoint)
-    problem = room_problem(folder, floor)
-    if problem:
-        raise SearchError(f"{problem}: free some space, or give --storage-dir a folder on a disk with room")
     left = max(settings.trials - finished, 0)
-    need, free = search_bytes(settings, checkpoint, left), free_bytes(folder)
+    shown = folder if resume else Path(settings.storage_dir).expanduser()  # a new search's folder is not made yet
+    problem = room_problem(room_floors(settings, checkpoint, shown, left), shown)
+    if problem:
+        raise SearchError(f"{problem}: free some space, or " + (
+            "move the search's folder to a disk with room and give --storage-dir its new place" if resume
+            else "give --storage-dir a folder on a disk with room"))
+    need, free = search_bytes(settings, checkpoint, left), free_bytes(shown)
     if free is not None and need > free:
-        print(f"note: the {left} trials left take about {size_text(need)} on disk, and the disk of {folder} has "
+        print(f"note: the {left} trials left take about {size_text(need)} on disk, and the disk of {shown} has "
               f"{size_text(free)} free: the search stops when the room runs short, and continues with --resume "
               "once there is more", file=sys.stderr, flush=True)
-    return floor
+    return room_floors(settings, checkpoint, folder, left)
 
 
 def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
-    """For an error that is a write finding the disk full: what to do, as a :class:`SearchError`."""
-    from musicssl.paths import disk_full
+    """For an error that is a write finding a disk full: which disk, and what to do, as a :class:`SearchError`.
+    The disk is the one of the file the error names, else the fuller of the search's folder's and Ray's
+    temporary folder's (Ray's copies of the trials' files name none)."""
+    from hpsearch.room import ray_temp_dir
+    from musicssl.paths import free_bytes, full_disk_error
 
-    if not disk_full(error):
+    found = full_disk_error(error)
+    if found is None:
         return None
-    return SearchError(f"the disk of {folder} is full ({error}); free some space, and continue the search with "
-                       f"{_continue_command(settings, address)}")
+    if isinstance(found.filename, (str, bytes, os.PathLike)):
+        where = Path(os.fsdecode(found.filename))
+    else:
+        where = min((folder, ray_temp_dir()), key=lambda path: free_bytes(path) or 0)
+    temp = ", Ray's temporary folder (RAY_TMPDIR moves it)" if where == ray_temp_dir() else ""
+    return SearchError(f"the disk of {where}{temp} is full ({found.strerror or 'no space left'}); free some space "
+                       f"there, and continue the search with {_continue_command(settings, address)}")
 
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
@@ -1100,8 +1111,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             if note:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         max_batch_size = check_space(settings)
-        room_floor = check_room(settings, folder if existing else Path(settings.storage_dir).expanduser(),
-                                finished if existing else 0, checkpoint_bytes(settings.preset))
+        floors = check_room(settings, folder, finished if existing else 0, checkpoint_bytes(settings.preset),
+                            resume=existing)
         if data is None:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
         if not existing:  # recorded when the search starts: a resume continues on that corpus
@@ -1158,7 +1169,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary(verbose)
     told = False  # the line that says how to continue the search is printed
-    stopped_for: list[str | None] = [None]  # the room watch's last finding (it stops looking once it stops the run)
+    stopped_for: list[str | None] = [None]  # why the room watch stopped the run, if it did
     failure: Exception | None = None  # an error ending the search
     try:
         try:
@@ -1212,13 +1223,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     ),
                 )
                 _print_start(settings, folder, stream)
-            def watch_room() -> str | None:
-                stopped_for[0] = room_problem(folder, room_floor)
-                return stopped_for[0]
-
             with _concurrency_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
                     results_written_by(lambda: _summarize(settings, folder, journal, started), replayed=finished), \
-                    room_watched_by(watch_room):
+                    room_watched_by(lambda: room_problem(floors, folder), lambda why: stopped_for.__setitem__(0, why)):
                 tuner.fit()
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
             # SIGTERM then would end the search before anything is written.
@@ -1270,7 +1277,13 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                       + ("the summary keeps the one measured before" if summary.untrained_value is not None
                          else "it is left out of the summary"), file=stream, flush=True)
             summary.seconds = time.perf_counter() - started
-            _write_summary(folder, summary)
+            try:
+                _write_summary(folder, summary)
+            except OSError as error:  # the disk filled after the trials: a resume writes the summary
+                failure = _disk_full_error(error, folder, settings, address)
+                if failure is None:
+                    raise
+                raise failure from error
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
@@ -1693,8 +1706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     if result.stopped_for:
-        print(f"{PROG}: error: stopped: {result.stopped_for}; free some space, and continue the search with the "
-              "command above", file=sys.stderr)
+        print(f"{PROG}: error: stopped: {result.stopped_for}; free some space, and continue the search with "
+              f"{_continue_command(result.settings, args.address)}", file=sys.stderr)
         return 2
     return 130 if result.interrupted else 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.sensitivity import read_trajectories
 from conftest import run_main
 from hpsearch.results import load_study
-from hpsearch.run import build_parser, run_search
+from hpsearch.run import SearchError, build_parser, run_search
 from hpsearch.run import main as search_main
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import COLLAPSE_TYPES_VERSION, COLLAPSE_TYPES_VERSIONS, SearchSettings, SettingsError
@@ -3054,42 +3055,81 @@ def test_a_search_is_refused_without_room_for_the_trials_it_runs_at_once(tmp_pat
     code, out, err = run_main(search_main, ["vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "runs"),
                                             *tiny_flags(tonal_dataset)[:2], "--max-epochs", "10000000000000"], capsys)
     assert code == 2 and "Traceback" not in err, err
-    assert f"python -m hpsearch.run: error: only " in err and f" free on the disk of {tmp_path / 'runs'}, under the " in err
+    assert "python -m hpsearch.run: error: only " in err and f" free on the disk of {tmp_path / 'runs'}, under the " in err
     assert "that the trials running at once and the search's results need: free some space, or give --storage-dir" in err
     assert "mel cache" not in out + err and list((tmp_path / "runs").iterdir()) == []
 
 
-def test_the_trials_left_needing_more_room_than_there_is_are_noted(tmp_path, capsys):
-    from hpsearch.room import room_floor, search_bytes
+def test_the_room_kept_counts_the_trials_at_once_on_each_disk_and_the_trials_left_are_noted(
+    tmp_path, capsys, small_disk, monkeypatch
+):
+    from hpsearch.room import room_floors, search_bytes
     from hpsearch.run import check_room
 
     settings = SearchSettings(method="vicreg", trials=10**9, storage_dir=str(tmp_path))
     checkpoint = 2_000_000
-    floor = check_room(settings, tmp_path, finished=10, checkpoint=checkpoint)
-    # The trials at once (2) and one more: their checkpoints and epoch reports; the best backbone's copy; 4 MB.
-    per_trial = checkpoint + 64_000 + 8_000 * settings.max_epochs
-    assert floor == room_floor(settings, checkpoint) == 3 * per_trial + checkpoint + 4_000_000
-    # The whole search's: each trial's, and its part of Ray's experiment state (45 kB) twice.
-    assert search_bytes(settings, checkpoint, 5) == 5 * (per_trial + 90_000) + checkpoint + 4_000_000
+    per_trial = checkpoint + 64_000 + 8_000 * settings.max_epochs  # its checkpoint and epoch reports
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-temp"))  # Ray's temporary folder on the folder's disk
+    floors = check_room(settings, tmp_path / "search", finished=10, checkpoint=checkpoint, resume=True)
+    # In the search's folder: the 2 trials at once, the best backbone's copy and 4 MB; staged in Ray's
+    # temporary folder, on the same disk: the 2 trials' files again and 4 MB.
+    assert floors == {tmp_path / "search": 2 * per_trial + checkpoint + 4_000_000 + 2 * per_trial + 4_000_000}
     err = capsys.readouterr().err
     assert "note: the 999999990 trials left take about " in err
     assert "the search stops when the room runs short, and continues with --resume once there is more" in err
+    # With one trial left, one trial at once; Ray's temporary folder on a disk of its own has a floor of its own.
+    disk = small_disk(1_000_000)
+    monkeypatch.setenv("RAY_TMPDIR", str(disk.path))
+    assert room_floors(settings, checkpoint, tmp_path, trials_left=1) == {
+        tmp_path: per_trial + checkpoint + 4_000_000, disk.path: per_trial + 4_000_000}
+    with pytest.raises(SearchError) as refused:
+        check_room(settings, tmp_path, finished=10**9 - 1, checkpoint=checkpoint, resume=True)
+    assert str(refused.value).startswith("only 1.0 MB free on the disk of ")
+    assert str(refused.value).endswith(f"{disk.path}, Ray's temporary folder, under the 6.1 MB that the trials running "
+                                       "at once stage there (RAY_TMPDIR moves it): free some space, or move the "
+                                       "search's folder to a disk with room and give --storage-dir its new place")
+    # The whole search's: each trial's, and its part of Ray's experiment state (45 kB).
+    assert search_bytes(settings, checkpoint, 5) == 5 * (per_trial + 45_000) + checkpoint + 4_000_000
 
 
 def test_the_room_a_running_search_needs_counts_ray_writing_its_state_again(tmp_path):
-    """Ray writes its experiment state whole next to the old one: twice its size is needed besides the
-    floor (a sparse file stands for a state of 10 TB; it takes no room itself)."""
+    """Ray rewrites its experiment state: its size is needed besides the floor (a sparse file stands
+    for a state of 10 TB; it takes no room itself)."""
     from hpsearch.room import room_problem
 
-    assert room_problem(tmp_path, 0) is None
-    if shutil.disk_usage(tmp_path).free >= 2 * 10**13:
-        pytest.skip("this disk has room for twice 10 TB")
+    assert room_problem({tmp_path: 0}, tmp_path) is None
+    if shutil.disk_usage(tmp_path).free >= 10**13:
+        pytest.skip("this disk has room for 10 TB")
     with open(tmp_path / "experiment_state-2026-12-05_10-00-00.json", "wb") as stream:
         stream.truncate(10**13)
-    problem = room_problem(tmp_path, 0)
+    problem = room_problem({tmp_path: 0}, tmp_path)
     assert problem is not None and problem.startswith("only ")
-    assert problem.endswith(f"free on the disk of {tmp_path}, under the 20.0 TB that the trials running at once and "
+    assert problem.endswith(f"free on the disk of {tmp_path}, under the 10.0 TB that the trials running at once and "
                             "the search's results need")
+
+
+def test_a_full_disk_that_ends_a_search_is_named_with_the_command_that_continues_it(tmp_path, monkeypatch):
+    """Ray wraps what failed in its own errors (a TuneError holding a traceback): the disk is the one
+    the error names, else the fuller of the search's folder's and Ray's temporary folder's."""
+    from hpsearch.run import _disk_full_error
+
+    settings = SearchSettings(method="vicreg", name="n", storage_dir=str(tmp_path))
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-temp"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as error:
+            raise RuntimeError("Traceback (most recent call last): ...") from error
+    except RuntimeError as wrapped:
+        failure = _disk_full_error(wrapped, tmp_path / "n", settings, None)
+    assert str(failure) == (f"the disk of {tmp_path / 'n'} is full (No space left on device); free some space there, "
+                            f"and continue the search with python -m hpsearch.run vicreg --name n --storage-dir "
+                            f"{tmp_path} --resume")
+    named = _disk_full_error(OSError(errno.EDQUOT, "Disk quota exceeded", "/data/x.json"), tmp_path / "n", settings,
+                             "auto")
+    assert str(named).startswith("the disk of /data/x.json is full (Disk quota exceeded); free some space there")
+    assert str(named).endswith("--resume --address auto")
+    assert _disk_full_error(OSError(errno.EACCES, "Permission denied"), tmp_path, settings, None) is None
 
 
 def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, monkeypatch):
@@ -3106,7 +3146,8 @@ def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, mo
         interrupted = _setup_signal_catching()
         answers = iter([None, "only 1 MB free on the disk of X, under the 2 MB ...", "again"])
         writer = pickle.loads(pickle.dumps(progress.ResultsWriter()))  # as a restored experiment holds it
-        with progress.room_watched_by(lambda: next(answers)):
+        stopped = []
+        with progress.room_watched_by(lambda: next(answers), stopped.append):
             monkeypatch.setattr(progress, "ROOM_CHECK_SECONDS", 3600.0)
             writer.on_step_end(0, [])  # looked at: room
             writer.on_step_end(1, [])  # within ROOM_CHECK_SECONDS of the last look: not looked at
@@ -3115,9 +3156,17 @@ def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, mo
             assert interrupted.is_set()
             writer.on_step_end(3, [])  # stopping already: not asked again
             writer.on_trial_start(4, [], SimpleNamespace())
-        assert next(answers) == "again"
+        assert next(answers) == "again" and stopped == ["only 1 MB free on the disk of X, under the 2 MB ..."]
         assert capsys.readouterr().err == "stopping: only 1 MB free on the disk of X, under the 2 MB ...\n"
         assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # Tune's handler gave Ctrl-C back
+        # Off the main thread the handler found is an earlier run's, which would set signals there (a ValueError):
+        # not called.
+        _setup_signal_catching()
+        off_main = []
+        thread = threading.Thread(target=lambda: off_main.append(progress._stop_tune_run()))
+        thread.start()
+        thread.join()
+        assert off_main == [False]
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
@@ -3135,7 +3184,8 @@ def test_a_search_whose_disk_runs_short_stops_and_resumes_to_the_requested_count
     first = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
     assert first.returncode == 2, first.stdout + first.stderr
     assert "stopping: only " in first.stderr and "Traceback" not in first.stderr
-    assert first.stderr.rstrip().endswith("free some space, and continue the search with the command above")
+    assert first.stderr.rstrip().endswith(f"free some space, and continue the search with python -m hpsearch.run "
+                                          f"vicreg --name short --storage-dir {disk.path} --resume")
     assert "interrupted: continue with python -m hpsearch.run vicreg --name short" in first.stdout
     journal = disk.path / "short" / "optuna.journal"
     finished = {t.number: (t.state, t.value, t.params) for t in load_study(journal).trials if t.state.is_finished()}

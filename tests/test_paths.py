@@ -12,8 +12,10 @@ from musicssl.paths import disk_full, free_bytes, same_file_system, size_text
 
 @pytest.mark.parametrize("size, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (21_000, "21.0 kB"),
                                         (135_000_000, "135 MB"), (2_400_000_000, "2.4 GB"),
-                                        (635_500_000_000_000, "636 TB"), (2 * 10**16, "20000 TB")])
-def test_sizes_are_written_in_powers_of_1000_with_three_figures_at_most_below_100(size, text):
+                                        (635_500_000_000_000, "636 TB"), (2 * 10**16, "20000 TB"),
+                                        (99_940, "99.9 kB"), (99_960, "100 kB"), (999_499, "999 kB"),
+                                        (999_999, "1.0 MB"), (999.6e9, "1.0 TB")])
+def test_sizes_are_written_in_powers_of_1000_with_three_figures_at_most(size, text):
     assert size_text(size) == text
 
 

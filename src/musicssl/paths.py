@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
-    "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes", "make_writable_folder",
+    "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes", "full_disk_error", "make_writable_folder",
     "missing_folders", "remove_abandoned_staging", "remove_if_empty", "same_file_system", "size_text", "staging_folder",
     "whole", "write_whole",
 ]
@@ -106,17 +106,25 @@ def same_file_system(first: str | Path, second: str | Path) -> bool:
     return devices[0] is not None and devices[0] == devices[1]
 
 
-def disk_full(error: BaseException, path: str | Path | None = None, room: int = 0) -> bool:
-    """Whether ``error`` (or an error it was raised from) is a write that found no room: an OSError
-    whose errno says so, or, for libraries that lose the errno (libsndfile's "System error."), a
-    file system at ``path`` with at most ``room`` bytes free."""
+def full_disk_error(error: BaseException) -> OSError | None:
+    """The error in ``error``'s chain (it, the error it was raised from or during) that is a write which
+    found no room: an OSError whose errno says the disk is full (ENOSPC) or the quota spent (EDQUOT)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
-            return True
+            return current
         current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full(error: BaseException, path: str | Path | None = None, room: int = 0) -> bool:
+    """Whether ``error`` is a write that found no room (:func:`full_disk_error`), or, for libraries that
+    lose the errno (libsndfile's "System error."), one raised while the file system at ``path`` has at
+    most ``room`` bytes free."""
+    if full_disk_error(error) is not None:
+        return True
     if path is None:
         return False
     free = free_bytes(path)
@@ -124,12 +132,15 @@ def disk_full(error: BaseException, path: str | Path | None = None, room: int = 
 
 
 def size_text(size: float) -> str:
-    """A byte count for people: ``512 B``, ``3.4 MB``, ``61 TB`` (powers of 1000, as disks are sold)."""
+    """A byte count for people: ``512 B``, ``3.4 MB``, ``61 TB`` (powers of 1000, as disks are sold; three
+    figures at most below 1000 TB, so 999,999 bytes are ``1.0 MB``)."""
+    size = float(size)
     for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            break
+        text = f"{size:.0f}" if unit == "B" or abs(size) >= 99.95 else f"{size:.1f}"
+        if abs(float(text)) < 1000 or unit == "TB":
+            return f"{text} {unit}"
         size /= 1000
-    return f"{size:.0f} {unit}" if unit == "B" or abs(size) >= 100 else f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _umask() -> int:

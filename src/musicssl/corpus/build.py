@@ -379,8 +379,10 @@ def build_corpus(
                 _check_same_corpus(out_dir, config)
     except Exception as error:
         # A disk that filled meanwhile (by this build, or by others since the check of room): said as such,
-        # with what the corpus needs. libsndfile loses the errno ("System error."): the room left tells.
-        if not disk_full(error, staging, room=4 * _track_bytes(config.seconds)):
+        # with what the corpus needs. libsndfile loses the errno ("System error.", a RuntimeError): for it,
+        # the room left tells.
+        if not disk_full(error, staging if isinstance(error, RuntimeError) else None,
+                         room=4 * _track_bytes(config.seconds)):
             raise
         hint = cache_hint(OSError(errno.ENOSPC, "", str(out_dir)))
         raise CorpusError(
