@@ -245,6 +245,7 @@ def _replayed_rows(out: str) -> dict[tuple[str, int, int], tuple[float, int, int
     return rows
 
 
+@pytest.mark.slow  # 22 s; run when bench_search.py's replay changes (it keeps the fast suite under 10 minutes)
 def test_bench_search_replay_judges_by_the_searchs_thresholds_or_those_given(tmp_path):
     """``replay --threshold NAME=VALUE`` replays the rules with that collapse line in place of the
     search's own (its search.json, else the defaults). Trial #1, the second best, has embeddings whose

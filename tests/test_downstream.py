@@ -1015,6 +1015,7 @@ def test_the_reported_spreads_are_sample_standard_deviations():
     assert limited_markdown(single.assign(method="a|b")).splitlines()[-1] == "| a\\|b | linear | 0.4000 | 0.7000 |"
 
 
+@pytest.mark.slow  # 40 s; run when the probes' process pool changes (it keeps the fast suite under 10 minutes)
 def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monkeypatch):
     """One pool of processes per method for both probes, ended before the next method is embedded
     (idle, its processes would hold memory) and with the evaluation, on success or interrupt (before:
