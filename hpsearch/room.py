@@ -56,17 +56,19 @@ def ray_temp_dir() -> Path:
     return Path("/tmp")
 
 
-def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_left: int) -> RoomFloors:
+def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_left: int,
+                local: bool = True) -> RoomFloors:
     """The room under which the search stops, by disk: in its folder, what the trials running at once
-    write there, the best backbone's copy and a margin; in Ray's temporary folder, their staged
-    checkpoints and reports and a margin (added to the folder's when both are on one disk)."""
+    write there, the best backbone's copy and a margin; for trials on this machine (``local``), in
+    Ray's temporary folder, their staged checkpoints and reports and a margin (added to the folder's
+    when both are on one disk). On a cluster the trials stage their files on their own nodes."""
     at_once = max(1, min(settings.concurrency, trials_left))
     staged = at_once * trial_bytes(settings, checkpoint) + MARGIN_BYTES
     floors = {folder: at_once * trial_bytes(settings, checkpoint) + checkpoint + MARGIN_BYTES}
     temp = ray_temp_dir()
-    if same_file_system(temp, folder):
+    if local and same_file_system(temp, folder):
         floors[folder] += staged
-    else:
+    elif local:
         floors[temp] = staged
     return floors
 

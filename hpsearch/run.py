@@ -320,16 +320,18 @@ def check_storage(settings: SearchSettings) -> None:
                           "give a folder you can write in") from None
 
 
-def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint: int, resume: bool):
+def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint: int, resume: bool,
+               local: bool = True):
     """Refuse to start (or continue) a search without disk room for the trials it runs at once, and
     say so when the trials left need more than there is (it stops when the room runs short). Returns
-    the room under which the running search stops (:func:`hpsearch.room.room_floors`)."""
+    the room under which the running search stops (:func:`hpsearch.room.room_floors`; ``local``: its
+    trials run on this machine, and stage their files in its Ray's temporary folder)."""
     from hpsearch.room import room_floors, room_problem, search_bytes
     from musicssl.paths import free_bytes, size_text
 
     left = max(settings.trials - finished, 0)
     shown = folder if resume else Path(settings.storage_dir).expanduser()  # a new search's folder is not made yet
-    problem = room_problem(room_floors(settings, checkpoint, shown, left), shown)
+    problem = room_problem(room_floors(settings, checkpoint, shown, left, local), shown)
     if problem:
         raise SearchError(f"{problem}: free some space, or " + (
             "move the search's folder to a disk with room and give --storage-dir its new place" if resume
@@ -339,7 +341,7 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
         print(f"note: the {left} trials left take about {size_text(need)} on disk, and the disk of {shown} has "
               f"{size_text(free)} free: the search stops when the room runs short, and continues with --resume "
               "once there is more", file=sys.stderr, flush=True)
-    return room_floors(settings, checkpoint, folder, left)
+    return room_floors(settings, checkpoint, folder, left, local)
 
 
 def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
@@ -1062,10 +1064,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by, room_watched_by
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
     from hpsearch.room import room_problem
-    from musicssl.models import checkpoint_bytes
     from hpsearch.searcher import journal_of_this_search
     from hpsearch.trainable import run_trial
     from musicssl.data.index import GENERATED_CORPUS_KEY
+    from musicssl.models import checkpoint_bytes
 
     stream = stream or sys.stdout
     started = time.perf_counter()
@@ -1112,7 +1114,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         max_batch_size = check_space(settings)
         floors = check_room(settings, folder, finished if existing else 0, checkpoint_bytes(settings.preset),
-                            resume=existing)
+                            resume=existing, local=address is None)
         if data is None:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
         if not existing:  # recorded when the search starts: a resume continues on that corpus

@@ -3082,6 +3082,9 @@ def test_the_room_kept_counts_the_trials_at_once_on_each_disk_and_the_trials_lef
     monkeypatch.setenv("RAY_TMPDIR", str(disk.path))
     assert room_floors(settings, checkpoint, tmp_path, trials_left=1) == {
         tmp_path: per_trial + checkpoint + 4_000_000, disk.path: per_trial + 4_000_000}
+    # On a cluster the trials stage their files on their own nodes: the driver's temporary folder is not watched.
+    assert room_floors(settings, checkpoint, tmp_path, trials_left=1, local=False) == {
+        tmp_path: per_trial + checkpoint + 4_000_000}
     with pytest.raises(SearchError) as refused:
         check_room(settings, tmp_path, finished=10**9 - 1, checkpoint=checkpoint, resume=True)
     assert str(refused.value).startswith("only 1.0 MB free on the disk of ")
