@@ -62,9 +62,9 @@ def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_
     write there, the best backbone's copy and a margin; for trials on this machine (``local``), in
     Ray's temporary folder, their staged checkpoints and reports and a margin (added to the folder's
     when both are on one disk). On a cluster the trials stage their files on their own nodes."""
-    at_once = max(1, min(settings.concurrency, trials_left))
-    staged = at_once * trial_bytes(settings, checkpoint) + MARGIN_BYTES
-    floors = {folder: at_once * trial_bytes(settings, checkpoint) + checkpoint + MARGIN_BYTES}
+    running = max(1, min(settings.concurrency, trials_left)) * trial_bytes(settings, checkpoint)
+    staged = running + MARGIN_BYTES
+    floors = {folder: running + checkpoint + MARGIN_BYTES}
     temp = ray_temp_dir()
     if local and same_file_system(temp, folder):
         floors[folder] += staged
@@ -93,7 +93,8 @@ def _state_bytes(folder: Path) -> int:
     sizes = []
     for path in folder.glob("experiment_state-*.json"):
         try:
-            sizes.append((path.stat().st_mtime, path.stat().st_size))
+            status = path.stat()
         except OSError:
             continue
+        sizes.append((status.st_mtime, status.st_size))
     return max(sizes)[1] if sizes else 0

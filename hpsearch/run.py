@@ -330,8 +330,9 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
     from musicssl.paths import free_bytes, size_text
 
     left = max(settings.trials - finished, 0)
+    floors = room_floors(settings, checkpoint, folder, left, local)
     shown = folder if resume else Path(settings.storage_dir).expanduser()  # a new search's folder is not made yet
-    problem = room_problem(room_floors(settings, checkpoint, shown, left, local), shown)
+    problem = room_problem({shown if path == folder else path: floor for path, floor in floors.items()}, shown)
     if problem:
         raise SearchError(f"{problem}: free some space, or " + (
             "move the search's folder to a disk with room and give --storage-dir its new place" if resume
@@ -341,7 +342,7 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
         print(f"note: the {left} trials left take about {size_text(need)} on disk, and the disk of {shown} has "
               f"{size_text(free)} free: the search stops when the room runs short, and continues with --resume "
               "once there is more", file=sys.stderr, flush=True)
-    return room_floors(settings, checkpoint, folder, left, local)
+    return floors
 
 
 def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
