@@ -1,25 +1,30 @@
 """Disk room for a search: what it needs, a check before it starts, and a watch while it runs.
 
 Each trial leaves its backbone checkpoint and its epoch reports in the search's folder, and Ray Tune
-rewrites its experiment state there. Each running trial also writes its checkpoint and its reports to
-Ray's temporary folder first (``RAY_TMPDIR``, else ``TMPDIR``, else ``/tmp``), from where they are
-copied. A disk that filled under a search failed trials one after the other (each recorded as failed,
-its hyperparameters blamed) and then the search itself, with a traceback and a journal record cut
-short. Instead, a search does not start without room for the trials it runs at once, and stops, as
-after Ctrl-C, when the room left falls below that: the trials that were running train again when it
-is continued.
+rewrites its experiment state there. Each running trial also writes them elsewhere first, from where
+they are copied: its reports to Ray's temporary folder (``RAY_TMPDIR``, else ``TMPDIR``, else
+``/tmp``), its checkpoint to the trials' temporary folder (Python's: ``TMPDIR``, else ``/tmp``). A disk
+that filled under a search failed trials one after the other (each recorded as failed, its
+hyperparameters blamed) and then the search itself, with a traceback and a journal record cut short.
+Instead, a search does not start without room for the trials it runs at once, and stops, as after
+Ctrl-C, when the room left falls below that: the trials that were running train again when it is
+continued.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from hpsearch.settings import SearchSettings
 from musicssl.paths import free_bytes, same_file_system, size_text
 
-__all__ = ["RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "trial_bytes"]
+__all__ = [
+    "RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "temp_folder_text", "temp_move_text",
+    "trial_bytes", "trial_temp_dir",
+]
 
 # What a trial writes besides its checkpoint, measured on the 18-epoch VICReg search (64 trials): its
 # result.json, TensorBoard events and progress.csv, about 4 kB an epoch, and its part of the journal
@@ -56,20 +61,40 @@ def ray_temp_dir() -> Path:
     return Path("/tmp")
 
 
+def trial_temp_dir() -> Path:
+    """Where a trial on this machine stages its checkpoint (:mod:`hpsearch.trainable`): Python's temporary
+    folder as the trial's process finds it, from the environment it inherits from the search (``TMPDIR``,
+    ``TEMP`` or ``TMP``, else ``/tmp``; read again here, where :func:`tempfile.gettempdir` keeps its first
+    answer)."""
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        value = os.environ.get(name)
+        if value and os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK):
+            return Path(os.path.abspath(value))
+    for value in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK):
+            return Path(value)
+    return Path(tempfile.gettempdir())
+
+
 def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_left: int,
                 local: bool = True) -> RoomFloors:
     """The room under which the search stops, by disk: in its folder, what the trials running at once
-    write there, the best backbone's copy and a margin; for trials on this machine (``local``), in
-    Ray's temporary folder, their staged checkpoints and reports and a margin (added to the folder's
-    when both are on one disk). On a cluster the trials stage their files on their own nodes."""
-    running = max(1, min(settings.concurrency, trials_left)) * trial_bytes(settings, checkpoint)
-    staged = running + MARGIN_BYTES
-    floors = {folder: running + checkpoint + MARGIN_BYTES}
-    temp = ray_temp_dir()
-    if local and same_file_system(temp, folder):
-        floors[folder] += staged
-    elif local:
-        floors[temp] = staged
+    write there, the best backbone's copy and a margin; for trials on this machine (``local``), what they
+    stage: their reports in Ray's temporary folder and their checkpoints in the trials' temporary folder,
+    with a margin on each disk of its own (folders on one disk add up, with one margin). On a cluster the
+    trials stage their files on their own nodes."""
+    at_once = max(1, min(settings.concurrency, trials_left))
+    running = at_once * trial_bytes(settings, checkpoint)
+    needs = [(folder, running + checkpoint)]
+    if local:
+        needs += [(ray_temp_dir(), running - at_once * checkpoint), (trial_temp_dir(), at_once * checkpoint)]
+    floors: RoomFloors = {}
+    for path, need in needs:
+        disk = next((known for known in floors if known == path or same_file_system(known, path)), None)
+        if disk is None:
+            floors[path] = need + MARGIN_BYTES
+        else:
+            floors[disk] += need
     return floors
 
 
@@ -80,12 +105,32 @@ def room_problem(floors: RoomFloors, search_folder: Path | None = None) -> str |
         free = free_bytes(folder)
         need = floor + (_state_bytes(folder) if folder == search_folder else 0)
         if free is not None and free < need:
-            if folder != search_folder:  # Ray's temporary folder, on a disk of its own
-                return (f"only {size_text(free)} free on the disk of {folder}, Ray's temporary folder, under the "
-                        f"{size_text(need)} that the trials running at once stage there (RAY_TMPDIR moves it)")
+            if folder != search_folder:  # a temporary folder, on a disk of its own
+                return (f"only {size_text(free)} free on the disk of {folder}, {temp_folder_text(folder)}, under the "
+                        f"{size_text(need)} that the trials running at once stage there ({temp_move_text(folder)})")
             return (f"only {size_text(free)} free on the disk of {folder}, under the {size_text(need)} that the "
                     "trials running at once and the search's results need")
     return None
+
+
+def _temp_roles(path: Path) -> tuple[bool, bool]:
+    """Whether ``path``'s disk holds Ray's temporary folder, and the trials' temporary folder."""
+    return tuple(known == path or same_file_system(known, path) for known in (ray_temp_dir(), trial_temp_dir()))
+
+
+def temp_folder_text(path: Path) -> str:
+    """What ``path`` is for a search, when it is on the disk of a temporary folder: "Ray's temporary folder",
+    "the trials' temporary folder", or both."""
+    ray, trials = _temp_roles(path)
+    return {(True, True): "Ray's and the trials' temporary folder",
+            (False, True): "the trials' temporary folder"}.get((ray, trials), "Ray's temporary folder")
+
+
+def temp_move_text(path: Path) -> str:
+    """Which environment variable moves the temporary folder on ``path``'s disk."""
+    ray, trials = _temp_roles(path)
+    return {(True, True): "RAY_TMPDIR and TMPDIR move them",
+            (False, True): "TMPDIR moves it"}.get((ray, trials), "RAY_TMPDIR moves it")
 
 
 def _state_bytes(folder: Path) -> int:

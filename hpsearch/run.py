@@ -325,7 +325,7 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
     """Refuse to start (or continue) a search without disk room for the trials it runs at once, and
     say so when the trials left need more than there is (it stops when the room runs short). Returns
     the room under which the running search stops (:func:`hpsearch.room.room_floors`; ``local``: its
-    trials run on this machine, and stage their files in its Ray's temporary folder)."""
+    trials run on this machine, and stage their files in its temporary folders)."""
     from hpsearch.room import room_floors, room_problem, search_bytes
     from musicssl.paths import free_bytes, size_text
 
@@ -347,19 +347,22 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
 
 def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
     """For an error that is a write finding a disk full: which disk, and what to do, as a :class:`SearchError`.
-    The disk is the one of the file the error names, else the fuller of the search's folder's and Ray's
-    temporary folder's (Ray's copies of the trials' files name none)."""
-    from hpsearch.room import ray_temp_dir
+    The disk is the one of the file the error names, else the fullest of the search's folder's and the
+    temporary folders' (Ray's copies of the trials' files name none)."""
+    from hpsearch.room import ray_temp_dir, temp_folder_text, temp_move_text, trial_temp_dir
     from musicssl.paths import free_bytes, full_disk_error
 
     found = full_disk_error(error)
     if found is None:
         return None
+    temps = (ray_temp_dir(), trial_temp_dir())
     if isinstance(found.filename, (str, bytes, os.PathLike)):
         where = Path(os.fsdecode(found.filename))
     else:
-        where = min((folder, ray_temp_dir()), key=lambda path: free_bytes(path) or 0)
-    temp = ", Ray's temporary folder (RAY_TMPDIR moves it)" if where == ray_temp_dir() else ""
+        where = min((folder, *temps), key=lambda path: free_bytes(path) or 0)
+    temp = ""
+    if not (where == folder or folder in where.parents) and any(where == t or t in where.parents for t in temps):
+        temp = f", {temp_folder_text(where)} ({temp_move_text(where)})"
     return SearchError(f"the disk of {where}{temp} is full ({found.strerror or 'no space left'}); free some space "
                        f"there, and continue the search with {_continue_command(settings, address)}")
 

@@ -64,6 +64,10 @@ FINAL_KEYS = (
 # writing them (a machine whose /tmp is shared by containers, each with its own process ids).
 CHECKPOINT_FOLDER_PREFIX = "hpsearch-checkpoint-"
 STALE_CHECKPOINT_SECONDS = 3600.0
+# A checkpoint whose disk is full is written again every ROOM_RETRY_SECONDS for up to ROOM_WAIT_SECONDS
+# (:func:`_report_with_checkpoint`): long enough for the search's room watch (every 2 s) to stop the search.
+ROOM_WAIT_SECONDS = 60.0
+ROOM_RETRY_SECONDS = 2.0
 
 
 def _remove_stale_checkpoint_folders(temporary: str | None = None, now: float | None = None) -> list[str]:
@@ -258,13 +262,71 @@ def run_trial(
     if checkpoint is None:
         tune.report(record)
         return
-    import torch
+    try:
+        _report_with_checkpoint(record, *checkpoint, tune.report, trial_folder=_trial_folder())
+    except Exception as error:
+        from musicssl.paths import full_disk_error
 
-    state, trial_config = checkpoint
-    with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_FOLDER_PREFIX}{os.getpid()}-") as folder:
-        torch.save(state, Path(folder) / "backbone.pt")
-        (Path(folder) / "config.json").write_text(json.dumps(trial_config, indent=2, default=str))
-        tune.report(record, checkpoint=tune.Checkpoint.from_directory(folder))
+        found = full_disk_error(error)
+        if found is None:
+            raise
+        record.update(outcome="failed", objective=math.nan,
+                      error=f"its checkpoint found no room for {ROOM_WAIT_SECONDS:.0f} s: {found}")
+        tune.report(record)
+        raise
+
+
+def _trial_folder() -> Path | None:
+    """The trial's folder in the search's folder, where Ray copies its checkpoint (None outside a Tune run,
+    or where the search's folder is not on a local file system)."""
+    import pyarrow.fs
+    from ray import tune
+
+    try:
+        storage = tune.get_context().get_storage()  # (get_trial_dir() is its reports' folder, in Ray's temporary one)
+        local = isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem)
+        return Path(storage.trial_fs_path) if local else None
+    except Exception:  # no Tune session
+        return None
+
+
+def _report_with_checkpoint(
+    record: dict[str, Any], state: dict, trial_config: dict, report, trial_folder: Path | None = None,
+    temporary: str | Path | None = None, wait: float = ROOM_WAIT_SECONDS,
+) -> None:
+    """Write a complete trial's checkpoint (``backbone.pt``, ``config.json``) to a temporary folder and
+    ``report`` the final ``record`` with it (``tune.report``: Ray copies the folder into the trial's folder).
+
+    A write that finds its disk full, here or in Ray's copy, is tried again every
+    :data:`ROOM_RETRY_SECONDS` for up to ``wait`` seconds, the trained backbone kept: the search's room
+    watch stops the search meanwhile when the disk stays short (the trial then trains again when the
+    search is continued; recorded as failed, it would not), and room another program frees lets the trial
+    end as it would have. A copy cut short is removed before the next try (``trial_folder``: its
+    ``checkpoint_*`` folders that were not there before). Other errors are raised at once."""
+    import torch
+    from ray import tune
+
+    from musicssl.paths import full_disk_error
+
+    deadline = time.monotonic() + wait
+    before = set(trial_folder.glob("checkpoint_*")) if trial_folder is not None else set()
+    while True:
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_FOLDER_PREFIX}{os.getpid()}-",
+                                             dir=temporary) as folder:
+                # Through a Python file: torch.save to a path raises a RuntimeError without the errno.
+                with open(Path(folder) / "backbone.pt", "wb") as stream:
+                    torch.save(state, stream)
+                (Path(folder) / "config.json").write_text(json.dumps(trial_config, indent=2, default=str))
+                report(record, checkpoint=tune.Checkpoint.from_directory(folder))
+            return
+        except Exception as error:  # torch.save raises a RuntimeError, from the OSError
+            if full_disk_error(error) is None or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
+                raise
+        if trial_folder is not None:
+            for partial in set(trial_folder.glob("checkpoint_*")) - before:
+                shutil.rmtree(partial, ignore_errors=True)
+        time.sleep(ROOM_RETRY_SECONDS)
 
 
 def _train_and_score(

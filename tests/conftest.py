@@ -54,6 +54,14 @@ class SmallDisk:
     def resize(self, size: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True)
 
+    def fill(self, name: str = "filler") -> Path:
+        """Write a file of zeros until the disk has no room left; its path (remove it to give the room back)."""
+        path = self.path / name
+        with open(path, "wb", buffering=0) as stream, contextlib.suppress(OSError):
+            while True:
+                stream.write(bytes(65536))
+        return path
+
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Callable[[int], SmallDisk]]:

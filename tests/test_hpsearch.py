@@ -3063,36 +3063,125 @@ def test_a_search_is_refused_without_room_for_the_trials_it_runs_at_once(tmp_pat
 def test_the_room_kept_counts_the_trials_at_once_on_each_disk_and_the_trials_left_are_noted(
     tmp_path, capsys, small_disk, monkeypatch
 ):
-    from hpsearch.room import room_floors, search_bytes
+    from hpsearch.room import room_floors, search_bytes, trial_temp_dir
     from hpsearch.run import check_room
 
     settings = SearchSettings(method="vicreg", trials=10**9, storage_dir=str(tmp_path))
     checkpoint = 2_000_000
-    per_trial = checkpoint + 64_000 + 8_000 * settings.max_epochs  # its checkpoint and epoch reports
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-temp"))  # Ray's temporary folder on the folder's disk
+    reports = 64_000 + 8_000 * settings.max_epochs  # a trial's epoch reports and its share of the journal
+    per_trial = checkpoint + reports
+    for name in ("TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    # Ray's temporary folder (its reports) and the trials' (their checkpoints) on the folder's disk.
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-temp"))
+    (tmp_path / "trial-temp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "trial-temp"))
+    assert trial_temp_dir() == tmp_path / "trial-temp"
     floors = check_room(settings, tmp_path / "search", finished=10, checkpoint=checkpoint, resume=True)
-    # In the search's folder: the 2 trials at once, the best backbone's copy and 4 MB; staged in Ray's
-    # temporary folder, on the same disk: the 2 trials' files again and 4 MB.
-    assert floors == {tmp_path / "search": 2 * per_trial + checkpoint + 4_000_000 + 2 * per_trial + 4_000_000}
+    # In the search's folder: the 2 trials at once, the best backbone's copy and 4 MB; staged on the same
+    # disk: the 2 trials' reports and checkpoints again (4 MB kept once on a disk).
+    assert floors == {tmp_path / "search": 2 * per_trial + checkpoint + 2 * reports + 2 * checkpoint + 4_000_000}
     err = capsys.readouterr().err
     assert "note: the 999999990 trials left take about " in err
     assert "the search stops when the room runs short, and continues with --resume once there is more" in err
-    # With one trial left, one trial at once; Ray's temporary folder on a disk of its own has a floor of its own.
-    disk = small_disk(1_000_000)
-    monkeypatch.setenv("RAY_TMPDIR", str(disk.path))
+    # With one trial left, one trial at once; a temporary folder on a disk of its own has a floor of its own.
+    ray_disk, trial_disk = small_disk(1_000_000), small_disk(1_000_000)
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_disk.path))
     assert room_floors(settings, checkpoint, tmp_path, trials_left=1) == {
-        tmp_path: per_trial + checkpoint + 4_000_000, disk.path: per_trial + 4_000_000}
-    # On a cluster the trials stage their files on their own nodes: the driver's temporary folder is not watched.
+        tmp_path: per_trial + checkpoint + checkpoint + 4_000_000, ray_disk.path: reports + 4_000_000}
+    monkeypatch.setenv("TMPDIR", str(trial_disk.path))
+    assert room_floors(settings, checkpoint, tmp_path, trials_left=1) == {
+        tmp_path: per_trial + checkpoint + 4_000_000, ray_disk.path: reports + 4_000_000,
+        trial_disk.path: checkpoint + 4_000_000}
+    # On a cluster the trials stage their files on their own nodes: the driver's temporary folders are not watched.
     assert room_floors(settings, checkpoint, tmp_path, trials_left=1, local=False) == {
         tmp_path: per_trial + checkpoint + 4_000_000}
+    fix = ": free some space, or move the search's folder to a disk with room and give --storage-dir its new place"
     with pytest.raises(SearchError) as refused:
         check_room(settings, tmp_path, finished=10**9 - 1, checkpoint=checkpoint, resume=True)
-    assert str(refused.value).startswith("only 1.0 MB free on the disk of ")
-    assert str(refused.value).endswith(f"{disk.path}, Ray's temporary folder, under the 6.1 MB that the trials running "
-                                       "at once stage there (RAY_TMPDIR moves it): free some space, or move the "
-                                       "search's folder to a disk with room and give --storage-dir its new place")
+    assert str(refused.value) == (f"only 1.0 MB free on the disk of {ray_disk.path}, Ray's temporary folder, under the "
+                                  f"4.1 MB that the trials running at once stage there (RAY_TMPDIR moves it){fix}")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-temp"))
+    with pytest.raises(SearchError) as refused:
+        check_room(settings, tmp_path, finished=10**9 - 1, checkpoint=checkpoint, resume=True)
+    assert str(refused.value) == (f"only 1.0 MB free on the disk of {trial_disk.path}, the trials' temporary folder, "
+                                  "under the 6.0 MB that the trials running at once stage there (TMPDIR moves it)"
+                                  f"{fix}")
+    # Both on one disk of their own (Ray's by default: TMPDIR then moves both).
+    monkeypatch.delenv("RAY_TMPDIR")
+    assert room_floors(settings, checkpoint, tmp_path, trials_left=1) == {
+        tmp_path: per_trial + checkpoint + 4_000_000, trial_disk.path: per_trial + 4_000_000}
+    with pytest.raises(SearchError) as refused:
+        check_room(settings, tmp_path, finished=10**9 - 1, checkpoint=checkpoint, resume=True)
+    assert str(refused.value) == (f"only 1.0 MB free on the disk of {trial_disk.path}, Ray's and the trials' temporary "
+                                  "folder, under the 6.1 MB that the trials running at once stage there (RAY_TMPDIR "
+                                  f"and TMPDIR move them){fix}")
     # The whole search's: each trial's, and its part of Ray's experiment state (45 kB).
     assert search_bytes(settings, checkpoint, 5) == 5 * (per_trial + 45_000) + checkpoint + 4_000_000
+
+
+def test_a_trials_checkpoint_that_finds_its_disk_full_is_written_once_room_comes_back(tmp_path, small_disk):
+    """A trained trial keeps its backbone while the disk it stages its checkpoint on is full (the search's
+    room watch stops the search meanwhile, and the trial trains again when it is continued; recorded as
+    failed, it would not): room freed within the wait lets it end as it would have. torch.save to a full
+    disk raises a RuntimeError; the OSError it comes from says that the disk is full."""
+    from hpsearch.trainable import _report_with_checkpoint
+
+    disk = small_disk(2_000_000)
+    state = {"weight": torch.arange(100_000, dtype=torch.float32)}  # 400 kB
+    reports = []
+
+    def report(record, checkpoint):  # as tune.report: the folder is Ray's to copy while it runs
+        folder = Path(checkpoint.path)
+        reports.append((record, torch.load(folder / "backbone.pt"), json.loads((folder / "config.json").read_text())))
+
+    filler = disk.fill()
+    freed = threading.Timer(1.5, filler.unlink)
+    started = time.monotonic()
+    freed.start()
+    try:
+        _report_with_checkpoint({"outcome": "complete"}, state, {"value": 0.4}, report, temporary=disk.path, wait=30)
+    finally:
+        freed.join()
+    assert 1.5 <= time.monotonic() - started < 15
+    assert len(reports) == 1 and reports[0][0] == {"outcome": "complete"} and reports[0][2] == {"value": 0.4}
+    assert torch.equal(reports[0][1]["weight"], state["weight"])
+    assert list(disk.path.iterdir()) == []  # the staged folders, the one cut short among them, are removed
+
+    # A copy into the trial's folder cut short by a full disk is removed before the next try.
+    trial_folder = tmp_path / "trial"
+    (trial_folder / "checkpoint_000000").mkdir(parents=True)  # one from before: not this try's, kept
+    tries = []
+
+    def copy_cut_short(record, checkpoint):
+        tries.append(sorted(path.name for path in trial_folder.iterdir()))
+        if len(tries) == 1:
+            (trial_folder / "checkpoint_000001").mkdir()
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    _report_with_checkpoint({}, state, {}, copy_cut_short, trial_folder=trial_folder, temporary=tmp_path, wait=30)
+    assert tries == [["checkpoint_000000"], ["checkpoint_000000"]]
+
+    # No room within the wait: the error, and nothing left behind. Other errors are raised at once.
+    disk.fill()
+    started = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        _report_with_checkpoint({}, state, {}, report, temporary=disk.path, wait=3)
+    assert time.monotonic() - started < 10 and len(reports) == 1
+    chain, error = [], failed.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert any(isinstance(error, OSError) and error.errno == errno.ENOSPC for error in chain), chain
+    assert [path.name for path in disk.path.iterdir()] == ["filler"]
+
+    def refused(record, checkpoint):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    started = time.monotonic()
+    with pytest.raises(PermissionError):
+        _report_with_checkpoint({}, state, {}, refused, temporary=tmp_path, wait=30)
+    assert time.monotonic() - started < 2
 
 
 def test_the_room_a_running_search_needs_counts_ray_writing_its_state_again(tmp_path):
@@ -3198,5 +3287,47 @@ def test_a_search_whose_disk_runs_short_stops_and_resumes_to_the_requested_count
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     study = load_study(journal)
     assert [t.number for t in study.trials] == list(range(8)) and all(t.state.is_finished() for t in study.trials)
+    assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in finished} == finished
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
+
+
+@pytest.mark.slow  # 60 s; run when the room check, the watch or the trials' checkpoints change
+def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path, tonal_dataset, cli_env, small_disk):
+    """The trials stage their checkpoints in Python's temporary folder (TMPDIR), which may be on a disk of
+    its own, apart from Ray's (RAY_TMPDIR) and from the search's folder. Before, the search did not look at
+    that disk: once it filled, every complete trial failed on its checkpoint and was recorded as failed.
+    Now the search stops, naming it; given room, it resumes to the requested count, none failed."""
+    disk = small_disk(12_000_000)  # room for 2 trials' checkpoints (2 MB each) and 4 MB besides
+    env = {**cli_env, "TMPDIR": str(disk.path), "RAY_TMPDIR": "/tmp"}
+    command = cli("vicreg", "--trials", "8", "--name", "temp", "--storage-dir", str(tmp_path / "runs"),
+                  *tiny_flags(tonal_dataset))
+    journal = tmp_path / "runs" / "temp" / "optuna.journal"
+    search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and search.poll() is None:
+            with contextlib.suppress(Exception):  # not written yet, or being written
+                if any(t.state == TrialState.COMPLETE for t in load_study(journal).trials):
+                    break
+            time.sleep(0.2)
+        filler = disk.fill()
+        out, err = search.communicate(timeout=300)
+    finally:
+        if search.poll() is None:
+            search.kill()
+            search.communicate()
+    assert search.returncode == 2, out + err
+    assert "Traceback" not in err
+    assert f"stopping: only 0 B free on the disk of {disk.path}, the trials' temporary folder, under the " in err
+    assert "that the trials running at once stage there (TMPDIR moves it)" in err
+    finished = {t.number: (t.state, t.value, t.params) for t in load_study(journal).trials if t.state.is_finished()}
+    assert 1 <= len(finished) < 8 and all(state != TrialState.FAIL for state, _, _ in finished.values())
+    filler.unlink()
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = load_study(journal)
+    assert [t.number for t in study.trials] == list(range(8))
+    states = [t.state for t in study.trials]
+    assert all(state.is_finished() and state != TrialState.FAIL for state in states), states
     assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in finished} == finished
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
