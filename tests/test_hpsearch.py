@@ -1480,6 +1480,8 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGINT if sigint else signal.SIGTERM,
                                                to=to, meanwhile=run_it_again if to == "search" else None,
                                                foreground=sigint)
+    if to == "session-on-its-cluster":
+        _forget_cluster(port)
     output = "".join(lines)
     assert seconds < 30, f"{seconds:.0f} s from the signal to the exit\n{output}"  # SLURM kills 30 s after it
     assert (tmp_path / "termed" / "summary.json").is_file(), output
@@ -1539,6 +1541,17 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
     # The trial the signal interrupted ran again: not recorded as failed (with the raylet signalled
     # first, Ray Tune saw its worker die before the search saw the signal, and failed it).
     assert [t.number for t in study.trials if t.state == TrialState.FAIL] == []
+
+
+def _forget_cluster(port: int) -> None:
+    """Remove the address that `ray start` on ``port`` recorded for a plain ray.init() to join, once its
+    cluster is gone (a signal ended it, not `ray stop`): another program's ray.init() would try to join it."""
+    from ray._common.utils import get_ray_address_file
+
+    record = Path(get_ray_address_file(None))
+    with contextlib.suppress(OSError):
+        if record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 # Both slow (13 s and more; run when this code changes): the signal held while Ray starts is the fast
@@ -2636,6 +2649,7 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         kill_session(head.pid)
+        _forget_cluster(port)
 
 
 def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_trial(capsys):
