@@ -55,9 +55,9 @@ def ray_temp_dir() -> Path:
     """Where Ray (started by the search on this machine) keeps its session and the trials stage their
     files: ``RAY_TMPDIR``, else ``TMPDIR`` (Linux), else ``/tmp``, as Ray chooses it."""
     if os.environ.get("RAY_TMPDIR"):
-        return Path(os.environ["RAY_TMPDIR"])
+        return Path(os.path.abspath(os.environ["RAY_TMPDIR"]))
     if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
-        return Path(os.environ["TMPDIR"])
+        return Path(os.path.abspath(os.environ["TMPDIR"]))
     return Path("/tmp")
 
 

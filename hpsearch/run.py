@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from hpsearch.settings import (
-    COLLAPSE_TYPES, OBJECTIVES, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, flag_text,
-    name_problem,
+    COLLAPSE_TYPES, OBJECTIVES, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, TrialSettings,
+    flag_text, name_problem,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
 from musicssl.paths import PARTIAL_SUFFIX, write_whole
@@ -345,6 +345,16 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
     return floors
 
 
+def _trial_settings(settings: SearchSettings, address: str | None) -> TrialSettings:
+    """What the trials share; trials on this machine stage their checkpoints in the temporary folder whose
+    disk the search watches (:func:`hpsearch.room.trial_temp_dir`, found here once: a ``TMPDIR`` that Ray
+    creates, or a relative one, would otherwise be another folder for the trials)."""
+    from hpsearch.room import trial_temp_dir
+
+    trial = settings.trial_settings()
+    return trial if address else dataclasses.replace(trial, staging_dir=str(trial_temp_dir()))
+
+
 def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
     """For an error that is a write finding a disk full: which disk, and what to do, as a :class:`SearchError`.
     The disk is the one of the file the error names, else the fullest of the search's folder's and the
@@ -453,6 +463,11 @@ def _ray_environment(local: bool, verbose: bool) -> None:
     # Ray 2.60 turns on token authentication for local clusters; a local search needs none.
     if local:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # A relative temporary folder failed Ray's start ("The current node timed out during startup",
+        # after 30 s, with a traceback): Ray's processes run elsewhere. The trials' is this one, too.
+        for name in ("RAY_TMPDIR", "TMPDIR", "TEMP", "TMP"):
+            if os.environ.get(name) and not os.path.isabs(os.environ[name]):
+                os.environ[name] = os.path.abspath(os.environ[name])
     if not verbose:
         # Tune's newer console output prints its configuration table even at verbose=0; the
         # classic one is silent there, and ProgressPrinter reports instead.
@@ -506,9 +521,18 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                 # The GPUs are those torch sees (check_local_gpus counted them), not Ray's own count, which can
                 # miss a GPU that torch uses (no NVML library) and leave GPU trials waiting for good.
                 gpus = _local_gpus() if settings.gpus_per_trial > 0 else None
-                with _ray_processes_in_a_group_of_their_own():
-                    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-                             logging_level=level, log_to_driver=verbose)
+                try:
+                    with _ray_processes_in_a_group_of_their_own():
+                        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                                 logging_level=level, log_to_driver=verbose)
+                except OSError as error:  # before Ray starts a process (a traceback before, exit 1)
+                    if "AF_UNIX path length" not in str(error):
+                        raise
+                    from hpsearch.room import ray_temp_dir
+
+                    raise SearchError(f"Ray cannot start in its temporary folder {ray_temp_dir()}: the paths of its "
+                                      "sockets there would be longer than the 107 bytes the system allows; set "
+                                      "RAY_TMPDIR to a folder with a shorter path, such as /tmp/ray") from None
     except BaseException:
         if not held:
             raise
@@ -1192,7 +1216,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             study_exists = journal.is_file() and journal.stat().st_size > 0
             finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
             trainable = tune.with_resources(
-                tune.with_parameters(run_trial, data=data, settings=settings.trial_settings(), finished=finished),
+                tune.with_parameters(run_trial, data=data, settings=_trial_settings(settings, address),
+                                     finished=finished),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
             # Ray restores an experiment from its saved state; a search stopped before Ray first saved it

@@ -137,6 +137,9 @@ class TrialSettings:
     stop_on: tuple[str, ...] = DEFAULT_STOP_ON
     # The verdict the rule judges by (an earlier one for a search started before it).
     collapse_types_version: int = COLLAPSE_TYPES_VERSION
+    # Where a complete trial stages its checkpoint: the folder whose disk the search watches
+    # (hpsearch.room.trial_temp_dir), or None for the trial's own temporary folder (on a cluster's nodes).
+    staging_dir: str | None = None
 
     def collapse_rule(self):
         """The :class:`hpsearch.stopping.CollapseStopRule` every trial of the search applies."""

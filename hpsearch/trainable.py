@@ -11,7 +11,9 @@ Reports (each a ``ray.tune.report`` call):
   diverged, failed), the final ``objective`` and what the searcher records (see
   :data:`FINAL_KEYS`). The probe runs here, after the last epoch, only for a complete trial: a
   collapsed or diverged one is not worth its cost. A complete trial attaches its backbone as a
-  Tune checkpoint (``backbone.pt``, a plain ``state_dict``, and ``config.json``).
+  Tune checkpoint (``backbone.pt``, a plain ``state_dict``, and ``config.json``); one whose disk is
+  full is written again for up to a minute (:func:`_report_with_checkpoint`), in the folder whose disk
+  the search watches (``TrialSettings.staging_dir``).
 
 An exception in a trial is reported as ``outcome="failed"`` with the error, then re-raised, so
 Tune marks the trial errored (and the search goes on).
@@ -243,7 +245,7 @@ def run_trial(
         tune.report({**finished[number], "final": True, "replayed": True})
         return
     started, cpu_started = time.perf_counter(), time.process_time()
-    _remove_stale_checkpoint_folders()
+    _remove_stale_checkpoint_folders(settings.staging_dir)
     params = {name: value for name, value in config.items() if name != TRIAL_NUMBER_KEY}
     monitor = CollapseMonitor(settings.collapse_rule())
     reporter = _EpochReporter(settings, data, monitor, tune.report)
@@ -263,7 +265,8 @@ def run_trial(
         tune.report(record)
         return
     try:
-        _report_with_checkpoint(record, *checkpoint, tune.report, trial_folder=_trial_folder())
+        _report_with_checkpoint(record, *checkpoint, tune.report, trial_folder=_trial_folder(),
+                                temporary=settings.staging_dir)
     except Exception as error:
         from musicssl.paths import full_disk_error
 
@@ -271,7 +274,7 @@ def run_trial(
         if found is None:
             raise
         record.update(outcome="failed", objective=math.nan,
-                      error=f"its checkpoint found no room for {ROOM_WAIT_SECONDS:.0f} s: {found}")
+                      error=f"no room for its checkpoint: {found}")
         tune.report(record)
         raise
 
@@ -294,22 +297,26 @@ def _report_with_checkpoint(
     record: dict[str, Any], state: dict, trial_config: dict, report, trial_folder: Path | None = None,
     temporary: str | Path | None = None, wait: float = ROOM_WAIT_SECONDS,
 ) -> None:
-    """Write a complete trial's checkpoint (``backbone.pt``, ``config.json``) to a temporary folder and
-    ``report`` the final ``record`` with it (``tune.report``: Ray copies the folder into the trial's folder).
+    """Write a complete trial's checkpoint (``backbone.pt``, ``config.json``) to a folder in ``temporary``
+    (default: Python's temporary folder) and ``report`` the final ``record`` with it (``tune.report``: Ray
+    copies the folder into ``trial_folder``, the trial's folder in the search's).
 
     A write that finds its disk full, here or in Ray's copy, is tried again every
     :data:`ROOM_RETRY_SECONDS` for up to ``wait`` seconds, the trained backbone kept: the search's room
-    watch stops the search meanwhile when the disk stays short (the trial then trains again when the
-    search is continued; recorded as failed, it would not), and room another program frees lets the trial
-    end as it would have. A copy cut short is removed before the next try (``trial_folder``: its
-    ``checkpoint_*`` folders that were not there before). Other errors are raised at once."""
+    watch stops the search meanwhile (the trial then trains again when the search is continued; recorded
+    as failed, it would not), or room another program frees lets the trial end as it would have. It waits
+    only while one of the two disks has less room than the checkpoint: a disk-full error with room left
+    (no inodes left, a quota) is raised at once, as are other errors. A copy cut short is removed
+    (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
     import torch
     from ray import tune
 
-    from musicssl.paths import full_disk_error
+    from musicssl.paths import free_bytes, full_disk_error
 
+    need = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)) + 1_000_000
     deadline = time.monotonic() + wait
     before = set(trial_folder.glob("checkpoint_*")) if trial_folder is not None else set()
+    disks = [temporary or tempfile.gettempdir(), *([trial_folder] if trial_folder is not None else [])]
     while True:
         try:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_FOLDER_PREFIX}{os.getpid()}-",
@@ -321,11 +328,14 @@ def _report_with_checkpoint(
                 report(record, checkpoint=tune.Checkpoint.from_directory(folder))
             return
         except Exception as error:  # torch.save raises a RuntimeError, from the OSError
-            if full_disk_error(error) is None or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
+            if full_disk_error(error) is None:
                 raise
-        if trial_folder is not None:
-            for partial in set(trial_folder.glob("checkpoint_*")) - before:
-                shutil.rmtree(partial, ignore_errors=True)
+            if trial_folder is not None:
+                for partial in set(trial_folder.glob("checkpoint_*")) - before:
+                    shutil.rmtree(partial, ignore_errors=True)
+            short = any((free_bytes(disk) or 0) < need for disk in disks)
+            if not short or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
+                raise
         time.sleep(ROOM_RETRY_SECONDS)
 
 

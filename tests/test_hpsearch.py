@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -1477,11 +1478,13 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tonal_dataset, cli_env,
         run = ["sh", "-c", f"{shlex.quote(str(ray_cli))} start --head --port={port} --num-cpus=2 "
                f"--include-dashboard=false >/dev/null && exec {search}"]
     sigint = to == "session-sigint"
-    lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGINT if sigint else signal.SIGTERM,
-                                               to=to, meanwhile=run_it_again if to == "search" else None,
-                                               foreground=sigint)
-    if to == "session-on-its-cluster":
-        _forget_cluster(port)
+    try:
+        lines, code, seconds = signal_search_after(run, cli_env, "[1/4]", signal.SIGINT if sigint else signal.SIGTERM,
+                                                   to=to, meanwhile=run_it_again if to == "search" else None,
+                                                   foreground=sigint)
+    finally:
+        if to == "session-on-its-cluster":
+            _forget_cluster(port)
     output = "".join(lines)
     assert seconds < 30, f"{seconds:.0f} s from the signal to the exit\n{output}"  # SLURM kills 30 s after it
     assert (tmp_path / "termed" / "summary.json").is_file(), output
@@ -3162,19 +3165,34 @@ def test_a_trials_checkpoint_that_finds_its_disk_full_is_written_once_room_comes
     assert torch.equal(reports[0][1]["weight"], state["weight"])
     assert list(disk.path.iterdir()) == []  # the staged folders, the one cut short among them, are removed
 
-    # A copy into the trial's folder cut short by a full disk is removed before the next try.
-    trial_folder = tmp_path / "trial"
+    # A copy into the trial's folder that fills its disk is removed before the next try (Ray's copy, as
+    # pyarrow raises it); the next one finds the room freed meanwhile.
+    trial_disk = small_disk(2_000_000)
+    trial_folder = trial_disk.path / "trial"
     (trial_folder / "checkpoint_000000").mkdir(parents=True)  # one from before: not this try's, kept
     tries = []
 
     def copy_cut_short(record, checkpoint):
         tries.append(sorted(path.name for path in trial_folder.iterdir()))
         if len(tries) == 1:
+            threading.Timer(1.0, trial_disk.fill(name="other").unlink).start()  # room freed meanwhile
             (trial_folder / "checkpoint_000001").mkdir()
+            (trial_folder / "checkpoint_000001" / "backbone.pt").touch()  # the copy cut short
             raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
 
     _report_with_checkpoint({}, state, {}, copy_cut_short, trial_folder=trial_folder, temporary=tmp_path, wait=30)
     assert tries == [["checkpoint_000000"], ["checkpoint_000000"]]
+
+    # A disk-full error with room on both disks (no inodes left, a quota: the search's watch sees bytes, and
+    # would not stop it) is raised at once, the copy it cut short removed.
+    def no_inodes(record, checkpoint):
+        (trial_folder / "checkpoint_000002").mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        _report_with_checkpoint({}, state, {}, no_inodes, trial_folder=trial_folder, temporary=tmp_path, wait=30)
+    assert time.monotonic() - started < 2 and sorted(p.name for p in trial_folder.iterdir()) == ["checkpoint_000000"]
 
     # No room within the wait: the error, and nothing left behind. Other errors are raised at once.
     disk.fill()
@@ -3196,6 +3214,24 @@ def test_a_trials_checkpoint_that_finds_its_disk_full_is_written_once_room_comes
     with pytest.raises(PermissionError):
         _report_with_checkpoint({}, state, {}, refused, temporary=tmp_path, wait=30)
     assert time.monotonic() - started < 2
+
+
+def test_the_trials_stage_their_checkpoints_in_the_folder_whose_disk_the_search_watches(tmp_path, monkeypatch):
+    """Found once, by the search, and handed to the trials: a relative TMPDIR would be another folder in a
+    trial's working folder, and one that does not exist yet (Ray makes it) would not be the one watched."""
+    from hpsearch.room import trial_temp_dir
+    from hpsearch.run import _trial_settings
+
+    settings = SearchSettings(method="vicreg")
+    for name in ("TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "relative").mkdir()
+    monkeypatch.setenv("TMPDIR", "relative")
+    assert _trial_settings(settings, None).staging_dir == str(tmp_path / "relative")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "not-yet"))
+    assert trial_temp_dir() == Path("/tmp") and _trial_settings(settings, None).staging_dir == "/tmp"
+    assert _trial_settings(settings, "auto").staging_dir is None  # on a cluster's nodes: their own
 
 
 def test_the_room_a_running_search_needs_counts_ray_writing_its_state_again(tmp_path):
@@ -3345,3 +3381,38 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
     assert all(state.is_finished() and state != TrialState.FAIL for state in states), states
     assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in finished} == finished
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
+
+
+@pytest.mark.slow  # 15 s; run when the search's start of Ray changes
+def test_a_search_with_a_relative_temporary_folder_starts_ray(tonal_dataset, cli_env):
+    """Ray's processes run in other folders: with TMPDIR relative, its start failed after 30 s ("The current
+    node timed out during startup", a traceback). The search makes it absolute for Ray and its trials."""
+    base = Path(tempfile.mkdtemp(prefix="rel-", dir="/tmp"))  # short: Ray's socket paths are limited
+    try:
+        (base / "t").mkdir()
+        env = {key: value for key, value in cli_env.items() if key not in ("RAY_TMPDIR", "TEMP", "TMP")}
+        done = subprocess.run(cli("vicreg", "--trials", "1", "--name", "rel", "--storage-dir", str(base / "runs"),
+                                  *tiny_flags(tonal_dataset)), capture_output=True, text=True,
+                              env={**env, "TMPDIR": "t", "PYTHONPATH": str(REPO)}, cwd=base, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (base / "t" / "ray").is_dir()  # Ray's session, in the folder TMPDIR names
+        assert len(pd.read_csv(base / "runs" / "rel" / "trials.csv")) == 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_temporary_folder_too_long_for_rays_sockets_is_one_line(tmp_path, tonal_dataset, cli_env):
+    """Ray's socket paths (its temporary folder, then about 70 bytes) must fit the system's 107 bytes: a
+    longer one failed the search with a traceback (exit 1)."""
+    long = tmp_path / ("t" * 60)
+    long.mkdir()
+    env = {key: value for key, value in cli_env.items() if key not in ("RAY_TMPDIR", "TEMP", "TMP")}
+    done = subprocess.run(cli("vicreg", "--trials", "1", "--name", "long", "--storage-dir", str(tmp_path / "runs"),
+                              *tiny_flags(tonal_dataset)), capture_output=True, text=True,
+                          env={**env, "TMPDIR": str(long)}, cwd=REPO, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"python -m hpsearch.run: error: Ray cannot start in its temporary folder {long}: the paths of its sockets "
+        "there would be longer than the 107 bytes the system allows; set RAY_TMPDIR to a folder with a shorter path, "
+        "such as /tmp/ray")
+    assert not (tmp_path / "runs" / "long").exists()
