@@ -345,14 +345,14 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
     return floors
 
 
-def _trial_settings(settings: SearchSettings, address: str | None) -> TrialSettings:
-    """What the trials share; trials on this machine stage their checkpoints in the temporary folder whose
-    disk the search watches (:func:`hpsearch.room.trial_temp_dir`, found here once: a ``TMPDIR`` that Ray
-    creates, or a relative one, would otherwise be another folder for the trials)."""
+def _trial_settings(settings: SearchSettings, own_ray: bool) -> TrialSettings:
+    """What the trials share; the trials of a Ray this search started (``own_ray``) stage their checkpoints
+    in the temporary folder whose disk the search watches (:func:`hpsearch.room.trial_temp_dir`), the
+    others (on a cluster's nodes) in their own."""
     from hpsearch.room import trial_temp_dir
 
     trial = settings.trial_settings()
-    return trial if address else dataclasses.replace(trial, staging_dir=str(trial_temp_dir()))
+    return dataclasses.replace(trial, staging_dir=str(trial_temp_dir())) if own_ray else trial
 
 
 def _disk_full_error(error: BaseException, folder: Path, settings: SearchSettings, address: str | None) -> SearchError | None:
@@ -463,15 +463,25 @@ def _ray_environment(local: bool, verbose: bool) -> None:
     # Ray 2.60 turns on token authentication for local clusters; a local search needs none.
     if local:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # A relative temporary folder failed Ray's start ("The current node timed out during startup",
-        # after 30 s, with a traceback): Ray's processes run elsewhere. The trials' is this one, too.
-        for name in ("RAY_TMPDIR", "TMPDIR", "TEMP", "TMP"):
-            if os.environ.get(name) and not os.path.isabs(os.environ[name]):
-                os.environ[name] = os.path.abspath(os.environ[name])
     if not verbose:
         # Tune's newer console output prints its configuration table even at verbose=0; the
         # classic one is silent there, and ProgressPrinter reports instead.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _settle_temporary_folders() -> None:
+    """For a search on this machine, before anything reads them: relative temporary folders made absolute
+    (Ray's processes run in other folders: a relative ``TMPDIR`` failed Ray's start after 30 s, "The current
+    node timed out during startup", with a traceback), and a ``TMPDIR`` not made yet made now, as Ray makes
+    it when it starts. The trials stage their checkpoints there (:func:`hpsearch.room.trial_temp_dir`), and
+    the room the search keeps is counted there from its first check."""
+    for name in ("RAY_TMPDIR", "TMPDIR", "TEMP", "TMP"):
+        value = os.environ.get(name)
+        if value and not os.path.isabs(value):
+            os.environ[name] = os.path.abspath(value)
+    if os.environ.get("TMPDIR"):
+        with contextlib.suppress(OSError):  # a folder that cannot be made: Python and Ray pass over it
+            os.makedirs(os.environ["TMPDIR"], exist_ok=True)
 
 
 def trial_folder_name(trial) -> str:
@@ -1141,6 +1151,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             if note:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         max_batch_size = check_space(settings)
+        if address is None:
+            _settle_temporary_folders()
         floors = check_room(settings, folder, finished if existing else 0, checkpoint_bytes(settings.preset),
                             resume=existing, local=address is None)
         if data is None:
@@ -1216,8 +1228,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             study_exists = journal.is_file() and journal.stat().st_size > 0
             finished = finished_records(load_study(journal, STUDY_NAME)) if study_exists else {}
             trainable = tune.with_resources(
-                tune.with_parameters(run_trial, data=data, settings=_trial_settings(settings, address),
-                                     finished=finished),
+                tune.with_parameters(run_trial, data=data, finished=finished,
+                                     settings=_trial_settings(settings, own_ray=started_ray and not address)),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
             # Ray restores an experiment from its saved state; a search stopped before Ray first saved it

@@ -305,18 +305,26 @@ def _report_with_checkpoint(
     :data:`ROOM_RETRY_SECONDS` for up to ``wait`` seconds, the trained backbone kept: the search's room
     watch stops the search meanwhile (the trial then trains again when the search is continued; recorded
     as failed, it would not), or room another program frees lets the trial end as it would have. It waits
-    only while one of the two disks has less room than the checkpoint: a disk-full error with room left
+    only while a disk has less room than the checkpoint's copies on it: a disk-full error with room left
     (no inodes left, a quota) is raised at once, as are other errors. A copy cut short is removed
     (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
     import torch
     from ray import tune
 
-    from musicssl.paths import free_bytes, full_disk_error
+    from musicssl.paths import free_bytes, full_disk_error, same_file_system
 
-    need = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)) + 1_000_000
+    size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     deadline = time.monotonic() + wait
     before = set(trial_folder.glob("checkpoint_*")) if trial_folder is not None else set()
-    disks = [temporary or tempfile.gettempdir(), *([trial_folder] if trial_folder is not None else [])]
+    # A disk lacks room when it cannot take the copies written on it (the staged one and Ray's, on one
+    # disk) and 1 MB: the search's floor for it is higher, so its watch then stops the search.
+    disks: list[list[str | Path]] = []
+    for path in (temporary or tempfile.gettempdir(), *([trial_folder] if trial_folder is not None else [])):
+        disk = next((disk for disk in disks if same_file_system(disk[0], path)), None)
+        if disk is None:
+            disks.append([path])
+        else:
+            disk.append(path)
     while True:
         try:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_FOLDER_PREFIX}{os.getpid()}-",
@@ -333,7 +341,7 @@ def _report_with_checkpoint(
             if trial_folder is not None:
                 for partial in set(trial_folder.glob("checkpoint_*")) - before:
                     shutil.rmtree(partial, ignore_errors=True)
-            short = any((free_bytes(disk) or 0) < need for disk in disks)
+            short = any((free_bytes(disk[0]) or 0) < len(disk) * size + 1_000_000 for disk in disks)
             if not short or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
                 raise
         time.sleep(ROOM_RETRY_SECONDS)

@@ -3183,6 +3183,32 @@ def test_a_trials_checkpoint_that_finds_its_disk_full_is_written_once_room_comes
     _report_with_checkpoint({}, state, {}, copy_cut_short, trial_folder=trial_folder, temporary=tmp_path, wait=30)
     assert tries == [["checkpoint_000000"], ["checkpoint_000000"]]
 
+    # Both on one disk (the default: the search's folder and /tmp on the root disk), with room for one copy but
+    # not for the two (staged, then Ray's): once both are removed the disk has room for one again, and still
+    # lacks it, as the search's floor for it says.
+    one_disk = small_disk(8_000_000)
+    big = {"weight": torch.zeros(500_000)}  # 2 MB
+    other = one_disk.fill(name="other")
+    os.truncate(other, other.stat().st_size - 3_500_000)
+    tries = []
+
+    def copy_as_ray_does(record, checkpoint):  # with pyarrow, into the next checkpoint folder (Ray's index moves on)
+        import pyarrow.fs
+
+        tries.append(one_disk.path / "trial" / f"checkpoint_{len(tries):06d}")
+        if len(tries) == 1:
+            threading.Timer(1.0, other.unlink).start()  # room freed meanwhile
+        local = pyarrow.fs.LocalFileSystem()
+        local.create_dir(str(tries[-1]))
+        pyarrow.fs.copy_files(checkpoint.path, str(tries[-1]), source_filesystem=local, destination_filesystem=local)
+
+    (one_disk.path / "trial").mkdir()
+    (one_disk.path / "staging").mkdir()
+    _report_with_checkpoint({}, big, {}, copy_as_ray_does, trial_folder=one_disk.path / "trial",
+                            temporary=one_disk.path / "staging", wait=30)
+    assert len(tries) == 2 and [p.name for p in (one_disk.path / "trial").iterdir()] == ["checkpoint_000001"]
+    assert list((one_disk.path / "staging").iterdir()) == []
+
     # A disk-full error with room on both disks (no inodes left, a quota: the search's watch sees bytes, and
     # would not stop it) is raised at once, the copy it cut short removed.
     def no_inodes(record, checkpoint):
@@ -3217,21 +3243,23 @@ def test_a_trials_checkpoint_that_finds_its_disk_full_is_written_once_room_comes
 
 
 def test_the_trials_stage_their_checkpoints_in_the_folder_whose_disk_the_search_watches(tmp_path, monkeypatch):
-    """Found once, by the search, and handed to the trials: a relative TMPDIR would be another folder in a
-    trial's working folder, and one that does not exist yet (Ray makes it) would not be the one watched."""
+    """Settled before the search's first room check, and handed to the trials: a relative TMPDIR would be
+    another folder in a trial's working folder (and failed Ray's start), and one that Ray makes as it
+    starts would have been counted as /tmp's disk by the check and the watch."""
     from hpsearch.room import trial_temp_dir
-    from hpsearch.run import _trial_settings
+    from hpsearch.run import _settle_temporary_folders, _trial_settings
 
     settings = SearchSettings(method="vicreg")
-    for name in ("TEMP", "TMP"):
+    for name in ("RAY_TMPDIR", "TEMP", "TMP"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "relative").mkdir()
-    monkeypatch.setenv("TMPDIR", "relative")
-    assert _trial_settings(settings, None).staging_dir == str(tmp_path / "relative")
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "not-yet"))
-    assert trial_temp_dir() == Path("/tmp") and _trial_settings(settings, None).staging_dir == "/tmp"
-    assert _trial_settings(settings, "auto").staging_dir is None  # on a cluster's nodes: their own
+    monkeypatch.setenv("TMPDIR", "relative")  # relative, and not made yet
+    assert trial_temp_dir() == Path("/tmp")
+    _settle_temporary_folders()
+    assert os.environ["TMPDIR"] == str(tmp_path / "relative") and (tmp_path / "relative").is_dir()
+    assert trial_temp_dir() == tmp_path / "relative"
+    assert _trial_settings(settings, own_ray=True).staging_dir == str(tmp_path / "relative")
+    assert _trial_settings(settings, own_ray=False).staging_dir is None  # on a cluster's nodes: their own
 
 
 def test_the_room_a_running_search_needs_counts_ray_writing_its_state_again(tmp_path):
