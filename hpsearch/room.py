@@ -13,16 +13,18 @@ continued.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from hpsearch.settings import SearchSettings
-from musicssl.paths import free_bytes, same_file_system, size_text
+from musicssl.paths import free_bytes, free_files, same_file_system, size_text
 
 __all__ = [
-    "RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "temp_folder_text", "temp_move_text",
+    "FILES_FLOOR", "RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "temp_folder_text", "temp_move_text",
     "trial_bytes", "trial_temp_dir",
 ]
 
@@ -35,6 +37,9 @@ TRIAL_BYTES_FIXED = 64_000
 STATE_BYTES_PER_TRIAL = 45_000
 # Room kept besides, on each disk: the end writes trials.csv and summary.json; the journal grows.
 MARGIN_BYTES = 4_000_000
+# Files (inodes) kept free on each disk: a trial makes about 20 (its folder, its staged copies, Ray's logs),
+# and a disk with bytes free but no inodes left refuses new files as a full one does.
+FILES_FLOOR = 1000
 
 RoomFloors = dict[Path, int]  # a folder -> the room its disk must keep for the search to go on
 
@@ -100,7 +105,8 @@ def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_
 
 def room_problem(floors: RoomFloors, search_folder: Path | None = None) -> str | None:
     """Why the search cannot go on for want of disk room (None while it has room): a disk with less
-    free than its floor, the search's folder's with room for Ray to write its experiment state again."""
+    free than its floor, the search's folder's with room for Ray to write its experiment state again, or
+    with fewer than :data:`FILES_FLOOR` files (inodes) left."""
     for folder, floor in floors.items():
         free = free_bytes(folder)
         need = floor + (_state_bytes(folder) if folder == search_folder else 0)
@@ -110,7 +116,30 @@ def room_problem(floors: RoomFloors, search_folder: Path | None = None) -> str |
                         f"{size_text(need)} that the trials running at once stage there ({temp_move_text(folder)})")
             return (f"only {size_text(free)} free on the disk of {folder}, under the {size_text(need)} that the "
                     "trials running at once and the search's results need")
+        files = free_files(folder)
+        if files is not None and files < FILES_FLOOR and (files > 0 or not _can_make_a_file(folder)):
+            what = "" if folder == search_folder else f", {temp_folder_text(folder)},"
+            moves = "" if folder == search_folder else f" ({temp_move_text(folder)})"
+            return (f"only {files} more files (inodes) can be made on the disk of {folder}{what} under the "
+                    f"{FILES_FLOOR} that the search keeps for the trials running at once{moves}")
     return None
+
+
+def _can_make_a_file(folder: Path) -> bool:
+    """Whether a file can be made in ``folder`` (or its nearest existing folder above), where its file system
+    says none can: some report no free inodes for want of a count (FAT on some systems). Only a refusal for
+    room says no."""
+    existing = next((path for path in (folder, *folder.parents) if path.is_dir()), None)
+    if existing is None:
+        return True
+    try:
+        handle, name = tempfile.mkstemp(dir=existing, prefix=".hpsearch-room-")
+    except OSError as error:
+        return error.errno not in (errno.ENOSPC, errno.EDQUOT)
+    os.close(handle)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return True
 
 
 def _temp_roles(path: Path) -> tuple[bool, bool]:

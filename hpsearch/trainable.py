@@ -305,19 +305,20 @@ def _report_with_checkpoint(
     :data:`ROOM_RETRY_SECONDS` for up to ``wait`` seconds, the trained backbone kept: the search's room
     watch stops the search meanwhile (the trial then trains again when the search is continued; recorded
     as failed, it would not), or room another program frees lets the trial end as it would have. It waits
-    only while a disk has less room than the checkpoint's copies on it: a disk-full error with room left
-    (no inodes left, a quota) is raised at once, as are other errors. A copy cut short is removed
+    only while a disk lacks room for the checkpoint's copies on it (bytes, or inodes): a disk-full error
+    with room left (a quota) is raised at once, as are other errors. A copy cut short is removed
     (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
     import torch
     from ray import tune
 
-    from musicssl.paths import free_bytes, full_disk_error, same_file_system
+    from musicssl.paths import full_disk_error, same_file_system
 
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     deadline = time.monotonic() + wait
     before = set(trial_folder.glob("checkpoint_*")) if trial_folder is not None else set()
     # A disk lacks room when it cannot take the copies written on it (the staged one and Ray's, on one
-    # disk) and 1 MB: the search's floor for it is higher, so its watch then stops the search.
+    # disk) and 1 MB, or has fewer than 100 inodes left: the search's floors for a disk it watches are
+    # higher (hpsearch.room), so its watch then stops the search.
     disks: list[list[str | Path]] = []
     for path in (temporary or tempfile.gettempdir(), *([trial_folder] if trial_folder is not None else [])):
         disk = next((disk for disk in disks if same_file_system(disk[0], path)), None)
@@ -341,10 +342,19 @@ def _report_with_checkpoint(
             if trial_folder is not None:
                 for partial in set(trial_folder.glob("checkpoint_*")) - before:
                     shutil.rmtree(partial, ignore_errors=True)
-            short = any((free_bytes(disk[0]) or 0) < len(disk) * size + 1_000_000 for disk in disks)
+            short = any(_lacks_room(disk[0], len(disk) * size) for disk in disks)
             if not short or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
                 raise
         time.sleep(ROOM_RETRY_SECONDS)
+
+
+def _lacks_room(path: str | Path, size: int) -> bool:
+    """Whether the disk of ``path`` has less than ``size`` bytes and 1 MB free (or cannot say), or fewer
+    than 100 files (inodes) left."""
+    from musicssl.paths import free_bytes, free_files
+
+    files = free_files(path)
+    return (free_bytes(path) or 0) < size + 1_000_000 or (files is not None and files < 100)
 
 
 def _train_and_score(

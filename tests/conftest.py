@@ -65,16 +65,18 @@ class SmallDisk:
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Callable[[int], SmallDisk]]:
-    """``small_disk(size)``: a tmpfs of ``size`` bytes mounted for the test (unmounted after it). Skipped
-    where this process may not mount one (mounting needs root, or CAP_SYS_ADMIN)."""
+    """``small_disk(size, files=None)``: a tmpfs of ``size`` bytes (and room for ``files`` files and folders, its
+    own included) mounted for the test (unmounted after it). Skipped where this process may not mount one
+    (mounting needs root, or CAP_SYS_ADMIN)."""
     mounted: list[Path] = []
 
-    def mount(size: int) -> SmallDisk:
+    def mount(size: int, files: int | None = None) -> SmallDisk:
         path = tmp_path / f"disk{len(mounted)}"
         path.mkdir()
         if os.geteuid() != 0:
             pytest.skip("mounting a small file system needs root")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+        options = f"size={size}" + (f",nr_inodes={files}" if files is not None else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
                               text=True)
         if done.returncode != 0:
             pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")

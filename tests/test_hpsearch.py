@@ -3209,6 +3209,23 @@ def test_a_trials_checkpoint_that_finds_its_disk_full_is_written_once_room_comes
     assert len(tries) == 2 and [p.name for p in (one_disk.path / "trial").iterdir()] == ["checkpoint_000001"]
     assert list((one_disk.path / "staging").iterdir()) == []
 
+    # A staging disk with bytes free but no inodes left: the search's watch stops the search for it too.
+    few_files = small_disk(8_000_000, files=40)
+    made = []
+    with contextlib.suppress(OSError):
+        while True:
+            made.append(few_files.path / f"f{len(made)}")
+            made[-1].touch()
+    freed = threading.Timer(1.0, lambda: [path.unlink() for path in made[:-1]])
+    freed.start()
+    copies = []
+    try:
+        _report_with_checkpoint({}, state, {}, lambda record, checkpoint: copies.append(record),
+                                temporary=few_files.path, wait=30)
+    finally:
+        freed.join()
+    assert copies == [{}]
+
     # A disk-full error with room on both disks (no inodes left, a quota: the search's watch sees bytes, and
     # would not stop it) is raised at once, the copy it cut short removed.
     def no_inodes(record, checkpoint):
@@ -3260,6 +3277,33 @@ def test_the_trials_stage_their_checkpoints_in_the_folder_whose_disk_the_search_
     assert trial_temp_dir() == tmp_path / "relative"
     assert _trial_settings(settings, own_ray=True).staging_dir == str(tmp_path / "relative")
     assert _trial_settings(settings, own_ray=False).staging_dir is None  # on a cluster's nodes: their own
+
+
+def test_a_disk_with_bytes_but_few_inodes_left_stops_the_search(tmp_path, small_disk, monkeypatch):
+    """Its new files fail as on a full disk (the trials' folders, checkpoints, Ray's logs): the search keeps
+    1000 files free on each disk it writes to."""
+    from hpsearch.room import room_problem
+
+    disk = small_disk(50_000_000, files=1000)  # its root folder takes one
+    assert room_problem({disk.path: 0}, disk.path) == (
+        f"only 999 more files (inodes) can be made on the disk of {disk.path} under the 1000 that the search keeps "
+        "for the trials running at once")
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(disk.path))
+    assert room_problem({disk.path: 0}, tmp_path) == (
+        f"only 999 more files (inodes) can be made on the disk of {disk.path}, Ray's and the trials' temporary folder, "
+        "under the 1000 that the search keeps for the trials running at once (RAY_TMPDIR and TMPDIR move them)")
+    roomy = small_disk(50_000_000, files=1002)
+    assert room_problem({roomy.path: 0}, roomy.path) is None
+    # None left: a file that cannot be made says so (some file systems report no free inodes for want of a
+    # count, and a file made there says otherwise).
+    from hpsearch.room import _can_make_a_file
+
+    assert _can_make_a_file(disk.path / "not" / "made") and list(disk.path.iterdir()) == []
+    for number in range(999):
+        (disk.path / f"f{number}").touch()
+    assert not _can_make_a_file(disk.path)
+    assert room_problem({disk.path: 0}, disk.path).startswith("only 0 more files (inodes) can be made on the disk of ")
 
 
 def test_the_room_a_running_search_needs_counts_ray_writing_its_state_again(tmp_path):

@@ -46,3 +46,19 @@ def test_file_systems_are_told_apart(tmp_path, small_disk):
     disk = small_disk(65536)
     assert not same_file_system(tmp_path, disk.path / "inside")
     assert free_bytes(disk.path) == pytest.approx(65536, abs=4096)
+
+
+def test_the_files_a_disk_can_still_hold_are_its_free_inodes(small_disk):
+    """A disk with bytes free and no inodes left refuses new files: it is full all the same."""
+    from musicssl.paths import free_files
+
+    disk = small_disk(1_000_000, files=40)  # its root folder takes one
+    assert free_files(disk.path) == 39 and free_files(disk.path / "not" / "made") == 39
+    for number in range(10):
+        (disk.path / f"f{number}").touch()
+    assert free_files(disk.path) == 29
+    with pytest.raises(OSError) as full:
+        for number in range(10, 100):
+            (disk.path / f"f{number}").touch()
+    assert full.value.errno == errno.ENOSPC and free_files(disk.path) == 0
+    assert free_bytes(disk.path) > 900_000

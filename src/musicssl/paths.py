@@ -17,7 +17,7 @@ from typing import IO
 
 __all__ = [
     "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes",
-    "full_disk_error", "make_writable_folder", "missing_folders", "remove_abandoned_staging", "remove_if_empty",
+    "free_files", "full_disk_error", "make_writable_folder", "missing_folders", "remove_abandoned_staging", "remove_if_empty",
     "same_file_system", "size_text", "staging_folder", "whole", "write_whole",
 ]
 
@@ -92,6 +92,18 @@ def free_bytes(path: str | Path) -> int | None:
         return None if existing is None else shutil.disk_usage(existing).free
     except OSError:
         return None
+
+
+def free_files(path: str | Path) -> int | None:
+    """How many more files a user can make on the file system holding ``path`` (or its nearest existing
+    folder above): its free inodes; None where it has no fixed count (btrfs, many network file systems) or
+    it cannot be read. A disk with bytes free but no inodes left refuses new files as a full one does."""
+    existing = _nearest_existing(path)
+    try:
+        status = None if existing is None else os.statvfs(existing)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return None
+    return None if status is None or status.f_files == 0 else status.f_favail
 
 
 def same_file_system(first: str | Path, second: str | Path) -> bool:
