@@ -24,8 +24,8 @@ from hpsearch.settings import SearchSettings
 from musicssl.paths import free_bytes, free_files, same_file_system, size_text
 
 __all__ = [
-    "FILES_FLOOR", "RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "temp_folder_text", "temp_move_text",
-    "trial_bytes", "trial_temp_dir",
+    "FILES_FLOOR", "RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "temp_folder_text",
+    "temp_move_text", "trial_bytes", "trial_temp_dir",
 ]
 
 # What a trial writes besides its checkpoint, measured on the 18-epoch VICReg search (64 trials): its

@@ -17,8 +17,8 @@ from typing import IO
 
 __all__ = [
     "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes",
-    "free_files", "full_disk_error", "make_writable_folder", "missing_folders", "remove_abandoned_staging", "remove_if_empty",
-    "same_file_system", "size_text", "staging_folder", "whole", "write_whole",
+    "free_files", "full_disk_error", "make_writable_folder", "missing_folders", "remove_abandoned_staging",
+    "remove_if_empty", "same_file_system", "size_text", "staging_folder", "whole", "write_whole",
 ]
 
 CLAIM_FILE = ".writing.lock"
