@@ -13,8 +13,6 @@ continued.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import sys
 import tempfile
@@ -117,29 +115,12 @@ def room_problem(floors: RoomFloors, search_folder: Path | None = None) -> str |
             return (f"only {size_text(free)} free on the disk of {folder}, under the {size_text(need)} that the "
                     "trials running at once and the search's results need")
         files = free_files(folder)
-        if files is not None and files < FILES_FLOOR and (files > 0 or not _can_make_a_file(folder)):
+        if files is not None and files < FILES_FLOOR:
             what = "" if folder == search_folder else f", {temp_folder_text(folder)},"
             moves = "" if folder == search_folder else f" ({temp_move_text(folder)})"
             return (f"only {files} more files (inodes) can be made on the disk of {folder}{what} under the "
                     f"{FILES_FLOOR} that the search keeps for the trials running at once{moves}")
     return None
-
-
-def _can_make_a_file(folder: Path) -> bool:
-    """Whether a file can be made in ``folder`` (or its nearest existing folder above), where its file system
-    says none can: some report no free inodes for want of a count (FAT on some systems). Only a refusal for
-    room says no."""
-    existing = next((path for path in (folder, *folder.parents) if path.is_dir()), None)
-    if existing is None:
-        return True
-    try:
-        handle, name = tempfile.mkstemp(dir=existing, prefix=".hpsearch-room-")
-    except OSError as error:
-        return error.errno not in (errno.ENOSPC, errno.EDQUOT)
-    os.close(handle)
-    with contextlib.suppress(OSError):
-        os.unlink(name)
-    return True
 
 
 def _temp_roles(path: Path) -> tuple[bool, bool]:

@@ -3297,7 +3297,7 @@ def test_a_disk_with_bytes_but_few_inodes_left_stops_the_search(tmp_path, small_
     assert room_problem({roomy.path: 0}, roomy.path) is None
     # None left: a file that cannot be made says so (some file systems report no free inodes for want of a
     # count, and a file made there says otherwise).
-    from hpsearch.room import _can_make_a_file
+    from musicssl.paths import _can_make_a_file
 
     assert _can_make_a_file(disk.path / "not" / "made") and list(disk.path.iterdir()) == []
     for number in range(999):

@@ -97,13 +97,33 @@ def free_bytes(path: str | Path) -> int | None:
 def free_files(path: str | Path) -> int | None:
     """How many more files a user can make on the file system holding ``path`` (or its nearest existing
     folder above): its free inodes; None where it has no fixed count (btrfs, many network file systems) or
-    it cannot be read. A disk with bytes free but no inodes left refuses new files as a full one does."""
+    it cannot be read. A disk with bytes free but no inodes left refuses new files as a full one does. A
+    count of 0 is checked by making a file: some file systems report it for want of a count (FAT on some
+    systems), and a file made there says otherwise (None)."""
     existing = _nearest_existing(path)
     try:
         status = None if existing is None else os.statvfs(existing)
     except (OSError, AttributeError):  # (no statvfs on Windows)
         return None
-    return None if status is None or status.f_files == 0 else status.f_favail
+    if status is None or status.f_files == 0:
+        return None
+    return None if status.f_favail == 0 and _can_make_a_file(existing) else status.f_favail
+
+
+def _can_make_a_file(folder: str | Path) -> bool:
+    """Whether a file can be made in ``folder`` (or its nearest existing folder above): only a refusal for
+    room says no."""
+    existing = _nearest_existing(folder)
+    if existing is None or not existing.is_dir():
+        return True
+    try:
+        handle, name = tempfile.mkstemp(dir=existing, prefix=".musicssl-room-")
+    except OSError as error:
+        return error.errno not in DISK_FULL_ERRNOS
+    os.close(handle)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return True
 
 
 def same_file_system(first: str | Path, second: str | Path) -> bool:
