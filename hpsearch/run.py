@@ -801,10 +801,33 @@ class _NoMissingTrialFolders(logging.Filter):
         return type(self).shown or not record.getMessage().startswith("Failed to fetch metrics")
 
 
+class _StateNotSavedInOneLine(logging.Filter):
+    """Ray Tune's "Saving experiment state to storage at ... failed with exception:" and its traceback, when the
+    cause is the disk (a disk that fills at once, before the search's watch stops it): one line, a warning.
+    Ray saves the state again as the search goes on; a resume starts from the state last saved. --verbose
+    keeps the traceback."""
+
+    shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(self).shown or not isinstance(error, OSError) or \
+                not record.getMessage().startswith("Saving experiment state to storage"):
+            return True
+        folder = record.getMessage().partition(" at ")[2].partition(" failed")[0].strip("'")
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        record.msg = (f"Ray Tune could not save the search's state in {folder} ({reason}); it saves it again as "
+                      "the search goes on, and a resume starts from the state saved last")
+        record.args, record.exc_info, record.exc_text = (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def _leave_the_resume_hint_to_the_summary(verbose: bool = False) -> None:
-    _NoMissingTrialFolders.shown = verbose
+    _NoMissingTrialFolders.shown = _StateNotSavedInOneLine.shown = verbose
     for name, kind in (("ray.tune.tune", _NoRayResumeHint),
-                       ("ray.tune.analysis.experiment_analysis", _NoMissingTrialFolders)):
+                       ("ray.tune.analysis.experiment_analysis", _NoMissingTrialFolders),
+                       ("ray.tune.execution.experiment_state", _StateNotSavedInOneLine)):
         logger = logging.getLogger(name)
         if not any(isinstance(existing, kind) for existing in logger.filters):
             logger.addFilter(kind())

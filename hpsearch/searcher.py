@@ -30,6 +30,11 @@ asked from Optuna after the last save is unknown to the restored searcher but RU
 study; :meth:`restore` collects those and :meth:`suggest` hands them out again first, so no
 Optuna trial is orphaned and the study's trial count stays equal to Tune's.
 
+A full disk: what the study cannot be told (its journal cannot be written) is kept, in order, and
+written at the searcher's next call, when Tune saves the searcher's state, or by the resumed search
+(:meth:`_write_unwritten`): a trial that ends while the disk is full is recorded as it ended, not as
+failed, and the search goes on.
+
 This touches OptunaSearch's private attributes (``_ot_trials``, ``_ot_study``,
 ``_completed_trials``, ``_metric``); it is written against ray 2.60.0 and optuna 5.0.0 (both pinned
 in constraints.txt) and tested in tests/test_hpsearch.py.
@@ -221,6 +226,9 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         self._trial_records: dict[str, dict[str, Any]] = {}
         # Optuna trial numbers RUNNING in the study that no (restored) Tune trial owns.
         self._orphans: list[int] = []
+        # What the study could not be told yet (its journal's disk was full), in order: ("report", trial_id,
+        # epoch, value) and ("end", trial_id, state, value, attributes). Saved with the searcher's state.
+        self._unwritten: list[tuple] = []
         self.adopt_running_trials()
         if any(t.state != TrialState.WAITING for t in self._ot_study.get_trials(deepcopy=False)):
             self._reseed_sampler()  # continuing a study this searcher did not save (see restore)
@@ -232,6 +240,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     # ------------------------------------------------------------------ suggestions
     @_writes_the_study
     def suggest(self, trial_id: str) -> dict | str | None:
+        self._write_unwritten()
         if trial_id not in self._ot_trials:
             if self._orphans:
                 number = self._orphans.pop(0)
@@ -259,6 +268,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     # ------------------------------------------------------------------ results
     @_writes_the_study
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._write_unwritten()
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         record = self._trial_records.setdefault(trial_id, {})
@@ -272,10 +282,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         value, epoch = result.get(self._metric), result.get("epoch")
         if not isinstance(value, (int, float)) or not math.isfinite(value) or epoch is None:
             return
-        ot_trial = self._ot_trials[trial_id]
-        if int(epoch) in ot_trial._cached_frozen_trial.intermediate_values:
-            return  # a resumed trial repeats the epochs it had reported before the interruption
-        ot_trial.report(float(value), step=int(epoch))
+        self._write(("report", trial_id, int(epoch), float(value)))
 
     @_writes_the_study
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -297,18 +304,72 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         if storage.get_trial(ot_trial._trial_id).state.is_finished():
             return  # told before an interruption; this run only replayed its record
         state, value, attrs = self._decide(final, record.get("last"), error, trial_id)
-        try:
-            for key, attr in attrs.items():
-                ot_trial.set_user_attr(key, attr)
-            if state != TrialState.FAIL:
-                ot_trial.set_constraint(
-                    CONSTRAINT_NAME, 1.0 if attrs.get("outcome") in _INFEASIBLE_OUTCOMES else 0.0
-                )
-            self._ot_study.tell(ot_trial, value, state=state)
-        except Exception:
-            logger.exception("could not record trial %s (Optuna trial %s)", trial_id, ot_trial.number)
-            if not storage.get_trial(ot_trial._trial_id).state.is_finished():
-                self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+        self._write(("end", trial_id, state, value, attrs))
+
+    # ------------------------------------------------------------------ writes to the study
+    def _write(self, entry: tuple) -> None:
+        """Tell the study ``entry`` (after what it could not be told before), or keep it for later."""
+        self.__dict__.setdefault("_unwritten", []).append(entry)  # (a searcher saved before it had them)
+        self._write_unwritten()
+
+    def _write_unwritten(self) -> bool:
+        """Tell the study what it could not be told before, in order; whether all of it is told now.
+
+        A write that fails for want of room (or any OSError: the journal's disk or folder) is kept, with all
+        that follows it, and tried again at the searcher's next call and when its state is saved: the
+        search's watch of the disk stops the search meanwhile, and the state saved then holds what is kept,
+        for the resumed search to write. Before, a trial that ended while the disk was full was recorded as
+        failed. Other errors are logged; a trial's end that cannot be recorded is recorded as failed.
+        """
+        unwritten = self.__dict__.setdefault("_unwritten", [])
+        while unwritten:
+            entry = unwritten[0]
+            try:
+                self._tell(entry)
+            except OSError as error:
+                if not self.__dict__.get("_write_failed"):  # once, until a write succeeds again
+                    logger.warning("the study in %s could not be written (%s); what trial #%s reported is kept and "
+                                   "written when there is room", self._journal_text(), error, self._number(entry[1]))
+                self._write_failed = True
+                return False
+            except Exception:  # noqa: BLE001 - one trial's record never ends the search
+                logger.exception("could not record trial #%s", self._number(entry[1]))
+                if entry[0] == "end":
+                    with contextlib.suppress(Exception):
+                        self._tell(("end", entry[1], TrialState.FAIL, None, {
+                            "outcome": "failed", "error": "its result could not be recorded (see the search's log)"}))
+            unwritten.pop(0)
+            if self.__dict__.get("_write_failed"):
+                logger.warning("the study is written again: what was kept for it is recorded")
+                self._write_failed = False
+        return True
+
+    def _journal_text(self) -> str:
+        backend = getattr(self._ot_study._storage, "_backend", None)
+        return str(getattr(backend, "_file_path", "its storage"))
+
+    def _number(self, trial_id: str) -> int | str:
+        ot_trial = self._ot_trials.get(trial_id)
+        return ot_trial.number if ot_trial is not None else f"? (Ray Tune's {trial_id})"
+
+    def _tell(self, entry: tuple) -> None:
+        kind, trial_id = entry[0], entry[1]
+        ot_trial = self._ot_trials[trial_id]
+        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if stored.state.is_finished():
+            return  # told before an interruption, or written meanwhile
+        if kind == "report":
+            epoch, value = entry[2], entry[3]
+            if epoch not in stored.intermediate_values:
+                # (else a resumed trial repeats the epochs it had reported before the interruption)
+                ot_trial.report(value, step=epoch)
+            return
+        state, value, attrs = entry[2], entry[3], entry[4]
+        for key, attr in attrs.items():
+            ot_trial.set_user_attr(key, attr)
+        if state != TrialState.FAIL:
+            ot_trial.set_constraint(CONSTRAINT_NAME, 1.0 if attrs.get("outcome") in _INFEASIBLE_OUTCOMES else 0.0)
+        self._ot_study.tell(ot_trial, value, state=state)
 
     def _decide(
         self, final: Mapping[str, Any] | None, last: Mapping[str, Any] | None, error: bool, trial_id: str
@@ -389,6 +450,11 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         self._ot_study.sampler = self._sampler
 
     @_writes_the_study
+    def save(self, checkpoint_path: str) -> None:
+        self._write_unwritten()  # Tune saves the searcher's state every 10 s or more, and at the end of its run
+        super().save(checkpoint_path)
+
+    @_writes_the_study
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         # What the trials still running at the save had reported: each of them reports again from its
@@ -404,10 +470,15 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             ot_trial._cached_frozen_trial = storage.get_trial(ot_trial._trial_id)
         self.adopt_running_trials()
         self._reseed_sampler()
+        # What the study could not be told before the save (its disk was full): written now.
+        self._write_failed = False
+        self._write_unwritten()
+        kept = {entry[1] for entry in self._unwritten if entry[0] == "end"}
         # A Tune trial completed before the save whose tell did not reach the study.
         for trial_id in self._completed_trials:
             ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and not storage.get_trial(ot_trial._trial_id).state.is_finished():
+            if ot_trial is not None and trial_id not in kept and \
+                    not storage.get_trial(ot_trial._trial_id).state.is_finished():
                 ot_trial.set_user_attr("outcome", "failed")
                 ot_trial.set_user_attr("error", "the search stopped before this trial's result was recorded")
                 self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)

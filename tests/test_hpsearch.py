@@ -534,6 +534,82 @@ def test_a_final_report_from_before_an_interruption_is_not_recorded_for_the_reru
     assert trial.intermediate_values == {1: 0.31, 2: 0.32}
 
 
+def _journal_on_a_full_disk(disk, journal: Path) -> Path:
+    """Fill ``disk``, the journal's, for real; the filler's path. tmpfs gives room by the 4 KiB page, and a
+    full disk still takes records into the rest of the journal's last page: the journal is first padded to
+    the page's end with a study attribute, so that its next record finds no room."""
+    study = load_study(journal)
+    size = journal.stat().st_size
+    study.set_user_attr("pad", "")
+    line = journal.stat().st_size - size
+    study.set_user_attr("pad", "x" * (-(journal.stat().st_size + line) % 4096))
+    assert journal.stat().st_size % 4096 == 0
+    return disk.fill()
+
+
+def test_a_trial_that_ends_while_the_journals_disk_is_full_is_recorded_once_there_is_room(tmp_path, small_disk,
+                                                                                          caplog):
+    """Its end, and the epochs it reported while the disk was full, are kept (the search goes on) and written
+    at the searcher's next call after room comes back, or by the resumed search from the state Tune saved
+    meanwhile. Before, the end's write raised: Ray Tune recorded the trial as errored, and the resumed
+    search recorded it as failed, its result lost."""
+    from hpsearch.results import journal_storage
+    from hpsearch.searcher import journal_of_this_search
+
+    disk = small_disk(2_000_000)
+    journal = disk.path / "optuna.journal"
+
+    def searcher() -> CollapseAwareOptunaSearch:
+        return CollapseAwareOptunaSearch(line_space, storage=journal_storage(journal), study_name="search", seed=0,
+                                         max_trials=4)
+
+    first = searcher()
+    for trial_id in ("a", "b", "c"):
+        first.suggest(trial_id)
+        first.on_trial_result(trial_id, epoch_result(1, 0.5))
+    filler = _journal_on_a_full_disk(disk, journal)
+    written = journal.read_bytes()
+    first.on_trial_result("a", epoch_result(2, 0.6))
+    final = final_result("complete", 0.7, probe_map=0.7)
+    first.on_trial_result("a", final)
+    first.on_trial_complete("a", result=final)  # before: OSError [Errno 28] No space left on device
+    collapsed = final_result("collapsed", collapse_type="complete", collapse_epoch=1, collapse_step=3)
+    first.on_trial_result("b", collapsed)
+    first.on_trial_complete("b", result=collapsed)
+    assert journal.read_bytes() == written  # nothing written, nothing cut short
+    assert caplog.text.count(f"the study in {journal} could not be written ([Errno 28] No space left on device); "
+                             "what trial #0 reported is kept and written when there is room") == 1
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune saves its state (here on another disk), and stops
+    assert journal.read_bytes() == written
+
+    filler.unlink()
+    second = searcher()
+    with journal_of_this_search(journal):
+        second.restore(str(tmp_path / "searcher.pkl"))
+    trials = load_study(journal).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING]
+    assert trials[0].value == 0.7 and trials[0].intermediate_values == {1: 0.5, 2: 0.6}
+    assert trials[0].user_attrs["outcome"] == "complete" and trials[0].constraints == {CONSTRAINT_NAME: 0.0}
+    assert trials[1].user_attrs["outcome"] == "collapsed" and trials[1].user_attrs["collapse_type"] == "complete"
+    assert trials[1].constraints == {CONSTRAINT_NAME: 1.0}
+
+    # In the same run: the disk fills, and the search's next call after room comes back writes what it kept.
+    filler = _journal_on_a_full_disk(disk, journal)
+    second.on_trial_result("c", epoch_result(2, 0.45))
+    second.on_trial_complete("c", error=True)
+    assert load_study(journal).trials[2].state == TrialState.RUNNING
+    filler.unlink()
+    assert second.suggest("d")["optuna_trial"] == 3
+    trials = load_study(journal).trials
+    assert trials[2].state == TrialState.FAIL and trials[2].intermediate_values == {1: 0.5, 2: 0.45}
+    assert trials[2].user_attrs["outcome"] == "failed" and len(trials) == 4
+    assert "the study is written again" in caplog.text
+    # Told once: the first searcher, which still holds what it kept, tells nothing twice.
+    first.save(str(tmp_path / "again.pkl"))
+    assert [(t.state, t.value) for t in load_study(journal).trials[:2]] == [(t.state, t.value) for t in trials[:2]]
+    assert first._unwritten == []
+
+
 # ----------------------------------------------------------------------------------------------
 # End-to-end searches on local Ray
 
@@ -2713,6 +2789,54 @@ def test_ray_tunes_warning_of_interrupted_trials_without_folders_is_left_out_unl
             assert [r.getMessage().startswith("Failed") for r in caplog.records] == [True] * shown + [False]
     finally:
         logger.filters[:] = before
+
+
+def test_ray_tunes_failed_save_of_the_state_on_a_full_disk_is_one_line_unless_verbose(tmp_path, small_disk, caplog):
+    """A disk that fills at once (before the search's watch stops the search) failed Ray Tune's save of the
+    experiment's state with an ERROR and pyarrow's traceback in the search's output (seen by hand): Ray's
+    copy, as Ray makes it, onto a really full disk."""
+    import logging
+
+    import pyarrow.fs
+
+    from hpsearch import run
+
+    disk = small_disk(1_000_000)
+    (disk.path / "search").mkdir()
+    disk.fill()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "experiment_state.json").write_bytes(bytes(100_000))
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    before = list(logger.filters)
+
+    def save(error: BaseException | None = None) -> logging.LogRecord:
+        caplog.clear()
+        try:
+            if error is not None:
+                raise error
+            pyarrow.fs.copy_files(str(tmp_path / "state"), str(disk.path / "search"))
+        except Exception:
+            with caplog.at_level(logging.WARNING, logger=logger.name):
+                logger.error(f"Saving experiment state to storage at '{disk.path / 'search'}' failed with exception: ",
+                             exc_info=True)
+        (record,) = caplog.records
+        return record
+
+    try:
+        run._leave_the_resume_hint_to_the_summary(False)
+        record = save()
+        assert (record.levelname, record.exc_info) == ("WARNING", None)
+        assert record.getMessage() == (
+            f"Ray Tune could not save the search's state in {disk.path / 'search'} (No space left on device); it saves "
+            "it again as the search goes on, and a resume starts from the state saved last")
+        record = save(ValueError("a bug"))  # not the disk: as Ray says it
+        assert record.levelname == "ERROR" and record.exc_info[0] is ValueError
+        run._leave_the_resume_hint_to_the_summary(True)  # --verbose
+        record = save()
+        assert record.levelname == "ERROR" and "[errno 28] No space left on device" in str(record.exc_info[1])
+    finally:
+        logger.filters[:] = before
+        run._StateNotSavedInOneLine.shown = run._NoMissingTrialFolders.shown = False
 
 
 def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_replay_appends_to_it(tmp_path):
