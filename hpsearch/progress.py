@@ -153,22 +153,40 @@ def results_written_by(write: Callable[[], None], replayed: Iterable[int] = ()) 
         _write_results, _replayed = before
 
 
-_room_watch: tuple[Callable[[], str | None], Callable[[str], None]] | None = None  # the running search's
+_room_watch: tuple[Callable[[], str | None], Callable[..., None]] | None = None  # the running search's
+_write_failure: tuple[str, str] | None = None  # why the running search's record could not be written, and the advice
 ROOM_CHECK_SECONDS = 2.0
+ROOM_ADVICE = "free some space"
 
 
 @contextlib.contextmanager
-def room_watched_by(problem: Callable[[], str | None], stopped: Callable[[str], None]) -> Iterator[None]:
+def room_watched_by(problem: Callable[[], str | None], stopped: Callable[..., None]) -> Iterator[None]:
     """While the block runs, :class:`ResultsWriter` calls ``problem()`` as each trial starts and every
     :data:`ROOM_CHECK_SECONDS`; once it says why the search cannot go on (the disk is short of room),
     the Tune run is stopped as Ctrl-C stops it (its state saved, the trials that were running left to
-    train again when the search is continued), and ``stopped(why)`` is called."""
-    global _room_watch
-    before, _room_watch = _room_watch, (problem, stopped)
+    train again when the search is continued), and ``stopped(why, advice)`` is called. The same happens at
+    the next step of the run after :func:`record_not_written`."""
+    global _room_watch, _write_failure
+    before, _room_watch, _write_failure = _room_watch, (problem, stopped), None
     try:
         yield
     finally:
-        _room_watch = before
+        _room_watch, _write_failure = before, None
+
+
+def record_not_written(why: str, advice: str = ROOM_ADVICE) -> None:
+    """The running search's record (its study) could not be written: stop the search as the room watch
+    does, with ``why`` and ``advice`` (what to do before continuing it). A disk the watch cannot see as
+    full (a quota spent) or a folder no longer writable would otherwise leave every later trial unrecorded.
+    Without a running search (a watch), nothing."""
+    global _write_failure
+    if _room_watch is not None and _write_failure is None:
+        _write_failure = (why, advice)
+
+
+def stopping_for_a_record_not_written() -> bool:
+    """Whether the running search is being stopped because its record could not be written."""
+    return _room_watch is not None and _write_failure is not None
 
 
 def _stop_tune_run() -> bool:
@@ -217,17 +235,18 @@ class ResultsWriter(Callback):
         self._look_at_room(at_once=False)
 
     def _look_at_room(self, at_once: bool) -> None:
-        """Every ROOM_CHECK_SECONDS, and as each trial starts (short trials come and go in between)."""
-        if _room_watch is None or self._stopping or (
-                not at_once and time.monotonic() - self._room_checked < ROOM_CHECK_SECONDS):
+        """Every ROOM_CHECK_SECONDS, and as each trial starts (short trials come and go in between); at once
+        after a record of the search could not be written (:func:`record_not_written`)."""
+        if _room_watch is None or self._stopping or (_write_failure is None and not at_once and
+                                                     time.monotonic() - self._room_checked < ROOM_CHECK_SECONDS):
             return
         self._room_checked = time.monotonic()
         problem, stopped = _room_watch
-        why = problem()
+        why, advice = _write_failure or (problem(), ROOM_ADVICE)
         if why is not None and _stop_tune_run():
             self._stopping = True
             print(f"stopping: {why}", file=sys.stderr, flush=True)
-            stopped(why)
+            stopped(why, advice)
 
     def _write(self, trial) -> None:
         if _write_results is None or (trial.last_result or {}).get("replayed"):

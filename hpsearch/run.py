@@ -62,6 +62,7 @@ class SearchResult:
     summary: Any  # hpsearch.results.SearchSummary
     interrupted: bool
     stopped_for: str | None = None  # why the search stopped itself before its trials were all run (disk room)
+    stopped_advice: str = "free some space"  # what to do before continuing it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -761,25 +762,34 @@ def _ray_processes_in_a_group_of_their_own():
 
 
 @contextlib.contextmanager
-def _concurrency_as_now_asked(concurrency: int):
-    """A resumed search runs ``concurrency`` trials at a time, as ``--concurrency`` now says.
+def _search_restored_as_now_asked(concurrency: int):
+    """A resumed search runs ``concurrency`` trials at a time, as ``--concurrency`` now says, and asks its
+    searcher for trials again.
 
     Ray Tune restores the ConcurrencyLimiter it wraps the searcher in from the experiment state,
     with the limit the search started with, and offers no way to change it; so, while the search
-    resumes, the limiter's restored state takes this limit (its set_state, scoped to this call)."""
+    resumes, the limiter's restored state takes this limit (its set_state, scoped to this call).
+    Likewise the SearchGenerator around them restores whether the searcher said it had finished: it says so
+    when the search stops because its study cannot be written (hpsearch.searcher), and then a resumed search
+    would start no trial. The searcher says again when the study holds every trial."""
     from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.search_generator import SearchGenerator
 
-    original = ConcurrencyLimiter.set_state
+    original, original_generator = ConcurrencyLimiter.set_state, SearchGenerator.set_state
 
     def set_state(self, state):
         original(self, state)
         self.max_concurrent = concurrency
 
-    ConcurrencyLimiter.set_state = set_state
+    def set_generator_state(self, state):
+        original_generator(self, state)
+        self._finished = False
+
+    ConcurrencyLimiter.set_state, SearchGenerator.set_state = set_state, set_generator_state
     try:
         yield
     finally:
-        ConcurrencyLimiter.set_state = original
+        ConcurrencyLimiter.set_state, SearchGenerator.set_state = original, original_generator
 
 
 class _NoRayResumeHint(logging.Filter):
@@ -802,32 +812,45 @@ class _NoMissingTrialFolders(logging.Filter):
 
 
 class _StateNotSavedInOneLine(logging.Filter):
-    """Ray Tune's "Saving experiment state to storage at ... failed with exception:" and its traceback, when the
-    cause is the disk (a disk that fills at once, before the search's watch stops it): one line, a warning.
-    Ray saves the state again as the search goes on; a resume starts from the state last saved. --verbose
-    keeps the traceback."""
+    """Ray Tune's "Saving experiment state to storage at ... failed with exception:" (its save at the end of a
+    run) and the syncer's "Last sync command failed with the following error:" (a periodic save, said at the
+    next one), each with a traceback, when the cause is an OSError (a disk that fills at once, before the
+    search's watch stops it; a quota spent): one line, a warning, and not twice in a row. Ray saves the state
+    again as the search goes on; a resume starts from the state saved last. --verbose keeps the tracebacks."""
 
     shown = False
+    said: str | None = None  # the last line said (set back as each search starts)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if type(self).shown or not isinstance(error, OSError) or \
-                not record.getMessage().startswith("Saving experiment state to storage"):
+        if type(self).shown:
             return True
-        folder = record.getMessage().partition(" at ")[2].partition(" failed")[0].strip("'")
+        message = record.getMessage()
+        if message.startswith("Saving experiment state to storage"):
+            error = record.exc_info[1] if record.exc_info else None
+        elif message.startswith("Last sync command failed"):
+            error = sys.exc_info()[1]  # logged in Ray's except block, the traceback in the message's text
+        else:
+            return True
+        if not isinstance(error, OSError):
+            return True
         reason = os.strerror(error.errno) if error.errno else str(error)
-        record.msg = (f"Ray Tune could not save the search's state in {folder} ({reason}); it saves it again as "
-                      "the search goes on, and a resume starts from the state saved last")
-        record.args, record.exc_info, record.exc_text = (), None, None
+        text = (f"Ray Tune could not save the search's state in its folder ({reason}); it saves it again as the "
+                "search goes on, and a resume starts from the state saved last")
+        if text == type(self).said:
+            return False
+        type(self).said = text
+        record.msg, record.args, record.exc_info, record.exc_text = text, (), None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
 def _leave_the_resume_hint_to_the_summary(verbose: bool = False) -> None:
     _NoMissingTrialFolders.shown = _StateNotSavedInOneLine.shown = verbose
+    _StateNotSavedInOneLine.said = None
     for name, kind in (("ray.tune.tune", _NoRayResumeHint),
                        ("ray.tune.analysis.experiment_analysis", _NoMissingTrialFolders),
-                       ("ray.tune.execution.experiment_state", _StateNotSavedInOneLine)):
+                       ("ray.tune.execution.experiment_state", _StateNotSavedInOneLine),
+                       ("ray.train._internal.syncer", _StateNotSavedInOneLine)):
         logger = logging.getLogger(name)
         if not any(isinstance(existing, kind) for existing in logger.filters):
             logger.addFilter(kind())
@@ -1234,7 +1257,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
     previous_sigint = signal.getsignal(signal.SIGINT)
     _leave_the_resume_hint_to_the_summary(verbose)
     told = False  # the line that says how to continue the search is printed
-    stopped_for: list[str | None] = [None]  # why the room watch stopped the run, if it did
+    stopped_for: list[tuple[str, str] | None] = [None]  # why the room watch stopped the run, if it did, and advice
     failure: Exception | None = None  # an error ending the search
     try:
         try:
@@ -1289,9 +1312,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     ),
                 )
                 _print_start(settings, folder, stream)
-            with _concurrency_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
+            with _search_restored_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
                     results_written_by(lambda: _summarize(settings, folder, journal, started), replayed=finished), \
-                    room_watched_by(lambda: room_problem(floors, folder), lambda why: stopped_for.__setitem__(0, why)):
+                    room_watched_by(lambda: room_problem(floors, folder),
+                                    lambda why, advice: stopped_for.__setitem__(0, (why, advice))):
                 tuner.fit()
             # Before Ray is shut down: ray.shutdown() sets SIGTERM's action back to the default, and a
             # SIGTERM then would end the search before anything is written.
@@ -1357,7 +1381,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         print(line, file=stream, flush=True)
     interrupted = summary.trials_finished < settings.trials
     return SearchResult(folder=folder, settings=settings, trials=frame, summary=summary, interrupted=interrupted,
-                        stopped_for=stopped_for[0] if interrupted else None)
+                        **({"stopped_for": stopped_for[0][0], "stopped_advice": stopped_for[0][1]}
+                           if interrupted and stopped_for[0] else {}))
 
 
 def _stored_summary(folder: Path) -> dict[str, Any]:
@@ -1772,7 +1797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     if result.stopped_for:
-        print(f"{PROG}: error: stopped: {result.stopped_for}; free some space, and continue the search with "
+        print(f"{PROG}: error: stopped: {result.stopped_for}; {result.stopped_advice}, and continue the search with "
               f"{_continue_command(result.settings, args.address)}", file=sys.stderr)
         return 2
     return 130 if result.interrupted else 0

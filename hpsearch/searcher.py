@@ -33,7 +33,8 @@ Optuna trial is orphaned and the study's trial count stays equal to Tune's.
 A full disk: what the study cannot be told (its journal cannot be written) is kept, in order, and
 written at the searcher's next call, when Tune saves the searcher's state, or by the resumed search
 (:meth:`_write_unwritten`): a trial that ends while the disk is full is recorded as it ended, not as
-failed, and the search goes on.
+failed. The search is stopped meanwhile, as its watch of the disks stops it
+(:func:`hpsearch.progress.record_not_written`).
 
 This touches OptunaSearch's private attributes (``_ot_trials``, ``_ot_study``,
 ``_completed_trials``, ``_metric``); it is written against ray 2.60.0 and optuna 5.0.0 (both pinned
@@ -58,7 +59,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from hpsearch.settings import SAMPLERS
-from hpsearch.trainable import FINAL_KEYS
+from hpsearch.trainable import FINAL_KEYS, NO_ROOM_FOR_CHECKPOINT
 
 __all__ = [
     "CollapseAwareOptunaSearch",
@@ -240,7 +241,8 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     # ------------------------------------------------------------------ suggestions
     @_writes_the_study
     def suggest(self, trial_id: str) -> dict | str | None:
-        self._write_unwritten()
+        if not self._write_unwritten():
+            return self._no_trial_now()
         if trial_id not in self._ot_trials:
             if self._orphans:
                 number = self._orphans.pop(0)
@@ -251,15 +253,33 @@ class CollapseAwareOptunaSearch(OptunaSearch):
                 # The study holds every trial asked for, some perhaps from a run that stopped
                 # before Tune saved its state: Tune's own count would overshoot.
                 return Searcher.FINISHED
-        config = super().suggest(trial_id)
-        if config is None:
-            return None
-        ot_trial = self._ot_trials[trial_id]
-        config[self.config_key] = ot_trial.number
-        if "config" not in ot_trial._cached_frozen_trial.user_attrs:
-            # Every value the trial trains with, derived ones (e.g. base_ema_rate) included.
-            ot_trial.set_user_attr("config", json_safe({k: v for k, v in config.items() if k != self.config_key}))
+        try:
+            config = super().suggest(trial_id)
+            if config is None:
+                return None
+            ot_trial = self._ot_trials[trial_id]
+            config[self.config_key] = ot_trial.number
+            if "config" not in ot_trial._cached_frozen_trial.user_attrs:
+                # Every value the trial trains with, derived ones (e.g. base_ema_rate) included.
+                ot_trial.set_user_attr("config", json_safe({k: v for k, v in config.items() if k != self.config_key}))
+        except OSError as error:
+            # Asked, or given its parameters, in part: handed out again first (Optuna keeps the parameters drawn).
+            ot_trial = self._ot_trials.pop(trial_id, None)
+            if ot_trial is not None:
+                self._orphans.insert(0, ot_trial.number)
+            self._not_written(error, None)
+            return self._no_trial_now()
+        self._write_failed = False  # (nothing is kept: the loop above wrote it all)
         return config
+
+    def _no_trial_now(self) -> str | None:
+        """What to answer Tune's ask for a trial when the study cannot be written. While the search is being
+        stopped for it: finished. With no trial running, Tune would wait for one, asking every second for up to
+        10 minutes, before the step of its run where the stop is made; a search continued asks again
+        (hpsearch.run resets the finished flag Tune saves). Else none now: Tune asks again at its next step."""
+        from hpsearch.progress import stopping_for_a_record_not_written
+
+        return Searcher.FINISHED if stopping_for_a_record_not_written() else None
 
     def _asked_trials(self) -> int:
         # Enqueued (WAITING) trials become the next asks, so they are not extra trials.
@@ -305,6 +325,12 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             return  # told before an interruption; this run only replayed its record
         state, value, attrs = self._decide(final, record.get("last"), error, trial_id)
         self._write(("end", trial_id, state, value, attrs))
+        if str(attrs.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
+            # A quota spent, which the search's watch of the disks cannot see, or a node's disk on a cluster:
+            # the next trials would fail the same way.
+            from hpsearch.progress import record_not_written
+
+            record_not_written(f"trial #{ot_trial.number} failed: {attrs['error']}")
 
     # ------------------------------------------------------------------ writes to the study
     def _write(self, entry: tuple) -> None:
@@ -316,10 +342,13 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         """Tell the study what it could not be told before, in order; whether all of it is told now.
 
         A write that fails for want of room (or any OSError: the journal's disk or folder) is kept, with all
-        that follows it, and tried again at the searcher's next call and when its state is saved: the
-        search's watch of the disk stops the search meanwhile, and the state saved then holds what is kept,
-        for the resumed search to write. Before, a trial that ended while the disk was full was recorded as
-        failed. Other errors are logged; a trial's end that cannot be recorded is recorded as failed.
+        that follows it, and tried again at the searcher's next call and when its state is saved. The search
+        is stopped at the next step of its run (:func:`hpsearch.progress.record_not_written`, the same stop
+        as its watch of the disks: a quota spent is seen only here), and the state saved then holds what is
+        kept, for the resumed search to write; where that state cannot be saved either, the resumed search
+        runs from the one saved before, and the trials that ended since train again. Before, a trial that
+        ended while the disk was full was recorded as failed. Other errors are logged; a trial's end that
+        cannot be recorded is recorded as failed.
         """
         unwritten = self.__dict__.setdefault("_unwritten", [])
         while unwritten:
@@ -327,22 +356,41 @@ class CollapseAwareOptunaSearch(OptunaSearch):
             try:
                 self._tell(entry)
             except OSError as error:
-                if not self.__dict__.get("_write_failed"):  # once, until a write succeeds again
-                    logger.warning("the study in %s could not be written (%s); what trial #%s reported is kept and "
-                                   "written when there is room", self._journal_text(), error, self._number(entry[1]))
-                self._write_failed = True
+                self._not_written(error, f"what trial #{self._number(entry[1])} reported")
                 return False
             except Exception:  # noqa: BLE001 - one trial's record never ends the search
                 logger.exception("could not record trial #%s", self._number(entry[1]))
                 if entry[0] == "end":
-                    with contextlib.suppress(Exception):
-                        self._tell(("end", entry[1], TrialState.FAIL, None, {
-                            "outcome": "failed", "error": "its result could not be recorded (see the search's log)"}))
+                    failed = ("end", entry[1], TrialState.FAIL, None, {
+                        "outcome": "failed", "error": "its result could not be recorded (see the search's log)"})
+                    try:
+                        self._tell(failed)
+                    except OSError as error:  # kept in its place
+                        unwritten[0] = failed
+                        self._not_written(error, f"what trial #{self._number(entry[1])} reported")
+                        return False
+                    except Exception:  # noqa: BLE001
+                        logger.exception("could not record trial #%s as failed", self._number(entry[1]))
             unwritten.pop(0)
             if self.__dict__.get("_write_failed"):
                 logger.warning("the study is written again: what was kept for it is recorded")
                 self._write_failed = False
         return True
+
+    def _not_written(self, error: OSError, kept: str | None) -> None:
+        """Say once (until a write succeeds again) that the study could not be written (``kept``: what is kept
+        for it; None: a new trial was to be asked), and have the running search stopped
+        (:func:`hpsearch.progress.record_not_written`)."""
+        from hpsearch.progress import ROOM_ADVICE, record_not_written
+        from musicssl.paths import full_disk_error
+
+        if not self.__dict__.get("_write_failed"):
+            logger.warning("the study in %s could not be written (%s); %s", self._journal_text(), error,
+                           f"{kept} is kept and written when it can be" if kept else
+                           "no new trial starts until it can be")
+        self._write_failed = True
+        record_not_written(f"the study in {self._journal_text()} could not be written ({error.strerror or error})",
+                           ROOM_ADVICE if full_disk_error(error) else "make it writable again")
 
     def _journal_text(self) -> str:
         backend = getattr(self._ot_study._storage, "_backend", None)

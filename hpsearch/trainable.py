@@ -38,6 +38,7 @@ __all__ = [
     "TRIAL_NUMBER_KEY",
     "SCHEDULER_TIME_KEY",
     "FINAL_KEYS",
+    "NO_ROOM_FOR_CHECKPOINT",
     "OUTCOMES",
     "build_train_config",
     "run_trial",
@@ -51,6 +52,8 @@ TRIAL_NUMBER_KEY = "optuna_trial"
 # score and its checkpoint); without this key in a report, ASHA leaves the trial alone.
 SCHEDULER_TIME_KEY = "scheduler_epoch"
 OUTCOMES = ("complete", "collapsed", "diverged", "failed", "stopped")
+# How the error of a trial whose checkpoint found no room begins (the searcher then stops the search).
+NO_ROOM_FOR_CHECKPOINT = "no room for its checkpoint"
 # What the final report carries for the searcher to record (besides the last epoch's metrics).
 FINAL_KEYS = (
     "outcome", "objective", "probe_map", "probe_auc", "rankme", "epochs_run", "epochs_completed", "steps",
@@ -274,7 +277,7 @@ def run_trial(
         if found is None:
             raise
         record.update(outcome="failed", objective=math.nan,
-                      error=f"no room for its checkpoint: {found}")
+                      error=f"{NO_ROOM_FOR_CHECKPOINT}: {found}")
         tune.report(record)
         raise
 

@@ -534,6 +534,27 @@ def test_a_final_report_from_before_an_interruption_is_not_recorded_for_the_reru
     assert trial.intermediate_values == {1: 0.31, 2: 0.32}
 
 
+def test_a_trial_that_found_no_room_for_its_checkpoint_stops_the_search(tmp_path):
+    """Recorded as failed, with its error; and the search is stopped, as its watch of the disks stops it: the
+    room it lacked (a quota spent, which the watch cannot see, or a node's disk on a cluster) would fail the
+    next trials the same way. Another failure does not stop it."""
+    import hpsearch.progress as progress
+
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    searcher.suggest("a")
+    searcher.suggest("b")
+    error = "no room for its checkpoint: [Errno 122] Disk quota exceeded: '/runs/s/trial-0000/checkpoint_000000'"
+    with progress.room_watched_by(lambda: None, lambda why, advice: None):
+        searcher.on_trial_result("b", final_result("failed", error="RuntimeError: a bug"))
+        searcher.on_trial_complete("b", error=True)
+        assert progress._write_failure is None
+        searcher.on_trial_result("a", final_result("failed", error=error))
+        searcher.on_trial_complete("a", error=True)  # the trial reports its record, then raises
+        assert progress._write_failure == (f"trial #0 failed: {error}", "free some space")
+    trial = load_study(tmp_path / "optuna.journal").trials[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == error
+
+
 def _journal_on_a_full_disk(disk, journal: Path) -> Path:
     """Fill ``disk``, the journal's, for real; the filler's path. tmpfs gives room by the 4 KiB page, and a
     full disk still takes records into the rest of the journal's last page: the journal is first padded to
@@ -548,11 +569,13 @@ def _journal_on_a_full_disk(disk, journal: Path) -> Path:
 
 
 def test_a_trial_that_ends_while_the_journals_disk_is_full_is_recorded_once_there_is_room(tmp_path, small_disk,
-                                                                                          caplog):
-    """Its end, and the epochs it reported while the disk was full, are kept (the search goes on) and written
-    at the searcher's next call after room comes back, or by the resumed search from the state Tune saved
-    meanwhile. Before, the end's write raised: Ray Tune recorded the trial as errored, and the resumed
-    search recorded it as failed, its result lost."""
+                                                                                          caplog, monkeypatch):
+    """Its end, and the epochs it reported while the disk was full, are kept and written at the searcher's next
+    call once room is back, when Tune saves the searcher's state, or by the resumed search from the state Tune
+    saved meanwhile; the search is asked to stop meanwhile, and no new trial is asked for. Before, the first
+    write raised: Ray Tune's run ended (at the next trial's ask), or recorded the trial as errored and the
+    resumed search as failed, its result lost."""
+    import hpsearch.progress as progress
     from hpsearch.results import journal_storage
     from hpsearch.searcher import journal_of_this_search
 
@@ -561,7 +584,7 @@ def test_a_trial_that_ends_while_the_journals_disk_is_full_is_recorded_once_ther
 
     def searcher() -> CollapseAwareOptunaSearch:
         return CollapseAwareOptunaSearch(line_space, storage=journal_storage(journal), study_name="search", seed=0,
-                                         max_trials=4)
+                                         max_trials=6)
 
     first = searcher()
     for trial_id in ("a", "b", "c"):
@@ -569,45 +592,159 @@ def test_a_trial_that_ends_while_the_journals_disk_is_full_is_recorded_once_ther
         first.on_trial_result(trial_id, epoch_result(1, 0.5))
     filler = _journal_on_a_full_disk(disk, journal)
     written = journal.read_bytes()
-    first.on_trial_result("a", epoch_result(2, 0.6))
-    final = final_result("complete", 0.7, probe_map=0.7)
-    first.on_trial_result("a", final)
-    first.on_trial_complete("a", result=final)  # before: OSError [Errno 28] No space left on device
-    collapsed = final_result("collapsed", collapse_type="complete", collapse_epoch=1, collapse_step=3)
-    first.on_trial_result("b", collapsed)
-    first.on_trial_complete("b", result=collapsed)
+    with progress.room_watched_by(lambda: None, lambda why, advice: None):  # as while the search runs
+        first.on_trial_result("a", epoch_result(2, 0.6))
+        # The search is asked to stop at the next step of its run (a quota spent looks the same, and the watch of
+        # the disks cannot see one).
+        assert progress._write_failure == (
+            f"the study in {journal} could not be written (No space left on device)", "free some space")
+        final = final_result("complete", 0.7, probe_map=0.7)
+        first.on_trial_result("a", final)
+        first.on_trial_complete("a", result=final)  # before: OSError [Errno 28] No space left on device
+        collapsed = final_result("collapsed", collapse_type="complete", collapse_epoch=1, collapse_step=3)
+        first.on_trial_result("b", collapsed)
+        first.on_trial_complete("b", result=collapsed)
+        # Tune asks for the next trial as one ends: the searcher says it has finished, as the search is stopping (with
+        # no trial running, Tune would wait for one for 10 minutes before the stop; before, the ask's OSError ended
+        # Tune's run, its state not saved).
+        assert first.suggest("d") == Searcher.FINISHED and "d" not in first._ot_trials
     assert journal.read_bytes() == written  # nothing written, nothing cut short
     assert caplog.text.count(f"the study in {journal} could not be written ([Errno 28] No space left on device); "
-                             "what trial #0 reported is kept and written when there is room") == 1
+                             "what trial #0 reported is kept and written when it can be") == 1
     first.save(str(tmp_path / "searcher.pkl"))  # Tune saves its state (here on another disk), and stops
     assert journal.read_bytes() == written
 
-    filler.unlink()
-    second = searcher()
+    # Resumed while the disk is still full: what was kept stays kept (not recorded as failed) ...
+    second = CollapseAwareOptunaSearch.__new__(CollapseAwareOptunaSearch)  # restored without making a study
     with journal_of_this_search(journal):
         second.restore(str(tmp_path / "searcher.pkl"))
+    assert journal.read_bytes() == written and [entry[1] for entry in second._unwritten] == ["a", "a", "b"]
+    # ... and written at the first call once there is room (here a report that writes nothing itself).
+    filler.unlink()
+    second.on_trial_result("c", epoch_result(2, math.nan))
     trials = load_study(journal).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING]
     assert trials[0].value == 0.7 and trials[0].intermediate_values == {1: 0.5, 2: 0.6}
     assert trials[0].user_attrs["outcome"] == "complete" and trials[0].constraints == {CONSTRAINT_NAME: 0.0}
     assert trials[1].user_attrs["outcome"] == "collapsed" and trials[1].user_attrs["collapse_type"] == "complete"
-    assert trials[1].constraints == {CONSTRAINT_NAME: 1.0}
+    assert trials[1].constraints == {CONSTRAINT_NAME: 1.0} and trials[2].intermediate_values == {1: 0.5}
+    assert "the study is written again" in caplog.text
 
-    # In the same run: the disk fills, and the search's next call after room comes back writes what it kept.
+    # An ask cut short (the disk fills after the trial and its parameters are written): the trial is handed out
+    # again, with the parameters drawn before.
+    real_set_user_attr = optuna.Trial.set_user_attr
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", lambda self, key, value: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")) if key == "config" else real_set_user_attr(self, key, value))
+    assert second.suggest("e") is None and "e" not in second._ot_trials and second._orphans == [3]
+    monkeypatch.undo()
+    drawn = load_study(journal).trials[3].params
+    config = second.suggest("f")
+    assert config["optuna_trial"] == 3 and config["x"] == drawn["x"] and len(load_study(journal).trials) == 4
+
+    # An end that cannot be recorded for another reason is recorded as failed; when that too finds the disk full,
+    # the failure is kept, and written once there is room.
     filler = _journal_on_a_full_disk(disk, journal)
-    second.on_trial_result("c", epoch_result(2, 0.45))
-    second.on_trial_complete("c", error=True)
+    calls = []
+
+    def set_user_attr(self, key, value):
+        calls.append(key)
+        if len(calls) == 1:
+            raise ValueError("a value the storage refuses")
+        return real_set_user_attr(self, key, value)
+
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
+    second.on_trial_complete("c", result=final_result("complete", 0.5))
+    monkeypatch.undo()
     assert load_study(journal).trials[2].state == TrialState.RUNNING
     filler.unlink()
-    assert second.suggest("d")["optuna_trial"] == 3
-    trials = load_study(journal).trials
-    assert trials[2].state == TrialState.FAIL and trials[2].intermediate_values == {1: 0.5, 2: 0.45}
-    assert trials[2].user_attrs["outcome"] == "failed" and len(trials) == 4
-    assert "the study is written again" in caplog.text
+    second.save(str(tmp_path / "again.pkl"))
+    trial = load_study(journal).trials[2]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == (
+        "its result could not be recorded (see the search's log)")
     # Told once: the first searcher, which still holds what it kept, tells nothing twice.
-    first.save(str(tmp_path / "again.pkl"))
+    first.save(str(tmp_path / "first.pkl"))
     assert [(t.state, t.value) for t in load_study(journal).trials[:2]] == [(t.state, t.value) for t in trials[:2]]
     assert first._unwritten == []
+
+
+def _trains_then_waits_for_a_full_disk(config: dict) -> None:
+    """A Tune trainable for the test below: 3 epochs, then, for trial #0 the first time, it asks the driver to
+    fill the journal's disk and waits for that before its final report."""
+    from ray import tune
+
+    folder = Path(config["folder"])
+    with open(folder / "trained.txt", "a") as trained:
+        trained.write(f"{config['optuna_trial']}\n")
+    for epoch in (1, 2, 3):
+        tune.report({"epoch": epoch, "objective": 0.5 + epoch / 100, "train_loss": 1.0})
+    if config["optuna_trial"] == 0 and not (folder / "filled").exists():
+        time.sleep(1.0)  # the epoch reports written first
+        (folder / "fill").touch()
+        while (folder / "fill").exists():
+            time.sleep(0.05)
+    tune.report({"final": True, "outcome": "complete", "objective": 0.9, "epoch": 3, "epochs_run": 3.0})
+
+
+def folder_space(trial) -> dict:
+    """``line_space`` and the folder of the test below (module-level so that it pickles)."""
+    trial.suggest_float("x", 0.0, 1.0)
+    return {"folder": os.environ["HPSEARCH_TEST_FOLDER"]}
+
+
+@pytest.mark.slow  # 20 s; run when the searcher's writes of the study or the room watch change
+def test_a_trial_that_ends_while_the_study_cannot_be_written_is_recorded_when_the_search_resumes(
+        tmp_path, small_disk, ray_guard, monkeypatch):
+    """A real Tune run with the search's searcher, results writer and watch, one trial at a time, the journal on
+    a disk that fills as trial #0 ends: the run stops in seconds (with no trial running, Tune would otherwise
+    wait 10 minutes for one before the stop), the state it saves (here on another disk) holds the trial's end,
+    and the resumed run records it as it ended, not trained again, and runs the others."""
+    import ray
+    from ray import tune
+
+    from hpsearch import progress
+    from hpsearch.results import journal_storage
+    from hpsearch.run import _search_restored_as_now_asked
+    from hpsearch.searcher import journal_of_this_search
+
+    disk = small_disk(2_000_000)
+    journal = disk.path / "optuna.journal"
+    monkeypatch.setenv("HPSEARCH_TEST_FOLDER", str(tmp_path))
+    # Ray's workers import the trainable from this module (they inherit the environment of the Ray started here).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                   os.environ.get("PYTHONPATH")])))
+    filler: list[Path] = []
+
+    class Filler(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            if (tmp_path / "fill").exists() and not filler:
+                filler.append(_journal_on_a_full_disk(disk, journal))
+                (tmp_path / "filled").touch()
+                (tmp_path / "fill").unlink()
+
+    stops: list[tuple[str, str]] = []
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    trainable = tune.with_resources(_trains_then_waits_for_a_full_disk, {"cpu": 1})
+    searcher = CollapseAwareOptunaSearch(folder_space, storage=journal_storage(journal), study_name="search", seed=0,
+                                         max_trials=3)
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3,
+                                                              max_concurrent_trials=1),
+                       run_config=tune.RunConfig(name="run", storage_path=str(tmp_path / "ray"), verbose=0,
+                                                 callbacks=[Filler(), progress.ResultsWriter()]))
+    started = time.monotonic()
+    with progress.room_watched_by(lambda: None, lambda why, advice: stops.append((why, advice))):
+        tuner.fit()
+    assert time.monotonic() - started < 60
+    assert stops == [(f"the study in {journal} could not be written (No space left on device)", "free some space")]
+    assert [t.state for t in load_study(journal).trials] == [TrialState.RUNNING]
+    filler[0].unlink()
+    with _search_restored_as_now_asked(1), journal_of_this_search(journal), \
+            progress.room_watched_by(lambda: None, lambda why, advice: stops.append((why, advice))):
+        tune.Tuner.restore(str(tmp_path / "ray" / "run"), trainable, resume_unfinished=True).fit()
+    study = load_study(journal)
+    assert [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 0.9)] * 3
+    assert study.trials[0].intermediate_values == {1: 0.51, 2: 0.52, 3: 0.53}
+    assert (tmp_path / "trained.txt").read_text().split() == ["0", "1", "2"]  # #0 once
+    assert len(stops) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2487,28 +2624,45 @@ def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
     assert all(isinstance(error, RayActorError) and "lost (NodeDiedError)" in str(error) for _, error in errors)
 
 
-def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given(tmp_path):
+def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given_and_asks_for_trials_again(tmp_path):
     """Ray Tune restores the concurrency limit a search started with (its ConcurrencyLimiter's saved
-    state); while a search resumes, the limit is the one --concurrency now gives, and only then."""
+    state); while a search resumes, the limit is the one --concurrency now gives, and only then. Likewise a
+    search stopped because its study could not be written (its searcher then said it had finished) asks its
+    searcher for trials again, which says when the study holds every trial."""
+    from types import SimpleNamespace
+
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.search_generator import SearchGenerator
 
-    from hpsearch.run import _concurrency_as_now_asked
+    from hpsearch.run import _search_restored_as_now_asked
 
-    def generator(limit: int) -> SearchGenerator:
-        return SearchGenerator(ConcurrencyLimiter(CollapseAwareOptunaSearch(line_space, seed=0), max_concurrent=limit))
+    def generator(limit: int, **kwargs) -> SearchGenerator:
+        return SearchGenerator(ConcurrencyLimiter(CollapseAwareOptunaSearch(line_space, seed=0, **kwargs),
+                                                  max_concurrent=limit))
 
-    generator(1).save_to_dir(str(tmp_path), session_str="started")
+    stopped = generator(1)
+    stopped._total_samples, stopped._finished = 8, True  # 8 trials asked for
+    stopped.save_to_dir(str(tmp_path), session_str="started")
     restored = generator(4)
     restored.restore_from_dir(str(tmp_path))
-    assert restored.searcher.max_concurrent == 1  # Tune on its own: the stored limit wins
+    assert restored.searcher.max_concurrent == 1 and restored.is_finished()  # Tune on its own: the stored state wins
     resumed = generator(1)
-    with _concurrency_as_now_asked(4):
+    with _search_restored_as_now_asked(4):
         resumed.restore_from_dir(str(tmp_path))
-    assert resumed.searcher.max_concurrent == 4
+    assert resumed.searcher.max_concurrent == 4 and not resumed.is_finished()
     after = generator(4)
     after.restore_from_dir(str(tmp_path))
-    assert after.searcher.max_concurrent == 1  # the patch is undone
+    assert after.searcher.max_concurrent == 1 and after.is_finished()  # the patch is undone
+    # A search whose study holds every trial finishes all the same.
+    full = generator(1, max_trials=1)
+    full._total_samples = 8
+    full.searcher.searcher.suggest("t0")
+    (tmp_path / "full").mkdir()
+    full.save_to_dir(str(tmp_path / "full"), session_str="started")
+    with _search_restored_as_now_asked(1):
+        full.restore_from_dir(str(tmp_path / "full"))
+    full._experiment = SimpleNamespace(spec={})
+    assert full.next_trial() is None and full.is_finished()
 
 
 def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
@@ -2791,51 +2945,85 @@ def test_ray_tunes_warning_of_interrupted_trials_without_folders_is_left_out_unl
         logger.filters[:] = before
 
 
-def test_ray_tunes_failed_save_of_the_state_on_a_full_disk_is_one_line_unless_verbose(tmp_path, small_disk, caplog):
-    """A disk that fills at once (before the search's watch stops the search) failed Ray Tune's save of the
-    experiment's state with an ERROR and pyarrow's traceback in the search's output (seen by hand): Ray's
-    copy, as Ray makes it, onto a really full disk."""
+def test_ray_tunes_failed_saves_of_the_state_on_a_full_disk_are_one_line_unless_verbose(tmp_path, small_disk):
+    """A disk that fills at once (before the search's watch stops the search), or a quota spent, failed Ray
+    Tune's saves of the experiment's state with pyarrow's traceback in the search's output, twice: the periodic
+    save's, said by Ray's syncer at the next save, and the last save's (seen by hand). Ray's own saves, onto a
+    really full disk: one line, once; --verbose keeps them as Ray says them."""
     import logging
+    import types
 
     import pyarrow.fs
+    from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     from hpsearch import run
 
     disk = small_disk(1_000_000)
     (disk.path / "search").mkdir()
     disk.fill()
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "experiment_state.json").write_bytes(bytes(100_000))
-    logger = logging.getLogger("ray.tune.execution.experiment_state")
-    before = list(logger.filters)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "experiment_state.json").write_bytes(bytes(100_000))
+    records: list[logging.LogRecord] = []
 
-    def save(error: BaseException | None = None) -> logging.LogRecord:
-        caplog.clear()
-        try:
-            if error is not None:
-                raise error
-            pyarrow.fs.copy_files(str(tmp_path / "state"), str(disk.path / "search"))
-        except Exception:
-            with caplog.at_level(logging.WARNING, logger=logger.name):
-                logger.error(f"Saving experiment state to storage at '{disk.path / 'search'}' failed with exception: ",
-                             exc_info=True)
-        (record,) = caplog.records
-        return record
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    ray_logger = logging.getLogger("ray")
+    keep = Keep()
+    ray_logger.addHandler(keep)
+    level = ray_logger.level
+    ray_logger.setLevel(logging.INFO)  # as Ray sets it up (a ray.init(logging_level=...) before may have raised it)
+    loggers = [logging.getLogger(name) for name in ("ray.tune.execution.experiment_state", "ray.train._internal.syncer")]
+    before = [list(logger.filters) for logger in loggers]
+
+    reached: list[str] = []  # the records of failed saves that reached the search's filters
+
+    class Count(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "No space left on device" in record.getMessage() + str(record.exc_info or sys.exc_info()[1]):
+                reached.append(record.name)
+            return True
+
+    def saves(verbose: bool) -> list[logging.LogRecord]:
+        records.clear()
+        reached.clear()
+        for logger, filters in zip(loggers, before):
+            logger.filters[:] = [Count(), *filters]
+        run._leave_the_resume_hint_to_the_summary(verbose)  # as each search starts
+        syncer = _FilesystemSyncer(pyarrow.fs.LocalFileSystem(), sync_period=0, sync_timeout=60)
+        for _ in range(2):  # Tune's periodic saves (every 10 s or more): the second says the first one's failure
+            syncer.sync_up(str(staging), str(disk.path / "search"))
+            syncer._sync_process._process.join()
+        storage = types.SimpleNamespace(experiment_driver_staging_path=str(staging),
+                                        experiment_fs_path=str(disk.path / "search"), syncer=syncer)
+        manager = _ExperimentCheckpointManager(storage=storage, checkpoint_period=0)
+        manager.sync_up_experiment_state(lambda: None, force=True, wait=True)  # the last one, at the end of a run
+        return [record for record in records if record.levelno >= logging.WARNING]
 
     try:
+        said = saves(verbose=False)
+        assert [(r.levelname, r.exc_info, r.getMessage()) for r in said] == [(
+            "WARNING", None, "Ray Tune could not save the search's state in its folder (No space left on device); it "
+            "saves it again as the search goes on, and a resume starts from the state saved last")]
+        # Ray's syncer said a periodic save's failure, then the last save its own (and the failure before it).
+        assert reached[0] == "ray.train._internal.syncer" and reached[-1] == "ray.tune.execution.experiment_state"
+        said = saves(verbose=True)
+        assert len(said) == len(reached) >= 2
+        assert all("Traceback" in r.getMessage() or r.exc_info for r in said)
+        assert said[-1].levelname == "ERROR" and "No space left on device" in str(said[-1].exc_info[1])
+        # Not the disk: as Ray says it.
         run._leave_the_resume_hint_to_the_summary(False)
-        record = save()
-        assert (record.levelname, record.exc_info) == ("WARNING", None)
-        assert record.getMessage() == (
-            f"Ray Tune could not save the search's state in {disk.path / 'search'} (No space left on device); it saves "
-            "it again as the search goes on, and a resume starts from the state saved last")
-        record = save(ValueError("a bug"))  # not the disk: as Ray says it
-        assert record.levelname == "ERROR" and record.exc_info[0] is ValueError
-        run._leave_the_resume_hint_to_the_summary(True)  # --verbose
-        record = save()
-        assert record.levelname == "ERROR" and "[errno 28] No space left on device" in str(record.exc_info[1])
+        records.clear()
+        loggers[0].error("Saving experiment state to storage at 'x' failed with exception: ", exc_info=ValueError("a bug"))
+        assert records[-1].levelname == "ERROR" and records[-1].exc_info[0] is ValueError
     finally:
-        logger.filters[:] = before
+        ray_logger.removeHandler(keep)
+        ray_logger.setLevel(level)
+        for logger, filters in zip(loggers, before):
+            logger.filters[:] = filters
         run._StateNotSavedInOneLine.shown = run._NoMissingTrialFolders.shown = False
 
 
@@ -3485,7 +3673,7 @@ def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, mo
         answers = iter([None, "only 1 MB free on the disk of X, under the 2 MB ...", "again"])
         writer = pickle.loads(pickle.dumps(progress.ResultsWriter()))  # as a restored experiment holds it
         stopped = []
-        with progress.room_watched_by(lambda: next(answers), stopped.append):
+        with progress.room_watched_by(lambda: next(answers), lambda why, advice: stopped.append(why)):
             monkeypatch.setattr(progress, "ROOM_CHECK_SECONDS", 3600.0)
             writer.on_step_end(0, [])  # looked at: room
             writer.on_step_end(1, [])  # within ROOM_CHECK_SECONDS of the last look: not looked at
@@ -3505,6 +3693,37 @@ def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, mo
         thread.start()
         thread.join()
         assert off_main == [False]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def test_a_record_of_the_search_that_cannot_be_written_stops_it_at_the_next_step(monkeypatch, capsys):
+    """A write of the study that fails (a quota spent, which the watch of the disks cannot see, or a folder
+    no longer writable) stops the search at the run's next step, not after ROOM_CHECK_SECONDS, with its
+    reason and advice; the first reason is kept. Without a running search, nothing happens."""
+    from ray.tune.tune import _setup_signal_catching
+
+    import hpsearch.progress as progress
+
+    progress.record_not_written("the study in J could not be written (Disk quota exceeded)")  # no search: nothing
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        interrupted = _setup_signal_catching()
+        writer = progress.ResultsWriter()
+        stopped = []
+        monkeypatch.setattr(progress, "ROOM_CHECK_SECONDS", 3600.0)
+        with progress.room_watched_by(lambda: None, lambda why, advice: stopped.append((why, advice))):
+            writer.on_step_end(0, [])  # looked at: room
+            assert not interrupted.is_set()
+            progress.record_not_written("the study in J could not be written (Permission denied)",
+                                        "make it writable again")
+            progress.record_not_written("the study in J could not be written (Disk quota exceeded)")
+            writer.on_step_end(1, [])
+            assert interrupted.is_set()
+        assert stopped == [("the study in J could not be written (Permission denied)", "make it writable again")]
+        assert capsys.readouterr().err == "stopping: the study in J could not be written (Permission denied)\n"
+        assert progress._write_failure is None
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
@@ -3548,6 +3767,20 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
     command = cli("vicreg", "--trials", "8", "--name", "temp", "--storage-dir", str(tmp_path / "runs"),
                   *tiny_flags(tonal_dataset))
     journal = tmp_path / "runs" / "temp" / "optuna.journal"
+    filler: list[Path] = []
+    code, out, err = _search_until_a_trial_completes(command, env, journal, lambda: filler.append(disk.fill()))
+    assert code == 2, out + err
+    assert "Traceback" not in err
+    assert f"stopping: only 0 B free on the disk of {disk.path}, the trials' temporary folder, under the " in err
+    assert "that the trials running at once stage there (TMPDIR moves it)" in err
+    finished = _finished_none_failed(journal)
+    filler[0].unlink()
+    _resumes_to_all_of_8_trials(command, env, journal, finished)
+
+
+def _search_until_a_trial_completes(command: list[str], env: dict, journal: Path, then) -> tuple[int, str, str]:
+    """Run the search ``command``; once its study holds a complete trial, call ``then()``. Its exit code and
+    output."""
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 240
@@ -3556,19 +3789,25 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
                 if any(t.state == TrialState.COMPLETE for t in load_study(journal).trials):
                     break
             time.sleep(0.2)
-        filler = disk.fill()
+        then()
         out, err = search.communicate(timeout=300)
     finally:
         if search.poll() is None:
             search.kill()
             search.communicate()
-    assert search.returncode == 2, out + err
-    assert "Traceback" not in err
-    assert f"stopping: only 0 B free on the disk of {disk.path}, the trials' temporary folder, under the " in err
-    assert "that the trials running at once stage there (TMPDIR moves it)" in err
+    return search.returncode, out, err
+
+
+def _finished_none_failed(journal: Path) -> dict:
+    """The finished trials of a search of 8 that stopped part way (some, not all, none failed)."""
     finished = {t.number: (t.state, t.value, t.params) for t in load_study(journal).trials if t.state.is_finished()}
     assert 1 <= len(finished) < 8 and all(state != TrialState.FAIL for state, _, _ in finished.values())
-    filler.unlink()
+    return finished
+
+
+def _resumes_to_all_of_8_trials(command: list[str], env: dict, journal: Path, finished: dict) -> str:
+    """Continue the search ``command``: 8 trials, none failed, those ``finished`` before as they were, no
+    parameters drawn twice. Its output."""
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     study = load_study(journal)
@@ -3577,6 +3816,40 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
     assert all(state.is_finished() and state != TrialState.FAIL for state in states), states
     assert {n: (t.state, t.value, t.params) for n, t in enumerate(study.trials) if n in finished} == finished
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
+    return resumed.stdout
+
+
+@pytest.mark.slow  # 60 s; run when the searcher's writes of the study or the watch change
+def test_a_search_whose_folder_can_no_longer_be_written_stops_and_resumes(tmp_path, tonal_dataset, cli_env,
+                                                                         small_disk):
+    """Its study cannot be written (here its journal made immutable as the search runs; a quota spent, which
+    the watch of the disks cannot see, fails the same writes): the search stops, with the reason, instead of
+    running on with nothing recorded; once the journal can be written, it resumes to the requested count,
+    nothing lost or repeated."""
+    disk = small_disk(200_000_000)  # a file system of its own, which can make a file immutable
+    command = cli("vicreg", "--trials", "8", "--name", "ro", "--storage-dir", str(disk.path), *tiny_flags(tonal_dataset))
+    journal = disk.path / "ro" / "optuna.journal"
+
+    def immutable() -> None:
+        if subprocess.run(["chattr", "+i", str(journal)], capture_output=True).returncode != 0:
+            pytest.skip("chattr cannot make a file immutable here")
+
+    try:
+        code, out, err = _search_until_a_trial_completes(command, cli_env, journal, immutable)
+    finally:
+        subprocess.run(["chattr", "-i", str(journal)], capture_output=True)
+    assert code == 2, out + err
+    assert "Traceback" not in err
+    assert f"stopping: the study in {journal} could not be written (Operation not permitted)" in err
+    assert err.rstrip().endswith(f"make it writable again, and continue the search with python -m hpsearch.run "
+                                 f"vicreg --name ro --storage-dir {disk.path} --resume")
+    finished = _finished_none_failed(journal)
+    ended = {int(n) for n in re.findall(r"^\[ ?\d/8\] #(\d+) ", out, re.M)}  # as the first run printed them
+    resumed = _resumes_to_all_of_8_trials(command, cli_env, journal, finished)
+    # The trials that ended while the journal could not be written were kept, and written as the search resumed:
+    # counted finished, not trained again.
+    assert f"resuming: {len(ended)}/8 trials already finished" in resumed, resumed
+    assert not ended & {int(n) for n in re.findall(r"^\[ ?\d/8\] #(\d+) ", resumed, re.M)}
 
 
 @pytest.mark.slow  # 15 s; run when the search's start of Ray changes
