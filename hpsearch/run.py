@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -368,7 +369,7 @@ def _disk_full_error(error: BaseException, folder: Path, settings: SearchSetting
         return None
     temps = (ray_temp_dir(), trial_temp_dir())
     if isinstance(found.filename, (str, bytes, os.PathLike)):
-        where = Path(os.fsdecode(found.filename))
+        where = _written_file(found.filename)
     else:
         where = min((folder, *temps), key=lambda path: free_bytes(path) or 0)
     temp = ""
@@ -376,6 +377,33 @@ def _disk_full_error(error: BaseException, folder: Path, settings: SearchSetting
         temp = f", {temp_folder_text(where)} ({temp_move_text(where)})"
     return SearchError(f"the disk of {where}{temp} is full ({found.strerror or 'no space left'}); free some space "
                        f"there, and continue the search with {_continue_command(settings, address)}")
+
+
+# A write refused (the folder's permissions, a file made immutable, a file system mounted read-only).
+NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _written_file(filename: str | bytes | os.PathLike) -> Path:
+    """The file a write was for: the target of ``musicssl.paths.whole``'s partial file (``.NAME.PID.partial``)."""
+    path = Path(os.fsdecode(filename))
+    found = re.fullmatch(r"\.(.+)\.\d+" + re.escape(PARTIAL_SUFFIX), path.name)
+    return path.with_name(found.group(1)) if found else path
+
+
+def _not_writable_error(error: BaseException, settings: SearchSettings, address: str | None) -> SearchError | None:
+    """For an error that is a write refused (:data:`NOT_WRITABLE_ERRNOS`, in ``error``'s chain), a :class:`SearchError`
+    naming the file and saying how to go on: the search's results, written after its trials, would otherwise end
+    it in a traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NOT_WRITABLE_ERRNOS:
+            where = _written_file(current.filename) if current.filename else "the search's folder"
+            return SearchError(f"{where} cannot be written ({current.strerror}); make it writable again, and continue "
+                               f"the search with {_continue_command(settings, address)}")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:
@@ -815,11 +843,12 @@ class _StateNotSavedInOneLine(logging.Filter):
     """Ray Tune's "Saving experiment state to storage at ... failed with exception:" (its save at the end of a
     run) and the syncer's "Last sync command failed with the following error:" (a periodic save, said at the
     next one), each with a traceback, when the cause is an OSError (a disk that fills at once, before the
-    search's watch stops it; a quota spent): one line, a warning, and not twice in a row. Ray saves the state
-    again as the search goes on; a resume starts from the state saved last. --verbose keeps the tracebacks."""
+    search's watch stops it; a quota spent): one line, a warning, once per search and reason (the search
+    stops for it). Ray saves the state again as the search goes on; a resume starts from the state saved
+    last. --verbose keeps the tracebacks."""
 
     shown = False
-    said: str | None = None  # the last line said (set back as each search starts)
+    said: str | None = None  # the line said (set back as each search starts)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if type(self).shown:
@@ -834,8 +863,8 @@ class _StateNotSavedInOneLine(logging.Filter):
         if not isinstance(error, OSError):
             return True
         reason = os.strerror(error.errno) if error.errno else str(error)
-        text = (f"Ray Tune could not save the search's state in its folder ({reason}); it saves it again as the "
-                "search goes on, and a resume starts from the state saved last")
+        text = (f"Ray Tune could not save the search's state in its folder ({reason}); a resume starts from the state "
+                "saved last")
         if text == type(self).said:
             return False
         type(self).said = text
@@ -1328,7 +1357,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 told = True
             raise
         except Exception as error:
-            failure = _disk_full_error(error, folder, settings, address) or error
+            failure = (_disk_full_error(error, folder, settings, address)
+                       or _not_writable_error(error, settings, address) or error)
             if failure is not error:
                 raise failure from error
             raise
@@ -1370,7 +1400,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             try:
                 _write_summary(folder, summary)
             except OSError as error:  # the disk filled after the trials: a resume writes the summary
-                failure = _disk_full_error(error, folder, settings, address)
+                failure = _disk_full_error(error, folder, settings, address) or _not_writable_error(error, settings,
+                                                                                                   address)
                 if failure is None:
                     raise
                 raise failure from error

@@ -272,14 +272,17 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         self._write_failed = False  # (nothing is kept: the loop above wrote it all)
         return config
 
-    def _no_trial_now(self) -> str | None:
-        """What to answer Tune's ask for a trial when the study cannot be written. While the search is being
-        stopped for it: finished. With no trial running, Tune would wait for one, asking every second for up to
-        10 minutes, before the step of its run where the stop is made; a search continued asks again
-        (hpsearch.run resets the finished flag Tune saves). Else none now: Tune asks again at its next step."""
+    def _no_trial_now(self) -> str:
+        """What to answer Tune's ask for a trial when the study cannot be written: finished, while the search is
+        being stopped for it (none now would not do: with no trial running, Tune would wait for one, asking every
+        second for up to 10 minutes, before the step of its run where the stop is made). A search continued asks
+        again (hpsearch.run resets the finished flag Tune saves). Outside a search (no watch to stop it), the
+        write's error, as Optuna raised it."""
         from hpsearch.progress import stopping_for_a_record_not_written
 
-        return Searcher.FINISHED if stopping_for_a_record_not_written() else None
+        if stopping_for_a_record_not_written():
+            return Searcher.FINISHED
+        raise self._write_error
 
     def _asked_trials(self) -> int:
         # Enqueued (WAITING) trials become the next asks, so they are not extra trials.
@@ -384,6 +387,7 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         from hpsearch.progress import ROOM_ADVICE, record_not_written
         from musicssl.paths import full_disk_error
 
+        self._write_error = error  # (for an ask outside a search: _no_trial_now)
         if not self.__dict__.get("_write_failed"):
             logger.warning("the study in %s could not be written (%s); %s", self._journal_text(), error,
                            f"{kept} is kept and written when it can be" if kept else

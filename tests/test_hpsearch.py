@@ -635,7 +635,13 @@ def test_a_trial_that_ends_while_the_journals_disk_is_full_is_recorded_once_ther
     real_set_user_attr = optuna.Trial.set_user_attr
     monkeypatch.setattr(optuna.Trial, "set_user_attr", lambda self, key, value: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")) if key == "config" else real_set_user_attr(self, key, value))
-    assert second.suggest("e") is None and "e" not in second._ot_trials and second._orphans == [3]
+    with progress.room_watched_by(lambda: None, lambda why, advice: None):
+        assert second.suggest("e") == Searcher.FINISHED and "e" not in second._ot_trials and second._orphans == [3]
+    # Outside a search (no watch to stop it), the ask fails as Optuna's write did: Tune's run ends, rather than
+    # waiting for a trial.
+    with pytest.raises(OSError, match="No space left on device"):
+        second.suggest("e")
+    assert "e" not in second._ot_trials and second._orphans == [3]
     monkeypatch.undo()
     drawn = load_study(journal).trials[3].params
     config = second.suggest("f")
@@ -3006,8 +3012,8 @@ def test_ray_tunes_failed_saves_of_the_state_on_a_full_disk_are_one_line_unless_
     try:
         said = saves(verbose=False)
         assert [(r.levelname, r.exc_info, r.getMessage()) for r in said] == [(
-            "WARNING", None, "Ray Tune could not save the search's state in its folder (No space left on device); it "
-            "saves it again as the search goes on, and a resume starts from the state saved last")]
+            "WARNING", None, "Ray Tune could not save the search's state in its folder (No space left on device); a "
+            "resume starts from the state saved last")]
         # Ray's syncer said a periodic save's failure, then the last save its own (and the failure before it).
         assert reached[0] == "ray.train._internal.syncer" and reached[-1] == "ray.tune.execution.experiment_state"
         said = saves(verbose=True)
@@ -3658,6 +3664,29 @@ def test_a_full_disk_that_ends_a_search_is_named_with_the_command_that_continues
     assert _disk_full_error(OSError(errno.EACCES, "Permission denied"), tmp_path, settings, None) is None
 
 
+def test_a_write_refused_at_the_end_of_a_search_names_the_file_and_how_to_go_on(tmp_path):
+    """A folder no longer writable (permissions, an immutable file, a read-only file system) made the search's
+    end, which writes its results, a traceback: it is one line naming the file (not the partial one written
+    first) and the command that continues the search. Other errors are left as they are."""
+    from hpsearch.run import _not_writable_error
+
+    settings = SearchSettings(method="vicreg", trials=2, name="s", storage_dir=str(tmp_path))
+    partial = tmp_path / "s" / ".trials.csv.4242.partial"
+    for number, text in ((errno.EPERM, "Operation not permitted"), (errno.EACCES, "Permission denied"),
+                         (errno.EROFS, "Read-only file system")):
+        try:
+            try:
+                raise OSError(number, text, str(partial))
+            except OSError as error:
+                raise RuntimeError("writing the results") from error
+        except RuntimeError as error:
+            assert str(_not_writable_error(error, settings, None)) == (
+                f"{tmp_path / 's' / 'trials.csv'} cannot be written ({text}); make it writable again, and continue "
+                f"the search with python -m hpsearch.run vicreg --name s --storage-dir {tmp_path} --resume")
+    assert _not_writable_error(OSError(errno.ENOSPC, "No space left on device"), settings, None) is None
+    assert _not_writable_error(ValueError("a bug"), settings, None) is None
+
+
 def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, monkeypatch):
     """Through the handler Tune sets for its run (checked against Tune itself: a Ray upgrade that
     renames it fails here), once, and without Tune's own warning, which speaks of Ctrl-C."""
@@ -3819,37 +3848,49 @@ def _resumes_to_all_of_8_trials(command: list[str], env: dict, journal: Path, fi
     return resumed.stdout
 
 
-@pytest.mark.slow  # 60 s; run when the searcher's writes of the study or the watch change
+@pytest.mark.slow  # 60 s each; run when the searcher's writes of the study, the watch or the search's end change
+@pytest.mark.parametrize("unwritable", ["journal", "folder"])
 def test_a_search_whose_folder_can_no_longer_be_written_stops_and_resumes(tmp_path, tonal_dataset, cli_env,
-                                                                         small_disk):
-    """Its study cannot be written (here its journal made immutable as the search runs; a quota spent, which
-    the watch of the disks cannot see, fails the same writes): the search stops, with the reason, instead of
-    running on with nothing recorded; once the journal can be written, it resumes to the requested count,
-    nothing lost or repeated."""
+                                                                         small_disk, unwritable):
+    """Its study cannot be written (here its journal, or its whole folder, made immutable as the search runs;
+    a quota spent, which the watch of the disks cannot see, fails the same writes): the search stops, with the
+    reason, instead of running on with nothing recorded, and ends with exit code 2, the reason and how to go
+    on, not a traceback; once it can be written, it resumes to the requested count, nothing lost or repeated."""
     disk = small_disk(200_000_000)  # a file system of its own, which can make a file immutable
     command = cli("vicreg", "--trials", "8", "--name", "ro", "--storage-dir", str(disk.path), *tiny_flags(tonal_dataset))
     journal = disk.path / "ro" / "optuna.journal"
+    made = [journal] if unwritable == "journal" else [journal, journal.parent]
 
     def immutable() -> None:
-        if subprocess.run(["chattr", "+i", str(journal)], capture_output=True).returncode != 0:
-            pytest.skip("chattr cannot make a file immutable here")
+        for path in made:
+            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+                pytest.skip("chattr cannot make a file immutable here")
 
     try:
         code, out, err = _search_until_a_trial_completes(command, cli_env, journal, immutable)
     finally:
-        subprocess.run(["chattr", "-i", str(journal)], capture_output=True)
+        for path in made:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
     assert code == 2, out + err
-    assert "Traceback" not in err
+    if unwritable == "journal":
+        assert "Traceback" not in err
+    else:  # a trial that ran meanwhile fails too, and Ray says so with its traceback; the search itself does not
+        assert "hpsearch/run.py" not in err and err.rstrip().splitlines()[-1].startswith("python -m hpsearch.run: error:")
     assert f"stopping: the study in {journal} could not be written (Operation not permitted)" in err
     assert err.rstrip().endswith(f"make it writable again, and continue the search with python -m hpsearch.run "
                                  f"vicreg --name ro --storage-dir {disk.path} --resume")
+    if unwritable == "folder":  # the results, written after the trials, are named
+        assert (f"error: {journal.parent / 'trials.csv'} cannot be written (Operation not permitted); make it "
+                "writable again") in err
     finished = _finished_none_failed(journal)
     ended = {int(n) for n in re.findall(r"^\[ ?\d/8\] #(\d+) ", out, re.M)}  # as the first run printed them
     resumed = _resumes_to_all_of_8_trials(command, cli_env, journal, finished)
-    # The trials that ended while the journal could not be written were kept, and written as the search resumed:
-    # counted finished, not trained again.
-    assert f"resuming: {len(ended)}/8 trials already finished" in resumed, resumed
-    assert not ended & {int(n) for n in re.findall(r"^\[ ?\d/8\] #(\d+) ", resumed, re.M)}
+    if unwritable == "journal":
+        # The trials that ended while the journal could not be written were kept, and written as the search
+        # resumed: counted finished, not trained again (with the folder unwritable, Ray's state could not be saved
+        # either: they train again).
+        assert f"resuming: {len(ended)}/8 trials already finished" in resumed, resumed
+        assert not ended & {int(n) for n in re.findall(r"^\[ ?\d/8\] #(\d+) ", resumed, re.M)}
 
 
 @pytest.mark.slow  # 15 s; run when the search's start of Ray changes
