@@ -42,7 +42,7 @@ from hpsearch.settings import (
     flag_text, name_problem,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
-from musicssl.paths import PARTIAL_SUFFIX, write_whole
+from musicssl.paths import PARTIAL_SUFFIX, os_error_in_chain, write_whole
 
 __all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
 
@@ -394,16 +394,12 @@ def _not_writable_error(error: BaseException, settings: SearchSettings, address:
     """For an error that is a write refused (:data:`NOT_WRITABLE_ERRNOS`, in ``error``'s chain), a :class:`SearchError`
     naming the file and saying how to go on: the search's results, written after its trials, would otherwise end
     it in a traceback."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in NOT_WRITABLE_ERRNOS:
-            where = _written_file(current.filename) if current.filename else "the search's folder"
-            return SearchError(f"{where} cannot be written ({current.strerror}); make it writable again, and continue "
-                               f"the search with {_continue_command(settings, address)}")
-        current = current.__cause__ or current.__context__
-    return None
+    found = os_error_in_chain(error, NOT_WRITABLE_ERRNOS)
+    if found is None:
+        return None
+    where = _written_file(found.filename) if found.filename else "the search's folder"
+    return SearchError(f"{where} cannot be written ({found.strerror}); make it writable again, and continue the search "
+                       f"with {_continue_command(settings, address)}")
 
 
 def latest_search(method: str, storage_dir: str | Path) -> str | None:

@@ -17,8 +17,9 @@ from typing import IO
 
 __all__ = [
     "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes",
-    "free_files", "full_disk_error", "make_writable_folder", "missing_folders", "remove_abandoned_staging",
-    "remove_if_empty", "same_file_system", "size_text", "staging_folder", "whole", "write_whole",
+    "free_files", "full_disk_error", "make_writable_folder", "missing_folders", "os_error_in_chain",
+    "remove_abandoned_staging", "remove_if_empty", "same_file_system", "size_text", "staging_folder", "whole",
+    "write_whole",
 ]
 
 CLAIM_FILE = ".writing.lock"
@@ -138,17 +139,23 @@ def same_file_system(first: str | Path, second: str | Path) -> bool:
     return devices[0] is not None and devices[0] == devices[1]
 
 
-def full_disk_error(error: BaseException) -> OSError | None:
-    """The error in ``error``'s chain (it, the error it was raised from or during) that is a write which
-    found no room: an OSError whose errno says the disk is full (ENOSPC) or the quota spent (EDQUOT)."""
+def os_error_in_chain(error: BaseException, errnos: frozenset[int]) -> OSError | None:
+    """The error in ``error``'s chain (it, the error it was raised from or during) that is an OSError whose
+    errno is one of ``errnos``."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+        if isinstance(current, OSError) and current.errno in errnos:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def full_disk_error(error: BaseException) -> OSError | None:
+    """The error in ``error``'s chain (it, the error it was raised from or during) that is a write which
+    found no room: an OSError whose errno says the disk is full (ENOSPC) or the quota spent (EDQUOT)."""
+    return os_error_in_chain(error, DISK_FULL_ERRNOS)
 
 
 def disk_full(error: BaseException, path: str | Path | None = None, room: int = 0) -> bool:
