@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from hpsearch.settings import SearchSettings
-from musicssl.paths import free_bytes, free_files, same_file_system, size_text
+from musicssl.paths import by_file_system, free_bytes, free_files, same_file_system, size_text
 
 __all__ = [
     "FILES_FLOOR", "RoomFloors", "ray_temp_dir", "room_floors", "room_problem", "search_bytes", "temp_folder_text",
@@ -91,14 +91,7 @@ def room_floors(settings: SearchSettings, checkpoint: int, folder: Path, trials_
     needs = [(folder, running + checkpoint)]
     if local:
         needs += [(ray_temp_dir(), running - at_once * checkpoint), (trial_temp_dir(), at_once * checkpoint)]
-    floors: RoomFloors = {}
-    for path, need in needs:
-        disk = next((known for known in floors if known == path or same_file_system(known, path)), None)
-        if disk is None:
-            floors[path] = need + MARGIN_BYTES
-        else:
-            floors[disk] += need
-    return floors
+    return {Path(disk): need + MARGIN_BYTES for disk, need in by_file_system(needs).items()}
 
 
 def room_problem(floors: RoomFloors, search_folder: Path | None = None) -> str | None:

@@ -314,7 +314,7 @@ def _report_with_checkpoint(
     import torch
     from ray import tune
 
-    from musicssl.paths import full_disk_error, same_file_system
+    from musicssl.paths import by_file_system, full_disk_error
 
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     deadline = time.monotonic() + wait
@@ -322,13 +322,8 @@ def _report_with_checkpoint(
     # A disk lacks room when it cannot take the copies written on it (the staged one and Ray's, on one
     # disk) and 1 MB, or has fewer than 100 inodes left: the search's floors for a disk it watches are
     # higher (hpsearch.room), so its watch then stops the search.
-    disks: list[list[str | Path]] = []
-    for path in (temporary or tempfile.gettempdir(), *([trial_folder] if trial_folder is not None else [])):
-        disk = next((disk for disk in disks if same_file_system(disk[0], path)), None)
-        if disk is None:
-            disks.append([path])
-        else:
-            disk.append(path)
+    copies = by_file_system((path, size) for path in (temporary or tempfile.gettempdir(),
+                                                      *([trial_folder] if trial_folder is not None else [])))
     while True:
         try:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_FOLDER_PREFIX}{os.getpid()}-",
@@ -345,7 +340,7 @@ def _report_with_checkpoint(
             if trial_folder is not None:
                 for partial in set(trial_folder.glob("checkpoint_*")) - before:
                     shutil.rmtree(partial, ignore_errors=True)
-            short = any(_lacks_room(disk[0], len(disk) * size) for disk in disks)
+            short = any(_lacks_room(disk, need) for disk, need in copies.items())
             if not short or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
                 raise
         time.sleep(ROOM_RETRY_SECONDS)

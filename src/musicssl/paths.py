@@ -10,13 +10,14 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 __all__ = [
-    "ClaimedFolder", "FolderTaken", "cache_hint", "cache_root", "claim_folder", "disk_full", "free_bytes",
+    "ClaimedFolder", "FolderTaken", "by_file_system", "cache_hint", "cache_root", "claim_folder", "disk_full",
+    "free_bytes",
     "free_files", "full_disk_error", "make_writable_folder", "missing_folders", "os_error_in_chain",
     "remove_abandoned_staging", "remove_if_empty", "same_file_system", "size_text", "staging_folder", "whole",
     "write_whole",
@@ -150,6 +151,19 @@ def os_error_in_chain(error: BaseException, errnos: frozenset[int]) -> OSError |
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def by_file_system(needs: Iterable[tuple[str | Path, int]]) -> dict[str | Path, int]:
+    """The amounts of ``needs`` (a path, an amount) added up by file system, each under the first of its paths
+    (:func:`same_file_system`)."""
+    totals: dict[str | Path, int] = {}
+    for path, need in needs:
+        disk = next((known for known in totals if known == path or same_file_system(known, path)), None)
+        if disk is None:
+            totals[path] = need
+        else:
+            totals[disk] += need
+    return totals
 
 
 def full_disk_error(error: BaseException) -> OSError | None:
