@@ -108,6 +108,7 @@ from torch import Tensor, nn
 from musicssl.cli import ArgumentParser
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
+from musicssl.machine import usable_cpus
 from musicssl.paths import FolderTaken, cache_hint, claim_folder, make_writable_folder, whole
 
 __all__ = [
@@ -216,7 +217,7 @@ class DownstreamConfig:
     batch_size: int = 256
     workers: int | None = None
     # Processes fitting the limited-data probes side by side on the CPU (each fit is one thread and
-    # independent of the others; results do not depend on this). None: one per core, 0: in this process.
+    # independent of the others; results do not depend on this). None: one per CPU this process may use, 0: in this process.
     # They are spawned, so a script that calls run_downstream needs the usual
     # ``if __name__ == "__main__":`` guard (or probe_workers=0).
     probe_workers: int | None = None
@@ -564,7 +565,10 @@ def build_backbone(spec: MethodSpec) -> nn.Module:
         fitting = [name for name in PRESETS if name != spec.preset
                    and not _shape_mismatch(Backbone(preset=name).state_dict(), state)]
         source = f"the preset in {spec.config_path}" if spec.config_path else "--preset"
-        hint = (f"it fits preset {fitting[0]!r}: pass --preset {fitting[0]}" if fitting
+        # A run folder's preset is its config's, whatever --preset says: point at what does change it.
+        change = (f"set \"preset\": \"{fitting[0]}\" in {spec.config_path}, or pass {spec.path} with --preset "
+                  f"{fitting[0]}" if spec.config_path and fitting else f"pass --preset {fitting[0]}" if fitting else "")
+        hint = (f"it fits preset {fitting[0]!r}: {change}" if fitting
                 else f"it fits none of the presets {sorted(PRESETS)}")
         raise DownstreamError(
             f"{spec.path}: the checkpoint does not match backbone preset {spec.preset!r} ({source}): {mismatch}; {hint}"
@@ -824,6 +828,11 @@ def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
         )
 
 
+# What np.load raises on a cache file cut short or damaged (an empty file: EOFError; a truncated .npz:
+# zipfile.BadZipFile; a damaged member: ValueError, KeyError): the file is then recomputed.
+_DAMAGED_CACHE_FILE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
 def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embeddings | None:
     """The cached embeddings at ``path``, or None when absent, unreadable or for other tracks."""
     if not path.is_file():
@@ -839,7 +848,7 @@ def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embed
                 from_cache=True,
                 path=path,
             )
-    except (OSError, ValueError, KeyError):
+    except _DAMAGED_CACHE_FILE:
         return None  # a damaged file is recomputed and overwritten
     if track_ids is not None and embeddings.track_ids != list(track_ids):
         return None
@@ -1551,7 +1560,7 @@ def _fit_probes(
     """Every limited-data fit of one probe: a row per (fraction, draw), and the test scores (logits) of
     the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores).
 
-    With ``processes`` (on the CPU: ``config.probe_workers`` of them, default one per core) the fits
+    With ``processes`` (on the CPU: ``config.probe_workers`` of them, default one per CPU it may use) the fits
     run there; each is seeded on its own, so the results are those of fitting them one after the
     other here, which is what happens without."""
     from musicssl.probe import scorable_tags
@@ -1637,7 +1646,7 @@ class _ProbeProcesses:
 def _probe_processes(config: DownstreamConfig, device: torch.device, fits: int) -> _ProbeProcesses | None:
     """Processes for ``fits`` probe fits at a time, or None to fit them in this process (one worker
     would only add its start; a GPU's fits share the one device)."""
-    workers = config.probe_workers if config.probe_workers is not None else (os.cpu_count() or 1)
+    workers = config.probe_workers if config.probe_workers is not None else usable_cpus()
     workers = min(workers, fits) if device.type == "cpu" else 0
     return _ProbeProcesses(workers) if workers > 1 else None
 
@@ -1680,7 +1689,7 @@ def _load_probe_results(path: Path) -> tuple[list[dict[str, Any]], np.ndarray] |
     try:
         with np.load(path, allow_pickle=False) as stored:
             return json.loads(str(stored["rows"])), stored["main_scores"]
-    except (OSError, ValueError, KeyError):
+    except _DAMAGED_CACHE_FILE:
         return None
 
 
@@ -1693,7 +1702,15 @@ def _main_results(spec, classifier, dataset_name, tag_scores, test_labels, score
         row[f"{metric}_low"] = result.low
         row[f"{metric}_high"] = result.high
         row[f"{metric}_std"] = result.std
-        row[f"{metric}_full_test"] = getattr(tag_scores, metric)
+        row[f"{metric}_full_test"] = full = getattr(tag_scores, metric)
+        # The resamples' spread moved onto the full-test score (the bootstrap's estimate of the subsets' bias,
+        # mean - full, taken off its percentiles): a 95 % interval for the score on the whole test set. The
+        # bootstrap mean's interval is the study's, and for mAP it can miss the full-test score (a subset's
+        # AP reads high). None where each resample scored its own tags (skip_tag): their mean is not of one
+        # quantity with the full-test score.
+        shift = full - result.mean if rule == "redraw" else math.nan
+        row[f"{metric}_full_test_low"] = result.low + shift
+        row[f"{metric}_full_test_high"] = result.high + shift
         row[f"{metric}_bootstrap_rule"] = rule
         bootstrap_rows.extend(
             {"dataset": dataset_name, "method": spec.label, "classifier": classifier, "metric": metric,
@@ -1733,8 +1750,9 @@ CLASSIFIER_NAMES = {"linear": "linear", "mlp": "MLP"}
 
 def results_markdown(results: pd.DataFrame) -> str:
     """The headline table: bootstrap mean [95 % interval] of macro ROC-AUC and mAP per method, and
-    each on the whole test set. A ``*`` marks a bootstrap that scored each resample on its own
-    scorable tags (``skip_tag``; see :func:`results_notes`)."""
+    each on the whole test set [its interval: the resamples' spread moved onto it]. A ``*`` marks a
+    bootstrap that scored each resample on its own scorable tags (``skip_tag``; see
+    :func:`results_notes`), whose full-test score has no interval."""
     lines = [
         "| method | probe | ROC-AUC | mAP | ROC-AUC, full test | mAP, full test | train tracks | test tracks |",
         "|---|---|---|---|---:|---:|---:|---:|",
@@ -1745,11 +1763,13 @@ def results_markdown(results: pd.DataFrame) -> str:
             mark = "*" if getattr(row, f"{metric}_bootstrap_rule", "redraw") == "skip_tag" else ""
             cells.append(f"{getattr(row, metric):.4f}{mark} [{getattr(row, f'{metric}_low'):.4f}, "
                          f"{getattr(row, f'{metric}_high'):.4f}]")
+        for metric in ("roc_auc", "average_precision"):
+            low, high = (getattr(row, f"{metric}_full_test_{end}", math.nan) for end in ("low", "high"))
+            cells.append(f"{getattr(row, f'{metric}_full_test'):.4f}"
+                         + (f" [{low:.4f}, {high:.4f}]" if math.isfinite(low) and math.isfinite(high) else ""))
         lines.append(
-            f"| {_markdown_cell(row.method)} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | {cells[0]} | "
-            f"{cells[1]} | "
-            f"{row.roc_auc_full_test:.4f} | {row.average_precision_full_test:.4f} | "
-            f"{row.train_tracks} | {row.test_tracks} |"
+            f"| {_markdown_cell(row.method)} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | "
+            + " | ".join(cells) + f" | {row.train_tracks} | {row.test_tracks} |"
         )
     return "\n".join(lines)
 
@@ -1767,10 +1787,12 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
         protocol = " (the study's protocol)" if bootstrap_fraction == 0.5 else " (the study's protocol resamples half)"
         notes = [
             f"Bootstrap mean [95 % interval] over resamples of {share} the test tracks{protocol}, and the "
-            "score on the whole test set; probes trained on all training tracks. Average precision measured on a "
+            "score on the whole test set [95 % interval: the resamples' 2.5th and 97.5th percentiles less their "
+            "mean, added to it]; probes trained on all training tracks. Average precision measured on a "
             "subset reads higher than on the whole set (fewer negatives can outrank each positive), so the mAP "
-            "bootstrap mean tends to sit above the full-test mAP, most on small test sets; compare methods within a "
-            "column."
+            "bootstrap mean tends to sit above the full-test mAP, most on small test sets, and its interval can "
+            "leave the full-test mAP out: it is the study's figure, for comparing methods within a column; the "
+            "full-test score's interval is the one to give with the full-test score."
         ]
     skipped = [f"{row.method} ({CLASSIFIER_NAMES.get(row.classifier, row.classifier)})"
                for row in results.itertuples(index=False)
@@ -1981,16 +2003,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=defaults.seed,
                         help=f"seed of subsets, probes, bootstrap, random baselines (0-{MAX_SEED}; default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: one per CPU it may use)")
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                         help="segments per embedding batch (default: %(default)s)")
     parser.add_argument("--bn-segments", type=_int_in(2), default=defaults.bn_calibration_segments,
                         help="training segments the random-bn baseline measures its BatchNorm statistics on "
                         "(at least 2; default: %(default)s)")
-    parser.add_argument("--workers", type=_int_in(0), default=None, help="mel-cache decoding processes (default: all cores; "
+    parser.add_argument("--workers", type=_int_in(0), default=None, help="mel-cache decoding processes (default: one per CPU it may use; "
                         "0: in this process)")
     parser.add_argument("--probe-workers", type=_int_in(0), default=None, help="processes fitting the probes side by side "
-                        "on the CPU (default: all cores; 0: in this process); results do not depend on it")
+                        "on the CPU (default: one per CPU it may use; 0: in this process); results do not depend on it")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $MUSICSSL_CACHE/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the embeddings and do not store them")
     parser.add_argument("--out", default=None, help="output folder, made if missing (default: "
@@ -2029,7 +2051,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note:
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
     # All cores by default: embedding extraction is the heavy part and it is one big batched forward.
-    torch.set_num_threads(args.threads or _available_cores())
+    torch.set_num_threads(args.threads or usable_cpus())
     out_dir = Path(args.out) if args.out else (
         Path("runs") / "downstream" / f"{_safe_name(Path(args.dataset).name or args.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -2094,10 +2116,6 @@ def _out_dir_problem(out_dir: Path) -> str | None:
                 return f"{path} is not writable"
             return None
     return None
-
-
-def _available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

@@ -42,6 +42,7 @@ from hpsearch.settings import (
     flag_text, name_problem,
 )  # fmt: skip
 from musicssl.cli import ArgumentParser
+from musicssl.machine import usable_cpus
 from musicssl.paths import PARTIAL_SUFFIX, os_error_in_chain, write_whole
 
 __all__ = ["SearchError", "SearchResult", "build_parser", "main", "prepare_search_data", "run_search"]
@@ -541,7 +542,7 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                     raise SearchError(f"--address {address}: could not join the Ray cluster: {error}") from None
             else:
                 cpus = max(1, math.ceil(settings.concurrency * settings.cpus_per_trial))
-                available = os.cpu_count() or cpus
+                available = usable_cpus()
                 if cpus > available:
                     threads = max(1, math.floor(settings.cpus_per_trial))
                     print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
+import functools
 import math
 import os
 import re
@@ -339,8 +341,13 @@ def test_run_folders_search_folders_and_bare_checkpoints(tmp_path):
         build_backbone(wrong)
     # A run folder whose config names the wrong preset says where the preset came from.
     bad_run = save_run(tmp_path / "bad", state, {"method": "vicreg", "preset": "paper"})
-    with pytest.raises(DownstreamError, match=r"preset 'paper' \(the preset in .*config.json\)"):
+    with pytest.raises(DownstreamError, match=r"preset 'paper' \(the preset in .*config.json\)") as raised:
         build_backbone(resolve_method(str(bad_run)))
+    # Its advice works (before, "pass --preset cpu", which a run folder ignores: the same error again).
+    assert str(raised.value).endswith(f"it fits preset 'cpu': set \"preset\": \"cpu\" in {(bad_run / 'config.json').resolve()}, "
+                                      f"or pass {(bad_run / 'backbone.pt').resolve()} with --preset cpu")
+    followed = build_backbone(resolve_method(str(bad_run / "backbone.pt"), preset="cpu", preset_given=True))
+    assert all(torch.equal(followed.state_dict()[k], v) for k, v in state.items())
 
     with pytest.raises(DownstreamError, match=r"no backbone weights here"):
         resolve_method(str(tmp_path))
@@ -402,22 +409,24 @@ SMALL_EVALUATION = dict(classifiers=("linear",), fractions=(1.0,), draws=1, boot
                         bootstrap_fraction=1.0, workers=0, probe_workers=0, device="cpu")
 
 
+def _melstats_evaluation(records: list[dict], config: DownstreamConfig, use_cache: bool = True):
+    """The ``melstats`` baseline evaluated on ``records``: the result and its method's summary."""
+    from musicssl.data.index import TrackIndex
+
+    result = run_downstream([resolve_method("melstats", "cpu", True)], dataclasses.replace(config, use_cache=use_cache),
+                            progress=False, index=TrackIndex.from_records(records))
+    return result, result.summary["methods"][0]
+
+
 def test_embeddings_of_audio_changed_under_the_same_names_are_not_read_from_the_cache(tmp_path):
     """Before: the embedding cache (and the probes' beside it) was keyed on track ids, splits and paths,
     so when the test tracks' audio was replaced under the same names the mel cache re-decoded them but
     the evaluation read the old embeddings and printed the old scores. The key now includes each
     track's audio as the mel cache holds it."""
     from analysis.downstream import load_embeddings
-    from musicssl.data.index import TrackIndex
 
     records = write_pitch_dataset(tmp_path / "audio")
-    config = DownstreamConfig(**SMALL_EVALUATION)
-    spec = resolve_method("melstats", "cpu", True)
-
-    def evaluate(use_cache: bool = True):
-        result = run_downstream([spec], dataclasses.replace(config, use_cache=use_cache), progress=False,
-                                index=TrackIndex.from_records(records))
-        return result, result.summary["methods"][0]
+    evaluate = functools.partial(_melstats_evaluation, records, DownstreamConfig(**SMALL_EVALUATION))
 
     first, first_method = evaluate()
     assert not first_method["embeddings_from_cache"]
@@ -441,6 +450,32 @@ def test_embeddings_of_audio_changed_under_the_same_names_are_not_read_from_the_
     pd.testing.assert_frame_equal(changed.limited.drop(columns="fit_seconds"), fresh.limited.drop(columns="fit_seconds"))
     assert not changed.per_tag["roc_auc"].equals(first.per_tag["roc_auc"])
     # And the new entries are hit in turn.
+    assert evaluate()[1]["embeddings_from_cache"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_damaged_cache_files_are_computed_again(tmp_path, damage):
+    """Before: an empty cache file (a disk that filled as it was written by another tool) raised
+    EOFError and a truncated one zipfile.BadZipFile, out of the evaluation with a traceback (exit 1);
+    the docstring promised they are recomputed. Now both caches, the embeddings' and the probes', are
+    read as missing and written again, and the scores are those computed without any cache."""
+    records = write_pitch_dataset(tmp_path / "audio")
+    evaluate = functools.partial(_melstats_evaluation, records,
+                                 DownstreamConfig(**SMALL_EVALUATION, cache_dir=str(tmp_path / "cache")))
+
+    first, method = evaluate()
+    files = sorted(path for path in (tmp_path / "cache").rglob("*.npz"))
+    assert Path(method["embedding_cache"]) in files and len(files) == 2  # the embeddings and the probes
+    for path in files:
+        whole_bytes = path.read_bytes()
+        path.write_bytes({"empty": b"", "truncated": whole_bytes[: len(whole_bytes) // 2],
+                          "garbage": b"PK\x03\x04" + bytes(range(256)) * 4}[damage])
+    again, method = evaluate()
+    assert not method["embeddings_from_cache"] and method["probes_from_cache"] == []
+    fresh, _ = evaluate(use_cache=False)
+    pd.testing.assert_frame_equal(again.per_tag, fresh.per_tag)
+    pd.testing.assert_frame_equal(again.per_tag, first.per_tag)
+    assert all(path.stat().st_size > 1000 for path in files)  # written again, whole
     assert evaluate()[1]["embeddings_from_cache"]
 
 
@@ -782,14 +817,20 @@ def test_the_headline_table_marks_a_bootstrap_that_scored_each_resample_on_its_o
 
     def row(method, rule):
         return {"method": method, "classifier": "linear", "roc_auc": 0.7, "roc_auc_low": 0.6, "roc_auc_high": 0.8,
-                "roc_auc_full_test": 0.71, "roc_auc_bootstrap_rule": "redraw", "average_precision": 0.63,
+                "roc_auc_full_test": 0.71, "roc_auc_full_test_low": 0.61, "roc_auc_full_test_high": 0.81,
+                "roc_auc_bootstrap_rule": "redraw", "average_precision": 0.63,
                 "average_precision_low": 0.55, "average_precision_high": 0.7, "average_precision_full_test": 0.42,
+                "average_precision_full_test_low": 0.34 if rule == "redraw" else math.nan,
+                "average_precision_full_test_high": 0.49 if rule == "redraw" else math.nan,
                 "average_precision_bootstrap_rule": rule, "train_tracks": 35, "test_tracks": 9}
 
     results = pd.DataFrame([row("a", "redraw"), row("b", "skip_tag")])
     table = results_markdown(results).splitlines()
-    assert table[2] == "| a | linear | 0.7000 [0.6000, 0.8000] | 0.6300 [0.5500, 0.7000] | 0.7100 | 0.4200 | 35 | 9 |"
-    assert table[3] == "| b | linear | 0.7000 [0.6000, 0.8000] | 0.6300* [0.5500, 0.7000] | 0.7100 | 0.4200 | 35 | 9 |"
+    assert table[2] == ("| a | linear | 0.7000 [0.6000, 0.8000] | 0.6300 [0.5500, 0.7000] | 0.7100 [0.6100, 0.8100] | "
+                        "0.4200 [0.3400, 0.4900] | 35 | 9 |")
+    # A full-test score whose resamples each scored their own tags has no interval.
+    assert table[3] == ("| b | linear | 0.7000 [0.6000, 0.8000] | 0.6300* [0.5500, 0.7000] | 0.7100 [0.6100, 0.8100] | "
+                        "0.4200 | 35 | 9 |")
     notes = results_notes(results)
     assert "read far above the full-test value (b (linear))" in notes
     assert "scored on the tags it could score" not in results_notes(results.iloc[:1])
@@ -841,6 +882,10 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
             assert getattr(row, metric) == pytest.approx(values.mean())
             assert getattr(row, f"{metric}_low") == pytest.approx(np.percentile(values, 2.5))
             assert getattr(row, f"{metric}_high") == pytest.approx(np.percentile(values, 97.5))
+            # The full-test score's interval: the resamples' percentiles less their mean, added to it.
+            full = getattr(row, f"{metric}_full_test")
+            assert getattr(row, f"{metric}_full_test_low") == pytest.approx(full + np.percentile(values, 2.5) - values.mean())
+            assert getattr(row, f"{metric}_full_test_high") == pytest.approx(full + np.percentile(values, 97.5) - values.mean())
     # Pitch is easy for both baselines.
     assert (results["roc_auc_full_test"] > 0.8).all()
 
@@ -865,7 +910,8 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
     lines = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in headline.splitlines()}
     for row in results.itertuples():
         line = lines[(row.method, {"linear": "linear", "mlp": "MLP"}[row.classifier])]
-        assert f"| {row.roc_auc_full_test:.4f} | {row.average_precision_full_test:.4f} |" in line
+        assert (f"| {row.roc_auc_full_test:.4f} [{row.roc_auc_full_test_low:.4f}, {row.roc_auc_full_test_high:.4f}] | "
+                f"{row.average_precision_full_test:.4f}") in line
         assert (f"{row.average_precision:.4f}* [" in line) == (row.average_precision_bootstrap_rule == "skip_tag")
     skip_tag = (results["average_precision_bootstrap_rule"] == "skip_tag").any()
     assert ("scored on the tags it could score" in outputs["markdown"]) == skip_tag

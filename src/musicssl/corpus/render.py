@@ -47,6 +47,7 @@ from musicssl.corpus.compose import (
 )
 from musicssl.corpus.tags import DRUM_KITS, INSTRUMENTS, ROLE_PITCH_RANGES
 from musicssl.interrupts import held_signals, interrupts_kept, quiet_worker
+from musicssl.machine import usable_cpus
 from musicssl.paths import remove_abandoned_staging, staging_folder
 
 __all__ = [
@@ -536,7 +537,4 @@ def worker_pool(processes: int) -> multiprocessing.pool.Pool:
 
 def default_workers() -> int:
     """One worker per CPU this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()

@@ -79,6 +79,7 @@ from tqdm import tqdm
 from musicssl.audio import AudioError, LogMel, load_audio, mel_filterbank
 from musicssl.data.index import TrackIndex
 from musicssl.interrupts import SpawnPool
+from musicssl.machine import usable_cpus
 
 __all__ = [
     "SKIP_REASONS",
@@ -971,7 +972,7 @@ class MelCache:
         than the threshold it was cached under.
 
         ``front_end``: a :class:`LogMelConfig` or a dict of its fields (default: the study's front-end
-        with ``f_max`` at Nyquist). ``workers``: decoding processes (default: CPU count), started with
+        with ``f_max`` at Nyquist). ``workers``: decoding processes (default: one per CPU this process may use), started with
         ``spawn``, so a script calling this must do so under ``if __name__ == "__main__":``; 0 decodes
         in this process. Raises :class:`MelCacheError` when none of the index's tracks is usable.
         """
@@ -986,7 +987,7 @@ class MelCache:
             raise MelCacheError(f"track index {index.name!r} has no tracks; nothing to cache")
         if min_seconds < 0:
             raise ValueError(f"min_seconds must be >= 0, got {min_seconds}")
-        workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        workers = usable_cpus() if workers is None else int(workers)
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         folder = cls.location(cache_dir, settings)
