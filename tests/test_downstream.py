@@ -10,7 +10,6 @@ import collections
 import dataclasses
 import functools
 import json
-import functools
 import math
 import os
 import re
