@@ -103,6 +103,9 @@ EXACT_P_MAX_N = 8
 # What bootstrap_best_interval's two numbers are, for the report and its JSON.
 BEST_RANGE_TEXT = (f"range of the best score of a search this size, 95 % bootstrap ({BOOTSTRAP_RESAMPLES} resamples "
                    "of the finished trials with replacement; its upper end is the observed best)")
+# Where at least this share of the best range's resamples hold no scored trial, its lower end (2.5th
+# percentile) is "no score": a search of this size ends without one that often.
+BEST_NONE_LIMIT = 0.025
 # A trial is "near the best" within this fraction of the best score.
 NEAR_BEST_FRACTION = 0.05
 RANK_METRIC = "collapse_rankme_embedding"
@@ -698,18 +701,17 @@ def _importances(target: str, rows: list[tuple[dict, dict, float]], names: list[
             continue
         evaluator, note = _evaluator(evaluator_name, values, binary, collapsed)
         asked = varied
-        if evaluator_name == "fANOVA":
-            # Optuna's fANOVA keeps only the trials that have every parameter asked for: with a conditional
-            # parameter (one a define-by-run space suggests for some trials) it would judge a subset while
-            # the report counted them all. It is asked for the parameters every trial has.
-            asked = [name for name in varied if all(name in params for params, _, _ in rows)]
-            left_out = [name for name in varied if name not in asked]
-            if left_out:
-                note = (f"{note}; " if note else "") + (f"left out {', '.join(left_out)}, which not every trial "
-                                                        "has (conditional): see PED-ANOVA")
-            if not asked:
-                results.append(Importance(target, evaluator_name, None, len(rows), note))
-                continue
+        conditional = [name for name in varied if not all(name in params for params, _, _ in rows)]
+        if evaluator_name == "fANOVA" and conditional:
+            # Optuna's fANOVA keeps only the trials that have every parameter asked for, so with a conditional
+            # parameter (one a define-by-run space suggests for some trials) it would judge a subset while the
+            # report counted them all; asked for the others only, its forest gave the conditional parameter's
+            # effect to them (a parameter of no effect at 0.80 where the conditional one decided collapse).
+            results.append(Importance(target, evaluator_name, None, len(rows), (
+                f"not computed: {', '.join(conditional)} {'is' if len(conditional) == 1 else 'are'} set in only some "
+                "trials (conditional), and fANOVA, which needs every parameter in every trial, would give "
+                f"{'its' if len(conditional) == 1 else 'their'} effect to the others: see PED-ANOVA")))
+            continue
         try:
             study = _copy_study(_log_scaled(rows) if evaluator_name == "fANOVA" else rows)
             with warnings.catch_warnings():
@@ -1108,20 +1110,29 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
 
 
 def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, Any]]:
-    """The across-methods comparison, one row per experiment."""
+    """The across-methods comparison, one row per experiment.
+
+    ``best_none_share`` is the share of the best range's resamples in which no trial has a score; where
+    it is :data:`BEST_NONE_LIMIT` or more, ``best_low`` is None: the range's lower end is "no score" (the
+    range of the resamples with a score would make a search that mostly collapsed look the steadiest)."""
     rows = []
     labels = experiment_labels([analysis.experiment for analysis in analyses])
     for analysis, label in zip(analyses, labels):
         experiment = analysis.experiment
-        rows.append({
+        none_share = analysis.sensitivity.get("best_none_share")
+        row = {
             "experiment": label, "method": experiment.method, "objective": experiment.objective,
             "trials": int(len(experiment.trials)),
             **{key: analysis.sensitivity.get(key) for key in ("best", "best_low", "best_high", "median", "iqr",
                                                                "near_best_fraction", "most_important_for_objective",
                                                                "most_important_for_collapse")},
+            "best_none_share": none_share,
             "collapse_rate": analysis.collapse_rate["rate"], "collapse_low": analysis.collapse_rate["low"],
             "collapse_high": analysis.collapse_rate["high"],
-        })
+        }
+        if none_share is not None and none_share >= BEST_NONE_LIMIT:
+            row["best_low"] = None
+        rows.append(row)
     return rows
 
 

@@ -253,7 +253,7 @@ def batch_text(experiment: Experiment) -> str:
 
 
 def summary_html(analysis: ExperimentAnalysis) -> str:
-    from analysis.sensitivity import _would_stop_text
+    from analysis.sensitivity import BEST_NONE_LIMIT, _would_stop_text
 
     experiment = analysis.experiment
     settings = experiment.settings
@@ -295,7 +295,7 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
         if sensitivity.get("best_low") is not None:
             none_share = sensitivity.get("best_none_share") or 0.0
             unscored = (f"; in {100 * none_share:.0f} % of the resamples no trial has a score, and the range is of "
-                        "the others" if none_share >= 0.025 else "")
+                        "the others" if none_share >= BEST_NONE_LIMIT else "")
             rows.append(("best score, range", f"{sensitivity['best_low']:.4f}-{sensitivity['best_high']:.4f} "
                                               f"({sensitivity['best_interval']}{unscored})"))
     else:
@@ -365,6 +365,10 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                 xref=f"x{suffix} domain", yref=f"y{suffix} domain", x=0.5, y=0.5, font={"color": "#555555"},
             )
             blank.append("left" if column == 1 else "right")
+            # plotly.js draws no axes for a panel without a trace: its note then fell on the other panel, and with
+            # the left one empty the parameter names (on the shared y axis) were gone. An invisible bar keeps both.
+            figure.add_trace(go.Bar(y=names, x=[0] * len(names), orientation="h", marker_color="rgba(0,0,0,0)",
+                                    showlegend=False, hoverinfo="skip"), row=1, col=column)
         for evaluator, importance in drawn.items():
             figure.add_trace(go.Bar(
                 y=names, x=[importance.values.get(n) for n in names], orientation="h", name=evaluator,
@@ -976,8 +980,12 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
         "best score, range for a search this size (95 % bootstrap)", "collapse rate, 95 % Wilson interval",
         "scores of complete trials"))
     best = [r["best"] if r["best"] is not None else np.nan for r in rows]
+    # A search whose resamples often hold no scored trial: its range reaches "no score", said at its marker.
+    no_score = [f"{100 * r['best_none_share']:.0f} %: no score" if r["best"] is not None and r["best_low"] is None
+                and r.get("best_none_share") is not None else "" for r in rows]
     figure.add_trace(go.Scatter(
-        x=labels, y=best, mode="markers", name="best", marker={"size": 12, "color": "#1f77b4", "symbol": "diamond"},
+        x=labels, y=best, mode="markers+text", text=no_score, textposition="bottom center",
+        name="best", marker={"size": 12, "color": "#1f77b4", "symbol": "diamond"},
         error_y={"type": "data", "symmetric": False, "array": [_gap(r["best_high"], r["best"]) for r in rows],
                  "arrayminus": [_gap(r["best"], r["best_low"]) for r in rows]},
         hovertemplate="%{x}: best %{y:.4f}<extra></extra>", showlegend=False), row=1, col=1)
@@ -1008,7 +1016,9 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
     counted = (f" (for {', '.join(unstopped)}, run without collapse stopping: trials the collapse rule would have stopped "
                "count too)" if unstopped else "")
     caption = ("Left: the best score of each search with the range of the best a search of that size finds (95 % "
-               "bootstrap over its trials; the upper end is the observed best). Middle: how often its settings collapse"
+               "bootstrap over its trials; the upper end is the observed best; where 2.5 % or more of the resamples hold "
+               "no scored trial, the range reaches 'no score', and the marker says how often). Middle: how often its "
+               "settings collapse"
                f"{counted}. Right: the spread of scores over its complete trials; a tall box means the method is "
                "sensitive to its hyperparameters and needs tuning.")
     return ReportFigure("comparison", None, title, caption, figure)
@@ -1030,8 +1040,13 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
 
     body = []
     for r, analysis in zip(rows, analyses):
-        cells = [r["method"], _label(analysis), r["objective"], str(r["trials"]), number(r["best"]),
-                 f"{number(r['best_low'])}-{number(r['best_high'])}" if r["best_low"] is not None else "",
+        if r["best_low"] is not None:
+            best_range = f"{number(r['best_low'])}-{number(r['best_high'])}"
+        elif r["best"] is not None and r.get("best_none_share") is not None:
+            best_range = f"no score-{number(r['best_high'])} ({100 * r['best_none_share']:.0f} % of resamples: no score)"
+        else:
+            best_range = ""
+        cells = [r["method"], _label(analysis), r["objective"], str(r["trials"]), number(r["best"]), best_range,
                  number(r["median"]), number(r["iqr"]), number(r["near_best_fraction"], "{:.0%}"),
                  (f"{number(r['collapse_rate'], '{:.0%}')} ({number(r['collapse_low'], '{:.0%}')}-"
                   f"{number(r['collapse_high'], '{:.0%}')})") if r["collapse_rate"] is not None else "",
@@ -1045,7 +1060,9 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
             "<p class='muted'>Best range: the range of the best score of a search this size, 95 % percentile bootstrap "
             "over each search's finished trials resampled with replacement (a trial stopped for collapse drawn scores "
             "nothing; one the rule would have stopped, in a search run without stopping, keeps its score); "
-            "its upper end is the observed best, its lower end what a search of this size could have ended with. "
+            "its upper end is the observed best, its lower end what a search of this size could have ended with: "
+            "'no score' where 2.5 % or more of the resamples hold no scored trial (most trials collapsed), with that "
+            "share. "
             "Collapse rate: share of finished trials collapsed or diverged (for a search run without collapse "
             "stopping, also those the collapse rule would have stopped). Near best: share of finished trials within "
             "5 % of the best score, high for a method that needs little tuning. IQR: interquartile range of the complete trials' scores. The last two "

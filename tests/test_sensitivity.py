@@ -390,6 +390,41 @@ def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
         assert page.count(f"data-section='{section}'") == 2
 
 
+def test_the_comparison_says_how_often_a_search_that_mostly_collapsed_ends_with_no_score(tmp_path):
+    """Before: the comparison gave each search's best range over the resamples that had a score, so a
+    search with 1 scored trial of 12 read 0.400-0.400, steadier than one with 12 scored trials, though a
+    search of its size ends with no score in (11/12)^12 = 35 % of draws. Its lower end is now "no score",
+    with that share."""
+    from analysis.sensitivity import analyse, comparison_rows
+    from analysis.sensitivity_figures import comparison_figure, comparison_html, keyed
+
+    mostly_collapsed = [(0.4, 0.5, "complete")] + [(0.1 + 0.05 * k, 0.2, "collapsed") for k in range(11)]
+    healthy = [(0.38 + 0.03 * k / 11, 0.5, "complete") for k in range(12)]
+    analyses = keyed([analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path / name))
+                      for name, rows in (("collapsing", mostly_collapsed), ("healthy", healthy))])
+    first, second = comparison_rows(analyses)
+    assert first["best_none_share"] == pytest.approx((11 / 12) ** 12) and first["best_low"] is None
+    assert first["best"] == first["best_high"] == pytest.approx(0.4)
+    assert second["best_none_share"] == 0 and second["best_low"] == pytest.approx(
+        np.percentile(_best_of_resamples([x for x, _, _ in healthy]), 2.5), abs=1e-12)
+    table = comparison_html(analyses)
+    assert "<td class='text'>no score-0.4000 (35 % of resamples: no score)</td>" in table
+    assert f"<td class='text'>{second['best_low']:.4f}-{second['best_high']:.4f}</td>" in table
+    marker = comparison_figure(analyses).figure.data[0]
+    assert list(marker.text) == ["35 %: no score", ""]
+    # A search with no scored trial at all has no range either way.
+    nothing = keyed([analyse(experiment_from_study(synthetic_study([(0.1, 0.2, "collapsed")] * 6), SETTINGS,
+                                                   tmp_path / "nothing"))] + analyses[:1])
+    assert comparison_rows(nothing)[0]["best"] is None and "no score-" not in comparison_html(nothing).split("</tr>")[1]
+
+
+def _best_of_resamples(scores: list[float], resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """The best of each resample with replacement, as written in analysis.sensitivity's docstring (same seed)."""
+    values = np.asarray(scores)
+    rng = np.random.default_rng(seed)
+    return values[rng.integers(0, len(values), size=(resamples, len(values)))].max(axis=1)
+
+
 def test_a_running_search_is_read_as_far_as_it_has_gone(experiment_folder, tmp_path, capsys):
     copy = tmp_path / "clustering-running"
     shutil.copytree(experiment_folder, copy)
@@ -577,10 +612,13 @@ def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, coll
     assert all("not enough trials: 4, at least 5 needed" in i.note for i in collapse_importances(fewer))
 
 
-def test_fanova_is_asked_only_for_the_parameters_every_trial_has():
+def test_fanova_is_not_computed_where_a_parameter_is_set_in_only_some_trials():
     """A define-by-run space may suggest a parameter for some trials only. Optuna's fANOVA keeps only the
-    trials that have every parameter it is asked for: before, it judged that subset (or failed with "zero total
-    variance" when the subset held no collapse) while the report counted every trial."""
+    trials that have every parameter it is asked for: first, it judged that subset (or failed with "zero total
+    variance" when the subset held no collapse) while the report counted every trial; then, asked for the
+    parameters every trial has, its forest gave the conditional parameter's effect to the others (below: w, of
+    no effect, at 0.80 and opt at 0.20, where the conditional momentum decides collapse). Only PED-ANOVA, which
+    judges conditional parameters, is computed."""
     rng = np.random.default_rng(5)
     study = optuna.create_study(direction="maximize")
     x_range = optuna.distributions.FloatDistribution(0.0, 1.0)
@@ -597,9 +635,29 @@ def test_fanova_is_asked_only_for_the_parameters_every_trial_has():
                                                         "collapse_type": "complete" if collapsed else None}))
     experiment = experiment_from_study(study, SETTINGS)
     fanova = next(i for i in collapse_importances(experiment) if i.evaluator == "fANOVA")
-    assert fanova.values == {"x": 1.0} and fanova.trials == 40, fanova
-    assert fanova.note == "left out y, which not every trial has (conditional): see PED-ANOVA"
+    assert fanova.values is None and fanova.trials == 40, fanova
+    assert fanova.note == ("not computed: y is set in only some trials (conditional), and fANOVA, which needs every "
+                           "parameter in every trial, would give its effect to the others: see PED-ANOVA")
     assert next(i for i in collapse_importances(experiment) if i.evaluator == "PED-ANOVA").values is not None
+
+    # Collapse decided by the conditional parameter: momentum, set only for sgd, collapses above 0.7; w does nothing.
+    study = optuna.create_study(direction="maximize")
+    space = {"opt": optuna.distributions.CategoricalDistribution(["adam", "sgd"]),
+             "w": optuna.distributions.FloatDistribution(0.0, 1.0),
+             "momentum": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for _ in range(60):
+        params = {"opt": str(rng.choice(["adam", "sgd"])), "w": rng.uniform()}
+        if params["opt"] == "sgd":
+            params["momentum"] = rng.uniform()
+        collapsed = params.get("momentum", 0.0) > 0.7
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={name: space[name] for name in params},
+            state=optuna.trial.TrialState.PRUNED if collapsed else optuna.trial.TrialState.COMPLETE,
+            value=None if collapsed else 0.5, user_attrs={"outcome": "collapsed" if collapsed else "complete",
+                                                          "collapse_type": "complete" if collapsed else None}))
+    importances = {i.evaluator: i for i in collapse_importances(experiment_from_study(study, SETTINGS))}
+    assert importances["fANOVA"].values is None
+    assert max(importances["PED-ANOVA"].values, key=importances["PED-ANOVA"].values.get) == "momentum"
 
 
 def test_collapse_importances_need_three_trials_on_each_side():
@@ -680,6 +738,39 @@ def test_no_collapse_at_all_says_there_is_nothing_to_explain():
     notes = [note for note in figure.figure.layout.annotations if note.xref == "x2 domain"]
     assert len(notes) == 1 and notes[0].text.replace("<br>", " ") == "not computed: no variation to explain: no trial collapsed or diverged"
     assert figure.caption.endswith("The right panel says why it has no bars.")
+
+
+@pytest.mark.parametrize("empty", ["right", "left"])
+def test_an_importance_panel_without_bars_keeps_its_axes_its_note_and_the_parameter_names(empty):
+    """Before: plotly.js drew no axes for the panel without a trace, so its note fell on the other panel's
+    bars, and with the left panel empty (fewer than 3 complete trials, many collapsed) the collapse bars
+    had no parameter names (the shared y axis is labelled on the left). Read from the figure as
+    plotly.js lays it out (kaleido)."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import importance_figure
+
+    if importlib.util.find_spec("kaleido") is None:
+        pytest.skip("kaleido (in the test extras) is not installed")
+    rng = np.random.default_rng(1)
+    points = rng.uniform(size=(14, 2))
+    # Right empty: no trial collapsed. Left empty: 4 complete trials, too few to explain their scores.
+    outcomes = ["complete"] * 14 if empty == "right" else ["complete"] * 4 + ["collapsed"] * 10
+    experiment = experiment_from_study(synthetic_study([(x, y, o) for (x, y), o in zip(points, outcomes)]), SETTINGS)
+    figure = importance_figure(analyse(experiment))
+    assert figure.caption.endswith(f"The {empty} panel says why it has no bars.")
+    try:
+        laid_out = figure.figure.full_figure_for_development(warn=False)
+    except Exception as error:  # kaleido without a browser
+        pytest.skip(f"kaleido cannot lay out figures here: {error}")
+    axes = {key for key in laid_out.layout.to_plotly_json() if key.startswith(("xaxis", "yaxis"))}
+    assert axes == {"xaxis", "xaxis2", "yaxis", "yaxis2"}
+    note = next(note for note in laid_out.layout.annotations if note.text.startswith("not computed"))
+    assert note.xref == ("x2 domain" if empty == "right" else "x domain")
+    # Each panel holds the parameters, and the left axis, which both share, names them.
+    for x_axis, y_axis in (("x", "y"), ("x2", "y2")):
+        assert {name for trace in laid_out.data if (trace.xaxis, trace.yaxis) == (x_axis, y_axis)
+                for name in trace.y} == {"x", "y"}
+    assert laid_out.layout.yaxis.type == "category" and laid_out.layout.yaxis.showticklabels
 
 
 def test_a_map_shades_and_tells_of_a_green_region_only_where_trials_collapsed():
