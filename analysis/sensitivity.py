@@ -38,6 +38,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -53,6 +54,7 @@ import pandas as pd
 from hpsearch.results import JOURNAL_FILE, TRIALS_FILE
 from hpsearch.settings import SEARCH_FILE
 from musicssl.cli import ArgumentParser
+from musicssl.interrupts import exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import whole, write_whole
 
 __all__ = [
@@ -359,10 +361,24 @@ def _load_study(journal: Path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return load_study(journal, STUDY_NAME)
-    except KeyError:
-        raise ReportError(f"{journal}: holds no study named {STUDY_NAME!r} (not written by hpsearch?)") from None
-    except Exception as error:  # a corrupt journal raises whatever its parser meets
+    except Exception as error:  # a corrupt journal raises whatever its parser meets, a KeyError among them
+        names = _study_names(journal) if isinstance(error, KeyError) else None
+        if names is not None and STUDY_NAME not in names:
+            raise ReportError(f"{journal}: holds no study named {STUDY_NAME!r} (not written by hpsearch?; it holds "
+                              f"{', '.join(map(repr, names)) if names else 'none'})") from None
         raise ReportError(f"{journal}: cannot read the Optuna journal ({type(error).__name__}: {error})") from None
+
+
+def _study_names(journal: Path) -> list[str] | None:
+    """The names of the studies in ``journal``, or None where it cannot be read."""
+    import optuna
+
+    from hpsearch.results import journal_storage
+
+    try:
+        return optuna.get_all_study_names(journal_storage(journal))
+    except Exception:  # noqa: BLE001 - unreadable: the caller says so
+        return None
 
 
 def _normalise_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -802,8 +818,8 @@ class ExperimentAnalysis:
         return next((i for i in self.importances if i.target == target and i.evaluator == evaluator), None)
 
     def ranked_parameters(self) -> list[str]:
-        """Sampled parameters, most important first (objective and collapse importances averaged
-        over the evaluators that produced any); by name where there are none."""
+        """Sampled parameters, most important first (their importances summed over the targets and
+        evaluators that produced any, each of which sums to 1); by name where there are none."""
         names = list(self.experiment.distributions)
         score = {name: 0.0 for name in names}
         for importance in self.importances:
@@ -1092,7 +1108,10 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
         frame = experiment.trials
         table = pd.DataFrame({
             "experiment": label, "method": experiment.method, "trial": frame["trial"],
-            "outcome": frame["outcome"], "collapse_type": frame["collapse_type"],
+            "outcome": frame["outcome"],
+            # as the report counts it: stopped for collapse or diverged, or (run without stopping) what the rule
+            # would have stopped, whose outcome is complete
+            "collapsed": frame["collapsed"].astype(bool), "collapse_type": frame["collapse_type"],
             "objective_name": experiment.objective, "objective": frame["objective"],
         })
         for column in ("probe_map", "probe_auc", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",
@@ -1102,7 +1121,8 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
         occupancy = occupancy_metric(experiment) or OCCUPANCY_METRIC
         table["final_occupancy"] = final_metric(experiment, occupancy)
         # of what: a report of several searches may hold one from before the attainable share was logged
-        table["occupancy_of"] = "min(probe segments, K)" if occupancy == OCCUPANCY_METRIC else "K"
+        table["occupancy_of"] = ("min(probe segments, K)" if occupancy == OCCUPANCY_METRIC else "K") \
+            if table["final_occupancy"].notna().any() else ""  # a method without prototypes has no occupancy
         for column in sorted(c for c in frame.columns if c.startswith("param_")):
             table[column] = frame[column]
         tables.append(table)
@@ -1217,9 +1237,6 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
     analyses = keyed(analyses)  # the names the page shows, for the JSON too
     report.parent.mkdir(parents=True, exist_ok=True)
     page, figures = build_page(analyses)
-    write_whole(paths["html"], page)  # whole or not at all: a full disk leaves no cut-short report
-    with whole(paths["csv"]) as partial:
-        trials_table(analyses).to_csv(partial, index=False)
     summary = {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "report": str(paths["html"]),
@@ -1230,7 +1247,18 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
     }
     if "png" in formats:
         summary["png"] = export_pngs(figures, paths["png"])
-    write_whole(paths["json"], json.dumps(summary, indent=2, default=_json_default) + "\n")
+    table = trials_table(analyses)
+    # Each file whole or not at all (a full disk leaves no cut-short report), and the three together: a
+    # Ctrl-C or SIGTERM here takes effect once they are written, not between the report and its summary.
+    try:
+        with held_signals():
+            write_whole(paths["html"], page)
+            with whole(paths["csv"]) as partial:
+                table.to_csv(partial, index=False)
+            write_whole(paths["json"], json.dumps(summary, indent=2, default=_json_default) + "\n")
+    except KeyboardInterrupt as stop:  # raised as the block ends: the files are written
+        stop.report_written = paths["html"]
+        raise
     return summary
 
 
@@ -1334,6 +1362,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: note: --storage-dir is not used when RUN_DIRs are given (the report goes next to the first "
               "of them, or to --out)", file=sys.stderr)
     storage_dir = args.storage_dir if args.storage_dir is not None else "runs"
+    try:
+        with sigterm_interrupts():
+            code = _write_the_report(args, formats, storage_dir)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not as Python exits
+            return code
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line; the report's files are written all or none
+        written = getattr(stop, "report_written", None)
+        print(f"\n{PROG}: interrupted" + (f" as the report was written; it is complete: {written}" if written
+                                          else ", no report written"), file=sys.stderr)
+        return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+    except BrokenPipeError:  # the output piped into a command that stopped reading (| head): the report is written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush says nothing
+        return 0
+
+
+def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir: str) -> int:
     out: Path | None = None  # the report, once known
     try:
         folders = [Path(p) for p in args.experiments] or default_experiments(storage_dir)

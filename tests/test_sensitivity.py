@@ -7,7 +7,9 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,6 +132,10 @@ def test_report_has_every_section_and_every_trial(report):
     csv = report["csv"]
     assert sorted(csv["trial"]) == sorted(trials["trial"])
     assert dict(zip(csv["trial"], csv["outcome"])) == dict(zip(trials["trial"], trials["outcome"]))
+    # The CSV says which trials the collapse rate counts: here (with stopping) the collapsed and diverged ones.
+    assert dict(zip(csv["trial"], csv["collapsed"])) == {
+        number: outcome in ("collapsed", "diverged") for number, outcome in zip(trials["trial"], trials["outcome"])}
+    assert csv["collapsed"].sum() == summary["experiments"][0]["collapse_rate"]["collapsed_or_diverged"]
     (experiment,) = summary["experiments"]
     counts = experiment["counts"]
     assert sum(counts.values()) == TRIALS
@@ -968,7 +974,7 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
     rule found (collapse_type, collapse_epoch, would_stop_epoch) and the trial's score. The collapse
     side of its report counts those trials, says so, and gives the numbers the same search gives
     with stopping on."""
-    from analysis.sensitivity import analyse
+    from analysis.sensitivity import analyse, trials_table
     from analysis.sensitivity_figures import build_page
 
     rows = collapse_rows()
@@ -986,6 +992,12 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
     # The trials the rule would have stopped ran to the end: complete, with a score.
     assert would_stop.sum() == expected - 1 and (frame.loc[would_stop, "outcome"] == "complete").all()
     assert frame["objective"].notna().sum() > stopped.experiment.trials["objective"].notna().sum()
+
+    # The trials CSV says which count, though their outcome is complete (before, a rate read off its outcome
+    # column gave 1 trial, the diverged one).
+    table = trials_table([unstopped])
+    assert table["collapsed"].sum() == expected
+    assert (table.loc[table["collapsed"], "outcome"] == "complete").sum() == expected - 1
 
     for analysis in (stopped, unstopped):
         rate = analysis.collapse_rate
@@ -1385,7 +1397,15 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
         (lambda p: write_files(p / "edited", {"search.json": '{"method": "vicreg", "trials": "many"}'}),
          "search.json: 'trials' is 'many', not a count; python -m hpsearch.run writes this file"),  # was a traceback
         (lambda p: write_files(p / "corrupt", {"search.json": '{"method": "vicreg"}', "optuna.journal": "garbage\n"}),
-         "holds no study named 'search'"),
+         "holds no study named 'search' (not written by hpsearch?; it holds none)"),
+        (lambda p: write_files(p / "otherstudy", {"search.json": '{"method": "vicreg"}', "optuna.journal":
+                                                  '{"op_code":0,"worker_id":"w","study_name":"other","directions":[1]}\n'}),
+         "holds no study named 'search' (not written by hpsearch?; it holds 'other')"),
+        # Before: a damaged record's KeyError read as "holds no study named 'search'".
+        (lambda p: write_files(p / "badrecord", {"search.json": '{"method": "vicreg"}', "optuna.journal":
+                                                 '{"op_code":0,"worker_id":"w","study_name":"search","directions":[1]}\n'
+                                                 '{"op_code":4,"worker_id":"w"}\n'}),
+         "optuna.journal: cannot read the Optuna journal (KeyError: 'study_id')"),
         # Before: "has not recorded any trial yet", beside a trials.csv of finished trials.
         (lambda p: write_files(p / "nojournal", {"search.json": '{"method": "vicreg"}', "trials.csv": "trial\n0\n"}),
          "optuna.journal is missing, though the search has written its trials.csv: the report reads the trials from "
@@ -1394,7 +1414,8 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
                                                     "optuna.journal": ""}),
          "optuna.journal is empty, though the search has written its trials.csv"),
     ],
-    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt", "nojournal", "emptyjournal"],
+    ids=["missing", "empty", "foreign", "partial", "broken", "other", "edited", "corrupt", "otherstudy", "badrecord",
+         "nojournal", "emptyjournal"],
 )
 def test_bad_folders_get_a_clear_message_and_exit_2(make, message, tmp_path, capsys):
     folder = make(tmp_path)
@@ -1579,6 +1600,54 @@ def test_a_file_where_the_figures_folder_goes_is_refused_before_anything_is_writ
         f"python -m analysis.sensitivity: error: --out {tmp_path / 'r.html'}: {tmp_path / 'r-figures'}, the folder "
         "the figures go in with --format png, is a file; move it away or give another --out\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r-figures", "vicreg"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_ends_the_report_in_one_line_with_its_files_all_or_none(experiment_folder, tmp_path, monkeypatch,
+                                                                                capsys, signum):
+    """Before: Ctrl-C printed a traceback (exit 1), and a SIGTERM ended the process without a word; one
+    between the report's files left a new report beside an old summary. A real signal, sent to this process
+    while it analyses the search, and again while it writes."""
+    import analysis.sensitivity as sensitivity
+
+    analyse = sensitivity.analyse
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return analyse(*args, **kwargs)
+
+    out = tmp_path / "r.html"
+    monkeypatch.setattr(sensitivity, "analyse", signalled)
+    assert main([str(experiment_folder), "--out", str(out)]) == 128 + signum
+    assert capsys.readouterr().err.endswith("python -m analysis.sensitivity: interrupted, no report written\n")
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(sensitivity, "analyse", analyse)
+
+    write_whole = sensitivity.write_whole
+
+    def signalled_between(path, text):  # the signal comes after the HTML, before the CSV and the JSON
+        write_whole(path, text)
+        if path.suffix == ".html":
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(sensitivity, "write_whole", signalled_between)
+    assert main([str(experiment_folder), "--out", str(out)]) == 128 + signum
+    assert capsys.readouterr().err.endswith(f"interrupted as the report was written; it is complete: {out}\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["r-trials.csv", "r.html", "r.json"]
+    assert json.loads(out.with_suffix(".json").read_text())["report"] == str(out)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
+
+
+def test_output_piped_into_a_command_that_stops_reading_ends_quietly(experiment_folder, tmp_path):
+    """Before: ``python -m analysis.sensitivity | head -1`` printed a BrokenPipeError traceback. Here the
+    reader (``true``) has stopped before the report prints anything, so every run meets the closed pipe."""
+    out = tmp_path / "r.html"
+    done = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m analysis.sensitivity "
+                           f"{shlex.quote(str(experiment_folder))} --out {shlex.quote(str(out))} | true; "
+                           "exit ${PIPESTATUS[0]}"], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert json.loads(out.with_suffix(".json").read_text())["report"] == str(out)
 
 
 def test_the_module_runs_as_a_script_with_errors_and_no_traceback(tmp_path):
