@@ -841,24 +841,32 @@ def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         distribution = experiment.distributions[name]
         column = f"param_{name}"
         values = frame[column] if column in frame else pd.Series(np.nan, index=frame.index)
+        # A trial without the parameter (a conditional one, or a trial waiting to start) sits on a "not set"
+        # tick below the range, not on its lowest value.
+        unset = int(values.isna().any())  # 1 or 0: how many "not set" ticks
         if _is_categorical(distribution):
             choices = list(distribution.choices)
             dimensions.append({"label": name, "values": [choices.index(v) if v in choices else -1 for v in values],
-                               "tickvals": list(range(len(choices))), "ticktext": [str(c) for c in choices]})
-        elif _is_log(distribution):
-            logs = np.log10(pd.to_numeric(values, errors="coerce").clip(lower=1e-300))
-            # The axis spans the searched range (and any enqueued point outside it).
-            low, high = math.log10(distribution.low), math.log10(distribution.high)
-            if logs.notna().any():
-                low, high = min(low, float(logs.min())), max(high, float(logs.max()))
-            ticks = np.arange(math.ceil(low), math.floor(high) + 1)
-            dimensions.append({"label": f"{name} (log)", "values": logs.fillna(low), "range": [low, high],
-                               "tickvals": list(ticks), "ticktext": [f"{10.0 ** t:g}" for t in ticks]})
+                               "tickvals": [-1] * unset + list(range(len(choices))),
+                               "ticktext": ["not set"] * unset + [str(c) for c in choices]})
         else:
+            log = _is_log(distribution)
             numbers = pd.to_numeric(values, errors="coerce")
-            low = min(float(distribution.low), float(numbers.min())) if numbers.notna().any() else float(distribution.low)
-            high = max(float(distribution.high), float(numbers.max())) if numbers.notna().any() else float(distribution.high)
-            dimensions.append({"label": name, "values": numbers.fillna(low), "range": [low, high]})
+            if log:
+                numbers = np.log10(numbers.clip(lower=1e-300))
+            # The axis spans the searched range (and any enqueued point outside it).
+            low, high = ((math.log10(distribution.low), math.log10(distribution.high)) if log
+                         else (float(distribution.low), float(distribution.high)))
+            if numbers.notna().any():
+                low, high = min(low, float(numbers.min())), max(high, float(numbers.max()))
+            floor = low - 0.15 * (high - low if high > low else 1.0)
+            dimension = {"label": f"{name} (log)" if log else name, "values": numbers.fillna(floor if unset else low),
+                         "range": [floor if unset else low, high]}
+            if log or unset:  # else plotly's own ticks
+                ticks = list(np.arange(math.ceil(low), math.floor(high) + 1)) if log else list(np.linspace(low, high, 5))
+                dimension.update(tickvals=[floor] * unset + ticks,
+                                 ticktext=["not set"] * unset + [f"{10.0 ** t:g}" if log else f"{t:.3g}" for t in ticks])
+            dimensions.append(dimension)
     objective = frame["objective"].where(frame["outcome"] == "complete")
     if objective.notna().any():
         low, high = float(objective.min()), float(objective.max())

@@ -666,6 +666,38 @@ def test_fanova_is_not_computed_where_a_parameter_is_set_in_only_some_trials():
     assert max(importances["PED-ANOVA"].values, key=importances["PED-ANOVA"].values.get) == "momentum"
 
 
+def test_parallel_coordinates_put_a_parameter_a_trial_lacks_on_a_not_set_tick_below_the_range():
+    """Before: a trial without a parameter (a conditional one; a trial waiting to start) was drawn at the
+    lowest value of that axis's range, as if it had been sampled there."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import parallel_figure
+
+    rng = np.random.default_rng(2)
+    study = optuna.create_study(direction="maximize")
+    space = {"opt": optuna.distributions.CategoricalDistribution(["adam", "sgd"]),
+             "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+             "momentum": optuna.distributions.FloatDistribution(0.0, 1.0),
+             "beta": optuna.distributions.CategoricalDistribution(["low", "high"])}
+    for number in range(12):
+        params = {"opt": ["adam", "sgd"][number % 2], "lr": float(10 ** rng.uniform(-4, -1))}
+        if params["opt"] == "sgd":
+            params["momentum"] = float(rng.uniform())
+        else:
+            params["beta"] = ["low", "high"][number % 4 // 2]
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={n: space[n] for n in params},
+                                                  value=float(rng.uniform()), user_attrs={"outcome": "complete"}))
+    figure = parallel_figure(analyse(experiment_from_study(study, SETTINGS)))
+    dimensions = {dimension.label: dimension for dimension in figure.figure.data[0].dimensions}
+    momentum, beta, lr = dimensions["momentum"], dimensions["beta"], dimensions["lr (log)"]
+    floor = 0.0 - 0.15 * 1.0
+    assert momentum.range == (floor, 1.0) and momentum.tickvals[0] == floor and momentum.ticktext[0] == "not set"
+    values = np.asarray(momentum.values)
+    sgd = np.arange(12) % 2 == 1
+    assert (values[~sgd] == floor).all() and (values[sgd] >= 0).all()
+    assert list(beta.ticktext) == ["not set", "low", "high"] and (np.asarray(beta.values)[sgd] == -1).all()
+    assert "not set" not in lr.ticktext and lr.range[0] == pytest.approx(-4)  # every trial has it
+
+
 def test_collapse_importances_need_three_trials_on_each_side():
     """Before: one collapsed trial of 64 gave importances (fANOVA 0.92 for whichever of its parameters was
     most unusual) and named the parameter that "decides collapse"."""
