@@ -65,7 +65,11 @@ tracks: ``training_corpus`` in its configuration; one written before that record
 seed, the test tracks that were its training tracks are counted (:func:`seen_test_tracks`): a
 warning, ``test_tracks_trained_on`` in ``results.csv`` and ``summary.json``, and a note under the
 table. Version 1 cut its splits by corpus size, so its corpora of two sizes, and a version-1 and a
-version-2 corpus of one seed, put the same songs in different splits.
+version-2 corpus of one seed, put the same songs in different splits. A checkpoint trained on a folder
+or tags file of the user's has its training split read again from the data its run names
+(:func:`trained_audio`), and the test tracks whose audio files were in it are counted the same way:
+splits are drawn from track ids, and a tags file's ``track_id`` column can name the tracks otherwise
+than their paths, which a folder trained on without one gives as ids.
 
 What is cached: per method (hash of the backbone's weights, or the baseline's definition), dataset
 (its usable tracks, paths and splits), audio (each track's entry in the mel cache, which changes when
@@ -352,23 +356,15 @@ def training_corpus(spec: "MethodSpec") -> dict | None:
     """The generated corpus checkpoint ``spec`` was trained on (as :func:`musicssl.corpus.splits.corpus_identity`
     gives it), from its run configuration; None for a baseline, a checkpoint without a configuration, or
     one trained on other data."""
-    config_path = spec.config_path
-    if config_path is None and spec.path is not None:  # a bare .pt whose preset --preset gave: its run's config
-        config_path = next((spec.path.parent / config for weights, config in RUN_FOLDER_FILES
-                            if spec.path.name == weights), spec.path.parent / "config.json")
-    document = _read_json_object(Path(config_path)) if config_path is not None else None
+    document = _run_document(spec)
     if document is None:
         return None
     if "training_corpus" in document:
         recorded = document["training_corpus"]
         return recorded if isinstance(recorded, dict) else None
-    # Written before the record (2026-12-05), so on a corpus of version 1: the data it names, as it was
-    # given; a search's trials name no --root, which its search.json holds.
-    data, root = _find_key(document, "data"), _find_key(document, "data_root")
-    search = _read_json_object(Path(config_path).parent / "search.json") if Path(config_path).name == "best_config.json" else None
-    if search is not None:
-        data, root = search.get("data", data), search.get("root")
-    if not isinstance(data, str) or not data.strip():
+    # Written before the record (2026-12-05), so on a corpus of version 1: the data it names, as it was given.
+    data, root, _ = training_data(spec) or (None, None, None)
+    if data is None:
         return None
     from musicssl.data.loaders import dataset_name
 
@@ -384,6 +380,57 @@ def training_corpus(spec: "MethodSpec") -> dict | None:
     identity = corpus_identity(folder)
     # A folder that holds another version's corpus by now was rebuilt since: what it held is not known.
     return identity if identity is not None and identity["generator_version"] == 1 else None
+
+
+def _run_configuration(spec: "MethodSpec") -> Path | None:
+    """The configuration file of checkpoint ``spec``'s run (a bare .pt's: the one beside it), or None."""
+    config_path = spec.config_path
+    if config_path is None and spec.path is not None:  # a bare .pt whose preset --preset gave: its run's config
+        config_path = next((spec.path.parent / config for weights, config in RUN_FOLDER_FILES
+                            if spec.path.name == weights), spec.path.parent / "config.json")
+    return None if config_path is None else Path(config_path)
+
+
+def _run_document(spec: "MethodSpec") -> dict | None:
+    config_path = _run_configuration(spec)
+    return _read_json_object(config_path) if config_path is not None else None
+
+
+def training_data(spec: "MethodSpec") -> tuple[str, str | None, str | None] | None:
+    """The data checkpoint ``spec`` trained on as its run was given it: ``--data``, ``--root`` and
+    ``--audio-dir`` (a search's, from its ``search.json``: its trials' configurations name no
+    folders); None for a baseline or a checkpoint without a configuration."""
+    document = _run_document(spec)
+    if document is None:
+        return None
+    data, root, audio = _find_key(document, "data"), _find_key(document, "data_root"), _find_key(document, "audio_dir")
+    config_path = _run_configuration(spec)
+    search = _read_json_object(config_path.parent / "search.json") if config_path.name == "best_config.json" else None
+    if search is not None:
+        data, root, audio = search.get("data", data), search.get("root"), search.get("audio_dir")
+    if not isinstance(data, str) or not data.strip():
+        return None
+    return data, (str(root) if root else None), (str(audio) if audio else None)
+
+
+def trained_audio(spec: "MethodSpec") -> tuple[set[str] | None, str]:
+    """The audio files (real paths) of the training split checkpoint ``spec`` trained on, read again from
+    the data its run names, where that is a folder or a tags file of the user's; (None, why) where it
+    cannot say: a baseline, a generated corpus (:func:`training_corpus` tells its tracks by song), a named
+    dataset (its official splits), or data no longer readable."""
+    recorded = training_data(spec)
+    if recorded is None:
+        return None, "no record of its training data"
+    from musicssl.data.loaders import DatasetError, dataset_name, open_dataset_option
+
+    data, root, audio = recorded
+    if dataset_name(data) is not None:
+        return None, f"trained on {data}"
+    try:
+        index = open_dataset_option(data, root, audio, allow_unlabeled=True)
+    except (DatasetError, OSError, ValueError) as error:
+        return None, f"its training data {data} cannot be read now ({error})"
+    return {os.path.realpath(path) for path in index.split("train").paths}, ""
 
 
 def _read_json_object(path: Path) -> dict | None:
@@ -1388,21 +1435,43 @@ def run_downstream(
     dataset_key = dataset_digest(usable, splits.tolist(), paths.tolist())
     embedding_root = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
 
-    # Test tracks a checkpoint trained on: a generated corpus of another generator version or size.
+    # Test tracks a checkpoint trained on: a generated corpus of another generator version or size, or a
+    # folder or tags file of the user's whose splits differ from this dataset's (e.g. trained on a folder of
+    # audio, whose ids are its paths, evaluated with a tags file whose track_id column gives other ids, and
+    # so other splits).
     corpus_of = {spec.label: training_corpus(spec) for spec in methods}
     trained_on_test: dict[str, int] = {}
+    read_again: dict[tuple | None, tuple[set[str] | None, str]] = {}
     evaluated_on = index.extra.get(GENERATED_CORPUS_KEY)
     for spec in methods:
         trained_on = corpus_of[spec.label]
-        if evaluated_on is None or trained_on is None:
+        if evaluated_on is not None and trained_on is not None:
+            seen = seen_test_tracks(trained_on, evaluated_on, [usable[p] for p in test_pos])
+            trained_on_test[spec.label] = len(seen)
+            if seen:
+                log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of "
+                    f"the corpus it was trained on ({describe_corpus(trained_on)}; this one: "
+                    f"{describe_corpus(evaluated_on)}), e.g. {seen[0]}: its test scores are not held out. Evaluate it "
+                    "on the corpus it was trained on (--dataset FOLDER), or on one of another seed")
             continue
-        seen = seen_test_tracks(trained_on, evaluated_on, [usable[p] for p in test_pos])
+        if trained_on is not None or spec.kind != "checkpoint":
+            continue
+        recorded = training_data(spec)
+        if recorded not in read_again:  # several checkpoints trained on one folder: it is read once
+            read_again[recorded] = trained_audio(spec)
+        audio, why = read_again[recorded]
+        if audio is None:
+            if why.startswith("its training data"):
+                log(f"  note: {spec.label}: could not check which test tracks it trained on: {why}")
+            continue
+        seen = [usable[p] for p in test_pos if os.path.realpath(paths[p]) in audio]
         trained_on_test[spec.label] = len(seen)
         if seen:
-            log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of "
-                f"the corpus it was trained on ({describe_corpus(trained_on)}; this one: "
-                f"{describe_corpus(evaluated_on)}), e.g. {seen[0]}: its test scores are not held out. Evaluate it on "
-                "the corpus it was trained on (--dataset FOLDER), or on one of another seed")
+            data = training_data(spec)[0]
+            log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of the "
+                f"data it was trained on ({data}), e.g. {seen[0]}: its test scores are not held out. Its splits differ from this dataset's: splits are drawn from "
+                "track ids, and ids from a track_id column differ from those of the audio paths; train on this "
+                "dataset's tags file (its splits), or evaluate on data it did not train on")
 
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
     method_summaries = []

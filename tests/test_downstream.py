@@ -586,6 +586,49 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_and_reported(tmp_path, 
     assert "NOT HELD OUT" not in results_notes(result.results[result.results["method"] != "old"])
 
 
+def test_test_tracks_a_checkpoint_trained_on_in_a_folder_of_audio_are_counted_when_a_tags_file_splits_it_otherwise(
+        tmp_path, capsys):
+    """Pretrained on a folder of audio without tags (ids from the paths: clip00...), evaluated with a tags
+    file whose track_id column names the same files id00...: splits are drawn from ids, so most of the
+    evaluation's test tracks were training tracks, and before nothing said so. The training split is read
+    again from the data the run names and compared by audio file."""
+    import hashlib
+
+    from analysis.downstream import results_notes
+    from musicssl.data.loaders import open_dataset_option
+
+    lines = ["track_id,path,tags"]
+    for number in range(40):
+        write_clip(tmp_path / "audio" / f"clip{number:02d}.flac", number % 3, seconds=4.5, seed=number)
+        lines.append(f"id{number:02d},audio/clip{number:02d}.flac,{('low', 'mid', 'high')[number % 3]}")
+    (tmp_path / "tags.csv").write_text("\n".join(lines) + "\n")
+
+    def position(track_id: str) -> float:  # loaders.split_position, written out: 0.7 / 0.1 / 0.2 by SHA-256
+        return (int.from_bytes(hashlib.sha256(f"0:{track_id}".encode()).digest()[:8], "big") >> 11) / 2**53
+
+    expected = [f"id{n:02d}" for n in range(40) if position(f"id{n:02d}") >= 0.8 and position(f"clip{n:02d}") < 0.7]
+    index = open_dataset_option(str(tmp_path / "tags.csv"))
+    test_ids = index.split("test").track_ids
+    assert sorted(test_ids) == sorted(f"id{n:02d}" for n in range(40) if position(f"id{n:02d}") >= 0.8)
+    assert 0 < len(expected) < len(test_ids)
+
+    state = Backbone(preset="cpu").state_dict()
+    folder = resolve_method(f"folder={save_run(tmp_path / 'folder', state, {'method': 'vicreg', 'preset': 'cpu', 'data': str(tmp_path / 'audio'), 'training_corpus': None})}")
+    tags = resolve_method(f"tags={save_run(tmp_path / 'tags', state, {'method': 'vicreg', 'preset': 'cpu', 'data': str(tmp_path / 'tags.csv'), 'training_corpus': None})}")
+    gone = resolve_method(f"gone={save_run(tmp_path / 'gone', state, {'method': 'vicreg', 'preset': 'cpu', 'data': str(tmp_path / 'moved'), 'training_corpus': None})}")
+    result = run_downstream([folder, tags, gone], DownstreamConfig(**SMALL_EVALUATION), index=index)
+    console = capsys.readouterr().out
+    assert (f"warning: folder: {len(expected)} of the {len(test_ids)} test tracks were training tracks of the data it "
+            f"was trained on ({tmp_path / 'audio'}), e.g. {sorted(expected, key=test_ids.index)[0]}: its test scores "
+            "are not held out") in console
+    assert console.count("test tracks were training tracks") == 1
+    assert f"note: gone: could not check which test tracks it trained on: its training data {tmp_path / 'moved'} " \
+           "cannot be read now" in console
+    counts = result.results.set_index("method")["test_tracks_trained_on"]
+    assert counts["folder"] == len(expected) and counts["tags"] == 0 and math.isnan(counts["gone"])
+    assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (folder:" in results_notes(result.results)
+
+
 def test_the_training_corpus_of_a_run_written_before_the_record_is_read_from_its_data(tmp_path):
     from analysis.downstream import training_corpus
 
