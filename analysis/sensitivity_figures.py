@@ -280,7 +280,7 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
                 f"(95 % Wilson interval {100 * rate['low']:.0f}-{100 * rate['high']:.0f} %)")
         if rate["would_have_been_stopped"] or not experiment.collapse_stop:
             text += (f": {rate['stopped']} stopped by the rule or diverged, {rate['would_have_been_stopped']} that the "
-                     "rule would have stopped (they ran to the end)")
+                     "rule would have stopped (they ran on without it)")
         rows.append(("collapse rate", text))
     best = analysis.best
     if best:
