@@ -152,7 +152,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     from musicssl.data.loaders import DATASET_NAMES, DatasetError, check_dataset_option, dataset_name
     from musicssl.data.pipeline import batch_problem, prepare_data
     from musicssl.models import PRESETS
-    from musicssl.train import listed_probe_problem, probe_problem
+    from musicssl.train import TrainConfig, listed_probe_problem, probe_problem, view_config
 
     if settings.preset not in PRESETS:
         raise SearchError(f"unknown --preset {settings.preset!r}; available: {', '.join(sorted(PRESETS))}")
@@ -209,9 +209,21 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
             "scored on other tracks or splits; start a new search with another --name"
         )
     train_ids, valid_ids = data.track_ids("train"), data.track_ids("valid")
-    if len(train_ids) < batch_size:
+    # A trial trains on the tracks long enough for its views (the mel cache keeps shorter ones, long enough to
+    # evaluate): counted here, or each trial would fail on them.
+    views = view_config(TrainConfig())
+    needed = views.in_frames(data.cache.settings).min_track_frames
+    short = sum(data.cache.frames(track_id) < needed for track_id in train_ids)
+    if short and verbose:
+        print(f"note: {short} of the {len(train_ids)} training tracks are too short for a trial's views (under "
+              f"{needed / data.cache.settings.frames_per_second:.2f} s: {views.n_views} views of "
+              f"{views.segment_seconds:g} s starting >= {views.min_gap_seconds:g} s apart): trials train on the "
+              f"other {len(train_ids) - short}")
+    if len(train_ids) - short < batch_size:
+        long_enough = (f", {len(train_ids) - short} of them long enough for a trial's views (at least "
+                       f"{needed / data.cache.settings.frames_per_second:.2f} s)" if short else "")
         raise SearchError(
-            f"--data {spec!r} has {len(train_ids)} usable training tracks, fewer than the batch size "
+            f"--data {spec!r} has {len(train_ids)} usable training tracks{long_enough}, fewer than the batch size "
             f"{batch_size}; {fix}"
         )
     if settings.objective.startswith("probe_"):

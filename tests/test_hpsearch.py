@@ -2170,6 +2170,40 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
 
 
+def test_training_tracks_too_short_for_the_views_are_not_counted_for_the_batch(tmp_path, tonal_dataset, monkeypatch,
+                                                                               capsys):
+    """Before: 6 s tracks, long enough for the mel cache (4 s) but not for two 4 s views 4 s apart, passed
+    the driver's checks and every trial then failed ("no track can give 2 views"; with some long tracks,
+    "only N usable training tracks"), the search ending "0 complete" with exit 0. They are now left out of
+    the count, with a note, and too few long tracks are refused before any trial."""
+    import soundfile
+
+    from hpsearch.run import SearchError, prepare_search_data
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    index = pd.read_csv(tonal_dataset / "tracks.csv")
+    index["path"] = [str(tonal_dataset / path) for path in index["path"]]
+    train = index.index[index["split"] == "train"]
+    shortened = list(train[:20])
+    for row in shortened:  # the same tones cut to 6 s (8 s are needed: 4 s + 4 s apart, at hop 512)
+        audio, rate = soundfile.read(index.loc[row, "path"])
+        path = tmp_path / f"short{row:03d}.flac"
+        soundfile.write(path, audio[: 6 * rate], rate)
+        index.loc[row, "path"] = str(path)
+    index.to_csv(tmp_path / "tracks.csv", index=False)
+    long_enough = len(train) - len(shortened)
+    settings = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=long_enough + 1)
+    with pytest.raises(SearchError, match=rf"has {len(train)} usable training tracks, {long_enough} of them long enough "
+                                          rf"for a trial's views \(at least 8.03 s\), fewer than the batch size "
+                                          rf"{long_enough + 1}; lower --batch-size"):
+        prepare_search_data(settings, verbose=False)
+    data = prepare_search_data(dataclasses.replace(settings, batch_size=long_enough))
+    assert len(data.track_ids("train")) == len(train)  # kept: long enough to evaluate
+    assert (f"note: {len(shortened)} of the {len(train)} training tracks are too short for a trial's views (under "
+            f"8.03 s: 2 views of 4 s starting >= 4 s apart): trials train on the other {long_enough}") \
+        in capsys.readouterr().out
+
+
 def test_a_search_continues_on_the_corpus_it_was_started_on(tmp_path, tonal_dataset, monkeypatch, capsys):
     """Generator version 2 (2026-12-05) moved the corpus's splits. A search on `corpus` started before then
     trained and scored its trials on version 1's; resumed, it would have gone on with version 2's (other

@@ -57,6 +57,7 @@ __all__ = [
     "resolve_run_settings",
     "PRESET_SETTINGS",
     "PRESET_RUN_SETTINGS",
+    "view_config",
 ]
 
 
@@ -403,6 +404,15 @@ def resolve_precision(config: TrainConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
 
 
+def view_config(config: TrainConfig):
+    """The views a run of ``config`` trains on (:class:`musicssl.data.views.ViewConfig`): a ValueError or
+    TypeError names settings that cannot make them."""
+    from musicssl.data.views import ViewConfig
+
+    return ViewConfig(n_views=config.n_views, segment_seconds=config.segment_seconds,
+                      min_gap_seconds=config.min_gap_seconds, max_gap_seconds=config.max_gap_seconds)
+
+
 def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, str] | None = None) -> None:
     """Refuse run settings that would fail (or silently misbehave) later, naming the setting.
 
@@ -448,10 +458,7 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
     number("probe_segments_per_track", 1, whole=True)
     number("seed", 0, whole=True, below=2**32, hint=" and < 2**32 (numpy's and Optuna's range)")
     try:  # the views' own rules (two views or more, gaps that fit), now rather than after the data
-        from musicssl.data.views import ViewConfig
-
-        ViewConfig(n_views=config.n_views, segment_seconds=config.segment_seconds,
-                   min_gap_seconds=config.min_gap_seconds, max_gap_seconds=config.max_gap_seconds)
+        view_config(config)
     except (TypeError, ValueError) as error:
         problems.append(str(error))
     if config.precision not in PRECISIONS:
@@ -580,7 +587,7 @@ def train(
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import GENERATED_CORPUS_KEY
     from musicssl.data.pipeline import prepare_data
-    from musicssl.data.views import EpochSampler, ViewConfig, ViewDataset, fixed_segments, probe_positions
+    from musicssl.data.views import EpochSampler, ViewDataset, fixed_segments, probe_positions
 
     started = time.perf_counter()
     quiet_lightning()
@@ -610,13 +617,8 @@ def train(
         raise ConfigError(
             f"the mel cache has {data.cache.n_mels} mels but preset {config.preset!r} expects {backbone_config.n_mels}"
         )
-    view_config = ViewConfig(
-        n_views=config.n_views,
-        segment_seconds=config.segment_seconds,
-        min_gap_seconds=config.min_gap_seconds,
-        max_gap_seconds=config.max_gap_seconds,
-    )
-    dataset = ViewDataset(data.cache, data.track_ids("train"), view_config, seed=config.seed, verbose=progress_bar)
+    dataset = ViewDataset(data.cache, data.track_ids("train"), view_config(config), seed=config.seed,
+                          verbose=progress_bar)
     if len(dataset) < config.batch_size:
         raise ConfigError(
             f"only {len(dataset)} usable training tracks for batch_size {config.batch_size}; lower --batch-size"
