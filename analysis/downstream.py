@@ -1772,14 +1772,12 @@ def _main_results(spec, classifier, dataset_name, tag_scores, test_labels, score
         row[f"{metric}_high"] = result.high
         row[f"{metric}_std"] = result.std
         row[f"{metric}_full_test"] = full = getattr(tag_scores, metric)
-        # The resamples' spread moved onto the full-test score (the bootstrap's estimate of the subsets' bias,
-        # mean - full, taken off its percentiles): a 95 % interval for the score on the whole test set. The
-        # bootstrap mean's interval is the study's, and for mAP it can miss the full-test score (a subset's
-        # AP reads high). None where each resample scored its own tags (skip_tag): their mean is not of one
-        # quantity with the full-test score.
-        shift = full - result.mean if rule == "redraw" else math.nan
-        row[f"{metric}_full_test_low"] = result.low + shift
-        row[f"{metric}_full_test_high"] = result.high + shift
+        # A 95 % interval for the score on the whole test set: the resamples' spread around their mean, scaled
+        # to the whole set's and moved onto it (BootstrapResult.around). The bootstrap mean's interval is the
+        # study's, and for mAP it can miss the full-test score (a subset's AP reads high). None where each
+        # resample scored its own tags (skip_tag): their mean is not of one quantity with the full-test score.
+        row[f"{metric}_full_test_low"], row[f"{metric}_full_test_high"] = (
+            result.around(full, len(test_labels)) if rule == "redraw" else (math.nan, math.nan))
         row[f"{metric}_bootstrap_rule"] = rule
         bootstrap_rows.extend(
             {"dataset": dataset_name, "method": spec.label, "classifier": classifier, "metric": metric,
@@ -1857,7 +1855,7 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
         notes = [
             f"Bootstrap mean [95 % interval] over resamples of {share} the test tracks{protocol}, and the "
             "score on the whole test set [95 % interval: the resamples' 2.5th and 97.5th percentiles less their "
-            "mean, added to it]; probes trained on all training tracks. Average precision measured on a "
+            "mean, scaled to the whole set's spread and added to it]; probes trained on all training tracks. Average precision measured on a "
             "subset reads higher than on the whole set (fewer negatives can outrank each positive), so the mAP "
             "bootstrap mean tends to sit above the full-test mAP, most on small test sets, and its interval can "
             "leave the full-test mAP out: it is the study's figure, for comparing methods within a column; the "

@@ -13,6 +13,7 @@ bias and an L2 penalty), so its score depends on the embedding and not on an opt
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -284,6 +285,20 @@ class BootstrapResult:
     rejected: int
     fraction: float
     seed: int
+
+    def around(self, full: float, n_rows: int) -> tuple[float, float]:
+        """A 95 % interval for ``full``, the metric on all ``n_rows`` test rows: the resamples' 2.5th and
+        97.5th percentiles less their mean (which takes off the subsets' shift: average precision reads
+        higher on fewer rows), scaled from a subset's spread to the whole set's and added to ``full``.
+
+        A subset of m of n rows drawn without replacement spreads as sigma^2 (1/m - 1/n), the whole set
+        as a classical bootstrap of it does, sigma^2 / n: the scale is sqrt(m / (n - m)), 1 for half
+        the rows (the study's fraction). NaN for subsets of every row (no spread to scale)."""
+        subset = int(round(self.fraction * n_rows))
+        if subset >= n_rows or not math.isfinite(full):
+            return (math.nan, math.nan)
+        scale = math.sqrt(subset / (n_rows - subset))
+        return (full + scale * (self.low - self.mean), full + scale * (self.high - self.mean))
 
 
 MetricName = Literal["roc_auc", "average_precision"]
