@@ -415,21 +415,40 @@ def training_data(spec: "MethodSpec") -> tuple[str, str | None, str | None] | No
 
 def trained_audio(spec: "MethodSpec") -> tuple[set[str] | None, str]:
     """The audio files (real paths) of the training split checkpoint ``spec`` trained on, read again from
-    the data its run names, where that is a folder or a tags file of the user's; (None, why) where it
-    cannot say: a baseline, a generated corpus (:func:`training_corpus` tells its tracks by song), a named
-    dataset (its official splits), or data no longer readable."""
+    the data its run names, as the run read it (a folder's audio alone, where it recorded so, even if a
+    tags file has been added since), where that is a folder or a tags file of the user's; (None, why)
+    where it cannot say: a baseline, a generated corpus (:func:`training_corpus` tells its tracks by
+    song), a named dataset (its official splits), a relative path, data no longer readable, or a folder
+    that holds a tags file now, trained on by a run that did not record whether it read it."""
+    import logging
+
+    from musicssl.data.loaders import DatasetError, dataset_name, load_folder, open_dataset_option
+
     recorded = training_data(spec)
     if recorded is None:
         return None, "no record of its training data"
-    from musicssl.data.loaders import DatasetError, dataset_name, open_dataset_option
-
     data, root, audio = recorded
     if dataset_name(data) is not None:
         return None, f"trained on {data}"
+    path = Path(data).expanduser()
+    if not path.is_absolute():  # runs before 2026-12-03 recorded --data as given
+        return None, f"its training data {data} is a path relative to where it was trained"
+    unlabeled = (_run_document(spec) or {}).get("training_data_unlabeled")
+    loaders = logging.getLogger("musicssl.data.loaders")
+    level = loaders.level
+    loaders.setLevel(logging.ERROR)  # its notes on that data (tracks left out, empty splits) are not this evaluation's
     try:
-        index = open_dataset_option(data, root, audio, allow_unlabeled=True)
+        if unlabeled is True and path.is_dir():
+            index = load_folder(path, unlabeled=True)
+        else:
+            index = open_dataset_option(data, root, audio, allow_unlabeled=True)
     except (DatasetError, OSError, ValueError) as error:
         return None, f"its training data {data} cannot be read now ({error})"
+    finally:
+        loaders.setLevel(level)
+    if unlabeled is None and path.is_dir() and not index.extra.get("unlabeled"):
+        return None, (f"its run did not record whether it read {data}'s audio alone or the tags file that folder "
+                      "holds now (runs before 2026-12-06 do not); its splits differ if it read the audio alone")
     return {os.path.realpath(path) for path in index.split("train").paths}, ""
 
 
@@ -1441,7 +1460,7 @@ def run_downstream(
     # so other splits).
     corpus_of = {spec.label: training_corpus(spec) for spec in methods}
     trained_on_test: dict[str, int] = {}
-    read_again: dict[tuple | None, tuple[set[str] | None, str]] = {}
+    read_again: dict[tuple, tuple[set[str] | None, str]] = {}
     evaluated_on = index.extra.get(GENERATED_CORPUS_KEY)
     for spec in methods:
         trained_on = corpus_of[spec.label]
@@ -1457,19 +1476,21 @@ def run_downstream(
         if trained_on is not None or spec.kind != "checkpoint":
             continue
         recorded = training_data(spec)
-        if recorded not in read_again:  # several checkpoints trained on one folder: it is read once
-            read_again[recorded] = trained_audio(spec)
-        audio, why = read_again[recorded]
+        if recorded is None:
+            continue
+        how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
+        if how not in read_again:  # several checkpoints trained on one folder: it is read once
+            read_again[how] = trained_audio(spec)
+        audio, why = read_again[how]
         if audio is None:
-            if why.startswith("its training data"):
+            if why.startswith("its "):  # not a named dataset: data of the user's that could not be checked
                 log(f"  note: {spec.label}: could not check which test tracks it trained on: {why}")
             continue
         seen = [usable[p] for p in test_pos if os.path.realpath(paths[p]) in audio]
         trained_on_test[spec.label] = len(seen)
         if seen:
-            data = training_data(spec)[0]
             log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of the "
-                f"data it was trained on ({data}), e.g. {seen[0]}: its test scores are not held out. Its splits differ from this dataset's: splits are drawn from "
+                f"data it was trained on ({recorded[0]}), e.g. {seen[0]}: its test scores are not held out. Its splits differ from this dataset's: splits are drawn from "
                 "track ids, and ids from a track_id column differ from those of the audio paths; train on this "
                 "dataset's tags file (its splits), or evaluate on data it did not train on")
 
@@ -1889,8 +1910,10 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
     if trained_on:
         notes.append(
             f"NOT HELD OUT: some test tracks were training tracks of the checkpoint ({', '.join(dict.fromkeys(trained_on))} "
-            "tracks), which was trained on a generated corpus of the same seed but another size or generator version. "
-            "Its scores are not comparable with the others'; evaluate it on the corpus it was trained on.")
+            "tracks): it was trained on these tracks split otherwise, a generated corpus of the same seed but another "
+            "size or generator version, or a folder or tags file whose tracks drew other splits (the warnings above "
+            "say which). Its scores are not comparable with the others'; evaluate it on the corpus it was trained on, "
+            "or train it on the tags file this evaluation reads.")
     return "\n\n".join(notes)
 
 

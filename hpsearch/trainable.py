@@ -404,5 +404,7 @@ def _train_and_score(
     trial_config = {"params": params, "objective": settings.objective, "value": record["objective"],
                     "train_config": train_config.to_dict(),
                     # a generated corpus's version, seed and size: which songs the backbone trained on
-                    "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY)}
+                    "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
+                    # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
+                    "training_data_unlabeled": bool(data.index.extra.get("unlabeled", False))}
     return record, (state, trial_config)

@@ -589,44 +589,60 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_and_reported(tmp_path, 
 def test_test_tracks_a_checkpoint_trained_on_in_a_folder_of_audio_are_counted_when_a_tags_file_splits_it_otherwise(
         tmp_path, capsys):
     """Pretrained on a folder of audio without tags (ids from the paths: clip00...), evaluated with a tags
-    file whose track_id column names the same files id00...: splits are drawn from ids, so most of the
-    evaluation's test tracks were training tracks, and before nothing said so. The training split is read
-    again from the data the run names and compared by audio file."""
+    file, added to the folder since, whose track_id column names the same files id00...: splits are drawn
+    from ids, so some of the evaluation's test tracks were training tracks, and before nothing said so. The
+    training split is read again as the run read it (it records whether it read the audio alone) and
+    compared by audio file."""
     import hashlib
 
     from analysis.downstream import results_notes
     from musicssl.data.loaders import open_dataset_option
 
+    audio = tmp_path / "audio"
     lines = ["track_id,path,tags"]
     for number in range(40):
-        write_clip(tmp_path / "audio" / f"clip{number:02d}.flac", number % 3, seconds=4.5, seed=number)
-        lines.append(f"id{number:02d},audio/clip{number:02d}.flac,{('low', 'mid', 'high')[number % 3]}")
-    (tmp_path / "tags.csv").write_text("\n".join(lines) + "\n")
+        write_clip(audio / f"clip{number:02d}.flac", number % 3, seconds=4.5, seed=number)
+        lines.append(f"id{number:02d},clip{number:02d}.flac,{('low', 'mid', 'high')[number % 3]}")
+    (audio / "tags.csv").write_text("\n".join(lines) + "\n")  # added after the training
 
     def position(track_id: str) -> float:  # loaders.split_position, written out: 0.7 / 0.1 / 0.2 by SHA-256
         return (int.from_bytes(hashlib.sha256(f"0:{track_id}".encode()).digest()[:8], "big") >> 11) / 2**53
 
     expected = [f"id{n:02d}" for n in range(40) if position(f"id{n:02d}") >= 0.8 and position(f"clip{n:02d}") < 0.7]
-    index = open_dataset_option(str(tmp_path / "tags.csv"))
+    index = open_dataset_option(str(audio / "tags.csv"))
     test_ids = index.split("test").track_ids
     assert sorted(test_ids) == sorted(f"id{n:02d}" for n in range(40) if position(f"id{n:02d}") >= 0.8)
     assert 0 < len(expected) < len(test_ids)
 
     state = Backbone(preset="cpu").state_dict()
-    folder = resolve_method(f"folder={save_run(tmp_path / 'folder', state, {'method': 'vicreg', 'preset': 'cpu', 'data': str(tmp_path / 'audio'), 'training_corpus': None})}")
-    tags = resolve_method(f"tags={save_run(tmp_path / 'tags', state, {'method': 'vicreg', 'preset': 'cpu', 'data': str(tmp_path / 'tags.csv'), 'training_corpus': None})}")
-    gone = resolve_method(f"gone={save_run(tmp_path / 'gone', state, {'method': 'vicreg', 'preset': 'cpu', 'data': str(tmp_path / 'moved'), 'training_corpus': None})}")
-    result = run_downstream([folder, tags, gone], DownstreamConfig(**SMALL_EVALUATION), index=index)
+
+    def run(label: str, data: str, **record):
+        config = {"method": "vicreg", "preset": "cpu", "data": data, "training_corpus": None, **record}
+        return resolve_method(f"{label}={save_run(tmp_path / label, state, config)}")
+
+    methods = [run("folder", str(audio), training_data_unlabeled=True),
+               run("tags", str(audio / "tags.csv"), training_data_unlabeled=False),
+               run("unrecorded", str(audio)),  # a run before the record: audio alone, or the tags file?
+               run("gone", str(tmp_path / "moved"), training_data_unlabeled=True),
+               run("relative", "audio", training_data_unlabeled=True)]
+    result = run_downstream(methods, DownstreamConfig(**SMALL_EVALUATION), index=index)
     console = capsys.readouterr().out
     assert (f"warning: folder: {len(expected)} of the {len(test_ids)} test tracks were training tracks of the data it "
-            f"was trained on ({tmp_path / 'audio'}), e.g. {sorted(expected, key=test_ids.index)[0]}: its test scores "
+            f"was trained on ({audio}), e.g. {sorted(expected, key=test_ids.index)[0]}: its test scores "
             "are not held out") in console
     assert console.count("test tracks were training tracks") == 1
-    assert f"note: gone: could not check which test tracks it trained on: its training data {tmp_path / 'moved'} " \
-           "cannot be read now" in console
+    assert (f"note: unrecorded: could not check which test tracks it trained on: its run did not record whether it "
+            f"read {audio}'s audio alone or the tags file that folder holds now") in console
+    assert (f"note: gone: could not check which test tracks it trained on: its training data {tmp_path / 'moved'} "
+            "cannot be read now") in console
+    assert ("note: relative: could not check which test tracks it trained on: its training data audio is a path "
+            "relative to where it was trained") in console
     counts = result.results.set_index("method")["test_tracks_trained_on"]
-    assert counts["folder"] == len(expected) and counts["tags"] == 0 and math.isnan(counts["gone"])
-    assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (folder:" in results_notes(result.results)
+    assert counts["folder"] == len(expected) and counts["tags"] == 0
+    assert all(math.isnan(counts[label]) for label in ("unrecorded", "gone", "relative"))  # not "0: held out"
+    notes = results_notes(result.results)
+    assert f"NOT HELD OUT: some test tracks were training tracks of the checkpoint (folder: {len(expected)} tracks): " \
+           "it was trained on these tracks split otherwise" in notes and "a folder or tags file" in notes
 
 
 def test_the_training_corpus_of_a_run_written_before_the_record_is_read_from_its_data(tmp_path):

@@ -836,6 +836,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     best_config = json.loads((folder / "best_config.json").read_text())
     assert best_config["trial"] == 0 and best_config["params"]["num_prototypes"] == 64
     assert best_config["training_corpus"] is None  # what analysis.downstream reads: not a generated corpus
+    assert best_config["training_data_unlabeled"] is False  # and how the data was read: a tracks.csv
     assert json.loads((folder / "search.json").read_text())["corpus"] is None  # what a resume continues on
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["counts"] == {"complete": 1, "collapsed": 1, "diverged": 1, "failed": 1}

@@ -99,6 +99,7 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     if method == "clustering":
         assert method_config["num_prototypes"] == 1024 and method_config["bottleneck_dim"] == 128
     assert json.loads((out / "config.json").read_text())["training_corpus"] is None  # not a generated corpus
+    assert json.loads((out / "config.json").read_text())["training_data_unlabeled"] is False  # a tracks.csv
 
 
 def test_a_run_on_a_generated_corpus_records_which_one(tmp_path, tonal_dataset):
@@ -866,6 +867,8 @@ def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_datase
     assert "the data has no tags (a folder of audio without a tags file, or a table of tracks without tags, is used without tags)" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and "probe_map" not in summary and summary["probe_skipped"]
+    # Recorded, so that an evaluation of the folder with a tags file added later knows its splits were the paths'.
+    assert json.loads((out / "config.json").read_text())["training_data_unlabeled"] is True
 
 
 def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):

@@ -718,7 +718,9 @@ def train(
                 "config.json": lambda path: path.write_text(json.dumps(
                     {**config.to_dict(), "method_config": dataclasses.asdict(method_settings(config)),
                      # a generated corpus's version, seed and size: which songs the backbone trained on
-                     "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY)},
+                     "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
+                     # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
+                     "training_data_unlabeled": bool(data.index.extra.get("unlabeled", False))},
                     indent=2, default=str)),
                 "metrics.csv": lambda path: _write_csv(path, module.epochs, ("epoch", "step", "verdict")),
                 "collapse.csv": lambda path: _write_csv(path, module.history, ("kind", "epoch", "step", "verdict")),
