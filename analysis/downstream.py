@@ -183,7 +183,7 @@ class ClassifierConfig:
     max_checks: int = 200
     # Torch threads while a probe trains on the CPU. One: its matrices are small, and on a busy machine
     # extra threads wait for each other (fits of 0.1 s took 5-20 s with 2 threads on the shared 2-core
-    # development machine). Embedding extraction keeps all cores.
+    # development machine). Embedding extraction keeps every CPU the process may use.
     cpu_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -2140,7 +2140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = mixed_front_end_note(methods)
     if note:
         print(f"{parser.prog}: note: {note}", file=sys.stderr)
-    # All cores by default: embedding extraction is the heavy part and it is one big batched forward.
+    # Every CPU it may use by default: embedding extraction is the heavy part and it is one big batched forward.
     torch.set_num_threads(args.threads or usable_cpus())
     out_dir = Path(args.out) if args.out else (
         Path("runs") / "downstream" / f"{_safe_name(Path(args.dataset).name or args.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"

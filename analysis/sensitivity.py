@@ -1110,7 +1110,7 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
             "experiment": label, "method": experiment.method, "trial": frame["trial"],
             "outcome": frame["outcome"],
             # as the report counts it: stopped for collapse or diverged, or (run without stopping) what the rule
-            # would have stopped, whose outcome is complete
+            # would have stopped, whose outcome is complete (stopped where ASHA stopped it first)
             "collapsed": frame["collapsed"].astype(bool), "collapse_type": frame["collapse_type"],
             "objective_name": experiment.objective, "objective": frame["objective"],
         })
@@ -1246,7 +1246,11 @@ def write_report(analyses: Sequence[ExperimentAnalysis], report: Path, formats: 
         "comparison": comparison_rows(analyses) if len(analyses) > 1 else [],
     }
     if "png" in formats:
-        summary["png"] = export_pngs(figures, paths["png"])
+        try:
+            summary["png"] = export_pngs(figures, paths["png"])
+        except KeyboardInterrupt as stop:  # kaleido takes seconds: a stop then leaves the figures it exported
+            stop.pngs_in = paths["png"]
+            raise
     table = trials_table(analyses)
     # Each file whole or not at all (a full disk leaves no cut-short report), and the three together: a
     # Ctrl-C or SIGTERM here takes effect once they are written, not between the report and its summary.
@@ -1364,17 +1368,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage_dir = args.storage_dir if args.storage_dir is not None else "runs"
     try:
         with sigterm_interrupts():
-            code = _write_the_report(args, formats, storage_dir)
-            sys.stdout.flush()  # here, where a closed pipe is caught, not as Python exits
-            return code
+            return _write_the_report(args, formats, storage_dir)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: one line; the report's files are written all or none
-        written = getattr(stop, "report_written", None)
-        print(f"\n{PROG}: interrupted" + (f" as the report was written; it is complete: {written}" if written
-                                          else ", no report written"), file=sys.stderr)
+        written, pngs = getattr(stop, "report_written", None), getattr(stop, "pngs_in", None)
+        if written:
+            said = f" after the report was written; it is complete: {written}"
+        else:
+            said = ", no report written" + (f" (the PNG figures exported so far are in {pngs})" if pngs else "")
+        print(f"\n{PROG}: interrupted{said}", file=sys.stderr)
         return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-    except BrokenPipeError:  # the output piped into a command that stopped reading (| head): the report is written
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush says nothing
-        return 0
+    except BrokenPipeError:  # an output closed before the report was written (stderr): it may be cut short
+        _quiet_closed_output()
+        return 1
+
+
+def _quiet_closed_output() -> None:
+    """After a BrokenPipeError (the output piped into a command that stopped reading, ``| head``): what is
+    left of standard output goes nowhere, so that Python's flush at exit says nothing either."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir: str) -> int:
@@ -1410,21 +1421,28 @@ def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir:
     except OSError as error:  # a write that fails names no file (a full disk): the report does
         print(f"{PROG}: error: {error.filename or out or ''}: {error.strerror or error}", file=sys.stderr)
         return 2
-    for line in _summary_lines(summary):
-        print(line)
-    for experiment in summary["experiments"]:  # what the report says it could not show, or shows with care
-        for note in experiment.get("notes", []):
-            print(f"{experiment['name']}: note: {note}")
     paths = output_paths(out)
-    print(f"report: {paths['html']}\nsummary: {paths['json']}\ntrials: {paths['csv']}")
-    png = summary.get("png")
-    if png is not None:
-        if png.get("reason"):  # not exported, or only in part: the figures' folder is not this report's
-            done = f" after {len(png['written'])} of {len(summary['figures'])} figures" if png.get("written") else ""
-            print(f"{PROG}: PNG export {'failed' + done if done else 'skipped'}: {png['reason']}", file=sys.stderr)
-            return 1
-        removed = f" (removed {len(png['removed'])} of an earlier report)" if png.get("removed") else ""
-        print(f"figures: {len(png['written'])} PNG files in {paths['png']}{removed}")
+    png = summary.get("png") or {}
+    try:  # the report is written: a stop or a closed output from here on leaves it whole, and says so
+        for line in _summary_lines(summary):
+            print(line)
+        for experiment in summary["experiments"]:  # what the report says it could not show, or shows with care
+            for note in experiment.get("notes", []):
+                print(f"{experiment['name']}: note: {note}")
+        print(f"report: {paths['html']}\nsummary: {paths['json']}\ntrials: {paths['csv']}")
+        if png.get("written") is not None and not png.get("reason"):
+            removed = f" (removed {len(png['removed'])} of an earlier report)" if png.get("removed") else ""
+            print(f"figures: {len(png['written'])} PNG files in {paths['png']}{removed}")
+        sys.stdout.flush()  # here, where a closed pipe is caught, not as Python exits
+    except KeyboardInterrupt as stop:
+        stop.report_written = paths["html"]
+        raise
+    except BrokenPipeError:  # piped into a command that stopped reading (| head): the exit status stays the report's
+        _quiet_closed_output()
+    if png.get("reason"):  # not exported, or only in part: the figures' folder is not this report's
+        done = f" after {len(png['written'])} of {len(summary['figures'])} figures" if png.get("written") else ""
+        print(f"{PROG}: PNG export {'failed' + done if done else 'skipped'}: {png['reason']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -829,6 +829,8 @@ def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
 
 
 def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
+    from optuna.distributions import IntDistribution
+
     experiment = analysis.experiment
     frame = experiment.trials
     names = analysis.ranked_parameters()
@@ -864,8 +866,10 @@ def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                          "range": [floor if unset else low, high]}
             if log or unset:  # else plotly's own ticks
                 ticks = list(np.arange(math.ceil(low), math.floor(high) + 1)) if log else list(np.linspace(low, high, 5))
+                if not log and isinstance(distribution, IntDistribution):  # 64-1024: 304, not 3.04e+02
+                    ticks = sorted({round(t) for t in ticks})
                 dimension.update(tickvals=[floor] * unset + ticks,
-                                 ticktext=["not set"] * unset + [f"{10.0 ** t:g}" if log else f"{t:.3g}" for t in ticks])
+                                 ticktext=["not set"] * unset + [f"{10.0 ** t:g}" if log else f"{t:.4g}" for t in ticks])
             dimensions.append(dimension)
     objective = frame["objective"].where(frame["outcome"] == "complete")
     if objective.notna().any():

@@ -696,6 +696,15 @@ def test_parallel_coordinates_put_a_parameter_a_trial_lacks_on_a_not_set_tick_be
     assert (values[~sgd] == floor).all() and (values[sgd] >= 0).all()
     assert list(beta.ticktext) == ["not set", "low", "high"] and (np.asarray(beta.values)[sgd] == -1).all()
     assert "not set" not in lr.ticktext and lr.range[0] == pytest.approx(-4)  # every trial has it
+    # An integer parameter a trial lacks: its ticks are whole numbers, written as such (not 1.02e+03).
+    study = optuna.create_study(direction="maximize")
+    width = optuna.distributions.IntDistribution(64, 1024)
+    for number in range(8):
+        params = {"width": 64 + 137 * number} if number % 4 else {}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={"width": width} if params else {},
+                                                  value=0.5, user_attrs={"outcome": "complete"}))
+    dimension = parallel_figure(analyse(experiment_from_study(study, SETTINGS))).figure.data[0].dimensions[0]
+    assert list(dimension.ticktext) == ["not set", "64", "304", "544", "784", "1024"]
 
 
 def test_collapse_importances_need_three_trials_on_each_side():
@@ -1641,6 +1650,7 @@ def test_an_interrupt_ends_the_report_in_one_line_with_its_files_all_or_none(exp
     between the report's files left a new report beside an old summary. A real signal, sent to this process
     while it analyses the search, and again while it writes."""
     import analysis.sensitivity as sensitivity
+    import analysis.sensitivity_figures as sensitivity_figures
 
     analyse = sensitivity.analyse
 
@@ -1664,9 +1674,39 @@ def test_an_interrupt_ends_the_report_in_one_line_with_its_files_all_or_none(exp
 
     monkeypatch.setattr(sensitivity, "write_whole", signalled_between)
     assert main([str(experiment_folder), "--out", str(out)]) == 128 + signum
-    assert capsys.readouterr().err.endswith(f"interrupted as the report was written; it is complete: {out}\n")
+    assert capsys.readouterr().err.endswith(f"interrupted after the report was written; it is complete: {out}\n")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r-trials.csv", "r.html", "r.json"]
     assert json.loads(out.with_suffix(".json").read_text())["report"] == str(out)
+    monkeypatch.setattr(sensitivity, "write_whole", write_whole)
+
+    # While the summary is printed, the report written: said so (before, "no report written").
+    summary_lines = sensitivity._summary_lines
+
+    def signalled_while_printing(summary):
+        os.kill(os.getpid(), signum)
+        return summary_lines(summary)
+
+    monkeypatch.setattr(sensitivity, "_summary_lines", signalled_while_printing)
+    again = tmp_path / "again.html"
+    assert main([str(experiment_folder), "--out", str(again)]) == 128 + signum
+    assert capsys.readouterr().err.endswith(f"interrupted after the report was written; it is complete: {again}\n")
+    assert json.loads(again.with_suffix(".json").read_text())["report"] == str(again)
+    monkeypatch.setattr(sensitivity, "_summary_lines", summary_lines)
+
+    # While kaleido exports the figures (seconds): no report, and where the figures exported so far are.
+    def signalled_while_exporting(figures, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "01-first.png").write_bytes(b"png")
+        os.kill(os.getpid(), signum)
+        time.sleep(1)  # the signal's handler runs here
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr(sensitivity_figures, "export_pngs", signalled_while_exporting)
+    third = tmp_path / "third.html"
+    assert main([str(experiment_folder), "--out", str(third), "--format", "png"]) == 128 + signum
+    assert capsys.readouterr().err.endswith(f"interrupted, no report written (the PNG figures exported so far are in "
+                                            f"{tmp_path / 'third-figures'})\n")
+    assert not third.exists() and not third.with_suffix(".json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
 
 
@@ -1680,6 +1720,26 @@ def test_output_piped_into_a_command_that_stops_reading_ends_quietly(experiment_
                           cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert json.loads(out.with_suffix(".json").read_text())["report"] == str(out)
+
+
+def test_a_closed_output_keeps_the_exit_status_of_a_failed_png_export(experiment_folder, tmp_path, monkeypatch, capsys):
+    """Before (found in review): a closed pipe while the summary printed made every exit status 0, a failed
+    PNG export's 1 too. Standard output here is a real pipe whose reader has gone."""
+    import analysis.sensitivity_figures as sensitivity_figures
+
+    monkeypatch.setattr(sensitivity_figures, "export_pngs",
+                        lambda figures, folder: {"written": [], "removed": [], "reason": "kaleido is not installed"})
+    reader, writer = os.pipe()
+    os.close(reader)
+    closed = os.fdopen(writer, "w")
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        code = main([str(experiment_folder), "--out", str(tmp_path / "r.html"), "--format", "png"])
+    finally:
+        closed.close()
+    assert code == 1
+    assert capsys.readouterr().err.endswith("PNG export skipped: kaleido is not installed\n")
+    assert json.loads((tmp_path / "r.json").read_text())["png"]["reason"] == "kaleido is not installed"
 
 
 def test_the_module_runs_as_a_script_with_errors_and_no_traceback(tmp_path):
