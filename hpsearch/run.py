@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -230,7 +231,36 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         problem = probe_problem(data)
         if problem:
             raise unscorable(f"{len(valid_ids)} usable", len(data.index.tag_names), problem)
+    now = tracks_record(data)
+    if settings.tracks is not None and now["digest"] != settings.tracks.get("digest"):
+        def counts(record: dict) -> str:
+            return ", ".join(f"{record.get(name, '?')} {name}" for name in ("train", "valid", "test", "tags"))
+
+        raise SearchError(
+            f"--data {spec!r}: the search was started on other tracks, splits or tags ({counts(settings.tracks)}; "
+            f"now {counts(now)}, or the same counts of other tracks): its trials so far trained and were scored on "
+            "those; restore the data as it was, or start a new search with another --name"
+        )
     return data
+
+
+def tracks_record(data) -> dict[str, Any]:
+    """What a search trains and scores on: the usable tracks of each split (ids, in order) with their
+    tags, as a SHA-256 digest, and the counts of each split's tracks and of the tags."""
+    import numpy as np
+
+    digest = hashlib.sha256(json.dumps(list(data.index.tag_names)).encode())
+    labels = dict(zip(data.index.track_ids, data.index.labels()))
+    record: dict[str, Any] = {}
+    for split in ("train", "valid", "test"):
+        ids = data.track_ids(split)
+        record[split] = len(ids)
+        digest.update(json.dumps([split, ids]).encode())
+        for track_id in ids:
+            digest.update(np.packbits(np.asarray(labels[track_id], dtype=bool)).tobytes())
+    record["tags"] = len(data.index.tag_names)
+    record["digest"] = digest.hexdigest()
+    return record
 
 
 RAY_CLIENT_SCHEMES = ("ray://", "anyscale://")  # Ray Client addresses: left to Ray
@@ -1243,6 +1273,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
         if not existing:  # recorded when the search starts: a resume continues on that corpus
             settings = dataclasses.replace(settings, corpus=data.index.extra.get(GENERATED_CORPUS_KEY))
+        if settings.tracks is None:  # and on those tracks (a search from before the record: from now on)
+            settings = dataclasses.replace(settings, tracks=tracks_record(data))
         # Ray before the folder: a cluster that cannot be joined leaves nothing behind.
         _ray_environment(local=address is None, verbose=verbose)
         started_ray = _init_ray(settings, address, verbose, reserved=folder if reserved else None)

@@ -202,6 +202,10 @@ class SearchSettings:
     # musicssl.corpus.splits.corpus_identity), recorded when it starts; None for other data. A resumed
     # search continues on it, never on a corpus of another generator version (other splits).
     corpus: dict[str, Any] | None = None
+    # The tracks it trains and scores on: the usable tracks of each split with their tags, as a digest, and
+    # their counts (hpsearch.run.tracks_record), recorded when it starts (a search from before the record: when
+    # first resumed). A resumed search on other tracks or splits (a folder changed since) is refused.
+    tracks: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = []

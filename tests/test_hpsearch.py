@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.sensitivity import read_trajectories
 from conftest import run_main
 from hpsearch.results import load_study
-from hpsearch.run import SearchError, build_parser, run_search
+from hpsearch.run import SearchError, build_parser, run_search, tracks_record
 from hpsearch.run import main as search_main
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import COLLAPSE_TYPES_VERSION, COLLAPSE_TYPES_VERSIONS, SearchSettings, SettingsError
@@ -838,6 +838,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert best_config["training_corpus"] is None  # what analysis.downstream reads: not a generated corpus
     assert best_config["training_data_unlabeled"] is False  # and how the data was read: a tracks.csv
     assert json.loads((folder / "search.json").read_text())["corpus"] is None  # what a resume continues on
+    assert json.loads((folder / "search.json").read_text())["tracks"] == tracks_record(tonal_data)  # and on those tracks
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["counts"] == {"complete": 1, "collapsed": 1, "diverged": 1, "failed": 1}
     assert summary["trial_epochs_requested"] == 8
@@ -2203,6 +2204,42 @@ def test_training_tracks_too_short_for_the_views_are_not_counted_for_the_batch(t
     assert (f"note: {len(shortened)} of the {len(train)} training tracks are too short for a trial's views (under "
             f"8.03 s: 2 views of 4 s starting >= 4 s apart): trials train on the other {long_enough}") \
         in capsys.readouterr().out
+
+
+def test_a_search_is_resumed_only_on_the_tracks_it_was_started_on(tmp_path, tonal_dataset, monkeypatch):
+    """Before: a search on a folder resumed after tracks were added (or tags changed) trained and scored its
+    next trials on other splits, beside the earlier trials' scores and the untrained reference of the new
+    data, without a word (a corpus search was refused). Its tracks are now recorded when it starts."""
+    from hpsearch.run import prepare_search_data
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    table = pd.read_csv(tonal_dataset / "tracks.csv")
+    table["path"] = [str(tonal_dataset / path) for path in table["path"]]
+    table.to_csv(tmp_path / "tracks.csv", index=False)
+    settings = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8)
+    record = tracks_record(prepare_search_data(settings, verbose=False))
+    split_counts = table["split"].value_counts()
+    assert {name: record[name] for name in ("train", "valid", "test", "tags")} == {
+        "train": split_counts["train"], "valid": split_counts["valid"], "test": split_counts["test"], "tags": 6}
+    resumed = dataclasses.replace(settings, tracks=record)
+    assert tracks_record(prepare_search_data(resumed, verbose=False)) == record  # the same data: continues
+
+    added = table.iloc[:10].assign(track_id=[f"new{n}" for n in range(10)], split="train",
+                                   path=[str(tmp_path / f"new{n}.flac") for n in range(10)])
+    for source, copy in zip(table["path"][:10], added["path"]):  # ten tracks added to the data
+        shutil.copyfile(source, copy)
+    grown = pd.concat([table, added])
+    grown.to_csv(tmp_path / "tracks.csv", index=False)
+    with pytest.raises(SearchError, match=rf"the search was started on other tracks, splits or tags \({record['train']} "
+                                          rf"train, {record['valid']} valid, {record['test']} test, 6 tags; now "
+                                          rf"{record['train'] + 10} train, .*start a new search with another --name"):
+        prepare_search_data(resumed, verbose=False)
+    retagged = table.copy()
+    retagged.loc[0, "tags"] = retagged.loc[1, "tags"] if retagged.loc[0, "tags"] != retagged.loc[1, "tags"] else \
+        retagged.loc[2, "tags"]
+    retagged.to_csv(tmp_path / "tracks.csv", index=False)
+    with pytest.raises(SearchError, match=r"or the same counts of other tracks"):  # one track's tags changed
+        prepare_search_data(resumed, verbose=False)
 
 
 def test_a_search_continues_on_the_corpus_it_was_started_on(tmp_path, tonal_dataset, monkeypatch, capsys):
