@@ -1251,8 +1251,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             finished = check_journal(folder)
             # Nothing to run: no Ray, no data, the stored summary (unless it lacks the untrained reference,
             # which a stop while it was measured leaves out: this run measures it).
-            if finished >= settings.trials and not (settings.objective.startswith("probe_")
-                                                    and _untrained_missing(folder)):
+            if finished >= settings.trials and not _untrained_missing(folder):
                 print(f"{settings.name}: all {settings.trials} trials are finished; nothing to run", file=stream,
                       flush=True)
                 frame, summary = _summarize(settings, folder, journal, started)
@@ -1423,29 +1422,29 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     signal.signal(signal.SIGINT, previous_sigint)
                 _sigterm_as_ctrl_c()
 
-        if settings.objective.startswith("probe_"):
-            # ~20 s on the corpus: a stop here (Ctrl-C, SIGTERM) leaves out the reference, not the summary.
-            try:
-                summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
-            except KeyboardInterrupt:
-                print("interrupted: the untrained backbone's reference score "
-                      + ("was not measured again; the summary keeps the one measured before"
-                         if summary.untrained_value is not None else "is left out of the summary"),
-                      file=stream, flush=True)
-            except Exception as error:  # a reference only: the search's results are written, and the summary follows
-                print(f"warning: the untrained backbone's reference score could not be measured "
-                      f"({type(error).__name__}: {error}); "
-                      + ("the summary keeps the one measured before" if summary.untrained_value is not None
-                         else "it is left out of the summary"), file=stream, flush=True)
-            summary.seconds = time.perf_counter() - started
-            try:
-                _write_summary(folder, summary)
-            except OSError as error:  # the disk filled after the trials: a resume writes the summary
-                failure = _disk_full_error(error, folder, settings, address) or _not_writable_error(error, settings,
-                                                                                                   address)
-                if failure is None:
-                    raise
-                raise failure from error
+        # The untrained backbone's reference (~20 s on the corpus): a stop here (Ctrl-C, SIGTERM) leaves out the
+        # reference, not the summary.
+        try:
+            summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
+        except KeyboardInterrupt:
+            print("interrupted: the untrained backbone's reference score "
+                  + ("was not measured again; the summary keeps the one measured before"
+                     if summary.untrained_value is not None else "is left out of the summary"),
+                  file=stream, flush=True)
+        except Exception as error:  # a reference only: the search's results are written, and the summary follows
+            print(f"warning: the untrained backbone's reference score could not be measured "
+                  f"({type(error).__name__}: {error}); "
+                  + ("the summary keeps the one measured before" if summary.untrained_value is not None
+                     else "it is left out of the summary"), file=stream, flush=True)
+        summary.seconds = time.perf_counter() - started
+        try:
+            _write_summary(folder, summary)
+        except OSError as error:  # the disk filled after the trials: a resume writes the summary
+            failure = _disk_full_error(error, folder, settings, address) or _not_writable_error(error, settings,
+                                                                                               address)
+            if failure is None:
+                raise
+            raise failure from error
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
@@ -1537,8 +1536,11 @@ def _end_lines(settings: SearchSettings, folder: Path, summary, address: str | N
 
 
 def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
-    """The probe objective of a freshly initialised backbone (seeded like the trials): the score a
-    trial must beat for its training to have helped the probe at all.
+    """The objective of a freshly initialised backbone (seeded like the trials): the score a trial must
+    beat for its training to have helped at all. A probe objective is scored as the trials are; ``rankme``
+    is the embedding's effective rank on the trials' probe segments (the collapse metrics' set: fixed
+    segments of the valid tracks, of the training tracks where fewer than 2 are valid), as a trial's last
+    epoch measures it.
 
     Returns ``(calibrated, initial)``. ``calibrated`` is the bar: the backbone's BatchNorm running
     statistics measured on the training tracks' probe segments (weights untouched), as every trained
@@ -1557,12 +1559,28 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
         torch.manual_seed(settings.seed)
         backbone = Backbone(preset=settings.preset)
     per_track = settings.probe_segments_per_track
-    initial = float(probe_score(backbone, data, per_track, settings.seed)[settings.objective])
+    if settings.objective == "rankme":
+        from musicssl.collapse import effective_rank
+        from musicssl.data.views import fixed_segments
+        from musicssl.train import COLLAPSE_CHUNK
+
+        valid_ids = data.track_ids("valid")
+        probe_mels = fixed_segments(data.cache, valid_ids if len(valid_ids) >= 2 else data.track_ids("train"),
+                                    settings.probe_segments, seed=settings.seed)
+
+        def score(network) -> float:
+            network.eval()
+            with torch.no_grad():
+                embedding = torch.cat([network(chunk) for chunk in probe_mels.split(COLLAPSE_CHUNK)])
+            return float(effective_rank(embedding.float(), eps=1e-7))
+    else:
+        def score(network) -> float:
+            return float(probe_score(network, data, per_track, settings.seed)[settings.objective])
+    initial = score(backbone)
     segments = torch.cat([track_segments(data.cache, track_id, max_segments=per_track)
                           for track_id in data.track_ids("train")])
     calibrate_batchnorm(backbone, segments, settings.batch_size)
-    calibrated = float(probe_score(backbone, data, per_track, settings.seed)[settings.objective])
-    return calibrated, initial
+    return score(backbone), initial
 
 
 def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None:

@@ -891,6 +891,27 @@ def test_the_untrained_reference_is_the_random_backbone_with_batchnorm_statistic
     assert calibrated == pytest.approx(probe_score(backbone, tonal_data, 1, settings.seed)["probe_map"], abs=1e-6)
     assert calibrated != initial
 
+    # With --objective rankme (before: no reference at all, so a search rewarding trials that barely trained
+    # said nothing): the embedding's RankMe on the trials' probe segments, written out with an SVD.
+    from musicssl.data.views import fixed_segments
+
+    ranked_calibrated, ranked_initial = untrained_probe(dataclasses.replace(settings, objective="rankme"), tonal_data)
+    probe_mels = fixed_segments(tonal_data.cache, tonal_data.track_ids("valid"), settings.probe_segments,
+                                seed=settings.seed)
+
+    def rankme(network) -> float:
+        network.eval()
+        with torch.no_grad():
+            singular = torch.linalg.svdvals(network(probe_mels).double())
+        p = singular / singular.sum() + 1e-7
+        return float(torch.exp(-(p * torch.log(p)).sum()))
+
+    torch.manual_seed(settings.seed)
+    fresh = Backbone(preset="cpu")
+    assert ranked_initial == pytest.approx(rankme(fresh), rel=1e-4)
+    assert ranked_calibrated == pytest.approx(rankme(backbone), rel=1e-4)  # the calibrated one above
+    assert 1 < ranked_calibrated <= settings.probe_segments and ranked_calibrated != ranked_initial
+
 
 def _signal_is_caught(signum: int) -> bool:
     """Whether the kernel delivers ``signum`` to a handler in this process (SigCgt in /proc), not only
@@ -1065,6 +1086,12 @@ def test_asha_search_on_rankme_and_no_collapse_stop(tmp_path, tonal_data, ray_gu
         values = trial.intermediate_values
         assert row.best_objective == pytest.approx(max(values.values())), row
         assert 1 <= row.best_epoch <= row.epochs_completed, row
+    # The summary gives the untrained backbone's RankMe on the same probe segments (before: none for rankme).
+    from hpsearch.run import untrained_probe
+
+    summary = json.loads((result.folder / "summary.json").read_text())
+    assert (summary["untrained_value"], summary["untrained_value_initial_bn"]) == pytest.approx(
+        untrained_probe(settings, tonal_data))
 
 
 def _epoch_reports(settings: SearchSettings, records: list[dict]) -> list[dict]:
