@@ -1890,7 +1890,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: stopped: {result.stopped_for}; {result.stopped_advice}, and continue the search with "
               f"{_continue_command(result.settings, args.address)}", file=sys.stderr)
         return 2
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    failed = _every_trial_failed(result)
+    if failed:
+        print(f"{PROG}: error: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _every_trial_failed(result: SearchResult) -> str | None:
+    """What to say of a search whose every finished trial failed (none complete, collapsed, diverged or
+    stopped: the data or the settings are at fault, not the hyperparameters), or None."""
+    frame = result.trials
+    if frame is None or not len(frame) or "outcome" not in frame:
+        return None
+    finished = frame[frame["outcome"] != "running"]
+    if not len(finished) or (finished["outcome"] != "failed").any():
+        return None
+    errors = [str(error).strip() for error in (finished["error"] if "error" in finished else []) if isinstance(error, str)]
+    first = errors[0].splitlines()[-1] if errors and errors[0] else "no error recorded"
+    return (f"all {len(finished)} finished trials failed, the first with: {first}; "
+            f"{result.folder / 'trials.csv'}'s error column holds each one's")
 
 
 if __name__ == "__main__":

@@ -2199,6 +2199,28 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
 
 
+def test_a_search_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path, monkeypatch, capsys):
+    """Before: "0 complete, 2 failed" and exit 0, so a script went on to analyse a search of nothing. A
+    search with any other outcome (one trial complete, collapsed, diverged or stopped) still exits 0."""
+    import hpsearch.run
+    from hpsearch.run import SearchResult
+
+    def searched(outcomes, errors):
+        frame = pd.DataFrame({"trial": range(len(outcomes)), "outcome": outcomes, "error": errors})
+        result = SearchResult(folder=tmp_path, settings=SearchSettings(method="vicreg"), trials=frame, summary=None,
+                              interrupted=False)
+        monkeypatch.setattr(hpsearch.run, "run_search", lambda *args, **kwargs: result)
+        return search_main(["vicreg", "--trials", str(len(outcomes)), "--storage-dir", str(tmp_path)])
+
+    traceback = "Traceback (most recent call last):\n  ...\nValueError: no track can give 2 views"
+    assert searched(["failed", "failed", "running"], [traceback, "RuntimeError: x", None]) == 1
+    assert capsys.readouterr().err == (
+        f"python -m hpsearch.run: error: all 2 finished trials failed, the first with: ValueError: no track can give "
+        f"2 views; {tmp_path / 'trials.csv'}'s error column holds each one's\n")
+    for outcomes in (["failed", "complete"], ["failed", "collapsed"], ["diverged"], ["stopped", "failed"], ["running"]):
+        assert searched(outcomes, [None] * len(outcomes)) == 0, outcomes
+
+
 def test_training_tracks_too_short_for_the_views_are_not_counted_for_the_batch(tmp_path, tonal_dataset, monkeypatch,
                                                                                capsys):
     """Before: 6 s tracks, long enough for the mel cache (4 s) but not for two 4 s views 4 s apart, passed
