@@ -1754,6 +1754,10 @@ def threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep:
             raise SettingsError(f"--threshold takes NAME=VALUE, got {pair!r}")
         name, text = name.strip(), text.strip()
+        if not name:
+            raise SettingsError(f"--threshold takes NAME=VALUE, got {pair!r}: no NAME")
+        if name in values:  # given twice: the last would have been kept without a word
+            raise SettingsError(f"--threshold {name} is given twice; give it once")
         if name == "check_projection":
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise SettingsError(f"--threshold {pair}: check_projection takes true or false")

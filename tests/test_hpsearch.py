@@ -2047,6 +2047,10 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--stop-on", "complete,one-hot"],
          "--stop-on takes one or more of complete, dimensional, cluster, partial"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
+        # Before: "unknown collapse threshold(s) ;", and a name given twice kept the last without a word.
+        (["vicreg", "--threshold", "=3"], "--threshold takes NAME=VALUE, got '=3': no NAME"),
+        (["vicreg", "--threshold", "dimensional_max_rank_fraction=0.1", "--threshold", "dimensional_max_rank_fraction=0.2"],
+         "--threshold dimensional_max_rank_fraction is given twice; give it once"),
         (["vicreg", "--cpus-per-trial", "inf"], "--cpus-per-trial must be a number >= 0.0001 (Ray's smallest share "
                                                 "of a CPU), got inf"),
         # Before: Ray's traceback as the first trial started, and that trial left RUNNING in the journal.
