@@ -2081,7 +2081,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draws", type=_positive_int, default=defaults.draws,
                         help="random draws per fraction (default: %(default)s)")
     parser.add_argument("--bootstrap", type=_int_in(2), default=defaults.bootstrap_resamples,
-                        help="bootstrap resamples of the test tracks (at least 2; default: %(default)s)")
+                        help="bootstrap resamples of the test tracks (at least 2; default: %(default)s); one that "
+                        "leaves a scored tag without a positive or a negative track is drawn again")
     parser.add_argument("--bootstrap-fraction", type=_share, default=defaults.bootstrap_fraction,
                         help="share of the test tracks per resample, in (0, 1]; a resample needs at least 2 tracks "
                         "(default: %(default)s)")

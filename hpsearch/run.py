@@ -104,10 +104,16 @@ def check_space(settings: SearchSettings) -> int:
         raise SearchError(f"the search space {space.module} does not fit the trainer: {error}") from None
     distribution = trial.distributions.get("batch_size")
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return max(int(choice) for choice in distribution.choices)
-    if isinstance(distribution, optuna.distributions.IntDistribution):
-        return int(distribution.high)
-    return int(config.batch_size)
+        largest = max(int(choice) for choice in distribution.choices)
+    elif isinstance(distribution, optuna.distributions.IntDistribution):
+        largest = int(distribution.high)
+    else:
+        return int(config.batch_size)
+    if settings.batch_size != SearchSettings.batch_size:  # given, and not what the trials train with
+        print(f"note: study_spaces/{settings.method}.py samples the batch size (up to {largest}): --batch-size "
+              f"{settings.batch_size} sets only the batches the untrained reference measures its BatchNorm "
+              "statistics on", file=sys.stderr)
+    return largest
 
 
 def _corpus_started_on(settings: SearchSettings):

@@ -2203,6 +2203,21 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
 
 
+def test_a_batch_size_the_space_samples_is_said_to_set_only_the_references_batches(capsys):
+    """Before: --batch-size 64 on contrastive (whose space samples 32, 64 or 128) was stored and changed the
+    untrained reference's BatchNorm calibration, with the trials training on their sampled batches, and
+    nothing said so."""
+    from hpsearch.run import check_space
+
+    assert check_space(SearchSettings(method="contrastive", batch_size=64)) == 128
+    assert capsys.readouterr().err == ("note: study_spaces/contrastive.py samples the batch size (up to 128): "
+                                       "--batch-size 64 sets only the batches the untrained reference measures its "
+                                       "BatchNorm statistics on\n")
+    assert check_space(SearchSettings(method="contrastive")) == 128  # the default: nothing to say
+    assert check_space(SearchSettings(method="vicreg", batch_size=64)) == 64  # trains with it
+    assert capsys.readouterr().err == ""
+
+
 def test_a_search_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path, monkeypatch, capsys):
     """Before: "0 complete, 2 failed" and exit 0, so a script went on to analyse a search of nothing. A
     search with any other outcome (one trial complete, collapsed, diverged or stopped) still exits 0."""
