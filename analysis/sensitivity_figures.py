@@ -303,7 +303,9 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
     untrained = experiment.untrained_value
     if untrained is not None:
         verdict = ""
-        if best:
+        if best and experiment.objective == "rankme":  # label-free: an untrained backbone can spread widest
+            verdict = " - a reference, not a bar: training often lowers the rank an untrained backbone starts at"
+        elif best:
             verdict = (" (the best trial clears it by {:.4f})".format(best["value"] - untrained) if best["value"] > untrained
                        else " - no trial beat it: the runs are too short or the settings do not help the probe yet")
         initial = experiment.search_summary.get("untrained_value_initial_bn")

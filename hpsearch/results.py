@@ -165,8 +165,9 @@ class SearchSummary:
     epochs_saved: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None
     best_backbone: str | None = None
-    # The probe objective of an untrained backbone (the bar training has to clear), when measured:
-    # its BatchNorm statistics measured on the training tracks, the state training leaves them in.
+    # The objective of an untrained backbone, when measured (for a probe objective, the bar training has to
+    # clear; for rankme a reference only, as training often lowers it): its BatchNorm statistics measured
+    # on the training tracks, the state training leaves them in.
     untrained_value: float | None = None
     # The same backbone with its initial BatchNorm statistics (mean 0, variance 1), for comparison.
     untrained_value_initial_bn: float | None = None
@@ -318,7 +319,10 @@ def format_summary(summary: SearchSummary) -> str:
                    else f"; {summary.untrained_value_initial_bn:.4f} with its initial statistics")
         lines.append(f"reference: an untrained backbone scores {summary.objective} {summary.untrained_value:.4f} "
                      f"(BatchNorm statistics from the training tracks, as training leaves them{initial})")
-        if summary.best_value is not None and summary.best_value <= summary.untrained_value:
+        if summary.objective == "rankme":  # label-free: a backbone that has learned nothing can spread widest
+            lines.append("  a reference, not a bar: an untrained backbone's embedding is often of higher rank than a "
+                         "trained one's, and RankMe ranks trained settings against each other")
+        elif summary.best_value is not None and summary.best_value <= summary.untrained_value:
             lines.append(
                 "  no trial scored above it: at this training length the search ranks settings by how they start "
                 "to learn; give trials more steps (--max-epochs, --steps-per-epoch) for finished representations"

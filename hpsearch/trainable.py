@@ -361,6 +361,7 @@ def _train_and_score(
     """Train, then decide the outcome; returns the final record and, for a complete trial, the
     checkpoint to attach (backbone state_dict, trial config)."""
     from musicssl.data.index import GENERATED_CORPUS_KEY
+    from musicssl.data.loaders import read_audio_alone
     from musicssl.train import probe_score, train
 
     train_config = build_train_config(settings, params)
@@ -406,5 +407,5 @@ def _train_and_score(
                     # a generated corpus's version, seed and size: which songs the backbone trained on
                     "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
                     # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
-                    "training_data_unlabeled": bool(data.index.extra.get("unlabeled", False))}
+                    "training_data_unlabeled": read_audio_alone(data.index)}
     return record, (state, trial_config)

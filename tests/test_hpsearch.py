@@ -2236,6 +2236,8 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path
     assert capsys.readouterr().err == (
         f"python -m hpsearch.run: error: all 2 finished trials failed, the first with: ValueError: no track can give "
         f"2 views; {tmp_path / 'trials.csv'}'s error column holds each one's\n")
+    assert searched(["failed", "waiting"], ["RuntimeError: x", None]) == 1  # a trial waiting to start is not finished
+    capsys.readouterr()
     for outcomes in (["failed", "complete"], ["failed", "collapsed"], ["diverged"], ["stopped", "failed"], ["running"]):
         assert searched(outcomes, [None] * len(outcomes)) == 0, outcomes
 
@@ -2291,6 +2293,8 @@ def test_a_search_is_resumed_only_on_the_tracks_it_was_started_on(tmp_path, tona
         "train": split_counts["train"], "valid": split_counts["valid"], "test": split_counts["test"], "tags": 6}
     resumed = dataclasses.replace(settings, tracks=record)
     assert tracks_record(prepare_search_data(resumed, verbose=False)) == record  # the same data: continues
+    table.sample(frac=1, random_state=0).to_csv(tmp_path / "tracks.csv", index=False)  # rows rewritten in another order
+    assert tracks_record(prepare_search_data(resumed, verbose=False)) == record
 
     added = table.iloc[:10].assign(track_id=[f"new{n}" for n in range(10)], split="train",
                                    path=[str(tmp_path / f"new{n}.flac") for n in range(10)])
@@ -3401,6 +3405,10 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # Read against an untrained backbone: a search whose best trial does not beat it says so.
     assert "no trial scored above it" not in format_summary(replace(summary, untrained_value=0.39))
     assert "no trial scored above it" in format_summary(replace(summary, untrained_value=0.41))
+    # For rankme a reference only: training often lowers the rank an untrained backbone starts at, so "give
+    # trials more steps" would be the wrong advice (found in review).
+    ranked = format_summary(replace(summary, objective="rankme", untrained_value=69.4))
+    assert "no trial scored above it" not in ranked and "a reference, not a bar" in ranked
     both = format_summary(replace(summary, untrained_value=0.3414, untrained_value_initial_bn=0.4364))
     assert "probe_map 0.3414 (BatchNorm statistics from the training tracks" in both
     assert "0.4364 with its initial statistics" in both

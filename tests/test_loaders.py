@@ -274,7 +274,7 @@ def test_folder_unlabeled(tmp_path):
 
 
 def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with_tags(tmp_path):
-    from musicssl.data.loaders import open_dataset_option
+    from musicssl.data.loaders import open_dataset_option, read_audio_alone
 
     root = tmp_path / "raw"
     for name in ("b.wav", "a.flac", "deep/c.mp3"):
@@ -283,7 +283,7 @@ def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with
     # Python arguments (tags_file=, unlabeled=True) that no command line has.
     index = open_dataset_option(str(root), allow_unlabeled=True)
     assert index.track_ids == ["a", "b", "deep/c"] and index.tag_names == []
-    assert index.extra["unlabeled"] is True
+    assert index.extra["unlabeled"] is True and read_audio_alone(index)  # ids and splits from the paths
     # An evaluation needs tags: the error says what to add, in command-line terms.
     with pytest.raises(DatasetError, match=r"no tags file found .*the evaluation needs tags: put a tags CSV/TSV"):
         open_dataset_option(str(root))
@@ -296,7 +296,7 @@ def test_the_command_lines_train_on_a_folder_without_tags_and_evaluate_only_with
 def test_training_reads_a_table_of_tracks_and_splits_without_tags(tmp_path):
     """Before: refused ("no tags ... use a folder without a tags file"), whose tracks then got drawn
     splits instead of the table's."""
-    from musicssl.data.loaders import open_dataset_option
+    from musicssl.data.loaders import open_dataset_option, read_audio_alone
 
     for name in ("a.wav", "b.wav", "c.flac"):
         write_sine(tmp_path / "audio" / name)
@@ -307,6 +307,8 @@ def test_training_reads_a_table_of_tracks_and_splits_without_tags(tmp_path):
         index = open_dataset_option(str(spec), allow_unlabeled=True)
         assert index.track_ids == ["x1", "x2", "x3"] and index.tag_names == []
         assert list(index.tracks["split"]) == ["train", "test", "valid"] and index.extra["unlabeled"] is True
+        # Without tags, but a table: what a training run records, so an evaluation reads it again as a table.
+        assert not read_audio_alone(index)
         assert index.labels().shape == (3, 0)
         # An evaluation needs tags, and says so.
         with pytest.raises(DatasetError, match=r"no tags; .*an evaluation needs tags"):

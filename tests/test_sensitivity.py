@@ -189,6 +189,20 @@ def test_the_untrained_reference_is_shown_in_both_batchnorm_states(report, exper
     assert f"probe_map {initial:.4f} (initial BatchNorm statistics)" in out.read_text(encoding="utf-8")
 
 
+def test_a_rankme_reference_is_not_read_as_a_bar_to_clear():
+    """An untrained backbone's RankMe is often above a trained one's (training lowers it): before, the
+    report said "no trial beat it: the runs are too short", the wrong advice for rankme."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import summary_html
+
+    rows = [(x, 0.5, "complete") for x in (0.2, 0.4, 0.6)]
+    experiment = experiment_from_study(synthetic_study(rows), {**SETTINGS, "objective": "rankme"})
+    experiment.search_summary = {"untrained_value": 69.4, "untrained_value_initial_bn": 2.68}
+    page = summary_html(analyse(experiment))
+    assert "rankme 69.4000 (BatchNorm statistics from the training tracks; 2.6800 with its initial ones) - a " \
+           "reference, not a bar" in page and "no trial beat it" not in page
+
+
 def test_importances_sum_to_one_for_both_targets_and_both_methods(report):
     (experiment,) = report["summary"]["experiments"]
     found = {(i["target"], i["evaluator"]): i for i in experiment["importances"]}
@@ -1653,6 +1667,7 @@ def test_an_interrupt_ends_the_report_in_one_line_with_its_files_all_or_none(exp
     import analysis.sensitivity_figures as sensitivity_figures
 
     analyse = sensitivity.analyse
+    sigterm_before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or a handler an earlier test's ray.init left
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signum)
@@ -1707,7 +1722,7 @@ def test_an_interrupt_ends_the_report_in_one_line_with_its_files_all_or_none(exp
     assert capsys.readouterr().err.endswith(f"interrupted, no report written (the PNG figures exported so far are in "
                                             f"{tmp_path / 'third-figures'})\n")
     assert not third.exists() and not third.with_suffix(".json").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before  # as it was
 
 
 def test_output_piped_into_a_command_that_stops_reading_ends_quietly(experiment_folder, tmp_path):

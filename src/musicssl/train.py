@@ -586,6 +586,7 @@ def train(
 
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import GENERATED_CORPUS_KEY
+    from musicssl.data.loaders import read_audio_alone
     from musicssl.data.pipeline import prepare_data
     from musicssl.data.views import EpochSampler, ViewDataset, fixed_segments, probe_positions
 
@@ -720,7 +721,7 @@ def train(
                      # a generated corpus's version, seed and size: which songs the backbone trained on
                      "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
                      # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
-                     "training_data_unlabeled": bool(data.index.extra.get("unlabeled", False))},
+                     "training_data_unlabeled": read_audio_alone(data.index)},
                     indent=2, default=str)),
                 "metrics.csv": lambda path: _write_csv(path, module.epochs, ("epoch", "step", "verdict")),
                 "collapse.csv": lambda path: _write_csv(path, module.history, ("kind", "epoch", "step", "verdict")),

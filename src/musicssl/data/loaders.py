@@ -38,6 +38,7 @@ import pandas as pd
 from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError
 
 __all__ = [
+    "read_audio_alone",
     "AUDIO_EXTENSIONS",
     "DATASET_NAMES",
     "DatasetError",
@@ -1364,6 +1365,12 @@ def open_dataset(spec: str, root: str | Path | None = None, **kwargs: Any) -> Tr
         f"unknown dataset {spec!r}: not one of {list(DATASET_NAMES)} (jamendo-*-splitK: MTG-Jamendo's split K), "
         "and no file or folder of that name exists"
     )
+
+
+def read_audio_alone(index: TrackIndex) -> bool:
+    """Whether ``index`` is a folder's audio read without a tags file (ids and splits from the paths), not a
+    table of tracks, with tags or without (``extra["unlabeled"]`` is True for both)."""
+    return bool(index.extra.get("unlabeled")) and Path(str(index.extra.get("source", ""))).is_dir()
 
 
 def open_dataset_option(
