@@ -413,10 +413,12 @@ def training_data(spec: "MethodSpec") -> tuple[str, str | None, str | None] | No
     return data, (str(root) if root else None), (str(audio) if audio else None)
 
 
-def trained_audio(spec: "MethodSpec") -> tuple[set[str] | None, str]:
-    """The audio files (real paths) of the training split checkpoint ``spec`` trained on, read again from
-    the data its run names, as the run read it (a folder's audio alone, where it recorded so, even if a
-    tags file has been added since), where that is a folder or a tags file of the user's; (None, why)
+def trained_audio(recorded: tuple[str, str | None, str | None] | None,
+                  unlabeled: bool | None) -> tuple[set[str] | None, str]:
+    """The audio files (real paths) of the training split a checkpoint trained on, read again from the data
+    its run names (``recorded``: :func:`training_data`), as the run read it (``unlabeled``: its
+    ``training_data_unlabeled``; a folder's audio alone, where it recorded so, even if a tags file has been
+    added since), where that is a folder or a tags file of the user's; (None, why)
     where it cannot say: a baseline, a generated corpus (:func:`training_corpus` tells its tracks by
     song), a named dataset (its official splits), a relative path, data no longer readable, or a folder
     that holds a tags file now, trained on by a run that did not record whether it read it."""
@@ -424,7 +426,6 @@ def trained_audio(spec: "MethodSpec") -> tuple[set[str] | None, str]:
 
     from musicssl.data.loaders import DatasetError, dataset_name, load_folder, open_dataset_option
 
-    recorded = training_data(spec)
     if recorded is None:
         return None, "no record of its training data"
     data, root, audio = recorded
@@ -433,7 +434,6 @@ def trained_audio(spec: "MethodSpec") -> tuple[set[str] | None, str]:
     path = Path(data).expanduser()
     if not path.is_absolute():  # runs before 2026-12-03 recorded --data as given
         return None, f"its training data {data} is a path relative to where it was trained"
-    unlabeled = (_run_document(spec) or {}).get("training_data_unlabeled")
     loaders = logging.getLogger("musicssl.data.loaders")
     level = loaders.level
     loaders.setLevel(logging.ERROR)  # its notes on that data (tracks left out, empty splits) are not this evaluation's
@@ -1480,7 +1480,7 @@ def run_downstream(
             continue
         how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
         if how not in read_again:  # several checkpoints trained on one folder: it is read once
-            read_again[how] = trained_audio(spec)
+            read_again[how] = trained_audio(*how)
         audio, why = read_again[how]
         if audio is None:
             if why.startswith("its "):  # not a named dataset: data of the user's that could not be checked

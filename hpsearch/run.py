@@ -220,6 +220,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     # evaluate): counted here, or each trial would fail on them.
     views = view_config(TrainConfig())
     needed = views.in_frames(data.cache.settings).min_track_frames
+    # ViewDataset's rule (not the class: it raises when no track is long enough, and that is said below)
     short = sum(data.cache.frames(track_id) < needed for track_id in train_ids)
     if short and verbose:
         print(f"note: {short} of the {len(train_ids)} training tracks are too short for a trial's views (under "
