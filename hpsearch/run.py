@@ -595,8 +595,8 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                 if cpus > available:
                     threads = max(1, math.floor(settings.cpus_per_trial))
                     print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent "
-                          f"trial{'' if settings.concurrency == 1 else 's'}, this machine "
-                          f"has {available}: they run all the same, "
+                          f"trial{'' if settings.concurrency == 1 else 's'}, this search "
+                          f"may use {available} (its CPU affinity and quota): they run all the same, "
                           + (f"each with {threads} torch threads, much slower than with at most {available} "
                              f"(lower --cpus-per-trial to at most {available})" if threads > available else
                              "sharing its cores (lower --concurrency or --cpus-per-trial)"),
