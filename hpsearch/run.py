@@ -1706,7 +1706,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--stop-on", type=_collapse_types, help="collapse types that stop a trial, comma-separated, from "
         f"{', '.join(COLLAPSE_TYPES)} (default {','.join(defaults.stop_on)}; 'dimensional' and 'partial' (few "
         "prototypes used) are always recorded, but they flagged some of the best trials: in the default VICReg "
-        "search and in 36-epoch clustering trials, see benchmarks/README.md); a diverged trial always stops")
+        "search and in 36-epoch clustering trials, see benchmarks/README.md); 'cluster' and 'partial' judge prototypes, "
+        "which only clustering has; a diverged trial always stops")
     add("--threshold", action="append", default=[], metavar="NAME=VALUE",
         help="override a collapse threshold (musicssl.collapse.CollapseThresholds), e.g. "
         "dimensional_max_rank_fraction=0.05; repeatable")
@@ -1881,7 +1882,35 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         return dataclasses.replace(stored, **{**runtime, "name": name, "storage_dir": storage_dir}), True
     if resume:
         raise SearchError(f"--resume: no search named {name!r} in {storage_dir}")
-    return SearchSettings(method=args.method, **{**given, "name": name or ""}), False
+    settings = SearchSettings(method=args.method, **{**given, "name": name or ""})
+    if "stop_on" in given:
+        _check_stop_on(settings)
+    return settings, False
+
+
+# The collapse types only a method with prototypes (its collapse outputs hold assignments) can show.
+PROTOTYPE_COLLAPSE = ("cluster", "partial")
+
+
+def _check_stop_on(settings: SearchSettings) -> None:
+    """A ``--stop-on`` given for a method without prototypes: SettingsError where none of its types can
+    ever stop a trial (a search that would stop nothing while the user believes it guarded), a note where
+    some cannot."""
+    from musicssl.pretext.registry import get_method
+
+    if get_method(settings.method).assigns_prototypes:
+        return
+    never = [kind for kind in settings.stop_on if kind in PROTOTYPE_COLLAPSE]
+    if not never:
+        return
+    can = [kind for kind in settings.stop_on if kind not in PROTOTYPE_COLLAPSE]
+    reason = (f"{settings.method} has no prototypes, so its trials never show {' or '.join(repr(k) for k in never)} "
+              "collapse (only clustering's do)")
+    if not can:
+        raise SettingsError(f"--stop-on {','.join(settings.stop_on)}: {reason}, and no trial would ever be stopped; "
+                            "give complete or dimensional, or --no-collapse-stop to stop none")
+    print(f"note: --stop-on {','.join(settings.stop_on)}: {reason}; its trials stop on {','.join(can)}",
+          file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

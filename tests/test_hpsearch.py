@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.sensitivity import read_trajectories
 from conftest import run_main
 from hpsearch.results import load_study
-from hpsearch.run import SearchError, build_parser, run_search, tracks_record
+from hpsearch.run import SearchError, build_parser, run_search, settings_from_args, tracks_record
 from hpsearch.run import main as search_main
 from hpsearch.searcher import CONSTRAINT_NAME, CollapseAwareOptunaSearch
 from hpsearch.settings import COLLAPSE_TYPES_VERSION, COLLAPSE_TYPES_VERSIONS, SearchSettings, SettingsError
@@ -2046,6 +2046,10 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=2"], "must be in [0, 1]"),
         (["vicreg", "--stop-on", "complete,one-hot"],
          "--stop-on takes one or more of complete, dimensional, cluster, partial"),
+        # Before: accepted, and no trial could ever be stopped.
+        (["vicreg", "--stop-on", "cluster,partial"],
+         "--stop-on cluster,partial: vicreg has no prototypes, so its trials never show 'cluster' or 'partial' "
+         "collapse (only clustering's do), and no trial would ever be stopped; give complete or dimensional"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
         # Before: "unknown collapse threshold(s) ;", and a name given twice kept the last without a word.
         (["vicreg", "--threshold", "=3"], "--threshold takes NAME=VALUE, got '=3': no NAME"),
@@ -2434,6 +2438,20 @@ def test_settings_reject_bad_values_with_the_flag_name():
         SearchSettings(method="vicreg", thresholds={"rank": 1.0})
     with pytest.raises(SettingsError, match="to stop no collapsed trial, use --no-collapse-stop"):
         SearchSettings(method="vicreg", stop_on=[])
+
+
+def test_stop_on_a_type_the_method_never_shows_is_said(tmp_path, capsys):
+    """Only clustering has prototypes: --stop-on cluster for another method is named, the search stops on the
+    rest; the default (complete,cluster) is the same for every method and says nothing."""
+    parse = build_parser().parse_args
+    common = ["--storage-dir", str(tmp_path)]
+    settings, _ = settings_from_args(parse(["byol", *common, "--stop-on", "complete,cluster"]))
+    assert settings.stop_on == ["complete", "cluster"]
+    assert capsys.readouterr().err == ("note: --stop-on complete,cluster: byol has no prototypes, so its trials never "
+                                       "show 'cluster' collapse (only clustering's do); its trials stop on complete\n")
+    settings_from_args(parse(["clustering", *common, "--stop-on", "cluster,partial"]))
+    settings_from_args(parse(["byol", *common]))
+    assert capsys.readouterr().err == ""
 
 
 def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tmp_path):

@@ -437,6 +437,8 @@ def test_collapse_outputs_keys_shapes_and_no_side_effects(name: str) -> None:
     if name == "clustering":
         expected["assignment_probs"] = (6, 20)
     assert {key: tuple(value.shape) for key, value in outputs.items()} == expected
+    # What a search checks --stop-on cluster/partial against.
+    assert type(method).assigns_prototypes == ("assignment_probs" in outputs)
     assert all(not value.requires_grad for value in outputs.values())
     assert method.training  # mode restored
     for key, value in method.state_dict().items():  # running statistics untouched

@@ -94,6 +94,9 @@ class PretextMethod(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # True where :meth:`collapse_outputs` gives ``"assignment_probs"``: only such a method's runs can show
+    # prototype ("cluster", "partial") collapse, which a search's ``--stop-on`` is checked against.
+    assigns_prototypes: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, config: Any) -> None:
         super().__init__()

@@ -148,6 +148,7 @@ class Clustering(PretextMethod):
     """
 
     name = "clustering"
+    assigns_prototypes = True
     Config = ClusteringConfig
 
     center: Tensor
