@@ -158,6 +158,70 @@ _write_failure: tuple[str, str] | None = None  # why the running search's record
 ROOM_CHECK_SECONDS = 2.0
 ROOM_ADVICE = "free some space"
 
+# Why a search stops when the command reading its output ends (``| head``, a pager that quits), and the advice.
+OUTPUT_CLOSED = "its output was closed (the command reading it ended: head, or a pager that quit)"
+OUTPUT_CLOSED_ADVICE = "read its output to the end, or send it to a file (> search.log)"
+_output_closed = False  # a guarded standard output or error was closed while this process ran a search
+
+
+def output_closed() -> bool:
+    """Whether the command reading this search's standard output (or error) has ended
+    (:func:`closed_output_stops_the_search`)."""
+    return _output_closed
+
+
+class _GuardedOutput:
+    """A text stream whose first write after the reader ended (BrokenPipeError) sends what follows to
+    nowhere: the descriptor is pointed at the null device, so that no later write, nor Python's flush at
+    exit, raises, and :func:`output_closed` says so. Everything else is the stream's own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _closed(self) -> None:
+        global _output_closed
+        _output_closed = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        # The running search stops at its next step (the room watch's way); before Tune runs, the watch's
+        # first look (as the first trial starts) sees output_closed().
+        record_not_written(OUTPUT_CLOSED, OUTPUT_CLOSED_ADVICE)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+                self._stream.flush()  # what was held goes to the null device now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def closed_output_stops_the_search() -> Iterator[None]:
+    """While the block runs, standard output and error are guarded (:class:`_GuardedOutput`): once the
+    command reading them ends, the search stops as Ctrl-C stops it (its state saved, to be continued), for
+    :data:`OUTPUT_CLOSED`, and prints nothing more there, where it would otherwise fail with Ray Tune's
+    chain of BrokenPipeError tracebacks and leave its running trials unrecorded."""
+    global _output_closed
+    before = (sys.stdout, sys.stderr, _output_closed)
+    sys.stdout, sys.stderr, _output_closed = _GuardedOutput(sys.stdout), _GuardedOutput(sys.stderr), False
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr, _output_closed = before
+
 
 @contextlib.contextmanager
 def room_watched_by(problem: Callable[[], str | None], stopped: Callable[..., None]) -> Iterator[None]:
@@ -242,7 +306,8 @@ class ResultsWriter(Callback):
             return
         self._room_checked = time.monotonic()
         problem, stopped = _room_watch
-        why, advice = _write_failure or (problem(), ROOM_ADVICE)
+        why, advice = _write_failure or ((OUTPUT_CLOSED, OUTPUT_CLOSED_ADVICE) if _output_closed else
+                                         (problem(), ROOM_ADVICE))
         if why is not None and _stop_tune_run():
             self._stopping = True
             print(f"stopping: {why}", file=sys.stderr, flush=True)

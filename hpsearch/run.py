@@ -1919,6 +1919,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
+    from hpsearch.progress import closed_output_stops_the_search
+
+    with closed_output_stops_the_search():
+        return _search(args)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from hpsearch.progress import OUTPUT_CLOSED
+
     try:
         check_method(args.method)
         settings, resume = settings_from_args(args)
@@ -1929,6 +1938,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    if result.stopped_for == OUTPUT_CLOSED:  # as a command ended by SIGPIPE: 128 + 13
+        print(f"{PROG}: stopped: {result.stopped_for}; {result.stopped_advice}, and continue the search with "
+              f"{_continue_command(result.settings, args.address)}", file=sys.stderr)
+        return 141
     if result.stopped_for:
         print(f"{PROG}: error: stopped: {result.stopped_for}; {result.stopped_advice}, and continue the search with "
               f"{_continue_command(result.settings, args.address)}", file=sys.stderr)

@@ -3924,6 +3924,66 @@ def test_a_record_of_the_search_that_cannot_be_written_stops_it_at_the_next_step
             signal.signal(signum, handler)
 
 
+def test_a_guarded_output_whose_reader_ended_goes_nowhere_and_says_so():
+    """A real pipe whose reading end is closed: the write that meets it (BrokenPipeError) and every later
+    one pass, the descriptor then points at the null device, and output_closed() says so."""
+    import hpsearch.progress as progress
+
+    read, write = os.pipe()
+    stream = os.fdopen(write, "w")
+    try:
+        with progress.closed_output_stops_the_search():
+            guarded = progress._GuardedOutput(stream)
+            print("seen", file=guarded, flush=True)
+            assert os.read(read, 100) == b"seen\n" and not progress.output_closed()
+            os.close(read)
+            print("lost", file=guarded, flush=True)  # before: BrokenPipeError
+            assert progress.output_closed()
+            print("after", file=guarded, flush=True)
+            assert os.path.realpath(f"/proc/self/fd/{stream.fileno()}") == os.devnull
+        assert not isinstance(sys.stdout, progress._GuardedOutput) and not progress.output_closed()  # put back
+    finally:
+        stream.close()
+
+
+@pytest.mark.slow  # 40 s; run when the progress printing, the watch or the resume changes
+def test_a_search_whose_output_is_closed_stops_and_resumes(tmp_path, tonal_dataset, cli_env):
+    """``hpsearch.run ... | head``: the search stops as after Ctrl-C once the reader has ended, exit status
+    141 as a command ended by SIGPIPE, one line on stderr that says how to continue (before: Ray Tune's chain
+    of BrokenPipeError tracebacks, exit 1); continued, it runs to the requested count."""
+    command = cli("vicreg", "--trials", "4", "--concurrency", "1", "--name", "piped", "--storage-dir", str(tmp_path),
+                  *tiny_flags(tonal_dataset))
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as err:
+        search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=cli_env, cwd=REPO,
+                                  start_new_session=True)
+        try:
+            lines = []
+            for line in search.stdout:  # as `| head` does: read up to the first trial's line, then end
+                lines.append(line)
+                if line.startswith("[1/4]"):
+                    break
+            search.stdout.close()
+            code = search.wait(timeout=180)
+        finally:
+            kill_session(search.pid)
+    text = errors.read_text()
+    assert code == 141, text
+    assert "Traceback" not in text and "BrokenPipeError" not in text
+    assert text.rstrip().endswith(
+        "python -m hpsearch.run: stopped: its output was closed (the command reading it ended: head, or a pager that "
+        "quit); read its output to the end, or send it to a file (> search.log), and continue the search with "
+        f"python -m hpsearch.run vicreg --name piped --storage-dir {tmp_path} --resume")
+    journal = tmp_path / "piped" / "optuna.journal"
+    finished = {t.number: (t.state, t.value) for t in load_study(journal).trials if t.state.is_finished()}
+    assert 1 <= len(finished) < 4
+    resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    study = load_study(journal)
+    assert [t.number for t in study.trials] == list(range(4)) and all(t.state.is_finished() for t in study.trials)
+    assert {n: (t.state, t.value) for n, t in enumerate(study.trials) if n in finished} == finished
+
+
 @pytest.mark.slow  # 60 s; run when the room check, the watch or the resume changes
 def test_a_search_whose_disk_runs_short_stops_and_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env,
                                                                                  small_disk):
