@@ -919,10 +919,34 @@ class _StateNotSavedInOneLine(logging.Filter):
         return True
 
 
+class _OneFailedTrialTraceback(logging.Filter):
+    """Ray Tune's "Trial task failed for trial ...", with the trial's traceback, for every failed trial: a search
+    whose trials fail for one cause (the data, a setting) printed the same long traceback once per trial. The
+    first of a search is kept, and says so; the later ones are left out here, where each trial's progress line
+    says it failed and why (``trials.csv``'s error column), and Ray keeps each traceback in the trial's folder
+    (``error.txt``). --verbose keeps every one."""
+
+    shown = False
+    seen = False  # the search's first was let through (set back as each search starts)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if type(self).shown or not record.getMessage().startswith("Trial task failed"):
+            return True
+        if type(self).seen:
+            return False
+        type(self).seen = True
+        record.msg, record.args = (f"{record.getMessage()} (the traceback of the search's first failed trial; those of "
+                                   "later ones are in error.txt in each trial's folder, and --verbose shows them "
+                                   "here)"), ()
+        return True
+
+
 def _leave_the_resume_hint_to_the_summary(verbose: bool = False) -> None:
-    _NoMissingTrialFolders.shown = _StateNotSavedInOneLine.shown = verbose
+    _NoMissingTrialFolders.shown = _StateNotSavedInOneLine.shown = _OneFailedTrialTraceback.shown = verbose
     _StateNotSavedInOneLine.said = None
+    _OneFailedTrialTraceback.seen = False
     for name, kind in (("ray.tune.tune", _NoRayResumeHint),
+                       ("ray.tune.execution.tune_controller", _OneFailedTrialTraceback),
                        ("ray.tune.analysis.experiment_analysis", _NoMissingTrialFolders),
                        ("ray.tune.execution.experiment_state", _StateNotSavedInOneLine),
                        ("ray.train._internal.syncer", _StateNotSavedInOneLine)):
@@ -1713,7 +1737,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dimensional_max_rank_fraction=0.05; repeatable")
     add("--no-reuse-actors", dest="reuse_actors", action="store_false", default=None,
         help="start a fresh Ray actor per trial (slower; reuse is the default)")
-    add("--verbose", action="store_true", help="show Ray's logs and the trials' output")
+    add("--verbose", action="store_true",
+        help="show Ray's logs, the trials' output, and the traceback of each failed trial (without it, only the first)")
     return parser
 
 

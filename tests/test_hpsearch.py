@@ -777,6 +777,37 @@ def ray_guard(monkeypatch):
         ray.shutdown()
 
 
+def test_only_the_first_failed_trials_traceback_is_shown(tmp_path, tonal_data, ray_guard, capsys):
+    """Before: Ray Tune logged the same long traceback once per failed trial. Now the search's first is
+    kept and says where the others are; each failed trial still has its progress line and its error."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        settings = SearchSettings(method="clustering", trials=3, name="fails", storage_dir=str(tmp_path), data="tonal",
+                                  points_to_evaluate=[{"num_prototypes": 1}] * 3, **TINY)
+        with pytest.warns(UserWarning):  # Optuna: the enqueued value outside the space's range
+            result = run_search(settings, data=tonal_data)
+    finally:
+        logger.removeHandler(handler)
+    failed = [r for r in records if r.getMessage().startswith("Trial task failed")]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert failed[0].getMessage().endswith("(the traceback of the search's first failed trial; those of later ones "
+                                           "are in error.txt in each trial's folder, and --verbose shows them here)")
+    assert list(result.trials["outcome"]) == ["failed"] * 3
+    assert all("num_prototypes" in error for error in result.trials["error"])
+    assert capsys.readouterr().out.count(" failed ") == 3  # each trial's progress line
+    assert len(list((tmp_path / "fails").glob("trial-*/error.txt"))) == 3
+
+
 def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard, capsys):
     points = [
         # healthy: sharp teacher assignments
