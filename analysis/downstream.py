@@ -69,7 +69,11 @@ version-2 corpus of one seed, put the same songs in different splits. A checkpoi
 or tags file of the user's has its training split read again from the data its run names
 (:func:`trained_audio`), and the test tracks whose audio files were in it are counted the same way:
 splits are drawn from track ids, and a tags file's ``track_id`` column can name the tracks otherwise
-than their paths, which a folder trained on without one gives as ids.
+than their paths, which a folder trained on without one gives as ids. A checkpoint trained on a named
+dataset is checked where the evaluation may hold its training tracks: evaluated on another MTG-Jamendo
+subset or split (one audio collection, each subset and split drawn its own way; compared by track id, so
+the .low.mp3 copies count too) or on data of the user's (by audio file); not on its own official splits,
+nor on another collection (MagnaTagATune, MSD).
 
 What is cached: per method (hash of the backbone's weights, or the baseline's definition), dataset
 (its usable tracks, paths and splits), audio (each track's entry in the mel cache, which changes when
@@ -413,24 +417,57 @@ def training_data(spec: "MethodSpec") -> tuple[str, str | None, str | None] | No
     return data, (str(root) if root else None), (str(audio) if audio else None)
 
 
-def trained_audio(recorded: tuple[str, str | None, str | None] | None,
-                  unlabeled: bool | None) -> tuple[set[str] | None, str]:
-    """The audio files (real paths) of the training split a checkpoint trained on, read again from the data
-    its run names (``recorded``: :func:`training_data`), as the run read it (``unlabeled``: its
-    ``training_data_unlabeled``; a folder's audio alone, where it recorded so, even if a tags file has been
-    added since), where that is a folder or a tags file of the user's; (None, why)
-    where it cannot say: a baseline, a generated corpus (:func:`training_corpus` tells its tracks by
-    song), a named dataset (its official splits), a relative path, data no longer readable, or a folder
-    that holds a tags file now, trained on by a run that did not record whether it read it."""
+def dataset_family(spec: str) -> str | None:
+    """The named dataset whose audio ``spec`` names: ``jamendo`` for every MTG-Jamendo subset, split and
+    quality (one audio collection, one track id per track), ``mtat``, ``msd``, ``corpus``; None for a path."""
+    from musicssl.data.loaders import dataset_name
+
+    name = dataset_name(spec)
+    return None if name is None else name.split("-")[0]
+
+
+def _official_splits(spec: str) -> str:
+    """A named dataset's splits: the same for its .low.mp3 copies (``jamendo-top50-low``)."""
+    from musicssl.data.loaders import canonical_dataset_spec
+
+    return canonical_dataset_spec(spec).removesuffix("-low")
+
+
+def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled: bool | None,
+                  evaluated: str | None = None) -> tuple[set[str] | None, str]:
+    """What a checkpoint's training split held, read again from the data its run names (``recorded``:
+    :func:`training_data`), as the run read it (``unlabeled``: its ``training_data_unlabeled``; a folder's
+    audio alone, where it recorded so, even if a tags file has been added since): the real paths of its audio
+    files and, for a named dataset, ``FAMILY:TRACK_ID`` keys (:func:`dataset_family`; the .low.mp3 copies of
+    MTG-Jamendo have other paths but the same ids). A named dataset is read again only where the evaluation
+    (``evaluated``: its dataset, named, or None for data of the user's) may share its tracks under other
+    splits: another MTG-Jamendo subset or split, or data of the user's; not on its own official splits, nor on
+    another named collection's audio. (None, why) where it cannot say or need not: a baseline, a generated
+    corpus (:func:`training_corpus` tells its tracks by song), a named dataset that needs no check or whose run
+    recorded no ``--root``, a relative path, data no longer readable, or a folder that holds a tags file now,
+    trained on by a run that did not record whether it read it."""
     import logging
 
-    from musicssl.data.loaders import DatasetError, dataset_name, load_folder, open_dataset_option
+    from musicssl.data.loaders import DatasetError, load_folder, open_dataset, open_dataset_option
 
     if recorded is None:
         return None, "no record of its training data"
     data, root, audio = recorded
-    if dataset_name(data) is not None:
-        return None, f"trained on {data}"
+    family = dataset_family(data)
+    if family is not None:
+        if evaluated is not None and (_official_splits(data) == _official_splits(evaluated)
+                                      or dataset_family(evaluated) != family):
+            return None, f"trained on {data}"
+        if not root or not Path(root).expanduser().is_absolute():
+            return None, (f"its run recorded no --root for {data}" if not root else
+                          f"its --root {root} is a path relative to where it was trained")
+        try:
+            index = open_dataset(data, root, check_audio=False, **({"audio_dir": audio} if audio else {}))
+        except (DatasetError, OSError, ValueError) as error:
+            return None, f"its training data {data} cannot be read now ({error})"
+        train = index.split("train")
+        return ({os.path.realpath(path) for path in train.paths}
+                | {f"{family}:{track_id}" for track_id in train.track_ids}), ""
     path = Path(data).expanduser()
     if not path.is_absolute():  # runs before 2026-12-03 recorded --data as given
         return None, f"its training data {data} is a path relative to where it was trained"
@@ -1461,6 +1498,8 @@ def run_downstream(
     corpus_of = {spec.label: training_corpus(spec) for spec in methods}
     trained_on_test: dict[str, int] = {}
     read_again: dict[tuple, tuple[set[str] | None, str]] = {}
+    evaluated_named = config.dataset if dataset_name_of(config.dataset) else None
+    family_here = dataset_family(config.dataset)
     evaluated_on = index.extra.get(GENERATED_CORPUS_KEY)
     for spec in methods:
         trained_on = corpus_of[spec.label]
@@ -1480,19 +1519,25 @@ def run_downstream(
             continue
         how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
         if how not in read_again:  # several checkpoints trained on one folder: it is read once
-            read_again[how] = trained_audio(*how)
+            read_again[how] = trained_audio(*how, evaluated=evaluated_named)
         audio, why = read_again[how]
         if audio is None:
-            if why.startswith("its "):  # not a named dataset: data of the user's that could not be checked
+            if why.startswith("its "):  # data that could not be checked (not: a named dataset that needs no check)
                 log(f"  note: {spec.label}: could not check which test tracks it trained on: {why}")
             continue
-        seen = [usable[p] for p in test_pos if os.path.realpath(paths[p]) in audio]
+        seen = [usable[p] for p in test_pos
+                if os.path.realpath(paths[p]) in audio or (family_here and f"{family_here}:{usable[p]}" in audio)]
         trained_on_test[spec.label] = len(seen)
         if seen:
+            why_splits = (
+                f"{recorded[0]}'s training split and this dataset's test split share tracks (each MTG-Jamendo subset "
+                "and split draws its own); evaluate it on the splits it trained on, or on data it did not train on"
+                if dataset_family(recorded[0]) is not None and family_here is not None else
+                "Its splits differ from this dataset's: splits are drawn from track ids, and ids from a track_id "
+                "column differ from those of the audio paths; train on this dataset's tags file (its splits), or "
+                "evaluate on data it did not train on")
             log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of the "
-                f"data it was trained on ({recorded[0]}), e.g. {seen[0]}: its test scores are not held out. Its splits differ from this dataset's: splits are drawn from "
-                "track ids, and ids from a track_id column differ from those of the audio paths; train on this "
-                "dataset's tags file (its splits), or evaluate on data it did not train on")
+                f"data it was trained on ({recorded[0]}), e.g. {seen[0]}: its test scores are not held out. {why_splits}")
 
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
     method_summaries = []
@@ -1911,9 +1956,10 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
         notes.append(
             f"NOT HELD OUT: some test tracks were training tracks of the checkpoint ({', '.join(dict.fromkeys(trained_on))} "
             "tracks): it was trained on these tracks split otherwise, a generated corpus of the same seed but another "
-            "size or generator version, or a folder or tags file whose tracks drew other splits (the warnings above "
-            "say which). Its scores are not comparable with the others'; evaluate it on the corpus it was trained on, "
-            "or train it on the tags file this evaluation reads.")
+            "size or generator version, another MTG-Jamendo subset or split, or a folder or tags file whose tracks "
+            "drew other splits (the warnings above say which). Its scores are not comparable with the others'; "
+            "evaluate it on the corpus or the splits it was trained on, or train it on the tags file this evaluation "
+            "reads.")
     return "\n\n".join(notes)
 
 

@@ -1012,6 +1012,51 @@ def write_jamendo_fixture(root: Path, audio: Path) -> None:
             handle.write("\r\n".join(lines) + "\r\n")
 
 
+def test_test_tracks_a_checkpoint_trained_on_in_another_jamendo_split_are_counted(tmp_path, capsys):
+    """Pretrained on MTG-Jamendo's split 1, evaluated on its split 0: the splits list the same tracks and
+    audio, each drawn its own way, so split 0's test tracks can be split 1's training tracks. Before, a
+    named dataset was never read again ("its official splits"), and nothing said so."""
+    from analysis.downstream import results_notes
+
+    root, audio = tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio"
+    write_jamendo_fixture(root, audio)
+    split0 = root / "data" / "splits" / "split-0"
+    rows = {split: (split0 / f"autotagging_top50tags-{split}.tsv").read_text().splitlines()[1:]
+            for split in ("train", "validation", "test")}
+    # Split 1: split 0's test and validation tracks to train, its training tracks to validation and test.
+    split1 = {"train": rows["test"] + rows["validation"], "validation": rows["train"][:6], "test": rows["train"][6:]}
+    (root / "data" / "splits" / "split-1").mkdir()
+    for split, lines in split1.items():
+        (root / "data" / "splits" / "split-1" / f"autotagging_top50tags-{split}.tsv").write_text(
+            "\n".join([JAMENDO_HEADER, *lines]) + "\n")
+    state = Backbone(preset="cpu").state_dict()
+
+    def run(label: str, **config):
+        config = {"method": "vicreg", "preset": "cpu", "training_corpus": None, **config}
+        return resolve_method(f"{label}={save_run(tmp_path / label, state, config)}")
+
+    methods = [run("split1", data="jamendo-top50-split1", data_root=str(root), audio_dir=str(audio)),
+               run("split0", data="jamendo-top50", data_root=str(root), audio_dir=str(audio)),
+               run("mtat", data="mtat", data_root=str(tmp_path / "mtat")),  # other audio: not read
+               run("noroot", data="jamendo-top50-split1")]
+    config = DownstreamConfig(**SMALL_EVALUATION, dataset="jamendo-top50", root=str(root), audio_dir=str(audio))
+    result = run_downstream(methods, config)
+    console = capsys.readouterr().out
+    first_test = rows["test"][0].split("\t")[0]
+    assert ("warning: split1: 9 of the 9 test tracks were training tracks of the data it was trained on "
+            f"(jamendo-top50-split1), e.g. {first_test}: its test scores are not held out. jamendo-top50-split1's "
+            "training split and this dataset's test split share tracks") in console
+    assert console.count("test tracks were training tracks") == 1
+    assert ("note: noroot: could not check which test tracks it trained on: its run recorded no --root for "
+            "jamendo-top50-split1") in console
+    assert "note: split0" not in console and "note: mtat" not in console
+    counts = result.results.set_index("method")["test_tracks_trained_on"]
+    assert counts["split1"] == 9
+    assert all(math.isnan(counts[label]) for label in ("split0", "mtat", "noroot"))
+    assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (split1: 9 tracks)" in \
+        results_notes(result.results)
+
+
 def test_jamendo_end_to_end_reports_tag_groups(tmp_path):
     root, audio, out = tmp_path / "mtg-jamendo-dataset", tmp_path / "jamendo-audio", tmp_path / "out"
     write_jamendo_fixture(root, audio)
