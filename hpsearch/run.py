@@ -102,6 +102,9 @@ def check_space(settings: SearchSettings) -> int:
         config = build_train_config(settings.trial_settings(), params)
     except (SpaceError, ConfigError, ValueError, TypeError) as error:
         raise SearchError(f"the search space {space.module} does not fit the trainer: {error}") from None
+    note = _short_schedule_note(settings, space)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     distribution = trial.distributions.get("batch_size")
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         largest = max(int(choice) for choice in distribution.choices)
@@ -114,6 +117,37 @@ def check_space(settings: SearchSettings) -> int:
               f"{settings.batch_size} sets only the batches the untrained reference measures its BatchNorm "
               "statistics on", file=sys.stderr)
     return largest
+
+
+SCHEDULE_DRAWS = 200  # random draws of the space that the check of its schedules against --max-epochs looks at
+
+
+def _short_schedule_note(settings: SearchSettings, space) -> str | None:
+    """Where some of the configurations the space samples have a schedule longer than the trials
+    (:func:`musicssl.train.schedule_notes`: a clustering teacher's temperature warm-up of 3 epochs in trials
+    of 2), what share of :data:`SCHEDULE_DRAWS` random draws, with the first one's note: such trials are
+    scored before their schedule ends, and the value recorded for the parameter is one they never reached."""
+    import optuna
+
+    from hpsearch.trainable import build_train_config
+    from musicssl.train import schedule_notes
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    found: list[str] = []
+    for _ in range(SCHEDULE_DRAWS):
+        trial = study.ask()
+        try:
+            notes = schedule_notes(build_train_config(settings.trial_settings(), space.sample(trial)))
+        except Exception:  # noqa: BLE001 - a draw the trainer refuses is check_space's to report, not this note's
+            continue
+        if notes:
+            found.append(notes[0].split(";")[0])
+    if not found:
+        return None
+    return (f"{len(found)} of {SCHEDULE_DRAWS} random draws of study_spaces/{settings.method}.py have a schedule "
+            f"longer than --max-epochs {settings.max_epochs}; in the first, {found[0]}. Such trials are scored before "
+            "their schedule ends (trials.csv's last_train_* columns say where it was); raise --max-epochs to let "
+            "every schedule finish")
 
 
 def _corpus_started_on(settings: SearchSettings):

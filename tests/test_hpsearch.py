@@ -2253,6 +2253,31 @@ def test_a_batch_size_the_space_samples_is_said_to_set_only_the_references_batch
     assert capsys.readouterr().err == ""
 
 
+def test_a_space_whose_schedules_outlast_the_trials_is_said(capsys):
+    """Clustering samples a teacher warm-up of 0-3 epochs: in 2-epoch trials, those with 2 or more never reach
+    the teacher temperature recorded for them. Before, nothing said so. The count is that of random draws
+    whose warm-up is at least the run, drawn here from the same sampler and written out."""
+    import optuna
+
+    from hpsearch.run import SCHEDULE_DRAWS, check_space
+    from study_spaces import get_space
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    warmups = [get_space("clustering").sample(study.ask())["teacher_warmup_epochs"] for _ in range(SCHEDULE_DRAWS)]
+    short = [w for w in warmups if 0 < w and w >= 2]
+    assert 0 < len(short) < SCHEDULE_DRAWS
+    check_space(SearchSettings(method="clustering", max_epochs=2))
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {len(short)} of {SCHEDULE_DRAWS} random draws of study_spaces/clustering.py have a "
+                          f"schedule longer than --max-epochs 2; in the first, the teacher temperature warm-up "
+                          f"({short[0]:g} epochs) is not shorter than the run (2 epochs): the teacher never reaches "
+                          "teacher_temperature ")
+    assert err.endswith("raise --max-epochs to let every schedule finish\n")
+    check_space(SearchSettings(method="clustering", max_epochs=3 + 1))  # past the longest warm-up
+    check_space(SearchSettings(method="vicreg", max_epochs=1))  # no schedule of its own
+    assert capsys.readouterr().err == ""
+
+
 def test_a_search_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path, monkeypatch, capsys):
     """Before: "0 complete, 2 failed" and exit 0, so a script went on to analyse a search of nothing. A
     search with any other outcome (one trial complete, collapsed, diverged or stopped) still exits 0."""
