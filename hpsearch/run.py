@@ -1316,10 +1316,10 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             finished = check_journal(folder)
             # Nothing to run: no Ray, no data, the stored summary (unless it lacks the untrained reference,
             # which a stop while it was measured leaves out: this run measures it).
-            # (A rankme search's reference is measured from 2026-12-05 on: one finished before has none, and is
-            # not made to need its data and Ray again for it.)
-            if finished >= settings.trials and not (settings.objective.startswith("probe_")
-                                                    and _untrained_missing(folder)):
+            # (A rankme search's reference is measured from 2026-12-05 on, as is the record of its tracks: one
+            # finished before has neither, and is not made to need its data and Ray again for it.)
+            if finished >= settings.trials and not ((settings.objective.startswith("probe_")
+                                                     or settings.tracks is not None) and _untrained_missing(folder)):
                 print(f"{settings.name}: all {settings.trials} trials are finished; nothing to run", file=stream,
                       flush=True)
                 frame, summary = _summarize(settings, folder, journal, started)

@@ -1015,6 +1015,41 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     assert (summary["untrained_value"], summary["trials_finished"]) == (0.25, 1)
 
 
+def test_a_rankme_search_stopped_while_its_reference_was_measured_measures_it_when_run_again(
+        tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
+    """Before: a finished rankme search was never measured again ("nothing to run"), to spare the searches
+    finished before the rankme reference existed their data and Ray; one stopped while it measured it was
+    left without it for good. A search that records its tracks (every search since the reference) has it
+    measured again; one without the record is still left as it is."""
+    import hpsearch.run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hpsearch.run, "untrained_probe", stopped)
+    settings = SearchSettings(method="vicreg", trials=1, name="rank", storage_dir=str(tmp_path), objective="rankme",
+                              **TINY)
+    run_search(settings, data=tonal_data)
+    folder = tmp_path / "rank"
+    assert json.loads((folder / "summary.json").read_text())["untrained_value"] is None
+    assert json.loads((folder / "search.json").read_text())["tracks"] is not None
+    capsys.readouterr()
+    monkeypatch.setattr(hpsearch.run, "untrained_probe", lambda *args, **kwargs: (97.0, 90.0))
+    run_search(SearchSettings.load(folder), resume=True, data=tonal_data)  # as hpsearch.run's --resume reads it
+    assert "nothing to run" not in capsys.readouterr().out
+    assert json.loads((folder / "summary.json").read_text())["untrained_value"] == 97.0
+    # A search from before the record (and the reference): nothing to run, no data, no reference.
+    stored = json.loads((folder / "search.json").read_text())
+    del stored["tracks"]
+    (folder / "search.json").write_text(json.dumps(stored))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["untrained_value"] = None
+    (folder / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(hpsearch.run, "untrained_probe", stopped)
+    run_search(SearchSettings.load(folder), resume=True)
+    assert "all 1 trials are finished; nothing to run" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # 32 s; run when the search's start, stop or resume changes
 def test_a_stop_before_ray_tune_runs_says_how_to_continue(tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
     """A Ctrl-C or SIGTERM after Ray started and the settings were saved, before Ray Tune took the
