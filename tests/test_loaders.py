@@ -526,6 +526,44 @@ def test_folder_file_names_match_whatever_their_unicode_normalisation(tmp_path):
     assert outside.paths == resolved and not outside.extra["missing"]
 
 
+def test_one_file_gives_one_vocabulary_read_as_a_folder_or_as_a_file(tmp_path):
+    """A labels.csv with the four columns of a track index and comma-joined tags: read as its folder (a tags
+    file) it gave guitar, piano, slow; given as the file (a track index, tags joined by ';' only) it gave
+    'guitar,slow' and 'slow,piano' as tags, and a probe scored other tags. One rule now for both: ';', or ','
+    where no cell holds a ';'."""
+    root = tmp_path / "set"
+    for number in range(3):
+        write_sine(root / f"t{number}.wav", frequency=300.0 + 100 * number)
+    (root / "labels.csv").write_text('track_id,path,split,tags\n1,t0.wav,train,"guitar,slow"\n2,t1.wav,test,guitar\n'
+                                     '3,t2.wav,valid,"slow, piano"\n')
+    expected = [("guitar", "slow"), ("guitar",), ("slow", "piano")]
+    for index in (open_dataset(str(root)), open_dataset(str(root / "labels.csv"))):
+        assert index.tag_names == ["guitar", "piano", "slow"]
+        assert [tuple(t) for t in index.tracks["tags"]] == expected
+    # Its own index (tracks.csv, tags joined by ';') reads as before.
+    (root / "labels.csv").rename(root / "tracks.csv")
+    (root / "tracks.csv").write_text("track_id,path,split,tags\n1,t0.wav,train,guitar;slow\n2,t1.wav,test,guitar\n"
+                                     "3,t2.wav,valid,slow; piano\n")
+    assert [tuple(t) for t in open_dataset(str(root)).tracks["tags"]] == expected
+
+
+@pytest.mark.parametrize("name", ["labels.csv", "tracks.csv"])
+def test_tags_joined_by_commas_among_rows_joined_by_semicolons_are_refused(tmp_path, name):
+    """Before: one ';' anywhere made 'rock,guitar' a single tag of its own, without a word."""
+    root = tmp_path / "set"
+    for number in range(3):
+        write_sine(root / f"t{number}.wav", frequency=300.0 + 100 * number)
+    header = "track_id,path,split,tags" if name == "tracks.csv" else "path,tags"
+    rows = ([f'{n},t{n}.wav,train,"{tags}"' for n, tags in enumerate(["rock,guitar", "pop;piano", "rock"])]
+            if name == "tracks.csv" else
+            [f't{n}.wav,"{tags}"' for n, tags in enumerate(["rock,guitar", "pop;piano", "rock"])])
+    (root / name).write_text("\n".join([header, *rows]) + "\n")
+    with pytest.raises((DatasetError, TrackIndexError), match=re.escape(
+            f"{root / name}, line 2: the tags 'rock,guitar' hold a ',' while line 3 joins its tags with ';', so the "
+            "',' would be read as part of one tag; join every row's tags with ';' (or every row's with ',')")):
+        open_dataset(str(root))
+
+
 def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     """A spreadsheet saved as CSV in many locales separates by ';' (before: "no audio column; found
     columns ['path;tags;split']"); Windows paths with '\\' are named as such when no file is found."""

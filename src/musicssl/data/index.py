@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,8 @@ import pandas as pd
 from musicssl.corpus.splits import corpus_identity, listed_as_generated
 
 __all__ = [
-    "TrackIndex", "TrackIndexError", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR", "tag_group",
+    "TrackIndex", "TrackIndexError", "split_tag_cells", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR",
+    "tag_group",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -39,6 +41,27 @@ GENERATED_CORPUS_KEY = "generated_corpus"
 
 class TrackIndexError(ValueError):
     """A track index or tags file is malformed; the message says what and how to fix it."""
+
+
+def split_tag_cells(cells: Sequence[Any], lines: Sequence[int], source: str | Path,
+                    separator: str | None = None) -> list[tuple[str, ...]]:
+    """Each cell's tags, stripped of spaces, once each, in order: joined by ``;``, or by ``,`` where no cell
+    holds a ``;`` (one rule for a tags file and a track index, so that one file gives one vocabulary however
+    it is read), or by ``separator`` where given. Where ``;`` joins them and a cell holds a ``,`` too
+    (``rock,guitar`` among ``pop;piano``), which would read as one tag ``rock,guitar``, TrackIndexError names
+    the line (``lines``: each cell's line in ``source``) and the fix."""
+    texts = ["" if cell is None else str(cell) for cell in cells]
+    if separator is None:
+        separator = ";" if any(";" in text for text in texts) else ","
+        if separator == ";":
+            mixed = next(((line, text) for line, text in zip(lines, texts) if "," in text), None)
+            if mixed is not None:
+                first = next(line for line, text in zip(lines, texts) if ";" in text)
+                raise TrackIndexError(
+                    f"{source}, line {mixed[0]}: the tags {mixed[1].strip()!r} hold a ',' while line {first} joins its "
+                    "tags with ';', so the ',' would be read as part of one tag; join every row's tags with ';' (or "
+                    "every row's with ',')")
+    return [tuple(dict.fromkeys(tag.strip() for tag in text.split(separator) if tag.strip())) for text in texts]
 
 
 def tag_group(tag: str) -> str:
@@ -150,7 +173,8 @@ class TrackIndex:
 
     @classmethod
     def from_csv(cls, path: str | Path, name: str | None = None) -> "TrackIndex":
-        """Read a ``tracks.csv`` (``track_id, path, split, tags`` with tags joined by ``;``).
+        """Read a ``tracks.csv`` (``track_id, path, split, tags`` with tags joined by ``;``, or by ``,`` where no
+        cell holds a ``;``: :func:`split_tag_cells`).
 
         Relative audio paths are resolved against the CSV's folder. Tags are stripped of surrounding
         spaces (``rock; guitar`` is ``rock`` and ``guitar``), splits may use the other names of
@@ -196,8 +220,7 @@ class TrackIndex:
             more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
             raise TrackIndexError(f"{path}: lists the same audio file more than once: {shown}{more}; "
                                   "keep one row per file")
-        frame["tags"] = [tuple(dict.fromkeys(tag.strip() for tag in str(tags).split(TAG_SEPARATOR) if tag.strip()))
-                         for tags in frame["tags"]]
+        frame["tags"] = split_tag_cells(frame["tags"], range(2, len(frame) + 2), path)
         frame["split"] = [SPLIT_ALIASES.get(str(split).strip().lower(), split) for split in frame["split"]]
         tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
         index = cls(frame, tag_names, name=name or path.parent.name)

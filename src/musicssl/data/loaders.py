@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError
+from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError, split_tag_cells
 
 __all__ = [
     "read_audio_alone",
@@ -432,10 +432,6 @@ def _binary_column(values: pd.Series) -> np.ndarray | None:
     return np.asarray(mapped, dtype=np.int8)
 
 
-def _split_tag_cell(cell: str, separator: str) -> tuple[str, ...]:
-    return _ordered_unique(tag.strip() for tag in str(cell).split(separator) if tag.strip())
-
-
 def load_folder(
     root: str | Path,
     tags_file: str | Path | None = None,
@@ -732,9 +728,10 @@ def _records_from_table(
             )
 
     if tags_column is not None:
-        cells = table[tags_column].astype(str)
-        separator = tag_separator or (";" if cells.str.contains(";", regex=False).any() else ",")
-        row_tags = [_split_tag_cell(cell, separator) for cell in cells]
+        try:
+            row_tags = split_tag_cells(table[tags_column].astype(str), table.index, tags_path, tag_separator)
+        except TrackIndexError as error:
+            raise DatasetError(str(error)) from None
         tag_names = sorted({tag for tags in row_tags for tag in tags})
     elif binary_columns:
         tag_names = list(binary_columns)
