@@ -564,6 +564,36 @@ def test_tags_joined_by_commas_among_rows_joined_by_semicolons_are_refused(tmp_p
         open_dataset(str(root))
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="symbolic links")
+def test_one_file_under_two_names_is_one_track(tmp_path, caplog):
+    """Songs of two genres linked into a second genre's folder. Before: one file, two tracks, drawn into
+    splits of their own (some in train and in test). A folder without tags indexes the file once (its first
+    name), with a warning; a tags file or a track index that lists it under both names is refused."""
+    root = tmp_path / "set"
+    for number in range(4):
+        write_sine(root / "rock" / f"s{number}.wav", frequency=300.0 + 100 * number)
+    (root / "pop").mkdir()
+    for number in range(2):
+        os.symlink(f"../rock/s{number}.wav", root / "pop" / f"s{number}.wav")
+    os.link(root / "rock" / "s3.wav", root / "rock" / "s3-copy.wav")  # a hard link: one file too
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_folder(root, unlabeled=True)
+    # The name that is no symbolic link is kept; of two hard links (two names, neither a link), the first.
+    assert index.track_ids == ["rock/s0", "rock/s1", "rock/s2", "rock/s3-copy"]
+    assert ("set: 3 audio file(s) are other names (links) of files already indexed and were left out, e.g. pop/s0.wav "
+            "is rock/s0.wav") in caplog.text
+    (root / "tags.csv").write_text("path,tags\nrock/s0.wav,rock\nrock/s1.wav,rock\npop/s1.wav,pop\n")
+    with pytest.raises(DatasetError, match=re.escape(
+            "tags.csv: lists the audio file(s) ['rock/s1.wav and pop/s1.wav'] more than once (under one name, or under "
+            "two that name one file, a link); keep one row per file, its tags joined in one cell")):
+        load_folder(root)
+    (root / "tags.csv").unlink()
+    (root / "tracks.csv").write_text("track_id,path,split,tags\na,rock/s0.wav,train,rock\nb,pop/s0.wav,test,pop\n")
+    with pytest.raises(TrackIndexError, match=re.escape(f"lists the same audio file more than once: "
+                                                        f"{root / 'rock' / 's0.wav'} on lines 2, 3")):
+        TrackIndex.from_csv(root / "tracks.csv")
+
+
 def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     """A spreadsheet saved as CSV in many locales separates by ';' (before: "no audio column; found
     columns ['path;tags;split']"); Windows paths with '\\' are named as such when no file is found."""
@@ -659,8 +689,8 @@ def test_folder_files_that_differ_only_in_extension_are_two_tracks_and_repeats_a
     assert "set: 1 audio file(s) under" in caplog.text and "are not in tags.csv and were left out, e.g. ['a.flac']" \
         in caplog.text
     (root / "tags.csv").write_text("path,tags\na.wav,x\nsub/b.wav,y\na.wav,x\n")
-    with pytest.raises(DatasetError, match=r"tags.csv: lists the audio file\(s\) \['a.wav'\] more than once; keep one "
-                                           r"row per file"):
+    with pytest.raises(DatasetError, match=r"tags.csv: lists the audio file\(s\) \['a.wav'\] more than once \(under one "
+                                           r"name, or under two that name one file, a link\); keep one row per file"):
         load_folder(root)
     (root / "tags.csv").write_text("track_id,path,tags\nt1,a.wav,x\nt1,a.flac,y\n")
     with pytest.raises(DatasetError, match=r"track id\(s\) \['t1'\] occur more than once"):

@@ -210,11 +210,17 @@ class TrackIndex:
         # ``~/music/x.wav`` is the user's, as in a tags file (before: read as a folder named ``~`` here).
         listed = [Path(p).expanduser() if str(p).startswith("~") else Path(p) for p in frame["path"]]
         frame["path"] = [str(p) if p.is_absolute() else str(base / p) for p in listed]
-        # One file in two rows (also as ``a/../a/x.wav``) would be two tracks, perhaps one in train and one in test.
-        rows_of: dict[str, list[int]] = {}
+        # One file in two rows (also as ``a/../a/x.wav``, or under a link's name) would be two tracks, perhaps one
+        # in train and one in test.
+        rows_of: dict[Any, tuple[str, list[int]]] = {}
         for line, track_path in zip(range(2, len(frame) + 2), frame["path"]):
-            rows_of.setdefault(os.path.normpath(track_path), []).append(line)
-        repeated = [(track_path, lines) for track_path, lines in rows_of.items() if len(lines) > 1]
+            try:
+                status = os.stat(track_path)
+                key: Any = (status.st_dev, status.st_ino)
+            except (OSError, ValueError):
+                key = os.path.normpath(track_path)
+            rows_of.setdefault(key, (os.path.normpath(track_path), []))[1].append(line)
+        repeated = [(track_path, lines) for track_path, lines in rows_of.values() if len(lines) > 1]
         if repeated:
             shown = "; ".join(f"{track_path} on lines {', '.join(map(str, lines))}" for track_path, lines in repeated[:3])
             more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""

@@ -310,6 +310,16 @@ def _files_under(root: Path) -> Iterator[Path]:
             yield Path(folder) / name
 
 
+def _file_key(path: str | Path) -> tuple[int, int] | str:
+    """What tells one file from another: its device and inode (a symbolic or hard link is the file it names),
+    or, for a path that does not exist, the path without ``..``."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.normpath(str(path))
+    return status.st_dev, status.st_ino
+
+
 def _list_audio_files(root: Path) -> list[Path]:
     return sorted(
         path for path in _files_under(root)
@@ -503,6 +513,19 @@ def load_folder(
     if unlabeled:
         if tags_file is not None:
             raise DatasetError("pass either tags_file= or unlabeled=True, not both")
+        # One file under two names (a link: a song linked into a second genre's folder) is one track, not two
+        # that could fall in train and in test: the name that is no link is kept (else the first in path order).
+        names: dict[tuple[int, int] | str, list[Path]] = {}
+        for path in audio_files:
+            names.setdefault(_file_key(path), []).append(path)
+        kept = {key: min(paths, key=lambda path: (os.path.realpath(path) != str(path), str(path)))
+                for key, paths in names.items()}
+        linked = [(path, kept[key]) for key, paths in names.items() for path in paths if path != kept[key]]
+        if linked:
+            logger.warning("%s: %d audio file(s) are other names (links) of files already indexed and were left out, "
+                           "e.g. %s is %s", name, len(linked), linked[0][0].relative_to(root).as_posix(),
+                           linked[0][1].relative_to(root).as_posix())
+            audio_files = sorted(kept.values())
         records = [{"track_id": _nfc(path.relative_to(root).with_suffix("").as_posix()), "path": str(path), "tags": ()}
                    for path in audio_files]
         _keep_extensions_that_tell_files_apart(records)
@@ -538,11 +561,17 @@ def load_folder(
         for record in records
     ):
         raise no_audio()  # (a listed file elsewhere that is missing is reported with its path, below)
-    repeated = sorted(path for path, count in Counter(record["path"] for record in records).items() if count > 1)
+    names_of: dict[tuple[int, int] | str, list[str]] = {}
+    for record in records:  # one file under two names (a link) too: its two rows could fall in train and in test
+        names_of.setdefault(_file_key(record["path"]), []).append(record["path"])
+    repeated = sorted(names for names in names_of.values() if len(names) > 1)
     if repeated:
-        shown = [Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
-                 for path in repeated[:5]]
-        raise DatasetError(f"{tags_path}: lists the audio file(s) {shown} more than once; keep one row per file")
+        def shown(path: str) -> str:
+            return Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
+
+        listed = [" and ".join(dict.fromkeys(shown(path) for path in names)) for names in repeated[:5]]
+        raise DatasetError(f"{tags_path}: lists the audio file(s) {listed} more than once (under one name, or under "
+                           "two that name one file, a link); keep one row per file, its tags joined in one cell")
     _raise_on_duplicate_ids([record["track_id"] for record in records], tags_path)
     if os.sep == "/" and any("\\" in record["path"] and _audio_state(record["path"]) == "missing"
                              for record in records):
