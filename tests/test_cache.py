@@ -1072,3 +1072,59 @@ def test_a_relative_cache_setting_is_read_against_the_folder_it_was_set_in(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     np.testing.assert_array_equal(moved.get("a", 0, 10), data.cache.get("a", 0, 10))
+
+
+def _as_an_ordinary_user() -> list[str]:
+    """The command prefix that runs Python without root's permission to read any file (a user's view of
+    file permissions), or [] where this process is not root."""
+    if os.geteuid() != 0:
+        return [sys.executable]
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be tested")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file permissions")
+def test_a_file_that_cannot_be_opened_is_said_so_and_tried_again_and_an_unreadable_folder_is_warned_of(tmp_path):
+    """Before: an unreadable file was "not a readable WAV/FLAC/OGG/MP3 file, or corrupt (libsndfile: System
+    error.)", and once its permissions were corrected (size and time unchanged) it stayed skipped for good; a
+    folder that could not be listed was left out without a word."""
+    root = tmp_path / "set"
+    for folder in ("a", "b"):
+        for number in range(4):
+            path = root / folder / f"t{number}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            time_axis = np.arange(16000 * 5) / 16000
+            soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * (200 + 50 * number) * time_axis)).astype(np.float32),
+                            16000)
+    script = textwrap.dedent("""
+        import sys
+        from musicssl.data.pipeline import prepare_data
+        prepared = prepare_data(sys.argv[1], workers=0, verbose=False)
+        report = prepared.cache.skip_report()
+        print(len(prepared.index), len(prepared.cache), list(report["reason"]), list(report["detail"]))
+    """)
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache")}
+    (root / "a" / "t3.wav").chmod(0)
+    (tmp_path / "cache").mkdir(mode=0o777)
+    tmp_path.chmod(0o755)
+    command = [*_as_an_ordinary_user(), "-c", script, str(root)]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == (f"8 7 ['unreadable'] ['{root / 'a' / 't3.wav'}: cannot open the file: Permission "
+                                    "denied; make it readable (chmod a+r)']")
+    (root / "a" / "t3.wav").chmod(0o644)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "8 8 [] []"
+    (root / "b").chmod(0)
+    try:
+        listing = subprocess.run([*command[:-3], "-c", "import sys; from musicssl.data.loaders import load_folder; "
+                                  "print(load_folder(sys.argv[1], unlabeled=True).track_ids)", str(root)],
+                                 capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        (root / "b").chmod(0o755)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.strip() == "['a/t0', 'a/t1', 'a/t2', 'a/t3']"
+    assert (f"{root}: 1 folder(s) could not be read and were left out, e.g. {root / 'b'} (Permission denied); make "
+            "them readable (chmod a+rx)") in listing.stderr

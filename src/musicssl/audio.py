@@ -52,6 +52,11 @@ def _libsndfile_detail(error: Exception, path: Path) -> str:
     return f" (libsndfile: {detail})"
 
 
+# What load_audio says of a file it may not open (permissions, an I/O error): not the file's fault, so a mel
+# cache tries it again at its next build.
+UNREADABLE = "cannot open the file"
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Decode ``path`` to a float32 mono signal at ``sample_rate``.
 
@@ -67,6 +72,12 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
+    try:  # libsndfile says "System error." of a file it may not open: say what it is
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        fix = "; make it readable (chmod a+r)" if isinstance(error, PermissionError) else ""
+        raise AudioError(f"{path}: {UNREADABLE}: {error.strerror or error}{fix}") from None
     try:
         data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile raises several types; all mean "not decodable"

@@ -76,7 +76,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from musicssl.audio import AudioError, LogMel, load_audio, mel_filterbank
+from musicssl.audio import UNREADABLE, AudioError, LogMel, load_audio, mel_filterbank
 from musicssl.data.index import TrackIndex
 from musicssl.interrupts import SpawnPool
 from musicssl.machine import usable_cpus
@@ -107,6 +107,7 @@ SKIP_REASONS = {
     "missing": "the audio file does not exist",
     "empty": "the audio file has 0 bytes",
     "undecodable": "libsndfile cannot decode the file (corrupt, truncated or not audio)",
+    "unreadable": "the file cannot be opened (permission denied, an I/O error); tried again at every build",
     "zero_length": "the file decodes to zero samples",
     "non_finite": "the decoded samples contain NaN or inf",
     "too_short": "the track is shorter than the minimum length",
@@ -416,7 +417,9 @@ def _silent_detail(path: str | Path, peak: float, silence_peak: float) -> str:
 
 
 def _decode_reason(message: str) -> str:
-    # load_audio raises one AudioError type; these two messages are the cases worth their own code.
+    # load_audio raises one AudioError type; these messages are the cases worth their own code.
+    if UNREADABLE in message:
+        return "unreadable"
     if "zero samples" in message:
         return "zero_length"
     if "NaN or inf" in message:
@@ -1388,8 +1391,11 @@ def _delete_superseded(folder: Path, state: _State, n_mels: int) -> tuple[int, i
 def _record_stands(
     record: _SkipRecord | None, rules: tuple[float, float], path: str, now: tuple[int | None, int | None]
 ) -> bool:
-    """Whether an earlier skip still holds: made under the same rules, for the same path, the file unchanged."""
-    return (record is not None and record.rules == rules and record.track.path == path
+    """Whether an earlier skip still holds: made under the same rules, for the same path, the file unchanged,
+    and for the file's own fault (a file that could not be opened, its permissions since corrected perhaps
+    without changing its size or time, is tried again)."""
+    return (record is not None and record.track.reason != "unreadable" and record.rules == rules
+            and record.track.path == path
             and _same_file(record.size, record.mtime_ns, record.committed_ns, now))
 
 

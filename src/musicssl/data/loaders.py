@@ -291,11 +291,13 @@ def assign_splits(
 # A folder of audio plus a tags file
 
 
-def _files_under(root: Path) -> Iterator[Path]:
+def _files_under(root: Path, unreadable: list[OSError] | None = None) -> Iterator[Path]:
     """Every file under ``root``, following symbolic links to folders (audio linked into a dataset's
-    folder is common on shared machines; ``Path.rglob`` does not follow them), each folder once."""
+    folder is common on shared machines; ``Path.rglob`` does not follow them), each folder once. The
+    folders it cannot read are added to ``unreadable``, where given."""
     seen: set[tuple[int, int]] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(root, followlinks=True,
+                                             onerror=None if unreadable is None else unreadable.append):
         try:
             status = os.stat(folder)
         except OSError:
@@ -321,10 +323,17 @@ def _file_key(path: str | Path) -> tuple[int, int] | str:
 
 
 def _list_audio_files(root: Path) -> list[Path]:
-    return sorted(
-        path for path in _files_under(root)
+    unreadable: list[OSError] = []
+    found = sorted(
+        path for path in _files_under(root, unreadable)
         if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and not path.name.startswith(".")
     )
+    if unreadable:  # before: left out without a word (os.walk passes over a folder it cannot list)
+        first = unreadable[0]
+        logger.warning("%s: %d folder(s) could not be read and were left out, e.g. %s (%s)%s", root, len(unreadable),
+                       first.filename, first.strerror or first,
+                       "; make them readable (chmod a+rx)" if isinstance(first, PermissionError) else "")
+    return found
 
 
 def _find_tags_file(root: Path) -> Path | None:
