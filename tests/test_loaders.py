@@ -594,6 +594,22 @@ def test_one_file_under_two_names_is_one_track(tmp_path, caplog):
         TrackIndex.from_csv(root / "tracks.csv")
 
 
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="file names there are always Unicode")
+def test_a_file_whose_name_is_not_utf8_is_left_out_by_name(tmp_path, caplog):
+    """A Latin-1 name from an old zip archive (b'caf\\xe9.wav'). Before: the first such file ended the whole
+    run ("'utf-8' codec can't encode character '\\udce9'"), naming no file."""
+    root = tmp_path / "set"
+    for number in range(3):
+        write_sine(root / f"t{number}.wav", frequency=300.0 + 100 * number)
+    with open(root / "t0.wav", "rb") as source, open(os.path.join(os.fsencode(root), b"caf\xe9.wav"), "wb") as copy:
+        copy.write(source.read())
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_folder(root, unlabeled=True)
+    assert index.track_ids == ["t0", "t1", "t2"]
+    assert (f"{root.resolve()}: 1 audio file(s) whose names are not UTF-8 were left out, e.g. caf\\xe9.wav; rename them "
+            "to UTF-8") in caplog.text
+
+
 def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     """A spreadsheet saved as CSV in many locales separates by ';' (before: "no audio column; found
     columns ['path;tags;split']"); Windows paths with '\\' are named as such when no file is found."""

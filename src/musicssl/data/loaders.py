@@ -322,12 +322,28 @@ def _file_key(path: str | Path) -> tuple[int, int] | str:
     return status.st_dev, status.st_ino
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name's undecodable bytes, which Python keeps as lone surrogates
+        return False
+    return True
+
+
 def _list_audio_files(root: Path) -> list[Path]:
     unreadable: list[OSError] = []
     found = sorted(
         path for path in _files_under(root, unreadable)
         if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and not path.name.startswith(".")
     )
+    # A name that is not UTF-8 (files from an old zip archive: Latin-1 bytes) is no track id, and no line of a
+    # CSV or a log: such files are left out by name (before, the first one ended the whole run).
+    not_utf8 = [path for path in found if not _utf8(str(path))]
+    if not_utf8:
+        found = [path for path in found if _utf8(str(path))]
+        logger.warning("%s: %d audio file(s) whose names are not UTF-8 were left out, e.g. %s; rename them to UTF-8 "
+                       "(e.g. convmv -f latin1 -t utf8 -r --notest FOLDER)", root, len(not_utf8),
+                       os.fsencode(not_utf8[0].relative_to(root)).decode("ascii", "backslashreplace"))
     if unreadable:  # before: left out without a word (os.walk passes over a folder it cannot list)
         first = unreadable[0]
         logger.warning("%s: %d folder(s) could not be read and were left out, e.g. %s (%s)%s", root, len(unreadable),
