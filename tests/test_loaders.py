@@ -610,6 +610,32 @@ def test_a_file_whose_name_is_not_utf8_is_left_out_by_name(tmp_path, caplog):
             "to UTF-8") in caplog.text
 
 
+@pytest.mark.parametrize("header", ["path,rock,pop,rock", "path,rock,pop,rock "])
+def test_a_tag_column_named_twice_is_refused(tmp_path, header):
+    """Before: pandas renamed the second 'rock' 'rock.1', a tag of its own; with a trailing space the error
+    printed a pandas Series."""
+    root = tmp_path / "set"
+    for number in range(2):
+        write_sine(root / f"t{number}.wav")
+    (root / "tags.csv").write_text(f"{header}\nt0.wav,1,0,1\nt1.wav,0,1,0\n")
+    with pytest.raises(DatasetError, match=re.escape(
+            f"{root / 'tags.csv'}: the header names the column 'rock' more than once (columns 2, 4); name each column "
+            "once: merge the repeated ones or rename them")):
+        load_folder(root)
+
+
+def test_a_tags_file_that_is_not_utf8_names_the_line_and_the_fix(tmp_path):
+    """A spreadsheet's CSV saved in Windows-1252. Before: only "'utf-8' codec can't decode byte 0xe9 in
+    position 31"."""
+    root = tmp_path / "set"
+    for number in range(2):
+        write_sine(root / f"t{number}.wav")
+    (root / "tags.csv").write_bytes("path,tags\nt0.wav,rock\nt1.wav,café\n".encode("cp1252"))
+    with pytest.raises(DatasetError, match=re.escape(
+            f"{root / 'tags.csv'}, line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8")):
+        load_folder(root)
+
+
 def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     """A spreadsheet saved as CSV in many locales separates by ';' (before: "no audio column; found
     columns ['path;tags;split']"); Windows paths with '\\' are named as such when no file is found."""

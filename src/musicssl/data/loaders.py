@@ -373,6 +373,22 @@ def _find_tags_file(root: Path) -> Path | None:
     return None
 
 
+def _check_utf8(path: Path) -> None:
+    """DatasetError naming the line and the fix where ``path`` is not UTF-8 text (a spreadsheet's CSV saved
+    in Windows-1252 or Latin-1: before, only the decoder's "can't decode byte 0xe9 in position 31")."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read the file ({error.strerror or error})") from None
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DatasetError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8 (a "
+            "spreadsheet's \"CSV UTF-8\", or iconv -f cp1252 -t utf-8 FILE > NEW)") from None
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     """Read a CSV (comma) or TSV (tab) of strings.
 
@@ -381,17 +397,23 @@ def _read_table(path: Path) -> pd.DataFrame:
     with semicolons when it has semicolons and neither tabs nor commas (a spreadsheet's CSV in locales
     whose decimal mark is a comma), else with commas.
     """
+    _check_utf8(path)
     if path.suffix.lower() in (".tsv", ".tab"):
         separator = "\t"
     else:
-        try:
-            with path.open(encoding="utf-8-sig") as handle:
-                header = handle.readline()
-        except UnicodeDecodeError as error:
-            raise DatasetError(f"{path}: cannot read as a CSV/TSV table ({error})") from None
+        with path.open(encoding="utf-8-sig") as handle:
+            header = handle.readline()
         separator = "\t" if header.count("\t") > header.count(",") else ","
         if ";" in header and "\t" not in header and "," not in header:
             separator = ";"
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        names = [str(name).strip() for name in next(csv.reader(handle, delimiter=separator), [])]
+    repeated = [name for name, count in Counter(names).items() if count > 1 and name]
+    if repeated:  # before: pandas renamed the second 'rock' 'rock.1', a tag of its own
+        columns = [number for number, name in enumerate(names, start=1) if name == repeated[0]]
+        raise DatasetError(f"{path}: the header names the column {repeated[0]!r} more than once (columns "
+                           f"{', '.join(map(str, columns))}); name each column once: merge the repeated ones or "
+                           "rename them")
     starts, row_names = _scan_rows(path, separator)
     try:
         with warnings.catch_warnings():
