@@ -280,3 +280,50 @@ def test_a_lock_error_met_while_a_stop_unwinds_is_raised_as_that_stop():
     with pytest.raises(RuntimeError, match="release unlocked lock"):
         with interrupts_kept():
             threading.Lock().release()
+
+
+ORPHANED = """
+import os, signal, sys, time
+from musicssl.interrupts import SpawnPool
+
+
+def pid_then_sleep():
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    pool = SpawnPool(1)
+    pool.submit(pid_then_sleep)
+    time.sleep(600)  # killed here
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and orphaned processes")
+def test_a_pools_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A build killed with kill -9 (or out of memory) left its decoding processes running, holding their
+    memory and the caller's output pipe (a communicate() on the run waited for them)."""
+    script = tmp_path / "orphaned.py"
+    script.write_text(ORPHANED)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        worker = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the worker {worker} outlived the process that started it")
+        assert parent.stdout.read() == ""  # the pipe closed: no process holds it any more
+    finally:
+        parent.stdout.close()
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -157,20 +158,38 @@ def held_signals() -> Iterator[None]:
             raise replayed[0] if replayed else restoring
 
 
-def quiet_worker() -> None:
+def quiet_worker(parent: int | None = None) -> None:
     """The first thing a worker process does: Ctrl-C ignored (its parent gets it too, and ends the
     workers), SIGTERM at its default (the parent's way to end a worker: a handler inherited from a
     forked parent turned it into Ctrl-C, and the worker printed a traceback), then both unblocked
     (a worker started under :func:`held_signals` starts with them blocked: a Ctrl-C that came since
-    is dropped here, a SIGTERM ends the worker)."""
+    is dropped here, a SIGTERM ends the worker). Given ``parent`` (the pid of the process that starts
+    the workers), the worker ends once that process is gone (:func:`_end_with_parent`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _CAN_BLOCK:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if parent is not None:
+        _end_with_parent(parent)
 
 
-def _start_spawned_worker(initializer: Callable[..., Any] | None, initargs: tuple) -> None:
-    quiet_worker()
+PARENT_CHECK_SECONDS = 1.0  # how often a pool's worker looks whether the process that started it is alive
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this worker once ``parent``, the process that started it, is gone (killed: ``kill -9``, out of
+    memory), as its pool can then no longer end it: before, its workers lived on, holding their memory and
+    the caller's output pipes. The orphan's parent becomes another process (init, or a subreaper)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+def _start_spawned_worker(initializer: Callable[..., Any] | None, initargs: tuple, parent: int | None = None) -> None:
+    quiet_worker(parent)
     if initializer is not None:
         initializer(*initargs)
 
@@ -207,7 +226,7 @@ class SpawnPool(ProcessPoolExecutor):
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_spawned_worker,
-            initargs=(initializer, tuple(initargs)),
+            initargs=(initializer, tuple(initargs), os.getpid()),
         )
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:

@@ -532,7 +532,7 @@ def worker_pool(processes: int) -> multiprocessing.pool.Pool:
     dropped as the handler was reset, and left a worker that the pool's end waited for forever."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with held_signals():
-        return multiprocessing.get_context(method).Pool(processes, initializer=quiet_worker)
+        return multiprocessing.get_context(method).Pool(processes, initializer=quiet_worker, initargs=(os.getpid(),))
 
 
 def default_workers() -> int:
