@@ -1920,9 +1920,9 @@ def test_sigterm_while_the_mel_cache_is_built_keeps_the_tracks_decoded(tmp_path,
     for copy in range(copies):
         for row in rows[1:]:
             track_id, path, rest = row.split(",", 2)
-            link = tmp_path / "audio" / f"{copy}-{Path(path).name}"
-            link.symlink_to(tonal_dataset / path)
-            listed.append(f"{track_id}-{copy},audio/{link.name},{rest}")
+            clip = tmp_path / "audio" / f"{copy}-{Path(path).name}"
+            shutil.copyfile(tonal_dataset / path, clip)  # a copy, not a link: a link is one file, one track
+            listed.append(f"{track_id}-{copy},audio/{clip.name},{rest}")
     (tmp_path / "tracks.csv").write_text("\n".join(listed) + "\n")
     env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache-root"), "RAY_AUTH_MODE": "disabled",
            "PYTHONWARNINGS": "ignore"}
