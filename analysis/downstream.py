@@ -454,6 +454,8 @@ def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled
         return None, "no record of its training data"
     data, root, audio = recorded
     family = dataset_family(data)
+    if family == "corpus":  # its record (training_corpus) said which corpus, where that is known
+        return None, f"its generated corpus ({root or 'the default one'}) is not the one it trained on any more"
     if family is not None:
         if evaluated is not None and (_official_splits(data) == _official_splits(evaluated)
                                       or dataset_family(evaluated) != family):

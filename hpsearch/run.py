@@ -280,7 +280,10 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         raise SearchError(
             f"--data {spec!r}: the search was started on other tracks, splits or tags ({counts(settings.tracks)}; "
             f"now {counts(now)}, or the same counts of other tracks): its trials so far trained and were scored on "
-            "those; restore the data as it was, or start a new search with another --name"
+            "those; restore the data as it was, or start a new search with another --name (data unchanged since "
+            "may read otherwise from 2026-12-06 on: an audio file under two names, a link, is one track, and a file "
+            "with a track index's columns under another name than tracks.csv joins its tags by ',' where no cell "
+            "holds a ';')"
         )
     return data
 
@@ -1965,11 +1968,13 @@ def _check_stop_on(settings: SearchSettings) -> None:
     can = [kind for kind in settings.stop_on if kind not in PROTOTYPE_COLLAPSE]
     reason = (f"{settings.method} has no prototypes, so its trials never show {' or '.join(repr(k) for k in never)} "
               "collapse (only clustering's do)")
-    if not can:
-        raise SettingsError(f"--stop-on {','.join(settings.stop_on)}: {reason}, and no trial would ever be stopped; "
-                            "give complete or dimensional, or --no-collapse-stop to stop none")
-    print(f"note: --stop-on {','.join(settings.stop_on)}: {reason}; its trials stop on {','.join(can)}",
-          file=sys.stderr)
+    if not can and settings.collapse_stop:
+        raise SettingsError(f"--stop-on {','.join(settings.stop_on)}: {reason}, and no collapsed trial would ever be "
+                            "stopped (a diverged one still is); give complete or dimensional, or --no-collapse-stop to "
+                            "stop none")
+    would = "" if settings.collapse_stop else " would"
+    print(f"note: --stop-on {','.join(settings.stop_on)}: {reason}; its trials{would} stop on "
+          f"{','.join(can) if can else 'no collapse'}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

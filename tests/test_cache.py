@@ -1117,14 +1117,15 @@ def test_a_file_that_cannot_be_opened_is_said_so_and_tried_again_and_an_unreadab
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "8 8 [] []"
-    (root / "b").chmod(0)
-    try:
-        listing = subprocess.run([*command[:-3], "-c", "import sys; from musicssl.data.loaders import load_folder; "
-                                  "print(load_folder(sys.argv[1], unlabeled=True).track_ids)", str(root)],
-                                 capture_output=True, text=True, env=env, timeout=120)
-    finally:
-        (root / "b").chmod(0o755)
-    assert listing.returncode == 0, listing.stderr
-    assert listing.stdout.strip() == "['a/t0', 'a/t1', 'a/t2', 'a/t3']"
-    assert (f"{root}: 1 folder(s) could not be read and were left out, e.g. {root / 'b'} (Permission denied); make "
-            "them readable (chmod a+rx)") in listing.stderr
+    for mode in (0, 0o644):  # neither listed nor entered; listed, not entered (before: a PermissionError)
+        (root / "b").chmod(mode)
+        try:
+            listing = subprocess.run([*command[:-3], "-c", "import sys; from musicssl.data.loaders import load_folder; "
+                                      "print(load_folder(sys.argv[1], unlabeled=True).track_ids)", str(root)],
+                                     capture_output=True, text=True, env=env, timeout=120)
+        finally:
+            (root / "b").chmod(0o755)
+        assert listing.returncode == 0, listing.stderr
+        assert listing.stdout.strip() == "['a/t0', 'a/t1', 'a/t2', 'a/t3']"
+        assert (f"{root}: 1 folder(s) could not be read and were left out, e.g. {root / 'b'} (Permission denied); "
+                "make them readable (chmod a+rx)") in listing.stderr

@@ -1038,7 +1038,10 @@ def test_test_tracks_a_checkpoint_trained_on_in_another_jamendo_split_are_counte
     methods = [run("split1", data="jamendo-top50-split1", data_root=str(root), audio_dir=str(audio)),
                run("split0", data="jamendo-top50", data_root=str(root), audio_dir=str(audio)),
                run("mtat", data="mtat", data_root=str(tmp_path / "mtat")),  # other audio: not read
-               run("noroot", data="jamendo-top50-split1")]
+               run("noroot", data="jamendo-top50-split1"),
+               # Trained on a corpus whose folder no longer holds it (before: a TypeError from the corpus builder).
+               run("oldcorpus", data="corpus", data_root=str(tmp_path / "emptied"))]
+    (tmp_path / "emptied").mkdir()
     config = DownstreamConfig(**SMALL_EVALUATION, dataset="jamendo-top50", root=str(root), audio_dir=str(audio))
     result = run_downstream(methods, config)
     console = capsys.readouterr().out
@@ -1050,9 +1053,12 @@ def test_test_tracks_a_checkpoint_trained_on_in_another_jamendo_split_are_counte
     assert ("note: noroot: could not check which test tracks it trained on: its run recorded no --root for "
             "jamendo-top50-split1") in console
     assert "note: split0" not in console and "note: mtat" not in console
+    assert (f"note: oldcorpus: could not check which test tracks it trained on: its generated corpus "
+            f"({tmp_path / 'emptied'}) is not the one it trained on any more") in console
+    assert not any((tmp_path / "emptied").iterdir())  # no corpus built there
     counts = result.results.set_index("method")["test_tracks_trained_on"]
     assert counts["split1"] == 9
-    assert all(math.isnan(counts[label]) for label in ("split0", "mtat", "noroot"))
+    assert all(math.isnan(counts[label]) for label in ("split0", "mtat", "noroot", "oldcorpus"))
     assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (split1: 9 tracks)" in \
         results_notes(result.results)
 

@@ -2115,7 +2115,8 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
         # Before: accepted, and no trial could ever be stopped.
         (["vicreg", "--stop-on", "cluster,partial"],
          "--stop-on cluster,partial: vicreg has no prototypes, so its trials never show 'cluster' or 'partial' "
-         "collapse (only clustering's do), and no trial would ever be stopped; give complete or dimensional"),
+         "collapse (only clustering's do), and no collapsed trial would ever be stopped (a diverged one still is); give "
+         "complete or dimensional"),
         (["vicreg", "--threshold", "dimensional_max_rank_fraction=abc"], "'abc' is not a number"),
         # Before: "unknown collapse threshold(s) ;", and a name given twice kept the last without a word.
         (["vicreg", "--threshold", "=3"], "--threshold takes NAME=VALUE, got '=3': no NAME"),
@@ -2543,6 +2544,11 @@ def test_stop_on_a_type_the_method_never_shows_is_said(tmp_path, capsys):
     settings_from_args(parse(["clustering", *common, "--stop-on", "cluster,partial"]))
     settings_from_args(parse(["byol", *common]))
     assert capsys.readouterr().err == ""
+    # With --no-collapse-stop the rule only records where it would have stopped: said, not refused.
+    settings_from_args(parse(["vicreg", *common, "--stop-on", "cluster", "--no-collapse-stop"]))
+    assert capsys.readouterr().err == ("note: --stop-on cluster: vicreg has no prototypes, so its trials never show "
+                                       "'cluster' collapse (only clustering's do); its trials would stop on no "
+                                       "collapse\n")
 
 
 def test_stop_on_reaches_the_trials_and_an_older_stored_search_keeps_its_rule(tmp_path):

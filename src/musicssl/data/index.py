@@ -8,6 +8,7 @@ groups are used to report metrics per tag group.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 import os
@@ -20,9 +21,11 @@ import pandas as pd
 from musicssl.corpus.splits import corpus_identity, listed_as_generated
 
 __all__ = [
-    "TrackIndex", "TrackIndexError", "split_tag_cells", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR",
+    "TrackIndex", "TrackIndexError", "file_identity", "split_tag_cells", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR",
     "tag_group",
 ]
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 # Other names of the splits that tags files and track indexes use (matched case-insensitively).
@@ -43,24 +46,38 @@ class TrackIndexError(ValueError):
     """A track index or tags file is malformed; the message says what and how to fix it."""
 
 
+def file_identity(path: str | Path) -> Any:
+    """What tells one file from another: a file with several hard links is its device and inode, any other
+    its real path (a symbolic link is the file it names); inode numbers alone are not unique everywhere (0
+    where a file system has none, repeated on a network share spanning several file systems). A path that
+    does not exist is itself without ``..``."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return os.path.normpath(str(path))
+    if status.st_nlink > 1 and status.st_ino != 0:
+        return status.st_dev, status.st_ino
+    return os.path.realpath(path)
+
+
 def split_tag_cells(cells: Sequence[Any], lines: Sequence[int], source: str | Path,
-                    separator: str | None = None) -> list[tuple[str, ...]]:
-    """Each cell's tags, stripped of spaces, once each, in order: joined by ``;``, or by ``,`` where no cell
-    holds a ``;`` (one rule for a tags file and a track index, so that one file gives one vocabulary however
-    it is read), or by ``separator`` where given. Where ``;`` joins them and a cell holds a ``,`` too
-    (``rock,guitar`` among ``pop;piano``), which would read as one tag ``rock,guitar``, TrackIndexError names
-    the line (``lines``: each cell's line in ``source``) and the fix."""
+                    separator: str | None = None, *, index: bool = False) -> list[tuple[str, ...]]:
+    """Each cell's tags, stripped of spaces, once each, in order: joined by ``separator`` where given; in a
+    ``tracks.csv`` index (``index``), by ``;``; in any other table (a tags file, or a file with an index's four
+    columns under another name, read the same way as a file or in its folder), by ``;``, or by ``,`` where no
+    cell holds a ``;``. A tag may hold a ``,`` (Discogs' ``Folk, World, & Country``), so a cell with a ``,``
+    and no ``;``, read as one tag where ``;`` joins the tags, is named in a warning (``lines``: each cell's
+    line in ``source``): a ``,`` there may have been meant to join tags."""
     texts = ["" if cell is None else str(cell) for cell in cells]
     if separator is None:
-        separator = ";" if any(";" in text for text in texts) else ","
-        if separator == ";":
-            mixed = next(((line, text) for line, text in zip(lines, texts) if "," in text), None)
-            if mixed is not None:
-                first = next(line for line, text in zip(lines, texts) if ";" in text)
-                raise TrackIndexError(
-                    f"{source}, line {mixed[0]}: the tags {mixed[1].strip()!r} hold a ',' while line {first} joins its "
-                    "tags with ';', so the ',' would be read as part of one tag; join every row's tags with ';' (or "
-                    "every row's with ',')")
+        joined = any(";" in text for text in texts)
+        separator = ";" if index or joined else ","
+        ambiguous = [(line, text.strip()) for line, text in zip(lines, texts) if "," in text and ";" not in text]
+        if separator == ";" and ambiguous:
+            logger.warning(
+                "%s: %d row(s) hold a ',' and no ';' in their tags, each read as one tag (e.g. line %d: %r), as %s; "
+                "if a ',' joins tags there, join them with ';'", source, len(ambiguous), ambiguous[0][0],
+                ambiguous[0][1], "other rows join their tags with ';'" if joined else "a tracks.csv joins its tags with ';'")
     return [tuple(dict.fromkeys(tag.strip() for tag in text.split(separator) if tag.strip())) for text in texts]
 
 
@@ -173,8 +190,9 @@ class TrackIndex:
 
     @classmethod
     def from_csv(cls, path: str | Path, name: str | None = None) -> "TrackIndex":
-        """Read a ``tracks.csv`` (``track_id, path, split, tags`` with tags joined by ``;``, or by ``,`` where no
-        cell holds a ``;``: :func:`split_tag_cells`).
+        """Read a ``tracks.csv`` (``track_id, path, split, tags`` with tags joined by ``;``; a file of these
+        columns under another name joins them as a tags file does, by ``;``, or by ``,`` where no cell holds a
+        ``;``, so that it gives the same tags read in its folder: :func:`split_tag_cells`).
 
         Relative audio paths are resolved against the CSV's folder. Tags are stripped of surrounding
         spaces (``rock; guitar`` is ``rock`` and ``guitar``), splits may use the other names of
@@ -214,19 +232,15 @@ class TrackIndex:
         # in train and one in test.
         rows_of: dict[Any, tuple[str, list[int]]] = {}
         for line, track_path in zip(range(2, len(frame) + 2), frame["path"]):
-            try:
-                status = os.stat(track_path)
-                key: Any = (status.st_dev, status.st_ino)
-            except (OSError, ValueError):
-                key = os.path.normpath(track_path)
-            rows_of.setdefault(key, (os.path.normpath(track_path), []))[1].append(line)
+            rows_of.setdefault(file_identity(track_path), (os.path.normpath(track_path), []))[1].append(line)
         repeated = [(track_path, lines) for track_path, lines in rows_of.values() if len(lines) > 1]
         if repeated:
             shown = "; ".join(f"{track_path} on lines {', '.join(map(str, lines))}" for track_path, lines in repeated[:3])
             more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
             raise TrackIndexError(f"{path}: lists the same audio file more than once: {shown}{more}; "
                                   "keep one row per file")
-        frame["tags"] = split_tag_cells(frame["tags"], range(2, len(frame) + 2), path)
+        frame["tags"] = split_tag_cells(frame["tags"], range(2, len(frame) + 2), path,
+                                        index=path.name == "tracks.csv")
         frame["split"] = [SPLIT_ALIASES.get(str(split).strip().lower(), split) for split in frame["split"]]
         tag_names = sorted({tag for tags in frame["tags"] for tag in tags})
         index = cls(frame, tag_names, name=name or path.parent.name)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError, split_tag_cells
+from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError, file_identity, split_tag_cells
 
 __all__ = [
     "read_audio_alone",
@@ -312,16 +312,6 @@ def _files_under(root: Path, unreadable: list[OSError] | None = None) -> Iterato
             yield Path(folder) / name
 
 
-def _file_key(path: str | Path) -> tuple[int, int] | str:
-    """What tells one file from another: its device and inode (a symbolic or hard link is the file it names),
-    or, for a path that does not exist, the path without ``..``."""
-    try:
-        status = os.stat(path)
-    except (OSError, ValueError):
-        return os.path.normpath(str(path))
-    return status.st_dev, status.st_ino
-
-
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -330,24 +320,36 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def _regular_file(path: Path, unreadable: list[OSError]) -> bool:
+    try:
+        return path.is_file()
+    except OSError as error:  # a folder that can be listed but not entered (no x permission)
+        unreadable.append(error)
+        return False
+
+
 def _list_audio_files(root: Path) -> list[Path]:
     unreadable: list[OSError] = []
     found = sorted(
         path for path in _files_under(root, unreadable)
-        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and not path.name.startswith(".")
+        if path.suffix.lower() in AUDIO_EXTENSIONS and not path.name.startswith(".") and _regular_file(path, unreadable)
     )
+    # A file system's own lost+found (root's, at a mount point) is no folder of the user's to warn of.
+    unreadable = [error for error in unreadable if Path(str(error.filename)).name != "lost+found"]
     # A name that is not UTF-8 (files from an old zip archive: Latin-1 bytes) is no track id, and no line of a
     # CSV or a log: such files are left out by name (before, the first one ended the whole run).
-    not_utf8 = [path for path in found if not _utf8(str(path))]
+    not_utf8 = [path for path in found if not _utf8(path.relative_to(root).as_posix())]
     if not_utf8:
-        found = [path for path in found if _utf8(str(path))]
+        found = [path for path in found if _utf8(path.relative_to(root).as_posix())]
         logger.warning("%s: %d audio file(s) whose names are not UTF-8 were left out, e.g. %s; rename them to UTF-8 "
                        "(e.g. convmv -f latin1 -t utf8 -r --notest FOLDER)", root, len(not_utf8),
                        os.fsencode(not_utf8[0].relative_to(root)).decode("ascii", "backslashreplace"))
     if unreadable:  # before: left out without a word (os.walk passes over a folder it cannot list)
         first = unreadable[0]
-        logger.warning("%s: %d folder(s) could not be read and were left out, e.g. %s (%s)%s", root, len(unreadable),
-                       first.filename, first.strerror or first,
+        folders = {os.path.dirname(str(error.filename)) if error.filename and not os.path.isdir(str(error.filename))
+                   else str(error.filename) for error in unreadable}
+        logger.warning("%s: %d folder(s) could not be read and were left out, e.g. %s (%s)%s", root, len(folders),
+                       min(folders), first.strerror or first,
                        "; make them readable (chmod a+rx)" if isinstance(first, PermissionError) else "")
     return found
 
@@ -538,6 +540,9 @@ def load_folder(
             f"(and this file as tags_file=)"
         )
     root = root.resolve()
+    if not _utf8(str(root)):
+        raise DatasetError(f"{os.fsencode(root).decode('ascii', 'backslashreplace')}: the folder's path is not UTF-8 "
+                           "(Latin-1 bytes from an old archive?); rename it in UTF-8 (e.g. convmv -f latin1 -t utf8)")
     if not any(root.iterdir()):
         raise DatasetError(
             f"{root}: the folder is empty; put audio files ({', '.join(AUDIO_EXTENSIONS)}) and a tags CSV/TSV in it"
@@ -562,9 +567,9 @@ def load_folder(
             raise DatasetError("pass either tags_file= or unlabeled=True, not both")
         # One file under two names (a link: a song linked into a second genre's folder) is one track, not two
         # that could fall in train and in test: the name that is no link is kept (else the first in path order).
-        names: dict[tuple[int, int] | str, list[Path]] = {}
+        names: dict[Any, list[Path]] = {}
         for path in audio_files:
-            names.setdefault(_file_key(path), []).append(path)
+            names.setdefault(file_identity(path), []).append(path)
         kept = {key: min(paths, key=lambda path: (os.path.realpath(path) != str(path), str(path)))
                 for key, paths in names.items()}
         linked = [(path, kept[key]) for key, paths in names.items() for path in paths if path != kept[key]]
@@ -608,9 +613,9 @@ def load_folder(
         for record in records
     ):
         raise no_audio()  # (a listed file elsewhere that is missing is reported with its path, below)
-    names_of: dict[tuple[int, int] | str, list[str]] = {}
+    names_of: dict[Any, list[str]] = {}
     for record in records:  # one file under two names (a link) too: its two rows could fall in train and in test
-        names_of.setdefault(_file_key(record["path"]), []).append(record["path"])
+        names_of.setdefault(file_identity(record["path"]), []).append(record["path"])
     repeated = sorted(names for names in names_of.values() if len(names) > 1)
     if repeated:
         def shown(path: str) -> str:
@@ -804,10 +809,7 @@ def _records_from_table(
             )
 
     if tags_column is not None:
-        try:
-            row_tags = split_tag_cells(table[tags_column].astype(str), table.index, tags_path, tag_separator)
-        except TrackIndexError as error:
-            raise DatasetError(str(error)) from None
+        row_tags = split_tag_cells(table[tags_column].astype(str), table.index, tags_path, tag_separator)
         tag_names = sorted({tag for tags in row_tags for tag in tags})
     elif binary_columns:
         tag_names = list(binary_columns)
