@@ -21,8 +21,8 @@ import pandas as pd
 from musicssl.corpus.splits import corpus_identity, listed_as_generated
 
 __all__ = [
-    "TrackIndex", "TrackIndexError", "file_identity", "split_tag_cells", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR", "GROUP_SEPARATOR",
-    "tag_group",
+    "TrackIndex", "TrackIndexError", "file_identity", "split_tag_cells", "SPLITS", "SPLIT_ALIASES", "TAG_SEPARATOR",
+    "GROUP_SEPARATOR", "tag_group",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def split_tag_cells(cells: Sequence[Any], lines: Sequence[int], source: str | Pa
         if separator == ";" and ambiguous:
             logger.warning(
                 "%s: %d row(s) hold a ',' and no ';' in their tags, each read as one tag (e.g. line %d: %r), as %s; "
-                "if a ',' joins tags there, join them with ';'", source, len(ambiguous), ambiguous[0][0],
-                ambiguous[0][1], "other rows join their tags with ';'" if joined else "a tracks.csv joins its tags with ';'")
+                "if a ',' joins tags there, join them with ';'", source, len(ambiguous), ambiguous[0][0], ambiguous[0][1],
+                "other rows join their tags with ';'" if joined else "a tracks.csv joins its tags with ';'")
     return [tuple(dict.fromkeys(tag.strip() for tag in text.split(separator) if tag.strip())) for text in texts]
 
 
