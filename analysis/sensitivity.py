@@ -38,7 +38,6 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ import pandas as pd
 
 from hpsearch.results import JOURNAL_FILE, TRIALS_FILE
 from hpsearch.settings import SEARCH_FILE
-from musicssl.cli import ArgumentParser
+from musicssl.cli import ArgumentParser, silence_closed_output
 from musicssl.interrupts import exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import whole, write_whole
 
@@ -1378,14 +1377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG}: interrupted{said}", file=sys.stderr)
         return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     except BrokenPipeError:  # an output closed before the report was written (stderr): it may be cut short
-        _quiet_closed_output()
+        silence_closed_output()
         return 1
-
-
-def _quiet_closed_output() -> None:
-    """After a BrokenPipeError (the output piped into a command that stopped reading, ``| head``): what is
-    left of standard output goes nowhere, so that Python's flush at exit says nothing either."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir: str) -> int:
@@ -1438,7 +1431,7 @@ def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir:
         stop.report_written = paths["html"]
         raise
     except BrokenPipeError:  # piped into a command that stopped reading (| head): the exit status stays the report's
-        _quiet_closed_output()
+        silence_closed_output()
     if png.get("reason"):  # not exported, or only in part: the figures' folder is not this report's
         done = f" after {len(png['written'])} of {len(summary['figures'])} figures" if png.get("written") else ""
         print(f"{PROG}: PNG export {'failed' + done if done else 'skipped'}: {png['reason']}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from ray.tune import Callback
 
 from hpsearch.trainable import TRIAL_NUMBER_KEY
+from musicssl.cli import silence_closed_output
 
 __all__ = ["ProgressPrinter", "ResultsWriter", "format_params", "results_written_by", "trial_line"]
 
@@ -181,10 +182,7 @@ class _GuardedOutput:
     def _closed(self) -> None:
         global _output_closed
         _output_closed = True
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self._stream.fileno())
-            os.close(null)
+        silence_closed_output(self._stream)
         # The running search stops at its next step (the room watch's way); before Tune runs, the watch's
         # first look (as the first trial starts) sees output_closed().
         record_not_written(OUTPUT_CLOSED, OUTPUT_CLOSED_ADVICE)

@@ -133,11 +133,12 @@ def _short_schedule_note(settings: SearchSettings, space) -> str | None:
     from musicssl.train import schedule_notes
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    trial_settings = settings.trial_settings()
     found: list[str] = []
     for _ in range(SCHEDULE_DRAWS):
         trial = study.ask()
         try:
-            notes = schedule_notes(build_train_config(settings.trial_settings(), space.sample(trial)))
+            notes = schedule_notes(build_train_config(trial_settings, space.sample(trial)))
         except Exception:  # noqa: BLE001 - a draw the trainer refuses is check_space's to report, not this note's
             continue
         if notes:
@@ -272,8 +273,8 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         problem = probe_problem(data)
         if problem:
             raise unscorable(f"{len(valid_ids)} usable", len(data.index.tag_names), problem)
-    now = tracks_record(data)
-    if settings.tracks is not None and now["digest"] != settings.tracks.get("digest"):
+    now = tracks_record(data) if settings.tracks is not None else None  # a new search records it once, at its start
+    if now is not None and now["digest"] != settings.tracks.get("digest"):
         def counts(record: dict) -> str:
             return ", ".join(f"{record.get(name, '?')} {name}" for name in ("train", "valid", "test", "tags"))
 
@@ -1633,11 +1634,10 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
     if settings.objective == "rankme":
         from musicssl.collapse import effective_rank
         from musicssl.data.views import fixed_segments
-        from musicssl.train import COLLAPSE_CHUNK
+        from musicssl.train import COLLAPSE_CHUNK, collapse_probe_tracks
 
-        valid_ids = data.track_ids("valid")
-        probe_mels = fixed_segments(data.cache, valid_ids if len(valid_ids) >= 2 else data.track_ids("train"),
-                                    settings.probe_segments, seed=settings.seed)
+        probe_mels = fixed_segments(data.cache, collapse_probe_tracks(data), settings.probe_segments,
+                                    seed=settings.seed)
 
         def score(network) -> float:
             network.eval()
@@ -2002,14 +2002,11 @@ def _search(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    if result.stopped_for == OUTPUT_CLOSED:  # as a command ended by SIGPIPE: 128 + 13
-        print(f"{PROG}: stopped: {result.stopped_for}; {result.stopped_advice}, and continue the search with "
-              f"{_continue_command(result.settings, args.address)}", file=sys.stderr)
-        return 141
     if result.stopped_for:
-        print(f"{PROG}: error: stopped: {result.stopped_for}; {result.stopped_advice}, and continue the search with "
-              f"{_continue_command(result.settings, args.address)}", file=sys.stderr)
-        return 2
+        closed = result.stopped_for == OUTPUT_CLOSED  # no error of the search's: as a command ended by SIGPIPE
+        print(f"{PROG}: {'' if closed else 'error: '}stopped: {result.stopped_for}; {result.stopped_advice}, and "
+              f"continue the search with {_continue_command(result.settings, args.address)}", file=sys.stderr)
+        return 128 + 13 if closed else 2
     if result.interrupted:
         return 130
     failed = _every_trial_failed(result)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser", "quiet_ctrl_c_while_starting"]
+__all__ = ["ArgumentParser", "quiet_ctrl_c_while_starting", "silence_closed_output"]
 
 _starting_prog: str | None = None
 
@@ -28,6 +30,19 @@ def quiet_ctrl_c_while_starting(prog: str) -> None:
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         _starting_prog = prog
         signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def silence_closed_output(stream: Any = None) -> None:
+    """After a BrokenPipeError (the output piped into a command that stopped reading, ``| head``): what is
+    written to ``stream`` (standard output by default) from now on goes to the null device, Python's flush
+    at exit included, so that no later write raises."""
+    stream = sys.stdout if stream is None else stream
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no descriptor (a stream in memory): nothing to do
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, stream.fileno())
+        finally:
+            os.close(null)
 
 
 def _started() -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "PRESET_SETTINGS",
     "PRESET_RUN_SETTINGS",
     "view_config",
+    "collapse_probe_tracks",
 ]
 
 
@@ -413,6 +414,14 @@ def view_config(config: TrainConfig):
                       min_gap_seconds=config.min_gap_seconds, max_gap_seconds=config.max_gap_seconds)
 
 
+def collapse_probe_tracks(data) -> list[str]:
+    """The tracks whose fixed segments the collapse metrics (and RankMe) are measured on: the valid ones, the
+    training ones where fewer than 2 are valid (the metrics compare segments of different tracks: one valid
+    track has no such pair)."""
+    valid_ids = data.track_ids("valid")
+    return valid_ids if len(valid_ids) >= 2 else data.track_ids("train")
+
+
 def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, str] | None = None) -> None:
     """Refuse run settings that would fail (or silently misbehave) later, naming the setting.
 
@@ -643,9 +652,7 @@ def train(
     if unprobed:
         print(f"note: no final probe score: {unprobed}", file=sys.stderr)
     probe_mels = groups = None
-    # The collapse metrics compare segments of different tracks: one valid track has no such pair.
-    valid_ids = data.track_ids("valid")
-    valid_ids = valid_ids if len(valid_ids) >= 2 else data.track_ids("train")
+    valid_ids = collapse_probe_tracks(data)
     if config.probe_segments:
         probe_mels = fixed_segments(data.cache, valid_ids, config.probe_segments, seed=config.seed)
         positions = probe_positions(data.cache, valid_ids, config.probe_segments, seed=config.seed)

@@ -570,8 +570,10 @@ def load_folder(
         names: dict[Any, list[Path]] = {}
         for path in audio_files:
             names.setdefault(file_identity(path), []).append(path)
-        kept = {key: min(paths, key=lambda path: (os.path.realpath(path) != str(path), str(path)))
-                for key, paths in names.items()}
+        def no_link(paths: list[Path]) -> Path:
+            return min(paths, key=lambda path: (os.path.realpath(path) != str(path), str(path)))
+
+        kept = {key: paths[0] if len(paths) == 1 else no_link(paths) for key, paths in names.items()}
         linked = [(path, kept[key]) for key, paths in names.items() for path in paths if path != kept[key]]
         if linked:
             logger.warning("%s: %d audio file(s) are other names (links) of files already indexed and were left out, "
