@@ -1334,9 +1334,18 @@ class _Console:
 
 
 def open_index(config: DownstreamConfig):
-    """The dataset's :class:`TrackIndex` (``corpus`` is built on first use)."""
-    from musicssl.data.loaders import open_dataset_option
+    """The dataset's :class:`TrackIndex` (``corpus`` is built on first use in the cache; a ``--root``
+    given for it must hold one already: a mistyped folder would otherwise get a new corpus, and the
+    backbones be scored on data they were never meant for)."""
+    from musicssl.data.loaders import DatasetError, dataset_name, open_dataset_option
 
+    if dataset_name(config.dataset) == "corpus" and config.root is not None and str(config.root).strip():
+        folder = Path(config.root).expanduser()
+        if not (folder / "tracks.csv").is_file():
+            what = "no corpus there (no tracks.csv)" if folder.is_dir() else "no such folder"
+            raise DatasetError(
+                f"--root {config.root}: {what}; give the folder that holds the corpus, leave --root out for the "
+                f"corpus in the cache, or build one there first: python -m musicssl.corpus --out {config.root}")
     return open_dataset_option(config.dataset, config.root, config.audio_dir)
 
 
@@ -2115,7 +2124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre "
                         "(MTG-Jamendo's split 0; jamendo-top50-split3 and the like: its others), msd, or a "
                         "folder with a tags file / tracks.csv")
-    parser.add_argument("--root", default=None, help="the dataset's folder (mtat, jamendo-*, msd; corpus: where it is)")
+    parser.add_argument("--root", default=None, help="the dataset's folder (mtat, jamendo-*, msd; corpus: the folder that holds it, "
+                        "default the cache's corpus, built on first use)")
     parser.add_argument("--audio-dir", default=None, help="audio folder when it is not under --root (mtat, jamendo, msd)")
     parser.add_argument("--preset", default=None,
                         help="backbone preset of bare .pt checkpoints and of the baselines (default: cpu; the "

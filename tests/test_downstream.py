@@ -1786,3 +1786,18 @@ def test_a_cache_whose_disk_is_full_is_said_and_the_evaluation_goes_on(tmp_path,
     assert (tmp_path / "out" / "results.csv").is_file()
     left = [path.name for path in disk.path.rglob("*") if path.is_file()]
     assert all("-probe-linear-" in name and name.endswith(".npz") for name in left), left  # (small: it fit)
+
+
+def test_a_corpus_root_that_holds_no_corpus_is_refused_and_nothing_is_built(tmp_path, capsys):
+    # Before: a mistyped --root got a new 600-track corpus built there (minutes), and the backbones were scored on it.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    cases = [(tmp_path / "typo", "no such folder"), (tmp_path / "other", "no corpus there (no tracks.csv)")]
+    for root, what in cases:
+        code, _, err = run_main(main, ["melstats", "--no-baselines", "--dataset", "corpus", "--root", str(root),
+                                       "--out", str(tmp_path / "out"), "--workers", "0", "--quiet"], capsys)
+        assert code == 2, err
+        assert f"error: --root {root}: {what}; give the folder that holds the corpus" in err
+        assert f"python -m musicssl.corpus --out {root}" in err and "Traceback" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["other"]  # no corpus, no results folder
+    assert [path.name for path in (tmp_path / "other").iterdir()] == ["notes.txt"]
