@@ -339,6 +339,33 @@ def test_collapse_metrics_uses_groups_for_mean_cosine() -> None:
     assert collapse_metrics({"embedding": z}, groups=groups)["mean_cosine"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_collapse_metrics_align_the_segments_of_one_track_without_a_second_view() -> None:
+    # The probe set holds several segments of each track, two crops of one track being the multi-view methods'
+    # positive pairs: alignment is measured over those pairs (before, it was documented and never logged).
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(50, 12, generator=generator)
+    groups = torch.tensor([7] * 5 + [2] * 1 + [9] * 12 + list(range(100, 132)))  # sizes 5, 1, 12 and 32 alone
+    u, g = unit_rows(z.numpy().astype(np.float64)), groups.numpy()
+    pairs = [(i, j) for i in range(50) for j in range(50) if i != j and g[i] == g[j]]
+    expected = np.mean([np.sum((u[i] - u[j]) ** 2) for i, j in pairs])  # Wang & Isola over the positive pairs
+    metrics = collapse_metrics({"embedding": z}, groups=groups)
+    assert metrics["alignment"] == pytest.approx(expected, rel=1e-6)  # rows normalised in float32
+    assert metrics["alignment"] == pytest.approx(alignment_reference(z.numpy()[[i for i, _ in pairs]],
+                                                                     z.numpy()[[j for _, j in pairs]]), rel=1e-5)
+    # Each track's segments on one direction of their own: perfectly aligned (0); a track's segments spread
+    # over orthogonal directions: |u_i - u_j|^2 = 2.
+    assert collapse_metrics({"embedding": torch.eye(16).repeat_interleave(4, dim=0)},
+                            groups=torch.arange(64) // 4)["alignment"] == pytest.approx(0.0, abs=1e-12)
+    assert collapse_metrics({"embedding": torch.eye(16)}, groups=torch.arange(16) // 4)["alignment"] == pytest.approx(2.0)
+    # No track with two segments: no pair, no alignment (not a NaN, which the verdict would take for divergence).
+    assert "alignment" not in collapse_metrics({"embedding": z}, groups=torch.arange(50))
+    assert "alignment" not in collapse_metrics({"embedding": z})  # no groups: nothing says which rows pair
+    # A second view, given, is what is aligned.
+    other = torch.randn(50, 12, generator=generator)
+    assert collapse_metrics({"embedding": z}, views=(z, other), groups=groups)["alignment"] == pytest.approx(
+        alignment_reference(z.numpy(), other.numpy()), rel=1e-5)
+
+
 def test_healthy_isotropic_embeddings_are_not_collapsed() -> None:
     metrics = collapse_metrics({"embedding": gaussian(2048, 64, 1), "projection": gaussian(2048, 128, 2)})
     assert metrics["rankme_embedding"] > 0.97 * 64

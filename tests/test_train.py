@@ -287,11 +287,12 @@ def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(t
     assert collapse[["kind", "epoch", "step"]].values.tolist() == [
         ["step", 1, 2], ["epoch", 1, 4], ["step", 2, 6], ["epoch", 2, 8]]
     assert collapse["rankme_embedding"].between(1.0, 256.0).all()
+    assert collapse["alignment"].between(0.0, 4.0).all()  # over the pairs of one track's probe segments
     # The steps' metrics are measured then, not copies of the epoch's.
     assert collapse["rankme_embedding"].nunique() == 4
     metrics = pd.read_csv(tmp_path / "vicreg" / "metrics.csv")
     epochs = collapse[collapse["kind"] == "epoch"]
-    for name in ("rankme_embedding", "l2_std_embedding", "uniformity", "mean_cosine"):
+    for name in ("rankme_embedding", "l2_std_embedding", "uniformity", "alignment", "mean_cosine"):
         assert epochs[name].tolist() == pytest.approx(metrics[f"collapse_{name}"].tolist(), rel=1e-9)
     assert epochs["verdict"].tolist() == metrics["verdict"].tolist()
     assert epochs["epoch"].tolist() == metrics["epoch"].tolist() == [1, 2]  # both count epochs from 1

@@ -297,6 +297,27 @@ def _mean_cosine(unit: Tensor, groups: Tensor | None) -> float:
     return float((total - within) / pairs)
 
 
+def _alignment_within_groups(unit: Tensor, groups: Tensor) -> float | None:
+    """Alignment (alpha = 2) over the pairs i != j of one group (segments of one track: the multi-view
+    methods' positive pairs), of the L2-normalised rows ``unit``; None when no group has two samples.
+
+    In O(N D), as :func:`_mean_cosine`: sum over a group's ordered pairs of |u_i - u_j|^2 is
+    2 (n_g - 1) sum |u_i|^2 - 2 (|sum u|^2 - sum |u_i|^2); in float64 (the terms nearly cancel when
+    aligned)."""
+    u = unit.to(_float64_device(unit), torch.float64)
+    _, group_of_sample = torch.unique(groups.to(u.device), return_inverse=True)
+    sizes = torch.bincount(group_of_sample).to(torch.float64)
+    pairs = float((sizes * (sizes - 1)).sum())
+    if pairs == 0:
+        return None
+    group_sums = torch.zeros(sizes.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
+    group_sums.index_add_(0, group_of_sample, u)
+    squared_norms = u.square().sum(dim=1)
+    norms_term = 2.0 * float(((sizes[group_of_sample] - 1) * squared_norms).sum())
+    dots = float(group_sums.square().sum()) - float(squared_norms.sum())
+    return max(0.0, (norms_term - 2.0 * dots) / pairs)
+
+
 def _check_groups(groups: Tensor | None, n: int) -> None:
     if groups is None:
         return
@@ -427,7 +448,9 @@ def collapse_metrics(
       entropy in nats: how many prototypes it effectively rests on, 1 to K)
     - ``"teacher_embedding"`` (N, D) with ``"embedding"`` -> ``teacher_student_gap``
     - ``"embedding_other_view"`` (N, D) with ``"embedding"``, or ``views=(z_a, z_b)`` ->
-      ``alignment`` (alpha = 2); ``views`` wins when both are given
+      ``alignment`` (alpha = 2); ``views`` wins when both are given. Without either, ``groups`` gives
+      it: over the pairs of ``"embedding"`` rows of one group (two segments of one track, as the
+      multi-view methods' positive pairs are), left out when no group has two rows
 
     ``nonfinite`` is 1.0 when any input or computed value is NaN/inf (the metrics of a non-finite
     input are NaN), else 0.0. Runs under ``torch.no_grad`` on the tensors' device.
@@ -459,6 +482,10 @@ def collapse_metrics(
                 metrics["l2_std_embedding"] = _l2_std(unit, scale_by_sqrt_dim=True)
                 metrics["uniformity"] = _uniformity(unit, t=2.0)
                 metrics["mean_cosine"] = _mean_cosine(unit, groups)
+                if groups is not None and views is None and "embedding_other_view" not in outputs:
+                    within = _alignment_within_groups(unit, groups)
+                    if within is not None:
+                        metrics["alignment"] = within
             else:
                 nonfinite = True
                 metrics.update(dict.fromkeys(_EMBEDDING_METRICS, math.nan))
@@ -570,7 +597,7 @@ class CollapseThresholds:
     rule does not fire). Relative to min(N, K) because with a probe of N < K samples at most N
     prototypes can be used: 0.1 is 52 of 4096 with N = 512, and 6.4 of 64 with N >= 64. A kind of
     its own, not "cluster": on 36-epoch clustering trials it fired on trials that scored like the
-    rest, the best among them (benchmarks/README.md, "Longer trials"), so the search records it by
+    rest, the best among them (benchmarks/README.md, "Six times longer: 36 epochs"), so the search records it by
     default and does not stop on it."""
 
     cluster_max_assignment_entropy: float = 0.1
@@ -586,7 +613,7 @@ class CollapseThresholds:
     without centring (K = 1024) rests on 1.1-2.8 effective prototypes at epochs 2-3 on seeds 0-2,
     0.02-0.15 of log K, where the fraction rule alone misses seeds 1 and 2 at epoch 3; the 10 best
     trials of a 36-epoch clustering search rested on 7.89 or more at every epoch after the first
-    (benchmarks/README.md, "Longer trials")."""
+    (benchmarks/README.md, "The verdict of 2026-12-02")."""
 
     cluster_min_sample_entropy: float = 0.97
     """Cluster if the mean per-sample entropy over log K exceeds this (uniform collapse: every
