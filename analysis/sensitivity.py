@@ -38,6 +38,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -299,6 +300,11 @@ def experiment_from_study(study, settings: dict[str, Any], folder: str | Path = 
     from hpsearch.results import trials_frame
 
     frame = _normalise_frame(trials_frame(study))
+    # A running (or interrupted) trial has recorded no epochs_run yet: its epochs are those it reported.
+    for index in frame.index[(frame["outcome"] == "running") & frame["epochs_run"].isna()]:
+        reports = (trajectories or {}).get(int(frame.at[index, "trial"]))
+        if reports is not None and len(reports):
+            frame.at[index, "epochs_run"] = float(len(reports))
     trials = study.get_trials(deepcopy=False)
     recorded: dict[str, Any] = {}
     for trial in trials:
@@ -306,7 +312,8 @@ def experiment_from_study(study, settings: dict[str, Any], folder: str | Path = 
             recorded.setdefault(name, distribution)
     widened = sampled_distributions(trials)
     return Experiment(
-        folder=Path(folder).expanduser().absolute(),
+        # Lexically normalised: ".." given from inside a trial folder is the search's folder, named as it is.
+        folder=Path(os.path.abspath(Path(folder).expanduser())),
         settings=dict(settings),
         study=study,
         trials=frame,

@@ -817,11 +817,13 @@ def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                         row=2, col=1)
     figure.update_xaxes(type="log", row=1, col=1)
     figure.update_yaxes(title_text=labelled_name, row=1, col=1)
-    figure.update_yaxes(title_text="no probe", type="category", row=2, col=1)
+    figure.update_yaxes(title_text="not complete", type="category", row=2, col=1)
     title = f"{_label(analysis)}: does the label-free rank predict the probe? {stat}"
     _layout(figure, title, height=520, legend={"orientation": "h", "y": -0.2})
-    caption = ("Each complete trial's final effective rank against its probe score (top); collapsed and diverged trials "
-               "get no probe and sit below. A rho near 1 means the label-free rank can rank settings without labels. "
+    caption = ("Each complete trial's final effective rank against its probe score (top); the others sit below: "
+               "collapsed and diverged trials get no probe, and a trial the scheduler (ASHA) stopped has only the "
+               "score of the epoch it was stopped at. A rho near 1 means the label-free rank can rank settings without "
+               "labels. "
                "Interval: Fisher z with the Bonett-Wright standard error.")
     return ReportFigure(f"{_key(analysis)}-label-free", _label(analysis), title, caption, figure)
 
@@ -957,7 +959,8 @@ def trials_html(analysis: ExperimentAnalysis) -> str:
         cells = [str(int(row["trial"])), html.escape(outcome),
                  "" if pd.isna(row["collapse_epoch"]) else str(int(row["collapse_epoch"])),
                  "" if pd.isna(row["epochs_run"]) else f"{row['epochs_run']:.2f}",
-                 "" if pd.isna(row["objective"]) else f"{row['objective']:.4f}",
+                 "" if pd.isna(row["objective"]) else f"{row['objective']:.4f}"
+                 + ("*" if row["outcome"] == "stopped" else ""),
                  "" if pd.isna(rank.loc[index]) else f"{rank.loc[index]:.2f}"]
         for name in names:
             value = row.get(f"param_{name}")
@@ -971,8 +974,13 @@ def trials_html(analysis: ExperimentAnalysis) -> str:
             rows.append(f"<tr><td></td><td class='text muted' colspan='{len(header) - 1}'>"
                         f"{html.escape(str(row['error']))}</td></tr>")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rung = ""
+    if ((frame["outcome"] == "stopped") & frame["objective"].notna()).any():
+        rung = (f"<p class='note'>* The {html.escape(experiment.objective)} of the epoch the scheduler (ASHA) stopped "
+                "the trial at, not of a full trial: not comparable with the complete trials' scores, and never the "
+                "best trial.</p>")
     return (f"<details><summary>All {len(frame)} trials</summary><table class='trials'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></details>")
+            f"<tbody>{''.join(rows)}</tbody></table>{rung}</details>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1138,8 +1146,13 @@ def experiment_sections(analysis: ExperimentAnalysis) -> list[tuple[str, str, li
         dynamics.append(f"<p class='note'>No trial {html.escape(experiment.collapsed_wording)}, so there is no time to "
                         "collapse to show.</p>")
     label_free = label_free_figure(analysis)
-    if label_free is None:
+    if label_free is None and experiment.objective in ("probe_map", "probe_auc"):
+        # A probe objective whose trials have not completed (all collapsed, or the search just started).
         label_free_parts: list[ReportFigure | str] = [
+            f"<p class='note'>No trial has completed yet, so there is no {html.escape(experiment.objective)} score "
+            "to compare the label-free rank with (trials stopped for collapse or divergence get no probe).</p>"]
+    elif label_free is None:
+        label_free_parts = [
             "<p class='note'>No probe score in this search (its objective is "
             f"{html.escape(experiment.objective)}, and probes run only for a probe objective): there is no labelled "
             "score to compare the label-free rank with.</p>"]

@@ -1765,3 +1765,75 @@ def test_the_module_runs_as_a_script_with_errors_and_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "analysis.sensitivity", "--format", "pdf"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.returncode == 2 and "invalid choice: 'pdf'" in done.stderr
+
+
+def test_a_search_given_as_dot_dot_is_named_and_reported_as_itself(tmp_path, monkeypatch):
+    # Before: from inside a trial folder, ".." was the experiment's name and the report went into the trial folder.
+    search = write_search(tmp_path / "runs" / "s1", [(0.3, 0.4, "complete"), (0.5, 0.2, "complete")])
+    (search / "trial-0000-abc").mkdir()
+    monkeypatch.chdir(search / "trial-0000-abc")
+    assert main([".."]) == 0
+    report = tmp_path / "runs" / "report" / "sensitivity.html"
+    (experiment,) = json.loads(report.with_suffix(".json").read_text())["experiments"]
+    assert experiment["folder"] == str(search)
+    assert not (search / "trial-0000-abc" / "report").exists()
+    assert set(pd.read_csv(report.with_name("sensitivity-trials.csv"))["experiment"]) == {"s1"}
+
+
+def test_the_label_free_section_says_why_there_is_no_probe_score(tmp_path):
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import experiment_sections, keyed
+
+    def notes(rows, settings):
+        analysis = keyed([analyse(experiment_from_study(synthetic_study(rows), settings, tmp_path))])[0]
+        return " ".join(str(part) for _, _, parts in experiment_sections(analysis) for part in parts)
+
+    # Before: "No probe score in this search (its objective is probe_map, and probes run only for a probe
+    # objective)", for a probe_map search whose trials had all collapsed, or had not ended yet.
+    collapsed = notes([(0.1, 0.2, "collapsed")] * 4, SETTINGS)
+    assert "No trial has completed yet, so there is no probe_map score" in collapsed
+    assert "probes run only for a probe objective" not in collapsed
+    rankme = notes([(0.1, 0.2, "collapsed")] * 4, {**SETTINGS, "objective": "rankme"})
+    assert "No probe score in this search (its objective is rankme" in rankme
+
+
+def test_a_score_of_a_trial_the_scheduler_stopped_is_marked_as_one(tmp_path):
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import keyed, label_free_figure, trials_html
+
+    study = synthetic_study([(0.3, 0.4, "complete"), (0.35, 0.2, "complete"), (0.32, 0.7, "complete")])
+    # As hpsearch records a trial ASHA stopped after its first epoch: PRUNED, that epoch's score, outcome stopped.
+    attrs = user_attrs_from_record({"outcome": "stopped", "objective": 0.9, "probe_map": 0.9, "epochs_run": 1.0,
+                                    "epochs_completed": 1, "verdict": "none"})
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.9, "y": 0.1}, distributions=study.trials[0].distributions,
+        state=optuna.trial.TrialState.PRUNED, user_attrs=attrs))
+    experiment = experiment_from_study(study, SETTINGS, tmp_path)
+    experiment.trials["rankme"] = [5.0, 7.0, 6.0, 4.0]
+    experiment.trials["probe_map"] = experiment.trials["objective"]
+    analysis = keyed([analyse(experiment)])[0]
+    table = trials_html(analysis)
+    # Before: 0.9000 unmarked, above the best trial's 0.3500.
+    assert "<td>0.9000*</td>" in table and "<td>0.3500</td>" in table
+    assert "* The probe_map of the epoch the scheduler (ASHA) stopped the trial at" in table
+    assert "*" not in trials_html(keyed([analyse(experiment_from_study(synthetic_study(
+        [(0.3, 0.4, "complete"), (0.35, 0.2, "complete")]), SETTINGS, tmp_path))])[0])
+    assert analysis.best["trial"] == 1
+    # The stopped trial sits in the lower row, which no longer says it has no probe.
+    figure = label_free_figure(analysis).figure
+    assert figure.layout.yaxis2.title.text == "not complete"
+    assert [list(trace.x) for trace in figure.data] == [[5.0, 7.0, 6.0], [4.0]]
+
+
+def test_a_running_trial_counts_the_epochs_it_has_reported(tmp_path):
+    from analysis.sensitivity import analyse
+
+    study = synthetic_study([(0.3, 0.4, "complete"), (0.35, 0.2, "complete")])  # 2 epochs each
+    study.ask()  # a trial under way (or interrupted), with 3 epoch reports in its result.json
+    reports = pd.DataFrame({"epoch": [1, 2, 3], "objective": [0.1, 0.2, 0.25]})
+    experiment = experiment_from_study(study, {**SETTINGS, "max_epochs": 4}, tmp_path, {2: reports})
+    assert experiment.trials["epochs_run"].tolist() == [2.0, 2.0, 3.0]
+    # Before: 4.0 trial-epochs run, the running trial's 3 left out.
+    assert analyse(experiment).compute["trial_epochs_run"] == 7.0
+    # Without its reports it has run none that can be counted.
+    assert experiment_from_study(study, SETTINGS, tmp_path).trials["epochs_run"].isna().tolist() == [False, False, True]
