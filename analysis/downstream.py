@@ -491,6 +491,44 @@ def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled
     return {os.path.realpath(path) for path in index.split("train").paths}, ""
 
 
+def corpus_training_audio(spec: "MethodSpec", trained_on: dict) -> tuple[set[str] | None, str]:
+    """The real paths of the training tracks' audio of the generated corpus checkpoint ``spec`` trained on
+    (``trained_on``: :func:`training_corpus`), read from that corpus's folder as its run named it (``--root``,
+    the default folder, or ``--data`` FOLDER); for an evaluation on data that is not that corpus as generated
+    (a copy of its ``tracks.csv`` with tracks moved between splits, say), whose tracks are told by audio file.
+    The training tracks are the generator's (:func:`musicssl.corpus.splits.splits_of`). (None, why) where the
+    folder is not known or no longer holds that corpus."""
+    from musicssl.corpus.build import default_corpus_dir
+    from musicssl.corpus.splits import splits_of, track_number
+    from musicssl.data.index import TrackIndex, TrackIndexError
+
+    data, root, _ = training_data(spec) or (None, None, None)
+    if data is None:
+        return None, "no record of its training data"
+    if dataset_family(data) == "corpus":
+        if root is None and trained_on.get("tracks") is None:
+            return None, f"its generated corpus ({describe_corpus(trained_on)}) is not known by its size"
+        folder = (Path(root).expanduser() if root else
+                  default_corpus_dir(int(trained_on["tracks"]), float(trained_on["seconds"]), int(trained_on["seed"]),
+                                     int(trained_on["generator_version"])))
+    else:
+        folder = Path(data).expanduser()
+        folder = folder if folder.is_dir() else folder.parent
+    if not folder.is_absolute():
+        return None, f"its training data {data} is a path relative to where it was trained"
+    identity = corpus_identity(folder)
+    if identity is None or any(identity.get(key) != trained_on.get(key) for key in trained_on):
+        return None, f"its generated corpus ({describe_corpus(trained_on)}) is no longer in {folder}"
+    try:
+        index = TrackIndex.from_csv(folder / "tracks.csv")
+    except (TrackIndexError, OSError, ValueError) as error:
+        return None, f"its generated corpus in {folder} cannot be read now ({error})"
+    generated = splits_of(trained_on)
+    numbers = [track_number(str(track_id)) for track_id in index.track_ids]
+    return {os.path.realpath(path) for path, number in zip(index.paths, numbers)
+            if number is not None and number < len(generated) and generated[number] == "train"}, ""
+
+
 def _read_json_object(path: Path) -> dict | None:
     try:
         document = json.loads(path.read_text())
@@ -1523,14 +1561,19 @@ def run_downstream(
                     f"{describe_corpus(evaluated_on)}), e.g. {seen[0]}: its test scores are not held out. Evaluate it "
                     "on the corpus it was trained on (--dataset FOLDER), or on one of another seed")
             continue
-        if trained_on is not None or spec.kind != "checkpoint":
-            continue
+        if spec.kind != "checkpoint" or (trained_on is not None and family_here not in (None, "corpus")):
+            continue  # a named collection of other audio than the corpus's
         recorded = training_data(spec)
         if recorded is None:
             continue
-        how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
-        if how not in read_again:  # several checkpoints trained on one folder: it is read once
-            read_again[how] = trained_audio(*how, evaluated=evaluated_named)
+        if trained_on is not None:  # the corpus, on data that is not that corpus as generated: by audio file
+            how = (recorded, json.dumps(trained_on, sort_keys=True))
+            if how not in read_again:
+                read_again[how] = corpus_training_audio(spec, trained_on)
+        else:
+            how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
+            if how not in read_again:  # several checkpoints trained on one folder: it is read once
+                read_again[how] = trained_audio(*how, evaluated=evaluated_named)
         audio, why = read_again[how]
         if audio is None:
             if why.startswith("its "):  # data that could not be checked (not: a named dataset that needs no check)
@@ -1541,6 +1584,9 @@ def run_downstream(
         trained_on_test[spec.label] = len(seen)
         if seen:
             why_splits = (
+                "This dataset's splits are not the generated corpus's own (a tracks.csv edited or copied with tracks "
+                "moved between splits); evaluate it on the corpus as generated, or on data it did not train on"
+                if trained_on is not None else
                 f"{recorded[0]}'s training split and this dataset's test split share tracks (each MTG-Jamendo subset "
                 "and split draws its own); evaluate it on the splits it trained on, or on data it did not train on"
                 if dataset_family(recorded[0]) is not None and family_here is not None else
@@ -1548,7 +1594,8 @@ def run_downstream(
                 "column differ from those of the audio paths; train on this dataset's tags file (its splits), or "
                 "evaluate on data it did not train on")
             log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of the "
-                f"data it was trained on ({recorded[0]}), e.g. {seen[0]}: its test scores are not held out. {why_splits}")
+                f"data it was trained on ({'the generated corpus, ' + describe_corpus(trained_on) if trained_on else recorded[0]}), e.g. "
+                f"{seen[0]}: its test scores are not held out. {why_splits}")
 
     result_rows, tag_rows, group_rows, limited_rows, bootstrap_rows = [], [], [], [], []
     method_summaries = []
@@ -1967,7 +2014,8 @@ def results_notes(results: pd.DataFrame, bootstrap_fraction: float = 0.5) -> str
         notes.append(
             f"NOT HELD OUT: some test tracks were training tracks of the checkpoint ({', '.join(dict.fromkeys(trained_on))} "
             "tracks): it was trained on these tracks split otherwise, a generated corpus of the same seed but another "
-            "size or generator version, another MTG-Jamendo subset or split, or a folder or tags file whose tracks "
+            "size or generator version (or a copy of its tracks.csv with tracks moved between splits), another "
+            "MTG-Jamendo subset or split, or a folder or tags file whose tracks "
             "drew other splits (the warnings above say which). Its scores are not comparable with the others'; "
             "evaluate it on the corpus or the splits it was trained on, or train it on the tags file this evaluation "
             "reads.")

@@ -586,6 +586,55 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_and_reported(tmp_path, 
     assert "NOT HELD OUT" not in results_notes(result.results[result.results["method"] != "old"])
 
 
+def test_test_tracks_a_corpus_checkpoint_trained_on_are_counted_in_a_copy_of_the_corpus_split_otherwise(
+        tmp_path, capsys):
+    """A copy of a generated corpus's tracks.csv with training tracks moved to test is no longer that corpus as
+    generated, so the corpus check (by song) does not apply; before, nothing was checked and nothing said. Its
+    tracks are now compared by audio file with the training split of the corpus the checkpoint trained on."""
+    import shutil
+
+    from analysis.downstream import results_notes
+    from musicssl.data.index import TrackIndex
+
+    write_generated_corpus(tmp_path / "corpus")
+    identity = {"generator_version": 2, "seed": 0, "tracks": 20, "seconds": 8.6}
+    frame = TrackIndex.from_csv(tmp_path / "corpus" / "tracks.csv").tracks.copy()
+    moved = frame.loc[frame["split"] == "train", "track_id"].tolist()[:3]
+    frame.loc[frame["track_id"].isin(moved), "split"] = "test"
+    (tmp_path / "edited").mkdir()
+    shutil.copy(tmp_path / "corpus" / "corpus.json", tmp_path / "edited")
+    TrackIndex(frame, sorted({t for tags in frame["tags"] for t in tags})).to_csv(tmp_path / "edited" / "tracks.csv")
+    index = TrackIndex.from_csv(tmp_path / "edited" / "tracks.csv")
+    assert "generated_corpus" not in index.extra  # edited: not the corpus as generated
+    test_ids = index.split("test").track_ids
+    state = Backbone(preset="cpu").state_dict()
+
+    def run(label: str, **config):
+        config = {"method": "vicreg", "preset": "cpu", "training_corpus": identity, **config}
+        return resolve_method(f"{label}={save_run(tmp_path / label, state, config)}")
+
+    methods = [run("root", data="corpus", data_root=str(tmp_path / "corpus")),
+               run("folder", data=str(tmp_path / "corpus")),
+               run("other", data="corpus", data_root=str(tmp_path / "edited-away")),
+               run("seed1", data="corpus", data_root=str(tmp_path / "corpus"), training_corpus={**identity, "seed": 1})]
+    result = run_downstream(methods, DownstreamConfig(**SMALL_EVALUATION), index=index)
+    console = capsys.readouterr().out
+    first = sorted(moved, key=test_ids.index)[0]
+    assert (f"warning: root: 3 of the {len(test_ids)} test tracks were training tracks of the data it was trained on "
+            f"(the generated corpus, generator version 2, seed 0, 20 tracks of 8.6 s), e.g. {first}: its test scores "
+            "are not held out. This dataset's splits are not the generated corpus's own") in console
+    assert console.count("test tracks were training tracks") == 2  # root and folder
+    assert (f"note: other: could not check which test tracks it trained on: its generated corpus (generator version 2, "
+            f"seed 0, 20 tracks of 8.6 s) is no longer in {tmp_path / 'edited-away'}") in console
+    assert (f"note: seed1: could not check which test tracks it trained on: its generated corpus (generator version 2, "
+            f"seed 1, 20 tracks of 8.6 s) is no longer in {tmp_path / 'corpus'}") in console
+    counts = result.results.set_index("method")["test_tracks_trained_on"]
+    assert counts["root"] == counts["folder"] == 3
+    assert math.isnan(counts["other"]) and math.isnan(counts["seed1"])
+    assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (root: 3, folder: 3 tracks)" in \
+        results_notes(result.results)
+
+
 def test_test_tracks_a_checkpoint_trained_on_in_a_folder_of_audio_are_counted_when_a_tags_file_splits_it_otherwise(
         tmp_path, capsys):
     """Pretrained on a folder of audio without tags (ids from the paths: clip00...), evaluated with a tags
