@@ -594,6 +594,11 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
                 f"{path}: a search with no best_backbone.pt yet: none of its trials has completed with a score "
                 "(collapsed, diverged and failed trials leave none); wait for one to complete, or evaluate another run"
             )
+        run_summary = _read_json_object(path / "summary.json") if (path / "config.json").is_file() else None
+        if run_summary is not None and run_summary.get("backbone_epoch") == 0:  # musicssl.train keeps none then
+            raise DownstreamError(
+                f"{path}: a training run that diverged in its first epoch (at step {run_summary.get('diverged_step')}) "
+                "keeps no backbone.pt; train it again with a lower learning rate, or evaluate another run")
         raise DownstreamError(
             f"{path}: no backbone weights here; expected a training run folder (config.json + backbone.pt) or a "
             "search folder (best_config.json + best_backbone.pt), or pass a .pt state_dict"

@@ -224,7 +224,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     def check_index(index) -> None:  # before the cache is built, which decodes every track
         problem = batch_problem(index, batch_size)
         if problem:
-            raise SearchError(f"--data {spec!r} {problem}; {fix}")
+            raise SearchError(f"--data {spec!r} {problem}" + (f"; {fix}" if len(index.split("train")) else ""))
         problem = listed_probe_problem(index) if settings.objective.startswith("probe_") else None
         if problem:
             raise unscorable(f"{len(index.split('valid'))} listed", len(index.tag_names), problem)

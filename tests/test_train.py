@@ -194,6 +194,55 @@ def test_same_seed_gives_the_same_metrics(tmp_path, tonal_data):
     assert other.epochs[0]["train_loss"] != first.epochs[0]["train_loss"]
 
 
+def test_a_run_that_diverges_keeps_the_weights_of_its_last_epoch_before(tmp_path, tonal_data):
+    """Before, backbone.pt held the weights the run diverged with: the diverging step's forward had already
+    updated BatchNorm's statistics (and a huge finite step before it can leave NaN weights), and the CLI exited 0
+    with a NaN checkpoint."""
+    import dataclasses
+
+    from musicssl.train import finite_state
+
+    kept = {}
+
+    def poison_after_epoch_1(module, record):  # the next step's loss overflows: the run diverges at step 3
+        if record["epoch"] == 1:
+            kept.update({k: v.detach().clone() for k, v in module.method.backbone.state_dict().items()})
+            module.method.config = dataclasses.replace(module.method.config, inv_weight=1e300)
+
+    config = tiny_config("vicreg", tmp_path, max_epochs=3)
+    result = train(config, data=tonal_data, progress_bar=False, epoch_end_hooks=[poison_after_epoch_1])
+    assert result.verdict == "diverged" and result.diverged_step == 3 and result.final["epochs_run"] == 1
+    assert result.final["backbone_epoch"] == 1
+    saved = torch.load(tmp_path / "vicreg" / "backbone.pt", weights_only=True)
+    assert set(saved) == set(kept) and all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert finite_state(saved)
+    assert json.loads((tmp_path / "vicreg" / "summary.json").read_text())["backbone_epoch"] == 1
+
+    # Weights left non-finite without a non-finite loss (here a BatchNorm statistic, set after epoch 1): the last
+    # finite epoch's are kept too.
+    def poison_statistics(module, record):
+        if record["epoch"] == 2:
+            next(b for n, b in module.method.backbone.named_buffers() if n.endswith("running_var")).fill_(math.inf)
+
+    config = tiny_config("vicreg", tmp_path / "statistics", max_epochs=2)
+    result = train(config, data=tonal_data, progress_bar=False, epoch_end_hooks=[poison_statistics])
+    assert result.verdict != "diverged" and result.final["epochs_run"] == 2 and result.final["backbone_epoch"] == 1
+    assert finite_state(torch.load(tmp_path / "statistics" / "vicreg" / "backbone.pt", weights_only=True))
+
+
+def test_a_run_that_diverges_in_its_first_epoch_writes_no_backbone(tmp_path, tonal_data, capsys):
+    from analysis.downstream import DownstreamError, resolve_method
+
+    config = tiny_config("vicreg", tmp_path, max_epochs=2, method_params={"inv_weight": 1e300})
+    result = train(config, data=tonal_data, progress_bar=False)
+    assert result.verdict == "diverged" and result.final["backbone_epoch"] == 0
+    folder = tmp_path / "vicreg"
+    assert sorted(path.name for path in folder.iterdir()) == ["collapse.csv", "config.json", "metrics.csv", "summary.json"]
+    with pytest.raises(DownstreamError, match="a training run that diverged in its first epoch .at step 0. keeps no "
+                                              "backbone.pt"):
+        resolve_method(str(folder))
+
+
 def test_a_non_finite_loss_stops_the_run_at_once_as_diverged(tmp_path, tonal_data):
     # A weight of 1e300 overflows float32: the first loss is inf (a NaN weight is refused by the config).
     config = tiny_config("vicreg", tmp_path, max_epochs=3, method_params={"inv_weight": 1e300})
@@ -450,6 +499,13 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--set", "warmup_epochs=-1"], "warmup_epochs must be >= 0"),
         (["vicreg", "--set", "gradient_clip=0"], "gradient_clip must be > 0"),
         (["vicreg", "--set", "precision=bogus"], "precision must be one of auto, 32-true, bf16-mixed"),
+        # Before: accepted, and every run diverged in its first steps (AdamW's eps is 0 in float16).
+        (["vicreg", "--set", "precision=16-true"], "precision=16-true holds the weights and AdamW's state in float16"),
+        # Before: a traceback (exit 1) once the run folder was made, which was left locked and empty.
+        (["vicreg", "--preset", "gpu"], "error: --preset must be one of cpu, paper, got 'gpu'\n"),
+        # Before: an empty --out (an unset shell variable) trained into the default folder.
+        (["vicreg", "--out", ""], "error: --out is empty; give a folder for the run, or leave the flag out for "
+                                  "runs/train/vicreg-<time>\n"),
         (["byol", "--set", "precision=bf16-true"], "precision=bf16-true holds byol's EMA teacher in half precision"),
         (["vicreg", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
         pytest.param(["vicreg", "--set", "accelerator=gpu"], "torch sees no CUDA device",
@@ -854,6 +910,17 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
                                           rf"{listed + 1}; lower --batch-size"):
         train(config, progress_bar=False)
     assert not (tmp_path / "cache").exists()
+    # No training track at all: no batch size helps (before: "lists 0 training tracks ...; lower --batch-size").
+    frame = pd.read_csv(tonal_dataset / "tracks.csv")
+    frame = frame[frame["split"] != "train"]
+    frame["path"] = [str(tonal_dataset / path) for path in frame["path"]]
+    frame.to_csv(tmp_path / "untrained.csv", index=False)
+    config = tiny_config("vicreg", tmp_path, data=str(tmp_path / "untrained.csv"))
+    with pytest.raises(ConfigError) as refused:
+        train(config, progress_bar=False)
+    assert str(refused.value) == ("the data lists no training tracks (its splits: test, valid); training uses the "
+                                  "tracks whose split is train: mark some so in its split column")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_dataset, monkeypatch, capsys):
@@ -1082,13 +1149,30 @@ def test_half_precision_weights_are_refused_for_methods_with_an_ema_teacher():
     assert unchanged > 0.9, unchanged  # a float32 teacher moves every weight, by 4e-6
 
     for method in ("byol", "clustering"):
-        for precision in ("bf16-true", "16-true"):
-            with pytest.raises(ConfigError, match=rf"precision={precision} holds {method}'s EMA teacher in half "
-                                                  r"precision.*use bf16-mixed"):
-                check_config(TrainConfig(method=method, precision=precision))
+        with pytest.raises(ConfigError, match=rf"precision=bf16-true holds {method}'s EMA teacher in half "
+                                              r"precision.*use bf16-mixed"):
+            check_config(TrainConfig(method=method, precision="bf16-true"))
         check_config(TrainConfig(method=method, precision="bf16-mixed"))
     for method in ("vicreg", "contrastive", "barlow_twins"):  # no teacher: their weights may be bf16
         check_config(TrainConfig(method=method, precision="bf16-true"))
+
+
+def test_float16_weights_are_refused_for_every_method():
+    """Before: precision=16-true was accepted, and runs diverged in their first steps. Why, written out: one
+    AdamW step on a float16 weight whose gradient is 1e-3 (its squared-gradient average, 1e-9, and eps, 1e-8,
+    are 0 in float16: the step divides by 0); in float32 it moves the weight by the learning rate."""
+    from musicssl.train import check_config
+
+    for dtype, expected in ((torch.float16, -math.inf), (torch.float32, 1 - 1e-3)):
+        weight = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        weight.grad = torch.full_like(weight, 1e-3)
+        torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.0).step()
+        assert weight.detach().float().tolist() == pytest.approx([expected] * 4, rel=1e-3)
+    for method in available_methods():
+        with pytest.raises(ConfigError, match="precision=16-true holds the weights and AdamW's state in float16.*use "
+                                              "16-mixed .float32 weights. or bf16-true"):
+            check_config(TrainConfig(method=method, precision="16-true"))
+        check_config(TrainConfig(method=method, precision="16-mixed"))
 
 
 def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():

@@ -268,6 +268,11 @@ class SSLModule(_lightning().LightningModule):
         self.verdict = "none"
         self.diverged_step: int | None = None
         self.collapse_seconds = 0.0
+        # The backbone's weights after the last epoch whose weights were all finite (and that epoch): what a run
+        # that diverges later keeps (the step that diverges has already updated BatchNorm's statistics in its
+        # forward, and a huge finite step before it can leave non-finite weights).
+        self.last_finite_backbone: dict[str, Tensor] | None = None
+        self.last_finite_epoch = 0
         self._epoch_sums: dict[str, float] = {}
         self._epoch_count = 0
         self._epoch_started = time.perf_counter()
@@ -374,6 +379,16 @@ class SSLModule(_lightning().LightningModule):
         for hook in self.epoch_end_hooks:
             hook(self, record)
         self.epochs.append(record)
+        state = self.method.backbone.state_dict()
+        if finite_state(state):
+            self.last_finite_backbone = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+            self.last_finite_epoch = record["epoch"]
+
+
+def finite_state(state: Mapping[str, Tensor]) -> bool:
+    """Whether every floating-point tensor of a ``state_dict`` is finite (one device sync)."""
+    checks = [torch.isfinite(value).all() for value in state.values() if value.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 @dataclass
@@ -470,8 +485,20 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
         view_config(config)
     except (TypeError, ValueError) as error:
         problems.append(str(error))
+    from musicssl.models import PRESETS
+
+    if config.preset not in PRESETS:  # before: a traceback once the run folder was made
+        problems.append(f"{names.get('preset', 'preset')} must be one of {', '.join(sorted(PRESETS))}, "
+                        f"got {config.preset!r}")
     if config.precision not in PRECISIONS:
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    elif config.precision == "16-true":
+        # Weights and AdamW's moments in float16, whose smallest number (6e-8) is above AdamW's eps (1e-8) and the
+        # squares of small gradients: the step divides by 0 where a gradient is below about 8e-3, and the run
+        # diverges in its first steps (vicreg and contrastive on the cpu preset, at any learning rate).
+        problems.append("precision=16-true holds the weights and AdamW's state in float16, which cannot hold its eps "
+                        "(1e-8) or the squares of small gradients: runs diverge in their first steps; use 16-mixed "
+                        "(float32 weights) or bf16-true")
     elif config.precision in HALF_WEIGHT_PRECISIONS and config.method in EMA_TEACHER_METHODS:
         # The teacher's weights would be half precision too, and its EMA step, (1 - rate) * (student -
         # teacher) with rate 0.996 to 1, is mostly below half a bf16 rounding step: the teacher stays put.
@@ -570,8 +597,8 @@ def _check_batch(index, config: TrainConfig) -> None:
     from musicssl.data.pipeline import batch_problem
 
     problem = batch_problem(index, config.batch_size)
-    if problem:
-        raise ConfigError(f"the data {problem}; lower --batch-size")
+    if problem:  # lowering the batch size helps where there are training tracks
+        raise ConfigError(f"the data {problem}" + ("; lower --batch-size" if len(index.split("train")) else ""))
 
 
 def train(
@@ -702,6 +729,13 @@ def train(
 
     backbone = method.backbone.cpu().float()
     final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
+    # The epoch whose weights the backbone holds: the last; for a run that diverged (or whose weights are not
+    # all finite), the last epoch before, or none (0) where that was its first: it then has no backbone.pt.
+    final["backbone_epoch"] = len(module.epochs)
+    if module.diverged_step is not None or not finite_state(backbone.state_dict()):
+        final["backbone_epoch"] = module.last_finite_epoch
+        if module.last_finite_backbone is not None:
+            backbone.load_state_dict(module.last_finite_backbone)
     if module.epochs:
         final.update({k: v for k, v in module.epochs[-1].items() if k not in ("epoch", "step", "verdict")})
     if module.diverged_step is None and config.final_probe and not unprobed:
@@ -732,7 +766,8 @@ def train(
                     indent=2, default=str)),
                 "metrics.csv": lambda path: _write_csv(path, module.epochs, ("epoch", "step", "verdict")),
                 "collapse.csv": lambda path: _write_csv(path, module.history, ("kind", "epoch", "step", "verdict")),
-                "backbone.pt": lambda path: torch.save(backbone.state_dict(), path),
+                **({"backbone.pt": lambda path: torch.save(backbone.state_dict(), path)}
+                   if final["backbone_epoch"] else {}),  # no epoch with finite weights: no backbone to keep
                 "summary.json": lambda path: path.write_text(json.dumps(final, indent=2, default=_json_default)),
             })
     return RunResult(
@@ -909,6 +944,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return None if path is None else str(Path(path).expanduser().absolute()) if path.strip() else path
 
     method_cls = get_method(args.method)
+    if args.out is not None and not args.out.strip():  # an unset shell variable: not the default folder, silently
+        raise ConfigError(f"--out is empty; give a folder for the run, or leave the flag out for "
+                          f"runs/train/{args.method}-<time>")
     config = TrainConfig(
         method=args.method,
         preset=args.preset,
@@ -988,16 +1026,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "give another --out\n")
     out = claim.path
     config.out_dir = str(out)
-    room = _room_problem(config)
-    if room:  # before the training, not after it (the run is written when it ends)
-        claim.release(remove_if_unused=True)
-        parser.exit(2, f"{parser.prog}: error: --out {out}: {room}; free some space or give another --out\n")
-    for note in schedule_notes(config):
-        print(f"{parser.prog}: note: {note}", file=sys.stderr)
     from musicssl.data.cache import MelCacheError
 
-    try:  # the claim's lock goes with any ending, an unexpected error's too
+    try:  # the claim's lock goes with any ending, an unexpected error's too (and a Ctrl-C from here on)
         try:
+            room = _room_problem(config)
+            if room:  # before the training, not after it (the run is written when it ends)
+                print(f"{parser.prog}: error: --out {out}: {room}; free some space or give another --out",
+                      file=sys.stderr)
+                return 2
+            for note in schedule_notes(config):
+                print(f"{parser.prog}: note: {note}", file=sys.stderr)
             with sigterm_interrupts():  # also while the data are prepared and the final probe runs
                 result = train(config)
         except (ConfigError, ValueError, OSError, MelCacheError) as error:
@@ -1007,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as stop:  # one line; exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
             claim.release(remove_if_unused=True)
-            if (out / "backbone.pt").is_file():  # the signal came as the run was written: it is whole
+            if (out / "summary.json").is_file():  # the signal came as the run was written (summary.json last): whole
                 print(f"\n{parser.prog}: interrupted as the run ended; it was written to {out}", file=sys.stderr)
             else:
                 print(f"\n{parser.prog}: interrupted; no run written (a run writes its files when it ends)",
@@ -1022,6 +1061,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"{config.method}: {final['epochs_run']} epochs, {final['steps']} steps in {result.seconds:.1f} s; "
           f"verdict {result.verdict}{'; ' + shown if shown else ''}")
+    if final["backbone_epoch"] != final["epochs_run"] or result.diverged_step is not None:
+        why = (f"it diverged at step {result.diverged_step}" if result.diverged_step is not None else
+               "its last weights are not all finite")
+        kept = (f"backbone.pt holds the weights after epoch {final['backbone_epoch']}, the last before"
+                if final["backbone_epoch"] else "no backbone.pt, as no epoch ended before")
+        print(f"{config.method}: {why}; {kept}")
     print(f"wrote {result.out_dir}")
     return 0
 

@@ -64,6 +64,10 @@ def batch_problem(index: TrackIndex, batch_size: int) -> str | None:
     """Why ``index`` cannot fill a training batch of ``batch_size`` (its listed training tracks; the
     usable ones, known once the cache is built, can only be fewer), or None."""
     listed = len(index.split("train"))
+    if listed == 0:  # no batch size helps (before: "lists 0 training tracks ...; lower --batch-size")
+        splits = sorted({str(split) for split in index.tracks["split"]})
+        return (f"lists no training tracks (its splits: {', '.join(splits) or 'none'}); training uses the tracks "
+                "whose split is train: mark some so in its split column")
     if listed < batch_size:
         return f"lists {listed} training tracks, fewer than the batch size {batch_size}"
     return None
