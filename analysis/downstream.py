@@ -596,9 +596,10 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
             )
         run_summary = _read_json_object(path / "summary.json") if (path / "config.json").is_file() else None
         if run_summary is not None and run_summary.get("backbone_epoch") == 0:  # musicssl.train keeps none then
-            raise DownstreamError(
-                f"{path}: a training run that diverged in its first epoch (at step {run_summary.get('diverged_step')}) "
-                "keeps no backbone.pt; train it again with a lower learning rate, or evaluate another run")
+            why = (f"that diverged in its first epoch (at step {run_summary['diverged_step']})"
+                   if run_summary.get("diverged_step") is not None else "whose weights were not finite after any epoch")
+            raise DownstreamError(f"{path}: a training run {why} keeps no backbone.pt; train it again with a lower "
+                                  "learning rate, or evaluate another run")
         raise DownstreamError(
             f"{path}: no backbone weights here; expected a training run folder (config.json + backbone.pt) or a "
             "search folder (best_config.json + best_backbone.pt), or pass a .pt state_dict"
@@ -1432,7 +1433,7 @@ def run_downstream(
     used (NaN from a diverged checkpoint) is skipped and reported, the others go on.
     """
     from musicssl.data.cache import LogMelConfig
-    from musicssl.data.index import GENERATED_CORPUS_KEY
+    from musicssl.data.index import EDITED_CORPUS_KEY, GENERATED_CORPUS_KEY
     from musicssl.data.loaders import canonical_dataset_spec
     from musicssl.data.loaders import dataset_name as dataset_name_of
     from musicssl.data.pipeline import prepare_data
@@ -1555,6 +1556,7 @@ def run_downstream(
     evaluated_named = config.dataset if dataset_name_of(config.dataset) else None
     family_here = dataset_family(config.dataset)
     evaluated_on = index.extra.get(GENERATED_CORPUS_KEY)
+    edited_corpus = index.extra.get(EDITED_CORPUS_KEY)
     for spec in methods:
         trained_on = corpus_of[spec.label]
         if evaluated_on is not None and trained_on is not None:
@@ -1571,21 +1573,26 @@ def run_downstream(
         recorded = training_data(spec)
         if recorded is None:
             continue
-        if trained_on is not None:  # the corpus, on data that is not that corpus as generated: by audio file
-            how = (recorded, json.dumps(trained_on, sort_keys=True))
-            if how not in read_again:
-                read_again[how] = corpus_training_audio(spec, trained_on)
+        if trained_on is not None and edited_corpus is not None:
+            # A generated corpus's tracks.csv edited (tracks moved between splits), its corpus.json beside it (a copy
+            # made with cp -r has its own audio files): its songs are told by track number, as the corpus check does.
+            seen = seen_test_tracks(trained_on, edited_corpus, [usable[p] for p in test_pos])
         else:
-            how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
-            if how not in read_again:  # several checkpoints trained on one folder: it is read once
-                read_again[how] = trained_audio(*how, evaluated=evaluated_named)
-        audio, why = read_again[how]
-        if audio is None:
-            if why.startswith("its "):  # data that could not be checked (not: a named dataset that needs no check)
-                log(f"  note: {spec.label}: could not check which test tracks it trained on: {why}")
-            continue
-        seen = [usable[p] for p in test_pos
-                if os.path.realpath(paths[p]) in audio or (family_here and f"{family_here}:{usable[p]}" in audio)]
+            if trained_on is not None:  # the corpus, on data that is not that corpus as generated: by audio file
+                how = (recorded, json.dumps(trained_on, sort_keys=True))
+                if how not in read_again:
+                    read_again[how] = corpus_training_audio(spec, trained_on)
+            else:
+                how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
+                if how not in read_again:  # several checkpoints trained on one folder: it is read once
+                    read_again[how] = trained_audio(*how, evaluated=evaluated_named)
+            audio, why = read_again[how]
+            if audio is None:
+                if why.startswith("its "):  # data that could not be checked (not: a named dataset that needs no check)
+                    log(f"  note: {spec.label}: could not check which test tracks it trained on: {why}")
+                continue
+            seen = [usable[p] for p in test_pos
+                    if os.path.realpath(paths[p]) in audio or (family_here and f"{family_here}:{usable[p]}" in audio)]
         trained_on_test[spec.label] = len(seen)
         if seen:
             why_splits = (
@@ -2302,7 +2309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _out_dir_problem(out_dir: Path) -> str | None:
     """Why the results cannot go to folder ``out_dir`` (a file there or above it, or the folder of a
     training run or a search, whose files the results would replace), or None."""
-    if (out_dir / "backbone.pt").is_file() or (out_dir / "search.json").is_file():
+    run = (out_dir / "backbone.pt").is_file() or ((out_dir / "config.json").is_file() and (out_dir / "metrics.csv").is_file())
+    if run or (out_dir / "search.json").is_file():  # a run that kept no backbone.pt still has its config and metrics
         kind = "a search" if (out_dir / "search.json").is_file() else "a training run"
         return f"is the folder of {kind}, whose summary.json the results would replace; give another folder"
     earlier = [name for name in OUTPUT_FILES.values() if (out_dir / name).exists()]

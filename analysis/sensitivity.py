@@ -312,8 +312,7 @@ def experiment_from_study(study, settings: dict[str, Any], folder: str | Path = 
             recorded.setdefault(name, distribution)
     widened = sampled_distributions(trials)
     return Experiment(
-        # Lexically normalised: ".." given from inside a trial folder is the search's folder, named as it is.
-        folder=Path(os.path.abspath(Path(folder).expanduser())),
+        folder=_folder_read(folder),
         settings=dict(settings),
         study=study,
         trials=frame,
@@ -321,6 +320,13 @@ def experiment_from_study(study, settings: dict[str, Any], folder: str | Path = 
         trajectories=dict(trajectories or {}),
         outside={name: widened[name] for name in recorded if widened[name] != recorded[name]},
     )
+
+
+def _folder_read(folder: str | Path) -> Path:
+    """``folder`` absolute, as the search is named and placed by: with ``..`` in it (given from inside a trial
+    folder, say), the folder the system read (through any link), else as given (a link keeps its name)."""
+    folder = Path(folder).expanduser()
+    return Path(os.path.realpath(folder) if ".." in folder.parts else os.path.abspath(folder))
 
 
 def sampled_distributions(trials) -> dict[str, Any]:

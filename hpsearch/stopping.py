@@ -22,7 +22,7 @@ others, and the rule would have stopped the best of the 64 (benchmarks/README.md
 36-epoch clustering trials, the trials whose probe batch used under a tenth of the attainable
 prototypes ("partial") scored like the others, and the rule of before 2026-12-02, which counted them
 as "cluster", stopped the best of the 64
-(benchmarks/README.md, "Longer trials"). ``stop_on`` with them
+(benchmarks/README.md, "Six times longer: 36 epochs"). ``stop_on`` with them
 (``--stop-on complete,cluster,partial,dimensional``) restores them.
 
 The collapse "began" at the first epoch of the uninterrupted run of epochs showing a type in

@@ -588,9 +588,11 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_and_reported(tmp_path, 
 
 def test_test_tracks_a_corpus_checkpoint_trained_on_are_counted_in_a_copy_of_the_corpus_split_otherwise(
         tmp_path, capsys):
-    """A copy of a generated corpus's tracks.csv with training tracks moved to test is no longer that corpus as
-    generated, so the corpus check (by song) does not apply; before, nothing was checked and nothing said. Its
-    tracks are now compared by audio file with the training split of the corpus the checkpoint trained on."""
+    """A generated corpus's tracks.csv with training tracks moved to test is no longer that corpus as generated, so
+    the corpus check (by song, its tracks.csv as the generator split it) did not apply; before, nothing was checked
+    and nothing said. A copy with its corpus.json (cp -r, with its own audio files) is now told by song (track
+    number), and a tracks.csv alone, naming the corpus's audio, by audio file against the training split of the
+    corpus the checkpoint's run named."""
     import shutil
 
     from analysis.downstream import results_notes
@@ -601,12 +603,14 @@ def test_test_tracks_a_corpus_checkpoint_trained_on_are_counted_in_a_copy_of_the
     frame = TrackIndex.from_csv(tmp_path / "corpus" / "tracks.csv").tracks.copy()
     moved = frame.loc[frame["split"] == "train", "track_id"].tolist()[:3]
     frame.loc[frame["track_id"].isin(moved), "split"] = "test"
-    (tmp_path / "edited").mkdir()
-    shutil.copy(tmp_path / "corpus" / "corpus.json", tmp_path / "edited")
-    TrackIndex(frame, sorted({t for tags in frame["tags"] for t in tags})).to_csv(tmp_path / "edited" / "tracks.csv")
-    index = TrackIndex.from_csv(tmp_path / "edited" / "tracks.csv")
-    assert "generated_corpus" not in index.extra  # edited: not the corpus as generated
-    test_ids = index.split("test").track_ids
+    tags = sorted({t for tags in frame["tags"] for t in tags})
+    # cp -r, then the copy's tracks.csv edited: its own audio files, its corpus.json.
+    shutil.copytree(tmp_path / "corpus", tmp_path / "copied")
+    copied = frame.assign(path=[str(tmp_path / "copied" / "audio" / Path(path).name) for path in frame["path"]])
+    TrackIndex(copied, tags).to_csv(tmp_path / "copied" / "tracks.csv")
+    # A tracks.csv alone, naming the corpus's own audio files.
+    (tmp_path / "listed").mkdir()
+    TrackIndex(frame, tags).to_csv(tmp_path / "listed" / "tracks.csv")
     state = Backbone(preset="cpu").state_dict()
 
     def run(label: str, **config):
@@ -617,22 +621,31 @@ def test_test_tracks_a_corpus_checkpoint_trained_on_are_counted_in_a_copy_of_the
                run("folder", data=str(tmp_path / "corpus")),
                run("other", data="corpus", data_root=str(tmp_path / "edited-away")),
                run("seed1", data="corpus", data_root=str(tmp_path / "corpus"), training_corpus={**identity, "seed": 1})]
-    result = run_downstream(methods, DownstreamConfig(**SMALL_EVALUATION), index=index)
-    console = capsys.readouterr().out
-    first = sorted(moved, key=test_ids.index)[0]
-    assert (f"warning: root: 3 of the {len(test_ids)} test tracks were training tracks of the data it was trained on "
-            f"(the generated corpus, generator version 2, seed 0, 20 tracks of 8.6 s), e.g. {first}: its test scores "
-            "are not held out. This dataset's splits are not the generated corpus's own") in console
-    assert console.count("test tracks were training tracks") == 2  # root and folder
-    assert (f"note: other: could not check which test tracks it trained on: its generated corpus (generator version 2, "
-            f"seed 0, 20 tracks of 8.6 s) is no longer in {tmp_path / 'edited-away'}") in console
-    assert (f"note: seed1: could not check which test tracks it trained on: its generated corpus (generator version 2, "
-            f"seed 1, 20 tracks of 8.6 s) is no longer in {tmp_path / 'corpus'}") in console
-    counts = result.results.set_index("method")["test_tracks_trained_on"]
-    assert counts["root"] == counts["folder"] == 3
-    assert math.isnan(counts["other"]) and math.isnan(counts["seed1"])
-    assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (root: 3, folder: 3 tracks)" in \
-        results_notes(result.results)
+    for folder in ("copied", "listed"):
+        index = TrackIndex.from_csv(tmp_path / folder / "tracks.csv")
+        assert "generated_corpus" not in index.extra  # edited: not the corpus as generated
+        assert index.extra.get("edited_generated_corpus") == (identity if folder == "copied" else None)
+        test_ids = index.split("test").track_ids
+        result = run_downstream(methods, DownstreamConfig(**SMALL_EVALUATION), index=index)
+        console = capsys.readouterr().out
+        first = sorted(moved, key=test_ids.index)[0]
+        assert (f"warning: root: 3 of the {len(test_ids)} test tracks were training tracks of the data it was trained "
+                f"on (the generated corpus, generator version 2, seed 0, 20 tracks of 8.6 s), e.g. {first}: its test "
+                "scores are not held out. This dataset's splits are not the generated corpus's own") in console
+        counts = result.results.set_index("method")["test_tracks_trained_on"]
+        assert counts["root"] == counts["folder"] == 3
+        if folder == "copied":  # by song: the corpus's folder is not read; another seed's songs are others
+            assert counts["other"] == 3 and counts["seed1"] == 0 and "note:" not in console
+            assert console.count("test tracks were training tracks") == 3
+        else:  # by audio file, read from the folder each run named
+            assert console.count("test tracks were training tracks") == 2  # root and folder
+            assert (f"note: other: could not check which test tracks it trained on: its generated corpus (generator "
+                    f"version 2, seed 0, 20 tracks of 8.6 s) is no longer in {tmp_path / 'edited-away'}") in console
+            assert (f"note: seed1: could not check which test tracks it trained on: its generated corpus (generator "
+                    f"version 2, seed 1, 20 tracks of 8.6 s) is no longer in {tmp_path / 'corpus'}") in console
+            assert math.isnan(counts["other"]) and math.isnan(counts["seed1"])
+        assert "NOT HELD OUT: some test tracks were training tracks of the checkpoint (root: 3, folder: 3" in \
+            results_notes(result.results)
 
 
 def test_test_tracks_a_checkpoint_trained_on_in_a_folder_of_audio_are_counted_when_a_tags_file_splits_it_otherwise(
@@ -1835,6 +1848,16 @@ def test_a_cache_whose_disk_is_full_is_said_and_the_evaluation_goes_on(tmp_path,
     assert (tmp_path / "out" / "results.csv").is_file()
     left = [path.name for path in disk.path.rglob("*") if path.is_file()]
     assert all("-probe-linear-" in name and name.endswith(".npz") for name in left), left  # (small: it fit)
+
+
+def test_the_folder_of_a_training_run_that_kept_no_backbone_is_not_taken_for_an_earlier_evaluation(tmp_path):
+    from analysis.downstream import _out_dir_problem
+
+    for name in ("config.json", "metrics.csv", "collapse.csv", "summary.json"):  # a run that diverged at once
+        (tmp_path / name).write_text("{}")
+    # Before: "holds an earlier evaluation (summary.json)".
+    assert _out_dir_problem(tmp_path) == ("is the folder of a training run, whose summary.json the results would "
+                                          "replace; give another folder")
 
 
 def test_a_corpus_root_that_holds_no_corpus_is_refused_and_nothing_is_built(tmp_path, capsys):

@@ -1778,6 +1778,19 @@ def test_a_search_given_as_dot_dot_is_named_and_reported_as_itself(tmp_path, mon
     assert experiment["folder"] == str(search)
     assert not (search / "trial-0000-abc" / "report").exists()
     assert set(pd.read_csv(report.with_name("sensitivity-trials.csv"))["experiment"]) == {"s1"}
+    # ".." after a link is the folder the system reads (the link's target's parent), not the link's own parent.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "t0").symlink_to(search / "trial-0000-abc")
+    monkeypatch.chdir(tmp_path / "mine")
+    out = tmp_path / "linked.html"
+    assert main(["t0/..", "--out", str(out)]) == 0
+    (experiment,) = json.loads(out.with_suffix(".json").read_text())["experiments"]
+    assert experiment["folder"] == str(search)
+    # A search given through a link without ".." keeps the link's name.
+    (tmp_path / "alias").symlink_to(search)
+    assert main([str(tmp_path / "alias"), "--out", str(tmp_path / "alias.html")]) == 0
+    (experiment,) = json.loads((tmp_path / "alias.json").read_text())["experiments"]
+    assert experiment["folder"] == str(tmp_path / "alias")
 
 
 def test_the_label_free_section_says_why_there_is_no_probe_score(tmp_path):

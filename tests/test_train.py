@@ -230,6 +230,27 @@ def test_a_run_that_diverges_keeps_the_weights_of_its_last_epoch_before(tmp_path
     assert finite_state(torch.load(tmp_path / "statistics" / "vicreg" / "backbone.pt", weights_only=True))
 
 
+def test_a_run_whose_weights_are_never_finite_says_so_not_that_it_diverged(tmp_path, tonal_data, monkeypatch, capsys):
+    from analysis.downstream import DownstreamError, resolve_method
+    from musicssl import train as training
+
+    def poison_statistics(module, record):  # after its only epoch; its loss stays finite
+        next(b for n, b in module.method.backbone.named_buffers() if n.endswith("running_var")).fill_(math.inf)
+
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda config, **kwargs: real_train(
+        config, data=tonal_data, progress_bar=False, epoch_end_hooks=[poison_statistics]))
+    code, out, err = run_main(main, ["vicreg", "--max-epochs", "1", "--steps-per-epoch", "3", "--batch-size", "8",
+                                     "--threads", "1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    # Before: "no backbone.pt, as no epoch ended before", and downstream's "diverged ... (at step None)".
+    assert "vicreg: its weights after epoch 1 are not all finite; no backbone.pt, as no epoch's were\n" in out
+    assert not (tmp_path / "run" / "backbone.pt").exists()
+    with pytest.raises(DownstreamError, match="a training run whose weights were not finite after any epoch keeps no "
+                                              "backbone.pt"):
+        resolve_method(str(tmp_path / "run"))
+
+
 def test_a_run_that_diverges_in_its_first_epoch_writes_no_backbone(tmp_path, tonal_data, capsys):
     from analysis.downstream import DownstreamError, resolve_method
 
@@ -1169,9 +1190,11 @@ def test_float16_weights_are_refused_for_every_method():
         torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.0).step()
         assert weight.detach().float().tolist() == pytest.approx([expected] * 4, rel=1e-3)
     for method in available_methods():
+        other = "bf16-mixed" if method in ("byol", "clustering") else "bf16-true"  # their teacher refuses bf16-true
         with pytest.raises(ConfigError, match="precision=16-true holds the weights and AdamW's state in float16.*use "
-                                              "16-mixed .float32 weights. or bf16-true"):
+                                              f"16-mixed .float32 weights. or {other}$"):
             check_config(TrainConfig(method=method, precision="16-true"))
+        check_config(TrainConfig(method=method, precision=other))
         check_config(TrainConfig(method=method, precision="16-mixed"))
 
 

@@ -496,9 +496,10 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
         # Weights and AdamW's moments in float16, whose smallest number (6e-8) is above AdamW's eps (1e-8) and the
         # squares of small gradients: the step divides by 0 where a gradient is below about 8e-3, and the run
         # diverges in its first steps (vicreg and contrastive on the cpu preset, at any learning rate).
+        other = "bf16-mixed" if config.method in EMA_TEACHER_METHODS else "bf16-true"  # (bf16-true: see below)
         problems.append("precision=16-true holds the weights and AdamW's state in float16, which cannot hold its eps "
                         "(1e-8) or the squares of small gradients: runs diverge in their first steps; use 16-mixed "
-                        "(float32 weights) or bf16-true")
+                        f"(float32 weights) or {other}")
     elif config.precision in HALF_WEIGHT_PRECISIONS and config.method in EMA_TEACHER_METHODS:
         # The teacher's weights would be half precision too, and its EMA step, (1 - rate) * (student -
         # teacher) with rate 0.996 to 1, is mostly below half a bf16 rounding step: the teacher stays put.
@@ -1061,12 +1062,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"{config.method}: {final['epochs_run']} epochs, {final['steps']} steps in {result.seconds:.1f} s; "
           f"verdict {result.verdict}{'; ' + shown if shown else ''}")
-    if final["backbone_epoch"] != final["epochs_run"] or result.diverged_step is not None:
-        why = (f"it diverged at step {result.diverged_step}" if result.diverged_step is not None else
-               "its last weights are not all finite")
+    if result.diverged_step is not None:
         kept = (f"backbone.pt holds the weights after epoch {final['backbone_epoch']}, the last before"
                 if final["backbone_epoch"] else "no backbone.pt, as no epoch ended before")
-        print(f"{config.method}: {why}; {kept}")
+        print(f"{config.method}: it diverged at step {result.diverged_step}; {kept}")
+    elif final["backbone_epoch"] != final["epochs_run"]:
+        kept = (f"backbone.pt holds those after epoch {final['backbone_epoch']}, the last whose were"
+                if final["backbone_epoch"] else "no backbone.pt, as no epoch's were")
+        print(f"{config.method}: its weights after epoch {final['epochs_run']} are not all finite; {kept}")
     print(f"wrote {result.out_dir}")
     return 0
 

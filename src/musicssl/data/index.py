@@ -40,6 +40,9 @@ REQUIRED_COLUMNS = ("track_id", "path", "split", "tags")
 # TrackIndex.extra entry of an index read from a generated corpus's tracks.csv: the corpus's
 # generator version, seed, tracks and seconds (musicssl.corpus.splits.corpus_identity).
 GENERATED_CORPUS_KEY = "generated_corpus"
+# A generated corpus's tracks.csv edited by hand (a track renamed or moved to another split), its corpus.json beside
+# it: which songs its tracks are (by track number), though not in the generator's splits.
+EDITED_CORPUS_KEY = "edited_generated_corpus"
 
 
 class TrackIndexError(ValueError):
@@ -249,4 +252,6 @@ class TrackIndex:
         identity = corpus_identity(path.parent)
         if identity is not None and listed_as_generated(identity, index.track_ids, index.tracks["split"]):
             index.extra[GENERATED_CORPUS_KEY] = identity
+        elif identity is not None:
+            index.extra[EDITED_CORPUS_KEY] = identity
         return index
