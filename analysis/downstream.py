@@ -379,11 +379,16 @@ def training_corpus(spec: "MethodSpec") -> dict | None:
     elif dataset_name(data) is not None:  # mtat, jamendo-*, msd: their own splits
         return None
     else:
-        folder = Path(data).expanduser()
-        folder = folder if folder.is_dir() else folder.parent
+        folder = _folder_of(data)
     identity = corpus_identity(folder)
     # A folder that holds another version's corpus by now was rebuilt since: what it held is not known.
     return identity if identity is not None and identity["generator_version"] == 1 else None
+
+
+def _folder_of(data: str) -> Path:
+    """The folder a ``--data`` path names: itself, or the folder of a file (a ``tracks.csv``, a tags file)."""
+    folder = Path(data).expanduser()
+    return folder if folder.is_dir() else folder.parent
 
 
 def _run_configuration(spec: "MethodSpec") -> Path | None:
@@ -512,8 +517,7 @@ def corpus_training_audio(spec: "MethodSpec", trained_on: dict) -> tuple[set[str
                   default_corpus_dir(int(trained_on["tracks"]), float(trained_on["seconds"]), int(trained_on["seed"]),
                                      int(trained_on["generator_version"])))
     else:
-        folder = Path(data).expanduser()
-        folder = folder if folder.is_dir() else folder.parent
+        folder = _folder_of(data)
     if not folder.is_absolute():
         return None, f"its training data {data} is a path relative to where it was trained"
     identity = corpus_identity(folder)

@@ -286,11 +286,8 @@ def _mean_cosine(unit: Tensor, groups: Tensor | None) -> float:
         within = u.square().sum()
         pairs = n * (n - 1)
     else:
-        _, group_of_sample = torch.unique(groups.to(u.device), return_inverse=True)
-        group_sums = torch.zeros(int(group_of_sample.max()) + 1, u.shape[1], dtype=u.dtype, device=u.device)
-        group_sums.index_add_(0, group_of_sample, u)
+        _, sizes, group_sums = _group_sums(u, groups)
         within = group_sums.square().sum()
-        sizes = torch.bincount(group_of_sample).to(torch.float64)
         pairs = int(n * n - float(sizes.square().sum()))
         if pairs == 0:
             raise ValueError("all samples are in one group: no pair from different groups to compare")
@@ -305,17 +302,23 @@ def _alignment_within_groups(unit: Tensor, groups: Tensor) -> float | None:
     2 (n_g - 1) sum |u_i|^2 - 2 (|sum u|^2 - sum |u_i|^2); in float64 (the terms nearly cancel when
     aligned)."""
     u = unit.to(_float64_device(unit), torch.float64)
-    _, group_of_sample = torch.unique(groups.to(u.device), return_inverse=True)
-    sizes = torch.bincount(group_of_sample).to(torch.float64)
+    group_of_sample, sizes, group_sums = _group_sums(u, groups)
     pairs = float((sizes * (sizes - 1)).sum())
     if pairs == 0:
         return None
-    group_sums = torch.zeros(sizes.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
-    group_sums.index_add_(0, group_of_sample, u)
     squared_norms = u.square().sum(dim=1)
     norms_term = 2.0 * float(((sizes[group_of_sample] - 1) * squared_norms).sum())
     dots = float(group_sums.square().sum()) - float(squared_norms.sum())
     return max(0.0, (norms_term - 2.0 * dots) / pairs)
+
+
+def _group_sums(u: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's group number (0..G-1), the groups' sizes (float64) and the sums of their rows of ``u``."""
+    _, group_of_sample = torch.unique(groups.to(u.device), return_inverse=True)
+    sizes = torch.bincount(group_of_sample).to(torch.float64)
+    group_sums = torch.zeros(sizes.shape[0], u.shape[1], dtype=u.dtype, device=u.device)
+    group_sums.index_add_(0, group_of_sample, u)
+    return group_of_sample, sizes, group_sums
 
 
 def _check_groups(groups: Tensor | None, n: int) -> None:
