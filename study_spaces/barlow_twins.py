@@ -1,9 +1,9 @@
 """Barlow Twins' search space: lambda, the weight of the redundancy-reduction term (log scale), and
 the batch size.
 
-The original's 0.0051 suits 8192-d projections (about 1/D); the range spans four decades, from one
-below the 1/D of the CPU preset's 1024-d projections (about 1e-3) to three above it: from almost no
-decorrelation to a term that swamps the invariance one. The batch size is searched because it
+The original's 0.0051 was tuned for its 8192-d projections (about 42/D there); the range spans four
+decades, from one below 1/D for the CPU preset's 1024-d projections (about 1e-3) to three above it:
+from almost no decorrelation to a term that swamps the invariance one. The batch size is searched because it
 matters here: the loss estimates a 1,024 x 1,024 cross-correlation from the batch, and on the
 corpus Barlow Twins at batch 64 was level with a random backbone whatever its lambda, at batch 128
 clearly above it (README, "Results on the embedded corpus"); the CPU preset trains it at 128.

@@ -230,6 +230,36 @@ def test_teacher_student_gap() -> None:
     assert teacher_student_cosine_gap(s, -s) == pytest.approx(2.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_the_spread_metrics_hold_for_embeddings_far_from_unit_scale(scale: float) -> None:
+    """Embeddings with entries of 1e20 (a run blowing up, still finite in float32) or 1e-20: in float32 a
+    row's squared norm overflows or falls under F.normalize's floor, so normalising gave zero (or far too
+    short) rows, and healthy isotropic embeddings read as complete collapse (L2 std 0, uniformity 0). The
+    references compute in float64, where neither happens."""
+    base = gaussian(256, 64, 5) + 0.2
+    z = base * scale
+    assert torch.isfinite(z).all()
+    reference = z.double().numpy()
+    groups = torch.arange(256) // 2
+    assert l2_normalized_std(z) == pytest.approx(l2_std_reference(reference), rel=1e-4)
+    assert uniformity(z) == pytest.approx(uniformity_reference(reference), abs=1e-4)
+    assert mean_cosine_similarity(z, groups) == pytest.approx(
+        mean_cosine_reference(reference, groups.numpy()), abs=1e-5)
+    other = gaussian(256, 64, 6) * scale
+    assert alignment(z, other) == pytest.approx(alignment_reference(reference, other.double().numpy()), rel=1e-4)
+    expected_gap = 1 - np.mean(np.sum(unit_rows(reference) * unit_rows(other.double().numpy()), axis=1))
+    assert teacher_student_cosine_gap(z, other) == pytest.approx(expected_gap, abs=1e-5)
+    metrics = collapse_metrics({"embedding": z, "projection": gaussian(256, 128, 7) * scale}, groups=groups)
+    assert metrics["l2_std_embedding"] == pytest.approx(l2_std_reference(reference) * 8, rel=1e-4)
+    assert metrics["l2_std_projection"] > 0.9
+    assert collapse_diagnosis(metrics)[0] != "complete"
+    # A zero row stays a zero row (cosine 0 with every other).
+    with_zero = torch.cat([torch.zeros(1, 64), z[1:]])
+    units = np.vstack([np.zeros((1, 64)), unit_rows(reference[1:])])
+    cosines = units @ units.T
+    assert mean_cosine_similarity(with_zero) == pytest.approx(cosines[~np.eye(256, dtype=bool)].mean(), abs=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Clustering metrics
 

@@ -208,6 +208,15 @@ def spectrum(z: Tensor) -> Tensor:
 # Spread of L2-normalised embeddings
 
 
+def _unit_rows(z: Tensor) -> Tensor:
+    """``z / |z|`` row by row, zero rows kept zero. Each row is first divided by its largest entry: in
+    float32 its squared norm overflows for entries of about 1e18 and more, and ``F.normalize`` alone then
+    gives zero rows, and rows with a norm under its floor of 1e-12 come out far shorter than 1: embeddings
+    with a perfectly good direction read as complete collapse."""
+    largest = z.abs().amax(dim=1, keepdim=True)
+    return F.normalize(z / largest.clamp_min(torch.finfo(z.dtype).tiny), dim=1)
+
+
 def _l2_std(unit: Tensor, scale_by_sqrt_dim: bool) -> float:
     std = float(unit.std(dim=0, correction=1).mean())
     return std * math.sqrt(unit.shape[1]) if scale_by_sqrt_dim else std
@@ -223,7 +232,7 @@ def l2_normalized_std(z: Tensor, scale_by_sqrt_dim: bool = False) -> float:
     z = _embedding_matrix(z)
     if not _all_finite(z):
         return math.nan
-    return _l2_std(F.normalize(z, dim=1), scale_by_sqrt_dim)
+    return _l2_std(_unit_rows(z), scale_by_sqrt_dim)
 
 
 def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0) -> float:
@@ -238,7 +247,7 @@ def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0) -> float:
         raise ValueError(f"alpha must be positive, got {alpha}")
     if not (_all_finite(a) and _all_finite(b)):
         return math.nan
-    distances = (F.normalize(a, dim=1) - F.normalize(b, dim=1)).norm(dim=1)
+    distances = (_unit_rows(a) - _unit_rows(b)).norm(dim=1)
     return float(distances.pow(alpha).mean())
 
 
@@ -273,7 +282,7 @@ def uniformity(z: Tensor, t: float = 2.0) -> float:
         raise ValueError(f"t must be positive, got {t}")
     if not _all_finite(z):
         return math.nan
-    return _uniformity(F.normalize(z, dim=1), t)
+    return _uniformity(_unit_rows(z), t)
 
 
 def _mean_cosine(unit: Tensor, groups: Tensor | None) -> float:
@@ -342,7 +351,7 @@ def mean_cosine_similarity(z: Tensor, groups: Tensor | None = None) -> float:
     _check_groups(groups, z.shape[0])
     if not _all_finite(z):
         return math.nan
-    return _mean_cosine(F.normalize(z, dim=1), groups)
+    return _mean_cosine(_unit_rows(z), groups)
 
 
 def teacher_student_cosine_gap(student: Tensor, teacher: Tensor) -> float:
@@ -356,7 +365,7 @@ def teacher_student_cosine_gap(student: Tensor, teacher: Tensor) -> float:
     _same_shape(s, t, "student", "teacher")
     if not (_all_finite(s) and _all_finite(t)):
         return math.nan
-    return 1.0 - float(F.cosine_similarity(s, t, dim=1).mean())
+    return 1.0 - float((_unit_rows(s) * _unit_rows(t)).sum(dim=1).mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +488,7 @@ def collapse_metrics(
             _check_groups(groups, z.shape[0])
             if _all_finite(z):
                 rank = _rankme(_singular_values(z), eps=1e-7)
-                unit = F.normalize(z, dim=1)
+                unit = _unit_rows(z)
                 metrics["rankme_embedding"] = rank
                 metrics["rankme_embedding_norm"] = rank / min(z.shape)
                 metrics["l2_std_embedding"] = _l2_std(unit, scale_by_sqrt_dim=True)
@@ -498,7 +507,7 @@ def collapse_metrics(
                 rank = _rankme(_singular_values(z), eps=1e-7)
                 metrics["rankme_projection"] = rank
                 metrics["rankme_projection_norm"] = rank / min(z.shape)
-                metrics["l2_std_projection"] = _l2_std(F.normalize(z, dim=1), scale_by_sqrt_dim=True)
+                metrics["l2_std_projection"] = _l2_std(_unit_rows(z), scale_by_sqrt_dim=True)
             else:
                 nonfinite = True
                 metrics.update(dict.fromkeys(_PROJECTION_METRICS, math.nan))

@@ -235,6 +235,27 @@ def _lightning():
     return pl
 
 
+def _epoch_bar():
+    """Lightning's progress bar, its epochs counted from 1 of ``max_epochs`` as ``metrics.csv`` and
+    ``summary.json`` count them (Lightning's own reads "Epoch 0" for the first)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+    class EpochBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer, *args: Any) -> None:
+            # TQDMProgressBar's, but for its description: the bar is drawn once per epoch start (a line each
+            # where the output is not a terminal), so the description is not set twice.
+            if getattr(self, "_leave", False):
+                self.train_progress_bar = self.init_train_tqdm()
+            bar = self.train_progress_bar
+            bar.reset()
+            bar.total = convert_inf(self.total_train_batches)
+            bar.initial = 0
+            bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    return EpochBar()
+
+
 class SSLModule(_lightning().LightningModule):
     """The shared training loop for every pretext method.
 
@@ -706,7 +727,8 @@ def train(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         gradient_clip_val=config.gradient_clip,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *([_epoch_bar()] if progress_bar and not any(
+            isinstance(callback, pl.callbacks.ProgressBar) for callback in callbacks) else [])],
         deterministic=False,
     )
     ctrl_c = signal.getsignal(signal.SIGINT)

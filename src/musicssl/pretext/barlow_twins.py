@@ -63,7 +63,7 @@ def barlow_twins(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051) -> dict[str, T
 class BarlowTwinsConfig:
     """Barlow Twins' hyperparameters; projector defaults to the study's 1024 -> 1024 -> 1024 -> 2048.
     For a small backbone scale the heads with it (e.g. ``hidden_dim=512, projection_dim=1024``).
-    The original's lambd is 0.0051 for 8192-d projections; ~1/D is its usual scaling."""
+    The original's lambd is 0.0051, tuned for its 8192-d projections (about 42/D there)."""
 
     lambd: float = 0.0051  # weight of the off-diagonal (redundancy reduction) term
     hidden_dim: int = 1024
