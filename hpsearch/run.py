@@ -874,16 +874,26 @@ def _ray_processes_in_a_group_of_their_own():
 
 
 @contextlib.contextmanager
-def _search_restored_as_now_asked(concurrency: int):
-    """A resumed search runs ``concurrency`` trials at a time, as ``--concurrency`` now says, and asks its
-    searcher for trials again.
+def _search_restored_as_now_asked(concurrency: int, folder: Path):
+    """A resumed search runs ``concurrency`` trials at a time, as ``--concurrency`` now says, asks its
+    searcher for trials again, and puts its new trials in ``folder``, where it now is.
 
     Ray Tune restores the ConcurrencyLimiter it wraps the searcher in from the experiment state,
     with the limit the search started with, and offers no way to change it; so, while the search
     resumes, the limiter's restored state takes this limit (its set_state, scoped to this call).
     Likewise the SearchGenerator around them restores whether the searcher said it had finished: it says so
     when the search stops because its study cannot be written (hpsearch.searcher), and then a resumed search
-    would start no trial. The searcher says again when the study holds every trial."""
+    would start no trial. The searcher says again when the study holds every trial.
+
+    The SearchGenerator also restores the experiment it makes new trials from, with the storage of the folder
+    the search was saved in: Ray moves the restored trials to the folder it resumes from (TuneController.
+    _restore_trials), not that. So a search folder moved (or copied) and resumed there put each new trial's
+    folder and checkpoint in the old place: a moved folder's trials failed after training ("Unable to set up
+    cluster storage"), a copy's best trial could have no checkpoint in the copy, and the original folder got
+    trials its journal never had. The experiment's storage takes ``folder`` as Ray's does for the trials."""
+    import copy
+
+    from ray.train._internal.storage import get_fs_and_path
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.search_generator import SearchGenerator
 
@@ -896,6 +906,13 @@ def _search_restored_as_now_asked(concurrency: int):
     def set_generator_state(self, state):
         original_generator(self, state)
         self._finished = False
+        experiment = self._experiment
+        if experiment is not None and getattr(experiment, "storage", None) is not None:
+            storage = copy.copy(experiment.storage)
+            storage.storage_filesystem, path = get_fs_and_path(str(folder.parent))
+            storage.storage_fs_path = Path(path).as_posix()
+            storage.experiment_dir_name = folder.name
+            experiment.storage = experiment.spec["storage"] = storage
 
     ConcurrencyLimiter.set_state, SearchGenerator.set_state = set_state, set_generator_state
     try:
@@ -1453,7 +1470,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     ),
                 )
                 _print_start(settings, folder, stream)
-            with _search_restored_as_now_asked(settings.concurrency), journal_of_this_search(journal), \
+            with _search_restored_as_now_asked(settings.concurrency, folder), journal_of_this_search(journal), \
                     results_written_by(lambda: _summarize(settings, folder, journal, started), replayed=finished), \
                     room_watched_by(lambda: room_problem(floors, folder),
                                     lambda why, advice: stopped_for.__setitem__(0, (why, advice))):

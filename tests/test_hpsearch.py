@@ -743,7 +743,7 @@ def test_a_trial_that_ends_while_the_study_cannot_be_written_is_recorded_when_th
     assert stops == [(f"the study in {journal} could not be written (No space left on device)", "free some space")]
     assert [t.state for t in load_study(journal).trials] == [TrialState.RUNNING]
     filler[0].unlink()
-    with _search_restored_as_now_asked(1), journal_of_this_search(journal), \
+    with _search_restored_as_now_asked(1, tmp_path / "ray" / "run"), journal_of_this_search(journal), \
             progress.room_watched_by(lambda: None, lambda why, advice: stops.append((why, advice))):
         tune.Tuner.restore(str(tmp_path / "ray" / "run"), trainable, resume_unfinished=True).fit()
     study = load_study(journal)
@@ -1715,7 +1715,10 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
                                  capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=120)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
         assert re.search(expected, refused.stderr) and "put back a whole copy of optuna.journal" in refused.stderr
-    shutil.copytree(folder, tmp_path / "elsewhere" / "resumable", symlinks=True)
+    # Moved there (a copy's original kept aside, to compare).
+    shutil.copytree(folder, tmp_path / "kept", symlinks=True)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(folder, tmp_path / "elsewhere" / "resumable")
     folder, journal = tmp_path / "elsewhere" / "resumable", tmp_path / "elsewhere" / "resumable" / "optuna.journal"
     command[command.index("--storage-dir") + 1] = str(tmp_path / "elsewhere")
     # A record the kill cut short, which Optuna does not read: before, the resume appended its next record onto
@@ -1725,7 +1728,10 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "optuna.journal ended in a record cut short (51 bytes" in resumed.stderr
-    assert (tmp_path / "resumable" / "optuna.journal").read_bytes() == original
+    assert (tmp_path / "kept" / "optuna.journal").read_bytes() == original
+    # Nothing written where it was: before, the resumed searcher's new trials kept the old folder (their folders
+    # and checkpoints went there, and in a moved folder's old place each complete one failed as it reported).
+    assert not (tmp_path / "resumable").exists()
     study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(journal))))
     assert [t.number for t in study.trials] == list(range(6))
     assert all(t.state.is_finished() for t in study.trials)
@@ -1736,6 +1742,12 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     csv = pd.read_csv(folder / "trials.csv")
     assert list(csv["trial"]) == list(range(6))
     assert "6/6 trials finished" in resumed.stdout
+    # The trials that ran after the move completed (they failed as they reported, in a moved folder), each with
+    # its checkpoint in the folder where it now is.
+    ran_after = csv[~csv["trial"].isin(list(before))]
+    assert len(ran_after) and (ran_after["state"] == "COMPLETE").all(), csv
+    for number in ran_after["trial"]:
+        assert list(folder.glob(f"trial-{number:04d}-*/checkpoint_*/backbone.pt")), number
     # and after the resume, every trial's (the ones run before the kill kept theirs).
     assert epoch_lines() == {n: int(c) for n, c in zip(csv["trial"], csv["epochs_completed"])}
     # One line per epoch (README), also for a trial the kill interrupted and the resume ran again.
@@ -2912,7 +2924,7 @@ def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given_and_ask
     restored.restore_from_dir(str(tmp_path))
     assert restored.searcher.max_concurrent == 1 and restored.is_finished()  # Tune on its own: the stored state wins
     resumed = generator(1)
-    with _search_restored_as_now_asked(4):
+    with _search_restored_as_now_asked(4, tmp_path):
         resumed.restore_from_dir(str(tmp_path))
     assert resumed.searcher.max_concurrent == 4 and not resumed.is_finished()
     after = generator(4)
@@ -2924,7 +2936,7 @@ def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given_and_ask
     full.searcher.searcher.suggest("t0")
     (tmp_path / "full").mkdir()
     full.save_to_dir(str(tmp_path / "full"), session_str="started")
-    with _search_restored_as_now_asked(1):
+    with _search_restored_as_now_asked(1, tmp_path / "full"):
         full.restore_from_dir(str(tmp_path / "full"))
     full._experiment = SimpleNamespace(spec={})
     assert full.next_trial() is None and full.is_finished()
