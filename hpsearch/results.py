@@ -352,6 +352,8 @@ def format_summary(summary: SearchSummary) -> str:
 def finished_records(study) -> dict[int, dict[str, Any]]:
     """Final records of the study's finished trials, keyed by trial number (what a resumed Tune
     trial reports instead of training again, see :func:`hpsearch.trainable.run_trial`)."""
+    from optuna.trial import TrialState
+
     records = {}
     for trial in study.get_trials(deepcopy=False):
         if not trial.state.is_finished():
@@ -359,7 +361,9 @@ def finished_records(study) -> dict[int, dict[str, Any]]:
         attrs = dict(trial.user_attrs)
         record = {k: v for k, v in attrs.items() if k not in ("config", "last_metrics", "tune_trial_id")}
         record.update(attrs.get("last_metrics") or {})
-        record["objective"] = trial.value if trial.value is not None else math.nan
+        # A stopped (PRUNED) trial's value is Optuna's: its last intermediate value. Its own final report had none.
+        complete = trial.state == TrialState.COMPLETE and trial.value is not None
+        record["objective"] = trial.value if complete else math.nan
         record["epoch"] = attrs.get("epochs_completed", 0)
         record["step"] = attrs.get("steps", 0)
         records[trial.number] = {k: (math.nan if v is None else v) for k, v in record.items()}

@@ -222,6 +222,8 @@ class SearchSettings:
         for name in ("max_epochs", "steps_per_epoch", "concurrency", "patience_epochs", "asha_grace_epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.steps_per_epoch >= 2**31:  # (musicssl.train.MAX_STEPS_PER_EPOCH) every trial would fail as it started
+            problems.append(f"--steps-per-epoch must be under 2**31, got {self.steps_per_epoch}")
         if self.batch_size < 2:
             problems.append(f"--batch-size must be at least 2 (batch statistics), got {self.batch_size}")
         if self.grace_epochs < 0:

@@ -379,8 +379,9 @@ def _train_and_score(
         step = result.diverged_step if result.diverged_step is not None else monitor.collapse_step
         record.update(outcome="diverged", objective=math.nan, verdict="diverged", collapse_type="diverged",
                       diverged_step=step)
-        if monitor.collapse_type != "diverged":
-            record.update(collapse_epoch=step // settings.steps_per_epoch + 1, collapse_step=step,
+        if monitor.collapse_type != "diverged":  # in the epoch it stopped in, as the rule's stops give it
+            epoch = step // settings.steps_per_epoch + 1
+            record.update(collapse_epoch=epoch, collapse_step=step, stop_epoch=epoch,
                           collapse_reasons="non-finite training loss")
         return record, None
     if monitor.fired and settings.collapse_stop:
@@ -395,7 +396,9 @@ def _train_and_score(
         record.update(scores)
         objective = scores[settings.objective]
     if not _finite(objective):
+        epoch = len(monitor.verdicts)  # its scores were read after its last epoch
         record.update(outcome="diverged", objective=math.nan, verdict="diverged", collapse_type="diverged",
+                      collapse_epoch=epoch, collapse_step=record["steps"], stop_epoch=epoch,
                       collapse_reasons=f"objective {settings.objective} is {objective}")
         return record, None
     record.update(outcome="complete", objective=float(objective))

@@ -250,6 +250,15 @@ def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_
     # ... and its verdict too (before: none, so trials.csv's verdict column was empty for ASHA's stops).
     assert trials["e"].user_attrs["verdict"] == "dimensional" and trials["a"].user_attrs.get("verdict") is None
     assert trials["a"].user_attrs["config"] == {"x": trials["a"].params["x"]}
+    # What a resumed search replays for them: the complete trial's objective, no objective for the others, though
+    # Optuna gives a stopped trial its last intermediate value (before, the replayed final line in result.json
+    # carried it, where the trial's own final line had none).
+    from hpsearch.results import finished_records
+
+    assert trials["b"].value == 0.5 and trials["e"].value == 0.4  # Optuna's
+    records = {trials[k].number: k for k in "abcde"}
+    objectives = {records[number]: record["objective"] for number, record in finished_records(study).items()}
+    assert objectives["a"] == 0.7 and all(math.isnan(objectives[k]) for k in "bcde"), objectives
 
     # A non-finite epoch objective is not stored as an intermediate value (dashboards reject NaN); a
     # "complete" final report without a finite objective is a failure, not a complete trial.
@@ -838,6 +847,8 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     diverged = csv.loc[2]
     assert 0 < diverged["steps"] < 3 and diverged["epochs_run"] == diverged["steps"] / 3
     assert diverged["collapse_step"] == diverged["diverged_step"] and diverged["collapse_epoch"] == 1
+    assert diverged["stop_epoch"] == 1  # the epoch it stopped in, as for the collapsed trial (before: empty)
+    assert csv.loc[1, "stop_epoch"] == 1
     assert (csv.loc[0, "best_objective"], csv.loc[0, "best_epoch"]) == (csv.loc[0, "objective"], 2)
     assert csv.loc[0, "rankme"] == csv.loc[0, "last_collapse_rankme_embedding"]
     assert (csv.loc[:2, "seconds"] > 0).all() and (csv.loc[:2, "cpu_seconds"] > 0).all()
@@ -1369,6 +1380,8 @@ def test_a_trials_final_record_reads_the_chosen_objective_and_records_what_the_r
     record, checkpoint, _ = run()
     assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
     assert record["collapse_reasons"] == "objective probe_map is nan" and math.isnan(record["objective"])
+    # Dated after its last epoch, where its scores were read (before: no epoch, step or stop).
+    assert (record["collapse_epoch"], record["collapse_step"], record["stop_epoch"]) == (2, 6, 2)
 
 
 def test_a_trials_record_keeps_the_last_verdict_the_first_best_epoch_and_dates_a_divergence_by_its_step(
@@ -1409,7 +1422,7 @@ def test_a_trials_record_keeps_the_last_verdict_the_first_best_epoch_and_dates_a
     # Poisoned at the end of epoch 1: the loss of step 3, the first of epoch 2 (3 steps per epoch), is not finite.
     record, checkpoint = run([HEALTHY] * 3, poison_after=1)
     assert (record["outcome"], record["collapse_type"], checkpoint) == ("diverged", "diverged", None)
-    assert (record["diverged_step"], record["collapse_step"], record["collapse_epoch"]) == (3, 3, 2)
+    assert (record["diverged_step"], record["collapse_step"], record["collapse_epoch"], record["stop_epoch"]) == (3, 3, 2, 2)
     assert record["epochs_run"] == 1.0
     # Stopping off: the rule fires on complete collapse at epoch 3 (grace 1, patience 2) and lets the trial
     # run on; at epoch 4 its metrics are not finite while its loss is. A divergence ends a trial whatever
@@ -2112,6 +2125,8 @@ def test_a_start_of_ray_that_fails_after_a_held_signal_ends_as_ctrl_c(monkeypatc
     [
         (["simsiam"], "unknown pretext method 'simsiam'"),
         (["vicreg", "--trials", "0"], "--trials must be at least 1"),
+        # Before: accepted, and every trial failed with an OverflowError as it started.
+        (["vicreg", "--steps-per-epoch", str(10**20)], "--steps-per-epoch must be under 2**31"),
         (["vicreg", "--data", "/no/such/tracks.csv"], "no such file or folder"),
         (["vicreg", "--data", "mtat"], "dataset 'mtat' needs --root, the folder that holds its files"),
         # Before: an empty --data (an unset shell variable) was the current folder, its audio indexed.

@@ -508,7 +508,10 @@ def test_registry_has_the_five_methods():
         (["vicreg", "--seed", "4294967296"], "error: --seed must be a whole number >= 0 and < 2**32"),
         (["vicreg", "--set", "n_views=1"], "n_views must be an integer >= 2"),
         (["vicreg", "--set", "min_gap_seconds=5", "--set", "max_gap_seconds=1"], "need finite 0 <= min_gap_seconds <= max_gap_seconds"),
-        (["vicreg", "--steps-per-epoch", "-5"], "--steps-per-epoch must be a whole number >= 0 (0: one pass over the training tracks), got -5"),
+        (["vicreg", "--steps-per-epoch", "-5"],
+         "--steps-per-epoch must be a whole number >= 0 and < 2**31 (0: one pass over the training tracks), got -5"),
+        # Before: accepted, and the run failed with an OverflowError as it started (an epoch's samples).
+        (["vicreg", "--steps-per-epoch", str(10**20)], "--steps-per-epoch must be a whole number >= 0 and < 2**31"),
         # Said with the command's other problems, not alone.
         (["vicreg", "--steps-per-epoch", "-5", "--max-epochs", "0"],
          "error: --max-epochs must be a whole number >= 1, got 0; --steps-per-epoch must be a whole number >= 0"),

@@ -62,6 +62,11 @@ __all__ = [
 ]
 
 
+# Steps per epoch, at most: an epoch's samples (steps x batch) must fit an index (2**63 overflowed in the
+# sampler, after the run had started), and 2**31 steps are years of training.
+MAX_STEPS_PER_EPOCH = 2**31
+
+
 class ConfigError(ValueError):
     """A setting is unknown or has the wrong type; the message lists what is accepted."""
 
@@ -243,15 +248,14 @@ def _epoch_bar():
 
     class EpochBar(TQDMProgressBar):
         def on_train_epoch_start(self, trainer, *args: Any) -> None:
-            # TQDMProgressBar's, but for its description: the bar is drawn once per epoch start (a line each
-            # where the output is not a terminal), so the description is not set twice.
+            # TQDMProgressBar's, but for its description, set before the bar is drawn again (the reset draws it,
+            # a line where the output is not a terminal): not the last epoch's number at 0 %, then this one's.
             if getattr(self, "_leave", False):
                 self.train_progress_bar = self.init_train_tqdm()
             bar = self.train_progress_bar
-            bar.reset()
-            bar.total = convert_inf(self.total_train_batches)
+            bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", refresh=False)
+            bar.reset(total=convert_inf(self.total_train_batches))
             bar.initial = 0
-            bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
     return EpochBar()
 
@@ -484,10 +488,12 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
     number("max_epochs", 1, whole=True)
     number("batch_size", 2, optional=True, whole=True)
     if "steps_per_epoch" in names:  # the command line's 0 (one pass) is None here
-        number("steps_per_epoch", 0, optional=True, whole=True, hint=" (0: one pass over the training tracks)")
+        number("steps_per_epoch", 0, optional=True, whole=True, below=MAX_STEPS_PER_EPOCH,
+               hint=" and < 2**31 (0: one pass over the training tracks)")
     else:
-        number("steps_per_epoch", 1, optional=True, whole=True,
-               hint=" (for one pass over the training tracks: --steps-per-epoch 0, or None in a TrainConfig)")
+        number("steps_per_epoch", 1, optional=True, whole=True, below=MAX_STEPS_PER_EPOCH,
+               hint=" and < 2**31 (for one pass over the training tracks: --steps-per-epoch 0, or None in a "
+                    "TrainConfig)")
     number("learning_rate", 0, inclusive=False)
     number("weight_decay", 0)
     number("warmup_epochs", 0)
