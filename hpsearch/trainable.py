@@ -383,6 +383,7 @@ def _train_and_score(
             epoch = step // settings.steps_per_epoch + 1
             record.update(collapse_epoch=epoch, collapse_step=step, stop_epoch=epoch,
                           collapse_reasons="non-finite training loss")
+            record.pop("would_stop_epoch", None)  # (a rule that fired with stopping off) it stopped: diverged
         return record, None
     if monitor.fired and settings.collapse_stop:
         record.update(outcome="collapsed", objective=math.nan)
@@ -400,6 +401,7 @@ def _train_and_score(
         record.update(outcome="diverged", objective=math.nan, verdict="diverged", collapse_type="diverged",
                       collapse_epoch=epoch, collapse_step=record["steps"], stop_epoch=epoch,
                       collapse_reasons=f"objective {settings.objective} is {objective}")
+        record.pop("would_stop_epoch", None)
         return record, None
     record.update(outcome="complete", objective=float(objective))
     if not (record["objective"] <= reporter.best_objective):
