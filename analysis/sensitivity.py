@@ -99,12 +99,11 @@ PED_ANOVA_MIN_TOP_TRIALS = 5
 # A 0/1 target (collapse) needs this many trials on each side: one collapsed trial "explains" collapse by
 # whichever of its parameters is most unusual.
 MIN_TRIALS_PER_CLASS = 3
-BOOTSTRAP_RESAMPLES = 2000
 # Up to this many points, Spearman's p-value is exact (all n! orderings); above, scipy's approximation.
 EXACT_P_MAX_N = 8
 # What bootstrap_best_interval's two numbers are, for the report and its JSON.
-BEST_RANGE_TEXT = (f"range of the best score of a search this size, 95 % bootstrap ({BOOTSTRAP_RESAMPLES} resamples "
-                   "of the finished trials with replacement; its upper end is the observed best)")
+BEST_RANGE_TEXT = ("range of the best score of a search this size, 95 % bootstrap (the finished trials resampled "
+                   "with replacement, computed exactly; its upper end is the observed best)")
 # Where at least this share of the best range's resamples hold no scored trial, its lower end (2.5th
 # percentile) is "no score": a search of this size ends without one that often.
 BEST_NONE_LIMIT = 0.025
@@ -203,6 +202,14 @@ class Experiment:
     def collapse_stop(self) -> bool:
         """Whether the search stopped collapsed trials (``--no-collapse-stop`` turns it off)."""
         return bool(self.settings.get("collapse_stop", True))
+
+    @property
+    def rule_could_fire(self) -> bool:
+        """Whether the collapse rule could stop (or, with stopping off, would have stopped) a trial: its grace
+        and patience fit within the trials' epochs, as ``hpsearch.run`` warns at the start where they do not.
+        True for a search.json without them."""
+        grace, patience = self.settings.get("grace_epochs"), self.settings.get("patience_epochs")
+        return grace is None or patience is None or int(grace) + int(patience) <= self.max_epochs
 
     @property
     def collapsed_wording(self) -> str:
@@ -501,8 +508,11 @@ def _runs_of(records: list[dict]) -> list[list[dict]]:
     return runs
 
 
-def default_experiments(storage_dir: str | Path) -> list[Path]:
-    """The latest search (by the time of its ``search.json``) of each method under ``storage_dir``."""
+def default_experiments(storage_dir: str | Path, left_out: list[str] | None = None) -> list[Path]:
+    """The latest search (by the time of its ``search.json``) of each method under ``storage_dir``.
+
+    A folder whose ``search.json`` cannot be read (or names no method) is left out, and said so in
+    ``left_out``: it may be a method's latest search, which the report then does not show."""
     storage = Path(storage_dir).expanduser()
     if storage.exists() and not storage.is_dir():
         raise ReportError(f"{storage}: is a file, not a folder; give --storage-dir the folder that holds the searches "
@@ -518,21 +528,29 @@ def default_experiments(storage_dir: str | Path) -> list[Path]:
             f"({PROG} {storage}), or --storage-dir {storage.parent} for the latest search of each method there"
         )
     latest: dict[str, Path] = {}
+    unreadable: list[str] = []
     for folder in _search_folders(storage):
         try:
             method = json.loads((folder / SEARCH_FILE).read_text()).get("method")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            continue
-        if not isinstance(method, str):
+            problem = None if isinstance(method, str) else "names no method"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            problem = f"unreadable ({error})" if not isinstance(error, AttributeError) else "not a settings object"
+        if problem:
+            unreadable.append(f"{folder / SEARCH_FILE}: {problem}")
             continue
         mtime = (folder / SEARCH_FILE).stat().st_mtime
         if method not in latest or mtime > (latest[method] / SEARCH_FILE).stat().st_mtime:
             latest[method] = folder
+    if not latest and unreadable:
+        raise ReportError(f"{storage}: no search here has readable settings: {'; '.join(unreadable)}")
     if not latest:
         raise ReportError(
             f"{storage}: no search folders here (none holds {SEARCH_FILE}); run one with "
             "python -m hpsearch.run METHOD, or give experiment folders"
         )
+    if left_out is not None:
+        left_out.extend(f"{problem}: not in the report (were it its method's latest search, an earlier one of that "
+                        "method may be shown instead)" for problem in unreadable)
     return [latest[method] for method in sorted(latest)]
 
 
@@ -606,29 +624,30 @@ def _exact_spearman_p(x: np.ndarray, y: np.ndarray, rho: float) -> float:
     return float((permuted >= abs(rho) - 1e-12).mean())
 
 
-def bootstrap_best_interval(
-    objective: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_best_interval(objective: Sequence[float]) -> tuple[float, float]:
     """The range of the best score of a search this size (95 % percentile bootstrap): the best of the
     search's trials resampled with replacement (a trial without a score, e.g. one stopped for collapse, is
     drawn too and scores nothing; one the rule would have stopped, in a search without stopping, kept its
-    score), 2.5th and 97.5th percentiles. It says how much the best depends on which
-    trials the search happened to draw; it is not a confidence interval of the best: a resample
-    holds the best trial in about 63 % of draws, so the upper end is the observed best. NaN where no
-    resample has a score."""
+    score), 2.5th and 97.5th percentiles over the resamples that hold a score. It says how much the best
+    depends on which trials the search happened to draw; it is not a confidence interval of the best: a
+    resample holds the best trial in about 63 % of draws, so the upper end is the observed best. NaN where
+    no trial has a score.
+
+    Computed exactly, not by drawing resamples: of n trials, m unscored, the best of a resample is at
+    most the j-th lowest score with probability ((m + j) / n)^n, of which (m / n)^n is the share with no
+    score at all; each end is the lowest score whose probability, given a score, reaches its percentile.
+    (Drawn resamples, 2,000 of them, put the lower end a score away from it on some seeds.)"""
     values = np.asarray(objective, dtype=float)
-    if len(values) == 0 or not np.isfinite(values).any():
+    scored = np.sort(values[np.isfinite(values)])
+    if len(scored) == 0:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples
-        best = np.nanmax(np.where(np.isfinite(draws), draws, -np.inf), axis=1)
-    best = best[np.isfinite(best)]
-    if len(best) == 0:
-        return (math.nan, math.nan)
-    low, high = np.percentile(best, [2.5, 97.5])
-    return (float(low), float(high))
+    n, unscored = len(values), len(values) - len(scored)
+    distinct = np.unique(scored)
+    at_most = np.searchsorted(scored, distinct, side="right")  # scores <= each distinct one
+    none = (unscored / n) ** n
+    cdf = (((unscored + at_most) / n) ** n - none) / (1.0 - none)
+    low, high = (float(distinct[int(np.argmax(cdf >= q - 1e-12))]) for q in (0.025, 0.975))
+    return (low, high)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -945,6 +964,35 @@ def final_rank(experiment: Experiment) -> pd.Series:
     return frame["rankme"].where(frame["rankme"].notna(), final_metric(experiment, RANK_METRIC))
 
 
+# What epoch_seconds measured, for the report and its JSON.
+PACE_FROM_REPORTS = "the complete trials' epoch reports, their first epoch (which holds the trial's start) left out"
+PACE_FROM_TRIALS = ("the complete trials' whole seconds over their epochs (no epoch reports past the first: their start "
+                    "and final scoring included, so an overestimate)")
+
+
+def epoch_seconds(experiment: Experiment) -> tuple[float, str | None]:
+    """The median seconds of an epoch of a complete trial, and what it was measured from: Ray's
+    ``time_this_iter_s`` of the complete trials' epoch reports after their first (the first also holds
+    the trial's start: Ray's actor, the data, the model), else, without such reports, a complete trial's
+    seconds over its epochs (its start and final scoring included). What an epoch a trial did not run
+    would have cost: the basis of the report's estimate of the time early stopping saved. NaN (None)
+    with no complete trial."""
+    frame = experiment.trials
+    complete = frame[frame["outcome"] == "complete"]
+    times: list[float] = []
+    for number in complete["trial"]:
+        trajectory = experiment.trajectories.get(int(number))
+        if trajectory is not None and "time_this_iter_s" in trajectory:
+            later = pd.to_numeric(trajectory.loc[trajectory["epoch"] >= 2, "time_this_iter_s"], errors="coerce")
+            times.extend(float(t) for t in later if math.isfinite(t) and t >= 0)
+    if times:
+        return float(np.median(times)), PACE_FROM_REPORTS
+    full = complete[(complete["epochs_run"] > 0) & complete["seconds"].notna()]
+    if len(full):
+        return float((full["seconds"] / full["epochs_run"]).median()), PACE_FROM_TRIALS
+    return math.nan, None
+
+
 def analyse(experiment: Experiment) -> ExperimentAnalysis:
     """The numbers of the report for one experiment."""
     frame = experiment.trials
@@ -973,8 +1021,7 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
     saved = {outcome: float((max_epochs - epochs[frame["outcome"] == outcome]).clip(lower=0).sum())
              for outcome in ("collapsed", "diverged", "stopped")}
     seconds = frame["seconds"]
-    full = frame[(frame["outcome"] == "complete") & (frame["epochs_run"] > 0) & seconds.notna()]
-    per_epoch = float((full["seconds"] / full["epochs_run"]).median()) if len(full) else math.nan
+    per_epoch, pace = epoch_seconds(experiment)
     compute = {
         "trial_epochs_run": float(epochs.sum()),
         "trial_epochs_requested": int(experiment.trials_requested * max_epochs),
@@ -991,6 +1038,7 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
         if epochs.sum() + sum(saved.values()) else 0.0,
         "trial_seconds": float(seconds.fillna(0).sum()),
         "seconds_per_epoch": _json_float(per_epoch),
+        "seconds_per_epoch_from": pace,
         "seconds_saved_estimate": _json_float(sum(saved.values()) * per_epoch),
     }
 
@@ -999,9 +1047,11 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
     label_free = label_free_metric = None
     rank = final_rank(experiment)
     for labelled in ("probe_map", "probe_auc"):
-        if labelled in frame and frame[labelled].notna().any():
+        # Complete trials' probe scores: a trial stopped early (collapsed, or by ASHA) may carry the score of
+        # its last epoch, which is not the one the rank is compared with.
+        scored = (frame["outcome"] == "complete") & frame[labelled].notna() if labelled in frame else None
+        if scored is not None and scored.any():
             label_free_metric = labelled
-            scored = frame["outcome"] == "complete"
             label_free = spearman_with_interval(rank[scored], frame.loc[scored, labelled])
             break
 
@@ -1013,7 +1063,9 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                      "would_have_been_stopped": int(finished["would_stop"].sum()),
                      "counted": experiment.collapsed_wording,
                      "rate": _json_float(collapsed_count / len(finished)) if len(finished) else None,
-                     "low": _json_float(low), "high": _json_float(high), "interval": "Wilson score, 95 %"}
+                     "low": _json_float(low), "high": _json_float(high), "interval": "Wilson score, 95 %",
+                     # False: the rule could not fire in trials this short, so the rate counts divergences only
+                     "rule_could_fire": experiment.rule_could_fire}
 
     scores = finished["objective"].where(finished["outcome"] == "complete")
     best_low, best_high = bootstrap_best_interval(scores.to_numpy())
@@ -1076,6 +1128,14 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
             notes.append(f"{len(unseen)} trial(s) that completed epochs have no epoch reports in their folder ({shown}): "
                          "the collapse dynamics leave them out (a search killed before Ray copied their folders, "
                          "with code from before 2026-12-03)")
+    if not experiment.rule_could_fire:
+        settings = experiment.settings
+        grace, patience = int(settings["grace_epochs"]), int(settings["patience_epochs"])
+        notes.append(f"a grace of {grace} and a patience of {patience} epochs exceed the trials' {experiment.max_epochs} "
+                     f"epochs: the collapse rule could not {'stop' if experiment.collapse_stop else 'have stopped'} any "
+                     "trial, so only divergences count as collapsed here, and the collapse rate, the importance for "
+                     "collapse and the collapse maps say nothing of collapse (search with --max-epochs "
+                     f"{grace + patience} or more, or a shorter --grace-epochs or --patience-epochs)")
     if not experiment.collapse_stop:
         notes.append(f"collapse stopping was off in this search (--no-collapse-stop): the "
                      f"{int(finished['would_stop'].sum())} trial(s) the collapse rule would have stopped ran to the "
@@ -1161,6 +1221,7 @@ def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, An
             "best_none_share": none_share,
             "collapse_rate": analysis.collapse_rate["rate"], "collapse_low": analysis.collapse_rate["low"],
             "collapse_high": analysis.collapse_rate["high"],
+            "collapse_rule_could_fire": analysis.collapse_rate["rule_could_fire"],
         }
         if none_share is not None and none_share >= BEST_NONE_LIMIT:
             row["best_low"] = None
@@ -1397,7 +1458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir: str) -> int:
     out: Path | None = None  # the report, once known
     try:
-        folders = [Path(p) for p in args.experiments] or default_experiments(storage_dir)
+        unreadable: list[str] = []
+        folders = [Path(p) for p in args.experiments] or default_experiments(storage_dir, unreadable)
+        for problem in unreadable:
+            print(f"{PROG}: note: left out: {problem}", file=sys.stderr)
         _refuse_repeats(args.experiments or folders)
         if args.experiments:
             experiments = [load_experiment(folder) for folder in folders]

@@ -281,6 +281,8 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
         if rate["would_have_been_stopped"] or not experiment.collapse_stop:
             text += (f": {rate['stopped']} stopped by the rule or diverged, {rate['would_have_been_stopped']} that the "
                      "rule would have stopped (they ran on without it)")
+        if not rate["rule_could_fire"]:
+            text += "; not a collapse rate: the rule's grace and patience exceed the trials' epochs (see the note)"
         rows.append(("collapse rate", text))
     best = analysis.best
     if best:
@@ -324,7 +326,8 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
                   f"{would_run:.1f} the trials would have run without early stopping; a failed trial's unrun epochs "
                   f"are not counted): {_saved_split(compute)}")
     if compute["seconds_saved_estimate"]:
-        saved_text += f"; about {compute['seconds_saved_estimate'] / 60:.1f} trial-minutes at the complete trials' median pace"
+        saved_text += (f"; about {compute['seconds_saved_estimate'] / 60:.1f} trial-minutes at a median "
+                       f"{compute['seconds_per_epoch']:.1f} s per epoch (from {compute['seconds_per_epoch_from']})")
     rows.append(("not run: trials ended early", saved_text))
     table = "".join(f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(str(v))}</td></tr>"
                     for k, v in rows)
@@ -526,8 +529,12 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
                            "<extra></extra>"),
         ), row=3, col=1)
     axis_type = "log" if _is_log(distribution) else ("category" if _is_categorical(distribution) else "linear")
+    # A categorical parameter's choices in the space's order, on all three rows (plotly orders categories
+    # as the traces first meet them, and the rate's line would then double back).
+    order = ({"categoryorder": "array", "categoryarray": list(distribution.choices)}
+             if _is_categorical(distribution) else {})
     for row in (1, 2, 3):
-        figure.update_xaxes(type=axis_type, row=row, col=1)
+        figure.update_xaxes(type=axis_type, row=row, col=1, **order)
     if not _is_categorical(distribution) and len(frame):
         # The whole searched range, so that where the trials fell within it shows.
         values = pd.to_numeric(frame[column], errors="coerce")
@@ -671,9 +678,16 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
     title = f"{_label(analysis)}: {y_name} against {x_name}, score and collapse"
     _layout(figure, title, height=560, legend={"orientation": "h", "y": -0.18})
     ringed = ", red rings the trials the collapse rule would have stopped" if len(would) else ""
+    # Advice only where the map holds what it names: a low-probability (green) region, scored circles.
+    green = shaded and bool(np.nanmin(probability) < 0.5)
+    if not len(scored):
+        advice = "No trial here has a score: the map shows only where trials collapsed or failed."
+    elif green:
+        advice = "Pick settings inside the green region near the brightest circles."
+    else:
+        advice = "Pick settings near the brightest circles."
     shading = (f"the shading is the kernel-smoothed probability that a trial {experiment.collapsed_wording} and "
-               f"{boundary}. Pick settings inside the green region near the brightest circles." if shaded else
-               f"nothing is shaded: {boundary}. Pick settings near the brightest circles.")
+               f"{boundary}. {advice}" if shaded else f"nothing is shaded: {boundary}. {advice}")
     caption = (f"Each trial at its ({x_name}, {y_name}): circles coloured by score, crosses collapsed, diamonds diverged"
                f"{ringed}; {shading}")
     return ReportFigure(f"{_key(analysis)}-map-{x_name}-{y_name}", _label(analysis), title, caption, figure)
@@ -992,6 +1006,13 @@ def _gap(upper: float | None, lower: float | None) -> float:
     return upper - lower if upper is not None and lower is not None else 0.0
 
 
+def _rule_could_not_fire(analyses: Sequence[ExperimentAnalysis]) -> str:
+    """The comparison's words for searches whose trials were too short for the collapse rule to fire."""
+    short = [_label(a) for a in analyses if not a.experiment.rule_could_fire]
+    return (f"; for {', '.join(short)}, whose trials were shorter than the rule's grace and patience, only divergences "
+            "('divergences only')" if short else "")
+
+
 def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
     from analysis.sensitivity import COLLAPSED_STOPPED, comparison_rows
 
@@ -1018,6 +1039,8 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
                  "array": [_gap(r["collapse_high"], r["collapse_rate"]) for r in rows],
                  "arrayminus": [_gap(r["collapse_rate"], r["collapse_low"]) for r in rows]},
         customdata=[a.experiment.collapsed_wording for a in analyses],
+        # where the rule could not fire (trials shorter than its grace and patience), a bar of divergences only
+        text=["divergences only" if not r["collapse_rule_could_fire"] else "" for r in rows], textposition="outside",
         hovertemplate="%{x}: %{y:.0%} %{customdata}<extra></extra>"), row=1, col=2)
     for label, analysis in zip(labels, analyses):
         frame = analysis.experiment.trials
@@ -1041,7 +1064,7 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
                "bootstrap over its trials; the upper end is the observed best; where 2.5 % or more of the resamples hold "
                "no scored trial, the range reaches 'no score', and the marker says how often). Middle: how often its "
                "settings collapse"
-               f"{counted}. Right: the spread of scores over its complete trials; a tall box means the method is "
+               f"{counted}{_rule_could_not_fire(analyses)}. Right: the spread of scores over its complete trials; a tall box means the method is "
                "sensitive to its hyperparameters and needs tuning.")
     return ReportFigure("comparison", None, title, caption, figure)
 
@@ -1071,7 +1094,9 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
         cells = [r["method"], _label(analysis), r["objective"], str(r["trials"]), number(r["best"]), best_range,
                  number(r["median"]), number(r["iqr"]), number(r["near_best_fraction"], "{:.0%}"),
                  (f"{number(r['collapse_rate'], '{:.0%}')} ({number(r['collapse_low'], '{:.0%}')}-"
-                  f"{number(r['collapse_high'], '{:.0%}')})") if r["collapse_rate"] is not None else "",
+                  f"{number(r['collapse_high'], '{:.0%}')})"
+                  + ("" if r["collapse_rule_could_fire"] else ", divergences only: the rule could not fire")
+                  ) if r["collapse_rate"] is not None else "",
                  r.get("most_important_for_objective") or "", r.get("most_important_for_collapse") or ""]
         body.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th class='text'>{html.escape(h)}</th>" for h in header)

@@ -164,6 +164,19 @@ def test_summary_numbers_match_the_journal(report, experiment_folder):
     # The fraction is of what the trials would have run unstopped; this search has a failed trial,
     # whose unrun epochs are not savings.
     assert compute["saved_fraction"] == pytest.approx(saved / (trials["epochs_run"].sum() + saved))
+    # The time of an epoch not run: Ray's time_this_iter_s of the complete trials' second epochs (their first
+    # holds the trial's start), read here from the trial folders' result.json (before: whole-trial seconds
+    # over epochs, start and final scoring included).
+    epoch_times = []
+    for result in experiment_folder.glob("*/result.json"):
+        number = json.loads((result.parent / "params.json").read_text())["optuna_trial"]
+        if number in set(complete["trial"]):
+            epoch_times += [line["time_this_iter_s"] for line in map(json.loads, result.read_text().splitlines())
+                            if not line.get("final") and line.get("epoch") == 2]
+    assert len(epoch_times) == len(complete)
+    assert compute["seconds_per_epoch"] == pytest.approx(float(np.median(epoch_times)))
+    assert compute["seconds_per_epoch_from"].startswith("the complete trials' epoch reports")
+    assert compute["seconds_saved_estimate"] == pytest.approx(saved * compute["seconds_per_epoch"])
     # and the page says of what (before: "of 8 for the trials started" beside a percentage of 6).
     assert (f"({100 * compute['saved_fraction']:.0f} % of the {trials['epochs_run'].sum() + saved:.1f} the trials "
             "would have run without early stopping; a failed trial&#x27;s unrun epochs are not counted)") in report["page"]
@@ -425,8 +438,9 @@ def test_the_comparison_says_how_often_a_search_that_mostly_collapsed_ends_with_
     first, second = comparison_rows(analyses)
     assert first["best_none_share"] == pytest.approx((11 / 12) ** 12) and first["best_low"] is None
     assert first["best"] == first["best_high"] == pytest.approx(0.4)
-    assert second["best_none_share"] == 0 and second["best_low"] == pytest.approx(
-        np.percentile(_best_of_resamples([x for x, _, _ in healthy]), 2.5), abs=1e-12)
+    # 12 distinct scores: the best of a resample is at most the j-th lowest with probability (j / 12)^12, first
+    # 2.5 % or more at j = 9 (0.0317; 0.0077 at j = 8).
+    assert second["best_none_share"] == 0 and second["best_low"] == pytest.approx(0.38 + 0.03 * 8 / 11, abs=1e-12)
     table = comparison_html(analyses)
     assert "<td class='text'>no score-0.4000 (35 % of resamples: no score)</td>" in table
     assert f"<td class='text'>{second['best_low']:.4f}-{second['best_high']:.4f}</td>" in table
@@ -436,13 +450,6 @@ def test_the_comparison_says_how_often_a_search_that_mostly_collapsed_ends_with_
     nothing = keyed([analyse(experiment_from_study(synthetic_study([(0.1, 0.2, "collapsed")] * 6), SETTINGS,
                                                    tmp_path / "nothing"))] + analyses[:1])
     assert comparison_rows(nothing)[0]["best"] is None and "no score-" not in comparison_html(nothing).split("</tr>")[1]
-
-
-def _best_of_resamples(scores: list[float], resamples: int = 2000, seed: int = 0) -> np.ndarray:
-    """The best of each resample with replacement, as written in analysis.sensitivity's docstring (same seed)."""
-    values = np.asarray(scores)
-    rng = np.random.default_rng(seed)
-    return values[rng.integers(0, len(values), size=(resamples, len(values)))].max(axis=1)
 
 
 def test_a_running_search_is_read_as_far_as_it_has_gone(experiment_folder, tmp_path, capsys):
@@ -468,8 +475,8 @@ def test_a_running_search_is_read_as_far_as_it_has_gone(experiment_folder, tmp_p
     assert sum(experiment["counts"].values()) == len(study.trials)
 
 
-def test_the_default_is_the_latest_search_of_each_method(storage, experiment_folder, tmp_path):
-    from analysis.sensitivity import default_experiments
+def test_the_default_is_the_latest_search_of_each_method(storage, experiment_folder, tmp_path, capsys):
+    from analysis.sensitivity import ReportError, default_experiments
 
     copy = tmp_path / "clustering-later"
     shutil.copytree(experiment_folder, copy)
@@ -480,6 +487,27 @@ def test_the_default_is_the_latest_search_of_each_method(storage, experiment_fol
     os.utime(copy / "search.json", (now, now))
     (tmp_path / "report").mkdir()  # the report's own folder is not an experiment
     assert default_experiments(tmp_path) == [copy]
+    # Before: a search whose settings cannot be read was passed over in silence, and where it was its method's
+    # latest, an earlier search was reported as the latest; alone, the storage read as holding no search.
+    broken = tmp_path / "clustering-broken"
+    shutil.copytree(experiment_folder, broken)
+    (broken / "search.json").write_text("{broken")
+    left_out: list[str] = []
+    assert default_experiments(tmp_path, left_out) == [copy]
+    (message,) = left_out
+    assert message.startswith(f"{broken / 'search.json'}: unreadable (Expecting property name enclosed in double quotes")
+    assert message.endswith(": not in the report (were it its method's latest search, an earlier one of that method "
+                            "may be shown instead)")
+    assert main(["--storage-dir", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    assert f"analysis.sensitivity: note: left out: {message}" in capsys.readouterr().err
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.move(broken, alone / "clustering-broken")
+    (alone / "listed").mkdir()
+    (alone / "listed" / "search.json").write_text("[1, 2]")
+    with pytest.raises(ReportError, match=r"no search here has readable settings: .*clustering-broken/search.json: "
+                                          r"unreadable \(.*\); .*listed/search.json: not a settings object"):
+        default_experiments(alone)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,6 +708,30 @@ def test_fanova_is_not_computed_where_a_parameter_is_set_in_only_some_trials():
     assert max(importances["PED-ANOVA"].values, key=importances["PED-ANOVA"].values.get) == "momentum"
 
 
+def test_a_categorical_parameter_is_drawn_in_its_choices_order_on_every_row():
+    """Before: plotly ordered the categories as the traces first met them (128, 32, 64 here), while the
+    collapse rate's line ran in the choices' order, so it doubled back across the panel."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import parameter_figure
+
+    study = optuna.create_study(direction="maximize")
+    space = {"batch_size": optuna.distributions.CategoricalDistribution([32, 64, 128])}
+    for number, size in enumerate([128, 128, 32, 64, 32, 64, 128, 32]):
+        collapsed = size == 128 and number % 2 == 0
+        study.add_trial(optuna.trial.create_trial(
+            params={"batch_size": size}, distributions=space,
+            state=optuna.trial.TrialState.PRUNED if collapsed else optuna.trial.TrialState.COMPLETE,
+            value=None if collapsed else 0.3 + 0.01 * number,
+            user_attrs={"outcome": "collapsed" if collapsed else "complete",
+                        "collapse_type": "complete" if collapsed else None}))
+    figure = parameter_figure(analyse(experiment_from_study(study, SETTINGS)), "batch_size").figure
+    for axis in (figure.layout.xaxis, figure.layout.xaxis2, figure.layout.xaxis3):
+        assert axis.type == "category" and axis.categoryorder == "array"
+        assert list(axis.categoryarray) == [32, 64, 128]
+    rate = next(trace for trace in figure.data if trace.name == "collapse rate per bin")
+    assert list(rate.x) == [32, 64, 128] and list(rate.y) == [0.0, 0.0, pytest.approx(2 / 3)]
+
+
 def test_parallel_coordinates_put_a_parameter_a_trial_lacks_on_a_not_set_tick_below_the_range():
     """Before: a trial without a parameter (a conditional one; a trial waiting to start) was drawn at the
     lowest value of that axis's range, as if it had been sampled there."""
@@ -850,6 +902,47 @@ def test_a_map_shades_and_tells_of_a_green_region_only_where_trials_collapsed():
     figure = map_figure(collapsing, ("x", "y"))
     assert [trace.type for trace in figure.figure.data].count("contour") >= 1
     assert "the shading is the kernel-smoothed probability" in figure.caption and "green region" in figure.caption
+    # Before: with every trial collapsed (no green region, no circles) it still said to pick settings inside the
+    # green region near the brightest circles.
+    collapsed = analyse(experiment_from_study(
+        synthetic_study([(x, y, "collapsed") for x, y in rng.uniform(size=(8, 2))]), SETTINGS))
+    figure = map_figure(collapsed, ("x", "y"))
+    (shading,) = [trace for trace in figure.figure.data if trace.type == "contour"]
+    assert np.nanmin(np.asarray(shading.z, dtype=float)) == pytest.approx(1.0)
+    assert "green" not in figure.caption and "brightest" not in figure.caption
+    assert figure.caption.endswith("No trial here has a score: the map shows only where trials collapsed or failed.")
+
+
+def test_a_search_whose_trials_were_too_short_for_the_rule_says_its_rate_counts_divergences_only(tmp_path):
+    """Before: a search of 2-epoch trials with a grace of 1 and a patience of 2 (hpsearch.run's note: collapse
+    never stops a trial) read "0 % of 6 finished trials collapsed or diverged", as if collapse had been
+    looked for and not found."""
+    from analysis.sensitivity import analyse, comparison_rows
+    from analysis.sensitivity_figures import comparison_figure, comparison_html, keyed, summary_html
+
+    rows = [(0.1 * k, 0.5, "complete") for k in range(1, 6)] + [(0.9, 0.5, "diverged")]
+    short = {**SETTINGS, "grace_epochs": 1, "patience_epochs": 2}  # 1 + 2 > max_epochs 2
+    fits = {**SETTINGS, "grace_epochs": 0, "patience_epochs": 2}
+    analyses = keyed([analyse(experiment_from_study(synthetic_study(rows), settings, tmp_path / name))
+                      for name, settings in (("short", short), ("fits", fits))])
+    cannot, can = analyses
+    assert cannot.collapse_rate["rule_could_fire"] is False and can.collapse_rate["rule_could_fire"] is True
+    assert cannot.collapse_rate["rate"] == pytest.approx(1 / 6)  # the divergence still counts
+    (note,) = [n for n in cannot.notes if "exceed the trials' 2 epochs" in n]
+    assert note.startswith("a grace of 1 and a patience of 2 epochs exceed the trials' 2 epochs: the collapse rule "
+                           "could not stop any trial, so only divergences count as collapsed here")
+    assert "--max-epochs 3 or more" in note and not [n for n in can.notes if "exceed the trials'" in n]
+    assert ("not a collapse rate: the rule&#x27;s grace and patience exceed the trials&#x27; epochs"
+            in summary_html(cannot))
+    assert "not a collapse rate" not in summary_html(can)
+    assert [r["collapse_rule_could_fire"] for r in comparison_rows(analyses)] == [False, True]
+    cells = comparison_html(analyses).split("<tbody>")[1].split("</tr>")
+    assert "divergences only: the rule could not fire" in cells[0] and "divergences only" not in cells[1]
+    bar = comparison_figure(analyses).figure.data[1]
+    assert list(bar.text) == ["divergences only", ""]
+    # With stopping off, the rule could not have stopped (flagged) a trial either.
+    off = analyse(experiment_from_study(synthetic_study(rows, stopping=False), {**short, "collapse_stop": False}))
+    assert any("the collapse rule could not have stopped any trial" in n for n in off.notes)
 
 
 def test_wilson_interval_matches_its_formula():
@@ -927,6 +1020,29 @@ def test_best_interval_resamples_trials_and_counts_unscored_ones():
     exact_low = next(j for j, p in enumerate(cdf, start=1) if p >= 0.025)
     assert exact_low == 5
     assert bootstrap_best_interval([*range(1, k + 1), *[np.nan] * m]) == (exact_low, k)
+
+
+def test_best_interval_is_the_percentiles_of_every_resample_enumerated():
+    """Before: 2,000 drawn resamples, whose 2.5th percentile moved a score with the seed (0.3341 against the
+    exact 0.3284 in a 10-trial search). Here every one of the n^n ordered resamples is enumerated, ties and
+    unscored trials included, and each end is the lowest best whose share, among resamples with a score,
+    reaches 2.5 % and 97.5 %."""
+    import itertools
+
+    for values in ([0.3, 0.1, 0.2, 0.4, 0.25, 0.35], [0.5, 0.2, 0.2, np.nan, 0.7, np.nan],
+                   [0.4, np.nan, np.nan, np.nan, np.nan, np.nan], [0.1, 0.3, 0.3, 0.3, np.nan, 0.2]):
+        scores = np.where(np.isfinite(values), values, -np.inf)
+        bests = np.array([max(scores[list(draw)]) for draw in itertools.product(range(len(values)), repeat=len(values))])
+        bests = np.sort(bests[np.isfinite(bests)])
+        shares = np.arange(1, len(bests) + 1) / len(bests)
+        expected = tuple(float(bests[np.argmax(shares >= q)]) for q in (0.025, 0.975))
+        assert bootstrap_best_interval(values) == pytest.approx(expected, abs=0), values
+    # Ten distinct scores, too many to enumerate: the best is at most the 7th lowest with probability
+    # 0.7^10 = 0.028 (the 6th: 0.6^10 = 0.006), so the lower end is the 7th lowest score (2,000 drawn
+    # resamples with seed 0 gave the 8th).
+    scores = [0.42, 0.31, 0.35, 0.28, 0.4, 0.37, 0.33, 0.3, 0.36, 0.39]
+    assert 0.7**10 >= 0.025 > 0.6**10
+    assert bootstrap_best_interval(scores) == (sorted(scores)[6], 0.42)
 
 
 def test_spearman_p_value_is_exact_for_a_few_trials():
@@ -1814,6 +1930,18 @@ def test_the_label_free_section_says_why_there_is_no_probe_score(tmp_path):
     assert "probes run only for a probe objective" not in collapsed
     rankme = notes([(0.1, 0.2, "collapsed")] * 4, {**SETTINGS, "objective": "rankme"})
     assert "No probe score in this search (its objective is rankme" in rankme
+    # Before: with ASHA, whose trials probe every epoch, collapsed trials carry their last epoch's probe score,
+    # and the section drew an empty panel titled "Spearman rho undefined (n = 0 ...)".
+    probed = optuna.create_study(direction="maximize")
+    for trial in synthetic_study([(0.1, 0.2, "collapsed")] * 4).trials:
+        probed.add_trial(optuna.trial.create_trial(
+            params=trial.params, distributions=trial.distributions, state=trial.state,
+            user_attrs={**trial.user_attrs, "probe_map": 0.45, "rankme": 3.0}))
+    analysis = keyed([analyse(experiment_from_study(probed, SETTINGS, tmp_path))])[0]
+    assert analysis.experiment.trials["probe_map"].notna().all()
+    assert analysis.label_free is None
+    parts = " ".join(str(part) for _, _, parts in experiment_sections(analysis) for part in parts)
+    assert "No trial has completed yet, so there is no probe_map score" in parts and "rho undefined" not in parts
 
 
 def test_a_score_of_a_trial_the_scheduler_stopped_is_marked_as_one(tmp_path):
