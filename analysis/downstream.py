@@ -612,7 +612,9 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
         chosen = preset
         method = None
         config_path = None
-        sibling = path.parent / "config.json"
+        # its run's configuration: a search's best_backbone.pt has best_config.json beside it
+        sibling = next((path.parent / config for weights, config in RUN_FOLDER_FILES if path.name == weights),
+                       path.parent / "config.json")
         if not preset_given and sibling.is_file():
             document = _read_run_config(sibling)
             if _find_key(document, "preset"):
@@ -1013,8 +1015,11 @@ def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embed
 
 
 def subset_size(fraction: float, num_tracks: int) -> int:
-    """``round(fraction * num_tracks)`` (halves up), at least 1 and at most ``num_tracks``."""
-    return int(min(num_tracks, max(1, math.floor(fraction * num_tracks + 0.5))))
+    """``round(fraction * num_tracks)`` (halves up), at least 1 and at most ``num_tracks``.
+
+    The product is rounded to 6 decimals first, so that a half stays a half: ``--fractions 0.7`` is
+    0.006999999999999999 in binary, and 0.7 % of 500 tracks, 3.5, is 4, not 3."""
+    return int(min(num_tracks, max(1, math.floor(round(fraction * num_tracks, 6) + 0.5))))
 
 
 def subset_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1662,7 +1667,8 @@ def run_downstream(
                 cached = _load_probe_results(probe_path) if config.use_cache else None
                 if cached is None:
                     fit_rows, main_scores = _fit_probes(
-                        classifier, embeddings, labels, split_positions, subsets, config, device, processes)
+                        classifier, embeddings, labels, split_positions, subsets, config, device, processes,
+                        progress=progress, label=spec.label)
                     if config.use_cache:
                         _cache_or_say(lambda: _save_probe_results(probe_path, fit_rows, main_scores),
                                       f"{spec.label}'s {classifier} probe fits", probe_path.parent)
@@ -1765,9 +1771,12 @@ def _fit_probes(
     config: DownstreamConfig,
     device: torch.device,
     processes: _ProbeProcesses | None = None,
+    progress: bool = False,
+    label: str = "",
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Every limited-data fit of one probe: a row per (fraction, draw), and the test scores (logits) of
     the 100 % fit of draw 0 (the headline cell, which gets the bootstrap and the per-tag scores).
+    ``progress``: a progress bar of the fits (``fit LABEL CLASSIFIER``), on stderr as the embeddings' is.
 
     With ``processes`` (on the CPU: ``config.probe_workers`` of them, default one per CPU it may use) the fits
     run there; each is seeded on its own, so the results are those of fitting them one after the
@@ -1785,11 +1794,22 @@ def _fit_probes(
         seed = config.seed + 1000 * draw + CLASSIFIERS.index(classifier)
         return (classifier, train_x, labels[owners], valid_x, valid_y, test_x, config.classifier, seed, device)
 
+    from tqdm import tqdm
+
     keys = list(subsets)
-    if processes is None:
-        outcomes = [_fit_and_predict(*job(fraction, draw, subsets[fraction, draw])) for fraction, draw in keys]
-    else:
-        outcomes = _fit_in_processes([lambda key=key: job(*key, subsets[key]) for key in keys], processes)
+    bar = tqdm(total=len(keys), desc=f"fit {label} {classifier}".replace("  ", " ").strip(), unit="fit",
+               disable=not progress, mininterval=0.5)
+    try:
+        if processes is None:
+            outcomes = []
+            for fraction, draw in keys:
+                outcomes.append(_fit_and_predict(*job(fraction, draw, subsets[fraction, draw])))
+                bar.update(1)
+        else:
+            outcomes = _fit_in_processes([lambda key=key: job(*key, subsets[key]) for key in keys], processes,
+                                         done=lambda: bar.update(1))
+    finally:
+        bar.close()
 
     rows, main_scores = [], None
     for (fraction, draw), (scores, fitted) in zip(keys, outcomes):
@@ -1860,8 +1880,8 @@ def _probe_processes(config: DownstreamConfig, device: torch.device, fits: int) 
     return _ProbeProcesses(workers) if workers > 1 else None
 
 
-def _fit_in_processes(jobs: list, processes: _ProbeProcesses) -> list:
-    """Run ``_fit_and_predict(*job())`` for each job in ``processes``, in order.
+def _fit_in_processes(jobs: list, processes: _ProbeProcesses, done: Callable[[], Any] | None = None) -> list:
+    """Run ``_fit_and_predict(*job())`` for each job in ``processes``, in order; ``done()`` after each fit.
 
     At most two jobs per worker are in flight, so only a few training sets are held in memory (or
     in the pipes) at a time however many fits there are. On an error or an interrupt (Ctrl-C, which
@@ -1877,9 +1897,11 @@ def _fit_in_processes(jobs: list, processes: _ProbeProcesses) -> list:
             while next_job < len(jobs) and len(pending) < 2 * processes.workers:
                 pending[pool.submit(_fit_and_predict, *jobs[next_job]())] = next_job
                 next_job += 1
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
                 results[pending.pop(future)] = future.result()
+                if done is not None:
+                    done()
     except BaseException:
         processes.end(now=True)
         raise
@@ -2218,7 +2240,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: one per CPU it may use)")
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                        help="segments per embedding batch (default: %(default)s)")
+                        help="segments per embedding batch; also the batches the random-bn baseline averages its "
+                             "BatchNorm statistics over, so it changes that baseline's scores (default: %(default)s)")
     parser.add_argument("--bn-segments", type=_int_in(2), default=defaults.bn_calibration_segments,
                         help="training segments the random-bn baseline measures its BatchNorm statistics on "
                         "(at least 2; default: %(default)s)")
@@ -2237,7 +2260,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; exits 2 with a one-line error on bad input (no traceback)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # METHODs before, between or after the options; after "--" (a path named like an option), as they come
+    args = parser.parse_args(arguments) if "--" in arguments else parser.parse_intermixed_args(arguments)
+    if args.out is not None and not args.out.strip():  # an unset shell variable: not the default folder
+        parser.error("--out is empty; give the output folder, or leave --out out for runs/downstream/<dataset>-<time>")
     if not args.methods and args.no_baselines:
         parser.error("nothing to evaluate: give a checkpoint or run folder, or drop --no-baselines")
     if args.no_cache and args.cache_dir:
@@ -2348,6 +2375,8 @@ def _is_baseline(argument: str) -> bool:
 
 def _methods_from_args(args: argparse.Namespace) -> list[MethodSpec]:
     preset_given = args.preset is not None
+    if preset_given:  # refused whatever uses it (before: only where a bare .pt or a baseline did)
+        _preset_mels(args.preset)
     checkpoints = {argument: resolve_method(argument, args.preset or "cpu", preset_given, args.seed)
                    for argument in args.methods if not _is_baseline(argument)}
     # Baselines use the architecture and front-end of the compared checkpoints (the first one's),

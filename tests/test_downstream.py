@@ -324,6 +324,14 @@ def test_run_folders_search_folders_and_bare_checkpoints(tmp_path):
                       "best_backbone.pt", "best_config.json")
     spec = resolve_method(f"best-byol={search}")
     assert (spec.label, spec.preset, spec.method) == ("best-byol", "cpu", "byol")
+    # Its best_backbone.pt alone reads best_config.json beside it, as the folder does (before: only a
+    # config.json, so the label was the folder's name and the preset the default).
+    paper_search = save_run(tmp_path / "paper-search", Backbone(preset="paper").state_dict(),
+                            {"train_config": {"preset": "paper", "method": "vicreg"}}, "best_backbone.pt", "best_config.json")
+    spec = resolve_method(str(paper_search / "best_backbone.pt"))
+    assert (spec.label, spec.preset, spec.n_mels, spec.method) == ("vicreg", "paper", 128, "vicreg")
+    assert spec.config_path == (paper_search / "best_config.json").resolve()
+    assert resolve_method(str(paper_search)).preset == "paper"
 
     # A whole-model state dict in a Lightning checkpoint: the student's backbone, not the teacher's.
     teacher = {f"method.teacher_backbone.{k}": torch.zeros_like(v) for k, v in state.items()}
@@ -415,6 +423,24 @@ def _melstats_evaluation(records: list[dict], config: DownstreamConfig, use_cach
     result = run_downstream([resolve_method("melstats", "cpu", True)], dataclasses.replace(config, use_cache=use_cache),
                             progress=False, index=TrackIndex.from_records(records))
     return result, result.summary["methods"][0]
+
+
+@pytest.mark.parametrize("probe_workers", [0, 2])
+def test_the_probe_fits_show_their_progress(tmp_path, capsys, probe_workers):
+    """Before: an evaluation's fits (48 per method by default) printed nothing until the last had ended:
+    minutes of silence on a real dataset. A bar counts them, in this process and in worker processes."""
+    from musicssl.data.index import TrackIndex
+
+    records = write_pitch_dataset(tmp_path / "audio")
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.5, 1.0), "draws": 2,
+                                 "probe_workers": probe_workers}, use_cache=False)
+    run_downstream([resolve_method("melstats", "cpu", True)], config, progress=True,
+                   index=TrackIndex.from_records(records))
+    err = capsys.readouterr().err
+    assert "fit melstats linear" in err and "4/4" in err, err
+    quiet = run_downstream([resolve_method("melstats", "cpu", True)], config, progress=False,
+                           index=TrackIndex.from_records(records))
+    assert "fit melstats" not in capsys.readouterr().err and len(quiet.limited) == 4
 
 
 def test_embeddings_of_audio_changed_under_the_same_names_are_not_read_from_the_cache(tmp_path):
@@ -1500,10 +1526,38 @@ def test_check_bootstrap_fails_exactly_where_the_bootstrap_would():
     assert modes == {None, "redraw", "skip_tag"}  # every case met
 
 
+def test_the_figures_titles_fit_a_single_probes_width():
+    """Before: Fig. 1's one-line title (90 characters) ran past the 700 px of a single probe's figure and was
+    cut off in the exported PNG. At plotly's 17 px title font about 80 characters fit (Fig. 2's 78 did)."""
+    import re
+
+    from analysis.figures import bootstrap_figure, limited_data_figure
+
+    bootstrap = pd.DataFrame([dict(dataset="corpus", method=m, classifier="linear", metric=k, resample=r, value=0.5)
+                              for m in ("a", "b") for k in ("roc_auc", "average_precision") for r in range(3)])
+    limited = pd.DataFrame([dict(dataset="corpus", method="a", classifier="linear", fraction=f, draw=0, roc_auc=0.6,
+                                 average_precision=0.4) for f in (0.1, 1.0)])
+    for figure in (bootstrap_figure(bootstrap), limited_data_figure(limited)):
+        assert figure.layout.width == 700
+        lines = [re.sub(r"<[^>]+>", "", line) for line in figure.layout.title.text.split("<br>")]
+        assert max(len(line) for line in lines) <= 80, lines
+
+
 def test_subset_sizes_round_halves_up_and_keep_at_least_one_track():
     # round() in Python rounds halves to even (16.5 -> 16, 2.5 -> 2): the subsets round them up.
     assert [subset_size(0.5, 33), subset_size(0.01, 250), subset_size(0.05, 50)] == [17, 3, 3]
     assert subset_size(0.001, 100) == 1 and subset_size(1.0, 7) == 7
+    # Before: a half just under its binary float rounded down. As --fractions parses them (percent / 100):
+    # 29 % of 50 = 14.5 and 0.7 % of 500 = 3.5, both products a hair under the half.
+    from fractions import Fraction
+
+    from analysis.downstream import _percentages
+
+    for percent, tracks in (("29", 50), ("0.7", 500), ("33.3", 1000), ("12.5", 4), ("57", 50)):
+        (fraction,) = _percentages(percent)
+        exact = Fraction(percent) / 100 * tracks  # the decimal as written, in exact arithmetic
+        assert subset_size(fraction, tracks) == math.floor(exact + Fraction(1, 2)), (percent, tracks)
+    assert _percentages("0.7")[0] * 500 < 3.5 and subset_size(_percentages("0.7")[0], 500) == 4
 
 
 def test_defaults_are_the_studys_protocol():
@@ -1610,6 +1664,8 @@ def test_config_accepts_the_devices_and_seeds_torch_does():
     (["--silence-db", "-5", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0 (0 keeps every "
                                                              "segment), got -5.0"),
     (["--silence-db", "nan", "--dataset", "no/such/folder"], "--silence-db must be a number of dB >= 0"),
+    # Before: the default folder, runs/downstream/<dataset>-<time>, in silence.
+    (["--out", ""], "--out is empty; give the output folder"),
     # Before: accepted, and the --cache-dir silently unused.
     (["--no-cache", "--cache-dir", "somewhere", "--dataset", "no/such/folder"],
      "--no-cache and --cache-dir contradict each other"),
@@ -1618,6 +1674,23 @@ def test_cli_misuse_exits_2_with_a_message(arguments, message, capsys):
     code, _, err = run_main(main, arguments + ["--workers", "0", "--quiet"], capsys)
     assert code == 2
     assert message in err
+
+
+def test_methods_may_come_between_the_options(tmp_path, capsys):
+    """Before: "unrecognized arguments: melstats" for methods on both sides of an option, which the
+    sensitivity report's command takes."""
+    code, _, err = run_main(main, ["random", "--no-baselines", "melstats", "--dataset", "no/such/folder",
+                                   "--workers", "0", "--quiet"], capsys)
+    assert code == 2 and "unrecognized arguments" not in err and "unknown dataset" in err
+
+
+def test_an_unknown_preset_is_refused_where_no_method_uses_it(tmp_path, capsys):
+    """Before: with only run folders (which keep their own preset) and --no-baselines, --preset nosuch ran the
+    whole evaluation and exited 0."""
+    run = save_run(tmp_path / "run", Backbone(preset="cpu").state_dict(), {"method": "vicreg", "preset": "cpu"})
+    code, _, err = run_main(main, [str(run), "--preset", "nosuch", "--no-baselines", "--dataset", "no/such/folder",
+                                   "--workers", "0", "--quiet"], capsys)
+    assert code == 2 and "unknown backbone preset 'nosuch'; available presets: cpu, paper" in err
 
 
 def test_a_cache_dir_that_cannot_be_one_is_refused_before_the_dataset_is_read(tmp_path, capsys):
