@@ -80,6 +80,8 @@ __all__ = [
 PROG = "python -m analysis.sensitivity"
 # The first line of a report's trials CSV (trials_table's first columns), by which an earlier report's is known.
 REPORT_CSV_START = "experiment,method,trial,outcome,"
+# How a report's page begins its title (analysis.sensitivity_figures.build_page): an HTML file without it is kept.
+REPORT_HTML_TITLE = "<title>Sensitivity report: "
 STUDY_NAME = "search"
 CONFIG_KEY = "optuna_trial"
 DEFAULT_REPORT = Path("report") / "sensitivity.html"
@@ -566,7 +568,10 @@ def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[fl
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At 0 and at every trial the bound is exactly 0 (1); in floating point it came out 0.9999999999999999.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return (low, high)
 
 
 @dataclass
@@ -1128,6 +1133,11 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
             notes.append(f"{len(unseen)} trial(s) that completed epochs have no epoch reports in their folder ({shown}): "
                          "the collapse dynamics leave them out (a search killed before Ray copied their folders, "
                          "with code from before 2026-12-03)")
+    cut_short = finished[(finished["outcome"] == "stopped") & ~finished["collapsed"]]
+    if len(cut_short):
+        notes.append(f"{len(cut_short)} trial(s) the scheduler (ASHA) stopped count as not collapsed in the collapse "
+                     "rate and the importance for collapse: they ended before a later collapse could show, so the rate "
+                     "is a lower bound")
     if not experiment.rule_could_fire:
         settings = experiment.settings
         grace, patience = int(settings["grace_epochs"]), int(settings["patience_epochs"])
@@ -1270,6 +1280,9 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
                 raise ReportError(f"--out {report}: cannot write in {folder} ({error.strerror or error}); give --out "
                                   "a path in a folder you can write in") from None
             break
+    if report.exists() and not _an_earlier_report(report, "html"):
+        raise ReportError(f"--out {report}: would replace {report.name} in {report.parent}, which is not a sensitivity "
+                          f"report; give the report another name, e.g. --out {report.with_name('sensitivity.html')}")
     for kind in ("json", "csv"):
         if paths[kind].is_dir():
             raise ReportError(f"--out {report}: {paths[kind]}, where the report's {kind.upper()} goes, is a folder")
@@ -1287,12 +1300,15 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
 
 
 def _an_earlier_report(path: Path, kind: str) -> bool:
-    """Whether ``path`` is the JSON summary or the trials CSV of a report (which a new report may
+    """Whether ``path`` is the page, the JSON summary or the trials CSV of a report (which a new report may
     replace), by its content: any other file there is someone's, and is kept."""
     try:
         if kind == "csv":
             with open(path, encoding="utf-8") as stream:
                 return stream.readline().startswith(REPORT_CSV_START)
+        if kind == "html":  # the page's head, which names it
+            with open(path, encoding="utf-8", errors="replace") as stream:
+                return REPORT_HTML_TITLE in stream.read(4096)
         written = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False

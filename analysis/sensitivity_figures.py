@@ -776,10 +776,11 @@ def time_to_collapse_figure(analysis: ExperimentAnalysis) -> ReportFigure | None
         figure.add_trace(go.Bar(x=epochs, y=[int(counts.get(e, 0)) for e in epochs], name=bar,
                                 marker={"color": group_colour(rows["colour"].iloc[0]), "pattern": pattern},
                                 hovertemplate=f"{bar}: %{{y}} trials from epoch %{{x}}<extra></extra>"))
-    figure.update_layout(barmode="stack")
+    # the legend also for one kind (plotly hides a lone trace's): it names the collapse type, also in a PNG
+    figure.update_layout(barmode="stack", showlegend=True)
     steps = experiment.settings.get("steps_per_epoch", "?")
     figure.update_xaxes(title_text=f"epoch where the collapse began (of {steps} steps)", dtick=1)
-    figure.update_yaxes(title_text="trials (count)")
+    figure.update_yaxes(title_text="trials (count)", tick0=0, dtick=max(1, math.ceil(len(collapsed) / 8)))
     median = analysis.time_to_collapse.get("median_collapse_epoch")
     title = f"{_label(analysis)}: time to collapse ({len(collapsed)} trials)"
     _layout(figure, title, height=360, legend={"orientation": "h", "y": -0.25})
@@ -1236,10 +1237,10 @@ def build_page(analyses: Sequence[ExperimentAnalysis]) -> tuple[str, list[Report
         body.append(f"<section id='{section_id}' class='report-section' data-section='{section_name}'{data}>"
                     f"<{level}>{html.escape(heading)}</{level}>{''.join(rendered)}</section>")
     names = ", ".join(f"{_label(a)} ({a.experiment.method})" for a in analyses)
-    from analysis.sensitivity import PROG
+    from analysis.sensitivity import PROG, REPORT_HTML_TITLE
 
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Sensitivity report: {html.escape(names)}</title>
+<html lang="en"><head><meta charset="utf-8">{REPORT_HTML_TITLE}{html.escape(names)}</title>
 {_STYLE}
 {_ERROR_HOOK}
 </head><body>

@@ -818,8 +818,15 @@ def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_the
         study.add_trial(optuna.trial.create_trial(
             params={"x": number / 10}, distributions=distribution, value=0.5 if done else None, user_attrs=attrs,
             state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.PRUNED))
-    timing = analyse(experiment_from_study(study, {**SETTINGS, "max_epochs": 6})).time_to_collapse
+    analysis = analyse(experiment_from_study(study, {**SETTINGS, "max_epochs": 6}))
+    timing = analysis.time_to_collapse
     assert timing["trials"] == 4 and timing["by_type"] == {"complete": 4}
+    # One kind of collapse: its bar keeps a legend naming it (plotly hides a lone trace's), and whole-trial ticks.
+    from analysis.sensitivity_figures import time_to_collapse_figure
+
+    figure = time_to_collapse_figure(analysis).figure
+    assert len(figure.data) == 1 and figure.data[0].name == "collapsed: complete" and figure.layout.showlegend
+    assert figure.layout.yaxis.dtick == 1 and figure.layout.yaxis.tick0 == 0
     assert timing["median_collapse_epoch"] == statistics.median(starts) == 2
     assert timing["median_stop_epoch"] == statistics.median([s + 1 for s in starts]) == 3
     assert timing["median_collapse_step"] == statistics.median([15 * s for s in starts]) == 30
@@ -952,6 +959,12 @@ def test_wilson_interval_matches_its_formula():
     half = z / (1 + z**2 / total) * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2))
     assert wilson_interval(successes, total) == pytest.approx((centre - half, centre + half))
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    # Exactly, for every count (before: 0.9999999999999999 for some), and the other end as the formula gives it:
+    # with p = 1, centre - half = n / (n + z^2); with p = 0, centre + half = z^2 / (n + z^2).
+    for total in range(1, 200):
+        assert wilson_interval(total, total) == pytest.approx((total / (total + z**2), 1.0)) and \
+            wilson_interval(total, total)[1] == 1.0
+        assert wilson_interval(0, total) == pytest.approx((0.0, z**2 / (total + z**2))) and wilson_interval(0, total)[0] == 0.0
 
 
 def test_the_rank_correlation_is_of_complete_trials_and_a_failed_trial_is_no_would_stop(tmp_path):
@@ -1736,6 +1749,14 @@ def test_an_out_whose_json_would_replace_a_searchs_own_file_is_refused(tmp_path,
                                                          "generated": "earlier"}))
     assert main([str(folder), "--out", str(folder / "sensitivity.html")]) == 0
     assert json.loads((folder / "sensitivity.json").read_text())["generated"] != "earlier"
+    # Nor an HTML page of someone else's (before: replaced; only the JSON and the CSV were looked at).
+    (tmp_path / "notes.html").write_text("<html><head><title>My notes</title></head></html>")
+    assert main([str(folder), "--out", str(tmp_path / "notes.html")]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m analysis.sensitivity: error: --out {tmp_path / 'notes.html'}: would replace notes.html in {tmp_path}, "
+        f"which is not a sensitivity report; give the report another name, e.g. --out {tmp_path / 'sensitivity.html'}\n")
+    assert (tmp_path / "notes.html").read_text() == "<html><head><title>My notes</title></head></html>"
+    assert not (tmp_path / "notes.json").exists()
 
 
 def test_a_folder_named_like_an_option_is_given_after_a_double_dash(tmp_path, monkeypatch, capsys):
@@ -1970,6 +1991,10 @@ def test_a_score_of_a_trial_the_scheduler_stopped_is_marked_as_one(tmp_path):
     figure = label_free_figure(analysis).figure
     assert figure.layout.yaxis2.title.text == "not complete"
     assert [list(trace.x) for trace in figure.data] == [[5.0, 7.0, 6.0], [4.0]]
+    # It counts as not collapsed, which the report says makes the rate a lower bound.
+    assert analysis.collapse_rate["finished"] == 4 and analysis.collapse_rate["collapsed_or_diverged"] == 0
+    assert ("1 trial(s) the scheduler (ASHA) stopped count as not collapsed in the collapse rate and the importance "
+            "for collapse: they ended before a later collapse could show, so the rate is a lower bound") in analysis.notes
 
 
 def test_a_running_trial_counts_the_epochs_it_has_reported(tmp_path):
