@@ -113,7 +113,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from musicssl.cli import ArgumentParser
+from musicssl.cli import ArgumentParser, int_in
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
 from musicssl.machine import usable_cpus
@@ -2141,25 +2141,7 @@ def _classifier_list(text: str) -> tuple[str, ...]:
     return names
 
 
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (and <= ``high``); argparse names the flag."""
-    wanted = f"an integer >= {low}" if high is None else f"an integer in {low}-{high}"
-    if (low, high) == (1, None):
-        wanted = "a positive integer"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_in(1)
+_positive_int = int_in(1)
 
 
 def _cache_dir_problem(text: str) -> str | None:
@@ -2224,7 +2206,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "100 is always added)")
     parser.add_argument("--draws", type=_positive_int, default=defaults.draws,
                         help="random draws per fraction (default: %(default)s)")
-    parser.add_argument("--bootstrap", type=_int_in(2), default=defaults.bootstrap_resamples,
+    parser.add_argument("--bootstrap", type=int_in(2), default=defaults.bootstrap_resamples,
                         help="bootstrap resamples of the test tracks (at least 2; default: %(default)s); one that "
                         "leaves a scored tag without a positive or a negative track is drawn again")
     parser.add_argument("--bootstrap-fraction", type=_share, default=defaults.bootstrap_fraction,
@@ -2235,19 +2217,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--silence-db", type=float, default=defaults.silence_db,
                         help="a training segment is silent, and left out, when its loudest bin is this many dB below "
                         "the track's (default: %(default)s; 0 keeps every segment; must be >= 0)")
-    parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=defaults.seed,
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=defaults.seed,
                         help=f"seed of subsets, probes, bootstrap, random baselines (0-{MAX_SEED}; default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="auto (GPU if present), cpu or cuda[:N]")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: one per CPU it may use)")
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                         help="segments per embedding batch; also the batches the random-bn baseline averages its "
                              "BatchNorm statistics over, so it changes that baseline's scores (default: %(default)s)")
-    parser.add_argument("--bn-segments", type=_int_in(2), default=defaults.bn_calibration_segments,
+    parser.add_argument("--bn-segments", type=int_in(2), default=defaults.bn_calibration_segments,
                         help="training segments the random-bn baseline measures its BatchNorm statistics on "
                         "(at least 2; default: %(default)s)")
-    parser.add_argument("--workers", type=_int_in(0), default=None, help="mel-cache decoding processes (default: one per CPU it may use; "
+    parser.add_argument("--workers", type=int_in(0), default=None, help="mel-cache decoding processes (default: one per CPU it may use; "
                         "0: in this process)")
-    parser.add_argument("--probe-workers", type=_int_in(0), default=None, help="processes fitting the probes side by side "
+    parser.add_argument("--probe-workers", type=int_in(0), default=None, help="processes fitting the probes side by side "
                         "on the CPU (default: one per CPU it may use; 0: in this process); results do not depend on it")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $MUSICSSL_CACHE/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the embeddings and do not store them")

@@ -2,8 +2,8 @@
 
 LogMel runs on 16 kHz clips of 10 s, one at a time (batch 1) and 32 at a time (batch 32, time
 reported per clip). load_audio decodes a 30 s 44.1 kHz stereo file (16-bit FLAC, and MP3 as the real
-datasets ship it), downmixes and resamples it to 16 kHz mono. Timings are medians over ``--repeats``
-runs after one warm-up; "x real time" is seconds of audio processed per second of compute, the
+datasets ship it), downmixes and resamples it to 16 kHz mono. Timings are medians after one warm-up,
+over ``--repeats`` runs for LogMel and half as many (at least 3) for load_audio; "x real time" is seconds of audio processed per second of compute, the
 number that carries over to other machines.
 
     python benchmarks/bench_audio.py [--threads 1 2] [--repeats 20]
@@ -18,9 +18,9 @@ three runs with ``--repeats 30``):
     LogMel 10 s clip, batch 1                 2  0.9 - 175       57 - 11,300
     LogMel 10 s clip, batch 32 (per clip)     2  5.2 - 8.5       1,200 - 1,900
     load_audio 30 s 44.1k stereo FLAC         1  62 - 124        240 - 480
-      of which decoding                       1  34 - 68         440 - 890
+      of which decoding (FLAC)                1  34 - 68         440 - 890
     load_audio 30 s 44.1k stereo MP3          1  58 - 118        255 - 520
-      of which decoding                       1  41 - 58         520 - 725
+      of which decoding (MP3)                 1  41 - 58         520 - 725
 
     A training step's audio (64 views of 4 s, 25.6 clips' worth) would cost 30-110 ms of LogMel, 1/4
     to 1/20 of a paper-preset step (0.4-0.7 s, see bench_models.py) and about a cpu-preset step: so
@@ -44,6 +44,7 @@ import numpy as np
 import soundfile
 import torch
 
+from musicssl.cli import int_in
 from musicssl.audio import LogMel, load_audio
 
 SAMPLE_RATE = 16000
@@ -77,8 +78,8 @@ def music_like(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int_in(1), nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int_in(1), default=20)
     args = parser.parse_args()
 
     front_end = LogMel()
@@ -88,7 +89,7 @@ def main() -> None:
 
     libsndfile = soundfile.__libsndfile_version__
     print(f"torch {torch.__version__}, soundfile {soundfile.__version__} (libsndfile {libsndfile})")
-    print(f"{'what':<34} {'threads':>7} {'ms per item':>12} {'x real time':>12}")
+    print(f"{'what':<38} {'threads':>7} {'ms per item':>12} {'x real time':>12}")
     ratios = []  # each against a baseline timed in the same run
     with torch.inference_mode():
         for threads in args.threads:
@@ -98,8 +99,8 @@ def main() -> None:
                 clips = batch[:batch_size]
                 seconds = median_seconds(lambda clips=clips: front_end(clips), args.repeats) / batch_size
                 per_clip[batch_size] = seconds
-                label = f"LogMel 10 s clip, batch {batch_size}"
-                print(f"{label:<34} {threads:>7} {1e3 * seconds:>12.2f} {clip_seconds / seconds:>12.0f}")
+                label = f"LogMel 10 s clip, batch {batch_size}" + (" (per clip)" if batch_size > 1 else "")
+                print(f"{label:<38} {threads:>7} {1e3 * seconds:>12.2f} {clip_seconds / seconds:>12.0f}")
             ratios.append(f"LogMel per clip, batch 32 / batch 1 ({threads} thread(s)): {per_clip[32] / per_clip[1]:.2f}")
 
     file_seconds = 30
@@ -114,9 +115,9 @@ def main() -> None:
             seconds = median_seconds(lambda path=path: load_audio(path, SAMPLE_RATE), file_repeats)
             decode_only = median_seconds(lambda path=path: soundfile.read(path, dtype="float32"), file_repeats)
             label = f"load_audio 30 s 44.1k stereo {name}"
-            print(f"{label:<34} {1:>7} {1e3 * seconds:>12.2f} {file_seconds / seconds:>12.0f}")
+            print(f"{label:<38} {1:>7} {1e3 * seconds:>12.2f} {file_seconds / seconds:>12.0f}")
             label = f"  of which decoding ({name})"
-            print(f"{label:<34} {1:>7} {1e3 * decode_only:>12.2f} {file_seconds / decode_only:>12.0f}")
+            print(f"{label:<38} {1:>7} {1e3 * decode_only:>12.2f} {file_seconds / decode_only:>12.0f}")
             ratios.append(f"load_audio / decoding alone ({name}): {seconds / decode_only:.2f}")
     for line in ratios:
         print(f"RESULT {line}")

@@ -4,28 +4,31 @@ Times :func:`musicssl.collapse.collapse_metrics` on one probe batch the size the
 (512 segments: 256-d embeddings, 1024-d projections, assignment probabilities over 4096
 prototypes), each metric group on its own, and, for the ratio, one training step of the "cpu"
 backbone (forward + backward of 32 pairs of views, as in bench_models.py) and the probe forward
-pass (512 segments, eval mode) that the trainer runs before the metrics. Medians over ``--repeats``
+pass that the trainer runs before the metrics: ``--method``'s ``collapse_outputs`` on 512 segments in
+eval mode (backbone and head, and for BYOL and clustering the teacher too). Medians over ``--repeats``
 calls after one warm-up call.
 
     python benchmarks/bench_collapse.py [--threads 1] [--repeats 9] [--every 25] [--no-model]
+                                        [--method vicreg]
 
-Results on the development machine (2 CPU cores shared with other work, torch 2.13.0+cpu, 1 thread,
-default arguments; the load average was 4.5-5.3 during these runs, so absolute times are well above
-a quiet machine's (bench_models.py measured the same training step at 113 ms there); the ratios are
-the numbers to use):
+Results on the development machine (2 CPU cores, quiet: load average 0.4-0.7; torch 2.13.0+cpu,
+1 thread, default arguments; 2026-12-06):
 
-    collapse_metrics, all outputs         77-104 ms
-      embedding only                      11-19 ms   (RankMe via 256x256 float64 eigvalsh, L2 std,
+    collapse_metrics, all outputs         36-41 ms
+      embedding only                       5 ms      (RankMe via 256x256 float64 eigvalsh, L2 std,
                                                       uniformity, mean cosine)
-      projection only                     39-65 ms   (RankMe via 512x512 float64 eigvalsh, L2 std)
-      assignment_probs only               21-39 ms   (checks, argmax, two entropies over 2M entries)
-    cpu-preset training step             172-232 ms  (64 spectrograms, fwd + bwd)
-    probe forward (eval mode)            549-739 ms  (512 segments)
+      projection only                     19-20 ms   (RankMe via 512x512 float64 eigvalsh, L2 std)
+      assignment_probs only               10-12 ms   (checks, argmax, two entropies over 2M entries)
+    cpu-preset training step              96-111 ms  (64 spectrograms, fwd + bwd)
+    probe forward (eval mode)            300 ms (vicreg), 574 ms (byol), 630 ms (clustering)
 
-    metrics / training step:  0.33-0.60
-    metrics every 25 steps:   1.3-2.4% of training time (within the 3% budget)
-    metrics + probe forward every 25 steps: 14-15%; staying within 3% with the forward pass
-    included takes an evaluation every ~120 steps (or a smaller probe set).
+    metrics / training step:  0.33-0.43
+    metrics every 25 steps:   1.3-1.7% of training time (within the 3% budget)
+    metrics + probe forward every 25 steps: 13% (vicreg), 24-26% (clustering, byol: the teacher's
+    forward doubles it); staying within 3% with the forward pass included takes an evaluation every
+    ~110 steps (vicreg) or ~200-215 (clustering, byol), or a smaller probe set.
+    (Before 2026-12-06 the probe forward timed the backbone alone: 549-739 ms at a load average of
+    4.5-5.3, "14-15 %" and "every ~120 steps", which understated the EMA methods' cost about 2x.)
 
 Where the time goes (cProfile, 1 thread): the two float64 eigvalsh calls are ~45% of
 collapse_metrics, the float64 Gram matrices ~15%; the alternatives are slower (float32 svdvals of
@@ -43,7 +46,9 @@ from collections.abc import Callable
 
 import torch
 
+from musicssl.cli import int_in
 from musicssl.collapse import collapse_metrics
+from musicssl.pretext.registry import available_methods
 
 
 def median_seconds(function: Callable[[], object], repeats: int) -> float:
@@ -67,12 +72,15 @@ def probe_batch(samples: int, embedding_dim: int, projection_dim: int, prototype
     }
 
 
-def model_seconds(samples: int, pairs: int, repeats: int) -> tuple[float, float]:
-    """(training step, probe forward) seconds for the "cpu" backbone preset."""
-    from musicssl.models import Backbone
+def model_seconds(samples: int, pairs: int, repeats: int, method: str) -> tuple[float, float]:
+    """(training step, probe forward) seconds for the "cpu" backbone preset: the step is the backbone's
+    forward and backward; the probe forward is ``method``'s ``collapse_outputs`` on the probe set in eval
+    mode, as the trainer's ``evaluate_collapse`` runs it (the head too, and for BYOL and clustering the
+    teacher: about twice the backbone alone)."""
+    from musicssl.train import COLLAPSE_CHUNK, TrainConfig, build_method
 
-    backbone = Backbone(preset="cpu")
-    config = backbone.config
+    module = build_method(TrainConfig(method=method, preset="cpu"))
+    backbone, config = module.backbone, module.backbone.config
     generator = torch.Generator().manual_seed(0)
     views = torch.randn(2 * pairs, config.n_mels, config.n_frames, generator=generator)
     probe = torch.randn(samples, config.n_mels, config.n_frames, generator=generator)
@@ -83,24 +91,26 @@ def model_seconds(samples: int, pairs: int, repeats: int) -> tuple[float, float]
         backbone(views).square().mean().backward()
 
     def probe_forward() -> None:
-        backbone.eval()
+        module.eval()
         with torch.no_grad():
-            backbone(probe)
+            [module.collapse_outputs(chunk) for chunk in probe.split(COLLAPSE_CHUNK)]
 
     return median_seconds(training_step, repeats), median_seconds(probe_forward, max(3, repeats // 3))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--embedding-dim", type=int, default=256)
-    parser.add_argument("--projection-dim", type=int, default=1024)
-    parser.add_argument("--prototypes", type=int, default=4096)
-    parser.add_argument("--every", type=int, default=25, help="training steps between collapse evaluations")
-    parser.add_argument("--pairs", type=int, default=32, help="view pairs per training step")
+    parser.add_argument("--threads", type=int_in(1), default=1)
+    parser.add_argument("--repeats", type=int_in(1), default=9)
+    parser.add_argument("--samples", type=int_in(2), default=512)
+    parser.add_argument("--embedding-dim", type=int_in(1), default=256)
+    parser.add_argument("--projection-dim", type=int_in(1), default=1024)
+    parser.add_argument("--prototypes", type=int_in(2), default=4096)
+    parser.add_argument("--every", type=int_in(1), default=25, help="training steps between collapse evaluations")
+    parser.add_argument("--pairs", type=int_in(1), default=32, help="view pairs per training step")
     parser.add_argument("--no-model", action="store_true", help="skip timing the backbone")
+    parser.add_argument("--method", default="vicreg", choices=available_methods(),
+                        help="whose collapse_outputs the probe forward runs (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -122,9 +132,10 @@ def main() -> None:
         print(f"{name:<34} {1000 * seconds:8.1f} ms")
     if args.no_model:
         return
-    step, forward = model_seconds(args.samples, args.pairs, args.repeats)
+    step, forward = model_seconds(args.samples, args.pairs, args.repeats, args.method)
     print(f"{'cpu-preset training step':<34} {1000 * step:8.1f} ms  ({2 * args.pairs} spectrograms, fwd + bwd)")
-    print(f"{'probe forward (eval mode)':<34} {1000 * forward:8.1f} ms  ({args.samples} segments)")
+    print(f"{'probe forward (eval mode)':<34} {1000 * forward:8.1f} ms  ({args.samples} segments, "
+          f"{args.method}'s collapse_outputs)")
     interval = args.every * step
     print(f"metrics / training step:            {metrics_seconds / step:8.3f}")
     print(f"metrics every {args.every} steps:             {100 * metrics_seconds / interval:7.2f} % of training time")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from musicssl.cli import int_in
 from musicssl.corpus import CorpusConfig, build_corpus
 from musicssl.corpus.build import build_track
 from musicssl.corpus.compose import compose_song, draw_factors
@@ -53,8 +54,8 @@ def timed_build(out_dir: Path, cache: Path, workers: int) -> tuple[float, float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--songs", type=int, default=8, help="songs for the direct-rendering baseline (default 8)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="build workers (default: one per CPU)")
+    parser.add_argument("--songs", type=int_in(1), default=8, help="songs for the direct-rendering baseline (default 8)")
+    parser.add_argument("--workers", type=int_in(1), default=default_workers(), help="build workers (default: one per CPU)")
     args = parser.parse_args()
     config = CorpusConfig()
 

@@ -41,6 +41,8 @@ import numpy as np
 import soundfile
 import torch
 
+from musicssl.cli import int_in
+
 SAMPLE_RATE = 16000
 
 
@@ -67,10 +69,11 @@ def write_synthetic(folder: Path, count: int, seconds: float = 30.0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["cpu"], help="backbone presets to time (cpu, paper)")
-    parser.add_argument("--threads", nargs="+", type=int, default=None, help="torch thread counts (default: 1 and all)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int_in(1), default=None, help="torch thread counts (default: 1 and all)")
+    parser.add_argument("--repeats", type=int_in(1), default=2)
     parser.add_argument("--synthetic", action="store_true", help="a synthetic folder dataset instead of the corpus")
-    parser.add_argument("--tracks", type=int, default=600, help="synthetic tracks (with --synthetic)")
+    parser.add_argument("--tracks", type=int_in(10), default=600,
+                        help="synthetic tracks (with --synthetic; 10 or more: 7 train, 1 valid and 2 test per 10)")
     parser.add_argument("--skip-full", action="store_true", help="only time embedding extraction")
     args = parser.parse_args()
 

@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from musicssl.cli import int_in
 from musicssl.models import PRESETS, Backbone, parameter_counts
 
 
@@ -58,9 +59,9 @@ def step_seconds(backbone: Backbone, pairs: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--pairs", type=int, default=32, help="view pairs per batch (the batch holds twice as many)")
+    parser.add_argument("--threads", type=int_in(1), nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int_in(1), default=7)
+    parser.add_argument("--pairs", type=int_in(1), default=32, help="view pairs per batch (the batch holds twice as many)")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     args = parser.parse_args()
 

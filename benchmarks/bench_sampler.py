@@ -45,6 +45,7 @@ import numpy as np
 import soundfile
 from torch.utils.data import DataLoader
 
+from musicssl.cli import int_in
 from musicssl.data.cache import MelCache
 from musicssl.data.index import TrackIndex
 from musicssl.data.views import EpochSampler, ViewDataset
@@ -89,11 +90,11 @@ def loader_throughput(dataset: ViewDataset, workers: int, batches: int, warmup: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tracks", type=int, default=60)
-    parser.add_argument("--batches", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--build-workers", type=int, default=2)
+    parser.add_argument("--tracks", type=int_in(1), default=60)
+    parser.add_argument("--batches", type=int_in(1), default=200)
+    parser.add_argument("--repeats", type=int_in(1), default=3)
+    parser.add_argument("--warmup", type=int_in(0), default=3)
+    parser.add_argument("--build-workers", type=int_in(0), default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the audio and cache here (default: temp dir)")
     arguments = parser.parse_args()
 

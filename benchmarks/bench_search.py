@@ -59,6 +59,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from musicssl.cli import int_in
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -86,16 +88,20 @@ def needs_run(folder: Path, rerun: bool) -> bool:
         shutil.rmtree(folder)
     if not folder.exists():
         return True
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        done = summary["trials_finished"] == summary["trials_requested"]
-    except (OSError, ValueError, KeyError, TypeError):
-        done = False
-    if not done:
+    if not finished(folder):
         raise UsageError(f"{folder} holds a search that did not finish: continue it (python -m hpsearch.run ... "
                          f"--name {folder.name} --storage-dir {folder.parent} --resume; its wall time then is not "
                          "a timing), remove it, or pass --rerun")
     return False
+
+
+def finished(folder: Path) -> bool:
+    """Whether the search in ``folder`` says all its trials finished (its summary.json, rewritten after each)."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        return summary["trials_finished"] == summary["trials_requested"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class UsageError(Exception):
@@ -151,16 +157,43 @@ def bench_timing(args) -> None:
     name = args.name or f"vicreg-{args.trials}-stop"
     folder = Path(args.storage_dir) / name
     if not needs_run(folder, args.rerun):
-        print(f"(reusing the finished run {folder})")
+        changed = not_default(folder, args.trials)
+        if changed:
+            raise UsageError(f"{folder} is not the default search ({', '.join(changed)}): pass --rerun, or --name for "
+                             "another folder")
+        # The search's own seconds (summed over its runs, were it resumed): without the interpreter's start and
+        # end, a few seconds under the command's wall time that a fresh run gives.
+        print(f"(reusing the finished run {folder}: its summary's seconds, not the command's wall time)")
         wall = json.loads((folder / "summary.json").read_text())["seconds"]
     else:
         print(f"load average before: {load_average()}")
+        log = Path(args.storage_dir) / f"{name}.log"
         code, wall = run_cli(["vicreg", "--trials", str(args.trials), "--name", name, "--storage-dir", args.storage_dir],
-                             log=Path(args.storage_dir) / f"{name}.log")
+                             log=log)
         print(f"exit code {code}; load average after: {load_average()}")
+        if code != 0 or not finished(folder):
+            raise SystemExit(f"{name}: python -m hpsearch.run exited with {code} before its last trial finished "
+                             f"(log: {log}): not a timing")
     describe(folder)
     print(f"RESULT timing: {args.trials}-trial default vicreg search took {wall / 60:.1f} min "
           f"(target <= 15 min: {'met' if wall <= 900 else 'NOT met'})")
+
+
+# What makes a search the default one that timing measures: every setting that changes its work.
+TIMING_SETTINGS = ("method", "trials", "objective", "scheduler", "max_epochs", "steps_per_epoch", "batch_size",
+                   "probe_segments", "probe_segments_per_track", "preset", "data", "seed", "sampler", "concurrency",
+                   "cpus_per_trial", "gpus_per_trial", "collapse_stop", "grace_epochs", "patience_epochs",
+                   "thresholds", "stop_on", "asha_grace_epochs", "asha_reduction_factor", "reuse_actors")
+
+
+def not_default(folder: Path, trials: int) -> list[str]:
+    """The settings (``NAME=VALUE``) in which the search in ``folder`` differs from ``python -m hpsearch.run
+    vicreg --trials TRIALS``, by its search.json."""
+    from hpsearch.settings import SearchSettings
+
+    default = SearchSettings(method="vicreg", trials=trials).to_dict()
+    stored = json.loads((folder / "search.json").read_text())
+    return [f"{key}={stored.get(key)!r}" for key in TIMING_SETTINGS if stored.get(key) != default[key]]
 
 
 def run_stem(args) -> str:
@@ -196,9 +229,9 @@ def bench_savings(args) -> None:
             log = Path(args.storage_dir) / f"{name}.log"
             code, wall = run_cli([args.method, *savings_flags(args, name, stop)], log=log)
             print(f"  exit code {code}, {wall / 60:.1f} min", flush=True)
-            if code != 0 and not (folder / "summary.json").exists():  # refused, or ended before a trial finished
+            if not finished(folder):  # refused, or stopped before its last trial: not measured
                 lines = log.read_text(errors="replace").strip().splitlines()
-                raise SystemExit(f"{name}: python -m hpsearch.run exited with {code} before a trial finished "
+                raise SystemExit(f"{name}: python -m hpsearch.run exited with {code} before its last trial finished "
                                  f"(log: {log}){': ' + lines[-1] if lines else ''}")
         runs[stop] = folder
         describe(folder)
@@ -296,7 +329,17 @@ def seed_table(trials: pd.DataFrame, settings: dict, files: list[str], seeds: li
     """Per trial (rows), the objective on each seed (columns): the search's own value for its seed and
     the runs of ``noise --csv`` files, on ``seeds`` (default: all found). Only trials that have every
     one of those seeds are kept."""
-    runs = pd.concat([pd.read_csv(file) for file in files], ignore_index=True)
+    frames = []
+    for file in files:
+        try:
+            frame = pd.read_csv(file)
+        except (OSError, ValueError) as error:  # missing, unreadable, empty
+            raise UsageError(f"--seed-runs {file}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+        missing = [column for column in ("trial", "seed", "objective") if column not in frame]
+        if missing:
+            raise UsageError(f"--seed-runs {file}: no {', '.join(missing)} column: pass files written by noise --csv")
+        frames.append(frame)
+    runs = pd.concat(frames, ignore_index=True)
     if "search" in runs and set(runs["search"].dropna()) - {settings["name"]}:
         raise UsageError(f"--seed-runs: runs of {sorted(set(runs['search'].dropna()))}, not of {settings['name']}")
     complete = ranked_complete(trials)[["trial", "objective"]]
@@ -598,9 +641,10 @@ def main() -> None:
     parser.add_argument("folders", nargs="*", help="for report: finished search folders; for replay and noise: one "
                         "(default: the savings run without stopping)")
     parser.add_argument("--method", default="vicreg")
-    parser.add_argument("--trials", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-epochs", type=int, default=None,
+    parser.add_argument("--trials", type=int_in(1), default=None,
+                        help="trials per search (default: 64; overhead: 6, and at least 2)")
+    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
+    parser.add_argument("--max-epochs", type=int_in(1), default=None,
                         help="for savings, replay and noise: epochs per trial (default: the search's own default)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--search-flags", default="", metavar="FLAGS",
@@ -676,8 +720,12 @@ def run_benchmark(args, parser) -> None:
         bench_noise(args)
     elif args.benchmark == "overhead":
         args.trials = args.trials or 6
+        if args.trials < 2:
+            raise UsageError("overhead needs --trials 2 or more: it times the gaps between trials")
         bench_overhead(args)
     else:
+        if not args.folders:
+            raise UsageError("report takes the folders of finished searches: bench_search.py report runs/NAME ...")
         for folder in args.folders:
             describe(Path(folder))
 

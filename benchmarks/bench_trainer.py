@@ -25,7 +25,9 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from musicssl.cli import int_in
 from musicssl.pretext.base import Progress
+from musicssl.pretext.registry import available_methods
 from musicssl.train import SSLModule, TrainConfig, build_method, optimizer_groups, quiet_lightning, warmup_cosine
 
 
@@ -96,10 +98,10 @@ def lightning_loop(method, config: TrainConfig, batches: list[torch.Tensor]) -> 
     return (timer.ended - timer.started) / total
 
 
-def collapse_share(method_name: str) -> tuple[float, float, float]:
+def collapse_share(method_name: str, threads: int = 1) -> tuple[float, float, float]:
     from musicssl.train import train
 
-    config = TrainConfig(method=method_name, max_epochs=1, num_threads=1, final_probe=False)
+    config = TrainConfig(method=method_name, max_epochs=1, num_threads=threads, final_probe=False)
     result = train(config, progress_bar=False)
     train_seconds = result.epochs[-1]["epoch_seconds"]
     return result.final["collapse_seconds"], train_seconds, result.final["collapse_seconds"] / train_seconds
@@ -107,10 +109,10 @@ def collapse_share(method_name: str) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="vicreg")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="vicreg", choices=available_methods())
+    parser.add_argument("--steps", type=int_in(1), default=40)
+    parser.add_argument("--repeats", type=int_in(1), default=3)
+    parser.add_argument("--threads", type=int_in(1), default=1)
     parser.add_argument("--skip-collapse", action="store_true")
     args = parser.parse_args()
     quiet_lightning()
@@ -133,7 +135,7 @@ def main() -> None:
     print(f"Lightning      : {lightning_median * 1000:7.1f} ms/step  (runs: {', '.join(f'{t * 1000:.0f}' for t in lightning)})")
     print(f"ratio Lightning / plain: {lightning_median / plain_median:.3f}  (target <= 1.10)")
     if not args.skip_collapse:
-        seconds, total, share = collapse_share(args.method)
+        seconds, total, share = collapse_share(args.method, args.threads)
         print(f"collapse metrics: {seconds:.2f} s of a {total:.1f} s default epoch (100 steps, 512 probe segments): "
               f"{share * 100:.1f}% (target <= 3%)")
 

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from musicssl.audio import LogMel, load_audio
 from musicssl.corpus import ensure_corpus
-from musicssl.data.index import TrackIndex, tag_group
+from musicssl.data.index import TrackIndex, TrackIndexError, tag_group
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -82,7 +82,10 @@ def main() -> None:
     parser.add_argument("--per-tag", action="store_true", help="also print ROC-AUC and AP of every tag")
     args = parser.parse_args()
     corpus = args.corpus if args.corpus is not None else ensure_corpus()
-    index = TrackIndex.from_csv(corpus / "tracks.csv")
+    try:
+        index = TrackIndex.from_csv(corpus / "tracks.csv")
+    except (OSError, TrackIndexError) as error:  # a wrong folder: one line, exit 2
+        parser.error(f"--corpus {corpus}: {error}")
     started = time.perf_counter()
     front_end = LogMel()
     features = track_features(index, front_end)

@@ -46,13 +46,13 @@ def test_benchmark_script_runs(script, tmp_path):
 
 SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
 
-# Runs each script given as `python benchmarks/SCRIPT.py --help` does (as __main__, its folder first on
+# Runs each (script, arguments) as `python benchmarks/SCRIPT.py ARGUMENTS` does (as __main__, its folder first on
 # sys.path), one after the other in one process: torch and the project load once, not once a script.
-HELP_OF_EACH = """
+RUN_EACH = """
 import contextlib, io, json, os, runpy, sys, traceback
-answers = {}
-for path in sys.argv[1:]:
-    sys.argv, sys.path[0] = [path, "--help"], os.path.dirname(path)
+answers = []
+for path, arguments in json.loads(sys.argv[1]):
+    sys.argv, sys.path[0] = [path, *arguments], os.path.dirname(path)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -62,18 +62,23 @@ for path in sys.argv[1:]:
             code = stop.code
         except BaseException:
             code, _ = 1, traceback.print_exc()
-    answers[os.path.basename(path)[:-3]] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+    answers.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
 print(json.dumps(answers))
 """
 
 
-@pytest.fixture(scope="module")
-def help_of_each_script():
-    completed = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *(str(REPO / "benchmarks" / f"{script}.py")
-                                                                     for script in SCRIPTS)],
-                               capture_output=True, text=True, timeout=300, cwd=REPO)
+def run_each(runs: list[tuple[str, list[str]]]) -> list[dict]:
+    """Exit code, stdout and stderr of each (script, arguments), run by RUN_EACH."""
+    listed = [[str(REPO / "benchmarks" / f"{script}.py"), arguments] for script, arguments in runs]
+    completed = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(listed)], capture_output=True, text=True,
+                               timeout=300, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-2000:]
     return json.loads(completed.stdout)
+
+
+@pytest.fixture(scope="module")
+def help_of_each_script():
+    return dict(zip(SCRIPTS, run_each([(script, ["--help"]) for script in SCRIPTS])))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -192,6 +197,30 @@ def _stored_search(folder: Path, epochs_run: list[float], objectives: list[float
         trial.mkdir()
         (trial / "params.json").write_text(json.dumps({"optuna_trial": number}))
         (trial / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_benchmark_scripts_refuse_bad_values_in_one_line():
+    """Before: --repeats 0, --threads 0, --steps 0, an unknown --method, --tracks 0 or a missing --corpus
+    ended in a traceback (StatisticsError, ZeroDivisionError, ...) after minutes of work, or ran to
+    meaningless numbers (bench_sampler --batches 0: every rate 0.0). Now exit 2 with the flag named, before
+    any work."""
+    cases = [
+        ("bench_models", ["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+        ("bench_models", ["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+        ("bench_audio", ["--repeats", "0"], "argument --repeats: expected a positive integer"),
+        ("bench_collapse", ["--repeats", "0"], "argument --repeats: expected a positive integer"),
+        ("bench_collapse", ["--method", "nosuch"], "argument --method: invalid choice: 'nosuch'"),
+        ("bench_trainer", ["--steps", "0"], "argument --steps: expected a positive integer"),
+        ("bench_trainer", ["--method", "nosuch"], "argument --method: invalid choice: 'nosuch'"),
+        ("bench_downstream", ["--synthetic", "--tracks", "0"], "argument --tracks: expected an integer >= 10, got '0'"),
+        ("bench_downstream", ["--repeats", "0"], "argument --repeats: expected a positive integer"),
+        ("bench_sampler", ["--batches", "0"], "argument --batches: expected a positive integer"),
+        ("bench_corpus", ["--songs", "0"], "argument --songs: expected a positive integer"),
+        ("corpus_baseline", ["--corpus", "/no/such/corpus"], "--corpus /no/such/corpus: /no/such/corpus/tracks.csv"),
+    ]
+    for (script, arguments, message), answer in zip(cases, run_each([case[:2] for case in cases])):
+        assert answer["code"] == 2 and message in answer["stderr"], (script, arguments, answer["stderr"][-800:])
+        assert "Traceback" not in answer["stderr"]
 
 
 def test_bench_search_savings_compares_the_two_searches_and_replays_the_rule_on_the_best(tmp_path):
@@ -375,9 +404,42 @@ def test_bench_search_savings_gives_both_searches_the_search_flags_and_names_the
     failed = _bench_search("savings", "--method", "vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "bad"),
                            "--tag", "bad", "--search-flags=--preset nosuch")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
-    assert "vicreg-2-bad-stop: python -m hpsearch.run exited with 2 before a trial finished" in failed.stderr
+    assert "vicreg-2-bad-stop: python -m hpsearch.run exited with 2 before its last trial finished" in failed.stderr
     assert "nosuch" in failed.stderr.splitlines()[-1]
     assert not (tmp_path / "bad" / "vicreg-2-bad-nostop.log").exists()
+
+
+def test_bench_search_refuses_bad_input_in_one_line_and_times_only_the_default_search(tmp_path):
+    """Before: a missing or foreign --seed-runs file, --trials -1 for overhead and the like ended in a
+    traceback; report with no folder printed nothing; --trials 0 became 64; and timing reused any finished
+    folder of the name it looks for, a 4-epoch search among them, as "the default vicreg search"."""
+    from hpsearch.settings import SearchSettings
+
+    _stored_search(tmp_path / "vicreg-6-nostop", [4.0] * 6, [0.5] * 6, {}, collapse_stop=False)
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for arguments, message in (
+            (["replay", "--trials", "6", "--seed-runs", str(tmp_path / "missing.csv")],
+             f"--seed-runs {tmp_path / 'missing.csv'}: cannot read it (No such file or directory)"),
+            (["replay", "--trials", "6", "--seed-runs", str(tmp_path / "other.csv")],
+             f"--seed-runs {tmp_path / 'other.csv'}: no trial, seed, objective column: pass files written by noise"),
+            (["overhead", "--trials", "-1"], "argument --trials: expected a positive integer, got '-1'"),
+            (["overhead", "--trials", "1"], "overhead needs --trials 2 or more"),
+            (["replay", "--trials", "0"], "argument --trials: expected a positive integer, got '0'"),
+            (["report"], "report takes the folders of finished searches"),
+            (["timing", "--trials", "6", "--name", "vicreg-6-nostop"],
+             f"{tmp_path / 'vicreg-6-nostop'} is not the default search (max_epochs=4, collapse_stop=False): pass "
+             "--rerun, or --name for another folder"),
+    ):
+        refused = _bench_search(*arguments, "--storage-dir", str(tmp_path))
+        assert refused.returncode == 2 and message in refused.stderr, (arguments, refused.stderr[-800:])
+        assert "Traceback" not in refused.stderr
+    # The default search, finished: reused, its summary's seconds (60 s) reported as such.
+    folder = tmp_path / "vicreg-6-nostop"
+    SearchSettings(method="vicreg", trials=6).save(folder)
+    timed = _bench_search("timing", "--trials", "6", "--name", "vicreg-6-nostop", "--storage-dir", str(tmp_path))
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    assert "its summary's seconds, not the command's wall time" in timed.stdout
+    assert "RESULT timing: 6-trial default vicreg search took 1.0 min (target <= 15 min: met)" in timed.stdout
 
 
 @pytest.mark.slow

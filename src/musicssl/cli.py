@@ -8,10 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser", "quiet_ctrl_c_while_starting", "silence_closed_output"]
+__all__ = ["ArgumentParser", "int_in", "quiet_ctrl_c_while_starting", "silence_closed_output"]
 
 _starting_prog: str | None = None
 
@@ -63,3 +63,21 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith(("the following arguments are required", "unrecognized arguments")):
             message += f" (see {self.prog} --help)"
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (and <= ``high``); argparse names the flag."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer in {low}-{high}"
+    if (low, high) == (1, None):
+        wanted = "a positive integer"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
