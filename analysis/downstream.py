@@ -555,7 +555,8 @@ def resolve_method(argument: str, preset: str = "cpu", preset_given: bool = Fals
     """Turn a command-line argument into a :class:`MethodSpec` (see the module docstring for the forms).
 
     ``preset`` is the architecture for ``random`` and for a bare ``.pt`` file; ``preset_given`` says the
-    user chose it, which then wins over a ``config.json`` lying next to a bare ``.pt`` file. A run or
+    user chose it, which then wins over the run's configuration lying next to a bare ``.pt`` file
+    (``config.json``, or ``best_config.json`` beside a search's ``best_backbone.pt``). A run or
     search folder always uses the preset of its own configuration.
     """
     label = None

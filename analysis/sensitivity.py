@@ -1282,7 +1282,7 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
             break
     if report.exists() and not _an_earlier_report(report, "html"):
         raise ReportError(f"--out {report}: would replace {report.name} in {report.parent}, which is not a sensitivity "
-                          f"report; give the report another name, e.g. --out {report.with_name('sensitivity.html')}")
+                          f"report; give the report another name, e.g. --out {_another_name(report)}")
     for kind in ("json", "csv"):
         if paths[kind].is_dir():
             raise ReportError(f"--out {report}: {paths[kind]}, where the report's {kind.upper()} goes, is a folder")
@@ -1291,12 +1291,17 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
             raise ReportError(
                 f"--out {report}: the report's {kind.upper()} would replace {whose} {paths[kind].name} in "
                 f"{paths[kind].parent}, which is not a report's; give the report another name, e.g. --out "
-                f"{report.with_name('sensitivity.html')}"
+                f"{_another_name(report)}"
             )
     if "png" in formats and paths["png"].exists() and not paths["png"].is_dir():
         raise ReportError(f"--out {report}: {paths['png']}, the folder the figures go in with --format png, is a file; "
                           "move it away or give another --out")
     return paths
+
+
+def _another_name(report: Path) -> Path:
+    """A report name to suggest in place of ``report``, whose page or companions are someone else's files."""
+    return report.with_name("sensitivity.html" if report.name != "sensitivity.html" else "sensitivity-report.html")
 
 
 def _an_earlier_report(path: Path, kind: str) -> bool:

@@ -1174,9 +1174,12 @@ def experiment_sections(analysis: ExperimentAnalysis) -> list[tuple[str, str, li
     label_free = label_free_figure(analysis)
     if label_free is None and experiment.objective in ("probe_map", "probe_auc"):
         # A probe objective whose trials have not completed (all collapsed, or the search just started).
+        # (A trial stopped early may carry the probe score of an epoch before its stop: not its final one.)
+        when = "yet" if experiment.running else "in this search"
         label_free_parts: list[ReportFigure | str] = [
-            f"<p class='note'>No trial has completed yet, so there is no {html.escape(experiment.objective)} score "
-            "to compare the label-free rank with (trials stopped for collapse or divergence get no probe).</p>"]
+            f"<p class='note'>No trial has completed {when}, so there is no final {html.escape(experiment.objective)} "
+            "score to compare the label-free rank with (trials stopped for collapse or divergence get no final probe; "
+            "a score of an earlier epoch is not their final one).</p>"]
     elif label_free is None:
         label_free_parts = [
             "<p class='note'>No probe score in this search (its objective is "

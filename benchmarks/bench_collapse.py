@@ -2,33 +2,34 @@
 
 Times :func:`musicssl.collapse.collapse_metrics` on one probe batch the size the trainer uses
 (512 segments: 256-d embeddings, 1024-d projections, assignment probabilities over 4096
-prototypes), each metric group on its own, and, for the ratio, one training step of the "cpu"
-backbone (forward + backward of 32 pairs of views, as in bench_models.py) and the probe forward
-pass that the trainer runs before the metrics: ``--method``'s ``collapse_outputs`` on 512 segments in
-eval mode (backbone and head, and for BYOL and clustering the teacher too). Medians over ``--repeats``
-calls after one warm-up call.
+prototypes), each metric group on its own, and, for the ratio, one training step of ``--method`` on
+the "cpu" preset (its loss on 32 pairs of views, forward + backward, as in bench_trainer.py without the
+optimiser) and the probe forward pass that the trainer runs before the metrics: the method's
+``collapse_outputs`` on 512 segments in eval mode (backbone and head, and for BYOL and clustering the
+teacher too). Medians over ``--repeats`` calls after one warm-up call.
 
     python benchmarks/bench_collapse.py [--threads 1] [--repeats 9] [--every 25] [--no-model]
                                         [--method vicreg]
 
-Results on the development machine (2 CPU cores, quiet: load average 0.4-0.7; torch 2.13.0+cpu,
+Results on the development machine (2 CPU cores, quiet: load average 0.4-1.4; torch 2.13.0+cpu,
 1 thread, default arguments; 2026-12-06):
 
-    collapse_metrics, all outputs         36-41 ms
+    collapse_metrics, all outputs         36-45 ms
       embedding only                       5 ms      (RankMe via 256x256 float64 eigvalsh, L2 std,
                                                       uniformity, mean cosine)
-      projection only                     19-20 ms   (RankMe via 512x512 float64 eigvalsh, L2 std)
-      assignment_probs only               10-12 ms   (checks, argmax, two entropies over 2M entries)
-    cpu-preset training step              96-111 ms  (64 spectrograms, fwd + bwd)
-    probe forward (eval mode)            300 ms (vicreg), 574 ms (byol), 630 ms (clustering)
+      projection only                     20-21 ms   (RankMe via 512x512 float64 eigvalsh, L2 std)
+      assignment_probs only               10 ms      (checks, argmax, two entropies over 2M entries)
+    training step (64 spectrograms)      142 ms (vicreg), 161 ms (byol), 165 ms (clustering)
+    probe forward (eval mode)            294 ms (vicreg), 577 ms (byol), 662 ms (clustering)
 
-    metrics / training step:  0.33-0.43
-    metrics every 25 steps:   1.3-1.7% of training time (within the 3% budget)
-    metrics + probe forward every 25 steps: 13% (vicreg), 24-26% (clustering, byol: the teacher's
-    forward doubles it); staying within 3% with the forward pass included takes an evaluation every
-    ~110 steps (vicreg) or ~200-215 (clustering, byol), or a smaller probe set.
-    (Before 2026-12-06 the probe forward timed the backbone alone: 549-739 ms at a load average of
-    4.5-5.3, "14-15 %" and "every ~120 steps", which understated the EMA methods' cost about 2x.)
+    metrics / training step:  0.23-0.30
+    metrics every 25 steps:   0.9-1.2% of training time (within the 3% budget)
+    metrics + probe forward every 25 steps: 9.5 % (vicreg), 15-17 % (byol, clustering: their teacher
+    doubles the forward); staying within 3% with the forward pass included takes an evaluation every
+    ~80 steps (vicreg) or ~130-140 (byol, clustering), or a smaller probe set.
+    (Before 2026-12-06 both sides of the ratio were the backbone's alone, whatever the method: a
+    172-232 ms step and a 549-739 ms forward at a load average of 4.5-5.3, "14-15 %" and "every ~120
+    steps".)
 
 Where the time goes (cProfile, 1 thread): the two float64 eigvalsh calls are ~45% of
 collapse_metrics, the float64 Gram matrices ~15%; the alternatives are slower (float32 svdvals of
@@ -73,22 +74,23 @@ def probe_batch(samples: int, embedding_dim: int, projection_dim: int, prototype
 
 
 def model_seconds(samples: int, pairs: int, repeats: int, method: str) -> tuple[float, float]:
-    """(training step, probe forward) seconds for the "cpu" backbone preset: the step is the backbone's
-    forward and backward; the probe forward is ``method``'s ``collapse_outputs`` on the probe set in eval
-    mode, as the trainer's ``evaluate_collapse`` runs it (the head too, and for BYOL and clustering the
-    teacher: about twice the backbone alone)."""
+    """(training step, probe forward) seconds of ``method`` on the "cpu" backbone preset: the step is its
+    training loss on ``pairs`` pairs of views and the backward pass (heads, and the teacher's forward for
+    BYOL and clustering, included; no optimiser); the probe forward is its ``collapse_outputs`` on the
+    probe set in eval mode, as the trainer's ``evaluate_collapse`` runs it."""
+    from musicssl.pretext.base import Progress
     from musicssl.train import COLLAPSE_CHUNK, TrainConfig, build_method
 
     module = build_method(TrainConfig(method=method, preset="cpu"))
-    backbone, config = module.backbone, module.backbone.config
+    config = module.backbone.config
     generator = torch.Generator().manual_seed(0)
-    views = torch.randn(2 * pairs, config.n_mels, config.n_frames, generator=generator)
+    views = list(torch.randn(pairs, 2, config.n_mels, config.n_frames, generator=generator).unbind(dim=1))
     probe = torch.randn(samples, config.n_mels, config.n_frames, generator=generator)
 
     def training_step() -> None:
-        backbone.train()
-        backbone.zero_grad(set_to_none=True)
-        backbone(views).square().mean().backward()
+        module.train()
+        module.zero_grad(set_to_none=True)
+        module.training_loss(views, Progress(0, 100, 100))["loss"].backward()
 
     def probe_forward() -> None:
         module.eval()
@@ -133,7 +135,8 @@ def main() -> None:
     if args.no_model:
         return
     step, forward = model_seconds(args.samples, args.pairs, args.repeats, args.method)
-    print(f"{'cpu-preset training step':<34} {1000 * step:8.1f} ms  ({2 * args.pairs} spectrograms, fwd + bwd)")
+    print(f"{'cpu-preset training step':<34} {1000 * step:8.1f} ms  ({2 * args.pairs} spectrograms, {args.method}'s "
+          "loss, fwd + bwd)")
     print(f"{'probe forward (eval mode)':<34} {1000 * forward:8.1f} ms  ({args.samples} segments, "
           f"{args.method}'s collapse_outputs)")
     interval = args.every * step

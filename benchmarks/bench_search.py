@@ -192,8 +192,14 @@ def not_default(folder: Path, trials: int) -> list[str]:
     from hpsearch.settings import SearchSettings
 
     default = SearchSettings(method="vicreg", trials=trials).to_dict()
-    stored = json.loads((folder / "search.json").read_text())
-    return [f"{key}={stored.get(key)!r}" for key in TIMING_SETTINGS if stored.get(key) != default[key]]
+    try:
+        stored = json.loads((folder / "search.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{folder / 'search.json'}: unreadable ({error}): not a search to time; pass --rerun") from None
+    if not isinstance(stored, dict):
+        raise UsageError(f"{folder / 'search.json'}: not a search's settings: pass --rerun")
+    # a setting a search from older code did not record is not counted against it
+    return [f"{key}={stored[key]!r}" for key in TIMING_SETTINGS if key in stored and stored[key] != default[key]]
 
 
 def run_stem(args) -> str:

@@ -1756,6 +1756,10 @@ def test_an_out_whose_json_would_replace_a_searchs_own_file_is_refused(tmp_path,
         f"python -m analysis.sensitivity: error: --out {tmp_path / 'notes.html'}: would replace notes.html in {tmp_path}, "
         f"which is not a sensitivity report; give the report another name, e.g. --out {tmp_path / 'sensitivity.html'}\n")
     assert (tmp_path / "notes.html").read_text() == "<html><head><title>My notes</title></head></html>"
+    # Named as the default report, it is not suggested again (before: "e.g. --out .../sensitivity.html").
+    (tmp_path / "sensitivity.html").write_text("<html>mine</html>")
+    assert main([str(folder), "--out", str(tmp_path / "sensitivity.html")]) == 2
+    assert capsys.readouterr().err.endswith(f"e.g. --out {tmp_path / 'sensitivity-report.html'}\n")
     assert not (tmp_path / "notes.json").exists()
 
 
@@ -1947,7 +1951,7 @@ def test_the_label_free_section_says_why_there_is_no_probe_score(tmp_path):
     # Before: "No probe score in this search (its objective is probe_map, and probes run only for a probe
     # objective)", for a probe_map search whose trials had all collapsed, or had not ended yet.
     collapsed = notes([(0.1, 0.2, "collapsed")] * 4, SETTINGS)
-    assert "No trial has completed yet, so there is no probe_map score" in collapsed
+    assert "No trial has completed yet, so there is no final probe_map score" in collapsed
     assert "probes run only for a probe objective" not in collapsed
     rankme = notes([(0.1, 0.2, "collapsed")] * 4, {**SETTINGS, "objective": "rankme"})
     assert "No probe score in this search (its objective is rankme" in rankme
@@ -1958,11 +1962,12 @@ def test_the_label_free_section_says_why_there_is_no_probe_score(tmp_path):
         probed.add_trial(optuna.trial.create_trial(
             params=trial.params, distributions=trial.distributions, state=trial.state,
             user_attrs={**trial.user_attrs, "probe_map": 0.45, "rankme": 3.0}))
-    analysis = keyed([analyse(experiment_from_study(probed, SETTINGS, tmp_path))])[0]
-    assert analysis.experiment.trials["probe_map"].notna().all()
+    analysis = keyed([analyse(experiment_from_study(probed, {**SETTINGS, "trials": 4}, tmp_path))])[0]
+    assert analysis.experiment.trials["probe_map"].notna().all() and not analysis.experiment.running
     assert analysis.label_free is None
     parts = " ".join(str(part) for _, _, parts in experiment_sections(analysis) for part in parts)
-    assert "No trial has completed yet, so there is no probe_map score" in parts and "rho undefined" not in parts
+    assert "No trial has completed in this search, so there is no final probe_map score" in parts
+    assert "rho undefined" not in parts
 
 
 def test_a_score_of_a_trial_the_scheduler_stopped_is_marked_as_one(tmp_path):
