@@ -531,7 +531,7 @@ def test_a_note_bank_inside_the_corpus_folder_and_an_empty_out_are_refused_befor
     assert sorted(path.name for path in tmp_path.iterdir()) == ["o1"] and not any((tmp_path / "o1").iterdir())
 
 
-def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli_corpus, tmp_path, capsys):
+def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli_corpus, tmp_path, capsys, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exited:
         cli_main(["--tracks", "10", "--out", str(tmp_path)])
@@ -551,6 +551,24 @@ def test_cli_refuses_a_non_empty_folder_and_an_existing_corpus_without_force(cli
             cli_main(["--tracks", "10", "--out", str(mine), *force])
         assert exited.value.code == 2 and "is not empty and holds no generated corpus" in capsys.readouterr().err
     assert (mine / "audio" / "a.wav").read_bytes() == b"precious"
+    # Before: --force replaced the whole folder, and what else lay in a corpus folder went with it, silently.
+    (out / "my_notes.txt").write_text("mine")
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["--tracks", "10", "--out", str(out), "--force"])
+        assert exited.value.code == 2
+        assert "holds a corpus and also my_notes.txt, which --force would delete with it" in capsys.readouterr().err
+        assert (out / "my_notes.txt").read_text() == "mine" and (out / "tracks.csv").is_file()
+    finally:
+        (out / "my_notes.txt").unlink()
+    # Before: --out . built, then swapped the folder the shell stood in for a new one (ls showed nothing there).
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--tracks", "10", "--out", "."])
+    assert exited.value.code == 2 and "is the folder this runs in (or holds it)" in capsys.readouterr().err
+    assert here.is_dir() and Path.cwd().samefile(here)
     # An empty --cache-dir (an unset shell variable) is refused; before, the note bank went into the current folder.
     with pytest.raises(SystemExit) as exited:
         cli_main(["--tracks", "10", "--out", str(tmp_path / "new"), "--cache-dir", ""])

@@ -237,6 +237,18 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
                               "from this generator); choose an empty or new folder for the corpus")
         if not force:
             raise CorpusError(f"{out_dir} already holds a corpus; rebuild it with --force (force=True in Python) or choose another folder")
+        # The whole folder is replaced: what else lies in it (a user's notes, a run folder) would go with it.
+        others = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in CORPUS_ENTRIES)
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise CorpusError(f"{out_dir} holds a corpus and also {shown}, which --force would delete with it; move them "
+                              "out of the folder first, or build the corpus in another folder")
+    # The finished build takes --out's place by renames: the folder the command runs in (or one above it) would be
+    # swapped from under its shell.
+    here = Path(os.path.realpath(Path.cwd()))
+    if out_dir == here or out_dir in here.parents:
+        raise CorpusError(f"--out {out_dir} is the folder this runs in (or holds it), which the finished corpus replaces; "
+                          "give a folder inside it or elsewhere, e.g. --out corpus")
 
 
 def _publish(staging: Path, out_dir: Path, force: bool) -> bool:
@@ -427,6 +439,10 @@ def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0,
           file=sys.stderr, flush=True)
     build_corpus(out_dir, config, force=True)
     return out_dir
+
+
+# What a corpus folder holds: all a rebuild (force) replaces.
+CORPUS_ENTRIES = frozenset({"audio", "midi", "tracks.csv", "corpus.json"})
 
 
 def _holds_a_corpus(folder: Path) -> bool:
