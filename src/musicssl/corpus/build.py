@@ -245,8 +245,11 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
                               "out of the folder first, or build the corpus in another folder")
     # The finished build takes --out's place by renames: the folder the command runs in (or one above it) would be
     # swapped from under its shell.
-    here = Path(os.path.realpath(Path.cwd()))
-    if out_dir == here or out_dir in here.parents:
+    try:
+        here = Path(os.path.realpath(Path.cwd()))
+    except OSError:  # a folder since removed: nothing to swap from under it
+        here = None
+    if here is not None and (out_dir == here or out_dir in here.parents):
         raise CorpusError(f"--out {out_dir} is the folder this runs in (or holds it), which the finished corpus replaces; "
                           "give a folder inside it or elsewhere, e.g. --out corpus")
 
