@@ -1798,7 +1798,7 @@ def _fit_probes(
     from tqdm import tqdm
 
     keys = list(subsets)
-    bar = tqdm(total=len(keys), desc=f"fit {label} {classifier}".replace("  ", " ").strip(), unit="fit",
+    bar = tqdm(total=len(keys), desc=" ".join(part for part in ("fit", label, classifier) if part), unit="fit",
                disable=not progress, mininterval=0.5)
     try:
         if processes is None:

@@ -533,10 +533,13 @@ def default_experiments(storage_dir: str | Path, left_out: list[str] | None = No
     unreadable: list[str] = []
     for folder in _search_folders(storage):
         try:
-            method = json.loads((folder / SEARCH_FILE).read_text()).get("method")
-            problem = None if isinstance(method, str) else "names no method"
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-            problem = f"unreadable ({error})" if not isinstance(error, AttributeError) else "not a settings object"
+            stored = json.loads((folder / SEARCH_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"unreadable ({error})"
+        else:
+            method = stored.get("method") if isinstance(stored, dict) else None
+            problem = (None if isinstance(method, str) else
+                       "names no method" if isinstance(stored, dict) else "not a settings object")
         if problem:
             unreadable.append(f"{folder / SEARCH_FILE}: {problem}")
             continue

@@ -95,7 +95,8 @@ def model_seconds(samples: int, pairs: int, repeats: int, method: str) -> tuple[
     def probe_forward() -> None:
         module.eval()
         with torch.no_grad():
-            [module.collapse_outputs(chunk) for chunk in probe.split(COLLAPSE_CHUNK)]
+            for chunk in probe.split(COLLAPSE_CHUNK):
+                module.collapse_outputs(chunk)
 
     return median_seconds(training_step, repeats), median_seconds(probe_forward, max(3, repeats // 3))
 
