@@ -10,7 +10,8 @@ Each positional argument is a method to evaluate: a training run folder (``confi
 (``--preset`` names its architecture), or a baseline: ``random`` (a randomly initialised backbone of
 the preset, seeded), ``random-bn`` (the same weights, with BatchNorm statistics measured on the
 training data, see below) or ``melstats`` (per-band mean and standard deviation of the log-mel). All
-three are added unless ``--no-baselines``. ``LABEL=PATH`` names a method in the tables.
+three are added unless ``--no-baselines``. ``LABEL=PATH`` names a method in the tables. Without
+``--dataset``, the data the runs given were trained on (:func:`dataset_of_runs`), else the corpus.
 
 Why two random baselines*: an untrained backbone's BatchNorm layers hold their initial running
 statistics (mean 0, variance 1), so in eval mode they pass activations through unnormalised, while
@@ -420,6 +421,43 @@ def training_data(spec: "MethodSpec") -> tuple[str, str | None, str | None] | No
     if not isinstance(data, str) or not data.strip():
         return None
     return data, (str(root) if root else None), (str(audio) if audio else None)
+
+
+def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | None, str | None], list[str]] | None:
+    """The data the checkpoints among ``methods`` were trained on, as their runs recorded it (``--data``,
+    ``--root``, ``--audio-dir``: :func:`training_data`), and the labels of those that recorded it; None where
+    none did (baselines, bare checkpoints). Raises :class:`DownstreamError` where they name different data, or
+    where the data was read without tags (the probes need them): ``--dataset`` must say what to evaluate on."""
+    recorded: dict[tuple[str, str | None, str | None], list[str]] = {}
+    for spec in methods:
+        found = training_data(spec) if spec.kind == "checkpoint" else None
+        if found is not None:
+            recorded.setdefault(found, []).append(spec.label)
+    if not recorded:
+        return None
+    if len(recorded) > 1:
+        listed = "; ".join(f"{', '.join(labels)}: {_data_text(data)}" for data, labels in recorded.items())
+        raise DownstreamError(f"the checkpoints were trained on different data ({listed}); give --dataset to evaluate "
+                              "them all on one")
+    (data, labels), = recorded.items()
+    from musicssl.data.loaders import dataset_name
+
+    if dataset_name(data[0]) is None and not Path(data[0]).expanduser().is_absolute():  # recorded before 2026-12-03
+        raise DownstreamError(f"{labels[0]} was trained on {data[0]}, a path relative to where it was trained: give "
+                              "--dataset, that data's folder or file")
+    unlabeled = [spec.label for spec in methods if spec.label in labels
+                 and (_run_document(spec) or {}).get("training_data_unlabeled")]
+    if unlabeled:
+        raise DownstreamError(f"{unlabeled[0]} was trained on {_data_text(data)}, read without tags (audio alone); the "
+                              "probes need tagged tracks: give --dataset, tagged data (a tags file or tracks.csv, or "
+                              "a named dataset)")
+    return data, labels
+
+
+def _data_text(data: tuple[str, str | None, str | None]) -> str:
+    """``mtat --root ~/mtat``: recorded training data as the flags that name it."""
+    name, root, audio = data
+    return name + (f" --root {root}" if root else "") + (f" --audio-dir {audio}" if audio else "")
 
 
 def dataset_family(spec: str) -> str | None:
@@ -863,7 +901,7 @@ def compute_embeddings(
     may be smaller), so the cost does not depend on track lengths; valid/test tracks are reduced to
     their mean as soon as their segments are embedded, so memory holds only the training segments.
     """
-    from tqdm import tqdm
+    from musicssl.progress import progress_bar
 
     started = time.perf_counter()
     if not len(track_ids) or len(track_ids) != len(splits):
@@ -888,7 +926,8 @@ def compute_embeddings(
         if train_rows.any():
             train_parts.append(outputs[train_rows].astype(np.float32, copy=False))
 
-    bar = tqdm(total=n_tracks, desc=f"embed {label}".strip(), unit="track", disable=not progress, mininterval=0.5)
+    bar = progress_bar(total=n_tracks, desc=f"embed {label}".strip(), unit="track", disable=not progress,
+                       mininterval=0.5)
     segment_counts = np.zeros(n_tracks, dtype=np.int64)
     try:
         for position, segments in _segment_stream(cache, track_ids, is_train, config):
@@ -1795,11 +1834,11 @@ def _fit_probes(
         seed = config.seed + 1000 * draw + CLASSIFIERS.index(classifier)
         return (classifier, train_x, labels[owners], valid_x, valid_y, test_x, config.classifier, seed, device)
 
-    from tqdm import tqdm
+    from musicssl.progress import progress_bar
 
     keys = list(subsets)
-    bar = tqdm(total=len(keys), desc=" ".join(part for part in ("fit", label, classifier) if part), unit="fit",
-               disable=not progress, mininterval=0.5)
+    bar = progress_bar(total=len(keys), desc=" ".join(part for part in ("fit", label, classifier) if part),
+                       unit="fit", disable=not progress, mininterval=0.5)
     try:
         if processes is None:
             outcomes = []
@@ -2189,13 +2228,15 @@ def build_parser() -> argparse.ArgumentParser:
         ".pt state_dict, or a baseline: random, random-bn (random weights, BatchNorm statistics from the "
         "training data), melstats; LABEL=PATH names it. With none, the baselines alone are evaluated",
     )
-    parser.add_argument("--dataset", default=defaults.dataset,
-                        help="corpus (default), mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre "
+    parser.add_argument("--dataset", default=None,
+                        help="corpus, mtat, jamendo-top50, jamendo-instrument, jamendo-mood, jamendo-genre "
                         "(MTG-Jamendo's split 0; jamendo-top50-split3 and the like: its others), msd, or a "
-                        "folder with a tags file / tracks.csv")
+                        "folder with a tags file / tracks.csv (default: the data the run folders given were trained "
+                        "on, with their --root and --audio-dir; else corpus)")
     parser.add_argument("--root", default=None, help="the dataset's folder (mtat, jamendo-*, msd; corpus: the folder that holds it, "
-                        "default the cache's corpus, built on first use)")
-    parser.add_argument("--audio-dir", default=None, help="audio folder when it is not under --root (mtat, jamendo, msd)")
+                        "default the cache's corpus, built on first use); without --dataset, in place of the runs' own")
+    parser.add_argument("--audio-dir", default=None, help="audio folder when it is not under --root (mtat, jamendo, "
+                        "msd); without --dataset, in place of the runs' own")
     parser.add_argument("--preset", default=None,
                         help="backbone preset of bare .pt checkpoints and of the baselines (default: cpu; the "
                         "baselines follow the first checkpoint); run folders always use the preset in their config")
@@ -2258,8 +2299,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cache_dir is not None and (problem := _cache_dir_problem(args.cache_dir)):
         parser.error(f"--cache-dir {args.cache_dir!r}: {problem}")  # now, not after the embeddings are computed
     try:
+        methods = _methods_from_args(args)
+        dataset, root, audio_dir = args.dataset, args.root, args.audio_dir
+        trained_on = dataset_of_runs(methods) if dataset is None else None
+        if trained_on is not None:
+            recorded, labels = trained_on
+            dataset = recorded[0]
+            root = root if root is not None else recorded[1]
+            audio_dir = audio_dir if audio_dir is not None else recorded[2]
+            if recorded != ("corpus", None, None):  # (the default corpus: what it was before, nothing to say)
+                print(f"{parser.prog}: note: evaluating on {_data_text((dataset, root, audio_dir))}, the data "
+                      f"{' and '.join(labels)} {'was' if len(labels) == 1 else 'were'} trained on (--dataset "
+                      "evaluates on other data)", file=sys.stderr)
+        dataset = "corpus" if dataset is None else dataset
         config = DownstreamConfig(
-            dataset=args.dataset, root=args.root, audio_dir=args.audio_dir, classifiers=args.classifiers,
+            dataset=dataset, root=root, audio_dir=audio_dir, classifiers=args.classifiers,
             fractions=args.fractions, draws=args.draws, bootstrap_resamples=args.bootstrap,
             bootstrap_fraction=args.bootstrap_fraction, max_train_segments=args.max_train_segments,
             silence_db=args.silence_db if args.silence_db > 0 else None, seed=args.seed,
@@ -2267,7 +2321,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_workers=args.probe_workers, bn_calibration_segments=args.bn_segments, cache_dir=args.cache_dir,
             use_cache=not args.no_cache,
         )
-        methods = _methods_from_args(args)
     except DownstreamError as error:
         parser.error(str(error))
     note = mixed_front_end_note(methods)
@@ -2276,7 +2329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every CPU it may use by default: embedding extraction is the heavy part and it is one big batched forward.
     torch.set_num_threads(args.threads or usable_cpus())
     out_dir = Path(args.out) if args.out else (
-        Path("runs") / "downstream" / f"{_safe_name(Path(args.dataset).name or args.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        Path("runs") / "downstream" / f"{_safe_name(Path(dataset).name or dataset)}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     try:  # now, not after the whole evaluation; locked until the results are written: two never share a folder
         claim = claim_folder(out_dir, _out_dir_problem, numbered=not args.out)

@@ -11,10 +11,12 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from ray.tune import Callback
 
+from hpsearch.results import NO_FINAL_REPORT, trial_error
 from hpsearch.trainable import TRIAL_NUMBER_KEY
 from musicssl.cli import silence_closed_output
 
@@ -132,7 +134,9 @@ class ProgressPrinter(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         record = dict(trial.last_result or {})
         record["outcome"] = "failed"
-        record.setdefault("error", "exception in the trial (see error.txt in its Ray trial folder)")
+        if "error" not in record:  # no report of its own error: Ray's error.txt, which it has written by now
+            folder = Path(trial.error_file).parent if getattr(trial, "error_file", None) else None
+            record["error"] = trial_error(folder) or NO_FINAL_REPORT
         self._print(trial, record)
 
 

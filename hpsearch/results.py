@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ __all__ = [
     "format_summary",
     "finished_records",
     "export_best_checkpoint",
+    "NO_FINAL_REPORT",
+    "trial_error",
+    "trial_folder_name",
 ]
 
 JOURNAL_FILE = "optuna.journal"
@@ -47,6 +51,11 @@ BEST_BACKBONE_FILE = "best_backbone.pt"
 BEST_CONFIG_FILE = "best_config.json"
 SUMMARY_FILE = "summary.json"
 CONFIG_KEY = "optuna_trial"
+ERROR_FILE = "error.txt"  # Ray Tune's record of a trial's failures, in its folder
+# The error of a failed trial that reported none (its worker died): its error.txt says why.
+NO_FINAL_REPORT = f"the trial ended without its final report (see {ERROR_FILE} in its Ray trial folder)"
+# That error in the study, as this and earlier versions of the searcher wrote it.
+_UNEXPLAINED = (NO_FINAL_REPORT, "the trial raised an exception (see error.txt in its Ray trial folder)")
 OUTCOME_ORDER = ("complete", "collapsed", "diverged", "failed", "stopped", "running")
 
 _COLUMNS_FIRST = (
@@ -141,8 +150,19 @@ def trials_frame(study) -> pd.DataFrame:
 
 
 def write_trials_csv(study, folder: Path) -> pd.DataFrame:
-    """Write ``trials.csv`` (see :func:`trials_frame`) into ``folder`` and return the frame."""
+    """Write ``trials.csv`` (see :func:`trials_frame`) into ``folder`` and return the frame.
+
+    A failed trial that reported no error of its own (its worker process died) has, in its ``error``
+    column, the cause Ray's ``error.txt`` in its folder gives (:func:`trial_error`), once Ray has put
+    that file into the search's folder (at the latest when the search ends)."""
     frame = trials_frame(study)
+    if len(frame):
+        unexplained = frame["error"].isin(_UNEXPLAINED)
+        for position in frame.index[unexplained]:
+            found = next(filter(None, map(trial_error, _trial_folders(Path(folder), int(frame.at[position, "trial"])))),
+                         None)
+            if found:
+                frame.at[position, "error"] = found
     with whole(Path(folder) / TRIALS_FILE) as partial:  # rewritten after each trial: never left cut short
         frame.to_csv(partial, index=False)
     return frame
@@ -370,9 +390,46 @@ def finished_records(study) -> dict[int, dict[str, Any]]:
     return records
 
 
+def trial_folder_name(number: int | None, trial_id: str) -> str:
+    """``trial-<Optuna number>-<Tune id>``, the name of a trial's folder in the search's folder (Tune's default
+    spells out every parameter)."""
+    return f"trial-{number:04d}-{trial_id}" if isinstance(number, int) else f"trial-{trial_id}"
+
+
+def trial_error(folder: Path | str | None) -> str | None:
+    """Why the trial whose folder is ``folder`` failed, in one line, from Ray Tune's ``error.txt`` there (its last
+    failure); None where there is no such file.
+
+    A trial whose worker process died (killed, out of memory, a crash) has no exception of its own: Ray's
+    text says the actor died, and this says so in a person's words. Else the exception's last line (its type and
+    message), as a traceback ends."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    try:
+        text = (folder / ERROR_FILE).read_text(errors="replace")
+    except OSError:
+        return None
+    blocks = text.split("Failure # ")
+    lines = [line.rstrip() for line in blocks[-1].splitlines()[1 if len(blocks) > 1 else 0:]]
+    last = "\n".join(lines)
+    where = f"({ERROR_FILE} in {folder.name})"
+    if "the trial's worker was killed for memory" in last:  # hpsearch.run._fail_trials_whose_worker_is_lost
+        return f"its worker process was killed for memory by Ray's memory monitor {where}"
+    lost = re.search(r"the trial's worker was lost \((\w+)\)", last)
+    if lost:
+        return f"its worker process was lost ({lost.group(1)}) {where}"
+    if "The actor died" in last or "actor is dead" in last:
+        return f"its worker process died (killed, out of memory, or crashed) {where}"
+    message = next((line for line in reversed(lines) if line and not line[0].isspace()), "")
+    if not message:
+        return None
+    return f"{message[:300]}{'...' if len(message) > 300 else ''} {where}"
+
+
 def _trial_folders(experiment: Path, number: int) -> list[Path]:
     """The folders of Optuna trial ``number``: by its ``params.json``, else by the folder's name
-    (``trial-<number>-<Tune id>``, hpsearch.run.trial_folder_name). Ray Tune copies ``params.json``
+    (``trial-<number>-<Tune id>``, :func:`trial_folder_name`). Ray Tune copies ``params.json``
     into the experiment when it saves the experiment; a search that ended without that (killed, or
     stopped together with its Ray) may lack it, or hold it cut short, for its last trials."""
     folders = []

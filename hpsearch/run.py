@@ -42,7 +42,7 @@ from hpsearch.settings import (
     COLLAPSE_TYPES, OBJECTIVES, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, TrialSettings,
     flag_text, name_problem,
 )  # fmt: skip
-from musicssl.cli import ArgumentParser
+from musicssl.cli import ArgumentParser, counted
 from musicssl.machine import usable_cpus
 from musicssl.paths import PARTIAL_SUFFIX, os_error_in_chain, write_whole
 
@@ -88,6 +88,11 @@ def check_space(settings: SearchSettings) -> int:
     """Sample the space once (in memory) and build the trainer settings from it, so that a space
     whose names or values the trainer rejects fails now rather than in every trial. Returns the
     largest batch size a trial can get (the space may sample it)."""
+    return _check_space(settings)[0]
+
+
+def _check_space(settings: SearchSettings) -> tuple[int, bool]:
+    """:func:`check_space`'s batch size, and whether the space samples it."""
     import optuna
 
     from hpsearch.trainable import build_train_config
@@ -111,12 +116,12 @@ def check_space(settings: SearchSettings) -> int:
     elif isinstance(distribution, optuna.distributions.IntDistribution):
         largest = int(distribution.high)
     else:
-        return int(config.batch_size)
+        return int(config.batch_size), False
     if settings.batch_size != SearchSettings.batch_size:  # given, and not what the trials train with
         print(f"note: study_spaces/{settings.method}.py samples the batch size (up to {largest}): --batch-size "
               f"{settings.batch_size} sets only the batches the untrained reference measures its BatchNorm "
               "statistics on", file=sys.stderr)
-    return largest
+    return largest, True
 
 
 SCHEDULE_DRAWS = 200  # random draws of the space that the check of its schedules against --max-epochs looks at
@@ -187,7 +192,9 @@ def _corpus_started_on(settings: SearchSettings):
 
 def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batch_size: int | None = None):
     """Prepare the data once, in the driver: open the dataset (building the embedded corpus if it
-    is missing) and build its mel cache for the preset's front-end. Trials reuse it as is."""
+    is missing) and build its mel cache for the preset's front-end. Trials reuse it as is.
+    ``max_batch_size``: the largest batch size the method's space samples (None where it samples none, and
+    the trials train with ``settings.batch_size``)."""
     from musicssl.corpus.splits import describe_corpus
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import GENERATED_CORPUS_KEY
@@ -212,8 +219,9 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     except DatasetError as error:
         raise SearchError(str(error)) from None
     batch_size = max_batch_size or settings.batch_size
-    fix = (f"lower --batch-size (unless study_spaces/{settings.method}.py samples the batch size: this is "
-           "its largest) or use more data")
+    fix = (f"study_spaces/{settings.method}.py samples batch sizes up to {max_batch_size}: use data with more "
+           "training tracks, or leave the larger sizes out of that space" if max_batch_size
+           else "lower --batch-size or use more data")
 
     def unscorable(valid_tracks: str, tags: int, problem: str) -> SearchError:
         return SearchError(
@@ -429,8 +437,8 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
             else "give --storage-dir a folder on a disk with room"))
     need, free = search_bytes(settings, checkpoint, left), free_bytes(shown)
     if free is not None and need > free:
-        print(f"note: the {left} trials left take about {size_text(need)} on disk, and the disk of {shown} has "
-              f"{size_text(free)} free: the search stops when the room runs short, and continues with --resume "
+        print(f"note: the {counted(left, 'trial')} left take about {size_text(need)} on disk, and the disk of "
+              f"{shown} has {size_text(free)} free: the search stops when the room runs short, and continues with --resume "
               "once there is more", file=sys.stderr, flush=True)
     return floors
 
@@ -598,9 +606,10 @@ def _settle_temporary_folders() -> None:
 
 
 def trial_folder_name(trial) -> str:
-    """``trial-<Optuna number>-<Tune id>``: Tune's default spells out every parameter."""
-    number = trial.config.get("optuna_trial")
-    return f"trial-{number:04d}-{trial.trial_id}" if isinstance(number, int) else f"trial-{trial.trial_id}"
+    """``trial-<Optuna number>-<Tune id>`` (:func:`hpsearch.results.trial_folder_name`)."""
+    from hpsearch.results import trial_folder_name as folder_name
+
+    return folder_name(trial.config.get("optuna_trial"), trial.trial_id)
 
 
 def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, reserved: Path | None = None) -> bool:
@@ -1352,13 +1361,13 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             note = probe_memory_note(settings)
             if note:
                 print(f"note: {note}", file=sys.stderr, flush=True)
-        max_batch_size = check_space(settings)
+        max_batch_size, sampled = _check_space(settings)
         if address is None:
             _settle_temporary_folders()
         floors = check_room(settings, folder, finished if existing else 0, checkpoint_bytes(settings.preset),
                             resume=existing, local=address is None)
         if data is None:
-            data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size)
+            data = prepare_search_data(settings, verbose=True, max_batch_size=max_batch_size if sampled else None)
         if not existing:  # recorded when the search starts: a resume continues on that corpus
             settings = dataclasses.replace(settings, corpus=data.index.extra.get(GENERATED_CORPUS_KEY))
         if settings.tracks is None:  # and on those tracks (a search from before the record: from now on)
@@ -1675,9 +1684,10 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
     stopping = (f"collapse stop ({', '.join(settings.stop_on)}) after {settings.patience_epochs} collapsed "
                 f"epoch(s) past a grace of {settings.grace_epochs}" if settings.collapse_stop else "no collapse stop")
     print(
-        f"searching {settings.method}: {settings.trials} trials, {settings.concurrency} at a time "
+        f"searching {settings.method}: {counted(settings.trials, 'trial')}, {settings.concurrency} at a time "
         f"({settings.cpus_per_trial:g} CPU{', %g GPU' % settings.gpus_per_trial if settings.gpus_per_trial else ''} each), "
-        f"up to {settings.max_epochs} epochs x {settings.steps_per_epoch} steps, objective {settings.objective}, "
+        f"up to {counted(settings.max_epochs, 'epoch')} x {counted(settings.steps_per_epoch, 'step')}, objective "
+        f"{settings.objective}, "
         f"sampler {settings.sampler}, scheduler {settings.scheduler}, {stopping}\nfolder: {folder}",
         file=stream, flush=True,
     )
@@ -2044,7 +2054,8 @@ def _every_trial_failed(result: SearchResult) -> str | None:
         return None
     errors = [str(error).strip() for error in (finished["error"] if "error" in finished else []) if isinstance(error, str)]
     first = errors[0].splitlines()[-1] if errors and errors[0] else "no error recorded"
-    return (f"all {len(finished)} finished trials failed, the first with: {first}; "
+    failed = "the only finished trial failed" if len(finished) == 1 else f"all {len(finished)} finished trials failed"
+    return (f"{failed}, the first with: {first}; "
             f"{result.folder / 'trials.csv'}'s error column holds each one's")
 
 

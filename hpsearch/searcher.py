@@ -58,6 +58,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from hpsearch.results import NO_FINAL_REPORT
 from hpsearch.settings import SAMPLERS
 from hpsearch.trainable import FINAL_KEYS, NO_ROOM_FOR_CHECKPOINT
 
@@ -444,7 +445,9 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         value = (final or {}).get(self._metric)
         if error or outcome == "failed":
             attrs["outcome"] = "failed"
-            attrs.setdefault("error", "the trial raised an exception (see error.txt in its Ray trial folder)")
+            # No report of its own error: its worker died, or it failed outside the trial. Ray's error.txt says
+            # why, in a folder this searcher does not know (trials.csv takes it from there: write_trials_csv).
+            attrs.setdefault("error", NO_FINAL_REPORT)
             return TrialState.FAIL, None, attrs
         if final is None:
             # A scheduler stopped it; if the collapse rule had fired on the same report, the trial

@@ -417,6 +417,18 @@ def test_an_undecodable_files_reason_keeps_libsndfiles_detail_only_where_it_is_t
     assert message.count(str(truncated)) == 1 and "does not exist" not in message
 
 
+def test_a_file_of_a_format_not_read_here_is_named_as_such_and_one_only_named_so_decodes(tmp_path):
+    """Before: an AAC .m4a (iTunes) was "not a readable WAV/FLAC/OGG/MP3 file, or corrupt", as if damaged."""
+    m4a = write_bytes(tmp_path / "song.M4A", b"\x00\x00\x00\x20ftypM4A \x00\x00\x02\x00" + bytes(64))
+    with pytest.raises(AudioError) as raised:
+        load_audio(m4a)
+    assert str(raised.value) == (f"{m4a}: cannot decode audio: a .m4a file, a format not read here (WAV, FLAC, "
+                                 "OGG/Vorbis/Opus, MP3, AIFF); convert to FLAC or WAV, e.g. ffmpeg -i IN.m4a OUT.flac")
+    flac = tmp_path / "flac.m4a"  # libsndfile reads a file's content, whatever its name says
+    soundfile.write(flac, np.zeros(1600, dtype=np.float32), 16000, format="FLAC")
+    assert load_audio(flac).shape == (1600,)
+
+
 def test_load_audio_refuses_a_header_sample_rate_no_audio_has(tmp_path):
     """A WAV whose header says 1 Hz: resampling it to 16 kHz asked soxr for 16,000 times its samples and
     killed the process (a segfault, or std::bad_alloc), which decoding in the calling process (workers=0)

@@ -608,6 +608,22 @@ def test_a_file_that_decodes_to_under_half_its_listed_duration_is_skipped_as_tru
     assert corrected.track_ids == ["close", "cut", "full", "unlisted"] and corrected.skipped == []
 
 
+def test_durations_listed_in_milliseconds_are_named_as_such(tmp_path: Path) -> None:
+    """A tags file's duration column in milliseconds (9000 for a 9 s clip): every track was skipped as "a truncated
+    download? fetch the file again", and the build ended "none of the tracks is usable ({'truncated': 2})"."""
+    paths = {f"t{n}": write(tmp_path / f"t{n}.flac", tone_and_noise(9.0, 16000, n), 16000) for n in range(2)}
+    index = TrackIndex.from_records({"track_id": track_id, "path": path, "split": "train", "tags": (),
+                                     "duration": 9000.0} for track_id, path in paths.items())
+    with pytest.raises(MelCacheError) as raised:
+        MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert ("none of the 2 tracks of index 'custom' is usable ({'truncated': 2}); 2 of them list about 1000 times "
+            "their audio's duration: give the duration column in seconds; see ") in str(raised.value)
+    skipped = MelCache.open(tmp_path / "cache").skipped
+    assert [track.detail for track in skipped] == [
+        f"{paths[t]}: 9.00 s of audio, but the dataset lists 9000.00 s (milliseconds? the duration column needs "
+        "seconds)" for t in ("t0", "t1")]
+
+
 def test_index_without_usable_tracks_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
     index = make_index({"a": str(tmp_path / "a.wav"), "b": str(tmp_path / "b.wav")})

@@ -1684,6 +1684,60 @@ def test_methods_may_come_between_the_options(tmp_path, capsys):
     assert code == 2 and "unrecognized arguments" not in err and "unknown dataset" in err
 
 
+def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsys):
+    """Before: a run trained on data of the user's (--data FOLDER) was evaluated on the embedded corpus when
+    --dataset was left out, as the README's `python -m analysis.downstream runs/vicreg-<time>` does, and nothing
+    said so. Now the data its run recorded, with a note; runs trained on different data, or on audio without
+    tags, or recorded with a relative path, are refused with what to give."""
+    from musicssl.data.index import TrackIndex
+
+    folder = tmp_path / "pitch"
+    TrackIndex.from_records(write_pitch_dataset(folder)).to_csv(folder / "tracks.csv")
+    state = Backbone(preset="cpu").state_dict()
+
+    def run(name: str, **config) -> str:  # labelled by its name
+        return f"{name}={save_run(tmp_path / name, state, {'method': 'vicreg', 'preset': 'cpu', **config})}"
+
+    small = ["--classifiers", "linear", "--fractions", "100", "--draws", "1", "--bootstrap", "5",
+             "--bootstrap-fraction", "1", "--workers", "0", "--probe-workers", "0", "--device", "cpu", "--quiet"]
+    trained = run("trained", data=str(folder / "tracks.csv"), training_data_unlabeled=False)
+    code, _, err = run_main(main, [trained, "--no-baselines", "--out", str(tmp_path / "out"), *small], capsys)
+    assert code == 0, err
+    assert err == (f"python -m analysis.downstream: note: evaluating on {folder / 'tracks.csv'}, the data trained was "
+                   "trained on (--dataset evaluates on other data)\n")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dataset"] == "pitch" and summary["tracks"]["test"] == 4, summary["tracks"]
+    # A search's data is in its search.json (its trials' configurations name no folders).
+    search = save_run(tmp_path / "search", state, {"train": {"preset": "cpu", "method": "vicreg"}},
+                      "best_backbone.pt", "best_config.json")
+    (search / "search.json").write_text(json.dumps({"data": str(folder), "root": None, "audio_dir": None}))
+    code, _, err = run_main(main, [f"search={search}", "--no-baselines", "--out", str(tmp_path / "out2"), *small],
+                            capsys)
+    assert code == 0 and f"note: evaluating on {folder}, the data search was trained on" in err, err
+
+    refused = {
+        (trained, run("corpus-run", data="corpus")):
+            f"the checkpoints were trained on different data (trained: {folder / 'tracks.csv'}; corpus-run: corpus); "
+            "give --dataset to evaluate them all on one",
+        (run("audio-alone", data=str(folder), training_data_unlabeled=True),):
+            f"audio-alone was trained on {folder}, read without tags (audio alone); the probes need tagged tracks: "
+            "give --dataset, tagged data",
+        (run("relative", data="pitch"),): "relative was trained on pitch, a path relative to where it was trained: "
+                                          "give --dataset, that data's folder or file",
+    }
+    for runs, message in refused.items():
+        code, _, err = run_main(main, [*runs, "--out", str(tmp_path / "refused"), *small], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "refused").exists()
+    # A corpus run, a bare checkpoint or the baselines alone: the corpus, as before, without a note (here a corpus
+    # folder that does not exist, given by --root, which the runs' own data would not replace).
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    for methods in ([run("corpus-run", data="corpus")], [str(bare)], ["melstats"]):
+        code, _, err = run_main(main, [*methods, "--root", str(tmp_path / "no-corpus"), *small], capsys)
+        assert code == 2 and "note:" not in err and f"--root {tmp_path / 'no-corpus'}: no such folder" in err, err
+
+
 def test_an_unknown_preset_is_refused_where_no_method_uses_it(tmp_path, capsys):
     """Before: with only run folders (which keep their own preset) and --no-baselines, --preset nosuch ran the
     whole evaluation and exited 0."""

@@ -1668,6 +1668,44 @@ def signal_search_when(command: list[str], env: dict, ready, to: str = "search")
     return output(), code, seconds
 
 
+@pytest.mark.slow
+def test_a_trial_whose_worker_is_killed_fails_alone_and_says_its_worker_died(tmp_path, tonal_dataset, cli_env):
+    """A trial's worker process killed as it trains (as the kernel's OOM killer does): the trial fails, the
+    search goes on, and its line and trials.csv say that its worker died (before: "exception in the trial")."""
+    command = cli("vicreg", "--trials", "2", "--concurrency", "1", "--cpus-per-trial", "1", "--name", "killed",
+                  "--storage-dir", str(tmp_path), *tiny_flags(tonal_dataset), "--max-epochs", "3", "--steps-per-epoch",
+                  "30")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=cli_env, cwd=REPO,
+                               start_new_session=True)
+    try:
+        deadline, killed, trains_since = time.monotonic() + 240, None, None
+        while killed is None:
+            assert process.poll() is None and time.monotonic() < deadline, "the search ended before its trial trained"
+            for pid in _session_processes(process.pid):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if title.startswith(b"ray::ImplicitFunc.train"):
+                    trains_since = trains_since or time.monotonic()
+                    if time.monotonic() - trains_since > 3:  # past its start-up, in its first epochs
+                        os.kill(pid, signal.SIGKILL)
+                        killed = pid
+            time.sleep(0.1)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        kill_session(process.pid)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text[-3000:]
+    frame = pd.read_csv(tmp_path / "killed" / "trials.csv")
+    assert frame["outcome"].tolist()[0] == "failed" and frame["outcome"].tolist()[1] != "failed", frame.to_string()
+    died = "its worker process died (killed, out of memory, or crashed) (error.txt in trial-0000-"
+    assert frame["error"][0].startswith(died), frame["error"][0]
+    line = next(line for line in text.splitlines() if line.startswith("[1/2] #0"))
+    assert "failed     " + died in line, line
+    assert "vicreg: 2/2 trials finished (" in text and ", 1 failed)" in text, text[-3000:]
+
+
 @pytest.mark.parametrize("state_saved", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["after-ray-saved-its-state", "before-ray-saved-its-state"])
 def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env, state_saved):
@@ -1954,13 +1992,14 @@ def test_sigterm_while_the_mel_cache_is_built_keeps_the_tracks_decoded(tmp_path,
             shutil.copyfile(tonal_dataset / path, clip)  # a copy, not a link: a link is one file, one track
             listed.append(f"{track_id}-{copy},audio/{clip.name},{rest}")
     (tmp_path / "tracks.csv").write_text("\n".join(listed) + "\n")
+    # (progress lines at every track: the output is a pipe, where the build writes lines, not a bar)
     env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache-root"), "RAY_AUTH_MODE": "disabled",
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "MUSICSSL_PROGRESS_SECONDS": "0"}
     command = cli("vicreg", "--trials", "2", "--storage-dir", str(tmp_path / "runs"), *tiny_flags(tmp_path))
     total = copies * (len(rows) - 1)
 
-    def decoded_20(output: str, pids: list[int]) -> bool:  # the build's progress bar: 20 of its tracks decoded
-        return max((int(n) for n in re.findall(r"\| *(\d+)/%d \[" % total, output)), default=0) >= 20
+    def decoded_20(output: str, pids: list[int]) -> bool:  # the build's progress: 20 of its tracks decoded
+        return max((int(n) for n in re.findall(r"mel cache: (\d+)/%d tracks" % total, output)), default=0) >= 20
 
     output, code, _ = signal_search_when(command, env, decoded_20)
     assert code == 130 and output.endswith("python -m hpsearch.run: interrupted\n"), output
@@ -2298,10 +2337,17 @@ def test_a_batch_larger_than_the_listed_training_tracks_is_refused_before_the_me
     listed = int((pd.read_csv(tonal_dataset / "tracks.csv")["split"] == "train").sum())
     settings = SearchSettings(method="vicreg", data=str(tonal_dataset / "tracks.csv"), batch_size=listed + 1)
     with pytest.raises(SearchError, match=rf"lists {listed} training tracks, fewer than the batch size {listed + 1}; "
-                                          r"lower --batch-size"):
+                                          r"lower --batch-size or use more data$"):
         prepare_search_data(settings, verbose=False)
     assert not (tmp_path / "cache").exists()
     # At the batch size the listed tracks allow, the cache is built and the search's data is ready.
+    # A space that samples the batch size: the flag is no fix (before: "lower --batch-size (unless ...)").
+    with pytest.raises(SearchError, match=rf"lists {listed} training tracks, fewer than the batch size {listed + 1}; "
+                                          rf"study_spaces/contrastive.py samples batch sizes up to {listed + 1}: use data "
+                                          "with more training tracks, or leave the larger sizes out of that space$"):
+        prepare_search_data(SearchSettings(method="contrastive", data=settings.data), verbose=False,
+                            max_batch_size=listed + 1)
+    assert not (tmp_path / "cache").exists()
     ready = prepare_search_data(SearchSettings(method="vicreg", data=settings.data, batch_size=listed), verbose=False)
     assert len(ready.track_ids("train")) == listed and (tmp_path / "cache" / "mels").is_dir()
 
@@ -2310,7 +2356,7 @@ def test_a_batch_size_the_space_samples_is_said_to_set_only_the_references_batch
     """Before: --batch-size 64 on contrastive (whose space samples 32, 64 or 128) was stored and changed the
     untrained reference's BatchNorm calibration, with the trials training on their sampled batches, and
     nothing said so."""
-    from hpsearch.run import check_space
+    from hpsearch.run import _check_space, check_space
 
     assert check_space(SearchSettings(method="contrastive", batch_size=64)) == 128
     assert capsys.readouterr().err == ("note: study_spaces/contrastive.py samples the batch size (up to 128): "
@@ -2318,6 +2364,8 @@ def test_a_batch_size_the_space_samples_is_said_to_set_only_the_references_batch
                                        "BatchNorm statistics on\n")
     assert check_space(SearchSettings(method="contrastive")) == 128  # the default: nothing to say
     assert check_space(SearchSettings(method="vicreg", batch_size=64)) == 64  # trains with it
+    assert _check_space(SearchSettings(method="vicreg"))[1] is False  # (whether the space samples the batch size)
+    assert _check_space(SearchSettings(method="contrastive")) == (128, True)
     assert capsys.readouterr().err == ""
 
 
@@ -2365,7 +2413,8 @@ def test_a_search_whose_every_trial_failed_exits_1_with_the_first_error(tmp_path
         f"python -m hpsearch.run: error: all 2 finished trials failed, the first with: ValueError: no track can give "
         f"2 views; {tmp_path / 'trials.csv'}'s error column holds each one's\n")
     assert searched(["failed", "waiting"], ["RuntimeError: x", None]) == 1  # a trial waiting to start is not finished
-    capsys.readouterr()
+    assert capsys.readouterr().err.startswith("python -m hpsearch.run: error: the only finished trial failed, the first "
+                                              "with: RuntimeError: x; ")
     for outcomes in (["failed", "complete"], ["failed", "collapsed"], ["diverged"], ["stopped", "failed"], ["running"]):
         assert searched(outcomes, [None] * len(outcomes)) == 0, outcomes
 
@@ -2888,15 +2937,12 @@ def test_a_cluster_that_cannot_be_joined_leaves_no_search_folder(tmp_path, tonal
     assert list((tmp_path / "runs").iterdir()) == []
 
 
-def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
-    """Ray raises OutOfMemoryError for a task its memory monitor kills; Ray Tune's actor manager
-    treats it as unexpected and ended the whole search (measured: RAY_memory_usage_threshold=0.2 and
-    100,000 probe segments). With the search's handling the trial's actor is failed like a dead one,
-    so Tune fails the trial (FAIL in the study) and goes on (measured: both trials failed, exit 0)."""
+def lost_worker_errors(exception: Exception) -> tuple[list, list, object]:
+    """What the search's handling of a worker lost for ``exception`` passes on (to the trial's actor, then its
+    task), what it cleaned up and its actor, through Ray's actor manager: only its failure path, no Ray needed."""
     from ray.air.execution._internal.actor_manager import RayActorManager
     from ray.air.execution._internal.tracked_actor import TrackedActor
     from ray.air.execution._internal.tracked_actor_task import TrackedActorTask
-    from ray.exceptions import OutOfMemoryError, RayActorError
 
     from hpsearch.run import _fail_trials_whose_worker_is_lost
 
@@ -2905,20 +2951,80 @@ def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
     errors: list = []
     actor = TrackedActor(7, on_error=lambda tracked, error: errors.append(("actor", error)))
     task = TrackedActorTask(actor, on_error=lambda tracked, error: errors.append(("task", error)))
-    manager = RayActorManager.__new__(RayActorManager)  # only the failure path, no Ray needed
+    manager = RayActorManager.__new__(RayActorManager)
     manager._failed_actor_ids, cleaned = set(), []
     manager._cleanup_actor = lambda tracked_actor: cleaned.append(tracked_actor)
-    manager._actor_task_failed(task, OutOfMemoryError("1 worker(s) were killed due to the node running low on memory"))
+    manager._actor_task_failed(task, exception)
+    assert manager._failed_actor_ids == {7}
+    return errors, cleaned, actor
+
+
+def test_a_trial_killed_for_memory_fails_alone_as_other_dead_workers_do():
+    """Ray raises OutOfMemoryError for a task its memory monitor kills; Ray Tune's actor manager
+    treats it as unexpected and ended the whole search (measured: RAY_memory_usage_threshold=0.2 and
+    100,000 probe segments). With the search's handling the trial's actor is failed like a dead one,
+    so Tune fails the trial (FAIL in the study) and goes on (measured: both trials failed, exit 0)."""
+    from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError
+
+    errors, cleaned, actor = lost_worker_errors(
+        OutOfMemoryError("1 worker(s) were killed due to the node running low on memory"))
     assert [kind for kind, _ in errors] == ["actor", "task"]
     assert all(isinstance(error, RayActorError) and "killed for memory" in str(error) for _, error in errors)
-    assert manager._failed_actor_ids == {7} and cleaned == [actor]
+    assert cleaned == [actor]
     # Ray's other system errors for one task fail the trial the same way (a node that died here).
-    from ray.exceptions import NodeDiedError
-
-    errors.clear()
-    manager._actor_task_failed(task, NodeDiedError("node 10.0.0.2 died"))
+    errors, _, _ = lost_worker_errors(NodeDiedError("node 10.0.0.2 died"))
     assert [kind for kind, _ in errors] == ["actor", "task"]
     assert all(isinstance(error, RayActorError) and "lost (NodeDiedError)" in str(error) for _, error in errors)
+
+
+def test_a_failed_trial_that_reported_no_error_has_ray_s_cause_in_trials_csv(tmp_path):
+    """A trial whose worker process died sends no report of its failure; Ray writes why in error.txt in its
+    folder, which the searcher cannot see. Before: "the trial raised an exception" in trials.csv, for a worker
+    killed by the kernel, by Ray for memory, or lost with its node. Now trials.csv says which, once Ray has put
+    error.txt into the search's folder; the study keeps that the trial ended without its final report."""
+    from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError
+
+    from hpsearch.results import NO_FINAL_REPORT, write_trials_csv
+
+    def ray_error_file(folder: Path, *exceptions: Exception | str) -> None:
+        """error.txt as Ray Tune's Trial.handle_error writes it: one block per failure."""
+        folder.mkdir()
+        with open(folder / "error.txt", "a+") as handle:
+            for number, exception in enumerate(exceptions, 1):
+                handle.write(f"Failure # {number} (occurred at 2026-12-06_09-39-28)\n{exception}\n")
+
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    ids = ["k", "m", "n", "p", "q", "r"]
+    for trial_id in ids:
+        searcher.suggest(trial_id)
+    for trial_id in ids[:-1]:
+        searcher.on_trial_complete(trial_id, error=True)
+    raised = final_result("failed", error="ValueError: no track can give 2 views")
+    searcher.on_trial_result("r", raised)
+    searcher.on_trial_complete("r", result=raised, error=True)
+    memory, = {str(error) for _, error in lost_worker_errors(OutOfMemoryError("1 worker(s) were killed"))[0]}
+    lost, = {str(error) for _, error in lost_worker_errors(NodeDiedError("node 10.0.0.2 died"))[0]}
+    # (the text Ray writes for a killed worker, as measured: the exception's message, then the actor's details)
+    ray_error_file(tmp_path / "trial-0000-k", f"{ActorDiedError()}\n\tclass_name: ImplicitFunc\n\tpid: 11729\nThe "
+                   "actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR")
+    ray_error_file(tmp_path / "trial-0001-m", "ValueError: an earlier failure, before the trial was restored", memory)
+    ray_error_file(tmp_path / "trial-0002-n", lost)
+    ray_error_file(tmp_path / "trial-0003-p", "ray::ImplicitFunc.train() (pid=1, ip=192.0.2.2)\nTraceback (most "
+                   "recent call last):\n  File \"x.py\", line 1, in f\n    g()\nRuntimeError: CUDA error: out of memory")
+    ray_error_file(tmp_path / "trial-0005-r", ActorDiedError())  # a trial's own report wins over Ray's file
+    frame = write_trials_csv(load_study(tmp_path / "optuna.journal"), tmp_path).set_index("trial")
+    assert frame["error"].to_dict() == {
+        0: "its worker process died (killed, out of memory, or crashed) (error.txt in trial-0000-k)",
+        1: "its worker process was killed for memory by Ray's memory monitor (error.txt in trial-0001-m)",
+        2: "its worker process was lost (NodeDiedError) (error.txt in trial-0002-n)",
+        3: "RuntimeError: CUDA error: out of memory (error.txt in trial-0003-p)",
+        4: NO_FINAL_REPORT,  # no error.txt (yet) in its folder
+        5: "ValueError: no track can give 2 views",
+    }
+    assert pd.read_csv(tmp_path / "trials.csv").set_index("trial")["error"].to_dict() == frame["error"].to_dict()
+    assert (frame["outcome"] == "failed").all()
+    study = load_study(tmp_path / "optuna.journal")
+    assert [trial.user_attrs["error"] for trial in study.trials[:5]] == [NO_FINAL_REPORT] * 5
 
 
 def test_a_resumed_search_runs_as_many_trials_at_once_as_it_is_now_given_and_asks_for_trials_again(tmp_path):

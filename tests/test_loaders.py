@@ -196,6 +196,53 @@ def test_assign_splits_is_the_same_in_another_process():
     assert outputs[0] == outputs[1] == assign_splits(ids, seed=5)
 
 
+def test_audio_of_formats_not_read_here_is_named_when_a_folder_is_read_without_tags(tmp_path, caplog):
+    """Before: a folder of .wav and .m4a/.wma files (an iTunes library) was read as its .wav files alone, without a
+    word about the others."""
+    root = tmp_path / "library"
+    for name in ("a.wav", "sub/b.wav"):
+        write_sine(root / name)
+    for name in ("c.m4a", "sub/d.M4A", "e.wma", ".hidden.m4a", "notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"not decoded here")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_folder(root, unlabeled=True)
+    assert index.track_ids == ["a", "sub/b"]
+    assert (f"{root}: 3 audio file(s) in formats not read here were left out (.m4a: 2, .wma: 1), e.g. c.m4a; convert "
+            "to FLAC or WAV, e.g. ffmpeg -i IN.m4a OUT.flac") in caplog.text
+    # With nothing else, the error says so.
+    for name in ("a.wav", "sub/b.wav"):
+        (root / name).unlink()
+    with pytest.raises(DatasetError, match=re.escape("found 5 other file(s) such as ['.hidden.m4a', 'c.m4a', 'e.wma']); "
+                                                     ".m4a, .wma files are not read here: convert to FLAC or WAV")):
+        load_folder(root, unlabeled=True)
+
+
+def test_a_tags_cell_that_holds_a_missing_values_mark_has_no_tags(tmp_path, caplog):
+    """Before: R's write.table writes an empty cell as NA, pandas as nan: each became a tag ('NA', 'nan'), which the
+    probes then learned and scored, without a word."""
+    root = tmp_path / "songs"
+    cells = ["rock", "NA", "", "pop;rock", " nan ", "#N/A", "NA;rock"]
+    for number in range(len(cells)):
+        write_sine(root / f"s{number}.wav")
+    (root / "tags.csv").write_text("path,tags\n" + "".join(f"s{n}.wav,{cell}\n" for n, cell in enumerate(cells)))
+    with caplog.at_level(logging.WARNING, logger="musicssl.data.index"):
+        index = load_folder(root)
+    assert [tuple(tags) for tags in index.tracks.sort_values("track_id")["tags"]] == [
+        ("rock",), (), (), ("pop", "rock"), (), (), ("NA", "rock")]  # (a mark among tags is a tag)
+    assert index.tag_names == ["NA", "pop", "rock"]
+    assert (f"{root / 'tags.csv'}: 3 row(s) hold 'NA' or 'nan' or '#N/A' as their tags, a missing value as R, pandas "
+            "or a spreadsheet writes an empty cell: read as no tags (e.g. line 3)") in caplog.text
+    # A track index alike.
+    caplog.clear()
+    (tmp_path / "tracks.csv").write_text("track_id,path,split,tags\n" + "".join(
+        f"t{n},{root / f's{n}.wav'},train,{cell}\n" for n, cell in enumerate(cells[:3])))
+    with caplog.at_level(logging.WARNING, logger="musicssl.data.index"):
+        index = TrackIndex.from_csv(tmp_path / "tracks.csv")
+    assert [tuple(tags) for tags in index.tracks["tags"]] == [("rock",), (), ()] and index.tag_names == ["rock"]
+    assert "1 row(s) hold 'NA' as their tags" in caplog.text
+
+
 def test_a_split_left_empty_on_a_tiny_set_is_a_warning(caplog):
     ids = [str(i) for i in range(4)]
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -690,13 +737,19 @@ def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):
     assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
     # Blank lines before the header, as the table skips them; rows numbered first (R's write.table), read without
     # their numbers, as before that check. A single row with one cell too many is not taken for a numbered one.
+    # So are rows numbered under an unnamed column (R's write.csv; before: "unexpected column(s) ['Unnamed: 0']").
     for table in ("\n\npath,tags,split\naudio/a.wav,rock,train\naudio/b.wav,jazz,test\n",
-                  '"path","tags","split"\n"1","audio/a.wav","rock","train"\n"2","audio/b.wav","jazz","test"\n'):
+                  '"path","tags","split"\n"1","audio/a.wav","rock","train"\n"2","audio/b.wav","jazz","test"\n',
+                  '"","path","tags","split"\n"1","audio/a.wav","rock","train"\n"2","audio/b.wav","jazz","test"\n'):
         (root / "tags.csv").write_text(table)
         index = load_folder(root)
         assert index.track_ids == ["audio/a", "audio/b"] and index.tracks["split"].tolist() == ["train", "test"]
     (root / "tags.csv").write_text("path,tags\naudio/a.wav,rock,more\n")
     with pytest.raises(DatasetError, match=r"tags.csv, line 2: 3 comma-separated cells, but the header has 2"):
+        load_folder(root)
+    # An unnamed first column that does not number the rows 1, 2, ... is no row numbers: refused as before.
+    (root / "tags.csv").write_text(',path,tags\n1,audio/a.wav,rock\n3,audio/b.wav,jazz\n')
+    with pytest.raises(DatasetError, match=r"unexpected column\(s\) \['Unnamed: 0'\]"):
         load_folder(root)
     (root / "tags.csv").write_text("path,tags\naudio\\a.wav,rock\naudio\\b.wav,jazz\n")
     with pytest.raises(DatasetError, match=r"expected at .*audio\\a.wav\); .*paths must separate folders "
@@ -807,12 +860,15 @@ def write_mtat(folder: Path, tags=MTAT_TAGS, rows=MTAT_ROWS) -> Path:
     return path
 
 
-def test_mtat_top_tags_split_and_dropped_clips(tmp_path):
+def test_mtat_top_tags_split_and_dropped_clips(tmp_path, caplog):
     root = tmp_path / "mtat"
     write_mtat(root)
     for _, _, mp3_path in MTAT_ROWS:
         write_sine(root / mp3_path)
-    index = load_mtat(root, n_tags=3)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_mtat(root, n_tags=3)
+    # Said where a command shows it (before: at the INFO level, which none does).
+    assert "mtat: left out 3 of 8 clips without any of the top 3 tags (the standard protocol)" in caplog.text
     # Counts: guitar 4; no voice, classical, rock 2 each (column order breaks the tie); singer 1.
     # Clips 10 (singer only), 30 (rock only) and 41 (no tag) have none of the top 3 and are dropped.
     base = root.resolve()

@@ -1221,10 +1221,12 @@ def test_cli_trains_on_a_track_index(tmp_path, tonal_dataset):
     completed = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=environment)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Traceback" not in completed.stderr
-    assert "barlow_twins: 1 epochs, 2 steps" in completed.stdout
-    # Its progress bar counts the epochs as metrics.csv does, from 1 (Lightning's own bar reads "Epoch 0").
+    assert "barlow_twins: 1 epoch, 2 steps" in completed.stdout
+    # Its progress counts the epochs as metrics.csv does, from 1 (Lightning's own bar reads "Epoch 0"). The output
+    # is a pipe, not a terminal: plain lines, not a bar redrawn with carriage returns (as in a log file).
     bar = completed.stdout + completed.stderr
-    assert "Epoch 1/1" in bar and "Epoch 0" not in bar, bar[-2000:]
+    assert "\nEpoch 1/1: 2/2 steps in " in bar and "Epoch 0" not in bar, bar[-2000:]
+    assert "\r" not in bar and "mel cache: " in completed.stderr, bar[-2000:]
     assert (out / "backbone.pt").is_file() and (out / "metrics.csv").is_file()
     # Again (the mel cache is built now) with files limited to 1 MB, as a full disk would stop it: the
     # backbone (2 MB) cannot be written. Before: a summary.json that said "complete" next to a truncated

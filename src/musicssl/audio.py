@@ -52,6 +52,13 @@ def _libsndfile_detail(error: Exception, path: Path) -> str:
     return f" (libsndfile: {detail})"
 
 
+# Audio formats libsndfile does not decode, which music collections often hold (AAC in .m4a from iTunes, WMA, ...):
+# named as such where a file of one fails to decode, and by a folder read without tags, which leaves them out.
+UNSUPPORTED_AUDIO_EXTENSIONS = (".m4a", ".m4b", ".mp4", ".aac", ".alac", ".wma", ".ape", ".wv", ".mka", ".webm",
+                                ".ac3", ".amr", ".dsf", ".dff", ".mpc")
+CONVERT_HINT = "convert to FLAC or WAV, e.g. ffmpeg -i IN.m4a OUT.flac"
+
+
 # What load_audio says of a file it may not open (permissions, an I/O error): not the file's fault, so a mel
 # cache tries it again at its next build.
 UNREADABLE = "cannot open the file"
@@ -81,6 +88,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     try:
         data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile raises several types; all mean "not decodable"
+        if path.suffix.lower() in UNSUPPORTED_AUDIO_EXTENSIONS:  # (a FLAC or WAV so named decodes: libsndfile reads content)
+            raise AudioError(f"{path}: cannot decode audio: a {path.suffix.lower()} file, a format not read here (WAV, "
+                             f"FLAC, OGG/Vorbis/Opus, MP3, AIFF); {CONVERT_HINT}") from None
         raise AudioError(
             f"{path}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt{_libsndfile_detail(error, path)}"
         ) from None

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser", "int_in", "quiet_ctrl_c_while_starting", "silence_closed_output"]
+__all__ = ["ArgumentParser", "counted", "int_in", "quiet_ctrl_c_while_starting", "silence_closed_output"]
 
 _starting_prog: str | None = None
 
@@ -81,3 +81,9 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 trial``, ``64 trials``: a count with its noun in the number it needs (``plural`` where it is not
+    the noun and an s)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

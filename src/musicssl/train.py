@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from musicssl.cli import ArgumentParser
+from musicssl.cli import ArgumentParser, counted
 from musicssl.interrupts import Interrupted, exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import (
     CLAIM_FILE,
@@ -242,9 +242,13 @@ def _lightning():
 
 def _epoch_bar():
     """Lightning's progress bar, its epochs counted from 1 of ``max_epochs`` as ``metrics.csv`` and
-    ``summary.json`` count them (Lightning's own reads "Epoch 0" for the first)."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    ``summary.json`` count them (Lightning's own reads "Epoch 0" for the first). Where standard output is
+    not a terminal (a log file), plain lines instead of a bar redrawn at every step: one per epoch, and
+    one every :data:`musicssl.progress.LINE_INTERVAL` seconds within a long epoch."""
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
     from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+    from musicssl.progress import LineProgress, redraws
 
     class EpochBar(TQDMProgressBar):
         def on_train_epoch_start(self, trainer, *args: Any) -> None:
@@ -257,7 +261,38 @@ def _epoch_bar():
             bar.reset(total=convert_inf(self.total_train_batches))
             bar.initial = 0
 
-    return EpochBar()
+    class EpochLines(ProgressBar):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enabled = True
+            self.lines: LineProgress | None = None
+
+        def disable(self) -> None:
+            self.enabled = False
+
+        def enable(self) -> None:
+            self.enabled = True
+
+        def on_train_epoch_start(self, trainer, *args: Any) -> None:
+            self.lines = LineProgress(convert_inf(self.total_train_batches), f"Epoch {trainer.current_epoch + 1}/"
+                                      f"{trainer.max_epochs}", "step", disable=not self.enabled, file=sys.stdout)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            if self.lines is not None:
+                self.lines.update(batch_idx + 1 - self.lines.n)
+
+        def on_train_epoch_end(self, trainer, *args: Any) -> None:
+            self._end()
+
+        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+            self._end()
+
+        def _end(self) -> None:
+            if self.lines is not None:
+                self.lines.close()
+                self.lines = None
+
+    return EpochBar() if redraws(sys.stdout) else EpochLines()
 
 
 class SSLModule(_lightning().LightningModule):
@@ -1088,7 +1123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{key} {final[key]:.4f}" for key in ("train_loss", "collapse_rankme_embedding", "probe_map", "probe_auc")
         if isinstance(final.get(key), float)
     )
-    print(f"{config.method}: {final['epochs_run']} epochs, {final['steps']} steps in {result.seconds:.1f} s; "
+    print(f"{config.method}: {counted(final['epochs_run'], 'epoch')}, {counted(final['steps'], 'step')} in "
+          f"{result.seconds:.1f} s; "
           f"verdict {result.verdict}{'; ' + shown if shown else ''}")
     if result.diverged_step is not None:
         kept = (f"backbone.pt holds the weights after epoch {final['backbone_epoch']}, the last before"

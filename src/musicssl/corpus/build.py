@@ -307,7 +307,7 @@ def build_corpus(
     first use and reused afterwards. ``out_dir`` must be new or empty unless ``force`` replaces a
     corpus already there. Raises :class:`CorpusError` for bad settings or folders.
     """
-    from tqdm.auto import tqdm
+    from musicssl.progress import progress_bar
 
     started = time.perf_counter()
     # Through a symbolic link, the folder it names: the build is moved into place by renames, which would
@@ -346,7 +346,8 @@ def build_corpus(
         (staging / "midi").mkdir()
         jobs = [(number, config, str(bank.directory), str(staging), splits[number]) for number in range(config.tracks)]
         records: list[dict] = [{}] * config.tracks
-        with tqdm(total=config.tracks, desc="corpus", unit="track", disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=config.tracks, desc="corpus", unit="track", disable=not progress,
+                          dynamic_ncols=True) as bar:
             if workers == 1:
                 for job in jobs:
                     records[job[0]] = _build_track_job(job)

@@ -296,7 +296,7 @@ class NoteBank:
 def ensure_note_bank(cache_dir: Path, workers: int = 1, spec: BankSpec = BankSpec(), progress: bool = False) -> NoteBank:
     """The note bank in ``cache_dir``, rendering it first if it is missing (atomically: a half-written
     bank is never mistaken for a finished one), with ``workers`` processes and a progress bar if asked."""
-    from tqdm.auto import tqdm
+    from musicssl.progress import progress_bar
 
     directory = bank_directory(cache_dir, spec)
     if (directory / "index.json").is_file():
@@ -314,7 +314,8 @@ def ensure_note_bank(cache_dir: Path, workers: int = 1, spec: BankSpec = BankSpe
     # Longest jobs first so that the last worker to finish is not the one that started a long job late.
     order = sorted(range(len(jobs)), key=lambda number: -len(jobs[number][2]) * (1 if jobs[number][0] else 3))
     ordered = [jobs[number] for number in order]
-    with tqdm(total=len(jobs), desc="note bank (once)", unit="instrument", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(jobs), desc="note bank (once)", unit="instrument", disable=not progress,
+                      dynamic_ncols=True) as bar:
         finished = []
         if workers > 1:
             with worker_pool(min(workers, len(jobs))) as pool, interrupts_kept():

@@ -74,12 +74,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from musicssl.audio import UNREADABLE, AudioError, LogMel, load_audio, mel_filterbank
 from musicssl.data.index import TrackIndex
 from musicssl.interrupts import SpawnPool
 from musicssl.machine import usable_cpus
+from musicssl.progress import progress_bar
 
 __all__ = [
     "SKIP_REASONS",
@@ -392,8 +392,12 @@ def _truncated(path: str | Path, samples: int, listed_samples: int | None, sampl
     """``("truncated", detail)`` when ``samples`` fall short of :data:`TRUNCATED_FRACTION` of the listed length."""
     if listed_samples is None or samples >= TRUNCATED_FRACTION * listed_samples:
         return None
+    # About 1000 times the audio's length: a duration column in milliseconds (before: "a truncated download?" of
+    # every track, as if the files were at fault).
+    why = ("milliseconds? the duration column needs seconds" if 500 <= listed_samples / max(samples, 1) <= 2000
+           else "a truncated download? fetch the file again")
     return "truncated", (f"{path}: {samples / sample_rate:.2f} s of audio, but the dataset lists "
-                         f"{listed_samples / sample_rate:.2f} s (a truncated download? fetch the file again)")
+                         f"{listed_samples / sample_rate:.2f} s ({why})")
 
 
 def _listed_samples(index: TrackIndex, sample_rate: int) -> list[int | None]:
@@ -1025,9 +1029,13 @@ class MelCache:
                 print(f"mel cache: {len(skipped)} of this dataset's file(s) skipped in all ({reasons}); see "
                       f"{folder / SKIP_REPORT_FILE}")
         if report.usable == 0:
-            reasons = Counter(cache._skipped[t].reason for t in index.track_ids if t in cache._skipped)
+            skipped = [cache._skipped[t] for t in index.track_ids if t in cache._skipped]
+            reasons = Counter(track.reason for track in skipped)
+            in_ms = sum("duration column needs seconds" in track.detail for track in skipped)
+            hint = (f"; {in_ms} of them list about 1000 times their audio's duration: give the duration column in "
+                    "seconds" if in_ms else "")
             raise MelCacheError(
-                f"none of the {len(index)} tracks of index {index.name!r} is usable ({dict(reasons)}); "
+                f"none of the {len(index)} tracks of index {index.name!r} is usable ({dict(reasons)}){hint}; "
                 f"see {folder / SKIP_REPORT_FILE} for each file and reason"
             )
         return cache
@@ -1129,7 +1137,8 @@ class MelCache:
         pending: list[_Result] = []
         pending_bytes = 0
         last_commit = time.monotonic()
-        bar = tqdm(total=len(tasks), desc="mel cache", unit="track", disable=not progress or not tasks, mininterval=0.5)
+        bar = progress_bar(total=len(tasks), desc="mel cache", unit="track", disable=not progress or not tasks,
+                           mininterval=0.5)
         results = _iterate_results(tasks, min(workers, len(tasks)))
         try:
             for result in results:

@@ -63,6 +63,11 @@ def file_identity(path: str | Path) -> Any:
     return os.path.realpath(path)
 
 
+# A tags cell that holds one of these alone is an empty one as R (NA), pandas (nan, None, <NA>) or a spreadsheet
+# (#N/A) writes it: read as no tags.
+MISSING_MARKS = frozenset({"NA", "N/A", "#N/A", "NaN", "nan", "None", "null", "NULL", "<NA>"})
+
+
 def split_tag_cells(cells: Sequence[Any], lines: Sequence[int], source: str | Path,
                     separator: str | None = None, *, index: bool = False) -> list[tuple[str, ...]]:
     """Each cell's tags, stripped of spaces, once each, in order: joined by ``separator`` where given; in a
@@ -70,8 +75,15 @@ def split_tag_cells(cells: Sequence[Any], lines: Sequence[int], source: str | Pa
     columns under another name, read the same way as a file or in its folder), by ``;``, or by ``,`` where no
     cell holds a ``;``. A tag may hold a ``,`` (Discogs' ``Folk, World, & Country``), so a cell with a ``,``
     and no ``;``, read as one tag where ``;`` joins the tags, is named in a warning (``lines``: each cell's
-    line in ``source``): a ``,`` there may have been meant to join tags."""
+    line in ``source``): a ``,`` there may have been meant to join tags. A cell that holds only a missing value's
+    mark (:data:`MISSING_MARKS`: ``NA``, ``nan``, ...) has no tags, with a warning."""
     texts = ["" if cell is None else str(cell) for cell in cells]
+    missing = [(line, text.strip()) for line, text in zip(lines, texts) if text.strip() in MISSING_MARKS]
+    if missing:  # before: a tag "NA" (R's write.table of an empty cell), which the probes then scored
+        logger.warning("%s: %d row(s) hold %s as their tags, a missing value as R, pandas or a spreadsheet writes an "
+                       "empty cell: read as no tags (e.g. line %d)", source, len(missing),
+                       " or ".join(repr(mark) for mark in dict.fromkeys(text for _, text in missing)), missing[0][0])
+        texts = ["" if text.strip() in MISSING_MARKS else text for text in texts]
     if separator is None:
         joined = any(";" in text for text in texts)
         separator = ";" if index or joined else ","

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from musicssl.audio import CONVERT_HINT, UNSUPPORTED_AUDIO_EXTENSIONS
 from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError, file_identity, split_tag_cells
 
 __all__ = [
@@ -328,12 +329,21 @@ def _regular_file(path: Path, unreadable: list[OSError]) -> bool:
         return False
 
 
-def _list_audio_files(root: Path) -> list[Path]:
+def _list_audio_files(root: Path, other_formats: list[Path] | None = None) -> list[Path]:
+    """The audio files under ``root``, in path order; files of audio formats that are not read here (an .m4a) are
+    added to ``other_formats``, where given."""
     unreadable: list[OSError] = []
-    found = sorted(
-        path for path in _files_under(root, unreadable)
-        if path.suffix.lower() in AUDIO_EXTENSIONS and not path.name.startswith(".") and _regular_file(path, unreadable)
-    )
+    found = []
+    for path in _files_under(root, unreadable):
+        suffix = path.suffix.lower()
+        if path.name.startswith(".") or suffix not in (*AUDIO_EXTENSIONS, *UNSUPPORTED_AUDIO_EXTENSIONS):
+            continue
+        if suffix in AUDIO_EXTENSIONS:
+            if _regular_file(path, unreadable):
+                found.append(path)
+        elif other_formats is not None:
+            other_formats.append(path)
+    found.sort()
     # A file system's own lost+found (root's, at a mount point) is no folder of the user's to warn of.
     unreadable = [error for error in unreadable if Path(str(error.filename)).name != "lost+found"]
     # A name that is not UTF-8 (files from an old zip archive: Latin-1 bytes) is no track id, and no line of a
@@ -444,13 +454,15 @@ def _scan_rows(path: Path, separator: str) -> tuple[list[int] | None, bool]:
     Lines: blank and whitespace-only lines, which the table skips, are counted, and so are the lines
     of a quoted cell that spans several (None when the reader cannot parse the file; pandas then says
     why). Numbered rows: every row has one cell more than the header, first, numbering the rows
-    1, 2, ... (as R's ``write.table`` writes them: the table is read with that column as its index).
+    1, 2, ... (as R's ``write.table`` writes them), or the header's first cell is empty over a column that
+    numbers them so (R's ``write.csv``): the table is read with that column as its index.
     Otherwise a row with more non-empty cells than the header has columns is an error that names its
     line; empty cells past the header's, as a trailing separator leaves, are dropped.
     """
     names = {"\t": "tab", ",": "comma", ";": "semicolon"}
     header: list[str] | None = None
     starts: list[int] = []
+    first_cells: list[str] = []
     longer: list[tuple[int, list[str]]] = []  # (line, cells) of the rows with cells past the header's
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
@@ -464,15 +476,19 @@ def _scan_rows(path: Path, separator: str) -> tuple[list[int] | None, bool]:
                     header = record
                     continue
                 starts.append(line)
+                first_cells.append(record[0].strip())
                 if len(record) > len(header):
                     longer.append((line, record))
     except (csv.Error, UnicodeDecodeError):
         return None, False
     if header is None:
         return starts, False
+    numbers = [str(number) for number in range(1, len(starts) + 1)]
     if starts and len(longer) == len(starts) and all(len(cells) == len(header) + 1 for _, cells in longer) \
-            and [cells[0].strip() for _, cells in longer] == [str(number) for number in range(1, len(starts) + 1)]:
+            and [cells[0].strip() for _, cells in longer] == numbers:
         return starts, True
+    if starts and not longer and len(header) > 1 and not header[0].strip() and first_cells == numbers:
+        return starts, True  # R's write.csv: the row numbers' column is in the header, unnamed ("")
     for line, cells in longer:
         if any(cell.strip() for cell in cells[len(header):]):
             raise DatasetError(
@@ -547,13 +563,16 @@ def load_folder(
         raise DatasetError(
             f"{root}: the folder is empty; put audio files ({', '.join(AUDIO_EXTENSIONS)}) and a tags CSV/TSV in it"
         )
-    audio_files = _list_audio_files(root)
+    other_formats: list[Path] = []
+    audio_files = _list_audio_files(root, other_formats)
 
     def no_audio() -> DatasetError:
         others = sorted(p.relative_to(root).as_posix() for p in _files_under(root) if p.is_file())
+        formats = (f"; {', '.join(sorted({p.suffix.lower() for p in other_formats}))} files are not read here: "
+                   f"{CONVERT_HINT}" if other_formats else "; add audio files or point root at their folder")
         return DatasetError(
             f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)} in it and its subfolders; "
-            f"found {len(others)} other file(s) such as {others[:3]}); add audio files or point root at their folder"
+            f"found {len(others)} other file(s) such as {others[:3]}){formats}"
         )
 
     # A tags file may list audio elsewhere by absolute paths: without audio here, its paths decide (below).
@@ -565,6 +584,11 @@ def load_folder(
     if unlabeled:
         if tags_file is not None:
             raise DatasetError("pass either tags_file= or unlabeled=True, not both")
+        if other_formats:  # before: left out without a word (a collection of .m4a files lost most of its tracks)
+            counts = Counter(path.suffix.lower() for path in other_formats)
+            logger.warning("%s: %d audio file(s) in formats not read here were left out (%s), e.g. %s; %s", root,
+                           len(other_formats), ", ".join(f"{suffix}: {count}" for suffix, count in sorted(counts.items())),
+                           min(other_formats).relative_to(root).as_posix(), CONVERT_HINT)
         # One file under two names (a link: a song linked into a second genre's folder) is one track, not two
         # that could fall in train and in test: the name that is no link is kept (else the first in path order).
         names: dict[Any, list[Path]] = {}
@@ -997,8 +1021,9 @@ def load_mtat(
             continue
         records.append({"track_id": clip_id, "path": str(audio_root / mp3_path), "split": split, "tags": tags})
     if dropped:
-        logger.info("mtat: left out %d of %d clips without any of the top %d tags (the standard protocol)",
-                    dropped, dropped + len(records), len(chosen))
+        # Said where it is seen (before: at the INFO level, which no command shows), as the other tracks left out are.
+        logger.warning("mtat: left out %d of %d clips without any of the top %d tags (the standard protocol)",
+                       dropped, dropped + len(records), len(chosen))
     extra = {
         "source": str(annotations),
         "tag_counts": {tag_columns[j]: int(counts[j]) for j in chosen},
