@@ -114,7 +114,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from musicssl.cli import ArgumentParser, int_in
+from musicssl.cli import ArgumentParser, counted, int_in
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
 from musicssl.machine import usable_cpus
@@ -442,9 +442,13 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
     (data, labels), = recorded.items()
     from musicssl.data.loaders import dataset_name
 
-    if dataset_name(data[0]) is None and not Path(data[0]).expanduser().is_absolute():  # recorded before 2026-12-03
-        raise DownstreamError(f"{labels[0]} was trained on {data[0]}, a path relative to where it was trained: give "
-                              "--dataset, that data's folder or file")
+    # Recorded before 2026-12-03 (as given): a path read against the folder the evaluation runs in could be other data.
+    relative = [f"{flag}{path}" for flag, path in (("", data[0] if dataset_name(data[0]) is None else None),
+                                                 ("--root ", data[1]), ("--audio-dir ", data[2]))
+                if path and not Path(path).expanduser().is_absolute()]
+    if relative:
+        raise DownstreamError(f"{labels[0]} was trained on {_data_text(data)}, whose {relative[0]} is a path relative "
+                              "to where it was trained: give --dataset (with --root and --audio-dir where it needs them)")
     unlabeled = [spec.label for spec in methods if spec.label in labels
                  and (_run_document(spec) or {}).get("training_data_unlabeled")]
     if unlabeled:
@@ -1740,7 +1744,7 @@ def run_downstream(
                 log(f"  {classifier:6s}: ROC-AUC {full['roc_auc']:.4f} [{full['roc_auc_low']:.4f}, "
                     f"{full['roc_auc_high']:.4f}], mAP {full['average_precision']:.4f} "
                     f"[{full['average_precision_low']:.4f}, {full['average_precision_high']:.4f}] "
-                    f"({len(fit_rows)} fits, {how})")
+                    f"({counted(len(fit_rows), 'fit')}, {how})")
             method_summaries.append({
                 **_spec_summary(spec), "embedding_key": method_key, "embedding_cache": str(path),
                 "embeddings_from_cache": embeddings.from_cache, "embedding_seconds": embeddings.seconds,

@@ -433,7 +433,7 @@ def _trial_folders(experiment: Path, number: int) -> list[Path]:
     into the experiment when it saves the experiment; a search that ended without that (killed, or
     stopped together with its Ray) may lack it, or hold it cut short, for its last trials."""
     folders = []
-    prefix = f"trial-{number:04d}-"
+    prefix = trial_folder_name(number, "")
     for folder in sorted(path for path in experiment.iterdir() if path.is_dir()):
         try:
             params = json.loads((folder / "params.json").read_text())

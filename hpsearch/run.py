@@ -84,15 +84,10 @@ def check_method(method: str) -> None:
         raise SearchError(str(error)) from None
 
 
-def check_space(settings: SearchSettings) -> int:
+def check_space(settings: SearchSettings) -> tuple[int, bool]:
     """Sample the space once (in memory) and build the trainer settings from it, so that a space
     whose names or values the trainer rejects fails now rather than in every trial. Returns the
-    largest batch size a trial can get (the space may sample it)."""
-    return _check_space(settings)[0]
-
-
-def _check_space(settings: SearchSettings) -> tuple[int, bool]:
-    """:func:`check_space`'s batch size, and whether the space samples it."""
+    largest batch size a trial can get, and whether the space samples it."""
     import optuna
 
     from hpsearch.trainable import build_train_config
@@ -1350,7 +1345,8 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             # finished before has neither, and is not made to need its data and Ray again for it.)
             if finished >= settings.trials and not ((settings.objective.startswith("probe_")
                                                      or settings.tracks is not None) and _untrained_missing(folder)):
-                print(f"{settings.name}: all {settings.trials} trials are finished; nothing to run", file=stream,
+                every = "its 1 trial is" if settings.trials == 1 else f"all {settings.trials} trials are"
+                print(f"{settings.name}: {every} finished; nothing to run", file=stream,
                       flush=True)
                 frame, summary = _summarize(settings, folder, journal, started)
                 for line in _end_lines(settings, folder, summary, address):
@@ -1361,7 +1357,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             note = probe_memory_note(settings)
             if note:
                 print(f"note: {note}", file=sys.stderr, flush=True)
-        max_batch_size, sampled = _check_space(settings)
+        max_batch_size, sampled = check_space(settings)
         if address is None:
             _settle_temporary_folders()
         floors = check_room(settings, folder, finished if existing else 0, checkpoint_bytes(settings.preset),
@@ -1693,7 +1689,7 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
     )
     if settings.collapse_stop and settings.grace_epochs + settings.patience_epochs > settings.max_epochs:
         print(f"note: a grace of {settings.grace_epochs} and a patience of {settings.patience_epochs} epochs exceed the "
-              f"trials' {settings.max_epochs} epochs: collapse never stops a trial (only a divergence does)",
+              f"trials' {counted(settings.max_epochs, 'epoch')}: collapse never stops a trial (only a divergence does)",
               file=stream, flush=True)
     if settings.scheduler == "asha" and settings.asha_grace_epochs >= settings.max_epochs:
         # ASHA's first rung would be the last epoch, on which no trial is stopped (see _scheduler).

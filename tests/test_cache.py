@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -608,7 +609,7 @@ def test_a_file_that_decodes_to_under_half_its_listed_duration_is_skipped_as_tru
     assert corrected.track_ids == ["close", "cut", "full", "unlisted"] and corrected.skipped == []
 
 
-def test_durations_listed_in_milliseconds_are_named_as_such(tmp_path: Path) -> None:
+def test_durations_listed_in_milliseconds_are_named_as_such(tmp_path: Path, capsys) -> None:
     """A tags file's duration column in milliseconds (9000 for a 9 s clip): every track was skipped as "a truncated
     download? fetch the file again", and the build ended "none of the tracks is usable ({'truncated': 2})"."""
     paths = {f"t{n}": write(tmp_path / f"t{n}.flac", tone_and_noise(9.0, 16000, n), 16000) for n in range(2)}
@@ -619,6 +620,12 @@ def test_durations_listed_in_milliseconds_are_named_as_such(tmp_path: Path) -> N
     assert ("none of the 2 tracks of index 'custom' is usable ({'truncated': 2}); 2 of them list about 1000 times "
             "their audio's duration: give the duration column in seconds; see ") in str(raised.value)
     skipped = MelCache.open(tmp_path / "cache").skipped
+    # Where some tracks are usable, the build's summary says it.
+    index.tracks.loc[index.tracks["track_id"] == "t0", "duration"] = 9.0
+    MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=True)
+    printed = capsys.readouterr().out
+    assert re.search(r"mel cache: 1 of this dataset's file\(s\) skipped in all \(1 truncated\); see \S+/skipped.csv \(1 "
+                     r"list about 1000 times their audio's duration: give the duration column in seconds\)\n", printed), printed
     assert [track.detail for track in skipped] == [
         f"{paths[t]}: 9.00 s of audio, but the dataset lists 9000.00 s (milliseconds? the duration column needs "
         "seconds)" for t in ("t0", "t1")]

@@ -1722,8 +1722,11 @@ def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsy
         (run("audio-alone", data=str(folder), training_data_unlabeled=True),):
             f"audio-alone was trained on {folder}, read without tags (audio alone); the probes need tagged tracks: "
             "give --dataset, tagged data",
-        (run("relative", data="pitch"),): "relative was trained on pitch, a path relative to where it was trained: "
-                                          "give --dataset, that data's folder or file",
+        (run("relative", data="pitch"),): "relative was trained on pitch, whose pitch is a path relative to where it "
+                                          "was trained: give --dataset",
+        (run("relative-root", data="corpus", data_root="corpora/c1"),):
+            "relative-root was trained on corpus --root corpora/c1, whose --root corpora/c1 is a path relative to where "
+            "it was trained: give --dataset (with --root and --audio-dir where it needs them)",
     }
     for runs, message in refused.items():
         code, _, err = run_main(main, [*runs, "--out", str(tmp_path / "refused"), *small], capsys)

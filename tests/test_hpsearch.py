@@ -1058,7 +1058,7 @@ def test_a_rankme_search_stopped_while_its_reference_was_measured_measures_it_wh
     (folder / "summary.json").write_text(json.dumps(summary))
     monkeypatch.setattr(hpsearch.run, "untrained_probe", stopped)
     run_search(SearchSettings.load(folder), resume=True)
-    assert "all 1 trials are finished; nothing to run" in capsys.readouterr().out
+    assert "its 1 trial is finished; nothing to run" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # 32 s; run when the search's start, stop or resume changes
@@ -2356,16 +2356,14 @@ def test_a_batch_size_the_space_samples_is_said_to_set_only_the_references_batch
     """Before: --batch-size 64 on contrastive (whose space samples 32, 64 or 128) was stored and changed the
     untrained reference's BatchNorm calibration, with the trials training on their sampled batches, and
     nothing said so."""
-    from hpsearch.run import _check_space, check_space
+    from hpsearch.run import check_space
 
-    assert check_space(SearchSettings(method="contrastive", batch_size=64)) == 128
+    assert check_space(SearchSettings(method="contrastive", batch_size=64)) == (128, True)
     assert capsys.readouterr().err == ("note: study_spaces/contrastive.py samples the batch size (up to 128): "
                                        "--batch-size 64 sets only the batches the untrained reference measures its "
                                        "BatchNorm statistics on\n")
-    assert check_space(SearchSettings(method="contrastive")) == 128  # the default: nothing to say
-    assert check_space(SearchSettings(method="vicreg", batch_size=64)) == 64  # trains with it
-    assert _check_space(SearchSettings(method="vicreg"))[1] is False  # (whether the space samples the batch size)
-    assert _check_space(SearchSettings(method="contrastive")) == (128, True)
+    assert check_space(SearchSettings(method="contrastive")) == (128, True)  # the default: nothing to say
+    assert check_space(SearchSettings(method="vicreg", batch_size=64)) == (64, False)  # trains with it
     assert capsys.readouterr().err == ""
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from musicssl.audio import load_audio
+from musicssl.audio import AudioError, load_audio
 from musicssl.data.index import TrackIndex, TrackIndexError
 from musicssl.data.loaders import (
     DatasetError,
@@ -210,6 +210,15 @@ def test_audio_of_formats_not_read_here_is_named_when_a_folder_is_read_without_t
     assert index.track_ids == ["a", "sub/b"]
     assert (f"{root}: 3 audio file(s) in formats not read here were left out (.m4a: 2, .wma: 1), e.g. c.m4a; convert "
             "to FLAC or WAV, e.g. ffmpeg -i IN.m4a OUT.flac") in caplog.text
+    # Listed by track id in a tags file, such a file is the track's (its decoding then names the format), not "not
+    # found" as before.
+    (root / "tags.csv").write_text("track_id,tags\na,rock\nc,pop\nsub/d,jazz\n")
+    index = load_folder(root)
+    assert dict(zip(index.track_ids, index.tracks["path"])) == {
+        "a": str(root / "a.wav"), "c": str(root / "c.m4a"), "sub/d": str(root / "sub" / "d.M4A")}
+    with pytest.raises(AudioError, match=re.escape("c.m4a: cannot decode audio: a .m4a file, a format not read here")):
+        load_audio(root / "c.m4a")
+    (root / "tags.csv").unlink()
     # With nothing else, the error says so.
     for name in ("a.wav", "sub/b.wav"):
         (root / name).unlink()
@@ -222,17 +231,23 @@ def test_a_tags_cell_that_holds_a_missing_values_mark_has_no_tags(tmp_path, capl
     """Before: R's write.table writes an empty cell as NA, pandas as nan: each became a tag ('NA', 'nan'), which the
     probes then learned and scored, without a word."""
     root = tmp_path / "songs"
-    cells = ["rock", "NA", "", "pop;rock", " nan ", "#N/A", "NA;rock"]
+    cells = ["rock", "NA", "", "pop;rock", " nan ", "#N/A", "NA;rock", "n/a"]
     for number in range(len(cells)):
         write_sine(root / f"s{number}.wav")
     (root / "tags.csv").write_text("path,tags\n" + "".join(f"s{n}.wav,{cell}\n" for n, cell in enumerate(cells)))
     with caplog.at_level(logging.WARNING, logger="musicssl.data.index"):
         index = load_folder(root)
     assert [tuple(tags) for tags in index.tracks.sort_values("track_id")["tags"]] == [
-        ("rock",), (), (), ("pop", "rock"), (), (), ("NA", "rock")]  # (a mark among tags is a tag)
+        ("rock",), (), (), ("pop", "rock"), (), (), ("NA", "rock"), ()]  # (a mark among tags is a tag)
     assert index.tag_names == ["NA", "pop", "rock"]
-    assert (f"{root / 'tags.csv'}: 3 row(s) hold 'NA' or 'nan' or '#N/A' as their tags, a missing value as R, pandas "
-            "or a spreadsheet writes an empty cell: read as no tags (e.g. line 3)") in caplog.text
+    assert (f"{root / 'tags.csv'}: 4 row(s) hold 'NA' or 'nan' or '#N/A' or 'n/a' as their tags, a missing value as "
+            "R, pandas or a spreadsheet writes an empty cell: read as no tags (e.g. line 3)") in caplog.text
+    # The marks are pandas' own missing values (read_csv's default na_values, but the empty cell), and None.
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from musicssl.data.index import MISSING_MARKS
+
+    assert MISSING_MARKS == (STR_NA_VALUES - {""}) | {"None"}
     # A track index alike.
     caplog.clear()
     (tmp_path / "tracks.csv").write_text("track_id,path,split,tags\n" + "".join(

@@ -81,13 +81,20 @@ def test_units_and_totals():
     assert len(lines_of(out)) == 5
 
 
-def test_a_closed_output_does_not_stop_the_work():
+def test_a_closed_output_does_not_stop_the_work(monkeypatch):
     out = io.StringIO()
     bar = LineProgress(total=2, desc="x", file=out, interval=0)
     out.close()
     bar.update(2)
     bar.close()
     assert bar.n == 2
+    # A process started with its standard error closed (2>&-) has sys.stderr None (before: an AttributeError as the
+    # bar closed, after the work, which was lost with it).
+    monkeypatch.setattr("sys.stderr", None)
+    bar = progress_bar(total=2, desc="x", mininterval=0)
+    assert isinstance(bar, LineProgress)
+    bar.update(2)
+    bar.close()
 
 
 def test_a_terminal_gets_a_tqdm_bar_and_anything_else_lines():

@@ -159,8 +159,8 @@ class LineProgress:
         try:
             stream.write(line + "\n")
             stream.flush()
-        except (OSError, ValueError):  # a closed or broken output: the work goes on without its report
-            pass
+        except (OSError, ValueError, AttributeError):  # closed, broken, or none (sys.stderr is None where the process
+            pass                                            # started with it closed): the work goes on without its report
 
 
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,

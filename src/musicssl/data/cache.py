@@ -388,14 +388,16 @@ def _too_short_detail(path: str | Path, samples: int, min_samples: int, sample_r
     return f"{path}: {samples / sample_rate:.2f} s of audio, need at least {min_samples / sample_rate:.2f} s"
 
 
+MILLISECONDS_HINT = "milliseconds? the duration column needs seconds"  # a truncated file's listed duration, x1000
+
+
 def _truncated(path: str | Path, samples: int, listed_samples: int | None, sample_rate: int) -> tuple[str, str] | None:
     """``("truncated", detail)`` when ``samples`` fall short of :data:`TRUNCATED_FRACTION` of the listed length."""
     if listed_samples is None or samples >= TRUNCATED_FRACTION * listed_samples:
         return None
     # About 1000 times the audio's length: a duration column in milliseconds (before: "a truncated download?" of
     # every track, as if the files were at fault).
-    why = ("milliseconds? the duration column needs seconds" if 500 <= listed_samples / max(samples, 1) <= 2000
-           else "a truncated download? fetch the file again")
+    why = MILLISECONDS_HINT if 500 <= listed_samples / max(samples, 1) <= 2000 else "a truncated download? fetch the file again"
     return "truncated", (f"{path}: {samples / sample_rate:.2f} s of audio, but the dataset lists "
                          f"{listed_samples / sample_rate:.2f} s ({why})")
 
@@ -1026,12 +1028,14 @@ class MelCache:
             if skipped:
                 counts = Counter(track.reason for track in skipped)
                 reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+                in_ms = sum(MILLISECONDS_HINT in track.detail for track in skipped)
                 print(f"mel cache: {len(skipped)} of this dataset's file(s) skipped in all ({reasons}); see "
-                      f"{folder / SKIP_REPORT_FILE}")
+                      f"{folder / SKIP_REPORT_FILE}" + (f" ({in_ms} list about 1000 times their audio's duration: "
+                                                        "give the duration column in seconds)" if in_ms else ""))
         if report.usable == 0:
             skipped = [cache._skipped[t] for t in index.track_ids if t in cache._skipped]
             reasons = Counter(track.reason for track in skipped)
-            in_ms = sum("duration column needs seconds" in track.detail for track in skipped)
+            in_ms = sum(MILLISECONDS_HINT in track.detail for track in skipped)
             hint = (f"; {in_ms} of them list about 1000 times their audio's duration: give the duration column in "
                     "seconds" if in_ms else "")
             raise MelCacheError(
@@ -1152,8 +1156,8 @@ class MelCache:
                     pending_bytes += result.mel.nbytes
                     if result.decoder_output:
                         decoder_warnings.append((result.path, result.decoder_output))
+                bar.set_postfix(skipped=sum(reasons.values()), refresh=False)  # (before the update, which may draw it)
                 bar.update(1)
-                bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
                 if pending_bytes >= commit_every_bytes or time.monotonic() - last_commit >= commit_every_seconds:
                     writer.commit(pending)
                     pending, pending_bytes, last_commit = [], 0, time.monotonic()

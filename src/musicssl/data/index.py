@@ -64,8 +64,9 @@ def file_identity(path: str | Path) -> Any:
 
 
 # A tags cell that holds one of these alone is an empty one as R (NA), pandas (nan, None, <NA>) or a spreadsheet
-# (#N/A) writes it: read as no tags.
-MISSING_MARKS = frozenset({"NA", "N/A", "#N/A", "NaN", "nan", "None", "null", "NULL", "<NA>"})
+# (#N/A) writes it: read as no tags. pandas' own list of missing values (read_csv's na_values), and None.
+MISSING_MARKS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                           "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 def split_tag_cells(cells: Sequence[Any], lines: Sequence[int], source: str | Path,

@@ -631,7 +631,7 @@ def load_folder(
     if table.empty:
         raise DatasetError(f"{tags_path}: has a header but no rows; add one row per track")
     records, tag_names, split_given = _records_from_table(
-        table, tags_path, root, audio_files, tag_separator, keep_columns, tags_optional
+        table, tags_path, root, audio_files, tag_separator, keep_columns, tags_optional, other_formats
     )
     if not audio_files and all(
         record.get("_unresolved")
@@ -774,9 +774,11 @@ def _records_from_table(
     tag_separator: str | None,
     keep_columns: Sequence[str],
     tags_optional: bool = False,
+    other_formats: Sequence[Path] = (),
 ) -> tuple[list[dict], list[str], bool]:
     """Classify the columns of a tags table and turn its rows into records (with ``tags_optional``, a
-    table without tag columns gives records without tags)."""
+    table without tag columns gives records without tags). A track id that names no audio file but one
+    of ``other_formats`` (an .m4a) is that file, which then fails to decode as one of a format not read here."""
     found = list(table.columns)
     by_lower = {}
     for column in found:
@@ -913,6 +915,9 @@ def _records_from_table(
                     f"{tags_path}, line {row_number}: track_id {track_id!r} matches several audio files "
                     f"{[str(p.relative_to(root)) for p in candidates]}; add a 'path' column"
                 )
+            if not candidates:  # an .m4a of that name: skipped as such when decoded, not as "not found"
+                candidates = [path for path in other_formats if _nfc(track_id) in
+                              (_nfc(path.relative_to(root).with_suffix("").as_posix()), _nfc(path.stem))][:1]
             match = candidates[0] if candidates else None
             if match is None:
                 record["path"] = str(root / track_id)
