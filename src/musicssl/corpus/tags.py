@@ -99,7 +99,10 @@ INSTRUMENTS: tuple[InstrumentSpec, ...] = (
     InstrumentSpec("sitar", 104, "ethnic", ("melody",)),
 )
 
-# The distinct kits of TimGM6mb.sf2 (its "jazz" kit, program 32, is a copy of the standard kit).
+# The kits of TimGM6mb.sf2 that are not copies of another (its "jazz" kit, program 32, is the standard kit). They
+# still share samples: the brush kit plays the standard kit's kick, rim and hi-hats (and its toms and cymbals 6 dB
+# louder), differing in snare and clap only; the rock kit shares the standard kit's hi-hats (README, "The
+# embedded corpus": where the brush and standard kits sound alike).
 DRUM_KITS: tuple[DrumKitSpec, ...] = (
     DrumKitSpec("standard_kit", 0),
     DrumKitSpec("rock_kit", 16),
