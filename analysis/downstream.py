@@ -448,7 +448,8 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
                 if path and not Path(path).expanduser().is_absolute()]
     if relative:
         raise DownstreamError(f"{labels[0]} was trained on {_data_text(data)}, whose {relative[0]} is a path relative "
-                              "to where it was trained: give --dataset (with --root and --audio-dir where it needs them)")
+                              "to where it was trained: give --dataset (with --root and --audio-dir where it needs "
+                              "them)")
     unlabeled = [spec.label for spec in methods if spec.label in labels
                  and (_run_document(spec) or {}).get("training_data_unlabeled")]
     if unlabeled:

@@ -433,8 +433,8 @@ def check_room(settings: SearchSettings, folder: Path, finished: int, checkpoint
     need, free = search_bytes(settings, checkpoint, left), free_bytes(shown)
     if free is not None and need > free:
         print(f"note: the {counted(left, 'trial')} left take about {size_text(need)} on disk, and the disk of "
-              f"{shown} has {size_text(free)} free: the search stops when the room runs short, and continues with --resume "
-              "once there is more", file=sys.stderr, flush=True)
+              f"{shown} has {size_text(free)} free: the search stops when the room runs short, and continues with "
+              "--resume once there is more", file=sys.stderr, flush=True)
     return floors
 
 
@@ -1683,8 +1683,8 @@ def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None
         f"searching {settings.method}: {counted(settings.trials, 'trial')}, {settings.concurrency} at a time "
         f"({settings.cpus_per_trial:g} CPU{', %g GPU' % settings.gpus_per_trial if settings.gpus_per_trial else ''} each), "
         f"up to {counted(settings.max_epochs, 'epoch')} x {counted(settings.steps_per_epoch, 'step')}, objective "
-        f"{settings.objective}, "
-        f"sampler {settings.sampler}, scheduler {settings.scheduler}, {stopping}\nfolder: {folder}",
+        f"{settings.objective}, sampler {settings.sampler}, scheduler {settings.scheduler}, {stopping}\n"
+        f"folder: {folder}",
         file=stream, flush=True,
     )
     if settings.collapse_stop and settings.grace_epochs + settings.patience_epochs > settings.max_epochs:

@@ -88,7 +88,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     try:
         data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # libsndfile raises several types; all mean "not decodable"
-        if path.suffix.lower() in UNSUPPORTED_AUDIO_EXTENSIONS:  # (a FLAC or WAV so named decodes: libsndfile reads content)
+        # (A FLAC or WAV so named decodes: libsndfile reads the content, not the name.)
+        if path.suffix.lower() in UNSUPPORTED_AUDIO_EXTENSIONS:
             raise AudioError(f"{path}: cannot decode audio: a {path.suffix.lower()} file, a format not read here (WAV, "
                              f"FLAC, OGG/Vorbis/Opus, MP3, AIFF); {CONVERT_HINT}") from None
         raise AudioError(

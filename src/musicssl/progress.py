@@ -159,8 +159,10 @@ class LineProgress:
         try:
             stream.write(line + "\n")
             stream.flush()
-        except (OSError, ValueError, AttributeError):  # closed, broken, or none (sys.stderr is None where the process
-            pass                                            # started with it closed): the work goes on without its report
+        except (OSError, ValueError, AttributeError):
+            # Closed, broken, or none (sys.stderr is None in a process started with it closed): the work goes on
+            # without its report.
+            pass
 
 
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,

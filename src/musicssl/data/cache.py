@@ -397,7 +397,8 @@ def _truncated(path: str | Path, samples: int, listed_samples: int | None, sampl
         return None
     # About 1000 times the audio's length: a duration column in milliseconds (before: "a truncated download?" of
     # every track, as if the files were at fault).
-    why = MILLISECONDS_HINT if 500 <= listed_samples / max(samples, 1) <= 2000 else "a truncated download? fetch the file again"
+    in_ms = 500 <= listed_samples / max(samples, 1) <= 2000
+    why = MILLISECONDS_HINT if in_ms else "a truncated download? fetch the file again"
     return "truncated", (f"{path}: {samples / sample_rate:.2f} s of audio, but the dataset lists "
                          f"{listed_samples / sample_rate:.2f} s ({why})")
 

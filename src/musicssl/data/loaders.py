@@ -586,9 +586,10 @@ def load_folder(
             raise DatasetError("pass either tags_file= or unlabeled=True, not both")
         if other_formats:  # before: left out without a word (a collection of .m4a files lost most of its tracks)
             counts = Counter(path.suffix.lower() for path in other_formats)
+            by_format = ", ".join(f"{suffix}: {count}" for suffix, count in sorted(counts.items()))
             logger.warning("%s: %d audio file(s) in formats not read here were left out (%s), e.g. %s; %s", root,
-                           len(other_formats), ", ".join(f"{suffix}: {count}" for suffix, count in sorted(counts.items())),
-                           min(other_formats).relative_to(root).as_posix(), CONVERT_HINT)
+                           len(other_formats), by_format, min(other_formats).relative_to(root).as_posix(),
+                           CONVERT_HINT)
         # One file under two names (a link: a song linked into a second genre's folder) is one track, not two
         # that could fall in train and in test: the name that is no link is kept (else the first in path order).
         names: dict[Any, list[Path]] = {}
