@@ -427,7 +427,8 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
     """The data the checkpoints among ``methods`` were trained on, as their runs recorded it (``--data``,
     ``--root``, ``--audio-dir``: :func:`training_data`), and the labels of those that recorded it; None where
     none did (baselines, bare checkpoints). Raises :class:`DownstreamError` where they name different data, or
-    where the data was read without tags (the probes need them): ``--dataset`` must say what to evaluate on."""
+    where the data was read without tags (the probes need them): ``--dataset`` must say what to evaluate on
+    (recorded relative paths: :func:`check_recorded_paths`)."""
     recorded: dict[tuple[str, str | None, str | None], list[str]] = {}
     for spec in methods:
         found = training_data(spec) if spec.kind == "checkpoint" else None
@@ -440,16 +441,6 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
         raise DownstreamError(f"the checkpoints were trained on different data ({listed}); give --dataset to evaluate "
                               "them all on one")
     (data, labels), = recorded.items()
-    from musicssl.data.loaders import dataset_name
-
-    # Recorded before 2026-12-03 (as given): a path read against the folder the evaluation runs in could be other data.
-    relative = [f"{flag}{path}" for flag, path in (("", data[0] if dataset_name(data[0]) is None else None),
-                                                 ("--root ", data[1]), ("--audio-dir ", data[2]))
-                if path and not Path(path).expanduser().is_absolute()]
-    if relative:
-        raise DownstreamError(f"{labels[0]} was trained on {_data_text(data)}, whose {relative[0]} is a path relative "
-                              "to where it was trained: give --dataset (with --root and --audio-dir where it needs "
-                              "them)")
     unlabeled = [spec.label for spec in methods if spec.label in labels
                  and (_run_document(spec) or {}).get("training_data_unlabeled")]
     if unlabeled:
@@ -457,6 +448,20 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
                               "probes need tagged tracks: give --dataset, tagged data (a tags file or tracks.csv, or "
                               "a named dataset)")
     return data, labels
+
+
+def check_recorded_paths(data: tuple[str, str | None, str | None], label: str) -> None:
+    """DownstreamError where recorded training data (``--data``, ``--root``, ``--audio-dir``, after those given to
+    the evaluation took their place) holds a relative path: recorded before 2026-12-03, as given, it would be read
+    against the folder the evaluation runs in, which could hold other data."""
+    from musicssl.data.loaders import dataset_name
+
+    relative = [f"{flag}{path}" for flag, path in (("", data[0] if dataset_name(data[0]) is None else None),
+                                                 ("--root ", data[1]), ("--audio-dir ", data[2]))
+                if path and not Path(path).expanduser().is_absolute()]
+    if relative:
+        raise DownstreamError(f"{label} was trained on {_data_text(data)}, whose {relative[0]} is a path relative to "
+                              "where it was trained: give --dataset (with --root and --audio-dir where it needs them)")
 
 
 def _data_text(data: tuple[str, str | None, str | None]) -> str:
@@ -2312,6 +2317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset = recorded[0]
             root = root if root is not None else recorded[1]
             audio_dir = audio_dir if audio_dir is not None else recorded[2]
+            check_recorded_paths((dataset, root, audio_dir), labels[0])
             if recorded != ("corpus", None, None):  # (the default corpus: what it was before, nothing to say)
                 print(f"{parser.prog}: note: evaluating on {_data_text((dataset, root, audio_dir))}, the data "
                       f"{' and '.join(labels)} {'was' if len(labels) == 1 else 'were'} trained on (--dataset "

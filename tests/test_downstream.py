@@ -1732,6 +1732,10 @@ def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsy
         code, _, err = run_main(main, [*runs, "--out", str(tmp_path / "refused"), *small], capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "refused").exists()
+    # A relative --root recorded, replaced by one given here: taken (here a corpus folder that does not exist).
+    code, _, err = run_main(main, [run("relative-root", data="corpus", data_root="corpora/c1"), "--root",
+                                   str(tmp_path / "no-corpus"), *small], capsys)
+    assert code == 2 and f"--root {tmp_path / 'no-corpus'}: no such folder" in err and "a path relative" not in err, err
     # A corpus run, a bare checkpoint or the baselines alone: the corpus, as before, without a note (here a corpus
     # folder that does not exist, given by --root, which the runs' own data would not replace).
     bare = tmp_path / "bare.pt"
