@@ -636,8 +636,8 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
                 available = usable_cpus()
                 if cpus > available:
                     threads = max(1, math.floor(settings.cpus_per_trial))
-                    print(f"note: {cpus} CPUs requested for {settings.concurrency} concurrent "
-                          f"trial{'' if settings.concurrency == 1 else 's'}, this search "
+                    print(f"note: {cpus} CPUs requested for {counted(settings.concurrency, 'concurrent trial')}, "
+                          "this search "
                           f"may use {available} (its CPU affinity and quota): they run all the same, "
                           + (f"each with {threads} torch threads, much slower than with at most {available} "
                              f"(lower --cpus-per-trial to at most {available})" if threads > available else
@@ -1266,7 +1266,7 @@ def check_journal(folder: Path) -> int:
     beyond = sorted(number for number in asked if number >= len(trials))
     if beyond:
         listed = ", ".join(f"#{number}" for number in beyond[:5]) + (", ..." if len(beyond) > 5 else "")
-        raise SearchError(f"{journal} holds {len(trials)} trial{'' if len(trials) == 1 else 's'}, but this search has "
+        raise SearchError(f"{journal} holds {counted(len(trials), 'trial')}, but this search has "
                           f"also run {listed}: the journal was cut short or replaced; {fix}")
     if dropped:
         print(f"note: {journal} ended in a record cut short ({dropped} bytes, written as the search stopped: a full "

@@ -389,6 +389,8 @@ def _too_short_detail(path: str | Path, samples: int, min_samples: int, sample_r
 
 
 MILLISECONDS_HINT = "milliseconds? the duration column needs seconds"  # a truncated file's listed duration, x1000
+# Of tracks skipped with that hint, in the build's summary and in its error when none is usable.
+IN_MILLISECONDS = "list about 1000 times their audio's duration: give the duration column in seconds"
 
 
 def _truncated(path: str | Path, samples: int, listed_samples: int | None, sample_rate: int) -> tuple[str, str] | None:
@@ -1031,14 +1033,12 @@ class MelCache:
                 reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
                 in_ms = sum(MILLISECONDS_HINT in track.detail for track in skipped)
                 print(f"mel cache: {len(skipped)} of this dataset's file(s) skipped in all ({reasons}); see "
-                      f"{folder / SKIP_REPORT_FILE}" + (f" ({in_ms} list about 1000 times their audio's duration: "
-                                                        "give the duration column in seconds)" if in_ms else ""))
+                      f"{folder / SKIP_REPORT_FILE}" + (f" ({in_ms} {IN_MILLISECONDS})" if in_ms else ""))
         if report.usable == 0:
             skipped = [cache._skipped[t] for t in index.track_ids if t in cache._skipped]
             reasons = Counter(track.reason for track in skipped)
             in_ms = sum(MILLISECONDS_HINT in track.detail for track in skipped)
-            hint = (f"; {in_ms} of them list about 1000 times their audio's duration: give the duration column in "
-                    "seconds" if in_ms else "")
+            hint = f"; {in_ms} of them {IN_MILLISECONDS}" if in_ms else ""
             raise MelCacheError(
                 f"none of the {len(index)} tracks of index {index.name!r} is usable ({dict(reasons)}){hint}; "
                 f"see {folder / SKIP_REPORT_FILE} for each file and reason"
