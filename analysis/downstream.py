@@ -114,7 +114,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from musicssl.cli import ArgumentParser, counted, int_in
+from musicssl.cli import ArgumentParser, counted, int_in, listed, parse_mixed
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
 from musicssl.machine import usable_cpus
@@ -429,18 +429,18 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
     none did (baselines, bare checkpoints). Raises :class:`DownstreamError` where they name different data, or
     where the data was read without tags (the probes need them): ``--dataset`` must say what to evaluate on
     (recorded relative paths: :func:`check_recorded_paths`)."""
-    recorded: dict[tuple[str, str | None, str | None], list[str]] = {}
+    recorded: dict[tuple[str, str | None, str | None], tuple[tuple[str, str | None, str | None], list[str]]] = {}
     for spec in methods:
         found = training_data(spec) if spec.kind == "checkpoint" else None
-        if found is not None:
-            recorded.setdefault(found, []).append(spec.label)
+        if found is not None:  # the first run's spelling of the same data: `/x` and `/x/tracks.csv`, `MTAT` and `mtat`
+            recorded.setdefault(_data_identity(found), (found, []))[1].append(spec.label)
     if not recorded:
         return None
     if len(recorded) > 1:
-        listed = "; ".join(f"{', '.join(labels)}: {_data_text(data)}" for data, labels in recorded.items())
-        raise DownstreamError(f"the checkpoints were trained on different data ({listed}); give --dataset to evaluate "
+        groups = "; ".join(f"{', '.join(labels)}: {_data_text(data)}" for data, labels in recorded.values())
+        raise DownstreamError(f"the checkpoints were trained on different data ({groups}); give --dataset to evaluate "
                               "them all on one")
-    (data, labels), = recorded.items()
+    (data, labels), = recorded.values()
     unlabeled = [spec.label for spec in methods if spec.label in labels
                  and (_run_document(spec) or {}).get("training_data_unlabeled")]
     if unlabeled:
@@ -448,6 +448,30 @@ def dataset_of_runs(methods: Sequence["MethodSpec"]) -> tuple[tuple[str, str | N
                               "probes need tagged tracks: give --dataset, tagged data (a tags file or tracks.csv, or "
                               "a named dataset)")
     return data, labels
+
+
+def _data_identity(data: tuple[str, str | None, str | None]) -> tuple[str, str | None, str | None]:
+    """Recorded training data (:func:`training_data`) as one spelling of what was read: a named dataset by its
+    canonical name; absolute paths by their real paths; a folder by the table it reads, where it holds one (its
+    ``tracks.csv``, or its tags file: ``/x`` and ``/x/tracks.csv`` are the same data). A relative path stays as it
+    was given (:func:`check_recorded_paths` refuses it)."""
+    from musicssl.data.loaders import DatasetError, canonical_dataset_spec, dataset_name, folder_table
+
+    def real(path: str | None) -> str | None:
+        absolute = path is not None and Path(path).expanduser().is_absolute()
+        return os.path.realpath(Path(path).expanduser()) if absolute else path
+
+    name, root, audio = data
+    if dataset_name(name) is not None:
+        return canonical_dataset_spec(name), real(root), real(audio)
+    folder = Path(name).expanduser()
+    if folder.is_absolute() and folder.is_dir():
+        try:
+            table = folder_table(folder)
+        except (DatasetError, OSError, UnicodeError):  # several tables, unreadable: the folder as it is
+            table = None
+        name = str(table or folder)
+    return real(name), real(root), real(audio)
 
 
 def check_recorded_paths(data: tuple[str, str | None, str | None], label: str) -> None:
@@ -2296,7 +2320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = sys.argv[1:] if argv is None else list(argv)
     # METHODs before, between or after the options; after "--" (a path named like an option), as they come
-    args = parser.parse_args(arguments) if "--" in arguments else parser.parse_intermixed_args(arguments)
+    args = parse_mixed(parser, arguments, "methods")
     if args.out is not None and not args.out.strip():  # an unset shell variable: not the default folder
         parser.error("--out is empty; give the output folder, or leave --out out for runs/downstream/<dataset>-<time>")
     if not args.methods and args.no_baselines:
@@ -2320,7 +2344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_recorded_paths((dataset, root, audio_dir), labels[0])
             if recorded != ("corpus", None, None):  # (the default corpus: what it was before, nothing to say)
                 print(f"{parser.prog}: note: evaluating on {_data_text((dataset, root, audio_dir))}, the data "
-                      f"{' and '.join(labels)} {'was' if len(labels) == 1 else 'were'} trained on (--dataset "
+                      f"{listed(labels)} {'was' if len(labels) == 1 else 'were'} trained on (--dataset "
                       "evaluates on other data)", file=sys.stderr)
         dataset = "corpus" if dataset is None else dataset
         config = DownstreamConfig(

@@ -53,7 +53,7 @@ import pandas as pd
 
 from hpsearch.results import JOURNAL_FILE, TRIALS_FILE
 from hpsearch.settings import SEARCH_FILE
-from musicssl.cli import ArgumentParser, silence_closed_output
+from musicssl.cli import ArgumentParser, parse_mixed, silence_closed_output
 from musicssl.interrupts import exit_code, held_signals, sigterm_interrupts
 from musicssl.paths import whole, write_whole
 
@@ -1453,7 +1453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = sys.argv[1:] if argv is None else list(argv)
     # RUN_DIRs before, between or after the options; after "--" (a folder named like an option), as they come
-    args = parser.parse_args(arguments) if "--" in arguments else parser.parse_intermixed_args(arguments)
+    args = parse_mixed(parser, arguments, "experiments")
     formats = args.formats or ["html"]
     if args.storage_dir is not None and not args.storage_dir.strip():
         parser.error("--storage-dir is empty; give the folder that holds the searches (default: runs)")

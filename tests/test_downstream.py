@@ -1682,6 +1682,11 @@ def test_methods_may_come_between_the_options(tmp_path, capsys):
     code, _, err = run_main(main, ["random", "--no-baselines", "melstats", "--dataset", "no/such/folder",
                                    "--workers", "0", "--quiet"], capsys)
     assert code == 2 and "unrecognized arguments" not in err and "unknown dataset" in err
+    # And after a "--", which ends the options (before: "unrecognized arguments: -- melstats"), but only there.
+    code, _, err = run_main(main, ["random", "--dataset", "no/such/folder", "--", "melstats", "--workers", "0"], capsys)
+    assert code == 2 and "'--workers': no such checkpoint file or run folder" in err, err
+    code, _, err = run_main(main, ["random", "--dataset", "no/such/folder", "--", "melstats", "--quiet"], capsys)
+    assert code == 2 and "'--quiet': no such checkpoint" in err, err
 
 
 def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsys):
@@ -1714,6 +1719,14 @@ def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsy
     code, _, err = run_main(main, [f"search={search}", "--no-baselines", "--out", str(tmp_path / "out2"), *small],
                             capsys)
     assert code == 0 and f"note: evaluating on {folder}, the data search was trained on" in err, err
+    # The same data named two ways, the folder and its tracks.csv (before: "trained on different data"); the
+    # first run's name is evaluated. A symlink to the folder and a tags file beside audio are the same way.
+    (tmp_path / "link").symlink_to(folder)
+    linked = run("linked", data=str(tmp_path / "link" / "tracks.csv"), training_data_unlabeled=False)
+    code, _, err = run_main(main, [trained, f"search={search}", linked, "--no-baselines", "--out",
+                                   str(tmp_path / "out3"), *small], capsys)
+    assert code == 0 and (f"note: evaluating on {folder / 'tracks.csv'}, the data trained, search and linked were "
+                          "trained on") in err, err
 
     refused = {
         (trained, run("corpus-run", data="corpus")):
@@ -2007,3 +2020,28 @@ def test_a_corpus_root_that_holds_no_corpus_is_refused_and_nothing_is_built(tmp_
         assert f"python -m musicssl.corpus --out {root}" in err and "Traceback" not in err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["other"]  # no corpus, no results folder
     assert [path.name for path in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_recorded_data_named_two_ways_is_one(tmp_path):
+    """A named dataset in any case and split-0 spelling, a root with or without a trailing slash or through a
+    link, a folder or the tags file it is read through: the same data. Other folders, roots, or tables beside
+    a folder's own are not."""
+    from analysis.downstream import _data_identity
+
+    (tmp_path / "mtat").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "mtat")
+    assert _data_identity(("MTAT", f"{tmp_path / 'mtat'}/", None)) == _data_identity(("mtat", str(tmp_path / "alias"),
+                                                                                        None))
+    assert _data_identity(("Jamendo-Top50-Split0", None, None)) == _data_identity(("jamendo-top50", None, None))
+    assert _data_identity(("mtat", str(tmp_path / "mtat"), None)) != _data_identity(("mtat", str(tmp_path), None))
+    assert _data_identity(("jamendo-top50-split1", None, None)) != _data_identity(("jamendo-top50", None, None))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "mytags.csv").write_text("filename,tags\na.wav,rock\n")
+    assert _data_identity((str(folder), None, None)) == _data_identity((str(folder / "mytags.csv"), None, None))
+    (tmp_path / "other.csv").write_text("filename,tags\nmine/a.wav,rock\n")
+    assert _data_identity((str(folder), None, None)) != _data_identity((str(tmp_path / "other.csv"), None, None))
+    # Two tables and no default name: the folder cannot be read as it is; it stays the folder.
+    (folder / "more.csv").write_text("filename,tags\na.wav,pop\n")
+    assert _data_identity((str(folder), None, None)) == (str(folder), None, None)
+    assert _data_identity(("relative/x", None, None)) == ("relative/x", None, None)

@@ -1768,6 +1768,11 @@ def test_a_folder_named_like_an_option_is_given_after_a_double_dash(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert main(["--out", "r.html", "--", "-odd"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["experiments"][0]["name"] == "-odd"
+    # With another before the options (before: "unrecognized arguments: -- -odd").
+    write_search(tmp_path / "plain", collapse_rows(count=8))
+    assert main(["plain", "--out", "r2.html", "--", "-odd"]) == 0, capsys.readouterr().err
+    assert [experiment["name"] for experiment in json.loads((tmp_path / "r2.json").read_text())["experiments"]] == [
+        "plain", "-odd"]
 
 
 def test_run_dirs_may_come_after_options_and_an_unused_storage_dir_is_noted(tmp_path, capsys):

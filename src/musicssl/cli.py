@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser", "counted", "int_in", "quiet_ctrl_c_while_starting", "silence_closed_output"]
+__all__ = ["ArgumentParser", "counted", "int_in", "listed", "parse_mixed", "quiet_ctrl_c_while_starting", "silence_closed_output"]
 
 _starting_prog: str | None = None
 
@@ -65,6 +65,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def parse_mixed(parser: argparse.ArgumentParser, arguments: Sequence[str], positional: str) -> argparse.Namespace:
+    """``parser``'s arguments with its one list of positional arguments (``positional``, its ``dest``) before,
+    between or after the options, and after a ``--`` those that follow it, as they come (a path named like an
+    option). argparse alone does not do both: ``parse_intermixed_args`` takes no ``--``, and ``parse_args``
+    leaves ``A --opt X -- B`` with B unrecognized."""
+    arguments = list(arguments)
+    if "--" not in arguments:
+        return parser.parse_intermixed_args(arguments)
+    cut = arguments.index("--")
+    args = parser.parse_intermixed_args(arguments[:cut])
+    setattr(args, positional, [*(getattr(args, positional) or []), *arguments[cut + 1:]])
+    return args
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (and <= ``high``); argparse names the flag."""
     wanted = f"an integer >= {low}" if high is None else f"an integer in {low}-{high}"
@@ -87,3 +101,8 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     """``1 trial``, ``64 trials``: a count with its noun in the number it needs (``plural`` where it is not
     the noun and an s)."""
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+def listed(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: names in a sentence."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"

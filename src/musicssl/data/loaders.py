@@ -57,6 +57,7 @@ __all__ = [
     "canonical_dataset_spec",
     "check_dataset_option",
     "dataset_name",
+    "folder_table",
     "split_position",
 ]
 
@@ -1628,6 +1629,12 @@ def _is_folder_track_index(folder: Path) -> bool:
         header = {column.strip() for column in next(csv.reader(handle), [])}
     return {"track_id", "path", "split", "tags"} <= header or not {c.lower() for c in header} & {
         "path", "filename", "track_id"}
+
+
+def folder_table(folder: Path) -> Path | None:
+    """The table that folder ``folder`` given as a dataset is read through: its ``tracks.csv`` as a track index
+    (:func:`_is_folder_track_index`), else its tags file (:func:`_find_tags_file`); None for audio alone."""
+    return folder / "tracks.csv" if _is_folder_track_index(folder) else _find_tags_file(folder)
 
 
 def _checked_track_index(index: TrackIndex, check_audio: bool, source: Path) -> TrackIndex:
