@@ -78,7 +78,8 @@ nor on another collection (MagnaTagATune, MSD).
 
 What is cached: per method (hash of the backbone's weights, or the baseline's definition), dataset
 (its usable tracks, paths and splits), audio (each track's entry in the mel cache, which changes when
-its file does: :func:`audio_digest`), front-end (mel settings) and segment protocol, one ``.npz``
+its file does: :func:`audio_digest`), front-end (mel settings), segment protocol and device type (a GPU's
+convolutions round otherwise), one ``.npz``
 under ``$MUSICSSL_CACHE/embeddings/`` holding every track's mean embedding and the training
 tracks' segment embeddings. Next to it, per probe, the limited-data scores and the headline fit's
 test predictions, keyed on everything the fits depend on (labels, splits, probe settings, fractions,
@@ -1023,13 +1024,15 @@ def _safe_name(text: str) -> str:
 
 
 def embeddings_path(cache_dir: Path, dataset_name: str, dataset_key: str, method_key: str, front_end_key: str,
-                    protocol: dict, audio_key: str) -> Path:
+                    protocol: dict, audio_key: str, device_type: str = "cpu") -> Path:
     """The embedding cache file of a method (``method_key``) on a dataset's tracks (``dataset_key``) with
     their audio as the mel cache holds it (``audio_key``, :func:`audio_digest`), a front-end and a
-    segment protocol; the probes' files are named after it."""
+    segment protocol, computed on a device of type ``device_type`` (a GPU's convolutions round otherwise:
+    TF32); the probes' files are named after it."""
     protocol_key = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
+    on = "" if device_type == "cpu" else f"-{_safe_name(device_type)}"  # (the CPU's files as they were named before)
     return (cache_dir / f"{_safe_name(dataset_name)}-{dataset_key}"
-            / f"{method_key}-{front_end_key}-{protocol_key}-audio{audio_key}.npz")
+            / f"{method_key}-{front_end_key}-{protocol_key}-audio{audio_key}{on}.npz")
 
 
 def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> None:
@@ -1706,7 +1709,7 @@ def run_downstream(
             audio_key = audio_digest(data.cache, usable)
             path = embeddings_path(
                 embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(),
-                config.protocol(), audio_key,
+                config.protocol(), audio_key, device.type,
             )
             embeddings = load_embeddings(path, usable) if config.use_cache else None
             if embeddings is None:

@@ -1649,7 +1649,7 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
     from musicssl.models import Backbone
     from musicssl.train import probe_score
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: no CUDA context on every GPU
         torch.manual_seed(settings.seed)
         backbone = Backbone(preset=settings.preset)
     per_track = settings.probe_segments_per_track

@@ -393,7 +393,7 @@ def _train_and_score(
     else:
         scores = {k: last[k] for k in ("probe_map", "probe_auc") if k in last}
         if not scores:
-            scores = probe_score(result.backbone, data, settings.probe_segments_per_track, settings.seed)
+            scores = probe_score(result.backbone, data, settings.probe_segments_per_track, settings.seed, result.device)
         record.update(scores)
         objective = scores[settings.objective]
     if not _finite(objective):

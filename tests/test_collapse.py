@@ -348,8 +348,9 @@ def test_collapse_metrics_returns_the_documented_keys_and_values() -> None:
     assert metrics["teacher_student_gap"] == pytest.approx(1.0 - cosines.mean(), abs=1e-6)
     assert metrics["nonfinite"] == 0.0
     # Fewer samples than dimensions: the normalised rank is of min(N, D), the largest rank attainable.
-    few = collapse_metrics({"embedding": embedding[:20]})
+    few = collapse_metrics({"embedding": embedding[:20], "projection": projection[:20]})
     assert few["rankme_embedding_norm"] == pytest.approx(rankme_reference(e[:20]) / 20, rel=1e-5)
+    assert few["rankme_projection_norm"] == pytest.approx(rankme_reference(pr[:20]) / 20, rel=1e-5)
     # Likewise the attainable occupancy: 512 samples can use at most 512 of 4096 prototypes, so each on
     # its own prototype is full occupancy (1.0), although only 1/8 of all prototypes are used.
     spread = torch.nn.functional.one_hot(torch.arange(512) * 8, 4096).float()
@@ -680,6 +681,21 @@ def test_low_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
     exact_probs = probs.double().numpy()
     exact_probs /= exact_probs.sum(axis=1, keepdims=True)
     assert mean_sample_entropy(probs) == pytest.approx(sample_entropy_reference(exact_probs), rel=1e-4)
+
+
+def test_rows_that_sum_near_1_are_read_as_the_distributions_they_round() -> None:
+    """Rows summing to 1.008 and 0.995 (within the accepted rounding) are renormalised before their entropy:
+    [0.504, 0.504] is the uniform row, entropy ln 2 of ln 2 = 1 (as given, 0.9965). Written out, not scipy's
+    entropy, which renormalises its input itself."""
+    probs = torch.tensor([[0.504, 0.504], [0.6, 0.395]])
+    assert mean_sample_entropy(probs[:1]) == pytest.approx(1.0, abs=1e-6)
+    rows = probs.double().numpy() / probs.double().numpy().sum(axis=1, keepdims=True)
+    entropies = -(rows * np.log(rows)).sum(axis=1) / np.log(2)
+    assert mean_sample_entropy(probs) == pytest.approx(entropies.mean(), rel=1e-6)
+    # The mean assignment, of the renormalised rows: its perplexity.
+    mean_row = rows.mean(axis=0)
+    assert collapse_metrics({"assignment_probs": probs})["effective_prototypes"] == pytest.approx(
+        math.exp(-(mean_row * np.log(mean_row)).sum()), rel=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -928,7 +929,8 @@ def write_mtat_fixture(root: Path) -> dict:
 
     Clip ``i`` lives in folder ``MTAT_FOLDERS[i % 16]`` (0-b train, c valid, d-f test) and carries
     tag ``low``, ``mid`` or ``high`` by its pitch; tag ``never`` has no positive anywhere and
-    ``train_only`` none in the test folders. Clip 5's audio is not written.
+    ``train_only`` none in the test folders. Clip 5's audio is not written. Test clip 47 (high) is also tagged
+    ``low``, so that the test set is not perfectly separable and the bootstrap's resamples differ.
     """
     tags = ["low", "mid", "high", "never", "train_only"] + [f"unused{j:02d}" for j in range(47)]
     lines = ["\t".join(f'"{name}"' for name in ["clip_id", *tags, "mp3_path"])]
@@ -937,6 +939,7 @@ def write_mtat_fixture(root: Path) -> dict:
         flags = [0] * len(tags)
         flags[clip % 3] = 1
         flags[4] = int(folder in "01")
+        flags[0] |= int(clip == 47)
         mp3_path = f"{folder}/artist_{clip}-album-{clip:02d}-song-0-29.mp3"
         lines.append("\t".join(f'"{value}"' for value in [clip, *flags, mp3_path]))
         if clip != 5:
@@ -1017,6 +1020,7 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
     # random-bn measured its BatchNorm statistics on all 70 segments of the 35 training clips (< 2048).
     assert "BatchNorm statistics from 70 training segments" in console
     assert (results["scored_tags"] == 3).all() and (results["test_tracks"] == 9).all()
+    spread = {}
     for metric in ("roc_auc", "average_precision"):
         # The bootstrap interval holds the full-test value, and the mean is that of the resamples.
         assert (results[f"{metric}_low"] <= results[f"{metric}_full_test"] + 1e-12).all()
@@ -1025,6 +1029,7 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
             values = outputs["bootstrap"].query(
                 "method == @row.method and classifier == @row.classifier and metric == @metric")["value"].to_numpy()
             assert len(values) == 20
+            spread[row.method, row.classifier, metric] = np.ptp(values)
             assert getattr(row, metric) == pytest.approx(values.mean())
             assert getattr(row, f"{metric}_low") == pytest.approx(np.percentile(values, 2.5))
             assert getattr(row, f"{metric}_high") == pytest.approx(np.percentile(values, 97.5))
@@ -1035,6 +1040,8 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
                 full + scale * (np.percentile(values, 2.5) - values.mean()))
             assert getattr(row, f"{metric}_full_test_high") == pytest.approx(
                 full + scale * (np.percentile(values, 97.5) - values.mean()))
+    # Resamples that differ (with clip 47 or without), for the checks above to read: all but the random network's.
+    assert sum(value > 0.1 for value in spread.values()) >= 8, spread
     # Pitch is easy for both baselines.
     assert (results["roc_auc_full_test"] > 0.8).all()
 
@@ -2045,3 +2052,15 @@ def test_recorded_data_named_two_ways_is_one(tmp_path):
     (folder / "more.csv").write_text("filename,tags\na.wav,pop\n")
     assert _data_identity((str(folder), None, None)) == (str(folder), None, None)
     assert _data_identity(("relative/x", None, None)) == ("relative/x", None, None)
+
+
+def test_embeddings_computed_on_a_gpu_are_cached_apart_from_the_cpus(tmp_path):
+    """Before: the cache file did not name the device, so an evaluation on the CPU read embeddings a GPU had
+    computed (TF32 convolutions: other numbers) as its own. The CPU's keep the name they had."""
+    from analysis.downstream import embeddings_path
+
+    arguments = (tmp_path, "corpus", "d1", "m2", "f3", {"format": 1}, "a4")
+    protocol_key = hashlib.sha256(json.dumps({"format": 1}).encode()).hexdigest()[:10]
+    assert embeddings_path(*arguments) == embeddings_path(*arguments, "cpu") == (
+        tmp_path / "corpus-d1" / f"m2-f3-{protocol_key}-audioa4.npz")
+    assert embeddings_path(*arguments, "cuda") == tmp_path / "corpus-d1" / f"m2-f3-{protocol_key}-audioa4-cuda.npz"

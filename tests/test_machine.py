@@ -39,6 +39,11 @@ def test_cgroup_v2_the_tightest_level_above_the_process_counts(tmp_path):
     _write(root / "a" / "b" / "cpu.max", "max 100000\n")
     proc = _proc(tmp_path, "0::/a/b\n")
     assert cpu_quota(proc, root) == pytest.approx(0.5)
+    # Two limits: the smaller, whichever level holds it.
+    _write(root / "a" / "b" / "cpu.max", "150000 100000\n")
+    assert cpu_quota(proc, root) == pytest.approx(0.5)
+    _write(root / "a" / "cpu.max", "250000 100000\n")
+    assert cpu_quota(proc, root) == pytest.approx(1.5)
 
 
 def test_cgroup_v2_without_a_limit_is_none(tmp_path):

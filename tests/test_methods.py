@@ -254,13 +254,28 @@ def make_the_teacher_unlike_the_student(method: PretextMethod, seed: int = 7) ->
         assert not torch.allclose(head(method.teacher_backbone(mels)), student_head(method.backbone(mels)), atol=1e-3)
 
 
+# Settings other than the defaults, for each method's loss: a method that read a default in place of its
+# setting (what a search tunes) would still match the reference at the defaults.
+NON_DEFAULT_SETTINGS = {
+    "contrastive": {"temperature": 0.5},
+    "barlow_twins": {"lambd": 0.2},
+    "vicreg": {"inv_weight": 1.0, "var_weight": 3.0, "cov_weight": 0.04},
+    "clustering": {"student_temperature": 0.3, "teacher_temperature": 0.07, "teacher_temperature_start": 0.05,
+                   "teacher_warmup_epochs": 5.0},
+}
+
+
+@pytest.mark.parametrize("settings", ["default", "other"])
 @pytest.mark.parametrize("n_views", [2, 3])
 @pytest.mark.parametrize("name", ["contrastive", "barlow_twins", "vicreg"])
-def test_symmetric_methods_average_the_reference_loss_over_unordered_pairs(name: str, n_views: int) -> None:
-    method = build(name)
+def test_symmetric_methods_average_the_reference_loss_over_unordered_pairs(name: str, n_views: int,
+                                                                            settings: str) -> None:
+    method = build(name, **(NON_DEFAULT_SETTINGS[name] if settings == "other" else {}))
     views = make_views(n_views)
     z = projections_of(method, views)
     config = method.config
+    if settings == "other":
+        assert all(getattr(config, key) == value for key, value in NON_DEFAULT_SETTINGS[name].items())
     reference = {
         "contrastive": lambda a, b: reference_nt_xent(a, b, config.temperature),
         "barlow_twins": lambda a, b: reference_barlow_twins(a, b, config.lambd)["loss"],
@@ -289,20 +304,24 @@ def test_byol_averages_ordered_pairs_against_the_teacher(n_views: int, use_predi
     assert abs(float(result["ema_rate"]) - expected_ema_rate(0.996, 30, 100)) < 1e-7
 
 
+@pytest.mark.parametrize("settings", ["default", "other"])
 @pytest.mark.parametrize("n_views", [2, 3])
-def test_clustering_follows_dinos_loss_over_different_views(n_views: int) -> None:
-    method = build("clustering")
+def test_clustering_follows_dinos_loss_over_different_views(n_views: int, settings: str) -> None:
+    other = settings == "other"
+    method = build("clustering", **(NON_DEFAULT_SETTINGS["clustering"] if other else {}))
     make_the_teacher_unlike_the_student(method)
     method.center.copy_(torch.linspace(-0.2, 0.3, 20))
     views = make_views(n_views)
     student = projections_of(method, views)
     teacher = teacher_outputs(method, views)
-    progress = Progress(step=25, total_steps=1000, steps_per_epoch=10)  # epoch 2.5 of a 10-epoch warm-up
-    teacher_temperature = 0.02 + (0.04 - 0.02) * 2.5 / 10
+    progress = Progress(step=25, total_steps=1000, steps_per_epoch=10)  # epoch 2.5 of the warm-up
+    # Student temperature, teacher temperature from its start to its end over the warm-up, written out.
+    student_temperature, start, end, warmup = (0.3, 0.05, 0.07, 5.0) if other else (0.1, 0.02, 0.04, 10.0)
+    teacher_temperature = start + (end - start) * 2.5 / warmup
     center = as_numpy(method.center)
     # facebookresearch/dino DINOLoss: sum over teacher view iq and student view v != iq, divided by the count.
     terms = [
-        reference_dino(student[v], as_numpy(teacher[iq]), center, 0.1, teacher_temperature)
+        reference_dino(student[v], as_numpy(teacher[iq]), center, student_temperature, teacher_temperature)
         for iq in range(n_views)
         for v in range(n_views)
         if v != iq
@@ -372,8 +391,9 @@ def test_teacher_starts_as_a_copy_and_is_excluded_from_the_optimiser(name: str) 
     assert not {id(p) for p in method.student_parameters()} & teacher_ids
 
 
-def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
-    method = build("clustering")
+@pytest.mark.parametrize("m", [0.9, 0.7])  # the default, and another (a search samples 1 - m)
+def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits(m: float) -> None:
+    method = build("clustering", center_momentum=m)
     make_the_teacher_unlike_the_student(method)
     method.center.copy_(torch.linspace(0.0, 1.0, 20))
     views = make_views(3)
@@ -382,7 +402,7 @@ def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
     method.training_loss(views, PROGRESS)
     torch.testing.assert_close(method.center, previous)  # applied only after the optimiser step
     method.after_optimizer_step(PROGRESS)
-    torch.testing.assert_close(method.center, 0.9 * previous + 0.1 * mean_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(method.center, m * previous + (1 - m) * mean_logits, rtol=0, atol=1e-6)
     # Two losses before one step (gradient accumulation): the centre moves towards their mean.
     other = make_views(3, seed=9)
     other_logits = torch.cat(teacher_outputs(method, other)).mean(dim=0)
@@ -391,7 +411,7 @@ def test_clustering_centre_is_an_ema_of_the_teachers_mean_logits() -> None:
     method.training_loss(views, PROGRESS)
     method.training_loss(other, PROGRESS)
     method.after_optimizer_step(PROGRESS)
-    torch.testing.assert_close(method.center, 0.9 * previous + 0.1 * (mean_logits + other_logits) / 2, rtol=0,
+    torch.testing.assert_close(method.center, m * previous + (1 - m) * (mean_logits + other_logits) / 2, rtol=0,
                                atol=1e-6)
     # Outside training (eval mode) a loss evaluation never moves the centre.
     method.eval()

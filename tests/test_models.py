@@ -232,29 +232,70 @@ def test_initialisation_scales():
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
 
 
+def _randomise_batchnorms(module: nn.Module) -> None:
+    """Statistics and affine parameters other than 0 and 1, so that BatchNorm's use of them shows."""
+    for norm in module.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.5, 0.5)
+
+
+def _batchnorm(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """Eval-mode BatchNorm written out: (x - mean) / sqrt(var + eps) * weight + bias, per channel."""
+    per_channel = (slice(None), None, None)
+    return ((x - norm.running_mean[per_channel]) / torch.sqrt(norm.running_var[per_channel] + norm.eps)
+            * norm.weight[per_channel] + norm.bias[per_channel])
+
+
 def test_the_stem_is_three_convolutions_then_average_pooling():
     """The CLIP ResNet stem (the study's code): 3x3 convolutions (stride 2, then 1, 1), each with BatchNorm and
     ReLU, then a 2x2 average pool; written out with functional operations on the stem's own weights."""
     torch.manual_seed(0)
     backbone = Backbone(preset="cpu").eval()
     stem = backbone.trunk.stem
-    for module in stem.modules():  # statistics other than 0 and 1, so that BatchNorm's use of them shows
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.5, 0.5)
+    _randomise_batchnorms(stem)
     x = torch.randn(2, 1, 64, 126)
     convs = [m for m in stem if isinstance(m, nn.Conv2d)]
     norms = [m for m in stem if isinstance(m, nn.BatchNorm2d)]
     expected = x
     for conv, norm, stride in zip(convs, norms, (2, 1, 1)):
-        expected = F.conv2d(expected, conv.weight, stride=stride, padding=1)
-        expected = (expected - norm.running_mean[:, None, None]) / torch.sqrt(norm.running_var[:, None, None] + norm.eps)
-        expected = F.relu(expected * norm.weight[:, None, None] + norm.bias[:, None, None])
+        expected = F.relu(_batchnorm(F.conv2d(expected, conv.weight, stride=stride, padding=1), norm))
     expected = F.avg_pool2d(expected, 2)
     with torch.no_grad():
         torch.testing.assert_close(stem(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["first block of a strided stage", "a later block of a stage"])
+def test_a_bottleneck_block_is_the_clip_resnets(which):
+    """The CLIP ResNet's Bottleneck (the study's code): 1x1 -> 3x3 -> average pool (if strided) -> 1x1 with 4x
+    the channels, BatchNorm after each convolution and ReLU after the first two; plus a shortcut, the input
+    itself, or average pool -> 1x1 -> BatchNorm where the shape changes; ReLU after the sum. Written out with
+    functional operations on the block's own weights."""
+    torch.manual_seed(0)
+    backbone = Backbone(preset="cpu").eval()
+    stage = backbone.trunk.stages[1]  # a stage that halves the resolution (stride 2)
+    block = stage[0] if which.startswith("first") else stage[1]
+    _randomise_batchnorms(block)
+    channels = block.conv1.in_channels
+    x = torch.relu(torch.randn(2, channels, 16, 32))
+    out = torch.relu(_batchnorm(F.conv2d(x, block.conv1.weight), block.bn1))
+    out = torch.relu(_batchnorm(F.conv2d(out, block.conv2.weight, padding=1), block.bn2))
+    if which.startswith("first"):
+        out = F.avg_pool2d(out, 2)
+        convolution, norm = (m for m in block.shortcut if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+        shortcut = _batchnorm(F.conv2d(F.avg_pool2d(x, 2), convolution.weight), norm)
+    else:
+        assert isinstance(block.shortcut, nn.Identity)
+        shortcut = x
+    expected = torch.relu(_batchnorm(F.conv2d(out, block.conv3.weight), block.bn3) + shortcut)
+    assert block.conv3.out_channels == 4 * block.conv1.out_channels
+    with torch.no_grad():
+        actual = block(x)
+        assert actual.shape == expected.shape == (2, block.conv3.out_channels, *((8, 16) if which.startswith("first")
+                                                                                 else (16, 32)))
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_round_trip_and_deepcopy_give_identical_outputs():

@@ -146,7 +146,8 @@ def test_every_method_trains_on_the_gpu_in_bf16_and_matches_the_cpu(method, tmp_
     on_cpu = one_step("cpu", accelerator="cpu", final_probe=False)
     fp32 = one_step("fp32", precision="32-true", final_probe=False)
     default = one_step("gpu")  # accelerator and precision left to their defaults
-    assert (default.final["accelerator"], default.final["precision"]) == ("gpu", "bf16-mixed")
+    native = torch.cuda.is_bf16_supported(including_emulation=False)  # (before Ampere: float32)
+    assert (default.final["accelerator"], default.final["precision"]) == ("gpu", "bf16-mixed" if native else "32-true")
     assert (fp32.final["accelerator"], on_cpu.final["accelerator"]) == ("gpu", "cpu")
     # float32 on the GPU is the CPU's loss up to TF32 convolutions (10-bit mantissa; measured on an
     # H200: at most 0.7 %, clustering).
@@ -168,10 +169,36 @@ def test_every_method_trains_on_the_gpu_in_bf16_and_matches_the_cpu(method, tmp_
     Backbone(preset="cpu").load_state_dict(state)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_probe_embeds_on_the_device_given_and_leaves_the_backbone_where_it_is(device, tonal_data):
+    """Before: a run trained on a GPU scored its final probe (and a search's trial its objective) with the
+    backbone already moved to the CPU, embedding every training and validation track there."""
+    from musicssl.train import probe_score
+
+    torch.manual_seed(0)
+    backbone = Backbone(preset="cpu")
+    seen: list[str] = []
+    backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].device.type))
+    before = {name: value.clone() for name, value in backbone.state_dict().items()}
+    on_device = probe_score(backbone, tonal_data, 4, seed=0, device=device)
+    assert set(seen) == {device}
+    assert {value.device.type for value in backbone.state_dict().values()} == {"cpu"}
+    assert all(torch.equal(value, before[name]) for name, value in backbone.state_dict().items())
+    seen.clear()
+    here = probe_score(backbone, tonal_data, 4, seed=0)
+    assert set(seen) == {"cpu"}
+    # The same probe up to the device's arithmetic (TF32 convolutions on a GPU).
+    assert on_device == pytest.approx(here, abs=0.02 if device == "cuda" else 0.0)
+
+
 def test_the_default_precision_is_bf16_on_a_gpu_and_float32_on_the_cpu():
-    assert resolve_precision(TrainConfig(), "gpu") == "bf16-mixed"
+    assert resolve_precision(TrainConfig(), "gpu", native_bf16=True) == "bf16-mixed"
     assert resolve_precision(TrainConfig(), "cpu") == "32-true"
-    assert resolve_precision(TrainConfig(precision="32-true"), "gpu") == "32-true"
+    assert resolve_precision(TrainConfig(precision="32-true"), "gpu", native_bf16=True) == "32-true"
+    # Before: bf16 autocast on any GPU, one that only emulates bfloat16 (before Ampere: V100, T4) included.
+    assert resolve_precision(TrainConfig(), "gpu", native_bf16=False) == "32-true"
+    assert resolve_precision(TrainConfig(precision="bf16-mixed"), "gpu", native_bf16=False) == "bf16-mixed"
 
 
 def test_vicreg_logs_its_three_terms_and_they_add_up(tmp_path, tonal_data):
@@ -530,7 +557,9 @@ def test_registry_has_the_five_methods():
         # Before: an empty --out (an unset shell variable) trained into the default folder.
         (["vicreg", "--out", ""], "error: --out is empty; give a folder for the run, or leave the flag out for "
                                   "runs/train/vicreg-<time>\n"),
-        (["byol", "--set", "precision=bf16-true"], "precision=bf16-true holds byol's EMA teacher in half precision"),
+        (["byol", "--set", "precision=bf16-true"], "precision=bf16-true holds the weights and byol's EMA teacher in "
+                                                   "bfloat16"),
+        (["vicreg", "--set", "precision=bf16-true"], "precision=bf16-true holds the weights in bfloat16"),
         (["vicreg", "--set", "accelerator=tpu"], "accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
         pytest.param(["vicreg", "--set", "accelerator=gpu"], "torch sees no CUDA device",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
@@ -1135,10 +1164,11 @@ def test_settings_that_only_some_callers_use_keep_working_and_others_are_refused
     check_config(TrainConfig(accelerator="gpu"), devices=False)
 
 
-@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+@pytest.mark.parametrize("precision", ["64-true"])
 def test_the_per_epoch_probe_runs_on_a_backbone_held_in_another_dtype(precision, tmp_path, tonal_data):
-    """Before: with the weights themselves in float64 or bf16, the per-epoch probe (what a search with ASHA on a
-    probe objective turns on) fed the backbone float32 segments and failed at the end of the first epoch."""
+    """Before: with the weights themselves in float64 (or bf16, refused since), the per-epoch probe (what a search
+    with ASHA on a probe objective turns on) fed the backbone float32 segments and failed at the end of the first
+    epoch."""
     config = tiny_config("vicreg", tmp_path, precision=precision, probe_every_epoch=True, max_epochs=1,
                          steps_per_epoch=2, out_dir=None)
     result = train(config, data=tonal_data, progress_bar=False)
@@ -1156,11 +1186,22 @@ def test_the_summary_records_the_precision_lightning_trained_in(tmp_path, tonal_
     assert json.loads((tmp_path / "vicreg" / "summary.json").read_text())["precision"] == result.final["precision"]
 
 
-def test_half_precision_weights_are_refused_for_methods_with_an_ema_teacher():
+def test_bfloat16_weights_are_refused_for_every_method():
     """Before: precision=bf16-true was accepted for BYOL and clustering, whose EMA teacher then mostly stayed
-    where it started (its per-step move rounds away in bf16)."""
+    where it started (its per-step move rounds away in bf16), and for the other methods, whose weights then
+    mostly stayed put too: an AdamW step moves a weight by about the learning rate, and bf16 near 1 holds
+    no step below 2**-9 (half of its rounding step below 1, 2**-8)."""
     from musicssl.pretext.base import ema_update_
     from musicssl.train import check_config
+
+    # Why, for every method: AdamW steps of learning rate 1e-4 and 1e-3 (its first step moves each weight by the
+    # learning rate, whatever the gradient) on weights of 1, held in bf16 and in float32.
+    for lr in (1e-4, 1e-3):
+        for dtype, expected in ((torch.bfloat16, 1.0), (torch.float32, 1 - lr)):
+            weight = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+            weight.grad = torch.full_like(weight, 0.5)
+            torch.optim.AdamW([weight], lr=lr, weight_decay=0.0).step()
+            assert weight.detach().float().tolist() == pytest.approx([expected] * 4, rel=1e-6), (lr, dtype)
 
     # Why: one EMA step at BYOL's base rate, written out, with teacher and student held in bf16.
     teacher, student = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
@@ -1172,13 +1213,12 @@ def test_half_precision_weights_are_refused_for_methods_with_an_ema_teacher():
     unchanged = (teacher.weight == before).float().mean().item()
     assert unchanged > 0.9, unchanged  # a float32 teacher moves every weight, by 4e-6
 
-    for method in ("byol", "clustering"):
-        with pytest.raises(ConfigError, match=rf"precision=bf16-true holds {method}'s EMA teacher in half "
-                                              r"precision.*use bf16-mixed"):
+    for method in available_methods():
+        teacher = f" and {method}'s EMA teacher" if method in ("byol", "clustering") else ""
+        with pytest.raises(ConfigError, match=rf"precision=bf16-true holds the weights{teacher} in bfloat16, where "
+                                              r"most optimiser steps round away .*use bf16-mixed"):
             check_config(TrainConfig(method=method, precision="bf16-true"))
         check_config(TrainConfig(method=method, precision="bf16-mixed"))
-    for method in ("vicreg", "contrastive", "barlow_twins"):  # no teacher: their weights may be bf16
-        check_config(TrainConfig(method=method, precision="bf16-true"))
 
 
 def test_float16_weights_are_refused_for_every_method():
@@ -1193,18 +1233,20 @@ def test_float16_weights_are_refused_for_every_method():
         torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.0).step()
         assert weight.detach().float().tolist() == pytest.approx([expected] * 4, rel=1e-3)
     for method in available_methods():
-        other = "bf16-mixed" if method in ("byol", "clustering") else "bf16-true"  # their teacher refuses bf16-true
         with pytest.raises(ConfigError, match="precision=16-true holds the weights and AdamW's state in float16.*use "
-                                              f"16-mixed .float32 weights. or {other}$"):
+                                              r"16-mixed or bf16-mixed \(float32 weights\)$"):
             check_config(TrainConfig(method=method, precision="16-true"))
-        check_config(TrainConfig(method=method, precision=other))
+        check_config(TrainConfig(method=method, precision="bf16-mixed"))
         check_config(TrainConfig(method=method, precision="16-mixed"))
 
 
 def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():
     from musicssl.train import resolve_precision
 
-    assert resolve_precision(TrainConfig(), "cuda") == resolve_precision(TrainConfig(), "gpu") == "bf16-mixed"
+    assert resolve_precision(TrainConfig(), "cuda", True) == resolve_precision(TrainConfig(), "gpu", True) == "bf16-mixed"
+    # Asked of the device itself where not told: here, without a GPU, float32.
+    assert resolve_precision(TrainConfig(), "cuda") == ("bf16-mixed" if torch.cuda.is_available()
+                                                        and torch.cuda.is_bf16_supported(False) else "32-true")
     assert resolve_precision(TrainConfig(), "cpu") == "32-true"
 
 

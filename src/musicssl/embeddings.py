@@ -19,8 +19,8 @@ __all__ = ["calibrate_batchnorm", "embed_segments", "embed_tracks"]
 def embed_segments(backbone: nn.Module, segments: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Embeddings ``(N, D)`` float32 of mel segments ``(N, n_mels, frames)``, in eval mode, in batches.
 
-    The segments go in on the backbone's device and in its dtype: a backbone held in float64 or bf16
-    (``precision="64-true"`` or ``"bf16-true"``, a search's per-epoch probe) refused float32 input."""
+    The segments go in on the backbone's device and in its dtype: a backbone held in float64
+    (``precision="64-true"``, a search's per-epoch probe) or moved to bf16 refused float32 input."""
     was_training = backbone.training
     backbone.eval()
     weight = next(backbone.parameters())

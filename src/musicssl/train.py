@@ -463,21 +463,34 @@ class RunResult:
     final: dict[str, Any]
     seconds: float
     out_dir: Path | None
-    backbone: Any = field(repr=False, default=None)
+    backbone: Any = field(repr=False, default=None)  # on the CPU, in float32
+    device: Any = field(repr=False, default=None)  # the torch.device it trained on
 
 
 # What the trainer passes to Lightning (auto: see resolve_precision / resolve_accelerator).
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-# Precisions that hold the weights themselves in half precision, and the methods they would break.
-HALF_WEIGHT_PRECISIONS = ("bf16-true", "16-true")
+# Methods whose teacher follows the student by EMA steps, which half-precision weights round away.
 EMA_TEACHER_METHODS = ("byol", "clustering")
 
 
-def resolve_precision(config: TrainConfig, accelerator: str) -> str:
+def resolve_precision(config: TrainConfig, accelerator: str, native_bf16: bool | None = None) -> str:
+    """The precision ``config`` trains in on ``accelerator``: its own, or for ``auto`` bf16 autocast on a GPU that
+    computes bfloat16 in hardware (``native_bf16``, default :func:`gpu_computes_bf16`: Ampere and later), and
+    float32 elsewhere, a GPU before Ampere included (V100, T4: bfloat16 only emulated there)."""
     if config.precision != "auto":
         return config.precision
-    return "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
+    if accelerator not in ("gpu", "cuda"):
+        return "32-true"
+    return "bf16-mixed" if (gpu_computes_bf16() if native_bf16 is None else native_bf16) else "32-true"
+
+
+def gpu_computes_bf16() -> bool:
+    """Whether the current CUDA device computes bfloat16 in hardware, not emulated; False without one."""
+    try:
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+    except (RuntimeError, AssertionError):  # a driver that cannot be asked: as without a GPU
+        return False
 
 
 def view_config(config: TrainConfig):
@@ -558,16 +571,17 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
         # Weights and AdamW's moments in float16, whose smallest number (6e-8) is above AdamW's eps (1e-8) and the
         # squares of small gradients: the step divides by 0 where a gradient is below about 8e-3, and the run
         # diverges in its first steps (vicreg and contrastive on the cpu preset, at any learning rate).
-        other = "bf16-mixed" if config.method in EMA_TEACHER_METHODS else "bf16-true"  # (bf16-true: see below)
         problems.append("precision=16-true holds the weights and AdamW's state in float16, which cannot hold its eps "
                         "(1e-8) or the squares of small gradients: runs diverge in their first steps; use 16-mixed "
-                        f"(float32 weights) or {other}")
-    elif config.precision in HALF_WEIGHT_PRECISIONS and config.method in EMA_TEACHER_METHODS:
-        # The teacher's weights would be half precision too, and its EMA step, (1 - rate) * (student -
-        # teacher) with rate 0.996 to 1, is mostly below half a bf16 rounding step: the teacher stays put.
-        problems.append(f"precision={config.precision} holds {config.method}'s EMA teacher in half precision, where "
-                        f"most of its updates round away; use bf16-mixed (or 16-mixed), which keeps the weights "
-                        f"in float32, or 32-true")
+                        "or bf16-mixed (float32 weights)")
+    elif config.precision == "bf16-true":
+        # bfloat16 keeps 8 bits of mantissa: a weight moves only by a step above half its rounding step (0.2-0.4 % of
+        # it), and AdamW's steps (about the learning rate) mostly are not. The EMA teacher's moves, (1 - rate) *
+        # (student - teacher) with rate 0.996 to 1, are smaller still: the teacher stays put.
+        teacher = f" and {config.method}'s EMA teacher" if config.method in EMA_TEACHER_METHODS else ""
+        problems.append(f"precision=bf16-true holds the weights{teacher} in bfloat16, where most optimiser steps round "
+                        "away (a weight near 1 ignores any step below 0.002) and training stalls; use "
+                        "bf16-mixed, which keeps the weights in float32 (or 32-true)")
     if config.accelerator not in ACCELERATORS:
         problems.append(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {config.accelerator!r}")
     elif devices and config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -620,14 +634,20 @@ def listed_probe_problem(index) -> str | None:
     return _probe_inputs(listed, "listed")[-1]
 
 
-def probe_score(backbone, data, max_segments: int, seed: int = 0) -> dict[str, float]:
-    """Linear probe on frozen track embeddings: train split -> valid split (macro ROC-AUC and mAP)."""
+def probe_score(backbone, data, max_segments: int, seed: int = 0, device: Any = None) -> dict[str, float]:
+    """Linear probe on frozen track embeddings: train split -> valid split (macro ROC-AUC and mAP). The tracks
+    are embedded where the backbone is, or on ``device`` (the one a run trained on: a copy of the backbone
+    is moved there, the backbone given stays where it is)."""
+    import copy
+
     from musicssl.embeddings import embed_tracks
     from musicssl.probe import fit_linear_probe
 
     train_ids, valid_ids, train_y, valid_y, problem = _probe_inputs(data)
     if problem:
         raise ValueError(problem)
+    if device is not None and torch.device(device) != next(backbone.parameters()).device:
+        backbone = copy.deepcopy(backbone).to(device)
     train_x = embed_tracks(backbone, data.cache, train_ids, max_segments=max_segments)
     valid_x = embed_tracks(backbone, data.cache, valid_ids, max_segments=max_segments)
     result = fit_linear_probe(train_x, train_y, valid_x, valid_y, seed=seed)
@@ -791,6 +811,7 @@ def train(
         signum = signal.SIGTERM if sigterm else getattr(stop.__context__, "signum", signal.SIGINT)
         raise Interrupted(signum) from None
 
+    trained_on = trainer.strategy.root_device  # (the final probe embeds there, not on the CPU)
     backbone = method.backbone.cpu().float()
     final: dict[str, Any] = {"verdict": module.verdict, "diverged_step": module.diverged_step}
     # The epoch whose weights the backbone holds: the last; for a run that diverged (or whose weights are not
@@ -804,7 +825,7 @@ def train(
         final.update({k: v for k, v in module.epochs[-1].items() if k not in ("epoch", "step", "verdict")})
     if module.diverged_step is None and config.final_probe and not unprobed:
         if not config.probe_every_epoch or not module.epochs:
-            final.update(probe_score(backbone, data, config.probe_segments_per_track, config.seed))
+            final.update(probe_score(backbone, data, config.probe_segments_per_track, config.seed, trained_on))
     if unprobed:
         final["probe_skipped"] = unprobed
     final["epochs_run"] = len(module.epochs)
@@ -844,6 +865,7 @@ def train(
         seconds=seconds,
         out_dir=out_dir,
         backbone=backbone,
+        device=trained_on,
     )
 
 

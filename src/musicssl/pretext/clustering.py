@@ -47,7 +47,7 @@ def _head_outside_autocast(head: nn.Module, embedding: Tensor) -> Tensor:
 
     Under bf16 autocast (float32 weights) only the backbone should round: the K logits are divided by
     a teacher temperature of 0.02-0.04, which would magnify bf16's rounding of the logits 25-50 times.
-    A head whose weights are bf16 themselves (``precision="bf16-true"``) runs in bf16, as before.
+    A head whose weights are bf16 themselves (a model moved to bf16) runs in bf16, as before.
     """
     dtype = next(head.parameters()).dtype
     with torch.autocast(device_type=embedding.device.type, enabled=False):
