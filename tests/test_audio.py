@@ -18,7 +18,7 @@ import pytest
 import soundfile
 import torch
 
-from musicssl.audio import AudioError, LogMel, hz_to_mel, load_audio, mel_filterbank, mel_to_hz
+from musicssl.audio import AudioError, LogMel, hz_to_mel, load_audio, mel_filterbank, mel_to_hz, resample
 
 SAMPLE_RATE = 16000
 
@@ -453,3 +453,18 @@ def test_load_audio_rejects_a_bad_sample_rate(tmp_path):
     soundfile.write(path, stereo_sine(16000, 0.1, 440.0), 16000)
     with pytest.raises(ValueError, match="sample_rate"):
         load_audio(path, sample_rate=0)
+
+
+def test_resampling_keeps_the_passband_and_stops_what_would_alias():
+    """44.1 kHz to 16 kHz: a 7 kHz tone (below the new Nyquist, 8 kHz) keeps its level, RMS 1/sqrt(2) of a unit
+    sine; a 10 kHz one (above it) is removed, not folded to 6 kHz. soxr's low-quality setting lets the first
+    fall to 0.15 and a quick one lets the second through at 0.67."""
+    seconds = np.arange(44100) / 44100
+
+    def rms_after(frequency: float) -> float:
+        out = resample(np.sin(2 * np.pi * frequency * seconds), 44100, 16000)
+        inner = out[800:-800].astype(np.float64)  # away from the ramps at the edges
+        return float(np.sqrt(np.mean(inner ** 2)))
+
+    assert rms_after(7000.0) == pytest.approx(1 / np.sqrt(2), rel=0.02)
+    assert rms_after(10000.0) < 1e-3

@@ -1405,18 +1405,25 @@ def test_a_trials_record_keeps_the_last_verdict_the_first_best_epoch_and_dates_a
                     for parameter in module.method.backbone.parameters():
                         parameter.fill_(math.inf)
 
+    monitors = []
+
     def run(records, poison_after=None, **options):
         settings = SearchSettings(method="vicreg", objective="rankme",
                                   **{**TINY, "max_epochs": len(records), **options}).trial_settings()
         monitor = CollapseMonitor(settings.collapse_rule())
+        monitors.append(monitor)
         reporter = Rewritten(settings, tonal_data, monitor, lambda report: None)
         reporter.records, reporter.poison_after = records, poison_after
         return _train_and_score(settings, params, tonal_data, monitor, reporter)
 
-    # Verdicts complete (within the grace period), none, dimensional (not stopped on); RankMe 50, 70, 70.
-    epochs = [{**COMPLETE, "collapse_rankme_embedding": 50.0}, {**HEALTHY, "collapse_rankme_embedding": 70.0},
-              {**DIMENSIONAL, "collapse_rankme_embedding": 70.0}]
+    # Verdicts complete (within the grace period), none, dimensional (not stopped on); RankMe 50, 70, 70. The
+    # projection's spread set too: the tiny trainer's own, small at its start, reads as complete collapse.
+    spread = {"collapse_l2_std_projection": 0.7}
+    epochs = [{**COMPLETE, **spread, "collapse_rankme_embedding": 50.0},
+              {**HEALTHY, **spread, "collapse_rankme_embedding": 70.0},
+              {**DIMENSIONAL, **spread, "collapse_rankme_embedding": 70.0}]
     record, checkpoint = run(epochs)
+    assert monitors[-1].verdicts == ["complete", "none", "dimensional"]
     assert (record["outcome"], record["verdict"], record["objective"]) == ("complete", "dimensional", 70.0)
     assert (record["best_objective"], record["best_epoch"]) == (70.0, 2) and checkpoint is not None
     # Poisoned at the end of epoch 1: the loss of step 3, the first of epoch 2 (3 steps per epoch), is not finite.
@@ -1512,6 +1519,16 @@ def test_a_trial_a_scheduler_stops_on_its_collapse_is_recorded_collapsed_and_inf
     diverged = study.trials[1]
     assert diverged.state == TrialState.PRUNED and diverged.constraints == {CONSTRAINT_NAME: 1.0}
     assert (diverged.user_attrs["outcome"], diverged.user_attrs["collapse_type"]) == ("diverged", "diverged")
+    # With stopping off (--no-collapse-stop) the rule only flags: a trial ASHA stops on the report it fired on
+    # ended for its score, "stopped" and feasible, its flag kept (would_stop_epoch).
+    searcher.suggest("c")
+    searcher.on_trial_result("c", epoch_result(1, 0.5))
+    flagged = {**epoch_result(2, 0.2), **COMPLETE, "collapse_verdict": "complete", "collapse_stop": False,
+               "collapse_type": "complete", "collapse_epoch": 1, "collapse_step": 10, "would_stop_epoch": 2}
+    searcher.on_trial_complete("c", result=flagged)
+    stopped = load_study(tmp_path / "optuna.journal").trials[2]
+    assert stopped.state == TrialState.PRUNED and stopped.constraints == {CONSTRAINT_NAME: 0.0}
+    assert (stopped.user_attrs["outcome"], stopped.user_attrs["would_stop_epoch"]) == ("stopped", 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3647,6 +3664,9 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
                                              "objective": [math.nan], "epochs_run": [2.0]})])
     with_failed = summarize(failed, "vicreg", "probe_map", trials=6, max_epochs=6)
     assert with_failed.saved_fraction == pytest.approx(8.5 / 32)
+    # A failed trial has finished (it will not run again), and is counted as failed.
+    assert (summary.trials_finished, with_failed.trials_finished, with_failed.counts["failed"]) == (5, 6, 1)
+    assert format_summary(with_failed).startswith("vicreg: 6/6 trials finished (")
     # summary.json gives the fraction's base beside what was asked for (36): 23.5 run + 8.5 saved.
     written = with_failed.to_dict()
     assert (written["trial_epochs_requested"], written["trial_epochs_without_stopping"]) == (36, 32.0)

@@ -266,7 +266,11 @@ def test_spearman_equals_scipys_on_the_same_numbers(report):
     (experiment,) = report["summary"]["experiments"]
     csv = report["csv"]
     complete = csv[csv["outcome"] == "complete"]
-    expected = spearmanr(complete["final_rankme"], complete["probe_map"])
+    # The search's own record of each trial (its trials.csv), not the report's columns: its final RankMe
+    # (the last epoch's) and its score.
+    search = pd.read_csv(Path(experiment["folder"]) / "trials.csv")
+    search = search[search["outcome"] == "complete"].set_index("trial").loc[complete["trial"]]
+    expected = spearmanr(search["rankme"], search["probe_map"])
     reported = experiment["label_free_vs_labelled"]
     assert reported["n"] == len(complete)
     assert reported["spearman"] == pytest.approx(expected.statistic, abs=1e-12)
@@ -660,6 +664,25 @@ def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, coll
     assert all("not enough trials: 4, at least 5 needed" in i.note for i in collapse_importances(fewer))
 
 
+@pytest.mark.parametrize("count, quantile", [(8, 0.5), (20, 0.25), (64, 0.1)])
+def test_ped_anova_on_the_objective_takes_at_least_5_top_trials(count, quantile):
+    """The objective's top set is the best 10 % of the complete trials, but at least 5 of them and at most
+    half: the importances are Optuna's PED-ANOVA at that quantile (normalised to sum to 1)."""
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    rng = np.random.default_rng(count)
+    rows = [(x, y, "complete") for x, y in rng.uniform(size=(count, 2))]
+    study = synthetic_study(rows)  # a complete trial scores x
+    ped = next(i for i in objective_importances(experiment_from_study(study, SETTINGS)) if i.evaluator == "PED-ANOVA")
+    top = math.ceil(quantile * count)
+    assert ped.note == f"top {100 * quantile:.0f} % ({top} trials) against all {count}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = optuna.importance.get_param_importances(
+            study, evaluator=PedAnovaImportanceEvaluator(target_quantile=quantile), normalize=True)
+    assert ped.values == pytest.approx(expected), (ped.values, expected)
+
+
 def test_fanova_is_not_computed_where_a_parameter_is_set_in_only_some_trials():
     """A define-by-run space may suggest a parameter for some trials only. Optuna's fANOVA keeps only the
     trials that have every parameter it is asked for: first, it judged that subset (or failed with "zero total
@@ -732,6 +755,42 @@ def test_a_categorical_parameter_is_drawn_in_its_choices_order_on_every_row():
     assert list(rate.x) == [32, 64, 128] and list(rate.y) == [0.0, 0.0, pytest.approx(2 / 3)]
 
 
+def test_a_log_scale_parameter_is_binned_and_drawn_on_its_log_scale():
+    """The collapse rate per bin of a learning rate sampled on [1e-4, 1e-2] (log): 12 trials, two bins equal
+    on the log scale, [1e-4, 1e-3] and [1e-3, 1e-2], centred at their geometric means; the three panels' x
+    axes logarithmic. Each bin's rate with its 95 % Wilson interval, written out."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import collapse_rate_bins, parameter_figure
+
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    rates = [1.5e-4, 2e-4, 3e-4, 5e-4, 7e-4, 9e-4, 1.5e-3, 2e-3, 3e-3, 5e-3, 7e-3, 9e-3]
+    collapsed = [rate in (1.5e-4, 3e-4, 7e-4) for rate in rates]  # 3 of the 6 below 1e-3, none above
+    bins = collapse_rate_bins(rates, collapsed, space["lr"])
+    assert np.allclose(bins[["low", "high"]].to_numpy().ravel(), [1e-4, 1e-3, 1e-3, 1e-2])
+    assert np.allclose(bins["centre"], [math.sqrt(1e-7), math.sqrt(1e-5)])
+    assert bins["n"].tolist() == [6, 6] and bins["collapsed"].tolist() == [3, 0]
+    z = 1.959963984540054
+    for row, (k, n) in zip(bins.itertuples(), [(3, 6), (0, 6)]):
+        p = k / n
+        middle, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+            1 + z * z / n)
+        assert (row.rate, row.rate_low, row.rate_high) == pytest.approx((p, max(0.0, middle - half), middle + half),
+                                                                        abs=1e-7)
+
+    study = optuna.create_study(direction="maximize")
+    for number, (rate, stopped) in enumerate(zip(rates, collapsed)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": rate}, distributions=space,
+            state=optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.COMPLETE,
+            value=None if stopped else 0.3 + 0.01 * number,
+            user_attrs={"outcome": "collapsed" if stopped else "complete", "collapse_type": "complete" if stopped
+                        else None}))
+    figure = parameter_figure(analyse(experiment_from_study(study, SETTINGS)), "lr").figure
+    assert [axis.type for axis in (figure.layout.xaxis, figure.layout.xaxis2, figure.layout.xaxis3)] == ["log"] * 3
+    drawn = next(trace for trace in figure.data if trace.name == "collapse rate per bin")
+    assert np.allclose(drawn.x, [math.sqrt(1e-7), math.sqrt(1e-5)]) and list(drawn.y) == [0.5, 0.0]
+
+
 def test_parallel_coordinates_put_a_parameter_a_trial_lacks_on_a_not_set_tick_below_the_range():
     """Before: a trial without a parameter (a conditional one; a trial waiting to start) was drawn at the
     lowest value of that axis's range, as if it had been sampled there."""
@@ -791,9 +850,11 @@ def test_collapse_importances_need_three_trials_on_each_side():
     assert all(i.values is not None for i in collapse_importances(experiment_from_study(synthetic_study(rows), SETTINGS)))
 
 
-def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_they_were_stopped():
-    """Collapses beginning at epochs 1, 2, 2 and 5 under patience 2: stopped at epochs 2, 3, 3 and 6,
-    after 15 steps an epoch. The medians and counts are those of the trials' own records."""
+@pytest.mark.parametrize("stopping", [True, False])
+def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_they_were_stopped(stopping):
+    """Collapses beginning at epochs 1, 2, 2 and 5 under patience 2: stopped at epochs 2, 3, 3 and 6 (with
+    stopping off, run to the end and recorded as the epochs they would have stopped at), after 15 steps an
+    epoch. The medians and counts are those of the trials' own records."""
     import statistics
 
     from analysis.sensitivity import analyse
@@ -811,16 +872,24 @@ def test_time_to_collapse_gives_the_medians_of_when_collapses_began_and_when_the
             while not monitor.fired:
                 epoch += 1
                 monitor.update(epoch, 15 * epoch, COMPLETE if epoch >= start else HEALTHY)
-            record.update(_rule_record(monitor, True), outcome="collapsed", epochs_run=float(epoch),
-                          epochs_completed=epoch, verdict="complete")
+            if stopping:
+                record.update(_rule_record(monitor, True), outcome="collapsed", epochs_run=float(epoch),
+                              epochs_completed=epoch, verdict="complete")
+            else:
+                record.update(_rule_record(monitor, False), verdict="complete")
         attrs = user_attrs_from_record(record)
         done = attrs["outcome"] == "complete"
         study.add_trial(optuna.trial.create_trial(
             params={"x": number / 10}, distributions=distribution, value=0.5 if done else None, user_attrs=attrs,
             state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.PRUNED))
-    analysis = analyse(experiment_from_study(study, {**SETTINGS, "max_epochs": 6}))
+    analysis = analyse(experiment_from_study(study, {**SETTINGS, "max_epochs": 6, "collapse_stop": stopping}))
     timing = analysis.time_to_collapse
     assert timing["trials"] == 4 and timing["by_type"] == {"complete": 4}
+    if not stopping:
+        assert timing["would_have_been_stopped"] == 4
+        assert timing["median_would_stop_epoch"] == statistics.median([s + 1 for s in starts]) == 3
+        assert timing["median_collapse_epoch"] == 2
+        return
     # One kind of collapse: its bar keeps a legend naming it (plotly hides a lone trace's), and whole-trial ticks.
     from analysis.sensitivity_figures import time_to_collapse_figure
 
@@ -1472,6 +1541,19 @@ def test_saved_compute_is_split_by_what_stopped_the_trials():
     assert (f"{collapsed + 1.5:.1f} by collapse stopping (collapsed and diverged trials), 1.0 by the scheduler (ASHA's "
             "stopped trials)") in caption
     assert "stopping collapsed and diverged trials early did not spend" not in page
+    # The bars, per outcome: the epochs its trials ran (2 each if complete, 1 collapsed or stopped, 0.5 diverged)
+    # and, stacked, the rest of their 2 (the saved ones); the caption's total and its share of all 2 x 20.
+    ran = {"complete": 2.0, "collapsed": 1.0, "diverged": 0.5, "stopped": 1.0}
+    figure = next(f.figure for f in figures if f.key.endswith("-outcomes"))
+    run_bars, saved_bars = (next(t for t in figure.data if t.name == name)
+                            for name in ("run", "not run: the trial ended early"))
+    outcomes = [{"flagged": "complete"}.get(outcome, outcome) for _, _, outcome in rows]  # (flagged: complete)
+    assert list(run_bars.y) == list(saved_bars.y) == [o for o in ran if o in outcomes]
+    for outcome, run, saved in zip(run_bars.y, run_bars.x, saved_bars.x):
+        count = outcomes.count(outcome)
+        assert (run, saved) == pytest.approx((count * ran[outcome], count * (2.0 - ran[outcome]))), outcome
+    saved_total = sum(2.0 - ran[outcome] for outcome in outcomes)
+    assert f"in green the {saved_total:.1f} trial-epochs ({100 * saved_total / (2.0 * len(rows)):.0f} %)" in caption
 
 
 def test_the_best_range_ends_at_the_observed_best_and_is_described_as_a_range():

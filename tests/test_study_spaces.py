@@ -101,6 +101,9 @@ def test_ranges_are_the_specified_ones(method):
             assert tuple(distribution.choices) == expected, name
         else:
             assert (distribution.low, distribution.high, distribution.log) == expected, name
+            # Continuous where a float, every integer where an int (a step would leave values out unseen).
+            integer = isinstance(distribution, optuna.distributions.IntDistribution)
+            assert distribution.step == (1 if integer else None), name
 
 
 def test_byol_samples_one_minus_rate_and_passes_the_rate():
