@@ -184,6 +184,24 @@ def test_splits_are_70_10_20_by_block_of_tracks_and_deterministic(cli_corpus):
     assert split_assignment(600, 0) != split_assignment(600, 1)
 
 
+def test_version_2_splits_are_the_ones_recorded():
+    """The splits of generator version 2 as its corpora hold them (r train, a valid, e test), written down: runs
+    and evaluations rely on a track keeping its split, so a change to how they are drawn needs a new generator
+    version (as version 1's, VERSION_1_SPLITS, are kept), not a silent one."""
+    def letters(count: int, seed: int) -> str:
+        return "".join({"train": "r", "valid": "a", "test": "e"}[name] for name in split_assignment(count, seed))
+
+    assert letters(40, 0) == "rerrrrarererrrarrerrrrrrrarreearrrrerrre"
+    assert letters(30, 7) == "rererrrrraarrrrrrreerreerrrrra"
+
+
+def test_tempo_tags_start_at_their_bounds():
+    from musicssl.corpus.tags import tempo_tag
+
+    assert (tempo_tag(120.0), tempo_tag(119.9), tempo_tag(90.1), tempo_tag(90.0)) == (
+        "tempo---fast", None, None, "tempo---slow")
+
+
 def test_a_tracks_split_does_not_depend_on_the_corpus_size():
     """A track's audio is a function of (seed, number); so is its split. Corpora of two sizes from one
     seed hold their shared tracks in one split each (generator version 1 drew them apart: 51 of the

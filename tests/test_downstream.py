@@ -150,8 +150,10 @@ def test_limited_data_subsets_are_nested_reproducible_and_cover_the_tags():
             if len(chosen) >= tags_with_positives.sum():
                 assert (labels[chosen].sum(axis=0)[tags_with_positives] > 0).all()
         assert previous == set(range(n_tracks))
-    # Draws differ from each other and from another seed.
+    # Draws differ from each other and from another seed, the 3-track subsets too (all three picked to cover
+    # the rarest tags: 123, and one of the few positives of tags 6 and 5 each, drawn).
     assert not np.array_equal(subsets[(0.1, 0)], subsets[(0.1, 1)])
+    assert len({tuple(sorted(subsets[(0.01, draw)].tolist())) for draw in range(4)}) > 1
     other_seed = limited_data_subsets(labels, fractions, draws=1, seed=12)
     assert not np.array_equal(subsets[(0.2, 0)], other_seed[(0.2, 0)])
     # Beyond the covering picks, a subset is a uniform draw: over the draws the 25 % subsets hold
@@ -477,6 +479,25 @@ def test_embeddings_of_audio_changed_under_the_same_names_are_not_read_from_the_
     assert not changed.per_tag["roc_auc"].equals(first.per_tag["roc_auc"])
     # And the new entries are hit in turn.
     assert evaluate()[1]["embeddings_from_cache"]
+
+
+def test_the_caches_follow_the_seed_and_the_segment_protocol_and_the_seed_draws_the_subsets(tmp_path):
+    """The probes' cache follows the evaluation's seed (the subsets, the fits and the bootstrap draw from it), the
+    embeddings' the segment protocol (max_train_segments); another seed gives other fits, the same seed the same
+    ones, cached or not."""
+    records = write_pitch_dataset(tmp_path / "audio")
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.5, 1.0), "draws": 2},
+                              cache_dir=str(tmp_path / "cache"))
+    first, _ = _melstats_evaluation(records, config)
+    reseeded, method = _melstats_evaluation(records, dataclasses.replace(config, seed=5))
+    assert method["embeddings_from_cache"] and method["probes_from_cache"] == []
+    scores = ["roc_auc", "average_precision", "steps"]  # (seed 5 here: another first fit, 0.72 against 1.0)
+    assert not first.limited[scores].equals(reseeded.limited[scores])
+    again, method = _melstats_evaluation(records, dataclasses.replace(config, seed=5), use_cache=False)
+    pd.testing.assert_frame_equal(again.limited.drop(columns="fit_seconds"),
+                                  reseeded.limited.drop(columns="fit_seconds"))
+    _, method = _melstats_evaluation(records, dataclasses.replace(config, max_train_segments=1))
+    assert not method["embeddings_from_cache"]
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -77,6 +78,13 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     assert len(metrics) == 2 and "train_loss" in metrics and "collapse_l2_std_embedding" in metrics
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 2
+    # The summary's metrics are the last epoch's, as metrics.csv holds them.
+    last = metrics.iloc[-1]
+    shared = [key for key in metrics.columns if key not in ("epoch", "step", "verdict") and key in summary]
+    assert "train_loss" in shared and "collapse_rankme_embedding" in shared
+    assert all(summary[key] == pytest.approx(float(last[key]), rel=1e-6, nan_ok=True) for key in shared), [
+        (key, summary[key], last[key]) for key in shared if summary[key] != pytest.approx(float(last[key]), nan_ok=True)]
+    assert metrics.iloc[0]["train_loss"] != last["train_loss"]
     # Where it ran and in which precision: the defaults pick the GPU (bf16) when there is one.
     on_gpu = torch.cuda.is_available()
     assert (summary["accelerator"], summary["precision"]) == (("gpu", "bf16-mixed") if on_gpu else ("cpu", "32-true"))
@@ -211,14 +219,51 @@ def test_vicreg_logs_its_three_terms_and_they_add_up(tmp_path, tonal_data):
     assert row["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_same_seed_gives_the_same_metrics(tmp_path, tonal_data):
-    first = train(tiny_config("contrastive", tmp_path / "a", final_probe=False), data=tonal_data, progress_bar=False)
-    second = train(tiny_config("contrastive", tmp_path / "b", final_probe=False), data=tonal_data, progress_bar=False)
+def test_same_seed_gives_the_same_metrics(tmp_path, tonal_data, monkeypatch):
+    """The same seed: the same batches (tracks and where their views start) and metrics; another seed: other
+    batches, not only other initial weights."""
+    from musicssl.train import SSLModule
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    training_step = SSLModule.training_step
+
+    def recording(self, batch, batch_idx):
+        batches.append((batch[0].clone(), batch[1].clone()))  # the views, and the tracks they were cut from
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SSLModule, "training_step", recording)
+
+    def run(folder, seed=3):
+        batches.clear()
+        result = train(tiny_config("contrastive", tmp_path / folder, seed=seed, final_probe=False), data=tonal_data,
+                       progress_bar=False)
+        return result, list(batches)
+
+    (first, first_batches), (second, second_batches) = run("a"), run("b")
     drop = {"epoch_seconds"}
     strip = lambda rows: [{k: v for k, v in row.items() if k not in drop} for row in rows]  # noqa: E731
     assert strip(first.epochs) == strip(second.epochs)
-    other = train(tiny_config("contrastive", tmp_path / "c", seed=4, final_probe=False), data=tonal_data, progress_bar=False)
+    assert len(first_batches) == 6
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first_batches, second_batches))
+    other, other_batches = run("c", seed=4)
     assert other.epochs[0]["train_loss"] != first.epochs[0]["train_loss"]
+    assert not torch.equal(other_batches[0][1], first_batches[0][1])  # other tracks in the first batch
+    # A track drawn in the first epoch of both: its views start elsewhere.
+    def first_epoch_views(run_batches):
+        return {int(track): views for batch, tracks in run_batches[:3] for views, track in zip(batch, tracks)}
+
+    first_views, other_views = first_epoch_views(first_batches), first_epoch_views(other_batches)
+    shared = sorted(set(first_views) & set(other_views))
+    assert shared and all(not torch.equal(first_views[t], other_views[t]) for t in shared)
+
+
+def test_without_steps_per_epoch_an_epoch_is_one_pass_over_the_training_tracks(tmp_path, tonal_data):
+    """steps_per_epoch None (--steps-per-epoch 0): as many whole batches as the training tracks fill."""
+    training_tracks = len(tonal_data.track_ids("train"))
+    assert training_tracks // 8 >= 2  # (more than one batch, so that a count of one would show)
+    config = tiny_config("vicreg", tmp_path, steps_per_epoch=None, max_epochs=1, probe_segments=0, final_probe=False)
+    result = train(config, data=tonal_data, progress_bar=False)
+    assert result.final["steps"] == training_tracks // 8
 
 
 def test_a_run_that_diverges_keeps_the_weights_of_its_last_epoch_before(tmp_path, tonal_data):
@@ -255,6 +300,20 @@ def test_a_run_that_diverges_keeps_the_weights_of_its_last_epoch_before(tmp_path
     result = train(config, data=tonal_data, progress_bar=False, epoch_end_hooks=[poison_statistics])
     assert result.verdict != "diverged" and result.final["epochs_run"] == 2 and result.final["backbone_epoch"] == 1
     assert finite_state(torch.load(tmp_path / "statistics" / "vicreg" / "backbone.pt", weights_only=True))
+
+    # Poisoned after epoch 2 of 3: epoch 2's weights are kept, not the first finite epoch's.
+    kept.clear()
+
+    def poison_after_epoch_2(module, record):
+        if record["epoch"] == 2:
+            kept.update({k: v.detach().clone() for k, v in module.method.backbone.state_dict().items()})
+            module.method.config = dataclasses.replace(module.method.config, inv_weight=1e300)
+
+    config = tiny_config("vicreg", tmp_path / "later", max_epochs=3)
+    result = train(config, data=tonal_data, progress_bar=False, epoch_end_hooks=[poison_after_epoch_2])
+    assert result.diverged_step == 6 and (result.final["epochs_run"], result.final["backbone_epoch"]) == (2, 2)
+    saved = torch.load(tmp_path / "later" / "vicreg" / "backbone.pt", weights_only=True)
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
 
 
 def test_a_run_whose_weights_are_never_finite_says_so_not_that_it_diverged(tmp_path, tonal_data, monkeypatch, capsys):
@@ -375,14 +434,57 @@ def test_a_run_follows_the_warmup_cosine_schedule_with_weight_decay_and_clipping
     assert unclipped == [None]
 
 
-def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(tmp_path, tonal_data):
+def test_the_gradient_norm_is_clipped_at_the_setting(tmp_path, tonal_data, monkeypatch):
+    """What the optimiser steps on: the gradients' total L2 norm (over every parameter) at most gradient_clip,
+    and exactly it where the raw norm was larger; without clipping, the raw norms (here all above 3)."""
+    norms: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, closure=None):
+        def then_measure():  # Lightning's closure: the forward, backward and clipping of the step
+            loss = closure()
+            grads = [p.grad.double() for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(float(torch.sqrt(sum((g * g).sum() for g in grads))))
+            return loss
+
+        return step(self, then_measure)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    config = tiny_config("vicreg", tmp_path, max_epochs=1, steps_per_epoch=4, final_probe=False, probe_segments=0)
+    train(replace(config, gradient_clip=None, out_dir=str(tmp_path / "raw")), data=tonal_data, progress_bar=False)
+    raw, norms[:] = list(norms), []
+    assert len(raw) == 4 and min(raw) > 3.0, raw
+    train(replace(config, gradient_clip=3.0), data=tonal_data, progress_bar=False)
+    assert norms == pytest.approx([3.0] * 4, rel=1e-5), norms
+    train(replace(config, gradient_clip=1e6, out_dir=str(tmp_path / "loose")), data=tonal_data, progress_bar=False)
+    assert norms[4:] == pytest.approx(raw, rel=1e-4)  # (the same seed: the same steps)
+
+
+def test_collapse_metrics_every_n_steps_go_to_collapse_csv_with_the_epochs_own(tmp_path, tonal_data, monkeypatch):
     """collapse_every_n_steps=2 over 2 epochs x 4 steps: rows after steps 2 and 6, and the epoch-end
-    rows after steps 4 and 8 (no second row at an epoch's last step), whose values are metrics.csv's."""
+    rows after steps 4 and 8 (no second row at an epoch's last step), whose values are metrics.csv's. A row's
+    loss is the mean of its epoch's step losses so far."""
+    from musicssl.pretext.vicreg import VICReg
+
+    losses: list[float] = []
+    training_loss = VICReg.training_loss
+
+    def recording(self, views, progress):
+        outputs = training_loss(self, views, progress)
+        if self.training:
+            losses.append(float(outputs["loss"].detach()))
+        return outputs
+
+    monkeypatch.setattr(VICReg, "training_loss", recording)
     config = tiny_config("vicreg", tmp_path, steps_per_epoch=4, collapse_every_n_steps=2, final_probe=False)
     train(config, data=tonal_data, progress_bar=False)
     collapse = pd.read_csv(tmp_path / "vicreg" / "collapse.csv")
     assert collapse[["kind", "epoch", "step"]].values.tolist() == [
         ["step", 1, 2], ["epoch", 1, 4], ["step", 2, 6], ["epoch", 2, 8]]
+    assert len(losses) == 8
+    mean = statistics.fmean
+    assert collapse["loss"].tolist() == pytest.approx([mean(losses[:2]), mean(losses[:4]), mean(losses[4:6]),
+                                                       mean(losses[4:])], rel=1e-6)
     assert collapse["rankme_embedding"].between(1.0, 256.0).all()
     assert collapse["alignment"].between(0.0, 4.0).all()  # over the pairs of one track's probe segments
     # The steps' metrics are measured then, not copies of the epoch's.
@@ -1188,9 +1290,9 @@ def test_the_summary_records_the_precision_lightning_trained_in(tmp_path, tonal_
 
 def test_bfloat16_weights_are_refused_for_every_method():
     """Before: precision=bf16-true was accepted for BYOL and clustering, whose EMA teacher then mostly stayed
-    where it started (its per-step move rounds away in bf16), and for the other methods, whose weights then
-    mostly stayed put too: an AdamW step moves a weight by about the learning rate, and bf16 near 1 holds
-    no step below 2**-9 (half of its rounding step below 1, 2**-8)."""
+    where it started (its per-step move rounds away in bf16), and for the other methods, whose small weight
+    steps round away too: an AdamW step moves a weight by about the learning rate, and bf16 near 1 holds no
+    step below 2**-9 (half of its rounding step below 1, 2**-8)."""
     from musicssl.pretext.base import ema_update_
     from musicssl.train import check_config
 
@@ -1216,7 +1318,7 @@ def test_bfloat16_weights_are_refused_for_every_method():
     for method in available_methods():
         teacher = f" and {method}'s EMA teacher" if method in ("byol", "clustering") else ""
         with pytest.raises(ConfigError, match=rf"precision=bf16-true holds the weights{teacher} in bfloat16, where "
-                                              r"most optimiser steps round away .*use bf16-mixed"):
+                                              r"AdamW's small steps round away .*use bf16-mixed"):
             check_config(TrainConfig(method=method, precision="bf16-true"))
         check_config(TrainConfig(method=method, precision="bf16-mixed"))
 
@@ -1329,3 +1431,43 @@ def test_the_search_objective_is_a_linear_probe_of_mean_segment_embeddings_from_
     result = probe_score(backbone, tonal_data, max_segments=max_segments, seed=0)
     assert result["probe_auc"] == pytest.approx(np.mean(aucs), abs=1e-4)
     assert result["probe_map"] == pytest.approx(np.mean(aps), abs=1e-4)
+
+
+def test_a_tracks_embedding_is_the_mean_over_the_segments_it_has(tonal_data):
+    """embed_tracks (the probe objective's embeddings): a track with fewer segments than the cap is the mean over
+    the ones it has, each put through the backbone in eval mode, not a sum over the cap."""
+    from musicssl.data.views import track_segments
+    from musicssl.embeddings import embed_tracks
+
+    torch.manual_seed(0)
+    backbone = Backbone(preset="cpu").eval()
+    track = tonal_data.track_ids("train")[0]
+    segments = track_segments(tonal_data.cache, track, max_segments=64)
+    assert 2 <= len(segments) < 64
+    with torch.no_grad():
+        expected = torch.stack([backbone(segment[None])[0] for segment in segments]).mean(dim=0)
+    (embedding,) = embed_tracks(backbone, tonal_data.cache, [track], max_segments=64)
+    assert torch.allclose(torch.from_numpy(embedding), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_collapse_metrics_are_measured_on_fixed_segments_of_the_valid_tracks(tmp_path, tonal_data):
+    """probe_segments=64: 64 segments (4 s) cut from the valid tracks' mels, the same every epoch, grouped by the
+    track they come from (the metrics that compare segments of one track read the groups)."""
+    from musicssl.data.views import probe_positions
+
+    seen = []
+    config = tiny_config("vicreg", tmp_path, final_probe=False)
+    train(config, data=tonal_data, progress_bar=False, epoch_end_hooks=[
+        lambda module, record: seen.append((module.probe_mels.clone(), module.probe_groups.clone()))])
+    (mels, groups), (mels_2, groups_2) = seen
+    assert torch.equal(mels, mels_2) and torch.equal(groups, groups_2)
+    valid = set(tonal_data.track_ids("valid"))
+    positions = probe_positions(tonal_data.cache, tonal_data.track_ids("valid"), 64, seed=config.seed)
+    assert len(mels) == len(groups) == len(positions) == 64
+    frames = mels.shape[-1]
+    for mel, (track, start) in zip(mels, positions):
+        assert track in valid
+        assert torch.equal(mel, torch.from_numpy(tonal_data.cache.get(track, start, frames).copy()).float())
+    tracks = [track for track, _ in positions]
+    assert len(set(tracks)) > 1
+    assert all((groups[i] == groups[j]).item() == (tracks[i] == tracks[j]) for i in range(64) for j in range(64))
