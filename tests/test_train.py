@@ -82,8 +82,8 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     last = metrics.iloc[-1]
     shared = [key for key in metrics.columns if key not in ("epoch", "step", "verdict") and key in summary]
     assert "train_loss" in shared and "collapse_rankme_embedding" in shared
-    assert all(summary[key] == pytest.approx(float(last[key]), rel=1e-6, nan_ok=True) for key in shared), [
-        (key, summary[key], last[key]) for key in shared if summary[key] != pytest.approx(float(last[key]), nan_ok=True)]
+    differ = [key for key in shared if summary[key] != pytest.approx(float(last[key]), rel=1e-6, nan_ok=True)]
+    assert not differ, [(key, summary[key], last[key]) for key in differ]
     assert metrics.iloc[0]["train_loss"] != last["train_loss"]
     # Where it ran and in which precision: the defaults pick the GPU (bf16) when there is one.
     on_gpu = torch.cuda.is_available()
@@ -1345,7 +1345,8 @@ def test_float16_weights_are_refused_for_every_method():
 def test_an_explicit_cuda_accelerator_gets_the_gpu_default_precision():
     from musicssl.train import resolve_precision
 
-    assert resolve_precision(TrainConfig(), "cuda", True) == resolve_precision(TrainConfig(), "gpu", True) == "bf16-mixed"
+    assert resolve_precision(TrainConfig(), "cuda", True) == resolve_precision(TrainConfig(), "gpu", True) == (
+        "bf16-mixed")
     # Asked of the device itself where not told: here, without a GPU, float32.
     assert resolve_precision(TrainConfig(), "cuda") == ("bf16-mixed" if torch.cuda.is_available()
                                                         and torch.cuda.is_bf16_supported(False) else "32-true")

@@ -11,7 +11,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["ArgumentParser", "counted", "int_in", "listed", "parse_mixed", "quiet_ctrl_c_while_starting", "silence_closed_output"]
+__all__ = ["ArgumentParser", "counted", "int_in", "listed", "parse_mixed", "quiet_ctrl_c_while_starting",
+           "silence_closed_output"]
 
 _starting_prog: str | None = None
 
