@@ -498,6 +498,15 @@ def test_the_caches_follow_the_seed_and_the_segment_protocol_and_the_seed_draws_
                                   reseeded.limited.drop(columns="fit_seconds"))
     _, method = _melstats_evaluation(records, dataclasses.replace(config, max_train_segments=1))
     assert not method["embeddings_from_cache"]
+    # random-bn's embeddings follow the sample its BatchNorm statistics are measured on (how many segments).
+    from musicssl.data.index import TrackIndex
+
+    def random_bn(**changes):
+        result = run_downstream([resolve_method("random-bn", "cpu", True)], dataclasses.replace(config, **changes),
+                                progress=False, index=TrackIndex.from_records(records))
+        return result.summary["methods"][0]["embeddings_from_cache"]
+
+    assert [random_bn(), random_bn(), random_bn(bn_calibration_segments=8)] == [False, True, False]
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
