@@ -1709,7 +1709,8 @@ def run_downstream(
             audio_key = audio_digest(data.cache, usable)
             path = embeddings_path(
                 embedding_root, dataset_name, dataset_key, method_key, data.cache.settings.cache_key(),
-                config.protocol(), audio_key, device.type,
+                config.protocol(), audio_key,
+                "cpu" if spec.kind == "melstats" else device.type,  # (melstats is computed on the CPU on any device)
             )
             embeddings = load_embeddings(path, usable) if config.use_cache else None
             if embeddings is None:
