@@ -377,12 +377,19 @@ def test_bootstrap_argument_errors():
         bootstrap(labels, scores, "roc_auc", fraction=0.05)
 
 
+def binormal_tags(rng: np.random.Generator, rows: int, shift: float = 0.8,
+                  positive_rate: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` rows of 3 tags, each positive with ``positive_rate``; scores N(shift, 1) for positives, N(0, 1)
+    for negatives."""
+    labels = (rng.uniform(size=(rows, 3)) < positive_rate).astype(int)
+    return labels, labels * shift + rng.normal(size=(rows, 3))
+
+
 def classical_bootstrap(score) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """400 rows of 3 tags (30 % positive, scores shifted 0.8 up for positives) and 400 with-replacement
     resamples of all of them, each scored by the mean of sklearn's ``score`` over the tags."""
     rng = np.random.default_rng(0)
-    labels = (rng.uniform(size=(400, 3)) < 0.3).astype(int)
-    scores = labels * 0.8 + rng.normal(size=(400, 3))
+    labels, scores = binormal_tags(rng, 400)
     classical = []
     for _ in range(400):
         rows = rng.integers(0, 400, size=400)
@@ -453,8 +460,7 @@ def test_the_full_test_interval_holds_the_population_value_about_95_percent_of_t
         held = {"roc_auc": 0, "average_precision": 0}
         sets = 300
         for index in range(sets):
-            labels = (rng.uniform(size=(rows, 3)) < positive_rate).astype(int)
-            scores = labels * shift + rng.normal(size=(rows, 3))
+            labels, scores = binormal_tags(rng, rows, shift, positive_rate)
             for metric, score, truth in (("roc_auc", macro_roc_auc, auc_truth),
                                          ("average_precision", macro_average_precision, ap_truth)):
                 result = bootstrap(labels, scores, metric, n_resamples=50, fraction=fraction, seed=index)
