@@ -37,8 +37,8 @@ failed. The search is stopped meanwhile, as its watch of the disks stops it
 (:func:`hpsearch.progress.record_not_written`).
 
 This touches OptunaSearch's private attributes (``_ot_trials``, ``_ot_study``,
-``_completed_trials``, ``_metric``); it is written against ray 2.60.0 and optuna 5.0.0 (both pinned
-in constraints.txt) and tested in tests/test_hpsearch.py.
+``_completed_trials``, ``_metric``); it is written against ray 2.60.0 and optuna 5.0.0, tested in
+tests/test_hpsearch.py with those and with optuna 5.1.0 (pinned in constraints.txt).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONSTRAINT_NAME = "collapse"
-TESTED_VERSIONS = {"ray": "2.60.0", "optuna": "5.0.0"}
+# Each package's versions the test suite has passed with; the last is the one constraints.txt pins.
+TESTED_VERSIONS = {"ray": ("2.60.0",), "optuna": ("5.0.0", "5.1.0")}
 _INFEASIBLE_OUTCOMES = ("collapsed", "diverged")
 # Final-record keys stored as user attributes.
 _ATTR_KEYS = FINAL_KEYS
@@ -120,10 +121,11 @@ def _writes_the_study(method):
 
 def _check_versions() -> None:
     found = {"ray": ray.__version__, "optuna": optuna.__version__}
-    if found != TESTED_VERSIONS:
+    if any(version not in TESTED_VERSIONS[package] for package, version in found.items()):
+        tested = ", ".join(f"{package} {' or '.join(versions)}" for package, versions in TESTED_VERSIONS.items())
         warnings.warn(
-            f"hpsearch's searcher relies on private attributes of OptunaSearch and was tested with "
-            f"{TESTED_VERSIONS}; found {found}. Install with: pip install -c constraints.txt -e .",
+            f"hpsearch's searcher relies on private attributes of OptunaSearch and was tested with {tested}; "
+            f"found ray {found['ray']}, optuna {found['optuna']}. Install with: pip install -c constraints.txt -e .",
             RuntimeWarning,
             stacklevel=4,  # the caller of CollapseAwareOptunaSearch(...), past __init__'s study-write wrapper
         )

@@ -1226,20 +1226,30 @@ def test_the_best_epoch_is_the_one_with_the_highest_objective_reported():
 
 
 def test_the_tested_versions_are_the_pinned_ones_and_others_are_warned_about(monkeypatch):
-    """The searcher relies on private attributes of OptunaSearch: the versions it was tested with are
-    constraints.txt's pins, installed here; another version warns when a searcher is made."""
+    """The searcher relies on private attributes of OptunaSearch: the last version of each package it
+    was tested with is constraints.txt's pin, installed here; an earlier tested version is accepted
+    quietly, any other warns when a searcher is made."""
+    import ray
+    import warnings
+
     from hpsearch.searcher import TESTED_VERSIONS
 
     pins = dict(line.strip().split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
                 if line.strip().startswith(("ray==", "optuna==")))
-    assert TESTED_VERSIONS == pins
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        CollapseAwareOptunaSearch(line_space, seed=0)
+    assert {package: versions[-1] for package, versions in TESTED_VERSIONS.items()} == pins
+    assert (ray.__version__, optuna.__version__) == (pins["ray"], pins["optuna"])
+    for version in TESTED_VERSIONS["optuna"]:
+        monkeypatch.setattr(optuna, "__version__", version)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            CollapseAwareOptunaSearch(line_space, seed=0)
     monkeypatch.setattr(optuna, "__version__", "4.9.0")
-    with pytest.warns(RuntimeWarning, match=r"tested with .*'optuna': '4\.9\.0'.*pip install -c constraints.txt"):
+    with pytest.warns(RuntimeWarning, match=r"tested with ray 2\.60\.0, optuna 5\.0\.0 or 5\.1\.0; "
+                                            r"found ray 2\.60\.0, optuna 4\.9\.0\. Install with: pip install -c constraints"):
+        CollapseAwareOptunaSearch(line_space, seed=0)
+    monkeypatch.setattr(optuna, "__version__", pins["optuna"])
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    with pytest.warns(RuntimeWarning, match=r"found ray 2\.61\.0, optuna"):
         CollapseAwareOptunaSearch(line_space, seed=0)
 
 
@@ -4279,7 +4289,10 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
     code, out, err = _search_until_a_trial_completes(command, env, journal, lambda: filler.append(disk.fill()))
     assert code == 2, out + err
     assert "Traceback" not in err
-    assert f"stopping: only 0 B free on the disk of {disk.path}, the trials' temporary folder, under the " in err
+    # Mostly 0 B; a trial's staged checkpoint (2 MB) removed after the fill, before the watch looks, leaves
+    # that much (seen once).
+    assert re.search(rf"stopping: only (0 B|[0-9.]+ [kM]B) free on the disk of {re.escape(str(disk.path))}, the "
+                     rf"trials' temporary folder, under the ", err), err
     assert "that the trials running at once stage there (TMPDIR moves it)" in err
     finished = _finished_none_failed(journal)
     filler[0].unlink()
