@@ -300,6 +300,13 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         record = self._trial_records.setdefault(trial_id, {})
         if result.get("final"):
             record["final"] = dict(result)
+            if str(result.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
+                # A trained trial whose checkpoint found no room on a disk with room left (a quota spent, a
+                # node's disk on a cluster), which the search's watch of the disks cannot see: it waits, its
+                # backbone kept, for the search to stop, and trains again when the search is continued.
+                from hpsearch.progress import record_not_written
+
+                record_not_written(f"trial #{self._number(trial_id)}: {result['error']}")
             return
         record["last"] = dict(result)
         self._report_intermediate(trial_id, result)
@@ -332,8 +339,8 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         state, value, attrs = self._decide(final, record.get("last"), error, trial_id)
         self._write(("end", trial_id, state, value, attrs))
         if str(attrs.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
-            # A quota spent, which the search's watch of the disks cannot see, or a node's disk on a cluster:
-            # the next trials would fail the same way.
+            # Its checkpoint found no room and the search was not stopped while it waited (see
+            # on_trial_result): the next trials would fail the same way.
             from hpsearch.progress import record_not_written
 
             record_not_written(f"trial #{ot_trial.number} failed: {attrs['error']}")

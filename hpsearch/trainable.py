@@ -13,7 +13,9 @@ Reports (each a ``ray.tune.report`` call):
   collapsed or diverged one is not worth its cost. A complete trial attaches its backbone as a
   Tune checkpoint (``backbone.pt``, a plain ``state_dict``, and ``config.json``); one whose disk is
   full is written again for up to a minute (:func:`_report_with_checkpoint`), in the folder whose disk
-  the search watches (``TrialSettings.staging_dir``).
+  the search watches (``TrialSettings.staging_dir``). Where the disk has room all the same (a quota
+  spent), the trial first reports its record as failed for want of room: the searcher stops the
+  search on it, and the trial trains again when the search is continued.
 
 An exception in a trial is reported as ``outcome="failed"`` with the error, then re-raised, so
 Tune marks the trial errored (and the search goes on).
@@ -27,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -267,18 +269,24 @@ def run_trial(
     if checkpoint is None:
         tune.report(record)
         return
+
+    def failed_for_want_of_room(error: str) -> dict[str, Any]:
+        return {**record, "outcome": "failed", "objective": math.nan, "error": f"{NO_ROOM_FOR_CHECKPOINT}: {error}"}
+
     try:
+        # Where the disk has room all the same (a quota spent, or a disk the search does not watch), the trial
+        # reports what it would end with: the searcher then stops the search, and the trial trains again
+        # when the search is continued (reported and ended as failed, it would not).
         _report_with_checkpoint(record, *checkpoint, tune.report, trial_folder=_trial_folder(),
-                                temporary=settings.staging_dir)
+                                temporary=settings.staging_dir,
+                                ask_to_stop=lambda error: tune.report(failed_for_want_of_room(error)))
     except Exception as error:
         from musicssl.paths import full_disk_error
 
         found = full_disk_error(error)
         if found is None:
             raise
-        record.update(outcome="failed", objective=math.nan,
-                      error=f"{NO_ROOM_FOR_CHECKPOINT}: {found}")
-        tune.report(record)
+        tune.report(failed_for_want_of_room(found))
         raise
 
 
@@ -299,6 +307,7 @@ def _trial_folder() -> Path | None:
 def _report_with_checkpoint(
     record: dict[str, Any], state: dict, trial_config: dict, report, trial_folder: Path | None = None,
     temporary: str | Path | None = None, wait: float = ROOM_WAIT_SECONDS,
+    ask_to_stop: Callable[[str], None] | None = None,
 ) -> None:
     """Write a complete trial's checkpoint (``backbone.pt``, ``config.json``) to a folder in ``temporary``
     (default: Python's temporary folder) and ``report`` the final ``record`` with it (``tune.report``: Ray
@@ -308,9 +317,11 @@ def _report_with_checkpoint(
     :data:`ROOM_RETRY_SECONDS` for up to ``wait`` seconds, the trained backbone kept: the search's room
     watch stops the search meanwhile (the trial then trains again when the search is continued; recorded
     as failed, it would not), or room another program frees lets the trial end as it would have. It waits
-    only while a disk lacks room for the checkpoint's copies on it (bytes, or inodes): a disk-full error
-    with room left (a quota) is raised at once, as are other errors. A copy cut short is removed
-    (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
+    only while a disk lacks room for the checkpoint's copies on it (bytes, or inodes), or, given
+    ``ask_to_stop``, after a disk-full error with room left (a quota spent, which the watch cannot see):
+    ``ask_to_stop`` is called once with the error (``musicssl.paths.full_disk_error``'s text) to have
+    the search stopped. Without it, such an error is raised at once, as are other errors. A copy cut
+    short is removed (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
     import torch
     from ray import tune
 
@@ -319,6 +330,7 @@ def _report_with_checkpoint(
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     deadline = time.monotonic() + wait
     before = set(trial_folder.glob("checkpoint_*")) if trial_folder is not None else set()
+    asked = False
     # A disk lacks room when it cannot take the copies written on it (the staged one and Ray's, on one
     # disk) and 1 MB, or has fewer than 100 inodes left: the search's floors for a disk it watches are
     # higher (hpsearch.room), so its watch then stops the search.
@@ -341,8 +353,11 @@ def _report_with_checkpoint(
                 for partial in set(trial_folder.glob("checkpoint_*")) - before:
                     shutil.rmtree(partial, ignore_errors=True)
             short = any(_lacks_room(disk, need) for disk, need in copies.items())
-            if not short or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
+            if (not short and ask_to_stop is None) or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
                 raise
+            if not short and not asked:
+                ask_to_stop(str(full_disk_error(error)))
+                asked = True
         time.sleep(ROOM_RETRY_SECONDS)
 
 
