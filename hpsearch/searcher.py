@@ -300,10 +300,12 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         record = self._trial_records.setdefault(trial_id, {})
         if result.get("final"):
             record["final"] = dict(result)
-            if str(result.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
-                # A trained trial whose checkpoint found no room on a disk with room left (a quota spent, a
-                # node's disk on a cluster), which the search's watch of the disks cannot see: it waits, its
-                # backbone kept, for the search to stop, and trains again when the search is continued.
+            if str(result.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT) and not result.get("replayed"):
+                # A trained trial whose checkpoint found no room that the search's watch of the disks cannot
+                # see (a quota spent, a cluster node's disk), reported before it raises: stopped now (Tune
+                # stops in this step, before it hears of the error), it is left unfinished and trains again
+                # when the search is continued; the next trials would meet the same want of room. (A replayed
+                # record is of a trial the study holds as ended already.)
                 from hpsearch.progress import record_not_written
 
                 record_not_written(f"trial #{self._number(trial_id)}: {result['error']}")
@@ -339,8 +341,8 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         state, value, attrs = self._decide(final, record.get("last"), error, trial_id)
         self._write(("end", trial_id, state, value, attrs))
         if str(attrs.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
-            # Its checkpoint found no room and the search was not stopped while it waited (see
-            # on_trial_result): the next trials would fail the same way.
+            # Its checkpoint found no room and the search was not stopped on its report (see on_trial_result):
+            # the next trials would fail the same way.
             from hpsearch.progress import record_not_written
 
             record_not_written(f"trial #{ot_trial.number} failed: {attrs['error']}")

@@ -13,9 +13,10 @@ Reports (each a ``ray.tune.report`` call):
   collapsed or diverged one is not worth its cost. A complete trial attaches its backbone as a
   Tune checkpoint (``backbone.pt``, a plain ``state_dict``, and ``config.json``); one whose disk is
   full is written again for up to a minute (:func:`_report_with_checkpoint`), in the folder whose disk
-  the search watches (``TrialSettings.staging_dir``). Where the disk has room all the same (a quota
-  spent), the trial first reports its record as failed for want of room: the searcher stops the
-  search on it, and the trial trains again when the search is continued.
+  the search watches (``TrialSettings.staging_dir``). One that finds no room all the same (a quota
+  spent, a full disk the search does not watch) reports its record as failed for want of room, then
+  raises: the searcher stops the search on that report, and the trial trains again when the search
+  is continued.
 
 An exception in a trial is reported as ``outcome="failed"`` with the error, then re-raised, so
 Tune marks the trial errored (and the search goes on).
@@ -29,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -269,24 +270,21 @@ def run_trial(
     if checkpoint is None:
         tune.report(record)
         return
-
-    def failed_for_want_of_room(error: str) -> dict[str, Any]:
-        return {**record, "outcome": "failed", "objective": math.nan, "error": f"{NO_ROOM_FOR_CHECKPOINT}: {error}"}
-
     try:
-        # Where the disk has room all the same (a quota spent, or a disk the search does not watch), the trial
-        # reports what it would end with: the searcher then stops the search, and the trial trains again
-        # when the search is continued (reported and ended as failed, it would not).
         _report_with_checkpoint(record, *checkpoint, tune.report, trial_folder=_trial_folder(),
-                                temporary=settings.staging_dir,
-                                ask_to_stop=lambda error: tune.report(failed_for_want_of_room(error)))
+                                temporary=settings.staging_dir)
     except Exception as error:
         from musicssl.paths import full_disk_error
 
         found = full_disk_error(error)
         if found is None:
             raise
-        tune.report(failed_for_want_of_room(found))
+        # Reported before the error is raised: the searcher stops the search on this report (see its
+        # on_trial_result), as its watch of the disks would, so the trial trains again when the search is
+        # continued. A quota spent, or a full disk it does not watch (a cluster node's), is seen only here.
+        record.update(outcome="failed", objective=math.nan,
+                      error=f"{NO_ROOM_FOR_CHECKPOINT}: {found}")
+        tune.report(record)
         raise
 
 
@@ -307,7 +305,6 @@ def _trial_folder() -> Path | None:
 def _report_with_checkpoint(
     record: dict[str, Any], state: dict, trial_config: dict, report, trial_folder: Path | None = None,
     temporary: str | Path | None = None, wait: float = ROOM_WAIT_SECONDS,
-    ask_to_stop: Callable[[str], None] | None = None,
 ) -> None:
     """Write a complete trial's checkpoint (``backbone.pt``, ``config.json``) to a folder in ``temporary``
     (default: Python's temporary folder) and ``report`` the final ``record`` with it (``tune.report``: Ray
@@ -317,11 +314,10 @@ def _report_with_checkpoint(
     :data:`ROOM_RETRY_SECONDS` for up to ``wait`` seconds, the trained backbone kept: the search's room
     watch stops the search meanwhile (the trial then trains again when the search is continued; recorded
     as failed, it would not), or room another program frees lets the trial end as it would have. It waits
-    only while a disk lacks room for the checkpoint's copies on it (bytes, or inodes), or, given
-    ``ask_to_stop``, after a disk-full error with room left (a quota spent, which the watch cannot see):
-    ``ask_to_stop`` is called once with the error (``musicssl.paths.full_disk_error``'s text) to have
-    the search stopped. Without it, such an error is raised at once, as are other errors. A copy cut
-    short is removed (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
+    only while a disk lacks room for the checkpoint's copies on it (bytes, or inodes): a disk-full error
+    with room left (a quota) is raised at once (:func:`run_trial` reports it, and the searcher stops the
+    search on that report), as are other errors. A copy cut short is removed
+    (``trial_folder``'s ``checkpoint_*`` folders that were not there before)."""
     import torch
     from ray import tune
 
@@ -330,7 +326,6 @@ def _report_with_checkpoint(
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     deadline = time.monotonic() + wait
     before = set(trial_folder.glob("checkpoint_*")) if trial_folder is not None else set()
-    asked = False
     # A disk lacks room when it cannot take the copies written on it (the staged one and Ray's, on one
     # disk) and 1 MB, or has fewer than 100 inodes left: the search's floors for a disk it watches are
     # higher (hpsearch.room), so its watch then stops the search.
@@ -353,11 +348,8 @@ def _report_with_checkpoint(
                 for partial in set(trial_folder.glob("checkpoint_*")) - before:
                     shutil.rmtree(partial, ignore_errors=True)
             short = any(_lacks_room(disk, need) for disk, need in copies.items())
-            if (not short and ask_to_stop is None) or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
+            if not short or time.monotonic() + ROOM_RETRY_SECONDS > deadline:
                 raise
-            if not short and not asked:
-                ask_to_stop(str(full_disk_error(error)))
-                asked = True
         time.sleep(ROOM_RETRY_SECONDS)
 
 
