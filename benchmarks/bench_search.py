@@ -242,7 +242,7 @@ def bench_savings(args) -> None:
         runs[stop] = folder
         describe(folder)
     with_stop, _, stop_settings = read_run(runs[True])
-    without, summary_without, _ = read_run(runs[False])
+    without, _, _ = read_run(runs[False])
     epochs_with = float(pd.to_numeric(with_stop["epochs_run"], errors="coerce").sum())
     epochs_without = float(pd.to_numeric(without["epochs_run"], errors="coerce").sum())
     saved = 1.0 - epochs_with / epochs_without

@@ -274,10 +274,6 @@ class SearchSettings:
         """The :class:`musicssl.collapse.CollapseThresholds` of the stopping rule (defaults + overrides)."""
         return collapse_thresholds(self.thresholds)
 
-    @property
-    def trial_epochs_requested(self) -> int:
-        return self.trials * self.max_epochs
-
     def trial_settings(self) -> TrialSettings:
         """The part every trial needs."""
         return TrialSettings(
