@@ -142,6 +142,17 @@ class ProgressPrinter(Callback):
 
 _write_results: Callable[[], None] | None = None  # the running search's, while its Tune run goes
 _replayed: frozenset[int] = frozenset()  # its study's trials finished before this run: replayed, not rerun
+_running: dict[str, tuple[ResultsWriter, Any]] = {}  # Tune's trial id: the writer and trial, while it runs
+
+
+def keep_trial_folder(trial_id: str) -> None:
+    """Copy a running trial's folder (its epoch reports) to the search's now. The searcher calls it before it
+    records the trial's end in the study: Tune tells the searcher of a trial's end before its callbacks, and a
+    kill in between left a study that holds the trial finished, so never runs it again, with its epoch reports
+    in Ray's staging folder only (the search's held those of Ray's last copy, if any)."""
+    writer, trial = _running.pop(trial_id, (None, None))
+    if writer is not None:
+        writer._copy(trial, to_search=True)
 
 
 @contextlib.contextmanager
@@ -156,6 +167,7 @@ def results_written_by(write: Callable[[], None], replayed: Iterable[int] = ()) 
         yield
     finally:
         _write_results, _replayed = before
+        _running.clear()
 
 
 _room_watch: tuple[Callable[[], str | None], Callable[..., None]] | None = None  # the running search's
@@ -368,11 +380,14 @@ class ResultsWriter(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._look_at_room(at_once=True)
         self._copy(trial, to_search=False)
+        _running[trial.trial_id] = (self, trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._copy(trial, to_search=True)
+        _running.pop(trial.trial_id, None)
+        self._copy(trial, to_search=True)  # again: Ray's logger has closed its result.json since
         self._write(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        _running.pop(trial.trial_id, None)
         self._copy(trial, to_search=True)
         self._write(trial)

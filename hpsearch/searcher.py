@@ -339,6 +339,9 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         if storage.get_trial(ot_trial._trial_id).state.is_finished():
             return  # told before an interruption; this run only replayed its record
         state, value, attrs = self._decide(final, record.get("last"), error, trial_id)
+        from hpsearch.progress import keep_trial_folder
+
+        keep_trial_folder(trial_id)  # its epoch reports in the search's folder before the study holds it ended
         self._write(("end", trial_id, state, value, attrs))
         if str(attrs.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
             # Its checkpoint found no room and the search was not stopped on its report (see on_trial_result):

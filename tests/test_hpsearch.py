@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import shlex
 import shutil
@@ -1856,6 +1857,119 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
         assert epochs == list(range(1, len(epochs) + 1)), result
     assert "Failed to fetch metrics" not in resumed.stderr
 
+
+
+@pytest.mark.slow  # about 3 min; run when the search's stop, resume or files change
+def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothing(tmp_path, tonal_dataset, cli_env):
+    """Five stops, one of each kind: SIGKILL to the process group (a crash) and to the search alone (its local Ray's
+    processes outlive it by a minute), Ctrl-C, Ctrl-C twice and SIGTERM to every process of the job (a batch
+    scheduler), each at a moment drawn at random (seeded): 0-2 trials on, then 0-8 s more, so that stops fall
+    while Ray starts, in a trial, as one reports and as the search writes its files. Each is continued by
+    running the same command again, until the search ends."""
+    trials = 14
+    rng = random.Random(int(os.environ.get("STOP_SEED", "4")))
+    command = cli("vicreg", "--trials", str(trials), "--name", "stopped", "--storage-dir", str(tmp_path),
+                  "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "3", "--steps-per-epoch", "20",
+                  "--batch-size", "8", "--probe-segments", "32", "--probe-segments-per-track", "1")
+    folder = tmp_path / "stopped"
+
+    def finished() -> dict:
+        if not (folder / "optuna.journal").is_file():
+            return {}
+        study = optuna.load_study(study_name="search",
+                                  storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+        return {t.number: (t.state, t.value, t.params) for t in study.trials if t.state.is_finished()}
+
+    stops = ["kill-group", "kill-search", "ctrl-c", "ctrl-c-twice", "term-job"]
+    rng.shuffle(stops)
+    seen: dict = {}
+    rounds = []
+    for stop in [*stops, None]:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env,
+                                   cwd=REPO, start_new_session=True)
+        lines: list[str] = []
+        moment = threading.Event()
+        after, wait = rng.randint(0, 2), rng.uniform(0, 8)
+
+        def read(after=after, lines=lines, moment=moment, process=process):
+            if after == 0:
+                moment.set()
+            for line in process.stdout:
+                lines.append(line)
+                after -= bool(re.match(rf"\[\s*\d+/{trials}\] #", line))
+                if after == 0:
+                    moment.set()
+            moment.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            moment.wait(timeout=240)
+            if stop is not None and process.poll() is None:
+                time.sleep(wait)
+            if stop is None or process.poll() is not None:
+                stop = None  # the search ended before its moment
+            elif stop == "kill-group":
+                os.killpg(process.pid, signal.SIGKILL)
+            elif stop == "kill-search":
+                process.kill()
+            elif stop.startswith("ctrl-c"):
+                process.send_signal(signal.SIGINT)
+                if stop == "ctrl-c-twice":
+                    time.sleep(rng.uniform(0.1, 2.0))
+                    process.send_signal(signal.SIGINT)
+            else:
+                for pid in _session_processes(process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+            code = process.wait(timeout=300)
+            reader.join(timeout=30)
+        finally:
+            kill_session(process.pid, timeout=90)
+        output = "".join(lines)
+        if stop is None:
+            assert code == 0, output
+        elif stop.startswith("kill"):
+            assert code == -signal.SIGKILL, (stop, output)
+        elif stop == "term-job" and code == 1:  # Ray's own code, finding its raylet gone (README)
+            assert "lost objects" in output, output
+        elif stop == "term-job" and code == -signal.SIGABRT:  # Ray's own code, as its core worker connects (README)
+            assert not re.search(rf"^\[\s*\d+/{trials}\] #", output, re.MULTILINE), output
+        elif stop == "ctrl-c-twice" and code == -signal.SIGINT:  # the second one as Python ended, its last line written
+            assert output.splitlines()[-1].startswith(("results: ", "python -m hpsearch.run: interrupted")), output
+        elif stop == "term-job" and code == -signal.SIGTERM:  # before the search set its handler, as Python starts
+            assert "folder: " not in output, output
+        else:
+            assert code == 130, (stop, output)
+        assert "Traceback" not in output or code == -signal.SIGABRT, (stop, output)
+        now = finished()
+        # Nothing finished is lost or changed, and the files say no more than the journal.
+        assert {n: now.get(n) for n in seen} == seen, (stop, output)
+        csv = pd.read_csv(folder / "trials.csv") if (folder / "trials.csv").is_file() else pd.DataFrame(
+            {"trial": [], "state": [], "objective": []})
+        for number, state, objective in zip(csv["trial"], csv["state"], csv["objective"]):
+            if state != "RUNNING":
+                assert now[number][0].name == state, (stop, number)
+                if state == "COMPLETE":
+                    assert now[number][1] == pytest.approx(objective), (stop, number)
+        rounds.append((stop, after, round(wait, 1), code, len(now)))
+        seen = now
+        if code == 0:
+            break
+    assert sum(stop is not None and 0 < n < trials for stop, *_, n in rounds) >= 3, rounds  # stops with trials on both sides
+    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    assert [t.number for t in study.trials] == list(range(trials)) and all(t.state.is_finished() for t in study.trials)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == trials
+    csv = pd.read_csv(folder / "trials.csv")
+    assert list(csv["trial"]) == list(range(trials)) and (csv["state"] != "RUNNING").all()
+    # One result line per epoch each trial completed, also for the trials a stop interrupted and a resume ran again.
+    frames = read_trajectories(folder)
+    lines_per_trial = {n: len(frames.get(n, ())) for n in csv["trial"]}
+    assert lines_per_trial == dict(zip(csv["trial"], csv["epochs_completed"])), (rounds, lines_per_trial, csv)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["trials_finished"] == trials
+    assert json.loads((folder / "best_config.json").read_text())["trial"] == summary["best_trial"]
+    assert (folder / "best_backbone.pt").is_file()
 
 # The job-wide cases (45 s with the resume) and the search alone (22 s; the process group's case
 # signals it too): slow tests, run when this code changes.
@@ -4317,6 +4431,67 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
 
 # Python's audit hook for "open", in each process of a search (its Ray workers inherit PYTHONPATH): while the
 # file QUOTA_SPENT_WHILE names is there, a trial's checkpoint cannot be written, as under a spent quota.
+def _env_with_hook(tmp_path: Path, cli_env: dict, hook: str, variable: str) -> tuple[dict, Path]:
+    """The CLI's environment with ``hook`` as every Python process's ``sitecustomize``, and ``variable`` naming a
+    flag file (returned, made): the hook acts while it exists."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(hook)
+    flag = tmp_path / "hook-acts"
+    flag.touch()
+    return {**cli_env, variable: str(flag),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), cli_env.get("PYTHONPATH")]))}, flag
+
+
+ENDED_IN_STUDY_KILL_HOOK = """
+import os, signal, sys
+
+if sys.argv[:1] == ["-m"] and os.environ.get("KILL_WHEN_ENDED"):  # the search's process (Ray's workers run a file)
+    from optuna.storages.journal import JournalFileBackend
+
+    _append = JournalFileBackend.append_logs
+
+    def _append_then_kill(self, logs):
+        _append(self, logs)
+        if any(log.get("op_code") == 6 and log.get("state") in (1, 2, 3) for log in logs) \\
+                and os.path.exists(os.environ["KILL_WHEN_ENDED"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    JournalFileBackend.append_logs = _append_then_kill
+"""
+
+
+@pytest.mark.slow  # 30 s; run when the trials' folders, the searcher's end of a trial or the resume change
+def test_a_search_killed_as_its_study_records_a_trials_end_keeps_that_trials_epoch_reports(tmp_path, tonal_dataset,
+                                                                                           cli_env):
+    """Tune tells the searcher of a trial's end before its callbacks, which copied the trial's folder (its
+    epoch reports) to the search's: a kill right after the study recorded the end left the trial finished,
+    so never run again, with no epoch reports in the search's folder (those of Ray's last copy, if any).
+    Found by the test of stops at random moments; here the search kills itself just after that record."""
+    env, flag = _env_with_hook(tmp_path, cli_env, ENDED_IN_STUDY_KILL_HOOK, "KILL_WHEN_ENDED")
+    runs = tmp_path / "runs"
+    command = cli("vicreg", "--trials", "3", "--concurrency", "1", "--name", "ended", "--storage-dir", str(runs),
+                  *tiny_flags(tonal_dataset))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=REPO, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    finally:
+        kill_session(process.pid, timeout=90)
+    assert process.returncode == -signal.SIGKILL, output
+    folder = runs / "ended"
+    ended = [t for t in load_study(folder / "optuna.journal").trials if t.state.is_finished()]
+    assert len(ended) == 1 and ended[0].user_attrs["epochs_completed"] == 2, ended
+    assert {n: len(frame) for n, frame in read_trajectories(folder).items()} == {ended[0].number: 2}
+    flag.unlink()
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    csv = pd.read_csv(folder / "trials.csv")
+    assert list(csv["trial"]) == [0, 1, 2] and (csv["state"] != "RUNNING").all()
+    frames = read_trajectories(folder)
+    assert {n: len(frames.get(n, ())) for n in csv["trial"]} == dict(zip(csv["trial"], csv["epochs_completed"]))
+
+
 QUOTA_SPENT_HOOK = """
 import errno, os, sys
 
@@ -4338,13 +4513,7 @@ def test_a_search_whose_trial_meets_a_spent_quota_stops_and_the_trial_trains_aga
     so: the search stops as after Ctrl-C, the trial left to run again, and given room it resumes to the
     requested count, that trial complete with its checkpoint, none failed. Before, the trial was recorded
     as failed and was not run again."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(QUOTA_SPENT_HOOK)
-    spent = tmp_path / "quota-spent"
-    spent.touch()
-    env = {**cli_env, "QUOTA_SPENT_WHILE": str(spent),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), cli_env.get("PYTHONPATH")]))}
+    env, spent = _env_with_hook(tmp_path, cli_env, QUOTA_SPENT_HOOK, "QUOTA_SPENT_WHILE")
     runs = tmp_path / "runs"
     command = cli("vicreg", "--trials", "8", "--name", "quota", "--storage-dir", str(runs), *tiny_flags(tonal_dataset))
     first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
