@@ -16,6 +16,11 @@ The folder ``<storage-dir>/<name>/`` then holds Ray Tune's results (a folder per
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (torch, Ray, Lightning: seconds): a Ctrl-C meanwhile is one line
+    from musicssl.cli import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting("python -m hpsearch.run")
+
 import argparse
 import contextlib
 import dataclasses

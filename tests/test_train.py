@@ -704,7 +704,8 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
-@pytest.mark.parametrize("module", ["musicssl.train", "analysis.downstream", "musicssl.corpus"])
+@pytest.mark.parametrize("module", ["musicssl.train", "analysis.downstream", "musicssl.corpus", "hpsearch.run",
+                                    "analysis.sensitivity"])
 def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
     """torch and Lightning take seconds to load (8 s on a loaded 2-core machine), the corpus builder's
     numpy, scipy and pretty_midi about 2 s: a Ctrl-C then printed the traceback of the import under way.
