@@ -3451,8 +3451,8 @@ def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_
 
     from hpsearch.progress import ResultsWriter, results_written_by
 
-    finished = SimpleNamespace(last_result={"final": True, "objective": 0.5})
-    replayed = SimpleNamespace(last_result={"final": True, "replayed": True})
+    finished = SimpleNamespace(trial_id="a", last_result={"final": True, "objective": 0.5})
+    replayed = SimpleNamespace(trial_id="b", last_result={"final": True, "replayed": True})
     calls = []
     writer = ResultsWriter()
     writer.on_trial_complete(0, [], finished)  # no search running: nothing to write
@@ -3596,10 +3596,11 @@ def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_replay_appends_to_it(tmp
 
     import pyarrow.fs
 
-    from hpsearch.progress import ResultsWriter, results_written_by
+    from hpsearch.progress import ResultsWriter, keep_trial_folder, results_written_by
 
     def trial(name: str, number: int) -> SimpleNamespace:
-        return SimpleNamespace(local_path=str(tmp_path / "staging" / name), path=str(tmp_path / "search" / name),
+        return SimpleNamespace(trial_id=f"id-{name}", local_path=str(tmp_path / "staging" / name),
+                               path=str(tmp_path / "search" / name),
                                storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem()),
                                last_result={"final": True}, config={"optuna_trial": number, "lr": 0.1})
 
@@ -3642,9 +3643,18 @@ def test_a_trial_folder_is_kept_as_the_trial_ends_and_a_replay_appends_to_it(tmp
         writer.on_trial_start(0, [], rerun)
         assert not (Path(rerun.local_path) / "result.json").exists()
         Path(rerun.local_path).mkdir(parents=True)
-        (Path(rerun.local_path) / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n{"final": true}\n')
+        (Path(rerun.local_path) / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+        # The searcher has the folder copied before it records the trial's end in the study (Tune tells it before
+        # its callbacks): a kill in between left the study holding the trial finished, its reports in staging only.
+        keep_trial_folder(rerun.trial_id)
+        assert (interrupted / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+        with (Path(rerun.local_path) / "result.json").open("a") as log:
+            log.write('{"final": true}\n')
+        keep_trial_folder(rerun.trial_id)  # copies nothing: the first call took the trial off the running ones
+        assert (interrupted / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
         writer.on_trial_complete(0, [], rerun)
         assert (interrupted / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n{"final": true}\n'
+        keep_trial_folder("a trial no writer started")  # nothing to copy: no error
     # Outside a search's run, no trial is replayed.
     other = trial("trial-0000-again", 0)
     Path(other.path).mkdir(parents=True)
@@ -4266,10 +4276,10 @@ def test_the_room_watch_stops_the_tune_run_as_its_ctrl_c_handler_does(capsys, mo
             writer.on_step_end(0, [])  # looked at: room
             writer.on_step_end(1, [])  # within ROOM_CHECK_SECONDS of the last look: not looked at
             assert not interrupted.is_set()
-            writer.on_trial_start(2, [], SimpleNamespace())  # as a trial starts: at once
+            writer.on_trial_start(2, [], SimpleNamespace(trial_id="a"))  # as a trial starts: at once
             assert interrupted.is_set()
             writer.on_step_end(3, [])  # stopping already: not asked again
-            writer.on_trial_start(4, [], SimpleNamespace())
+            writer.on_trial_start(4, [], SimpleNamespace(trial_id="b"))
         assert next(answers) == "again" and stopped == ["only 1 MB free on the disk of X, under the 2 MB ..."]
         assert capsys.readouterr().err == "stopping: only 1 MB free on the disk of X, under the 2 MB ...\n"
         assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # Tune's handler gave Ctrl-C back
