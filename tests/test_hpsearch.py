@@ -1863,9 +1863,10 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
 def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothing(tmp_path, tonal_dataset, cli_env):
     """Five stops, one of each kind: SIGKILL to the process group (a crash) and to the search alone (its local Ray's
     processes outlive it by a minute), Ctrl-C, Ctrl-C twice and SIGTERM to every process of the job (a batch
-    scheduler), each at a moment drawn at random (seeded): 0-2 trials on, then 0-8 s more, so that stops fall
-    while Ray starts, in a trial, as one reports and as the search writes its files. Each is continued by
-    running the same command again, until the search ends."""
+    scheduler), each at a moment drawn at random (seeded; ``STOP_SEED`` draws others): 0-2 trials on, then 0-8 s
+    more (2-8 s from the start), so that stops fall while the search loads, while Ray starts, in a trial, as one
+    reports and as the search writes its files. Each is continued by running the same command again, until the
+    search ends."""
     trials = 14
     rng = random.Random(int(os.environ.get("STOP_SEED", "4")))
     command = cli("vicreg", "--trials", str(trials), "--name", "stopped", "--storage-dir", str(tmp_path),
@@ -1889,7 +1890,10 @@ def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothi
                                    cwd=REPO, start_new_session=True)
         lines: list[str] = []
         moment = threading.Event()
-        after, wait = rng.randint(0, 2), rng.uniform(0, 8)
+        # 2 s at least from its start: a Ctrl-C before Python runs the command's first line gets Python's own
+        # traceback (one in the command's imports is tested in tests/test_train.py).
+        after = rng.randint(0, 2)
+        wait = rng.uniform(2 if after == 0 else 0, 8)
 
         def read(after=after, lines=lines, moment=moment, process=process):
             if after == 0:
