@@ -383,11 +383,12 @@ class ResultsWriter(Callback):
         _running[trial.trial_id] = (self, trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        _running.pop(trial.trial_id, None)
-        self._copy(trial, to_search=True)  # again: Ray's logger has closed its result.json since
-        self._write(trial)
+        self._ended(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._ended(trial)
+
+    def _ended(self, trial) -> None:
         _running.pop(trial.trial_id, None)
-        self._copy(trial, to_search=True)
+        self._copy(trial, to_search=True)  # (again: Ray's logger has closed its result.json since)
         self._write(trial)

@@ -1873,13 +1873,13 @@ def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothi
                   "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "3", "--steps-per-epoch", "20",
                   "--batch-size", "8", "--probe-segments", "32", "--probe-segments-per-track", "1")
     folder = tmp_path / "stopped"
+    progress_line = re.compile(rf"^\[\s*\d+/{trials}\] #", re.MULTILINE)
 
     def finished() -> dict:
         if not (folder / "optuna.journal").is_file():
             return {}
-        study = optuna.load_study(study_name="search",
-                                  storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
-        return {t.number: (t.state, t.value, t.params) for t in study.trials if t.state.is_finished()}
+        return {t.number: (t.state, t.value, t.params) for t in load_study(folder / "optuna.journal").trials
+                if t.state.is_finished()}
 
     stops = ["kill-group", "kill-search", "ctrl-c", "ctrl-c-twice", "term-job"]
     rng.shuffle(stops)
@@ -1900,7 +1900,7 @@ def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothi
                 moment.set()
             for line in process.stdout:
                 lines.append(line)
-                after -= bool(re.match(rf"\[\s*\d+/{trials}\] #", line))
+                after -= bool(progress_line.match(line))
                 if after == 0:
                     moment.set()
             moment.set()
@@ -1938,7 +1938,7 @@ def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothi
         elif stop == "term-job" and code == 1:  # Ray's own code, finding its raylet gone (README)
             assert "lost objects" in output, output
         elif stop == "term-job" and code == -signal.SIGABRT:  # Ray's own code, as its core worker connects (README)
-            assert not re.search(rf"^\[\s*\d+/{trials}\] #", output, re.MULTILINE), output
+            assert not progress_line.search(output), output
         elif stop == "ctrl-c-twice" and code == -signal.SIGINT:  # the second one as Python ended, its last line written
             assert output.splitlines()[-1].startswith(("results: ", "python -m hpsearch.run: interrupted")), output
         elif stop == "term-job" and code == -signal.SIGTERM:  # before the search set its handler, as Python starts
@@ -1961,7 +1961,7 @@ def test_a_search_stopped_at_random_moments_in_every_way_loses_and_repeats_nothi
         if code == 0:
             break
     assert sum(stop is not None and 0 < n < trials for stop, *_, n in rounds) >= 3, rounds  # stops with trials on both sides
-    study = optuna.load_study(study_name="search", storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    study = load_study(folder / "optuna.journal")
     assert [t.number for t in study.trials] == list(range(trials)) and all(t.state.is_finished() for t in study.trials)
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == trials
     csv = pd.read_csv(folder / "trials.csv")
@@ -4443,8 +4443,6 @@ def test_a_search_whose_trials_temporary_folder_fills_stops_and_resumes(tmp_path
     _resumes_to_all_of_8_trials(command, env, journal, finished)
 
 
-# Python's audit hook for "open", in each process of a search (its Ray workers inherit PYTHONPATH): while the
-# file QUOTA_SPENT_WHILE names is there, a trial's checkpoint cannot be written, as under a spent quota.
 def _env_with_hook(tmp_path: Path, cli_env: dict, hook: str, variable: str) -> tuple[dict, Path]:
     """The CLI's environment with ``hook`` as every Python process's ``sitecustomize``, and ``variable`` naming a
     flag file (returned, made): the hook acts while it exists."""
@@ -4506,6 +4504,8 @@ def test_a_search_killed_as_its_study_records_a_trials_end_keeps_that_trials_epo
     assert {n: len(frames.get(n, ())) for n in csv["trial"]} == dict(zip(csv["trial"], csv["epochs_completed"]))
 
 
+# Python's audit hook for "open", in each process of a search (its Ray workers inherit PYTHONPATH): while the
+# file QUOTA_SPENT_WHILE names is there, a trial's checkpoint cannot be written, as under a spent quota.
 QUOTA_SPENT_HOOK = """
 import errno, os, sys
 
