@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -366,6 +367,8 @@ def format_summary(summary: SearchSummary) -> str:
         lines.append(f"time: {summary.seconds / 60:.1f} min")
     if summary.best_backbone:
         lines.append(f"best backbone: {summary.best_backbone}")
+        folder = shlex.quote(str(Path(summary.best_backbone).parent))
+        lines.append(f"  its settings, trained for longer: python -m musicssl.train --from {folder} --max-epochs N")
     return "\n".join(lines)
 
 

@@ -1750,6 +1750,48 @@ def test_a_trial_whose_worker_is_killed_fails_alone_and_says_its_worker_died(tmp
     assert "vicreg: 2/2 trials finished (" in text and ", 1 failed)" in text, text[-3000:]
 
 
+def test_training_from_a_search_repeats_its_best_trial(tmp_path, tonal_dataset, cli_env, monkeypatch, capsys):
+    """``python -m musicssl.train --from SEARCH`` trains with the best trial's settings: the sampled ones, the
+    space's fixed ones and the search's (data, schedule, seed, probe). With the trial's torch threads it repeats
+    the trial epoch for epoch, and its probe scores the trial's objective; flags change single settings."""
+    from musicssl import train as train_module
+
+    command = cli("vicreg", "--trials", "2", "--concurrency", "1", "--name", "tuned", "--storage-dir", str(tmp_path),
+                  "--seed", "4", *tiny_flags(tonal_dataset))
+    done = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    folder = tmp_path / "tuned"
+    trials = pd.read_csv(folder / "trials.csv")
+    best = json.loads((folder / "best_config.json").read_text())["trial"]
+    assert list(trials["outcome"]) == ["complete", "complete"] and best == trials["objective"].idxmax()
+
+    # The command the search's summary gives, as it gives it.
+    hint = f"  its settings, trained for longer: python -m musicssl.train --from {folder} --max-epochs N"
+    assert hint in done.stdout.splitlines(), done.stdout
+    given = shlex.split(hint.split(": ", 1)[1])[3:]
+    monkeypatch.setenv("MUSICSSL_CACHE", cli_env["MUSICSSL_CACHE"])  # the tonal dataset's mel cache, built once
+    run = tmp_path / "run"
+    code, out, err = run_main(train_module.main, [*given[:-1], "2", "--threads", "1", "--out", str(run)], capsys)
+    assert code == 0, out + err
+    assert f"training with the settings of trial #{best} of the search ({folder / 'best_config.json'})" in out
+    config = json.loads((run / "config.json").read_text())
+    row = trials.loc[best]
+    assert (config["method"], config["seed"], config["max_epochs"], config["steps_per_epoch"], config["batch_size"]) == (
+        "vicreg", 4, 2, 3, 8)
+    assert config["data"] == str(tonal_dataset / "tracks.csv")
+    assert (config["probe_segments"], config["probe_segments_per_track"], config["final_probe"]) == (32, 1, True)
+    assert config["learning_rate"] == row["param_learning_rate"] and config["weight_decay"] == row["param_weight_decay"]
+    assert {name: config["method_config"][name] for name in ("inv_weight", "var_weight", "cov_weight")} == {
+        name: row[f"param_{name}"] for name in ("inv_weight", "var_weight", "cov_weight")}
+    # Epoch for epoch: the trial's reports (Ray's result.json) and the run's metrics.
+    reports = read_trajectories(folder)[best]
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == list(reports["epoch"]) == [1, 2]
+    for column in ("train_loss", "collapse_rankme_embedding", "collapse_l2_std_embedding", "collapse_mean_cosine"):
+        assert list(metrics[column]) == pytest.approx(list(reports[column]), rel=1e-6), column
+    assert json.loads((run / "summary.json").read_text())["probe_map"] == pytest.approx(row["objective"], abs=1e-9)
+
+
 @pytest.mark.parametrize("state_saved", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["after-ray-saved-its-state", "before-ray-saved-its-state"])
 def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_dataset, cli_env, state_saved):

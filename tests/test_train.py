@@ -31,6 +31,7 @@ from musicssl.train import (
     build_method,
     build_parser,
     config_from_args,
+    given_options,
     main,
     method_settings,
     resolve_precision,
@@ -704,6 +705,117 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
+def _configured(argv: list[str]) -> TrainConfig:
+    """The settings ``main(argv)`` trains with (none of it run)."""
+    return config_from_args(build_parser().parse_args(argv), given_options(argv))
+
+
+def test_from_a_run_trains_again_with_its_settings_and_the_changes_given(tmp_path, tonal_dataset, monkeypatch, capsys):
+    """``--from RUN`` takes the run's settings (its data, schedule, seed, batch and the method's settings it was
+    given): with the torch threads it had, the run is repeated step for step. Flags and --set change single
+    settings, a flag given at its default value too; where and how it runs (threads, workers, the folder) is not
+    taken from it, nor the preset's head sizes (another --preset gets its own)."""
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    first, again = tmp_path / "first", tmp_path / "again"
+    code, out, err = run_main(main, [
+        "vicreg", "--data", str(tonal_dataset / "tracks.csv"), "--max-epochs", "2", "--steps-per-epoch", "3",
+        "--batch-size", "8", "--threads", "1", "--seed", "5", "--lr", "2e-3", "--workers", "0",
+        "--set", "var_weight=7", "--set", "warmup_epochs=0.5", "--set", "probe_segments=32",
+        "--set", "probe_segments_per_track=1", "--out", str(first)], capsys)
+    assert code == 0, err
+    code, out, err = run_main(main, ["--from", str(first), "--threads", "1", "--out", str(again)], capsys)
+    assert code == 0, err
+    assert f"python -m musicssl.train: training with the settings of the run ({first / 'config.json'})" in out
+
+    recorded, repeated = (json.loads((folder / "config.json").read_text()) for folder in (first, again))
+    assert repeated["out_dir"] == str(again)
+    assert {**repeated, "out_dir": None} == {**recorded, "out_dir": None}
+    assert (recorded["seed"], recorded["learning_rate"], recorded["warmup_epochs"], recorded["batch_size"]) == (5, 2e-3, 0.5, 8)
+    assert recorded["method_config"]["var_weight"] == 7.0 and recorded["method_config"]["hidden_dim"] == 512
+    # Step for step: every loss term and collapse metric of every epoch, and the final probe.
+    metrics = [pd.read_csv(folder / "metrics.csv") for folder in (first, again)]
+    assert len(metrics[0]) == 2
+    pd.testing.assert_frame_equal(metrics[0].drop(columns=[c for c in metrics[0] if "second" in c]),
+                                  metrics[1].drop(columns=[c for c in metrics[1] if "second" in c]))
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (first, again)]
+    assert summaries[1]["probe_map"] == summaries[0]["probe_map"]
+
+    # Changes: a flag at its default value (seed 0) is a change too; --set adds to the method's settings it had.
+    changed = _configured(["--from", str(first), "--seed", "0", "--max-epochs", "4", "--set", "cov_weight=3",
+                           "--set", "var_weight=2"])
+    assert (changed.method, changed.seed, changed.max_epochs, changed.learning_rate) == ("vicreg", 0, 4, 2e-3)
+    assert (changed.data, changed.steps_per_epoch, changed.batch_size) == (recorded["data"], 3, 8)
+    assert (changed.probe_segments, changed.probe_segments_per_track) == (32, 1)
+    assert method_settings(changed).var_weight == 2.0 and method_settings(changed).cov_weight == 3.0
+    assert changed.num_threads is None and changed.out_dir.startswith(str(Path("runs") / "train" / "vicreg-"))
+    # Another preset gets its own head sizes (the run's came from its preset, not from its --set).
+    paper = _configured(["--from", str(first), "--preset", "paper"])
+    assert method_settings(paper).hidden_dim == 1024 and method_settings(paper).var_weight == 7.0
+    # Other data: the run's own folders (--root, --audio-dir) stay with the run's data.
+    other = _configured(["--from", str(first), "--data", "corpus"])
+    assert (other.data, other.data_root, other.audio_dir) == ("corpus", None, None)
+    # METHOD may be given, if it is the run's.
+    assert _configured(["vicreg", "--from", str(first)]).method == "vicreg"
+
+    # It trained on one thread: a run on more is told how to repeat it (said before the run starts; here the
+    # folder taken ends it).
+    code, out, err = run_main(main, ["--from", str(first), "--out", str(first)], capsys)
+    assert code == 2 and "exists and is not empty" in err
+    note = ("note: it trained on 1 torch thread, this run on torch's choice "
+            f"({torch.get_num_threads()}): give --threads 1 to repeat it step for step")
+    assert (note in err) == (torch.get_num_threads() != 1), err
+
+
+def test_from_takes_the_data_folders_with_the_data(tmp_path):
+    """A search's trials record no folders: its best trial's data is the search's (search.json: --data, --root,
+    --audio-dir). --data drops the source's folders, which belong to its data; --root alone keeps its data."""
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "best_config.json").write_text(json.dumps(
+        {"trial": 3, "params": {}, "train_config": {"method": "byol", "data": "mtat", "data_root": None, "seed": 2}}))
+    (search / "search.json").write_text(json.dumps({"data": "mtat", "root": "/data/mtat", "audio_dir": "/data/audio"}))
+    config = _configured(["--from", str(search)])
+    assert (config.method, config.seed, config.data, config.data_root, config.audio_dir) == (
+        "byol", 2, "mtat", "/data/mtat", "/data/audio")
+    assert _configured(["--from", str(search), "--data", "corpus"]).data_root is None
+    moved = _configured(["--from", str(search), "--root", "/elsewhere/mtat"])
+    assert (moved.data, moved.data_root, moved.audio_dir) == ("mtat", "/elsewhere/mtat", "/data/audio")
+
+
+@pytest.mark.parametrize(("content", "arguments", "message"), [
+    (None, [], "error: give the pretext METHOD (barlow_twins, byol, clustering, contrastive, vicreg), or --from a run "
+               "or search folder to train with its settings"),
+    ("missing", [], "no such file or folder"),
+    ("folder", [], "not a run folder (config.json) or a search folder (best_config.json)"),
+    ("search", [], "a search with no complete trial yet (no best_config.json)"),
+    ("[1, 2]", [], "is not a run's configuration (config.json) or a search's best trial's (best_config.json)"),
+    ('{"method": "vicreg", ', [], "cannot read"),
+    ('{"method": "vicreg", "learning_rate": 0.01, "stem_width": 3}', [],
+     "holds settings this version does not know (stem_width); it was written by another version"),
+    ('{"method": "vicreg"}', ["byol"], "trained vicreg, not byol; leave METHOD out"),
+    ('{"method": "vicreg", "data": "songs/tracks.csv"}', [],
+     "trained on 'songs/tracks.csv' (data), a path relative to where it ran; give --data"),
+    ('{"method": "vicreg", "data": "mtat", "data_root": "mtat"}', [], "a path relative to where it ran; give --root"),
+    ('{"method": "vicreg", "method_params": {"var_wieght": 1}}', [], "unknown setting 'var_wieght'"),
+    ('{"method": "vicreg", "max_epochs": 0}', [], "--max-epochs must be a whole number >= 1, got 0"),
+])
+def test_from_what_is_not_a_run_exits_2_naming_the_problem(content, arguments, message, tmp_path, capsys):
+    """Refused before any data is prepared, in one line."""
+    source = tmp_path / "config.json"
+    if content == "folder" or content == "search":
+        source = tmp_path / "somewhere"
+        source.mkdir()
+        if content == "search":
+            (source / "search.json").write_text("{}")
+    elif content is not None and content != "missing":
+        source.write_text(content)
+    code, out, err = run_main(main, [*arguments, *([] if content is None else ["--from", str(source)])], capsys)
+    assert code == 2, out + err
+    assert message in err and err.count("\n") == 1 and "mel cache" not in out + err
+    if content is not None and content.startswith('{"method": "vicreg", "data": "songs'):  # --data gives it
+        assert _configured(["--from", str(source), "--data", "corpus"]).data == "corpus"
+
+
 @pytest.mark.parametrize("module", ["musicssl.train", "analysis.downstream", "musicssl.corpus", "hpsearch.run",
                                     "analysis.sensitivity"])
 def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
@@ -982,7 +1094,7 @@ def test_every_setting_that_set_refuses_has_that_flag_and_that_field(tmp_path):
     for setting, flag in FLAG_OF_SETTING.items():
         assert setting in names and flag in destinations
     # and every flag of a setting is there (a new flag without its entry would let --set contradict it)
-    assert set(destinations) - {"-h", "--set"} == set(FLAG_OF_SETTING.values())
+    assert set(destinations) - {"-h", "--set", "--from"} == set(FLAG_OF_SETTING.values())  # --from: a whole run's
     # Each flag really sets its field: a distinctive value given through it lands there.
     out = str(tmp_path / "somewhere")
     args = parser.parse_args(["vicreg", "--max-epochs", "7", "--steps-per-epoch", "9", "--batch-size", "5",

@@ -1,6 +1,7 @@
 """The shared trainer: one LightningModule for every pretext method, and a CLI for one run.
 
 ``python -m musicssl.train vicreg --max-epochs 5 --set var_weight=1 --set cov_weight=0.1``
+``python -m musicssl.train --from runs/vicreg-... --max-epochs 100`` (a search's best trial's settings, for longer)
 
 The method supplies its heads, loss and teacher (see :mod:`musicssl.pretext.base`); this module
 supplies the optimiser (AdamW, linear warm-up then cosine decay), the schedules' progress, logging
@@ -989,7 +990,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m musicssl.train",
         description="Train one self-supervised run on the embedded corpus (built if missing) or a dataset.",
     )
-    parser.add_argument("method", help=f"pretext method: {', '.join(available_methods())}")
+    parser.add_argument("method", nargs="?", default=None,
+                        help=f"pretext method: {', '.join(available_methods())} (with --from: the one it names)")
+    parser.add_argument(
+        "--from", dest="source", default=None, metavar="RUN_OR_SEARCH",
+        help="train with the settings of a run folder (its config.json), a search folder (its best trial's, "
+             "best_config.json) or such a file; the flags and --set given here change them",
+    )
     parser.add_argument("--preset", default=defaults.preset, help="backbone preset: cpu (small, fast) or paper (default: %(default)s)")
     parser.add_argument("--data", default=defaults.data, help="'corpus' (default), mtat, jamendo-*, msd (with --root), a tracks.csv or a folder")
     parser.add_argument("--max-epochs", type=int, default=defaults.max_epochs, help="epochs to train (default: %(default)s)")
@@ -1021,8 +1028,104 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from musicssl.pretext.registry import get_method
+# The settings --from does not take from its file: where and how the new run runs and writes, and its probes
+# (a search's trials leave theirs to the search).
+NOT_FROM_SOURCE = ("out_dir", "num_workers", "num_threads", "accelerator", "probe_every_epoch", "final_probe")
+# The settings beside a run's TrainConfig in its config.json.
+_RUN_RECORDS = ("method_config", "training_corpus", "training_data_unlabeled")
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """The settings of an earlier run, or of a search's best trial, that ``--from`` trains with."""
+
+    path: Path  # the configuration file read
+    settings: dict[str, Any]  # TrainConfig's fields as that run had them
+    what: str  # "the run", or "trial #N of the search"
+
+    def describe(self) -> str:
+        return f"{self.what} ({self.path})"
+
+
+def read_run_source(spec: str | os.PathLike) -> RunSource:
+    """The training settings recorded in a run folder (``config.json``), a search folder (its best trial's:
+    ``best_config.json``, with the data its ``search.json`` names: a trial's settings name no folders) or
+    such a file. ConfigError names what is missing or wrong."""
+    path = Path(spec).expanduser()
+    if not str(spec).strip():
+        raise ConfigError("--from is empty; give a run folder, a search folder or its config file")
+    if path.is_dir():
+        found = next((path / name for name in ("best_config.json", "config.json") if (path / name).is_file()), None)
+        if found is None:
+            why = ("a search with no complete trial yet (no best_config.json)" if (path / "search.json").is_file()
+                   else "not a run folder (config.json) or a search folder (best_config.json)")
+            raise ConfigError(f"--from {spec}: {why}")
+        path = found
+    elif not path.exists():
+        raise ConfigError(f"--from {spec}: no such file or folder")
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"--from {spec}: cannot read {path} ({error})") from None
+    trial = isinstance(document, dict) and isinstance(document.get("train_config"), dict)
+    settings = dict(document["train_config"]) if trial else document
+    if not isinstance(settings, dict) or not isinstance(settings.get("method"), str):
+        raise ConfigError(f"--from {spec}: {path} is not a run's configuration (config.json) or a search's best "
+                          "trial's (best_config.json)")
+    if not trial:
+        settings = {name: value for name, value in settings.items() if name not in _RUN_RECORDS}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:  # another version's settings: leaving them out would train another run
+        raise ConfigError(f"--from {spec}: {path} holds settings this version does not know ({', '.join(unknown)}); "
+                          "it was written by another version of musicssl")
+    what = "the run"
+    if trial:
+        what = f"trial #{document.get('trial', '?')} of the search"
+        search = path.parent / "search.json"
+        if path.name == "best_config.json" and search.is_file():
+            try:
+                recorded = json.loads(search.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                raise ConfigError(f"--from {spec}: cannot read {search} ({error})") from None
+            if isinstance(recorded, dict) and isinstance(recorded.get("data"), str):
+                settings.update(data=recorded["data"], data_root=recorded.get("root"),
+                                audio_dir=recorded.get("audio_dir"))
+    return RunSource(path, settings, what)
+
+
+def given_options(argv: Sequence[str] | None) -> set[str]:
+    """The ``dest`` of each argument the command line gives (not left to its default)."""
+    quiet = build_parser()
+    for action in quiet._actions:  # (not set_defaults: the parser's own defaults are set whatever they are)
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _from_source(config: TrainConfig, source: RunSource, given: set[str]) -> TrainConfig:
+    """``config`` with ``source``'s settings where the command line gave none (its flags' ``dest``s: ``given``)."""
+    from musicssl.data.loaders import dataset_name
+
+    dest = {name: flag[2:].replace("-", "_") for name, flag in FLAG_OF_SETTING.items()}
+    changes = {name: value for name, value in source.settings.items()
+               if name not in (*NOT_FROM_SOURCE, "method", "method_params") and dest.get(name) not in given}
+    if "data" in given:  # the folders it was read from belong to the source's data
+        changes = {name: value for name, value in changes.items() if name not in ("data_root", "audio_dir")}
+    for name in ("data", "data_root", "audio_dir"):
+        value = changes.get(name)
+        if (isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute()
+                and not (name == "data" and dataset_name(value) is not None)):
+            raise ConfigError(f"--from: {source.describe()} trained on {value!r} ({name}), a path relative to where it "
+                              f"ran; give {FLAG_OF_SETTING[name]} (with --root and --audio-dir where it needs them)")
+    return apply_overrides(config, changes)
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None,
+                     source: RunSource | None = None) -> TrainConfig:
+    """The run's settings from the command line; with ``--from`` (``source``, read here if not given), those of the
+    run it names where the command line gives none (``given``: the ``dest`` of each argument it gives,
+    :func:`given_options`; by default those not at their defaults)."""
+    from musicssl.pretext.registry import available_methods, get_method
 
     from musicssl.data.loaders import dataset_name
 
@@ -1031,6 +1134,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # An empty one stays empty (not the cwd), for check_dataset_option to refuse.
         return None if path is None else str(Path(path).expanduser().absolute()) if path.strip() else path
 
+    if source is None and getattr(args, "source", None) is not None:
+        source = read_run_source(args.source)
+    if source is not None and given is None:  # not from main: the arguments not at their defaults
+        defaults = vars(build_parser().parse_args([]))
+        given = {dest for dest, value in vars(args).items() if value != defaults.get(dest)}
+    method = args.method
+    if source is not None:
+        if method is not None and method != source.settings["method"]:
+            raise ConfigError(f"--from: {source.describe()} trained {source.settings['method']}, not {method}; "
+                              "leave METHOD out (or give the one it trained)")
+        method = source.settings["method"]
+    if method is None:
+        raise ConfigError(f"give the pretext METHOD ({', '.join(available_methods())}), or --from a run or search "
+                          "folder to train with its settings")
+    args.method = method
     method_cls = get_method(args.method)
     if args.out is not None and not args.out.strip():  # an unset shell variable: not the default folder, silently
         raise ConfigError(f"--out is empty; give a folder for the run, or leave the flag out for "
@@ -1054,6 +1172,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_params", "method", *FLAG_OF_SETTING}
     method_params, train_overrides = {}, {}
+    if source is not None:
+        config = _from_source(config, source, given)
+        recorded = source.settings.get("method_params") or {}
+        if not isinstance(recorded, dict):
+            raise ConfigError(f"--from: {source.describe()} holds method_params that are not name: value pairs")
+        method_params.update(recorded)  # the method's settings it was given (not its preset's: --preset may change)
     for name, value in _parse_set(args.set).items():
         if name in method_fields:
             method_params[name] = value
@@ -1101,9 +1225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        source = read_run_source(args.source) if args.source is not None else None
+        config = config_from_args(args, given_options(argv) if source is not None else None, source)
     except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if source is not None:
+        print(f"{parser.prog}: training with the settings of {source.describe()}")
+        threads = source.settings.get("num_threads")
+        if threads is not None and args.threads is None and threads != torch.get_num_threads():
+            print(f"{parser.prog}: note: it trained on {counted(threads, 'torch thread')}, this run on torch's choice "
+                  f"({torch.get_num_threads()}): give --threads {threads} to repeat it step for step", file=sys.stderr)
     out = Path(config.out_dir)
     try:  # locked until the run is written, so that two runs never write into one folder
         claim = claim_folder(out, _run_folder_taken, numbered=not args.out)  # the default name: -2 if taken
