@@ -1775,6 +1775,7 @@ def test_training_from_a_search_repeats_its_best_trial(tmp_path, tonal_dataset, 
     assert code == 0, out + err
     assert f"training with the settings of trial #{best} of the search ({folder / 'best_config.json'})" in out
     config = json.loads((run / "config.json").read_text())
+    assert config["trained_from"] == f"trial #{best} of the search ({folder / 'best_config.json'})"
     row = trials.loc[best]
     assert (config["method"], config["seed"], config["max_epochs"], config["steps_per_epoch"], config["batch_size"]) == (
         "vicreg", 4, 2, 3, 8)

@@ -728,8 +728,9 @@ def test_from_a_run_trains_again_with_its_settings_and_the_changes_given(tmp_pat
     assert f"python -m musicssl.train: training with the settings of the run ({first / 'config.json'})" in out
 
     recorded, repeated = (json.loads((folder / "config.json").read_text()) for folder in (first, again))
-    assert repeated["out_dir"] == str(again)
-    assert {**repeated, "out_dir": None} == {**recorded, "out_dir": None}
+    assert repeated["out_dir"] == str(again) and recorded["trained_from"] is None
+    assert repeated["trained_from"] == f"the run ({first / 'config.json'})"
+    assert {**repeated, "out_dir": None, "trained_from": None} == {**recorded, "out_dir": None}
     assert (recorded["seed"], recorded["learning_rate"], recorded["warmup_epochs"], recorded["batch_size"]) == (5, 2e-3, 0.5, 8)
     assert recorded["method_config"]["var_weight"] == 7.0 and recorded["method_config"]["hidden_dim"] == 512
     # Step for step: every loss term and collapse metric of every epoch, and the final probe.
@@ -785,6 +786,7 @@ def test_from_takes_the_data_folders_with_the_data(tmp_path):
 @pytest.mark.parametrize(("content", "arguments", "message"), [
     (None, [], "error: give the pretext METHOD (barlow_twins, byol, clustering, contrastive, vicreg), or --from a run "
                "or search folder to train with its settings"),
+    (None, ["--from", " "], "error: --from is empty; give a run folder, a search folder or its config file"),
     ("missing", [], "no such file or folder"),
     ("folder", [], "not a run folder (config.json) or a search folder (best_config.json)"),
     ("search", [], "a search with no complete trial yet (no best_config.json)"),

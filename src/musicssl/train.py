@@ -693,6 +693,7 @@ def train(
     epoch_end_hooks: Sequence[Callable[[SSLModule, dict], None]] = (),
     progress_bar: bool = True,
     callbacks: Sequence[Any] = (),
+    trained_from: str | None = None,
 ) -> RunResult:
     """Train one run of ``config`` and return its metrics.
 
@@ -702,6 +703,7 @@ def train(
     With ``config.out_dir`` set, writes there: ``config.json``, ``metrics.csv`` (one row per epoch),
     ``collapse.csv`` (collapse metrics every ``collapse_every_n_steps``), ``summary.json`` and
     ``backbone.pt`` (a plain ``state_dict``, loadable with ``torch.load(weights_only=True)``).
+    ``trained_from`` (the configuration ``--from`` read, and what it was) goes into ``config.json``.
     """
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -850,7 +852,9 @@ def train(
                      # a generated corpus's version, seed and size: which songs the backbone trained on
                      "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
                      # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
-                     "training_data_unlabeled": read_audio_alone(data.index)},
+                     "training_data_unlabeled": read_audio_alone(data.index),
+                     # the settings it started from (--from), if any
+                     "trained_from": trained_from},
                     indent=2, default=str)),
                 "metrics.csv": lambda path: _write_csv(path, module.epochs, ("epoch", "step", "verdict")),
                 "collapse.csv": lambda path: _write_csv(path, module.history, ("kind", "epoch", "step", "verdict")),
@@ -1032,7 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (a search's trials leave theirs to the search).
 NOT_FROM_SOURCE = ("out_dir", "num_workers", "num_threads", "accelerator", "probe_every_epoch", "final_probe")
 # The settings beside a run's TrainConfig in its config.json.
-_RUN_RECORDS = ("method_config", "training_corpus", "training_data_unlabeled")
+_RUN_RECORDS = ("method_config", "training_corpus", "training_data_unlabeled", "trained_from")
 
 
 @dataclass(frozen=True)
@@ -1051,9 +1055,9 @@ def read_run_source(spec: str | os.PathLike) -> RunSource:
     """The training settings recorded in a run folder (``config.json``), a search folder (its best trial's:
     ``best_config.json``, with the data its ``search.json`` names: a trial's settings name no folders) or
     such a file. ConfigError names what is missing or wrong."""
-    path = Path(spec).expanduser()
     if not str(spec).strip():
         raise ConfigError("--from is empty; give a run folder, a search folder or its config file")
+    path = Path(spec).expanduser().absolute()  # as the run's config.json records it (trained_from)
     if path.is_dir():
         found = next((path / name for name in ("best_config.json", "config.json") if (path / name).is_file()), None)
         if found is None:
@@ -1257,7 +1261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for note in schedule_notes(config):
                 print(f"{parser.prog}: note: {note}", file=sys.stderr)
             with sigterm_interrupts():  # also while the data are prepared and the final probe runs
-                result = train(config)
+                result = train(config, trained_from=source.describe() if source is not None else None)
         except (ConfigError, ValueError, OSError, MelCacheError) as error:
             claim.release(remove_if_unused=True)  # the run folder (and its new parents), left empty by the failure
             hint = cache_hint(error) if isinstance(error, OSError) else ""
