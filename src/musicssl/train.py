@@ -1152,13 +1152,12 @@ def config_from_args(args: argparse.Namespace, given: set[str] | None = None,
     if method is None:
         raise ConfigError(f"give the pretext METHOD ({', '.join(available_methods())}), or --from a run or search "
                           "folder to train with its settings")
-    args.method = method
-    method_cls = get_method(args.method)
+    method_cls = get_method(method)
     if args.out is not None and not args.out.strip():  # an unset shell variable: not the default folder, silently
         raise ConfigError(f"--out is empty; give a folder for the run, or leave the flag out for "
-                          f"runs/train/{args.method}-<time>")
+                          f"runs/train/{method}-<time>")
     config = TrainConfig(
-        method=args.method,
+        method=method,
         preset=args.preset,
         data=args.data if dataset_name(args.data) is not None else absolute(args.data),
         data_root=absolute(args.root),
@@ -1171,7 +1170,7 @@ def config_from_args(args: argparse.Namespace, given: set[str] | None = None,
         seed=args.seed,
         num_workers=args.workers,
         num_threads=args.threads,
-        out_dir=args.out or str(Path("runs") / "train" / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        out_dir=args.out or str(Path("runs") / "train" / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
     method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method_params", "method", *FLAG_OF_SETTING}
@@ -1189,7 +1188,7 @@ def config_from_args(args: argparse.Namespace, given: set[str] | None = None,
             train_overrides[name] = value
         else:
             raise ConfigError(
-                f"unknown setting {name!r} for {args.method}; method settings: {', '.join(sorted(method_fields))}; "
+                f"unknown setting {name!r} for {method}; method settings: {', '.join(sorted(method_fields))}; "
                 f"training settings: {', '.join(sorted(train_fields))}"
             )
     config = apply_overrides(config, train_overrides)
