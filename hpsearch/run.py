@@ -2011,8 +2011,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
-    from hpsearch.progress import closed_output_stops_the_search
-
+    try:  # Ray Tune loads here (seconds): a Ctrl-C meanwhile is one line, as one while the command loads
+        from hpsearch.progress import closed_output_stops_the_search
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
     with closed_output_stops_the_search():
         return _search(args)
 

@@ -853,6 +853,47 @@ def test_ctrl_c_while_the_command_loads_is_one_line(module, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+# A sitecustomize for a command run as `python -m`: a Ctrl-C (SIGINT to itself) as the module named by
+# CTRL_C_AT_IMPORT begins to load.
+CTRL_C_AT_IMPORT_HOOK = """
+import os, signal, sys
+
+if sys.argv[:1] == ["-m"] and os.environ.get("CTRL_C_AT_IMPORT"):
+    class _CtrlCAtImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == os.environ["CTRL_C_AT_IMPORT"]:
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+    sys.meta_path.insert(0, _CtrlCAtImport())
+"""
+
+
+@pytest.mark.parametrize(("command", "first_import"), [
+    (["hpsearch.run", "vicreg", "--trials", "1", "--name", "never"], "ray.tune"),
+    (["musicssl.train", "vicreg", "--out", "never"], "musicssl.data.loaders"),  # with pandas and soundfile
+])
+def test_ctrl_c_as_the_command_loads_what_it_needs_after_reading_its_arguments_is_one_line(command, first_import,
+                                                                                           tmp_path):
+    """Reading the arguments ends the one-line handler of the command's loading; what it loads next (Ray Tune for
+    the search, seconds; the data's modules for a run, pandas and soundfile among them) came before its own
+    handling. Before: a Ctrl-C then printed the traceback of that import (found by the random-stop test of the
+    search on a loaded machine). The hook fires at the first import of a module the command loads after parsing
+    (not pandas itself: torch asks where pandas is as it loads, before)."""
+    from conftest import WITH_CTRL_C
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT_HOOK)
+    env = {**os.environ, "MUSICSSL_CACHE": str(tmp_path / "cache"), "CTRL_C_AT_IMPORT": first_import,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([*WITH_CTRL_C, sys.executable, "-m", *command], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert (done.returncode, done.stderr) == (130, f"\npython -m {command[0]}: interrupted\n"), done.stderr[-3000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hooks"]  # no run, no search, no cache
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
 def test_a_cache_write_that_fails_for_room_names_the_cache_and_the_fix(tmp_path, tonal_dataset):
     """A mel shard that cannot be written for want of room (disk full; here the file size limit, the same

@@ -1227,11 +1227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:  # the data's modules load here (pandas, soundfile: a second on a loaded machine)
         source = read_run_source(args.source) if args.source is not None else None
         config = config_from_args(args, given_options(argv) if source is not None else None, source)
     except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:  # one line, as one while the command loads
+        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     if source is not None:
         print(f"{parser.prog}: training with the settings of {source.describe()}")
         threads = source.settings.get("num_threads")
