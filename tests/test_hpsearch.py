@@ -1753,7 +1753,8 @@ def test_a_trial_whose_worker_is_killed_fails_alone_and_says_its_worker_died(tmp
 def test_training_from_a_search_repeats_its_best_trial(tmp_path, tonal_dataset, cli_env, monkeypatch, capsys):
     """``python -m musicssl.train --from SEARCH`` trains with the best trial's settings: the sampled ones, the
     space's fixed ones and the search's (data, schedule, seed, probe). With the trial's torch threads it repeats
-    the trial epoch for epoch, and its probe scores the trial's objective; flags change single settings."""
+    the trial epoch for epoch, and its probe scores the trial's objective. The command is the one the search's
+    summary prints (its N given as the trial's epochs); the changes flags make are tested in tests/test_train.py."""
     from musicssl import train as train_module
 
     command = cli("vicreg", "--trials", "2", "--concurrency", "1", "--name", "tuned", "--storage-dir", str(tmp_path),
