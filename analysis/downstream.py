@@ -119,6 +119,7 @@ from musicssl.cli import ArgumentParser, counted, int_in, listed, parse_mixed
 from musicssl.corpus.splits import VERSION_1_DEFAULT_CORPUS, corpus_identity, describe_corpus, seen_test_tracks
 from musicssl.interrupts import SpawnPool, exit_code, held_signals, sigterm_interrupts
 from musicssl.machine import usable_cpus
+from musicssl.models import PRESETS, Backbone  # here, not where first used: the command's arguments are read by then
 from musicssl.paths import FolderTaken, cache_hint, claim_folder, make_writable_folder, whole
 
 __all__ = [
@@ -339,8 +340,6 @@ class MethodSpec:
 
 
 def _preset_mels(preset: str) -> int:
-    from musicssl.models import PRESETS
-
     if preset not in PRESETS:
         raise DownstreamError(f"unknown backbone preset {preset!r}; available presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[preset].n_mels
@@ -777,7 +776,6 @@ def build_backbone(spec: MethodSpec) -> nn.Module:
     A checkpoint whose tensors do not fit the preset raises :class:`DownstreamError` naming the
     preset and, when one fits, the preset to use instead.
     """
-    from musicssl.models import PRESETS, Backbone
 
     if spec.kind in ("random", "random-bn"):
         # A private RNG stream: the baseline is the same whatever ran before, and global state is untouched.

@@ -873,6 +873,7 @@ if sys.argv[:1] == ["-m"] and os.environ.get("CTRL_C_AT_IMPORT"):
 @pytest.mark.parametrize(("command", "first_import"), [
     (["hpsearch.run", "vicreg", "--trials", "1", "--name", "never"], "ray.tune"),
     (["musicssl.train", "vicreg", "--out", "never"], "musicssl.data.loaders"),  # with pandas and soundfile
+    (["analysis.downstream", "--out", "never"], "musicssl.models"),  # (milliseconds: now before the arguments)
 ])
 def test_ctrl_c_as_the_command_loads_what_it_needs_after_reading_its_arguments_is_one_line(command, first_import,
                                                                                            tmp_path):
