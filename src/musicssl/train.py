@@ -1124,11 +1124,11 @@ def _from_source(config: TrainConfig, source: RunSource, given: set[str]) -> Tra
     return apply_overrides(config, changes)
 
 
-def config_from_args(args: argparse.Namespace, given: set[str] | None = None,
+def config_from_args(args: argparse.Namespace, given: set[str] = frozenset(),
                      source: RunSource | None = None) -> TrainConfig:
     """The run's settings from the command line; with ``--from`` (``source``, read here if not given), those of the
     run it names where the command line gives none (``given``: the ``dest`` of each argument it gives,
-    :func:`given_options`; by default those not at their defaults)."""
+    :func:`given_options`)."""
     from musicssl.pretext.registry import available_methods, get_method
 
     from musicssl.data.loaders import dataset_name
@@ -1140,9 +1140,6 @@ def config_from_args(args: argparse.Namespace, given: set[str] | None = None,
 
     if source is None and getattr(args, "source", None) is not None:
         source = read_run_source(args.source)
-    if source is not None and given is None:  # not from main: the arguments not at their defaults
-        defaults = vars(build_parser().parse_args([]))
-        given = {dest for dest, value in vars(args).items() if value != defaults.get(dest)}
     method = args.method
     if source is not None:
         if method is not None and method != source.settings["method"]:
@@ -1229,7 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # the data's modules load here (pandas, soundfile: a second on a loaded machine)
         source = read_run_source(args.source) if args.source is not None else None
-        config = config_from_args(args, given_options(argv) if source is not None else None, source)
+        config = config_from_args(args, given_options(argv) if source is not None else frozenset(), source)
     except (ConfigError, UnknownMethodError, ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:  # one line, as one while the command loads
