@@ -49,9 +49,10 @@ Protocol (the study's, as its paper and public code describe it; choices of ours
   exactly chance (ROC-AUC 0.5, AP its test prevalence) rather than however a probe trained on one
   class alone happens to rank the tracks.
 * Bootstrap. 50 resamples of 50 % of the test tracks, drawn without replacement
-  (musicssl.probe.bootstrap), the same resamples for every method (a paired comparison): mean and
-  95 % percentile interval. That the fraction can resample the test labels (at least 2 tracks, a tag
-  with both classes) is checked before anything is embedded (:func:`check_bootstrap`).
+  (musicssl.probe.bootstrap), the same resamples for every method: mean and 95 % percentile interval,
+  and for every two methods of a probe the paired differences (:func:`paired_differences`). That the
+  fraction can resample the test labels (at least 2 tracks, a tag with both classes) is checked
+  before anything is embedded (:func:`check_bootstrap`).
 * Limited data. 1, 5, 10, 20, 25 and 100 % of the training tracks, each drawn 4 times. Within a
   draw the subsets are nested prefixes of one ordering*: first, rarest tag first, a seeded random
   track for every tag that no earlier pick carries (so every subset at least that large has a
@@ -144,7 +145,10 @@ __all__ = [
     "load_state_dict",
     "main",
     "melstats_features",
+    "paired_differences",
+    "paired_markdown",
     "resolve_method",
+    "result_tables",
     "run_downstream",
     "score_tags",
     "subset_size",
@@ -2141,7 +2145,9 @@ def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -
     fractions = sorted(limited["fraction"].unique())
     name = {"average_precision": "mAP", "roc_auc": "ROC-AUC"}[metric]
     header = "| method | probe | " + " | ".join(f"{100 * f:g} %" for f in fractions) + " |"
-    lines = [f"{name} by fraction of training tracks (mean ± std over draws)", "", header,
+    lines = [f"{name} on the whole test set by fraction of training tracks (mean ± std over draws; at 100 % the "
+             "draws differ only by the probe's seed, and the score is the full-test one, not the bootstrap mean of "
+             "the table above)", "", header,
              "|---|---|" + "---:|" * len(fractions)]
     grouped = limited.groupby(["method", "classifier"], sort=False)
     for (method, classifier), frame in grouped:
@@ -2153,6 +2159,84 @@ def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -
         lines.append(f"| {_markdown_cell(method)} | {CLASSIFIER_NAMES.get(classifier, classifier)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_differences(bootstrap: pd.DataFrame) -> pd.DataFrame:
+    """Every two methods evaluated with the same probe, per metric, compared over the resamples of the
+    test tracks they share (the bootstrap draws the same tracks for every method: a paired comparison,
+    which separates methods whose own intervals overlap).
+
+    ``bootstrap`` is :class:`DownstreamResult`'s (``bootstrap.csv``). One row per pair, ``method`` the
+    one with the higher bootstrap mean (the first listed on a tie): ``difference`` is the mean over the
+    resamples of its value less ``other``'s (the difference of the two bootstrap means), ``low`` and
+    ``high`` the 2.5th and 97.5th percentiles of those differences, ``higher_in`` the resamples in which
+    ``method`` scores above ``other`` and ``resamples`` their number. An interval that holds 0 means
+    this test set does not tell the two apart."""
+    columns = ["dataset", "classifier", "metric", "method", "other", "difference", "low", "high", "higher_in",
+               "resamples"]
+    rows = []
+    if bootstrap.empty:
+        return pd.DataFrame(columns=columns)
+    for (dataset, classifier, metric), frame in bootstrap.groupby(["dataset", "classifier", "metric"], sort=False):
+        values = frame.pivot(index="resample", columns="method", values="value")
+        methods = list(dict.fromkeys(frame["method"]))  # as evaluated
+        means = values.mean()
+        ranked = sorted(methods, key=lambda method: -means[method])  # stable: ties keep their order
+        for first, method in enumerate(ranked):
+            for other in ranked[first + 1:]:
+                difference = (values[method] - values[other]).to_numpy()
+                low, high = np.percentile(difference, [2.5, 97.5])
+                rows.append({"dataset": dataset, "classifier": classifier, "metric": metric, "method": method,
+                             "other": other, "difference": float(difference.mean()), "low": float(low),
+                             "high": float(high), "higher_in": int((difference > 0).sum()),
+                             "resamples": len(difference)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def paired_markdown(paired: pd.DataFrame, results: pd.DataFrame) -> str:
+    """Each method against the best of its probe in each metric, from :func:`paired_differences`: the
+    best's lead [95 % interval] and the resamples in which it leads. '' when no probe has two methods."""
+    if paired.empty:
+        return ""
+    metrics = ("roc_auc", "average_precision")
+    # The best of a probe and metric: the method never second in a pair (paired_differences ranks them).
+    best = {}
+    for (classifier, metric), pairs in paired.groupby(["classifier", "metric"], sort=False):
+        best[classifier, metric] = next(method for method in pairs["method"] if method not in set(pairs["other"]))
+    lead = {(row.classifier, row.metric, row.other): row for row in paired.itertuples(index=False)
+            if row.method == best[row.classifier, row.metric]}
+    resamples = int(paired["resamples"].max())
+    lines = [
+        f"Paired over the same {resamples} resamples of the test tracks: each method against the best of its probe "
+        "in each metric (by bootstrap mean), the best's lead (its score less the method's: mean [2.5th, 97.5th "
+        "percentile] over the resamples) and the resamples in which it leads. A lead whose interval holds 0 is not "
+        "resolved by this test set. paired.csv compares every two methods of a probe.", "",
+        "| method | probe | ROC-AUC: the best's lead | leads in | mAP: the best's lead | leads in |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in results.itertuples(index=False):
+        if (row.classifier, "roc_auc") not in best:  # the probe's only method
+            continue
+        cells = []
+        for metric in metrics:
+            if best[row.classifier, metric] == row.method:
+                cells += ["best", ""]
+                continue
+            pair = lead[row.classifier, metric, row.method]
+            cells += [f"{pair.difference:.4f} [{pair.low:.4f}, {pair.high:.4f}]",
+                      f"{pair.higher_in} of {pair.resamples}"]
+        lines.append(f"| {_markdown_cell(row.method)} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 4 else ""
+
+
+def result_tables(result: "DownstreamResult") -> list[str]:
+    """The Markdown of ``results.md`` and of the console, block by block: the headline table, its notes,
+    the paired comparison (where a probe has two methods) and the limited-data table."""
+    config = result.summary["config"]
+    blocks = [results_markdown(result.results), results_notes(result.results, config["bootstrap_fraction"]),
+              paired_markdown(paired_differences(result.bootstrap), result.results), limited_markdown(result.limited)]
+    return [block for block in blocks if block]
 
 
 def _markdown_cell(text: str) -> str:
@@ -2167,6 +2251,7 @@ OUTPUT_FILES = {
     "per_group": "per_group.csv",
     "limited_data": "limited_data.csv",
     "bootstrap": "bootstrap.csv",
+    "paired": "paired.csv",
     "report": "report.html",
     "summary": "summary.json",
 }
@@ -2183,15 +2268,12 @@ def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
     result.per_group.to_csv(files["per_group"], index=False)
     result.limited.to_csv(files["limited_data"], index=False)
     result.bootstrap.to_csv(files["bootstrap"], index=False)
-    markdown = results_markdown(result.results)
-    notes = results_notes(result.results, result.summary["config"]["bootstrap_fraction"])
-    limited = limited_markdown(result.limited)
-    files["results_md"].write_text(
-        f"# Downstream evaluation on {result.summary['dataset']}\n\n{markdown}\n\n"
-        f"{notes}\n\n{limited}\n"
-    )
+    paired_differences(result.bootstrap).to_csv(files["paired"], index=False)
+    tables = result_tables(result)
+    files["results_md"].write_text(f"# Downstream evaluation on {result.summary['dataset']}\n\n"
+                                   + "\n\n".join(tables) + "\n")
     write_report(files["report"], result.results, result.bootstrap, result.limited, result.per_group,
-                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=[markdown, notes, limited])
+                 title=f"Downstream evaluation: {result.summary['dataset']}", tables_markdown=tables)
     files["summary"].write_text(json.dumps(_jsonable(result.summary), indent=2, default=str))
     return files
 
@@ -2398,12 +2480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "command again continues from what was finished" if config.use_cache else "")
                 print(f"\n{parser.prog}: interrupted, no results written{kept}", file=sys.stderr)
             return exit_code(stop)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-        print()
-        print(results_markdown(result.results))
-        print()
-        print(results_notes(result.results, config.bootstrap_fraction))
-        print()
-        print(limited_markdown(result.limited))
+        for block in result_tables(result):
+            print()
+            print(block)
     finally:
         claim.release(remove_if_unused=True)  # also an unexpected error's empty folder
     print(f"\nwrote {out_dir} (report: {files['report']}) in {result.summary['seconds']:.1f} s")

@@ -443,6 +443,10 @@ class CollapseAwareOptunaSearch(OptunaSearch):
     ) -> tuple[TrialState, float | None, dict[str, Any]]:
         """The Optuna state, value and user attributes of a finished trial."""
         source = {**(last or {}), **(final or {})}
+        if (final or {}).get("outcome") == "diverged":
+            # With stopping off, a rule that fired puts would_stop_epoch in every later epoch report; a trial that
+            # then diverged stopped, and its final record leaves it out, which the last report must not undo.
+            source.pop("would_stop_epoch", None)
         attrs = user_attrs_from_record(source)
         attrs["tune_trial_id"] = trial_id
         if not final:

@@ -1024,6 +1024,45 @@ def test_the_headline_table_marks_a_bootstrap_that_scored_each_resample_on_its_o
     assert "sit above the full-test mAP" not in whole
 
 
+def test_paired_differences_compare_each_two_methods_over_the_same_resamples():
+    from analysis.downstream import paired_differences, paired_markdown
+
+    values = {"a": [0.70, 0.72, 0.68, 0.74], "b": [0.69, 0.70, 0.69, 0.70], "c": [0.60, 0.75, 0.61, 0.62]}
+    rows = [{"dataset": "d", "method": method, "classifier": "linear", "metric": metric, "resample": number,
+             "value": value if metric == "roc_auc" else 1 - value}
+            for method in ("c", "a", "b") for metric in ("roc_auc", "average_precision")
+            for number, value in enumerate(values[method])]
+    rows += [{"dataset": "d", "method": "a", "classifier": "mlp", "metric": metric, "resample": number, "value": 0.5}
+             for metric in ("roc_auc", "average_precision") for number in range(4)]
+    paired = paired_differences(pd.DataFrame(rows))
+    auc = paired[paired["metric"] == "roc_auc"].set_index(["method", "other"])
+    # Ranked by mean (a 0.71, b 0.695, c 0.645), the higher first; an MLP probe of one method has no pair.
+    assert auc.index.tolist() == [("a", "b"), ("a", "c"), ("b", "c")] and set(paired["classifier"]) == {"linear"}
+    # a - b per resample: 0.01, 0.02, -0.01, 0.04. Sorted, numpy's default percentile interpolates between
+    # neighbours at position p / 100 x 3: 2.5 -> -0.01 + 0.075 x 0.02, 97.5 -> 0.02 + 0.925 x 0.02.
+    assert auc.loc[("a", "b"), ["difference", "low", "high"]].tolist() == pytest.approx([0.015, -0.0085, 0.0385])
+    assert auc.loc[("a", "b"), ["higher_in", "resamples"]].tolist() == [3, 4]
+    # a - c: 0.10, -0.03, 0.07, 0.12; b - c: 0.09, -0.05, 0.08, 0.08. The mean difference is that of the means.
+    assert auc.loc[("a", "c"), ["difference", "higher_in"]].tolist() == pytest.approx([0.065, 3])
+    assert auc.loc[("b", "c"), ["difference", "low", "high", "higher_in"]].tolist() == pytest.approx(
+        [0.05, -0.05 + 0.075 * 0.13, 0.08 + 0.925 * 0.01, 3])
+    # In mAP (1 - the values) the order turns: c first.
+    ap = paired[paired["metric"] == "average_precision"].set_index(["method", "other"])
+    assert ap.index.tolist() == [("c", "b"), ("c", "a"), ("b", "a")]
+    assert ap.loc[("c", "a"), ["difference", "higher_in"]].tolist() == pytest.approx([0.065, 3])
+
+    # Each method against the best of the probe in each metric: a in ROC-AUC, c in mAP.
+    results = pd.DataFrame({"method": ["c", "a", "b", "a"], "classifier": ["linear"] * 3 + ["mlp"]})
+    table = paired_markdown(paired, results).splitlines()
+    assert table[0].startswith("Paired over the same 4 resamples of the test tracks")
+    a_c = f"0.0650 [{-0.03 + 0.075 * 0.10:.4f}, {0.10 + 0.925 * 0.02:.4f}] | 3 of 4"
+    c_b = f"0.0500 [{-0.05 + 0.075 * 0.13:.4f}, {0.08 + 0.925 * 0.01:.4f}] | 3 of 4"
+    assert table[4:] == [f"| c | linear | {a_c} | best |  |",
+                         f"| a | linear | best |  | {a_c} |",
+                         f"| b | linear | 0.0150 [-0.0085, 0.0385] | 3 of 4 | {c_b} |"]
+    assert paired_markdown(paired_differences(pd.DataFrame(rows[-8:])), results.iloc[3:]) == ""
+
+
 def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys):
     root = tmp_path / "mtat"
     write_mtat_fixture(root)
@@ -1072,6 +1111,22 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
                 full + scale * (np.percentile(values, 97.5) - values.mean()))
     # Resamples that differ (with clip 47 or without), for the checks above to read: all but the random network's.
     assert sum(value > 0.1 for value in spread.values()) >= 8, spread
+    # paired.csv: every two methods of a probe, resample by resample from bootstrap.csv, the higher mean first.
+    paired = pd.read_csv(out / "paired.csv")
+    assert len(paired) == 2 * 2 * 3  # probes x metrics x pairs of the 3 methods
+    for pair in paired.itertuples():
+        def resamples(method, classifier=pair.classifier, metric=pair.metric):
+            return outputs["bootstrap"].query("method == @method and classifier == @classifier and "
+                                              "metric == @metric").sort_values("resample")["value"].to_numpy()
+        difference = resamples(pair.method) - resamples(pair.other)
+        assert (pair.difference, pair.low, pair.high) == pytest.approx(
+            (difference.mean(), np.percentile(difference, 2.5), np.percentile(difference, 97.5)))
+        assert (pair.higher_in, pair.resamples) == ((difference > 0).sum(), 20)
+        means = results.set_index(["method", "classifier"])[pair.metric]
+        assert means[pair.method, pair.classifier] >= means[pair.other, pair.classifier]
+        assert pair.difference == pytest.approx(means[pair.method, pair.classifier] - means[pair.other, pair.classifier])
+    assert "Paired over the same 20 resamples of the test tracks" in outputs["markdown"]
+    assert "Paired over the same 20 resamples of the test tracks" in console
     # Pitch is easy for both baselines.
     assert (results["roc_auc_full_test"] > 0.8).all()
 

@@ -210,6 +210,22 @@ def final_result(outcome: str, objective: float = math.nan, **extra) -> dict:
     return {"final": True, "outcome": outcome, "objective": objective, "epoch": 2, "epochs_run": 2.0, **extra}
 
 
+def test_a_trial_that_diverged_after_the_rule_fired_with_stopping_off_has_no_would_stop_epoch(tmp_path):
+    # The epoch reports after the rule fired carry would_stop_epoch; the trial then diverged and stopped, and its
+    # final record (trainable._final_record) leaves it out. Before, the last epoch's report put it back.
+    searcher = journal_searcher(tmp_path / "optuna.journal")
+    fired = {"collapse_type": "complete", "collapse_epoch": 1, "would_stop_epoch": 3}
+    for trial_id in ("a", "b"):
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, {**epoch_result(3, 0.5), **fired})
+    searcher.on_trial_complete("a", result=final_result("diverged", collapse_type="diverged", collapse_epoch=4,
+                                                        stop_epoch=4, diverged_step=55))
+    searcher.on_trial_complete("b", result=final_result("complete", 0.6, **fired))
+    trials = {t.user_attrs["tune_trial_id"]: t.user_attrs for t in load_study(tmp_path / "optuna.journal").trials}
+    assert (trials["a"]["outcome"], trials["a"]["stop_epoch"]) == ("diverged", 4) and "would_stop_epoch" not in trials["a"]
+    assert (trials["b"]["outcome"], trials["b"]["would_stop_epoch"]) == ("complete", 3)
+
+
 def test_searcher_records_each_outcome_with_state_constraint_and_attributes(tmp_path):
     searcher = journal_searcher(tmp_path / "optuna.journal")
     outcomes = {
