@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import soundfile
@@ -246,6 +248,35 @@ def test_epoch_sampler_permutes_and_repeats_with_fresh_draws(cache: MelCache) ->
     dataset = ViewDataset(cache, LONG_IDS, verbose=False)
     assert not torch.equal(dataset[(0, 2, 0)][0], dataset[(0, 2, 1)][0])
     assert [index for _, index, _ in EpochSampler(4, shuffle=False)] == [0, 1, 2, 3]
+
+
+def batches_holding_a_key_twice(keys: list[tuple[int, int, int]], batch_size: int) -> int:
+    items = [index for _, index, _ in keys]
+    return sum(len(set(items[i:i + batch_size])) < batch_size for i in range(0, len(items), batch_size))
+
+
+@pytest.mark.parametrize(("items", "batch_size", "steps"), [(420, 64, 100), (200, 128, 40), (7, 7, 9), (65, 64, 30),
+                                                            (10, 3, 50), (128, 64, 10)])
+def test_no_batch_holds_a_track_twice_where_permutations_join(items: int, batch_size: int, steps: int) -> None:
+    for seed, epoch in ((0, 0), (5, 3)):
+        plain = EpochSampler(items, seed=seed, num_samples=steps * batch_size)
+        apart = EpochSampler(items, seed=seed, num_samples=steps * batch_size, batch_size=batch_size)
+        plain.set_epoch(epoch)
+        apart.set_epoch(epoch)
+        keys, plain_keys = list(apart), list(plain)
+        assert len(keys) == steps * batch_size and batches_holding_a_key_twice(keys, batch_size) == 0
+        # Each pass over the tracks (draw) still holds each track once, and its views are its draw's.
+        for draw in range(math.ceil(len(keys) / items)):
+            indices = [index for e, index, d in keys if d == draw and e == epoch]
+            assert len(set(indices)) == len(indices) == min(items, len(keys) - draw * items)
+        if items % batch_size == 0:  # the batches end where the permutations do: nothing to move
+            assert keys == plain_keys
+        else:  # each case has batches that hold a track twice without batch_size
+            assert batches_holding_a_key_twice(plain_keys, batch_size) > 0
+    # What it mends: without batch_size, 12 of the 100 batches of 64 from 420 tracks hold a track twice.
+    assert batches_holding_a_key_twice(list(EpochSampler(420, seed=0, num_samples=6400)), 64) == 12
+    with pytest.raises(ValueError, match=r"batch_size must be in 1..num_items \(5\)"):
+        EpochSampler(5, batch_size=6)
 
 
 def test_fixed_segments_are_deterministic_spread_and_exact(cache: MelCache) -> None:

@@ -749,7 +749,8 @@ def train(
             f"only {len(dataset)} usable training tracks for batch_size {config.batch_size}; lower --batch-size"
         )
     steps_per_epoch = config.steps_per_epoch or len(dataset) // config.batch_size
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=config.seed, num_samples=steps_per_epoch * config.batch_size)
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=config.seed, num_samples=steps_per_epoch * config.batch_size,
+                           batch_size=config.batch_size)  # (no batch holds a track twice)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
