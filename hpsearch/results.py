@@ -452,8 +452,10 @@ def _trial_folders(experiment: Path, number: int) -> list[Path]:
 def export_best_checkpoint(experiment: Path, trial_number: int) -> Path | None:
     """Copy the backbone of Optuna trial ``trial_number`` to ``best_backbone.pt`` (a plain
     ``state_dict``) and its config to ``best_config.json`` in ``experiment``; None if the trial
-    left no checkpoint. Nothing is copied when ``best_config.json`` names that trial already: it is
-    written after the backbone, so a kill between the two leaves it naming the trial before."""
+    left no checkpoint, and then the files of an earlier best are removed (``musicssl.train --from``
+    and ``analysis.downstream`` would take them for the best's). Nothing is copied when
+    ``best_config.json`` names that trial already: it is written after the backbone, so a kill
+    between the two leaves it naming the trial before."""
     experiment = Path(experiment)
     target = experiment / BEST_BACKBONE_FILE
     try:  # exported already (the files are rewritten after each trial; the best often stays)
@@ -465,8 +467,11 @@ def export_best_checkpoint(experiment: Path, trial_number: int) -> Path | None:
     for folder in _trial_folders(experiment, trial_number):
         candidates.extend(sorted(folder.glob("checkpoint_*/backbone.pt")))
     if not candidates:
+        for stale in (experiment / BEST_CONFIG_FILE, target):  # the config first: it names the backbone's trial
+            stale.unlink(missing_ok=True)
         return None
     source = max(candidates, key=lambda path: path.stat().st_mtime)
+    (experiment / BEST_CONFIG_FILE).unlink(missing_ok=True)  # no moment where it names another trial's backbone
     with whole(target) as partial:
         shutil.copyfile(source, partial)
     config = source.parent / "config.json"

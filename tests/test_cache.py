@@ -498,6 +498,25 @@ def test_bad_files_are_skipped_with_reasons_and_counted(tmp_path: Path, capsys: 
     assert (relaxed.processed, relaxed.already_cached, relaxed.skipped) == (9, 1, 9)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_paths_that_are_no_file_are_skipped_and_the_build_goes_on(tmp_path: Path, workers: int) -> None:
+    # An index the loaders did not check (check_audio=False, or made by hand): before, a name too long for the
+    # file system made the build raise OSError [Errno 36] and lose what it had decoded.
+    good = write(tmp_path / "good.wav", tone_and_noise(5.0, 16000, 1), 16000)
+    (tmp_path / "folder.wav").mkdir()
+    paths = {"good": good, "long": str(tmp_path / ("x" * 300 + ".wav")), "folder": str(tmp_path / "folder.wav"),
+             "under_a_file": str(Path(good) / "inner.wav"), "gone": str(tmp_path / "gone.wav")}
+    cache = MelCache.build(make_index(paths), tmp_path / "cache", workers=workers, progress=False, verbose=False)
+    assert cache.track_ids == ["good"]
+    skipped = {track.track_id: (track.reason, track.detail) for track in cache.skipped}
+    assert skipped == {
+        "long": ("missing", f"{paths['long']}: no such file (File name too long)"),
+        "folder": ("missing", f"{paths['folder']}: a folder, not an audio file"),
+        "under_a_file": ("missing", f"{paths['under_a_file']}: no such file (Not a directory)"),
+        "gone": ("missing", f"{paths['gone']}: no such file"),
+    }
+
+
 def test_what_the_mp3_decoder_prints_goes_with_its_file_not_to_the_console(tmp_path: Path, capfd) -> None:
     """libmpg123 prints "Note: Illegal Audio-MPEG-Header ..." straight to file descriptor 2; before, those
     lines from the decoding processes broke into the progress bar, with no file named."""

@@ -3789,7 +3789,14 @@ def test_the_best_backbone_is_found_by_params_json_or_else_by_the_trial_folder_n
     (tmp_path / "trial-0008-eeee" / "checkpoint_000000" / "backbone.pt").write_bytes(b"eight, rewritten")
     assert exported(8) == b"eight, params.json cut short"
     assert exported(5) == b"five by params.json"
+    # A best without a checkpoint (its trial folder elsewhere) leaves no files of the best before it, which
+    # musicssl.train --from and analysis.downstream would take for its.
     assert exported(6) is None and exported(9) is None
+    assert not (tmp_path / "best_backbone.pt").exists() and not (tmp_path / "best_config.json").exists()
+    # A checkpoint without its config.json leaves no best_config.json naming another trial.
+    assert exported(5) == b"five by params.json"
+    (tmp_path / "trial-0004-cccc" / "checkpoint_000000" / "config.json").unlink()
+    assert exported(4) == b"four by params.json" and not (tmp_path / "best_config.json").exists()
 
 
 def test_summary_says_when_the_best_trial_collapsed_and_names_the_best_one_the_rule_lets_run():

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import io
@@ -496,8 +497,8 @@ def _compute_track(task: _Task) -> _Result:
     # Stamped before decoding: a file rewritten while it is decoded then looks changed next time.
     size, mtime_ns = _file_stamp(path)
     result = _Result(track_id=task.track_id, path=task.path, size=size, mtime_ns=mtime_ns)
-    if not path.exists():
-        result.reason, result.detail = "missing", f"{path}: no such file"
+    if size is None:  # (before, path.exists() here raised for a name too long: the build stopped, losing its work)
+        result.reason, result.detail = _no_file(path)
         return result
     if size == 0:
         result.reason, result.detail = "empty", f"{path}: empty file (0 bytes)"
@@ -519,6 +520,18 @@ def _compute_track(task: _Task) -> _Result:
     if result.reason and result.decoder_output:
         result.detail += f"; the decoder printed: {result.decoder_output}"
     return result
+
+
+def _no_file(path: Path) -> tuple[str, str]:
+    """The skip reason and detail of a ``path`` that is not a regular file; never raises."""
+    try:
+        status = path.stat()
+    except PermissionError as error:  # (not as root) a folder on the way that may not be entered
+        return "unreadable", f"{path}: cannot reach it ({error.strerror}); make its folders readable (chmod a+rx)"
+    except OSError as error:  # no such file, a name too long, a file where a folder should be...
+        return "missing", f"{path}: no such file" + ("" if error.errno == errno.ENOENT else f" ({error.strerror})")
+    kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+    return "missing", f"{path}: {kind}, not an audio file"
 
 
 def _judge_decoded(task: _Task, path: Path, audio: np.ndarray, result: _Result) -> None:
