@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, NoReturn, TextIO
 
 from hpsearch.settings import (
     COLLAPSE_TYPES, OBJECTIVES, SAMPLERS, SCHEDULERS, SEARCH_FILE, SearchSettings, SettingsError, TrialSettings,
@@ -2063,5 +2063,25 @@ def _every_trial_failed(result: SearchResult) -> str | None:
             f"{result.folder / 'trials.csv'}'s error column holds each one's")
 
 
+def _exit(code: int) -> NoReturn:
+    """End the command with ``code``. Once Ray has run in this process, without the interpreter's exit:
+    Ray's C++ core can crash in its exit-time destructors (SIGSEGV, exit code -11 after the command's
+    last line) when its start was followed closely by its shutdown, as after a SIGTERM while Ray starts
+    (5 of 20 runs of that test, before). The search has shut Ray down by then (the Ray it started, or
+    its connection to a cluster); the output and the logs are flushed first."""
+    if "ray" not in sys.modules:
+        sys.exit(code)
+    import ray
+
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():  # (a search always shuts down the Ray it started or joined)
+            ray.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
