@@ -98,6 +98,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -1452,6 +1453,11 @@ class DownstreamResult:
     bootstrap: pd.DataFrame
     summary: dict[str, Any]
 
+    @functools.cached_property
+    def paired(self) -> pd.DataFrame:
+        """:func:`paired_differences` of the bootstrap (``paired.csv``), computed once for the files and the console."""
+        return paired_differences(self.bootstrap)
+
 
 class _Console:
     """Progress lines with the time since the start, to stdout."""
@@ -2199,10 +2205,8 @@ def paired_markdown(paired: pd.DataFrame, results: pd.DataFrame) -> str:
     if paired.empty:
         return ""
     metrics = ("roc_auc", "average_precision")
-    # The best of a probe and metric: the method never second in a pair (paired_differences ranks them).
-    best = {}
-    for (classifier, metric), pairs in paired.groupby(["classifier", "metric"], sort=False):
-        best[classifier, metric] = next(method for method in pairs["method"] if method not in set(pairs["other"]))
+    # The best of a probe and metric: the first of its pairs (paired_differences ranks them, the higher first).
+    best = {key: pairs["method"].iloc[0] for key, pairs in paired.groupby(["classifier", "metric"], sort=False)}
     lead = {(row.classifier, row.metric, row.other): row for row in paired.itertuples(index=False)
             if row.method == best[row.classifier, row.metric]}
     resamples = int(paired["resamples"].max())
@@ -2227,7 +2231,7 @@ def paired_markdown(paired: pd.DataFrame, results: pd.DataFrame) -> str:
                       f"{pair.higher_in} of {pair.resamples}"]
         lines.append(f"| {_markdown_cell(row.method)} | {CLASSIFIER_NAMES.get(row.classifier, row.classifier)} | "
                      + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 4 else ""
+    return "\n".join(lines)
 
 
 def result_tables(result: "DownstreamResult") -> list[str]:
@@ -2235,7 +2239,7 @@ def result_tables(result: "DownstreamResult") -> list[str]:
     the paired comparison (where a probe has two methods) and the limited-data table."""
     config = result.summary["config"]
     blocks = [results_markdown(result.results), results_notes(result.results, config["bootstrap_fraction"]),
-              paired_markdown(paired_differences(result.bootstrap), result.results), limited_markdown(result.limited)]
+              paired_markdown(result.paired, result.results), limited_markdown(result.limited)]
     return [block for block in blocks if block]
 
 
@@ -2268,7 +2272,7 @@ def write_outputs(result: DownstreamResult, out_dir: Path) -> dict[str, Path]:
     result.per_group.to_csv(files["per_group"], index=False)
     result.limited.to_csv(files["limited_data"], index=False)
     result.bootstrap.to_csv(files["bootstrap"], index=False)
-    paired_differences(result.bootstrap).to_csv(files["paired"], index=False)
+    result.paired.to_csv(files["paired"], index=False)
     tables = result_tables(result)
     files["results_md"].write_text(f"# Downstream evaluation on {result.summary['dataset']}\n\n"
                                    + "\n\n".join(tables) + "\n")
