@@ -715,6 +715,27 @@ def test_concurrent_build_waits_for_the_other_builder_then_times_out(
     assert cache.build_report.processed > 0
 
 
+def test_a_file_system_that_cannot_lock_files_builds_without_the_lock_and_says_so(
+    tmp_path: Path, audio_files: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some NFS or Lustre mounts refuse ``flock`` (ENOLCK). The build stopped with a bare OSError; it goes on
+    without its lock and says so. (No such file system can be mounted here: ``flock`` is replaced.)"""
+    def no_locks(handle, operation) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    first = dict(list(audio_files.items())[:2])
+    with caplog.at_level("WARNING", logger="musicssl.data.cache"):
+        MelCache.build(make_index(first), tmp_path / "cache", workers=0, progress=False, verbose=False)
+        cache = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
+    assert cache.track_ids == sorted(audio_files) and cache.build_report.processed == len(audio_files) - 2
+    for track_id, path in audio_files.items():
+        np.testing.assert_allclose(cache.get_track(track_id), reference_mel(path), rtol=FLOAT16_RTOL, atol=1e-6)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [f"mel cache {cache.path}: this file system cannot lock files (No locks available); building "
+                        "without the lock, so do not build this cache from two processes at once"] * 2
+
+
 def test_reads_check_bounds_and_survive_pickling(tmp_path: Path, audio_files: dict[str, str]) -> None:
     cache = MelCache.build(make_index(audio_files), tmp_path / "cache", workers=0, progress=False, verbose=False)
     frames = cache.frames("wav16")

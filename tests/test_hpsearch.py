@@ -3042,6 +3042,30 @@ def test_a_search_of_the_same_name_started_meanwhile_is_neither_joined_nor_overw
     assert sorted(path.name for path in (tmp_path / "same").iterdir()) == [".lock", "search.json"]
 
 
+def test_one_search_at_a_time_holds_its_folder_and_a_file_system_without_locks_is_told(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The search's lock refuses a second holder (as another process's search is refused); where the file
+    system cannot lock files (some NFS or Lustre mounts: ENOLCK), the search runs without and says so."""
+    import fcntl
+
+    from hpsearch.run import _search_lock
+
+    with _search_lock(tmp_path):
+        with open(tmp_path / ".lock") as other:  # another open file: as another process's lock
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert capsys.readouterr().err == ""
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _search_lock(tmp_path):
+        ran = True
+    assert ran and capsys.readouterr().err == (f"note: {tmp_path}: this file system cannot lock files (No locks "
+                                               "available); do not run this search from two processes at once\n")
+
+
 def test_files_are_written_whole_and_a_cut_short_state_is_not_restored_from(tmp_path, monkeypatch):
     """search.json and summary.json are replaced whole (a stop meanwhile keeps the old one, and a failed
     write leaves no partial file that would make the folder look foreign); Ray Tune's saved experiment

@@ -1362,6 +1362,31 @@ def test_a_claim_taken_on_a_lock_file_deleted_meanwhile_is_taken_again(tmp_path,
     second.release()
 
 
+def test_a_claim_on_a_file_system_that_cannot_lock_files_goes_ahead_and_says_so(tmp_path, monkeypatch, capsys,
+                                                                               caplog):
+    """Some NFS or Lustre mounts refuse ``flock`` (ENOLCK): a run there failed with "--out ...: cannot write
+    there (No locks available)". It goes ahead, unguarded, and says so. (``flock`` is replaced: no such file
+    system can be mounted here.)"""
+    import musicssl.paths as paths
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(paths.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="musicssl.paths"):
+        claim = paths.claim_folder(tmp_path / "out", lambda path: None)
+    assert claim.path == tmp_path / "out" and (claim.path / paths.CLAIM_FILE).is_file()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / 'out'}: this file system cannot lock files (No locks available); do not write two runs into "
+        "this folder at once"]
+    claim.release(remove_if_unused=True)
+    assert not (tmp_path / "out").exists()
+    # The command gets past its --out to its next check (here its data).
+    code, _, err = run_main(main, ["vicreg", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "none")],
+                            capsys)
+    assert code == 2 and "--out" not in err and "none" in err, err
+
+
 def test_the_cli_refuses_a_folder_another_run_is_writing_into(tmp_path, capsys):
     from musicssl.paths import claim_folder
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ClaimedFolder", "FolderTaken", "by_file_system", "cache_hint", "cache_root", "claim_folder", "disk_full",
@@ -350,7 +353,8 @@ def claim_folder(folder: str | Path, taken: Callable[[Path], str | None], number
 def _lock_claim_file(path: Path) -> IO | None:
     """``path`` opened and locked exclusively, or None while another process holds it. A holder deletes
     the file as it releases it, so a lock taken on a file since deleted (opened before the deletion,
-    locked after) is no claim: it is taken again on the file now at ``path``."""
+    locked after) is no claim: it is taken again on the file now at ``path``. Where the file system
+    cannot lock files, the file is returned unlocked and a warning says so."""
     while True:
         handle = open(path, "a")
         try:
@@ -358,6 +362,10 @@ def _lock_claim_file(path: Path) -> IO | None:
         except BlockingIOError:
             handle.close()
             return None
+        except OSError as error:  # a file system that cannot lock files (some NFS or Lustre mounts)
+            logger.warning("%s: this file system cannot lock files (%s); do not write two runs into this folder "
+                           "at once", path.parent, error.strerror or error)
+            return handle
         try:
             current = os.stat(path)
         except FileNotFoundError:

@@ -1446,7 +1446,8 @@ def _wait_for_lock(lock, folder: Path, timeout: float, verbose: bool) -> None:
     """Take the build lock, waiting for another process's build while it makes progress: it decodes
     tracks this build wants too (a cache can serve several indexes, e.g. MTG-Jamendo's subsets), so
     this one then finds them cached. Gives up after ``timeout`` seconds in which the other build
-    committed nothing (a hung or stopped builder), however long it has been running."""
+    committed nothing (a hung or stopped builder), however long it has been running. Where the file
+    system cannot lock files, the build goes on without the lock and says so."""
     deadline = time.monotonic() + timeout
     seen = _last_commit_ns(folder)
     announced = False
@@ -1467,6 +1468,10 @@ def _wait_for_lock(lock, folder: Path, timeout: float, verbose: bool) -> None:
                 print(f"{folder}: another process is building this cache; waiting for it", flush=True)
                 announced = True
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        except OSError as error:  # a file system that cannot lock files (some NFS or Lustre mounts)
+            logger.warning("mel cache %s: this file system cannot lock files (%s); building without the lock, so "
+                           "do not build this cache from two processes at once", folder, error.strerror or error)
+            return
 
 
 def _write_skip_report(path: Path, skipped: list[SkippedTrack]) -> None:
