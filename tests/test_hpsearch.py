@@ -948,13 +948,15 @@ def test_the_untrained_reference_is_the_random_backbone_with_batchnorm_statistic
     from musicssl.data.views import track_segments
     from musicssl.train import probe_score
 
-    settings = SearchSettings(method="vicreg", trials=1, data="tonal", **TINY)
+    # Two probe segments per track (TINY's 1 would not tell the setting from a constant 1).
+    settings = SearchSettings(method="vicreg", trials=1, data="tonal", **{**TINY, "probe_segments_per_track": 2})
     calibrated, initial = untrained_probe(settings, tonal_data)
 
     torch.manual_seed(settings.seed)
     backbone = Backbone(preset="cpu")
-    assert initial == probe_score(backbone, tonal_data, 1, settings.seed)["probe_map"]
-    segments = torch.cat([track_segments(tonal_data.cache, t, max_segments=1) for t in tonal_data.track_ids("train")])
+    assert initial == probe_score(backbone, tonal_data, 2, settings.seed)["probe_map"]
+    assert initial != probe_score(backbone, tonal_data, 1, settings.seed)["probe_map"]
+    segments = torch.cat([track_segments(tonal_data.cache, t, max_segments=2) for t in tonal_data.track_ids("train")])
     norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()
@@ -963,7 +965,7 @@ def test_the_untrained_reference_is_the_random_backbone_with_batchnorm_statistic
     with torch.no_grad():
         for batch in torch.tensor_split(segments, math.ceil(len(segments) / settings.batch_size)):
             backbone(batch)
-    assert calibrated == pytest.approx(probe_score(backbone, tonal_data, 1, settings.seed)["probe_map"], abs=1e-6)
+    assert calibrated == pytest.approx(probe_score(backbone, tonal_data, 2, settings.seed)["probe_map"], abs=1e-6)
     assert calibrated != initial
 
     # With --objective rankme (before: no reference at all, so a search rewarding trials that barely trained
@@ -1407,9 +1409,18 @@ def test_a_trials_final_record_reads_the_chosen_objective_and_records_what_the_r
         return record, checkpoint, reports
 
     # probe_auc, with a rule that fires at epoch 1 (a tiny run reads "complete") but stopping off.
-    record, checkpoint, reports = run(objective="probe_auc", collapse_stop=False, grace_epochs=0, patience_epochs=1)
+    # Two probe segments per track (TINY's 1 would not tell the setting from a constant 1).
+    record, checkpoint, reports = run(objective="probe_auc", collapse_stop=False, grace_epochs=0, patience_epochs=1,
+                                      probe_segments_per_track=2)
     assert len(reports) == 2 and record["outcome"] == "complete" and checkpoint is not None
     assert record["objective"] == record["probe_auc"] and record["probe_auc"] != record["probe_map"]
+    # The scores are the probe's on the checkpoint's backbone, with the search's segments per track and seed.
+    from musicssl.train import probe_score
+
+    saved = Backbone(preset="cpu")
+    saved.load_state_dict(checkpoint[0])
+    assert probe_score(saved, tonal_data, 2, 0) == {"probe_map": record["probe_map"], "probe_auc": record["probe_auc"]}
+    assert probe_score(saved, tonal_data, 1, 0)["probe_map"] != record["probe_map"]
     assert record["would_stop_epoch"] == 1 and "stop_epoch" not in record
     assert (record["best_objective"], record["best_epoch"], record["epochs_run"]) == (record["objective"], 2, 2.0)
     assert record["rankme"] == reports[-1]["collapse_rankme_embedding"]

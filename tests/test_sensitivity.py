@@ -962,6 +962,33 @@ def test_an_importance_panel_without_bars_keeps_its_axes_its_note_and_the_parame
     assert laid_out.layout.yaxis.type == "category" and laid_out.layout.yaxis.showticklabels
 
 
+def test_the_collapse_probability_map_is_a_gaussian_kernel_average_on_the_sampling_scales():
+    """The map's shading against a Nadaraya-Watson estimate written out point by point: Gaussian weights of
+    the distance on each parameter's sampling scale (log10 for a log-scale one) mapped onto [0, 1], the
+    weighted share of collapsed trials, and no estimate where the trials' weight totals under one half."""
+    from analysis.sensitivity_figures import collapse_probability_grid
+
+    x_distribution = optuna.distributions.FloatDistribution(1e-3, 10.0, log=True)
+    y_distribution = optuna.distributions.FloatDistribution(0.0, 2.0)
+    x = np.array([1e-3, 1e-2, 1e-3, 1e-2])  # at 0 and 0.25 of the log range
+    y = np.array([0.0, 0.0, 0.5, 0.5])  # at 0 and 0.25 of the range
+    collapsed = np.array([True, False, False, False])
+    gx, gy, probability = collapse_probability_grid(x, y, collapsed, x_distribution, y_distribution,
+                                                    bandwidth=0.15, size=5)
+    np.testing.assert_allclose(gx, [1e-3, 1e-2, 1e-1, 1.0, 10.0], rtol=1e-12)
+    np.testing.assert_allclose(gy, [0.0, 0.5, 1.0, 1.5, 2.0], rtol=1e-12)
+    points = [((math.log10(a) + 3) / 4, b / 2) for a, b in zip(x, y)]
+    expected = np.full((5, 5), np.nan)
+    for row in range(5):
+        for column in range(5):
+            weights = [math.exp(-((column / 4 - u) ** 2 + (row / 4 - v) ** 2) / (2 * 0.15 ** 2)) for u, v in points]
+            if sum(weights) >= 0.5:
+                expected[row, column] = sum(w for w, c in zip(weights, collapsed) if c) / sum(weights)
+    np.testing.assert_allclose(probability, expected, rtol=1e-12, atol=0)
+    assert probability[0, 0] > 0.5 > probability[1, 1]  # near the collapsed trial, then among the healthy ones
+    assert np.isnan(probability[4, 4]) and np.isnan(probability[0, 4])  # far from every trial: left blank
+
+
 def test_a_map_shades_and_tells_of_a_green_region_only_where_trials_collapsed():
     """Before: every map's caption spoke of its shading and green region, also with nothing shaded."""
     from analysis.sensitivity import analyse

@@ -34,6 +34,7 @@ from musicssl.train import (
     given_options,
     main,
     method_settings,
+    probe_score,
     resolve_precision,
     resolve_run_settings,
     train,
@@ -97,6 +98,9 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     backbone.load_state_dict(state)
     assert torch.equal(backbone.state_dict()["attention_pool.positional_embedding"],
                        result.backbone.state_dict()["attention_pool.positional_embedding"])
+    # The run's probe scores are the probe's on that backbone, with the run's segments per track and seed.
+    assert probe_score(backbone, tonal_data, 2, config.seed) == {key: result.final[key]
+                                                                   for key in ("probe_map", "probe_auc")}
     # config.json holds the method's settings as the run used them, the cpu preset's changes included (before:
     # only the --set strings, so that a reader assumed the method's defaults, e.g. 4096 prototypes, not 1024).
     method_config = json.loads((out / "config.json").read_text())["method_config"]
@@ -1458,6 +1462,10 @@ def test_the_per_epoch_probe_runs_on_a_backbone_held_in_another_dtype(precision,
     result = train(config, data=tonal_data, progress_bar=False)
     assert result.final["precision"] == precision
     assert 0.0 < result.epochs[0]["probe_map"] <= 1.0 and 0.0 < result.epochs[0]["probe_auc"] <= 1.0
+    # The epoch's probe is the probe's on the trained backbone, with the run's segments per track and seed.
+    expected = probe_score(result.backbone, tonal_data, 2, config.seed)
+    assert {key: result.epochs[0][key] for key in expected} == pytest.approx(expected, abs=1e-9)
+    assert probe_score(result.backbone, tonal_data, 1, config.seed)["probe_map"] != expected["probe_map"]
 
 
 def test_the_summary_records_the_precision_lightning_trained_in(tmp_path, tonal_data):
