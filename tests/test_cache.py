@@ -712,7 +712,7 @@ def test_concurrent_build_waits_for_the_other_builder_then_times_out(
         releaser.start()
         cache = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False, lock_timeout=30.0)
         releaser.join()
-    assert cache.build_report.processed > 0
+    assert cache.build_report.processed == len(audio_files) and cache.track_ids == sorted(audio_files)
 
 
 def test_a_file_system_that_cannot_lock_files_builds_without_the_lock_and_says_so(

@@ -56,3 +56,20 @@ def test_every_option_of_a_command_is_in_its_readme_synopsis_and_no_other(module
     shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", block))
     assert accepted - shown == set(), f"options of python -m {module} missing from its README synopsis"
     assert shown - accepted == set(), f"options in the README synopsis of python -m {module} that it does not accept"
+
+
+@pytest.mark.parametrize("module", sorted(_parsers()))
+def test_every_option_of_a_command_is_explained_in_its_help(module):
+    """``--help`` lists every option with a line of its own that says what it does (an option added without
+    ``help=`` is listed bare)."""
+    import argparse
+
+    parser = _parsers()[module]()
+    text = parser.format_help()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = max(action.option_strings, key=len)
+        assert action.help not in (None, "", argparse.SUPPRESS), f"python -m {module} {name} has no help text"
+        assert len(action.help.split()) >= 2, f"python -m {module} {name}: help {action.help!r} says too little"
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), f"{name} not in python -m {module} --help"

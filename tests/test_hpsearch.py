@@ -497,12 +497,19 @@ def test_a_searcher_saved_before_samplers_had_a_kind_resumes_with_tpe(tmp_path):
     first = journal_searcher(journal)
     del first.sampler_kind  # as made before --sampler
     as_tune_stored_it = pickle.dumps(first)  # Ray Tune keeps the searcher as it started in tuner.pkl
-    drawn_configs(first, 3, half_complete)
+    before = drawn_configs(first, 3, half_complete)
     first.save(str(tmp_path / "searcher.pkl"))
     resumed = pickle.loads(as_tune_stored_it)
     resumed.restore(str(tmp_path / "searcher.pkl"))
     assert resumed.sampler_kind == "tpe" and type(resumed.study.sampler) is optuna.samplers.TPESampler
-    drawn_configs(resumed, 2, half_complete, prefix="r")
+    after = drawn_configs(resumed, 2, half_complete, prefix="r")
+    # The search goes on in the same study: trials 3 and 4, new draws, each told its result.
+    trials = resumed.study.trials
+    assert [trial.number for trial in trials] == [0, 1, 2, 3, 4] and all(trial.params for trial in trials)
+    assert [trial.params for trial in trials] == [{k: v for k, v in config.items() if k in trial.params}
+                                                 for trial, config in zip(trials, before + after)]
+    assert all(config not in before for config in after)
+    assert [trial.state.name for trial in trials] == ["PRUNED", "COMPLETE", "PRUNED", "PRUNED", "COMPLETE"]
 
 
 def test_restored_searcher_adopts_orphans_does_not_repeat_draws_and_stops_at_max_trials(tmp_path):

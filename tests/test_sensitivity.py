@@ -312,6 +312,31 @@ def test_every_figure_has_a_title_axis_titles_and_a_reading_aid(report):
     assert "occupancy" in dynamics.layout.yaxis2.title.text
 
 
+def test_the_history_figure_draws_each_complete_trials_score_and_the_best_so_far(report):
+    """Against trials.csv, in a plain loop: a marker per complete trial at its score, and a line that holds,
+    after each trial (in trial order), the highest score of the complete trials so far (none before the
+    first)."""
+    from analysis.sensitivity import analyse, load_experiment
+    from analysis.sensitivity_figures import history_figure
+
+    analysis = analyse(load_experiment(Path(report["summary"]["experiments"][0]["folder"])))
+    figure = history_figure(analysis).figure
+    traces = {trace.name: trace for trace in figure.data}
+    trials = report["trials"].sort_values("trial")
+    complete = trials[(trials["outcome"] == "complete") & trials["objective"].notna()]
+    assert 0 < len(complete) < len(trials)  # some trials have no score: the line must carry over them
+    assert list(traces["complete"].x) == complete["trial"].tolist()
+    np.testing.assert_allclose(traces["complete"].y, complete["objective"], rtol=1e-12)
+    expected, best = [], math.nan
+    for _, row in trials.iterrows():
+        if row["outcome"] == "complete" and not math.isnan(row["objective"]):
+            best = row["objective"] if math.isnan(best) else max(best, row["objective"])
+        expected.append(best)
+    assert list(traces["best so far"].x) == trials["trial"].tolist()
+    np.testing.assert_allclose(np.asarray(traces["best so far"].y, dtype=float), expected, rtol=1e-12)
+    assert complete["objective"].nunique() >= 2  # (a running minimum would then differ)
+
+
 def test_occupancy_is_the_one_the_collapse_rule_reads(experiment_folder, report):
     """Before: the dynamics panel and the CSV's final_occupancy gave prototypes used of all K, which cannot
     exceed N / K (0.03 for a healthy trial at K = 8192), level with real collapses; the rule reads the share
