@@ -1635,6 +1635,50 @@ def test_the_figures_titles_fit_a_single_probes_width():
         assert max(len(line) for line in lines) <= 80, lines
 
 
+def test_the_figures_plot_the_means_their_intervals_and_the_spread_over_draws():
+    """Fig. 1's diamonds and error bars, and Fig. 2's lines and error bars, against values worked out in the
+    test: the mean of the resamples and their 2.5th and 97.5th percentiles (numpy's linear interpolation,
+    written out), or ``results.csv``'s mean and interval where given; per fraction, the mean over draws and
+    their sample standard deviation (n - 1), 0 for a single draw."""
+    from analysis.figures import bootstrap_figure, limited_data_figure
+
+    values = {"a": [0.50, 0.70, 0.60, 0.90, 0.55], "b": [0.30, 0.20, 0.40, 0.35, 0.25]}
+    bootstrap = pd.DataFrame([dict(dataset="corpus", method=m, classifier="linear", metric=k, resample=r,
+                                   value=v if k == "roc_auc" else v / 2)
+                              for m, vs in values.items() for k in ("roc_auc", "average_precision")
+                              for r, v in enumerate(vs)])
+
+    def percentile(sample, q):  # numpy's default ("linear"): between the order statistics at q/100 * (n - 1)
+        ordered, position = sorted(sample), q / 100 * (len(sample) - 1)
+        below = math.floor(position)
+        above = min(below + 1, len(ordered) - 1)
+        return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+
+    figure = bootstrap_figure(bootstrap)
+    for method, sample in values.items():  # the first panel is ROC-AUC's (the mAP panel's traces come after)
+        trace = next(t for t in figure.data if t.name == f"{method} mean")
+        mean = sum(sample) / len(sample)
+        assert trace.y == pytest.approx([mean])
+        assert trace.error_y.arrayminus == pytest.approx([mean - percentile(sample, 2.5)])
+        assert trace.error_y.array == pytest.approx([percentile(sample, 97.5) - mean])
+    # With results.csv's rows, its mean and interval are drawn (the headline's, e.g. of the full test split).
+    results = pd.DataFrame([dict(dataset="corpus", method="a", classifier="linear", roc_auc=0.61, roc_auc_low=0.52,
+                                 roc_auc_high=0.88, average_precision=0.3, average_precision_low=0.25,
+                                 average_precision_high=0.45)])
+    trace = next(t for t in bootstrap_figure(bootstrap, results).data if t.name == "a mean")
+    assert (trace.y, trace.error_y.arrayminus, trace.error_y.array) == (
+        pytest.approx([0.61]), pytest.approx([0.61 - 0.52]), pytest.approx([0.88 - 0.61]))
+
+    draws = {0.1: [0.60, 0.64, 0.71], 1.0: [0.80]}
+    limited = pd.DataFrame([dict(dataset="corpus", method="a", classifier="linear", fraction=f, draw=d, roc_auc=v,
+                                 average_precision=v / 2) for f, vs in draws.items() for d, v in enumerate(vs)])
+    line = next(t for t in limited_data_figure(limited).data if t.name == "a")  # the ROC-AUC panel's
+    assert list(line.x) == [10.0, 100.0]
+    mean = sum(draws[0.1]) / 3
+    spread = math.sqrt(sum((v - mean) ** 2 for v in draws[0.1]) / 2)
+    assert list(line.y) == pytest.approx([mean, 0.80]) and list(line.error_y.array) == pytest.approx([spread, 0.0])
+
+
 def test_subset_sizes_round_halves_up_and_keep_at_least_one_track():
     # round() in Python rounds halves to even (16.5 -> 16, 2.5 -> 2): the subsets round them up.
     assert [subset_size(0.5, 33), subset_size(0.01, 250), subset_size(0.05, 50)] == [17, 3, 3]
