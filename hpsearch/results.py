@@ -103,6 +103,14 @@ class SearchJournal(JournalFileBackend):
                 drop_unfinished_record(self._file_path)
             raise
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickled with the study (Ray Tune saves the searcher with it), Optuna's backend keeps the byte offset of
+        # every record it had read. They hold only while the file has just grown since: in a journal that lost
+        # records (a machine that stopped before they reached the disk, an older copy put back) they point into
+        # the middle of another record, and every read failed. The file is read from its start instead.
+        self.__dict__.update(state)
+        self._log_number_offset = {0: 0}
+
 
 def journal_storage(journal: str | Path):
     """The Optuna storage of the journal file ``journal``, through :class:`SearchJournal`."""

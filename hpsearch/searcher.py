@@ -342,7 +342,11 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         from hpsearch.progress import keep_trial_folder
 
         keep_trial_folder(trial_id)  # its epoch reports in the search's folder before the study holds it ended
-        self._write(("end", trial_id, state, value, attrs))
+        entry = ("end", trial_id, state, value, attrs)
+        # Kept with the searcher's saved state: a journal that loses its last records (a crash of the machine
+        # before they reached the disk, an older copy put back) is told them again on resume.
+        self.__dict__.setdefault("_ends", {})[trial_id] = entry
+        self._write(entry)
         if str(attrs.get("error", "")).startswith(NO_ROOM_FOR_CHECKPOINT):
             # Its checkpoint found no room and the search was not stopped on its report (see on_trial_result):
             # the next trials would fail the same way.
@@ -434,7 +438,8 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         state, value, attrs = entry[2], entry[3], entry[4]
         for key, attr in attrs.items():
             ot_trial.set_user_attr(key, attr)
-        if state != TrialState.FAIL:
+        # (Set already where a journal that lost the trial's end kept its constraint: Optuna would warn.)
+        if state != TrialState.FAIL and f"constraints:{CONSTRAINT_NAME}" not in stored.system_attrs:
             ot_trial.set_constraint(CONSTRAINT_NAME, 1.0 if attrs.get("outcome") in _INFEASIBLE_OUTCOMES else 0.0)
         self._ot_study.tell(ot_trial, value, state=state)
 
@@ -547,11 +552,19 @@ class CollapseAwareOptunaSearch(OptunaSearch):
         self._write_failed = False
         self._write_unwritten()
         kept = {entry[1] for entry in self._unwritten if entry[0] == "end"}
-        # A Tune trial completed before the save whose tell did not reach the study.
-        for trial_id in self._completed_trials:
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and trial_id not in kept and \
-                    not storage.get_trial(ot_trial._trial_id).state.is_finished():
+        # A Tune trial completed before the save whose tell did not reach the study, or is no longer in it.
+        ends = self.__dict__.setdefault("_ends", {})  # (a searcher saved before it kept them has none)
+        for trial_id in sorted(self._completed_trials & self._ot_trials.keys(), key=self._number):  # in trial order
+            ot_trial = self._ot_trials[trial_id]
+            if trial_id in kept or storage.get_trial(ot_trial._trial_id).state.is_finished():
+                continue
+            if trial_id in ends:
+                logger.warning("trial #%s ended before the search stopped, but %s has lost the record of its end "
+                               "(the machine stopped before it reached the disk, or an older copy was put back); "
+                               "it is recorded again from the search's saved state", ot_trial.number,
+                               self._journal_text())
+                self._write(ends[trial_id])
+            else:
                 ot_trial.set_user_attr("outcome", "failed")
                 ot_trial.set_user_attr("error", "the search stopped before this trial's result was recorded")
                 self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)

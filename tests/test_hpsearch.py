@@ -567,6 +567,68 @@ def test_a_final_report_from_before_an_interruption_is_not_recorded_for_the_reru
     assert trial.intermediate_values == {1: 0.31, 2: 0.32}
 
 
+def test_a_journal_that_lost_the_last_trials_ends_is_told_them_again_on_resume(tmp_path, caplog):
+    """Ray Tune saved the search with two trials ended, but the journal lost the records of their ends (the
+    machine stopped before they reached the disk, or an older copy was put back). Before, the resumed search
+    recorded them as failed for good ("the search stopped before this trial's result was recorded"): a
+    finished trial lost. Their ends, kept in the searcher's saved state, are told again, as they were."""
+    import warnings
+
+    from hpsearch.results import journal_storage
+    from hpsearch.searcher import journal_of_this_search
+
+    journal = tmp_path / "optuna.journal"
+    # Through the search's own journal backend, which is pickled with the searcher.
+    first = CollapseAwareOptunaSearch(line_space, storage=journal_storage(journal), study_name="search", seed=0)
+    for trial_id in ("a", "b"):
+        first.suggest(trial_id)
+        first.on_trial_result(trial_id, epoch_result(1, 0.4))
+    before_the_ends = journal.read_bytes()
+    first.on_trial_complete("a", result=final_result("complete", 0.6))
+    first.on_trial_complete("b", result=final_result("collapsed", collapse_type="complete", collapse_epoch=1))
+    told = {t.number: (t.state, t.value, t.user_attrs, t.system_attrs) for t in load_study(journal).trials}
+    first.save(str(tmp_path / "searcher.pkl"))
+    legacy = dict(first.__dict__)
+    legacy.pop("_ends", None)
+    with open(tmp_path / "legacy.pkl", "wb") as stream:  # as a searcher saved before it kept the ends
+        pickle.dump(legacy, stream)
+    after_the_ends = journal.read_bytes()
+    journal.write_bytes(before_the_ends)  # the records written after the first epochs' reports are lost
+    assert [t.state for t in load_study(journal).trials] == [TrialState.RUNNING] * 2
+
+    def resume(saved: str) -> None:
+        resumed = CollapseAwareOptunaSearch.__new__(CollapseAwareOptunaSearch)
+        with journal_of_this_search(journal), warnings.catch_warnings():
+            warnings.simplefilter("error")  # (e.g. Optuna's, for a constraint set twice)
+            resumed.restore(str(tmp_path / saved))
+
+    with caplog.at_level("WARNING", logger="hpsearch.searcher"):
+        resume("searcher.pkl")
+    again = {t.number: (t.state, t.value, t.user_attrs, t.system_attrs) for t in load_study(journal).trials}
+    assert again == told
+    assert (told[0][0], told[0][1], told[1][0], told[1][2]["outcome"]) == (TrialState.COMPLETE, 0.6,
+                                                                            TrialState.PRUNED, "collapsed")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"trial #{number} ended before the search stopped, but {journal} has lost the record of its end (the machine "
+        "stopped before it reached the disk, or an older copy was put back); it is recorded again from the "
+        "search's saved state" for number in (0, 1)]
+    told_again = journal.read_bytes()
+    resume("searcher.pkl")  # a second resume finds them recorded: nothing is told twice
+    assert journal.read_bytes() == told_again
+
+    # Only the records of the trials' states lost (their constraints kept, which are not set again).
+    journal.write_bytes(b"".join(line for line in after_the_ends.splitlines(keepends=True)
+                                 if json.loads(line).get("state") not in (TrialState.COMPLETE, TrialState.PRUNED)))
+    resume("searcher.pkl")
+    assert {t.number: (t.state, t.value, t.user_attrs, t.system_attrs) for t in load_study(journal).trials} == told
+
+    # A searcher saved before it kept the ends: recorded as failed, as before.
+    journal.write_bytes(before_the_ends)
+    resume("legacy.pkl")
+    assert [(t.state, t.user_attrs["error"]) for t in load_study(journal).trials] == [
+        (TrialState.FAIL, "the search stopped before this trial's result was recorded")] * 2
+
+
 def test_a_trial_that_found_no_room_for_its_checkpoint_stops_the_search(tmp_path):
     """Its final report, sent before it raises (a quota spent, which the watch of the disks cannot see, or a
     cluster node's full disk), stops the search, as the watch stops it: the trial is left running, to train
@@ -1101,6 +1163,30 @@ def test_a_rankme_search_stopped_while_its_reference_was_measured_measures_it_wh
     monkeypatch.setattr(hpsearch.run, "untrained_probe", stopped)
     run_search(SearchSettings.load(folder), resume=True)
     assert "its 1 trial is finished; nothing to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # run when the search's resume or the searcher's records change
+def test_a_finished_search_whose_journal_lost_a_trials_end_resumes_with_the_trial_as_it_ended(tmp_path, tonal_data,
+                                                                                              ray_guard):
+    """End to end: a search finished, then its journal lost the record of its last trial's end (the machine
+    stopped before it reached the disk). Before, the same command recorded that trial as failed for good and
+    said no trial had completed; it is told its end again from the searcher's state Ray Tune saved."""
+    settings = SearchSettings(method="vicreg", trials=2, name="lost", storage_dir=str(tmp_path), **TINY)
+    result = run_search(settings, data=tonal_data)
+    journal = tmp_path / "lost" / "optuna.journal"
+    ended = [(t.state, t.value) for t in load_study(journal).trials]
+    lines = journal.read_bytes().splitlines(keepends=True)
+    last_end = max(number for number, line in enumerate(lines)
+                   if json.loads(line).get("state") in (int(TrialState.COMPLETE), int(TrialState.PRUNED)))
+    journal.write_bytes(b"".join(lines[:last_end] + lines[last_end + 1:]))
+    assert [t.state.is_finished() for t in load_study(journal).trials].count(False) == 1
+    again = run_search(settings, resume=True, data=tonal_data)
+    assert [(t.state, t.value) for t in load_study(journal).trials] == ended
+    columns = ["trial", "outcome", "objective"]
+    pd.testing.assert_frame_equal(again.trials[columns], result.trials[columns])
+    assert not again.interrupted and len(again.trials) == 2
+    assert (again.summary.counts, again.summary.best_trial, again.summary.best_value) == (
+        result.summary.counts, result.summary.best_trial, result.summary.best_value)
 
 
 @pytest.mark.slow  # 32 s; run when the search's start, stop or resume changes
