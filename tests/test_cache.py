@@ -517,6 +517,31 @@ def test_paths_that_are_no_file_are_skipped_and_the_build_goes_on(tmp_path: Path
     }
 
 
+def test_listed_files_the_loader_drops_are_in_skipped_csv_with_why(tmp_path: Path) -> None:
+    """A tags file listing a name too long for the file system stopped the loader with a bare OSError
+    ([Errno 36]; pathlib raises it, as it does for a folder on the way that may not be entered). It is dropped
+    as missing, and the cache's skip list gives each dropped file's reason with the file system's word."""
+    from musicssl.data.loaders import load_folder
+
+    root = tmp_path / "set"
+    (root / "folder.wav").mkdir(parents=True)
+    write(root / "good.wav", tone_and_noise(5.0, 16000, 1), 16000)
+    long = "x" * 300
+    (root / "tags.csv").write_text(f"path,tags\ngood.wav,a\n{long}.wav,b\nfolder.wav,a\ngone.wav,b\n")
+    index = load_folder(root, split_fractions=(1.0, 0.0, 0.0))
+    assert index.track_ids == ["good"]
+    assert {entry["track_id"]: entry["reason"] for entry in index.extra["missing"]} == {
+        long: "missing", "folder": "a folder", "gone": "missing"}
+    cache = MelCache.build(index, tmp_path / "cache", workers=0, progress=False, verbose=False,
+                           dropped=index.extra["missing"])
+    base = root.resolve()
+    assert {track.track_id: (track.reason, track.detail) for track in cache.skipped} == {
+        long: ("missing", f"{base / long}.wav: no such file (File name too long)"),
+        "folder": ("missing", f"{base / 'folder.wav'}: a folder, not an audio file"),
+        "gone": ("missing", f"{base / 'gone.wav'}: no such file"),
+    }
+
+
 def test_what_the_mp3_decoder_prints_goes_with_its_file_not_to_the_console(tmp_path: Path, capfd) -> None:
     """libmpg123 prints "Note: Illegal Audio-MPEG-Header ..." straight to file descriptor 2; before, those
     lines from the decoding processes broke into the progress bar, with no file named."""

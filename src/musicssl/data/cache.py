@@ -1139,11 +1139,15 @@ class MelCache:
             if track_id in listed or track_id in state.entries:
                 continue  # a cached mel outlives its file (as above); the index does not use it
             now = _file_stamp(Path(path))
-            reason = "empty" if track.get("reason") == "empty" and now[0] == 0 else "missing"
+            if track.get("reason") == "empty" and now[0] == 0:
+                reason, detail = "empty", f"{path}: empty file (0 bytes)"
+            elif now[0] is not None:  # a file there now (arrived since the loader looked): missing when listed
+                reason, detail = "missing", f"{path}: no such file"
+            else:  # why: no such file, a folder, a folder on the way that may not be entered, a name too long...
+                reason, detail = _no_file(Path(path))
             record = state.skipped.get(track_id)
             if _record_stands(record, rules, path, now) and record.track.reason == reason:
                 continue  # recorded by an earlier build
-            detail = f"{path}: empty file (0 bytes)" if reason == "empty" else f"{path}: no such file"
             excluded.append(_Result(track_id, path, *now, reason=reason, detail=detail))
 
         writer = _ShardWriter(folder, settings.n_mels, max(highest, state.last_number) + 1, rules)

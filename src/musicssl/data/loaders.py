@@ -164,9 +164,12 @@ class DatasetError(ValueError):
 
 
 def _audio_state(path: str) -> str | None:
-    """``None`` when ``path`` is a non-empty regular file, else why not (``missing``, ``a folder`` or ``empty``)."""
+    """``None`` when ``path`` is a non-empty regular file, else why not (``missing``, ``unreadable``, ``a folder``
+    or ``empty``)."""
     try:
         status = os.stat(path)
+    except PermissionError:  # a folder on the way that may not be entered
+        return "unreadable"
     except OSError:
         return "missing"
     if stat.S_ISDIR(status.st_mode):
@@ -198,7 +201,7 @@ def _drop_missing_audio(records: list[dict], dataset: str, hint: str) -> tuple[l
         reasons = pd.Series([entry["reason"] for entry in missing]).value_counts().to_dict()
         logger.warning(
             "%s: dropped %d of %d tracks whose audio file is unusable (%s), e.g. %s; "
-            "the full list is in index.extra['missing'] and the mel cache's skipped.csv",
+            "each is listed, with its reason, in the mel cache's skipped.csv (in Python: index.extra['missing'])",
             dataset, len(missing), len(records), ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
             missing[0]["path"],
         )
@@ -736,11 +739,18 @@ def _nfc(text: str) -> str:
 
 def _existing_spelling(path: Path) -> Path:
     """``path``, or its NFC or NFD spelling where only that one exists (a listed path outside the dataset's
-    folder, whose files are not scanned)."""
-    if not path.exists():
+    folder, whose files are not scanned). One that cannot be looked at (a folder on the way that may not be
+    entered, a name too long) stays as listed: the mel cache skips it with the reason."""
+    def exists(candidate: Path) -> bool:
+        try:
+            return candidate.exists()
+        except OSError:  # (pathlib raises for EACCES and ENAMETOOLONG)
+            return False
+
+    if not exists(path):
         for form in ("NFC", "NFD"):
             other = Path(unicodedata.normalize(form, str(path)))
-            if other.exists():
+            if exists(other):
                 return other
     return path
 
