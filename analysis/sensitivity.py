@@ -1489,12 +1489,12 @@ def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir:
         _refuse_repeats(args.experiments or folders)
         if args.experiments:
             experiments = [load_experiment(folder) for folder in folders]
-        else:  # the latest search of each method: one that has no trial yet (it just started) is left out, said so
-            experiments, waiting = [], []
+        else:  # the latest search of each method: one that cannot be read yet (no trial: it just started) or at all
+            experiments, waiting = [], []  # (a damaged journal) is left out, said so, and the others are shown
             for folder in folders:
                 try:
                     experiments.append(load_experiment(folder))
-                except NoTrialYet as error:
+                except ReportError as error:
                     waiting.append(error)
             if not experiments:
                 raise waiting[0]

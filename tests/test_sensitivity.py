@@ -1817,10 +1817,14 @@ def test_the_default_report_leaves_out_a_search_that_has_no_trial_yet(tmp_path, 
     rows = [(0.7, 0.2, "collapsed"), (0.3, 0.5, "complete"), (0.1, 0.9, "complete")]
     write_search(tmp_path / "vicreg-done", rows)
     started = write_files(tmp_path / "clustering-new", {"search.json": '{"method": "clustering"}'})
+    # And one whose journal cannot be read (before: it too stopped the report of every method).
+    damaged = write_files(tmp_path / "byol-damaged", {"search.json": '{"method": "byol"}',
+                                                      "optuna.journal": '{"op_code": 0, "worker_id": \n'})
     out = tmp_path / "r.html"
     assert main(["--storage-dir", str(tmp_path), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert f"note: left out: {started}: the search has not recorded any trial yet" in captured.err
+    assert f"note: left out: {damaged / 'optuna.journal'}: " in captured.err, captured.err
     assert [e["name"] for e in json.loads(out.with_suffix(".json").read_text())["experiments"]] == ["vicreg-done"]
     assert main([str(started), "--out", str(out)]) == 2
     assert "has not recorded any trial yet" in capsys.readouterr().err
