@@ -1564,7 +1564,8 @@ def run_downstream(
     for name in ("train", "valid", "test"):
         if name not in listed_splits:
             raise DownstreamError(
-                f"the {name} split of {dataset_name!r} has no track; the protocol needs train, valid and test"
+                f"the {name} split of {dataset_name!r} has no track; the protocol needs train, valid and test: "
+                "list tracks in each (a tags file's split column; without one, splits are drawn 70/10/20)"
             )
 
     # One mel cache per front-end (presets differ in mel bands); compare on the tracks usable in all.
@@ -1585,7 +1586,8 @@ def run_downstream(
     for name, positions in split_positions.items():
         if len(positions) == 0:
             raise DownstreamError(
-                f"the {name} split of {dataset_name!r} has no usable track; the protocol needs train, valid and test"
+                f"the {name} split of {dataset_name!r} has no usable track (its files were skipped: see skipped.csv "
+                "in the mel cache's folder); the protocol needs train, valid and test"
             )
     train_pos, valid_pos, test_pos = (split_positions[n] for n in ("train", "valid", "test"))
     test_labels = labels[test_pos]

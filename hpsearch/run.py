@@ -224,9 +224,12 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
            else "lower --batch-size or use more data")
 
     def unscorable(valid_tracks: str, tags: int, problem: str) -> SearchError:
+        fix = ("use --objective rankme, which needs no tags" if not tags else
+               "give tagged tracks to the train and the valid split (a tags file's split column; without one, "
+               "splits are drawn 70/10/20), or use --objective rankme, which needs no tags")
         return SearchError(
             f"--objective {settings.objective}: --data {spec!r} has {valid_tracks} valid tracks and {tags} tags: "
-            f"{problem}; use --objective rankme for unlabelled data"
+            f"{problem}; {fix}"
         )
 
     def check_index(index) -> None:  # before the cache is built, which decodes every track

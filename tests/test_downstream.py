@@ -1572,7 +1572,9 @@ def test_a_dataset_without_tags_or_a_split_is_refused_before_the_mel_cache_is_bu
     (folder / "tracks.csv").write_text("track_id,path,split,tags\n" + "\n".join(rows) + "\n")
     assert main(["--dataset", str(folder / "tracks.csv"), *common]) == 2
     error = capsys.readouterr().err
-    assert "the valid split of" in error and "has no track; the protocol needs train, valid and test" in error
+    assert "the valid split of" in error and ("has no track; the protocol needs train, valid and test: list tracks "
+                                              "in each (a tags file's split column; without one, splits are drawn "
+                                              "70/10/20)") in error
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 

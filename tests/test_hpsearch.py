@@ -2628,13 +2628,16 @@ def test_a_probe_objective_needs_a_valid_split_it_can_score(tmp_path, tonal_data
     settings = SearchSettings(method="vicreg", data=str(tmp_path / "tracks.csv"), batch_size=8)
     with pytest.raises(SearchError, match=r"has 1 listed valid tracks and 6 tags: the linear probe cannot be "
                                           r"scored: no tag has both a positive and a negative among the 1 listed "
-                                          r"valid track\(s\); use --objective rankme"):
+                                          r"valid track\(s\); give tagged tracks to the train and the valid split "
+                                          r"\(a tags file's split column; without one, splits are drawn 70/10/20\), "
+                                          r"or use --objective rankme, which needs no tags$"):
         prepare_search_data(settings, verbose=False)
     assert not (tmp_path / "cache").exists()
     untagged = pd.read_csv(tmp_path / "tracks.csv")
     untagged["tags"] = ""
     untagged.to_csv(tmp_path / "untagged.csv", index=False)
-    with pytest.raises(SearchError, match=r"has 1 listed valid tracks and 0 tags: .*the data has no tags"):
+    with pytest.raises(SearchError, match=r"has 1 listed valid tracks and 0 tags: .*the data has no tags.*; use "
+                                          r"--objective rankme, which needs no tags$"):
         prepare_search_data(SearchSettings(method="vicreg", data=str(tmp_path / "untagged.csv"), batch_size=8),
                             verbose=False)
     assert not (tmp_path / "cache").exists()

@@ -528,6 +528,12 @@ def test_folder_bad_folders(tmp_path):
     (only_table / "tags.csv").write_text("path,tags\na.wav,rock\n")
     with pytest.raises(DatasetError, match=r"no audio files found .*found 1 other file\(s\) such as \['tags.csv'\]"):
         load_folder(only_table)
+    # Given as the tags file (e.g. --data), kept apart from the audio: the fix is where the file is, not root
+    # (before: "point root at their folder", and --root is refused for a tags file).
+    with pytest.raises(DatasetError, match=re.escape(
+            "; the paths tags.csv lists are read relative to the folder it is in: put it in the folder that holds "
+            "the audio (with its paths relative to that folder), or list absolute paths")):
+        open_dataset(str(only_table / "tags.csv"))
     write_sine(tmp_path / "two" / "x.wav")
     (tmp_path / "two" / "one.csv").write_text("path,tags\nx.wav,a\n")
     (tmp_path / "two" / "other.tsv").write_text("path\ttags\nx.wav\ta\n")
@@ -727,6 +733,15 @@ def test_a_tags_file_that_is_not_utf8_names_the_line_and_the_fix(tmp_path):
     with pytest.raises(DatasetError, match=re.escape(
             f"{root / 'tags.csv'}, line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8")):
         load_folder(root)
+    # Saved as "Unicode text" (UTF-16 with its byte-order mark): said so, with the conversion that fits it
+    # (before: the cp1252 one, which would garble it).
+    for encoding in ("utf-16", "utf-16-be"):
+        data = "path,tags\nt0.wav,rock\nt1.wav,café\n".encode(encoding)
+        (root / "tags.csv").write_bytes(data if data[:2] in (b"\xff\xfe", b"\xfe\xff") else b"\xfe\xff" + data)
+        with pytest.raises(DatasetError, match=re.escape(
+                f"{root / 'tags.csv'}: is UTF-16 text, not UTF-8; save the file as UTF-8 (a spreadsheet's \"CSV UTF-8\", "
+                "or iconv -f utf-16 -t utf-8 FILE > NEW)")):
+            load_folder(root)
 
 
 def test_folder_semicolon_separated_tags_file_and_backslash_paths(tmp_path):

@@ -400,6 +400,9 @@ def _check_utf8(path: Path) -> None:
         data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark: "Unicode text" as Windows saves it
+            raise DatasetError(f"{path}: is UTF-16 text, not UTF-8; save the file as UTF-8 (a spreadsheet's \"CSV "
+                               "UTF-8\", or iconv -f utf-16 -t utf-8 FILE > NEW)") from None
         raise DatasetError(
             f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8 (a "
             "spreadsheet's \"CSV UTF-8\", or iconv -f cp1252 -t utf-8 FILE > NEW)") from None
@@ -570,10 +573,10 @@ def load_folder(
     other_formats: list[Path] = []
     audio_files = _list_audio_files(root, other_formats)
 
-    def no_audio() -> DatasetError:
+    def no_audio(fix: str = "add audio files or point root at their folder") -> DatasetError:
         others = sorted(p.relative_to(root).as_posix() for p in _files_under(root) if p.is_file())
         formats = (f"; {', '.join(sorted({p.suffix.lower() for p in other_formats}))} files are not read here: "
-                   f"{CONVERT_HINT}" if other_formats else "; add audio files or point root at their folder")
+                   f"{CONVERT_HINT}" if other_formats else f"; {fix}")
         return DatasetError(
             f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)} in it and its subfolders; "
             f"found {len(others)} other file(s) such as {others[:3]}){formats}"
@@ -643,7 +646,9 @@ def load_folder(
         or (_audio_state(record["path"]) == "missing" and Path(os.path.normpath(record["path"])).is_relative_to(root))
         for record in records
     ):
-        raise no_audio()  # (a listed file elsewhere that is missing is reported with its path, below)
+        # (a listed file elsewhere that is missing is reported with its path, below)
+        raise no_audio(f"the paths {tags_path.name} lists are read relative to the folder it is in: put it in the "
+                       "folder that holds the audio (with its paths relative to that folder), or list absolute paths")
     names_of: dict[Any, list[str]] = {}
     for record in records:  # one file under two names (a link) too: its two rows could fall in train and in test
         names_of.setdefault(file_identity(record["path"]), []).append(record["path"])
