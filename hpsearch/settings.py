@@ -31,6 +31,14 @@ __all__ = [
 ]
 
 SEARCH_FILE = "search.json"
+# The settings every search.json holds, from the first (2026-11-30): one without them was not written by a search.
+# Those added since (sampler, stop_on, root, corpus, ...) take, when missing, the value that older searches ran with.
+FIRST_SETTINGS = frozenset({
+    "method", "trials", "name", "storage_dir", "objective", "scheduler", "max_epochs", "steps_per_epoch", "batch_size",
+    "probe_segments", "probe_segments_per_track", "preset", "data", "seed", "concurrency", "cpus_per_trial",
+    "gpus_per_trial", "collapse_stop", "grace_epochs", "patience_epochs", "thresholds", "asha_grace_epochs",
+    "asha_reduction_factor", "reuse_actors", "points_to_evaluate",
+})
 # A search folder's name: file systems allow 255 bytes, and Ray Tune derives longer names from it.
 MAX_NAME_BYTES = 150
 
@@ -317,6 +325,15 @@ class SearchSettings:
             if not isinstance(values, dict):
                 raise ValueError("not a JSON object")
             known = {f.name for f in dataclasses.fields(cls)}
+            missing = sorted(FIRST_SETTINGS - values.keys())
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}, which every search writes")
+            unknown = sorted(values.keys() - known)
+            if unknown:
+                raise SettingsError(
+                    f"{path} holds settings this version of the toolkit does not know ({', '.join(unknown)}): a later "
+                    "version started the search; continue it with that version (settings left out would change "
+                    "the search)")
             values.setdefault("stop_on", list(STOP_ON_BEFORE_SETTING))
             # Written before the verdict of 2026-12-02: the resumed search keeps judging by the old one.
             values.setdefault("collapse_types_version", 1)
@@ -324,6 +341,8 @@ class SearchSettings:
             if str(values.get("data", "")).strip().lower() == "corpus" and "corpus" not in values:
                 values["corpus"] = _version_1_corpus_of(root if root is not None else values.get("root"))
             return cls(**{k: v for k, v in values.items() if k in known})
+        except SettingsError:
+            raise
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
             raise SettingsError(
                 f"{path} cannot be read as a search's settings ({error}); it is written when a search starts: "

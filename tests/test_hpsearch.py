@@ -3485,6 +3485,24 @@ def test_a_resume_keeps_what_the_search_is_and_takes_where_it_runs(tmp_path):
         settings_from_args(parse(common))
     (tmp_path / "mine" / "search.json").write_text('{"method": "vicreg", "trials": "64"}')
     assert main([*common, "--resume"]) == 2
+    # One that lacks settings every search writes was not written by a search (before: resumed with today's
+    # defaults, e.g. 64 trials on the corpus, whatever the search had run); one that holds settings this version
+    # does not know was written by a later one (before: they were dropped without a word).
+    stored = SearchSettings(method="vicreg", name="mine", storage_dir=str(tmp_path), trials=5).to_dict()
+    (tmp_path / "mine" / "search.json").write_text(json.dumps({"method": "vicreg"}))
+    with pytest.raises(SettingsError, match=r"search.json cannot be read as a search's settings \(it lacks "
+                                            r"asha_grace_epochs, .*, trials, which every search writes\)"):
+        settings_from_args(parse(common))
+    (tmp_path / "mine" / "search.json").write_text(json.dumps({**stored, "warmup": 3, "dropout": 0.1}))
+    with pytest.raises(SettingsError, match=r"search.json holds settings this version of the toolkit does not know "
+                                            r"\(dropout, warmup\): a later version started the search; continue it "
+                                            r"with that version"):
+        settings_from_args(parse(common))
+    # Settings added since the first search.json may be missing: they take the value older searches ran with.
+    newer = {"sampler", "stop_on", "collapse_types_version", "root", "audio_dir", "tracks", "corpus"}
+    (tmp_path / "mine" / "search.json").write_text(json.dumps({k: v for k, v in stored.items() if k not in newer}))
+    settings, resume = settings_from_args(parse(common))
+    assert resume and (settings.trials, settings.sampler, settings.collapse_types_version) == (5, "tpe", 1)
 
 
 def test_the_continue_command_parses_back_to_the_search_also_for_names_that_start_with_a_dash():
