@@ -289,6 +289,15 @@ class DownstreamConfig:
         }
 
 
+def _starts_as_a_pickle(path: str | Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (torch.save's format before its zip one)."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(1) == b"\x80"
+    except OSError:
+        return False
+
+
 def _device_type(name: str) -> str | None:
     """The type of torch device ``name`` names (``cuda`` for ``cuda:1``), None if torch refuses it."""
     try:
@@ -730,6 +739,8 @@ def load_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
             objects = "unsupported global" in str(error).lower() or zipfile.is_zipfile(path)
             cause = ("holds Python objects other than tensors, which are not loaded (loading them could run code)"
                      if objects else "is not a PyTorch checkpoint")
+        elif not zipfile.is_zipfile(path) and not _starts_as_a_pickle(path):  # e.g. a text file: "KeyError: 101"
+            cause = "is not a PyTorch checkpoint (torch.save writes a zip archive)"
         else:
             cause = f"cannot be read as a PyTorch state_dict ({type(error).__name__}: {str(error)[:200]})"
         raise DownstreamError(f"{path}: {cause}; pass the backbone.pt a training run wrote") from None

@@ -519,7 +519,13 @@ def test_a_cache_dir_that_is_a_file_exits_2_naming_it(tmp_path, capsys):
         cli_main(["--tracks", "10", "--out", str(tmp_path / "corpus"), "--cache-dir", str(taken)])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert f"{taken}: File exists; give --out and --cache-dir folders you can write in" in err and "Traceback" not in err
+    # Named with its flag (before: "File exists; give --out and --cache-dir folders you can write in").
+    assert f"error: --cache-dir {taken}: a file is in the way of the folder to be made; give --cache-dir a folder you " \
+           "can write in" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exited:  # a file on the way to it
+        cli_main(["--tracks", "10", "--out", str(tmp_path / "corpus"), "--cache-dir", str(taken / "bank")])
+    assert exited.value.code == 2
+    assert f"error: --cache-dir {taken / 'bank'}: a file is in the way" in capsys.readouterr().err
 
 
 def test_a_note_bank_inside_the_corpus_folder_and_an_empty_out_are_refused_before_building(tmp_path, capsys,

@@ -372,6 +372,10 @@ def test_run_folders_search_folders_and_bare_checkpoints(tmp_path):
     # Named for what they are; before, torch's own message advised weights_only=False (which runs code).
     with pytest.raises(DownstreamError, match=r"junk.pt: is not a PyTorch checkpoint; pass the backbone.pt") as raised:
         build_backbone(resolve_method(str(tmp_path / "junk.pt")))
+    (tmp_path / "notes.txt").write_text("hello world\n")  # before: "cannot be read ... (KeyError: 101)"
+    with pytest.raises(DownstreamError, match=re.escape("notes.txt: is not a PyTorch checkpoint (torch.save writes a "
+                                                        "zip archive); pass the backbone.pt")):
+        build_backbone(resolve_method(str(tmp_path / "notes.txt")))
     torch.save({"weight": torch.zeros(2), "hook": collections.OrderedDict, "call": print}, tmp_path / "objects.pt")
     # The same in torch's format before 1.6 (not a zip archive).
     torch.save({"weight": torch.zeros(2), "call": print}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)

@@ -8,6 +8,7 @@ if __name__ == "__main__":  # before the imports below (numpy, scipy, pretty_mid
     quiet_ctrl_c_while_starting("python -m musicssl.corpus")
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,20 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return status.st_dev, status.st_ino, status.st_ctime_ns
 
 
+def _folder_problem(error: OSError, args) -> str:
+    """What a failed write of the build says: the flag whose folder it is, and why (a file in the way is named as
+    such: "File exists" did not say which)."""
+    failed = Path(str(error.filename or "")).expanduser()
+    flags = [flag for flag, value in (("--cache-dir", args.cache_dir), ("--out", args.out)) if value is not None
+             and (failed == Path(value).expanduser() or Path(value).expanduser() in failed.parents)]
+    why = error.strerror or str(error)
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder is to be made, or on the way to it
+        why = "a file is in the way of the folder to be made"
+    if flags:
+        return f"{flags[0]} {failed}: {why}; give {flags[0]} a folder you can write in"
+    return f"{failed}: {why}; give --out and --cache-dir folders you can write in"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -84,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusError as error:
         parser.error(str(error))
     except OSError as error:  # a folder that cannot be made or written (--out, --cache-dir)
-        parser.error(f"{error.filename or ''}: {error.strerror or error}; give --out and --cache-dir folders you can "
-                     "write in")
+        parser.error(_folder_problem(error, args))
     except KeyboardInterrupt as stop:  # exit 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
         after = _identity(index_file)
         if after is not None and after != before:  # it came as the corpus was moved into place, and took effect after
