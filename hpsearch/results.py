@@ -105,7 +105,7 @@ class SearchJournal(JournalFileBackend):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Pickled with the study (Ray Tune saves the searcher with it), Optuna's backend keeps the byte offset of
-        # every record it had read. They hold only while the file has just grown since: in a journal that lost
+        # every record it had read. They hold only while the file has only grown since: in a journal that lost
         # records (a machine that stopped before they reached the disk, an older copy put back) they point into
         # the middle of another record, and every read failed. The file is read from its start instead.
         self.__dict__.update(state)
