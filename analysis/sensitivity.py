@@ -1490,15 +1490,15 @@ def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir:
         if args.experiments:
             experiments = [load_experiment(folder) for folder in folders]
         else:  # the latest search of each method: one that cannot be read yet (no trial: it just started) or at all
-            experiments, waiting = [], []  # (a damaged journal) is left out, said so, and the others are shown
+            experiments, left_out = [], []  # (a damaged journal) is left out, said so, and the others are shown
             for folder in folders:
                 try:
                     experiments.append(load_experiment(folder))
                 except ReportError as error:
-                    waiting.append(error)
+                    left_out.append(error)
             if not experiments:
-                raise waiting[0]
-            for error in waiting:
+                raise left_out[0]
+            for error in left_out:
                 print(f"{PROG}: note: left out: {error}", file=sys.stderr)
         if args.out is not None:
             out = Path(args.out).expanduser()

@@ -71,13 +71,13 @@ def _folder_problem(error: OSError, args) -> str:
     """What a failed write of the build says: the flag whose folder it is, and why (a file in the way is named as
     such: "File exists" did not say which)."""
     failed = Path(str(error.filename or "")).expanduser()
-    flags = [flag for flag, value in (("--cache-dir", args.cache_dir), ("--out", args.out)) if value is not None
-             and (failed == Path(value).expanduser() or Path(value).expanduser() in failed.parents)]
+    flag = next((flag for flag, value in (("--cache-dir", args.cache_dir), ("--out", args.out)) if value is not None
+                 and (failed == Path(value).expanduser() or Path(value).expanduser() in failed.parents)), None)
     why = error.strerror or str(error)
     if error.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder is to be made, or on the way to it
         why = "a file is in the way of the folder to be made"
-    if flags:
-        return f"{flags[0]} {failed}: {why}; give {flags[0]} a folder you can write in"
+    if flag:
+        return f"{flag} {failed}: {why}; give {flag} a folder you can write in"
     return f"{failed}: {why}; give --out and --cache-dir folders you can write in"
 
 

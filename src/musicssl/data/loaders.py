@@ -745,17 +745,12 @@ def _nfc(text: str) -> str:
 def _existing_spelling(path: Path) -> Path:
     """``path``, or its NFC or NFD spelling where only that one exists (a listed path outside the dataset's
     folder, whose files are not scanned). One that cannot be looked at (a folder on the way that may not be
-    entered, a name too long) stays as listed: the mel cache skips it with the reason."""
-    def exists(candidate: Path) -> bool:
-        try:
-            return candidate.exists()
-        except OSError:  # (pathlib raises for EACCES and ENAMETOOLONG)
-            return False
-
-    if not exists(path):
+    entered, a name too long) stays as listed: the mel cache skips it with the reason. (``os.path.exists``:
+    ``Path.exists`` raises for those.)"""
+    if not os.path.exists(path):
         for form in ("NFC", "NFD"):
             other = Path(unicodedata.normalize(form, str(path)))
-            if exists(other):
+            if os.path.exists(other):
                 return other
     return path
 
