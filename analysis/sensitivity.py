@@ -165,6 +165,8 @@ class Experiment:
     outside: dict[str, Any] = field(default_factory=dict)
     # The search's summary.json (rewritten after each trial), e.g. the untrained backbone's score.
     search_summary: dict[str, Any] = field(default_factory=dict)
+    # Trial folders whose result.json could not be read: "path (why)" per Optuna trial number.
+    unreadable_results: dict[int, str] = field(default_factory=dict)
 
     @property
     def untrained_value(self) -> float | None:
@@ -292,7 +294,9 @@ def load_experiment(folder: str | Path) -> Experiment:
     study = _load_study(journal)
     if not study.get_trials(deepcopy=False):
         raise NoTrialYet(f"{folder}: the search has started but holds no trial yet; try again once one has run")
-    experiment = experiment_from_study(study, settings, folder, read_trajectories(folder))
+    unreadable: dict[int, str] = {}
+    experiment = experiment_from_study(study, settings, folder, read_trajectories(folder, unreadable))
+    experiment.unreadable_results = unreadable
     try:
         experiment.search_summary = json.loads((folder / "summary.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -440,7 +444,7 @@ def trial_group(outcome: str, collapse_type: str | None) -> str:
     return str(outcome)
 
 
-def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
+def read_trajectories(folder: Path, unreadable: dict[int, str] | None = None) -> dict[int, pd.DataFrame]:
     """Per Optuna trial number, its epoch reports (Ray Tune's ``result.json`` lines without the
     final one), in epoch order. Trial folders are joined to Optuna trials through the
     ``optuna_trial`` config key. A trial runs more than once when a search is continued after a
@@ -448,8 +452,13 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
     ``trial-<number>-<random Tune id>``, do not say which came first). The trial's reports are
     those of its last run, the one whose outcome the study holds: in one file the run written last,
     across folders the one that started last (by Ray's ``timestamp`` of its reports, else the
-    file's last change), then the one that ended last."""
+    file's last change), then the one that ended last.
+
+    A ``result.json`` that cannot be read, or whose lines hold no report at all, is left out; with
+    ``unreadable`` given, it gets ``"path (why)"`` under the folder's trial number (unless another
+    folder holds that trial's reports)."""
     runs: dict[int, list[tuple[float, float, list[dict]]]] = {}
+    problems: dict[int, str] = {}
     for params_file in sorted(Path(folder).glob("*/params.json")):
         try:
             number = json.loads(params_file.read_text()).get(CONFIG_KEY)
@@ -458,11 +467,19 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
         result_file = params_file.parent / "result.json"
         if not isinstance(number, int) or not result_file.is_file():
             continue
-        records = []
-        for line in result_file.read_text(errors="replace").splitlines():
+        try:
+            lines = result_file.read_text(errors="replace").splitlines()
+        except OSError as error:
+            problems.setdefault(number, f"{result_file} ({error.strerror or error})")
+            continue
+        records, reports = [], 0
+        for line in lines:
             record = _report(line)
+            reports += record is not None
             if record is not None and not record.get("final") and _json_float(record.get("epoch")) is not None:
                 records.append({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
+        if not reports and any(line.strip() for line in lines):
+            problems.setdefault(number, f"{result_file} (no line of it is a JSON report)")
         if not records:
             continue
         last = _runs_of(records)[-1]  # a file's earlier runs were run again after them
@@ -476,6 +493,8 @@ def read_trajectories(folder: Path) -> dict[int, pd.DataFrame]:
         frame = pd.DataFrame.from_records(max(found, key=lambda item: item[:2])[2])
         frame["epoch"] = pd.to_numeric(frame["epoch"])
         trajectories[number] = frame
+    if unreadable is not None:
+        unreadable.update((number, why) for number, why in problems.items() if number not in trajectories)
     return trajectories
 
 
@@ -1122,15 +1141,22 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                            for name, d in experiment.outside.items())
         notes.append(f"enqueued points lie outside the search space: {ranges}; importances use a range widened to the "
                      "trials they are computed on")
+    if experiment.unreadable_results:
+        bad = sorted(experiment.unreadable_results.items())
+        shown = "; ".join(f"#{n}: {why}" for n, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        notes.append(f"{len(bad)} trial folder(s)' result.json could not be read ({shown}): the collapse dynamics "
+                     "leave those trials out; restore the files (e.g. from a copy of the search) to include them")
     if not experiment.trajectories:
         has_results = experiment.folder is not None and any(Path(experiment.folder).glob("*/result.json"))
-        notes.append("no trial folder's result.json holds a completed epoch: the collapse dynamics are missing"
-                     if has_results else
-                     "no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
+        if not experiment.unreadable_results:
+            notes.append("no trial folder's result.json holds a completed epoch: the collapse dynamics are missing"
+                         if has_results else
+                         "no Ray Tune trial folders with result.json were found: the collapse dynamics are missing")
     else:
         epochs_done = pd.to_numeric(frame.get("epochs_completed", pd.Series(dtype=float)), errors="coerce")
         unseen = sorted(int(n) for n, done in zip(frame["trial"], epochs_done)
-                        if done >= 1 and int(n) not in experiment.trajectories)
+                        if done >= 1 and int(n) not in experiment.trajectories
+                        and int(n) not in experiment.unreadable_results)
         if unseen:
             shown = ", ".join(f"#{n}" for n in unseen[:10]) + (" ..." if len(unseen) > 10 else "")
             notes.append(f"{len(unseen)} trial(s) that completed epochs have no epoch reports in their folder ({shown}): "

@@ -437,6 +437,46 @@ def test_a_trial_run_again_after_a_kill_keeps_the_reports_of_its_last_run(tmp_pa
                    10: [(1, 6.1)]}
 
 
+def test_a_result_json_that_cannot_be_read_is_named_and_its_trial_left_out_of_the_dynamics(
+        experiment_folder, tmp_path, monkeypatch, capsys):
+    """Before: a trial folder's result.json that could not be read stopped the report with a bare
+    OSError, and one whose lines were all garbage was left out without a word (or, were every file so,
+    the report said no result.json held a completed epoch)."""
+    copy = tmp_path / "clustering-damaged"
+    shutil.copytree(experiment_folder, copy)
+    trials = pd.read_csv(copy / "trials.csv")
+    ran = sorted(int(n) for n in trials.loc[trials["epochs_completed"] >= 1, "trial"])
+    folders = {json.loads((p / "params.json").read_text())["optuna_trial"]: p
+               for p in copy.iterdir() if (p / "params.json").is_file()}
+    garbled, locked = folders[ran[0]] / "result.json", folders[ran[1]] / "result.json"
+    garbled.write_bytes(b"\x00\x01 not a report\n\xff\xfe\n")
+    read_text = Path.read_text
+
+    def refuse(self, *args, **kwargs):  # root reads any file: the refusal of another user's is made here
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    out = tmp_path / "damaged.html"
+    assert main([str(copy), "--out", str(out)]) == 0
+    (experiment,) = json.loads(out.with_suffix(".json").read_text())["experiments"]
+    first, second = sorted([(ran[0], f"{garbled} (no line of it is a JSON report)"),
+                            (ran[1], f"{locked} (Permission denied)")])
+    assert (f"2 trial folder(s)' result.json could not be read (#{first[0]}: {first[1]}; #{second[0]}: {second[1]}): "
+            "the collapse dynamics leave those trials out; restore the files (e.g. from a copy of the search) to "
+            "include them") in experiment["notes"]
+    # Not also told as trials whose folders Ray never copied.
+    assert not [note for note in experiment["notes"] if "no epoch reports" in note]
+    assert "could not be read" in out.read_text()
+
+    from analysis.sensitivity import load_experiment
+
+    loaded = load_experiment(copy)
+    assert sorted(loaded.trajectories) == sorted(set(ran) - {ran[0], ran[1]})
+    assert sorted(loaded.unreadable_results) == sorted([ran[0], ran[1]])
+
+
 def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
     copy = tmp_path / "clustering-copy"
     shutil.copytree(experiment_folder, copy)
