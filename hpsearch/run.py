@@ -461,7 +461,7 @@ def _disk_full_error(error: BaseException, folder: Path, settings: SearchSetting
     The disk is the one of the file the error names, else the fullest of the search's folder's and the
     temporary folders' (Ray's copies of the trials' files name none)."""
     from hpsearch.room import ray_temp_dir, temp_folder_text, temp_move_text, trial_temp_dir
-    from musicssl.paths import free_bytes, full_disk_error
+    from musicssl.paths import free_bytes, full_disk_error, same_file_system
 
     found = full_disk_error(error)
     if found is None:
@@ -470,7 +470,13 @@ def _disk_full_error(error: BaseException, folder: Path, settings: SearchSetting
     if isinstance(found.filename, (str, bytes, os.PathLike)):
         where = _written_file(found.filename)
     else:
-        where = min((folder, *temps), key=lambda path: free_bytes(path) or 0)
+        # One candidate per file system, the search's folder first: free space read twice on one disk that
+        # other work is filling would name the temporary folder for the folder's own disk.
+        candidates: list[Path] = []
+        for path in (folder, *temps):
+            if not any(same_file_system(path, kept) for kept in candidates):
+                candidates.append(path)
+        where = min(candidates, key=lambda path: free_bytes(path) or 0)
     temp = ""
     if not (where == folder or folder in where.parents) and any(where == t or t in where.parents for t in temps):
         temp = f", {temp_folder_text(where)} ({temp_move_text(where)})"

@@ -4446,6 +4446,21 @@ def test_a_full_disk_that_ends_a_search_is_named_with_the_command_that_continues
     assert str(failure) == (f"the disk of {tmp_path / 'n'} is full (No space left on device); free some space there, "
                             f"and continue the search with python -m hpsearch.run vicreg --name n --storage-dir "
                             f"{tmp_path} --resume")
+    # The free space of one disk read once per folder on it, while other work fills it (before: the test above
+    # failed now and then, naming the temporary folder on the search's own disk): the search's folder is named.
+    import musicssl.paths
+
+    room = iter(range(10**12, 0, -10**9))
+    monkeypatch.setattr(musicssl.paths, "free_bytes", lambda path: next(room))
+    failure = _disk_full_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "n", settings, None)
+    assert str(failure).startswith(f"the disk of {tmp_path / 'n'} is full (No space left on device)")
+    # Ray's temporary folder on a disk of its own, the fuller one: it is named, with what moves it.
+    if not musicssl.paths.same_file_system("/dev/shm", tmp_path) and os.access("/dev/shm", os.W_OK):
+        monkeypatch.setenv("RAY_TMPDIR", "/dev/shm/ray-temp-of-a-test")
+        monkeypatch.setattr(musicssl.paths, "free_bytes", lambda path: 10**6 if str(path).startswith("/dev/shm") else 10**12)
+        failure = _disk_full_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "n", settings, None)
+        assert str(failure).startswith("the disk of /dev/shm/ray-temp-of-a-test, Ray's temporary folder (RAY_TMPDIR "
+                                       "moves it) is full (No space left on device)")
     named = _disk_full_error(OSError(errno.EDQUOT, "Disk quota exceeded", "/data/x.json"), tmp_path / "n", settings,
                              "auto")
     assert str(named).startswith("the disk of /data/x.json is full (Disk quota exceeded); free some space there")
