@@ -100,7 +100,7 @@ _ERROR_HOOK = """<script>
 _STYLE = """<style>
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em} h3{margin-top:1.2em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0;display:block;max-width:100%;overflow-x:auto}
 td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}
 th{background:#f6f6f6} td.text,th.text{text-align:left}
 figure{margin:1em 0 2em 0} figcaption{font-size:.9em;color:#444;margin-top:.3em}
@@ -148,6 +148,11 @@ def parameter_label(name: str, distribution=None) -> str:
 def _layout(figure: go.Figure, title: str, height: int = 420, **extra: Any) -> go.Figure:
     extra.setdefault("margin", {"l": 70, "r": 30, "t": 60, "b": 60})
     figure.update_layout(title={"text": title, "x": 0.01, "xanchor": "left"}, template=TEMPLATE, height=height, **extra)
+    # Powers of ten as 10^-4 on every axis: plotly's default mixes SI prefixes (100μ, 10k) with decimals (0.001).
+    # (Not on the parallel coordinates, which have no such axes: an x-axis set there is drawn, empty.)
+    if any(trace.type != "parcoords" for trace in figure.data):
+        figure.update_xaxes(exponentformat="power")
+        figure.update_yaxes(exponentformat="power")
     return figure
 
 
@@ -168,6 +173,17 @@ def _hover(frame: pd.DataFrame, experiment: Experiment) -> list[str]:
                 parts.append(f"{name} = {value:.4g}" if isinstance(value, (int, float)) else f"{name} = {value}")
         texts.append("<br>".join(parts))
     return texts
+
+
+WOULD_STOP_NAME = "the collapse rule would have stopped it"
+
+
+def _would_stop_rings(would: pd.DataFrame, x: pd.Series, y: pd.Series, experiment: Experiment, size: int) -> go.Scatter:
+    """Red rings around the complete trials the collapse rule would have stopped (a search without collapse
+    stopping), drawn over their markers."""
+    return go.Scatter(x=x, y=y, mode="markers", name=WOULD_STOP_NAME,
+                      marker={"symbol": "circle-open", "size": size, "color": "#b00020", "line": {"width": 2}},
+                      text=_hover(would, experiment), hoverinfo="text")
 
 
 def _would_stop_text(row) -> str:
@@ -481,8 +497,13 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
     frame = experiment.trials
     column = f"param_{name}"
     frame = frame[frame[column].notna()] if column in frame else frame.iloc[0:0]
-    figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.55, 0.2, 0.25])
     scored = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
+    unscored = frame[~frame.index.isin(scored.index)]
+    # A row for the trials without a score only where there are some: an empty row of shared x-axes would
+    # take the axis's ticks and title with it (plotly draws no axis for a subplot without points).
+    rate_row = 3 if len(unscored) else 2
+    figure = make_subplots(rows=rate_row, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                           row_heights=[0.55, 0.2, 0.25] if len(unscored) else [0.68, 0.32])
     if len(scored):
         figure.add_trace(go.Scatter(
             x=scored[column], y=scored["objective"], mode="markers", name="complete",
@@ -491,18 +512,13 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
         ), row=1, col=1)
     would = scored[scored["would_stop"]]
     if len(would):
-        figure.add_trace(go.Scatter(
-            x=would[column], y=would["objective"], mode="markers", name="the collapse rule would have stopped it",
-            marker={"symbol": "circle-open", "size": 17, "color": "#b00020", "line": {"width": 2}},
-            text=_hover(would, experiment), hoverinfo="text",
-        ), row=1, col=1)
+        figure.add_trace(_would_stop_rings(would, would[column], would["objective"], experiment, 17), row=1, col=1)
     if analysis.best:
         best = frame[frame["trial"] == analysis.best["trial"]]
         figure.add_trace(go.Scatter(x=best[column], y=best["objective"], mode="markers", name="best trial",
                                     marker={"symbol": "star", "size": 16, "color": "gold",
                                             "line": {"width": 1, "color": "black"}},
                                     hoverinfo="skip"), row=1, col=1)
-    unscored = frame[~frame.index.isin(scored.index)]
     for group in _groups_present(unscored):
         rows = unscored[unscored["group"] == group]
         figure.add_trace(go.Scatter(
@@ -527,13 +543,13 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
             customdata=np.stack([bins["collapsed"], bins["n"]], axis=1),
             hovertemplate=(f"%{{customdata[0]}} of %{{customdata[1]}} finished trials {experiment.collapsed_wording}"
                            "<extra></extra>"),
-        ), row=3, col=1)
+        ), row=rate_row, col=1)
     axis_type = "log" if _is_log(distribution) else ("category" if _is_categorical(distribution) else "linear")
     # A categorical parameter's choices in the space's order, on all three rows (plotly orders categories
     # as the traces first meet them, and the rate's line would then double back).
     order = ({"categoryorder": "array", "categoryarray": list(distribution.choices)}
              if _is_categorical(distribution) else {})
-    for row in (1, 2, 3):
+    for row in range(1, rate_row + 1):
         figure.update_xaxes(type=axis_type, row=row, col=1, **order)
     if not _is_categorical(distribution) and len(frame):
         # The whole searched range, so that where the trials fell within it shows.
@@ -545,15 +561,18 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
         else:
             pad = 0.03 * (high - low)
             figure.update_xaxes(range=[low - pad, high + pad])
-    figure.update_xaxes(title_text=parameter_label(name, distribution), row=3, col=1)
+    figure.update_xaxes(title_text=parameter_label(name, distribution), row=rate_row, col=1)
     figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
-    figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
-    figure.update_yaxes(title_text="collapse rate (0-1)", range=[-0.05, 1.05], row=3, col=1)
+    if len(unscored):
+        figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
+    figure.update_yaxes(title_text="collapse rate (0-1)", range=[-0.05, 1.05], row=rate_row, col=1)
     title = f"{_label(analysis)}: {name} against the score and against collapse"
     _layout(figure, title, height=620, legend={"orientation": "h", "y": -0.15})
     ringed = "; red rings: trials the collapse rule would have stopped" if len(would) else ""
-    caption = (f"Top: the score of each complete trial at its {name} (star: the best{ringed}). Middle: trials without a score "
-               f"(collapsed by type, diverged, failed). Bottom: share of finished trials {experiment.collapsed_wording} "
+    middle = ("Middle: trials without a score (collapsed by type, diverged, failed)." if len(unscored) else
+              "Every trial has a score.")
+    caption = (f"Top: the score of each complete trial at its {name} (star: the best{ringed}). {middle} "
+               f"Bottom: share of finished trials {experiment.collapsed_wording} "
                f"per bin of {name}, with 95 % Wilson intervals; a rising red line marks the side of the range to avoid.")
     return ReportFigure(f"{_key(analysis)}-param-{name}", _label(analysis), title, caption, figure)
 
@@ -633,8 +652,9 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
             finished[f"param_{x_name}"].to_numpy(float), finished[f"param_{y_name}"].to_numpy(float), collapsed,
             x_distribution, y_distribution)
         figure.add_trace(go.Contour(
-            x=gx, y=gy, z=probability, zmin=0, zmax=1, name="collapse probability", opacity=0.45,
-            colorscale=[[0, "#e8f5e9"], [0.5, "#fff3cd"], [1, "#f8b4b4"]], contours={"start": 0, "end": 1, "size": 0.1},
+            x=gx, y=gy, z=probability, zmin=0, zmax=1, name="collapse probability", opacity=0.6,
+            # green, amber, red strong enough to tell p = 0.3 from 0.7 under the trials' markers
+            colorscale=[[0, "#a5d6a7"], [0.5, "#ffe082"], [1, "#ef9a9a"]], contours={"start": 0, "end": 1, "size": 0.1},
             line={"width": 0}, connectgaps=False, hovertemplate="estimated collapse probability %{z:.2f}<extra></extra>",
             colorbar={"title": {"text": "collapse<br>probability (0-1)"}, "x": 1.02, "len": 0.45, "y": 0.25},
         ))
@@ -652,18 +672,14 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
         figure.add_trace(go.Scatter(
             x=scored[f"param_{x_name}"], y=scored[f"param_{y_name}"], mode="markers", name="complete (colour: score)",
             marker={"color": scored["objective"], "colorscale": "Viridis", "size": 11, "line": {"width": 1, "color": "black"},
-                    "colorbar": {"title": {"text": experiment.objective.replace("_", " ") + "<br>(score)"},
+                    "colorbar": {"title": {"text": OBJECTIVE_TITLE.get(experiment.objective, experiment.objective)
+                                                   .split(" (")[0] + "<br>(score)"},
                                  "x": 1.02, "len": 0.45, "y": 0.78}},
             text=_hover(scored, experiment), hoverinfo="text",
         ))
     would = scored[scored["would_stop"]]
     if len(would):
-        figure.add_trace(go.Scatter(
-            x=would[f"param_{x_name}"], y=would[f"param_{y_name}"], mode="markers",
-            name="the collapse rule would have stopped it", marker={"symbol": "circle-open", "size": 19,
-                                                                   "color": "#b00020", "line": {"width": 2}},
-            text=_hover(would, experiment), hoverinfo="text",
-        ))
+        figure.add_trace(_would_stop_rings(would, would[f"param_{x_name}"], would[f"param_{y_name}"], experiment, 19))
     others = frame[~frame.index.isin(scored.index)]
     for group in _groups_present(others):
         rows = others[others["group"] == group]
@@ -717,18 +733,26 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         trajectory = trajectories[number]
         group = frame.loc[number, "group"] if number in frame.index else "running"
         row_info = frame.loc[number] if number in frame.index else None
+        # A trial the collapse rule would have stopped (collapse stopping off) ended complete: it is drawn in its
+        # collapse type's colour, dashed, so that the collapses of such a search show.
+        would_stop = row_info is not None and bool(row_info["would_stop"])
+        kind = (row_info["collapse_type"] if row_info is not None and isinstance(row_info["collapse_type"], str)
+                else "unknown")
+        name = f"would have been stopped: {kind}" if would_stop else group
+        colour = group_colour(f"collapsed: {kind}" if would_stop else group)
         for row, (metric, _) in enumerate(metrics, start=1):
             if metric not in trajectory:
                 continue
             values = pd.to_numeric(trajectory[metric], errors="coerce")
             figure.add_trace(go.Scatter(
-                x=trajectory["epoch"], y=values, mode="lines+markers", name=group, legendgroup=group,
-                showlegend=group not in shown and row == 1, line={"color": group_colour(group), "width": 1.5},
+                x=trajectory["epoch"], y=values, mode="lines+markers", name=name, legendgroup=name,
+                showlegend=name not in shown and row == 1,
+                line={"color": colour, "width": 1.5, "dash": "dash" if would_stop else "solid"},
                 marker={"size": 5}, opacity=0.85,
-                hovertemplate=f"trial #{number} ({group})<br>epoch %{{x}}: %{{y:.3g}}<extra></extra>",
+                hovertemplate=f"trial #{number} ({name})<br>epoch %{{x}}: %{{y:.3g}}<extra></extra>",
             ), row=row, col=1)
             if row == 1:
-                shown.add(group)
+                shown.add(name)
             collapsing = row_info is not None and bool(row_info["collapsed"])
             if collapsing and pd.notna(row_info["collapse_epoch"]):
                 at = trajectory[trajectory["epoch"] == row_info["collapse_epoch"]]
@@ -736,7 +760,7 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                 if len(at):
                     figure.add_trace(go.Scatter(
                         x=at["epoch"], y=pd.to_numeric(at[metric], errors="coerce"), mode="markers", showlegend=False,
-                        marker={"symbol": "x", "size": 11, "color": group_colour(group)}, legendgroup=group,
+                        marker={"symbol": "x", "size": 11, "color": colour}, legendgroup=name,
                         hovertemplate=f"trial #{number}: collapse begins, epoch %{{x}}{would}<extra></extra>",
                     ), row=row, col=1)
     figure.update_yaxes(type="log", title_text=metrics[0][1], row=1, col=1)
@@ -751,7 +775,9 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                                if len(metrics) > 1 else "")
     marked = (" (in a trial that was stopped for it, or that the collapse rule would have stopped)"
               if experiment.collapsed_wording != COLLAPSED_STOPPED else "")
-    caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended; an x "
+    dashed = ("; dashed, in the colour of its collapse type: a trial the collapse rule would have stopped"
+              if any(name.startswith("would have been stopped") for name in shown) else "")
+    caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended{dashed}; an x "
                f"marks the epoch where a collapse began{marked}. Lines that sink early and stay low are collapses.")
     return ReportFigure(f"{_key(analysis)}-dynamics", _label(analysis), title, caption, figure)
 
@@ -806,11 +832,16 @@ def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     frame["final_rank"] = final_rank(experiment)
     scored = frame[(frame["outcome"] == "complete") & frame[labelled].notna() & frame["final_rank"].notna()]
     others = frame[~frame.index.isin(scored.index) & frame["final_rank"].notna()]
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.78, 0.22], vertical_spacing=0.05)
+    bottom = 2 if len(others) else 1  # no empty row: it would take the shared x-axis's ticks and title
+    figure = make_subplots(rows=bottom, cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                           row_heights=[0.78, 0.22] if len(others) else None)
     figure.add_trace(go.Scatter(
         x=scored["final_rank"], y=scored[labelled], mode="markers", name="complete",
         marker={"color": group_colour("complete"), "size": 10}, text=_hover(scored, experiment), hoverinfo="text",
     ), row=1, col=1)
+    would = scored[scored["would_stop"]]
+    if len(would):
+        figure.add_trace(_would_stop_rings(would, would["final_rank"], would[labelled], experiment, 18), row=1, col=1)
     for group in _groups_present(others):
         rows = others[others["group"] == group]
         figure.add_trace(go.Scatter(
@@ -829,16 +860,20 @@ def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     labelled_name = {"probe_map": "probe mAP (macro, valid split; 0-1)",
                      "probe_auc": "probe ROC-AUC (macro, valid split; 0-1)"}[labelled]
     figure.update_xaxes(title_text="final effective rank (RankMe of the embedding, dimensions, log scale)", type="log",
-                        row=2, col=1)
+                        row=bottom, col=1)
     figure.update_xaxes(type="log", row=1, col=1)
     figure.update_yaxes(title_text=labelled_name, row=1, col=1)
-    figure.update_yaxes(title_text="not complete", type="category", row=2, col=1)
+    if len(others):
+        figure.update_yaxes(title_text="not complete", type="category", row=2, col=1)
     title = f"{_label(analysis)}: does the label-free rank predict the probe? {stat}"
-    _layout(figure, title, height=520, legend={"orientation": "h", "y": -0.2})
-    caption = ("Each complete trial's final effective rank against its probe score (top); the others sit below: "
-               "collapsed and diverged trials get no probe, and a trial the scheduler (ASHA) stopped has only the "
-               "score of the epoch it was stopped at. A rho near 1 means the label-free rank can rank settings without "
-               "labels. "
+    # The statistic on a line of its own under the question: on one line it ran under the toolbar on a narrow page.
+    _layout(figure, f"{_label(analysis)}: does the label-free rank predict the probe?<br><sup>{stat}</sup>", height=540,
+            legend={"orientation": "h", "y": -0.2}, margin={"l": 70, "r": 30, "t": 80, "b": 60})
+    caption = ("Each complete trial's final effective rank against its probe score"
+               + (" (red rings: trials the collapse rule would have stopped)" if len(would) else "")
+               + (" (top); the others sit below: collapsed and diverged trials get no probe, and a trial the scheduler "
+                  "(ASHA) stopped has only the score of the epoch it was stopped at. " if len(others) else ". ")
+               + "A rho near 1 means the label-free rank can rank settings without labels. "
                "Interval: Fisher z with the Bonett-Wright standard error.")
     return ReportFigure(f"{_key(analysis)}-label-free", _label(analysis), title, caption, figure)
 
@@ -921,12 +956,18 @@ def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
 def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     experiment = analysis.experiment
     frame = experiment.trials
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.05)
     scored = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
+    others = frame[~frame.index.isin(scored.index)]
+    would = scored[scored["would_stop"]]
+    bottom = 2 if len(others) else 1  # no empty row: it would take the shared x-axis's ticks and title
+    figure = make_subplots(rows=bottom, cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                           row_heights=[0.75, 0.25] if len(others) else None)
     if len(scored):
         figure.add_trace(go.Scatter(x=scored["trial"], y=scored["objective"], mode="markers", name="complete",
                                     marker={"color": group_colour("complete"), "size": 9},
                                     text=_hover(scored, experiment), hoverinfo="text"), row=1, col=1)
+        if len(would):
+            figure.add_trace(_would_stop_rings(would, would["trial"], would["objective"], experiment, 17), row=1, col=1)
         ordered = frame.sort_values("trial")
         best_so_far = ordered["objective"].where(ordered["outcome"] == "complete").cummax().ffill()
         figure.add_trace(go.Scatter(x=ordered["trial"], y=best_so_far, mode="lines", name="best so far",
@@ -938,7 +979,6 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
             x=[frame["trial"].min(), frame["trial"].max()], y=[untrained, untrained], mode="lines",
             name="untrained backbone", line={"color": "#7f7f7f", "dash": "dash"},
             hovertemplate=f"untrained backbone: {untrained:.4f}<extra></extra>"), row=1, col=1)
-    others = frame[~frame.index.isin(scored.index)]
     for group in _groups_present(others):
         rows = others[others["group"] == group]
         figure.add_trace(go.Scatter(
@@ -946,13 +986,16 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
             marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 10,
                     "line": {"width": 2, "color": group_colour(group)}},
             text=_hover(rows, experiment), hoverinfo="text"), row=2, col=1)
-    figure.update_xaxes(title_text="trial number (order the sampler proposed them)", row=2, col=1)
+    figure.update_xaxes(title_text="trial number (order the sampler proposed them)", row=bottom, col=1)
     figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
-    figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
+    if len(others):
+        figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
     title = f"{_label(analysis)}: optimisation history"
     _layout(figure, title, height=480, legend={"orientation": "h", "y": -0.2})
     caption = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an untrained "
-               "backbone, when measured); trials without a score sit below. "
+               "backbone, when measured)"
+               + ("; red rings: trials the collapse rule would have stopped" if len(would) else "")
+               + ("; trials without a score sit below. " if len(others) else "; every trial has a score. ")
                + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
                   if experiment.sampler == "random" else
                   "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region."))
@@ -1020,9 +1063,9 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
     rows = comparison_rows(analyses)
     labels = [f"{r['method']}<br>({_label(a)})" for r, a in zip(rows, analyses)]
     objectives = sorted({r["objective"] for r in rows})
+    # Short panel titles (the caption says the rest): longer ones ran into each other on a narrow page.
     figure = make_subplots(rows=1, cols=3, horizontal_spacing=0.09, subplot_titles=(
-        "best score, range for a search this size (95 % bootstrap)", "collapse rate, 95 % Wilson interval",
-        "scores of complete trials"))
+        "best score (95 % range)", "collapse rate (95 % Wilson)", "scores of complete trials"))
     best = [r["best"] if r["best"] is not None else np.nan for r in rows]
     # A search whose resamples often hold no scored trial: its range reaches "no score", said at its marker.
     no_score = [f"{100 * r['best_none_share']:.0f} %: no score" if r["best"] is not None and r["best_low"] is None
@@ -1047,13 +1090,15 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
         frame = analysis.experiment.trials
         scores = frame.loc[(frame["outcome"] == "complete"), "objective"].dropna()
         figure.add_trace(go.Box(y=scores, x=[label] * len(scores), name=label, boxpoints="all", jitter=0.4, pointpos=0,
-                                marker={"size": 5}, line={"width": 1}, showlegend=False,
+                                marker={"size": 5, "color": group_colour("complete")}, line={"width": 1},
+                                showlegend=False,
                                 hovertemplate="%{y:.4f}<extra></extra>"), row=1, col=3)
     objective_title = (OBJECTIVE_TITLE.get(objectives[0], objectives[0]) if len(objectives) == 1
                        else "score (objectives differ: " + ", ".join(objectives) + ")")
     figure.update_yaxes(title_text=objective_title, row=1, col=1)
     figure.update_yaxes(title_text="collapsed or diverged (share of finished trials, 0-1)", range=[0, 1], row=1, col=2)
-    figure.update_yaxes(title_text=objective_title, row=1, col=3)
+    # The best scores and the complete trials' scores on one scale, so that where each best lies shows.
+    figure.update_yaxes(title_text=objective_title, matches="y", row=1, col=3)
     for column in (1, 2, 3):
         figure.update_xaxes(title_text="method (experiment)", row=1, col=column)
     title = "Comparison across methods: best score, collapse rate and how much the score depends on the settings"

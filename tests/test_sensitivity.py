@@ -618,7 +618,8 @@ def test_the_report_renders_in_headless_chromium_without_javascript_errors(repor
 # Numbers on synthetic studies (no Ray)
 
 
-def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True, storage=None) -> optuna.Study:
+def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True, storage=None,
+                    probe: bool = False) -> optuna.Study:
     """Trials of x, y in [0, 1] with hpsearch's attributes: (x, y, outcome); a complete trial scores x.
 
     Attributes as hpsearch records them (hpsearch.trainable, hpsearch.searcher; as in the searches of
@@ -627,7 +628,8 @@ def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True,
     it runs to the end and is ``complete`` with its score, the rule's ``collapse_type`` and
     ``collapse_epoch``, and ``would_stop_epoch``. A ``diverged`` trial stops in its first epoch either way;
     ``stopped`` is a trial the scheduler ended after one epoch; ``flagged`` a complete one whose last
-    verdict was dimensional (recorded, never stopped)."""
+    verdict was dimensional (recorded, never stopped). ``probe``: a complete trial records its score as its
+    ``probe_map`` too (the objective's record; the label-free figure compares it with the rank)."""
     study = optuna.create_study(direction="maximize", storage=storage, study_name="search" if storage else None)
     distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
                      "y": optuna.distributions.FloatDistribution(0.0, 1.0)}
@@ -646,6 +648,8 @@ def synthetic_study(rows: list[tuple[float, float, str]], stopping: bool = True,
         elif outcome == "flagged":
             record.update(outcome="complete", verdict="dimensional")
         record["epochs_completed"] = int(record["epochs_run"])  # epochs whose report was sent
+        if probe and record["outcome"] == "complete":
+            record["probe_map"] = x
         attrs = user_attrs_from_record(record)  # the searcher's filter: the attributes a search stores
         complete = attrs["outcome"] == "complete"
         study.add_trial(optuna.trial.create_trial(
@@ -1416,6 +1420,101 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_count_
     assert "random, seed" in page and "TPE, seed" not in page
     assert "This search drew its trials at random (--sampler random)" in page
     assert f"{finished} finished trials collapsed or diverged (95 % Wilson interval" in page
+
+
+def _subplots_without_points(figure) -> list[str]:
+    """The x-axes of a figure's subplots that no trace is drawn on (plotly draws no axis for them, and a
+    shared x-axis's ticks and title go with the bottom one)."""
+    layout = figure.to_plotly_json()["layout"]
+    axes = {name.replace("axis", "") for name in layout if name.startswith("xaxis")}
+    used = {trace.xaxis or "x" for trace in figure.data if getattr(trace, "xaxis", None) is not None or
+            trace.type in ("scatter", "bar")}
+    return sorted(axes - used)
+
+
+def test_a_search_where_every_trial_scored_has_no_empty_row_and_keeps_its_x_axis(tmp_path):
+    """Before: the "no score" row of the parameter, history and label-free figures was drawn empty when every
+    trial had a score (the usual case), and plotly then drew no x-axis for it: the trial numbers, the ranks
+    and the axis titles were gone, and the parameter figures had a blank band."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page
+
+    rows = [(x, y, "complete") for x, y in np.random.default_rng(3).uniform(size=(12, 2))]
+    trajectories = {number: pd.DataFrame({"epoch": [1, 2], "collapse_rankme_embedding": [3.0, 2.0 + number]})
+                    for number in range(len(rows))}
+    analysis = analyse(experiment_from_study(synthetic_study(rows, probe=True), SETTINGS, tmp_path, trajectories))
+    _, figures = build_page([analysis])
+    checked = {figure.key.rsplit("-", 1)[-1] if "-param-" not in figure.key else "param": figure for figure in figures
+               if figure.key.endswith(("-history", "-label-free")) or "-param-" in figure.key}
+    assert set(checked) == {"history", "free", "param"}
+    for figure in figures:
+        assert _subplots_without_points(figure.figure) == [], figure.key
+        # Powers of ten written as powers on every axis (plotly's default mixes "100μ" and "0.001").
+        axes = [value for name, value in figure.figure.to_plotly_json()["layout"].items() if name[1:5] == "axis"]
+        assert all(axis.get("exponentformat") == "power" for axis in axes), figure.key
+        assert bool(axes) == (not figure.key.endswith("-parallel")), figure.key
+    bottom = {"history": "trial number (order the sampler proposed them)",
+              "free": "final effective rank (RankMe of the embedding, dimensions, log scale)"}
+    for key, title in bottom.items():
+        layout = checked[key].figure.layout
+        assert layout.xaxis.title.text == title and "xaxis2" not in layout.to_plotly_json(), key
+        assert "no score" not in str(layout.yaxis.title.text)
+        assert "every trial has a score" in checked[key].caption or key == "free"
+    param = checked["param"].figure.layout  # the last parameter's: the parameter's name on the bottom x-axis
+    assert param.xaxis2.title.text == f"{checked['param'].key.rsplit('-', 1)[-1]} (unitless)"
+    assert "xaxis3" not in param.to_plotly_json()
+    assert param.yaxis2.title.text == "collapse rate (0-1)"
+    assert "Every trial has a score." in checked["param"].caption
+
+    # With an unscored trial the row is there, and holds it.
+    rows[4] = (0.9, 0.5, "diverged")
+    analysis = analyse(experiment_from_study(synthetic_study(rows, probe=True), SETTINGS, tmp_path, trajectories))
+    _, figures = build_page([analysis])
+    for figure in figures:
+        assert _subplots_without_points(figure.figure) == [], figure.key
+        if figure.key.endswith("-history"):
+            assert figure.figure.layout.yaxis2.title.text == "no score"
+            assert figure.figure.layout.xaxis2.title.text == "trial number (order the sampler proposed them)"
+
+
+def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_show_in_every_trial_figure(tmp_path):
+    """Before: in a --no-collapse-stop search the trials the rule would have stopped (complete, with a score) were
+    drawn as plain complete trials in the history, the label-free figure and the collapse dynamics; only the
+    parameter figures and the maps ringed them."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import WOULD_STOP_NAME, build_page
+
+    rows = collapse_rows()
+    would = sorted(n for n, (_, _, outcome) in enumerate(rows) if outcome == "collapsed")
+    assert len(would) > 5
+    trajectories = {number: pd.DataFrame({"epoch": [1, 2], "collapse_rankme_embedding": [2.0, 1.5 + number]})
+                    for number in range(len(rows)) if rows[number][2] != "diverged"}
+    analysis = analyse(experiment_from_study(synthetic_study(rows, stopping=False, probe=True), SETTINGS, tmp_path,
+                                             trajectories))
+    _, figures = build_page([analysis])
+    by_key = {figure.key.rsplit("-", 1)[-1]: figure for figure in figures}
+
+    def trial_numbers(trace) -> list[int]:
+        return sorted(int(text.split(":")[0].removeprefix("trial #")) for text in trace.text)
+
+    for key in ("history", "free"):
+        (rings,) = [trace for trace in by_key[key].figure.data if trace.name == WOULD_STOP_NAME]
+        assert trial_numbers(rings) == would, key
+        assert "red rings: trials the collapse rule would have stopped" in by_key[key].caption
+    dynamics = by_key["dynamics"]
+    dashed = sorted(int(trace.hovertemplate.split("#")[1].split(" ")[0]) for trace in dynamics.figure.data
+                    if trace.mode == "lines+markers" and trace.line.dash == "dash")
+    assert dashed == would
+    names = {trace.name for trace in dynamics.figure.data if trace.showlegend}
+    assert "would have been stopped: complete" in names
+    assert "dashed, in the colour of its collapse type" in dynamics.caption
+    # With stopping on, the same trials are collapsed (no score, no rings, no dashes).
+    stopped = analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path, trajectories))
+    _, figures = build_page([stopped])
+    assert not [trace for figure in figures for trace in figure.figure.data if trace.name == WOULD_STOP_NAME]
+    assert not [trace for figure in figures for trace in figure.figure.data
+                if getattr(trace, "line", None) is not None and getattr(trace.line, "dash", None) == "dash"
+                and str(trace.name).startswith("would")]
 
 
 def test_a_search_without_collapse_stopping_where_nothing_collapsed_says_so_in_its_terms():
