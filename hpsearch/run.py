@@ -1658,8 +1658,7 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
     """
     import torch
 
-    from musicssl.data.views import track_segments
-    from musicssl.embeddings import calibrate_batchnorm
+    from musicssl.embeddings import calibrate_batchnorm_on_tracks
     from musicssl.models import Backbone
     from musicssl.train import probe_score
 
@@ -1684,9 +1683,8 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
         def score(network) -> float:
             return float(probe_score(network, data, per_track, settings.seed)[settings.objective])
     initial = score(backbone)
-    segments = torch.cat([track_segments(data.cache, track_id, max_segments=per_track)
-                          for track_id in data.track_ids("train")])
-    calibrate_batchnorm(backbone, segments, settings.batch_size)
+    # Read a batch at a time (the same statistics as on all the segments at once, without holding them all).
+    calibrate_batchnorm_on_tracks(backbone, data.cache, data.track_ids("train"), per_track, settings.batch_size)
     return score(backbone), initial
 
 

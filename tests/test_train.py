@@ -16,6 +16,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -1639,6 +1640,88 @@ def test_a_tracks_embedding_is_the_mean_over_the_segments_it_has(tonal_data):
         expected = torch.stack([backbone(segment[None])[0] for segment in segments]).mean(dim=0)
     (embedding,) = embed_tracks(backbone, tonal_data.cache, [track], max_segments=64)
     assert torch.allclose(torch.from_numpy(embedding), expected, rtol=1e-4, atol=1e-5)
+
+
+def _segment_counts_in_order(events: list[str], per_track: list) -> list[int]:
+    """Per event of embed_tracks, the segments a "read" brought in (0 for an "embed")."""
+    counts = iter(len(segments) for segments in per_track)
+    return [next(counts) if event == "read" else 0 for event in events]
+
+
+@pytest.mark.parametrize("max_segments, batch_size", [(2, 7), (4, 256), (None, 5), (1, 4)])
+def test_tracks_embedded_a_batch_at_a_time_give_what_all_their_segments_at_once_give(tonal_data, max_segments,
+                                                                                     batch_size, monkeypatch):
+    """embed_tracks reads the tracks as it embeds them (before, it gathered every segment of every track first:
+    on a large dataset's training split, gigabytes per trial). Its result is bit for bit that of the definition
+    written out here: all the segments in one tensor, embedded in batches of batch_size, each track the mean of
+    its own rows."""
+    from musicssl.data.views import track_segments
+    from musicssl.embeddings import embed_segments, embed_tracks
+
+    torch.manual_seed(1)
+    backbone = Backbone(preset="cpu")
+    tracks = tonal_data.track_ids("train")[:9]
+    per_track = [track_segments(tonal_data.cache, track, max_segments=max_segments) for track in tracks]
+    assert sum(map(len, per_track)) % batch_size  # batches that straddle tracks, and a short last one
+    rows = embed_segments(backbone, torch.cat(per_track), batch_size)
+    expected = torch.stack([chunk.mean(dim=0) for chunk in torch.split(rows, [len(p) for p in per_track])]).numpy()
+    import musicssl.embeddings
+
+    events = []
+    read, embed = musicssl.embeddings.track_segments, musicssl.embeddings.embed_segments
+    monkeypatch.setattr(musicssl.embeddings, "track_segments", lambda *a, **k: events.append("read") or read(*a, **k))
+    monkeypatch.setattr(musicssl.embeddings, "embed_segments", lambda *a, **k: events.append("embed") or embed(*a, **k))
+    got = embed_tracks(backbone, tonal_data.cache, tracks, max_segments=max_segments, batch_size=batch_size)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert backbone.training  # left as it was
+    # Each track read once, and no more of them read before a batch is embedded than that batch needs.
+    assert events.count("read") == len(tracks)
+    held = 0
+    for event, segments in zip(events, _segment_counts_in_order(events, per_track)):
+        held += segments if event == "read" else -batch_size
+        assert held < batch_size + max(map(len, per_track)), events
+
+
+def test_batchnorm_calibrated_on_tracks_a_batch_at_a_time_equals_it_on_all_their_segments(tonal_data):
+    """The search's untrained reference measures BatchNorm statistics on 2 segments of every training track; they
+    are now read a batch at a time. The running statistics equal calibrate_batchnorm's on all of them at once (the
+    same batches: torch.tensor_split's near-equal pieces)."""
+    from musicssl.data.views import track_segments
+    from musicssl.embeddings import calibrate_batchnorm, calibrate_batchnorm_on_tracks
+
+    tracks = tonal_data.track_ids("train")
+    segments = torch.cat([track_segments(tonal_data.cache, track, max_segments=2) for track in tracks])
+    for batch_size in (8, 5, len(segments) + 3):
+        torch.manual_seed(2)
+        whole, streamed = Backbone(preset="cpu"), Backbone(preset="cpu")
+        streamed.load_state_dict(whole.state_dict())
+        assert calibrate_batchnorm(whole, segments, batch_size) == calibrate_batchnorm_on_tracks(
+            streamed, tonal_data.cache, tracks, 2, batch_size)
+        buffers = dict(streamed.named_buffers())
+        for name, buffer in whole.named_buffers():
+            assert torch.equal(buffer, buffers[name]), (batch_size, name)
+        assert not streamed.training
+    with pytest.raises(ValueError, match="need at least 2 segments"):
+        calibrate_batchnorm_on_tracks(Backbone(preset="cpu"), tonal_data.cache, tracks[:1], 1, 4)
+
+
+def test_a_tracks_segments_capped_are_the_only_ones_read(tonal_data, monkeypatch):
+    """track_segments with max_segments (and no silence filter) reads only the segments it keeps: before, a long
+    track was read whole to keep 2 of its segments. They are those the cap kept before: every segment, then that
+    many spread evenly (first and last included)."""
+    from musicssl.data.views import track_segments
+
+    track = max(tonal_data.track_ids("train"), key=tonal_data.cache.frames)
+    every = track_segments(tonal_data.cache, track)
+    assert len(every) >= 3
+    reads = []
+    get = type(tonal_data.cache).get
+    monkeypatch.setattr(type(tonal_data.cache), "get", lambda self, *args, **kwargs: reads.append(args[1]) or
+                        get(self, *args, **kwargs))
+    kept = track_segments(tonal_data.cache, track, max_segments=2)
+    assert len(reads) == 2
+    assert torch.equal(kept, every[np.round(np.linspace(0, len(every) - 1, 2)).astype(int)])
+    assert torch.equal(kept, every[[0, len(every) - 1]])
 
 
 def test_the_collapse_metrics_are_measured_on_fixed_segments_of_the_valid_tracks(tmp_path, tonal_data):

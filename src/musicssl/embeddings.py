@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from musicssl.data.cache import MelCache
-from musicssl.data.views import track_segments
+from musicssl.data.views import track_segment_starts, track_segments
 
-__all__ = ["calibrate_batchnorm", "embed_segments", "embed_tracks"]
+__all__ = ["calibrate_batchnorm", "calibrate_batchnorm_on_tracks", "embed_segments", "embed_tracks",
+           "track_segment_batches", "track_segment_counts"]
 
 
 @torch.no_grad()
@@ -32,6 +33,38 @@ def embed_segments(backbone: nn.Module, segments: torch.Tensor, batch_size: int 
     return torch.cat(parts) if parts else torch.empty(0, int(backbone.embedding_dim))
 
 
+def track_segment_counts(cache: MelCache, track_ids: Sequence[str], max_segments: int | None) -> list[int]:
+    """How many segments :func:`~musicssl.data.views.track_segments` gives each track (4 s segments, 4 s apart,
+    no silence filter), from the tracks' lengths alone."""
+    settings = cache.settings
+    segment, hop = settings.segment_frames(4.0), round(4.0 * settings.frames_per_second)
+    return [len(track_segment_starts(cache.frames(track_id), segment, hop, max_segments)) for track_id in track_ids]
+
+
+def track_segment_batches(cache: MelCache, track_ids: Sequence[str], max_segments: int | None,
+                          sizes: Iterable[int]) -> Iterator[torch.Tensor]:
+    """The segments of ``track_ids`` (:func:`~musicssl.data.views.track_segments`, in order) in batches of
+    ``sizes``, as ``torch.cat`` of them all cut at those sizes would give, reading the tracks as the batches
+    need them: only a batch and a track's segments are held at once, whatever the number of tracks."""
+    tracks = iter(track_ids)
+    held: list[torch.Tensor] = []
+    count = 0
+    for size in sizes:
+        while count < size:
+            track_id = next(tracks, None)
+            if track_id is None:
+                break
+            segments = track_segments(cache, track_id, max_segments=max_segments)
+            held.append(segments)
+            count += len(segments)
+        if count == 0:
+            return
+        joined = torch.cat(held) if len(held) > 1 else held[0]
+        yield joined[:size]
+        rest = joined[size:]
+        held, count = ([rest], len(rest)) if len(rest) else ([], 0)
+
+
 @torch.no_grad()
 def embed_tracks(
     backbone: nn.Module,
@@ -42,15 +75,53 @@ def embed_tracks(
 ) -> np.ndarray:
     """One embedding per track, float32 ``(len(track_ids), D)``: the mean over up to ``max_segments``
     4 s segments spread evenly over the track (consecutive candidates start 125 frames apart and are
-    126 long, so neighbours share one frame)."""
-    per_track = [track_segments(cache, track_id, max_segments=max_segments) for track_id in track_ids]
-    counts = [len(segments) for segments in per_track]
+    126 long, so neighbours share one frame).
+
+    The tracks are read as they are embedded, ``batch_size`` segments at a time: memory does not grow with
+    the number of tracks (a dataset's whole training split, gathered first, needed gigabytes). The batches
+    are those of all the segments one after another, so the result is that of embedding them at once."""
+    counts = track_segment_counts(cache, track_ids, max_segments)
     if min(counts, default=1) == 0:
         short = [track_id for track_id, count in zip(track_ids, counts) if count == 0]
         raise ValueError(f"{len(short)} track(s) shorter than one segment, e.g. {short[:3]}; leave them out")
-    embeddings = embed_segments(backbone, torch.cat(per_track), batch_size)
-    means = [chunk.mean(dim=0) for chunk in torch.split(embeddings, counts)]
-    return torch.stack(means).numpy().astype(np.float32)
+    total = sum(counts)
+    means = np.empty((len(counts), int(backbone.embedding_dim)), dtype=np.float32)
+    pending = torch.empty(0, int(backbone.embedding_dim))  # embedded segments of tracks not yet averaged
+    track = 0
+    sizes = [batch_size] * (total // batch_size) + ([total % batch_size] if total % batch_size else [])
+    for batch in track_segment_batches(cache, track_ids, max_segments, sizes):
+        pending = torch.cat([pending, embed_segments(backbone, batch, batch_size)])
+        while track < len(counts) and counts[track] <= len(pending):
+            means[track] = pending[: counts[track]].mean(dim=0).numpy()
+            pending = pending[counts[track]:]
+            track += 1
+    if track != len(counts):  # the cache changed under us: a track gave fewer segments than its length said
+        raise RuntimeError(f"{len(counts) - track} track(s) gave fewer segments than their length in the mel cache says")
+    return means
+
+
+def calibrate_batchnorm_on_tracks(backbone: nn.Module, cache: MelCache, track_ids: Sequence[str],
+                                  max_segments: int | None, batch_size: int, device: torch.device | None = None) -> int:
+    """:func:`calibrate_batchnorm` on the segments of ``track_ids`` (``track_segments`` with ``max_segments``), read
+    a batch at a time: the same batches, and so the same statistics, as on all of them gathered first, without
+    holding them all (two segments of every training track of a large dataset are gigabytes)."""
+    from torch.optim.swa_utils import update_bn
+
+    total = sum(track_segment_counts(cache, track_ids, max_segments))
+    if total < 2:
+        raise ValueError(f"need at least 2 segments to measure BatchNorm statistics, got {total}")
+    update_bn(track_segment_batches(cache, track_ids, max_segments, _split_sizes(total, batch_size)), backbone,
+              device=device)
+    backbone.eval()
+    return len(_split_sizes(total, batch_size))
+
+
+def _split_sizes(total: int, batch_size: int) -> list[int]:
+    """The sizes of the batches :func:`calibrate_batchnorm` cuts ``total`` segments into: ``torch.tensor_split``'s
+    near-equal pieces (the first ``total % pieces`` one larger), ``min(ceil(total / batch_size), total // 2)`` of
+    them."""
+    pieces = min(math.ceil(total / batch_size), total // 2)
+    return [total // pieces + (1 if number < total % pieces else 0) for number in range(pieces)]
 
 
 def calibrate_batchnorm(backbone: nn.Module, segments: torch.Tensor, batch_size: int, device: torch.device | None = None) -> int:
@@ -71,7 +142,7 @@ def calibrate_batchnorm(backbone: nn.Module, segments: torch.Tensor, batch_size:
 
     if len(segments) < 2:
         raise ValueError(f"need at least 2 segments to measure BatchNorm statistics, got {len(segments)}")
-    batches = torch.tensor_split(segments, min(math.ceil(len(segments) / batch_size), len(segments) // 2))
+    batches = torch.tensor_split(segments, len(_split_sizes(len(segments), batch_size)))
     update_bn(batches, backbone, device=device)
     backbone.eval()
     return len(batches)

@@ -417,7 +417,9 @@ def track_segments(
     settings = cache.settings
     segment = settings.segment_frames(segment_seconds)
     hop = round(hop_seconds * settings.frames_per_second)
-    starts = track_segment_starts(cache.frames(track_id), segment, hop)
+    # Without the silence filter the segments kept are known before reading: only they are read (a long track
+    # gave 2 of its hundreds after reading them all). The same ones: track_segment_starts spreads them as below.
+    starts = track_segment_starts(cache.frames(track_id), segment, hop, max_segments if silence_db is None else None)
     segments = np.empty((len(starts), cache.n_mels, segment), dtype=np.float32)
     for row, start in enumerate(starts):
         cache.get(track_id, int(start), segment, out=segments[row])
