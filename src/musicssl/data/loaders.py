@@ -885,6 +885,12 @@ def _records_from_table(
     by_stem: dict[str, list[Path]] = {}
     for path in audio_files:
         by_stem.setdefault(_nfc(path.stem), []).append(path)
+    # Files of formats that are not read (.m4a...) by their relative name and their stem, the first in listing
+    # order under each: looked up once per row (a scan of them all per row took hours for tens of thousands).
+    other_by_name: dict[str, list[Path]] = {}
+    for path in other_formats:
+        for name in dict.fromkeys((_nfc(path.relative_to(root).with_suffix("").as_posix()), _nfc(path.stem))):
+            other_by_name.setdefault(name, []).append(path)
 
     records: list[dict] = []
     for position, (row_number, row) in enumerate(zip(table.index, table.itertuples(index=False))):
@@ -928,8 +934,7 @@ def _records_from_table(
                     f"{[str(p.relative_to(root)) for p in candidates]}; add a 'path' column"
                 )
             if not candidates:  # an .m4a of that name: skipped as such when decoded, not as "not found"
-                candidates = [path for path in other_formats if _nfc(track_id) in
-                              (_nfc(path.relative_to(root).with_suffix("").as_posix()), _nfc(path.stem))][:1]
+                candidates = other_by_name.get(_nfc(track_id), [])[:1]
             match = candidates[0] if candidates else None
             if match is None:
                 record["path"] = str(root / track_id)
