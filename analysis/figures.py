@@ -54,7 +54,8 @@ def bootstrap_figure(bootstrap: pd.DataFrame, results: pd.DataFrame | None = Non
     methods = list(dict.fromkeys(bootstrap["method"]))
     colours = method_colours(methods)
     figure = make_subplots(
-        rows=len(metrics), cols=len(classifiers), shared_xaxes=True, vertical_spacing=0.08, horizontal_spacing=0.06,
+        rows=len(metrics), cols=len(classifiers), shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.08,
+        horizontal_spacing=0.06,
         subplot_titles=[f"{METRIC_TITLES[m]}, {PROBE_TITLES.get(c, c)}" for m in metrics for c in classifiers],
     )
     width = 0.8 / max(1, len(methods))  # the methods share 80 % of a dataset's slot
@@ -96,6 +97,7 @@ def bootstrap_figure(bootstrap: pd.DataFrame, results: pd.DataFrame | None = Non
                 ), row=row, col=col)
             figure.update_xaxes(tickvals=list(range(len(datasets))), ticktext=datasets,
                                 range=[-0.5, len(datasets) - 0.5], row=row, col=col)
+        figure.update_yaxes(title_text=f"{METRIC_TITLES[metric]} (0-1)", row=row, col=1)
     figure.update_layout(
         # two lines: one ran past a single probe's 700 px and was cut off in the exported PNG
         title="Downstream scores<br><sup>one dot per bootstrap resample; diamond: the mean with its 95 % interval</sup>",
@@ -131,7 +133,8 @@ def limited_data_figure(limited: pd.DataFrame) -> go.Figure:
     colours = method_colours(methods)
     dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
     figure = make_subplots(
-        rows=len(metrics), cols=len(classifiers), shared_xaxes=True, vertical_spacing=0.08, horizontal_spacing=0.06,
+        rows=len(metrics), cols=len(classifiers), shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.08,
+        horizontal_spacing=0.06,
         subplot_titles=[f"{METRIC_TITLES[m]}, {PROBE_TITLES.get(c, c)}" for m in metrics for c in classifiers],
     )
     for row, metric in enumerate(metrics, start=1):
@@ -164,6 +167,7 @@ def limited_data_figure(limited: pd.DataFrame) -> go.Figure:
                     ), row=row, col=col)
             figure.update_xaxes(type="log", title_text="% of training tracks" if row == len(metrics) else None,
                                 row=row, col=col)
+        figure.update_yaxes(title_text=f"{METRIC_TITLES[metric]} (0-1)", row=row, col=1)
     figure.update_layout(
         title="Limited training data: mean over draws (error bars: one standard deviation)",
         template="plotly_white", height=380 * len(metrics), width=max(700, 420 * len(classifiers)),

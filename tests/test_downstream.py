@@ -1641,6 +1641,24 @@ def test_the_figures_titles_fit_a_single_probes_width():
         assert max(len(line) for line in lines) <= 80, lines
 
 
+def test_each_metric_row_has_a_y_title_and_one_scale_for_both_probes():
+    """Before: the panels had no y-axis title, and the linear and MLP probes' panels of one metric each had a
+    scale of their own, so their scores could not be compared by eye."""
+    from analysis.figures import bootstrap_figure, limited_data_figure
+
+    bootstrap = pd.DataFrame([dict(dataset="corpus", method="a", classifier=c, metric=k, resample=r,
+                                   value=0.3 + 0.4 * (c == "mlp") + 0.01 * r)
+                              for c in ("linear", "mlp") for k in ("roc_auc", "average_precision") for r in range(3)])
+    limited = pd.DataFrame([dict(dataset="corpus", method="a", classifier=c, fraction=f, draw=0, roc_auc=0.6,
+                                 average_precision=0.4 + 0.3 * (c == "mlp")) for c in ("linear", "mlp")
+                            for f in (0.1, 1.0)])
+    for figure in (bootstrap_figure(bootstrap), limited_data_figure(limited)):
+        layout = figure.layout
+        # Rows: ROC-AUC (axes 1, 2), mAP (axes 3, 4); columns: linear, MLP.
+        assert (layout.yaxis.title.text, layout.yaxis3.title.text) == ("macro ROC-AUC (0-1)", "macro mAP (0-1)")
+        assert layout.yaxis2.matches == "y" and layout.yaxis4.matches == "y3"
+
+
 def test_the_figures_plot_the_means_their_intervals_and_the_spread_over_draws():
     """Fig. 1's diamonds and error bars, and Fig. 2's lines and error bars, against values worked out in the
     test: the mean of the resamples and their 2.5th and 97.5th percentiles (numpy's linear interpolation,
