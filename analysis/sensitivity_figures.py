@@ -404,9 +404,9 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     title = f"{_label(analysis)}: which parameters decide the score, and which decide collapse"
     _layout(figure, title, height=max(320, 120 + 40 * len(names)), barmode="group",
             legend={"orientation": "h", "y": -0.2})
-    caption = ("Longer bar = the parameter explains more of the target (each method's bars sum to 1). Left: the score "
-               f"among complete trials. Right: {experiment.collapsed_wording} or not, over all finished trials, so "
-               "collapsed trials count.")
+    caption = ("Longer bar = the parameter explains more of the target (in a panel, each evaluator's bars, fANOVA's or "
+               "PED-ANOVA's, sum to 1). Left: the score among complete trials. "
+               f"Right: {experiment.collapsed_wording} or not, over all finished trials, so collapsed trials count.")
     if blank:
         caption += f" The {' and '.join(blank)} panel says why it has no bars."
     return ReportFigure(f"{_key(analysis)}-importance", _label(analysis), title, caption, figure)
