@@ -432,7 +432,9 @@ def _melstats_evaluation(records: list[dict], config: DownstreamConfig, use_cach
     return result, result.summary["methods"][0]
 
 
-@pytest.mark.parametrize("probe_workers", [0, 2])
+# In processes about 30 s (their start, and the fits of a whole evaluation): a slow test, run when the progress or the
+# probe processes change; in this process the same bar, fast.
+@pytest.mark.parametrize("probe_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_the_probe_fits_show_their_progress(tmp_path, capsys, probe_workers):
     """Before: an evaluation's fits (48 per method by default) printed nothing until the last had ended:
     minutes of silence on a real dataset. A bar counts them, in this process and in worker processes."""

@@ -888,6 +888,7 @@ def ray_guard(monkeypatch):
         ray.shutdown()
 
 
+@pytest.mark.slow  # about 35 s: a search of failing trials; run when the search's logging changes
 def test_only_the_first_failed_trials_traceback_is_shown(tmp_path, tonal_data, ray_guard, capsys):
     """Before: Ray Tune logged the same long traceback once per failed trial. Now the search's first is
     kept and says where the others are; each failed trial still has its progress line and its error."""
