@@ -870,11 +870,12 @@ def label_free_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     _layout(figure, f"{_label(analysis)}: does the label-free rank predict the probe?<br><sup>{stat}</sup>", height=540,
             legend={"orientation": "h", "y": -0.2}, margin={"l": 70, "r": 30, "t": 80, "b": 60})
     caption = ("Each complete trial's final effective rank against its probe score"
-               + (" (red rings: trials the collapse rule would have stopped)" if len(would) else "")
-               + (" (top); the others sit below: collapsed and diverged trials get no probe, and a trial the scheduler "
+               + (" (top)" if len(others) else "")
+               + ("; red rings: trials the collapse rule would have stopped" if len(would) else "")
+               + ("; the others sit below: collapsed and diverged trials get no probe, and a trial the scheduler "
                   "(ASHA) stopped has only the score of the epoch it was stopped at. " if len(others) else ". ")
-               + "A rho near 1 means the label-free rank can rank settings without labels. "
-               "Interval: Fisher z with the Bonett-Wright standard error.")
+               + ("A rho near 1 means the label-free rank can rank settings without labels; near 0 it cannot; below 0 "
+                  "a higher rank goes with a lower score. Interval: Fisher z with the Bonett-Wright standard error."))
     return ReportFigure(f"{_key(analysis)}-label-free", _label(analysis), title, caption, figure)
 
 
