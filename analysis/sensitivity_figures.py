@@ -241,6 +241,15 @@ def outcome_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     caption = (f"Left: how the trials ended (collapsed ones by type). Right: the trial-epochs each outcome ran, and "
                f"in green the {saved_total:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %) not run because "
                f"a trial ended early: {_saved_split(compute)}.")
+    # A search without collapse stopping: what stopping would have saved, which no bar shows (its trials ran on).
+    would = frame[frame["would_stop"] & (frame["outcome"] == "complete")]
+    if len(would):
+        spared = float((would["epochs_run"] - pd.to_numeric(would["would_stop_epoch"], errors="coerce"))
+                       .clip(lower=0).fillna(0).sum())
+        total = float(frame["epochs_run"].fillna(0).sum())
+        caption += (f" Collapse stopping was off: the collapse rule would have stopped {len(would)} of the complete "
+                    f"trials, and not run {spared:.1f} of the {total:.1f} trial-epochs run "
+                    f"({100 * spared / total if total else 0:.0f} %).")
     return ReportFigure(f"{_key(analysis)}-outcomes", _label(analysis), title, caption, figure)
 
 

@@ -1508,9 +1508,16 @@ def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_show_i
     names = {trace.name for trace in dynamics.figure.data if trace.showlegend}
     assert "would have been stopped: complete" in names
     assert "dashed, in the colour of its collapse type" in dynamics.caption
+    # The outcomes figure's caption says what stopping would have saved: each such trial ran 2 epochs where the rule
+    # would have stopped it after 1 (synthetic_study); the diverged trial ran half an epoch, the stopped one 1.
+    total = 2.0 * sum(outcome not in ("diverged", "stopped") for _, _, outcome in rows) + 0.5 + 1.0
+    assert (f"Collapse stopping was off: the collapse rule would have stopped {len(would)} of the complete trials, "
+            f"and not run {float(len(would)):.1f} of the {total:.1f} trial-epochs run "
+            f"({100 * len(would) / total:.0f} %).") in by_key["outcomes"].caption
     # With stopping on, the same trials are collapsed (no score, no rings, no dashes).
     stopped = analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path, trajectories))
     _, figures = build_page([stopped])
+    assert not [figure for figure in figures if "Collapse stopping was off" in figure.caption]
     assert not [trace for figure in figures for trace in figure.figure.data if trace.name == WOULD_STOP_NAME]
     assert not [trace for figure in figures for trace in figure.figure.data
                 if getattr(trace, "line", None) is not None and getattr(trace.line, "dash", None) == "dash"
