@@ -468,17 +468,19 @@ def read_trajectories(folder: Path, unreadable: dict[int, str] | None = None) ->
         if not isinstance(number, int) or not result_file.is_file():
             continue
         try:
-            lines = result_file.read_text(errors="replace").splitlines()
+            text = result_file.read_text(errors="replace")
         except OSError as error:
             problems.setdefault(number, f"{result_file} ({error.strerror or error})")
             continue
+        lines = text.splitlines()
         records, reports = [], 0
         for line in lines:
             record = _report(line)
             reports += record is not None
             if record is not None and not record.get("final") and _json_float(record.get("epoch")) is not None:
                 records.append({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
-        if not reports and any(line.strip() for line in lines):
+        # (A last line without its newline may be a running trial's report being written: not counted against it.)
+        if not reports and any(line.strip() for line in (lines if text.endswith("\n") else lines[:-1])):
             problems.setdefault(number, f"{result_file} (no line of it is a JSON report)")
         if not records:
             continue

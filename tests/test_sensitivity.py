@@ -475,6 +475,10 @@ def test_a_result_json_that_cannot_be_read_is_named_and_its_trial_left_out_of_th
     loaded = load_experiment(copy)
     assert sorted(loaded.trajectories) == sorted(set(ran) - {ran[0], ran[1]})
     assert sorted(loaded.unreadable_results) == sorted([ran[0], ran[1]])
+    # A first report being written (no newline yet, by a running trial) is no damage: not named.
+    garbled.write_text('{"epoch": 1, "train_lo')
+    monkeypatch.undo()
+    assert sorted(load_experiment(copy).unreadable_results) == []
 
 
 def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
