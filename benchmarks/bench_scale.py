@@ -1,7 +1,7 @@
 """How the probe objective's memory and the folder loader's time grow with the number of tracks.
 
-For each size in ``--tracks`` a synthetic dataset is written (noise WAVs of ``--seconds``, 70 % train,
-10 % valid, 20 % test, 3 of 50 tags each) and its 64-mel cache built; then, in a fresh process per size:
+For each size in ``--tracks`` a synthetic dataset is written (``bench_downstream.py``'s tones of ``--seconds``,
+70 % train, 10 % valid, 20 % test) and its 64-mel cache built; then, in a fresh process per size:
 
 - ``probe_score`` (a search's objective: 2 segments per track, a linear probe train -> valid) of a random
   cpu-preset backbone, one thread: its seconds, and the peak growth of the process's anonymous memory
@@ -17,16 +17,16 @@ Each is reported per track, and the ``RESULT`` lines give the largest size's per
 
 Results (2026-12-07, this machine, load average about 1; 600 and 3,000 tracks of 10 s, 420 and 2,100 of them
 training tracks), today's code against the code before that day's change (run with ``PYTHONPATH`` set to a copy
-of the earlier ``src/``):
+of the earlier ``src/``), two runs each:
 
     what                                            420 / 600      2,100 / 3,000    RESULT ratio
-    probe_score anonymous memory growth, today      87 MB          62 MB            0.14 (a fixed part)
-    probe_score anonymous memory growth, before     about 90 MB    176 MB           0.39 (+64 KB per track)
-    folder loader per .m4a row, today               0.07 ms        0.10 ms          1.35
-    folder loader per .m4a row, before              6.2 ms         29.8 ms          4.81 (quadratic)
+    probe_score anonymous memory growth, today      87 MB          78 MB            0.18 (a fixed part)
+    probe_score anonymous memory growth, before     87 MB          178-191 MB       0.39 (+64 KB per track)
+    folder loader per .m4a row, today               0.07 ms        0.08-0.11 ms     1.45
+    folder loader per .m4a row, before              4.6 ms         27.4-28.2 ms     5.89 (quadratic)
 
 Before, the probe gathered the 2 segments of every track of a split (64 x 126 float32 each: 64 KB per track)
-before embedding them, and the loader scanned every ``.m4a`` file per row. probe_score took 8.2-8.8 s at 2,100
+before embedding them, and the loader scanned every ``.m4a`` file per row. probe_score took 3.9-4.5 s at 2,100
 training tracks either way.
 """
 
@@ -41,30 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
+from bench_downstream import write_synthetic  # the same synthetic tagged tracks (7 train, 1 valid, 2 test per 10)
 from musicssl.cli import int_in
-
-SAMPLE_RATE = 16000
-
-
-def write_dataset(folder: Path, tracks: int, seconds: float) -> Path:
-    """Noise WAVs with a tags table (path, split, tags); returns the table."""
-    import soundfile
-
-    rng = np.random.default_rng(0)
-    base = (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
-    splits = ["train"] * 7 + ["valid"] + ["test"] * 2
-    rows = ["path,split,tags"]
-    for number in range(tracks):
-        name = f"{number % 16:x}/t{number:06d}.wav"
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(folder / name, np.roll(base, number * 97) * (0.5 + number % 7 / 10), SAMPLE_RATE,
-                        subtype="PCM_16")
-        tags = ";".join(f"t{tag}" for tag in rng.choice(50, 3, replace=False))
-        rows.append(f"{name},{splits[number % 10]},{tags}")
-    (folder / "tags.csv").write_text("\n".join(rows) + "\n")
-    return folder / "tags.csv"
 
 
 def write_m4a_folder(folder: Path, tracks: int) -> Path:
@@ -147,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for tracks in sorted(set(args.tracks)):
             folder = root / f"tracks-{tracks}"
             print(f"{tracks} tracks: writing the dataset and the .m4a folder ...", file=sys.stderr, flush=True)
-            tags = write_dataset(folder / "audio", tracks, args.seconds)
+            tags = write_synthetic(folder / "audio", tracks, args.seconds)
             m4a = write_m4a_folder(folder / "m4a", tracks)
             done = subprocess.run([sys.executable, __file__, "--measure", str(tags), str(folder / "mels"), str(m4a)],
                                   capture_output=True, text=True, check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -10,10 +11,10 @@ import torch
 from torch import nn
 
 from musicssl.data.cache import MelCache
-from musicssl.data.views import track_segment_starts, track_segments
+from musicssl.data.views import track_segment_count, track_segments
 
 __all__ = ["calibrate_batchnorm", "calibrate_batchnorm_on_tracks", "embed_segments", "embed_tracks",
-           "track_segment_batches", "track_segment_counts"]
+           "track_segment_batches"]
 
 
 @torch.no_grad()
@@ -31,14 +32,6 @@ def embed_segments(backbone: nn.Module, segments: torch.Tensor, batch_size: int 
     finally:
         backbone.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, int(backbone.embedding_dim))
-
-
-def track_segment_counts(cache: MelCache, track_ids: Sequence[str], max_segments: int | None) -> list[int]:
-    """How many segments :func:`~musicssl.data.views.track_segments` gives each track (4 s segments, 4 s apart,
-    no silence filter), from the tracks' lengths alone."""
-    settings = cache.settings
-    segment, hop = settings.segment_frames(4.0), round(4.0 * settings.frames_per_second)
-    return [len(track_segment_starts(cache.frames(track_id), segment, hop, max_segments)) for track_id in track_ids]
 
 
 def track_segment_batches(cache: MelCache, track_ids: Sequence[str], max_segments: int | None,
@@ -80,16 +73,15 @@ def embed_tracks(
     The tracks are read as they are embedded, ``batch_size`` segments at a time: memory does not grow with
     the number of tracks (a dataset's whole training split, gathered first, needed gigabytes). The batches
     are those of all the segments one after another, so the result is that of embedding them at once."""
-    counts = track_segment_counts(cache, track_ids, max_segments)
+    counts = [track_segment_count(cache, track_id, max_segments=max_segments) for track_id in track_ids]
     if min(counts, default=1) == 0:
         short = [track_id for track_id, count in zip(track_ids, counts) if count == 0]
         raise ValueError(f"{len(short)} track(s) shorter than one segment, e.g. {short[:3]}; leave them out")
-    total = sum(counts)
     means = np.empty((len(counts), int(backbone.embedding_dim)), dtype=np.float32)
     pending = torch.empty(0, int(backbone.embedding_dim))  # embedded segments of tracks not yet averaged
     track = 0
-    sizes = [batch_size] * (total // batch_size) + ([total % batch_size] if total % batch_size else [])
-    for batch in track_segment_batches(cache, track_ids, max_segments, sizes):
+    # Batches of batch_size while the tracks last (the last one shorter), as embed_segments cuts all of them.
+    for batch in track_segment_batches(cache, track_ids, max_segments, itertools.repeat(batch_size)):
         pending = torch.cat([pending, embed_segments(backbone, batch, batch_size)])
         while track < len(counts) and counts[track] <= len(pending):
             means[track] = pending[: counts[track]].mean(dim=0).numpy()
@@ -107,13 +99,13 @@ def calibrate_batchnorm_on_tracks(backbone: nn.Module, cache: MelCache, track_id
     holding them all (two segments of every training track of a large dataset are gigabytes)."""
     from torch.optim.swa_utils import update_bn
 
-    total = sum(track_segment_counts(cache, track_ids, max_segments))
+    total = sum(track_segment_count(cache, track_id, max_segments=max_segments) for track_id in track_ids)
     if total < 2:
         raise ValueError(f"need at least 2 segments to measure BatchNorm statistics, got {total}")
-    update_bn(track_segment_batches(cache, track_ids, max_segments, _split_sizes(total, batch_size)), backbone,
-              device=device)
+    sizes = _split_sizes(total, batch_size)
+    update_bn(track_segment_batches(cache, track_ids, max_segments, sizes), backbone, device=device)
     backbone.eval()
-    return len(_split_sizes(total, batch_size))
+    return len(sizes)
 
 
 def _split_sizes(total: int, batch_size: int) -> list[int]:

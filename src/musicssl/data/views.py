@@ -46,6 +46,7 @@ __all__ = [
     "keyed_uniforms",
     "probe_positions",
     "sample_view_starts",
+    "track_segment_count",
     "track_segment_starts",
     "track_segments",
 ]
@@ -389,6 +390,23 @@ def track_segment_starts(
     return starts
 
 
+def _track_starts(cache: MelCache, track_id: str, hop_seconds: float, segment_seconds: float,
+                  max_segments: int | None) -> tuple[np.ndarray, int]:
+    """The starts of :func:`track_segments`'s segments of ``track_id`` (before any silence filter), and their
+    length in frames."""
+    settings = cache.settings
+    segment = settings.segment_frames(segment_seconds)
+    hop = round(hop_seconds * settings.frames_per_second)
+    return track_segment_starts(cache.frames(track_id), segment, hop, max_segments), segment
+
+
+def track_segment_count(cache: MelCache, track_id: str, hop_seconds: float = 4.0, max_segments: int | None = None,
+                        segment_seconds: float = 4.0) -> int:
+    """How many segments :func:`track_segments` gives ``track_id`` without the silence filter, from its length
+    alone (nothing is read)."""
+    return len(_track_starts(cache, track_id, hop_seconds, segment_seconds, max_segments)[0])
+
+
 def track_segments(
     cache: MelCache,
     track_id: str,
@@ -414,12 +432,10 @@ def track_segments(
     """
     if max_segments is not None and max_segments <= 0:
         raise ValueError(f"max_segments must be > 0 or None, got {max_segments}")
-    settings = cache.settings
-    segment = settings.segment_frames(segment_seconds)
-    hop = round(hop_seconds * settings.frames_per_second)
     # Without the silence filter the segments kept are known before reading: only they are read (a long track
     # gave 2 of its hundreds after reading them all). The same ones: track_segment_starts spreads them as below.
-    starts = track_segment_starts(cache.frames(track_id), segment, hop, max_segments if silence_db is None else None)
+    starts, segment = _track_starts(cache, track_id, hop_seconds, segment_seconds,
+                                    max_segments if silence_db is None else None)
     segments = np.empty((len(starts), cache.n_mels, segment), dtype=np.float32)
     for row, start in enumerate(starts):
         cache.get(track_id, int(start), segment, out=segments[row])
