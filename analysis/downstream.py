@@ -82,7 +82,8 @@ What is cached: per method (hash of the backbone's weights, or the baseline's de
 its file does: :func:`audio_digest`), front-end (mel settings), segment protocol and device type (a GPU's
 convolutions round otherwise), one ``.npz``
 under ``$MUSICSSL_CACHE/embeddings/`` holding every track's mean embedding and the training
-tracks' segment embeddings. Next to it, per probe, the limited-data scores and the headline fit's
+tracks' segment embeddings (memory-mapped when read back, and by the probe processes: the fits share the file's
+pages instead of holding copies). Next to it, per probe, the limited-data scores and the headline fit's
 test predictions, keyed on everything the fits depend on (labels, splits, probe settings, fractions,
 draws, seed, device, torch version). A second run skips the backbone, and the probes of unchanged
 methods (the baselines, typically): re-evaluating costs seconds. ``--no-cache`` recomputes both.
@@ -106,6 +107,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -908,11 +910,86 @@ class Embeddings:
         return int(self.track_means.shape[1])
 
     def training_segments(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Segment embeddings of the tracks at ``positions`` and, per segment, its track's position."""
-        starts = np.concatenate([[0], np.cumsum(self.segment_counts)])
-        rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in positions]) if len(positions) else []
-        owners = np.repeat(np.asarray(positions, dtype=np.int64), self.segment_counts[positions])
-        return self.segments[np.asarray(rows, dtype=np.int64)], owners
+        """Segment embeddings of the tracks at ``positions`` and, per segment, its track's position.
+
+        When the tracks are every track with segments, in order, the embeddings are ``segments`` itself
+        (not a copy: read-only when memory-mapped from the cache)."""
+        rows, owners = segment_rows(self.segment_counts, positions)
+        return _take_rows(self.segments, rows), owners
+
+    def segments_file(self) -> "MappedArray | None":
+        """Where ``segments`` lies in the cache file when it is memory-mapped from there, else None."""
+        return getattr(self.segments, "mapped_from", None)
+
+
+def segment_rows(segment_counts: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the segments of the tracks at ``positions`` (track after track) in embeddings holding
+    ``segment_counts[i]`` segments of track ``i``, and per row its track's position."""
+    positions = np.asarray(positions, dtype=np.int64)
+    counts = np.asarray(segment_counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rows = (np.concatenate([np.arange(starts[p], starts[p + 1]) for p in positions]) if len(positions)
+            else np.zeros(0, dtype=np.int64))
+    return rows.astype(np.int64, copy=False), np.repeat(positions, counts[positions])
+
+
+def _take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``, or ``array`` itself when ``rows`` are all its rows in order (no copy)."""
+    if len(rows) == len(array) and (len(rows) == 0 or (rows[0] == 0 and bool((np.diff(rows) == 1).all()))):
+        return array
+    return np.asarray(array[rows])
+
+
+def _all_finite(array: np.ndarray, rows: int = 65536) -> bool:
+    """``np.isfinite(array).all()`` a block of rows at a time (no mask of the whole array in memory)."""
+    return all(bool(np.isfinite(array[start : start + rows]).all()) for start in range(0, len(array), rows))
+
+
+@dataclass(frozen=True)
+class MappedArray:
+    """Where an array lies in a file (an uncompressed ``.npy`` member of an ``.npz``), for any process to
+    map it from there instead of being sent a copy."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    fortran_order: bool
+
+    def open(self) -> np.ndarray:
+        """The array, memory-mapped read-only (its pages are the file's: the kernel shares them between
+        processes and takes them back under memory pressure)."""
+        array = np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=self.shape,
+                          order="F" if self.fortran_order else "C")
+        array.mapped_from = self  # type: ignore[attr-defined]  (how Embeddings.segments_file finds it)
+        return array
+
+
+def _npz_member(path: Path, name: str) -> MappedArray | None:
+    """Where the array ``name`` of the ``.npz`` at ``path`` lies, when it can be mapped: stored uncompressed
+    (as ``np.savez`` writes), not empty, of plain values. None otherwise (then it is read as usual)."""
+    import struct
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as stream:
+        stream.seek(info.header_offset)
+        header = stream.read(30)  # a zip local file header: its name's and extra field's lengths at 26 and 28
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        stream.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+        offset = stream.tell()
+    member_end = info.header_offset + 30 + name_length + extra_length + info.file_size
+    values = math.prod(shape)
+    if dtype.hasobject or values == 0 or offset + values * dtype.itemsize > member_end:
+        return None
+    return MappedArray(str(path), offset, tuple(int(n) for n in shape), dtype.str, bool(fortran_order))
 
 
 def _protocol_segments(cache, track_id: str, config: DownstreamConfig, train: bool) -> Tensor:
@@ -1049,14 +1126,16 @@ def embeddings_path(cache_dir: Path, dataset_name: str, dataset_key: str, method
             / f"{method_key}-{front_end_key}-{protocol_key}-audio{audio_key}{on}.npz")
 
 
-def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> None:
-    """Save a cache file; one that cannot be written (a full disk) is said, and the evaluation goes on
-    without it: its results do not depend on the cache."""
+def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> bool:
+    """Save a cache file (True); one that cannot be written (a full disk) is said, and the evaluation goes on
+    without it (False): its results do not depend on the cache."""
     try:
         save()
     except OSError as error:
         print(f"warning: {what} could not be cached in {folder} ({error.strerror or error}){cache_hint(error)}; the "
               "evaluation goes on, and a later one computes them again", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
@@ -1080,22 +1159,30 @@ _DAMAGED_CACHE_FILE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFi
 
 
 def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embeddings | None:
-    """The cached embeddings at ``path``, or None when absent, unreadable or for other tracks."""
+    """The cached embeddings at ``path``, or None when absent, unreadable or for other tracks.
+
+    The training segments' embeddings (most of the file) are memory-mapped, read-only, not read: the
+    probe fits read them from the file's pages, which their processes share."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
+            mapped = _npz_member(path, "segments")
             embeddings = Embeddings(
                 track_ids=stored["track_ids"].tolist(),
                 splits=stored["splits"],
                 track_means=stored["track_means"],
                 segment_counts=stored["segment_counts"],
-                segments=stored["segments"],
+                segments=mapped.open() if mapped is not None else stored["segments"],
                 from_cache=True,
                 path=path,
             )
     except _DAMAGED_CACHE_FILE:
         return None  # a damaged file is recomputed and overwritten
+    shape = embeddings.segments.shape
+    if (len(shape) != 2 or shape[0] != int(embeddings.segment_counts.sum()) or shape[1] != embeddings.dim
+            or len(embeddings.track_means) != len(embeddings.track_ids)):
+        return None  # damaged too
     if track_ids is not None and embeddings.track_ids != list(track_ids):
         return None
     return embeddings
@@ -1241,15 +1328,18 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
     if valid_x.ndim != 2 or len(valid_x) != len(valid_y) or len(valid_x) == 0:
         raise DownstreamError(f"valid features {valid_x.shape} and labels {valid_y.shape} do not match")
     for name, values in (("training", train_x), ("valid", valid_x)):
-        if not np.isfinite(values).all():
+        if not _all_finite(values):
             raise DownstreamError(f"the {name} embeddings contain NaN or inf (a diverged checkpoint?)")
 
-    x = torch.from_numpy(train_x).to(device)
+    with warnings.catch_warnings():  # a memory-mapped cache is read-only; nothing here writes to it
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        x = torch.from_numpy(train_x).to(device)
     y = torch.from_numpy(train_y).to(device)
     mean = x.mean(dim=0)
     scale = x.std(dim=0, unbiased=False)
     scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
-    x = (x - mean) / scale
+    # Standardised a batch at a time (the same values as standardising them all first), so that no
+    # standardised copy of the training rows is held.
     valid = (torch.from_numpy(valid_x).to(device) - mean) / scale
     valid_targets = torch.from_numpy(valid_y).to(device)
     valid_tags = np.flatnonzero(scorable_tags(valid_y))
@@ -1275,7 +1365,7 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
                     order, cursor = torch.randperm(n_rows, generator=generator), 0
                 rows = order[cursor : cursor + config.batch_size].to(device)
                 cursor += config.batch_size
-                loss = loss_function(model(x[rows]), y[rows])
+                loss = loss_function(model((x[rows] - mean) / scale), y[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -1747,14 +1837,19 @@ def run_downstream(
                 if config.use_cache:
                     meta = {"method": spec.describe(), "dataset": dataset_name, "protocol": config.protocol(),
                             "audio": audio_key}
-                    _cache_or_say(lambda: save_embeddings(path, embeddings, meta), f"{spec.label}'s embeddings",
-                                  path.parent)
+                    if _cache_or_say(lambda: save_embeddings(path, embeddings, meta), f"{spec.label}'s embeddings",
+                                     path.parent):
+                        # From the file, memory-mapped (as a cached one is), instead of held: the probe processes
+                        # map the same pages instead of being sent copies.
+                        mapped = load_embeddings(path, usable)
+                        if mapped is not None:
+                            embeddings = dataclasses.replace(mapped, seconds=embeddings.seconds, from_cache=False)
                 n_segments = int(embeddings.segment_counts.sum())
                 log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
                     f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")
             else:
                 log(f"  embeddings from cache {path}")
-            if not (np.isfinite(embeddings.track_means).all() and np.isfinite(embeddings.segments).all()):
+            if not (_all_finite(embeddings.track_means) and _all_finite(embeddings.segments)):
                 log(f"  SKIPPED {spec.label}: its embeddings contain NaN or inf (a diverged checkpoint?)")
                 method_summaries.append({**_spec_summary(spec), "skipped": "embeddings contain NaN or inf"})
                 continue
@@ -1887,11 +1982,17 @@ def _fit_probes(
     test_x, test_labels = embeddings.track_means[test_pos], labels[test_pos]
     scored = scorable_tags(test_labels)
 
+    mapped = embeddings.segments_file() if processes is not None else None
+
     def job(fraction: float, draw: int, subset: np.ndarray) -> tuple:
         chosen = train_pos[subset]
-        train_x, owners = embeddings.training_segments(chosen)
         seed = config.seed + 1000 * draw + CLASSIFIERS.index(classifier)
-        return (classifier, train_x, labels[owners], valid_x, valid_y, test_x, config.classifier, seed, device)
+        if mapped is not None:  # the probe process maps the cache file and takes its rows from there
+            training: Any = _MappedTraining(mapped, embeddings.segment_counts, chosen, labels[chosen])
+        else:
+            train_x, owners = embeddings.training_segments(chosen)
+            training = (train_x, labels[owners])
+        return (classifier, training, valid_x, valid_y, test_x, config.classifier, seed, device)
 
     from musicssl.progress import progress_bar
 
@@ -1939,8 +2040,28 @@ def _fit_probes(
     return rows, main_scores
 
 
-def _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, classifier_config, seed, device):
-    """One probe fit and its test scores (logits), as plain values (what a worker process sends back)."""
+@dataclass(frozen=True)
+class _MappedTraining:
+    """A fit's training rows as a probe process gets them: the segments of the tracks at ``positions``,
+    taken from the memory-mapped embedding cache there, and those tracks' ``labels`` (one row each)."""
+
+    segments: MappedArray
+    segment_counts: np.ndarray
+    positions: np.ndarray
+    labels: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows and their labels: what ``Embeddings.training_segments`` and the labels give in the
+        evaluation's process."""
+        rows, _ = segment_rows(self.segment_counts, self.positions)
+        track_of_row = np.repeat(np.arange(len(self.positions)), np.asarray(self.segment_counts)[self.positions])
+        return _take_rows(self.segments.open(), rows), self.labels[track_of_row]
+
+
+def _fit_and_predict(kind, training, valid_x, valid_y, test_x, classifier_config, seed, device):
+    """One probe fit and its test scores (logits), as plain values (what a worker process sends back).
+    ``training``: the rows and their labels, or a :class:`_MappedTraining` to take them from."""
+    train_x, train_y = training.arrays() if isinstance(training, _MappedTraining) else training
     fitted = fit_classifier(kind, train_x, train_y, valid_x, valid_y, classifier_config, seed, device)
     return fitted.logits(test_x), {
         "segments": len(train_x), "best_valid": fitted.best_valid, "criterion": fitted.criterion,

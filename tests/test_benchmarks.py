@@ -26,6 +26,8 @@ CASES = {
     "bench_downstream": (["--synthetic", "--tracks", "8", "--skip-full", "--repeats", "1", "--threads", "1",
                           "--presets", "cpu"], "embedding extraction"),
     "bench_scale": (["--tracks", "20", "40", "--seconds", "8"], "RESULT folder loader seconds per .m4a row, 40 / 20 rows"),
+    "bench_probe_memory": (["--segments", "2000", "--dim", "16", "--workers", "0"],
+                           "RESULT probe_memory_over_segments workers=0 "),
 }
 
 
@@ -85,7 +87,7 @@ def help_of_each_script():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_script_documents_its_options(script, help_of_each_script):
     """Every benchmark script starts and answers --help (fast); those that import the project at the
-    top are thereby checked against today's code. The slow cases above run seven of them; bench_search
+    top are thereby checked against today's code. The slow cases above run eight of them; bench_search
     needs finished searches (its savings on stored ones below; noise and replay on a real tiny search,
     slow), and bench_gpu (a GPU), bench_corpus (minutes) and corpus_baseline (the built corpus) are
     checked only here."""
@@ -221,6 +223,8 @@ def test_benchmark_scripts_refuse_bad_values_in_one_line():
         ("corpus_baseline", ["--corpus", "/no/such/corpus"], "--corpus /no/such/corpus: /no/such/corpus/tracks.csv"),
         ("bench_scale", ["--tracks", "10"], "argument --tracks: expected an integer >= 20, got '10'"),
         ("bench_scale", ["--seconds", "5"], "argument --seconds: expected 8 to 600 (two 4 s segments per track), got 5"),
+        ("bench_probe_memory", ["--segments", "100"], "argument --segments: expected an integer >= 175, got '100'"),
+        ("bench_probe_memory", ["--fractions", "0"], "argument --fractions: expected a fraction in (0, 1], got '0'"),
     ]
     for (script, arguments, message), answer in zip(cases, run_each([case[:2] for case in cases])):
         assert answer["code"] == 2 and message in answer["stderr"], (script, arguments, answer["stderr"][-800:])

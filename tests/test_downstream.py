@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +243,7 @@ def test_a_probe_fitted_on_one_track_ranks_the_test_tracks_without_ties():
     test_x = centre + 0.05 * rng.standard_normal((40, 64)).astype(np.float32)
     config = ClassifierConfig(check_every_steps=5, patience=3)
     for kind in ("linear", "mlp"):
-        scores, fitted = _fit_and_predict(kind, train_x, train_y, valid_x, valid_y, test_x, config, 0, "cpu")
+        scores, fitted = _fit_and_predict(kind, (train_x, train_y), valid_x, valid_y, test_x, config, 0, "cpu")
         assert [len(np.unique(scores[:, tag])) for tag in range(3)] == [40, 40, 40], kind
         # The float32 sigmoid of the same scores, what was ranked before, ties the test tracks.
         probabilities = torch.sigmoid(torch.from_numpy(scores).float()).numpy()
@@ -539,6 +540,144 @@ def test_damaged_cache_files_are_computed_again(tmp_path, damage):
     pd.testing.assert_frame_equal(again.per_tag, first.per_tag)
     assert all(path.stat().st_size > 1000 for path in files)  # written again, whole
     assert evaluate()[1]["embeddings_from_cache"]
+
+
+def _small_embeddings(seed: int = 3, dim: int = 6):
+    """Six tracks, four of them training tracks with 3, 2, 4 and 1 segments, and their labels over 2 tags."""
+    from analysis.downstream import Embeddings
+
+    rng = np.random.default_rng(seed)
+    counts = np.array([3, 0, 2, 4, 0, 1])
+    splits = np.array(["train", "valid", "train", "train", "test", "train"])
+    segments = rng.standard_normal((int(counts.sum()), dim)).astype(np.float32)
+    embeddings = Embeddings([f"t{i}" for i in range(6)], splits, rng.standard_normal((6, dim)).astype(np.float32),
+                            counts, segments)
+    labels = np.array([[1, 0], [1, 1], [0, 1], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    return embeddings, labels
+
+
+def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_memory(tmp_path):
+    """Before: load_embeddings read the training segments' embeddings into memory, and each fit held a gathered
+    and a standardised copy of them besides (4.5 times their size at the worst moment in one process, 9.8 with 2
+    probe processes: benchmarks/bench_probe_memory.py). Now they are memory-mapped from the cache file, read-only;
+    a fit on all of them takes the mapped array itself and standardises a batch at a time; the fits are those of
+    the arrays in memory, to the bit."""
+    from analysis.downstream import ClassifierConfig, fit_classifier, load_embeddings, save_embeddings
+
+    embeddings, labels = _small_embeddings()
+    path = tmp_path / "embeddings.npz"
+    save_embeddings(path, embeddings, {})
+    loaded = load_embeddings(path)
+    assert isinstance(loaded.segments, np.memmap) and not loaded.segments.flags.writeable
+    np.testing.assert_array_equal(loaded.segments, embeddings.segments)
+    np.testing.assert_array_equal(loaded.track_means, embeddings.track_means)
+    # Where it is mapped from: the file's bytes there are the array's.
+    where = loaded.segments_file()
+    raw = path.read_bytes()[where.offset : where.offset + embeddings.segments.nbytes]
+    np.testing.assert_array_equal(np.frombuffer(raw, dtype=np.float32).reshape(10, 6), embeddings.segments)
+
+    rows, owners = loaded.training_segments(np.array([0, 2, 3, 5]))
+    assert rows is loaded.segments and owners.tolist() == [0, 0, 0, 2, 2, 3, 3, 3, 3, 5]
+    rows, owners = loaded.training_segments(np.array([2, 5]))  # a subset: a copy of its rows
+    np.testing.assert_array_equal(rows, embeddings.segments[[3, 4, 9]])
+    assert owners.tolist() == [2, 2, 5] and not np.shares_memory(rows, loaded.segments)
+
+    config = ClassifierConfig(check_every_steps=2, max_checks=8, patience=3, batch_size=4)
+    train = np.array([0, 2, 3, 5])
+    _, owners = embeddings.training_segments(train)
+    fits = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch warns of a read-only array unless told it is known)
+        for name, source in (("memory", embeddings), ("mapped", loaded)):
+            train_x, _ = source.training_segments(train)
+            fitted = fit_classifier("mlp", train_x, labels[owners], embeddings.track_means[[1]], labels[[1]], config,
+                                    seed=4)
+            fits[name] = (fitted.logits(embeddings.track_means), fitted.best_step, fitted.steps)
+    np.testing.assert_array_equal(fits["memory"][0], fits["mapped"][0])
+    assert fits["memory"][1:] == fits["mapped"][1:]
+    # The standardisation, written out: by the training rows' mean and (population) std.
+    mean, std = embeddings.segments.mean(axis=0), embeddings.segments.std(axis=0)
+    fitted = fit_classifier("linear", loaded.segments, labels[owners], embeddings.track_means[[1]], labels[[1]],
+                            config, seed=4)
+    np.testing.assert_allclose(fitted.mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fitted.scale.numpy(), std, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_cache_files_that_cannot_be_mapped_are_read_or_computed_again(tmp_path):
+    """A compressed file (written by another tool: np.savez_compressed) is read, not mapped; one whose training
+    segments do not match its segment counts is damaged, and read as missing."""
+    from analysis.downstream import load_embeddings
+
+    embeddings, _ = _small_embeddings()
+    members = dict(track_ids=np.asarray(embeddings.track_ids), splits=embeddings.splits,
+                   track_means=embeddings.track_means, segment_counts=embeddings.segment_counts,
+                   segments=embeddings.segments, meta=np.asarray("{}"))
+    np.savez_compressed(tmp_path / "compressed.npz", **members)
+    loaded = load_embeddings(tmp_path / "compressed.npz")
+    assert not isinstance(loaded.segments, np.memmap) and loaded.segments_file() is None
+    np.testing.assert_array_equal(loaded.segments, embeddings.segments)
+    np.savez(tmp_path / "short.npz", **{**members, "segments": embeddings.segments[:-1]})
+    assert load_embeddings(tmp_path / "short.npz") is None
+    np.savez(tmp_path / "flat.npz", **{**members, "segments": embeddings.segments.ravel()})
+    assert load_embeddings(tmp_path / "flat.npz") is None
+
+
+def test_probe_processes_take_their_rows_from_the_mapped_cache_and_fit_as_in_this_process(tmp_path, monkeypatch):
+    """Before: each fit's training rows were gathered here and sent to a probe process, pickled: with 2 processes
+    up to 4 copies were held here, and 2 there, each standardised again. Now a process is sent where the rows lie
+    in the cache file (and the tracks' labels) and takes them from there; the results are those of fitting the
+    arrays in memory in this process. An evaluation maps the embeddings it has just computed and cached too."""
+    import pickle
+
+    import analysis.downstream as downstream
+
+    rng = np.random.default_rng(5)
+    counts = np.where(np.arange(60) < 40, 25, 0)  # 40 training tracks of 25 segments, 20 valid and test tracks
+    splits = np.array(["train"] * 40 + ["valid"] * 10 + ["test"] * 10)
+    labels = (rng.random((60, 3)) < 0.5).astype(np.float32)
+    means = (labels @ rng.standard_normal((3, 32)) + rng.standard_normal((60, 32))).astype(np.float32)
+    segments = means[np.repeat(np.arange(60), counts)] + rng.standard_normal((1000, 32)).astype(np.float32)
+    embeddings = downstream.Embeddings([f"t{i}" for i in range(60)], splits, means, counts, segments)
+    path = tmp_path / "embeddings.npz"
+    downstream.save_embeddings(path, embeddings, {})
+    positions = {name: np.flatnonzero(splits == name) for name in ("train", "valid", "test")}
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.5, 1.0), "draws": 2, "probe_workers": 2})
+    subsets = downstream.limited_data_subsets(labels[:40], config.fractions, config.draws, config.seed)
+    sent = []
+
+    class MeasuredPool(downstream.SpawnPool):
+        def submit(self, fn, /, *args, **kwargs):
+            sent.append(len(pickle.dumps(args)))
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(downstream, "SpawnPool", MeasuredPool)
+    processes = downstream._probe_processes(config, torch.device("cpu"), len(subsets))
+    try:
+        in_processes = downstream._fit_probes("mlp", downstream.load_embeddings(path), labels, positions, subsets,
+                                              config, torch.device("cpu"), processes)
+    finally:
+        processes.end()
+    here = downstream._fit_probes("mlp", embeddings, labels, positions, subsets, config, torch.device("cpu"))
+    assert len(sent) == 4 and max(sent) < segments.nbytes / 10, (sent, segments.nbytes)
+    for got, expected in zip(in_processes[0], here[0]):
+        assert {k: v for k, v in got.items() if k != "fit_seconds"} == \
+            {k: v for k, v in expected.items() if k != "fit_seconds"}
+    np.testing.assert_array_equal(in_processes[1], here[1])
+
+    # An evaluation fits its probes on the embeddings it has just cached, mapped from the file.
+    seen = []
+    fit_probes = downstream._fit_probes
+
+    def spy(classifier, embeddings, *args, **kwargs):
+        seen.append(embeddings.segments_file() is not None)
+        return fit_probes(classifier, embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(downstream, "_fit_probes", spy)
+    records = write_pitch_dataset(tmp_path / "audio")
+    first = _melstats_evaluation(records, DownstreamConfig(**SMALL_EVALUATION, cache_dir=str(tmp_path / "cache")))
+    without_cache = _melstats_evaluation(records, DownstreamConfig(**SMALL_EVALUATION), use_cache=False)
+    assert seen == [True, False] and not first[1]["embeddings_from_cache"]
+    pd.testing.assert_frame_equal(first[0].per_tag, without_cache[0].per_tag)
 
 
 def test_tags_with_test_positives_but_no_training_positive_are_named_and_counted(tmp_path, capsys):
@@ -1292,7 +1431,7 @@ def test_each_probe_fit_trains_on_its_subsets_segments_and_is_selected_on_the_va
     assert len(calls) == 3 and [(row["fraction"], row["draw"]) for row in rows] == list(subsets)
     starts = np.concatenate([[0], np.cumsum(counts)])
     for (fraction, draw), call, row in zip(subsets, calls, rows):
-        kind, train_x, train_y, valid_x, valid_y, test_x, _, seed, _ = call
+        kind, (train_x, train_y), valid_x, valid_y, test_x, _, seed, _ = call
         tracks = 3 + subsets[fraction, draw]  # the training tracks are at positions 3-8
         expected = np.concatenate([embeddings.segments[starts[t]:starts[t + 1]] for t in tracks])
         np.testing.assert_array_equal(train_x, expected)
@@ -1523,7 +1662,7 @@ def test_the_probe_processes_are_ended_at_once_on_an_interrupt():
         if len(built) == 3:  # two fits given to the two processes; let them start, then Ctrl-C
             time.sleep(3)
             raise KeyboardInterrupt
-        return "mlp", x, y, x[:512], y[:512], x[:512], config, 0, "cpu"
+        return "mlp", (x, y), x[:512], y[:512], x[:512], config, 0, "cpu"
 
     processes = _ProbeProcesses(2)
     with pytest.raises(KeyboardInterrupt):
