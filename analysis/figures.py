@@ -14,6 +14,7 @@ A method keeps its colour in every panel and both figures. The report inlines pl
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-__all__ = ["METRIC_TITLES", "bootstrap_figure", "limited_data_figure", "method_colours", "write_report"]
+__all__ = ["METRIC_TITLES", "bootstrap_figure", "limited_data_figure", "markdown_html", "method_colours",
+           "write_report"]
 
 METRIC_TITLES = {"roc_auc": "macro ROC-AUC", "average_precision": "macro mAP"}
 PROBE_TITLES = {"linear": "linear probe", "mlp": "MLP probe"}
@@ -98,6 +100,9 @@ def bootstrap_figure(bootstrap: pd.DataFrame, results: pd.DataFrame | None = Non
             figure.update_xaxes(tickvals=list(range(len(datasets))), ticktext=datasets,
                                 range=[-0.5, len(datasets) - 0.5], row=row, col=col)
         figure.update_yaxes(title_text=f"{METRIC_TITLES[metric]} (0-1)", row=row, col=1)
+    # Said outright: with the probes' axes matched and the x-axes' ranges set, plotly.js otherwise drew these
+    # y-axes at its range for an axis without data (-1 to 4).
+    figure.update_yaxes(autorange=True)
     figure.update_layout(
         # two lines: one ran past a single probe's 700 px and was cut off in the exported PNG
         title="Downstream scores<br><sup>one dot per bootstrap resample; diamond: the mean with its 95 % interval</sup>",
@@ -181,6 +186,54 @@ def _table_html(frame: pd.DataFrame) -> str:
                          classes="table")
 
 
+_ALIGN = {(True, True): "center", (False, True): "right", (True, False): "left", (False, False): "left"}
+
+
+def _cells(line: str) -> list[str]:
+    """A Markdown table row's cells (``\\|`` is a ``|`` inside a cell)."""
+    inner = line.strip()
+    inner = inner[1:-1] if inner.endswith("|") and not inner.endswith("\\|") else inner[1:]
+    return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
+
+
+def markdown_html(text: str) -> str:
+    """``analysis.downstream``'s Markdown blocks (pipe tables and paragraphs of text) as HTML: a table
+    as a table, its columns aligned as the Markdown says, the rest as paragraphs; every text escaped."""
+    parts: list[str] = []
+    lines = text.splitlines()
+    number = 0
+    while number < len(lines):
+        line = lines[number]
+        is_table = (line.lstrip().startswith("|") and number + 1 < len(lines)
+                    and re.fullmatch(r"\s*\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*", lines[number + 1]) is not None)
+        if is_table:
+            header = _cells(line)
+            aligns = [_ALIGN[cell.startswith(":"), cell.endswith(":")] for cell in _cells(lines[number + 1])]
+            aligns += ["left"] * (len(header) - len(aligns))
+            number += 2
+            body = []
+            while number < len(lines) and lines[number].lstrip().startswith("|"):
+                body.append(_cells(lines[number]))
+                number += 1
+
+            def row(cells: list[str], tag: str) -> str:
+                return "<tr>" + "".join(f'<{tag} style="text-align:{aligns[i] if i < len(aligns) else "left"}">'
+                                        f"{html.escape(cell)}</{tag}>" for i, cell in enumerate(cells)) + "</tr>"
+
+            parts.append('<table class="table"><thead>' + row(header, "th") + "</thead><tbody>"
+                         + "".join(row(cells, "td") for cells in body) + "</tbody></table>")
+            continue
+        paragraph = []
+        while number < len(lines) and lines[number].strip() and not lines[number].lstrip().startswith("|"):
+            paragraph.append(lines[number].strip())
+            number += 1
+        if paragraph:
+            parts.append(f"<p>{html.escape(' '.join(paragraph))}</p>")
+        else:
+            number += 1
+    return "\n".join(parts)
+
+
 def write_report(
     path: Path,
     results: pd.DataFrame,
@@ -194,14 +247,16 @@ def write_report(
     figures = [bootstrap_figure(bootstrap, results), limited_data_figure(limited)]
     parts = [figure.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"figure-{i + 1}")
              for i, figure in enumerate(figures)]
-    tables = "".join(f"<pre>{html.escape(text)}</pre>" for text in tables_markdown)
+    tables = "".join(f'<div class="block">{markdown_html(text)}</div>' for text in tables_markdown)
     groups = ""
     if per_group is not None and not per_group.empty and per_group["group"].nunique() > 1:
         groups = "<h2>Per tag group</h2>" + _table_html(per_group)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;}} pre{{background:#f6f6f6;padding:1em;overflow-x:auto;}}
-table.table{{border-collapse:collapse;font-size:0.85em;}} .table td,.table th{{padding:2px 8px;text-align:right;}}</style>
+<style>body{{font-family:sans-serif;margin:2em;}} p{{max-width:60em;}} .block{{margin:1.5em 0;overflow-x:auto;}}
+table.table{{border-collapse:collapse;font-size:0.85em;display:block;overflow-x:auto;}}
+.table td,.table th{{padding:2px 8px;text-align:right;white-space:nowrap;}} .table th{{border-bottom:1px solid #999;}}
+.table tbody tr:nth-child(even){{background:#f6f6f6;}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
 {tables}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,43 @@ from musicssl.data.index import TrackIndex
 # runs: a command line after this prefix gets Ctrl-C's default action, as in a terminal.
 WITH_CTRL_C = [sys.executable, "-c",
                "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
+needs_chromium = pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"),
+    reason="Chromium is not installed (Debian: apt install chromium; .ci/run installs it)")
+
+
+def chromium_dom(page: Path, tmp_path: Path) -> str:
+    """The page's DOM once headless Chromium has run its scripts (plotly has drawn its figures)."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    done = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         # Software WebGL for the parallel coordinates: Chromium no longer falls back to it silently.
+         "--disable-dev-shm-usage", "--enable-unsafe-swiftshader", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+         "--virtual-time-budget=20000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+# What plotly.js draws on an axis it finds no data for: the range -1 to 4.
+PLOTLY_EMPTY_AXIS_TICKS = ["\u22121", "0", "1", "2", "3", "4"]
+
+
+def drawn_y_ticks(dom: str) -> dict[str, list[str]]:
+    """The y-axis tick labels plotly drew in a DOM, per subplot (``"xy"``, ``"x2y2"``, ...; numbered in page
+    order when the page holds several figures: ``"1:xy"``), as written (a minus is U+2212)."""
+    ticks: dict[str, list[str]] = {}
+    for number, figure in enumerate(dom.split('class="plot-container plotly"')[1:], start=1):
+        for block in re.split(r'<g class="subplot ', figure)[1:]:
+            name = block.split('"', 1)[0]
+            labels = re.findall(r'class="ytick"[^>]*>\s*<text[^>]*data-unformatted="([^"]*)"', block)
+            if labels:
+                ticks.setdefault(f"{number}:{name}", []).extend(labels)
+    return ticks
 
 
 def run_main(main, arguments, capsys) -> tuple[int, str, str]:

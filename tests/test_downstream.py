@@ -48,7 +48,7 @@ from analysis.downstream import (
     score_tags,
     subset_size,
 )
-from conftest import run_main
+from conftest import chromium_dom, drawn_y_ticks, needs_chromium, run_main
 from musicssl.data.views import track_segments
 from musicssl.models import Backbone
 
@@ -1287,6 +1287,9 @@ def test_mtat_end_to_end_with_missing_audio_and_unscorable_tags(tmp_path, capsys
 
     html = outputs["html"]
     assert len(html) > 3_000_000 and "plotly.js v" in html  # plotly.js inlined: opens offline
+    # results.md's tables as tables (not as Markdown in <pre>).
+    assert "<pre>" not in html and "|---|" not in html
+    assert '<th style="text-align:left">method</th>' in html and '<td style="text-align:left">random</td>' in html
     assert '"name":"random"' in html and '"name":"melstats"' in html
     assert "figure-1" in html and "figure-2" in html and "bootstrap resample" in html
     assert "| random | linear |" in outputs["markdown"] and "| random | linear |" in console
@@ -1782,6 +1785,54 @@ def test_the_figures_titles_fit_a_single_probes_width():
         assert max(len(line) for line in lines) <= 80, lines
 
 
+def test_the_report_page_shows_the_tables_as_tables_and_the_notes_as_text():
+    """Before: report.html showed results.md's blocks as Markdown source in <pre> (pipes and dashes, one
+    line per row, running off the page). Now a table is an HTML table, its columns aligned as the Markdown
+    says, a ``\\|`` in a cell is a ``|``, and the notes are paragraphs; all text is escaped."""
+    from html.parser import HTMLParser
+
+    from analysis.figures import markdown_html
+
+    block = ("mAP by fraction (mean ± std over draws)\n\n"
+             "| method | probe | 1 % | train tracks |\n|---|---|---|---:|\n"
+             "| run\\|a | linear | 0.41 ± 0.02 | 12 |\n| <b>x</b> | MLP | 0.38* | 3 |\n\n"
+             "* Some tags have few positives:\nread the full-test columns.")
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.paragraphs, self.aligns, self.inside = [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            if tag in ("td", "th", "p"):
+                self.inside = tag
+                if tag == "p":
+                    self.paragraphs.append("")
+                else:
+                    self.rows[-1].append("")
+                    self.aligns.append(dict(attrs)["style"])
+
+        def handle_endtag(self, tag):
+            self.inside = None if tag in ("td", "th", "p") else self.inside
+
+        def handle_data(self, data):
+            if self.inside == "p":
+                self.paragraphs[-1] += data
+            elif self.inside:
+                self.rows[-1][-1] += data
+
+    parsed = Cells()
+    parsed.feed(markdown_html(block))
+    assert parsed.rows == [["method", "probe", "1 %", "train tracks"], ["run|a", "linear", "0.41 ± 0.02", "12"],
+                           ["<b>x</b>", "MLP", "0.38*", "3"]]
+    assert parsed.aligns[:4] == ["text-align:left"] * 3 + ["text-align:right"]
+    assert parsed.paragraphs == ["mAP by fraction (mean ± std over draws)",
+                                 "* Some tags have few positives: read the full-test columns."]
+    assert "<b>x</b>" not in markdown_html(block)  # escaped
+
+
 def test_each_metric_row_has_a_y_title_and_one_scale_for_both_probes():
     """Before: the panels had no y-axis title, and the linear and MLP probes' panels of one metric each had a
     scale of their own, so their scores could not be compared by eye."""
@@ -1798,6 +1849,32 @@ def test_each_metric_row_has_a_y_title_and_one_scale_for_both_probes():
         # Rows: ROC-AUC (axes 1, 2), mAP (axes 3, 4); columns: linear, MLP.
         assert (layout.yaxis.title.text, layout.yaxis3.title.text) == ("macro ROC-AUC (0-1)", "macro mAP (0-1)")
         assert layout.yaxis2.matches == "y" and layout.yaxis4.matches == "y3"
+
+
+@needs_chromium
+def test_the_report_figures_are_scaled_to_their_scores_in_a_browser(tmp_path):
+    """Before: with one scale per metric row (its axes matched), plotly.js drew Fig. 1's y-axes from -1 to 4, its
+    range for an axis without data, and the scores, all between 0 and 1, sat in a thin band (the figure's
+    layout was right; only a browser showed it). Every y-axis of both figures now spans the scores: its
+    ticks lie within the values' range, padded by a tenth of it."""
+    from analysis.figures import write_report
+
+    bootstrap = pd.DataFrame([dict(dataset="corpus", method=m, classifier=c, metric=k, resample=r,
+                                   value=0.55 + 0.1 * (m == "b") + 0.05 * (c == "mlp") + 0.002 * r)
+                              for m in ("a", "b") for c in ("linear", "mlp") for k in ("roc_auc", "average_precision")
+                              for r in range(20)])
+    limited = pd.DataFrame([dict(dataset="corpus", method=m, classifier=c, fraction=f, draw=d,
+                                 roc_auc=0.5 + 0.2 * f + 0.01 * d, average_precision=0.3 + 0.3 * f + 0.01 * d)
+                            for m in ("a", "b") for c in ("linear", "mlp") for f in (0.1, 0.5, 1.0) for d in range(2)])
+    page = write_report(tmp_path / "report.html", pd.DataFrame(), bootstrap, limited)
+    ticks = drawn_y_ticks(chromium_dom(page, tmp_path))
+    # Fig. 1's subplots (1:xy, 1:x3y3: the left column; the right one shares their scales), Fig. 2's (2:...).
+    assert {name.split(":")[0] for name in ticks} == {"1", "2"}, ticks
+    for name, labels in ticks.items():
+        values = [float(label.replace("\u2212", "-")) for label in labels]
+        low, high = (0.55, 0.738) if name.startswith("1:") else (0.33, 0.71)  # the values each figure plots
+        pad = 0.1 * (high - low) + 0.02
+        assert low - pad <= min(values) and max(values) <= high + pad, (name, labels)
 
 
 def test_the_figures_plot_the_means_their_intervals_and_the_spread_over_draws():

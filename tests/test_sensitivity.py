@@ -34,6 +34,7 @@ from analysis.sensitivity import (
     spearman_with_interval,
     wilson_interval,
 )
+from conftest import PLOTLY_EMPTY_AXIS_TICKS, chromium_dom, drawn_y_ticks, needs_chromium
 from hpsearch.searcher import user_attrs_from_record
 # Epoch records, written out once, and the thresholds that leave only the uniform-assignment rule (the other
 # rules read every tiny run collapsed).
@@ -496,6 +497,18 @@ def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
         assert page.count(f"data-section='{section}'") == 2
 
 
+@needs_chromium
+def test_the_comparison_of_several_experiments_is_drawn_on_scales_of_its_data(experiment_folder, tmp_path):
+    """The whole report of two experiments, comparison included, in a browser: no y-axis at plotly.js's range
+    for an axis without data (what matched axes drew in analysis.downstream's Fig. 1 before 2026-12-07)."""
+    copy = tmp_path / "clustering-copy"
+    shutil.copytree(experiment_folder, copy)
+    out = tmp_path / "two.html"
+    assert main([str(experiment_folder), str(copy), "--out", str(out)]) == 0
+    ticks = drawn_y_ticks(chromium_dom(out, tmp_path))
+    assert len(ticks) >= 3 and not [name for name, labels in ticks.items() if labels == PLOTLY_EMPTY_AXIS_TICKS], ticks
+
+
 def test_the_comparison_says_how_often_a_search_that_mostly_collapsed_ends_with_no_score(tmp_path):
     """Before: the comparison gave each search's best range over the resamples that had a score, so a
     search with 1 scored trial of 12 read 0.400-0.400, steadier than one with 12 scored trials, though a
@@ -587,22 +600,7 @@ def test_the_default_is_the_latest_search_of_each_method(storage, experiment_fol
 # In a browser
 
 
-def chromium_dom(page: Path, tmp_path: Path) -> str:
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    done = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         # Software WebGL for the parallel coordinates: Chromium no longer falls back to it silently.
-         "--disable-dev-shm-usage", "--enable-unsafe-swiftshader", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-         "--virtual-time-budget=20000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"),
-                    reason="Chromium is not installed (Debian: apt install chromium; .ci/run installs it)")
+@needs_chromium
 def test_the_report_renders_in_headless_chromium_without_javascript_errors(report, tmp_path):
     dom = chromium_dom(report["html"], tmp_path)
     # The page's error hook collects window errors and console.error calls here.
@@ -616,6 +614,10 @@ def test_the_report_renders_in_headless_chromium_without_javascript_errors(repor
         # plotly drew the figure: its SVG layers exist and hold marks.
         assert 'class="main-svg"' in block, figure["id"]
         assert any(mark in block for mark in ('class="point"', 'class="trace', "<path")), figure["id"]
+    # No axis drawn with plotly's range for an axis without data (-1 to 4): the scale of a subplot whose
+    # points are there but which plotly did not range on them.
+    ticks = drawn_y_ticks(dom)
+    assert ticks and not [name for name, labels in ticks.items() if labels == PLOTLY_EMPTY_AXIS_TICKS], ticks
 
 
 # ----------------------------------------------------------------------------------------------
