@@ -73,9 +73,14 @@ def bootstrap_figure(bootstrap: pd.DataFrame, results: pd.DataFrame | None = Non
                     continue
                 slot = points["dataset"].map({d: i for i, d in enumerate(datasets)}).to_numpy(dtype=float)
                 x = slot + offset + rng.uniform(-jitter, jitter, len(points)) * width / 0.4
+                if first_panel:  # the legend's entry: the method's colour at full strength (the dots are faint)
+                    figure.add_trace(go.Scatter(
+                        x=[None], y=[None], mode="markers", name=method, legendgroup=method, showlegend=True,
+                        marker={"color": colours[method], "size": 10, "symbol": "diamond"}, hoverinfo="skip",
+                    ), row=row, col=col)
                 figure.add_trace(go.Scatter(
                     x=x, y=points["value"], mode="markers", name=method, legendgroup=method,
-                    showlegend=first_panel, marker={"color": colours[method], "size": 5, "opacity": 0.45},
+                    showlegend=False, marker={"color": colours[method], "size": 5, "opacity": 0.45},
                     customdata=np.stack([points["dataset"], points["resample"]], axis=1),
                     hovertemplate=f"{method}<br>%{{customdata[0]}}, resample %{{customdata[1]}}<br>%{{y:.4f}}"
                     "<extra></extra>",

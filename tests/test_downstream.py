@@ -1877,6 +1877,23 @@ def test_the_report_figures_are_scaled_to_their_scores_in_a_browser(tmp_path):
         assert low - pad <= min(values) and max(values) <= high + pad, (name, labels)
 
 
+def test_fig_1s_legend_shows_each_method_once_at_full_strength():
+    """Before: the legend's swatches were the resample dots' (opacity 0.45), as faint as those dots. Each method
+    now has one entry, drawn opaque, that shows and hides its dots and its mean in every panel."""
+    from analysis.figures import bootstrap_figure
+
+    bootstrap = pd.DataFrame([dict(dataset="corpus", method=m, classifier=c, metric=k, resample=r, value=0.5 + 0.01 * r)
+                              for m in ("a", "b") for c in ("linear", "mlp") for k in ("roc_auc", "average_precision")
+                              for r in range(3)])
+    figure = bootstrap_figure(bootstrap)
+    entries = [trace for trace in figure.data if trace.showlegend is not False]
+    assert [trace.name for trace in entries] == ["a", "b"]
+    assert all(trace.marker.opacity in (None, 1) for trace in entries)
+    for method in ("a", "b"):  # the entry's group holds the method's dots and means in all 4 panels
+        grouped = [trace for trace in figure.data if trace.legendgroup == method and trace not in entries]
+        assert len(grouped) == 8 and {trace.name for trace in grouped} == {method, f"{method} mean"}
+
+
 def test_the_figures_plot_the_means_their_intervals_and_the_spread_over_draws():
     """Fig. 1's diamonds and error bars, and Fig. 2's lines and error bars, against values worked out in the
     test: the mean of the resamples and their 2.5th and 97.5th percentiles (numpy's linear interpolation,
