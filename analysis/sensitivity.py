@@ -1242,6 +1242,35 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
+# The search settings a trial's score depends on (hpsearch.settings.SearchSettings' names), as the comparison
+# names them: searches that differ in one are not compared like for like.
+SCORE_SETTINGS = {
+    "objective": "objective", "data": "data", "root": "--root", "audio_dir": "--audio-dir", "preset": "preset",
+    "max_epochs": "epochs per trial", "steps_per_epoch": "steps per epoch", "batch_size": "batch size",
+    "probe_segments": "probe segments", "probe_segments_per_track": "probe segments per track",
+    "scheduler": "scheduler", "sampler": "sampler",
+}
+
+
+def setting_differences(analyses: Sequence[ExperimentAnalysis]) -> list[str]:
+    """Each of :data:`SCORE_SETTINGS` that the experiments do not share, as ``"name (label: value; ...)"``
+    (a setting a search.json predates is its default)."""
+    import dataclasses
+
+    from hpsearch.settings import SearchSettings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings) if f.default is not dataclasses.MISSING}
+    labels = [analysis.label or label  # the page's labels, where set
+              for analysis, label in zip(analyses, experiment_labels([analysis.experiment for analysis in analyses]))]
+    differences = []
+    for key, name in SCORE_SETTINGS.items():
+        values = [analysis.experiment.settings.get(key, defaults.get(key)) for analysis in analyses]
+        if len({json.dumps(value, sort_keys=True, default=str) for value in values}) > 1:
+            differences.append(f"{name} (" + "; ".join(f"{label}: {'-' if value is None else value}"
+                                                        for label, value in zip(labels, values)) + ")")
+    return differences
+
+
 def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, Any]]:
     """The across-methods comparison, one row per experiment.
 

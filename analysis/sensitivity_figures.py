@@ -1130,7 +1130,7 @@ OBJECTIVE_TITLE = {"probe_map": "probe mAP (macro, 0-1)", "probe_auc": "probe RO
 
 
 def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
-    from analysis.sensitivity import comparison_rows
+    from analysis.sensitivity import comparison_rows, setting_differences
 
     rows = comparison_rows(analyses)
     header = ["method", "experiment", "objective", "trials", "best", "best: range (95 % bootstrap)", "median (complete)", "IQR",
@@ -1156,9 +1156,9 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
                  r.get("most_important_for_objective") or "", r.get("most_important_for_collapse") or ""]
         body.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th class='text'>{html.escape(h)}</th>" for h in header)
-    objectives = {r["objective"] for r in rows}
-    warning = ("<p class='note'>These searches optimised different objectives; compare their scores with care.</p>"
-               if len(objectives) > 1 else "")
+    differences = setting_differences(analyses)
+    warning = ("<p class='note'>These searches differ in settings their scores depend on: "
+               + html.escape("; ".join(differences)) + ". Compare their scores with care.</p>" if differences else "")
     return (f"{warning}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             "<p class='muted'>Best range: the range of the best score of a search this size, 95 % percentile bootstrap "
             "over each search's finished trials resampled with replacement (a trial stopped for collapse drawn scores "

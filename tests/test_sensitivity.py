@@ -1123,6 +1123,31 @@ def test_a_search_whose_trials_were_too_short_for_the_rule_says_its_rate_counts_
     assert any("the collapse rule could not have stopped any trial" in n for n in off.notes)
 
 
+def test_the_comparison_names_every_setting_the_scores_depend_on_that_the_searches_do_not_share(tmp_path):
+    """Before: the comparison warned only when the objectives differed; searches of 2- and 6-epoch trials, or
+    TPE against random search, were set side by side without a word. Every setting a score depends on that
+    the searches do not share is named, with each search's value (a setting a search.json predates: its
+    default); settings that do not bear on the scores (seed, concurrency) are not."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import comparison_html, keyed
+
+    rows = [(0.1 * k, 0.5, "complete") for k in range(1, 6)]
+
+    def compared(*settings):
+        analyses = keyed([analyse(experiment_from_study(synthetic_study(rows), {**SETTINGS, **changes},
+                                                        tmp_path / f"s{number}"))
+                          for number, changes in enumerate(settings)])
+        return comparison_html(analyses).split("<table>")[0]
+
+    assert compared({}, {"seed": 3, "concurrency": 4}) == ""
+    warning = compared({}, {"max_epochs": 6, "sampler": "random", "seed": 3})
+    assert warning == ("<p class='note'>These searches differ in settings their scores depend on: epochs per trial "
+                       "(s0: 2; s1: 6); sampler (s0: tpe; s1: random). Compare their scores with care.</p>")
+    # An older search.json without "sampler" was TPE's: no difference from a TPE search.
+    assert compared({"sampler": "tpe"}, {}) == ""
+    assert "objective (s0: probe_map; s1: rankme)" in compared({}, {"objective": "rankme"})
+
+
 def test_wilson_interval_matches_its_formula():
     successes, total, z = 3, 12, 1.959964
     p = successes / total
