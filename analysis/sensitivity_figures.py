@@ -772,6 +772,18 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                         marker={"symbol": "x", "size": 11, "color": colour}, legendgroup=name,
                         hovertemplate=f"trial #{number}: collapse begins, epoch %{{x}}{would}<extra></extra>",
                     ), row=row, col=1)
+    lines = rule_lines(experiment, occupancy == OCCUPANCY_METRIC)
+    epochs = [float(epoch) for trajectory in trajectories.values() for epoch in trajectory["epoch"]]
+    if epochs:
+        for row, (metric, _) in enumerate(metrics, start=1):
+            for value, text in lines.get(metric, []):
+                if not value > 0:  # a rule turned off (a line at 0: nothing lies below it)
+                    continue
+                figure.add_trace(go.Scatter(
+                    x=[min(epochs), max(epochs)], y=[value, value], mode="lines+text", text=["", text],
+                    textposition="top left", textfont={"size": 10, "color": "#555"}, showlegend=False,
+                    line={"color": "#555", "width": 1, "dash": "dot"}, hovertemplate=f"{text}<extra></extra>",
+                ), row=row, col=1)
     figure.update_yaxes(type="log", title_text=metrics[0][1], row=1, col=1)
     if len(metrics) > 1:
         figure.update_yaxes(title_text=metrics[1][1], range=[0, 1.05], row=2, col=1)
@@ -786,9 +798,74 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
               if experiment.collapsed_wording != COLLAPSED_STOPPED else "")
     dashed = ("; dashed, in the colour of its collapse type: a trial the collapse rule would have stopped"
               if any(name.startswith("would have been stopped") for name in shown) else "")
+    dotted = ("; dotted: the collapse rule's lines on these metrics (its other readings, such as the mean cosine "
+              "and the assignments' entropy, are not drawn)"
+              if any(value > 0 for metric, _ in metrics for value, _ in lines.get(metric, [])) else "")
     caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended{dashed}; an x "
-               f"marks the epoch where a collapse began{marked}. Lines that sink early and stay low are collapses.")
+               f"marks the epoch where a collapse began{marked}{dotted}. Lines that sink early and stay low are collapses.")
     return ReportFigure(f"{_key(analysis)}-dynamics", _label(analysis), title, caption, figure)
+
+
+def _attainable_rank(experiment: Experiment) -> int | None:
+    """min(probe segments, embedding dimensions) as the trials' verdict took it: the embedding's RankMe over
+    its share of that (both logged each epoch), or None where no trial logged them."""
+    from analysis.sensitivity import RANK_METRIC
+
+    for trajectory in experiment.trajectories.values():
+        if RANK_METRIC in trajectory and f"{RANK_METRIC}_norm" in trajectory:
+            rank = pd.to_numeric(trajectory[RANK_METRIC], errors="coerce")
+            share = pd.to_numeric(trajectory[f"{RANK_METRIC}_norm"], errors="coerce")
+            usable = (share > 0) & np.isfinite(rank) & np.isfinite(share)
+            if usable.any():
+                return int(round(float(rank[usable].iloc[0] / share[usable].iloc[0])))
+    return None
+
+
+def rule_lines(experiment: Experiment, attainable_occupancy: bool = True) -> dict[str, list[tuple[float, str]]]:
+    """Where the search's collapse rule draws its lines on the metrics the dynamics plot, with their words:
+    on the embedding's RankMe, complete collapse (below ``complete_max_effective_rank``) and dimensional
+    collapse (below ``dimensional_max_rank_fraction`` of min(probe segments, embedding dimensions)); on the
+    occupancy of min(probe segments, K) (``attainable_occupancy``), partial collapse. Each says whether it
+    stops a trial. The search's ``--threshold`` values are used; none where they cannot be read."""
+    import dataclasses
+
+    from analysis.sensitivity import OCCUPANCY_METRIC, RANK_METRIC
+    from hpsearch.settings import SearchSettings, collapse_thresholds
+    from musicssl.models import PRESETS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings) if f.default is not dataclasses.MISSING}
+    settings = experiment.settings
+    try:
+        thresholds = collapse_thresholds(dict(settings.get("thresholds") or {}))
+    except ValueError:  # (SettingsError is one) a search.json written by hand or by a later version
+        return {}
+    stop_on = settings.get("stop_on")
+    if stop_on is None:
+        from hpsearch.settings import STOP_ON_BEFORE_SETTING as stop_on
+    stopping = bool(settings.get("collapse_stop", True))
+
+    def stops(kind: str) -> str:
+        if kind not in stop_on:
+            return "recorded, not stopped"
+        return "stops a trial" if stopping else "would stop a trial"
+
+    lines: dict[str, list[tuple[float, str]]] = {RANK_METRIC: [
+        (thresholds.complete_max_effective_rank,
+         f"complete: rank < {thresholds.complete_max_effective_rank:g} ({stops('complete')})")]}
+    attainable = _attainable_rank(experiment)
+    if attainable is None:  # no trial has logged it: as the settings make it (fewer tracks can give fewer segments)
+        preset = PRESETS.get(str(settings.get("preset", defaults["preset"])))
+        probe_segments = settings.get("probe_segments", defaults["probe_segments"])
+        if preset is not None and isinstance(probe_segments, int):
+            attainable = min(probe_segments, preset.embedding_dim)
+    if attainable is not None:
+        line = thresholds.dimensional_max_rank_fraction * attainable
+        lines[RANK_METRIC].append((line, f"dimensional: rank < {thresholds.dimensional_max_rank_fraction:g} x "
+                                         f"{attainable} = {line:g} ({stops('dimensional')})"))
+    if attainable_occupancy:
+        lines[OCCUPANCY_METRIC] = [(thresholds.cluster_min_occupancy,
+                                    f"partial: occupancy < {thresholds.cluster_min_occupancy:g} ({stops('partial')})")]
+    return lines
 
 
 def time_to_collapse_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:

@@ -371,6 +371,46 @@ def test_occupancy_is_the_one_the_collapse_rule_reads(experiment_folder, report)
         "cluster occupancy<br>(used of all K prototypes, 0-1)")
 
 
+def test_the_dynamics_draw_the_collapse_rules_lines_with_the_searchs_thresholds(experiment_folder):
+    """Before: the dynamics drew the trials' rank and occupancy with nothing to say where the collapse rule
+    fires. Its lines on those two metrics are now dotted across the epochs, each saying whether it stops a
+    trial: complete collapse below a RankMe of 1.5, dimensional below 0.1 of min(probe segments, embedding
+    dimensions) (32 probe segments, 256 dimensions here), partial below an occupancy of 0.1; with the
+    search's own --threshold values (this one turned all three off: no lines)."""
+    import dataclasses
+
+    from analysis.sensitivity import analyse, load_experiment
+    from analysis.sensitivity_figures import dynamics_figure
+
+    def dotted(experiment) -> dict[tuple[str, float], str]:
+        figure = dynamics_figure(analyse(experiment)).figure
+        found = {}
+        for trace in figure.data:
+            if trace.line.dash == "dot":
+                assert trace.y[0] == trace.y[1] and list(trace.x) == [1, TINY["max_epochs"]]
+                found[trace.yaxis, trace.y[0]] = trace.text[1]
+        return found
+
+    experiment = load_experiment(experiment_folder)
+    assert experiment.settings["thresholds"] == UNIFORM_ONLY and dotted(experiment) == {}
+    assert "dotted" not in dynamics_figure(analyse(experiment)).caption
+    defaults = dataclasses.replace(experiment, settings={**experiment.settings, "thresholds": {}})
+    assert dotted(defaults) == {
+        ("y", 1.5): "complete: rank < 1.5 (stops a trial)",
+        ("y", 0.1 * min(32, 256)): "dimensional: rank < 0.1 x 32 = 3.2 (recorded, not stopped)",
+        ("y2", 0.1): "partial: occupancy < 0.1 (recorded, not stopped)",
+    }
+    assert "dotted: the collapse rule's lines on these metrics" in dynamics_figure(analyse(defaults)).caption
+    moved = dataclasses.replace(experiment, settings={
+        **experiment.settings, "thresholds": {"complete_max_effective_rank": 2.0, "cluster_min_occupancy": 0.25},
+        "collapse_stop": False, "stop_on": ["complete", "dimensional"]})
+    assert dotted(moved) == {
+        ("y", 2.0): "complete: rank < 2 (would stop a trial)",
+        ("y", 3.2): "dimensional: rank < 0.1 x 32 = 3.2 (would stop a trial)",
+        ("y2", 0.25): "partial: occupancy < 0.25 (recorded, not stopped)",
+    }
+
+
 def test_trajectories_are_joined_to_optuna_trials(experiment_folder):
     from analysis.sensitivity import read_trajectories
 
