@@ -1006,11 +1006,19 @@ def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
             dimension = {"label": f"{name} (log)" if log else name, "values": numbers.fillna(floor if unset else low),
                          "range": [floor if unset else low, high]}
             if log or unset:  # else plotly's own ticks
-                ticks = list(np.arange(math.ceil(low), math.floor(high) + 1)) if log else list(np.linspace(low, high, 5))
-                if not log and isinstance(distribution, IntDistribution):  # 64-1024: 304, not 3.04e+02
-                    ticks = sorted({round(t) for t in ticks})
-                dimension.update(tickvals=[floor] * unset + ticks,
-                                 ticktext=["not set"] * unset + [f"{10.0 ** t:g}" if log else f"{t:.4g}" for t in ticks])
+                if log:  # the powers of ten inside the range, and its ends where they are not near one
+                    decades = [float(t) for t in np.arange(math.ceil(low), math.floor(high) + 1)]
+                    ends = [t for t in (low, high) if all(abs(t - decade) > 0.25 for decade in decades)]
+                    ticks = sorted(decades + ends)
+                    integer = isinstance(distribution, IntDistribution)
+                    text = [f"{10.0 ** t:g}" if t in decades else (f"{round(10.0 ** t)}" if integer else f"{10.0 ** t:.3g}")
+                            for t in ticks]
+                else:
+                    ticks = list(np.linspace(low, high, 5))
+                    if isinstance(distribution, IntDistribution):  # 64-1024: 304, not 3.04e+02
+                        ticks = sorted({round(t) for t in ticks})
+                    text = [f"{t:.4g}" for t in ticks]
+                dimension.update(tickvals=[floor] * unset + ticks, ticktext=["not set"] * unset + text)
             dimensions.append(dimension)
     objective = frame["objective"].where(frame["outcome"] == "complete")
     if objective.notna().any():

@@ -947,6 +947,32 @@ def test_parallel_coordinates_put_a_parameter_a_trial_lacks_on_a_not_set_tick_be
     assert list(dimension.ticktext) == ["not set", "64", "304", "544", "784", "1024"]
 
 
+def test_a_log_axis_of_the_parallel_coordinates_marks_the_ends_of_its_range():
+    """Before: a log axis had ticks at the powers of ten only, so a range of 0.001-0.5 read as if it ended at
+    0.1, with lines running on above its last tick, and 16-8192 prototypes as 100-1000. Its ends are now
+    marked too, unless a power of ten is near (within a quarter of a decade)."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import parallel_figure
+
+    space = {"rate": optuna.distributions.FloatDistribution(1e-3, 0.5, log=True),
+             "k": optuna.distributions.IntDistribution(16, 8192, log=True),
+             "lr": optuna.distributions.FloatDistribution(1e-4, 0.12, log=True)}
+    study = optuna.create_study(direction="maximize")
+    for number, (rate, k, lr) in enumerate([(0.002, 20, 1e-3), (0.4, 4000, 0.05), (0.05, 300, 2e-4)]):
+        study.add_trial(optuna.trial.create_trial(params={"rate": rate, "k": k, "lr": lr}, distributions=space,
+                                                  value=0.1 * number, user_attrs={"outcome": "complete"}))
+    figure = parallel_figure(analyse(experiment_from_study(study, SETTINGS))).figure
+    dimensions = {dimension.label: dimension for dimension in figure.data[0].dimensions}
+    rate, k, lr = dimensions["rate (log)"], dimensions["k (log)"], dimensions["lr (log)"]
+    assert list(rate.ticktext) == ["0.001", "0.01", "0.1", "0.5"]
+    np.testing.assert_allclose(rate.tickvals, [-3, -2, -1, math.log10(0.5)])
+    assert list(k.ticktext) == ["16", "100", "1000", "8192"]
+    np.testing.assert_allclose(k.tickvals, [math.log10(16), 2, 3, math.log10(8192)])
+    # 0.12 lies within a quarter of a decade of 0.1: no tick of its own (their labels would overlap).
+    assert list(lr.ticktext) == ["0.0001", "0.001", "0.01", "0.1"]
+    np.testing.assert_allclose(lr.range, [-4, math.log10(0.12)])
+
+
 def test_collapse_importances_need_three_trials_on_each_side():
     """Before: one collapsed trial of 64 gave importances (fANOVA 0.92 for whichever of its parameters was
     most unusual) and named the parameter that "decides collapse"."""
