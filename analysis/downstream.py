@@ -2055,7 +2055,13 @@ class _MappedTraining:
         evaluation's process."""
         rows, _ = segment_rows(self.segment_counts, self.positions)
         track_of_row = np.repeat(np.arange(len(self.positions)), np.asarray(self.segment_counts)[self.positions])
-        return _take_rows(self.segments.open(), rows), self.labels[track_of_row]
+        try:
+            segments = self.segments.open()
+        except (OSError, ValueError) as error:  # removed, or cut short, since the evaluation read it
+            raise DownstreamError(f"the embedding cache file {self.segments.path} changed or went away during the "
+                                  f"evaluation ({getattr(error, 'strerror', None) or error}); run the evaluation "
+                                  "again") from None
+        return _take_rows(segments, rows), self.labels[track_of_row]
 
 
 def _fit_and_predict(kind, training, valid_x, valid_y, test_x, classifier_config, seed, device):

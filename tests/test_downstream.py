@@ -603,6 +603,27 @@ def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_m
     np.testing.assert_allclose(fitted.scale.numpy(), std, rtol=1e-5, atol=1e-6)
 
 
+def test_a_cache_file_removed_under_a_probe_process_is_named_with_the_fix(tmp_path):
+    """A probe process maps the cache file when its fit starts: one removed (or cut short) since the
+    evaluation read it is a DownstreamError naming it, not a bare FileNotFoundError from a process."""
+    import analysis.downstream as downstream
+
+    embeddings, labels = _small_embeddings()
+    path = tmp_path / "embeddings.npz"
+    downstream.save_embeddings(path, embeddings, {})
+    mapped = downstream.load_embeddings(path).segments_file()
+    training = downstream._MappedTraining(mapped, embeddings.segment_counts, np.array([0, 2]), labels[[0, 2]])
+    rows, row_labels = training.arrays()
+    np.testing.assert_array_equal(rows, embeddings.segments[:5])
+    np.testing.assert_array_equal(row_labels, labels[[0, 0, 0, 2, 2]])
+    path.write_bytes(path.read_bytes()[: mapped.offset + 8])  # cut short
+    with pytest.raises(DownstreamError, match=f"the embedding cache file {re.escape(str(path))} changed or went away"):
+        training.arrays()
+    path.unlink()
+    with pytest.raises(DownstreamError, match="run the evaluation again"):
+        training.arrays()
+
+
 def test_embedding_cache_files_that_cannot_be_mapped_are_read_or_computed_again(tmp_path):
     """A compressed file (written by another tool: np.savez_compressed) is read, not mapped; one whose training
     segments do not match its segment counts is damaged, and read as missing."""
