@@ -97,6 +97,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
     quiet_ctrl_c_while_starting("python -m analysis.downstream")
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -107,7 +108,6 @@ import os
 import pickle
 import sys
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -913,7 +913,7 @@ class Embeddings:
         """Segment embeddings of the tracks at ``positions`` and, per segment, its track's position.
 
         When the tracks are every track with segments, in order, the embeddings are ``segments`` itself
-        (not a copy: read-only when memory-mapped from the cache)."""
+        (not a copy: memory-mapped, copy-on-write, when read from the cache)."""
         rows, owners = segment_rows(self.segment_counts, positions)
         return _take_rows(self.segments, rows), owners
 
@@ -945,51 +945,81 @@ def _all_finite(array: np.ndarray, rows: int = 65536) -> bool:
     return all(bool(np.isfinite(array[start : start + rows]).all()) for start in range(0, len(array), rows))
 
 
+class CacheFileChanged(OSError):
+    """The cache file a :class:`MappedArray` was found in is gone, or is another file now."""
+
+
+def _file_identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class MappedArray:
     """Where an array lies in a file (an uncompressed ``.npy`` member of an ``.npz``), for any process to
-    map it from there instead of being sent a copy."""
+    map it from there instead of being sent a copy; ``identity`` (device, inode, size, modification time)
+    tells whether the file at ``path`` is still the one it was found in."""
 
     path: str
     offset: int
     shape: tuple[int, ...]
     dtype: str
     fortran_order: bool
+    identity: tuple[int, int, int, int]
 
-    def open(self) -> np.ndarray:
-        """The array, memory-mapped read-only (its pages are the file's: the kernel shares them between
-        processes and takes them back under memory pressure)."""
-        array = np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=self.shape,
-                          order="F" if self.fortran_order else "C")
+    def unchanged(self) -> bool:
+        """Whether ``path`` still names the file the array was found in."""
+        try:
+            return _file_identity(os.stat(self.path)) == self.identity
+        except OSError:
+            return False
+
+    def open(self, stream: Any = None) -> np.ndarray:
+        """The array, memory-mapped copy-on-write from ``stream`` (an open file, the one it was found in) or
+        from ``path``: its pages are the file's, which the kernel shares between processes and takes back under
+        memory pressure; a write would go to a private copy of its page, never to the file.
+        :class:`CacheFileChanged` when ``path`` is gone or names another file now."""
+        try:
+            with contextlib.ExitStack() as stack:
+                if stream is None:
+                    stream = stack.enter_context(open(self.path, "rb"))
+                if _file_identity(os.fstat(stream.fileno())) != self.identity:
+                    raise CacheFileChanged(f"{self.path} is another file now")
+                array = np.memmap(stream, dtype=np.dtype(self.dtype), mode="c", offset=self.offset, shape=self.shape,
+                                  order="F" if self.fortran_order else "C")
+        except FileNotFoundError as error:
+            raise CacheFileChanged(f"{self.path} is gone") from error
         array.mapped_from = self  # type: ignore[attr-defined]  (how Embeddings.segments_file finds it)
         return array
 
 
-def _npz_member(path: Path, name: str) -> MappedArray | None:
-    """Where the array ``name`` of the ``.npz`` at ``path`` lies, when it can be mapped: stored uncompressed
-    (as ``np.savez`` writes), not empty, of plain values. None otherwise (then it is read as usual)."""
+def _npz_member(stream: Any, name: str) -> MappedArray | None:
+    """Where the array ``name`` of the ``.npz`` open as ``stream`` (a file opened for reading) lies, when it can
+    be mapped: stored uncompressed and unencrypted (as ``np.savez`` writes), not empty, of plain values.
+    None otherwise (then it is read as usual)."""
     import struct
 
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(stream) as archive:
         info = archive.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed, or encrypted
         return None
-    with open(path, "rb") as stream:
-        stream.seek(info.header_offset)
-        header = stream.read(30)  # a zip local file header: its name's and extra field's lengths at 26 and 28
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            return None
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
-        stream.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(stream)
-        offset = stream.tell()
-    member_end = info.header_offset + 30 + name_length + extra_length + info.file_size
+    stream.seek(info.header_offset)
+    header = stream.read(30)  # a zip local file header: its name's and extra field's lengths at 26 and 28
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        return None
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    if stream.read(name_length) != info.filename.encode():
+        return None
+    start = info.header_offset + 30 + name_length + extra_length
+    stream.seek(start)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    offset = stream.tell()
     values = math.prod(shape)
-    if dtype.hasobject or values == 0 or offset + values * dtype.itemsize > member_end:
+    if dtype.hasobject or values == 0 or offset + values * dtype.itemsize > start + info.file_size:
         return None
-    return MappedArray(str(path), offset, tuple(int(n) for n in shape), dtype.str, bool(fortran_order))
+    return MappedArray(getattr(stream, "name", ""), offset, tuple(int(n) for n in shape), dtype.str,
+                       bool(fortran_order), _file_identity(os.fstat(stream.fileno())))
 
 
 def _protocol_segments(cache, track_id: str, config: DownstreamConfig, train: bool) -> Tensor:
@@ -1161,19 +1191,20 @@ _DAMAGED_CACHE_FILE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFi
 def load_embeddings(path: Path, track_ids: Sequence[str] | None = None) -> Embeddings | None:
     """The cached embeddings at ``path``, or None when absent, unreadable or for other tracks.
 
-    The training segments' embeddings (most of the file) are memory-mapped, read-only, not read: the
+    The training segments' embeddings (most of the file) are memory-mapped (copy-on-write), not read: the
     probe fits read them from the file's pages, which their processes share."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            mapped = _npz_member(path, "segments")
+        # One handle for every member, the mapped one too: the file cannot be swapped for another between them.
+        with open(path, "rb") as stream, np.load(stream, allow_pickle=False) as stored:
+            mapped = _npz_member(stream, "segments")
             embeddings = Embeddings(
                 track_ids=stored["track_ids"].tolist(),
                 splits=stored["splits"],
                 track_means=stored["track_means"],
                 segment_counts=stored["segment_counts"],
-                segments=mapped.open() if mapped is not None else stored["segments"],
+                segments=mapped.open(stream) if mapped is not None else stored["segments"],
                 from_cache=True,
                 path=path,
             )
@@ -1331,9 +1362,7 @@ def _fit_classifier(kind, train_x, train_y, valid_x, valid_y, config: Classifier
         if not _all_finite(values):
             raise DownstreamError(f"the {name} embeddings contain NaN or inf (a diverged checkpoint?)")
 
-    with warnings.catch_warnings():  # a memory-mapped cache is read-only; nothing here writes to it
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        x = torch.from_numpy(train_x).to(device)
+    x = torch.from_numpy(train_x).to(device)
     y = torch.from_numpy(train_y).to(device)
     mean = x.mean(dim=0)
     scale = x.std(dim=0, unbiased=False)
@@ -1987,7 +2016,9 @@ def _fit_probes(
     def job(fraction: float, draw: int, subset: np.ndarray) -> tuple:
         chosen = train_pos[subset]
         seed = config.seed + 1000 * draw + CLASSIFIERS.index(classifier)
-        if mapped is not None:  # the probe process maps the cache file and takes its rows from there
+        # The probe process maps the cache file and takes its rows from there, while the file is the one this
+        # process mapped (else, removed or replaced by another evaluation meanwhile, it is sent the rows).
+        if mapped is not None and mapped.unchanged():
             training: Any = _MappedTraining(mapped, embeddings.segment_counts, chosen, labels[chosen])
         else:
             train_x, owners = embeddings.training_segments(chosen)
@@ -2057,7 +2088,7 @@ class _MappedTraining:
         track_of_row = np.repeat(np.arange(len(self.positions)), np.asarray(self.segment_counts)[self.positions])
         try:
             segments = self.segments.open()
-        except (OSError, ValueError) as error:  # removed, or cut short, since the evaluation read it
+        except (OSError, ValueError) as error:  # removed, replaced or cut short since the evaluation checked it
             raise DownstreamError(f"the embedding cache file {self.segments.path} changed or went away during the "
                                   f"evaluation ({getattr(error, 'strerror', None) or error}); run the evaluation "
                                   "again") from None

@@ -26,7 +26,7 @@ CASES = {
     "bench_downstream": (["--synthetic", "--tracks", "8", "--skip-full", "--repeats", "1", "--threads", "1",
                           "--presets", "cpu"], "embedding extraction"),
     "bench_scale": (["--tracks", "20", "40", "--seconds", "8"], "RESULT folder loader seconds per .m4a row, 40 / 20 rows"),
-    "bench_probe_memory": (["--segments", "2000", "--dim", "16", "--workers", "0"],
+    "bench_probe_memory": (["--segments", "60000", "--dim", "128", "--workers", "0"],
                            "RESULT probe_memory_over_segments workers=0 "),
 }
 
@@ -43,6 +43,9 @@ def test_benchmark_script_runs(script, tmp_path):
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert expected in completed.stdout
+    if script == "bench_probe_memory":  # about one copy of the embeddings at most (before: 4.2 and 10.4)
+        ratios = [float(line.split()[-1]) for line in completed.stdout.splitlines() if line.startswith("RESULT")]
+        assert ratios and max(ratios) < 2.0, completed.stdout
     if script == "bench_downstream":  # the synthetic tracks' mel cache went with them (before: one left a run)
         assert not list((tmp_path / "cache").glob("mels/*")), list((tmp_path / "cache").rglob("*"))[:5]
 

@@ -556,6 +556,19 @@ def _small_embeddings(seed: int = 3, dim: int = 6):
     return embeddings, labels
 
 
+def _medium_embeddings(seed: int = 5):
+    """40 training tracks of 25 segments, 10 valid and 10 test tracks, 32 values, 3 tags the embeddings carry."""
+    from analysis.downstream import Embeddings
+
+    rng = np.random.default_rng(seed)
+    counts = np.where(np.arange(60) < 40, 25, 0)
+    splits = np.array(["train"] * 40 + ["valid"] * 10 + ["test"] * 10)
+    labels = (rng.random((60, 3)) < 0.5).astype(np.float32)
+    means = (labels @ rng.standard_normal((3, 32)) + rng.standard_normal((60, 32))).astype(np.float32)
+    segments = means[np.repeat(np.arange(60), counts)] + rng.standard_normal((1000, 32)).astype(np.float32)
+    return Embeddings([f"t{i}" for i in range(60)], splits, means, counts, segments), labels
+
+
 def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_memory(tmp_path):
     """Before: load_embeddings read the training segments' embeddings into memory, and each fit held a gathered
     and a standardised copy of them besides (4.5 times their size at the worst moment in one process, 9.8 with 2
@@ -568,8 +581,13 @@ def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_m
     path = tmp_path / "embeddings.npz"
     save_embeddings(path, embeddings, {})
     loaded = load_embeddings(path)
-    assert isinstance(loaded.segments, np.memmap) and not loaded.segments.flags.writeable
+    assert isinstance(loaded.segments, np.memmap) and loaded.segments.mode == "c"  # copy-on-write
     np.testing.assert_array_equal(loaded.segments, embeddings.segments)
+    written = path.read_bytes()
+    scratch = load_embeddings(path)
+    scratch.segments[0, 0] = 1e6  # a write goes to a private copy of the page, never to the file
+    assert path.read_bytes() == written and loaded.segments[0, 0] == embeddings.segments[0, 0]
+    del scratch
     np.testing.assert_array_equal(loaded.track_means, embeddings.track_means)
     # Where it is mapped from: the file's bytes there are the array's.
     where = loaded.segments_file()
@@ -587,7 +605,7 @@ def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_m
     _, owners = embeddings.training_segments(train)
     fits = {}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (torch warns of a read-only array unless told it is known)
+        warnings.simplefilter("error")  # (torch warns of a read-only array: the mapping is copy-on-write)
         for name, source in (("memory", embeddings), ("mapped", loaded)):
             train_x, _ = source.training_segments(train)
             fitted = fit_classifier("mlp", train_x, labels[owners], embeddings.track_means[[1]], labels[[1]], config,
@@ -603,25 +621,105 @@ def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_m
     np.testing.assert_allclose(fitted.scale.numpy(), std, rtol=1e-5, atol=1e-6)
 
 
-def test_a_cache_file_removed_under_a_probe_process_is_named_with_the_fix(tmp_path):
-    """A probe process maps the cache file when its fit starts: one removed (or cut short) since the
-    evaluation read it is a DownstreamError naming it, not a bare FileNotFoundError from a process."""
+def test_a_cache_file_replaced_or_removed_during_an_evaluation_is_never_mixed_with_the_one_mapped(
+        tmp_path, monkeypatch):
+    """The probe processes map the cache file by its name. Another evaluation can replace it meanwhile (an
+    atomic rename: this one's mapping keeps the old file), or a user remove it. A process is then sent the rows
+    from this process's mapping, not the name; and a process that finds the name taken by another file when its
+    fit starts (between the check and the fit) stops with a DownstreamError naming the file, instead of fitting
+    on other numbers than the evaluation's."""
+    import os
+    import pickle
+
     import analysis.downstream as downstream
 
-    embeddings, labels = _small_embeddings()
+    embeddings, labels = _medium_embeddings()
     path = tmp_path / "embeddings.npz"
     downstream.save_embeddings(path, embeddings, {})
-    mapped = downstream.load_embeddings(path).segments_file()
+    loaded = downstream.load_embeddings(path)
+    mapped = loaded.segments_file()
+    assert mapped.unchanged() and mapped.identity[1] == os.stat(path).st_ino
     training = downstream._MappedTraining(mapped, embeddings.segment_counts, np.array([0, 2]), labels[[0, 2]])
     rows, row_labels = training.arrays()
-    np.testing.assert_array_equal(rows, embeddings.segments[:5])
-    np.testing.assert_array_equal(row_labels, labels[[0, 0, 0, 2, 2]])
-    path.write_bytes(path.read_bytes()[: mapped.offset + 8])  # cut short
-    with pytest.raises(DownstreamError, match=f"the embedding cache file {re.escape(str(path))} changed or went away"):
+    np.testing.assert_array_equal(rows, embeddings.segments[np.r_[0:25, 50:75]])
+    np.testing.assert_array_equal(row_labels, labels[[0] * 25 + [2] * 25])
+
+    # Replaced by another evaluation's file (other numbers, the same size): the process refuses it.
+    other, _ = _medium_embeddings(seed=9)
+    downstream.save_embeddings(path, other, {})
+    assert not mapped.unchanged()
+    with pytest.raises(DownstreamError, match=f"the embedding cache file {re.escape(str(path))} changed or went away "
+                                              ".*is another file now.*run the evaluation again"):
         training.arrays()
     path.unlink()
-    with pytest.raises(DownstreamError, match="run the evaluation again"):
+    with pytest.raises(DownstreamError, match="is gone"):
         training.arrays()
+
+    # And the evaluation sends the rows of the file it mapped instead, and fits on them.
+    sent = []
+    submit = downstream.SpawnPool.submit
+
+    def recorded(self, fn, /, *args, **kwargs):
+        sent.append(args[1])
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(downstream.SpawnPool, "submit", recorded)
+    positions = {name: np.flatnonzero(embeddings.splits == name) for name in ("train", "valid", "test")}
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (0.5, 1.0), "probe_workers": 2})
+    subsets = downstream.limited_data_subsets(labels[positions["train"]], config.fractions, config.draws, config.seed)
+    processes = downstream._probe_processes(config, torch.device("cpu"), len(subsets))
+    try:
+        there = downstream._fit_probes("linear", loaded, labels, positions, subsets, config, torch.device("cpu"),
+                                       processes)
+    finally:
+        processes.end()
+    here = downstream._fit_probes("linear", embeddings, labels, positions, subsets, config, torch.device("cpu"))
+    assert len(sent) == 2 and all(isinstance(training, tuple) for training in sent)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(sent[1][0])), embeddings.segments)
+    np.testing.assert_array_equal(there[1], here[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_a_fit_on_the_mapped_embeddings_holds_no_copy_of_them(tmp_path):
+    """The memory the fixes save, measured: a probe fitted on all 48 MB of mapped training embeddings grows this
+    process's anonymous memory by well under their size (before: a standardised copy and a temporary as large,
+    about twice their size). Sampled every 2 ms while the fit runs."""
+    import threading
+
+    from analysis.downstream import ClassifierConfig, Embeddings, fit_classifier, load_embeddings, save_embeddings
+
+    def anonymous_kb() -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssAnon:"))
+        return int(line.split()[1])
+
+    rng = np.random.default_rng(0)
+    rows, dim = 98_304, 128  # 48 MB of float32
+    counts = np.full(rows // 32, 32)
+    save_embeddings(tmp_path / "e.npz", Embeddings([f"t{i}" for i in range(len(counts))], np.array(["train"] * len(counts)),
+                                                   np.zeros((len(counts), dim), np.float32), counts,
+                                                   rng.standard_normal((rows, dim), dtype=np.float32)), {})
+    loaded = load_embeddings(tmp_path / "e.npz")
+    train_x, _ = loaded.training_segments(np.arange(len(counts)))
+    train_y = (rng.random((rows, 2)) < 0.5).astype(np.float32)
+    valid_x, valid_y = rng.standard_normal((64, dim), dtype=np.float32), np.tile([[1, 0], [0, 1]], (32, 1))
+    config = ClassifierConfig(check_every_steps=1, max_checks=1, batch_size=4096)
+    fit_classifier("linear", train_x[:4096], train_y[:4096], valid_x, valid_y, config)  # warm-up: first allocations
+    before, peak, running = anonymous_kb(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], anonymous_kb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fit_classifier("linear", train_x, train_y, valid_x, valid_y, config)
+    finally:
+        running[0] = False
+        sampler.join()
+    growth_mb = (peak[0] - before) / 1024
+    assert growth_mb < 0.5 * train_x.nbytes / 2**20, (growth_mb, train_x.nbytes / 2**20)
 
 
 def test_embedding_cache_files_that_cannot_be_mapped_are_read_or_computed_again(tmp_path):
@@ -652,13 +750,8 @@ def test_probe_processes_take_their_rows_from_the_mapped_cache_and_fit_as_in_thi
 
     import analysis.downstream as downstream
 
-    rng = np.random.default_rng(5)
-    counts = np.where(np.arange(60) < 40, 25, 0)  # 40 training tracks of 25 segments, 20 valid and test tracks
-    splits = np.array(["train"] * 40 + ["valid"] * 10 + ["test"] * 10)
-    labels = (rng.random((60, 3)) < 0.5).astype(np.float32)
-    means = (labels @ rng.standard_normal((3, 32)) + rng.standard_normal((60, 32))).astype(np.float32)
-    segments = means[np.repeat(np.arange(60), counts)] + rng.standard_normal((1000, 32)).astype(np.float32)
-    embeddings = downstream.Embeddings([f"t{i}" for i in range(60)], splits, means, counts, segments)
+    embeddings, labels = _medium_embeddings()
+    segments, splits = embeddings.segments, embeddings.splits
     path = tmp_path / "embeddings.npz"
     downstream.save_embeddings(path, embeddings, {})
     positions = {name: np.flatnonzero(splits == name) for name in ("train", "valid", "test")}
