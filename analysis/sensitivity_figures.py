@@ -510,9 +510,13 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
     unscored = frame[~frame.index.isin(scored.index)]
     # A row for the trials without a score only where there are some: an empty row of shared x-axes would
     # take the axis's ticks and title with it (plotly draws no axis for a subplot without points).
-    rate_row = 3 if len(unscored) else 2
-    figure = make_subplots(rows=rate_row, cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                           row_heights=[0.55, 0.2, 0.25] if len(unscored) else [0.68, 0.32])
+    # And no score row where no trial has a score.
+    score_row = 1 if len(scored) else None
+    unscored_row = ((2 if score_row else 1) if len(unscored) else None)
+    rate_row = (unscored_row or score_row or 0) + 1
+    heights = {(True, True): [0.55, 0.2, 0.25], (True, False): [0.68, 0.32], (False, True): [0.45, 0.55],
+               (False, False): [1.0]}[bool(score_row), bool(unscored_row)]
+    figure = make_subplots(rows=rate_row, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=heights)
     if len(scored):
         figure.add_trace(go.Scatter(
             x=scored[column], y=scored["objective"], mode="markers", name="complete",
@@ -522,7 +526,7 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
     would = scored[scored["would_stop"]]
     if len(would):
         figure.add_trace(_would_stop_rings(would, would[column], would["objective"], experiment, 17), row=1, col=1)
-    if analysis.best:
+    if analysis.best and score_row:
         best = frame[frame["trial"] == analysis.best["trial"]]
         figure.add_trace(go.Scatter(x=best[column], y=best["objective"], mode="markers", name="best trial",
                                     marker={"symbol": "star", "size": 16, "color": "gold",
@@ -535,7 +539,7 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
             marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 10,
                     "line": {"width": 2, "color": group_colour(group)}},
             text=_hover(rows, experiment), hoverinfo="text",
-        ), row=2, col=1)
+        ), row=unscored_row, col=1)
     finished = frame[frame["outcome"].isin(FINISHED_OUTCOMES)]
     if len(finished):
         bins = collapse_rate_bins(finished[column].to_numpy(), finished["collapsed"].to_numpy(), distribution)
@@ -571,16 +575,21 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
             pad = 0.03 * (high - low)
             figure.update_xaxes(range=[low - pad, high + pad])
     figure.update_xaxes(title_text=parameter_label(name, distribution), row=rate_row, col=1)
-    figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
-    if len(unscored):
-        figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
+    if score_row:
+        figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=score_row, col=1)
+    if unscored_row:
+        figure.update_yaxes(title_text="no score", type="category", row=unscored_row, col=1)
     figure.update_yaxes(title_text="collapse rate (0-1)", range=[-0.05, 1.05], row=rate_row, col=1)
     title = f"{_label(analysis)}: {name} against the score and against collapse"
-    _layout(figure, title, height=620, legend={"orientation": "h", "y": -0.15})
+    _layout(figure, title, height=620 if score_row else 460, legend={"orientation": "h", "y": -0.15})
     ringed = "; red rings: trials the collapse rule would have stopped" if len(would) else ""
-    middle = ("Middle: trials without a score (collapsed by type, diverged, failed)." if len(unscored) else
-              "Every trial has a score.")
-    caption = (f"Top: the score of each complete trial at its {name} (star: the best{ringed}). {middle} "
+    if score_row:
+        top = f"Top: the score of each complete trial at its {name} (star: the best{ringed}). "
+        middle = ("Middle: trials without a score (collapsed by type, diverged, failed). " if len(unscored) else
+                  "Every trial has a score. ")
+    else:
+        top, middle = "No trial has a score. Top: the trials by how they ended (collapsed by type, diverged, failed). ", ""
+    caption = (f"{top}{middle}"
                f"Bottom: share of finished trials {experiment.collapsed_wording} "
                f"per bin of {name}, with 95 % Wilson intervals; a rising red line marks the side of the range to avoid.")
     return ReportFigure(f"{_key(analysis)}-param-{name}", _label(analysis), title, caption, figure)
@@ -775,12 +784,17 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     lines = rule_lines(experiment, occupancy == OCCUPANCY_METRIC)
     epochs = [float(epoch) for trajectory in trajectories.values() for epoch in trajectory["epoch"]]
     if epochs:
+        # Across the epochs the trials were to run (in a search whose trials all stopped at epoch 1, a line from
+        # the first epoch reported to the last had no length).
+        first, last = min(epochs), max(max(epochs), float(experiment.max_epochs))
+        if last <= first:
+            first, last = first - 0.5, last + 0.5
         for row, (metric, _) in enumerate(metrics, start=1):
             for value, text in lines.get(metric, []):
                 if not value > 0:  # a rule turned off (a line at 0: nothing lies below it)
                     continue
                 figure.add_trace(go.Scatter(
-                    x=[min(epochs), max(epochs)], y=[value, value], mode="lines+text", text=["", text],
+                    x=[first, last], y=[value, value], mode="lines+text", text=["", text],
                     textposition="top left", textfont={"size": 10, "color": "#555"}, showlegend=False,
                     line={"color": "#555", "width": 1, "dash": "dot"}, hovertemplate=f"{text}<extra></extra>",
                 ), row=row, col=1)
@@ -1054,9 +1068,13 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     scored = frame[(frame["outcome"] == "complete") & frame["objective"].notna()]
     others = frame[~frame.index.isin(scored.index)]
     would = scored[scored["would_stop"]]
-    bottom = 2 if len(others) else 1  # no empty row: it would take the shared x-axis's ticks and title
+    # No empty row: it would take the shared x-axis's ticks and title (and a score row with no score, only the
+    # untrained backbone's line, was scaled around that line alone).
+    score_row = 1 if len(scored) else None
+    other_row = (2 if len(scored) else 1) if len(others) or not len(scored) else None
+    bottom = other_row or 1
     figure = make_subplots(rows=bottom, cols=1, shared_xaxes=True, vertical_spacing=0.05,
-                           row_heights=[0.75, 0.25] if len(others) else None)
+                           row_heights=[0.75, 0.25] if bottom == 2 else None)
     if len(scored):
         figure.add_trace(go.Scatter(x=scored["trial"], y=scored["objective"], mode="markers", name="complete",
                                     marker={"color": group_colour("complete"), "size": 9},
@@ -1069,7 +1087,7 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
                                     line={"shape": "hv", "color": "#2ca02c", "width": 2}, connectgaps=False,
                                     hovertemplate="best after trial #%{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
     untrained = experiment.untrained_value
-    if untrained is not None and len(frame):
+    if untrained is not None and len(frame) and score_row:
         figure.add_trace(go.Scatter(
             x=[frame["trial"].min(), frame["trial"].max()], y=[untrained, untrained], mode="lines",
             name="untrained backbone", line={"color": "#7f7f7f", "dash": "dash"},
@@ -1080,17 +1098,23 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
             x=rows["trial"], y=[group] * len(rows), mode="markers", name=group,
             marker={"color": group_colour(group), "symbol": _group_symbol(group), "size": 10,
                     "line": {"width": 2, "color": group_colour(group)}},
-            text=_hover(rows, experiment), hoverinfo="text"), row=2, col=1)
+            text=_hover(rows, experiment), hoverinfo="text"), row=other_row, col=1)
     figure.update_xaxes(title_text="trial number (order the sampler proposed them)", row=bottom, col=1)
-    figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=1, col=1)
-    if len(others):
-        figure.update_yaxes(title_text="no score", type="category", row=2, col=1)
+    if score_row:
+        figure.update_yaxes(title_text=experiment.objective_label.split(" (")[0] + " (score)", row=score_row, col=1)
+    if other_row:
+        figure.update_yaxes(title_text="no score", type="category", row=other_row, col=1)
     title = f"{_label(analysis)}: optimisation history"
-    _layout(figure, title, height=480, legend={"orientation": "h", "y": -0.2})
-    caption = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an untrained "
-               "backbone, when measured)"
-               + ("; red rings: trials the collapse rule would have stopped" if len(would) else "")
-               + ("; trials without a score sit below. " if len(others) else "; every trial has a score. ")
+    _layout(figure, title, height=480 if score_row else 320, legend={"orientation": "h", "y": -0.2})
+    if score_row:
+        what = ("Each trial's score in the order it was proposed, with the best so far in green (dashed grey: an "
+                "untrained backbone, when measured)"
+                + ("; red rings: trials the collapse rule would have stopped" if len(would) else "")
+                + ("; trials without a score sit below. " if len(others) else "; every trial has a score. "))
+    else:
+        what = ("No trial has a score: each is shown, in the order it was proposed, by how it ended"
+                + (f" (an untrained backbone scores {untrained:.4f}). " if untrained is not None else ". "))
+    caption = (what
                + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
                   if experiment.sampler == "random" else
                   "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region."))

@@ -1573,6 +1573,30 @@ def test_a_search_where_every_trial_scored_has_no_empty_row_and_keeps_its_x_axis
             assert figure.figure.layout.yaxis2.title.text == "no score"
             assert figure.figure.layout.xaxis2.title.text == "trial number (order the sampler proposed them)"
 
+    # Every trial collapsed in its first epoch: no score row at all (before: the history's row held only the
+    # untrained backbone's line, scaled -0.67 to 1.33 around it, and each parameter figure's was blank, both under
+    # captions about scores), and the rule's lines in the dynamics have a length (before: from epoch 1 to 1).
+    rows = [(x, y, "collapsed") for x, y, _ in rows]
+    first_epoch = {number: frame.iloc[:1] for number, frame in trajectories.items()}
+    for max_epochs, ends in ((2, [1, 2]), (1, [0.5, 1.5])):
+        experiment = experiment_from_study(synthetic_study(rows), {**SETTINGS, "max_epochs": max_epochs}, tmp_path,
+                                           first_epoch)
+        experiment.search_summary["untrained_value"] = 0.33
+        _, figures = build_page([analyse(experiment)])
+        for figure in figures:
+            assert _subplots_without_points(figure.figure) == [], figure.key
+            if figure.key.endswith("-history"):
+                assert figure.figure.layout.yaxis.title.text == "no score" and "yaxis2" not in figure.figure.layout
+                assert figure.caption.startswith("No trial has a score: each is shown, in the order it was proposed, "
+                                                 "by how it ended (an untrained backbone scores 0.3300).")
+            if "-param-" in figure.key:
+                layout = figure.figure.layout
+                assert (layout.yaxis.title.text, layout.yaxis2.title.text) == ("no score", "collapse rate (0-1)")
+                assert figure.caption.startswith("No trial has a score. Top: the trials by how they ended")
+            if figure.key.endswith("-dynamics"):
+                lines = [trace for trace in figure.figure.data if trace.line.dash == "dot"]
+                assert lines and all(list(trace.x) == ends for trace in lines)
+
 
 def test_without_collapse_stopping_the_trials_the_rule_would_have_stopped_show_in_every_trial_figure(tmp_path):
     """Before: in a --no-collapse-stop search the trials the rule would have stopped (complete, with a score) were
