@@ -1252,21 +1252,40 @@ SCORE_SETTINGS = {
 }
 
 
-def setting_differences(analyses: Sequence[ExperimentAnalysis]) -> list[str]:
-    """Each of :data:`SCORE_SETTINGS` that the experiments do not share, as ``"name (label: value; ...)"``
-    (a setting a search.json predates is its default)."""
+# And those its collapse rate depends on (the collapse rule).
+RULE_SETTINGS = {
+    "collapse_stop": "collapse stopping", "grace_epochs": "grace epochs", "patience_epochs": "patience epochs",
+    "stop_on": "stops on", "thresholds": "--threshold values",
+}
+
+
+def setting_differences(analyses: Sequence[ExperimentAnalysis],
+                        settings: dict[str, str] | None = None) -> list[str]:
+    """Each of ``settings`` (default :data:`SCORE_SETTINGS`) that the experiments do not share, as
+    ``"name (label: value; ...)"`` (a setting a search.json predates is what such a search ran with)."""
     import dataclasses
 
-    from hpsearch.settings import SearchSettings
+    from hpsearch.settings import STOP_ON_BEFORE_SETTING, SearchSettings
 
     defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings) if f.default is not dataclasses.MISSING}
+    defaults.update(stop_on=list(STOP_ON_BEFORE_SETTING), thresholds={})  # (before --stop-on: every collapse type)
     labels = [analysis.label or label  # the page's labels, where set
               for analysis, label in zip(analyses, experiment_labels([analysis.experiment for analysis in analyses]))]
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value)) or "none"
+        if isinstance(value, dict):
+            return ", ".join(f"{key} {item}" for key, item in sorted(value.items())) or "the defaults"
+        return str(value)
+
     differences = []
-    for key, name in SCORE_SETTINGS.items():
+    for key, name in (SCORE_SETTINGS if settings is None else settings).items():
         values = [analysis.experiment.settings.get(key, defaults.get(key)) for analysis in analyses]
         if len({json.dumps(value, sort_keys=True, default=str) for value in values}) > 1:
-            differences.append(f"{name} (" + "; ".join(f"{label}: {'-' if value is None else value}"
+            differences.append(f"{name} (" + "; ".join(f"{label}: {shown(value)}"
                                                         for label, value in zip(labels, values)) + ")")
     return differences
 

@@ -1207,11 +1207,21 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
         hovertemplate="%{x}: %{y:.0%} %{customdata}<extra></extra>"), row=1, col=2)
     for label, analysis in zip(labels, analyses):
         frame = analysis.experiment.trials
-        scores = frame.loc[(frame["outcome"] == "complete"), "objective"].dropna()
-        figure.add_trace(go.Box(y=scores, x=[label] * len(scores), name=label, boxpoints="all", jitter=0.4, pointpos=0,
+        scores = frame.loc[(frame["outcome"] == "complete"), "objective"].dropna().to_numpy(dtype=float)
+        if not len(scores):  # said where its box would be (an empty point keeps its place on the axis)
+            figure.add_trace(go.Scatter(x=[label], y=[None], mode="markers", showlegend=False, hoverinfo="skip"),
+                             row=1, col=3)
+            figure.add_annotation(x=label, y=0.05, xref="x3", yref="y3 domain", text="no complete trial",
+                                  showarrow=False, font={"size": 11, "color": "#777"})
+            continue
+        # The quartiles the table's IQR is (numpy's linear interpolation), not plotly's own (another method: its
+        # boxes were a quarter to a third taller than the IQR beside them), and Tukey's whiskers.
+        q1, median, q3 = np.percentile(scores, [25, 50, 75])
+        inside = scores[(scores >= q1 - 1.5 * (q3 - q1)) & (scores <= q3 + 1.5 * (q3 - q1))]
+        figure.add_trace(go.Box(y=[scores], x=[label], q1=[q1], median=[median], q3=[q3], lowerfence=[inside.min()],
+                                upperfence=[inside.max()], name=label, boxpoints="all", jitter=0.4, pointpos=0,
                                 marker={"size": 5, "color": group_colour("complete")}, line={"width": 1},
-                                showlegend=False,
-                                hovertemplate="%{y:.4f}<extra></extra>"), row=1, col=3)
+                                showlegend=False, hovertemplate="%{y:.4f}<extra></extra>"), row=1, col=3)
     objective_title = (OBJECTIVE_TITLE.get(objectives[0], objectives[0]) if len(objectives) == 1
                        else "score (objectives differ: " + ", ".join(objectives) + ")")
     figure.update_yaxes(title_text=objective_title, row=1, col=1)
@@ -1239,7 +1249,7 @@ OBJECTIVE_TITLE = {"probe_map": "probe mAP (macro, 0-1)", "probe_auc": "probe RO
 
 
 def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
-    from analysis.sensitivity import comparison_rows, setting_differences
+    from analysis.sensitivity import RULE_SETTINGS, comparison_rows, setting_differences
 
     rows = comparison_rows(analyses)
     header = ["method", "experiment", "objective", "trials", "best", "best: range (95 % bootstrap)", "median (complete)", "IQR",
@@ -1256,7 +1266,8 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
             best_range = f"no score-{number(r['best_high'])} ({100 * r['best_none_share']:.0f} % of resamples: no score)"
         else:
             best_range = ""
-        cells = [r["method"], _label(analysis), r["objective"], str(r["trials"]), number(r["best"]), best_range,
+        cells = [r["method"], _label(analysis), r["objective"], str(r["trials"]),
+                 number(r["best"]) if r["best"] is not None else "no score", best_range,
                  number(r["median"]), number(r["iqr"]), number(r["near_best_fraction"], "{:.0%}"),
                  (f"{number(r['collapse_rate'], '{:.0%}')} ({number(r['collapse_low'], '{:.0%}')}-"
                   f"{number(r['collapse_high'], '{:.0%}')})"
@@ -1265,9 +1276,11 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
                  r.get("most_important_for_objective") or "", r.get("most_important_for_collapse") or ""]
         body.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th class='text'>{html.escape(h)}</th>" for h in header)
-    differences = setting_differences(analyses)
-    warning = ("<p class='note'>These searches differ in settings their scores depend on: "
-               + html.escape("; ".join(differences)) + ". Compare their scores with care.</p>" if differences else "")
+    differences, rule = setting_differences(analyses), setting_differences(analyses, RULE_SETTINGS)
+    warning = "".join(
+        f"<p class='note'>These searches differ in settings their {what} depend on: "
+        + html.escape("; ".join(listed)) + f". Compare their {what} with care.</p>"
+        for what, listed in (("scores", differences), ("collapse rates", rule)) if listed)
     return (f"{warning}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             "<p class='muted'>Best range: the range of the best score of a search this size, 95 % percentile bootstrap "
             "over each search's finished trials resampled with replacement (a trial stopped for collapse drawn scores "

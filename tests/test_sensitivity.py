@@ -1199,10 +1199,12 @@ def test_the_comparison_names_every_setting_the_scores_depend_on_that_the_search
 
     rows = [(0.1 * k, 0.5, "complete") for k in range(1, 6)]
 
+    MISSING = object()  # a setting the search.json lacks
+
     def compared(*settings):
-        analyses = keyed([analyse(experiment_from_study(synthetic_study(rows), {**SETTINGS, **changes},
-                                                        tmp_path / f"s{number}"))
-                          for number, changes in enumerate(settings)])
+        analyses = keyed([analyse(experiment_from_study(
+            synthetic_study(rows), {key: value for key, value in {**SETTINGS, **changes}.items() if value is not MISSING},
+            tmp_path / f"s{number}")) for number, changes in enumerate(settings)])
         return comparison_html(analyses).split("<table>")[0]
 
     assert compared({}, {"seed": 3, "concurrency": 4}) == ""
@@ -1212,6 +1214,45 @@ def test_the_comparison_names_every_setting_the_scores_depend_on_that_the_search
     # An older search.json without "sampler" was TPE's: no difference from a TPE search.
     assert compared({"sampler": "tpe"}, {}) == ""
     assert "objective (s0: probe_map; s1: rankme)" in compared({}, {"objective": "rankme"})
+    # The collapse rule's settings: the collapse rates depend on them (a search.json from before --stop-on
+    # stopped on every type it knew).
+    rule = compared({"stop_on": ["complete", "cluster"]},
+                    {"stop_on": ["complete", "cluster", "dimensional"], "grace_epochs": 0, "collapse_stop": False,
+                     "thresholds": {"cluster_min_occupancy": 0.2}})
+    assert rule == ("<p class='note'>These searches differ in settings their collapse rates depend on: collapse "
+                    "stopping (s0: True; s1: False); grace epochs (s0: 1; s1: 0); stops on (s0: complete,cluster; "
+                    "s1: complete,cluster,dimensional); --threshold values (s0: the defaults; s1: "
+                    "cluster_min_occupancy 0.2). Compare their collapse rates with care.</p>")
+    from hpsearch.settings import STOP_ON_BEFORE_SETTING
+
+    assert (f"stops on (s0: complete,cluster; s1: {','.join(STOP_ON_BEFORE_SETTING)})"
+            in compared({}, {"stop_on": MISSING}))
+
+
+def test_the_comparisons_boxes_are_the_tables_quartiles_and_a_search_without_a_score_is_said(tmp_path):
+    """Before: plotly computed the boxes' quartiles by a method of its own, a quarter to a third taller than the
+    IQR in the table beside them (0.0241 against 0.0185); and a search whose every trial collapsed had an empty
+    best cell and no place in the box panel. The boxes are now numpy's quartiles (the table's), with Tukey's
+    whiskers; such a search reads "no score" and "no complete trial"."""
+    from analysis.sensitivity import analyse, comparison_rows
+    from analysis.sensitivity_figures import comparison_figure, comparison_html, keyed
+
+    scores = [0.3417, 0.3658, 0.3574, 0.3313, 0.3555, 0.3676]
+    scored = [(value, 0.5, "complete") for value in scores]
+    collapsed = [(0.1 * k, 0.5, "collapsed") for k in range(1, 5)]
+    analyses = keyed([analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path / name))
+                      for name, rows in (("healthy", scored), ("lost", collapsed))])
+    rows = comparison_rows(analyses)
+    q1, median, q3 = np.percentile(scores, [25, 50, 75])  # numpy's linear interpolation, as the table's IQR
+    assert rows[0]["iqr"] == pytest.approx(q3 - q1) == pytest.approx(0.01855)
+    figure = comparison_figure(analyses).figure
+    (box,) = [trace for trace in figure.data if trace.type == "box"]
+    assert (box.q1[0], box.median[0], box.q3[0]) == pytest.approx((q1, median, q3))
+    assert (box.lowerfence[0], box.upperfence[0]) == (min(scores), max(scores))  # none beyond 1.5 IQR
+    assert [annotation.text for annotation in figure.layout.annotations if annotation.xref == "x3"] == [
+        "no complete trial"]
+    cells = comparison_html(analyses).split("<tbody>")[1].split("</tr>")[1]
+    assert "<td class='text'>no score</td>" in cells
 
 
 def test_wilson_interval_matches_its_formula():
