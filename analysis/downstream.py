@@ -2322,9 +2322,9 @@ def limited_markdown(limited: pd.DataFrame, metric: str = "average_precision") -
     fractions = sorted(limited["fraction"].unique())
     name = {"average_precision": "mAP", "roc_auc": "ROC-AUC"}[metric]
     header = "| method | probe | " + " | ".join(f"{100 * f:g} %" for f in fractions) + " |"
-    lines = [f"{name} on the whole test set by fraction of training tracks (mean ± std over draws; at 100 % the "
-             "draws differ only by the probe's seed, and the score is the full-test one, not the bootstrap mean of "
-             "the table above)", "", header,
+    lines = [f"{name} on the whole test set by fraction of training tracks (mean ± std over draws). At 100 % the "
+             "draws differ only by the probe's seed: their mean, which differs from the table above's full-test "
+             "score (the first draw's) by that seed's effect, and is not its bootstrap mean either.", "", header,
              "|---|---|" + "---:|" * len(fractions)]
     grouped = limited.groupby(["method", "classifier"], sort=False)
     for (method, classifier), frame in grouped:

@@ -175,8 +175,11 @@ def limited_data_figure(limited: pd.DataFrame) -> go.Figure:
                         customdata=frame["draw"],
                         hovertemplate=f"{name}<br>%{{x:g}} %, draw %{{customdata}}<br>%{{y:.4f}}<extra></extra>",
                     ), row=row, col=col)
+            # A tick at each percentage evaluated (plotly's log ticks read "1 2 5 10 2 5 100": 20 % and 25 % sat
+            # above a "2").
+            percents = sorted({100 * float(f) for f in limited["fraction"]})
             figure.update_xaxes(type="log", title_text="% of training tracks" if row == len(metrics) else None,
-                                row=row, col=col)
+                                tickvals=percents, ticktext=[f"{p:g}" for p in percents], row=row, col=col)
         figure.update_yaxes(title_text=f"{METRIC_TITLES[metric]} (0-1)", row=row, col=1)
     figure.update_layout(
         title="Limited training data: mean over draws (error bars: one standard deviation)",
@@ -184,6 +187,10 @@ def limited_data_figure(limited: pd.DataFrame) -> go.Figure:
         legend_title_text="method",
     )
     return figure
+
+
+_GROUP_COLUMNS = {"classifier": "probe", "scored_tags": "scored tags", "roc_auc": "ROC-AUC", "average_precision": "mAP"}
+_PROBE_NAMES = {"linear": "linear", "mlp": "MLP"}
 
 
 def _table_html(frame: pd.DataFrame) -> str:
@@ -255,7 +262,12 @@ def write_report(
     tables = "".join(f'<div class="block">{markdown_html(text)}</div>' for text in tables_markdown)
     groups = ""
     if per_group is not None and not per_group.empty and per_group["group"].nunique() > 1:
-        groups = "<h2>Per tag group</h2>" + _table_html(per_group)
+        shown = per_group.rename(columns=_GROUP_COLUMNS)
+        if "probe" in shown:
+            shown["probe"] = shown["probe"].map(lambda name: _PROBE_NAMES.get(name, name))
+        groups = ("<h2>Per tag group</h2><p>Macro ROC-AUC and mAP on the whole test set over each group's tags (those "
+                  "with positive and negative test tracks: the scored tags), probes trained on all training tracks "
+                  "(per_group.csv).</p>" + _table_html(shown))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;}} p{{max-width:60em;}} .block{{margin:1.5em 0;overflow-x:auto;}}

@@ -1519,6 +1519,10 @@ def test_jamendo_end_to_end_reports_tag_groups(tmp_path):
     assert outputs["results"]["method"].tolist() == ["random", "random-bn", "melstats"]
     assert outputs["results"]["classifier"].tolist() == ["linear"] * 3
     assert "Per tag group" in outputs["html"]
+    # In words, as the other tables (before: per_group.csv's column names, and "mlp" beside "MLP" elsewhere).
+    table = outputs["html"].split("Per tag group", 1)[1]
+    assert all(f"<th>{name}</th>" in table for name in ("probe", "scored tags", "ROC-AUC", "mAP"))
+    assert "<th>classifier</th>" not in table and "roc_auc" not in table
 
 
 def test_each_probe_fit_trains_on_its_subsets_segments_and_is_selected_on_the_valid_track_means(monkeypatch):
@@ -1609,6 +1613,7 @@ def test_the_reported_spreads_are_sample_standard_deviations():
     limited = pd.DataFrame({"method": "m", "classifier": ["linear"] * 5, "fraction": [0.5, 0.5, 0.5, 1.0, 1.0],
                             "average_precision": [0.4, 0.6, 0.8, 0.7, 0.7]})
     assert limited_markdown(limited).splitlines()[-1] == "| m | linear | 0.6000 ± 0.2000 | 0.7000 ± 0.0000 |"
+    assert "differs from the table above's full-test score (the first draw's)" in limited_markdown(limited)
     single = limited.iloc[[0, 3]]
     assert limited_markdown(single).splitlines()[-1] == "| m | linear | 0.4000 | 0.7000 |"
     # A "|" in a label is escaped (it ended the cell and shifted the row).
@@ -2045,8 +2050,11 @@ def test_the_figures_plot_the_means_their_intervals_and_the_spread_over_draws():
     draws = {0.1: [0.60, 0.64, 0.71], 1.0: [0.80]}
     limited = pd.DataFrame([dict(dataset="corpus", method="a", classifier="linear", fraction=f, draw=d, roc_auc=v,
                                  average_precision=v / 2) for f, vs in draws.items() for d, v in enumerate(vs)])
-    line = next(t for t in limited_data_figure(limited).data if t.name == "a")  # the ROC-AUC panel's
+    figure = limited_data_figure(limited)
+    line = next(t for t in figure.data if t.name == "a")  # the ROC-AUC panel's
     assert list(line.x) == [10.0, 100.0]
+    # A tick at each percentage evaluated, labelled with it (not plotly's 1 2 5 10 2 5 100).
+    assert (list(figure.layout.xaxis.tickvals), list(figure.layout.xaxis.ticktext)) == ([10.0, 100.0], ["10", "100"])
     mean = sum(draws[0.1]) / 3
     spread = math.sqrt(sum((v - mean) ** 2 for v in draws[0.1]) / 2)
     assert list(line.y) == pytest.approx([mean, 0.80]) and list(line.error_y.array) == pytest.approx([spread, 0.0])
