@@ -1019,29 +1019,31 @@ def parallel_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
             floor = low - 0.15 * (high - low if high > low else 1.0)
             dimension = {"label": f"{name} (log)" if log else name, "values": numbers.fillna(floor if unset else low),
                          "range": [floor if unset else low, high]}
-            if log or unset:  # else plotly's own ticks
-                if log:  # the powers of ten inside the range, and its ends where they are not near one
-                    decades = [float(t) for t in np.arange(math.ceil(low), math.floor(high) + 1)]
-                    ends = [t for t in (low, high) if all(abs(t - decade) > 0.25 for decade in decades)]
-                    ticks = sorted(decades + ends)
-                    integer = isinstance(distribution, IntDistribution)
-                    text = [f"{10.0 ** t:g}" if t in decades else (f"{round(10.0 ** t)}" if integer else f"{10.0 ** t:.3g}")
-                            for t in ticks]
-                else:
-                    ticks = list(np.linspace(low, high, 5))
-                    if isinstance(distribution, IntDistribution):  # 64-1024: 304, not 3.04e+02
-                        ticks = sorted({round(t) for t in ticks})
-                    text = [f"{t:.4g}" for t in ticks]
-                dimension.update(tickvals=[floor] * unset + ticks, ticktext=["not set"] * unset + text)
+            # Ticks of its own on every axis (with plotly's, it wrote the range's ends again above and below).
+            if log:  # the powers of ten inside the range, and its ends where they are not near one
+                decades = [float(t) for t in np.arange(math.ceil(low), math.floor(high) + 1)]
+                ends = [t for t in (low, high) if all(abs(t - decade) > 0.25 for decade in decades)]
+                ticks = sorted(decades + ends)
+                integer = isinstance(distribution, IntDistribution)
+                text = [f"{10.0 ** t:g}" if t in decades else (f"{round(10.0 ** t)}" if integer else f"{10.0 ** t:.3g}")
+                        for t in ticks]
+            else:
+                ticks = list(np.linspace(low, high, 5))
+                if isinstance(distribution, IntDistribution):  # 64-1024: 304, not 3.04e+02
+                    ticks = sorted({round(t) for t in ticks})
+                text = [f"{t:.4g}" for t in ticks]
+            dimension.update(tickvals=[floor] * unset + ticks, ticktext=["not set"] * unset + text)
             dimensions.append(dimension)
     objective = frame["objective"].where(frame["outcome"] == "complete")
     if objective.notna().any():
         low, high = float(objective.min()), float(objective.max())
-        floor = low - 0.15 * (high - low if high > low else max(abs(low), 1.0))
-        ticks = list(np.linspace(low, high, 4))
+        unscored = int(objective.isna().any())  # a "no score" tick below the range only where a trial has none
+        floor = low - 0.15 * (high - low if high > low else max(abs(low), 1.0)) if unscored else low
+        ticks = list(np.linspace(low, high, 4)) if high > low else [low]
         dimensions.append({"label": f"{experiment.objective} (score)", "values": objective.fillna(floor),
-                           "tickvals": [floor] + ticks, "ticktext": ["no score"] + [f"{t:.3g}" for t in ticks],
-                           "range": [floor, high]})
+                           "tickvals": [floor] * unscored + ticks,
+                           "ticktext": ["no score"] * unscored + [f"{t:.3g}" for t in ticks],
+                           "range": [floor, high] if high > floor else [low - 0.5, high + 0.5]})
     dimensions.append({"label": "outcome", "values": frame["group"].map(codes), "tickvals": list(codes.values()),
                        "ticktext": list(codes)})
     count = max(len(groups), 1)

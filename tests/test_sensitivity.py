@@ -971,6 +971,11 @@ def test_a_log_axis_of_the_parallel_coordinates_marks_the_ends_of_its_range():
     # 0.12 lies within a quarter of a decade of 0.1: no tick of its own (their labels would overlap).
     assert list(lr.ticktext) == ["0.0001", "0.001", "0.01", "0.1"]
     np.testing.assert_allclose(lr.range, [-4, math.log10(0.12)])
+    # Every trial scored: the score axis keeps no "no score" tick, nor room below its range for one (before: both,
+    # always); it spans the scores.
+    score = dimensions["probe_map (score)"]
+    assert "no score" not in score.ticktext and list(score.range) == pytest.approx([0.0, 0.2])
+    assert list(score.ticktext) == ["0", "0.0667", "0.133", "0.2"]
 
 
 def test_collapse_importances_need_three_trials_on_each_side():
