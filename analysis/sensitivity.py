@@ -1183,10 +1183,7 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
                      "end and kept their score, and count as collapsed here (collapse rate, importance for collapse, "
                      "collapse rate per parameter, maps, time to collapse)")
     if "verdict" in frame:
-        from hpsearch.settings import COLLAPSE_TYPES
-
-        flagged = finished[(finished["outcome"] == "complete") & ~finished["collapsed"]
-                           & finished["verdict"].isin(COLLAPSE_TYPES)]
+        flagged = finished[flagged_verdicts(finished) != ""]
         if len(flagged):
             from hpsearch.settings import STOP_ON_BEFORE_SETTING
 
@@ -1211,6 +1208,18 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
 # Outputs
 
 
+def flagged_verdicts(frame: pd.DataFrame) -> pd.Series:
+    """Per trial, the collapse verdict a complete trial ended with that did not count as collapsed (a type the
+    rule does not stop on, or read within the grace period or for fewer epochs than the patience): "dimensional",
+    say; "" for every other trial (and for all, in a search from before the verdict was recorded)."""
+    from hpsearch.settings import COLLAPSE_TYPES
+
+    if "verdict" not in frame:
+        return pd.Series("", index=frame.index, dtype=object)
+    flagged = (frame["outcome"] == "complete") & ~frame["collapsed"].astype(bool) & frame["verdict"].isin(COLLAPSE_TYPES)
+    return frame["verdict"].where(flagged, "").astype(object)
+
+
 def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
     """One row per trial of every experiment: outcome, scores, collapse timing, final label-free
     metrics and every parameter (sampled and derived)."""
@@ -1225,6 +1234,8 @@ def trials_table(analyses: Sequence[ExperimentAnalysis]) -> pd.DataFrame:
             # as the report counts it: stopped for collapse or diverged, or (run without stopping) what the rule
             # would have stopped, whose outcome is complete (stopped where ASHA stopped it first)
             "collapsed": frame["collapsed"].astype(bool), "collapse_type": frame["collapse_type"],
+            # a complete trial's last collapse verdict that did not count (see flagged_verdicts)
+            "flagged": flagged_verdicts(frame),
             "objective_name": experiment.objective, "objective": frame["objective"],
         })
         for column in ("probe_map", "probe_auc", "collapse_epoch", "collapse_step", "stop_epoch", "would_stop_epoch",

@@ -732,7 +732,7 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
 
 
 def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
-    from analysis.sensitivity import COLLAPSED_STOPPED, OCCUPANCY_METRIC, RANK_METRIC, occupancy_metric
+    from analysis.sensitivity import COLLAPSED_STOPPED, OCCUPANCY_METRIC, RANK_METRIC, flagged_verdicts, occupancy_metric
 
     experiment = analysis.experiment
     trajectories = experiment.trajectories
@@ -746,6 +746,7 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         metrics.append((occupancy, "cluster occupancy<br>(used of all K prototypes, 0-1)"))
     figure = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, vertical_spacing=0.08)
     frame = experiment.trials.set_index("trial")
+    flagged = flagged_verdicts(frame)
     shown: set[str] = set()
     for number in sorted(trajectories):
         trajectory = trajectories[number]
@@ -756,7 +757,10 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         would_stop = row_info is not None and bool(row_info["would_stop"])
         kind = (row_info["collapse_type"] if row_info is not None and isinstance(row_info["collapse_type"], str)
                 else "unknown")
-        name = f"would have been stopped: {kind}" if would_stop else group
+        # A complete trial whose last verdict was a collapse the rule did not stop it for: dash-dotted.
+        verdict = flagged.get(number, "") if not would_stop else ""
+        name = (f"would have been stopped: {kind}" if would_stop
+                else f"{group}, flagged {verdict}" if verdict else group)
         colour = group_colour(f"collapsed: {kind}" if would_stop else group)
         for row, (metric, _) in enumerate(metrics, start=1):
             if metric not in trajectory:
@@ -765,7 +769,7 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
             figure.add_trace(go.Scatter(
                 x=trajectory["epoch"], y=values, mode="lines+markers", name=name, legendgroup=name,
                 showlegend=name not in shown and row == 1,
-                line={"color": colour, "width": 1.5, "dash": "dash" if would_stop else "solid"},
+                line={"color": colour, "width": 1.5, "dash": "dash" if would_stop else "dashdot" if verdict else "solid"},
                 marker={"size": 5}, opacity=0.85,
                 hovertemplate=f"trial #{number} ({name})<br>epoch %{{x}}: %{{y:.3g}}<extra></extra>",
             ), row=row, col=1)
@@ -812,6 +816,9 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
               if experiment.collapsed_wording != COLLAPSED_STOPPED else "")
     dashed = ("; dashed, in the colour of its collapse type: a trial the collapse rule would have stopped"
               if any(name.startswith("would have been stopped") for name in shown) else "")
+    if any(", flagged " in name for name in shown):
+        dashed += ("; dash-dotted: a complete trial whose last epoch read a collapse the rule did not stop it for (a "
+                   "type it does not stop on, or read within the grace period or for fewer epochs than the patience)")
     dotted = ("; dotted: the collapse rule's lines on these metrics (its other readings, such as the mean cosine "
               "and the assignments' entropy, are not drawn)"
               if any(value > 0 for metric, _ in metrics for value, _ in lines.get(metric, [])) else "")
@@ -1125,16 +1132,18 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
 
 def trials_html(analysis: ExperimentAnalysis) -> str:
     """Every trial in a table (rows carry ``data-trial``), collapsed and failed ones included."""
-    from analysis.sensitivity import final_rank
+    from analysis.sensitivity import final_rank, flagged_verdicts
 
     experiment = analysis.experiment
     frame = experiment.trials
     rank = final_rank(experiment)
+    flagged = flagged_verdicts(frame)
     names = list(experiment.distributions)
     header = ["trial", "outcome", "collapse from epoch", "epochs run", f"{experiment.objective}", "final rank"] + names
     rows = []
     for index, row in frame.iterrows():
-        outcome = str(row["group"]) + (f"; {_would_stop_text(row)}" if row["would_stop"] else "")
+        outcome = (str(row["group"]) + (f"; {_would_stop_text(row)}" if row["would_stop"] else "")
+                   + (f"; flagged {flagged.loc[index]}, not stopped" if flagged.loc[index] else ""))
         cells = [str(int(row["trial"])), html.escape(outcome),
                  "" if pd.isna(row["collapse_epoch"]) else str(int(row["collapse_epoch"])),
                  "" if pd.isna(row["epochs_run"]) else f"{row['epochs_run']:.2f}",

@@ -1260,6 +1260,28 @@ def test_the_comparisons_boxes_are_the_tables_quartiles_and_a_search_without_a_s
     assert "<td class='text'>no score</td>" in cells
 
 
+def test_a_trial_only_flagged_is_named_in_the_table_the_csv_and_the_dynamics(tmp_path):
+    """Before: a complete trial whose last verdict was a collapse the rule did not stop it for (dimensional, say)
+    was counted in a note and then nowhere to be found: the trials table, the CSV and the dynamics showed it as any
+    complete trial, under a caption calling low lines collapses. It is now named in all three."""
+    from analysis.sensitivity import analyse, trials_table
+    from analysis.sensitivity_figures import dynamics_figure, keyed, trials_html
+
+    rows = [(0.2, 0.5, "complete"), (0.4, 0.5, "flagged"), (0.6, 0.5, "complete"), (0.8, 0.5, "collapsed")]
+    trajectories = {number: pd.DataFrame({"epoch": [1, 2], "collapse_rankme_embedding": [8.0, 3.0 + number]})
+                    for number in range(len(rows))}
+    (analysis,) = keyed([analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path, trajectories))])
+    table = trials_table([analysis]).set_index("trial")
+    assert table["flagged"].tolist() == ["", "dimensional", "", ""]
+    cells = {int(part.split("'", 1)[0]): part for part in trials_html(analysis).split("<tr data-trial='")[1:]}
+    assert "complete; flagged dimensional, not stopped" in cells[1]
+    assert all("flagged" not in cells[number] for number in (0, 2, 3))
+    figure = dynamics_figure(analysis)
+    styles = {trace.name: trace.line.dash for trace in figure.figure.data if trace.line.dash != "dot"}
+    assert styles["complete, flagged dimensional"] == "dashdot" and styles["complete"] == "solid"
+    assert "dash-dotted: a complete trial whose last epoch read a collapse the rule did not stop it for" in figure.caption
+
+
 def test_wilson_interval_matches_its_formula():
     successes, total, z = 3, 12, 1.959964
     p = successes / total
