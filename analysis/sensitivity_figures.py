@@ -570,7 +570,7 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
         low, high = min(float(distribution.low), values.min()), max(float(distribution.high), values.max())
         if axis_type == "log" and low > 0:
             pad = 0.03 * (math.log10(high) - math.log10(low))
-            figure.update_xaxes(range=[math.log10(low) - pad, math.log10(high) + pad])
+            figure.update_xaxes(range=[math.log10(low) - pad, math.log10(high) + pad], **log_ticks(low, high))
         else:
             pad = 0.03 * (high - low)
             figure.update_xaxes(range=[low - pad, high + pad])
@@ -597,6 +597,26 @@ def parameter_figure(analysis: ExperimentAnalysis, name: str) -> ReportFigure:
 
 # ----------------------------------------------------------------------------------------------
 # Two-parameter maps
+
+
+def log_ticks(low: float, high: float) -> dict[str, list]:
+    """Ticks for a log axis from ``low`` to ``high`` (> 0), each labelled with its value: 1, 2 and 5 times the
+    powers of ten inside it (the powers alone over more than about three decades; every digit over less than one).
+    plotly's own write the digits of a short range without their power: 10 to 80 read "10, 2, ... 8"."""
+    if not 0 < low <= high:
+        return {}
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+
+    def within(multipliers: Sequence[int]) -> list[float]:
+        return [float(f"{m * 10.0 ** k:.12g}") for k in range(first, last + 1) for m in multipliers
+                if low * (1 - 1e-9) <= m * 10.0 ** k <= high * (1 + 1e-9)]
+
+    values = within((1, 2, 5))
+    if len(values) > 10:
+        values = within((1,))
+    elif len(values) < 3:
+        values = within(range(1, 10))
+    return {"tickvals": values, "ticktext": [f"{value:g}" for value in values]}
 
 
 def map_pairs(analysis: ExperimentAnalysis, limit: int = 3) -> list[tuple[str, str]]:
@@ -707,8 +727,13 @@ def map_figure(analysis: ExperimentAnalysis, pair: tuple[str, str]) -> ReportFig
                     "line": {"width": 2, "color": group_colour(group)}},
             text=_hover(rows, experiment), hoverinfo="text",
         ))
-    figure.update_xaxes(title_text=parameter_label(x_name, x_distribution), type="log" if _is_log(x_distribution) else "linear")
-    figure.update_yaxes(title_text=parameter_label(y_name, y_distribution), type="log" if _is_log(y_distribution) else "linear")
+    for update, name, distribution in ((figure.update_xaxes, x_name, x_distribution),
+                                       (figure.update_yaxes, y_name, y_distribution)):
+        log = _is_log(distribution)
+        values = pd.to_numeric(frame[f"param_{name}"], errors="coerce").dropna()
+        update(title_text=parameter_label(name, distribution), type="log" if log else "linear",
+               **(log_ticks(min([float(distribution.low), *values]), max([float(distribution.high), *values]))
+                  if log else {}))
     title = f"{_label(analysis)}: {y_name} against {x_name}, score and collapse"
     _layout(figure, title, height=560, legend={"orientation": "h", "y": -0.18})
     ringed = ", red rings the trials the collapse rule would have stopped" if len(would) else ""
@@ -1213,9 +1238,17 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
                  "array": [_gap(r["collapse_high"], r["collapse_rate"]) for r in rows],
                  "arrayminus": [_gap(r["collapse_rate"], r["collapse_low"]) for r in rows]},
         customdata=[a.experiment.collapsed_wording for a in analyses],
-        # where the rule could not fire (trials shorter than its grace and patience), a bar of divergences only
-        text=["divergences only" if not r["collapse_rule_could_fire"] else "" for r in rows], textposition="outside",
+        # the share written on each bar (one of 0 % has no height to see), and "divergences only" where the rule
+        # could not fire (trials shorter than its grace and patience)
+        text=["" if r["collapse_rate"] is None else f"{r['collapse_rate']:.0%}"
+              + ("<br>divergences only" if not r["collapse_rule_could_fire"] else "") for r in rows],
+        # inside a bar tall enough (above a full one, it was cut off), above a short one ("auto" hid it on one of 0)
+        textposition=["inside" if (r["collapse_rate"] or 0) >= 0.2 else "outside" for r in rows],
         hovertemplate="%{x}: %{y:.0%} %{customdata}<extra></extra>"), row=1, col=2)
+    for label, r in zip(labels, rows):  # a search without a best score, said where it would be
+        if r["best"] is None:
+            figure.add_annotation(x=label, y=0.05, xref="x", yref="y domain", text="no score", showarrow=False,
+                                  font={"size": 11, "color": "#777"})
     for label, analysis in zip(labels, analyses):
         frame = analysis.experiment.trials
         scores = frame.loc[(frame["outcome"] == "complete"), "objective"].dropna().to_numpy(dtype=float)
@@ -1241,8 +1274,10 @@ def comparison_figure(analyses: Sequence[ExperimentAnalysis]) -> ReportFigure:
     figure.update_yaxes(title_text=objective_title, matches="y", row=1, col=3)
     for column in (1, 2, 3):
         figure.update_xaxes(title_text="method (experiment)", row=1, col=column)
-    title = "Comparison across methods: best score, collapse rate and how much the score depends on the settings"
-    _layout(figure, title, height=480)
+    # Two lines: one ran under plotly's toolbar on a 900 px page.
+    title = ("Comparison across methods<br><sup>best score, collapse rate, and how much the score depends on the "
+             "settings</sup>")
+    _layout(figure, title, height=500, margin={"l": 70, "r": 30, "t": 100, "b": 60})  # (room for the subtitle)
     unstopped = [_label(a) for a in analyses if a.experiment.collapsed_wording != COLLAPSED_STOPPED]
     counted = (f" (for {', '.join(unstopped)}, run without collapse stopping: trials the collapse rule would have stopped "
                "count too)" if unstopped else "")

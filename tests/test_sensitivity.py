@@ -978,6 +978,32 @@ def test_a_log_axis_of_the_parallel_coordinates_marks_the_ends_of_its_range():
     assert list(score.ticktext) == ["0", "0.0667", "0.133", "0.2"]
 
 
+def test_log_axes_of_parameters_are_labelled_with_their_values():
+    """Before: plotly wrote a short log range's ticks as bare digits: a weight searched from 10 to 80 read "10, 2,
+    ... 8", so a trial at 47 read as 4-5. A parameter's log axis in the maps and the parameter figures now has
+    ticks at 1, 2 and 5 times the powers of ten within it, each written out (the powers alone over a wide range,
+    every digit within a short one)."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import log_ticks, map_figure, parameter_figure
+
+    assert log_ticks(10, 80) == {"tickvals": [10.0, 20.0, 50.0], "ticktext": ["10", "20", "50"]}
+    assert log_ticks(3, 7)["ticktext"] == ["3", "4", "5", "6", "7"]
+    assert log_ticks(1e-6, 0.1)["ticktext"] == ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
+    assert log_ticks(0.0, 1.0) == {}
+    space = {"w": optuna.distributions.FloatDistribution(10.0, 80.0, log=True),
+             "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    study = optuna.create_study(direction="maximize")
+    for number, (w, lr) in enumerate([(12.0, 1e-3), (47.0, 2e-2), (70.0, 3e-4), (30.0, 5e-2)]):
+        study.add_trial(optuna.trial.create_trial(params={"w": w, "lr": lr}, distributions=space, value=0.1 * number,
+                                                  user_attrs={"outcome": "complete"}))
+    analysis = analyse(experiment_from_study(study, SETTINGS))
+    layout = map_figure(analysis, ("w", "lr")).figure.layout
+    assert list(layout.xaxis.ticktext) == ["10", "20", "50"] and list(layout.xaxis.tickvals) == [10, 20, 50]
+    assert list(layout.yaxis.ticktext)[0] == "0.0001" and list(layout.yaxis.ticktext)[-1] == "0.1"
+    param = parameter_figure(analysis, "w").figure.layout
+    assert list(param.xaxis.ticktext) == ["10", "20", "50"] and param.xaxis.type == "log"
+
+
 def test_collapse_importances_need_three_trials_on_each_side():
     """Before: one collapsed trial of 64 gave importances (fANOVA 0.92 for whichever of its parameters was
     most unusual) and named the parameter that "decides collapse"."""
@@ -1188,7 +1214,7 @@ def test_a_search_whose_trials_were_too_short_for_the_rule_says_its_rate_counts_
     cells = comparison_html(analyses).split("<tbody>")[1].split("</tr>")
     assert "divergences only: the rule could not fire" in cells[0] and "divergences only" not in cells[1]
     bar = comparison_figure(analyses).figure.data[1]
-    assert list(bar.text) == ["divergences only", ""]
+    assert list(bar.text) == ["17%<br>divergences only", "17%"]  # the rate on each bar
     # With stopping off, the rule could not have stopped (flagged) a trial either.
     off = analyse(experiment_from_study(synthetic_study(rows, stopping=False), {**short, "collapse_stop": False}))
     assert any("the collapse rule could not have stopped any trial" in n for n in off.notes)
@@ -1256,6 +1282,9 @@ def test_the_comparisons_boxes_are_the_tables_quartiles_and_a_search_without_a_s
     assert (box.lowerfence[0], box.upperfence[0]) == (min(scores), max(scores))  # none beyond 1.5 IQR
     assert [annotation.text for annotation in figure.layout.annotations if annotation.xref == "x3"] == [
         "no complete trial"]
+    assert [annotation.text for annotation in figure.layout.annotations if annotation.xref == "x"] == ["no score"]
+    bar = next(trace for trace in figure.data if trace.type == "bar")  # 0 % and 100 %: each written where it shows
+    assert list(bar.text) == ["0%", "100%"] and list(bar.textposition) == ["outside", "inside"]
     cells = comparison_html(analyses).split("<tbody>")[1].split("</tr>")[1]
     assert "<td class='text'>no score</td>" in cells
 
