@@ -223,11 +223,13 @@ def outcome_figure(analysis: ExperimentAnalysis) -> ReportFigure:
                 if (frame["outcome"] == o).any()]
     run = [float(frame.loc[frame["outcome"] == o, "epochs_run"].fillna(0).sum()) for o in outcomes]
     saved = [float(compute["epochs_saved"].get(o, 0.0)) for o in outcomes]
-    figure.add_trace(go.Bar(y=outcomes, x=run, orientation="h", name="run", marker_color="#1f77b4",
+    # Grey, not the blue of "complete" on the left (the bars are by outcome either way).
+    figure.add_trace(go.Bar(y=outcomes, x=run, orientation="h", name="run", marker_color="#8c96a3",
                             hovertemplate="%{y}: %{x:.1f} trial-epochs run<extra></extra>"), row=1, col=2)
-    figure.add_trace(go.Bar(y=outcomes, x=saved, orientation="h", name="not run: the trial ended early",
-                            marker_color="#2ca02c", hovertemplate="%{y}: %{x:.1f} trial-epochs saved<extra></extra>"),
-                     row=1, col=2)
+    if any(saved):  # (no legend entry for a part that no bar has)
+        figure.add_trace(go.Bar(y=outcomes, x=saved, orientation="h", name="not run: the trial ended early",
+                                marker_color="#2ca02c",
+                                hovertemplate="%{y}: %{x:.1f} trial-epochs saved<extra></extra>"), row=1, col=2)
     figure.update_layout(barmode="stack")
     figure.update_xaxes(title_text="trials (count)", row=1, col=1)
     figure.update_xaxes(title_text=f"trial-epochs (epochs of {experiment.settings.get('steps_per_epoch', '?')} steps)",
@@ -240,7 +242,9 @@ def outcome_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     saved_total = compute["epochs_saved_total"]
     caption = (f"Left: how the trials ended (collapsed ones by type). Right: the trial-epochs each outcome ran, and "
                f"in green the {saved_total:.1f} trial-epochs ({100 * compute['saved_fraction']:.0f} %) not run because "
-               f"a trial ended early: {_saved_split(compute)}.")
+               f"a trial ended early: {_saved_split(compute)}." if any(saved) else
+               "Left: how the trials ended (collapsed ones by type). Right: the trial-epochs each outcome ran; no trial "
+               "ended early, so none was saved.")
     # A search without collapse stopping: what stopping would have saved, which no bar shows (its trials ran on).
     would = frame[frame["would_stop"] & (frame["outcome"] == "complete")]
     if len(would):
@@ -1319,7 +1323,7 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
                   f"{number(r['collapse_high'], '{:.0%}')})"
                   + ("" if r["collapse_rule_could_fire"] else ", divergences only: the rule could not fire")
                   ) if r["collapse_rate"] is not None else "",
-                 r.get("most_important_for_objective") or "", r.get("most_important_for_collapse") or ""]
+                 r.get("most_important_for_objective") or "n/a", r.get("most_important_for_collapse") or "n/a"]
         body.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th class='text'>{html.escape(h)}</th>" for h in header)
     differences, rule = setting_differences(analyses), setting_differences(analyses, RULE_SETTINGS)
@@ -1337,7 +1341,9 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
             "Collapse rate: share of finished trials collapsed or diverged (for a search run without collapse "
             "stopping, also those the collapse rule would have stopped). Near best: share of finished trials within "
             "5 % of the best score, high for a method that needs little tuning. IQR: interquartile range of the complete trials' scores. The last two "
-            "columns name the parameter with the largest importance (PED-ANOVA, else fANOVA).</p>")
+            "columns name the parameter with the largest importance (PED-ANOVA, else fANOVA); n/a where no importance could be "
+            "computed (too few trials; for collapse, too few collapsed or too few healthy ones: the experiment's own "
+            "section says which).</p>")
 
 
 # ----------------------------------------------------------------------------------------------

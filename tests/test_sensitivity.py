@@ -1287,6 +1287,7 @@ def test_the_comparisons_boxes_are_the_tables_quartiles_and_a_search_without_a_s
     assert list(bar.text) == ["0%", "100%"] and list(bar.textposition) == ["outside", "inside"]
     cells = comparison_html(analyses).split("<tbody>")[1].split("</tr>")[1]
     assert "<td class='text'>no score</td>" in cells
+    assert cells.endswith("<td class='text'>n/a</td><td class='text'>n/a</td>")  # no importance with 4 trials
 
 
 def test_a_trial_only_flagged_is_named_in_the_table_the_csv_and_the_dynamics(tmp_path):
@@ -1659,6 +1660,10 @@ def test_a_search_where_every_trial_scored_has_no_empty_row_and_keeps_its_x_axis
     assert "xaxis3" not in param.to_plotly_json()
     assert param.yaxis2.title.text == "collapse rate (0-1)"
     assert "Every trial has a score." in checked["param"].caption
+    # No trial ended early: the compute panel has no "not run" part (before: a legend entry without a bar).
+    outcomes = next(figure for figure in figures if figure.key.endswith("-outcomes"))
+    assert [trace.name for trace in outcomes.figure.data if trace.name] == ["run"]
+    assert outcomes.caption.endswith("no trial ended early, so none was saved.")
 
     # With an unscored trial the row is there, and holds it.
     rows[4] = (0.9, 0.5, "diverged")
