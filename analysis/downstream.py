@@ -1057,6 +1057,15 @@ def compute_embeddings(
     may be smaller), so the cost does not depend on track lengths; valid/test tracks are reduced to
     their mean as soon as their segments are embedded, so memory holds only the training segments.
     """
+    embeddings, parts = _embedded_in_parts(embed, cache, track_ids, splits, config, progress, label)
+    return dataclasses.replace(embeddings, segments=_joined(parts, embeddings.dim))
+
+
+def _embedded_in_parts(embed, cache, track_ids, splits, config: DownstreamConfig, progress: bool = False,
+                       label: str = "") -> tuple[Embeddings, list[np.ndarray]]:
+    """:func:`compute_embeddings`, with the training segments' embeddings left in the parts they were computed
+    in (a batch's each, in order; ``segments`` empty): written to the cache from there, they are never joined in
+    memory (which held them twice)."""
     from musicssl.progress import progress_bar
 
     started = time.perf_counter()
@@ -1109,15 +1118,19 @@ def compute_embeddings(
         bar.close()
     assert sums is not None and np.array_equal(counts[is_train], segment_counts[is_train])
     means = (sums / counts[:, None]).astype(np.float32)
-    segments_array = np.concatenate(train_parts) if train_parts else np.zeros((0, means.shape[1]), np.float32)
-    return Embeddings(
+    embeddings = Embeddings(
         track_ids=list(track_ids),
         splits=np.asarray(splits),
         track_means=means,
         segment_counts=segment_counts,
-        segments=segments_array,
+        segments=np.zeros((0, means.shape[1]), np.float32),  # (the parts, joined or written, are the caller's)
         seconds=time.perf_counter() - started,
     )
+    return embeddings, train_parts
+
+
+def _joined(parts: Sequence[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts) if len(parts) else np.zeros((0, dim), np.float32)
 
 
 def dataset_digest(track_ids: Sequence[str], splits: Sequence[str], paths: Sequence[str]) -> str:
@@ -1168,19 +1181,36 @@ def _cache_or_say(save: Callable[[], None], what: str, folder: Path) -> bool:
     return True
 
 
-def save_embeddings(path: Path, embeddings: Embeddings, meta: dict) -> None:
-    """Write atomically (:func:`musicssl.paths.whole`), so a crash never leaves a half cache file."""
+def save_embeddings(path: Path, embeddings: Embeddings, meta: dict,
+                    segment_parts: Sequence[np.ndarray] | None = None) -> None:
+    """Write atomically (:func:`musicssl.paths.whole`), so a crash never leaves a half cache file: an ``.npz``
+    as ``np.savez`` writes it (every member stored uncompressed). ``segment_parts``: the training segments'
+    embeddings in parts (written one after the other as ``segments``, never joined in memory) instead of
+    ``embeddings.segments``."""
+    parts = [embeddings.segments] if segment_parts is None else list(segment_parts)
+    dtype = np.result_type(*parts) if parts else np.dtype(np.float32)
+    rows = sum(len(part) for part in parts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with whole(path) as partial, open(partial, "wb") as stream:
-        np.savez(
-            stream,
-            track_ids=np.asarray(embeddings.track_ids, dtype=str),
-            splits=np.asarray(embeddings.splits, dtype=str),
-            track_means=embeddings.track_means,
-            segment_counts=embeddings.segment_counts,
-            segments=embeddings.segments,
-            meta=np.asarray(json.dumps(meta, sort_keys=True)),
-        )
+    with whole(path) as partial, open(partial, "wb") as stream, \
+            zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        def member(name: str):  # (as np.savez opens them)
+            return archive.open(f"{name}.npy", "w", force_zip64=True)
+
+        for name, value in (("track_ids", np.asarray(embeddings.track_ids, dtype=str)),
+                            ("splits", np.asarray(embeddings.splits, dtype=str)),
+                            ("track_means", np.asarray(embeddings.track_means)),
+                            ("segment_counts", np.asarray(embeddings.segment_counts))):
+            with member(name) as file:
+                np.lib.format.write_array(file, value, allow_pickle=False)
+        with member("segments") as file:
+            np.lib.format.write_array_header_1_0(file, {
+                "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (rows, embeddings.track_means.shape[1])})
+            for part in parts:  # the bytes of each part, as they are (no copy of a C-ordered part of that type)
+                if len(part):
+                    file.write(memoryview(np.ascontiguousarray(part, dtype=dtype).reshape(-1)).cast("B"))
+        with member("meta") as file:
+            np.lib.format.write_array(file, np.asarray(json.dumps(meta, sort_keys=True)), allow_pickle=False)
 
 
 # What np.load raises on a cache file cut short or damaged (an empty file: EOFError; a truncated .npz:
@@ -1861,18 +1891,21 @@ def run_downstream(
                     used = calibrate(data.cache, [usable[p] for p in train_pos])
                     log(f"  BatchNorm statistics from {used} training segments in "
                         f"{time.perf_counter() - calibrate_started:.1f} s")
-                embeddings = compute_embeddings(embed, data.cache, usable, splits.tolist(), config, progress,
-                                                spec.label)
+                embeddings, parts = _embedded_in_parts(embed, data.cache, usable, splits.tolist(), config, progress,
+                                                       spec.label)
+                mapped = None
                 if config.use_cache:
                     meta = {"method": spec.describe(), "dataset": dataset_name, "protocol": config.protocol(),
                             "audio": audio_key}
-                    if _cache_or_say(lambda: save_embeddings(path, embeddings, meta), f"{spec.label}'s embeddings",
-                                     path.parent):
+                    if _cache_or_say(lambda: save_embeddings(path, embeddings, meta, parts),
+                                     f"{spec.label}'s embeddings", path.parent):
                         # From the file, memory-mapped (as a cached one is), instead of held: the probe processes
                         # map the same pages instead of being sent copies.
                         mapped = load_embeddings(path, usable)
-                        if mapped is not None:
-                            embeddings = dataclasses.replace(mapped, seconds=embeddings.seconds, from_cache=False)
+                embeddings = (dataclasses.replace(mapped, seconds=embeddings.seconds, from_cache=False)
+                              if mapped is not None else dataclasses.replace(embeddings,
+                                                                             segments=_joined(parts, embeddings.dim)))
+                del parts
                 n_segments = int(embeddings.segment_counts.sum())
                 log(f"  embedded {len(usable)} tracks ({n_segments} training segments + whole valid/test tracks) in "
                     f"{embeddings.seconds:.1f} s: {len(usable) / embeddings.seconds:.1f} tracks/s on {device}")

@@ -722,6 +722,83 @@ def test_a_fit_on_the_mapped_embeddings_holds_no_copy_of_them(tmp_path):
     assert growth_mb < 0.5 * train_x.nbytes / 2**20, (growth_mb, train_x.nbytes / 2**20)
 
 
+def test_the_cache_file_written_from_parts_holds_what_np_savez_writes(tmp_path):
+    """The embeddings just computed are written to the cache in the parts they were computed in (a batch's each),
+    never joined in memory (which held them twice, at the end of the embedding). The file's members are those
+    np.savez writes of the joined array: same names, sizes, checksums, stored uncompressed."""
+    import json
+    import zipfile
+
+    from analysis.downstream import load_embeddings, save_embeddings
+
+    embeddings, _ = _small_embeddings()
+    segments = embeddings.segments
+    save_embeddings(tmp_path / "parts.npz", embeddings, {"x": 1}, [segments[:3], segments[3:3], segments[3:]])
+    np.savez(tmp_path / "savez.npz", track_ids=np.asarray(embeddings.track_ids, dtype=str),
+             splits=np.asarray(embeddings.splits, dtype=str), track_means=embeddings.track_means,
+             segment_counts=embeddings.segment_counts, segments=segments, meta=np.asarray(json.dumps({"x": 1})))
+
+    def members(name):
+        with zipfile.ZipFile(tmp_path / name) as archive:
+            return [(info.filename, info.file_size, info.CRC, info.compress_type) for info in archive.infolist()]
+
+    assert members("parts.npz") == members("savez.npz")
+    assert all(compress == zipfile.ZIP_STORED for *_, compress in members("parts.npz"))
+    loaded = load_embeddings(tmp_path / "parts.npz")
+    assert isinstance(loaded.segments, np.memmap)
+    np.testing.assert_array_equal(loaded.segments, segments)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_an_evaluation_writes_the_embeddings_it_computed_without_joining_them(tmp_path, monkeypatch):
+    """An evaluation embeds a method and caches it from the parts: this process's anonymous memory grows by less
+    than half the training embeddings' size while they are written (joined first, by their size), and the
+    evaluation goes on with them mapped from the file."""
+    import threading
+
+    import analysis.downstream as downstream
+
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((256, 128), dtype=np.float32) for _ in range(192)]  # 24 MB in 192 batches' parts
+    counts = np.full(len(parts) * 8, 32)
+    embeddings = downstream.Embeddings([f"t{i}" for i in range(len(counts))], np.array(["train"] * len(counts)),
+                                       np.zeros((len(counts), 128), np.float32), counts, np.zeros((0, 128), np.float32))
+
+    def anonymous_kb() -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssAnon:"))
+        return int(line.split()[1])
+
+    before, peak, running = anonymous_kb(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], anonymous_kb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        downstream.save_embeddings(tmp_path / "e.npz", embeddings, {}, parts)
+    finally:
+        running[0] = False
+        sampler.join()
+    size_mb = sum(part.nbytes for part in parts) / 2**20
+    assert (peak[0] - before) / 1024 < 0.5 * size_mb, ((peak[0] - before) / 1024, size_mb)
+    np.testing.assert_array_equal(downstream.load_embeddings(tmp_path / "e.npz").segments[256 * 7 : 256 * 8], parts[7])
+
+    # run_downstream caches the parts it computed (not a joined copy), and fits on the file's mapping.
+    saved, fitted = [], []
+    save, fit_probes = downstream.save_embeddings, downstream._fit_probes
+    monkeypatch.setattr(downstream, "save_embeddings",
+                        lambda path, computed, meta, segment_parts=None: (saved.append(segment_parts),
+                                                                          save(path, computed, meta, segment_parts)))
+    monkeypatch.setattr(downstream, "_fit_probes", lambda classifier, used, *args, **kwargs: (
+        fitted.append(used.segments_file() is not None), fit_probes(classifier, used, *args, **kwargs))[1])
+    records = write_pitch_dataset(tmp_path / "audio")
+    _melstats_evaluation(records, DownstreamConfig(**SMALL_EVALUATION, cache_dir=str(tmp_path / "cache")))
+    assert len(saved) == 1 and isinstance(saved[0], list) and len(saved[0]) >= 1 and fitted == [True]
+
+
 def test_embedding_cache_files_that_cannot_be_mapped_are_read_or_computed_again(tmp_path):
     """A compressed file (written by another tool: np.savez_compressed) is read, not mapped; one whose training
     segments do not match its segment counts is damaged, and read as missing."""
