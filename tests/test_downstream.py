@@ -19,7 +19,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -679,18 +681,38 @@ def test_a_cache_file_replaced_or_removed_during_an_evaluation_is_never_mixed_wi
     np.testing.assert_array_equal(there[1], here[1])
 
 
+def _peak_anonymous_growth_mb(action: Callable[[], Any]) -> float:
+    """How much this process's anonymous memory (RssAnon, Linux) grew at most while ``action()`` ran, in MB
+    (sampled every 2 ms)."""
+    import threading
+
+    def anonymous_kb() -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssAnon:"))
+        return int(line.split()[1])
+
+    before, peak, running = anonymous_kb(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], anonymous_kb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        action()
+    finally:
+        running[0] = False
+        sampler.join()
+    return (peak[0] - before) / 1024
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
 def test_a_fit_on_the_mapped_embeddings_holds_no_copy_of_them(tmp_path):
     """The memory the fixes save, measured: a probe fitted on all 48 MB of mapped training embeddings grows this
     process's anonymous memory by well under their size (before: a standardised copy and a temporary as large,
     about twice their size). Sampled every 2 ms while the fit runs."""
-    import threading
-
     from analysis.downstream import ClassifierConfig, Embeddings, fit_classifier, load_embeddings, save_embeddings
-
-    def anonymous_kb() -> int:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssAnon:"))
-        return int(line.split()[1])
 
     rng = np.random.default_rng(0)
     rows, dim = 98_304, 128  # 48 MB of float32
@@ -704,21 +726,7 @@ def test_a_fit_on_the_mapped_embeddings_holds_no_copy_of_them(tmp_path):
     valid_x, valid_y = rng.standard_normal((64, dim), dtype=np.float32), np.tile([[1, 0], [0, 1]], (32, 1))
     config = ClassifierConfig(check_every_steps=1, max_checks=1, batch_size=4096)
     fit_classifier("linear", train_x[:4096], train_y[:4096], valid_x, valid_y, config)  # warm-up: first allocations
-    before, peak, running = anonymous_kb(), [0], [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], anonymous_kb())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        fit_classifier("linear", train_x, train_y, valid_x, valid_y, config)
-    finally:
-        running[0] = False
-        sampler.join()
-    growth_mb = (peak[0] - before) / 1024
+    growth_mb = _peak_anonymous_growth_mb(lambda: fit_classifier("linear", train_x, train_y, valid_x, valid_y, config))
     assert growth_mb < 0.5 * train_x.nbytes / 2**20, (growth_mb, train_x.nbytes / 2**20)
 
 
@@ -754,8 +762,6 @@ def test_an_evaluation_writes_the_embeddings_it_computed_without_joining_them(tm
     """An evaluation embeds a method and caches it from the parts: this process's anonymous memory grows by less
     than half the training embeddings' size while they are written (joined first, by their size), and the
     evaluation goes on with them mapped from the file."""
-    import threading
-
     import analysis.downstream as downstream
 
     rng = np.random.default_rng(1)
@@ -764,26 +770,9 @@ def test_an_evaluation_writes_the_embeddings_it_computed_without_joining_them(tm
     embeddings = downstream.Embeddings([f"t{i}" for i in range(len(counts))], np.array(["train"] * len(counts)),
                                        np.zeros((len(counts), 128), np.float32), counts, np.zeros((0, 128), np.float32))
 
-    def anonymous_kb() -> int:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("RssAnon:"))
-        return int(line.split()[1])
-
-    before, peak, running = anonymous_kb(), [0], [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], anonymous_kb())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        downstream.save_embeddings(tmp_path / "e.npz", embeddings, {}, parts)
-    finally:
-        running[0] = False
-        sampler.join()
+    growth_mb = _peak_anonymous_growth_mb(lambda: downstream.save_embeddings(tmp_path / "e.npz", embeddings, {}, parts))
     size_mb = sum(part.nbytes for part in parts) / 2**20
-    assert (peak[0] - before) / 1024 < 0.5 * size_mb, ((peak[0] - before) / 1024, size_mb)
+    assert growth_mb < 0.5 * size_mb, (growth_mb, size_mb)
     np.testing.assert_array_equal(downstream.load_embeddings(tmp_path / "e.npz").segments[256 * 7 : 256 * 8], parts[7])
 
     # run_downstream caches the parts it computed (not a joined copy), and fits on the file's mapping.
