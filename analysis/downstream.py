@@ -162,7 +162,7 @@ BASELINES = ("random", "random-bn", "melstats")
 CLASSIFIERS = ("linear", "mlp")
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.25, 1.0)
 CACHE_FORMAT = 1
-PROBE_FORMAT = 4  # raise when the probes' training or scoring changes, so cached probe results are not reused
+PROBE_FORMAT = 5  # raise when the probes' training or scoring changes, so cached probe results are not reused
 # Weight files looked for in a folder, in this order: a search's best trial, then a single run.
 RUN_FOLDER_FILES = (("best_backbone.pt", "best_config.json"), ("backbone.pt", "config.json"))
 _SUBSET_STREAM = 0x5355425345  # "SUBSE": keeps the subsets' random stream apart from the classifiers'
@@ -2133,7 +2133,16 @@ def _fit_and_predict(kind, training, valid_x, valid_y, test_x, classifier_config
     ``training``: the rows and their labels, or a :class:`_MappedTraining` to take them from."""
     train_x, train_y = training.arrays() if isinstance(training, _MappedTraining) else training
     fitted = fit_classifier(kind, train_x, train_y, valid_x, valid_y, classifier_config, seed, device)
-    return fitted.logits(test_x), {
+    # The test scores with the fit's threads too: with the process's own, they differed in the last bit between a
+    # probe process and this one when the two ran other thread counts (an MLP's matrix products split otherwise).
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(classifier_config.cpu_threads)
+    try:
+        scores = fitted.logits(test_x)
+    finally:
+        torch.set_num_threads(threads)
+    return scores, {
         "segments": len(train_x), "best_valid": fitted.best_valid, "criterion": fitted.criterion,
         "steps": fitted.steps, "best_step": fitted.best_step, "seconds": fitted.seconds,
     }
