@@ -1730,7 +1730,7 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monke
 
     # An interrupt between the first method's two probes, with the processes idle, ends them too; and
     # the second method is embedded with none running.
-    main_results, compute_embeddings, scored, embedded = downstream._main_results, downstream.compute_embeddings, [], []
+    main_results, embed, scored, embedded = downstream._main_results, downstream._embedded_in_parts, [], []
 
     def interrupted_at_the_second_probe(*args, **kwargs):
         scored.append(args[1])
@@ -1741,10 +1741,10 @@ def test_probes_fitted_in_worker_processes_give_the_same_results(tmp_path, monke
 
     def embedded_alone(*args, **kwargs):
         embedded.append(len(multiprocessing.active_children()))
-        return compute_embeddings(*args, **kwargs)
+        return embed(*args, **kwargs)
 
     monkeypatch.setattr(downstream, "_main_results", interrupted_at_the_second_probe)
-    monkeypatch.setattr(downstream, "compute_embeddings", embedded_alone)
+    monkeypatch.setattr(downstream, "_embedded_in_parts", embedded_alone)
     assert main(["--dataset", "jamendo-top50", "--root", str(root), "--audio-dir", str(audio), "--workers", "0",
                  "--classifiers", "linear,mlp", "--fractions", "100", "--draws", "2", "--bootstrap", "10",
                  "--probe-workers", "2", "--no-cache", "--out", str(tmp_path / "out-stopped"), "--quiet",
