@@ -856,6 +856,12 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     return ReportFigure(f"{_key(analysis)}-dynamics", _label(analysis), title, caption, figure)
 
 
+# musicssl.collapse.CollapseThresholds' defaults for the rules the dynamics draw, written out so that the report
+# does not import torch (a test checks they agree); a search's --threshold values replace them.
+RULE_LINE_DEFAULTS = {"complete_max_effective_rank": 1.5, "dimensional_max_rank_fraction": 0.1,
+                      "cluster_min_occupancy": 0.1}
+
+
 def _attainable_rank(experiment: Experiment) -> int | None:
     """min(probe segments, embedding dimensions) as the trials' verdict took it: the embedding's RankMe over
     its share of that (both logged each epoch), or None where no trial logged them."""
@@ -876,19 +882,18 @@ def rule_lines(experiment: Experiment, attainable_occupancy: bool = True) -> dic
     on the embedding's RankMe, complete collapse (below ``complete_max_effective_rank``) and dimensional
     collapse (below ``dimensional_max_rank_fraction`` of min(probe segments, embedding dimensions)); on the
     occupancy of min(probe segments, K) (``attainable_occupancy``), partial collapse. Each says whether it
-    stops a trial. The search's ``--threshold`` values are used; none where they cannot be read."""
-    import dataclasses
+    stops a trial. The search's ``--threshold`` values are used (none where they cannot be read); the dimensional
+    line only where the trials logged min(probe segments, dimensions)."""
+    from types import SimpleNamespace
 
     from analysis.sensitivity import OCCUPANCY_METRIC, RANK_METRIC
-    from hpsearch.settings import SearchSettings, collapse_thresholds
-    from musicssl.models import PRESETS
 
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings) if f.default is not dataclasses.MISSING}
     settings = experiment.settings
-    try:
-        thresholds = collapse_thresholds(dict(settings.get("thresholds") or {}))
-    except ValueError:  # (SettingsError is one) a search.json written by hand or by a later version
-        return {}
+    overrides = settings.get("thresholds") or {}
+    values = {name: overrides.get(name, default) for name, default in RULE_LINE_DEFAULTS.items()}
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in values.values()):
+        return {}  # a search.json written by hand
+    thresholds = SimpleNamespace(**values)
     stop_on = settings.get("stop_on")
     if stop_on is None:
         from hpsearch.settings import STOP_ON_BEFORE_SETTING as stop_on
@@ -902,12 +907,7 @@ def rule_lines(experiment: Experiment, attainable_occupancy: bool = True) -> dic
     lines: dict[str, list[tuple[float, str]]] = {RANK_METRIC: [
         (thresholds.complete_max_effective_rank,
          f"complete: rank < {thresholds.complete_max_effective_rank:g} ({stops('complete')})")]}
-    attainable = _attainable_rank(experiment)
-    if attainable is None:  # no trial has logged it: as the settings make it (fewer tracks can give fewer segments)
-        preset = PRESETS.get(str(settings.get("preset", defaults["preset"])))
-        probe_segments = settings.get("probe_segments", defaults["probe_segments"])
-        if preset is not None and isinstance(probe_segments, int):
-            attainable = min(probe_segments, preset.embedding_dim)
+    attainable = _attainable_rank(experiment)  # (none where no trial logged it: no dimensional line)
     if attainable is not None:
         line = thresholds.dimensional_max_rank_fraction * attainable
         lines[RANK_METRIC].append((line, f"dimensional: rank < {thresholds.dimensional_max_rank_fraction:g} x "

@@ -391,6 +391,12 @@ def test_the_dynamics_draw_the_collapse_rules_lines_with_the_searchs_thresholds(
                 found[trace.yaxis, trace.y[0]] = trace.text[1]
         return found
 
+    # The defaults the report writes out (it does not import torch) are the verdict's.
+    from musicssl.collapse import CollapseThresholds
+
+    from analysis.sensitivity_figures import RULE_LINE_DEFAULTS
+
+    assert RULE_LINE_DEFAULTS == {name: getattr(CollapseThresholds(), name) for name in RULE_LINE_DEFAULTS}
     experiment = load_experiment(experiment_folder)
     assert experiment.settings["thresholds"] == UNIFORM_ONLY and dotted(experiment) == {}
     assert "dotted" not in dynamics_figure(analyse(experiment)).caption
