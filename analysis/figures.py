@@ -190,7 +190,6 @@ def limited_data_figure(limited: pd.DataFrame) -> go.Figure:
 
 
 _GROUP_COLUMNS = {"classifier": "probe", "scored_tags": "scored tags", "roc_auc": "ROC-AUC", "average_precision": "mAP"}
-_PROBE_NAMES = {"linear": "linear", "mlp": "MLP"}
 
 
 def _table_html(frame: pd.DataFrame) -> str:
@@ -262,9 +261,11 @@ def write_report(
     tables = "".join(f'<div class="block">{markdown_html(text)}</div>' for text in tables_markdown)
     groups = ""
     if per_group is not None and not per_group.empty and per_group["group"].nunique() > 1:
+        from analysis.downstream import CLASSIFIER_NAMES  # (the other tables' names of the probes)
+
         shown = per_group.rename(columns=_GROUP_COLUMNS)
         if "probe" in shown:
-            shown["probe"] = shown["probe"].map(lambda name: _PROBE_NAMES.get(name, name))
+            shown["probe"] = shown["probe"].map(lambda name: CLASSIFIER_NAMES.get(name, name))
         groups = ("<h2>Per tag group</h2><p>Macro ROC-AUC and mAP on the whole test set over each group's tags (those "
                   "with positive and negative test tracks: the scored tags), probes trained on all training tracks "
                   "(per_group.csv).</p>" + _table_html(shown))

@@ -824,8 +824,6 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
             first, last = first - 0.5, last + 0.5
         for row, (metric, _) in enumerate(metrics, start=1):
             for value, text in lines.get(metric, []):
-                if not value > 0:  # a rule turned off (a line at 0: nothing lies below it)
-                    continue
                 figure.add_trace(go.Scatter(
                     x=[first, last], y=[value, value], mode="lines+text", text=["", text],
                     textposition="top left", textfont={"size": 10, "color": "#555"}, showlegend=False,
@@ -850,7 +848,7 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                    "type it does not stop on, or read within the grace period or for fewer epochs than the patience)")
     dotted = ("; dotted: the collapse rule's lines on these metrics (its other readings, such as the mean cosine "
               "and the assignments' entropy, are not drawn)"
-              if any(value > 0 for metric, _ in metrics for value, _ in lines.get(metric, [])) else "")
+              if any(lines.get(metric) for metric, _ in metrics) else "")
     caption = (f"The {what} of the validation embeddings at the end of each epoch, coloured by how the trial ended{dashed}; an x "
                f"marks the epoch where a collapse began{marked}{dotted}. Lines that sink early and stay low are collapses.")
     return ReportFigure(f"{_key(analysis)}-dynamics", _label(analysis), title, caption, figure)
@@ -884,38 +882,32 @@ def rule_lines(experiment: Experiment, attainable_occupancy: bool = True) -> dic
     occupancy of min(probe segments, K) (``attainable_occupancy``), partial collapse. Each says whether it
     stops a trial. The search's ``--threshold`` values are used (none where they cannot be read); the dimensional
     line only where the trials logged min(probe segments, dimensions)."""
-    from types import SimpleNamespace
-
     from analysis.sensitivity import OCCUPANCY_METRIC, RANK_METRIC
+    from hpsearch.settings import STOP_ON_BEFORE_SETTING
 
-    settings = experiment.settings
-    overrides = settings.get("thresholds") or {}
+    overrides = experiment.settings.get("thresholds") or {}
     values = {name: overrides.get(name, default) for name, default in RULE_LINE_DEFAULTS.items()}
     if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in values.values()):
         return {}  # a search.json written by hand
-    thresholds = SimpleNamespace(**values)
-    stop_on = settings.get("stop_on")
-    if stop_on is None:
-        from hpsearch.settings import STOP_ON_BEFORE_SETTING as stop_on
-    stopping = bool(settings.get("collapse_stop", True))
+    stop_on = experiment.settings.get("stop_on")
+    stop_on = STOP_ON_BEFORE_SETTING if stop_on is None else stop_on  # (an empty list: it stops on none)
 
     def stops(kind: str) -> str:
         if kind not in stop_on:
             return "recorded, not stopped"
-        return "stops a trial" if stopping else "would stop a trial"
+        return "stops a trial" if experiment.collapse_stop else "would stop a trial"
 
-    lines: dict[str, list[tuple[float, str]]] = {RANK_METRIC: [
-        (thresholds.complete_max_effective_rank,
-         f"complete: rank < {thresholds.complete_max_effective_rank:g} ({stops('complete')})")]}
+    complete, fraction, occupancy = (values["complete_max_effective_rank"], values["dimensional_max_rank_fraction"],
+                                     values["cluster_min_occupancy"])
+    lines = {RANK_METRIC: [(complete, f"complete: rank < {complete:g} ({stops('complete')})")], OCCUPANCY_METRIC: []}
     attainable = _attainable_rank(experiment)  # (none where no trial logged it: no dimensional line)
     if attainable is not None:
-        line = thresholds.dimensional_max_rank_fraction * attainable
-        lines[RANK_METRIC].append((line, f"dimensional: rank < {thresholds.dimensional_max_rank_fraction:g} x "
-                                         f"{attainable} = {line:g} ({stops('dimensional')})"))
+        lines[RANK_METRIC].append((fraction * attainable, f"dimensional: rank < {fraction:g} x {attainable} = "
+                                                          f"{fraction * attainable:g} ({stops('dimensional')})"))
     if attainable_occupancy:
-        lines[OCCUPANCY_METRIC] = [(thresholds.cluster_min_occupancy,
-                                    f"partial: occupancy < {thresholds.cluster_min_occupancy:g} ({stops('partial')})")]
-    return lines
+        lines[OCCUPANCY_METRIC].append((occupancy, f"partial: occupancy < {occupancy:g} ({stops('partial')})"))
+    # A rule turned off (a line at 0: nothing lies below it) draws no line.
+    return {metric: [line for line in found if line[0] > 0] for metric, found in lines.items()}
 
 
 def time_to_collapse_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:

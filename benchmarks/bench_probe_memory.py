@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench_scale import anonymous_kb  # (RssAnon of a process, Linux)
 from musicssl.cli import int_in
 
 SEGMENTS_PER_TRACK = 25
@@ -35,12 +36,9 @@ SEGMENTS_PER_TRACK = 25
 
 def _anonymous_kb(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
+        return anonymous_kb(pid)
     except OSError:  # a process that has just ended
         return 0
-    return 0
 
 
 def _tree(pid: int) -> list[int]:
@@ -113,8 +111,7 @@ def measure(path: str, workers: int, fractions: list[float], draws: int) -> dict
         small = ds.load_embeddings(Path(path))
         keep = np.flatnonzero(np.cumsum(small.segment_counts) <= 2000)
         keep = np.concatenate([keep, np.flatnonzero(small.splits != "train")])
-        starts = np.concatenate([[0], np.cumsum(small.segment_counts)])
-        rows = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in keep])
+        rows, _ = ds.segment_rows(small.segment_counts, keep)
         tiny = ds.Embeddings([small.track_ids[p] for p in keep], small.splits[keep], small.track_means[keep],
                              small.segment_counts[keep], np.array(small.segments[rows]))
         del small

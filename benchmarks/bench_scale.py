@@ -57,11 +57,12 @@ def write_m4a_folder(folder: Path, tracks: int) -> Path:
     return folder
 
 
-def _anonymous_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def anonymous_kb(pid: int | str = "self") -> int:
+    """The anonymous resident memory of process ``pid`` (default: this one) in KB, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no RssAnon in /proc/{pid}/status (Linux only)")
 
 
 def measure(tags: str, cache_dir: str, m4a_folder: str) -> dict:
@@ -85,10 +86,10 @@ def measure(tags: str, cache_dir: str, m4a_folder: str) -> dict:
 
     def sample() -> None:
         while running[0]:
-            peak[0] = max(peak[0], _anonymous_kb())
+            peak[0] = max(peak[0], anonymous_kb())
             time.sleep(0.005)
 
-    before = _anonymous_kb()
+    before = anonymous_kb()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
