@@ -710,6 +710,40 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
 
 
+def test_what_does_not_train_does_not_wait_for_lightnings_import():
+    """Lightning's import takes seconds (2.5-3 s here). The train command's help and its misuse, and what a search's
+    driver process imports (it never trains), do without it; ``SSLModule`` is defined on its first use, as the
+    class a module-level definition would give (the same object however it is reached, and pickled by name)."""
+    for argv in (["--help"], ["vicreg", "--set", "var_wieght=1"]):
+        completed = subprocess.run([sys.executable, "-X", "importtime", "-m", "musicssl.train", *argv],
+                                   capture_output=True, text=True, timeout=120)
+        assert completed.returncode == (0 if argv == ["--help"] else 2), completed.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[1].strip() for line in completed.stderr.splitlines() if "|" in line}
+        assert "musicssl.pretext.registry" in imported and "lightning" not in imported, argv
+    code = """if True:
+        import pickle, sys
+        import hpsearch.run, hpsearch.trainable, musicssl.train, musicssl.probe
+        from musicssl.collapse import effective_rank  # and what the driver's untrained reference imports
+        from musicssl.data.views import fixed_segments
+        from musicssl.embeddings import calibrate_batchnorm_on_tracks, embed_tracks
+        assert not any(name.split(".")[0] == "lightning" for name in sys.modules), "lightning imported"
+        from musicssl.train import SSLModule
+        import lightning.pytorch as pl
+        assert issubclass(SSLModule, pl.LightningModule) and musicssl.train.SSLModule is SSLModule
+        assert (SSLModule.__module__, SSLModule.__qualname__) == ("musicssl.train", "SSLModule")
+        assert pickle.loads(pickle.dumps(SSLModule)) is SSLModule
+        try:
+            musicssl.train.SSLModul
+        except AttributeError as error:
+            assert str(error) == "module 'musicssl.train' has no attribute 'SSLModul'", error
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+    """
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.stdout == "ok\n", completed.stderr[-2000:]
+
+
 def _configured(argv: list[str]) -> TrainConfig:
     """The settings ``main(argv)`` trains with (none of it run)."""
     return config_from_args(build_parser().parse_args(argv), given_options(argv))

@@ -18,6 +18,7 @@ if __name__ == "__main__":  # before the imports below (seconds): a Ctrl-C meanw
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -296,154 +297,174 @@ def _epoch_bar():
     return EpochBar() if redraws(sys.stdout) else EpochLines()
 
 
-class SSLModule(_lightning().LightningModule):
-    """The shared training loop for every pretext method.
+def __getattr__(name: str) -> Any:
+    """``SSLModule``, defined on its first use (see :func:`_define_ssl_module`)."""
+    if name == "SSLModule":
+        return _define_ssl_module()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    Batches are ``(B, V, n_mels, frames)`` tensors of V views per track. Every
-    ``collapse_every_n_steps`` optimiser steps (and at the end of every epoch) the collapse metrics
-    are computed on ``probe_mels``, a fixed set of validation segments; the latest values and the
-    verdict are kept in :attr:`latest_collapse` and appended to :attr:`history`.
-    """
 
-    def __init__(
-        self,
-        method,
-        config: TrainConfig,
-        steps_per_epoch: int,
-        probe_mels: Tensor | None = None,
-        epoch_end_hooks: Sequence[Callable[["SSLModule", dict], None]] = (),
-        probe_groups: Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.method = method
-        self.config = config
-        self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.total_steps = self.steps_per_epoch * max(1, config.max_epochs)
-        self.register_buffer("probe_mels", probe_mels if probe_mels is not None else torch.empty(0), persistent=False)
-        self.epoch_end_hooks = list(epoch_end_hooks)
-        # Track number of each probe segment, so "mean cosine" compares different tracks only.
-        self.probe_groups = probe_groups
-        self.history: list[dict[str, Any]] = []
-        self.epochs: list[dict[str, Any]] = []
-        self.latest_collapse: dict[str, float] = {}
-        self.verdict = "none"
-        self.diverged_step: int | None = None
-        self.collapse_seconds = 0.0
-        # The backbone's weights after the last epoch whose weights were all finite (and that epoch): what a run
-        # that diverges later keeps (the step that diverges has already updated BatchNorm's statistics in its
-        # forward, and a huge finite step before it can leave non-finite weights).
-        self.last_finite_backbone: dict[str, Tensor] | None = None
-        self.last_finite_epoch = 0
-        self._epoch_sums: dict[str, float] = {}
-        self._epoch_count = 0
-        self._epoch_started = time.perf_counter()
+@functools.cache
+def _define_ssl_module() -> type:
+    """Define :class:`SSLModule` (once). Its base class is Lightning's, whose import takes seconds (2.5-3 s
+    here): a search's driver process, and a command that stops on its arguments or prints its help, never
+    train and so never wait for it. ``musicssl.train.SSLModule`` is this class, as a module-level class is
+    (also for pickle)."""
+    pl = _lightning()
 
-    def progress(self, step: int | None = None):
-        from musicssl.pretext.base import Progress
 
-        return Progress(
-            step=self.global_step if step is None else step,
-            total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch,
-        )
+    class SSLModule(pl.LightningModule):
+        """The shared training loop for every pretext method.
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            optimizer_groups(self.method, self.config.learning_rate),
-            lr=self.config.learning_rate,
-            weight_decay=self.config.weight_decay,
-        )
-        warmup_steps = int(round(self.config.warmup_epochs * self.steps_per_epoch))
-        total_steps = self.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        Batches are ``(B, V, n_mels, frames)`` tensors of V views per track. Every
+        ``collapse_every_n_steps`` optimiser steps (and at the end of every epoch) the collapse metrics
+        are computed on ``probe_mels``, a fixed set of validation segments; the latest values and the
+        verdict are kept in :attr:`latest_collapse` and appended to :attr:`history`.
+        """
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int):
-        views = list(batch[0].unbind(dim=1))  # batch: (views (B, V, n_mels, frames), track positions)
-        outputs = self.method.training_loss(views, self.progress())
-        loss = outputs["loss"]
-        if not torch.isfinite(loss):
-            # Stop at once: a NaN step would poison the weights and every metric after it. Returning
-            # None skips the optimiser step; the run ends as "diverged" at this step.
-            self.diverged_step = int(self.global_step)
-            self.verdict = "diverged"
-            self._record(kind="step", metrics={"loss": float("nan")}, verdict="diverged")
-            self.trainer.should_stop = True
-            return None
-        for name, value in outputs.items():
-            value = float(value.detach()) if isinstance(value, Tensor) else float(value)
-            self._epoch_sums[name] = self._epoch_sums.get(name, 0.0) + value
-        self._epoch_count += 1
-        return loss
+        def __init__(
+            self,
+            method,
+            config: TrainConfig,
+            steps_per_epoch: int,
+            probe_mels: Tensor | None = None,
+            epoch_end_hooks: Sequence[Callable[["SSLModule", dict], None]] = (),
+            probe_groups: Tensor | None = None,
+        ) -> None:
+            super().__init__()
+            self.method = method
+            self.config = config
+            self.steps_per_epoch = max(1, int(steps_per_epoch))
+            self.total_steps = self.steps_per_epoch * max(1, config.max_epochs)
+            self.register_buffer("probe_mels", probe_mels if probe_mels is not None else torch.empty(0), persistent=False)
+            self.epoch_end_hooks = list(epoch_end_hooks)
+            # Track number of each probe segment, so "mean cosine" compares different tracks only.
+            self.probe_groups = probe_groups
+            self.history: list[dict[str, Any]] = []
+            self.epochs: list[dict[str, Any]] = []
+            self.latest_collapse: dict[str, float] = {}
+            self.verdict = "none"
+            self.diverged_step: int | None = None
+            self.collapse_seconds = 0.0
+            # The backbone's weights after the last epoch whose weights were all finite (and that epoch): what a run
+            # that diverges later keeps (the step that diverges has already updated BatchNorm's statistics in its
+            # forward, and a huge finite step before it can leave non-finite weights).
+            self.last_finite_backbone: dict[str, Tensor] | None = None
+            self.last_finite_epoch = 0
+            self._epoch_sums: dict[str, float] = {}
+            self._epoch_count = 0
+            self._epoch_started = time.perf_counter()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.diverged_step is not None:
-            return
-        # Lightning has counted this step already (global_step is k + 1 after optimiser step k); the
-        # update that follows step k uses the schedules at k, as the loss of step k did (BYOL's tau_k).
-        self.method.after_optimizer_step(self.progress(int(self.global_step) - 1))
-        every = self.config.collapse_every_n_steps
-        end_of_epoch = (batch_idx + 1) == self.steps_per_epoch
-        if every and self.global_step % every == 0 and self.probe_mels.numel() and not end_of_epoch:
-            self.evaluate_collapse(kind="step")
+        def progress(self, step: int | None = None):
+            from musicssl.pretext.base import Progress
 
-    def on_train_epoch_start(self) -> None:
-        self._epoch_sums = {}
-        self._epoch_count = 0
-        self._epoch_started = time.perf_counter()
+            return Progress(
+                step=self.global_step if step is None else step,
+                total_steps=self.total_steps,
+                steps_per_epoch=self.steps_per_epoch,
+            )
 
-    @torch.no_grad()
-    def evaluate_collapse(self, kind: str) -> dict[str, float]:
-        """Collapse metrics on the probe set; updates :attr:`verdict` and the history."""
-        from musicssl.collapse import collapse_metrics, collapse_verdict
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(
+                optimizer_groups(self.method, self.config.learning_rate),
+                lr=self.config.learning_rate,
+                weight_decay=self.config.weight_decay,
+            )
+            warmup_steps = int(round(self.config.warmup_epochs * self.steps_per_epoch))
+            total_steps = self.total_steps
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-        if not self.probe_mels.numel():
-            return {}
-        started = time.perf_counter()
-        was_training = self.method.training
-        self.method.eval()
-        try:
-            # In chunks: the activations of one pass over a large probe set (--probe-segments 100000) took
-            # over 16 GB; in eval mode each segment's outputs are its own, so chunks give the same outputs.
-            chunks = [self.method.collapse_outputs(chunk) for chunk in self.probe_mels.split(COLLAPSE_CHUNK)]
-            outputs = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
-        finally:
-            self.method.train(was_training)
-        groups = self.probe_groups.to(self.probe_mels.device) if self.probe_groups is not None else None
-        metrics = collapse_metrics({name: value.float() for name, value in outputs.items()}, groups=groups)
-        if self._epoch_count:
-            metrics["loss"] = self._epoch_sums.get("loss", 0.0) / self._epoch_count
-        self.verdict = str(collapse_verdict(metrics))
-        self.latest_collapse = metrics
-        self.collapse_seconds += time.perf_counter() - started
-        self._record(kind=kind, metrics=metrics, verdict=self.verdict)
-        return metrics
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int):
+            views = list(batch[0].unbind(dim=1))  # batch: (views (B, V, n_mels, frames), track positions)
+            outputs = self.method.training_loss(views, self.progress())
+            loss = outputs["loss"]
+            if not torch.isfinite(loss):
+                # Stop at once: a NaN step would poison the weights and every metric after it. Returning
+                # None skips the optimiser step; the run ends as "diverged" at this step.
+                self.diverged_step = int(self.global_step)
+                self.verdict = "diverged"
+                self._record(kind="step", metrics={"loss": float("nan")}, verdict="diverged")
+                self.trainer.should_stop = True
+                return None
+            for name, value in outputs.items():
+                value = float(value.detach()) if isinstance(value, Tensor) else float(value)
+                self._epoch_sums[name] = self._epoch_sums.get(name, 0.0) + value
+            self._epoch_count += 1
+            return loss
 
-    def _record(self, kind: str, metrics: dict[str, float], verdict: str) -> dict[str, Any]:
-        # The epoch under way, counted from 1 as metrics.csv counts the epochs it closes.
-        row = {"kind": kind, "epoch": int(self.current_epoch) + 1, "step": int(self.global_step), "verdict": verdict}
-        row.update({name: float(value) for name, value in metrics.items()})
-        self.history.append(row)
-        return row
+        def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+            if self.diverged_step is not None:
+                return
+            # Lightning has counted this step already (global_step is k + 1 after optimiser step k); the
+            # update that follows step k uses the schedules at k, as the loss of step k did (BYOL's tau_k).
+            self.method.after_optimizer_step(self.progress(int(self.global_step) - 1))
+            every = self.config.collapse_every_n_steps
+            end_of_epoch = (batch_idx + 1) == self.steps_per_epoch
+            if every and self.global_step % every == 0 and self.probe_mels.numel() and not end_of_epoch:
+                self.evaluate_collapse(kind="step")
 
-    def on_train_epoch_end(self) -> None:
-        if self.diverged_step is not None:
-            return
-        means = {f"train_{name}": total / max(1, self._epoch_count) for name, total in self._epoch_sums.items()}
-        collapse = self.evaluate_collapse(kind="epoch") if self.probe_mels.numel() else {}
-        metrics: dict[str, float] = {**means, **{f"collapse_{k}": v for k, v in collapse.items() if k != "loss"}}
-        metrics["epoch_seconds"] = time.perf_counter() - self._epoch_started
-        metrics["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self.trainer.optimizers else 0.0
-        record = {"epoch": int(self.current_epoch) + 1, "step": int(self.global_step), "verdict": self.verdict, **metrics}
-        for hook in self.epoch_end_hooks:
-            hook(self, record)
-        self.epochs.append(record)
-        state = self.method.backbone.state_dict()
-        if finite_state(state):
-            self.last_finite_backbone = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
-            self.last_finite_epoch = record["epoch"]
+        def on_train_epoch_start(self) -> None:
+            self._epoch_sums = {}
+            self._epoch_count = 0
+            self._epoch_started = time.perf_counter()
+
+        @torch.no_grad()
+        def evaluate_collapse(self, kind: str) -> dict[str, float]:
+            """Collapse metrics on the probe set; updates :attr:`verdict` and the history."""
+            from musicssl.collapse import collapse_metrics, collapse_verdict
+
+            if not self.probe_mels.numel():
+                return {}
+            started = time.perf_counter()
+            was_training = self.method.training
+            self.method.eval()
+            try:
+                # In chunks: the activations of one pass over a large probe set (--probe-segments 100000) took
+                # over 16 GB; in eval mode each segment's outputs are its own, so chunks give the same outputs.
+                chunks = [self.method.collapse_outputs(chunk) for chunk in self.probe_mels.split(COLLAPSE_CHUNK)]
+                outputs = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+            finally:
+                self.method.train(was_training)
+            groups = self.probe_groups.to(self.probe_mels.device) if self.probe_groups is not None else None
+            metrics = collapse_metrics({name: value.float() for name, value in outputs.items()}, groups=groups)
+            if self._epoch_count:
+                metrics["loss"] = self._epoch_sums.get("loss", 0.0) / self._epoch_count
+            self.verdict = str(collapse_verdict(metrics))
+            self.latest_collapse = metrics
+            self.collapse_seconds += time.perf_counter() - started
+            self._record(kind=kind, metrics=metrics, verdict=self.verdict)
+            return metrics
+
+        def _record(self, kind: str, metrics: dict[str, float], verdict: str) -> dict[str, Any]:
+            # The epoch under way, counted from 1 as metrics.csv counts the epochs it closes.
+            row = {"kind": kind, "epoch": int(self.current_epoch) + 1, "step": int(self.global_step), "verdict": verdict}
+            row.update({name: float(value) for name, value in metrics.items()})
+            self.history.append(row)
+            return row
+
+        def on_train_epoch_end(self) -> None:
+            if self.diverged_step is not None:
+                return
+            means = {f"train_{name}": total / max(1, self._epoch_count) for name, total in self._epoch_sums.items()}
+            collapse = self.evaluate_collapse(kind="epoch") if self.probe_mels.numel() else {}
+            metrics: dict[str, float] = {**means, **{f"collapse_{k}": v for k, v in collapse.items() if k != "loss"}}
+            metrics["epoch_seconds"] = time.perf_counter() - self._epoch_started
+            metrics["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self.trainer.optimizers else 0.0
+            record = {"epoch": int(self.current_epoch) + 1, "step": int(self.global_step), "verdict": self.verdict, **metrics}
+            for hook in self.epoch_end_hooks:
+                hook(self, record)
+            self.epochs.append(record)
+            state = self.method.backbone.state_dict()
+            if finite_state(state):
+                self.last_finite_backbone = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+                self.last_finite_epoch = record["epoch"]
+
+    SSLModule.__qualname__ = SSLModule.__name__
+    globals()["SSLModule"] = SSLModule  # from now on a plain attribute of the module
+    return SSLModule
 
 
 def finite_state(state: Mapping[str, Tensor]) -> bool:
@@ -690,7 +711,7 @@ def _check_batch(index, config: TrainConfig) -> None:
 def train(
     config: TrainConfig,
     data=None,
-    epoch_end_hooks: Sequence[Callable[[SSLModule, dict], None]] = (),
+    epoch_end_hooks: Sequence[Callable[[Any, dict], None]] = (),
     progress_bar: bool = True,
     callbacks: Sequence[Any] = (),
     trained_from: str | None = None,
@@ -779,7 +800,7 @@ def train(
     if config.probe_every_epoch:
         hooks.insert(0, lambda module, record: record.update(
             probe_score(module.method.backbone, data, config.probe_segments_per_track, config.seed)))
-    module = SSLModule(method, config, steps_per_epoch, probe_mels=probe_mels, epoch_end_hooks=hooks, probe_groups=groups)
+    module = _define_ssl_module()(method, config, steps_per_epoch, probe_mels=probe_mels, epoch_end_hooks=hooks, probe_groups=groups)
     accelerator = resolve_accelerator(config)
     precision = resolve_precision(config, accelerator)
     trainer = pl.Trainer(
