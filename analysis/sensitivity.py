@@ -86,6 +86,10 @@ STUDY_NAME = "search"
 CONFIG_KEY = "optuna_trial"
 DEFAULT_REPORT = Path("report") / "sensitivity.html"
 
+# The trials a TPE search draws at random first: Optuna's TPESampler's n_startup_trials, which
+# hpsearch.searcher.make_sampler leaves at its default.
+TPE_STARTUP_TRIALS = 10
+
 # Outcomes that count as "collapse" for the collapse target, the collapse rate and the maps: the
 # searcher treats both as infeasible (hpsearch.searcher), and both end training early. With collapse
 # stopping off, trials the rule would have stopped count too (see ``would_stop`` in _normalise_frame).
@@ -174,6 +178,11 @@ class Experiment:
         return _json_float(self.search_summary.get("untrained_value"))
 
     @property
+    def untrained_value_initial_bn(self) -> float | None:
+        """The same with the backbone's initial BatchNorm statistics (None in searches that did not store it)."""
+        return _json_float(self.search_summary.get("untrained_value_initial_bn"))
+
+    @property
     def name(self) -> str:
         return self.folder.name
 
@@ -193,6 +202,12 @@ class Experiment:
     def sampler(self) -> str:
         """The search's --sampler (a search.json written before the flag: TPE's)."""
         return str(self.settings.get("sampler", "tpe"))
+
+    @property
+    def random_start_trials(self) -> int | None:
+        """How many of a TPE search's trials its sampler drew at random (:func:`random_start_trials`); None for
+        a random search."""
+        return random_start_trials(self.study) if self.sampler == "tpe" and self.study is not None else None
 
     @property
     def max_epochs(self) -> int:
@@ -238,6 +253,21 @@ def experiment_labels(experiments: Sequence[Experiment]) -> list[str]:
               for experiment, name in zip(experiments, names)]
     return [label if labels.count(label) == 1 else f"{label} ({number})"
             for number, label in enumerate(labels, start=1)]
+
+
+def random_start_trials(study) -> int:
+    """How many of the study's trials a TPE sampler drew at random: TPE models only the trials that have ended
+    complete or pruned, and draws at random while fewer than :data:`TPE_STARTUP_TRIALS` have, so every trial
+    started before the tenth such trial ended was a random draw (with several trials at a time, more than ten)."""
+    from bisect import bisect_left
+
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    ended = sorted(trial.datetime_complete for trial in trials
+                   if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.datetime_complete is not None)
+    return sum(trial.datetime_start is not None and bisect_left(ended, trial.datetime_start) < TPE_STARTUP_TRIALS
+               for trial in trials)
 
 
 def _search_folders(folder: Path) -> list[Path]:
@@ -900,12 +930,14 @@ class ExperimentAnalysis:
             "objective_label": experiment.objective_label,
             "collapse_stop": experiment.collapse_stop,
             "sampler": experiment.sampler,
+            "random_start_trials": experiment.random_start_trials,
             "running": experiment.running,
             "trials": int(len(experiment.trials)),
             "trials_requested": experiment.trials_requested,
             "counts": self.counts,
             "best": self.best,
             "untrained_value": experiment.untrained_value,
+            "untrained_value_initial_bn": experiment.untrained_value_initial_bn,
             "compute": self.compute,
             "sampled_parameters": {name: _describe_distribution(d) for name, d in experiment.distributions.items()},
             "importances": [importance.to_dict() for importance in self.importances],
@@ -1292,9 +1324,14 @@ def setting_differences(analyses: Sequence[ExperimentAnalysis],
             return ", ".join(f"{key} {item}" for key, item in sorted(value.items())) or "the defaults"
         return str(value)
 
+    def setting_of(experiment: Experiment, key: str) -> Any:
+        if key == "batch_size" and "batch_size" in experiment.distributions:  # the space's, not the setting (unused)
+            return f"sampled from {_describe_range(experiment.distributions['batch_size'])}"
+        return experiment.settings.get(key, defaults.get(key))
+
     differences = []
     for key, name in (SCORE_SETTINGS if settings is None else settings).items():
-        values = [analysis.experiment.settings.get(key, defaults.get(key)) for analysis in analyses]
+        values = [setting_of(analysis.experiment, key) for analysis in analyses]
         if len({json.dumps(value, sort_keys=True, default=str) for value in values}) > 1:
             differences.append(f"{name} (" + "; ".join(f"{label}: {shown(value)}"
                                                         for label, value in zip(labels, values)) + ")")
@@ -1392,6 +1429,19 @@ def check_report_path(report: Path, formats: Sequence[str] = ("html",)) -> dict[
 def _another_name(report: Path) -> Path:
     """A report name to suggest in place of ``report``, whose page or companions are someone else's files."""
     return report.with_name("sensitivity.html" if report.name != "sensitivity.html" else "sensitivity-report.html")
+
+
+def _report_folder(folder: Path) -> bool:
+    """Whether ``folder`` is not a search but holds a report of this command (its page, JSON or trials CSV, by
+    their content): such as the default ``report/`` next to the searches, which a glob like ``runs/*`` takes in."""
+    kinds = {".html": "html", ".htm": "html", ".json": "json", ".csv": "csv"}
+    try:
+        if not folder.is_dir() or (folder / SEARCH_FILE).exists():
+            return False
+        files = [path for path in folder.iterdir() if path.suffix.lower() in kinds and path.is_file()]
+    except OSError:
+        return False
+    return any(_an_earlier_report(path, kinds[path.suffix.lower()]) for path in files)
 
 
 def _an_earlier_report(path: Path, kind: str) -> bool:
@@ -1575,6 +1625,15 @@ def _write_the_report(args: argparse.Namespace, formats: list[str], storage_dir:
             print(f"{PROG}: note: left out: {problem}", file=sys.stderr)
         _refuse_repeats(args.experiments or folders)
         if args.experiments:
+            reports = [folder for folder in folders if _report_folder(folder)]
+            if reports and len(reports) < len(folders):  # runs/* after a first report: its report/ folder too
+                for folder in reports:
+                    print(f"{PROG}: note: left out: {folder}: the folder of an earlier report, not a search",
+                          file=sys.stderr)
+                folders = [folder for folder in folders if folder not in reports]
+            elif reports:
+                raise ReportError(f"{reports[0]}: the folder of an earlier report, not a search folder; give the "
+                                  "searches' folders, such as runs/vicreg-<time>/")
             experiments = [load_experiment(folder) for folder in folders]
         else:  # the latest search of each method: one that cannot be read yet (no trial: it just started) or at all
             experiments, left_out = [], []  # (a damaged journal) is left out, said so, and the others are shown

@@ -69,10 +69,10 @@ _PARAMETER_LABELS = {
     "teacher_temperature": "teacher temperature (softmax)",
     "teacher_warmup_epochs": "teacher temperature warm-up (epochs)",
     "one_minus_center_momentum": "1 - centre momentum (per step)",
-    "one_minus_ema_rate": "1 - teacher EMA rate (per step)",
+    "one_minus_ema_rate": "1 - teacher/target EMA rate (per step)",  # clustering's teacher, BYOL's target
     "temperature": "temperature (softmax)",
     "lambd": "off-diagonal weight lambda (loss coefficient)",
-    "base_ema_rate": "teacher EMA rate (per step)",
+    "base_ema_rate": "teacher/target EMA rate (per step)",
     "batch_size": "batch size (segments)",
     "predictor_hidden_dim": "predictor hidden width (units)",
 }
@@ -298,8 +298,7 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
                                f"{settings.get('grace_epochs')}") if settings.get("collapse_stop", True) else "off"),
         ("sampler", f"random, seed {settings.get('seed', '?')}: each trial drawn on its own, every parameter "
          "uniformly on its sampling scale" if experiment.sampler == "random" else
-         f"TPE, seed {settings.get('seed', '?')}: after its random start-up trials, the trials gather where it "
-         "found good scores"),
+         f"TPE, seed {settings.get('seed', '?')}: {_tpe_text(experiment)}"),
     ]
     counts = ", ".join(f"{count} {name}" for name, count in analysis.counts.items())
     rows.append(("outcomes", counts))
@@ -339,7 +338,7 @@ def summary_html(analysis: ExperimentAnalysis) -> str:
         elif best:
             verdict = (" (the best trial clears it by {:.4f})".format(best["value"] - untrained) if best["value"] > untrained
                        else " - no trial beat it: the runs are too short or the settings do not help the probe yet")
-        initial = experiment.search_summary.get("untrained_value_initial_bn")
+        initial = experiment.untrained_value_initial_bn
         # Searches before the calibrated reference stored only the initial-statistics score.
         how = ("BatchNorm statistics from the training tracks; {:.4f} with its initial ones".format(initial)
                if initial is not None else "initial BatchNorm statistics")
@@ -1144,11 +1143,29 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     else:
         what = ("No trial has a score: each is shown, in the order it was proposed, by how it ended"
                 + (f" (an untrained backbone scores {untrained:.4f}). " if untrained is not None else ". "))
+    random_start = experiment.random_start_trials
     caption = (what
                + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
                   if experiment.sampler == "random" else
-                  "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region."))
+                  "TPE drew every trial at random so far (its start-up, until 10 trials have ended): where collapses fall "
+                  "in this order is chance." if random_start is not None and random_start >= len(experiment.trials) else
+                  "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region"
+                  + (f" (it drew the first {random_start} trials at random)." if random_start else ".")))
     return ReportFigure(f"{_key(analysis)}-history", _label(analysis), title, caption, figure)
+
+
+def _tpe_text(experiment: Experiment) -> str:
+    """What a TPE search's sampler did: which trials it drew at random (its start-up), and what came after."""
+    from analysis.sensitivity import TPE_STARTUP_TRIALS
+
+    random_start, trials = experiment.random_start_trials, len(experiment.trials)
+    if random_start is None:
+        return "after its random start-up trials, the trials gather where it found good scores"
+    if random_start >= trials:
+        return (f"{'both trials' if trials == 2 else f'all {trials} trials' if trials > 1 else 'the trial'} drawn at "
+                f"random, as TPE draws until {TPE_STARTUP_TRIALS} trials have ended: nothing learned from the scores yet")
+    return (f"its first {random_start} trials drawn at random (those started before {TPE_STARTUP_TRIALS} trials had "
+            f"ended), the {trials - random_start} after them where it had found good scores")
 
 
 def trials_html(analysis: ExperimentAnalysis) -> str:
@@ -1167,7 +1184,7 @@ def trials_html(analysis: ExperimentAnalysis) -> str:
                    + (f"; flagged {flagged.loc[index]}, not stopped" if flagged.loc[index] else ""))
         cells = [str(int(row["trial"])), html.escape(outcome),
                  "" if pd.isna(row["collapse_epoch"]) else str(int(row["collapse_epoch"])),
-                 "" if pd.isna(row["epochs_run"]) else f"{row['epochs_run']:.2f}",
+                 "" if pd.isna(row["epochs_run"]) else f"{row['epochs_run']:.2f}".rstrip("0").rstrip("."),
                  "" if pd.isna(row["objective"]) else f"{row['objective']:.4f}"
                  + ("*" if row["outcome"] == "stopped" else ""),
                  "" if pd.isna(rank.loc[index]) else f"{rank.loc[index]:.2f}"]

@@ -194,6 +194,9 @@ def test_the_untrained_reference_is_shown_in_both_batchnorm_states(report, exper
     assert 0.0 <= calibrated <= 1.0 and 0.0 <= initial <= 1.0 and calibrated != initial
     assert (f"probe_map {calibrated:.4f} (BatchNorm statistics from the training tracks; {initial:.4f} with its "
             "initial ones)") in report["page"]
+    # Both in the report's JSON, which holds every number the page shows (before: the calibrated one alone).
+    (summarised,) = report["summary"]["experiments"]
+    assert (summarised["untrained_value"], summarised["untrained_value_initial_bn"]) == (calibrated, initial)
 
     older = tmp_path / "older"
     shutil.copytree(experiment_folder, older)
@@ -541,6 +544,34 @@ def test_several_experiments_get_a_comparison(experiment_folder, tmp_path):
     assert first["best_low"] <= first["best"] <= first["best_high"]
     for section in SECTIONS:
         assert page.count(f"data-section='{section}'") == 2
+
+
+def test_the_folder_of_an_earlier_report_among_the_folders_given_is_left_out_and_alone_is_refused(
+        experiment_folder, tmp_path, capsys):
+    """The default report of RUN_DIRs goes to report/ beside them, so a second `analysis.sensitivity runs/*` took
+    report/ for a search. Before: exit 2, "not a search folder", on every run after the first."""
+    runs = tmp_path / "runs"
+    shutil.copytree(experiment_folder, runs / "clustering-small")
+    assert main([str(runs / "clustering-small")]) == 0
+    assert (runs / "report" / "sensitivity.html").is_file()
+    capsys.readouterr()
+    assert main(sorted(str(folder) for folder in runs.iterdir())) == 0  # runs/*: clustering-small and report
+    err = capsys.readouterr().err
+    assert f"analysis.sensitivity: note: left out: {runs / 'report'}: the folder of an earlier report, not a search" in err
+    assert [e["name"] for e in json.loads((runs / "report" / "sensitivity.json").read_text())["experiments"]] == [
+        "clustering-small"]
+    # Given alone, it is refused in one line that says what it is.
+    assert main([str(runs / "report")]) == 2
+    assert capsys.readouterr().err == (f"python -m analysis.sensitivity: error: {runs / 'report'}: the folder of an "
+                                       "earlier report, not a search folder; give the searches' folders, such as "
+                                       "runs/vicreg-<time>/\n")
+    # A folder that holds other files is not taken for one (and is no search either).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.json").write_text('{"report": 1}')
+    (other / "table.csv").write_text("trial,outcome\n")
+    assert main([str(runs / "clustering-small"), str(other), "--out", str(tmp_path / "x.html")]) == 2
+    assert f"{other}: not a search folder (no search.json)" in capsys.readouterr().err
 
 
 @needs_chromium
@@ -1264,6 +1295,18 @@ def test_the_comparison_names_every_setting_the_scores_depend_on_that_the_search
 
     assert (f"stops on (s0: complete,cluster; s1: {','.join(STOP_ON_BEFORE_SETTING)})"
             in compared({}, {"stop_on": MISSING}))
+    # A space that samples the batch size (contrastive, Barlow Twins) trains at its sizes, not at the search's
+    # batch_size (before: not named, as both search.json files said 32).
+    batch = optuna.distributions.CategoricalDistribution((32, 64, 128))
+    sampled = optuna.create_study(direction="maximize")
+    for k in range(1, 6):
+        sampled.add_trial(optuna.trial.create_trial(
+            params={"batch_size": (32, 64, 128)[k % 3]}, distributions={"batch_size": batch}, value=0.1 * k,
+            user_attrs=user_attrs_from_record({"outcome": "complete", "epochs_run": 2.0, "verdict": "none"})))
+    plain = experiment_from_study(synthetic_study(rows), {**SETTINGS, "batch_size": 32}, tmp_path / "s0")
+    analyses = keyed([analyse(plain), analyse(experiment_from_study(sampled, {**SETTINGS, "batch_size": 32},
+                                                                    tmp_path / "s1"))])
+    assert "batch size (s0: 32; s1: sampled from {32, 64, 128})" in comparison_html(analyses).split("<table>")[0]
 
 
 def test_the_comparisons_boxes_are_the_tables_quartiles_and_a_search_without_a_score_is_said(tmp_path):
@@ -1884,6 +1927,75 @@ def test_a_sampled_batch_size_is_shown_as_sampled_with_the_values_used():
     page, _ = build_page([analyse(experiment_from_study(synthetic_study(collapse_rows(count=8)),
                                                         {**SETTINGS, "batch_size": 16}))])
     assert "up to 2 epochs x 3 steps, batch 16, preset" in page and "batch sampled" not in page
+
+
+def test_the_trials_tpe_drew_at_random_are_those_started_before_ten_trials_had_ended():
+    """A TPE search draws at random until 10 trials have ended (complete or pruned): with 3 trials at a time, ended
+    oldest first, trials #0-#11. Its random draws are those of Optuna's RandomSampler of the same seed, which tells
+    them from TPE's own, independently of the count."""
+    from analysis.sensitivity import TPE_STARTUP_TRIALS, random_start_trials
+    from hpsearch.searcher import make_sampler
+
+    assert TPE_STARTUP_TRIALS == optuna.samplers.TPESampler()._n_startup_trials
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
+             "y": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}
+
+    def search(sampler, at_a_time: int, trials: int = 16) -> tuple[optuna.Study, list[dict]]:
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        running, drawn = [], []
+        while len(drawn) < trials or running:
+            while len(running) < at_a_time and len(drawn) < trials:
+                running.append(study.ask(space))
+                drawn.append(running[-1].params)
+            first = running.pop(0)
+            if first.number % 5 == 4:
+                study.tell(first, state=optuna.trial.TrialState.PRUNED)  # a stopped trial counts as ended too
+            else:
+                study.tell(first, first.params["x"] * first.params["y"])
+        return study, drawn
+
+    for at_a_time, expected in ((1, 10), (3, 12)):
+        study, drawn = search(make_sampler("tpe", 7), at_a_time)
+        _, random_draws = search(optuna.samplers.RandomSampler(seed=7), at_a_time)
+        assert drawn[:expected] == random_draws[:expected] and drawn[expected] != random_draws[expected]
+        assert random_start_trials(study) == expected
+    # A failed trial has not ended for TPE: every trial of a search whose first 12 failed is random until 10 more end.
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", 7))
+    for number in range(16):
+        trial = study.ask(space)
+        study.tell(trial, None if number < 12 else 0.5, state=optuna.trial.TrialState.FAIL if number < 12 else None)
+    assert random_start_trials(study) == 16
+
+
+def test_a_tpe_search_says_which_of_its_trials_were_drawn_at_random():
+    """Before: the summary said of every TPE search that after its random start-up its trials gather where it
+    found good scores, and the history that thinning collapses mean TPE learned, also of a search of 6 trials,
+    every one of them random."""
+    from analysis.sensitivity import analyse
+    from analysis.sensitivity_figures import build_page
+
+    small = analyse(experiment_from_study(synthetic_study(collapse_rows(count=6)), dict(SETTINGS)))
+    assert small.experiment.random_start_trials == 6
+    page, figures = build_page([small])
+    assert ("TPE, seed ?: all 6 trials drawn at random, as TPE draws until 10 trials have ended: nothing learned "
+            "from the scores yet") in page
+    (history,) = [figure for figure in figures if figure.key.endswith("-history")]
+    assert history.caption.endswith("TPE drew every trial at random so far (its start-up, until 10 trials have "
+                                    "ended): where collapses fall in this order is chance.")
+    larger = analyse(experiment_from_study(synthetic_study(collapse_rows(count=16)), {**SETTINGS, "seed": 2}))
+    page, figures = build_page([larger])
+    assert ("TPE, seed 2: its first 10 trials drawn at random (those started before 10 trials had ended), the 6 "
+            "after them where it had found good scores") in page
+    (history,) = [figure for figure in figures if figure.key.endswith("-history")]
+    assert history.caption.endswith("learned to avoid the collapsing region (it drew the first 10 trials at random).")
+    random = analyse(experiment_from_study(synthetic_study(collapse_rows(count=6)), {**SETTINGS, "sampler": "random"}))
+    assert random.experiment.random_start_trials is None
+    assert "each trial drawn on its own" in build_page([random])[0]
+    # The trials table gives the epochs a trial ran as they are: 2, and 1 for a stopped one (before: 2.00 and 1.00).
+    rows = [(0.5, 0.5, "complete"), (0.6, 0.5, "collapsed")]
+    page, _ = build_page([analyse(experiment_from_study(synthetic_study(rows), dict(SETTINGS)))])
+    assert "<tr data-trial='0'><td>0</td>" in page and "<td>2</td><td>0.5000</td>" in page
+    assert "<td>1</td><td>1</td><td></td>" in page  # collapse from epoch 1, 1 epoch run, no score
 
 
 def test_the_console_line_counts_the_trials_the_rule_would_have_stopped(tmp_path, capsys):

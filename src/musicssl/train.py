@@ -1225,8 +1225,8 @@ def schedule_notes(config: TrainConfig) -> list[str]:
     if warmup > 0 and warmup >= config.max_epochs:
         final = settings.teacher_temperature
         notes.append(
-            f"the teacher temperature warm-up ({warmup:g} epochs) is not shorter than the run "
-            f"({config.max_epochs} epochs): the teacher never reaches teacher_temperature {final:g}; "
+            f"the teacher temperature warm-up ({warmup:g} epoch{'' if warmup == 1 else 's'}) is not shorter than the "
+            f"run ({counted(config.max_epochs, 'epoch')}): the teacher never reaches teacher_temperature {final:g}; "
             f"raise --max-epochs or lower it with --set teacher_warmup_epochs=N"
         )
     return notes
