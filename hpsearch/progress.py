@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from ray.tune import Callback
 
 from hpsearch.results import NO_FINAL_REPORT, trial_error
+from hpsearch.settings import COLLAPSE_TYPES
 from hpsearch.trainable import TRIAL_NUMBER_KEY
 from musicssl.cli import silence_closed_output
 
@@ -33,6 +34,13 @@ def _number(value: Any) -> str:
     return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e3 else f"{value:.4g}"
 
 
+def _score(value: Any) -> str:
+    """A score with 4 decimals, as the search's summary gives it (0.3210, not 0.321)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return _number(value)
+    return f"{value:.4f}"
+
+
 def format_params(params: dict[str, Any]) -> str:
     """``name=value`` pairs with short numbers, in name order."""
     return " ".join(f"{name}={_number(value)}" for name, value in sorted(params.items()))
@@ -46,7 +54,7 @@ def trial_line(record: dict[str, Any], objective: str, max_epochs: int) -> str:
         epochs = record.get("epoch", 0) or 0
     parts = [f"{outcome:<9}"]
     if outcome == "complete":
-        parts.append(f"{objective} {_number(record.get('objective'))}")
+        parts.append(f"{objective} {_score(record.get('objective'))}")
     elif outcome in ("collapsed", "diverged"):
         where = f"epoch {record.get('collapse_epoch')}" if record.get("collapse_epoch") is not None else ""
         step = record.get("collapse_step", record.get("diverged_step"))
@@ -56,6 +64,8 @@ def trial_line(record: dict[str, Any], objective: str, max_epochs: int) -> str:
         parts.append(str(record.get("error") or "error")[:120])
     if outcome == "complete" and record.get("would_stop_epoch") is not None:
         parts.append(f"(collapse rule: {record.get('collapse_type')} from epoch {record.get('collapse_epoch')})")
+    elif outcome == "complete" and record.get("verdict") in COLLAPSE_TYPES:  # a collapse the rule did not stop on
+        parts.append(f"(flagged: {record['verdict']})")
     parts.append(f"{epochs:.3g}/{max_epochs} ep")
     if isinstance(record.get("seconds"), (int, float)):
         parts.append(f"{record['seconds']:.1f} s")
@@ -117,7 +127,7 @@ class ProgressPrinter(Callback):
         if record.get("outcome") == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
             if self.best is None or value > self.best[0]:
                 self.best = (float(value), number)
-        best = f"best {_number(self.best[0])} (#{self.best[1]})" if self.best else "best -"
+        best = f"best {_score(self.best[0])} (#{self.best[1]})" if self.best else "best -"
         params = {k: v for k, v in trial.config.items() if k != self.config_key}
         elapsed = time.monotonic() - self.started
         width = len(str(self.total))

@@ -200,8 +200,10 @@ class SearchSummary:
     untrained_value: float | None = None
     # The same backbone with its initial BatchNorm statistics (mean 0, variance 1), for comparison.
     untrained_value_initial_bn: float | None = None
-    # Complete trials whose last verdict was a collapse the rule did not stop on (e.g. dimensional).
+    # Complete trials whose last verdict was a collapse the rule did not stop on (e.g. dimensional): how many
+    # of each type, and their numbers.
     flagged: dict[str, int] = field(default_factory=dict)
+    flagged_trials: dict[str, list[int]] = field(default_factory=dict)
     # With collapse stopping off (--no-collapse-stop): trials the rule would have stopped, and the
     # trial-epochs that would have saved.
     would_stop: int = 0
@@ -287,9 +289,12 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         mask = outcomes == outcome
         saved[outcome] = float((max_epochs - epochs[mask]).clip(lower=0).sum()) if len(frame) else 0.0
     flagged: dict[str, int] = {}
+    flagged_trials: dict[str, list[int]] = {}
     if len(frame) and "verdict" in frame:
         ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(COLLAPSE_TYPES)]
         flagged = {str(name): int(count) for name, count in ended["verdict"].value_counts().sort_index().items()}
+        flagged_trials = {name: sorted(int(number) for number in ended.loc[ended["verdict"] == name, "trial"])
+                          for name in flagged}
     # Only trials that ran to the end: one a scheduler stopped, or that failed or still runs, would not
     # have cost its remaining epochs anyway.
     would = pd.to_numeric(frame.get("would_stop_epoch", pd.Series(dtype=float)), errors="coerce")
@@ -307,6 +312,7 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
         trial_epochs_requested=trials * max_epochs,
         epochs_saved=saved,
         flagged=flagged,
+        flagged_trials=flagged_trials,
         would_stop=int(len(would)),
         would_save_epochs=float((epochs[would.index] - would).clip(lower=0).sum()),
         best_verdict=best_verdict,
@@ -366,7 +372,8 @@ def format_summary(summary: SearchSummary) -> str:
         lines.append(f"collapse stop off: the rule would have stopped {summary.would_stop} trial(s), saving "
                      f"{summary.would_save_epochs:.1f} trial-epochs (trials.csv's would_stop_epoch)")
     if summary.flagged:
-        flagged = ", ".join(f"{count} {name}" for name, count in summary.flagged.items())
+        flagged = "; ".join(f"{count} {name}" + _trial_numbers(summary.flagged_trials.get(name, []))
+                            for name, count in summary.flagged.items())
         reasons = "collapse stopping off, " if summary.would_stop else ""
         lines.append(f"flagged, not stopped: {flagged} (trials that ran to the end with a collapse verdict on "
                      f"their last epoch: {reasons}a type --stop-on ignores, or one still within the grace period or "
@@ -378,6 +385,14 @@ def format_summary(summary: SearchSummary) -> str:
         folder = shlex.quote(str(Path(summary.best_backbone).parent))
         lines.append(f"  its settings, trained for longer: python -m musicssl.train --from {folder} --max-epochs N")
     return "\n".join(lines)
+
+
+def _trial_numbers(numbers: list[int], shown: int = 8) -> str:
+    """``: #3, #7``: trials by number, the first ``shown`` of them ("" for none)."""
+    if not numbers:
+        return ""
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return ": " + ", ".join(f"#{number}" for number in numbers[:shown]) + more
 
 
 def finished_records(study) -> dict[int, dict[str, Any]]:

@@ -4006,6 +4006,23 @@ def test_summary_says_when_the_best_trial_collapsed_and_names_the_best_one_the_r
     assert (bare.best_trial, bare.best_verdict, bare.best_would_stop) == (1, None, None)
 
 
+def test_a_trials_progress_line_gives_its_score_as_the_summary_does_and_says_when_it_is_flagged():
+    """The score with 4 decimals (before: 4 significant figures, "probe_map 0.321" beside the summary's 0.3210), and a
+    complete trial whose last verdict is a collapse the rule does not stop on is marked (before: nothing said so)."""
+    from hpsearch.progress import trial_line
+
+    record = {"outcome": "complete", "objective": 0.321, "epochs_run": 6.0, "seconds": 20.04, "verdict": "none"}
+    assert trial_line(record, "probe_map", 6) == "complete   probe_map 0.3210  6/6 ep  20.0 s"
+    assert trial_line({**record, "verdict": "dimensional"}, "probe_map", 6) == (
+        "complete   probe_map 0.3210  (flagged: dimensional)  6/6 ep  20.0 s")
+    # With stopping off, one the rule would have stopped says so instead.
+    would = {**record, "verdict": "complete", "would_stop_epoch": 3, "collapse_type": "complete", "collapse_epoch": 2}
+    assert trial_line(would, "probe_map", 6) == (
+        "complete   probe_map 0.3210  (collapse rule: complete from epoch 2)  6/6 ep  20.0 s")
+    assert trial_line({**record, "objective": 45.25, "verdict": None}, "rankme", 6).startswith(
+        "complete   rankme 45.2500  ")
+
+
 def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     from dataclasses import replace
 
@@ -4042,8 +4059,13 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     written = with_failed.to_dict()
     assert (written["trial_epochs_requested"], written["trial_epochs_without_stopping"]) == (36, 32.0)
     # Two complete trials ended dimensionally collapsed: reported, not stopped.
-    assert summary.flagged == {"dimensional": 2}
-    assert "flagged, not stopped: 2 dimensional" in format_summary(summary)
+    assert summary.flagged == {"dimensional": 2} and summary.flagged_trials == {"dimensional": [1, 4]}
+    assert "flagged, not stopped: 2 dimensional: #1, #4 (trials that ran to the end" in format_summary(summary)
+    many = summarize(frame.assign(trial=[10, 11, 12, 13, 14]).pipe(
+        lambda f: pd.concat([f] + [f.iloc[[4]].assign(trial=n) for n in range(20, 28)], ignore_index=True)),
+        "vicreg", "probe_map", 14, 6)
+    assert ("flagged, not stopped: 10 dimensional: #11, #14, #20, #21, #22, #23, #24, #25 and 2 more (trials"
+            in format_summary(many))
     # Read against an untrained backbone: a search whose best trial does not beat it says so.
     assert "no trial scored above it" not in format_summary(replace(summary, untrained_value=0.39))
     assert "no trial scored above it" in format_summary(replace(summary, untrained_value=0.41))
@@ -4094,7 +4116,7 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     assert (off.would_stop, off.would_save_epochs) == (2, 5.0)
     text = format_summary(off)
     assert "collapse stop off: the rule would have stopped 2 trial(s), saving 5.0 trial-epochs" in text
-    assert "flagged, not stopped: 2 complete (trials that ran to the end with a collapse verdict on their last " \
+    assert "flagged, not stopped: 2 complete: #0, #2 (trials that ran to the end with a collapse verdict on their last " \
            "epoch: collapse stopping off, a type --stop-on ignores" in text
 
 
