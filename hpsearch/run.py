@@ -1689,7 +1689,12 @@ def untrained_probe(settings: SearchSettings, data) -> tuple[float, float]:
 
 
 def _print_start(settings: SearchSettings, folder: Path, stream: TextIO) -> None:
-    stopping = (f"collapse stop ({', '.join(settings.stop_on)}) after {settings.patience_epochs} collapsed "
+    from musicssl.pretext.registry import get_method
+
+    # The types its trials can show: a method without prototypes never shows cluster or partial collapse.
+    stop_on = [kind for kind in settings.stop_on
+               if kind not in PROTOTYPE_COLLAPSE or get_method(settings.method).assigns_prototypes]
+    stopping = (f"collapse stop ({', '.join(stop_on) or 'diverged only'}) after {settings.patience_epochs} collapsed "
                 f"epoch(s) past a grace of {settings.grace_epochs}" if settings.collapse_stop else "no collapse stop")
     print(
         f"searching {settings.method}: {counted(settings.trials, 'trial')}, {settings.concurrency} at a time "

@@ -4006,6 +4006,27 @@ def test_summary_says_when_the_best_trial_collapsed_and_names_the_best_one_the_r
     assert (bare.best_trial, bare.best_verdict, bare.best_would_stop) == (1, None, None)
 
 
+def test_the_first_line_names_only_the_collapse_types_the_methods_trials_can_show(tmp_path):
+    """Before: "collapse stop (complete, cluster)" for every method, though only clustering's trials (with
+    prototypes) can show cluster collapse."""
+    import io
+
+    from hpsearch.run import _print_start
+
+    def first_line(**changes) -> str:
+        stream = io.StringIO()
+        _print_start(SearchSettings(**changes), tmp_path, stream)
+        return stream.getvalue().splitlines()[0]
+
+    assert first_line(method="clustering").endswith(
+        ", collapse stop (complete, cluster) after 2 collapsed epoch(s) past a grace of 1")
+    for method in ("vicreg", "contrastive", "byol", "barlow_twins"):
+        assert first_line(method=method).endswith(", collapse stop (complete) after 2 collapsed epoch(s) past a grace of 1")
+    assert "collapse stop (complete, dimensional)" in first_line(method="byol", stop_on=["complete", "dimensional",
+                                                                                          "partial"])
+    assert first_line(method="vicreg", collapse_stop=False).endswith(", no collapse stop")
+
+
 def test_a_trials_progress_line_gives_its_score_as_the_summary_does_and_says_when_it_is_flagged():
     """The score with 4 decimals (before: 4 significant figures, "probe_map 0.321" beside the summary's 0.3210), and a
     complete trial whose last verdict is a collapse the rule does not stop on is marked (before: nothing said so)."""
