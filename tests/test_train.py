@@ -711,36 +711,35 @@ def test_cli_misuse_in_a_real_process_exits_2_with_one_line():
 
 
 def test_what_does_not_train_does_not_wait_for_lightnings_import():
-    """Lightning's import takes seconds (2.5-3 s here). The train command's help (its parser, which its misuse
-    stops in), and what a search's driver process imports (it never trains), do without it; ``SSLModule`` is defined on its first use, as the
-    class a module-level definition would give (the same object however it is reached, and pickled by name)."""
+    """Lightning's import takes seconds (2.5-3 s in a fresh process). The train command's help (its parser, which
+    its misuse stops in) and what a search's driver process imports (it never trains) do without it. ``SSLModule``
+    is defined on its first use (here, this file's import of it) as the class a module-level definition would
+    give: the same object however it is reached, and pickled by name."""
+    import pickle
+
+    import lightning.pytorch as pl
+
+    import musicssl.train
+
     completed = subprocess.run([sys.executable, "-X", "importtime", "-m", "musicssl.train", "--help"],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
     imported = {line.rsplit("|", 1)[1].strip() for line in completed.stderr.splitlines() if "|" in line}
     assert "musicssl.pretext.registry" in imported and "lightning" not in imported
-    code = """if True:
-        import pickle, sys
-        import hpsearch.run, hpsearch.trainable, musicssl.train, musicssl.probe
-        from musicssl.collapse import effective_rank  # and what the driver's untrained reference imports
-        from musicssl.data.views import fixed_segments
-        from musicssl.embeddings import calibrate_batchnorm_on_tracks, embed_tracks
-        assert not any(name.split(".")[0] == "lightning" for name in sys.modules), "lightning imported"
-        from musicssl.train import SSLModule
-        import lightning.pytorch as pl
-        assert issubclass(SSLModule, pl.LightningModule) and musicssl.train.SSLModule is SSLModule
-        assert (SSLModule.__module__, SSLModule.__qualname__) == ("musicssl.train", "SSLModule")
-        assert pickle.loads(pickle.dumps(SSLModule)) is SSLModule
-        try:
-            musicssl.train.SSLModul
-        except AttributeError as error:
-            assert str(error) == "module 'musicssl.train' has no attribute 'SSLModul'", error
-        else:
-            raise AssertionError("no AttributeError")
-        print("ok")
-    """
+    code = ("import sys, hpsearch.run, hpsearch.trainable, musicssl.train, musicssl.probe\n"
+            # and what the driver's untrained reference imports
+            "from musicssl.collapse import effective_rank\n"
+            "from musicssl.data.views import fixed_segments\n"
+            "from musicssl.embeddings import calibrate_batchnorm_on_tracks, embed_tracks\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'lightning'))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert completed.stdout == "ok\n", completed.stderr[-2000:]
+    assert completed.stdout == "[]\n", completed.stdout[-2000:] + completed.stderr[-2000:]
+
+    assert issubclass(SSLModule, pl.LightningModule) and musicssl.train.SSLModule is SSLModule
+    assert (SSLModule.__module__, SSLModule.__qualname__) == ("musicssl.train", "SSLModule")
+    assert pickle.loads(pickle.dumps(SSLModule)) is SSLModule
+    with pytest.raises(AttributeError, match="^module 'musicssl.train' has no attribute 'SSLModul'$"):
+        musicssl.train.SSLModul
 
 
 def _configured(argv: list[str]) -> TrainConfig:
