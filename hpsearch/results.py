@@ -204,6 +204,9 @@ class SearchSummary:
     # of each type, and their numbers.
     flagged: dict[str, int] = field(default_factory=dict)
     flagged_trials: dict[str, list[int]] = field(default_factory=dict)
+    # The names in ``best_params`` the sampler drew; the others were derived from them or held fixed by the
+    # space (empty where not known: all are shown as parameters).
+    best_sampled: list[str] = field(default_factory=list)
     # With collapse stopping off (--no-collapse-stop): trials the rule would have stopped, and the
     # trial-epochs that would have saved.
     would_stop: int = 0
@@ -329,11 +332,15 @@ def format_summary(summary: SearchSummary) -> str:
     lines = [f"{summary.method}: {summary.trials_finished}/{summary.trials_requested} trials finished ({counts})"]
     if summary.best_trial is not None:
         lines.append(f"best: trial #{summary.best_trial}, {summary.objective} {summary.best_value:.4f}")
-        params = ", ".join(
-            f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-            for name, value in sorted(summary.best_params.items())
-        )
-        lines.append(f"  params: {params}")
+        def listed(names) -> str:
+            return ", ".join(f"{name}={value:.4g}" if isinstance(value := summary.best_params[name], float)
+                             else f"{name}={value}" for name in sorted(names))
+
+        sampled = [name for name in summary.best_sampled if name in summary.best_params] or list(summary.best_params)
+        lines.append(f"  params: {listed(sampled)}")
+        others = set(summary.best_params) - set(sampled)
+        if others:
+            lines.append(f"  derived or fixed by the space: {listed(others)}")
         if summary.best_would_stop:
             found = summary.best_would_stop
             lines.append(

@@ -1599,9 +1599,12 @@ def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: f
         STUDY_NAME, export_best_checkpoint, load_study, summarize, write_trials_csv,
     )
 
-    frame = write_trials_csv(load_study(journal, STUDY_NAME), folder)
+    study = load_study(journal, STUDY_NAME)
+    frame = write_trials_csv(study, folder)
     summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
     summary.seconds = time.perf_counter() - started
+    if summary.best_trial is not None:  # which of its parameters the sampler drew (the others: derived or fixed)
+        summary.best_sampled = sorted(study.trials[summary.best_trial].params)
     # The untrained backbone's scores, measured at the end of an earlier run of this search (same
     # settings, same seed): kept until they are measured again.
     before = _stored_summary(folder)

@@ -4081,6 +4081,13 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     assert (written["trial_epochs_requested"], written["trial_epochs_without_stopping"]) == (36, 32.0)
     # Two complete trials ended dimensionally collapsed: reported, not stopped.
     assert summary.flagged == {"dimensional": 2} and summary.flagged_trials == {"dimensional": [1, 4]}
+    # The parameters the sampler drew, then those the trial trained with besides (before: one list of both).
+    lines = format_summary(replace(summary, best_params={"one_minus_ema_rate": 0.025, "base_ema_rate": 0.975,
+                                                         "teacher_temperature_start": 0.02, "num_prototypes": 18},
+                                   best_sampled=["num_prototypes", "one_minus_ema_rate"])).splitlines()
+    assert lines[2:4] == ["  params: num_prototypes=18, one_minus_ema_rate=0.025",
+                          "  derived or fixed by the space: base_ema_rate=0.975, teacher_temperature_start=0.02"]
+    assert format_summary(summary).splitlines()[2] == "  params: x=0.2"  # not known which: all as parameters
     assert "flagged, not stopped: 2 dimensional: #1, #4 (trials that ran to the end" in format_summary(summary)
     many = summarize(frame.assign(trial=[10, 11, 12, 13, 14]).pipe(
         lambda f: pd.concat([f] + [f.iloc[[4]].assign(trial=n) for n in range(20, 28)], ignore_index=True)),

@@ -158,6 +158,10 @@ def test_summary_numbers_match_the_journal(report, experiment_folder):
     study = study_of(experiment_folder)
     assert set(experiment["best"]["params"]) == set(study.trials[int(best["trial"])].params)
     assert "center_momentum" in experiment["best"]["derived_params"]
+    # The search's own summary keeps them apart the same way.
+    written = json.loads((experiment_folder / "summary.json").read_text())
+    assert written["best_sampled"] == sorted(study.trials[int(best["trial"])].params)
+    assert "one_minus_center_momentum" in written["best_sampled"] and "center_momentum" not in written["best_sampled"]
     compute = experiment["compute"]
     assert compute["trial_epochs_run"] == pytest.approx(trials["epochs_run"].sum())
     saved = sum((2 - trials.loc[trials["outcome"] == o, "epochs_run"]).clip(lower=0).sum() for o in ("collapsed", "diverged"))
