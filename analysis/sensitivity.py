@@ -255,19 +255,25 @@ def experiment_labels(experiments: Sequence[Experiment]) -> list[str]:
             for number, label in enumerate(labels, start=1)]
 
 
+def sampled_trials(study) -> list:
+    """The study's trials its sampler drew: started, and not enqueued with their parameters given
+    (``points_to_evaluate``)."""
+    return [trial for trial in study.get_trials(deepcopy=False)
+            if trial.datetime_start is not None and "fixed_params" not in trial.system_attrs]
+
+
 def random_start_trials(study) -> int:
     """How many of the study's trials a TPE sampler drew at random: TPE models only the trials that have ended
     complete or pruned, and draws at random while fewer than :data:`TPE_STARTUP_TRIALS` have, so every trial
-    started before the tenth such trial ended was a random draw (with several trials at a time, more than ten)."""
+    (of :func:`sampled_trials`) started before the tenth such trial ended was a random draw (with several trials
+    at a time, more than ten)."""
     from bisect import bisect_left
 
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    ended = sorted(trial.datetime_complete for trial in trials
+    ended = sorted(trial.datetime_complete for trial in study.get_trials(deepcopy=False)
                    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.datetime_complete is not None)
-    return sum(trial.datetime_start is not None and bisect_left(ended, trial.datetime_start) < TPE_STARTUP_TRIALS
-               for trial in trials)
+    return sum(bisect_left(ended, trial.datetime_start) < TPE_STARTUP_TRIALS for trial in sampled_trials(study))
 
 
 def _search_folders(folder: Path) -> list[Path]:

@@ -37,6 +37,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from musicssl.cli import counted
+
 if TYPE_CHECKING:
     from analysis.sensitivity import Experiment, ExperimentAnalysis
 
@@ -1148,24 +1150,37 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
                + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
                   if experiment.sampler == "random" else
                   "TPE drew every trial at random so far (its start-up, until 10 trials have ended): where collapses fall "
-                  "in this order is chance." if random_start is not None and random_start >= len(experiment.trials) else
+                  "in this order is chance." if _tpe_drew_only_at_random(experiment) else
                   "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region"
                   + (f" (it drew the first {random_start} trials at random)." if random_start else ".")))
     return ReportFigure(f"{_key(analysis)}-history", _label(analysis), title, caption, figure)
 
 
+def _tpe_drew_only_at_random(experiment: Experiment) -> bool:
+    from analysis.sensitivity import sampled_trials
+
+    random_start = experiment.random_start_trials
+    return random_start is not None and random_start >= len(sampled_trials(experiment.study))
+
+
 def _tpe_text(experiment: Experiment) -> str:
     """What a TPE search's sampler did: which trials it drew at random (its start-up), and what came after."""
-    from analysis.sensitivity import TPE_STARTUP_TRIALS
+    from analysis.sensitivity import TPE_STARTUP_TRIALS, sampled_trials
 
-    random_start, trials = experiment.random_start_trials, len(experiment.trials)
+    random_start = experiment.random_start_trials
     if random_start is None:
         return "after its random start-up trials, the trials gather where it found good scores"
-    if random_start >= trials:
-        return (f"{'both trials' if trials == 2 else f'all {trials} trials' if trials > 1 else 'the trial'} drawn at "
-                f"random, as TPE draws until {TPE_STARTUP_TRIALS} trials have ended: nothing learned from the scores yet")
-    return (f"its first {random_start} trials drawn at random (those started before {TPE_STARTUP_TRIALS} trials had "
-            f"ended), the {trials - random_start} after them where it had found good scores")
+    drawn = len(sampled_trials(experiment.study))
+    given = len(experiment.trials) - drawn
+    if not drawn:
+        return f"{counted(given, 'trial')} at given start points (points_to_evaluate), none drawn by it"
+    text = f"{counted(given, 'trial')} at given start points, then " if given else ""
+    if random_start >= drawn:
+        return text + (f"{'both trials' if drawn == 2 else f'all {drawn} trials' if drawn > 1 else 'the trial'} drawn "
+                       f"at random, as TPE draws until {TPE_STARTUP_TRIALS} trials have ended: nothing learned from the "
+                       "scores yet")
+    return text + (f"its first {random_start} trials drawn at random (those started before {TPE_STARTUP_TRIALS} trials had "
+                   f"ended), the {drawn - random_start} after them where it had found good scores")
 
 
 def trials_html(analysis: ExperimentAnalysis) -> str:

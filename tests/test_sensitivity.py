@@ -119,6 +119,8 @@ def study_of(folder: Path) -> optuna.Study:
 def test_the_search_produced_every_outcome(report):
     outcomes = report["trials"]["outcome"].tolist()
     assert len(outcomes) == TRIALS
+    # Every trial at a point given: none of them a draw of TPE's.
+    assert f"TPE, seed 0: {TRIALS} trials at given start points (points_to_evaluate), none drawn by it" in report["page"]
     for outcome in ("complete", "collapsed", "diverged", "failed"):
         assert outcome in outcomes, outcomes
 
@@ -1992,6 +1994,18 @@ def test_a_tpe_search_says_which_of_its_trials_were_drawn_at_random():
             "after them where it had found good scores") in page
     (history,) = [figure for figure in figures if figure.key.endswith("-history")]
     assert history.caption.endswith("learned to avoid the collapsing region (it drew the first 10 trials at random).")
+    # Trials enqueued with their parameters given (points_to_evaluate) are no draws of TPE's.
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for x in (0.2, 0.8):
+        study.enqueue_trial({"x": x})
+    for _ in range(5):
+        trial = study.ask(space)
+        study.tell(trial, trial.params["x"])
+    given = analyse(experiment_from_study(study, dict(SETTINGS)))
+    assert given.experiment.random_start_trials == 3
+    assert ("TPE, seed ?: 2 trials at given start points, then all 3 trials drawn at random, as TPE draws until 10 "
+            "trials have ended") in build_page([given])[0]
     random = analyse(experiment_from_study(synthetic_study(collapse_rows(count=6)), {**SETTINGS, "sampler": "random"}))
     assert random.experiment.random_start_trials is None
     assert "each trial drawn on its own" in build_page([random])[0]
