@@ -332,6 +332,7 @@ def format_summary(summary: SearchSummary) -> str:
     lines = [f"{summary.method}: {summary.trials_finished}/{summary.trials_requested} trials finished ({counts})"]
     if summary.best_trial is not None:
         lines.append(f"best: trial #{summary.best_trial}, {summary.objective} {summary.best_value:.4f}")
+
         def listed(names) -> str:
             return ", ".join(f"{name}={value:.4g}" if isinstance(value := summary.best_params[name], float)
                              else f"{name}={value}" for name in sorted(names))

@@ -312,7 +312,6 @@ def _define_ssl_module() -> type:
     (also for pickle)."""
     pl = _lightning()
 
-
     class SSLModule(pl.LightningModule):
         """The shared training loop for every pretext method.
 
