@@ -1145,32 +1145,36 @@ def history_figure(analysis: ExperimentAnalysis) -> ReportFigure:
     else:
         what = ("No trial has a score: each is shown, in the order it was proposed, by how it ended"
                 + (f" (an untrained backbone scores {untrained:.4f}). " if untrained is not None else ". "))
-    random_start = experiment.random_start_trials
+    draws = _tpe_draws(experiment)
     caption = (what
                + ("This search drew its trials at random (--sampler random): where collapses fall in this order is chance."
                   if experiment.sampler == "random" else
+                  "Every trial was at a given start point (points_to_evaluate): their order is the one given."
+                  if draws is not None and not draws[1] else
                   "TPE drew every trial at random so far (its start-up, until 10 trials have ended): where collapses fall "
-                  "in this order is chance." if _tpe_drew_only_at_random(experiment) else
+                  "in this order is chance." if draws is not None and draws[0] >= draws[1] else
                   "Collapses that thin out over time mean the sampler (TPE) learned to avoid the collapsing region"
-                  + (f" (it drew the first {random_start} trials at random)." if random_start else ".")))
+                  + (f" (it drew the first {draws[0]} trials at random)." if draws and draws[0] else ".")))
     return ReportFigure(f"{_key(analysis)}-history", _label(analysis), title, caption, figure)
 
 
-def _tpe_drew_only_at_random(experiment: Experiment) -> bool:
+def _tpe_draws(experiment: Experiment) -> tuple[int, int] | None:
+    """``(random, drawn)``: of the trials a TPE search's sampler drew, how many at random (its start-up); None
+    for a random search."""
     from analysis.sensitivity import sampled_trials
 
     random_start = experiment.random_start_trials
-    return random_start is not None and random_start >= len(sampled_trials(experiment.study))
+    return None if random_start is None else (random_start, len(sampled_trials(experiment.study)))
 
 
 def _tpe_text(experiment: Experiment) -> str:
     """What a TPE search's sampler did: which trials it drew at random (its start-up), and what came after."""
-    from analysis.sensitivity import TPE_STARTUP_TRIALS, sampled_trials
+    from analysis.sensitivity import TPE_STARTUP_TRIALS
 
-    random_start = experiment.random_start_trials
-    if random_start is None:
+    draws = _tpe_draws(experiment)
+    if draws is None:
         return "after its random start-up trials, the trials gather where it found good scores"
-    drawn = len(sampled_trials(experiment.study))
+    random_start, drawn = draws
     given = len(experiment.trials) - drawn
     if not drawn:
         return f"{counted(given, 'trial')} at given start points (points_to_evaluate), none drawn by it"

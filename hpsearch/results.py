@@ -295,9 +295,9 @@ def summarize(frame: pd.DataFrame, method: str, objective: str, trials: int, max
     flagged_trials: dict[str, list[int]] = {}
     if len(frame) and "verdict" in frame:
         ended = frame[(frame.get("outcome") == "complete") & frame["verdict"].isin(COLLAPSE_TYPES)]
-        flagged = {str(name): int(count) for name, count in ended["verdict"].value_counts().sort_index().items()}
-        flagged_trials = {name: sorted(int(number) for number in ended.loc[ended["verdict"] == name, "trial"])
-                          for name in flagged}
+        flagged_trials = {str(name): sorted(int(number) for number in numbers)
+                          for name, numbers in ended.groupby("verdict")["trial"]}
+        flagged = {name: len(numbers) for name, numbers in flagged_trials.items()}
     # Only trials that ran to the end: one a scheduler stopped, or that failed or still runs, would not
     # have cost its remaining epochs anyway.
     would = pd.to_numeric(frame.get("would_stop_epoch", pd.Series(dtype=float)), errors="coerce")

@@ -121,6 +121,7 @@ def test_the_search_produced_every_outcome(report):
     assert len(outcomes) == TRIALS
     # Every trial at a point given: none of them a draw of TPE's.
     assert f"TPE, seed 0: {TRIALS} trials at given start points (points_to_evaluate), none drawn by it" in report["page"]
+    assert "Every trial was at a given start point (points_to_evaluate): their order is the one given." in report["page"]
     for outcome in ("complete", "collapsed", "diverged", "failed"):
         assert outcome in outcomes, outcomes
 
