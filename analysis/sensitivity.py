@@ -988,13 +988,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def outcome_counts(frame: pd.DataFrame) -> dict[str, int]:
-    """Trials per outcome, collapsed ones split by type: ``complete``, ``collapsed: <type>``...,
-    ``diverged``, ``failed``, then ``stopped`` and ``running`` when there are any."""
-    order = ["complete"] + sorted(g for g in set(frame["group"]) if g.startswith("collapsed: ")) + [
-        "diverged", "failed", "stopped", "running"]
+def outcome_counts(frame: pd.DataFrame, collapse_stop: bool = True) -> dict[str, int]:
+    """Trials per outcome, collapsed ones split by type: ``complete``, ``collapsed: <type>``... (or
+    ``collapsed`` with 0 when none collapsed in a search that stopped collapsed trials), ``diverged``,
+    ``failed``, then ``stopped`` and ``running`` when there are any."""
+    collapsed = sorted(g for g in set(frame["group"]) if g.startswith("collapsed: ")) or ["collapsed"]
+    order = ["complete", *collapsed, "diverged", "failed", "stopped", "running"]
     counts = {group: int((frame["group"] == group).sum()) for group in order}
-    return {group: count for group, count in counts.items() if count or group in ("complete", "diverged", "failed")}
+    always = ("complete", "collapsed", "diverged", "failed") if collapse_stop else ("complete", "diverged", "failed")
+    return {group: count for group, count in counts.items() if count or group in always}
 
 
 def final_metric(experiment: Experiment, metric: str) -> pd.Series:
@@ -1063,7 +1065,8 @@ def epoch_seconds(experiment: Experiment) -> tuple[float, str | None]:
 def analyse(experiment: Experiment) -> ExperimentAnalysis:
     """The numbers of the report for one experiment."""
     frame = experiment.trials
-    counts = outcome_counts(frame)
+    # Without stopping no trial is stopped as collapsed: the report's line says how many the rule would have stopped.
+    counts = outcome_counts(frame, experiment.collapse_stop)
     notes = []
     if experiment.running:
         notes.append(f"the search is still running or was interrupted: {len(frame)} of {experiment.trials_requested} "

@@ -780,6 +780,27 @@ SETTINGS = {"method": "vicreg", "objective": "probe_map", "max_epochs": 2, "tria
             "stop_on": ["complete", "cluster"]}
 
 
+def test_a_search_without_collapses_counts_zero_collapsed_in_the_json_and_the_console_line():
+    """Before, the counts of a search where nothing collapsed read "12 complete, 0 diverged, 0 failed",
+    without the one outcome the report is about."""
+    from analysis.sensitivity import _summary_lines, analyse
+
+    rng = np.random.default_rng(3)
+    rows = [(x, y, "complete") for x, y in rng.uniform(size=(12, 2))]
+    analysis = analyse(experiment_from_study(synthetic_study(rows), SETTINGS))
+    assert analysis.counts == {"complete": 12, "collapsed": 0, "diverged": 0, "failed": 0}
+    (line,) = _summary_lines({"experiments": [analysis.to_dict()]})
+    assert "(12 complete, 0 collapsed, 0 diverged, 0 failed)" in line
+    # With collapses, the types replace the 0.
+    rows[0] = (rows[0][0], rows[0][1], "collapsed")
+    counts = analyse(experiment_from_study(synthetic_study(rows), SETTINGS)).counts
+    assert counts == {"complete": 11, "collapsed: complete": 1, "diverged": 0, "failed": 0}
+    # A search without stopping stops none as collapsed: its line says instead how many the rule would have
+    # stopped (test_the_console_line_counts_the_trials_the_rule_would_have_stopped), and no "0 collapsed" beside it.
+    unstopped = experiment_from_study(synthetic_study(rows, stopping=False), {**SETTINGS, "collapse_stop": False})
+    assert analyse(unstopped).counts == {"complete": 12, "diverged": 0, "failed": 0}
+
+
 def test_collapse_importance_finds_the_parameter_that_causes_collapse():
     rng = np.random.default_rng(0)
     rows = [(x, y, "collapsed" if x > 0.6 else "complete") for x, y in rng.uniform(size=(40, 2))]
