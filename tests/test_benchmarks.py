@@ -362,6 +362,7 @@ def _bench_search(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+@pytest.mark.slow  # 13-15 s (about 12 processes); run when bench_search.py's savings or replay changes
 def test_bench_search_savings_gives_both_searches_the_search_flags_and_names_them_by_tag(tmp_path):
     """``savings --search-flags=... --tag paper``: both searches get the extra hpsearch.run flags after the
     benchmark's own, and their runs are named METHOD-TRIALS[-Nep]-TAG-stop/-nostop; replay --tag reads
@@ -420,6 +421,7 @@ def test_bench_search_savings_gives_both_searches_the_search_flags_and_names_the
     assert not (tmp_path / "bad" / "vicreg-2-bad-nostop.log").exists()
 
 
+@pytest.mark.slow  # 17-19 s (about 10 processes); run when bench_search.py's checks or timing change
 def test_bench_search_refuses_bad_input_in_one_line_and_times_only_the_default_search(tmp_path):
     """Before: a missing or foreign --seed-runs file, --trials -1 for overhead and the like ended in a
     traceback; report with no folder printed nothing; --trials 0 became 64; and timing reused any finished

@@ -780,6 +780,7 @@ def test_open_without_cache_explains_how_to_build(tmp_path: Path) -> None:
         MelCache.open(tmp_path / "nothing")
 
 
+@pytest.mark.slow  # 13-15 s; run when the cache's build lock or its process pool's start changes
 def test_build_at_import_time_fails_at_once_instead_of_hanging(tmp_path: Path) -> None:
     """A script that builds at module level, without a main guard: each spawned decoding worker imports
     it and reaches the build while its parent holds the cache lock. That must be a clear error that
@@ -993,6 +994,8 @@ RACE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 10-11 s; run when the cache's decoding pool changes (a decoder that dies on a file is in the
+# fast suite: test_a_file_that_kills_its_decoding_process_is_skipped_and_the_build_goes_on)
 def test_a_decoding_process_that_dies_while_the_build_is_busy_elsewhere_loses_no_track(tmp_path: Path) -> None:
     """The pool breaks between two waits: the next submission fails at once. That track never ran
     (it goes to the next pool) and those in flight are retried alone; none is lost or blamed."""

@@ -782,6 +782,7 @@ def test_a_ctrl_c_as_the_corpus_is_put_in_place_says_it_is_complete(cache, bank,
         signal_module.signal(signal_module.SIGINT, previous)
 
 
+@pytest.mark.slow  # 9-10 s; run when the corpus build's staging folder or its clean-up changes
 def test_a_build_killed_outright_leaves_its_staging_folder_to_the_next_build_only(cache, bank, tmp_path):
     """SIGKILL (out of memory, kill -9) gives the build no chance to clean up: its hidden staging folder
     (61 MB two seconds into the default corpus) stayed for good. A build here an hour later removes it,

@@ -1070,10 +1070,11 @@ def _signal_is_caught(signum: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc")
-# SIGINT's case is slow (19 s; run when this code changes): Ctrl-C's path through the search is the
-# fast suite's in other tests, and SIGTERM's case here is the one that killed the search.
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
-                         ids=["SIGTERM", "SIGINT"])
+# Slow (19-28 s each; run when the search's end, its signal handling or the reference probe changes): a stop
+# during the trials is the fast suite's (test_sigterm_stops_a_search_as_ctrl_c_does), and SIGTERM's case here is
+# the one that killed the search.
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
         tmp_path, tonal_data, ray_guard, monkeypatch, capsys, signum):
     """A signal after the trials, while the untrained backbone is probed (~20 s on the corpus). Before:
@@ -1131,6 +1132,7 @@ def test_a_stop_during_the_reference_probe_leaves_out_only_the_reference(
     assert (summary["untrained_value"], summary["trials_finished"]) == (0.25, 1)
 
 
+@pytest.mark.slow  # 18-20 s; run when the search's reference or its resume changes
 def test_a_rankme_search_stopped_while_its_reference_was_measured_measures_it_when_run_again(
         tmp_path, tonal_data, ray_guard, monkeypatch, capsys):
     """Before: a finished rankme search was never measured again ("nothing to run"), to spare the searches

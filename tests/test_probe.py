@@ -432,6 +432,8 @@ def test_the_full_test_interval_takes_off_the_subsets_shift_of_average_precision
     assert made_up.around(0.55, 400) == pytest.approx((0.55 - 0.1 / math.sqrt(3), 0.55 + 0.12 / math.sqrt(3)))
 
 
+@pytest.mark.slow  # 20-23 s; run when the bootstrap intervals change (their definition is checked in the fast
+# suite against a classical bootstrap: test_the_full_test_interval_is_as_wide_as_a_classical_bootstrap_...)
 def test_the_full_test_interval_holds_the_population_value_about_95_percent_of_the_time():
     """Coverage against the truth, not against another bootstrap: 300 test sets of 120 rows (the corpus's
     test split) drawn from a binormal model, 3 tags 30 % positive, scores N(0.8, 1) for positives and N(0, 1)

@@ -1125,6 +1125,8 @@ def test_a_real_sigterm_ends_the_cli_in_one_line_before_during_and_as_the_run_is
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow  # 12-14 s; run when the loader workers' signals or the training's stop change (a SIGTERM to
+# the training process is in the fast suite: test_a_real_sigterm_ends_the_cli_in_one_line_before_during_and_as_the_run_is_written)
 def test_a_sigterm_to_the_process_group_with_loader_workers_ends_in_one_line(tmp_path, tonal_dataset):
     """A SIGTERM to the whole process group (timeout, scancel, kill -TERM -PGID) reaches the DataLoader workers
     too. Before: they died of it, and torch's check of them raised "DataLoader worker (pid N) is killed by
