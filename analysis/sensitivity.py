@@ -1159,12 +1159,15 @@ def analyse(experiment: Experiment) -> ExperimentAnalysis:
             near_best_definition=f"finished trials scoring within {100 * NEAR_BEST_FRACTION:.0f} % of the best",
         )
     for target in ("objective", "collapse"):
-        for evaluator in EVALUATORS:
-            found = next((i for i in importances if i.target == target and i.evaluator == evaluator and i.values), None)
-            if found:
-                sensitivity[f"most_important_for_{target}"] = next(iter(found.values))
-                sensitivity[f"most_important_for_{target}_by"] = evaluator
-                break
+        firsts = {i.evaluator: next(iter(i.values)) for i in importances if i.target == target and i.values}
+        evaluator = next((name for name in EVALUATORS if name in firsts), None)
+        if evaluator:
+            sensitivity[f"most_important_for_{target}"] = firsts[evaluator]
+            sensitivity[f"most_important_for_{target}_by"] = evaluator
+            # Where the other evaluator puts another parameter first, the ranking is not settled: said beside it.
+            others = {name: first for name, first in firsts.items() if first != firsts[evaluator]}
+            if others:
+                sensitivity[f"most_important_for_{target}_otherwise"] = others
 
     collapsed = frame[frame["collapsed"]]
     would = collapsed[collapsed["would_stop"]]
@@ -1363,7 +1366,9 @@ def comparison_rows(analyses: Sequence[ExperimentAnalysis]) -> list[dict[str, An
             "trials": int(len(experiment.trials)),
             **{key: analysis.sensitivity.get(key) for key in ("best", "best_low", "best_high", "median", "iqr",
                                                                "near_best_fraction", "most_important_for_objective",
-                                                               "most_important_for_collapse")},
+                                                               "most_important_for_collapse",
+                                                               "most_important_for_objective_otherwise",
+                                                               "most_important_for_collapse_otherwise")},
             "best_none_share": none_share,
             "collapse_rate": analysis.collapse_rate["rate"], "collapse_low": analysis.collapse_rate["low"],
             "collapse_high": analysis.collapse_rate["high"],

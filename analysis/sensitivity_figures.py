@@ -421,6 +421,15 @@ def importance_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
     caption = ("Longer bar = the parameter explains more of the target (in a panel, each evaluator's bars, fANOVA's or "
                "PED-ANOVA's, sum to 1). Left: the score among complete trials. "
                f"Right: {experiment.collapsed_wording} or not, over all finished trials, so collapsed trials count.")
+    for target, side in (("objective", "Left"), ("collapse", "Right")):
+        first, others = (analysis.sensitivity.get(f"most_important_for_{target}"),
+                         analysis.sensitivity.get(f"most_important_for_{target}_otherwise"))
+        if first and others:
+            by = analysis.sensitivity[f"most_important_for_{target}_by"]
+            named = ", ".join(f"{evaluator} {name}" for evaluator, name in others.items())
+            trials = next(i.trials for i in analysis.importances if i.target == target and i.evaluator == by)
+            caption += (f" {side}, the evaluators put different parameters first ({by} {first}, "
+                        f"{named}): on these {trials} trials the ranking is not settled.")
     if blank:
         caption += f" The {' and '.join(blank)} panel says why it has no bars."
     return ReportFigure(f"{_key(analysis)}-importance", _label(analysis), title, caption, figure)
@@ -1351,7 +1360,7 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
                   f"{number(r['collapse_high'], '{:.0%}')})"
                   + ("" if r["collapse_rule_could_fire"] else ", divergences only: the rule could not fire")
                   ) if r["collapse_rate"] is not None else "",
-                 r.get("most_important_for_objective") or "n/a", r.get("most_important_for_collapse") or "n/a"]
+                 _most_important_text(r, "objective"), _most_important_text(r, "collapse")]
         body.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th class='text'>{html.escape(h)}</th>" for h in header)
     differences, rule = setting_differences(analyses), setting_differences(analyses, RULE_SETTINGS)
@@ -1369,9 +1378,19 @@ def comparison_html(analyses: Sequence[ExperimentAnalysis]) -> str:
             "Collapse rate: share of finished trials collapsed or diverged (for a search run without collapse "
             "stopping, also those the collapse rule would have stopped). Near best: share of finished trials within "
             "5 % of the best score, high for a method that needs little tuning. IQR: interquartile range of the complete trials' scores. The last two "
-            "columns name the parameter with the largest importance (PED-ANOVA, else fANOVA); n/a where no importance could be "
+            "columns name the parameter with the largest importance (PED-ANOVA, else fANOVA), with fANOVA's first in "
+            "brackets where it is another (the ranking is then not settled); n/a where no importance could be "
             "computed (too few trials; for collapse, too few collapsed or too few healthy ones: the experiment's own "
             "section says which).</p>")
+
+
+def _most_important_text(row: dict[str, Any], target: str) -> str:
+    """``x``, or ``x (fANOVA: y)`` where the other evaluator ranks another parameter first; ``n/a`` without."""
+    first = row.get(f"most_important_for_{target}")
+    if not first:
+        return "n/a"
+    others = row.get(f"most_important_for_{target}_otherwise") or {}
+    return first + "".join(f" ({evaluator}: {name})" for evaluator, name in others.items())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -825,6 +825,46 @@ def test_collapse_importance_finds_the_parameter_that_causes_collapse():
     assert len(experiment.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < 40
 
 
+def test_where_the_evaluators_put_different_parameters_first_the_report_says_the_ranking_is_not_settled(tmp_path):
+    """12 trials whose collapse is a coin toss, unrelated to x and y. Each evaluator still names a parameter
+    first (Optuna's evaluators, run here on a copy of the trials as the report describes them: PED-ANOVA with
+    exactly the collapsed trials as its top set, fANOVA with seed 0), and here they name different ones.
+    Before, the report named PED-ANOVA's alone, and the comparison table read it as the parameter that
+    decides collapse. Now the JSON, the comparison table and the importance figure's caption give both."""
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    from analysis.sensitivity import analyse, comparison_rows
+    from analysis.sensitivity_figures import comparison_html, importance_figure, keyed
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(size=(12, 2))
+    outcomes = rng.permutation(["collapsed"] * 5 + ["complete"] * 7)
+    rows = [(x, y, outcome) for (x, y), outcome in zip(points, outcomes)]
+    copy = optuna.create_study(direction="maximize")
+    distributions = {name: optuna.distributions.FloatDistribution(0.0, 1.0) for name in "xy"}
+    copy.add_trials([optuna.trial.create_trial(params={"x": x, "y": y}, distributions=distributions,
+                                               value=float(outcome == "collapsed")) for x, y, outcome in rows])
+    firsts = {}
+    for name, evaluator in (("PED-ANOVA", PedAnovaImportanceEvaluator(target_quantile=4.5 / 12)),
+                            ("fANOVA", FanovaImportanceEvaluator(seed=0))):
+        importances = optuna.importance.get_param_importances(copy, evaluator=evaluator)
+        firsts[name] = max(importances, key=importances.get)
+    assert firsts["PED-ANOVA"] != firsts["fANOVA"], firsts  # the case this test is about
+
+    analyses = keyed([analyse(experiment_from_study(synthetic_study(rows), SETTINGS, tmp_path / name))
+                      for name in ("a", "b")])
+    sensitivity = analyses[0].sensitivity
+    assert sensitivity["most_important_for_collapse"] == firsts["PED-ANOVA"]
+    assert sensitivity["most_important_for_collapse_otherwise"] == {"fANOVA": firsts["fANOVA"]}
+    assert "most_important_for_objective_otherwise" not in sensitivity  # a complete trial scores x: both say x
+    assert comparison_rows(analyses)[0]["most_important_for_collapse_otherwise"] == {"fANOVA": firsts["fANOVA"]}
+    assert f"<td class='text'>{firsts['PED-ANOVA']} (fANOVA: {firsts['fANOVA']})</td>" in comparison_html(analyses)
+    assert ("Right, the evaluators put different parameters first (PED-ANOVA "
+            f"{firsts['PED-ANOVA']}, fANOVA {firsts['fANOVA']}): on these 12 trials the ranking is not settled."
+            ) in importance_figure(analyses[0]).caption
+    assert "Left, the evaluators" not in importance_figure(analyses[0]).caption
+
+
 @pytest.mark.parametrize("count, collapsed", [(25, 7), (6, 3)])
 def test_ped_anova_takes_exactly_the_collapsed_trials_as_its_top_set(count, collapsed):
     """A 0/1 target's top set is the collapsed trials and nothing else, whatever their share (a quantile
