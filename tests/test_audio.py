@@ -315,6 +315,43 @@ def test_log_mel_rejects_too_short_input():
         LogMel()(torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("samples", [1025, 7 * SAMPLE_RATE + 123, 512 * 4096 - 1, 512 * 4096, 512 * 4096 + 1])
+@pytest.mark.parametrize("settings", [{}, {"n_fft": 512, "hop_length": 160, "n_mels": 64, "f_max": 11025.0,
+                                           "norm": None}, {"top_db": None}])
+def test_log_mel_of_a_track_a_chunk_at_a_time_is_the_modules_on_the_whole_track(music_16k, samples, settings):
+    """LogMel.track (the mel cache's way: a chunk of frames at a time, not the whole track's STFT) gives
+    the numbers of the module on the whole peak-normalised waveform, to the bit: reflected edges, chunk
+    seams, a last frame alone past a chunk's end (512 x 4096 samples), and the floor below the whole track's
+    loudest bin (the music is tiled with a gain rising 40 dB, so the floor of a quiet chunk is not its own)."""
+    repeats = -(-samples // len(music_16k))
+    gain = np.repeat(np.logspace(-2, 0, repeats), len(music_16k))[:samples].astype(np.float32)
+    waveform = np.tile(music_16k, repeats)[:samples] * gain
+    peak = float(np.abs(waveform).max())
+    front_end = LogMel(**settings)
+    with torch.no_grad():
+        whole = front_end(torch.from_numpy(waveform / np.float32(peak))).numpy()
+        unscaled = front_end(torch.from_numpy(waveform)).numpy()
+    frames = samples // front_end.hop_length + 1
+    assert whole.shape == (front_end.n_mels, frames)
+    for chunk_frames in (32, 100, 2048, frames):
+        track = front_end.track(waveform, peak, chunk_frames=chunk_frames)
+        assert track.dtype == np.float32 and track.shape == whole.shape
+        np.testing.assert_array_equal(track, whole, err_msg=f"chunks of at most {chunk_frames} frames")
+    np.testing.assert_array_equal(front_end.track(waveform), unscaled)  # no peak: the waveform as it is
+    if settings.get("top_db", 100.0) is not None and samples > SAMPLE_RATE:
+        # (Check that the floor matters here: floored per chunk, the quiet start would keep bins below it.)
+        assert (whole == whole.max() - 100.0).mean() > 0.01
+
+
+def test_log_mel_track_rejects_what_forward_rejects_and_a_bad_chunk_size():
+    with pytest.raises(ValueError, match=r"T > n_fft // 2 = 512 samples, got shape \(512,\)"):
+        LogMel().track(np.zeros(512, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"one waveform of shape \(T,\)"):
+        LogMel().track(np.zeros((2, 4000), dtype=np.float32))
+    with pytest.raises(ValueError, match="chunk_frames must be a positive integer, got 0"):
+        LogMel().track(np.zeros(4000, dtype=np.float32), chunk_frames=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # load_audio
 
@@ -354,6 +391,88 @@ def test_load_audio_decodes_downmixes_and_resamples(tmp_path, file_format, subty
     expected = 0.6 * np.sin(2 * np.pi * frequency * np.arange(len(signal)) / SAMPLE_RATE)
     inner = slice(400, len(signal) - 400)
     assert np.abs(signal[inner] - expected[inner]).max() < max_error
+
+
+def whole_file_samples(path: Path, sample_rate: int) -> np.ndarray:
+    """What load_audio must give, from its definition: the whole file read at once, the mean of its
+    channels, and soxr's one-shot resampling (high quality) of the whole."""
+    import soxr
+
+    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if rate == sample_rate:
+        return mono
+    return soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "rate", "channels", "frames", "subtype"),
+    [
+        ("a.flac", 44100, 2, 44100 * 3 + 17, "PCM_16"),
+        ("b.wav", 48000, 2, 48000 * 2 + 1, "FLOAT"),
+        ("c.wav", 22050, 1, 22050 * 2 + 3, "PCM_16"),
+        ("d.ogg", 44100, 2, 44100 * 2 + 5, "VORBIS"),
+        ("e.mp3", 44100, 2, 44100 * 2, "MPEG_LAYER_III"),
+        ("f.wav", 16000, 1, 16000 * 2, "PCM_16"),  # no resampling
+        ("g.wav", 8000, 6, 8000 * 2 + 1, "PCM_16"),  # upsampled; six channels
+        ("h.wav", 44100, 2, 3000, "PCM_16"),  # exactly three blocks of 1,000
+    ],
+)
+def test_load_audio_a_block_at_a_time_gives_the_whole_files_samples_to_the_bit(tmp_path, monkeypatch, name, rate,
+                                                                              channels, frames, subtype):
+    """load_audio decodes 1,000 frames at a time here (2^18 by default), through a soxr stream: the same
+    samples as the whole file read, mixed and resampled at once, at 16 and 22.05 kHz; and from files cut
+    short (their headers list more frames than they hold), the same as the whole read gives them."""
+    import musicssl.audio
+
+    monkeypatch.setattr(musicssl.audio, "DECODE_BLOCK_FRAMES", 1000)
+    rng = np.random.default_rng(frames)
+    path = tmp_path / name
+    soundfile.write(path, (0.2 * rng.standard_normal((frames, channels))).clip(-1, 1), rate, subtype=subtype)
+    for target in (SAMPLE_RATE, 22050):
+        expected = whole_file_samples(path, target)
+        signal = load_audio(path, target)
+        assert signal.dtype == np.float32 and signal.shape == expected.shape
+        np.testing.assert_array_equal(signal, expected)
+        assert signal.base is None or len(signal.base) <= len(signal) + 17  # (no spare array of the listed length)
+    if not name.endswith(".flac"):  # (a FLAC cut short does not decode, read whole or not: below)
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 5])
+        expected = whole_file_samples(cut, SAMPLE_RATE)
+        assert 0 < len(expected) < 0.7 * len(whole_file_samples(path, SAMPLE_RATE))
+        np.testing.assert_array_equal(load_audio(cut, SAMPLE_RATE), expected)
+
+
+def test_a_flac_cut_short_does_not_decode_read_whole_or_a_block_at_a_time(tmp_path):
+    path = tmp_path / "song.flac"
+    soundfile.write(path, 0.2 * np.random.default_rng(0).standard_normal((44100 * 9, 2)), 44100)
+    cut = write_bytes(tmp_path / "cut.flac", path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(soundfile.LibsndfileError, match="lost sync"):
+        whole_file_samples(cut, SAMPLE_RATE)
+    with pytest.raises(AudioError, match=r"cut.flac: cannot decode audio: .*or corrupt \(libsndfile: .*lost sync"):
+        load_audio(cut)  # (its first blocks decode: the error comes at the cut)
+
+
+def test_load_audio_holds_a_block_of_the_file_not_the_whole(tmp_path):
+    """A minute of 44.1 kHz stereo is 21 MB of float32 samples, read whole before, beside their down-mix (11 MB)
+    and the 16 kHz result (3.8 MB): a peak of 35 MB. Decoded a block at a time, the peak is the result and
+    about 3 MB for a block (numpy's arrays, as tracemalloc counts them)."""
+    import tracemalloc
+
+    path = tmp_path / "minute.flac"
+    soundfile.write(path, 0.2 * np.random.default_rng(0).standard_normal((44100 * 60, 2)), 44100)
+    tracemalloc.start()
+    try:
+        signal = load_audio(path, SAMPLE_RATE)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        whole_file_samples(path, SAMPLE_RATE)
+        _, peak_whole = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert signal.nbytes == 60 * SAMPLE_RATE * 4
+    assert peak_whole > 8 * signal.nbytes  # (the way before, measured alike)
+    assert peak < signal.nbytes + 4e6, (peak, peak_whole)
 
 
 def test_load_audio_other_target_rate_and_mono_file(tmp_path):

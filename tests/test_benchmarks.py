@@ -28,6 +28,8 @@ CASES = {
     "bench_scale": (["--tracks", "20", "40", "--seconds", "8"], "RESULT folder loader seconds per .m4a row, 40 / 20 rows"),
     "bench_probe_memory": (["--segments", "60000", "--dim", "128", "--workers", "0"],
                            "RESULT probe_memory_over_segments workers=0 "),
+    "bench_decode_memory": (["--minutes", "3", "--formats", "flac", "--repeats", "1"],
+                            "RESULT flac peak memory today / whole: "),
 }
 
 
@@ -46,6 +48,10 @@ def test_benchmark_script_runs(script, tmp_path):
     if script == "bench_probe_memory":  # about one copy of the embeddings at most (before: 4.2 and 10.4)
         ratios = [float(line.split()[-1]) for line in completed.stdout.splitlines() if line.startswith("RESULT")]
         assert ratios and max(ratios) < 2.0, completed.stdout
+    if script == "bench_decode_memory":  # the same log-mel (else it fails), for under half the memory (0.19 at 10 min)
+        ratio = next(float(line.split()[7]) for line in completed.stdout.splitlines()
+                     if line.startswith("RESULT flac peak memory"))
+        assert "the same log-mel both ways" in completed.stdout and ratio < 0.5, completed.stdout
     if script == "bench_downstream":  # the synthetic tracks' mel cache went with them (before: one left a run)
         assert not list((tmp_path / "cache").glob("mels/*")), list((tmp_path / "cache").rglob("*"))[:5]
 
@@ -228,6 +234,9 @@ def test_benchmark_scripts_refuse_bad_values_in_one_line():
         ("bench_scale", ["--seconds", "5"], "argument --seconds: expected 8 to 600 (two 4 s segments per track), got 5"),
         ("bench_probe_memory", ["--segments", "100"], "argument --segments: expected an integer >= 175, got '100'"),
         ("bench_probe_memory", ["--fractions", "0"], "argument --fractions: expected a fraction in (0, 1], got '0'"),
+        ("bench_decode_memory", ["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+        ("bench_decode_memory", ["--minutes", "0"], "argument --minutes: expected 0.1 to 240, got 0"),
+        ("bench_decode_memory", ["--formats", "aac"], "argument --formats: invalid choice: 'aac'"),
     ]
     for (script, arguments, message), answer in zip(cases, run_each([case[:2] for case in cases])):
         assert answer["code"] == 2 and message in answer["stderr"], (script, arguments, answer["stderr"][-800:])

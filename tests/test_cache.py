@@ -97,6 +97,30 @@ def test_stored_mels_equal_logmel_of_decoded_audio(tmp_path: Path, audio_files: 
     np.testing.assert_array_equal(cache.get("flac44", 17, 40), cache.get_track("flac44")[:, 17:57])
 
 
+def test_a_long_track_is_stored_as_the_whole_file_read_and_transformed_at_once(tmp_path: Path) -> None:
+    """A 150 s stereo 44.1 kHz track: 4,688 frames, so three chunks of the cache's log-mel and 26 blocks of
+    decoding. What is stored is, to the bit, the float16 of LogMel on the whole file read at once, down-mixed,
+    resampled (soxr's one-shot) and peak-normalised, as the cache computed it before it decoded and
+    transformed a track a part at a time."""
+    import soxr
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    seconds = np.arange(150 * 44100) / 44100
+    tone = np.sin(2 * np.pi * 440.0 * seconds) * np.linspace(0.01, 1.0, len(seconds))  # rising 40 dB
+    stereo = np.stack([tone + 0.01 * rng.standard_normal(len(seconds)), 0.5 * tone], axis=1)
+    path = write(folder / "long.flac", stereo, 44100)
+    cache = MelCache.build(make_index({"long": path}), tmp_path / "cache", workers=0, progress=False, verbose=False)
+
+    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    audio = soxr.resample(data.mean(axis=1), rate, 16000, quality="HQ").astype(np.float32)
+    with torch.no_grad():
+        whole = LogMel()(torch.from_numpy(audio / np.float32(np.abs(audio).max()))).numpy()
+    assert whole.shape == (128, 150 * 16000 // 512 + 1) == (128, 4688)
+    np.testing.assert_array_equal(cache.get_track("long"), whole.astype(np.float16).astype(np.float32))
+
+
 def test_peak_normalisation_and_channel_mixing(tmp_path: Path) -> None:
     folder = tmp_path / "audio"
     folder.mkdir()

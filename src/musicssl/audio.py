@@ -86,8 +86,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         fix = "; make it readable (chmod a+r)" if isinstance(error, PermissionError) else ""
         raise AudioError(f"{path}: {UNREADABLE}: {error.strerror or error}{fix}") from None
     try:
-        data, orig_sr = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:  # libsndfile raises several types; all mean "not decodable"
+        return _decode(path, int(sample_rate))
+    except _Undecodable as undecodable:
+        error = undecodable.__cause__
         # (A FLAC or WAV so named decodes: libsndfile reads the content, not the name.)
         if path.suffix.lower() in UNSUPPORTED_AUDIO_EXTENSIONS:
             raise AudioError(f"{path}: cannot decode audio: a {path.suffix.lower()} file, a format not read here (WAV, "
@@ -95,15 +96,87 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         raise AudioError(
             f"{path}: cannot decode audio: not a readable WAV/FLAC/OGG/MP3 file, or corrupt{_libsndfile_detail(error, path)}"
         ) from None
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: decoded to zero samples")
-    if orig_sr < MIN_SAMPLE_RATE:  # resampling 1 Hz to 16 kHz asks for 16,000 times the samples: a crash
-        raise AudioError(f"{path}: its header gives a sample rate of {orig_sr} Hz, below any audio's "
-                         f"({MIN_SAMPLE_RATE} Hz): a damaged header, or not audio")
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(mono).all():
-        raise AudioError(f"{path}: decoded samples contain NaN or inf")
-    return resample(mono, int(orig_sr), sample_rate)
+
+
+class _Undecodable(Exception):
+    """libsndfile could not open or read the file (its error is the ``__cause__``)."""
+
+
+# Frames decoded at a time: about 6 s of 44.1 kHz audio, 2 MB of float32 stereo.
+DECODE_BLOCK_FRAMES = 1 << 18
+
+
+def _decode(path: Path, sample_rate: int) -> np.ndarray:
+    """:func:`load_audio`'s decoding, a block at a time: the file's own samples are never held whole.
+
+    Each block is down-mixed and fed to a soxr resampling stream, whose output is the one-shot
+    :func:`resample`'s to the bit, into one array of the output's length. So beside the result (3.8 MB per
+    minute at 16 kHz) a block is held (2 MB of 44.1 kHz stereo), not the whole file's samples (21 MB per
+    minute) and their down-mix (11 MB). At most the file's listed frames are read (as ``soundfile.read``
+    does), and fewer where it ends early.
+    """
+    try:
+        file = soundfile.SoundFile(str(path))
+    except Exception as error:  # libsndfile raises several types; all mean "not decodable"
+        raise _Undecodable from error
+    with file:
+        orig_sr, channels = int(file.samplerate), int(file.channels)
+        remaining = file.frames if file.seekable() else -1  # (read() reads at most the listed frames too)
+        block = np.empty((min(DECODE_BLOCK_FRAMES, remaining) if remaining >= 0 else DECODE_BLOCK_FRAMES, channels),
+                         dtype=np.float32)
+        stream = None
+        output = np.empty(0, dtype=np.float32)
+        filled, first = 0, True
+        while True:
+            wanted = len(block) if remaining < 0 else min(len(block), remaining)
+            try:
+                data = file.read(wanted, dtype="float32", always_2d=True, out=block[:wanted])
+            except Exception as error:  # noqa: BLE001 - as above
+                raise _Undecodable from error
+            if first:
+                first = False
+                if data.shape[0] == 0:
+                    raise AudioError(f"{path}: decoded to zero samples")
+                if orig_sr < MIN_SAMPLE_RATE:  # resampling 1 Hz to 16 kHz asks for 16,000 times the samples: a crash
+                    raise AudioError(f"{path}: its header gives a sample rate of {orig_sr} Hz, below any audio's "
+                                     f"({MIN_SAMPLE_RATE} Hz): a damaged header, or not audio")
+                if orig_sr != sample_rate:
+                    stream = soxr.ResampleStream(orig_sr, sample_rate, 1, dtype="float32", quality="HQ")
+                listed = file.frames if file.seekable() else data.shape[0]
+                try:
+                    output = np.empty(_resampled_length(listed, orig_sr, sample_rate), dtype=np.float32)
+                except (MemoryError, ValueError):  # a damaged header that lists more frames than memory holds:
+                    output = np.empty(1 << 20, dtype=np.float32)  # grown as the samples come, if they do
+            mono = data.mean(axis=1) if channels > 1 else data[:, 0]
+            if not np.isfinite(mono).all():
+                raise AudioError(f"{path}: decoded samples contain NaN or inf")
+            last = data.shape[0] < wanted or data.shape[0] == remaining
+            if stream is not None:
+                mono = stream.resample_chunk(mono, last=last)
+            output, filled = _append(output, filled, mono)
+            if remaining > 0:
+                remaining -= data.shape[0]
+            if data.shape[0] < wanted or remaining == 0:
+                break
+    # (A file that ends well before its listed length leaves the array longer than its samples: give the rest back.)
+    return output[:filled] if len(output) - filled <= len(output) // 64 else output[:filled].copy()
+
+
+def _resampled_length(frames: int, orig_sr: int, target_sr: int) -> int:
+    """Room for the samples soxr gives for ``frames`` at ``orig_sr`` resampled to ``target_sr`` (it gives
+    ``frames * target_sr / orig_sr`` rounded; 16 more spare a copy of the whole where it rounds up)."""
+    return frames if orig_sr == target_sr else int(math.ceil(frames * target_sr / orig_sr)) + 16
+
+
+def _append(output: np.ndarray, filled: int, samples: np.ndarray) -> tuple[np.ndarray, int]:
+    """Copy ``samples`` into ``output`` after its first ``filled`` values, growing it where they do not fit."""
+    end = filled + samples.shape[0]
+    if end > len(output):
+        grown = np.empty(max(end, len(output) + len(output) // 2), dtype=np.float32)
+        grown[:filled] = output[:filled]
+        output = grown
+    output[filled:end] = samples
+    return output, end
 
 
 def hz_to_mel(frequency: np.ndarray | float) -> np.ndarray:
@@ -238,3 +311,52 @@ class LogMel(nn.Module):
                 peak = decibels.amax(dim=(-2, -1), keepdim=True)
                 decibels = torch.maximum(decibels, peak - self.top_db)
         return decibels.reshape(*batch_shape, self.n_mels, decibels.shape[-1])
+
+    def track(self, waveform: np.ndarray, peak: float | None = None, chunk_frames: int = 2048) -> np.ndarray:
+        """The log-mel of one mono ``waveform`` (divided by ``peak`` where given), ``(n_mels, frames)``
+        float32, computed on the CPU at most ``chunk_frames`` frames at a time, in chunks of even length.
+
+        The numbers are :meth:`forward`'s on ``torch.from_numpy(waveform / np.float32(peak))`` (each frame's
+        spectrum and mel are computed alike, the reflected edges are taken from the whole waveform, and the
+        ``top_db`` floor is the whole track's), holding one chunk's STFT at a time (8 MB for 2,048 frames at
+        the default settings) and not the whole track's with its intermediates (about 20 MB per minute of
+        16 kHz audio; ``benchmarks/bench_decode_memory.py`` measures the two ways, decoding included). They are the
+        same to the bit where the matrix product rounds a chunk's frames as it rounds the whole's: on this
+        project's machines for chunks of 12 frames or more (fewer go another way through BLAS). The chunks
+        are of even length (at least half of ``chunk_frames`` where there are two or more), so that none is
+        a short remainder.
+        """
+        waveform = np.asarray(waveform)
+        if waveform.ndim != 1 or waveform.shape[0] <= self.n_fft // 2:
+            raise ValueError(f"LogMel.track needs one waveform of shape (T,) with T > n_fft // 2 = {self.n_fft // 2} "
+                             f"samples, got shape {waveform.shape}")
+        if int(chunk_frames) != chunk_frames or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
+        samples, hop, pad = waveform.shape[0], self.hop_length, self.n_fft // 2
+        divisor = None if peak is None else np.float32(peak)
+        frames = self.num_frames(samples)
+        decibels = np.empty((self.n_mels, frames), dtype=np.float32)
+        window, filters = self.window.float().cpu(), self.filters.float().cpu()
+        chunks = -(-frames // int(chunk_frames))
+        bounds = [frames * number // chunks for number in range(chunks + 1)]  # even: none short, as a remainder would be
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            first, end = start * hop - pad, (stop - 1) * hop + pad  # the chunk's samples [first, end) of the waveform
+            parts = []
+            if first < 0:  # reflected as torch.stft's centring reflects the whole waveform: sample -k is sample k
+                parts.append(waveform[1:1 - first][::-1])
+            parts.append(waveform[max(first, 0):min(end, samples)])
+            if end > samples:  # and sample T - 1 + k is sample T - 1 - k
+                parts.append(waveform[2 * samples - 1 - end:samples - 1][::-1])
+            chunk = np.concatenate(parts).astype(np.float32, copy=False)
+            if divisor is not None:
+                chunk = chunk / divisor
+            with torch.no_grad(), torch.autocast(device_type="cpu", enabled=False):
+                spectrum = torch.stft(torch.from_numpy(np.ascontiguousarray(chunk)), self.n_fft, hop_length=hop,
+                                      window=window, center=False, return_complex=True)
+                power = spectrum.real.square() + spectrum.imag.square()
+                power = power / self.window_energy
+                mel = torch.matmul(filters, power)
+                decibels[:, start:stop] = (10.0 * torch.log10(mel.clamp_min(1e-10))).numpy()
+        if self.top_db is not None:
+            np.maximum(decibels, decibels.max() - np.float32(self.top_db), out=decibels)
+        return decibels

@@ -37,7 +37,8 @@ Why this design:
   Nothing is loaded beyond the requested frames.
 
 Each track is decoded with :func:`musicssl.audio.load_audio`, peak-normalised (``x / max|x|``, as
-the study did) and passed whole through :class:`musicssl.audio.LogMel`. So the ``top_db`` floor is
+the study did) and passed whole through :class:`musicssl.audio.LogMel` (by ``LogMel.track``, which holds
+a chunk of the track's STFT at a time and gives the module's numbers on the whole). So the ``top_db`` floor is
 relative to the *track's* loudest bin, and a crop's edge frames see the neighbouring audio rather
 than reflect padding: a crop of the cached mel equals ``LogMel`` of the matching waveform crop except
 for those two details.
@@ -553,9 +554,8 @@ def _judge_decoded(task: _Task, path: Path, audio: np.ndarray, result: _Result) 
         result.reason, result.detail = "silent", _silent_detail(path, peak, task.silence_peak)
         return
     try:
-        with torch.no_grad():
-            mel = task.settings.module()(torch.from_numpy(audio / np.float32(peak)))
-        stored = np.ascontiguousarray(mel.numpy().T, dtype=STORE_DTYPE)
+        # (A chunk of frames at a time: the numbers of the module on the whole track, without its whole STFT.)
+        stored = np.ascontiguousarray(task.settings.module().track(audio, peak).T, dtype=STORE_DTYPE)
     except Exception as error:  # noqa: BLE001
         result.reason, result.detail = "failed", f"{path}: log-mel failed: {type(error).__name__}: {error}"
         return
