@@ -317,7 +317,7 @@ def test_log_mel_rejects_too_short_input():
 
 @pytest.mark.parametrize("samples", [1025, 7 * SAMPLE_RATE + 123, 512 * 4096 - 1, 512 * 4096, 512 * 4096 + 1])
 @pytest.mark.parametrize("settings", [{}, {"n_fft": 512, "hop_length": 160, "n_mels": 64, "f_max": 11025.0,
-                                           "norm": None}, {"top_db": None}])
+                                           "norm": None}, {"top_db": None}, {"n_fft": 401, "hop_length": 160}])
 def test_log_mel_of_a_track_a_chunk_at_a_time_is_the_modules_on_the_whole_track(music_16k, samples, settings):
     """LogMel.track (the mel cache's way: a chunk of frames at a time, not the whole track's STFT) gives
     the numbers of the module on the whole peak-normalised waveform, to the bit: reflected edges, chunk
@@ -331,16 +331,30 @@ def test_log_mel_of_a_track_a_chunk_at_a_time_is_the_modules_on_the_whole_track(
     with torch.no_grad():
         whole = front_end(torch.from_numpy(waveform / np.float32(peak))).numpy()
         unscaled = front_end(torch.from_numpy(waveform)).numpy()
-    frames = samples // front_end.hop_length + 1
+    pad = front_end.n_fft // 2  # (torch.stft's count of centred frames; samples // hop + 1 for an even n_fft)
+    frames = (samples + 2 * pad - front_end.n_fft) // front_end.hop_length + 1
     assert whole.shape == (front_end.n_mels, frames)
-    for chunk_frames in (32, 100, 2048, frames):
+    for chunk_frames in (64, 100, 2048, max(frames, 64)):
         track = front_end.track(waveform, peak, chunk_frames=chunk_frames)
         assert track.dtype == np.float32 and track.shape == whole.shape
         np.testing.assert_array_equal(track, whole, err_msg=f"chunks of at most {chunk_frames} frames")
     np.testing.assert_array_equal(front_end.track(waveform), unscaled)  # no peak: the waveform as it is
-    if settings.get("top_db", 100.0) is not None and samples > SAMPLE_RATE:
+    if not settings and samples > SAMPLE_RATE:
         # (Check that the floor matters here: floored per chunk, the quiet start would keep bins below it.)
         assert (whole == whole.max() - 100.0).mean() > 0.01
+
+
+def test_log_mel_track_divides_as_forwards_input_was_divided_and_keeps_a_half_precision_modules_window(music_16k):
+    """A float64 waveform is divided by the peak in float64 (as ``waveform / np.float32(peak)`` is) before it
+    is cast; a module cast to bfloat16 rebuilds its Hann window in float32, as forward does."""
+    waveform = np.tile(music_16k.astype(np.float64) * (1 + 1e-9), 3)
+    with torch.no_grad():
+        expected = LogMel()(torch.from_numpy(waveform / np.float32(0.7)).float()).numpy()
+    np.testing.assert_array_equal(LogMel().track(waveform, 0.7, chunk_frames=64), expected)
+    half = LogMel().to(torch.bfloat16)
+    with torch.no_grad():
+        expected = half(torch.from_numpy(music_16k)).float().numpy()
+    np.testing.assert_array_equal(half.track(music_16k, chunk_frames=64), expected)
 
 
 def test_log_mel_track_rejects_what_forward_rejects_and_a_bad_chunk_size():
@@ -348,8 +362,9 @@ def test_log_mel_track_rejects_what_forward_rejects_and_a_bad_chunk_size():
         LogMel().track(np.zeros(512, dtype=np.float32))
     with pytest.raises(ValueError, match=r"one waveform of shape \(T,\)"):
         LogMel().track(np.zeros((2, 4000), dtype=np.float32))
-    with pytest.raises(ValueError, match="chunk_frames must be a positive integer, got 0"):
-        LogMel().track(np.zeros(4000, dtype=np.float32), chunk_frames=0)
+    for chunk_frames in (0, 63, 100.5):
+        with pytest.raises(ValueError, match=f"chunk_frames must be an integer of 64 or more, got {chunk_frames}"):
+            LogMel().track(np.zeros(4000, dtype=np.float32), chunk_frames=chunk_frames)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,6 +428,10 @@ def whole_file_samples(path: Path, sample_rate: int) -> np.ndarray:
         ("c.wav", 22050, 1, 22050 * 2 + 3, "PCM_16"),
         ("d.ogg", 44100, 2, 44100 * 2 + 5, "VORBIS"),
         ("e.mp3", 44100, 2, 44100 * 2, "MPEG_LAYER_III"),
+        # (Read with SoundFile.read a block at a time, these two gave other samples and a click at each block's
+        # end: its seek after each read resynchronised the MP3 decoder.)
+        ("e22.mp3", 22050, 1, 22050 * 2, "MPEG_LAYER_III"),
+        ("e16.mp3", 16000, 1, 16000 * 2 + 7, "MPEG_LAYER_III"),
         ("f.wav", 16000, 1, 16000 * 2, "PCM_16"),  # no resampling
         ("g.wav", 8000, 6, 8000 * 2 + 1, "PCM_16"),  # upsampled; six channels
         ("h.wav", 44100, 2, 3000, "PCM_16"),  # exactly three blocks of 1,000
@@ -441,6 +460,23 @@ def test_load_audio_a_block_at_a_time_gives_the_whole_files_samples_to_the_bit(t
         expected = whole_file_samples(cut, SAMPLE_RATE)
         assert 0 < len(expected) < 0.7 * len(whole_file_samples(path, SAMPLE_RATE))
         np.testing.assert_array_equal(load_audio(cut, SAMPLE_RATE), expected)
+
+
+def test_without_the_block_reads_soundfile_a_file_is_read_whole_with_the_same_samples(tmp_path, monkeypatch):
+    """Where soundfile lacks what reading libsndfile's blocks directly takes, a file is read in one piece."""
+    import musicssl.audio
+
+    monkeypatch.setattr(musicssl.audio, "DECODE_BLOCK_FRAMES", 1000)
+    monkeypatch.setattr(musicssl.audio, "_READS_BLOCKS", False)
+    reads = []
+    monkeypatch.setattr(soundfile.SoundFile, "read",
+                        lambda self, *args, _read=soundfile.SoundFile.read, **kwargs: reads.append(1) or _read(self, *args,
+                                                                                                               **kwargs))
+    path = tmp_path / "song.mp3"
+    soundfile.write(path, 0.3 * np.sin(np.arange(22050 * 2) * 0.05), 22050, subtype="MPEG_LAYER_III")
+    signal = load_audio(path, SAMPLE_RATE)
+    assert len(reads) == 1
+    np.testing.assert_array_equal(signal, whole_file_samples(path, SAMPLE_RATE))
 
 
 def test_a_flac_cut_short_does_not_decode_read_whole_or_a_block_at_a_time(tmp_path):

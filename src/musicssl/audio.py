@@ -105,6 +105,21 @@ class _Undecodable(Exception):
 # Frames decoded at a time: about 6 s of 44.1 kHz audio, 2 MB of float32 stereo.
 DECODE_BLOCK_FRAMES = 1 << 18
 
+# Blocks are read from libsndfile directly: SoundFile.read seeks to where it stopped after each read, and on an
+# MP3 that seek resynchronises the decoder, which then gives other samples (a click where a block ends). Where
+# this soundfile lacks what that takes, a file is read in one piece, as before.
+_READS_BLOCKS = all(hasattr(soundfile, name) for name in ("_snd", "_ffi", "_error_check"))
+
+
+def _read_block(file: soundfile.SoundFile, block: np.ndarray) -> np.ndarray:
+    """The next frames of ``file`` into ``block`` (C-ordered float32, frames x channels), as many as it holds
+    or as are left: ``block[:read]``. Decodes on from where the last read stopped, with no seek between."""
+    if not _READS_BLOCKS:
+        return file.read(len(block), dtype="float32", always_2d=True, out=block)
+    read = soundfile._snd.sf_readf_float(file._file, soundfile._ffi.cast("float *", block.ctypes.data), len(block))
+    soundfile._error_check(file._errorcode)
+    return block[:read]
+
 
 def _decode(path: Path, sample_rate: int) -> np.ndarray:
     """:func:`load_audio`'s decoding, a block at a time: the file's own samples are never held whole.
@@ -122,15 +137,17 @@ def _decode(path: Path, sample_rate: int) -> np.ndarray:
     with file:
         orig_sr, channels = int(file.samplerate), int(file.channels)
         remaining = file.frames if file.seekable() else -1  # (read() reads at most the listed frames too)
-        block = np.empty((min(DECODE_BLOCK_FRAMES, remaining) if remaining >= 0 else DECODE_BLOCK_FRAMES, channels),
-                         dtype=np.float32)
+        block_frames = DECODE_BLOCK_FRAMES if _READS_BLOCKS or remaining < 0 else max(remaining, 1)
+        block = np.empty((min(block_frames, remaining) if remaining >= 0 else block_frames, channels), dtype=np.float32)
         stream = None
         output = np.empty(0, dtype=np.float32)
         filled, first = 0, True
         while True:
             wanted = len(block) if remaining < 0 else min(len(block), remaining)
             try:
-                data = file.read(wanted, dtype="float32", always_2d=True, out=block[:wanted])
+                if first and file.seekable():
+                    file.seek(0)  # as soundfile.read does first: an MP3 decodes otherwise without it
+                data = _read_block(file, block[:wanted])
             except Exception as error:  # noqa: BLE001 - as above
                 raise _Undecodable from error
             if first:
@@ -322,34 +339,37 @@ class LogMel(nn.Module):
         the default settings) and not the whole track's with its intermediates (about 20 MB per minute of
         16 kHz audio; ``benchmarks/bench_decode_memory.py`` measures the two ways, decoding included). They are the
         same to the bit where the matrix product rounds a chunk's frames as it rounds the whole's: on this
-        project's machines for chunks of 12 frames or more (fewer go another way through BLAS). The chunks
-        are of even length (at least half of ``chunk_frames`` where there are two or more), so that none is
-        a short remainder.
+        project's machines for chunks of 12 frames or more (fewer go another way through BLAS). So the chunks
+        are of even length, at least half of ``chunk_frames`` (64 or more) where there are two or more, and
+        none is a short remainder.
         """
         waveform = np.asarray(waveform)
         if waveform.ndim != 1 or waveform.shape[0] <= self.n_fft // 2:
             raise ValueError(f"LogMel.track needs one waveform of shape (T,) with T > n_fft // 2 = {self.n_fft // 2} "
                              f"samples, got shape {waveform.shape}")
-        if int(chunk_frames) != chunk_frames or chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
+        if int(chunk_frames) != chunk_frames or chunk_frames < 64:
+            raise ValueError(f"chunk_frames must be an integer of 64 or more, got {chunk_frames!r}")
         samples, hop, pad = waveform.shape[0], self.hop_length, self.n_fft // 2
         divisor = None if peak is None else np.float32(peak)
-        frames = self.num_frames(samples)
+        frames = (samples + 2 * pad - self.n_fft) // hop + 1  # torch.stft's count (num_frames' for an even n_fft)
         decibels = np.empty((self.n_mels, frames), dtype=np.float32)
         window, filters = self.window.float().cpu(), self.filters.float().cpu()
+        if self.window.dtype in (torch.float16, torch.bfloat16):  # rebuilt, as forward does
+            window = torch.hann_window(self.n_fft, periodic=True)
         chunks = -(-frames // int(chunk_frames))
         bounds = [frames * number // chunks for number in range(chunks + 1)]  # even: none short, as a remainder would be
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            first, end = start * hop - pad, (stop - 1) * hop + pad  # the chunk's samples [first, end) of the waveform
+            first, end = start * hop - pad, (stop - 1) * hop + self.n_fft - pad  # its samples [first, end)
             parts = []
             if first < 0:  # reflected as torch.stft's centring reflects the whole waveform: sample -k is sample k
                 parts.append(waveform[1:1 - first][::-1])
             parts.append(waveform[max(first, 0):min(end, samples)])
             if end > samples:  # and sample T - 1 + k is sample T - 1 - k
                 parts.append(waveform[2 * samples - 1 - end:samples - 1][::-1])
-            chunk = np.concatenate(parts).astype(np.float32, copy=False)
+            chunk = np.concatenate(parts)
             if divisor is not None:
-                chunk = chunk / divisor
+                chunk = chunk / divisor  # (before the cast, as waveform / np.float32(peak) is computed)
+            chunk = chunk.astype(np.float32, copy=False)
             with torch.no_grad(), torch.autocast(device_type="cpu", enabled=False):
                 spectrum = torch.stft(torch.from_numpy(np.ascontiguousarray(chunk)), self.n_fft, hop_length=hop,
                                       window=window, center=False, return_complex=True)
