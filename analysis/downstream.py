@@ -2635,7 +2635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--cache-dir {args.cache_dir!r}: {problem}")  # now, not after the embeddings are computed
     try:
         methods = _methods_from_args(args)
-        dataset, root, audio_dir = args.dataset, args.root, args.audio_dir
+        # A --root or --audio-dir given here is read from here (a relative one included), whatever a run recorded.
+        root, audio_dir = (value if value is None or not value.strip() else str(Path(value).expanduser().absolute())
+                           for value in (args.root, args.audio_dir))  # (an empty one is refused as before)
+        dataset = args.dataset
         trained_on = dataset_of_runs(methods) if dataset is None else None
         if trained_on is not None:
             recorded, labels = trained_on

@@ -125,7 +125,10 @@ class ProgressPrinter(Callback):
         number = trial.config.get(self.config_key, "?")
         value = record.get("objective")
         if record.get("outcome") == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
-            if self.best is None or value > self.best[0]:
+            # A tie goes to the lower trial number, as in the summary and best_backbone.pt (results.summarize)
+            if self.best is None or value > self.best[0] or (
+                    value == self.best[0] and isinstance(number, int) and isinstance(self.best[1], int)
+                    and number < self.best[1]):
                 self.best = (float(value), number)
         best = f"best {_score(self.best[0])} (#{self.best[1]})" if self.best else "best -"
         params = {k: v for k, v in trial.config.items() if k != self.config_key}

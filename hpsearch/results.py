@@ -365,6 +365,12 @@ def format_summary(summary: SearchSummary) -> str:
         if summary.objective == "rankme":  # label-free: a backbone that has learned nothing can spread widest
             lines.append("  a reference, not a bar: an untrained backbone's embedding is often of higher rank than a "
                          "trained one's, and RankMe ranks trained settings against each other")
+        elif summary.best_value is not None and summary.best_value <= summary.untrained_value >= 1.0:
+            lines.append(  # probe_map and probe_auc are at most 1: nothing can score above it
+                "  no trial scored above it, and it scores the most the objective gives: the valid tracks cannot tell "
+                "these settings apart; give the valid split more tracks (a tags file's split column; without one, "
+                "splits are drawn 70/10/20)"
+            )
         elif summary.best_value is not None and summary.best_value <= summary.untrained_value:
             lines.append(
                 "  no trial scored above it: at this training length the search ranks settings by how they start "

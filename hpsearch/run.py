@@ -284,6 +284,10 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         problem = probe_problem(data)
         if problem:
             raise unscorable(f"{len(valid_ids)} usable", len(data.index.tag_names), problem)
+        if len(valid_ids) < FEW_VALID_TRACKS and verbose:
+            print(f"note: --objective {settings.objective} is measured on {len(valid_ids)} valid tracks: on so few, "
+                  "trials' scores tie or differ by chance more than by their settings; give the valid split more "
+                  "tracks (a tags file's split column; without one, splits are drawn 70/10/20)")
     now = tracks_record(data) if settings.tracks is not None else None  # a new search records it once, at its start
     if now is not None and now["digest"] != settings.tracks.get("digest"):
         def counts(record: dict) -> str:
@@ -298,6 +302,10 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
             "holds a ';')"
         )
     return data
+
+
+# Below this many valid tracks a probe objective's scores say more about the tracks than about the settings.
+FEW_VALID_TRACKS = 20
 
 
 def tracks_record(data) -> dict[str, Any]:
@@ -1886,12 +1894,13 @@ def threshold_values(pairs: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def _data_location(value: str) -> str:
+def _data_location(value: str, names_dataset: bool = True) -> str:
     """``--data``/``--root``/``--audio-dir`` as stored: a path absolute and normalised (so that the search
-    resumes from any folder, and ``dir/`` is ``dir``), a dataset name as it is."""
+    resumes from any folder, and ``dir/`` is ``dir``), a dataset name as it is where it ``names_dataset``
+    (``--data``; a ``--root mtat`` is the folder ``mtat``, whatever its name)."""
     from musicssl.data.loaders import dataset_name
 
-    if dataset_name(value) is not None or not value.strip():  # an empty one is refused, not read as the cwd
+    if (names_dataset and dataset_name(value) is not None) or not value.strip():  # an empty one is refused
         return value
     return os.path.normpath(Path(value).expanduser().absolute())
 
@@ -1952,7 +1961,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SearchSettings, bool]:
         given["thresholds"] = threshold_values(args.threshold)
     for key in ("data", "root", "audio_dir"):
         if key in given:
-            given[key] = _data_location(given[key])
+            given[key] = _data_location(given[key], names_dataset=key == "data")
     # An empty one (an unset shell variable) would be the current folder, or a local search for --address.
     for flag, value, instead in (("--storage-dir", args.storage_dir, "runs"),
                                  ("--address", args.address, "a search on this machine")):

@@ -2277,7 +2277,7 @@ def test_methods_may_come_between_the_options(tmp_path, capsys):
     assert code == 2 and "'--quiet': no such checkpoint" in err, err
 
 
-def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsys):
+def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsys, monkeypatch):
     """Before: a run trained on data of the user's (--data FOLDER) was evaluated on the embedded corpus when
     --dataset was left out, as the README's `python -m analysis.downstream runs/vicreg-<time>` does, and nothing
     said so. Now the data its run recorded, with a note; runs trained on different data, or on audio without
@@ -2336,6 +2336,11 @@ def test_without_dataset_the_runs_own_training_data_is_evaluated(tmp_path, capsy
     # A relative --root recorded, replaced by one given here: taken (here a corpus folder that does not exist).
     code, _, err = run_main(main, [run("relative-root", data="corpus", data_root="corpora/c1"), "--root",
                                    str(tmp_path / "no-corpus"), *small], capsys)
+    assert code == 2 and f"--root {tmp_path / 'no-corpus'}: no such folder" in err and "a path relative" not in err, err
+    # And a relative one given here is read from here (before: refused as "a path relative to where it was trained").
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(main, [run("relative-root", data="corpus", data_root="corpora/c1"), "--root", "no-corpus",
+                                   *small], capsys)
     assert code == 2 and f"--root {tmp_path / 'no-corpus'}: no such folder" in err and "a path relative" not in err, err
     # A corpus run, a bare checkpoint or the baselines alone: the corpus, as before, without a note (here a corpus
     # folder that does not exist, given by --root, which the runs' own data would not replace).

@@ -2777,9 +2777,17 @@ def test_training_tracks_too_short_for_the_views_are_not_counted_for_the_batch(t
         prepare_search_data(settings, verbose=False)
     data = prepare_search_data(dataclasses.replace(settings, batch_size=long_enough))
     assert len(data.track_ids("train")) == len(train)  # kept: long enough to evaluate
+    out = capsys.readouterr().out
     assert (f"note: {len(shortened)} of the {len(train)} training tracks are too short for a trial's views (under "
-            f"8.03 s: 2 views of 4 s starting >= 4 s apart): trials train on the other {long_enough}") \
-        in capsys.readouterr().out
+            f"8.03 s: 2 views of 4 s starting >= 4 s apart): trials train on the other {long_enough}") in out
+    # And a probe objective on a handful of valid tracks is said to be one (a helper's 51-track folder: every trial
+    # and the untrained backbone scored probe_map 1.0000 on its 4 valid tracks, and nothing said why).
+    valid = int((index["split"] == "valid").sum())
+    assert valid < 20 and (f"note: --objective probe_map is measured on {valid} valid tracks: on so few, trials' "
+                           "scores tie or differ by chance more than by their settings; give the valid split more "
+                           "tracks") in out
+    prepare_search_data(dataclasses.replace(settings, batch_size=long_enough, objective="rankme"))
+    assert "valid tracks" not in capsys.readouterr().out  # (label-free: no probe, no valid split to speak of)
 
 
 def test_a_search_is_resumed_only_on_the_tracks_it_was_started_on(tmp_path, tonal_dataset, monkeypatch):
@@ -3575,6 +3583,12 @@ def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp
     monkeypatch.chdir(tmp_path / "work")
     started, resume = settings_from_args(parse([*common, "--data", "untagged/", "--root", "."]))
     assert not resume and started.data == str(tmp_path / "work" / "untagged") and started.root == str(tmp_path / "work")
+    # A folder named as a dataset is a folder all the same where a folder is meant (before: --root mtat, the
+    # natural name of MagnaTagATune's folder, was stored relative, and analysis.downstream refused the search).
+    named, _ = settings_from_args(parse(["vicreg", "--name", "named", "--storage-dir", str(tmp_path / "runs"),
+                                         "--data", "mtat", "--root", "mtat", "--audio-dir", "msd/"]))
+    assert (named.data, named.root, named.audio_dir) == ("mtat", str(tmp_path / "work" / "mtat"),
+                                                         str(tmp_path / "work" / "msd"))
     started.save((tmp_path / "runs" / "rel").mkdir(parents=True) or tmp_path / "runs" / "rel")
     monkeypatch.chdir(tmp_path / "elsewhere")
     for given in ([], ["--data", str(tmp_path / "work" / "untagged")], ["--data", f"{tmp_path}/work/./untagged/"]):
@@ -4099,6 +4113,11 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     # Read against an untrained backbone: a search whose best trial does not beat it says so.
     assert "no trial scored above it" not in format_summary(replace(summary, untrained_value=0.39))
     assert "no trial scored above it" in format_summary(replace(summary, untrained_value=0.41))
+    assert "give trials more steps" in format_summary(replace(summary, untrained_value=0.41))
+    # Every trial and the reference at the objective's maximum (a valid split of 4 tracks): not a matter of steps.
+    perfect = format_summary(replace(summary, best_value=1.0, untrained_value=1.0))
+    assert ("no trial scored above it, and it scores the most the objective gives: the valid tracks cannot tell these "
+            "settings apart; give the valid split more tracks") in perfect and "more steps" not in perfect
     # For rankme a reference only: training often lowers the rank an untrained backbone starts at, so "give
     # trials more steps" would be the wrong advice (found in review).
     ranked = format_summary(replace(summary, objective="rankme", untrained_value=69.4))
@@ -4954,3 +4973,24 @@ def test_a_temporary_folder_too_long_for_rays_sockets_is_one_line(tmp_path, tona
         "there would be longer than the 107 bytes the system allows; set RAY_TMPDIR to a folder with a shorter path, "
         "such as /tmp/ray")
     assert not (tmp_path / "runs" / "long").exists()
+
+
+def test_on_a_tie_the_progress_line_names_the_best_trial_the_summary_names():
+    """The summary and best_backbone.pt take the lowest trial number among equal best scores; the progress line
+    kept the first to finish. Before: "[2/2] #0 complete probe_map 1.0000 ... | best 1.0000 (#1)", then
+    "best: trial #0" (a search whose 4 valid tracks every trial scored perfectly)."""
+    import io
+    from types import SimpleNamespace
+
+    from hpsearch.progress import ProgressPrinter
+    from hpsearch.trainable import TRIAL_NUMBER_KEY
+
+    stream = io.StringIO()
+    printer = ProgressPrinter(total=3, objective="probe_map", max_epochs=2, journal="unused", study_name="unused",
+                              stream=stream)
+    for number, value in ((1, 1.0), (0, 1.0), (2, 0.5)):  # trial #1 finishes first
+        trial = SimpleNamespace(config={TRIAL_NUMBER_KEY: number, "learning_rate": 0.001})
+        printer._print(trial, {"outcome": "complete", "objective": value, "epochs_completed": 2})
+    lines = stream.getvalue().splitlines()
+    assert [line.split("| ")[1].strip() for line in lines] == ["best 1.0000 (#1)", "best 1.0000 (#0)",
+                                                               "best 1.0000 (#0)"], lines

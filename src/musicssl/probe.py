@@ -286,19 +286,25 @@ class BootstrapResult:
     fraction: float
     seed: int
 
-    def around(self, full: float, n_rows: int) -> tuple[float, float]:
+    def around(self, full: float, n_rows: int, bounds: tuple[float, float] | None = (0.0, 1.0)) -> tuple[float, float]:
         """A 95 % interval for ``full``, the metric on all ``n_rows`` test rows: the resamples' 2.5th and
         97.5th percentiles less their mean (which takes off the subsets' shift: average precision reads
         higher on fewer rows), scaled from a subset's spread to the whole set's and added to ``full``.
 
         A subset of m of n rows drawn without replacement spreads as sigma^2 (1/m - 1/n), the whole set
         as a classical bootstrap of it does, sigma^2 / n: the scale is sqrt(m / (n - m)), 1 for half
-        the rows (the study's fraction). NaN for subsets of every row (no spread to scale)."""
+        the rows (the study's fraction). NaN for subsets of every row (no spread to scale).
+
+        The ends are kept within ``bounds``, the values the metric can take (ROC-AUC's and average precision's
+        [0, 1] by default; None for none): moved onto a score near 1, the spread can reach past it."""
         subset = int(round(self.fraction * n_rows))
         if subset >= n_rows or not math.isfinite(full):
             return (math.nan, math.nan)
         scale = math.sqrt(subset / (n_rows - subset))
-        return (full + scale * (self.low - self.mean), full + scale * (self.high - self.mean))
+        low, high = full + scale * (self.low - self.mean), full + scale * (self.high - self.mean)
+        if bounds is not None:
+            low, high = min(max(low, bounds[0]), bounds[1]), min(max(high, bounds[0]), bounds[1])
+        return (low, high)
 
 
 MetricName = Literal["roc_auc", "average_precision"]
