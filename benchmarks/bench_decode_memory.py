@@ -1,6 +1,7 @@
 """How much memory the mel cache takes to turn one long track into its log-mel, against the code before.
 
-A ``--minutes``-long stereo 44.1 kHz track (tones and noise) is written in each of ``--formats``; then, in a
+A ``--minutes``-long track (tones and noise; stereo 44.1 kHz, or ``--rate`` and ``--channels``) is written in each
+of ``--formats``; then, in a
 fresh process per run, it is turned into the cache's float16 log-mel (16 kHz, the cache's default
 ``LogMel``, peak-normalised, one torch thread, as a cache build does) by:
 
@@ -14,7 +15,11 @@ Each process imports everything and decodes a short file first; then its peak re
 times each. ``RESULT`` lines give today's peak growth and seconds over the baseline's (medians); each run's
 log-mel is hashed, and the benchmark fails if the two ways give different numbers.
 
-    python benchmarks/bench_decode_memory.py [--minutes 10] [--formats flac mp3] [--repeats 2]
+    python benchmarks/bench_decode_memory.py [--minutes 10] [--formats flac mp3] [--repeats 2] [--rate 44100]
+        [--channels 2]
+
+(``--rate 22050 --channels 1 --formats mp3`` is the case a first version read differently: its blocks were read
+with ``SoundFile.read``, whose seek after each read resynchronised the MP3 decoder.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 from musicssl.cli import int_in
 
 SAMPLE_RATE = 44100
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 SUBTYPES = {"flac": "PCM_16", "mp3": "MPEG_LAYER_III", "wav": "PCM_16", "ogg": "VORBIS"}
 
 # One run, in its own process: argv = [way, path]; prints one JSON line.
@@ -77,19 +83,19 @@ print(json.dumps({"growth_kb": kb("VmHWM") - before, "seconds": seconds, "frames
 """
 
 
-def write_track(path: Path, minutes: float, subtype: str, seed: int = 0) -> None:
-    """``minutes`` of stereo tones and noise at 44.1 kHz, written a minute at a time."""
+def write_track(path: Path, minutes: float, subtype: str, seed: int = 0, rate: int = SAMPLE_RATE,
+                channels: int = 2) -> None:
+    """``minutes`` of tones and noise (each channel its own noise and level), written a minute at a time."""
     import soundfile
 
     rng = np.random.default_rng(seed)
-    total = int(round(minutes * 60 * SAMPLE_RATE))
-    with soundfile.SoundFile(str(path), "w", SAMPLE_RATE, 2, subtype=subtype) as file:
-        for start in range(0, total, 60 * SAMPLE_RATE):
-            t = np.arange(start, min(total, start + 60 * SAMPLE_RATE)) / SAMPLE_RATE
+    total = int(round(minutes * 60 * rate))
+    with soundfile.SoundFile(str(path), "w", rate, channels, subtype=subtype) as file:
+        for start in range(0, total, 60 * rate):
+            t = np.arange(start, min(total, start + 60 * rate)) / rate
             tone = 0.3 * np.sin(2 * np.pi * (220 + 110 * np.floor(t % 8)) * t)
-            left = tone + 0.05 * rng.standard_normal(t.shape)
-            right = 0.8 * tone + 0.05 * rng.standard_normal(t.shape)
-            file.write(np.stack([left, right], axis=1).astype(np.float32))
+            file.write(np.stack([(1 - 0.2 * channel) * tone + 0.05 * rng.standard_normal(t.shape)
+                                 for channel in range(channels)], axis=1).astype(np.float32))
 
 
 def run_once(way: str, path: Path, short: Path) -> dict:
@@ -106,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", choices=sorted(SUBTYPES), default=["flac", "mp3"],
                         help="the track's formats (default flac mp3)")
     parser.add_argument("--repeats", type=int_in(1), default=2, help="runs of each way per format (default 2)")
+    parser.add_argument("--rate", type=int_in(8000, 192000), default=SAMPLE_RATE, help="the track's sample rate (default 44100)")
+    parser.add_argument("--channels", type=int_in(1, 8), default=2, help="the track's channels (default 2)")
     args = parser.parse_args(argv)
     if not 0.1 <= args.minutes <= 240:
         parser.error(f"argument --minutes: expected 0.1 to 240, got {args.minutes:g}")
+    if "mp3" in args.formats and (args.rate not in MP3_RATES or args.channels > 2):
+        parser.error(f"--formats mp3 takes --rate {', '.join(map(str, MP3_RATES))} and --channels 1 or 2 (MPEG audio), "
+                     f"got --rate {args.rate} --channels {args.channels}")
     if not Path("/proc/self/clear_refs").exists():
         parser.error("this benchmark reads /proc/self (Linux)")
 
@@ -118,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         mb_per_minute_of = {}
         for fmt in args.formats:
             path = Path(folder) / f"track.{fmt}"
-            print(f"writing {args.minutes:g} min of stereo 44.1 kHz {fmt} ...", flush=True)
-            write_track(path, args.minutes, SUBTYPES[fmt])
+            print(f"writing {args.minutes:g} min of {args.channels}-channel {args.rate / 1000:g} kHz {fmt} ...", flush=True)
+            write_track(path, args.minutes, SUBTYPES[fmt], rate=args.rate, channels=args.channels)
             runs: dict[str, list[dict]] = {"whole": [], "today": []}
             for _ in range(args.repeats):
                 for way in runs:  # alternated, so that the machine's load falls on both
