@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as folder:
         short = Path(folder) / "short.flac"
         write_track(short, 0.05, SUBTYPES["flac"], seed=1)
-        mb_per_minute_of = {}
         for fmt in args.formats:
             path = Path(folder) / f"track.{fmt}"
             print(f"writing {args.minutes:g} min of {args.channels}-channel {args.rate / 1000:g} kHz {fmt} ...", flush=True)
@@ -143,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{fmt}: the two ways gave different log-mels ({len(hashes)} different hashes)")
             growth = {way: statistics.median(run["growth_kb"] for run in runs[way]) / 1024 for way in runs}
             seconds = {way: statistics.median(run["seconds"] for run in runs[way]) for way in runs}
-            mb_per_minute_of[fmt] = {way: growth[way] / args.minutes for way in runs}
             print(f"{fmt}: the same log-mel both ways (sha256 {hashes.pop()[:12]}); peak growth per minute of audio: "
-                  f"whole {mb_per_minute_of[fmt]['whole']:.1f} MB, today {mb_per_minute_of[fmt]['today']:.1f} MB")
+                  f"whole {growth['whole'] / args.minutes:.1f} MB, today {growth['today'] / args.minutes:.1f} MB")
             print(f"RESULT {fmt} peak memory today / whole: {growth['today'] / growth['whole']:.3f} "
                   f"({growth['today']:.1f} MB against {growth['whole']:.1f} MB for {args.minutes:g} min)")
             print(f"RESULT {fmt} seconds today / whole: {seconds['today'] / seconds['whole']:.3f} "

@@ -49,6 +49,9 @@ JOURNAL_FILE = "optuna.journal"
 STUDY_NAME = "search"
 TRIALS_FILE = "trials.csv"
 BEST_BACKBONE_FILE = "best_backbone.pt"
+
+# Where a search's splits come from, as its messages about too few valid tracks say.
+SPLITS_HINT = "(a tags file's split column; without one, splits are drawn 70/10/20)"
 BEST_CONFIG_FILE = "best_config.json"
 SUMMARY_FILE = "summary.json"
 CONFIG_KEY = "optuna_trial"
@@ -368,8 +371,7 @@ def format_summary(summary: SearchSummary) -> str:
         elif summary.best_value is not None and summary.best_value <= summary.untrained_value >= 1.0:
             lines.append(  # probe_map and probe_auc are at most 1: nothing can score above it
                 "  no trial scored above it, and it scores the most the objective gives: the valid tracks cannot tell "
-                "these settings apart; give the valid split more tracks (a tags file's split column; without one, "
-                "splits are drawn 70/10/20)"
+                f"these settings apart; give the valid split more tracks {SPLITS_HINT}"
             )
         elif summary.best_value is not None and summary.best_value <= summary.untrained_value:
             lines.append(

@@ -195,6 +195,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     is missing) and build its mel cache for the preset's front-end. Trials reuse it as is.
     ``max_batch_size``: the largest batch size the method's space samples (None where it samples none, and
     the trials train with ``settings.batch_size``)."""
+    from hpsearch.results import SPLITS_HINT
     from musicssl.corpus.splits import describe_corpus
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import GENERATED_CORPUS_KEY
@@ -225,8 +226,8 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
 
     def unscorable(valid_tracks: str, tags: int, problem: str) -> SearchError:
         fix = ("use --objective rankme, which needs no tags" if not tags else
-               "give tagged tracks to the train and the valid split (a tags file's split column; without one, "
-               "splits are drawn 70/10/20), or use --objective rankme, which needs no tags")
+               f"give tagged tracks to the train and the valid split {SPLITS_HINT}, or use --objective rankme, which "
+               "needs no tags")
         return SearchError(
             f"--objective {settings.objective}: --data {spec!r} has {valid_tracks} valid tracks and {tags} tags: "
             f"{problem}; {fix}"
@@ -286,8 +287,8 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
             raise unscorable(f"{len(valid_ids)} usable", len(data.index.tag_names), problem)
         if len(valid_ids) < FEW_VALID_TRACKS and verbose:
             print(f"note: --objective {settings.objective} is measured on {len(valid_ids)} valid tracks: on so few, "
-                  "trials' scores tie or differ by chance more than by their settings; give the valid split more "
-                  "tracks (a tags file's split column; without one, splits are drawn 70/10/20)")
+                  f"trials' scores tie or differ by chance more than by their settings; give the valid split more "
+                  f"tracks {SPLITS_HINT}")
     now = tracks_record(data) if settings.tracks is not None else None  # a new search records it once, at its start
     if now is not None and now["digest"] != settings.tracks.get("digest"):
         def counts(record: dict) -> str:

@@ -353,9 +353,9 @@ class LogMel(nn.Module):
         divisor = None if peak is None else np.float32(peak)
         frames = (samples + 2 * pad - self.n_fft) // hop + 1  # torch.stft's count (num_frames' for an even n_fft)
         decibels = np.empty((self.n_mels, frames), dtype=np.float32)
-        window, filters = self.window.float().cpu(), self.filters.float().cpu()
-        if self.window.dtype in (torch.float16, torch.bfloat16):  # rebuilt, as forward does
-            window = torch.hann_window(self.n_fft, periodic=True)
+        filters = self.filters.float().cpu()
+        window = (torch.hann_window(self.n_fft, periodic=True)  # a half-precision one rebuilt, as forward does
+                  if self.window.dtype in (torch.float16, torch.bfloat16) else self.window.float().cpu())
         chunks = -(-frames // int(chunk_frames))
         bounds = [frames * number // chunks for number in range(chunks + 1)]  # even: none short, as a remainder would be
         for start, stop in zip(bounds[:-1], bounds[1:]):
