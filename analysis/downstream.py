@@ -527,7 +527,7 @@ def _official_splits(spec: str) -> str:
 
 
 def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled: bool | None,
-                  evaluated: str | None = None) -> tuple[set[str] | None, str]:
+                  grouped: bool = False, evaluated: str | None = None) -> tuple[set[str] | None, str]:
     """What a checkpoint's training split held, read again from the data its run names (``recorded``:
     :func:`training_data`), as the run read it (``unlabeled``: its ``training_data_unlabeled``; a folder's
     audio alone, where it recorded so, even if a tags file has been added since): the real paths of its audio
@@ -538,7 +538,9 @@ def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled
     another named collection's audio. (None, why) where it cannot say or need not: a baseline, a generated
     corpus (:func:`training_corpus` tells its tracks by song), a named dataset that needs no check or whose run
     recorded no ``--root``, a relative path, data no longer readable, or a folder that holds a tags file now,
-    trained on by a run that did not record whether it read it."""
+    trained on by a run that did not record whether it read it. ``grouped`` is its ``training_split_groups``:
+    whether a tags file's ``split_group`` column drew its splits (False for runs before 2026-12-07, which did not
+    read that column), so that a column added since does not change them."""
     import logging
 
     from musicssl.data.loaders import DatasetError, load_folder, open_dataset, open_dataset_option
@@ -573,7 +575,7 @@ def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled
         if unlabeled is True and path.is_dir():
             index = load_folder(path, unlabeled=True)
         else:
-            index = open_dataset_option(data, root, audio, allow_unlabeled=True)
+            index = open_dataset_option(data, root, audio, allow_unlabeled=True, split_groups=grouped)
     except (DatasetError, OSError, ValueError) as error:
         return None, f"its training data {data} cannot be read now ({error})"
     finally:
@@ -1839,7 +1841,8 @@ def run_downstream(
                 if how not in read_again:
                     read_again[how] = corpus_training_audio(spec, trained_on)
             else:
-                how = (recorded, (_run_document(spec) or {}).get("training_data_unlabeled"))
+                document = _run_document(spec) or {}
+                how = (recorded, document.get("training_data_unlabeled"), bool(document.get("training_split_groups")))
                 if how not in read_again:  # several checkpoints trained on one folder: it is read once
                     read_again[how] = trained_audio(*how, evaluated=evaluated_named)
             audio, why = read_again[how]
@@ -1858,9 +1861,9 @@ def run_downstream(
                 f"{recorded[0]}'s training split and this dataset's test split share tracks (each MTG-Jamendo subset "
                 "and split draws its own); evaluate it on the splits it trained on, or on data it did not train on"
                 if dataset_family(recorded[0]) is not None and family_here is not None else
-                "Its splits differ from this dataset's: splits are drawn from track ids, and ids from a track_id "
-                "column differ from those of the audio paths; train on this dataset's tags file (its splits), or "
-                "evaluate on data it did not train on")
+                "Its splits differ from this dataset's: splits are drawn from track ids (or from a tags file's "
+                "split_group column, where the run read one), and ids from a track_id column differ from those of the "
+                "audio paths; train on this dataset's tags file (its splits), or evaluate on data it did not train on")
             log(f"  warning: {spec.label}: {len(seen)} of the {len(test_pos)} test tracks were training tracks of the "
                 f"data it was trained on ({'the generated corpus, ' + describe_corpus(trained_on) if trained_on else recorded[0]}), e.g. "
                 f"{seen[0]}: its test scores are not held out. {why_splits}")

@@ -368,7 +368,7 @@ def _train_and_score(
     """Train, then decide the outcome; returns the final record and, for a complete trial, the
     checkpoint to attach (backbone state_dict, trial config)."""
     from musicssl.data.index import GENERATED_CORPUS_KEY
-    from musicssl.data.loaders import read_audio_alone
+    from musicssl.data.loaders import read_audio_alone, split_by_groups
     from musicssl.train import probe_score, train
 
     train_config = build_train_config(settings, params)
@@ -419,5 +419,7 @@ def _train_and_score(
                     # a generated corpus's version, seed and size: which songs the backbone trained on
                     "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
                     # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
-                    "training_data_unlabeled": read_audio_alone(data.index)}
+                    "training_data_unlabeled": read_audio_alone(data.index),
+                    # whether its tags file's split_group column drew the splits (a column added later does not)
+                    "training_split_groups": split_by_groups(data.index)}
     return record, (state, trial_config)

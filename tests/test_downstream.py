@@ -1094,6 +1094,51 @@ def test_test_tracks_a_checkpoint_trained_on_in_a_folder_of_audio_are_counted_wh
            "it was trained on these tracks split otherwise" in notes and "a folder or tags file" in notes
 
 
+def test_test_tracks_a_checkpoint_trained_on_are_counted_when_a_split_group_column_was_added_since(tmp_path, capsys):
+    """Pretrained on a tags file without a split_group column (each track drawn its own split), evaluated on the
+    same file with the column added since (an artist's songs drawn one split): the run's training split is read
+    again as the run read it (its ``training_split_groups``, False where it did not record one), so the test
+    tracks it trained on are counted; a run that read the column has none."""
+    import hashlib
+
+    from musicssl.data.loaders import open_dataset_option
+
+    audio = tmp_path / "audio"
+    lines = ["path,tags,split_group"]
+    for number in range(40):
+        write_clip(audio / f"clip{number:02d}.flac", number % 3, seconds=4.5, seed=number)
+        lines.append(f"clip{number:02d}.flac,{('low', 'mid', 'high')[number % 3]},band{number // 4}")
+    (audio / "tags.csv").write_text("\n".join(lines) + "\n")
+
+    def position(key: str) -> float:  # loaders.split_position, written out: 0.7 / 0.1 / 0.2 by SHA-256
+        return (int.from_bytes(hashlib.sha256(f"0:{key}".encode()).digest()[:8], "big") >> 11) / 2**53
+
+    index = open_dataset_option(str(audio / "tags.csv"))
+    test_ids = index.split("test").track_ids
+    assert sorted(test_ids) == [f"clip{n:02d}" for n in range(40) if position(f"split_group=band{n // 4}") >= 0.8]
+    expected = [track_id for track_id in test_ids if position(track_id) < 0.7]
+    assert 0 < len(expected) < len(test_ids)
+
+    state = Backbone(preset="cpu").state_dict()
+
+    def run(label: str, **record):
+        config = {"method": "vicreg", "preset": "cpu", "data": str(audio / "tags.csv"), "training_corpus": None,
+                  "training_data_unlabeled": False, **record}
+        return resolve_method(f"{label}={save_run(tmp_path / label, state, config)}")
+
+    methods = [run("before", training_split_groups=False), run("unrecorded"), run("grouped", training_split_groups=True)]
+    result = run_downstream(methods, DownstreamConfig(**SMALL_EVALUATION), index=index)
+    console = capsys.readouterr().out
+    for label in ("before", "unrecorded"):
+        assert (f"warning: {label}: {len(expected)} of the {len(test_ids)} test tracks were training tracks of the "
+                f"data it was trained on ({audio / 'tags.csv'}), e.g. {expected[0]}: its test scores are not held out. "
+                "Its splits differ from this dataset's: splits are drawn from track ids (or from a tags file's "
+                "split_group column, where the run read one)") in console
+    assert console.count("test tracks were training tracks") == 2
+    counts = result.results.set_index("method")["test_tracks_trained_on"]
+    assert counts["before"] == counts["unrecorded"] == len(expected) and counts["grouped"] == 0
+
+
 def test_the_training_corpus_of_a_run_written_before_the_record_is_read_from_its_data(tmp_path):
     from analysis.downstream import training_corpus
 

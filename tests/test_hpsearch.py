@@ -982,6 +982,7 @@ def test_end_to_end_search_records_every_outcome(tmp_path, tonal_data, ray_guard
     assert best_config["trial"] == 0 and best_config["params"]["num_prototypes"] == 64
     assert best_config["training_corpus"] is None  # what analysis.downstream reads: not a generated corpus
     assert best_config["training_data_unlabeled"] is False  # and how the data was read: a tracks.csv
+    assert best_config["training_split_groups"] is False  # (its split column: not drawn by a split_group column)
     assert json.loads((folder / "search.json").read_text())["corpus"] is None  # what a resume continues on
     assert json.loads((folder / "search.json").read_text())["tracks"] == tracks_record(tonal_data)  # and on those tracks
     summary = json.loads((folder / "summary.json").read_text())

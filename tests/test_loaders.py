@@ -160,6 +160,73 @@ def test_assign_splits_follows_the_recipe_in_any_order():
         assign_splits(ids, fractions=(0.5, 0.1, 0.1))
 
 
+def test_a_split_group_column_draws_one_split_per_group(tmp_path, caplog):
+    """Tracks that share a ``split_group`` value (an artist) share the split drawn for that value, by the same
+    recipe as a track's with ``split_group=VALUE`` as the id; a track with an empty cell is drawn the split it
+    has without the column. The column is kept in the index, and its name is read in any case."""
+    root = tmp_path / "music"
+    lines = ["path,tags,Split_Group"]
+    for number in range(60):
+        write_sine(root / f"s{number:02d}.wav", frequency=200.0 + 10 * number)
+        group = "" if number % 10 == 9 else f"Artist {number // 3}"  # 3 songs each, one in 10 without an artist
+        lines.append(f"s{number:02d}.wav,{'rock' if number % 2 else 'jazz'},{group}")
+    (root / "tags.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        index = load_folder(root, split_seed=5)
+    groups = {f"s{n:02d}": "" if n % 10 == 9 else f"Artist {n // 3}" for n in range(60)}
+    expected = {track_id: recipe_split(f"split_group={group}" if group else f"track={track_id}", 5)
+                for track_id, group in groups.items()}
+    assert dict(zip(index.track_ids, index.tracks["split"])) == expected
+    assert dict(zip(index.track_ids, index.tracks["split_group"])) == groups
+    assert index.extra["split_rule"] == "assign_splits by split_group" and index.extra["split_seed"] == 5
+    by_group = {}
+    for track_id, split in expected.items():
+        if groups[track_id]:
+            by_group.setdefault(groups[track_id], set()).add(split)
+    assert all(len(splits) == 1 for splits in by_group.values())
+    assert len({splits.pop() for splits in by_group.values()}) == 3  # the groups do fall in all three splits
+    assert "6 track(s) have an empty split_group cell, e.g. s09; each is drawn a split of its own" in caplog.text
+    counts = {name: list(expected.values()).count(name) for name in ("train", "valid", "test")}
+    assert (f"60 tracks in {len(by_group) + 6} groups (a track without one is a group of its own), splits drawn by "
+            f"split_group: train {counts['train']}, valid {counts['valid']}, test {counts['test']}") in caplog.text
+
+    # Read without grouping (a run that read the table before it had the column): each track's own split.
+    plain = load_folder(root, split_seed=5, split_groups=False)
+    assert dict(zip(plain.track_ids, plain.tracks["split"])) == {t: recipe_split(t, 5) for t in groups}
+    assert plain.extra["split_rule"] == "assign_splits" and plain.tracks["split_group"].tolist() == list(groups.values())
+    # open_dataset_option (seed 0) passes that on to a tags file, and leaves a track index alone.
+    assert open_dataset_option(str(root / "tags.csv"), split_groups=False).tracks["split"].tolist() == \
+        [recipe_split(track_id, 0) for track_id in groups]
+    assert open_dataset_option(str(root)).tracks["split"].tolist() == \
+        [recipe_split(f"split_group={group}" if group else f"track={track_id}", 0) for track_id, group in groups.items()]
+    index.to_csv(tmp_path / "tracks.csv")
+    assert open_dataset_option(str(tmp_path / "tracks.csv"), split_groups=False).tracks["split"].tolist() == \
+        index.tracks["split"].tolist()
+
+
+def test_a_split_group_column_with_0_1_tag_columns_is_no_tag_and_cannot_join_a_split_column(tmp_path, caplog):
+    root = tmp_path / "music"
+    lines = ["path,rock,jazz,split_group"]
+    for number in range(8):
+        write_sine(root / f"s{number}.wav")
+        lines.append(f"s{number}.wav,{number % 2},{1 - number % 2},band{number // 4}")
+    (root / "tags.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        index = load_folder(root)
+    assert index.tag_names == ["rock", "jazz"]
+    splits = dict(zip(index.track_ids, index.tracks["split"]))
+    assert splits == {f"s{n}": recipe_split(f"split_group=band{n // 4}", 0) for n in range(8)}
+    # Two groups cannot fill three splits: said, once for the empty split(s), and for a share far off its fraction.
+    empty = [name for name in ("train", "valid", "test") if name not in splits.values()]
+    assert f"none of the 2 groups fell in split(s) {empty}" in caplog.text
+    assert "splits drawn by split_group hold" in caplog.text and "give a split column to choose the splits" in caplog.text
+
+    (root / "tags.csv").write_text("path,rock,split,split_group\ns0.wav,1,train,a\ns1.wav,0,test,b\n")
+    with pytest.raises(DatasetError, match=r"has both a 'split' column, which gives each track its split, and a "
+                                           r"'split_group' column, which draws the splits by group; keep one"):
+        load_folder(root)
+
+
 def test_adding_or_removing_tracks_moves_no_other_track():
     ids = [f"clip-{i}" for i in range(2000)]
     before = assign_splits(ids, seed=1)

@@ -114,6 +114,7 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
         assert method_config["num_prototypes"] == 1024 and method_config["bottleneck_dim"] == 128
     assert json.loads((out / "config.json").read_text())["training_corpus"] is None  # not a generated corpus
     assert json.loads((out / "config.json").read_text())["training_data_unlabeled"] is False  # a tracks.csv
+    assert json.loads((out / "config.json").read_text())["training_split_groups"] is False  # its split column
 
 
 def test_a_run_on_a_generated_corpus_records_which_one(tmp_path, tonal_dataset):
@@ -1292,6 +1293,23 @@ def test_the_cli_trains_on_a_folder_of_audio_without_tags(tmp_path, tonal_datase
     assert summary["epochs_run"] == 1 and "probe_map" not in summary and summary["probe_skipped"]
     # Recorded, so that an evaluation of the folder with a tags file added later knows its splits were the paths'.
     assert json.loads((out / "config.json").read_text())["training_data_unlabeled"] is True
+
+
+def test_a_run_on_a_tags_file_with_a_split_group_column_records_that_it_drew_its_splits_by_group(
+        tmp_path, tonal_dataset, monkeypatch, capsys):
+    # Recorded, so that an evaluation reads its training split again as drawn (a column added later is not).
+    frame = pd.read_csv(tonal_dataset / "tracks.csv")
+    table = pd.DataFrame({"path": [str(tonal_dataset / path) for path in frame["path"]], "tags": frame["tags"],
+                          "split_group": [f"band{number // 2}" for number in range(len(frame))]})
+    table.to_csv(tmp_path / "tags.csv", index=False)
+    out = tmp_path / "run"
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    command = ["vicreg", "--data", str(tmp_path / "tags.csv"), "--max-epochs", "1", "--steps-per-epoch", "1",
+               "--batch-size", "8", "--threads", "1", "--set", "probe_segments=16", "--out", str(out)]
+    code, _, err = run_main(main, command, capsys)
+    assert code == 0, err[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["training_split_groups"] is True and config["training_data_unlabeled"] is False
 
 
 def test_a_dataset_with_no_decodable_file_is_a_clear_error_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):

@@ -730,7 +730,7 @@ def train(
 
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import GENERATED_CORPUS_KEY
-    from musicssl.data.loaders import read_audio_alone
+    from musicssl.data.loaders import read_audio_alone, split_by_groups
     from musicssl.data.pipeline import prepare_data
     from musicssl.data.views import EpochSampler, ViewDataset, fixed_segments, probe_positions
 
@@ -874,6 +874,8 @@ def train(
                      "training_corpus": data.index.extra.get(GENERATED_CORPUS_KEY),
                      # whether it read a folder's audio alone (no tags file): its splits are drawn from the paths
                      "training_data_unlabeled": read_audio_alone(data.index),
+                     # whether its tags file's split_group column drew the splits (a column added later does not)
+                     "training_split_groups": split_by_groups(data.index),
                      # the settings it started from (--from), if any
                      "trained_from": trained_from},
                     indent=2, default=str)),
@@ -1057,7 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
 # (a search's trials leave theirs to the search).
 NOT_FROM_SOURCE = ("out_dir", "num_workers", "num_threads", "accelerator", "probe_every_epoch", "final_probe")
 # The settings beside a run's TrainConfig in its config.json.
-_RUN_RECORDS = ("method_config", "training_corpus", "training_data_unlabeled", "trained_from")
+_RUN_RECORDS = ("method_config", "training_corpus", "training_data_unlabeled", "training_split_groups",
+                "trained_from")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ __all__ = [
     "check_dataset_option",
     "dataset_name",
     "folder_table",
+    "split_by_groups",
     "split_position",
 ]
 
@@ -73,6 +74,9 @@ DEFAULT_TAG_FILES = (
     "tags.csv", "tags.tsv", "labels.csv", "labels.tsv", "annotations.csv", "annotations.tsv",
     "metadata.csv", "metadata.tsv",
 )
+# A tags file's column whose tracks that share a value share a drawn split (an artist's songs: none of them in
+# train and another in test).
+SPLIT_GROUP_COLUMN = "split_group"
 # Columns load_folder keeps as per-track metadata rather than reading them as tags.
 METADATA_COLUMNS = ("duration", "artist", "artist_id", "album", "album_id", "title")
 BINARY_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -261,7 +265,8 @@ def split_position(track_id: str, seed: int = 0) -> float:
 
 
 def assign_splits(
-    track_ids: Sequence[str], fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0
+    track_ids: Sequence[str], fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0,
+    *, what: str = "tracks",
 ) -> dict[str, str]:
     """Deterministic train/valid/test assignment: ``{track_id: split}``.
 
@@ -271,7 +276,7 @@ def assign_splits(
     whose audio is missing) never moves another track between splits, and the order of the ids does
     not matter. The fractions hold in expectation, not exactly: each split's count is binomial (of
     1,000 tracks, valid gets 100 +- 9.5 at one standard deviation), and a handful of tracks can leave
-    a split empty, which is logged as a warning.
+    a split empty, which is logged as a warning (``what`` names the ids there: ``tracks``, ``groups``).
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise DatasetError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
@@ -285,9 +290,9 @@ def assign_splits(
     empty = [name for name, fraction in zip(("train", "valid", "test"), fractions) if fraction > 0 and not counts[name]]
     if splits and empty:
         logger.warning(
-            "assign_splits: none of the %d tracks fell in split(s) %s (fractions %s, seed %d); a split per "
-            "track keeps splits stable as tracks come and go, at the price of exact counts on small sets",
-            len(splits), empty, tuple(fractions), seed,
+            "assign_splits: none of the %d %s fell in split(s) %s (fractions %s, seed %d); a split drawn for "
+            "each keeps splits stable as tracks come and go, at the price of exact counts on small sets",
+            len(splits), what, empty, tuple(fractions), seed,
         )
     return splits
 
@@ -523,6 +528,7 @@ def load_folder(
     tag_separator: str | None = None,
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
     split_seed: int = 0,
+    split_groups: bool = True,
     keep_columns: Sequence[str] = (),
     check_audio: bool = True,
     name: str | None = None,
@@ -542,6 +548,10 @@ def load_folder(
     - optionally ``split`` (``train``/``valid``/``test``; ``validation``, ``val``, ``dev``,
       ``training``, ``testing`` accepted), else a deterministic split by :func:`assign_splits` with
       ``split_fractions`` and ``split_seed``;
+    - optionally ``split_group`` instead of ``split``: tracks that share its value (an artist, an album) share
+      the split drawn for it, so that no group has tracks in train and in test; a track whose cell is empty is
+      drawn a split of its own. With ``split_groups=False`` the column is kept but not used (the splits of a
+      run that read the table before it had one);
     - optionally metadata kept as columns: ``duration``, ``artist``, ``artist_id``, ``album``,
       ``album_id``, ``title`` and any named in ``keep_columns``.
 
@@ -638,7 +648,7 @@ def load_folder(
     table = _read_table(tags_path)
     if table.empty:
         raise DatasetError(f"{tags_path}: has a header but no rows; add one row per track")
-    records, tag_names, split_given = _records_from_table(
+    records, tag_names, split_given, grouped = _records_from_table(
         table, tags_path, root, audio_files, tag_separator, keep_columns, tags_optional, other_formats
     )
     if not audio_files and all(
@@ -664,10 +674,14 @@ def load_folder(
     if os.sep == "/" and any("\\" in record["path"] and _audio_state(record["path"]) == "missing"
                              for record in records):
         audio_hint += "; paths must separate folders with '/', not '\\' (as Windows writes them)"
+    grouped = grouped and split_groups
     if not split_given:
-        splits = assign_splits([_split_key(record) for record in records], split_fractions, split_seed)
-        for record in records:
-            record["split"] = splits[_split_key(record)]
+        keys = [_group_key(record) if grouped else _split_key(record) for record in records]
+        splits = assign_splits(keys, split_fractions, split_seed, what="groups" if grouped else "tracks")
+        for record, key in zip(records, keys):
+            record["split"] = splits[key]
+        if grouped:
+            _report_groups(records, tags_path, split_fractions)
     for record in records:
         record.pop("split_key", None)
     listed = {record["path"] for record in records}
@@ -678,7 +692,8 @@ def load_folder(
                        root, tags_path.name, examples)
     extra = {
         "source": str(tags_path),
-        "split_rule": "split column" if split_given else "assign_splits",
+        "split_rule": "split column" if split_given else f"assign_splits by {SPLIT_GROUP_COLUMN}" if grouped
+        else "assign_splits",
         "unlisted_audio": len(unlisted),
     }
     if not split_given:
@@ -769,6 +784,35 @@ def _split_key(record: dict) -> str:
     return record.get("split_key", record["track_id"])
 
 
+def _group_key(record: dict) -> str:
+    """What a track's drawn split depends on where the table has a ``split_group`` column: the group, or, for a
+    track with an empty cell, the track itself (as without the column). The two kinds of key cannot meet."""
+    group = record[SPLIT_GROUP_COLUMN]
+    return f"{SPLIT_GROUP_COLUMN}={group}" if group else f"track={_split_key(record)}"
+
+
+def _report_groups(records: list[dict], tags_path: Path, fractions: tuple[float, float, float]) -> None:
+    """Log how splits drawn by group came out: tracks without a group, and each split's share of the tracks
+    where a large group moved it far from its fraction."""
+    ungrouped = [record["track_id"] for record in records if not record[SPLIT_GROUP_COLUMN]]
+    if ungrouped:
+        logger.warning("%s: %d track(s) have an empty %s cell, e.g. %s; each is drawn a split of its own",
+                       tags_path, len(ungrouped), SPLIT_GROUP_COLUMN, ungrouped[0])
+    counts = Counter(record["split"] for record in records)
+    groups = {_group_key(record) for record in records}
+    shares = {name: counts[name] / len(records) for name in ("train", "valid", "test")}
+    logger.info("%s: %d tracks in %d groups (a track without one is a group of its own), splits drawn by %s: %s",
+                tags_path, len(records), len(groups), SPLIT_GROUP_COLUMN,
+                ", ".join(f"{name} {counts[name]}" for name in shares))
+    # (an empty split is warned of by assign_splits)
+    off = [f"{name} {share:.0%} (drawn for {fraction:.0%})" for (name, share), fraction
+           in zip(shares.items(), fractions) if share and abs(share - fraction) > fraction / 2]
+    if off:
+        logger.warning("%s: splits drawn by %s hold %s of the tracks: with few or uneven groups a split's share "
+                       "is far from its fraction; give a split column to choose the splits", tags_path,
+                       SPLIT_GROUP_COLUMN, ", ".join(off))
+
+
 def _raise_on_duplicate_ids(ids: Sequence[str], source: Path) -> None:
     repeated = sorted(track_id for track_id, count in Counter(ids).items() if count > 1)
     if repeated:
@@ -797,13 +841,19 @@ def _records_from_table(
         by_lower.setdefault(column.lower(), column)
     expected = (
         "an audio column (path, filename or track_id), then either a 'tags' column or one 0/1 column per tag, "
-        f"optionally 'split' and metadata {list(METADATA_COLUMNS)}"
+        f"optionally 'split' (or '{SPLIT_GROUP_COLUMN}') and metadata {list(METADATA_COLUMNS)}"
     )
     path_column = by_lower.get("path")
     filename_column = by_lower.get("filename")
     id_column = by_lower.get("track_id")
     tags_column = by_lower.get("tags")
     split_column = by_lower.get("split")
+    group_column = by_lower.get(SPLIT_GROUP_COLUMN)
+    if split_column and group_column:
+        raise DatasetError(
+            f"{tags_path}: has both a {split_column!r} column, which gives each track its split, and a "
+            f"{group_column!r} column, which draws the splits by group; keep one (found columns {found})"
+        )
     if path_column and filename_column:
         raise DatasetError(
             f"{tags_path}: has both 'path' and 'filename' columns, so the audio is ambiguous; keep one "
@@ -813,7 +863,7 @@ def _records_from_table(
     if audio_column is None and id_column is None:
         raise DatasetError(f"{tags_path}: no audio column; found columns {found}, expected {expected}")
     keep = {column.lower() for column in (*METADATA_COLUMNS, *keep_columns)}
-    role_columns = {c for c in (audio_column, id_column, tags_column, split_column) if c}
+    role_columns = {c for c in (audio_column, id_column, tags_column, split_column, group_column) if c}
     metadata_columns = [c for c in found if c not in role_columns and c.lower() in keep]
     other_columns = [c for c in found if c not in role_columns and c not in metadata_columns]
 
@@ -944,6 +994,8 @@ def _records_from_table(
         if not record["track_id"]:
             raise DatasetError(f"{tags_path}, line {row_number}: empty track_id")
         record["split"] = split_values[position] if split_values is not None else "train"
+        if group_column is not None:  # kept as a column of the index, for the user to see the groups
+            record[SPLIT_GROUP_COLUMN] = _nfc(str(values[group_column]).strip())
         record["tags"] = row_tags[position]
         for column in metadata_columns:
             record[column] = values[column]
@@ -952,7 +1004,7 @@ def _records_from_table(
         records.append(record)
     if id_column is None:
         _keep_extensions_that_tell_files_apart(records)
-    return records, tag_names, split_values is not None
+    return records, tag_names, split_values is not None, group_column is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1497,8 +1549,14 @@ def read_audio_alone(index: TrackIndex) -> bool:
     return bool(index.extra.get("unlabeled")) and Path(str(index.extra.get("source", ""))).is_dir()
 
 
+def split_by_groups(index: TrackIndex) -> bool:
+    """Whether ``index``'s splits were drawn by its tags file's ``split_group`` column (:func:`load_folder`)."""
+    return index.extra.get("split_rule") == f"assign_splits by {SPLIT_GROUP_COLUMN}"
+
+
 def open_dataset_option(
-    spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None, *, allow_unlabeled: bool = False
+    spec: str, root: str | Path | None = None, audio_dir: str | Path | None = None, *, allow_unlabeled: bool = False,
+    split_groups: bool = True,
 ) -> TrackIndex:
     """:func:`open_dataset` as the command lines take it: ``--data``/``--dataset`` ``spec``, with
     ``--root`` (the folder of a named dataset; for ``corpus``, where it is or is built) and
@@ -1507,7 +1565,8 @@ def open_dataset_option(
 
     A folder of audio with neither a ``tracks.csv`` nor a tags file is, with ``allow_unlabeled``
     (self-supervised training), indexed without tags (``extra["unlabeled"]`` is True); without it
-    (an evaluation, which needs tags), it is an error that says what to add.
+    (an evaluation, which needs tags), it is an error that says what to add. ``split_groups=False`` reads a tags
+    file's ``split_group`` column without drawing the splits by it (:func:`load_folder`).
     """
     check_dataset_option(spec, root, audio_dir)
     path = Path(str(spec)).expanduser()
@@ -1533,9 +1592,12 @@ def open_dataset_option(
         index = open_dataset(str(spec), unlabeled=True)
         return TrackIndex(index.tracks, index.tag_names, name=index.name, extra={**index.extra, "unlabeled": True})
     options: dict[str, Any] = {} if audio_dir is None else {"audio_dir": audio_dir}
-    if allow_unlabeled and dataset_name(spec) is None and (
-            (path.is_file() and not _is_track_index_file(path)) or (path.is_dir() and not _is_folder_track_index(path))):
+    tags_file = dataset_name(spec) is None and (
+        (path.is_file() and not _is_track_index_file(path)) or (path.is_dir() and not _is_folder_track_index(path)))
+    if allow_unlabeled and tags_file:
         options["tags_optional"] = True  # training: a table of tracks (and splits) without tags is enough
+    if not split_groups and tags_file:
+        options["split_groups"] = False
     return open_dataset(str(spec), root, **options)
 
 
