@@ -543,7 +543,7 @@ def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled
     read that column), so that a column added since does not change them."""
     import logging
 
-    from musicssl.data.loaders import DatasetError, load_folder, open_dataset, open_dataset_option
+    from musicssl.data.loaders import DatasetError, load_folder, open_dataset, open_dataset_option, split_by_groups
 
     if recorded is None:
         return None, "no record of its training data"
@@ -580,6 +580,8 @@ def trained_audio(recorded: tuple[str, str | None, str | None] | None, unlabeled
         return None, f"its training data {data} cannot be read now ({error})"
     finally:
         loaders.setLevel(level)
+    if grouped and not split_by_groups(index):  # (its groups edited since cannot be told)
+        return None, (f"its run drew its splits by the split_group column of {data}, which it no longer has")
     if unlabeled is None and path.is_dir() and not index.extra.get("unlabeled"):
         return None, (f"its run did not record whether it read {data}'s audio alone or the tags file that folder "
                       "holds now (runs before 2026-12-06 do not); its splits differ if it read the audio alone")

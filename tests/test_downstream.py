@@ -1126,9 +1126,15 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_when_a_split_group_colu
                   "training_data_unlabeled": False, **record}
         return resolve_method(f"{label}={save_run(tmp_path / label, state, config)}")
 
-    methods = [run("before", training_split_groups=False), run("unrecorded"), run("grouped", training_split_groups=True)]
+    # A run that drew its splits by a column its tags file no longer has: they cannot be told, and it says so.
+    plain = pd.read_csv(audio / "tags.csv").drop(columns="split_group")
+    plain.to_csv(audio / "plain.csv", index=False)
+    methods = [run("before", training_split_groups=False), run("unrecorded"), run("grouped", training_split_groups=True),
+               run("removed", data=str(audio / "plain.csv"), training_split_groups=True)]
     result = run_downstream(methods, DownstreamConfig(**SMALL_EVALUATION), index=index)
     console = capsys.readouterr().out
+    assert (f"note: removed: could not check which test tracks it trained on: its run drew its splits by the "
+            f"split_group column of {audio / 'plain.csv'}, which it no longer has") in console
     for label in ("before", "unrecorded"):
         assert (f"warning: {label}: {len(expected)} of the {len(test_ids)} test tracks were training tracks of the "
                 f"data it was trained on ({audio / 'tags.csv'}), e.g. {expected[0]}: its test scores are not held out. "
@@ -1137,6 +1143,7 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_when_a_split_group_colu
     assert console.count("test tracks were training tracks") == 2
     counts = result.results.set_index("method")["test_tracks_trained_on"]
     assert counts["before"] == counts["unrecorded"] == len(expected) and counts["grouped"] == 0
+    assert math.isnan(counts["removed"])  # not "0: held out"
 
 
 def test_the_training_corpus_of_a_run_written_before_the_record_is_read_from_its_data(tmp_path):

@@ -162,8 +162,8 @@ def test_assign_splits_follows_the_recipe_in_any_order():
 
 def test_a_split_group_column_draws_one_split_per_group(tmp_path, caplog):
     """Tracks that share a ``split_group`` value (an artist) share the split drawn for that value, by the same
-    recipe as a track's with ``split_group=VALUE`` as the id; a track with an empty cell is drawn the split it
-    has without the column. The column is kept in the index, and its name is read in any case."""
+    recipe as a track's with ``split_group=VALUE`` as the id; a track with an empty cell keeps the split it has
+    without the column. The column is kept in the index, and its name is read in any case."""
     root = tmp_path / "music"
     lines = ["path,tags,Split_Group"]
     for number in range(60):
@@ -174,7 +174,7 @@ def test_a_split_group_column_draws_one_split_per_group(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         index = load_folder(root, split_seed=5)
     groups = {f"s{n:02d}": "" if n % 10 == 9 else f"Artist {n // 3}" for n in range(60)}
-    expected = {track_id: recipe_split(f"split_group={group}" if group else f"track={track_id}", 5)
+    expected = {track_id: recipe_split(f"split_group={group}" if group else track_id, 5)
                 for track_id, group in groups.items()}
     assert dict(zip(index.track_ids, index.tracks["split"])) == expected
     assert dict(zip(index.track_ids, index.tracks["split_group"])) == groups
@@ -198,7 +198,7 @@ def test_a_split_group_column_draws_one_split_per_group(tmp_path, caplog):
     assert open_dataset_option(str(root / "tags.csv"), split_groups=False).tracks["split"].tolist() == \
         [recipe_split(track_id, 0) for track_id in groups]
     assert open_dataset_option(str(root)).tracks["split"].tolist() == \
-        [recipe_split(f"split_group={group}" if group else f"track={track_id}", 0) for track_id, group in groups.items()]
+        [recipe_split(f"split_group={group}" if group else track_id, 0) for track_id, group in groups.items()]
     index.to_csv(tmp_path / "tracks.csv")
     assert open_dataset_option(str(tmp_path / "tracks.csv"), split_groups=False).tracks["split"].tolist() == \
         index.tracks["split"].tolist()
@@ -225,6 +225,39 @@ def test_a_split_group_column_with_0_1_tag_columns_is_no_tag_and_cannot_join_a_s
     with pytest.raises(DatasetError, match=r"has both a 'split' column, which gives each track its split, and a "
                                            r"'split_group' column, which draws the splits by group; keep one"):
         load_folder(root)
+
+
+def test_split_groups_keep_copies_of_a_recording_together_and_stay_text_in_a_track_index(tmp_path, caplog):
+    """Copies of one recording share a split (files that differ only in their extension, MTG-Jamendo's .low.mp3):
+    a copy with an empty cell takes its twin's group, and twins in two groups are refused. Every cell empty is the
+    split without the column, with no warning of shares. Groups 1, 1.0 and 01 stay three in a tracks.csv."""
+    root = tmp_path / "music"
+    names = ["x.wav", "x.flac", "41/241.mp3", "41/241.low.mp3", "y.wav", "z.wav", "w.wav"]
+    for name in names:
+        write_sine(root / name)
+    groups = ["", "1", "01", "", "1.0", "", "1"]
+    rows = ["path,tags,split_group", *(f"{name},rock,{group}" for name, group in zip(names, groups))]
+    (root / "tags.csv").write_text("\n".join(rows) + "\n")
+    index = load_folder(root, split_seed=2)
+    shared = {"x.wav": "1", "x.flac": "1", "41/241": "01", "41/241.low": "01", "y": "1.0", "z": "", "w": "1"}
+    assert dict(zip(index.track_ids, index.tracks["split_group"])) == shared
+    assert dict(zip(index.track_ids, index.tracks["split"])) == {
+        track_id: recipe_split(f"split_group={group}" if group else track_id, 2) for track_id, group in shared.items()}
+    index.to_csv(tmp_path / "tracks.csv")
+    assert TrackIndex.from_csv(tmp_path / "tracks.csv").tracks["split_group"].tolist() == list(shared.values())
+
+    rows[1:3] = ["x.wav,rock,1", "x.flac,rock,2"]
+    (root / "tags.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetError, match=r"copies of one recording name different split_group values \(x.wav in "
+                                           r"'1', x.flac in '2'\); give them one, as copies share a split"):
+        load_folder(root)
+
+    (root / "tags.csv").write_text("path,tags,split_group\n" + "".join(f"{name},rock,\n" for name in names))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        empty = load_folder(root, split_seed=2)
+    assert empty.tracks["split"].tolist() == load_folder(root, split_seed=2, split_groups=False).tracks["split"].tolist()
+    assert "7 track(s) have an empty split_group cell" in caplog.text and "far from its fraction" not in caplog.text
 
 
 def test_adding_or_removing_tracks_moves_no_other_track():

@@ -218,10 +218,11 @@ class TrackIndex:
         if not path.is_file():
             raise TrackIndexError(f"{path}: no such track index; build one with `python -m musicssl.corpus --out DIR`")
         # Spaces after the commas (``track_id, path, ...`` and ``001, a.wav, ...``) are dropped, and the four
-        # columns are read as text under their names as written (``001`` stays ``001``, not 1).
+        # columns are read as text under their names as written (``001`` stays ``001``, not 1), as is a tags file's
+        # split_group, kept by load_folder (groups ``1`` and ``1.0`` stay two).
         with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
             header = next(csv.reader(handle, skipinitialspace=True), [])
-        text = {name: str for name in header if name.strip() in REQUIRED_COLUMNS}
+        text = {name: str for name in header if name.strip() in (*REQUIRED_COLUMNS, "split_group")}
         try:
             frame = pd.read_csv(path, dtype=text, keep_default_na=False, skipinitialspace=True)
         except pd.errors.EmptyDataError:

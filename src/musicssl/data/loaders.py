@@ -675,9 +675,12 @@ def load_folder(
                              for record in records):
         audio_hint += "; paths must separate folders with '/', not '\\' (as Windows writes them)"
     grouped = grouped and split_groups
+    if grouped and not split_given:
+        _share_groups_among_copies(records, tags_path)
     if not split_given:
         keys = [_group_key(record) if grouped else _split_key(record) for record in records]
-        splits = assign_splits(keys, split_fractions, split_seed, what="groups" if grouped else "tracks")
+        splits = assign_splits(keys, split_fractions, split_seed, what="groups" if grouped and any(
+            record[SPLIT_GROUP_COLUMN] for record in records) else "tracks")
         for record, key in zip(records, keys):
             record["split"] = splits[key]
         if grouped:
@@ -786,9 +789,28 @@ def _split_key(record: dict) -> str:
 
 def _group_key(record: dict) -> str:
     """What a track's drawn split depends on where the table has a ``split_group`` column: the group, or, for a
-    track with an empty cell, the track itself (as without the column). The two kinds of key cannot meet."""
+    track with an empty cell, what it depends on without the column (:func:`_split_key`), so that it keeps that
+    split."""
     group = record[SPLIT_GROUP_COLUMN]
-    return f"{SPLIT_GROUP_COLUMN}={group}" if group else f"track={_split_key(record)}"
+    return f"{SPLIT_GROUP_COLUMN}={group}" if group else _split_key(record)
+
+
+def _share_groups_among_copies(records: list[dict], tags_path: Path) -> None:
+    """Copies of one recording (one :func:`_split_key`: files that differ only in their extension, MTG-Jamendo's
+    ``.low.mp3``) share a split: a copy with an empty ``split_group`` cell takes the group another names, and
+    copies that name different groups are refused."""
+    named: dict[str, dict[str, str]] = {}
+    for record in records:
+        if record[SPLIT_GROUP_COLUMN]:
+            named.setdefault(_split_key(record), {})[record[SPLIT_GROUP_COLUMN]] = record["track_id"]
+    for key, groups in named.items():
+        if len(groups) > 1:
+            listed = ", ".join(f"{track_id} in {group!r}" for group, track_id in groups.items())
+            raise DatasetError(f"{tags_path}: copies of one recording name different {SPLIT_GROUP_COLUMN} values "
+                               f"({listed}); give them one, as copies share a split")
+    for record in records:
+        if not record[SPLIT_GROUP_COLUMN] and _split_key(record) in named:
+            record[SPLIT_GROUP_COLUMN] = next(iter(named[_split_key(record)]))
 
 
 def _report_groups(records: list[dict], tags_path: Path, fractions: tuple[float, float, float]) -> None:
@@ -804,9 +826,9 @@ def _report_groups(records: list[dict], tags_path: Path, fractions: tuple[float,
     logger.info("%s: %d tracks in %d groups (a track without one is a group of its own), splits drawn by %s: %s",
                 tags_path, len(records), len(groups), SPLIT_GROUP_COLUMN,
                 ", ".join(f"{name} {counts[name]}" for name in shares))
-    # (an empty split is warned of by assign_splits)
-    off = [f"{name} {share:.0%} (drawn for {fraction:.0%})" for (name, share), fraction
-           in zip(shares.items(), fractions) if share and abs(share - fraction) > fraction / 2]
+    # (an empty split is warned of by assign_splits; without a group, the shares are those drawn without the column)
+    off = [f"{name} {share:.0%} (drawn for {fraction:.0%})" for (name, share), fraction in zip(shares.items(), fractions)
+           if share and abs(share - fraction) > fraction / 2 and len(ungrouped) < len(records)]
     if off:
         logger.warning("%s: splits drawn by %s hold %s of the tracks: with few or uneven groups a split's share "
                        "is far from its fraction; give a split column to choose the splits", tags_path,
