@@ -185,7 +185,7 @@ def test_a_split_group_column_draws_one_split_per_group(tmp_path, caplog):
             by_group.setdefault(groups[track_id], set()).add(split)
     assert all(len(splits) == 1 for splits in by_group.values())
     assert len({splits.pop() for splits in by_group.values()}) == 3  # the groups do fall in all three splits
-    assert "6 track(s) have an empty split_group cell, e.g. s09; each is drawn a split of its own" in caplog.text
+    assert "6 track(s) have an empty split_group cell, e.g. s09; each keeps the split it has without the column" in caplog.text
     counts = {name: list(expected.values()).count(name) for name in ("train", "valid", "test")}
     assert (f"60 tracks in {len(by_group) + 6} groups (a track without one is a group of its own), splits drawn by "
             f"split_group: train {counts['train']}, valid {counts['valid']}, test {counts['test']}") in caplog.text

@@ -549,9 +549,10 @@ def load_folder(
       ``training``, ``testing`` accepted), else a deterministic split by :func:`assign_splits` with
       ``split_fractions`` and ``split_seed``;
     - optionally ``split_group`` instead of ``split``: tracks that share its value (an artist, an album) share
-      the split drawn for it, so that no group has tracks in train and in test; a track whose cell is empty is
-      drawn a split of its own. With ``split_groups=False`` the column is kept but not used (the splits of a
-      run that read the table before it had one);
+      the split drawn for it, so that no group has tracks in train and in test; a track whose cell is empty
+      keeps the split it has without the column, unless a copy of it names a group
+      (:func:`_share_groups_among_copies`). With ``split_groups=False`` the column is kept but not used (the
+      splits of a run that read the table before it had one);
     - optionally metadata kept as columns: ``duration``, ``artist``, ``artist_id``, ``album``,
       ``album_id``, ``title`` and any named in ``keep_columns``.
 
@@ -818,7 +819,7 @@ def _report_groups(records: list[dict], tags_path: Path, fractions: tuple[float,
     where a large group moved it far from its fraction."""
     ungrouped = [record["track_id"] for record in records if not record[SPLIT_GROUP_COLUMN]]
     if ungrouped:
-        logger.warning("%s: %d track(s) have an empty %s cell, e.g. %s; each is drawn a split of its own",
+        logger.warning("%s: %d track(s) have an empty %s cell, e.g. %s; each keeps the split it has without the column",
                        tags_path, len(ungrouped), SPLIT_GROUP_COLUMN, ungrouped[0])
     counts = Counter(record["split"] for record in records)
     groups = {_group_key(record) for record in records}
