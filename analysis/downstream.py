@@ -1692,7 +1692,7 @@ def run_downstream(
     """
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import EDITED_CORPUS_KEY, GENERATED_CORPUS_KEY
-    from musicssl.data.loaders import canonical_dataset_spec
+    from musicssl.data.loaders import canonical_dataset_spec, split_groups_line
     from musicssl.data.loaders import dataset_name as dataset_name_of
     from musicssl.data.pipeline import prepare_data
     from musicssl.paths import cache_root
@@ -1721,7 +1721,8 @@ def run_downstream(
     if problem:
         _refuse_bootstrap_fraction(problem, index.labels()[listed], config)
     missing = index.extra.get("missing", [])
-    log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags")
+    groups = split_groups_line(index)
+    log(f"dataset {dataset_name}: {len(index)} tracks, {len(index.tag_names)} tags" + (f"; {groups}" if groups else ""))
     if missing:
         log(f"  skipped {len(missing)} track(s) whose audio file is missing or empty, e.g. {missing[0]['path']}")
     listed_splits = set(index.tracks["split"])

@@ -1141,6 +1141,9 @@ def test_test_tracks_a_checkpoint_trained_on_are_counted_when_a_split_group_colu
                 "Its splits differ from this dataset's: splits are drawn from track ids (or from a tags file's "
                 "split_group column, where the run read one)") in console
     assert console.count("test tracks were training tracks") == 2
+    counted = index.tracks["split"].value_counts()
+    assert (f"40 tracks, 3 tags; splits drawn by split_group: 10 group(s) (train {counted['train']}, valid "
+            f"{counted.get('valid', 0)}, test {counted['test']} tracks)") in console
     counts = result.results.set_index("method")["test_tracks_trained_on"]
     assert counts["before"] == counts["unrecorded"] == len(expected) and counts["grouped"] == 0
     assert math.isnan(counts["removed"])  # not "0: held out"

@@ -59,6 +59,7 @@ __all__ = [
     "dataset_name",
     "folder_table",
     "split_by_groups",
+    "split_groups_line",
     "split_position",
 ]
 
@@ -1575,6 +1576,20 @@ def read_audio_alone(index: TrackIndex) -> bool:
 def split_by_groups(index: TrackIndex) -> bool:
     """Whether ``index``'s splits were drawn by its tags file's ``split_group`` column (:func:`load_folder`)."""
     return index.extra.get("split_rule") == f"assign_splits by {SPLIT_GROUP_COLUMN}"
+
+
+def split_groups_line(index: TrackIndex) -> str | None:
+    """``splits drawn by split_group: 40 groups (train 280, valid 41, test 79 tracks)`` where ``index``'s splits
+    were drawn so (:func:`split_by_groups`), for the command lines to confirm it; else None."""
+    if not split_by_groups(index):
+        return None
+    frame = index.tracks
+    groups = frame.loc[frame[SPLIT_GROUP_COLUMN] != "", SPLIT_GROUP_COLUMN].nunique()
+    alone = int((frame[SPLIT_GROUP_COLUMN] == "").sum())
+    counts = frame["split"].value_counts()
+    return (f"splits drawn by {SPLIT_GROUP_COLUMN}: {groups} group(s)"
+            + (f" and {alone} track(s) without one" if alone else "")
+            + f" (train {counts.get('train', 0)}, valid {counts.get('valid', 0)}, test {counts.get('test', 0)} tracks)")
 
 
 def open_dataset_option(

@@ -92,7 +92,7 @@ def prepare_data(
     costs only the check. ``check_index`` is called with the index before the cache is built, so a
     caller can refuse data that cannot do (too few tracks for its batch) before minutes of decoding.
     """
-    from musicssl.data.loaders import open_dataset_option
+    from musicssl.data.loaders import open_dataset_option, split_groups_line
 
     if isinstance(data, TrackIndex):
         if root is not None or audio_dir is not None:
@@ -104,6 +104,9 @@ def prepare_data(
         index = open_dataset_option(str(data), root, audio_dir, allow_unlabeled=True)
     if check_index is not None:
         check_index(index)
+    groups = split_groups_line(index)
+    if groups and verbose:  # (the other ways of splitting are the data's own, or the documented default)
+        print(f"data: {groups}", flush=True)
     front_end = front_end or LogMelConfig()
     directory = Path(cache_dir) if cache_dir is not None else default_mel_cache_dir(index)
     cache = MelCache.build(index, directory, front_end, workers=workers, progress=verbose, verbose=verbose,
