@@ -37,6 +37,9 @@ SPLIT_ALIASES = {
 TAG_SEPARATOR = ";"
 GROUP_SEPARATOR = "---"
 REQUIRED_COLUMNS = ("track_id", "path", "split", "tags")
+# A tags file's column whose tracks that share a value share a drawn split (musicssl.data.loaders.load_folder:
+# an artist's songs, none of them in train and another in test); kept in the index, read as text.
+SPLIT_GROUP_COLUMN = "split_group"
 # TrackIndex.extra entry of an index read from a generated corpus's tracks.csv: the corpus's
 # generator version, seed, tracks and seconds (musicssl.corpus.splits.corpus_identity).
 GENERATED_CORPUS_KEY = "generated_corpus"
@@ -222,7 +225,7 @@ class TrackIndex:
         # split_group, kept by load_folder (groups ``1`` and ``1.0`` stay two).
         with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
             header = next(csv.reader(handle, skipinitialspace=True), [])
-        text = {name: str for name in header if name.strip() in (*REQUIRED_COLUMNS, "split_group")}
+        text = {name: str for name in header if name.strip() in (*REQUIRED_COLUMNS, SPLIT_GROUP_COLUMN)}
         try:
             frame = pd.read_csv(path, dtype=text, keep_default_na=False, skipinitialspace=True)
         except pd.errors.EmptyDataError:

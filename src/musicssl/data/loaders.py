@@ -36,7 +36,9 @@ import numpy as np
 import pandas as pd
 
 from musicssl.audio import CONVERT_HINT, UNSUPPORTED_AUDIO_EXTENSIONS
-from musicssl.data.index import SPLIT_ALIASES, TrackIndex, TrackIndexError, file_identity, split_tag_cells
+from musicssl.data.index import (
+    SPLIT_ALIASES, SPLIT_GROUP_COLUMN, TrackIndex, TrackIndexError, file_identity, split_tag_cells,
+)
 
 __all__ = [
     "read_audio_alone",
@@ -75,9 +77,8 @@ DEFAULT_TAG_FILES = (
     "tags.csv", "tags.tsv", "labels.csv", "labels.tsv", "annotations.csv", "annotations.tsv",
     "metadata.csv", "metadata.tsv",
 )
-# A tags file's column whose tracks that share a value share a drawn split (an artist's songs: none of them in
-# train and another in test).
-SPLIT_GROUP_COLUMN = "split_group"
+# The split_rule of a folder whose splits its tags file's split_group column drew (split_by_groups).
+_GROUPED_RULE = f"assign_splits by {SPLIT_GROUP_COLUMN}"
 # Columns load_folder keeps as per-track metadata rather than reading them as tags.
 METADATA_COLUMNS = ("duration", "artist", "artist_id", "album", "album_id", "title")
 BINARY_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -697,8 +698,7 @@ def load_folder(
                        root, tags_path.name, examples)
     extra = {
         "source": str(tags_path),
-        "split_rule": "split column" if split_given else f"assign_splits by {SPLIT_GROUP_COLUMN}" if grouped
-        else "assign_splits",
+        "split_rule": "split column" if split_given else _GROUPED_RULE if grouped else "assign_splits",
         "unlisted_audio": len(unlisted),
     }
     if not split_given:
@@ -829,8 +829,9 @@ def _report_groups(records: list[dict], tags_path: Path, fractions: tuple[float,
                 tags_path, len(records), len(groups), SPLIT_GROUP_COLUMN,
                 ", ".join(f"{name} {counts[name]}" for name in shares))
     # (an empty split is warned of by assign_splits; without a group, the shares are those drawn without the column)
-    off = [f"{name} {share:.0%} (drawn for {fraction:.0%})" for (name, share), fraction in zip(shares.items(), fractions)
-           if share and abs(share - fraction) > fraction / 2 and len(ungrouped) < len(records)]
+    off = [] if len(ungrouped) == len(records) else [
+        f"{name} {share:.0%} (drawn for {fraction:.0%})" for (name, share), fraction in zip(shares.items(), fractions)
+        if share and abs(share - fraction) > fraction / 2]
     if off:
         logger.warning("%s: splits drawn by %s hold %s of the tracks: with few or uneven groups a split's share "
                        "is far from its fraction; give a split column to choose the splits", tags_path,
@@ -1575,7 +1576,7 @@ def read_audio_alone(index: TrackIndex) -> bool:
 
 def split_by_groups(index: TrackIndex) -> bool:
     """Whether ``index``'s splits were drawn by its tags file's ``split_group`` column (:func:`load_folder`)."""
-    return index.extra.get("split_rule") == f"assign_splits by {SPLIT_GROUP_COLUMN}"
+    return index.extra.get("split_rule") == _GROUPED_RULE
 
 
 def split_groups_line(index: TrackIndex) -> str | None:
