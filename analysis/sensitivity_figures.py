@@ -835,10 +835,16 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
         for row, (metric, _) in enumerate(metrics, start=1):
             for value, text in lines.get(metric, []):
                 figure.add_trace(go.Scatter(
-                    x=[first, last], y=[value, value], mode="lines+text", text=["", text],
-                    textposition="top left", textfont={"size": 10, "color": "#555"}, showlegend=False,
+                    x=[first, last], y=[value, value], mode="lines", name=text, showlegend=False,
                     line={"color": "#555", "width": 1, "dash": "dot"}, hovertemplate=f"{text}<extra></extra>",
                 ), row=row, col=1)
+                # Its words as an annotation on a pale box: plotly draws annotations above every trace, so a
+                # trial's line crossing them no longer hides them (text of a trace sat under the lines drawn
+                # over it). A log axis places annotations by the logarithm of the value.
+                figure.add_annotation(
+                    x=last, y=math.log10(value) if row == 1 else value, text=text, showarrow=False,
+                    xanchor="right", yanchor="bottom", font={"size": 10, "color": "#555"},
+                    bgcolor="rgba(255, 255, 255, 0.8)", borderpad=1, row=row, col=1)
     figure.update_yaxes(type="log", title_text=metrics[0][1], row=1, col=1)
     if len(metrics) > 1:
         figure.update_yaxes(title_text=metrics[1][1], range=[0, 1.05], row=2, col=1)

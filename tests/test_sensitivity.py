@@ -386,19 +386,31 @@ def test_the_dynamics_draw_the_collapse_rules_lines_with_the_searchs_thresholds(
     fires. Its lines on those two metrics are now dotted across the epochs, each saying whether it stops a
     trial: complete collapse below a RankMe of 1.5, dimensional below 0.1 of min(probe segments, embedding
     dimensions) (32 probe segments, 256 dimensions here), partial below an occupancy of 0.1; with the
-    search's own --threshold values (this one turned all three off: no lines)."""
+    search's own --threshold values (this one turned all three off: no lines).
+    Before, too: a line's words were its trace's text, drawn under the trials' lines that crossed them. They
+    are now an annotation on a pale box at the line's right end (plotly draws annotations above the traces;
+    on the log rank axis at the logarithm of the value)."""
     import dataclasses
+    import math
 
     from analysis.sensitivity import analyse, load_experiment
     from analysis.sensitivity_figures import dynamics_figure
 
     def dotted(experiment) -> dict[tuple[str, float], str]:
         figure = dynamics_figure(analyse(experiment)).figure
+        assert figure.layout.yaxis.type == "log"
         found = {}
         for trace in figure.data:
             if trace.line.dash == "dot":
                 assert trace.y[0] == trace.y[1] and list(trace.x) == [1, TINY["max_epochs"]]
-                found[trace.yaxis, trace.y[0]] = trace.text[1]
+                found[trace.yaxis, trace.y[0]] = trace.name
+        labels = {(a.yref, a.y): a for a in figure.layout.annotations}
+        assert len(labels) == len(found)
+        for (axis, value), text in found.items():
+            label = labels[axis, math.log10(value) if axis == "y" else value]
+            assert (label.text, label.x, label.xref, label.xanchor, label.yanchor) == (
+                text, TINY["max_epochs"], axis.replace("y", "x"), "right", "bottom")
+            assert label.bgcolor.startswith("rgba(255, 255, 255,") and label.showarrow is False
         return found
 
     # The defaults the report writes out (it does not import torch) are the verdict's.
