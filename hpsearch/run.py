@@ -78,14 +78,15 @@ class SearchResult:
 
 
 def check_method(method: str) -> None:
-    """The method must be a registered pretext method with a search space module."""
+    """The method must be a registered pretext method with a search space module that keeps the contract of
+    ``study_spaces`` (a malformed one is refused as it loads, its module and the fix named)."""
     from musicssl.pretext.registry import UnknownMethodError, get_method
-    from study_spaces import UnknownSpaceError, get_space
+    from study_spaces import SpaceError, UnknownSpaceError, get_space
 
     try:
         get_method(method)
         get_space(method)
-    except (UnknownMethodError, UnknownSpaceError) as error:
+    except (UnknownMethodError, UnknownSpaceError, SpaceError) as error:
         raise SearchError(str(error)) from None
 
 

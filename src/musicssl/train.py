@@ -491,8 +491,17 @@ class RunResult:
 # What the trainer passes to Lightning (auto: see resolve_precision / resolve_accelerator).
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-# Methods whose teacher follows the student by EMA steps, which half-precision weights round away.
-EMA_TEACHER_METHODS = ("byol", "clustering")
+
+
+def _has_ema_teacher(method: str) -> bool:
+    """Whether ``method``'s teacher follows its student by EMA steps (its class says so); False for a name that
+    is no method (said by the check of the method)."""
+    from musicssl.pretext.registry import UnknownMethodError, get_method
+
+    try:
+        return bool(get_method(method).ema_teacher)
+    except UnknownMethodError:
+        return False
 
 
 def resolve_precision(config: TrainConfig, accelerator: str, native_bf16: bool | None = None) -> str:
@@ -600,7 +609,7 @@ def check_config(config: TrainConfig, devices: bool = True, names: Mapping[str, 
         # it), and AdamW's steps are about the learning rate. Measured on the cpu preset, 12 steps: at 1e-4, 67 % of
         # the weights never moved, at 1e-3, 3 % (float32: none). The EMA teacher's moves, (1 - rate) *
         # (student - teacher) with rate 0.996 to 1, are smaller still: the teacher stays put.
-        teacher = f" and {config.method}'s EMA teacher" if config.method in EMA_TEACHER_METHODS else ""
+        teacher = f" and {config.method}'s EMA teacher" if _has_ema_teacher(config.method) else ""
         problems.append(f"precision=bf16-true holds the weights{teacher} in bfloat16, where AdamW's small steps round "
                         "away (a weight near 1 ignores any step below 0.002; at learning rate 1e-4, two thirds of the "
                         "cpu preset's weights never move); use bf16-mixed, which keeps the weights in float32 (or "

@@ -97,6 +97,9 @@ class PretextMethod(nn.Module):
     # True where :meth:`collapse_outputs` gives ``"assignment_probs"``: only such a method's runs can show
     # prototype ("cluster", "partial") collapse, which a search's ``--stop-on`` is checked against.
     assigns_prototypes: ClassVar[bool] = False
+    # True where a teacher follows the student by EMA steps (BYOL's target, clustering's teacher): steps that
+    # half-precision weights round away, which the trainer's precision check says in the method's name.
+    ema_teacher: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, config: Any) -> None:
         super().__init__()

@@ -92,6 +92,7 @@ class BYOL(PretextMethod):
     """
 
     name = "byol"
+    ema_teacher = True
     Config = BYOLConfig
 
     def __init__(self, backbone: nn.Module, config: BYOLConfig | None = None) -> None:

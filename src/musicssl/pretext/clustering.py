@@ -149,6 +149,7 @@ class Clustering(PretextMethod):
 
     name = "clustering"
     assigns_prototypes = True
+    ema_teacher = True
     Config = ClusteringConfig
 
     center: Tensor

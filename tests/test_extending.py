@@ -1,0 +1,165 @@
+"""A sixth pretext task is two files and nothing else (README, "Adding a pretext task").
+
+The README's two example files are written into a copy of ``musicssl`` and ``study_spaces``, put first on
+``PYTHONPATH``, and the commands run on them in processes of their own (a search's Ray workers too), so the
+example and the promise stay true as the code changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_FILES = ("src/musicssl/pretext/simsiam.py", "study_spaces/simsiam.py")
+
+
+def readme_files() -> dict[str, str]:
+    """The README's python blocks whose first line is ``# <path>``, by that path."""
+    blocks = re.findall(r"^```python\n# (\S+)\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
+    return dict(blocks)
+
+
+def test_the_readme_holds_the_two_files_and_no_more():
+    assert sorted(readme_files()) == sorted(EXAMPLE_FILES)
+
+
+def extend(root: Path, files: dict[str, str]) -> dict[str, str]:
+    """The environment of a checkout with ``files`` added: a copy, under ``root``, of the two packages a
+    method extends (the other top-level packages are unchanged and come from the install)."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "src" / "musicssl", root / "src" / "musicssl", ignore=ignore)
+    shutil.copytree(REPO / "study_spaces", root / "study_spaces", ignore=ignore)
+    for path, text in files.items():
+        assert not (root / path).exists(), f"{path} would replace a file of the project"
+        (root / path).write_text(text)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]),
+            "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory) -> dict[str, str]:
+    """The environment of a checkout with the README's method added."""
+    return extend(tmp_path_factory.mktemp("extended"), readme_files())
+
+
+def python(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_the_new_method_is_found_by_both_registries_and_its_loss_is_simsiams(extended, tmp_path):
+    """In a process of its own: the registries list it, the search space maps a trial onto its settings, the
+    cpu preset sizes its heads, and one training loss on two views is SimSiam's written out: the mean over
+    both directions of minus the cosine of one view's prediction and the other's projection (Chen & He,
+    2021, eq. 2), with no gradient through the projection."""
+    code = """
+        import torch, musicssl, study_spaces
+        from musicssl.pretext.base import Progress
+        from musicssl.pretext.registry import available_methods
+        from musicssl.train import ConfigError, TrainConfig, build_method, check_config
+        from study_spaces import available_spaces, get_space
+
+        assert musicssl.__file__.startswith({root!r}), musicssl.__file__
+        assert "simsiam" in available_methods() and "simsiam" in available_spaces()
+        training, settings = get_space("simsiam").split({{"predictor_hidden_dim": 64, "learning_rate": 1e-3}})
+        assert training == {{"learning_rate": 1e-3}} and settings == {{"predictor_hidden_dim": 64}}, (training, settings)
+
+        torch.manual_seed(0)
+        method = build_method(TrainConfig(method="simsiam", preset="cpu"))
+        assert method.predictor.dims == (1024, 128, 1024), method.predictor.dims  # the cpu preset's sizes
+        assert not method.ema_teacher and not method.assigns_prototypes
+        views = [torch.randn(4, 64, 126) for _ in range(2)]
+        loss = method.training_loss(views, Progress(0, 10, 5))["loss"]
+        z = [method.projector(method.backbone(view)) for view in views]  # BatchNorm per view, as in training
+        p = [method.predictor(projection) for projection in z]
+
+        def cosine(a, b):
+            return (a * b).sum(1) / (a.pow(2).sum(1).sqrt() * b.pow(2).sum(1).sqrt())
+
+        expected = -(cosine(p[0], z[1]).mean() + cosine(p[1], z[0]).mean()) / 2
+        assert torch.allclose(loss, expected, atol=1e-6), (loss, expected)
+
+        import musicssl.pretext.simsiam as module
+        a, b = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+        module.simsiam(a, b)["loss"].backward()
+        assert a.grad is not None and b.grad is None
+        try:
+            check_config(TrainConfig(method="simsiam", precision="bf16-true"), devices=False)
+        except ConfigError as error:
+            assert "holds the weights in bfloat16" in str(error), error  # no EMA teacher named
+        else:
+            raise AssertionError("bf16-true accepted")
+        module.SimSiam.ema_teacher = True  # the class says it, not a list of names in the trainer
+        try:
+            check_config(TrainConfig(method="simsiam", precision="bf16-true"), devices=False)
+        except ConfigError as error:
+            assert "holds the weights and simsiam's EMA teacher in bfloat16" in str(error), error
+        print("ok")
+    """.format(root=extended["PYTHONPATH"].split(os.pathsep)[0])
+    done = python(code, extended, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_search_space_that_breaks_the_contract_is_one_line_naming_it(tmp_path):
+    """Before: a space module that ``study_spaces`` refuses as it loads it (here a lambda for its space, which
+    Ray Tune cannot pickle) ended ``hpsearch.run`` in a traceback. Now one line names the module and what to
+    change, exit 2, before Ray starts."""
+    files = {**readme_files(), "study_spaces/simsiam.py": 'METHOD = "simsiam"\nFIXED = {}\nspace = lambda trial: None\n'}
+    env = extend(tmp_path / "checkout", files)
+    done = subprocess.run([sys.executable, "-m", "hpsearch.run", "simsiam", "--trials", "1", "--storage-dir",
+                           str(tmp_path / "runs")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "python -m hpsearch.run: error: study_spaces.simsiam: space must be a named module-level function "
+        "space(trial) -> dict | None"), done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_every_command_runs_the_new_method(extended, tonal_dataset, tmp_path):
+    """``musicssl.train``, ``hpsearch.run`` (two trials on local Ray), ``analysis.sensitivity`` on that
+    search and ``analysis.downstream`` on its best backbone, each in a process of its own, as a user who
+    added the README's two files runs them."""
+    env = {**extended, "MUSICSSL_CACHE": str(tmp_path / "cache")}
+    data = ["--data", str(tonal_dataset / "tracks.csv")]
+    tiny = ["--max-epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8"]
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", *arguments], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=900)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (arguments[0], done.stderr[-3000:])
+        return done
+
+    trained = run("musicssl.train", "simsiam", *data, *tiny, "--threads", "1", "--set", "probe_segments=32",
+                  "--set", "predictor_hidden_dim=64", "--out", str(tmp_path / "run"))
+    assert "simsiam: 2 epochs, 6 steps" in trained.stdout, trained.stdout[-2000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method"] == "simsiam" and config["method_config"]["predictor_hidden_dim"] == 64
+
+    searched = run("hpsearch.run", "simsiam", "--trials", "2", "--concurrency", "2", *data, *tiny,
+                   "--probe-segments", "32", "--probe-segments-per-track", "1", "--storage-dir",
+                   str(tmp_path / "searches"), "--name", "simsiam-test")
+    assert "simsiam: 2/2 trials finished" in searched.stdout, searched.stdout[-3000:]
+    folder = tmp_path / "searches" / "simsiam-test"
+    with open(folder / "trials.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and {row["outcome"] for row in rows} <= {"complete", "collapsed", "diverged"}
+    assert all(int(row["param_predictor_hidden_dim"]) in (64, 128, 256, 512) for row in rows), rows
+    assert (folder / "best_backbone.pt").is_file()
+
+    run("analysis.sensitivity", str(folder), "--out", str(tmp_path / "report.html"))
+    assert "simsiam" in (tmp_path / "report.html").read_text()
+
+    evaluated = run("analysis.downstream", str(folder), "--no-baselines", "--classifiers", "linear",
+                    "--fractions", "1", "--bootstrap", "20", "--no-cache", "--out", str(tmp_path / "evaluation"))
+    assert re.search(r"\| simsiam \| linear \| 0\.\d{4} \[", evaluated.stdout), evaluated.stdout[-3000:]
