@@ -26,7 +26,9 @@ EXAMPLE_FILES = ("src/musicssl/pretext/simsiam.py", "study_spaces/simsiam.py")
 def readme_files() -> dict[str, str]:
     """The README's python blocks whose first line is ``# <path>``, by that path."""
     blocks = re.findall(r"^```python\n# (\S+)\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
-    return dict(blocks)
+    files = dict(blocks)
+    assert len(files) == len(blocks), f"two README blocks for one file: {[path for path, _ in blocks]}"
+    return files
 
 
 def test_the_readme_holds_the_two_files_and_no_more():
@@ -59,9 +61,10 @@ def python(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPro
 
 def test_the_new_method_is_found_by_both_registries_and_its_loss_is_simsiams(extended, tmp_path):
     """In a process of its own: the registries list it, the search space maps a trial onto its settings, the
-    cpu preset sizes its heads, and one training loss on two views is SimSiam's written out: the mean over
-    both directions of minus the cosine of one view's prediction and the other's projection (Chen & He,
-    2021, eq. 2), with no gradient through the projection."""
+    cpu preset sizes its heads, and the training loss on two and three views is SimSiam's written out: the
+    mean over every ordered pair of views of minus the cosine of one view's prediction and the other's
+    projection (Chen & He, 2021, eq. 2; both directions for two views), with no gradient through the
+    projection (the gradients of the heads and the backbone are those of the formula with it detached)."""
     code = """
         import torch, musicssl, study_spaces
         from musicssl.pretext.base import Progress
@@ -76,18 +79,32 @@ def test_the_new_method_is_found_by_both_registries_and_its_loss_is_simsiams(ext
 
         torch.manual_seed(0)
         method = build_method(TrainConfig(method="simsiam", preset="cpu"))
-        assert method.predictor.dims == (1024, 128, 1024), method.predictor.dims  # the cpu preset's sizes
+        # the cpu preset's sizes: 256-d embedding, hidden 512, projection 1024, predictor 128
+        assert method.projector.dims == (256, 512, 512, 1024) and method.predictor.dims == (1024, 128, 1024)
         assert not method.ema_teacher and not method.assigns_prototypes
-        views = [torch.randn(4, 64, 126) for _ in range(2)]
-        loss = method.training_loss(views, Progress(0, 10, 5))["loss"]
-        z = [method.projector(method.backbone(view)) for view in views]  # BatchNorm per view, as in training
-        p = [method.predictor(projection) for projection in z]
 
         def cosine(a, b):
             return (a * b).sum(1) / (a.pow(2).sum(1).sqrt() * b.pow(2).sum(1).sqrt())
 
-        expected = -(cosine(p[0], z[1]).mean() + cosine(p[1], z[0]).mean()) / 2
-        assert torch.allclose(loss, expected, atol=1e-6), (loss, expected)
+        def gradients():
+            grads = [parameter.grad.clone() for parameter in method.parameters()]
+            method.zero_grad()
+            return grads
+
+        for count in (2, 3):
+            views = [torch.randn(4, 64, 126) for _ in range(count)]
+            loss = method.training_loss(views, Progress(0, 10, 5))["loss"]
+            loss.backward()
+            trained = gradients()
+            z = [method.projector(method.backbone(view)) for view in views]  # BatchNorm per view, as in training
+            p = [method.predictor(projection) for projection in z]
+            pairs = [(i, j) for i in range(count) for j in range(count) if i != j]
+            expected = -sum(cosine(p[i], z[j].detach()).mean() for i, j in pairs) / len(pairs)
+            expected.backward()
+            assert torch.allclose(loss, expected, atol=1e-6), (count, loss, expected)
+            # all parameters' gradients as one vector (a bias before a BatchNorm has a gradient of rounding only)
+            a, b = torch.cat([g.flatten() for g in trained]), torch.cat([g.flatten() for g in gradients()])
+            assert float((a - b).norm() / b.norm()) < 1e-5, (count, float((a - b).norm() / b.norm()))
 
         import musicssl.pretext.simsiam as module
         a, b = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
@@ -104,6 +121,8 @@ def test_the_new_method_is_found_by_both_registries_and_its_loss_is_simsiams(ext
             check_config(TrainConfig(method="simsiam", precision="bf16-true"), devices=False)
         except ConfigError as error:
             assert "holds the weights and simsiam's EMA teacher in bfloat16" in str(error), error
+        else:
+            raise AssertionError("bf16-true accepted")
         print("ok")
     """.format(root=extended["PYTHONPATH"].split(os.pathsep)[0])
     done = python(code, extended, tmp_path)
@@ -145,6 +164,13 @@ def test_every_command_runs_the_new_method(extended, tonal_dataset, tmp_path):
     assert "simsiam: 2 epochs, 6 steps" in trained.stdout, trained.stdout[-2000:]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["method"] == "simsiam" and config["method_config"]["predictor_hidden_dim"] == 64
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        epochs = list(csv.DictReader(handle))
+    # minus a mean cosine; the collapse metrics of its embedding and projection each epoch
+    assert [row["epoch"] for row in epochs] == ["1", "2"] and all(-1 <= float(row["train_loss"]) <= 1 for row in epochs)
+    assert all(float(row["collapse_rankme_embedding"]) >= 1 and float(row["collapse_rankme_projection"]) >= 1
+               for row in epochs), epochs
+    assert (tmp_path / "run" / "backbone.pt").is_file()
 
     searched = run("hpsearch.run", "simsiam", "--trials", "2", "--concurrency", "2", *data, *tiny,
                    "--probe-segments", "32", "--probe-segments-per-track", "1", "--storage-dir",
@@ -154,11 +180,20 @@ def test_every_command_runs_the_new_method(extended, tonal_dataset, tmp_path):
     with open(folder / "trials.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and {row["outcome"] for row in rows} <= {"complete", "collapsed", "diverged"}
-    assert all(int(row["param_predictor_hidden_dim"]) in (64, 128, 256, 512) for row in rows), rows
+    assert all(64 <= int(row["param_predictor_hidden_dim"]) <= 1024 for row in rows), rows
+    assert all(0 < float(row["probe_map"]) <= 1 for row in rows if row["outcome"] == "complete")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["method"] == "simsiam" and summary["trials_finished"] == 2, summary
+    assert 0 < summary["best_value"] <= 1 and set(summary["best_params"]) == {
+        "predictor_hidden_dim", "learning_rate", "weight_decay"}, summary
+    best = json.loads((folder / "best_config.json").read_text())
+    assert best["train_config"]["method_params"]["predictor_hidden_dim"] == summary["best_params"]["predictor_hidden_dim"]
     assert (folder / "best_backbone.pt").is_file()
 
     run("analysis.sensitivity", str(folder), "--out", str(tmp_path / "report.html"))
-    assert "simsiam" in (tmp_path / "report.html").read_text()
+    [experiment] = json.loads((tmp_path / "report.json").read_text())["experiments"]
+    assert experiment["method"] == "simsiam" and experiment["trials"] == 2
+    assert "predictor_hidden_dim" in experiment["sampled_parameters"], experiment["sampled_parameters"]
 
     evaluated = run("analysis.downstream", str(folder), "--no-baselines", "--classifiers", "linear",
                     "--fractions", "1", "--bootstrap", "20", "--no-cache", "--out", str(tmp_path / "evaluation"))

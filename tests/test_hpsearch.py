@@ -850,7 +850,9 @@ def test_a_trial_that_ends_while_the_study_cannot_be_written_is_recorded_when_th
     started = time.monotonic()
     with progress.room_watched_by(lambda: None, lambda why, advice: stops.append((why, advice))):
         tuner.fit()
-    assert time.monotonic() - started < 60
+    # Stopped, not waiting for room: the whole test takes about 20 s alone; this part took 101 s once with other
+    # searches on the 2 cores (a search that waits for room never ends).
+    assert time.monotonic() - started < 180
     assert stops == [(f"the study in {journal} could not be written (No space left on device)", "free some space")]
     assert [t.state for t in load_study(journal).trials] == [TrialState.RUNNING]
     filler[0].unlink()
