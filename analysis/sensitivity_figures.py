@@ -838,9 +838,9 @@ def dynamics_figure(analysis: ExperimentAnalysis) -> ReportFigure | None:
                     x=[first, last], y=[value, value], mode="lines", name=text, showlegend=False,
                     line={"color": "#555", "width": 1, "dash": "dot"}, hovertemplate=f"{text}<extra></extra>",
                 ), row=row, col=1)
-                # Its words as an annotation on a pale box: plotly draws annotations above every trace, so a
-                # trial's line crossing them no longer hides them (text of a trace sat under the lines drawn
-                # over it). A log axis places annotations by the logarithm of the value.
+                # Its words as an annotation on a pale box, which plotly draws above every trace: a trial's line
+                # that crosses them no longer runs through them (a trace's text has no background). A log axis
+                # places annotations by the logarithm of the value.
                 figure.add_annotation(
                     x=last, y=math.log10(value) if row == 1 else value, text=text, showarrow=False,
                     xanchor="right", yanchor="bottom", font={"size": 10, "color": "#555"},

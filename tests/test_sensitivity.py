@@ -387,9 +387,9 @@ def test_the_dynamics_draw_the_collapse_rules_lines_with_the_searchs_thresholds(
     trial: complete collapse below a RankMe of 1.5, dimensional below 0.1 of min(probe segments, embedding
     dimensions) (32 probe segments, 256 dimensions here), partial below an occupancy of 0.1; with the
     search's own --threshold values (this one turned all three off: no lines).
-    Before, too: a line's words were its trace's text, drawn under the trials' lines that crossed them. They
-    are now an annotation on a pale box at the line's right end (plotly draws annotations above the traces;
-    on the log rank axis at the logarithm of the value)."""
+    Before, too: a line's words were its trace's text, with no background, so a trial's line that crossed them
+    ran through them. They are now an annotation on a pale box at the line's right end (plotly draws
+    annotations above the traces; on the log rank axis at the logarithm of the value)."""
     import dataclasses
     import math
 
