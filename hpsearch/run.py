@@ -78,15 +78,17 @@ class SearchResult:
 
 
 def check_method(method: str) -> None:
-    """The method must be a registered pretext method with a search space module that keeps the contract of
+    """The method must be a registered pretext method whose settings the trainer can tell from its own
+    (:func:`musicssl.train.check_method_fields`), with a search space module that keeps the contract of
     ``study_spaces`` (a malformed one is refused as it loads, its module and the fix named)."""
     from musicssl.pretext.registry import UnknownMethodError, get_method
+    from musicssl.train import ConfigError, check_method_fields
     from study_spaces import SpaceError, UnknownSpaceError, get_space
 
     try:
-        get_method(method)
+        check_method_fields(get_method(method))
         get_space(method)
-    except (UnknownMethodError, UnknownSpaceError, SpaceError) as error:
+    except (UnknownMethodError, UnknownSpaceError, SpaceError, ConfigError) as error:
         raise SearchError(str(error)) from None
 
 

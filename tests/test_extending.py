@@ -144,6 +144,28 @@ def test_a_search_space_that_breaks_the_contract_is_one_line_naming_it(tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_method_setting_named_like_a_training_setting_is_refused_by_training_and_search(tmp_path):
+    """Before: a Config field named like a training setting (here a teacher's ``warmup_epochs``) went to the
+    method under ``--set`` and to the training in a search, silently. Now both commands refuse the method in
+    one line that names the field and says to rename it, exit 2."""
+    files = readme_files()
+    path = "src/musicssl/pretext/simsiam.py"
+    files[path] = files[path].replace("    predictor_hidden_dim: int = 512\n",
+                                      "    predictor_hidden_dim: int = 512\n    warmup_epochs: float = 10.0\n")
+    assert "warmup_epochs" in files[path]
+    env = extend(tmp_path / "checkout", files)
+    expected = ("error: musicssl.pretext.simsiam: SimSiamConfig has field(s) ['warmup_epochs'] named like training "
+                "settings (musicssl.train.TrainConfig), which --set and a search could not tell apart; rename them "
+                "in the method")
+    for command in (["musicssl.train", "simsiam", "--max-epochs", "1", "--out", str(tmp_path / "run")],
+                    ["hpsearch.run", "simsiam", "--trials", "1", "--storage-dir", str(tmp_path / "runs")]):
+        done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert expected in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_every_command_runs_the_new_method(extended, tonal_dataset, tmp_path):
     """``musicssl.train``, ``hpsearch.run`` (two trials on local Ray), ``analysis.sensitivity`` on that

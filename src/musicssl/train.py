@@ -200,11 +200,23 @@ def preset_settings(preset: str, method: str) -> dict[str, Any]:
     return {name: value for name, value in merged.items() if name in names}
 
 
+def check_method_fields(method_cls: type) -> None:
+    """Refuse a method whose Config has a field named like a training setting: ``--set`` gives such a name to the
+    method, a search space to the training (``study_spaces``), and neither could tell which was meant."""
+    shared = sorted({f.name for f in dataclasses.fields(method_cls.Config)} & {f.name for f in dataclasses.fields(TrainConfig)})
+    if shared:
+        raise ConfigError(
+            f"{method_cls.__module__}: {method_cls.Config.__name__} has field(s) {shared} named like training settings "
+            f"(musicssl.train.TrainConfig), which --set and a search could not tell apart; rename them in the method")
+
+
 def method_settings(config: TrainConfig) -> Any:
     """The method's config: its defaults, then the preset's changes, then ``config.method_params``."""
     from musicssl.pretext.registry import get_method
 
-    defaults = get_method(config.method).Config()
+    method_cls = get_method(config.method)
+    check_method_fields(method_cls)
+    defaults = method_cls.Config()
     preset_values = preset_settings(config.preset, config.method)
     return apply_overrides(apply_overrides(defaults, preset_values), config.method_params)
 
