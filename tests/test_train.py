@@ -1311,13 +1311,9 @@ def test_a_run_on_a_tags_file_with_a_split_group_column_records_that_it_drew_its
     config = json.loads((out / "config.json").read_text())
     assert config["training_split_groups"] is True and config["training_data_unlabeled"] is False
     # and said at the start: each group's split by the SHA-256 rule, written out (0.7 / 0.1 / 0.2)
-    import hashlib
+    from test_loaders import recipe_split  # the rule, written out once
 
-    def split_of(group: str) -> str:
-        position = (int.from_bytes(hashlib.sha256(f"0:split_group={group}".encode()).digest()[:8], "big") >> 11) / 2**53
-        return "train" if position < 0.7 else "valid" if position < 0.8 else "test"
-
-    splits = [split_of(group) for group in table["split_group"]]
+    splits = [recipe_split(f"split_group={group}", 0) for group in table["split_group"]]
     assert (f"data: splits drawn by split_group: {table['split_group'].nunique()} group(s) (train {splits.count('train')}, "
             f"valid {splits.count('valid')}, test {splits.count('test')} tracks)") in console
 

@@ -811,8 +811,9 @@ def _share_groups_among_copies(records: list[dict], tags_path: Path) -> None:
             raise DatasetError(f"{tags_path}: copies of one recording name different {SPLIT_GROUP_COLUMN} values "
                                f"({listed}); give them one, as copies share a split")
     for record in records:
-        if not record[SPLIT_GROUP_COLUMN] and _split_key(record) in named:
-            record[SPLIT_GROUP_COLUMN] = next(iter(named[_split_key(record)]))
+        groups = named.get(_split_key(record)) if not record[SPLIT_GROUP_COLUMN] else None
+        if groups:
+            record[SPLIT_GROUP_COLUMN] = next(iter(groups))
 
 
 def _report_groups(records: list[dict], tags_path: Path, fractions: tuple[float, float, float]) -> None:
