@@ -52,6 +52,18 @@ BEST_BACKBONE_FILE = "best_backbone.pt"
 
 # Where a search's splits come from, as its messages about too few valid tracks say.
 SPLITS_HINT = "(a tags file's split column; without one, splits are drawn 70/10/20)"
+
+
+def splits_hint(data: str | None) -> str:
+    """How the valid split of ``--data`` gets more tracks: a tags file's split column, or, for a named dataset,
+    which keeps its official splits, more of its valid tracks' audio."""
+    from musicssl.data.loaders import dataset_name
+
+    name = dataset_name(data) if data else None
+    if name is None or name == "corpus":
+        return SPLITS_HINT
+    return (f"({name} keeps its official splits: its valid split holds more tracks only as more of their audio is "
+            "found; or train on a tags file of your own, whose split column you choose)")
 BEST_CONFIG_FILE = "best_config.json"
 SUMMARY_FILE = "summary.json"
 CONFIG_KEY = "optuna_trial"
@@ -221,6 +233,8 @@ class SearchSummary:
     best_would_stop: dict[str, Any] | None = None
     best_let_run_trial: int | None = None
     best_let_run_value: float | None = None
+    # --data, as the search was started with (for advice that depends on it).
+    data: str | None = None
 
     @property
     def trial_epochs_without_stopping(self) -> float:
@@ -371,7 +385,7 @@ def format_summary(summary: SearchSummary) -> str:
         elif summary.best_value is not None and summary.best_value <= summary.untrained_value >= 1.0:
             lines.append(  # probe_map and probe_auc are at most 1: nothing can score above it
                 "  no trial scored above it, and it scores the most the objective gives: the valid tracks cannot tell "
-                f"these settings apart; give the valid split more tracks {SPLITS_HINT}"
+                f"these settings apart; give the valid split more tracks {splits_hint(summary.data)}"
             )
         elif summary.best_value is not None and summary.best_value <= summary.untrained_value:
             lines.append(

@@ -198,7 +198,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
     is missing) and build its mel cache for the preset's front-end. Trials reuse it as is.
     ``max_batch_size``: the largest batch size the method's space samples (None where it samples none, and
     the trials train with ``settings.batch_size``)."""
-    from hpsearch.results import SPLITS_HINT
+    from hpsearch.results import splits_hint
     from musicssl.corpus.splits import describe_corpus
     from musicssl.data.cache import LogMelConfig
     from musicssl.data.index import GENERATED_CORPUS_KEY
@@ -229,7 +229,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
 
     def unscorable(valid_tracks: str, tags: int, problem: str) -> SearchError:
         fix = ("use --objective rankme, which needs no tags" if not tags else
-               f"give tagged tracks to the train and the valid split {SPLITS_HINT}, or use --objective rankme, which "
+               f"give tagged tracks to the train and the valid split {splits_hint(spec)}, or use --objective rankme, which "
                "needs no tags")
         return SearchError(
             f"--objective {settings.objective}: --data {spec!r} has {valid_tracks} valid tracks and {tags} tags: "
@@ -291,7 +291,7 @@ def prepare_search_data(settings: SearchSettings, verbose: bool = True, max_batc
         if len(valid_ids) < FEW_VALID_TRACKS and verbose:
             print(f"note: --objective {settings.objective} is measured on {len(valid_ids)} valid tracks: on so few, "
                   f"trials' scores tie or differ by chance more than by their settings; give the valid split more "
-                  f"tracks {SPLITS_HINT}")
+                  f"tracks {splits_hint(spec)}")
     now = tracks_record(data) if settings.tracks is not None else None  # a new search records it once, at its start
     if now is not None and now["digest"] != settings.tracks.get("digest"):
         def counts(record: dict) -> str:
@@ -1615,6 +1615,7 @@ def _summarize(settings: SearchSettings, folder: Path, journal: Path, started: f
     frame = write_trials_csv(study, folder)
     summary = summarize(frame, settings.method, settings.objective, settings.trials, settings.max_epochs)
     summary.seconds = time.perf_counter() - started
+    summary.data = settings.data
     if summary.best_trial is not None:  # which of its parameters the sampler drew (the others: derived or fixed)
         summary.best_sampled = sorted(study.trials[summary.best_trial].params)
     # The untrained backbone's scores, measured at the end of an earlier run of this search (same

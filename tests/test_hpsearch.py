@@ -4121,6 +4121,16 @@ def test_summary_counts_outcomes_saved_epochs_and_collapses_left_running():
     perfect = format_summary(replace(summary, best_value=1.0, untrained_value=1.0))
     assert ("no trial scored above it, and it scores the most the objective gives: the valid tracks cannot tell these "
             "settings apart; give the valid split more tracks") in perfect and "more steps" not in perfect
+    assert ("give the valid split more tracks (a tags file's split column; without one, splits are drawn 70/10/20)\n"
+            in perfect)
+    # A named dataset keeps its official splits: neither a split column nor a 70/10/20 draw applies to it.
+    for data, name in (("mtat", "mtat"), ("Jamendo-Top50-Split2-low", "jamendo-top50"), ("msd", "msd")):
+        named = format_summary(replace(summary, best_value=1.0, untrained_value=1.0, data=data))
+        assert (f"give the valid split more tracks ({name} keeps its official splits: its valid split holds more "
+                "tracks only as more of their audio is found; or train on a tags file of your own, whose split column "
+                "you choose)\n") in named, named
+    for data in ("corpus", "runs/tags.csv", None):
+        assert format_summary(replace(summary, best_value=1.0, untrained_value=1.0, data=data)) == perfect
     # For rankme a reference only: training often lowers the rank an untrained backbone starts at, so "give
     # trials more steps" would be the wrong advice (found in review).
     ranked = format_summary(replace(summary, objective="rankme", untrained_value=69.4))

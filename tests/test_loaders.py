@@ -1181,10 +1181,15 @@ def test_jamendo_low_quality_missing_and_default_audio_dir(tmp_path, caplog):
         "split": "valid",
         "reason": "missing",
     }]
-    assert "dropped 1 of 3 tracks" in caplog.text
-    with pytest.raises(DatasetError, match=r"none of the 3 listed audio files.*audio_dir= \(--audio-dir\).*"
-                                           r"low_quality=True \(the dataset name with -low, e.g. jamendo-top50-low\)"):
+    # Named as the -low dataset it read (before: as the one of the full-quality files).
+    assert "jamendo-moodtheme-split2-low: dropped 1 of 3 tracks" in caplog.text
+    assert index.name == "jamendo-moodtheme-split2"  # the index's own name, as before (its caches' names)
+    with pytest.raises(DatasetError, match=r"none of the 3 listed audio files.*--audio-dir \(audio_dir= in Python\).*"
+                                           r"the dataset name with -low \(jamendo-top50-low, say; low_quality=True in "
+                                           r"Python\)"):
         load_jamendo(root, "moodtheme", split_id=2, audio_dir=tmp_path)
+    with pytest.raises(DatasetError, match=r"^jamendo-moodtheme-split2-low: none of the 3 listed audio files"):
+        load_jamendo(root, "moodtheme", split_id=2, audio_dir=tmp_path, low_quality=True)
 
 
 def test_jamendo_splits_by_name_share_one_mel_cache(tmp_path, monkeypatch):
@@ -1213,7 +1218,8 @@ def test_jamendo_splits_by_name_share_one_mel_cache(tmp_path, monkeypatch):
         "track_0000948": "train", "track_0000950": "valid", "track_0001032": "test"}
     assert dict(zip(split0.track_ids, split0.tracks["split"])) == {
         "track_0001032": "train", "track_0000950": "valid", "track_0000948": "test"}
-    with pytest.raises(DatasetError, match=r"split-4: no such folder; pass root= \(--root\).*jamendo-<subset>-splitK"):
+    with pytest.raises(DatasetError, match=r"split-4: no such folder; .* holds \['split-0', 'split-2'\]: the dataset "
+                                           r"name jamendo-<subset>-splitK reads split-K"):
         open_dataset_option("jamendo-mood-split4", root, audio)
     with pytest.raises(DatasetError, match=r"dataset 'jamendo-mood' needs --root"):
         check_dataset_option("jamendo-mood-split2")
@@ -1263,13 +1269,45 @@ def test_a_root_that_is_a_file_is_refused_also_under_the_home_folder(tmp_path, m
     check_dataset_option("mtat", "~/")  # a folder: fine
 
 
+def test_a_root_inside_the_jamendo_checkout_names_the_checkout(tmp_path):
+    """--root given a folder inside the checkout (data/, data/splits/, a split-K folder) names the checkout to give
+    instead (before: a path with data/splits/split-0 twice in it, and "split-K folders found there: []")."""
+    from musicssl.data.loaders import check_dataset_option
+
+    root = tmp_path / "mtg-jamendo-dataset"
+    write_jamendo(root, "top50tags", JAMENDO_TOP50)
+    write_jamendo(root, "top50tags", JAMENDO_TOP50, split_id=3)
+    checkout = re.escape(str(root.resolve()))
+    for inside in ("data", "data/splits", "data/splits/split-0"):
+        with pytest.raises(DatasetError, match=rf"^{re.escape(str(root / inside))} is inside the mtg-jamendo-dataset "
+                                               rf"checkout {checkout}: pass --root {checkout} \(root= in Python\), the "
+                                               r"folder that holds data/splits/$"):
+            open_dataset_option("jamendo-top50", root / inside, tmp_path)
+    # A split-K folder other than the one the name reads: also the name that reads it.
+    with pytest.raises(DatasetError, match=rf"pass --root {checkout} .*data/splits/, and the dataset name "
+                                           r"jamendo-<subset>-split3 for the split split-3$"):
+        open_dataset_option("jamendo-top50", root / "data/splits/split-3", tmp_path)
+    # No checkout above it: what the folder lacks.
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(DatasetError, match=r"elsewhere: no data/splits/ folder there; pass --root \(root= in Python\) "
+                                           r"the mtg-jamendo-dataset checkout, the folder that holds data/splits/split-0/"):
+        open_dataset_option("jamendo-top50", tmp_path / "elsewhere", tmp_path)
+    # --audio-dir given a file (before: "none of the 5 listed audio files exists", each path under the file).
+    (tmp_path / "one.mp3").write_bytes(b"x")
+    for name in ("jamendo-top50", "mtat", "msd"):
+        with pytest.raises(DatasetError, match=rf"^--audio-dir {re.escape(str(tmp_path / 'one.mp3'))} is a file; give "
+                                               r"the folder that holds the dataset's audio$"):
+            check_dataset_option(name, root, tmp_path / "one.mp3")
+
+
 def test_jamendo_bad_inputs(tmp_path):
     root = tmp_path / "jamendo"
     write_jamendo(root, "top50tags", JAMENDO_TOP50)
     subsets = r"\['genre', 'instrument', 'moodtheme', 'top50'\]"
     with pytest.raises(DatasetError, match=r"unknown MTG-Jamendo subset 'mood'; use one of " + subsets):
         load_jamendo(root, "mood")
-    with pytest.raises(DatasetError, match=r"split-3: no such folder.*found there \(the dataset name jamendo-<subset>-splitK\): \['split-0'\]"):
+    with pytest.raises(DatasetError, match=r"split-3: no such folder; .* holds \['split-0'\]: the dataset name "
+                                           r"jamendo-<subset>-splitK reads split-K"):
         load_jamendo(root, split_id=3)
     with pytest.raises(DatasetError, match=r"autotagging_genre-train.tsv: not found.*autotagging_top50tags-test.tsv"):
         load_jamendo(root, "genre")

@@ -192,7 +192,7 @@ def test_short_and_uncached_tracks_are_left_out_counted_and_reported_once(
     reported = capsys.readouterr().err
     assert "1 shorter than 8.03 s" in reported and "1 not in the mel cache" in reported
     # Which ones, by id (before: the counts alone).
-    assert "starting >= 4 s apart; short)" in reported and "1 not in the mel cache (not-a-track; see " in reported
+    assert "starting >= 4 s apart; track short)" in reported and "1 not in the mel cache (track not-a-track; see " in reported
     for epoch in range(2):
         dataset.set_epoch(epoch)
         _ = [dataset[index] for index in range(len(dataset))]

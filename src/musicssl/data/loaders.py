@@ -221,18 +221,21 @@ def _build_index(
     extra: dict,
     check_audio: bool,
     audio_hint: str,
+    said_as: str | None = None,
 ) -> TrackIndex:
-    """Apply the audio check, then build the index with the report in ``extra``."""
+    """Apply the audio check, then build the index with the report in ``extra``. ``said_as``: the dataset's
+    name in what this says, where it is not the index's ``name``."""
+    said_as = said_as or name
     if not records:
-        raise DatasetError(f"{name}: no tracks were listed")
+        raise DatasetError(f"{said_as}: no tracks were listed")
     missing: list[dict] = []
     if check_audio:
-        records, missing = _drop_missing_audio(records, name, audio_hint)
+        records, missing = _drop_missing_audio(records, said_as, audio_hint)
     else:
         unresolved = [record for record in records if record.get("_unresolved")]
         if unresolved:
             raise DatasetError(
-                f"{name}: no audio file found for track(s) {[r['track_id'] for r in unresolved[:5]]}; "
+                f"{said_as}: no audio file found for track(s) {[r['track_id'] for r in unresolved[:5]]}; "
                 "add them or load with check_audio=True to drop them"
             )
     try:
@@ -1130,7 +1133,7 @@ def load_mtat(
         "dropped_without_tags": dropped,
         "split_rule": "audio folder: 0-b train, c valid, d-f test (Won et al. 2020)",
     }
-    hint = f"pass audio_dir= (--audio-dir) the folder that holds the MagnaTagATune folders 0..f (now {audio_root})"
+    hint = f"pass --audio-dir (audio_dir= in Python) the folder that holds the MagnaTagATune folders 0..f (now {audio_root})"
     return _build_index(records, tag_names, "mtat", extra, check_audio, hint)
 
 
@@ -1204,12 +1207,7 @@ def load_jamendo(
     splits_root = root / "data" / "splits"
     split_dir = splits_root / f"split-{split_id}"
     if not split_dir.is_dir():
-        available = sorted(p.name for p in splits_root.iterdir()) if splits_root.is_dir() else []
-        raise DatasetError(
-            f"{split_dir}: no such folder; pass root= (--root) the mtg-jamendo-dataset checkout (which has "
-            f"data/splits/) and split_id= one of the split-K folders found there (the dataset name "
-            f"jamendo-<subset>-splitK): {available}"
-        )
+        raise DatasetError(_jamendo_root_problem(root, split_id))
     audio_root = Path(audio_dir).expanduser().resolve() if audio_dir is not None else root.resolve()
     records: list[dict] = []
     first_seen: dict[str, tuple[Path, int, str]] = {}
@@ -1242,11 +1240,35 @@ def load_jamendo(
     extra = {"source": str(split_dir), "subset": file_subset, "split_id": split_id, "low_quality": low_quality,
              "mel_cache_name": "jamendo-low" if low_quality else "jamendo"}
     hint = (
-        f"pass audio_dir= (--audio-dir) the folder that holds the MTG-Jamendo audio folders 00..99 (now {audio_root})"
-        + ("" if low_quality else ", or low_quality=True (the dataset name with -low, e.g. jamendo-top50-low) if you "
+        f"pass --audio-dir (audio_dir= in Python) the folder that holds the MTG-Jamendo audio folders 00..99 (now "
+        f"{audio_root})"
+        + ("" if low_quality else ", or the dataset name with -low (jamendo-top50-low, say; low_quality=True in Python) if you "
            "have the .low.mp3 copies")
     )
-    return _build_index(records, tag_names, f"jamendo-{canonical}-split{split_id}", extra, check_audio, hint)
+    # Named so in what it says (a -low dataset reads other files), and in the index as before (its caches' names).
+    name = f"jamendo-{canonical}-split{split_id}"
+    return _build_index(records, tag_names, name, extra, check_audio, hint, said_as=name + ("-low" if low_quality else ""))
+
+
+def _jamendo_root_problem(root: Path, split_id: int) -> str:
+    """What is wrong with ``root`` as an mtg-jamendo-dataset checkout that has no ``data/splits/split-{split_id}``,
+    and the ``--root`` (or dataset name) to give instead."""
+    splits_root = root / "data" / "splits"
+    if splits_root.is_dir():
+        available = sorted(p.name for p in splits_root.iterdir() if p.is_dir())
+        return (f"{splits_root / f'split-{split_id}'}: no such folder; {splits_root} holds {available}: the dataset "
+                "name jamendo-<subset>-splitK reads split-K (split_id= in Python)")
+    # A folder inside the checkout (data/, data/splits/, a split-K folder): the checkout is one above it.
+    resolved = root.resolve()
+    checkout = next((folder for folder in resolved.parents if (folder / "data" / "splits").is_dir()), None)
+    if checkout is not None:
+        named = re.fullmatch(r"split-(\d+)", resolved.name)
+        other = (f", and the dataset name jamendo-<subset>-split{int(named.group(1))} for the split {resolved.name}"
+                 if named and int(named.group(1)) != split_id else "")
+        return (f"{root} is inside the mtg-jamendo-dataset checkout {checkout}: pass --root {checkout} (root= in "
+                f"Python), the folder that holds data/splits/{other}")
+    return (f"{root}: no data/splits/ folder there; pass --root (root= in Python) the mtg-jamendo-dataset checkout, "
+            "the folder that holds data/splits/split-0/")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1490,7 +1512,8 @@ def load_msd(
              if not has_7digital else
              f"; neither {MSD_AUDIO_PATTERN!r} nor the 7digital layout found any of the {len(listed)} listed "
              "tracks' files" if found and not any(found.values()) else "")
-    hint = f"pass audio_dir= (--audio-dir) the folder with the MSD audio laid out as {layout!r} (now {audio_root}){other}"
+    hint = (f"pass --audio-dir (audio_dir= in Python) the folder with the MSD audio laid out as {layout!r} (now "
+            f"{audio_root}){other}")
     return _build_index(records, tag_names, "msd", extra, check_audio, hint)
 
 
@@ -1715,6 +1738,8 @@ def check_dataset_option(spec: str, root: str | Path | None = None, audio_dir: s
     if root is not None and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
         what = {"corpus": "where the corpus is or is built", "msd": "the split folder"}.get(name, "the dataset's folder")
         raise DatasetError(f"--root {root} is a file; give a folder ({what})")
+    if audio_dir is not None and Path(audio_dir).expanduser().exists() and not Path(audio_dir).expanduser().is_dir():
+        raise DatasetError(f"--audio-dir {audio_dir} is a file; give the folder that holds the dataset's audio")
 
 
 def _refuse_an_empty_spec(spec: str | Path) -> None:

@@ -89,9 +89,10 @@ class ViewConfig:
 
 
 def _examples(track_ids: Sequence[str], shown: int = 3) -> str:
-    """``e.g. a, b, c`` (the first few ids of a list the message counts), or ``a`` alone."""
+    """``e.g. tracks a, b, c`` (the first few ids of a list the message counts), or ``track a`` alone: said as
+    ids, which can be numbers (MagnaTagATune's clip ids) and would read as counts."""
     named = ", ".join(map(str, track_ids[:shown]))
-    return named if len(track_ids) == 1 else f"e.g. {named}"
+    return f"track {named}" if len(track_ids) == 1 else f"e.g. tracks {named}"
 
 
 @dataclass(frozen=True)
