@@ -4,6 +4,7 @@ search's result files kept current after each trial."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import math
 import os
@@ -296,6 +297,48 @@ def _stop_tune_run() -> bool:
     finally:
         tune_logger.disabled = was_disabled
     return True
+
+
+def drop_stale_staging(folder: Path) -> int:
+    """Before a search's Ray experiment is restored: remove the files of its staging folders in this Ray
+    session that the search's ``folder`` holds a copy of as new or newer. Returns how many it removed.
+
+    Ray Tune stages a run's files (each trial's ``result.json``, ``params.json``, ...; the experiment's
+    state) under the session folder of the Ray it runs on, ``<session>/artifacts/<time>/<name>/driver_artifacts``,
+    and copies all it finds there over the search's folder as it saves its state. A restored run reuses the
+    path it was started with (the time is saved with the experiment). A search continued on the cluster it
+    ran on before, after it ran somewhere else in between (a local Ray), finds there the staging folder of
+    its first run on that cluster, and Ray's copy put that run's files over newer ones: a trial that had
+    finished in between lost its epoch reports (its ``result.json`` cut back to the 1 epoch it had then, or
+    to none). Only a staging folder of this search is touched: one that holds a trial's folder or a saved
+    state of the same name as the search's folder does (another search's trials have other ids).
+    A file the search's folder holds no copy of, or an older one, is left for Ray to copy.
+    """
+    try:
+        from ray.train.constants import _get_ray_train_session_dir
+
+        artifacts = Path(_get_ray_train_session_dir())
+        ours = {entry.name for entry in folder.iterdir()}
+    except Exception:  # noqa: BLE001 - no Ray session, another Ray, or no folder yet: nothing staged to judge
+        return 0
+    removed = 0
+    for staged in artifacts.glob(f"*/{glob.escape(folder.name)}/driver_artifacts"):
+        try:
+            names = {entry.name for entry in staged.iterdir()}
+        except OSError:
+            continue
+        if not any(name in ours for name in names if name.startswith(("trial-", "experiment_state-"))):
+            continue  # another experiment of the same name (in another storage folder)
+        for path in sorted(staged.rglob("*")):
+            kept = folder / path.relative_to(staged)
+            try:
+                if (path.is_file() and not path.is_symlink() and kept.is_file()
+                        and kept.stat().st_mtime >= path.stat().st_mtime):
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 class ResultsWriter(Callback):

@@ -1329,7 +1329,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                 verbose: bool, stream: TextIO | None, data) -> SearchResult:
     from ray import tune
 
-    from hpsearch.progress import ProgressPrinter, ResultsWriter, results_written_by, room_watched_by
+    from hpsearch.progress import (
+        ProgressPrinter, ResultsWriter, drop_stale_staging, results_written_by, room_watched_by,
+    )
     from hpsearch.results import JOURNAL_FILE, STUDY_NAME, finished_records, load_study
     from hpsearch.room import room_problem
     from hpsearch.searcher import journal_of_this_search
@@ -1473,6 +1475,7 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
             # knows the finished trials.
             if resume and tune.Tuner.can_restore(str(folder)) and _saved_state_readable(folder):
                 print(f"resuming {folder}", file=stream, flush=True)
+                drop_stale_staging(folder)  # a run on this cluster before would copy its files over newer ones
                 tuner = tune.Tuner.restore(
                     str(folder), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
                 )

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -35,7 +36,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.sensitivity import read_trajectories
-from conftest import run_main
+from conftest import WITH_CTRL_C, run_main
 from hpsearch.results import load_study
 from hpsearch.run import SearchError, build_parser, run_search, settings_from_args, tracks_record
 from hpsearch.run import main as search_main
@@ -3630,25 +3631,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cli_env):
+@contextlib.contextmanager
+def ray_head(env: dict, *flags: str) -> Iterator[int]:
+    """A Ray cluster's head (``ray start --head`` with ``flags``) for the block: its GCS port. Ended with
+    every process of its session."""
     port = _free_port()
     ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env, start_new_session=True,
+        [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 90
         while True:
             try:
-                import socket
-
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not start"
                 time.sleep(1)
+        yield port
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        kill_session(head.pid)
+        _forget_cluster(port)
+
+
+@pytest.mark.slow
+def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cli_env):
+    with ray_head(cli_env) as port:
         done = subprocess.run(
             cli("vicreg", "--trials", "2", "--name", "on-cluster", "--storage-dir", str(tmp_path),
                 "--address", f"127.0.0.1:{port}", *tiny_flags(tonal_dataset)),
@@ -3669,11 +3682,75 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         )
         assert local.returncode == 0, local.stdout + local.stderr
         assert len(pd.read_csv(tmp_path / "beside-cluster" / "trials.csv")) == 1
+
+
+def interrupt_search(command: list[str], env: dict, when: Callable[[str], bool]) -> list[str]:
+    """Run a search command and send it SIGINT (Ctrl-C) at the first line for which ``when`` holds; its lines,
+    once it has ended with code 130."""
+    process = subprocess.Popen([*WITH_CTRL_C, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, cwd=REPO, start_new_session=True)
+    watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if len(lines) == 1 or not when(line):
+                continue
+            process.send_signal(signal.SIGINT)
+            break
+        lines.extend(process.stdout)
+        assert process.wait() == 130, "".join(lines)
     finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        kill_session(head.pid)
-        _forget_cluster(port)
+        watchdog.cancel()
+        kill_session(process.pid)
+    return lines
+
+
+@pytest.mark.slow
+def test_a_search_continued_on_its_cluster_after_a_local_run_keeps_the_trials_finished_between(
+        tmp_path, tonal_dataset, cli_env):
+    """A search on a cluster, interrupted, continued on a local Ray, interrupted again, and continued on the
+    cluster: Ray's restored run there found the staging folder of its first run on that cluster and copied it
+    over the search's folder. Trial #1, started in the first run and finished in the second, lost its epoch
+    reports (its result.json cut back to what the first run had staged: none here). (Found in review.)"""
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths are at most 107 bytes
+    storage, name = tmp_path / "runs", "moved"
+    flags = ["--name", name, "--storage-dir", str(storage), "--concurrency", "1"]
+    try:
+        with ray_head(cli_env, f"--temp-dir={temp}") as port:
+            address = ["--address", f"127.0.0.1:{port}"]
+            staged = temp / "session_latest" / "artifacts"
+
+            def second_trial_staged(line: str) -> bool:  # once trial #0 has finished
+                if not re.match(r"\[\s*1/4\] #0 ", line):
+                    return False
+                deadline = time.monotonic() + 60
+                while not list(staged.glob(f"*/{name}/driver_artifacts/trial-0001-*/result.json")):
+                    assert time.monotonic() < deadline, "trial #1 did not start on the cluster"
+                    time.sleep(0.05)
+                return True
+
+            interrupt_search(cli("vicreg", "--trials", "4", *flags, *address, *tiny_flags(tonal_dataset)), cli_env,
+                             second_trial_staged)
+            study = load_study(storage / name / "optuna.journal")
+            assert [t.number for t in study.trials if t.state == TrialState.COMPLETE] == [0]
+            # Continued on a local Ray of its own, until trial #1 has finished.
+            interrupt_search(cli("vicreg", *flags), cli_env, lambda line: re.match(r"\[\s*\d+/4\] #1 ", line))
+            before = read_trajectories(storage / name)
+            assert len(before[1]) == 2, before
+            done = subprocess.run(cli("vicreg", "--resume", *flags, *address), capture_output=True, text=True,
+                                  env=cli_env, cwd=REPO, timeout=300)
+            assert done.returncode == 0, done.stdout + done.stderr
+        assert "4/4 trials finished" in done.stdout, done.stdout
+        study = load_study(storage / name / "optuna.journal")
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+        # Every trial keeps each of its 2 epochs' reports: trial #1 the ones of the local run.
+        after = read_trajectories(storage / name)
+        assert {number: len(frame) for number, frame in after.items()} == {0: 2, 1: 2, 2: 2, 3: 2}
+        pd.testing.assert_frame_equal(after[1], before[1])
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_trial(capsys):
