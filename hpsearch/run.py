@@ -1054,6 +1054,9 @@ def _sigterm_as_ctrl_c(when_ray_is_lost=None):
         return None
 
     def stop(signum, frame):
+        if _ray_lost_seen.is_set() and _when_ray_is_lost is not None:  # sent by _watch_ray: not a signal of the job
+            _end_without_ray(_when_ray_is_lost)
+            return
         if when_ray_is_lost is not None and _ray_lost():
             _end_without_ray(when_ray_is_lost)
             return  # deferred: the interrupted write goes on, and ends the search when it is done
@@ -1079,18 +1082,60 @@ def _end_without_ray(end: Callable[[], None]) -> None:
 
 # While a search runs on a Ray it started or joined: how it ends when that Ray is lost (_run_search).
 _when_ray_is_lost: Callable[[], None] | None = None
+# Set by _watch_ray as it sends the search its SIGTERM: the handler then ends it as _when_ray_is_lost says.
+_ray_lost_seen = threading.Event()
+# How long the search's Ray must stay lost before _watch_ray ends the search: a cluster's GCS that restarts
+# (GCS fault tolerance) is back within seconds; Ray's own code ends the search 60 s after it lost the GCS.
+RAY_LOST_SECONDS = 10.0
+_FINISHING = threading.Lock()  # held by the one thread that ends a search whose Ray is lost
 
 
 @contextlib.contextmanager
 def _ending_when_ray_is_lost(end: Callable[[], None] | None) -> Iterator[None]:
     """While the block runs, a trial whose worker fails because the search's own Ray is gone calls
-    ``end`` (see :func:`_fail_trials_whose_worker_is_lost`)."""
+    ``end`` (see :func:`_fail_trials_whose_worker_is_lost`), and so does a Ray found lost by a look every
+    second (:func:`_watch_ray`), with no trial's worker failing (a cluster's GCS that crashed or was stopped
+    alone)."""
     global _when_ray_is_lost
     before, _when_ray_is_lost = _when_ray_is_lost, end
+    _ray_lost_seen.clear()
+    done = threading.Event()
+    if end is not None and threading.current_thread() is threading.main_thread():
+        threading.Thread(target=_watch_ray, args=(done,), name="hpsearch-ray-watch", daemon=True).start()
     try:
         yield
     finally:
+        done.set()
         _when_ray_is_lost = before
+
+
+def _watch_ray(done: threading.Event, lost_for: float | None = None) -> None:
+    """Every second until ``done``: once the search's Ray has been lost (:func:`_ray_lost`) for ``lost_for``
+    seconds (RAY_LOST_SECONDS), send this process a SIGTERM that its handler (:func:`_sigterm_as_ctrl_c`)
+    takes for that loss; if the main thread is held in Ray's code (waiting for the GCS), where no handler
+    runs, end the search from here once the searcher is not writing to the study. Before, a cluster whose
+    GCS alone stopped (killed, crashed, or its processes signalled but not the search's) left the search
+    waiting a minute, until Ray's own code ended it (exit 1, "Failed to connect to GCS within 60 seconds")
+    with no summary and no command to continue it."""
+    from hpsearch.searcher import study_writes_done
+
+    lost_for = RAY_LOST_SECONDS if lost_for is None else lost_for
+    since = None
+    while not done.wait(1.0):
+        if not _ray_lost(wait=0.0):
+            since = None
+            continue
+        since = time.monotonic() if since is None else since
+        if time.monotonic() - since < lost_for:
+            continue
+        end = _when_ray_is_lost
+        if end is None or done.is_set():
+            return
+        _ray_lost_seen.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        if not done.wait(5.0) and study_writes_done(timeout=10.0):
+            end()  # the main thread did not end the search: it waits in Ray's code, which ends it at 60 s
+        return
 
 
 def _ray_lost(wait: float = 2.0) -> bool:
@@ -1110,19 +1155,24 @@ def _ray_lost(wait: float = 2.0) -> bool:
         kinds = (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET)
         processes = [info.process for kind in kinds for info in node.all_processes.get(kind, ())]
         host, port = node.gcs_address.rsplit(":", 1)
-        address = (host.strip("[]"), int(port))
+        addresses = [(host.strip("[]"), int(port))]
+        if not processes and node.node_manager_port:
+            # A cluster's: the raylet of this machine's node, which the search's driver talks to (`ray stop`
+            # ends it before the GCS; its trials' workers then die as if they had failed).
+            addresses.append((node.node_ip_address.strip("[]"), int(node.node_manager_port)))
     except Exception:  # noqa: BLE001 - no Ray node in this process, or other internals
         return False
     deadline = time.monotonic() + wait
     while True:
         if any(process.poll() is not None for process in processes):
             return True
-        try:
-            socket.create_connection(address, timeout=1.0).close()
-        except ConnectionRefusedError:
-            return True
-        except OSError:  # a slow answer is not a stopped GCS
-            pass
+        for address in addresses:
+            try:
+                socket.create_connection(address, timeout=1.0).close()
+            except ConnectionRefusedError:
+                return True
+            except OSError:  # a slow answer is not a stopped GCS
+                pass
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -1410,6 +1460,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         # included, or a crash): Ray Tune can neither stop the trials nor save through Ray. The summary
         # comes from the study, as after the trials; the experiment is left as a kill leaves it, which a
         # resume continues. os._exit: on a normal exit Ray's own shutdown would wait a minute for its GCS.
+        # Once: the main thread and _watch_ray's can both come here; the second waits for the first's exit.
+        if not _FINISHING.acquire(blocking=False):
+            threading.Event().wait()
         def say(text: str, to: TextIO = stream) -> None:
             # The output may be gone (`| tee log`, whose tee the same signal stopped) or in the middle of
             # a write this handler interrupted: the files come first, and saying so must not fail.

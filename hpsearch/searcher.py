@@ -47,6 +47,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -101,6 +102,17 @@ def after_study_writes(callback: Callable[[], None]) -> bool:
         return True
     callback()
     return False
+
+
+def study_writes_done(timeout: float) -> bool:
+    """Wait (from another thread than the searcher's) until no searcher method is writing to the study, at
+    most ``timeout`` seconds; whether none is."""
+    deadline = time.monotonic() + timeout
+    while _writing:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _writes_the_study(method):
