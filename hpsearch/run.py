@@ -589,16 +589,37 @@ def cluster_shortfalls(nodes: list[dict[str, float]], cpus: float, gpus: float) 
     return short
 
 
+def cluster_room(nodes: list[dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many trials of ``cpus`` CPUs and ``gpus`` GPUs the nodes (each alive node's total resources)
+    hold at once: each trial on one node."""
+    def fits(node: dict[str, float]) -> int:
+        counts = [math.floor(node.get(resource, 0) / wanted + 1e-9)
+                  for resource, wanted in (("CPU", cpus), ("GPU", gpus)) if wanted > 0]
+        return min(counts) if counts else 0
+
+    return sum(fits(node) for node in nodes)
+
+
 def warn_cluster_too_small(settings: SearchSettings) -> None:
     """Where no node of the cluster can hold a trial now, trials wait, and Ray says so only after a
     minute, in terms of its own API: said here at once, with the flags to change (a warning: a node
-    that joins later may still run them)."""
+    that joins later may still run them). Where it holds fewer than ``--concurrency`` at once, a note:
+    the others wait, though the searcher draws their settings as Ray queues them (TPE then learns from
+    fewer finished trials), and their Optuna trials show as RUNNING meanwhile."""
     import ray
 
     nodes = [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
-    for shortfall in cluster_shortfalls(nodes, settings.cpus_per_trial, settings.gpus_per_trial):
+    shortfalls = cluster_shortfalls(nodes, settings.cpus_per_trial, settings.gpus_per_trial)
+    for shortfall in shortfalls:
         print(f"warning: {shortfall}; trials wait until such a node joins, or ask for less", file=sys.stderr,
               flush=True)
+    room = cluster_room(nodes, settings.cpus_per_trial, settings.gpus_per_trial)
+    if not shortfalls and room < min(settings.concurrency, settings.trials):
+        gpus = f" and {settings.gpus_per_trial:g} GPU(s)" if settings.gpus_per_trial else ""
+        print(f"note: --concurrency {settings.concurrency}, but the cluster holds {counted(room, 'trial')} of "
+              f"{settings.cpus_per_trial:g} CPU(s){gpus} at a time now: the others wait for room, their settings "
+              "drawn as they are queued (TPE learns from fewer finished trials) and their Optuna trials RUNNING "
+              f"meanwhile; give --concurrency {room}, or add nodes", file=sys.stderr, flush=True)
 
 
 def _ray_environment(local: bool, verbose: bool) -> None:

@@ -3574,6 +3574,19 @@ def test_a_trial_must_fit_on_one_node_with_its_cpus_and_gpus_together():
         "--cpus-per-trial 1 but no node of the cluster has 1 CPU(s) now (the most on one node: 0)"]
 
 
+def test_the_trials_a_cluster_holds_at_once_count_each_node_alone():
+    from hpsearch.run import cluster_room
+
+    head, gpu_node = {"CPU": 16.0, "memory": 6e10}, {"CPU": 4.0, "GPU": 1.0}
+    assert cluster_room([head, gpu_node], 1, 0) == 16 + 4
+    assert cluster_room([head, gpu_node], 3, 0) == 5 + 1  # 16 // 3 and 4 // 3: a trial's CPUs on one node
+    assert cluster_room([head, gpu_node], 2, 1) == 1  # the one GPU
+    assert cluster_room([head, gpu_node], 1, 0.25) == 4  # a quarter GPU each, 4 CPUs beside it
+    assert cluster_room([head, gpu_node], 0.5, 0) == 32 + 8
+    assert cluster_room([head, gpu_node], 0.1, 0) == 160 + 40  # 1.6 / 0.1 is 15.999...: not one short
+    assert cluster_room([head, gpu_node], 17, 0) == cluster_room([], 1, 0) == 0
+
+
 def test_a_search_on_a_folder_given_by_a_relative_path_resumes_from_anywhere(tmp_path, monkeypatch):
     """Before: --data (and --root, --audio-dir) were stored as given, so a search started with --data untagged
     could be resumed only from the folder it was started in, and --data with the folder's full path (or
@@ -3664,10 +3677,15 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
     with ray_head(cli_env) as port:
         done = subprocess.run(
             cli("vicreg", "--trials", "2", "--name", "on-cluster", "--storage-dir", str(tmp_path),
-                "--address", f"127.0.0.1:{port}", *tiny_flags(tonal_dataset)),
+                "--address", f"127.0.0.1:{port}", "--cpus-per-trial", "2", *tiny_flags(tonal_dataset)),
             capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+        # The 2-CPU cluster holds one trial of 2 CPUs at a time, not the 2 --concurrency asks for: said at once
+        # (before: no word, and the header's "2 at a time").
+        assert ("note: --concurrency 2, but the cluster holds 1 trial of 2 CPU(s) at a time now: the others wait for "
+                "room, their settings drawn as they are queued (TPE learns from fewer finished trials) and their "
+                "Optuna trials RUNNING meanwhile; give --concurrency 1, or add nodes") in done.stderr, done.stderr
         csv = pd.read_csv(tmp_path / "on-cluster" / "trials.csv")
         assert len(csv) == 2 and (csv["state"] == "COMPLETE").all()
         # Each trial's epoch reports reach the search's folder from the cluster's trials too.
