@@ -127,6 +127,20 @@ class SearchJournal(JournalFileBackend):
         self._log_number_offset = {0: 0}
 
 
+def drop_stale_journal_lock(journal: str | Path) -> bool:
+    """Remove the lock Optuna's journal writers take (``optuna.journal.lock``, a symbolic link to the journal),
+    where one is left; whether one was. Call it only while holding the search's folder lock: the search's
+    driver is then the journal's only writer, so a lock found is one a killed driver left. Optuna waits 30 s
+    before it takes such a lock over, and never where the link's target is gone (the search's folder moved):
+    it looked at the target's time in a loop, for good, at full CPU."""
+    lock = Path(f"{journal}.lock")
+    if not os.path.lexists(lock):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+    return True
+
+
 def journal_storage(journal: str | Path):
     """The Optuna storage of the journal file ``journal``, through :class:`SearchJournal`."""
     from optuna.storages import JournalStorage

@@ -1425,6 +1425,9 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
         existing = locked = (folder / SEARCH_FILE).is_file()
         if locked:  # first: a search that is running says so, whatever else is asked of it
             held.enter_context(_search_lock(folder))
+            from hpsearch.results import drop_stale_journal_lock
+
+            drop_stale_journal_lock(journal)  # left by a driver killed as it wrote
         if existing and not resume:
             raise SearchError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
         if not existing and folder.exists() and not reserved and (

@@ -1997,7 +1997,14 @@ def test_a_search_killed_midway_resumes_to_the_requested_count(tmp_path, tonal_d
     # it, and the journal became unreadable (a JSONDecodeError as the next trial was drawn).
     with open(journal, "ab") as stream:
         stream.write(b'{"op_code":5,"worker_id":"w","trial_id":5,"param_na')
+    # A kill as the driver wrote to the journal leaves Optuna's lock, a link to the journal: in the folder moved, to
+    # where it was. Before, the resume waited on it for good, at full CPU (seen in CI, where the kill left one): Optuna
+    # looks at the link's target to judge a lock stale, and went round again where it was gone.
+    lock = journal.with_name("optuna.journal.lock")
+    lock.unlink(missing_ok=True)
+    os.symlink(tmp_path / "resumable" / "optuna.journal", lock)
     resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=300)
+    assert not os.path.lexists(lock)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "optuna.journal ended in a record cut short (51 bytes" in resumed.stderr
     # Nothing written where it was: before, the resumed searcher's new trials kept the old folder (their folders
@@ -3543,8 +3550,14 @@ def test_a_trial_that_needs_more_than_any_node_has_is_warned_of_at_once(ray_guar
     from hpsearch.run import warn_cluster_too_small
 
     ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="ERROR")
-    warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=1))
+    warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=1, concurrency=1))
     assert capsys.readouterr().err == ""
+    # Room for 1 trial at a time, and 2 asked for: a note (a trial fits, so no warning).
+    warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=1, concurrency=2))
+    assert capsys.readouterr().err.splitlines() == [
+        "note: --concurrency 2, but the cluster holds 1 trial of 1 CPU(s) at a time now: the others wait for room, "
+        "their settings drawn as they are queued (TPE learns from fewer finished trials) and their Optuna trials "
+        "RUNNING meanwhile; give --concurrency 1, or add nodes"]
     warn_cluster_too_small(SearchSettings(method="vicreg", cpus_per_trial=2, gpus_per_trial=0.5))
     assert capsys.readouterr().err.splitlines() == [
         "warning: --cpus-per-trial 2 but no node of the cluster has 2 CPU(s) now (the most on one node: 1); trials "
