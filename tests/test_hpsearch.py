@@ -1749,9 +1749,10 @@ def kill_session(leader: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"processes of session {leader} survived: {_session_processes(leader)}")
 
 
-def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
+def signal_search_after(command: list[str], env: dict, prefix: str | Callable[[str], bool], signum: int | None,
                         to: str = "search", meanwhile=None, foreground: bool = False) -> tuple[list[str], int, float]:
-    """Run a search command, send ``signum`` once a line starts with ``prefix`` to ``to``: the search,
+    """Run a search command, send ``signum`` once a line starts with ``prefix`` (or ``prefix(line)`` holds;
+    ``signum`` None: only ``meanwhile()``) to ``to``: the search,
     its process "group" (always for SIGKILL, as a crash would) or every process of its "session"
     (as a batch scheduler signals a job; "session-raylet-first": Ray's raylet 0.3 s before the others),
     and return its output lines, exit code and the seconds from
@@ -1759,8 +1760,7 @@ def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
     called just before the signal. ``foreground``: Ctrl-C's default action, as in a terminal, even
     where the tests run as a background job of a script (whose processes start with SIGINT ignored)."""
     if foreground:  # through a Python that resets SIGINT and execs the command (no preexec_fn: threads here)
-        command = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                   "os.execvp(sys.argv[1], sys.argv[1:])", *command]
+        command = [*WITH_CTRL_C, *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=REPO, start_new_session=True)
     watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
@@ -1770,11 +1770,13 @@ def signal_search_after(command: list[str], env: dict, prefix: str, signum: int,
     try:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith(prefix):
+            if prefix(line) if callable(prefix) else line.startswith(prefix):
                 if meanwhile is not None:
                     meanwhile()
                 sent = time.monotonic()
-                if to.startswith("session"):
+                if signum is None:
+                    pass
+                elif to.startswith("session"):
                     pids = _session_processes(process.pid)
                     if to == "session-raylet-first":  # its GCS then tells the search that its node died
                         pids.sort(key=lambda pid: b"raylet" not in _command_line(pid))
@@ -3715,32 +3717,6 @@ def test_the_same_search_runs_on_an_existing_cluster(tmp_path, tonal_dataset, cl
         assert len(pd.read_csv(tmp_path / "beside-cluster" / "trials.csv")) == 1
 
 
-def interrupt_search(command: list[str], env: dict, when: Callable[[str], bool],
-                     act: Callable[[], None] | None = None) -> tuple[list[str], float]:
-    """Run a search command and send it SIGINT (Ctrl-C), or call ``act()``, at the first line for which ``when``
-    holds; its lines, once it has ended with code 130, and the seconds from then to its exit."""
-    process = subprocess.Popen([*WITH_CTRL_C, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, cwd=REPO, start_new_session=True)
-    watchdog = threading.Timer(240, lambda: os.killpg(process.pid, signal.SIGKILL))
-    watchdog.start()
-    lines: list[str] = []
-    sent = math.nan
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if len(lines) == 1 or not when(line):
-                continue
-            sent = time.monotonic()
-            process.send_signal(signal.SIGINT) if act is None else act()
-            break
-        lines.extend(process.stdout)
-        assert process.wait() == 130, "".join(lines)
-    finally:
-        watchdog.cancel()
-        kill_session(process.pid)
-    return lines, time.monotonic() - sent
-
-
 @pytest.mark.slow
 def test_a_search_continued_on_its_cluster_after_a_local_run_keeps_the_trials_finished_between(
         tmp_path, tonal_dataset, cli_env):
@@ -3765,12 +3741,17 @@ def test_a_search_continued_on_its_cluster_after_a_local_run_keeps_the_trials_fi
                     time.sleep(0.05)
                 return True
 
-            interrupt_search(cli("vicreg", "--trials", "4", *flags, *address, *tiny_flags(tonal_dataset)), cli_env,
-                             second_trial_staged)
+            lines, code, _ = signal_search_after(cli("vicreg", "--trials", "4", *flags, *address,
+                                                     *tiny_flags(tonal_dataset)), cli_env, second_trial_staged,
+                                                 signal.SIGINT, foreground=True)
+            assert code == 130, "".join(lines)
             study = load_study(storage / name / "optuna.journal")
             assert [t.number for t in study.trials if t.state == TrialState.COMPLETE] == [0]
             # Continued on a local Ray of its own, until trial #1 has finished.
-            interrupt_search(cli("vicreg", *flags), cli_env, lambda line: bool(re.match(r"\[\s*\d+/4\] #1 ", line)))
+            lines, code, _ = signal_search_after(cli("vicreg", *flags), cli_env,
+                                                 lambda line: bool(re.match(r"\[\s*\d+/4\] #1 ", line)), signal.SIGINT,
+                                                 foreground=True)
+            assert code == 130, "".join(lines)
             before = read_trajectories(storage / name)
             assert len(before[1]) == 2, before
             done = subprocess.run(cli("vicreg", "--resume", *flags, *address), capture_output=True, text=True,
@@ -3804,12 +3785,13 @@ def test_a_search_whose_clusters_gcs_stops_alone_ends_with_its_summary_and_conti
             assert len(gcs) == 1, gcs
             os.kill(gcs[0], signal.SIGKILL)
 
-        lines, took = interrupt_search(
+        lines, code, took = signal_search_after(
             cli("vicreg", "--trials", "3", *flags, "--address", f"127.0.0.1:{port}", "--data",
                 str(tonal_dataset / "tracks.csv"), "--max-epochs", "2", "--steps-per-epoch", "25", "--batch-size", "8",
                 "--probe-segments", "32", "--probe-segments-per-track", "1"),  # trials of 25-step epochs: still running
-            cli_env, lambda line: line.startswith("[1/3]"), act=stop_the_gcs)
+            cli_env, "[1/3]", None, meanwhile=stop_the_gcs)
     output = "".join(lines)
+    assert code == 130, output
     assert 10 <= took < 45, (took, output)  # Ray's own code would end it at 60 s
     assert ("stopping: this search's Ray stopped (its raylet or GCS is gone: a signal to every process of the job, "
             "or a crash)") in output, output
