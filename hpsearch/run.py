@@ -35,6 +35,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -670,10 +671,14 @@ def _init_ray(settings: SearchSettings, address: str | None, verbose: bool, rese
         with _stops_held_while_ray_starts(held, abandon=end_now):
             if address:
                 try:
-                    # Something that answers as a gRPC server but is no Ray head (Ray Client's port, another
-                    # service) holds ray.init for minutes: the search ends, as an error, after JOIN_TIMEOUT_S.
-                    with (contextlib.nullcontext() if address.startswith(RAY_CLIENT_SCHEMES) else  # Ray Client waits
-                          _or_end_after(_join_timeout(), functools.partial(_end_a_join_that_hangs, address, reserved))):
+                    # Something that answers as a gRPC server but is no Ray head (a raylet's port, Ray Client's,
+                    # another service) holds ray.init for 30 s or minutes: the search ends, as an error, once Ray
+                    # says no GCS answers there (_join_output), or else after JOIN_TIMEOUT_S.
+                    with contextlib.ExitStack() as joining:
+                        if not address.startswith(RAY_CLIENT_SCHEMES):  # Ray Client waits, and says why
+                            joining.enter_context(_or_end_after(
+                                _join_timeout(), functools.partial(_end_a_join_that_hangs, address, reserved)))
+                            joining.enter_context(_join_output(functools.partial(_end_at_no_gcs, address, reserved)))
                         ray.init(address=address, logging_level=level, log_to_driver=verbose)
                 except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
                     # RayError: e.g. AuthenticationError, a cluster with token authentication and no token here.
@@ -743,6 +748,9 @@ def _end_before_the_search(reserved: Path | None, line: str, code: int) -> None:
     if reserved is not None:
         with contextlib.suppress(OSError):
             reserved.rmdir()
+    if _STDERR_HELD:  # the line must reach the console, not the join's capture (_join_output)
+        with contextlib.suppress(OSError):
+            os.dup2(_STDERR_HELD[0], 2)
     with contextlib.suppress(OSError):  # os.write: the main thread may hold sys.stderr's lock
         os.write(2, f"{PROG}: {line}\n".encode())
     os._exit(code)
@@ -768,6 +776,75 @@ def _end_a_join_that_hangs(address: str, reserved: Path | None) -> None:
         "answers there, but not as a Ray head's GCS does, or the head is slow to answer); give the address 'ray "
         "start --head' printed (HOST:6379 by default; ray://HOST:10001 for Ray Client), or set "
         "HPSEARCH_JOIN_TIMEOUT_S for a cluster slower to answer", 2)
+
+
+def _end_at_no_gcs(address: str, reserved: Path | None) -> None:
+    """End the process, as a command-line error, when the server at ``address`` answered Ray's first call
+    to a GCS with "no such method": a gRPC server, but no Ray head's GCS (a raylet's port, say). Ray
+    itself would retry for 30 s, printing a line each second."""
+    _end_before_the_search(
+        reserved, f"error: --address {address}: a gRPC server answers there, but not a Ray head's GCS (a raylet's "
+        "or another service's port, or a Ray of another version); give the address 'ray start --head' printed "
+        "(HOST:6379 by default)", 2)
+
+
+# The console's stderr while _join_output holds file descriptor 2 (a duplicate of it), for a line that
+# ends the process meanwhile (_end_before_the_search).
+_STDERR_HELD: list[int] = []
+# What Ray's C++ client writes each second while the server at the address answers its first call to a
+# GCS with gRPC's UNIMPLEMENTED: no GCS serves there.
+_NO_GCS_LINE = re.compile(r"Failed to get cluster ID from GCS server: .*rpc_code: 12\b")
+
+
+@contextlib.contextmanager
+def _join_output(no_gcs: Callable[[], None], every: float = 0.2) -> Iterator[None]:
+    """Hold what is written to stderr (file descriptor 2: Ray's C++ core writes there) while ``ray.init``
+    joins a cluster, and write it out after, as it was. A thread reads it meanwhile: once Ray's client
+    says that no GCS answers at the address (:data:`_NO_GCS_LINE`), it calls ``no_gcs``, which must end
+    the process. Where stderr cannot be held (no temporary folder, say) the block runs as it is."""
+    saved = None
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(ValueError, OSError):  # a closed or absent sys.stderr
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+    except OSError:
+        if saved is not None:
+            os.close(saved)
+        sink.close()
+        yield
+        return
+    _STDERR_HELD.append(saved)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            with contextlib.suppress(OSError):
+                if _NO_GCS_LINE.search(os.pread(sink.fileno(), 1 << 20, 0).decode(errors="replace")):
+                    no_gcs()
+
+    watcher = threading.Thread(target=watch, name="hpsearch-join-output", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        _STDERR_HELD.remove(saved)
+        os.close(saved)
+        with contextlib.suppress(OSError):
+            held = memoryview(os.pread(sink.fileno(), 1 << 24, 0))
+            while held:
+                held = held[os.write(2, held):]
+        sink.close()
 
 
 @contextlib.contextmanager

@@ -3254,6 +3254,32 @@ def test_an_address_that_is_not_a_ray_head_fails_in_seconds(monkeypatch):
         check_address("auto")
 
 
+def test_what_ray_writes_while_joining_is_held_and_a_server_that_is_no_gcs_ends_the_join(capfd):
+    """While ray.init joins a cluster, what reaches file descriptor 2 (Ray's C++ client writes there) is held
+    and written out after, as it was; Ray's line for a server that answers its first GCS call with gRPC's
+    UNIMPLEMENTED (code 12) ends the join at once. Before: a raylet's port given as --address printed that line
+    every second for 30 s, about 20 times, before the one-line error."""
+    from hpsearch.run import _join_output
+
+    ended = threading.Event()
+    retrying = ("[2026-12-08 01:09:28,363 W 5588 5588] gcs_client.cc:210: Failed to get cluster ID from GCS server: "
+                "RpcError: RPC error:  rpc_code: 14\n")  # UNAVAILABLE: a GCS still starting, say
+    with _join_output(ended.set, every=0.02):
+        os.write(2, retrying.encode())
+        os.write(2, b"Ray's next line\n")
+        time.sleep(0.2)
+        assert not ended.is_set()
+        assert capfd.readouterr().err == ""  # held meanwhile
+    assert capfd.readouterr().err == retrying + "Ray's next line\n"
+    with _join_output(ended.set, every=0.02):
+        os.write(2, retrying.replace("rpc_code: 14", "rpc_code: 12").encode())
+        assert ended.wait(5)
+    # The line that ends the process reaches the console, not the capture.
+    from hpsearch.run import _STDERR_HELD
+
+    assert _STDERR_HELD == []
+
+
 def test_an_ipv6_address_is_read_as_ray_writes_it():
     """Before: '[::1]:PORT' (how Ray writes an IPv6 head's address) was refused as unreachable, with the
     brackets kept in the host name, and '::1:PORT' (which Ray cannot read) was let through."""
@@ -3806,6 +3832,32 @@ def test_a_search_whose_clusters_gcs_stops_alone_ends_with_its_summary_and_conti
                               text=True, env=cli_env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [t.state for t in load_study(storage / name / "optuna.journal").trials] == [TrialState.COMPLETE] * 3
+
+
+@pytest.mark.slow
+def test_a_raylets_port_as_address_is_refused_in_seconds_in_one_line(tmp_path, tonal_dataset, cli_env):
+    """A port that answers gRPC but is no GCS (a raylet's, as `ray status` or `ray list nodes` show it).
+    Before: Ray's C++ client printed "Failed to get cluster ID from GCS server" each second for 30 s, then the
+    error; now the error alone, in seconds, exit 2."""
+    with ray_head(cli_env) as port:
+        asked = subprocess.run(
+            [sys.executable, "-c", "import ray; ray.init(address=f'127.0.0.1:{port}', logging_level='ERROR'); "
+             "print(ray.nodes()[0]['NodeManagerPort'])".replace("{port}", str(port))],
+            capture_output=True, text=True, env=cli_env, timeout=120)
+        assert asked.returncode == 0, asked.stderr
+        raylet = int(asked.stdout.split()[-1])
+        started = time.monotonic()
+        done = subprocess.run(cli("vicreg", "--trials", "1", "--storage-dir", str(tmp_path), "--address",
+                                  f"127.0.0.1:{raylet}", *tiny_flags(tonal_dataset)),
+                              capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=120)
+        took = time.monotonic() - started
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert took < 15, took  # Ray's own retries: 20-30 s
+    assert done.stderr.strip().splitlines() == [
+        f"python -m hpsearch.run: error: --address 127.0.0.1:{raylet}: a gRPC server answers there, but not a Ray "
+        "head's GCS (a raylet's or another service's port, or a Ray of another version); give the address 'ray start "
+        "--head' printed (HOST:6379 by default)"], done.stderr
+    assert list(tmp_path.iterdir()) == []  # the folder reserved for the search's default name is gone
 
 
 def test_the_results_writer_writes_for_the_search_now_running_and_never_fails_a_trial(capsys):
