@@ -1190,12 +1190,15 @@ def save_embeddings(path: Path, embeddings: Embeddings, meta: dict,
     """Write atomically (:func:`musicssl.paths.whole`), so a crash never leaves a half cache file: an ``.npz``
     as ``np.savez`` writes it (every member stored uncompressed). ``segment_parts``: the training segments'
     embeddings in parts (written one after the other as ``segments``, never joined in memory) instead of
-    ``embeddings.segments``."""
+    ``embeddings.segments``. A good cache file of these tracks that another evaluation wrote at ``path``
+    meanwhile is kept, the same file: its probe processes map it by its name (before, the second of two
+    evaluations of one checkpoint replaced it, and the first stopped: "changed or went away")."""
     parts = [embeddings.segments] if segment_parts is None else list(segment_parts)
     dtype = np.result_type(*parts) if parts else np.dtype(np.float32)
     rows = sum(len(part) for part in parts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with whole(path) as partial, open(partial, "wb") as stream, \
+    with whole(path, keep=lambda: load_embeddings(path, embeddings.track_ids) is not None) as partial, \
+            open(partial, "wb") as stream, \
             zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         def member(name: str):  # (as np.savez opens them)
             return archive.open(f"{name}.npy", "w", force_zip64=True)

@@ -623,6 +623,38 @@ def test_cached_training_embeddings_are_memory_mapped_and_fit_as_the_arrays_in_m
     np.testing.assert_allclose(fitted.scale.numpy(), std, rtol=1e-5, atol=1e-6)
 
 
+def test_a_cache_file_another_evaluation_wrote_meanwhile_is_kept_the_same_file(tmp_path):
+    """Two evaluations of one checkpoint at once both embed it. Before, the second to finish replaced the first's
+    cache file (an atomic rename, same numbers): the first's probe processes, which map the file by its name,
+    found another file there and the first evaluation stopped ("changed or went away ... run the evaluation
+    again", exit 2; seen in review with two `analysis.downstream` runs started seconds apart). Now a good file of
+    the same tracks stays; a damaged one, or one of other tracks, is replaced."""
+    import os
+
+    import analysis.downstream as downstream
+
+    embeddings, _ = _medium_embeddings()
+    path = tmp_path / "embeddings.npz"
+    downstream.save_embeddings(path, embeddings, {"first": True})
+    mapped = downstream.load_embeddings(path).segments_file()
+    inode = os.stat(path).st_ino
+    downstream.save_embeddings(path, embeddings, {"first": False})  # the second evaluation's, finished later
+    assert mapped.unchanged() and os.stat(path).st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npz"]  # its own copy dropped
+    np.testing.assert_array_equal(mapped.open(), embeddings.segments)
+
+    # A file of other tracks (the dataset changed) is replaced, as is a damaged one.
+    fewer = dataclasses.replace(embeddings, track_ids=embeddings.track_ids[:-1] + ["another"])
+    downstream.save_embeddings(path, fewer, {})
+    assert not mapped.unchanged()
+    assert downstream.load_embeddings(path).track_ids == fewer.track_ids
+    path.write_bytes(path.read_bytes()[:100])
+    assert downstream.load_embeddings(path) is None
+    downstream.save_embeddings(path, embeddings, {})
+    assert downstream.load_embeddings(path, embeddings.track_ids) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.npz"]
+
+
 def test_a_cache_file_replaced_or_removed_during_an_evaluation_is_never_mixed_with_the_one_mapped(
         tmp_path, monkeypatch):
     """The probe processes map the cache file by its name. Another evaluation can replace it meanwhile (an
@@ -646,9 +678,10 @@ def test_a_cache_file_replaced_or_removed_during_an_evaluation_is_never_mixed_wi
     np.testing.assert_array_equal(rows, embeddings.segments[np.r_[0:25, 50:75]])
     np.testing.assert_array_equal(row_labels, labels[[0] * 25 + [2] * 25])
 
-    # Replaced by another evaluation's file (other numbers, the same size): the process refuses it.
+    # Replaced by another file (other numbers, the same size; moved there by hand, say): the process refuses it.
     other, _ = _medium_embeddings(seed=9)
-    downstream.save_embeddings(path, other, {})
+    downstream.save_embeddings(tmp_path / "other.npz", other, {})
+    os.replace(tmp_path / "other.npz", path)
     assert not mapped.unchanged()
     with pytest.raises(DownstreamError, match=f"the embedding cache file {re.escape(str(path))} changed or went away "
                                               ".*is another file now.*run the evaluation again"):

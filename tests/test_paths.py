@@ -62,3 +62,33 @@ def test_the_files_a_disk_can_still_hold_are_its_free_inodes(small_disk):
             (disk.path / f"f{number}").touch()
     assert full.value.errno == errno.ENOSPC and free_files(disk.path) == 0
     assert free_bytes(disk.path) > 900_000
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_whole_with_keep_places_a_file_only_where_none_good_is(tmp_path, monkeypatch, hard_links):
+    """``whole(target, keep=...)``: the file written is placed where none is, and over one ``keep()`` finds bad;
+    a good one (another process wrote it meanwhile) stays, the same file, and the copy written is dropped. On a
+    file system without hard links the same, by a check and a rename."""
+    import os
+
+    from musicssl.paths import whole
+
+    if not hard_links:
+        def no_link(*args, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    target = tmp_path / "cache.bin"
+    good = lambda: target.read_bytes().startswith(b"good")  # noqa: E731
+    with whole(target, keep=good) as partial:
+        partial.write_bytes(b"good, first")
+    assert target.read_bytes() == b"good, first"
+    inode = target.stat().st_ino
+    with whole(target, keep=good) as partial:
+        partial.write_bytes(b"good, second")
+    assert target.read_bytes() == b"good, first" and target.stat().st_ino == inode
+    target.write_bytes(b"damaged")
+    with whole(target, keep=good) as partial:
+        partial.write_bytes(b"good, third")
+    assert target.read_bytes() == b"good, third"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.bin"]  # no partial file left

@@ -31,17 +31,43 @@ PARTIAL_SUFFIX = ".partial"
 
 
 @contextlib.contextmanager
-def whole(target: Path) -> Iterator[Path]:
+def whole(target: Path, keep: Callable[[], bool] | None = None) -> Iterator[Path]:
     """A hidden path beside ``target`` to write, renamed over ``target`` when the block ends, removed
     if it fails: ``target`` is there whole or not at all, a kill mid-write leaves the one before, and a
-    write that fails (a full disk) leaves nothing taking the room."""
+    write that fails (a full disk) leaves nothing taking the room.
+
+    ``keep``: for a cache file that other processes may write too, and map by its name meanwhile. Where
+    ``target`` exists when the block ends and ``keep()`` says it is good (another process wrote it
+    meanwhile), it stays, the same file, and what the block wrote is dropped: a file that processes
+    have mapped is never replaced by a copy of itself. A ``target`` absent then is made only if still
+    absent (a hard link; a rename where the file system has none)."""
     partial = target.with_name(f".{target.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         yield partial
-        os.replace(partial, target)
+        if keep is None:
+            os.replace(partial, target)
+        else:
+            _place_unless_kept(partial, target, keep)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _place_unless_kept(partial: Path, target: Path, keep: Callable[[], bool]) -> None:
+    try:
+        os.link(partial, target)  # only where nothing is: two writers finishing together cannot both place theirs
+    except FileExistsError:
+        if keep():
+            partial.unlink()
+            return
+        os.replace(partial, target)  # a damaged or stale file, which no process maps
+    except OSError:  # a file system without hard links
+        if target.exists() and keep():
+            partial.unlink()
+            return
+        os.replace(partial, target)
+    else:
+        partial.unlink()
 
 
 def write_whole(target: Path, text: str) -> None:
