@@ -1699,10 +1699,12 @@ def _run_search(settings: SearchSettings, held: contextlib.ExitStack, *, resume:
                     signal.signal(signal.SIGINT, previous_sigint)
                 _sigterm_as_ctrl_c()
 
-        # The untrained backbone's reference (~20 s on the corpus): a stop here (Ctrl-C, SIGTERM) leaves out the
-        # reference, not the summary.
+        # The untrained backbone's reference (~20 s on the corpus, up to a minute beside other work): a stop here
+        # (Ctrl-C, SIGTERM) leaves out the reference, not the summary. A search stopped before its last trial
+        # (Ctrl-C, SIGTERM, the room watch) leaves it to the run that finishes it: a stop is to end it now.
         try:
-            summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
+            if summary.trials_finished >= settings.trials:
+                summary.untrained_value, summary.untrained_value_initial_bn = untrained_probe(settings, data)
         except KeyboardInterrupt:
             print("interrupted: the untrained backbone's reference score "
                   + ("was not measured again; the summary keeps the one measured before"
