@@ -91,7 +91,8 @@ def test_every_method_trains_and_writes_its_run(method, tmp_path, tonal_data):
     # Where it ran and in which precision: the defaults pick the GPU (bf16) when there is one.
     on_gpu = torch.cuda.is_available()
     assert (summary["accelerator"], summary["precision"]) == (("gpu", "bf16-mixed") if on_gpu else ("cpu", "32-true"))
-    expected_device = f"cuda:0 ({torch.cuda.get_device_name(0)})" if on_gpu else "cpu"
+    expected_device = (f"cuda:0 ({torch.cuda.get_device_name(0)})" if on_gpu
+                       else f"cpu ({torch.backends.cpu.get_cpu_capability()})")
     assert summary["device"] == expected_device
     # The checkpoint is a plain state_dict of the backbone, loadable without pickled code.
     state = torch.load(out / "backbone.pt", weights_only=True)
@@ -1807,3 +1808,24 @@ def test_the_collapse_metrics_are_measured_on_fixed_segments_of_the_valid_tracks
     tracks = [track for track, _ in positions]
     assert len(set(tracks)) > 1
     assert all((groups[i] == groups[j]).item() == (tracks[i] == tracks[j]) for i in range(64) for j in range(64))
+
+
+def test_a_cpu_runs_record_names_the_instruction_set_torchs_kernels_use():
+    """The same run on a CPU with AVX-512 and on one without differs in the last bits, and then takes another
+    path (README, "Runs are seeded"): the record names which one the kernels used, ATEN_CPU_CAPABILITY's
+    choice included (with it, a machine repeats another's runs)."""
+    import subprocess
+    import sys
+
+    said = {}
+    for capability in ("default", "avx2"):
+        done = subprocess.run(
+            [sys.executable, "-c", "import torch; from musicssl.train import device_name; "
+             "print(device_name(torch.device('cpu')))"],
+            capture_output=True, text=True, env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        said[capability] = done.stdout.strip()
+    assert said["default"] == "cpu (DEFAULT)"
+    cpu = Path("/proc/cpuinfo")
+    if cpu.is_file() and "avx2" in cpu.read_text().split():  # (where the CPU lacks the one asked, torch keeps its own)
+        assert said["avx2"] == "cpu (AVX2)"

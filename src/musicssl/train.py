@@ -970,8 +970,12 @@ def _write_run(out_dir: Path, writers: Mapping[str, Callable[[Path], Any]]) -> N
 
 
 def device_name(device: torch.device) -> str:
-    """Where a run trained, for its records: ``cpu``, or ``cuda:N (the GPU's name)``, N as this
-    process sees it (Ray and ``CUDA_VISIBLE_DEVICES`` renumber the GPUs a process is given)."""
+    """Where a run trained, for its records: ``cpu (AVX512)``, the CPU's instruction set that torch's
+    kernels use (``AVX2`` on a CPU without AVX-512, or where ``ATEN_CPU_CAPABILITY`` says so: runs on
+    the two differ in the last bits, and then take other paths), or ``cuda:N (the GPU's name)``, N as
+    this process sees it (Ray and ``CUDA_VISIBLE_DEVICES`` renumber the GPUs a process is given)."""
+    if device.type == "cpu":
+        return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tracks", type=int, default=600, help=f"number of songs (>= {MIN_TRACKS}; default 600)")
     parser.add_argument("--out", type=_folder, required=True, help="output folder (new or empty); gets audio/, midi/, tracks.csv")
-    parser.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same corpus (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same songs, tags and splits; the same audio on CPUs of one "
+                        "instruction set (README, 'The embedded corpus') (default 0)")
     parser.add_argument("--seconds", type=float, default=30.0, help=f"length of each song, {MIN_SECONDS:g}-{MAX_SECONDS:g} s (default 30)")
     parser.add_argument("--workers", type=int, default=None, help=f"parallel processes (default: one per CPU, here {default_workers()})")
     parser.add_argument("--cache-dir", type=_cache_folder, default=None, help="where the rendered note bank is kept (default $MUSICSSL_CACHE or ~/.cache/musicssl)")
