@@ -632,6 +632,49 @@ def test_ensure_corpus_builds_once_into_the_cache_and_atomically(cache, bank, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_command_that_needs_the_corpus_another_is_building_waits_for_it_and_builds_nothing(cache, bank,
+                                                                                             monkeypatch):
+    """Before: commands started together on an empty cache (two searches, a search and a training run) each
+    built the whole corpus (about a minute each on two cores; seen in review: three at once, three builds).
+    Now the second waits, says so, and takes the first one's corpus; where the first stops without one, the
+    one waiting builds it."""
+    import fcntl
+
+    from musicssl.corpus.build import default_corpus_dir
+
+    monkeypatch.setenv("MUSICSSL_CACHE", str(cache))
+    env = {**os.environ, "MUSICSSL_CACHE": str(cache)}
+    folder = default_corpus_dir(10, 8.0, 7)
+    assert folder.parent == cache and not folder.exists()
+    code = ("import time; from musicssl.corpus.build import ensure_corpus; started = time.monotonic(); "
+            "folder = ensure_corpus(tracks=10, seconds=8.0, seed=7); print(folder, round(time.monotonic() - started))")
+    with open(cache / f".{folder.name}.build.lock", "a") as lock:  # as a build under way holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)
+        said = waiting.stderr.readline()
+        assert said == f"corpus {folder}: another process is building it; waiting for it\n"
+        build_corpus(folder, CorpusConfig(10, 8.0, 7), workers=1, bank_cache_dir=cache, progress=False)
+        written = (folder / "tracks.csv").stat().st_mtime_ns
+        time.sleep(1)
+        assert waiting.poll() is None  # still waiting while the lock is held
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert out.split()[0] == str(folder) and err == ""  # nothing built: no progress, no line
+    assert (folder / "tracks.csv").stat().st_mtime_ns == written
+
+    # The build it waited for stopped without a corpus: the one waiting builds it.
+    other = default_corpus_dir(10, 8.0, 8)
+    with open(cache / f".{other.name}.build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([sys.executable, "-c", code.replace("seed=7", "seed=8")], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        assert "waiting for it" in waiting.stderr.readline()
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    assert out.split()[0] == str(other) and (other / "tracks.csv").is_file()
+
+
 def test_the_build_workers_end_quietly_under_a_parent_that_turns_sigterm_into_ctrl_c():
     """The search handles SIGTERM as Ctrl-C while it builds the corpus. Forked workers inherited that
     handler, and the pool's end (a SIGTERM to each worker) raised KeyboardInterrupt in them: a

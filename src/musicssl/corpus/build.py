@@ -11,13 +11,16 @@ derived from both), so the corpus is the same whatever the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -425,12 +428,30 @@ def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0,
     config = CorpusConfig(tracks=tracks, seconds=seconds, seed=seed)
     given = out_dir is not None
     out_dir = Path(out_dir).expanduser().absolute() if given else default_corpus_dir(tracks, seconds, seed)
-    if not (out_dir / "tracks.csv").is_file():
-        build_corpus(out_dir, config)
+    if _usable_corpus(out_dir, given):
         return out_dir
+    # One build at a time: commands started together on an empty cache (two searches, a search and a training
+    # run) each built the whole corpus before, for minutes, the second's then dropped.
+    with _build_lock(out_dir):
+        if _usable_corpus(out_dir, given):  # built by the process this one waited for
+            return out_dir
+        if not (out_dir / "tracks.csv").is_file():
+            build_corpus(out_dir, config)
+            return out_dir
+        print(f"corpus {out_dir}: built by generator version {_generator_version(out_dir)}, this is "
+              f"{GENERATOR_VERSION}; building it again", file=sys.stderr, flush=True)
+        build_corpus(out_dir, config, force=True)
+    return out_dir
+
+
+def _usable_corpus(out_dir: Path, given: bool) -> bool:
+    """Whether ``out_dir`` holds a corpus :func:`ensure_corpus` returns as it is (False: build it, or build the
+    default folder's again); :class:`CorpusError` for a folder given that holds another generator version's."""
+    if not (out_dir / "tracks.csv").is_file():
+        return False
     version = _generator_version(out_dir)
     if version in (None, GENERATOR_VERSION):  # None: no corpus.json to say (a corpus written by hand)
-        return out_dir
+        return True
     if given:
         identity = corpus_identity(out_dir)
         settings = (f" --tracks {identity['tracks']} --seconds {identity['seconds']:g} --seed {identity['seed']}"
@@ -439,10 +460,30 @@ def ensure_corpus(out_dir: Path | None = None, tracks: int = 600, seed: int = 0,
                           f"{GENERATOR_VERSION}, with other splits and some other audio: rebuild it with python -m "
                           f"musicssl.corpus --out {out_dir}{settings} --force, or use another folder (a backbone "
                           f"trained on it can still be evaluated on it: give its tracks.csv as the dataset)")
-    print(f"corpus {out_dir}: built by generator version {version}, this is {GENERATOR_VERSION}; building it again",
-          file=sys.stderr, flush=True)
-    build_corpus(out_dir, config, force=True)
-    return out_dir
+    return False
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the lock of builds into ``out_dir`` (a hidden file beside it, locked with ``flock``: released when
+    the process ends, however it ends), waiting, with one line said, while another process holds it. Where
+    the lock cannot be had (a folder that cannot be written, which the build then reports; a file system
+    that cannot lock files), the block runs without it."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir.parent / f".{out_dir.name}.build.lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"corpus {out_dir}: another process is building it; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # Ctrl-C and SIGTERM still stop the wait
+        except OSError:  # no locks on this file system: as before, each process builds (the last one's stays)
+            pass
+        yield
 
 
 # What a corpus folder holds: all a rebuild (force) replaces.
