@@ -343,10 +343,12 @@ class MethodSpec:
     config_path: Path | None = None
     method: str | None = None
     seed: int = 0
+    search_trial: int | None = None  # a search's best backbone: the trial it is (set as its weights are loaded)
 
     def describe(self) -> str:
         if self.kind == "checkpoint":
-            return f"{self.label}: {self.path} (preset {self.preset})"
+            trial = f"search trial #{self.search_trial}, " if self.search_trial is not None else ""
+            return f"{self.label}: {self.path} ({trial}preset {self.preset})"
         if self.kind == "random":
             return f"{self.label}: randomly initialised {self.preset} backbone (seed {self.seed})"
         if self.kind == "random-bn":
@@ -631,6 +633,26 @@ def _read_json_object(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
+
+
+def search_trial_of(spec: MethodSpec) -> int | None:
+    """The trial of the search whose best backbone ``spec`` is (``best_config.json``'s ``trial``), or None."""
+    if spec.kind != "checkpoint" or spec.config_path is None or spec.config_path.name != "best_config.json":
+        return None
+    trial = (_read_json_object(spec.config_path) or {}).get("trial")
+    return trial if isinstance(trial, int) and not isinstance(trial, bool) else None
+
+
+def _search_unfinished(spec: MethodSpec) -> tuple[int, int] | None:
+    """For a search's best backbone, ``(finished, requested)`` trials where its ``summary.json`` counts fewer
+    finished than requested (a search still running, or stopped: its best may change); else None."""
+    if spec.search_trial is None or spec.config_path is None:
+        return None
+    summary = _read_json_object(spec.config_path.parent / "summary.json") or {}
+    finished, requested = summary.get("trials_finished"), summary.get("trials_requested")
+    if isinstance(finished, int) and isinstance(requested, int) and finished < requested:
+        return finished, requested
+    return None
 
 
 def _read_run_config(path: Path) -> dict:
@@ -1711,7 +1733,16 @@ def run_downstream(
         raise DownstreamError(f"methods {repeated} appear twice; name them apart with LABEL=PATH")
     device = resolve_device(config.device)
     # Load every checkpoint first: a wrong architecture fails now, not after the dataset is prepared.
-    embedders = {spec.label: _embedder(spec, device, config) for spec in methods}
+    embedders, methods = {}, list(methods)
+    for number, spec in enumerate(methods):
+        # A running search rewrites its best backbone (best_config.json, which names the trial, is removed first
+        # and written last): the trial is the one named before and after the weights were read.
+        for _ in range(5):
+            before = search_trial_of(spec)
+            embedders[spec.label] = _embedder(spec, device, config)
+            if before == search_trial_of(spec):
+                break
+        methods[number] = dataclasses.replace(spec, search_trial=before)
 
     index = index if index is not None else open_index(config)
     dataset_name = canonical_dataset_spec(config.dataset) if dataset_name_of(config.dataset) else index.name
@@ -1884,6 +1915,9 @@ def run_downstream(
             method_started = time.perf_counter()
             data = prepared[spec.n_mels]
             log(f"method {spec.describe()}")
+            if (unfinished := _search_unfinished(spec)) is not None:
+                log(f"  note: {spec.label}: its search has finished {unfinished[0]} of its {unfinished[1]} trials (it "
+                    f"runs still, or was stopped): trial #{spec.search_trial} is its best so far, and may not stay so")
             embed, method_key, calibrate = embedders[spec.label]
             audio_key = audio_digest(data.cache, usable)
             path = embeddings_path(
@@ -2023,7 +2057,7 @@ def _spec_summary(spec: MethodSpec) -> dict[str, Any]:
         "label": spec.label, "kind": spec.kind, "preset": spec.preset, "n_mels": spec.n_mels,
         "path": str(spec.path) if spec.path else None,
         "config_path": str(spec.config_path) if spec.config_path else None,
-        "method": spec.method, "seed": spec.seed,
+        "method": spec.method, "seed": spec.seed, "search_trial": spec.search_trial,
     }
 
 

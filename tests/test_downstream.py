@@ -1226,6 +1226,49 @@ def test_fractions_that_give_the_same_subsets_are_named(tmp_path, capsys):
     assert (sizes[0.01], sizes[0.05], sizes[1.0]) == (1, 1, train_tracks)
 
 
+def test_a_searchs_best_backbone_is_named_by_its_trial_and_a_search_not_finished_is_said(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Before: a search folder evaluated while the search ran (or after it was stopped) said only
+    best_backbone.pt; which trial that was, and that the search's best could still change, showed nowhere (seen
+    in review: one folder evaluated mid-search scored trial #3, after the search #7). The trial is the one
+    best_config.json names before and after the weights are read (a running search rewrites both)."""
+    import analysis.downstream as downstream
+    from musicssl.data.index import TrackIndex
+
+    records = write_pitch_dataset(tmp_path / "audio")
+    torch.manual_seed(0)
+    search = save_run(tmp_path / "search", Backbone(preset="cpu").state_dict(),
+                      {"method": "vicreg", "preset": "cpu", "trial": 3}, "best_backbone.pt", "best_config.json")
+    (search / "summary.json").write_text(json.dumps({"trials_finished": 3, "trials_requested": 8}))
+    embedded = downstream._embedder
+    calls = []
+
+    def search_moves_on_once(spec, *args):  # the search exports trial #7 while the weights are read
+        calls.append(spec.label)
+        if len(calls) == 1:
+            (search / "best_config.json").write_text(json.dumps({"method": "vicreg", "preset": "cpu", "trial": 7}))
+        return embedded(spec, *args)
+
+    monkeypatch.setattr(downstream, "_embedder", search_moves_on_once)
+    config = DownstreamConfig(**{**SMALL_EVALUATION, "fractions": (1.0,)})
+    result = run_downstream([resolve_method(str(search))], config, index=TrackIndex.from_records(records))
+    out = capsys.readouterr().out
+    assert calls == ["vicreg", "vicreg"]  # read again, the trial named the same before and after
+    assert f"method vicreg: {(search / 'best_backbone.pt').resolve()} (search trial #7, preset cpu)" in out, out
+    assert ("note: vicreg: its search has finished 3 of its 8 trials (it runs still, or was stopped): trial #7 is its "
+            "best so far, and may not stay so") in out, out
+    assert result.summary["methods"][0]["search_trial"] == 7
+    # A finished search: no note; a training run's folder: no trial.
+    (search / "summary.json").write_text(json.dumps({"trials_finished": 8, "trials_requested": 8}))
+    monkeypatch.setattr(downstream, "_embedder", embedded)
+    run = save_run(tmp_path / "run", Backbone(preset="cpu").state_dict(), {"method": "byol", "preset": "cpu"})
+    result = run_downstream([resolve_method(str(search)), resolve_method(str(run))], config,
+                            index=TrackIndex.from_records(records))
+    out = capsys.readouterr().out
+    assert "(search trial #7, preset cpu)" in out and "its search has finished" not in out, out
+    assert [m["search_trial"] for m in result.summary["methods"]] == [7, None]
+
+
 def test_baselines_follow_the_checkpoints_architecture(tmp_path):
     from analysis.downstream import _methods_from_args, build_parser
 
