@@ -809,7 +809,7 @@ def _join_output(no_gcs: Callable[[], None], every: float = 0.2) -> Iterator[Non
         yield
         return
     try:
-        with contextlib.suppress(ValueError, OSError):  # a closed or absent sys.stderr
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # a closed or absent (None) sys.stderr
             sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
@@ -835,7 +835,7 @@ def _join_output(no_gcs: Callable[[], None], every: float = 0.2) -> Iterator[Non
     finally:
         done.set()
         watcher.join()
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # (None: stderr closed)
             sys.stderr.flush()
         os.dup2(saved, 2)
         _STDERR_HELD.remove(saved)
