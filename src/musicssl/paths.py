@@ -57,17 +57,18 @@ def _place_unless_kept(partial: Path, target: Path, keep: Callable[[], bool]) ->
     try:
         os.link(partial, target)  # only where nothing is: two writers finishing together cannot both place theirs
     except FileExistsError:
-        if keep():
-            partial.unlink()
+        pass
+    except OSError:  # a file system without hard links: a check, then a rename
+        if not target.exists():
+            os.replace(partial, target)
             return
-        os.replace(partial, target)  # a damaged or stale file, which no process maps
-    except OSError:  # a file system without hard links
-        if target.exists() and keep():
-            partial.unlink()
-            return
-        os.replace(partial, target)
     else:
         partial.unlink()
+        return
+    if keep():
+        partial.unlink()
+    else:
+        os.replace(partial, target)  # a damaged or stale file, which no process maps
 
 
 def write_whole(target: Path, text: str) -> None:
